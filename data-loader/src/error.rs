@@ -1,0 +1,96 @@
+//! The crate's error type. Bad *samples* are not errors: they travel as [`SkipReason`]s and
+//! are counted (see `skip.rs`). A `DataError` is something the run cannot continue past: a
+//! missing shard, an unreadable vocabulary, a loader configuration that makes no sense.
+//!
+//! [`SkipReason`]: crate::SkipReason
+
+use std::path::PathBuf;
+
+/// Everything that can stop the data side of a run. Messages name the file, shard or key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataError {
+    /// Reading a file or directory failed.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Writing a file (shard, index, class list) failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The CLIP BPE vocabulary is not where we looked.
+    #[error(
+        "CLIP BPE vocabulary not found at {path}; run `make setup` to fetch it \
+         (or point OXCLIP_VOCAB at a copy of bpe_simple_vocab_16e6.txt.gz)"
+    )]
+    VocabMissing { path: PathBuf },
+
+    /// The vocabulary or tokenizer.json exists but could not be used.
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+
+    /// A data spec (`synthetic:N`, a brace pattern, a .tar, a directory) is malformed.
+    #[error("invalid data spec `{spec}`: {message}")]
+    Spec { spec: String, message: String },
+
+    /// A shard named by a spec does not exist.
+    #[error("shard {path} does not exist (from data spec `{spec}`)")]
+    MissingShard { spec: String, path: PathBuf },
+
+    /// A shard could not be read at all (not merely truncated: that is a skip).
+    #[error("shard {path}: {message}")]
+    Shard { path: PathBuf, message: String },
+
+    /// Encoding an image (JPEG) for a shard failed.
+    #[error("cannot encode image for sample {key}: {message}")]
+    Encode { key: String, message: String },
+
+    /// A JSON file (shard index) could not be read or written.
+    #[error("{path}: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// The loader configuration is inconsistent with itself or with the dataset.
+    #[error("invalid loader configuration: {0}")]
+    Config(String),
+
+    /// A saved loader position does not fit this loader (other dataset size, batch or world).
+    #[error("cannot restore loader to epoch {epoch}, batch {batch_in_epoch}: {message}")]
+    Restore {
+        epoch: u64,
+        batch_in_epoch: u64,
+        message: String,
+    },
+
+    /// Every sample tried in a row was bad; the dataset is broken rather than noisy.
+    #[error(
+        "{attempts} samples in a row could not be used (starting at sample {first_index} in \
+         epoch {epoch}); last reason: {last_reason}"
+    )]
+    TooManySkips {
+        epoch: u64,
+        first_index: usize,
+        attempts: usize,
+        last_reason: &'static str,
+    },
+
+    /// A pipeline thread panicked or could not be started.
+    #[error("data loader thread failed: {0}")]
+    Pipeline(String),
+
+    /// `next_batch` on an eval loader after its last batch (use `next_eval_batch` for an
+    /// `Option`). The following call starts the next pass.
+    #[error("eval loader reached the end of epoch {epoch}")]
+    EndOfEpoch { epoch: u64 },
+}

@@ -1,0 +1,42 @@
+//! oxclip's data side: everything between image-caption files on disk and the flat rows of
+//! floats and token ids that the trainer turns into tensors. It knows nothing of models
+//! (DESIGN.md section 1: launch -> trainer -> data-loader).
+//!
+//! - [`spec`]: what to read, as the user writes it (`synthetic:N`, `data/{00000..00012}.tar`,
+//!   a `.tar`, a directory of shards).
+//! - [`webdataset`]: WebDataset tar shards, read by key and written atomically.
+//! - [`dataset`]: random-access datasets ([`SyntheticDataset`], [`ShardDataset`]) and
+//!   [`dataset::open`] for a spec.
+//! - [`transform`]: decode, open_clip's train/eval image transforms, normalisation.
+//! - [`tokenizer`]: the OpenAI CLIP BPE (or any tokenizer.json), ids exactly as
+//!   `open_clip.tokenize`.
+//! - [`loader`]: the [`Loader`] the trainer pulls [`Batch`]es from: deterministic for a seed,
+//!   split across ranks so that W ranks see what one rank with a W times larger batch sees,
+//!   resumable from a [`LoaderState`]. Its threads live in `pipeline.rs`.
+//! - [`synth`]: procedurally drawn shapes with captions, for the quickstart and tests.
+//!
+//! Bad samples never stop a run: they become a [`SkipReason`], are counted in
+//! [`SkipCounts`], and are replaced (train) or dropped (eval). A [`DataError`] is for what the
+//! run cannot continue past.
+
+pub mod dataset;
+pub mod error;
+pub mod loader;
+mod pipeline;
+pub mod seed;
+pub mod skip;
+pub mod spec;
+pub mod synth;
+pub mod tokenizer;
+pub mod transform;
+pub mod webdataset;
+
+pub use dataset::{open, Dataset, Sample, ShardDataset, SyntheticDataset};
+pub use error::DataError;
+pub use loader::{measure_throughput, Batch, Loader, LoaderConfig, LoaderState};
+pub use skip::{SampleError, SkipCounts, SkipReason};
+pub use spec::DataSpec;
+pub use synth::{write_synth, SynthConfig, SynthSummary};
+pub use tokenizer::Tokenizer;
+pub use transform::{ImageTransform, OPENAI_MEAN, OPENAI_STD};
+pub use webdataset::{read_shard, RawSample, ShardWriter};

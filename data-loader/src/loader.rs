@@ -1,0 +1,792 @@
+//! Batches for the trainer: which samples go in which batch on which rank, and where the
+//! loader stands so that a checkpoint can resume it exactly.
+//!
+//! Sample selection, the contract distributed exactness relies on:
+//!
+//! - The global batch is `G = batch_size * world_size`. In train mode epoch `e` visits the
+//!   dataset in the order `perm_e`, a permutation of `0..len` seeded from `(seed, e)`; global
+//!   batch `k` is `perm_e[k*G .. (k+1)*G]` and the last partial global batch is dropped, so
+//!   an epoch has `len / G` batches. Rank `r` takes rows `r*batch_size .. (r+1)*batch_size`
+//!   of it. So W ranks together see exactly the batches one rank with `batch_size * W` sees.
+//! - A sample's augmentation is seeded from `(seed, epoch, sample index)`: never from rank,
+//!   worker or timing.
+//! - Train: a sample that cannot be used (see [`SkipReason`]) at position `p` of the epoch is
+//!   replaced by the first usable one of `perm_e[p+1], perm_e[p+2], ...` (wrapping around),
+//!   with that sample's own augmentation seed. Every failed attempt is counted in
+//!   [`Batch::skipped`]. The batch keeps its size, and the outcome depends only on the data.
+//!   More than [`MAX_CONSECUTIVE_SKIPS`] failures in a row is an error: the data is broken,
+//!   not noisy.
+//! - Eval: dataset order, the eval transform, the last partial batch kept (a rank may get
+//!   fewer rows, or none, in the last batch; every rank gets the same number of batches).
+//!   Unusable samples are dropped from their batch and counted, not replaced, so metrics are
+//!   computed on real samples only.
+//!
+//! The work itself (decode, augment, tokenize on `workers` threads, a couple of batches
+//! ahead) happens in `pipeline.rs`; its output order depends only on the above.
+//!
+//! [`SkipReason`]: crate::SkipReason
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::Dataset;
+use crate::error::DataError;
+use crate::pipeline::{Pipeline, PipelineSpec};
+use crate::seed::mix;
+use crate::skip::SkipCounts;
+use crate::tokenizer::Tokenizer;
+use crate::transform::ImageTransform;
+
+/// Most unusable samples in a row a train batch position may go through before the loader
+/// gives up on the dataset.
+pub const MAX_CONSECUTIVE_SKIPS: usize = 1000;
+
+/// How the loader batches, for this rank.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoaderConfig {
+    /// Samples per batch on this rank (n); the global batch is `batch_size * world_size`.
+    pub batch_size: usize,
+    /// This process's rank, `0..world_size`.
+    pub rank: usize,
+    /// Number of ranks (W).
+    pub world_size: usize,
+    /// Seed of the epoch permutations and the augmentations.
+    pub seed: u64,
+    /// Side of the square model input, in pixels.
+    pub image_size: u32,
+    /// Tokens per caption (77 for CLIP).
+    pub context_length: usize,
+    /// Decode/augment/tokenize threads (0 is taken as 1; more than `batch_size` is capped).
+    pub workers: usize,
+    /// Train: train transform, a new permutation each epoch, endless. Eval: eval transform,
+    /// dataset order, one pass at a time, last partial batch kept.
+    pub train: bool,
+}
+
+/// Where the loader stands: the position of the next batch [`Loader::next_batch`] returns.
+/// Saved in checkpoints; [`Loader::restore`] continues from it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LoaderState {
+    pub epoch: u64,
+    pub batch_in_epoch: u64,
+}
+
+/// One batch for this rank, as flat row-major buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// `batch_size x 3 x S x S`, normalised.
+    pub images: Vec<f32>,
+    /// `batch_size x context_length`.
+    pub tokens: Vec<i64>,
+    /// Class label per row, -1 when the sample has none.
+    pub labels: Vec<i64>,
+    /// Rows in this batch (the configured size, except for eval's last batch).
+    pub batch_size: usize,
+    /// Samples that could not be used while making this batch.
+    pub skipped: SkipCounts,
+    /// Dataset index of each row (after any replacement).
+    pub indices: Vec<u64>,
+    /// Which batch this is.
+    pub position: LoaderState,
+}
+
+/// The validated numbers every stage agrees on.
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    pub len: usize,
+    pub batch_size: usize,
+    pub rank: usize,
+    pub global_batch: usize,
+    pub batches_per_epoch: u64,
+    pub seed: u64,
+    pub train: bool,
+}
+
+impl Plan {
+    fn new(cfg: &LoaderConfig, len: usize) -> Result<Self, DataError> {
+        if cfg.batch_size == 0 {
+            return Err(DataError::Config("batch_size must be at least 1".into()));
+        }
+        if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
+            return Err(DataError::Config(format!(
+                "rank {} is not in 0..world_size ({})",
+                cfg.rank, cfg.world_size
+            )));
+        }
+        if cfg.image_size == 0 || cfg.context_length == 0 {
+            return Err(DataError::Config(
+                "image_size and context_length must be positive".into(),
+            ));
+        }
+        let global_batch = cfg
+            .batch_size
+            .checked_mul(cfg.world_size)
+            .ok_or_else(|| DataError::Config("batch_size * world_size overflows".into()))?;
+        let batches_per_epoch = if cfg.train {
+            len / global_batch
+        } else {
+            len.div_ceil(global_batch)
+        } as u64;
+        if batches_per_epoch == 0 {
+            return Err(DataError::Config(if cfg.train {
+                format!(
+                    "the dataset has {len} samples, fewer than one global batch of {global_batch} \
+                     (batch_size {} x world_size {})",
+                    cfg.batch_size, cfg.world_size
+                )
+            } else {
+                "the eval dataset is empty".into()
+            }));
+        }
+        Ok(Self {
+            len,
+            batch_size: cfg.batch_size,
+            rank: cfg.rank,
+            global_batch,
+            batches_per_epoch,
+            seed: cfg.seed,
+            train: cfg.train,
+        })
+    }
+
+    /// Train: the epoch's permutation of `0..len`. Eval: `None` (dataset order).
+    pub fn order(&self, epoch: u64) -> Option<Arc<Vec<usize>>> {
+        self.train.then(|| {
+            let mut order: Vec<usize> = (0..self.len).collect();
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(&[
+                self.seed,
+                epoch,
+                0x7065_726d,
+            ])));
+            Arc::new(order)
+        })
+    }
+
+    /// The epoch positions this rank's rows of batch `batch_in_epoch` come from.
+    pub fn rows(&self, batch_in_epoch: u64) -> std::ops::Range<usize> {
+        let start = batch_in_epoch as usize * self.global_batch + self.rank * self.batch_size;
+        let end = start + self.batch_size;
+        if self.train {
+            start..end
+        } else {
+            start.min(self.len)..end.min(self.len)
+        }
+    }
+
+    /// The position after `pos`. Train rolls over into the next epoch; eval stops at
+    /// `batches_per_epoch`.
+    pub fn advance(&self, pos: &LoaderState) -> LoaderState {
+        let next = pos.batch_in_epoch + 1;
+        if self.train && next >= self.batches_per_epoch {
+            LoaderState {
+                epoch: pos.epoch + 1,
+                batch_in_epoch: 0,
+            }
+        } else {
+            LoaderState {
+                epoch: pos.epoch,
+                batch_in_epoch: next,
+            }
+        }
+    }
+
+    /// The seed of sample `index`'s augmentation in `epoch`.
+    pub fn sample_seed(&self, epoch: u64, index: usize) -> u64 {
+        mix(&[self.seed, epoch, index as u64])
+    }
+}
+
+/// Deterministic, resumable batches over a [`Dataset`] for one rank.
+pub struct Loader {
+    dataset: Arc<dyn Dataset>,
+    tokenizer: Tokenizer,
+    cfg: LoaderConfig,
+    plan: Arc<Plan>,
+    state: LoaderState,
+    /// Started on the first batch request, from `state`; stopped by `restore` and drop.
+    pipeline: Option<Pipeline>,
+}
+
+impl Loader {
+    pub fn new(
+        dataset: Arc<dyn Dataset>,
+        tokenizer: Tokenizer,
+        cfg: LoaderConfig,
+    ) -> Result<Self, DataError> {
+        let plan = Plan::new(&cfg, dataset.len())?;
+        Ok(Self {
+            dataset,
+            tokenizer,
+            cfg,
+            plan: Arc::new(plan),
+            state: LoaderState::default(),
+            pipeline: None,
+        })
+    }
+
+    /// Batches in one epoch for this rank (train: `len / G`; eval: `ceil(len / G)`).
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.plan.batches_per_epoch
+    }
+
+    /// Samples in the dataset.
+    pub fn dataset_len(&self) -> usize {
+        self.plan.len
+    }
+
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+
+    /// Samples dropped while the dataset was opened (they never got an index); report them
+    /// once, beside the per-batch counts.
+    pub fn load_skips(&self) -> SkipCounts {
+        self.dataset.load_skips()
+    }
+
+    /// The next batch. Train: endless, rolling over epochs. Eval: the batches of one pass,
+    /// then `Err(DataError::EndOfEpoch)` once, after which the next pass starts; prefer
+    /// [`next_eval_batch`](Self::next_eval_batch) there.
+    pub fn next_batch(&mut self) -> Result<Batch, DataError> {
+        match self.next_eval_batch()? {
+            Some(batch) => Ok(batch),
+            None => Err(DataError::EndOfEpoch {
+                epoch: self.state.epoch - 1,
+            }),
+        }
+    }
+
+    /// The next batch of the pass, or `None` at its end (the call after that starts the next
+    /// pass, as epoch + 1). On a train loader this never returns `None`.
+    pub fn next_eval_batch(&mut self) -> Result<Option<Batch>, DataError> {
+        if !self.plan.train && self.state.batch_in_epoch >= self.plan.batches_per_epoch {
+            self.stop_pipeline()?;
+            self.state = LoaderState {
+                epoch: self.state.epoch + 1,
+                batch_in_epoch: 0,
+            };
+            return Ok(None);
+        }
+        if self.pipeline.is_none() {
+            self.pipeline = Some(self.start_pipeline()?);
+        }
+        let received = self.pipeline.as_ref().and_then(Pipeline::recv);
+        match received {
+            Some(Ok(batch)) => {
+                if batch.position != self.state {
+                    let message = format!(
+                        "pipeline produced batch {:?} while {:?} was due",
+                        batch.position, self.state
+                    );
+                    self.stop_pipeline()?;
+                    return Err(DataError::Pipeline(message));
+                }
+                self.state = self.plan.advance(&self.state);
+                Ok(Some(batch))
+            }
+            Some(Err(e)) => {
+                // The pipeline reported an error (e.g. too many skips). Tear it down; a later
+                // call starts again from the same position.
+                let _ = self.stop_pipeline();
+                Err(e)
+            }
+            None => {
+                // Every stage ended before the pass did: a thread died. Its panic message,
+                // if any, is the better error.
+                self.stop_pipeline()?;
+                Err(DataError::Pipeline(format!(
+                    "the loader threads stopped before batch {:?}",
+                    self.state
+                )))
+            }
+        }
+    }
+
+    /// The position of the next batch `next_batch` will return: what the caller consumed,
+    /// not what is prefetched.
+    pub fn state(&self) -> LoaderState {
+        self.state.clone()
+    }
+
+    /// Continues from `state` (from [`state`](Self::state), e.g. via a checkpoint): the
+    /// following batches are exactly those an uninterrupted loader would have returned.
+    /// Prefetched work is dropped.
+    pub fn restore(&mut self, state: &LoaderState) -> Result<(), DataError> {
+        let end = if self.plan.train {
+            self.plan.batches_per_epoch - 1
+        } else {
+            self.plan.batches_per_epoch
+        };
+        if state.batch_in_epoch > end {
+            return Err(DataError::Restore {
+                epoch: state.epoch,
+                batch_in_epoch: state.batch_in_epoch,
+                message: format!(
+                    "an epoch has only {} batches here (dataset of {} samples, global batch {}); \
+                     was the batch size or world size changed?",
+                    self.plan.batches_per_epoch, self.plan.len, self.plan.global_batch
+                ),
+            });
+        }
+        self.stop_pipeline()?;
+        self.state = state.clone();
+        Ok(())
+    }
+
+    fn start_pipeline(&self) -> Result<Pipeline, DataError> {
+        let transform = if self.cfg.train {
+            ImageTransform::train(self.cfg.image_size)
+        } else {
+            ImageTransform::eval(self.cfg.image_size)
+        };
+        Pipeline::spawn(PipelineSpec {
+            dataset: Arc::clone(&self.dataset),
+            tokenizer: self.tokenizer.clone(),
+            transform,
+            plan: Arc::clone(&self.plan),
+            context_length: self.cfg.context_length,
+            workers: self.cfg.workers.clamp(1, self.cfg.batch_size),
+            start: self.state.clone(),
+        })
+    }
+
+    fn stop_pipeline(&mut self) -> Result<(), DataError> {
+        match self.pipeline.take() {
+            Some(p) => p.shutdown(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_pipeline() {
+            tracing::error!("data loader shutdown: {e}");
+        }
+    }
+}
+
+/// What [`measure_throughput`] saw.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Throughput {
+    pub batches: u64,
+    pub samples: u64,
+    pub elapsed: Duration,
+    pub samples_per_second: f64,
+}
+
+/// Pulls `batches` batches as fast as the loader makes them and reports the rate: a quick
+/// check of data speed without a model. Starts wherever the loader stands.
+pub fn measure_throughput(loader: &mut Loader, batches: u64) -> Result<Throughput, DataError> {
+    let start = Instant::now();
+    let mut samples = 0u64;
+    let mut done = 0u64;
+    while done < batches {
+        match loader.next_eval_batch()? {
+            Some(batch) => samples += batch.batch_size as u64,
+            None => continue,
+        }
+        done += 1;
+    }
+    let elapsed = start.elapsed();
+    Ok(Throughput {
+        batches: done,
+        samples,
+        elapsed,
+        samples_per_second: samples as f64 / elapsed.as_secs_f64().max(1e-9),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::{Sample, ShardDataset, SyntheticDataset};
+    use crate::skip::SkipReason;
+    use crate::webdataset::ShardWriter;
+
+    /// A word-level tokenizer over the synthetic captions' words, so these tests need no
+    /// vocabulary download.
+    pub(crate) fn test_tokenizer() -> Tokenizer {
+        let words = "a an of photo drawing picture image rendering large small red green blue yellow \
+                     purple orange circle square triangle cross above below to the left right . thing";
+        let mut vocab = serde_json::Map::new();
+        for (i, w) in ["[UNK]", "<|startoftext|>", "<|endoftext|>"]
+            .iter()
+            .chain(words.split_whitespace().collect::<Vec<_>>().iter())
+            .enumerate()
+        {
+            vocab.insert((*w).to_owned(), serde_json::json!(i));
+        }
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": {"type": "Lowercase"}, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+        });
+        Tokenizer::from_tokenizer_json_bytes(json.to_string().as_bytes()).unwrap()
+    }
+
+    fn cfg(
+        batch_size: usize,
+        rank: usize,
+        world_size: usize,
+        workers: usize,
+        train: bool,
+    ) -> LoaderConfig {
+        LoaderConfig {
+            batch_size,
+            rank,
+            world_size,
+            seed: 17,
+            image_size: 16,
+            context_length: 12,
+            workers,
+            train,
+        }
+    }
+
+    fn synthetic(len: usize) -> Arc<dyn Dataset> {
+        Arc::new(SyntheticDataset::new(len, 5, 20))
+    }
+
+    fn take(loader: &mut Loader, n: usize) -> Vec<Batch> {
+        (0..n).map(|_| loader.next_batch().unwrap()).collect()
+    }
+
+    /// Fails on every index divisible by `every`, like a dataset with broken JPEGs.
+    struct Flaky {
+        inner: SyntheticDataset,
+        every: usize,
+    }
+
+    impl Dataset for Flaky {
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+        fn get(&self, index: usize) -> Result<Sample, SkipReason> {
+            if index % self.every == 0 {
+                Err(SkipReason::UndecodableImage)
+            } else {
+                self.inner.get(index)
+            }
+        }
+    }
+
+    #[test]
+    fn batches_have_the_promised_shapes() {
+        let mut loader =
+            Loader::new(synthetic(23), test_tokenizer(), cfg(4, 0, 1, 2, true)).unwrap();
+        assert_eq!(loader.batches_per_epoch(), 5);
+        let b = loader.next_batch().unwrap();
+        assert_eq!(b.batch_size, 4);
+        assert_eq!(b.images.len(), 4 * 3 * 16 * 16);
+        assert_eq!(b.tokens.len(), 4 * 12);
+        assert_eq!(b.labels.len(), 4);
+        assert!(b.labels.iter().all(|l| (0..24).contains(l)));
+        // SOT first, EOT somewhere, zero padding after it.
+        assert_eq!(b.tokens[0], 1);
+        assert!(b.tokens[..12].contains(&2));
+        assert!(b.images.iter().all(|v| v.is_finite() && v.abs() < 3.0));
+        assert!(b.skipped.is_empty());
+    }
+
+    #[test]
+    fn same_seed_same_batches_whatever_the_worker_count() {
+        let run = |workers| {
+            let mut loader =
+                Loader::new(synthetic(20), test_tokenizer(), cfg(3, 0, 1, workers, true)).unwrap();
+            take(&mut loader, 9) // 6 batches per epoch: crosses into epoch 1
+        };
+        let a = run(1);
+        assert!(a == run(1));
+        assert!(a == run(3));
+        assert_eq!(
+            a[6].position,
+            LoaderState {
+                epoch: 1,
+                batch_in_epoch: 0
+            }
+        );
+        // Each epoch visits distinct samples, in a new order.
+        let epoch0: Vec<u64> = a[..6].iter().flat_map(|b| b.indices.clone()).collect();
+        let mut sorted = epoch0.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 18);
+        let epoch1: Vec<u64> = a[6..9].iter().flat_map(|b| b.indices.clone()).collect();
+        assert_ne!(&epoch0[..9], &epoch1[..]);
+        // Another seed, other batches.
+        let mut other = cfg(3, 0, 1, 2, true);
+        other.seed = 18;
+        let mut loader = Loader::new(synthetic(20), test_tokenizer(), other).unwrap();
+        assert!(loader.next_batch().unwrap().indices != a[0].indices);
+    }
+
+    #[test]
+    fn restore_continues_exactly_as_if_never_stopped() {
+        let mut straight =
+            Loader::new(synthetic(14), test_tokenizer(), cfg(4, 0, 1, 2, true)).unwrap();
+        let expected = take(&mut straight, 8);
+
+        let mut first =
+            Loader::new(synthetic(14), test_tokenizer(), cfg(4, 0, 1, 3, true)).unwrap();
+        let head = take(&mut first, 4);
+        // Let the pipeline prefetch; the state is still what was consumed.
+        std::thread::sleep(Duration::from_millis(100));
+        let state = first.state();
+        assert_eq!(
+            state,
+            LoaderState {
+                epoch: 1,
+                batch_in_epoch: 1
+            }
+        );
+        let saved = serde_json::to_string(&state).unwrap();
+        drop(first);
+
+        let mut resumed =
+            Loader::new(synthetic(14), test_tokenizer(), cfg(4, 0, 1, 1, true)).unwrap();
+        resumed
+            .restore(&serde_json::from_str(&saved).unwrap())
+            .unwrap();
+        let tail = take(&mut resumed, 4);
+        assert!(head.iter().chain(tail.iter()).eq(expected.iter()));
+
+        // Restoring a running loader backwards replays the same batches.
+        resumed
+            .restore(&LoaderState {
+                epoch: 0,
+                batch_in_epoch: 2,
+            })
+            .unwrap();
+        assert!(resumed.next_batch().unwrap() == expected[2]);
+        assert!(resumed
+            .restore(&LoaderState {
+                epoch: 0,
+                batch_in_epoch: 3
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn ranks_split_the_global_batch() {
+        let mut single =
+            Loader::new(synthetic(30), test_tokenizer(), cfg(6, 0, 1, 2, true)).unwrap();
+        let mut rank0 =
+            Loader::new(synthetic(30), test_tokenizer(), cfg(3, 0, 2, 2, true)).unwrap();
+        let mut rank1 =
+            Loader::new(synthetic(30), test_tokenizer(), cfg(3, 1, 2, 1, true)).unwrap();
+        assert_eq!(rank0.batches_per_epoch(), single.batches_per_epoch());
+        for _ in 0..7 {
+            let (s, a, b) = (
+                single.next_batch().unwrap(),
+                rank0.next_batch().unwrap(),
+                rank1.next_batch().unwrap(),
+            );
+            assert_eq!(a.position, s.position);
+            assert_eq!([a.indices.clone(), b.indices.clone()].concat(), s.indices);
+            assert!([a.images.clone(), b.images.clone()].concat() == s.images);
+            assert_eq!([a.tokens.clone(), b.tokens.clone()].concat(), s.tokens);
+            assert_eq!([a.labels.clone(), b.labels.clone()].concat(), s.labels);
+        }
+    }
+
+    #[test]
+    fn unusable_samples_are_replaced_and_counted() {
+        let flaky = || -> Arc<dyn Dataset> {
+            Arc::new(Flaky {
+                inner: SyntheticDataset::new(40, 5, 20),
+                every: 4,
+            })
+        };
+        let run = |workers| {
+            let mut loader =
+                Loader::new(flaky(), test_tokenizer(), cfg(5, 0, 1, workers, true)).unwrap();
+            take(&mut loader, 8)
+        };
+        let batches = run(2);
+        assert!(batches == run(1));
+        let mut skipped = 0;
+        for b in &batches {
+            assert_eq!(b.batch_size, 5);
+            assert!(b.indices.iter().all(|i| i % 4 != 0));
+            skipped += b.skipped.get("undecodable_image").copied().unwrap_or(0);
+        }
+        assert!(skipped > 0);
+
+        // Nothing usable at all: an error, not a hang or a panic.
+        let broken: Arc<dyn Dataset> = Arc::new(Flaky {
+            inner: SyntheticDataset::new(10, 5, 20),
+            every: 1,
+        });
+        let mut loader = Loader::new(broken, test_tokenizer(), cfg(2, 0, 1, 2, true)).unwrap();
+        let err = loader.next_batch().unwrap_err();
+        assert!(
+            matches!(err, DataError::TooManySkips { attempts: 10, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn eval_keeps_the_last_partial_batch_and_covers_every_sample_once() {
+        let dataset = synthetic(11);
+        let mut covered = Vec::new();
+        for rank in 0..2 {
+            let mut loader = Loader::new(
+                Arc::clone(&dataset),
+                test_tokenizer(),
+                cfg(3, rank, 2, 2, false),
+            )
+            .unwrap();
+            assert_eq!(loader.batches_per_epoch(), 2);
+            let mut sizes = Vec::new();
+            while let Some(b) = loader.next_eval_batch().unwrap() {
+                sizes.push(b.batch_size);
+                assert_eq!(b.images.len(), b.batch_size * 3 * 16 * 16);
+                covered.extend(b.indices);
+            }
+            assert_eq!(sizes, if rank == 0 { vec![3, 3] } else { vec![3, 2] });
+            assert_eq!(
+                loader.state(),
+                LoaderState {
+                    epoch: 1,
+                    batch_in_epoch: 0
+                }
+            );
+            // The next pass starts over, identical.
+            let again = loader.next_eval_batch().unwrap().unwrap();
+            assert_eq!(
+                again.indices,
+                if rank == 0 {
+                    vec![0, 1, 2]
+                } else {
+                    vec![3, 4, 5]
+                }
+            );
+        }
+        covered.sort();
+        assert_eq!(covered, (0..11).collect::<Vec<u64>>());
+        // next_batch says where the pass ended.
+        let mut loader =
+            Loader::new(synthetic(4), test_tokenizer(), cfg(4, 0, 1, 1, false)).unwrap();
+        loader.next_batch().unwrap();
+        assert!(matches!(
+            loader.next_batch(),
+            Err(DataError::EndOfEpoch { epoch: 0 })
+        ));
+        assert_eq!(loader.next_batch().unwrap().position.epoch, 1);
+    }
+
+    #[test]
+    fn loader_over_real_shards_skips_bad_jpegs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("00000.tar");
+        let mut w = ShardWriter::create(&path).unwrap();
+        for i in 0..9u64 {
+            let scene = crate::synth::draw_scene(1, i, 24, true);
+            let mut jpeg = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+                .encode_image(&scene.image)
+                .unwrap();
+            if i == 4 {
+                jpeg.truncate(20); // corrupt
+            }
+            let cls = scene.label.to_string();
+            w.write_sample(
+                &format!("{i:09}"),
+                &[
+                    ("jpg", &jpeg),
+                    ("txt", scene.caption.as_bytes()),
+                    ("cls", cls.as_bytes()),
+                ],
+            )
+            .unwrap();
+        }
+        w.finish().unwrap();
+        let (dataset, load_skips) = ShardDataset::load(&[path]).unwrap();
+        assert!(load_skips.is_empty());
+        let dataset: Arc<dyn Dataset> = Arc::new(dataset);
+
+        let mut eval = Loader::new(
+            Arc::clone(&dataset),
+            test_tokenizer(),
+            cfg(4, 0, 1, 2, false),
+        )
+        .unwrap();
+        let batches: Vec<Batch> = std::iter::from_fn(|| eval.next_eval_batch().unwrap()).collect();
+        assert_eq!(
+            batches.iter().map(|b| b.batch_size).collect::<Vec<_>>(),
+            [4, 3, 1]
+        );
+        assert_eq!(batches[1].skipped.get("undecodable_image"), Some(&1));
+        assert!(batches
+            .iter()
+            .all(|b| b.labels.iter().all(|&l| (0..24).contains(&l))));
+
+        let mut train = Loader::new(dataset, test_tokenizer(), cfg(4, 0, 1, 2, true)).unwrap();
+        let total: u64 = take(&mut train, 6).iter().map(|b| b.skipped.total()).sum();
+        assert!(
+            total >= 1,
+            "the corrupt sample is met at least once in three epochs"
+        );
+    }
+
+    #[test]
+    fn bad_configs_are_errors() {
+        let tok = test_tokenizer();
+        for (c, len) in [
+            (cfg(0, 0, 1, 1, true), 10),
+            (cfg(4, 2, 2, 1, true), 10),
+            (cfg(4, 0, 0, 1, true), 10),
+            (cfg(6, 0, 2, 1, true), 10),
+            (cfg(4, 0, 1, 1, false), 0),
+        ] {
+            assert!(
+                Loader::new(synthetic(len), tok.clone(), c.clone()).is_err(),
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_panicking_dataset_is_an_error_naming_the_thread() {
+        struct Panics;
+        impl Dataset for Panics {
+            fn len(&self) -> usize {
+                8
+            }
+            fn get(&self, _: usize) -> Result<Sample, SkipReason> {
+                panic!("dataset bug")
+            }
+        }
+        let mut loader =
+            Loader::new(Arc::new(Panics), test_tokenizer(), cfg(2, 0, 1, 2, true)).unwrap();
+        let err = loader.next_batch().unwrap_err().to_string();
+        assert!(
+            err.contains("worker") && err.contains("dataset bug"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn throughput_helper_counts_samples() {
+        let mut loader =
+            Loader::new(synthetic(12), test_tokenizer(), cfg(4, 0, 1, 2, true)).unwrap();
+        let t = measure_throughput(&mut loader, 5).unwrap();
+        assert_eq!((t.batches, t.samples), (5, 20));
+        assert!(t.samples_per_second > 0.0);
+        assert_eq!(
+            loader.state(),
+            LoaderState {
+                epoch: 1,
+                batch_in_epoch: 2
+            }
+        );
+    }
+}

@@ -1,0 +1,425 @@
+//! Image decode and the open_clip image transforms, written as CHW normalised floats.
+//!
+//! Train: torchvision `RandomResizedCrop(size, scale=(0.9, 1.0), ratio=(3/4, 4/3))` with
+//! bicubic interpolation (open_clip `transform.py`, `image_transform(is_train=True)` without
+//! extra augmentation). Eval: `Resize(size)` of the shorter side (bicubic) then
+//! `CenterCrop(size)`. Both then `ToTensor` and `Normalize(OPENAI_MEAN, OPENAI_STD)`.
+//!
+//! Resizing uses fast_image_resize's Catmull-Rom convolution, the same cubic (a = -0.5) with
+//! the same support scaling on downsampling as PIL's `BICUBIC`, so results match PIL to
+//! rounding. The random crop is drawn from a ChaCha8 stream seeded by the caller, so a sample
+//! gets the same crop on every machine, thread and run.
+
+use std::cell::RefCell;
+use std::io::Cursor;
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{ImageDecoder, RgbImage};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::skip::SkipReason;
+
+/// Per-channel mean of OpenAI's CLIP training images (RGB, in [0, 1]).
+pub const OPENAI_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// Per-channel standard deviation of OpenAI's CLIP training images. (The digits are
+/// open_clip's, kept as written though f32 holds fewer.)
+#[allow(clippy::excessive_precision)]
+pub const OPENAI_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+/// PIL's default decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`).
+pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
+
+/// Decodes JPEG, PNG or WebP bytes to 8-bit RGB (alpha dropped, grey expanded, 16-bit
+/// reduced), as PIL's `convert("RGB")` does. The pixel count is checked from the header
+/// before any pixel is decoded.
+pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, SkipReason> {
+    let mut reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|_| SkipReason::UndecodableImage)?;
+    let mut limits = image::Limits::default();
+    // Room for the largest allowed image at 16 bits x 4 channels, so that the pixel limit,
+    // not the allocator guard, is what decides.
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).max(512 << 20));
+    reader.limits(limits);
+    let decoder = reader
+        .into_decoder()
+        .map_err(|_| SkipReason::UndecodableImage)?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(SkipReason::UndecodableImage);
+    }
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(SkipReason::TooManyPixels);
+    }
+    let image =
+        image::DynamicImage::from_decoder(decoder).map_err(|_| SkipReason::UndecodableImage)?;
+    Ok(image.into_rgb8())
+}
+
+/// A crop rectangle in source pixels: `top` row, `left` column, `height`, `width`
+/// (torchvision's `i, j, h, w`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CropBox {
+    pub top: u32,
+    pub left: u32,
+    pub height: u32,
+    pub width: u32,
+}
+
+/// torchvision `RandomResizedCrop.get_params`: 10 tries at a random area fraction in
+/// `scale` and a log-uniform aspect ratio in `ratio`; then the centre-crop fallback clamped
+/// to `ratio`. Python's `round` (half to even) and `torch.randint`'s exclusive upper bound
+/// are kept; the random stream itself is ours (ChaCha8), not torch's.
+pub fn random_resized_crop_params(
+    width: u32,
+    height: u32,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut impl Rng,
+) -> CropBox {
+    let (w_img, h_img) = (f64::from(width), f64::from(height));
+    let area = w_img * h_img;
+    let (log_lo, log_hi) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target_area = area * uniform(rng, scale.0, scale.1);
+        let aspect = uniform(rng, log_lo, log_hi).exp();
+        let w = (target_area * aspect).sqrt().round_ties_even();
+        let h = (target_area / aspect).sqrt().round_ties_even();
+        if w > 0.0 && w <= w_img && h > 0.0 && h <= h_img {
+            let (w, h) = (w as u32, h as u32);
+            let top = rng.gen_range(0..=height - h);
+            let left = rng.gen_range(0..=width - w);
+            return CropBox {
+                top,
+                left,
+                height: h,
+                width: w,
+            };
+        }
+    }
+    let in_ratio = w_img / h_img;
+    let (w, h) = if in_ratio < ratio.0.min(ratio.1) {
+        (
+            width,
+            ((w_img / ratio.0.min(ratio.1)).round_ties_even() as u32).clamp(1, height),
+        )
+    } else if in_ratio > ratio.0.max(ratio.1) {
+        (
+            ((h_img * ratio.0.max(ratio.1)).round_ties_even() as u32).clamp(1, width),
+            height,
+        )
+    } else {
+        (width, height)
+    };
+    CropBox {
+        top: (height - h) / 2,
+        left: (width - w) / 2,
+        height: h,
+        width: w,
+    }
+}
+
+/// Uniform in [lo, hi) (torch's `uniform_`); `lo` when the range is empty.
+fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
+    if hi > lo {
+        rng.gen_range(lo..hi)
+    } else {
+        lo
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Train {
+        scale: (f64, f64),
+        ratio: (f64, f64),
+    },
+    Eval,
+}
+
+/// Decoded image -> `3 x S x S` normalised floats.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageTransform {
+    image_size: u32,
+    mode: Mode,
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl ImageTransform {
+    /// open_clip's train transform: `RandomResizedCrop(size, scale=(0.9, 1.0))`, bicubic.
+    pub fn train(image_size: u32) -> Self {
+        Self {
+            image_size,
+            mode: Mode::Train {
+                scale: (0.9, 1.0),
+                ratio: (3.0 / 4.0, 4.0 / 3.0),
+            },
+            mean: OPENAI_MEAN,
+            std: OPENAI_STD,
+        }
+    }
+
+    /// open_clip's eval transform: shorter side to `size` (bicubic), then centre crop.
+    pub fn eval(image_size: u32) -> Self {
+        Self {
+            image_size,
+            mode: Mode::Eval,
+            mean: OPENAI_MEAN,
+            std: OPENAI_STD,
+        }
+    }
+
+    /// The same transform with another normalisation (e.g. 0.5/0.5 for SigLIP weights).
+    pub fn with_normalization(mut self, mean: [f32; 3], std: [f32; 3]) -> Self {
+        self.mean = mean;
+        self.std = std;
+        self
+    }
+
+    /// Output side length S.
+    pub fn image_size(&self) -> u32 {
+        self.image_size
+    }
+
+    /// Floats per image: `3 * S * S`.
+    pub fn output_len(&self) -> usize {
+        3 * self.image_size as usize * self.image_size as usize
+    }
+
+    /// Writes the transformed image as CHW floats into `out[..3 * S * S]`. `seed` picks the
+    /// random crop (train); eval ignores it. Panics only if `out` is shorter than
+    /// [`output_len`](Self::output_len), which is the caller's bug, not the data's.
+    pub fn apply(&self, img: &RgbImage, seed: u64, out: &mut [f32]) {
+        let s = self.image_size;
+        assert!(
+            out.len() >= self.output_len(),
+            "output buffer holds {} floats, the transform writes {}",
+            out.len(),
+            self.output_len()
+        );
+        if s == 0 || img.width() == 0 || img.height() == 0 {
+            out[..self.output_len()].fill(0.0);
+            return;
+        }
+        match self.mode {
+            Mode::Train { scale, ratio } => {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                let c =
+                    random_resized_crop_params(img.width(), img.height(), scale, ratio, &mut rng);
+                // PIL crops first, then resizes the crop: the filter never reads outside it.
+                let cropped;
+                let src = if (c.left, c.top, c.width, c.height) == (0, 0, img.width(), img.height())
+                {
+                    img
+                } else {
+                    cropped =
+                        image::imageops::crop_imm(img, c.left, c.top, c.width, c.height).to_image();
+                    &cropped
+                };
+                let resized = resize_rgb(src, s, s);
+                self.normalize_into(&resized, s, 0, 0, out);
+            }
+            Mode::Eval => {
+                // torchvision Resize(int): the shorter side becomes S, the longer
+                // int(S * long / short) (truncated).
+                let (w, h) = (img.width(), img.height());
+                let (new_w, new_h) = if w <= h {
+                    (s, ((u64::from(s) * u64::from(h)) / u64::from(w)) as u32)
+                } else {
+                    (((u64::from(s) * u64::from(w)) / u64::from(h)) as u32, s)
+                };
+                let resized = resize_rgb(img, new_w, new_h);
+                // CenterCrop: int(round((H - S) / 2)), half to even.
+                let top = (f64::from(new_h - s) / 2.0).round_ties_even() as u32;
+                let left = (f64::from(new_w - s) / 2.0).round_ties_even() as u32;
+                self.normalize_into(&resized, new_w, left, top, out);
+            }
+        }
+    }
+
+    /// Copies the `S x S` window at (`left`, `top`) of an RGB buffer `row_width` wide into
+    /// `out` as CHW, `(x / 255 - mean) / std`.
+    fn normalize_into(&self, rgb: &[u8], row_width: u32, left: u32, top: u32, out: &mut [f32]) {
+        let s = self.image_size as usize;
+        let plane = s * s;
+        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
+        let shift: [f32; 3] = std::array::from_fn(|c| self.mean[c] / self.std[c]);
+        let (row_width, left, top) = (row_width as usize, left as usize, top as usize);
+        for y in 0..s {
+            let row = &rgb[((top + y) * row_width + left) * 3..][..s * 3];
+            for (x, px) in row.chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    out[c * plane + y * s + x] = f32::from(px[c]) * scale[c] - shift[c];
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    // A Resizer keeps scratch buffers between calls; one per worker thread.
+    static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
+}
+
+/// Bicubic (Catmull-Rom) resize of an RGB image to `width x height`; returns packed RGB.
+fn resize_rgb(img: &RgbImage, width: u32, height: u32) -> Vec<u8> {
+    if img.width() == width && img.height() == height {
+        return img.as_raw().clone();
+    }
+    // Unreachable for a well-formed RgbImage, but a resize error must not fail a sample:
+    // fall back to the image crate's (slower) Catmull-Rom.
+    let fallback = || {
+        image::imageops::resize(img, width, height, image::imageops::FilterType::CatmullRom)
+            .into_raw()
+    };
+    let Ok(src) = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3) else {
+        return fallback();
+    };
+    let mut dst = Image::new(width, height, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    let resized = RESIZER.with(|r| r.borrow_mut().resize(&src, &mut dst, &options).is_ok());
+    if resized {
+        dst.into_vec()
+    } else {
+        fallback()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg_bytes(img: &RgbImage) -> Vec<u8> {
+        let mut buf = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 90)
+            .encode_image(img)
+            .unwrap();
+        buf
+    }
+
+    fn gradient(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                ((x + y) % 256) as u8,
+            ])
+        })
+    }
+
+    #[test]
+    fn uniform_image_gives_the_normalised_colour() {
+        let img = RgbImage::from_pixel(40, 30, image::Rgb([255, 128, 0]));
+        for t in [ImageTransform::train(16), ImageTransform::eval(16)] {
+            let mut out = vec![f32::NAN; t.output_len()];
+            t.apply(&img, 7, &mut out);
+            assert_eq!(out.len(), 3 * 16 * 16);
+            for (c, value) in [255.0f32, 128.0, 0.0].iter().enumerate() {
+                let want = (value / 255.0 - OPENAI_MEAN[c]) / OPENAI_STD[c];
+                for &v in &out[c * 256..(c + 1) * 256] {
+                    assert!((v - want).abs() < 1e-4, "channel {c}: {v} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn train_transform_is_deterministic_per_seed() {
+        // Near-square: with scale >= 0.9, a 3:2 image could only take the centre fallback.
+        let img = gradient(97, 83);
+        let t = ImageTransform::train(32);
+        let run = |seed| {
+            let mut out = vec![0.0; t.output_len()];
+            t.apply(&img, seed, &mut out);
+            out
+        };
+        assert!(run(1) == run(1));
+        assert!(run(1) != run(2));
+        let e = ImageTransform::eval(32);
+        let mut a = vec![0.0; e.output_len()];
+        let mut b = vec![1.0; e.output_len()];
+        e.apply(&img, 1, &mut a);
+        e.apply(&img, 2, &mut b);
+        assert!(a == b);
+    }
+
+    #[test]
+    fn random_resized_crop_stays_in_bounds() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let sizes = [
+            (1, 1),
+            (1, 500),
+            (500, 1),
+            (3, 2),
+            (224, 224),
+            (640, 480),
+            (100, 2000),
+            (4000, 30),
+        ];
+        for &(w, h) in &sizes {
+            for _ in 0..200 {
+                let c = random_resized_crop_params(w, h, (0.9, 1.0), (0.75, 4.0 / 3.0), &mut rng);
+                assert!(c.width >= 1 && c.height >= 1, "{w}x{h}: {c:?}");
+                assert!(
+                    c.left + c.width <= w && c.top + c.height <= h,
+                    "{w}x{h}: {c:?}"
+                );
+            }
+        }
+        // Extreme aspect ratios take the centre-crop fallback, clamped to the ratio range.
+        let c = random_resized_crop_params(100, 2000, (0.9, 1.0), (0.75, 4.0 / 3.0), &mut rng);
+        assert_eq!((c.width, c.height, c.left, c.top), (100, 133, 0, 933));
+        // A square image keeps at least 90% of its area.
+        let c = random_resized_crop_params(200, 200, (0.9, 1.0), (0.75, 4.0 / 3.0), &mut rng);
+        assert!(c.width * c.height >= 34_000, "{c:?}");
+    }
+
+    #[test]
+    fn eval_centre_crops_the_shorter_side() {
+        // 2:1, left half black, right half white. Eval keeps the centre square, whose left
+        // half is black and right half white.
+        let img = RgbImage::from_fn(64, 32, |x, _| {
+            if x < 32 {
+                image::Rgb([0, 0, 0])
+            } else {
+                image::Rgb([255, 255, 255])
+            }
+        });
+        let t = ImageTransform::eval(16);
+        let mut out = vec![0.0; t.output_len()];
+        t.apply(&img, 0, &mut out);
+        let black = -OPENAI_MEAN[0] / OPENAI_STD[0];
+        let white = (1.0 - OPENAI_MEAN[0]) / OPENAI_STD[0];
+        assert!((out[8 * 16 + 2] - black).abs() < 1e-3);
+        assert!((out[8 * 16 + 13] - white).abs() < 1e-3);
+    }
+
+    #[test]
+    fn decode_checks_pixels_before_decoding() {
+        let img = gradient(50, 40);
+        let bytes = jpeg_bytes(&img);
+        let decoded = decode_image(&bytes, DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!(decoded.dimensions(), (50, 40));
+        assert_eq!(decode_image(&bytes, 1999), Err(SkipReason::TooManyPixels));
+        assert_eq!(
+            decode_image(b"not an image", DEFAULT_MAX_PIXELS),
+            Err(SkipReason::UndecodableImage)
+        );
+        assert_eq!(
+            decode_image(&bytes[..bytes.len() / 3], DEFAULT_MAX_PIXELS),
+            Err(SkipReason::UndecodableImage)
+        );
+        // PNG with alpha and grey both come back as RGB.
+        let rgba = image::RgbaImage::from_pixel(5, 4, image::Rgba([10, 20, 30, 40]));
+        let mut png = Vec::new();
+        image::DynamicImage::ImageRgba8(rgba)
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert_eq!(
+            decode_image(&png, 100).unwrap().get_pixel(1, 1),
+            &image::Rgb([10, 20, 30])
+        );
+    }
+}

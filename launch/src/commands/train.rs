@@ -1,0 +1,78 @@
+//! `oxclip train`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use oxclip_trainer::train::{fit, Resume, TrainJob};
+
+use crate::config;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The run config (YAML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a key: `--set train.batch_size=64` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Overrides `run_dir`.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// `auto`: continue from the newest valid checkpoint of the run directory (or start fresh
+    /// if there is none); or a checkpoint directory.
+    #[arg(long)]
+    pub resume: Option<String>,
+    /// Initial weights (open_clip-named safetensors); overrides `init.checkpoint`.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Threads for libtorch on the CPU (overrides train.threads).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let mut cfg = config::load(&args.config, &args.overrides)?;
+    if let Some(dir) = args.run_dir {
+        cfg.run_dir = dir;
+    }
+    if let Some(threads) = args.threads {
+        cfg.train.threads = Some(threads);
+    }
+    if let Some(path) = args.init {
+        cfg.init = Some(config::InitConfig { checkpoint: path });
+    }
+    let resume = match args.resume.as_deref() {
+        None => Resume::No,
+        Some("auto") => Resume::Auto,
+        Some(path) => Resume::From(PathBuf::from(path)),
+    };
+    let job = TrainJob {
+        run_dir: cfg.run_dir.clone(),
+        model: cfg.model_config()?,
+        data: cfg.data.clone(),
+        train: cfg.train.clone(),
+        optim: cfg.optim.clone(),
+        loss: cfg.loss.clone(),
+        resolved_config: cfg.to_yaml(),
+        resume,
+        init_checkpoint: cfg.init.as_ref().map(|i| i.checkpoint.clone()),
+    };
+    let summary = fit(&job).with_context(|| format!("training {}", job.run_dir.display()))?;
+    println!("trained {} steps on {:?}; final loss {:.4}", summary.steps, summary.device, summary.final_loss);
+    if let Some(zs) = summary.zero_shot {
+        println!(
+            "zero-shot {}: top-1 {:.1}%, top-5 {:.1}% on {} held-out images",
+            job.data.val_name,
+            100.0 * zs.top1,
+            100.0 * zs.top5,
+            zs.samples
+        );
+    }
+    if let Some(ckpt) = summary.last_checkpoint {
+        println!("checkpoint: {}", ckpt.display());
+    }
+    println!("tensorboard --logdir {}", job.run_dir.join("tensorboard").display());
+    Ok(())
+}

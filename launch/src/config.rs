@@ -1,0 +1,247 @@
+//! The run config: one YAML file gathering the trainer's sections and the model, read in two
+//! stages (as written, then resolved). Unknown keys and wrong types are errors that name the
+//! key path and the line; `--set dotted.key=value` overrides any key.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use oxclip_trainer::config::{DataConfig, LossConfig, OptimConfig, TrainConfig};
+use oxclip_trainer::model::ModelConfig;
+
+/// Model configs shipped in `configs/models/`, embedded so the binary works from any directory.
+const BUILTIN_MODELS: [(&str, &str); 6] = [
+    ("ViT-B-32", include_str!("../../configs/models/ViT-B-32.yaml")),
+    ("ViT-B-32-quickgelu", include_str!("../../configs/models/ViT-B-32-quickgelu.yaml")),
+    ("ViT-B-16", include_str!("../../configs/models/ViT-B-16.yaml")),
+    ("ViT-L-14", include_str!("../../configs/models/ViT-L-14.yaml")),
+    ("small", include_str!("../../configs/models/small.yaml")),
+    ("tiny", include_str!("../../configs/models/tiny.yaml")),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("--set {arg}: {message}")]
+    Override { arg: String, message: String },
+    #[error("model `{0}` is neither a built-in model ({list}) nor an existing YAML file", list = builtin_model_names().join(", "))]
+    UnknownModel(String),
+}
+
+/// The model as the config names it: a built-in name, a path to a model YAML, or the config
+/// itself inline (what the resolved config written to a run directory holds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModelRef {
+    Name(String),
+    Inline(ModelConfig),
+}
+
+/// A run config as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Where checkpoints, TensorBoard events, results.jsonl and config.yaml go.
+    pub run_dir: PathBuf,
+    /// A built-in model name (ViT-B-32, ...), a path to a model YAML, or the model config inline.
+    pub model: ModelRef,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub loss: LossConfig,
+    /// Where a fresh run's weights come from (fine-tuning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitConfig>,
+}
+
+/// `init:` — starting weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    /// A safetensors file with open_clip's parameter names (an open_clip
+    /// `open_clip_model.safetensors`, or an oxclip checkpoint's `model.safetensors`).
+    pub checkpoint: PathBuf,
+}
+
+pub fn builtin_model_names() -> Vec<&'static str> {
+    BUILTIN_MODELS.iter().map(|(name, _)| *name).collect()
+}
+
+/// Resolves a model name or path to its config.
+pub fn resolve_model(reference: &str) -> Result<ModelConfig, ConfigError> {
+    let path = Path::new(reference);
+    let (source, text) = if let Some((_, text)) = BUILTIN_MODELS.iter().find(|(name, _)| *name == reference) {
+        (PathBuf::from(format!("<built-in model {reference}>")), text.to_string())
+    } else if path.is_file() {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        (path.to_path_buf(), text)
+    } else {
+        return Err(ConfigError::UnknownModel(reference.to_string()));
+    };
+    let config: ModelConfig = deserialize_text(&text, &source)?;
+    config.validate().map_err(|e| ConfigError::Invalid { path: source, message: e.to_string() })?;
+    Ok(config)
+}
+
+/// Reads a run config, applies `--set` overrides, and resolves the model inline.
+pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let mut config: RunConfig = if overrides.is_empty() {
+        // Straight from the text, so errors carry line numbers.
+        deserialize_text(&text, path)?
+    } else {
+        let mut value: serde_yaml::Value = serde_yaml::from_str(&text)
+            .map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })?;
+        for arg in overrides {
+            apply_override(&mut value, arg)?;
+        }
+        serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Invalid {
+            path: path.into(),
+            message: format!("{}: {} (after --set overrides)", e.path(), e.inner()),
+        })?
+    };
+    if let ModelRef::Name(name) = &config.model {
+        config.model = ModelRef::Inline(resolve_model(name)?);
+    }
+    Ok(config)
+}
+
+impl RunConfig {
+    pub fn model_config(&self) -> Result<ModelConfig, ConfigError> {
+        match &self.model {
+            ModelRef::Inline(m) => Ok(m.clone()),
+            ModelRef::Name(name) => resolve_model(name),
+        }
+    }
+
+    /// The resolved config as YAML, defaults filled in.
+    pub fn to_yaml(&self) -> String {
+        // ok: serialising plain structs of numbers, strings and lists cannot fail.
+        serde_yaml::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Deserialises YAML text, naming the key path and the line on error.
+fn deserialize_text<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let location = inner.location().map(|l| format!(" (line {}, column {})", l.line(), l.column())).unwrap_or_default();
+        // serde_yaml repeats the key path and location in its own message; keep its core.
+        let mut message = inner.to_string();
+        if let Some(stripped) = message.strip_prefix(&format!("{key}: ")) {
+            message = stripped.to_string();
+        }
+        if let Some(idx) = message.find(" at line ") {
+            message.truncate(idx);
+        }
+        let key = if key == "." { String::new() } else { format!("{key}: ") };
+        ConfigError::Invalid { path: path.into(), message: format!("{key}{message}{location}") }
+    })
+}
+
+/// Applies `a.b.c=value`, the value parsed as YAML (so `1e-4`, `true`, `[0.9, 0.95]`, `null` work).
+fn apply_override(root: &mut serde_yaml::Value, arg: &str) -> Result<(), ConfigError> {
+    let err = |message: String| ConfigError::Override { arg: arg.to_string(), message };
+    let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected dotted.key=value".into()))?;
+    let value: serde_yaml::Value = serde_yaml::from_str(raw).map_err(|e| err(format!("value is not YAML: {e}")))?;
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(err(format!("`{key}` is not a dotted key path")));
+    }
+    let mut node = root;
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            *node = serde_yaml::Value::Mapping(Default::default());
+        }
+        let map = node
+            .as_mapping_mut()
+            .ok_or_else(|| err(format!("`{}` is not a mapping", parts[..i].join("."))))?;
+        let k = serde_yaml::Value::String(part.to_string());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(serde_yaml::Value::Null);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "run_dir: runs/x\nmodel: tiny\ndata:\n  train: synthetic:64\ntrain:\n  steps: 10\n";
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run.yaml");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn loads_defaults_and_resolves_the_model() {
+        let (_d, path) = write(GOOD);
+        let cfg = load(&path, &[]).expect("loads");
+        assert_eq!(cfg.train.batch_size, 256);
+        assert_eq!(cfg.optim.lr, 5e-4);
+        assert_eq!(cfg.optim.betas, [0.9, 0.98]);
+        assert!(matches!(cfg.model, ModelRef::Inline(ref m) if m.embed_dim == 64));
+        // The resolved YAML loads back to the same config.
+        let (_d2, again) = write(&cfg.to_yaml());
+        assert_eq!(load(&again, &[]).expect("reloads"), cfg);
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_line() {
+        let (_d, path) = write(&GOOD.replace("  steps: 10\n", "  steps: 10\n  bach_size: 4\n"));
+        let msg = load(&path, &[]).expect_err("rejects").to_string();
+        assert!(msg.contains("train"), "{msg}");
+        assert!(msg.contains("bach_size"), "{msg}");
+        assert!(msg.contains("line 7"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key_and_line() {
+        let (_d, path) = write(&GOOD.replace("steps: 10", "steps: ten"));
+        let msg = load(&path, &[]).expect_err("rejects").to_string();
+        assert!(msg.contains("train.steps"), "{msg}");
+        assert!(msg.contains("line 6"), "{msg}");
+    }
+
+    #[test]
+    fn overrides_set_nested_keys_with_yaml_values() {
+        let (_d, path) = write(GOOD);
+        let cfg = load(&path, &["train.batch_size=8".into(), "optim.betas=[0.9, 0.95]".into(), "optim.grad_clip_norm=1.0".into()])
+            .expect("loads");
+        assert_eq!(cfg.train.batch_size, 8);
+        assert_eq!(cfg.optim.betas, [0.9, 0.95]);
+        assert_eq!(cfg.optim.grad_clip_norm, Some(1.0));
+        let msg = load(&path, &["train.bogus=1".into()]).expect_err("rejects").to_string();
+        assert!(msg.contains("train.bogus") || msg.contains("bogus"), "{msg}");
+        assert!(load(&path, &["novalue".into()]).is_err());
+    }
+
+    #[test]
+    fn missing_file_and_unknown_model_are_named() {
+        let msg = load(Path::new("/nonexistent/run.yaml"), &[]).expect_err("rejects").to_string();
+        assert!(msg.contains("/nonexistent/run.yaml"), "{msg}");
+        let (_d, path) = write(&GOOD.replace("model: tiny", "model: ViT-Z-99"));
+        let msg = load(&path, &[]).expect_err("rejects").to_string();
+        assert!(msg.contains("ViT-Z-99"), "{msg}");
+    }
+
+    #[test]
+    fn builtin_models_parse_and_validate() {
+        for name in builtin_model_names() {
+            resolve_model(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Bad input exits non-zero with a message naming what is wrong, and never panics.
+
+mod util;
+
+use util::*;
+
+fn fails_with(args: &[&str], dir: &std::path::Path, needles: &[&str]) {
+    let out = oxclip().current_dir(dir).args(args).output().expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{args:?}: `{needle}` not in:\n{stderr}");
+    }
+}
+
+const GOOD: &str = "run_dir: run\nmodel: tiny\ndata:\n  train: synthetic:64\ntrain:\n  steps: 2\n  batch_size: 4\n  device: cpu\n";
+
+#[test]
+fn config_errors_name_the_key_line_or_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.path().join(name), text).expect("write");
+    };
+    write("unknown.yaml", &GOOD.replace("  steps: 2\n", "  steps: 2\n  bach_size: 4\n"));
+    fails_with(&["train", "--config", "unknown.yaml"], dir.path(), &["train", "bach_size", "line 7"]);
+    write("type.yaml", &GOOD.replace("steps: 2", "steps: [1, 2]"));
+    fails_with(&["train", "--config", "type.yaml"], dir.path(), &["train.steps", "line 6"]);
+    write("top.yaml", &format!("{GOOD}optimizer: {{}}\n"));
+    fails_with(&["config", "show", "--config", "top.yaml"], dir.path(), &["optimizer", "line 9"]);
+    fails_with(&["train", "--config", "missing.yaml"], dir.path(), &["missing.yaml"]);
+    write("nodata.yaml", &GOOD.replace("synthetic:64", "no/such/shards"));
+    fails_with(&["train", "--config", "nodata.yaml"], dir.path(), &["no/such/shards"]);
+    write("model.yaml", &GOOD.replace("model: tiny", "model: ViT-Q-7"));
+    fails_with(&["train", "--config", "model.yaml"], dir.path(), &["ViT-Q-7"]);
+    write("badmodel.yaml", "embed_dim: 8\nvision_cfg: {image_size: 30, layers: 1, width: 32, patch_size: 8}\ntext_cfg: {context_length: 8, vocab_size: 100, width: 32, heads: 2, layers: 1}\n");
+    write("usesbad.yaml", &GOOD.replace("model: tiny", "model: badmodel.yaml"));
+    fails_with(&["train", "--config", "usesbad.yaml"], dir.path(), &["patch_size", "image_size"]);
+    write("device.yaml", &GOOD.replace("device: cpu", "device: tpu"));
+    fails_with(&["train", "--config", "device.yaml"], dir.path(), &["tpu"]);
+    write("good.yaml", GOOD);
+    fails_with(&["train", "--config", "good.yaml", "--set", "train.steps=zero"], dir.path(), &["train.steps"]);
+    fails_with(&["train", "--config", "good.yaml", "--set", "train"], dir.path(), &["--set train"]);
+}
+
+#[test]
+fn config_show_prints_the_resolved_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("good.yaml"), GOOD).expect("write");
+    let out = run_ok(oxclip().current_dir(dir.path()).args(["config", "show", "--config", "good.yaml", "--set", "optim.lr=0.001"]));
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).expect("yaml");
+    assert_eq!(yaml["optim"]["lr"].as_f64(), Some(0.001));
+    assert_eq!(yaml["optim"]["betas"][1].as_f64(), Some(0.98));
+    assert_eq!(yaml["model"]["embed_dim"].as_i64(), Some(64));
+    assert_eq!(yaml["train"]["batch_size"].as_i64(), Some(4));
+}
+
+#[test]
+fn bench_train_prints_one_json_line() {
+    let out = run_ok(oxclip().args(["bench", "train", "--model", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--device", "cpu"]));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(line["samples_per_second"].as_f64().expect("number") > 0.0);
+    assert_eq!(line["batch_size"], 8);
+}

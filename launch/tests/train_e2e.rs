@@ -1,0 +1,133 @@
+//! `oxclip data synth` + `oxclip train` end to end on real shards: metrics, TensorBoard
+//! events read back, checkpoints, zero-shot evaluation, and exact resume after `kill -9`.
+
+mod util;
+
+use std::time::{Duration, Instant};
+
+use util::*;
+
+#[test]
+fn trains_logs_tensorboard_and_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 320, 48, 32);
+    let config = tiny_config(dir.path(), &data, 20, "  checkpoint_every: 10\n  keep_checkpoints: 1\n  eval_every: 10\n");
+    let out = run_ok(oxclip().args(["train", "--config"]).arg(&config));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("zero-shot synth: top-1"), "{stdout}");
+
+    let run = dir.path().join("run");
+    assert!(run.join("config.yaml").is_file());
+    // keep_checkpoints: 1 leaves only the last.
+    let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .expect("checkpoints")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ckpts, vec!["step_20".to_string()]);
+    for f in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+        assert!(run.join("checkpoints/step_20").join(f).is_file(), "{f}");
+    }
+
+    let tb = read_tensorboard(&run.join("tensorboard"));
+    for tag in [
+        "train/loss",
+        "train/contrastive_loss",
+        "train/scale",
+        "train/lr",
+        "train/samples_per_second",
+        "train/samples_per_second_per_gpu",
+        "train/data_time",
+        "train/batch_time",
+        "val/synth-zeroshot-top1",
+        "val/synth-zeroshot-top5",
+    ] {
+        assert!(tb.contains_key(tag), "missing {tag}; have {:?}", tb.keys().collect::<Vec<_>>());
+    }
+    let loss = &tb["train/loss"];
+    assert_eq!(loss.len(), 10);
+    assert_eq!(loss.last().map(|p| p.0), Some(20));
+    let (first, last) = (loss[0].1, loss[loss.len() - 1].1);
+    assert!(last < first, "loss did not fall: {first} -> {last}");
+    assert_eq!(tb["val/synth-zeroshot-top1"].iter().map(|p| p.0).collect::<Vec<_>>(), vec![10, 20]);
+
+    let results = std::fs::read_to_string(run.join("results.jsonl")).expect("results.jsonl");
+    let rows: Vec<serde_json::Value> = results.lines().map(|l| serde_json::from_str(l).expect("json row")).collect();
+    assert!(rows.iter().any(|r| r["step"] == 20 && r.get("train/loss").is_some()));
+
+    // Training over an existing run without --resume is refused, not silently overwritten.
+    let again = oxclip().args(["train", "--config"]).arg(&config).output().expect("runs");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume auto"));
+}
+
+#[test]
+fn resume_after_kill_9_matches_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 320, 0, 32);
+    let steps = 40;
+    let extra = "  checkpoint_every: 4\n  keep_checkpoints: 20\n  eval_every: 0\n";
+    let config = {
+        let c = tiny_config(dir.path(), &data, steps, extra);
+        // No zero-shot task here: drop the val keys.
+        let text = std::fs::read_to_string(&c).expect("read");
+        let text: String = text.lines().filter(|l| !l.contains("val") && !l.contains("classnames") && !l.contains("templates")).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&c, text).expect("write");
+        c
+    };
+
+    let straight = dir.path().join("straight");
+    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&straight));
+
+    // Start the same run, kill -9 it once a checkpoint exists, resume.
+    let killed = dir.path().join("killed");
+    let mut child = oxclip()
+        .args(["train", "--config"])
+        .arg(&config)
+        .arg("--run-dir")
+        .arg(&killed)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawns");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !killed.join("checkpoints/step_8").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
+    child.wait().expect("reaped");
+    assert!(killed.join("checkpoints/step_8").exists(), "no checkpoint before the deadline");
+    assert!(!killed.join(format!("checkpoints/step_{steps}")).exists(), "the run finished before it was killed");
+    let before: Vec<_> = std::fs::read_dir(killed.join("checkpoints")).expect("dir").collect();
+    assert!(!before.is_empty());
+
+    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&killed).args(["--resume", "auto"]));
+    let last = format!("checkpoints/step_{steps}/model.safetensors");
+    let diff = max_abs_diff(&straight.join(&last), &killed.join(&last));
+    assert!(diff <= 1e-6, "resumed weights differ by {diff}");
+    let opt = format!("checkpoints/step_{steps}/optimizer.safetensors");
+    assert!(max_abs_diff(&straight.join(&opt), &killed.join(&opt)) <= 1e-6);
+}
+
+#[test]
+fn resume_from_a_given_checkpoint_and_init_from_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 160, 0, 32);
+    let config = tiny_config(dir.path(), &data, 6, "  checkpoint_every: 3\n  eval_every: 0\n");
+    let text = std::fs::read_to_string(&config).expect("read");
+    let text: String = text.lines().filter(|l| !l.contains("val") && !l.contains("classnames") && !l.contains("templates")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&config, text).expect("write");
+    let first = dir.path().join("first");
+    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&first));
+
+    // --resume PATH continues from step 3 of the first run into a new directory.
+    let second = dir.path().join("second");
+    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&second)
+        .arg("--resume").arg(first.join("checkpoints/step_3")));
+    assert!(max_abs_diff(&first.join("checkpoints/step_6/model.safetensors"), &second.join("checkpoints/step_6/model.safetensors")) <= 1e-6);
+
+    // --init starts a fresh run from those weights: step 0's weights equal the file's.
+    let third = dir.path().join("third");
+    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&third)
+        .arg("--init").arg(first.join("checkpoints/step_6/model.safetensors")).args(["--set", "train.steps=1", "--set", "optim.lr=0"]));
+    assert!(max_abs_diff(&first.join("checkpoints/step_6/model.safetensors"), &third.join("checkpoints/step_1/model.safetensors")) <= 1e-6);
+}

@@ -1,0 +1,94 @@
+//! Shared helpers for the end-to-end tests: run the real `oxclip` binary in a temporary
+//! directory, read TensorBoard event files back, compare safetensors files.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn oxclip() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_oxclip"))
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("oxclip runs");
+    assert!(
+        out.status.success(),
+        "{:?} failed\nstdout:\n{}\nstderr:\n{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Writes synthetic shards once per test directory.
+pub fn synth(dir: &Path, samples: u64, val_samples: u64, image_size: u32) -> PathBuf {
+    let out = dir.join("synth");
+    run_ok(oxclip().args(["data", "synth", "--out"]).arg(&out).args([
+        "--samples",
+        &samples.to_string(),
+        "--val-samples",
+        &val_samples.to_string(),
+        "--image-size",
+        &image_size.to_string(),
+        "--shard-size",
+        "100",
+    ]));
+    out
+}
+
+/// A run config for the tiny model on synthetic shards.
+pub fn tiny_config(dir: &Path, synth: &Path, steps: u64, extra_train: &str) -> PathBuf {
+    let text = format!(
+        "run_dir: {run}\nmodel: tiny\ndata:\n  train: {train}\n  val: {val}\n  val_name: synth\n  classnames: {classes}\n  templates: {templates}\n  workers: 2\ntrain:\n  batch_size: 16\n  steps: {steps}\n  seed: 7\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 2\n{extra_train}optim:\n  lr: 1.0e-3\n  warmup_steps: 3\n",
+        run = dir.join("run").display(),
+        train = synth.join("train").display(),
+        val = synth.join("val").display(),
+        classes = synth.join("classnames.txt").display(),
+        templates = synth.join("templates.txt").display(),
+    );
+    let path = dir.join("run.yaml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Every scalar in the TensorBoard event files of `dir`: tag -> [(step, value)].
+pub fn read_tensorboard(dir: &Path) -> BTreeMap<String, Vec<(i64, f32)>> {
+    use protobuf::Message;
+    let mut scalars: BTreeMap<String, Vec<(i64, f32)>> = BTreeMap::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("tensorboard dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.file_name().map_or(false, |n| n.to_string_lossy().starts_with("events.out.tfevents")))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no event files in {}", dir.display());
+    for file in files {
+        let bytes = std::fs::read(&file).expect("read events");
+        let mut pos = 0;
+        // TFRecord framing: u64 length, u32 length crc, data, u32 data crc.
+        while pos + 12 <= bytes.len() {
+            let len = u64::from_le_bytes(bytes[pos..pos + 8].try_into().expect("8 bytes")) as usize;
+            let data = &bytes[pos + 12..pos + 12 + len];
+            pos += 12 + len + 4;
+            let event = tensorboard_proto::event::Event::parse_from_bytes(data).expect("event parses");
+            for value in event.get_summary().get_value() {
+                scalars.entry(value.get_tag().to_string()).or_default().push((event.get_step(), value.get_simple_value()));
+            }
+        }
+    }
+    scalars
+}
+
+pub fn read_safetensors(path: &Path) -> BTreeMap<String, tch::Tensor> {
+    tch::Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+}
+
+/// Largest absolute difference between two state dicts with the same keys.
+pub fn max_abs_diff(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (read_safetensors(a), read_safetensors(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter().map(|(k, t)| (t - &b[k]).abs().max().double_value(&[])).fold(0.0, f64::max)
+}

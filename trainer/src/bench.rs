@@ -1,0 +1,81 @@
+//! `oxclip bench train`: the training step on random inputs, the same work as open_clip's step
+//! (forward, contrastive loss, backward, AdamW), so the two can be timed side by side
+//! (`scripts/bench_open_clip.py` is the other side).
+
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::collectives::SingleProcess;
+use crate::error::Result;
+use crate::model::{Clip, ModelConfig};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::step::{self, StepConfig};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainBenchResult {
+    pub bench: &'static str,
+    pub model: String,
+    pub device: String,
+    pub batch_size: usize,
+    pub steps: u64,
+    pub threads: i32,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+}
+
+pub struct TrainBench<'a> {
+    pub model_name: &'a str,
+    pub model: &'a ModelConfig,
+    pub batch_size: usize,
+    pub steps: u64,
+    pub warmup_steps: u64,
+    pub device: Device,
+    pub autocast_bf16: bool,
+}
+
+pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(b.device);
+    let model = Clip::new(&vs.root(), b.model)?;
+    let mut optimizer = AdamW::new(
+        vs.variables().into_iter().collect(),
+        AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 },
+    );
+    let n = b.batch_size as i64;
+    let size = b.model.vision_cfg.image_size;
+    let ctx = b.model.text_cfg.context_length;
+    let vocab = b.model.text_cfg.vocab_size;
+    let images = Tensor::randn([n, 3, size, size], (Kind::Float, b.device));
+    // Random ids below the EOT id, then EOT (the largest id) at a random position per row.
+    let tokens = Tensor::randint(vocab - 1, [n, ctx], (Kind::Int64, b.device));
+    let eot_at = Tensor::randint(ctx, [n, 1], (Kind::Int64, b.device));
+    let tokens = tokens.scatter_value(1, &eot_at, vocab - 1);
+    let cfg = StepConfig { autocast_bf16: b.autocast_bf16, grad_clip_norm: None };
+
+    let mut run = |steps: u64| -> Result<f64> {
+        let started = Instant::now();
+        let mut last = None;
+        for _ in 0..steps {
+            last = Some(step::train_step(&model, &mut optimizer, &SingleProcess, &images, &tokens, 5e-4, cfg)?);
+        }
+        // Wait for the device before stopping the clock.
+        if let Some(out) = last {
+            let _ = out.loss.double_value(&[]);
+        }
+        Ok(started.elapsed().as_secs_f64())
+    };
+    run(b.warmup_steps)?;
+    let seconds = run(b.steps)?;
+    Ok(TrainBenchResult {
+        bench: "train",
+        model: b.model_name.to_string(),
+        device: format!("{:?}", b.device),
+        batch_size: b.batch_size,
+        steps: b.steps,
+        threads: tch::get_num_threads(),
+        seconds,
+        samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,
+    })
+}

@@ -1,0 +1,250 @@
+//! The trainer's part of a run config: what to train on, how long, how to optimise. Each
+//! struct is one YAML section; `launch` gathers them with the model into the run config.
+//! Defaults are open_clip's (and the CLIP paper's) unless a comment says otherwise.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::schedule::ScheduleKind;
+
+/// `data:` — where samples come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training data: shards (`dir/{00000..00099}.tar`, a directory of .tar files) or
+    /// `synthetic:N` (N generated samples addressed by index).
+    pub train: String,
+    /// Held-out data for zero-shot evaluation: shards whose samples carry a `.cls` label.
+    #[serde(default)]
+    pub val: Option<String>,
+    /// Name of the validation set in metric tags: `val/<val_name>-zeroshot-top1`.
+    #[serde(default = "default_val_name")]
+    pub val_name: String,
+    /// Class names for zero-shot evaluation, one per line; line i names label i.
+    #[serde(default)]
+    pub classnames: Option<String>,
+    /// Prompt templates, one per line with `{}` for the class name. Default: OpenAI's 80
+    /// ImageNet templates.
+    #[serde(default)]
+    pub templates: Option<String>,
+    /// Decode/augment threads.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// A Hugging Face tokenizer.json to use instead of the CLIP BPE.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+}
+
+fn default_val_name() -> String {
+    "val".into()
+}
+fn default_workers() -> usize {
+    4
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+    /// bf16 autocast for the towers on CUDA, fp32 weights, optimizer and loss. Runs as fp32
+    /// on CPU.
+    AmpBf16,
+}
+
+/// `train:` — the loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Samples per rank per step; the global batch is this times the world size.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Optimizer steps in the whole run.
+    pub steps: u64,
+    /// Seeds initialisation, shuffling and augmentation.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_precision")]
+    pub precision: Precision,
+    /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Save a checkpoint every this many steps (and at the end); 0 = only at the end.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept in `<run_dir>/checkpoints`; older ones are deleted.
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
+    /// Write metrics every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// Evaluate every this many steps (and at the end); 0 = only at the end.
+    #[serde(default = "default_eval_every")]
+    pub eval_every: u64,
+    /// libtorch CPU threads; default: all cores.
+    #[serde(default)]
+    pub threads: Option<usize>,
+}
+
+fn default_batch_size() -> usize {
+    256
+}
+fn default_precision() -> Precision {
+    Precision::AmpBf16
+}
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+fn default_keep_checkpoints() -> usize {
+    3
+}
+fn default_log_every() -> u64 {
+    10
+}
+fn default_eval_every() -> u64 {
+    1000
+}
+
+/// `optim:` — AdamW and the learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay, not applied to gains, biases, LayerNorms and logit_scale.
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Linear warmup steps (open_clip's `--warmup`, default 10000).
+    #[serde(default = "default_warmup_steps")]
+    pub warmup_steps: u64,
+    #[serde(default = "default_schedule")]
+    pub schedule: ScheduleKind,
+    /// For `const-cooldown`: length of the final decay.
+    #[serde(default)]
+    pub cooldown_steps: u64,
+    /// For `const-cooldown`: 1 is linear.
+    #[serde(default = "default_cooldown_power")]
+    pub cooldown_power: f64,
+    /// For `const-cooldown`: the learning rate at the last step.
+    #[serde(default)]
+    pub cooldown_end_lr: f64,
+    /// Clip the global gradient norm to this value; null = no clipping.
+    #[serde(default)]
+    pub grad_clip_norm: Option<f64>,
+}
+
+fn default_lr() -> f64 {
+    5.0e-4
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.98]
+}
+fn default_eps() -> f64 {
+    1.0e-6
+}
+fn default_weight_decay() -> f64 {
+    0.2
+}
+fn default_warmup_steps() -> u64 {
+    10_000
+}
+fn default_schedule() -> ScheduleKind {
+    ScheduleKind::Cosine
+}
+fn default_cooldown_power() -> f64 {
+    1.0
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: default_lr(),
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay: default_weight_decay(),
+            warmup_steps: default_warmup_steps(),
+            schedule: default_schedule(),
+            cooldown_steps: 0,
+            cooldown_power: default_cooldown_power(),
+            cooldown_end_lr: 0.0,
+            grad_clip_norm: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Symmetric cross-entropy over the scaled similarities (CLIP).
+    #[default]
+    Clip,
+}
+
+/// `loss:` — the contrastive objective.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossConfig {
+    #[serde(default)]
+    pub kind: LossKind,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let err = |m: &str| Err(TrainError::Config(m.to_string()));
+        if self.batch_size == 0 {
+            return err("train.batch_size must be at least 1");
+        }
+        if self.steps == 0 {
+            return err("train.steps must be at least 1");
+        }
+        if self.log_every == 0 {
+            return err("train.log_every must be at least 1");
+        }
+        if self.keep_checkpoints == 0 {
+            return err("train.keep_checkpoints must be at least 1");
+        }
+        if self.threads == Some(0) {
+            return err("train.threads must be at least 1 (or absent for all cores)");
+        }
+        crate::device::parse(&self.device).map(|_| ())
+    }
+}
+
+impl OptimConfig {
+    pub fn validate(&self, total_steps: u64) -> Result<()> {
+        let err = |m: String| Err(TrainError::Config(m));
+        if !(self.lr >= 0.0 && self.lr.is_finite()) {
+            return err(format!("optim.lr must be a non-negative number, got {}", self.lr));
+        }
+        for (i, b) in self.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                return err(format!("optim.betas[{i}] must be in [0, 1), got {b}"));
+            }
+        }
+        if !(self.eps > 0.0) {
+            return err(format!("optim.eps must be positive, got {}", self.eps));
+        }
+        if !(self.weight_decay >= 0.0) {
+            return err(format!("optim.weight_decay must be non-negative, got {}", self.weight_decay));
+        }
+        if self.schedule == ScheduleKind::ConstCooldown && self.cooldown_steps > total_steps {
+            return err(format!(
+                "optim.cooldown_steps ({}) exceeds train.steps ({total_steps})",
+                self.cooldown_steps
+            ));
+        }
+        if let Some(c) = self.grad_clip_norm {
+            if !(c > 0.0) {
+                return err(format!("optim.grad_clip_norm must be positive or null, got {c}"));
+            }
+        }
+        Ok(())
+    }
+}

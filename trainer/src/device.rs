@@ -1,0 +1,80 @@
+//! Device selection, and the start-up step that lets one CPU-built binary use CUDA: libtorch
+//! registers its CUDA backend when `libtorch_cuda.so` is loaded, so we load it (globally)
+//! when it is present before any tensor is made (DESIGN.md section 6).
+
+use std::ffi::CString;
+
+use tch::Device;
+
+use crate::error::{Result, TrainError};
+
+/// A device as written in a config: `auto`, `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+pub fn parse(spec: &str) -> Result<DeviceSpec> {
+    match spec {
+        "auto" => Ok(DeviceSpec::Auto),
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        s => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| TrainError::Config(format!("train.device `{s}` is not one of auto, cpu, cuda, cuda:N"))),
+    }
+}
+
+/// Loads `libtorch_cuda.so` if it can be found: `$OXCLIP_LIBTORCH_CUDA`, else the loader's
+/// search path (the binary's rpath, `LD_LIBRARY_PATH`). Returns whether it is loaded.
+pub fn load_cuda_backend() -> bool {
+    let candidates: Vec<String> = std::env::var("OXCLIP_LIBTORCH_CUDA")
+        .ok()
+        .into_iter()
+        .chain(std::iter::once("libtorch_cuda.so".to_string()))
+        .collect();
+    for name in candidates {
+        let Ok(c_name) = CString::new(name.clone()) else { continue };
+        // SAFETY: dlopen with a valid C string; the handle is kept for the process lifetime.
+        let handle = unsafe { libc::dlopen(c_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if !handle.is_null() {
+            tracing::debug!("loaded {name}");
+            return true;
+        }
+    }
+    false
+}
+
+/// Resolves a spec against the hardware that is there.
+pub fn resolve(spec: DeviceSpec) -> Result<Device> {
+    let cuda_count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Auto if cuda_count > 0 => Ok(Device::Cuda(0)),
+        DeviceSpec::Auto => Ok(Device::Cpu),
+        DeviceSpec::Cuda(i) if i < cuda_count => Ok(Device::Cuda(i)),
+        DeviceSpec::Cuda(i) if cuda_count == 0 => Err(TrainError::Device(format!(
+            "cuda:{i} requested but libtorch sees no CUDA device (is libtorch_cuda.so on the library path? \
+             set OXCLIP_LIBTORCH_CUDA to its path); use train.device: cpu to run on the CPU"
+        ))),
+        DeviceSpec::Cuda(i) => Err(TrainError::Device(format!("cuda:{i} requested but only {cuda_count} CUDA device(s) exist"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_specs() {
+        assert_eq!(parse("cpu").ok(), Some(DeviceSpec::Cpu));
+        assert_eq!(parse("cuda").ok(), Some(DeviceSpec::Cuda(0)));
+        assert_eq!(parse("cuda:3").ok(), Some(DeviceSpec::Cuda(3)));
+        assert!(parse("gpu").is_err());
+        assert!(parse("cuda:x").is_err());
+    }
+}

@@ -1,0 +1,43 @@
+//! The trainer's error type: every message names the file, key or step it is about.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while building, training, saving or evaluating a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error(transparent)]
+    Data(#[from] oxclip_data_loader::DataError),
+
+    #[error("invalid model config: {0}")]
+    ModelConfig(String),
+
+    #[error("invalid training config: {0}")]
+    Config(String),
+
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+
+    #[error("weights {path}: {message}")]
+    Weights { path: PathBuf, message: String },
+
+    #[error("device: {0}")]
+    Device(String),
+
+    #[error("step {step}: the loss is not finite ({loss}); lower the learning rate or enable optim.grad_clip_norm")]
+    NonFiniteLoss { step: u64, loss: f64 },
+}
+
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+/// Wraps an `std::io::Error` with the path it happened on.
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
+    let path = path.into();
+    move |source| TrainError::Io { path, source }
+}

@@ -1,0 +1,128 @@
+//! The CLIP loss (Radford et al. 2021; open_clip `loss.py::ClipLoss`), symmetric cross-entropy
+//! over the scaled image-text similarities, computed for the rows a rank owns.
+//!
+//! With image features I and text features T (N x d, L2-normalised), s = exp(logit_scale) and
+//! the owned rows o:
+//!
+//!   L_o = 1/(2N) * sum_{i in o} [ lse_j(s I_i.T_j) - s I_i.T_i + lse_j(s T_i.I_j) - s T_i.I_i ]
+//!
+//! Summed over a partition of the rows this is open_clip's `(CE(logits, y) + CE(logits.T, y)) / 2`.
+//! With P = softmax of the image rows' logits and Q that of the text rows', E the one-hot labels:
+//!
+//!   dL/dI_o += s (P - E) T / 2N        dL/dT += s (P - E)^T I_o / 2N
+//!   dL/dT_o += s (Q - E) I / 2N        dL/dI += s (Q - E)^T T_o / 2N
+//!   dL/dlogit_scale = sum((P - E) * logits_I + (Q - E) * logits_T) / 2N
+//!
+//! Memory: two n x N blocks. The tiled version (loss.tile_size) bounds this to n x tile.
+
+use std::ops::Range;
+
+use tch::{Kind, Tensor};
+
+use super::LossOutput;
+
+/// `image`, `text`: (N, d) gathered features; `logit_scale`: 0-dim; `rows`: the owned rows.
+/// Computes in fp32 whatever the features' precision.
+pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>) -> LossOutput {
+    let _no_grad = tch::no_grad_guard();
+    let image = image.to_kind(Kind::Float);
+    let text = text.to_kind(Kind::Float);
+    let scale = logit_scale.to_kind(Kind::Float).exp();
+    let global = image.size()[0];
+    let n = rows.end - rows.start;
+    let norm = 1.0 / (2 * global) as f64;
+
+    let image_own = image.narrow(0, rows.start, n);
+    let text_own = text.narrow(0, rows.start, n);
+    // (n, N): image rows against every caption, caption rows against every image.
+    let logits_image = image_own.matmul(&text.tr()) * &scale;
+    let logits_text = text_own.matmul(&image.tr()) * &scale;
+
+    let positives = (&image_own * &text_own).sum_dim_intlist([1i64].as_slice(), false, Kind::Float) * &scale;
+    let loss = (logits_image.logsumexp([1], false).sum(Kind::Float)
+        + logits_text.logsumexp([1], false).sum(Kind::Float)
+        - positives.sum(Kind::Float) * 2.0)
+        * norm;
+
+    // (softmax - onehot) / 2N for both directions.
+    let labels = Tensor::arange_start(rows.start, rows.end, (Kind::Int64, image.device())).unsqueeze(1);
+    let minus_one = Tensor::full([n, 1], -1.0, (Kind::Float, image.device()));
+    let d_image = logits_image.softmax(1, Kind::Float).scatter_add(1, &labels, &minus_one) * norm;
+    let d_text = logits_text.softmax(1, Kind::Float).scatter_add(1, &labels, &minus_one) * norm;
+
+    let grad_logit_scale =
+        (&d_image * &logits_image).sum(Kind::Float) + (&d_text * &logits_text).sum(Kind::Float);
+
+    // Every row receives the other direction's term; the owned rows add their own (narrow()
+    // is a view, so the in-place add writes through).
+    let grad_image = d_text.tr().matmul(&text_own) * &scale;
+    let grad_text = d_image.tr().matmul(&image_own) * &scale;
+    let _ = grad_image.narrow(0, rows.start, n).g_add_(&(d_image.matmul(&text) * &scale));
+    let _ = grad_text.narrow(0, rows.start, n).g_add_(&(d_text.matmul(&image) * &scale));
+
+    LossOutput { loss, grad_image, grad_text, grad_logit_scale }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn features(n: i64, d: i64, seed: i64) -> (Tensor, Tensor) {
+        tch::manual_seed(seed);
+        let opts = (Kind::Double, Device::Cpu);
+        let i = Tensor::randn([n, d], opts);
+        let t = Tensor::randn([n, d], opts);
+        (crate::model::normalize(&i), crate::model::normalize(&t))
+    }
+
+    /// The reference: full N x N logits, open_clip's two cross-entropies, autograd.
+    fn autograd_reference(image: &Tensor, text: &Tensor, logit_scale: f64) -> (f64, Tensor, Tensor, f64) {
+        let image = image.detach().set_requires_grad(true);
+        let text = text.detach().set_requires_grad(true);
+        let ls = Tensor::from(logit_scale).to_kind(Kind::Double).set_requires_grad(true);
+        let logits = image.matmul(&text.tr()) * ls.exp();
+        let labels = Tensor::arange(image.size()[0], (Kind::Int64, Device::Cpu));
+        let ce = |l: &Tensor| l.log_softmax(1, Kind::Double).nll_loss(&labels);
+        let loss = (ce(&logits) + ce(&logits.tr())) / 2.0;
+        loss.backward();
+        (loss.double_value(&[]), image.grad(), text.grad(), ls.grad().double_value(&[]))
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let diff = (a - b).abs().max().double_value(&[]);
+        diff / b.abs().max().double_value(&[]).max(1e-12)
+    }
+
+    #[test]
+    fn matches_autograd_on_the_full_matrix() {
+        let (image, text) = features(16, 8, 0);
+        let (loss, gi, gt, gs) = autograd_reference(&image, &text, 2.3);
+        let out = clip_loss(&image, &text, &Tensor::from(2.3), 0..16);
+        assert!((out.loss.double_value(&[]) - loss).abs() < 1e-5 * loss.abs());
+        assert!(max_rel(&out.grad_image.to_kind(Kind::Double), &gi) < 1e-5);
+        assert!(max_rel(&out.grad_text.to_kind(Kind::Double), &gt) < 1e-5);
+        assert!((out.grad_logit_scale.double_value(&[]) - gs).abs() < 1e-5 * gs.abs().max(1e-3));
+    }
+
+    #[test]
+    fn row_blocks_sum_to_the_whole() {
+        // What W ranks compute, each for its own rows, adds up to the one-process loss.
+        let (image, text) = features(12, 6, 1);
+        let ls = Tensor::from(1.7);
+        let whole = clip_loss(&image, &text, &ls, 0..12);
+        let parts: Vec<LossOutput> = [0..4, 4..8, 8..12].into_iter().map(|r| clip_loss(&image, &text, &ls, r)).collect();
+        let sum = |f: &dyn Fn(&LossOutput) -> Tensor| parts.iter().map(f).reduce(|a, b| a + b).unwrap();
+        assert!(max_rel(&sum(&|p| p.loss.shallow_clone()), &whole.loss) < 1e-6);
+        assert!(max_rel(&sum(&|p| p.grad_image.shallow_clone()), &whole.grad_image) < 1e-6);
+        assert!(max_rel(&sum(&|p| p.grad_text.shallow_clone()), &whole.grad_text) < 1e-6);
+        assert!(max_rel(&sum(&|p| p.grad_logit_scale.shallow_clone()), &whole.grad_logit_scale) < 1e-6);
+    }
+
+    #[test]
+    fn perfect_alignment_at_high_scale_has_near_zero_loss() {
+        let (image, _) = features(8, 16, 2);
+        let out = clip_loss(&image, &image, &Tensor::from(crate::model::LOGIT_SCALE_MAX), 0..8);
+        assert!(out.loss.double_value(&[]) < 1.0, "loss {}", out.loss.double_value(&[]));
+    }
+}

@@ -1,0 +1,135 @@
+//! CLIP as open_clip builds it: a ViT image tower under `visual.`, a causal text transformer on
+//! the root path, and a learnable temperature `logit_scale`. Variable paths are open_clip's
+//! state_dict keys, so a `VarStore` saved to safetensors loads into open_clip with
+//! `strict=True` and open_clip weights load here with nothing renamed.
+
+pub mod config;
+pub mod text;
+pub mod transformer;
+pub mod vision;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+pub use config::{ModelConfig, TextConfig, VisionConfig};
+use text::TextTransformer;
+use transformer::Activation;
+use vision::VisionTransformer;
+
+use crate::error::{Result, TrainError};
+
+/// `logit_scale` starts at ln(1/0.07) (CLIP paper) ...
+pub const LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778; // ln(1 / 0.07)
+/// ... and is clamped to [0, ln 100] after every step, so the scale never exceeds 100.
+pub const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092; // ln(100)
+
+#[derive(Debug)]
+pub struct Clip {
+    pub config: ModelConfig,
+    pub visual: VisionTransformer,
+    pub text: TextTransformer,
+    /// The log of the temperature's inverse; a 0-dim tensor.
+    pub logit_scale: Tensor,
+}
+
+impl Clip {
+    /// Builds the model's variables under `root` with open_clip's initialisation.
+    pub fn new(root: &nn::Path, config: &ModelConfig) -> Result<Self> {
+        config.validate()?;
+        let act = if config.quick_gelu { Activation::QuickGelu } else { Activation::Gelu };
+        Ok(Clip {
+            config: config.clone(),
+            visual: VisionTransformer::new(root / "visual", &config.vision_cfg, config.embed_dim, act),
+            text: TextTransformer::new(root.clone(), &config.text_cfg, config.embed_dim, act),
+            logit_scale: root.var("logit_scale", &[], Init::Const(LOGIT_SCALE_INIT)),
+        })
+    }
+
+    /// images: (B, 3, S, S) -> (B, embed_dim), not normalised.
+    pub fn encode_image(&self, images: &Tensor) -> Tensor {
+        self.visual.forward(images)
+    }
+
+    /// tokens: (B, context_length) -> (B, embed_dim), not normalised.
+    pub fn encode_text(&self, tokens: &Tensor) -> Tensor {
+        self.text.forward(tokens)
+    }
+
+    /// L2-normalised image and text features, the inputs of every contrastive loss.
+    pub fn features(&self, images: &Tensor, tokens: &Tensor) -> (Tensor, Tensor) {
+        (normalize(&self.encode_image(images)), normalize(&self.encode_text(tokens)))
+    }
+
+    /// Keeps the scale in [1, 100], as open_clip does after each optimizer step.
+    pub fn clamp_logit_scale(&self) {
+        tch::no_grad(|| {
+            let _ = self.logit_scale.shallow_clone().clamp_(0.0, LOGIT_SCALE_MAX);
+        });
+    }
+}
+
+/// Row-wise L2 normalisation (`F.normalize(x, dim=-1)`, eps 1e-12).
+pub fn normalize(x: &Tensor) -> Tensor {
+    let norm = x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
+    x / norm
+}
+
+/// Number of scalar parameters.
+pub fn num_params(vs: &nn::VarStore) -> i64 {
+    vs.variables().values().map(|t| t.numel() as i64).sum()
+}
+
+/// Loads open_clip-named weights into `vs`, converting dtype (fp16 / bf16 files load) and
+/// refusing any mismatch: every missing, unexpected or mis-shaped tensor is named.
+pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
+    let loaded: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
+        .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })?
+        .into_iter()
+        .collect();
+    let vars = vs.variables();
+    let mut problems = Vec::new();
+    let missing: Vec<&String> = vars.keys().filter(|k| !loaded.contains_key(*k)).collect();
+    let unexpected: Vec<&String> = loaded.keys().filter(|k| !vars.contains_key(*k)).collect();
+    if !missing.is_empty() {
+        problems.push(format!("missing {} tensor(s): {}", missing.len(), join_sorted(missing)));
+    }
+    if !unexpected.is_empty() {
+        problems.push(format!("unexpected {} tensor(s): {}", unexpected.len(), join_sorted(unexpected)));
+    }
+    for (name, var) in &vars {
+        if let Some(t) = loaded.get(name) {
+            if t.size() != var.size() {
+                problems.push(format!("{name}: shape {:?} in the file, {:?} in the model", t.size(), var.size()));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(TrainError::Weights { path: path.into(), message: problems.join("; ") });
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (name, var) in &vars {
+            let src = &loaded[name];
+            var.shallow_clone().f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes `vs` as fp32 safetensors with open_clip's keys.
+pub fn save_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let tensors: Vec<(String, Tensor)> = vars
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_contiguous()?)))
+        .collect::<Result<_>>()?;
+    Tensor::write_safetensors(&tensors, path)
+        .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })
+}
+
+fn join_sorted(mut names: Vec<&String>) -> String {
+    names.sort();
+    names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+}

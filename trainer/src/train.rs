@@ -1,0 +1,329 @@
+//! The training loop, nanoGPT's shape: schedule, step, metrics, checkpoint and eval, each a
+//! call. Counters and the loader position live in one `TrainerState` that checkpoints save.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use oxclip_data_loader::{dataset, DataSpec, Loader, LoaderConfig, Tokenizer};
+use tch::{nn, Device, Tensor};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::collectives::{Collectives, SingleProcess};
+use crate::config::{DataConfig, LossConfig, OptimConfig, Precision, TrainConfig};
+use crate::device;
+use crate::error::{io_err, Result, TrainError};
+use crate::eval::{self, ZeroShotResult};
+use crate::metrics::MetricsWriter;
+use crate::model::{Clip, ModelConfig};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::schedule::Schedule;
+use crate::step::{self, StepConfig};
+
+/// Where a run starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// Fresh weights; refuses a run directory that already holds checkpoints.
+    No,
+    /// The newest valid checkpoint of the run directory, or fresh if there is none.
+    Auto,
+    /// A given checkpoint directory.
+    From(PathBuf),
+}
+
+/// A fully resolved training run.
+#[derive(Debug, Clone)]
+pub struct TrainJob {
+    pub run_dir: PathBuf,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub optim: OptimConfig,
+    pub loss: LossConfig,
+    /// The resolved config as YAML: written to `<run_dir>/config.yaml` and into checkpoints.
+    pub resolved_config: String,
+    pub resume: Resume,
+    /// Initial weights for a fresh run (fine-tuning): an open_clip-layout safetensors file.
+    pub init_checkpoint: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub zero_shot: Option<ZeroShotResult>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub device: Device,
+}
+
+/// The zero-shot task evaluated during and after training.
+struct ZeroShotTask {
+    name: String,
+    dataset: Arc<dyn dataset::Dataset>,
+    classnames: Vec<String>,
+    templates: Vec<String>,
+}
+
+pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
+    job.model.validate()?;
+    job.train.validate()?;
+    job.optim.validate(job.train.steps)?;
+    if let Some(threads) = job.train.threads {
+        tch::set_num_threads(threads as i32);
+    }
+    let device = device::resolve(device::parse(&job.train.device)?)?;
+    let comm = SingleProcess;
+    let cfg = &job.train;
+    let global_batch = (cfg.batch_size * comm.world_size()) as u64;
+
+    fs::create_dir_all(&job.run_dir).map_err(io_err(&job.run_dir))?;
+    let resume_from = resume_dir(job)?;
+    let config_path = job.run_dir.join("config.yaml");
+    fs::write(&config_path, &job.resolved_config).map_err(io_err(&config_path))?;
+
+    // Model and optimizer: the seed fixes the initial weights.
+    tch::manual_seed(cfg.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let model = Clip::new(&vs.root(), &job.model)?;
+    let mut optimizer = AdamW::new(
+        vs.variables().into_iter().collect(),
+        AdamWConfig { betas: (job.optim.betas[0], job.optim.betas[1]), eps: job.optim.eps, weight_decay: job.optim.weight_decay },
+    );
+    tracing::info!("model: {} parameters on {device:?}", crate::model::num_params(&vs));
+    if let (Some(path), None) = (&job.init_checkpoint, &resume_from) {
+        crate::model::load_weights(&vs, path)?;
+        tracing::info!("initial weights from {}", path.display());
+    }
+
+    let tokenizer = load_tokenizer(&job.data)?;
+    let train_set: Arc<dyn dataset::Dataset> = Arc::from(dataset::open(&DataSpec::parse(&job.data.train)?, cfg.seed)?);
+    let mut loader = Loader::new(
+        train_set,
+        tokenizer.clone(),
+        LoaderConfig {
+            batch_size: cfg.batch_size,
+            rank: comm.rank(),
+            world_size: comm.world_size(),
+            seed: cfg.seed,
+            image_size: job.model.vision_cfg.image_size as u32,
+            context_length: job.model.text_cfg.context_length as usize,
+            workers: job.data.workers,
+            train: true,
+        },
+    )?;
+    let zero_shot = zero_shot_task(&job.data, cfg.seed)?;
+
+    let mut state = TrainerState { step: 0, samples_seen: 0, seed: cfg.seed, loader: loader.state(), config: job.resolved_config.clone() };
+    if let Some(dir) = &resume_from {
+        state = checkpoint::load(dir, &vs, &mut optimizer)?;
+        loader.restore(&state.loader)?;
+        if state.config != job.resolved_config {
+            tracing::warn!("resuming {} with a config that differs from the checkpoint's", dir.display());
+        }
+        tracing::info!("resumed from {} at step {}", dir.display(), state.step);
+    }
+
+    let mut metrics = MetricsWriter::new(&job.run_dir)?;
+    let schedule = Schedule {
+        kind: job.optim.schedule,
+        base_lr: job.optim.lr,
+        warmup_steps: job.optim.warmup_steps,
+        total_steps: cfg.steps,
+        cooldown_steps: job.optim.cooldown_steps,
+        cooldown_power: job.optim.cooldown_power,
+        cooldown_end_lr: job.optim.cooldown_end_lr,
+    };
+    let step_cfg = StepConfig {
+        autocast_bf16: cfg.precision == Precision::AmpBf16 && device.is_cuda(),
+        grad_clip_norm: job.optim.grad_clip_norm,
+    };
+    if cfg.precision == Precision::AmpBf16 && !device.is_cuda() {
+        tracing::info!("precision amp_bf16 runs as fp32 on the CPU");
+    }
+
+    let mut interval = Interval::default();
+    let mut final_loss = f64::NAN;
+    let mut last_checkpoint = None;
+    let mut last_zero_shot = None;
+    let (image_size, context_length) = (job.model.vision_cfg.image_size, job.model.text_cfg.context_length);
+    while state.step < cfg.steps {
+        let started = Instant::now();
+        let batch = loader.next_batch()?;
+        let images = Tensor::from_slice(&batch.images).view([batch.batch_size as i64, 3, image_size, image_size]).to_device(device);
+        let tokens = Tensor::from_slice(&batch.tokens).view([batch.batch_size as i64, context_length]).to_device(device);
+        let data_secs = started.elapsed().as_secs_f64();
+
+        let lr = schedule.lr(state.step);
+        let out = step::train_step(&model, &mut optimizer, &comm, &images, &tokens, lr, step_cfg)?;
+        state.step += 1;
+        state.samples_seen += global_batch;
+        interval.add(data_secs, started.elapsed().as_secs_f64(), batch.skipped.values().sum());
+
+        // Reading the loss waits for the device; do it only when logging.
+        if state.step % cfg.log_every == 0 || state.step == cfg.steps {
+            final_loss = out.loss.double_value(&[]);
+            if !final_loss.is_finite() {
+                return Err(TrainError::NonFiniteLoss { step: state.step, loss: final_loss });
+            }
+            let scale = model.logit_scale.exp().double_value(&[]);
+            log_train(&mut metrics, &state, cfg.steps, final_loss, scale, lr, global_batch, comm.world_size(), &mut interval, out.grad_norm)?;
+        }
+        let last = state.step == cfg.steps;
+        if last || (cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0) {
+            state.loader = loader.state();
+            last_checkpoint = Some(checkpoint::save(&job.run_dir, &vs, &optimizer, &state, cfg.keep_checkpoints)?);
+            metrics.flush()?;
+        }
+        if let Some(task) = &zero_shot {
+            if last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
+                let result = evaluate(&model, task, &tokenizer, device, job.data.workers)?;
+                let prefix = format!("val/{}-zeroshot", task.name);
+                metrics.log(state.step, &[(&format!("{prefix}-top1"), result.top1), (&format!("{prefix}-top5"), result.top5)])?;
+                metrics.flush()?;
+                tracing::info!(
+                    "step {} | zero-shot {}: top-1 {:.2}% top-5 {:.2}% ({} images)",
+                    state.step, task.name, 100.0 * result.top1, 100.0 * result.top5, result.samples
+                );
+                last_zero_shot = Some(result);
+            }
+        }
+    }
+    metrics.flush()?;
+    Ok(TrainSummary { steps: state.step, final_loss, zero_shot: last_zero_shot, last_checkpoint, device })
+}
+
+/// Picks the checkpoint to resume from, refusing to silently train over an existing run.
+fn resume_dir(job: &TrainJob) -> Result<Option<PathBuf>> {
+    match &job.resume {
+        Resume::From(dir) => {
+            checkpoint::read_state(dir)?;
+            Ok(Some(dir.clone()))
+        }
+        Resume::Auto => checkpoint::latest_valid(&job.run_dir),
+        Resume::No => {
+            if !checkpoint::list(&job.run_dir)?.is_empty() {
+                return Err(TrainError::Config(format!(
+                    "{} already holds checkpoints; pass --resume auto to continue it, or choose another --run-dir",
+                    checkpoint::checkpoints_dir(&job.run_dir).display()
+                )));
+            }
+            Ok(None)
+        }
+    }
+}
+
+pub fn load_tokenizer(data: &DataConfig) -> Result<Tokenizer> {
+    Ok(match &data.tokenizer {
+        Some(path) => Tokenizer::from_tokenizer_json(Path::new(path))?,
+        None => Tokenizer::clip_from_bpe_gz(&oxclip_data_loader::tokenizer::default_clip_vocab_path()?)?,
+    })
+}
+
+fn zero_shot_task(data: &DataConfig, seed: u64) -> Result<Option<ZeroShotTask>> {
+    let Some(val) = &data.val else { return Ok(None) };
+    let classnames_path = data.classnames.as_ref().ok_or_else(|| {
+        TrainError::Config("data.val is set but data.classnames is not: zero-shot evaluation needs class names".into())
+    })?;
+    let classnames = read_lines(Path::new(classnames_path))?;
+    let templates = match &data.templates {
+        Some(path) => read_lines(Path::new(path))?,
+        None => eval::OPENAI_IMAGENET_TEMPLATES.iter().map(|s| s.to_string()).collect(),
+    };
+    if let Some(bad) = templates.iter().find(|t| !t.contains("{}")) {
+        return Err(TrainError::Config(format!("template `{bad}` has no `{{}}` for the class name")));
+    }
+    let dataset: Arc<dyn dataset::Dataset> = Arc::from(dataset::open(&DataSpec::parse(val)?, seed)?);
+    Ok(Some(ZeroShotTask { name: data.val_name.clone(), dataset, classnames, templates }))
+}
+
+/// Non-empty, trimmed lines of a text file.
+pub fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    let lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if lines.is_empty() {
+        return Err(TrainError::Config(format!("{} is empty", path.display())));
+    }
+    Ok(lines)
+}
+
+fn evaluate(model: &Clip, task: &ZeroShotTask, tokenizer: &Tokenizer, device: Device, workers: usize) -> Result<ZeroShotResult> {
+    let classifier = eval::zero_shot_classifier(model, tokenizer, &task.classnames, &task.templates, device)?;
+    let mut loader = Loader::new(
+        task.dataset.clone(),
+        tokenizer.clone(),
+        LoaderConfig {
+            batch_size: 256,
+            rank: 0,
+            world_size: 1,
+            seed: 0,
+            image_size: model.config.vision_cfg.image_size as u32,
+            context_length: model.config.text_cfg.context_length as usize,
+            workers,
+            train: false,
+        },
+    )?;
+    eval::zero_shot_accuracy(model, &classifier, &mut loader, device)
+}
+
+/// Timings accumulated between two log lines.
+#[derive(Debug, Default)]
+struct Interval {
+    steps: u64,
+    data_secs: f64,
+    batch_secs: f64,
+    skipped: u64,
+    skipped_total: u64,
+}
+
+impl Interval {
+    fn add(&mut self, data_secs: f64, batch_secs: f64, skipped: u64) {
+        self.steps += 1;
+        self.data_secs += data_secs;
+        self.batch_secs += batch_secs;
+        self.skipped += skipped;
+        self.skipped_total += skipped;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_train(
+    metrics: &mut MetricsWriter,
+    state: &TrainerState,
+    total_steps: u64,
+    loss: f64,
+    scale: f64,
+    lr: f64,
+    global_batch: u64,
+    world_size: usize,
+    interval: &mut Interval,
+    grad_norm: Option<f64>,
+) -> Result<()> {
+    let steps = interval.steps.max(1) as f64;
+    let (data_time, batch_time) = (interval.data_secs / steps, interval.batch_secs / steps);
+    let samples_per_second = global_batch as f64 / batch_time.max(1e-9);
+    let mut scalars = vec![
+        ("train/loss", loss),
+        ("train/contrastive_loss", loss),
+        ("train/scale", scale),
+        ("train/lr", lr),
+        ("train/samples_per_second", samples_per_second),
+        ("train/samples_per_second_per_gpu", samples_per_second / world_size as f64),
+        ("train/data_time", data_time),
+        ("train/batch_time", batch_time),
+        ("data/skipped", interval.skipped_total as f64),
+    ];
+    if let Some(norm) = grad_norm {
+        scalars.push(("train/grad_norm", norm));
+    }
+    metrics.log(state.step, &scalars)?;
+    tracing::info!(
+        "step {}/{} epoch {} | loss {:.4} | scale {:.2} | lr {:.3e} | {:.0} samples/s | data {:.3}s batch {:.3}s",
+        state.step, total_steps, state.loader.epoch, loss, scale, lr, samples_per_second, data_time, batch_time
+    );
+    interval.steps = 0;
+    interval.data_secs = 0.0;
+    interval.batch_secs = 0.0;
+    interval.skipped = 0;
+    Ok(())
+}
