@@ -11,7 +11,7 @@ use util::*;
 fn trains_logs_tensorboard_and_checkpoints() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = synth(dir.path(), 320, 48, 32);
-    let config = tiny_config(dir.path(), &data, 20, "  checkpoint_every: 10\n  keep_checkpoints: 1\n  eval_every: 10\n");
+    let config = tiny_config(dir.path(), &data, 20, "  checkpoint_every: 10\n  keep_checkpoints: 1\n  eval_every: 10\n", true);
     let out = run_ok(oxclip().args(["train", "--config"]).arg(&config));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("zero-shot synth: top-1"), "{stdout}");
@@ -66,14 +66,7 @@ fn resume_after_kill_9_matches_an_uninterrupted_run() {
     let data = synth(dir.path(), 320, 0, 32);
     let steps = 40;
     let extra = "  checkpoint_every: 4\n  keep_checkpoints: 20\n  eval_every: 0\n";
-    let config = {
-        let c = tiny_config(dir.path(), &data, steps, extra);
-        // No zero-shot task here: drop the val keys.
-        let text = std::fs::read_to_string(&c).expect("read");
-        let text: String = text.lines().filter(|l| !l.contains("val") && !l.contains("classnames") && !l.contains("templates")).map(|l| format!("{l}\n")).collect();
-        std::fs::write(&c, text).expect("write");
-        c
-    };
+    let config = tiny_config(dir.path(), &data, steps, extra, false);
 
     let straight = dir.path().join("straight");
     run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&straight));
@@ -112,10 +105,7 @@ fn resume_after_kill_9_matches_an_uninterrupted_run() {
 fn resume_from_a_given_checkpoint_and_init_from_weights() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = synth(dir.path(), 160, 0, 32);
-    let config = tiny_config(dir.path(), &data, 6, "  checkpoint_every: 3\n  eval_every: 0\n");
-    let text = std::fs::read_to_string(&config).expect("read");
-    let text: String = text.lines().filter(|l| !l.contains("val") && !l.contains("classnames") && !l.contains("templates")).map(|l| format!("{l}\n")).collect();
-    std::fs::write(&config, text).expect("write");
+    let config = tiny_config(dir.path(), &data, 6, "  checkpoint_every: 3\n  eval_every: 0\n", false);
     let first = dir.path().join("first");
     run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&first));
 

@@ -53,6 +53,9 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let eot_at = Tensor::randint(ctx, [n, 1], (Kind::Int64, b.device));
     let tokens = tokens.scatter_value(1, &eot_at, vocab - 1);
     let cfg = StepConfig { autocast_bf16: b.autocast_bf16, grad_clip_norm: None };
+    if b.autocast_bf16 {
+        crate::device::use_bf16_autocast();
+    }
 
     let mut run = |steps: u64| -> Result<f64> {
         let started = Instant::now();

@@ -142,3 +142,69 @@ pub fn load(dir: &Path, vs: &nn::VarStore, optimizer: &mut AdamW) -> Result<Trai
         .map_err(|e| TrainError::Checkpoint { path: opt_path, message: e.to_string() })?;
     Ok(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Clip, ModelConfig};
+    use crate::optim::AdamWConfig;
+    use tch::{Device, Kind};
+
+    fn setup(seed: i64) -> (nn::VarStore, Clip, AdamW) {
+        tch::manual_seed(seed);
+        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).expect("parses");
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &cfg).expect("builds");
+        let opt = AdamW::new(vs.variables().into_iter().collect(), AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 });
+        (vs, model, opt)
+    }
+
+    fn state(step: u64) -> TrainerState {
+        TrainerState { step, samples_seen: step * 4, seed: 3, loader: LoaderState { epoch: 1, batch_in_epoch: 2 }, config: "x: 1\n".into() }
+    }
+
+    #[test]
+    fn round_trip_restores_weights_moments_and_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vs, model, mut opt) = setup(0);
+        // One real update so the moments are non-zero.
+        let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        model.encode_image(&images).sum(Kind::Float).backward();
+        opt.step(1e-3);
+        let saved = save(dir.path(), &vs, &opt, &state(5), 3).expect("saves");
+        assert_eq!(saved, dir.path().join("checkpoints/step_5"));
+
+        let (vs2, _, mut opt2) = setup(9);
+        let restored = load(&saved, &vs2, &mut opt2).expect("loads");
+        assert_eq!(restored, state(5));
+        assert_eq!(opt2.steps_taken(), 1);
+        let a = vs.variables();
+        for (name, t) in vs2.variables() {
+            assert!(t.equal(&a[&name]), "{name}");
+        }
+        let (s1, s2) = (opt.state_tensors(), opt2.state_tensors());
+        for ((k1, t1), (k2, t2)) in s1.iter().zip(&s2) {
+            assert_eq!(k1, k2);
+            assert!(t1.equal(t2), "{k1}");
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_and_skips_damaged_checkpoints() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vs, _, opt) = setup(0);
+        for step in [2, 4, 6] {
+            save(dir.path(), &vs, &opt, &state(step), 2).expect("saves");
+        }
+        let steps: Vec<u64> = list(dir.path()).expect("lists").into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![4, 6]);
+        // A damaged newest checkpoint (as a crash mid-copy by hand could leave) is passed over.
+        fs::remove_file(dir.path().join("checkpoints/step_6").join(OPTIMIZER_FILE)).expect("rm");
+        assert_eq!(latest_valid(dir.path()).expect("ok"), Some(dir.path().join("checkpoints/step_4")));
+        fs::write(dir.path().join("checkpoints/step_4").join(STATE_FILE), "{").expect("write");
+        assert_eq!(latest_valid(dir.path()).expect("ok"), None);
+        // Leftover temporary directories are not checkpoints.
+        fs::create_dir_all(dir.path().join("checkpoints/.step_8.tmp")).expect("mkdir");
+        assert!(list(dir.path()).expect("lists").iter().all(|(s, _)| *s != 8));
+    }
+}

@@ -49,6 +49,30 @@ pub fn load_cuda_backend() -> bool {
     false
 }
 
+// libtorch's autocast defaults to fp16 on CUDA and tch binds no setter for its dtype, so call
+// `at::autocast::{set,get}_autocast_dtype(c10::DeviceType, c10::ScalarType)` directly (both
+// enums are int8_t). Mangled names as exported by libtorch_cpu.so 2.11.
+extern "C" {
+    #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
+    fn at_autocast_set_autocast_dtype(device_type: i8, dtype: i8);
+    #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
+    fn at_autocast_get_autocast_dtype(device_type: i8) -> i8;
+}
+const DEVICE_TYPE_CUDA: i8 = 1; // c10::DeviceType::CUDA
+const SCALAR_TYPE_BFLOAT16: i8 = 15; // c10::ScalarType::BFloat16
+
+/// Makes CUDA autocast (`tch::autocast`) compute in bf16 rather than libtorch's default fp16.
+pub fn use_bf16_autocast() {
+    // SAFETY: plain setter of a process-wide libtorch setting; arguments are valid enum values.
+    unsafe { at_autocast_set_autocast_dtype(DEVICE_TYPE_CUDA, SCALAR_TYPE_BFLOAT16) }
+}
+
+/// Whether CUDA autocast is set to bf16.
+pub fn autocast_is_bf16() -> bool {
+    // SAFETY: plain getter of a process-wide libtorch setting.
+    unsafe { at_autocast_get_autocast_dtype(DEVICE_TYPE_CUDA) == SCALAR_TYPE_BFLOAT16 }
+}
+
 /// Resolves a spec against the hardware that is there.
 pub fn resolve(spec: DeviceSpec) -> Result<Device> {
     let cuda_count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
@@ -76,5 +100,11 @@ mod tests {
         assert_eq!(parse("cuda:3").ok(), Some(DeviceSpec::Cuda(3)));
         assert!(parse("gpu").is_err());
         assert!(parse("cuda:x").is_err());
+    }
+
+    #[test]
+    fn cuda_autocast_dtype_is_set_to_bf16() {
+        use_bf16_autocast();
+        assert!(autocast_is_bf16());
     }
 }

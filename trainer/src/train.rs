@@ -113,6 +113,12 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         },
     )?;
     let zero_shot = zero_shot_task(&job.data, cfg.seed)?;
+    // Samples already found bad while opening the shards count towards `data/skipped`.
+    let load_skips: u64 = loader.load_skips().values().sum();
+    if load_skips > 0 {
+        tracing::warn!("{load_skips} bad sample(s) skipped while reading {}: {:?}", job.data.train, loader.load_skips());
+    }
+    tracing::info!("training data: {} samples, {} batches per epoch", loader.dataset_len(), loader.batches_per_epoch());
 
     let mut state = TrainerState { step: 0, samples_seen: 0, seed: cfg.seed, loader: loader.state(), config: job.resolved_config.clone() };
     if let Some(dir) = &resume_from {
@@ -138,11 +144,14 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         autocast_bf16: cfg.precision == Precision::AmpBf16 && device.is_cuda(),
         grad_clip_norm: job.optim.grad_clip_norm,
     };
+    if step_cfg.autocast_bf16 {
+        device::use_bf16_autocast();
+    }
     if cfg.precision == Precision::AmpBf16 && !device.is_cuda() {
         tracing::info!("precision amp_bf16 runs as fp32 on the CPU");
     }
 
-    let mut interval = Interval::default();
+    let mut interval = Interval { skipped_total: load_skips, ..Interval::default() };
     let mut final_loss = f64::NAN;
     let mut last_checkpoint = None;
     let mut last_zero_shot = None;
@@ -272,7 +281,7 @@ struct Interval {
     steps: u64,
     data_secs: f64,
     batch_secs: f64,
-    skipped: u64,
+    /// Bad samples skipped since the run (or resume) started; never reset.
     skipped_total: u64,
 }
 
@@ -281,7 +290,6 @@ impl Interval {
         self.steps += 1;
         self.data_secs += data_secs;
         self.batch_secs += batch_secs;
-        self.skipped += skipped;
         self.skipped_total += skipped;
     }
 }
@@ -324,6 +332,5 @@ fn log_train(
     interval.steps = 0;
     interval.data_secs = 0.0;
     interval.batch_secs = 0.0;
-    interval.skipped = 0;
     Ok(())
 }

@@ -39,15 +39,23 @@ pub fn synth(dir: &Path, samples: u64, val_samples: u64, image_size: u32) -> Pat
     out
 }
 
-/// A run config for the tiny model on synthetic shards.
-pub fn tiny_config(dir: &Path, synth: &Path, steps: u64, extra_train: &str) -> PathBuf {
+/// A run config for the tiny model on synthetic shards, with zero-shot evaluation on the
+/// held-out split when `zero_shot` is set.
+pub fn tiny_config(dir: &Path, synth: &Path, steps: u64, extra_train: &str, zero_shot: bool) -> PathBuf {
+    let val = if zero_shot {
+        format!(
+            "  val: {val}\n  val_name: synth\n  classnames: {classes}\n  templates: {templates}\n",
+            val = synth.join("val").display(),
+            classes = synth.join("classnames.txt").display(),
+            templates = synth.join("templates.txt").display(),
+        )
+    } else {
+        String::new()
+    };
     let text = format!(
-        "run_dir: {run}\nmodel: tiny\ndata:\n  train: {train}\n  val: {val}\n  val_name: synth\n  classnames: {classes}\n  templates: {templates}\n  workers: 2\ntrain:\n  batch_size: 16\n  steps: {steps}\n  seed: 7\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 2\n{extra_train}optim:\n  lr: 1.0e-3\n  warmup_steps: 3\n",
+        "run_dir: {run}\nmodel: tiny\ndata:\n  train: {train}\n{val}  workers: 2\ntrain:\n  batch_size: 16\n  steps: {steps}\n  seed: 7\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 2\n{extra_train}optim:\n  lr: 1.0e-3\n  warmup_steps: 3\n",
         run = dir.join("run").display(),
         train = synth.join("train").display(),
-        val = synth.join("val").display(),
-        classes = synth.join("classnames.txt").display(),
-        templates = synth.join("templates.txt").display(),
     );
     let path = dir.join("run.yaml");
     std::fs::write(&path, text).expect("write config");

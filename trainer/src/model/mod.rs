@@ -133,3 +133,62 @@ fn join_sorted(mut names: Vec<&String>) -> String {
     names.sort();
     names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn tiny() -> (nn::VarStore, Clip) {
+        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../../configs/models/tiny.yaml")).expect("parses");
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &cfg).expect("builds");
+        (vs, model)
+    }
+
+    #[test]
+    fn logit_scale_starts_at_ln_1_over_0_07_and_is_clamped_to_0_ln_100() {
+        let (_vs, model) = tiny();
+        assert!((model.logit_scale.double_value(&[]) - (1.0f64 / 0.07).ln()).abs() < 1e-6);
+        for (set, expected) in [(7.0, LOGIT_SCALE_MAX), (-1.0, 0.0), (3.0, 3.0)] {
+            let _ = tch::no_grad(|| model.logit_scale.shallow_clone().fill_(set));
+            model.clamp_logit_scale();
+            assert!((model.logit_scale.double_value(&[]) - expected).abs() < 1e-6, "{set} -> {expected}");
+        }
+        assert!(model.logit_scale.requires_grad(), "clamping keeps it a trainable leaf");
+    }
+
+    #[test]
+    fn features_are_unit_norm_and_text_pools_at_the_largest_id() {
+        let (_vs, model) = tiny();
+        let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let mut ids = vec![0i64; 64];
+        ids[..4].copy_from_slice(&[49406, 320, 1125, 49407]);
+        ids[32..35].copy_from_slice(&[49406, 320, 49407]);
+        let tokens = Tensor::from_slice(&ids).view([2, 32]);
+        let (i, t) = model.features(&images, &tokens);
+        let norms = Tensor::cat(&[i.norm_scalaropt_dim(2, [-1], false), t.norm_scalaropt_dim(2, [-1], false)], 0);
+        assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-5);
+        // Tokens after EOT do not change the text features (causal mask + EOT pooling).
+        let mut padded = ids.clone();
+        padded[10] = 999;
+        let t2 = normalize(&model.encode_text(&Tensor::from_slice(&padded).view([2, 32])));
+        assert!((t - t2).abs().max().double_value(&[]) < 1e-6);
+    }
+
+    #[test]
+    fn weights_round_trip_through_safetensors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("model.safetensors");
+        tch::manual_seed(1);
+        let (vs, _) = tiny();
+        save_weights(&vs, &path).expect("saves");
+        tch::manual_seed(2);
+        let (other, _) = tiny();
+        load_weights(&other, &path).expect("loads");
+        let a = vs.variables();
+        for (name, t) in other.variables() {
+            assert!(t.equal(&a[&name]), "{name}");
+        }
+    }
+}
