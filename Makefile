@@ -6,8 +6,11 @@ OXCLIP_CACHE ?= $(HOME)/.cache/oxclip
 export OXCLIP_CACHE
 SHELL := bash
 
-# Paths written by scripts/setup.sh (LIBTORCH, OXCLIP_VOCAB); a LIBTORCH of your own wins.
+# A LIBTORCH of your own (environment or command line) wins over the one setup fetches;
+# scripts/setup.sh writes the paths it chose to env.mk (OXCLIP_LIBTORCH, OXCLIP_VOCAB).
+USER_LIBTORCH := $(LIBTORCH)
 -include $(OXCLIP_CACHE)/env.mk
+LIBTORCH := $(or $(USER_LIBTORCH),$(OXCLIP_LIBTORCH))
 export LIBTORCH
 export OXCLIP_VOCAB
 
@@ -17,7 +20,7 @@ BIN := target/release/oxclip
 .PHONY: setup build quickstart test bench clean-quickstart fixtures
 
 setup:
-	@bash scripts/setup.sh
+	@LIBTORCH="$(USER_LIBTORCH)" bash scripts/setup.sh
 
 # Make re-reads env.mk after setup, so build/test always see the fetched libtorch.
 build: setup

@@ -5,7 +5,8 @@
 #   OXCLIP_CACHE   cache directory (default ~/.cache/oxclip)
 #   LIBTORCH       a libtorch of your own (e.g. a CUDA build); when set, none is fetched
 #
-# Writes $OXCLIP_CACHE/env.mk with the paths the Makefile exports to cargo.
+# Writes $OXCLIP_CACHE/env.mk with the paths the Makefile gives cargo (OXCLIP_LIBTORCH,
+# OXCLIP_VOCAB).
 set -euo pipefail
 
 CACHE="${OXCLIP_CACHE:-$HOME/.cache/oxclip}"
@@ -70,7 +71,7 @@ if [ ! -f "$VOCAB" ]; then
 fi
 
 cat > "$CACHE/env.mk" <<EOM
-LIBTORCH := $LIBTORCH_DIR
+OXCLIP_LIBTORCH := $LIBTORCH_DIR
 OXCLIP_VOCAB := $VOCAB
 EOM
 echo "setup: libtorch at $LIBTORCH_DIR; vocabulary at $VOCAB"
