@@ -2,7 +2,8 @@
 //!
 //! [`SyntheticDataset`] draws scene `i` on demand. [`ShardDataset`] reads every shard into
 //! memory once (encoded bytes, a few tens of KB per sample) and decodes on [`Dataset::get`];
-//! streaming shards that do not fit in memory is a later addition.
+//! streaming shards that do not fit in memory is a later addition. CSV, JSONL and image-folder
+//! sources ([`crate::sources`]) hold their list of files and read each image on `get`.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,7 @@ use image::RgbImage;
 
 use crate::error::DataError;
 pub use crate::skip::{SkipCounts, SkipReason};
+use crate::sources;
 use crate::spec::DataSpec;
 use crate::synth::draw_scene;
 use crate::transform::{decode_image, DEFAULT_MAX_PIXELS};
@@ -233,7 +235,8 @@ impl Dataset for ShardDataset {
 
 /// The dataset a spec names: `synthetic:N` draws N scenes from `synthetic_seed` at
 /// [`SYNTHETIC_IMAGE_SIZE`]; shards are loaded with [`ShardDataset::load`] (their load-time
-/// skips are logged and available from [`Dataset::load_skips`]).
+/// skips are logged and available from [`Dataset::load_skips`]); CSV, JSONL and image folders
+/// are listed into a [`FileDataset`](crate::sources::FileDataset) (see [`crate::sources`]).
 pub fn open(spec: &DataSpec, synthetic_seed: u64) -> Result<Box<dyn Dataset>, DataError> {
     open_with_image_size(spec, synthetic_seed, SYNTHETIC_IMAGE_SIZE)
 }
@@ -258,6 +261,9 @@ pub fn open_with_image_size(
             let (dataset, _skips) = ShardDataset::load(paths)?;
             Ok(Box::new(dataset))
         }
+        DataSpec::Csv(csv) => Ok(Box::new(sources::csv::load(csv)?)),
+        DataSpec::Folder(dir) => Ok(Box::new(sources::folder::load(dir)?)),
+        DataSpec::Jsonl(jsonl) => Ok(Box::new(sources::jsonl::load(jsonl)?)),
     }
 }
 

@@ -14,6 +14,10 @@
 //!   split across ranks so that W ranks see what one rank with a W times larger batch sees,
 //!   resumable from a [`LoaderState`]. Its threads live in `pipeline.rs`.
 //! - [`synth`]: procedurally drawn shapes with captions, for the quickstart and tests.
+//! - [`sources`]: CSV/TSV, JSONL and image-folder sources ([`FileDataset`]).
+//! - [`pack`]: writes a source as WebDataset shards with an index (`oxclip data pack`).
+//! - [`stats`]: reads every sample of a source and counts usable and skipped ones
+//!   (`oxclip data stats`).
 //!
 //! Bad samples never stop a run: they become a [`SkipReason`], are counted in
 //! [`SkipCounts`], and are replaced (train) or dropped (eval). A [`DataError`] is for what the
@@ -22,10 +26,13 @@
 pub mod dataset;
 pub mod error;
 pub mod loader;
+pub mod pack;
 mod pipeline;
 pub mod seed;
 pub mod skip;
+pub mod sources;
 pub mod spec;
+pub mod stats;
 pub mod synth;
 pub mod tokenizer;
 pub mod transform;
@@ -34,8 +41,11 @@ pub mod webdataset;
 pub use dataset::{open, Dataset, Sample, ShardDataset, SyntheticDataset};
 pub use error::DataError;
 pub use loader::{measure_throughput, Batch, Loader, LoaderConfig, LoaderState};
+pub use pack::{pack, PackConfig, PackSummary};
 pub use skip::{SampleError, SkipCounts, SkipReason};
-pub use spec::DataSpec;
+pub use sources::FileDataset;
+pub use spec::{CsvSpec, DataSpec, JsonlSpec};
+pub use stats::{stats, DataStats};
 pub use synth::{write_synth, SynthConfig, SynthSummary};
 pub use tokenizer::Tokenizer;
 pub use transform::{ImageTransform, OPENAI_MEAN, OPENAI_STD};

@@ -34,11 +34,13 @@ pub enum SkipReason {
     BadLabel,
     /// Two members of one sample share an extension.
     DuplicateMember,
+    /// A CSV row or JSONL line that cannot be parsed.
+    BadRecord,
 }
 
 impl SkipReason {
     /// Every reason, in declaration order.
-    pub const ALL: [SkipReason; 10] = [
+    pub const ALL: [SkipReason; 11] = [
         SkipReason::UndecodableImage,
         SkipReason::MissingImage,
         SkipReason::MissingCaption,
@@ -49,6 +51,7 @@ impl SkipReason {
         SkipReason::UnreadableShard,
         SkipReason::BadLabel,
         SkipReason::DuplicateMember,
+        SkipReason::BadRecord,
     ];
 
     /// Stable snake_case name, used as the key in [`SkipCounts`] and in logs/metrics.
@@ -64,6 +67,7 @@ impl SkipReason {
             SkipReason::UnreadableShard => "unreadable_shard",
             SkipReason::BadLabel => "bad_label",
             SkipReason::DuplicateMember => "duplicate_member",
+            SkipReason::BadRecord => "bad_record",
         }
     }
 }

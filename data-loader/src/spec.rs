@@ -1,6 +1,11 @@
 //! What data to train on, as the user writes it: `synthetic:N`, a brace pattern of shards
 //! (`data/{00000..01243}.tar`, as webdataset and img2dataset write them), one `.tar`, or a
 //! directory of `.tar` shards. Several shard specs can be joined with `::`.
+//!
+//! Image-caption files that are not shards (see `sources`): `csv:FILE` (or a `.csv`/`.tsv`
+//! path), `jsonl:FILE` (or a `.jsonl` path), both taking `?img_key=COL&caption_key=COL`, and
+//! `folder:DIR` (or a directory holding images rather than `.tar` shards). These stand alone:
+//! `oxclip data pack` turns them into shards, which can then be joined.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +22,73 @@ pub enum DataSpec {
     Synthetic(u64),
     /// WebDataset shards, in order; every one exists.
     Shards(Vec<PathBuf>),
+    /// A CSV/TSV file with an image-path column and a caption column.
+    Csv(CsvSpec),
+    /// A directory of images with a `NAME.txt` caption beside each `NAME.jpg`.
+    Folder(PathBuf),
+    /// A JSON Lines file, one `{"image": PATH, "caption": TEXT}` object per line.
+    Jsonl(JsonlSpec),
+}
+
+/// `csv:FILE?img_key=COL&caption_key=COL&sep=tab|comma`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CsvSpec {
+    /// The CSV file; image paths in it are relative to its folder.
+    pub path: PathBuf,
+    /// Column of image paths (open_clip's `--csv-img-key`, default `filepath`).
+    pub img_key: String,
+    /// Column of captions (open_clip's `--csv-caption-key`, default `title`).
+    pub caption_key: String,
+    /// Field separator; `None` detects tab or comma from the header line.
+    pub separator: Option<u8>,
+}
+
+/// `jsonl:FILE?img_key=KEY&caption_key=KEY`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonlSpec {
+    /// The JSONL file; image paths in it are relative to its folder.
+    pub path: PathBuf,
+    /// Key of the image path (default `image`).
+    pub img_key: String,
+    /// Key of the caption (default `caption`).
+    pub caption_key: String,
+}
+
+/// open_clip's defaults for `--csv-img-key` and `--csv-caption-key`.
+pub const CSV_DEFAULT_IMG_KEY: &str = "filepath";
+pub const CSV_DEFAULT_CAPTION_KEY: &str = "title";
+/// Default keys of a JSONL object.
+pub const JSONL_DEFAULT_IMG_KEY: &str = "image";
+pub const JSONL_DEFAULT_CAPTION_KEY: &str = "caption";
+
+impl std::fmt::Display for CsvSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "csv:{}?img_key={}&caption_key={}",
+            self.path.display(),
+            self.img_key,
+            self.caption_key
+        )?;
+        match self.separator {
+            Some(b'\t') => f.write_str("&sep=tab"),
+            Some(b',') => f.write_str("&sep=comma"),
+            Some(other) => write!(f, "&sep={}", other as char),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for JsonlSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "jsonl:{}?img_key={}&caption_key={}",
+            self.path.display(),
+            self.img_key,
+            self.caption_key
+        )
+    }
 }
 
 impl DataSpec {
@@ -41,19 +113,149 @@ impl DataSpec {
             }
             return Ok(DataSpec::Synthetic(n));
         }
+        let parts: Vec<&str> = trimmed.split("::").map(str::trim).collect();
         let mut shards = Vec::new();
-        for part in trimmed.split("::") {
-            let part = part.trim();
+        for part in &parts {
             if part.is_empty() {
                 return Err(spec_err("empty source between `::`".into()));
             }
             if part.starts_with("synthetic:") {
                 return Err(spec_err("synthetic:N cannot be joined with shards".into()));
             }
+            if let Some(source) = file_source(spec, part)? {
+                if parts.len() > 1 {
+                    return Err(spec_err(format!(
+                        "`{part}` cannot be joined with `::`; only shards can \
+                         (`oxclip data pack` writes shards from it)"
+                    )));
+                }
+                return Ok(source);
+            }
             shards.extend(shards_of(spec, part)?);
         }
         Ok(DataSpec::Shards(shards))
     }
+}
+
+/// A CSV, JSONL or image-folder source, or `None` when `source` is something else (shards).
+fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> {
+    let spec_err = |message: String| DataError::Spec {
+        spec: spec.to_owned(),
+        message,
+    };
+    if let Some(dir) = source.strip_prefix("folder:") {
+        let dir = PathBuf::from(dir);
+        if !dir.is_dir() {
+            return Err(spec_err(format!("{} is not a directory", dir.display())));
+        }
+        return Ok(Some(DataSpec::Folder(dir)));
+    }
+    let (kind, rest) = if let Some(rest) = source.strip_prefix("csv:") {
+        ("csv", rest)
+    } else if let Some(rest) = source.strip_prefix("jsonl:") {
+        ("jsonl", rest)
+    } else {
+        // A plain path: by extension (a `?options` suffix allowed), or an image directory.
+        let file = source.split_once('?').map_or(source, |(f, _)| f);
+        let ext = Path::new(file)
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase());
+        match ext.as_deref() {
+            Some("csv" | "tsv") => ("csv", source),
+            Some("jsonl") => ("jsonl", source),
+            _ => {
+                let path = Path::new(source);
+                if path.is_dir() && !has_tar_files(path) && holds_images(path) {
+                    return Ok(Some(DataSpec::Folder(path.to_owned())));
+                }
+                return Ok(None);
+            }
+        }
+    };
+    let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let path = PathBuf::from(file);
+    if !path.is_file() {
+        return Err(spec_err(format!("no such file: {}", path.display())));
+    }
+    let (default_img, default_caption) = if kind == "csv" {
+        (CSV_DEFAULT_IMG_KEY, CSV_DEFAULT_CAPTION_KEY)
+    } else {
+        (JSONL_DEFAULT_IMG_KEY, JSONL_DEFAULT_CAPTION_KEY)
+    };
+    let mut img_key = default_img.to_owned();
+    let mut caption_key = default_caption.to_owned();
+    let mut separator = None;
+    for option in query.split('&').filter(|o| !o.is_empty()) {
+        let (name, value) = option
+            .split_once('=')
+            .ok_or_else(|| spec_err(format!("option `{option}` is not NAME=VALUE")))?;
+        if value.is_empty() {
+            return Err(spec_err(format!("option `{name}` has no value")));
+        }
+        match (name, kind) {
+            ("img_key", _) => img_key = value.to_owned(),
+            ("caption_key", _) => caption_key = value.to_owned(),
+            ("sep", "csv") => {
+                separator = Some(match value {
+                    "tab" | "\\t" | "\t" => b'\t',
+                    "comma" | "," => b',',
+                    other => {
+                        return Err(spec_err(format!(
+                            "sep={other}: use sep=tab or sep=comma (or leave it out to detect)"
+                        )))
+                    }
+                })
+            }
+            _ => {
+                let known = if kind == "csv" {
+                    "img_key, caption_key, sep"
+                } else {
+                    "img_key, caption_key"
+                };
+                return Err(spec_err(format!(
+                    "unknown {kind} option `{name}` (known: {known})"
+                )));
+            }
+        }
+    }
+    Ok(Some(if kind == "csv" {
+        DataSpec::Csv(CsvSpec {
+            path,
+            img_key,
+            caption_key,
+            separator,
+        })
+    } else {
+        DataSpec::Jsonl(JsonlSpec {
+            path,
+            img_key,
+            caption_key,
+        })
+    }))
+}
+
+/// Whether `dir` holds `.tar` files directly (then it is a shard directory).
+fn has_tar_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "tar"))
+    })
+}
+
+/// Whether `dir` or a folder below it holds a file with an image extension.
+fn holds_images(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => holds_images(&path),
+            Ok(_) => crate::sources::is_image_path(&path),
+            Err(_) => false,
+        }
+    })
 }
 
 /// The shards of one `::`-separated source.
@@ -88,7 +290,7 @@ fn shards_of(spec: &str, source: &str) -> Result<Vec<PathBuf>, DataError> {
         shards.sort();
         if shards.is_empty() {
             return Err(spec_err(format!(
-                "directory {} holds no .tar shards",
+                "directory {} holds no .tar shards and no images",
                 path.display()
             )));
         }
@@ -104,7 +306,8 @@ fn shards_of(spec: &str, source: &str) -> Result<Vec<PathBuf>, DataError> {
         return Ok(vec![path]);
     }
     Err(spec_err(format!(
-        "{} is not a .tar shard, a directory of shards, a brace pattern or synthetic:N",
+        "{} is not a .tar shard, a directory of shards or images, a brace pattern, a .csv, \
+         .tsv or .jsonl file, or synthetic:N",
         path.display()
     )))
 }
@@ -281,5 +484,71 @@ mod tests {
         let empty = d.join("empty");
         std::fs::create_dir(&empty).unwrap();
         assert!(DataSpec::parse(empty.to_str().unwrap()).is_err());
+    }
+
+    #[test]
+    fn parse_file_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for name in ["list.csv", "list.TSV", "data.jsonl", "other.txt"] {
+            std::fs::write(d.join(name), b"").unwrap();
+        }
+        let csv = |file: &str, img: &str, caption: &str, separator| {
+            DataSpec::Csv(CsvSpec {
+                path: d.join(file),
+                img_key: img.into(),
+                caption_key: caption.into(),
+                separator,
+            })
+        };
+        let at = |s: &str| format!("{}/{s}", d.display());
+        assert_eq!(
+            DataSpec::parse(&at("list.csv")).unwrap(),
+            csv("list.csv", "filepath", "title", None)
+        );
+        assert_eq!(
+            DataSpec::parse(&at("list.TSV?caption_key=text&sep=tab")).unwrap(),
+            csv("list.TSV", "filepath", "text", Some(b'\t'))
+        );
+        // Any name, with the prefix.
+        assert_eq!(
+            DataSpec::parse(&format!("csv:{}?img_key=path&sep=comma", at("other.txt"))).unwrap(),
+            csv("other.txt", "path", "title", Some(b','))
+        );
+        assert_eq!(
+            DataSpec::parse(&at("data.jsonl")).unwrap(),
+            DataSpec::Jsonl(JsonlSpec {
+                path: d.join("data.jsonl"),
+                img_key: "image".into(),
+                caption_key: "caption".into(),
+            })
+        );
+        for (bad, expect) in [
+            (at("missing.csv"), "missing.csv"),
+            (format!("jsonl:{}", at("gone")), "gone"),
+            (at("list.csv?img_key"), "NAME=VALUE"),
+            (at("list.csv?img_key="), "no value"),
+            (at("list.csv?sep=semicolon"), "sep=tab"),
+            (at("list.csv?color=red"), "unknown csv option `color`"),
+            (
+                format!("{}::{}", at("list.csv"), at("list.csv")),
+                "cannot be joined",
+            ),
+            (format!("folder:{}", at("other.txt")), "not a directory"),
+        ] {
+            let err = DataSpec::parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(expect), "{bad}: {err}");
+        }
+        // A directory with images but also shards is a shard directory.
+        std::fs::write(d.join("x.jpg"), b"").unwrap();
+        assert_eq!(
+            DataSpec::parse(&at("")).unwrap(),
+            DataSpec::Folder(d.join(""))
+        );
+        std::fs::write(d.join("00000.tar"), b"").unwrap();
+        assert_eq!(
+            DataSpec::parse(&at("")).unwrap(),
+            DataSpec::Shards(vec![d.join("00000.tar")])
+        );
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::DataError;
 use crate::seed::mix;
-use crate::webdataset::ShardWriter;
+use crate::webdataset::{remove_stale_shards, write_atomic, ShardWriter};
 
 const COLORS: [(&str, [u8; 3]); 6] = [
     ("red", [215, 35, 35]),
@@ -449,46 +449,6 @@ fn encode_range(
             out.extend(part);
         }
         Ok(out)
-    })
-}
-
-/// Removes `NNNNN.tar` shards numbered `keep` and above (from an earlier, larger run), and
-/// stray `.tmp` files, so a directory spec sees only this run's shards.
-fn remove_stale_shards(dir: &Path, keep: u64) -> Result<(), DataError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Read {
-        path: dir.to_owned(),
-        source,
-    })?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let stale_shard = name
-            .strip_suffix(".tar")
-            .filter(|stem| stem.len() == 5)
-            .and_then(|stem| stem.parse::<u64>().ok())
-            .is_some_and(|n| n >= keep);
-        if stale_shard || name.ends_with(".tar.tmp") {
-            tracing::info!(path = %entry.path().display(), "removing a shard left by an earlier run");
-            std::fs::remove_file(entry.path()).map_err(|source| DataError::Write {
-                path: entry.path(),
-                source,
-            })?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(|source| DataError::Write {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| DataError::Write {
-        path: path.to_owned(),
-        source,
     })
 }
 

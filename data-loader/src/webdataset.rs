@@ -307,6 +307,51 @@ impl Drop for ShardWriter {
     }
 }
 
+/// Removes `NNNNN.tar` shards numbered `keep` and above (left by an earlier, larger run) and
+/// stray `.tar.tmp` files, so a directory spec sees only this run's shards.
+pub(crate) fn remove_stale_shards(dir: &Path, keep: u64) -> Result<(), DataError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale_shard = name
+            .strip_suffix(".tar")
+            .filter(|stem| stem.len() == 5)
+            .and_then(|stem| stem.parse::<u64>().ok())
+            .is_some_and(|n| n >= keep);
+        if stale_shard || name.ends_with(".tar.tmp") {
+            tracing::info!(path = %entry.path().display(), "removing a shard left by an earlier run");
+            std::fs::remove_file(entry.path()).map_err(|source| DataError::Write {
+                path: entry.path(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `path` through a synced temporary file and a rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    };
+    write().map_err(|source| DataError::Write {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| DataError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -58,12 +58,21 @@ enum DataCommand {
     /// Write WebDataset shards of procedurally drawn scenes with captions, plus a held-out
     /// split, class names and prompt templates for zero-shot evaluation.
     Synth(commands::data::SynthArgs),
+    /// Write WebDataset shards (plus index.json) from a CSV/TSV, JSONL or image folder,
+    /// skipping and counting inputs that cannot be used.
+    Pack(commands::data::PackArgs),
+    /// Read every sample of a data spec as training would and count the usable and skipped
+    /// ones.
+    Stats(commands::data::StatsArgs),
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Training steps (forward, loss, backward, AdamW) on random inputs.
     Train(commands::bench::BenchTrainArgs),
+    /// The training data path (decode, RandomResizedCrop, normalise, tokenize, batch) without
+    /// a model.
+    Loader(commands::bench::BenchLoaderArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,7 +94,10 @@ fn main() -> ExitCode {
             config::load(&args.config, &args.overrides).map(|c| print!("{}", c.to_yaml())).map_err(Into::into)
         }
         Command::Data { command: DataCommand::Synth(args) } => commands::data::synth(args),
+        Command::Data { command: DataCommand::Pack(args) } => commands::data::pack(args),
+        Command::Data { command: DataCommand::Stats(args) } => commands::data::stats(args),
         Command::Bench { command: BenchCommand::Train(args) } => commands::bench::train(args),
+        Command::Bench { command: BenchCommand::Loader(args) } => commands::bench::loader(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,13 @@
 //! `oxclip bench ...`: throughput as one JSON line, to compare against a baseline measured in
 //! the same run (`scripts/bench_open_clip.py` for the training step).
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use clap::Args;
+use serde::Serialize;
+
+use oxclip_data_loader::{dataset, DataSpec, Loader, LoaderConfig};
 
 use oxclip_trainer::bench::{bench_train, TrainBench};
 use oxclip_trainer::device;
@@ -49,6 +55,89 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         device,
         autocast_bf16: args.amp_bf16 && device.is_cuda(),
     })?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct BenchLoaderArgs {
+    /// A data spec: shards, a directory of shards, `synthetic:N`.
+    #[arg(long)]
+    pub data: String,
+    /// Decode/augment threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Output side in pixels (RandomResizedCrop target).
+    #[arg(long, default_value_t = 224)]
+    pub image_size: u32,
+    /// Tokens per caption.
+    #[arg(long, default_value_t = 77)]
+    pub context_length: usize,
+    /// Samples to time (after one untimed warm-up batch).
+    #[arg(long, default_value_t = 2048)]
+    pub samples: u64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Serialize)]
+struct LoaderBenchResult {
+    bench: &'static str,
+    data: String,
+    workers: usize,
+    batch_size: usize,
+    image_size: u32,
+    samples: u64,
+    seconds: f64,
+    samples_per_second: f64,
+    samples_per_second_per_worker: f64,
+    skipped: u64,
+}
+
+/// Times the training data path: the train transform and tokenization, batches as the trainer
+/// receives them. Opening the source (reading shard indexes) is not timed.
+pub fn loader(args: BenchLoaderArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    let data = dataset::open(&DataSpec::parse(&args.data)?, args.seed)?;
+    let tokenizer = oxclip_data_loader::Tokenizer::clip_from_bpe_gz(&oxclip_data_loader::tokenizer::default_clip_vocab_path()?)?;
+    let mut loader = Loader::new(
+        Arc::from(data),
+        tokenizer,
+        LoaderConfig {
+            batch_size: args.batch_size,
+            rank: 0,
+            world_size: 1,
+            seed: args.seed,
+            image_size: args.image_size,
+            context_length: args.context_length,
+            workers: args.workers,
+            train: true,
+        },
+    )?;
+    let mut skipped = loader.next_batch()?.skipped.values().sum::<u64>();
+    let batches = args.samples.div_ceil(args.batch_size as u64).max(1);
+    let started = Instant::now();
+    for _ in 0..batches {
+        skipped += loader.next_batch()?.skipped.values().sum::<u64>();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let samples = batches * args.batch_size as u64;
+    let samples_per_second = samples as f64 / seconds;
+    let result = LoaderBenchResult {
+        bench: "loader",
+        data: args.data,
+        workers: args.workers,
+        batch_size: args.batch_size,
+        image_size: args.image_size,
+        samples,
+        seconds,
+        samples_per_second,
+        samples_per_second_per_worker: samples_per_second / args.workers as f64,
+        skipped,
+    };
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }

@@ -6,6 +6,40 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use oxclip_data_loader::synth::{write_synth, SynthConfig};
+use oxclip_data_loader::{sources, DataSpec, PackConfig, SkipCounts};
+
+#[derive(Args)]
+pub struct PackArgs {
+    /// The source: `csv:FILE[?img_key=COL&caption_key=COL]` (or a .csv/.tsv path),
+    /// `folder:DIR`, or `jsonl:FILE[?img_key=KEY&caption_key=KEY]` (or a .jsonl path).
+    #[arg(long)]
+    pub from: String,
+    /// Output directory for 00000.tar ... and index.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Samples per shard.
+    #[arg(long, default_value_t = 10_000)]
+    pub shard_size: u64,
+    /// Downscale images whose longer side exceeds this many pixels (re-encoded as JPEG);
+    /// others keep their original bytes.
+    #[arg(long, value_name = "PX")]
+    pub max_side: Option<u32>,
+    /// Threads that read, decode and re-encode (default: the machine's cores, at most 16).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct StatsArgs {
+    /// What to read: any data spec (shards, csv:, folder:, jsonl:, synthetic:N).
+    pub spec: String,
+    /// Print exactly one JSON line: {"samples": N, "skipped": {"reason": N}, "shards": N}.
+    #[arg(long)]
+    pub json: bool,
+    /// Threads that read and decode (default: the machine's cores, at most 16).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
 
 #[derive(Args)]
 pub struct SynthArgs {
@@ -50,4 +84,75 @@ pub fn synth(args: SynthArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     println!("wrote {} to {}", summary, args.out.display());
     Ok(())
+}
+
+pub fn pack(args: PackArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.shard_size > 0, "--shard-size must be at least 1");
+    anyhow::ensure!(args.max_side.is_none_or(|px| (1..=65_535).contains(&px)), "--max-side must be 1 to 65535 pixels");
+    let spec = DataSpec::parse(&args.from)?;
+    let Some(source) = sources::open(&spec) else {
+        anyhow::bail!(
+            "--from {}: pack reads csv:FILE, folder:DIR or jsonl:FILE; shards are already packed (`oxclip data stats` reads them)",
+            args.from
+        );
+    };
+    let source = source?;
+    let cfg = PackConfig {
+        shard_size: args.shard_size,
+        max_side: args.max_side,
+        threads: args.threads.unwrap_or_else(oxclip_data_loader::stats::default_threads).max(1),
+        ..PackConfig::default()
+    };
+    let bar = progress_bar("pack");
+    let summary = oxclip_data_loader::pack::pack(&source, &args.out, &cfg, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    let resized = if summary.resized > 0 { format!(" ({} downscaled to --max-side)", summary.resized) } else { String::new() };
+    println!("packed {} samples into {} shards in {}{resized}", summary.samples, summary.shards, args.out.display());
+    println!("skipped {}", describe_skips(&summary.skipped));
+    anyhow::ensure!(summary.samples > 0, "no usable sample in {}", args.from);
+    Ok(())
+}
+
+pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let spec = DataSpec::parse(&args.spec)?;
+    let threads = args.threads.unwrap_or_else(oxclip_data_loader::stats::default_threads).max(1);
+    let bar = progress_bar("stats");
+    let result = oxclip_data_loader::stats::stats(&spec, threads, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        let shards = if result.shards > 0 { format!(" in {} shards", result.shards) } else { String::new() };
+        println!("{}: {} usable samples{shards}", args.spec, result.samples);
+        println!("skipped {}", describe_skips(&result.skipped));
+    }
+    Ok(())
+}
+
+/// `3 (undecodable_image: 2, empty_caption: 1)`, or `0`.
+fn describe_skips(skips: &SkipCounts) -> String {
+    if skips.total() == 0 {
+        return "0".into();
+    }
+    let reasons: Vec<String> = skips.iter().map(|(reason, n)| format!("{reason}: {n}")).collect();
+    format!("{} ({})", skips.total(), reasons.join(", "))
+}
+
+/// A bar on stderr (hidden when stderr is not a terminal), its length set by the first
+/// progress call.
+fn progress_bar(message: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} samples ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    bar
 }

@@ -1,0 +1,403 @@
+//! `oxclip data pack`: a CSV, JSONL or image-folder source written as WebDataset shards, the
+//! layout img2dataset writes and [`ShardDataset`](crate::ShardDataset) reads:
+//! `OUT/00000.tar ...` with members `KEY.jpg|png|webp` and `KEY.txt`, plus `OUT/index.json`
+//! (`{"shards": [{"name", "samples"}], "samples"}`, as `synth` writes it).
+//!
+//! Every input is decoded before it is written, so the shards hold only samples that training
+//! can use; the others are skipped and counted by reason. Images keep their original bytes
+//! and format (the member extension follows the bytes, not the source file's name) unless
+//! `max_side` asks for a resize, in which case they are re-encoded as JPEG. Keys are the
+//! written sample's number, `000000000` ..., in source order.
+
+use std::path::{Path, PathBuf};
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::Dataset;
+use crate::error::DataError;
+use crate::skip::{SkipCounts, SkipReason};
+use crate::sources::{usable_caption, FileDataset};
+use crate::stats::map_in_order;
+use crate::synth::{ShardIndex, ShardIndexEntry};
+use crate::transform::{decode_image, DEFAULT_MAX_PIXELS};
+use crate::webdataset::{remove_stale_shards, write_atomic, ShardWriter};
+
+/// Inputs prepared on the threads between two writes (and held in memory at once, encoded).
+const CHUNK_SAMPLES: usize = 256;
+
+/// How [`pack`] writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackConfig {
+    /// Samples per shard (img2dataset's `number_sample_per_shard`, 10000 by default).
+    pub shard_size: u64,
+    /// Longest side, in pixels, of a written image; larger ones are downscaled (bicubic,
+    /// aspect kept) and re-encoded as JPEG. `None` keeps every image as it is.
+    pub max_side: Option<u32>,
+    /// JPEG quality of re-encoded images (img2dataset's default, 95).
+    pub jpeg_quality: u8,
+    /// Largest image, in pixels, accepted (PIL's limit by default).
+    pub max_pixels: u64,
+    /// Threads that read, decode and re-encode.
+    pub threads: usize,
+}
+
+impl Default for PackConfig {
+    fn default() -> Self {
+        Self {
+            shard_size: 10_000,
+            max_side: None,
+            jpeg_quality: 95,
+            max_pixels: DEFAULT_MAX_PIXELS,
+            threads: crate::stats::default_threads(),
+        }
+    }
+}
+
+/// What [`pack`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackSummary {
+    pub out: PathBuf,
+    /// Samples written.
+    pub samples: u64,
+    /// Shards written (`00000.tar` ...).
+    pub shards: u64,
+    /// Samples whose image was downscaled to `max_side` and re-encoded.
+    pub resized: u64,
+    /// Inputs not written, by reason (including those dropped while reading the source).
+    pub skipped: SkipCounts,
+}
+
+/// One input ready to write.
+struct Prepared {
+    image_ext: &'static str,
+    image: Vec<u8>,
+    caption: String,
+    resized: bool,
+}
+
+/// Writes `source` as shards in `out` (created if needed). Shards left in `out` by an earlier,
+/// larger pack are removed, so that `out` as a spec names exactly this pack's shards.
+/// `progress` is called with (inputs done, inputs in the source).
+pub fn pack(
+    source: &FileDataset,
+    out: &Path,
+    cfg: &PackConfig,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PackSummary, DataError> {
+    if cfg.shard_size == 0 {
+        return Err(DataError::Config(
+            "pack: shard_size must be at least 1".into(),
+        ));
+    }
+    if cfg.max_side == Some(0) {
+        return Err(DataError::Config(
+            "pack: max_side must be at least 1".into(),
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(|source| DataError::Write {
+        path: out.to_owned(),
+        source,
+    })?;
+    let len = source.len();
+    let mut summary = PackSummary {
+        out: out.to_owned(),
+        samples: 0,
+        shards: 0,
+        resized: 0,
+        skipped: source.load_skips(),
+    };
+    let mut index = ShardIndex {
+        shards: Vec::new(),
+        samples: 0,
+    };
+    let mut writer: Option<(String, ShardWriter)> = None;
+    let mut start = 0;
+    progress(0, len as u64);
+    while start < len {
+        let end = (start + CHUNK_SAMPLES).min(len);
+        let prepared = map_in_order(start..end, cfg.threads, |i| prepare(source, i, cfg))?;
+        for (i, result) in (start..end).zip(prepared) {
+            let item = match result? {
+                Ok(item) => item,
+                Err(reason) => {
+                    summary.skipped.add(reason);
+                    let n = summary.skipped.total();
+                    if n <= 10 || n % 1000 == 0 {
+                        tracing::warn!("not packing {}: {reason}", source.describe(i));
+                    }
+                    continue;
+                }
+            };
+            let (name, mut shard) = match writer.take() {
+                Some(open) => open,
+                None => {
+                    let name = format!("{:05}.tar", index.shards.len());
+                    let shard = ShardWriter::create(&out.join(&name))?;
+                    (name, shard)
+                }
+            };
+            let key = format!("{:09}", summary.samples);
+            shard.write_sample(
+                &key,
+                &[
+                    (item.image_ext, &item.image),
+                    ("txt", item.caption.as_bytes()),
+                ],
+            )?;
+            summary.samples += 1;
+            summary.resized += u64::from(item.resized);
+            if shard.samples() >= cfg.shard_size {
+                finish_shard(name, shard, &mut index)?;
+            } else {
+                writer = Some((name, shard));
+            }
+        }
+        start = end;
+        progress(start as u64, len as u64);
+    }
+    if let Some((name, shard)) = writer.take() {
+        finish_shard(name, shard, &mut index)?;
+    }
+    summary.shards = index.shards.len() as u64;
+    remove_stale_shards(out, summary.shards)?;
+    let index_path = out.join("index.json");
+    let json = serde_json::to_vec_pretty(&index).map_err(|source| DataError::Json {
+        path: index_path.clone(),
+        source,
+    })?;
+    write_atomic(&index_path, &json)?;
+    Ok(summary)
+}
+
+fn finish_shard(name: String, shard: ShardWriter, index: &mut ShardIndex) -> Result<(), DataError> {
+    let samples = shard.finish()?;
+    index.samples += samples;
+    index.shards.push(ShardIndexEntry { name, samples });
+    Ok(())
+}
+
+/// Reads, checks and (when too large) resizes input `index`. The outer error stops the pack;
+/// the inner one skips the input.
+fn prepare(
+    source: &FileDataset,
+    index: usize,
+    cfg: &PackConfig,
+) -> Result<Result<Prepared, SkipReason>, DataError> {
+    let raw = match source.get_raw(index) {
+        Ok(raw) => raw,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let caption = match usable_caption(&raw) {
+        Ok(caption) => caption.to_owned(),
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let decoded = match decode_image(&raw.image, cfg.max_pixels) {
+        Ok(image) => image,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let too_large = cfg
+        .max_side
+        .filter(|&side| decoded.width().max(decoded.height()) > side);
+    if let Some(side) = too_large {
+        let resized = downscale(&decoded, side);
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, cfg.jpeg_quality)
+            .encode_image(&resized)
+            .map_err(|e| DataError::Encode {
+                key: source.describe(index),
+                message: e.to_string(),
+            })?;
+        return Ok(Ok(Prepared {
+            image_ext: "jpg",
+            image: jpeg,
+            caption,
+            resized: true,
+        }));
+    }
+    // It decoded, so the format is one of these.
+    let image_ext = match image::guess_format(&raw.image) {
+        Ok(image::ImageFormat::Png) => "png",
+        Ok(image::ImageFormat::WebP) => "webp",
+        _ => "jpg",
+    };
+    Ok(Ok(Prepared {
+        image_ext,
+        image: raw.image,
+        caption,
+        resized: false,
+    }))
+}
+
+/// `img` scaled so that its longer side is `side` (aspect kept, each side at least 1 pixel),
+/// bicubic (Catmull-Rom, as PIL's BICUBIC).
+fn downscale(img: &RgbImage, side: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let scale = f64::from(side) / f64::from(w.max(h));
+    let new_w = ((f64::from(w) * scale).round() as u32).clamp(1, side);
+    let new_h = ((f64::from(h) * scale).round() as u32).clamp(1, side);
+    let fast = || -> Option<RgbImage> {
+        let src = ImageRef::new(w, h, img.as_raw(), PixelType::U8x3).ok()?;
+        let mut dst = Image::new(new_w, new_h, PixelType::U8x3);
+        let options =
+            ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+        Resizer::new().resize(&src, &mut dst, &options).ok()?;
+        RgbImage::from_raw(new_w, new_h, dst.into_vec())
+    };
+    fast().unwrap_or_else(|| {
+        image::imageops::resize(img, new_w, new_h, image::imageops::FilterType::CatmullRom)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::test_images::{jpeg, png, write};
+    use crate::sources::{csv, folder};
+    use crate::spec::{CsvSpec, DataSpec};
+    use crate::transform::decode_image;
+    use crate::webdataset::read_shard;
+
+    fn csv_source(path: &Path) -> FileDataset {
+        let DataSpec::Csv(spec) = DataSpec::parse(path.to_str().unwrap()).unwrap() else {
+            panic!("not a csv spec");
+        };
+        let spec: CsvSpec = spec;
+        csv::load(&spec).unwrap()
+    }
+
+    #[test]
+    fn packs_a_csv_into_indexed_shards_skipping_bad_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let a = jpeg(40, 20);
+        let b = png(7, 9);
+        write(&d.join("src/a.jpg"), &a);
+        // A PNG under a .jpg name keeps its bytes and becomes KEY.png.
+        write(&d.join("src/b.jpg"), &b);
+        write(&d.join("src/bad.jpg"), b"garbage");
+        let mut text = String::from("filepath\ttitle\n");
+        for i in 0..5 {
+            text.push_str(&format!("a.jpg\t\"caption {i}, with a comma\"\n"));
+        }
+        text.push_str("b.jpg\tthe png\nbad.jpg\tbroken\nmissing.jpg\tgone\na.jpg\t \n");
+        write(&d.join("src/list.csv"), text.as_bytes());
+        let source = csv_source(&d.join("src/list.csv"));
+
+        let out = d.join("shards");
+        // A leftover from an earlier, larger pack goes away.
+        write(&out.join("00009.tar"), b"old");
+        let cfg = PackConfig {
+            shard_size: 4,
+            threads: 3,
+            ..PackConfig::default()
+        };
+        let mut calls = Vec::new();
+        let summary = pack(&source, &out, &cfg, &mut |done, total| {
+            calls.push((done, total))
+        })
+        .unwrap();
+        assert_eq!(
+            (summary.samples, summary.shards, summary.resized),
+            (6, 2, 0)
+        );
+        assert_eq!(summary.skipped.get("undecodable_image"), Some(&1));
+        assert_eq!(summary.skipped.get("missing_image"), Some(&1));
+        assert_eq!(summary.skipped.get("empty_caption"), Some(&1));
+        assert_eq!(summary.skipped.total(), 3);
+        assert_eq!(calls.last(), Some(&(8, 8)));
+        assert!(!out.join("00009.tar").exists());
+
+        let index = ShardIndex::read(&out).unwrap();
+        assert_eq!(index.samples, 6);
+        let names: Vec<_> = index
+            .shards
+            .iter()
+            .map(|s| (s.name.as_str(), s.samples))
+            .collect();
+        assert_eq!(names, [("00000.tar", 4), ("00001.tar", 2)]);
+        let samples: Vec<_> = index
+            .shards
+            .iter()
+            .flat_map(|s| read_shard(&out.join(&s.name)))
+            .map(|s| s.unwrap())
+            .collect();
+        assert_eq!(samples[0].key, "000000000");
+        assert_eq!(samples[0].image, a);
+        assert_eq!(samples[0].image_ext, "jpg");
+        assert_eq!(
+            samples[0].caption.as_deref(),
+            Some("caption 0, with a comma")
+        );
+        assert_eq!(samples[5].key, "000000005");
+        assert_eq!(samples[5].image, b);
+        assert_eq!(samples[5].image_ext, "png");
+
+        // The packed directory is a spec that reads back every sample.
+        let spec = DataSpec::parse(out.to_str().unwrap()).unwrap();
+        let stats = crate::stats::stats(&spec, 2, &mut |_, _| {}).unwrap();
+        assert_eq!(
+            (stats.samples, stats.shards, stats.skipped.total()),
+            (6, 2, 0)
+        );
+    }
+
+    #[test]
+    fn max_side_downscales_and_reencodes_only_large_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(&d.join("big.png"), &png(64, 32));
+        write(&d.join("big.txt"), b"big");
+        write(&d.join("small.png"), &png(10, 12));
+        write(&d.join("small.txt"), b"small");
+        write(&d.join("orphan.jpg"), &jpeg(4, 4));
+        let source = folder::load(d).unwrap();
+        let out = d.join("out");
+        let cfg = PackConfig {
+            max_side: Some(16),
+            ..PackConfig::default()
+        };
+        let summary = pack(&source, &out, &cfg, &mut |_, _| {}).unwrap();
+        assert_eq!(
+            (summary.samples, summary.shards, summary.resized),
+            (2, 1, 1)
+        );
+        assert_eq!(summary.skipped.get("missing_caption"), Some(&1));
+        let samples: Vec<_> = read_shard(&out.join("00000.tar"))
+            .map(|s| s.unwrap())
+            .collect();
+        assert_eq!(samples[0].image_ext, "jpg");
+        let big = decode_image(&samples[0].image, DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!(big.dimensions(), (16, 8));
+        assert_eq!(samples[1].image_ext, "png");
+        assert_eq!(samples[1].image, png(10, 12));
+        assert_eq!(
+            downscale(&crate::sources::test_images::gradient(3, 300), 16).dimensions(),
+            (1, 16)
+        );
+    }
+
+    #[test]
+    fn nothing_usable_writes_an_empty_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(&d.join("list.csv"), b"filepath,title\nnone.jpg,x\n");
+        let source = csv_source(&d.join("list.csv"));
+        let summary = pack(
+            &source,
+            &d.join("out"),
+            &PackConfig::default(),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!((summary.samples, summary.shards), (0, 0));
+        assert_eq!(ShardIndex::read(&d.join("out")).unwrap().samples, 0);
+        let zero = PackConfig {
+            shard_size: 0,
+            ..PackConfig::default()
+        };
+        assert!(pack(&source, &d.join("out"), &zero, &mut |_, _| {}).is_err());
+    }
+}

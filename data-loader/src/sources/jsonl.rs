@@ -1,0 +1,186 @@
+//! JSON Lines sources: one object per line, `{"image": "imgs/0001.jpg", "caption": "..."}`,
+//! the key names configurable (`jsonl:FILE?img_key=url&caption_key=text`). Image paths are
+//! relative to the file's folder. Blank lines are ignored. A line that is not a JSON object,
+//! or whose image or caption is not a string, is dropped while reading and counted as
+//! `bad_record` (the log names its line number); a missing or empty key counts as
+//! `missing_image`, `missing_caption` or `empty_caption`.
+
+use serde_json::Value;
+
+use crate::error::DataError;
+use crate::skip::{SkipCounts, SkipReason};
+use crate::sources::{base_dir, skip_record, Caption, Entry, FileDataset, BAD_RECORD};
+use crate::spec::JsonlSpec;
+
+/// Reads the lines of `spec.path` into a [`FileDataset`].
+pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
+    let path = spec.path.as_path();
+    let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let base = base_dir(path);
+    let mut entries = Vec::new();
+    let mut skips = SkipCounts::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let number = i + 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let origin = format!("line {number}");
+        let mut skip = |reason: &str, detail: &str| {
+            skip_record(&mut skips, reason, path, &origin, detail);
+        };
+        let object = match serde_json::from_slice::<Value>(line) {
+            Ok(Value::Object(object)) => object,
+            Ok(other) => {
+                let detail = format!("a JSON {}, not an object", type_name(&other));
+                skip(BAD_RECORD, &detail);
+                continue;
+            }
+            Err(e) => {
+                skip(BAD_RECORD, &e.to_string());
+                continue;
+            }
+        };
+        let image = match object.get(&spec.img_key) {
+            Some(Value::String(s)) if !s.trim().is_empty() => s.trim(),
+            None | Some(Value::Null) => {
+                skip(
+                    SkipReason::MissingImage.as_str(),
+                    &format!("no `{}`", spec.img_key),
+                );
+                continue;
+            }
+            Some(Value::String(_)) => {
+                skip(
+                    SkipReason::MissingImage.as_str(),
+                    &format!("empty `{}`", spec.img_key),
+                );
+                continue;
+            }
+            Some(other) => {
+                let detail = format!("`{}` is a {}, not a path", spec.img_key, type_name(other));
+                skip(BAD_RECORD, &detail);
+                continue;
+            }
+        };
+        let caption = match object.get(&spec.caption_key) {
+            Some(Value::String(s)) if !s.trim().is_empty() => s,
+            None | Some(Value::Null) => {
+                let detail = format!("no `{}`", spec.caption_key);
+                skip(SkipReason::MissingCaption.as_str(), &detail);
+                continue;
+            }
+            Some(Value::String(_)) => {
+                skip(SkipReason::EmptyCaption.as_str(), "");
+                continue;
+            }
+            Some(other) => {
+                let detail = format!("`{}` is a {}, not text", spec.caption_key, type_name(other));
+                skip(BAD_RECORD, &detail);
+                continue;
+            }
+        };
+        entries.push(Entry {
+            key: format!("{number:09}"),
+            image: base.join(image),
+            caption: Caption::Text(caption.clone()),
+            origin,
+        });
+    }
+    Ok(FileDataset::new(path.to_owned(), entries, skips))
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::Dataset;
+    use crate::sources::test_images::{jpeg, png, write};
+    use crate::spec::DataSpec;
+
+    fn jsonl_spec(spec: &str) -> JsonlSpec {
+        match DataSpec::parse(spec).unwrap() {
+            DataSpec::Jsonl(s) => s,
+            other => panic!("{spec} parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn objects_per_line_with_broken_lines_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(&d.join("imgs/a.jpg"), &jpeg(9, 7));
+        write(&d.join("imgs/b.png"), &png(3, 3));
+        let text = concat!(
+            r#"{"image": "imgs/a.jpg", "caption": "a jpeg, with a comma", "extra": 1}"#,
+            "\n",
+            r#"{"image": "imgs/b.png", "caption": "a png"}"#,
+            "\n\n",
+            r#"{"image": "imgs/a.jpg", "caption": "cut off"#,
+            "\n",
+            r#"["not", "an", "object"]"#,
+            "\n",
+            r#"{"image": "imgs/a.jpg"}"#,
+            "\n",
+            r#"{"caption": "no image"}"#,
+            "\n",
+            r#"{"image": "imgs/a.jpg", "caption": "  "}"#,
+            "\n",
+            r#"{"image": 7, "caption": "number path"}"#,
+            "\n",
+            r#"{"image": "imgs/gone.jpg", "caption": "missing file"}"#,
+            "\n",
+        );
+        write(&d.join("data.jsonl"), text.as_bytes());
+        let ds = load(&jsonl_spec(d.join("data.jsonl").to_str().unwrap())).unwrap();
+        assert_eq!(ds.len(), 3);
+        let a = ds.get(0).unwrap();
+        assert_eq!(a.caption, "a jpeg, with a comma");
+        assert_eq!(
+            (a.key.as_str(), a.image.dimensions()),
+            ("000000001", (9, 7))
+        );
+        assert_eq!(ds.get(1).unwrap().image.dimensions(), (3, 3));
+        assert_eq!(ds.get(2), Err(SkipReason::MissingImage));
+        assert!(ds.describe(2).contains("line 10"), "{}", ds.describe(2));
+        let skips = ds.load_skips();
+        assert_eq!(skips.get(BAD_RECORD), Some(&3));
+        assert_eq!(skips.get("missing_caption"), Some(&1));
+        assert_eq!(skips.get("missing_image"), Some(&1));
+        assert_eq!(skips.get("empty_caption"), Some(&1));
+        assert_eq!(skips.total(), 6);
+    }
+
+    #[test]
+    fn configurable_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(&d.join("x.jpg"), &jpeg(4, 4));
+        write(
+            &d.join("data.json-lines"),
+            br#"{"url": "x.jpg", "text": "renamed keys"}"#,
+        );
+        let spec = jsonl_spec(&format!(
+            "jsonl:{}?img_key=url&caption_key=text",
+            d.join("data.json-lines").display()
+        ));
+        let ds = load(&spec).unwrap();
+        assert_eq!(ds.get(0).unwrap().caption, "renamed keys");
+        assert_eq!(jsonl_spec(&spec.to_string()), spec);
+        let bad = format!("jsonl:{}?sep=tab", d.join("data.json-lines").display());
+        let err = DataSpec::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("unknown jsonl option `sep`"), "{err}");
+    }
+}

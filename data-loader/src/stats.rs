@@ -1,0 +1,176 @@
+//! `oxclip data stats`: read every sample of a source the way training would (image decoded,
+//! caption checked) and count the usable ones and the skipped ones by reason.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{open, Dataset};
+use crate::error::DataError;
+use crate::skip::SkipCounts;
+use crate::spec::DataSpec;
+
+/// Samples decoded between two progress calls (and held by the threads at once).
+const CHUNK_SAMPLES: usize = 512;
+
+/// What [`stats`] found. Serialises as `{"samples": 9, "skipped": {"reason": 1}, "shards": 2}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataStats {
+    /// Samples that decode and have a caption.
+    pub samples: u64,
+    /// Samples skipped, by reason: those dropped while opening the source plus those that
+    /// failed to decode.
+    pub skipped: SkipCounts,
+    /// WebDataset shards read (0 for CSV, JSONL, folder and synthetic sources).
+    pub shards: u64,
+}
+
+/// Opens `spec` and reads every sample on up to `threads` threads. `progress` is called
+/// with (samples read, samples in the source) as reading goes on.
+pub fn stats(
+    spec: &DataSpec,
+    threads: usize,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<DataStats, DataError> {
+    let dataset = open(spec, 0)?;
+    let shards = match spec {
+        DataSpec::Shards(paths) => paths.len() as u64,
+        _ => 0,
+    };
+    let (samples, skipped) = count_samples(dataset.as_ref(), threads, progress)?;
+    Ok(DataStats {
+        samples,
+        skipped,
+        shards,
+    })
+}
+
+/// Reads every sample of `dataset`: (usable samples, skips including its load-time ones).
+pub fn count_samples(
+    dataset: &dyn Dataset,
+    threads: usize,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(u64, SkipCounts), DataError> {
+    let len = dataset.len();
+    let mut skipped = dataset.load_skips();
+    let mut ok = 0u64;
+    let mut start = 0;
+    progress(0, len as u64);
+    while start < len {
+        let end = (start + CHUNK_SAMPLES).min(len);
+        let results = map_in_order(start..end, threads, |i| dataset.get(i).map(|_| ()))?;
+        for (i, result) in (start..end).zip(results) {
+            match result {
+                Ok(()) => ok += 1,
+                Err(reason) => {
+                    skipped.add(reason);
+                    let n = skipped.total();
+                    if n <= 10 || n % 1000 == 0 {
+                        tracing::warn!("skipping {}: {reason}", dataset.describe(i));
+                    }
+                }
+            }
+        }
+        start = end;
+        progress(start as u64, len as u64);
+    }
+    Ok((ok, skipped))
+}
+
+/// `f` of every index of `range`, computed on up to `threads` scoped threads (contiguous
+/// parts), returned in index order. A panicking `f` is an error, not a crash.
+pub(crate) fn map_in_order<T: Send>(
+    range: Range<usize>,
+    threads: usize,
+    f: impl Fn(usize) -> T + Sync,
+) -> Result<Vec<T>, DataError> {
+    let len = range.len();
+    let part = len.div_ceil(threads.max(1)).max(1);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = range
+            .clone()
+            .step_by(part)
+            .map(|lo| {
+                let hi = (lo + part).min(range.end);
+                scope.spawn(move || (lo..hi).map(f).collect::<Vec<T>>())
+            })
+            .collect();
+        let mut out = Vec::with_capacity(len);
+        for handle in handles {
+            let values = handle
+                .join()
+                .map_err(|_| DataError::Pipeline("a sample-reading thread panicked".into()))?;
+            out.extend(values);
+        }
+        Ok(out)
+    })
+}
+
+/// Threads to read with: the machine's cores, at most 16.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(16))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::test_images::{jpeg, write};
+    use crate::webdataset::ShardWriter;
+
+    #[test]
+    fn map_in_order_keeps_order_for_any_thread_count() {
+        for threads in [1, 2, 3, 8, 100] {
+            let out = map_in_order(5..17, threads, |i| i * 2).unwrap();
+            assert_eq!(out, (5..17).map(|i| i * 2).collect::<Vec<_>>());
+        }
+        assert!(map_in_order(0..0, 4, |i| i).unwrap().is_empty());
+        let panicked = map_in_order(0..4, 2, |i| {
+            assert!(i != 3, "boom");
+            i
+        });
+        assert!(panicked.is_err());
+    }
+
+    #[test]
+    fn stats_of_shards_and_csv() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let good = jpeg(8, 8);
+        std::fs::create_dir_all(d.join("shards")).unwrap();
+        for (n, name) in ["00000.tar", "00001.tar"].iter().enumerate() {
+            let mut w = ShardWriter::create(&d.join("shards").join(name)).unwrap();
+            w.write_sample(&format!("{n}a"), &[("jpg", &good), ("txt", b"fine")])
+                .unwrap();
+            w.write_sample(&format!("{n}b"), &[("jpg", b"bad"), ("txt", b"broken")])
+                .unwrap();
+            w.write_sample(&format!("{n}c"), &[("txt", b"no image")])
+                .unwrap();
+            w.finish().unwrap();
+        }
+        let spec = DataSpec::parse(d.join("shards").to_str().unwrap()).unwrap();
+        let mut calls = Vec::new();
+        let s = stats(&spec, 2, &mut |done, total| calls.push((done, total))).unwrap();
+        assert_eq!((s.samples, s.shards), (2, 2));
+        assert_eq!(s.skipped.get("undecodable_image"), Some(&2));
+        assert_eq!(s.skipped.get("missing_image"), Some(&2));
+        assert_eq!(calls.first(), Some(&(0, 4)));
+        assert_eq!(calls.last(), Some(&(4, 4)));
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            r#"{"samples":2,"skipped":{"missing_image":2,"undecodable_image":2},"shards":2}"#
+        );
+
+        write(&d.join("a.jpg"), &good);
+        write(
+            &d.join("list.csv"),
+            b"filepath,title\na.jpg,ok\na.jpg,\nnone.jpg,x\n",
+        );
+        let spec = DataSpec::parse(d.join("list.csv").to_str().unwrap()).unwrap();
+        let s = stats(&spec, 1, &mut |_, _| {}).unwrap();
+        assert_eq!((s.samples, s.shards, s.skipped.total()), (1, 0, 2));
+
+        let s = stats(&DataSpec::Synthetic(3), 2, &mut |_, _| {}).unwrap();
+        assert_eq!((s.samples, s.shards, s.skipped.total()), (3, 0, 0));
+    }
+}
