@@ -118,6 +118,22 @@ mod tests {
     use crate::sources::test_images::{jpeg, write};
     use crate::webdataset::ShardWriter;
 
+    /// Shards written by the Python webdataset library's TarWriter with a corrupt image, missing,
+    /// empty and non-UTF-8 captions and a truncated last shard
+    /// (tests/fixtures/make_webdataset_fixture.py): every good sample counted once, every bad
+    /// one skipped and counted by its reason.
+    #[test]
+    fn python_webdataset_shards_with_faults_count_exactly() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/webdataset_py");
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let spec = DataSpec::parse(dir.to_str().unwrap()).unwrap();
+        for threads in [1, 3] {
+            let got = stats(&spec, threads, &mut |_, _| {}).unwrap();
+            assert_eq!(serde_json::to_value(&got).unwrap(), expected, "threads {threads}");
+        }
+    }
+
     #[test]
     fn map_in_order_keeps_order_for_any_thread_count() {
         for threads in [1, 2, 3, 8, 100] {
