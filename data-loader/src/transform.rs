@@ -13,7 +13,7 @@
 use std::cell::RefCell;
 use std::io::Cursor;
 
-use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::images::{CroppedImage, Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{ImageDecoder, RgbImage};
 use rand::{Rng, SeedableRng};
@@ -208,17 +208,7 @@ impl ImageTransform {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 let c =
                     random_resized_crop_params(img.width(), img.height(), scale, ratio, &mut rng);
-                // PIL crops first, then resizes the crop: the filter never reads outside it.
-                let cropped;
-                let src = if (c.left, c.top, c.width, c.height) == (0, 0, img.width(), img.height())
-                {
-                    img
-                } else {
-                    cropped =
-                        image::imageops::crop_imm(img, c.left, c.top, c.width, c.height).to_image();
-                    &cropped
-                };
-                let resized = resize_rgb(src, s, s);
+                let resized = resize_rgb(img, c, s, s);
                 self.normalize_into(&resized, s, 0, 0, out);
             }
             Mode::Eval => {
@@ -230,7 +220,8 @@ impl ImageTransform {
                 } else {
                     (((u64::from(s) * u64::from(w)) / u64::from(h)) as u32, s)
                 };
-                let resized = resize_rgb(img, new_w, new_h);
+                let whole = CropBox { top: 0, left: 0, height: h, width: w };
+                let resized = resize_rgb(img, whole, new_w, new_h);
                 // CenterCrop: int(round((H - S) / 2)), half to even.
                 let top = (f64::from(new_h - s) / 2.0).round_ties_even() as u32;
                 let left = (f64::from(new_w - s) / 2.0).round_ties_even() as u32;
@@ -263,23 +254,29 @@ thread_local! {
     static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
 }
 
-/// Bicubic (Catmull-Rom) resize of an RGB image to `width x height`; returns packed RGB.
-fn resize_rgb(img: &RgbImage, width: u32, height: u32) -> Vec<u8> {
-    if img.width() == width && img.height() == height {
+/// Bicubic (Catmull-Rom) resize of the `crop` region of an RGB image to `width x height`;
+/// returns packed RGB. As PIL crops first and then resizes the crop, the filter never reads
+/// outside the region: fast_image_resize's `CroppedImage` view gives that without a copy.
+fn resize_rgb(img: &RgbImage, crop: CropBox, width: u32, height: u32) -> Vec<u8> {
+    let whole = (crop.left, crop.top, crop.width, crop.height) == (0, 0, img.width(), img.height());
+    if whole && img.width() == width && img.height() == height {
         return img.as_raw().clone();
     }
-    // Unreachable for a well-formed RgbImage, but a resize error must not fail a sample:
-    // fall back to the image crate's (slower) Catmull-Rom.
+    // Unreachable for a well-formed RgbImage and an in-bounds crop, but a resize error must not
+    // fail a sample: fall back to the image crate's (slower) Catmull-Rom.
     let fallback = || {
-        image::imageops::resize(img, width, height, image::imageops::FilterType::CatmullRom)
-            .into_raw()
+        let region = image::imageops::crop_imm(img, crop.left, crop.top, crop.width, crop.height).to_image();
+        image::imageops::resize(&region, width, height, image::imageops::FilterType::CatmullRom).into_raw()
     };
     let Ok(src) = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3) else {
         return fallback();
     };
+    let Ok(view) = CroppedImage::new(&src, crop.left, crop.top, crop.width, crop.height) else {
+        return fallback();
+    };
     let mut dst = Image::new(width, height, PixelType::U8x3);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
-    let resized = RESIZER.with(|r| r.borrow_mut().resize(&src, &mut dst, &options).is_ok());
+    let resized = RESIZER.with(|r| r.borrow_mut().resize(&view, &mut dst, &options).is_ok());
     if resized {
         dst.into_vec()
     } else {
@@ -290,6 +287,19 @@ fn resize_rgb(img: &RgbImage, width: u32, height: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resizing_a_crop_view_equals_resizing_a_cropped_copy() {
+        // The copy is what PIL does (crop, then resize the crop); the view must match it bit
+        // for bit, i.e. never read pixels outside the crop.
+        let img = RgbImage::from_fn(97, 61, |x, y| image::Rgb([(x * 7 + y * 3) as u8, (x * y) as u8, (255 - x * 2) as u8]));
+        for (left, top, width, height, out) in [(0, 0, 97, 61, 32), (10, 5, 40, 50, 24), (50, 20, 47, 41, 64), (3, 1, 90, 60, 90)] {
+            let crop = CropBox { top, left, height, width };
+            let copy = image::imageops::crop_imm(&img, left, top, width, height).to_image();
+            let whole = CropBox { top: 0, left: 0, height, width };
+            assert_eq!(resize_rgb(&img, crop, out, out), resize_rgb(&copy, whole, out, out), "{crop:?}");
+        }
+    }
 
     fn jpeg_bytes(img: &RgbImage) -> Vec<u8> {
         let mut buf = Vec::new();
