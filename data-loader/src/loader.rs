@@ -529,6 +529,32 @@ mod tests {
     }
 
     #[test]
+    fn an_interrupted_epoch_serves_every_sample_exactly_once_over_all_ranks() {
+        // 2 ranks x batch 3 over 20 samples: 3 global batches of 6 per epoch (2 dropped).
+        // Stop after one batch, resume from the saved state, finish the epoch.
+        let (len, world, n) = (20usize, 2usize, 3usize);
+        let mut seen = Vec::new();
+        for rank in 0..world {
+            let mut first = Loader::new(synthetic(len), test_tokenizer(), cfg(n, rank, world, 2, true)).unwrap();
+            let per_epoch = first.batches_per_epoch() as usize;
+            assert_eq!(per_epoch, len / (n * world));
+            seen.extend(first.next_batch().unwrap().indices);
+            let state = first.state();
+            drop(first);
+            let mut resumed = Loader::new(synthetic(len), test_tokenizer(), cfg(n, rank, world, 1, true)).unwrap();
+            resumed.restore(&state).unwrap();
+            for _ in 1..per_epoch {
+                seen.extend(resumed.next_batch().unwrap().indices);
+            }
+        }
+        let mut unique = seen.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), seen.len(), "a sample was served twice: {seen:?}");
+        assert_eq!(seen.len(), (len / (n * world)) * n * world);
+    }
+
+    #[test]
     fn restore_continues_exactly_as_if_never_stopped() {
         let mut straight =
             Loader::new(synthetic(14), test_tokenizer(), cfg(4, 0, 1, 2, true)).unwrap();
