@@ -159,8 +159,9 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     while state.step < cfg.steps {
         let started = Instant::now();
         let batch = loader.next_batch()?;
-        let images = Tensor::from_slice(&batch.images).view([batch.batch_size as i64, 3, image_size, image_size]).to_device(device);
-        let tokens = Tensor::from_slice(&batch.tokens).view([batch.batch_size as i64, context_length]).to_device(device);
+        let b = batch.batch_size as i64;
+        let images = host_to_device(Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]), device)?;
+        let tokens = host_to_device(Tensor::from_slice(&batch.tokens).view([b, context_length]), device)?;
         let data_secs = started.elapsed().as_secs_f64();
 
         let lr = schedule.lr(state.step);
@@ -200,6 +201,16 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     }
     metrics.flush()?;
     Ok(TrainSummary { steps: state.step, final_loss, zero_shot: last_zero_shot, last_checkpoint, device })
+}
+
+/// Moves a batch tensor to the training device. On CUDA it goes through page-locked memory
+/// (libtorch's caching host allocator) so the copy is asynchronous and overlaps the step.
+fn host_to_device(host: Tensor, device: Device) -> Result<Tensor> {
+    if !device.is_cuda() {
+        return Ok(host);
+    }
+    let kind = host.kind();
+    Ok(host.f_pin_memory(device)?.f_to_device_(device, kind, true, false)?)
 }
 
 /// Picks the checkpoint to resume from, refusing to silently train over an existing run.
