@@ -78,16 +78,11 @@ pub fn load(spec: &CsvSpec) -> Result<FileDataset, DataError> {
         let line = record.position().map_or(line, |p| p.line());
         let origin = format!("line {line}");
         let field = |i: usize| record.get(i).unwrap_or_default();
-        let image = match std::str::from_utf8(field(img_col)) {
-            Ok(p) if !p.trim().is_empty() => p.trim(),
-            Ok(_) => {
-                let reason = SkipReason::MissingImage.as_str();
-                skip_record(&mut skips, reason, path, &origin, "no image path");
-                continue;
-            }
-            Err(_) => {
-                let reason = SkipReason::MissingImage.as_str();
-                skip_record(&mut skips, reason, path, &origin, "image path is not UTF-8");
+        let image = match std::str::from_utf8(field(img_col)).map(str::trim) {
+            Ok(p) if !p.is_empty() => p,
+            bad => {
+                let detail = if bad.is_ok() { "no image path" } else { "image path is not UTF-8" };
+                skip_record(&mut skips, SkipReason::MissingImage.as_str(), path, &origin, detail);
                 continue;
             }
         };
