@@ -1,7 +1,15 @@
 //! Batches for the trainer: which samples go in which batch on which rank, and where the
-//! loader stands so that a checkpoint can resume it exactly.
+//! loader stands so that a checkpoint can resume it exactly. Two kinds of source, two orders:
 //!
-//! Sample selection, the contract distributed exactness relies on:
+//! - **Streamed** (WebDataset shards, local or `pipe:`): shards are read sequentially, split
+//!   over ranks and workers, shuffled through a buffer; see `stream.rs` for the plan and
+//!   `stream_pipeline.rs` for the threads. Deterministic for a seed, world size and worker
+//!   count; resumable to the sample.
+//! - **Indexed** (synthetic scenes, CSV/TSV, JSONL, image folders: a list of samples, each
+//!   readable on its own), described below. Independent of the worker count, and W ranks see
+//!   exactly what one rank with a W times larger batch sees.
+//!
+//! Indexed sample selection, the contract distributed exactness relies on:
 //!
 //! - The global batch is `G = batch_size * world_size`. In train mode epoch `e` visits the
 //!   dataset in the order `perm_e`, a permutation of `0..len` seeded from `(seed, e)`; global
@@ -34,13 +42,16 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::Dataset;
+use crate::dataset::{DataSource, Dataset};
 use crate::error::DataError;
 use crate::pipeline::{Pipeline, PipelineSpec};
 use crate::seed::mix;
+use crate::shards::ShardSet;
 use crate::skip::SkipCounts;
+use crate::stream::{ShardOptions, StreamCursor, StreamPlan};
+use crate::stream_pipeline::{self, StreamMsg, StreamPipeline, StreamSpec};
 use crate::tokenizer::Tokenizer;
-use crate::transform::ImageTransform;
+use crate::transform::{ImageTransform, DEFAULT_MAX_PIXELS};
 
 /// Most unusable samples in a row a train batch position may go through before the loader
 /// gives up on the dataset.
@@ -75,6 +86,29 @@ pub struct LoaderConfig {
 pub struct LoaderState {
     pub epoch: u64,
     pub batch_in_epoch: u64,
+    /// Streamed sources: every worker's position (`epoch` and `batch_in_epoch` repeat its
+    /// fields). `None` for indexed sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamCursor>,
+}
+
+impl LoaderState {
+    /// Batch `batch_in_epoch` of `epoch` of an indexed source.
+    pub fn at(epoch: u64, batch_in_epoch: u64) -> Self {
+        Self {
+            epoch,
+            batch_in_epoch,
+            stream: None,
+        }
+    }
+
+    pub(crate) fn of_stream(cursor: &StreamCursor) -> Self {
+        Self {
+            epoch: cursor.epoch,
+            batch_in_epoch: cursor.batch_in_epoch,
+            stream: Some(cursor.clone()),
+        }
+    }
 }
 
 /// One batch for this rank, as flat row-major buffers.
@@ -90,8 +124,11 @@ pub struct Batch {
     pub batch_size: usize,
     /// Samples that could not be used while making this batch.
     pub skipped: SkipCounts,
-    /// Dataset index of each row (after any replacement).
+    /// Index of each row's sample: in the dataset (after any replacement), or for shards in
+    /// all shards laid end to end.
     pub indices: Vec<u64>,
+    /// The sample key of each row (WebDataset `__key__`, file stem, or scene number).
+    pub keys: Vec<String>,
     /// Which batch this is.
     pub position: LoaderState,
 }
@@ -110,20 +147,7 @@ pub(crate) struct Plan {
 
 impl Plan {
     fn new(cfg: &LoaderConfig, len: usize) -> Result<Self, DataError> {
-        if cfg.batch_size == 0 {
-            return Err(DataError::Config("batch_size must be at least 1".into()));
-        }
-        if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
-            return Err(DataError::Config(format!(
-                "rank {} is not in 0..world_size ({})",
-                cfg.rank, cfg.world_size
-            )));
-        }
-        if cfg.image_size == 0 || cfg.context_length == 0 {
-            return Err(DataError::Config(
-                "image_size and context_length must be positive".into(),
-            ));
-        }
+        check_config(cfg)?;
         let global_batch = cfg
             .batch_size
             .checked_mul(cfg.world_size)
@@ -184,15 +208,9 @@ impl Plan {
     pub fn advance(&self, pos: &LoaderState) -> LoaderState {
         let next = pos.batch_in_epoch + 1;
         if self.train && next >= self.batches_per_epoch {
-            LoaderState {
-                epoch: pos.epoch + 1,
-                batch_in_epoch: 0,
-            }
+            LoaderState::at(pos.epoch + 1, 0)
         } else {
-            LoaderState {
-                epoch: pos.epoch,
-                batch_in_epoch: next,
-            }
+            LoaderState::at(pos.epoch, next)
         }
     }
 
@@ -202,18 +220,45 @@ impl Plan {
     }
 }
 
-/// Deterministic, resumable batches over a [`Dataset`] for one rank.
+/// Deterministic, resumable batches for one rank, from a streamed or an indexed source.
 pub struct Loader {
-    dataset: Arc<dyn Dataset>,
+    order: Order,
     tokenizer: Tokenizer,
     cfg: LoaderConfig,
-    plan: Arc<Plan>,
     state: LoaderState,
     /// Started on the first batch request, from `state`; stopped by `restore` and drop.
-    pipeline: Option<Pipeline>,
+    pipeline: Option<Running>,
+}
+
+/// What decides the order of samples.
+enum Order {
+    Indexed {
+        dataset: Arc<dyn Dataset>,
+        plan: Arc<Plan>,
+    },
+    Streamed(Arc<StreamPlan>),
+}
+
+enum Running {
+    Indexed(Pipeline),
+    Streamed(StreamPipeline),
 }
 
 impl Loader {
+    /// A loader over a source of either kind; `shards` applies to streamed ones.
+    pub fn open(
+        source: &DataSource,
+        shards: &ShardOptions,
+        tokenizer: Tokenizer,
+        cfg: LoaderConfig,
+    ) -> Result<Self, DataError> {
+        match source {
+            DataSource::Indexed(dataset) => Self::new(Arc::clone(dataset), tokenizer, cfg),
+            DataSource::Shards(set) => Self::streaming(set.clone(), shards, tokenizer, cfg),
+        }
+    }
+
+    /// A loader over an indexed dataset.
     pub fn new(
         dataset: Arc<dyn Dataset>,
         tokenizer: Tokenizer,
@@ -221,33 +266,81 @@ impl Loader {
     ) -> Result<Self, DataError> {
         let plan = Plan::new(&cfg, dataset.len())?;
         Ok(Self {
-            dataset,
+            order: Order::Indexed {
+                dataset,
+                plan: Arc::new(plan),
+            },
             tokenizer,
             cfg,
-            plan: Arc::new(plan),
             state: LoaderState::default(),
             pipeline: None,
         })
     }
 
-    /// Batches in one epoch for this rank (train: `len / G`; eval: `ceil(len / G)`).
-    pub fn batches_per_epoch(&self) -> u64 {
-        self.plan.batches_per_epoch
+    /// A loader streaming WebDataset shards.
+    pub fn streaming(
+        shards: ShardSet,
+        options: &ShardOptions,
+        tokenizer: Tokenizer,
+        cfg: LoaderConfig,
+    ) -> Result<Self, DataError> {
+        check_config(&cfg)?;
+        let plan = StreamPlan::new(
+            shards,
+            options,
+            cfg.rank,
+            cfg.world_size,
+            cfg.workers.max(1),
+            cfg.seed,
+            cfg.train,
+        )?;
+        let state = LoaderState::of_stream(&plan.start());
+        Ok(Self {
+            order: Order::Streamed(Arc::new(plan)),
+            tokenizer,
+            cfg,
+            state,
+            pipeline: None,
+        })
     }
 
-    /// Samples in the dataset.
-    pub fn dataset_len(&self) -> usize {
-        self.plan.len
+    /// Samples this rank reads per epoch, skips included (the first epoch's, for shards:
+    /// epochs deal shards anew and may differ by a shard's worth).
+    pub fn samples_per_epoch(&self) -> u64 {
+        match &self.order {
+            Order::Indexed { plan, .. } => plan.batches_per_epoch * plan.batch_size as u64,
+            Order::Streamed(plan) => plan.rank_samples(0),
+        }
+    }
+
+    /// Batches in one epoch for this rank (indexed train: `len / G`; eval: `ceil(len / G)`;
+    /// streamed: [`samples_per_epoch`](Self::samples_per_epoch) over the batch size).
+    pub fn batches_per_epoch(&self) -> u64 {
+        match &self.order {
+            Order::Indexed { plan, .. } => plan.batches_per_epoch,
+            Order::Streamed(plan) => plan.rank_samples(0) / self.cfg.batch_size as u64,
+        }
+    }
+
+    /// Samples in the whole source (all ranks).
+    pub fn dataset_len(&self) -> u64 {
+        match &self.order {
+            Order::Indexed { plan, .. } => plan.len as u64,
+            Order::Streamed(plan) => plan.shards.total_samples(),
+        }
     }
 
     pub fn config(&self) -> &LoaderConfig {
         &self.cfg
     }
 
-    /// Samples dropped while the dataset was opened (they never got an index); report them
-    /// once, beside the per-batch counts.
+    /// Samples lost while the source was opened (entries of a list that cannot be used,
+    /// shards that cannot be read); report them once, beside the per-batch counts.
     pub fn load_skips(&self) -> SkipCounts {
-        self.dataset.load_skips()
+        match &self.order {
+            Order::Indexed { dataset, .. } => dataset.load_skips(),
+            Order::Streamed(plan) => plan.shards.open_skips.clone(),
+        }
     }
 
     /// The next batch. Train: endless, rolling over epochs. Eval: the batches of one pass,
@@ -265,46 +358,92 @@ impl Loader {
     /// The next batch of the pass, or `None` at its end (the call after that starts the next
     /// pass, as epoch + 1). On a train loader this never returns `None`.
     pub fn next_eval_batch(&mut self) -> Result<Option<Batch>, DataError> {
-        if !self.plan.train && self.state.batch_in_epoch >= self.plan.batches_per_epoch {
-            self.stop_pipeline()?;
-            self.state = LoaderState {
-                epoch: self.state.epoch + 1,
-                batch_in_epoch: 0,
-            };
-            return Ok(None);
+        if let Order::Indexed { plan, .. } = &self.order {
+            if !plan.train && self.state.batch_in_epoch >= plan.batches_per_epoch {
+                self.stop_pipeline()?;
+                self.state = LoaderState::at(self.state.epoch + 1, 0);
+                return Ok(None);
+            }
         }
         if self.pipeline.is_none() {
             self.pipeline = Some(self.start_pipeline()?);
         }
-        let received = self.pipeline.as_ref().and_then(Pipeline::recv);
-        match received {
-            Some(Ok(batch)) => {
-                if batch.position != self.state {
-                    let message = format!(
-                        "pipeline produced batch {:?} while {:?} was due",
-                        batch.position, self.state
-                    );
-                    self.stop_pipeline()?;
-                    return Err(DataError::Pipeline(message));
-                }
-                self.state = self.plan.advance(&self.state);
-                Ok(Some(batch))
+        let result = match self.pipeline.as_ref() {
+            Some(Running::Indexed(p)) => self.received_indexed(p.recv()),
+            Some(Running::Streamed(p)) => self.received_streamed(p.recv()),
+            None => Err(DataError::Pipeline("the loader pipeline did not start".into())),
+        };
+        match result {
+            Ok(Some(Ok(batch))) => Ok(Some(batch)),
+            Ok(Some(Err(next_pass))) => {
+                self.stop_pipeline()?;
+                self.state = next_pass;
+                Ok(None)
             }
-            Some(Err(e)) => {
+            Ok(None) => {
+                // Every stage ended before the pass did: a thread died. Its panic message,
+                // if any, is the better error.
+                self.stop_pipeline()?;
+                Err(DataError::Pipeline(format!(
+                    "the loader threads stopped before batch {} of epoch {}",
+                    self.state.batch_in_epoch, self.state.epoch
+                )))
+            }
+            Err(e) => {
                 // The pipeline reported an error (e.g. too many skips). Tear it down; a later
                 // call starts again from the same position.
                 let _ = self.stop_pipeline();
                 Err(e)
             }
-            None => {
-                // Every stage ended before the pass did: a thread died. Its panic message,
-                // if any, is the better error.
-                self.stop_pipeline()?;
-                Err(DataError::Pipeline(format!(
-                    "the loader threads stopped before batch {:?}",
-                    self.state
-                )))
+        }
+    }
+
+    /// Ok(Some(Ok(batch))), or Ok(Some(Err(state of the next pass))) at the end of an eval
+    /// pass, or Ok(None) when the threads are gone.
+    #[allow(clippy::type_complexity)]
+    fn received_indexed(
+        &mut self,
+        received: Option<Result<Batch, DataError>>,
+    ) -> Result<Option<Result<Batch, LoaderState>>, DataError> {
+        let Order::Indexed { plan, .. } = &self.order else {
+            return Err(DataError::Pipeline("indexed pipeline on a streamed loader".into()));
+        };
+        match received {
+            Some(Ok(batch)) => {
+                if batch.position != self.state {
+                    return Err(DataError::Pipeline(format!(
+                        "pipeline produced batch {:?} while {:?} was due",
+                        batch.position, self.state
+                    )));
+                }
+                self.state = plan.advance(&self.state);
+                Ok(Some(Ok(batch)))
             }
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn received_streamed(
+        &mut self,
+        received: Option<Result<StreamMsg, DataError>>,
+    ) -> Result<Option<Result<Batch, LoaderState>>, DataError> {
+        let Order::Streamed(plan) = &self.order else {
+            return Err(DataError::Pipeline("streamed pipeline on an indexed loader".into()));
+        };
+        match received {
+            Some(Ok(StreamMsg::Batch(batch, after))) => {
+                self.state = LoaderState::of_stream(&after);
+                Ok(Some(Ok(batch)))
+            }
+            Some(Ok(StreamMsg::EndOfPass)) => {
+                let mut next = plan.start();
+                next.epoch = self.state.epoch + 1;
+                Ok(Some(Err(LoaderState::of_stream(&next))))
+            }
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
         }
     }
 
@@ -316,49 +455,102 @@ impl Loader {
 
     /// Continues from `state` (from [`state`](Self::state), e.g. via a checkpoint): the
     /// following batches are exactly those an uninterrupted loader would have returned.
-    /// Prefetched work is dropped.
+    /// Prefetched work is dropped. A streamed position saved under another worker count,
+    /// world size or set of shards cannot continue exactly; the loader then warns and starts
+    /// the next epoch afresh.
     pub fn restore(&mut self, state: &LoaderState) -> Result<(), DataError> {
-        let end = if self.plan.train {
-            self.plan.batches_per_epoch - 1
-        } else {
-            self.plan.batches_per_epoch
+        let restored = match &self.order {
+            Order::Indexed { plan, .. } => {
+                if state.stream.is_some() {
+                    tracing::warn!(
+                        "the saved loader position is for streamed shards, the data now is not; \
+                         starting epoch {}",
+                        state.epoch + 1
+                    );
+                    LoaderState::at(state.epoch + 1, 0)
+                } else {
+                    let end = if plan.train {
+                        plan.batches_per_epoch - 1
+                    } else {
+                        plan.batches_per_epoch
+                    };
+                    if state.batch_in_epoch > end {
+                        return Err(DataError::Restore {
+                            epoch: state.epoch,
+                            batch_in_epoch: state.batch_in_epoch,
+                            message: format!(
+                                "an epoch has only {} batches here (dataset of {} samples, \
+                                 global batch {}); was the batch size or world size changed?",
+                                plan.batches_per_epoch, plan.len, plan.global_batch
+                            ),
+                        });
+                    }
+                    state.clone()
+                }
+            }
+            Order::Streamed(plan) => {
+                let why = match &state.stream {
+                    None => Some("it holds no stream position".to_owned()),
+                    Some(cursor) => plan.mismatch(cursor),
+                };
+                match why {
+                    None => state.clone(),
+                    Some(why) => {
+                        tracing::warn!(
+                            "the saved loader position cannot be continued exactly ({why}); \
+                             starting epoch {} from its beginning",
+                            state.epoch + 1
+                        );
+                        let mut fresh = plan.start();
+                        fresh.epoch = state.epoch + 1;
+                        LoaderState::of_stream(&fresh)
+                    }
+                }
+            }
         };
-        if state.batch_in_epoch > end {
-            return Err(DataError::Restore {
-                epoch: state.epoch,
-                batch_in_epoch: state.batch_in_epoch,
-                message: format!(
-                    "an epoch has only {} batches here (dataset of {} samples, global batch {}); \
-                     was the batch size or world size changed?",
-                    self.plan.batches_per_epoch, self.plan.len, self.plan.global_batch
-                ),
-            });
-        }
         self.stop_pipeline()?;
-        self.state = state.clone();
+        self.state = restored;
         Ok(())
     }
 
-    fn start_pipeline(&self) -> Result<Pipeline, DataError> {
+    fn start_pipeline(&self) -> Result<Running, DataError> {
         let transform = if self.cfg.train {
             ImageTransform::train(self.cfg.image_size)
         } else {
             ImageTransform::eval(self.cfg.image_size)
         };
-        Pipeline::spawn(PipelineSpec {
-            dataset: Arc::clone(&self.dataset),
-            tokenizer: self.tokenizer.clone(),
-            transform,
-            plan: Arc::clone(&self.plan),
-            context_length: self.cfg.context_length,
-            workers: self.cfg.workers.clamp(1, self.cfg.batch_size),
-            start: self.state.clone(),
-        })
+        match &self.order {
+            Order::Indexed { dataset, plan } => Ok(Running::Indexed(Pipeline::spawn(PipelineSpec {
+                dataset: Arc::clone(dataset),
+                tokenizer: self.tokenizer.clone(),
+                transform,
+                plan: Arc::clone(plan),
+                context_length: self.cfg.context_length,
+                workers: self.cfg.workers.clamp(1, self.cfg.batch_size),
+                start: self.state.clone(),
+            })?)),
+            Order::Streamed(plan) => {
+                let start = match &self.state.stream {
+                    Some(cursor) => cursor.clone(),
+                    None => plan.start(),
+                };
+                Ok(Running::Streamed(stream_pipeline::spawn(StreamSpec {
+                    plan: Arc::clone(plan),
+                    tokenizer: self.tokenizer.clone(),
+                    transform,
+                    context_length: self.cfg.context_length,
+                    batch_size: self.cfg.batch_size,
+                    max_pixels: DEFAULT_MAX_PIXELS,
+                    start,
+                })?))
+            }
+        }
     }
 
     fn stop_pipeline(&mut self) -> Result<(), DataError> {
         match self.pipeline.take() {
-            Some(p) => p.shutdown(),
+            Some(Running::Indexed(p)) => p.shutdown(),
+            Some(Running::Streamed(p)) => p.shutdown(),
             None => Ok(()),
         }
     }
@@ -370,6 +562,25 @@ impl Drop for Loader {
             tracing::error!("data loader shutdown: {e}");
         }
     }
+}
+
+/// Checks shared by both kinds of loader.
+fn check_config(cfg: &LoaderConfig) -> Result<(), DataError> {
+    if cfg.batch_size == 0 {
+        return Err(DataError::Config("batch_size must be at least 1".into()));
+    }
+    if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
+        return Err(DataError::Config(format!(
+            "rank {} is not in 0..world_size ({})",
+            cfg.rank, cfg.world_size
+        )));
+    }
+    if cfg.image_size == 0 || cfg.context_length == 0 {
+        return Err(DataError::Config(
+            "image_size and context_length must be positive".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// What [`measure_throughput`] saw.
@@ -404,11 +615,10 @@ pub fn measure_throughput(loader: &mut Loader, batches: u64) -> Result<Throughpu
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::dataset::{Sample, ShardDataset, SyntheticDataset};
+    use crate::dataset::{Sample, SyntheticDataset};
     use crate::skip::SkipReason;
-    use crate::webdataset::ShardWriter;
 
     /// A word-level tokenizer over the synthetic captions' words, so these tests need no
     /// vocabulary download.
@@ -508,10 +718,7 @@ mod tests {
         assert!(a == run(3));
         assert_eq!(
             a[6].position,
-            LoaderState {
-                epoch: 1,
-                batch_in_epoch: 0
-            }
+            LoaderState::at(1, 0)
         );
         // Each epoch visits distinct samples, in a new order.
         let epoch0: Vec<u64> = a[..6].iter().flat_map(|b| b.indices.clone()).collect();
@@ -568,10 +775,7 @@ mod tests {
         let state = first.state();
         assert_eq!(
             state,
-            LoaderState {
-                epoch: 1,
-                batch_in_epoch: 1
-            }
+            LoaderState::at(1, 1)
         );
         let saved = serde_json::to_string(&state).unwrap();
         drop(first);
@@ -586,17 +790,11 @@ mod tests {
 
         // Restoring a running loader backwards replays the same batches.
         resumed
-            .restore(&LoaderState {
-                epoch: 0,
-                batch_in_epoch: 2,
-            })
+            .restore(&LoaderState::at(0, 2))
             .unwrap();
         assert!(resumed.next_batch().unwrap() == expected[2]);
         assert!(resumed
-            .restore(&LoaderState {
-                epoch: 0,
-                batch_in_epoch: 3
-            })
+            .restore(&LoaderState::at(0, 3))
             .is_err());
     }
 
@@ -680,10 +878,7 @@ mod tests {
             assert_eq!(sizes, if rank == 0 { vec![3, 3] } else { vec![3, 2] });
             assert_eq!(
                 loader.state(),
-                LoaderState {
-                    epoch: 1,
-                    batch_in_epoch: 0
-                }
+                LoaderState::at(1, 0)
             );
             // The next pass starts over, identical.
             let again = loader.next_eval_batch().unwrap().unwrap();
@@ -707,60 +902,6 @@ mod tests {
             Err(DataError::EndOfEpoch { epoch: 0 })
         ));
         assert_eq!(loader.next_batch().unwrap().position.epoch, 1);
-    }
-
-    #[test]
-    fn loader_over_real_shards_skips_bad_jpegs() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("00000.tar");
-        let mut w = ShardWriter::create(&path).unwrap();
-        for i in 0..9u64 {
-            let scene = crate::synth::draw_scene(1, i, 24, true);
-            let mut jpeg = Vec::new();
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
-                .encode_image(&scene.image)
-                .unwrap();
-            if i == 4 {
-                jpeg.truncate(20); // corrupt
-            }
-            let cls = scene.label.to_string();
-            w.write_sample(
-                &format!("{i:09}"),
-                &[
-                    ("jpg", &jpeg),
-                    ("txt", scene.caption.as_bytes()),
-                    ("cls", cls.as_bytes()),
-                ],
-            )
-            .unwrap();
-        }
-        w.finish().unwrap();
-        let (dataset, load_skips) = ShardDataset::load(&[path]).unwrap();
-        assert!(load_skips.is_empty());
-        let dataset: Arc<dyn Dataset> = Arc::new(dataset);
-
-        let mut eval = Loader::new(
-            Arc::clone(&dataset),
-            test_tokenizer(),
-            cfg(4, 0, 1, 2, false),
-        )
-        .unwrap();
-        let batches: Vec<Batch> = std::iter::from_fn(|| eval.next_eval_batch().unwrap()).collect();
-        assert_eq!(
-            batches.iter().map(|b| b.batch_size).collect::<Vec<_>>(),
-            [4, 3, 1]
-        );
-        assert_eq!(batches[1].skipped.get("undecodable_image"), Some(&1));
-        assert!(batches
-            .iter()
-            .all(|b| b.labels.iter().all(|&l| (0..24).contains(&l))));
-
-        let mut train = Loader::new(dataset, test_tokenizer(), cfg(4, 0, 1, 2, true)).unwrap();
-        let total: u64 = take(&mut train, 6).iter().map(|b| b.skipped.total()).sum();
-        assert!(
-            total >= 1,
-            "the corrupt sample is met at least once in three epochs"
-        );
     }
 
     #[test]
@@ -809,10 +950,7 @@ mod tests {
         assert!(t.samples_per_second > 0.0);
         assert_eq!(
             loader.state(),
-            LoaderState {
-                epoch: 1,
-                batch_in_epoch: 2
-            }
+            LoaderState::at(1, 2)
         );
     }
 }

@@ -32,7 +32,7 @@ use crate::transform::ImageTransform;
 
 /// Finished batches waiting for the trainer. Two hide one slow batch without holding much
 /// memory (a 256 x 3 x 224 x 224 batch is 154 MB of floats).
-const PREFETCH_BATCHES: usize = 2;
+pub(crate) const PREFETCH_BATCHES: usize = 2;
 /// Jobs queued per worker: how far the planner runs ahead. Jobs are small (a range and an
 /// `Arc` of the epoch order).
 const JOBS_PER_WORKER: usize = 2;
@@ -41,8 +41,8 @@ const CHUNKS_PER_WORKER: usize = 1;
 /// How often a blocked stage looks at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
 /// Skips logged in full before only every [`SKIP_LOG_EVERY`]-th one is.
-const SKIP_LOG_FIRST: u64 = 10;
-const SKIP_LOG_EVERY: u64 = 1000;
+pub(crate) const SKIP_LOG_FIRST: u64 = 10;
+pub(crate) const SKIP_LOG_EVERY: u64 = 1000;
 
 /// What the loader hands the pipeline.
 pub(crate) struct PipelineSpec {
@@ -71,12 +71,14 @@ struct Chunk {
     tokens: Vec<i64>,
     labels: Vec<i64>,
     indices: Vec<u64>,
+    keys: Vec<String>,
     skipped: SkipCounts,
 }
 
-/// The running threads of one loader, from one start position.
-pub(crate) struct Pipeline {
-    batches: Option<Receiver<Result<Batch, DataError>>>,
+/// The running threads of one loader, from one start position, and the receiving end of
+/// their output (`Result<Batch, DataError>` here; the streaming pipeline sends more).
+pub(crate) struct Pipeline<T = Result<Batch, DataError>> {
+    batches: Option<Receiver<T>>,
     stop: Arc<AtomicBool>,
     threads: Vec<(String, JoinHandle<()>)>,
 }
@@ -86,11 +88,7 @@ impl Pipeline {
     pub fn spawn(spec: PipelineSpec) -> Result<Self, DataError> {
         let stop = Arc::new(AtomicBool::new(false));
         let workers = spec.workers.max(1);
-        let mut pipeline = Pipeline {
-            batches: None,
-            stop: Arc::clone(&stop),
-            threads: Vec::new(),
-        };
+        let mut pipeline = Pipeline::new(Arc::clone(&stop));
         let (job_txs, job_rxs): (Vec<_>, Vec<_>) = (0..workers)
             .map(|_| bounded::<Job>(JOBS_PER_WORKER))
             .unzip();
@@ -98,7 +96,7 @@ impl Pipeline {
             .map(|_| bounded::<Result<Chunk, DataError>>(CHUNKS_PER_WORKER))
             .unzip();
         let (batch_tx, batch_rx) = bounded::<Result<Batch, DataError>>(PREFETCH_BATCHES);
-        pipeline.batches = Some(batch_rx);
+        pipeline.set_output(batch_rx);
 
         let (plan, start, planner_stop) = (
             Arc::clone(&spec.plan),
@@ -140,8 +138,24 @@ impl Pipeline {
         })?;
         Ok(pipeline)
     }
+}
 
-    fn start_thread(
+impl<T> Pipeline<T> {
+    /// No threads yet; `stop` is the flag every stage watches.
+    pub fn new(stop: Arc<AtomicBool>) -> Self {
+        Pipeline {
+            batches: None,
+            stop,
+            threads: Vec::new(),
+        }
+    }
+
+    /// The channel the last stage sends into.
+    pub fn set_output(&mut self, rx: Receiver<T>) {
+        self.batches = Some(rx);
+    }
+
+    pub fn start_thread(
         &mut self,
         name: String,
         body: impl FnOnce() + Send + 'static,
@@ -162,7 +176,7 @@ impl Pipeline {
 
     /// The next batch, or `None` when every stage has ended (end of an eval pass, or a
     /// thread died).
-    pub fn recv(&self) -> Option<Result<Batch, DataError>> {
+    pub fn recv(&self) -> Option<T> {
         self.batches.as_ref()?.recv().ok()
     }
 
@@ -193,7 +207,7 @@ impl Pipeline {
     }
 }
 
-impl Drop for Pipeline {
+impl<T> Drop for Pipeline<T> {
     fn drop(&mut self) {
         if let Err(e) = self.stop_and_join() {
             tracing::error!("data loader shutdown: {e}");
@@ -202,7 +216,7 @@ impl Drop for Pipeline {
 }
 
 /// Sends unless the stop flag rises or the receiver is gone; false means "stop".
-fn send_or_stop<T>(tx: &Sender<T>, mut msg: T, stop: &AtomicBool) -> bool {
+pub(crate) fn send_or_stop<T>(tx: &Sender<T>, mut msg: T, stop: &AtomicBool) -> bool {
     loop {
         if stop.load(Ordering::Relaxed) {
             return false;
@@ -216,7 +230,7 @@ fn send_or_stop<T>(tx: &Sender<T>, mut msg: T, stop: &AtomicBool) -> bool {
 }
 
 /// Receives unless the stop flag rises or every sender is gone.
-fn recv_or_stop<T>(rx: &Receiver<T>, stop: &AtomicBool) -> Option<T> {
+pub(crate) fn recv_or_stop<T>(rx: &Receiver<T>, stop: &AtomicBool) -> Option<T> {
     loop {
         if stop.load(Ordering::Relaxed) {
             return None;
@@ -297,6 +311,7 @@ impl Worker {
             tokens: Vec::with_capacity(rows * self.context_length),
             labels: Vec::with_capacity(rows),
             indices: Vec::with_capacity(rows),
+            keys: Vec::with_capacity(rows),
             skipped: SkipCounts::new(),
         };
         let epoch = job.position.epoch;
@@ -352,6 +367,7 @@ impl Worker {
                 .encode_into(&sample.caption, self.context_length, &mut chunk.tokens);
             chunk.labels.push(sample.label.unwrap_or(-1));
             chunk.indices.push(index as u64);
+            chunk.keys.push(sample.key);
             filled += 1;
         }
         chunk.images.truncate(filled * image_len);
@@ -387,6 +403,7 @@ fn assemble_batches(
             batch_size: 0,
             skipped: SkipCounts::new(),
             indices: Vec::with_capacity(batch_size),
+            keys: Vec::with_capacity(batch_size),
             position: LoaderState::default(),
         };
         for (w, rx) in chunks.iter().enumerate() {
@@ -421,6 +438,7 @@ fn assemble_batches(
             batch.tokens.extend_from_slice(&chunk.tokens);
             batch.labels.extend_from_slice(&chunk.labels);
             batch.indices.extend_from_slice(&chunk.indices);
+            batch.keys.extend(chunk.keys);
             batch.skipped.merge(&chunk.skipped);
         }
         batch.batch_size = batch.labels.len();

@@ -1,6 +1,9 @@
 //! What data to train on, as the user writes it: `synthetic:N`, a brace pattern of shards
 //! (`data/{00000..01243}.tar`, as webdataset and img2dataset write them), one `.tar`, or a
-//! directory of `.tar` shards. Several shard specs can be joined with `::`.
+//! directory of `.tar` shards, or `pipe:CMD` (each brace expansion of CMD one shard, read from
+//! its standard output, as webdataset does: `pipe:aws s3 cp s3://bucket/{000..099}.tar -`).
+//! Several shard specs can be joined with `::`; each stays a source of its own, for sampling
+//! weights.
 //!
 //! Image-caption files that are not shards (see `sources`): `csv:FILE` (or a `.csv`/`.tsv`
 //! path), `jsonl:FILE` (or a `.jsonl` path), both taking `?img_key=COL&caption_key=COL`, and
@@ -10,6 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::DataError;
+use crate::shards::{ShardLocation, ShardSource};
 
 /// Most shard paths one spec may expand to; far above any real dataset, low enough that a
 /// typo like `{0..99999999999}` fails at once instead of filling memory.
@@ -20,8 +24,8 @@ const MAX_EXPANSION: usize = 10_000_000;
 pub enum DataSpec {
     /// `synthetic:N`: N procedurally drawn scenes (see `synth`), nothing read from disk.
     Synthetic(u64),
-    /// WebDataset shards, in order; every one exists.
-    Shards(Vec<PathBuf>),
+    /// WebDataset shards, one [`ShardSource`] per `::` part, in order; every local one exists.
+    Shards(Vec<ShardSource>),
     /// A CSV/TSV file with an image-path column and a caption column.
     Csv(CsvSpec),
     /// A directory of images with a `NAME.txt` caption beside each `NAME.jpg`.
@@ -114,13 +118,24 @@ impl DataSpec {
             return Ok(DataSpec::Synthetic(n));
         }
         let parts: Vec<&str> = trimmed.split("::").map(str::trim).collect();
-        let mut shards = Vec::new();
+        let mut sources = Vec::new();
         for part in &parts {
             if part.is_empty() {
                 return Err(spec_err("empty source between `::`".into()));
             }
             if part.starts_with("synthetic:") {
                 return Err(spec_err("synthetic:N cannot be joined with shards".into()));
+            }
+            if let Some(cmd) = part.strip_prefix("pipe:") {
+                let cmds = expand_braces(cmd.trim()).map_err(spec_err)?;
+                if cmds.iter().any(|c| c.trim().is_empty()) {
+                    return Err(spec_err("pipe: needs a command".into()));
+                }
+                sources.push(ShardSource {
+                    spec: (*part).to_owned(),
+                    shards: cmds.into_iter().map(ShardLocation::Pipe).collect(),
+                });
+                continue;
             }
             if let Some(source) = file_source(spec, part)? {
                 if parts.len() > 1 {
@@ -131,9 +146,15 @@ impl DataSpec {
                 }
                 return Ok(source);
             }
-            shards.extend(shards_of(spec, part)?);
+            sources.push(ShardSource {
+                spec: (*part).to_owned(),
+                shards: shards_of(spec, part)?
+                    .into_iter()
+                    .map(ShardLocation::File)
+                    .collect(),
+            });
         }
-        Ok(DataSpec::Shards(shards))
+        Ok(DataSpec::Shards(sources))
     }
 }
 
@@ -450,24 +471,31 @@ mod tests {
         for name in ["00001.tar", "00000.tar", "00002.tar", "notes.txt"] {
             std::fs::write(d.join(name), b"").unwrap();
         }
-        let all = DataSpec::Shards(vec![
-            d.join("00000.tar"),
-            d.join("00001.tar"),
-            d.join("00002.tar"),
-        ]);
-        assert_eq!(DataSpec::parse(d.to_str().unwrap()).unwrap(), all);
+        let three = vec![d.join("00000.tar"), d.join("00001.tar"), d.join("00002.tar")];
+        assert_eq!(shard_paths(d.to_str().unwrap()), [three.clone()]);
         let pattern = format!("{}/{{00000..00002}}.tar", d.display());
-        assert_eq!(DataSpec::parse(&pattern).unwrap(), all);
+        assert_eq!(shard_paths(&pattern), [three]);
         let single = d.join("00001.tar");
-        assert_eq!(
-            DataSpec::parse(single.to_str().unwrap()).unwrap(),
-            DataSpec::Shards(vec![single.clone()])
-        );
+        assert_eq!(shard_paths(single.to_str().unwrap()), [vec![single.clone()]]);
         let joined = format!("{}::{}", single.display(), d.join("00000.tar").display());
         assert_eq!(
-            DataSpec::parse(&joined).unwrap(),
-            DataSpec::Shards(vec![single, d.join("00000.tar")])
+            shard_paths(&joined),
+            [vec![single], vec![d.join("00000.tar")]]
         );
+
+        // pipe: commands are brace-expanded, not checked; each `::` part is a source.
+        let DataSpec::Shards(sources) =
+            DataSpec::parse("pipe:aws s3 cp s3://b/{00..02}.tar - :: pipe:cat x.tar").unwrap()
+        else {
+            panic!("not shards")
+        };
+        assert_eq!(sources.len(), 2);
+        let expected: Vec<_> = (0..3)
+            .map(|i| ShardLocation::Pipe(format!("aws s3 cp s3://b/{i:02}.tar -")))
+            .collect();
+        assert_eq!(sources[0].shards, expected);
+        assert_eq!(sources[1].shards, [ShardLocation::Pipe("cat x.tar".into())]);
+        assert!(DataSpec::parse("pipe:").is_err());
 
         // Missing shards are named.
         let missing = format!("{}/{{00000..00003}}.tar", d.display());
@@ -546,9 +574,25 @@ mod tests {
             DataSpec::Folder(d.join(""))
         );
         std::fs::write(d.join("00000.tar"), b"").unwrap();
-        assert_eq!(
-            DataSpec::parse(&at("")).unwrap(),
-            DataSpec::Shards(vec![d.join("00000.tar")])
-        );
+        assert_eq!(shard_paths(&at("")), [vec![d.join("00000.tar")]]);
+    }
+
+    /// The local shard paths of each `::` source of `spec`.
+    fn shard_paths(spec: &str) -> Vec<Vec<PathBuf>> {
+        let DataSpec::Shards(sources) = DataSpec::parse(spec).unwrap() else {
+            panic!("{spec} is not shards")
+        };
+        sources
+            .into_iter()
+            .map(|s| {
+                s.shards
+                    .into_iter()
+                    .map(|l| match l {
+                        ShardLocation::File(p) => p,
+                        ShardLocation::Pipe(c) => PathBuf::from(c),
+                    })
+                    .collect()
+            })
+            .collect()
     }
 }

@@ -1,14 +1,17 @@
 //! `oxclip data stats`: read every sample of a source the way training would (image decoded,
 //! caption checked) and count the usable ones and the skipped ones by reason.
 
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{open, Dataset};
 use crate::error::DataError;
-use crate::skip::SkipCounts;
+use crate::shards::ShardSet;
+use crate::skip::{SampleError, SkipCounts, SkipReason};
 use crate::spec::DataSpec;
+use crate::transform::DEFAULT_MAX_PIXELS;
+use crate::webdataset::{for_each_sample_in, RawSample};
 
 /// Samples decoded between two progress calls (and held by the threads at once).
 const CHUNK_SAMPLES: usize = 512;
@@ -32,17 +35,93 @@ pub fn stats(
     threads: usize,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<DataStats, DataError> {
+    if let DataSpec::Shards(sources) = spec {
+        let set = ShardSet::resolve(sources)?;
+        let (samples, skipped) = count_shard_samples(&set, threads, progress)?;
+        return Ok(DataStats {
+            samples,
+            skipped,
+            shards: set.shards.len() as u64,
+        });
+    }
     let dataset = open(spec, 0)?;
-    let shards = match spec {
-        DataSpec::Shards(paths) => paths.len() as u64,
-        _ => 0,
-    };
     let (samples, skipped) = count_samples(dataset.as_ref(), threads, progress)?;
     Ok(DataStats {
         samples,
         skipped,
-        shards,
+        shards: 0,
     })
+}
+
+/// Streams every shard of `set` and decodes its samples, [`CHUNK_SAMPLES`] at a time on
+/// `threads` threads: (usable samples, skips including unreadable shards).
+pub fn count_shard_samples(
+    set: &ShardSet,
+    threads: usize,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(u64, SkipCounts), DataError> {
+    let total = set.total_samples();
+    let mut skipped = set.open_skips.clone();
+    let mut ok = 0u64;
+    let mut read = 0u64;
+    progress(0, total);
+    let mut check = |chunk: &mut Vec<Result<RawSample, SampleError>>| -> Result<(), DataError> {
+        let results = map_in_order(0..chunk.len(), threads, |i| match &chunk[i] {
+            Ok(raw) => raw.decode(DEFAULT_MAX_PIXELS).map(|_| ()).map_err(|reason| SampleError {
+                reason,
+                shard: std::path::PathBuf::new(),
+                key: Some(raw.key.clone()),
+                message: String::new(),
+            }),
+            Err(e) => Err(e.clone()),
+        })?;
+        for result in results {
+            match result {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    skipped.add(e.reason);
+                    let n = skipped.total();
+                    if n <= 10 || n % 1000 == 0 {
+                        tracing::warn!("skipping a sample: {e}");
+                    }
+                }
+            }
+        }
+        read += chunk.len() as u64;
+        progress(read.min(total), total);
+        chunk.clear();
+        Ok(())
+    };
+    let mut unreadable = 0;
+    for shard in &set.shards {
+        let name = shard.location.name();
+        let reader = match shard.location.open() {
+            Ok(reader) => reader,
+            Err(e) => {
+                tracing::warn!("skipping shard {}: {e}", shard.location);
+                unreadable += 1;
+                continue;
+            }
+        };
+        let mut chunk = Vec::with_capacity(CHUNK_SAMPLES);
+        let mut failed = Ok(());
+        for_each_sample_in(reader, &name, |item| {
+            chunk.push(item);
+            if chunk.len() >= CHUNK_SAMPLES {
+                failed = check(&mut chunk);
+                if failed.is_err() {
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        });
+        failed?;
+        check(&mut chunk)?;
+    }
+    for _ in 0..unreadable {
+        skipped.add(SkipReason::UnreadableShard);
+    }
+    Ok((ok, skipped))
 }
 
 /// Reads every sample of `dataset`: (usable samples, skips including its load-time ones).
@@ -170,8 +249,9 @@ mod tests {
         assert_eq!((s.samples, s.shards), (2, 2));
         assert_eq!(s.skipped.get("undecodable_image"), Some(&2));
         assert_eq!(s.skipped.get("missing_image"), Some(&2));
-        assert_eq!(calls.first(), Some(&(0, 4)));
-        assert_eq!(calls.last(), Some(&(4, 4)));
+        // Progress counts every sample of the shards, usable or not.
+        assert_eq!(calls.first(), Some(&(0, 6)));
+        assert_eq!(calls.last(), Some(&(6, 6)));
         assert_eq!(
             serde_json::to_string(&s).unwrap(),
             r#"{"samples":2,"skipped":{"missing_image":2,"undecodable_image":2},"shards":2}"#

@@ -32,6 +32,18 @@ pub struct RawSample {
     pub label: Option<i64>,
 }
 
+impl RawSample {
+    /// The decoded image and the caption, as training uses them, or why they cannot be:
+    /// a missing or blank caption, or an image that does not decode within `max_pixels`.
+    pub fn decode(&self, max_pixels: u64) -> Result<(image::RgbImage, &str), SkipReason> {
+        let caption = self.caption.as_deref().ok_or(SkipReason::MissingCaption)?;
+        if caption.trim().is_empty() {
+            return Err(SkipReason::EmptyCaption);
+        }
+        Ok((crate::transform::decode_image(&self.image, max_pixels)?, caption))
+    }
+}
+
 /// Reads the samples of one shard in order. A sample the reader cannot use (no image,
 /// non-UTF-8 caption, unparsable label, duplicate member) is an `Err` item and reading goes
 /// on; a truncated or corrupt tar gives one `Err` item for the sample being read (reason
@@ -49,26 +61,40 @@ pub fn read_shard(path: &Path) -> impl Iterator<Item = Result<RawSample, SampleE
     items.into_iter()
 }
 
-/// Streams the samples of one shard to `f`, with the same items as [`read_shard`], until the
-/// shard ends or `f` returns `ControlFlow::Break`.
+/// Streams the samples of one shard file to `f`, with the same items as [`read_shard`],
+/// until the shard ends or `f` returns `ControlFlow::Break`.
 pub fn for_each_sample(
     path: &Path,
     mut f: impl FnMut(Result<RawSample, SampleError>) -> ControlFlow<()>,
 ) {
+    match File::open(path) {
+        Ok(file) => for_each_sample_in(BufReader::new(file), path, f),
+        Err(e) => {
+            let _ = f(Err(SampleError {
+                reason: SkipReason::UnreadableShard,
+                shard: path.to_owned(),
+                key: None,
+                message: e.to_string(),
+            }));
+        }
+    }
+}
+
+/// [`for_each_sample`] over any byte stream holding a tar archive (a file, a `pipe:`
+/// command's output); `name` is what errors call the shard. A read error is a truncation.
+pub fn for_each_sample_in(
+    reader: impl Read,
+    name: &Path,
+    mut f: impl FnMut(Result<RawSample, SampleError>) -> ControlFlow<()>,
+) {
+    let path = name;
     let error = |reason, key, message| SampleError {
         reason,
         shard: path.to_owned(),
         key,
         message,
     };
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) => {
-            let _ = f(Err(error(SkipReason::UnreadableShard, None, e.to_string())));
-            return;
-        }
-    };
-    let mut archive = tar::Archive::new(BufReader::new(file));
+    let mut archive = tar::Archive::new(reader);
     let entries = match archive.entries() {
         Ok(entries) => entries,
         Err(e) => {

@@ -67,6 +67,9 @@ fn resume_after_kill_9_matches_an_uninterrupted_run() {
     let steps = 40;
     let extra = "  checkpoint_every: 4\n  keep_checkpoints: 20\n  eval_every: 0\n";
     let config = tiny_config(dir.path(), &data, steps, extra, false);
+    // Log every batch's keys, to check what each run saw.
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace("  workers: 2\n", "  workers: 2\n  log_keys: true\n  shuffle_buffer: 50\n")).expect("config");
 
     let straight = dir.path().join("straight");
     run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&straight));
@@ -99,6 +102,31 @@ fn resume_after_kill_9_matches_an_uninterrupted_run() {
     assert!(diff <= 1e-6, "resumed weights differ by {diff}");
     let opt = format!("checkpoints/step_{steps}/optimizer.safetensors");
     assert!(max_abs_diff(&straight.join(&opt), &killed.join(&opt)) <= 1e-6);
+
+    // Both runs saw the same batches, and the interrupted one saw every sample of the first
+    // epoch (320 samples / 16 per step = steps 1..=20) exactly once.
+    let (a, b) = (keys_by_step(&straight), keys_by_step(&killed));
+    assert_eq!(a.len(), steps as usize);
+    assert_eq!(a, b);
+    let mut epoch0: Vec<&String> = (1..=20u64).flat_map(|s| &b[&s]).collect();
+    assert_eq!(epoch0.len(), 320);
+    epoch0.sort();
+    epoch0.dedup();
+    assert_eq!(epoch0.len(), 320, "a sample was served twice in the epoch");
+}
+
+/// The keys of each step from `RUN/keys-rank0.tsv`; a step logged twice (repeated after a
+/// resume) counts with its last line.
+fn keys_by_step(run: &std::path::Path) -> std::collections::BTreeMap<u64, Vec<String>> {
+    let text = std::fs::read_to_string(run.join("keys-rank0.tsv")).expect("key log");
+    let mut steps = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let (step, keys) = line.split_once('\t').expect("step<TAB>keys");
+        let keys: Vec<String> = keys.split(' ').map(String::from).collect();
+        assert_eq!(keys.len(), 16, "{line}");
+        steps.insert(step.parse::<u64>().expect("step"), keys);
+    }
+    steps
 }
 
 #[test]

@@ -160,7 +160,7 @@ mod tests {
     }
 
     fn state(step: u64) -> TrainerState {
-        TrainerState { step, samples_seen: step * 4, seed: 3, loader: LoaderState { epoch: 1, batch_in_epoch: 2 }, config: "x: 1\n".into() }
+        TrainerState { step, samples_seen: step * 4, seed: 3, loader: LoaderState::at(1, 2), config: "x: 1\n".into() }
     }
 
     #[test]

@@ -11,8 +11,9 @@ use crate::schedule::ScheduleKind;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Training data: shards (`dir/{00000..00099}.tar`, a directory of .tar files) or
-    /// `synthetic:N` (N generated samples addressed by index).
+    /// Training data: shards (`dir/{00000..00099}.tar`, a directory of .tar files,
+    /// `pipe:CMD`, several joined with `::`), a CSV/TSV, JSONL or image folder, or
+    /// `synthetic:N` (N generated samples addressed by index). See docs/data.md.
     pub train: String,
     /// Held-out data for zero-shot evaluation: shards whose samples carry a `.cls` label.
     #[serde(default)]
@@ -33,6 +34,40 @@ pub struct DataConfig {
     /// A Hugging Face tokenizer.json to use instead of the CLIP BPE.
     #[serde(default)]
     pub tokenizer: Option<String>,
+    /// Shards: samples each loader worker shuffles within (open_clip's 5000); 1 reads in order.
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    /// Shards: draw shards with replacement each epoch (open_clip's `--dataset-resampled`).
+    #[serde(default)]
+    pub resampled: bool,
+    /// Shards, with `resampled`: a sampling weight per `::` source of `train`
+    /// (open_clip's `--train-data-upsampling-factors`).
+    #[serde(default)]
+    pub upsampling_factors: Option<Vec<f64>>,
+    /// Shards, with `resampled`: samples per virtual epoch (open_clip's `--train-num-samples`);
+    /// default all samples of the shards.
+    #[serde(default)]
+    pub samples_per_epoch: Option<u64>,
+    /// Write the keys of every training batch to `RUN/keys-rank<R>.tsv` (`step<TAB>key ...`),
+    /// to audit what a run saw.
+    #[serde(default)]
+    pub log_keys: bool,
+}
+
+impl DataConfig {
+    /// How the loader streams shards.
+    pub fn shard_options(&self) -> oxclip_data_loader::ShardOptions {
+        oxclip_data_loader::ShardOptions {
+            shuffle_buffer: self.shuffle_buffer,
+            resampled: self.resampled,
+            upsampling_factors: self.upsampling_factors.clone(),
+            samples_per_epoch: self.samples_per_epoch,
+        }
+    }
+}
+
+fn default_shuffle_buffer() -> usize {
+    oxclip_data_loader::stream::DEFAULT_SHUFFLE_BUFFER
 }
 
 fn default_val_name() -> String {

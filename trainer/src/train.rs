@@ -3,10 +3,9 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
-use oxclip_data_loader::{dataset, DataSpec, Loader, LoaderConfig, Tokenizer};
+use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions, Tokenizer};
 use tch::{nn, Device, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
@@ -60,7 +59,7 @@ pub struct TrainSummary {
 /// The zero-shot task evaluated during and after training.
 struct ZeroShotTask {
     name: String,
-    dataset: Arc<dyn dataset::Dataset>,
+    source: DataSource,
     classnames: Vec<String>,
     templates: Vec<String>,
 }
@@ -97,9 +96,10 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     }
 
     let tokenizer = load_tokenizer(&job.data)?;
-    let train_set: Arc<dyn dataset::Dataset> = Arc::from(dataset::open(&DataSpec::parse(&job.data.train)?, cfg.seed)?);
-    let mut loader = Loader::new(
-        train_set,
+    let train_set = DataSource::open(&DataSpec::parse(&job.data.train)?, cfg.seed)?;
+    let mut loader = Loader::open(
+        &train_set,
+        &job.data.shard_options(),
         tokenizer.clone(),
         LoaderConfig {
             batch_size: cfg.batch_size,
@@ -118,7 +118,13 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     if load_skips > 0 {
         tracing::warn!("{load_skips} bad sample(s) skipped while reading {}: {:?}", job.data.train, loader.load_skips());
     }
-    tracing::info!("training data: {} samples, {} batches per epoch", loader.dataset_len(), loader.batches_per_epoch());
+    tracing::info!(
+        "training data: {} samples; this rank reads {} per epoch, {} batches",
+        loader.dataset_len(),
+        loader.samples_per_epoch(),
+        loader.batches_per_epoch()
+    );
+    let mut key_log = if job.data.log_keys { Some(KeyLog::open(&job.run_dir, comm.rank())?) } else { None };
 
     let mut state = TrainerState { step: 0, samples_seen: 0, seed: cfg.seed, loader: loader.state(), config: job.resolved_config.clone() };
     if let Some(dir) = &resume_from {
@@ -163,6 +169,9 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         let images = host_to_device(Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]), device)?;
         let tokens = host_to_device(Tensor::from_slice(&batch.tokens).view([b, context_length]), device)?;
         let data_secs = started.elapsed().as_secs_f64();
+        if let Some(log) = key_log.as_mut() {
+            log.write(state.step + 1, &batch.keys)?;
+        }
 
         let lr = schedule.lr(state.step);
         let out = step::train_step(&model, &mut optimizer, &comm, &images, &tokens, lr, step_cfg)?;
@@ -201,6 +210,28 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     }
     metrics.flush()?;
     Ok(TrainSummary { steps: state.step, final_loss, zero_shot: last_zero_shot, last_checkpoint, device })
+}
+
+/// `RUN/keys-rank<R>.tsv`: one line per step, `step<TAB>key key ...`. Each line goes out in
+/// one write on an append-only file, so a killed run leaves whole lines; a resumed run
+/// appends the steps it repeats, and the last line of a step is the one that counted.
+struct KeyLog {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl KeyLog {
+    fn open(run_dir: &Path, rank: usize) -> Result<Self> {
+        let path = run_dir.join(format!("keys-rank{rank}.tsv"));
+        let file = fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+        Ok(Self { file, path })
+    }
+
+    fn write(&mut self, step: u64, keys: &[String]) -> Result<()> {
+        use std::io::Write;
+        let line = format!("{step}\t{}\n", keys.join(" "));
+        self.file.write_all(line.as_bytes()).map_err(io_err(&self.path))
+    }
 }
 
 /// Moves a batch tensor to the training device. On CUDA it goes through page-locked memory
@@ -253,8 +284,8 @@ fn zero_shot_task(data: &DataConfig, seed: u64) -> Result<Option<ZeroShotTask>> 
     if let Some(bad) = templates.iter().find(|t| !t.contains("{}")) {
         return Err(TrainError::Config(format!("template `{bad}` has no `{{}}` for the class name")));
     }
-    let dataset: Arc<dyn dataset::Dataset> = Arc::from(dataset::open(&DataSpec::parse(val)?, seed)?);
-    Ok(Some(ZeroShotTask { name: data.val_name.clone(), dataset, classnames, templates }))
+    let source = DataSource::open(&DataSpec::parse(val)?, seed)?;
+    Ok(Some(ZeroShotTask { name: data.val_name.clone(), source, classnames, templates }))
 }
 
 /// Non-empty, trimmed lines of a text file.
@@ -269,8 +300,9 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
 
 fn evaluate(model: &Clip, task: &ZeroShotTask, tokenizer: &Tokenizer, device: Device, workers: usize) -> Result<ZeroShotResult> {
     let classifier = eval::zero_shot_classifier(model, tokenizer, &task.classnames, &task.templates, device)?;
-    let mut loader = Loader::new(
-        task.dataset.clone(),
+    let mut loader = Loader::open(
+        &task.source,
+        &ShardOptions::default(),
         tokenizer.clone(),
         LoaderConfig {
             batch_size: 256,

@@ -1,13 +1,12 @@
 //! `oxclip bench ...`: throughput as one JSON line, to compare against a baseline measured in
 //! the same run (`scripts/bench_open_clip.py` for the training step).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
 use serde::Serialize;
 
-use oxclip_data_loader::{dataset, DataSpec, Loader, LoaderConfig};
+use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions};
 
 use oxclip_trainer::bench::{bench_train, TrainBench};
 use oxclip_trainer::device;
@@ -101,10 +100,11 @@ struct LoaderBenchResult {
 pub fn loader(args: BenchLoaderArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    let data = dataset::open(&DataSpec::parse(&args.data)?, args.seed)?;
+    let data = DataSource::open(&DataSpec::parse(&args.data)?, args.seed)?;
     let tokenizer = oxclip_data_loader::Tokenizer::clip_from_bpe_gz(&oxclip_data_loader::tokenizer::default_clip_vocab_path()?)?;
-    let mut loader = Loader::new(
-        Arc::from(data),
+    let mut loader = Loader::open(
+        &data,
+        &ShardOptions::default(),
         tokenizer,
         LoaderConfig {
             batch_size: args.batch_size,

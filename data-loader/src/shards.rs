@@ -1,0 +1,507 @@
+//! The shard catalog: where each WebDataset shard lives (a local file or a `pipe:` command),
+//! how many samples it holds, and how to open it as a byte stream.
+//!
+//! The streaming loader plans an epoch from sample counts before it reads a byte, so every
+//! shard needs one. They come, in order of preference, from an index beside the shards
+//! (`index.json` written by `oxclip data pack` / `data synth`, webdataset's `sizes.json`, or
+//! img2dataset's `NNNNN_stats.json`), from the count cache (`$OXCLIP_CACHE/shard-counts.json`),
+//! or from reading the shard once (tar headers and members, no image decoding), after which
+//! the count is cached. Users never pass `--train-num-samples`.
+//!
+//! A count that turns out wrong is not fatal: a shard that ends early yields `truncated_shard`
+//! skips for its missing samples, and samples past the count are ignored (see `stream.rs`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::DataError;
+use crate::seed::mix;
+use crate::skip::{SkipCounts, SkipReason};
+use crate::stats::{default_threads, map_in_order};
+use crate::webdataset::{for_each_sample_in, write_atomic};
+
+/// Read-buffer size for shard streams: large sequential reads.
+const READ_BUFFER: usize = 1 << 20;
+
+/// Where one shard's bytes come from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ShardLocation {
+    /// A local (or mounted) `.tar` file.
+    File(PathBuf),
+    /// `pipe:CMD`: the standard output of `sh -c CMD`, as webdataset runs it, e.g.
+    /// `aws s3 cp s3://bucket/00012.tar -`.
+    Pipe(String),
+}
+
+impl fmt::Display for ShardLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ShardLocation::File(p) => write!(f, "{}", p.display()),
+            ShardLocation::Pipe(cmd) => write!(f, "pipe:{cmd}"),
+        }
+    }
+}
+
+impl ShardLocation {
+    /// The name log lines and skip reports use.
+    pub fn name(&self) -> PathBuf {
+        match self {
+            ShardLocation::File(p) => p.clone(),
+            ShardLocation::Pipe(cmd) => PathBuf::from(format!("pipe:{cmd}")),
+        }
+    }
+
+    /// Opens the shard for one sequential read.
+    pub fn open(&self) -> std::io::Result<Box<dyn Read + Send>> {
+        match self {
+            ShardLocation::File(p) => Ok(Box::new(BufReader::with_capacity(
+                READ_BUFFER,
+                File::open(p)?,
+            ))),
+            ShardLocation::Pipe(cmd) => Ok(Box::new(PipeReader::spawn(cmd)?)),
+        }
+    }
+}
+
+/// The output of a `pipe:` command. At the end of its output the command's exit status is
+/// checked: a failed download reads as an I/O error (so a truncated shard), never as a
+/// silently short one. Dropping the reader early kills the command.
+struct PipeReader {
+    cmd: String,
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    finished: bool,
+}
+
+impl PipeReader {
+    fn spawn(cmd: &str) -> std::io::Result<Self> {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("the command's output could not be piped"))?;
+        Ok(Self {
+            cmd: cmd.to_owned(),
+            child,
+            stdout: BufReader::with_capacity(READ_BUFFER, stdout),
+            finished: false,
+        })
+    }
+}
+
+impl Read for PipeReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.stdout.read(buf)?;
+        if n == 0 && !buf.is_empty() && !self.finished {
+            self.finished = true;
+            let status = self.child.wait()?;
+            if !status.success() {
+                return Err(std::io::Error::other(format!(
+                    "`{}` exited with {status}",
+                    self.cmd
+                )));
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for PipeReader {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One `::`-separated part of a data spec: the text the user wrote and its shards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardSource {
+    pub spec: String,
+    pub shards: Vec<ShardLocation>,
+}
+
+/// One shard with its sample count and the source it belongs to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shard {
+    pub location: ShardLocation,
+    /// Samples (items the tar reader yields, good or bad) in the shard.
+    pub samples: u64,
+    /// Index of its source in [`ShardSet::sources`].
+    pub source: usize,
+}
+
+/// Every shard of a spec, counted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardSet {
+    pub shards: Vec<Shard>,
+    /// The spec text of each `::` source.
+    pub sources: Vec<String>,
+    /// Shards that could not be opened while counting: reported once, never read.
+    pub open_skips: SkipCounts,
+}
+
+impl ShardSet {
+    /// Counts the shards of `sources` (see the module docs), caching new counts in
+    /// [`default_cache_dir`].
+    pub fn resolve(sources: &[ShardSource]) -> Result<Self, DataError> {
+        Self::resolve_with_cache(sources, default_cache_dir().as_deref())
+    }
+
+    /// [`resolve`](Self::resolve) with an explicit count cache directory (`None`: no cache).
+    pub fn resolve_with_cache(
+        sources: &[ShardSource],
+        cache_dir: Option<&Path>,
+    ) -> Result<Self, DataError> {
+        let mut indexes = DirIndexes::default();
+        let cache_path = cache_dir.map(|d| d.join("shard-counts.json"));
+        let mut cache = cache_path
+            .as_deref()
+            .map(CountCache::read)
+            .unwrap_or_default();
+        let mut shards = Vec::new();
+        let mut uncounted = Vec::new();
+        for (source, part) in sources.iter().enumerate() {
+            for location in &part.shards {
+                let known = match location {
+                    ShardLocation::File(path) => indexes
+                        .count(path)
+                        .or_else(|| cache.get(&CountCache::key(location))),
+                    ShardLocation::Pipe(_) => cache.get(&CountCache::key(location)),
+                };
+                if known.is_none() {
+                    uncounted.push(shards.len());
+                }
+                shards.push(Shard {
+                    location: location.clone(),
+                    samples: known.unwrap_or(0),
+                    source,
+                });
+            }
+        }
+        let mut open_skips = SkipCounts::new();
+        if !uncounted.is_empty() {
+            tracing::info!(
+                "counting the samples of {} shard(s) without an index (read once, no decoding; \
+                 the counts are cached{})",
+                uncounted.len(),
+                cache_path
+                    .as_ref()
+                    .map(|p| format!(" in {}", p.display()))
+                    .unwrap_or_default()
+            );
+            let counted = map_in_order(0..uncounted.len(), default_threads(), |i| {
+                count_samples(&shards[uncounted[i]].location)
+            })?;
+            for (&i, result) in uncounted.iter().zip(counted) {
+                match result {
+                    Ok(n) => {
+                        shards[i].samples = n;
+                        cache.insert(CountCache::key(&shards[i].location), n);
+                    }
+                    Err(message) => {
+                        tracing::warn!("skipping shard {}: {message}", shards[i].location);
+                        open_skips.add(SkipReason::UnreadableShard);
+                    }
+                }
+            }
+            if let Some(path) = &cache_path {
+                if let Err(e) = cache.write(path) {
+                    tracing::warn!("could not cache shard counts: {e}");
+                }
+            }
+        }
+        Ok(Self {
+            shards,
+            sources: sources.iter().map(|s| s.spec.clone()).collect(),
+            open_skips,
+        })
+    }
+
+    /// Samples in all shards.
+    pub fn total_samples(&self) -> u64 {
+        self.shards.iter().map(|s| s.samples).sum()
+    }
+
+    /// Index of each shard's first sample when all shards are laid end to end: a sample's
+    /// global index is `offsets[shard] + ordinal`.
+    pub fn offsets(&self) -> Vec<u64> {
+        let mut acc = 0;
+        self.shards
+            .iter()
+            .map(|s| {
+                let start = acc;
+                acc += s.samples;
+                start
+            })
+            .collect()
+    }
+
+    /// Identifies the shard list and counts, so a saved loader position is only applied to
+    /// the data it was saved for.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = mix(&[self.shards.len() as u64]);
+        for shard in &self.shards {
+            let name = shard.location.to_string();
+            let name_hash = name
+                .bytes()
+                .fold(0u64, |acc, b| mix(&[acc, u64::from(b)]));
+            h = mix(&[h, name_hash, shard.samples]);
+        }
+        h
+    }
+}
+
+/// Items the tar reader yields for `location` (good and bad samples), or why it cannot be
+/// read at all.
+fn count_samples(location: &ShardLocation) -> Result<u64, String> {
+    let reader = location.open().map_err(|e| e.to_string())?;
+    let mut n = 0u64;
+    let mut first_error = None;
+    for_each_sample_in(reader, &location.name(), |item| {
+        if let Err(e) = &item {
+            if n == 0 && (e.reason == SkipReason::UnreadableShard || e.key.is_none()) {
+                first_error = Some(e.message.clone());
+            }
+        }
+        n += 1;
+        ControlFlow::Continue(())
+    });
+    // Failing before the first member header: not a shard at all.
+    match first_error {
+        Some(message) if n == 1 => Err(message),
+        _ => Ok(n),
+    }
+}
+
+/// Where counts of unindexed shards are cached: `$OXCLIP_CACHE`, else
+/// `$XDG_CACHE_HOME/oxclip`, else `~/.cache/oxclip`; `None` when none can be found.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("OXCLIP_CACHE") {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(dir) = var("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(dir).join("oxclip"));
+    }
+    var("HOME").map(|home| PathBuf::from(home).join(".cache").join("oxclip"))
+}
+
+/// Per-directory sample counts from the index files shard writers leave beside shards.
+#[derive(Default)]
+struct DirIndexes {
+    dirs: HashMap<PathBuf, HashMap<String, u64>>,
+}
+
+impl DirIndexes {
+    fn count(&mut self, shard: &Path) -> Option<u64> {
+        let dir = shard.parent().unwrap_or(Path::new("."));
+        let name = shard.file_name()?.to_string_lossy().into_owned();
+        let counts = self
+            .dirs
+            .entry(dir.to_owned())
+            .or_insert_with(|| read_dir_index(dir));
+        if let Some(&n) = counts.get(&name) {
+            return Some(n);
+        }
+        // img2dataset: `00012_stats.json` beside `00012.tar`, with `"successes": n`.
+        let stem = name.strip_suffix(".tar")?;
+        let stats = std::fs::read_to_string(dir.join(format!("{stem}_stats.json"))).ok()?;
+        let value: serde_json::Value = serde_json::from_str(&stats).ok()?;
+        value.get("successes")?.as_u64()
+    }
+}
+
+/// `index.json` (ours: `{"shards": [{"name", "samples"}]}`) and `sizes.json` (webdataset:
+/// `{"00000.tar": n}`) of `dir`, merged; unreadable or malformed files are ignored.
+fn read_dir_index(dir: &Path) -> HashMap<String, u64> {
+    #[derive(Deserialize)]
+    struct Entry {
+        name: String,
+        samples: u64,
+    }
+    #[derive(Deserialize)]
+    struct Index {
+        shards: Vec<Entry>,
+    }
+    let mut counts = HashMap::new();
+    let read = |file: &str| std::fs::read_to_string(dir.join(file)).ok();
+    if let Some(sizes) = read("sizes.json") {
+        if let Ok(map) = serde_json::from_str::<HashMap<String, u64>>(&sizes) {
+            counts.extend(map);
+        }
+    }
+    if let Some(index) = read("index.json") {
+        if let Ok(index) = serde_json::from_str::<Index>(&index) {
+            counts.extend(index.shards.into_iter().map(|e| (e.name, e.samples)));
+        }
+    }
+    counts
+}
+
+/// Counts of shards that had no index, keyed by what identifies their content: a file's
+/// absolute path, size and modification time (so a rewritten shard is counted again), or a
+/// pipe's command.
+#[derive(Default, Serialize, Deserialize)]
+struct CountCache {
+    counts: BTreeMap<String, u64>,
+}
+
+impl CountCache {
+    fn key(location: &ShardLocation) -> String {
+        match location {
+            ShardLocation::File(path) => {
+                let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+                let meta = std::fs::metadata(path).ok();
+                let size = meta.as_ref().map_or(0, |m| m.len());
+                let mtime = meta
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                format!("file:{}:{size}:{mtime}", abs.display())
+            }
+            ShardLocation::Pipe(cmd) => format!("pipe:{cmd}"),
+        }
+    }
+
+    fn read(path: &Path) -> Self {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    fn get(&self, key: &str) -> Option<u64> {
+        self.counts.get(key).copied()
+    }
+
+    fn insert(&mut self, key: String, n: u64) {
+        self.counts.insert(key, n);
+    }
+
+    fn write(&self, path: &Path) -> Result<(), DataError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| DataError::Write {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        // Re-read and merge, so ranks or runs counting other shards at the same time keep
+        // each other's entries.
+        let mut merged = Self::read(path);
+        merged.counts.extend(self.counts.clone());
+        // Forget shards that are gone (temporary datasets), so the cache stays small.
+        merged.counts.retain(|key, _| match key.strip_prefix("file:") {
+            Some(rest) => rest
+                .rsplitn(3, ':')
+                .nth(2)
+                .is_some_and(|file| Path::new(file).exists()),
+            None => true,
+        });
+        let json = serde_json::to_vec_pretty(&merged).map_err(|source| DataError::Json {
+            path: path.to_owned(),
+            source,
+        })?;
+        write_atomic(path, &json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::webdataset::ShardWriter;
+
+    fn shard(path: &Path, n: usize) {
+        let mut w = ShardWriter::create(path).unwrap();
+        for i in 0..n {
+            w.write_sample(&format!("{i:05}"), &[("jpg", b"x"), ("txt", b"y")])
+                .unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    fn source(locations: Vec<ShardLocation>) -> Vec<ShardSource> {
+        vec![ShardSource {
+            spec: "test".into(),
+            shards: locations,
+        }]
+    }
+
+    #[test]
+    fn counts_come_from_indexes_then_the_cache_then_reading() {
+        let data = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            data.path().join("00000.tar"),
+            data.path().join("00001.tar"),
+            data.path().join("00002.tar"),
+        );
+        shard(&a, 3);
+        shard(&b, 4);
+        shard(&c, 5);
+        // sizes.json knows a (with a deliberately different number, to see which is used);
+        // img2dataset stats know b; c is counted.
+        std::fs::write(data.path().join("sizes.json"), r#"{"00000.tar": 30}"#).unwrap();
+        std::fs::write(data.path().join("00001_stats.json"), r#"{"successes": 40}"#).unwrap();
+        let locations: Vec<_> = [&a, &b, &c]
+            .iter()
+            .map(|p| ShardLocation::File((*p).clone()))
+            .collect();
+        let set = ShardSet::resolve_with_cache(&source(locations.clone()), Some(cache.path()))
+            .unwrap();
+        let counts: Vec<u64> = set.shards.iter().map(|s| s.samples).collect();
+        assert_eq!(counts, [30, 40, 5]);
+        assert_eq!(set.offsets(), [0, 30, 70]);
+        let cached = std::fs::read_to_string(cache.path().join("shard-counts.json")).unwrap();
+        assert!(cached.contains("00002.tar") && !cached.contains("00000.tar"), "{cached}");
+
+        // The cache answers next time; a rewritten shard is counted again.
+        let again = ShardSet::resolve_with_cache(&source(locations.clone()), Some(cache.path()))
+            .unwrap();
+        assert_eq!(again.fingerprint(), set.fingerprint());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        shard(&c, 2);
+        let rewritten =
+            ShardSet::resolve_with_cache(&source(locations), Some(cache.path())).unwrap();
+        assert_eq!(rewritten.shards[2].samples, 2);
+        assert_ne!(rewritten.fingerprint(), set.fingerprint());
+    }
+
+    #[test]
+    fn pipe_shards_stream_and_count_and_failures_are_errors() {
+        let data = tempfile::tempdir().unwrap();
+        let a = data.path().join("00000.tar");
+        shard(&a, 6);
+        let ok = ShardLocation::Pipe(format!("cat '{}'", a.display()));
+        let set = ShardSet::resolve_with_cache(&source(vec![ok.clone()]), None).unwrap();
+        assert_eq!(set.shards[0].samples, 6);
+        assert_eq!(ok.to_string(), format!("pipe:cat '{}'", a.display()));
+
+        // A command that fails after part of its output: the read ends in an error.
+        let failing = ShardLocation::Pipe(format!("head -c 1500 '{}'; exit 3", a.display()));
+        let mut bytes = Vec::new();
+        let err = failing.open().unwrap().read_to_end(&mut bytes).unwrap_err();
+        assert!(err.to_string().contains("exit status: 3"), "{err}");
+        assert_eq!(bytes.len(), 1500);
+
+        // A command with no output at all is an unreadable shard: skipped and counted.
+        let empty = ShardLocation::Pipe("exit 1".into());
+        let set = ShardSet::resolve_with_cache(&source(vec![empty]), None).unwrap();
+        assert_eq!(set.shards[0].samples, 0);
+        assert_eq!(set.open_skips.get("unreadable_shard"), Some(&1));
+    }
+}

@@ -1,0 +1,814 @@
+//! The streaming loader's threads: per worker a reader and a decoder, then one batcher.
+//!
+//! ```text
+//!   reader w --reads[w]--> worker w --samples[w]--> batcher --batches--> Loader::next_batch
+//! ```
+//!
+//! Reader `w` streams worker `w`'s units (`stream.rs`) shard after shard, sequentially, and
+//! sends each sample still encoded, numbered by its read index. Worker `w` follows its
+//! shuffle buffer: for each draw it waits for that read (keeping at most the buffer's worth
+//! of reads that arrived early), then decodes, augments and tokenizes it. The batcher takes
+//! one sample from each worker in turn (a worker that finished the epoch drops out of the
+//! turn until every worker has), so the output order depends on the plan alone, never on
+//! thread timing. A batch may hold the end of one epoch and the start of the next (train);
+//! eval ends with a partial batch.
+//!
+//! Every batch carries the [`StreamCursor`] after it: per worker the next draw. Restarting
+//! the threads from a cursor (`spawn`) continues the same sequence of batches.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use crate::error::DataError;
+use crate::loader::{Batch, LoaderState, MAX_CONSECUTIVE_SKIPS};
+use crate::pipeline::{
+    recv_or_stop, send_or_stop, Pipeline, PREFETCH_BATCHES, SKIP_LOG_EVERY, SKIP_LOG_FIRST,
+};
+use crate::skip::{SampleError, SkipCounts, SkipReason};
+use crate::stream::{ShuffleBuffer, StreamCursor, StreamPlan};
+use crate::tokenizer::Tokenizer;
+use crate::transform::ImageTransform;
+use crate::webdataset::{for_each_sample_in, RawSample};
+
+/// Encoded samples a reader may run ahead of its worker's need. Small: the shuffle buffer
+/// already holds thousands.
+const READ_AHEAD: usize = 64;
+/// Decoded samples a worker may hold for the batcher: a little over a batch share, so the
+/// batcher's turn-taking never starves a worker.
+const SAMPLES_AHEAD: usize = 32;
+
+/// What the streaming pipeline hands the loader.
+pub(crate) enum StreamMsg {
+    /// A batch and the cursor just after it.
+    Batch(Batch, StreamCursor),
+    /// Eval only: the pass is over (after its last, possibly partial, batch).
+    EndOfPass,
+}
+
+pub(crate) type StreamPipeline = Pipeline<Result<StreamMsg, DataError>>;
+
+/// What the loader hands the pipeline.
+pub(crate) struct StreamSpec {
+    pub plan: Arc<StreamPlan>,
+    pub tokenizer: Tokenizer,
+    pub transform: ImageTransform,
+    pub context_length: usize,
+    pub batch_size: usize,
+    pub max_pixels: u64,
+    pub start: StreamCursor,
+}
+
+/// One read: sample `ordinal` of shard `shard`, the `read`-th of the worker's epoch.
+struct Read {
+    read: u64,
+    shard: u32,
+    ordinal: u64,
+    sample: Result<RawSample, SampleError>,
+    /// The reader already logged this failure (missing samples of a short shard).
+    logged: bool,
+}
+
+enum ReadMsg {
+    Read(Read),
+    EndOfEpoch(u64),
+}
+
+/// A decoded sample, or a worker's end of epoch.
+enum WorkerMsg {
+    Sample {
+        epoch: u64,
+        /// The worker's next draw after this sample.
+        draw_after: u64,
+        image: Vec<f32>,
+        tokens: Vec<i64>,
+        label: i64,
+        index: u64,
+        key: String,
+        /// Draws that failed since the previous message.
+        skipped: SkipCounts,
+    },
+    EndOfEpoch {
+        epoch: u64,
+        draws: u64,
+        skipped: SkipCounts,
+    },
+}
+
+/// Where one worker starts: its epoch, draw, and the shuffle buffer as of that draw.
+struct WorkerStart {
+    epoch: u64,
+    draw: u64,
+    /// For a resumed epoch: the buffer after `draw` draws and the reads it still holds.
+    resumed: Option<(ShuffleBuffer, HashSet<u64>)>,
+    /// The first read the reader must deliver.
+    first_read: u64,
+}
+
+impl WorkerStart {
+    fn new(plan: &StreamPlan, cursor: &StreamCursor, worker: usize) -> Self {
+        if cursor.done[worker] {
+            return Self {
+                epoch: cursor.epoch + 1,
+                draw: 0,
+                resumed: None,
+                first_read: 0,
+            };
+        }
+        let (epoch, draw) = (cursor.epoch, cursor.draws[worker]);
+        if draw == 0 {
+            return Self {
+                epoch,
+                draw,
+                resumed: None,
+                first_read: 0,
+            };
+        }
+        let reads = plan.units(epoch, worker).iter().map(|u| u.reads()).sum();
+        let mut buffer = plan.shuffle_buffer(epoch, worker, reads);
+        buffer.skip(draw);
+        let held: HashSet<u64> = buffer.held().iter().copied().collect();
+        let first_read = held.iter().copied().fold(buffer.next_read(), u64::min);
+        Self {
+            epoch,
+            draw,
+            resumed: Some((buffer, held)),
+            first_read,
+        }
+    }
+}
+
+/// Starts readers, workers and the batcher at `spec.start`.
+pub(crate) fn spawn(spec: StreamSpec) -> Result<StreamPipeline, DataError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut pipeline = Pipeline::new(Arc::clone(&stop));
+    let workers = spec.plan.workers;
+    let skips_seen = Arc::new(AtomicU64::new(0));
+    let mut sample_rxs = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let start = WorkerStart::new(&spec.plan, &spec.start, w);
+        let (read_tx, read_rx) = bounded::<ReadMsg>(READ_AHEAD);
+        let (sample_tx, sample_rx) = bounded::<Result<WorkerMsg, DataError>>(SAMPLES_AHEAD);
+        sample_rxs.push(sample_rx);
+
+        let reader = Reader {
+            plan: Arc::clone(&spec.plan),
+            worker: w,
+            stop: Arc::clone(&stop),
+        };
+        let (epoch, first_read) = (start.epoch, start.first_read);
+        pipeline.start_thread(format!("oxclip-loader-read-{w}"), move || {
+            reader.run(epoch, first_read, &read_tx)
+        })?;
+
+        let worker = Worker {
+            plan: Arc::clone(&spec.plan),
+            worker: w,
+            tokenizer: spec.tokenizer.clone(),
+            transform: spec.transform.clone(),
+            context_length: spec.context_length,
+            max_pixels: spec.max_pixels,
+            stop: Arc::clone(&stop),
+            skips_seen: Arc::clone(&skips_seen),
+        };
+        pipeline.start_thread(format!("oxclip-loader-worker-{w}"), move || {
+            worker.run(start, &read_rx, &sample_tx)
+        })?;
+    }
+    let (batch_tx, batch_rx) = bounded(PREFETCH_BATCHES);
+    pipeline.set_output(batch_rx);
+    let batcher = Batcher {
+        train: spec.plan.train,
+        batch_size: spec.batch_size,
+        image_len: spec.transform.output_len(),
+        context_length: spec.context_length,
+        stop: Arc::clone(&stop),
+    };
+    let cursor = spec.start;
+    pipeline.start_thread("oxclip-loader-batch".into(), move || {
+        batcher.run(cursor, &sample_rxs, &batch_tx)
+    })?;
+    Ok(pipeline)
+}
+
+/// Reader stage: one worker's units, shard by shard.
+struct Reader {
+    plan: Arc<StreamPlan>,
+    worker: usize,
+    stop: Arc<AtomicBool>,
+}
+
+impl Reader {
+    /// Sends every read of `first_epoch` from `first_read` on, then (train) whole epochs.
+    fn run(&self, first_epoch: u64, first_read: u64, tx: &Sender<ReadMsg>) {
+        let mut epoch = first_epoch;
+        let mut start = first_read;
+        loop {
+            let mut read = 0u64;
+            for unit in self.plan.units(epoch, self.worker) {
+                let n = unit.reads();
+                if read + n > start && !self.read_unit(unit, read, start, tx) {
+                    return;
+                }
+                read += n;
+            }
+            if !send_or_stop(tx, ReadMsg::EndOfEpoch(epoch), &self.stop) || !self.plan.train {
+                return;
+            }
+            epoch += 1;
+            start = 0;
+        }
+    }
+
+    /// Streams one unit whose first read is `first`, sending reads `>= start`. Samples the
+    /// shard does not deliver (it ends early or cannot be opened) become skips, so read
+    /// indices never shift. False means "stop".
+    fn read_unit(&self, unit: crate::stream::Unit, first: u64, start: u64, tx: &Sender<ReadMsg>) -> bool {
+        let shard = &self.plan.shards.shards[unit.shard as usize];
+        let name = shard.location.name();
+        let mut next = first; // read index of the unit's next sample
+        let mut ordinal = 0u64;
+        let mut stopped = false;
+        let failure = match shard.location.open() {
+            Ok(stream) => {
+                for_each_sample_in(stream, &name, |sample| {
+                    if ordinal >= unit.take {
+                        return ControlFlow::Break(());
+                    }
+                    if unit.contains(ordinal) {
+                        if next >= start {
+                            let msg = ReadMsg::Read(Read {
+                                read: next,
+                                shard: unit.shard,
+                                ordinal,
+                                sample,
+                                logged: false,
+                            });
+                            if !send_or_stop(tx, msg, &self.stop) {
+                                stopped = true;
+                                return ControlFlow::Break(());
+                            }
+                        }
+                        next += 1;
+                    }
+                    ordinal += 1;
+                    ControlFlow::Continue(())
+                });
+                (SkipReason::TruncatedShard, "ends before the sample count of its index".to_owned())
+            }
+            Err(e) => (SkipReason::UnreadableShard, e.to_string()),
+        };
+        if stopped {
+            return false;
+        }
+        let end = first + unit.reads();
+        if next < end {
+            tracing::warn!(
+                "shard {}: {} sample(s) lost: {}",
+                shard.location,
+                end - next,
+                failure.1
+            );
+        }
+        while next < end {
+            let ordinal = unit.stripe + (next - first) * unit.stripes;
+            if next >= start {
+                let msg = ReadMsg::Read(Read {
+                    read: next,
+                    shard: unit.shard,
+                    ordinal,
+                    sample: Err(SampleError {
+                        reason: failure.0,
+                        shard: name.clone(),
+                        key: None,
+                        message: failure.1.clone(),
+                    }),
+                    logged: true,
+                });
+                if !send_or_stop(tx, msg, &self.stop) {
+                    return false;
+                }
+            }
+            next += 1;
+        }
+        true
+    }
+}
+
+/// Worker stage: the shuffle buffer's order, decoded, augmented and tokenized.
+struct Worker {
+    plan: Arc<StreamPlan>,
+    worker: usize,
+    tokenizer: Tokenizer,
+    transform: ImageTransform,
+    context_length: usize,
+    max_pixels: u64,
+    stop: Arc<AtomicBool>,
+    skips_seen: Arc<AtomicU64>,
+}
+
+impl Worker {
+    fn run(&self, start: WorkerStart, reads: &Receiver<ReadMsg>, out: &Sender<Result<WorkerMsg, DataError>>) {
+        let mut epoch = start.epoch;
+        let mut resumed = start.resumed;
+        let mut draw = start.draw;
+        loop {
+            let (mut buffer, held) = match resumed.take() {
+                Some(r) => r,
+                None => {
+                    let n = self.plan.units(epoch, self.worker).iter().map(|u| u.reads()).sum();
+                    (self.plan.shuffle_buffer(epoch, self.worker, n), HashSet::new())
+                }
+            };
+            // Reads the buffer had taken in before a resume, and had emitted already, are not
+            // needed again; the reader starts at the oldest one still held.
+            let keep_from = if draw > 0 { buffer.next_read() } else { 0 };
+            let wanted = |read: u64| read >= keep_from || held.contains(&read);
+            let mut early: HashMap<u64, Read> = HashMap::new();
+            let mut skipped = SkipCounts::new();
+            let mut consecutive = 0usize;
+            while let Some(want) = buffer.draw() {
+                draw += 1;
+                let read = loop {
+                    if let Some(read) = early.remove(&want) {
+                        break read;
+                    }
+                    match recv_or_stop(reads, &self.stop) {
+                        Some(ReadMsg::Read(read)) if read.read == want => break read,
+                        Some(ReadMsg::Read(read)) => {
+                            if wanted(read.read) {
+                                early.insert(read.read, read);
+                            }
+                        }
+                        Some(ReadMsg::EndOfEpoch(e)) => {
+                            let message = format!(
+                                "reader {} ended epoch {e} before read {want} of worker epoch {epoch}",
+                                self.worker
+                            );
+                            let _ = send_or_stop(out, Err(DataError::Pipeline(message)), &self.stop);
+                            return;
+                        }
+                        None => return, // stopping, or the reader died (reported at join)
+                    }
+                };
+                match self.process(&read, epoch) {
+                    Ok((image, tokens, label, key)) => {
+                        consecutive = 0;
+                        let msg = WorkerMsg::Sample {
+                            epoch,
+                            draw_after: draw,
+                            image,
+                            tokens,
+                            label,
+                            index: self.plan.offsets[read.shard as usize] + read.ordinal,
+                            key,
+                            skipped: std::mem::take(&mut skipped),
+                        };
+                        if !send_or_stop(out, Ok(msg), &self.stop) {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        skipped.add(error.reason);
+                        if !read.logged {
+                            self.log_skip(&error);
+                            consecutive += 1;
+                        }
+                        if consecutive >= MAX_CONSECUTIVE_SKIPS {
+                            let e = DataError::TooManySkips {
+                                epoch,
+                                first_index: (self.plan.offsets[read.shard as usize] + read.ordinal) as usize,
+                                attempts: consecutive,
+                                last_reason: error.reason.as_str(),
+                            };
+                            let _ = send_or_stop(out, Err(e), &self.stop);
+                            return;
+                        }
+                    }
+                }
+            }
+            // The reader's end-of-epoch mark follows the last read (after a resume, possibly
+            // behind reads that were drawn before the interruption).
+            loop {
+                match recv_or_stop(reads, &self.stop) {
+                    Some(ReadMsg::EndOfEpoch(e)) if e == epoch => break,
+                    Some(ReadMsg::Read(read)) if !wanted(read.read) => continue,
+                    Some(_) => {
+                        let message = format!(
+                            "reader {} sent more than the {draw} reads of epoch {epoch}",
+                            self.worker
+                        );
+                        let _ = send_or_stop(out, Err(DataError::Pipeline(message)), &self.stop);
+                        return;
+                    }
+                    None => return,
+                }
+            }
+            let end = WorkerMsg::EndOfEpoch {
+                epoch,
+                draws: draw,
+                skipped,
+            };
+            if !send_or_stop(out, Ok(end), &self.stop) || !self.plan.train {
+                return;
+            }
+            epoch += 1;
+            draw = 0;
+        }
+    }
+
+    /// Image rows, tokens, label and key of one read, or why it cannot be used.
+    #[allow(clippy::type_complexity)]
+    fn process(&self, read: &Read, epoch: u64) -> Result<(Vec<f32>, Vec<i64>, i64, String), SampleError> {
+        let raw = read.sample.as_ref().map_err(Clone::clone)?;
+        let fail = |reason| SampleError {
+            reason,
+            shard: self.plan.shards.shards[read.shard as usize].location.name(),
+            key: Some(raw.key.clone()),
+            message: String::new(),
+        };
+        let (image, caption) = raw.decode(self.max_pixels).map_err(fail)?;
+        let mut rows = vec![0.0; self.transform.output_len()];
+        self.transform
+            .apply(&image, self.plan.sample_seed(epoch, read.shard, read.ordinal), &mut rows);
+        let mut tokens = Vec::with_capacity(self.context_length);
+        self.tokenizer.encode_into(caption, self.context_length, &mut tokens);
+        Ok((rows, tokens, raw.label.unwrap_or(-1), raw.key.clone()))
+    }
+
+    fn log_skip(&self, error: &SampleError) {
+        let n = self.skips_seen.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= SKIP_LOG_FIRST || n % SKIP_LOG_EVERY == 0 {
+            tracing::warn!(skipped_so_far = n, "skipping a sample: {error}");
+        }
+    }
+}
+
+/// Batcher stage: one sample from each worker in turn.
+struct Batcher {
+    train: bool,
+    batch_size: usize,
+    image_len: usize,
+    context_length: usize,
+    stop: Arc<AtomicBool>,
+}
+
+impl Batcher {
+    fn run(
+        &self,
+        mut cursor: StreamCursor,
+        samples: &[Receiver<Result<WorkerMsg, DataError>>],
+        out: &Sender<Result<StreamMsg, DataError>>,
+    ) {
+        let fail = |e: DataError| {
+            let _ = send_or_stop(out, Err(e), &self.stop);
+        };
+        let workers = samples.len();
+        loop {
+            let mut batch = Batch {
+                images: Vec::with_capacity(self.batch_size * self.image_len),
+                tokens: Vec::with_capacity(self.batch_size * self.context_length),
+                labels: Vec::with_capacity(self.batch_size),
+                batch_size: 0,
+                skipped: SkipCounts::new(),
+                indices: Vec::with_capacity(self.batch_size),
+                keys: Vec::with_capacity(self.batch_size),
+                position: LoaderState::of_stream(&cursor),
+            };
+            let mut pass_over = false;
+            while batch.labels.len() < self.batch_size {
+                if cursor.done.iter().all(|&d| d) {
+                    if !self.train {
+                        pass_over = true;
+                        break;
+                    }
+                    cursor.epoch += 1;
+                    cursor.batch_in_epoch = 0;
+                    cursor.next_worker = 0;
+                    cursor.draws.iter_mut().for_each(|d| *d = 0);
+                    cursor.done.iter_mut().for_each(|d| *d = false);
+                }
+                let w = cursor.next_worker;
+                cursor.next_worker = (w + 1) % workers;
+                if cursor.done[w] {
+                    continue;
+                }
+                let msg = match recv_or_stop(&samples[w], &self.stop) {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(e)) => return fail(e),
+                    None if self.stop.load(Ordering::Relaxed) => return,
+                    None => {
+                        return fail(DataError::Pipeline(format!(
+                            "loader worker {w} stopped in epoch {}",
+                            cursor.epoch
+                        )))
+                    }
+                };
+                match msg {
+                    WorkerMsg::Sample { epoch, draw_after, image, tokens, label, index, key, skipped } => {
+                        if epoch != cursor.epoch {
+                            return fail(DataError::Pipeline(format!(
+                                "worker {w} sent a sample of epoch {epoch} during epoch {}",
+                                cursor.epoch
+                            )));
+                        }
+                        cursor.draws[w] = draw_after;
+                        batch.images.extend_from_slice(&image);
+                        batch.tokens.extend_from_slice(&tokens);
+                        batch.labels.push(label);
+                        batch.indices.push(index);
+                        batch.keys.push(key);
+                        batch.skipped.merge(&skipped);
+                    }
+                    WorkerMsg::EndOfEpoch { epoch, draws, skipped } => {
+                        if epoch != cursor.epoch {
+                            return fail(DataError::Pipeline(format!(
+                                "worker {w} ended epoch {epoch} during epoch {}",
+                                cursor.epoch
+                            )));
+                        }
+                        cursor.draws[w] = draws;
+                        cursor.done[w] = true;
+                        batch.skipped.merge(&skipped);
+                    }
+                }
+            }
+            batch.batch_size = batch.labels.len();
+            if batch.batch_size == 0 && !batch.skipped.is_empty() {
+                // Only at the end of an eval pass: nothing left to put them beside.
+                tracing::warn!("the last samples of the eval pass were skipped: {:?}", batch.skipped);
+            }
+            if batch.batch_size > 0 {
+                cursor.batch_in_epoch += 1;
+                if !send_or_stop(out, Ok(StreamMsg::Batch(batch, cursor.clone())), &self.stop) {
+                    return;
+                }
+            }
+            if pass_over {
+                let _ = send_or_stop(out, Ok(StreamMsg::EndOfPass), &self.stop);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+
+    use crate::loader::tests::test_tokenizer;
+    use crate::loader::{Batch, Loader, LoaderConfig, LoaderState};
+    use crate::shards::{ShardLocation, ShardSet, ShardSource};
+    use crate::stream::ShardOptions;
+    use crate::webdataset::ShardWriter;
+
+    /// `counts[i]` samples in shard `i`, real JPEGs of synthetic scenes with captions and
+    /// labels; keys are unique over all shards (`s{shard}-{n}`).
+    fn write_shards(dir: &Path, counts: &[usize]) -> Vec<PathBuf> {
+        counts
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| {
+                let path = dir.join(format!("{s:05}.tar"));
+                let mut w = ShardWriter::create(&path).unwrap();
+                for i in 0..n {
+                    let scene = crate::synth::draw_scene(s as u64, i as u64, 20, true);
+                    let mut jpeg = Vec::new();
+                    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+                        .encode_image(&scene.image)
+                        .unwrap();
+                    let cls = scene.label.to_string();
+                    w.write_sample(
+                        &format!("s{s}-{i:03}"),
+                        &[("jpg", &jpeg), ("txt", scene.caption.as_bytes()), ("cls", cls.as_bytes())],
+                    )
+                    .unwrap();
+                }
+                w.finish().unwrap();
+                path
+            })
+            .collect()
+    }
+
+    fn set(paths: &[PathBuf]) -> ShardSet {
+        let source = ShardSource {
+            spec: "test".into(),
+            shards: paths.iter().cloned().map(ShardLocation::File).collect(),
+        };
+        ShardSet::resolve_with_cache(&[source], None).unwrap()
+    }
+
+    fn cfg(batch_size: usize, rank: usize, world_size: usize, workers: usize, train: bool) -> LoaderConfig {
+        LoaderConfig {
+            batch_size,
+            rank,
+            world_size,
+            seed: 11,
+            image_size: 16,
+            context_length: 12,
+            workers,
+            train,
+        }
+    }
+
+    fn buffer(n: usize) -> ShardOptions {
+        ShardOptions {
+            shuffle_buffer: n,
+            ..ShardOptions::default()
+        }
+    }
+
+    fn loader(shards: &ShardSet, options: &ShardOptions, c: LoaderConfig) -> Loader {
+        Loader::streaming(shards.clone(), options, test_tokenizer(), c).unwrap()
+    }
+
+    fn take(loader: &mut Loader, n: usize) -> Vec<Batch> {
+        (0..n).map(|_| loader.next_batch().unwrap()).collect()
+    }
+
+    /// How often each key was served.
+    fn tally<'a>(batches: impl IntoIterator<Item = &'a Batch>) -> BTreeMap<String, usize> {
+        let mut seen = BTreeMap::new();
+        for b in batches {
+            for k in &b.keys {
+                *seen.entry(k.clone()).or_insert(0) += 1;
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn an_epoch_serves_every_sample_once_over_ranks_and_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        // 3 shards for 2 ranks x 2 workers: shards are striped.
+        let shards = set(&write_shards(dir.path(), &[13, 7, 10]));
+        let mut served = BTreeMap::new();
+        for rank in 0..2 {
+            let mut l = loader(&shards, &buffer(8), cfg(4, rank, 2, 2, true));
+            let per_rank = l.samples_per_epoch() as usize;
+            let mut batches = Vec::new();
+            while batches.iter().map(|b: &Batch| b.batch_size).sum::<usize>() < per_rank {
+                let b = l.next_batch().unwrap();
+                assert_eq!(b.batch_size, 4);
+                assert_eq!(b.images.len(), 4 * 3 * 16 * 16);
+                batches.push(b);
+            }
+            // Exactly the rank's share of epoch 0, then epoch 1 begins.
+            let in_epoch0 = per_rank;
+            let keys: Vec<String> = batches.iter().flat_map(|b| b.keys.clone()).collect();
+            for k in &keys[..in_epoch0] {
+                *served.entry(k.clone()).or_insert(0) += 1;
+            }
+            assert!(l.state().epoch >= 1 || keys.len() == in_epoch0);
+        }
+        assert_eq!(served.len(), 30, "{served:?}");
+        assert!(served.values().all(|&n| n == 1), "{served:?}");
+    }
+
+    #[test]
+    fn same_config_same_batches_and_shuffled_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let shards = set(&write_shards(dir.path(), &[9, 9, 9, 9, 9]));
+        let run = || take(&mut loader(&shards, &buffer(6), cfg(5, 0, 1, 2, true)), 20);
+        let a = run();
+        assert!(a == run());
+        // Two epochs of 45: each a permutation of all keys, in different orders.
+        let keys: Vec<String> = a.iter().flat_map(|b| b.keys.clone()).collect();
+        let (e0, e1) = (&keys[..45], &keys[45..90]);
+        let sorted = |k: &[String]| {
+            let mut k = k.to_vec();
+            k.sort();
+            k
+        };
+        assert_eq!(sorted(e0), sorted(e1));
+        assert_eq!(sorted(e0).windows(2).filter(|w| w[0] == w[1]).count(), 0);
+        assert_ne!(e0, e1);
+        assert!(a.iter().all(|b| b.labels.iter().all(|l| (0..24).contains(l))));
+        // The global index names the sample: shard offset + ordinal.
+        let b = &a[0];
+        for (k, i) in b.keys.iter().zip(&b.indices) {
+            let (s, n) = k[1..].split_once('-').unwrap();
+            assert_eq!(*i, s.parse::<u64>().unwrap() * 9 + n.parse::<u64>().unwrap());
+        }
+    }
+
+    #[test]
+    fn restore_continues_exactly_across_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let shards = set(&write_shards(dir.path(), &[11, 6, 8]));
+        let c = || cfg(4, 1, 2, 3, true);
+        let expected = take(&mut loader(&shards, &buffer(5), c()), 16);
+        for stop_after in [1, 3, 5, 7] {
+            let mut first = loader(&shards, &buffer(5), c());
+            let head = take(&mut first, stop_after);
+            std::thread::sleep(std::time::Duration::from_millis(30)); // let it prefetch
+            let saved = serde_json::to_string(&first.state()).unwrap();
+            drop(first);
+            let mut resumed = loader(&shards, &buffer(5), c());
+            resumed.restore(&serde_json::from_str(&saved).unwrap()).unwrap();
+            let tail = take(&mut resumed, 16 - stop_after);
+            assert!(
+                head.iter().chain(&tail).eq(expected.iter()),
+                "diverged after resuming at batch {stop_after}"
+            );
+        }
+        // Another worker count cannot continue exactly: a fresh next epoch, with a warning.
+        let mut first = loader(&shards, &buffer(5), c());
+        take(&mut first, 2);
+        let state = first.state();
+        let mut other = loader(&shards, &buffer(5), cfg(4, 1, 2, 2, true));
+        other.restore(&state).unwrap();
+        assert_eq!(other.state().epoch, state.epoch + 1);
+        assert!(other.state().stream.is_some_and(|c| c.draws == [0, 0]));
+    }
+
+    #[test]
+    fn bad_samples_and_a_truncated_shard_are_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[6, 6]);
+        // A third shard with faults: corrupt image, no caption, then cut in the middle.
+        let bad = dir.path().join("00002.tar");
+        let mut w = ShardWriter::create(&bad).unwrap();
+        let good = crate::sources::test_images::jpeg(12, 12);
+        w.write_sample("b-0", &[("jpg", b"not a jpeg"), ("txt", b"a red circle")]).unwrap();
+        w.write_sample("b-1", &[("jpg", &good)]).unwrap();
+        w.write_sample("b-2", &[("jpg", &good), ("txt", b"a blue square")]).unwrap();
+        w.write_sample("b-3", &[("jpg", &good), ("txt", b"a blue cross")]).unwrap();
+        w.finish().unwrap();
+        let bytes = std::fs::read(&bad).unwrap();
+        let header = bytes.windows(7).position(|w| w == b"b-3.jpg").unwrap();
+        let cut = header + 512 + 100; // inside b-3's image
+        std::fs::write(&bad, &bytes[..cut]).unwrap();
+        let mut all = paths.clone();
+        all.push(bad);
+        let shards = set(&all);
+        assert_eq!(shards.total_samples(), 16);
+
+        let mut eval = loader(&shards, &buffer(1), cfg(5, 0, 1, 2, false));
+        let batches: Vec<Batch> = std::iter::from_fn(|| eval.next_eval_batch().unwrap()).collect();
+        let seen = tally(&batches);
+        assert_eq!(seen.len(), 13, "{seen:?}");
+        assert!(seen.values().all(|&n| n == 1));
+        assert!(seen.contains_key("b-2"));
+        let mut skipped = crate::SkipCounts::new();
+        batches.iter().for_each(|b| skipped.merge(&b.skipped));
+        assert_eq!(skipped.get("undecodable_image"), Some(&1));
+        assert_eq!(skipped.get("missing_caption"), Some(&1));
+        assert_eq!(skipped.get("truncated_shard"), Some(&1));
+        assert_eq!(batches.iter().map(|b| b.batch_size).sum::<usize>(), 13);
+        // The next pass is the same pass again.
+        let again: Vec<Batch> = std::iter::from_fn(|| eval.next_eval_batch().unwrap()).collect();
+        assert!(again.iter().map(|b| &b.keys).eq(batches.iter().map(|b| &b.keys)));
+
+        // Training goes on, full batches, the bad ones counted each epoch.
+        let mut train = loader(&shards, &buffer(4), cfg(4, 0, 1, 2, true));
+        let batches = take(&mut train, 8);
+        assert!(batches.iter().all(|b| b.batch_size == 4));
+        let total: u64 = batches.iter().map(|b| b.skipped.total()).sum();
+        assert!(total >= 3, "{total}");
+    }
+
+    #[test]
+    fn pipe_shards_and_resampling_stream_like_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[7, 5]);
+        let piped = ShardSource {
+            spec: "pipe".into(),
+            shards: paths
+                .iter()
+                .map(|p| ShardLocation::Pipe(format!("cat '{}'", p.display())))
+                .collect(),
+        };
+        let from_pipe = ShardSet::resolve_with_cache(&[piped], None).unwrap();
+        let from_files = set(&paths);
+        assert_eq!(from_pipe.total_samples(), 12);
+        let keys = |s: &ShardSet| {
+            let b = take(&mut loader(s, &buffer(3), cfg(4, 0, 1, 2, true)), 6);
+            b.iter().flat_map(|b| b.keys.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&from_pipe), keys(&from_files));
+
+        let resampled = ShardOptions {
+            resampled: true,
+            samples_per_epoch: Some(40),
+            ..buffer(3)
+        };
+        let mut l = loader(&from_files, &resampled, cfg(4, 0, 1, 2, true));
+        assert_eq!(l.samples_per_epoch(), 40);
+        let batches = take(&mut l, 11);
+        let seen = tally(&batches[..10]);
+        // 40 draws from 12 samples: repeats within the virtual epoch, as with webdataset.
+        assert!(seen.values().any(|&n| n > 1));
+        assert_eq!(l.state().epoch, 1);
+        let state = l.state();
+        let next = l.next_batch().unwrap();
+        let mut resumed = loader(&from_files, &resampled, cfg(4, 0, 1, 2, true));
+        resumed.restore(&state).unwrap();
+        assert!(resumed.next_batch().unwrap() == next);
+        let _ = LoaderState::default();
+    }
+}
