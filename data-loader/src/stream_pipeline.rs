@@ -83,11 +83,9 @@ enum WorkerMsg {
         epoch: u64,
         /// The worker's next draw after this sample.
         draw_after: u64,
-        image: Vec<f32>,
-        tokens: Vec<i64>,
-        label: i64,
+        /// Global index: the shard's offset plus the ordinal.
         index: u64,
-        key: String,
+        decoded: Decoded,
         /// Draws that failed since the previous message.
         skipped: SkipCounts,
     },
@@ -96,6 +94,16 @@ enum WorkerMsg {
         draws: u64,
         skipped: SkipCounts,
     },
+}
+
+/// One sample as the batch wants it.
+struct Decoded {
+    /// `3 x S x S`, normalised.
+    image: Vec<f32>,
+    tokens: Vec<i64>,
+    /// The `.cls` label, -1 without one.
+    label: i64,
+    key: String,
 }
 
 /// Where one worker starts: its epoch, draw, and the shuffle buffer as of that draw.
@@ -355,16 +363,13 @@ impl Worker {
                     }
                 };
                 match self.process(&read, epoch) {
-                    Ok((image, tokens, label, key)) => {
+                    Ok(decoded) => {
                         consecutive = 0;
                         let msg = WorkerMsg::Sample {
                             epoch,
                             draw_after: draw,
-                            image,
-                            tokens,
-                            label,
                             index: self.plan.offsets[read.shard as usize] + read.ordinal,
-                            key,
+                            decoded,
                             skipped: std::mem::take(&mut skipped),
                         };
                         if !send_or_stop(out, Ok(msg), &self.stop) {
@@ -420,9 +425,8 @@ impl Worker {
         }
     }
 
-    /// Image rows, tokens, label and key of one read, or why it cannot be used.
-    #[allow(clippy::type_complexity)]
-    fn process(&self, read: &Read, epoch: u64) -> Result<(Vec<f32>, Vec<i64>, i64, String), SampleError> {
+    /// One read decoded, augmented and tokenized, or why it cannot be used.
+    fn process(&self, read: &Read, epoch: u64) -> Result<Decoded, SampleError> {
         let raw = read.sample.as_ref().map_err(Clone::clone)?;
         let fail = |reason| SampleError {
             reason,
@@ -436,7 +440,12 @@ impl Worker {
             .apply(&image, self.plan.sample_seed(epoch, read.shard, read.ordinal), &mut rows);
         let mut tokens = Vec::with_capacity(self.context_length);
         self.tokenizer.encode_into(caption, self.context_length, &mut tokens);
-        Ok((rows, tokens, raw.label.unwrap_or(-1), raw.key.clone()))
+        Ok(Decoded {
+            image: rows,
+            tokens,
+            label: raw.label.unwrap_or(-1),
+            key: raw.key.clone(),
+        })
     }
 
     fn log_skip(&self, error: &SampleError) {
@@ -508,7 +517,7 @@ impl Batcher {
                     }
                 };
                 match msg {
-                    WorkerMsg::Sample { epoch, draw_after, image, tokens, label, index, key, skipped } => {
+                    WorkerMsg::Sample { epoch, draw_after, index, decoded, skipped } => {
                         if epoch != cursor.epoch {
                             return fail(DataError::Pipeline(format!(
                                 "worker {w} sent a sample of epoch {epoch} during epoch {}",
@@ -516,11 +525,11 @@ impl Batcher {
                             )));
                         }
                         cursor.draws[w] = draw_after;
-                        batch.images.extend_from_slice(&image);
-                        batch.tokens.extend_from_slice(&tokens);
-                        batch.labels.push(label);
+                        batch.images.extend_from_slice(&decoded.image);
+                        batch.tokens.extend_from_slice(&decoded.tokens);
+                        batch.labels.push(decoded.label);
                         batch.indices.push(index);
-                        batch.keys.push(key);
+                        batch.keys.push(decoded.key);
                         batch.skipped.merge(&skipped);
                     }
                     WorkerMsg::EndOfEpoch { epoch, draws, skipped } => {
