@@ -168,16 +168,18 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         let b = batch.batch_size as i64;
         let images = host_to_device(Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]), device)?;
         let tokens = host_to_device(Tensor::from_slice(&batch.tokens).view([b, context_length]), device)?;
-        let data_secs = started.elapsed().as_secs_f64();
         if let Some(log) = key_log.as_mut() {
             log.write(state.step + 1, &batch.keys)?;
         }
+        let skipped: u64 = batch.skipped.values().sum();
+        loader.recycle(batch);
+        let data_secs = started.elapsed().as_secs_f64();
 
         let lr = schedule.lr(state.step);
         let out = step::train_step(&model, &mut optimizer, &comm, &images, &tokens, lr, step_cfg)?;
         state.step += 1;
         state.samples_seen += global_batch;
-        interval.add(data_secs, started.elapsed().as_secs_f64(), batch.skipped.values().sum());
+        interval.add(data_secs, started.elapsed().as_secs_f64(), skipped);
 
         // Reading the loss waits for the device; do it only when logging.
         if state.step % cfg.log_every == 0 || state.step == cfg.steps {

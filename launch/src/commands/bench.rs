@@ -121,7 +121,10 @@ pub fn loader(args: BenchLoaderArgs) -> anyhow::Result<()> {
     let batches = args.samples.div_ceil(args.batch_size as u64).max(1);
     let started = Instant::now();
     for _ in 0..batches {
-        skipped += loader.next_batch()?.skipped.values().sum::<u64>();
+        // As the trainer does: take the batch, hand its buffer back.
+        let batch = loader.next_batch()?;
+        skipped += batch.skipped.values().sum::<u64>();
+        loader.recycle(batch);
     }
     let seconds = started.elapsed().as_secs_f64();
     let samples = batches * args.batch_size as u64;
