@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use oxclip_trainer::config::{DataConfig, LossConfig, OptimConfig, TrainConfig};
+use oxclip_trainer::config::{DataConfig, DistConfig, LossConfig, OptimConfig, TrainConfig};
 use oxclip_trainer::model::ModelConfig;
 
 /// Model configs shipped in `configs/models/`, embedded so the binary works from any directory.
@@ -57,6 +57,9 @@ pub struct RunConfig {
     /// Where a fresh run's weights come from (fine-tuning).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<InitConfig>,
+    /// How ranks talk to each other in a multi-process run.
+    #[serde(default)]
+    pub dist: DistConfig,
 }
 
 /// `init:` — starting weights.

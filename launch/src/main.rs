@@ -3,6 +3,7 @@
 
 mod commands;
 mod config;
+mod dist;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -21,6 +22,9 @@ struct Cli {
 enum Command {
     /// Train a CLIP model from a YAML run config.
     Train(commands::train::TrainArgs),
+    /// Start this node's ranks of a multi-process run (as torchrun does):
+    /// `oxclip launch --nproc-per-node 8 -- train --config run.yaml`.
+    Launch(commands::launch::LaunchArgs),
     /// Inspect run configs.
     Config {
         #[command(subcommand)]
@@ -106,6 +110,10 @@ fn main() -> ExitCode {
     oxclip_trainer::device::load_cuda_backend();
 
     let result = match cli.command {
+        Command::Launch(args) => match commands::launch::run(args) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         Command::Train(args) => commands::train::run(args),
         Command::Config { command: ConfigCommand::Show(args) } => {
             config::load(&args.config, &args.overrides).map(|c| print!("{}", c.to_yaml())).map_err(Into::into)

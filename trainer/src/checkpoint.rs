@@ -29,8 +29,11 @@ pub struct TrainerState {
     /// Samples consumed over all ranks.
     pub samples_seen: u64,
     pub seed: u64,
-    /// Position of the next training batch.
+    /// Position of the next training batch (rank 0's).
     pub loader: LoaderState,
+    /// Every rank's position, in rank order, when the run had several ranks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_loaders: Vec<LoaderState>,
     /// The resolved run config, as written to `<run_dir>/config.yaml`.
     pub config: String,
 }
@@ -160,7 +163,7 @@ mod tests {
     }
 
     fn state(step: u64) -> TrainerState {
-        TrainerState { step, samples_seen: step * 4, seed: 3, loader: LoaderState::at(1, 2), config: "x: 1\n".into() }
+        TrainerState { step, samples_seen: step * 4, seed: 3, loader: LoaderState::at(1, 2), rank_loaders: Vec::new(), config: "x: 1\n".into() }
     }
 
     #[test]

@@ -283,3 +283,31 @@ impl OptimConfig {
         Ok(())
     }
 }
+
+/// `dist:` — how ranks talk to each other (the world itself comes from the environment:
+/// torchrun, SLURM or `oxclip launch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistConfig {
+    /// `auto` (NCCL on CUDA, else cpu), `nccl` or `cpu`.
+    #[serde(default = "default_backend")]
+    pub backend: crate::collectives::Backend,
+    /// How long a collective or the start-up rendezvous waits for a peer before the run
+    /// fails, naming the collective. Must exceed the longest pause of one rank (rank 0's
+    /// zero-shot evaluation, a checkpoint write).
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+}
+
+fn default_backend() -> crate::collectives::Backend {
+    crate::collectives::Backend::Auto
+}
+fn default_timeout_s() -> u64 {
+    600
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self { backend: default_backend(), timeout_s: default_timeout_s() }
+    }
+}

@@ -30,6 +30,10 @@ pub enum TrainError {
     #[error("device: {0}")]
     Device(String),
 
+    /// A collective or the rendezvous failed: a peer died, stalled, or disagrees.
+    #[error("distributed: {0}")]
+    Dist(String),
+
     #[error("step {step}: the loss is not finite ({loss}); lower the learning rate or enable optim.grad_clip_norm")]
     NonFiniteLoss { step: u64, loss: f64 },
 }

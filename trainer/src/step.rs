@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::collectives::Collectives;
+use crate::collectives::{self, Collectives};
 use crate::error::Result;
 use crate::loss;
 use crate::model::Clip;
@@ -67,12 +67,9 @@ pub fn train_step(
 
     // 6. Sum parameter gradients over ranks: each rank's loss is a part of the global mean, so
     // the sum is the full-batch gradient.
-    for (_, var) in optimizer.variables() {
-        let mut grad = var.grad();
-        if grad.defined() {
-            comm.all_reduce_sum(&mut grad)?;
-        }
-    }
+    // Packed into large flat buckets: a few collectives instead of one per parameter.
+    let mut grads: Vec<Tensor> = optimizer.variables().map(|(_, var)| var.grad()).filter(Tensor::defined).collect();
+    collectives::all_reduce_bucketed(comm, &mut grads)?;
 
     // 7. Clip, update, clamp the temperature.
     let grad_norm = cfg.grad_clip_norm.map(|max_norm| optimizer.clip_grad_norm(max_norm));

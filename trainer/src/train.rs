@@ -5,11 +5,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions, Tokenizer};
+use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, LoaderState, ShardOptions, Tokenizer};
 use tch::{nn, Device, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::collectives::{Collectives, SingleProcess};
+use crate::collectives::{self, Collectives, DistSettings};
 use crate::config::{DataConfig, LossConfig, OptimConfig, Precision, TrainConfig};
 use crate::device;
 use crate::error::{io_err, Result, TrainError};
@@ -45,6 +45,8 @@ pub struct TrainJob {
     pub resume: Resume,
     /// Initial weights for a fresh run (fine-tuning): an open_clip-layout safetensors file.
     pub init_checkpoint: Option<PathBuf>,
+    /// This process's rank and how to reach the others; a single process by default.
+    pub dist: DistSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -71,15 +73,26 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     if let Some(threads) = job.train.threads {
         tch::set_num_threads(threads as i32);
     }
-    let device = device::resolve(device::parse(&job.train.device)?)?;
-    let comm = SingleProcess;
+    let device = match (device::resolve(device::parse(&job.train.device)?)?, &job.dist.world) {
+        // Each rank of a node on its own GPU: `cuda` means `cuda:LOCAL_RANK`.
+        (Device::Cuda(0), Some(world)) => Device::Cuda(world.local_rank),
+        (device, _) => device,
+    };
+    let comm = collectives::connect(&job.dist, device)?;
+    let comm = comm.as_ref();
+    let is_rank0 = comm.rank() == 0;
+    check_same_config(comm, &job.resolved_config)?;
     let cfg = &job.train;
     let global_batch = (cfg.batch_size * comm.world_size()) as u64;
 
     fs::create_dir_all(&job.run_dir).map_err(io_err(&job.run_dir))?;
     let resume_from = resume_dir(job)?;
-    let config_path = job.run_dir.join("config.yaml");
-    fs::write(&config_path, &job.resolved_config).map_err(io_err(&config_path))?;
+    // Every rank has checked the run directory before rank 0 writes into it.
+    comm.barrier()?;
+    if is_rank0 {
+        let config_path = job.run_dir.join("config.yaml");
+        fs::write(&config_path, &job.resolved_config).map_err(io_err(&config_path))?;
+    }
 
     // Model and optimizer: the seed fixes the initial weights.
     tch::manual_seed(cfg.seed as i64);
@@ -126,17 +139,32 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     );
     let mut key_log = if job.data.log_keys { Some(KeyLog::open(&job.run_dir, comm.rank())?) } else { None };
 
-    let mut state = TrainerState { step: 0, samples_seen: 0, seed: cfg.seed, loader: loader.state(), config: job.resolved_config.clone() };
+    let mut state = TrainerState {
+        step: 0,
+        samples_seen: 0,
+        seed: cfg.seed,
+        loader: loader.state(),
+        rank_loaders: Vec::new(),
+        config: job.resolved_config.clone(),
+    };
     if let Some(dir) = &resume_from {
         state = checkpoint::load(dir, &vs, &mut optimizer)?;
-        loader.restore(&state.loader)?;
+        let position = match state.rank_loaders.get(comm.rank()) {
+            Some(mine) if state.rank_loaders.len() == comm.world_size() => mine.clone(),
+            _ => state.loader.clone(),
+        };
+        loader.restore(&position)?;
         if state.config != job.resolved_config {
             tracing::warn!("resuming {} with a config that differs from the checkpoint's", dir.display());
         }
         tracing::info!("resumed from {} at step {}", dir.display(), state.step);
     }
 
-    let mut metrics = MetricsWriter::new(&job.run_dir)?;
+    // Identical weights everywhere, whatever each rank initialised or loaded.
+    broadcast_weights(comm, &vs)?;
+
+    // Only rank 0 writes events and checkpoints.
+    let mut metrics = if is_rank0 { Some(MetricsWriter::new(&job.run_dir)?) } else { None };
     let schedule = Schedule {
         kind: job.optim.schedule,
         base_lr: job.optim.lr,
@@ -176,7 +204,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         let data_secs = started.elapsed().as_secs_f64();
 
         let lr = schedule.lr(state.step);
-        let out = step::train_step(&model, &mut optimizer, &comm, &images, &tokens, lr, step_cfg)?;
+        let out = step::train_step(&model, &mut optimizer, comm, &images, &tokens, lr, step_cfg)?;
         state.step += 1;
         state.samples_seen += global_batch;
         interval.add(data_secs, started.elapsed().as_secs_f64(), skipped);
@@ -188,15 +216,27 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
                 return Err(TrainError::NonFiniteLoss { step: state.step, loss: final_loss });
             }
             let scale = model.logit_scale.exp().double_value(&[]);
-            log_train(&mut metrics, &state, cfg.steps, final_loss, scale, lr, global_batch, comm.world_size(), &mut interval, out.grad_norm)?;
+            // Skips are counted per rank; the log shows the run's total.
+            let mut skipped = Tensor::from(interval.skipped_total as f64);
+            comm.all_reduce_sum(&mut skipped)?;
+            interval.skipped_total_all_ranks = skipped.double_value(&[]) as u64;
+            if let Some(metrics) = metrics.as_mut() {
+                log_train(metrics, &state, cfg.steps, final_loss, scale, lr, global_batch, comm.world_size(), &interval, out.grad_norm)?;
+            }
+            interval.reset();
         }
         let last = state.step == cfg.steps;
         if last || (cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0) {
             state.loader = loader.state();
-            last_checkpoint = Some(checkpoint::save(&job.run_dir, &vs, &optimizer, &state, cfg.keep_checkpoints)?);
-            metrics.flush()?;
+            state.rank_loaders = gather_loader_states(comm, &state.loader)?;
+            if let Some(metrics) = metrics.as_mut() {
+                last_checkpoint = Some(checkpoint::save(&job.run_dir, &vs, &optimizer, &state, cfg.keep_checkpoints)?);
+                metrics.flush()?;
+            }
         }
-        if let Some(task) = &zero_shot {
+        // Rank 0 evaluates while the others go on to the next step's first collective and wait
+        // for it there (dist.timeout_s must cover an evaluation).
+        if let (Some(task), Some(metrics)) = (&zero_shot, metrics.as_mut()) {
             if last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
                 let result = evaluate(&model, task, &tokenizer, device, job.data.workers)?;
                 let prefix = format!("val/{}-zeroshot", task.name);
@@ -210,8 +250,50 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
             }
         }
     }
-    metrics.flush()?;
+    if let Some(metrics) = metrics.as_mut() {
+        metrics.flush()?;
+    }
+    // Nobody leaves while rank 0 still writes the last checkpoint or evaluates.
+    comm.barrier()?;
     Ok(TrainSummary { steps: state.step, final_loss, zero_shot: last_zero_shot, last_checkpoint, device })
+}
+
+/// Fails on every rank when any rank's resolved config differs from rank 0's: ranks that
+/// disagree on the model, data or schedule would train something nobody asked for.
+fn check_same_config(comm: &dyn Collectives, resolved: &str) -> Result<()> {
+    let configs = comm.all_gather_bytes(resolved.as_bytes())?;
+    if let Some(rank) = configs.iter().position(|c| c != &configs[0]) {
+        return Err(TrainError::Dist(format!(
+            "rank {rank}'s config differs from rank 0's; every rank must run the same config (and the same --set overrides)"
+        )));
+    }
+    Ok(())
+}
+
+/// Copies rank 0's weights into every rank.
+fn broadcast_weights(comm: &dyn Collectives, vs: &nn::VarStore) -> Result<()> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    let _no_grad = tch::no_grad_guard();
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, var) in variables.iter_mut() {
+        comm.broadcast(var, 0)?;
+    }
+    Ok(())
+}
+
+/// Every rank's loader position, in rank order (empty for a single process).
+fn gather_loader_states(comm: &dyn Collectives, mine: &LoaderState) -> Result<Vec<LoaderState>> {
+    if comm.world_size() == 1 {
+        return Ok(Vec::new());
+    }
+    let json = serde_json::to_vec(mine).map_err(|e| TrainError::Dist(format!("loader position: {e}")))?;
+    comm.all_gather_bytes(&json)?
+        .iter()
+        .map(|bytes| serde_json::from_slice(bytes).map_err(|e| TrainError::Dist(format!("a rank's loader position: {e}"))))
+        .collect()
 }
 
 /// `RUN/keys-rank<R>.tsv`: one line per step, `step<TAB>key key ...`. Each line goes out in
@@ -326,11 +408,19 @@ struct Interval {
     steps: u64,
     data_secs: f64,
     batch_secs: f64,
-    /// Bad samples skipped since the run (or resume) started; never reset.
+    /// Bad samples this rank skipped since the run (or resume) started; never reset.
     skipped_total: u64,
+    /// The same, summed over ranks at the last log step.
+    skipped_total_all_ranks: u64,
 }
 
 impl Interval {
+    fn reset(&mut self) {
+        self.steps = 0;
+        self.data_secs = 0.0;
+        self.batch_secs = 0.0;
+    }
+
     fn add(&mut self, data_secs: f64, batch_secs: f64, skipped: u64) {
         self.steps += 1;
         self.data_secs += data_secs;
@@ -349,7 +439,7 @@ fn log_train(
     lr: f64,
     global_batch: u64,
     world_size: usize,
-    interval: &mut Interval,
+    interval: &Interval,
     grad_norm: Option<f64>,
 ) -> Result<()> {
     let steps = interval.steps.max(1) as f64;
@@ -364,7 +454,7 @@ fn log_train(
         ("train/samples_per_second_per_gpu", samples_per_second / world_size as f64),
         ("train/data_time", data_time),
         ("train/batch_time", batch_time),
-        ("data/skipped", interval.skipped_total as f64),
+        ("data/skipped", interval.skipped_total_all_ranks as f64),
     ];
     if let Some(norm) = grad_norm {
         scalars.push(("train/grad_norm", norm));
@@ -374,8 +464,5 @@ fn log_train(
         "step {}/{} epoch {} | loss {:.4} | scale {:.2} | lr {:.3e} | {:.0} samples/s | data {:.3}s batch {:.3}s",
         state.step, total_steps, state.loader.epoch, loss, scale, lr, samples_per_second, data_time, batch_time
     );
-    interval.steps = 0;
-    interval.data_secs = 0.0;
-    interval.batch_secs = 0.0;
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! `oxclip train`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 
+use oxclip_trainer::collectives::DistSettings;
 use oxclip_trainer::train::{fit, Resume, TrainJob};
 
 use crate::config;
@@ -58,8 +60,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         resolved_config: cfg.to_yaml(),
         resume,
         init_checkpoint: cfg.init.as_ref().map(|i| i.checkpoint.clone()),
+        dist: DistSettings {
+            world: crate::dist::world_from_env()?,
+            backend: cfg.dist.backend,
+            timeout: Duration::from_secs(cfg.dist.timeout_s),
+        },
     };
+    let rank = job.dist.world.as_ref().map_or(0, |w| w.rank);
     let summary = fit(&job).with_context(|| format!("training {}", job.run_dir.display()))?;
+    if rank != 0 {
+        return Ok(());
+    }
     println!("trained {} steps on {:?}; final loss {:.4}", summary.steps, summary.device, summary.final_loss);
     if let Some(zs) = summary.zero_shot {
         println!(

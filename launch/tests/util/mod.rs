@@ -100,3 +100,17 @@ pub fn max_abs_diff(a: &Path, b: &Path) -> f64 {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     a.iter().map(|(k, t)| (t - &b[k]).abs().max().double_value(&[])).fold(0.0, f64::max)
 }
+
+/// `max |a - b| / max |b|` over every parameter of two state dicts with the same keys.
+pub fn max_rel_diff(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (read_safetensors(a), read_safetensors(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let diff = a.iter().map(|(k, t)| (t - &b[k]).abs().max().double_value(&[])).fold(0.0, f64::max);
+    let scale = b.values().map(|t| t.abs().max().double_value(&[])).fold(0.0, f64::max);
+    diff / scale.max(1e-12)
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}

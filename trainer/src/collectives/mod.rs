@@ -1,0 +1,170 @@
+//! The collective operations the step needs, behind one trait. One process is a world of one,
+//! so the step has no world-size branch; the multi-process backends implement the same trait:
+//!
+//! - [`SingleProcess`]: every collective is the identity.
+//! - [`tcp::TcpGroup`] (`dist.backend: cpu`): processes joined through rank 0 over TCP, for
+//!   CPU runs and for testing every distributed path without GPUs.
+//!
+//! Reductions are summed in rank order on one rank and the result sent to all, so every rank
+//! holds bit-identical parameters after every step.
+
+pub mod tcp;
+
+use std::time::Duration;
+
+use tch::{Kind, Tensor};
+
+use crate::error::Result;
+
+pub trait Collectives {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Concatenates every rank's (n, ...) tensor along dim 0, in rank order: (W n, ...).
+    fn all_gather(&self, tensor: &Tensor) -> Result<Tensor>;
+    /// Sums (W n, ...) over ranks and returns this rank's (n, ...) rows.
+    fn reduce_scatter(&self, tensor: &Tensor) -> Result<Tensor>;
+    /// Sums in place over ranks.
+    fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()>;
+    /// Copies root's tensor into every rank's, in place.
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()>;
+    /// Every rank's bytes, in rank order (start-up checks, loader positions).
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>>;
+    fn barrier(&self) -> Result<()>;
+}
+
+/// A world of one process: every collective is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleProcess;
+
+impl Collectives for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
+        Ok(tensor.shallow_clone())
+    }
+    fn reduce_scatter(&self, tensor: &Tensor) -> Result<Tensor> {
+        Ok(tensor.shallow_clone())
+    }
+    fn all_reduce_sum(&self, _tensor: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&self, _tensor: &mut Tensor, _root: usize) -> Result<()> {
+        Ok(())
+    }
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![bytes.to_vec()])
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Elements per all-reduce bucket: large enough that per-call latency vanishes, small enough
+/// that the flat copy stays a fraction of the gradients (25 M floats = 100 MB, DDP's
+/// `bucket_cap_mb` scale).
+pub const BUCKET_ELEMENTS: i64 = 25 << 20;
+
+/// Sums `tensors` over ranks in place, packed into flat fp32 buckets of at most
+/// [`BUCKET_ELEMENTS`] (one tensor larger than that is a bucket of its own): a few large
+/// collectives instead of one per parameter.
+pub fn all_reduce_bucketed(comm: &dyn Collectives, tensors: &mut [Tensor]) -> Result<()> {
+    if comm.world_size() == 1 || tensors.is_empty() {
+        return Ok(());
+    }
+    let mut start = 0;
+    while start < tensors.len() {
+        let mut end = start;
+        let mut elements = 0;
+        while end < tensors.len() && (end == start || elements + tensors[end].numel() as i64 <= BUCKET_ELEMENTS) {
+            elements += tensors[end].numel() as i64;
+            end += 1;
+        }
+        let bucket = &mut tensors[start..end];
+        let mut flat = Tensor::cat(&bucket.iter().map(|t| t.to_kind(Kind::Float).flatten(0, -1)).collect::<Vec<_>>(), 0);
+        comm.all_reduce_sum(&mut flat)?;
+        let mut offset = 0;
+        for t in bucket.iter_mut() {
+            let n = t.numel() as i64;
+            let _ = t.copy_(&flat.narrow(0, offset, n).view_as(t));
+            offset += n;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// Which backend a run uses (`dist.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// NCCL on CUDA, otherwise cpu.
+    Auto,
+    Nccl,
+    Cpu,
+}
+
+/// This process's place in the world, as torchrun, SLURM or `oxclip launch` describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorldEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub local_world_size: usize,
+    /// Where rank 0 serves the rendezvous.
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+/// How to join the other ranks.
+#[derive(Debug, Clone)]
+pub struct DistSettings {
+    /// `None`: a single process.
+    pub world: Option<WorldEnv>,
+    pub backend: Backend,
+    /// How long any collective (or the rendezvous) waits for a peer before failing.
+    pub timeout: Duration,
+}
+
+impl Default for DistSettings {
+    fn default() -> Self {
+        Self { world: None, backend: Backend::Auto, timeout: Duration::from_secs(600) }
+    }
+}
+
+/// Joins the world `settings` describe for a run on `device`.
+pub fn connect(settings: &DistSettings, device: tch::Device) -> Result<Box<dyn Collectives>> {
+    let Some(world) = settings.world.as_ref().filter(|w| w.world_size > 1) else {
+        return Ok(Box::new(SingleProcess));
+    };
+    let backend = match settings.backend {
+        Backend::Auto if device.is_cuda() => Backend::Nccl,
+        Backend::Auto => Backend::Cpu,
+        other => other,
+    };
+    match backend {
+        Backend::Cpu => Ok(Box::new(tcp::TcpGroup::connect(world, settings.timeout)?)),
+        _ => Err(crate::TrainError::Dist(
+            "the NCCL backend is not available in this build yet; use dist.backend: cpu".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_process_collectives_are_the_identity() {
+        let comm = SingleProcess;
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        assert_eq!(comm.all_gather(&t).unwrap(), t);
+        assert_eq!(comm.all_gather_bytes(b"x").unwrap(), vec![b"x".to_vec()]);
+        let mut grads = vec![t.shallow_clone()];
+        all_reduce_bucketed(&comm, &mut grads).unwrap();
+        assert_eq!(grads[0], t);
+    }
+}

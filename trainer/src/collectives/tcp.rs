@@ -1,0 +1,431 @@
+//! The `cpu` backend: every rank connected to rank 0 over TCP, rank 0 doing each collective's
+//! arithmetic. A star, not a ring: simple, deterministic (sums in rank order, the result sent
+//! to all, so ranks never drift apart by a rounding), and fast enough for CPU training of small
+//! models and for testing every distributed path without GPUs. GPU runs use NCCL.
+//!
+//! Every collective is one round: each rank sends rank 0 a frame `(op, seq, payload)`, rank 0
+//! checks that all ranks are at the same collective (same op, same sequence number: a rank
+//! that took another code path is named at once instead of deadlocking), combines, and sends
+//! the result back. Sockets have read and write timeouts (`dist.timeout_s`): a peer that died
+//! or stalls turns into an error naming the collective, not a hang.
+
+use std::cell::Cell;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use super::{Collectives, WorldEnv};
+use crate::error::{Result, TrainError};
+
+/// Sent first on every connection: protocol name and version.
+const MAGIC: &[u8; 8] = b"OXCLIP\x00\x01";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Op {
+    AllGather = 1,
+    AllReduce = 2,
+    Broadcast = 3,
+    GatherBytes = 4,
+    Barrier = 5,
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Option<Op> {
+        [Op::AllGather, Op::AllReduce, Op::Broadcast, Op::GatherBytes, Op::Barrier].into_iter().find(|op| *op as u8 == v)
+    }
+}
+
+/// Processes joined in a star around rank 0.
+pub struct TcpGroup {
+    rank: usize,
+    world_size: usize,
+    /// Rank 0: the connection to rank r at index r - 1. Other ranks: the one to rank 0.
+    streams: Vec<TcpStream>,
+    /// Collectives so far, to check that all ranks are at the same one.
+    seq: Cell<u64>,
+    timeout: Duration,
+}
+
+fn dist_err(message: String) -> TrainError {
+    TrainError::Dist(message)
+}
+
+impl TcpGroup {
+    /// Rank 0 listens on `master_port` and waits for the others; the others connect to
+    /// `master_addr:master_port` (retrying while rank 0 starts). Fails after `timeout` with a
+    /// message saying who never arrived.
+    pub fn connect(world: &WorldEnv, timeout: Duration) -> Result<Self> {
+        if world.rank >= world.world_size {
+            return Err(dist_err(format!("rank {} is not below the world size {}", world.rank, world.world_size)));
+        }
+        let deadline = Instant::now() + timeout;
+        let streams = if world.rank == 0 { accept_peers(world, deadline)? } else { vec![join_rank0(world, deadline)?] };
+        for s in &streams {
+            s.set_read_timeout(Some(timeout)).and_then(|()| s.set_write_timeout(Some(timeout))).map_err(|e| dist_err(format!("socket setup: {e}")))?;
+            let _ = s.set_nodelay(true);
+        }
+        tracing::info!("rank {} of {} joined through {}:{}", world.rank, world.world_size, world.master_addr, world.master_port);
+        Ok(Self { rank: world.rank, world_size: world.world_size, streams, seq: Cell::new(0), timeout })
+    }
+
+    /// One collective round: send `payload`, get back what rank 0's `combine` made of all
+    /// ranks' payloads (in rank order).
+    fn round(&self, op: Op, payload: Vec<u8>, combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<u8>>) -> Result<Vec<u8>> {
+        let seq = self.seq.get() + 1;
+        self.seq.set(seq);
+        if self.rank != 0 {
+            let stream = &self.streams[0];
+            write_frame(stream, op, seq, &payload).map_err(|e| self.io_error(e, 0, op, seq))?;
+            let (got_op, got_seq, result) = read_frame(stream).map_err(|e| self.io_error(e, 0, op, seq))?;
+            if (got_op, got_seq) != (op as u8, seq) {
+                return Err(dist_err(format!("rank 0 answered collective {got_op} #{got_seq} to {op:?} #{seq}")));
+            }
+            return Ok(result);
+        }
+        let mut parts = Vec::with_capacity(self.world_size);
+        parts.push(payload);
+        for (i, stream) in self.streams.iter().enumerate() {
+            let peer = i + 1;
+            let (got_op, got_seq, part) = read_frame(stream).map_err(|e| self.io_error(e, peer, op, seq))?;
+            if (got_op, got_seq) != (op as u8, seq) {
+                let theirs = Op::from_u8(got_op).map_or(format!("op {got_op}"), |o| format!("{o:?}"));
+                return Err(dist_err(format!(
+                    "rank {peer} is at collective {theirs} #{got_seq} while rank 0 is at {op:?} #{seq}: \
+                     the ranks took different paths (different configs or data?)"
+                )));
+            }
+            parts.push(part);
+        }
+        let result = combine(parts)?;
+        for (i, stream) in self.streams.iter().enumerate() {
+            write_frame(stream, op, seq, &result).map_err(|e| self.io_error(e, i + 1, op, seq))?;
+        }
+        Ok(result)
+    }
+
+    fn io_error(&self, e: std::io::Error, peer: usize, op: Op, seq: u64) -> TrainError {
+        let what = match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => format!(
+                "nothing from rank {peer} for {}s: it died or stalls (raise dist.timeout_s if it is only slow)",
+                self.timeout.as_secs()
+            ),
+            ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
+                format!("rank {peer} closed its connection: it exited")
+            }
+            _ => format!("connection to rank {peer}: {e}"),
+        };
+        dist_err(format!("rank {} in {op:?} #{seq}: {what}", self.rank))
+    }
+}
+
+fn accept_peers(world: &WorldEnv, deadline: Instant) -> Result<Vec<TcpStream>> {
+    let listener = TcpListener::bind(("0.0.0.0", world.master_port))
+        .map_err(|e| dist_err(format!("rank 0 cannot listen on port {}: {e} (is MASTER_PORT in use?)", world.master_port)))?;
+    listener.set_nonblocking(true).map_err(|e| dist_err(format!("listener: {e}")))?;
+    let mut peers: Vec<Option<TcpStream>> = (1..world.world_size).map(|_| None).collect();
+    while peers.iter().any(Option::is_none) {
+        match listener.accept() {
+            Ok((stream, from)) => {
+                let peer = handshake(&stream, world.world_size, deadline)
+                    .map_err(|e| dist_err(format!("a peer from {from} failed to join: {e}")))?;
+                match peers.get_mut(peer.wrapping_sub(1)) {
+                    Some(slot @ None) => *slot = Some(stream),
+                    _ => return Err(dist_err(format!("rank {peer} joined twice, or rank 0 did (from {from})"))),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let missing: Vec<String> =
+                        peers.iter().enumerate().filter(|(_, p)| p.is_none()).map(|(i, _)| (i + 1).to_string()).collect();
+                    return Err(dist_err(format!(
+                        "rank(s) {} never joined rank 0 on port {} (dist.timeout_s)",
+                        missing.join(", "),
+                        world.master_port
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(dist_err(format!("accepting peers: {e}"))),
+        }
+    }
+    let streams: Vec<TcpStream> = peers.into_iter().flatten().collect();
+    for s in &streams {
+        (&*s).write_all(b"OK").map_err(|e| dist_err(format!("welcoming a peer: {e}")))?;
+    }
+    Ok(streams)
+}
+
+/// Reads a peer's greeting: its rank, after checking the protocol and the world size.
+fn handshake(stream: &TcpStream, world_size: usize, deadline: Instant) -> std::io::Result<usize> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))))?;
+    let mut hello = [0u8; 16];
+    (&*stream).read_exact(&mut hello)?;
+    if &hello[..8] != MAGIC {
+        return Err(std::io::Error::other("not an oxclip rank (protocol mismatch)"));
+    }
+    let rank = u32::from_le_bytes([hello[8], hello[9], hello[10], hello[11]]) as usize;
+    let their_world = u32::from_le_bytes([hello[12], hello[13], hello[14], hello[15]]) as usize;
+    if their_world != world_size {
+        return Err(std::io::Error::other(format!("rank {rank} has world size {their_world}, rank 0 has {world_size}")));
+    }
+    Ok(rank)
+}
+
+fn join_rank0(world: &WorldEnv, deadline: Instant) -> Result<TcpStream> {
+    let addr = format!("{}:{}", world.master_addr, world.master_port);
+    let mut last_error = String::new();
+    loop {
+        let resolved: Vec<SocketAddr> = addr.to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
+        for sa in &resolved {
+            match TcpStream::connect_timeout(sa, Duration::from_secs(1)) {
+                Ok(stream) => {
+                    let mut hello = Vec::with_capacity(16);
+                    hello.extend_from_slice(MAGIC);
+                    hello.extend_from_slice(&(world.rank as u32).to_le_bytes());
+                    hello.extend_from_slice(&(world.world_size as u32).to_le_bytes());
+                    let joined = (|| {
+                        (&stream).write_all(&hello)?;
+                        stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))))?;
+                        let mut ok = [0u8; 2];
+                        (&stream).read_exact(&mut ok)?;
+                        Ok::<_, std::io::Error>(ok == *b"OK")
+                    })();
+                    match joined {
+                        Ok(true) => return Ok(stream),
+                        Ok(false) => return Err(dist_err(format!("rank 0 at {addr} refused rank {}", world.rank))),
+                        Err(e) => last_error = e.to_string(),
+                    }
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        if resolved.is_empty() {
+            last_error = format!("cannot resolve {addr}");
+        }
+        if Instant::now() >= deadline {
+            return Err(dist_err(format!(
+                "rank {} could not join rank 0 at {addr} within dist.timeout_s: {last_error}",
+                world.rank
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn write_frame(mut stream: &TcpStream, op: Op, seq: u64, payload: &[u8]) -> std::io::Result<()> {
+    let mut header = [0u8; 17];
+    header[0] = op as u8;
+    header[1..9].copy_from_slice(&seq.to_le_bytes());
+    header[9..17].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    stream.write_all(&header)?;
+    stream.write_all(payload)
+}
+
+fn read_frame(mut stream: &TcpStream) -> std::io::Result<(u8, u64, Vec<u8>)> {
+    let mut header = [0u8; 17];
+    stream.read_exact(&mut header)?;
+    let seq = u64::from_le_bytes(header[1..9].try_into().unwrap_or_default());
+    let len = u64::from_le_bytes(header[9..17].try_into().unwrap_or_default());
+    let len = usize::try_from(len).map_err(|_| std::io::Error::other("frame too large"))?;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload)?;
+    Ok((header[0], seq, payload))
+}
+
+/// A tensor's values as little-endian fp32 bytes (every collective here runs in fp32).
+fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let flat = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]);
+    let values = Vec::<f32>::try_from(&flat)?;
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    Ok(out)
+}
+
+fn to_floats(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// `values` as a tensor shaped `shape`, of `like`'s kind and device.
+fn to_tensor(values: &[f32], shape: &[i64], like: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::from_slice(values).f_view(shape)?.to_kind(like.kind()).to_device(like.device()))
+}
+
+impl Collectives for TcpGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
+        let gathered = self.round(Op::AllGather, to_bytes(tensor)?, |parts| Ok(parts.concat()))?;
+        let values = to_floats(&gathered);
+        let mut shape = tensor.size();
+        let row: i64 = shape.iter().skip(1).product::<i64>().max(1);
+        if shape.is_empty() || values.len() as i64 % row != 0 {
+            return Err(dist_err(format!("all_gather of {:?}: ranks sent tensors of other shapes", tensor.size())));
+        }
+        shape[0] = values.len() as i64 / row;
+        to_tensor(&values, &shape, tensor)
+    }
+
+    fn reduce_scatter(&self, tensor: &Tensor) -> Result<Tensor> {
+        let mut summed = tensor.shallow_clone().copy();
+        self.all_reduce_sum(&mut summed)?;
+        let n = tensor.size()[0] / self.world_size as i64;
+        Ok(summed.narrow(0, self.rank as i64 * n, n))
+    }
+
+    fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
+        let summed = self.round(Op::AllReduce, to_bytes(tensor)?, |parts| {
+            let mut acc = to_floats(&parts[0]);
+            for (r, part) in parts.iter().enumerate().skip(1) {
+                if part.len() != parts[0].len() {
+                    return Err(dist_err(format!(
+                        "all_reduce: rank {r} sent {} values, rank 0 {}",
+                        part.len() / 4,
+                        parts[0].len() / 4
+                    )));
+                }
+                for (a, b) in acc.iter_mut().zip(to_floats(part)) {
+                    *a += b;
+                }
+            }
+            let mut out = Vec::with_capacity(acc.len() * 4);
+            for v in acc {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            Ok(out)
+        })?;
+        let result = to_tensor(&to_floats(&summed), &tensor.size(), tensor)?;
+        let _ = tensor.copy_(&result);
+        Ok(())
+    }
+
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
+        if root >= self.world_size {
+            return Err(dist_err(format!("broadcast from rank {root} in a world of {}", self.world_size)));
+        }
+        let value = self.round(Op::Broadcast, to_bytes(tensor)?, |mut parts| Ok(parts.swap_remove(root)))?;
+        let result = to_tensor(&to_floats(&value), &tensor.size(), tensor)?;
+        let _ = tensor.copy_(&result);
+        Ok(())
+    }
+
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let packed = self.round(Op::GatherBytes, bytes.to_vec(), |parts| {
+            let mut out = Vec::new();
+            for p in parts {
+                out.extend_from_slice(&(p.len() as u64).to_le_bytes());
+                out.extend_from_slice(&p);
+            }
+            Ok(out)
+        })?;
+        let mut parts = Vec::with_capacity(self.world_size);
+        let mut rest = packed.as_slice();
+        while rest.len() >= 8 {
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap_or_default()) as usize;
+            if rest.len() < 8 + len {
+                break;
+            }
+            parts.push(rest[8..8 + len].to_vec());
+            rest = &rest[8 + len..];
+        }
+        if parts.len() != self.world_size {
+            return Err(dist_err("all_gather_bytes: a malformed answer from rank 0".into()));
+        }
+        Ok(parts)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.round(Op::Barrier, Vec::new(), |_| Ok(Vec::new())).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn world(rank: usize, world_size: usize, port: u16) -> WorldEnv {
+        WorldEnv { rank, world_size, local_rank: rank, local_world_size: world_size, master_addr: "127.0.0.1".into(), master_port: port }
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// Runs `f` on `n` ranks in threads, each with its own group.
+    fn on_ranks<T: Send + 'static>(n: usize, f: impl Fn(TcpGroup) -> T + Send + Sync + 'static) -> Vec<T> {
+        let port = free_port();
+        let f = std::sync::Arc::new(f);
+        let handles: Vec<_> = (0..n)
+            .map(|r| {
+                let f = std::sync::Arc::clone(&f);
+                std::thread::spawn(move || f(TcpGroup::connect(&world(r, n, port), Duration::from_secs(20)).unwrap()))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn collectives_over_three_ranks() {
+        let results = on_ranks(3, |g| {
+            let r = g.rank() as f32;
+            let mine = Tensor::from_slice(&[r, r + 0.5]).view([1, 2]);
+            let gathered = g.all_gather(&mine).unwrap();
+            let mut sum = Tensor::from_slice(&[r, 1.0, 2.0 * r]);
+            g.all_reduce_sum(&mut sum).unwrap();
+            let scattered = g.reduce_scatter(&Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).view([3, 2])).unwrap();
+            let mut b = Tensor::from_slice(&[r * 10.0]);
+            g.broadcast(&mut b, 2).unwrap();
+            let bytes = g.all_gather_bytes(format!("rank{}", g.rank()).as_bytes()).unwrap();
+            g.barrier().unwrap();
+            (Vec::<f32>::try_from(gathered.view([-1])).unwrap(), Vec::<f32>::try_from(&sum).unwrap(),
+             Vec::<f32>::try_from(scattered.view([-1])).unwrap(), b.double_value(&[0]), bytes)
+        });
+        for (r, (gathered, sum, scattered, b, bytes)) in results.into_iter().enumerate() {
+            assert_eq!(gathered, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]);
+            assert_eq!(sum, [3.0, 3.0, 6.0]);
+            let rf = r as f32;
+            assert_eq!(scattered, [3.0 * (2.0 * rf + 1.0), 3.0 * (2.0 * rf + 2.0)]);
+            assert_eq!(b, 20.0);
+            assert_eq!(bytes, vec![b"rank0".to_vec(), b"rank1".to_vec(), b"rank2".to_vec()]);
+        }
+    }
+
+    #[test]
+    fn mismatched_collectives_and_missing_peers_are_errors() {
+        let results = on_ranks(2, |g| {
+            if g.rank() == 0 {
+                g.barrier().map_err(|e| e.to_string())
+            } else {
+                g.all_gather_bytes(b"x").map(|_| ()).map_err(|e| e.to_string())
+            }
+        });
+        let err = results[0].as_ref().unwrap_err();
+        assert!(err.contains("rank 1 is at collective GatherBytes #1 while rank 0 is at Barrier #1"), "{err}");
+
+        // Rank 1 never comes: rank 0 says so after the timeout.
+        let port = free_port();
+        let err = TcpGroup::connect(&world(0, 2, port), Duration::from_millis(300)).err().unwrap().to_string();
+        assert!(err.contains("rank(s) 1 never joined"), "{err}");
+
+        // A rank that exits: its peer's next collective fails, naming it.
+        let results = on_ranks(2, |g| {
+            if g.rank() == 1 {
+                drop(g);
+                return String::new();
+            }
+            g.barrier().unwrap_err().to_string()
+        });
+        assert!(results[0].contains("rank 1 closed its connection"), "{}", results[0]);
+    }
+}
