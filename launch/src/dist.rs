@@ -2,7 +2,8 @@
 //! launchers set it: torchrun (and `oxclip launch`) export `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 //! `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`; SLURM's `srun` exports `SLURM_PROCID`,
 //! `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_NTASKS_PER_NODE` and `SLURM_JOB_NODELIST`, whose
-//! first host serves the rendezvous.
+//! first host serves the rendezvous. Under torchrun's static rendezvous its agent already
+//! listens on `MASTER_PORT` (`TORCHELASTIC_USE_AGENT_STORE=True`), so ours takes the next port.
 
 use anyhow::{bail, Context};
 
@@ -29,11 +30,16 @@ fn world_from(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<Wor
         let local_rank = number("LOCAL_RANK")?.unwrap_or(rank);
         let local_world_size = number("LOCAL_WORLD_SIZE")?.unwrap_or(world_size);
         let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-        let master_port = match number("MASTER_PORT")? {
+        let mut master_port = match number("MASTER_PORT")? {
             Some(p) => u16::try_from(p).context("MASTER_PORT is not a port number")?,
             None if world_size > 1 => bail!("WORLD_SIZE={world_size} but MASTER_PORT is not set"),
             None => 29500,
         };
+        // torchrun's agent already serves its own store on MASTER_PORT (static rendezvous);
+        // ours goes on the next port.
+        if var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+            master_port = master_port.checked_add(1).context("MASTER_PORT is the last port; torchrun needs the one after it free")?;
+        }
         return checked(WorldEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port });
     }
     if let Some(world_size) = number("SLURM_NTASKS")? {
@@ -112,6 +118,11 @@ mod tests {
             .unwrap();
         assert_eq!((w.rank, w.world_size, w.local_rank, w.local_world_size, w.master_addr.as_str(), w.master_port), (3, 8, 1, 2, "n0", 29400));
         assert!(world_from(env(&[])).unwrap().is_none());
+        // Under torchrun's agent store, the port after MASTER_PORT.
+        let w = world_from(env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "29400"), ("TORCHELASTIC_USE_AGENT_STORE", "True")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(w.master_port, 29401);
         assert!(world_from(env(&[("RANK", "8"), ("WORLD_SIZE", "8"), ("MASTER_PORT", "1")])).is_err());
         assert!(world_from(env(&[("RANK", "0"), ("WORLD_SIZE", "2")])).unwrap_err().to_string().contains("MASTER_PORT"));
         assert!(world_from(env(&[("RANK", "x"), ("WORLD_SIZE", "2")])).unwrap_err().to_string().contains("RANK"));

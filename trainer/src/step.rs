@@ -78,3 +78,83 @@ pub fn train_step(
 
     Ok(StepOutput { loss: global_loss, grad_norm })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use tch::{nn, Device};
+
+    use super::*;
+    use crate::collectives::tcp::TcpGroup;
+    use crate::collectives::{SingleProcess, WorldEnv};
+    use crate::model::ModelConfig;
+    use crate::optim::AdamWConfig;
+
+    /// One step with lr 0 from `weights` on `images`/`tokens`: the global loss and every
+    /// parameter's gradient after the all-reduce.
+    fn gradients(comm: &dyn Collectives, weights: &BTreeMap<String, Tensor>, images: &Tensor, tokens: &Tensor) -> (f64, BTreeMap<String, Tensor>) {
+        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &cfg).unwrap();
+        tch::no_grad(|| {
+            for (name, var) in vs.variables() {
+                let _ = var.shallow_clone().copy_(&weights[&name]);
+            }
+        });
+        let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
+        let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
+        let cfg = StepConfig { autocast_bf16: false, grad_clip_norm: None };
+        let out = train_step(&model, &mut optimizer, comm, images, tokens, 0.0, cfg).unwrap();
+        let grads = optimizer.variables().map(|(name, var)| (name.to_owned(), var.grad().copy())).collect();
+        (out.loss.double_value(&[]), grads)
+    }
+
+    #[test]
+    fn four_ranks_compute_the_gradient_of_the_whole_batch() {
+        tch::manual_seed(11);
+        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = Clip::new(&vs.root(), &cfg).unwrap();
+        let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+        let images = Tensor::randn([16, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let tokens = Tensor::randint_low(1, 49000, [16, 32], (Kind::Int64, Device::Cpu));
+
+        let (loss, whole) = gradients(&SingleProcess, &weights, &images, &tokens);
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let handles: Vec<_> = (0..4)
+            .map(|rank| {
+                let weights: BTreeMap<String, Tensor> = weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+                let (images, tokens) = (images.narrow(0, rank * 4, 4).copy(), tokens.narrow(0, rank * 4, 4).copy());
+                std::thread::spawn(move || {
+                    let world = WorldEnv {
+                        rank: rank as usize,
+                        world_size: 4,
+                        local_rank: rank as usize,
+                        local_world_size: 4,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let comm = TcpGroup::connect(&world, Duration::from_secs(30)).unwrap();
+                    let (loss, grads) = gradients(&comm, &weights, &images, &tokens);
+                    (loss, grads.into_iter().map(|(k, v)| (k, Vec::<f32>::try_from(v.flatten(0, -1)).unwrap())).collect::<BTreeMap<_, _>>())
+                })
+            })
+            .collect();
+        let ranks: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+
+        let scale = whole.values().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
+        for (rank, (rank_loss, grads)) in ranks.iter().enumerate() {
+            assert!((rank_loss - loss).abs() <= 1e-6 * loss.abs(), "rank {rank}: loss {rank_loss} vs {loss}");
+            for (name, g) in grads {
+                let reference = Vec::<f32>::try_from(whole[name].flatten(0, -1)).unwrap();
+                let diff = g.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+                assert!(diff <= 1e-5 * scale, "rank {rank}, {name}: gradients differ by {diff} (largest gradient {scale})");
+                // Every rank holds the very same summed gradient.
+                assert_eq!(g, &ranks[0].1[name], "rank {rank}, {name}");
+            }
+        }
+    }
+}
