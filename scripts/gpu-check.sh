@@ -24,3 +24,40 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
       --batch-size $bs --steps 20 --warmup 5 --threads 16 --device cuda --amp-bf16 2>&1 | tail -n 1
   done
 } 2>&1 | tee "$OUT/bench.txt"
+
+# The NCCL backend: a one-rank NCCL run must give the loss curve of the single-process CUDA
+# run (same seed, same data), and two ranks of 32 the weights of one of 64 (indexed data).
+{
+  echo "# NCCL vs single process (tiny model, synthetic data)"
+  # pip's NCCL beside torch (torch/lib/../../nvidia/nccl/lib); loaded with libtorch_cuda anyway.
+  export OXCLIP_NCCL="${OXCLIP_NCCL:-$(ls "$TORCH_LIB"/../../nvidia/nccl/lib/libnccl.so* 2>/dev/null | head -n 1)}"
+  D=$(mktemp -d)
+  cat > "$D/run.yaml" <<YAML
+run_dir: $D/run
+model: tiny
+data: {train: "synthetic:2048", workers: 4}
+train: {batch_size: 32, steps: 20, seed: 7, precision: fp32, device: cuda, log_every: 5, checkpoint_every: 0}
+optim: {lr: 1.0e-4, warmup_steps: 2}
+dist: {backend: nccl, timeout_s: 120}
+YAML
+  timeout 120 "$BIN" train --config "$D/run.yaml" --run-dir "$D/single" 2>&1 | grep -E "step .*loss|error" | tail -n 4
+  timeout 120 "$BIN" launch --nproc-per-node 1 --master-port 29710 -- train --config "$D/run.yaml" --run-dir "$D/nccl1" 2>&1 | grep -E "step .*loss|NCCL|error" | tail -n 5
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    timeout 180 "$BIN" launch --nproc-per-node 2 --master-port 29720 -- train --config "$D/run.yaml" \
+      --set train.batch_size=16 --run-dir "$D/nccl2" 2>&1 | grep -E "step .*loss|error" | tail -n 4
+  fi
+  python3 - "$D" <<'PY'
+import sys, json, os
+d = sys.argv[1]
+def losses(run):
+    path = os.path.join(d, run, "results.jsonl")
+    if not os.path.exists(path):
+        return None
+    return [(r["step"], r["train/loss"]) for r in map(json.loads, open(path)) if "train/loss" in r]
+a, b = losses("single"), losses("nccl1")
+print("single :", a)
+print("nccl x1:", b)
+if a and b:
+    print("max |loss difference|:", max(abs(x[1] - y[1]) for x, y in zip(a, b)))
+PY
+} 2>&1 | tee "$OUT/nccl.txt"

@@ -4,10 +4,13 @@
 //! - [`SingleProcess`]: every collective is the identity.
 //! - [`tcp::TcpGroup`] (`dist.backend: cpu`): processes joined through rank 0 over TCP, for
 //!   CPU runs and for testing every distributed path without GPUs.
+//! - [`nccl::NcclGroup`] (`dist.backend: nccl`): CUDA tensors through NCCL, opened at run
+//!   time; its rendezvous goes through a `TcpGroup`.
 //!
 //! Reductions are summed in rank order on one rank and the result sent to all, so every rank
 //! holds bit-identical parameters after every step.
 
+pub mod nccl;
 pub mod tcp;
 
 use std::time::Duration;
@@ -137,7 +140,8 @@ impl Default for DistSettings {
 
 /// Joins the world `settings` describe for a run on `device`.
 pub fn connect(settings: &DistSettings, device: tch::Device) -> Result<Box<dyn Collectives>> {
-    let Some(world) = settings.world.as_ref().filter(|w| w.world_size > 1) else {
+    // One rank needs no backend, unless one was asked for by name (to test it).
+    let Some(world) = settings.world.as_ref().filter(|w| w.world_size > 1 || settings.backend != Backend::Auto) else {
         return Ok(Box::new(SingleProcess));
     };
     let backend = match settings.backend {
@@ -147,9 +151,7 @@ pub fn connect(settings: &DistSettings, device: tch::Device) -> Result<Box<dyn C
     };
     match backend {
         Backend::Cpu => Ok(Box::new(tcp::TcpGroup::connect(world, settings.timeout)?)),
-        _ => Err(crate::TrainError::Dist(
-            "the NCCL backend is not available in this build yet; use dist.backend: cpu".into(),
-        )),
+        _ => Ok(Box::new(nccl::NcclGroup::connect(world, device, settings.timeout)?)),
     }
 }
 

@@ -1,0 +1,301 @@
+//! The `nccl` backend: CUDA tensors reduced and gathered by NCCL, on the legacy default
+//! stream that libtorch computes on, so no extra synchronisation is needed.
+//!
+//! NCCL is opened at run time, so the binary builds and runs where there is none. The types
+//! are cudarc's; the functions are looked up here rather than through cudarc's loader, which
+//! tries `libnccl.so` and `libnccl.so.<CUDA major>` but not `libnccl.so.2`, the name NCCL
+//! installs and PyTorch's wheels load (once libtorch_cuda.so is in the process, so is NCCL,
+//! and opening it again returns that copy). `OXCLIP_NCCL=/path/to/libnccl.so.2` points
+//! elsewhere.
+//!
+//! The rendezvous (NCCL's unique id), byte gathers and barriers go through a [`TcpGroup`].
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::mem::MaybeUninit;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclResult_t, ncclUniqueId};
+use tch::{Device, Kind, Tensor};
+
+use super::tcp::TcpGroup;
+use super::{Collectives, WorldEnv};
+use crate::error::{Result, TrainError};
+
+type GetUniqueId = unsafe extern "C" fn(*mut ncclUniqueId) -> ncclResult_t;
+type CommInitRank = unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> ncclResult_t;
+type AllGather = unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclComm_t, cudaStream_t) -> ncclResult_t;
+type AllReduce =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t) -> ncclResult_t;
+type ReduceScatter =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t) -> ncclResult_t;
+type Broadcast =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, cudaStream_t) -> ncclResult_t;
+type CommDestroy = unsafe extern "C" fn(ncclComm_t) -> ncclResult_t;
+type GetErrorString = unsafe extern "C" fn(ncclResult_t) -> *const c_char;
+type CudaSetDevice = unsafe extern "C" fn(c_int) -> c_int;
+
+/// The NCCL functions oxclip calls, from one opened library.
+struct Nccl {
+    _lib: libloading::Library,
+    get_unique_id: GetUniqueId,
+    comm_init_rank: CommInitRank,
+    all_gather: AllGather,
+    all_reduce: AllReduce,
+    reduce_scatter: ReduceScatter,
+    broadcast: Broadcast,
+    comm_destroy: CommDestroy,
+    get_error_string: GetErrorString,
+    cuda_set_device: CudaSetDevice,
+    _cudart: libloading::Library,
+}
+
+fn dist_err(message: String) -> TrainError {
+    TrainError::Dist(message)
+}
+
+/// Opens the first of `names` that loads.
+fn open_first(names: &[String]) -> std::result::Result<libloading::Library, String> {
+    let mut errors = Vec::new();
+    for name in names {
+        // SAFETY: loading a shared library runs its initialisers; NCCL's and cudart's are
+        // the same ones libtorch_cuda.so runs when it loads them.
+        match unsafe { libloading::Library::new(name) } {
+            Ok(lib) => return Ok(lib),
+            Err(e) => errors.push(format!("{name}: {e}")),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+impl Nccl {
+    fn load() -> std::result::Result<Nccl, String> {
+        let mut names: Vec<String> = std::env::var("OXCLIP_NCCL").ok().filter(|p| !p.is_empty()).into_iter().collect();
+        names.extend(["libnccl.so.2".to_owned(), "libnccl.so".to_owned()]);
+        let lib = open_first(&names).map_err(|e| {
+            format!(
+                "NCCL not found ({e}); install it (e.g. `pip install nvidia-nccl-cu13`, or it comes with \
+                 PyTorch's CUDA wheels), set OXCLIP_NCCL=/path/to/libnccl.so.2, or use dist.backend: cpu"
+            )
+        })?;
+        let cudart = open_first(&["libcudart.so.13", "libcudart.so.12", "libcudart.so"].map(String::from))
+            .map_err(|e| format!("the CUDA runtime is not loadable: {e}"))?;
+        // SAFETY: the symbol types are NCCL's and cudart's C signatures (nccl.h,
+        // cuda_runtime_api.h), with cudarc's definitions of the argument types.
+        unsafe {
+            macro_rules! sym {
+                ($lib:expr, $name:literal) => {
+                    *$lib.get(concat!($name, "\0").as_bytes()).map_err(|e| format!("{}: {e}", $name))?
+                };
+            }
+            Ok(Nccl {
+                get_unique_id: sym!(lib, "ncclGetUniqueId"),
+                comm_init_rank: sym!(lib, "ncclCommInitRank"),
+                all_gather: sym!(lib, "ncclAllGather"),
+                all_reduce: sym!(lib, "ncclAllReduce"),
+                reduce_scatter: sym!(lib, "ncclReduceScatter"),
+                broadcast: sym!(lib, "ncclBroadcast"),
+                comm_destroy: sym!(lib, "ncclCommDestroy"),
+                get_error_string: sym!(lib, "ncclGetErrorString"),
+                cuda_set_device: sym!(cudart, "cudaSetDevice"),
+                _lib: lib,
+                _cudart: cudart,
+            })
+        }
+    }
+
+    fn get() -> Result<&'static Nccl> {
+        static NCCL: OnceLock<std::result::Result<Nccl, String>> = OnceLock::new();
+        NCCL.get_or_init(Nccl::load).as_ref().map_err(|e| dist_err(e.clone()))
+    }
+
+    fn check(&self, what: &str, result: ncclResult_t) -> Result<()> {
+        if result == ncclResult_t::ncclSuccess {
+            return Ok(());
+        }
+        // SAFETY: ncclGetErrorString returns a static NUL-terminated string.
+        let text = unsafe { CStr::from_ptr((self.get_error_string)(result)) }.to_string_lossy().into_owned();
+        Err(dist_err(format!("NCCL {what}: {text} ({result:?})")))
+    }
+}
+
+/// Ranks joined by an NCCL communicator, one GPU each.
+pub struct NcclGroup {
+    nccl: &'static Nccl,
+    comm: ncclComm_t,
+    device: Device,
+    rank: usize,
+    world_size: usize,
+    /// Rendezvous, byte gathers and barriers.
+    bootstrap: TcpGroup,
+}
+
+impl NcclGroup {
+    /// Joins the world on `device` (this rank's GPU): rank 0 makes NCCL's unique id and hands
+    /// it to the others over the TCP rendezvous.
+    pub fn connect(world: &WorldEnv, device: Device, timeout: Duration) -> Result<Self> {
+        let Device::Cuda(index) = device else {
+            return Err(dist_err(format!("the NCCL backend needs a CUDA device, the run is on {device:?}; use dist.backend: cpu")));
+        };
+        let nccl = Nccl::get()?;
+        let bootstrap = TcpGroup::connect(world, timeout)?;
+        let mut id = MaybeUninit::<ncclUniqueId>::zeroed();
+        if world.rank == 0 {
+            // SAFETY: ncclGetUniqueId fills the id it is given.
+            nccl.check("ncclGetUniqueId", unsafe { (nccl.get_unique_id)(id.as_mut_ptr()) })?;
+        }
+        // SAFETY: all-zero bytes are a valid ncclUniqueId (a plain byte array), and rank 0's
+        // was initialised just above.
+        let mut id = unsafe { id.assume_init() };
+        let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
+        let ids = bootstrap.all_gather_bytes(&bytes)?;
+        for (dst, src) in id.internal.iter_mut().zip(&ids[0]) {
+            *dst = *src as c_char;
+        }
+        let cuda_index = c_int::try_from(index).map_err(|_| dist_err(format!("CUDA device {index}")))?;
+        // SAFETY: cudaSetDevice takes a device ordinal; NCCL binds the communicator to it.
+        let status = unsafe { (nccl.cuda_set_device)(cuda_index) };
+        if status != 0 {
+            return Err(dist_err(format!("cudaSetDevice({index}) failed with CUDA error {status}")));
+        }
+        let mut comm: ncclComm_t = std::ptr::null_mut();
+        let (ranks, rank) = (c_int::try_from(world.world_size).unwrap_or(c_int::MAX), world.rank as c_int);
+        // SAFETY: every rank calls ncclCommInitRank with the same id and world size.
+        nccl.check("ncclCommInitRank", unsafe { (nccl.comm_init_rank)(&mut comm, ranks, id, rank) })?;
+        tracing::info!("rank {} of {}: NCCL communicator on cuda:{index}", world.rank, world.world_size);
+        Ok(Self { nccl, comm, device, rank: world.rank, world_size: world.world_size, bootstrap })
+    }
+
+    /// The tensor as NCCL sees it: contiguous, on this rank's GPU, of a type NCCL reduces.
+    fn prepared(&self, tensor: &Tensor) -> Result<(Tensor, ncclDataType_t)> {
+        if tensor.device() != self.device {
+            return Err(dist_err(format!("a {:?} tensor given to the NCCL backend on {:?}", tensor.device(), self.device)));
+        }
+        let dtype = match tensor.kind() {
+            Kind::Float => ncclDataType_t::ncclFloat32,
+            Kind::Double => ncclDataType_t::ncclFloat64,
+            Kind::Half => ncclDataType_t::ncclFloat16,
+            Kind::BFloat16 => ncclDataType_t::ncclBfloat16,
+            Kind::Int => ncclDataType_t::ncclInt32,
+            Kind::Int64 => ncclDataType_t::ncclInt64,
+            other => return Err(dist_err(format!("NCCL cannot reduce {other:?} tensors"))),
+        };
+        Ok((tensor.contiguous(), dtype))
+    }
+
+    fn null_stream() -> cudaStream_t {
+        std::ptr::null_mut()
+    }
+}
+
+impl Drop for NcclGroup {
+    fn drop(&mut self) {
+        // SAFETY: the communicator was created by ncclCommInitRank and is destroyed once.
+        unsafe {
+            (self.nccl.comm_destroy)(self.comm);
+        }
+    }
+}
+
+impl Collectives for NcclGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
+        let (input, dtype) = self.prepared(tensor)?;
+        let mut shape = input.size();
+        if shape.is_empty() {
+            shape = vec![1];
+        }
+        shape[0] *= self.world_size as i64;
+        let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
+        // SAFETY: both buffers are contiguous CUDA memory on this rank's device, the output
+        // world_size times the input's element count.
+        self.nccl.check("all_gather", unsafe {
+            (self.nccl.all_gather)(input.data_ptr(), output.data_ptr(), input.numel(), dtype, self.comm, Self::null_stream())
+        })?;
+        Ok(output)
+    }
+
+    fn reduce_scatter(&self, tensor: &Tensor) -> Result<Tensor> {
+        let (input, dtype) = self.prepared(tensor)?;
+        let mut shape = input.size();
+        if shape.is_empty() || shape[0] % self.world_size as i64 != 0 {
+            return Err(dist_err(format!("reduce_scatter of {:?} over {} ranks", shape, self.world_size)));
+        }
+        shape[0] /= self.world_size as i64;
+        let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
+        // SAFETY: contiguous CUDA buffers; the output holds 1/world_size of the input.
+        self.nccl.check("reduce_scatter", unsafe {
+            (self.nccl.reduce_scatter)(
+                input.data_ptr(),
+                output.data_ptr(),
+                output.numel(),
+                dtype,
+                ncclRedOp_t::ncclSum,
+                self.comm,
+                Self::null_stream(),
+            )
+        })?;
+        Ok(output)
+    }
+
+    fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
+        let (buffer, dtype) = self.prepared(tensor)?;
+        // SAFETY: in place on a contiguous CUDA buffer.
+        self.nccl.check("all_reduce", unsafe {
+            (self.nccl.all_reduce)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, ncclRedOp_t::ncclSum, self.comm, Self::null_stream())
+        })?;
+        if buffer.data_ptr() != tensor.data_ptr() {
+            let _ = tensor.copy_(&buffer);
+        }
+        Ok(())
+    }
+
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
+        let (buffer, dtype) = self.prepared(tensor)?;
+        // SAFETY: in place on a contiguous CUDA buffer.
+        self.nccl.check("broadcast", unsafe {
+            (self.nccl.broadcast)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, root as c_int, self.comm, Self::null_stream())
+        })?;
+        if buffer.data_ptr() != tensor.data_ptr() {
+            let _ = tensor.copy_(&buffer);
+        }
+        Ok(())
+    }
+
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.bootstrap.all_gather_bytes(bytes)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        // Work queued on the GPU counts: finish it before meeting the others.
+        tch::Cuda::synchronize(match self.device {
+            Device::Cuda(i) => i as i64,
+            _ => 0,
+        });
+        self.bootstrap.barrier()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn needs_a_gpu_and_says_so_when_nccl_is_missing() {
+        let world = WorldEnv { rank: 0, world_size: 2, local_rank: 0, local_world_size: 2, master_addr: "127.0.0.1".into(), master_port: 1 };
+        let err = NcclGroup::connect(&world, Device::Cpu, Duration::from_millis(10)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("needs a CUDA device"), "{err}");
+        // Where NCCL is not installed the message says what to do; where it is, it loads.
+        if let Err(e) = Nccl::get() {
+            let e = e.to_string();
+            assert!(e.contains("OXCLIP_NCCL") && e.contains("dist.backend: cpu"), "{e}");
+        }
+    }
+}
