@@ -9,11 +9,15 @@
 //! elsewhere.
 //!
 //! The rendezvous (NCCL's unique id), byte gathers and barriers go through a [`TcpGroup`].
+//! A watchdog thread turns a collective that never completes into an error (see
+//! [`Watchdog`]).
 
+use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::mem::MaybeUninit;
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclResult_t, ncclUniqueId};
 use tch::{Device, Kind, Tensor};
@@ -33,7 +37,17 @@ type Broadcast =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, cudaStream_t) -> ncclResult_t;
 type CommDestroy = unsafe extern "C" fn(ncclComm_t) -> ncclResult_t;
 type GetErrorString = unsafe extern "C" fn(ncclResult_t) -> *const c_char;
+type CommAbort = unsafe extern "C" fn(ncclComm_t) -> ncclResult_t;
+type CommGetAsyncError = unsafe extern "C" fn(ncclComm_t, *mut ncclResult_t) -> ncclResult_t;
 type CudaSetDevice = unsafe extern "C" fn(c_int) -> c_int;
+/// `cudaEvent_t` is an opaque pointer.
+type CudaEvent = *mut c_void;
+type CudaEventCreateWithFlags = unsafe extern "C" fn(*mut CudaEvent, u32) -> c_int;
+type CudaEventRecord = unsafe extern "C" fn(CudaEvent, cudaStream_t) -> c_int;
+type CudaEventQuery = unsafe extern "C" fn(CudaEvent) -> c_int;
+type CudaEventDestroy = unsafe extern "C" fn(CudaEvent) -> c_int;
+/// `cudaEventDisableTiming`: events only to ask "done yet?".
+const EVENT_DISABLE_TIMING: u32 = 2;
 
 /// The NCCL functions oxclip calls, from one opened library.
 struct Nccl {
@@ -45,8 +59,14 @@ struct Nccl {
     reduce_scatter: ReduceScatter,
     broadcast: Broadcast,
     comm_destroy: CommDestroy,
+    comm_abort: CommAbort,
+    comm_get_async_error: CommGetAsyncError,
     get_error_string: GetErrorString,
     cuda_set_device: CudaSetDevice,
+    event_create: CudaEventCreateWithFlags,
+    event_record: CudaEventRecord,
+    event_query: CudaEventQuery,
+    event_destroy: CudaEventDestroy,
     _cudart: libloading::Library,
 }
 
@@ -96,8 +116,14 @@ impl Nccl {
                 reduce_scatter: sym!(lib, "ncclReduceScatter"),
                 broadcast: sym!(lib, "ncclBroadcast"),
                 comm_destroy: sym!(lib, "ncclCommDestroy"),
+                comm_abort: sym!(lib, "ncclCommAbort"),
+                comm_get_async_error: sym!(lib, "ncclCommGetAsyncError"),
                 get_error_string: sym!(lib, "ncclGetErrorString"),
                 cuda_set_device: sym!(cudart, "cudaSetDevice"),
+                event_create: sym!(cudart, "cudaEventCreateWithFlags"),
+                event_record: sym!(cudart, "cudaEventRecord"),
+                event_query: sym!(cudart, "cudaEventQuery"),
+                event_destroy: sym!(cudart, "cudaEventDestroy"),
                 _lib: lib,
                 _cudart: cudart,
             })
@@ -128,6 +154,81 @@ pub struct NcclGroup {
     world_size: usize,
     /// Rendezvous, byte gathers and barriers.
     bootstrap: TcpGroup,
+    watchdog: Arc<Watchdog>,
+    watchdog_thread: Option<std::thread::JoinHandle<()>>,
+    seq: std::cell::Cell<u64>,
+}
+
+/// NCCL collectives run on the GPU and never time out by themselves: a dead or stalled peer
+/// leaves the others' kernels waiting forever. As PyTorch's watchdog does, a thread watches
+/// an event recorded after each collective; one not done within the timeout, or an
+/// asynchronous NCCL error, aborts the communicator (which ends the waiting kernels) and the
+/// next collective on this rank returns the error, naming the collective.
+struct Watchdog {
+    /// Collectives enqueued and not yet seen complete: (when, what, event), oldest first.
+    pending: Mutex<VecDeque<(Instant, String, SendPtr)>>,
+    /// Why the communicator was aborted.
+    failed: Mutex<Option<String>>,
+    stop: AtomicBool,
+}
+
+/// A CUDA or NCCL handle moved to the watchdog thread; CUDA and NCCL allow using them from
+/// any thread.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut c_void);
+// SAFETY: see above; the handles are only passed back to CUDA/NCCL calls.
+unsafe impl Send for SendPtr {}
+
+fn watch(nccl: &'static Nccl, comm: SendPtr, cuda_index: c_int, timeout: Duration, state: Arc<Watchdog>) {
+    // SAFETY: selects this thread's device for the event queries.
+    unsafe {
+        (nccl.cuda_set_device)(cuda_index);
+    }
+    let comm = comm.0 as ncclComm_t;
+    while !state.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        let mut problem = None;
+        if let Ok(mut pending) = state.pending.lock() {
+            while let Some((since, what, event)) = pending.front() {
+                // SAFETY: the event was created by cudaEventCreateWithFlags and is destroyed
+                // only here, once.
+                let status = unsafe { (nccl.event_query)(event.0) };
+                if status == 0 {
+                    unsafe {
+                        (nccl.event_destroy)(event.0);
+                    }
+                    pending.pop_front();
+                } else if since.elapsed() > timeout {
+                    problem = Some(format!(
+                        "{what} did not complete within {}s: a rank died or stalls (raise dist.timeout_s if it is only slow)",
+                        timeout.as_secs()
+                    ));
+                    break;
+                } else {
+                    break;
+                }
+            }
+        }
+        let mut async_error = ncclResult_t::ncclSuccess;
+        // SAFETY: queries the live communicator.
+        unsafe {
+            (nccl.comm_get_async_error)(comm, &mut async_error);
+        }
+        if problem.is_none() && !matches!(async_error, ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress) {
+            problem = Some(format!("NCCL reported {async_error:?}"));
+        }
+        if let Some(message) = problem {
+            tracing::error!("NCCL watchdog: {message}; aborting the communicator");
+            if let Ok(mut failed) = state.failed.lock() {
+                *failed = Some(message);
+            }
+            // SAFETY: aborting a live communicator from another thread is what it is for.
+            unsafe {
+                (nccl.comm_abort)(comm);
+            }
+            return;
+        }
+    }
 }
 
 impl NcclGroup {
@@ -163,7 +264,56 @@ impl NcclGroup {
         // SAFETY: every rank calls ncclCommInitRank with the same id and world size.
         nccl.check("ncclCommInitRank", unsafe { (nccl.comm_init_rank)(&mut comm, ranks, id, rank) })?;
         tracing::info!("rank {} of {}: NCCL communicator on cuda:{index}", world.rank, world.world_size);
-        Ok(Self { nccl, comm, device, rank: world.rank, world_size: world.world_size, bootstrap })
+        let watchdog = Arc::new(Watchdog { pending: Mutex::new(VecDeque::new()), failed: Mutex::new(None), stop: AtomicBool::new(false) });
+        let (state, comm_ptr) = (Arc::clone(&watchdog), SendPtr(comm as *mut c_void));
+        let watchdog_thread = std::thread::Builder::new()
+            .name("oxclip-nccl-watchdog".into())
+            .spawn(move || watch(nccl, comm_ptr, cuda_index, timeout, state))
+            .map_err(|e| dist_err(format!("cannot start the NCCL watchdog: {e}")))?;
+        Ok(Self {
+            nccl,
+            comm,
+            device,
+            rank: world.rank,
+            world_size: world.world_size,
+            bootstrap,
+            watchdog,
+            watchdog_thread: Some(watchdog_thread),
+            seq: std::cell::Cell::new(0),
+        })
+    }
+
+    /// Fails if the watchdog aborted the communicator.
+    fn healthy(&self) -> Result<()> {
+        match self.watchdog.failed.lock().ok().and_then(|f| f.clone()) {
+            Some(message) => Err(dist_err(format!("rank {}: {message}", self.rank))),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs one NCCL call, then hands the watchdog an event that completes with it.
+    fn collective(&self, what: &str, call: impl FnOnce() -> ncclResult_t) -> Result<()> {
+        self.healthy()?;
+        let seq = self.seq.get() + 1;
+        self.seq.set(seq);
+        self.nccl.check(what, call())?;
+        let mut event: CudaEvent = std::ptr::null_mut();
+        // SAFETY: creates and records an event on the stream the collective was queued on.
+        let status = unsafe {
+            let created = (self.nccl.event_create)(&mut event, EVENT_DISABLE_TIMING);
+            if created == 0 {
+                (self.nccl.event_record)(event, Self::null_stream())
+            } else {
+                created
+            }
+        };
+        if status != 0 {
+            return Err(dist_err(format!("CUDA error {status} recording the end of {what}")));
+        }
+        if let Ok(mut pending) = self.watchdog.pending.lock() {
+            pending.push_back((Instant::now(), format!("{what} #{seq}"), SendPtr(event)));
+        }
+        Ok(())
     }
 
     /// The tensor as NCCL sees it: contiguous, on this rank's GPU, of a type NCCL reduces.
@@ -190,9 +340,16 @@ impl NcclGroup {
 
 impl Drop for NcclGroup {
     fn drop(&mut self) {
-        // SAFETY: the communicator was created by ncclCommInitRank and is destroyed once.
-        unsafe {
-            (self.nccl.comm_destroy)(self.comm);
+        self.watchdog.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.watchdog_thread.take() {
+            let _ = thread.join();
+        }
+        // An aborted communicator is already gone.
+        if self.healthy().is_ok() {
+            // SAFETY: the communicator was created by ncclCommInitRank and is destroyed once.
+            unsafe {
+                (self.nccl.comm_destroy)(self.comm);
+            }
         }
     }
 }
@@ -216,7 +373,7 @@ impl Collectives for NcclGroup {
         let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
         // SAFETY: both buffers are contiguous CUDA memory on this rank's device, the output
         // world_size times the input's element count.
-        self.nccl.check("all_gather", unsafe {
+        self.collective("all_gather", || unsafe {
             (self.nccl.all_gather)(input.data_ptr(), output.data_ptr(), input.numel(), dtype, self.comm, Self::null_stream())
         })?;
         Ok(output)
@@ -231,7 +388,7 @@ impl Collectives for NcclGroup {
         shape[0] /= self.world_size as i64;
         let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
         // SAFETY: contiguous CUDA buffers; the output holds 1/world_size of the input.
-        self.nccl.check("reduce_scatter", unsafe {
+        self.collective("reduce_scatter", || unsafe {
             (self.nccl.reduce_scatter)(
                 input.data_ptr(),
                 output.data_ptr(),
@@ -248,7 +405,7 @@ impl Collectives for NcclGroup {
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
         let (buffer, dtype) = self.prepared(tensor)?;
         // SAFETY: in place on a contiguous CUDA buffer.
-        self.nccl.check("all_reduce", unsafe {
+        self.collective("all_reduce", || unsafe {
             (self.nccl.all_reduce)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, ncclRedOp_t::ncclSum, self.comm, Self::null_stream())
         })?;
         if buffer.data_ptr() != tensor.data_ptr() {
@@ -260,7 +417,7 @@ impl Collectives for NcclGroup {
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
         let (buffer, dtype) = self.prepared(tensor)?;
         // SAFETY: in place on a contiguous CUDA buffer.
-        self.nccl.check("broadcast", unsafe {
+        self.collective("broadcast", || unsafe {
             (self.nccl.broadcast)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, root as c_int, self.comm, Self::null_stream())
         })?;
         if buffer.data_ptr() != tensor.data_ptr() {
@@ -274,6 +431,7 @@ impl Collectives for NcclGroup {
     }
 
     fn barrier(&self) -> Result<()> {
+        self.healthy()?;
         // Work queued on the GPU counts: finish it before meeting the others.
         tch::Cuda::synchronize(match self.device {
             Device::Cuda(i) => i as i64,
