@@ -115,3 +115,105 @@ fn a_rank_killed_with_sigkill_ends_the_launch_without_leftovers() {
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "rank process {pid} is still there");
     }
 }
+
+#[test]
+fn a_stalled_rank_fails_the_others_within_the_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), 100_000, 3);
+    let launcher = oxclip()
+        .args(["launch", "--nproc-per-node", "2", "--grace-s", "2", "--master-port", &free_port().to_string(), "--", "train", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("launch starts");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dir.path().join("run/results.jsonl").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ranks = children(launcher.id());
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    // Freeze rank 1 (SIGSTOP): alive, connected, silent.
+    let victim = *ranks.iter().max().expect("a rank");
+    assert!(std::process::Command::new("kill").args(["-STOP", &victim.to_string()]).status().expect("kill").success());
+    let started = Instant::now();
+    let output = launcher.wait_with_output().expect("launcher ends");
+    assert!(!output.status.success());
+    // dist.timeout_s is 3: the collective fails after it, then the launcher ends the rest.
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("nothing from rank 1 for 3s"), "{stderr}");
+    for pid in ranks {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "rank process {pid} is still there");
+    }
+}
+
+#[test]
+fn ranks_with_different_configs_refuse_to_train() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), 4, 30);
+    let port = free_port().to_string();
+    let rank = |r: &str, lr: &str| {
+        oxclip()
+            .args(["train", "--config"])
+            .arg(&config)
+            .args(["--set", &format!("optim.lr={lr}")])
+            .env("RANK", r)
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("rank starts")
+    };
+    let (a, b) = (rank("0", "1e-4"), rank("1", "2e-4"));
+    for child in [a, b] {
+        let out = child.wait_with_output().expect("rank ends");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("rank 1's config differs from rank 0's"), "{stderr}");
+    }
+}
+
+#[test]
+fn two_ranks_on_shards_resume_each_rank_where_it_stood() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 300, 0, 32);
+    let config = tiny_config(dir.path(), &data, 10, "  checkpoint_every: 4\n  keep_checkpoints: 5\n  eval_every: 0\n", false);
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace("  workers: 2\n", "  workers: 2\n  shuffle_buffer: 40\n  log_keys: true\ndist:\n  backend: cpu\n  timeout_s: 60\n"))
+        .expect("config");
+    let launch = |run: &Path, resume: Option<&Path>| {
+        let mut cmd = oxclip();
+        cmd.args(["launch", "--nproc-per-node", "2", "--master-port", &free_port().to_string(), "--", "train", "--config"])
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(run);
+        if let Some(from) = resume {
+            cmd.arg("--resume").arg(from);
+        }
+        run_ok(&mut cmd);
+    };
+    let straight = dir.path().join("straight");
+    launch(&straight, None);
+    // Continue the straight run's step-4 checkpoint in a new directory: each rank gets its own
+    // stream position back, so every rank sees the batches it saw the first time.
+    let resumed = dir.path().join("resumed");
+    launch(&resumed, Some(&straight.join("checkpoints/step_4")));
+    let weights = "checkpoints/step_10/model.safetensors";
+    assert!(max_abs_diff(&straight.join(weights), &resumed.join(weights)) <= 1e-6);
+    for rank in 0..2 {
+        let keys = |run: &Path| {
+            std::fs::read_to_string(run.join(format!("keys-rank{rank}.tsv")))
+                .expect("key log")
+                .lines()
+                .filter(|l| l.split('\t').next().and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s > 4))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (keys(&straight), keys(&resumed));
+        assert_eq!(a.len(), 6);
+        assert_eq!(a, b, "rank {rank}");
+    }
+}

@@ -220,6 +220,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
             let mut skipped = Tensor::from(interval.skipped_total as f64);
             comm.all_reduce_sum(&mut skipped)?;
             interval.skipped_total_all_ranks = skipped.double_value(&[]) as u64;
+            state.loader = loader.state(); // for the epoch in the log line
             if let Some(metrics) = metrics.as_mut() {
                 log_train(metrics, &state, cfg.steps, final_loss, scale, lr, global_batch, comm.world_size(), &interval, out.grad_norm)?;
             }
