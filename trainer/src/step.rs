@@ -43,9 +43,10 @@ pub fn train_step(
     // 1. Encode the local batch; keep the graph for step 5.
     let (image_features, text_features) = tch::autocast(cfg.autocast_bf16, || model.features(images, tokens));
 
-    // 2. Gather detached features from every rank: (N, d), N = W n.
-    let all_image = comm.all_gather(&image_features.detach().to_kind(Kind::Float))?;
-    let all_text = comm.all_gather(&text_features.detach().to_kind(Kind::Float))?;
+    // 2. Gather detached features from every rank: (N, d), N = W n. In their own precision
+    // (bf16 under amp_bf16, half the bytes, as open_clip exchanges them); the loss is fp32.
+    let all_image = comm.all_gather(&image_features.detach())?;
+    let all_text = comm.all_gather(&text_features.detach())?;
 
     // 3. This rank's rows of the loss, and the feature and temperature gradients.
     let out = loss::clip::clip_loss(&all_image, &all_text, &model.logit_scale.detach(), rank * n..rank * n + n);
