@@ -25,6 +25,9 @@ enum Command {
     /// Start this node's ranks of a multi-process run (as torchrun does):
     /// `oxclip launch --nproc-per-node 8 -- train --config run.yaml`.
     Launch(commands::launch::LaunchArgs),
+    /// Write a checkpoint as a directory open_clip or Hugging Face loads:
+    /// `oxclip export --checkpoint runs/x --format hf --out exported/`.
+    Export(commands::export::ExportArgs),
     /// Inspect run configs.
     Config {
         #[command(subcommand)]
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Train(args) => commands::train::run(args),
+        Command::Export(args) => commands::export::run(args),
         Command::Config { command: ConfigCommand::Show(args) } => {
             config::load(&args.config, &args.overrides).map(|c| print!("{}", c.to_yaml())).map_err(Into::into)
         }

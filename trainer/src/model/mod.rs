@@ -4,6 +4,8 @@
 //! `strict=True` and open_clip weights load here with nothing renamed.
 
 pub mod config;
+pub mod export;
+pub mod hf;
 pub mod text;
 pub mod transformer;
 pub mod vision;
@@ -82,13 +84,23 @@ pub fn num_params(vs: &nn::VarStore) -> i64 {
     vs.variables().values().map(|t| t.numel() as i64).sum()
 }
 
-/// Loads open_clip-named weights into `vs`, converting dtype (fp16 / bf16 files load) and
-/// refusing any mismatch: every missing, unexpected or mis-shaped tensor is named.
+/// Loads weights into `vs` from a safetensors file in open_clip layout (an oxclip checkpoint,
+/// `open_clip_model.safetensors`) or Hugging Face `CLIPModel` layout (`model.safetensors`),
+/// told apart by their names; converts dtype (fp16 / bf16 files load) and refuses any
+/// mismatch, naming every missing, unexpected or mis-shaped tensor. Pickled checkpoints are
+/// refused with the conversion to run.
 pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
-    let loaded: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
+    refuse_pickles(path)?;
+    let mut loaded: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
         .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })?
         .into_iter()
         .collect();
+    if hf::is_hf(loaded.keys()) {
+        loaded = hf::from_hf(loaded).map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })?;
+    } else if loaded.keys().all(|k| k.starts_with("module.")) {
+        // Saved from inside DistributedDataParallel, as open_clip's own checkpoints are.
+        loaded = loaded.into_iter().map(|(k, v)| (k["module.".len()..].to_owned(), v)).collect();
+    }
     let vars = vs.variables();
     let mut problems = Vec::new();
     let missing: Vec<&String> = vars.keys().filter(|k| !loaded.contains_key(*k)).collect();
@@ -116,6 +128,29 @@ pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// We never unpickle (a pickle runs code). `.pt`, `.pth`, `.bin` and `.ckpt` files, and files
+/// that start like a zip or a pickle, get the one line of Python that converts them.
+fn refuse_pickles(path: &Path) -> Result<()> {
+    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let mut head = [0u8; 9];
+    let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
+    // safetensors: an 8-byte header length, then the JSON header.
+    let safetensors = read.is_ok() && head[8] == b'{';
+    let pickle_magic = read.is_ok() && (head[..4] == *b"PK\x03\x04" || (head[0] == 0x80 && (2..=5).contains(&head[1])));
+    if !safetensors && (pickle_magic || ["pt", "pth", "bin", "ckpt"].contains(&ext.as_str())) {
+        let p = path.display();
+        return Err(TrainError::Weights {
+            path: path.into(),
+            message: format!(
+                "a pickled PyTorch file; oxclip reads safetensors only (unpickling runs arbitrary code). Convert it once with:\n  \
+                 python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('{p}', map_location='cpu', weights_only=True); \
+                 sd = sd.get('state_dict', sd); save_file({{k.removeprefix('module.'): v.contiguous() for k, v in sd.items()}}, '{p}.safetensors')\""
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Writes `vs` as fp32 safetensors with open_clip's keys.
@@ -174,6 +209,42 @@ mod tests {
         padded[10] = 999;
         let t2 = normalize(&model.encode_text(&Tensor::from_slice(&padded).view([2, 32])));
         assert!((t - t2).abs().max().double_value(&[]) < 1e-6);
+    }
+
+    /// A Hugging Face CLIPModel file (tests/fixtures/make_hf_fixtures.py) loads through the
+    /// name mapping and gives transformers' embeddings, in fp32 and from an fp16 copy.
+    #[test]
+    fn hugging_face_weights_give_transformers_embeddings() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml")).unwrap();
+        let io: BTreeMap<String, Tensor> = Tensor::read_safetensors(fixtures.join("hf_tiny/io.safetensors")).unwrap().into_iter().collect();
+        let dir = tempfile::tempdir().unwrap();
+        let half = dir.path().join("model-fp16.safetensors");
+        let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(fixtures.join("hf_tiny/model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_kind(Kind::Half)))
+            .collect();
+        Tensor::write_safetensors(&tensors, &half).unwrap();
+        for (file, tolerance) in [(fixtures.join("hf_tiny/model.safetensors"), 1e-5), (half, 5e-3)] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = Clip::new(&vs.root(), &cfg).unwrap();
+            load_weights(&vs, &file).unwrap();
+            let (i, t) = tch::no_grad(|| model.features(&io["pixel_values"], &io["input_ids"]));
+            let di = (i - &io["image_embeds"]).abs().max().double_value(&[]);
+            let dt = (t - &io["text_embeds"]).abs().max().double_value(&[]);
+            assert!(di < tolerance && dt < tolerance, "{}: image {di}, text {dt}", file.display());
+        }
+    }
+
+    #[test]
+    fn pickles_are_refused_with_the_conversion() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("epoch_32.pt");
+        std::fs::write(&path, b"PK\x03\x04 a torch.save zip").unwrap();
+        let (vs, _) = tiny();
+        let err = load_weights(&vs, &path).unwrap_err().to_string();
+        assert!(err.contains("pickled") && err.contains("save_file") && err.contains("epoch_32.pt.safetensors"), "{err}");
     }
 
     #[test]
