@@ -25,6 +25,12 @@ enum Command {
     /// Start this node's ranks of a multi-process run (as torchrun does):
     /// `oxclip launch --nproc-per-node 8 -- train --config run.yaml`.
     Launch(commands::launch::LaunchArgs),
+    /// L2-normalised image and text embeddings into a safetensors file.
+    Embed(commands::embed::EmbedArgs),
+    /// Zero-shot classify one image among the given labels.
+    Classify(commands::embed::ClassifyArgs),
+    /// Token ids of texts, exactly as open_clip.tokenize gives them.
+    Tokenize(commands::embed::TokenizeArgs),
     /// Write a checkpoint as a directory open_clip or Hugging Face loads:
     /// `oxclip export --checkpoint runs/x --format hf --out exported/`.
     Export(commands::export::ExportArgs),
@@ -119,6 +125,9 @@ fn main() -> ExitCode {
         },
         Command::Train(args) => commands::train::run(args),
         Command::Export(args) => commands::export::run(args),
+        Command::Embed(args) => commands::embed::embed(args),
+        Command::Classify(args) => commands::embed::classify(args),
+        Command::Tokenize(args) => commands::embed::tokenize(args),
         Command::Config { command: ConfigCommand::Show(args) } => {
             config::load(&args.config, &args.overrides).map(|c| print!("{}", c.to_yaml())).map_err(Into::into)
         }

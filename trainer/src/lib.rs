@@ -14,6 +14,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod infer;
 pub mod loss;
 pub mod metrics;
 pub mod model;

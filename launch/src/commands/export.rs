@@ -1,16 +1,13 @@
 //! `oxclip export`: a checkpoint as a directory open_clip or Hugging Face loads as is.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 
-use oxclip_trainer::checkpoint;
 use oxclip_trainer::model::export::{export, Format};
-use oxclip_trainer::model::ModelConfig;
 
-use crate::config;
+use super::weights_and_model;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ExportFormat {
@@ -39,12 +36,7 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let (weights_file, step_dir) = locate(&args.checkpoint)?;
-    let cfg = match (&args.model, &step_dir) {
-        (Some(name), _) => config::resolve_model(name)?,
-        (None, Some(dir)) => model_of_checkpoint(dir)?,
-        (None, None) => bail!("{} is a bare weights file: say which architecture it is with --model", weights_file.display()),
-    };
+    let (weights_file, cfg) = weights_and_model(&args.checkpoint, args.model.as_deref())?;
     // Load through the model, so the export is exactly what training would start from and
     // any mismatch is reported by name.
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
@@ -62,30 +54,3 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The weights file and, when there is one, the checkpoint directory it belongs to.
-fn locate(path: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-    if path.is_file() {
-        let dir = path.parent().filter(|d| d.join("trainer_state.json").is_file()).map(Path::to_path_buf);
-        return Ok((path.to_path_buf(), dir));
-    }
-    if path.join("model.safetensors").is_file() {
-        return Ok((path.join("model.safetensors"), Some(path.to_path_buf())));
-    }
-    if path.is_dir() {
-        let dir = checkpoint::latest_valid(path)?
-            .with_context(|| format!("{} holds no complete checkpoint (checkpoints/step_N/model.safetensors)", path.display()))?;
-        return Ok((dir.join("model.safetensors"), Some(dir)));
-    }
-    bail!("{} does not exist", path.display())
-}
-
-/// The model section of the run config saved in a checkpoint.
-fn model_of_checkpoint(dir: &Path) -> anyhow::Result<ModelConfig> {
-    let state = checkpoint::read_state(dir)?;
-    let run: serde_yaml::Value = serde_yaml::from_str(&state.config).with_context(|| format!("{}: the saved run config", dir.display()))?;
-    let model = run.get("model").with_context(|| format!("{}: the saved run config has no model", dir.display()))?;
-    match model {
-        serde_yaml::Value::String(name) => Ok(config::resolve_model(name)?),
-        other => Ok(serde_yaml::from_value(other.clone()).with_context(|| format!("{}: the saved model config", dir.display()))?),
-    }
-}

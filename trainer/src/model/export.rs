@@ -8,14 +8,14 @@
 //! - Hugging Face: `model.safetensors` (with the `{"format": "pt"}` metadata transformers
 //!   requires), `config.json` and `preprocessor_config.json` for `CLIPImageProcessor`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use oxclip_data_loader::{OPENAI_MEAN, OPENAI_STD};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::config::ModelConfig;
-use super::hf;
+use super::{hf, write_safetensors};
 use crate::error::{io_err, Result, TrainError};
 
 /// Which loader the export is for.
@@ -32,7 +32,7 @@ pub fn export(weights: BTreeMap<String, Tensor>, cfg: &ModelConfig, format: Form
     let written = match format {
         Format::OpenClip => {
             let model = out.join("open_clip_model.safetensors");
-            write_safetensors(&weights, &model)?;
+            write_safetensors(&weights, None, &model)?;
             let config = out.join("open_clip_config.json");
             let json = serde_json::json!({
                 "model_cfg": cfg,
@@ -49,7 +49,7 @@ pub fn export(weights: BTreeMap<String, Tensor>, cfg: &ModelConfig, format: Form
         }
         Format::HuggingFace => {
             let model = out.join("model.safetensors");
-            write_safetensors(&hf::to_hf(weights)?, &model)?;
+            write_safetensors(&hf::to_hf(weights)?, None, &model)?;
             let config = out.join("config.json");
             write_json(&config, &hf::hf_config(cfg))?;
             let preprocessor = out.join("preprocessor_config.json");
@@ -79,29 +79,6 @@ pub fn export(weights: BTreeMap<String, Tensor>, cfg: &ModelConfig, format: Form
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
     std::fs::write(path, text + "\n").map_err(io_err(path))
-}
-
-/// fp32 safetensors with `{"format": "pt"}` metadata (transformers refuses files without it).
-fn write_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
-    let mut data = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let t = t.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
-        let values = Vec::<f32>::try_from(&t.flatten(0, -1))?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        data.push((name.clone(), shape, bytes));
-    }
-    let views = data
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|view| (name.clone(), view))
-                .map_err(|e| TrainError::Weights { path: path.into(), message: format!("{name}: {e}") })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-    safetensors::tensor::serialize_to_file(views, &Some(metadata), path)
-        .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ pub mod text;
 pub mod transformer;
 pub mod vision;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use tch::nn::{self, Init};
@@ -163,6 +163,32 @@ pub fn save_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
     Tensor::write_safetensors(&tensors, path)
         .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })
 }
+
+/// fp32 safetensors with `{"format": "pt"}` metadata (transformers refuses files without it)
+/// and any `extra` metadata.
+pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>, extra: Option<HashMap<String, String>>, path: &Path) -> Result<()> {
+    let mut data = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
+        let values = Vec::<f32>::try_from(&t.flatten(0, -1))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        data.push((name.clone(), shape, bytes));
+    }
+    let views = data
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| TrainError::Weights { path: path.into(), message: format!("{name}: {e}") })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut metadata = extra.unwrap_or_default();
+    metadata.insert("format".to_owned(), "pt".to_owned());
+    safetensors::tensor::serialize_to_file(views, &Some(metadata), path)
+        .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })
+}
+
 
 fn join_sorted(mut names: Vec<&String>) -> String {
     names.sort();

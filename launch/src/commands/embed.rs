@@ -1,0 +1,158 @@
+//! `oxclip embed`, `oxclip classify` and `oxclip tokenize`: a trained model used directly.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use oxclip_data_loader::Tokenizer;
+use oxclip_trainer::device;
+use oxclip_trainer::infer::{image_files, Embedder};
+use oxclip_trainer::model::write_safetensors;
+
+use super::weights_and_model;
+
+/// Where the model comes from, shared by the commands that use one.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// A run directory, a `checkpoints/step_N` directory, or a weights file (open_clip or
+    /// Hugging Face layout).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The architecture (built-in name or model YAML); needed for a bare weights file.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// A Hugging Face tokenizer.json instead of the CLIP BPE.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    fn embedder(&self) -> anyhow::Result<Embedder> {
+        let (weights, cfg) = weights_and_model(&self.checkpoint, self.model.as_deref())?;
+        let device = device::resolve(device::parse(&self.device)?)?;
+        Ok(Embedder::new(&cfg, &weights, tokenizer(self.tokenizer.as_deref())?, device)?)
+    }
+}
+
+fn tokenizer(path: Option<&Path>) -> anyhow::Result<Tokenizer> {
+    Ok(match path {
+        Some(p) => Tokenizer::from_tokenizer_json(p)?,
+        None => Tokenizer::clip_from_bpe_gz(&oxclip_data_loader::tokenizer::default_clip_vocab_path()?)?,
+    })
+}
+
+/// A JSON file holding a list of strings.
+fn read_texts(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of strings", path.display()))
+}
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image files or directories (searched recursively for .jpg/.jpeg/.png/.webp, sorted).
+    #[arg(long, num_args = 1..)]
+    pub images: Vec<PathBuf>,
+    /// A JSON file with a list of texts.
+    #[arg(long)]
+    pub texts_file: Option<PathBuf>,
+    /// Where to write `image_embeds` (n x d) and `text_embeds` (m x d), L2-normalised fp32;
+    /// the file's metadata lists the image paths and texts in row order.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+}
+
+pub fn embed(args: EmbedArgs) -> anyhow::Result<()> {
+    if args.images.is_empty() && args.texts_file.is_none() {
+        bail!("nothing to embed: give --images and/or --texts-file");
+    }
+    let embedder = args.model.embedder()?;
+    let images = image_files(&args.images)?;
+    let texts = match &args.texts_file {
+        Some(path) => read_texts(path)?,
+        None => Vec::new(),
+    };
+    let mut tensors = std::collections::BTreeMap::new();
+    let mut metadata = HashMap::new();
+    if !args.images.is_empty() {
+        tensors.insert("image_embeds".to_owned(), embedder.embed_image_files(&images, args.batch_size)?);
+        let names: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
+        metadata.insert("images".to_owned(), serde_json::to_string(&names)?);
+    }
+    if args.texts_file.is_some() {
+        tensors.insert("text_embeds".to_owned(), embedder.embed_texts(&texts, args.batch_size)?);
+        metadata.insert("texts".to_owned(), serde_json::to_string(&texts)?);
+    }
+    write_safetensors(&tensors, Some(metadata), &args.out)?;
+    println!("{} image(s), {} text(s) -> {}", images.len(), texts.len(), args.out.display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ClassifyArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The image to classify.
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Candidate labels (each a text: "a photo of a dog", or just "dog").
+    #[arg(long, num_args = 1.., required = true)]
+    pub labels: Vec<String>,
+    /// Print one JSON object instead of lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
+    let embedder = args.model.embedder()?;
+    let probs = embedder.classify(&args.image, &args.labels)?;
+    let mut ranked: Vec<(&String, f64)> = args.labels.iter().zip(probs).collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if args.json {
+        let map: serde_json::Map<String, serde_json::Value> = ranked.iter().map(|(l, p)| ((*l).clone(), serde_json::json!(p))).collect();
+        println!("{}", serde_json::Value::Object(map));
+    } else {
+        for (label, p) in ranked {
+            println!("{:6.2}%  {label}", 100.0 * p);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    /// A JSON file with a list of texts.
+    #[arg(long)]
+    pub texts_file: PathBuf,
+    /// Where to write the ids, a JSON list of lists; standard output if not given.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 77)]
+    pub context_length: usize,
+    /// A Hugging Face tokenizer.json instead of the CLIP BPE.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+pub fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
+    if args.context_length < 2 {
+        bail!("--context-length must be at least 2 (start and end of text)");
+    }
+    let tokenizer = tokenizer(args.tokenizer.as_deref())?;
+    let texts = read_texts(&args.texts_file)?;
+    let ids: Vec<Vec<i64>> = texts.iter().map(|t| tokenizer.encode(t, args.context_length)).collect();
+    let json = serde_json::to_string(&ids)?;
+    match &args.out {
+        Some(path) => std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?,
+        None => println!("{json}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! `oxclip tokenize`, `embed` and `classify` end to end on the real binary.
+
+mod util;
+
+use util::*;
+
+/// `oxclip tokenize` gives open_clip's ids for every case of the golden file.
+#[test]
+fn tokenize_matches_open_clip() {
+    let golden: serde_json::Value = serde_json::from_str(include_str!("../../tests/fixtures/tokenizer_golden.json")).expect("golden");
+    let cases = golden["cases"].as_array().expect("cases");
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().expect("text")).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (input, output) = (dir.path().join("texts.json"), dir.path().join("ids.json"));
+    std::fs::write(&input, serde_json::to_string(&texts).expect("json")).expect("write");
+    run_ok(oxclip().args(["tokenize", "--texts-file"]).arg(&input).arg("--out").arg(&output));
+    let ids: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(&output).expect("read")).expect("ids");
+    assert_eq!(ids.len(), cases.len());
+    for (got, case) in ids.iter().zip(cases) {
+        let want: Vec<i64> = serde_json::from_value(case["ids"].clone()).expect("ids");
+        assert_eq!(got, &want, "{}", case["text"]);
+    }
+    // Bad input is an error naming the file.
+    std::fs::write(&input, "{\"not\": \"a list\"}").expect("write");
+    let out = oxclip().args(["tokenize", "--texts-file"]).arg(&input).output().expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("texts.json"));
+}
+
+#[test]
+fn embed_and_classify_with_a_trained_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 64, 0, 32);
+    let config = tiny_config(dir.path(), &data, 2, "  eval_every: 0\n", false);
+    run_ok(oxclip().args(["train", "--config"]).arg(&config));
+    let run = dir.path().join("run");
+
+    // Some images of the run's kind, as files.
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).expect("mkdir");
+    for i in 0..3u8 {
+        let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 60 * i]));
+        img.save(images.join(format!("{i}.png"))).expect("png");
+    }
+    let texts = dir.path().join("texts.json");
+    std::fs::write(&texts, r#"["a red circle", "a blue square above a green cross"]"#).expect("write");
+    let out = dir.path().join("embeds.safetensors");
+    run_ok(oxclip().args(["embed", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--images").arg(&images)
+        .arg("--texts-file").arg(&texts).arg("--out").arg(&out));
+    let embeds = read_safetensors(&out);
+    assert_eq!(embeds["image_embeds"].size(), [3, 64]);
+    assert_eq!(embeds["text_embeds"].size(), [2, 64]);
+    for t in embeds.values() {
+        let norms = t.norm_scalaropt_dim(2, [1], false);
+        assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    let out = run_ok(oxclip().args(["classify", "--json", "--device", "cpu", "--checkpoint"]).arg(&run)
+        .arg("--image").arg(images.join("0.png")).args(["--labels", "a red circle", "a blue square", "a green cross"]));
+    let probs: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(probs.len(), 3);
+    let sum: f64 = probs.values().map(|v| v.as_f64().expect("number")).sum();
+    assert!((sum - 1.0).abs() < 1e-6, "{sum}");
+
+    // A missing image is an error naming it.
+    let bad = oxclip().args(["classify", "--device", "cpu", "--checkpoint"]).arg(&run).args(["--image", "nope.png", "--labels", "x"]).output().expect("runs");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("nope.png"));
+}
