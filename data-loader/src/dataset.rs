@@ -155,6 +155,7 @@ pub fn open_with_image_size(
         )),
         DataSpec::Csv(csv) => Ok(Box::new(sources::csv::load(csv)?)),
         DataSpec::Folder(dir) => Ok(Box::new(sources::folder::load(dir)?)),
+        DataSpec::Classes(dir) => Ok(Box::new(sources::classes::load(dir)?.0)),
         DataSpec::Jsonl(jsonl) => Ok(Box::new(sources::jsonl::load(jsonl)?)),
     }
 }

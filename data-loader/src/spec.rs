@@ -30,6 +30,9 @@ pub enum DataSpec {
     Csv(CsvSpec),
     /// A directory of images with a `NAME.txt` caption beside each `NAME.jpg`.
     Folder(PathBuf),
+    /// `classes:DIR`: a folder per class (`DIR/<class>/*.jpg`), labelled, for zero-shot
+    /// evaluation.
+    Classes(PathBuf),
     /// A JSON Lines file, one `{"image": PATH, "caption": TEXT}` object per line.
     Jsonl(JsonlSpec),
 }
@@ -164,6 +167,13 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
         spec: spec.to_owned(),
         message,
     };
+    if let Some(dir) = source.strip_prefix("classes:") {
+        let dir = PathBuf::from(dir);
+        if !dir.is_dir() {
+            return Err(spec_err(format!("{} is not a directory", dir.display())));
+        }
+        return Ok(Some(DataSpec::Classes(dir)));
+    }
     if let Some(dir) = source.strip_prefix("folder:") {
         let dir = PathBuf::from(dir);
         if !dir.is_dir() {

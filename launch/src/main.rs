@@ -25,6 +25,8 @@ enum Command {
     /// Start this node's ranks of a multi-process run (as torchrun does):
     /// `oxclip launch --nproc-per-node 8 -- train --config run.yaml`.
     Launch(commands::launch::LaunchArgs),
+    /// Zero-shot classification or image-text retrieval metrics of a checkpoint.
+    Eval(commands::eval::EvalArgs),
     /// L2-normalised image and text embeddings into a safetensors file.
     Embed(commands::embed::EmbedArgs),
     /// Zero-shot classify one image among the given labels.
@@ -126,6 +128,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Export(args) => commands::export::run(args),
         Command::Embed(args) => commands::embed::embed(args),
+        Command::Eval(args) => commands::eval::run(args),
         Command::Classify(args) => commands::embed::classify(args),
         Command::Tokenize(args) => commands::embed::tokenize(args),
         Command::Config { command: ConfigCommand::Show(args) } => {

@@ -67,3 +67,43 @@ fn embed_and_classify_with_a_trained_checkpoint() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("nope.png"));
 }
+
+#[test]
+fn eval_zero_shot_on_class_folders_and_retrieval_on_pairs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 64, 32, 32);
+    let config = tiny_config(dir.path(), &data, 2, "  eval_every: 0\n", false);
+    run_ok(oxclip().args(["train", "--config"]).arg(&config));
+    let run = dir.path().join("run");
+
+    // A folder per class: the folder names are the class names.
+    let classes = dir.path().join("classes");
+    for (i, name) in ["red circle", "blue square"].iter().enumerate() {
+        for j in 0..2u8 {
+            let img = image::RgbImage::from_pixel(32, 32, image::Rgb([200 * (1 - i as u8), 40 * j, 200 * i as u8]));
+            let path = classes.join(name).join(format!("{j}.png"));
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            img.save(&path).expect("png");
+        }
+    }
+    let out = run_ok(oxclip().args(["eval", "--json", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--zero-shot").arg(&classes));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(result["zero_shot"]["samples"], 4, "{result}");
+    let top5 = result["zero_shot"]["top5"].as_f64().expect("top5");
+    assert_eq!(top5, 1.0, "two classes: always in the top 5");
+
+    let out = run_ok(oxclip().args(["eval", "--json", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--retrieval").arg(data.join("val")));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let r = &result["retrieval"];
+    assert_eq!(r["pairs"], 32, "{result}");
+    for key in ["image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10", "image_to_text_mean_rank", "image_to_text_median_rank",
+                "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "text_to_image_mean_rank", "text_to_image_median_rank"] {
+        assert!(r[key].is_number(), "{key}: {result}");
+    }
+    assert!(r["image_to_text_R@10"].as_f64().expect("R@10") >= r["image_to_text_R@1"].as_f64().expect("R@1"));
+
+    // Labelled shards need the class names.
+    let out = oxclip().args(["eval", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--zero-shot").arg(data.join("val")).output().expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--classnames"));
+}

@@ -40,6 +40,8 @@ fn trains_logs_tensorboard_and_checkpoints() {
         "train/batch_time",
         "val/synth-zeroshot-top1",
         "val/synth-zeroshot-top5",
+        "val/image_to_text_R@1",
+        "val/text_to_image_mean_rank",
     ] {
         assert!(tb.contains_key(tag), "missing {tag}; have {:?}", tb.keys().collect::<Vec<_>>());
     }

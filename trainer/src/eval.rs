@@ -1,6 +1,10 @@
-//! Zero-shot classification (CLIP paper section 3.1.4; open_clip `zero_shot_classifier.py`):
-//! each class's text embedding is the normalised mean of its prompts' normalised embeddings;
-//! an image is assigned the class of highest cosine similarity.
+//! The evaluations the field reports, as open_clip computes them:
+//!
+//! - zero-shot classification (CLIP paper section 3.1.4; open_clip `zero_shot_classifier.py`):
+//!   each class's text embedding is the normalised mean of its prompts' normalised
+//!   embeddings; an image is assigned the class of highest cosine similarity;
+//! - image-text retrieval over pairs (open_clip `get_clip_metrics`): for each image the rank
+//!   of its own caption among all captions, and the reverse; R@1/5/10, mean and median rank.
 
 use tch::{Device, Kind, Tensor};
 
@@ -41,26 +45,122 @@ pub fn zero_shot_classifier(
 
 /// Classifies every labelled sample the loader yields (one pass, in dataset order).
 pub fn zero_shot_accuracy(model: &Clip, classifier: &Tensor, loader: &mut Loader, device: Device) -> Result<ZeroShotResult> {
+    let result = evaluate(model, loader, Some(classifier), false, device)?;
+    Ok(result.zero_shot.unwrap_or(ZeroShotResult { top1: 0.0, top5: 0.0, samples: 0 }))
+}
+
+/// Image<->text retrieval metrics, with open_clip's names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrievalResult {
+    pub pairs: u64,
+    /// (name, value), e.g. `("image_to_text_R@1", 0.52)`, in a fixed order.
+    pub metrics: Vec<(String, f64)>,
+}
+
+impl RetrievalResult {
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+}
+
+/// Rows of `queries` scored against all of `targets` at a time.
+const RETRIEVAL_CHUNK: i64 = 1024;
+
+/// For each row i of `queries` (n, d), the 0-based rank of `targets[i]` among all rows of
+/// `targets` (n, d) by dot product: the number of targets scoring strictly higher. Computed
+/// `RETRIEVAL_CHUNK` rows at a time, so memory is O(chunk x n), not O(n^2).
+fn ranks_of_own_pair(queries: &Tensor, targets: &Tensor) -> Tensor {
+    let n = queries.size()[0];
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = RETRIEVAL_CHUNK.min(n - start);
+        let scores = queries.narrow(0, start, len).matmul(&targets.tr());
+        // The own pair's score taken from the same matrix, so ties compare equal exactly.
+        let own = scores.gather(1, &Tensor::arange_start(start, start + len, (Kind::Int64, scores.device())).unsqueeze(1), false);
+        parts.push(scores.gt_tensor(&own).sum_dim_intlist([1i64].as_slice(), false, Kind::Int64));
+        start += len;
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// open_clip's `get_clip_metrics` on L2-normalised embeddings of n image-caption pairs
+/// (row i of each is pair i): for both directions R@1, R@5, R@10, mean rank and median
+/// rank (1-based; the median floored as numpy's is).
+pub fn retrieval_metrics(image: &Tensor, text: &Tensor) -> RetrievalResult {
     let _guard = tch::no_grad_guard();
-    let classes = classifier.size()[1];
-    let k = 5.min(classes);
-    let (mut top1, mut top5, mut total) = (0i64, 0i64, 0i64);
+    let (image, text) = (image.to_kind(Kind::Float), text.to_kind(Kind::Float));
+    let n = image.size()[0];
+    let mut metrics = Vec::new();
+    for (name, ranks) in [("image_to_text", ranks_of_own_pair(&image, &text)), ("text_to_image", ranks_of_own_pair(&text, &image))] {
+        let ranks: Vec<i64> = Vec::try_from(&ranks.to_device(Device::Cpu)).unwrap_or_default();
+        let mean = ranks.iter().sum::<i64>() as f64 / n.max(1) as f64 + 1.0;
+        let mut sorted = ranks.clone();
+        sorted.sort_unstable();
+        let median = match sorted.len() {
+            0 => 0.0,
+            len if len % 2 == 1 => sorted[len / 2] as f64,
+            len => (sorted[len / 2 - 1] + sorted[len / 2]) as f64 / 2.0,
+        };
+        metrics.push((format!("{name}_mean_rank"), mean));
+        metrics.push((format!("{name}_median_rank"), median.floor() + 1.0));
+        for k in [1, 5, 10] {
+            let hits = ranks.iter().filter(|&&r| r < k).count();
+            metrics.push((format!("{name}_R@{k}"), hits as f64 / n.max(1) as f64));
+        }
+    }
+    RetrievalResult { pairs: n as u64, metrics }
+}
+
+/// What one evaluation pass measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalResult {
+    /// With a classifier: zero-shot accuracy over the labelled samples.
+    pub zero_shot: Option<ZeroShotResult>,
+    /// With `retrieval`: image<->text retrieval over the pairs.
+    pub retrieval: Option<RetrievalResult>,
+}
+
+/// One pass over the loader's samples (dataset order, eval transform): zero-shot accuracy
+/// against `classifier` (from [`zero_shot_classifier`]) when given, retrieval over the
+/// image-caption pairs when `retrieval`. Embeddings are kept (n x d), the metrics computed
+/// in chunks.
+pub fn evaluate(model: &Clip, loader: &mut Loader, classifier: Option<&Tensor>, retrieval: bool, device: Device) -> Result<EvalResult> {
+    let _guard = tch::no_grad_guard();
     let image_size = model.config.vision_cfg.image_size;
+    let context = model.config.text_cfg.context_length;
+    let (mut images, mut texts, mut labels) = (Vec::new(), Vec::new(), Vec::new());
     while let Some(batch) = loader.next_eval_batch()? {
         let b = batch.batch_size as i64;
-        let images = Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]).to_device(device);
-        let labels = Tensor::from_slice(&batch.labels).to_device(device);
-        let keep = labels.ge(0);
-        let features = normalize(&model.encode_image(&images).to_kind(Kind::Float));
-        let logits = features.matmul(classifier);
-        let (_, pred) = logits.topk(k, 1, true, true);
-        let hits = pred.eq_tensor(&labels.unsqueeze(1)).logical_and(&keep.unsqueeze(1));
-        top1 += hits.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
-        top5 += hits.sum(Kind::Int64).int64_value(&[]);
-        total += keep.sum(Kind::Int64).int64_value(&[]);
+        let pixels = Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]).to_device(device);
+        images.push(normalize(&model.encode_image(&pixels).to_kind(Kind::Float)));
+        if retrieval {
+            let tokens = Tensor::from_slice(&batch.tokens).view([b, context]).to_device(device);
+            texts.push(normalize(&model.encode_text(&tokens).to_kind(Kind::Float)));
+        }
+        labels.push(Tensor::from_slice(&batch.labels).to_device(device));
     }
+    if images.is_empty() {
+        return Ok(EvalResult { zero_shot: classifier.map(|_| ZeroShotResult { top1: 0.0, top5: 0.0, samples: 0 }), retrieval: None });
+    }
+    let images = Tensor::cat(&images, 0);
+    let zero_shot = classifier.map(|c| zero_shot_scores(&images, &Tensor::cat(&labels, 0), c));
+    let retrieval = retrieval.then(|| retrieval_metrics(&images, &Tensor::cat(&texts, 0)));
+    Ok(EvalResult { zero_shot, retrieval })
+}
+
+/// Top-1/top-5 of normalised image embeddings against the class embeddings; samples with
+/// label -1 (none) are left out.
+fn zero_shot_scores(images: &Tensor, labels: &Tensor, classifier: &Tensor) -> ZeroShotResult {
+    let k = 5.min(classifier.size()[1]);
+    let keep = labels.ge(0);
+    let (_, pred) = images.matmul(classifier).topk(k, 1, true, true);
+    let hits = pred.eq_tensor(&labels.unsqueeze(1)).logical_and(&keep.unsqueeze(1));
+    let top1 = hits.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
+    let top5 = hits.sum(Kind::Int64).int64_value(&[]);
+    let total = keep.sum(Kind::Int64).int64_value(&[]);
     let frac = |x: i64| if total == 0 { 0.0 } else { x as f64 / total as f64 };
-    Ok(ZeroShotResult { top1: frac(top1), top5: frac(top5), samples: total as u64 })
+    ZeroShotResult { top1: frac(top1), top5: frac(top5), samples: total as u64 }
 }
 
 /// OpenAI's 80 ImageNet prompt templates (CLIP repo, `notebooks/Prompt_Engineering_for_ImageNet.ipynb`),
@@ -147,3 +247,76 @@ pub const OPENAI_IMAGENET_TEMPLATES: [&str; 80] = [
     "a photo of a small {}.",
     "a tattoo of the {}.",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(values: &[[f32; 2]]) -> Tensor {
+        let flat: Vec<f32> = values.iter().flatten().copied().collect();
+        Tensor::from_slice(&flat).view([values.len() as i64, 2])
+    }
+
+    #[test]
+    fn retrieval_metrics_on_a_known_case() {
+        // Unit vectors; the scores, worked out by hand:
+        let image = rows(&[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]);
+        let text = rows(&[[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]]);
+        // scores image x text:
+        //   img0: [1.0, 0.0, 0.8]   own 1.0 -> rank 0
+        //   img1: [0.0, 1.0, 0.6]   own 1.0 -> rank 0
+        //   img2: [0.6, 0.8, 0.96]  own 0.96 -> rank 0
+        // text x image:
+        //   txt0: [1.0, 0.0, 0.6]   own 1.0 -> rank 0
+        //   txt1: [0.0, 1.0, 0.8]   own 1.0 -> rank 0
+        //   txt2: [0.8, 0.6, 0.96]  own 0.96 -> rank 0
+        let r = retrieval_metrics(&image, &text);
+        assert_eq!(r.get("image_to_text_R@1"), Some(1.0));
+        assert_eq!(r.get("text_to_image_mean_rank"), Some(1.0));
+
+        // Swap two captions: pairs 0 and 1 now rank their own caption second (of 3).
+        let swapped = rows(&[[0.0, 1.0], [1.0, 0.0], [0.8, 0.6]]);
+        let r = retrieval_metrics(&image, &swapped);
+        // img0 vs [0.0, 1.0, 0.8]: own 0.0, two above -> rank 2; img1 vs [1.0, 0.0, 0.6]: own 0.0 -> rank 2;
+        // img2 vs [0.8, 0.6, 0.96]: rank 0.
+        assert!((r.get("image_to_text_R@1").unwrap() - 1.0 / 3.0).abs() < 1e-9);
+        assert_eq!(r.get("image_to_text_R@5"), Some(1.0));
+        assert!((r.get("image_to_text_mean_rank").unwrap() - (2.0 + 2.0 + 0.0) / 3.0 - 1.0).abs() < 1e-9);
+        assert_eq!(r.get("image_to_text_median_rank"), Some(3.0));
+        assert_eq!(r.pairs, 3);
+        let names: Vec<&str> = r.metrics.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[..5], ["image_to_text_mean_rank", "image_to_text_median_rank", "image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10"]);
+    }
+
+    /// open_clip_train's own `get_clip_metrics` on 50 random pairs
+    /// (tests/fixtures/make_retrieval_fixture.py).
+    #[test]
+    fn retrieval_metrics_equal_open_clips() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/retrieval");
+        let tensors: std::collections::BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(dir.join("embeds.safetensors")).unwrap().into_iter().collect();
+        let expected: std::collections::BTreeMap<String, f64> =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let r = retrieval_metrics(&tensors["image"], &tensors["text"]);
+        assert_eq!(r.metrics.len(), expected.len());
+        for (name, value) in &r.metrics {
+            assert!((value - expected[name]).abs() < 1e-9, "{name}: {value} vs open_clip {}", expected[name]);
+        }
+    }
+
+    #[test]
+    fn chunked_ranks_equal_the_full_matrix() {
+        tch::manual_seed(3);
+        let n = 2 * RETRIEVAL_CHUNK + 37;
+        let image = crate::model::normalize(&Tensor::randn([n, 8], (Kind::Float, Device::Cpu)));
+        let text = crate::model::normalize(&(&image + Tensor::randn([n, 8], (Kind::Float, Device::Cpu)) * 0.5));
+        let ranks = ranks_of_own_pair(&image, &text);
+        let full = image.matmul(&text.tr());
+        let own = full.diagonal(0, 0, 1).unsqueeze(1);
+        let expected = full.gt_tensor(&own).sum_dim_intlist([1i64].as_slice(), false, Kind::Int64);
+        assert!(ranks.equal(&expected));
+        // Median of an even count: numpy's mean of the middle two, floored, plus one.
+        let r = retrieval_metrics(&rows(&[[1.0, 0.0], [0.0, 1.0]]), &rows(&[[0.0, 1.0], [1.0, 0.0]]));
+        assert_eq!(r.get("image_to_text_median_rank"), Some(2.0));
+    }
+}

@@ -59,11 +59,11 @@ pub struct TrainSummary {
 }
 
 /// The zero-shot task evaluated during and after training.
-struct ZeroShotTask {
+struct ValTask {
     name: String,
     source: DataSource,
-    classnames: Vec<String>,
-    templates: Vec<String>,
+    /// Class names and prompt templates, when the set is labelled for zero-shot.
+    zero_shot: Option<(Vec<String>, Vec<String>)>,
 }
 
 pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
@@ -125,7 +125,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
             train: true,
         },
     )?;
-    let zero_shot = zero_shot_task(&job.data, cfg.seed)?;
+    let val_task = val_task(&job.data, cfg.seed)?;
     // Samples already found bad while opening the shards count towards `data/skipped`.
     let load_skips: u64 = loader.load_skips().values().sum();
     if load_skips > 0 {
@@ -237,17 +237,34 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         }
         // Rank 0 evaluates while the others go on to the next step's first collective and wait
         // for it there (dist.timeout_s must cover an evaluation).
-        if let (Some(task), Some(metrics)) = (&zero_shot, metrics.as_mut()) {
+        if let (Some(task), Some(metrics)) = (&val_task, metrics.as_mut()) {
             if last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
                 let result = evaluate(&model, task, &tokenizer, device, job.data.workers)?;
-                let prefix = format!("val/{}-zeroshot", task.name);
-                metrics.log(state.step, &[(&format!("{prefix}-top1"), result.top1), (&format!("{prefix}-top5"), result.top5)])?;
+                let mut scalars: Vec<(String, f64)> = Vec::new();
+                if let Some(zs) = &result.zero_shot {
+                    let prefix = format!("val/{}-zeroshot", task.name);
+                    scalars.push((format!("{prefix}-top1"), zs.top1));
+                    scalars.push((format!("{prefix}-top5"), zs.top5));
+                    tracing::info!(
+                        "step {} | zero-shot {}: top-1 {:.2}% top-5 {:.2}% ({} images)",
+                        state.step, task.name, 100.0 * zs.top1, 100.0 * zs.top5, zs.samples
+                    );
+                    last_zero_shot = Some(*zs);
+                }
+                if let Some(r) = &result.retrieval {
+                    scalars.extend(r.metrics.iter().map(|(name, v)| (format!("val/{name}"), *v)));
+                    tracing::info!(
+                        "step {} | retrieval {}: image->text R@1 {:.2}% text->image R@1 {:.2}% ({} pairs)",
+                        state.step,
+                        task.name,
+                        100.0 * r.get("image_to_text_R@1").unwrap_or(0.0),
+                        100.0 * r.get("text_to_image_R@1").unwrap_or(0.0),
+                        r.pairs
+                    );
+                }
+                let refs: Vec<(&str, f64)> = scalars.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+                metrics.log(state.step, &refs)?;
                 metrics.flush()?;
-                tracing::info!(
-                    "step {} | zero-shot {}: top-1 {:.2}% top-5 {:.2}% ({} images)",
-                    state.step, task.name, 100.0 * result.top1, 100.0 * result.top5, result.samples
-                );
-                last_zero_shot = Some(result);
             }
         }
     }
@@ -356,21 +373,26 @@ pub fn load_tokenizer(data: &DataConfig) -> Result<Tokenizer> {
     })
 }
 
-fn zero_shot_task(data: &DataConfig, seed: u64) -> Result<Option<ZeroShotTask>> {
+fn val_task(data: &DataConfig, seed: u64) -> Result<Option<ValTask>> {
     let Some(val) = &data.val else { return Ok(None) };
-    let classnames_path = data.classnames.as_ref().ok_or_else(|| {
-        TrainError::Config("data.val is set but data.classnames is not: zero-shot evaluation needs class names".into())
-    })?;
-    let classnames = read_lines(Path::new(classnames_path))?;
-    let templates = match &data.templates {
+    let zero_shot = match &data.classnames {
+        Some(path) => Some((read_lines(Path::new(path))?, read_templates(data.templates.as_deref())?)),
+        None => None,
+    };
+    let source = DataSource::open(&DataSpec::parse(val)?, seed)?;
+    Ok(Some(ValTask { name: data.val_name.clone(), source, zero_shot }))
+}
+
+/// A templates file's prompts, or OpenAI's 80 ImageNet templates; each must hold `{}`.
+pub fn read_templates(path: Option<&str>) -> Result<Vec<String>> {
+    let templates = match path {
         Some(path) => read_lines(Path::new(path))?,
         None => eval::OPENAI_IMAGENET_TEMPLATES.iter().map(|s| s.to_string()).collect(),
     };
     if let Some(bad) = templates.iter().find(|t| !t.contains("{}")) {
         return Err(TrainError::Config(format!("template `{bad}` has no `{{}}` for the class name")));
     }
-    let source = DataSource::open(&DataSpec::parse(val)?, seed)?;
-    Ok(Some(ZeroShotTask { name: data.val_name.clone(), source, classnames, templates }))
+    Ok(templates)
 }
 
 /// Non-empty, trimmed lines of a text file.
@@ -383,8 +405,11 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-fn evaluate(model: &Clip, task: &ZeroShotTask, tokenizer: &Tokenizer, device: Device, workers: usize) -> Result<ZeroShotResult> {
-    let classifier = eval::zero_shot_classifier(model, tokenizer, &task.classnames, &task.templates, device)?;
+fn evaluate(model: &Clip, task: &ValTask, tokenizer: &Tokenizer, device: Device, workers: usize) -> Result<eval::EvalResult> {
+    let classifier = match &task.zero_shot {
+        Some((classnames, templates)) => Some(eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?),
+        None => None,
+    };
     let mut loader = Loader::open(
         &task.source,
         &ShardOptions::default(),
@@ -400,7 +425,7 @@ fn evaluate(model: &Clip, task: &ZeroShotTask, tokenizer: &Tokenizer, device: De
             train: false,
         },
     )?;
-    eval::zero_shot_accuracy(model, &classifier, &mut loader, device)
+    eval::evaluate(model, &mut loader, classifier.as_ref(), true, device)
 }
 
 /// Timings accumulated between two log lines.

@@ -100,6 +100,7 @@ pub fn load(spec: &CsvSpec) -> Result<FileDataset, DataError> {
             }
         };
         entries.push(Entry {
+            label: None,
             key: format!("{line:09}"),
             image: base.join(image),
             caption: Caption::Text(caption.to_owned()),

@@ -37,6 +37,7 @@ pub fn load(dir: &Path) -> Result<FileDataset, DataError> {
             .collect::<Vec<_>>()
             .join("/");
         entries.push(Entry {
+            label: None,
             key,
             image: dir.join(relative),
             caption: Caption::File(dir.join(&caption)),
@@ -47,7 +48,7 @@ pub fn load(dir: &Path) -> Result<FileDataset, DataError> {
 }
 
 /// Adds the files below `root/relative` to `files`, as paths relative to `root`.
-fn walk(root: &Path, relative: &Path, files: &mut BTreeSet<PathBuf>) -> Result<(), DataError> {
+pub(crate) fn walk(root: &Path, relative: &Path, files: &mut BTreeSet<PathBuf>) -> Result<(), DataError> {
     let dir = root.join(relative);
     let entries = std::fs::read_dir(&dir).map_err(|source| DataError::Read {
         path: dir.clone(),

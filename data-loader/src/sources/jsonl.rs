@@ -83,6 +83,7 @@ pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
             }
         };
         entries.push(Entry {
+            label: None,
             key: format!("{number:09}"),
             image: base.join(image),
             caption: Caption::Text(caption.clone()),

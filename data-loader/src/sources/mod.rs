@@ -9,6 +9,7 @@
 //! missing or undecodable image, a missing caption file) is found on `get` and is a
 //! [`SkipReason`]. Nothing panics on bad input.
 
+pub mod classes;
 pub mod csv;
 pub mod folder;
 pub mod jsonl;
@@ -50,6 +51,8 @@ pub struct Entry {
     /// The image file, already joined to the source's folder.
     pub image: PathBuf,
     pub caption: Caption,
+    /// The class index, for sources that have one (a folder per class).
+    pub label: Option<i64>,
     /// Where the entry was read, for logs: `line 12`, a relative path.
     pub origin: String,
 }
@@ -124,7 +127,7 @@ impl FileDataset {
             image,
             image_ext,
             caption: Some(caption),
-            label: None,
+            label: entry.label,
         })
     }
 }
@@ -134,6 +137,7 @@ pub fn open(spec: &DataSpec) -> Option<Result<FileDataset, DataError>> {
     match spec {
         DataSpec::Csv(csv_spec) => Some(csv::load(csv_spec)),
         DataSpec::Folder(dir) => Some(folder::load(dir)),
+        DataSpec::Classes(dir) => Some(classes::load(dir).map(|(dataset, _)| dataset)),
         DataSpec::Jsonl(jsonl_spec) => Some(jsonl::load(jsonl_spec)),
         DataSpec::Synthetic(_) | DataSpec::Shards(_) => None,
     }
@@ -161,7 +165,7 @@ impl Dataset for FileDataset {
         Ok(Sample {
             image,
             caption,
-            label: None,
+            label: raw.label,
             key: raw.key,
         })
     }
@@ -266,6 +270,7 @@ mod tests {
         write(&d.join("e.txt"), b" \n");
         let text = |s: &str| Caption::Text(s.to_owned());
         let entry = |key: &str, image: &str, caption| Entry {
+            label: None,
             key: key.to_owned(),
             image: d.join(image),
             caption,

@@ -39,7 +39,7 @@ impl ModelArgs {
     }
 }
 
-fn tokenizer(path: Option<&Path>) -> anyhow::Result<Tokenizer> {
+pub fn tokenizer(path: Option<&Path>) -> anyhow::Result<Tokenizer> {
     Ok(match path {
         Some(p) => Tokenizer::from_tokenizer_json(p)?,
         None => Tokenizer::clip_from_bpe_gz(&oxclip_data_loader::tokenizer::default_clip_vocab_path()?)?,

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod data;
 pub mod embed;
+pub mod eval;
 pub mod export;
 pub mod launch;
 pub mod train;

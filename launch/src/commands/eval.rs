@@ -1,0 +1,124 @@
+//! `oxclip eval`: zero-shot classification and image-text retrieval of a checkpoint, the
+//! numbers the field reports, computed as open_clip computes them.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions};
+use oxclip_trainer::eval::{self, EvalResult};
+use oxclip_trainer::model::{load_weights, Clip};
+use oxclip_trainer::train::{read_lines, read_templates};
+use oxclip_trainer::device;
+
+use super::embed::{tokenizer, ModelArgs};
+use super::weights_and_model;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Zero-shot classification data: `classes:DIR` or a plain directory with a folder per
+    /// class, or shards / any spec whose samples carry a class index (`.cls`).
+    #[arg(long, conflicts_with = "retrieval", required_unless_present = "retrieval")]
+    pub zero_shot: Option<String>,
+    /// Class names, one per line (line i names class i). For a folder per class the folder
+    /// names are used when this is not given.
+    #[arg(long)]
+    pub classnames: Option<PathBuf>,
+    /// Prompt templates, one per line with `{}` for the class name; default OpenAI's 80.
+    #[arg(long)]
+    pub templates: Option<String>,
+    /// Image-caption pairs for retrieval: any data spec (shards, CSV, JSONL, folder).
+    #[arg(long)]
+    pub retrieval: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Decode threads.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let (weights, cfg) = weights_and_model(&args.model.checkpoint, args.model.model.as_deref())?;
+    let device = device::resolve(device::parse(&args.model.device)?)?;
+    let vs = tch::nn::VarStore::new(device);
+    let model = Clip::new(&vs.root(), &cfg)?;
+    load_weights(&vs, &weights)?;
+    let tokenizer = tokenizer(args.model.tokenizer.as_deref())?;
+
+    let (spec_text, retrieval) = match (&args.zero_shot, &args.retrieval) {
+        (Some(data), None) => (data.clone(), false),
+        (None, Some(data)) => (data.clone(), true),
+        _ => bail!("give exactly one of --zero-shot DATA and --retrieval DATA"),
+    };
+    let mut spec = DataSpec::parse(&spec_text)?;
+    let mut classnames = match &args.classnames {
+        Some(path) => Some(read_lines(path)?),
+        None => None,
+    };
+    if !retrieval {
+        // A plain directory of images is a folder per class here.
+        if let DataSpec::Folder(dir) = &spec {
+            spec = DataSpec::Classes(dir.clone());
+        }
+        if let (DataSpec::Classes(dir), None) = (&spec, &classnames) {
+            classnames = Some(oxclip_data_loader::sources::classes::load(dir)?.1);
+        }
+    }
+    let source = DataSource::open(&spec, 0)?;
+    let classifier = if retrieval {
+        None
+    } else {
+        let names = classnames.context("--zero-shot needs --classnames FILE (one class name per line, line i names class i)")?;
+        let templates = read_templates(args.templates.as_deref())?;
+        Some(eval::zero_shot_classifier(&model, &tokenizer, &names, &templates, device)?)
+    };
+    let mut loader = Loader::open(
+        &source,
+        &ShardOptions::default(),
+        tokenizer,
+        LoaderConfig {
+            batch_size: args.batch_size.max(1),
+            rank: 0,
+            world_size: 1,
+            seed: 0,
+            image_size: cfg.vision_cfg.image_size as u32,
+            context_length: cfg.text_cfg.context_length as usize,
+            workers: args.workers,
+            train: false,
+        },
+    )?;
+    let result = eval::evaluate(&model, &mut loader, classifier.as_ref(), retrieval, device)?;
+    print_result(&result, args.json);
+    Ok(())
+}
+
+fn print_result(result: &EvalResult, json: bool) {
+    if json {
+        let mut out = serde_json::Map::new();
+        if let Some(zs) = &result.zero_shot {
+            out.insert("zero_shot".into(), serde_json::json!({"top1": zs.top1, "top5": zs.top5, "samples": zs.samples}));
+        }
+        if let Some(r) = &result.retrieval {
+            let mut m: serde_json::Map<String, serde_json::Value> = r.metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+            m.insert("pairs".into(), serde_json::json!(r.pairs));
+            out.insert("retrieval".into(), serde_json::Value::Object(m));
+        }
+        println!("{}", serde_json::Value::Object(out));
+        return;
+    }
+    if let Some(zs) = &result.zero_shot {
+        println!("zero-shot: top-1 {:.2}%  top-5 {:.2}%  ({} images)", 100.0 * zs.top1, 100.0 * zs.top5, zs.samples);
+    }
+    if let Some(r) = &result.retrieval {
+        println!("retrieval over {} pairs:", r.pairs);
+        for (name, value) in &r.metrics {
+            println!("  {name:28} {value:.4}");
+        }
+    }
+}
