@@ -151,3 +151,23 @@ fn resume_from_a_given_checkpoint_and_init_from_weights() {
         .arg("--init").arg(first.join("checkpoints/step_6/model.safetensors")).args(["--set", "train.steps=1", "--set", "optim.lr=0"]));
     assert!(max_abs_diff(&first.join("checkpoints/step_6/model.safetensors"), &third.join("checkpoints/step_1/model.safetensors")) <= 1e-6);
 }
+
+#[test]
+fn a_locked_image_tower_does_not_move() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 64, 0, 32);
+    let config = tiny_config(dir.path(), &data, 2, "  eval_every: 0\n", false);
+    let first = dir.path().join("first");
+    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&first));
+    let start = first.join("checkpoints/step_2/model.safetensors");
+    let locked = dir.path().join("locked");
+    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&locked).arg("--init").arg(&start)
+        .args(["--set", "train.lock_image=true", "--set", "train.lock_image_unlocked_groups=1"]));
+    let (a, b) = (read_safetensors(&start), read_safetensors(&locked.join("checkpoints/step_2/model.safetensors")));
+    for (name, t) in &a {
+        let moved = (t - &b[name]).abs().max().double_value(&[]) > 0.0;
+        // Only the image tower's last group (the projection) and the text side train.
+        let trains = !name.starts_with("visual.") || name == "visual.proj";
+        assert_eq!(moved, trains, "{name}");
+    }
+}

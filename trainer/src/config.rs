@@ -118,6 +118,18 @@ pub struct TrainConfig {
     /// libtorch CPU threads; default: all cores.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Freeze the image tower (LiT; open_clip's `--lock-image`), except its last
+    /// `lock_image_unlocked_groups` groups.
+    #[serde(default)]
+    pub lock_image: bool,
+    #[serde(default)]
+    pub lock_image_unlocked_groups: usize,
+    /// Freeze the text tower (open_clip's `--lock-text`), except its last
+    /// `lock_text_unlocked_layers` groups.
+    #[serde(default)]
+    pub lock_text: bool,
+    #[serde(default)]
+    pub lock_text_unlocked_layers: usize,
 }
 
 fn default_batch_size() -> usize {

@@ -98,6 +98,16 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     tch::manual_seed(cfg.seed as i64);
     let vs = nn::VarStore::new(device);
     let model = Clip::new(&vs.root(), &job.model)?;
+    // Frozen towers (fine-tuning): before the optimizer, which then never sees them.
+    for (on, tower, unlocked) in [
+        (cfg.lock_image, crate::model::lock::Tower::Image, cfg.lock_image_unlocked_groups),
+        (cfg.lock_text, crate::model::lock::Tower::Text, cfg.lock_text_unlocked_layers),
+    ] {
+        if on {
+            let frozen = crate::model::lock::lock(&vs, &job.model, tower, unlocked);
+            tracing::info!("{tower:?} tower locked: {frozen} tensors frozen, its last {unlocked} group(s) train");
+        }
+    }
     let mut optimizer = AdamW::new(
         vs.variables().into_iter().collect(),
         AdamWConfig { betas: (job.optim.betas[0], job.optim.betas[1]), eps: job.optim.eps, weight_decay: job.optim.weight_decay },

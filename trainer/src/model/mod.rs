@@ -6,6 +6,7 @@
 pub mod config;
 pub mod export;
 pub mod hf;
+pub mod lock;
 pub mod text;
 pub mod transformer;
 pub mod vision;

@@ -1,0 +1,123 @@
+//! Freezing towers for fine-tuning, as open_clip's `lock_image_tower` / `lock_text_tower`
+//! (LiT, Zhai et al. 2022): every parameter of the tower stops training except those of its
+//! last N groups. The groups, first to last, are open_clip's:
+//!
+//! - image: {conv1, class_embedding, positional_embedding, ln_pre}, each residual block but
+//!   the last, {last block, ln_post}, {proj};
+//! - text: {token_embedding, positional_embedding}, each residual block but the last,
+//!   {last block, ln_final}, {text_projection}.
+//!
+//! Frozen parameters get `requires_grad = false`, so backward skips them and the optimizer
+//! never sees them (no state, no weight decay).
+
+use tch::nn;
+
+use super::config::ModelConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tower {
+    Image,
+    Text,
+}
+
+/// The tower's groups of parameter names (exact names, or prefixes ending in `.`).
+fn groups(cfg: &ModelConfig, tower: Tower) -> Vec<Vec<String>> {
+    let (first, blocks, layers, last, proj) = match tower {
+        Tower::Image => (
+            vec!["visual.conv1.", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre."],
+            "visual.transformer.resblocks",
+            cfg.vision_cfg.layers,
+            "visual.ln_post.",
+            "visual.proj",
+        ),
+        Tower::Text => (
+            vec!["token_embedding.", "positional_embedding"],
+            "transformer.resblocks",
+            cfg.text_cfg.layers,
+            "ln_final.",
+            "text_projection",
+        ),
+    };
+    let mut out = vec![first.into_iter().map(String::from).collect::<Vec<_>>()];
+    for i in 0..layers.saturating_sub(1) {
+        out.push(vec![format!("{blocks}.{i}.")]);
+    }
+    out.push(vec![format!("{blocks}.{}.", layers - 1), last.to_owned()]);
+    out.push(vec![proj.to_owned()]);
+    out
+}
+
+fn in_group(name: &str, group: &[String]) -> bool {
+    group.iter().any(|g| if g.ends_with('.') { name.starts_with(g.as_str()) } else { name == g })
+}
+
+/// Freezes `tower` except its last `unlocked` groups (0: all of it). Returns the number of
+/// parameters (tensors) frozen.
+pub fn lock(vs: &nn::VarStore, cfg: &ModelConfig, tower: Tower, unlocked: usize) -> usize {
+    let groups = groups(cfg, tower);
+    let keep = &groups[groups.len().saturating_sub(unlocked)..];
+    let mut frozen = 0;
+    for (name, var) in vs.variables() {
+        let member = groups.iter().any(|g| in_group(&name, g));
+        if member && !keep.iter().any(|g| in_group(&name, g)) {
+            let _ = var.set_requires_grad(false);
+            frozen += 1;
+        }
+    }
+    frozen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Clip;
+    use tch::Device;
+
+    fn tiny() -> (nn::VarStore, ModelConfig) {
+        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../../configs/models/tiny.yaml")).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = Clip::new(&vs.root(), &cfg).unwrap();
+        (vs, cfg)
+    }
+
+    fn trainable(vs: &nn::VarStore) -> Vec<String> {
+        let mut names: Vec<String> = vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).map(|(n, _)| n).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn groups_cover_each_tower_exactly_once() {
+        let (vs, cfg) = tiny();
+        for tower in [Tower::Image, Tower::Text] {
+            let groups = groups(&cfg, tower);
+            assert_eq!(groups.len(), 2 + cfg.vision_cfg.layers.max(cfg.text_cfg.layers) as usize);
+            for (name, _) in vs.variables() {
+                let hits = groups.iter().filter(|g| in_group(&name, g)).count();
+                let of_tower = match tower {
+                    Tower::Image => name.starts_with("visual."),
+                    Tower::Text => !name.starts_with("visual.") && name != "logit_scale",
+                };
+                assert_eq!(hits, usize::from(of_tower), "{tower:?} {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn locking_leaves_only_the_last_groups_trainable() {
+        let (vs, cfg) = tiny();
+        lock(&vs, &cfg, Tower::Image, 1);
+        let names = trainable(&vs);
+        assert!(names.contains(&"visual.proj".to_owned()));
+        assert!(!names.iter().any(|n| n.starts_with("visual.") && n != "visual.proj"), "{names:?}");
+        assert!(names.contains(&"token_embedding.weight".to_owned()) && names.contains(&"logit_scale".to_owned()));
+
+        let (vs, cfg) = tiny();
+        lock(&vs, &cfg, Tower::Text, 2);
+        let names = trainable(&vs);
+        assert!(names.contains(&"text_projection".to_owned()) && names.contains(&"ln_final.weight".to_owned()));
+        assert!(names.iter().any(|n| n.starts_with("transformer.resblocks.1.")));
+        assert!(!names.iter().any(|n| n.starts_with("transformer.resblocks.0.") || n.starts_with("token_embedding")), "{names:?}");
+        assert!(names.iter().any(|n| n.starts_with("visual.")));
+    }
+}
