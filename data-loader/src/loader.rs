@@ -129,6 +129,8 @@ pub struct Batch {
     pub indices: Vec<u64>,
     /// The sample key of each row (WebDataset `__key__`, file stem, or scene number).
     pub keys: Vec<String>,
+    /// The caption of each row, as read (before tokenization).
+    pub captions: Vec<String>,
     /// Which batch this is.
     pub position: LoaderState,
 }

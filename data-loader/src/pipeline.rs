@@ -115,6 +115,7 @@ struct Chunk {
     labels: Vec<i64>,
     indices: Vec<u64>,
     keys: Vec<String>,
+    captions: Vec<String>,
     skipped: SkipCounts,
 }
 
@@ -357,6 +358,7 @@ impl Worker {
             labels: Vec::with_capacity(rows),
             indices: Vec::with_capacity(rows),
             keys: Vec::with_capacity(rows),
+            captions: Vec::with_capacity(rows),
             skipped: SkipCounts::new(),
         };
         let epoch = job.position.epoch;
@@ -413,6 +415,7 @@ impl Worker {
             chunk.labels.push(sample.label.unwrap_or(-1));
             chunk.indices.push(index as u64);
             chunk.keys.push(sample.key);
+            chunk.captions.push(sample.caption);
             filled += 1;
         }
         chunk.images.truncate(filled * image_len);
@@ -450,6 +453,7 @@ fn assemble_batches(
             skipped: SkipCounts::new(),
             indices: Vec::with_capacity(batch_size),
             keys: Vec::with_capacity(batch_size),
+            captions: Vec::with_capacity(batch_size),
             position: LoaderState::default(),
         };
         for (w, rx) in chunks.iter().enumerate() {
@@ -485,6 +489,7 @@ fn assemble_batches(
             batch.labels.extend_from_slice(&chunk.labels);
             batch.indices.extend_from_slice(&chunk.indices);
             batch.keys.extend(chunk.keys);
+            batch.captions.extend(chunk.captions);
             batch.skipped.merge(&chunk.skipped);
         }
         batch.batch_size = batch.labels.len();

@@ -107,6 +107,7 @@ struct Decoded {
     /// The `.cls` label, -1 without one.
     label: i64,
     key: String,
+    caption: String,
 }
 
 /// Where one worker starts: its epoch, draw, and the shuffle buffer as of that draw.
@@ -457,6 +458,7 @@ impl Worker {
             tokens,
             label: raw.label.unwrap_or(-1),
             key: raw.key.clone(),
+            caption: caption.to_owned(),
         })
     }
 
@@ -499,6 +501,7 @@ impl Batcher {
                 skipped: SkipCounts::new(),
                 indices: Vec::with_capacity(self.batch_size),
                 keys: Vec::with_capacity(self.batch_size),
+                captions: Vec::with_capacity(self.batch_size),
                 position: LoaderState::of_stream(&cursor),
             };
             let mut pass_over = false;
@@ -545,6 +548,7 @@ impl Batcher {
                         batch.labels.push(decoded.label);
                         batch.indices.push(index);
                         batch.keys.push(decoded.key);
+                        batch.captions.push(decoded.caption);
                         batch.skipped.merge(&skipped);
                     }
                     WorkerMsg::EndOfEpoch { epoch, draws, skipped } => {

@@ -31,6 +31,10 @@ enum Command {
     Embed(commands::embed::EmbedArgs),
     /// Zero-shot classify one image among the given labels.
     Classify(commands::embed::ClassifyArgs),
+    /// Embed a dataset once for `search`.
+    Index(commands::search::IndexArgs),
+    /// The indexed images best matching a text, or captions best matching an image.
+    Search(commands::search::SearchArgs),
     /// Token ids of texts, exactly as open_clip.tokenize gives them.
     Tokenize(commands::embed::TokenizeArgs),
     /// Write a checkpoint as a directory open_clip or Hugging Face loads:
@@ -131,6 +135,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval::run(args),
         Command::Classify(args) => commands::embed::classify(args),
         Command::Tokenize(args) => commands::embed::tokenize(args),
+        Command::Index(args) => commands::search::index(args),
+        Command::Search(args) => commands::search::search(args),
         Command::Config { command: ConfigCommand::Show(args) } => {
             config::load(&args.config, &args.overrides).map(|c| print!("{}", c.to_yaml())).map_err(Into::into)
         }

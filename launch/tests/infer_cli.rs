@@ -107,3 +107,32 @@ fn eval_zero_shot_on_class_folders_and_retrieval_on_pairs() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--classnames"));
 }
+
+#[test]
+fn index_then_search_by_text_and_by_image() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 64, 32, 32);
+    let config = tiny_config(dir.path(), &data, 2, "  eval_every: 0\n", false);
+    run_ok(oxclip().args(["train", "--config"]).arg(&config));
+    let index = dir.path().join("val.index");
+    run_ok(oxclip().args(["index", "--device", "cpu", "--checkpoint"]).arg(dir.path().join("run")).arg("--data").arg(data.join("val")).arg("--out").arg(&index));
+
+    let out = run_ok(oxclip().args(["search", "--json", "--device", "cpu", "--top", "4", "--index"]).arg(&index).args(["--text", "a red circle"]));
+    let hits: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(hits.len(), 4);
+    let scores: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().expect("score")).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    assert!(hits.iter().all(|h| h["key"].is_string() && h["caption"].is_string()));
+
+    // An image query: one of the indexed images finds captions, its own among the scores.
+    let image = dir.path().join("query.png");
+    image::RgbImage::from_pixel(32, 32, image::Rgb([220, 30, 30])).save(&image).expect("png");
+    let out = run_ok(oxclip().args(["search", "--json", "--device", "cpu", "--index"]).arg(&index).arg("--image").arg(&image));
+    let hits: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(hits.len(), 5);
+
+    let not_an_index = dir.path().join("run.yaml");
+    let out = oxclip().args(["search", "--index"]).arg(&not_an_index).args(["--text", "x"]).output().expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run.yaml"));
+}

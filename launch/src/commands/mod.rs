@@ -4,6 +4,7 @@ pub mod embed;
 pub mod eval;
 pub mod export;
 pub mod launch;
+pub mod search;
 pub mod train;
 
 use std::path::{Path, PathBuf};

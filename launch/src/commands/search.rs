@@ -1,0 +1,147 @@
+//! `oxclip index` and `oxclip search`: embed a dataset once, then find the images that best
+//! match a text, or the captions that best match an image.
+//!
+//! An index is one safetensors file: `image_embeds` and `text_embeds` (n x d, L2-normalised
+//! fp32, row i = sample i), with the sample keys, captions, the weights file and the model
+//! config in its metadata, so that `search` embeds queries with the same model.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tch::{Kind, Tensor};
+
+use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions};
+use oxclip_trainer::device;
+use oxclip_trainer::infer::Embedder;
+use oxclip_trainer::model::{load_weights, normalize, write_safetensors, Clip, ModelConfig};
+
+use super::embed::{tokenizer, ModelArgs};
+use super::weights_and_model;
+
+#[derive(Args)]
+pub struct IndexArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// What to index: any data spec (shards, CSV, JSONL, a folder with captions).
+    #[arg(long)]
+    pub data: String,
+    /// The index file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+}
+
+pub fn index(args: IndexArgs) -> anyhow::Result<()> {
+    let (weights, cfg) = weights_and_model(&args.model.checkpoint, args.model.model.as_deref())?;
+    let device = device::resolve(device::parse(&args.model.device)?)?;
+    let vs = tch::nn::VarStore::new(device);
+    let model = Clip::new(&vs.root(), &cfg)?;
+    load_weights(&vs, &weights)?;
+    let source = DataSource::open(&DataSpec::parse(&args.data)?, 0)?;
+    let mut loader = Loader::open(
+        &source,
+        &ShardOptions::default(),
+        tokenizer(args.model.tokenizer.as_deref())?,
+        LoaderConfig {
+            batch_size: args.batch_size.max(1),
+            rank: 0,
+            world_size: 1,
+            seed: 0,
+            image_size: cfg.vision_cfg.image_size as u32,
+            context_length: cfg.text_cfg.context_length as usize,
+            workers: args.workers,
+            train: false,
+        },
+    )?;
+    let progress = indicatif::ProgressBar::new(source.len());
+    let (size, context) = (cfg.vision_cfg.image_size, cfg.text_cfg.context_length);
+    let (mut images, mut texts, mut keys, mut captions) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let _guard = tch::no_grad_guard();
+    while let Some(batch) = loader.next_eval_batch()? {
+        let b = batch.batch_size as i64;
+        let pixels = Tensor::from_slice(&batch.images).view([b, 3, size, size]).to_device(device);
+        let tokens = Tensor::from_slice(&batch.tokens).view([b, context]).to_device(device);
+        images.push(normalize(&model.encode_image(&pixels).to_kind(Kind::Float)).to_device(tch::Device::Cpu));
+        texts.push(normalize(&model.encode_text(&tokens).to_kind(Kind::Float)).to_device(tch::Device::Cpu));
+        progress.inc((batch.batch_size as u64 + batch.skipped.total()).max(1));
+        keys.extend(batch.keys);
+        captions.extend(batch.captions);
+    }
+    progress.finish_and_clear();
+    if keys.is_empty() {
+        bail!("{}: no usable samples to index", args.data);
+    }
+    let tensors = BTreeMap::from([("image_embeds".to_owned(), Tensor::cat(&images, 0)), ("text_embeds".to_owned(), Tensor::cat(&texts, 0))]);
+    let metadata = HashMap::from([
+        ("keys".to_owned(), serde_json::to_string(&keys)?),
+        ("captions".to_owned(), serde_json::to_string(&captions)?),
+        ("weights".to_owned(), weights.canonicalize().unwrap_or(weights.clone()).display().to_string()),
+        ("model".to_owned(), serde_json::to_string(&cfg)?),
+    ]);
+    write_safetensors(&tensors, Some(metadata), &args.out)?;
+    println!("indexed {} samples of {} -> {}", keys.len(), args.data, args.out.display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SearchArgs {
+    /// An index written by `oxclip index`.
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Find the images that best match this text.
+    #[arg(long, conflicts_with = "image", required_unless_present = "image")]
+    pub text: Option<String>,
+    /// Find the captions that best match this image.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    #[arg(long, default_value_t = 5)]
+    pub top: usize,
+    /// A Hugging Face tokenizer.json, if the index's model was trained with one.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Print one JSON list.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn search(args: SearchArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&args.index).with_context(|| format!("cannot read {}", args.index.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{} is not a safetensors index", args.index.display()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let field = |name: &str| meta.get(name).cloned().with_context(|| format!("{} is not an `oxclip index` file (no {name})", args.index.display()));
+    let keys: Vec<String> = serde_json::from_str(&field("keys")?)?;
+    let captions: Vec<String> = serde_json::from_str(&field("captions")?)?;
+    let cfg: ModelConfig = serde_json::from_str(&field("model")?)?;
+    let weights = PathBuf::from(field("weights")?);
+    let device = device::resolve(device::parse(&args.device)?)?;
+    let embedder = Embedder::new(&cfg, &weights, tokenizer(args.tokenizer.as_deref())?, device)
+        .with_context(|| format!("the index's model ({})", weights.display()))?;
+    let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&args.index)?.into_iter().collect();
+    let (query, targets) = match (&args.text, &args.image) {
+        (Some(text), None) => (embedder.embed_texts(std::slice::from_ref(text), 1)?, &tensors["image_embeds"]),
+        (None, Some(image)) => (embedder.embed_image_files(std::slice::from_ref(image), 1)?, &tensors["text_embeds"]),
+        _ => bail!("give exactly one of --text and --image"),
+    };
+    let scores = query.matmul(&targets.tr()).view([-1]);
+    let k = args.top.min(keys.len()).max(1) as i64;
+    let (values, indices) = scores.topk(k, 0, true, true);
+    let values = Vec::<f32>::try_from(&values)?;
+    let indices = Vec::<i64>::try_from(&indices)?;
+    let hits: Vec<(f32, &String, &String)> = values.iter().zip(&indices).map(|(s, &i)| (*s, &keys[i as usize], &captions[i as usize])).collect();
+    if args.json {
+        let list: Vec<serde_json::Value> = hits.iter().map(|(s, k, c)| serde_json::json!({"score": s, "key": k, "caption": c})).collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        for (score, key, caption) in hits {
+            println!("{score:.4}  {key}  {caption}");
+        }
+    }
+    Ok(())
+}
