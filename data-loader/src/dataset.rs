@@ -42,6 +42,11 @@ pub trait Dataset: Send + Sync {
     /// Sample `index`, or why it cannot be used. `index >= len()` is `MissingImage`.
     fn get(&self, index: usize) -> Result<Sample, SkipReason>;
 
+    /// Sample `index`'s caption alone (tokenizer training); by default through [`get`](Self::get).
+    fn caption(&self, index: usize) -> Result<String, SkipReason> {
+        self.get(index).map(|s| s.caption)
+    }
+
     /// Where sample `index` comes from, for log lines about skips.
     fn describe(&self, index: usize) -> String {
         format!("sample {index}")
@@ -111,6 +116,42 @@ impl DataSource {
             DataSpec::Shards(sources) => Ok(Self::Shards(ShardSet::resolve(sources)?)),
             other => Ok(Self::Indexed(Arc::from(open(other, synthetic_seed)?))),
         }
+    }
+
+    /// Every usable caption, in source order (shards streamed, images never decoded), and
+    /// the samples without one, by reason.
+    pub fn captions(&self) -> Result<(Vec<String>, SkipCounts), DataError> {
+        let mut captions = Vec::new();
+        let mut skipped = SkipCounts::new();
+        match self {
+            Self::Indexed(dataset) => {
+                for i in 0..dataset.len() {
+                    match dataset.caption(i) {
+                        Ok(c) if !c.trim().is_empty() => captions.push(c),
+                        Ok(_) => skipped.add(SkipReason::EmptyCaption),
+                        Err(reason) => skipped.add(reason),
+                    }
+                }
+            }
+            Self::Shards(set) => {
+                skipped.merge(&set.open_skips);
+                for shard in &set.shards {
+                    let Ok(reader) = shard.location.open() else {
+                        skipped.add(SkipReason::UnreadableShard);
+                        continue;
+                    };
+                    crate::webdataset::for_each_sample_in(reader, &shard.location.name(), |item| {
+                        match item.map_err(|e| e.reason).and_then(|raw| raw.caption.ok_or(SkipReason::MissingCaption)) {
+                            Ok(c) if !c.trim().is_empty() => captions.push(c),
+                            Ok(_) => skipped.add(SkipReason::EmptyCaption),
+                            Err(reason) => skipped.add(reason),
+                        }
+                        std::ops::ControlFlow::Continue(())
+                    });
+                }
+            }
+        }
+        Ok((captions, skipped))
     }
 
     /// Samples in the source (for shards, as their counts say).

@@ -1225,3 +1225,99 @@ mod tests {
         );
     }
 }
+
+/// A CLIP-style BPE tokenizer trained on `texts` (for runs from scratch on a language or
+/// domain the OpenAI vocabulary serves badly), as a `tokenizer.json` string that
+/// `data.tokenizer` and [`Tokenizer::from_tokenizer_json`] load.
+///
+/// The same scheme as CLIP's: NFC, whitespace collapsed, lowercased (a `tokenizers`
+/// normalizer, so the file is self-contained; HTML unescaping and ftfy's fixes are not part
+/// of it), CLIP's split pattern, byte-level symbols, `</w>` ending each word; then
+/// `<|startoftext|>` and `<|endoftext|>` as the last two ids, so the text tower's
+/// pooling at the largest id finds the end of text. `vocab_size` counts the 512 byte
+/// symbols (with and without `</w>`) and the two special tokens.
+pub fn train_clip_bpe(texts: &[String], vocab_size: usize, min_frequency: u64) -> Result<String, DataError> {
+    use tokenizers::models::bpe::BpeTrainerBuilder;
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+    let err = |message: String| DataError::Tokenizer { path: PathBuf::from("<trained tokenizer>"), message };
+    if vocab_size < 512 + 2 + 1 {
+        return Err(err(format!("vocab_size {vocab_size} is too small: the 512 byte symbols and 2 special tokens come first")));
+    }
+    let base = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "NFC"},
+                {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "},
+                {"type": "Strip", "strip_left": true, "strip_right": true},
+                {"type": "Lowercase"}
+            ]
+        },
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": CLIP_SPLIT_PATTERN}, "behavior": "Removed", "invert": true},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+            ]
+        },
+        "post_processor": null,
+        "decoder": null,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": {}, "merges": []
+        }
+    });
+    let mut tokenizer = tokenizers::Tokenizer::from_bytes(base.to_string().as_bytes()).map_err(|e| err(e.to_string()))?;
+    // Every byte symbol, alone and ending a word, is in the vocabulary whatever the texts.
+    let alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size - 2)
+        .min_frequency(min_frequency)
+        .show_progress(false)
+        .initial_alphabet(alphabet.iter().copied().collect())
+        .end_of_word_suffix("</w>".into())
+        .build()
+        .into();
+    tokenizer.train(&mut trainer, texts.iter().map(String::as_str)).map_err(|e| err(e.to_string()))?;
+    tokenizer.add_special_tokens(&[
+        tokenizers::AddedToken::from("<|startoftext|>", true),
+        tokenizers::AddedToken::from("<|endoftext|>", true),
+    ]);
+    tokenizer.to_string(true).map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod train_tests {
+    use super::*;
+
+    #[test]
+    fn a_trained_bpe_loads_and_ends_with_the_largest_id() {
+        let texts: Vec<String> = (0..300)
+            .map(|i| format!("A photo of a {} {} on the  Beach", ["red", "blue", "green"][i % 3], ["dog", "cat", "car", "tree"][i % 4]))
+            .collect();
+        let json = train_clip_bpe(&texts, 600, 2).unwrap();
+        let tok = Tokenizer::from_tokenizer_json_bytes(json.as_bytes()).unwrap();
+        let (sot, eot) = (tok.sot_id().unwrap(), tok.eot_id().unwrap());
+        assert_eq!(eot as usize + 1, tok.vocab_size());
+        assert_eq!(sot + 1, eot);
+        let ids = tok.encode("a photo of a red dog", 16);
+        assert_eq!(ids[0], sot);
+        let end = ids.iter().position(|&i| i == eot).unwrap();
+        // Frequent words became single tokens; the largest id is the end of text.
+        assert!(end <= 7, "{ids:?}");
+        assert_eq!(ids.iter().copied().max(), Some(eot));
+        assert!(ids[end + 1..].iter().all(|&i| i == 0));
+        // Case and spacing do not matter; unseen words still encode (byte symbols).
+        assert_eq!(tok.encode("A  PHOTO of a red DOG", 16), ids);
+        let unseen = tok.encode("zebra ñ 🦓", 32);
+        assert!(unseen.iter().filter(|&&i| i != 0).count() > 3);
+        assert!(train_clip_bpe(&texts, 100, 2).is_err());
+    }
+}

@@ -37,6 +37,11 @@ enum Command {
     Search(commands::search::SearchArgs),
     /// Token ids of texts, exactly as open_clip.tokenize gives them.
     Tokenize(commands::embed::TokenizeArgs),
+    /// Tokenizers.
+    Tokenizer {
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
     /// Write a checkpoint as a directory open_clip or Hugging Face loads:
     /// `oxclip export --checkpoint runs/x --format hf --out exported/`.
     Export(commands::export::ExportArgs),
@@ -55,6 +60,12 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a CLIP-style BPE tokenizer on a dataset's captions.
+    Train(commands::embed::TokenizerTrainArgs),
 }
 
 #[derive(Subcommand)]
@@ -135,6 +146,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval::run(args),
         Command::Classify(args) => commands::embed::classify(args),
         Command::Tokenize(args) => commands::embed::tokenize(args),
+        Command::Tokenizer { command: TokenizerCommand::Train(args) } => commands::embed::tokenizer_train(args),
         Command::Index(args) => commands::search::index(args),
         Command::Search(args) => commands::search::search(args),
         Command::Config { command: ConfigCommand::Show(args) } => {

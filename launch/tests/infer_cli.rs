@@ -136,3 +136,23 @@ fn index_then_search_by_text_and_by_image() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("run.yaml"));
 }
+
+#[test]
+fn tokenizer_train_writes_a_tokenizer_that_tokenize_uses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 200, 0, 16);
+    let out = dir.path().join("tokenizer.json");
+    let printed = run_ok(oxclip().args(["tokenizer", "train", "--vocab-size", "800", "--data"]).arg(data.join("train")).arg("--out").arg(&out));
+    assert!(String::from_utf8_lossy(&printed.stdout).contains("trained on 200 captions"));
+    let texts = dir.path().join("texts.json");
+    std::fs::write(&texts, r#"["a large red circle above a small blue square"]"#).expect("write");
+    let ids = run_ok(oxclip().args(["tokenize", "--context-length", "16", "--tokenizer"]).arg(&out).arg("--texts-file").arg(&texts));
+    let ids: Vec<Vec<i64>> = serde_json::from_slice(&ids.stdout).expect("ids");
+    let row = &ids[0];
+    let eot = *row.iter().max().expect("ids");
+    // SOT first, EOT (the largest id) after a handful of whole-word tokens, zero padding.
+    assert_eq!(row[0], eot - 1);
+    let end = row.iter().position(|&i| i == eot).expect("eot");
+    assert!((6..=12).contains(&end), "{row:?}");
+    assert!(row[end + 1..].iter().all(|&i| i == 0));
+}

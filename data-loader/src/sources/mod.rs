@@ -170,6 +170,17 @@ impl Dataset for FileDataset {
         })
     }
 
+    fn caption(&self, index: usize) -> Result<String, SkipReason> {
+        let entry = self.entries.get(index).ok_or(SkipReason::MissingImage)?;
+        match &entry.caption {
+            Caption::Text(text) => Ok(text.clone()),
+            Caption::File(path) => {
+                let bytes = std::fs::read(path).map_err(|_| SkipReason::MissingCaption)?;
+                String::from_utf8(bytes).map_err(|_| SkipReason::NonUtf8Caption)
+            }
+        }
+    }
+
     fn describe(&self, index: usize) -> String {
         match self.entries.get(index) {
             Some(e) => format!(

@@ -156,3 +156,40 @@ pub fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub struct TokenizerTrainArgs {
+    /// Whose captions to learn from: any data spec (shards are streamed, images not decoded).
+    #[arg(long)]
+    pub data: String,
+    /// Vocabulary size, the 512 byte symbols and the 2 special tokens included
+    /// (OpenAI's CLIP: 49408).
+    #[arg(long, default_value_t = 32000)]
+    pub vocab_size: usize,
+    /// Merges must occur at least this often.
+    #[arg(long, default_value_t = 2)]
+    pub min_frequency: u64,
+    /// The tokenizer.json to write (then `data.tokenizer: PATH`, and the model's
+    /// `text_cfg.vocab_size` = the vocabulary size).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn tokenizer_train(args: TokenizerTrainArgs) -> anyhow::Result<()> {
+    let source = oxclip_data_loader::DataSource::open(&oxclip_data_loader::DataSpec::parse(&args.data)?, 0)?;
+    let (captions, skipped) = source.captions()?;
+    if captions.is_empty() {
+        bail!("{}: no captions to learn from (skipped: {:?})", args.data, skipped);
+    }
+    let json = oxclip_data_loader::tokenizer::train_clip_bpe(&captions, args.vocab_size, args.min_frequency)?;
+    std::fs::write(&args.out, json).with_context(|| format!("cannot write {}", args.out.display()))?;
+    let tok = Tokenizer::from_tokenizer_json(&args.out)?;
+    println!(
+        "trained on {} captions ({} skipped): {} tokens -> {}",
+        captions.len(),
+        skipped.total(),
+        tok.vocab_size(),
+        args.out.display()
+    );
+    Ok(())
+}
