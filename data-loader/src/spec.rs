@@ -48,6 +48,9 @@ pub struct CsvSpec {
     pub caption_key: String,
     /// Field separator; `None` detects tab or comma from the header line.
     pub separator: Option<u8>,
+    /// Column of integer class labels, for zero-shot evaluation (`label_key=COL`); without a
+    /// caption column the label's text stands in for the caption.
+    pub label_key: Option<String>,
 }
 
 /// `jsonl:FILE?img_key=KEY&caption_key=KEY`.
@@ -77,6 +80,9 @@ impl std::fmt::Display for CsvSpec {
             self.img_key,
             self.caption_key
         )?;
+        if let Some(label) = &self.label_key {
+            write!(f, "&label_key={label}")?;
+        }
         match self.separator {
             Some(b'\t') => f.write_str("&sep=tab"),
             Some(b',') => f.write_str("&sep=comma"),
@@ -216,6 +222,7 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
     let mut img_key = default_img.to_owned();
     let mut caption_key = default_caption.to_owned();
     let mut separator = None;
+    let mut label_key = None;
     for option in query.split('&').filter(|o| !o.is_empty()) {
         let (name, value) = option
             .split_once('=')
@@ -226,6 +233,7 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
         match (name, kind) {
             ("img_key", _) => img_key = value.to_owned(),
             ("caption_key", _) => caption_key = value.to_owned(),
+            ("label_key", "csv") => label_key = Some(value.to_owned()),
             ("sep", "csv") => {
                 separator = Some(match value {
                     "tab" | "\\t" | "\t" => b'\t',
@@ -239,7 +247,7 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
             }
             _ => {
                 let known = if kind == "csv" {
-                    "img_key, caption_key, sep"
+                    "img_key, caption_key, label_key, sep"
                 } else {
                     "img_key, caption_key"
                 };
@@ -255,6 +263,7 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
             img_key,
             caption_key,
             separator,
+            label_key,
         })
     } else {
         DataSpec::Jsonl(JsonlSpec {
@@ -537,6 +546,7 @@ mod tests {
                 img_key: img.into(),
                 caption_key: caption.into(),
                 separator,
+                label_key: None,
             })
         };
         let at = |s: &str| format!("{}/{s}", d.display());

@@ -39,7 +39,17 @@ pub fn load(spec: &CsvSpec) -> Result<FileDataset, DataError> {
         .map(|h| String::from_utf8_lossy(h).trim().to_owned())
         .collect();
     let column = |key: &str| header.iter().position(|h| h == key);
-    let (Some(img_col), Some(caption_col)) = (column(&spec.img_key), column(&spec.caption_key))
+    let label_col = match &spec.label_key {
+        Some(key) => Some(column(key).ok_or_else(|| DataError::Spec {
+            spec: spec.to_string(),
+            message: format!("{} has no label column {key:?}; its columns are {}", path.display(),
+                quoted(&header.iter().map(String::as_str).collect::<Vec<_>>())),
+        })?),
+        None => None,
+    };
+    // A classification list (image and label) needs no caption column: the label stands in.
+    let caption_col = column(&spec.caption_key).or(label_col);
+    let (Some(img_col), Some(caption_col)) = (column(&spec.img_key), caption_col)
     else {
         let missing: Vec<&str> = [spec.img_key.as_str(), spec.caption_key.as_str()]
             .into_iter()
@@ -99,8 +109,18 @@ pub fn load(spec: &CsvSpec) -> Result<FileDataset, DataError> {
                 continue;
             }
         };
+        let label = match label_col {
+            None => None,
+            Some(col) => match std::str::from_utf8(field(col)).ok().and_then(|l| l.trim().parse::<i64>().ok()) {
+                Some(l) if l >= 0 => Some(l),
+                _ => {
+                    skip_record(&mut skips, BAD_RECORD, path, &origin, "the label is not a class index (0, 1, 2, ...)");
+                    continue;
+                }
+            },
+        };
         entries.push(Entry {
-            label: None,
+            label,
             key: format!("{line:09}"),
             image: base.join(image),
             caption: Caption::Text(caption.to_owned()),
@@ -142,6 +162,23 @@ mod tests {
     use crate::dataset::Dataset;
     use crate::sources::test_images::{jpeg, png, write};
     use crate::spec::DataSpec;
+
+    #[test]
+    fn a_label_column_labels_rows_and_may_stand_in_for_captions() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(&d.join("a.jpg"), &jpeg(8, 8));
+        write(&d.join("b.jpg"), &jpeg(8, 8));
+        std::fs::write(d.join("cls.csv"), "filepath,label\na.jpg,3\nb.jpg,x\nb.jpg,0\n").unwrap();
+        let dataset = load(&csv_spec(&format!("csv:{}?label_key=label", d.join("cls.csv").display()))).unwrap();
+        assert_eq!(dataset.len(), 2);
+        assert_eq!(dataset.load_skips().get(BAD_RECORD), Some(&1));
+        let (a, b) = (dataset.get(0).unwrap(), dataset.get(1).unwrap());
+        assert_eq!((a.label, a.caption.as_str()), (Some(3), "3"));
+        assert_eq!(b.label, Some(0));
+        let err = load(&csv_spec(&format!("csv:{}?label_key=class", d.join("cls.csv").display()))).unwrap_err().to_string();
+        assert!(err.contains("no label column \"class\""), "{err}");
+    }
 
     fn csv_spec(spec: &str) -> CsvSpec {
         match DataSpec::parse(spec).unwrap() {
