@@ -11,9 +11,16 @@ use util::*;
 /// A tiny-model run on `synthetic:512` (an indexed source: global batch k is the same samples
 /// whatever the number of ranks), rank batch 8.
 fn config(dir: &Path, steps: u64, timeout_s: u64) -> std::path::PathBuf {
+    // Held-out synthetic scenes, labelled with 24 classes: zero-shot and retrieval at the end.
+    let classnames = dir.join("classnames.txt");
+    std::fs::write(&classnames, (0..24).map(|i| format!("class {i}\n")).collect::<String>()).expect("classnames");
+    let templates = dir.join("templates.txt");
+    std::fs::write(&templates, "a photo of a {}.\na drawing of the {}.\n").expect("templates");
     let text = format!(
-        "run_dir: {run}\nmodel: tiny\ndata:\n  train: synthetic:512\n  workers: 1\ntrain:\n  batch_size: 8\n  steps: {steps}\n  seed: 7\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 2\n  checkpoint_every: 0\noptim:\n  lr: 1.0e-4\n  warmup_steps: 2\ndist:\n  backend: cpu\n  timeout_s: {timeout_s}\n",
+        "run_dir: {run}\nmodel: tiny\ndata:\n  train: synthetic:512\n  val: synthetic:70\n  classnames: {classes}\n  templates: {templates}\n  workers: 1\ntrain:\n  batch_size: 8\n  steps: {steps}\n  seed: 7\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 2\n  checkpoint_every: 0\n  eval_every: 0\noptim:\n  lr: 1.0e-4\n  warmup_steps: 2\ndist:\n  backend: cpu\n  timeout_s: {timeout_s}\n",
         run = dir.join("run").display(),
+        classes = classnames.display(),
+        templates = templates.display(),
     );
     let path = dir.join("run.yaml");
     std::fs::write(&path, text).expect("write config");
@@ -54,6 +61,14 @@ fn four_ranks_of_8_end_with_the_weights_of_one_rank_of_32() {
     )
     .expect("json");
     assert_eq!(state["rank_loaders"].as_array().map(Vec::len), Some(4), "{state}");
+
+    // The final evaluation, spread over 4 ranks (70 samples: uneven shares), scores the whole
+    // held-out set as the single process does.
+    for tag in ["val/image_to_text_R@1", "val/text_to_image_mean_rank", "val/val-zeroshot-top1"] {
+        let (a, b) = (&read_tensorboard(&single.join("tensorboard"))[tag], &read_tensorboard(&multi.join("tensorboard"))[tag]);
+        assert_eq!(a.len(), 1, "{tag}");
+        assert!((a[0].1 - b[0].1).abs() <= 1.0 / 70.0 + 1e-6, "{tag}: {} vs {}", a[0].1, b[0].1);
+    }
 
     // The losses logged are the global batch's, so they match the single process's.
     let (a, b) = (read_tensorboard(&single.join("tensorboard")), read_tensorboard(&multi.join("tensorboard")));

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use oxclip_data_loader::{Loader, Tokenizer};
 
+use crate::collectives::Collectives;
 use crate::error::Result;
 use crate::model::{normalize, Clip};
 
@@ -45,7 +46,7 @@ pub fn zero_shot_classifier(
 
 /// Classifies every labelled sample the loader yields (one pass, in dataset order).
 pub fn zero_shot_accuracy(model: &Clip, classifier: &Tensor, loader: &mut Loader, device: Device) -> Result<ZeroShotResult> {
-    let result = evaluate(model, loader, Some(classifier), false, device)?;
+    let result = evaluate(model, loader, Some(classifier), false, device, &crate::collectives::SingleProcess)?;
     Ok(result.zero_shot.unwrap_or(ZeroShotResult { top1: 0.0, top5: 0.0, samples: 0 }))
 }
 
@@ -124,11 +125,20 @@ pub struct EvalResult {
 /// One pass over the loader's samples (dataset order, eval transform): zero-shot accuracy
 /// against `classifier` (from [`zero_shot_classifier`]) when given, retrieval over the
 /// image-caption pairs when `retrieval`. Embeddings are kept (n x d), the metrics computed
-/// in chunks.
-pub fn evaluate(model: &Clip, loader: &mut Loader, classifier: Option<&Tensor>, retrieval: bool, device: Device) -> Result<EvalResult> {
+/// in chunks. With several ranks, each embeds its share (the loader's rank split) and the
+/// embeddings are gathered before scoring, so every rank returns the whole set's numbers.
+pub fn evaluate(
+    model: &Clip,
+    loader: &mut Loader,
+    classifier: Option<&Tensor>,
+    retrieval: bool,
+    device: Device,
+    comm: &dyn Collectives,
+) -> Result<EvalResult> {
     let _guard = tch::no_grad_guard();
     let image_size = model.config.vision_cfg.image_size;
     let context = model.config.text_cfg.context_length;
+    let dim = model.config.embed_dim;
     let (mut images, mut texts, mut labels) = (Vec::new(), Vec::new(), Vec::new());
     while let Some(batch) = loader.next_eval_batch()? {
         let b = batch.batch_size as i64;
@@ -138,15 +148,46 @@ pub fn evaluate(model: &Clip, loader: &mut Loader, classifier: Option<&Tensor>, 
             let tokens = Tensor::from_slice(&batch.tokens).view([b, context]).to_device(device);
             texts.push(normalize(&model.encode_text(&tokens).to_kind(Kind::Float)));
         }
-        labels.push(Tensor::from_slice(&batch.labels).to_device(device));
+        labels.push(Tensor::from_slice(&batch.labels).to_kind(Kind::Float).to_device(device));
     }
-    if images.is_empty() {
+    let empty = |cols: i64| Tensor::zeros([0, cols], (Kind::Float, device));
+    let cat = |parts: &[Tensor], cols: i64| if parts.is_empty() { empty(cols) } else { Tensor::cat(parts, 0).view([-1, cols]) };
+    // Image embedding, text embedding and label side by side, one row per sample, so one
+    // gather moves them all.
+    let mut columns = vec![cat(&images, dim)];
+    if retrieval {
+        columns.push(cat(&texts, dim));
+    }
+    columns.push(cat(&labels, 1));
+    let rows = gather_rows(comm, &Tensor::cat(&columns, 1))?;
+    let images = rows.narrow(1, 0, dim);
+    let labels = rows.narrow(1, rows.size()[1] - 1, 1).view([-1]).to_kind(Kind::Int64);
+    if rows.size()[0] == 0 {
         return Ok(EvalResult { zero_shot: classifier.map(|_| ZeroShotResult { top1: 0.0, top5: 0.0, samples: 0 }), retrieval: None });
     }
-    let images = Tensor::cat(&images, 0);
-    let zero_shot = classifier.map(|c| zero_shot_scores(&images, &Tensor::cat(&labels, 0), c));
-    let retrieval = retrieval.then(|| retrieval_metrics(&images, &Tensor::cat(&texts, 0)));
+    let zero_shot = classifier.map(|c| zero_shot_scores(&images, &labels, c));
+    let retrieval = retrieval.then(|| retrieval_metrics(&images, &rows.narrow(1, dim, dim)));
     Ok(EvalResult { zero_shot, retrieval })
+}
+
+/// Every rank's (n_r, c) rows, concatenated in rank order. Ranks may hold different
+/// numbers of rows: each pads to the largest count for the gather and the padding is cut.
+fn gather_rows(comm: &dyn Collectives, rows: &Tensor) -> Result<Tensor> {
+    if comm.world_size() == 1 {
+        return Ok(rows.shallow_clone());
+    }
+    let n = rows.size()[0];
+    let counts: Vec<i64> = comm
+        .all_gather_bytes(&n.to_le_bytes())?
+        .iter()
+        .map(|b| i64::from_le_bytes(b.as_slice().try_into().unwrap_or_default()))
+        .collect();
+    let most = counts.iter().copied().max().unwrap_or(0);
+    let cols = rows.size()[1];
+    let padded = Tensor::cat(&[rows.shallow_clone(), Tensor::zeros([most - n, cols], (rows.kind(), rows.device()))], 0);
+    let all = comm.all_gather(&padded)?;
+    let parts: Vec<Tensor> = counts.iter().enumerate().map(|(r, &c)| all.narrow(0, r as i64 * most, c)).collect();
+    Ok(Tensor::cat(&parts, 0))
 }
 
 /// Top-1/top-5 of normalised image embeddings against the class embeddings; samples with

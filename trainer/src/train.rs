@@ -245,36 +245,37 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
                 metrics.flush()?;
             }
         }
-        // Rank 0 evaluates while the others go on to the next step's first collective and wait
-        // for it there (dist.timeout_s must cover an evaluation).
-        if let (Some(task), Some(metrics)) = (&val_task, metrics.as_mut()) {
+        // Every rank embeds its share of the eval set; rank 0 logs the whole set's numbers.
+        if let Some(task) = &val_task {
             if last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
-                let result = evaluate(&model, task, &tokenizer, device, job.data.workers)?;
+                let result = evaluate(&model, task, &tokenizer, device, job.data.workers, comm)?;
                 let mut scalars: Vec<(String, f64)> = Vec::new();
                 if let Some(zs) = &result.zero_shot {
                     let prefix = format!("val/{}-zeroshot", task.name);
                     scalars.push((format!("{prefix}-top1"), zs.top1));
                     scalars.push((format!("{prefix}-top5"), zs.top5));
-                    tracing::info!(
+                    if is_rank0 { tracing::info!(
                         "step {} | zero-shot {}: top-1 {:.2}% top-5 {:.2}% ({} images)",
                         state.step, task.name, 100.0 * zs.top1, 100.0 * zs.top5, zs.samples
-                    );
+                    ); }
                     last_zero_shot = Some(*zs);
                 }
                 if let Some(r) = &result.retrieval {
                     scalars.extend(r.metrics.iter().map(|(name, v)| (format!("val/{name}"), *v)));
-                    tracing::info!(
+                    if is_rank0 { tracing::info!(
                         "step {} | retrieval {}: image->text R@1 {:.2}% text->image R@1 {:.2}% ({} pairs)",
                         state.step,
                         task.name,
                         100.0 * r.get("image_to_text_R@1").unwrap_or(0.0),
                         100.0 * r.get("text_to_image_R@1").unwrap_or(0.0),
                         r.pairs
-                    );
+                    ); }
                 }
-                let refs: Vec<(&str, f64)> = scalars.iter().map(|(n, v)| (n.as_str(), *v)).collect();
-                metrics.log(state.step, &refs)?;
-                metrics.flush()?;
+                if let Some(metrics) = metrics.as_mut() {
+                    let refs: Vec<(&str, f64)> = scalars.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+                    metrics.log(state.step, &refs)?;
+                    metrics.flush()?;
+                }
             }
         }
     }
@@ -415,7 +416,7 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-fn evaluate(model: &Clip, task: &ValTask, tokenizer: &Tokenizer, device: Device, workers: usize) -> Result<eval::EvalResult> {
+fn evaluate(model: &Clip, task: &ValTask, tokenizer: &Tokenizer, device: Device, workers: usize, comm: &dyn Collectives) -> Result<eval::EvalResult> {
     let classifier = match &task.zero_shot {
         Some((classnames, templates)) => Some(eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?),
         None => None,
@@ -426,8 +427,8 @@ fn evaluate(model: &Clip, task: &ValTask, tokenizer: &Tokenizer, device: Device,
         tokenizer.clone(),
         LoaderConfig {
             batch_size: 256,
-            rank: 0,
-            world_size: 1,
+            rank: comm.rank(),
+            world_size: comm.world_size(),
             seed: 0,
             image_size: model.config.vision_cfg.image_size as u32,
             context_length: model.config.text_cfg.context_length as usize,
@@ -435,7 +436,7 @@ fn evaluate(model: &Clip, task: &ValTask, tokenizer: &Tokenizer, device: Device,
             train: false,
         },
     )?;
-    eval::evaluate(model, &mut loader, classifier.as_ref(), true, device)
+    eval::evaluate(model, &mut loader, classifier.as_ref(), true, device, comm)
 }
 
 /// Timings accumulated between two log lines.

@@ -93,7 +93,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             train: false,
         },
     )?;
-    let result = eval::evaluate(&model, &mut loader, classifier.as_ref(), retrieval, device)?;
+    let result = eval::evaluate(&model, &mut loader, classifier.as_ref(), retrieval, device, &oxclip_trainer::collectives::SingleProcess)?;
     print_result(&result, args.json);
     Ok(())
 }
