@@ -171,3 +171,17 @@ fn a_locked_image_tower_does_not_move() {
         assert_eq!(moved, trains, "{name}");
     }
 }
+
+#[test]
+fn a_tiled_loss_trains_to_the_weights_of_the_naive_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 96, 0, 32);
+    let config = tiny_config(dir.path(), &data, 4, "  eval_every: 0\n", false);
+    let (tiled, naive) = (dir.path().join("tiled"), dir.path().join("naive"));
+    let lr = ["--set", "optim.lr=1e-4"];
+    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&tiled).args(lr).args(["--set", "loss.tile_size=5"]));
+    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&naive).args(lr).args(["--set", "loss.naive=true"]));
+    let weights = "checkpoints/step_4/model.safetensors";
+    let rel = max_rel_diff(&tiled.join(weights), &naive.join(weights));
+    assert!(rel <= 1e-5, "tiled (5 columns at a time) and naive differ by {rel}");
+}

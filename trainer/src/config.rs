@@ -240,6 +240,13 @@ pub enum LossKind {
 pub struct LossConfig {
     #[serde(default)]
     pub kind: LossKind,
+    /// Columns of the similarity matrix scored at a time (0: chosen automatically, 4096):
+    /// memory O(n x tile) per rank instead of O(n x N).
+    #[serde(default)]
+    pub tile_size: usize,
+    /// Build the whole n x N blocks at once instead (the test oracle).
+    #[serde(default)]
+    pub naive: bool,
 }
 
 impl TrainConfig {

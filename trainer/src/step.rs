@@ -25,6 +25,8 @@ pub struct StepConfig {
     /// Run the towers under bf16 autocast (CUDA only; a no-op on CPU).
     pub autocast_bf16: bool,
     pub grad_clip_norm: Option<f64>,
+    /// Loss tile width in columns (0: automatic); `None`: the naive n x N oracle.
+    pub loss_tile: Option<i64>,
 }
 
 /// One optimizer update on this rank's batch `images` (n, 3, S, S) and `tokens` (n, L).
@@ -49,7 +51,11 @@ pub fn train_step(
     let all_text = comm.all_gather(&text_features.detach())?;
 
     // 3. This rank's rows of the loss, and the feature and temperature gradients.
-    let out = loss::clip::clip_loss(&all_image, &all_text, &model.logit_scale.detach(), rank * n..rank * n + n);
+    let (logit_scale, rows) = (model.logit_scale.detach(), rank * n..rank * n + n);
+    let out = match cfg.loss_tile {
+        Some(tile) => loss::clip::clip_loss(&all_image, &all_text, &logit_scale, rows, tile),
+        None => loss::clip::clip_loss_naive(&all_image, &all_text, &logit_scale, rows),
+    };
 
     // 4. Sum the feature gradients over ranks and keep our rows; sum the loss for logging.
     let grad_image = comm.reduce_scatter(&out.grad_image)?;
@@ -106,7 +112,7 @@ mod tests {
         });
         let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
-        let cfg = StepConfig { autocast_bf16: false, grad_clip_norm: None };
+        let cfg = StepConfig { autocast_bf16: false, grad_clip_norm: None, loss_tile: Some(3) };
         let out = train_step(&model, &mut optimizer, comm, images, tokens, 0.0, cfg).unwrap();
         let grads = optimizer.variables().map(|(name, var)| (name.to_owned(), var.grad().copy())).collect();
         (out.loss.double_value(&[]), grads)

@@ -187,6 +187,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     let step_cfg = StepConfig {
         autocast_bf16: cfg.precision == Precision::AmpBf16 && device.is_cuda(),
         grad_clip_norm: job.optim.grad_clip_norm,
+        loss_tile: (!job.loss.naive).then_some(job.loss.tile_size as i64),
     };
     if step_cfg.autocast_bf16 {
         device::use_bf16_autocast();

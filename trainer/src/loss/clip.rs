@@ -13,7 +13,11 @@
 //!   dL/dT_o += s (Q - E) I / 2N        dL/dI += s (Q - E)^T T_o / 2N
 //!   dL/dlogit_scale = sum((P - E) * logits_I + (Q - E) * logits_T) / 2N
 //!
-//! Memory: two n x N blocks. The tiled version (loss.tile_size) bounds this to n x tile.
+//! [`clip_loss`] computes all of this tile by tile over the columns (Inf-CL's idea): a first
+//! pass accumulates each row's log-sum-exp online (running max and sum), a second pass forms
+//! `softmax - onehot` one tile at a time and accumulates the gradients. Extra memory is
+//! O(n x tile) instead of O(n x N). [`clip_loss_naive`] builds the two n x N blocks at once;
+//! it is the test oracle (`loss.naive: true`).
 
 use std::ops::Range;
 
@@ -21,9 +25,73 @@ use tch::{Kind, Tensor};
 
 use super::LossOutput;
 
-/// `image`, `text`: (N, d) gathered features; `logit_scale`: 0-dim; `rows`: the owned rows.
-/// Computes in fp32 whatever the features' precision.
-pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>) -> LossOutput {
+/// Columns per tile when `loss.tile_size` is 0: 4096 keeps two fp32 n x tile blocks of a
+/// 1024-row rank at 32 MB.
+pub const AUTO_TILE: i64 = 4096;
+
+/// `image`, `text`: (N, d) gathered features; `logit_scale`: 0-dim; `rows`: the owned rows;
+/// `tile`: columns per tile (0: [`AUTO_TILE`]). Computes in fp32 whatever the features'
+/// precision. Equal to [`clip_loss_naive`] up to rounding.
+pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>, tile: i64) -> LossOutput {
+    let _no_grad = tch::no_grad_guard();
+    let image = image.to_kind(Kind::Float);
+    let text = text.to_kind(Kind::Float);
+    let device = image.device();
+    let scale = logit_scale.to_kind(Kind::Float).exp();
+    let global = image.size()[0];
+    let n = rows.end - rows.start;
+    let tile = if tile <= 0 { AUTO_TILE } else { tile }.min(global.max(1));
+    let norm = 1.0 / (2 * global) as f64;
+    let image_own = image.narrow(0, rows.start, n);
+    let text_own = text.narrow(0, rows.start, n);
+    let tiles: Vec<(i64, i64)> = (0..global).step_by(tile as usize).map(|c| (c, tile.min(global - c))).collect();
+    let logits = |own: &Tensor, others: &Tensor, c: i64, len: i64| own.matmul(&others.narrow(0, c, len).tr()) * &scale;
+
+    // Pass 1: each owned row's log-sum-exp over all columns, online.
+    let mut lse = Vec::new();
+    for (own, others) in [(&image_own, &text), (&text_own, &image)] {
+        let mut max = Tensor::full([n], f64::NEG_INFINITY, (Kind::Float, device));
+        let mut sum = Tensor::zeros([n], (Kind::Float, device));
+        for &(c, len) in &tiles {
+            let block = logits(own, others, c, len);
+            let new_max = max.maximum(&block.amax([1i64].as_slice(), false));
+            sum = sum * (&max - &new_max).exp() + (block - new_max.unsqueeze(1)).exp().sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+            max = new_max;
+        }
+        lse.push(max + sum.log());
+    }
+    let positives = (&image_own * &text_own).sum(Kind::Float) * &scale;
+    let loss = (lse[0].sum(Kind::Float) + lse[1].sum(Kind::Float) - positives * 2.0) * norm;
+
+    // Pass 2: (softmax - onehot) / 2N a tile at a time, into the feature and scale gradients.
+    let grad_image = Tensor::zeros([global, image.size()[1]], (Kind::Float, device));
+    let grad_text = Tensor::zeros_like(&grad_image);
+    let mut grad_own_image = Tensor::zeros_like(&image_own);
+    let mut grad_own_text = Tensor::zeros_like(&text_own);
+    let mut grad_logit_scale = Tensor::zeros([], (Kind::Float, device));
+    let own_columns = Tensor::arange_start(rows.start, rows.end, (Kind::Int64, device)).unsqueeze(1);
+    for &(c, len) in &tiles {
+        let onehot = Tensor::arange_start(c, c + len, (Kind::Int64, device)).unsqueeze(0).eq_tensor(&own_columns).to_kind(Kind::Float);
+        // Image rows against this tile of captions, then caption rows against images.
+        let block = logits(&image_own, &text, c, len);
+        let d = ((&block - lse[0].unsqueeze(1)).exp() - &onehot) * norm;
+        grad_logit_scale += (&d * &block).sum(Kind::Float);
+        grad_own_image += d.matmul(&text.narrow(0, c, len)) * &scale;
+        let _ = grad_text.narrow(0, c, len).g_add_(&(d.tr().matmul(&image_own) * &scale));
+        let block = logits(&text_own, &image, c, len);
+        let d = ((&block - lse[1].unsqueeze(1)).exp() - &onehot) * norm;
+        grad_logit_scale += (&d * &block).sum(Kind::Float);
+        grad_own_text += d.matmul(&image.narrow(0, c, len)) * &scale;
+        let _ = grad_image.narrow(0, c, len).g_add_(&(d.tr().matmul(&text_own) * &scale));
+    }
+    let _ = grad_image.narrow(0, rows.start, n).g_add_(&grad_own_image);
+    let _ = grad_text.narrow(0, rows.start, n).g_add_(&grad_own_text);
+    LossOutput { loss, grad_image, grad_text, grad_logit_scale }
+}
+
+/// The same loss and gradients with the two n x N blocks built at once: the oracle the tiled
+/// version is tested against (`loss.naive: true`).
+pub fn clip_loss_naive(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>) -> LossOutput {
     let _no_grad = tch::no_grad_guard();
     let image = image.to_kind(Kind::Float);
     let text = text.to_kind(Kind::Float);
@@ -98,7 +166,7 @@ mod tests {
     fn matches_autograd_on_the_full_matrix() {
         let (image, text) = features(16, 8, 0);
         let (loss, gi, gt, gs) = autograd_reference(&image, &text, 2.3);
-        let out = clip_loss(&image, &text, &Tensor::from(2.3), 0..16);
+        let out = clip_loss(&image, &text, &Tensor::from(2.3), 0..16, 5);
         assert!((out.loss.double_value(&[]) - loss).abs() < 1e-5 * loss.abs());
         assert!(max_rel(&out.grad_image.to_kind(Kind::Double), &gi) < 1e-5);
         assert!(max_rel(&out.grad_text.to_kind(Kind::Double), &gt) < 1e-5);
@@ -110,8 +178,8 @@ mod tests {
         // What W ranks compute, each for its own rows, adds up to the one-process loss.
         let (image, text) = features(12, 6, 1);
         let ls = Tensor::from(1.7);
-        let whole = clip_loss(&image, &text, &ls, 0..12);
-        let parts: Vec<LossOutput> = [0..4, 4..8, 8..12].into_iter().map(|r| clip_loss(&image, &text, &ls, r)).collect();
+        let whole = clip_loss(&image, &text, &ls, 0..12, 0);
+        let parts: Vec<LossOutput> = [0..4, 4..8, 8..12].into_iter().map(|r| clip_loss(&image, &text, &ls, r, 5)).collect();
         let sum = |f: &dyn Fn(&LossOutput) -> Tensor| parts.iter().map(f).reduce(|a, b| a + b).unwrap();
         assert!(max_rel(&sum(&|p| p.loss.shallow_clone()), &whole.loss) < 1e-6);
         assert!(max_rel(&sum(&|p| p.grad_image.shallow_clone()), &whole.grad_image) < 1e-6);
@@ -119,10 +187,36 @@ mod tests {
         assert!(max_rel(&sum(&|p| p.grad_logit_scale.shallow_clone()), &whole.grad_logit_scale) < 1e-6);
     }
 
+    /// Tiled against the oracle for N up to 4096, for tiles that divide N, do not, straddle
+    /// the owned rows, are one column, or all of it; owned rows at the start, middle and end.
+    #[test]
+    fn tiled_equals_naive() {
+        for (n_all, d, tiles) in [(64, 8, vec![1, 7, 16, 100, 64, 0]), (257, 16, vec![1, 7, 16, 100, 257, 0]), (4096, 32, vec![1000, 0])] {
+            let (image, text) = features(n_all, d, 4);
+            let (image, text) = (image.to_kind(Kind::Float), text.to_kind(Kind::Float));
+            let ls = Tensor::from(3.1f32);
+            for rows in [0..n_all, 0..16, 20..52, n_all - 9..n_all] {
+                let naive = clip_loss_naive(&image, &text, &ls, rows.clone());
+                for &tile in &tiles {
+                    let tiled = clip_loss(&image, &text, &ls, rows.clone(), tile);
+                    for (what, a, b) in [
+                        ("loss", &tiled.loss, &naive.loss),
+                        ("grad_image", &tiled.grad_image, &naive.grad_image),
+                        ("grad_text", &tiled.grad_text, &naive.grad_text),
+                        ("grad_logit_scale", &tiled.grad_logit_scale, &naive.grad_logit_scale),
+                    ] {
+                        let rel = max_rel(&a.to_kind(Kind::Double), &b.to_kind(Kind::Double));
+                        assert!(rel <= 1e-5, "N {n_all} rows {rows:?} tile {tile}: {what} differs by {rel}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn perfect_alignment_at_high_scale_has_near_zero_loss() {
         let (image, _) = features(8, 16, 2);
-        let out = clip_loss(&image, &image, &Tensor::from(crate::model::LOGIT_SCALE_MAX), 0..8);
+        let out = clip_loss(&image, &image, &Tensor::from(crate::model::LOGIT_SCALE_MAX), 0..8, 3);
         assert!(out.loss.double_value(&[]) < 1.0, "loss {}", out.loss.double_value(&[]));
     }
 }
