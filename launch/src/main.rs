@@ -103,6 +103,8 @@ enum BenchCommand {
     /// The training data path (decode, RandomResizedCrop, normalise, tokenize, batch) without
     /// a model.
     Loader(commands::bench::BenchLoaderArgs),
+    /// The CLIP loss and its gradients alone, tiled or naive: time and peak memory.
+    Loss(commands::bench::BenchLossArgs),
 }
 
 /// Decoded samples (600 KB each at 224 px), decode buffers and libtorch's activations are
@@ -157,6 +159,7 @@ fn main() -> ExitCode {
         Command::Data { command: DataCommand::Stats(args) } => commands::data::stats(args),
         Command::Bench { command: BenchCommand::Train(args) } => commands::bench::train(args),
         Command::Bench { command: BenchCommand::Loader(args) } => commands::bench::loader(args),
+        Command::Bench { command: BenchCommand::Loss(args) } => commands::bench::loss(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -144,3 +144,78 @@ pub fn loader(args: BenchLoaderArgs) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }
+
+#[derive(Args)]
+pub struct BenchLossArgs {
+    /// Global batch N: the loss scores N x N image-text pairs.
+    #[arg(long)]
+    pub batch: i64,
+    /// Embedding width d.
+    #[arg(long, default_value_t = 512)]
+    pub dim: i64,
+    /// Tile side (0: automatic, 4096).
+    #[arg(long, default_value_t = 0)]
+    pub tile: i64,
+    /// Build the whole N x N blocks instead (the oracle), for comparison.
+    #[arg(long)]
+    pub naive: bool,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+}
+
+#[derive(Serialize)]
+struct LossBenchResult {
+    bench: &'static str,
+    batch: i64,
+    dim: i64,
+    tile: Option<i64>,
+    device: String,
+    seconds: f64,
+    /// The process's peak resident memory (VmHWM), start-up included.
+    peak_rss_bytes: Option<u64>,
+    loss: f64,
+}
+
+/// The process's peak resident set size, from /proc/self/status (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// One evaluation of the CLIP loss and all its gradients on random unit features: time, peak
+/// memory and the loss, for the tiled version or the N x N oracle.
+pub fn loss(args: BenchLossArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.batch > 0 && args.dim > 0, "--batch and --dim must be positive");
+    let device = device::resolve(device::parse(&args.device)?)?;
+    tch::manual_seed(args.seed);
+    let unit = |t: tch::Tensor| oxclip_trainer::model::normalize(&t);
+    let image = unit(tch::Tensor::randn([args.batch, args.dim], (tch::Kind::Float, device)));
+    let text = unit(&image + tch::Tensor::randn([args.batch, args.dim], (tch::Kind::Float, device)) * 0.5);
+    let logit_scale = tch::Tensor::from((1.0f64 / 0.07).ln() as f32).to_device(device);
+    let started = Instant::now();
+    let out = if args.naive {
+        oxclip_trainer::loss::clip::clip_loss_naive(&image, &text, &logit_scale, 0..args.batch)
+    } else {
+        oxclip_trainer::loss::clip::clip_loss(&image, &text, &logit_scale, 0..args.batch, args.tile)
+    };
+    let loss = out.loss.double_value(&[]);
+    let _ = out.grad_image.sum(tch::Kind::Float).double_value(&[]);
+    let seconds = started.elapsed().as_secs_f64();
+    let result = LossBenchResult {
+        bench: "loss",
+        batch: args.batch,
+        dim: args.dim,
+        tile: (!args.naive).then_some(if args.tile <= 0 { oxclip_trainer::loss::clip::AUTO_TILE } else { args.tile }),
+        device: format!("{device:?}"),
+        seconds,
+        peak_rss_bytes: peak_rss_bytes(),
+        loss,
+    };
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! `oxclip bench loss`: the tiled loss and the N x N oracle agree, and the output is one
+//! JSON line with what the docs promise.
+
+mod util;
+
+use util::*;
+
+#[test]
+fn bench_loss_tiled_and_naive_agree() {
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = run_ok(oxclip().args(["bench", "loss", "--batch", "300", "--dim", "16", "--device", "cpu"]).args(extra));
+        serde_json::from_slice(&out.stdout).expect("one JSON line")
+    };
+    let (tiled, naive) = (run(&["--tile", "64"]), run(&["--naive"]));
+    assert_eq!(tiled["tile"], 64);
+    assert!(naive["tile"].is_null());
+    let (a, b) = (tiled["loss"].as_f64().expect("loss"), naive["loss"].as_f64().expect("loss"));
+    assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
+    assert!(tiled["seconds"].as_f64().expect("seconds") >= 0.0);
+    assert!(tiled["peak_rss_bytes"].as_u64().expect("rss") > 0);
+    let bad = oxclip().args(["bench", "loss", "--batch", "0"]).output().expect("runs");
+    assert!(!bad.status.success());
+}
