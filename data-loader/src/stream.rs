@@ -292,12 +292,14 @@ impl StreamPlan {
         mix(&[self.seed, epoch, self.offsets[shard as usize] + ordinal])
     }
 
+    /// Samples worker `worker` reads in `epoch` (before skips).
+    pub fn reads(&self, epoch: u64, worker: usize) -> u64 {
+        self.units(epoch, worker).iter().map(Unit::reads).sum()
+    }
+
     /// Samples this rank reads in `epoch` (before skips).
     pub fn rank_samples(&self, epoch: u64) -> u64 {
-        (0..self.workers)
-            .flat_map(|w| self.units(epoch, w))
-            .map(|u| u.reads())
-            .sum()
+        (0..self.workers).map(|w| self.reads(epoch, w)).sum()
     }
 
     /// A fresh cursor at the start of epoch 0.

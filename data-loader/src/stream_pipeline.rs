@@ -139,8 +139,7 @@ impl WorkerStart {
                 first_read: 0,
             };
         }
-        let reads = plan.units(epoch, worker).iter().map(|u| u.reads()).sum();
-        let mut buffer = plan.shuffle_buffer(epoch, worker, reads);
+        let mut buffer = plan.shuffle_buffer(epoch, worker, plan.reads(epoch, worker));
         buffer.skip(draw);
         let held: HashSet<u64> = buffer.held().iter().copied().collect();
         let first_read = held.iter().copied().fold(buffer.next_read(), u64::min);
@@ -340,7 +339,7 @@ impl Worker {
             let (mut buffer, held) = match resumed.take() {
                 Some(r) => r,
                 None => {
-                    let n = self.plan.units(epoch, self.worker).iter().map(|u| u.reads()).sum();
+                    let n = self.plan.reads(epoch, self.worker);
                     (self.plan.shuffle_buffer(epoch, self.worker, n), HashSet::new())
                 }
             };

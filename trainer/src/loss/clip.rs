@@ -86,23 +86,23 @@ fn add_row_block(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Rang
     let positives = (&image_own * &text_own).sum(Kind::Float) * &scale;
     acc.loss += (lse[0].sum(Kind::Double) + lse[1].sum(Kind::Double) - positives.to_kind(Kind::Double) * 2.0) * norm;
 
-    // Pass 2: (softmax - onehot) / 2N a tile at a time, into the feature and scale gradients.
+    // Pass 2: (softmax - onehot) / 2N a tile at a time, into the feature and scale gradients:
+    // image rows against each tile of captions, then caption rows against images.
     let mut grad_own_image = Tensor::zeros_like(&image_own);
     let mut grad_own_text = Tensor::zeros_like(&text_own);
     let own_columns = Tensor::arange_start(rows.start, rows.end, (Kind::Int64, device)).unsqueeze(1);
     for &(c, len) in &tiles {
         let onehot = Tensor::arange_start(c, c + len, (Kind::Int64, device)).unsqueeze(0).eq_tensor(&own_columns).to_kind(Kind::Float);
-        // Image rows against this tile of captions, then caption rows against images.
-        let block = logits(&image_own, text, c, len);
-        let d = ((&block - lse[0].unsqueeze(1)).exp() - &onehot) * norm;
-        acc.grad_logit_scale += (&d * &block).sum(Kind::Double);
-        grad_own_image += d.matmul(&text.narrow(0, c, len)) * &scale;
-        let _ = acc.grad_text.narrow(0, c, len).g_add_(&(d.tr().matmul(&image_own) * &scale));
-        let block = logits(&text_own, image, c, len);
-        let d = ((&block - lse[1].unsqueeze(1)).exp() - &onehot) * norm;
-        acc.grad_logit_scale += (&d * &block).sum(Kind::Double);
-        grad_own_text += d.matmul(&image.narrow(0, c, len)) * &scale;
-        let _ = acc.grad_image.narrow(0, c, len).g_add_(&(d.tr().matmul(&text_own) * &scale));
+        for (own, others, lse, grad_own, grad_others) in [
+            (&image_own, text, &lse[0], &mut grad_own_image, &acc.grad_text),
+            (&text_own, image, &lse[1], &mut grad_own_text, &acc.grad_image),
+        ] {
+            let block = logits(own, others, c, len);
+            let d = ((&block - lse.unsqueeze(1)).exp() - &onehot) * norm;
+            acc.grad_logit_scale += (&d * &block).sum(Kind::Double);
+            *grad_own += d.matmul(&others.narrow(0, c, len)) * &scale;
+            let _ = grad_others.narrow(0, c, len).g_add_(&(d.tr().matmul(own) * &scale));
+        }
     }
     let _ = acc.grad_image.narrow(0, rows.start, n).g_add_(&grad_own_image);
     let _ = acc.grad_text.narrow(0, rows.start, n).g_add_(&grad_own_text);
