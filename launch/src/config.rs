@@ -111,6 +111,10 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError>
     if let ModelRef::Name(name) = &config.model {
         config.model = ModelRef::Inline(resolve_model(name)?);
     }
+    // What the loss needs of the model (SigLIP's bias) goes into the resolved config.
+    if let ModelRef::Inline(model) = &mut config.model {
+        config.loss.complete_model(model);
+    }
     Ok(config)
 }
 
@@ -246,5 +250,35 @@ mod tests {
         for name in builtin_model_names() {
             resolve_model(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
+    }
+
+    #[test]
+    fn siglip_gives_the_model_its_bias_and_micro_batches_are_checked() {
+        let (_d, path) = write(GOOD);
+        let cfg = load(&path, &["loss.kind=siglip".into()]).expect("loads");
+        let model = cfg.model_config().expect("model");
+        assert_eq!(model.init_logit_bias, Some(-10.0));
+        assert!((model.init_logit_scale.expect("scale") - 10f64.ln()).abs() < 1e-12);
+        // A model config's own values win.
+        let (_d, path) = write(&GOOD.replace("model: tiny", &format!("model:\n{}  init_logit_bias: -5.0\n", indent(&tiny_yaml()))));
+        let cfg = load(&path, &["loss.kind=siglip".into()]).expect("loads");
+        assert_eq!(cfg.model_config().expect("model").init_logit_bias, Some(-5.0));
+        // CLIP models have no bias.
+        let (_d, path) = write(GOOD);
+        assert_eq!(load(&path, &[]).expect("loads").model_config().expect("model").init_logit_bias, None);
+
+        for (micro, message) in [("0", "train.micro_batch_size must be at least 1"), ("300", "train.micro_batch_size (300) exceeds train.batch_size (256)")] {
+            let cfg = load(&path, &[format!("train.micro_batch_size={micro}")]).expect("loads");
+            let err = cfg.train.validate().expect_err("refused").to_string();
+            assert!(err.contains(message), "{err}");
+        }
+    }
+
+    fn tiny_yaml() -> String {
+        include_str!("../../configs/models/tiny.yaml").lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect()
+    }
+
+    fn indent(text: &str) -> String {
+        text.lines().map(|l| format!("  {l}\n")).collect()
     }
 }

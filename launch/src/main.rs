@@ -103,7 +103,7 @@ enum BenchCommand {
     /// The training data path (decode, RandomResizedCrop, normalise, tokenize, batch) without
     /// a model.
     Loader(commands::bench::BenchLoaderArgs),
-    /// The CLIP loss and its gradients alone, tiled or naive: time and peak memory.
+    /// The CLIP or SigLIP loss and its gradients alone, tiled or naive: time and peak memory.
     Loss(commands::bench::BenchLossArgs),
 }
 

@@ -172,16 +172,33 @@ fn a_locked_image_tower_does_not_move() {
     }
 }
 
+/// The default step (tiled loss, here 64 x 64 tiles, and gradient caching in micro-batches of
+/// 32) trains to the weights of the naive oracle on whole batches of 128, for both losses.
 #[test]
-fn a_tiled_loss_trains_to_the_weights_of_the_naive_one() {
+fn tiled_loss_and_micro_batches_train_to_the_weights_of_the_naive_whole_batch() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = synth(dir.path(), 96, 0, 32);
-    let config = tiny_config(dir.path(), &data, 4, "  eval_every: 0\n", false);
-    let (tiled, naive) = (dir.path().join("tiled"), dir.path().join("naive"));
-    let lr = ["--set", "optim.lr=1e-4"];
-    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&tiled).args(lr).args(["--set", "loss.tile_size=5"]));
-    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&naive).args(lr).args(["--set", "loss.naive=true"]));
-    let weights = "checkpoints/step_4/model.safetensors";
-    let rel = max_rel_diff(&tiled.join(weights), &naive.join(weights));
-    assert!(rel <= 1e-5, "tiled (5 columns at a time) and naive differ by {rel}");
+    let data = synth(dir.path(), 384, 0, 32);
+    let config = tiny_config(dir.path(), &data, 3, "  eval_every: 0\n", false);
+    let weights = "checkpoints/step_3/model.safetensors";
+    for kind in ["clip", "siglip"] {
+        let (tiled, naive) = (dir.path().join(format!("{kind}-tiled")), dir.path().join(format!("{kind}-naive")));
+        let common = ["--set", "optim.lr=1e-4", "--set", "train.batch_size=128", "--set"];
+        let kind_set = format!("loss.kind={kind}");
+        run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&tiled).args(common).arg(&kind_set)
+            .args(["--set", "loss.tile_size=64", "--set", "train.micro_batch_size=32"]));
+        run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&naive).args(common).arg(&kind_set)
+            .args(["--set", "loss.naive=true"]));
+        let rel = max_rel_diff(&tiled.join(weights), &naive.join(weights));
+        assert!(rel <= 1e-5, "{kind}: tiled with micro-batches and naive differ by {rel}");
+
+        // SigLIP's bias is a parameter of the model, in the resolved config and the checkpoint.
+        let resolved = std::fs::read_to_string(tiled.join("config.yaml")).expect("config.yaml");
+        let tensors = read_safetensors(&tiled.join(weights));
+        assert_eq!(resolved.contains("init_logit_bias: -10"), kind == "siglip", "{resolved}");
+        assert_eq!(tensors.contains_key("logit_bias"), kind == "siglip");
+        if kind == "siglip" {
+            let scale = tensors["logit_scale"].double_value(&[]);
+            assert!((scale - 10f64.ln()).abs() < 0.01, "SigLIP's logit_scale starts at ln 10, is {scale}");
+        }
+    }
 }

@@ -21,8 +21,20 @@ pub struct TrainBenchResult {
     pub batch_size: usize,
     pub steps: u64,
     pub threads: i32,
+    pub micro_batch_size: Option<usize>,
     pub seconds: f64,
     pub samples_per_second: f64,
+    /// The process's peak resident memory (VmHWM), start-up included: on the CPU, the
+    /// step's activation memory shows here.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// The process's peak resident set size, from /proc/self/status (Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 pub struct TrainBench<'a> {
@@ -33,6 +45,8 @@ pub struct TrainBench<'a> {
     pub warmup_steps: u64,
     pub device: Device,
     pub autocast_bf16: bool,
+    /// Gradient caching: samples per tower forward.
+    pub micro_batch_size: Option<usize>,
 }
 
 pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
@@ -52,7 +66,8 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let tokens = Tensor::randint(vocab - 1, [n, ctx], (Kind::Int64, b.device));
     let eot_at = Tensor::randint(ctx, [n, 1], (Kind::Int64, b.device));
     let tokens = tokens.scatter_value(1, &eot_at, vocab - 1);
-    let cfg = StepConfig { autocast_bf16: b.autocast_bf16, grad_clip_norm: None, loss_tile: Some(0) };
+    let loss = crate::config::LossConfig::default().spec(b.autocast_bf16);
+    let cfg = StepConfig { autocast_bf16: b.autocast_bf16, grad_clip_norm: None, loss, micro_batch: b.micro_batch_size };
     if b.autocast_bf16 {
         crate::device::use_bf16_autocast();
     }
@@ -78,7 +93,9 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         batch_size: b.batch_size,
         steps: b.steps,
         threads: tch::get_num_threads(),
+        micro_batch_size: b.micro_batch_size,
         seconds,
         samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,
+        peak_rss_bytes: peak_rss_bytes(),
     })
 }

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
+use crate::model::ModelConfig;
 use crate::schedule::ScheduleKind;
 
 /// `data:` — where samples come from.
@@ -93,6 +94,12 @@ pub struct TrainConfig {
     /// Samples per rank per step; the global batch is this times the world size.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Gradient caching (GradCache): run the towers this many samples at a time, so
+    /// activation memory follows the micro-batch while the loss still scores the whole global
+    /// batch. The update equals the one without micro-batches. Default: the whole batch at
+    /// once. See docs/large-batch.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch_size: Option<usize>,
     /// Optimizer steps in the whole run.
     pub steps: u64,
     /// Seeds initialisation, shuffling and augmentation.
@@ -232,6 +239,10 @@ pub enum LossKind {
     /// Symmetric cross-entropy over the scaled similarities (CLIP).
     #[default]
     Clip,
+    /// Pairwise sigmoid loss with a learnable bias (SigLIP). The model gets a `logit_bias`
+    /// (init -10) and its `logit_scale` starts at ln 10, unless the model config sets
+    /// `init_logit_bias` / `init_logit_scale`.
+    Siglip,
 }
 
 /// `loss:` — the contrastive objective.
@@ -240,8 +251,8 @@ pub enum LossKind {
 pub struct LossConfig {
     #[serde(default)]
     pub kind: LossKind,
-    /// Columns of the similarity matrix scored at a time (0: chosen automatically, 4096):
-    /// memory O(n x tile) per rank instead of O(n x N).
+    /// Side of the similarity tiles scored at a time (0: chosen automatically, 4096): extra
+    /// memory O(tile^2) per rank instead of O(n x N). See docs/large-batch.md.
     #[serde(default)]
     pub tile_size: usize,
     /// Build the whole n x N blocks at once instead (the test oracle).
@@ -249,11 +260,50 @@ pub struct LossConfig {
     pub naive: bool,
 }
 
+impl LossConfig {
+    /// Fills in what the loss needs from the model and the model config leaves open: for
+    /// SigLIP a `logit_bias` starting at -10 and a `logit_scale` starting at ln 10.
+    pub fn complete_model(&self, model: &mut ModelConfig) {
+        if self.kind == LossKind::Siglip {
+            model.init_logit_scale.get_or_insert(crate::loss::siglip::SIGLIP_LOGIT_SCALE_INIT);
+            model.init_logit_bias.get_or_insert(crate::loss::siglip::SIGLIP_LOGIT_BIAS_INIT);
+        }
+    }
+
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
+        if self.kind == LossKind::Siglip && model.init_logit_bias.is_none() {
+            return Err(TrainError::Config(
+                "loss.kind siglip needs a model with a logit_bias: set model.init_logit_bias (SigLIP uses -10)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How the step computes this loss; `bf16_matmul` under amp_bf16 on CUDA.
+    pub fn spec(&self, bf16_matmul: bool) -> crate::loss::LossSpec {
+        crate::loss::LossSpec {
+            kind: self.kind,
+            tile: (!self.naive).then_some(self.tile_size as i64),
+            matmul: if bf16_matmul { crate::loss::Matmul::Bf16 } else { crate::loss::Matmul::Fp32 },
+        }
+    }
+}
+
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let err = |m: &str| Err(TrainError::Config(m.to_string()));
         if self.batch_size == 0 {
             return err("train.batch_size must be at least 1");
+        }
+        match self.micro_batch_size {
+            Some(0) => return err("train.micro_batch_size must be at least 1 (or absent for the whole batch at once)"),
+            Some(m) if m > self.batch_size => {
+                return Err(TrainError::Config(format!(
+                    "train.micro_batch_size ({m}) exceeds train.batch_size ({}); it splits the per-rank batch",
+                    self.batch_size
+                )))
+            }
+            _ => {}
         }
         if self.steps == 0 {
             return err("train.steps must be at least 1");

@@ -1,11 +1,13 @@
 //! The training step, DESIGN.md section 2 in order. It is the same code for one process or
 //! many: one process is a world of one behind the same collectives.
 
+use std::ops::Range;
+
 use tch::{Kind, Tensor};
 
 use crate::collectives::{self, Collectives};
 use crate::error::Result;
-use crate::loss;
+use crate::loss::LossSpec;
 use crate::model::Clip;
 use crate::optim::AdamW;
 
@@ -25,8 +27,10 @@ pub struct StepConfig {
     /// Run the towers under bf16 autocast (CUDA only; a no-op on CPU).
     pub autocast_bf16: bool,
     pub grad_clip_norm: Option<f64>,
-    /// Loss tile width in columns (0: automatic); `None`: the naive n x N oracle.
-    pub loss_tile: Option<i64>,
+    /// Which loss, tiled or naive, at which matmul precision.
+    pub loss: LossSpec,
+    /// Samples per tower forward (gradient caching); `None`: the whole local batch at once.
+    pub micro_batch: Option<usize>,
 }
 
 /// One optimizer update on this rank's batch `images` (n, 3, S, S) and `tokens` (n, L).
@@ -41,21 +45,31 @@ pub fn train_step(
 ) -> Result<StepOutput> {
     let n = images.size()[0];
     let rank = comm.rank() as i64;
+    let micro = MicroBatches::new(n, cfg.micro_batch);
+    let encode = |k: usize| {
+        let r = micro.enter(k);
+        let len = r.end - r.start;
+        tch::autocast(cfg.autocast_bf16, || model.features(&images.narrow(0, r.start, len), &tokens.narrow(0, r.start, len)))
+    };
 
-    // 1. Encode the local batch; keep the graph for step 5.
-    let (image_features, text_features) = tch::autocast(cfg.autocast_bf16, || model.features(images, tokens));
+    // 1. Encode the local batch. A single micro-batch keeps its graph for step 5; several are
+    // encoded without one, and only their features are kept.
+    let (image_features, text_features) = if micro.len() == 1 {
+        encode(0)
+    } else {
+        let parts: Vec<(Tensor, Tensor)> = tch::no_grad(|| (0..micro.len()).map(encode).collect());
+        let (images, texts): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
+        (Tensor::cat(&images, 0), Tensor::cat(&texts, 0))
+    };
 
     // 2. Gather detached features from every rank: (N, d), N = W n. In their own precision
     // (bf16 under amp_bf16, half the bytes, as open_clip exchanges them); the loss is fp32.
     let all_image = comm.all_gather(&image_features.detach())?;
     let all_text = comm.all_gather(&text_features.detach())?;
 
-    // 3. This rank's rows of the loss, and the feature and temperature gradients.
-    let (logit_scale, rows) = (model.logit_scale.detach(), rank * n..rank * n + n);
-    let out = match cfg.loss_tile {
-        Some(tile) => loss::clip::clip_loss(&all_image, &all_text, &logit_scale, rows, tile),
-        None => loss::clip::clip_loss_naive(&all_image, &all_text, &logit_scale, rows),
-    };
+    // 3. This rank's rows of the loss, and the feature, temperature and bias gradients.
+    let bias = model.logit_bias.as_ref().map(Tensor::detach);
+    let out = cfg.loss.compute(&all_image, &all_text, &model.logit_scale.detach(), bias.as_ref(), rank * n..rank * n + n)?;
 
     // 4. Sum the feature gradients over ranks and keep our rows; sum the loss for logging.
     let grad_image = comm.reduce_scatter(&out.grad_image)?;
@@ -64,13 +78,26 @@ pub fn train_step(
     comm.all_reduce_sum(&mut global_loss)?;
 
     // 5. Back-propagate through the towers with the surrogate whose gradient is the one above.
-    // logit_scale enters with this rank's part of dL/dlogit_scale; step 6 sums the parts, so
-    // the temperature gradient counts exactly once.
+    // logit_scale (and logit_bias) enter with this rank's part of their gradient, once per
+    // step; step 6 sums the parts over ranks.
     optimizer.zero_grad();
-    let surrogate = (image_features.to_kind(Kind::Float) * grad_image).sum(Kind::Float)
-        + (text_features.to_kind(Kind::Float) * grad_text).sum(Kind::Float)
-        + &model.logit_scale * out.grad_logit_scale;
-    surrogate.backward();
+    let scalars = match (&model.logit_bias, &out.grad_logit_bias) {
+        (Some(bias), Some(grad)) => &model.logit_scale * out.grad_logit_scale + bias * grad,
+        _ => &model.logit_scale * out.grad_logit_scale,
+    };
+    for k in 0..micro.len() {
+        // One micro-batch: step 1's graph. Several: re-encode each, now with its graph and
+        // the randomness of its first pass; the parameters' gradients accumulate.
+        let (image, text) = if micro.len() == 1 { (image_features.shallow_clone(), text_features.shallow_clone()) } else { encode(k) };
+        let rows = micro.range(k);
+        let len = rows.end - rows.start;
+        let mut surrogate = (image.to_kind(Kind::Float) * grad_image.narrow(0, rows.start, len)).sum(Kind::Float)
+            + (text.to_kind(Kind::Float) * grad_text.narrow(0, rows.start, len)).sum(Kind::Float);
+        if k == 0 {
+            surrogate = surrogate + &scalars;
+        }
+        surrogate.backward();
+    }
 
     // 6. Sum parameter gradients over ranks: each rank's loss is a part of the global mean, so
     // the sum is the full-batch gradient.
@@ -86,6 +113,45 @@ pub fn train_step(
     Ok(StepOutput { loss: global_loss, grad_norm })
 }
 
+/// The local batch cut into micro-batches, each with the seed its forward passes run under, so
+/// that the re-forward of step 5 draws the same random numbers (dropout, if a model has it) as
+/// the first. libtorch's generator state is not reachable from tch, so the step draws one seed
+/// per micro-batch from the generator and re-seeds before each forward of that micro-batch;
+/// with one micro-batch nothing is re-run and the generator is left alone.
+struct MicroBatches {
+    ranges: Vec<Range<i64>>,
+    seeds: Vec<i64>,
+}
+
+impl MicroBatches {
+    fn new(n: i64, micro_batch: Option<usize>) -> Self {
+        let size = micro_batch.map_or(n, |m| (m as i64).clamp(1, n.max(1)));
+        let ranges: Vec<Range<i64>> = (0..n).step_by(size.max(1) as usize).map(|s| s..(s + size).min(n)).collect();
+        let seeds = if ranges.len() > 1 {
+            ranges.iter().map(|_| Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0])).collect()
+        } else {
+            Vec::new()
+        };
+        MicroBatches { ranges, seeds }
+    }
+
+    fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    fn range(&self, k: usize) -> Range<i64> {
+        self.ranges[k].clone()
+    }
+
+    /// The rows of micro-batch `k`, with the generator set as for its every forward.
+    fn enter(&self, k: usize) -> Range<i64> {
+        if let Some(&seed) = self.seeds.get(k) {
+            tch::manual_seed(seed);
+        }
+        self.range(k)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -96,13 +162,25 @@ mod tests {
     use super::*;
     use crate::collectives::tcp::TcpGroup;
     use crate::collectives::{SingleProcess, WorldEnv};
+    use crate::config::{LossConfig, LossKind};
     use crate::model::ModelConfig;
     use crate::optim::AdamWConfig;
 
+    fn tiny(kind: LossKind) -> ModelConfig {
+        let mut cfg: ModelConfig = serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).unwrap();
+        LossConfig { kind, ..LossConfig::default() }.complete_model(&mut cfg);
+        cfg
+    }
+
+    fn step_config(kind: LossKind, micro_batch: Option<usize>) -> StepConfig {
+        let loss = LossConfig { kind, tile_size: 3, naive: false }.spec(false);
+        StepConfig { autocast_bf16: false, grad_clip_norm: None, loss, micro_batch }
+    }
+
     /// One step with lr 0 from `weights` on `images`/`tokens`: the global loss and every
     /// parameter's gradient after the all-reduce.
-    fn gradients(comm: &dyn Collectives, weights: &BTreeMap<String, Tensor>, images: &Tensor, tokens: &Tensor) -> (f64, BTreeMap<String, Tensor>) {
-        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).unwrap();
+    fn gradients(comm: &dyn Collectives, kind: LossKind, micro: Option<usize>, weights: &BTreeMap<String, Tensor>, images: &Tensor, tokens: &Tensor) -> (f64, BTreeMap<String, Tensor>) {
+        let cfg = tiny(kind);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &cfg).unwrap();
         tch::no_grad(|| {
@@ -112,7 +190,7 @@ mod tests {
         });
         let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
-        let cfg = StepConfig { autocast_bf16: false, grad_clip_norm: None, loss_tile: Some(3) };
+        let cfg = step_config(kind, micro);
         let out = train_step(&model, &mut optimizer, comm, images, tokens, 0.0, cfg).unwrap();
         let grads = optimizer.variables().map(|(name, var)| (name.to_owned(), var.grad().copy())).collect();
         (out.loss.double_value(&[]), grads)
@@ -120,15 +198,24 @@ mod tests {
 
     #[test]
     fn four_ranks_compute_the_gradient_of_the_whole_batch() {
+        four_ranks_match_one(LossKind::Clip);
+    }
+
+    #[test]
+    fn four_ranks_compute_the_gradient_of_the_whole_batch_siglip() {
+        four_ranks_match_one(LossKind::Siglip);
+    }
+
+    fn four_ranks_match_one(kind: LossKind) {
         tch::manual_seed(11);
-        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).unwrap();
+        let cfg = tiny(kind);
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = Clip::new(&vs.root(), &cfg).unwrap();
         let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
         let images = Tensor::randn([16, 3, 32, 32], (Kind::Float, Device::Cpu));
         let tokens = Tensor::randint_low(1, 49000, [16, 32], (Kind::Int64, Device::Cpu));
 
-        let (loss, whole) = gradients(&SingleProcess, &weights, &images, &tokens);
+        let (loss, whole) = gradients(&SingleProcess, kind, None, &weights, &images, &tokens);
 
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let handles: Vec<_> = (0..4)
@@ -145,7 +232,7 @@ mod tests {
                         master_port: port,
                     };
                     let comm = TcpGroup::connect(&world, Duration::from_secs(30)).unwrap();
-                    let (loss, grads) = gradients(&comm, &weights, &images, &tokens);
+                    let (loss, grads) = gradients(&comm, kind, None, &weights, &images, &tokens);
                     (loss, grads.into_iter().map(|(k, v)| (k, Vec::<f32>::try_from(v.flatten(0, -1)).unwrap())).collect::<BTreeMap<_, _>>())
                 })
             })
@@ -161,6 +248,67 @@ mod tests {
                 assert!(diff <= 1e-5 * scale, "rank {rank}, {name}: gradients differ by {diff} (largest gradient {scale})");
                 // Every rank holds the very same summed gradient.
                 assert_eq!(g, &ranks[0].1[name], "rank {rank}, {name}");
+            }
+        }
+    }
+
+    /// Trains `steps` steps of `batch` with micro-batches of `micro` (or none) from the same
+    /// start; returns the final weights.
+    fn train_weights(kind: LossKind, micro: Option<usize>, images: &Tensor, tokens: &Tensor, steps: usize) -> BTreeMap<String, Tensor> {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &tiny(kind)).unwrap();
+        let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
+        let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
+        let n = images.size()[0] / steps as i64;
+        for s in 0..steps as i64 {
+            let (images, tokens) = (images.narrow(0, s * n, n), tokens.narrow(0, s * n, n));
+            train_step(&model, &mut optimizer, &SingleProcess, &images, &tokens, 1e-4, step_config(kind, micro)).unwrap();
+        }
+        vs.variables().into_iter().collect()
+    }
+
+    /// Gradient caching: 4 micro-batches of 16 (or uneven ones, 64 = 3 x 20 + 4) update the
+    /// weights exactly as the batch of 64 in one, for both losses, over several steps.
+    #[test]
+    fn micro_batches_give_the_update_of_the_whole_batch() {
+        tch::manual_seed(5);
+        let images = Tensor::randn([192, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let tokens = Tensor::randint_low(1, 49000, [192, 32], (Kind::Int64, Device::Cpu));
+        for kind in [LossKind::Clip, LossKind::Siglip] {
+            let whole = train_weights(kind, None, &images, &tokens, 3);
+            let start: BTreeMap<String, Tensor> = {
+                tch::manual_seed(3);
+                let vs = nn::VarStore::new(Device::Cpu);
+                let _ = Clip::new(&vs.root(), &tiny(kind)).unwrap();
+                vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect()
+            };
+            // Relative to the largest weight, as the distributed test: the features agree to
+            // fp32 rounding, but Adam turns the rounding noise of gradients that are zero in
+            // exact arithmetic into updates of order lr.
+            let scale = whole.values().map(|w| w.abs().max().double_value(&[])).fold(0.0, f64::max);
+            // Adam is blind to a constant factor in one parameter's gradient (a temperature
+            // gradient counted per micro-batch would still give the same weights), so the
+            // gradients of a step are compared too, each parameter on its own.
+            let (images64, tokens64) = (images.narrow(0, 0, 64), tokens.narrow(0, 0, 64));
+            let (loss, grads) = gradients(&SingleProcess, kind, None, &start, &images64, &tokens64);
+            for micro in [16, 20] {
+                let (micro_loss, micro_grads) = gradients(&SingleProcess, kind, Some(micro), &start, &images64, &tokens64);
+                assert!((micro_loss - loss).abs() <= 1e-6 * loss.abs(), "{kind:?} micro {micro}: loss {micro_loss} vs {loss}");
+                for (name, g) in &grads {
+                    let diff = (g - &micro_grads[name]).abs().max().double_value(&[]);
+                    let largest = g.abs().max().double_value(&[]);
+                    assert!(diff <= 1e-5 * largest, "{kind:?} micro {micro}, {name}: gradients differ by {diff} (largest {largest})");
+                }
+            }
+            for micro in [16, 20] {
+                let cached = train_weights(kind, Some(micro), &images, &tokens, 3);
+                for (name, w) in &whole {
+                    let diff = (w - &cached[name]).abs().max().double_value(&[]);
+                    assert!(diff <= 1e-5 * scale, "{kind:?} micro {micro}, {name}: weights differ by {diff} (largest weight {scale})");
+                    let moved = (w - &start[name]).abs().max().double_value(&[]);
+                    assert!(moved > 0.0, "{kind:?} {name} did not train");
+                }
             }
         }
     }

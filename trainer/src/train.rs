@@ -70,6 +70,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     job.model.validate()?;
     job.train.validate()?;
     job.optim.validate(job.train.steps)?;
+    job.loss.validate(&job.model)?;
     if let Some(threads) = job.train.threads {
         tch::set_num_threads(threads as i32);
     }
@@ -184,10 +185,12 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         cooldown_power: job.optim.cooldown_power,
         cooldown_end_lr: job.optim.cooldown_end_lr,
     };
+    let amp_bf16 = cfg.precision == Precision::AmpBf16 && device.is_cuda();
     let step_cfg = StepConfig {
-        autocast_bf16: cfg.precision == Precision::AmpBf16 && device.is_cuda(),
+        autocast_bf16: amp_bf16,
         grad_clip_norm: job.optim.grad_clip_norm,
-        loss_tile: (!job.loss.naive).then_some(job.loss.tile_size as i64),
+        loss: job.loss.spec(amp_bf16),
+        micro_batch: cfg.micro_batch_size,
     };
     if step_cfg.autocast_bf16 {
         device::use_bf16_autocast();

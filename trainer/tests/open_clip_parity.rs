@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use oxclip_trainer::loss::clip::clip_loss;
+use oxclip_trainer::loss::siglip::siglip_loss;
+use oxclip_trainer::loss::Matmul;
 use oxclip_trainer::model::{self, Clip, ModelConfig};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -67,7 +69,7 @@ fn check_parity(dir: &str, quick_gelu: bool) {
     // Loss and gradients the way the step computes them: features -> loss and feature
     // gradients -> surrogate backward.
     let n = image.size()[0];
-    let out = clip_loss(&image.detach(), &text.detach(), &model.logit_scale.detach(), 0..n, 3);
+    let out = clip_loss(&image.detach(), &text.detach(), &model.logit_scale.detach(), 0..n, 3, Matmul::Fp32);
     assert!(max_abs(&out.loss, &io["loss"]) < 1e-5, "loss {} vs {}", out.loss.double_value(&[]), io["loss"].double_value(&[]));
     let surrogate = (&image * out.grad_image).sum(Kind::Float)
         + (&text * out.grad_text).sum(Kind::Float)
@@ -94,11 +96,26 @@ fn quick_gelu_model_matches_open_clip() {
 #[test]
 fn clip_loss_matches_open_clip_loss_and_autograd() {
     let f = read(fixtures().join("clip_loss.safetensors"));
-    let out = clip_loss(&f["image_features"], &f["text_features"], &f["logit_scale"], 0..12, 5);
+    let out = clip_loss(&f["image_features"], &f["text_features"], &f["logit_scale"], 0..12, 5, Matmul::Fp32);
     assert!(max_abs(&out.loss, &f["loss"]) < 1e-5);
     assert!(max_abs(&out.grad_image, &f["grad_image_features"]) < 1e-6);
     assert!(max_abs(&out.grad_text, &f["grad_text_features"]) < 1e-6);
     assert!(max_abs(&out.grad_logit_scale, &f["grad_logit_scale"]) < 1e-5);
+}
+
+/// open_clip's `SigLipLoss` (one process) on the same features: value and every gradient.
+#[test]
+fn siglip_loss_matches_open_clip_siglip_loss_and_autograd() {
+    let f = read(fixtures().join("siglip_loss.safetensors"));
+    for tile in [5, 0] {
+        let out = siglip_loss(&f["image_features"], &f["text_features"], &f["logit_scale"], &f["logit_bias"], 0..12, tile, Matmul::Fp32);
+        assert!(max_abs(&out.loss, &f["loss"]) < 1e-5, "tile {tile}");
+        assert!(max_abs(&out.grad_image, &f["grad_image_features"]) < 1e-6, "tile {tile}");
+        assert!(max_abs(&out.grad_text, &f["grad_text_features"]) < 1e-6, "tile {tile}");
+        assert!(max_abs(&out.grad_logit_scale, &f["grad_logit_scale"]) < 1e-5, "tile {tile}");
+        let bias = out.grad_logit_bias.expect("SigLIP has a bias gradient");
+        assert!(max_abs(&bias, &f["grad_logit_bias"]) < 1e-5, "tile {tile}");
+    }
 }
 
 #[test]

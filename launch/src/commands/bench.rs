@@ -8,8 +8,9 @@ use serde::Serialize;
 
 use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions};
 
-use oxclip_trainer::bench::{bench_train, TrainBench};
+use oxclip_trainer::bench::{bench_train, peak_rss_bytes, TrainBench};
 use oxclip_trainer::device;
+use oxclip_trainer::loss::{siglip, LossKind, LossSpec, Matmul};
 
 use crate::config;
 
@@ -34,11 +35,17 @@ pub struct BenchTrainArgs {
     /// bf16 autocast for the towers (CUDA only).
     #[arg(long)]
     pub amp_bf16: bool,
+    /// Gradient caching: run the towers this many samples at a time.
+    #[arg(long)]
+    pub micro_batch_size: Option<usize>,
 }
 
 pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
+    if let Some(m) = args.micro_batch_size {
+        anyhow::ensure!(m > 0 && m <= args.batch_size, "--micro-batch-size must be between 1 and --batch-size");
+    }
     if let Some(t) = args.threads {
         anyhow::ensure!(t > 0, "--threads must be at least 1");
         tch::set_num_threads(t as i32);
@@ -53,6 +60,7 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         warmup_steps: args.warmup,
         device,
         autocast_bf16: args.amp_bf16 && device.is_cuda(),
+        micro_batch_size: args.micro_batch_size,
     })?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
@@ -156,9 +164,15 @@ pub struct BenchLossArgs {
     /// Tile side (0: automatic, 4096).
     #[arg(long, default_value_t = 0)]
     pub tile: i64,
+    /// `clip` (softmax) or `siglip` (sigmoid).
+    #[arg(long, value_enum, default_value_t = KindArg::Clip)]
+    pub kind: KindArg,
     /// Build the whole N x N blocks instead (the oracle), for comparison.
     #[arg(long)]
     pub naive: bool,
+    /// bf16 inputs to the products, as training under amp_bf16 on CUDA runs them.
+    #[arg(long)]
+    pub bf16: bool,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -166,12 +180,20 @@ pub struct BenchLossArgs {
     pub seed: i64,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KindArg {
+    Clip,
+    Siglip,
+}
+
 #[derive(Serialize)]
 struct LossBenchResult {
     bench: &'static str,
+    kind: &'static str,
     batch: i64,
     dim: i64,
     tile: Option<i64>,
+    matmul: &'static str,
     device: String,
     seconds: f64,
     /// The process's peak resident memory (VmHWM), start-up included.
@@ -179,38 +201,40 @@ struct LossBenchResult {
     loss: f64,
 }
 
-/// The process's peak resident set size, from /proc/self/status (Linux).
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// One evaluation of the CLIP loss and all its gradients on random unit features: time, peak
+/// One evaluation of the loss and all its gradients on random unit features: time, peak
 /// memory and the loss, for the tiled version or the N x N oracle.
 pub fn loss(args: BenchLossArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch > 0 && args.dim > 0, "--batch and --dim must be positive");
+    anyhow::ensure!(!(args.naive && args.bf16), "--bf16 applies to the tiled loss, not the --naive oracle");
     let device = device::resolve(device::parse(&args.device)?)?;
     tch::manual_seed(args.seed);
     let unit = |t: tch::Tensor| oxclip_trainer::model::normalize(&t);
     let image = unit(tch::Tensor::randn([args.batch, args.dim], (tch::Kind::Float, device)));
     let text = unit(&image + tch::Tensor::randn([args.batch, args.dim], (tch::Kind::Float, device)) * 0.5);
-    let logit_scale = tch::Tensor::from((1.0f64 / 0.07).ln() as f32).to_device(device);
-    let started = Instant::now();
-    let out = if args.naive {
-        oxclip_trainer::loss::clip::clip_loss_naive(&image, &text, &logit_scale, 0..args.batch)
-    } else {
-        oxclip_trainer::loss::clip::clip_loss(&image, &text, &logit_scale, 0..args.batch, args.tile)
+    let (kind, scale, bias) = match args.kind {
+        KindArg::Clip => (LossKind::Clip, oxclip_trainer::model::LOGIT_SCALE_INIT, None),
+        KindArg::Siglip => (LossKind::Siglip, siglip::SIGLIP_LOGIT_SCALE_INIT, Some(siglip::SIGLIP_LOGIT_BIAS_INIT)),
     };
+    let logit_scale = tch::Tensor::from(scale as f32).to_device(device);
+    let logit_bias = bias.map(|b| tch::Tensor::from(b as f32).to_device(device));
+    let matmul = if args.bf16 { Matmul::Bf16 } else { Matmul::Fp32 };
+    let spec = LossSpec { kind, tile: (!args.naive).then_some(args.tile), matmul };
+    let started = Instant::now();
+    let out = spec.compute(&image, &text, &logit_scale, logit_bias.as_ref(), 0..args.batch)?;
     let loss = out.loss.double_value(&[]);
-    let _ = out.grad_image.sum(tch::Kind::Float).double_value(&[]);
+    // Reading the gradients waits for the device.
+    let _ = (out.grad_image.sum(tch::Kind::Float) + out.grad_text.sum(tch::Kind::Float)).double_value(&[]);
     let seconds = started.elapsed().as_secs_f64();
     let result = LossBenchResult {
         bench: "loss",
+        kind: match args.kind {
+            KindArg::Clip => "clip",
+            KindArg::Siglip => "siglip",
+        },
         batch: args.batch,
         dim: args.dim,
-        tile: (!args.naive).then_some(if args.tile <= 0 { oxclip_trainer::loss::clip::AUTO_TILE } else { args.tile }),
+        tile: (!args.naive).then(|| oxclip_trainer::loss::effective_tile(args.tile, args.batch)),
+        matmul: if args.bf16 { "bf16" } else { "fp32" },
         device: format!("{device:?}"),
         seconds,
         peak_rss_bytes: peak_rss_bytes(),

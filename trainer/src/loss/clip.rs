@@ -23,35 +23,33 @@ use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
-use super::LossOutput;
+use super::{effective_tile, positives_mask, tiles, LossOutput, Matmul};
 
 /// Tile side when `loss.tile_size` is 0: a 4096 x 4096 fp32 block is 64 MB.
 pub const AUTO_TILE: i64 = 4096;
 
 /// `image`, `text`: (N, d) gathered features; `logit_scale`: 0-dim; `rows`: the owned rows;
 /// `tile`: rows and columns per tile (0: [`AUTO_TILE`]). Computes in fp32 whatever the
-/// features' precision. Equal to [`clip_loss_naive`] up to rounding. The owned rows are taken
-/// `tile` at a time too (the loss is a sum over rows), so the extra memory is O(tile^2) on top
-/// of the O(N d) features and gradients, whatever the batch.
-pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>, tile: i64) -> LossOutput {
+/// features' precision (the products at `matmul`'s). Equal to [`clip_loss_naive`] up to
+/// rounding. The owned rows are taken `tile` at a time too (the loss is a sum over rows), so
+/// the extra memory is O(tile^2) on top of the O(N d) features and gradients, whatever the batch.
+pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>, tile: i64, matmul: Matmul) -> LossOutput {
     let _no_grad = tch::no_grad_guard();
     let image = image.to_kind(Kind::Float);
     let text = text.to_kind(Kind::Float);
     let device = image.device();
     let global = image.size()[0];
-    let tile = if tile <= 0 { AUTO_TILE } else { tile }.min(global.max(1));
+    let tile = effective_tile(tile, global);
     // The two scalars sum thousands of tile partials whose terms largely cancel: fp64.
     let mut acc = LossOutput {
         loss: Tensor::zeros([], (Kind::Double, device)),
         grad_image: Tensor::zeros([global, image.size()[1]], (Kind::Float, device)),
         grad_text: Tensor::zeros([global, image.size()[1]], (Kind::Float, device)),
         grad_logit_scale: Tensor::zeros([], (Kind::Double, device)),
+        grad_logit_bias: None,
     };
-    let mut start = rows.start;
-    while start < rows.end {
-        let end = (start + tile).min(rows.end);
-        add_row_block(&image, &text, logit_scale, start..end, tile, &mut acc);
-        start = end;
+    for block in tiles(rows, tile) {
+        add_row_block(&image, &text, logit_scale, block, tile, matmul, &mut acc);
     }
     acc.loss = acc.loss.to_kind(Kind::Float);
     acc.grad_logit_scale = acc.grad_logit_scale.to_kind(Kind::Float);
@@ -59,7 +57,7 @@ pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Rang
 }
 
 /// Adds the loss and gradients of the owned rows `rows` to `acc`, a tile of columns at a time.
-fn add_row_block(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>, tile: i64, acc: &mut LossOutput) {
+fn add_row_block(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>, tile: i64, matmul: Matmul, acc: &mut LossOutput) {
     let device = image.device();
     let scale = logit_scale.to_kind(Kind::Float).exp();
     let global = image.size()[0];
@@ -67,16 +65,16 @@ fn add_row_block(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Rang
     let norm = 1.0 / (2 * global) as f64;
     let image_own = image.narrow(0, rows.start, n);
     let text_own = text.narrow(0, rows.start, n);
-    let tiles: Vec<(i64, i64)> = (0..global).step_by(tile as usize).map(|c| (c, tile.min(global - c))).collect();
-    let logits = |own: &Tensor, others: &Tensor, c: i64, len: i64| own.matmul(&others.narrow(0, c, len).tr()) * &scale;
+    let columns: Vec<Range<i64>> = tiles(0..global, tile).collect();
+    let logits = |own: &Tensor, others: &Tensor, c: &Range<i64>| matmul.nt(own, &others.narrow(0, c.start, c.end - c.start)) * &scale;
 
     // Pass 1: each owned row's log-sum-exp over all columns, online.
     let mut lse = Vec::new();
     for (own, others) in [(&image_own, text), (&text_own, image)] {
         let mut max = Tensor::full([n], f64::NEG_INFINITY, (Kind::Float, device));
         let mut sum = Tensor::zeros([n], (Kind::Float, device));
-        for &(c, len) in &tiles {
-            let block = logits(own, others, c, len);
+        for c in &columns {
+            let block = logits(own, others, c);
             let new_max = max.maximum(&block.amax([1i64].as_slice(), false));
             sum = sum * (&max - &new_max).exp() + (block - new_max.unsqueeze(1)).exp().sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
             max = new_max;
@@ -90,18 +88,18 @@ fn add_row_block(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Rang
     // image rows against each tile of captions, then caption rows against images.
     let mut grad_own_image = Tensor::zeros_like(&image_own);
     let mut grad_own_text = Tensor::zeros_like(&text_own);
-    let own_columns = Tensor::arange_start(rows.start, rows.end, (Kind::Int64, device)).unsqueeze(1);
-    for &(c, len) in &tiles {
-        let onehot = Tensor::arange_start(c, c + len, (Kind::Int64, device)).unsqueeze(0).eq_tensor(&own_columns).to_kind(Kind::Float);
+    for c in &columns {
+        let onehot = positives_mask(rows.clone(), c.clone(), device);
+        let others_tile = |others: &Tensor| others.narrow(0, c.start, c.end - c.start);
         for (own, others, lse, grad_own, grad_others) in [
             (&image_own, text, &lse[0], &mut grad_own_image, &acc.grad_text),
             (&text_own, image, &lse[1], &mut grad_own_text, &acc.grad_image),
         ] {
-            let block = logits(own, others, c, len);
+            let block = logits(own, others, c);
             let d = ((&block - lse.unsqueeze(1)).exp() - &onehot) * norm;
             acc.grad_logit_scale += (&d * &block).sum(Kind::Double);
-            *grad_own += d.matmul(&others.narrow(0, c, len)) * &scale;
-            let _ = grad_others.narrow(0, c, len).g_add_(&(d.tr().matmul(own) * &scale));
+            *grad_own += matmul.mm(&d, &others_tile(others)) * &scale;
+            let _ = others_tile(grad_others).g_add_(&(matmul.mm(&d.tr(), own) * &scale));
         }
     }
     let _ = acc.grad_image.narrow(0, rows.start, n).g_add_(&grad_own_image);
@@ -147,7 +145,7 @@ pub fn clip_loss_naive(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows
     let _ = grad_image.narrow(0, rows.start, n).g_add_(&(d_image.matmul(&text) * &scale));
     let _ = grad_text.narrow(0, rows.start, n).g_add_(&(d_text.matmul(&image) * &scale));
 
-    LossOutput { loss, grad_image, grad_text, grad_logit_scale }
+    LossOutput { loss, grad_image, grad_text, grad_logit_scale, grad_logit_bias: None }
 }
 
 #[cfg(test)]
@@ -185,7 +183,7 @@ mod tests {
     fn matches_autograd_on_the_full_matrix() {
         let (image, text) = features(16, 8, 0);
         let (loss, gi, gt, gs) = autograd_reference(&image, &text, 2.3);
-        let out = clip_loss(&image, &text, &Tensor::from(2.3), 0..16, 5);
+        let out = clip_loss(&image, &text, &Tensor::from(2.3), 0..16, 5, Matmul::Fp32);
         assert!((out.loss.double_value(&[]) - loss).abs() < 1e-5 * loss.abs());
         assert!(max_rel(&out.grad_image.to_kind(Kind::Double), &gi) < 1e-5);
         assert!(max_rel(&out.grad_text.to_kind(Kind::Double), &gt) < 1e-5);
@@ -197,8 +195,8 @@ mod tests {
         // What W ranks compute, each for its own rows, adds up to the one-process loss.
         let (image, text) = features(12, 6, 1);
         let ls = Tensor::from(1.7);
-        let whole = clip_loss(&image, &text, &ls, 0..12, 0);
-        let parts: Vec<LossOutput> = [0..4, 4..8, 8..12].into_iter().map(|r| clip_loss(&image, &text, &ls, r, 5)).collect();
+        let whole = clip_loss(&image, &text, &ls, 0..12, 0, Matmul::Fp32);
+        let parts: Vec<LossOutput> = [0..4, 4..8, 8..12].into_iter().map(|r| clip_loss(&image, &text, &ls, r, 5, Matmul::Fp32)).collect();
         let sum = |f: &dyn Fn(&LossOutput) -> Tensor| parts.iter().map(f).reduce(|a, b| a + b).unwrap();
         assert!(max_rel(&sum(&|p| p.loss.shallow_clone()), &whole.loss) < 1e-6);
         assert!(max_rel(&sum(&|p| p.grad_image.shallow_clone()), &whole.grad_image) < 1e-6);
@@ -217,7 +215,7 @@ mod tests {
             for rows in [0..n_all, 0..16, 20..52, n_all - 9..n_all] {
                 let naive = clip_loss_naive(&image, &text, &ls, rows.clone());
                 for &tile in &tiles {
-                    let tiled = clip_loss(&image, &text, &ls, rows.clone(), tile);
+                    let tiled = clip_loss(&image, &text, &ls, rows.clone(), tile, Matmul::Fp32);
                     for (what, a, b) in [
                         ("loss", &tiled.loss, &naive.loss),
                         ("grad_image", &tiled.grad_image, &naive.grad_image),
@@ -232,10 +230,30 @@ mod tests {
         }
     }
 
+    /// bf16 products (what CUDA runs under amp_bf16), fp32 log-sum-exps: within bf16's
+    /// rounding of the fp32 result.
+    #[test]
+    fn bf16_products_stay_close_to_fp32() {
+        let (image, text) = features(300, 64, 6);
+        let (image, text) = (image.to_kind(Kind::Float), text.to_kind(Kind::Float));
+        let ls = Tensor::from(2.66f32);
+        let fp32 = clip_loss(&image, &text, &ls, 0..300, 128, Matmul::Fp32);
+        let bf16 = clip_loss(&image, &text, &ls, 0..300, 128, Matmul::Bf16);
+        for (what, a, b) in [
+            ("loss", &bf16.loss, &fp32.loss),
+            ("grad_image", &bf16.grad_image, &fp32.grad_image),
+            ("grad_text", &bf16.grad_text, &fp32.grad_text),
+            ("grad_logit_scale", &bf16.grad_logit_scale, &fp32.grad_logit_scale),
+        ] {
+            let rel = max_rel(&a.to_kind(Kind::Double), &b.to_kind(Kind::Double));
+            assert!(rel <= 2e-2, "{what} differs by {rel}");
+        }
+    }
+
     #[test]
     fn perfect_alignment_at_high_scale_has_near_zero_loss() {
         let (image, _) = features(8, 16, 2);
-        let out = clip_loss(&image, &image, &Tensor::from(crate::model::LOGIT_SCALE_MAX), 0..8, 3);
+        let out = clip_loss(&image, &image, &Tensor::from(crate::model::LOGIT_SCALE_MAX), 0..8, 3, Matmul::Fp32);
         assert!(out.loss.double_value(&[]) < 1.0, "loss {}", out.loss.double_value(&[]));
     }
 }

@@ -1,10 +1,20 @@
 //! Contrastive losses as plain functions of gathered features: each returns this rank's part of
-//! the loss and the gradients for the features and the temperature, with no autograd graph,
-//! so the step can exchange and back-propagate them explicitly (DESIGN.md section 2).
+//! the loss and the gradients for the features and the temperature (and bias), with no autograd
+//! graph, so the step can exchange and back-propagate them explicitly (DESIGN.md section 2).
+//!
+//! [`clip`] is the softmax loss of CLIP, [`siglip`] the pairwise sigmoid loss of SigLIP. Both
+//! are tiled by default (memory O(tile^2) beyond the features, whatever the batch); each keeps
+//! a naive version that builds the whole n x N block, the oracle the tiled one is tested against.
 
 pub mod clip;
+pub mod siglip;
 
-use tch::Tensor;
+use std::ops::Range;
+
+use tch::{Kind, Tensor};
+
+pub use crate::config::LossKind;
+use crate::error::{Result, TrainError};
 
 /// One rank's share of a contrastive loss over the global batch, and its gradients.
 #[derive(Debug)]
@@ -17,4 +27,92 @@ pub struct LossOutput {
     pub grad_text: Tensor,
     /// d loss / d logit_scale (the log of the scale). 0-dim.
     pub grad_logit_scale: Tensor,
+    /// d loss / d logit_bias, for losses that have a bias (SigLIP). 0-dim.
+    pub grad_logit_bias: Option<Tensor>,
+}
+
+/// Which loss a run optimises and how it is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LossSpec {
+    pub kind: LossKind,
+    /// Tile side (0: [`clip::AUTO_TILE`]); `None`: the naive n x N oracle.
+    pub tile: Option<i64>,
+    /// Precision of the similarity and gradient products of the tiled loss.
+    pub matmul: Matmul,
+}
+
+impl LossSpec {
+    /// This rank's part of the loss for the owned `rows` of the gathered (N, d) features.
+    /// `logit_bias` is the model's bias, required by SigLIP and ignored by CLIP.
+    pub fn compute(&self, image: &Tensor, text: &Tensor, logit_scale: &Tensor, logit_bias: Option<&Tensor>, rows: Range<i64>) -> Result<LossOutput> {
+        Ok(match self.kind {
+            LossKind::Clip => match self.tile {
+                Some(tile) => clip::clip_loss(image, text, logit_scale, rows, tile, self.matmul),
+                None => clip::clip_loss_naive(image, text, logit_scale, rows),
+            },
+            LossKind::Siglip => {
+                let bias = logit_bias.ok_or_else(|| {
+                    TrainError::Config("loss.kind siglip needs a model with a logit_bias (model.init_logit_bias)".into())
+                })?;
+                match self.tile {
+                    Some(tile) => siglip::siglip_loss(image, text, logit_scale, bias, rows, tile, self.matmul),
+                    None => siglip::siglip_loss_naive(image, text, logit_scale, bias, rows),
+                }
+            }
+        })
+    }
+}
+
+/// The precision of the loss's matrix products. Log-sum-exps, sigmoids and every
+/// accumulation stay fp32 (scalars fp64) either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Matmul {
+    #[default]
+    Fp32,
+    /// bf16 inputs, as autocast runs open_clip's logits on CUDA. On CUDA the GEMM writes fp32
+    /// (`mm(..., out_dtype=float32)`), so only the inputs are rounded; elsewhere the bf16
+    /// product is widened.
+    Bf16,
+}
+
+impl Matmul {
+    /// `a @ b` as fp32.
+    pub fn mm(self, a: &Tensor, b: &Tensor) -> Tensor {
+        match self {
+            Matmul::Fp32 => a.matmul(b),
+            Matmul::Bf16 => {
+                let (a, b) = (a.to_kind(Kind::BFloat16), b.to_kind(Kind::BFloat16));
+                if a.device().is_cuda() {
+                    if let Ok(product) = a.f_mm_dtype(&b, Kind::Float) {
+                        return product;
+                    }
+                }
+                a.mm(&b).to_kind(Kind::Float)
+            }
+        }
+    }
+
+    /// `a @ b^T` as fp32: rows of `a` against rows of `b`.
+    pub fn nt(self, a: &Tensor, b: &Tensor) -> Tensor {
+        self.mm(a, &b.tr())
+    }
+}
+
+/// (rows x columns) one-hot of the positive pairs: 1 where the global row index equals the
+/// global column index.
+fn positives_mask(rows: Range<i64>, columns: Range<i64>, device: tch::Device) -> Tensor {
+    let r = Tensor::arange_start(rows.start, rows.end, (Kind::Int64, device)).unsqueeze(1);
+    let c = Tensor::arange_start(columns.start, columns.end, (Kind::Int64, device)).unsqueeze(0);
+    c.eq_tensor(&r).to_kind(Kind::Float)
+}
+
+/// `[start, end)` split into consecutive pieces of at most `tile`.
+fn tiles(range: Range<i64>, tile: i64) -> impl Iterator<Item = Range<i64>> {
+    let tile = tile.max(1);
+    (range.start..range.end).step_by(tile as usize).map(move |s| s..(s + tile).min(range.end))
+}
+
+/// The tile side actually used for `tile` (0: automatic) over `global` columns.
+pub fn effective_tile(tile: i64, global: i64) -> i64 {
+    if tile <= 0 { clip::AUTO_TILE } else { tile }.min(global.max(1))
 }

@@ -14,6 +14,14 @@ pub struct ModelConfig {
     /// `x * sigmoid(1.702 x)` instead of GELU, as the OpenAI-trained weights use. Default false.
     #[serde(default)]
     pub quick_gelu: bool,
+    /// Starting `logit_scale` (the log of the scale); default ln(1/0.07), or ln 10 when the
+    /// run trains with `loss.kind: siglip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_logit_scale: Option<f64>,
+    /// Gives the model a learnable `logit_bias` starting here (SigLIP models: -10). Without it
+    /// the model has none, as open_clip's CLIP models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_logit_bias: Option<f64>,
     pub vision_cfg: VisionConfig,
     pub text_cfg: TextConfig,
 }
@@ -112,6 +120,11 @@ impl ModelConfig {
         }
         if t.width % t.heads != 0 {
             return err(format!("text_cfg.heads {} does not divide text_cfg.width {}", t.heads, t.width));
+        }
+        for (key, value) in [("init_logit_scale", self.init_logit_scale), ("init_logit_bias", self.init_logit_bias)] {
+            if let Some(value) = value.filter(|v| !v.is_finite()) {
+                return err(format!("{key} must be a finite number, got {value}"));
+            }
         }
         for (key, ratio) in [("vision_cfg.mlp_ratio", v.mlp_ratio), ("text_cfg.mlp_ratio", t.mlp_ratio)] {
             if !(ratio > 0.0 && ratio.is_finite()) {

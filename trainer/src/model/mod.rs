@@ -1,5 +1,5 @@
 //! CLIP as open_clip builds it: a ViT image tower under `visual.`, a causal text transformer on
-//! the root path, and a learnable temperature `logit_scale`. Variable paths are open_clip's
+//! the root path, a learnable temperature `logit_scale` and, for SigLIP, a `logit_bias`. Variable paths are open_clip's
 //! state_dict keys, so a `VarStore` saved to safetensors loads into open_clip with
 //! `strict=True` and open_clip weights load here with nothing renamed.
 
@@ -36,6 +36,8 @@ pub struct Clip {
     pub text: TextTransformer,
     /// The log of the temperature's inverse; a 0-dim tensor.
     pub logit_scale: Tensor,
+    /// The sigmoid loss's learnable bias (0-dim), when the config asks for one.
+    pub logit_bias: Option<Tensor>,
 }
 
 impl Clip {
@@ -47,7 +49,8 @@ impl Clip {
             config: config.clone(),
             visual: VisionTransformer::new(root / "visual", &config.vision_cfg, config.embed_dim, act),
             text: TextTransformer::new(root.clone(), &config.text_cfg, config.embed_dim, act),
-            logit_scale: root.var("logit_scale", &[], Init::Const(LOGIT_SCALE_INIT)),
+            logit_scale: root.var("logit_scale", &[], Init::Const(config.init_logit_scale.unwrap_or(LOGIT_SCALE_INIT))),
+            logit_bias: config.init_logit_bias.map(|b| root.var("logit_bias", &[], Init::Const(b))),
         })
     }
 
@@ -102,7 +105,12 @@ pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
         // Saved from inside DistributedDataParallel, as open_clip's own checkpoints are.
         loaded = loaded.into_iter().map(|(k, v)| (k["module.".len()..].to_owned(), v)).collect();
     }
-    let vars = vs.variables();
+    let mut vars = vs.variables();
+    if vars.contains_key("logit_bias") && !loaded.contains_key("logit_bias") {
+        // CLIP weights fine-tuned with the sigmoid loss: the bias keeps its initial value.
+        tracing::info!("{} has no logit_bias; it starts at its initial value", path.display());
+        vars.remove("logit_bias");
+    }
     let mut problems = Vec::new();
     let missing: Vec<&String> = vars.keys().filter(|k| !loaded.contains_key(*k)).collect();
     let unexpected: Vec<&String> = loaded.keys().filter(|k| !vars.contains_key(*k)).collect();
