@@ -61,3 +61,19 @@ if a and b:
     print("max |loss difference|:", max(abs(x[1] - y[1]) for x, y in zip(a, b)))
 PY
 } 2>&1 | tee "$OUT/nccl.txt"
+
+# Large batches (docs/large-batch.md): the tiled loss alone at growing N (bf16 products, as
+# training runs them under amp_bf16), and ViT-B-32 steps with micro-batches at growing batch.
+{
+  echo "# bench loss, D = 512, bf16 products"
+  for n in 65536 262144 1048576; do
+    timeout 150 "$BIN" bench loss --batch $n --dim 512 --bf16 --device cuda || echo "N=$n failed (status $?)"
+  done
+  echo "# bench loss, D = 512, SigLIP"
+  timeout 60 "$BIN" bench loss --batch 262144 --dim 512 --bf16 --kind siglip --device cuda || echo "failed"
+  echo "# bench train ViT-B-32, micro-batches of 256"
+  for bs in 1024 4096; do
+    timeout 150 "$BIN" bench train --model ViT-B-32 --batch-size $bs --micro-batch-size 256 --steps 2 --warmup 1 \
+      --device cuda --amp-bf16 || echo "batch $bs failed (status $?)"
+  done
+} 2>&1 | tee "$OUT/large-batch.txt"

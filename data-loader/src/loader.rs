@@ -243,6 +243,15 @@ enum Order {
     Streamed(Arc<StreamPlan>),
 }
 
+/// What the pipeline handed over.
+enum Received {
+    Batch(Batch),
+    /// An eval pass ended; the loader's position for the next pass.
+    EndOfPass(LoaderState),
+    /// Every stage ended before the pass did: a thread died.
+    ThreadsGone,
+}
+
 enum Running {
     Indexed(Pipeline),
     Streamed(StreamPipeline),
@@ -380,13 +389,13 @@ impl Loader {
             None => Err(DataError::Pipeline("the loader pipeline did not start".into())),
         };
         match result {
-            Ok(Some(Ok(batch))) => Ok(Some(batch)),
-            Ok(Some(Err(next_pass))) => {
+            Ok(Received::Batch(batch)) => Ok(Some(batch)),
+            Ok(Received::EndOfPass(next_pass)) => {
                 self.stop_pipeline()?;
                 self.state = next_pass;
                 Ok(None)
             }
-            Ok(None) => {
+            Ok(Received::ThreadsGone) => {
                 // Every stage ended before the pass did: a thread died. Its panic message,
                 // if any, is the better error.
                 self.stop_pipeline()?;
@@ -404,13 +413,7 @@ impl Loader {
         }
     }
 
-    /// Ok(Some(Ok(batch))), or Ok(Some(Err(state of the next pass))) at the end of an eval
-    /// pass, or Ok(None) when the threads are gone.
-    #[allow(clippy::type_complexity)]
-    fn received_indexed(
-        &mut self,
-        received: Option<Result<Batch, DataError>>,
-    ) -> Result<Option<Result<Batch, LoaderState>>, DataError> {
+    fn received_indexed(&mut self, received: Option<Result<Batch, DataError>>) -> Result<Received, DataError> {
         let Order::Indexed { plan, .. } = &self.order else {
             return Err(DataError::Pipeline("indexed pipeline on a streamed loader".into()));
         };
@@ -423,33 +426,29 @@ impl Loader {
                     )));
                 }
                 self.state = plan.advance(&self.state);
-                Ok(Some(Ok(batch)))
+                Ok(Received::Batch(batch))
             }
             Some(Err(e)) => Err(e),
-            None => Ok(None),
+            None => Ok(Received::ThreadsGone),
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn received_streamed(
-        &mut self,
-        received: Option<Result<StreamMsg, DataError>>,
-    ) -> Result<Option<Result<Batch, LoaderState>>, DataError> {
+    fn received_streamed(&mut self, received: Option<Result<StreamMsg, DataError>>) -> Result<Received, DataError> {
         let Order::Streamed(plan) = &self.order else {
             return Err(DataError::Pipeline("streamed pipeline on an indexed loader".into()));
         };
         match received {
             Some(Ok(StreamMsg::Batch(batch, after))) => {
                 self.state = LoaderState::of_stream(&after);
-                Ok(Some(Ok(batch)))
+                Ok(Received::Batch(batch))
             }
             Some(Ok(StreamMsg::EndOfPass)) => {
                 let mut next = plan.start();
                 next.epoch = self.state.epoch + 1;
-                Ok(Some(Err(LoaderState::of_stream(&next))))
+                Ok(Received::EndOfPass(LoaderState::of_stream(&next)))
             }
             Some(Err(e)) => Err(e),
-            None => Ok(None),
+            None => Ok(Received::ThreadsGone),
         }
     }
 

@@ -196,9 +196,13 @@ fn tiled_loss_and_micro_batches_train_to_the_weights_of_the_naive_whole_batch() 
         let tensors = read_safetensors(&tiled.join(weights));
         assert_eq!(resolved.contains("init_logit_bias: -10"), kind == "siglip", "{resolved}");
         assert_eq!(tensors.contains_key("logit_bias"), kind == "siglip");
+        let logged = read_tensorboard(&tiled.join("tensorboard"));
+        assert_eq!(logged.contains_key("train/logit_bias"), kind == "siglip", "{:?}", logged.keys());
         if kind == "siglip" {
             let scale = tensors["logit_scale"].double_value(&[]);
             assert!((scale - 10f64.ln()).abs() < 0.01, "SigLIP's logit_scale starts at ln 10, is {scale}");
+            let bias = logged["train/logit_bias"][0].1;
+            assert!((bias + 10.0).abs() < 0.01, "SigLIP's logit_bias starts at -10, logged {bias}");
         }
     }
 }

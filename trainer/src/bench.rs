@@ -27,6 +27,8 @@ pub struct TrainBenchResult {
     /// The process's peak resident memory (VmHWM), start-up included: on the CPU, the
     /// step's activation memory shows here.
     pub peak_rss_bytes: Option<u64>,
+    /// On CUDA: device memory in use after the steps (libtorch's cache holds its peak).
+    pub cuda_memory_bytes: Option<u64>,
 }
 
 /// The process's peak resident set size, from /proc/self/status (Linux).
@@ -97,5 +99,9 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         seconds,
         samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,
         peak_rss_bytes: peak_rss_bytes(),
+        cuda_memory_bytes: match b.device {
+            Device::Cuda(i) => crate::device::cuda_memory_in_use(i),
+            _ => None,
+        },
     })
 }

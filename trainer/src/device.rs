@@ -89,6 +89,33 @@ pub fn resolve(spec: DeviceSpec) -> Result<Device> {
     }
 }
 
+/// Bytes in use on CUDA device `index` (all processes, the CUDA context included), from the
+/// runtime's `cudaMemGetInfo`; `None` off CUDA or when the runtime cannot be loaded. libtorch's
+/// caching allocator keeps what it reserved, so after a workload this is close to its peak.
+pub fn cuda_memory_in_use(index: usize) -> Option<u64> {
+    type SetDevice = unsafe extern "C" fn(i32) -> i32;
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    if !tch::Cuda::is_available() {
+        return None;
+    }
+    let lib = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+        .iter()
+        // SAFETY: loading cudart runs its initialisers, the ones libtorch_cuda.so already ran.
+        .find_map(|name| unsafe { libloading::Library::new(*name) }.ok())?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: cudaSetDevice(int) and cudaMemGetInfo(size_t*, size_t*) as in cuda_runtime_api.h;
+    // both pointers are valid for the call.
+    let status = unsafe {
+        let set: libloading::Symbol<SetDevice> = lib.get(b"cudaSetDevice\0").ok()?;
+        let info: libloading::Symbol<MemGetInfo> = lib.get(b"cudaMemGetInfo\0").ok()?;
+        match set(index as i32) {
+            0 => info(&mut free, &mut total),
+            err => err,
+        }
+    };
+    (status == 0).then(|| total.saturating_sub(free) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,11 +8,11 @@
 
 use tch::{Device, Kind, Tensor};
 
-use oxclip_data_loader::{Loader, Tokenizer};
+use oxclip_data_loader::{DataSource, Loader, LoaderConfig, ShardOptions, Tokenizer};
 
 use crate::collectives::Collectives;
 use crate::error::Result;
-use crate::model::{normalize, Clip};
+use crate::model::{normalize, Clip, ModelConfig};
 
 /// Top-1 and top-5 accuracy of a zero-shot evaluation, in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -120,6 +120,26 @@ pub struct EvalResult {
     pub zero_shot: Option<ZeroShotResult>,
     /// With `retrieval`: image<->text retrieval over the pairs.
     pub retrieval: Option<RetrievalResult>,
+}
+
+/// A loader for evaluating `model` on `source`: the eval transform at the model's resolution,
+/// its context length, the dataset in order, this rank's share of it.
+pub fn eval_loader(source: &DataSource, tokenizer: Tokenizer, model: &ModelConfig, batch_size: usize, workers: usize, comm: &dyn Collectives) -> Result<Loader> {
+    Ok(Loader::open(
+        source,
+        &ShardOptions::default(),
+        tokenizer,
+        LoaderConfig {
+            batch_size: batch_size.max(1),
+            rank: comm.rank(),
+            world_size: comm.world_size(),
+            seed: 0,
+            image_size: model.vision_cfg.image_size as u32,
+            context_length: model.text_cfg.context_length as usize,
+            workers,
+            train: false,
+        },
+    )?)
 }
 
 /// One pass over the loader's samples (dataset order, eval transform): zero-shot accuracy

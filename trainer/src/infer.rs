@@ -10,7 +10,7 @@ use oxclip_data_loader::transform::{decode_image, DEFAULT_MAX_PIXELS};
 use oxclip_data_loader::{ImageTransform, Tokenizer};
 
 use crate::error::{io_err, Result, TrainError};
-use crate::model::{load_weights, normalize, Clip, ModelConfig};
+use crate::model::{normalize, Clip, ModelConfig};
 
 /// A model ready to embed.
 pub struct Embedder {
@@ -26,9 +26,7 @@ impl Embedder {
     /// [`load_weights`]) on `device`.
     pub fn new(cfg: &ModelConfig, weights: &Path, tokenizer: Tokenizer, device: Device) -> Result<Self> {
         cfg.validate()?;
-        let vs = nn::VarStore::new(device);
-        let model = Clip::new(&vs.root(), cfg)?;
-        load_weights(&vs, weights)?;
+        let (vs, model) = crate::model::load(cfg, weights, device)?;
         let transform = ImageTransform::eval(cfg.vision_cfg.image_size as u32);
         Ok(Self { model, _vs: vs, tokenizer, transform, device })
     }
@@ -74,14 +72,19 @@ impl Embedder {
         Ok(cat_or_empty(&parts, self.model.config.embed_dim))
     }
 
-    /// For one image and several labels: each label's probability, the softmax of the scaled
-    /// cosine similarities (CLIP paper, figure 1).
+    /// For one image and several labels: each label's probability. A CLIP model gives the
+    /// softmax of the scaled cosine similarities over the labels (CLIP paper, figure 1); a
+    /// model trained with the sigmoid loss (it has a `logit_bias`) gives each label's own
+    /// probability, `sigmoid(s cos + b)`, as SigLIP is meant to be read.
     pub fn classify(&self, image: &Path, labels: &[String]) -> Result<Vec<f64>> {
         let image = self.embed_image_files(&[image.to_path_buf()], 1)?;
         let texts = self.embed_texts(labels, 256)?;
-        let logits = image.matmul(&texts.tr()) * self.logit_scale();
-        let probs = logits.softmax(1, Kind::Double).view([-1]);
-        Ok(Vec::<f64>::try_from(&probs)?)
+        let logits = image.matmul(&texts.tr()).to_kind(Kind::Double) * self.logit_scale();
+        let probs = match &self.model.logit_bias {
+            Some(bias) => (logits + bias.to_kind(Kind::Double).to_device(Device::Cpu)).sigmoid(),
+            None => logits.softmax(1, Kind::Double),
+        };
+        Ok(Vec::<f64>::try_from(&probs.view([-1]))?)
     }
 }
 

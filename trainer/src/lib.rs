@@ -8,6 +8,7 @@
 //! line lives in the `oxclip` binary, which builds a `train::TrainJob` and calls `fit`.
 
 pub mod bench;
+mod bytes;
 pub mod checkpoint;
 pub mod collectives;
 pub mod config;

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, LoaderState, ShardOptions, Tokenizer};
+use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, LoaderState, Tokenizer};
 use tch::{nn, Device, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
@@ -230,13 +230,14 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
                 return Err(TrainError::NonFiniteLoss { step: state.step, loss: final_loss });
             }
             let scale = model.logit_scale.exp().double_value(&[]);
+            let bias = model.logit_bias.as_ref().map(|b| b.double_value(&[]));
             // Skips are counted per rank; the log shows the run's total.
             let mut skipped = Tensor::from(interval.skipped_total as f64);
             comm.all_reduce_sum(&mut skipped)?;
             interval.skipped_total_all_ranks = skipped.double_value(&[]) as u64;
             state.loader = loader.state(); // for the epoch in the log line
             if let Some(metrics) = metrics.as_mut() {
-                log_train(metrics, &state, cfg.steps, final_loss, scale, lr, global_batch, comm.world_size(), &interval, out.grad_norm)?;
+                log_train(metrics, &state, cfg.steps, final_loss, (scale, bias), lr, global_batch, comm.world_size(), &interval, out.grad_norm)?;
             }
             interval.reset();
         }
@@ -425,21 +426,7 @@ fn evaluate(model: &Clip, task: &ValTask, tokenizer: &Tokenizer, device: Device,
         Some((classnames, templates)) => Some(eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?),
         None => None,
     };
-    let mut loader = Loader::open(
-        &task.source,
-        &ShardOptions::default(),
-        tokenizer.clone(),
-        LoaderConfig {
-            batch_size: 256,
-            rank: comm.rank(),
-            world_size: comm.world_size(),
-            seed: 0,
-            image_size: model.config.vision_cfg.image_size as u32,
-            context_length: model.config.text_cfg.context_length as usize,
-            workers,
-            train: false,
-        },
-    )?;
+    let mut loader = eval::eval_loader(&task.source, tokenizer.clone(), &model.config, 256, workers, comm)?;
     eval::evaluate(model, &mut loader, classifier.as_ref(), true, device, comm)
 }
 
@@ -476,7 +463,7 @@ fn log_train(
     state: &TrainerState,
     total_steps: u64,
     loss: f64,
-    scale: f64,
+    (scale, bias): (f64, Option<f64>),
     lr: f64,
     global_batch: u64,
     world_size: usize,
@@ -499,6 +486,10 @@ fn log_train(
     ];
     if let Some(norm) = grad_norm {
         scalars.push(("train/grad_norm", norm));
+    }
+    // SigLIP's learnable bias (open_clip does not log it; it is the other half of the story).
+    if let Some(bias) = bias {
+        scalars.push(("train/logit_bias", bias));
     }
     metrics.log(state.step, &scalars)?;
     tracing::info!(

@@ -103,6 +103,42 @@ fn clip_loss_matches_open_clip_loss_and_autograd() {
     assert!(max_abs(&out.grad_logit_scale, &f["grad_logit_scale"]) < 1e-5);
 }
 
+/// One oxclip training step with the sigmoid loss, through `step::train_step` itself (tiled
+/// loss; whole batch, then gradient caching in micro-batches of 4 and 2), gives open_clip's
+/// SigLIP loss and every parameter gradient, the bias's included.
+#[test]
+fn siglip_step_matches_open_clip_gradients() {
+    use oxclip_trainer::collectives::SingleProcess;
+    use oxclip_trainer::config::{LossConfig, LossKind};
+    use oxclip_trainer::optim::{AdamW, AdamWConfig};
+    use oxclip_trainer::step::{train_step, StepConfig};
+
+    let dir = fixtures().join("parity_tiny_siglip");
+    let io = read(dir.join("io.safetensors"));
+    let mut cfg = model_config("../tests/fixtures/models/parity-tiny.yaml");
+    let loss = LossConfig { kind: LossKind::Siglip, tile_size: 4, naive: false };
+    loss.complete_model(&mut cfg);
+    for micro_batch in [None, Some(4), Some(2)] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &cfg).expect("builds");
+        model::load_weights(&vs, &dir.join("model.safetensors")).expect("loads open_clip weights");
+        let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 });
+        let step = StepConfig { autocast_bf16: false, grad_clip_norm: None, loss: loss.spec(false), micro_batch };
+        // lr 0: the step computes the gradients and leaves the weights alone.
+        let out = train_step(&model, &mut optimizer, &SingleProcess, &io["images"], &io["text"], 0.0, step).expect("step");
+        assert!(max_abs(&out.loss, &io["loss"]) < 1e-5, "{micro_batch:?}: loss {} vs {}", out.loss.double_value(&[]), io["loss"].double_value(&[]));
+        let mut names = 0;
+        for (name, var) in optimizer.variables() {
+            let expected = &io[&format!("grad.{name}")];
+            let scale = expected.abs().max().double_value(&[]).max(1e-3);
+            let diff = max_abs(&var.grad(), expected);
+            assert!(diff / scale < 1e-4, "{micro_batch:?}, {name}: gradient differs by {diff} (scale {scale})");
+            names += 1;
+        }
+        assert_eq!(names, vs.variables().len(), "every parameter has a gradient, logit_bias included");
+    }
+}
+
 /// open_clip's `SigLipLoss` (one process) on the same features: value and every gradient.
 #[test]
 fn siglip_loss_matches_open_clip_siglip_loss_and_autograd() {

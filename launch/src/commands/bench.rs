@@ -198,6 +198,8 @@ struct LossBenchResult {
     seconds: f64,
     /// The process's peak resident memory (VmHWM), start-up included.
     peak_rss_bytes: Option<u64>,
+    /// On CUDA: device memory in use afterwards (libtorch's cache holds its peak).
+    cuda_memory_bytes: Option<u64>,
     loss: f64,
 }
 
@@ -238,6 +240,10 @@ pub fn loss(args: BenchLossArgs) -> anyhow::Result<()> {
         device: format!("{device:?}"),
         seconds,
         peak_rss_bytes: peak_rss_bytes(),
+        cuda_memory_bytes: match device {
+            tch::Device::Cuda(i) => device::cuda_memory_in_use(i),
+            _ => None,
+        },
         loss,
     };
     println!("{}", serde_json::to_string(&result)?);

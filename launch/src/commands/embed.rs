@@ -103,7 +103,8 @@ pub struct ClassifyArgs {
     /// The image to classify.
     #[arg(long)]
     pub image: PathBuf,
-    /// Candidate labels (each a text: "a photo of a dog", or just "dog").
+    /// Candidate labels (each a text: "a photo of a dog", or just "dog"). A CLIP model's
+    /// probabilities sum to 1 over them; a SigLIP model's are each label's own.
     #[arg(long, num_args = 1.., required = true)]
     pub labels: Vec<String>,
     /// Print one JSON object instead of lines.

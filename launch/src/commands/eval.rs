@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions};
+use oxclip_data_loader::{DataSource, DataSpec};
 use oxclip_trainer::eval::{self, EvalResult};
-use oxclip_trainer::model::{load_weights, Clip};
 use oxclip_trainer::train::{read_lines, read_templates};
+use oxclip_trainer::collectives::SingleProcess;
 use oxclip_trainer::device;
 
 use super::embed::{tokenizer, ModelArgs};
@@ -46,9 +46,7 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let (weights, cfg) = weights_and_model(&args.model.checkpoint, args.model.model.as_deref())?;
     let device = device::resolve(device::parse(&args.model.device)?)?;
-    let vs = tch::nn::VarStore::new(device);
-    let model = Clip::new(&vs.root(), &cfg)?;
-    load_weights(&vs, &weights)?;
+    let (_vs, model) = oxclip_trainer::model::load(&cfg, &weights, device)?;
     let tokenizer = tokenizer(args.model.tokenizer.as_deref())?;
 
     let (spec_text, retrieval) = match (&args.zero_shot, &args.retrieval) {
@@ -78,22 +76,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         let templates = read_templates(args.templates.as_deref())?;
         Some(eval::zero_shot_classifier(&model, &tokenizer, &names, &templates, device)?)
     };
-    let mut loader = Loader::open(
-        &source,
-        &ShardOptions::default(),
-        tokenizer,
-        LoaderConfig {
-            batch_size: args.batch_size.max(1),
-            rank: 0,
-            world_size: 1,
-            seed: 0,
-            image_size: cfg.vision_cfg.image_size as u32,
-            context_length: cfg.text_cfg.context_length as usize,
-            workers: args.workers,
-            train: false,
-        },
-    )?;
-    let result = eval::evaluate(&model, &mut loader, classifier.as_ref(), retrieval, device, &oxclip_trainer::collectives::SingleProcess)?;
+    let mut loader = eval::eval_loader(&source, tokenizer, &cfg, args.batch_size, args.workers, &SingleProcess)?;
+    let result = eval::evaluate(&model, &mut loader, classifier.as_ref(), retrieval, device, &SingleProcess)?;
     print_result(&result, args.json);
     Ok(())
 }

@@ -39,9 +39,8 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let (weights_file, cfg) = weights_and_model(&args.checkpoint, args.model.as_deref())?;
     // Load through the model, so the export is exactly what training would start from and
     // any mismatch is reported by name.
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _model = oxclip_trainer::model::Clip::new(&vs.root(), &cfg)?;
-    oxclip_trainer::model::load_weights(&vs, &weights_file)?;
+    let (vs, model) = oxclip_trainer::model::load(&cfg, &weights_file, tch::Device::Cpu)?;
+    let cfg = model.config.clone(); // with the bias of a SigLIP file
     let weights: BTreeMap<String, tch::Tensor> = vs.variables().into_iter().collect();
     let format = match args.format {
         ExportFormat::OpenClip => Format::OpenClip,

@@ -12,10 +12,12 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tch::{Kind, Tensor};
 
-use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions};
+use oxclip_data_loader::{DataSource, DataSpec};
+use oxclip_trainer::collectives::SingleProcess;
 use oxclip_trainer::device;
+use oxclip_trainer::eval;
 use oxclip_trainer::infer::Embedder;
-use oxclip_trainer::model::{load_weights, normalize, write_safetensors, Clip, ModelConfig};
+use oxclip_trainer::model::{normalize, write_safetensors, ModelConfig};
 
 use super::embed::{tokenizer, ModelArgs};
 use super::weights_and_model;
@@ -39,25 +41,9 @@ pub struct IndexArgs {
 pub fn index(args: IndexArgs) -> anyhow::Result<()> {
     let (weights, cfg) = weights_and_model(&args.model.checkpoint, args.model.model.as_deref())?;
     let device = device::resolve(device::parse(&args.model.device)?)?;
-    let vs = tch::nn::VarStore::new(device);
-    let model = Clip::new(&vs.root(), &cfg)?;
-    load_weights(&vs, &weights)?;
+    let (_vs, model) = oxclip_trainer::model::load(&cfg, &weights, device)?;
     let source = DataSource::open(&DataSpec::parse(&args.data)?, 0)?;
-    let mut loader = Loader::open(
-        &source,
-        &ShardOptions::default(),
-        tokenizer(args.model.tokenizer.as_deref())?,
-        LoaderConfig {
-            batch_size: args.batch_size.max(1),
-            rank: 0,
-            world_size: 1,
-            seed: 0,
-            image_size: cfg.vision_cfg.image_size as u32,
-            context_length: cfg.text_cfg.context_length as usize,
-            workers: args.workers,
-            train: false,
-        },
-    )?;
+    let mut loader = eval::eval_loader(&source, tokenizer(args.model.tokenizer.as_deref())?, &cfg, args.batch_size, args.workers, &SingleProcess)?;
     let progress = indicatif::ProgressBar::new(source.len());
     let (size, context) = (cfg.vision_cfg.image_size, cfg.text_cfg.context_length);
     let (mut images, mut texts, mut keys, mut captions) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -14,7 +14,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 use super::{Collectives, WorldEnv};
 use crate::error::{Result, TrainError};
@@ -237,16 +237,6 @@ fn read_frame(mut stream: &TcpStream) -> std::io::Result<(u8, u64, Vec<u8>)> {
 }
 
 /// A tensor's values as little-endian fp32 bytes (every collective here runs in fp32).
-fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let flat = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]);
-    let values = Vec::<f32>::try_from(&flat)?;
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    Ok(out)
-}
-
 fn to_floats(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
@@ -266,7 +256,7 @@ impl Collectives for TcpGroup {
     }
 
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
-        let gathered = self.round(Op::AllGather, to_bytes(tensor)?, |parts| Ok(parts.concat()))?;
+        let gathered = self.round(Op::AllGather, crate::bytes::f32_le_bytes(tensor)?, |parts| Ok(parts.concat()))?;
         let values = to_floats(&gathered);
         let mut shape = tensor.size();
         let row: i64 = shape.iter().skip(1).product::<i64>().max(1);
@@ -285,7 +275,7 @@ impl Collectives for TcpGroup {
     }
 
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
-        let summed = self.round(Op::AllReduce, to_bytes(tensor)?, |parts| {
+        let summed = self.round(Op::AllReduce, crate::bytes::f32_le_bytes(tensor)?, |parts| {
             let mut acc = to_floats(&parts[0]);
             for (r, part) in parts.iter().enumerate().skip(1) {
                 if part.len() != parts[0].len() {
@@ -314,7 +304,7 @@ impl Collectives for TcpGroup {
         if root >= self.world_size {
             return Err(dist_err(format!("broadcast from rank {root} in a world of {}", self.world_size)));
         }
-        let value = self.round(Op::Broadcast, to_bytes(tensor)?, |mut parts| Ok(parts.swap_remove(root)))?;
+        let value = self.round(Op::Broadcast, crate::bytes::f32_le_bytes(tensor)?, |mut parts| Ok(parts.swap_remove(root)))?;
         let result = to_tensor(&to_floats(&value), &tensor.size(), tensor)?;
         let _ = tensor.copy_(&result);
         Ok(())

@@ -110,4 +110,34 @@ mod tests {
         assert_eq!(config["vision_config"]["num_attention_heads"], 2);
         assert_eq!(config["text_config"]["intermediate_size"], 192);
     }
+
+    /// A SigLIP-trained model exports to open_clip with its bias (weights and `model_cfg`),
+    /// refuses Hugging Face's CLIPModel by name, and loads CLIP weights keeping its bias.
+    #[test]
+    fn a_sigmoid_loss_model_keeps_its_bias() {
+        let mut cfg: ModelConfig = serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml")).unwrap();
+        let clip_vs = nn::VarStore::new(Device::Cpu);
+        let _ = super::super::Clip::new(&clip_vs.root(), &cfg).unwrap();
+        cfg.init_logit_bias = Some(-10.0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = super::super::Clip::new(&vs.root(), &cfg).unwrap();
+        let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+        let dir = tempfile::tempdir().unwrap();
+        let files = export(weights.iter().map(|(k, v)| (k.clone(), v.detach().copy())).collect(), &cfg, Format::OpenClip, dir.path()).unwrap();
+        let saved: BTreeMap<String, Tensor> = Tensor::read_safetensors(&files[0]).unwrap().into_iter().collect();
+        assert_eq!(saved["logit_bias"].double_value(&[]), -10.0);
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
+        assert_eq!(config["model_cfg"]["init_logit_bias"], -10.0);
+
+        let err = export(weights, &cfg, Format::HuggingFace, &dir.path().join("hf")).unwrap_err().to_string();
+        assert!(err.contains("logit_bias") && err.contains("--format open_clip"), "{err}");
+
+        // CLIP weights into the SigLIP model: everything loads, the bias keeps its start.
+        let clip_file = dir.path().join("clip.safetensors");
+        super::super::save_weights(&clip_vs, &clip_file).unwrap();
+        let _ = tch::no_grad(|| model.logit_bias.as_ref().unwrap().shallow_clone().fill_(-3.0));
+        super::super::load_weights(&vs, &clip_file).unwrap();
+        assert_eq!(model.logit_bias.as_ref().unwrap().double_value(&[]), -3.0);
+        assert!(model.visual.proj.equal(&clip_vs.variables()["visual.proj"]));
+    }
 }

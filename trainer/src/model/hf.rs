@@ -113,6 +113,14 @@ pub fn from_hf(mut hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tens
 
 /// open_clip names -> HF `CLIPModel` tensors, the inverse of [`from_hf`].
 pub fn to_hf(mut oc: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+    if oc.contains_key("logit_bias") {
+        return Err(TrainError::ModelConfig(
+            "the model has a logit_bias (trained with loss.kind siglip), which a Hugging Face CLIPModel cannot hold \
+             (and transformers' SiglipModel is another architecture); export with --format open_clip, whose CLIP takes \
+             init_logit_bias"
+                .into(),
+        ));
+    }
     let mut out = BTreeMap::new();
     if let Some(t) = oc.remove("visual.proj") {
         out.insert("visual_projection.weight".to_owned(), t.tr().contiguous());

@@ -88,6 +88,36 @@ pub fn num_params(vs: &nn::VarStore) -> i64 {
     vs.variables().values().map(|t| t.numel() as i64).sum()
 }
 
+/// A model of architecture `config` with the weights of `path` (see [`load_weights`]) on
+/// `device`. A file with a `logit_bias` (trained with the sigmoid loss) gets a model with one,
+/// whatever the config says, so a SigLIP checkpoint loads under its plain architecture name.
+pub fn load(config: &ModelConfig, path: &Path, device: tch::Device) -> Result<(nn::VarStore, Clip)> {
+    let mut config = config.clone();
+    if config.init_logit_bias.is_none() && has_tensor(path, "logit_bias") {
+        config.init_logit_bias = Some(0.0); // the file's value replaces it
+    }
+    let vs = nn::VarStore::new(device);
+    let model = Clip::new(&vs.root(), &config)?;
+    load_weights(&vs, path)?;
+    Ok((vs, model))
+}
+
+/// Whether the safetensors file at `path` holds a tensor `name`, from its header alone.
+fn has_tensor(path: &Path, name: &str) -> bool {
+    let header = || -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)?;
+        // A corrupt length is left to `load_weights` to report; read at most 100 MB here.
+        let mut header = vec![0u8; u64::from_le_bytes(len).min(100 << 20) as usize];
+        file.read_exact(&mut header)?;
+        Ok(header)
+    };
+    let Ok(header) = header() else { return false };
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&header).is_ok_and(|h| h.contains_key(name))
+}
+
 /// Loads weights into `vs` from a safetensors file in open_clip layout (an oxclip checkpoint,
 /// `open_clip_model.safetensors`) or Hugging Face `CLIPModel` layout (`model.safetensors`),
 /// told apart by their names; converts dtype (fp16 / bf16 files load) and refuses any
@@ -178,9 +208,7 @@ pub fn save_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
 pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>, extra: Option<HashMap<String, String>>, path: &Path) -> Result<()> {
     let mut data = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let t = t.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
-        let values = Vec::<f32>::try_from(&t.flatten(0, -1))?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes = crate::bytes::f32_le_bytes(t)?;
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         data.push((name.clone(), shape, bytes));
     }
