@@ -67,3 +67,24 @@ if [ -n "$PY" ]; then
     --samples 8000 --shard-size 1000 --seed 0 >/dev/null
   bench_loader photo "$PHOTOS"
 fi
+
+# Large batches (docs/large-batch.md): the tiled loss against the N x N oracle at N = 16384,
+# both losses, and a step of batch 512 with and without micro-batches of 64 (peak memory).
+ratio_loss() { # kind
+  local tiled naive
+  tiled=$("$BIN" bench loss --batch 16384 --dim 128 --kind "$1" --device cpu)
+  naive=$("$BIN" bench loss --batch 16384 --dim 128 --kind "$1" --naive --device cpu)
+  echo "$tiled"; echo "$naive"
+  python3 - "$tiled" "$naive" <<'PY'
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(f"ratio {a['kind']} loss N=16384: tiled/naive time = {a['seconds'] / b['seconds']:.2f}, "
+      f"peak memory = {a['peak_rss_bytes'] / b['peak_rss_bytes']:.2f}")
+PY
+}
+ratio_loss clip
+ratio_loss siglip
+for micro in 512 64; do
+  "$BIN" bench train --model small --batch-size 512 --micro-batch-size $micro --steps 2 --warmup 1 \
+    --device cpu --threads "$THREADS"
+done

@@ -252,12 +252,17 @@ mod tests {
         }
     }
 
-    /// Trains `steps` steps of `batch` with micro-batches of `micro` (or none) from the same
-    /// start; returns the final weights.
-    fn train_weights(kind: LossKind, micro: Option<usize>, images: &Tensor, tokens: &Tensor, steps: usize) -> BTreeMap<String, Tensor> {
-        tch::manual_seed(3);
+    /// Trains `steps` steps from `weights`, each on the next slice of `images`/`tokens`, with
+    /// micro-batches of `micro` (or none); returns the final weights. (Weights are copied in,
+    /// never re-drawn from a seed: tests share libtorch's generator across threads.)
+    fn train_weights(kind: LossKind, micro: Option<usize>, weights: &BTreeMap<String, Tensor>, images: &Tensor, tokens: &Tensor, steps: usize) -> BTreeMap<String, Tensor> {
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &tiny(kind)).unwrap();
+        tch::no_grad(|| {
+            for (name, var) in vs.variables() {
+                let _ = var.shallow_clone().copy_(&weights[&name]);
+            }
+        });
         let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
         let n = images.size()[0] / steps as i64;
@@ -265,7 +270,7 @@ mod tests {
             let (images, tokens) = (images.narrow(0, s * n, n), tokens.narrow(0, s * n, n));
             train_step(&model, &mut optimizer, &SingleProcess, &images, &tokens, 1e-4, step_config(kind, micro)).unwrap();
         }
-        vs.variables().into_iter().collect()
+        vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect()
     }
 
     /// Gradient caching: 4 micro-batches of 16 (or uneven ones, 64 = 3 x 20 + 4) update the
@@ -276,13 +281,12 @@ mod tests {
         let images = Tensor::randn([192, 3, 32, 32], (Kind::Float, Device::Cpu));
         let tokens = Tensor::randint_low(1, 49000, [192, 32], (Kind::Int64, Device::Cpu));
         for kind in [LossKind::Clip, LossKind::Siglip] {
-            let whole = train_weights(kind, None, &images, &tokens, 3);
             let start: BTreeMap<String, Tensor> = {
-                tch::manual_seed(3);
                 let vs = nn::VarStore::new(Device::Cpu);
                 let _ = Clip::new(&vs.root(), &tiny(kind)).unwrap();
                 vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect()
             };
+            let whole = train_weights(kind, None, &start, &images, &tokens, 3);
             // Relative to the largest weight, as the distributed test: the features agree to
             // fp32 rounding, but Adam turns the rounding noise of gradients that are zero in
             // exact arithmetic into updates of order lr.
@@ -302,7 +306,7 @@ mod tests {
                 }
             }
             for micro in [16, 20] {
-                let cached = train_weights(kind, Some(micro), &images, &tokens, 3);
+                let cached = train_weights(kind, Some(micro), &start, &images, &tokens, 3);
                 for (name, w) in &whole {
                     let diff = (w - &cached[name]).abs().max().double_value(&[]);
                     assert!(diff <= 1e-5 * scale, "{kind:?} micro {micro}, {name}: weights differ by {diff} (largest weight {scale})");
