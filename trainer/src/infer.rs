@@ -25,7 +25,6 @@ impl Embedder {
     /// The architecture `cfg` with the weights of `weights` (either layout, see
     /// [`load_weights`]) on `device`.
     pub fn new(cfg: &ModelConfig, weights: &Path, tokenizer: Tokenizer, device: Device) -> Result<Self> {
-        cfg.validate()?;
         let (vs, model) = crate::model::load(cfg, weights, device)?;
         let transform = ImageTransform::eval(cfg.vision_cfg.image_size as u32);
         Ok(Self { model, _vs: vs, tokenizer, transform, device })

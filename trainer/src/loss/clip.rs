@@ -151,6 +151,7 @@ pub fn clip_loss_naive(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::assert_close;
     use tch::Device;
 
     fn features(n: i64, d: i64, seed: i64) -> (Tensor, Tensor) {
@@ -216,15 +217,7 @@ mod tests {
                 let naive = clip_loss_naive(&image, &text, &ls, rows.clone());
                 for &tile in &tiles {
                     let tiled = clip_loss(&image, &text, &ls, rows.clone(), tile, Matmul::Fp32);
-                    for (what, a, b) in [
-                        ("loss", &tiled.loss, &naive.loss),
-                        ("grad_image", &tiled.grad_image, &naive.grad_image),
-                        ("grad_text", &tiled.grad_text, &naive.grad_text),
-                        ("grad_logit_scale", &tiled.grad_logit_scale, &naive.grad_logit_scale),
-                    ] {
-                        let rel = max_rel(&a.to_kind(Kind::Double), &b.to_kind(Kind::Double));
-                        assert!(rel <= 1e-5, "N {n_all} rows {rows:?} tile {tile}: {what} differs by {rel}");
-                    }
+                    assert_close(&format!("N {n_all} rows {rows:?} tile {tile}"), &tiled, &naive, 1e-5);
                 }
             }
         }
@@ -239,15 +232,7 @@ mod tests {
         let ls = Tensor::from(2.66f32);
         let fp32 = clip_loss(&image, &text, &ls, 0..300, 128, Matmul::Fp32);
         let bf16 = clip_loss(&image, &text, &ls, 0..300, 128, Matmul::Bf16);
-        for (what, a, b) in [
-            ("loss", &bf16.loss, &fp32.loss),
-            ("grad_image", &bf16.grad_image, &fp32.grad_image),
-            ("grad_text", &bf16.grad_text, &fp32.grad_text),
-            ("grad_logit_scale", &bf16.grad_logit_scale, &fp32.grad_logit_scale),
-        ] {
-            let rel = max_rel(&a.to_kind(Kind::Double), &b.to_kind(Kind::Double));
-            assert!(rel <= 2e-2, "{what} differs by {rel}");
-        }
+        assert_close("bf16", &bf16, &fp32, 2e-2);
     }
 
     #[test]

@@ -116,3 +116,27 @@ fn tiles(range: Range<i64>, tile: i64) -> impl Iterator<Item = Range<i64>> {
 pub fn effective_tile(tile: i64, global: i64) -> i64 {
     if tile <= 0 { clip::AUTO_TILE } else { tile }.min(global.max(1))
 }
+
+/// Test helper: `a` and `b` agree in the loss and every gradient, each within `tolerance` of
+/// `b`'s largest magnitude.
+#[cfg(test)]
+pub(crate) fn assert_close(what: &str, a: &LossOutput, b: &LossOutput, tolerance: f64) {
+    let max_rel = |x: &Tensor, y: &Tensor| {
+        let (x, y) = (x.to_kind(Kind::Double), y.to_kind(Kind::Double));
+        (&x - &y).abs().max().double_value(&[]) / y.abs().max().double_value(&[]).max(1e-12)
+    };
+    let mut pairs = vec![
+        ("loss", &a.loss, &b.loss),
+        ("grad_image", &a.grad_image, &b.grad_image),
+        ("grad_text", &a.grad_text, &b.grad_text),
+        ("grad_logit_scale", &a.grad_logit_scale, &b.grad_logit_scale),
+    ];
+    assert_eq!(a.grad_logit_bias.is_some(), b.grad_logit_bias.is_some(), "{what}: one has a bias gradient, the other not");
+    if let (Some(x), Some(y)) = (&a.grad_logit_bias, &b.grad_logit_bias) {
+        pairs.push(("grad_logit_bias", x, y));
+    }
+    for (name, x, y) in pairs {
+        let rel = max_rel(x, y);
+        assert!(rel <= tolerance, "{what}: {name} differs by {rel}");
+    }
+}

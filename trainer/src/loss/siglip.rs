@@ -108,6 +108,7 @@ pub fn siglip_loss_naive(image: &Tensor, text: &Tensor, logit_scale: &Tensor, lo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::assert_close;
     use tch::Device;
 
     fn features(n: i64, d: i64, seed: i64) -> (Tensor, Tensor) {
@@ -116,26 +117,6 @@ mod tests {
         // Captions correlated with their images, so positives and negatives both matter.
         let text = crate::model::normalize(&(&image + Tensor::randn([n, d], (Kind::Float, Device::Cpu)) * 0.7));
         (image, text)
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-        (&a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12)
-    }
-
-    fn assert_close(what: &str, a: &LossOutput, b: &LossOutput, tolerance: f64) {
-        let pairs = [
-            ("loss", &a.loss, &b.loss),
-            ("grad_image", &a.grad_image, &b.grad_image),
-            ("grad_text", &a.grad_text, &b.grad_text),
-            ("grad_logit_scale", &a.grad_logit_scale, &b.grad_logit_scale),
-        ];
-        for (name, x, y) in pairs {
-            let rel = max_rel(x, y);
-            assert!(rel <= tolerance, "{what}: {name} differs by {rel}");
-        }
-        let (x, y) = (a.grad_logit_bias.as_ref().unwrap(), b.grad_logit_bias.as_ref().unwrap());
-        assert!(max_rel(x, y) <= tolerance, "{what}: grad_logit_bias differs by {}", max_rel(x, y));
     }
 
     /// The value open_clip's `SigLipLoss` gives for these features, written out: a fixed
