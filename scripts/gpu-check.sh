@@ -1,36 +1,99 @@
 #!/usr/bin/env bash
 # The device check, run on a GPU machine in one call (see docs/development.md): the binary
 # built here is carried over with the cache's libtorch left behind; the machine's own PyTorch
-# 2.11 supplies libtorch (CPU and CUDA) through LD_LIBRARY_PATH. Prints what it measured and
-# writes it under $OUT (or ./gpu-check-out).
+# 2.11 supplies libtorch (CPU and CUDA), cudart, CUPTI and NCCL through LD_LIBRARY_PATH.
+# open_clip, where the machine lacks it, comes as wheels in .whl/ (docs/development.md).
+# Sections run in order of importance under one time budget (GPU_CHECK_BUDGET_S, default
+# 480 s): what does not fit is skipped and says so. SECTIONS picks some of them (default
+# "bench loss large nccl"). Prints what it measured and writes it under $OUT (or
+# ./gpu-check-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check-out}"
 mkdir -p "$OUT"
 BIN=${BIN:-target/release/oxclip}
-TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
-export OXCLIP_LIBTORCH_CUDA="$TORCH_LIB/libtorch_cuda.so"
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-480}))
+SECTIONS=" ${SECTIONS:-bench loss large nccl} "
+wanted() { [[ "$SECTIONS" == *" $1 "* ]]; }
 
-{
-  echo "# oxclip bench train (CUDA)"
-  for bs in 128 256; do
-    timeout 240 "$BIN" bench train --model ViT-B-32 --batch-size $bs --steps 20 --warmup 5 --device cuda --amp-bf16
+# check LIMIT CMD...: runs CMD under min(LIMIT, what the budget has left); never fails the script.
+check() {
+  local limit=$1 left=$((DEADLINE - SECONDS - 5))
+  shift
+  if [ "$left" -lt 15 ]; then echo "skipped, out of time: $*"; return 0; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  timeout "$limit" "$@"
+  local status=$?
+  [ $status -ne 0 ] && echo "status $status: $*"
+  return 0
+}
+
+if [ -d .whl ] && ! python3 -c 'import open_clip' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+SITE=$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
+TORCH_LIB="$SITE/torch/lib"
+NVIDIA_LIBS=$(find "$SITE/nvidia" \( -name 'libcudart.so.*' -o -name 'libcupti.so.*' -o -name 'libnccl.so*' \) \
+  -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
+export LD_LIBRARY_PATH="$TORCH_LIB:$NVIDIA_LIBS:${LD_LIBRARY_PATH:-}"
+export OXCLIP_LIBTORCH_CUDA="$TORCH_LIB/libtorch_cuda.so"
+export OXCLIP_NCCL="${OXCLIP_NCCL:-$(find "$SITE/nvidia" -name 'libnccl.so*' 2>/dev/null | head -n 1)}"
+# The CLIP BPE vocabulary that `make setup` fetches here ships inside open_clip too.
+if [ -z "${OXCLIP_VOCAB:-}" ] && [ ! -f "$HOME/.cache/oxclip/bpe_simple_vocab_16e6.txt.gz" ]; then
+  OXCLIP_VOCAB=$(python3 -c 'import os, open_clip; print(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"))')
+  export OXCLIP_VOCAB
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$BIN" --version; } | tee "$OUT/gpu.txt"
+
+# 1. Step throughput, ViT-B-32 under bf16 autocast: oxclip, then open_clip on the same GPU.
+wanted bench && {
+  echo "# oxclip bench train (CUDA, amp bf16)"
+  for bs in 256 128; do
+    check 90 "$BIN" bench train --model ViT-B-32 --batch-size $bs --steps 20 --warmup 5 --device cuda --amp-bf16
   done
-  echo "# open_clip on the same GPU"
-  for bs in 128 256; do
-    timeout 240 python3 scripts/bench_open_clip.py --model-config configs/models/ViT-B-32.yaml \
+  echo "# open_clip, same GPU"
+  for bs in 256 128; do
+    check 90 python3 scripts/bench_open_clip.py --model-config configs/models/ViT-B-32.yaml \
       --batch-size $bs --steps 20 --warmup 5 --threads 16 --device cuda --amp-bf16 2>&1 | tail -n 1
   done
 } 2>&1 | tee "$OUT/bench.txt"
 
-# The NCCL backend: a one-rank NCCL run must give the loss curve of the single-process CUDA
-# run (same seed, same data), and two ranks of 32 the weights of one of 64 (indexed data).
-{
-  echo "# NCCL vs single process (tiny model, synthetic data)"
-  # pip's NCCL beside torch (torch/lib/../../nvidia/nccl/lib); loaded with libtorch_cuda anyway.
-  export OXCLIP_NCCL="${OXCLIP_NCCL:-$(ls "$TORCH_LIB"/../../nvidia/nccl/lib/libnccl.so* 2>/dev/null | head -n 1)}"
+# 2. The loss alone. First agreement on CUDA (tiled fp32 = naive fp32; bf16 products close),
+# then tiled against naive time, then growing N at D = 512 with bf16 products.
+wanted loss && {
+  echo "# warm-up"
+  check 60 "$BIN" bench loss --batch 4096 --dim 512 --device cuda
+  echo "# agreement, N = 16384"
+  for args in "" "--naive" "--bf16" "--kind siglip" "--kind siglip --naive" "--kind siglip --bf16"; do
+    # shellcheck disable=SC2086
+    check 60 "$BIN" bench loss --batch 16384 --dim 512 --device cuda $args
+  done
+  echo "# tiled vs naive, N = 65536, fp32"
+  check 90 "$BIN" bench loss --batch 65536 --dim 512 --device cuda
+  check 90 "$BIN" bench loss --batch 65536 --dim 512 --device cuda --naive
+  echo "# growing N, D = 512, bf16 products"
+  for n in 262144 1048576; do
+    check 150 "$BIN" bench loss --batch $n --dim 512 --bf16 --device cuda
+  done
+  check 100 "$BIN" bench loss --batch 1048576 --dim 512 --bf16 --kind siglip --device cuda
+} 2>&1 | tee "$OUT/loss.txt"
+
+# 3. Batches beyond activation memory: ViT-B-32 whole, then with micro-batches of 256.
+wanted large && {
+  echo "# bench train ViT-B-32, whole batch"
+  check 60 "$BIN" bench train --model ViT-B-32 --batch-size 2048 --steps 1 --warmup 1 --device cuda --amp-bf16
+  echo "# bench train ViT-B-32, micro-batches of 256"
+  for bs in 4096 16384; do
+    check 120 "$BIN" bench train --model ViT-B-32 --batch-size $bs --micro-batch-size 256 --steps 1 --warmup 1 \
+      --device cuda --amp-bf16
+  done
+} 2>&1 | tee "$OUT/large-batch.txt"
+
+# 4. The NCCL backend: a one-rank NCCL run must give the loss curve of the single-process CUDA
+# run (same seed, same data), and two ranks of 16 that of one of 32 where two GPUs exist.
+wanted nccl && {
+  echo "# NCCL vs single process (tiny model, synthetic data); libnccl: $OXCLIP_NCCL"
   D=$(mktemp -d)
   cat > "$D/run.yaml" <<YAML
 run_dir: $D/run
@@ -40,11 +103,12 @@ train: {batch_size: 32, steps: 20, seed: 7, precision: fp32, device: cuda, log_e
 optim: {lr: 1.0e-4, warmup_steps: 2}
 dist: {backend: nccl, timeout_s: 120}
 YAML
-  timeout 120 "$BIN" train --config "$D/run.yaml" --run-dir "$D/single" 2>&1 | grep -E "step .*loss|error" | tail -n 4
-  timeout 120 "$BIN" launch --nproc-per-node 1 --master-port 29710 -- train --config "$D/run.yaml" --run-dir "$D/nccl1" 2>&1 | grep -E "step .*loss|NCCL|error" | tail -n 5
+  check 60 "$BIN" train --config "$D/run.yaml" --run-dir "$D/single" 2>&1 | grep -E "step .*loss|error|caused" | tail -n 6
+  check 60 "$BIN" launch --nproc-per-node 1 --master-port 29710 -- train --config "$D/run.yaml" --run-dir "$D/nccl1" 2>&1 \
+    | grep -E "step .*loss|NCCL|error|caused" | tail -n 7
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-    timeout 180 "$BIN" launch --nproc-per-node 2 --master-port 29720 -- train --config "$D/run.yaml" \
-      --set train.batch_size=16 --run-dir "$D/nccl2" 2>&1 | grep -E "step .*loss|error" | tail -n 4
+    check 90 "$BIN" launch --nproc-per-node 2 --master-port 29720 -- train --config "$D/run.yaml" \
+      --set train.batch_size=16 --run-dir "$D/nccl2" 2>&1 | grep -E "step .*loss|error|caused" | tail -n 6
   fi
   python3 - "$D" <<'PY'
 import sys, json, os
@@ -61,19 +125,4 @@ if a and b:
     print("max |loss difference|:", max(abs(x[1] - y[1]) for x, y in zip(a, b)))
 PY
 } 2>&1 | tee "$OUT/nccl.txt"
-
-# Large batches (docs/large-batch.md): the tiled loss alone at growing N (bf16 products, as
-# training runs them under amp_bf16), and ViT-B-32 steps with micro-batches at growing batch.
-{
-  echo "# bench loss, D = 512, bf16 products"
-  for n in 65536 262144 1048576; do
-    timeout 150 "$BIN" bench loss --batch $n --dim 512 --bf16 --device cuda || echo "N=$n failed (status $?)"
-  done
-  echo "# bench loss, D = 512, SigLIP"
-  timeout 60 "$BIN" bench loss --batch 262144 --dim 512 --bf16 --kind siglip --device cuda || echo "failed"
-  echo "# bench train ViT-B-32, micro-batches of 256"
-  for bs in 1024 4096; do
-    timeout 150 "$BIN" bench train --model ViT-B-32 --batch-size $bs --micro-batch-size 256 --steps 2 --warmup 1 \
-      --device cuda --amp-bf16 || echo "batch $bs failed (status $?)"
-  done
-} 2>&1 | tee "$OUT/large-batch.txt"
+echo "gpu-check done in $SECONDS s"

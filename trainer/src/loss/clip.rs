@@ -14,16 +14,17 @@
 //!   dL/dlogit_scale = sum((P - E) * logits_I + (Q - E) * logits_T) / 2N
 //!
 //! [`clip_loss`] computes all of this tile by tile over the columns (Inf-CL's idea): a first
-//! pass accumulates each row's log-sum-exp online (running max and sum), a second pass forms
-//! `softmax - onehot` one tile at a time and accumulates the gradients. Extra memory is
-//! O(tile^2) (rows are taken a tile at a time as well) instead of O(n x N). [`clip_loss_naive`] builds the two n x N blocks at once;
-//! it is the test oracle (`loss.naive: true`).
+//! pass merges each row's log-sum-exp over the tiles (logaddexp of the tiles' own), a second
+//! pass forms `softmax - onehot` one tile at a time and accumulates the gradients. Extra
+//! memory is O(tile^2) (rows are taken a tile at a time as well) instead of O(n x N).
+//! [`clip_loss_naive`] builds the two n x N blocks at once; it is the test oracle
+//! (`loss.naive: true`).
 
 use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
-use super::{effective_tile, positives_mask, tiles, LossOutput, Matmul};
+use super::{effective_tile, positives, tiles, LossOutput, Matmul};
 
 /// Tile side when `loss.tile_size` is 0: a 4096 x 4096 fp32 block is 64 MB.
 pub const AUTO_TILE: i64 = 4096;
@@ -48,60 +49,71 @@ pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Rang
         grad_logit_scale: Tensor::zeros([], (Kind::Double, device)),
         grad_logit_bias: None,
     };
+    let features = Features { image: &image, text: &text, image_mm: matmul.input(&image), text_mm: matmul.input(&text) };
+    let scale = logit_scale.to_kind(Kind::Float).exp();
     for block in tiles(rows, tile) {
-        add_row_block(&image, &text, logit_scale, block, tile, matmul, &mut acc);
+        add_row_block(&features, &scale, block, tile, matmul, &mut acc);
     }
     acc.loss = acc.loss.to_kind(Kind::Float);
     acc.grad_logit_scale = acc.grad_logit_scale.to_kind(Kind::Float);
     acc
 }
 
+/// The gathered features, fp32 and in the products' precision (converted once per call).
+struct Features<'a> {
+    image: &'a Tensor,
+    text: &'a Tensor,
+    image_mm: Tensor,
+    text_mm: Tensor,
+}
+
 /// Adds the loss and gradients of the owned rows `rows` to `acc`, a tile of columns at a time.
-fn add_row_block(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>, tile: i64, matmul: Matmul, acc: &mut LossOutput) {
-    let device = image.device();
-    let scale = logit_scale.to_kind(Kind::Float).exp();
-    let global = image.size()[0];
+/// The tile-sized work is what costs (N^2 elements against N d for the rest), so each tile
+/// gets one product and as few element-wise passes as the math allows.
+fn add_row_block(f: &Features, scale: &Tensor, rows: Range<i64>, tile: i64, matmul: Matmul, acc: &mut LossOutput) {
+    let global = f.image.size()[0];
     let n = rows.end - rows.start;
     let norm = 1.0 / (2 * global) as f64;
-    let image_own = image.narrow(0, rows.start, n);
-    let text_own = text.narrow(0, rows.start, n);
     let columns: Vec<Range<i64>> = tiles(0..global, tile).collect();
-    let logits = |own: &Tensor, others: &Tensor, c: &Range<i64>| matmul.nt(own, &others.narrow(0, c.start, c.end - c.start)) * &scale;
+    let image_own = f.image.narrow(0, rows.start, n);
+    let text_own = f.text.narrow(0, rows.start, n);
+    // s folded into the (n, d) rows: the products come out as logits.
+    let image_scaled = matmul.input(&(&image_own * scale));
+    let text_scaled = matmul.input(&(&text_own * scale));
+    let directions = [(&image_scaled, &f.text_mm), (&text_scaled, &f.image_mm)];
+    let tile_of = |t: &Tensor, c: &Range<i64>| t.narrow(0, c.start, c.end - c.start);
 
-    // Pass 1: each owned row's log-sum-exp over all columns, online.
-    let mut lse = Vec::new();
-    for (own, others) in [(&image_own, text), (&text_own, image)] {
-        let mut max = Tensor::full([n], f64::NEG_INFINITY, (Kind::Float, device));
-        let mut sum = Tensor::zeros([n], (Kind::Float, device));
-        for c in &columns {
-            let block = logits(own, others, c);
-            let new_max = max.maximum(&block.amax([1i64].as_slice(), false));
-            sum = sum * (&max - &new_max).exp() + (block - new_max.unsqueeze(1)).exp().sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
-            max = new_max;
-        }
-        lse.push(max + sum.log());
-    }
-    let positives = (&image_own * &text_own).sum(Kind::Float) * &scale;
-    acc.loss += (lse[0].sum(Kind::Double) + lse[1].sum(Kind::Double) - positives.to_kind(Kind::Double) * 2.0) * norm;
+    // Pass 1: each owned row's log-sum-exp over all columns, merged tile by tile.
+    let lse: Vec<Tensor> = directions
+        .iter()
+        .map(|(own, others)| {
+            let first = Tensor::full([n], f64::NEG_INFINITY, (Kind::Float, f.image.device()));
+            columns.iter().fold(first, |lse, c| lse.logaddexp(&matmul.nt(own, &tile_of(others, c)).logsumexp([1], false)))
+        })
+        .collect();
+    let positives_sum = (&image_own * &text_own).sum(Kind::Double) * scale.to_kind(Kind::Double);
+    acc.loss += (lse[0].sum(Kind::Double) + lse[1].sum(Kind::Double) - positives_sum * 2.0) * norm;
 
-    // Pass 2: (softmax - onehot) / 2N a tile at a time, into the feature and scale gradients:
-    // image rows against each tile of captions, then caption rows against images.
-    let mut grad_own_image = Tensor::zeros_like(&image_own);
-    let mut grad_own_text = Tensor::zeros_like(&text_own);
+    // Pass 2: D = (softmax - onehot) / 2N a tile at a time, into the feature and scale
+    // gradients: image rows against each tile of captions, then caption rows against images.
+    // exp(logit - lse) / 2N is exp(logit - (lse - ln 2N)): the normaliser rides in the shift.
+    let shifts: Vec<Tensor> = lse.iter().map(|l| (l - norm.ln()).unsqueeze(1)).collect();
+    let mut grad_own = [Tensor::zeros_like(&image_own), Tensor::zeros_like(&text_own)];
+    let grad_others = [acc.grad_text.shallow_clone(), acc.grad_image.shallow_clone()];
     for c in &columns {
-        let onehot = positives_mask(rows.clone(), c.clone(), device);
-        let others_tile = |others: &Tensor| others.narrow(0, c.start, c.end - c.start);
-        for (own, others, lse, grad_own, grad_others) in [
-            (&image_own, text, &lse[0], &mut grad_own_image, &acc.grad_text),
-            (&text_own, image, &lse[1], &mut grad_own_text, &acc.grad_image),
-        ] {
-            let block = logits(own, others, c);
-            let d = ((&block - lse.unsqueeze(1)).exp() - &onehot) * norm;
-            acc.grad_logit_scale += (&d * &block).sum(Kind::Double);
-            *grad_own += matmul.mm(&d, &others_tile(others)) * &scale;
-            let _ = others_tile(grad_others).g_add_(&(matmul.mm(&d.tr(), own) * &scale));
+        for (k, (own_scaled, others)) in directions.iter().enumerate() {
+            let others = tile_of(others, c);
+            let logits = matmul.nt(own_scaled, &others);
+            let d = (&logits - &shifts[k]).exp_();
+            let _ = positives(&d, &rows, c).g_sub_scalar_(norm);
+            // Row sums in fp32 (a tile wide), the total in fp64.
+            acc.grad_logit_scale += (&d * &logits).sum_dim_intlist([1i64].as_slice(), false, Kind::Float).sum(Kind::Double);
+            let d = matmul.input(&d);
+            grad_own[k] += matmul.mm(&d, &others) * scale;
+            let _ = tile_of(&grad_others[k], c).g_add_(&matmul.mm(&d.tr(), own_scaled));
         }
     }
+    let [grad_own_image, grad_own_text] = grad_own;
     let _ = acc.grad_image.narrow(0, rows.start, n).g_add_(&grad_own_image);
     let _ = acc.grad_text.narrow(0, rows.start, n).g_add_(&grad_own_text);
 }

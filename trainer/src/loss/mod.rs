@@ -76,6 +76,15 @@ pub enum Matmul {
 }
 
 impl Matmul {
+    /// `t` in the products' input precision. Converting once, before a loop of products,
+    /// saves one conversion per product; `mm` leaves converted inputs as they are.
+    pub fn input(self, t: &Tensor) -> Tensor {
+        match self {
+            Matmul::Fp32 => t.to_kind(Kind::Float),
+            Matmul::Bf16 => t.to_kind(Kind::BFloat16),
+        }
+    }
+
     /// `a @ b` as fp32.
     pub fn mm(self, a: &Tensor, b: &Tensor) -> Tensor {
         match self {
@@ -104,6 +113,13 @@ fn positives_mask(rows: Range<i64>, columns: Range<i64>, device: tch::Device) ->
     let r = Tensor::arange_start(rows.start, rows.end, (Kind::Int64, device)).unsqueeze(1);
     let c = Tensor::arange_start(columns.start, columns.end, (Kind::Int64, device)).unsqueeze(0);
     c.eq_tensor(&r).to_kind(Kind::Float)
+}
+
+/// The positive pairs of the (rows x columns) tile `block`, as a view: global row i meets
+/// global column i on the diagonal at offset `rows.start - columns.start` (empty when the
+/// tile holds none). Touching only these entries saves a tile-sized one-hot per tile.
+fn positives(block: &Tensor, rows: &Range<i64>, columns: &Range<i64>) -> Tensor {
+    block.diagonal(rows.start - columns.start, 0, 1)
 }
 
 /// `[start, end)` split into consecutive pieces of at most `tile`.

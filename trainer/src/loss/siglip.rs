@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
-use super::{effective_tile, positives_mask, tiles, LossOutput, Matmul};
+use super::{effective_tile, positives, positives_mask, tiles, LossOutput, Matmul};
 
 /// `logit_scale` of a fresh SigLIP model: ln 10 (the paper's t' = log 10) ...
 pub const SIGLIP_LOGIT_SCALE_INIT: f64 = std::f64::consts::LN_10;
@@ -48,37 +48,43 @@ pub fn siglip_loss(
     let scale = logit_scale.to_kind(Kind::Float).exp();
     let bias = logit_bias.to_kind(Kind::Float);
     let norm = 1.0 / global as f64;
+    let text_mm = matmul.input(&text);
 
-    let mut loss = Tensor::zeros([], (Kind::Double, device));
-    // sum(G * I.T): times s it is dL/dlogit_scale.
-    let mut grad_dots = Tensor::zeros([], (Kind::Double, device));
-    let mut grad_bias = Tensor::zeros([], (Kind::Double, device));
+    // The 1/N of G rides on the sums and (n, d) products, not on each tile. fp64 totals of
+    // fp32 row sums (a tile wide).
+    let total = |t: &Tensor| t.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).sum(Kind::Double);
+    let zero = || Tensor::zeros([], (Kind::Double, device));
+    let (mut loss, mut sum_g, mut sum_g_logits) = (zero(), zero(), zero());
     let grad_image = Tensor::zeros([global, dim], (Kind::Float, device));
     let grad_text = Tensor::zeros([global, dim], (Kind::Float, device));
     for r in tiles(rows, tile) {
         let own = image.narrow(0, r.start, r.end - r.start);
+        // s folded into the (n, d) rows: the products come out as s I.T.
+        let own_scaled = matmul.input(&(&own * &scale));
         let mut grad_own = Tensor::zeros_like(&own);
         for c in tiles(0..global, tile) {
-            let others = text.narrow(0, c.start, c.end - c.start);
-            let dots = matmul.nt(&own, &others);
-            let logits = &dots * &scale + &bias;
-            let positives = positives_mask(r.clone(), c.clone(), device);
-            let signs = &positives * 2.0 - 1.0;
-            loss += (-(signs * &logits)).softplus().sum(Kind::Double) * norm;
-            let g = (logits.sigmoid() - positives) * norm;
-            grad_dots += (&g * &dots).sum(Kind::Double);
-            grad_bias += g.sum(Kind::Double);
-            grad_own += matmul.mm(&g, &others) * &scale;
-            let _ = grad_text.narrow(0, c.start, c.end - c.start).g_add_(&(matmul.mm(&g.tr(), &own) * &scale));
+            let others = text_mm.narrow(0, c.start, c.end - c.start);
+            let logits = matmul.nt(&own_scaled, &others).g_add_(&bias);
+            // softplus(-z a): softplus(a) for the negatives, softplus(a) - a for the positives.
+            loss += total(&logits.softplus()) - positives(&logits, &r, &c).sum(Kind::Double);
+            let g = logits.sigmoid();
+            let _ = positives(&g, &r, &c).g_sub_scalar_(1.0);
+            sum_g += total(&g);
+            sum_g_logits += total(&(&g * &logits));
+            let g = matmul.input(&g);
+            grad_own += matmul.mm(&g, &others);
+            let _ = grad_text.narrow(0, c.start, c.end - c.start).g_add_(&(matmul.mm(&g.tr(), &own_scaled) * norm));
         }
-        let _ = grad_image.narrow(0, r.start, r.end - r.start).g_add_(&grad_own);
+        let _ = grad_image.narrow(0, r.start, r.end - r.start).g_add_(&(grad_own * &scale * norm));
     }
+    // dL/dlogit_scale = sum(G * s I.T) = sum(G * (a - b)).
+    let grad_logit_scale = (sum_g_logits - bias.to_kind(Kind::Double) * &sum_g) * norm;
     LossOutput {
-        loss: loss.to_kind(Kind::Float),
+        loss: (loss * norm).to_kind(Kind::Float),
         grad_image,
         grad_text,
-        grad_logit_scale: (grad_dots * scale.to_kind(Kind::Double)).to_kind(Kind::Float),
-        grad_logit_bias: Some(grad_bias.to_kind(Kind::Float)),
+        grad_logit_scale: grad_logit_scale.to_kind(Kind::Float),
+        grad_logit_bias: Some((sum_g * norm).to_kind(Kind::Float)),
     }
 }
 
