@@ -54,7 +54,7 @@ pub fn siglip_loss(
     // fp32 row sums (a tile wide).
     let total = |t: &Tensor| t.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).sum(Kind::Double);
     let zero = || Tensor::zeros([], (Kind::Double, device));
-    let (mut loss, mut sum_g, mut sum_g_logits) = (zero(), zero(), zero());
+    let (mut loss, mut sum_g, mut sum_g_dots) = (zero(), zero(), zero());
     let grad_image = Tensor::zeros([global, dim], (Kind::Float, device));
     let grad_text = Tensor::zeros([global, dim], (Kind::Float, device));
     for r in tiles(rows, tile) {
@@ -64,26 +64,27 @@ pub fn siglip_loss(
         let mut grad_own = Tensor::zeros_like(&own);
         for c in tiles(0..global, tile) {
             let others = text_mm.narrow(0, c.start, c.end - c.start);
-            let logits = matmul.nt(&own_scaled, &others).g_add_(&bias);
+            let mut logits = matmul.nt(&own_scaled, &others).g_add_(&bias);
             // softplus(-z a): softplus(a) for the negatives, softplus(a) - a for the positives.
             loss += total(&logits.softplus()) - positives(&logits, &r, &c).sum(Kind::Double);
             let g = logits.sigmoid();
             let _ = positives(&g, &r, &c).g_sub_scalar_(1.0);
             sum_g += total(&g);
-            sum_g_logits += total(&(&g * &logits));
+            // dL/dlogit_scale = sum(G * s I.T): the bias taken off the logits in place rather
+            // than sum(G * a) - b sum(G), whose terms cancel to a few digits at b = -10.
+            let scaled_dots = logits.g_sub_(&bias);
+            sum_g_dots += total(&(&g * &scaled_dots));
             let g = matmul.input(&g);
             grad_own += matmul.mm(&g, &others);
             let _ = grad_text.narrow(0, c.start, c.end - c.start).g_add_(&(matmul.mm(&g.tr(), &own_scaled) * norm));
         }
         let _ = grad_image.narrow(0, r.start, r.end - r.start).g_add_(&(grad_own * &scale * norm));
     }
-    // dL/dlogit_scale = sum(G * s I.T) = sum(G * (a - b)).
-    let grad_logit_scale = (sum_g_logits - bias.to_kind(Kind::Double) * &sum_g) * norm;
     LossOutput {
         loss: (loss * norm).to_kind(Kind::Float),
         grad_image,
         grad_text,
-        grad_logit_scale: grad_logit_scale.to_kind(Kind::Float),
+        grad_logit_scale: (sum_g_dots * norm).to_kind(Kind::Float),
         grad_logit_bias: Some((sum_g * norm).to_kind(Kind::Float)),
     }
 }
