@@ -156,3 +156,20 @@ pub(crate) fn assert_close(what: &str, a: &LossOutput, b: &LossOutput, tolerance
         assert!(rel <= tolerance, "{what}: {name} differs by {rel}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The diagonal view marks exactly the entries the one-hot marks, for tiles above, on,
+    /// below and away from the global diagonal, and writes through to the tile.
+    #[test]
+    fn positives_view_matches_the_one_hot() {
+        for (rows, columns) in [(4..8, 6..9), (6..9, 4..8), (0..5, 0..5), (0..3, 5..9), (5..9, 0..3)] {
+            let block = Tensor::zeros([rows.end - rows.start, columns.end - columns.start], (Kind::Float, tch::Device::Cpu));
+            let _ = positives(&block, &rows, &columns).g_add_scalar_(1.0);
+            let expected = positives_mask(rows.clone(), columns.clone(), tch::Device::Cpu);
+            assert!(block.equal(&expected), "rows {rows:?}, columns {columns:?}");
+        }
+    }
+}
