@@ -99,9 +99,6 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         seconds,
         samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,
         peak_rss_bytes: peak_rss_bytes(),
-        cuda_memory_bytes: match b.device {
-            Device::Cuda(i) => crate::device::cuda_memory_in_use(i),
-            _ => None,
-        },
+        cuda_memory_bytes: crate::device::cuda_memory_in_use(b.device),
     })
 }

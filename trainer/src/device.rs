@@ -89,12 +89,14 @@ pub fn resolve(spec: DeviceSpec) -> Result<Device> {
     }
 }
 
-/// Bytes in use on CUDA device `index` (all processes, the CUDA context included), from the
-/// runtime's `cudaMemGetInfo`; `None` off CUDA or when the runtime cannot be loaded. libtorch's
-/// caching allocator keeps what it reserved, so after a workload this is close to its peak.
-pub fn cuda_memory_in_use(index: usize) -> Option<u64> {
+/// Bytes in use on `device` if it is a CUDA device (all processes, the CUDA context included),
+/// from the runtime's `cudaMemGetInfo`; `None` off CUDA or when the runtime cannot be loaded.
+/// libtorch's caching allocator keeps what it reserved, so after a workload this is close to
+/// its peak.
+pub fn cuda_memory_in_use(device: Device) -> Option<u64> {
     type SetDevice = unsafe extern "C" fn(i32) -> i32;
     type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    let Device::Cuda(index) = device else { return None };
     if !tch::Cuda::is_available() {
         return None;
     }

@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use oxclip_data_loader::{DataSource, Loader, LoaderConfig, ShardOptions, Tokenizer};
 
-use crate::collectives::Collectives;
+use crate::collectives::{self, Collectives};
 use crate::error::Result;
 use crate::model::{normalize, Clip, ModelConfig};
 
@@ -197,11 +197,7 @@ fn gather_rows(comm: &dyn Collectives, rows: &Tensor) -> Result<Tensor> {
         return Ok(rows.shallow_clone());
     }
     let n = rows.size()[0];
-    let counts: Vec<i64> = comm
-        .all_gather_bytes(&n.to_le_bytes())?
-        .iter()
-        .map(|b| i64::from_le_bytes(b.as_slice().try_into().unwrap_or_default()))
-        .collect();
+    let counts: Vec<i64> = collectives::all_gather_u64(comm, n as u64)?.into_iter().map(|c| c as i64).collect();
     let most = counts.iter().copied().max().unwrap_or(0);
     let cols = rows.size()[1];
     let padded = Tensor::cat(&[rows.shallow_clone(), Tensor::zeros([most - n, cols], (rows.kind(), rows.device()))], 0);

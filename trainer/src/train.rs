@@ -231,11 +231,8 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
             }
             let scale = model.logit_scale.exp().double_value(&[]);
             let bias = model.logit_bias.as_ref().map(|b| b.double_value(&[]));
-            // Skips are counted per rank; the log shows the run's total. NCCL reduces device
-            // tensors only.
-            let mut skipped = Tensor::from(interval.skipped_total as f64).to_device(device);
-            comm.all_reduce_sum(&mut skipped)?;
-            interval.skipped_total_all_ranks = skipped.double_value(&[]) as u64;
+            // Skips are counted per rank; the log shows the run's total.
+            interval.skipped_total_all_ranks = collectives::all_gather_u64(comm, interval.skipped_total)?.iter().sum();
             state.loader = loader.state(); // for the epoch in the log line
             if let Some(metrics) = metrics.as_mut() {
                 log_train(metrics, &state, cfg.steps, final_loss, (scale, bias), lr, global_batch, comm.world_size(), &interval, out.grad_norm)?;

@@ -240,10 +240,7 @@ pub fn loss(args: BenchLossArgs) -> anyhow::Result<()> {
         device: format!("{device:?}"),
         seconds,
         peak_rss_bytes: peak_rss_bytes(),
-        cuda_memory_bytes: match device {
-            tch::Device::Cuda(i) => device::cuda_memory_in_use(i),
-            _ => None,
-        },
+        cuda_memory_bytes: device::cuda_memory_in_use(device),
         loss,
     };
     println!("{}", serde_json::to_string(&result)?);

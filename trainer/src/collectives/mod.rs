@@ -17,8 +17,11 @@ use std::time::Duration;
 
 use tch::{Kind, Tensor};
 
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 
+/// The collectives a training step needs. Tensor collectives take tensors on the group's
+/// device (NCCL reduces CUDA memory only); host values go through [`Collectives::all_gather_bytes`],
+/// integers through [`all_gather_u64`].
 pub trait Collectives {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
@@ -74,6 +77,17 @@ pub const BUCKET_ELEMENTS: i64 = 25 << 20;
 /// Sums `tensors` over ranks in place, packed into flat fp32 buckets of at most
 /// [`BUCKET_ELEMENTS`] (one tensor larger than that is a bucket of its own): a few large
 /// collectives instead of one per parameter.
+/// Every rank's `value`, in rank order, over the host channel: counts need no device round trip.
+pub fn all_gather_u64(comm: &dyn Collectives, value: u64) -> Result<Vec<u64>> {
+    comm.all_gather_bytes(&value.to_le_bytes())?
+        .iter()
+        .map(|b| {
+            let bytes: [u8; 8] = b.as_slice().try_into().map_err(|_| TrainError::Dist(format!("a rank sent {} bytes for a u64", b.len())))?;
+            Ok(u64::from_le_bytes(bytes))
+        })
+        .collect()
+}
+
 pub fn all_reduce_bucketed(comm: &dyn Collectives, tensors: &mut [Tensor]) -> Result<()> {
     if comm.world_size() == 1 || tensors.is_empty() {
         return Ok(());
