@@ -14,7 +14,7 @@ fn trains_logs_tensorboard_and_checkpoints() {
     let config = tiny_config(dir.path(), &data, 20, "  checkpoint_every: 10\n  keep_checkpoints: 1\n  eval_every: 10\n", true);
     let out = run_ok(oxclip().args(["train", "--config"]).arg(&config));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("zero-shot synth: top-1"), "{stdout}");
+    let printed = printed_zero_shot(&stdout);
 
     let run = dir.path().join("run");
     assert!(run.join("config.yaml").is_file());
@@ -51,6 +51,18 @@ fn trains_logs_tensorboard_and_checkpoints() {
     let (first, last) = (loss[0].1, loss[loss.len() - 1].1);
     assert!(last < first, "loss did not fall: {first} -> {last}");
     assert_eq!(tb["val/synth-zeroshot-top1"].iter().map(|p| p.0).collect::<Vec<_>>(), vec![10, 20]);
+    // The printed accuracy is the one logged at the last step, and the one `oxclip eval`
+    // computes independently from the saved checkpoint on the same held-out images.
+    let logged = (tb["val/synth-zeroshot-top1"][1].1 as f64, tb["val/synth-zeroshot-top5"][1].1 as f64);
+    assert!((printed.0 - 100.0 * logged.0).abs() < 0.051 && (printed.1 - 100.0 * logged.1).abs() < 0.051, "printed {printed:?}, logged {logged:?}");
+    let eval = run_ok(oxclip().args(["eval", "--json", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--zero-shot").arg(data.join("val")).arg("--classnames").arg(data.join("classnames.txt")).arg("--templates").arg(data.join("templates.txt")));
+    let eval: serde_json::Value = serde_json::from_slice(&eval.stdout).expect("eval json");
+    let zs = &eval["zero_shot"];
+    assert_eq!(zs["samples"], 48, "{eval}");
+    for (key, logged) in [("top1", logged.0), ("top5", logged.1)] {
+        let computed = zs[key].as_f64().expect("a number");
+        assert!((computed - logged).abs() < 1e-6, "{key}: eval {computed}, training logged {logged}");
+    }
 
     let results = std::fs::read_to_string(run.join("results.jsonl")).expect("results.jsonl");
     let rows: Vec<serde_json::Value> = results.lines().map(|l| serde_json::from_str(l).expect("json row")).collect();
@@ -205,4 +217,16 @@ fn tiled_loss_and_micro_batches_train_to_the_weights_of_the_naive_whole_batch() 
             assert!((bias + 10.0).abs() < 0.01, "SigLIP's logit_bias starts at -10, logged {bias}");
         }
     }
+}
+
+/// (top-1 %, top-5 %, images) from the `zero-shot NAME: top-1 X%, top-5 Y% on N held-out
+/// images` line `train` prints at the end.
+fn printed_zero_shot(stdout: &str) -> (f64, f64) {
+    let line = stdout.lines().find(|l| l.starts_with("zero-shot synth: top-1 ")).unwrap_or_else(|| panic!("no zero-shot line:\n{stdout}"));
+    let numbers: Vec<f64> =
+        line.split(|c: char| !(c.is_ascii_digit() || c == '.')).filter_map(|w| w.trim_matches('.').parse().ok()).collect();
+    // "top-1 X%, top-5 Y% on N": the 1 and 5 of the names come first.
+    assert_eq!(numbers.len(), 5, "{line}");
+    assert_eq!(numbers[4], 48.0, "{line}");
+    (numbers[1], numbers[3])
 }
