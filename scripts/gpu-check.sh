@@ -6,25 +6,29 @@
 # Sections run in order of importance under one time budget (GPU_CHECK_BUDGET_S, default
 # 480 s): what does not fit is skipped and says so. SECTIONS picks some of them (default
 # "bench loss large nccl"). Prints what it measured and writes it under $OUT (or
-# ./gpu-check-out).
+# ./gpu-check-out); then scripts/gpu_check_verdict.py checks the numbers (tiled = naive
+# loss, NCCL = single process, throughput against open_clip, every command ran) and the
+# script exits non-zero when any check fails or a section asked for did not run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check-out}"
 mkdir -p "$OUT"
+: > "$OUT/failures.txt"
 BIN=${BIN:-target/release/oxclip}
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-480}))
 SECTIONS=" ${SECTIONS:-bench loss large nccl} "
 wanted() { [[ "$SECTIONS" == *" $1 "* ]]; }
 
-# check LIMIT CMD...: runs CMD under min(LIMIT, what the budget has left); never fails the script.
+# check LIMIT CMD...: runs CMD under min(LIMIT, what the budget has left). A failure (or a
+# time-out) is recorded in $OUT/failures.txt for the verdict and the sections go on.
 check() {
   local limit=$1 left=$((DEADLINE - SECONDS - 5))
   shift
-  if [ "$left" -lt 15 ]; then echo "skipped, out of time: $*"; return 0; fi
+  if [ "$left" -lt 15 ]; then echo "skipped, out of time: $*"; echo "skipped, out of time: $*" >> "$OUT/failures.txt"; return 0; fi
   [ "$limit" -gt "$left" ] && limit=$left
   timeout "$limit" "$@"
   local status=$?
-  [ $status -ne 0 ] && echo "status $status: $*"
+  [ $status -ne 0 ] && { echo "status $status: $*"; echo "status $status: $*" >> "$OUT/failures.txt"; }
   return 0
 }
 
@@ -111,19 +115,8 @@ YAML
     check 90 "$BIN" launch --nproc-per-node 2 --master-port 29720 -- train --config "$D/run.yaml" \
       --set train.batch_size=16 --run-dir "$D/nccl2" 2>&1 | grep -E "step .*loss|error|caused" | tail -n 6
   fi
-  python3 - "$D" <<'PY'
-import sys, json, os
-d = sys.argv[1]
-def losses(run):
-    path = os.path.join(d, run, "results.jsonl")
-    if not os.path.exists(path):
-        return None
-    return [(r["step"], r["train/loss"]) for r in map(json.loads, open(path)) if "train/loss" in r]
-a, b = losses("single"), losses("nccl1")
-print("single :", a)
-print("nccl x1:", b)
-if a and b:
-    print("max |loss difference|:", max(abs(x[1] - y[1]) for x, y in zip(a, b)))
-PY
+  echo "$D" > "$OUT/nccl-dir.txt"
 } 2>&1 | tee "$OUT/nccl.txt"
 echo "gpu-check done in $SECONDS s"
+python3 scripts/gpu_check_verdict.py "$OUT" "$SECTIONS" | tee "$OUT/verdict.txt"
+exit "${PIPESTATUS[0]}"
