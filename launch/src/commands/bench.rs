@@ -19,8 +19,10 @@ pub struct BenchTrainArgs {
     /// A built-in model name or a model YAML.
     #[arg(long)]
     pub model: String,
+    /// Samples per step (random images and token ids).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Timed steps, after the warm-up ones.
     #[arg(long, default_value_t = 10)]
     pub steps: u64,
     /// Untimed steps first.
@@ -74,6 +76,7 @@ pub struct BenchLoaderArgs {
     /// Decode/augment threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Samples per batch.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Output side in pixels (RandomResizedCrop target).
@@ -85,6 +88,7 @@ pub struct BenchLoaderArgs {
     /// Samples to time (after one untimed warm-up batch).
     #[arg(long, default_value_t = 2048)]
     pub samples: u64,
+    /// Seed of the shuffle and of the random crops.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -176,6 +180,7 @@ pub struct BenchLossArgs {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Seed of the random features scored.
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
 }
