@@ -169,5 +169,5 @@ fn loading_reports_missing_unexpected_and_misshaped_tensors() {
     let msg = model::load_weights(&vs, &path).expect_err("rejects").to_string();
     assert!(msg.contains("missing 1 tensor: logit_scale"), "{msg}");
     assert!(msg.contains("unexpected 1 tensor: extra.weight"), "{msg}");
-    assert!(msg.contains("visual.proj is [3, 3] in the file"), "{msg}");
+    assert!(msg.contains("mis-shaped 1 tensor: visual.proj (file [3, 3], model [64, 32])"), "{msg}");
 }

@@ -152,7 +152,7 @@ pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
         .iter()
         .filter_map(|(name, var)| {
             let t = loaded.get(name)?;
-            (t.size() != var.size()).then(|| format!("{name} is {} in the file, {} in the model", shape(&t.size()), shape(&var.size())))
+            (t.size() != var.size()).then(|| format!("{name} (file {}, model {})", shape(&t.size()), shape(&var.size())))
         })
         .collect();
     misshaped.sort();
