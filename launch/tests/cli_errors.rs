@@ -90,3 +90,26 @@ fn a_run_that_fails_to_start_leaves_no_run_dir() {
     fails_with(&["train", "--config", "good.yaml", "--init", "notes"], dir.path(), &["notes", "readme.txt", "--init"]);
     assert!(!dir.path().join("run").exists(), "a failed start left run/ behind");
 }
+
+/// Every flag of these commands says what it is for in `--help`.
+#[test]
+fn every_flag_has_help() {
+    for command in [&["train"][..], &["export"], &["config", "show"], &["launch"]] {
+        let out = run_ok(oxclip().args(command).arg("-h"));
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = help.lines().skip_while(|l| !l.starts_with("Options:")).skip(1).collect();
+        for (i, line) in lines.iter().enumerate() {
+            let trimmed = line.trim_start();
+            if !trimmed.starts_with('-') {
+                continue;
+            }
+            // `--flag <VALUE>  what it does`, or the description on the next, indented line.
+            let same_line = trimmed.split("  ").skip(1).any(|part| !part.trim().is_empty());
+            let next_line = lines.get(i + 1).is_some_and(|next| {
+                let next = next.trim_start();
+                !next.is_empty() && !next.starts_with('-')
+            });
+            assert!(same_line || next_line, "oxclip {}: `{trimmed}` has no help:\n{help}", command.join(" "));
+        }
+    }
+}
