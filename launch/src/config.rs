@@ -78,16 +78,34 @@ pub fn builtin_model_names() -> Vec<&'static str> {
 /// Resolves a model name or path to its config.
 pub fn resolve_model(reference: &str) -> Result<ModelConfig, ConfigError> {
     let path = Path::new(reference);
-    let (source, text) = if let Some((_, text)) = BUILTIN_MODELS.iter().find(|(name, _)| *name == reference) {
-        (PathBuf::from(format!("<built-in model {reference}>")), text.to_string())
-    } else if path.is_file() {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        (path.to_path_buf(), text)
-    } else {
-        return Err(ConfigError::UnknownModel(reference.to_string()));
+    if let Some((_, text)) = BUILTIN_MODELS.iter().find(|(name, _)| *name == reference) {
+        let source = PathBuf::from(format!("<built-in model {reference}>"));
+        let config: ModelConfig = deserialize_text(text, &source)?;
+        config.validate().map_err(|e| ConfigError::Invalid { path: source, message: e.to_string() })?;
+        return Ok(config);
+    }
+    if path.is_file() {
+        return model_from_file(path);
+    }
+    Err(ConfigError::UnknownModel(reference.to_string()))
+}
+
+/// A model config file: a model YAML, or an `open_clip_config.json` (open_clip's hub layout,
+/// what `oxclip export --format open_clip` writes), whose `model_cfg` is the model.
+pub fn model_from_file(path: &Path) -> Result<ModelConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let model_cfg = serde_yaml::from_str::<serde_yaml::Value>(&text).ok().and_then(|v| v.get("model_cfg").cloned());
+    let config: ModelConfig = match model_cfg {
+        Some(value) => serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = match e.path().to_string().as_str() {
+                "." => "model_cfg".to_owned(),
+                inner => format!("model_cfg.{inner}"),
+            };
+            ConfigError::Invalid { path: path.into(), message: format!("{key}: {}", e.inner()) }
+        })?,
+        None => deserialize_text(&text, path)?,
     };
-    let config: ModelConfig = deserialize_text(&text, &source)?;
-    config.validate().map_err(|e| ConfigError::Invalid { path: source, message: e.to_string() })?;
+    config.validate().map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })?;
     Ok(config)
 }
 

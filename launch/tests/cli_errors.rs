@@ -74,3 +74,19 @@ fn bench_loader_prints_one_json_line() {
     assert_eq!(line["samples"], 32);
     assert_eq!(line["skipped"], 0);
 }
+
+/// A run that fails to start, early (the data) or late (the initial weights, after the
+/// model is built), leaves no run directory behind.
+#[test]
+fn a_run_that_fails_to_start_leaves_no_run_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("nodata.yaml"), GOOD.replace("synthetic:64", "no/such/shards")).expect("write");
+    fails_with(&["train", "--config", "nodata.yaml"], dir.path(), &["no/such/shards"]);
+    assert!(!dir.path().join("run").exists(), "a failed start left run/ behind");
+
+    std::fs::write(dir.path().join("good.yaml"), GOOD).expect("write");
+    std::fs::create_dir_all(dir.path().join("notes")).expect("mkdir");
+    std::fs::write(dir.path().join("notes/readme.txt"), "x").expect("write");
+    fails_with(&["train", "--config", "good.yaml", "--init", "notes"], dir.path(), &["notes", "readme.txt", "--init"]);
+    assert!(!dir.path().join("run").exists(), "a failed start left run/ behind");
+}

@@ -230,3 +230,48 @@ fn printed_zero_shot(stdout: &str) -> (f64, f64) {
     assert_eq!(numbers[4], 48.0, "{line}");
     (numbers[1], numbers[3])
 }
+
+fn checkpoint_names(run: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .expect("checkpoints")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Resuming says where it started and how far it went; a finished run is left alone; the
+/// config warning names the keys that changed, and extending `train.steps` is not one.
+#[test]
+fn resume_says_what_it_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 160, 0, 32);
+    let config = tiny_config(dir.path(), &data, 10, "  eval_every: 0\n", false);
+    let run = dir.path().join("run");
+    run_ok(oxclip().args(["train", "--config"]).arg(&config));
+    assert_eq!(checkpoint_names(&run), vec!["step_10"]);
+    let written = std::fs::metadata(run.join("checkpoints/step_10/model.safetensors")).expect("meta").modified().expect("mtime");
+
+    // A finished run: nothing to train, exit 0, no NaN, nothing written.
+    let out = run_ok(oxclip().args(["train", "--config"]).arg(&config).args(["--resume", "auto"]));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("already at step 10 of 10; nothing to train"), "{stdout}");
+    assert!(!stdout.contains("NaN") && !stderr.contains("NaN"), "{stdout}{stderr}");
+    assert_eq!(checkpoint_names(&run), vec!["step_10"]);
+    let after = std::fs::metadata(run.join("checkpoints/step_10/model.safetensors")).expect("meta").modified().expect("mtime");
+    assert_eq!(written, after, "the checkpoint was rewritten");
+
+    // Extending the run, as the docs do: no warning.
+    let out = run_ok(oxclip().args(["train", "--config"]).arg(&config).args(["--resume", "auto", "--set", "train.steps=14"]));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("resumed at step 10, trained 4 more (14 of 14)"), "{stdout}");
+    assert!(!stderr.contains("differs"), "{stderr}");
+
+    // Another learning rate: named, with both values; the extension still is not.
+    let out = run_ok(oxclip().args(["train", "--config"]).arg(&config)
+        .args(["--resume", "auto", "--set", "train.steps=16", "--set", "optim.lr=0.002"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("differs from the checkpoint's: optim.lr: 0.001 -> 0.002"), "{stderr}");
+    assert!(!stderr.contains("train.steps"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("resumed at step 14, trained 2 more (16 of 16)"));
+}

@@ -85,13 +85,17 @@ pub fn save(run_dir: &Path, vs: &nn::VarStore, optimizer: &AdamW, state: &Traine
 
 /// The complete checkpoints of a run, oldest first.
 pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let root = checkpoints_dir(run_dir);
-    if !root.exists() {
+    list_in(&checkpoints_dir(run_dir))
+}
+
+/// The `step_<N>` directories of a `checkpoints/` folder, oldest first.
+pub fn list_in(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    if !root.is_dir() {
         return Ok(Vec::new());
     }
     let mut found = Vec::new();
-    for entry in fs::read_dir(&root).map_err(io_err(&root))? {
-        let entry = entry.map_err(io_err(&root))?;
+    for entry in fs::read_dir(root).map_err(io_err(root))? {
+        let entry = entry.map_err(io_err(root))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(step) = name.strip_prefix("step_").and_then(|s| s.parse::<u64>().ok()) {
             found.push((step, entry.path()));
@@ -120,7 +124,12 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
 /// The newest checkpoint whose files are all present and whose state parses; older ones are
 /// tried when a newer one is damaged (each skip is logged).
 pub fn latest_valid(run_dir: &Path) -> Result<Option<PathBuf>> {
-    for (_, dir) in list(run_dir)?.into_iter().rev() {
+    latest_valid_in(&checkpoints_dir(run_dir))
+}
+
+/// [`latest_valid`] among the `step_<N>` directories of a `checkpoints/` folder.
+pub fn latest_valid_in(root: &Path) -> Result<Option<PathBuf>> {
+    for (_, dir) in list_in(root)?.into_iter().rev() {
         let complete = [MODEL_FILE, OPTIMIZER_FILE].iter().all(|f| dir.join(f).is_file());
         match (complete, read_state(&dir)) {
             (true, Ok(_)) => return Ok(Some(dir)),
@@ -134,12 +143,17 @@ pub fn latest_valid(run_dir: &Path) -> Result<Option<PathBuf>> {
 /// Restores weights and optimizer state from `dir`; returns the trainer state.
 pub fn load(dir: &Path, vs: &nn::VarStore, optimizer: &mut AdamW) -> Result<TrainerState> {
     let state = read_state(dir)?;
+    let missing: Vec<&str> = [MODEL_FILE, OPTIMIZER_FILE].into_iter().filter(|f| !dir.join(f).is_file()).collect();
+    if !missing.is_empty() {
+        // Weights alone (an export, or a copy without the optimizer) can start a fresh run, not continue one.
+        return Err(TrainError::Checkpoint {
+            path: dir.into(),
+            message: format!("has no {}, so training cannot continue from it; --init starts a fresh run from its weights", missing.join(" or ")),
+        });
+    }
     model::load_weights(vs, &dir.join(MODEL_FILE))?;
     let opt_path = dir.join(OPTIMIZER_FILE);
-    let opt_state: BTreeMap<String, Tensor> = Tensor::read_safetensors(&opt_path)
-        .map_err(|e| TrainError::Checkpoint { path: opt_path.clone(), message: e.to_string() })?
-        .into_iter()
-        .collect();
+    let opt_state: BTreeMap<String, Tensor> = model::read_safetensors(&opt_path)?;
     optimizer
         .load_state_tensors(&opt_state)
         .map_err(|e| TrainError::Checkpoint { path: opt_path, message: e.to_string() })?;

@@ -27,6 +27,11 @@ pub enum TrainError {
     #[error("weights {path}: {message}")]
     Weights { path: PathBuf, message: String },
 
+    /// A path given for weights (`--checkpoint`, `--init`, `--resume`, `init.checkpoint`) that
+    /// is none of the things weights come in.
+    #[error("{path}: {message}")]
+    WeightsPath { path: PathBuf, message: String },
+
     #[error("device: {0}")]
     Device(String),
 

@@ -23,5 +23,6 @@ pub mod optim;
 pub mod schedule;
 pub mod step;
 pub mod train;
+pub mod weights_path;
 
 pub use error::{Result, TrainError};

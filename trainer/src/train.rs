@@ -19,6 +19,7 @@ use crate::model::{Clip, ModelConfig};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 use crate::step::{self, StepConfig};
+use crate::weights_path::{self, Found};
 
 /// Where a run starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +44,8 @@ pub struct TrainJob {
     /// The resolved config as YAML: written to `<run_dir>/config.yaml` and into checkpoints.
     pub resolved_config: String,
     pub resume: Resume,
-    /// Initial weights for a fresh run (fine-tuning): an open_clip-layout safetensors file.
+    /// Initial weights for a fresh run (fine-tuning): anything [`weights_path::locate`]
+    /// accepts (a run, a checkpoint, an export, a safetensors file in either layout).
     pub init_checkpoint: Option<PathBuf>,
     /// This process's rank and how to reach the others; a single process by default.
     pub dist: DistSettings,
@@ -51,8 +53,14 @@ pub struct TrainJob {
 
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
+    /// The step the run stands at now.
     pub steps: u64,
-    pub final_loss: f64,
+    /// `train.steps`, the step the run was asked to reach.
+    pub total_steps: u64,
+    /// The checkpoint's step when the run was resumed; `None` for a fresh run.
+    pub resumed_at: Option<u64>,
+    /// The loss of the last step; `None` when no step ran (a finished run resumed).
+    pub final_loss: Option<f64>,
     pub zero_shot: Option<ZeroShotResult>,
     pub last_checkpoint: Option<PathBuf>,
     pub device: Device,
@@ -86,13 +94,22 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     let cfg = &job.train;
     let global_batch = (cfg.batch_size * comm.world_size()) as u64;
 
-    fs::create_dir_all(&job.run_dir).map_err(io_err(&job.run_dir))?;
     let resume_from = resume_dir(job)?;
-    // Every rank has checked the run directory before rank 0 writes into it.
-    comm.barrier()?;
-    if is_rank0 {
-        let config_path = job.run_dir.join("config.yaml");
-        fs::write(&config_path, &job.resolved_config).map_err(io_err(&config_path))?;
+    let resumed_at = match &resume_from {
+        Some(dir) => Some(checkpoint::read_state(dir)?.step),
+        None => None,
+    };
+    if let Some(at) = resumed_at.filter(|&at| at >= cfg.steps) {
+        // A finished run resumed: nothing to load, train, evaluate or write.
+        return Ok(TrainSummary {
+            steps: at,
+            total_steps: cfg.steps,
+            resumed_at,
+            final_loss: None,
+            zero_shot: None,
+            last_checkpoint: None,
+            device,
+        });
     }
 
     // Model and optimizer: the seed fixes the initial weights.
@@ -115,8 +132,9 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     );
     tracing::info!("model: {} parameters on {device:?}", crate::model::num_params(&vs));
     if let (Some(path), None) = (&job.init_checkpoint, &resume_from) {
-        crate::model::load_weights(&vs, path)?;
-        tracing::info!("initial weights from {}", path.display());
+        let found = weights_path::locate(path).map_err(|e| TrainError::Config(format!("init.checkpoint (--init) {e}")))?;
+        crate::model::load_weights(&vs, &found.weights())?;
+        tracing::info!("initial weights from {} ({})", found.weights().display(), found.describe());
     }
 
     let tokenizer = load_tokenizer(&job.data)?;
@@ -148,7 +166,6 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         loader.samples_per_epoch(),
         loader.batches_per_epoch()
     );
-    let mut key_log = if job.data.log_keys { Some(KeyLog::open(&job.run_dir, comm.rank())?) } else { None };
 
     let mut state = TrainerState {
         step: 0,
@@ -165,11 +182,26 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
             _ => state.loader.clone(),
         };
         loader.restore(&position)?;
-        if state.config != job.resolved_config {
-            tracing::warn!("resuming {} with a config that differs from the checkpoint's", dir.display());
+        let changes = config_changes(&state.config, &job.resolved_config);
+        if is_rank0 && !changes.is_empty() {
+            tracing::warn!(
+                "resuming {} with a config that differs from the checkpoint's: {}",
+                dir.display(),
+                changes.join("; ")
+            );
         }
         tracing::info!("resumed from {} at step {}", dir.display(), state.step);
     }
+
+    // Only now, with the model, the weights and the data open on every rank, does the run
+    // directory get written: a run that fails to start leaves nothing behind.
+    comm.barrier()?;
+    fs::create_dir_all(&job.run_dir).map_err(io_err(&job.run_dir))?;
+    if is_rank0 {
+        let config_path = job.run_dir.join("config.yaml");
+        fs::write(&config_path, &job.resolved_config).map_err(io_err(&config_path))?;
+    }
+    let mut key_log = if job.data.log_keys { Some(KeyLog::open(&job.run_dir, comm.rank())?) } else { None };
 
     // Identical weights everywhere, whatever each rank initialised or loaded.
     broadcast_weights(comm, &vs)?;
@@ -200,7 +232,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     }
 
     let mut interval = Interval { skipped_total: load_skips, ..Interval::default() };
-    let mut final_loss = f64::NAN;
+    let mut final_loss = None;
     let mut last_checkpoint = None;
     let mut last_zero_shot = None;
     let (image_size, context_length) = (job.model.vision_cfg.image_size, job.model.text_cfg.context_length);
@@ -225,17 +257,18 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
 
         // Reading the loss waits for the device; do it only when logging.
         if state.step % cfg.log_every == 0 || state.step == cfg.steps {
-            final_loss = out.loss.double_value(&[]);
-            if !final_loss.is_finite() {
-                return Err(TrainError::NonFiniteLoss { step: state.step, loss: final_loss });
+            let loss = out.loss.double_value(&[]);
+            if !loss.is_finite() {
+                return Err(TrainError::NonFiniteLoss { step: state.step, loss });
             }
+            final_loss = Some(loss);
             let scale = model.logit_scale.exp().double_value(&[]);
             let bias = model.logit_bias.as_ref().map(|b| b.double_value(&[]));
             // Skips are counted per rank; the log shows the run's total.
             interval.skipped_total_all_ranks = collectives::all_gather_u64(comm, interval.skipped_total)?.iter().sum();
             state.loader = loader.state(); // for the epoch in the log line
             if let Some(metrics) = metrics.as_mut() {
-                log_train(metrics, &state, cfg.steps, final_loss, (scale, bias), lr, global_batch, comm.world_size(), &interval, out.grad_norm)?;
+                log_train(metrics, &state, cfg.steps, loss, (scale, bias), lr, global_batch, comm.world_size(), &interval, out.grad_norm)?;
             }
             interval.reset();
         }
@@ -287,7 +320,15 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     }
     // Nobody leaves while rank 0 still writes the last checkpoint or evaluates.
     comm.barrier()?;
-    Ok(TrainSummary { steps: state.step, final_loss, zero_shot: last_zero_shot, last_checkpoint, device })
+    Ok(TrainSummary {
+        steps: state.step,
+        total_steps: cfg.steps,
+        resumed_at,
+        final_loss,
+        zero_shot: last_zero_shot,
+        last_checkpoint,
+        device,
+    })
 }
 
 /// Fails on every rank when any rank's resolved config differs from rank 0's: ranks that
@@ -363,10 +404,19 @@ fn host_to_device(host: Tensor, device: Device) -> Result<Tensor> {
 /// Picks the checkpoint to resume from, refusing to silently train over an existing run.
 fn resume_dir(job: &TrainJob) -> Result<Option<PathBuf>> {
     match &job.resume {
-        Resume::From(dir) => {
-            checkpoint::read_state(dir)?;
-            Ok(Some(dir.clone()))
-        }
+        Resume::From(path) => match weights_path::locate(path) {
+            Ok(Found::Checkpoint { dir }) => {
+                checkpoint::read_state(&dir)?;
+                Ok(Some(dir))
+            }
+            Ok(other) => Err(TrainError::Config(format!(
+                "resume from {}: {} holds weights but no optimizer state or step to continue from; \
+                 init.checkpoint (--init) starts a fresh run from its weights",
+                path.display(),
+                other.describe()
+            ))),
+            Err(e) => Err(TrainError::Config(format!("resume from {e}"))),
+        },
         Resume::Auto => checkpoint::latest_valid(&job.run_dir),
         Resume::No => {
             if !checkpoint::list(&job.run_dir)?.is_empty() {
@@ -377,6 +427,63 @@ fn resume_dir(job: &TrainJob) -> Result<Option<PathBuf>> {
             }
             Ok(None)
         }
+    }
+}
+
+/// The keys whose values differ between the checkpoint's resolved config and this run's, as
+/// `dotted.key: old -> new`, from comparing the two as YAML trees. Two changes are what
+/// resuming is for and go unmentioned: a larger `train.steps` (extending the run) and another
+/// `run_dir` (`--resume PATH` into a new directory).
+fn config_changes(old: &str, new: &str) -> Vec<String> {
+    const SHOWN: usize = 12;
+    let (Ok(old), Ok(new)) = (serde_yaml::from_str::<serde_yaml::Value>(old), serde_yaml::from_str::<serde_yaml::Value>(new)) else {
+        return vec!["the checkpoint's config is not readable YAML".into()];
+    };
+    let mut changes = Vec::new();
+    diff_values("", Some(&old), Some(&new), &mut changes);
+    changes.retain(|(key, old, new)| match key.as_str() {
+        "run_dir" => false,
+        "train.steps" => !matches!((old.and_then(|v| v.as_u64()), new.and_then(|v| v.as_u64())), (Some(a), Some(b)) if b > a),
+        _ => true,
+    });
+    let count = changes.len();
+    let mut out: Vec<String> =
+        changes.into_iter().take(SHOWN).map(|(key, old, new)| format!("{key}: {} -> {}", show(old), show(new))).collect();
+    if count > SHOWN {
+        out.push(format!("and {} more", count - SHOWN));
+    }
+    out
+}
+
+type Change<'a> = (String, Option<&'a serde_yaml::Value>, Option<&'a serde_yaml::Value>);
+
+fn diff_values<'a>(key: &str, old: Option<&'a serde_yaml::Value>, new: Option<&'a serde_yaml::Value>, out: &mut Vec<Change<'a>>) {
+    use serde_yaml::Value;
+    if let (Some(Value::Mapping(a)), Some(Value::Mapping(b))) = (old, new) {
+        let keys = a.keys().chain(b.keys().filter(|k| !a.contains_key(*k)));
+        for k in keys {
+            let name = match k {
+                Value::String(s) => s.clone(),
+                other => show(Some(other)),
+            };
+            let path = if key.is_empty() { name } else { format!("{key}.{name}") };
+            diff_values(&path, a.get(k), b.get(k), out);
+        }
+    } else if old != new {
+        out.push((key.to_owned(), old, new));
+    }
+}
+
+/// A config value on one line: scalars as YAML writes them, lists and maps as JSON.
+fn show(value: Option<&serde_yaml::Value>) -> String {
+    use serde_yaml::Value;
+    match value {
+        None => "(not set)".into(),
+        Some(Value::Null) => "null".into(),
+        Some(Value::Bool(b)) => b.to_string(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => serde_json::to_string(other).unwrap_or_else(|_| "(a nested value)".into()),
     }
 }
 
@@ -495,4 +602,23 @@ fn log_train(
         state.step, total_steps, state.loader.epoch, loss, scale, lr, samples_per_second, data_time, batch_time
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config_changes;
+
+    #[test]
+    fn config_changes_name_dotted_keys_old_and_new_but_not_an_extension() {
+        let old = "run_dir: runs/a\ntrain:\n  steps: 10\n  batch_size: 16\noptim:\n  lr: 0.001\n  betas:\n  - 0.9\n  - 0.98\n";
+        let same = old.replace("runs/a", "runs/b").replace("steps: 10", "steps: 14");
+        assert!(config_changes(old, &same).is_empty(), "{:?}", config_changes(old, &same));
+        let new = same.replace("lr: 0.001", "lr: 0.002").replace("- 0.98", "- 0.95") + "init:\n  checkpoint: w.safetensors\n";
+        assert_eq!(
+            config_changes(old, &new),
+            vec!["optim.lr: 0.001 -> 0.002", "optim.betas: [0.9,0.98] -> [0.9,0.95]", "init: (not set) -> {\"checkpoint\":\"w.safetensors\"}"]
+        );
+        // Fewer steps than the checkpoint's is a change worth a word.
+        assert_eq!(config_changes(old, &old.replace("steps: 10", "steps: 5")), vec!["train.steps: 10 -> 5"]);
+    }
 }

@@ -1,13 +1,15 @@
 //! `oxclip export`: a checkpoint as a directory open_clip or Hugging Face loads as is.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
+use oxclip_trainer::checkpoint;
 use oxclip_trainer::model::export::{export, Format};
+use oxclip_trainer::weights_path::Found;
 
-use super::weights_and_model;
+use super::located_weights_and_model;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ExportFormat {
@@ -20,23 +22,25 @@ pub enum ExportFormat {
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// A run directory (its newest valid checkpoint), a `checkpoints/step_N` directory, or a
-    /// weights file (open_clip or Hugging Face layout).
+    /// A run folder (its newest complete checkpoint), its `checkpoints/` folder, a
+    /// `checkpoints/step_N` folder, an `oxclip export` folder, or a weights file (open_clip or
+    /// Hugging Face layout).
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// Which loader the directory is for: `open_clip` or `hf` (transformers' `CLIPModel`).
     #[arg(long, value_enum)]
     pub format: ExportFormat,
     /// The directory to write.
     #[arg(long)]
     pub out: PathBuf,
-    /// The architecture (a built-in name or a model YAML), when the checkpoint does not say
-    /// (a bare weights file).
+    /// The architecture (a built-in name, a model YAML or an `open_clip_config.json`), when
+    /// the checkpoint does not say (a bare weights file, a Hugging Face export).
     #[arg(long)]
     pub model: Option<String>,
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let (weights_file, cfg) = weights_and_model(&args.checkpoint, args.model.as_deref())?;
+    let (found, (weights_file, cfg)) = located_weights_and_model(&args.checkpoint, args.model.as_deref())?;
     // Load through the model, so the export is exactly what training would start from and
     // any mismatch is reported by name.
     let (vs, model) = oxclip_trainer::model::load(&cfg, &weights_file, tch::Device::Cpu)?;
@@ -50,6 +54,22 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     for f in files {
         println!("{}", f.display());
     }
+    let what = match &found {
+        Found::Checkpoint { dir } => {
+            let step = checkpoint::read_state(dir)?.step;
+            // A step folder sits at RUN/checkpoints/step_N.
+            match dir.parent().and_then(Path::parent) {
+                Some(run) if !run.as_os_str().is_empty() => format!("step {step} of {}", run.display()),
+                _ => format!("step {step} ({})", dir.display()),
+            }
+        }
+        other => format!("{} ({})", weights_file.display(), other.describe()),
+    };
+    let name = match args.format {
+        ExportFormat::OpenClip => "open_clip",
+        ExportFormat::Hf => "hf",
+    };
+    println!("exported {what} to {} ({name})", args.out.display());
     Ok(())
 }
 

@@ -13,38 +13,39 @@ use anyhow::{bail, Context};
 
 use oxclip_trainer::checkpoint;
 use oxclip_trainer::model::ModelConfig;
+use oxclip_trainer::weights_path::{self, Found};
 
 use crate::config;
 
-/// The weights file `checkpoint` names and its architecture: `checkpoint` is a run directory
-/// (its newest complete checkpoint), a `checkpoints/step_N` directory, or a weights file;
-/// `model` (a built-in name or a model YAML) overrides or, for a bare file, supplies the
-/// architecture the checkpoint's saved run config gives.
+/// The weights file `checkpoint` names and its architecture. `checkpoint` is anything
+/// [`weights_path::locate`] accepts (a run folder, its `checkpoints/` folder, a step folder,
+/// an `oxclip export` folder, a safetensors file); `model` (a built-in name, a model YAML or an
+/// `open_clip_config.json`) overrides or, where the weights do not say, supplies the
+/// architecture a checkpoint's saved run config or an open_clip export's config gives.
 pub fn weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Result<(PathBuf, ModelConfig)> {
-    let (weights_file, step_dir) = locate(checkpoint)?;
-    let cfg = match (model, &step_dir) {
-        (Some(name), _) => config::resolve_model(name)?,
-        (None, Some(dir)) => model_of_checkpoint(dir)?,
-        (None, None) => bail!("{} is a bare weights file: say which architecture it is with --model", weights_file.display()),
-    };
-    Ok((weights_file, cfg))
+    Ok(located_weights_and_model(checkpoint, model)?.1)
 }
 
-/// The weights file and, when there is one, the checkpoint directory it belongs to.
-fn locate(path: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-    if path.is_file() {
-        let dir = path.parent().filter(|d| d.join("trainer_state.json").is_file()).map(Path::to_path_buf);
-        return Ok((path.to_path_buf(), dir));
-    }
-    if path.join("model.safetensors").is_file() {
-        return Ok((path.join("model.safetensors"), Some(path.to_path_buf())));
-    }
-    if path.is_dir() {
-        let dir = checkpoint::latest_valid(path)?
-            .with_context(|| format!("{} holds no complete checkpoint (checkpoints/step_N/model.safetensors)", path.display()))?;
-        return Ok((dir.join("model.safetensors"), Some(dir)));
-    }
-    bail!("{} does not exist", path.display())
+/// [`weights_and_model`], with what was found.
+pub fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Result<(Found, (PathBuf, ModelConfig))> {
+    let found = weights_path::locate(checkpoint)?;
+    let cfg = match (model, &found) {
+        (Some(name), _) => config::resolve_model(name)?,
+        (None, Found::Checkpoint { dir }) => model_of_checkpoint(dir)?,
+        (None, Found::OpenClip { config: Some(config), .. }) => config::model_from_file(config)?,
+        (None, Found::OpenClip { weights, config: None }) => {
+            bail!("{} has no open_clip_config.json beside it: say which architecture it is with --model", weights.display())
+        }
+        (None, Found::HuggingFace { weights, config }) => bail!(
+            "{} is a Hugging Face export; oxclip does not read the architecture from its {} yet: say which it is with \
+             --model (a built-in name or a model YAML; for an oxclip export, the model of the run it came from)",
+            weights.display(),
+            config.display()
+        ),
+        (None, Found::File(file)) => bail!("{} is a bare weights file: say which architecture it is with --model", file.display()),
+    };
+    let weights = found.weights();
+    Ok((found, (weights, cfg)))
 }
 
 /// The model section of the run config saved in a checkpoint.

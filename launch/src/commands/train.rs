@@ -1,9 +1,9 @@
 //! `oxclip train`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 
 use oxclip_trainer::collectives::DistSettings;
@@ -23,10 +23,13 @@ pub struct TrainArgs {
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
     /// `auto`: continue from the newest valid checkpoint of the run directory (or start fresh
-    /// if there is none); or a checkpoint directory.
-    #[arg(long)]
+    /// if there is none); or a checkpoint to continue from: a run folder, its `checkpoints/`
+    /// folder or a `checkpoints/step_N` folder.
+    #[arg(long, value_name = "auto|PATH")]
     pub resume: Option<String>,
-    /// Initial weights (open_clip-named safetensors); overrides `init.checkpoint`.
+    /// Initial weights for a fresh run; overrides `init.checkpoint`. A run folder (its newest
+    /// checkpoint), a `checkpoints/` or `checkpoints/step_N` folder, an `oxclip export` folder,
+    /// or a safetensors file (open_clip or Hugging Face names).
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Threads for libtorch on the CPU (overrides train.threads).
@@ -48,6 +51,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let resume = match args.resume.as_deref() {
         None => Resume::No,
         Some("auto") => Resume::Auto,
+        Some(path) if !Path::new(path).exists() => bail!(
+            "--resume {path}: no such file or folder; --resume takes `auto` (the newest checkpoint of the run directory) \
+             or the path of a run folder, its checkpoints/ folder or a checkpoints/step_N folder"
+        ),
         Some(path) => Resume::From(PathBuf::from(path)),
     };
     let job = TrainJob {
@@ -71,7 +78,26 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if rank != 0 {
         return Ok(());
     }
-    println!("trained {} steps on {:?}; final loss {:.4}", summary.steps, summary.device, summary.final_loss);
+    let loss = summary.final_loss.map(|l| format!("; final loss {l:.4}")).unwrap_or_default();
+    match summary.resumed_at {
+        Some(at) if summary.final_loss.is_none() => {
+            // A finished run asked to continue: say so, and that nothing was written.
+            if at == summary.total_steps {
+                println!("already at step {at} of {}; nothing to train", summary.total_steps);
+            } else {
+                println!("the checkpoint is at step {at}, past train.steps ({}); nothing to train", summary.total_steps);
+            }
+            return Ok(());
+        }
+        Some(at) => println!(
+            "resumed at step {at}, trained {} more ({} of {}) on {:?}{loss}",
+            summary.steps - at,
+            summary.steps,
+            summary.total_steps,
+            summary.device
+        ),
+        None => println!("trained {} steps on {:?}{loss}", summary.steps, summary.device),
+    }
     if let Some(zs) = summary.zero_shot {
         println!(
             "zero-shot {}: top-1 {:.1}%, top-5 {:.1}% on {} held-out images",

@@ -125,10 +125,7 @@ fn has_tensor(path: &Path, name: &str) -> bool {
 /// refused with the conversion to run.
 pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
     refuse_pickles(path)?;
-    let mut loaded: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
-        .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })?
-        .into_iter()
-        .collect();
+    let mut loaded = read_safetensors(path)?;
     if hf::is_hf(loaded.keys()) {
         loaded = hf::from_hf(loaded).map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })?;
     } else if loaded.keys().all(|k| k.starts_with("module.")) {
@@ -142,23 +139,31 @@ pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
         vars.remove("logit_bias");
     }
     let mut problems = Vec::new();
-    let missing: Vec<&String> = vars.keys().filter(|k| !loaded.contains_key(*k)).collect();
+    let mut missing: Vec<&String> = vars.keys().filter(|k| !loaded.contains_key(*k)).collect();
+    missing.sort();
     let unexpected: Vec<&String> = loaded.keys().filter(|k| !vars.contains_key(*k)).collect();
     if !missing.is_empty() {
-        problems.push(format!("missing {} tensor(s): {}", missing.len(), join_sorted(missing)));
+        problems.push(format!("missing {}", some_of(missing.len(), "tensor", missing.iter().map(|s| s.to_string()))));
     }
     if !unexpected.is_empty() {
-        problems.push(format!("unexpected {} tensor(s): {}", unexpected.len(), join_sorted(unexpected)));
+        problems.push(format!("unexpected {}", some_of(unexpected.len(), "tensor", unexpected.iter().map(|s| s.to_string()))));
     }
-    for (name, var) in &vars {
-        if let Some(t) = loaded.get(name) {
-            if t.size() != var.size() {
-                problems.push(format!("{name}: shape {:?} in the file, {:?} in the model", t.size(), var.size()));
-            }
-        }
+    let mut misshaped: Vec<String> = vars
+        .iter()
+        .filter_map(|(name, var)| {
+            let t = loaded.get(name)?;
+            (t.size() != var.size()).then(|| format!("{name} (file {}, model {})", shape(&t.size()), shape(&var.size())))
+        })
+        .collect();
+    misshaped.sort();
+    if !misshaped.is_empty() {
+        problems.push(format!("mis-shaped {}", some_of(misshaped.len(), "tensor", misshaped.into_iter())));
     }
     if !problems.is_empty() {
-        return Err(TrainError::Weights { path: path.into(), message: problems.join("; ") });
+        return Err(TrainError::Weights {
+            path: path.into(),
+            message: format!("{}; the model config does not match these weights", problems.join("; ")),
+        });
     }
     tch::no_grad(|| -> Result<()> {
         for (name, var) in &vars {
@@ -227,9 +232,71 @@ pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>, extra: Option<HashM
 }
 
 
-fn join_sorted(mut names: Vec<&String>) -> String {
-    names.sort();
-    names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+/// "3 tensors: a, b, c", or past [`LISTED`] names "412 tensors, e.g. a, b, c, d, e (407 more)":
+/// a whole architecture's worth of names on one line hides the point.
+fn some_of(count: usize, noun: &str, items: impl Iterator<Item = String>) -> String {
+    const LISTED: usize = 5;
+    let plural = if count == 1 { "" } else { "s" };
+    let shown: Vec<String> = items.take(LISTED).collect();
+    if count <= LISTED {
+        format!("{count} {noun}{plural}: {}", shown.join(", "))
+    } else {
+        format!("{count} {noun}{plural}, e.g. {} ({} more)", shown.join(", "), count - LISTED)
+    }
+}
+
+fn shape(size: &[i64]) -> String {
+    format!("[{}]", size.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+/// Every tensor of a safetensors file, by name. Read here rather than through tch so that a
+/// failure reads as one sentence ("Is a directory (os error 21)", "not a safetensors file")
+/// instead of the safetensors crate's debug text.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(crate::error::io_err(path))?;
+    let bad = |message: String| TrainError::Weights { path: path.into(), message };
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(safetensors_message(&e)))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in file.tensors() {
+        let size: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let kind = kind_of(view.dtype()).ok_or_else(|| bad(format!("{name} has dtype {:?}, which oxclip does not load", view.dtype())))?;
+        out.insert(name, Tensor::f_from_data_size(view.data(), &size, kind)?);
+    }
+    Ok(out)
+}
+
+fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
+    use safetensors::Dtype;
+    Some(match dtype {
+        Dtype::BOOL => Kind::Bool,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I32 => Kind::Int,
+        Dtype::I64 => Kind::Int64,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F16 => Kind::Half,
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        _ => return None,
+    })
+}
+
+fn safetensors_message(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::IoError(io) => io.to_string(),
+        E::JsonError(json) => format!("not a safetensors file: its header is not valid JSON ({json})"),
+        E::HeaderTooSmall | E::InvalidHeaderLength | E::InvalidHeaderStart | E::InvalidHeader | E::InvalidHeaderDeserialization => {
+            "not a safetensors file: it does not start with a safetensors header".to_owned()
+        }
+        E::HeaderTooLarge => "not a safetensors file: its header length is over 100 MB".to_owned(),
+        E::InvalidOffset(name) => format!("damaged or truncated: the data of {name} lies outside the file"),
+        E::MetadataIncompleteBuffer | E::TensorInvalidInfo | E::InvalidTensorView(..) | E::ValidationOverflow => {
+            "damaged or truncated: the tensors it lists do not fit its size".to_owned()
+        }
+        E::TensorNotFound(name) => format!("no tensor {name}"),
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +375,29 @@ mod tests {
         let (vs, _) = tiny();
         let err = load_weights(&vs, &path).unwrap_err().to_string();
         assert!(err.contains("pickled") && err.contains("save_file") && err.contains("epoch_32.pt.safetensors"), "{err}");
+    }
+
+    /// Another architecture's weights: the message counts the mismatches and names a few,
+    /// rather than every one of hundreds; a folder or a non-safetensors file reads as a sentence.
+    #[test]
+    fn mismatched_or_unreadable_weights_read_as_short_sentences() {
+        let dir = tempfile::tempdir().unwrap();
+        let small: ModelConfig = serde_yaml::from_str(include_str!("../../../configs/models/small.yaml")).unwrap();
+        let vs_small = nn::VarStore::new(Device::Cpu);
+        let _ = Clip::new(&vs_small.root(), &small).unwrap();
+        let path = dir.path().join("small.safetensors");
+        save_weights(&vs_small, &path).unwrap();
+        let (vs, _) = tiny();
+        let err = load_weights(&vs, &path).unwrap_err().to_string();
+        assert!(err.len() < 1200, "{} characters: {err}", err.len());
+        assert!(err.contains("more)") && err.contains("tensors") && err.contains("does not match"), "{err}");
+        for (bad, needle) in [(dir.path().to_path_buf(), "Is a directory"), (dir.path().join("x.safetensors"), "not a safetensors file")] {
+            if needle.starts_with("not") {
+                std::fs::write(&bad, b"0123456789abcdef").unwrap();
+            }
+            let err = load_weights(&vs, &bad).unwrap_err().to_string();
+            assert!(err.contains(needle) && !err.contains("Os {") && !err.contains("IoError"), "{err}");
+        }
     }
 
     #[test]
