@@ -76,6 +76,7 @@ enum ConfigCommand {
 
 #[derive(Args)]
 struct ConfigShowArgs {
+    /// The run config (YAML) to show.
     #[arg(long)]
     config: PathBuf,
     /// Override a key: `--set train.batch_size=64` (repeatable).

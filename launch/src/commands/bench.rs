@@ -19,8 +19,10 @@ pub struct BenchTrainArgs {
     /// A built-in model name or a model YAML.
     #[arg(long)]
     pub model: String,
+    /// Samples per step.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Timed steps.
     #[arg(long, default_value_t = 10)]
     pub steps: u64,
     /// Untimed steps first.
@@ -51,7 +53,7 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         tch::set_num_threads(t as i32);
     }
     let model = config::resolve_model(&args.model)?;
-    let device = device::resolve(device::parse(&args.device)?)?;
+    let device = device::select(&args.device, "--device")?;
     let result = bench_train(&TrainBench {
         model_name: &args.model,
         model: &model,
@@ -74,6 +76,7 @@ pub struct BenchLoaderArgs {
     /// Decode/augment threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Samples per batch.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Output side in pixels (RandomResizedCrop target).
@@ -85,6 +88,7 @@ pub struct BenchLoaderArgs {
     /// Samples to time (after one untimed warm-up batch).
     #[arg(long, default_value_t = 2048)]
     pub samples: u64,
+    /// Seed of the sample order, the augmentations and `synthetic:N` scenes.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -176,6 +180,7 @@ pub struct BenchLossArgs {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Seed of the random embeddings.
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
 }
@@ -208,7 +213,7 @@ struct LossBenchResult {
 pub fn loss(args: BenchLossArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch > 0 && args.dim > 0, "--batch and --dim must be positive");
     anyhow::ensure!(!(args.naive && args.bf16), "--bf16 applies to the tiled loss, not the --naive oracle");
-    let device = device::resolve(device::parse(&args.device)?)?;
+    let device = device::select(&args.device, "--device")?;
     tch::manual_seed(args.seed);
     let unit = |t: tch::Tensor| oxclip_trainer::model::normalize(&t);
     let image = unit(tch::Tensor::randn([args.batch, args.dim], (tch::Kind::Float, device)));
