@@ -63,7 +63,7 @@ fn embed_and_classify_with_a_trained_checkpoint() {
     assert!((sum - 1.0).abs() < 1e-6, "{sum}");
 
     // A missing image is an error naming it.
-    let bad = oxclip().args(["classify", "--device", "cpu", "--checkpoint"]).arg(&run).args(["--image", "nope.png", "--labels", "x"]).output().expect("runs");
+    let bad = oxclip().args(["classify", "--device", "cpu", "--checkpoint"]).arg(&run).args(["--image", "nope.png", "--labels", "x", "y"]).output().expect("runs");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("nope.png"));
 }

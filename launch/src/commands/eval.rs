@@ -27,10 +27,10 @@ pub struct EvalArgs {
     pub zero_shot: Option<String>,
     /// Class names, one per line (line i names class i). For a folder per class the folder
     /// names are used when this is not given; when given, it must name as many classes.
-    #[arg(long, requires = "zero_shot")]
+    #[arg(long)]
     pub classnames: Option<PathBuf>,
     /// Prompt templates, one per line with `{}` for the class name; default OpenAI's 80.
-    #[arg(long, requires = "zero_shot")]
+    #[arg(long)]
     pub templates: Option<String>,
     /// Image-caption pairs for retrieval: any data spec (shards, CSV, JSONL, folder).
     #[arg(long)]
@@ -52,6 +52,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         (None, Some(data)) => (data.clone(), true),
         _ => bail!("give exactly one of --zero-shot DATA and --retrieval DATA"),
     };
+    // clap lets a `requires` pass when the required flag conflicts with one given.
+    if retrieval && (args.classnames.is_some() || args.templates.is_some()) {
+        bail!("--classnames and --templates are for --zero-shot; --retrieval scores captions, not classes");
+    }
     // The data is opened and checked before the model is loaded: a set that cannot be scored
     // fails at once.
     let mut spec = DataSpec::parse(&spec_text)?;
