@@ -85,6 +85,11 @@ pub enum DataError {
         last_reason: &'static str,
     },
 
+    /// The class labels of a CSV/JSONL source (`label_key`, for zero-shot evaluation) are
+    /// missing or not class indices; `message` names the column or the line.
+    #[error("{path}: {message}")]
+    Label { path: PathBuf, message: String },
+
     /// A pipeline thread panicked or could not be started.
     #[error("data loader thread failed: {0}")]
     Pipeline(String),

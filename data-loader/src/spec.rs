@@ -53,7 +53,7 @@ pub struct CsvSpec {
     pub label_key: Option<String>,
 }
 
-/// `jsonl:FILE?img_key=KEY&caption_key=KEY`.
+/// `jsonl:FILE?img_key=KEY&caption_key=KEY&label_key=KEY`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JsonlSpec {
     /// The JSONL file; image paths in it are relative to its folder.
@@ -62,6 +62,9 @@ pub struct JsonlSpec {
     pub img_key: String,
     /// Key of the caption (default `caption`).
     pub caption_key: String,
+    /// Key of integer class labels, for zero-shot evaluation (`label_key=KEY`); without a
+    /// caption the label's text stands in for it.
+    pub label_key: Option<String>,
 }
 
 /// open_clip's defaults for `--csv-img-key` and `--csv-caption-key`.
@@ -70,6 +73,9 @@ pub const CSV_DEFAULT_CAPTION_KEY: &str = "title";
 /// Default keys of a JSONL object.
 pub const JSONL_DEFAULT_IMG_KEY: &str = "image";
 pub const JSONL_DEFAULT_CAPTION_KEY: &str = "caption";
+/// The CSV column or JSONL key zero-shot evaluation reads class labels from when the spec
+/// names none (`label_key=`).
+pub const DEFAULT_LABEL_KEY: &str = "label";
 
 impl std::fmt::Display for CsvSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,7 +106,11 @@ impl std::fmt::Display for JsonlSpec {
             self.path.display(),
             self.img_key,
             self.caption_key
-        )
+        )?;
+        match &self.label_key {
+            Some(label) => write!(f, "&label_key={label}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -233,7 +243,7 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
         match (name, kind) {
             ("img_key", _) => img_key = value.to_owned(),
             ("caption_key", _) => caption_key = value.to_owned(),
-            ("label_key", "csv") => label_key = Some(value.to_owned()),
+            ("label_key", _) => label_key = Some(value.to_owned()),
             ("sep", "csv") => {
                 separator = Some(match value {
                     "tab" | "\\t" | "\t" => b'\t',
@@ -249,7 +259,7 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
                 let known = if kind == "csv" {
                     "img_key, caption_key, label_key, sep"
                 } else {
-                    "img_key, caption_key"
+                    "img_key, caption_key, label_key"
                 };
                 return Err(spec_err(format!(
                     "unknown {kind} option `{name}` (known: {known})"
@@ -270,6 +280,7 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
             path,
             img_key,
             caption_key,
+            label_key,
         })
     }))
 }
@@ -569,6 +580,7 @@ mod tests {
                 path: d.join("data.jsonl"),
                 img_key: "image".into(),
                 caption_key: "caption".into(),
+                label_key: None,
             })
         );
         for (bad, expect) in [

@@ -63,7 +63,7 @@ fn embed_and_classify_with_a_trained_checkpoint() {
     assert!((sum - 1.0).abs() < 1e-6, "{sum}");
 
     // A missing image is an error naming it.
-    let bad = oxclip().args(["classify", "--device", "cpu", "--checkpoint"]).arg(&run).args(["--image", "nope.png", "--labels", "x"]).output().expect("runs");
+    let bad = oxclip().args(["classify", "--device", "cpu", "--checkpoint"]).arg(&run).args(["--image", "nope.png", "--labels", "x", "y"]).output().expect("runs");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("nope.png"));
 }
@@ -89,8 +89,15 @@ fn eval_zero_shot_on_class_folders_and_retrieval_on_pairs() {
     let out = run_ok(oxclip().args(["eval", "--json", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--zero-shot").arg(&classes));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(result["zero_shot"]["samples"], 4, "{result}");
-    let top5 = result["zero_shot"]["top5"].as_f64().expect("top5");
-    assert_eq!(top5, 1.0, "two classes: always in the top 5");
+    // Four images: accuracies are whole quarters, top-1 never above top-5. (The exact
+    // numbers are checked against the embeddings in eval_cli.rs.)
+    let (top1, top5) = (result["zero_shot"]["top1"].as_f64().expect("top1"), result["zero_shot"]["top5"].as_f64().expect("top5"));
+    for acc in [top1, top5] {
+        assert!((acc * 4.0).fract() == 0.0 && (0.0..=1.0).contains(&acc), "{result}");
+    }
+    assert!(top1 <= top5, "{result}");
+    // Two classes: top-5 is cut to both, so every labelled image counts.
+    assert_eq!(top5, 1.0, "{result}");
 
     let out = run_ok(oxclip().args(["eval", "--json", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--retrieval").arg(data.join("val")));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");

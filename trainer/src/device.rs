@@ -1,6 +1,6 @@
 //! Device selection, and the start-up step that lets one CPU-built binary use CUDA: libtorch
 //! registers its CUDA backend when `libtorch_cuda.so` is loaded, so we load it (globally)
-//! when it is present before any tensor is made (DESIGN.md section 6).
+//! when it is present before any tensor is made.
 
 use std::ffi::CString;
 
@@ -16,16 +16,44 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
+/// `spec` as written for `train.device` in a run config.
 pub fn parse(spec: &str) -> Result<DeviceSpec> {
+    parse_setting(spec, TRAIN_DEVICE)
+}
+
+/// The run config's device key, the setting [`parse`] and [`resolve`] speak of.
+pub const TRAIN_DEVICE: &str = "train.device";
+
+/// `spec` as given to `setting`: a config key (`train.device`) or a flag (`--device`), which
+/// the error names.
+pub fn parse_setting(spec: &str, setting: &str) -> Result<DeviceSpec> {
     match spec {
         "auto" => Ok(DeviceSpec::Auto),
         "cpu" => Ok(DeviceSpec::Cpu),
         "cuda" => Ok(DeviceSpec::Cuda(0)),
-        s => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(DeviceSpec::Cuda)
-            .ok_or_else(|| TrainError::Config(format!("train.device `{s}` is not one of auto, cpu, cuda, cuda:N"))),
+        s => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceSpec::Cuda).ok_or_else(|| {
+            let message = format!("{} is not one of auto, cpu, cuda, cuda:N", written(setting, s));
+            if setting.starts_with("--") {
+                TrainError::Device(message)
+            } else {
+                TrainError::Config(message)
+            }
+        }),
+    }
+}
+
+/// The device a command's `--device` flag (or any `setting`) names, checked against the
+/// hardware; errors suggest the value to give that same setting.
+pub fn select(spec: &str, setting: &str) -> Result<Device> {
+    resolve_setting(parse_setting(spec, setting)?, setting)
+}
+
+/// `value` given to `setting` as the user writes it: `--device cpu`, `train.device: cpu`.
+fn written(setting: &str, value: &str) -> String {
+    if setting.starts_with("--") {
+        format!("{setting} {value}")
+    } else {
+        format!("{setting}: {value}")
     }
 }
 
@@ -73,9 +101,19 @@ pub fn autocast_is_bf16() -> bool {
     unsafe { at_autocast_get_autocast_dtype(DEVICE_TYPE_CUDA) == SCALAR_TYPE_BFLOAT16 }
 }
 
-/// Resolves a spec against the hardware that is there.
+/// Resolves a spec from `train.device` against the hardware that is there.
 pub fn resolve(spec: DeviceSpec) -> Result<Device> {
+    resolve_setting(spec, TRAIN_DEVICE)
+}
+
+/// Resolves a spec given to `setting` (a config key or a flag) against the hardware that is
+/// there; the error's advice names that setting.
+pub fn resolve_setting(spec: DeviceSpec, setting: &str) -> Result<Device> {
     let cuda_count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+    device_for(spec, cuda_count, setting)
+}
+
+fn device_for(spec: DeviceSpec, cuda_count: usize, setting: &str) -> Result<Device> {
     match spec {
         DeviceSpec::Cpu => Ok(Device::Cpu),
         DeviceSpec::Auto if cuda_count > 0 => Ok(Device::Cuda(0)),
@@ -83,9 +121,15 @@ pub fn resolve(spec: DeviceSpec) -> Result<Device> {
         DeviceSpec::Cuda(i) if i < cuda_count => Ok(Device::Cuda(i)),
         DeviceSpec::Cuda(i) if cuda_count == 0 => Err(TrainError::Device(format!(
             "cuda:{i} requested but libtorch sees no CUDA device (is libtorch_cuda.so on the library path? \
-             set OXCLIP_LIBTORCH_CUDA to its path); use train.device: cpu to run on the CPU"
+             set OXCLIP_LIBTORCH_CUDA to its path); use {} to run on the CPU",
+            written(setting, "cpu")
         ))),
-        DeviceSpec::Cuda(i) => Err(TrainError::Device(format!("cuda:{i} requested but only {cuda_count} CUDA device(s) exist"))),
+        DeviceSpec::Cuda(i) => Err(TrainError::Device(format!(
+            "cuda:{i} requested but only {cuda_count} CUDA device(s) exist (cuda:0 to cuda:{}); use {} or {}",
+            cuda_count - 1,
+            written(setting, "cuda:0"),
+            written(setting, "cpu")
+        ))),
     }
 }
 
@@ -129,6 +173,22 @@ mod tests {
         assert_eq!(parse("cuda:3").ok(), Some(DeviceSpec::Cuda(3)));
         assert!(parse("gpu").is_err());
         assert!(parse("cuda:x").is_err());
+    }
+
+    #[test]
+    fn errors_name_the_setting_they_came_from() {
+        let flag = parse_setting("gpu", "--device").unwrap_err().to_string();
+        assert!(flag.contains("--device gpu is not one of") && !flag.contains("train.device") && !flag.contains("training config"), "{flag}");
+        let key = parse("gpu").unwrap_err().to_string();
+        assert!(key.contains("train.device: gpu"), "{key}");
+        let none = device_for(DeviceSpec::Cuda(0), 0, "--device").unwrap_err().to_string();
+        assert!(none.contains("use --device cpu") && !none.contains("train.device"), "{none}");
+        let none = device_for(DeviceSpec::Cuda(0), 0, TRAIN_DEVICE).unwrap_err().to_string();
+        assert!(none.contains("use train.device: cpu"), "{none}");
+        let few = device_for(DeviceSpec::Cuda(2), 2, "--device").unwrap_err().to_string();
+        assert!(few.contains("only 2 CUDA device(s)") && few.contains("--device cuda:0"), "{few}");
+        assert_eq!(device_for(DeviceSpec::Auto, 0, "--device").ok(), Some(Device::Cpu));
+        assert_eq!(device_for(DeviceSpec::Cuda(1), 2, "--device").ok(), Some(Device::Cuda(1)));
     }
 
     #[test]

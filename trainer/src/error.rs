@@ -21,6 +21,11 @@ pub enum TrainError {
     #[error("invalid training config: {0}")]
     Config(String),
 
+    /// An input of inference or evaluation (an image, a list of labels or texts, a data set
+    /// or class list to score) cannot be used; the message names it and says why.
+    #[error("{0}")]
+    Input(String),
+
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 

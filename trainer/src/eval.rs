@@ -6,12 +6,17 @@
 //! - image-text retrieval over pairs (open_clip `get_clip_metrics`): for each image the rank
 //!   of its own caption among all captions, and the reverse; R@1/5/10, mean and median rank.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
-use oxclip_data_loader::{DataSource, Loader, LoaderConfig, ShardOptions, Tokenizer};
+use oxclip_data_loader::sources::{self, classes, FileDataset};
+use oxclip_data_loader::spec::DEFAULT_LABEL_KEY;
+use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions, SkipCounts, Tokenizer};
 
 use crate::collectives::{self, Collectives};
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::model::{normalize, Clip, ModelConfig};
 
 /// Top-1 and top-5 accuracy of a zero-shot evaluation, in [0, 1].
@@ -20,6 +25,139 @@ pub struct ZeroShotResult {
     pub top1: f64,
     pub top5: f64,
     pub samples: u64,
+}
+
+/// The labelled images and the class names of a zero-shot evaluation, checked against each
+/// other by [`open_zero_shot`].
+pub struct ZeroShotSet {
+    pub source: DataSource,
+    /// Line i names class i.
+    pub classnames: Vec<String>,
+}
+
+/// Opens `spec` for zero-shot evaluation with the class names of `classnames` (one per line,
+/// line i names class i) and refuses, before anything is embedded, what cannot be scored
+/// honestly: data without class labels, a class names file whose count differs from the
+/// class folders', a CSV/JSONL label outside the class list, a set with no images. The one
+/// check behind `oxclip eval --zero-shot` and training's `data.val` with `data.classnames`.
+///
+/// - `classes:DIR`: the folder names are the class names unless `classnames` is given, and
+///   then it must name as many classes as there are folders;
+/// - a CSV or JSONL file: its `label_key` column (`label` when the spec names none) holds
+///   each row's class index, every one below the number of class names;
+/// - shards and `synthetic:N`: labels (`.cls`) are read as the images are; one outside the
+///   class list fails the evaluation (see [`evaluate`]);
+/// - a folder of captioned images has no labels and is refused.
+pub fn open_zero_shot(spec: &DataSpec, classnames: Option<&Path>, seed: u64) -> Result<ZeroShotSet> {
+    let listed = classnames.map(|file| Ok::<_, TrainError>((crate::train::read_lines(file)?, file))).transpose()?;
+    let needs_names = || {
+        TrainError::Input(format!(
+            "zero-shot evaluation of `{}` needs the class names: a file with one per line, line i naming class i \
+             (--classnames FILE, or data.classnames in a run config)",
+            describe_spec(spec)
+        ))
+    };
+    match spec {
+        DataSpec::Classes(dir) => {
+            let (dataset, folders) = classes::load(dir)?;
+            let classnames = match listed {
+                Some((names, file)) if names.len() != folders.len() => {
+                    return Err(TrainError::Input(format!(
+                        "{} names {} classes but {} has {} class folders ({}); line i of the class names file names \
+                         the i-th folder in sorted order, so the counts must match (or leave the file out to use the folder names)",
+                        file.display(),
+                        names.len(),
+                        dir.display(),
+                        folders.len(),
+                        first_few(&folders)
+                    )))
+                }
+                Some((names, _)) => names,
+                None => folders,
+            };
+            labelled_files(dataset, classnames, &format!("{} has", dir.display()))
+        }
+        DataSpec::Csv(csv) => {
+            let (names, file) = listed.ok_or_else(needs_names)?;
+            let mut csv = csv.clone();
+            csv.label_key.get_or_insert_with(|| DEFAULT_LABEL_KEY.to_owned());
+            labelled_files(sources::csv::load(&csv)?, names, &format!("{} names", file.display()))
+        }
+        DataSpec::Jsonl(jsonl) => {
+            let (names, file) = listed.ok_or_else(needs_names)?;
+            let mut jsonl = jsonl.clone();
+            jsonl.label_key.get_or_insert_with(|| DEFAULT_LABEL_KEY.to_owned());
+            labelled_files(sources::jsonl::load(&jsonl)?, names, &format!("{} names", file.display()))
+        }
+        DataSpec::Folder(dir) => Err(TrainError::Input(format!(
+            "{} is a folder of captioned images: it has no class labels to score zero-shot accuracy against. Give a folder \
+             per class (classes:DIR), a CSV or JSONL with a label column (csv:FILE?label_key=COLUMN), or shards whose \
+             samples carry a class index (KEY.cls)",
+            dir.display()
+        ))),
+        DataSpec::Shards(_) | DataSpec::Synthetic(_) => {
+            let (names, _) = listed.ok_or_else(needs_names)?;
+            let source = DataSource::open(spec, seed)?;
+            if source.is_empty() {
+                return Err(TrainError::Input(format!("`{}` holds no samples to evaluate", describe_spec(spec))));
+            }
+            Ok(ZeroShotSet { source, classnames: names })
+        }
+    }
+}
+
+/// A CSV/JSONL/class-folder dataset whose every entry is labelled, checked against the
+/// class list.
+/// `named_by` says where the class list came from: `names.txt names`, `DIR has`.
+fn labelled_files(dataset: FileDataset, classnames: Vec<String>, named_by: &str) -> Result<ZeroShotSet> {
+    let source = dataset.source().to_owned();
+    if dataset.entries().is_empty() {
+        return Err(TrainError::Input(format!(
+            "{} holds no image to evaluate{}",
+            source.display(),
+            skipped_note(&oxclip_data_loader::Dataset::load_skips(&dataset))
+        )));
+    }
+    let n = classnames.len() as i64;
+    if let Some(entry) = dataset.entries().iter().find(|e| e.label.is_none_or(|l| l >= n)) {
+        let label = entry.label.map_or_else(|| "none".to_owned(), |l| l.to_string());
+        return Err(TrainError::Input(format!(
+            "{}, {}: label {label} is outside the class list: {named_by} {n} classes (labels 0 to {})",
+            source.display(),
+            entry.origin,
+            n - 1
+        )));
+    }
+    Ok(ZeroShotSet { source: DataSource::Indexed(Arc::new(dataset)), classnames })
+}
+
+/// ` (skipped: missing_image 3, empty_caption 1)`, or nothing when nothing was skipped.
+fn skipped_note(skips: &SkipCounts) -> String {
+    if skips.total() == 0 {
+        return String::new();
+    }
+    let parts: Vec<String> = skips.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+    format!(" (skipped: {})", parts.join(", "))
+}
+
+/// The first few names, then how many more.
+fn first_few(names: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = names.iter().take(SHOWN).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    text
+}
+
+fn describe_spec(spec: &DataSpec) -> String {
+    match spec {
+        DataSpec::Csv(csv) => csv.path.display().to_string(),
+        DataSpec::Jsonl(jsonl) => jsonl.path.display().to_string(),
+        DataSpec::Folder(dir) | DataSpec::Classes(dir) => dir.display().to_string(),
+        DataSpec::Synthetic(n) => format!("synthetic:{n}"),
+        DataSpec::Shards(parts) => parts.iter().map(|p| p.spec.clone()).collect::<Vec<_>>().join("::"),
+    }
 }
 
 /// (embed_dim, classes) matrix of class embeddings.
@@ -47,7 +185,7 @@ pub fn zero_shot_classifier(
 /// Classifies every labelled sample the loader yields (one pass, in dataset order).
 pub fn zero_shot_accuracy(model: &Clip, classifier: &Tensor, loader: &mut Loader, device: Device) -> Result<ZeroShotResult> {
     let result = evaluate(model, loader, Some(classifier), false, device, &crate::collectives::SingleProcess)?;
-    Ok(result.zero_shot.unwrap_or(ZeroShotResult { top1: 0.0, top5: 0.0, samples: 0 }))
+    result.zero_shot.ok_or_else(|| TrainError::Input("the evaluation gave no zero-shot result".to_owned()))
 }
 
 /// Image<->text retrieval metrics, with open_clip's names.
@@ -160,7 +298,11 @@ pub fn evaluate(
     let context = model.config.text_cfg.context_length;
     let dim = model.config.embed_dim;
     let (mut images, mut texts, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    let mut keys = Vec::new();
+    let mut skipped = loader.load_skips();
     while let Some(batch) = loader.next_eval_batch()? {
+        skipped.merge(&batch.skipped);
+        keys.extend(batch.keys.iter().cloned());
         let b = batch.batch_size as i64;
         let pixels = Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]).to_device(device);
         images.push(normalize(&model.encode_image(&pixels).to_kind(Kind::Float)));
@@ -179,15 +321,53 @@ pub fn evaluate(
         columns.push(cat(&texts, dim));
     }
     columns.push(cat(&labels, 1));
+    let local_labels = Vec::<i64>::try_from(&cat(&labels, 1).view([-1]).to_kind(Kind::Int64).to_device(Device::Cpu))?;
     let rows = gather_rows(comm, &Tensor::cat(&columns, 1))?;
     let images = rows.narrow(1, 0, dim);
     let labels = rows.narrow(1, rows.size()[1] - 1, 1).view([-1]).to_kind(Kind::Int64);
+    // Every rank sees the gathered rows, so every rank decides these errors alike.
     if rows.size()[0] == 0 {
-        return Ok(EvalResult { zero_shot: classifier.map(|_| ZeroShotResult { top1: 0.0, top5: 0.0, samples: 0 }), retrieval: None });
+        return Err(TrainError::Input(format!("no sample could be evaluated{}", skipped_note(&skipped))));
     }
-    let zero_shot = classifier.map(|c| zero_shot_scores(&images, &labels, c));
+    let zero_shot = match classifier {
+        Some(c) => {
+            let labels = Vec::<i64>::try_from(&labels.to_device(Device::Cpu))?;
+            check_labels(&labels, &local_labels, &keys, c.size()[1])?;
+            Some(zero_shot_counts(&images, &labels, c)?.result())
+        }
+        None => None,
+    };
     let retrieval = retrieval.then(|| retrieval_metrics(&images, &rows.narrow(1, dim, dim)));
     Ok(EvalResult { zero_shot, retrieval })
+}
+
+/// The gathered labels of a zero-shot evaluation against `classes` class names: some must be
+/// there, none may be beyond the list (that would be scored as a miss, silently). `local`
+/// and `keys` are this rank's, to name an offending sample when it is here.
+fn check_labels(labels: &[i64], local: &[i64], keys: &[String], classes: i64) -> Result<()> {
+    let labelled = labels.iter().filter(|&&l| l >= 0).count();
+    if labelled == 0 {
+        return Err(TrainError::Input(format!(
+            "none of the {} samples has a class label (KEY.cls in shards, a label column in a CSV or JSONL, a folder per class), \
+             so zero-shot accuracy cannot be scored",
+            labels.len()
+        )));
+    }
+    let beyond: Vec<i64> = labels.iter().copied().filter(|&l| l >= classes).collect();
+    if let Some(&largest) = beyond.iter().max() {
+        let here = local.iter().position(|&l| l >= classes).and_then(|i| keys.get(i).map(|k| (k, local[i])));
+        let example = here.map_or_else(String::new, |(key, label)| format!(" (sample {key}: label {label})"));
+        return Err(TrainError::Input(format!(
+            "{} samples are labelled beyond the {classes} class names (labels 0 to {}), up to {largest}{example}; \
+             the class names file must name every class the data uses",
+            beyond.len(),
+            classes - 1
+        )));
+    }
+    if labelled < labels.len() {
+        tracing::warn!("{} of {} samples have no class label and are left out of the zero-shot accuracy", labels.len() - labelled, labels.len());
+    }
+    Ok(())
 }
 
 /// Every rank's (n_r, c) rows, concatenated in rank order. Ranks may hold different
@@ -206,18 +386,43 @@ fn gather_rows(comm: &dyn Collectives, rows: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 0))
 }
 
-/// Top-1/top-5 of normalised image embeddings against the class embeddings; samples with
-/// label -1 (none) are left out.
-fn zero_shot_scores(images: &Tensor, labels: &Tensor, classifier: &Tensor) -> ZeroShotResult {
-    let k = 5.min(classifier.size()[1]);
-    let keep = labels.ge(0);
+/// What a zero-shot pass counted: samples scored and hits, overall and per class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ZeroShotCounts {
+    /// Samples with a label (those without are left out).
+    scored: u64,
+    top1: u64,
+    top5: u64,
+    /// Per class: (samples labelled with it, of those the top-1 hits).
+    per_class: Vec<(u64, u64)>,
+}
+
+impl ZeroShotCounts {
+    fn result(&self) -> ZeroShotResult {
+        let frac = |x: u64| if self.scored == 0 { 0.0 } else { x as f64 / self.scored as f64 };
+        ZeroShotResult { top1: frac(self.top1), top5: frac(self.top5), samples: self.scored }
+    }
+}
+
+/// Top-1/top-5 of normalised image embeddings against the class embeddings (embed_dim,
+/// classes); samples with label -1 (none) are left out. Labels are checked to be below the
+/// class count ([`check_labels`]).
+fn zero_shot_counts(images: &Tensor, labels: &[i64], classifier: &Tensor) -> Result<ZeroShotCounts> {
+    let classes = classifier.size()[1];
+    let k = 5.min(classes);
     let (_, pred) = images.matmul(classifier).topk(k, 1, true, true);
-    let hits = pred.eq_tensor(&labels.unsqueeze(1)).logical_and(&keep.unsqueeze(1));
-    let top1 = hits.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
-    let top5 = hits.sum(Kind::Int64).int64_value(&[]);
-    let total = keep.sum(Kind::Int64).int64_value(&[]);
-    let frac = |x: i64| if total == 0 { 0.0 } else { x as f64 / total as f64 };
-    ZeroShotResult { top1: frac(top1), top5: frac(top5), samples: total as u64 }
+    let pred = Vec::<i64>::try_from(&pred.reshape([-1]).to_device(Device::Cpu))?;
+    let mut counts = ZeroShotCounts { scored: 0, top1: 0, top5: 0, per_class: vec![(0, 0); classes as usize] };
+    for (&label, ranked) in labels.iter().zip(pred.chunks(k as usize)) {
+        let Some(class) = counts.per_class.get_mut(label as usize).filter(|_| label >= 0) else { continue };
+        let hit1 = ranked.first() == Some(&label);
+        class.0 += 1;
+        class.1 += u64::from(hit1);
+        counts.scored += 1;
+        counts.top1 += u64::from(hit1);
+        counts.top5 += u64::from(ranked.contains(&label));
+    }
+    Ok(counts)
 }
 
 /// OpenAI's 80 ImageNet prompt templates (CLIP repo, `notebooks/Prompt_Engineering_for_ImageNet.ipynb`),
@@ -359,6 +564,92 @@ mod tests {
         for (name, value) in &r.metrics {
             assert!((value - expected[name]).abs() < 1e-9, "{name}: {value} vs open_clip {}", expected[name]);
         }
+    }
+
+    /// Hand-made image embeddings against the identity as class embeddings (6 classes): an
+    /// image's scores are its own entries, so every rank below is known.
+    #[test]
+    fn zero_shot_counts_on_a_known_case() {
+        let images: Vec<[f32; 6]> = vec![
+            [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],    // label 0: top-1 right
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],    // label 1: ranked 2nd, top-1 wrong, top-5 right
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],    // label 5: ranked 6th, both wrong
+            [0.0, 0.0, 1.0, 0.0, 0.0, 0.0],    // label 2: top-1 right
+            [0.0, 0.0, 0.0, 0.0, 1.0, 0.0],    // no label: left out
+            [0.1, 0.2, 0.3, 0.9, 0.0, 0.05],   // label 2: ranked 2nd (3, 2, 1, 0, 5), top-5 right
+        ];
+        let labels = [0, 1, 5, 2, -1, 2];
+        let flat: Vec<f32> = images.iter().flatten().copied().collect();
+        let images = Tensor::from_slice(&flat).view([6, 6]);
+        let classifier = Tensor::eye(6, (Kind::Float, Device::Cpu));
+        let counts = zero_shot_counts(&images, &labels, &classifier).unwrap();
+        assert_eq!(counts, ZeroShotCounts { scored: 5, top1: 2, top5: 4, per_class: vec![(1, 1), (1, 0), (2, 1), (0, 0), (0, 0), (1, 0)] });
+        assert_eq!(counts.result(), ZeroShotResult { top1: 0.4, top5: 0.8, samples: 5 });
+
+        // Fewer than 5 classes: top-5 is every class, so it is 1 for any labelled sample.
+        let two = Tensor::eye(6, (Kind::Float, Device::Cpu)).narrow(1, 0, 2);
+        // (Image 3 scores 0 for both, a tie, so it is left unlabelled here.)
+        let counts = zero_shot_counts(&images, &[1, 0, 0, -1, -1, 1], &two).unwrap();
+        assert_eq!((counts.scored, counts.top1, counts.top5), (4, 3, 4));
+
+        assert!(check_labels(&labels, &labels, &[], 6).is_ok());
+        let keys: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
+        let beyond = check_labels(&labels, &labels, &keys, 5).unwrap_err().to_string();
+        assert!(beyond.contains("1 samples are labelled beyond the 5 class names (labels 0 to 4), up to 5 (sample k2: label 5)"), "{beyond}");
+        let none = check_labels(&[-1, -1], &[-1, -1], &keys, 5).unwrap_err().to_string();
+        assert!(none.contains("none of the 2 samples has a class label"), "{none}");
+    }
+
+    /// `open_zero_shot` refuses what it cannot score, naming files, counts and rows. Image
+    /// files are only listed here, never decoded, so any bytes do.
+    #[test]
+    fn zero_shot_inputs_are_checked_before_any_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let write = |rel: &str, text: &str| {
+            let path = d.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        for class in ["ant", "bee", "cat", "dog"] {
+            write(&format!("classes/{class}/1.jpg"), "x");
+        }
+        write("two.txt", "ant\nbee\n");
+        write("four.txt", "ant\nbee\ncat\ndog\n");
+        let classes = DataSpec::Classes(d.join("classes"));
+        let err = open_zero_shot(&classes, Some(&d.join("two.txt")), 0).err().unwrap().to_string();
+        assert!(err.contains("two.txt names 2 classes but") && err.contains("classes has 4 class folders") && err.contains("`ant`"), "{err}");
+        let set = open_zero_shot(&classes, Some(&d.join("four.txt")), 0).unwrap();
+        assert_eq!((set.classnames.len(), set.source.len()), (4, 4));
+        assert_eq!(open_zero_shot(&classes, None, 0).unwrap().classnames, ["ant", "bee", "cat", "dog"]);
+
+        // A CSV without labels: the column looked for and how to name another.
+        write("val.csv", "filepath,title\nclasses/ant/1.jpg,an ant\n");
+        let csv = DataSpec::parse(d.join("val.csv").to_str().unwrap()).unwrap();
+        let err = open_zero_shot(&csv, Some(&d.join("two.txt")), 0).err().unwrap().to_string();
+        assert!(err.contains("val.csv") && err.contains("no label column `label`") && err.contains("label_key=COLUMN"), "{err}");
+        // Without class names at all.
+        let err = open_zero_shot(&csv, None, 0).err().unwrap().to_string();
+        assert!(err.contains("needs the class names") && err.contains("--classnames"), "{err}");
+        // A label beyond the class list: the line and the label.
+        write("val.csv", "filepath,label\nclasses/ant/1.jpg,1\nclasses/bee/1.jpg,3\n");
+        let err = open_zero_shot(&csv, Some(&d.join("two.txt")), 0).err().unwrap().to_string();
+        assert!(err.contains("val.csv, line 3: label 3 is outside the class list") && err.contains("two.txt names 2 classes"), "{err}");
+        assert_eq!(open_zero_shot(&csv, Some(&d.join("four.txt")), 0).unwrap().source.len(), 2);
+        // JSONL the same way.
+        write("val.jsonl", "{\"image\": \"classes/ant/1.jpg\", \"label\": 2}\n");
+        let jsonl = DataSpec::parse(d.join("val.jsonl").to_str().unwrap()).unwrap();
+        let err = open_zero_shot(&jsonl, Some(&d.join("two.txt")), 0).err().unwrap().to_string();
+        assert!(err.contains("val.jsonl, line 1: label 2 is outside"), "{err}");
+        // Nothing to score.
+        write("empty.csv", "filepath,label\n,0\n");
+        let empty = DataSpec::parse(d.join("empty.csv").to_str().unwrap()).unwrap();
+        let err = open_zero_shot(&empty, Some(&d.join("two.txt")), 0).err().unwrap().to_string();
+        assert!(err.contains("empty.csv holds no image to evaluate (skipped: missing_image 1)"), "{err}");
+        // Captioned images carry no labels.
+        let folder = DataSpec::Folder(d.join("classes/ant"));
+        let err = open_zero_shot(&folder, Some(&d.join("two.txt")), 0).err().unwrap().to_string();
+        assert!(err.contains("no class labels") && err.contains("classes:DIR"), "{err}");
     }
 
     #[test]

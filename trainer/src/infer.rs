@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use tch::{nn, Device, Kind, Tensor};
 
+use oxclip_data_loader::sources::is_image_path;
 use oxclip_data_loader::transform::{decode_image, DEFAULT_MAX_PIXELS};
-use oxclip_data_loader::{ImageTransform, Tokenizer};
+use oxclip_data_loader::{ImageTransform, SkipReason, Tokenizer};
 
 use crate::error::{io_err, Result, TrainError};
 use crate::model::{normalize, Clip, ModelConfig};
@@ -46,9 +47,7 @@ impl Embedder {
             let mut pixels = vec![0f32; chunk.len() * per_image];
             for (path, out) in chunk.iter().zip(pixels.chunks_mut(per_image)) {
                 let bytes = std::fs::read(path).map_err(io_err(path))?;
-                let image = decode_image(&bytes, DEFAULT_MAX_PIXELS).map_err(|reason| {
-                    TrainError::Config(format!("{}: cannot use this image ({reason})", path.display()))
-                })?;
+                let image = decode_image(&bytes, DEFAULT_MAX_PIXELS).map_err(|reason| unusable_image(path, reason))?;
                 self.transform.apply(&image, 0, out);
             }
             let images = Tensor::from_slice(&pixels).view([chunk.len() as i64, 3, size, size]).to_device(self.device);
@@ -75,7 +74,11 @@ impl Embedder {
     /// softmax of the scaled cosine similarities over the labels (CLIP paper, figure 1); a
     /// model trained with the sigmoid loss (it has a `logit_bias`) gives each label's own
     /// probability, `sigmoid(s cos + b)`, as SigLIP is meant to be read.
+    ///
+    /// A blank or repeated label is an error, and so is a single label for a CLIP model: its
+    /// probabilities are shares of the labels given, so one label always gets 100%.
     pub fn classify(&self, image: &Path, labels: &[String]) -> Result<Vec<f64>> {
+        check_labels(labels, self.model.logit_bias.is_some())?;
         let image = self.embed_image_files(&[image.to_path_buf()], 1)?;
         let texts = self.embed_texts(labels, 256)?;
         let logits = image.matmul(&texts.tr()).to_kind(Kind::Double) * self.logit_scale();
@@ -87,6 +90,45 @@ impl Embedder {
     }
 }
 
+/// Why an image file that was read cannot be used, in words: a format oxclip does not read
+/// is not the same as a broken file.
+fn unusable_image(path: &Path, reason: SkipReason) -> TrainError {
+    let why = match reason {
+        SkipReason::TooManyPixels => format!("the image has more than {DEFAULT_MAX_PIXELS} pixels"),
+        _ if !is_image_path(path) => {
+            let ext = path.extension().map_or_else(|| "no extension".to_owned(), |e| format!(".{}", e.to_string_lossy()));
+            format!("unsupported image format ({ext}); oxclip reads JPEG, PNG and WebP (.jpg, .jpeg, .png, .webp)")
+        }
+        other => format!("the file cannot be decoded as an image ({other})"),
+    };
+    TrainError::Input(format!("cannot use {}: {why}", path.display()))
+}
+
+/// The labels `classify` scores one image against: none blank, none twice, and for a softmax
+/// (CLIP) model at least two, since the probabilities are shares among the labels given.
+fn check_labels(labels: &[String], sigmoid: bool) -> Result<()> {
+    if let Some(i) = labels.iter().position(|l| l.trim().is_empty()) {
+        return Err(TrainError::Input(format!("--labels: label {} is empty; give each label as text (\"a photo of a dog\" or \"dog\")", i + 1)));
+    }
+    for (i, label) in labels.iter().enumerate() {
+        if let Some(first) = labels[..i].iter().position(|l| l == label) {
+            return Err(TrainError::Input(format!("--labels: `{label}` is given twice (labels {} and {})", first + 1, i + 1)));
+        }
+    }
+    let least = if sigmoid { 1 } else { 2 };
+    if labels.len() < least {
+        return Err(TrainError::Input(if sigmoid {
+            "--labels: give at least one label".to_owned()
+        } else {
+            format!(
+                "--labels: give at least 2 labels (got {}); a CLIP model's probabilities are shares among the labels given, so a single label always gets 100%",
+                labels.len()
+            )
+        }));
+    }
+    Ok(())
+}
+
 fn cat_or_empty(parts: &[Tensor], dim: i64) -> Tensor {
     if parts.is_empty() {
         Tensor::zeros([0, dim], (Kind::Float, Device::Cpu))
@@ -96,19 +138,26 @@ fn cat_or_empty(parts: &[Tensor], dim: i64) -> Tensor {
 }
 
 /// Image files in `paths`: files as given, directories searched (recursively, sorted) for
-/// `.jpg`, `.jpeg`, `.png` and `.webp` files.
+/// `.jpg`, `.jpeg`, `.png` and `.webp` files. A directory holding none is an error naming
+/// it: an empty result would look like a successful run over nothing.
 pub fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for path in paths {
         if path.is_dir() {
             let mut found = Vec::new();
             collect_images(path, &mut found)?;
+            if found.is_empty() {
+                return Err(TrainError::Input(format!(
+                    "{} holds no images (looked for .jpg, .jpeg, .png and .webp files, in subfolders too)",
+                    path.display()
+                )));
+            }
             found.sort();
             out.extend(found);
         } else if path.is_file() {
             out.push(path.clone());
         } else {
-            return Err(TrainError::Config(format!("{} does not exist", path.display())));
+            return Err(TrainError::Input(format!("{} does not exist", path.display())));
         }
     }
     Ok(out)
@@ -119,9 +168,53 @@ fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let path = entry.map_err(io_err(dir))?.path();
         if path.is_dir() {
             collect_images(&path, out)?;
-        } else if oxclip_data_loader::sources::is_image_path(&path) {
+        } else if is_image_path(&path) {
             out.push(path);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn labels_that_cannot_rank_anything_are_refused() {
+        assert!(check_labels(&labels(&["dog", "cat"]), false).is_ok());
+        let one = check_labels(&labels(&["dog"]), false).unwrap_err().to_string();
+        assert!(one.contains("at least 2 labels") && one.contains("100%"), "{one}");
+        // A sigmoid (SigLIP) model scores each label on its own: one is a fair question.
+        assert!(check_labels(&labels(&["dog"]), true).is_ok());
+        assert!(check_labels(&[], true).is_err());
+        let blank = check_labels(&labels(&["dog", " "]), false).unwrap_err().to_string();
+        assert!(blank.contains("label 2 is empty"), "{blank}");
+        let twice = check_labels(&labels(&["dog", "cat", "dog"]), true).unwrap_err().to_string();
+        assert!(twice.contains("`dog` is given twice (labels 1 and 3)"), "{twice}");
+    }
+
+    #[test]
+    fn an_unreadable_image_says_which_and_why() {
+        let gif = unusable_image(Path::new("photos/anim.gif"), SkipReason::UndecodableImage).to_string();
+        assert!(gif.contains("photos/anim.gif") && gif.contains("unsupported image format (.gif)"), "{gif}");
+        let broken = unusable_image(Path::new("photos/x.jpg"), SkipReason::UndecodableImage).to_string();
+        assert!(broken.contains("photos/x.jpg") && broken.contains("cannot be decoded"), "{broken}");
+        for message in [gif, broken] {
+            assert!(!message.contains("training config"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_folder_without_images_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        let err = image_files(&[dir.path().to_path_buf()]).unwrap_err().to_string();
+        assert!(err.contains(&dir.path().display().to_string()) && err.contains("holds no images"), "{err}");
+        let gone = image_files(&[dir.path().join("gone.jpg")]).unwrap_err().to_string();
+        assert!(gone.contains("gone.jpg does not exist"), "{gone}");
+    }
 }

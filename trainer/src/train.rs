@@ -79,6 +79,8 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     job.train.validate()?;
     job.optim.validate(job.train.steps)?;
     job.loss.validate(&job.model)?;
+    // An evaluation set that cannot be scored fails the run now, not at its first eval.
+    let val_task = val_task(&job.data, job.train.seed)?;
     if let Some(threads) = job.train.threads {
         tch::set_num_threads(threads as i32);
     }
@@ -154,7 +156,6 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
             train: true,
         },
     )?;
-    let val_task = val_task(&job.data, cfg.seed)?;
     // Samples already found bad while opening the shards count towards `data/skipped`.
     let load_skips: u64 = loader.load_skips().values().sum();
     if load_skips > 0 {
@@ -494,13 +495,18 @@ pub fn load_tokenizer(data: &DataConfig) -> Result<Tokenizer> {
     })
 }
 
+/// The held-out set, checked as `oxclip eval` checks it ([`eval::open_zero_shot`]) when it is
+/// scored zero-shot: with `data.classnames`, or as a folder per class (`classes:DIR`).
 fn val_task(data: &DataConfig, seed: u64) -> Result<Option<ValTask>> {
     let Some(val) = &data.val else { return Ok(None) };
-    let zero_shot = match &data.classnames {
-        Some(path) => Some((read_lines(Path::new(path))?, read_templates(data.templates.as_deref())?)),
-        None => None,
+    let spec = DataSpec::parse(val)?;
+    let classnames = data.classnames.as_deref().map(Path::new);
+    let (source, zero_shot) = if classnames.is_some() || matches!(spec, DataSpec::Classes(_)) {
+        let set = eval::open_zero_shot(&spec, classnames, seed)?;
+        (set.source, Some((set.classnames, read_templates(data.templates.as_deref())?)))
+    } else {
+        (DataSource::open(&spec, seed)?, None)
     };
-    let source = DataSource::open(&DataSpec::parse(val)?, seed)?;
     Ok(Some(ValTask { name: data.val_name.clone(), source, zero_shot }))
 }
 

@@ -40,10 +40,14 @@ pub fn load(spec: &CsvSpec) -> Result<FileDataset, DataError> {
         .collect();
     let column = |key: &str| header.iter().position(|h| h == key);
     let label_col = match &spec.label_key {
-        Some(key) => Some(column(key).ok_or_else(|| DataError::Spec {
-            spec: spec.to_string(),
-            message: format!("{} has no label column {key:?}; its columns are {}", path.display(),
-                quoted(&header.iter().map(String::as_str).collect::<Vec<_>>())),
+        Some(key) => Some(column(key).ok_or_else(|| DataError::Label {
+            path: path.to_owned(),
+            message: format!(
+                "no label column `{key}` (the class index of each row, 0 for the first class name); \
+                 its columns are {}. Name yours with csv:{}?label_key=COLUMN",
+                quoted(&header.iter().map(String::as_str).collect::<Vec<_>>()),
+                path.display()
+            ),
         })?),
         None => None,
     };
@@ -96,6 +100,15 @@ pub fn load(spec: &CsvSpec) -> Result<FileDataset, DataError> {
                 continue;
             }
         };
+        // Before the caption: where the label stands in for it, an empty one is a missing
+        // label, not an empty caption.
+        let label = match label_col {
+            None => None,
+            Some(col) => Some(class_index(&String::from_utf8_lossy(field(col))).map_err(|message| DataError::Label {
+                path: path.to_owned(),
+                message: format!("{origin}: {message}"),
+            })?),
+        };
         let caption = match std::str::from_utf8(field(caption_col)) {
             Ok(c) if !c.trim().is_empty() => c,
             Ok(_) => {
@@ -109,16 +122,6 @@ pub fn load(spec: &CsvSpec) -> Result<FileDataset, DataError> {
                 continue;
             }
         };
-        let label = match label_col {
-            None => None,
-            Some(col) => match std::str::from_utf8(field(col)).ok().and_then(|l| l.trim().parse::<i64>().ok()) {
-                Some(l) if l >= 0 => Some(l),
-                _ => {
-                    skip_record(&mut skips, BAD_RECORD, path, &origin, "the label is not a class index (0, 1, 2, ...)");
-                    continue;
-                }
-            },
-        };
         entries.push(Entry {
             label,
             key: format!("{line:09}"),
@@ -128,6 +131,20 @@ pub fn load(spec: &CsvSpec) -> Result<FileDataset, DataError> {
         });
     }
     Ok(FileDataset::new(path.to_owned(), entries, skips))
+}
+
+/// A label as written in a CSV field or JSONL string: a class index 0, 1, 2, ...; otherwise
+/// why not. A bad label is an error rather than a skipped row: zero-shot accuracy over the
+/// rows left would not be the accuracy on the set.
+pub(crate) fn class_index(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("no label (the label field is empty)".to_owned());
+    }
+    match text.parse::<i64>() {
+        Ok(label) if label >= 0 => Ok(label),
+        _ => Err(format!("label `{text}` is not a class index (0, 1, 2, ...)")),
+    }
 }
 
 /// Tab if the first line holds one, else comma (pandas reads whatever it is told; open_clip
@@ -169,15 +186,21 @@ mod tests {
         let d = dir.path();
         write(&d.join("a.jpg"), &jpeg(8, 8));
         write(&d.join("b.jpg"), &jpeg(8, 8));
-        std::fs::write(d.join("cls.csv"), "filepath,label\na.jpg,3\nb.jpg,x\nb.jpg,0\n").unwrap();
+        std::fs::write(d.join("cls.csv"), "filepath,label\na.jpg,3\nb.jpg,0\n").unwrap();
         let dataset = load(&csv_spec(&format!("csv:{}?label_key=label", d.join("cls.csv").display()))).unwrap();
         assert_eq!(dataset.len(), 2);
-        assert_eq!(dataset.load_skips().get(BAD_RECORD), Some(&1));
         let (a, b) = (dataset.get(0).unwrap(), dataset.get(1).unwrap());
         assert_eq!((a.label, a.caption.as_str()), (Some(3), "3"));
         assert_eq!(b.label, Some(0));
         let err = load(&csv_spec(&format!("csv:{}?label_key=class", d.join("cls.csv").display()))).unwrap_err().to_string();
-        assert!(err.contains("no label column \"class\""), "{err}");
+        assert!(err.contains("cls.csv") && err.contains("no label column `class`") && err.contains("`filepath`, `label`")
+            && err.contains("?label_key=COLUMN"), "{err}");
+        // A label that is not a class index stops the reading, naming the line and the label.
+        for (bad, expect) in [("x", "line 3: label `x` is not a class index"), ("-1", "line 3: label `-1`"), ("1.5", "label `1.5`"), ("", "line 3: no label")] {
+            std::fs::write(d.join("cls.csv"), format!("filepath,title,label\na.jpg,a,3\nb.jpg,b,{bad}\n")).unwrap();
+            let err = load(&csv_spec(&format!("csv:{}?label_key=label", d.join("cls.csv").display()))).unwrap_err().to_string();
+            assert!(err.contains("cls.csv") && err.contains(expect), "{bad}: {err}");
+        }
     }
 
     fn csv_spec(spec: &str) -> CsvSpec {

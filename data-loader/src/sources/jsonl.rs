@@ -4,11 +4,16 @@
 //! or whose image or caption is not a string, is dropped while reading and counted as
 //! `bad_record` (the log names its line number); a missing or empty key counts as
 //! `missing_image`, `missing_caption` or `empty_caption`.
+//!
+//! With `label_key=KEY` (zero-shot evaluation) every object carries a class index under KEY,
+//! a non-negative integer (or a string holding one); a line without one is an error naming
+//! it. An object with no caption then takes the label's text as its caption.
 
 use serde_json::Value;
 
 use crate::error::DataError;
 use crate::skip::{SkipCounts, SkipReason};
+use crate::sources::csv::class_index;
 use crate::sources::{base_dir, skip_record, Caption, Entry, FileDataset, BAD_RECORD};
 use crate::spec::JsonlSpec;
 
@@ -65,25 +70,34 @@ pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
                 continue;
             }
         };
-        let caption = match object.get(&spec.caption_key) {
-            Some(Value::String(s)) if !s.trim().is_empty() => s,
-            None | Some(Value::Null) => {
+        let label = match &spec.label_key {
+            None => None,
+            Some(key) => Some(label_of(object.get(key), key, spec).map_err(|message| DataError::Label {
+                path: path.to_owned(),
+                message: format!("{origin}: {message}"),
+            })?),
+        };
+        let label_text = label.map(|l| l.to_string());
+        let caption = match (object.get(&spec.caption_key), &label_text) {
+            (None | Some(Value::Null), Some(text)) => text,
+            (Some(Value::String(s)), _) if !s.trim().is_empty() => s,
+            (None | Some(Value::Null), None) => {
                 let detail = format!("no `{}`", spec.caption_key);
                 skip(SkipReason::MissingCaption.as_str(), &detail);
                 continue;
             }
-            Some(Value::String(_)) => {
+            (Some(Value::String(_)), _) => {
                 skip(SkipReason::EmptyCaption.as_str(), "");
                 continue;
             }
-            Some(other) => {
+            (Some(other), _) => {
                 let detail = format!("`{}` is a {}, not text", spec.caption_key, type_name(other));
                 skip(BAD_RECORD, &detail);
                 continue;
             }
         };
         entries.push(Entry {
-            label: None,
+            label,
             key: format!("{number:09}"),
             image: base.join(image),
             caption: Caption::Text(caption.clone()),
@@ -91,6 +105,22 @@ pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
         });
     }
     Ok(FileDataset::new(path.to_owned(), entries, skips))
+}
+
+/// The class index under `key` of one object, or why there is none.
+fn label_of(value: Option<&Value>, key: &str, spec: &JsonlSpec) -> Result<i64, String> {
+    match value {
+        None | Some(Value::Null) => Err(format!(
+            "no `{key}` (the class index of each object, 0 for the first class name; name the key with jsonl:{}?label_key=KEY)",
+            spec.path.display()
+        )),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(label) if label >= 0 => Ok(label),
+            _ => Err(format!("label `{n}` is not a class index (0, 1, 2, ...)")),
+        },
+        Some(Value::String(s)) => class_index(s),
+        Some(other) => Err(format!("label `{other}` is not a class index (0, 1, 2, ...)")),
+    }
 }
 
 fn type_name(value: &Value) -> &'static str {
@@ -181,7 +211,38 @@ mod tests {
         assert_eq!(ds.get(0).unwrap().caption, "renamed keys");
         assert_eq!(jsonl_spec(&spec.to_string()), spec);
         let bad = format!("jsonl:{}?sep=tab", d.join("data.json-lines").display());
+        assert!(DataSpec::parse(&bad).unwrap_err().to_string().contains("img_key, caption_key, label_key"));
         let err = DataSpec::parse(&bad).unwrap_err().to_string();
         assert!(err.contains("unknown jsonl option `sep`"), "{err}");
+    }
+
+    #[test]
+    fn labels_are_class_indices_or_an_error_naming_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(&d.join("x.jpg"), &jpeg(4, 4));
+        let file = d.join("val.jsonl");
+        let spec = || jsonl_spec(&format!("jsonl:{}?label_key=label", file.display()));
+        write(&file, concat!(r#"{"image": "x.jpg", "caption": "a dog", "label": 2}"#, "\n", r#"{"image": "x.jpg", "label": "0"}"#, "\n").as_bytes());
+        let ds = load(&spec()).unwrap();
+        let (a, b) = (ds.get(0).unwrap(), ds.get(1).unwrap());
+        assert_eq!((a.label, a.caption.as_str()), (Some(2), "a dog"));
+        // No caption: the label's text stands in, as in a CSV with no caption column.
+        assert_eq!((b.label, b.caption.as_str()), (Some(0), "0"));
+        assert_eq!(jsonl_spec(&spec().to_string()), spec());
+        for (line, expect) in [
+            (r#"{"image": "x.jpg", "caption": "c"}"#, "line 2: no `label`"),
+            (r#"{"image": "x.jpg", "label": -1}"#, "line 2: label `-1` is not a class index"),
+            (r#"{"image": "x.jpg", "label": 1.5}"#, "line 2: label `1.5`"),
+            (r#"{"image": "x.jpg", "label": "cat"}"#, "line 2: label `cat`"),
+            (r#"{"image": "x.jpg", "label": [1]}"#, "label `[1]` is not"),
+        ] {
+            write(&file, format!("{{\"image\": \"x.jpg\", \"label\": 0}}\n{line}\n").as_bytes());
+            let err = load(&spec()).unwrap_err().to_string();
+            assert!(err.contains("val.jsonl") && err.contains(expect), "{line}: {err}");
+        }
+        // Without label_key, labels are not read at all.
+        let plain = load(&jsonl_spec(file.to_str().unwrap()));
+        assert!(plain.is_ok());
     }
 }

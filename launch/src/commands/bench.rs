@@ -53,7 +53,7 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         tch::set_num_threads(t as i32);
     }
     let model = config::resolve_model(&args.model)?;
-    let device = device::resolve(device::parse(&args.device)?)?;
+    let device = device::select(&args.device, "--device")?;
     let result = bench_train(&TrainBench {
         model_name: &args.model,
         model: &model,
@@ -213,7 +213,7 @@ struct LossBenchResult {
 pub fn loss(args: BenchLossArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch > 0 && args.dim > 0, "--batch and --dim must be positive");
     anyhow::ensure!(!(args.naive && args.bf16), "--bf16 applies to the tiled loss, not the --naive oracle");
-    let device = device::resolve(device::parse(&args.device)?)?;
+    let device = device::select(&args.device, "--device")?;
     tch::manual_seed(args.seed);
     let unit = |t: tch::Tensor| oxclip_trainer::model::normalize(&t);
     let image = unit(tch::Tensor::randn([args.batch, args.dim], (tch::Kind::Float, device)));

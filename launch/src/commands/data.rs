@@ -58,6 +58,7 @@ pub struct SynthArgs {
     /// Samples per shard.
     #[arg(long, default_value_t = 2_000)]
     pub shard_size: u64,
+    /// Seed of the scenes drawn: the same seed writes the same shards.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }

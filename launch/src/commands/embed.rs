@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
 use oxclip_data_loader::Tokenizer;
@@ -26,7 +27,7 @@ pub struct ModelArgs {
     /// A Hugging Face tokenizer.json instead of the CLIP BPE.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    /// `cpu`, `cuda`, `cuda:N` or `auto` (the first GPU if there is one, else the CPU).
     #[arg(long, default_value = "auto")]
     pub device: String,
 }
@@ -34,7 +35,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     fn embedder(&self) -> anyhow::Result<Embedder> {
         let (weights, cfg) = weights_and_model(&self.checkpoint, self.model.as_deref())?;
-        let device = device::resolve(device::parse(&self.device)?)?;
+        let device = device::select(&self.device, "--device")?;
         Ok(Embedder::new(&cfg, &weights, tokenizer(self.tokenizer.as_deref())?, device)?)
     }
 }
@@ -66,7 +67,8 @@ pub struct EmbedArgs {
     /// the file's metadata lists the image paths and texts in row order.
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 64)]
+    /// Images or texts embedded at a time.
+    #[arg(long, default_value_t = 64, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_size: usize,
 }
 
@@ -74,12 +76,16 @@ pub fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     if args.images.is_empty() && args.texts_file.is_none() {
         bail!("nothing to embed: give --images and/or --texts-file");
     }
-    let embedder = args.model.embedder()?;
+    // Inputs first: nothing is loaded, and no file written, for a folder without images.
     let images = image_files(&args.images)?;
     let texts = match &args.texts_file {
         Some(path) => read_texts(path)?,
         None => Vec::new(),
     };
+    if let (Some(path), true) = (&args.texts_file, texts.is_empty()) {
+        bail!("{} holds no texts (an empty list)", path.display());
+    }
+    let embedder = args.model.embedder()?;
     let mut tensors = std::collections::BTreeMap::new();
     let mut metadata = HashMap::new();
     if !args.images.is_empty() {
@@ -103,8 +109,9 @@ pub struct ClassifyArgs {
     /// The image to classify.
     #[arg(long)]
     pub image: PathBuf,
-    /// Candidate labels (each a text: "a photo of a dog", or just "dog"). A CLIP model's
-    /// probabilities sum to 1 over them; a SigLIP model's are each label's own.
+    /// Candidate labels (each a text: "a photo of a dog", or just "dog"), none empty or
+    /// repeated. A CLIP model's probabilities sum to 1 over them, so it needs at least two; a
+    /// SigLIP model's are each label's own.
     #[arg(long, num_args = 1.., required = true)]
     pub labels: Vec<String>,
     /// Print one JSON object instead of lines.
@@ -136,6 +143,8 @@ pub struct TokenizeArgs {
     /// Where to write the ids, a JSON list of lists; standard output if not given.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Tokens per text, start and end of text included; shorter texts are padded with 0,
+    /// longer ones cut (CLIP's 77).
     #[arg(long, default_value_t = 77)]
     pub context_length: usize,
     /// A Hugging Face tokenizer.json instead of the CLIP BPE.

@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
 use oxclip_data_loader::{DataSource, DataSpec};
 use oxclip_trainer::eval::{self, EvalResult};
-use oxclip_trainer::train::{read_lines, read_templates};
+use oxclip_trainer::train::read_templates;
 use oxclip_trainer::collectives::SingleProcess;
 use oxclip_trainer::device;
 
@@ -20,11 +21,12 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Zero-shot classification data: `classes:DIR` or a plain directory with a folder per
-    /// class, or shards / any spec whose samples carry a class index (`.cls`).
+    /// class, or any spec whose samples carry a class index: shards (`KEY.cls`), a CSV or
+    /// JSONL with a `label` column (`csv:FILE?label_key=COLUMN` for another name).
     #[arg(long, conflicts_with = "retrieval", required_unless_present = "retrieval")]
     pub zero_shot: Option<String>,
     /// Class names, one per line (line i names class i). For a folder per class the folder
-    /// names are used when this is not given.
+    /// names are used when this is not given; when given, it must name as many classes.
     #[arg(long)]
     pub classnames: Option<PathBuf>,
     /// Prompt templates, one per line with `{}` for the class name; default OpenAI's 80.
@@ -36,48 +38,52 @@ pub struct EvalArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    #[arg(long, default_value_t = 256)]
+    /// Images embedded at a time.
+    #[arg(long, default_value_t = 256, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_size: usize,
-    /// Decode threads.
+    /// Threads decoding and transforming images.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    let (weights, cfg) = weights_and_model(&args.model.checkpoint, args.model.model.as_deref())?;
-    let device = device::resolve(device::parse(&args.model.device)?)?;
-    let (_vs, model) = oxclip_trainer::model::load(&cfg, &weights, device)?;
-    let tokenizer = tokenizer(args.model.tokenizer.as_deref())?;
-
     let (spec_text, retrieval) = match (&args.zero_shot, &args.retrieval) {
         (Some(data), None) => (data.clone(), false),
         (None, Some(data)) => (data.clone(), true),
         _ => bail!("give exactly one of --zero-shot DATA and --retrieval DATA"),
     };
+    // clap lets a `requires` pass when the required flag conflicts with one given.
+    if retrieval && (args.classnames.is_some() || args.templates.is_some()) {
+        bail!("--classnames and --templates are for --zero-shot; --retrieval scores captions, not classes");
+    }
+    // The data is opened and checked before the model is loaded: a set that cannot be scored
+    // fails at once.
     let mut spec = DataSpec::parse(&spec_text)?;
-    let mut classnames = match &args.classnames {
-        Some(path) => Some(read_lines(path)?),
-        None => None,
-    };
-    if !retrieval {
+    let (source, zero_shot) = if retrieval {
+        let source = DataSource::open(&spec, 0)?;
+        if source.is_empty() {
+            bail!("{spec_text} holds no image-caption pairs to evaluate");
+        }
+        (source, None)
+    } else {
         // A plain directory of images is a folder per class here.
         if let DataSpec::Folder(dir) = &spec {
             spec = DataSpec::Classes(dir.clone());
         }
-        if let (DataSpec::Classes(dir), None) = (&spec, &classnames) {
-            classnames = Some(oxclip_data_loader::sources::classes::load(dir)?.1);
-        }
-    }
-    let source = DataSource::open(&spec, 0)?;
-    let classifier = if retrieval {
-        None
-    } else {
-        let names = classnames.context("--zero-shot needs --classnames FILE (one class name per line, line i names class i)")?;
-        let templates = read_templates(args.templates.as_deref())?;
-        Some(eval::zero_shot_classifier(&model, &tokenizer, &names, &templates, device)?)
+        let set = eval::open_zero_shot(&spec, args.classnames.as_deref(), 0)?;
+        (set.source, Some((set.classnames, read_templates(args.templates.as_deref())?)))
+    };
+    let (weights, cfg) = weights_and_model(&args.model.checkpoint, args.model.model.as_deref())?;
+    let device = device::select(&args.model.device, "--device")?;
+    let (_vs, model) = oxclip_trainer::model::load(&cfg, &weights, device)?;
+    let tokenizer = tokenizer(args.model.tokenizer.as_deref())?;
+    let classifier = match &zero_shot {
+        Some((names, templates)) => Some(eval::zero_shot_classifier(&model, &tokenizer, names, templates, device)?),
+        None => None,
     };
     let mut loader = eval::eval_loader(&source, tokenizer, &cfg, args.batch_size, args.workers, &SingleProcess)?;
-    let result = eval::evaluate(&model, &mut loader, classifier.as_ref(), retrieval, device, &SingleProcess)?;
+    let result = eval::evaluate(&model, &mut loader, classifier.as_ref(), retrieval, device, &SingleProcess)
+        .with_context(|| format!("evaluating {spec_text}"))?;
     print_result(&result, args.json);
     Ok(())
 }

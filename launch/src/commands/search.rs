@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use clap::builder::RangedU64ValueParser;
 use clap::Args;
 use tch::{Kind, Tensor};
 
@@ -32,15 +33,17 @@ pub struct IndexArgs {
     /// The index file to write.
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 256)]
+    /// Samples embedded at a time.
+    #[arg(long, default_value_t = 256, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_size: usize,
+    /// Threads decoding and transforming images.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
 }
 
 pub fn index(args: IndexArgs) -> anyhow::Result<()> {
     let (weights, cfg) = weights_and_model(&args.model.checkpoint, args.model.model.as_deref())?;
-    let device = device::resolve(device::parse(&args.model.device)?)?;
+    let device = device::select(&args.model.device, "--device")?;
     let (_vs, model) = oxclip_trainer::model::load(&cfg, &weights, device)?;
     let source = DataSource::open(&DataSpec::parse(&args.data)?, 0)?;
     let mut loader = eval::eval_loader(&source, tokenizer(args.model.tokenizer.as_deref())?, &cfg, args.batch_size, args.workers, &SingleProcess)?;
@@ -85,11 +88,14 @@ pub struct SearchArgs {
     /// Find the captions that best match this image.
     #[arg(long)]
     pub image: Option<PathBuf>,
-    #[arg(long, default_value_t = 5)]
+    /// How many results to print, best first (at most the number indexed).
+    #[arg(long, default_value_t = 5, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub top: usize,
     /// A Hugging Face tokenizer.json, if the index's model was trained with one.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Where the query is embedded: `cpu`, `cuda`, `cuda:N` or `auto` (the first GPU if there
+    /// is one, else the CPU).
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Print one JSON list.
@@ -106,7 +112,7 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
     let captions: Vec<String> = serde_json::from_str(&field("captions")?)?;
     let cfg: ModelConfig = serde_json::from_str(&field("model")?)?;
     let weights = PathBuf::from(field("weights")?);
-    let device = device::resolve(device::parse(&args.device)?)?;
+    let device = device::select(&args.device, "--device")?;
     let embedder = Embedder::new(&cfg, &weights, tokenizer(args.tokenizer.as_deref())?, device)
         .with_context(|| format!("the index's model ({})", weights.display()))?;
     let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&args.index)?.into_iter().collect();
@@ -116,7 +122,7 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
         _ => bail!("give exactly one of --text and --image"),
     };
     let scores = query.matmul(&targets.tr()).view([-1]);
-    let k = args.top.min(keys.len()).max(1) as i64;
+    let k = args.top.min(keys.len()) as i64;
     let (values, indices) = scores.topk(k, 0, true, true);
     let values = Vec::<f32>::try_from(&values)?;
     let indices = Vec::<i64>::try_from(&indices)?;
