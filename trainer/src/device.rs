@@ -133,6 +133,16 @@ fn device_for(spec: DeviceSpec, cuda_count: usize, setting: &str) -> Result<Devi
     }
 }
 
+/// The device as users write it: `cpu`, `cuda:0`.
+pub fn name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+        Device::Cpu => "cpu".into(),
+    }
+}
+
 /// Bytes in use on `device` if it is a CUDA device (all processes, the CUDA context included),
 /// from the runtime's `cudaMemGetInfo`; `None` off CUDA or when the runtime cannot be loaded.
 /// libtorch's caching allocator keeps what it reserved, so after a workload this is close to

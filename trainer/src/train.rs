@@ -132,7 +132,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         vs.variables().into_iter().collect(),
         AdamWConfig { betas: (job.optim.betas[0], job.optim.betas[1]), eps: job.optim.eps, weight_decay: job.optim.weight_decay },
     );
-    tracing::info!("model: {} parameters on {device:?}", crate::model::num_params(&vs));
+    tracing::info!("model: {} parameters on {}", crate::model::num_params(&vs), device::name(device));
     if let (Some(path), None) = (&job.init_checkpoint, &resume_from) {
         let found = weights_path::locate(path).map_err(|e| TrainError::Config(format!("init.checkpoint (--init) {e}")))?;
         crate::model::load_weights(&vs, &found.weights())?;

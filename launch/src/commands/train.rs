@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use oxclip_trainer::collectives::DistSettings;
+use oxclip_trainer::device;
 use oxclip_trainer::train::{fit, Resume, TrainJob};
 
 use crate::config;
@@ -90,13 +91,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         Some(at) => println!(
-            "resumed at step {at}, trained {} more ({} of {}) on {:?}{loss}",
+            "resumed at step {at}, trained {} more ({} of {}) on {}{loss}",
             summary.steps - at,
             summary.steps,
             summary.total_steps,
-            summary.device
+            device::name(summary.device)
         ),
-        None => println!("trained {} steps on {:?}{loss}", summary.steps, summary.device),
+        None => println!("trained {} steps on {}{loss}", summary.steps, device::name(summary.device)),
     }
     if let Some(zs) = summary.zero_shot {
         println!(

@@ -241,7 +241,7 @@ impl NcclGroup {
     /// it to the others over the TCP rendezvous.
     pub fn connect(world: &WorldEnv, device: Device, timeout: Duration) -> Result<Self> {
         let Device::Cuda(index) = device else {
-            return Err(dist_err(format!("the NCCL backend needs a CUDA device, the run is on {device:?}; use dist.backend: cpu")));
+            return Err(dist_err(format!("the NCCL backend needs a CUDA device, the run is on {}; use dist.backend: cpu", crate::device::name(device))));
         };
         let nccl = Nccl::get()?;
         let bootstrap = TcpGroup::connect(world, timeout)?;
