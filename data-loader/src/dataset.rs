@@ -250,7 +250,7 @@ a.jpg,
         let spec = DataSpec::parse(d.join("list.csv").to_str().unwrap()).unwrap();
         let err = DataSource::open(&spec, 0).err().unwrap().to_string();
         assert!(
-            err.contains("list.csv") && err.contains("2 skipped (1 empty caption, 1 missing image)"),
+            err.contains("list.csv") && err.contains("skipped: 1 empty caption, 1 missing image"),
             "{err}"
         );
         let tar = d.join("garbage.tar");

@@ -94,7 +94,7 @@ pub enum DataError {
 
     /// A source in which no sample can be used: opening it would only train or score on
     /// nothing. `skipped` says why, by reason.
-    #[error("no usable sample in {what}: {}", no_sample_reasons(skipped))]
+    #[error("no usable sample in {what}, {}", no_sample_reasons(skipped))]
     NoUsableSample { what: String, skipped: SkipCounts },
 
     /// `data pack`'s output folder holds files that pack did not write, or would have to
@@ -110,9 +110,9 @@ pub enum DataError {
 
 fn no_sample_reasons(skipped: &SkipCounts) -> String {
     if skipped.total() == 0 {
-        "it holds no samples".into()
+        "which holds none".into()
     } else {
-        format!("{} skipped ({skipped})", skipped.total())
+        format!("skipped: {skipped}")
     }
 }
 
@@ -138,9 +138,9 @@ mod tests {
         let mut skipped = SkipCounts::new();
         skipped.add(SkipReason::UnreadableShard);
         let e = DataError::NoUsableSample { what: "garbage.tar".into(), skipped };
-        assert_eq!(e.to_string(), "no usable sample in garbage.tar: 1 skipped (1 unreadable shard)");
+        assert_eq!(e.to_string(), "no usable sample in garbage.tar, skipped: 1 unreadable shard");
         let e = DataError::NoUsableSample { what: "x".into(), skipped: SkipCounts::new() };
-        assert_eq!(e.to_string(), "no usable sample in x: it holds no samples");
+        assert_eq!(e.to_string(), "no usable sample in x, which holds none");
     }
 
     #[test]

@@ -99,8 +99,8 @@ impl SkipReason {
             ),
             SkipReason::BadRecord => ("unreadable record", "unreadable records"),
             SkipReason::UnsupportedImage => (
-                "image in an unsupported format (not JPEG, PNG or WebP)",
-                "images in an unsupported format (not JPEG, PNG or WebP)",
+                "image in an unsupported format (only JPEG, PNG and WebP are read)",
+                "images in an unsupported format (only JPEG, PNG and WebP are read)",
             ),
         };
         if n == 1 {
@@ -254,7 +254,7 @@ mod tests {
         assert_eq!(
             c.to_string(),
             "3 undecodable images, 1 missing caption, \
-             1 image in an unsupported format (not JPEG, PNG or WebP)"
+             1 image in an unsupported format (only JPEG, PNG and WebP are read)"
         );
         assert!(!c.to_string().contains("SkipCounts") && !c.to_string().contains('{'));
         assert_eq!(SkipReason::TruncatedShard.to_string(), "truncated shard");

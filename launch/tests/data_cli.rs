@@ -79,6 +79,22 @@ fn pack_a_csv_then_stats_and_train_on_the_shards() {
     let out = run_ok(oxclip().args(["train", "--config"]).arg(&config_path));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("trained 2 steps"), "{stdout}");
+
+    // The packed shards kept each image's file name, and search shows it, not the key.
+    let index = dir.path().join("shards.index");
+    run_ok(oxclip().args(["index", "--device", "cpu", "--checkpoint"]).arg(dir.path().join("run")).arg("--data").arg(&shards).arg("--out").arg(&index));
+    let out = run_ok(oxclip().args(["search", "--device", "cpu", "--top", "3", "--index"]).arg(&index).args(["--text", "picture 3"]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for line in lines {
+        let name = line.split_whitespace().nth(1).unwrap_or_default();
+        assert!(name.starts_with("img/") && (name.ends_with(".jpg") || name.ends_with(".png")), "{stdout}");
+    }
+    let out = run_ok(oxclip().args(["search", "--json", "--device", "cpu", "--top", "1", "--index"]).arg(&index).args(["--text", "picture 3"]));
+    let hits: Vec<Value> = serde_json::from_slice(&out.stdout).expect("search JSON");
+    assert!(hits[0]["key"].as_str().is_some_and(|k| k.len() == 9), "{hits:?}");
+    assert!(hits[0]["source"].as_str().is_some_and(|s| s.starts_with("img/")), "{hits:?}");
 }
 
 #[test]
@@ -209,7 +225,7 @@ fn one_unreadable_shard_is_one_count_and_nothing_usable_is_an_error() {
     let counts: Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
     assert_eq!(counts, json!({"samples": 0, "skipped": {"unreadable_shard": 1}, "shards": 0}));
     let stderr = run_fails(oxclip().args(["data", "stats"]).arg(&garbage_tar));
-    assert!(stderr.contains("no usable sample in") && stderr.contains("garbage.tar") && stderr.contains("1 skipped (1 unreadable shard)"), "{stderr}");
+    assert!(stderr.contains("no usable sample in") && stderr.contains("garbage.tar") && stderr.contains("skipped: 1 unreadable shard"), "{stderr}");
     assert!(!stderr.contains("truncated") && !stderr.contains("SkipCounts"), "{stderr}");
 
     // A real shard cut in the middle of its third sample: two usable, one truncated.
@@ -278,7 +294,7 @@ fn a_gif_is_unsupported_not_undecodable() {
     assert_eq!(stats_json(spec.to_str().expect("utf-8")), json!({"samples": 1, "skipped": {"unsupported_image": 1}, "shards": 0}));
     std::fs::write(d.join("gifs.csv"), "filepath,title\nanim.gif,a gif\n").expect("write");
     let stderr = run_fails(oxclip().args(["data", "stats"]).arg(d.join("gifs.csv")));
-    assert!(stderr.contains("1 image in an unsupported format (not JPEG, PNG or WebP)") && !stderr.contains("undecodable"), "{stderr}");
+    assert!(stderr.contains("skipped: 1 image in an unsupported format (only JPEG, PNG and WebP are read)") && !stderr.contains("undecodable"), "{stderr}");
 }
 
 /// `dir/captions.jsonl`: the 2000 varied captions of the tokenizer corpus (mixed case,
