@@ -28,6 +28,8 @@ pub struct Sample {
     /// Class index, when the sample has one (`KEY.cls`, synthetic scenes).
     pub label: Option<i64>,
     pub key: String,
+    /// Where the sample came from, for people (the image file's path), when known.
+    pub source: Option<String>,
 }
 
 /// Samples addressed by index `0..len()`. `get` is called from several loader threads at
@@ -93,6 +95,7 @@ impl Dataset for SyntheticDataset {
             caption: scene.caption,
             label: Some(scene.label as i64),
             key: format!("{index:09}"),
+            source: None,
         })
     }
 
@@ -110,12 +113,22 @@ pub enum DataSource {
 
 impl DataSource {
     /// Opens `spec`: shards are counted ([`ShardSet::resolve`]), everything else goes
-    /// through [`open`].
+    /// through [`open`]. A source left with no sample once its unusable entries and shards
+    /// are dropped is [`DataError::NoUsableSample`], with the reasons: every command that
+    /// reads data (training, evaluation, indexing) refuses it here, before any work.
     pub fn open(spec: &DataSpec, synthetic_seed: u64) -> Result<Self, DataError> {
-        match spec {
-            DataSpec::Shards(sources) => Ok(Self::Shards(ShardSet::resolve(sources)?)),
-            other => Ok(Self::Indexed(Arc::from(open(other, synthetic_seed)?))),
+        let source = match spec {
+            DataSpec::Shards(sources) => Self::Shards(ShardSet::resolve(sources)?),
+            other => Self::Indexed(Arc::from(open(other, synthetic_seed)?)),
+        };
+        if source.is_empty() {
+            let skipped = match &source {
+                Self::Indexed(dataset) => dataset.load_skips(),
+                Self::Shards(set) => set.open_skips.clone(),
+            };
+            return Err(DataError::NoUsableSample { what: spec.to_string(), skipped });
         }
+        Ok(source)
     }
 
     /// Every usable caption, in source order (shards streamed, images never decoded), and
@@ -224,5 +237,26 @@ mod tests {
         let source = DataSource::open(&DataSpec::Synthetic(3), 1).unwrap();
         assert!(matches!(source, DataSource::Indexed(_)));
         assert_eq!(source.len(), 3);
+    }
+
+    #[test]
+    fn a_source_with_nothing_usable_is_an_error_with_its_reasons() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("list.csv"), "filepath,title
+,no image
+a.jpg,
+").unwrap();
+        let spec = DataSpec::parse(d.join("list.csv").to_str().unwrap()).unwrap();
+        let err = DataSource::open(&spec, 0).err().unwrap().to_string();
+        assert!(
+            err.contains("list.csv") && err.contains("skipped: 1 empty caption, 1 missing image"),
+            "{err}"
+        );
+        let tar = d.join("garbage.tar");
+        std::fs::write(&tar, vec![0x5a; 3000]).unwrap();
+        let spec = DataSpec::parse(tar.to_str().unwrap()).unwrap();
+        let err = DataSource::open(&spec, 0).err().unwrap().to_string();
+        assert!(err.contains("garbage.tar") && err.contains("1 unreadable shard"), "{err}");
     }
 }

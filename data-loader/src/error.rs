@@ -4,7 +4,10 @@
 //!
 //! [`SkipReason`]: crate::SkipReason
 
+use std::fmt::Display;
 use std::path::PathBuf;
+
+use crate::skip::SkipCounts;
 
 /// Everything that can stop the data side of a run. Messages name the file, shard or key.
 #[derive(Debug, thiserror::Error)]
@@ -94,8 +97,61 @@ pub enum DataError {
     #[error("data loader thread failed: {0}")]
     Pipeline(String),
 
+    /// A source in which no sample can be used: opening it would only train or score on
+    /// nothing. `skipped` says why, by reason.
+    #[error("no usable sample in {what}, {}", no_sample_reasons(skipped))]
+    NoUsableSample { what: String, skipped: SkipCounts },
+
+    /// `data pack`'s output folder holds files that pack did not write, or would have to
+    /// overwrite one.
+    #[error("{dir}: {message}")]
+    PackOutput { dir: PathBuf, message: String },
+
     /// `next_batch` on an eval loader after its last batch (use `next_eval_batch` for an
     /// `Option`). The following call starts the next pass.
     #[error("eval loader reached the end of epoch {epoch}")]
     EndOfEpoch { epoch: u64 },
+}
+
+fn no_sample_reasons(skipped: &SkipCounts) -> String {
+    if skipped.total() == 0 {
+        "which holds none".into()
+    } else {
+        format!("skipped: {skipped}")
+    }
+}
+
+/// `items` joined with commas, cut to the first `shown` with a count of the rest:
+/// `a, b, c and 12 more (15 in all)`.
+pub fn first_few<T: Display>(items: &[T], shown: usize) -> String {
+    let head: Vec<String> = items.iter().take(shown).map(ToString::to_string).collect();
+    let head = head.join(", ");
+    if items.len() > shown {
+        format!("{head} and {} more ({} in all)", items.len() - shown, items.len())
+    } else {
+        head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::skip::SkipReason;
+
+    #[test]
+    fn no_usable_sample_names_the_source_and_the_reasons_in_words() {
+        let mut skipped = SkipCounts::new();
+        skipped.add(SkipReason::UnreadableShard);
+        let e = DataError::NoUsableSample { what: "garbage.tar".into(), skipped };
+        assert_eq!(e.to_string(), "no usable sample in garbage.tar, skipped: 1 unreadable shard");
+        let e = DataError::NoUsableSample { what: "x".into(), skipped: SkipCounts::new() };
+        assert_eq!(e.to_string(), "no usable sample in x, which holds none");
+    }
+
+    #[test]
+    fn long_lists_are_cut() {
+        assert_eq!(first_few(&["a", "b"], 3), "a, b");
+        let many: Vec<u32> = (0..15).collect();
+        assert_eq!(first_few(&many, 3), "0, 1, 2 and 12 more (15 in all)");
+    }
 }

@@ -131,6 +131,8 @@ pub struct Batch {
     pub keys: Vec<String>,
     /// The caption of each row, as read (before tokenization).
     pub captions: Vec<String>,
+    /// Where each row's sample came from, when known ([`Sample::source`]).
+    pub sources: Vec<Option<String>>,
     /// Which batch this is.
     pub position: LoaderState,
 }

@@ -1,14 +1,19 @@
 //! `oxclip data pack`: a CSV, JSONL or image-folder source written as WebDataset shards, the
 //! layout img2dataset writes and [`ShardDataset`](crate::ShardDataset) reads:
-//! `OUT/00000.tar ...` with members `KEY.jpg|png|webp` and `KEY.txt`, plus `OUT/index.json`
-//! (`{"shards": [{"name", "samples"}], "samples"}`, as `synth` writes it).
+//! `OUT/00000.tar ...` with members `KEY.jpg|png|webp`, `KEY.txt` and `KEY.json`, plus
+//! `OUT/index.json` (`{"shards": [{"name", "samples"}], "samples", "written_by"}`, as `synth`
+//! writes it, marked as pack's).
 //!
 //! Every input is decoded before it is written, so the shards hold only samples that training
 //! can use; the others are skipped and counted by reason. Images keep their original bytes
 //! and format (the member extension follows the bytes, not the source file's name) unless
 //! `max_side` asks for a resize, in which case they are re-encoded as JPEG. Keys are the
-//! written sample's number, `000000000` ..., in source order.
+//! written sample's number, `000000000` ..., in source order; `KEY.json` keeps where the
+//! sample came from, `{"key": "000000031", "source": "img/31.jpg"}` (img2dataset's `KEY.json`
+//! also carries the `key`; its `url` would be the download address, which a local file has
+//! not), the image path as the source names it.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use fast_image_resize::images::{Image, ImageRef};
@@ -17,13 +22,13 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::Dataset;
-use crate::error::DataError;
+use crate::error::{first_few, DataError};
 use crate::skip::{SkipCounts, SkipReason};
 use crate::sources::{usable_caption, FileDataset};
 use crate::stats::map_in_order;
 use crate::synth::{ShardIndex, ShardIndexEntry};
 use crate::transform::{decode_image, DEFAULT_MAX_PIXELS};
-use crate::webdataset::{remove_stale_shards, write_atomic, ShardWriter};
+use crate::webdataset::{is_plain_shard_name, remove_stale_shards, write_atomic, ShardWriter};
 
 /// Inputs prepared on the threads between two writes (and held in memory at once, encoded).
 const CHUNK_SAMPLES: usize = 256;
@@ -42,6 +47,10 @@ pub struct PackConfig {
     pub max_pixels: u64,
     /// Threads that read, decode and re-encode.
     pub threads: usize,
+    /// Write into a folder that holds files pack did not write, beside them: shard names
+    /// skip every name taken, and nothing there is overwritten or removed.
+    #[serde(default)]
+    pub beside_existing: bool,
 }
 
 impl Default for PackConfig {
@@ -52,6 +61,7 @@ impl Default for PackConfig {
             jpeg_quality: 95,
             max_pixels: DEFAULT_MAX_PIXELS,
             threads: crate::stats::default_threads(),
+            beside_existing: false,
         }
     }
 }
@@ -78,8 +88,20 @@ struct Prepared {
     resized: bool,
 }
 
-/// Writes `source` as shards in `out` (created if needed). Shards left in `out` by an earlier,
-/// larger pack are removed, so that `out` as a spec names exactly this pack's shards.
+/// What `index.json` of a pack says wrote it: a folder whose index carries this is pack's
+/// own earlier output.
+pub const PACK_WRITER: &str = "oxclip data pack";
+
+/// Names shown when a message lists the files of a folder.
+const NAMES_SHOWN: usize = 5;
+
+/// Writes `source` as shards in `out` (created if needed) and `out/index.json`.
+///
+/// Pack never removes or overwrites a file it did not write. `out` must be empty, missing,
+/// or pack's own earlier output (an `index.json` that pack wrote), in which case the shards
+/// that index lists are replaced: those this pack does not write again are removed once the
+/// new index is in place. Any other file there is an error naming it, unless
+/// `cfg.beside_existing`: then shards go beside those files under names none of them has.
 /// `progress` is called with (inputs done, inputs in the source).
 pub fn pack(
     source: &FileDataset,
@@ -97,10 +119,162 @@ pub fn pack(
             "pack: max_side must be at least 1".into(),
         ));
     }
+    if source.is_empty() {
+        return Err(DataError::NoUsableSample {
+            what: source.source().display().to_string(),
+            skipped: source.load_skips(),
+        });
+    }
+    let survey = Survey::of(out, cfg.beside_existing)?;
+    let created = !out.exists();
     std::fs::create_dir_all(out).map_err(|source| DataError::Write {
         path: out.to_owned(),
         source,
     })?;
+    // Shards written under names the earlier index did not list: if this pack fails they
+    // would belong to no index, so they go.
+    let mut new_names = Vec::new();
+    let written = write_shards(source, out, cfg, &survey, &mut new_names, progress).and_then(
+        |(summary, index)| {
+            if summary.samples == 0 {
+                return Err(DataError::NoUsableSample {
+                    what: source.source().display().to_string(),
+                    skipped: summary.skipped,
+                });
+            }
+            let index_path = out.join("index.json");
+            let json = serde_json::to_vec_pretty(&index).map_err(|source| DataError::Json {
+                path: index_path.clone(),
+                source,
+            })?;
+            write_atomic(&index_path, &json)?;
+            Ok((summary, index))
+        },
+    );
+    match written {
+        Ok((summary, index)) => {
+            let kept: Vec<String> = index.shards.iter().map(|s| s.name.clone()).collect();
+            remove_stale_shards(out, &survey.listed, &kept)?;
+            Ok(summary)
+        }
+        Err(e) => {
+            for name in &new_names {
+                let _ = std::fs::remove_file(out.join(name));
+            }
+            if created {
+                // Only removes the folder when nothing is left in it.
+                let _ = std::fs::remove_dir(out);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// What is in a pack's output folder before it writes.
+struct Survey {
+    /// Shards the earlier pack's index lists (pack's own, which it may replace and remove).
+    listed: Vec<String>,
+    /// Every other name in the folder.
+    foreign: BTreeSet<String>,
+}
+
+impl Survey {
+    /// Lists `out` and refuses it when it holds files pack did not write (unless
+    /// `beside_existing`), or when writing there would overwrite one (`index.json`).
+    fn of(out: &Path, beside_existing: bool) -> Result<Self, DataError> {
+        let mut survey = Survey {
+            listed: Vec::new(),
+            foreign: BTreeSet::new(),
+        };
+        let entries = match std::fs::read_dir(out) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(survey),
+            Err(source) => {
+                return Err(DataError::Read {
+                    path: out.to_owned(),
+                    source,
+                })
+            }
+        };
+        let names: Vec<String> = entries
+            .map(|entry| {
+                entry
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .map_err(|source| DataError::Read {
+                        path: out.to_owned(),
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let own_index = ShardIndex::read(out)
+            .ok()
+            .filter(|index| index.written_by.as_deref() == Some(PACK_WRITER));
+        if let Some(index) = &own_index {
+            survey.listed = index
+                .shards
+                .iter()
+                .map(|s| s.name.clone())
+                .filter(|name| is_plain_shard_name(name))
+                .collect();
+        }
+        for name in names {
+            let ours = (own_index.is_some() && name == "index.json") || survey.listed.contains(&name);
+            if !ours {
+                survey.foreign.insert(name);
+            }
+        }
+        if survey.foreign.is_empty() {
+            return Ok(survey);
+        }
+        let foreign: Vec<&String> = survey.foreign.iter().collect();
+        let listing = first_few(&foreign, NAMES_SHOWN);
+        if !beside_existing {
+            return Err(DataError::PackOutput {
+                dir: out.to_owned(),
+                message: format!(
+                    "the folder holds {} file(s) that `data pack` did not write: {listing}. \
+                     Pack into an empty or new folder, or pass --beside-existing to write \
+                     the shards beside them (nothing there is then overwritten or removed)",
+                    foreign.len()
+                ),
+            });
+        }
+        if survey.foreign.contains("index.json") {
+            return Err(DataError::PackOutput {
+                dir: out.to_owned(),
+                message: "index.json there was not written by `data pack`, and pack would \
+                          have to overwrite it; --beside-existing never overwrites a file. \
+                          Pack into another folder"
+                    .into(),
+            });
+        }
+        Ok(survey)
+    }
+
+    /// The next shard name, `NNNNN.tar` numbered from `next` on, that is neither a file pack
+    /// did not write nor has its temporary name (`NNNNN.tar.tmp`) taken; `next` moves past it.
+    fn free_name(&self, next: &mut u64) -> String {
+        loop {
+            let name = format!("{:05}.tar", *next);
+            *next += 1;
+            let tmp = format!("{name}.tmp");
+            if !self.foreign.contains(&name) && !self.foreign.contains(&tmp) {
+                return name;
+            }
+        }
+    }
+}
+
+/// Reads, checks and writes every input of `source` as shards in `out`. `new_names` gets
+/// each shard name written that the earlier index did not list.
+fn write_shards(
+    source: &FileDataset,
+    out: &Path,
+    cfg: &PackConfig,
+    survey: &Survey,
+    new_names: &mut Vec<String>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(PackSummary, ShardIndex), DataError> {
     let len = source.len();
     let mut summary = PackSummary {
         out: out.to_owned(),
@@ -112,8 +286,10 @@ pub fn pack(
     let mut index = ShardIndex {
         shards: Vec::new(),
         samples: 0,
+        written_by: Some(PACK_WRITER.to_owned()),
     };
     let mut writer: Option<(String, ShardWriter)> = None;
+    let mut next_number = 0;
     let mut start = 0;
     progress(0, len as u64);
     while start < len {
@@ -134,23 +310,26 @@ pub fn pack(
             let (name, mut shard) = match writer.take() {
                 Some(open) => open,
                 None => {
-                    let name = format!("{:05}.tar", index.shards.len());
+                    let name = survey.free_name(&mut next_number);
                     let shard = ShardWriter::create(&out.join(&name))?;
                     (name, shard)
                 }
             };
             let key = format!("{:09}", summary.samples);
+            let json = serde_json::json!({ "key": key, "source": source.source_name(i) });
+            let json = json.to_string();
             shard.write_sample(
                 &key,
                 &[
                     (item.image_ext, &item.image),
                     ("txt", item.caption.as_bytes()),
+                    ("json", json.as_bytes()),
                 ],
             )?;
             summary.samples += 1;
             summary.resized += u64::from(item.resized);
             if shard.samples() >= cfg.shard_size {
-                finish_shard(name, shard, &mut index)?;
+                finish_shard(name, shard, &mut index, survey, new_names)?;
             } else {
                 writer = Some((name, shard));
             }
@@ -159,21 +338,23 @@ pub fn pack(
         progress(start as u64, len as u64);
     }
     if let Some((name, shard)) = writer.take() {
-        finish_shard(name, shard, &mut index)?;
+        finish_shard(name, shard, &mut index, survey, new_names)?;
     }
     summary.shards = index.shards.len() as u64;
-    remove_stale_shards(out, summary.shards)?;
-    let index_path = out.join("index.json");
-    let json = serde_json::to_vec_pretty(&index).map_err(|source| DataError::Json {
-        path: index_path.clone(),
-        source,
-    })?;
-    write_atomic(&index_path, &json)?;
-    Ok(summary)
+    Ok((summary, index))
 }
 
-fn finish_shard(name: String, shard: ShardWriter, index: &mut ShardIndex) -> Result<(), DataError> {
+fn finish_shard(
+    name: String,
+    shard: ShardWriter,
+    index: &mut ShardIndex,
+    survey: &Survey,
+    new_names: &mut Vec<String>,
+) -> Result<(), DataError> {
     let samples = shard.finish()?;
+    if !survey.listed.contains(&name) {
+        new_names.push(name.clone());
+    }
     index.samples += samples;
     index.shards.push(ShardIndexEntry { name, samples });
     Ok(())
@@ -287,8 +468,14 @@ mod tests {
         let source = csv_source(&d.join("src/list.csv"));
 
         let out = d.join("shards");
-        // A leftover from an earlier, larger pack goes away.
-        write(&out.join("00009.tar"), b"old");
+        // An earlier, larger pack of this folder: its shards beyond this pack's go away.
+        let one_per_shard = PackConfig {
+            shard_size: 1,
+            ..PackConfig::default()
+        };
+        let earlier = pack(&source, &out, &one_per_shard, &mut |_, _| {}).unwrap();
+        assert_eq!(earlier.shards, 6);
+        assert!(out.join("00005.tar").exists());
         let cfg = PackConfig {
             shard_size: 4,
             threads: 3,
@@ -308,7 +495,9 @@ mod tests {
         assert_eq!(summary.skipped.get("empty_caption"), Some(&1));
         assert_eq!(summary.skipped.total(), 3);
         assert_eq!(calls.last(), Some(&(8, 8)));
-        assert!(!out.join("00009.tar").exists());
+        for gone in ["00002.tar", "00005.tar"] {
+            assert!(!out.join(gone).exists(), "{gone}");
+        }
 
         let index = ShardIndex::read(&out).unwrap();
         assert_eq!(index.samples, 6);
@@ -325,6 +514,7 @@ mod tests {
             .map(|s| s.unwrap())
             .collect();
         assert_eq!(samples[0].key, "000000000");
+        assert_eq!(samples[0].source.as_deref(), Some("a.jpg"));
         assert_eq!(samples[0].image, a);
         assert_eq!(samples[0].image_ext, "jpg");
         assert_eq!(
@@ -380,24 +570,115 @@ mod tests {
     }
 
     #[test]
-    fn nothing_usable_writes_an_empty_index() {
+    fn nothing_usable_is_an_error_that_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        write(&d.join("list.csv"), b"filepath,title\nnone.jpg,x\n");
+        write(&d.join("list.csv"), b"filepath,title\nnone.jpg,x\nbad.jpg,y\n");
+        write(&d.join("bad.jpg"), b"not an image");
         let source = csv_source(&d.join("list.csv"));
-        let summary = pack(
-            &source,
-            &d.join("out"),
-            &PackConfig::default(),
-            &mut |_, _| {},
-        )
-        .unwrap();
-        assert_eq!((summary.samples, summary.shards), (0, 0));
-        assert_eq!(ShardIndex::read(&d.join("out")).unwrap().samples, 0);
+        let err = pack(&source, &d.join("out"), &PackConfig::default(), &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no usable sample in")
+                && err.contains("list.csv")
+                && err.contains("1 missing image, 1 undecodable image"),
+            "{err}"
+        );
+        assert!(!d.join("out").exists());
         let zero = PackConfig {
             shard_size: 0,
             ..PackConfig::default()
         };
         assert!(pack(&source, &d.join("out"), &zero, &mut |_, _| {}).is_err());
+    }
+
+    /// A folder as img2dataset or a person leaves it: shards pack did not write.
+    fn foreign_folder(out: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let files = [
+            ("00000.tar", b"foreign shard zero".to_vec()),
+            ("00007.tar", b"foreign shard seven".to_vec()),
+            ("myarchive.tar", b"my own archive".to_vec()),
+        ];
+        files
+            .into_iter()
+            .map(|(name, bytes)| {
+                write(&out.join(name), &bytes);
+                (out.join(name), bytes)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_folder_with_files_pack_did_not_write_is_refused_or_written_beside() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(&d.join("src/a.jpg"), &jpeg(8, 8));
+        let mut text = String::from("filepath,title\n");
+        for i in 0..9 {
+            text.push_str(&format!("a.jpg,caption {i}\n"));
+        }
+        write(&d.join("src/list.csv"), text.as_bytes());
+        let source = csv_source(&d.join("src/list.csv"));
+        let out = d.join("out");
+        let files = foreign_folder(&out);
+        let cfg = PackConfig {
+            shard_size: 1,
+            ..PackConfig::default()
+        };
+        let err = pack(&source, &out, &cfg, &mut |_, _| {}).unwrap_err().to_string();
+        assert!(
+            err.contains("3 file(s) that `data pack` did not write: 00000.tar, 00007.tar, myarchive.tar")
+                && err.contains("--beside-existing"),
+            "{err}"
+        );
+        assert!(!out.join("index.json").exists());
+        for (path, bytes) in &files {
+            assert_eq!(&std::fs::read(path).unwrap(), bytes);
+        }
+
+        // Beside them: nine shards, none under a taken name, every foreign file unchanged.
+        let beside = PackConfig {
+            beside_existing: true,
+            ..cfg.clone()
+        };
+        let summary = pack(&source, &out, &beside, &mut |_, _| {}).unwrap();
+        assert_eq!((summary.samples, summary.shards), (9, 9));
+        let index = ShardIndex::read(&out).unwrap();
+        let names: Vec<&str> = index.shards.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["00001.tar", "00002.tar", "00003.tar", "00004.tar", "00005.tar", "00006.tar",
+             "00008.tar", "00009.tar", "00010.tar"]
+        );
+        for (path, bytes) in &files {
+            assert_eq!(&std::fs::read(path).unwrap(), bytes);
+        }
+
+        // Again, smaller: its own earlier shards go, the foreign files stay.
+        let bigger_shards = PackConfig {
+            shard_size: 5,
+            ..beside.clone()
+        };
+        pack(&source, &out, &bigger_shards, &mut |_, _| {}).unwrap();
+        let index = ShardIndex::read(&out).unwrap();
+        let names: Vec<&str> = index.shards.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["00001.tar", "00002.tar"]);
+        for gone in ["00003.tar", "00006.tar", "00008.tar", "00010.tar"] {
+            assert!(!out.join(gone).exists(), "{gone}");
+        }
+        for (path, bytes) in &files {
+            assert_eq!(&std::fs::read(path).unwrap(), bytes);
+        }
+
+        // An index.json pack did not write is never overwritten.
+        let synth_like = d.join("synth");
+        write(&synth_like.join("index.json"), br#"{"shards": [], "samples": 0}"#);
+        let err = pack(&source, &synth_like, &beside, &mut |_, _| {}).unwrap_err().to_string();
+        assert!(err.contains("index.json there was not written by `data pack`"), "{err}");
+        assert_eq!(
+            std::fs::read(synth_like.join("index.json")).unwrap(),
+            br#"{"shards": [], "samples": 0}"#
+        );
     }
 }

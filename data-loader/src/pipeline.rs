@@ -115,6 +115,7 @@ struct Chunk {
     labels: Vec<i64>,
     indices: Vec<u64>,
     keys: Vec<String>,
+    sources: Vec<Option<String>>,
     captions: Vec<String>,
     skipped: SkipCounts,
 }
@@ -358,6 +359,7 @@ impl Worker {
             labels: Vec::with_capacity(rows),
             indices: Vec::with_capacity(rows),
             keys: Vec::with_capacity(rows),
+            sources: Vec::with_capacity(rows),
             captions: Vec::with_capacity(rows),
             skipped: SkipCounts::new(),
         };
@@ -386,7 +388,7 @@ impl Worker {
                                         epoch,
                                         first_index: order[position % order.len()],
                                         attempts: attempt + 1,
-                                        last_reason: reason.as_str(),
+                                        last_reason: reason.words(1),
                                     }));
                                 }
                             }
@@ -415,6 +417,7 @@ impl Worker {
             chunk.labels.push(sample.label.unwrap_or(-1));
             chunk.indices.push(index as u64);
             chunk.keys.push(sample.key);
+            chunk.sources.push(sample.source);
             chunk.captions.push(sample.caption);
             filled += 1;
         }
@@ -453,6 +456,7 @@ fn assemble_batches(
             skipped: SkipCounts::new(),
             indices: Vec::with_capacity(batch_size),
             keys: Vec::with_capacity(batch_size),
+            sources: Vec::with_capacity(batch_size),
             captions: Vec::with_capacity(batch_size),
             position: LoaderState::default(),
         };
@@ -489,6 +493,7 @@ fn assemble_batches(
             batch.labels.extend_from_slice(&chunk.labels);
             batch.indices.extend_from_slice(&chunk.indices);
             batch.keys.extend(chunk.keys);
+            batch.sources.extend(chunk.sources);
             batch.captions.extend(chunk.captions);
             batch.skipped.merge(&chunk.skipped);
         }

@@ -207,6 +207,7 @@ impl ShardSet {
             let counted = map_in_order(0..uncounted.len(), default_threads(), |i| {
                 count_samples(&shards[uncounted[i]].location)
             })?;
+            let mut unreadable = Vec::new();
             for (&i, result) in uncounted.iter().zip(counted) {
                 match result {
                     Ok(n) => {
@@ -216,9 +217,17 @@ impl ShardSet {
                     Err(message) => {
                         tracing::warn!("skipping shard {}: {message}", shards[i].location);
                         open_skips.add(SkipReason::UnreadableShard);
+                        unreadable.push(i);
                     }
                 }
             }
+            // Counted once here, so never read again: reading would count it a second time.
+            let mut position = 0;
+            shards.retain(|_| {
+                let keep = !unreadable.contains(&position);
+                position += 1;
+                keep
+            });
             if let Some(path) = &cache_path {
                 if let Err(e) = cache.write(path) {
                     tracing::warn!("could not cache shard counts: {e}");
@@ -500,8 +509,11 @@ mod tests {
 
         // A command with no output at all is an unreadable shard: skipped and counted.
         let empty = ShardLocation::Pipe("exit 1".into());
-        let set = ShardSet::resolve_with_cache(&source(vec![empty]), None).unwrap();
-        assert_eq!(set.shards[0].samples, 0);
+        // It is dropped from the set, so nothing reads it again and counts it twice.
+        let set = ShardSet::resolve_with_cache(&source(vec![empty, ok]), None).unwrap();
+        assert_eq!(set.shards.len(), 1);
+        assert_eq!(set.shards[0].samples, 6);
+        assert_eq!(set.open_skips.total(), 1);
         assert_eq!(set.open_skips.get("unreadable_shard"), Some(&1));
     }
 }

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum SkipReason {
-    /// The image bytes are not a JPEG/PNG/WebP the decoder accepts.
+    /// The image bytes are not an image the decoder can read (corrupt, cut short, or not an
+    /// image at all).
     UndecodableImage,
     /// The sample has no image member.
     MissingImage,
@@ -36,11 +37,14 @@ pub enum SkipReason {
     DuplicateMember,
     /// A CSV row or JSONL line that cannot be parsed.
     BadRecord,
+    /// A well-formed image in a format oxclip does not read (GIF, BMP, TIFF, ...): only JPEG,
+    /// PNG and WebP are decoded.
+    UnsupportedImage,
 }
 
 impl SkipReason {
     /// Every reason, in declaration order.
-    pub const ALL: [SkipReason; 11] = [
+    pub const ALL: [SkipReason; 12] = [
         SkipReason::UndecodableImage,
         SkipReason::MissingImage,
         SkipReason::MissingCaption,
@@ -52,6 +56,7 @@ impl SkipReason {
         SkipReason::BadLabel,
         SkipReason::DuplicateMember,
         SkipReason::BadRecord,
+        SkipReason::UnsupportedImage,
     ];
 
     /// Stable snake_case name, used as the key in [`SkipCounts`] and in logs/metrics.
@@ -68,13 +73,53 @@ impl SkipReason {
             SkipReason::BadLabel => "bad_label",
             SkipReason::DuplicateMember => "duplicate_member",
             SkipReason::BadRecord => "bad_record",
+            SkipReason::UnsupportedImage => "unsupported_image",
         }
+    }
+
+    /// The reason for `n` samples in words, for people: `undecodable image`, `3 missing
+    /// captions` reads as `n` followed by this.
+    pub fn words(self, n: u64) -> &'static str {
+        let (one, many) = match self {
+            SkipReason::UndecodableImage => ("undecodable image", "undecodable images"),
+            SkipReason::MissingImage => ("missing image", "missing images"),
+            SkipReason::MissingCaption => ("missing caption", "missing captions"),
+            SkipReason::EmptyCaption => ("empty caption", "empty captions"),
+            SkipReason::NonUtf8Caption => ("caption not in UTF-8", "captions not in UTF-8"),
+            SkipReason::TooManyPixels => (
+                "image above the pixel limit",
+                "images above the pixel limit",
+            ),
+            SkipReason::TruncatedShard => ("truncated shard", "truncated shards"),
+            SkipReason::UnreadableShard => ("unreadable shard", "unreadable shards"),
+            SkipReason::BadLabel => ("bad class label", "bad class labels"),
+            SkipReason::DuplicateMember => (
+                "sample with a duplicate member",
+                "samples with a duplicate member",
+            ),
+            SkipReason::BadRecord => ("unreadable record", "unreadable records"),
+            SkipReason::UnsupportedImage => (
+                "image in an unsupported format (only JPEG, PNG and WebP are read)",
+                "images in an unsupported format (only JPEG, PNG and WebP are read)",
+            ),
+        };
+        if n == 1 {
+            one
+        } else {
+            many
+        }
+    }
+
+    /// The reason named `name` ([`as_str`](Self::as_str)).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
     }
 }
 
+/// The reason in words (`undecodable image`); [`as_str`](Self::as_str) is the stable key.
 impl fmt::Display for SkipReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(self.words(1))
     }
 }
 
@@ -104,6 +149,28 @@ impl SkipCounts {
     /// Samples skipped for any reason.
     pub fn total(&self) -> u64 {
         self.0.values().sum()
+    }
+}
+
+/// The counts in words, largest first: `3 undecodable images, 1 missing caption`; `none`
+/// when empty.
+impl fmt::Display for SkipCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut counts: Vec<(&String, &u64)> = self.0.iter().filter(|(_, n)| **n > 0).collect();
+        if counts.is_empty() {
+            return f.write_str("none");
+        }
+        counts.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+        for (i, (name, n)) in counts.into_iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            match SkipReason::from_name(name) {
+                Some(reason) => write!(f, "{n} {}", reason.words(*n))?,
+                None => write!(f, "{n} {}", name.replace('_', " "))?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -173,6 +240,25 @@ mod tests {
         assert_eq!(json, r#"{"empty_caption":1,"undecodable_image":2}"#);
         let back: SkipCounts = serde_json::from_str(&json).unwrap();
         assert_eq!(back, b);
+    }
+
+    #[test]
+    fn counts_read_as_words_largest_first() {
+        let mut c = SkipCounts::new();
+        assert_eq!(c.to_string(), "none");
+        c.add(SkipReason::MissingCaption);
+        for _ in 0..3 {
+            c.add(SkipReason::UndecodableImage);
+        }
+        c.add(SkipReason::UnsupportedImage);
+        assert_eq!(
+            c.to_string(),
+            "3 undecodable images, 1 missing caption, \
+             1 image in an unsupported format (only JPEG, PNG and WebP are read)"
+        );
+        assert!(!c.to_string().contains("SkipCounts") && !c.to_string().contains('{'));
+        assert_eq!(SkipReason::TruncatedShard.to_string(), "truncated shard");
+        assert_eq!(SkipReason::from_name("bad_record"), Some(SkipReason::BadRecord));
     }
 
     #[test]

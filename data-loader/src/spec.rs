@@ -37,6 +37,23 @@ pub enum DataSpec {
     Jsonl(JsonlSpec),
 }
 
+/// What the spec reads, for messages: the file, folder or shard spec as the user wrote it
+/// (`synthetic:N`, `data/{0..9}.tar`, `list.csv`), without the options.
+impl std::fmt::Display for DataSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataSpec::Synthetic(n) => write!(f, "synthetic:{n}"),
+            DataSpec::Shards(sources) => {
+                let specs: Vec<&str> = sources.iter().map(|s| s.spec.as_str()).collect();
+                f.write_str(&specs.join("::"))
+            }
+            DataSpec::Csv(csv) => write!(f, "{}", csv.path.display()),
+            DataSpec::Folder(dir) | DataSpec::Classes(dir) => write!(f, "{}", dir.display()),
+            DataSpec::Jsonl(jsonl) => write!(f, "{}", jsonl.path.display()),
+        }
+    }
+}
+
 /// `csv:FILE?img_key=COL&caption_key=COL&sep=tab|comma`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CsvSpec {

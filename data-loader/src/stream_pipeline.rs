@@ -108,6 +108,7 @@ struct Decoded {
     label: i64,
     key: String,
     caption: String,
+    source: Option<String>,
 }
 
 /// Where one worker starts: its epoch, draw, and the shuffle buffer as of that draw.
@@ -399,7 +400,7 @@ impl Worker {
                                 epoch,
                                 first_index: (self.plan.offsets[read.shard as usize] + read.ordinal) as usize,
                                 attempts: consecutive,
-                                last_reason: error.reason.as_str(),
+                                last_reason: error.reason.words(1),
                             };
                             let _ = send_or_stop(out, Err(e), &self.stop);
                             return;
@@ -458,6 +459,7 @@ impl Worker {
             label: raw.label.unwrap_or(-1),
             key: raw.key.clone(),
             caption: caption.to_owned(),
+            source: raw.source.clone(),
         })
     }
 
@@ -500,6 +502,7 @@ impl Batcher {
                 skipped: SkipCounts::new(),
                 indices: Vec::with_capacity(self.batch_size),
                 keys: Vec::with_capacity(self.batch_size),
+                sources: Vec::with_capacity(self.batch_size),
                 captions: Vec::with_capacity(self.batch_size),
                 position: LoaderState::of_stream(&cursor),
             };
@@ -547,6 +550,7 @@ impl Batcher {
                         batch.labels.push(decoded.label);
                         batch.indices.push(index);
                         batch.keys.push(decoded.key);
+                        batch.sources.push(decoded.source);
                         batch.captions.push(decoded.caption);
                         batch.skipped.merge(&skipped);
                     }
@@ -566,7 +570,7 @@ impl Batcher {
             batch.batch_size = batch.labels.len();
             if batch.batch_size == 0 && !batch.skipped.is_empty() {
                 // Only at the end of an eval pass: nothing left to put them beside.
-                tracing::warn!("the last samples of the eval pass were skipped: {:?}", batch.skipped);
+                tracing::warn!("the last samples of the eval pass were skipped: {}", batch.skipped);
             }
             if batch.batch_size > 0 {
                 cursor.batch_in_epoch += 1;

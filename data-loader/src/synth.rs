@@ -273,6 +273,10 @@ impl std::fmt::Display for SynthSummary {
 pub struct ShardIndex {
     pub shards: Vec<ShardIndexEntry>,
     pub samples: u64,
+    /// `oxclip data pack` for the indexes it writes: a folder whose index says so is pack's own
+    /// earlier output, which a new pack may replace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_by: Option<String>,
 }
 
 /// One shard in an [`ShardIndex`].
@@ -300,7 +304,8 @@ const VAL_STREAM: u64 = 0x7661_6c69_6461_7465; // "validate"
 /// Writes the synthetic dataset as WebDataset shards:
 /// `out/train/00000.tar ...` (`KEY.jpg`, `KEY.txt`), `out/val/00000.tar ...` (plus `KEY.cls`),
 /// `out/{train,val}/index.json`, `out/classnames.txt` and `out/templates.txt`. Each shard is
-/// written to a `.tmp` file and renamed; shards left from an earlier, larger run are removed.
+/// written to a `.tmp` file and renamed; shards that the index of an earlier, larger run
+/// lists are removed.
 /// `progress` is called after each sample with the number written so far (train, then val).
 pub fn write_synth(
     out: &Path,
@@ -369,13 +374,17 @@ fn write_split(
         source,
     })?;
     let shard_count = samples.div_ceil(cfg.shard_size);
-    remove_stale_shards(dir, shard_count)?;
+    // Only what our own earlier index lists is ever removed.
+    let previous: Vec<String> = ShardIndex::read(dir)
+        .map(|index| index.shards.into_iter().map(|s| s.name).collect())
+        .unwrap_or_default();
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
     let mut index = ShardIndex {
         shards: Vec::new(),
         samples: 0,
+        written_by: None,
     };
     for shard in 0..shard_count {
         let start = shard * cfg.shard_size;
@@ -406,6 +415,8 @@ fn write_split(
         source,
     })?;
     write_atomic(&dir.join("index.json"), &json)?;
+    let kept: Vec<String> = index.shards.iter().map(|s| s.name.clone()).collect();
+    remove_stale_shards(dir, &previous, &kept)?;
     Ok(shard_count)
 }
 
@@ -533,9 +544,16 @@ mod tests {
             shard_size: 10,
             seed: 4,
         };
-        // A stale shard from an earlier, larger run disappears.
+        // A stale shard that an earlier, larger run listed in its index disappears; a shard
+        // no index of ours lists is not ours to remove.
         std::fs::create_dir_all(dir.path().join("train")).unwrap();
         std::fs::write(dir.path().join("train/00007.tar"), b"old").unwrap();
+        std::fs::write(dir.path().join("train/00008.tar"), b"foreign").unwrap();
+        std::fs::write(
+            dir.path().join("train/index.json"),
+            r#"{"shards": [{"name": "00007.tar", "samples": 1}], "samples": 1}"#,
+        )
+        .unwrap();
         let mut calls = Vec::new();
         let summary = write_synth(dir.path(), &cfg, &mut |n| calls.push(n)).unwrap();
         assert_eq!((summary.train_shards, summary.val_shards), (3, 1));
@@ -545,6 +563,7 @@ mod tests {
         );
         assert_eq!(calls, (1..=30).collect::<Vec<_>>());
         assert!(!dir.path().join("train/00007.tar").exists());
+        assert_eq!(std::fs::read(dir.path().join("train/00008.tar")).unwrap(), b"foreign");
         for (split, total, labelled) in [("train", 23, false), ("val", 7, true)] {
             let index = ShardIndex::read(&dir.path().join(split)).unwrap();
             assert_eq!(index.samples, total);

@@ -1235,8 +1235,10 @@ mod tests {
 /// of it), CLIP's split pattern, byte-level symbols, `</w>` ending each word; then
 /// `<|startoftext|>` and `<|endoftext|>` as the last two ids, so the text tower's
 /// pooling at the largest id finds the end of text. `vocab_size` counts the 512 byte
-/// symbols (with and without `</w>`) and the two special tokens.
-pub fn train_clip_bpe(texts: &[String], vocab_size: usize, min_frequency: u64) -> Result<String, DataError> {
+/// symbols (with and without `</w>`, all of them whatever the texts) and the two special
+/// tokens. The result has exactly `vocab_size` entries unless the texts yield too few merges
+/// at `min_frequency`: then [`TrainedBpe::vocab_size`] is smaller, for the caller to report.
+pub fn train_clip_bpe(texts: &[String], vocab_size: usize, min_frequency: u64) -> Result<TrainedBpe, DataError> {
     use tokenizers::models::bpe::BpeTrainerBuilder;
     use tokenizers::models::TrainerWrapper;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -1274,23 +1276,63 @@ pub fn train_clip_bpe(texts: &[String], vocab_size: usize, min_frequency: u64) -
             "vocab": {}, "merges": []
         }
     });
-    let mut tokenizer = tokenizers::Tokenizer::from_bytes(base.to_string().as_bytes()).map_err(|e| err(e.to_string()))?;
-    // Every byte symbol, alone and ending a word, is in the vocabulary whatever the texts.
     let alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
-    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
-        .vocab_size(vocab_size - 2)
-        .min_frequency(min_frequency)
-        .show_progress(false)
-        .initial_alphabet(alphabet.iter().copied().collect())
-        .end_of_word_suffix("</w>".into())
-        .build()
-        .into();
-    tokenizer.train(&mut trainer, texts.iter().map(String::as_str)).map_err(|e| err(e.to_string()))?;
+    let train = |target: usize| -> Result<tokenizers::Tokenizer, DataError> {
+        let mut tokenizer = tokenizers::Tokenizer::from_bytes(base.to_string().as_bytes()).map_err(|e| err(e.to_string()))?;
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(target)
+            .min_frequency(min_frequency)
+            .show_progress(false)
+            .initial_alphabet(alphabet.iter().copied().collect())
+            .end_of_word_suffix("</w>".into())
+            .build()
+            .into();
+        tokenizer.train(&mut trainer, texts.iter().map(String::as_str)).map_err(|e| err(e.to_string()))?;
+        Ok(tokenizer)
+    };
+    // The trainer holds a symbol ending a word only when the texts end a word with it; the
+    // others are added after training (else such a word would lose its last byte), so the
+    // merges get what remains of `vocab_size`. The first pass, without merges, finds them.
+    let symbols = train(0)?.get_vocab(false);
+    let missing: Vec<String> = alphabet
+        .iter()
+        .map(|c| format!("{c}</w>"))
+        .filter(|symbol| !symbols.contains_key(symbol))
+        .collect();
+    let tokenizer = train(vocab_size - 2 - missing.len())?;
+    let mut json: serde_json::Value = serde_json::from_str(&tokenizer.to_string(false).map_err(|e| err(e.to_string()))?)
+        .map_err(|e| err(e.to_string()))?;
+    let Some(vocab) = json.pointer_mut("/model/vocab").and_then(serde_json::Value::as_object_mut) else {
+        return Err(err("the trained tokenizer has no model vocabulary".into()));
+    };
+    let mut next = vocab.len();
+    for symbol in missing {
+        vocab.insert(symbol, json!(next));
+        next += 1;
+    }
+    let merges = json.pointer("/model/merges").and_then(serde_json::Value::as_array).map_or(0, Vec::len);
+    let mut tokenizer = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| err(e.to_string()))?;
     tokenizer.add_special_tokens(&[
         tokenizers::AddedToken::from("<|startoftext|>", true),
         tokenizers::AddedToken::from("<|endoftext|>", true),
     ]);
-    tokenizer.to_string(true).map_err(|e| err(e.to_string()))
+    Ok(TrainedBpe {
+        vocab_size: tokenizer.get_vocab_size(true),
+        merges,
+        json: tokenizer.to_string(true).map_err(|e| err(e.to_string()))?,
+    })
+}
+
+/// What [`train_clip_bpe`] learnt.
+#[derive(Clone, Debug)]
+pub struct TrainedBpe {
+    /// The `tokenizer.json` text.
+    pub json: String,
+    /// Entries in its vocabulary, the special tokens included: the size asked for, or fewer
+    /// when the texts do not hold enough pairs seen `min_frequency` times.
+    pub vocab_size: usize,
+    /// Merges learnt.
+    pub merges: usize,
 }
 
 #[cfg(test)]
@@ -1302,8 +1344,15 @@ mod train_tests {
         let texts: Vec<String> = (0..300)
             .map(|i| format!("A photo of a {} {} on the  Beach", ["red", "blue", "green"][i % 3], ["dog", "cat", "car", "tree"][i % 4]))
             .collect();
-        let json = train_clip_bpe(&texts, 600, 2).unwrap();
-        let tok = Tokenizer::from_tokenizer_json_bytes(json.as_bytes()).unwrap();
+        // Thirteen distinct words hold fewer than 86 merges: the result says how many it got.
+        let most = train_clip_bpe(&texts, 600, 2).unwrap().vocab_size;
+        assert!((515..600).contains(&most), "{most}");
+        // Whatever can be had is had exactly, the 512 byte symbols always among it.
+        let trained = train_clip_bpe(&texts, most, 2).unwrap();
+        assert_eq!((trained.vocab_size, trained.merges), (most, most - 514));
+        let tok = Tokenizer::from_tokenizer_json_bytes(trained.json.as_bytes()).unwrap();
+        assert_eq!(tok.vocab_size(), most);
+        assert_eq!(train_clip_bpe(&texts, 520, 2).unwrap().vocab_size, 520);
         let (sot, eot) = (tok.sot_id().unwrap(), tok.eot_id().unwrap());
         assert_eq!(eot as usize + 1, tok.vocab_size());
         assert_eq!(sot + 1, eot);

@@ -32,11 +32,18 @@ pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
 /// Decodes JPEG, PNG or WebP bytes to 8-bit RGB (alpha dropped, grey expanded, 16-bit
 /// reduced), as PIL's `convert("RGB")` does. The pixel count is checked from the header
-/// before any pixel is decoded.
+/// before any pixel is decoded. Bytes that are recognisably another image format (GIF,
+/// BMP, TIFF, ...) are `UnsupportedImage`, not `UndecodableImage`: the file is fine, the
+/// format is what the user has to change.
 pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, SkipReason> {
     let mut reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|_| SkipReason::UndecodableImage)?;
+    match reader.format() {
+        Some(image::ImageFormat::Jpeg | image::ImageFormat::Png | image::ImageFormat::WebP) => {}
+        Some(_) => return Err(SkipReason::UnsupportedImage),
+        None => return Err(SkipReason::UndecodableImage),
+    }
     let mut limits = image::Limits::default();
     // Room for the largest allowed image at 16 bits x 4 channels, so that the pixel limit,
     // not the allocator guard, is what decides.
@@ -406,6 +413,9 @@ mod tests {
         assert!((out[8 * 16 + 13] - white).abs() < 1e-3);
     }
 
+    /// A valid 1 x 1 GIF89a, one white pixel.
+    pub(crate) const GIF_1X1: &[u8] = b"GIF89a\x01\0\x01\0\x80\0\0\xff\xff\xff\0\0\0!\xf9\x04\x01\0\0\0\0,\0\0\0\0\x01\0\x01\0\0\x02\x02D\x01\0;";
+
     #[test]
     fn decode_checks_pixels_before_decoding() {
         let img = gradient(50, 40);
@@ -421,6 +431,11 @@ mod tests {
             decode_image(&bytes[..bytes.len() / 3], DEFAULT_MAX_PIXELS),
             Err(SkipReason::UndecodableImage)
         );
+        // A real GIF (the classic 1 x 1 pixel) and BMP are whole images in formats we do not
+        // read.
+        assert_eq!(decode_image(GIF_1X1, DEFAULT_MAX_PIXELS), Err(SkipReason::UnsupportedImage));
+        let bmp = b"BM\x3a\0\0\0\0\0\0\0\x36\0\0\0\x28\0\0\0\x01\0\0\0\x01\0\0\0\x01\0\x18\0";
+        assert_eq!(decode_image(bmp, DEFAULT_MAX_PIXELS), Err(SkipReason::UnsupportedImage));
         // PNG with alpha and grey both come back as RGB.
         let rgba = image::RgbaImage::from_pixel(5, 4, image::Rgba([10, 20, 30, 40]));
         let mut png = Vec::new();

@@ -30,6 +30,9 @@ pub struct RawSample {
     pub caption: Option<String>,
     /// `KEY.cls`, when present: the class index as decimal text.
     pub label: Option<i64>,
+    /// Where the sample came from, for people: `source` in `KEY.json` (what `data pack`
+    /// writes, the original file's path) or img2dataset's `url` there.
+    pub source: Option<String>,
 }
 
 impl RawSample {
@@ -104,10 +107,22 @@ pub fn for_each_sample_in(
     };
     // The sample being assembled: its key and members.
     let mut pending: Option<(String, Members)> = None;
+    // Whether any member header read cleanly: failing before one means the bytes are not a
+    // tar archive at all (an unreadable shard), not a tar cut short.
+    let mut read_any = false;
     for entry in entries {
         let (key, ext, data) = match read_member(entry) {
             Ok(Some(member)) => member,
-            Ok(None) => continue,
+            Ok(None) => {
+                read_any = true;
+                continue;
+            }
+            Err((None, _)) if !read_any => {
+                // The tar crate's own text quotes the header's bytes: binary noise in a log.
+                let message = "not a tar archive: its first member header cannot be read".to_owned();
+                let _ = f(Err(error(SkipReason::UnreadableShard, None, message)));
+                return;
+            }
             Err((failed_key, message)) => {
                 // The members read so far are whole; only the one being read is cut. If it
                 // belongs to the pending sample, that sample is lost; otherwise the pending
@@ -124,6 +139,7 @@ pub fn for_each_sample_in(
                 return;
             }
         };
+        read_any = true;
         match pending.as_mut() {
             Some((k, members)) if *k == key => members.push((ext, data)),
             _ => {
@@ -196,6 +212,7 @@ fn assemble(shard: &Path, key: String, members: Members) -> Result<RawSample, Sa
     let mut image: Option<(usize, String, Vec<u8>)> = None;
     let mut caption = None;
     let mut label = None;
+    let mut source = None;
     for (ext, data) in members {
         if let Some(rank) = IMAGE_EXTENSIONS.iter().position(|e| *e == ext) {
             if image.as_ref().is_none_or(|(r, _, _)| rank < *r) {
@@ -217,8 +234,16 @@ fn assemble(shard: &Path, key: String, members: Members) -> Result<RawSample, Sa
                     return Err(error(SkipReason::BadLabel, key, format!("cls {shown:?}")));
                 }
             }
+        } else if ext == "json" {
+            // Only read for the name it gives; a malformed one costs the sample nothing.
+            if let Ok(serde_json::Value::Object(meta)) = serde_json::from_slice(&data) {
+                source = ["source", "url"]
+                    .iter()
+                    .find_map(|k| meta.get(*k).and_then(|v| v.as_str()))
+                    .map(str::to_owned);
+            }
         }
-        // json and anything else: ignored for now.
+        // Anything else: ignored.
     }
     let Some((_, image_ext, image)) = image else {
         return Err(error(SkipReason::MissingImage, key, String::new()));
@@ -229,6 +254,7 @@ fn assemble(shard: &Path, key: String, members: Members) -> Result<RawSample, Sa
         image_ext,
         caption,
         label,
+        source,
     })
 }
 
@@ -333,29 +359,31 @@ impl Drop for ShardWriter {
     }
 }
 
-/// Removes `NNNNN.tar` shards numbered `keep` and above (left by an earlier, larger run) and
-/// stray `.tar.tmp` files, so a directory spec sees only this run's shards.
-pub(crate) fn remove_stale_shards(dir: &Path, keep: u64) -> Result<(), DataError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Read {
-        path: dir.to_owned(),
-        source,
-    })?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let stale_shard = name
-            .strip_suffix(".tar")
-            .filter(|stem| stem.len() == 5)
-            .and_then(|stem| stem.parse::<u64>().ok())
-            .is_some_and(|n| n >= keep);
-        if stale_shard || name.ends_with(".tar.tmp") {
-            tracing::info!(path = %entry.path().display(), "removing a shard left by an earlier run");
-            std::fs::remove_file(entry.path()).map_err(|source| DataError::Write {
-                path: entry.path(),
-                source,
-            })?;
+/// Removes the shards of `listed` (names from the index an earlier run wrote in `dir`) that
+/// are not in `keep`, so a directory spec sees only this run's shards. Nothing else in `dir`
+/// is touched: a file no index of ours lists was not written by us. Names that are not plain
+/// `.tar` file names are ignored.
+pub(crate) fn remove_stale_shards(dir: &Path, listed: &[String], keep: &[String]) -> Result<(), DataError> {
+    for name in listed {
+        if keep.contains(name) || !is_plain_shard_name(name) {
+            continue;
         }
+        let path = dir.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        tracing::info!(path = %path.display(), "removing a shard of the earlier run's index");
+        std::fs::remove_file(&path).map_err(|source| DataError::Write { path, source })?;
     }
     Ok(())
+}
+
+/// A file name of `dir` itself (no separator, no `..`) ending in `.tar`.
+pub(crate) fn is_plain_shard_name(name: &str) -> bool {
+    name.ends_with(".tar")
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\'])
+        && Path::new(name).file_name().is_some_and(|f| f == name)
 }
 
 /// Writes `path` through a synced temporary file and a rename.
@@ -507,7 +535,8 @@ mod tests {
         )
         .unwrap();
         let items: Vec<_> = read_shard(&path).collect();
-        assert!(items.iter().all(|i| i.is_err()));
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].as_ref().unwrap_err().reason, SkipReason::UnreadableShard);
         let missing: Vec<_> = read_shard(&dir.path().join("missing.tar")).collect();
         assert_eq!(missing.len(), 1);
         assert_eq!(

@@ -159,7 +159,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     // Samples already found bad while opening the shards count towards `data/skipped`.
     let load_skips: u64 = loader.load_skips().values().sum();
     if load_skips > 0 {
-        tracing::warn!("{load_skips} bad sample(s) skipped while reading {}: {:?}", job.data.train, loader.load_skips());
+        tracing::warn!("{load_skips} bad sample(s) skipped while reading {}: {}", job.data.train, loader.load_skips());
     }
     tracing::info!(
         "training data: {} samples; this rank reads {} per epoch, {} batches",

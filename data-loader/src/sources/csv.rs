@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use crate::error::DataError;
+use crate::error::{first_few, DataError};
 use crate::skip::{SkipCounts, SkipReason};
 use crate::sources::{base_dir, skip_record, Caption, Entry, FileDataset, BAD_RECORD};
 use crate::spec::CsvSpec;
@@ -165,12 +165,10 @@ fn csv_error(path: &Path, e: &csv::Error) -> DataError {
     }
 }
 
+/// Column names in backquotes, a wide header cut to its first dozen with a count.
 fn quoted(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|n| format!("`{n}`"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    first_few(&quoted, 12)
 }
 
 #[cfg(test)]
@@ -297,6 +295,11 @@ mod tests {
         // Absolute paths are not joined to the CSV's folder.
         assert_eq!(ds.entries()[1].image, Path::new("/abs/none.jpg"));
         assert_eq!(ds.get(1), Err(SkipReason::MissingImage));
+        // A wide header is cut to its first dozen columns in the message.
+        let wide: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+        write(&d.join("wide.csv"), format!("{}\n", wide.join(",")).as_bytes());
+        let err = load(&csv_spec(d.join("wide.csv").to_str().unwrap())).unwrap_err().to_string();
+        assert!(err.contains("`c11` and 28 more (40 in all)") && !err.contains("`c12`"), "{err}");
         // The error's spec string parses back to the same spec.
         assert_eq!(csv_spec(&spec.to_string()), spec);
     }

@@ -11,7 +11,7 @@
 
 use serde_json::Value;
 
-use crate::error::DataError;
+use crate::error::{first_few, DataError};
 use crate::skip::{SkipCounts, SkipReason};
 use crate::sources::csv::class_index;
 use crate::sources::{base_dir, skip_record, Caption, Entry, FileDataset, BAD_RECORD};
@@ -27,6 +27,10 @@ pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
     let base = base_dir(path);
     let mut entries = Vec::new();
     let mut skips = SkipCounts::new();
+    // The first record's keys, and whether any record has the two keys asked for: a file
+    // whose records all lack one is written with other names, not missing data.
+    let mut first_keys: Option<(usize, Vec<String>)> = None;
+    let (mut has_img_key, mut has_caption_key) = (false, false);
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let number = i + 1;
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -48,6 +52,11 @@ pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
                 continue;
             }
         };
+        if first_keys.is_none() {
+            first_keys = Some((number, object.keys().cloned().collect::<Vec<_>>()));
+        }
+        has_img_key |= object.contains_key(&spec.img_key);
+        has_caption_key |= object.contains_key(&spec.caption_key);
         let image = match object.get(&spec.img_key) {
             Some(Value::String(s)) if !s.trim().is_empty() => s.trim(),
             None | Some(Value::Null) => {
@@ -102,6 +111,24 @@ pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
             image: base.join(image),
             caption: Caption::Text(caption.clone()),
             origin,
+        });
+    }
+    if let Some((line, keys)) = first_keys.filter(|_| !(has_img_key && has_caption_key)) {
+        let missing: Vec<String> = [(has_img_key, &spec.img_key), (has_caption_key, &spec.caption_key)]
+            .into_iter()
+            .filter(|(has, _)| !has)
+            .map(|(_, key)| format!("`{key}`"))
+            .collect();
+        let found: Vec<String> = keys.iter().map(|k| format!("`{k}`")).collect();
+        let found = if found.is_empty() { "no keys".to_owned() } else { first_few(&found, 12) };
+        return Err(DataError::Spec {
+            spec: spec.to_string(),
+            message: format!(
+                "no record of {} has the key {}; the first record (line {line}) has {found}. \
+                 Name yours with jsonl:FILE?img_key=KEY&caption_key=KEY",
+                path.display(),
+                missing.join(" or "),
+            ),
         });
     }
     Ok(FileDataset::new(path.to_owned(), entries, skips))
@@ -210,6 +237,17 @@ mod tests {
         let ds = load(&spec).unwrap();
         assert_eq!(ds.get(0).unwrap().caption, "renamed keys");
         assert_eq!(jsonl_spec(&spec.to_string()), spec);
+        // Keys no record has are an error naming them and the keys the file does use.
+        let err = load(&jsonl_spec(&format!("jsonl:{}", d.join("data.json-lines").display())))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("data.json-lines")
+                && err.contains("the key `image` or `caption`")
+                && err.contains("has `text`, `url`")
+                && err.contains("img_key="),
+            "{err}"
+        );
         let bad = format!("jsonl:{}?sep=tab", d.join("data.json-lines").display());
         assert!(DataSpec::parse(&bad).unwrap_err().to_string().contains("img_key, caption_key, label_key"));
         let err = DataSpec::parse(&bad).unwrap_err().to_string();

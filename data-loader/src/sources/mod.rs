@@ -74,10 +74,10 @@ impl FileDataset {
     pub fn new(source: PathBuf, entries: Vec<Entry>, load_skips: SkipCounts) -> Self {
         if load_skips.total() > 0 {
             tracing::warn!(
-                ?load_skips,
-                kept = entries.len(),
-                "records skipped while reading {}",
-                source.display()
+                "{} record(s) of {} skipped while reading it ({load_skips}); {} kept",
+                load_skips.total(),
+                source.display(),
+                entries.len()
             );
         }
         Self {
@@ -101,6 +101,19 @@ impl FileDataset {
 
     pub fn entries(&self) -> &[Entry] {
         &self.entries
+    }
+
+    /// Entry `index`'s image file as the source names it: relative to the folder, or to the
+    /// CSV/JSONL file's folder (absolute paths stay absolute).
+    pub fn source_name(&self, index: usize) -> Option<String> {
+        let entry = self.entries.get(index)?;
+        let base = if self.source.is_dir() {
+            self.source.clone()
+        } else {
+            base_dir(&self.source)
+        };
+        let name = entry.image.strip_prefix(&base).unwrap_or(&entry.image);
+        Some(name.to_string_lossy().into_owned())
     }
 
     /// Sample `index` as stored: the image file's bytes, undecoded, and its caption (checked
@@ -128,6 +141,7 @@ impl FileDataset {
             image_ext,
             caption: Some(caption),
             label: entry.label,
+            source: self.source_name(index),
         })
     }
 }
@@ -167,6 +181,7 @@ impl Dataset for FileDataset {
             caption,
             label: raw.label,
             key: raw.key,
+            source: raw.source,
         })
     }
 

@@ -6,7 +6,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use oxclip_data_loader::synth::{write_synth, SynthConfig};
-use oxclip_data_loader::{sources, DataSpec, PackConfig, SkipCounts};
+use oxclip_data_loader::{sources, DataError, DataSpec, PackConfig, SkipCounts};
 
 #[derive(Args)]
 pub struct PackArgs {
@@ -14,9 +14,14 @@ pub struct PackArgs {
     /// `folder:DIR`, or `jsonl:FILE[?img_key=KEY&caption_key=KEY]` (or a .jsonl path).
     #[arg(long)]
     pub from: String,
-    /// Output directory for 00000.tar ... and index.json.
+    /// Output directory for 00000.tar ... and index.json: new, empty, or an earlier pack's
+    /// output (whose shards this pack replaces). A folder holding anything else is refused.
     #[arg(long)]
     pub out: PathBuf,
+    /// Write into an --out folder that holds files pack did not write, beside them: shard
+    /// names skip every name taken there, and none of those files is overwritten or removed.
+    #[arg(long)]
+    pub beside_existing: bool,
     /// Samples per shard.
     #[arg(long, default_value_t = 10_000)]
     pub shard_size: u64,
@@ -102,6 +107,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
         shard_size: args.shard_size,
         max_side: args.max_side,
         threads: args.threads.unwrap_or_else(oxclip_data_loader::stats::default_threads).max(1),
+        beside_existing: args.beside_existing,
         ..PackConfig::default()
     };
     let bar = progress_bar("pack");
@@ -113,7 +119,6 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
     let resized = if summary.resized > 0 { format!(" ({} downscaled to --max-side)", summary.resized) } else { String::new() };
     println!("packed {} samples into {} shards in {}{resized}", summary.samples, summary.shards, args.out.display());
     println!("skipped {}", describe_skips(&summary.skipped));
-    anyhow::ensure!(summary.samples > 0, "no usable sample in {}", args.from);
     Ok(())
 }
 
@@ -126,8 +131,15 @@ pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
+    let nothing_usable = || DataError::NoUsableSample { what: spec.to_string(), skipped: result.skipped.clone() };
     if args.json {
+        // The counts stay on stdout, exactly one line, even when they make this an error.
         println!("{}", serde_json::to_string(&result)?);
+        if result.samples == 0 {
+            return Err(nothing_usable().into());
+        }
+    } else if result.samples == 0 {
+        return Err(nothing_usable().into());
     } else {
         let shards = if result.shards > 0 { format!(" in {} shards", result.shards) } else { String::new() };
         println!("{}: {} usable samples{shards}", args.spec, result.samples);

@@ -173,10 +173,11 @@ pub struct TokenizerTrainArgs {
     #[arg(long)]
     pub data: String,
     /// Vocabulary size, the 512 byte symbols and the 2 special tokens included
-    /// (OpenAI's CLIP: 49408).
+    /// (OpenAI's CLIP: 49408). Captions too few to yield this many are an error saying how
+    /// many they do yield.
     #[arg(long, default_value_t = 32000)]
     pub vocab_size: usize,
-    /// Merges must occur at least this often.
+    /// A pair of symbols is merged only if it occurs at least this often in the captions.
     #[arg(long, default_value_t = 2)]
     pub min_frequency: u64,
     /// The tokenizer.json to write (then `data.tokenizer: PATH`, and the model's
@@ -189,10 +190,24 @@ pub fn tokenizer_train(args: TokenizerTrainArgs) -> anyhow::Result<()> {
     let source = oxclip_data_loader::DataSource::open(&oxclip_data_loader::DataSpec::parse(&args.data)?, 0)?;
     let (captions, skipped) = source.captions()?;
     if captions.is_empty() {
-        bail!("{}: no captions to learn from (skipped: {:?})", args.data, skipped);
+        bail!("{}: no captions to learn from ({} skipped: {skipped})", args.data, skipped.total());
     }
-    let json = oxclip_data_loader::tokenizer::train_clip_bpe(&captions, args.vocab_size, args.min_frequency)?;
-    std::fs::write(&args.out, json).with_context(|| format!("cannot write {}", args.out.display()))?;
+    let trained = oxclip_data_loader::tokenizer::train_clip_bpe(&captions, args.vocab_size, args.min_frequency)?;
+    if trained.vocab_size < args.vocab_size {
+        bail!(
+            "the {} captions of {} yield {} tokens ({} merges of pairs seen at least --min-frequency {} times), \
+             not the --vocab-size {} asked; nothing written. Ask for --vocab-size {} or fewer, lower --min-frequency, \
+             or train on more captions",
+            captions.len(),
+            args.data,
+            trained.vocab_size,
+            trained.merges,
+            args.min_frequency,
+            args.vocab_size,
+            trained.vocab_size,
+        );
+    }
+    std::fs::write(&args.out, trained.json).with_context(|| format!("cannot write {}", args.out.display()))?;
     let tok = Tokenizer::from_tokenizer_json(&args.out)?;
     println!(
         "trained on {} captions ({} skipped): {} tokens -> {}",

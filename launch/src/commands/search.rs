@@ -50,6 +50,7 @@ pub fn index(args: IndexArgs) -> anyhow::Result<()> {
     let progress = indicatif::ProgressBar::new(source.len());
     let (size, context) = (cfg.vision_cfg.image_size, cfg.text_cfg.context_length);
     let (mut images, mut texts, mut keys, mut captions) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut sources = Vec::new();
     let _guard = tch::no_grad_guard();
     while let Some(batch) = loader.next_eval_batch()? {
         let b = batch.batch_size as i64;
@@ -60,6 +61,7 @@ pub fn index(args: IndexArgs) -> anyhow::Result<()> {
         progress.inc((batch.batch_size as u64 + batch.skipped.total()).max(1));
         keys.extend(batch.keys);
         captions.extend(batch.captions);
+        sources.extend(batch.sources);
     }
     progress.finish_and_clear();
     if keys.is_empty() {
@@ -69,6 +71,8 @@ pub fn index(args: IndexArgs) -> anyhow::Result<()> {
     let metadata = HashMap::from([
         ("keys".to_owned(), serde_json::to_string(&keys)?),
         ("captions".to_owned(), serde_json::to_string(&captions)?),
+        // The original file of each sample (packed shards, CSV, JSONL, folders), or null.
+        ("sources".to_owned(), serde_json::to_string(&sources)?),
         ("weights".to_owned(), weights.canonicalize().unwrap_or(weights.clone()).display().to_string()),
         ("model".to_owned(), serde_json::to_string(&cfg)?),
     ]);
@@ -110,6 +114,8 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
     let field = |name: &str| meta.get(name).cloned().with_context(|| format!("{} is not an `oxclip index` file (no {name})", args.index.display()));
     let keys: Vec<String> = serde_json::from_str(&field("keys")?)?;
     let captions: Vec<String> = serde_json::from_str(&field("captions")?)?;
+    // Indexes written before sources were kept have none.
+    let sources: Vec<Option<String>> = meta.get("sources").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
     let cfg: ModelConfig = serde_json::from_str(&field("model")?)?;
     let weights = PathBuf::from(field("weights")?);
     let device = device::select(&args.device, "--device")?;
@@ -126,13 +132,16 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
     let (values, indices) = scores.topk(k, 0, true, true);
     let values = Vec::<f32>::try_from(&values)?;
     let indices = Vec::<i64>::try_from(&indices)?;
-    let hits: Vec<(f32, &String, &String)> = values.iter().zip(&indices).map(|(s, &i)| (*s, &keys[i as usize], &captions[i as usize])).collect();
+    let source = |i: usize| sources.get(i).cloned().flatten();
+    let hits: Vec<(f32, &String, &String, Option<String>)> =
+        values.iter().zip(&indices).map(|(s, &i)| (*s, &keys[i as usize], &captions[i as usize], source(i as usize))).collect();
     if args.json {
-        let list: Vec<serde_json::Value> = hits.iter().map(|(s, k, c)| serde_json::json!({"score": s, "key": k, "caption": c})).collect();
+        let list: Vec<serde_json::Value> = hits.iter().map(|(s, k, c, src)| serde_json::json!({"score": s, "key": k, "source": src, "caption": c})).collect();
         println!("{}", serde_json::Value::Array(list));
     } else {
-        for (score, key, caption) in hits {
-            println!("{score:.4}  {key}  {caption}");
+        // The original file name where the data kept one, else the sample key.
+        for (score, key, caption, src) in hits {
+            println!("{score:.4}  {}  {caption}", src.as_deref().unwrap_or(key));
         }
     }
     Ok(())
