@@ -102,6 +102,17 @@ fn zero_shot_refuses_what_it_cannot_score() {
     let out = eval().arg("--retrieval").arg(&classes).arg("--classnames").arg(&four).output().expect("runs");
     fails_saying(&out, &["--zero-shot"]);
 
+    // Shards without class labels, or with labels beyond the class names: refused before
+    // the model is loaded, naming the shard and the sample.
+    let out = eval().arg("--zero-shot").arg(d.join("synth/train")).arg("--classnames").arg(&four).output().expect("runs");
+    fails_saying(&out, &["carries a class label", "KEY.cls"]);
+    let labelled = synth(&d.join("labelled"), 8, 24, 32);
+    let out = eval().arg("--zero-shot").arg(labelled.join("val")).arg("--classnames").arg(&two).output().expect("runs");
+    fails_saying(&out, &["00000.tar, sample", "is outside the class list", "two.txt names 2 classes (labels 0 to 1)"]);
+    let out = run_ok(eval().arg("--zero-shot").arg(labelled.join("val")).arg("--classnames").arg(labelled.join("classnames.txt")));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(result["zero_shot"]["samples"], 24, "{result}");
+
     // Training refuses the same val set at start: before any step, no run folder written.
     let config = std::fs::read_to_string(d.join("run.yaml")).expect("config").replace(&format!("run_dir: {}", run.display()), &format!("run_dir: {}", d.join("run2").display()))
         .replace("data:\n", &format!("data:\n  val: {}\n  classnames: {}\n", d.join("val.csv").display(), four.display()));

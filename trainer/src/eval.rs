@@ -6,14 +6,15 @@
 //! - image-text retrieval over pairs (open_clip `get_clip_metrics`): for each image the rank
 //!   of its own caption among all captions, and the reverse; R@1/5/10, mean and median rank.
 
-use std::path::Path;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
 use oxclip_data_loader::sources::{self, classes, FileDataset};
 use oxclip_data_loader::spec::DEFAULT_LABEL_KEY;
-use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions, SkipCounts, Tokenizer};
+use oxclip_data_loader::{webdataset, DataSource, DataSpec, Loader, LoaderConfig, ShardOptions, ShardSet, ShardSource, SkipCounts, Tokenizer};
 
 use crate::collectives::{self, Collectives};
 use crate::error::{Result, TrainError};
@@ -95,7 +96,13 @@ pub fn open_zero_shot(spec: &DataSpec, classnames: Option<&Path>, seed: u64) -> 
              samples carry a class index (KEY.cls)",
             dir.display()
         ))),
-        DataSpec::Shards(_) | DataSpec::Synthetic(_) => {
+        DataSpec::Shards(parts) => {
+            let (names, file) = listed.ok_or_else(needs_names)?;
+            check_shard_labels(parts, &names, file)?;
+            let source = DataSource::open(spec, seed)?;
+            Ok(ZeroShotSet { source, classnames: names })
+        }
+        DataSpec::Synthetic(_) => {
             let (names, _) = listed.ok_or_else(needs_names)?;
             let source = DataSource::open(spec, seed)?;
             if source.is_empty() {
@@ -104,6 +111,61 @@ pub fn open_zero_shot(spec: &DataSpec, classnames: Option<&Path>, seed: u64) -> 
             Ok(ZeroShotSet { source, classnames: names })
         }
     }
+}
+
+/// Reads the class index (`KEY.cls`) of every sample of the shards, without decoding any
+/// image, so that shards with no labels, or with a label beyond the class list, fail before
+/// the model is loaded (and at the start of training for `data.val`), not at the first
+/// evaluation.
+fn check_shard_labels(parts: &[ShardSource], classnames: &[String], file: &Path) -> Result<()> {
+    let n = classnames.len() as i64;
+    let (mut labelled, mut unlabelled) = (0u64, 0u64);
+    let mut outside: Option<(PathBuf, String, i64)> = None;
+    for shard in &ShardSet::resolve(parts)?.shards {
+        let name = shard.location.name();
+        let Ok(reader) = shard.location.open() else {
+            // Unreadable shards are counted and reported by the loader itself.
+            continue;
+        };
+        webdataset::for_each_sample_in(reader, &name, |item| {
+            match item.map(|sample| (sample.label, sample.key)) {
+                Ok((Some(label), key)) if !(0..n).contains(&label) => {
+                    outside = Some((name.clone(), key, label));
+                    return ControlFlow::Break(());
+                }
+                Ok((Some(_), _)) => labelled += 1,
+                Ok((None, _)) => unlabelled += 1,
+                // Samples the reader cannot use are skipped and counted by the loader.
+                Err(_) => {}
+            }
+            ControlFlow::Continue(())
+        });
+        if outside.is_some() {
+            break;
+        }
+    }
+    if let Some((shard, key, label)) = outside {
+        return Err(TrainError::Input(format!(
+            "{}, sample {key}: label {label} is outside the class list: {} names {n} classes (labels 0 to {})",
+            shard.display(),
+            file.display(),
+            n - 1
+        )));
+    }
+    if labelled == 0 {
+        let spec: Vec<&str> = parts.iter().map(|p| p.spec.as_str()).collect();
+        return Err(TrainError::Input(format!(
+            "no sample of {} carries a class label ({} read): zero-shot evaluation needs each image's class index as a \
+             KEY.cls member (0 for the first line of {})",
+            spec.join("::"),
+            unlabelled,
+            file.display()
+        )));
+    }
+    if unlabelled > 0 {
+        tracing::warn!("{unlabelled} of {} samples carry no class label (KEY.cls) and are not scored", labelled + unlabelled);
+    }
+    Ok(())
 }
 
 /// A CSV/JSONL/class-folder dataset whose every entry is labelled, checked against the

@@ -113,6 +113,8 @@ pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
             origin,
         });
     }
+    // With labels read, a record's label stands in for a missing caption (zero-shot sets).
+    let has_caption_key = has_caption_key || spec.label_key.is_some();
     if let Some((line, keys)) = first_keys.filter(|_| !(has_img_key && has_caption_key)) {
         let missing: Vec<String> = [(has_img_key, &spec.img_key), (has_caption_key, &spec.caption_key)]
             .into_iter()
@@ -279,8 +281,10 @@ mod tests {
             let err = load(&spec()).unwrap_err().to_string();
             assert!(err.contains("val.jsonl") && err.contains(expect), "{line}: {err}");
         }
-        // Without label_key, labels are not read at all.
-        let plain = load(&jsonl_spec(file.to_str().unwrap()));
-        assert!(plain.is_ok());
+        // Without label_key, labels are not read at all: a label that is no class index is
+        // no error there.
+        write(&file, concat!(r#"{"image": "x.jpg", "caption": "c", "label": [1]}"#, "\n").as_bytes());
+        let plain = load(&jsonl_spec(file.to_str().unwrap())).unwrap();
+        assert_eq!(plain.get(0).unwrap().label, None);
     }
 }
