@@ -1,5 +1,5 @@
 // The `oxclip` binary runs without LD_LIBRARY_PATH: torch-sys sets no rpath, so add one to
-// libtorch's lib directory (DESIGN.md section 6). With a CUDA libtorch, link libtorch_cuda
+// libtorch's lib directory. With a CUDA libtorch, link libtorch_cuda
 // even though no symbol of it is referenced: loading it is what registers the CUDA backend.
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");

@@ -1,6 +1,6 @@
 //! oxclip's data side: everything between image-caption files on disk and the flat rows of
 //! floats and token ids that the trainer turns into tensors. It knows nothing of models
-//! (DESIGN.md section 1: launch -> trainer -> data-loader).
+//! (launch -> trainer -> data-loader).
 //!
 //! - [`spec`]: what to read, as the user writes it (`synthetic:N`, `data/{00000..00012}.tar`,
 //!   a `.tar`, a directory of shards).

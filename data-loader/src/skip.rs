@@ -1,5 +1,5 @@
 //! Why a sample was skipped, and how many were. A bad sample is never fatal and never lost
-//! from the counts (DESIGN.md section 4): readers and workers turn it into a [`SkipReason`],
+//! from the counts: readers and workers turn it into a [`SkipReason`],
 //! the batcher adds it to the batch's [`SkipCounts`], the trainer logs and sums them.
 
 use std::collections::BTreeMap;

@@ -1,7 +1,7 @@
 //! Text to token ids, exactly as `open_clip.tokenize` does it.
 //!
 //! The OpenAI CLIP BPE is built from `bpe_simple_vocab_16e6.txt.gz` with the `tokenizers`
-//! crate (DESIGN.md section 5). open_clip's pipeline (open_clip 3.3.0,
+//! crate (docs/finetune.md). open_clip's pipeline (open_clip 3.3.0,
 //! `src/open_clip/tokenizer.py`, `SimpleTokenizer` with `clean="lower"`) is:
 //!
 //! 1. clean: `ftfy.fix_text`, `html.unescape` twice, strip, collapse whitespace, lowercase.

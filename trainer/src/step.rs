@@ -1,4 +1,4 @@
-//! The training step, DESIGN.md section 2 in order. It is the same code for one process or
+//! The training step, in the order docs/training.md describes it. It is the same code for one process or
 //! many: one process is a world of one behind the same collectives.
 
 use std::ops::Range;

@@ -1,6 +1,6 @@
 //! Contrastive losses as plain functions of gathered features: each returns this rank's part of
 //! the loss and the gradients for the features and the temperature (and bias), with no autograd
-//! graph, so the step can exchange and back-propagate them explicitly (DESIGN.md section 2).
+//! graph, so the step can exchange and back-propagate them explicitly (docs/training.md, "The step").
 //!
 //! [`clip`] is the softmax loss of CLIP, [`siglip`] the pairwise sigmoid loss of SigLIP. Both
 //! are tiled by default (memory O(tile^2) beyond the features, whatever the batch); each keeps

@@ -1,4 +1,4 @@
-//! Hugging Face `CLIPModel` weights <-> open_clip names (DESIGN.md section 5). Our model uses
+//! Hugging Face `CLIPModel` weights <-> open_clip names. Our model uses
 //! open_clip's layout; these two functions translate whole state dicts:
 //!
 //! - `q_proj`, `k_proj`, `v_proj` are the three row blocks of open_clip's `in_proj_weight`
