@@ -323,6 +323,7 @@ pub fn write_synth(
             cfg.image_size
         )));
     }
+    refuse_overwriting_foreign_files(out, cfg)?;
     let mut done = 0u64;
     let train_shards = write_split(
         &out.join("train"),
@@ -358,6 +359,48 @@ pub fn write_synth(
         val_samples: cfg.val_samples,
         val_shards,
     })
+}
+
+/// Synth overwrites only what an earlier synth wrote: in a split folder, the shards its
+/// `index.json` lists (an index pack wrote is pack's, not ours) and that index; at the top,
+/// `classnames.txt` and `templates.txt` once `train/index.json` is ours. Any other file at a
+/// path it would write is refused, named, before anything is written.
+fn refuse_overwriting_foreign_files(out: &Path, cfg: &SynthConfig) -> Result<(), DataError> {
+    let ours = |dir: &Path| ShardIndex::read(dir).ok().filter(|index| index.written_by.is_none());
+    let mut foreign: Vec<String> = Vec::new();
+    for (split, samples) in [("train", cfg.samples), ("val", cfg.val_samples)] {
+        let dir = out.join(split);
+        let listed: Vec<String> = match ours(&dir) {
+            Some(index) => index.shards.into_iter().map(|s| s.name).collect(),
+            None if dir.join("index.json").exists() => {
+                foreign.push(format!("{split}/index.json"));
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        for shard in 0..samples.div_ceil(cfg.shard_size) {
+            let name = format!("{shard:05}.tar");
+            if dir.join(&name).exists() && !listed.contains(&name) {
+                foreign.push(format!("{split}/{name}"));
+            }
+        }
+    }
+    if ours(&out.join("train")).is_none() {
+        for name in ["classnames.txt", "templates.txt"] {
+            if out.join(name).exists() {
+                foreign.push(name.to_owned());
+            }
+        }
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    Err(DataError::Config(format!(
+        "synth: {} holds {} file(s) that `data synth` did not write and would overwrite: {}; write to a new or empty folder",
+        out.display(),
+        foreign.len(),
+        crate::error::first_few(&foreign, 5)
+    )))
 }
 
 fn write_split(
@@ -564,6 +607,19 @@ mod tests {
         assert_eq!(calls, (1..=30).collect::<Vec<_>>());
         assert!(!dir.path().join("train/00007.tar").exists());
         assert_eq!(std::fs::read(dir.path().join("train/00008.tar")).unwrap(), b"foreign");
+
+        // A shard, an index or a class list that no synth of ours wrote is never overwritten.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(other.path().join("train")).unwrap();
+        std::fs::write(other.path().join("train/00001.tar"), b"theirs").unwrap();
+        std::fs::write(other.path().join("classnames.txt"), b"theirs").unwrap();
+        let err = write_synth(other.path(), &cfg, &mut |_| {}).unwrap_err().to_string();
+        assert!(err.contains("train/00001.tar") && err.contains("classnames.txt") && err.contains("did not write"), "{err}");
+        assert_eq!(std::fs::read(other.path().join("train/00001.tar")).unwrap(), b"theirs");
+        assert_eq!(std::fs::read(other.path().join("classnames.txt")).unwrap(), b"theirs");
+        assert!(!other.path().join("train/00000.tar").exists(), "wrote before refusing");
+        // Writing again over its own output is fine.
+        write_synth(dir.path(), &cfg, &mut |_| {}).unwrap();
         for (split, total, labelled) in [("train", 23, false), ("val", 7, true)] {
             let index = ShardIndex::read(&dir.path().join(split)).unwrap();
             assert_eq!(index.samples, total);
