@@ -19,11 +19,7 @@ fn trains_logs_tensorboard_and_checkpoints() {
     let run = dir.path().join("run");
     assert!(run.join("config.yaml").is_file());
     // keep_checkpoints: 1 leaves only the last.
-    let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
-        .expect("checkpoints")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(ckpts, vec!["step_20".to_string()]);
+    assert_eq!(checkpoint_names(&run), vec!["step_20".to_string()]);
     for f in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
         assert!(run.join("checkpoints/step_20").join(f).is_file(), "{f}");
     }
