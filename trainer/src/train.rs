@@ -237,6 +237,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     let mut last_checkpoint = None;
     let mut last_zero_shot = None;
     let (image_size, context_length) = (job.model.vision_cfg.image_size, job.model.text_cfg.context_length);
+    model.set_training(true);
     while state.step < cfg.steps {
         let started = Instant::now();
         let batch = loader.next_batch()?;
@@ -285,7 +286,9 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         // Every rank embeds its share of the eval set; rank 0 logs the whole set's numbers.
         if let Some(task) = &val_task {
             if last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
+                model.set_training(false);
                 let result = evaluate(&model, task, &tokenizer, device, job.data.workers, comm)?;
+                model.set_training(true);
                 let mut scalars: Vec<(String, f64)> = Vec::new();
                 if let Some(zs) = &result.zero_shot {
                     let prefix = format!("val/{}-zeroshot", task.name);

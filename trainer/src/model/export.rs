@@ -138,6 +138,6 @@ mod tests {
         let _ = tch::no_grad(|| model.logit_bias.as_ref().unwrap().shallow_clone().fill_(-3.0));
         super::super::load_weights(&vs, &clip_file).unwrap();
         assert_eq!(model.logit_bias.as_ref().unwrap().double_value(&[]), -3.0);
-        assert!(model.visual.proj.equal(&clip_vs.variables()["visual.proj"]));
+        assert!(vs.variables()["visual.proj"].equal(&clip_vs.variables()["visual.proj"]));
     }
 }

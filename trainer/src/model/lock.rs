@@ -22,33 +22,35 @@ pub enum Tower {
 
 /// The tower's groups of parameter names (exact names, or prefixes ending in `.`).
 fn groups(cfg: &ModelConfig, tower: Tower) -> Vec<Vec<String>> {
+    let t = cfg.text_prefix();
     let (first, blocks, layers, last, proj) = match tower {
         Tower::Image => (
-            vec!["visual.conv1.", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre."],
-            "visual.transformer.resblocks",
-            cfg.vision_cfg.layers,
-            "visual.ln_post.",
-            "visual.proj",
+            vec!["visual.conv1".to_owned(), "visual.class_embedding".into(), "visual.positional_embedding".into(), "visual.ln_pre".into()],
+            "visual.transformer.resblocks".to_owned(),
+            cfg.vision_cfg.vit_layers(),
+            "visual.ln_post".to_owned(),
+            "visual.proj".to_owned(),
         ),
         Tower::Text => (
-            vec!["token_embedding.", "positional_embedding"],
-            "transformer.resblocks",
+            vec![format!("{t}token_embedding"), format!("{t}positional_embedding")],
+            format!("{t}transformer.resblocks"),
             cfg.text_cfg.layers,
-            "ln_final.",
-            "text_projection",
+            format!("{t}ln_final"),
+            format!("{t}text_projection"),
         ),
     };
-    let mut out = vec![first.into_iter().map(String::from).collect::<Vec<_>>()];
+    let mut out = vec![first];
     for i in 0..layers.saturating_sub(1) {
-        out.push(vec![format!("{blocks}.{i}.")]);
+        out.push(vec![format!("{blocks}.{i}")]);
     }
-    out.push(vec![format!("{blocks}.{}.", layers - 1), last.to_owned()]);
-    out.push(vec![proj.to_owned()]);
+    out.push(vec![format!("{blocks}.{}", layers - 1), last]);
+    out.push(vec![proj]);
     out
 }
 
+/// A group entry names a tensor, or a module whose tensors all start with it and a dot.
 fn in_group(name: &str, group: &[String]) -> bool {
-    group.iter().any(|g| if g.ends_with('.') { name.starts_with(g.as_str()) } else { name == g })
+    group.iter().any(|g| name == g || name.strip_prefix(g.as_str()).is_some_and(|rest| rest.starts_with('.')))
 }
 
 /// Freezes `tower` except its last `unlocked` groups (0: all of it). Returns the number of
@@ -91,7 +93,7 @@ mod tests {
         let (vs, cfg) = tiny();
         for tower in [Tower::Image, Tower::Text] {
             let groups = groups(&cfg, tower);
-            assert_eq!(groups.len(), 2 + cfg.vision_cfg.layers.max(cfg.text_cfg.layers) as usize);
+            assert_eq!(groups.len(), 2 + cfg.vision_cfg.vit_layers().max(cfg.text_cfg.layers) as usize);
             for (name, _) in vs.variables() {
                 let hits = groups.iter().filter(|g| in_group(&name, g)).count();
                 let of_tower = match tower {

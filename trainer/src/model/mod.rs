@@ -1,25 +1,32 @@
-//! CLIP as open_clip builds it: a ViT image tower under `visual.`, a causal text transformer on
-//! the root path, a learnable temperature `logit_scale` and, for SigLIP, a `logit_bias`. Variable paths are open_clip's
-//! state_dict keys, so a `VarStore` saved to safetensors loads into open_clip with
-//! `strict=True` and open_clip weights load here with nothing renamed.
+//! CLIP as open_clip builds it: an image tower under `visual.`, a text transformer on the
+//! root path (under `text.` for `custom_text` models), a learnable temperature `logit_scale`
+//! and, for SigLIP, a `logit_bias`. Variable paths are open_clip's state_dict keys, so a
+//! `VarStore` saved to safetensors loads into open_clip with `strict=True` and open_clip
+//! weights load here with nothing renamed.
+//!
+//! One file per tower: `vision.rs` (open_clip's ViT), `text.rs`, `transformer.rs` (the block
+//! both share); `config.rs` is open_clip's JSON schema; `params.rs` is how every parameter
+//! is made.
 
 pub mod config;
 pub mod export;
 pub mod hf;
 pub mod lock;
+pub mod params;
 pub mod text;
 pub mod transformer;
 pub mod vision;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-pub use config::{ModelConfig, TextConfig, VisionConfig};
+pub use config::{ModelConfig, TextConfig, VisionConfig, VisionTowerKind};
+use params::param;
 use text::TextTransformer;
-use transformer::Activation;
 use vision::VisionTransformer;
 
 use crate::error::{Result, TrainError};
@@ -32,31 +39,87 @@ pub const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092; // ln(100)
 #[derive(Debug)]
 pub struct Clip {
     pub config: ModelConfig,
-    pub visual: VisionTransformer,
+    pub visual: VisionTower,
     pub text: TextTransformer,
     /// The log of the temperature's inverse; a 0-dim tensor.
     pub logit_scale: Tensor,
     /// The sigmoid loss's learnable bias (0-dim), when the config asks for one.
     pub logit_bias: Option<Tensor>,
+    /// PyTorch's `model.train()` / `model.eval()`: what BatchNorm and patch dropout follow.
+    training: AtomicBool,
+}
+
+/// The image tower the config names.
+#[derive(Debug)]
+pub enum VisionTower {
+    Vit(VisionTransformer),
+}
+
+impl VisionTower {
+    fn new(p: nn::Path, config: &ModelConfig) -> Result<Self> {
+        let cfg = &config.vision_cfg;
+        let act = cfg.activation(config.quick_gelu)?;
+        match cfg.tower() {
+            VisionTowerKind::Vit => Ok(VisionTower::Vit(VisionTransformer::new(p, cfg, config.embed_dim, act))),
+            VisionTowerKind::ResNet(_) | VisionTowerKind::Timm(_) => {
+                Err(TrainError::ModelConfig("this image tower is not built yet".into()))
+            }
+        }
+    }
+
+    /// images: (B, 3, S, S) -> (B, embed_dim).
+    pub fn forward(&self, images: &Tensor, _train: bool) -> Tensor {
+        match self {
+            VisionTower::Vit(vit) => vit.forward(images),
+        }
+    }
 }
 
 impl Clip {
-    /// Builds the model's variables under `root` with open_clip's initialisation.
+    /// Builds the model's variables under `root` with open_clip's initialisation, in eval mode.
     pub fn new(root: &nn::Path, config: &ModelConfig) -> Result<Self> {
         config.validate()?;
-        let act = if config.quick_gelu { Activation::QuickGelu } else { Activation::Gelu };
+        let text_root = match config.text_prefix() {
+            "" => root.clone(),
+            _ => root / "text",
+        };
+        let text_act = config.text_cfg.activation(config.quick_gelu)?;
         Ok(Clip {
             config: config.clone(),
-            visual: VisionTransformer::new(root / "visual", &config.vision_cfg, config.embed_dim, act),
-            text: TextTransformer::new(root.clone(), &config.text_cfg, config.embed_dim, act),
-            logit_scale: root.var("logit_scale", &[], Init::Const(config.init_logit_scale.unwrap_or(LOGIT_SCALE_INIT))),
-            logit_bias: config.init_logit_bias.map(|b| root.var("logit_bias", &[], Init::Const(b))),
+            visual: VisionTower::new(root / "visual", config)?,
+            text: TextTransformer::new(text_root, &config.text_cfg, config.embed_dim, text_act),
+            logit_scale: param(root, "logit_scale", &[], Init::Const(config.init_logit_scale.unwrap_or(LOGIT_SCALE_INIT))),
+            logit_bias: config.init_logit_bias.map(|b| param(root, "logit_bias", &[], Init::Const(b))),
+            training: AtomicBool::new(false),
         })
+    }
+
+    /// Every state_dict entry of `config`'s model, name and shape, sorted by name, without
+    /// allocating the weights.
+    pub fn shapes(config: &ModelConfig) -> Result<Vec<(String, Vec<i64>)>> {
+        config.validate()?;
+        let mut built = Ok(());
+        let shapes = params::shapes_of(|root| {
+            if let Err(e) = Clip::new(root, config) {
+                built = Err(e);
+            }
+        });
+        built.map(|()| shapes)
+    }
+
+    /// Training mode (BatchNorm normalises with batch statistics and updates its running
+    /// ones) or eval mode, as PyTorch's `model.train(on)`.
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::Relaxed);
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
     }
 
     /// images: (B, 3, S, S) -> (B, embed_dim), not normalised.
     pub fn encode_image(&self, images: &Tensor) -> Tensor {
-        self.visual.forward(images)
+        self.visual.forward(images, self.is_training())
     }
 
     /// tokens: (B, context_length) -> (B, embed_dim), not normalised.
@@ -202,7 +265,11 @@ pub fn save_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
     let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let tensors: Vec<(String, Tensor)> = vars
         .into_iter()
-        .map(|(k, v)| Ok((k, v.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_contiguous()?)))
+        .map(|(k, v)| {
+            // Integer buffers (BatchNorm's num_batches_tracked) keep their kind.
+            let kind = if v.is_floating_point() { Kind::Float } else { v.kind() };
+            Ok((k, v.f_to_kind(kind)?.f_to_device(tch::Device::Cpu)?.f_contiguous()?))
+        })
         .collect::<Result<_>>()?;
     Tensor::write_safetensors(&tensors, path)
         .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })

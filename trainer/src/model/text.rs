@@ -1,12 +1,24 @@
-//! The causal text transformer, open_clip's `TextTransformer` with its defaults: token and
-//! position embeddings, causally masked residual blocks, ln_final, the EOT token (the largest
-//! id in each row) pooled and projected by `text_projection`.
+//! The text tower, open_clip's `TextTransformer`: token and position embeddings, residual
+//! blocks (causally masked unless `no_causal_mask`), ln_final, one position pooled where the
+//! config says (`argmax`: CLIP's EOT, the largest id; `eos`: the first `eos_id`; `last`;
+//! `first`), projected by `text_projection` (a matrix, or a Linear with a bias under
+//! `proj_bias`; none under `proj_type: none`).
 
-use tch::nn;
+use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-use super::config::TextConfig;
-use super::transformer::{randn, Activation, BlockInit, LayerNorm, Transformer};
+use super::config::{TextConfig, TextPool};
+use super::params::param;
+use super::transformer::{randn, Activation, BlockInit, BlockSpec, LayerNorm, Linear, Transformer};
+
+#[derive(Debug)]
+pub enum TextProjection {
+    /// (width, embed_dim), applied as `x @ text_projection`.
+    Matrix(Tensor),
+    /// `nn.Linear(width, embed_dim)`: `text_projection.weight`, `text_projection.bias`.
+    Linear(Linear),
+    None,
+}
 
 #[derive(Debug)]
 pub struct TextTransformer {
@@ -16,32 +28,50 @@ pub struct TextTransformer {
     pub positional_embedding: Tensor,
     pub transformer: Transformer,
     pub ln_final: LayerNorm,
-    /// (width, embed_dim), applied as `x @ text_projection`.
-    pub text_projection: Tensor,
+    pub text_projection: TextProjection,
+    causal: bool,
+    pool: TextPool,
+    eos_id: i64,
 }
 
 impl TextTransformer {
-    /// Variables live directly under `p`: open_clip's CLIP hangs the text tower on the root.
+    /// Variables live directly under `p`: open_clip's CLIP hangs the text tower on the root
+    /// (`CustomTextCLIP`, under `text.`).
     pub fn new(p: nn::Path, cfg: &TextConfig, embed_dim: i64, act: Activation) -> Self {
         let width = cfg.width;
         // open_clip TextTransformer.init_parameters (OpenAI's scheme).
         let attn_std = (width as f64).powf(-0.5);
         let proj_std = attn_std * ((2 * cfg.layers) as f64).powf(-0.5);
         let fc_std = ((2 * width) as f64).powf(-0.5);
-        TextTransformer {
-            token_embedding: (&p / "token_embedding").var("weight", &[cfg.vocab_size, width], randn(0.02)),
-            positional_embedding: p.var("positional_embedding", &[cfg.context_length, width], randn(0.01)),
-            transformer: Transformer::new(
-                &p / "transformer",
+        let spec = BlockSpec {
+            width,
+            heads: cfg.heads,
+            mlp_ratio: cfg.mlp_ratio,
+            act,
+            eps: cfg.norm_eps(),
+            ls_init_value: cfg.ls_init_value,
+            init: BlockInit::Normal { attn_std, proj_std, fc_std },
+        };
+        let text_projection = match (cfg.has_projection(), cfg.proj_bias) {
+            (false, _) => TextProjection::None,
+            (true, false) => TextProjection::Matrix(param(&p, "text_projection", &[width, embed_dim], randn(attn_std))),
+            (true, true) => TextProjection::Linear(Linear::with_bias_init(
+                &p / "text_projection",
                 width,
-                cfg.layers,
-                cfg.heads,
-                cfg.mlp_ratio,
-                act,
-                BlockInit::Normal { attn_std, proj_std, fc_std },
-            ),
-            ln_final: LayerNorm::new(&p / "ln_final", width),
-            text_projection: p.var("text_projection", &[width, embed_dim], randn(attn_std)),
+                embed_dim,
+                randn(attn_std),
+                Init::Const(0.0),
+            )),
+        };
+        TextTransformer {
+            token_embedding: param(&(&p / "token_embedding"), "weight", &[cfg.vocab_size, width], randn(0.02)),
+            positional_embedding: param(&p, "positional_embedding", &[cfg.context_length, width], randn(0.01)),
+            transformer: Transformer::new(&p / "transformer", cfg.layers, spec),
+            ln_final: LayerNorm::new(&p / "ln_final", width, cfg.norm_eps()),
+            text_projection,
+            causal: !cfg.no_causal_mask,
+            pool: cfg.pool_type,
+            eos_id: cfg.eos_id,
         }
     }
 
@@ -49,13 +79,28 @@ impl TextTransformer {
     pub fn forward(&self, tokens: &Tensor) -> Tensor {
         let x = Tensor::embedding(&self.token_embedding, tokens, -1, false, false);
         let x = &x + self.positional_embedding.to_kind(x.kind());
-        let x = self.transformer.forward(&x, true);
+        let x = self.transformer.forward(&x, self.causal);
         let x = self.ln_final.forward(&x);
-        // Pool at the EOT token: the largest id of each row. A gather keeps it on the device.
-        let b = x.size()[0];
-        let eot = tokens.argmax(-1, false);
+        let pooled = self.pool(&x, tokens);
+        match &self.text_projection {
+            TextProjection::Matrix(m) => pooled.matmul(m),
+            TextProjection::Linear(l) => l.forward(&pooled),
+            TextProjection::None => pooled,
+        }
+    }
+
+    /// The row of each caption its features are read at, as open_clip's `text_global_pool`.
+    fn pool(&self, x: &Tensor, tokens: &Tensor) -> Tensor {
+        let (b, l) = (x.size()[0], x.size()[1]);
+        let at = match self.pool {
+            TextPool::First => return x.select(1, 0),
+            TextPool::Last => return x.select(1, l - 1),
+            TextPool::Argmax => tokens.argmax(-1, false),
+            // The first eos; a row without one pools at position 0, as open_clip does.
+            TextPool::Eos => tokens.eq(self.eos_id).to_kind(Kind::Int).argmax(-1, false),
+        };
+        // A gather keeps it on the device.
         let rows = Tensor::arange(b, (Kind::Int64, x.device()));
-        let pooled = x.index(&[Some(rows), Some(eot)]);
-        pooled.matmul(&self.text_projection)
+        x.index(&[Some(rows), Some(at)])
     }
 }

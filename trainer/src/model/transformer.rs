@@ -5,6 +5,9 @@
 use tch::nn::{self, Init};
 use tch::Tensor;
 
+pub use super::config::Activation;
+use super::params::param;
+
 /// `nn.Linear`: weight is out x in, as PyTorch stores it.
 #[derive(Debug)]
 pub struct Linear {
@@ -15,11 +18,11 @@ pub struct Linear {
 impl Linear {
     /// Weight drawn from `weight_init`; bias from PyTorch's default U(-1/sqrt(in), 1/sqrt(in)).
     pub fn new(p: nn::Path, in_dim: i64, out_dim: i64, weight_init: Init) -> Self {
-        let bound = 1.0 / (in_dim as f64).sqrt();
-        Linear {
-            weight: p.var("weight", &[out_dim, in_dim], weight_init),
-            bias: p.var("bias", &[out_dim], Init::Uniform { lo: -bound, up: bound }),
-        }
+        Self::with_bias_init(p, in_dim, out_dim, weight_init, Self::default_init(in_dim))
+    }
+
+    pub fn with_bias_init(p: nn::Path, in_dim: i64, out_dim: i64, weight_init: Init, bias_init: Init) -> Self {
+        Linear { weight: param(&p, "weight", &[out_dim, in_dim], weight_init), bias: param(&p, "bias", &[out_dim], bias_init) }
     }
 
     /// PyTorch's default `nn.Linear` initialisation: kaiming_uniform(a = sqrt 5), i.e.
@@ -34,21 +37,43 @@ impl Linear {
     }
 }
 
-/// `nn.LayerNorm` with PyTorch's eps.
+/// `nn.LayerNorm` (eps 1e-5 unless the config's `norm_kwargs` say otherwise).
 #[derive(Debug)]
 pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
     dim: i64,
+    eps: f64,
 }
 
 impl LayerNorm {
-    pub fn new(p: nn::Path, dim: i64) -> Self {
-        LayerNorm { weight: p.var("weight", &[dim], Init::Const(1.0)), bias: p.var("bias", &[dim], Init::Const(0.0)), dim }
+    pub fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+        LayerNorm {
+            weight: param(&p, "weight", &[dim], Init::Const(1.0)),
+            bias: param(&p, "bias", &[dim], Init::Const(0.0)),
+            dim,
+            eps,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), 1e-5, true)
+        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// LayerScale: a learned per-channel factor on a residual branch (`ls_1.gamma`).
+#[derive(Debug)]
+pub struct LayerScale {
+    pub gamma: Tensor,
+}
+
+impl LayerScale {
+    pub fn new(p: nn::Path, dim: i64, init: f64) -> Self {
+        LayerScale { gamma: param(&p, "gamma", &[dim], Init::Const(init)) }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x * &self.gamma
     }
 }
 
@@ -84,13 +109,10 @@ impl Attention {
                 (Init::Randn { mean: 0.0, stdev: attn_std }, Init::Randn { mean: 0.0, stdev: proj_std })
             }
         };
-        let in_proj_weight = p.var("in_proj_weight", &[3 * width, width], in_init);
-        let in_proj_bias = p.var("in_proj_bias", &[3 * width], Init::Const(0.0));
-        let out_proj = Linear::new(&p / "out_proj", width, width, out_init);
+        let in_proj_weight = param(&p, "in_proj_weight", &[3 * width, width], in_init);
+        let in_proj_bias = param(&p, "in_proj_bias", &[3 * width], Init::Const(0.0));
         // nn.MultiheadAttention zeroes out_proj.bias.
-        tch::no_grad(|| {
-            let _ = out_proj.bias.shallow_clone().zero_();
-        });
+        let out_proj = Linear::with_bias_init(&p / "out_proj", width, width, out_init, Init::Const(0.0));
         Attention { in_proj_weight, in_proj_bias, out_proj, heads }
     }
 
@@ -111,21 +133,28 @@ impl Attention {
     }
 }
 
-/// The activation between the MLP's two linears.
-#[derive(Debug, Clone, Copy)]
-pub enum Activation {
-    Gelu,
-    /// `x * sigmoid(1.702 x)`, OpenAI CLIP's approximation.
-    QuickGelu,
-}
-
 impl Activation {
-    fn forward(self, x: &Tensor) -> Tensor {
+    pub fn forward(self, x: &Tensor) -> Tensor {
         match self {
             Activation::Gelu => x.gelu("none"),
+            Activation::GeluTanh => x.gelu("tanh"),
             Activation::QuickGelu => x * (x * 1.702).sigmoid(),
         }
     }
+}
+
+/// What every block of a tower shares.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockSpec {
+    pub width: i64,
+    pub heads: i64,
+    pub mlp_ratio: f64,
+    pub act: Activation,
+    /// LayerNorm eps.
+    pub eps: f64,
+    /// LayerScale's initial value; `None`: no LayerScale.
+    pub ls_init_value: Option<f64>,
+    pub init: BlockInit,
 }
 
 #[derive(Debug)]
@@ -135,17 +164,21 @@ pub struct Mlp {
     act: Activation,
 }
 
-/// open_clip's `ResidualAttentionBlock`: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+/// open_clip's `ResidualAttentionBlock`: x + ls_1(attn(ln_1(x))), then x + ls_2(mlp(ln_2(x))).
 #[derive(Debug)]
 pub struct ResidualBlock {
     pub ln_1: LayerNorm,
     pub attn: Attention,
+    pub ls_1: Option<LayerScale>,
     pub ln_2: LayerNorm,
     pub mlp: Mlp,
+    pub ls_2: Option<LayerScale>,
 }
 
 impl ResidualBlock {
-    fn new(p: nn::Path, width: i64, heads: i64, mlp_ratio: f64, act: Activation, init: BlockInit) -> Self {
+    fn new(p: nn::Path, spec: BlockSpec) -> Self {
+        let BlockSpec { width, heads, mlp_ratio, act, eps, ls_init_value, init } = spec;
+        // open_clip: `mlp_width = int(d_model * mlp_ratio)`.
         let hidden = (width as f64 * mlp_ratio) as i64;
         let (fc_init, proj_init) = match init {
             BlockInit::PyTorchDefault => (Linear::default_init(width), Linear::default_init(hidden)),
@@ -154,21 +187,27 @@ impl ResidualBlock {
             }
         };
         ResidualBlock {
-            ln_1: LayerNorm::new(&p / "ln_1", width),
+            ln_1: LayerNorm::new(&p / "ln_1", width, eps),
             attn: Attention::new(&p / "attn", width, heads, init),
-            ln_2: LayerNorm::new(&p / "ln_2", width),
+            ls_1: ls_init_value.map(|v| LayerScale::new(&p / "ls_1", width, v)),
+            ln_2: LayerNorm::new(&p / "ln_2", width, eps),
             mlp: Mlp {
                 c_fc: Linear::new(&p / "mlp" / "c_fc", width, hidden, fc_init),
                 c_proj: Linear::new(&p / "mlp" / "c_proj", hidden, width, proj_init),
                 act,
             },
+            ls_2: ls_init_value.map(|v| LayerScale::new(&p / "ls_2", width, v)),
         }
     }
 
     fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
-        let x = x + self.attn.forward(&self.ln_1.forward(x), causal);
+        let scaled = |ls: &Option<LayerScale>, h: Tensor| match ls {
+            Some(ls) => ls.forward(&h),
+            None => h,
+        };
+        let x = x + scaled(&self.ls_1, self.attn.forward(&self.ln_1.forward(x), causal));
         let h = self.mlp.act.forward(&self.mlp.c_fc.forward(&self.ln_2.forward(&x)));
-        &x + self.mlp.c_proj.forward(&h)
+        &x + scaled(&self.ls_2, self.mlp.c_proj.forward(&h))
     }
 }
 
@@ -179,18 +218,9 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    pub fn new(
-        p: nn::Path,
-        width: i64,
-        layers: i64,
-        heads: i64,
-        mlp_ratio: f64,
-        act: Activation,
-        init: BlockInit,
-    ) -> Self {
+    pub fn new(p: nn::Path, layers: i64, spec: BlockSpec) -> Self {
         let blocks = &p / "resblocks";
-        let resblocks =
-            (0..layers).map(|i| ResidualBlock::new(&blocks / i, width, heads, mlp_ratio, act, init)).collect();
+        let resblocks = (0..layers).map(|i| ResidualBlock::new(&blocks / i, spec)).collect();
         Transformer { resblocks }
     }
 

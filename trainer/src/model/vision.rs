@@ -1,12 +1,15 @@
-//! The ViT image tower, open_clip's `VisionTransformer` with its defaults: a bias-free
-//! patch-embedding convolution, a class token, learned positions, ln_pre, the residual
-//! blocks, ln_post on every token, the class token pooled and projected by `proj`.
+//! The ViT image tower, open_clip's `VisionTransformer`: a bias-free patch-embedding
+//! convolution, a class token, learned positions, ln_pre (unless `no_ln_pre`), the residual
+//! blocks (LayerScale when `ls_init_value`), then pooling (`tok`: the class token; `avg`: the
+//! mean of the patch tokens) with ln_post before it (or after it, `final_ln_after_pool`),
+//! projected by `proj`.
 
 use tch::nn::{self, Init};
 use tch::Tensor;
 
-use super::config::VisionConfig;
-use super::transformer::{randn, Activation, BlockInit, LayerNorm, Transformer};
+use super::config::{VisionConfig, VisionPool};
+use super::params::param;
+use super::transformer::{randn, Activation, BlockInit, BlockSpec, LayerNorm, Transformer};
 
 #[derive(Debug)]
 pub struct VisionTransformer {
@@ -16,44 +19,46 @@ pub struct VisionTransformer {
     pub class_embedding: Tensor,
     /// (grid^2 + 1, width)
     pub positional_embedding: Tensor,
-    pub ln_pre: LayerNorm,
+    pub ln_pre: Option<LayerNorm>,
     pub transformer: Transformer,
     pub ln_post: LayerNorm,
     /// (width, embed_dim), applied as `x @ proj`.
     pub proj: Tensor,
     patch_size: i64,
+    pool: VisionPool,
+    final_ln_after_pool: bool,
 }
 
 impl VisionTransformer {
     /// Variables live under `p` (open_clip: `visual.`).
     pub fn new(p: nn::Path, cfg: &VisionConfig, embed_dim: i64, act: Activation) -> Self {
         let width = cfg.width;
+        let patch = cfg.patch();
         // open_clip: `scale = width ** -0.5` for the class token, positions and projection;
         // the conv and the blocks keep PyTorch's default initialisation.
         let scale = (width as f64).powf(-0.5);
-        let fan_in = 3 * cfg.patch_size * cfg.patch_size;
-        let conv_bound = 1.0 / (fan_in as f64).sqrt();
+        let conv_bound = 1.0 / ((3 * patch * patch) as f64).sqrt();
+        let eps = cfg.norm_eps();
+        let spec = BlockSpec {
+            width,
+            heads: cfg.heads(),
+            mlp_ratio: cfg.mlp_ratio,
+            act,
+            eps,
+            ls_init_value: cfg.ls_init_value,
+            init: BlockInit::PyTorchDefault,
+        };
         VisionTransformer {
-            conv1: (&p / "conv1").var(
-                "weight",
-                &[width, 3, cfg.patch_size, cfg.patch_size],
-                Init::Uniform { lo: -conv_bound, up: conv_bound },
-            ),
-            class_embedding: p.var("class_embedding", &[width], randn(scale)),
-            positional_embedding: p.var("positional_embedding", &[cfg.grid() * cfg.grid() + 1, width], randn(scale)),
-            ln_pre: LayerNorm::new(&p / "ln_pre", width),
-            transformer: Transformer::new(
-                &p / "transformer",
-                width,
-                cfg.layers,
-                cfg.heads(),
-                cfg.mlp_ratio,
-                act,
-                BlockInit::PyTorchDefault,
-            ),
-            ln_post: LayerNorm::new(&p / "ln_post", width),
-            proj: p.var("proj", &[width, embed_dim], randn(scale)),
-            patch_size: cfg.patch_size,
+            conv1: param(&(&p / "conv1"), "weight", &[width, 3, patch, patch], Init::Uniform { lo: -conv_bound, up: conv_bound }),
+            class_embedding: param(&p, "class_embedding", &[width], randn(scale)),
+            positional_embedding: param(&p, "positional_embedding", &[cfg.grid() * cfg.grid() + 1, width], randn(scale)),
+            ln_pre: (!cfg.no_ln_pre).then(|| LayerNorm::new(&p / "ln_pre", width, eps)),
+            transformer: Transformer::new(&p / "transformer", cfg.vit_layers(), spec),
+            ln_post: LayerNorm::new(&p / "ln_post", width, eps),
+            proj: param(&p, "proj", &[width, embed_dim], randn(scale)),
+            patch_size: patch,
+            pool: cfg.pool_type,
+            final_ln_after_pool: cfg.final_ln_after_pool,
         }
     }
 
@@ -67,11 +72,20 @@ impl VisionTransformer {
         let cls = self.class_embedding.to_kind(x.kind()).view([1, 1, -1]).expand([b, 1, -1], false);
         // (B, g*g + 1, W)
         let kind = x.kind();
-        let x = Tensor::cat(&[cls, x], 1) + self.positional_embedding.to_kind(kind);
-        let x = self.ln_pre.forward(&x);
+        let mut x = Tensor::cat(&[cls, x], 1) + self.positional_embedding.to_kind(kind);
+        if let Some(ln_pre) = &self.ln_pre {
+            x = ln_pre.forward(&x);
+        }
         let x = self.transformer.forward(&x, false);
-        let x = self.ln_post.forward(&x);
-        // Pool the class token.
-        x.select(1, 0).matmul(&self.proj)
+        let pool = |x: &Tensor| match self.pool {
+            VisionPool::Tok => x.select(1, 0),
+            VisionPool::Avg => x.narrow(1, 1, x.size()[1] - 1).mean_dim(1, false, None),
+        };
+        let pooled = if self.final_ln_after_pool {
+            self.ln_post.forward(&pool(&x))
+        } else {
+            pool(&self.ln_post.forward(&x))
+        };
+        pooled.matmul(&self.proj)
     }
 }
