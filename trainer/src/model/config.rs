@@ -534,6 +534,9 @@ impl ModelConfig {
         if v.attentional_pool {
             set.push("vision_cfg.attentional_pool (CoCa)");
         }
+        if v.patch_dropout > 0.0 {
+            set.push("vision_cfg.patch_dropout (FLIP's patch dropout)");
+        }
         if v.pos_embed_type != "learnable" {
             set.push("vision_cfg.pos_embed_type (only \"learnable\")");
         }
