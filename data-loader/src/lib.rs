@@ -57,5 +57,5 @@ pub use spec::{CsvSpec, DataSpec, JsonlSpec};
 pub use stats::{stats, DataStats};
 pub use synth::{write_synth, SynthConfig, SynthSummary};
 pub use tokenizer::Tokenizer;
-pub use transform::{ImageTransform, OPENAI_MEAN, OPENAI_STD};
+pub use transform::{ImageTransform, Interpolation, Preprocess, ResizeMode, OPENAI_MEAN, OPENAI_STD};
 pub use webdataset::{read_shard, RawSample, ShardWriter};

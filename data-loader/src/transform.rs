@@ -64,6 +64,68 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, SkipReaso
     Ok(image.into_rgb8())
 }
 
+/// How images are prepared for a model, as open_clip's `PreprocessCfg` (the
+/// `preprocess_cfg` of an `open_clip_config.json`): output size, normalisation, resize rule
+/// and interpolation. Every command that feeds a model builds its transform from this.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    /// Output side length in pixels.
+    pub size: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    #[serde(default)]
+    pub interpolation: Interpolation,
+    #[serde(default)]
+    pub resize_mode: ResizeMode,
+}
+
+/// How an image is brought to the model's square size at evaluation (open_clip's
+/// `resize_mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeMode {
+    /// Shorter side to the size, then a centre crop (OpenAI CLIP).
+    #[default]
+    Shortest,
+    /// Both sides to the size, the aspect ratio not kept (SigLIP).
+    Squash,
+    /// Longer side to the size, then padded to a square.
+    Longest,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    #[default]
+    Bicubic,
+    Bilinear,
+}
+
+impl Preprocess {
+    /// OpenAI CLIP's: OpenAI mean/std, shortest-side resize, bicubic.
+    pub fn openai(size: u32) -> Self {
+        Preprocess {
+            size,
+            mean: OPENAI_MEAN,
+            std: OPENAI_STD,
+            interpolation: Interpolation::Bicubic,
+            resize_mode: ResizeMode::Shortest,
+        }
+    }
+
+    /// SigLIP's (and open_clip's SigLIP configs'): mean = std = 0.5, squash resize, bicubic.
+    pub fn siglip(size: u32) -> Self {
+        Preprocess {
+            size,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            interpolation: Interpolation::Bicubic,
+            resize_mode: ResizeMode::Squash,
+        }
+    }
+}
+
 /// A crop rectangle in source pixels: `top` row, `left` column, `height`, `width`
 /// (torchvision's `i, j, h, w`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
