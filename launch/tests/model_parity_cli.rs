@@ -1,0 +1,89 @@
+//! `oxclip embed` against open_clip on real image files, full-size models with deterministic
+//! weights (tests/fixtures/make_cli_parity_fixtures.py): an exact-size PNG (no resize) and the
+//! captions match to 1e-4; a JPEG that both sides decode and resize their own way matches to
+//! a cosine of 0.999, while the two images' embeddings stay far apart (so the test can tell a
+//! wrong preprocessing from a right one).
+
+mod util;
+
+use std::path::{Path, PathBuf};
+
+use oxclip_trainer::model::params::deterministic;
+use tch::{Kind, Tensor};
+use util::{oxclip, read_safetensors, run_ok};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// The fixture's weights, rebuilt from its recipe, written where `oxclip` can load them.
+fn write_weights(recipe: &serde_json::Value, path: &Path) {
+    let rows = recipe.as_array().expect("recipe rows");
+    let tensors: Vec<(String, Tensor)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let name = row[0].as_str().expect("name").to_owned();
+            let shape: Vec<i64> = serde_json::from_value(row[1].clone()).expect("shape");
+            let kind = match row[4].as_str().expect("dtype") {
+                "float32" => Kind::Float,
+                "int64" => Kind::Int64,
+                other => panic!("{name}: dtype {other}"),
+            };
+            let (mean, std) = (row[2].as_f64().expect("mean"), row[3].as_f64().expect("std"));
+            (name, deterministic(&shape, i, mean, std, kind))
+        })
+        .collect();
+    Tensor::write_safetensors(&tensors, path).expect("write weights");
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    (&a * &b).sum(Kind::Double).double_value(&[]) / (a.norm().double_value(&[]) * b.norm().double_value(&[]))
+}
+
+fn check(model: &str, extra: &[&str]) {
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("cli_parity/{model}.json"))).expect("fixture")).expect("json");
+    let expected = read_safetensors(&fixtures().join(format!("cli_parity/{model}.safetensors")));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let weights = dir.path().join("model.safetensors");
+    write_weights(&golden["recipe"], &weights);
+    let out = dir.path().join("embeds.safetensors");
+    let parity = fixtures().join("cli_parity");
+    run_ok(
+        oxclip()
+            .args(["embed", "--device", "cpu", "--model", model, "--checkpoint"])
+            .arg(&weights)
+            .arg("--images")
+            .arg(parity.join("exact.png"))
+            .arg(parity.join("photo.jpg"))
+            .arg("--texts-file")
+            .arg(parity.join("texts.json"))
+            .args(extra)
+            .arg("--out")
+            .arg(&out),
+    );
+    let ours = read_safetensors(&out);
+    let (images, want_images) = (&ours["image_embeds"], &expected["image_embeds"]);
+    let text_diff = (&ours["text_embeds"] - &expected["text_embeds"]).abs().max().double_value(&[]);
+    assert!(text_diff <= 1e-4, "{model}: texts differ by {text_diff}");
+    let exact_diff = (images.get(0) - want_images.get(0)).abs().max().double_value(&[]);
+    assert!(exact_diff <= 1e-4, "{model}: the exact-size PNG differs by {exact_diff}");
+    let jpeg = cosine(&images.get(1), &want_images.get(1));
+    let apart = cosine(&want_images.get(0), &want_images.get(1));
+    assert!(jpeg >= 0.999, "{model}: the resized JPEG's cosine is {jpeg}");
+    assert!(apart < 0.99, "{model}: the two images embed too alike ({apart}) for the JPEG check to mean anything");
+}
+
+#[test]
+fn rn50_embeds_as_open_clip() {
+    check("RN50", &[]);
+}
+
+#[test]
+fn vit_b_16_siglip_embeds_as_open_clip_with_a_sentencepiece_tokenizer() {
+    let tokenizer = fixtures().join("tokenizers/siglip_sp");
+    check("ViT-B-16-SigLIP", &["--tokenizer", tokenizer.to_str().expect("utf-8 path")]);
+}
