@@ -14,3 +14,10 @@ pub(crate) fn f32_le_bytes(t: &Tensor) -> Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+/// `t`'s values, flattened, as int64 little-endian bytes (BatchNorm's `num_batches_tracked`).
+pub(crate) fn i64_le_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let flat = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?.f_contiguous()?.f_view([-1])?;
+    let values = Vec::<i64>::try_from(&flat)?;
+    Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+}

@@ -87,8 +87,10 @@ pub fn train_step(
     };
     for k in 0..micro.len() {
         // One micro-batch: step 1's graph. Several: re-encode each, now with its graph and
-        // the randomness of its first pass; the parameters' gradients accumulate.
-        let (image, text) = if micro.len() == 1 { (image_features.shallow_clone(), text_features.shallow_clone()) } else { encode(k) };
+        // the randomness of its first pass; the parameters' gradients accumulate. BatchNorm
+        // counted the micro-batch in step 1, so the repeat leaves its running statistics be.
+        let (image, text) =
+            if micro.len() == 1 { (image_features.shallow_clone(), text_features.shallow_clone()) } else { model.repeating(|| encode(k)) };
         let rows = micro.range(k);
         let len = rows.end - rows.start;
         let mut surrogate = (image.to_kind(Kind::Float) * grad_image.narrow(0, rows.start, len)).sum(Kind::Float)

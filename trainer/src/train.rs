@@ -124,7 +124,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         (cfg.lock_text, crate::model::lock::Tower::Text, cfg.lock_text_unlocked_layers),
     ] {
         if on {
-            let frozen = crate::model::lock::lock(&vs, &job.model, tower, unlocked);
+            let frozen = crate::model::lock::lock(&vs, &job.model, tower, unlocked)?;
             tracing::info!("{tower:?} tower locked: {frozen} tensors frozen, its last {unlocked} group(s) train");
         }
     }

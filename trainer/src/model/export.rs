@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use oxclip_data_loader::{OPENAI_MEAN, OPENAI_STD};
 use tch::Tensor;
 
-use super::config::ModelConfig;
+use super::config::{ModelConfig, VisionTowerKind};
 use super::{hf, write_safetensors};
 use crate::error::{io_err, Result, TrainError};
 
@@ -27,6 +27,13 @@ pub enum Format {
 
 /// Writes `weights` (open_clip names) for `format` into `out`; returns the files written.
 pub fn export(weights: BTreeMap<String, Tensor>, cfg: &ModelConfig, format: Format, out: &Path) -> Result<Vec<PathBuf>> {
+    if format == Format::HuggingFace && matches!(cfg.vision_cfg.tower(), VisionTowerKind::ResNet(_)) {
+        return Err(TrainError::ModelConfig(
+            "a ModifiedResNet image tower (RN50, RN101, RN50x4, ...) has no Hugging Face CLIPModel counterpart \
+             (transformers' CLIP vision model is a ViT); export with --format open_clip"
+                .into(),
+        ));
+    }
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let size = cfg.vision_cfg.image_size;
     let written = match format {

@@ -12,7 +12,8 @@
 
 use tch::nn;
 
-use super::config::ModelConfig;
+use super::config::{ModelConfig, VisionTowerKind};
+use crate::error::{Result, TrainError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tower {
@@ -55,7 +56,10 @@ fn in_group(name: &str, group: &[String]) -> bool {
 
 /// Freezes `tower` except its last `unlocked` groups (0: all of it). Returns the number of
 /// parameters (tensors) frozen.
-pub fn lock(vs: &nn::VarStore, cfg: &ModelConfig, tower: Tower, unlocked: usize) -> usize {
+pub fn lock(vs: &nn::VarStore, cfg: &ModelConfig, tower: Tower, unlocked: usize) -> Result<usize> {
+    if let (Tower::Image, VisionTowerKind::ResNet(_)) = (tower, cfg.vision_cfg.tower()) {
+        return lock_resnet(vs, unlocked);
+    }
     let groups = groups(cfg, tower);
     let keep = &groups[groups.len().saturating_sub(unlocked)..];
     let mut frozen = 0;
@@ -66,7 +70,28 @@ pub fn lock(vs: &nn::VarStore, cfg: &ModelConfig, tower: Tower, unlocked: usize)
             frozen += 1;
         }
     }
-    frozen
+    Ok(frozen)
+}
+
+/// open_clip's `ModifiedResNet.lock` freezes the whole tower and refuses partial locking:
+/// its stages have no agreed grouping. BatchNorm's running statistics are buffers, not
+/// parameters: in training mode they still follow the data, as in open_clip without
+/// `--lock-image-freeze-bn-stats`.
+fn lock_resnet(vs: &nn::VarStore, unlocked: usize) -> Result<usize> {
+    if unlocked > 0 {
+        return Err(TrainError::Config(format!(
+            "train.lock_image_unlocked_groups is {unlocked}, but a ModifiedResNet image tower \
+             (RN50, RN101, RN50x4, ...) locks whole, as in open_clip; set it to 0 or leave the image tower unlocked"
+        )));
+    }
+    let mut frozen = 0;
+    for (name, var) in vs.variables() {
+        if name.starts_with("visual.") && var.requires_grad() {
+            let _ = var.set_requires_grad(false);
+            frozen += 1;
+        }
+    }
+    Ok(frozen)
 }
 
 #[cfg(test)]
@@ -108,14 +133,14 @@ mod tests {
     #[test]
     fn locking_leaves_only_the_last_groups_trainable() {
         let (vs, cfg) = tiny();
-        lock(&vs, &cfg, Tower::Image, 1);
+        lock(&vs, &cfg, Tower::Image, 1).unwrap();
         let names = trainable(&vs);
         assert!(names.contains(&"visual.proj".to_owned()));
         assert!(!names.iter().any(|n| n.starts_with("visual.") && n != "visual.proj"), "{names:?}");
         assert!(names.contains(&"token_embedding.weight".to_owned()) && names.contains(&"logit_scale".to_owned()));
 
         let (vs, cfg) = tiny();
-        lock(&vs, &cfg, Tower::Text, 2);
+        lock(&vs, &cfg, Tower::Text, 2).unwrap();
         let names = trainable(&vs);
         assert!(names.contains(&"text_projection".to_owned()) && names.contains(&"ln_final.weight".to_owned()));
         assert!(names.iter().any(|n| n.starts_with("transformer.resblocks.1.")));

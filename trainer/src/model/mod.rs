@@ -13,6 +13,7 @@ pub mod export;
 pub mod hf;
 pub mod lock;
 pub mod params;
+pub mod resnet;
 pub mod text;
 pub mod transformer;
 pub mod vision;
@@ -26,6 +27,7 @@ use tch::{Kind, Tensor};
 
 pub use config::{ModelConfig, TextConfig, VisionConfig, VisionTowerKind};
 use params::param;
+use resnet::ModifiedResNet;
 use text::TextTransformer;
 use vision::VisionTransformer;
 
@@ -53,6 +55,7 @@ pub struct Clip {
 #[derive(Debug)]
 pub enum VisionTower {
     Vit(VisionTransformer),
+    ResNet(ModifiedResNet),
 }
 
 impl VisionTower {
@@ -61,16 +64,18 @@ impl VisionTower {
         let act = cfg.activation(config.quick_gelu)?;
         match cfg.tower() {
             VisionTowerKind::Vit => Ok(VisionTower::Vit(VisionTransformer::new(p, cfg, config.embed_dim, act))),
-            VisionTowerKind::ResNet(_) | VisionTowerKind::Timm(_) => {
+            VisionTowerKind::ResNet(stages) => Ok(VisionTower::ResNet(ModifiedResNet::new(p, cfg, stages, config.embed_dim))),
+            VisionTowerKind::Timm(_) => {
                 Err(TrainError::ModelConfig("this image tower is not built yet".into()))
             }
         }
     }
 
     /// images: (B, 3, S, S) -> (B, embed_dim).
-    pub fn forward(&self, images: &Tensor, _train: bool) -> Tensor {
+    pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
         match self {
             VisionTower::Vit(vit) => vit.forward(images),
+            VisionTower::ResNet(resnet) => resnet.forward(images, train),
         }
     }
 }
@@ -115,6 +120,17 @@ impl Clip {
 
     pub fn is_training(&self) -> bool {
         self.training.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f`, forwards that repeat ones already taken in training mode (gradient caching's
+    /// pass with gradients): BatchNorm normalises with the batch's statistics as the first
+    /// time but does not fold them into its running ones again.
+    pub fn repeating<T>(&self, f: impl FnOnce() -> T) -> T {
+        let VisionTower::ResNet(resnet) = &self.visual else { return f() };
+        resnet.count_batches(false);
+        let out = f();
+        resnet.count_batches(true);
+        out
     }
 
     /// images: (B, 3, S, S) -> (B, embed_dim), not normalised.
@@ -276,18 +292,23 @@ pub fn save_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
 }
 
 /// fp32 safetensors with `{"format": "pt"}` metadata (transformers refuses files without it)
-/// and any `extra` metadata.
+/// and any `extra` metadata. Integer tensors (BatchNorm's `num_batches_tracked`) are written
+/// as int64, the dtype PyTorch's `load_state_dict` expects.
 pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>, extra: Option<HashMap<String, String>>, path: &Path) -> Result<()> {
     let mut data = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let bytes = crate::bytes::f32_le_bytes(t)?;
+        let (dtype, bytes) = if t.is_floating_point() {
+            (safetensors::Dtype::F32, crate::bytes::f32_le_bytes(t)?)
+        } else {
+            (safetensors::Dtype::I64, crate::bytes::i64_le_bytes(t)?)
+        };
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        data.push((name.clone(), shape, bytes));
+        data.push((name.clone(), dtype, shape, bytes));
     }
     let views = data
         .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
                 .map(|view| (name.clone(), view))
                 .map_err(|e| TrainError::Weights { path: path.into(), message: format!("{name}: {e}") })
         })
