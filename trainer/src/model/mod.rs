@@ -14,6 +14,7 @@ pub mod hf;
 pub mod lock;
 pub mod params;
 pub mod text;
+pub mod timm_vit;
 pub mod transformer;
 pub mod vision;
 
@@ -53,6 +54,8 @@ pub struct Clip {
 #[derive(Debug)]
 pub enum VisionTower {
     Vit(VisionTransformer),
+    /// A timm ViT trunk with open_clip's `TimmModel` head (SigLIP, SigLIP 2).
+    Timm(timm_vit::TimmVit),
 }
 
 impl VisionTower {
@@ -61,16 +64,18 @@ impl VisionTower {
         let act = cfg.activation(config.quick_gelu)?;
         match cfg.tower() {
             VisionTowerKind::Vit => Ok(VisionTower::Vit(VisionTransformer::new(p, cfg, config.embed_dim, act))),
-            VisionTowerKind::ResNet(_) | VisionTowerKind::Timm(_) => {
+            VisionTowerKind::Timm(_) => Ok(VisionTower::Timm(timm_vit::TimmVit::new(p, cfg, config.embed_dim)?)),
+            VisionTowerKind::ResNet(_) => {
                 Err(TrainError::ModelConfig("this image tower is not built yet".into()))
             }
         }
     }
 
     /// images: (B, 3, S, S) -> (B, embed_dim).
-    pub fn forward(&self, images: &Tensor, _train: bool) -> Tensor {
+    pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
         match self {
             VisionTower::Vit(vit) => vit.forward(images),
+            VisionTower::Timm(vit) => vit.forward(images, train),
         }
     }
 }
