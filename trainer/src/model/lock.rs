@@ -5,7 +5,10 @@
 //! - image: {conv1, class_embedding, positional_embedding, ln_pre}, each residual block but
 //!   the last, {last block, ln_post}, {proj};
 //! - text: {token_embedding, positional_embedding}, each residual block but the last,
-//!   {last block, ln_final}, {text_projection}.
+//!   {last block, ln_final}, {text_projection};
+//! - a timm trunk (SigLIP), as open_clip's `TimmModel.lock`: timm's groups {patch_embed,
+//!   pos_embed}, each block, {norm}, {attn_pool}; `visual.head` is never frozen, and
+//!   `unlocked: 0` freezes the whole trunk.
 //!
 //! Frozen parameters get `requires_grad = false`, so backward skips them and the optimizer
 //! never sees them (no state, no weight decay).
@@ -23,6 +26,9 @@ pub enum Tower {
 
 /// The tower's groups of parameter names (exact names, or prefixes ending in `.`).
 fn groups(cfg: &ModelConfig, tower: Tower) -> Vec<Vec<String>> {
+    if let (Tower::Image, VisionTowerKind::Timm(name)) = (tower, cfg.vision_cfg.tower()) {
+        return super::timm_vit::lock_groups(name);
+    }
     let t = cfg.text_prefix();
     let (first, blocks, layers, last, proj) = match tower {
         Tower::Image => (

@@ -15,6 +15,7 @@ pub mod lock;
 pub mod params;
 pub mod resnet;
 pub mod text;
+pub mod timm_vit;
 pub mod transformer;
 pub mod vision;
 
@@ -56,6 +57,8 @@ pub struct Clip {
 pub enum VisionTower {
     Vit(VisionTransformer),
     ResNet(ModifiedResNet),
+    /// A timm ViT trunk with open_clip's `TimmModel` head (SigLIP, SigLIP 2).
+    Timm(timm_vit::TimmVit),
 }
 
 impl VisionTower {
@@ -65,9 +68,7 @@ impl VisionTower {
         match cfg.tower() {
             VisionTowerKind::Vit => Ok(VisionTower::Vit(VisionTransformer::new(p, cfg, config.embed_dim, act))),
             VisionTowerKind::ResNet(stages) => Ok(VisionTower::ResNet(ModifiedResNet::new(p, cfg, stages, config.embed_dim))),
-            VisionTowerKind::Timm(_) => {
-                Err(TrainError::ModelConfig("this image tower is not built yet".into()))
-            }
+            VisionTowerKind::Timm(_) => Ok(VisionTower::Timm(timm_vit::TimmVit::new(p, cfg, config.embed_dim)?)),
         }
     }
 
@@ -76,6 +77,7 @@ impl VisionTower {
         match self {
             VisionTower::Vit(vit) => vit.forward(images),
             VisionTower::ResNet(resnet) => resnet.forward(images, train),
+            VisionTower::Timm(vit) => vit.forward(images, train),
         }
     }
 }
