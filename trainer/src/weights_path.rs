@@ -27,7 +27,7 @@ pub enum Found {
     /// open_clip layout: `open_clip_model.safetensors`, with `open_clip_config.json` (whose
     /// `model_cfg` is the architecture) when it sits beside it.
     OpenClip { weights: PathBuf, config: Option<PathBuf> },
-    /// Hugging Face `CLIPModel` layout: `model.safetensors` beside a `config.json`.
+    /// Hugging Face layout (`CLIPModel`, `SiglipModel`): `model.safetensors` beside a `config.json`.
     HuggingFace { weights: PathBuf, config: PathBuf },
     /// A safetensors file on its own: the architecture has to be given.
     File(PathBuf),
@@ -39,6 +39,18 @@ impl Found {
         match self {
             Found::Checkpoint { dir } => dir.join(MODEL_FILE),
             Found::OpenClip { weights, .. } | Found::HuggingFace { weights, .. } | Found::File(weights) => weights.clone(),
+        }
+    }
+
+    /// The directory's own config, translated (architecture, preprocessing, tokenizer files),
+    /// for a Hugging Face `CLIPModel` / `SiglipModel` directory or an open_clip directory with
+    /// its `open_clip_config.json`; `None` for a checkpoint (its run config says) or a bare file.
+    pub fn pretrained(&self) -> Result<Option<crate::model::pretrained::Pretrained>> {
+        use crate::model::pretrained::Pretrained;
+        match self {
+            Found::HuggingFace { weights, config } => Pretrained::hugging_face(config, weights).map(Some),
+            Found::OpenClip { weights, config: Some(config) } => Pretrained::open_clip(config, weights).map(Some),
+            _ => Ok(None),
         }
     }
 

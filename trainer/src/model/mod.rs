@@ -14,6 +14,7 @@ pub mod hf;
 pub mod hf_siglip;
 pub mod lock;
 pub mod params;
+pub mod pretrained;
 pub mod text;
 pub mod transformer;
 pub mod vision;
