@@ -835,17 +835,19 @@ mod tests {
     /// `--format hf` of a SigLIP model writes a SiglipModel directory that reads back as the
     /// same model, preprocessing and weights (the weights go through open_clip names, so no
     /// model has to be built). The CLIP directory likewise comes back as its CLIPModel.
+    /// `OXCLIP_KEEP_EXPORTS=DIR` keeps the directories, for checking them with transformers.
     #[test]
     fn exports_read_back_as_the_same_model_and_weights() {
         use crate::model::export::{export, Format};
         use tch::Tensor;
         let tmp = tempfile::tempdir().unwrap();
+        let root = std::env::var_os("OXCLIP_KEEP_EXPORTS").map_or(tmp.path().to_path_buf(), PathBuf::from);
         for (name, mapping) in [("hf_siglip_tiny", true), ("hf_clip_quickgelu_tiny", false)] {
             let p = Pretrained::read(&fixtures().join(name)).unwrap();
             let hf: std::collections::BTreeMap<String, Tensor> = Tensor::read_safetensors(&p.weights).unwrap().into_iter().collect();
             let oc = if mapping { crate::model::hf_siglip::from_hf(hf).unwrap() } else { crate::model::hf::from_hf(hf).unwrap() };
             for format in [Format::HuggingFace, Format::OpenClip] {
-                let out = tmp.path().join(format!("{name}-{format:?}"));
+                let out = root.join(format!("{name}-{format:?}"));
                 let copy = oc.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
                 export(copy, &p.model, Some(&p.preprocess), format, &out).unwrap();
                 let back = Pretrained::read(&out).unwrap();
