@@ -110,7 +110,12 @@ pub fn siglip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
             "max_position_embeddings": t.context_length,
             "hidden_act": approximate(&t.act_kwargs, false),
             "layer_norm_eps": t.norm_eps(),
-            "projection_size": cfg.embed_dim
+            "projection_size": cfg.embed_dim,
+            // The model reads none of these; written so that transformers' defaults (OpenAI's
+            // 49406 / 49407) do not stand outside a small vocabulary.
+            "bos_token_id": null,
+            "eos_token_id": 1,
+            "pad_token_id": 1
         },
         "vision_config": {
             "model_type": "siglip_vision_model",
