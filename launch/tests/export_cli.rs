@@ -25,12 +25,30 @@ fn exports_round_trip_and_pickles_are_refused() {
     let oc_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(oc.join("open_clip_config.json")).expect("json")).expect("json");
     assert_eq!(oc_config["model_cfg"]["embed_dim"], 64);
 
-    // A bare Hugging Face file needs --model; with it, it comes back as the same weights.
-    let bare = oxclip().args(["export", "--checkpoint"]).arg(hf.join("model.safetensors")).args(["--format", "open_clip", "--out"]).arg(&back).output().expect("runs");
+    // The Hugging Face directory says its architecture (config.json): no --model needed, and
+    // it comes back as the same weights. A bare copy of its weights file needs --model.
+    run_ok(oxclip().args(["export", "--checkpoint"]).arg(hf.join("model.safetensors")).args(["--format", "open_clip", "--out"]).arg(&back));
+    assert_eq!(max_abs_diff(&oc.join("open_clip_model.safetensors"), &back.join("open_clip_model.safetensors")), 0.0);
+    let back_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(back.join("open_clip_config.json")).expect("json")).expect("json");
+    assert_eq!(back_cfg["model_cfg"], oc_config["model_cfg"]);
+    assert_eq!(back_cfg["preprocess_cfg"], oc_config["preprocess_cfg"]);
+    let bare_file = dir.path().join("bare.safetensors");
+    std::fs::copy(hf.join("model.safetensors"), &bare_file).expect("copy");
+    let bare = oxclip().args(["export", "--checkpoint"]).arg(&bare_file).args(["--format", "open_clip", "--out"]).arg(dir.path().join("b")).output().expect("runs");
     assert!(!bare.status.success());
     assert!(String::from_utf8_lossy(&bare.stderr).contains("--model"));
-    run_ok(oxclip().args(["export", "--model", "tiny", "--checkpoint"]).arg(hf.join("model.safetensors")).args(["--format", "open_clip", "--out"]).arg(&back));
-    assert_eq!(max_abs_diff(&oc.join("open_clip_model.safetensors"), &back.join("open_clip_model.safetensors")), 0.0);
+    run_ok(oxclip().args(["export", "--model", "tiny", "--checkpoint"]).arg(&bare_file).args(["--format", "open_clip", "--out"]).arg(dir.path().join("b")));
+    // A --model that contradicts the directory: the differing keys, directory's value first.
+    let stderr = fails(oxclip().args(["export", "--model", "small", "--checkpoint"]).arg(&hf).args(["--format", "open_clip", "--out"]).arg(dir.path().join("c")),
+        &["--model contradicts", "embed_dim: 64 vs 128", "more)"]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // config.json of another architecture is named as such.
+    let bert = dir.path().join("bert");
+    std::fs::create_dir_all(&bert).expect("mkdir");
+    std::fs::copy(hf.join("model.safetensors"), bert.join("model.safetensors")).expect("copy");
+    std::fs::write(bert.join("config.json"), r#"{"architectures": ["BertModel"], "model_type": "bert"}"#).expect("write");
+    fails(oxclip().args(["export", "--checkpoint"]).arg(&bert).args(["--format", "hf", "--out"]).arg(dir.path().join("d")),
+        &["config.json", "architectures [\"BertModel\"]", "CLIPModel"]);
     assert_eq!(max_abs_diff(&oc.join("open_clip_model.safetensors"), &run.join("checkpoints/step_2/model.safetensors")), 0.0);
 
     // Fine-tuning from the Hugging Face export starts from exactly those weights.
@@ -83,12 +101,13 @@ fn every_weights_flag_takes_runs_checkpoints_and_exports() {
     let oc = dir.path().join("oc");
     assert!(stdout.contains(&format!("exported step 2 of {} to {} (open_clip)", run.display(), oc.display())), "{stdout}");
     assert_eq!(max_abs_diff(&oc.join("open_clip_model.safetensors"), &weights), 0.0);
-    // An open_clip export carries its architecture; a Hugging Face one needs --model.
+    // open_clip and Hugging Face directories carry their architecture.
     let stdout = export(&oc, "hf", "hf", &[]);
     assert!(stdout.contains("open_clip export") && stdout.contains("(hf)"), "{stdout}");
     let hf = dir.path().join("hf");
-    fails(oxclip().args(["export", "--checkpoint"]).arg(&hf).args(["--format", "open_clip", "--out"]).arg(dir.path().join("x")),
-        &["Hugging Face export", "--model"]);
+    let stdout = export(&hf, "open_clip", "x", &[]);
+    assert!(stdout.contains("Hugging Face export"), "{stdout}");
+    assert_eq!(max_abs_diff(&dir.path().join("x/open_clip_model.safetensors"), &weights), 0.0);
     // --model takes an open_clip_config.json (our own export's) as a model config.
     export(&hf, "open_clip", "back", &["--model", &oc.join("open_clip_config.json").to_string_lossy()]);
     assert_eq!(max_abs_diff(&dir.path().join("back/open_clip_model.safetensors"), &weights), 0.0);
@@ -100,6 +119,10 @@ fn every_weights_flag_takes_runs_checkpoints_and_exports() {
             .args(["--set", "train.steps=1", "--set", "optim.lr=0"]));
         assert!(max_abs_diff(&weights, &to.join("checkpoints/step_1/model.safetensors")) <= 1e-6, "{name}");
     }
+
+    // init.checkpoint: a directory whose config contradicts the run's model is refused by key.
+    fails(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(dir.path().join("contra")).arg("--init").arg(&hf)
+        .args(["--set", "model=small"]), &["init.checkpoint", "the run's model contradicts", "embed_dim: 64 vs 128"]);
 
     // --resume: `auto` is named when the path is not there; an export has nothing to resume.
     fails(oxclip().args(["train", "--config"]).arg(&config).args(["--resume", "yes"]), &["--resume yes", "auto"]);

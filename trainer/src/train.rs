@@ -114,6 +114,21 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         });
     }
 
+    // Initial weights from a directory with its own config: the run's model must be that one,
+    // checked before anything is built.
+    let init = match (&job.init_checkpoint, &resume_from) {
+        (Some(path), None) => {
+            let found = weights_path::locate(path).map_err(|e| TrainError::Config(format!("init.checkpoint (--init) {e}")))?;
+            if let Some(dir) = found.pretrained()? {
+                if let Some(msg) = crate::model::pretrained::contradiction(&dir.dir, &dir.model, "the run's model", &job.model) {
+                    return Err(TrainError::Config(format!("init.checkpoint (--init): {msg}")));
+                }
+            }
+            Some(found)
+        }
+        _ => None,
+    };
+
     // Model and optimizer: the seed fixes the initial weights.
     tch::manual_seed(cfg.seed as i64);
     let vs = nn::VarStore::new(device);
@@ -133,8 +148,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         AdamWConfig { betas: (job.optim.betas[0], job.optim.betas[1]), eps: job.optim.eps, weight_decay: job.optim.weight_decay },
     );
     tracing::info!("model: {} parameters on {}", crate::model::num_params(&vs), device::name(device));
-    if let (Some(path), None) = (&job.init_checkpoint, &resume_from) {
-        let found = weights_path::locate(path).map_err(|e| TrainError::Config(format!("init.checkpoint (--init) {e}")))?;
+    if let Some(found) = &init {
         crate::model::load_weights(&vs, &found.weights())?;
         tracing::info!("initial weights from {} ({})", found.weights().display(), found.describe());
     }

@@ -1,7 +1,8 @@
 //! What a path given for weights is. Every flag and key that takes weights (`--checkpoint`,
 //! `--init`, `init.checkpoint`, `--resume`) goes through [`locate`], so they all accept the
 //! same things: a run folder, its `checkpoints/` folder, a `checkpoints/step_N` folder, a
-//! folder `oxclip export` wrote (open_clip or Hugging Face layout), or a safetensors file.
+//! model directory in open_clip's hub layout or Hugging Face's (`CLIPModel`, `SiglipModel`;
+//! what `oxclip export` writes too), or a safetensors file.
 //! What was found is an enum, so a caller can say what it needs of each (the architecture,
 //! an optimizer state) and new kinds of folder join the same rule.
 
@@ -27,7 +28,7 @@ pub enum Found {
     /// open_clip layout: `open_clip_model.safetensors`, with `open_clip_config.json` (whose
     /// `model_cfg` is the architecture) when it sits beside it.
     OpenClip { weights: PathBuf, config: Option<PathBuf> },
-    /// Hugging Face `CLIPModel` layout: `model.safetensors` beside a `config.json`.
+    /// Hugging Face layout (`CLIPModel`, `SiglipModel`): `model.safetensors` beside a `config.json`.
     HuggingFace { weights: PathBuf, config: PathBuf },
     /// A safetensors file on its own: the architecture has to be given.
     File(PathBuf),
@@ -39,6 +40,18 @@ impl Found {
         match self {
             Found::Checkpoint { dir } => dir.join(MODEL_FILE),
             Found::OpenClip { weights, .. } | Found::HuggingFace { weights, .. } | Found::File(weights) => weights.clone(),
+        }
+    }
+
+    /// The directory's own config, translated (architecture, preprocessing, tokenizer files),
+    /// for a Hugging Face `CLIPModel` / `SiglipModel` directory or an open_clip directory with
+    /// its `open_clip_config.json`; `None` for a checkpoint (its run config says) or a bare file.
+    pub fn pretrained(&self) -> Result<Option<crate::model::pretrained::Pretrained>> {
+        use crate::model::pretrained::Pretrained;
+        match self {
+            Found::HuggingFace { weights, config } => Pretrained::hugging_face(config, weights).map(Some),
+            Found::OpenClip { weights, config: Some(config) } => Pretrained::open_clip(config, weights).map(Some),
+            _ => Ok(None),
         }
     }
 
@@ -96,6 +109,22 @@ pub fn locate(path: &Path) -> Result<Found> {
     }
     if path.join(HF_WEIGHTS).is_file() {
         return Ok(Found::File(path.join(HF_WEIGHTS)));
+    }
+    if path.join(HF_CONFIG).is_file() {
+        // A Hugging Face directory whose weights are not one safetensors file.
+        let p = path.display();
+        if path.join("model.safetensors.index.json").is_file() {
+            return Err(fail(format!(
+                "its weights are sharded (model.safetensors.index.json); oxclip reads one {HF_WEIGHTS}. Merge them once with:\n  \
+                 python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{p}').save_pretrained('{p}-merged', max_shard_size='1000GB')\""
+            )));
+        }
+        if path.join("pytorch_model.bin").is_file() {
+            return Err(fail(format!(
+                "its weights are pytorch_model.bin, a pickle (oxclip reads safetensors only: unpickling runs arbitrary code). Convert them once with:\n  \
+                 python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{p}').save_pretrained('{p}-safetensors')\""
+            )));
+        }
     }
     Err(fail(format!(
         "not a run folder, a checkpoints/ folder, a checkpoints/step_N folder, a folder written by `oxclip export`, \
@@ -217,6 +246,12 @@ mod tests {
         fs::create_dir_all(other.join("sub")).expect("mkdir");
         let err = locate(&other).expect_err("nothing fits").to_string();
         assert!(err.contains("f0.txt, f1.txt") && err.contains("(10 entries)") && !err.contains("f8.txt"), "{err}");
+
+        let sharded = tmp.path().join("sharded");
+        touch(&sharded.join(HF_CONFIG));
+        touch(&sharded.join("model.safetensors.index.json"));
+        let err = locate(&sharded).expect_err("sharded").to_string();
+        assert!(err.contains("sharded") && err.contains("save_pretrained"), "{err}");
 
         let run = tmp.path().join("run");
         step(&run, 5, false);

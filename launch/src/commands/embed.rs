@@ -21,7 +21,8 @@ pub struct ModelArgs {
     /// Hugging Face layout).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// The architecture (built-in name or model YAML); needed for a bare weights file.
+    /// The architecture (built-in name or model YAML); needed for a bare weights file. A
+    /// Hugging Face or open_clip directory says its own; one that contradicts it is an error.
     #[arg(long)]
     pub model: Option<String>,
     /// A Hugging Face tokenizer.json instead of the CLIP BPE.

@@ -16,7 +16,7 @@ pub enum ExportFormat {
     /// `open_clip_model.safetensors` + `open_clip_config.json`.
     #[value(name = "open_clip")]
     OpenClip,
-    /// `model.safetensors` + `config.json` + `preprocessor_config.json` for `CLIPModel`.
+    /// `model.safetensors` + `config.json` + `preprocessor_config.json` for `CLIPModel` or `SiglipModel`.
     Hf,
 }
 
@@ -27,14 +27,16 @@ pub struct ExportArgs {
     /// Hugging Face layout).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Which loader the directory is for: `open_clip` or `hf` (transformers' `CLIPModel`).
+    /// Which loader the directory is for: `open_clip` or `hf` (transformers' `CLIPModel`, or
+    /// `SiglipModel` for a SigLIP model).
     #[arg(long, value_enum)]
     pub format: ExportFormat,
     /// The directory to write.
     #[arg(long)]
     pub out: PathBuf,
     /// The architecture (a built-in name, a model YAML or an `open_clip_config.json`), when
-    /// the checkpoint does not say (a bare weights file, a Hugging Face export).
+    /// the checkpoint does not say (a bare weights file); for a Hugging Face or open_clip
+    /// directory, a check: one that contradicts the directory's config is an error.
     #[arg(long)]
     pub model: Option<String>,
 }
@@ -50,7 +52,9 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         ExportFormat::OpenClip => Format::OpenClip,
         ExportFormat::Hf => Format::HuggingFace,
     };
-    let files = export(weights, &cfg, format, &args.out)?;
+    // A model directory's own preprocessing travels with it; otherwise the family's.
+    let preprocess = found.pretrained()?.map(|p| p.preprocess);
+    let files = export(weights, &cfg, preprocess.as_ref(), format, &args.out)?;
     for f in files {
         println!("{}", f.display());
     }

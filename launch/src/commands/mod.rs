@@ -12,16 +12,18 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 use oxclip_trainer::checkpoint;
-use oxclip_trainer::model::ModelConfig;
+use oxclip_trainer::model::{pretrained, ModelConfig};
 use oxclip_trainer::weights_path::{self, Found};
 
 use crate::config;
 
 /// The weights file `checkpoint` names and its architecture. `checkpoint` is anything
 /// [`weights_path::locate`] accepts (a run folder, its `checkpoints/` folder, a step folder,
-/// an `oxclip export` folder, a safetensors file); `model` (a built-in name, a model YAML or an
-/// `open_clip_config.json`) overrides or, where the weights do not say, supplies the
-/// architecture a checkpoint's saved run config or an open_clip export's config gives.
+/// a Hugging Face or open_clip model directory, a safetensors file). A model directory says
+/// its own architecture (`config.json`, `open_clip_config.json`), as a checkpoint's saved run
+/// config does; `model` (a built-in name, a model YAML or an `open_clip_config.json`) is then
+/// optional, and an error naming the differing keys where it contradicts the directory. A
+/// bare weights file needs `model`.
 pub fn weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Result<(PathBuf, ModelConfig)> {
     Ok(located_weights_and_model(checkpoint, model)?.1)
 }
@@ -29,20 +31,24 @@ pub fn weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Resu
 /// [`weights_and_model`], with what was found.
 pub fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Result<(Found, (PathBuf, ModelConfig))> {
     let found = weights_path::locate(checkpoint)?;
-    let cfg = match (model, &found) {
-        (Some(name), _) => config::resolve_model(name)?,
-        (None, Found::Checkpoint { dir }) => model_of_checkpoint(dir)?,
-        (None, Found::OpenClip { config: Some(config), .. }) => config::model_from_file(config)?,
-        (None, Found::OpenClip { weights, config: None }) => {
+    let pretrained = found.pretrained()?;
+    let cfg = match (model, &found, pretrained) {
+        (Some(name), _, Some(dir)) => {
+            let given = config::resolve_model(name)?;
+            if let Some(msg) = pretrained::contradiction(&dir.dir, &dir.model, "--model", &given) {
+                bail!("{msg}");
+            }
+            dir.model
+        }
+        (Some(name), _, None) => config::resolve_model(name)?,
+        (None, _, Some(dir)) => dir.model,
+        (None, Found::Checkpoint { dir }, None) => model_of_checkpoint(dir)?,
+        (None, Found::OpenClip { weights, .. }, None) => {
             bail!("{} has no open_clip_config.json beside it: say which architecture it is with --model", weights.display())
         }
-        (None, Found::HuggingFace { weights, config }) => bail!(
-            "{} is a Hugging Face export; oxclip does not read the architecture from its {} yet: say which it is with \
-             --model (a built-in name or a model YAML; for an oxclip export, the model of the run it came from)",
-            weights.display(),
-            config.display()
-        ),
-        (None, Found::File(file)) => bail!("{} is a bare weights file: say which architecture it is with --model", file.display()),
+        (None, Found::HuggingFace { weights, .. } | Found::File(weights), None) => {
+            bail!("{} is a bare weights file: say which architecture it is with --model", weights.display())
+        }
     };
     let weights = found.weights();
     Ok((found, (weights, cfg)))

@@ -11,8 +11,10 @@
 pub mod config;
 pub mod export;
 pub mod hf;
+pub mod hf_siglip;
 pub mod lock;
 pub mod params;
+pub mod pretrained;
 pub mod resnet;
 pub mod text;
 pub mod timm_vit;
@@ -200,14 +202,16 @@ fn has_tensor(path: &Path, name: &str) -> bool {
 }
 
 /// Loads weights into `vs` from a safetensors file in open_clip layout (an oxclip checkpoint,
-/// `open_clip_model.safetensors`) or Hugging Face `CLIPModel` layout (`model.safetensors`),
+/// `open_clip_model.safetensors`) or Hugging Face `CLIPModel` / `SiglipModel` layout (`model.safetensors`),
 /// told apart by their names; converts dtype (fp16 / bf16 files load) and refuses any
 /// mismatch, naming every missing, unexpected or mis-shaped tensor. Pickled checkpoints are
 /// refused with the conversion to run.
 pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
     refuse_pickles(path)?;
     let mut loaded = read_safetensors(path)?;
-    if hf::is_hf(loaded.keys()) {
+    if hf_siglip::is_siglip(loaded.keys()) {
+        loaded = hf_siglip::from_hf(loaded).map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })?;
+    } else if hf::is_hf(loaded.keys()) {
         loaded = hf::from_hf(loaded).map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })?;
     } else if loaded.keys().all(|k| k.starts_with("module.")) {
         // Saved from inside DistributedDataParallel, as open_clip's own checkpoints are.
