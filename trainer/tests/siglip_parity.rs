@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use oxclip_trainer::model::lock::{lock, Tower};
+use oxclip_trainer::model::config::Activation;
 use oxclip_trainer::model::params::deterministic;
+use oxclip_trainer::model::timm_vit::{architecture, NORM_EPS};
 use oxclip_trainer::model::{Clip, ModelConfig};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -77,6 +79,21 @@ fn timm_trunks_have_open_clips_names_and_shapes() {
         let ours: Vec<(String, Vec<i64>)> =
             Clip::shapes(&cfg).unwrap_or_else(|e| panic!("{name}: {e}")).into_iter().filter(|(n, _)| n.starts_with("visual.")).collect();
         assert_eq!(ours, expected, "{name} ({})", entry["timm_model_name"]);
+        // What the shapes cannot show: the activation and the norms' eps.
+        let trunk = entry["timm_model_name"].as_str().expect("timm name");
+        let a = architecture(trunk).expect("built");
+        let act = match a.act {
+            Activation::Gelu => "GELU",
+            Activation::GeluTanh => "GELUTanh",
+            Activation::QuickGelu => "QuickGELU",
+        };
+        let arch = &entry["arch"];
+        let ours = serde_json::json!({
+            "img_size": a.img_size, "patch": a.patch, "width": a.width, "depth": a.depth, "heads": a.heads,
+            "mlp_hidden": a.mlp_hidden, "act": [act], "eps": [NORM_EPS], "pool_heads": a.heads, "latent": [1, 1, a.width],
+        });
+        assert_eq!(&ours, arch, "{trunk}");
+        assert_eq!(cfg.vision_cfg.image_size, a.img_size, "{name}: open_clip's config and timm's default size agree");
     }
 }
 
