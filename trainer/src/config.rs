@@ -131,6 +131,11 @@ pub struct TrainConfig {
     pub lock_image: bool,
     #[serde(default)]
     pub lock_image_unlocked_groups: usize,
+    /// With `lock_image`: BatchNorm layers of the image tower (ModifiedResNet) normalise with
+    /// their running statistics and stop updating them, as open_clip's
+    /// `--lock-image-freeze-bn-stats`; otherwise they follow each batch, as in open_clip.
+    #[serde(default)]
+    pub lock_image_freeze_bn_stats: bool,
     /// Freeze the text tower (open_clip's `--lock-text`), except its last
     /// `lock_text_unlocked_layers` groups.
     #[serde(default)]

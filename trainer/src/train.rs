@@ -143,6 +143,9 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
             tracing::info!("{tower:?} tower locked: {frozen} tensors frozen, its last {unlocked} group(s) train");
         }
     }
+    if cfg.lock_image && cfg.lock_image_freeze_bn_stats {
+        model.freeze_batch_norm();
+    }
     let mut optimizer = AdamW::new(
         vs.variables().into_iter().collect(),
         AdamWConfig { betas: (job.optim.betas[0], job.optim.betas[1]), eps: job.optim.eps, weight_decay: job.optim.weight_decay },

@@ -144,7 +144,8 @@ fn tiny_resnet_training_step_matches_open_clip() {
 }
 
 /// Eval mode normalises with the running statistics and leaves them alone; training-mode
-/// forwards count each batch.
+/// forwards count each batch, a repeat not; frozen BatchNorm (a locked tower) acts as in eval
+/// mode whatever the model's mode.
 #[test]
 fn eval_mode_uses_and_keeps_the_running_statistics() {
     let io = read("tiny_io.safetensors");
@@ -166,6 +167,18 @@ fn eval_mode_uses_and_keeps_the_running_statistics() {
     assert_eq!(vs.variables()["visual.layer4.0.downsample.1.num_batches_tracked"].int64_value(&[]), 4);
     let _ = model.repeating(|| tch::no_grad(|| model.encode_image(&images)));
     assert_eq!(vs.variables()["visual.layer4.0.downsample.1.num_batches_tracked"].int64_value(&[]), 4, "a repeat is not counted");
+
+    // train.lock_image_freeze_bn_stats: training mode normalises as eval mode and counts nothing.
+    model.freeze_batch_norm();
+    let counted: BTreeMap<String, Tensor> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+    let frozen = tch::no_grad(|| model.encode_image(&images));
+    assert!(max_abs(&frozen, &tch::no_grad(|| {
+        model.set_training(false);
+        model.encode_image(&images)
+    })) < 1e-6);
+    for (name, var) in vs.variables() {
+        assert!(var.equal(&counted[&name]), "{name} changed with frozen BatchNorm");
+    }
 }
 
 /// A ResNet image tower locks whole, as open_clip's `ModifiedResNet.lock`; partial locking

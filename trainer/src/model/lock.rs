@@ -7,7 +7,8 @@
 //! - text: {token_embedding, positional_embedding}, each residual block but the last,
 //!   {last block, ln_final}, {text_projection};
 //! - a timm trunk (SigLIP), as open_clip's `TimmModel.lock`: timm's groups {patch_embed,
-//!   pos_embed}, each block, {norm}, {attn_pool}; `visual.head` is never frozen, and
+//!   pos_embed}, each block but the last, {last block, norm}, {attn_pool}; `visual.head`
+//!   is never frozen, and
 //!   `unlocked: 0` freezes the whole trunk.
 //!
 //! Frozen parameters get `requires_grad = false`, so backward skips them and the optimizer

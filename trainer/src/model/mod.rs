@@ -137,6 +137,15 @@ impl Clip {
         out
     }
 
+    /// BatchNorm in the image tower normalises with its running statistics and keeps them,
+    /// in training mode too (open_clip's `--lock-image-freeze-bn-stats`). Towers without
+    /// BatchNorm are left as they are.
+    pub fn freeze_batch_norm(&self) {
+        if let VisionTower::ResNet(resnet) = &self.visual {
+            resnet.freeze_batch_norm();
+        }
+    }
+
     /// images: (B, 3, S, S) -> (B, embed_dim), not normalised.
     pub fn encode_image(&self, images: &Tensor) -> Tensor {
         self.visual.forward(images, self.is_training())

@@ -215,6 +215,8 @@ pub struct ModifiedResNet {
     pub attnpool: AttentionPool2d,
     /// Whether training-mode forwards fold batch statistics into the running ones.
     count_batches: AtomicBool,
+    /// BatchNorm in eval mode whatever the model's mode (a locked tower's frozen statistics).
+    frozen_batch_norm: AtomicBool,
 }
 
 impl ModifiedResNet {
@@ -249,6 +251,7 @@ impl ModifiedResNet {
             layers,
             attnpool: AttentionPool2d::new(&p / "attnpool", cfg.image_size / 32, width * 32, cfg.heads(), embed_dim),
             count_batches: AtomicBool::new(true),
+            frozen_batch_norm: AtomicBool::new(false),
         }
     }
 
@@ -260,8 +263,15 @@ impl ModifiedResNet {
         self.count_batches.store(on, Ordering::Relaxed);
     }
 
+    /// From now on BatchNorm normalises with the running statistics and never updates them,
+    /// as open_clip's `freeze_batch_norm_2d` (a locked tower with frozen statistics).
+    pub fn freeze_batch_norm(&self) {
+        self.frozen_batch_norm.store(true, Ordering::Relaxed);
+    }
+
     /// images: (B, 3, S, S) normalised -> (B, embed_dim), not L2-normalised.
     pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
+        let train = train && !self.frozen_batch_norm.load(Ordering::Relaxed);
         let mode = if train { BnMode::Train { update: self.count_batches.load(Ordering::Relaxed) } } else { BnMode::Eval };
         let mut x = self.bn1.forward(&conv(images, &self.conv1, 2), mode).relu();
         x = self.bn2.forward(&conv(&x, &self.conv2, 1), mode).relu();

@@ -311,15 +311,16 @@ impl TimmVit {
 }
 
 /// open_clip's `TimmModel.lock` groups (timm's `group_matcher` for a ViT, as
-/// `group_parameters` orders them): {patch_embed, pos_embed}, each block, {norm},
-/// then the unmatched rest, {attn_pool}. `visual.head` is in none: `TimmModel.lock` only
-/// freezes the trunk. Names relative to the model root.
+/// `group_parameters` orders them): {patch_embed, pos_embed}, each block but the last,
+/// {last block, norm} (`norm`'s ordinal is timm's MATCH_PREV_GROUP), then the unmatched
+/// rest, {attn_pool}. `visual.head` is in none: `TimmModel.lock` only freezes the trunk.
+/// Names relative to the model root.
 pub fn lock_groups(name: &str) -> Vec<Vec<String>> {
     let Ok(a) = architecture(name) else { return Vec::new() };
     let t = "visual.trunk";
     let mut out = vec![vec![format!("{t}.patch_embed"), format!("{t}.pos_embed")]];
-    out.extend((0..a.depth).map(|i| vec![format!("{t}.blocks.{i}")]));
-    out.push(vec![format!("{t}.norm")]);
+    out.extend((0..a.depth - 1).map(|i| vec![format!("{t}.blocks.{i}")]));
+    out.push(vec![format!("{t}.blocks.{}", a.depth - 1), format!("{t}.norm")]);
     out.push(vec![format!("{t}.attn_pool")]);
     out
 }
@@ -372,9 +373,9 @@ mod tests {
     #[test]
     fn lock_groups_follow_timms_group_matcher() {
         let groups = lock_groups("vit_base_patch16_siglip_224");
-        assert_eq!(groups.len(), 1 + 12 + 2);
+        assert_eq!(groups.len(), 1 + 12 + 1);
         assert_eq!(groups[0], ["visual.trunk.patch_embed", "visual.trunk.pos_embed"]);
-        assert_eq!(groups[12], ["visual.trunk.blocks.11"]);
-        assert_eq!(groups[14], ["visual.trunk.attn_pool"]);
+        assert_eq!(groups[12], ["visual.trunk.blocks.11", "visual.trunk.norm"]);
+        assert_eq!(groups[13], ["visual.trunk.attn_pool"]);
     }
 }
