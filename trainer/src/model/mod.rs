@@ -16,6 +16,7 @@ pub mod params;
 pub mod text;
 pub mod transformer;
 pub mod vision;
+pub mod zoo;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
