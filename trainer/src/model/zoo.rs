@@ -163,6 +163,10 @@ pub fn suggest(query: &str, max: usize) -> Vec<&'static str> {
         })
         .collect();
     scored.sort();
+    // The same name but for case or separators is the one meant.
+    if scored.first().is_some_and(|(d, _)| *d == 0) {
+        scored.retain(|(d, _)| *d == 0);
+    }
     scored.into_iter().take(max).map(|(_, name)| name).collect()
 }
 
@@ -227,7 +231,7 @@ mod tests {
     #[test]
     fn suggestions_find_the_intended_name() {
         assert_eq!(suggest("vit-b-32", 3)[0], "ViT-B-32");
-        assert_eq!(suggest("ViT-B/32", 3)[0], "ViT-B-32");
+        assert_eq!(suggest("ViT-B/32", 3), ["ViT-B-32"]);
         assert_eq!(suggest("ViT-L-14-quickgel", 3)[0], "ViT-L-14-quickgelu");
         assert!(suggest("RN50x", 5).contains(&"RN50x4"));
         assert!(suggest("convnext_base", 3).is_empty());
