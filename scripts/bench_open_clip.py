@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """open_clip training-step baseline for `oxclip bench train`.
 
-Builds open_clip's CLIP from one of our YAML model configs (which mirror
-open_clip's JSON model configs), feeds random images and random token ids,
+Builds open_clip's CLIP from a model config file: one of our YAMLs or an
+open_clip JSON (configs/models/open_clip/; YAML reads JSON), feeds random images and random token ids,
 and times S training steps after W warm-up steps.  Prints ONE JSON line:
 
   {"impl":"open_clip","model":...,"batch_size":B,"steps":S,"threads":T,

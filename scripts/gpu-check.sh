@@ -58,7 +58,7 @@ wanted bench && {
   done
   echo "# open_clip, same GPU"
   for bs in 256 128; do
-    check 90 python3 scripts/bench_open_clip.py --model-config configs/models/ViT-B-32.yaml \
+    check 90 python3 scripts/bench_open_clip.py --model-config configs/models/open_clip/ViT-B-32.json \
       --batch-size $bs --steps 20 --warmup 5 --threads 16 --device cuda --amp-bf16 2>&1 | tail -n 1
   done
 } 2>&1 | tee "$OUT/bench.txt"

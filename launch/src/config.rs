@@ -7,17 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use oxclip_trainer::config::{DataConfig, DistConfig, LossConfig, OptimConfig, TrainConfig};
-use oxclip_trainer::model::ModelConfig;
-
-/// Model configs shipped in `configs/models/`, embedded so the binary works from any directory.
-const BUILTIN_MODELS: [(&str, &str); 6] = [
-    ("ViT-B-32", include_str!("../../configs/models/ViT-B-32.yaml")),
-    ("ViT-B-32-quickgelu", include_str!("../../configs/models/ViT-B-32-quickgelu.yaml")),
-    ("ViT-B-16", include_str!("../../configs/models/ViT-B-16.yaml")),
-    ("ViT-L-14", include_str!("../../configs/models/ViT-L-14.yaml")),
-    ("small", include_str!("../../configs/models/small.yaml")),
-    ("tiny", include_str!("../../configs/models/tiny.yaml")),
-];
+use oxclip_trainer::model::{zoo, ModelConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -27,7 +17,7 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
     #[error("--set {arg}: {message}")]
     Override { arg: String, message: String },
-    #[error("model `{0}` is neither a built-in model ({list}) nor an existing YAML file", list = builtin_model_names().join(", "))]
+    #[error("model `{0}` is neither a built-in model nor an existing file{hint} (`oxclip model list` prints the built-in names)", hint = suggestion(.0))]
     UnknownModel(String),
 }
 
@@ -46,7 +36,8 @@ pub enum ModelRef {
 pub struct RunConfig {
     /// Where checkpoints, TensorBoard events, results.jsonl and config.yaml go.
     pub run_dir: PathBuf,
-    /// A built-in model name (ViT-B-32, ...), a path to a model YAML, or the model config inline.
+    /// A built-in model name (open_clip's: ViT-B-32, RN50, ...; `oxclip model list`), a path to
+    /// a model YAML or open_clip JSON, or the model config inline.
     pub model: ModelRef,
     pub data: DataConfig,
     pub train: TrainConfig,
@@ -71,39 +62,57 @@ pub struct InitConfig {
     pub checkpoint: PathBuf,
 }
 
-pub fn builtin_model_names() -> Vec<&'static str> {
-    BUILTIN_MODELS.iter().map(|(name, _)| *name).collect()
+/// `; did you mean ViT-B-32 or ViT-B-32-256?` when names are close to `reference`.
+fn suggestion(reference: &str) -> String {
+    match zoo::suggest(reference, 3).as_slice() {
+        [] => String::new(),
+        [one] => format!("; did you mean {one}?"),
+        [rest @ .., last] => format!("; did you mean {} or {last}?", rest.join(", ")),
+    }
 }
 
-/// Resolves a model name or path to its config.
+/// Resolves a model reference to its config: a built-in name first (open_clip's zoo and
+/// oxclip's own), then a file ([`model_from_file`]).
 pub fn resolve_model(reference: &str) -> Result<ModelConfig, ConfigError> {
-    let path = Path::new(reference);
-    if let Some((_, text)) = BUILTIN_MODELS.iter().find(|(name, _)| *name == reference) {
+    if let Some(config) = zoo::builtin(reference) {
         let source = PathBuf::from(format!("<built-in model {reference}>"));
-        let config: ModelConfig = deserialize_text(text, &source)?;
         config.validate().map_err(|e| ConfigError::Invalid { path: source, message: e.to_string() })?;
         return Ok(config);
     }
+    let path = Path::new(reference);
     if path.is_file() {
         return model_from_file(path);
     }
     Err(ConfigError::UnknownModel(reference.to_string()))
 }
 
-/// A model config file: a model YAML, or an `open_clip_config.json` (open_clip's hub layout,
+/// A model config file: a model YAML, an open_clip model config JSON as is
+/// (`model_configs/ViT-B-32.json`), or an `open_clip_config.json` (open_clip's hub layout,
 /// what `oxclip export --format open_clip` writes), whose `model_cfg` is the model.
 pub fn model_from_file(path: &Path) -> Result<ModelConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    let model_cfg = serde_yaml::from_str::<serde_yaml::Value>(&text).ok().and_then(|v| v.get("model_cfg").cloned());
-    let config: ModelConfig = match model_cfg {
-        Some(value) => serde_path_to_error::deserialize(value).map_err(|e| {
+    let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
+    let json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let value: Option<serde_yaml::Value> = if json {
+        Some(serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?)
+    } else {
+        // A YAML syntax error is reported below with its line.
+        serde_yaml::from_str(&text).ok()
+    };
+    let model_cfg = value.as_ref().and_then(|v| v.get("model_cfg")).cloned();
+    let config: ModelConfig = match (model_cfg, value) {
+        (Some(model_cfg), _) => serde_path_to_error::deserialize(model_cfg).map_err(|e| {
             let key = match e.path().to_string().as_str() {
                 "." => "model_cfg".to_owned(),
                 inner => format!("model_cfg.{inner}"),
             };
-            ConfigError::Invalid { path: path.into(), message: format!("{key}: {}", e.inner()) }
+            invalid(format!("{key}: {}", e.inner()))
         })?,
-        None => deserialize_text(&text, path)?,
+        (None, Some(value)) if json => serde_path_to_error::deserialize(value).map_err(|e| match e.path().to_string().as_str() {
+            "." => invalid(e.inner().to_string()),
+            key => invalid(format!("{key}: {}", e.inner())),
+        })?,
+        _ => deserialize_text(&text, path)?,
     };
     config.validate().map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })?;
     Ok(config)
@@ -264,10 +273,37 @@ mod tests {
     }
 
     #[test]
-    fn builtin_models_parse_and_validate() {
-        for name in builtin_model_names() {
+    fn builtin_models_resolve_and_unknown_names_get_suggestions() {
+        for name in zoo::names() {
             resolve_model(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
+        let msg = resolve_model("vit-b-32").expect_err("names are exact").to_string();
+        assert!(msg.contains("did you mean ViT-B-32") && msg.contains("oxclip model list"), "{msg}");
+        assert!(msg.lines().count() == 1 && msg.len() < 200, "{msg}");
+    }
+
+    #[test]
+    fn model_files_yaml_open_clip_json_and_open_clip_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b32 = zoo::builtin("ViT-B-32").expect("built-in");
+        let json_text = include_str!("../../configs/models/open_clip/ViT-B-32.json");
+        let json = dir.path().join("ViT-B-32.json");
+        std::fs::write(&json, json_text).expect("write");
+        assert_eq!(model_from_file(&json).expect("open_clip JSON"), b32);
+        assert_eq!(resolve_model(json.to_str().expect("utf-8")).expect("by path"), b32);
+        let hub = dir.path().join("open_clip_config.json");
+        std::fs::write(&hub, format!(r#"{{"model_cfg": {json_text}, "preprocess_cfg": {{"mean": [0.5, 0.5, 0.5]}}}}"#)).expect("write");
+        assert_eq!(model_from_file(&hub).expect("open_clip_config.json"), b32);
+        let yaml = dir.path().join("m.yaml");
+        std::fs::write(&yaml, serde_yaml::to_string(&b32).expect("yaml")).expect("write");
+        assert_eq!(model_from_file(&yaml).expect("YAML"), b32);
+
+        std::fs::write(&json, json_text.replace("\"patch_size\"", "\"patch_sise\"")).expect("write");
+        let msg = model_from_file(&json).expect_err("unknown field").to_string();
+        assert!(msg.contains("vision_cfg") && msg.contains("patch_sise") && msg.contains("ViT-B-32.json"), "{msg}");
+        std::fs::write(&hub, r#"{"model_cfg": {"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"heds": 2}}}"#).expect("write");
+        let msg = model_from_file(&hub).expect_err("unknown field").to_string();
+        assert!(msg.contains("model_cfg.text_cfg") && msg.contains("heds"), "{msg}");
     }
 
     #[test]

@@ -45,6 +45,12 @@ enum Command {
     /// Write a checkpoint as a directory open_clip or Hugging Face loads:
     /// `oxclip export --checkpoint runs/x --format hf --out exported/`.
     Export(commands::export::ExportArgs),
+    /// The built-in models (`oxclip model list`) and what a model config builds
+    /// (`oxclip model show ViT-B-32 --json`).
+    Model {
+        #[command(subcommand)]
+        command: commands::model::ModelCommand,
+    },
     /// Inspect run configs.
     Config {
         #[command(subcommand)]
@@ -152,6 +158,7 @@ fn main() -> ExitCode {
         Command::Tokenizer { command: TokenizerCommand::Train(args) } => commands::embed::tokenizer_train(args),
         Command::Index(args) => commands::search::index(args),
         Command::Search(args) => commands::search::search(args),
+        Command::Model { command } => commands::model::run(command),
         Command::Config { command: ConfigCommand::Show(args) } => {
             config::load(&args.config, &args.overrides).map(|c| print!("{}", c.to_yaml())).map_err(Into::into)
         }

@@ -4,6 +4,7 @@ pub mod embed;
 pub mod eval;
 pub mod export;
 pub mod launch;
+pub mod model;
 pub mod search;
 pub mod train;
 

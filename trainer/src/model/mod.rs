@@ -20,6 +20,7 @@ pub mod text;
 pub mod timm_vit;
 pub mod transformer;
 pub mod vision;
+pub mod zoo;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -39,6 +39,19 @@ fn placeholder(dims: &[i64], kind: Kind) -> Tensor {
 /// Runs `build` with every [`param`] and [`buffer`] a placeholder, then returns each
 /// variable's name and shape, sorted by name.
 pub fn shapes_of<T>(build: impl FnOnce(&nn::Path) -> T) -> Vec<(String, Vec<i64>)> {
+    let vs = shapes_only(build);
+    let mut out: Vec<(String, Vec<i64>)> = vs.variables().into_iter().map(|(name, t)| (name, t.size())).collect();
+    out.sort();
+    out
+}
+
+/// Runs `build` as [`shapes_of`] does and counts the elements of its trainable parameters
+/// (buffers excluded).
+pub fn trainable_numel_of<T>(build: impl FnOnce(&nn::Path) -> T) -> i64 {
+    shapes_only(build).trainable_variables().iter().map(|t| t.size().iter().product::<i64>()).sum()
+}
+
+fn shapes_only<T>(build: impl FnOnce(&nn::Path) -> T) -> nn::VarStore {
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -49,9 +62,7 @@ pub fn shapes_of<T>(build: impl FnOnce(&nn::Path) -> T) -> Vec<(String, Vec<i64>
     let _reset = Reset;
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = build(&vs.root());
-    let mut out: Vec<(String, Vec<i64>)> = vs.variables().into_iter().map(|(name, t)| (name, t.size())).collect();
-    out.sort();
-    out
+    vs
 }
 
 /// Deterministic pseudo-random weights for parity tests against Python, identical in both
