@@ -211,7 +211,7 @@ fn resnet_exports_to_open_clip_only() {
     model::load_weights(&vs, &fixtures().join("tiny_model.safetensors")).expect("loads");
     let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
     let dir = tempfile::tempdir().expect("tempdir");
-    let files = export(weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect(), &cfg, Format::OpenClip, dir.path()).expect("exports");
+    let files = export(weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect(), &cfg, None, Format::OpenClip, dir.path()).expect("exports");
     let saved = Tensor::read_safetensors(&files[0]).expect("reads");
     let counter = saved.iter().find(|(n, _)| n == "visual.bn1.num_batches_tracked").expect("saved");
     assert_eq!(counter.1.kind(), Kind::Int64);
@@ -228,7 +228,7 @@ fn resnet_exports_to_open_clip_only() {
         }
     }
     let hf = dir.path().join("hf");
-    let err = export(weights, &cfg, Format::HuggingFace, &hf).expect_err("no HF ResNet").to_string();
+    let err = export(weights, &cfg, None, Format::HuggingFace, &hf).expect_err("no HF ResNet").to_string();
     assert!(err.contains("ModifiedResNet") && err.contains("--format open_clip"), "{err}");
     assert!(!hf.exists(), "nothing written");
 }

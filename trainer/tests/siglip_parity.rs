@@ -115,7 +115,7 @@ fn vit_b_16_siglip_matches_open_clip_features_and_locking() {
         for (_, var) in vs.variables() {
             let _ = var.set_requires_grad(true);
         }
-        lock(&vs, &cfg, Tower::Image, unlocked.parse().expect("count"));
+        lock(&vs, &cfg, Tower::Image, unlocked.parse().expect("count")).expect("locks");
         let mut ours: Vec<String> =
             vs.variables().into_iter().filter(|(n, v)| n.starts_with("visual.") && v.requires_grad()).map(|(n, _)| n).collect();
         ours.sort();

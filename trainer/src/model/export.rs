@@ -93,7 +93,7 @@ pub fn is_siglip_form(cfg: &ModelConfig) -> bool {
 pub fn siglip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
     let (t, v) = (&cfg.text_cfg, &cfg.vision_cfg);
     let name = v.timm_model_name.as_deref().unwrap_or_default();
-    let trunk = pretrained::siglip_trunks().into_iter().find(|s| s.name == name).ok_or_else(|| {
+    let trunk = super::timm_vit::architectures().into_iter().find(|s| s.name == name).ok_or_else(|| {
         TrainError::ModelConfig(format!("vision_cfg.timm_model_name {name:?} is not one of the SigLIP trunks a SiglipModel holds"))
     })?;
     let approximate = |act: &Option<super::config::ActKwargs>, default: bool| match act.as_ref().and_then(|a| a.approximate.as_deref()) {
@@ -127,13 +127,13 @@ pub fn siglip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
         "vision_config": {
             "model_type": "siglip_vision_model",
             "hidden_size": trunk.width,
-            "intermediate_size": trunk.mlp,
+            "intermediate_size": trunk.mlp_hidden,
             "num_attention_heads": trunk.heads,
             "num_hidden_layers": trunk.depth,
             "image_size": v.image_size,
             "patch_size": trunk.patch,
             "num_channels": 3,
-            "hidden_act": approximate(&v.act_kwargs, trunk.tanh),
+            "hidden_act": approximate(&v.act_kwargs, trunk.act == super::config::Activation::GeluTanh),
             "layer_norm_eps": 1e-6,
             "vision_use_head": true
         }

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use oxclip_data_loader::{Interpolation, Preprocess, ResizeMode, OPENAI_MEAN, OPENAI_STD};
 use serde_json::{Map, Value};
 
+use super::timm_vit;
 use super::config::{
-    ActKwargs, ModelConfig, NormKwargs, TextConfig, TextPool, TokenizerKwargs, VisionConfig, VisionLayers,
+    Activation, ActKwargs, ModelConfig, NormKwargs, TextConfig, TextPool, TokenizerKwargs, VisionConfig, VisionLayers,
 };
 use crate::error::{io_err, Result, TrainError};
 use crate::weights_path::{HF_CONFIG, HF_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS};
@@ -292,58 +293,6 @@ fn clip_config(json: &Value) -> Msg<ModelConfig> {
 
 /// A timm SigLIP trunk open_clip's configs name, as timm builds it (checked against timm by
 /// the test over tests/fixtures/hf_siglip_names.json).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SiglipTrunk {
-    pub name: &'static str,
-    pub patch: i64,
-    pub width: i64,
-    pub depth: i64,
-    pub heads: i64,
-    /// The MLP's hidden width.
-    pub mlp: i64,
-    pub image: i64,
-    /// `gelu_tanh` rather than erf GELU.
-    pub tanh: bool,
-}
-
-#[allow(clippy::too_many_arguments)]
-const fn trunk(name: &'static str, patch: i64, width: i64, depth: i64, heads: i64, mlp: i64, image: i64, tanh: bool) -> SiglipTrunk {
-    SiglipTrunk { name, patch, width, depth, heads, mlp, image, tanh }
-}
-
-pub const SIGLIP_TRUNKS: [SiglipTrunk; 16] = [
-    trunk("vit_base_patch16_siglip_224", 16, 768, 12, 12, 3072, 224, false),
-    trunk("vit_base_patch16_siglip_256", 16, 768, 12, 12, 3072, 256, false),
-    trunk("vit_base_patch16_siglip_384", 16, 768, 12, 12, 3072, 384, false),
-    trunk("vit_base_patch16_siglip_512", 16, 768, 12, 12, 3072, 512, false),
-    trunk("vit_base_patch32_siglip_256", 32, 768, 12, 12, 3072, 256, true),
-    trunk("vit_large_patch16_siglip_256", 16, 1024, 24, 16, 4096, 256, false),
-    trunk("vit_large_patch16_siglip_384", 16, 1024, 24, 16, 4096, 384, false),
-    trunk("vit_large_patch16_siglip_512", 16, 1024, 24, 16, 4096, 512, true),
-    trunk("vit_so400m_patch14_siglip_224", 14, 1152, 27, 16, 4304, 224, false),
-    trunk("vit_so400m_patch14_siglip_378", 14, 1152, 27, 16, 4304, 378, false),
-    trunk("vit_so400m_patch14_siglip_384", 14, 1152, 27, 16, 4304, 384, false),
-    trunk("vit_so400m_patch16_siglip_256", 16, 1152, 27, 16, 4304, 256, true),
-    trunk("vit_so400m_patch16_siglip_384", 16, 1152, 27, 16, 4304, 384, true),
-    trunk("vit_so400m_patch16_siglip_512", 16, 1152, 27, 16, 4304, 512, true),
-    trunk("vit_giantopt_patch16_siglip_256", 16, 1536, 40, 16, 6144, 256, true),
-    trunk("vit_giantopt_patch16_siglip_384", 16, 1536, 40, 16, 6144, 384, true),
-];
-
-/// The trunks a `SiglipModel` directory can name. Unit tests add a tiny one
-/// (tests/fixtures/hf_siglip_tiny; make_hf_siglip_fixtures.py registers it in timm), so
-/// the whole path runs on a model small enough to commit.
-pub fn siglip_trunks() -> Vec<SiglipTrunk> {
-    #[allow(unused_mut)]
-    let mut trunks = SIGLIP_TRUNKS.to_vec();
-    #[cfg(test)]
-    trunks.push(TINY_TRUNK);
-    trunks
-}
-
-#[cfg(test)]
-pub(crate) const TINY_TRUNK: SiglipTrunk = trunk("vit_oxtiny_patch8_siglip_32", 8, 32, 2, 2, 128, 32, true);
-
 /// transformers' `SiglipConfig` defaults are those of google/siglip-base-patch16-224. The
 /// result is open_clip's SigLIP form: a timm trunk with a MAP head and no projection, a
 /// bidirectional text tower pooled at the last token with a biased projection.
@@ -375,14 +324,14 @@ fn siglip_config(json: &Value) -> Msg<ModelConfig> {
         v.int("intermediate_size", 3072)?,
         v.side("image_size", 224)?,
     );
-    let trunks = siglip_trunks();
-    let found = trunks.iter().find(|s| (s.patch, s.width, s.depth, s.heads, s.mlp, s.image) == arch);
+    let trunks = timm_vit::architectures();
+    let found = trunks.iter().find(|s| (s.patch, s.width, s.depth, s.heads, s.mlp_hidden, s.img_size) == arch);
     let Some(trunk) = found else {
         let (patch, width, depth, heads, mlp, image) = arch;
         return Err(format!(
             "vision_config (hidden_size {width}, num_hidden_layers {depth}, num_attention_heads {heads}, intermediate_size {mlp}, \
              patch_size {patch}, image_size {image}) is none of the timm SigLIP trunks open_clip builds ({})",
-            SIGLIP_TRUNKS.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+            timm_vit::ARCHITECTURES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
         ));
     };
     let width = t.int("hidden_size", 768)?;
@@ -396,12 +345,12 @@ fn siglip_config(json: &Value) -> Msg<ModelConfig> {
     }
     let approximate = |tanh: bool| Some(ActKwargs { approximate: Some(if tanh { "tanh" } else { "none" }.into()) });
     let vision_cfg = VisionConfig {
-        image_size: trunk.image,
+        image_size: trunk.img_size,
         timm_model_name: Some(trunk.name.into()),
         timm_pool: "map".into(),
         timm_proj: "none".into(),
         // Only where the checkpoint's activation is not the one timm builds for this name.
-        act_kwargs: if v_tanh == trunk.tanh { None } else { approximate(v_tanh) },
+        act_kwargs: if v_tanh == (trunk.act == Activation::GeluTanh) { None } else { approximate(v_tanh) },
         ..vision_defaults()?
     };
     let text_cfg = TextConfig {
@@ -732,12 +681,12 @@ mod tests {
     fn the_trunk_table_is_timms() {
         let golden: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("hf_siglip_names.json")).unwrap()).unwrap();
         let timm = golden["timm_trunks"].as_object().unwrap();
-        assert_eq!(timm.len(), SIGLIP_TRUNKS.len());
-        for t in SIGLIP_TRUNKS {
+        assert_eq!(timm.len(), timm_vit::ARCHITECTURES.len());
+        for t in timm_vit::ARCHITECTURES {
             let g = &timm[t.name];
             let want = (g["patch"].as_i64(), g["width"].as_i64(), g["depth"].as_i64(), g["heads"].as_i64(), g["mlp"].as_i64(), g["image"].as_i64());
-            assert_eq!((Some(t.patch), Some(t.width), Some(t.depth), Some(t.heads), Some(t.mlp), Some(t.image)), want, "{}", t.name);
-            assert_eq!(t.tanh, g["act"] == "GELUTanh", "{}", t.name);
+            assert_eq!((Some(t.patch), Some(t.width), Some(t.depth), Some(t.heads), Some(t.mlp_hidden), Some(t.img_size)), want, "{}", t.name);
+            assert_eq!(t.act == Activation::GeluTanh, g["act"] == "GELUTanh", "{}", t.name);
             assert_eq!(g["eps"], 1e-6);
         }
     }
@@ -815,12 +764,9 @@ mod tests {
         assert!(di < 1e-5 && dt < 1e-5, "image {di}, text {dt}");
     }
 
-    /// The SigLIP directory, loaded with no --model: transformers' embeddings.
-    /// NEEDS THE TIMM TRUNK (VisionTower::Timm building `vit_oxtiny_patch8_siglip_32`: patch 8,
-    /// width 32, depth 2, heads 2, MLP 128, image 32, gelu_tanh, eps 1e-6, MAP head); until it
-    /// is merged the model cannot be built, hence the ignore.
+    /// The SigLIP directory, loaded with no --model: transformers' embeddings (its trunk is
+    /// the unit tests' tiny `vit_oxtiny_patch8_siglip_32`).
     #[test]
-    #[ignore = "needs the timm SigLIP trunk (VisionTower::Timm)"]
     fn siglip_directory_gives_transformers_embeddings() {
         use tch::{Device, Tensor};
         let dir = fixtures().join("hf_siglip_tiny");
@@ -830,6 +776,7 @@ mod tests {
         let (i, t) = tch::no_grad(|| model.features(&io["pixel_values"], &io["input_ids"]));
         let di = (i - &io["image_embeds"]).abs().max().double_value(&[]);
         let dt = (t - &io["text_embeds"]).abs().max().double_value(&[]);
+        eprintln!("SiglipModel directory vs transformers: image {di:.2e}, text {dt:.2e}");
         assert!(di < 1e-5 && dt < 1e-5, "image {di}, text {dt}");
     }
 

@@ -66,9 +66,23 @@ pub const ARCHITECTURES: [TimmArch; 16] = [
     arch("vit_giantopt_patch16_siglip_384", 384, 16, 1536, 40, 16, 6144, GeluTanh),
 ];
 
+/// Unit tests add a trunk small enough to commit as a Hugging Face SiglipModel directory
+/// (tests/fixtures/hf_siglip_tiny; make_hf_siglip_fixtures.py registers it in timm).
+#[cfg(test)]
+pub(crate) const TINY: TimmArch = arch("vit_oxtiny_patch8_siglip_32", 32, 8, 32, 2, 2, 128, GeluTanh);
+
+/// The trunks oxclip builds: [`ARCHITECTURES`] (and, in unit tests, [`TINY`]).
+pub fn architectures() -> Vec<TimmArch> {
+    #[allow(unused_mut)]
+    let mut all = ARCHITECTURES.to_vec();
+    #[cfg(test)]
+    all.push(TINY);
+    all
+}
+
 /// The architecture of a timm model name, or an error listing the names oxclip builds.
-pub fn architecture(name: &str) -> Result<&'static TimmArch> {
-    ARCHITECTURES.iter().find(|a| a.name == name).ok_or_else(|| {
+pub fn architecture(name: &str) -> Result<TimmArch> {
+    architectures().into_iter().find(|a| a.name == name).ok_or_else(|| {
         let names: Vec<&str> = ARCHITECTURES.iter().map(|a| a.name).collect();
         TrainError::ModelConfig(format!(
             "vision_cfg.timm_model_name {name:?} is not a timm model oxclip builds; it builds the SigLIP trunks: {}",
@@ -216,7 +230,13 @@ impl TimmVit {
     /// `image_size / patch` rounded down, as timm's `PatchEmbed` (SO400M/14 at 384: 27).
     pub fn new(p: nn::Path, cfg: &VisionConfig, embed_dim: i64) -> Result<Self> {
         let name = cfg.timm_model_name.as_deref().unwrap_or_default();
-        let a = *architecture(name)?;
+        let mut a = architecture(name)?;
+        // open_clip hands timm the name alone, so its activation is the definition's; a
+        // config (or a Hugging Face SigLIP checkpoint, whose v1 towers use tanh GELU where
+        // timm's definitions say erf) may say otherwise through act_kwargs.
+        if cfg.act_kwargs.is_some() {
+            a.act = cfg.activation(false)?;
+        }
         let err = |m: String| Err(TrainError::ModelConfig(m));
         if cfg.timm_pool != "map" {
             return err(format!(
