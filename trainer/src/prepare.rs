@@ -188,4 +188,21 @@ mod tests {
         assert_ne!(tok.encode("A Photo, of a CAT!", 16), tok.encode("a photo of a cat", 16));
         assert_eq!(default_preprocess(&model(serde_json::json!({"embed_dim": 32, "vision_cfg": {"image_size": 64}, "text_cfg": {}}))), Preprocess::openai(64));
     }
+
+    #[test]
+    fn data_keys_override_the_model_preprocessing() {
+        use oxclip_data_loader::{Interpolation, ResizeMode};
+        let siglip = model(serde_json::json!({"embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map", "timm_proj": "none"},
+            "text_cfg": {"vocab_size": 400, "pool_type": "last"}}));
+        let data: crate::config::DataConfig = serde_yaml::from_str("train: synthetic:8\nresize_mode: longest\ninterpolation: bilinear\nimage_mean: [0.1, 0.2, 0.3]\n").unwrap();
+        let p = data.preprocess(&siglip).unwrap();
+        assert_eq!((p.size, p.mean, p.std), (32, [0.1, 0.2, 0.3], [0.5; 3]));
+        assert_eq!((p.resize_mode, p.interpolation), (ResizeMode::Longest, Interpolation::Bilinear));
+        let plain: crate::config::DataConfig = serde_yaml::from_str("train: synthetic:8\n").unwrap();
+        assert_eq!(plain.preprocess(&siglip).unwrap(), Preprocess::siglip(32));
+        let bad: crate::config::DataConfig = serde_yaml::from_str("train: synthetic:8\nimage_std: [0.5, 0, 0.5]\n").unwrap();
+        assert!(bad.preprocess(&siglip).unwrap_err().to_string().contains("data.image_std"));
+        assert!(serde_yaml::from_str::<crate::config::DataConfig>("train: x\nresize_mode: crop\n").is_err());
+    }
 }
