@@ -51,7 +51,7 @@ use crate::skip::SkipCounts;
 use crate::stream::{ShardOptions, StreamCursor, StreamPlan};
 use crate::stream_pipeline::{self, StreamMsg, StreamPipeline, StreamSpec};
 use crate::tokenizer::Tokenizer;
-use crate::transform::{ImageTransform, DEFAULT_MAX_PIXELS};
+use crate::transform::{ImageTransform, Preprocess, DEFAULT_MAX_PIXELS};
 
 /// Most unusable samples in a row a train batch position may go through before the loader
 /// gives up on the dataset.
@@ -78,6 +78,10 @@ pub struct LoaderConfig {
     /// Train: train transform, a new permutation each epoch, endless. Eval: eval transform,
     /// dataset order, one pass at a time, last partial batch kept.
     pub train: bool,
+    /// The model's mean/std, resize mode and interpolation (its size is `image_size`);
+    /// `None`: OpenAI CLIP's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<Preprocess>,
 }
 
 /// Where the loader stands: the position of the next batch [`Loader::next_batch`] returns.
@@ -528,10 +532,12 @@ impl Loader {
     }
 
     fn start_pipeline(&self) -> Result<Running, DataError> {
+        let mut preprocess = self.cfg.preprocess.clone().unwrap_or_else(|| Preprocess::openai(self.cfg.image_size));
+        preprocess.size = self.cfg.image_size;
         let transform = if self.cfg.train {
-            ImageTransform::train(self.cfg.image_size)
+            ImageTransform::train_for(&preprocess)
         } else {
-            ImageTransform::eval(self.cfg.image_size)
+            ImageTransform::eval_for(&preprocess)
         };
         match &self.order {
             Order::Indexed { dataset, plan } => Ok(Running::Indexed(Pipeline::spawn(PipelineSpec {
@@ -677,6 +683,7 @@ pub(crate) mod tests {
             context_length: 12,
             workers,
             train,
+            preprocess: None,
         }
     }
 

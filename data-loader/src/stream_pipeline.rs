@@ -643,6 +643,7 @@ mod tests {
             context_length: 12,
             workers,
             train,
+            preprocess: None,
         }
     }
 

@@ -53,6 +53,72 @@ pub struct Tokenizer {
     /// own normalizer instead.
     clip_clean: bool,
     vocab_size: usize,
+    /// Set for a Hugging Face tokenizer prepared as transformers (and open_clip's
+    /// `HFTokenizer`) do: the file's own special tokens, truncation and padding.
+    hf: Option<HfPrep>,
+}
+
+/// open_clip's `HFTokenizer` text cleaning (`tokenizer_kwargs.clean`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clean {
+    /// `whitespace_clean(basic_clean(text))`: open_clip's default for these tokenizers.
+    Whitespace,
+    /// The same, lower-cased.
+    Lower,
+    /// `canonicalize_text(basic_clean(text))`: `_` to space, ASCII punctuation removed,
+    /// lower-cased, whitespace collapsed (big_vision's, for SigLIP).
+    Canonicalize,
+}
+
+impl Clean {
+    /// `whitespace`, `lower` or `canonicalize`, as open_clip names them.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "whitespace" => Some(Self::Whitespace),
+            "lower" => Some(Self::Lower),
+            "canonicalize" => Some(Self::Canonicalize),
+            _ => None,
+        }
+    }
+
+    /// The cleaned text.
+    pub fn apply(self, text: &str) -> String {
+        let basic = basic_clean(text);
+        match self {
+            Self::Whitespace => whitespace_join(&basic),
+            Self::Lower => whitespace_join(&basic).to_lowercase(),
+            Self::Canonicalize => {
+                let kept: String = basic
+                    .replace('_', " ")
+                    .chars()
+                    .filter(|c| !c.is_ascii_punctuation())
+                    .collect();
+                whitespace_join(&kept.to_lowercase())
+            }
+        }
+    }
+}
+
+/// How a Hugging Face tokenizer's rows are prepared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HfOptions {
+    /// open_clip's `clean` before tokenizing; `None` for transformers' `AutoTokenizer`, which
+    /// takes the text as given.
+    pub clean: Option<Clean>,
+    /// open_clip's `strip_sep_token` (CLIPA's BERT tokenizer): the `[SEP]` id becomes 0.
+    pub strip_sep_token: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct HfPrep {
+    clean: Option<Clean>,
+    /// The id `strip_sep_token` replaces by 0.
+    sep_to_zero: Option<i64>,
+    pad_id: i64,
+    pad_left: bool,
+    truncate_left: bool,
+    /// Special tokens the post-processor adds to one text: the room truncation leaves them.
+    added: usize,
 }
 
 impl fmt::Debug for Tokenizer {
@@ -62,6 +128,7 @@ impl fmt::Debug for Tokenizer {
             .field("sot", &self.sot)
             .field("eot", &self.eot)
             .field("clip_clean", &self.clip_clean)
+            .field("hf", &self.hf)
             .finish()
     }
 }
@@ -87,6 +154,7 @@ impl Tokenizer {
             eot: Some(CLIP_EOT),
             clip_clean: true,
             vocab_size: CLIP_VOCAB_SIZE,
+            hf: None,
         })
     }
 
@@ -151,7 +219,133 @@ impl Tokenizer {
             eot,
             clip_clean: false,
             vocab_size,
+            hf: None,
         })
+    }
+
+    /// A Hugging Face tokenizer prepared as transformers'
+    /// `AutoTokenizer(texts, padding="max_length", truncation=True, max_length=N)` does (and
+    /// open_clip's `HFTokenizer`, which calls it after its `clean`): the file's normalizer,
+    /// pre-tokenizer and post-processor (its special tokens), the text truncated so that the
+    /// specials still fit, padded with the pad token. `path` is a model directory (its
+    /// `tokenizer.json` and, when present, `tokenizer_config.json` and
+    /// `special_tokens_map.json`) or a `tokenizer.json` (those two read beside it).
+    ///
+    /// The pad token is the config's `pad_token`, else the one tokenizer.json pads with;
+    /// padding and truncation sides come from the config's `padding_side`/`truncation_side`
+    /// (transformers' class default for Gemma tokenizers is the left).
+    pub fn hugging_face(path: &Path, options: HfOptions) -> Result<Self, DataError> {
+        let (file, dir) = if path.is_dir() {
+            (path.join("tokenizer.json"), path.to_owned())
+        } else {
+            (path.to_owned(), path.parent().map(Path::to_owned).unwrap_or_default())
+        };
+        let err = |message: String| DataError::Tokenizer { path: file.clone(), message };
+        let bytes = std::fs::read(&file).map_err(|e| err(format!("cannot read it: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| err(e.to_string()))?;
+        let file_pad = inner.get_padding().map(|p| (p.pad_token.clone(), p.pad_id));
+        inner.with_truncation(None).map_err(|e| err(format!("cannot disable truncation: {e}")))?;
+        inner.with_padding(None);
+
+        let read_json = |name: &str| -> Result<Option<Value>, DataError> {
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Ok(None);
+            }
+            let text = std::fs::read_to_string(&p).map_err(|e| DataError::Tokenizer { path: p.clone(), message: e.to_string() })?;
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| DataError::Tokenizer { path: p.clone(), message: format!("not JSON: {e}") })
+        };
+        let config = read_json("tokenizer_config.json")?.unwrap_or(Value::Null);
+        let special_map = read_json("special_tokens_map.json")?.unwrap_or(Value::Null);
+        // A special token is written as a string or as an AddedToken object.
+        let token = |key: &str| -> Option<String> {
+            [&config, &special_map].iter().find_map(|v| match v.get(key)? {
+                Value::String(s) => Some(s.clone()),
+                Value::Object(o) => o.get("content")?.as_str().map(str::to_owned),
+                _ => None,
+            })
+        };
+        let id_of = |name: &str| -> Result<i64, DataError> {
+            inner
+                .token_to_id(name)
+                .map(i64::from)
+                .ok_or_else(|| err(format!("its special token {name:?} is not in the vocabulary")))
+        };
+        let pad_id = match (token("pad_token"), file_pad) {
+            (Some(name), _) => id_of(&name)?,
+            (None, Some((_, id))) => i64::from(id),
+            (None, None) => {
+                return Err(err(
+                    "it has no pad token (no `pad_token` in tokenizer_config.json, no padding in tokenizer.json): \
+                     rows cannot be padded to the context length"
+                        .into(),
+                ))
+            }
+        };
+        let side = |key: &str| config.get(key).and_then(Value::as_str).map(str::to_owned);
+        let class = side("tokenizer_class").unwrap_or_default();
+        let pad_left = match side("padding_side") {
+            Some(s) => s == "left",
+            None => class.starts_with("GemmaTokenizer"),
+        };
+        let truncate_left = side("truncation_side").as_deref() == Some("left");
+        let sep_to_zero = match (options.strip_sep_token, token("sep_token")) {
+            (true, Some(name)) => inner.token_to_id(&name).map(i64::from),
+            _ => None,
+        };
+        let added = inner.get_post_processor().map_or(0, |p| {
+            use tokenizers::PostProcessor;
+            p.added_tokens(false)
+        });
+        // The specials around a text: the first is the start token when the template puts one
+        // before the text, the last the end token when one follows it.
+        let (mut sot, mut eot) = (None, None);
+        if let Ok(body) = inner.encode_fast("a", false) {
+            let n = body.get_ids().len();
+            if let Ok(full) = inner.post_process(body, None, true) {
+                let (ids, mask) = (full.get_ids(), full.get_special_tokens_mask());
+                if full.len() > n {
+                    if mask.first() == Some(&1) {
+                        sot = ids.first().map(|&i| i64::from(i));
+                    }
+                    if mask.last() == Some(&1) {
+                        eot = ids.last().map(|&i| i64::from(i));
+                    }
+                }
+            }
+        }
+        if eot.is_none() {
+            eot = token("eos_token").and_then(|name| inner.token_to_id(&name)).map(i64::from);
+        }
+        // Ids are not always dense (added tokens may sit anywhere): the bound is the largest.
+        let vocab_size = inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1);
+        Ok(Self {
+            inner: Arc::new(inner),
+            sot,
+            eot,
+            clip_clean: false,
+            vocab_size,
+            hf: Some(HfPrep { clean: options.clean, sep_to_zero, pad_id, pad_left, truncate_left, added }),
+        })
+    }
+
+    /// Whether this tokenizer is prepared as transformers does (see
+    /// [`hugging_face`](Self::hugging_face)) rather than as open_clip's CLIP `tokenize`.
+    pub fn is_hugging_face(&self) -> bool {
+        self.hf.is_some()
+    }
+
+    /// The id rows are padded with (0 for the CLIP BPE).
+    pub fn pad_id(&self) -> i64 {
+        self.hf.map_or(0, |h| h.pad_id)
+    }
+
+    /// The largest id the tokenizer produces, which is the end of text for the CLIP BPE (the
+    /// token `pool_type: argmax` finds).
+    pub fn max_id(&self) -> i64 {
+        self.vocab_size as i64 - 1
     }
 
     /// Token ids for one text: `[SOT] + ids + [EOT]`, truncated to `context_length` with EOT
@@ -174,6 +368,10 @@ impl Tokenizer {
 
     /// Appends exactly `context_length` ids for `text` to `out`.
     pub fn encode_into(&self, text: &str, context_length: usize, out: &mut Vec<i64>) {
+        if let Some(prep) = self.hf {
+            self.encode_hf(prep, text, context_length, out);
+            return;
+        }
         let start = out.len();
         out.extend(self.sot);
         let body = if self.clip_clean {
@@ -194,6 +392,55 @@ impl Tokenizer {
         out.resize(start + context_length, 0);
     }
 
+    /// transformers' `padding="max_length", truncation=True`: the text's tokens cut to leave
+    /// room for the specials (from the right unless the config says left), the
+    /// post-processor's specials added, then the pad id up to the length.
+    fn encode_hf(&self, prep: HfPrep, text: &str, context_length: usize, out: &mut Vec<i64>) {
+        let cleaned = prep.clean.map(|c| c.apply(text));
+        let text = cleaned.as_deref().unwrap_or(text);
+        let ids: Vec<i64> = match self.inner.encode_fast(text, false) {
+            Ok(mut body) => {
+                let room = context_length.saturating_sub(prep.added);
+                if body.len() > room {
+                    let side = if prep.truncate_left {
+                        tokenizers::TruncationDirection::Left
+                    } else {
+                        tokenizers::TruncationDirection::Right
+                    };
+                    body.truncate(room, 0, side);
+                }
+                match self.inner.post_process(body, None, true) {
+                    Ok(enc) => enc.get_ids().iter().map(|&id| i64::from(id)).collect(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "tokenizer could not add its special tokens; encoding the text as empty");
+                        Vec::new()
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "tokenizer rejected a text; encoding it as empty");
+                Vec::new()
+            }
+        };
+        let ids = &ids[..ids.len().min(context_length)];
+        let pad = context_length - ids.len();
+        let start = out.len();
+        if prep.pad_left {
+            out.extend(std::iter::repeat_n(prep.pad_id, pad));
+        }
+        out.extend_from_slice(ids);
+        if !prep.pad_left {
+            out.extend(std::iter::repeat_n(prep.pad_id, pad));
+        }
+        if let Some(sep) = prep.sep_to_zero {
+            for id in &mut out[start..] {
+                if *id == sep {
+                    *id = 0;
+                }
+            }
+        }
+    }
+
     /// BPE ids of already-cleaned text, no SOT/EOT.
     fn raw_ids(&self, text: &str) -> Vec<i64> {
         match self.inner.encode_fast(text, false) {
@@ -210,7 +457,7 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[i64]) -> String {
         let ids: Vec<u32> = ids
             .iter()
-            .filter(|&&id| id != 0 && Some(id) != self.sot && Some(id) != self.eot)
+            .filter(|&&id| id != self.pad_id() && Some(id) != self.sot && Some(id) != self.eot)
             .filter_map(|&id| u32::try_from(id).ok())
             .collect();
         if !self.clip_clean {
@@ -414,19 +661,32 @@ fn clip_tokenizer_json(vocab_file: &str) -> Result<Value, String> {
 /// e.g. `cafÃ©` stays as is), half-width katakana/hangul, surrogate repair (Rust strings
 /// cannot hold surrogates), and ftfy's repeat-until-stable loop.
 pub fn clip_clean(text: &str) -> String {
-    let mut s = ftfy_basic(text);
-    s = html_unescape(&html_unescape(&s));
-    // Python's str.split() splits on str.isspace, which is Unicode White_Space plus the
-    // information separators U+001C..U+001F.
-    let is_space = |c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c);
+    whitespace_join(&basic_clean(text)).to_lowercase()
+}
+
+/// open_clip's `basic_clean`: `ftfy.fix_text` (what [`clip_clean`] reproduces of it),
+/// `html.unescape` twice, `strip`.
+pub fn basic_clean(text: &str) -> String {
+    let s = html_unescape(&html_unescape(&ftfy_basic(text)));
+    s.trim_matches(is_py_space).to_owned()
+}
+
+/// Python's `str.isspace`: Unicode White_Space plus the information separators
+/// U+001C..U+001F.
+fn is_py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// `" ".join(text.split())`.
+fn whitespace_join(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for word in s.split(is_space).filter(|w| !w.is_empty()) {
+    for word in s.split(is_py_space).filter(|w| !w.is_empty()) {
         if !out.is_empty() {
             out.push(' ');
         }
         out.push_str(word);
     }
-    out.to_lowercase()
+    out
 }
 
 /// The subset of `ftfy.fix_text` described on [`clip_clean`].
@@ -1368,5 +1628,100 @@ mod train_tests {
         let unseen = tok.encode("zebra ñ 🦓", 32);
         assert!(unseen.iter().filter(|&&i| i != 0).count() > 3);
         assert!(train_clip_bpe(&texts, 100, 2).is_err());
+    }
+}
+
+#[cfg(test)]
+mod hf_tests {
+    use super::*;
+
+    /// tests/fixtures/tokenizers/NAME (tests/fixtures/make_hf_tokenizer_fixtures.py).
+    fn fixture(name: &str) -> (PathBuf, Value) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizers").join(name);
+        let golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+        (dir, golden)
+    }
+
+    /// Texts whose ids differ from `expected`, with both rows.
+    fn mismatches(tok: &Tokenizer, golden: &Value, expected: &Value) -> Vec<String> {
+        let ctx = golden["context_length"].as_u64().unwrap() as usize;
+        let texts: Vec<&str> = golden["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let want: Vec<Vec<i64>> = serde_json::from_value(expected.clone()).unwrap();
+        assert_eq!(texts.len(), want.len());
+        assert!(texts.len() >= 30);
+        let got = tok.encode_batch(&texts, ctx);
+        texts
+            .iter()
+            .zip(&want)
+            .zip(got.chunks(ctx))
+            .filter(|((_, w), g)| w.as_slice() != *g)
+            .map(|((t, w), g)| format!("{t:?}\n  python {w:?}\n  rust   {g:?}"))
+            .collect()
+    }
+
+    fn check(name: &str, key: &str, options: HfOptions) {
+        let (dir, golden) = fixture(name);
+        let tok = Tokenizer::hugging_face(&dir, options).unwrap();
+        let expected = if key == "transformers" { &golden["transformers"] } else { &golden["open_clip"][key] };
+        let bad = mismatches(&tok, &golden, expected);
+        assert!(bad.is_empty(), "{name}/{key}: {} of 30 texts differ:\n{}", bad.len(), bad.join("\n"));
+        assert_eq!(tok.pad_id(), golden["pad_id"].as_i64().unwrap());
+        assert_eq!(tok.vocab_size() as u64, golden["vocab_size"].as_u64().unwrap());
+    }
+
+    const ALL: [(&str, Option<Clean>); 4] = [
+        ("transformers", None),
+        ("canonicalize", Some(Clean::Canonicalize)),
+        ("whitespace", Some(Clean::Whitespace)),
+        ("lower", Some(Clean::Lower)),
+    ];
+
+    #[test]
+    fn sentencepiece_unigram_matches_transformers_and_open_clip() {
+        for (key, clean) in ALL {
+            check("siglip_sp", key, HfOptions { clean, strip_sep_token: false });
+        }
+    }
+
+    #[test]
+    fn gemma_bpe_matches_transformers_and_open_clip() {
+        for (key, clean) in ALL {
+            check("gemma_sp", key, HfOptions { clean, strip_sep_token: false });
+        }
+    }
+
+    #[test]
+    fn bert_wordpiece_matches_transformers_and_open_clip() {
+        for (key, clean) in ALL {
+            check("bert_wp", key, HfOptions { clean, strip_sep_token: false });
+        }
+        check("bert_wp", "whitespace_strip_sep", HfOptions { clean: Some(Clean::Whitespace), strip_sep_token: true });
+    }
+
+    #[test]
+    fn truncation_keeps_the_end_token_and_pads_with_the_pad_id() {
+        let (dir, _) = fixture("siglip_sp");
+        let tok = Tokenizer::hugging_face(&dir, HfOptions::default()).unwrap();
+        let long = "a photo of a cat ".repeat(40);
+        let ids = tok.encode(&long, 16);
+        assert_eq!((ids.len(), ids[15], tok.eot_id()), (16, 1, Some(1)));
+        assert_eq!(tok.sot_id(), None);
+        let short = tok.encode("cat", 16);
+        assert_eq!(&short[short.len() - 3..], &[1, 1, 1]);
+        // A tokenizer.json given as a file reads the tokenizer_config.json beside it.
+        let by_file = Tokenizer::hugging_face(&dir.join("tokenizer.json"), HfOptions::default()).unwrap();
+        assert_eq!(by_file.encode(&long, 16), ids);
+        let (gemma, _) = fixture("gemma_sp");
+        let gemma = Tokenizer::hugging_face(&gemma, HfOptions::default()).unwrap();
+        assert_eq!((gemma.sot_id(), gemma.eot_id(), gemma.pad_id()), (Some(2), Some(1), 0));
+    }
+
+    #[test]
+    fn clean_modes_follow_open_clip() {
+        assert_eq!(Clean::Canonicalize.apply("  A_Photo, of  the CAT!! &amp; "), "a photo of the cat");
+        assert_eq!(Clean::Whitespace.apply("  A  Photo\tof &amp;amp; "), "A Photo of &");
+        assert_eq!(Clean::Lower.apply(" A  Photo "), "a photo");
+        assert_eq!(Clean::parse("canonicalize"), Some(Clean::Canonicalize));
+        assert_eq!(Clean::parse("upper"), None);
     }
 }

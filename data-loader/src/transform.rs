@@ -1,13 +1,16 @@
 //! Image decode and the open_clip image transforms, written as CHW normalised floats.
 //!
-//! Train: torchvision `RandomResizedCrop(size, scale=(0.9, 1.0), ratio=(3/4, 4/3))` with
-//! bicubic interpolation (open_clip `transform.py`, `image_transform(is_train=True)` without
-//! extra augmentation). Eval: `Resize(size)` of the shorter side (bicubic) then
-//! `CenterCrop(size)`. Both then `ToTensor` and `Normalize(OPENAI_MEAN, OPENAI_STD)`.
+//! Both are built from a model's [`Preprocess`]. Train: torchvision
+//! `RandomResizedCrop(size, scale=(0.9, 1.0), ratio=(3/4, 4/3))` with bicubic interpolation
+//! whatever the resize mode (open_clip `transform.py`, `image_transform(is_train=True)`
+//! without extra augmentation). Eval, by `resize_mode`: `shortest` is `Resize(size)` of the
+//! shorter side then `CenterCrop(size)`; `squash` is `Resize((size, size))`; `longest` is
+//! `ResizeKeepRatio(size, longest=1)` then `CenterCropOrPad(size, fill=0)` (black borders).
+//! Both then `ToTensor` and `Normalize(mean, std)`.
 //!
-//! Resizing uses fast_image_resize's Catmull-Rom convolution, the same cubic (a = -0.5) with
-//! the same support scaling on downsampling as PIL's `BICUBIC`, so results match PIL to
-//! rounding. The random crop is drawn from a ChaCha8 stream seeded by the caller, so a sample
+//! Resizing uses fast_image_resize's convolutions: Catmull-Rom is the same cubic (a = -0.5)
+//! with the same support scaling on downsampling as PIL's `BICUBIC`, its bilinear filter
+//! PIL's `BILINEAR`, so results match PIL to rounding. The random crop is drawn from a ChaCha8 stream seeded by the caller, so a sample
 //! gets the same crop on every machine, thread and run.
 
 use std::cell::RefCell;
@@ -79,6 +82,10 @@ pub struct Preprocess {
     #[serde(default)]
     pub resize_mode: ResizeMode,
 }
+
+// Configs holding a Preprocess compare with `==`; its floats are checked finite where they
+// are read, so equality is reflexive in practice.
+impl Eq for Preprocess {}
 
 /// How an image is brought to the model's square size at evaluation (open_clip's
 /// `resize_mode`).
@@ -214,6 +221,9 @@ pub struct ImageTransform {
     mode: Mode,
     mean: [f32; 3],
     std: [f32; 3],
+    /// Eval only: training resizes bicubic, as open_clip's `RandomResizedCrop` does.
+    interpolation: Interpolation,
+    resize_mode: ResizeMode,
 }
 
 impl ImageTransform {
@@ -227,16 +237,32 @@ impl ImageTransform {
             },
             mean: OPENAI_MEAN,
             std: OPENAI_STD,
+            interpolation: Interpolation::Bicubic,
+            resize_mode: ResizeMode::Shortest,
         }
     }
 
     /// open_clip's eval transform: shorter side to `size` (bicubic), then centre crop.
     pub fn eval(image_size: u32) -> Self {
+        Self::eval_for(&Preprocess::openai(image_size))
+    }
+
+    /// The train transform for a model's preprocessing: its size and mean/std (the crop and
+    /// its bicubic resize are open_clip's whatever the resize mode).
+    pub fn train_for(p: &Preprocess) -> Self {
+        Self::train(p.size).with_normalization(p.mean, p.std)
+    }
+
+    /// The eval transform for a model's preprocessing: its resize mode, interpolation,
+    /// size and mean/std.
+    pub fn eval_for(p: &Preprocess) -> Self {
         Self {
-            image_size,
+            image_size: p.size,
             mode: Mode::Eval,
-            mean: OPENAI_MEAN,
-            std: OPENAI_STD,
+            mean: p.mean,
+            std: p.std,
+            interpolation: p.interpolation,
+            resize_mode: p.resize_mode,
         }
     }
 
@@ -277,10 +303,40 @@ impl ImageTransform {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 let c =
                     random_resized_crop_params(img.width(), img.height(), scale, ratio, &mut rng);
-                let resized = resize_rgb(img, c, s, s);
+                let resized = resize_rgb(img, c, s, s, Interpolation::Bicubic);
                 self.normalize_into(&resized, s, 0, 0, out);
             }
-            Mode::Eval => {
+            Mode::Eval => self.apply_eval(img, out),
+        }
+    }
+
+    fn apply_eval(&self, img: &RgbImage, out: &mut [f32]) {
+        let s = self.image_size;
+        let (w, h) = (img.width(), img.height());
+        let whole = CropBox { top: 0, left: 0, height: h, width: w };
+        match self.resize_mode {
+            ResizeMode::Squash => {
+                let resized = pil_resize(img, whole, s, s, self.interpolation);
+                self.normalize_into(&resized, s, 0, 0, out);
+            }
+            ResizeMode::Longest => {
+                // ResizeKeepRatio(longest=1): both sides divided by the larger ratio, Python's
+                // round (half to even); then CenterCropOrPad pads with black, (S - n) // 2
+                // before.
+                let ratio = (f64::from(h) / f64::from(s)).max(f64::from(w) / f64::from(s));
+                let side = |x: u32| ((f64::from(x) / ratio).round_ties_even() as u32).clamp(1, s);
+                let (new_w, new_h) = (side(w), side(h));
+                let resized = pil_resize(img, whole, new_w, new_h, self.interpolation);
+                let mut canvas = vec![0u8; 3 * s as usize * s as usize];
+                let (left, top) = (((s - new_w) / 2) as usize, ((s - new_h) / 2) as usize);
+                let row = 3 * new_w as usize;
+                for y in 0..new_h as usize {
+                    let at = ((top + y) * s as usize + left) * 3;
+                    canvas[at..at + row].copy_from_slice(&resized[y * row..(y + 1) * row]);
+                }
+                self.normalize_into(&canvas, s, 0, 0, out);
+            }
+            ResizeMode::Shortest => {
                 // torchvision Resize(int): the shorter side becomes S, the longer
                 // int(S * long / short) (truncated).
                 let (w, h) = (img.width(), img.height());
@@ -289,8 +345,7 @@ impl ImageTransform {
                 } else {
                     (((u64::from(s) * u64::from(w)) / u64::from(h)) as u32, s)
                 };
-                let whole = CropBox { top: 0, left: 0, height: h, width: w };
-                let resized = resize_rgb(img, whole, new_w, new_h);
+                let resized = pil_resize(img, whole, new_w, new_h, self.interpolation);
                 // CenterCrop: int(round((H - S) / 2)), half to even.
                 let top = (f64::from(new_h - s) / 2.0).round_ties_even() as u32;
                 let left = (f64::from(new_w - s) / 2.0).round_ties_even() as u32;
@@ -318,15 +373,152 @@ impl ImageTransform {
     }
 }
 
+/// PIL's `Image.resize` of the `crop` region (PIL crops, then resizes the crop), bit for bit:
+/// Pillow's `Resample.c` with its filters and 22-bit fixed-point coefficients, each pass
+/// rounded and clipped to 8 bits, a pass skipped when its side keeps its size, and Pillow
+/// 13's pass order (vertical first when the height shrinks by more than twice what the width
+/// does). The evaluation transform uses it so that a model sees exactly the pixels open_clip
+/// gives it; fast_image_resize, used for the training crops, always runs the vertical pass
+/// first on 8-bit images, which moves a pixel by a few levels where the cubic overshoots.
+fn pil_resize(img: &RgbImage, crop: CropBox, width: u32, height: u32, interpolation: Interpolation) -> Vec<u8> {
+    let (src_w, src) = (img.width() as usize, img.as_raw());
+    let (in_w, in_h, out_w, out_h) = (crop.width as usize, crop.height as usize, width as usize, height as usize);
+    let mut pixels = Vec::with_capacity(in_w * in_h * 3);
+    for y in 0..in_h {
+        let at = ((crop.top as usize + y) * src_w + crop.left as usize) * 3;
+        pixels.extend_from_slice(&src[at..at + in_w * 3]);
+    }
+    let (filter, support): (fn(f64) -> f64, f64) = match interpolation {
+        Interpolation::Bicubic => (pil_bicubic, 2.0),
+        Interpolation::Bilinear => (pil_bilinear, 1.0),
+    };
+    let horizontal = |pixels: &[u8], rows: usize| -> Vec<u8> {
+        let coefficients = pil_coefficients(in_w, out_w, filter, support);
+        let mut out = vec![0u8; out_w * rows * 3];
+        for y in 0..rows {
+            let row = &pixels[y * in_w * 3..][..in_w * 3];
+            for (x, (start, weights)) in coefficients.iter().enumerate() {
+                for c in 0..3 {
+                    let mut acc: i64 = 1 << (PIL_PRECISION_BITS - 1);
+                    for (k, &w) in weights.iter().enumerate() {
+                        acc += i64::from(row[(start + k) * 3 + c]) * i64::from(w);
+                    }
+                    out[(y * out_w + x) * 3 + c] = pil_clip8(acc);
+                }
+            }
+        }
+        out
+    };
+    let vertical = |pixels: &[u8], cols: usize| -> Vec<u8> {
+        let coefficients = pil_coefficients(in_h, out_h, filter, support);
+        let mut out = vec![0u8; cols * out_h * 3];
+        for (y, (start, weights)) in coefficients.iter().enumerate() {
+            for x in 0..cols {
+                for c in 0..3 {
+                    let mut acc: i64 = 1 << (PIL_PRECISION_BITS - 1);
+                    for (k, &w) in weights.iter().enumerate() {
+                        acc += i64::from(pixels[((start + k) * cols + x) * 3 + c]) * i64::from(w);
+                    }
+                    out[(y * cols + x) * 3 + c] = pil_clip8(acc);
+                }
+            }
+        }
+        out
+    };
+    let (need_h, need_v) = (in_w != out_w, in_h != out_h);
+    let shrink_h = in_h as i64 - out_h as i64;
+    let horizontal_first = !(shrink_h > 0 && shrink_h > (in_w as i64 - out_w as i64) * 2);
+    if horizontal_first {
+        if need_h {
+            pixels = horizontal(&pixels, in_h);
+        }
+        if need_v {
+            pixels = vertical(&pixels, out_w);
+        }
+    } else {
+        if need_v {
+            pixels = vertical(&pixels, in_w);
+        }
+        if need_h {
+            pixels = horizontal(&pixels, out_h);
+        }
+    }
+    pixels
+}
+
+/// Pillow's `PRECISION_BITS` for 8-bit images.
+const PIL_PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn pil_clip8(acc: i64) -> u8 {
+    (acc >> PIL_PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Pillow's `bicubic_filter` (a = -0.5).
+fn pil_bicubic(x: f64) -> f64 {
+    let (a, x) = (-0.5, x.abs());
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+fn pil_bilinear(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 {
+        1.0 - x
+    } else {
+        0.0
+    }
+}
+
+/// Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc`: for each output pixel, the first
+/// input pixel and the fixed-point weights, the support widened by the downscaling factor.
+fn pil_coefficients(in_size: usize, out_size: usize, filter: fn(f64) -> f64, support: f64) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filter_scale = scale.max(1.0);
+    let support = support * filter_scale;
+    let inv = 1.0 / filter_scale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            // C's (int) truncates toward zero.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
+            let weights: Vec<f64> = (xmin..xmax).map(|x| filter((x as f64 - center + 0.5) * inv)).collect();
+            let total: f64 = weights.iter().sum();
+            let fixed = weights
+                .iter()
+                .map(|&w| {
+                    let w = if total != 0.0 { w / total } else { w };
+                    let scaled = w * f64::from(1u32 << PIL_PRECISION_BITS);
+                    if w < 0.0 {
+                        (scaled - 0.5) as i32
+                    } else {
+                        (scaled + 0.5) as i32
+                    }
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect()
+}
+
 thread_local! {
     // A Resizer keeps scratch buffers between calls; one per worker thread.
     static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
 }
 
-/// Bicubic (Catmull-Rom) resize of the `crop` region of an RGB image to `width x height`;
-/// returns packed RGB. As PIL crops first and then resizes the crop, the filter never reads
+/// Bicubic (Catmull-Rom) or bilinear resize of the `crop` region of an RGB image to
+/// `width x height`; returns packed RGB. As PIL crops first and then resizes the crop, the filter never reads
 /// outside the region: fast_image_resize's `CroppedImage` view gives that without a copy.
-fn resize_rgb(img: &RgbImage, crop: CropBox, width: u32, height: u32) -> Vec<u8> {
+fn resize_rgb(img: &RgbImage, crop: CropBox, width: u32, height: u32, interpolation: Interpolation) -> Vec<u8> {
+    let (filter, fallback_filter) = match interpolation {
+        Interpolation::Bicubic => (FilterType::CatmullRom, image::imageops::FilterType::CatmullRom),
+        Interpolation::Bilinear => (FilterType::Bilinear, image::imageops::FilterType::Triangle),
+    };
     let whole = (crop.left, crop.top, crop.width, crop.height) == (0, 0, img.width(), img.height());
     if whole && img.width() == width && img.height() == height {
         return img.as_raw().clone();
@@ -335,7 +527,7 @@ fn resize_rgb(img: &RgbImage, crop: CropBox, width: u32, height: u32) -> Vec<u8>
     // fail a sample: fall back to the image crate's (slower) Catmull-Rom.
     let fallback = || {
         let region = image::imageops::crop_imm(img, crop.left, crop.top, crop.width, crop.height).to_image();
-        image::imageops::resize(&region, width, height, image::imageops::FilterType::CatmullRom).into_raw()
+        image::imageops::resize(&region, width, height, fallback_filter).into_raw()
     };
     let Ok(src) = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3) else {
         return fallback();
@@ -344,7 +536,7 @@ fn resize_rgb(img: &RgbImage, crop: CropBox, width: u32, height: u32) -> Vec<u8>
         return fallback();
     };
     let mut dst = Image::new(width, height, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter));
     let resized = RESIZER.with(|r| r.borrow_mut().resize(&view, &mut dst, &options).is_ok());
     if resized {
         dst.into_vec()
@@ -366,7 +558,9 @@ mod tests {
             let crop = CropBox { top, left, height, width };
             let copy = image::imageops::crop_imm(&img, left, top, width, height).to_image();
             let whole = CropBox { top: 0, left: 0, height, width };
-            assert_eq!(resize_rgb(&img, crop, out, out), resize_rgb(&copy, whole, out, out), "{crop:?}");
+            for i in [Interpolation::Bicubic, Interpolation::Bilinear] {
+                assert_eq!(resize_rgb(&img, crop, out, out, i), resize_rgb(&copy, whole, out, out, i), "{crop:?}");
+            }
         }
     }
 
@@ -508,5 +702,67 @@ mod tests {
             decode_image(&png, 100).unwrap().get_pixel(1, 1),
             &image::Rgb([10, 20, 30])
         );
+    }
+}
+
+#[cfg(test)]
+mod preprocess_tests {
+    use super::*;
+
+    /// open_clip's `image_transform(is_train=False, ...)` outputs
+    /// (tests/fixtures/make_transform_fixtures.py) for every resize mode and interpolation, on
+    /// PNGs of odd sizes: the same 8-bit pixels as PIL's, so equal to float rounding.
+    #[test]
+    fn eval_transforms_match_open_clip() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/transforms");
+        let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+        let expected: Vec<f32> = std::fs::read(dir.join("expected.bin"))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let mut offset = 0;
+        let mut worst = 0f32;
+        for case in cases.as_array().unwrap() {
+            let p = Preprocess {
+                size: case["size"].as_u64().unwrap() as u32,
+                mean: serde_json::from_value(case["mean"].clone()).unwrap(),
+                std: serde_json::from_value(case["std"].clone()).unwrap(),
+                interpolation: serde_json::from_value(case["interpolation"].clone()).unwrap(),
+                resize_mode: serde_json::from_value(case["resize_mode"].clone()).unwrap(),
+            };
+            let bytes = std::fs::read(dir.join(case["image"].as_str().unwrap())).unwrap();
+            let img = decode_image(&bytes, DEFAULT_MAX_PIXELS).unwrap();
+            let t = ImageTransform::eval_for(&p);
+            let mut out = vec![f32::NAN; t.output_len()];
+            t.apply(&img, 0, &mut out);
+            let want = &expected[offset..offset + out.len()];
+            offset += out.len();
+            let level = 1.0 / (255.0 * p.std.iter().cloned().fold(f32::INFINITY, f32::min));
+            let diff = out.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let off_by_more = out.iter().zip(want).filter(|(a, b)| (*a - *b).abs() > 1e-5).count();
+            worst = worst.max(diff / level);
+            assert!(diff < 1e-5, "{case}: max abs diff {diff} (one level is {level}), {off_by_more} values differ");
+        }
+        assert_eq!(offset, expected.len());
+        eprintln!("worst difference: {worst} levels");
+    }
+
+    #[test]
+    fn longest_pads_with_black_and_squash_fills_the_square() {
+        let img = RgbImage::from_pixel(40, 20, image::Rgb([255, 255, 255]));
+        let mut p = Preprocess::siglip(16);
+        p.resize_mode = ResizeMode::Longest;
+        let t = ImageTransform::eval_for(&p);
+        let mut out = vec![0.0; t.output_len()];
+        t.apply(&img, 0, &mut out);
+        // 40 x 20 -> 16 x 8, rows 4..12 white, the rest black: (0 - 0.5) / 0.5 = -1.
+        assert_eq!(out[0], -1.0);
+        assert_eq!(out[8 * 16 + 8], 1.0);
+        assert_eq!(out[15 * 16 + 8], -1.0);
+        let t = ImageTransform::eval_for(&Preprocess::siglip(16));
+        t.apply(&img, 0, &mut out);
+        assert!(out.iter().all(|&v| v == 1.0));
+        assert_eq!(ImageTransform::eval(16), ImageTransform::eval_for(&Preprocess::openai(16)));
     }
 }

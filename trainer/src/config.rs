@@ -32,9 +32,26 @@ pub struct DataConfig {
     /// Decode/augment threads.
     #[serde(default = "default_workers")]
     pub workers: usize,
-    /// A Hugging Face tokenizer.json to use instead of the CLIP BPE.
+    /// A tokenizer.json (or a Hugging Face model directory holding one) to use instead of the
+    /// CLIP BPE; prepared as the model's config says (see docs/models.md), and refused when
+    /// its ids exceed `text_cfg.vocab_size` or the text tower would pool at the wrong place.
     #[serde(default)]
     pub tokenizer: Option<String>,
+    /// Per-channel mean the images are normalised with; default the model's (OpenAI's, or
+    /// 0.5 for SigLIP models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_mean: Option<[f32; 3]>,
+    /// Per-channel standard deviation; default the model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_std: Option<[f32; 3]>,
+    /// Evaluation resize: `shortest` (shorter side, centre crop), `squash` (both sides) or
+    /// `longest` (longer side, padded square); default the model's. Training always takes
+    /// open_clip's random resized crop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize_mode: Option<oxclip_data_loader::ResizeMode>,
+    /// Evaluation resize filter: `bicubic` or `bilinear`; default the model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interpolation: Option<oxclip_data_loader::Interpolation>,
     /// Shards: samples each loader worker shuffles within (open_clip's 5000); 1 reads in order.
     #[serde(default = "default_shuffle_buffer")]
     pub shuffle_buffer: usize,
@@ -56,6 +73,28 @@ pub struct DataConfig {
 }
 
 impl DataConfig {
+    /// The model's image preprocessing ([`crate::prepare::default_preprocess`]) with this
+    /// section's `image_mean`, `image_std`, `resize_mode` and `interpolation` over it.
+    pub fn preprocess(&self, model: &ModelConfig) -> Result<oxclip_data_loader::Preprocess> {
+        let mut p = crate::prepare::default_preprocess(model);
+        if let Some(mean) = self.image_mean {
+            p.mean = mean;
+        }
+        if let Some(std) = self.image_std {
+            if std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+                return Err(TrainError::Config(format!("data.image_std: every value must be positive, got {std:?}")));
+            }
+            p.std = std;
+        }
+        if let Some(mode) = self.resize_mode {
+            p.resize_mode = mode;
+        }
+        if let Some(interpolation) = self.interpolation {
+            p.interpolation = interpolation;
+        }
+        Ok(p)
+    }
+
     /// How the loader streams shards.
     pub fn shard_options(&self) -> oxclip_data_loader::ShardOptions {
         oxclip_data_loader::ShardOptions {

@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use oxclip_data_loader::sources::{self, classes, FileDataset};
 use oxclip_data_loader::spec::DEFAULT_LABEL_KEY;
-use oxclip_data_loader::{webdataset, DataSource, DataSpec, Loader, LoaderConfig, ShardOptions, ShardSet, ShardSource, SkipCounts, Tokenizer};
+use oxclip_data_loader::{webdataset, DataSource, DataSpec, Loader, LoaderConfig, Preprocess, ShardOptions, ShardSet, ShardSource, SkipCounts, Tokenizer};
 
 use crate::collectives::{self, Collectives};
 use crate::error::{Result, TrainError};
@@ -322,9 +322,23 @@ pub struct EvalResult {
     pub retrieval: Option<RetrievalResult>,
 }
 
-/// A loader for evaluating `model` on `source`: the eval transform at the model's resolution,
-/// its context length, the dataset in order, this rank's share of it.
+/// A loader for evaluating `model` on `source`: the eval transform of the model's default
+/// preprocessing ([`crate::prepare::default_preprocess`]), its context length, the dataset in
+/// order, this rank's share of it.
 pub fn eval_loader(source: &DataSource, tokenizer: Tokenizer, model: &ModelConfig, batch_size: usize, workers: usize, comm: &dyn Collectives) -> Result<Loader> {
+    eval_loader_with(source, tokenizer, model, &crate::prepare::default_preprocess(model), batch_size, workers, comm)
+}
+
+/// [`eval_loader`] with the given preprocessing (mean/std, resize mode, interpolation).
+pub fn eval_loader_with(
+    source: &DataSource,
+    tokenizer: Tokenizer,
+    model: &ModelConfig,
+    preprocess: &Preprocess,
+    batch_size: usize,
+    workers: usize,
+    comm: &dyn Collectives,
+) -> Result<Loader> {
     Ok(Loader::open(
         source,
         &ShardOptions::default(),
@@ -338,6 +352,7 @@ pub fn eval_loader(source: &DataSource, tokenizer: Tokenizer, model: &ModelConfi
             context_length: model.text_cfg.context_length as usize,
             workers,
             train: false,
+            preprocess: Some(preprocess.clone()),
         },
     )?)
 }

@@ -8,7 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use oxclip_data_loader::sources::is_image_path;
 use oxclip_data_loader::transform::{decode_image, DEFAULT_MAX_PIXELS};
-use oxclip_data_loader::{ImageTransform, SkipReason, Tokenizer};
+use oxclip_data_loader::{ImageTransform, Preprocess, SkipReason, Tokenizer};
 
 use crate::error::{io_err, Result, TrainError};
 use crate::model::{normalize, Clip, ModelConfig};
@@ -25,10 +25,26 @@ pub struct Embedder {
 impl Embedder {
     /// The architecture `cfg` with the weights of `weights` (either layout, see
     /// [`load_weights`]) on `device`.
+    /// Images are prepared as [`crate::prepare::default_preprocess`] says for `cfg`; see
+    /// [`with_preprocess`](Self::with_preprocess). The tokenizer is checked against the text
+    /// tower first ([`crate::prepare::check_tokenizer`]).
     pub fn new(cfg: &ModelConfig, weights: &Path, tokenizer: Tokenizer, device: Device) -> Result<Self> {
+        crate::prepare::check_tokenizer(&tokenizer, cfg, "the tokenizer")?;
         let (vs, model) = crate::model::load(cfg, weights, device)?;
-        let transform = ImageTransform::eval(cfg.vision_cfg.image_size as u32);
+        let transform = ImageTransform::eval_for(&crate::prepare::default_preprocess(cfg));
         Ok(Self { model, _vs: vs, tokenizer, transform, device })
+    }
+
+    /// The same model with images prepared by `preprocess` (the model's own mean/std, resize
+    /// mode and interpolation, e.g. from its preprocessor config); its size must be the
+    /// model's image size.
+    pub fn with_preprocess(mut self, preprocess: &Preprocess) -> Result<Self> {
+        let size = self.model.config.vision_cfg.image_size;
+        if i64::from(preprocess.size) != size {
+            return Err(TrainError::Input(format!("image preprocessing for {}px images, but the model takes {size}px", preprocess.size)));
+        }
+        self.transform = ImageTransform::eval_for(preprocess);
+        Ok(self)
     }
 
     /// `exp(logit_scale)`: how the model scales cosine similarities into logits.

@@ -20,6 +20,7 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod prepare;
 pub mod schedule;
 pub mod step;
 pub mod train;

@@ -156,7 +156,8 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         tracing::info!("initial weights from {} ({})", found.weights().display(), found.describe());
     }
 
-    let tokenizer = load_tokenizer(&job.data)?;
+    let tokenizer = load_tokenizer(&job.data, &job.model)?;
+    let preprocess = job.data.preprocess(&job.model)?;
     let train_set = DataSource::open(&DataSpec::parse(&job.data.train)?, cfg.seed)?;
     let mut loader = Loader::open(
         &train_set,
@@ -171,6 +172,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
             context_length: job.model.text_cfg.context_length as usize,
             workers: job.data.workers,
             train: true,
+            preprocess: Some(preprocess.clone()),
         },
     )?;
     // Samples already found bad while opening the shards count towards `data/skipped`.
@@ -304,7 +306,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         if let Some(task) = &val_task {
             if last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
                 model.set_training(false);
-                let result = evaluate(&model, task, &tokenizer, device, job.data.workers, comm)?;
+                let result = evaluate(&model, task, &tokenizer, &preprocess, device, job.data.workers, comm)?;
                 model.set_training(true);
                 let mut scalars: Vec<(String, f64)> = Vec::new();
                 if let Some(zs) = &result.zero_shot {
@@ -508,10 +510,12 @@ fn show(value: Option<&serde_yaml::Value>) -> String {
     }
 }
 
-pub fn load_tokenizer(data: &DataConfig) -> Result<Tokenizer> {
-    Ok(match &data.tokenizer {
-        Some(path) => Tokenizer::from_tokenizer_json(Path::new(path))?,
-        None => Tokenizer::clip_from_bpe_gz(&oxclip_data_loader::tokenizer::default_clip_vocab_path()?)?,
+/// `data.tokenizer` (or the CLIP BPE) for `model`, checked against its text tower
+/// ([`crate::prepare::text_tokenizer`]).
+pub fn load_tokenizer(data: &DataConfig, model: &ModelConfig) -> Result<Tokenizer> {
+    crate::prepare::text_tokenizer(data.tokenizer.as_deref().map(Path::new), model).map_err(|e| match e {
+        TrainError::Input(message) => TrainError::Config(format!("data.tokenizer: {message}")),
+        other => other,
     })
 }
 
@@ -552,12 +556,20 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-fn evaluate(model: &Clip, task: &ValTask, tokenizer: &Tokenizer, device: Device, workers: usize, comm: &dyn Collectives) -> Result<eval::EvalResult> {
+fn evaluate(
+    model: &Clip,
+    task: &ValTask,
+    tokenizer: &Tokenizer,
+    preprocess: &oxclip_data_loader::Preprocess,
+    device: Device,
+    workers: usize,
+    comm: &dyn Collectives,
+) -> Result<eval::EvalResult> {
     let classifier = match &task.zero_shot {
         Some((classnames, templates)) => Some(eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?),
         None => None,
     };
-    let mut loader = eval::eval_loader(&task.source, tokenizer.clone(), &model.config, 256, workers, comm)?;
+    let mut loader = eval::eval_loader_with(&task.source, tokenizer.clone(), &model.config, preprocess, 256, workers, comm)?;
     eval::evaluate(model, &mut loader, classifier.as_ref(), true, device, comm)
 }
 

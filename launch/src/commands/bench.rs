@@ -127,6 +127,7 @@ pub fn loader(args: BenchLoaderArgs) -> anyhow::Result<()> {
             context_length: args.context_length,
             workers: args.workers,
             train: true,
+            preprocess: None,
         },
     )?;
     let mut skipped = loader.next_batch()?.skipped.values().sum::<u64>();

@@ -10,7 +10,7 @@ use clap::Args;
 use oxclip_data_loader::Tokenizer;
 use oxclip_trainer::device;
 use oxclip_trainer::infer::{image_files, Embedder};
-use oxclip_trainer::model::write_safetensors;
+use oxclip_trainer::model::{write_safetensors, ModelConfig};
 
 use super::weights_and_model;
 
@@ -25,7 +25,10 @@ pub struct ModelArgs {
     /// Hugging Face or open_clip directory says its own; one that contradicts it is an error.
     #[arg(long)]
     pub model: Option<String>,
-    /// A Hugging Face tokenizer.json instead of the CLIP BPE.
+    /// A tokenizer.json, or a Hugging Face model directory holding one, instead of the CLIP
+    /// BPE: prepared as the model's config says (open_clip's `tokenizer_kwargs`, else as
+    /// transformers' AutoTokenizer); refused when its ids exceed the model's vocabulary or
+    /// the text tower would pool at the wrong token.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// `cpu`, `cuda`, `cuda:N` or `auto` (the first GPU if there is one, else the CPU).
@@ -37,15 +40,14 @@ impl ModelArgs {
     fn embedder(&self) -> anyhow::Result<Embedder> {
         let (weights, cfg) = weights_and_model(&self.checkpoint, self.model.as_deref())?;
         let device = device::select(&self.device, "--device")?;
-        Ok(Embedder::new(&cfg, &weights, tokenizer(self.tokenizer.as_deref())?, device)?)
+        let tokenizer = tokenizer(self.tokenizer.as_deref(), &cfg)?;
+        Ok(Embedder::new(&cfg, &weights, tokenizer, device)?)
     }
 }
 
-pub fn tokenizer(path: Option<&Path>) -> anyhow::Result<Tokenizer> {
-    Ok(match path {
-        Some(p) => Tokenizer::from_tokenizer_json(p)?,
-        None => Tokenizer::clip_from_bpe_gz(&oxclip_data_loader::tokenizer::default_clip_vocab_path()?)?,
-    })
+/// `--tokenizer` (or the CLIP BPE) for the model `cfg`, checked against its text tower.
+pub fn tokenizer(path: Option<&Path>, cfg: &ModelConfig) -> anyhow::Result<Tokenizer> {
+    Ok(oxclip_trainer::prepare::text_tokenizer(path, cfg)?)
 }
 
 /// A JSON file holding a list of strings.
@@ -144,11 +146,13 @@ pub struct TokenizeArgs {
     /// Where to write the ids, a JSON list of lists; standard output if not given.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Tokens per text, start and end of text included; shorter texts are padded with 0,
-    /// longer ones cut (CLIP's 77).
+    /// Tokens per text, start and end of text included; shorter texts are padded (with 0, or
+    /// a Hugging Face tokenizer's pad token), longer ones cut keeping the end token (CLIP's 77).
     #[arg(long, default_value_t = 77)]
     pub context_length: usize,
-    /// A Hugging Face tokenizer.json instead of the CLIP BPE.
+    /// A tokenizer.json, or a Hugging Face model directory holding one, instead of the CLIP
+    /// BPE (one without a post-processor, as `oxclip tokenizer train` writes, is used as the
+    /// CLIP BPE is; any other as transformers' AutoTokenizer: its own specials and pad token).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
 }
@@ -157,7 +161,7 @@ pub fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
     if args.context_length < 2 {
         bail!("--context-length must be at least 2 (start and end of text)");
     }
-    let tokenizer = tokenizer(args.tokenizer.as_deref())?;
+    let tokenizer = oxclip_trainer::prepare::standalone_tokenizer(args.tokenizer.as_deref())?;
     let texts = read_texts(&args.texts_file)?;
     let ids: Vec<Vec<i64>> = texts.iter().map(|t| tokenizer.encode(t, args.context_length)).collect();
     let json = serde_json::to_string(&ids)?;

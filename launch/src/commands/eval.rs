@@ -75,8 +75,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     let (weights, cfg) = weights_and_model(&args.model.checkpoint, args.model.model.as_deref())?;
     let device = device::select(&args.model.device, "--device")?;
+    let tokenizer = tokenizer(args.model.tokenizer.as_deref(), &cfg)?;
     let (_vs, model) = oxclip_trainer::model::load(&cfg, &weights, device)?;
-    let tokenizer = tokenizer(args.model.tokenizer.as_deref())?;
     let classifier = match &zero_shot {
         Some((names, templates)) => Some(eval::zero_shot_classifier(&model, &tokenizer, names, templates, device)?),
         None => None,

@@ -44,9 +44,10 @@ pub struct IndexArgs {
 pub fn index(args: IndexArgs) -> anyhow::Result<()> {
     let (weights, cfg) = weights_and_model(&args.model.checkpoint, args.model.model.as_deref())?;
     let device = device::select(&args.model.device, "--device")?;
+    let tokenizer = tokenizer(args.model.tokenizer.as_deref(), &cfg)?;
     let (_vs, model) = oxclip_trainer::model::load(&cfg, &weights, device)?;
     let source = DataSource::open(&DataSpec::parse(&args.data)?, 0)?;
-    let mut loader = eval::eval_loader(&source, tokenizer(args.model.tokenizer.as_deref())?, &cfg, args.batch_size, args.workers, &SingleProcess)?;
+    let mut loader = eval::eval_loader(&source, tokenizer, &cfg, args.batch_size, args.workers, &SingleProcess)?;
     let progress = indicatif::ProgressBar::new(source.len());
     let (size, context) = (cfg.vision_cfg.image_size, cfg.text_cfg.context_length);
     let (mut images, mut texts, mut keys, mut captions) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -95,7 +96,8 @@ pub struct SearchArgs {
     /// How many results to print, best first (at most the number indexed).
     #[arg(long, default_value_t = 5, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub top: usize,
-    /// A Hugging Face tokenizer.json, if the index's model was trained with one.
+    /// The tokenizer.json (or Hugging Face model directory holding one) the index's model
+    /// reads, if not the CLIP BPE; checked against the model as `oxclip embed` checks it.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Where the query is embedded: `cpu`, `cuda`, `cuda:N` or `auto` (the first GPU if there
@@ -119,7 +121,7 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
     let cfg: ModelConfig = serde_json::from_str(&field("model")?)?;
     let weights = PathBuf::from(field("weights")?);
     let device = device::select(&args.device, "--device")?;
-    let embedder = Embedder::new(&cfg, &weights, tokenizer(args.tokenizer.as_deref())?, device)
+    let embedder = Embedder::new(&cfg, &weights, tokenizer(args.tokenizer.as_deref(), &cfg)?, device)
         .with_context(|| format!("the index's model ({})", weights.display()))?;
     let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&args.index)?.into_iter().collect();
     let (query, targets) = match (&args.text, &args.image) {
