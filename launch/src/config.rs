@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use oxclip_trainer::config::{DataConfig, DistConfig, LossConfig, OptimConfig, TrainConfig};
+use oxclip_trainer::model::pretrained;
 use oxclip_trainer::model::{zoo, ModelConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +84,15 @@ pub fn resolve_model(reference: &str) -> Result<ModelConfig, ConfigError> {
     if path.is_file() {
         return model_from_file(path);
     }
+    if path.is_dir() {
+        return Ok(model_directory(path)?.model);
+    }
     Err(ConfigError::UnknownModel(reference.to_string()))
+}
+
+/// A Hugging Face (`config.json`) or open_clip hub (`open_clip_config.json`) model directory.
+fn model_directory(path: &Path) -> Result<pretrained::Pretrained, ConfigError> {
+    pretrained::Pretrained::read(path).map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })
 }
 
 /// A model config file: a model YAML, an open_clip model config JSON as is
@@ -136,6 +145,19 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError>
         })?
     };
     if let ModelRef::Name(name) = &config.model {
+        // A model directory also says how its text and images are prepared, unless the
+        // config does.
+        if Path::new(name).is_dir() && zoo::builtin(name).is_none() {
+            let dir = model_directory(Path::new(name))?;
+            let data = &mut config.data;
+            if data.tokenizer.is_none() {
+                data.tokenizer = dir.tokenizer.as_ref().and_then(|t| t.tokenizer_json.as_ref()).map(|p| p.display().to_string());
+            }
+            data.image_mean.get_or_insert(dir.preprocess.mean);
+            data.image_std.get_or_insert(dir.preprocess.std);
+            data.resize_mode.get_or_insert(dir.preprocess.resize_mode);
+            data.interpolation.get_or_insert(dir.preprocess.interpolation);
+        }
         config.model = ModelRef::Inline(resolve_model(name)?);
     }
     // What the loss needs of the model (SigLIP's bias) goes into the resolved config.

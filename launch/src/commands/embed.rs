@@ -12,7 +12,6 @@ use oxclip_trainer::device;
 use oxclip_trainer::infer::{image_files, Embedder};
 use oxclip_trainer::model::{write_safetensors, ModelConfig};
 
-use super::weights_and_model;
 
 /// Where the model comes from, shared by the commands that use one.
 #[derive(Args)]
@@ -38,10 +37,14 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     fn embedder(&self) -> anyhow::Result<Embedder> {
-        let (weights, cfg) = weights_and_model(&self.checkpoint, self.model.as_deref())?;
+        let opened = self.open()?;
         let device = device::select(&self.device, "--device")?;
-        let tokenizer = tokenizer(self.tokenizer.as_deref(), &cfg)?;
-        Ok(Embedder::new(&cfg, &weights, tokenizer, device)?)
+        Ok(Embedder::new(&opened.config, &opened.weights, opened.tokenizer, device)?.with_preprocess(&opened.preprocess)?)
+    }
+
+    /// The model, its tokenizer and preprocessing ([`super::open_model`]).
+    pub fn open(&self) -> anyhow::Result<super::OpenedModel> {
+        super::open_model(&self.checkpoint, self.model.as_deref(), self.tokenizer.as_deref())
     }
 }
 

@@ -13,8 +13,7 @@ use oxclip_trainer::train::read_templates;
 use oxclip_trainer::collectives::SingleProcess;
 use oxclip_trainer::device;
 
-use super::embed::{tokenizer, ModelArgs};
-use super::weights_and_model;
+use super::embed::ModelArgs;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -73,15 +72,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         let set = eval::open_zero_shot(&spec, args.classnames.as_deref(), 0)?;
         (set.source, Some((set.classnames, read_templates(args.templates.as_deref())?)))
     };
-    let (weights, cfg) = weights_and_model(&args.model.checkpoint, args.model.model.as_deref())?;
+    let opened = args.model.open()?;
+    let (cfg, tokenizer) = (&opened.config, opened.tokenizer);
     let device = device::select(&args.model.device, "--device")?;
-    let tokenizer = tokenizer(args.model.tokenizer.as_deref(), &cfg)?;
-    let (_vs, model) = oxclip_trainer::model::load(&cfg, &weights, device)?;
+    let (_vs, model) = oxclip_trainer::model::load(cfg, &opened.weights, device)?;
     let classifier = match &zero_shot {
         Some((names, templates)) => Some(eval::zero_shot_classifier(&model, &tokenizer, names, templates, device)?),
         None => None,
     };
-    let mut loader = eval::eval_loader(&source, tokenizer, &cfg, args.batch_size, args.workers, &SingleProcess)?;
+    let mut loader = eval::eval_loader_with(&source, tokenizer, cfg, &opened.preprocess, args.batch_size, args.workers, &SingleProcess)?;
     let result = eval::evaluate(&model, &mut loader, classifier.as_ref(), retrieval, device, &SingleProcess)
         .with_context(|| format!("evaluating {spec_text}"))?;
     print_result(&result, args.json);

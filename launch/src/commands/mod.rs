@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
+use oxclip_data_loader::{Preprocess, Tokenizer};
 use oxclip_trainer::checkpoint;
+use oxclip_trainer::config::DataConfig;
 use oxclip_trainer::model::{pretrained, ModelConfig};
+use oxclip_trainer::prepare;
 use oxclip_trainer::weights_path::{self, Found};
 
 use crate::config;
@@ -25,11 +28,6 @@ use crate::config;
 /// config does; `model` (a built-in name, a model YAML or an `open_clip_config.json`) is then
 /// optional, and an error naming the differing keys where it contradicts the directory. A
 /// bare weights file needs `model`.
-pub fn weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Result<(PathBuf, ModelConfig)> {
-    Ok(located_weights_and_model(checkpoint, model)?.1)
-}
-
-/// [`weights_and_model`], with what was found.
 pub fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Result<(Found, (PathBuf, ModelConfig))> {
     let found = weights_path::locate(checkpoint)?;
     let pretrained = found.pretrained()?;
@@ -53,6 +51,47 @@ pub fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyh
     };
     let weights = found.weights();
     Ok((found, (weights, cfg)))
+}
+
+/// A model as every command opens it: its weights, its architecture, and how its text and
+/// images are prepared, each from the most specific source there is.
+pub struct OpenedModel {
+    pub weights: PathBuf,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    /// The tokenizer file used (`None`: the CLIP BPE), for records such as an index.
+    pub tokenizer_path: Option<PathBuf>,
+    pub preprocess: Preprocess,
+}
+
+/// Opens `checkpoint` ([`located_weights_and_model`]). The tokenizer is `tokenizer` (`--tokenizer`),
+/// else a model directory's `tokenizer.json`, else the run's `data.tokenizer` for a checkpoint,
+/// else the CLIP BPE; images are prepared as the model directory's preprocessing config, or
+/// the run's `data.*` keys for a checkpoint, or the model's defaults.
+pub fn open_model(checkpoint: &Path, model: Option<&str>, tokenizer: Option<&Path>) -> anyhow::Result<OpenedModel> {
+    let (found, (weights, config)) = located_weights_and_model(checkpoint, model)?;
+    let (mut tokenizer_path, mut preprocess) = (None, prepare::default_preprocess(&config));
+    if let Some(dir) = found.pretrained()? {
+        tokenizer_path = dir.tokenizer.and_then(|t| t.tokenizer_json);
+        preprocess = dir.preprocess;
+    } else if let Found::Checkpoint { dir } = &found {
+        if let Some(data) = data_of_checkpoint(dir) {
+            tokenizer_path = data.tokenizer.as_ref().map(PathBuf::from);
+            preprocess = data.preprocess(&config)?;
+        }
+    }
+    if let Some(path) = tokenizer {
+        tokenizer_path = Some(path.to_owned());
+    }
+    let tokenizer = prepare::text_tokenizer(tokenizer_path.as_deref(), &config)?;
+    Ok(OpenedModel { weights, config, tokenizer, tokenizer_path, preprocess })
+}
+
+/// The `data:` section of the run config saved in a checkpoint, when it reads as one.
+fn data_of_checkpoint(dir: &Path) -> Option<DataConfig> {
+    let state = checkpoint::read_state(dir).ok()?;
+    let run: serde_yaml::Value = serde_yaml::from_str(&state.config).ok()?;
+    serde_yaml::from_value(run.get("data")?.clone()).ok()
 }
 
 /// The model section of the run config saved in a checkpoint.

@@ -21,7 +21,6 @@ use oxclip_trainer::infer::Embedder;
 use oxclip_trainer::model::{normalize, write_safetensors, ModelConfig};
 
 use super::embed::{tokenizer, ModelArgs};
-use super::weights_and_model;
 
 #[derive(Args)]
 pub struct IndexArgs {
@@ -42,12 +41,13 @@ pub struct IndexArgs {
 }
 
 pub fn index(args: IndexArgs) -> anyhow::Result<()> {
-    let (weights, cfg) = weights_and_model(&args.model.checkpoint, args.model.model.as_deref())?;
+    let opened = args.model.open()?;
+    let (cfg, weights) = (opened.config.clone(), opened.weights.clone());
     let device = device::select(&args.model.device, "--device")?;
-    let tokenizer = tokenizer(args.model.tokenizer.as_deref(), &cfg)?;
     let (_vs, model) = oxclip_trainer::model::load(&cfg, &weights, device)?;
     let source = DataSource::open(&DataSpec::parse(&args.data)?, 0)?;
-    let mut loader = eval::eval_loader(&source, tokenizer, &cfg, args.batch_size, args.workers, &SingleProcess)?;
+    let mut loader =
+        eval::eval_loader_with(&source, opened.tokenizer, &cfg, &opened.preprocess, args.batch_size, args.workers, &SingleProcess)?;
     let progress = indicatif::ProgressBar::new(source.len());
     let (size, context) = (cfg.vision_cfg.image_size, cfg.text_cfg.context_length);
     let (mut images, mut texts, mut keys, mut captions) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -69,14 +69,18 @@ pub fn index(args: IndexArgs) -> anyhow::Result<()> {
         bail!("{}: no usable samples to index", args.data);
     }
     let tensors = BTreeMap::from([("image_embeds".to_owned(), Tensor::cat(&images, 0)), ("text_embeds".to_owned(), Tensor::cat(&texts, 0))]);
-    let metadata = HashMap::from([
+    let mut metadata = HashMap::from([
         ("keys".to_owned(), serde_json::to_string(&keys)?),
         ("captions".to_owned(), serde_json::to_string(&captions)?),
         // The original file of each sample (packed shards, CSV, JSONL, folders), or null.
         ("sources".to_owned(), serde_json::to_string(&sources)?),
         ("weights".to_owned(), weights.canonicalize().unwrap_or(weights.clone()).display().to_string()),
         ("model".to_owned(), serde_json::to_string(&cfg)?),
+        ("preprocess".to_owned(), serde_json::to_string(&opened.preprocess)?),
     ]);
+    if let Some(path) = &opened.tokenizer_path {
+        metadata.insert("tokenizer".to_owned(), path.canonicalize().unwrap_or(path.clone()).display().to_string());
+    }
     write_safetensors(&tensors, Some(metadata), &args.out)?;
     println!("indexed {} samples of {} -> {}", keys.len(), args.data, args.out.display());
     Ok(())
@@ -121,7 +125,14 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
     let cfg: ModelConfig = serde_json::from_str(&field("model")?)?;
     let weights = PathBuf::from(field("weights")?);
     let device = device::select(&args.device, "--device")?;
-    let embedder = Embedder::new(&cfg, &weights, tokenizer(args.tokenizer.as_deref(), &cfg)?, device)
+    // The index records how its model's inputs were prepared; older indexes, the defaults.
+    let tokenizer_path = args.tokenizer.clone().or_else(|| meta.get("tokenizer").map(PathBuf::from));
+    let preprocess = match meta.get("preprocess") {
+        Some(p) => serde_json::from_str(p).with_context(|| format!("{}: its preprocess record", args.index.display()))?,
+        None => oxclip_trainer::prepare::default_preprocess(&cfg),
+    };
+    let embedder = Embedder::new(&cfg, &weights, tokenizer(tokenizer_path.as_deref(), &cfg)?, device)
+        .and_then(|e| e.with_preprocess(&preprocess))
         .with_context(|| format!("the index's model ({})", weights.display()))?;
     let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&args.index)?.into_iter().collect();
     let (query, targets) = match (&args.text, &args.image) {

@@ -66,16 +66,15 @@ pub const ARCHITECTURES: [TimmArch; 16] = [
     arch("vit_giantopt_patch16_siglip_384", 384, 16, 1536, 40, 16, 6144, GeluTanh),
 ];
 
-/// Unit tests add a trunk small enough to commit as a Hugging Face SiglipModel directory
-/// (tests/fixtures/hf_siglip_tiny; make_hf_siglip_fixtures.py registers it in timm).
-#[cfg(test)]
-pub(crate) const TINY: TimmArch = arch("vit_oxtiny_patch8_siglip_32", 32, 8, 32, 2, 2, 128, GeluTanh);
+/// oxclip's own CPU-sized SigLIP trunk (not a timm model: open_clip cannot build it), for
+/// tests and first experiments as the `tiny` model is for CLIP: small enough to commit as a
+/// Hugging Face SiglipModel directory (tests/fixtures/hf_siglip_tiny;
+/// make_hf_siglip_fixtures.py registers it in timm to make that fixture).
+pub const TINY: TimmArch = arch("vit_oxtiny_patch8_siglip_32", 32, 8, 32, 2, 2, 128, GeluTanh);
 
-/// The trunks oxclip builds: [`ARCHITECTURES`] (and, in unit tests, [`TINY`]).
+/// The trunks oxclip builds: open_clip's [`ARCHITECTURES`] and [`TINY`].
 pub fn architectures() -> Vec<TimmArch> {
-    #[allow(unused_mut)]
     let mut all = ARCHITECTURES.to_vec();
-    #[cfg(test)]
     all.push(TINY);
     all
 }
