@@ -154,4 +154,8 @@ fn a_siglip_model_fine_tunes_from_its_hugging_face_directory() {
     run_ok(oxclip().args(["export", "--checkpoint"]).arg(&finetuned).args(["--format", "hf", "--out"]).arg(&back));
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(back.join("config.json")).expect("config.json")).expect("json");
     assert_eq!(config["architectures"][0], "SiglipModel");
+    // The tokenizer travels with the export: the directory is ready for embed, eval, transformers.
+    assert!(back.join("tokenizer.json").is_file() && back.join("tokenizer_config.json").is_file());
+    let after_export = image_to_text_r1(&["--checkpoint", &back.to_string_lossy()], &val_csv);
+    assert_eq!(after_export, after, "the exported directory scores as the run it came from");
 }

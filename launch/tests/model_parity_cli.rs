@@ -73,6 +73,7 @@ fn check(model: &str, extra: &[&str]) {
     assert!(exact_diff <= 1e-4, "{model}: the exact-size PNG differs by {exact_diff}");
     let jpeg = cosine(&images.get(1), &want_images.get(1));
     let apart = cosine(&want_images.get(0), &want_images.get(1));
+    eprintln!("{model}: texts {text_diff:.1e}, exact-size PNG {exact_diff:.1e}, JPEG cosine {jpeg:.6} (the two images: {apart:.4})");
     assert!(jpeg >= 0.999, "{model}: the resized JPEG's cosine is {jpeg}");
     assert!(apart < 0.99, "{model}: the two images embed too alike ({apart}) for the JPEG check to mean anything");
 }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 use oxclip_trainer::checkpoint;
@@ -52,9 +53,13 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         ExportFormat::OpenClip => Format::OpenClip,
         ExportFormat::Hf => Format::HuggingFace,
     };
-    // A model directory's own preprocessing travels with it; otherwise the family's.
-    let preprocess = found.pretrained()?.map(|p| p.preprocess);
-    let files = export(weights, &cfg, preprocess.as_ref(), format, &args.out)?;
+    // The preprocessing and tokenizer the model was used with travel with it (a model
+    // directory's own, or the run's), so the export loads ready to use.
+    let (tokenizer, preprocess) = super::inputs_of(&found, &cfg)?;
+    let mut files = export(weights, &cfg, Some(&preprocess), format, &args.out)?;
+    if let Some(tokenizer) = tokenizer {
+        files.extend(copy_tokenizer(&tokenizer, &args.out)?);
+    }
     for f in files {
         println!("{}", f.display());
     }
@@ -77,3 +82,31 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Copies a Hugging Face tokenizer (`tokenizer.json`, or a directory holding one, with its
+/// `tokenizer_config.json` and `special_tokens_map.json` when present) into `out`. A
+/// tokenizer.json without a post-processor (`oxclip tokenizer train`'s, used as CLIP's
+/// `tokenize`) stays out: transformers would read it without the start and end tokens.
+fn copy_tokenizer(tokenizer: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = if tokenizer.is_dir() { tokenizer.to_owned() } else { tokenizer.parent().map(Path::to_owned).unwrap_or_default() };
+    let json = if tokenizer.is_dir() { tokenizer.join("tokenizer.json") } else { tokenizer.to_owned() };
+    let text = std::fs::read_to_string(&json).with_context(|| format!("reading the tokenizer {}", json.display()))?;
+    let parsed: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", json.display()))?;
+    if parsed.get("post_processor").is_none_or(serde_json::Value::is_null) {
+        return Ok(Vec::new());
+    }
+    let mut written = Vec::new();
+    for (from, name) in [
+        (json, "tokenizer.json"),
+        (dir.join("tokenizer_config.json"), "tokenizer_config.json"),
+        (dir.join("special_tokens_map.json"), "special_tokens_map.json"),
+    ] {
+        if from.is_file() {
+            let to = out.join(name);
+            if from.canonicalize().ok() != to.canonicalize().ok() {
+                std::fs::copy(&from, &to).with_context(|| format!("copying the tokenizer {} to {}", from.display(), to.display()))?;
+            }
+            written.push(to);
+        }
+    }
+    Ok(written)
+}

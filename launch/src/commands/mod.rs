@@ -70,21 +70,25 @@ pub struct OpenedModel {
 /// the run's `data.*` keys for a checkpoint, or the model's defaults.
 pub fn open_model(checkpoint: &Path, model: Option<&str>, tokenizer: Option<&Path>) -> anyhow::Result<OpenedModel> {
     let (found, (weights, config)) = located_weights_and_model(checkpoint, model)?;
-    let (mut tokenizer_path, mut preprocess) = (None, prepare::default_preprocess(&config));
-    if let Some(dir) = found.pretrained()? {
-        tokenizer_path = dir.tokenizer.and_then(|t| t.tokenizer_json);
-        preprocess = dir.preprocess;
-    } else if let Found::Checkpoint { dir } = &found {
-        if let Some(data) = data_of_checkpoint(dir) {
-            tokenizer_path = data.tokenizer.as_ref().map(PathBuf::from);
-            preprocess = data.preprocess(&config)?;
-        }
-    }
-    if let Some(path) = tokenizer {
-        tokenizer_path = Some(path.to_owned());
-    }
+    let (found_tokenizer, preprocess) = inputs_of(&found, &config)?;
+    let tokenizer_path = tokenizer.map(Path::to_owned).or(found_tokenizer);
     let tokenizer = prepare::text_tokenizer(tokenizer_path.as_deref(), &config)?;
     Ok(OpenedModel { weights, config, tokenizer, tokenizer_path, preprocess })
+}
+
+/// The tokenizer file and image preprocessing that came with what was found: a model
+/// directory's own, or a checkpoint's run config's (`data.tokenizer`, `data.image_*`), else
+/// none and the model's defaults.
+pub fn inputs_of(found: &Found, config: &ModelConfig) -> anyhow::Result<(Option<PathBuf>, Preprocess)> {
+    if let Some(dir) = found.pretrained()? {
+        return Ok((dir.tokenizer.and_then(|t| t.tokenizer_json), dir.preprocess));
+    }
+    if let Found::Checkpoint { dir } = found {
+        if let Some(data) = data_of_checkpoint(dir) {
+            return Ok((data.tokenizer.as_ref().map(PathBuf::from), data.preprocess(config)?));
+        }
+    }
+    Ok((None, prepare::default_preprocess(config)))
 }
 
 /// The `data:` section of the run config saved in a checkpoint, when it reads as one.
