@@ -65,6 +65,18 @@ fn blocks<'a>(names: impl Iterator<Item = &'a String>, prefix: &str) -> BTreeSet
         .collect()
 }
 
+/// Removes block `h`'s `self_attn.{q,k,v}_proj.{kind}` from `hf` and returns them stacked
+/// as one fused projection (open_clip's `in_proj_*`, timm's `qkv`); `None` when the block has
+/// none, an error when it has only some.
+pub(crate) fn fuse_qkv(hf: &mut BTreeMap<String, Tensor>, h: &str, kind: &str) -> Result<Option<Tensor>> {
+    let parts: Vec<Option<Tensor>> = ["q", "k", "v"].iter().map(|p| hf.remove(&format!("{h}.self_attn.{p}_proj.{kind}"))).collect();
+    match parts.as_slice() {
+        [Some(q), Some(k), Some(v)] => Ok(Some(Tensor::cat(&[q, k, v], 0))),
+        [None, None, None] => Ok(None),
+        _ => Err(TrainError::ModelConfig(format!("{h}.self_attn: the file has only some of q_proj, k_proj, v_proj ({kind})"))),
+    }
+}
+
 /// HF `CLIPModel` tensors -> open_clip names. Tensors HF keeps that open_clip has no use for
 /// (`position_ids` buffers) are dropped; anything else unknown is kept under its own name, so
 /// the loader's check names it as unexpected.
@@ -91,18 +103,8 @@ pub fn from_hf(mut hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tens
                 }
             }
             for kind in ["weight", "bias"] {
-                let parts: Vec<Option<Tensor>> =
-                    ["q", "k", "v"].iter().map(|p| hf.remove(&format!("{h}.self_attn.{p}_proj.{kind}"))).collect();
-                match parts.as_slice() {
-                    [Some(q), Some(k), Some(v)] => {
-                        out.insert(format!("{o}.attn.in_proj_{kind}"), Tensor::cat(&[q, k, v], 0));
-                    }
-                    [None, None, None] => {}
-                    _ => {
-                        return Err(TrainError::ModelConfig(format!(
-                            "{h}.self_attn: the file has only some of q_proj, k_proj, v_proj ({kind})"
-                        )))
-                    }
+                if let Some(fused) = fuse_qkv(&mut hf, &h, kind)? {
+                    out.insert(format!("{o}.attn.in_proj_{kind}"), fused);
                 }
             }
         }

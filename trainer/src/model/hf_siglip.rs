@@ -142,18 +142,8 @@ pub fn from_hf(mut hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tens
                 }
             }
             for kind in ["weight", "bias"] {
-                let parts: Vec<Option<Tensor>> =
-                    ["q", "k", "v"].iter().map(|p| hf.remove(&format!("{h}.self_attn.{p}_proj.{kind}"))).collect();
-                match parts.as_slice() {
-                    [Some(q), Some(k), Some(v)] => {
-                        out.insert(format!("{o}.{}", tower.qkv.replace("{kind}", kind)), Tensor::cat(&[q, k, v], 0));
-                    }
-                    [None, None, None] => {}
-                    _ => {
-                        return Err(TrainError::ModelConfig(format!(
-                            "{h}.self_attn: the file has only some of q_proj, k_proj, v_proj ({kind})"
-                        )))
-                    }
+                if let Some(fused) = super::hf::fuse_qkv(&mut hf, &h, kind)? {
+                    out.insert(format!("{o}.{}", tower.qkv.replace("{kind}", kind)), fused);
                 }
             }
         }
