@@ -88,3 +88,55 @@ fn vit_b_16_siglip_embeds_as_open_clip_with_a_sentencepiece_tokenizer() {
     let tokenizer = fixtures().join("tokenizers/siglip_sp");
     check("ViT-B-16-SigLIP", &["--tokenizer", tokenizer.to_str().expect("utf-8 path")]);
 }
+
+/// A transformers model directory, no `--model`: architecture and image preparation come from
+/// its `config.json` and `preprocessor_config.json`; the images go through transformers'
+/// image processor on the Python side. These tiny directories have no tokenizer that fits
+/// their text towers, so they embed images only (which must not need one).
+fn check_directory(name: &str) {
+    let expected = read_safetensors(&fixtures().join(format!("cli_parity/{name}.safetensors")));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("embeds.safetensors");
+    let parity = fixtures().join("cli_parity");
+    run_ok(
+        oxclip()
+            .args(["embed", "--device", "cpu", "--checkpoint"])
+            .arg(fixtures().join(name))
+            .arg("--images")
+            .arg(parity.join("exact32.png"))
+            .arg(parity.join("photo45x37.jpg"))
+            .arg("--out")
+            .arg(&out),
+    );
+    let (images, want) = (&read_safetensors(&out)["image_embeds"], &expected["image_embeds"]);
+    let exact_diff = (images.get(0) - want.get(0)).abs().max().double_value(&[]);
+    let jpeg = cosine(&images.get(1), &want.get(1));
+    let apart = cosine(&want.get(0), &want.get(1));
+    eprintln!("{name}: exact-size PNG {exact_diff:.1e}, JPEG cosine {jpeg:.6} (the two images: {apart:.4})");
+    assert!(exact_diff <= 1e-4, "{name}: the exact-size PNG differs by {exact_diff}");
+    assert!(jpeg >= 0.999, "{name}: the resized JPEG's cosine is {jpeg}");
+    assert!(apart < 0.99, "{name}: the two images embed too alike ({apart}) for the JPEG check to mean anything");
+    // Texts do need a tokenizer: the CLIP BPE's 49,408 ids do not fit, and the error says so.
+    let texts = oxclip()
+        .args(["embed", "--device", "cpu", "--checkpoint"])
+        .arg(fixtures().join(name))
+        .arg("--texts-file")
+        .arg(parity.join("texts.json"))
+        .arg("--out")
+        .arg(dir.path().join("texts.safetensors"))
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&texts.stderr);
+    assert!(!texts.status.success() && stderr.contains("49408") && stderr.contains("vocab_size") && !stderr.contains("panicked"), "{stderr}");
+    assert!(!dir.path().join("texts.safetensors").exists());
+}
+
+#[test]
+fn a_siglip_model_directory_embeds_as_transformers() {
+    check_directory("hf_siglip_tiny");
+}
+
+#[test]
+fn a_quick_gelu_clip_model_directory_embeds_as_transformers_without_model() {
+    check_directory("hf_clip_quickgelu_tiny");
+}

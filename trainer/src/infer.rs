@@ -17,7 +17,8 @@ use crate::model::{normalize, Clip, ModelConfig};
 pub struct Embedder {
     model: Clip,
     _vs: nn::VarStore,
-    tokenizer: Tokenizer,
+    /// `None`: the model embeds images only (no tokenizer that fits its text tower was given).
+    tokenizer: Option<Tokenizer>,
     transform: ImageTransform,
     device: Device,
 }
@@ -27,9 +28,12 @@ impl Embedder {
     /// [`load_weights`]) on `device`.
     /// Images are prepared as [`crate::prepare::default_preprocess`] says for `cfg`; see
     /// [`with_preprocess`](Self::with_preprocess). The tokenizer is checked against the text
-    /// tower first ([`crate::prepare::check_tokenizer`]).
-    pub fn new(cfg: &ModelConfig, weights: &Path, tokenizer: Tokenizer, device: Device) -> Result<Self> {
-        crate::prepare::check_tokenizer(&tokenizer, cfg, "the tokenizer")?;
+    /// tower first ([`crate::prepare::check_tokenizer`]); without one the embedder takes
+    /// images only.
+    pub fn new(cfg: &ModelConfig, weights: &Path, tokenizer: Option<Tokenizer>, device: Device) -> Result<Self> {
+        if let Some(tokenizer) = &tokenizer {
+            crate::prepare::check_tokenizer(tokenizer, cfg, "the tokenizer")?;
+        }
         let (vs, model) = crate::model::load(cfg, weights, device)?;
         let transform = ImageTransform::eval_for(&crate::prepare::default_preprocess(cfg));
         Ok(Self { model, _vs: vs, tokenizer, transform, device })
@@ -45,6 +49,12 @@ impl Embedder {
         }
         self.transform = ImageTransform::eval_for(preprocess);
         Ok(self)
+    }
+
+    fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            TrainError::Input("no tokenizer for this model's text tower: give one with --tokenizer (a tokenizer.json or the directory holding it)".into())
+        })
     }
 
     /// `exp(logit_scale)`: how the model scales cosine similarities into logits.
@@ -74,12 +84,13 @@ impl Embedder {
 
     /// Embeddings of the texts, (m, d), tokenized as in training.
     pub fn embed_texts(&self, texts: &[String], batch_size: usize) -> Result<Tensor> {
+        let tokenizer = self.tokenizer()?;
         let _guard = tch::no_grad_guard();
         let context = self.model.config.text_cfg.context_length as usize;
         let mut parts = Vec::new();
         for chunk in texts.chunks(batch_size.max(1)) {
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            let ids = self.tokenizer.encode_batch(&refs, context);
+            let ids = tokenizer.encode_batch(&refs, context);
             let tokens = Tensor::from_slice(&ids).view([chunk.len() as i64, context as i64]).to_device(self.device);
             parts.push(normalize(&self.model.encode_text(&tokens).to_kind(Kind::Float)).to_device(Device::Cpu));
         }

@@ -36,15 +36,16 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn embedder(&self) -> anyhow::Result<Embedder> {
-        let opened = self.open()?;
+    fn embedder(&self, text: bool) -> anyhow::Result<Embedder> {
+        let opened = self.open(text)?;
         let device = device::select(&self.device, "--device")?;
         Ok(Embedder::new(&opened.config, &opened.weights, opened.tokenizer, device)?.with_preprocess(&opened.preprocess)?)
     }
 
     /// The model, its tokenizer and preprocessing ([`super::open_model`]).
-    pub fn open(&self) -> anyhow::Result<super::OpenedModel> {
-        super::open_model(&self.checkpoint, self.model.as_deref(), self.tokenizer.as_deref())
+    /// `text`: whether texts will be embedded (a tokenizer is then required).
+    pub fn open(&self, text: bool) -> anyhow::Result<super::OpenedModel> {
+        super::open_model(&self.checkpoint, self.model.as_deref(), self.tokenizer.as_deref(), text)
     }
 }
 
@@ -91,7 +92,7 @@ pub fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     if let (Some(path), true) = (&args.texts_file, texts.is_empty()) {
         bail!("{} holds no texts (an empty list)", path.display());
     }
-    let embedder = args.model.embedder()?;
+    let embedder = args.model.embedder(args.texts_file.is_some())?;
     let mut tensors = std::collections::BTreeMap::new();
     let mut metadata = HashMap::new();
     if !args.images.is_empty() {
@@ -126,7 +127,7 @@ pub struct ClassifyArgs {
 }
 
 pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
-    let embedder = args.model.embedder()?;
+    let embedder = args.model.embedder(true)?;
     let probs = embedder.classify(&args.image, &args.labels)?;
     let mut ranked: Vec<(&String, f64)> = args.labels.iter().zip(probs).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));

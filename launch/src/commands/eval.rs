@@ -72,8 +72,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         let set = eval::open_zero_shot(&spec, args.classnames.as_deref(), 0)?;
         (set.source, Some((set.classnames, read_templates(args.templates.as_deref())?)))
     };
-    let opened = args.model.open()?;
-    let (cfg, tokenizer) = (&opened.config, opened.tokenizer);
+    let opened = args.model.open(true)?;
+    let tokenizer = opened.tokenizer.context("no tokenizer for the model's text tower: give --tokenizer")?;
+    let cfg = &opened.config;
     let device = device::select(&args.model.device, "--device")?;
     let (_vs, model) = oxclip_trainer::model::load(cfg, &opened.weights, device)?;
     let classifier = match &zero_shot {

@@ -58,7 +58,8 @@ pub fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyh
 pub struct OpenedModel {
     pub weights: PathBuf,
     pub config: ModelConfig,
-    pub tokenizer: Tokenizer,
+    /// `None` only where no text is to be embedded and no tokenizer fits the text tower.
+    pub tokenizer: Option<Tokenizer>,
     /// The tokenizer file used (`None`: the CLIP BPE), for records such as an index.
     pub tokenizer_path: Option<PathBuf>,
     pub preprocess: Preprocess,
@@ -68,11 +69,17 @@ pub struct OpenedModel {
 /// else a model directory's `tokenizer.json`, else the run's `data.tokenizer` for a checkpoint,
 /// else the CLIP BPE; images are prepared as the model directory's preprocessing config, or
 /// the run's `data.*` keys for a checkpoint, or the model's defaults.
-pub fn open_model(checkpoint: &Path, model: Option<&str>, tokenizer: Option<&Path>) -> anyhow::Result<OpenedModel> {
+/// Without `text` (images only), a tokenizer that does not fit the text tower is left out
+/// rather than refused, unless `tokenizer` asked for it.
+pub fn open_model(checkpoint: &Path, model: Option<&str>, tokenizer: Option<&Path>, text: bool) -> anyhow::Result<OpenedModel> {
     let (found, (weights, config)) = located_weights_and_model(checkpoint, model)?;
     let (found_tokenizer, preprocess) = inputs_of(&found, &config)?;
     let tokenizer_path = tokenizer.map(Path::to_owned).or(found_tokenizer);
-    let tokenizer = prepare::text_tokenizer(tokenizer_path.as_deref(), &config)?;
+    let tokenizer = match prepare::text_tokenizer(tokenizer_path.as_deref(), &config) {
+        Ok(t) => Some(t),
+        Err(_) if !text && tokenizer.is_none() => None,
+        Err(e) => return Err(e.into()),
+    };
     Ok(OpenedModel { weights, config, tokenizer, tokenizer_path, preprocess })
 }
 

@@ -41,13 +41,13 @@ pub struct IndexArgs {
 }
 
 pub fn index(args: IndexArgs) -> anyhow::Result<()> {
-    let opened = args.model.open()?;
+    let opened = args.model.open(true)?;
     let (cfg, weights) = (opened.config.clone(), opened.weights.clone());
     let device = device::select(&args.model.device, "--device")?;
     let (_vs, model) = oxclip_trainer::model::load(&cfg, &weights, device)?;
     let source = DataSource::open(&DataSpec::parse(&args.data)?, 0)?;
     let mut loader =
-        eval::eval_loader_with(&source, opened.tokenizer, &cfg, &opened.preprocess, args.batch_size, args.workers, &SingleProcess)?;
+        eval::eval_loader_with(&source, opened.tokenizer.context("no tokenizer for the model's text tower: give --tokenizer")?, &cfg, &opened.preprocess, args.batch_size, args.workers, &SingleProcess)?;
     let progress = indicatif::ProgressBar::new(source.len());
     let (size, context) = (cfg.vision_cfg.image_size, cfg.text_cfg.context_length);
     let (mut images, mut texts, mut keys, mut captions) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -131,7 +131,7 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
         Some(p) => serde_json::from_str(p).with_context(|| format!("{}: its preprocess record", args.index.display()))?,
         None => oxclip_trainer::prepare::default_preprocess(&cfg),
     };
-    let embedder = Embedder::new(&cfg, &weights, tokenizer(tokenizer_path.as_deref(), &cfg)?, device)
+    let embedder = Embedder::new(&cfg, &weights, Some(tokenizer(tokenizer_path.as_deref(), &cfg)?), device)
         .and_then(|e| e.with_preprocess(&preprocess))
         .with_context(|| format!("the index's model ({})", weights.display()))?;
     let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&args.index)?.into_iter().collect();
