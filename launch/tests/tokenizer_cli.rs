@@ -6,7 +6,7 @@ mod util;
 
 use std::path::{Path, PathBuf};
 
-use util::{oxclip, run_ok, synth};
+use util::{max_abs_diff, oxclip, run_ok, synth};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizers").join(name)
@@ -67,10 +67,16 @@ fn a_sentencepiece_tokenizer_trains_embeds_and_mismatches_are_refused() {
         .arg("--texts-file").arg(&texts).arg("--out").arg(&out));
     assert!(out.is_file());
 
-    // The same model read with the CLIP BPE: 49408 ids for a 400-id embedding table.
+    // Without --tokenizer the checkpoint's own (the run's data.tokenizer) is used.
+    let remembered = dir.path().join("remembered.safetensors");
+    run_ok(oxclip().args(["embed", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--texts-file").arg(&texts).arg("--out").arg(&remembered));
+    assert!(max_abs_diff(&out, &remembered) == 0.0, "the run's tokenizer is the one it trained with");
+
+    // The same model read with a tokenizer of 500 ids, for a 400-id embedding table.
     fails_with(
-        oxclip().args(["embed", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--texts-file").arg(&texts).arg("--out").arg(dir.path().join("no.safetensors")),
-        &["49408", "400", "vocab_size"],
+        oxclip().args(["embed", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--tokenizer").arg(fixture("gemma_sp"))
+            .arg("--texts-file").arg(&texts).arg("--out").arg(dir.path().join("no.safetensors")),
+        &["500", "400", "vocab_size"],
     );
     assert!(!dir.path().join("no.safetensors").exists());
 
