@@ -4,9 +4,12 @@
 //! `VarStore` saved to safetensors loads into open_clip with `strict=True` and open_clip
 //! weights load here with nothing renamed.
 //!
-//! One file per tower: `vision.rs` (open_clip's ViT), `text.rs`, `transformer.rs` (the block
-//! both share); `config.rs` is open_clip's JSON schema; `params.rs` is how every parameter
-//! is made.
+//! One file per tower: `vision.rs` (open_clip's ViT), `resnet.rs` (OpenAI's ModifiedResNet),
+//! `timm_vit.rs` (the SigLIP trunks), `text.rs`, and `transformer.rs` (the block the ViT and
+//! text towers share). `config.rs` is open_clip's JSON schema, `zoo.rs` its built-in configs,
+//! `params.rs` how every parameter is made. Files in: `pretrained.rs` (Hugging Face and
+//! open_clip directories), `hf.rs` / `hf_siglip.rs` (their weight names); files out:
+//! `export.rs`; fine-tuning: `lock.rs`.
 
 pub mod config;
 pub mod export;
