@@ -392,18 +392,23 @@ fn pil_resize(img: &RgbImage, crop: CropBox, width: u32, height: u32, interpolat
         Interpolation::Bicubic => (pil_bicubic, 2.0),
         Interpolation::Bilinear => (pil_bilinear, 1.0),
     };
+    // Integer sums as Pillow's (INT32 accumulators: the weights sum to 2^22, so no sum of
+    // 8-bit pixels overflows), laid out so that the compiler vectorises them: a pixel's three
+    // channels together along a row, whole rows at a time down the columns.
     let horizontal = |pixels: &[u8], rows: usize| -> Vec<u8> {
         let coefficients = pil_coefficients(in_w, out_w, filter, support);
         let mut out = vec![0u8; out_w * rows * 3];
-        for y in 0..rows {
-            let row = &pixels[y * in_w * 3..][..in_w * 3];
-            for (x, (start, weights)) in coefficients.iter().enumerate() {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PIL_PRECISION_BITS - 1);
-                    for (k, &w) in weights.iter().enumerate() {
-                        acc += i64::from(row[(start + k) * 3 + c]) * i64::from(w);
-                    }
-                    out[(y * out_w + x) * 3 + c] = pil_clip8(acc);
+        for (row, out_row) in pixels.chunks_exact(in_w * 3).zip(out.chunks_exact_mut(out_w * 3)).take(rows) {
+            for ((start, weights), px) in coefficients.iter().zip(out_row.chunks_exact_mut(3)) {
+                let window = &row[start * 3..(start + weights.len()) * 3];
+                let mut acc = [1i32 << (PIL_PRECISION_BITS - 1); 3];
+                for (src, &w) in window.chunks_exact(3).zip(weights) {
+                    acc[0] += i32::from(src[0]) * w;
+                    acc[1] += i32::from(src[1]) * w;
+                    acc[2] += i32::from(src[2]) * w;
+                }
+                for (p, a) in px.iter_mut().zip(acc) {
+                    *p = pil_clip8(a);
                 }
             }
         }
@@ -411,16 +416,19 @@ fn pil_resize(img: &RgbImage, crop: CropBox, width: u32, height: u32, interpolat
     };
     let vertical = |pixels: &[u8], cols: usize| -> Vec<u8> {
         let coefficients = pil_coefficients(in_h, out_h, filter, support);
-        let mut out = vec![0u8; cols * out_h * 3];
-        for (y, (start, weights)) in coefficients.iter().enumerate() {
-            for x in 0..cols {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PIL_PRECISION_BITS - 1);
-                    for (k, &w) in weights.iter().enumerate() {
-                        acc += i64::from(pixels[((start + k) * cols + x) * 3 + c]) * i64::from(w);
-                    }
-                    out[(y * cols + x) * 3 + c] = pil_clip8(acc);
+        let stride = cols * 3;
+        let mut out = vec![0u8; stride * out_h];
+        let mut acc = vec![0i32; stride];
+        for ((start, weights), out_row) in coefficients.iter().zip(out.chunks_exact_mut(stride)) {
+            acc.fill(1 << (PIL_PRECISION_BITS - 1));
+            for (k, &w) in weights.iter().enumerate() {
+                let src = &pixels[(start + k) * stride..][..stride];
+                for (a, &p) in acc.iter_mut().zip(src) {
+                    *a += i32::from(p) * w;
                 }
+            }
+            for (p, &a) in out_row.iter_mut().zip(&acc) {
+                *p = pil_clip8(a);
             }
         }
         out
@@ -449,7 +457,7 @@ fn pil_resize(img: &RgbImage, crop: CropBox, width: u32, height: u32, interpolat
 /// Pillow's `PRECISION_BITS` for 8-bit images.
 const PIL_PRECISION_BITS: u32 = 32 - 8 - 2;
 
-fn pil_clip8(acc: i64) -> u8 {
+fn pil_clip8(acc: i32) -> u8 {
     (acc >> PIL_PRECISION_BITS).clamp(0, 255) as u8
 }
 
