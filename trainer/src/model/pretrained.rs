@@ -749,35 +749,31 @@ mod tests {
         assert!(preprocess_from_hf(&pre, 224).unwrap_err().contains("image_size is 224"));
     }
 
-    /// The QuickGELU CLIPModel directory, loaded with no --model: transformers' embeddings.
-    #[test]
-    fn clip_quickgelu_directory_gives_transformers_embeddings() {
+    /// A fixture directory loaded with no --model gives transformers' embeddings of its
+    /// `io.safetensors` inputs.
+    fn directory_gives_transformers_embeddings(name: &str) {
         use tch::{Device, Tensor};
-        let dir = fixtures().join("hf_clip_quickgelu_tiny");
+        let dir = fixtures().join(name);
         let p = Pretrained::read(&dir).unwrap();
         let io: std::collections::BTreeMap<String, Tensor> = Tensor::read_safetensors(dir.join("io.safetensors")).unwrap().into_iter().collect();
         let (_vs, model) = crate::model::load(&p.model, &p.weights, Device::Cpu).unwrap();
         let (i, t) = tch::no_grad(|| model.features(&io["pixel_values"], &io["input_ids"]));
         let di = (i - &io["image_embeds"]).abs().max().double_value(&[]);
         let dt = (t - &io["text_embeds"]).abs().max().double_value(&[]);
-        eprintln!("QuickGELU CLIPModel directory vs transformers: image {di:.2e}, text {dt:.2e}");
-        assert!(di < 1e-5 && dt < 1e-5, "image {di}, text {dt}");
+        eprintln!("{name} vs transformers: image {di:.2e}, text {dt:.2e}");
+        assert!(di < 1e-5 && dt < 1e-5, "{name}: image {di}, text {dt}");
     }
 
-    /// The SigLIP directory, loaded with no --model: transformers' embeddings (its trunk is
-    /// the unit tests' tiny `vit_oxtiny_patch8_siglip_32`).
+    /// The QuickGELU CLIPModel directory.
+    #[test]
+    fn clip_quickgelu_directory_gives_transformers_embeddings() {
+        directory_gives_transformers_embeddings("hf_clip_quickgelu_tiny");
+    }
+
+    /// The SigLIP directory (its trunk is oxclip's tiny `vit_oxtiny_patch8_siglip_32`).
     #[test]
     fn siglip_directory_gives_transformers_embeddings() {
-        use tch::{Device, Tensor};
-        let dir = fixtures().join("hf_siglip_tiny");
-        let p = Pretrained::read(&dir).unwrap();
-        let io: std::collections::BTreeMap<String, Tensor> = Tensor::read_safetensors(dir.join("io.safetensors")).unwrap().into_iter().collect();
-        let (_vs, model) = crate::model::load(&p.model, &p.weights, Device::Cpu).unwrap();
-        let (i, t) = tch::no_grad(|| model.features(&io["pixel_values"], &io["input_ids"]));
-        let di = (i - &io["image_embeds"]).abs().max().double_value(&[]);
-        let dt = (t - &io["text_embeds"]).abs().max().double_value(&[]);
-        eprintln!("SiglipModel directory vs transformers: image {di:.2e}, text {dt:.2e}");
-        assert!(di < 1e-5 && dt < 1e-5, "image {di}, text {dt}");
+        directory_gives_transformers_embeddings("hf_siglip_tiny");
     }
 
     /// `--format hf` of a SigLIP model writes a SiglipModel directory that reads back as the
