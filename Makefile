@@ -17,7 +17,7 @@ export OXCLIP_VOCAB
 CARGO ?= cargo
 BIN := target/release/oxclip
 
-.PHONY: setup build quickstart test bench clean-quickstart fixtures
+.PHONY: setup build quickstart test bench bench-against clean-quickstart fixtures
 
 setup:
 	@LIBTORCH="$(USER_LIBTORCH)" bash scripts/setup.sh
@@ -47,6 +47,10 @@ bench: build
 
 _bench:
 	@bash scripts/bench.sh
+
+# Speed against another build, in one run: make bench-against BASE=/path/to/old/oxclip
+bench-against: build
+	@bash scripts/bench_against.sh "$(BASE)"
 
 clean-quickstart:
 	rm -rf data/synth runs/quickstart
