@@ -1,232 +1,34 @@
-//! Batches for the trainer: which samples go in which batch on which rank, and where the
-//! loader stands so that a checkpoint can resume it exactly. Two kinds of source, two orders:
+//! [`Loader`], the one API the trainer sees: batches for this rank, and where the loader
+//! stands so that a checkpoint can resume it exactly. Two kinds of source, two orders:
 //!
 //! - **Streamed** (WebDataset shards, local or `pipe:`): shards are read sequentially, split
-//!   over ranks and workers, shuffled through a buffer; see `stream.rs` for the plan and
-//!   `stream_pipeline.rs` for the threads. Deterministic for a seed, world size and worker
-//!   count; resumable to the sample.
+//!   over ranks and workers, shuffled through a buffer. Deterministic for a seed, world size
+//!   and worker count; resumable to the sample.
 //! - **Indexed** (synthetic scenes, CSV/TSV, JSONL, image folders: a list of samples, each
-//!   readable on its own), described below. Independent of the worker count, and W ranks see
-//!   exactly what one rank with a W times larger batch sees.
+//!   readable on its own). Independent of the worker count, and W ranks see exactly what one
+//!   rank with a W times larger batch sees.
 //!
-//! Indexed sample selection, the contract distributed exactness relies on:
-//!
-//! - The global batch is `G = batch_size * world_size`. In train mode epoch `e` visits the
-//!   dataset in the order `perm_e`, a permutation of `0..len` seeded from `(seed, e)`; global
-//!   batch `k` is `perm_e[k*G .. (k+1)*G]` and the last partial global batch is dropped, so
-//!   an epoch has `len / G` batches. Rank `r` takes rows `r*batch_size .. (r+1)*batch_size`
-//!   of it. So W ranks together see exactly the batches one rank with `batch_size * W` sees.
-//! - A sample's augmentation is seeded from `(seed, epoch, sample index)`: never from rank,
-//!   worker or timing.
-//! - Train: a sample that cannot be used (see [`SkipReason`]) at position `p` of the epoch is
-//!   replaced by the first usable one of `perm_e[p+1], perm_e[p+2], ...` (wrapping around),
-//!   with that sample's own augmentation seed. Every failed attempt is counted in
-//!   [`Batch::skipped`]. The batch keeps its size, and the outcome depends only on the data.
-//!   More than [`MAX_CONSECUTIVE_SKIPS`] failures in a row is an error: the data is broken,
-//!   not noisy.
-//! - Eval: dataset order, the eval transform, the last partial batch kept (a rank may get
-//!   fewer rows, or none, in the last batch; every rank gets the same number of batches).
-//!   Unusable samples are dropped from their batch and counted, not replaced, so metrics are
-//!   computed on real samples only.
-//!
-//! The work itself (decode, augment, tokenize on `workers` threads, a couple of batches
-//! ahead) happens in `pipeline.rs`; its output order depends only on the above.
-//!
-//! [`SkipReason`]: crate::SkipReason
+//! The order itself is planned in `plan/` (indexed: `plan/indexed.rs`, the contract
+//! distributed exactness relies on; streamed: `plan/stream.rs`); the threads that follow the
+//! plan are in `pipeline/`. The loader starts them, hands their batches out in order, and
+//! knows where it stands.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
-
-use crate::dataset::{DataSource, Dataset};
 use crate::error::DataError;
-use crate::pipeline::{BufferPool, Pipeline, PipelineSpec, PREFETCH_BATCHES};
-use crate::seed::mix;
-use crate::shards::ShardSet;
+use crate::formats::image::DEFAULT_MAX_PIXELS;
+use crate::pipeline::indexed::{self, IndexedPipeline, IndexedSpec};
+use crate::pipeline::streamed::{self, StreamMsg, StreamPipeline, StreamSpec};
+use crate::pipeline::{BufferPool, PREFETCH_BATCHES};
+use crate::plan::indexed::Plan;
+use crate::plan::stream::{ShardOptions, StreamPlan};
+use crate::plan::{check_config, Batch, LoaderConfig, LoaderState};
 use crate::skip::SkipCounts;
-use crate::stream::{ShardOptions, StreamCursor, StreamPlan};
-use crate::stream_pipeline::{self, StreamMsg, StreamPipeline, StreamSpec};
+use crate::sources::shards::ShardSet;
+use crate::sources::{DataSource, Dataset};
 use crate::tokenizer::Tokenizer;
-use crate::transform::{ImageTransform, Preprocess, DEFAULT_MAX_PIXELS};
-
-/// Most unusable samples in a row a train batch position may go through before the loader
-/// gives up on the dataset.
-pub const MAX_CONSECUTIVE_SKIPS: usize = 1000;
-
-/// How the loader batches, for this rank.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoaderConfig {
-    /// Samples per batch on this rank (n); the global batch is `batch_size * world_size`.
-    pub batch_size: usize,
-    /// This process's rank, `0..world_size`.
-    pub rank: usize,
-    /// Number of ranks (W).
-    pub world_size: usize,
-    /// Seed of the epoch permutations and the augmentations.
-    pub seed: u64,
-    /// Side of the square model input, in pixels.
-    pub image_size: u32,
-    /// Tokens per caption (77 for CLIP).
-    pub context_length: usize,
-    /// Decode/augment/tokenize threads (0 is taken as 1; more than `batch_size` is capped).
-    pub workers: usize,
-    /// Train: train transform, a new permutation each epoch, endless. Eval: eval transform,
-    /// dataset order, one pass at a time, last partial batch kept.
-    pub train: bool,
-    /// The model's mean/std, resize mode and interpolation (its size is `image_size`);
-    /// `None`: OpenAI CLIP's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preprocess: Option<Preprocess>,
-}
-
-/// Where the loader stands: the position of the next batch [`Loader::next_batch`] returns.
-/// Saved in checkpoints; [`Loader::restore`] continues from it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct LoaderState {
-    pub epoch: u64,
-    pub batch_in_epoch: u64,
-    /// Streamed sources: every worker's position (`epoch` and `batch_in_epoch` repeat its
-    /// fields). `None` for indexed sources.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream: Option<StreamCursor>,
-}
-
-impl LoaderState {
-    /// Batch `batch_in_epoch` of `epoch` of an indexed source.
-    pub fn at(epoch: u64, batch_in_epoch: u64) -> Self {
-        Self {
-            epoch,
-            batch_in_epoch,
-            stream: None,
-        }
-    }
-
-    pub(crate) fn of_stream(cursor: &StreamCursor) -> Self {
-        Self {
-            epoch: cursor.epoch,
-            batch_in_epoch: cursor.batch_in_epoch,
-            stream: Some(cursor.clone()),
-        }
-    }
-}
-
-/// One batch for this rank, as flat row-major buffers.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Batch {
-    /// `batch_size x 3 x S x S`, normalised.
-    pub images: Vec<f32>,
-    /// `batch_size x context_length`.
-    pub tokens: Vec<i64>,
-    /// Class label per row, -1 when the sample has none.
-    pub labels: Vec<i64>,
-    /// Rows in this batch (the configured size, except for eval's last batch).
-    pub batch_size: usize,
-    /// Samples that could not be used while making this batch.
-    pub skipped: SkipCounts,
-    /// Index of each row's sample: in the dataset (after any replacement), or for shards in
-    /// all shards laid end to end.
-    pub indices: Vec<u64>,
-    /// The sample key of each row (WebDataset `__key__`, file stem, or scene number).
-    pub keys: Vec<String>,
-    /// The caption of each row, as read (before tokenization).
-    pub captions: Vec<String>,
-    /// Where each row's sample came from, when known ([`Sample::source`]).
-    pub sources: Vec<Option<String>>,
-    /// Which batch this is.
-    pub position: LoaderState,
-}
-
-/// The validated numbers every stage agrees on.
-#[derive(Clone, Debug)]
-pub(crate) struct Plan {
-    pub len: usize,
-    pub batch_size: usize,
-    pub rank: usize,
-    pub global_batch: usize,
-    pub batches_per_epoch: u64,
-    pub seed: u64,
-    pub train: bool,
-}
-
-impl Plan {
-    fn new(cfg: &LoaderConfig, len: usize) -> Result<Self, DataError> {
-        check_config(cfg)?;
-        let global_batch = cfg
-            .batch_size
-            .checked_mul(cfg.world_size)
-            .ok_or_else(|| DataError::Config("batch_size * world_size overflows".into()))?;
-        let batches_per_epoch = if cfg.train {
-            len / global_batch
-        } else {
-            len.div_ceil(global_batch)
-        } as u64;
-        if batches_per_epoch == 0 {
-            return Err(DataError::Config(if cfg.train {
-                format!(
-                    "the dataset has {len} samples, fewer than one global batch of {global_batch} \
-                     (batch_size {} x world_size {})",
-                    cfg.batch_size, cfg.world_size
-                )
-            } else {
-                "the eval dataset is empty".into()
-            }));
-        }
-        Ok(Self {
-            len,
-            batch_size: cfg.batch_size,
-            rank: cfg.rank,
-            global_batch,
-            batches_per_epoch,
-            seed: cfg.seed,
-            train: cfg.train,
-        })
-    }
-
-    /// Train: the epoch's permutation of `0..len`. Eval: `None` (dataset order).
-    pub fn order(&self, epoch: u64) -> Option<Arc<Vec<usize>>> {
-        self.train.then(|| {
-            let mut order: Vec<usize> = (0..self.len).collect();
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(&[
-                self.seed,
-                epoch,
-                0x7065_726d,
-            ])));
-            Arc::new(order)
-        })
-    }
-
-    /// The epoch positions this rank's rows of batch `batch_in_epoch` come from.
-    pub fn rows(&self, batch_in_epoch: u64) -> std::ops::Range<usize> {
-        let start = batch_in_epoch as usize * self.global_batch + self.rank * self.batch_size;
-        let end = start + self.batch_size;
-        if self.train {
-            start..end
-        } else {
-            start.min(self.len)..end.min(self.len)
-        }
-    }
-
-    /// The position after `pos`. Train rolls over into the next epoch; eval stops at
-    /// `batches_per_epoch`.
-    pub fn advance(&self, pos: &LoaderState) -> LoaderState {
-        let next = pos.batch_in_epoch + 1;
-        if self.train && next >= self.batches_per_epoch {
-            LoaderState::at(pos.epoch + 1, 0)
-        } else {
-            LoaderState::at(pos.epoch, next)
-        }
-    }
-
-    /// The seed of sample `index`'s augmentation in `epoch`.
-    pub fn sample_seed(&self, epoch: u64, index: usize) -> u64 {
-        mix(&[self.seed, epoch, index as u64])
-    }
-}
+use crate::transform::{ImageTransform, Preprocess};
 
 /// Deterministic, resumable batches for one rank, from a streamed or an indexed source.
 pub struct Loader {
@@ -259,7 +61,7 @@ enum Received {
 }
 
 enum Running {
-    Indexed(Pipeline),
+    Indexed(IndexedPipeline),
     Streamed(StreamPipeline),
 }
 
@@ -368,7 +170,7 @@ impl Loader {
     /// then `Err(DataError::EndOfEpoch)` once, after which the next pass starts; prefer
     /// [`next_eval_batch`](Self::next_eval_batch) there.
     pub fn next_batch(&mut self) -> Result<Batch, DataError> {
-        match self.next_eval_batch()? {
+        match self.next_in_pass()? {
             Some(batch) => Ok(batch),
             None => Err(DataError::EndOfEpoch {
                 epoch: self.state.epoch - 1,
@@ -377,8 +179,13 @@ impl Loader {
     }
 
     /// The next batch of the pass, or `None` at its end (the call after that starts the next
-    /// pass, as epoch + 1). On a train loader this never returns `None`.
+    /// pass, as epoch + 1).
     pub fn next_eval_batch(&mut self) -> Result<Option<Batch>, DataError> {
+        self.next_in_pass()
+    }
+
+    /// The next batch, or `None` at the end of an eval pass (a train loader's pass never ends).
+    fn next_in_pass(&mut self) -> Result<Option<Batch>, DataError> {
         if let Order::Indexed { plan, .. } = &self.order {
             if !plan.train && self.state.batch_in_epoch >= plan.batches_per_epoch {
                 self.stop_pipeline()?;
@@ -540,7 +347,7 @@ impl Loader {
             ImageTransform::eval_for(&preprocess)
         };
         match &self.order {
-            Order::Indexed { dataset, plan } => Ok(Running::Indexed(Pipeline::spawn(PipelineSpec {
+            Order::Indexed { dataset, plan } => Ok(Running::Indexed(indexed::spawn(IndexedSpec {
                 dataset: Arc::clone(dataset),
                 tokenizer: self.tokenizer.clone(),
                 transform,
@@ -555,7 +362,7 @@ impl Loader {
                     Some(cursor) => cursor.clone(),
                     None => plan.start(),
                 };
-                Ok(Running::Streamed(stream_pipeline::spawn(StreamSpec {
+                Ok(Running::Streamed(streamed::spawn(StreamSpec {
                     plan: Arc::clone(plan),
                     tokenizer: self.tokenizer.clone(),
                     transform,
@@ -586,25 +393,6 @@ impl Drop for Loader {
     }
 }
 
-/// Checks shared by both kinds of loader.
-fn check_config(cfg: &LoaderConfig) -> Result<(), DataError> {
-    if cfg.batch_size == 0 {
-        return Err(DataError::Config("batch_size must be at least 1".into()));
-    }
-    if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
-        return Err(DataError::Config(format!(
-            "rank {} is not in 0..world_size ({})",
-            cfg.rank, cfg.world_size
-        )));
-    }
-    if cfg.image_size == 0 || cfg.context_length == 0 {
-        return Err(DataError::Config(
-            "image_size and context_length must be positive".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// What [`measure_throughput`] saw.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Throughput {
@@ -621,7 +409,7 @@ pub fn measure_throughput(loader: &mut Loader, batches: u64) -> Result<Throughpu
     let mut samples = 0u64;
     let mut done = 0u64;
     while done < batches {
-        match loader.next_eval_batch()? {
+        match loader.next_in_pass()? {
             Some(batch) => {
                 samples += batch.batch_size as u64;
                 loader.recycle(batch);
@@ -642,7 +430,7 @@ pub fn measure_throughput(loader: &mut Loader, batches: u64) -> Result<Throughpu
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::dataset::{Sample, SyntheticDataset};
+    use crate::sources::{Sample, SyntheticDataset};
     use crate::skip::SkipReason;
 
     /// A word-level tokenizer over the synthetic captions' words, so these tests need no

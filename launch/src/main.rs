@@ -141,6 +141,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    commands::data::show_shard_counting();
     // Before any tensor exists: lets a CPU-built binary drive CUDA where libtorch_cuda.so is.
     oxclip_trainer::device::load_cuda_backend();
 

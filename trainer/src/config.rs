@@ -63,9 +63,14 @@ pub struct DataConfig {
     #[serde(default)]
     pub upsampling_factors: Option<Vec<f64>>,
     /// Shards, with `resampled`: samples per virtual epoch (open_clip's `--train-num-samples`);
-    /// default all samples of the shards.
+    /// default all samples of the shards. Given, `pipe:` shards without a count are not read
+    /// once to count them: each is taken to hold an equal share of it.
     #[serde(default)]
     pub samples_per_epoch: Option<u64>,
+    /// Shards: a JSON file of sample counts, `{"00000.tar": n, ...}` (webdataset's
+    /// `sizes.json`), for shards without an index beside them (remote `pipe:` shards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_sizes: Option<String>,
     /// Write the keys of every training batch to `RUN/keys-rank<R>.tsv` (`step<TAB>key ...`),
     /// to audit what a run saw.
     #[serde(default)]
@@ -102,6 +107,7 @@ impl DataConfig {
             resampled: self.resampled,
             upsampling_factors: self.upsampling_factors.clone(),
             samples_per_epoch: self.samples_per_epoch,
+            shard_sizes: self.shard_sizes.as_ref().map(std::path::PathBuf::from),
         }
     }
 }

@@ -158,7 +158,7 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
 
     let tokenizer = load_tokenizer(&job.data, &job.model)?;
     let preprocess = job.data.preprocess(&job.model)?;
-    let train_set = DataSource::open(&DataSpec::parse(&job.data.train)?, cfg.seed)?;
+    let train_set = DataSource::open_with(&DataSpec::parse(&job.data.train)?, cfg.seed, &job.data.shard_options().count_hints())?;
     let mut loader = Loader::open(
         &train_set,
         &job.data.shard_options(),

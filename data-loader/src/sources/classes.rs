@@ -8,8 +8,9 @@ use std::path::Path;
 
 use crate::error::DataError;
 use crate::skip::SkipCounts;
-use crate::sources::folder::walk;
-use crate::sources::{is_image_path, Caption, Entry, FileDataset};
+use super::folder::walk;
+use super::files::{Caption, Entry, FileDataset};
+use crate::formats::image::is_image_path;
 
 /// The labelled images of `dir` and the class names (the folder names, in label order).
 pub fn load(dir: &Path) -> Result<(FileDataset, Vec<String>), DataError> {
@@ -48,8 +49,8 @@ pub fn load(dir: &Path) -> Result<(FileDataset, Vec<String>), DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::Dataset;
-    use crate::sources::test_images::{jpeg, png, write};
+    use crate::sources::Dataset;
+    use crate::formats::image::test_images::{jpeg, png, write};
 
     #[test]
     fn class_folders_label_their_images() {

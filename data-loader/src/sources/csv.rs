@@ -13,8 +13,8 @@ use std::path::Path;
 
 use crate::error::{first_few, DataError};
 use crate::skip::{SkipCounts, SkipReason};
-use crate::sources::{base_dir, skip_record, Caption, Entry, FileDataset, BAD_RECORD};
-use crate::spec::CsvSpec;
+use super::files::{base_dir, skip_record, Caption, Entry, FileDataset, BAD_RECORD};
+use super::spec::CsvSpec;
 
 /// Reads the rows of `spec.path` into a [`FileDataset`]. A header without the image or
 /// caption column is an error naming the file and the columns it has.
@@ -174,9 +174,9 @@ fn quoted(names: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::Dataset;
-    use crate::sources::test_images::{jpeg, png, write};
-    use crate::spec::DataSpec;
+    use crate::sources::Dataset;
+    use crate::formats::image::test_images::{jpeg, png, write};
+    use crate::sources::spec::DataSpec;
 
     #[test]
     fn a_label_column_labels_rows_and_may_stand_in_for_captions() {

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::DataError;
 use crate::skip::{SkipCounts, SkipReason};
-use crate::sources::{is_image_path, skip_record, Caption, Entry, FileDataset};
+use super::files::{skip_record, Caption, Entry, FileDataset};
+use crate::formats::image::is_image_path;
 
 /// Lists the images of `dir` and their captions into a [`FileDataset`].
 pub fn load(dir: &Path) -> Result<FileDataset, DataError> {
@@ -79,9 +80,9 @@ pub(crate) fn walk(root: &Path, relative: &Path, files: &mut BTreeSet<PathBuf>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::Dataset;
-    use crate::sources::test_images::{jpeg, png, write};
-    use crate::spec::DataSpec;
+    use crate::sources::Dataset;
+    use crate::formats::image::test_images::{jpeg, png, write};
+    use crate::sources::spec::DataSpec;
 
     #[test]
     fn images_with_sidecar_captions_sorted_and_recursive() {

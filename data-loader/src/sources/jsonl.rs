@@ -13,9 +13,9 @@ use serde_json::Value;
 
 use crate::error::{first_few, DataError};
 use crate::skip::{SkipCounts, SkipReason};
-use crate::sources::csv::class_index;
-use crate::sources::{base_dir, skip_record, Caption, Entry, FileDataset, BAD_RECORD};
-use crate::spec::JsonlSpec;
+use super::csv::class_index;
+use super::files::{base_dir, skip_record, Caption, Entry, FileDataset, BAD_RECORD};
+use super::spec::JsonlSpec;
 
 /// Reads the lines of `spec.path` into a [`FileDataset`].
 pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
@@ -166,9 +166,9 @@ fn type_name(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::Dataset;
-    use crate::sources::test_images::{jpeg, png, write};
-    use crate::spec::DataSpec;
+    use crate::sources::Dataset;
+    use crate::formats::image::test_images::{jpeg, png, write};
+    use crate::sources::spec::DataSpec;
 
     fn jsonl_spec(spec: &str) -> JsonlSpec {
         match DataSpec::parse(spec).unwrap() {

@@ -1,153 +1,200 @@
-//! Image-caption sources that are not WebDataset shards: a CSV/TSV file ([`csv`]), a folder of
-//! images with `.txt` captions beside them ([`folder`]), a JSON Lines file ([`jsonl`]).
+//! What a data spec opens to. A [`DataSpec`] (what the user wrote, [`spec`]) opens to a
+//! [`DataSource`]: WebDataset shards to stream ([`shards`]: the catalog of local files and
+//! `pipe:` commands with their sample counts) or an indexed [`Dataset`]: sample `i` of `len`,
+//! decoded on demand, the loader deciding the order. Indexed datasets are drawn scenes
+//! ([`synthetic`]) or lists of image files with captions ([`files`]: read from a CSV/TSV
+//! ([`csv`]), a JSON Lines file ([`jsonl`]), a folder with `.txt` captions ([`folder`]) or a
+//! folder per class ([`classes`])).
 //!
-//! Each reduces to the same thing, a list of (image file, caption) entries read when the
-//! source is opened, held in a [`FileDataset`]. The image file is read and decoded on
-//! [`Dataset::get`], like a shard sample. What is wrong with the list itself (an empty caption,
-//! a row without an image path, a line that is not JSON) is found while opening: those rows
-//! get no index and are counted in [`Dataset::load_skips`]. What is wrong with the files (a
-//! missing or undecodable image, a missing caption file) is found on `get` and is a
-//! [`SkipReason`]. Nothing panics on bad input.
+//! Below: the file formats (`formats/`). Above: the plan that orders samples (`plan/`).
 
 pub mod classes;
 pub mod csv;
+pub mod files;
 pub mod folder;
 pub mod jsonl;
+pub mod shards;
+pub mod spec;
+pub mod synthetic;
 
-use std::path::{Path, PathBuf};
+pub use files::{FileDataset, BAD_RECORD};
+pub use spec::DataSpec;
+pub use synthetic::SyntheticDataset;
+// Where callers have always found it.
+pub use crate::formats::image::is_image_path;
 
-use crate::dataset::{Dataset, Sample};
+use std::sync::Arc;
+
+use image::RgbImage;
+
 use crate::error::DataError;
+use crate::formats::webdataset::for_each_sample_in;
 use crate::skip::{SkipCounts, SkipReason};
-use crate::spec::DataSpec;
-use crate::transform::{decode_image, DEFAULT_MAX_PIXELS};
-use crate::webdataset::{RawSample, IMAGE_EXTENSIONS};
+use shards::{CountHints, ShardSet};
 
-/// The name of [`SkipReason::BadRecord`] in [`SkipCounts`]: a CSV row or JSONL line that cannot be parsed.
-pub const BAD_RECORD: &str = "bad_record";
+/// Side of the scenes [`open_indexed`] draws for `synthetic:N` (CLIP's input size; the loader's
+/// transform resizes to whatever the model wants).
+pub const SYNTHETIC_IMAGE_SIZE: u32 = 224;
 
-/// Whether `path` has an image extension (`jpg`, `jpeg`, `png`, `webp`, any case).
-pub fn is_image_path(path: &Path) -> bool {
-    path.extension().is_some_and(|e| {
-        let e = e.to_string_lossy().to_lowercase();
-        IMAGE_EXTENSIONS.contains(&e.as_str())
-    })
-}
-
-/// Where an entry's caption is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Caption {
-    /// Read with the index (CSV, JSONL); never empty.
-    Text(String),
-    /// A sidecar file, read on `get` (folder).
-    File(PathBuf),
-}
-
-/// One image-caption pair of a source.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    /// Stable name of the sample within its source (a line number, a relative path).
-    pub key: String,
-    /// The image file, already joined to the source's folder.
-    pub image: PathBuf,
-    pub caption: Caption,
-    /// The class index, for sources that have one (a folder per class).
+/// One decoded sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub image: RgbImage,
+    pub caption: String,
+    /// Class index, when the sample has one (`KEY.cls`, synthetic scenes).
     pub label: Option<i64>,
-    /// Where the entry was read, for logs: `line 12`, a relative path.
-    pub origin: String,
+    pub key: String,
+    /// Where the sample came from, for people (the image file's path), when known.
+    pub source: Option<String>,
 }
 
-/// A source held as a list of image files and captions; images are read on
-/// [`Dataset::get`]. Built by [`csv::load`], [`folder::load`] and [`jsonl::load`].
-#[derive(Debug)]
-pub struct FileDataset {
-    /// The CSV/JSONL file or the folder.
-    source: PathBuf,
-    entries: Vec<Entry>,
-    max_pixels: u64,
-    load_skips: SkipCounts,
+/// Samples addressed by index `0..len()`. `get` is called from several loader threads at
+/// once and must not depend on call order.
+pub trait Dataset: Send + Sync {
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sample `index`, or why it cannot be used. `index >= len()` is `MissingImage`.
+    fn get(&self, index: usize) -> Result<Sample, SkipReason>;
+
+    /// Sample `index`'s caption alone (tokenizer training); by default through [`get`](Self::get).
+    fn caption(&self, index: usize) -> Result<String, SkipReason> {
+        self.get(index).map(|s| s.caption)
+    }
+
+    /// Where sample `index` comes from, for log lines about skips.
+    fn describe(&self, index: usize) -> String {
+        format!("sample {index}")
+    }
+
+    /// Samples dropped while the dataset was opened (unreadable members, truncated shards),
+    /// which therefore never get an index. The loader reports them once.
+    fn load_skips(&self) -> SkipCounts {
+        SkipCounts::new()
+    }
 }
 
-impl FileDataset {
-    /// A dataset of `entries` read from `source`; `load_skips` counts the records dropped
-    /// while reading it.
-    pub fn new(source: PathBuf, entries: Vec<Entry>, load_skips: SkipCounts) -> Self {
-        if load_skips.total() > 0 {
-            tracing::warn!(
-                "{} record(s) of {} skipped while reading it ({load_skips}); {} kept",
-                load_skips.total(),
-                source.display(),
-                entries.len()
-            );
-        }
-        Self {
-            source,
-            entries,
-            max_pixels: DEFAULT_MAX_PIXELS,
-            load_skips,
-        }
+/// A spec, opened: shards to stream, or an indexed dataset.
+#[derive(Clone)]
+pub enum DataSource {
+    Indexed(Arc<dyn Dataset>),
+    Shards(ShardSet),
+}
+
+impl DataSource {
+    /// Opens `spec`: shards are counted ([`ShardSet::resolve`]), everything else goes
+    /// through [`open_indexed`]. A source left with no sample once its unusable entries and shards
+    /// are dropped is [`DataError::NoUsableSample`], with the reasons: every command that
+    /// reads data (training, evaluation, indexing) refuses it here, before any work.
+    pub fn open(spec: &DataSpec, synthetic_seed: u64) -> Result<Self, DataError> {
+        Self::open_with(spec, synthetic_seed, &CountHints::default())
     }
 
-    /// Sets the largest image, in pixels, that `get` decodes (PIL's limit by default).
-    pub fn with_max_pixels(mut self, max_pixels: u64) -> Self {
-        self.max_pixels = max_pixels;
-        self
-    }
-
-    /// The CSV/JSONL file or folder this was read from.
-    pub fn source(&self) -> &Path {
-        &self.source
-    }
-
-    pub fn entries(&self) -> &[Entry] {
-        &self.entries
-    }
-
-    /// Entry `index`'s image file as the source names it: relative to the folder, or to the
-    /// CSV/JSONL file's folder (absolute paths stay absolute).
-    pub fn source_name(&self, index: usize) -> Option<String> {
-        let entry = self.entries.get(index)?;
-        let base = if self.source.is_dir() {
-            self.source.clone()
-        } else {
-            base_dir(&self.source)
+    /// [`open`](Self::open), taking shard counts from `hints` where they give them (a sizes
+    /// file, or an epoch length that spares reading remote shards to count them).
+    pub fn open_with(spec: &DataSpec, synthetic_seed: u64, hints: &CountHints) -> Result<Self, DataError> {
+        let source = match spec {
+            DataSpec::Shards(sources) => Self::Shards(ShardSet::resolve_with(sources, hints)?),
+            other => Self::Indexed(Arc::from(open_indexed(other, synthetic_seed)?)),
         };
-        let name = entry.image.strip_prefix(&base).unwrap_or(&entry.image);
-        Some(name.to_string_lossy().into_owned())
+        if source.is_empty() {
+            let skipped = match &source {
+                Self::Indexed(dataset) => dataset.load_skips(),
+                Self::Shards(set) => set.open_skips.clone(),
+            };
+            return Err(DataError::NoUsableSample { what: spec.to_string(), skipped });
+        }
+        Ok(source)
     }
 
-    /// Sample `index` as stored: the image file's bytes, undecoded, and its caption (checked
-    /// to be UTF-8, not to be non-empty). `image_ext` is the file's extension when it is one
-    /// of the image extensions, else `jpg`.
-    pub fn get_raw(&self, index: usize) -> Result<RawSample, SkipReason> {
-        let entry = self.entries.get(index).ok_or(SkipReason::MissingImage)?;
-        let image = std::fs::read(&entry.image).map_err(|_| SkipReason::MissingImage)?;
-        let caption = match &entry.caption {
-            Caption::Text(text) => text.clone(),
-            Caption::File(path) => {
-                let bytes = std::fs::read(path).map_err(|_| SkipReason::MissingCaption)?;
-                String::from_utf8(bytes).map_err(|_| SkipReason::NonUtf8Caption)?
+    /// Every usable caption, in source order (shards streamed, images never decoded), and
+    /// the samples without one, by reason.
+    pub fn captions(&self) -> Result<(Vec<String>, SkipCounts), DataError> {
+        let mut captions = Vec::new();
+        let mut skipped = SkipCounts::new();
+        match self {
+            Self::Indexed(dataset) => {
+                for i in 0..dataset.len() {
+                    match dataset.caption(i) {
+                        Ok(c) if !c.trim().is_empty() => captions.push(c),
+                        Ok(_) => skipped.add(SkipReason::EmptyCaption),
+                        Err(reason) => skipped.add(reason),
+                    }
+                }
             }
-        };
-        let image_ext = entry
-            .image
-            .extension()
-            .map(|e| e.to_string_lossy().to_lowercase())
-            .filter(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
-            .unwrap_or_else(|| "jpg".to_owned());
-        Ok(RawSample {
-            key: entry.key.clone(),
-            image,
-            image_ext,
-            caption: Some(caption),
-            label: entry.label,
-            source: self.source_name(index),
-        })
+            Self::Shards(set) => {
+                skipped.merge(&set.open_skips);
+                for shard in &set.shards {
+                    let Ok(reader) = shard.location.open() else {
+                        skipped.add(SkipReason::UnreadableShard);
+                        continue;
+                    };
+                    for_each_sample_in(reader, &shard.location.name(), |item| {
+                        match item.map_err(|e| e.reason).and_then(|raw| raw.caption.ok_or(SkipReason::MissingCaption)) {
+                            Ok(c) if !c.trim().is_empty() => captions.push(c),
+                            Ok(_) => skipped.add(SkipReason::EmptyCaption),
+                            Err(reason) => skipped.add(reason),
+                        }
+                        std::ops::ControlFlow::Continue(())
+                    });
+                }
+            }
+        }
+        Ok((captions, skipped))
+    }
+
+    /// Samples in the source (for shards, as their counts say).
+    pub fn len(&self) -> u64 {
+        match self {
+            Self::Indexed(d) => d.len() as u64,
+            Self::Shards(s) => s.total_samples(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The indexed dataset a spec names: `synthetic:N` draws N scenes from `synthetic_seed` at
+/// [`SYNTHETIC_IMAGE_SIZE`]; CSV, JSONL and image folders are listed into a
+/// [`FileDataset`](files::FileDataset). Shards are not
+/// indexed: open them with [`DataSource::open`].
+pub fn open_indexed(spec: &DataSpec, synthetic_seed: u64) -> Result<Box<dyn Dataset>, DataError> {
+    open_with_image_size(spec, synthetic_seed, SYNTHETIC_IMAGE_SIZE)
+}
+
+/// [`open_indexed`], drawing synthetic scenes at `synthetic_image_size` pixels.
+pub fn open_with_image_size(
+    spec: &DataSpec,
+    synthetic_seed: u64,
+    synthetic_image_size: u32,
+) -> Result<Box<dyn Dataset>, DataError> {
+    match spec {
+        DataSpec::Synthetic(n) => {
+            let len = usize::try_from(*n)
+                .map_err(|_| DataError::Config(format!("synthetic:{n} is too many samples")))?;
+            Ok(Box::new(SyntheticDataset::new(
+                len,
+                synthetic_seed,
+                synthetic_image_size,
+            )))
+        }
+        DataSpec::Shards(_) => Err(DataError::Config(
+            "WebDataset shards are streamed, not indexed; open them with DataSource::open".into(),
+        )),
+        DataSpec::Csv(spec) => Ok(Box::new(csv::load(spec)?)),
+        DataSpec::Folder(dir) => Ok(Box::new(folder::load(dir)?)),
+        DataSpec::Classes(dir) => Ok(Box::new(classes::load(dir)?.0)),
+        DataSpec::Jsonl(spec) => Ok(Box::new(jsonl::load(spec)?)),
     }
 }
 
 /// The [`FileDataset`] of a `csv:`, `folder:` or `jsonl:` spec; `None` for other specs.
-pub fn open(spec: &DataSpec) -> Option<Result<FileDataset, DataError>> {
+pub fn open_files(spec: &DataSpec) -> Option<Result<FileDataset, DataError>> {
     match spec {
         DataSpec::Csv(csv_spec) => Some(csv::load(csv_spec)),
         DataSpec::Folder(dir) => Some(folder::load(dir)),
@@ -157,188 +204,49 @@ pub fn open(spec: &DataSpec) -> Option<Result<FileDataset, DataError>> {
     }
 }
 
-/// The caption of a raw sample, trimmed of surrounding whitespace, or why there is none.
-pub(crate) fn usable_caption(raw: &RawSample) -> Result<&str, SkipReason> {
-    let caption = raw.caption.as_deref().ok_or(SkipReason::MissingCaption)?;
-    let caption = caption.trim();
-    if caption.is_empty() {
-        return Err(SkipReason::EmptyCaption);
-    }
-    Ok(caption)
-}
-
-impl Dataset for FileDataset {
-    fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    fn get(&self, index: usize) -> Result<Sample, SkipReason> {
-        let raw = self.get_raw(index)?;
-        let caption = usable_caption(&raw)?.to_owned();
-        let image = decode_image(&raw.image, self.max_pixels)?;
-        Ok(Sample {
-            image,
-            caption,
-            label: raw.label,
-            key: raw.key,
-            source: raw.source,
-        })
-    }
-
-    fn caption(&self, index: usize) -> Result<String, SkipReason> {
-        let entry = self.entries.get(index).ok_or(SkipReason::MissingImage)?;
-        match &entry.caption {
-            Caption::Text(text) => Ok(text.clone()),
-            Caption::File(path) => {
-                let bytes = std::fs::read(path).map_err(|_| SkipReason::MissingCaption)?;
-                String::from_utf8(bytes).map_err(|_| SkipReason::NonUtf8Caption)
-            }
-        }
-    }
-
-    fn describe(&self, index: usize) -> String {
-        match self.entries.get(index) {
-            Some(e) => format!(
-                "{}, {} (image {})",
-                self.source.display(),
-                e.origin,
-                e.image.display()
-            ),
-            None => format!("{}, sample {index} (out of range)", self.source.display()),
-        }
-    }
-
-    fn load_skips(&self) -> SkipCounts {
-        self.load_skips.clone()
-    }
-}
-
-/// Counts a record dropped while reading `source` under `reason` (a [`SkipReason`] name or
-/// [`BAD_RECORD`]) and logs it: the first few in full, then every 1000th, so that a broken
-/// file cannot flood the log.
-pub(crate) fn skip_record(
-    skips: &mut SkipCounts,
-    reason: &str,
-    source: &Path,
-    origin: &str,
-    detail: &str,
-) {
-    *skips.entry(reason.to_owned()).or_insert(0) += 1;
-    let n = skips.total();
-    if n <= 10 || n % 1000 == 0 {
-        tracing::warn!(
-            skipped_so_far = n,
-            "skipping {}, {origin}: {reason}{}",
-            source.display(),
-            if detail.is_empty() {
-                String::new()
-            } else {
-                format!(" ({detail})")
-            }
-        );
-    }
-}
-
-/// The folder that relative image paths in `file` are resolved against.
-pub(crate) fn base_dir(file: &Path) -> PathBuf {
-    file.parent().map_or_else(PathBuf::new, Path::to_path_buf)
-}
-
-#[cfg(test)]
-pub(crate) mod test_images {
-    //! Real image bytes for the source tests.
-    use image::{Rgb, RgbImage};
-    use std::path::Path;
-
-    pub fn gradient(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, y| Rgb([(x * 7) as u8, (y * 5) as u8, 90]))
-    }
-
-    pub fn jpeg(w: u32, h: u32) -> Vec<u8> {
-        let mut buf = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 90)
-            .encode_image(&gradient(w, h))
-            .unwrap();
-        buf
-    }
-
-    pub fn png(w: u32, h: u32) -> Vec<u8> {
-        let mut buf = std::io::Cursor::new(Vec::new());
-        gradient(w, h)
-            .write_to(&mut buf, image::ImageFormat::Png)
-            .unwrap();
-        buf.into_inner()
-    }
-
-    pub fn write(path: &Path, bytes: &[u8]) {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).unwrap();
-        }
-        std::fs::write(path, bytes).unwrap();
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::test_images::*;
     use super::*;
 
     #[test]
-    fn file_dataset_reads_decodes_and_skips_on_get() {
+    fn synthetic_samples_are_stable_by_index() {
+        let d = SyntheticDataset::new(10, 3, 32);
+        assert_eq!(d.len(), 10);
+        let a = d.get(4).unwrap();
+        assert_eq!(a, d.get(4).unwrap());
+        assert_eq!(a.image.dimensions(), (32, 32));
+        assert!(a.label.is_some_and(|l| (0..24).contains(&l)));
+        assert_eq!(d.get(10), Err(SkipReason::MissingImage));
+    }
+
+    #[test]
+    fn open_follows_the_spec() {
+        let d = open_indexed(&DataSpec::Synthetic(7), 1).unwrap();
+        assert_eq!(d.len(), 7);
+        assert_eq!(d.get(0).unwrap().image.width(), SYNTHETIC_IMAGE_SIZE);
+        let source = DataSource::open(&DataSpec::Synthetic(3), 1).unwrap();
+        assert!(matches!(source, DataSource::Indexed(_)));
+        assert_eq!(source.len(), 3);
+    }
+
+    #[test]
+    fn a_source_with_nothing_usable_is_an_error_with_its_reasons() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        write(&d.join("a.jpg"), &jpeg(12, 8));
-        write(&d.join("b.png"), &png(5, 6));
-        write(&d.join("bad.jpg"), b"not an image");
-        write(&d.join("c.jpg"), &jpeg(4, 4));
-        write(&d.join("c.txt"), b"\xff\xfe");
-        write(&d.join("e.jpg"), &jpeg(4, 4));
-        write(&d.join("e.txt"), b" \n");
-        let text = |s: &str| Caption::Text(s.to_owned());
-        let entry = |key: &str, image: &str, caption| Entry {
-            label: None,
-            key: key.to_owned(),
-            image: d.join(image),
-            caption,
-            origin: format!("line {key}"),
-        };
-        let entries = vec![
-            entry("1", "a.jpg", text("a jpeg")),
-            entry("2", "b.png", text("a png")),
-            entry("3", "bad.jpg", text("broken")),
-            entry("4", "gone.jpg", text("missing")),
-            entry("5", "c.jpg", Caption::File(d.join("c.txt"))),
-            entry("6", "a.jpg", Caption::File(d.join("none.txt"))),
-            entry("7", "e.jpg", Caption::File(d.join("e.txt"))),
-        ];
-        let ds = FileDataset::new(d.join("list.csv"), entries, SkipCounts::new());
-        assert_eq!(ds.len(), 7);
-        let a = ds.get(0).unwrap();
-        assert_eq!((a.key.as_str(), a.caption.as_str()), ("1", "a jpeg"));
-        assert_eq!(a.image.dimensions(), (12, 8));
-        assert_eq!(ds.get(1).unwrap().image.dimensions(), (5, 6));
-        assert_eq!(ds.get_raw(1).unwrap().image_ext, "png");
-        assert_eq!(ds.get(2), Err(SkipReason::UndecodableImage));
-        assert_eq!(ds.get(3), Err(SkipReason::MissingImage));
-        assert_eq!(ds.get(4), Err(SkipReason::NonUtf8Caption));
-        assert_eq!(ds.get(5), Err(SkipReason::MissingCaption));
-        assert_eq!(ds.get(6), Err(SkipReason::EmptyCaption));
-        assert_eq!(ds.get(7), Err(SkipReason::MissingImage));
-        let described = ds.describe(3);
+        std::fs::write(d.join("list.csv"), "filepath,title
+,no image
+a.jpg,
+").unwrap();
+        let spec = DataSpec::parse(d.join("list.csv").to_str().unwrap()).unwrap();
+        let err = DataSource::open(&spec, 0).err().unwrap().to_string();
         assert!(
-            described.contains("list.csv") && described.contains("line 4"),
-            "{described}"
+            err.contains("list.csv") && err.contains("skipped: 1 empty caption, 1 missing image"),
+            "{err}"
         );
-        let small = FileDataset::new(d.join("list.csv"), ds.entries().to_vec(), SkipCounts::new())
-            .with_max_pixels(10);
-        assert_eq!(small.get(0), Err(SkipReason::TooManyPixels));
-    }
-}
-
-#[cfg(test)]
-mod bad_record_tests {
-    #[test]
-    fn bad_record_is_the_skip_reasons_name() {
-        assert_eq!(super::BAD_RECORD, crate::skip::SkipReason::BadRecord.as_str());
+        let tar = d.join("garbage.tar");
+        std::fs::write(&tar, vec![0x5a; 3000]).unwrap();
+        let spec = DataSpec::parse(tar.to_str().unwrap()).unwrap();
+        let err = DataSource::open(&spec, 0).err().unwrap().to_string();
+        assert!(err.contains("garbage.tar") && err.contains("1 unreadable shard"), "{err}");
     }
 }

@@ -96,7 +96,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.shard_size > 0, "--shard-size must be at least 1");
     anyhow::ensure!(args.max_side.is_none_or(|px| (1..=65_535).contains(&px)), "--max-side must be 1 to 65535 pixels");
     let spec = DataSpec::parse(&args.from)?;
-    let Some(source) = sources::open(&spec) else {
+    let Some(source) = sources::open_files(&spec) else {
         anyhow::bail!(
             "--from {}: pack reads csv:FILE, folder:DIR or jsonl:FILE; shards are already packed (`oxclip data stats` reads them)",
             args.from
@@ -155,6 +155,30 @@ fn describe_skips(skips: &SkipCounts) -> String {
     }
     let reasons: Vec<String> = skips.iter().map(|(reason, n)| format!("{reason}: {n}")).collect();
     format!("{} ({})", skips.total(), reasons.join(", "))
+}
+
+/// Shows a bar while shards are counted at start-up (any command that opens shards without
+/// counts): the data loader reports (shards counted, shards to count).
+pub fn show_shard_counting() {
+    let bar: std::sync::Mutex<Option<ProgressBar>> = std::sync::Mutex::new(None);
+    oxclip_data_loader::shards::on_count_progress(move |done, total| {
+        let Ok(mut slot) = bar.lock() else { return };
+        let shown = slot.get_or_insert_with(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template("counting shard samples [{bar:40}] {pos}/{len} shards (eta {eta})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar
+        });
+        shown.set_length(total);
+        shown.set_position(done);
+        if done >= total {
+            shown.finish_and_clear();
+            *slot = None;
+        }
+    });
 }
 
 /// A bar on stderr (hidden when stderr is not a terminal), its length set by the first

@@ -21,14 +21,15 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::Dataset;
+use crate::sources::Dataset;
 use crate::error::{first_few, DataError};
 use crate::skip::{SkipCounts, SkipReason};
-use crate::sources::{usable_caption, FileDataset};
-use crate::stats::map_in_order;
-use crate::synth::{ShardIndex, ShardIndexEntry};
-use crate::transform::{decode_image, DEFAULT_MAX_PIXELS};
-use crate::webdataset::{is_plain_shard_name, remove_stale_shards, write_atomic, ShardWriter};
+use crate::formats::webdataset::usable_caption;
+use crate::sources::FileDataset;
+use crate::parallel::map_in_order;
+use crate::formats::index::{ShardIndex, ShardIndexEntry};
+use crate::formats::image::{decode_image, DEFAULT_MAX_PIXELS};
+use crate::formats::webdataset::{is_plain_shard_name, remove_stale_shards, write_atomic, ShardWriter};
 
 /// Inputs prepared on the threads between two writes (and held in memory at once, encoded).
 const CHUNK_SAMPLES: usize = 256;
@@ -60,7 +61,7 @@ impl Default for PackConfig {
             max_side: None,
             jpeg_quality: 95,
             max_pixels: DEFAULT_MAX_PIXELS,
-            threads: crate::stats::default_threads(),
+            threads: crate::parallel::default_threads(),
             beside_existing: false,
         }
     }
@@ -435,11 +436,11 @@ fn downscale(img: &RgbImage, side: u32) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::test_images::{jpeg, png, write};
+    use crate::formats::image::test_images::{jpeg, png, write};
     use crate::sources::{csv, folder};
-    use crate::spec::{CsvSpec, DataSpec};
-    use crate::transform::decode_image;
-    use crate::webdataset::read_shard;
+    use crate::sources::spec::{CsvSpec, DataSpec};
+    use crate::formats::image::decode_image;
+    use crate::formats::webdataset::read_shard;
 
     fn csv_source(path: &Path) -> FileDataset {
         let DataSpec::Csv(spec) = DataSpec::parse(path.to_str().unwrap()).unwrap() else {
@@ -527,7 +528,7 @@ mod tests {
 
         // The packed directory is a spec that reads back every sample.
         let spec = DataSpec::parse(out.to_str().unwrap()).unwrap();
-        let stats = crate::stats::stats(&spec, 2, &mut |_, _| {}).unwrap();
+        let stats = crate::tools::stats::stats(&spec, 2, &mut |_, _| {}).unwrap();
         assert_eq!(
             (stats.samples, stats.shards, stats.skipped.total()),
             (6, 2, 0)
@@ -564,7 +565,7 @@ mod tests {
         assert_eq!(samples[1].image_ext, "png");
         assert_eq!(samples[1].image, png(10, 12));
         assert_eq!(
-            downscale(&crate::sources::test_images::gradient(3, 300), 16).dimensions(),
+            downscale(&crate::formats::image::test_images::gradient(3, 300), 16).dimensions(),
             (1, 16)
         );
     }

@@ -6,10 +6,17 @@
 //! (`index.json` written by `oxclip data pack` / `data synth`, webdataset's `sizes.json`, or
 //! img2dataset's `NNNNN_stats.json`), from the count cache (`$OXCLIP_CACHE/shard-counts.json`),
 //! or from reading the shard once (tar headers and members, no image decoding), after which
-//! the count is cached. Users never pass `--train-num-samples`.
+//! the count is cached. A sizes file the user names (`data.shard_sizes`, webdataset's
+//! `sizes.json` format) comes first of all.
+//!
+//! Remote shards (`pipe:`) are not read once just to count them when the user gives the epoch
+//! length (`data.samples_per_epoch`, open_clip's `--train-num-samples`): each shard without a
+//! count is then taken to hold an equal share of it, as open_clip's `with_epoch` cuts an
+//! epoch, and is marked [`Shard::estimated`].
 //!
 //! A count that turns out wrong is not fatal: a shard that ends early yields `truncated_shard`
-//! skips for its missing samples, and samples past the count are ignored (see `stream.rs`).
+//! skips for its missing samples, and samples past the count are ignored (see
+//! `plan/stream.rs`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -22,10 +29,11 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use crate::error::DataError;
+use crate::formats::index::ShardIndex;
 use crate::seed::mix;
 use crate::skip::{SkipCounts, SkipReason};
-use crate::stats::{default_threads, map_in_order};
-use crate::webdataset::{for_each_sample_in, write_atomic};
+use crate::parallel::{default_threads, map_in_order};
+use crate::formats::webdataset::{for_each_sample_in, write_atomic};
 
 /// Read-buffer size for shard streams: large sequential reads.
 const READ_BUFFER: usize = 1 << 20;
@@ -55,6 +63,21 @@ impl ShardLocation {
         match self {
             ShardLocation::File(p) => p.clone(),
             ShardLocation::Pipe(cmd) => PathBuf::from(format!("pipe:{cmd}")),
+        }
+    }
+
+    /// The shard's file name (`00012.tar`): a file's, or for a command the file name of its
+    /// last argument ending in `.tar` (`aws s3 cp s3://bucket/00012.tar -`).
+    pub fn file_name(&self) -> Option<String> {
+        let name = |path: &str| Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned());
+        match self {
+            ShardLocation::File(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
+            ShardLocation::Pipe(cmd) => cmd
+                .split_whitespace()
+                .map(|arg| arg.trim_matches(|c| c == '\'' || c == '"'))
+                .filter(|arg| arg.ends_with(".tar"))
+                .last()
+                .and_then(name),
         }
     }
 
@@ -143,6 +166,36 @@ pub struct Shard {
     pub samples: u64,
     /// Index of its source in [`ShardSet::sources`].
     pub source: usize,
+    /// `samples` is a share of `samples_per_epoch`, not a count (see the module docs).
+    pub estimated: bool,
+}
+
+/// What may stand in for reading shards to count them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CountHints {
+    /// A JSON file `{"00000.tar": n, ...}` (webdataset's `sizes.json`), keyed by a shard's
+    /// file name (for `pipe:` shards, that of the command's last `.tar` argument) or by its
+    /// whole location (`pipe:CMD`).
+    pub sizes_file: Option<PathBuf>,
+    /// Samples per epoch over all ranks: `pipe:` shards without a count get an equal share.
+    pub samples_per_epoch: Option<u64>,
+}
+
+/// Called while shards are counted at start-up with (shards counted, shards to count).
+pub type CountProgress = dyn Fn(u64, u64) + Send + Sync;
+
+static COUNT_PROGRESS: std::sync::OnceLock<Box<CountProgress>> = std::sync::OnceLock::new();
+
+/// Installs the process's shard-counting progress report (the binary shows a bar); the first
+/// call wins. Without one, counting reports through `tracing` only.
+pub fn on_count_progress(report: impl Fn(u64, u64) + Send + Sync + 'static) {
+    let _ = COUNT_PROGRESS.set(Box::new(report));
+}
+
+fn count_progress(done: u64, total: u64) {
+    if let Some(report) = COUNT_PROGRESS.get() {
+        report(done, total);
+    }
 }
 
 /// Every shard of a spec, counted.
@@ -159,7 +212,12 @@ impl ShardSet {
     /// Counts the shards of `sources` (see the module docs), caching new counts in
     /// [`default_cache_dir`].
     pub fn resolve(sources: &[ShardSource]) -> Result<Self, DataError> {
-        Self::resolve_with_cache(sources, default_cache_dir().as_deref())
+        Self::resolve_with(sources, &CountHints::default())
+    }
+
+    /// [`resolve`](Self::resolve), taking counts from `hints` where they give them.
+    pub fn resolve_with(sources: &[ShardSource], hints: &CountHints) -> Result<Self, DataError> {
+        Self::resolve_counted(sources, hints, default_cache_dir().as_deref())
     }
 
     /// [`resolve`](Self::resolve) with an explicit count cache directory (`None`: no cache).
@@ -167,6 +225,18 @@ impl ShardSet {
         sources: &[ShardSource],
         cache_dir: Option<&Path>,
     ) -> Result<Self, DataError> {
+        Self::resolve_counted(sources, &CountHints::default(), cache_dir)
+    }
+
+    pub(crate) fn resolve_counted(
+        sources: &[ShardSource],
+        hints: &CountHints,
+        cache_dir: Option<&Path>,
+    ) -> Result<Self, DataError> {
+        let sizes = match &hints.sizes_file {
+            Some(path) => read_sizes_file(path)?,
+            None => HashMap::new(),
+        };
         let mut indexes = DirIndexes::default();
         let cache_path = cache_dir.map(|d| d.join("shard-counts.json"));
         let mut cache = cache_path
@@ -177,12 +247,16 @@ impl ShardSet {
         let mut uncounted = Vec::new();
         for (source, part) in sources.iter().enumerate() {
             for location in &part.shards {
-                let known = match location {
+                let given = sizes
+                    .get(&location.to_string())
+                    .or_else(|| location.file_name().and_then(|name| sizes.get(&name)))
+                    .copied();
+                let known = given.or_else(|| match location {
                     ShardLocation::File(path) => indexes
                         .count(path)
                         .or_else(|| cache.get(&CountCache::key(location))),
                     ShardLocation::Pipe(_) => cache.get(&CountCache::key(location)),
-                };
+                });
                 if known.is_none() {
                     uncounted.push(shards.len());
                 }
@@ -190,8 +264,12 @@ impl ShardSet {
                     location: location.clone(),
                     samples: known.unwrap_or(0),
                     source,
+                    estimated: false,
                 });
             }
+        }
+        if let Some(per_epoch) = hints.samples_per_epoch {
+            estimate_pipe_shards(&mut shards, &mut uncounted, per_epoch);
         }
         let mut open_skips = SkipCounts::new();
         if !uncounted.is_empty() {
@@ -204,9 +282,17 @@ impl ShardSet {
                     .map(|p| format!(" in {}", p.display()))
                     .unwrap_or_default()
             );
-            let counted = map_in_order(0..uncounted.len(), default_threads(), |i| {
-                count_samples(&shards[uncounted[i]].location)
-            })?;
+            // A batch of shards per thread at a time, so that progress can be reported.
+            let threads = default_threads();
+            let total = uncounted.len() as u64;
+            let mut counted = Vec::with_capacity(uncounted.len());
+            count_progress(0, total);
+            for batch in uncounted.chunks(threads) {
+                counted.extend(map_in_order(0..batch.len(), threads, |i| {
+                    count_samples(&shards[batch[i]].location)
+                })?);
+                count_progress(counted.len() as u64, total);
+            }
             let mut unreadable = Vec::new();
             for (&i, result) in uncounted.iter().zip(counted) {
                 match result {
@@ -275,6 +361,42 @@ impl ShardSet {
     }
 }
 
+/// Gives each `pipe:` shard of `uncounted` an equal share of `per_epoch` (shard `k` of `n`
+/// gets `per_epoch / n`, plus one for the first `per_epoch % n`), marks it estimated and
+/// takes it off `uncounted`: it is not read to count it.
+fn estimate_pipe_shards(shards: &mut [Shard], uncounted: &mut Vec<usize>, per_epoch: u64) {
+    let n = shards.len() as u64;
+    let mut estimated = 0;
+    uncounted.retain(|&i| {
+        if !matches!(shards[i].location, ShardLocation::Pipe(_)) {
+            return true;
+        }
+        shards[i].samples = per_epoch / n + u64::from((i as u64) < per_epoch % n);
+        shards[i].estimated = true;
+        estimated += 1;
+        false
+    });
+    if estimated > 0 {
+        tracing::info!(
+            "{estimated} pipe: shard(s) without a count are not read to count them: with \
+             samples_per_epoch {per_epoch}, each is taken to hold {} samples",
+            per_epoch / n
+        );
+    }
+}
+
+/// A sizes file (`{"00000.tar": n}`), as a map from shard name to count.
+fn read_sizes_file(path: &Path) -> Result<HashMap<String, u64>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| DataError::Json {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Items the tar reader yields for `location` (good and bad samples), or why it cannot be
 /// read at all.
 fn count_samples(location: &ShardLocation) -> Result<u64, String> {
@@ -338,15 +460,6 @@ impl DirIndexes {
 /// `index.json` (ours: `{"shards": [{"name", "samples"}]}`) and `sizes.json` (webdataset:
 /// `{"00000.tar": n}`) of `dir`, merged; unreadable or malformed files are ignored.
 fn read_dir_index(dir: &Path) -> HashMap<String, u64> {
-    #[derive(Deserialize)]
-    struct Entry {
-        name: String,
-        samples: u64,
-    }
-    #[derive(Deserialize)]
-    struct Index {
-        shards: Vec<Entry>,
-    }
     let mut counts = HashMap::new();
     let read = |file: &str| std::fs::read_to_string(dir.join(file)).ok();
     if let Some(sizes) = read("sizes.json") {
@@ -355,7 +468,7 @@ fn read_dir_index(dir: &Path) -> HashMap<String, u64> {
         }
     }
     if let Some(index) = read("index.json") {
-        if let Ok(index) = serde_json::from_str::<Index>(&index) {
+        if let Ok(index) = serde_json::from_str::<ShardIndex>(&index) {
             counts.extend(index.shards.into_iter().map(|e| (e.name, e.samples)));
         }
     }
@@ -432,7 +545,7 @@ impl CountCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::webdataset::ShardWriter;
+    use crate::formats::webdataset::ShardWriter;
 
     fn shard(path: &Path, n: usize) {
         let mut w = ShardWriter::create(path).unwrap();

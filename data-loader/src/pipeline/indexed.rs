@@ -1,4 +1,4 @@
-//! The loader's threads: a planner, `W` workers and a batcher, joined by bounded channels.
+//! The indexed topology: a planner, `W` workers and a batcher, joined by bounded channels.
 //!
 //! ```text
 //!   planner --jobs[w]--> worker w --chunks[w]--> batcher --batches--> Loader::next_batch
@@ -7,86 +7,35 @@
 //! The planner cuts each batch into `W` contiguous chunks and sends chunk `w` to worker `w`;
 //! the batcher takes chunk 0, 1, ..., W-1 of each batch in turn. Every worker sees its jobs in
 //! batch order and the batcher reads the workers round-robin, so the output order is the
-//! planner's order whatever the thread timing. Bounded channels give back-pressure: the
-//! planner runs at most [`JOBS_PER_WORKER`] batches ahead of the slowest worker, and at most
-//! [`PREFETCH_BATCHES`] finished batches wait for the trainer.
-//!
-//! Shutdown: [`Pipeline::shutdown`] raises the stop flag and drops the batch receiver; every
-//! blocking send or receive wakes up within [`POLL`] to look at the flag, each stage returns,
-//! and every thread is joined. A stage that panicked is reported as an error naming it.
+//! planner's order whatever the thread timing. The planner runs at most [`JOBS_PER_WORKER`]
+//! batches ahead of the slowest worker.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::dataset::Dataset;
+use super::{recv_or_stop, send_or_stop, BufferPool, Pipeline, SkipLog, PREFETCH_BATCHES};
 use crate::error::DataError;
-use crate::loader::{Batch, LoaderState, Plan, MAX_CONSECUTIVE_SKIPS};
-use crate::skip::SkipCounts;
+use crate::plan::indexed::Plan;
+use crate::plan::{Batch, LoaderState, MAX_CONSECUTIVE_SKIPS};
+use crate::skip::{SkipCounts, SkipReason};
+use crate::sources::Dataset;
 use crate::tokenizer::Tokenizer;
 use crate::transform::ImageTransform;
 
-/// Finished batches waiting for the trainer. Two hide one slow batch without holding much
-/// memory (a 256 x 3 x 224 x 224 batch is 154 MB of floats).
-pub(crate) const PREFETCH_BATCHES: usize = 2;
 /// Jobs queued per worker: how far the planner runs ahead. Jobs are small (a range and an
 /// `Arc` of the epoch order).
 const JOBS_PER_WORKER: usize = 2;
 /// Finished chunks a worker may hold for the batcher; one, since chunks are large.
 const CHUNKS_PER_WORKER: usize = 1;
-/// How often a blocked stage looks at the stop flag.
-const POLL: Duration = Duration::from_millis(50);
-/// Skips logged in full before only every [`SKIP_LOG_EVERY`]-th one is.
-pub(crate) const SKIP_LOG_FIRST: u64 = 10;
-pub(crate) const SKIP_LOG_EVERY: u64 = 1000;
 
-/// Float buffers handed back to be filled again (batches by the trainer through
-/// [`Loader::recycle`](crate::Loader::recycle), decoded samples by the batcher): a reused
-/// buffer's pages are written without being zeroed and faulted in anew, which on a fast loader
-/// is a tenth of the work. Bounded; what does not fit is freed.
-#[derive(Clone)]
-pub(crate) struct BufferPool {
-    tx: Sender<Vec<f32>>,
-    rx: Receiver<Vec<f32>>,
-}
-
-impl BufferPool {
-    pub fn new(capacity: usize) -> Self {
-        let (tx, rx) = bounded(capacity);
-        Self { tx, rx }
-    }
-
-    /// An empty buffer with room for `capacity` floats.
-    pub fn empty(&self, capacity: usize) -> Vec<f32> {
-        match self.rx.try_recv() {
-            Ok(mut v) => {
-                v.clear();
-                v.reserve(capacity);
-                v
-            }
-            Err(_) => Vec::with_capacity(capacity),
-        }
-    }
-
-    /// A buffer of `len` floats whose contents the caller overwrites.
-    pub fn filled(&self, len: usize) -> Vec<f32> {
-        match self.rx.try_recv() {
-            Ok(v) if v.len() == len => v,
-            _ => vec![0.0; len],
-        }
-    }
-
-    pub fn give(&self, buffer: Vec<f32>) {
-        let _ = self.tx.try_send(buffer);
-    }
-}
+/// The indexed pipeline's threads and its output.
+pub(crate) type IndexedPipeline = Pipeline<Result<Batch, DataError>>;
 
 /// What the loader hands the pipeline.
-pub(crate) struct PipelineSpec {
+pub(crate) struct IndexedSpec {
     pub dataset: Arc<dyn Dataset>,
     pub tokenizer: Tokenizer,
     pub transform: ImageTransform,
@@ -120,174 +69,61 @@ struct Chunk {
     skipped: SkipCounts,
 }
 
-/// The running threads of one loader, from one start position, and the receiving end of
-/// their output (`Result<Batch, DataError>` here; the streaming pipeline sends more).
-pub(crate) struct Pipeline<T = Result<Batch, DataError>> {
-    batches: Option<Receiver<T>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<(String, JoinHandle<()>)>,
-}
+/// Creates every channel and thread, in order: planner, workers, batcher.
+pub(crate) fn spawn(spec: IndexedSpec) -> Result<IndexedPipeline, DataError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = spec.workers.max(1);
+    let mut pipeline = Pipeline::new(Arc::clone(&stop));
+    let (job_txs, job_rxs): (Vec<_>, Vec<_>) = (0..workers)
+        .map(|_| bounded::<Job>(JOBS_PER_WORKER))
+        .unzip();
+    let (chunk_txs, chunk_rxs): (Vec<_>, Vec<_>) = (0..workers)
+        .map(|_| bounded::<Result<Chunk, DataError>>(CHUNKS_PER_WORKER))
+        .unzip();
+    let (batch_tx, batch_rx) = bounded::<Result<Batch, DataError>>(PREFETCH_BATCHES);
+    pipeline.set_output(batch_rx);
 
-impl Pipeline {
-    /// Creates every channel and thread, in order: planner, workers, batcher.
-    pub fn spawn(spec: PipelineSpec) -> Result<Self, DataError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let workers = spec.workers.max(1);
-        let mut pipeline = Pipeline::new(Arc::clone(&stop));
-        let (job_txs, job_rxs): (Vec<_>, Vec<_>) = (0..workers)
-            .map(|_| bounded::<Job>(JOBS_PER_WORKER))
-            .unzip();
-        let (chunk_txs, chunk_rxs): (Vec<_>, Vec<_>) = (0..workers)
-            .map(|_| bounded::<Result<Chunk, DataError>>(CHUNKS_PER_WORKER))
-            .unzip();
-        let (batch_tx, batch_rx) = bounded::<Result<Batch, DataError>>(PREFETCH_BATCHES);
-        pipeline.set_output(batch_rx);
+    let (plan, start, planner_stop) = (
+        Arc::clone(&spec.plan),
+        spec.start.clone(),
+        Arc::clone(&stop),
+    );
+    pipeline.start_thread("oxclip-loader-plan".into(), move || {
+        plan_jobs(&plan, start, &job_txs, &planner_stop)
+    })?;
 
-        let (plan, start, planner_stop) = (
-            Arc::clone(&spec.plan),
-            spec.start.clone(),
-            Arc::clone(&stop),
-        );
-        pipeline.start_thread("oxclip-loader-plan".into(), move || {
-            plan_jobs(&plan, start, &job_txs, &planner_stop)
+    let skip_log = SkipLog::default();
+    for (w, (jobs, chunks)) in job_rxs.into_iter().zip(chunk_txs).enumerate() {
+        let worker = Worker {
+            dataset: Arc::clone(&spec.dataset),
+            tokenizer: spec.tokenizer.clone(),
+            transform: spec.transform.clone(),
+            plan: Arc::clone(&spec.plan),
+            context_length: spec.context_length,
+            stop: Arc::clone(&stop),
+            skip_log: skip_log.clone(),
+        };
+        pipeline.start_thread(format!("oxclip-loader-worker-{w}"), move || {
+            worker.run(&jobs, &chunks)
         })?;
-
-        let skips_seen = Arc::new(AtomicU64::new(0));
-        for (w, (jobs, chunks)) in job_rxs.into_iter().zip(chunk_txs).enumerate() {
-            let worker = Worker {
-                dataset: Arc::clone(&spec.dataset),
-                tokenizer: spec.tokenizer.clone(),
-                transform: spec.transform.clone(),
-                plan: Arc::clone(&spec.plan),
-                context_length: spec.context_length,
-                stop: Arc::clone(&stop),
-                skips_seen: Arc::clone(&skips_seen),
-            };
-            pipeline.start_thread(format!("oxclip-loader-worker-{w}"), move || {
-                worker.run(&jobs, &chunks)
-            })?;
-        }
-
-        let (batcher_stop, batch_size, ctx) =
-            (Arc::clone(&stop), spec.plan.batch_size, spec.context_length);
-        let image_len = spec.transform.output_len();
-        let buffers = spec.batch_buffers.clone();
-        pipeline.start_thread("oxclip-loader-batch".into(), move || {
-            assemble_batches(
-                &chunk_rxs,
-                &batch_tx,
-                &batcher_stop,
-                &buffers,
-                batch_size,
-                image_len,
-                ctx,
-            )
-        })?;
-        Ok(pipeline)
-    }
-}
-
-impl<T> Pipeline<T> {
-    /// No threads yet; `stop` is the flag every stage watches.
-    pub fn new(stop: Arc<AtomicBool>) -> Self {
-        Pipeline {
-            batches: None,
-            stop,
-            threads: Vec::new(),
-        }
     }
 
-    /// The channel the last stage sends into.
-    pub fn set_output(&mut self, rx: Receiver<T>) {
-        self.batches = Some(rx);
-    }
-
-    pub fn start_thread(
-        &mut self,
-        name: String,
-        body: impl FnOnce() + Send + 'static,
-    ) -> Result<(), DataError> {
-        match std::thread::Builder::new().name(name.clone()).spawn(body) {
-            Ok(handle) => {
-                self.threads.push((name, handle));
-                Ok(())
-            }
-            Err(e) => {
-                // Stop what already runs; `self` is dropped by the caller's `?`.
-                Err(DataError::Pipeline(format!(
-                    "cannot start thread {name}: {e}"
-                )))
-            }
-        }
-    }
-
-    /// The next batch, or `None` when every stage has ended (end of an eval pass, or a
-    /// thread died).
-    pub fn recv(&self) -> Option<T> {
-        self.batches.as_ref()?.recv().ok()
-    }
-
-    /// Stops and joins every thread. Errors if one of them panicked.
-    pub fn shutdown(mut self) -> Result<(), DataError> {
-        self.stop_and_join()
-    }
-
-    fn stop_and_join(&mut self) -> Result<(), DataError> {
-        self.stop.store(true, Ordering::SeqCst);
-        drop(self.batches.take());
-        let mut panicked = Vec::new();
-        for (name, handle) in self.threads.drain(..) {
-            if let Err(payload) = handle.join() {
-                let message = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                panicked.push(format!("{name} panicked: {message}"));
-            }
-        }
-        if panicked.is_empty() {
-            Ok(())
-        } else {
-            Err(DataError::Pipeline(panicked.join("; ")))
-        }
-    }
-}
-
-impl<T> Drop for Pipeline<T> {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop_and_join() {
-            tracing::error!("data loader shutdown: {e}");
-        }
-    }
-}
-
-/// Sends unless the stop flag rises or the receiver is gone; false means "stop".
-pub(crate) fn send_or_stop<T>(tx: &Sender<T>, mut msg: T, stop: &AtomicBool) -> bool {
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return false;
-        }
-        match tx.send_timeout(msg, POLL) {
-            Ok(()) => return true,
-            Err(SendTimeoutError::Timeout(back)) => msg = back,
-            Err(SendTimeoutError::Disconnected(_)) => return false,
-        }
-    }
-}
-
-/// Receives unless the stop flag rises or every sender is gone.
-pub(crate) fn recv_or_stop<T>(rx: &Receiver<T>, stop: &AtomicBool) -> Option<T> {
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return None;
-        }
-        match rx.recv_timeout(POLL) {
-            Ok(msg) => return Some(msg),
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return None,
-        }
-    }
+    let (batcher_stop, batch_size, ctx) =
+        (Arc::clone(&stop), spec.plan.batch_size, spec.context_length);
+    let image_len = spec.transform.output_len();
+    let buffers = spec.batch_buffers.clone();
+    pipeline.start_thread("oxclip-loader-batch".into(), move || {
+        assemble_batches(
+            &chunk_rxs,
+            &batch_tx,
+            &batcher_stop,
+            &buffers,
+            batch_size,
+            image_len,
+            ctx,
+        )
+    })?;
+    Ok(pipeline)
 }
 
 /// Planner stage: from `start`, cut each batch into one contiguous chunk per worker and
@@ -332,8 +168,7 @@ struct Worker {
     plan: Arc<Plan>,
     context_length: usize,
     stop: Arc<AtomicBool>,
-    /// Skips seen by all workers, for rate-limited logging.
-    skips_seen: Arc<AtomicU64>,
+    skip_log: SkipLog,
 }
 
 impl Worker {
@@ -425,9 +260,8 @@ impl Worker {
         Some(Ok(chunk))
     }
 
-    fn log_skip(&self, index: usize, reason: crate::SkipReason) {
-        let n = self.skips_seen.fetch_add(1, Ordering::Relaxed) + 1;
-        if n <= SKIP_LOG_FIRST || n % SKIP_LOG_EVERY == 0 {
+    fn log_skip(&self, index: usize, reason: SkipReason) {
+        if let Some(n) = self.skip_log.count() {
             tracing::warn!(
                 skipped_so_far = n,
                 "skipping {}: {reason}",

@@ -1,10 +1,10 @@
-//! The streaming loader's threads: per worker a reader and a decoder, then one batcher.
+//! The streamed topology: per worker a reader and a decoder, then one batcher.
 //!
 //! ```text
 //!   reader w --reads[w]--> worker w --samples[w]--> batcher --batches--> Loader::next_batch
 //! ```
 //!
-//! Reader `w` streams worker `w`'s units (`stream.rs`) shard after shard, sequentially, and
+//! Reader `w` streams worker `w`'s units (`plan/stream.rs`) shard after shard, sequentially, and
 //! sends each sample still encoded, numbered by its read index. Worker `w` follows its
 //! shuffle buffer: for each draw it waits for that read (keeping at most the buffer's worth
 //! of reads that arrived early), then decodes, augments and tokenizes it. The batcher takes
@@ -18,22 +18,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use super::{recv_or_stop, send_or_stop, BufferPool, Pipeline, SkipLog, PREFETCH_BATCHES};
 use crate::error::DataError;
-use crate::loader::{Batch, LoaderState, MAX_CONSECUTIVE_SKIPS};
-use crate::pipeline::{
-    recv_or_stop, send_or_stop, BufferPool, Pipeline, PREFETCH_BATCHES, SKIP_LOG_EVERY,
-    SKIP_LOG_FIRST,
-};
+use crate::formats::webdataset::{for_each_sample_in, RawSample};
+use crate::plan::stream::{ShuffleBuffer, StreamCursor, StreamPlan, Unit};
+use crate::plan::{Batch, LoaderState, MAX_CONSECUTIVE_SKIPS};
 use crate::skip::{SampleError, SkipCounts, SkipReason};
-use crate::stream::{ShuffleBuffer, StreamCursor, StreamPlan};
 use crate::tokenizer::Tokenizer;
 use crate::transform::ImageTransform;
-use crate::webdataset::{for_each_sample_in, RawSample};
 
 /// Encoded samples a reader may run ahead of its worker's need. Small: the shuffle buffer
 /// already holds thousands.
@@ -158,7 +155,7 @@ pub(crate) fn spawn(spec: StreamSpec) -> Result<StreamPipeline, DataError> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut pipeline = Pipeline::new(Arc::clone(&stop));
     let workers = spec.plan.workers;
-    let skips_seen = Arc::new(AtomicU64::new(0));
+    let skip_log = SkipLog::default();
     let mut sample_rxs = Vec::with_capacity(workers);
     let mut sample_buffers = Vec::with_capacity(workers);
     for w in 0..workers {
@@ -189,7 +186,7 @@ pub(crate) fn spawn(spec: StreamSpec) -> Result<StreamPipeline, DataError> {
             max_pixels: spec.max_pixels,
             buffers,
             stop: Arc::clone(&stop),
-            skips_seen: Arc::clone(&skips_seen),
+            skip_log: skip_log.clone(),
         };
         pipeline.start_thread(format!("oxclip-loader-worker-{w}"), move || {
             worker.run(start, &read_rx, &sample_tx)
@@ -245,7 +242,7 @@ impl Reader {
     /// Streams one unit whose first read is `first`, sending reads `>= start`. Samples the
     /// shard does not deliver (it ends early or cannot be opened) become skips, so read
     /// indices never shift. False means "stop".
-    fn read_unit(&self, unit: crate::stream::Unit, first: u64, start: u64, tx: &Sender<ReadMsg>) -> bool {
+    fn read_unit(&self, unit: Unit, first: u64, start: u64, tx: &Sender<ReadMsg>) -> bool {
         let shard = &self.plan.shards.shards[unit.shard as usize];
         let name = shard.location.name();
         let mut next = first; // read index of the unit's next sample
@@ -276,7 +273,12 @@ impl Reader {
                     ordinal += 1;
                     ControlFlow::Continue(())
                 });
-                (SkipReason::TruncatedShard, "ends before the sample count of its index".to_owned())
+                let why = if shard.estimated {
+                    "holds fewer samples than its share of samples_per_epoch"
+                } else {
+                    "ends before the sample count of its index"
+                };
+                (SkipReason::TruncatedShard, why.to_owned())
             }
             Err(e) => (SkipReason::UnreadableShard, e.to_string()),
         };
@@ -328,7 +330,7 @@ struct Worker {
     /// Sample buffers the batcher is done with.
     buffers: BufferPool,
     stop: Arc<AtomicBool>,
-    skips_seen: Arc<AtomicU64>,
+    skip_log: SkipLog,
 }
 
 impl Worker {
@@ -464,8 +466,7 @@ impl Worker {
     }
 
     fn log_skip(&self, error: &SampleError) {
-        let n = self.skips_seen.fetch_add(1, Ordering::Relaxed) + 1;
-        if n <= SKIP_LOG_FIRST || n % SKIP_LOG_EVERY == 0 {
+        if let Some(n) = self.skip_log.count() {
             tracing::warn!(skipped_so_far = n, "skipping a sample: {error}");
         }
     }
@@ -592,10 +593,11 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use crate::loader::tests::test_tokenizer;
-    use crate::loader::{Batch, Loader, LoaderConfig, LoaderState};
-    use crate::shards::{ShardLocation, ShardSet, ShardSource};
-    use crate::stream::ShardOptions;
-    use crate::webdataset::ShardWriter;
+    use crate::loader::Loader;
+    use crate::plan::{Batch, LoaderConfig, LoaderState};
+    use crate::sources::shards::{ShardLocation, ShardSet, ShardSource};
+    use crate::plan::stream::ShardOptions;
+    use crate::formats::webdataset::ShardWriter;
 
     /// `counts[i]` samples in shard `i`, real JPEGs of synthetic scenes with captions and
     /// labels; keys are unique over all shards (`s{shard}-{n}`).
@@ -607,7 +609,7 @@ mod tests {
                 let path = dir.join(format!("{s:05}.tar"));
                 let mut w = ShardWriter::create(&path).unwrap();
                 for i in 0..n {
-                    let scene = crate::synth::draw_scene(s as u64, i as u64, 20, true);
+                    let scene = crate::tools::synth::draw_scene(s as u64, i as u64, 20, true);
                     let mut jpeg = Vec::new();
                     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
                         .encode_image(&scene.image)
@@ -765,7 +767,7 @@ mod tests {
         // A third shard with faults: corrupt image, no caption, then cut in the middle.
         let bad = dir.path().join("00002.tar");
         let mut w = ShardWriter::create(&bad).unwrap();
-        let good = crate::sources::test_images::jpeg(12, 12);
+        let good = crate::formats::image::test_images::jpeg(12, 12);
         w.write_sample("b-0", &[("jpg", b"not a jpeg"), ("txt", b"a red circle")]).unwrap();
         w.write_sample("b-1", &[("jpg", &good)]).unwrap();
         w.write_sample("b-2", &[("jpg", &good), ("txt", b"a blue square")]).unwrap();
@@ -786,7 +788,7 @@ mod tests {
         assert_eq!(seen.len(), 13, "{seen:?}");
         assert!(seen.values().all(|&n| n == 1));
         assert!(seen.contains_key("b-2"));
-        let mut skipped = crate::SkipCounts::new();
+        let mut skipped = crate::skip::SkipCounts::new();
         batches.iter().for_each(|b| skipped.merge(&b.skipped));
         assert_eq!(skipped.get("undecodable_image"), Some(&1));
         assert_eq!(skipped.get("missing_caption"), Some(&1));
@@ -812,13 +814,13 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/webdataset_py");
         let expected: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-        let crate::DataSpec::Shards(sources) = crate::DataSpec::parse(dir.to_str().unwrap()).unwrap() else {
+        let crate::sources::DataSpec::Shards(sources) = crate::sources::DataSpec::parse(dir.to_str().unwrap()).unwrap() else {
             panic!("not shards")
         };
         let shards = ShardSet::resolve_with_cache(&sources, None).unwrap();
         for (world, workers) in [(1, 1), (1, 3), (2, 2)] {
             let mut seen = BTreeMap::new();
-            let mut skipped = crate::SkipCounts::new();
+            let mut skipped = crate::skip::SkipCounts::new();
             for rank in 0..world {
                 let mut eval = loader(&shards, &buffer(1), cfg(4, rank, world, workers, false));
                 while let Some(b) = eval.next_eval_batch().unwrap() {
@@ -872,5 +874,79 @@ mod tests {
         resumed.restore(&state).unwrap();
         assert!(resumed.next_batch().unwrap() == next);
         let _ = LoaderState::default();
+    }
+
+    #[test]
+    fn pipe_shards_without_counts_are_read_by_the_loader_only_given_samples_per_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        write_shards(dir.path(), &[6, 6]);
+        let log = dir.path().join("runs.log");
+        // Each run of the command leaves a line in the log, so a read to count shows.
+        let spec = format!(
+            "pipe:echo run >> '{}'; cat '{}/{{00000..00001}}.tar'",
+            log.display(),
+            dir.path().display()
+        );
+        let crate::sources::DataSpec::Shards(sources) = crate::sources::DataSpec::parse(&spec).unwrap() else {
+            panic!("{spec} is not shards")
+        };
+        assert_eq!(sources[0].shards.len(), 2);
+        let runs = || std::fs::read_to_string(&log).map_or(0, |t| t.lines().count());
+        let options = |per_epoch| ShardOptions {
+            samples_per_epoch: Some(per_epoch),
+            ..buffer(1)
+        };
+
+        let set = ShardSet::resolve_counted(&sources, &options(12).count_hints(), None).unwrap();
+        assert_eq!(runs(), 0, "a shard was read to count it");
+        assert!(set.shards.iter().all(|s| s.estimated && s.samples == 6), "{set:?}");
+        // One eval pass with one worker reads each shard once, all its samples.
+        let mut eval = loader(&set, &options(12), cfg(4, 0, 1, 1, false));
+        assert_eq!(eval.samples_per_epoch(), 12);
+        let batches: Vec<Batch> = std::iter::from_fn(|| eval.next_eval_batch().unwrap()).collect();
+        assert_eq!(tally(&batches).len(), 12);
+        assert!(batches.iter().all(|b| b.skipped.is_empty()));
+        assert_eq!(runs(), 2);
+
+        // The epoch is samples_per_epoch split over ranks, whatever the shards hold: a share
+        // larger than a shard leaves truncated_shard skips, a smaller one its tail unread.
+        let over = ShardSet::resolve_counted(&sources, &options(14).count_hints(), None).unwrap();
+        let mut eval = loader(&over, &options(14), cfg(5, 0, 1, 1, false));
+        let batches: Vec<Batch> = std::iter::from_fn(|| eval.next_eval_batch().unwrap()).collect();
+        assert_eq!(tally(&batches).len(), 12);
+        let mut skipped = crate::skip::SkipCounts::new();
+        batches.iter().for_each(|b| skipped.merge(&b.skipped));
+        assert_eq!(skipped.get("truncated_shard"), Some(&2));
+        let under = ShardSet::resolve_counted(&sources, &options(8).count_hints(), None).unwrap();
+        let rank0 = loader(&under, &options(8), cfg(2, 0, 2, 1, true));
+        assert_eq!((rank0.samples_per_epoch(), rank0.batches_per_epoch()), (4, 2));
+        assert_eq!(runs(), 4, "only the loader reads the shards");
+    }
+
+    #[test]
+    fn a_sizes_file_gives_pipe_shards_their_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        write_shards(dir.path(), &[6, 4]);
+        let spec = format!("pipe:cat '{}/{{00000..00001}}.tar'", dir.path().display());
+        let crate::sources::DataSpec::Shards(sources) = crate::sources::DataSpec::parse(&spec).unwrap() else {
+            panic!("{spec} is not shards")
+        };
+        let sizes = dir.path().join("my-sizes.json");
+        std::fs::write(&sizes, r#"{"00000.tar": 6, "00001.tar": 4}"#).unwrap();
+        let options = ShardOptions {
+            shard_sizes: Some(sizes),
+            samples_per_epoch: Some(1000),
+            ..buffer(1)
+        };
+        let set = ShardSet::resolve_counted(&sources, &options.count_hints(), None).unwrap();
+        let counts: Vec<(u64, bool)> = set.shards.iter().map(|s| (s.samples, s.estimated)).collect();
+        assert_eq!(counts, [(6, false), (4, false)]);
+        let mut eval = loader(&set, &options, cfg(3, 0, 1, 1, false));
+        let batches: Vec<Batch> = std::iter::from_fn(|| eval.next_eval_batch().unwrap()).collect();
+        assert_eq!(tally(&batches).len(), 10);
+        // A sizes file that does not parse is an error naming it.
+        std::fs::write(dir.path().join("my-sizes.json"), "{").unwrap();
+        let err = ShardSet::resolve_counted(&sources, &options.count_hints(), None).unwrap_err().to_string();
+        assert!(err.contains("my-sizes.json"), "{err}");
     }
 }

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::DataError;
-use crate::shards::{ShardLocation, ShardSource};
+use super::shards::{ShardLocation, ShardSource};
 
 /// Most shard paths one spec may expand to; far above any real dataset, low enough that a
 /// typo like `{0..99999999999}` fails at once instead of filling memory.
@@ -320,7 +320,7 @@ fn holds_images(dir: &Path) -> bool {
         let path = e.path();
         match e.file_type() {
             Ok(t) if t.is_dir() => holds_images(&path),
-            Ok(_) => crate::sources::is_image_path(&path),
+            Ok(_) => crate::formats::image::is_image_path(&path),
             Err(_) => false,
         }
     })

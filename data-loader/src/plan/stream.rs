@@ -1,6 +1,6 @@
 //! Streaming shards: which shards each worker of each rank reads in an epoch, and in what
-//! order it hands out their samples. Pure bookkeeping over sample counts (see `shards.rs`),
-//! no I/O; the threads that follow the plan live in `stream_pipeline.rs`.
+//! order it hands out their samples. Pure bookkeeping over sample counts (see
+//! `sources/shards.rs`), no I/O; the threads that follow the plan live in `pipeline/streamed.rs`.
 //!
 //! An epoch, for `S = world_size x workers` streams:
 //!
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::DataError;
 use crate::seed::mix;
-use crate::shards::ShardSet;
+use crate::sources::shards::{CountHints, ShardSet};
 
 /// Stream tags, so that the shard shuffle, the resampling and the sample shuffle draw from
 /// unrelated random streams.
@@ -51,8 +51,11 @@ pub struct ShardOptions {
     /// `--train-data-upsampling-factors`). Default: 1 for every source.
     pub upsampling_factors: Option<Vec<f64>>,
     /// Samples in a (virtual) epoch with `resampled` (open_clip's `--train-num-samples`).
-    /// Default: the samples in all shards.
+    /// Default: the samples in all shards. Also what `pipe:` shards without a count are
+    /// assumed to hold together, so that they are not read once to count them.
     pub samples_per_epoch: Option<u64>,
+    /// A sizes file (`{"00000.tar": n}`, webdataset's `sizes.json`) giving shard counts.
+    pub shard_sizes: Option<std::path::PathBuf>,
 }
 
 /// open_clip's `_SAMPLE_SHUFFLE_SIZE`.
@@ -65,6 +68,17 @@ impl Default for ShardOptions {
             resampled: false,
             upsampling_factors: None,
             samples_per_epoch: None,
+            shard_sizes: None,
+        }
+    }
+}
+
+impl ShardOptions {
+    /// What of these options spares reading shards to count them.
+    pub fn count_hints(&self) -> CountHints {
+        CountHints {
+            sizes_file: self.shard_sizes.clone(),
+            samples_per_epoch: self.samples_per_epoch,
         }
     }
 }
@@ -421,7 +435,7 @@ impl ShuffleBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shards::{Shard, ShardLocation};
+    use crate::sources::shards::{Shard, ShardLocation};
     use crate::skip::SkipCounts;
 
     fn set(counts: &[u64]) -> ShardSet {
@@ -433,6 +447,7 @@ mod tests {
                     location: ShardLocation::File(format!("{i:05}.tar").into()),
                     samples,
                     source: 0,
+                    estimated: false,
                 })
                 .collect(),
             sources: vec!["test".into()],

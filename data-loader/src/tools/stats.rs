@@ -1,17 +1,19 @@
 //! `oxclip data stats`: read every sample of a source the way training would (image decoded,
 //! caption checked) and count the usable ones and the skipped ones by reason.
 
-use std::ops::{ControlFlow, Range};
+use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{open, Dataset};
+use crate::sources::{open_indexed, Dataset};
 use crate::error::DataError;
-use crate::shards::ShardSet;
+pub use crate::parallel::default_threads;
+use crate::parallel::map_in_order;
+use crate::sources::shards::ShardSet;
 use crate::skip::{SampleError, SkipCounts, SkipReason};
-use crate::spec::DataSpec;
-use crate::transform::DEFAULT_MAX_PIXELS;
-use crate::webdataset::{for_each_sample_in, RawSample};
+use crate::sources::spec::DataSpec;
+use crate::formats::image::DEFAULT_MAX_PIXELS;
+use crate::formats::webdataset::{for_each_sample_in, RawSample};
 
 /// Samples decoded between two progress calls (and held by the threads at once).
 const CHUNK_SAMPLES: usize = 512;
@@ -44,7 +46,7 @@ pub fn stats(
             shards: set.shards.len() as u64,
         });
     }
-    let dataset = open(spec, 0)?;
+    let dataset = open_indexed(spec, 0)?;
     let (samples, skipped) = count_samples(dataset.as_ref(), threads, progress)?;
     Ok(DataStats {
         samples,
@@ -156,46 +158,11 @@ pub fn count_samples(
     Ok((ok, skipped))
 }
 
-/// `f` of every index of `range`, computed on up to `threads` scoped threads (contiguous
-/// parts), returned in index order. A panicking `f` is an error, not a crash.
-pub(crate) fn map_in_order<T: Send>(
-    range: Range<usize>,
-    threads: usize,
-    f: impl Fn(usize) -> T + Sync,
-) -> Result<Vec<T>, DataError> {
-    let len = range.len();
-    let part = len.div_ceil(threads.max(1)).max(1);
-    let f = &f;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = range
-            .clone()
-            .step_by(part)
-            .map(|lo| {
-                let hi = (lo + part).min(range.end);
-                scope.spawn(move || (lo..hi).map(f).collect::<Vec<T>>())
-            })
-            .collect();
-        let mut out = Vec::with_capacity(len);
-        for handle in handles {
-            let values = handle
-                .join()
-                .map_err(|_| DataError::Pipeline("a sample-reading thread panicked".into()))?;
-            out.extend(values);
-        }
-        Ok(out)
-    })
-}
-
-/// Threads to read with: the machine's cores, at most 16.
-pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(16))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::test_images::{jpeg, write};
-    use crate::webdataset::ShardWriter;
+    use crate::formats::image::test_images::{jpeg, write};
+    use crate::formats::webdataset::ShardWriter;
 
     /// Shards written by the Python webdataset library's TarWriter with a corrupt image, missing,
     /// empty and non-UTF-8 captions and a truncated last shard

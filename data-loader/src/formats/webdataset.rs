@@ -12,11 +12,9 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
+use super::image::{decode_image, IMAGE_EXTENSIONS};
 use crate::error::DataError;
 use crate::skip::{SampleError, SkipReason};
-
-/// Extensions read as the image, in order of preference when a sample has several.
-pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
 /// One sample as stored: encoded image bytes and its text, not yet decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,8 +41,18 @@ impl RawSample {
         if caption.trim().is_empty() {
             return Err(SkipReason::EmptyCaption);
         }
-        Ok((crate::transform::decode_image(&self.image, max_pixels)?, caption))
+        Ok((decode_image(&self.image, max_pixels)?, caption))
     }
+}
+
+/// The caption of a raw sample, trimmed of surrounding whitespace, or why there is none.
+pub(crate) fn usable_caption(raw: &RawSample) -> Result<&str, SkipReason> {
+    let caption = raw.caption.as_deref().ok_or(SkipReason::MissingCaption)?;
+    let caption = caption.trim();
+    if caption.is_empty() {
+        return Err(SkipReason::EmptyCaption);
+    }
+    Ok(caption)
 }
 
 /// Reads the samples of one shard in order. A sample the reader cannot use (no image,
