@@ -27,6 +27,7 @@
 //! [`SkipCounts`], and are replaced (train) or dropped (eval). A [`DataError`] is for what the
 //! run cannot continue past.
 
+pub mod config;
 pub mod dataset;
 pub mod error;
 pub mod loader;
