@@ -6,17 +6,17 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
+use crate::model::ModelConfig;
 use crate::schedule::ScheduleKind;
 
 pub use crate::loss::{LossConfig, LossKind, Tiling};
-use crate::model::ModelConfig;
 pub use oxclip_data_loader::config::DataConfig;
 
 /// Every check a run config's sections get before anything runs, in one place: `oxclip
-/// train`, `oxclip config show` and [`crate::train::fit`] all call it, so they accept and
-/// refuse the same configs with the same messages. Checks that need the sections together
-/// (the cooldown against the step count, SigLIP's bias on the model, the model's image
-/// statistics under `data:`) live here too.
+/// train`, `oxclip config show` and the training loop (`train::fit`) all call it, so they
+/// accept and refuse the same configs with the same messages. Checks that need the sections
+/// together (the cooldown against the step count, SigLIP's bias on the model, the model's
+/// image statistics under `data:`) live here too.
 pub fn validate(model: &ModelConfig, data: &DataConfig, train: &TrainConfig, optim: &OptimConfig, loss: &LossConfig) -> Result<()> {
     model.validate()?;
     train.validate()?;

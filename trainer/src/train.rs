@@ -162,7 +162,8 @@ fn prepare(job: &TrainJob) -> Result<std::result::Result<Run<'_>, TrainSummary>>
     let resume_from = resume_dir(job)?;
     let resumed_at = resume_from.as_deref().map(checkpoint::read_state).transpose()?.map(|s| s.step);
     if let Some(at) = resumed_at.filter(|&at| at >= job.train.steps) {
-        let summary = TrainSummary { steps: at, total_steps: job.train.steps, resumed_at, final_loss: None, zero_shot: None, last_checkpoint: None, device };
+        let total_steps = job.train.steps;
+        let summary = TrainSummary { steps: at, total_steps, resumed_at, final_loss: None, zero_shot: None, last_checkpoint: None, device };
         return Ok(Err(summary));
     }
     let init = init_weights(job, resume_from.is_some())?;
