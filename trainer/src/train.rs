@@ -110,8 +110,8 @@ struct Outcome {
 /// Trains `job` to `train.steps`: nanoGPT's loop, each part a function.
 pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     let mut run = match prepare(job)? {
-        Ok(run) => run,
-        Err(finished) => return Ok(finished),
+        Start::Train(run) => run,
+        Start::Finished(summary) => return Ok(summary),
     };
     let steps = job.train.steps;
     let mut outcome = Outcome::default();
@@ -145,10 +145,16 @@ fn every(step: u64, n: u64) -> bool {
     n > 0 && step % n == 0
 }
 
+/// What [`prepare`] found: a run to train, or a finished run resumed (nothing to load,
+/// train, evaluate or write).
+enum Start<'a> {
+    Train(Box<Run<'a>>),
+    Finished(TrainSummary),
+}
+
 /// Checks the job, joins the other ranks, builds the model, opens the data and restores a
-/// checkpoint, then writes the run directory. `Err(summary)` for a finished run resumed:
-/// nothing to load, train, evaluate or write.
-fn prepare(job: &TrainJob) -> Result<std::result::Result<Run<'_>, TrainSummary>> {
+/// checkpoint, then writes the run directory.
+fn prepare(job: &TrainJob) -> Result<Start<'_>> {
     crate::config::validate(&job.model, &job.data, &job.train, &job.optim, &job.loss)?;
     // An evaluation set that cannot be scored fails the run now, not at its first eval.
     let val_task = val_task(&job.data, job.train.seed)?;
@@ -164,7 +170,7 @@ fn prepare(job: &TrainJob) -> Result<std::result::Result<Run<'_>, TrainSummary>>
     if let Some(at) = resumed_at.filter(|&at| at >= job.train.steps) {
         let total_steps = job.train.steps;
         let summary = TrainSummary { steps: at, total_steps, resumed_at, final_loss: None, zero_shot: None, last_checkpoint: None, device };
-        return Ok(Err(summary));
+        return Ok(Start::Finished(summary));
     }
     let init = init_weights(job, resume_from.is_some())?;
     let (vs, model, mut optimizer) = build_model(job, device, init.as_ref())?;
@@ -186,7 +192,7 @@ fn prepare(job: &TrainJob) -> Result<std::result::Result<Run<'_>, TrainSummary>>
     let (metrics, key_log) = start_run_dir(job, comm.as_ref())?;
     // Identical weights everywhere, whatever each rank initialised or loaded.
     broadcast_weights(comm.as_ref(), &vs)?;
-    Ok(Ok(Run {
+    Ok(Start::Train(Box::new(Run {
         job,
         device,
         comm,
@@ -204,7 +210,7 @@ fn prepare(job: &TrainJob) -> Result<std::result::Result<Run<'_>, TrainSummary>>
         metrics,
         key_log,
         interval: Interval { skipped_total: load_skips, ..Interval::default() },
-    }))
+    })))
 }
 
 /// `train.device`, resolved; on a node of several ranks `cuda` means `cuda:LOCAL_RANK`, each
@@ -451,7 +457,7 @@ fn evaluate(run: &mut Run) -> Result<Option<ZeroShotResult>> {
 
 /// Flushes the metrics and waits for every rank: nobody leaves while rank 0 still writes the
 /// last checkpoint or evaluates.
-fn finish(mut run: Run, outcome: Outcome) -> Result<TrainSummary> {
+fn finish(mut run: Box<Run>, outcome: Outcome) -> Result<TrainSummary> {
     if let Some(metrics) = run.metrics.as_mut() {
         metrics.flush()?;
     }
