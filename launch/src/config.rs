@@ -1,12 +1,18 @@
-//! The run config: one YAML file gathering the trainer's sections and the model, read in two
-//! stages (as written, then resolved). Unknown keys and wrong types are errors that name the
-//! key path and the line; `--set dotted.key=value` overrides any key.
+//! The run config: one YAML file gathering the model and the sections of the crates that use
+//! them (`data:` the loader's, `loss:` the loss's, the rest the trainer's). Every command that
+//! reads one goes through [`load`]: read (as written, `--set dotted.key=value` overrides
+//! applied), resolve (the model inline, a model directory's tokenizer and preprocessing, what
+//! the loss needs of the model), check (every section, [`oxclip_trainer::config::validate`],
+//! and the tokenizer against the text tower). So `oxclip config show` and `oxclip train` accept
+//! and refuse the same configs with the same messages. Unknown keys and wrong types, inside an
+//! inline model too, are errors that name the key path and the line.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use oxclip_trainer::config::{DataConfig, DistConfig, LossConfig, OptimConfig, TrainConfig};
+use oxclip_trainer::TrainError;
 use oxclip_trainer::model::pretrained;
 use oxclip_trainer::model::{zoo, ModelConfig};
 
@@ -24,11 +30,33 @@ pub enum ConfigError {
 
 /// The model as the config names it: a built-in name, a path to a model YAML, or the config
 /// itself inline (what the resolved config written to a run directory holds).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum ModelRef {
     Name(String),
     Inline(ModelConfig),
+}
+
+/// A string is a name and a mapping the model itself, decided by what the YAML holds: the
+/// mapping is then read as a `ModelConfig` from the same deserializer, so a typo inside it is
+/// reported with its key path and line (serde's untagged enums only say that no variant matched).
+impl<'de> Deserialize<'de> for ModelRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ModelRef;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a built-in model name, the path of a model file or directory, or the model config inline")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<ModelRef, E> {
+                Ok(ModelRef::Name(name.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<ModelRef, A::Error> {
+                ModelConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(ModelRef::Inline)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// A run config as written.
@@ -127,10 +155,26 @@ pub fn model_from_file(path: &Path) -> Result<ModelConfig, ConfigError> {
     Ok(config)
 }
 
-/// Reads a run config, applies `--set` overrides, and resolves the model inline.
+/// Reads a run config, applies `--set` overrides, resolves it and checks it.
 pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError> {
+    load_with(path, overrides, |_| {})
+}
+
+/// [`load`], with `flags` (a command's own flags over config keys: `--run-dir`, `--threads`)
+/// applied before the config is resolved and checked, so a bad flag is refused as the key
+/// would be.
+pub fn load_with(path: &Path, overrides: &[String], flags: impl FnOnce(&mut RunConfig)) -> Result<RunConfig, ConfigError> {
+    let mut config = read(path, overrides)?;
+    flags(&mut config);
+    resolve(&mut config, path)?;
+    check(&config, path)?;
+    Ok(config)
+}
+
+/// The config as written, with `--set` overrides applied.
+fn read(path: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    let mut config: RunConfig = if overrides.is_empty() {
+    let config: RunConfig = if overrides.is_empty() {
         // Straight from the text, so errors carry line numbers.
         deserialize_text(&text, path)?
     } else {
@@ -144,6 +188,12 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError>
             message: format!("{}: {} (after --set overrides)", e.path(), e.inner()),
         })?
     };
+    Ok(config)
+}
+
+/// The model inline, with what a model directory says of its tokenizer and preprocessing
+/// (unless the config says) and what the loss needs of the model (SigLIP's bias).
+fn resolve(config: &mut RunConfig, path: &Path) -> Result<(), ConfigError> {
     if let ModelRef::Name(name) = &config.model {
         // A model directory also says how its text and images are prepared, unless the
         // config does.
@@ -158,13 +208,27 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError>
             data.resize_mode.get_or_insert(dir.preprocess.resize_mode);
             data.interpolation.get_or_insert(dir.preprocess.interpolation);
         }
-        config.model = ModelRef::Inline(resolve_model(name)?);
+        config.model = ModelRef::Inline(resolve_model(name).map_err(|e| match e {
+            // The name is the config's `model:`; say in which file.
+            ConfigError::UnknownModel(_) => ConfigError::Invalid { path: path.into(), message: format!("model: {e}") },
+            other => other,
+        })?);
     }
     // What the loss needs of the model (SigLIP's bias) goes into the resolved config.
     if let ModelRef::Inline(model) = &mut config.model {
         config.loss.complete_model(model);
     }
-    Ok(config)
+    Ok(())
+}
+
+/// Every check of a resolved config: the sections ([`oxclip_trainer::config::validate`]) and
+/// the tokenizer against the model's text tower.
+fn check(config: &RunConfig, path: &Path) -> Result<(), ConfigError> {
+    let invalid = |e: TrainError| ConfigError::Invalid { path: path.into(), message: e.to_string() };
+    let model = config.model_config()?;
+    oxclip_trainer::config::validate(&model, &config.data, &config.train, &config.optim, &config.loss).map_err(invalid)?;
+    oxclip_trainer::prepare::data_tokenizer(&config.data, &model).map_err(invalid)?;
+    Ok(())
 }
 
 impl RunConfig {
@@ -188,10 +252,19 @@ fn deserialize_text<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> 
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner();
-        let location = inner.location().map(|l| format!(" (line {}, column {})", l.line(), l.column())).unwrap_or_default();
-        // serde_yaml repeats the key path and location in its own message; keep its core.
+        // An error raised after a section was read (a conversion such as `loss:`'s) carries the
+        // document's start, not the section's line: no location beats a wrong one.
+        let first_key = key.split('.').next().unwrap_or_default();
+        let location = inner
+            .location()
+            .filter(|l| !(l.line() == 1 && l.column() == 1 && key != "." && !text.starts_with(first_key)))
+            .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+            .unwrap_or_default();
+        // serde_yaml repeats the key path (or the path of the mapping holding the key) and the
+        // location in its own message; keep its core.
         let mut message = inner.to_string();
-        if let Some(stripped) = message.strip_prefix(&format!("{key}: ")) {
+        let parents: Vec<&str> = key.match_indices('.').map(|(i, _)| &key[..i]).chain([key.as_str()]).collect();
+        if let Some(stripped) = parents.iter().rev().find_map(|p| message.strip_prefix(&format!("{p}: "))) {
             message = stripped.to_string();
         }
         if let Some(idx) = message.find(" at line ") {
@@ -344,10 +417,36 @@ mod tests {
         assert_eq!(load(&path, &[]).expect("loads").model_config().expect("model").init_logit_bias, None);
 
         for (micro, message) in [("0", "train.micro_batch_size must be at least 1"), ("300", "train.micro_batch_size (300) exceeds train.batch_size (256)")] {
-            let cfg = load(&path, &[format!("train.micro_batch_size={micro}")]).expect("loads");
-            let err = cfg.train.validate().expect_err("refused").to_string();
+            let err = load(&path, &[format!("train.micro_batch_size={micro}")]).expect_err("refused").to_string();
             assert!(err.contains(message), "{err}");
         }
+    }
+
+    /// A mapping under `model:` is read as the model itself, so its errors name the key path
+    /// and the line (not "did not match any variant of untagged enum ModelRef").
+    #[test]
+    fn a_typo_inside_an_inline_model_names_its_key_and_line() {
+        let inline = GOOD.replace("model: tiny", &format!("model:\n{}", indent(&tiny_yaml()).trim_end()));
+        let (_d, path) = write(&inline);
+        let cfg = load(&path, &[]).expect("the inline model loads");
+        assert_eq!(cfg.model_config().expect("model"), zoo::builtin("tiny").expect("built-in"));
+        for (from, to, says) in [
+            ("  patch_size: 8", "  patch_sise: 8", ["model.vision_cfg", "patch_sise", "line 8"]),
+            ("embed_dim: 64", "embed_dims: 64", ["model", "embed_dims", "line 3"]),
+            ("  layers: 2\n    width: 64\n    patch", "  layers: two\n    width: 64\n    patch", ["model.vision_cfg.layers", "invalid type", "line 6"]),
+        ] {
+            assert!(inline.contains(from), "{from}");
+            let (_d, path) = write(&inline.replacen(from, to, 1));
+            let msg = load(&path, &[]).expect_err("rejects").to_string();
+            for needle in says {
+                assert!(msg.contains(needle), "`{needle}` not in: {msg}");
+            }
+            assert!(!msg.contains("untagged"), "{msg}");
+        }
+        // Neither a name nor a mapping.
+        let (_d, path) = write(&GOOD.replace("model: tiny", "model: [tiny]"));
+        let msg = load(&path, &[]).expect_err("rejects").to_string();
+        assert!(msg.contains("model") && msg.contains("a built-in model name") && msg.contains("line 2"), "{msg}");
     }
 
     fn tiny_yaml() -> String {

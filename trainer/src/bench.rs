@@ -68,7 +68,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let tokens = Tensor::randint(vocab - 1, [n, ctx], (Kind::Int64, b.device));
     let eot_at = Tensor::randint(ctx, [n, 1], (Kind::Int64, b.device));
     let tokens = tokens.scatter_value(1, &eot_at, vocab - 1);
-    let loss = crate::config::LossConfig::default().spec(b.autocast_bf16);
+    let loss = crate::loss::LossConfig::default().spec(b.autocast_bf16);
     let cfg = StepConfig { autocast_bf16: b.autocast_bf16, grad_clip_norm: None, loss, micro_batch: b.micro_batch_size };
     if b.autocast_bf16 {
         crate::device::use_bf16_autocast();

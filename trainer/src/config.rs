@@ -1,5 +1,6 @@
-//! The trainer's part of a run config: what to train on, how long, how to optimise. Each
-//! struct is one YAML section; `launch` gathers them with the model into the run config.
+//! The trainer's part of a run config: how long, how to optimise, how ranks talk. Each
+//! struct is one YAML section; `launch` gathers them with the model, the data (owned by the
+//! loader, `oxclip_data_loader::config`) and the loss (`crate::loss`) into the run config.
 //! Defaults are open_clip's (and the CLIP paper's) unless a comment says otherwise.
 
 use serde::{Deserialize, Serialize};
@@ -8,119 +9,20 @@ use crate::error::{Result, TrainError};
 use crate::model::ModelConfig;
 use crate::schedule::ScheduleKind;
 
-/// `data:` — where samples come from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    /// Training data: shards (`dir/{00000..00099}.tar`, a directory of .tar files,
-    /// `pipe:CMD`, several joined with `::`), a CSV/TSV, JSONL or image folder, or
-    /// `synthetic:N` (N generated samples addressed by index). See docs/data.md.
-    pub train: String,
-    /// Held-out data for zero-shot evaluation: shards whose samples carry a `.cls` label.
-    #[serde(default)]
-    pub val: Option<String>,
-    /// Name of the validation set in metric tags: `val/<val_name>-zeroshot-top1`.
-    #[serde(default = "default_val_name")]
-    pub val_name: String,
-    /// Class names for zero-shot evaluation, one per line; line i names label i.
-    #[serde(default)]
-    pub classnames: Option<String>,
-    /// Prompt templates, one per line with `{}` for the class name. Default: OpenAI's 80
-    /// ImageNet templates.
-    #[serde(default)]
-    pub templates: Option<String>,
-    /// Decode/augment threads.
-    #[serde(default = "default_workers")]
-    pub workers: usize,
-    /// A tokenizer.json (or a Hugging Face model directory holding one) to use instead of the
-    /// CLIP BPE; prepared as the model's config says (see docs/models.md), and refused when
-    /// its ids exceed `text_cfg.vocab_size` or the text tower would pool at the wrong place.
-    #[serde(default)]
-    pub tokenizer: Option<String>,
-    /// Per-channel mean the images are normalised with; default the model's (OpenAI's, or
-    /// 0.5 for SigLIP models).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_mean: Option<[f32; 3]>,
-    /// Per-channel standard deviation; default the model's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_std: Option<[f32; 3]>,
-    /// Evaluation resize: `shortest` (shorter side, centre crop), `squash` (both sides) or
-    /// `longest` (longer side, padded square); default the model's. Training always takes
-    /// open_clip's random resized crop.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resize_mode: Option<oxclip_data_loader::ResizeMode>,
-    /// Evaluation resize filter: `bicubic` or `bilinear`; default the model's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interpolation: Option<oxclip_data_loader::Interpolation>,
-    /// Shards: samples each loader worker shuffles within (open_clip's 5000); 1 reads in order.
-    #[serde(default = "default_shuffle_buffer")]
-    pub shuffle_buffer: usize,
-    /// Shards: draw shards with replacement each epoch (open_clip's `--dataset-resampled`).
-    #[serde(default)]
-    pub resampled: bool,
-    /// Shards, with `resampled`: a sampling weight per `::` source of `train`
-    /// (open_clip's `--train-data-upsampling-factors`).
-    #[serde(default)]
-    pub upsampling_factors: Option<Vec<f64>>,
-    /// Shards, with `resampled`: samples per virtual epoch (open_clip's `--train-num-samples`);
-    /// default all samples of the shards. Given, `pipe:` shards without a count are not read
-    /// once to count them: each is taken to hold an equal share of it.
-    #[serde(default)]
-    pub samples_per_epoch: Option<u64>,
-    /// Shards: a JSON file of sample counts, `{"00000.tar": n, ...}` (webdataset's
-    /// `sizes.json`), for shards without an index beside them (remote `pipe:` shards).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shard_sizes: Option<String>,
-    /// Write the keys of every training batch to `RUN/keys-rank<R>.tsv` (`step<TAB>key ...`),
-    /// to audit what a run saw.
-    #[serde(default)]
-    pub log_keys: bool,
-}
+pub use crate::loss::{LossConfig, LossKind, Tiling};
+pub use oxclip_data_loader::config::DataConfig;
 
-impl DataConfig {
-    /// The model's image preprocessing ([`crate::prepare::default_preprocess`]) with this
-    /// section's `image_mean`, `image_std`, `resize_mode` and `interpolation` over it.
-    pub fn preprocess(&self, model: &ModelConfig) -> Result<oxclip_data_loader::Preprocess> {
-        let mut p = crate::prepare::default_preprocess(model);
-        if let Some(mean) = self.image_mean {
-            p.mean = mean;
-        }
-        if let Some(std) = self.image_std {
-            if std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
-                return Err(TrainError::Config(format!("data.image_std: every value must be positive, got {std:?}")));
-            }
-            p.std = std;
-        }
-        if let Some(mode) = self.resize_mode {
-            p.resize_mode = mode;
-        }
-        if let Some(interpolation) = self.interpolation {
-            p.interpolation = interpolation;
-        }
-        Ok(p)
-    }
-
-    /// How the loader streams shards.
-    pub fn shard_options(&self) -> oxclip_data_loader::ShardOptions {
-        oxclip_data_loader::ShardOptions {
-            shuffle_buffer: self.shuffle_buffer,
-            resampled: self.resampled,
-            upsampling_factors: self.upsampling_factors.clone(),
-            samples_per_epoch: self.samples_per_epoch,
-            shard_sizes: self.shard_sizes.as_ref().map(std::path::PathBuf::from),
-        }
-    }
-}
-
-fn default_shuffle_buffer() -> usize {
-    oxclip_data_loader::stream::DEFAULT_SHUFFLE_BUFFER
-}
-
-fn default_val_name() -> String {
-    "val".into()
-}
-fn default_workers() -> usize {
-    4
+/// Every check a run config's sections get before anything runs, in one place: `oxclip
+/// train`, `oxclip config show` and the training loop (`train::fit`) all call it, so they
+/// accept and refuse the same configs with the same messages. Checks that need the sections
+/// together (the cooldown against the step count, SigLIP's bias on the model, the model's
+/// image statistics under `data:`) live here too.
+pub fn validate(model: &ModelConfig, data: &DataConfig, train: &TrainConfig, optim: &OptimConfig, loss: &LossConfig) -> Result<()> {
+    model.validate()?;
+    train.validate()?;
+    optim.validate(train.steps)?;
+    loss.validate(model)?;
+    crate::prepare::data_preprocess(data, model).map(|_| ())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -279,62 +181,6 @@ impl Default for OptimConfig {
             cooldown_power: default_cooldown_power(),
             cooldown_end_lr: 0.0,
             grad_clip_norm: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossKind {
-    /// Symmetric cross-entropy over the scaled similarities (CLIP).
-    #[default]
-    Clip,
-    /// Pairwise sigmoid loss with a learnable bias (SigLIP). The model gets a `logit_bias`
-    /// (init -10) and its `logit_scale` starts at ln 10, unless the model config sets
-    /// `init_logit_bias` / `init_logit_scale`.
-    Siglip,
-}
-
-/// `loss:` — the contrastive objective.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LossConfig {
-    #[serde(default)]
-    pub kind: LossKind,
-    /// Side of the similarity tiles scored at a time (0: chosen automatically, 4096): extra
-    /// memory O(tile^2) per rank instead of O(n x N). See docs/large-batch.md.
-    #[serde(default)]
-    pub tile_size: usize,
-    /// Build the whole n x N blocks at once instead (the test oracle).
-    #[serde(default)]
-    pub naive: bool,
-}
-
-impl LossConfig {
-    /// Fills in what the loss needs from the model and the model config leaves open: for
-    /// SigLIP a `logit_bias` starting at -10 and a `logit_scale` starting at ln 10.
-    pub fn complete_model(&self, model: &mut ModelConfig) {
-        if self.kind == LossKind::Siglip {
-            model.init_logit_scale.get_or_insert(crate::loss::siglip::SIGLIP_LOGIT_SCALE_INIT);
-            model.init_logit_bias.get_or_insert(crate::loss::siglip::SIGLIP_LOGIT_BIAS_INIT);
-        }
-    }
-
-    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
-        if self.kind == LossKind::Siglip && model.init_logit_bias.is_none() {
-            return Err(TrainError::Config(
-                "loss.kind siglip needs a model with a logit_bias: set model.init_logit_bias (SigLIP uses -10)".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// How the step computes this loss; `bf16_matmul` under amp_bf16 on CUDA.
-    pub fn spec(&self, bf16_matmul: bool) -> crate::loss::LossSpec {
-        crate::loss::LossSpec {
-            kind: self.kind,
-            tile: (!self.naive).then_some(self.tile_size as i64),
-            matmul: if bf16_matmul { crate::loss::Matmul::Bf16 } else { crate::loss::Matmul::Fp32 },
         }
     }
 }

@@ -50,7 +50,7 @@ pub struct ZeroShotSet {
 ///   class list fails the evaluation (see [`evaluate`]);
 /// - a folder of captioned images has no labels and is refused.
 pub fn open_zero_shot(spec: &DataSpec, classnames: Option<&Path>, seed: u64) -> Result<ZeroShotSet> {
-    let listed = classnames.map(|file| Ok::<_, TrainError>((crate::train::read_lines(file)?, file))).transpose()?;
+    let listed = classnames.map(|file| Ok::<_, TrainError>((read_lines(file)?, file))).transpose()?;
     let needs_names = || {
         TrainError::Input(format!(
             "zero-shot evaluation of `{}` needs the class names: a file with one per line, line i naming class i \
@@ -500,6 +500,28 @@ fn zero_shot_counts(images: &Tensor, labels: &[i64], classifier: &Tensor) -> Res
         counts.top5 += u64::from(ranked.contains(&label));
     }
     Ok(counts)
+}
+
+/// A templates file's prompts, or OpenAI's 80 ImageNet templates; each must hold `{}`.
+pub fn read_templates(path: Option<&str>) -> Result<Vec<String>> {
+    let templates = match path {
+        Some(path) => read_lines(Path::new(path))?,
+        None => OPENAI_IMAGENET_TEMPLATES.iter().map(|s| s.to_string()).collect(),
+    };
+    if let Some(bad) = templates.iter().find(|t| !t.contains("{}")) {
+        return Err(TrainError::Config(format!("template `{bad}` has no `{{}}` for the class name")));
+    }
+    Ok(templates)
+}
+
+/// Non-empty, trimmed lines of a text file.
+pub fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(crate::error::io_err(path))?;
+    let lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if lines.is_empty() {
+        return Err(TrainError::Config(format!("{} is empty", path.display())));
+    }
+    Ok(lines)
 }
 
 /// OpenAI's 80 ImageNet prompt templates (CLIP repo, `notebooks/Prompt_Engineering_for_ImageNet.ipynb`),

@@ -6,6 +6,16 @@
 //! Where to look: the step is `step::train_step`, the loss `loss::clip`, the collectives
 //! `collectives`, the loop `train::fit`. Data comes from `oxclip_data_loader`; the command
 //! line lives in the `oxclip` binary, which builds a `train::TrainJob` and calls `fit`.
+//!
+//! Modules depend one way, each only on those listed before it:
+//! - `error`, `bytes`, `device`, `schedule`, `metrics`, `optim`: nothing of the others;
+//! - `model` (the architectures, their configs, pretrained directories), `collectives`;
+//! - `loss` (the losses and the `loss:` section; it completes the model config for SigLIP),
+//!   `prepare` (a model's tokenizer and image preprocessing), `checkpoint`, then
+//!   `weights_path` (what a path given for weights is);
+//! - `config` (the trainer's sections and the one place every section is checked), `step`,
+//!   `eval`, `infer`;
+//! - `train` (the loop, on all of the above), `bench`.
 
 pub mod bench;
 mod bytes;

@@ -44,68 +44,24 @@ pub fn train_step(
     cfg: StepConfig,
 ) -> Result<StepOutput> {
     let n = images.size()[0];
-    let rank = comm.rank() as i64;
-    let micro = MicroBatches::new(n, cfg.micro_batch);
-    let encode = |k: usize| {
-        let r = micro.enter(k);
-        let len = r.end - r.start;
-        tch::autocast(cfg.autocast_bf16, || model.features(&images.narrow(0, r.start, len), &tokens.narrow(0, r.start, len)))
-    };
+    let towers = Towers { model, images, tokens, micro: MicroBatches::new(n, cfg.micro_batch), autocast_bf16: cfg.autocast_bf16 };
 
-    // 1. Encode the local batch. A single micro-batch keeps its graph for step 5; several are
-    // encoded without one, and only their features are kept.
-    let (image_features, text_features) = if micro.len() == 1 {
-        encode(0)
-    } else {
-        let parts: Vec<(Tensor, Tensor)> = tch::no_grad(|| (0..micro.len()).map(encode).collect());
-        let (images, texts): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
-        (Tensor::cat(&images, 0), Tensor::cat(&texts, 0))
-    };
+    // 1. Encode the local batch.
+    let features = towers.encode_batch();
 
-    // 2. Gather detached features from every rank: (N, d), N = W n. In their own precision
-    // (bf16 under amp_bf16, half the bytes, as open_clip exchanges them); the loss is fp32.
-    let all_image = comm.all_gather(&image_features.detach())?;
-    let all_text = comm.all_gather(&text_features.detach())?;
+    // 2-4. Gather the features, score this rank's rows, and keep our rows' summed gradients.
+    let rows = comm.rank() as i64 * n..comm.rank() as i64 * n + n;
+    let (global_loss, grads) = loss_and_feature_grads(model, comm, &features, cfg.loss, rows)?;
 
-    // 3. This rank's rows of the loss, and the feature, temperature and bias gradients.
-    let bias = model.logit_bias.as_ref().map(Tensor::detach);
-    let out = cfg.loss.compute(&all_image, &all_text, &model.logit_scale.detach(), bias.as_ref(), rank * n..rank * n + n)?;
-
-    // 4. Sum the feature gradients over ranks and keep our rows; sum the loss for logging.
-    let grad_image = comm.reduce_scatter(&out.grad_image)?;
-    let grad_text = comm.reduce_scatter(&out.grad_text)?;
-    let mut global_loss = out.loss;
-    comm.all_reduce_sum(&mut global_loss)?;
-
-    // 5. Back-propagate through the towers with the surrogate whose gradient is the one above.
-    // logit_scale (and logit_bias) enter with this rank's part of their gradient, once per
-    // step; step 6 sums the parts over ranks.
+    // 5. Back-propagate through the towers.
     optimizer.zero_grad();
-    let scalars = match (&model.logit_bias, &out.grad_logit_bias) {
-        (Some(bias), Some(grad)) => &model.logit_scale * out.grad_logit_scale + bias * grad,
-        _ => &model.logit_scale * out.grad_logit_scale,
-    };
-    for k in 0..micro.len() {
-        // One micro-batch: step 1's graph. Several: re-encode each, now with its graph and
-        // the randomness of its first pass; the parameters' gradients accumulate. BatchNorm
-        // counted the micro-batch in step 1, so the repeat leaves its running statistics be.
-        let (image, text) =
-            if micro.len() == 1 { (image_features.shallow_clone(), text_features.shallow_clone()) } else { model.repeating(|| encode(k)) };
-        let rows = micro.range(k);
-        let len = rows.end - rows.start;
-        let mut surrogate = (image.to_kind(Kind::Float) * grad_image.narrow(0, rows.start, len)).sum(Kind::Float)
-            + (text.to_kind(Kind::Float) * grad_text.narrow(0, rows.start, len)).sum(Kind::Float);
-        if k == 0 {
-            surrogate = surrogate + &scalars;
-        }
-        surrogate.backward();
-    }
+    towers.backward(&features, &grads);
 
     // 6. Sum parameter gradients over ranks: each rank's loss is a part of the global mean, so
     // the sum is the full-batch gradient.
     // Packed into large flat buckets: a few collectives instead of one per parameter.
-    let mut grads: Vec<Tensor> = optimizer.variables().map(|(_, var)| var.grad()).filter(Tensor::defined).collect();
-    collectives::all_reduce_bucketed(comm, &mut grads)?;
+    let mut param_grads: Vec<Tensor> = optimizer.variables().map(|(_, var)| var.grad()).filter(Tensor::defined).collect();
+    collectives::all_reduce_bucketed(comm, &mut param_grads)?;
 
     // 7. Clip, update, clamp the temperature.
     let grad_norm = cfg.grad_clip_norm.map(|max_norm| optimizer.clip_grad_norm(max_norm));
@@ -113,6 +69,99 @@ pub fn train_step(
     model.clamp_logit_scale();
 
     Ok(StepOutput { loss: global_loss, grad_norm })
+}
+
+/// The gradients step 3 hands back to the towers: this rank's rows of d loss / d features,
+/// summed over ranks, and d loss / d logit_scale (and logit_bias) of this rank's part.
+struct FeatureGrads {
+    image: Tensor,
+    text: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Option<Tensor>,
+}
+
+/// Steps 2 to 4: the loss of the global batch and this rank's feature gradients.
+fn loss_and_feature_grads(
+    model: &Clip,
+    comm: &dyn Collectives,
+    (image_features, text_features): &(Tensor, Tensor),
+    loss: LossSpec,
+    rows: Range<i64>,
+) -> Result<(Tensor, FeatureGrads)> {
+    // 2. Gather detached features from every rank: (N, d), N = W n. In their own precision
+    // (bf16 under amp_bf16, half the bytes, as open_clip exchanges them); the loss is fp32.
+    let all_image = comm.all_gather(&image_features.detach())?;
+    let all_text = comm.all_gather(&text_features.detach())?;
+
+    // 3. This rank's rows of the loss, and the feature, temperature and bias gradients.
+    let bias = model.logit_bias.as_ref().map(Tensor::detach);
+    let out = loss.compute(&all_image, &all_text, &model.logit_scale.detach(), bias.as_ref(), rows)?;
+
+    // 4. Sum the feature gradients over ranks and keep our rows; sum the loss for logging.
+    let image = comm.reduce_scatter(&out.grad_image)?;
+    let text = comm.reduce_scatter(&out.grad_text)?;
+    let mut global_loss = out.loss;
+    comm.all_reduce_sum(&mut global_loss)?;
+    Ok((global_loss, FeatureGrads { image, text, logit_scale: out.grad_logit_scale, logit_bias: out.grad_logit_bias }))
+}
+
+/// The two towers over this rank's batch, a micro-batch at a time.
+struct Towers<'a> {
+    model: &'a Clip,
+    images: &'a Tensor,
+    tokens: &'a Tensor,
+    micro: MicroBatches,
+    autocast_bf16: bool,
+}
+
+impl Towers<'_> {
+    /// Image and text features of micro-batch `k`, with the generator set as for its every
+    /// forward.
+    fn encode(&self, k: usize) -> (Tensor, Tensor) {
+        let r = self.micro.enter(k);
+        let len = r.end - r.start;
+        tch::autocast(self.autocast_bf16, || self.model.features(&self.images.narrow(0, r.start, len), &self.tokens.narrow(0, r.start, len)))
+    }
+
+    /// Step 1. A single micro-batch keeps its graph for step 5; several are encoded without
+    /// one, and only their features are kept.
+    fn encode_batch(&self) -> (Tensor, Tensor) {
+        if self.micro.len() == 1 {
+            return self.encode(0);
+        }
+        let parts: Vec<(Tensor, Tensor)> = tch::no_grad(|| (0..self.micro.len()).map(|k| self.encode(k)).collect());
+        let (images, texts): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
+        (Tensor::cat(&images, 0), Tensor::cat(&texts, 0))
+    }
+
+    /// Step 5: back-propagates the surrogate whose gradient is `grads`. logit_scale (and
+    /// logit_bias) enter with this rank's part of their gradient, once per step; step 6 sums
+    /// the parts over ranks.
+    fn backward(&self, (image_features, text_features): &(Tensor, Tensor), grads: &FeatureGrads) {
+        let model = self.model;
+        let scalars = match (&model.logit_bias, &grads.logit_bias) {
+            (Some(bias), Some(grad)) => &model.logit_scale * &grads.logit_scale + bias * grad,
+            _ => &model.logit_scale * &grads.logit_scale,
+        };
+        for k in 0..self.micro.len() {
+            // One micro-batch: step 1's graph. Several: re-encode each, now with its graph and
+            // the randomness of its first pass; the parameters' gradients accumulate. BatchNorm
+            // counted the micro-batch in step 1, so the repeat leaves its running statistics be.
+            let (image, text) = if self.micro.len() == 1 {
+                (image_features.shallow_clone(), text_features.shallow_clone())
+            } else {
+                model.repeating(|| self.encode(k))
+            };
+            let rows = self.micro.range(k);
+            let len = rows.end - rows.start;
+            let mut surrogate = (image.to_kind(Kind::Float) * grads.image.narrow(0, rows.start, len)).sum(Kind::Float)
+                + (text.to_kind(Kind::Float) * grads.text.narrow(0, rows.start, len)).sum(Kind::Float);
+            if k == 0 {
+                surrogate = surrogate + &scalars;
+            }
+            surrogate.backward();
+        }
+    }
 }
 
 /// The local batch cut into micro-batches, each with the seed its forward passes run under, so
@@ -164,7 +213,7 @@ mod tests {
     use super::*;
     use crate::collectives::tcp::TcpGroup;
     use crate::collectives::{SingleProcess, WorldEnv};
-    use crate::config::{LossConfig, LossKind};
+    use crate::loss::{LossConfig, LossKind, Tiling};
     use crate::model::ModelConfig;
     use crate::optim::AdamWConfig;
 
@@ -175,7 +224,7 @@ mod tests {
     }
 
     fn step_config(kind: LossKind, micro_batch: Option<usize>) -> StepConfig {
-        let loss = LossConfig { kind, tile_size: 3, naive: false }.spec(false);
+        let loss = LossConfig { kind, tiling: Tiling::Tile(3) }.spec(false);
         StepConfig { autocast_bf16: false, grad_clip_norm: None, loss, micro_batch }
     }
 

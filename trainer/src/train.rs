@@ -5,12 +5,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, LoaderState, Tokenizer};
+use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, LoaderState, Preprocess, Tokenizer};
 use tch::{nn, Device, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::collectives::{self, Collectives, DistSettings};
 use crate::config::{DataConfig, LossConfig, OptimConfig, Precision, TrainConfig};
+// Where `oxclip eval` has always found it.
+pub use crate::eval::read_templates;
 use crate::device;
 use crate::error::{io_err, Result, TrainError};
 use crate::eval::{self, ZeroShotResult};
@@ -74,62 +76,169 @@ struct ValTask {
     zero_shot: Option<(Vec<String>, Vec<String>)>,
 }
 
+/// Everything a run holds while it trains: built by [`prepare`], advanced by [`fit`]'s loop.
+struct Run<'a> {
+    job: &'a TrainJob,
+    device: Device,
+    comm: Box<dyn Collectives>,
+    vs: nn::VarStore,
+    model: Clip,
+    optimizer: AdamW,
+    loader: Loader,
+    tokenizer: Tokenizer,
+    preprocess: Preprocess,
+    val_task: Option<ValTask>,
+    /// The counters and loader position a checkpoint saves.
+    state: TrainerState,
+    resumed_at: Option<u64>,
+    schedule: Schedule,
+    step_cfg: StepConfig,
+    /// Rank 0's TensorBoard writer; `None` on the other ranks, which write nothing.
+    metrics: Option<MetricsWriter>,
+    key_log: Option<KeyLog>,
+    interval: Interval,
+}
+
+/// What the loop reports at its end.
+#[derive(Default)]
+struct Outcome {
+    final_loss: Option<f64>,
+    zero_shot: Option<ZeroShotResult>,
+    last_checkpoint: Option<PathBuf>,
+}
+
+/// Trains `job` to `train.steps`: nanoGPT's loop, each part a function.
 pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
-    job.model.validate()?;
-    job.train.validate()?;
-    job.optim.validate(job.train.steps)?;
-    job.loss.validate(&job.model)?;
+    let mut run = match prepare(job)? {
+        Start::Train(run) => run,
+        Start::Finished(summary) => return Ok(summary),
+    };
+    let steps = job.train.steps;
+    let mut outcome = Outcome::default();
+    run.model.set_training(true);
+    while run.state.step < steps {
+        let started = Instant::now();
+        let (images, tokens, skipped) = next_batch(&mut run)?;
+        let data_secs = started.elapsed().as_secs_f64();
+        let lr = run.schedule.lr(run.state.step);
+        let out = step::train_step(&run.model, &mut run.optimizer, run.comm.as_ref(), &images, &tokens, lr, run.step_cfg)?;
+        run.state.step += 1;
+        run.state.samples_seen += run.global_batch();
+        run.interval.add(data_secs, started.elapsed().as_secs_f64(), skipped);
+
+        let (step, last) = (run.state.step, run.state.step == steps);
+        if last || every(step, job.train.log_every) {
+            outcome.final_loss = Some(log_step(&mut run, &out, lr)?);
+        }
+        if last || every(step, job.train.checkpoint_every) {
+            outcome.last_checkpoint = save_checkpoint(&mut run)?.or(outcome.last_checkpoint);
+        }
+        if run.val_task.is_some() && (last || every(step, job.train.eval_every)) {
+            outcome.zero_shot = evaluate(&mut run)?.or(outcome.zero_shot);
+        }
+    }
+    finish(run, outcome)
+}
+
+/// `step` is a multiple of `n` (never, for 0).
+fn every(step: u64, n: u64) -> bool {
+    n > 0 && step % n == 0
+}
+
+/// What [`prepare`] found: a run to train, or a finished run resumed (nothing to load,
+/// train, evaluate or write).
+enum Start<'a> {
+    Train(Box<Run<'a>>),
+    Finished(TrainSummary),
+}
+
+/// Checks the job, joins the other ranks, builds the model, opens the data and restores a
+/// checkpoint, then writes the run directory.
+fn prepare(job: &TrainJob) -> Result<Start<'_>> {
+    crate::config::validate(&job.model, &job.data, &job.train, &job.optim, &job.loss)?;
     // An evaluation set that cannot be scored fails the run now, not at its first eval.
     let val_task = val_task(&job.data, job.train.seed)?;
     if let Some(threads) = job.train.threads {
         tch::set_num_threads(threads as i32);
     }
-    let device = match (device::resolve(device::parse(&job.train.device)?)?, &job.dist.world) {
-        // Each rank of a node on its own GPU: `cuda` means `cuda:LOCAL_RANK`.
-        (Device::Cuda(0), Some(world)) => Device::Cuda(world.local_rank),
-        (device, _) => device,
-    };
+    let device = training_device(job)?;
     let comm = collectives::connect(&job.dist, device)?;
-    let comm = comm.as_ref();
-    let is_rank0 = comm.rank() == 0;
-    check_same_config(comm, &job.resolved_config)?;
-    let cfg = &job.train;
-    let global_batch = (cfg.batch_size * comm.world_size()) as u64;
+    check_same_config(comm.as_ref(), &job.resolved_config)?;
 
     let resume_from = resume_dir(job)?;
-    let resumed_at = match &resume_from {
-        Some(dir) => Some(checkpoint::read_state(dir)?.step),
-        None => None,
-    };
-    if let Some(at) = resumed_at.filter(|&at| at >= cfg.steps) {
-        // A finished run resumed: nothing to load, train, evaluate or write.
-        return Ok(TrainSummary {
-            steps: at,
-            total_steps: cfg.steps,
-            resumed_at,
-            final_loss: None,
-            zero_shot: None,
-            last_checkpoint: None,
-            device,
-        });
+    let resumed_at = resume_from.as_deref().map(checkpoint::read_state).transpose()?.map(|s| s.step);
+    if let Some(at) = resumed_at.filter(|&at| at >= job.train.steps) {
+        let total_steps = job.train.steps;
+        let summary = TrainSummary { steps: at, total_steps, resumed_at, final_loss: None, zero_shot: None, last_checkpoint: None, device };
+        return Ok(Start::Finished(summary));
     }
-
-    // Initial weights from a directory with its own config: the run's model must be that one,
-    // checked before anything is built.
-    let init = match (&job.init_checkpoint, &resume_from) {
-        (Some(path), None) => {
-            let found = weights_path::locate(path).map_err(|e| TrainError::Config(format!("init.checkpoint (--init) {e}")))?;
-            if let Some(dir) = found.pretrained()? {
-                if let Some(msg) = crate::model::pretrained::contradiction(&dir.dir, &dir.model, "the run's model", &job.model) {
-                    return Err(TrainError::Config(format!("init.checkpoint (--init): {msg}")));
-                }
-            }
-            Some(found)
-        }
-        _ => None,
+    let init = init_weights(job, resume_from.is_some())?;
+    let (vs, model, mut optimizer) = build_model(job, device, init.as_ref())?;
+    let tokenizer = crate::prepare::data_tokenizer(&job.data, &job.model)?;
+    let preprocess = crate::prepare::data_preprocess(&job.data, &job.model)?;
+    let mut loader = open_loader(job, comm.as_ref(), &tokenizer, &preprocess)?;
+    let load_skips: u64 = loader.load_skips().values().sum();
+    let state = match &resume_from {
+        Some(dir) => restore(job, dir, comm.as_ref(), &vs, &mut optimizer, &mut loader)?,
+        None => TrainerState {
+            step: 0,
+            samples_seen: 0,
+            seed: job.train.seed,
+            loader: loader.state(),
+            rank_loaders: Vec::new(),
+            config: job.resolved_config.clone(),
+        },
     };
+    let (metrics, key_log) = start_run_dir(job, comm.as_ref())?;
+    // Identical weights everywhere, whatever each rank initialised or loaded.
+    broadcast_weights(comm.as_ref(), &vs)?;
+    Ok(Start::Train(Box::new(Run {
+        job,
+        device,
+        comm,
+        vs,
+        model,
+        optimizer,
+        loader,
+        tokenizer,
+        preprocess,
+        val_task,
+        state,
+        resumed_at,
+        schedule: schedule(job),
+        step_cfg: step_config(job, device),
+        metrics,
+        key_log,
+        interval: Interval { skipped_total: load_skips, ..Interval::default() },
+    })))
+}
 
-    // Model and optimizer: the seed fixes the initial weights.
+/// `train.device`, resolved; on a node of several ranks `cuda` means `cuda:LOCAL_RANK`, each
+/// rank on its own GPU.
+fn training_device(job: &TrainJob) -> Result<Device> {
+    Ok(match (device::resolve(device::parse(&job.train.device)?)?, &job.dist.world) {
+        (Device::Cuda(0), Some(world)) => Device::Cuda(world.local_rank),
+        (device, _) => device,
+    })
+}
+
+/// Initial weights of a fresh run (fine-tuning). From a directory with its own config, the
+/// run's model must be that one, checked before anything is built.
+fn init_weights(job: &TrainJob, resuming: bool) -> Result<Option<Found>> {
+    let Some(path) = job.init_checkpoint.as_ref().filter(|_| !resuming) else { return Ok(None) };
+    let found = weights_path::locate(path).map_err(|e| TrainError::Config(format!("init.checkpoint (--init) {e}")))?;
+    if let Some(dir) = found.pretrained()? {
+        if let Some(msg) = crate::model::pretrained::contradiction(&dir.dir, &dir.model, "the run's model", &job.model) {
+            return Err(TrainError::Config(format!("init.checkpoint (--init): {msg}")));
+        }
+    }
+    Ok(Some(found))
+}
+
+/// The model (its initial weights fixed by the seed, or loaded from `init`), its frozen
+/// towers, and the optimizer over what still trains.
+fn build_model(job: &TrainJob, device: Device, init: Option<&Found>) -> Result<(nn::VarStore, Clip, AdamW)> {
+    let cfg = &job.train;
     tch::manual_seed(cfg.seed as i64);
     let vs = nn::VarStore::new(device);
     let model = Clip::new(&vs.root(), &job.model)?;
@@ -146,28 +255,31 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
     if cfg.lock_image && cfg.lock_image_freeze_bn_stats {
         model.freeze_batch_norm();
     }
-    let mut optimizer = AdamW::new(
+    let optim = &job.optim;
+    let optimizer = AdamW::new(
         vs.variables().into_iter().collect(),
-        AdamWConfig { betas: (job.optim.betas[0], job.optim.betas[1]), eps: job.optim.eps, weight_decay: job.optim.weight_decay },
+        AdamWConfig { betas: (optim.betas[0], optim.betas[1]), eps: optim.eps, weight_decay: optim.weight_decay },
     );
     tracing::info!("model: {} parameters on {}", crate::model::num_params(&vs), device::name(device));
-    if let Some(found) = &init {
+    if let Some(found) = init {
         crate::model::load_weights(&vs, &found.weights())?;
         tracing::info!("initial weights from {} ({})", found.weights().display(), found.describe());
     }
+    Ok((vs, model, optimizer))
+}
 
-    let tokenizer = load_tokenizer(&job.data, &job.model)?;
-    let preprocess = job.data.preprocess(&job.model)?;
-    let train_set = DataSource::open_with(&DataSpec::parse(&job.data.train)?, cfg.seed, &job.data.shard_options().count_hints())?;
-    let mut loader = Loader::open(
+/// This rank's training loader over `data.train`.
+fn open_loader(job: &TrainJob, comm: &dyn Collectives, tokenizer: &Tokenizer, preprocess: &Preprocess) -> Result<Loader> {
+    let train_set = DataSource::open_with(&DataSpec::parse(&job.data.train)?, job.train.seed, &job.data.shard_options().count_hints())?;
+    let loader = Loader::open(
         &train_set,
         &job.data.shard_options(),
         tokenizer.clone(),
         LoaderConfig {
-            batch_size: cfg.batch_size,
+            batch_size: job.train.batch_size,
             rank: comm.rank(),
             world_size: comm.world_size(),
-            seed: cfg.seed,
+            seed: job.train.seed,
             image_size: job.model.vision_cfg.image_size as u32,
             context_length: job.model.text_cfg.context_length as usize,
             workers: job.data.workers,
@@ -186,171 +298,178 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         loader.samples_per_epoch(),
         loader.batches_per_epoch()
     );
+    Ok(loader)
+}
 
-    let mut state = TrainerState {
-        step: 0,
-        samples_seen: 0,
-        seed: cfg.seed,
-        loader: loader.state(),
-        rank_loaders: Vec::new(),
-        config: job.resolved_config.clone(),
+/// Loads the checkpoint in `dir` into the model, the optimizer and this rank's loader
+/// position, and says which config keys changed since it was written.
+fn restore(job: &TrainJob, dir: &Path, comm: &dyn Collectives, vs: &nn::VarStore, optimizer: &mut AdamW, loader: &mut Loader) -> Result<TrainerState> {
+    let state = checkpoint::load(dir, vs, optimizer)?;
+    let position = match state.rank_loaders.get(comm.rank()) {
+        Some(mine) if state.rank_loaders.len() == comm.world_size() => mine.clone(),
+        _ => state.loader.clone(),
     };
-    if let Some(dir) = &resume_from {
-        state = checkpoint::load(dir, &vs, &mut optimizer)?;
-        let position = match state.rank_loaders.get(comm.rank()) {
-            Some(mine) if state.rank_loaders.len() == comm.world_size() => mine.clone(),
-            _ => state.loader.clone(),
-        };
-        loader.restore(&position)?;
-        let changes = config_changes(&state.config, &job.resolved_config);
-        if is_rank0 && !changes.is_empty() {
-            tracing::warn!(
-                "resuming {} with a config that differs from the checkpoint's: {}",
-                dir.display(),
-                changes.join("; ")
-            );
-        }
-        tracing::info!("resumed from {} at step {}", dir.display(), state.step);
+    loader.restore(&position)?;
+    let changes = config_changes(&state.config, &job.resolved_config);
+    if comm.rank() == 0 && !changes.is_empty() {
+        tracing::warn!("resuming {} with a config that differs from the checkpoint's: {}", dir.display(), changes.join("; "));
     }
+    tracing::info!("resumed from {} at step {}", dir.display(), state.step);
+    Ok(state)
+}
 
-    // Only now, with the model, the weights and the data open on every rank, does the run
-    // directory get written: a run that fails to start leaves nothing behind.
+/// Writes the run directory and its config, and opens the writers: only now, with the model,
+/// the weights and the data open on every rank, so a run that fails to start leaves nothing
+/// behind. Only rank 0 writes events and checkpoints.
+fn start_run_dir(job: &TrainJob, comm: &dyn Collectives) -> Result<(Option<MetricsWriter>, Option<KeyLog>)> {
     comm.barrier()?;
     fs::create_dir_all(&job.run_dir).map_err(io_err(&job.run_dir))?;
+    let is_rank0 = comm.rank() == 0;
     if is_rank0 {
         let config_path = job.run_dir.join("config.yaml");
         fs::write(&config_path, &job.resolved_config).map_err(io_err(&config_path))?;
     }
-    let mut key_log = if job.data.log_keys { Some(KeyLog::open(&job.run_dir, comm.rank())?) } else { None };
+    let key_log = if job.data.log_keys { Some(KeyLog::open(&job.run_dir, comm.rank())?) } else { None };
+    let metrics = if is_rank0 { Some(MetricsWriter::new(&job.run_dir)?) } else { None };
+    Ok((metrics, key_log))
+}
 
-    // Identical weights everywhere, whatever each rank initialised or loaded.
-    broadcast_weights(comm, &vs)?;
+fn schedule(job: &TrainJob) -> Schedule {
+    let optim = &job.optim;
+    Schedule {
+        kind: optim.schedule,
+        base_lr: optim.lr,
+        warmup_steps: optim.warmup_steps,
+        total_steps: job.train.steps,
+        cooldown_steps: optim.cooldown_steps,
+        cooldown_power: optim.cooldown_power,
+        cooldown_end_lr: optim.cooldown_end_lr,
+    }
+}
 
-    // Only rank 0 writes events and checkpoints.
-    let mut metrics = if is_rank0 { Some(MetricsWriter::new(&job.run_dir)?) } else { None };
-    let schedule = Schedule {
-        kind: job.optim.schedule,
-        base_lr: job.optim.lr,
-        warmup_steps: job.optim.warmup_steps,
-        total_steps: cfg.steps,
-        cooldown_steps: job.optim.cooldown_steps,
-        cooldown_power: job.optim.cooldown_power,
-        cooldown_end_lr: job.optim.cooldown_end_lr,
-    };
-    let amp_bf16 = cfg.precision == Precision::AmpBf16 && device.is_cuda();
-    let step_cfg = StepConfig {
+/// The step's settings, chosen once: bf16 autocast under amp_bf16 on CUDA (fp32 on the CPU).
+fn step_config(job: &TrainJob, device: Device) -> StepConfig {
+    let amp = job.train.precision == Precision::AmpBf16;
+    let amp_bf16 = amp && device.is_cuda();
+    if amp_bf16 {
+        device::use_bf16_autocast();
+    }
+    if amp && !device.is_cuda() {
+        tracing::info!("precision amp_bf16 runs as fp32 on the CPU");
+    }
+    StepConfig {
         autocast_bf16: amp_bf16,
         grad_clip_norm: job.optim.grad_clip_norm,
         loss: job.loss.spec(amp_bf16),
-        micro_batch: cfg.micro_batch_size,
-    };
-    if step_cfg.autocast_bf16 {
-        device::use_bf16_autocast();
+        micro_batch: job.train.micro_batch_size,
     }
-    if cfg.precision == Precision::AmpBf16 && !device.is_cuda() {
-        tracing::info!("precision amp_bf16 runs as fp32 on the CPU");
+}
+
+impl Run<'_> {
+    fn global_batch(&self) -> u64 {
+        (self.job.train.batch_size * self.comm.world_size()) as u64
     }
+}
 
-    let mut interval = Interval { skipped_total: load_skips, ..Interval::default() };
-    let mut final_loss = None;
-    let mut last_checkpoint = None;
-    let mut last_zero_shot = None;
-    let (image_size, context_length) = (job.model.vision_cfg.image_size, job.model.text_cfg.context_length);
-    model.set_training(true);
-    while state.step < cfg.steps {
-        let started = Instant::now();
-        let batch = loader.next_batch()?;
-        let b = batch.batch_size as i64;
-        let images = host_to_device(Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]), device)?;
-        let tokens = host_to_device(Tensor::from_slice(&batch.tokens).view([b, context_length]), device)?;
-        if let Some(log) = key_log.as_mut() {
-            log.write(state.step + 1, &batch.keys)?;
-        }
-        let skipped: u64 = batch.skipped.values().sum();
-        loader.recycle(batch);
-        let data_secs = started.elapsed().as_secs_f64();
-
-        let lr = schedule.lr(state.step);
-        let out = step::train_step(&model, &mut optimizer, comm, &images, &tokens, lr, step_cfg)?;
-        state.step += 1;
-        state.samples_seen += global_batch;
-        interval.add(data_secs, started.elapsed().as_secs_f64(), skipped);
-
-        // Reading the loss waits for the device; do it only when logging.
-        if state.step % cfg.log_every == 0 || state.step == cfg.steps {
-            let loss = out.loss.double_value(&[]);
-            if !loss.is_finite() {
-                return Err(TrainError::NonFiniteLoss { step: state.step, loss });
-            }
-            final_loss = Some(loss);
-            let scale = model.logit_scale.exp().double_value(&[]);
-            let bias = model.logit_bias.as_ref().map(|b| b.double_value(&[]));
-            // Skips are counted per rank; the log shows the run's total.
-            interval.skipped_total_all_ranks = collectives::all_gather_u64(comm, interval.skipped_total)?.iter().sum();
-            state.loader = loader.state(); // for the epoch in the log line
-            if let Some(metrics) = metrics.as_mut() {
-                log_train(metrics, &state, cfg.steps, loss, (scale, bias), lr, global_batch, comm.world_size(), &interval, out.grad_norm)?;
-            }
-            interval.reset();
-        }
-        let last = state.step == cfg.steps;
-        if last || (cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0) {
-            state.loader = loader.state();
-            state.rank_loaders = gather_loader_states(comm, &state.loader)?;
-            if let Some(metrics) = metrics.as_mut() {
-                last_checkpoint = Some(checkpoint::save(&job.run_dir, &vs, &optimizer, &state, cfg.keep_checkpoints)?);
-                metrics.flush()?;
-            }
-        }
-        // Every rank embeds its share of the eval set; rank 0 logs the whole set's numbers.
-        if let Some(task) = &val_task {
-            if last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
-                model.set_training(false);
-                let result = evaluate(&model, task, &tokenizer, &preprocess, device, job.data.workers, comm)?;
-                model.set_training(true);
-                let mut scalars: Vec<(String, f64)> = Vec::new();
-                if let Some(zs) = &result.zero_shot {
-                    let prefix = format!("val/{}-zeroshot", task.name);
-                    scalars.push((format!("{prefix}-top1"), zs.top1));
-                    scalars.push((format!("{prefix}-top5"), zs.top5));
-                    if is_rank0 { tracing::info!(
-                        "step {} | zero-shot {}: top-1 {:.2}% top-5 {:.2}% ({} images)",
-                        state.step, task.name, 100.0 * zs.top1, 100.0 * zs.top5, zs.samples
-                    ); }
-                    last_zero_shot = Some(*zs);
-                }
-                if let Some(r) = &result.retrieval {
-                    scalars.extend(r.metrics.iter().map(|(name, v)| (format!("val/{name}"), *v)));
-                    if is_rank0 { tracing::info!(
-                        "step {} | retrieval {}: image->text R@1 {:.2}% text->image R@1 {:.2}% ({} pairs)",
-                        state.step,
-                        task.name,
-                        100.0 * r.get("image_to_text_R@1").unwrap_or(0.0),
-                        100.0 * r.get("text_to_image_R@1").unwrap_or(0.0),
-                        r.pairs
-                    ); }
-                }
-                if let Some(metrics) = metrics.as_mut() {
-                    let refs: Vec<(&str, f64)> = scalars.iter().map(|(n, v)| (n.as_str(), *v)).collect();
-                    metrics.log(state.step, &refs)?;
-                    metrics.flush()?;
-                }
-            }
-        }
+/// The next batch on the device (images, tokens) and the bad samples skipped to fill it;
+/// its keys go to the key log.
+fn next_batch(run: &mut Run) -> Result<(Tensor, Tensor, u64)> {
+    let batch = run.loader.next_batch()?;
+    let (b, model) = (batch.batch_size as i64, &run.job.model);
+    let (image_size, context_length) = (model.vision_cfg.image_size, model.text_cfg.context_length);
+    let images = host_to_device(Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]), run.device)?;
+    let tokens = host_to_device(Tensor::from_slice(&batch.tokens).view([b, context_length]), run.device)?;
+    if let Some(log) = run.key_log.as_mut() {
+        log.write(run.state.step + 1, &batch.keys)?;
     }
-    if let Some(metrics) = metrics.as_mut() {
+    let skipped: u64 = batch.skipped.values().sum();
+    run.loader.recycle(batch);
+    Ok((images, tokens, skipped))
+}
+
+/// Reads the step's loss (a wait for the device, hence only when logging), fails on a
+/// non-finite one, and logs the interval since the last log line. Returns the loss.
+fn log_step(run: &mut Run, out: &step::StepOutput, lr: f64) -> Result<f64> {
+    let loss = out.loss.double_value(&[]);
+    if !loss.is_finite() {
+        return Err(TrainError::NonFiniteLoss { step: run.state.step, loss });
+    }
+    let scale = run.model.logit_scale.exp().double_value(&[]);
+    let bias = run.model.logit_bias.as_ref().map(|b| b.double_value(&[]));
+    // Skips are counted per rank; the log shows the run's total.
+    run.interval.skipped_total_all_ranks = collectives::all_gather_u64(run.comm.as_ref(), run.interval.skipped_total)?.iter().sum();
+    run.state.loader = run.loader.state(); // for the epoch in the log line
+    let (global_batch, world_size) = (run.global_batch(), run.comm.world_size());
+    if let Some(metrics) = run.metrics.as_mut() {
+        let values = LogValues { loss, scale, bias, lr, grad_norm: out.grad_norm };
+        log_train(metrics, &run.state, run.job.train.steps, &values, global_batch, world_size, &run.interval)?;
+    }
+    run.interval.reset();
+    Ok(loss)
+}
+
+/// Every rank's loader position into the state; rank 0 writes the checkpoint and returns
+/// its directory.
+fn save_checkpoint(run: &mut Run) -> Result<Option<PathBuf>> {
+    run.state.loader = run.loader.state();
+    run.state.rank_loaders = gather_loader_states(run.comm.as_ref(), &run.state.loader)?;
+    let Some(metrics) = run.metrics.as_mut() else { return Ok(None) };
+    let dir = checkpoint::save(&run.job.run_dir, &run.vs, &run.optimizer, &run.state, run.job.train.keep_checkpoints)?;
+    metrics.flush()?;
+    Ok(Some(dir))
+}
+
+/// Every rank embeds its share of the eval set; rank 0 logs the whole set's numbers. Returns
+/// the zero-shot result, when the set is scored zero-shot.
+fn evaluate(run: &mut Run) -> Result<Option<ZeroShotResult>> {
+    let Some(task) = &run.val_task else { return Ok(None) };
+    run.model.set_training(false);
+    let result = evaluate_task(&run.model, task, &run.tokenizer, &run.preprocess, run.device, run.job.data.workers, run.comm.as_ref())?;
+    run.model.set_training(true);
+    let (step, is_rank0) = (run.state.step, run.comm.rank() == 0);
+    let mut scalars: Vec<(String, f64)> = Vec::new();
+    if let Some(zs) = &result.zero_shot {
+        let prefix = format!("val/{}-zeroshot", task.name);
+        scalars.push((format!("{prefix}-top1"), zs.top1));
+        scalars.push((format!("{prefix}-top5"), zs.top5));
+        if is_rank0 { tracing::info!(
+            "step {step} | zero-shot {}: top-1 {:.2}% top-5 {:.2}% ({} images)",
+            task.name, 100.0 * zs.top1, 100.0 * zs.top5, zs.samples
+        ); }
+    }
+    if let Some(r) = &result.retrieval {
+        scalars.extend(r.metrics.iter().map(|(name, v)| (format!("val/{name}"), *v)));
+        if is_rank0 { tracing::info!(
+            "step {step} | retrieval {}: image->text R@1 {:.2}% text->image R@1 {:.2}% ({} pairs)",
+            task.name,
+            100.0 * r.get("image_to_text_R@1").unwrap_or(0.0),
+            100.0 * r.get("text_to_image_R@1").unwrap_or(0.0),
+            r.pairs
+        ); }
+    }
+    if let Some(metrics) = run.metrics.as_mut() {
+        let refs: Vec<(&str, f64)> = scalars.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+        metrics.log(step, &refs)?;
         metrics.flush()?;
     }
-    // Nobody leaves while rank 0 still writes the last checkpoint or evaluates.
-    comm.barrier()?;
+    Ok(result.zero_shot)
+}
+
+/// Flushes the metrics and waits for every rank: nobody leaves while rank 0 still writes the
+/// last checkpoint or evaluates.
+fn finish(mut run: Box<Run>, outcome: Outcome) -> Result<TrainSummary> {
+    if let Some(metrics) = run.metrics.as_mut() {
+        metrics.flush()?;
+    }
+    run.comm.barrier()?;
     Ok(TrainSummary {
-        steps: state.step,
-        total_steps: cfg.steps,
-        resumed_at,
-        final_loss,
-        zero_shot: last_zero_shot,
-        last_checkpoint,
-        device,
+        steps: run.state.step,
+        total_steps: run.job.train.steps,
+        resumed_at: run.resumed_at,
+        final_loss: outcome.final_loss,
+        zero_shot: outcome.zero_shot,
+        last_checkpoint: outcome.last_checkpoint,
+        device: run.device,
     })
 }
 
@@ -510,15 +629,6 @@ fn show(value: Option<&serde_yaml::Value>) -> String {
     }
 }
 
-/// `data.tokenizer` (or the CLIP BPE) for `model`, checked against its text tower
-/// ([`crate::prepare::text_tokenizer`]).
-pub fn load_tokenizer(data: &DataConfig, model: &ModelConfig) -> Result<Tokenizer> {
-    crate::prepare::text_tokenizer(data.tokenizer.as_deref().map(Path::new), model).map_err(|e| match e {
-        TrainError::Input(message) => TrainError::Config(format!("data.tokenizer: {message}")),
-        other => other,
-    })
-}
-
 /// The held-out set, checked as `oxclip eval` checks it ([`eval::open_zero_shot`]) when it is
 /// scored zero-shot: with `data.classnames`, or as a folder per class (`classes:DIR`).
 fn val_task(data: &DataConfig, seed: u64) -> Result<Option<ValTask>> {
@@ -527,40 +637,18 @@ fn val_task(data: &DataConfig, seed: u64) -> Result<Option<ValTask>> {
     let classnames = data.classnames.as_deref().map(Path::new);
     let (source, zero_shot) = if classnames.is_some() || matches!(spec, DataSpec::Classes(_)) {
         let set = eval::open_zero_shot(&spec, classnames, seed)?;
-        (set.source, Some((set.classnames, read_templates(data.templates.as_deref())?)))
+        (set.source, Some((set.classnames, eval::read_templates(data.templates.as_deref())?)))
     } else {
         (DataSource::open(&spec, seed)?, None)
     };
     Ok(Some(ValTask { name: data.val_name.clone(), source, zero_shot }))
 }
 
-/// A templates file's prompts, or OpenAI's 80 ImageNet templates; each must hold `{}`.
-pub fn read_templates(path: Option<&str>) -> Result<Vec<String>> {
-    let templates = match path {
-        Some(path) => read_lines(Path::new(path))?,
-        None => eval::OPENAI_IMAGENET_TEMPLATES.iter().map(|s| s.to_string()).collect(),
-    };
-    if let Some(bad) = templates.iter().find(|t| !t.contains("{}")) {
-        return Err(TrainError::Config(format!("template `{bad}` has no `{{}}` for the class name")));
-    }
-    Ok(templates)
-}
-
-/// Non-empty, trimmed lines of a text file.
-pub fn read_lines(path: &Path) -> Result<Vec<String>> {
-    let text = fs::read_to_string(path).map_err(io_err(path))?;
-    let lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
-    if lines.is_empty() {
-        return Err(TrainError::Config(format!("{} is empty", path.display())));
-    }
-    Ok(lines)
-}
-
-fn evaluate(
+fn evaluate_task(
     model: &Clip,
     task: &ValTask,
     tokenizer: &Tokenizer,
-    preprocess: &oxclip_data_loader::Preprocess,
+    preprocess: &Preprocess,
     device: Device,
     workers: usize,
     comm: &dyn Collectives,
@@ -600,19 +688,27 @@ impl Interval {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a log line reports of one step.
+#[derive(Clone, Copy)]
+struct LogValues {
+    loss: f64,
+    /// exp(logit_scale), and SigLIP's logit_bias.
+    scale: f64,
+    bias: Option<f64>,
+    lr: f64,
+    grad_norm: Option<f64>,
+}
+
 fn log_train(
     metrics: &mut MetricsWriter,
     state: &TrainerState,
     total_steps: u64,
-    loss: f64,
-    (scale, bias): (f64, Option<f64>),
-    lr: f64,
+    values: &LogValues,
     global_batch: u64,
     world_size: usize,
     interval: &Interval,
-    grad_norm: Option<f64>,
 ) -> Result<()> {
+    let LogValues { loss, scale, bias, lr, grad_norm } = *values;
     let steps = interval.steps.max(1) as f64;
     let (data_time, batch_time) = (interval.data_secs / steps, interval.batch_secs / steps);
     let samples_per_second = global_batch as f64 / batch_time.max(1e-9);

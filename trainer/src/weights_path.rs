@@ -11,12 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::{self, MODEL_FILE, STATE_FILE};
 use crate::error::{io_err, Result, TrainError};
 
-/// `oxclip export --format open_clip`'s weights and config (open_clip's hub layout).
-pub const OPEN_CLIP_WEIGHTS: &str = "open_clip_model.safetensors";
-pub const OPEN_CLIP_CONFIG: &str = "open_clip_config.json";
-/// `oxclip export --format hf`'s weights and config (transformers' `CLIPModel` layout).
-pub const HF_WEIGHTS: &str = "model.safetensors";
-pub const HF_CONFIG: &str = "config.json";
+pub use crate::model::pretrained::{HF_CONFIG, HF_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS};
 
 /// Where the weights of a path are, and what came with them.
 #[derive(Debug, Clone, PartialEq, Eq)]

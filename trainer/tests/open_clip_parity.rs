@@ -104,14 +104,14 @@ fn clip_loss_matches_open_clip_loss_and_autograd() {
 #[test]
 fn siglip_step_matches_open_clip_gradients() {
     use oxclip_trainer::collectives::SingleProcess;
-    use oxclip_trainer::config::{LossConfig, LossKind};
+    use oxclip_trainer::loss::{LossConfig, LossKind, Tiling};
     use oxclip_trainer::optim::{AdamW, AdamWConfig};
     use oxclip_trainer::step::{train_step, StepConfig};
 
     let dir = fixtures().join("parity_tiny_siglip");
     let io = read(dir.join("io.safetensors"));
     let mut cfg = model_config("../tests/fixtures/models/parity-tiny.yaml");
-    let loss = LossConfig { kind: LossKind::Siglip, tile_size: 4, naive: false };
+    let loss = LossConfig { kind: LossKind::Siglip, tiling: Tiling::Tile(4) };
     loss.complete_model(&mut cfg);
     for micro_batch in [None, Some(4), Some(2)] {
         let vs = nn::VarStore::new(Device::Cpu);

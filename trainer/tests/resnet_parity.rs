@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use oxclip_trainer::collectives::SingleProcess;
-use oxclip_trainer::config::{LossConfig, LossKind};
+use oxclip_trainer::loss::{LossConfig, LossKind, Tiling};
 use oxclip_trainer::model::export::{export, Format};
 use oxclip_trainer::model::lock::{lock, Tower};
 use oxclip_trainer::model::params::deterministic;
@@ -114,7 +114,7 @@ fn tiny_resnet_training_step_matches_open_clip() {
     let io = read("tiny_io.safetensors");
     let cfg = config("tiny-rn.json");
     assert_eq!(cfg.vision_cfg.heads(), 8, "width 4 * 32 / head_width 16");
-    let loss = LossConfig { kind: LossKind::Clip, tile_size: 4, naive: false };
+    let loss = LossConfig { kind: LossKind::Clip, tiling: Tiling::Tile(4) };
     for (case, micro_batch) in [("whole", None), ("micro3", Some(3))] {
         let golden = read(&format!("tiny_{case}.safetensors"));
         let vs = nn::VarStore::new(Device::Cpu);

@@ -134,12 +134,12 @@ fn vit_b_16_siglip_matches_open_clip_features_and_locking() {
 #[test]
 fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
     use oxclip_trainer::collectives::SingleProcess;
-    use oxclip_trainer::config::{LossConfig, LossKind};
+    use oxclip_trainer::loss::{LossConfig, LossKind, Tiling};
     use oxclip_trainer::optim::{AdamW, AdamWConfig};
     use oxclip_trainer::step::{train_step, StepConfig};
 
     let mut cfg = config("step_tiny.json");
-    let loss = LossConfig { kind: LossKind::Siglip, tile_size: 4, naive: false };
+    let loss = LossConfig { kind: LossKind::Siglip, tiling: Tiling::Tile(4) };
     loss.complete_model(&mut cfg);
     let rows = recipe("step_recipe.json");
     let (vs, clip) = build(&cfg, &rows);

@@ -10,7 +10,7 @@ use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOption
 
 use oxclip_trainer::bench::{bench_train, peak_rss_bytes, TrainBench};
 use oxclip_trainer::device;
-use oxclip_trainer::loss::{siglip, LossKind, LossSpec, Matmul};
+use oxclip_trainer::loss::{siglip, LossKind, LossSpec, Matmul, Tiling};
 
 use crate::config;
 
@@ -226,7 +226,7 @@ pub fn loss(args: BenchLossArgs) -> anyhow::Result<()> {
     let logit_scale = tch::Tensor::from(scale as f32).to_device(device);
     let logit_bias = bias.map(|b| tch::Tensor::from(b as f32).to_device(device));
     let matmul = if args.bf16 { Matmul::Bf16 } else { Matmul::Fp32 };
-    let spec = LossSpec { kind, tile: (!args.naive).then_some(args.tile), matmul };
+    let spec = LossSpec { kind, tiling: Tiling::from_flags(args.tile.max(0) as usize, args.naive), matmul };
     let started = Instant::now();
     let out = spec.compute(&image, &text, &logit_scale, logit_bias.as_ref(), 0..args.batch)?;
     let loss = out.loss.double_value(&[]);

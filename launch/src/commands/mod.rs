@@ -92,7 +92,7 @@ pub fn inputs_of(found: &Found, config: &ModelConfig) -> anyhow::Result<(Option<
     }
     if let Found::Checkpoint { dir } = found {
         if let Some(data) = data_of_checkpoint(dir) {
-            return Ok((data.tokenizer.as_ref().map(PathBuf::from), data.preprocess(config)?));
+            return Ok((data.tokenizer.as_ref().map(PathBuf::from), oxclip_trainer::prepare::data_preprocess(&data, config)?));
         }
     }
     Ok((None, prepare::default_preprocess(config)))

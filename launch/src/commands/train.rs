@@ -39,16 +39,17 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let mut cfg = config::load(&args.config, &args.overrides)?;
-    if let Some(dir) = args.run_dir {
-        cfg.run_dir = dir;
-    }
-    if let Some(threads) = args.threads {
-        cfg.train.threads = Some(threads);
-    }
-    if let Some(path) = args.init {
-        cfg.init = Some(config::InitConfig { checkpoint: path });
-    }
+    let cfg = config::load_with(&args.config, &args.overrides, |cfg| {
+        if let Some(dir) = args.run_dir {
+            cfg.run_dir = dir;
+        }
+        if let Some(threads) = args.threads {
+            cfg.train.threads = Some(threads);
+        }
+        if let Some(path) = args.init {
+            cfg.init = Some(config::InitConfig { checkpoint: path });
+        }
+    })?;
     let resume = match args.resume.as_deref() {
         None => Resume::No,
         Some("auto") => Resume::Auto,

@@ -18,7 +18,7 @@
 //! pass forms `softmax - onehot` one tile at a time and accumulates the gradients. Extra
 //! memory is O(tile^2) (rows are taken a tile at a time as well) instead of O(n x N).
 //! [`clip_loss_naive`] builds the two n x N blocks at once; it is the test oracle
-//! (`loss.naive: true`).
+//! (`loss.tiling: naive`).
 
 use std::ops::Range;
 
@@ -26,7 +26,7 @@ use tch::{Kind, Tensor};
 
 use super::{effective_tile, positives, tiles, LossOutput, Matmul};
 
-/// Tile side when `loss.tile_size` is 0: a 4096 x 4096 fp32 block is 64 MB.
+/// Tile side for `loss.tiling: auto`: a 4096 x 4096 fp32 block is 64 MB.
 pub const AUTO_TILE: i64 = 4096;
 
 /// `image`, `text`: (N, d) gathered features; `logit_scale`: 0-dim; `rows`: the owned rows;
@@ -119,7 +119,7 @@ fn add_row_block(f: &Features, scale: &Tensor, rows: Range<i64>, tile: i64, matm
 }
 
 /// The same loss and gradients with the two n x N blocks built at once: the oracle the tiled
-/// version is tested against (`loss.naive: true`).
+/// version is tested against (`loss.tiling: naive`).
 pub fn clip_loss_naive(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>) -> LossOutput {
     let _no_grad = tch::no_grad_guard();
     let image = image.to_kind(Kind::Float);

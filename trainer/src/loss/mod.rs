@@ -7,13 +7,14 @@
 //! a naive version that builds the whole n x N block, the oracle the tiled one is tested against.
 
 pub mod clip;
+mod config;
 pub mod siglip;
 
 use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
-pub use crate::config::LossKind;
+pub use config::{LossConfig, LossKind, Tiling};
 use crate::error::{Result, TrainError};
 
 /// One rank's share of a contrastive loss over the global batch, and its gradients.
@@ -35,8 +36,7 @@ pub struct LossOutput {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LossSpec {
     pub kind: LossKind,
-    /// Tile side (0: [`clip::AUTO_TILE`]); `None`: the naive n x N oracle.
-    pub tile: Option<i64>,
+    pub tiling: Tiling,
     /// Precision of the similarity and gradient products of the tiled loss.
     pub matmul: Matmul,
 }
@@ -46,7 +46,7 @@ impl LossSpec {
     /// `logit_bias` is the model's bias, required by SigLIP and ignored by CLIP.
     pub fn compute(&self, image: &Tensor, text: &Tensor, logit_scale: &Tensor, logit_bias: Option<&Tensor>, rows: Range<i64>) -> Result<LossOutput> {
         Ok(match self.kind {
-            LossKind::Clip => match self.tile {
+            LossKind::Clip => match self.tiling.tile() {
                 Some(tile) => clip::clip_loss(image, text, logit_scale, rows, tile, self.matmul),
                 None => clip::clip_loss_naive(image, text, logit_scale, rows),
             },
@@ -54,7 +54,7 @@ impl LossSpec {
                 let bias = logit_bias.ok_or_else(|| {
                     TrainError::Config("loss.kind siglip needs a model with a logit_bias (model.init_logit_bias)".into())
                 })?;
-                match self.tile {
+                match self.tiling.tile() {
                     Some(tile) => siglip::siglip_loss(image, text, logit_scale, bias, rows, tile, self.matmul),
                     None => siglip::siglip_loss_naive(image, text, logit_scale, bias, rows),
                 }

@@ -90,7 +90,7 @@ pub fn siglip_loss(
 }
 
 /// The same loss with the n x N block built at once and its gradients from autograd: the oracle
-/// the tiled version is tested against (`loss.naive: true`), independent of the formulas above.
+/// the tiled version is tested against (`loss.tiling: naive`), independent of the formulas above.
 pub fn siglip_loss_naive(image: &Tensor, text: &Tensor, logit_scale: &Tensor, logit_bias: &Tensor, rows: Range<i64>) -> LossOutput {
     tch::with_grad(|| {
         let leaf = |t: &Tensor| t.detach().to_kind(Kind::Float).set_requires_grad(true);

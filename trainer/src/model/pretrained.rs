@@ -16,8 +16,13 @@ use super::config::{
     Activation, ActKwargs, ModelConfig, NormKwargs, TextConfig, TextPool, TokenizerKwargs, VisionConfig, VisionLayers,
 };
 use crate::error::{io_err, Result, TrainError};
-use crate::weights_path::{HF_CONFIG, HF_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS};
 
+/// `oxclip export --format open_clip`'s weights and config (open_clip's hub layout).
+pub const OPEN_CLIP_WEIGHTS: &str = "open_clip_model.safetensors";
+pub const OPEN_CLIP_CONFIG: &str = "open_clip_config.json";
+/// `oxclip export --format hf`'s weights and config (transformers' `CLIPModel` layout).
+pub const HF_WEIGHTS: &str = "model.safetensors";
+pub const HF_CONFIG: &str = "config.json";
 pub const HF_PREPROCESSOR: &str = "preprocessor_config.json";
 pub const TOKENIZER_JSON: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";

@@ -1,0 +1,200 @@
+//! The `loss:` section of a run config: which loss, and how its similarity blocks are tiled.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::model::ModelConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Symmetric cross-entropy over the scaled similarities (CLIP).
+    #[default]
+    Clip,
+    /// Pairwise sigmoid loss with a learnable bias (SigLIP). The model gets a `logit_bias`
+    /// (init -10) and its `logit_scale` starts at ln 10, unless the model config sets
+    /// `init_logit_bias` / `init_logit_scale`.
+    Siglip,
+}
+
+/// How the loss scores the (n x N) similarities of a rank's rows: tile by tile (extra memory
+/// O(tile^2) per rank, whatever the batch) or all at once. See docs/large-batch.md.
+/// In YAML: `auto`, `naive` or a tile side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tiling {
+    /// Tiles of [`super::clip::AUTO_TILE`].
+    #[default]
+    Auto,
+    /// Tiles of this side.
+    Tile(usize),
+    /// The whole n x N blocks at once: the oracle the tiled loss is tested against.
+    Naive,
+}
+
+impl Tiling {
+    /// The choice as the flags before `loss.tiling` wrote it: `tile_size` 0 for automatic,
+    /// `naive` over either.
+    pub fn from_flags(tile_size: usize, naive: bool) -> Self {
+        match (naive, tile_size) {
+            (true, _) => Tiling::Naive,
+            (false, 0) => Tiling::Auto,
+            (false, side) => Tiling::Tile(side),
+        }
+    }
+
+    /// The tile side; `None` for the naive blocks.
+    pub fn tile(self) -> Option<i64> {
+        match self {
+            Tiling::Auto => Some(super::clip::AUTO_TILE),
+            Tiling::Tile(side) => Some(side as i64),
+            Tiling::Naive => None,
+        }
+    }
+}
+
+impl Serialize for Tiling {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Tiling::Auto => s.serialize_str("auto"),
+            Tiling::Tile(side) => s.serialize_u64(*side as u64),
+            Tiling::Naive => s.serialize_str("naive"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Tiling {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Tiling;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`auto`, `naive` or a tile side (a positive integer)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, side: u64) -> std::result::Result<Tiling, E> {
+                match side {
+                    0 => Err(E::custom("a tile side must be positive (`auto` picks one)")),
+                    side => Ok(Tiling::Tile(side as usize)),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, side: i64) -> std::result::Result<Tiling, E> {
+                match u64::try_from(side) {
+                    Ok(side) => self.visit_u64(side),
+                    Err(_) => Err(E::custom(format!("a tile side must be positive, got {side}"))),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, word: &str) -> std::result::Result<Tiling, E> {
+                match word {
+                    "auto" => Ok(Tiling::Auto),
+                    "naive" => Ok(Tiling::Naive),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `loss:` — the contrastive objective.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(try_from = "LossYaml")]
+pub struct LossConfig {
+    pub kind: LossKind,
+    pub tiling: Tiling,
+}
+
+/// `loss:` as written: `tiling`, or the two keys it replaces (`tile_size`, 0 for automatic,
+/// and `naive`), which older configs and run directories hold.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LossYaml {
+    #[serde(default)]
+    kind: LossKind,
+    #[serde(default)]
+    tiling: Option<Tiling>,
+    #[serde(default)]
+    tile_size: Option<usize>,
+    #[serde(default)]
+    naive: Option<bool>,
+}
+
+impl TryFrom<LossYaml> for LossConfig {
+    type Error = String;
+
+    fn try_from(raw: LossYaml) -> std::result::Result<Self, String> {
+        let tiling = match (raw.tiling, raw.tile_size, raw.naive) {
+            (Some(tiling), None, None) => tiling,
+            (Some(_), _, _) => {
+                return Err("`tiling` replaces `tile_size` and `naive`: give `tiling` alone".into())
+            }
+            (None, size, naive) => Tiling::from_flags(size.unwrap_or(0), naive.unwrap_or(false)),
+        };
+        Ok(LossConfig { kind: raw.kind, tiling })
+    }
+}
+
+impl LossConfig {
+    /// Fills in what the loss needs from the model and the model config leaves open: for
+    /// SigLIP a `logit_bias` starting at -10 and a `logit_scale` starting at ln 10.
+    pub fn complete_model(&self, model: &mut ModelConfig) {
+        if self.kind == LossKind::Siglip {
+            model.init_logit_scale.get_or_insert(super::siglip::SIGLIP_LOGIT_SCALE_INIT);
+            model.init_logit_bias.get_or_insert(super::siglip::SIGLIP_LOGIT_BIAS_INIT);
+        }
+    }
+
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
+        if self.kind == LossKind::Siglip && model.init_logit_bias.is_none() {
+            return Err(TrainError::Config(
+                "loss.kind siglip needs a model with a logit_bias: set model.init_logit_bias (SigLIP uses -10)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How the step computes this loss; `bf16_matmul` under amp_bf16 on CUDA.
+    pub fn spec(&self, bf16_matmul: bool) -> super::LossSpec {
+        super::LossSpec {
+            kind: self.kind,
+            tiling: self.tiling,
+            matmul: if bf16_matmul { super::Matmul::Bf16 } else { super::Matmul::Fp32 },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> std::result::Result<LossConfig, String> {
+        serde_yaml::from_str(yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tiling_reads_the_new_key_and_the_two_it_replaces() {
+        assert_eq!(parse("kind: clip\n").unwrap().tiling, Tiling::Auto);
+        assert_eq!(parse("tiling: auto\n").unwrap().tiling, Tiling::Auto);
+        assert_eq!(parse("tiling: naive\n").unwrap().tiling, Tiling::Naive);
+        assert_eq!(parse("tiling: 64\n").unwrap().tiling, Tiling::Tile(64));
+        assert_eq!(parse("tile_size: 0\n").unwrap().tiling, Tiling::Auto);
+        assert_eq!(parse("tile_size: 64\nnaive: false\n").unwrap().tiling, Tiling::Tile(64));
+        assert_eq!(parse("naive: true\n").unwrap().tiling, Tiling::Naive);
+        for (bad, says) in [
+            ("tiling: 0\n", "positive"),
+            ("tiling: -4\n", "positive"),
+            ("tiling: huge\n", "`auto`, `naive` or a tile side"),
+            ("tiling: 64\nnaive: true\n", "`tiling` replaces `tile_size` and `naive`"),
+            ("tile_sise: 64\n", "tile_sise"),
+        ] {
+            let msg = parse(bad).expect_err(bad);
+            assert!(msg.contains(says), "{bad}: {msg}");
+        }
+        // Written back as the one key.
+        let cfg = LossConfig { kind: LossKind::Siglip, tiling: Tiling::Tile(128) };
+        let yaml = serde_yaml::to_string(&cfg).unwrap();
+        assert_eq!(yaml, "kind: siglip\ntiling: 128\n");
+        assert_eq!(parse(&yaml).unwrap(), cfg);
+        assert_eq!(serde_yaml::to_string(&LossConfig::default()).unwrap(), "kind: clip\ntiling: auto\n");
+    }
+}
