@@ -332,6 +332,45 @@ mod tests {
         }
     }
 
+    /// `embed` through the loader's threads gives each file the embedding the direct path
+    /// (decode, transform, encode one batch, as `classify` does) gives it, and names the file
+    /// it skips.
+    #[test]
+    fn loader_threads_embed_as_the_direct_path_and_skip_what_is_broken() {
+        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).expect("parses");
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("tiny.safetensors");
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = Clip::new(&vs.root(), &cfg).expect("builds");
+        vs.save(&weights).expect("saves");
+        let embedder = Embedder::new(&cfg, &weights, None, Device::Cpu).expect("loads");
+
+        // Real photos and drawings, JPEG and PNG, of several sizes.
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cli_parity");
+        let paths: Vec<PathBuf> = ["photo.jpg", "exact32.png", "photo45x37.jpg", "exact.png"].iter().map(|f| fixtures.join(f)).collect();
+        let broken = dir.path().join("broken.png");
+        std::fs::write(&broken, b"not a png").unwrap();
+        let mut all = paths.clone();
+        all.insert(2, broken.clone());
+
+        let direct = embedder.embed_image_files(&paths, 64).unwrap();
+        let mut seen = 0;
+        let loaded = embedder.embed_images(&all, 2, 3, &mut |n| seen += n).unwrap();
+        assert_eq!(seen, 5, "progress counts every file, skipped ones too");
+        assert_eq!(loaded.kept, paths);
+        assert_eq!(loaded.skipped.len(), 1);
+        assert_eq!(loaded.skipped[0].0, broken);
+        assert!(loaded.skipped[0].1.contains("broken.png") && loaded.skipped[0].1.contains("cannot be decoded"), "{}", loaded.skipped[0].1);
+        assert_eq!(loaded.skip_counts.total(), 1);
+        let diff = (&loaded.embeds - &direct).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "max abs diff {diff}");
+        // Distinct images, distinct rows: a row out of place would show.
+        assert!((loaded.embeds.get(0) - loaded.embeds.get(1)).abs().max().double_value(&[]) > 1e-4);
+
+        let none = embedder.embed_images(std::slice::from_ref(&broken), 4, 1, &mut |_| {}).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(none.contains("none of the 1 image(s) could be used") && none.contains("broken.png"), "{none}");
+    }
+
     #[test]
     fn a_folder_without_images_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
