@@ -61,6 +61,8 @@ pub fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyh
 /// images are prepared, each from the most specific source there is, and the device it runs
 /// on.
 pub struct OpenedModel {
+    /// What `--checkpoint` turned out to be.
+    pub found: Found,
     pub weights: PathBuf,
     pub config: ModelConfig,
     /// `None` only where no text is to be embedded and no tokenizer fits the text tower.
@@ -99,14 +101,16 @@ pub fn open_model(checkpoint: &Path, model: Option<&str>, tokenizer: Option<&Pat
     let (found, (weights, config)) = located_weights_and_model(checkpoint, model)?;
     let (found_tokenizer, preprocess) = inputs_of(&found, &config)?;
     let tokenizer_path = tokenizer.map(Path::to_owned).or(found_tokenizer);
-    open_recorded(weights, config, tokenizer_path, tokenizer.is_some(), preprocess, device, text)
+    open_recorded(found, weights, config, tokenizer_path, tokenizer.is_some(), preprocess, device, text)
 }
 
 /// A model whose weights, architecture, tokenizer file and preprocessing are already known
 /// (an index records them): the tokenizer read and checked against the text tower, the
 /// device chosen. `asked`: the tokenizer was given on the command line, so one that does not
 /// fit is refused even without `text`.
+#[allow(clippy::too_many_arguments)] // the parts of an OpenedModel, each named at the call
 pub fn open_recorded(
+    found: Found,
     weights: PathBuf,
     config: ModelConfig,
     tokenizer_path: Option<PathBuf>,
@@ -121,7 +125,7 @@ pub fn open_recorded(
         Err(e) => return Err(e.into()),
     };
     let device = device::select(device, "--device")?;
-    Ok(OpenedModel { weights, config, tokenizer, tokenizer_path, preprocess, device })
+    Ok(OpenedModel { found, weights, config, tokenizer, tokenizer_path, preprocess, device })
 }
 
 /// A progress bar on stderr counting `unit` (hidden when stderr is not a terminal), its

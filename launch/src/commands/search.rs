@@ -125,7 +125,8 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
         Some(p) => serde_json::from_str(p).with_context(|| format!("{}: its preprocess record", args.index.display()))?,
         None => oxclip_trainer::prepare::default_preprocess(&cfg),
     };
-    let embedder = super::open_recorded(weights.clone(), cfg, tokenizer_path, args.tokenizer.is_some(), preprocess, &args.device, true)?
+    let found = oxclip_trainer::weights_path::Found::File(weights.clone());
+    let embedder = super::open_recorded(found, weights.clone(), cfg, tokenizer_path, args.tokenizer.is_some(), preprocess, &args.device, true)?
         .embedder()
         .with_context(|| format!("the index's model ({})", weights.display()))?;
     let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&args.index)?.into_iter().collect();
