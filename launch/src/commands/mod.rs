@@ -32,7 +32,7 @@ use crate::config;
 /// config does; `model` (a built-in name, a model YAML or an `open_clip_config.json`) is then
 /// optional, and an error naming the differing keys where it contradicts the directory. A
 /// bare weights file needs `model`.
-pub fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Result<(Found, (PathBuf, ModelConfig))> {
+fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Result<(Found, (PathBuf, ModelConfig))> {
     let found = weights_path::locate(checkpoint)?;
     let pretrained = found.pretrained()?;
     let cfg = match (model, &found, pretrained) {
@@ -144,7 +144,7 @@ pub fn progress_bar(message: &'static str, unit: &str) -> ProgressBar {
 /// The tokenizer file and image preprocessing that came with what was found: a model
 /// directory's own, or a checkpoint's run config's (`data.tokenizer`, `data.image_*`), else
 /// none and the model's defaults.
-pub fn inputs_of(found: &Found, config: &ModelConfig) -> anyhow::Result<(Option<PathBuf>, Preprocess)> {
+fn inputs_of(found: &Found, config: &ModelConfig) -> anyhow::Result<(Option<PathBuf>, Preprocess)> {
     if let Some(dir) = found.pretrained()? {
         return Ok((dir.tokenizer.and_then(|t| t.tokenizer_json), dir.preprocess));
     }
