@@ -52,6 +52,7 @@ pub struct EmbedArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Image files or directories (searched recursively for .jpg/.jpeg/.png/.webp, sorted).
+    /// A file that cannot be read or decoded is skipped, named on stderr and counted.
     #[arg(long, num_args = 1..)]
     pub images: Vec<PathBuf>,
     /// A JSON file with a list of texts.

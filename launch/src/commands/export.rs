@@ -56,7 +56,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     // directory's own, or the run's), so the export loads ready to use.
     let mut files = export(weights, &cfg, Some(&opened.preprocess), format, &args.out)?;
     if let Some(tokenizer) = &opened.tokenizer_path {
-        files.extend(copy_tokenizer(&tokenizer, &args.out)?);
+        files.extend(copy_tokenizer(tokenizer, &args.out)?);
     }
     for f in files {
         println!("{}", f.display());
