@@ -10,6 +10,11 @@
 # loss, NCCL = single process, throughput against open_clip, every command ran) and the
 # script exits non-zero when any check fails or a section asked for did not run.
 set -uo pipefail
+# The whole script under its own limit too (the budget plus a margin for set-up and the
+# verdict): a hang outside the timed checks ends it with status 124, a failure.
+if [ -z "${GPU_CHECK_INNER:-}" ]; then
+  GPU_CHECK_INNER=1 exec timeout --kill-after=10 $(( ${GPU_CHECK_BUDGET_S:-480} + 90 )) bash "$0" "$@"
+fi
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check-out}"
 mkdir -p "$OUT"
@@ -118,5 +123,8 @@ YAML
   echo "$D" > "$OUT/nccl-dir.txt"
 } 2>&1 | tee "$OUT/nccl.txt"
 echo "gpu-check done in $SECONDS s"
-python3 scripts/gpu_check_verdict.py "$OUT" "$SECTIONS" | tee "$OUT/verdict.txt"
-exit "${PIPESTATUS[0]}"
+timeout 60 python3 scripts/gpu_check_verdict.py "$OUT" "$SECTIONS" | tee "$OUT/verdict.txt"
+status=${PIPESTATUS[0]}
+# A verdict that could not run (no python3, a crash) is a failure, not a pass.
+[ "$status" -eq 0 ] || echo "gpu-check: FAILED (verdict status $status)"
+exit "$status"

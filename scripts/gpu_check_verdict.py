@@ -9,19 +9,38 @@ fails: a check that did not run is not a pass):
   measured by both (GPU_CHECK_MIN_RATIO, default 0.9: one run each on a shared machine);
 - loss: at each N measured both ways, the tiled fp32 loss equals the naive one to 1e-5
   relative and bf16 products to 1e-2, for each loss kind;
-- large: every micro-batched ViT-B-32 step ran (a number for each batch size asked);
+  every loss asked for ran and is finite (the growing-N lines, which have no naive twin);
+- large: the whole-batch and every micro-batched ViT-B-32 step ran (a number for each batch
+  size asked), with a finite throughput;
 - nccl: the one-rank NCCL run's logged losses equal the single-process CUDA run's, 1e-5
   (and, where two GPUs ran, two ranks of 16 equal one of 32, 1e-4).
 Commands that failed or timed out (OUT/failures.txt, written by gpu-check.sh) fail too.
 Exit 0 when everything holds, 1 otherwise, with one line per check either way.
+
+    python3 scripts/gpu_check_verdict.py --self-test
+
+runs the checks on synthetic outputs (passing ones, then each kind of failure) without a GPU.
 """
 
 import json
+import math
 import os
+import shutil
 import sys
+import tempfile
 
 MIN_RATIO = float(os.environ.get("GPU_CHECK_MIN_RATIO", "0.9"))
 LARGE_BATCHES = (4096, 16384, 65536, 131072)
+WHOLE_BATCH = 2048
+# What gpu-check.sh's loss section runs: (kind, N, matmul, naive).
+LOSS_RUNS = [("clip", 4096, "fp32", False)] + [
+    (kind, 16384, matmul, naive) for kind in ("clip", "siglip") for matmul, naive in (("fp32", False), ("fp32", True), ("bf16", False))
+] + [("clip", 65536, "fp32", False), ("clip", 65536, "fp32", True),
+     ("clip", 262144, "bf16", False), ("clip", 1048576, "bf16", False), ("siglip", 1048576, "bf16", False)]
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def json_lines(path):
@@ -45,8 +64,8 @@ def losses(run_dir):
     return [(r["step"], r["train/loss"]) for r in map(json.loads, open(path)) if "train/loss" in r]
 
 
-def main():
-    out, sections = sys.argv[1], sys.argv[2].split()
+def verdict(out, sections):
+    """[(ok, text)] for the outputs under `out` of the sections asked for."""
     results = []  # (ok, text)
 
     def check(ok, text):
@@ -80,10 +99,17 @@ def main():
                 compared += 1
                 check(rel <= tol, f"loss: {tiled['kind']} N={tiled['batch']} tiled {tiled['matmul']} {tiled['loss']:.6f} vs naive {naive['loss']:.6f}: relative {rel:.1e} (at most {tol:.0e})")
         check(compared > 0, f"loss: {compared} tiled-vs-naive comparisons")
+        for kind, n, matmul, naive in LOSS_RUNS:
+            ran = [r for r in rows if (r["kind"], r["batch"], r["matmul"], r["tile"] is None) == (kind, n, matmul, naive)]
+            what = f"loss: {kind} N={n} {'naive' if naive else 'tiled'} {matmul}"
+            check(ran and all(finite(r["loss"]) for r in ran), f"{what} ran, loss finite: {[r['loss'] for r in ran]}")
 
     if "large" in sections:
         rows = json_lines(os.path.join(out, "large-batch.txt"))
-        done = {r["batch_size"] for r in rows if r.get("bench") == "train" and r.get("micro_batch_size")}
+        trains = [r for r in rows if r.get("bench") == "train"]
+        whole = {r["batch_size"] for r in trains if not r.get("micro_batch_size") and finite(r.get("samples_per_second"))}
+        check(WHOLE_BATCH in whole, f"large: ViT-B-32 whole batch {WHOLE_BATCH} ran")
+        done = {r["batch_size"] for r in trains if r.get("micro_batch_size") and finite(r.get("samples_per_second"))}
         for bs in LARGE_BATCHES:
             check(bs in done, f"large: ViT-B-32 batch {bs} in micro-batches of 256 ran")
 
@@ -103,11 +129,88 @@ def main():
             diff = max(abs(a[1] - b[1]) for a, b in zip(single, nccl2))
             check(same_steps and diff <= 1e-4, f"nccl: two ranks x 16 vs one x 32: same steps {same_steps}, max |loss difference| {diff:.2e} (at most 1e-4)")
 
+    return results
+
+
+def main():
+    if sys.argv[1:] == ["--self-test"]:
+        return self_test()
+    out, sections = sys.argv[1], sys.argv[2].split()
+    results = verdict(out, sections)
     for ok, text in results:
         print(("PASS " if ok else "FAIL ") + text)
     failed = sum(1 for ok, _ in results if not ok)
     print(f"gpu-check verdict: {len(results) - failed} passed, {failed} failed")
     return 1 if failed or not results else 0
+
+
+def write_outputs(out, bench_ratio=1.0, tiled_error=0.0, bf16_error=0.0, nccl_error=0.0, missing_large=None, failure=None):
+    """What a gpu-check.sh run writes under `out`, synthetic: each argument spoils one check."""
+    with open(os.path.join(out, "bench.txt"), "w") as f:
+        for bs in (256, 128):
+            f.write(json.dumps({"bench": "train", "batch_size": bs, "samples_per_second": 1000.0 * bench_ratio}) + "\n")
+            f.write("status lines and other text are ignored\n")
+            f.write(json.dumps({"impl": "open_clip", "batch_size": bs, "samples_per_second": 1000.0}) + "\n")
+    with open(os.path.join(out, "loss.txt"), "w") as f:
+        for kind, n, matmul, naive in LOSS_RUNS:
+            loss = 9.7 if kind == "clip" else 0.72
+            if not naive:
+                loss *= 1 + (tiled_error if matmul == "fp32" else bf16_error)
+            tile = None if naive else 4096
+            f.write(json.dumps({"bench": "loss", "kind": kind, "batch": n, "dim": 512, "tile": tile, "matmul": matmul, "loss": loss}) + "\n")
+    with open(os.path.join(out, "large-batch.txt"), "w") as f:
+        f.write(json.dumps({"bench": "train", "batch_size": WHOLE_BATCH, "micro_batch_size": None, "samples_per_second": 900.0}) + "\n")
+        for bs in LARGE_BATCHES:
+            if bs != missing_large:
+                f.write(json.dumps({"bench": "train", "batch_size": bs, "micro_batch_size": 256, "samples_per_second": 800.0}) + "\n")
+    runs = os.path.join(out, "runs")
+    for name, shift in (("single", 0.0), ("nccl1", nccl_error)):
+        os.makedirs(os.path.join(runs, name), exist_ok=True)
+        with open(os.path.join(runs, name, "results.jsonl"), "w") as f:
+            for step in (5, 10, 15, 20):
+                f.write(json.dumps({"step": step, "train/loss": 4.0 - 0.1 * step + shift}) + "\n")
+    with open(os.path.join(out, "nccl-dir.txt"), "w") as f:
+        f.write(runs + "\n")
+    with open(os.path.join(out, "failures.txt"), "w") as f:
+        f.write(f"{failure}\n" if failure else "")
+
+
+def self_test():
+    """The verdict on synthetic outputs: all pass, then each spoilt one fails exactly its check."""
+    sections = ["bench", "loss", "large", "nccl"]
+    cases = [
+        ({}, None),
+        ({"bench_ratio": 0.5}, "bench: batch "),
+        ({"tiled_error": 1e-3}, "tiled fp32"),
+        ({"bf16_error": 5e-2}, "tiled bf16"),
+        ({"nccl_error": 1e-3}, "one-rank NCCL vs single process"),
+        ({"missing_large": 65536}, "batch 65536 in micro-batches"),
+        ({"failure": "status 124: target/release/oxclip bench loss"}, "command failed: status 124"),
+    ]
+    problems = []
+    for spoil, expect in cases:
+        out = tempfile.mkdtemp(prefix="gpu-check-self-test-")
+        try:
+            write_outputs(out, **spoil)
+            failed = [text for ok, text in verdict(out, sections) if not ok]
+        finally:
+            shutil.rmtree(out)
+        if expect is None and failed:
+            problems.append(f"all-good outputs failed: {failed}")
+        if expect is not None and (not failed or not all(expect in t for t in failed)):
+            problems.append(f"{spoil}: expected failures naming `{expect}`, got {failed}")
+    # A section asked for whose numbers are missing fails: a check that did not run is no pass.
+    empty = tempfile.mkdtemp(prefix="gpu-check-self-test-")
+    try:
+        for section in sections:
+            if all(ok for ok, _ in verdict(empty, [section])):
+                problems.append(f"section {section} without outputs passed")
+    finally:
+        shutil.rmtree(empty)
+    for p in problems:
+        print("FAIL " + p)
+    print(f"gpu_check_verdict self-test: {len(cases) + len(sections) - len(problems)} passed, {len(problems)} failed")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ fn main() -> ExitCode {
 mod tests {
     use clap::CommandFactory;
 
-    /// Every flag of every command says what it does in `--help`.
+    /// Every flag of every command, and every command, says what it does in `--help`.
     #[test]
     fn every_flag_has_help() {
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
@@ -204,11 +204,15 @@ mod tests {
                 }
             }
             for sub in cmd.get_subcommands() {
-                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{name} (the command itself)"));
+                }
+                walk(sub, &name, missing);
             }
         }
         let mut missing = Vec::new();
         walk(&super::Cli::command(), "oxclip", &mut missing);
-        assert!(missing.is_empty(), "flags without help text:\n{}", missing.join("\n"));
+        assert!(missing.is_empty(), "flags or commands without help text:\n{}", missing.join("\n"));
     }
 }

@@ -76,28 +76,41 @@ fn eval_zero_shot_on_class_folders_and_retrieval_on_pairs() {
     run_ok(oxclip().args(["train", "--config"]).arg(&config));
     let run = dir.path().join("run");
 
-    // A folder per class: the folder names are the class names.
+    // A folder per class, the folder names the class names: 7 classes, so top-5 is not every
+    // class and can miss.
     let classes = dir.path().join("classes");
-    for (i, name) in ["red circle", "blue square"].iter().enumerate() {
-        for j in 0..2u8 {
-            let img = image::RgbImage::from_pixel(32, 32, image::Rgb([200 * (1 - i as u8), 40 * j, 200 * i as u8]));
-            let path = classes.join(name).join(format!("{j}.png"));
-            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-            img.save(&path).expect("png");
-        }
+    let names = ["red circle", "blue square", "green cross", "yellow circle", "purple square", "orange cross", "grey circle"];
+    let colours = [[220, 30, 30], [30, 30, 220], [30, 200, 30], [230, 220, 40], [150, 40, 170], [240, 140, 20], [128, 128, 128]];
+    let mut images = Vec::new();
+    for (name, rgb) in names.iter().zip(colours) {
+        let img = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([rgb[0] ^ (x as u8 * 3), rgb[1], rgb[2] ^ (y as u8 * 2)]));
+        let path = classes.join(name).join("0.png");
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        img.save(&path).expect("png");
+        images.push(path);
     }
-    let out = run_ok(oxclip().args(["eval", "--json", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--zero-shot").arg(&classes));
+    // What eval must answer, known before it runs: with the one template `{}` a class's
+    // embedding is its name's, so each image's rank among the names is `classify`'s ranking.
+    let (mut top1, mut top5) = (0usize, 0usize);
+    for (label, image) in images.iter().enumerate() {
+        let out = run_ok(oxclip().args(["classify", "--json", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--image").arg(image)
+            .arg("--labels").args(names));
+        let probs: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+        let p = |name: &str| probs[name].as_f64().expect("number");
+        let rank = names.iter().filter(|n| p(n) > p(names[label])).count();
+        top1 += usize::from(rank == 0);
+        top5 += usize::from(rank < 5);
+    }
+    let templates = dir.path().join("templates.txt");
+    std::fs::write(&templates, "{}\n").expect("write");
+    let out = run_ok(oxclip().args(["eval", "--json", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--zero-shot").arg(&classes)
+        .arg("--templates").arg(&templates));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(result["zero_shot"]["samples"], 4, "{result}");
-    // Four images: accuracies are whole quarters, top-1 never above top-5. (The exact
-    // numbers are checked against the embeddings in eval_cli.rs.)
-    let (top1, top5) = (result["zero_shot"]["top1"].as_f64().expect("top1"), result["zero_shot"]["top5"].as_f64().expect("top5"));
-    for acc in [top1, top5] {
-        assert!((acc * 4.0).fract() == 0.0 && (0.0..=1.0).contains(&acc), "{result}");
-    }
-    assert!(top1 <= top5, "{result}");
-    // Two classes: top-5 is cut to both, so every labelled image counts.
-    assert_eq!(top5, 1.0, "{result}");
+    assert_eq!(result["zero_shot"]["samples"], 7, "{result}");
+    let (got1, got5) = (result["zero_shot"]["top1"].as_f64().expect("top1"), result["zero_shot"]["top5"].as_f64().expect("top5"));
+    assert!((got1 - top1 as f64 / 7.0).abs() < 1e-9, "eval top-1 {got1}, classify says {top1}/7: {result}");
+    assert!((got5 - top5 as f64 / 7.0).abs() < 1e-9, "eval top-5 {got5}, classify says {top5}/7: {result}");
+    assert!(got1 <= got5, "{result}");
 
     let out = run_ok(oxclip().args(["eval", "--json", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--retrieval").arg(data.join("val")));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");

@@ -4,7 +4,9 @@
 
 use std::ffi::CString;
 
-use tch::Device;
+use tch::{Device, Tensor};
+
+use oxclip_data_loader::Batch;
 
 use crate::error::{Result, TrainError};
 
@@ -170,6 +172,26 @@ pub fn cuda_memory_in_use(device: Device) -> Option<u64> {
         }
     };
     (status == 0).then(|| total.saturating_sub(free) as u64)
+}
+
+/// A loader batch as the towers take it: images `(b, 3, image_size, image_size)` and tokens
+/// `(b, context_length)` on `device`, each through [`host_to_device`]. Training, evaluation,
+/// `embed` and `index` all move their batches here.
+pub fn batch_to_device(batch: &Batch, image_size: i64, context_length: i64, device: Device) -> Result<(Tensor, Tensor)> {
+    let b = batch.batch_size as i64;
+    let images = host_to_device(Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]), device)?;
+    let tokens = host_to_device(Tensor::from_slice(&batch.tokens).view([b, context_length]), device)?;
+    Ok((images, tokens))
+}
+
+/// Moves a host tensor to `device`. On CUDA it goes through page-locked memory (libtorch's
+/// caching host allocator) so the copy is asynchronous and overlaps the work queued before it.
+pub fn host_to_device(host: Tensor, device: Device) -> Result<Tensor> {
+    if !device.is_cuda() {
+        return Ok(host);
+    }
+    let kind = host.kind();
+    Ok(host.f_pin_memory(device)?.f_to_device_(device, kind, true, false)?)
 }
 
 #[cfg(test)]

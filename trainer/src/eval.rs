@@ -370,6 +370,20 @@ pub fn evaluate(
     device: Device,
     comm: &dyn Collectives,
 ) -> Result<EvalResult> {
+    evaluate_with_progress(model, loader, classifier, retrieval, device, comm, &mut |_| {})
+}
+
+/// [`evaluate`], telling `progress` how many samples each batch took (used and skipped), for
+/// a progress bar.
+pub fn evaluate_with_progress(
+    model: &Clip,
+    loader: &mut Loader,
+    classifier: Option<&Tensor>,
+    retrieval: bool,
+    device: Device,
+    comm: &dyn Collectives,
+    progress: &mut dyn FnMut(u64),
+) -> Result<EvalResult> {
     let _guard = tch::no_grad_guard();
     let image_size = model.config.vision_cfg.image_size;
     let context = model.config.text_cfg.context_length;
@@ -380,14 +394,13 @@ pub fn evaluate(
     while let Some(batch) = loader.next_eval_batch()? {
         skipped.merge(&batch.skipped);
         keys.extend(batch.keys.iter().cloned());
-        let b = batch.batch_size as i64;
-        let pixels = Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]).to_device(device);
+        let (pixels, tokens) = crate::device::batch_to_device(&batch, image_size, context, device)?;
         images.push(normalize(&model.encode_image(&pixels).to_kind(Kind::Float)));
         if retrieval {
-            let tokens = Tensor::from_slice(&batch.tokens).view([b, context]).to_device(device);
             texts.push(normalize(&model.encode_text(&tokens).to_kind(Kind::Float)));
         }
         labels.push(Tensor::from_slice(&batch.labels).to_kind(Kind::Float).to_device(device));
+        progress(batch.batch_size as u64 + batch.skipped.total());
     }
     let empty = |cols: i64| Tensor::zeros([0, cols], (Kind::Float, device));
     let cat = |parts: &[Tensor], cols: i64| if parts.is_empty() { empty(cols) } else { Tensor::cat(parts, 0).view([-1, cols]) };

@@ -3,12 +3,13 @@
 //! the model was trained with. Behind `oxclip embed` and `oxclip classify`.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tch::{nn, Device, Kind, Tensor};
 
 use oxclip_data_loader::sources::is_image_path;
 use oxclip_data_loader::transform::{decode_image, DEFAULT_MAX_PIXELS};
-use oxclip_data_loader::{ImageTransform, Preprocess, SkipReason, Tokenizer};
+use oxclip_data_loader::{Dataset, ImageTransform, Loader, LoaderConfig, Preprocess, Sample, SkipCounts, SkipReason, Tokenizer};
 
 use crate::error::{io_err, Result, TrainError};
 use crate::model::{normalize, Clip, ModelConfig};
@@ -19,8 +20,19 @@ pub struct Embedder {
     _vs: nn::VarStore,
     /// `None`: the model embeds images only (no tokenizer that fits its text tower was given).
     tokenizer: Option<Tokenizer>,
+    preprocess: Preprocess,
     transform: ImageTransform,
     device: Device,
+}
+
+/// The images [`Embedder::embed_images`] embedded, and those it could not use.
+pub struct EmbeddedImages {
+    /// (n, d), row i = `kept[i]`.
+    pub embeds: Tensor,
+    pub kept: Vec<PathBuf>,
+    /// Each file that could not be used, with why in words, in the order given.
+    pub skipped: Vec<(PathBuf, String)>,
+    pub skip_counts: SkipCounts,
 }
 
 impl Embedder {
@@ -35,8 +47,9 @@ impl Embedder {
             crate::prepare::check_tokenizer(tokenizer, cfg, "the tokenizer")?;
         }
         let (vs, model) = crate::model::load(cfg, weights, device)?;
-        let transform = ImageTransform::eval_for(&crate::prepare::default_preprocess(cfg));
-        Ok(Self { model, _vs: vs, tokenizer, transform, device })
+        let preprocess = crate::prepare::default_preprocess(cfg);
+        let transform = ImageTransform::eval_for(&preprocess);
+        Ok(Self { model, _vs: vs, tokenizer, preprocess, transform, device })
     }
 
     /// The same model with images prepared by `preprocess` (the model's own mean/std, resize
@@ -48,6 +61,7 @@ impl Embedder {
             return Err(TrainError::Input(format!("image preprocessing for {}px images, but the model takes {size}px", preprocess.size)));
         }
         self.transform = ImageTransform::eval_for(preprocess);
+        self.preprocess = preprocess.clone();
         Ok(self)
     }
 
@@ -82,6 +96,57 @@ impl Embedder {
         Ok(cat_or_empty(&parts, self.model.config.embed_dim))
     }
 
+    /// Embeddings of the image files, `batch_size` at a time, decoded and transformed on
+    /// `workers` loader threads (the evaluation loader, files in the order given). A file that
+    /// cannot be read or decoded is skipped and reported, as the loader skips samples; only
+    /// when none is usable is it an error. `progress` is told how many files each batch took.
+    pub fn embed_images(&self, paths: &[PathBuf], batch_size: usize, workers: usize, progress: &mut dyn FnMut(u64)) -> Result<EmbeddedImages> {
+        let files = Arc::new(ImageFiles { paths: paths.to_vec(), failures: Mutex::new(Vec::new()) });
+        // The loader tokenizes every sample's caption; image files have none (an empty one is
+        // encoded and never read), so any tokenizer does.
+        let tokenizer = match &self.tokenizer {
+            Some(t) => t.clone(),
+            None => Tokenizer::clip_default()?,
+        };
+        let size = self.model.config.vision_cfg.image_size;
+        let context = self.model.config.text_cfg.context_length;
+        let mut loader = Loader::new(
+            Arc::clone(&files) as Arc<dyn Dataset>,
+            tokenizer,
+            LoaderConfig {
+                batch_size: batch_size.max(1),
+                rank: 0,
+                world_size: 1,
+                seed: 0,
+                image_size: size as u32,
+                context_length: context as usize,
+                workers: workers.max(1),
+                train: false,
+                preprocess: Some(self.preprocess.clone()),
+            },
+        )?;
+        let _guard = tch::no_grad_guard();
+        let (mut parts, mut kept, mut skip_counts) = (Vec::new(), Vec::new(), SkipCounts::new());
+        while let Some(batch) = loader.next_eval_batch()? {
+            skip_counts.merge(&batch.skipped);
+            progress(batch.batch_size as u64 + batch.skipped.total());
+            kept.extend(batch.indices.iter().map(|&i| paths[i as usize].clone()));
+            if batch.batch_size == 0 {
+                continue;
+            }
+            let (images, _) = crate::device::batch_to_device(&batch, size, context, self.device)?;
+            parts.push(normalize(&self.model.encode_image(&images).to_kind(Kind::Float)).to_device(Device::Cpu));
+        }
+        let mut failures = std::mem::take(&mut *files.failures.lock().unwrap_or_else(PoisonError::into_inner));
+        failures.sort_by_key(|(i, _)| *i);
+        let skipped: Vec<(PathBuf, String)> = failures.into_iter().map(|(i, reason)| (paths[i].clone(), unusable_image(&paths[i], reason).to_string())).collect();
+        if kept.is_empty() && !paths.is_empty() {
+            let first = skipped.first().map(|(_, why)| format!("; the first: {why}")).unwrap_or_default();
+            return Err(TrainError::Input(format!("none of the {} image(s) could be used ({skip_counts}){first}", paths.len())));
+        }
+        Ok(EmbeddedImages { embeds: cat_or_empty(&parts, self.model.config.embed_dim), kept, skipped, skip_counts })
+    }
+
     /// Embeddings of the texts, (m, d), tokenized as in training.
     pub fn embed_texts(&self, texts: &[String], batch_size: usize) -> Result<Tensor> {
         let tokenizer = self.tokenizer()?;
@@ -114,6 +179,38 @@ impl Embedder {
             None => logits.softmax(1, Kind::Double),
         };
         Ok(Vec::<f64>::try_from(&probs.view([-1]))?)
+    }
+}
+
+/// Image files as a dataset for the loader: sample i is file i, decoded as `embed` always
+/// has (PIL's pixel limit), without a caption. Which files failed, and why, is kept: the
+/// loader only counts skips by reason.
+struct ImageFiles {
+    paths: Vec<PathBuf>,
+    failures: Mutex<Vec<(usize, SkipReason)>>,
+}
+
+impl ImageFiles {
+    fn decode(&self, index: usize) -> std::result::Result<Sample, SkipReason> {
+        let path = self.paths.get(index).ok_or(SkipReason::MissingImage)?;
+        let bytes = std::fs::read(path).map_err(|_| SkipReason::MissingImage)?;
+        let image = decode_image(&bytes, DEFAULT_MAX_PIXELS)?;
+        let name = path.display().to_string();
+        Ok(Sample { image, caption: String::new(), label: None, key: name.clone(), source: Some(name) })
+    }
+}
+
+impl Dataset for ImageFiles {
+    fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    fn get(&self, index: usize) -> std::result::Result<Sample, SkipReason> {
+        self.decode(index).inspect_err(|&reason| self.failures.lock().unwrap_or_else(PoisonError::into_inner).push((index, reason)))
+    }
+
+    fn describe(&self, index: usize) -> String {
+        self.paths.get(index).map_or_else(|| format!("image {index} (out of range)"), |p| p.display().to_string())
     }
 }
 
@@ -233,6 +330,45 @@ mod tests {
         for message in [gif, broken] {
             assert!(!message.contains("training config"), "{message}");
         }
+    }
+
+    /// `embed` through the loader's threads gives each file the embedding the direct path
+    /// (decode, transform, encode one batch, as `classify` does) gives it, and names the file
+    /// it skips.
+    #[test]
+    fn loader_threads_embed_as_the_direct_path_and_skip_what_is_broken() {
+        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).expect("parses");
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("tiny.safetensors");
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = Clip::new(&vs.root(), &cfg).expect("builds");
+        vs.save(&weights).expect("saves");
+        let embedder = Embedder::new(&cfg, &weights, None, Device::Cpu).expect("loads");
+
+        // Real photos and drawings, JPEG and PNG, of several sizes.
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cli_parity");
+        let paths: Vec<PathBuf> = ["photo.jpg", "exact32.png", "photo45x37.jpg", "exact.png"].iter().map(|f| fixtures.join(f)).collect();
+        let broken = dir.path().join("broken.png");
+        std::fs::write(&broken, b"not a png").unwrap();
+        let mut all = paths.clone();
+        all.insert(2, broken.clone());
+
+        let direct = embedder.embed_image_files(&paths, 64).unwrap();
+        let mut seen = 0;
+        let loaded = embedder.embed_images(&all, 2, 3, &mut |n| seen += n).unwrap();
+        assert_eq!(seen, 5, "progress counts every file, skipped ones too");
+        assert_eq!(loaded.kept, paths);
+        assert_eq!(loaded.skipped.len(), 1);
+        assert_eq!(loaded.skipped[0].0, broken);
+        assert!(loaded.skipped[0].1.contains("broken.png") && loaded.skipped[0].1.contains("cannot be decoded"), "{}", loaded.skipped[0].1);
+        assert_eq!(loaded.skip_counts.total(), 1);
+        let diff = (&loaded.embeds - &direct).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "max abs diff {diff}");
+        // Distinct images, distinct rows: a row out of place would show.
+        assert!((loaded.embeds.get(0) - loaded.embeds.get(1)).abs().max().double_value(&[]) > 1e-4);
+
+        let none = embedder.embed_images(std::slice::from_ref(&broken), 4, 1, &mut |_| {}).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(none.contains("none of the 1 image(s) could be used") && none.contains("broken.png"), "{none}");
     }
 
     #[test]

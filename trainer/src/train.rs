@@ -375,10 +375,8 @@ impl Run<'_> {
 /// its keys go to the key log.
 fn next_batch(run: &mut Run) -> Result<(Tensor, Tensor, u64)> {
     let batch = run.loader.next_batch()?;
-    let (b, model) = (batch.batch_size as i64, &run.job.model);
-    let (image_size, context_length) = (model.vision_cfg.image_size, model.text_cfg.context_length);
-    let images = host_to_device(Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]), run.device)?;
-    let tokens = host_to_device(Tensor::from_slice(&batch.tokens).view([b, context_length]), run.device)?;
+    let model = &run.job.model;
+    let (images, tokens) = crate::device::batch_to_device(&batch, model.vision_cfg.image_size, model.text_cfg.context_length, run.device)?;
     if let Some(log) = run.key_log.as_mut() {
         log.write(run.state.step + 1, &batch.keys)?;
     }
@@ -531,16 +529,6 @@ impl KeyLog {
         let line = format!("{step}\t{}\n", keys.join(" "));
         self.file.write_all(line.as_bytes()).map_err(io_err(&self.path))
     }
-}
-
-/// Moves a batch tensor to the training device. On CUDA it goes through page-locked memory
-/// (libtorch's caching host allocator) so the copy is asynchronous and overlaps the step.
-fn host_to_device(host: Tensor, device: Device) -> Result<Tensor> {
-    if !device.is_cuda() {
-        return Ok(host);
-    }
-    let kind = host.kind();
-    Ok(host.f_pin_memory(device)?.f_to_device_(device, kind, true, false)?)
 }
 
 /// Picks the checkpoint to resume from, refusing to silently train over an existing run.

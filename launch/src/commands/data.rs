@@ -110,7 +110,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
         beside_existing: args.beside_existing,
         ..PackConfig::default()
     };
-    let bar = progress_bar("pack");
+    let bar = super::progress_bar("pack", "samples");
     let summary = oxclip_data_loader::pack::pack(&source, &args.out, &cfg, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
@@ -125,7 +125,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
 pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
     let spec = DataSpec::parse(&args.spec)?;
     let threads = args.threads.unwrap_or_else(oxclip_data_loader::stats::default_threads).max(1);
-    let bar = progress_bar("stats");
+    let bar = super::progress_bar("stats", "samples");
     let result = oxclip_data_loader::stats::stats(&spec, threads, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
@@ -181,15 +181,3 @@ pub fn show_shard_counting() {
     });
 }
 
-/// A bar on stderr (hidden when stderr is not a terminal), its length set by the first
-/// progress call.
-fn progress_bar(message: &'static str) -> ProgressBar {
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} samples ({per_sec}, eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_message(message);
-    bar
-}

@@ -8,10 +8,8 @@ use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
 use oxclip_data_loader::Tokenizer;
-use oxclip_trainer::device;
-use oxclip_trainer::infer::{image_files, Embedder};
-use oxclip_trainer::model::{write_safetensors, ModelConfig};
-
+use oxclip_trainer::infer::image_files;
+use oxclip_trainer::model::write_safetensors;
 
 /// Where the model comes from, shared by the commands that use one.
 #[derive(Args)]
@@ -36,22 +34,11 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn embedder(&self, text: bool) -> anyhow::Result<Embedder> {
-        let opened = self.open(text)?;
-        let device = device::select(&self.device, "--device")?;
-        Ok(Embedder::new(&opened.config, &opened.weights, opened.tokenizer, device)?.with_preprocess(&opened.preprocess)?)
-    }
-
-    /// The model, its tokenizer and preprocessing ([`super::open_model`]).
+    /// The model, its tokenizer, preprocessing and device ([`super::open_model`]).
     /// `text`: whether texts will be embedded (a tokenizer is then required).
     pub fn open(&self, text: bool) -> anyhow::Result<super::OpenedModel> {
-        super::open_model(&self.checkpoint, self.model.as_deref(), self.tokenizer.as_deref(), text)
+        super::open_model(&self.checkpoint, self.model.as_deref(), self.tokenizer.as_deref(), &self.device, text)
     }
-}
-
-/// `--tokenizer` (or the CLIP BPE) for the model `cfg`, checked against its text tower.
-pub fn tokenizer(path: Option<&Path>, cfg: &ModelConfig) -> anyhow::Result<Tokenizer> {
-    Ok(oxclip_trainer::prepare::text_tokenizer(path, cfg)?)
 }
 
 /// A JSON file holding a list of strings.
@@ -65,6 +52,7 @@ pub struct EmbedArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Image files or directories (searched recursively for .jpg/.jpeg/.png/.webp, sorted).
+    /// A file that cannot be read or decoded is skipped, named on stderr and counted.
     #[arg(long, num_args = 1..)]
     pub images: Vec<PathBuf>,
     /// A JSON file with a list of texts.
@@ -77,6 +65,9 @@ pub struct EmbedArgs {
     /// Images or texts embedded at a time.
     #[arg(long, default_value_t = 64, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_size: usize,
+    /// Threads decoding and transforming images.
+    #[arg(long, default_value_t = 4, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub workers: usize,
 }
 
 pub fn embed(args: EmbedArgs) -> anyhow::Result<()> {
@@ -92,12 +83,25 @@ pub fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     if let (Some(path), true) = (&args.texts_file, texts.is_empty()) {
         bail!("{} holds no texts (an empty list)", path.display());
     }
-    let embedder = args.model.embedder(args.texts_file.is_some())?;
+    let embedder = args.model.open(args.texts_file.is_some())?.embedder()?;
     let mut tensors = std::collections::BTreeMap::new();
     let mut metadata = HashMap::new();
+    let mut embedded_images = 0;
     if !args.images.is_empty() {
-        tensors.insert("image_embeds".to_owned(), embedder.embed_image_files(&images, args.batch_size)?);
-        let names: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
+        let bar = super::progress_bar("embed", "images");
+        bar.set_length(images.len() as u64);
+        let embedded = embedder.embed_images(&images, args.batch_size, args.workers, &mut |n| bar.inc(n))?;
+        bar.finish_and_clear();
+        // Each unusable file by name, then how many, as the loader reports skipped samples.
+        for (_, why) in &embedded.skipped {
+            tracing::warn!("skipped: {why}");
+        }
+        if !embedded.skipped.is_empty() {
+            tracing::warn!("{} of {} image(s) skipped ({}); {} embedded", embedded.skipped.len(), images.len(), embedded.skip_counts, embedded.kept.len());
+        }
+        embedded_images = embedded.kept.len();
+        tensors.insert("image_embeds".to_owned(), embedded.embeds);
+        let names: Vec<String> = embedded.kept.iter().map(|p| p.display().to_string()).collect();
         metadata.insert("images".to_owned(), serde_json::to_string(&names)?);
     }
     if args.texts_file.is_some() {
@@ -105,7 +109,9 @@ pub fn embed(args: EmbedArgs) -> anyhow::Result<()> {
         metadata.insert("texts".to_owned(), serde_json::to_string(&texts)?);
     }
     write_safetensors(&tensors, Some(metadata), &args.out)?;
-    println!("{} image(s), {} text(s) -> {}", images.len(), texts.len(), args.out.display());
+    let skipped = images.len() - embedded_images;
+    let skipped = if skipped > 0 { format!(" ({skipped} skipped)") } else { String::new() };
+    println!("{embedded_images} image(s){skipped}, {} text(s) -> {}", texts.len(), args.out.display());
     Ok(())
 }
 
@@ -127,7 +133,7 @@ pub struct ClassifyArgs {
 }
 
 pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
-    let embedder = args.model.embedder(true)?;
+    let embedder = args.model.open(true)?.embedder()?;
     let probs = embedder.classify(&args.image, &args.labels)?;
     let mut ranked: Vec<(&String, f64)> = args.labels.iter().zip(probs).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));

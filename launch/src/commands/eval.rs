@@ -11,7 +11,6 @@ use oxclip_data_loader::{DataSource, DataSpec};
 use oxclip_trainer::eval::{self, EvalResult};
 use oxclip_trainer::train::read_templates;
 use oxclip_trainer::collectives::SingleProcess;
-use oxclip_trainer::device;
 
 use super::embed::ModelArgs;
 
@@ -73,17 +72,19 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         (set.source, Some((set.classnames, read_templates(args.templates.as_deref())?)))
     };
     let opened = args.model.open(true)?;
-    let tokenizer = opened.tokenizer.context("no tokenizer for the model's text tower: give --tokenizer")?;
-    let cfg = &opened.config;
-    let device = device::select(&args.model.device, "--device")?;
-    let (_vs, model) = oxclip_trainer::model::load(cfg, &opened.weights, device)?;
+    let tokenizer = opened.text_tokenizer()?;
+    let device = opened.device;
+    let (_vs, model) = opened.load()?;
     let classifier = match &zero_shot {
         Some((names, templates)) => Some(eval::zero_shot_classifier(&model, &tokenizer, names, templates, device)?),
         None => None,
     };
-    let mut loader = eval::eval_loader_with(&source, tokenizer, cfg, &opened.preprocess, args.batch_size, args.workers, &SingleProcess)?;
-    let result = eval::evaluate(&model, &mut loader, classifier.as_ref(), retrieval, device, &SingleProcess)
+    let mut loader = eval::eval_loader_with(&source, tokenizer, &opened.config, &opened.preprocess, args.batch_size, args.workers, &SingleProcess)?;
+    let bar = super::progress_bar("eval", "samples");
+    bar.set_length(source.len());
+    let result = eval::evaluate_with_progress(&model, &mut loader, classifier.as_ref(), retrieval, device, &SingleProcess, &mut |n| bar.inc(n))
         .with_context(|| format!("evaluating {spec_text}"))?;
+    bar.finish_and_clear();
     print_result(&result, args.json);
     Ok(())
 }

@@ -10,8 +10,6 @@ use oxclip_trainer::checkpoint;
 use oxclip_trainer::model::export::{export, Format};
 use oxclip_trainer::weights_path::Found;
 
-use super::located_weights_and_model;
-
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ExportFormat {
     /// `open_clip_model.safetensors` + `open_clip_config.json`.
@@ -43,10 +41,11 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let (found, (weights_file, cfg)) = located_weights_and_model(&args.checkpoint, args.model.as_deref())?;
+    // Images only: a tokenizer that does not fit the text tower is still copied, not refused.
+    let opened = super::open_model(&args.checkpoint, args.model.as_deref(), None, "cpu", false)?;
     // Load through the model, so the export is exactly what training would start from and
     // any mismatch is reported by name.
-    let (vs, model) = oxclip_trainer::model::load(&cfg, &weights_file, tch::Device::Cpu)?;
+    let (vs, model) = opened.load()?;
     let cfg = model.config.clone(); // with the bias of a SigLIP file
     let weights: BTreeMap<String, tch::Tensor> = vs.variables().into_iter().collect();
     let format = match args.format {
@@ -55,15 +54,14 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     };
     // The preprocessing and tokenizer the model was used with travel with it (a model
     // directory's own, or the run's), so the export loads ready to use.
-    let (tokenizer, preprocess) = super::inputs_of(&found, &cfg)?;
-    let mut files = export(weights, &cfg, Some(&preprocess), format, &args.out)?;
-    if let Some(tokenizer) = tokenizer {
-        files.extend(copy_tokenizer(&tokenizer, &args.out)?);
+    let mut files = export(weights, &cfg, Some(&opened.preprocess), format, &args.out)?;
+    if let Some(tokenizer) = &opened.tokenizer_path {
+        files.extend(copy_tokenizer(tokenizer, &args.out)?);
     }
     for f in files {
         println!("{}", f.display());
     }
-    let what = match &found {
+    let what = match &opened.found {
         Found::Checkpoint { dir } => {
             let step = checkpoint::read_state(dir)?.step;
             // A step folder sits at RUN/checkpoints/step_N.
@@ -72,7 +70,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
                 _ => format!("step {step} ({})", dir.display()),
             }
         }
-        other => format!("{} ({})", weights_file.display(), other.describe()),
+        other => format!("{} ({})", opened.weights.display(), other.describe()),
     };
     let name = match args.format {
         ExportFormat::OpenClip => "open_clip",

@@ -11,11 +11,15 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use tch::{nn, Device};
 
 use oxclip_data_loader::{Preprocess, Tokenizer};
 use oxclip_trainer::checkpoint;
 use oxclip_trainer::config::DataConfig;
-use oxclip_trainer::model::{pretrained, ModelConfig};
+use oxclip_trainer::device;
+use oxclip_trainer::infer::Embedder;
+use oxclip_trainer::model::{pretrained, Clip, ModelConfig};
 use oxclip_trainer::prepare;
 use oxclip_trainer::weights_path::{self, Found};
 
@@ -28,7 +32,7 @@ use crate::config;
 /// config does; `model` (a built-in name, a model YAML or an `open_clip_config.json`) is then
 /// optional, and an error naming the differing keys where it contradicts the directory. A
 /// bare weights file needs `model`.
-pub fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Result<(Found, (PathBuf, ModelConfig))> {
+fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Result<(Found, (PathBuf, ModelConfig))> {
     let found = weights_path::locate(checkpoint)?;
     let pretrained = found.pretrained()?;
     let cfg = match (model, &found, pretrained) {
@@ -53,9 +57,12 @@ pub fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyh
     Ok((found, (weights, cfg)))
 }
 
-/// A model as every command opens it: its weights, its architecture, and how its text and
-/// images are prepared, each from the most specific source there is.
+/// A model as every command opens it: its weights, its architecture, how its text and
+/// images are prepared, each from the most specific source there is, and the device it runs
+/// on.
 pub struct OpenedModel {
+    /// What `--checkpoint` turned out to be.
+    pub found: Found,
     pub weights: PathBuf,
     pub config: ModelConfig,
     /// `None` only where no text is to be embedded and no tokenizer fits the text tower.
@@ -63,30 +70,81 @@ pub struct OpenedModel {
     /// The tokenizer file used (`None`: the CLIP BPE), for records such as an index.
     pub tokenizer_path: Option<PathBuf>,
     pub preprocess: Preprocess,
+    pub device: Device,
+}
+
+impl OpenedModel {
+    /// The weights loaded into the architecture, on the device.
+    pub fn load(&self) -> anyhow::Result<(nn::VarStore, Clip)> {
+        Ok(oxclip_trainer::model::load(&self.config, &self.weights, self.device)?)
+    }
+
+    /// The tokenizer, which a command embedding text cannot do without.
+    pub fn text_tokenizer(&self) -> anyhow::Result<Tokenizer> {
+        self.tokenizer.clone().context("no tokenizer for the model's text tower: give --tokenizer")
+    }
+
+    /// The model loaded, ready to embed images and (with a tokenizer) texts.
+    pub fn embedder(self) -> anyhow::Result<Embedder> {
+        Ok(Embedder::new(&self.config, &self.weights, self.tokenizer, self.device)?.with_preprocess(&self.preprocess)?)
+    }
 }
 
 /// Opens `checkpoint` ([`located_weights_and_model`]). The tokenizer is `tokenizer` (`--tokenizer`),
 /// else a model directory's `tokenizer.json`, else the run's `data.tokenizer` for a checkpoint,
 /// else the CLIP BPE; images are prepared as the model directory's preprocessing config, or
-/// the run's `data.*` keys for a checkpoint, or the model's defaults.
+/// the run's `data.*` keys for a checkpoint, or the model's defaults; `device` is the
+/// `--device` flag's value.
 /// Without `text` (images only), a tokenizer that does not fit the text tower is left out
 /// rather than refused, unless `tokenizer` asked for it.
-pub fn open_model(checkpoint: &Path, model: Option<&str>, tokenizer: Option<&Path>, text: bool) -> anyhow::Result<OpenedModel> {
+pub fn open_model(checkpoint: &Path, model: Option<&str>, tokenizer: Option<&Path>, device: &str, text: bool) -> anyhow::Result<OpenedModel> {
     let (found, (weights, config)) = located_weights_and_model(checkpoint, model)?;
     let (found_tokenizer, preprocess) = inputs_of(&found, &config)?;
     let tokenizer_path = tokenizer.map(Path::to_owned).or(found_tokenizer);
+    open_recorded(found, weights, config, tokenizer_path, tokenizer.is_some(), preprocess, device, text)
+}
+
+/// A model whose weights, architecture, tokenizer file and preprocessing are already known
+/// (an index records them): the tokenizer read and checked against the text tower, the
+/// device chosen. `asked`: the tokenizer was given on the command line, so one that does not
+/// fit is refused even without `text`.
+#[allow(clippy::too_many_arguments)] // the parts of an OpenedModel, each named at the call
+pub fn open_recorded(
+    found: Found,
+    weights: PathBuf,
+    config: ModelConfig,
+    tokenizer_path: Option<PathBuf>,
+    asked: bool,
+    preprocess: Preprocess,
+    device: &str,
+    text: bool,
+) -> anyhow::Result<OpenedModel> {
     let tokenizer = match prepare::text_tokenizer(tokenizer_path.as_deref(), &config) {
         Ok(t) => Some(t),
-        Err(_) if !text && tokenizer.is_none() => None,
+        Err(_) if !text && !asked => None,
         Err(e) => return Err(e.into()),
     };
-    Ok(OpenedModel { weights, config, tokenizer, tokenizer_path, preprocess })
+    let device = device::select(device, "--device")?;
+    Ok(OpenedModel { found, weights, config, tokenizer, tokenizer_path, preprocess, device })
+}
+
+/// A progress bar on stderr counting `unit` (hidden when stderr is not a terminal), its
+/// length set by the caller or the first progress call.
+pub fn progress_bar(message: &'static str, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(&format!("{{msg}} [{{bar:40}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})"))
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    bar
 }
 
 /// The tokenizer file and image preprocessing that came with what was found: a model
 /// directory's own, or a checkpoint's run config's (`data.tokenizer`, `data.image_*`), else
 /// none and the model's defaults.
-pub fn inputs_of(found: &Found, config: &ModelConfig) -> anyhow::Result<(Option<PathBuf>, Preprocess)> {
+fn inputs_of(found: &Found, config: &ModelConfig) -> anyhow::Result<(Option<PathBuf>, Preprocess)> {
     if let Some(dir) = found.pretrained()? {
         return Ok((dir.tokenizer.and_then(|t| t.tokenizer_json), dir.preprocess));
     }

@@ -15,12 +15,10 @@ use tch::{Kind, Tensor};
 
 use oxclip_data_loader::{DataSource, DataSpec};
 use oxclip_trainer::collectives::SingleProcess;
-use oxclip_trainer::device;
 use oxclip_trainer::eval;
-use oxclip_trainer::infer::Embedder;
 use oxclip_trainer::model::{normalize, write_safetensors, ModelConfig};
 
-use super::embed::{tokenizer, ModelArgs};
+use super::embed::ModelArgs;
 
 #[derive(Args)]
 pub struct IndexArgs {
@@ -42,21 +40,18 @@ pub struct IndexArgs {
 
 pub fn index(args: IndexArgs) -> anyhow::Result<()> {
     let opened = args.model.open(true)?;
-    let (cfg, weights) = (opened.config.clone(), opened.weights.clone());
-    let device = device::select(&args.model.device, "--device")?;
-    let (_vs, model) = oxclip_trainer::model::load(&cfg, &weights, device)?;
+    let (cfg, weights, device) = (opened.config.clone(), opened.weights.clone(), opened.device);
+    let (_vs, model) = opened.load()?;
     let source = DataSource::open(&DataSpec::parse(&args.data)?, 0)?;
-    let mut loader =
-        eval::eval_loader_with(&source, opened.tokenizer.context("no tokenizer for the model's text tower: give --tokenizer")?, &cfg, &opened.preprocess, args.batch_size, args.workers, &SingleProcess)?;
-    let progress = indicatif::ProgressBar::new(source.len());
+    let mut loader = eval::eval_loader_with(&source, opened.text_tokenizer()?, &cfg, &opened.preprocess, args.batch_size, args.workers, &SingleProcess)?;
+    let progress = super::progress_bar("index", "samples");
+    progress.set_length(source.len());
     let (size, context) = (cfg.vision_cfg.image_size, cfg.text_cfg.context_length);
     let (mut images, mut texts, mut keys, mut captions) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut sources = Vec::new();
     let _guard = tch::no_grad_guard();
     while let Some(batch) = loader.next_eval_batch()? {
-        let b = batch.batch_size as i64;
-        let pixels = Tensor::from_slice(&batch.images).view([b, 3, size, size]).to_device(device);
-        let tokens = Tensor::from_slice(&batch.tokens).view([b, context]).to_device(device);
+        let (pixels, tokens) = oxclip_trainer::device::batch_to_device(&batch, size, context, device)?;
         images.push(normalize(&model.encode_image(&pixels).to_kind(Kind::Float)).to_device(tch::Device::Cpu));
         texts.push(normalize(&model.encode_text(&tokens).to_kind(Kind::Float)).to_device(tch::Device::Cpu));
         progress.inc((batch.batch_size as u64 + batch.skipped.total()).max(1));
@@ -124,15 +119,15 @@ pub fn search(args: SearchArgs) -> anyhow::Result<()> {
     let sources: Vec<Option<String>> = meta.get("sources").and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
     let cfg: ModelConfig = serde_json::from_str(&field("model")?)?;
     let weights = PathBuf::from(field("weights")?);
-    let device = device::select(&args.device, "--device")?;
     // The index records how its model's inputs were prepared; older indexes, the defaults.
     let tokenizer_path = args.tokenizer.clone().or_else(|| meta.get("tokenizer").map(PathBuf::from));
     let preprocess = match meta.get("preprocess") {
         Some(p) => serde_json::from_str(p).with_context(|| format!("{}: its preprocess record", args.index.display()))?,
         None => oxclip_trainer::prepare::default_preprocess(&cfg),
     };
-    let embedder = Embedder::new(&cfg, &weights, Some(tokenizer(tokenizer_path.as_deref(), &cfg)?), device)
-        .and_then(|e| e.with_preprocess(&preprocess))
+    let found = oxclip_trainer::weights_path::Found::File(weights.clone());
+    let embedder = super::open_recorded(found, weights.clone(), cfg, tokenizer_path, args.tokenizer.is_some(), preprocess, &args.device, true)?
+        .embedder()
         .with_context(|| format!("the index's model ({})", weights.display()))?;
     let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&args.index)?.into_iter().collect();
     let (query, targets) = match (&args.text, &args.image) {

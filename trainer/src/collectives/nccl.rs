@@ -460,5 +460,15 @@ mod tests {
         let missing = Nccl::load_from(&["/nonexistent/oxclip-test/libnccl.so.2".to_owned()]).err().unwrap_or_default();
         assert!(missing.contains("NCCL not found"), "{missing}");
         assert!(missing.contains("OXCLIP_NCCL") && missing.contains("dist.backend: cpu"), "{missing}");
+        // The message names every file tried, in order, with the loader's reason.
+        let tried = ["/nonexistent/oxclip-test/a/libnccl.so.2", "/nonexistent/oxclip-test/b/libnccl.so"].map(String::from);
+        let both = Nccl::load_from(&tried).err().unwrap_or_default();
+        let (a, b) = (both.find(tried[0].as_str()), both.find(tried[1].as_str()));
+        assert!(a.is_some() && b.is_some() && a < b, "{both}");
+        // A library that opens but is not NCCL (the C library) is refused, and not as missing:
+        // load_from does not take the first file that opens on trust.
+        let not_nccl = Nccl::load_from(&["libc.so.6".to_owned()]).err().unwrap_or_default();
+        assert!(!not_nccl.is_empty() && !not_nccl.contains("NCCL not found"), "{not_nccl}");
+        assert!(not_nccl.contains("ncclGetUniqueId") || not_nccl.contains("CUDA runtime"), "{not_nccl}");
     }
 }
