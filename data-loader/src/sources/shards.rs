@@ -30,10 +30,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::DataError;
 use crate::formats::index::ShardIndex;
+use crate::formats::webdataset::{for_each_sample_in, write_atomic};
+use crate::parallel::{default_threads, map_in_order};
 use crate::seed::mix;
 use crate::skip::{SkipCounts, SkipReason};
-use crate::parallel::{default_threads, map_in_order};
-use crate::formats::webdataset::{for_each_sample_in, write_atomic};
 
 /// Read-buffer size for shard streams: large sequential reads.
 const READ_BUFFER: usize = 1 << 20;
