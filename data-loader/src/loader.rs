@@ -430,8 +430,8 @@ pub fn measure_throughput(loader: &mut Loader, batches: u64) -> Result<Throughpu
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::sources::{Sample, SyntheticDataset};
     use crate::skip::SkipReason;
+    use crate::sources::{Sample, SyntheticDataset};
 
     /// A word-level tokenizer over the synthetic captions' words, so these tests need no
     /// vocabulary download.

@@ -592,12 +592,12 @@ mod tests {
     use std::collections::BTreeMap;
     use std::path::{Path, PathBuf};
 
-    use crate::loader::tests::test_tokenizer;
+    use crate::formats::webdataset::ShardWriter;
     use crate::loader::Loader;
+    use crate::loader::tests::test_tokenizer;
+    use crate::plan::stream::ShardOptions;
     use crate::plan::{Batch, LoaderConfig, LoaderState};
     use crate::sources::shards::{ShardLocation, ShardSet, ShardSource};
-    use crate::plan::stream::ShardOptions;
-    use crate::formats::webdataset::ShardWriter;
 
     /// `counts[i]` samples in shard `i`, real JPEGs of synthetic scenes with captions and
     /// labels; keys are unique over all shards (`s{shard}-{n}`).

@@ -435,8 +435,8 @@ impl ShuffleBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::shards::{Shard, ShardLocation};
     use crate::skip::SkipCounts;
+    use crate::sources::shards::{Shard, ShardLocation};
 
     fn set(counts: &[u64]) -> ShardSet {
         ShardSet {

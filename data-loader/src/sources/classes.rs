@@ -6,11 +6,11 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::error::DataError;
-use crate::skip::SkipCounts;
-use super::folder::walk;
 use super::files::{Caption, Entry, FileDataset};
+use super::folder::walk;
+use crate::error::DataError;
 use crate::formats::image::is_image_path;
+use crate::skip::SkipCounts;
 
 /// The labelled images of `dir` and the class names (the folder names, in label order).
 pub fn load(dir: &Path) -> Result<(FileDataset, Vec<String>), DataError> {
@@ -49,8 +49,8 @@ pub fn load(dir: &Path) -> Result<(FileDataset, Vec<String>), DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::Dataset;
     use crate::formats::image::test_images::{jpeg, png, write};
+    use crate::sources::Dataset;
 
     #[test]
     fn class_folders_label_their_images() {

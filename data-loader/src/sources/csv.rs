@@ -11,10 +11,10 @@
 
 use std::path::Path;
 
-use crate::error::{first_few, DataError};
-use crate::skip::{SkipCounts, SkipReason};
 use super::files::{base_dir, skip_record, Caption, Entry, FileDataset, BAD_RECORD};
 use super::spec::CsvSpec;
+use crate::error::{first_few, DataError};
+use crate::skip::{SkipCounts, SkipReason};
 
 /// Reads the rows of `spec.path` into a [`FileDataset`]. A header without the image or
 /// caption column is an error naming the file and the columns it has.
@@ -174,8 +174,8 @@ fn quoted(names: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::Dataset;
     use crate::formats::image::test_images::{jpeg, png, write};
+    use crate::sources::Dataset;
     use crate::sources::spec::DataSpec;
 
     #[test]

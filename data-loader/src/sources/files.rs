@@ -210,8 +210,8 @@ pub(crate) fn base_dir(file: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-    use crate::formats::image::test_images::*;
     use super::*;
+    use crate::formats::image::test_images::*;
 
     #[test]
     fn file_dataset_reads_decodes_and_skips_on_get() {

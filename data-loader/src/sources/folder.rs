@@ -8,10 +8,10 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::error::DataError;
-use crate::skip::{SkipCounts, SkipReason};
 use super::files::{skip_record, Caption, Entry, FileDataset};
+use crate::error::DataError;
 use crate::formats::image::is_image_path;
+use crate::skip::{SkipCounts, SkipReason};
 
 /// Lists the images of `dir` and their captions into a [`FileDataset`].
 pub fn load(dir: &Path) -> Result<FileDataset, DataError> {
@@ -80,8 +80,8 @@ pub(crate) fn walk(root: &Path, relative: &Path, files: &mut BTreeSet<PathBuf>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::Dataset;
     use crate::formats::image::test_images::{jpeg, png, write};
+    use crate::sources::Dataset;
     use crate::sources::spec::DataSpec;
 
     #[test]

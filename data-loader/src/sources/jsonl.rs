@@ -11,11 +11,11 @@
 
 use serde_json::Value;
 
-use crate::error::{first_few, DataError};
-use crate::skip::{SkipCounts, SkipReason};
 use super::csv::class_index;
 use super::files::{base_dir, skip_record, Caption, Entry, FileDataset, BAD_RECORD};
 use super::spec::JsonlSpec;
+use crate::error::{first_few, DataError};
+use crate::skip::{SkipCounts, SkipReason};
 
 /// Reads the lines of `spec.path` into a [`FileDataset`].
 pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
@@ -166,8 +166,8 @@ fn type_name(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::Dataset;
     use crate::formats::image::test_images::{jpeg, png, write};
+    use crate::sources::Dataset;
     use crate::sources::spec::DataSpec;
 
     fn jsonl_spec(spec: &str) -> JsonlSpec {

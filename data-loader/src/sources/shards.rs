@@ -30,10 +30,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::DataError;
 use crate::formats::index::ShardIndex;
+use crate::formats::webdataset::{for_each_sample_in, write_atomic};
+use crate::parallel::{default_threads, map_in_order};
 use crate::seed::mix;
 use crate::skip::{SkipCounts, SkipReason};
-use crate::parallel::{default_threads, map_in_order};
-use crate::formats::webdataset::{for_each_sample_in, write_atomic};
 
 /// Read-buffer size for shard streams: large sequential reads.
 const READ_BUFFER: usize = 1 << 20;
@@ -628,5 +628,28 @@ mod tests {
         assert_eq!(set.shards[0].samples, 6);
         assert_eq!(set.open_skips.total(), 1);
         assert_eq!(set.open_skips.get("unreadable_shard"), Some(&1));
+    }
+
+    #[test]
+    fn counting_reports_progress_to_the_installed_hook() {
+        use std::collections::BTreeSet;
+        static CALLS: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
+        on_count_progress(|done, total| CALLS.lock().unwrap().push((done, total)));
+        let data = tempfile::tempdir().unwrap();
+        // More shards than threads, so that counting goes in several rounds.
+        let n = default_threads() as u64 + 3;
+        let locations: Vec<_> = (0..n)
+            .map(|i| {
+                let path = data.path().join(format!("{i:05}.tar"));
+                shard(&path, 2);
+                ShardLocation::File(path)
+            })
+            .collect();
+        let set = ShardSet::resolve_with_cache(&source(locations), None).unwrap();
+        assert_eq!(set.total_samples(), 2 * n);
+        let calls = CALLS.lock().unwrap().clone();
+        // Other tests count shards at the same time; ours are the calls with our total.
+        let ours: BTreeSet<u64> = calls.iter().filter(|c| c.1 == n).map(|c| c.0).collect();
+        assert!(ours.contains(&0) && ours.contains(&n) && ours.len() >= 3, "{calls:?}");
     }
 }

@@ -12,8 +12,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::DataError;
 use super::shards::{ShardLocation, ShardSource};
+use crate::error::DataError;
 
 /// Most shard paths one spec may expand to; far above any real dataset, low enough that a
 /// typo like `{0..99999999999}` fails at once instead of filling memory.

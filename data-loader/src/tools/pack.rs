@@ -21,15 +21,15 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::sources::Dataset;
 use crate::error::{first_few, DataError};
-use crate::skip::{SkipCounts, SkipReason};
-use crate::formats::webdataset::usable_caption;
-use crate::sources::FileDataset;
-use crate::parallel::map_in_order;
-use crate::formats::index::{ShardIndex, ShardIndexEntry};
 use crate::formats::image::{decode_image, DEFAULT_MAX_PIXELS};
-use crate::formats::webdataset::{is_plain_shard_name, remove_stale_shards, write_atomic, ShardWriter};
+use crate::formats::index::{ShardIndex, ShardIndexEntry};
+use crate::formats::webdataset::{
+    is_plain_shard_name, remove_stale_shards, usable_caption, write_atomic, ShardWriter,
+};
+use crate::parallel::map_in_order;
+use crate::skip::{SkipCounts, SkipReason};
+use crate::sources::{Dataset, FileDataset};
 
 /// Inputs prepared on the threads between two writes (and held in memory at once, encoded).
 const CHUNK_SAMPLES: usize = 256;
@@ -436,11 +436,11 @@ fn downscale(img: &RgbImage, side: u32) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::formats::image::test_images::{jpeg, png, write};
-    use crate::sources::{csv, folder};
-    use crate::sources::spec::{CsvSpec, DataSpec};
     use crate::formats::image::decode_image;
+    use crate::formats::image::test_images::{jpeg, png, write};
     use crate::formats::webdataset::read_shard;
+    use crate::sources::spec::{CsvSpec, DataSpec};
+    use crate::sources::{csv, folder};
 
     fn csv_source(path: &Path) -> FileDataset {
         let DataSpec::Csv(spec) = DataSpec::parse(path.to_str().unwrap()).unwrap() else {

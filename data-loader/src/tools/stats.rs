@@ -5,15 +5,15 @@ use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
 
-use crate::sources::{open_indexed, Dataset};
 use crate::error::DataError;
-pub use crate::parallel::default_threads;
-use crate::parallel::map_in_order;
-use crate::sources::shards::ShardSet;
-use crate::skip::{SampleError, SkipCounts, SkipReason};
-use crate::sources::spec::DataSpec;
 use crate::formats::image::DEFAULT_MAX_PIXELS;
 use crate::formats::webdataset::{for_each_sample_in, RawSample};
+pub use crate::parallel::default_threads;
+use crate::parallel::map_in_order;
+use crate::skip::{SampleError, SkipCounts, SkipReason};
+use crate::sources::shards::ShardSet;
+use crate::sources::spec::DataSpec;
+use crate::sources::{open_indexed, Dataset};
 
 /// Samples decoded between two progress calls (and held by the threads at once).
 const CHUNK_SAMPLES: usize = 512;
