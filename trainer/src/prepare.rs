@@ -72,7 +72,7 @@ pub fn text_tokenizer(path: Option<&Path>, model: &ModelConfig) -> Result<Tokeni
     Ok(tokenizer)
 }
 
-/// A tokenizer without a model (`oxclip tokenize`): the CLIP BPE, a tokenizer.json without a
+/// A tokenizer without a model (`oxclip tokenizer encode`): the CLIP BPE, a tokenizer.json without a
 /// post-processor as open_clip's CLIP `tokenize`, any other as transformers'
 /// `AutoTokenizer`.
 pub fn standalone_tokenizer(path: Option<&Path>) -> Result<Tokenizer> {
