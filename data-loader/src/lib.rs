@@ -12,6 +12,8 @@
 //! - [`dataset`]: [`DataSource`] for a spec (shards, or an indexed dataset: [`SyntheticDataset`],
 //!   CSV, JSONL, folders).
 //! - [`transform`]: decode, open_clip's train/eval image transforms, normalisation.
+//! - [`augment`]: open_clip's training augmentations (`data.augment`): crop ranges, colour
+//!   jitter and grayscale on the 8-bit crop, as Pillow computes them.
 //! - [`tokenizer`]: the OpenAI CLIP BPE (or any tokenizer.json), ids exactly as
 //!   `open_clip.tokenize`.
 //! - [`loader`]: the [`Loader`] the trainer pulls [`Batch`]es from: deterministic for a seed,
@@ -41,6 +43,7 @@ pub mod stats;
 pub mod stream;
 mod stream_pipeline;
 pub mod synth;
+pub mod augment;
 pub mod tokenizer;
 pub mod transform;
 pub mod webdataset;

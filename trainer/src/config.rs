@@ -70,6 +70,10 @@ pub struct DataConfig {
     /// to audit what a run saw.
     #[serde(default)]
     pub log_keys: bool,
+    /// Training augmentations (open_clip's `aug_cfg`): `scale`, `ratio`, `color_jitter`,
+    /// `color_jitter_prob`, `gray_scale_prob`; the defaults are open_clip's crop alone.
+    #[serde(default, skip_serializing_if = "oxclip_data_loader::augment::Augment::is_default")]
+    pub augment: oxclip_data_loader::augment::Augment,
 }
 
 impl DataConfig {
@@ -92,6 +96,8 @@ impl DataConfig {
         if let Some(interpolation) = self.interpolation {
             p.interpolation = interpolation;
         }
+        self.augment.validate().map_err(TrainError::Config)?;
+        p.augment = self.augment;
         Ok(p)
     }
 

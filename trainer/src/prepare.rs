@@ -205,4 +205,35 @@ mod tests {
         assert!(bad.preprocess(&siglip).unwrap_err().to_string().contains("data.image_std"));
         assert!(serde_yaml::from_str::<crate::config::DataConfig>("train: x\nresize_mode: crop\n").is_err());
     }
+
+    #[test]
+    fn data_augment_reaches_the_preprocessing_and_is_validated() {
+        use oxclip_data_loader::augment::{Augment, ColorJitter};
+        let clip = model(serde_json::json!({"embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map", "timm_proj": "none"},
+            "text_cfg": {"vocab_size": 400, "pool_type": "last"}}));
+        let data: crate::config::DataConfig = serde_yaml::from_str(
+            "train: synthetic:8\naugment:\n  scale: [0.4, 1.0]\n  color_jitter: [0.4, 0.4, 0.4, 0.1]\n  color_jitter_prob: 0.8\n  gray_scale_prob: 0.2\n",
+        )
+        .unwrap();
+        let p = data.preprocess(&clip).unwrap();
+        let jitter = ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1 };
+        assert_eq!(p.augment, Augment { scale: [0.4, 1.0], color_jitter: Some(jitter), color_jitter_prob: Some(0.8), gray_scale_prob: 0.2, ..Augment::default() });
+        // Written back (config.yaml, `config show`) only when set.
+        assert!(serde_yaml::to_string(&data).unwrap().contains("gray_scale_prob: 0.2"));
+        let plain: crate::config::DataConfig = serde_yaml::from_str("train: synthetic:8\n").unwrap();
+        assert!(!serde_yaml::to_string(&plain).unwrap().contains("augment"));
+        for (yaml, key) in [
+            ("scale: [0, 1]", "data.augment.scale"),
+            ("ratio: [2, 1]", "data.augment.ratio"),
+            ("gray_scale_prob: 2", "data.augment.gray_scale_prob"),
+            ("color_jitter: 0.4", "data.augment.color_jitter_prob"),
+        ] {
+            let bad: crate::config::DataConfig = serde_yaml::from_str(&format!("train: synthetic:8\naugment:\n  {yaml}\n")).unwrap();
+            let err = bad.preprocess(&clip).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+        let typo = serde_yaml::from_str::<crate::config::DataConfig>("train: x\naugment:\n  grey_scale_prob: 0.2\n").unwrap_err().to_string();
+        assert!(typo.contains("grey_scale_prob"), "{typo}");
+    }
 }
