@@ -16,9 +16,11 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 
-/// `data.augment`: what the training transform does beyond open_clip's defaults.
+/// `data.augment`: what the training transform does beyond open_clip's defaults. Checked
+/// ([`validate`](Self::validate)) as it is read, so every command that reads a config
+/// refuses the same values with the same message.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, try_from = "Unchecked")]
 pub struct Augment {
     /// Area of the random crop as a share of the image, `[min, max]` (open_clip's 0.9..1).
     pub scale: [f64; 2],
@@ -32,6 +34,40 @@ pub struct Augment {
     pub color_jitter_prob: Option<f64>,
     /// Probability of turning an image grey (three equal channels).
     pub gray_scale_prob: f64,
+}
+
+/// [`Augment`] as written, before [`Augment::validate`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Unchecked {
+    scale: [f64; 2],
+    ratio: [f64; 2],
+    color_jitter: Option<ColorJitter>,
+    color_jitter_prob: Option<f64>,
+    gray_scale_prob: f64,
+}
+
+impl Default for Unchecked {
+    fn default() -> Self {
+        let Augment { scale, ratio, color_jitter, color_jitter_prob, gray_scale_prob } = Augment::default();
+        Self { scale, ratio, color_jitter, color_jitter_prob, gray_scale_prob }
+    }
+}
+
+impl TryFrom<Unchecked> for Augment {
+    type Error = String;
+
+    fn try_from(u: Unchecked) -> Result<Self, String> {
+        let augment = Augment {
+            scale: u.scale,
+            ratio: u.ratio,
+            color_jitter: u.color_jitter,
+            color_jitter_prob: u.color_jitter_prob,
+            gray_scale_prob: u.gray_scale_prob,
+        };
+        augment.validate()?;
+        Ok(augment)
+    }
 }
 
 impl Default for Augment {
@@ -469,12 +505,15 @@ mod tests {
     fn a_config_reads_a_number_or_four() {
         let one: Augment = serde_json::from_str(r#"{"color_jitter": 0.4, "color_jitter_prob": 0.8}"#).unwrap();
         assert_eq!(one.color_jitter, Some(ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.0 }));
-        let four: Augment = serde_json::from_str(r#"{"color_jitter": [0.1, 0.2, 0.3, 0.05], "scale": [0.5, 1]}"#).unwrap();
+        let four: Augment = serde_json::from_str(r#"{"color_jitter": [0.1, 0.2, 0.3, 0.05], "color_jitter_prob": 1, "scale": [0.5, 1]}"#).unwrap();
         assert_eq!(four.color_jitter, Some(ColorJitter { brightness: 0.1, contrast: 0.2, saturation: 0.3, hue: 0.05 }));
         assert_eq!(four.scale, [0.5, 1.0]);
         let three = serde_json::from_str::<Augment>(r#"{"color_jitter": [0.1, 0.2, 0.3]}"#).unwrap_err().to_string();
         assert!(three.contains("[brightness, contrast, saturation, hue]"), "{three}");
         assert!(serde_json::from_str::<Augment>(r#"{"colour_jitter": 0.4}"#).unwrap_err().to_string().contains("colour_jitter"));
+        // Values are checked as they are read.
+        let bad = serde_json::from_str::<Augment>(r#"{"scale": [0.5, 2]}"#).unwrap_err().to_string();
+        assert!(bad.contains("data.augment.scale"), "{bad}");
         // Written back as four numbers, and not at all when default.
         assert_eq!(serde_json::to_value(four).unwrap()["color_jitter"], serde_json::json!([0.1, 0.2, 0.3, 0.05]));
         assert!(Augment::default().is_default());
