@@ -71,6 +71,10 @@ pub struct DataConfig {
     /// to audit what a run saw.
     #[serde(default)]
     pub log_keys: bool,
+    /// Training augmentations (open_clip's `aug_cfg`): `scale`, `ratio`, `color_jitter`,
+    /// `color_jitter_prob`, `gray_scale_prob`; the defaults are open_clip's crop alone.
+    #[serde(default, skip_serializing_if = "crate::augment::Augment::is_default")]
+    pub augment: crate::augment::Augment,
 }
 
 impl DataConfig {

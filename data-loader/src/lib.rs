@@ -9,7 +9,8 @@
 //!    what stops a run, seed mixing, a parallel map.
 //! 1. [`formats`]: WebDataset tar shards, their `index.json`, image decode; [`tokenizer`]: the
 //!    OpenAI CLIP BPE (or any tokenizer.json), ids exactly as `open_clip.tokenize`;
-//!    [`transform`]: open_clip's train/eval image transforms.
+//!    [`transform`]: open_clip's train/eval image transforms; [`augment`]: its training
+//!    augmentations (`data.augment`: crop ranges, colour jitter, grayscale on the 8-bit crop).
 //! 2. [`sources`]: what a data spec opens to: the [`DataSpec`] the user writes, the shard
 //!    catalog (local files or `pipe:` commands with their counts), synthetic scenes, CSV/TSV,
 //!    JSONL and image folders, as a [`DataSource`].
@@ -32,6 +33,7 @@ pub mod parallel;
 pub mod seed;
 pub mod skip;
 
+pub mod augment;
 pub mod formats;
 pub mod tokenizer;
 pub mod transform;

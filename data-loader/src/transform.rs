@@ -21,6 +21,8 @@ use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::augment::Augment;
+
 /// Per-channel mean of OpenAI's CLIP training images (RGB, in [0, 1]).
 pub const OPENAI_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// Per-channel standard deviation of OpenAI's CLIP training images. (The digits are
@@ -43,6 +45,10 @@ pub struct Preprocess {
     pub interpolation: Interpolation,
     #[serde(default)]
     pub resize_mode: ResizeMode,
+    /// Training only (open_clip's `aug_cfg`, not part of its `PreprocessCfg`): the crop's
+    /// ranges and the colour augmentations. Evaluation ignores it.
+    #[serde(default, skip_serializing_if = "Augment::is_default")]
+    pub augment: Augment,
 }
 
 // Configs holding a Preprocess compare with `==`; its floats are checked finite where they
@@ -80,6 +86,7 @@ impl Preprocess {
             std: OPENAI_STD,
             interpolation: Interpolation::Bicubic,
             resize_mode: ResizeMode::Shortest,
+            augment: Augment::default(),
         }
     }
 
@@ -91,6 +98,7 @@ impl Preprocess {
             std: [0.5; 3],
             interpolation: Interpolation::Bicubic,
             resize_mode: ResizeMode::Squash,
+            augment: Augment::default(),
         }
     }
 }
@@ -169,10 +177,7 @@ fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
-    Train {
-        scale: (f64, f64),
-        ratio: (f64, f64),
-    },
+    Train { augment: Augment },
     Eval,
 }
 
@@ -193,10 +198,7 @@ impl ImageTransform {
     pub fn train(image_size: u32) -> Self {
         Self {
             image_size,
-            mode: Mode::Train {
-                scale: (0.9, 1.0),
-                ratio: (3.0 / 4.0, 4.0 / 3.0),
-            },
+            mode: Mode::Train { augment: Augment::default() },
             mean: OPENAI_MEAN,
             std: OPENAI_STD,
             interpolation: Interpolation::Bicubic,
@@ -209,10 +211,12 @@ impl ImageTransform {
         Self::eval_for(&Preprocess::openai(image_size))
     }
 
-    /// The train transform for a model's preprocessing: its size and mean/std (the crop and
-    /// its bicubic resize are open_clip's whatever the resize mode).
+    /// The train transform for a model's preprocessing: its size, mean/std and `augment`
+    /// (the crop and its bicubic resize are open_clip's whatever the resize mode).
     pub fn train_for(p: &Preprocess) -> Self {
-        Self::train(p.size).with_normalization(p.mean, p.std)
+        let mut t = Self::train(p.size).with_normalization(p.mean, p.std);
+        t.mode = Mode::Train { augment: p.augment };
+        t
     }
 
     /// The eval transform for a model's preprocessing: its resize mode, interpolation,
@@ -261,11 +265,13 @@ impl ImageTransform {
             return;
         }
         match self.mode {
-            Mode::Train { scale, ratio } => {
+            Mode::Train { augment } => {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                let [scale, ratio] = [augment.scale, augment.ratio].map(|[lo, hi]| (lo, hi));
                 let c =
                     random_resized_crop_params(img.width(), img.height(), scale, ratio, &mut rng);
-                let resized = resize_rgb(img, c, s, s, Interpolation::Bicubic);
+                let mut resized = resize_rgb(img, c, s, s, Interpolation::Bicubic);
+                augment.apply_colour(&mut resized, &mut rng);
                 self.normalize_into(&resized, s, 0, 0, out);
             }
             Mode::Eval => self.apply_eval(img, out),
@@ -560,6 +566,45 @@ mod tests {
         }
     }
 
+    /// `data.augment`: the defaults are today's transform exactly; a wider scale gives other
+    /// crops; grayscale keeps the crop (drawn first) and makes the channels equal.
+    #[test]
+    fn train_augment_defaults_change_nothing() {
+        let img = gradient(97, 83);
+        let bytes = |augment: Augment| {
+            // mean 0, std 1/255: the output is the 8-bit crop itself.
+            let p = Preprocess { mean: [0.0; 3], std: [1.0 / 255.0; 3], augment, ..Preprocess::openai(32) };
+            let t = ImageTransform::train_for(&p);
+            (0..8u64)
+                .map(|seed| {
+                    let mut out = vec![0.0; t.output_len()];
+                    t.apply(&img, seed, &mut out);
+                    out
+                })
+                .collect::<Vec<_>>()
+        };
+        let plain = ImageTransform::train(32).with_normalization([0.0; 3], [1.0 / 255.0; 3]);
+        let today: Vec<Vec<f32>> = (0..8u64)
+            .map(|seed| {
+                let mut out = vec![0.0; plain.output_len()];
+                plain.apply(&img, seed, &mut out);
+                out
+            })
+            .collect();
+        assert!(bytes(Augment::default()) == today);
+        assert!(bytes(Augment { scale: [0.08, 1.0], ratio: [0.5, 2.0], ..Augment::default() }) != today);
+        let grey = bytes(Augment { gray_scale_prob: 1.0, ..Augment::default() });
+        for (g, t) in grey.iter().zip(&today) {
+            let plane = 32 * 32;
+            assert!(g[..plane] == g[plane..2 * plane] && g[..plane] == g[2 * plane..]);
+            for i in 0..plane {
+                let [r, g8, b] = [t[i], t[plane + i], t[2 * plane + i]].map(|v| v.round() as u32);
+                let luma = (r * 19595 + g8 * 38470 + b * 7471 + 32768) >> 16;
+                assert!((g[i] - luma as f32).abs() < 1e-3, "{} vs {luma}", g[i]);
+            }
+        }
+    }
+
     #[test]
     fn train_transform_is_deterministic_per_seed() {
         // Near-square: with scale >= 0.9, a 3:2 image could only take the centre fallback.
@@ -657,6 +702,7 @@ mod preprocess_tests {
                 std: serde_json::from_value(case["std"].clone()).unwrap(),
                 interpolation: serde_json::from_value(case["interpolation"].clone()).unwrap(),
                 resize_mode: serde_json::from_value(case["resize_mode"].clone()).unwrap(),
+                augment: Default::default(),
             };
             let bytes = std::fs::read(dir.join(case["image"].as_str().unwrap())).unwrap();
             let img = decode_image(&bytes, DEFAULT_MAX_PIXELS).unwrap();

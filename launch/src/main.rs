@@ -35,12 +35,13 @@ enum Command {
     Index(commands::search::IndexArgs),
     /// The indexed images best matching a text, or captions best matching an image.
     Search(commands::search::SearchArgs),
-    /// Token ids of texts, exactly as open_clip.tokenize gives them.
-    Tokenize(commands::embed::TokenizeArgs),
-    /// Tokenizers.
+    /// `oxclip tokenizer encode` under its old name, kept for scripts.
+    #[command(hide = true)]
+    Tokenize(commands::tokenizer::EncodeArgs),
+    /// Texts to token ids (`encode`), and training a new BPE on captions (`train`).
     Tokenizer {
         #[command(subcommand)]
-        command: TokenizerCommand,
+        command: commands::tokenizer::TokenizerCommand,
     },
     /// Write a checkpoint as a directory open_clip or Hugging Face loads:
     /// `oxclip export --checkpoint runs/x --format hf --out exported/`.
@@ -66,12 +67,6 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
-}
-
-#[derive(Subcommand)]
-enum TokenizerCommand {
-    /// Train a CLIP-style BPE tokenizer on a dataset's captions.
-    Train(commands::embed::TokenizerTrainArgs),
 }
 
 #[derive(Subcommand)]
@@ -155,8 +150,8 @@ fn main() -> ExitCode {
         Command::Embed(args) => commands::embed::embed(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Classify(args) => commands::embed::classify(args),
-        Command::Tokenize(args) => commands::embed::tokenize(args),
-        Command::Tokenizer { command: TokenizerCommand::Train(args) } => commands::embed::tokenizer_train(args),
+        Command::Tokenize(args) => commands::tokenizer::encode(args),
+        Command::Tokenizer { command } => commands::tokenizer::run(command),
         Command::Index(args) => commands::search::index(args),
         Command::Search(args) => commands::search::search(args),
         Command::Model { command } => commands::model::run(command),

@@ -1,10 +1,11 @@
-//! `oxclip tokenize`, `embed` and `classify` end to end on the real binary.
+//! `oxclip tokenizer encode`, `embed` and `classify` end to end on the real binary.
 
 mod util;
 
 use util::*;
 
-/// `oxclip tokenize` gives open_clip's ids for every case of the golden file.
+/// `oxclip tokenizer encode` gives open_clip's ids for every case of the golden file; so does
+/// `oxclip tokenize`, its old name.
 #[test]
 fn tokenize_matches_open_clip() {
     let golden: serde_json::Value = serde_json::from_str(include_str!("../../tests/fixtures/tokenizer_golden.json")).expect("golden");
@@ -13,13 +14,19 @@ fn tokenize_matches_open_clip() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (input, output) = (dir.path().join("texts.json"), dir.path().join("ids.json"));
     std::fs::write(&input, serde_json::to_string(&texts).expect("json")).expect("write");
-    run_ok(oxclip().args(["tokenize", "--texts-file"]).arg(&input).arg("--out").arg(&output));
+    run_ok(oxclip().args(["tokenizer", "encode", "--texts-file"]).arg(&input).arg("--out").arg(&output));
     let ids: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(&output).expect("read")).expect("ids");
     assert_eq!(ids.len(), cases.len());
     for (got, case) in ids.iter().zip(cases) {
         let want: Vec<i64> = serde_json::from_value(case["ids"].clone()).expect("ids");
         assert_eq!(got, &want, "{}", case["text"]);
     }
+    let old_name = run_ok(oxclip().args(["tokenize", "--texts-file"]).arg(&input));
+    let old_ids: Vec<Vec<i64>> = serde_json::from_slice(&old_name.stdout).expect("ids");
+    assert_eq!(old_ids, ids);
+    // The help lists one tokenizer command; the old name is hidden.
+    let help = String::from_utf8_lossy(&run_ok(oxclip().arg("--help")).stdout).into_owned();
+    assert!(help.contains("tokenizer") && !help.lines().any(|l| l.trim_start().starts_with("tokenize ")), "{help}");
     // Bad input is an error naming the file.
     std::fs::write(&input, "{\"not\": \"a list\"}").expect("write");
     let out = oxclip().args(["tokenize", "--texts-file"]).arg(&input).output().expect("runs");
@@ -167,7 +174,7 @@ fn tokenizer_train_writes_a_tokenizer_that_tokenize_uses() {
     assert!(String::from_utf8_lossy(&printed.stdout).contains("trained on 200 captions (0 skipped): 590 tokens"));
     let texts = dir.path().join("texts.json");
     std::fs::write(&texts, r#"["a large red circle above a small blue square"]"#).expect("write");
-    let ids = run_ok(oxclip().args(["tokenize", "--context-length", "16", "--tokenizer"]).arg(&out).arg("--texts-file").arg(&texts));
+    let ids = run_ok(oxclip().args(["tokenizer", "encode", "--context-length", "16", "--tokenizer"]).arg(&out).arg("--texts-file").arg(&texts));
     let ids: Vec<Vec<i64>> = serde_json::from_slice(&ids.stdout).expect("ids");
     let row = &ids[0];
     let eot = *row.iter().max().expect("ids");

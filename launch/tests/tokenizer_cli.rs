@@ -89,8 +89,8 @@ fn a_sentencepiece_tokenizer_trains_embeds_and_mismatches_are_refused() {
     let argmax = model_yaml(dir.path(), 400, "argmax");
     fails_with(oxclip().args(["train", "--config"]).arg(run_config(dir.path(), &data, &argmax, &tokenizer, "argmax")), &["argmax", "end token id 1"]);
 
-    // `tokenize` prepares it as transformers does: `</s>` last, padded with its pad id (1).
-    let ids = run_ok(oxclip().args(["tokenize", "--context-length", "8", "--tokenizer"]).arg(&tokenizer).arg("--texts-file").arg(&texts));
+    // `tokenizer encode` prepares it as transformers does: `</s>` last, padded with its pad id (1).
+    let ids = run_ok(oxclip().args(["tokenizer", "encode", "--context-length", "8", "--tokenizer"]).arg(&tokenizer).arg("--texts-file").arg(&texts));
     let ids: Vec<Vec<i64>> = serde_json::from_slice(&ids.stdout).expect("ids");
     let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tokenizer.join("golden.json")).expect("golden")).expect("json");
     assert_eq!(ids.len(), 2);

@@ -46,6 +46,8 @@ pub fn data_preprocess(data: &DataConfig, model: &ModelConfig) -> Result<Preproc
     if let Some(interpolation) = data.interpolation {
         p.interpolation = interpolation;
     }
+    data.augment.validate().map_err(TrainError::Config)?;
+    p.augment = data.augment;
     Ok(p)
 }
 
@@ -104,7 +106,7 @@ pub fn text_tokenizer(path: Option<&Path>, model: &ModelConfig) -> Result<Tokeni
     Ok(tokenizer)
 }
 
-/// A tokenizer without a model (`oxclip tokenize`): the CLIP BPE, a tokenizer.json without a
+/// A tokenizer without a model (`oxclip tokenizer encode`): the CLIP BPE, a tokenizer.json without a
 /// post-processor as open_clip's CLIP `tokenize`, any other as transformers'
 /// `AutoTokenizer`.
 pub fn standalone_tokenizer(path: Option<&Path>) -> Result<Tokenizer> {
@@ -236,5 +238,38 @@ mod tests {
         let bad: DataConfig = serde_yaml::from_str("train: synthetic:8\nimage_std: [0.5, 0, 0.5]\n").unwrap();
         assert!(data_preprocess(&bad, &siglip).unwrap_err().to_string().contains("data.image_std"));
         assert!(serde_yaml::from_str::<DataConfig>("train: x\nresize_mode: crop\n").is_err());
+    }
+
+    #[test]
+    fn data_augment_reaches_the_preprocessing_and_is_validated() {
+        use oxclip_data_loader::augment::{Augment, ColorJitter};
+        let clip = model(serde_json::json!({"embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map", "timm_proj": "none"},
+            "text_cfg": {"vocab_size": 400, "pool_type": "last"}}));
+        let data: crate::config::DataConfig = serde_yaml::from_str(
+            "train: synthetic:8\naugment:\n  scale: [0.4, 1.0]\n  color_jitter: [0.4, 0.4, 0.4, 0.1]\n  color_jitter_prob: 0.8\n  gray_scale_prob: 0.2\n",
+        )
+        .unwrap();
+        let p = data_preprocess(&data, &clip).unwrap();
+        let jitter = ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1 };
+        assert_eq!(p.augment, Augment { scale: [0.4, 1.0], color_jitter: Some(jitter), color_jitter_prob: Some(0.8), gray_scale_prob: 0.2, ..Augment::default() });
+        // Written back (config.yaml, `config show`) only when set.
+        assert!(serde_yaml::to_string(&data).unwrap().contains("gray_scale_prob: 0.2"));
+        let plain: crate::config::DataConfig = serde_yaml::from_str("train: synthetic:8\n").unwrap();
+        assert!(!serde_yaml::to_string(&plain).unwrap().contains("augment"));
+        // Refused as the config is read (so by `config show` as by `train`), naming the key.
+        for (yaml, key) in [
+            ("scale: [0, 1]", "data.augment.scale"),
+            ("ratio: [2, 1]", "data.augment.ratio"),
+            ("gray_scale_prob: 2", "data.augment.gray_scale_prob"),
+            ("color_jitter: 0.4", "data.augment.color_jitter_prob"),
+        ] {
+            let err = serde_yaml::from_str::<crate::config::DataConfig>(&format!("train: synthetic:8\naugment:\n  {yaml}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+        let typo = serde_yaml::from_str::<crate::config::DataConfig>("train: x\naugment:\n  grey_scale_prob: 0.2\n").unwrap_err().to_string();
+        assert!(typo.contains("grey_scale_prob"), "{typo}");
     }
 }

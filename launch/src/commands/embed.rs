@@ -1,4 +1,4 @@
-//! `oxclip embed`, `oxclip classify` and `oxclip tokenize`: a trained model used directly.
+//! `oxclip embed` and `oxclip classify`: a trained model used directly.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,7 +7,6 @@ use anyhow::{bail, Context};
 use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
-use oxclip_data_loader::Tokenizer;
 use oxclip_trainer::infer::image_files;
 use oxclip_trainer::model::write_safetensors;
 
@@ -42,7 +41,7 @@ impl ModelArgs {
 }
 
 /// A JSON file holding a list of strings.
-fn read_texts(path: &Path) -> anyhow::Result<Vec<String>> {
+pub(crate) fn read_texts(path: &Path) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of strings", path.display()))
 }
@@ -145,91 +144,5 @@ pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
             println!("{:6.2}%  {label}", 100.0 * p);
         }
     }
-    Ok(())
-}
-
-#[derive(Args)]
-pub struct TokenizeArgs {
-    /// A JSON file with a list of texts.
-    #[arg(long)]
-    pub texts_file: PathBuf,
-    /// Where to write the ids, a JSON list of lists; standard output if not given.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Tokens per text, start and end of text included; shorter texts are padded (with 0, or
-    /// a Hugging Face tokenizer's pad token), longer ones cut keeping the end token (CLIP's 77).
-    #[arg(long, default_value_t = 77)]
-    pub context_length: usize,
-    /// A tokenizer.json, or a Hugging Face model directory holding one, instead of the CLIP
-    /// BPE (one without a post-processor, as `oxclip tokenizer train` writes, is used as the
-    /// CLIP BPE is; any other as transformers' AutoTokenizer: its own specials and pad token).
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-}
-
-pub fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
-    if args.context_length < 2 {
-        bail!("--context-length must be at least 2 (start and end of text)");
-    }
-    let tokenizer = oxclip_trainer::prepare::standalone_tokenizer(args.tokenizer.as_deref())?;
-    let texts = read_texts(&args.texts_file)?;
-    let ids: Vec<Vec<i64>> = texts.iter().map(|t| tokenizer.encode(t, args.context_length)).collect();
-    let json = serde_json::to_string(&ids)?;
-    match &args.out {
-        Some(path) => std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?,
-        None => println!("{json}"),
-    }
-    Ok(())
-}
-
-#[derive(Args)]
-pub struct TokenizerTrainArgs {
-    /// Whose captions to learn from: any data spec (shards are streamed, images not decoded).
-    #[arg(long)]
-    pub data: String,
-    /// Vocabulary size, the 512 byte symbols and the 2 special tokens included
-    /// (OpenAI's CLIP: 49408). Captions too few to yield this many are an error saying how
-    /// many they do yield.
-    #[arg(long, default_value_t = 32000)]
-    pub vocab_size: usize,
-    /// A pair of symbols is merged only if it occurs at least this often in the captions.
-    #[arg(long, default_value_t = 2)]
-    pub min_frequency: u64,
-    /// The tokenizer.json to write (then `data.tokenizer: PATH`, and the model's
-    /// `text_cfg.vocab_size` = the vocabulary size).
-    #[arg(long)]
-    pub out: PathBuf,
-}
-
-pub fn tokenizer_train(args: TokenizerTrainArgs) -> anyhow::Result<()> {
-    let source = oxclip_data_loader::DataSource::open(&oxclip_data_loader::DataSpec::parse(&args.data)?, 0)?;
-    let (captions, skipped) = source.captions()?;
-    if captions.is_empty() {
-        bail!("{}: no captions to learn from ({} skipped: {skipped})", args.data, skipped.total());
-    }
-    let trained = oxclip_data_loader::tokenizer::train_clip_bpe(&captions, args.vocab_size, args.min_frequency)?;
-    if trained.vocab_size < args.vocab_size {
-        bail!(
-            "the {} captions of {} yield {} tokens ({} merges of pairs seen at least --min-frequency {} times), \
-             not the --vocab-size {} asked; nothing written. Ask for --vocab-size {} or fewer, lower --min-frequency, \
-             or train on more captions",
-            captions.len(),
-            args.data,
-            trained.vocab_size,
-            trained.merges,
-            args.min_frequency,
-            args.vocab_size,
-            trained.vocab_size,
-        );
-    }
-    std::fs::write(&args.out, trained.json).with_context(|| format!("cannot write {}", args.out.display()))?;
-    let tok = Tokenizer::from_tokenizer_json(&args.out)?;
-    println!(
-        "trained on {} captions ({} skipped): {} tokens -> {}",
-        captions.len(),
-        skipped.total(),
-        tok.vocab_size(),
-        args.out.display()
-    );
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod export;
 pub mod launch;
 pub mod model;
 pub mod search;
+pub mod tokenizer;
 pub mod train;
 
 use std::path::{Path, PathBuf};

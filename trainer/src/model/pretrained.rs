@@ -477,7 +477,7 @@ pub fn preprocess_from_hf(json: &Value, image_size: i64) -> Msg<Preprocess> {
     } else {
         ([0.0; 3], [1.0; 3])
     };
-    Ok(Preprocess { size: size as u32, mean, std, interpolation, resize_mode })
+    Ok(Preprocess { size: size as u32, mean, std, interpolation, resize_mode, augment: Default::default() })
 }
 
 fn triple(k: &Keys, key: &str, default: [f32; 3]) -> Msg<[f32; 3]> {
@@ -524,6 +524,7 @@ pub fn preprocess_from_open_clip(cfg: Option<&Value>, image_size: i64) -> Msg<Pr
         std: triple(&k, "std", OPENAI_STD)?,
         interpolation,
         resize_mode,
+        augment: Default::default(),
     })
 }
 
