@@ -1,8 +1,7 @@
 //! open_clip's text cleaning: `basic_clean` (the part of ftfy we reproduce, HTML
 //! unescaping), `whitespace_clean`, and the `clean` modes of its `HFTokenizer`.
 
-use super::html::html_unescape_with;
-use super::html::html_unescape;
+use super::html::{cp1252, html_unescape, html_unescape_with};
 
 /// open_clip's `HFTokenizer` text cleaning (`tokenizer_kwargs.clean`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,42 +151,6 @@ fn ftfy_basic(text: &str) -> String {
     let mut normalized = tokenizers::NormalizedString::from(out.as_str());
     normalized.nfc();
     normalized.get().to_owned()
-}
-
-/// Windows-1252 reading of a C1 control character, as ftfy's `fix_c1_controls` and
-/// Python's `html.unescape` for `&#128;`..`&#159;` do. Undefined positions stay themselves.
-pub(super) fn cp1252(cp: u32) -> char {
-    let mapped = match cp {
-        0x80 => 0x20ac,
-        0x82 => 0x201a,
-        0x83 => 0x0192,
-        0x84 => 0x201e,
-        0x85 => 0x2026,
-        0x86 => 0x2020,
-        0x87 => 0x2021,
-        0x88 => 0x02c6,
-        0x89 => 0x2030,
-        0x8a => 0x0160,
-        0x8b => 0x2039,
-        0x8c => 0x0152,
-        0x8e => 0x017d,
-        0x91 => 0x2018,
-        0x92 => 0x2019,
-        0x93 => 0x201c,
-        0x94 => 0x201d,
-        0x95 => 0x2022,
-        0x96 => 0x2013,
-        0x97 => 0x2014,
-        0x98 => 0x02dc,
-        0x99 => 0x2122,
-        0x9a => 0x0161,
-        0x9b => 0x203a,
-        0x9c => 0x0153,
-        0x9e => 0x017e,
-        0x9f => 0x0178,
-        other => other,
-    };
-    char::from_u32(mapped).unwrap_or('\u{fffd}')
 }
 
 /// Removes ANSI terminal escapes `ESC [ (digits|;)* letter` (ftfy `remove_terminal_escapes`).

@@ -6,7 +6,6 @@
 //! (it drops control-code references such as `&#1;` that the spec keeps, and matches at most
 //! 32 name characters), and token ids must be open_clip's.
 
-use super::clean::cp1252;
 use super::html_entities::ENTITIES;
 
 /// The value of a named reference, the name as Python's table has it (with its `;` if any).
@@ -115,6 +114,42 @@ fn numeric_reference(value: u64) -> String {
         v if v & 0xfffe == 0xfffe => String::new(),
         v => char::from_u32(v as u32).map(String::from).unwrap_or_default(),
     }
+}
+
+/// Windows-1252 reading of a C1 control character, as ftfy's `fix_c1_controls` and
+/// Python's `html.unescape` for `&#128;`..`&#159;` do. Undefined positions stay themselves.
+pub(super) fn cp1252(cp: u32) -> char {
+    let mapped = match cp {
+        0x80 => 0x20ac,
+        0x82 => 0x201a,
+        0x83 => 0x0192,
+        0x84 => 0x201e,
+        0x85 => 0x2026,
+        0x86 => 0x2020,
+        0x87 => 0x2021,
+        0x88 => 0x02c6,
+        0x89 => 0x2030,
+        0x8a => 0x0160,
+        0x8b => 0x2039,
+        0x8c => 0x0152,
+        0x8e => 0x017d,
+        0x91 => 0x2018,
+        0x92 => 0x2019,
+        0x93 => 0x201c,
+        0x94 => 0x201d,
+        0x95 => 0x2022,
+        0x96 => 0x2013,
+        0x97 => 0x2014,
+        0x98 => 0x02dc,
+        0x99 => 0x2122,
+        0x9a => 0x0161,
+        0x9b => 0x203a,
+        0x9c => 0x0153,
+        0x9e => 0x017e,
+        0x9f => 0x0178,
+        other => other,
+    };
+    char::from_u32(mapped).unwrap_or('\u{fffd}')
 }
 
 #[cfg(test)]
