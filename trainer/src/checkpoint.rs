@@ -1,10 +1,15 @@
 //! Checkpoints: `<run_dir>/checkpoints/step_<N>/` holding `model.safetensors` (open_clip keys),
 //! `optimizer.safetensors` (AdamW moments and step) and `trainer_state.json` (counters, loader
 //! position, seed, the resolved config). A checkpoint is written under a temporary name and
-//! renamed into place, so a directory named `step_<N>` is always complete.
+//! renamed into place, so a directory named `step_<N>` was complete when written. Last into the
+//! temporary folder goes `manifest.json`, each file's size and CRC-32, so that resume can also
+//! tell a checkpoint damaged since (truncated by a full disk, a partial copy, a flipped byte)
+//! and fall back to an older one instead of failing on it.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use oxclip_data_loader::LoaderState;
@@ -18,6 +23,171 @@ use crate::optim::AdamW;
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The files a checkpoint needs to continue training, each listed in the manifest.
+const FILES: [&str; 3] = [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE];
+
+/// `manifest.json`: what each file was when written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub files: BTreeMap<String, FileRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub bytes: u64,
+    /// CRC-32 (IEEE) as 8 hex digits: crc32fast runs at several GB/s, so hashing a
+    /// 600 MB model adds a small fraction of the time writing it takes.
+    pub crc32: String,
+}
+
+/// What makes a checkpoint unusable: the file and what is wrong with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Damage {
+    pub file: String,
+    pub problem: String,
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file, self.problem)
+    }
+}
+
+impl Damage {
+    fn new(file: &str, problem: impl Into<String>) -> Self {
+        Self { file: file.into(), problem: problem.into() }
+    }
+
+    /// The damage as an error naming the file inside `dir`.
+    pub fn into_error(self, dir: &Path) -> TrainError {
+        TrainError::Checkpoint { path: dir.join(&self.file), message: self.problem }
+    }
+}
+
+/// How far [`verify`] checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Sizes only: cheap enough to run over every kept checkpoint at each save.
+    Sizes,
+    /// Sizes and checksums: reads every byte, as resume does once.
+    Checksums,
+}
+
+/// What [`verify`] found in a usable checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// The manifest's sizes (and checksums, at [`Depth::Checksums`]) match.
+    Manifest,
+    /// Written before manifests existed: the safetensors files are as long as their headers
+    /// say and the state parses, but there is nothing to compare contents with.
+    NoManifest,
+}
+
+fn crc32_of(path: &Path) -> Result<(u64, u32)> {
+    let mut file = fs::File::open(path).map_err(io_err(path))?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok((bytes, hasher.finalize()))
+}
+
+/// Records the size and checksum of each checkpoint file in `dir`, writing the manifest under
+/// a temporary name and renaming it, so a manifest is whole whenever it exists.
+fn write_manifest(dir: &Path) -> Result<()> {
+    let mut files = BTreeMap::new();
+    for file in FILES {
+        let (bytes, crc) = crc32_of(&dir.join(file))?;
+        files.insert(file.to_string(), FileRecord { bytes, crc32: format!("{crc:08x}") });
+    }
+    let path = dir.join(MANIFEST_FILE);
+    let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp"));
+    let json = serde_json::to_string_pretty(&Manifest { files })
+        .map_err(|e| TrainError::Checkpoint { path: path.clone(), message: e.to_string() })?;
+    fs::write(&tmp, json).map_err(io_err(&tmp))?;
+    fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+/// Checks that the checkpoint in `dir` is whole: every file the manifest lists is there with
+/// its size (and checksum, at [`Depth::Checksums`]). A folder without a manifest but with a
+/// trainer state is taken as written before manifests existed and checked as far as its
+/// own files allow (see [`Verified::NoManifest`]); one with neither is incomplete.
+pub fn verify(dir: &Path, depth: Depth) -> std::result::Result<Verified, Damage> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    if !manifest_path.is_file() {
+        if !dir.join(STATE_FILE).is_file() {
+            return Err(Damage::new(MANIFEST_FILE, format!("missing, and so is {STATE_FILE}: the checkpoint was never completed")));
+        }
+        for file in [MODEL_FILE, OPTIMIZER_FILE] {
+            safetensors_length_matches(&dir.join(file)).map_err(|problem| Damage::new(file, problem))?;
+        }
+        read_state(dir).map_err(|e| Damage::new(STATE_FILE, e.to_string()))?;
+        return Ok(Verified::NoManifest);
+    }
+    let text = fs::read_to_string(&manifest_path).map_err(|e| Damage::new(MANIFEST_FILE, e.to_string()))?;
+    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| Damage::new(MANIFEST_FILE, format!("unreadable: {e}")))?;
+    for file in FILES {
+        if !manifest.files.contains_key(file) {
+            return Err(Damage::new(MANIFEST_FILE, format!("does not list {file}")));
+        }
+    }
+    for (file, record) in &manifest.files {
+        let path = dir.join(file);
+        let bytes = match fs::metadata(&path) {
+            Ok(meta) => meta.len(),
+            Err(_) => return Err(Damage::new(file, "missing")),
+        };
+        if bytes != record.bytes {
+            return Err(Damage::new(file, format!("size {bytes} of {} bytes written", record.bytes)));
+        }
+        if depth == Depth::Checksums {
+            let (_, crc) = crc32_of(&path).map_err(|e| Damage::new(file, e.to_string()))?;
+            let crc = format!("{crc:08x}");
+            if crc != record.crc32 {
+                return Err(Damage::new(file, format!("checksum mismatch: crc32 {crc}, {} when written", record.crc32)));
+            }
+        }
+    }
+    Ok(Verified::Manifest)
+}
+
+/// A safetensors file is 8 bytes of header length, the JSON header, then the data, which ends
+/// where the furthest tensor's `data_offsets` says: a truncated file is shorter than that.
+fn safetensors_length_matches(path: &Path) -> std::result::Result<(), String> {
+    let mut file = fs::File::open(path).map_err(|_| "missing".to_string())?;
+    let bytes = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|_| format!("size {bytes}: shorter than a safetensors header"))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > bytes.saturating_sub(8) {
+        return Err(format!("size {bytes}: shorter than its {header_len}-byte safetensors header"));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| format!("unreadable safetensors header: {e}"))?;
+    let data_end = header
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    let expected = 8 + header_len + data_end;
+    if bytes != expected {
+        return Err(format!("size {bytes} of {expected} bytes its header describes"));
+    }
+    Ok(())
+}
 
 /// Everything besides tensors that a resumed run needs to continue as if never stopped.
 /// There is no global RNG state to save: after initialisation nothing draws from it, and the
@@ -69,10 +239,11 @@ pub fn save(run_dir: &Path, vs: &nn::VarStore, optimizer: &AdamW, state: &Traine
         message: e.to_string(),
     })?;
     fs::write(&state_path, json).map_err(io_err(&state_path))?;
-    for file in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+    for file in FILES {
         let path = tmp.join(file);
         fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
     }
+    write_manifest(&tmp)?;
 
     if dst.exists() {
         fs::remove_dir_all(&dst).map_err(io_err(&dst))?;
@@ -105,10 +276,25 @@ pub fn list_in(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
+/// Deletes what is older than the newest `keep` complete checkpoints. Only complete ones count
+/// towards `keep`, so damaged newer ones never push the last good one out; those damaged ones
+/// are left in place (resume skips them, and they may be worth a look) until `keep` complete
+/// checkpoints are newer than them. "Complete" here is the size check: hashing every kept
+/// checkpoint at every save would re-read gigabytes; resume checks the checksums.
 fn prune(root: &Path, keep: usize) -> Result<()> {
-    let run_dir = root.parent().unwrap_or(root);
-    let all = list(run_dir)?;
-    for (_, path) in all.iter().take(all.len().saturating_sub(keep)) {
+    let all = list_in(root)?;
+    let mut complete = 0;
+    let mut cut = None;
+    for (i, (_, dir)) in all.iter().enumerate().rev() {
+        if complete == keep {
+            cut = Some(i + 1);
+            break;
+        }
+        if verify(dir, Depth::Sizes).is_ok() {
+            complete += 1;
+        }
+    }
+    for (_, path) in all.iter().take(cut.unwrap_or(0)) {
         fs::remove_dir_all(path).map_err(io_err(path))?;
     }
     Ok(())
@@ -121,8 +307,8 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path, message: e.to_string() })
 }
 
-/// The newest checkpoint whose files are all present and whose state parses; older ones are
-/// tried when a newer one is damaged (each skip is logged).
+/// The newest checkpoint that [`verify`] finds whole, checksums included; older ones are tried
+/// when a newer one is damaged or incomplete (each skip is logged with the file and the fault).
 pub fn latest_valid(run_dir: &Path) -> Result<Option<PathBuf>> {
     latest_valid_in(&checkpoints_dir(run_dir))
 }
@@ -130,14 +316,22 @@ pub fn latest_valid(run_dir: &Path) -> Result<Option<PathBuf>> {
 /// [`latest_valid`] among the `step_<N>` directories of a `checkpoints/` folder.
 pub fn latest_valid_in(root: &Path) -> Result<Option<PathBuf>> {
     for (_, dir) in list_in(root)?.into_iter().rev() {
-        let complete = [MODEL_FILE, OPTIMIZER_FILE].iter().all(|f| dir.join(f).is_file());
-        match (complete, read_state(&dir)) {
-            (true, Ok(_)) => return Ok(Some(dir)),
-            (false, _) => tracing::warn!("skipping {}: files are missing", dir.display()),
-            (_, Err(e)) => tracing::warn!("skipping {}: {e}", dir.display()),
+        match check(&dir) {
+            Ok(()) => return Ok(Some(dir)),
+            Err(damage) => tracing::warn!("skipping checkpoint {}: {damage}", dir.display()),
         }
     }
     Ok(None)
+}
+
+/// Verifies `dir` fully (sizes and checksums) and parses its state; a checkpoint without a
+/// manifest passes with a warning, as runs from before manifests must still resume.
+pub fn check(dir: &Path) -> std::result::Result<(), Damage> {
+    if verify(dir, Depth::Checksums)? == Verified::NoManifest {
+        tracing::warn!("checkpoint {} has no {MANIFEST_FILE} (written before oxclip recorded checksums): checked by size only", dir.display());
+    }
+    read_state(dir).map_err(|e| Damage::new(STATE_FILE, e.to_string()))?;
+    Ok(())
 }
 
 /// Restores weights and optimizer state from `dir`; returns the trainer state.
@@ -223,5 +417,125 @@ mod tests {
         // Leftover temporary directories are not checkpoints.
         fs::create_dir_all(dir.path().join("checkpoints/.step_8.tmp")).expect("mkdir");
         assert!(list(dir.path()).expect("lists").iter().all(|(s, _)| *s != 8));
+    }
+
+    fn three_checkpoints(keep: usize) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vs, _, opt) = setup(0);
+        for step in [2, 4, 6] {
+            save(dir.path(), &vs, &opt, &state(step), keep).expect("saves");
+        }
+        let root = dir.path().join("checkpoints");
+        (dir, root)
+    }
+
+    fn truncate(path: &Path, by: u64) {
+        let file = fs::OpenOptions::new().write(true).open(path).expect("opens");
+        let len = file.metadata().expect("meta").len();
+        file.set_len(len - by).expect("truncates");
+    }
+
+    #[test]
+    fn the_manifest_records_each_files_size_and_crc32() {
+        let (_dir, root) = three_checkpoints(3);
+        let step = root.join("step_6");
+        let manifest: Manifest = serde_json::from_str(&fs::read_to_string(step.join(MANIFEST_FILE)).expect("reads")).expect("parses");
+        assert_eq!(manifest.files.keys().map(String::as_str).collect::<Vec<_>>(), vec![MODEL_FILE, OPTIMIZER_FILE, STATE_FILE]);
+        for (file, record) in &manifest.files {
+            let bytes = fs::read(step.join(file)).expect("reads");
+            assert_eq!(record.bytes, bytes.len() as u64, "{file}");
+            assert_eq!(record.crc32, format!("{:08x}", crc32fast::hash(&bytes)), "{file}");
+        }
+        // No temporary manifest is left behind.
+        assert!(!step.join(format!(".{MANIFEST_FILE}.tmp")).exists());
+        assert_eq!(verify(&step, Depth::Checksums), Ok(Verified::Manifest));
+    }
+
+    #[test]
+    fn a_truncated_latest_model_falls_back_to_the_previous_checkpoint() {
+        let (dir, root) = three_checkpoints(3);
+        truncate(&root.join("step_6").join(MODEL_FILE), 100);
+        let damage = verify(&root.join("step_6"), Depth::Sizes).expect_err("damaged");
+        assert_eq!(damage.file, MODEL_FILE);
+        let written = fs::metadata(root.join("step_4").join(MODEL_FILE)).expect("meta").len();
+        assert_eq!(damage.problem, format!("size {} of {written} bytes written", written - 100));
+        assert_eq!(latest_valid(dir.path()).expect("ok"), Some(root.join("step_4")));
+    }
+
+    #[test]
+    fn a_flipped_byte_is_caught_by_the_checksum() {
+        let (dir, root) = three_checkpoints(3);
+        let path = root.join("step_6").join(MODEL_FILE);
+        let mut bytes = fs::read(&path).expect("reads");
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x10;
+        fs::write(&path, &bytes).expect("writes");
+        // Same size: only the checksum tells.
+        assert_eq!(verify(&root.join("step_6"), Depth::Sizes), Ok(Verified::Manifest));
+        let damage = verify(&root.join("step_6"), Depth::Checksums).expect_err("damaged");
+        assert_eq!(damage.file, MODEL_FILE);
+        assert!(damage.problem.starts_with("checksum mismatch"), "{damage}");
+        assert_eq!(latest_valid(dir.path()).expect("ok"), Some(root.join("step_4")));
+    }
+
+    #[test]
+    fn a_checkpoint_without_manifest_or_state_is_incomplete() {
+        let (dir, root) = three_checkpoints(3);
+        // As a writer killed before its last two files would leave it in place.
+        fs::remove_file(root.join("step_6").join(MANIFEST_FILE)).expect("rm");
+        fs::remove_file(root.join("step_6").join(STATE_FILE)).expect("rm");
+        let damage = verify(&root.join("step_6"), Depth::Checksums).expect_err("incomplete");
+        assert_eq!(damage.file, MANIFEST_FILE);
+        assert_eq!(latest_valid(dir.path()).expect("ok"), Some(root.join("step_4")));
+        // A temporary folder holding everything but the manifest is never a checkpoint.
+        let tmp = root.join(".step_8.tmp");
+        fs::create_dir_all(&tmp).expect("mkdir");
+        for file in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+            fs::copy(root.join("step_4").join(file), tmp.join(file)).expect("copies");
+        }
+        assert_eq!(latest_valid(dir.path()).expect("ok"), Some(root.join("step_4")));
+    }
+
+    #[test]
+    fn checkpoints_from_before_manifests_resume_by_size() {
+        let (dir, root) = three_checkpoints(3);
+        for step in [4, 6] {
+            fs::remove_file(root.join(format!("step_{step}")).join(MANIFEST_FILE)).expect("rm");
+        }
+        assert_eq!(verify(&root.join("step_6"), Depth::Checksums), Ok(Verified::NoManifest));
+        assert_eq!(latest_valid(dir.path()).expect("ok"), Some(root.join("step_6")));
+        // Their safetensors headers still tell a truncated file.
+        truncate(&root.join("step_6").join(OPTIMIZER_FILE), 1);
+        let damage = verify(&root.join("step_6"), Depth::Sizes).expect_err("damaged");
+        assert_eq!(damage.file, OPTIMIZER_FILE);
+        assert!(damage.problem.contains("bytes its header describes"), "{damage}");
+        assert_eq!(latest_valid(dir.path()).expect("ok"), Some(root.join("step_4")));
+    }
+
+    #[test]
+    fn an_explicit_damaged_checkpoint_is_an_error_naming_the_file() {
+        let (_dir, root) = three_checkpoints(3);
+        let step = root.join("step_6");
+        fs::remove_file(step.join(OPTIMIZER_FILE)).expect("rm");
+        let err = check(&step).expect_err("damaged").into_error(&step);
+        let text = err.to_string();
+        assert!(text.contains(&step.join(OPTIMIZER_FILE).display().to_string()) && text.contains("missing"), "{text}");
+    }
+
+    #[test]
+    fn prune_keeps_complete_checkpoints_behind_damaged_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vs, _, opt) = setup(0);
+        save(dir.path(), &vs, &opt, &state(2), 2).expect("saves");
+        save(dir.path(), &vs, &opt, &state(4), 2).expect("saves");
+        let root = dir.path().join("checkpoints");
+        truncate(&root.join("step_4").join(MODEL_FILE), 10);
+        // step_4 is damaged, so step_2 stays the one complete checkpoint kept.
+        save(dir.path(), &vs, &opt, &state(5), 2).expect("saves");
+        let steps = |d: &Path| list(d).expect("lists").into_iter().map(|(s, _)| s).collect::<Vec<u64>>();
+        assert_eq!(steps(dir.path()), vec![2, 4, 5]);
+        truncate(&root.join("step_5").join(MODEL_FILE), 10);
+        save(dir.path(), &vs, &opt, &state(6), 1).expect("saves");
+        assert_eq!(steps(dir.path()), vec![6]);
     }
 }

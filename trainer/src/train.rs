@@ -536,7 +536,8 @@ fn resume_dir(job: &TrainJob) -> Result<Option<PathBuf>> {
     match &job.resume {
         Resume::From(path) => match weights_path::locate(path) {
             Ok(Found::Checkpoint { dir }) => {
-                checkpoint::read_state(&dir)?;
+                // A checkpoint named explicitly is never swapped for another: damage is an error.
+                checkpoint::check(&dir).map_err(|damage| damage.into_error(&dir))?;
                 Ok(Some(dir))
             }
             Ok(other) => Err(TrainError::Config(format!(
