@@ -103,7 +103,7 @@ fn crc32_of(path: &Path) -> Result<(u64, u32)> {
 
 /// Records the size and checksum of each checkpoint file in `dir`, writing the manifest under
 /// a temporary name and renaming it, so a manifest is whole whenever it exists.
-fn write_manifest(dir: &Path) -> Result<()> {
+pub(crate) fn write_manifest(dir: &Path) -> Result<()> {
     let mut files = BTreeMap::new();
     for file in FILES {
         let (bytes, crc) = crc32_of(&dir.join(file))?;

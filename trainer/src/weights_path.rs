@@ -192,6 +192,8 @@ mod tests {
                 config: String::new(),
             };
             fs::write(dir.join(STATE_FILE), serde_json::to_string(&state).expect("json")).expect("write");
+            // Its placeholder files are what it was written with, as far as resume checks.
+            crate::checkpoint::write_manifest(&dir).expect("manifest");
         }
         dir
     }
