@@ -192,6 +192,31 @@ fn ranks_with_different_configs_refuse_to_train() {
 }
 
 #[test]
+fn a_rank_asking_for_another_ranks_gpu_stops_naming_itself_before_joining() {
+    // Rank 1 of a 2-rank node asks for cuda:0, its neighbour's GPU. Whatever this machine has
+    // (no GPU, one, or several) the device check refuses it before the rendezvous, so no
+    // peer is needed and the error names the rank and its place on the node.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), 4, 30);
+    let out = oxclip()
+        .args(["train", "--config"])
+        .arg(&config)
+        .args(["--set", "train.device=cuda:0"])
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", "1")
+        .env("LOCAL_WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .output()
+        .expect("rank runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rank 1 (local rank 1 of 2)"), "{stderr}");
+    assert!(!stderr.contains("could not join rank 0"), "{stderr}");
+}
+
+#[test]
 fn two_ranks_on_shards_resume_each_rank_where_it_stood() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = synth(dir.path(), 300, 0, 32);

@@ -8,6 +8,7 @@ use tch::{Device, Tensor};
 
 use oxclip_data_loader::Batch;
 
+use crate::collectives::WorldEnv;
 use crate::error::{Result, TrainError};
 
 /// A device as written in a config: `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -135,6 +136,65 @@ fn device_for(spec: DeviceSpec, cuda_count: usize, setting: &str) -> Result<Devi
     }
 }
 
+/// The GPU one rank of a run trains on, from `train.device` as written (`spec`), this
+/// process's place in the world (`None`: a single process), the CUDA devices it sees and
+/// `CUDA_VISIBLE_DEVICES` when set (named in errors, as it decides what the count means).
+///
+/// Semantics are those of torchrun with DDP on `cuda:LOCAL_RANK`: every rank of a node sees
+/// all of the node's GPUs and takes the one at its local rank, so `cuda` (and `auto` where
+/// CUDA is there) means `cuda:LOCAL_RANK`. With several ranks on a node an explicit `cuda:N`
+/// is accepted only where N is the rank's LOCAL_RANK: any other N puts two ranks on one GPU.
+/// A node with more local ranks than GPUs is refused before any rank touches a GPU, and the
+/// index is checked after the remap, not before.
+pub fn for_rank(spec: &str, world: Option<&WorldEnv>, cuda_count: usize, visible: Option<&str>) -> Result<Device> {
+    let parsed = parse(spec)?;
+    let Some(world) = world else { return device_for(parsed, cuda_count, TRAIN_DEVICE) };
+    match parsed {
+        DeviceSpec::Cpu => return Ok(Device::Cpu),
+        DeviceSpec::Auto if cuda_count == 0 => return Ok(Device::Cpu),
+        _ => {}
+    }
+    let who = format!("rank {} (local rank {} of {})", world.rank, world.local_rank, world.local_world_size);
+    let shown = match visible {
+        Some(ids) => format!("{cuda_count} GPU(s) (CUDA_VISIBLE_DEVICES={ids})"),
+        None => format!("{cuda_count} GPU(s)"),
+    };
+    if cuda_count == 0 {
+        return Err(TrainError::Device(format!(
+            "{who} asks for {} but libtorch sees no CUDA device (is libtorch_cuda.so on the library path? \
+             set OXCLIP_LIBTORCH_CUDA to its path); use {} to run on the CPU",
+            written(TRAIN_DEVICE, spec),
+            written(TRAIN_DEVICE, "cpu")
+        )));
+    }
+    let several = world.local_world_size > 1;
+    if several && world.local_world_size > cuda_count {
+        return Err(TrainError::Device(format!(
+            "{who}: {} ranks run on this node but it shows {shown}; start one rank per GPU \
+             (--nproc-per-node {cuda_count}, or under SLURM --ntasks-per-node equal to --gpus-per-node, \
+             every task seeing all of the node's GPUs)",
+            world.local_world_size
+        )));
+    }
+    let explicit = spec.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok());
+    let index = match explicit {
+        Some(n) if several && n != world.local_rank => {
+            return Err(TrainError::Config(format!(
+                "{who}: {} would put several ranks of this node on one GPU; write {} and each rank \
+                 takes cuda:LOCAL_RANK",
+                written(TRAIN_DEVICE, spec),
+                written(TRAIN_DEVICE, "cuda")
+            )));
+        }
+        Some(n) => n,
+        None => world.local_rank,
+    };
+    if index >= cuda_count {
+        return Err(TrainError::Device(format!("{who} needs cuda:{index} but this node shows {shown}")));
+    }
+    Ok(Device::Cuda(index))
+}
+
 /// The device as users write it: `cpu`, `cuda:0`.
 pub fn name(device: Device) -> String {
     match device {
@@ -221,6 +281,71 @@ mod tests {
         assert!(few.contains("only 2 CUDA device(s)") && few.contains("--device cuda:0"), "{few}");
         assert_eq!(device_for(DeviceSpec::Auto, 0, "--device").ok(), Some(Device::Cpu));
         assert_eq!(device_for(DeviceSpec::Cuda(1), 2, "--device").ok(), Some(Device::Cuda(1)));
+    }
+
+    fn world(rank: usize, local_rank: usize, local_world_size: usize) -> WorldEnv {
+        WorldEnv { rank, world_size: 16, local_rank, local_world_size, master_addr: "n0".into(), master_port: 29400 }
+    }
+
+    #[test]
+    fn each_local_rank_takes_its_own_gpu() {
+        let w = world(13, 5, 8);
+        assert_eq!(for_rank("cuda", Some(&w), 8, None).ok(), Some(Device::Cuda(5)));
+        assert_eq!(for_rank("auto", Some(&w), 8, None).ok(), Some(Device::Cuda(5)));
+        // An explicit index that is the rank's own GPU is the same thing said twice.
+        assert_eq!(for_rank("cuda:5", Some(&w), 8, None).ok(), Some(Device::Cuda(5)));
+        assert_eq!(for_rank("cpu", Some(&w), 8, None).ok(), Some(Device::Cpu));
+        assert_eq!(for_rank("auto", Some(&w), 0, None).ok(), Some(Device::Cpu));
+        // cuda:0 is an explicit index like any other: the remap is for `cuda`, not for 0.
+        assert_eq!(for_rank("cuda", Some(&world(1, 1, 2)), 2, None).ok(), Some(Device::Cuda(1)));
+        assert!(for_rank("cuda:0", Some(&world(1, 1, 2)), 2, None).is_err());
+        assert_eq!(for_rank("cuda:0", Some(&world(0, 0, 2)), 2, None).ok(), Some(Device::Cuda(0)));
+    }
+
+    #[test]
+    fn one_rank_per_node_or_process_keeps_the_index_written() {
+        // One rank on the node: no other rank to collide with, the index is the user's.
+        let w = world(3, 0, 1);
+        assert_eq!(for_rank("cuda", Some(&w), 4, None).ok(), Some(Device::Cuda(0)));
+        assert_eq!(for_rank("cuda:3", Some(&w), 4, None).ok(), Some(Device::Cuda(3)));
+        let few = for_rank("cuda:4", Some(&w), 4, Some("0,1,2,3")).unwrap_err().to_string();
+        assert!(few.contains("rank 3 (local rank 0 of 1) needs cuda:4 but this node shows 4 GPU(s) (CUDA_VISIBLE_DEVICES=0,1,2,3)"), "{few}");
+        // A single process: as before.
+        assert_eq!(for_rank("cuda:1", None, 2, None).ok(), Some(Device::Cuda(1)));
+        assert_eq!(for_rank("cuda", None, 2, None).ok(), Some(Device::Cuda(0)));
+        let none = for_rank("cuda:2", None, 2, None).unwrap_err().to_string();
+        assert!(none.contains("only 2 CUDA device(s)"), "{none}");
+    }
+
+    #[test]
+    fn an_explicit_other_gpu_on_a_shared_node_is_refused() {
+        let err = for_rank("cuda:2", Some(&world(13, 5, 8)), 8, None).unwrap_err();
+        assert!(matches!(err, TrainError::Config(_)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("rank 13 (local rank 5 of 8)") && msg.contains("train.device: cuda:2") && msg.contains("write train.device: cuda "), "{msg}");
+    }
+
+    #[test]
+    fn more_local_ranks_than_gpus_is_refused_naming_the_count() {
+        let err = for_rank("cuda", Some(&world(5, 5, 8)), 4, Some("0,1,2,3")).unwrap_err();
+        assert!(matches!(err, TrainError::Device(_)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("rank 5 (local rank 5 of 8): 8 ranks run on this node but it shows 4 GPU(s) (CUDA_VISIBLE_DEVICES=0,1,2,3)"), "{msg}");
+        assert!(msg.contains("--nproc-per-node 4"), "{msg}");
+        // Rank 0 of that node would fit on its GPU, and is refused all the same: every rank
+        // stops at start-up, not only those past the count.
+        assert!(for_rank("cuda", Some(&world(0, 0, 8)), 4, None).is_err());
+        assert!(for_rank("auto", Some(&world(0, 0, 8)), 4, None).is_err());
+        // Without CUDA_VISIBLE_DEVICES the message gives the count alone.
+        let bare = for_rank("cuda", Some(&world(2, 2, 3)), 2, None).unwrap_err().to_string();
+        assert!(bare.contains("shows 2 GPU(s);") && !bare.contains("CUDA_VISIBLE_DEVICES"), "{bare}");
+    }
+
+    #[test]
+    fn cuda_without_a_gpu_names_the_rank_and_the_cpu_setting() {
+        let msg = for_rank("cuda", Some(&world(1, 1, 2)), 0, None).unwrap_err().to_string();
+        assert!(msg.contains("rank 1 (local rank 1 of 2) asks for train.device: cuda") && msg.contains("use train.device: cpu"), "{msg}");
+        assert!(for_rank("gpu", Some(&world(1, 1, 2)), 2, None).is_err());
     }
 
     #[test]

@@ -213,13 +213,12 @@ fn prepare(job: &TrainJob) -> Result<Start<'_>> {
     })))
 }
 
-/// `train.device`, resolved; on a node of several ranks `cuda` means `cuda:LOCAL_RANK`, each
-/// rank on its own GPU.
+/// `train.device`, resolved for this rank (see [`device::for_rank`]): the one place a training
+/// run picks its GPU, before the collectives bind to it.
 fn training_device(job: &TrainJob) -> Result<Device> {
-    Ok(match (device::resolve(device::parse(&job.train.device)?)?, &job.dist.world) {
-        (Device::Cuda(0), Some(world)) => Device::Cuda(world.local_rank),
-        (device, _) => device,
-    })
+    let cuda_count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    device::for_rank(&job.train.device, job.dist.world.as_ref(), cuda_count, visible.as_deref())
 }
 
 /// Initial weights of a fresh run (fine-tuning). From a directory with its own config, the
