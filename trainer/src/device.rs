@@ -8,7 +8,6 @@ use tch::{Device, Tensor};
 
 use oxclip_data_loader::Batch;
 
-use crate::collectives::WorldEnv;
 use crate::error::{Result, TrainError};
 
 /// A device as written in a config: `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -136,6 +135,15 @@ fn device_for(spec: DeviceSpec, cuda_count: usize, setting: &str) -> Result<Devi
     }
 }
 
+/// Where a rank sits: its global rank and its place among the ranks of its node (the
+/// collectives' `WorldEnv` says it; the device needs only these three numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub rank: usize,
+    pub local_rank: usize,
+    pub local_world_size: usize,
+}
+
 /// The GPU one rank of a run trains on, from `train.device` as written (`spec`), this
 /// process's place in the world (`None`: a single process), the CUDA devices it sees and
 /// `CUDA_VISIBLE_DEVICES` when set (named in errors, as it decides what the count means).
@@ -146,7 +154,7 @@ fn device_for(spec: DeviceSpec, cuda_count: usize, setting: &str) -> Result<Devi
 /// is accepted only where N is the rank's LOCAL_RANK: any other N puts two ranks on one GPU.
 /// A node with more local ranks than GPUs is refused before any rank touches a GPU, and the
 /// index is checked after the remap, not before.
-pub fn for_rank(spec: &str, world: Option<&WorldEnv>, cuda_count: usize, visible: Option<&str>) -> Result<Device> {
+pub fn for_rank(spec: &str, world: Option<&Placement>, cuda_count: usize, visible: Option<&str>) -> Result<Device> {
     let parsed = parse(spec)?;
     let Some(world) = world else { return device_for(parsed, cuda_count, TRAIN_DEVICE) };
     match parsed {
@@ -283,8 +291,8 @@ mod tests {
         assert_eq!(device_for(DeviceSpec::Cuda(1), 2, "--device").ok(), Some(Device::Cuda(1)));
     }
 
-    fn world(rank: usize, local_rank: usize, local_world_size: usize) -> WorldEnv {
-        WorldEnv { rank, world_size: 16, local_rank, local_world_size, master_addr: "n0".into(), master_port: 29400 }
+    fn world(rank: usize, local_rank: usize, local_world_size: usize) -> Placement {
+        Placement { rank, local_rank, local_world_size }
     }
 
     #[test]

@@ -218,7 +218,8 @@ fn prepare(job: &TrainJob) -> Result<Start<'_>> {
 fn training_device(job: &TrainJob) -> Result<Device> {
     let cuda_count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    device::for_rank(&job.train.device, job.dist.world.as_ref(), cuda_count, visible.as_deref())
+    let placement = job.dist.world.as_ref().map(|w| device::Placement { rank: w.rank, local_rank: w.local_rank, local_world_size: w.local_world_size });
+    device::for_rank(&job.train.device, placement.as_ref(), cuda_count, visible.as_deref())
 }
 
 /// Initial weights of a fresh run (fine-tuning). From a directory with its own config, the
