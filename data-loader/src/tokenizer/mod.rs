@@ -183,7 +183,8 @@ mod tests {
 
     use super::*;
 
-    fn vocab_path() -> Option<PathBuf> {
+    /// The CLIP vocab, or `None` (after saying why) where it was not fetched.
+    pub(super) fn vocab_path() -> Option<PathBuf> {
         match default_clip_vocab_path() {
             Ok(p) => Some(p),
             Err(e) => {

@@ -172,17 +172,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::tokenizer::tests::vocab_path;
     use crate::tokenizer::Tokenizer;
-
-    fn vocab_path() -> Option<PathBuf> {
-        match default_clip_vocab_path() {
-            Ok(p) => Some(p),
-            Err(e) => {
-                eprintln!("skipping: {e}");
-                None
-            }
-        }
-    }
 
     fn padded(ids: &[i64], ctx: usize) -> Vec<i64> {
         let mut v = ids.to_vec();
