@@ -181,7 +181,9 @@ fn join_rank0(world: &WorldEnv, deadline: Instant) -> Result<TcpStream> {
     loop {
         let resolved: Vec<SocketAddr> = addr.to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
         for sa in &resolved {
-            match TcpStream::connect_timeout(sa, Duration::from_secs(1)) {
+            // Never past the deadline by more than a moment, however slow the network.
+            let patience = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(50), Duration::from_secs(1));
+            match TcpStream::connect_timeout(sa, patience) {
                 Ok(stream) => {
                     let mut hello = Vec::with_capacity(16);
                     hello.extend_from_slice(MAGIC);
@@ -197,6 +199,11 @@ fn join_rank0(world: &WorldEnv, deadline: Instant) -> Result<TcpStream> {
                     match joined {
                         Ok(true) => return Ok(stream),
                         Ok(false) => return Err(dist_err(format!("rank 0 at {addr} refused rank {}", world.rank))),
+                        Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                            last_error = "rank 0 took this rank's greeting, then closed the connection before every rank had \
+                                          joined (see rank 0's log for the ranks it missed)"
+                                .into()
+                        }
                         Err(e) => last_error = e.to_string(),
                     }
                 }
