@@ -9,8 +9,14 @@
 //! elsewhere.
 //!
 //! The rendezvous (NCCL's unique id), byte gathers and barriers go through a [`TcpGroup`].
-//! A watchdog thread turns a collective that never completes into an error (see
-//! [`Watchdog`]).
+//! Nothing waits on a peer without a deadline: the communicator is created non-blocking and
+//! polled until `dist.timeout_s` after the rendezvous began ([`create_comm`]), and a watchdog
+//! thread turns a collective that never completes into an error (see [`Watchdog`]). NCCL
+//! itself cannot tell that two ranks called different collectives, so each rank keeps a
+//! [`Trace`] of its own, compared across ranks at every host exchange.
+//!
+//! cudart is the copy libtorch already loaded when there is one ([`open_cudart`]): a second
+//! copy would have its own device state.
 
 use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void, CStr};
