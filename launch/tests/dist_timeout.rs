@@ -151,3 +151,26 @@ fn a_real_rank_frozen_right_after_joining_ends_the_other() {
     // collective it then waits in.
     assert!(stderr.contains(&format!("nothing from rank 1 for {TIMEOUT_S}s")), "{stderr}");
 }
+
+#[test]
+fn the_silent_peer_script_speaks_the_rendezvous() {
+    // scripts/silent_peer.py stands in for a rank that joins and then never creates the NCCL
+    // communicator (scripts/gpu-check.sh). Here, on the cpu backend, its one byte gather is
+    // rank 0's config check: rank 0 reads it as rank 1's config, and refuses it at once.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let rank0 = rank(&config(dir.path()), 0, port).spawn().expect("rank 0 starts");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/silent_peer.py");
+    let peer = Command::new("python3")
+        .arg(script)
+        .args([&port.to_string(), "1", "2", "1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let stderr = fails_in_time(rank0, Instant::now());
+    assert!(stderr.contains("rank 1's config differs from rank 0's"), "{stderr}");
+    assert!(!stderr.contains("nothing from rank 1"), "{stderr}");
+    let peer = peer.wait_with_output().expect("the peer ends");
+    let said = String::from_utf8_lossy(&peer.stderr);
+    assert!(peer.status.success() && said.contains("exchange 1 answered (op 4, #1)"), "{said}");
+}
