@@ -174,3 +174,25 @@ fn the_silent_peer_script_speaks_the_rendezvous() {
     let said = String::from_utf8_lossy(&peer.stderr);
     assert!(peer.status.success() && said.contains("exchange 1 answered (op 4, #1)"), "{said}");
 }
+
+#[test]
+fn a_silent_stray_connection_does_not_hold_the_rendezvous() {
+    // Something connects to rank 0's port and says nothing (a port probe); rank 1 joins after
+    // it. Rank 0 drops the stray, takes rank 1, and gets as far as its first collective.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let rank0 = rank(&config(dir.path()), 0, port).spawn().expect("rank 0 starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stray = loop {
+        if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) {
+            break stream;
+        }
+        assert!(Instant::now() < deadline, "rank 0 never listened on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let peer = join_as_rank_1(port);
+    let stderr = fails_in_time(rank0, Instant::now());
+    drop((stray, peer));
+    assert!(stderr.contains("sent no greeting") && stderr.contains("ignored"), "{stderr}");
+    assert!(stderr.contains(&format!("rank 0 in GatherBytes #1: nothing from rank 1 for {TIMEOUT_S}s")), "{stderr}");
+}
