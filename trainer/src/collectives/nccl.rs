@@ -557,6 +557,26 @@ impl Trace {
     }
 }
 
+/// `bytes` from every rank over `bootstrap`, each rank's `trace` riding along in front; fails
+/// on every rank alike when the traces differ.
+fn traced_exchange(bootstrap: &TcpGroup, trace: Trace, host: HostOp, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let mut payload = trace.header(host).to_vec();
+    payload.extend_from_slice(bytes);
+    let parts = bootstrap.all_gather_bytes(&payload)?;
+    let mut headers = Vec::with_capacity(parts.len());
+    let mut bodies = Vec::with_capacity(parts.len());
+    for (r, part) in parts.into_iter().enumerate() {
+        let (header, body) =
+            Trace::parse(&part).ok_or_else(|| dist_err(format!("rank {r} sent a host exchange without its NCCL trace (another oxclip version?)")))?;
+        headers.push(header);
+        bodies.push(body.to_vec());
+    }
+    match diverged(&headers) {
+        Some(message) => Err(dist_err(format!("rank {}: {message}", bootstrap.rank()))),
+        None => Ok(bodies),
+    }
+}
+
 /// Which ranks' traces (index = rank) differ from rank 0's, said as tcp.rs says a diverged
 /// collective; `None` when all agree.
 fn diverged(traces: &[(u8, Trace)]) -> Option<String> {
@@ -715,20 +735,7 @@ impl NcclGroup {
     /// rank's [`Trace`] riding along, compared before anything is returned.
     fn host_exchange(&self, host: HostOp, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.healthy()?;
-        let mut payload = self.trace.get().header(host).to_vec();
-        payload.extend_from_slice(bytes);
-        let parts = self.bootstrap.all_gather_bytes(&payload)?;
-        let mut headers = Vec::with_capacity(parts.len());
-        let mut bodies = Vec::with_capacity(parts.len());
-        for (r, part) in parts.into_iter().enumerate() {
-            let (header, body) = Trace::parse(&part).ok_or_else(|| dist_err(format!("rank {r} sent a host exchange without its NCCL trace (another oxclip version?)")))?;
-            headers.push(header);
-            bodies.push(body.to_vec());
-        }
-        match diverged(&headers) {
-            Some(message) => Err(dist_err(format!("rank {}: {message}", self.rank))),
-            None => Ok(bodies),
-        }
+        traced_exchange(&self.bootstrap, self.trace.get(), host, bytes)
     }
 
     /// The tensor as NCCL sees it: contiguous, on this rank's GPU, of a type NCCL reduces.
@@ -972,5 +979,36 @@ mod tests {
         let msg = diverged(&[(HostOp::Bytes as u8, t0), (HostOp::Barrier as u8, t0)]).unwrap();
         assert!(msg.starts_with("rank 1 is at a barrier while rank 0 is at a byte exchange"), "{msg}");
         assert!(msg.ends_with("found at a host exchange"), "{msg}");
+    }
+
+    #[test]
+    fn traces_ride_along_the_host_exchange_between_real_ranks() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let on_ranks = |traces: [Trace; 2], hosts: [HostOp; 2]| {
+            let handles: Vec<_> = (0..2)
+                .map(|r| {
+                    std::thread::spawn(move || {
+                        let world = WorldEnv { rank: r, world_size: 2, local_rank: r, local_world_size: 2, master_addr: "127.0.0.1".into(), master_port: port };
+                        let group = TcpGroup::connect(&world, Duration::from_secs(20)).unwrap();
+                        traced_exchange(&group, traces[r], hosts[r], format!("rank{r}").as_bytes()).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        };
+        let same = trace(&[(CollOp::AllReduce, Kind::Float, 100)]);
+        // Same path: every rank gets every rank's bytes, without the headers.
+        for got in on_ranks([same, same], [HostOp::Bytes, HostOp::Bytes]) {
+            assert_eq!(got.unwrap(), vec![b"rank0".to_vec(), b"rank1".to_vec()]);
+        }
+        // Rank 1 made one NCCL collective more: both ranks fail, naming it.
+        let more = trace(&[(CollOp::AllReduce, Kind::Float, 100), (CollOp::AllGather, Kind::Half, 6)]);
+        for (r, got) in on_ranks([same, more], [HostOp::Barrier, HostOp::Barrier]).into_iter().enumerate() {
+            let err = got.unwrap_err();
+            assert!(
+                err.contains(&format!("rank {r}: rank 1 has made 2 NCCL collectives (the last: all_gather of 6 float16 values) while rank 0 has made 1")),
+                "{err}"
+            );
+        }
     }
 }
