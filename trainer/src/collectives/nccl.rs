@@ -366,14 +366,7 @@ fn create_comm(nccl: &'static Nccl, world: &WorldEnv, id: ncclUniqueId, cuda_ind
     // SAFETY: every rank calls this with the same id and world size; `config` outlives the
     // call (NCCL copies it).
     let started = unsafe { init_config(&mut comm, ranks, id, rank, &mut config) };
-    let abort = |comm: ncclComm_t| {
-        if !comm.is_null() {
-            // SAFETY: ends a communicator whose creation failed or is abandoned, once.
-            unsafe {
-                (nccl.comm_abort)(comm);
-            }
-        }
-    };
+    let abort = |comm: ncclComm_t| abort_within(nccl, comm, ABORT_WAIT);
     if !matches!(started, ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress) {
         abort(comm);
         return Err(nccl.error("ncclCommInitRankConfig", started));
@@ -399,6 +392,39 @@ fn create_comm(nccl: &'static Nccl, world: &WorldEnv, id: ncclUniqueId, cuda_ind
                 return Err(nccl.error("ncclCommInitRankConfig", failed));
             }
         }
+    }
+}
+
+/// How long a failing rank waits for `ncclCommAbort` before it reports the error anyway.
+const ABORT_WAIT: Duration = Duration::from_secs(10);
+
+/// Aborts `comm` (a communicator whose creation failed or is given up) on a helper thread,
+/// waiting at most `wait`: the abort may itself wait on NCCL's own bootstrap sockets, and the
+/// rank's error, then its exit, must not wait with it.
+fn abort_within(nccl: &'static Nccl, comm: ncclComm_t, wait: Duration) {
+    if comm.is_null() {
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = SendPtr(comm as *mut c_void);
+    let spawned = std::thread::Builder::new().name("oxclip-nccl-abort".into()).spawn(move || {
+        let handle = handle;
+        // SAFETY: ends the communicator, once; nothing else uses it.
+        unsafe {
+            (nccl.comm_abort)(handle.0 as ncclComm_t);
+        }
+        let _ = tx.send(());
+    });
+    match spawned {
+        Ok(_) => {
+            if rx.recv_timeout(wait).is_err() {
+                tracing::warn!("ncclCommAbort did not return within {}s; leaving it behind", wait.as_secs());
+            }
+        }
+        // SAFETY: as above, on this thread.
+        Err(_) => unsafe {
+            (nccl.comm_abort)(comm);
+        },
     }
 }
 
@@ -764,7 +790,11 @@ impl Drop for NcclGroup {
     fn drop(&mut self) {
         self.watchdog.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.watchdog_thread.take() {
-            let _ = thread.join();
+            // After a failure the watchdog may still be inside ncclCommAbort, which can wait on
+            // a dead peer: leave it to the process's exit rather than wait with it.
+            if self.healthy().is_ok() {
+                let _ = thread.join();
+            }
         }
         // An aborted communicator is already gone.
         if self.healthy().is_ok() {
