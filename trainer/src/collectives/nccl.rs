@@ -355,10 +355,15 @@ fn create_comm(nccl: &'static Nccl, world: &WorldEnv, id: ncclUniqueId, cuda_ind
             world.world_size
         ))
     };
-    let Some(init_config) = nccl.comm_init_rank_config else {
+    // NCCL_COMM_BLOCKING=1 overrides `blocking = 0`: the init would block this thread.
+    let blocking_forced = std::env::var("NCCL_COMM_BLOCKING").is_ok_and(|v| v.trim() == "1");
+    let Some(init_config) = nccl.comm_init_rank_config.filter(|_| !blocking_forced) else {
         return create_comm_on_thread(nccl, ranks, rank, id, cuda_index, deadline).map_err(|e| match e {
             Some(e) => e,
-            None => late("ncclCommInitRank (this NCCL has no non-blocking init, so it ran on a helper thread, now abandoned: it stays blocked until the process exits)"),
+            None => late(
+                "ncclCommInitRank (blocking: this NCCL has no non-blocking init, or NCCL_COMM_BLOCKING=1; it ran on a helper \
+                 thread, now abandoned: it stays blocked until the process exits)",
+            ),
         });
     };
     let mut comm: ncclComm_t = std::ptr::null_mut();
