@@ -121,6 +121,28 @@ YAML
       --set train.batch_size=16 --run-dir "$D/nccl2" 2>&1 | grep -E "step .*loss|error|caused" | tail -n 6
   fi
   echo "$D" > "$OUT/nccl-dir.txt"
+  # A rank that joins the rendezvous but never the communicator (scripts/silent_peer.py takes
+  # NCCL's unique id, then goes silent): rank 0 must fail within dist.timeout_s (5 s), naming
+  # the communicator's creation, instead of hanging in it. Any other outcome is a failure.
+  echo "# NCCL communicator creation under dist.timeout_s (2-rank world, rank 1 never creates it)"
+  if [ $((DEADLINE - SECONDS)) -lt 75 ]; then
+    echo "skipped, out of time: nccl init timeout" | tee -a "$OUT/failures.txt"
+  else
+    sed 's/timeout_s: 120/timeout_s: 5/' "$D/run.yaml" > "$D/init.yaml"
+    python3 scripts/silent_peer.py 29730 1 2 1 2> "$D/peer.log" & PEER=$!
+    started=$SECONDS
+    RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29730 \
+      timeout --kill-after=5 60 "$BIN" train --config "$D/init.yaml" --run-dir "$D/init" > "$D/init.log" 2>&1
+    status=$? took=$((SECONDS - started))
+    kill $PEER 2>/dev/null; wait $PEER 2>/dev/null
+    grep -E "NCCL|error|caused" "$D/init.log" | tail -n 4
+    if [ $status -eq 0 ] || [ $status -ge 124 ] || [ $took -gt 40 ] \
+      || ! grep -q "the NCCL communicator was not created within dist.timeout_s" "$D/init.log"; then
+      echo "nccl init timeout: rank 0 ended with status $status after ${took}s without the expected error" | tee -a "$OUT/failures.txt"
+    else
+      echo "nccl init timeout: rank 0 failed after ${took}s as it should"
+    fi
+  fi
 } 2>&1 | tee "$OUT/nccl.txt"
 echo "gpu-check done in $SECONDS s"
 timeout 60 python3 scripts/gpu_check_verdict.py "$OUT" "$SECTIONS" | tee "$OUT/verdict.txt"

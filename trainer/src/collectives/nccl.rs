@@ -9,8 +9,14 @@
 //! elsewhere.
 //!
 //! The rendezvous (NCCL's unique id), byte gathers and barriers go through a [`TcpGroup`].
-//! A watchdog thread turns a collective that never completes into an error (see
-//! [`Watchdog`]).
+//! Nothing waits on a peer without a deadline: the communicator is created non-blocking and
+//! polled until `dist.timeout_s` after the rendezvous began ([`create_comm`]), and a watchdog
+//! thread turns a collective that never completes into an error (see [`Watchdog`]). NCCL
+//! itself cannot tell that two ranks called different collectives, so each rank keeps a
+//! [`Trace`] of its own, compared across ranks at every host exchange.
+//!
+//! cudart is the copy libtorch already loaded when there is one ([`open_cudart`]): a second
+//! copy would have its own device state.
 
 use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -28,6 +34,7 @@ use crate::error::{Result, TrainError};
 
 type GetUniqueId = unsafe extern "C" fn(*mut ncclUniqueId) -> ncclResult_t;
 type CommInitRank = unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> ncclResult_t;
+type CommInitRankConfig = unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int, *mut CommConfig) -> ncclResult_t;
 type AllGather = unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclComm_t, cudaStream_t) -> ncclResult_t;
 type AllReduce =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t) -> ncclResult_t;
@@ -49,11 +56,52 @@ type CudaEventDestroy = unsafe extern "C" fn(CudaEvent) -> c_int;
 /// `cudaEventDisableTiming`: events only to ask "done yet?".
 const EVENT_DISABLE_TIMING: u32 = 2;
 
+/// `ncclConfig_t` as NCCL 2.18 lays it out (nccl.h). NCCL copies only the first `size` bytes
+/// over its own `NCCL_CONFIG_INITIALIZER` defaults and ignores what its `version` predates,
+/// so this prefix works with any NCCL from 2.14 (the first with `blocking`) on: a newer one
+/// keeps its defaults for the fields added since.
+#[repr(C)]
+struct CommConfig {
+    size: usize,
+    magic: u32,
+    version: u32,
+    blocking: c_int,
+    cga_cluster_size: c_int,
+    min_ctas: c_int,
+    max_ctas: c_int,
+    net_name: *const c_char,
+    split_share: c_int,
+}
+
+/// `NCCL_CONFIG_UNDEF_INT`: "NCCL's default" for an int field.
+const CONFIG_UNDEF_INT: c_int = c_int::MIN;
+
+impl CommConfig {
+    /// `NCCL_CONFIG_INITIALIZER` with `blocking = 0`: init returns at once and is polled, so
+    /// the wait for the other ranks has a deadline.
+    fn non_blocking() -> Self {
+        Self {
+            size: std::mem::size_of::<Self>(),
+            magic: 0xcafe_beef,
+            // NCCL_VERSION(2, 18, 0).
+            version: 21800,
+            blocking: 0,
+            cga_cluster_size: CONFIG_UNDEF_INT,
+            min_ctas: CONFIG_UNDEF_INT,
+            max_ctas: CONFIG_UNDEF_INT,
+            net_name: std::ptr::null(),
+            split_share: CONFIG_UNDEF_INT,
+        }
+    }
+}
+
 /// The NCCL functions oxclip calls, from one opened library.
 struct Nccl {
     _lib: libloading::Library,
     get_unique_id: GetUniqueId,
     comm_init_rank: CommInitRank,
+    /// NCCL 2.14 and later; without it, the blocking init runs on a helper thread.
+    comm_init_rank_config: Option<CommInitRankConfig>,
     all_gather: AllGather,
     all_reduce: AllReduce,
     reduce_scatter: ReduceScatter,
@@ -88,6 +136,54 @@ fn open_first(names: &[String]) -> std::result::Result<libloading::Library, Stri
     Err(errors.join("; "))
 }
 
+/// The CUDA runtime's names, newest first, for a process that has none loaded yet.
+const CUDART_NAMES: [&str; 3] = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"];
+
+/// The paths of the shared objects in this process, in load order.
+fn loaded_objects() -> Vec<String> {
+    unsafe extern "C" fn add(info: *mut libc::dl_phdr_info, _size: libc::size_t, data: *mut c_void) -> c_int {
+        // SAFETY: `data` is the Vec passed below, `info` is valid for this call, and
+        // `dlpi_name` is NUL-terminated or null.
+        unsafe {
+            let paths = &mut *(data as *mut Vec<String>);
+            let name = (*info).dlpi_name;
+            if !name.is_null() {
+                paths.push(CStr::from_ptr(name).to_string_lossy().into_owned());
+            }
+        }
+        0
+    }
+    let mut paths: Vec<String> = Vec::new();
+    // SAFETY: the callback only reads `info` and appends to `paths`, which outlives the call.
+    unsafe {
+        libc::dl_iterate_phdr(Some(add), &mut paths as *mut Vec<String> as *mut c_void);
+    }
+    paths
+}
+
+/// The first CUDA runtime among `loaded` (shared object paths): `libcudart.so.13`, or a
+/// wheel's or libtorch's renamed copy such as `libcudart-9335f6a2.so.12`, never another
+/// library whose name merely starts so.
+fn pick_cudart(loaded: &[String]) -> Option<&str> {
+    loaded.iter().map(String::as_str).find(|path| {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        name.strip_prefix("libcudart").is_some_and(|rest| (rest.starts_with(".so") || rest.starts_with('-')) && rest.contains(".so"))
+    })
+}
+
+/// The CUDA runtime libtorch already loaded, when there is one (opening that very file adds
+/// no second copy, whose device state and streams would be separate from libtorch's); else
+/// the first of `names` that loads.
+fn open_cudart(loaded: &[String], names: &[String]) -> std::result::Result<libloading::Library, String> {
+    if let Some(path) = pick_cudart(loaded) {
+        // SAFETY: the library is already initialised in this process; this only adds a
+        // reference to it.
+        return unsafe { libloading::Library::new(path) }.map_err(|e| format!("the CUDA runtime loaded at {path} cannot be reopened: {e}"));
+    }
+    tracing::debug!("no CUDA runtime in the process yet; loading it by name ({})", names.join(", "));
+    open_first(names).map_err(|e| format!("the CUDA runtime is not loadable: {e}"))
+}
+
 impl Nccl {
     fn load() -> std::result::Result<Nccl, String> {
         let mut names: Vec<String> = std::env::var("OXCLIP_NCCL").ok().filter(|p| !p.is_empty()).into_iter().collect();
@@ -103,8 +199,7 @@ impl Nccl {
                  PyTorch's CUDA wheels), set OXCLIP_NCCL=/path/to/libnccl.so.2, or use dist.backend: cpu"
             )
         })?;
-        let cudart = open_first(&["libcudart.so.13", "libcudart.so.12", "libcudart.so"].map(String::from))
-            .map_err(|e| format!("the CUDA runtime is not loadable: {e}"))?;
+        let cudart = open_cudart(&loaded_objects(), &CUDART_NAMES.map(String::from))?;
         // SAFETY: the symbol types are NCCL's and cudart's C signatures (nccl.h,
         // cuda_runtime_api.h), with cudarc's definitions of the argument types.
         unsafe {
@@ -116,6 +211,7 @@ impl Nccl {
             Ok(Nccl {
                 get_unique_id: sym!(lib, "ncclGetUniqueId"),
                 comm_init_rank: sym!(lib, "ncclCommInitRank"),
+                comm_init_rank_config: lib.get(b"ncclCommInitRankConfig\0").ok().map(|f| *f),
                 all_gather: sym!(lib, "ncclAllGather"),
                 all_reduce: sym!(lib, "ncclAllReduce"),
                 reduce_scatter: sym!(lib, "ncclReduceScatter"),
@@ -144,9 +240,13 @@ impl Nccl {
         if result == ncclResult_t::ncclSuccess {
             return Ok(());
         }
+        Err(self.error(what, result))
+    }
+
+    fn error(&self, what: &str, result: ncclResult_t) -> TrainError {
         // SAFETY: ncclGetErrorString returns a static NUL-terminated string.
         let text = unsafe { CStr::from_ptr((self.get_error_string)(result)) }.to_string_lossy().into_owned();
-        Err(dist_err(format!("NCCL {what}: {text} ({result:?})")))
+        dist_err(format!("NCCL {what}: {text} ({result:?})"))
     }
 }
 
@@ -161,7 +261,9 @@ pub struct NcclGroup {
     bootstrap: TcpGroup,
     watchdog: Arc<Watchdog>,
     watchdog_thread: Option<std::thread::JoinHandle<()>>,
-    seq: std::cell::Cell<u64>,
+    /// The NCCL collectives made so far, compared across ranks at every host exchange.
+    trace: std::cell::Cell<Trace>,
+    timeout: Duration,
 }
 
 /// NCCL collectives run on the GPU and never time out by themselves: a dead or stalled peer
@@ -236,10 +338,321 @@ fn watch(nccl: &'static Nccl, comm: SendPtr, cuda_index: c_int, timeout: Duratio
     }
 }
 
+/// Creates this rank's communicator, which completes only once every rank has joined it: a
+/// rank that died or stalls since the rendezvous makes this fail at `deadline` (naming what
+/// it waited for) instead of waiting forever.
+fn create_comm(nccl: &'static Nccl, world: &WorldEnv, id: ncclUniqueId, cuda_index: c_int, deadline: Instant, timeout: Duration) -> Result<ncclComm_t> {
+    let ranks = c_int::try_from(world.world_size).map_err(|_| dist_err(format!("a world of {} ranks is too large for NCCL", world.world_size)))?;
+    let rank = c_int::try_from(world.rank).map_err(|_| dist_err(format!("rank {} is too large for NCCL", world.rank)))?;
+    let late = |how: &str| {
+        dist_err(format!(
+            "rank {} of {}: the NCCL communicator was not created within dist.timeout_s ({}s, counted from the start of the \
+             rendezvous): {how} waited for all {} ranks to join it; a rank died or stalls since the rendezvous (raise \
+             dist.timeout_s if it is only slow)",
+            world.rank,
+            world.world_size,
+            timeout.as_secs(),
+            world.world_size
+        ))
+    };
+    // NCCL_COMM_BLOCKING=1 overrides `blocking = 0`: the init would block this thread.
+    let blocking_forced = std::env::var("NCCL_COMM_BLOCKING").is_ok_and(|v| v.trim() == "1");
+    let Some(init_config) = nccl.comm_init_rank_config.filter(|_| !blocking_forced) else {
+        return create_comm_on_thread(nccl, ranks, rank, id, cuda_index, deadline).map_err(|e| match e {
+            Some(e) => e,
+            None => late(
+                "ncclCommInitRank (blocking: this NCCL has no non-blocking init, or NCCL_COMM_BLOCKING=1; it ran on a helper \
+                 thread, now abandoned: it stays blocked until the process exits)",
+            ),
+        });
+    };
+    let mut comm: ncclComm_t = std::ptr::null_mut();
+    let mut config = CommConfig::non_blocking();
+    // SAFETY: every rank calls this with the same id and world size; `config` outlives the
+    // call (NCCL copies it).
+    let started = unsafe { init_config(&mut comm, ranks, id, rank, &mut config) };
+    let abort = |comm: ncclComm_t| abort_within(nccl, comm, ABORT_WAIT);
+    if !matches!(started, ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress) {
+        abort(comm);
+        return Err(nccl.error("ncclCommInitRankConfig", started));
+    }
+    loop {
+        let mut state = ncclResult_t::ncclInProgress;
+        // SAFETY: `comm` was returned by ncclCommInitRankConfig; polling it is how a
+        // non-blocking init is followed.
+        let queried = unsafe { (nccl.comm_get_async_error)(comm, &mut state) };
+        if queried != ncclResult_t::ncclSuccess {
+            abort(comm);
+            return Err(nccl.error("ncclCommGetAsyncError", queried));
+        }
+        match state {
+            ncclResult_t::ncclSuccess => return Ok(comm),
+            ncclResult_t::ncclInProgress if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            ncclResult_t::ncclInProgress => {
+                abort(comm);
+                return Err(late("ncclCommInitRankConfig (non-blocking, polled, aborted at the deadline)"));
+            }
+            failed => {
+                abort(comm);
+                return Err(nccl.error("ncclCommInitRankConfig", failed));
+            }
+        }
+    }
+}
+
+/// How long a failing rank waits for `ncclCommAbort` before it reports the error anyway.
+const ABORT_WAIT: Duration = Duration::from_secs(10);
+
+/// Aborts `comm` (a communicator whose creation failed or is given up) on a helper thread,
+/// waiting at most `wait`: the abort may itself wait on NCCL's own bootstrap sockets, and the
+/// rank's error, then its exit, must not wait with it.
+fn abort_within(nccl: &'static Nccl, comm: ncclComm_t, wait: Duration) {
+    if comm.is_null() {
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = SendPtr(comm as *mut c_void);
+    let spawned = std::thread::Builder::new().name("oxclip-nccl-abort".into()).spawn(move || {
+        let handle = handle;
+        // SAFETY: ends the communicator, once; nothing else uses it.
+        unsafe {
+            (nccl.comm_abort)(handle.0 as ncclComm_t);
+        }
+        let _ = tx.send(());
+    });
+    match spawned {
+        Ok(_) => {
+            if rx.recv_timeout(wait).is_err() {
+                tracing::warn!("ncclCommAbort did not return within {}s; leaving it behind", wait.as_secs());
+            }
+        }
+        // SAFETY: as above, on this thread.
+        Err(_) => unsafe {
+            (nccl.comm_abort)(comm);
+        },
+    }
+}
+
+/// For an NCCL without `ncclCommInitRankConfig` (before 2.14): the blocking init on a helper
+/// thread, waited for until `deadline`. `Err(None)`: the deadline passed; the thread cannot be
+/// stopped and is left behind.
+fn create_comm_on_thread(
+    nccl: &'static Nccl,
+    ranks: c_int,
+    rank: c_int,
+    id: ncclUniqueId,
+    cuda_index: c_int,
+    deadline: Instant,
+) -> std::result::Result<ncclComm_t, Option<TrainError>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("oxclip-nccl-init".into())
+        .spawn(move || {
+            let mut comm: ncclComm_t = std::ptr::null_mut();
+            // SAFETY: the device is per thread, so it is set here too; every rank calls
+            // ncclCommInitRank with the same id and world size.
+            let result = unsafe {
+                (nccl.cuda_set_device)(cuda_index);
+                (nccl.comm_init_rank)(&mut comm, ranks, id, rank)
+            };
+            let _ = tx.send((result, SendPtr(comm as *mut c_void)));
+        })
+        .map_err(|e| Some(dist_err(format!("cannot start the NCCL init thread: {e}"))))?;
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok((result, comm)) => nccl.check("ncclCommInitRank", result).map(|()| comm.0 as ncclComm_t).map_err(Some),
+        Err(_) => Err(None),
+    }
+}
+
+/// The NCCL collectives, as a [`Trace`] records them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum CollOp {
+    AllGather = 1,
+    ReduceScatter = 2,
+    AllReduce = 3,
+    Broadcast = 4,
+}
+
+impl CollOp {
+    fn name(self) -> &'static str {
+        match self {
+            CollOp::AllGather => "all_gather",
+            CollOp::ReduceScatter => "reduce_scatter",
+            CollOp::AllReduce => "all_reduce",
+            CollOp::Broadcast => "broadcast",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<CollOp> {
+        [CollOp::AllGather, CollOp::ReduceScatter, CollOp::AllReduce, CollOp::Broadcast].into_iter().find(|op| *op as u8 == v)
+    }
+}
+
+/// The host exchange a rank is at when the traces are compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum HostOp {
+    Bytes = 1,
+    Barrier = 2,
+}
+
+impl HostOp {
+    fn describe(v: u8) -> &'static str {
+        match v {
+            1 => "a byte exchange (all_gather_bytes)",
+            2 => "a barrier",
+            _ => "an unknown host exchange",
+        }
+    }
+}
+
+const DTYPES: [(Kind, &str); 6] =
+    [(Kind::Float, "float32"), (Kind::Double, "float64"), (Kind::Half, "float16"), (Kind::BFloat16, "bfloat16"), (Kind::Int, "int32"), (Kind::Int64, "int64")];
+
+/// A small, stable code for a tensor kind (its index in [`DTYPES`], 255 for others).
+fn kind_code(kind: Kind) -> u8 {
+    DTYPES.iter().position(|(k, _)| *k == kind).map_or(u8::MAX, |i| i as u8)
+}
+
+/// One NCCL collective: its operation, dtype and element count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Call {
+    op: u8,
+    dtype: u8,
+    elements: u64,
+}
+
+impl Call {
+    fn describe_values(&self) -> String {
+        let dtype = DTYPES.get(self.dtype as usize).map_or("?", |(_, name)| name);
+        format!("{} {dtype} values", self.elements)
+    }
+
+    fn describe(&self) -> String {
+        match CollOp::from_u8(self.op) {
+            Some(op) => format!("{} of {}", op.name(), self.describe_values()),
+            None => "none yet".into(),
+        }
+    }
+}
+
+/// The NCCL collectives a rank has made: how many, a running hash of every one's operation,
+/// dtype and element count (FNV-1a, the same on every machine), and the last one. Updating it
+/// costs nothing on the GPU; ranks compare theirs at each host exchange, which goes over TCP
+/// anyway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Trace {
+    count: u64,
+    hash: u64,
+    last: Call,
+}
+
+impl Default for Trace {
+    fn default() -> Self {
+        Self { count: 0, hash: 0xcbf2_9ce4_8422_2325, last: Call::default() }
+    }
+}
+
+/// Bytes of [`Trace::header`]: host op, count, hash, last op, last dtype, last element count.
+const HEADER_LEN: usize = 1 + 8 + 8 + 1 + 1 + 8;
+
+impl Trace {
+    fn then(self, call: Call) -> Trace {
+        let mut hash = self.hash;
+        for byte in [call.op, call.dtype].into_iter().chain(call.elements.to_le_bytes()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        Trace { count: self.count + 1, hash, last: call }
+    }
+
+    fn header(&self, host: HostOp) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        out[0] = host as u8;
+        out[1..9].copy_from_slice(&self.count.to_le_bytes());
+        out[9..17].copy_from_slice(&self.hash.to_le_bytes());
+        out[17] = self.last.op;
+        out[18] = self.last.dtype;
+        out[19..27].copy_from_slice(&self.last.elements.to_le_bytes());
+        out
+    }
+
+    /// A header and what follows it: ((host op, trace), body).
+    fn parse(bytes: &[u8]) -> Option<((u8, Trace), &[u8])> {
+        if bytes.len() < HEADER_LEN {
+            return None;
+        }
+        let u64_at = |i: usize| bytes.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        let trace = Trace { count: u64_at(1)?, hash: u64_at(9)?, last: Call { op: bytes[17], dtype: bytes[18], elements: u64_at(19)? } };
+        Some(((bytes[0], trace), &bytes[HEADER_LEN..]))
+    }
+}
+
+/// `bytes` from every rank over `bootstrap`, each rank's `trace` riding along in front; fails
+/// on every rank alike when the traces differ.
+fn traced_exchange(bootstrap: &TcpGroup, trace: Trace, host: HostOp, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let mut payload = trace.header(host).to_vec();
+    payload.extend_from_slice(bytes);
+    let parts = bootstrap.all_gather_bytes(&payload)?;
+    let mut headers = Vec::with_capacity(parts.len());
+    let mut bodies = Vec::with_capacity(parts.len());
+    for (r, part) in parts.into_iter().enumerate() {
+        let (header, body) =
+            Trace::parse(&part).ok_or_else(|| dist_err(format!("rank {r} sent a host exchange without its NCCL trace (another oxclip version?)")))?;
+        headers.push(header);
+        bodies.push(body.to_vec());
+    }
+    match diverged(&headers) {
+        Some(message) => Err(dist_err(format!("rank {}: {message}", bootstrap.rank()))),
+        None => Ok(bodies),
+    }
+}
+
+/// Which ranks' traces (index = rank) differ from rank 0's, said as tcp.rs says a diverged
+/// collective; `None` when all agree.
+fn diverged(traces: &[(u8, Trace)]) -> Option<String> {
+    let (host0, t0) = traces.first()?;
+    let mut found = Vec::new();
+    for (r, (host, t)) in traces.iter().enumerate().skip(1) {
+        if t != t0 {
+            found.push(if t.count == t0.count {
+                format!(
+                    "rank {r}'s {} NCCL collectives differ from rank 0's (the last: {} on rank {r}, {} on rank 0)",
+                    t.count,
+                    t.last.describe(),
+                    t0.last.describe()
+                )
+            } else {
+                format!(
+                    "rank {r} has made {} NCCL collectives (the last: {}) while rank 0 has made {} (the last: {})",
+                    t.count,
+                    t.last.describe(),
+                    t0.count,
+                    t0.last.describe()
+                )
+            });
+        } else if host != host0 {
+            found.push(format!("rank {r} is at {} while rank 0 is at {}", HostOp::describe(*host), HostOp::describe(*host0)));
+        }
+    }
+    if found.is_empty() {
+        return None;
+    }
+    let more = found.len().saturating_sub(3);
+    found.truncate(3);
+    let mut message = found.join("; ");
+    if more > 0 {
+        message.push_str(&format!("; and {more} more rank(s)"));
+    }
+    Some(format!("{message}: the ranks took different paths (different configs or data?); found at a host exchange"))
+}
+
 impl NcclGroup {
     /// Joins the world on `device` (this rank's GPU): rank 0 makes NCCL's unique id and hands
     /// it to the others over the TCP rendezvous.
     pub fn connect(world: &WorldEnv, device: Device, timeout: Duration) -> Result<Self> {
+        // The rendezvous and the communicator's creation share one dist.timeout_s.
+        let deadline = Instant::now() + timeout;
         let Device::Cuda(index) = device else {
             return Err(dist_err(format!("the NCCL backend needs a CUDA device, the run is on {}; use dist.backend: cpu", crate::device::name(device))));
         };
@@ -264,10 +677,7 @@ impl NcclGroup {
         if status != 0 {
             return Err(dist_err(format!("cudaSetDevice({index}) failed with CUDA error {status}")));
         }
-        let mut comm: ncclComm_t = std::ptr::null_mut();
-        let (ranks, rank) = (c_int::try_from(world.world_size).unwrap_or(c_int::MAX), world.rank as c_int);
-        // SAFETY: every rank calls ncclCommInitRank with the same id and world size.
-        nccl.check("ncclCommInitRank", unsafe { (nccl.comm_init_rank)(&mut comm, ranks, id, rank) })?;
+        let comm = create_comm(nccl, world, id, cuda_index, deadline, timeout)?;
         tracing::info!("rank {} of {}: NCCL communicator on cuda:{index}", world.rank, world.world_size);
         let watchdog = Arc::new(Watchdog { pending: Mutex::new(VecDeque::new()), failed: Mutex::new(None), stop: AtomicBool::new(false) });
         let (state, comm_ptr) = (Arc::clone(&watchdog), SendPtr(comm as *mut c_void));
@@ -284,7 +694,8 @@ impl NcclGroup {
             bootstrap,
             watchdog,
             watchdog_thread: Some(watchdog_thread),
-            seq: std::cell::Cell::new(0),
+            trace: std::cell::Cell::new(Trace::default()),
+            timeout,
         })
     }
 
@@ -297,11 +708,17 @@ impl NcclGroup {
     }
 
     /// Runs one NCCL call, then hands the watchdog an event that completes with it.
-    fn collective(&self, what: &str, call: impl FnOnce() -> ncclResult_t) -> Result<()> {
+    fn collective(&self, op: CollOp, kind: Kind, elements: usize, call: impl FnOnce() -> ncclResult_t) -> Result<()> {
         self.healthy()?;
-        let seq = self.seq.get() + 1;
-        self.seq.set(seq);
-        self.nccl.check(what, call())?;
+        let trace = self.trace.get().then(Call { op: op as u8, dtype: kind_code(kind), elements: elements as u64 });
+        self.trace.set(trace);
+        let what = format!("{} #{} ({})", op.name(), trace.count, trace.last.describe_values());
+        let queued = call();
+        if queued == ncclResult_t::ncclInProgress {
+            self.settle(&what)?;
+        } else {
+            self.nccl.check(&what, queued)?;
+        }
         let mut event: CudaEvent = std::ptr::null_mut();
         // SAFETY: creates and records an event on the stream the collective was queued on.
         let status = unsafe {
@@ -316,9 +733,40 @@ impl NcclGroup {
             return Err(dist_err(format!("CUDA error {status} recording the end of {what}")));
         }
         if let Ok(mut pending) = self.watchdog.pending.lock() {
-            pending.push_back((Instant::now(), format!("{what} #{seq}"), SendPtr(event)));
+            pending.push_back((Instant::now(), what, SendPtr(event)));
         }
         Ok(())
+    }
+
+    /// A communicator made non-blocking may answer a call with `ncclInProgress` while it
+    /// still enqueues it: waits (up to dist.timeout_s) until it has.
+    fn settle(&self, what: &str) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let mut state = ncclResult_t::ncclInProgress;
+            // SAFETY: queries the live communicator.
+            let queried = unsafe { (self.nccl.comm_get_async_error)(self.comm, &mut state) };
+            self.nccl.check("ncclCommGetAsyncError", queried)?;
+            match state {
+                ncclResult_t::ncclSuccess => return Ok(()),
+                ncclResult_t::ncclInProgress if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+                ncclResult_t::ncclInProgress => {
+                    return Err(dist_err(format!(
+                        "rank {}: NCCL did not enqueue {what} within {}s (raise dist.timeout_s if it is only slow)",
+                        self.rank,
+                        self.timeout.as_secs()
+                    )))
+                }
+                failed => return Err(self.nccl.error(what, failed)),
+            }
+        }
+    }
+
+    /// A host exchange: `bytes` from every rank over the rendezvous connection, with each
+    /// rank's [`Trace`] riding along, compared before anything is returned.
+    fn host_exchange(&self, host: HostOp, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.healthy()?;
+        traced_exchange(&self.bootstrap, self.trace.get(), host, bytes)
     }
 
     /// The tensor as NCCL sees it: contiguous, on this rank's GPU, of a type NCCL reduces.
@@ -347,7 +795,11 @@ impl Drop for NcclGroup {
     fn drop(&mut self) {
         self.watchdog.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.watchdog_thread.take() {
-            let _ = thread.join();
+            // After a failure the watchdog may still be inside ncclCommAbort, which can wait on
+            // a dead peer: leave it to the process's exit rather than wait with it.
+            if self.healthy().is_ok() {
+                let _ = thread.join();
+            }
         }
         // An aborted communicator is already gone.
         if self.healthy().is_ok() {
@@ -378,7 +830,7 @@ impl Collectives for NcclGroup {
         let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
         // SAFETY: both buffers are contiguous CUDA memory on this rank's device, the output
         // world_size times the input's element count.
-        self.collective("all_gather", || unsafe {
+        self.collective(CollOp::AllGather, input.kind(), input.numel(), || unsafe {
             (self.nccl.all_gather)(input.data_ptr(), output.data_ptr(), input.numel(), dtype, self.comm, Self::null_stream())
         })?;
         Ok(output)
@@ -393,7 +845,7 @@ impl Collectives for NcclGroup {
         shape[0] /= self.world_size as i64;
         let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
         // SAFETY: contiguous CUDA buffers; the output holds 1/world_size of the input.
-        self.collective("reduce_scatter", || unsafe {
+        self.collective(CollOp::ReduceScatter, input.kind(), input.numel(), || unsafe {
             (self.nccl.reduce_scatter)(
                 input.data_ptr(),
                 output.data_ptr(),
@@ -410,7 +862,7 @@ impl Collectives for NcclGroup {
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
         let (buffer, dtype) = self.prepared(tensor)?;
         // SAFETY: in place on a contiguous CUDA buffer.
-        self.collective("all_reduce", || unsafe {
+        self.collective(CollOp::AllReduce, buffer.kind(), buffer.numel(), || unsafe {
             (self.nccl.all_reduce)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, ncclRedOp_t::ncclSum, self.comm, Self::null_stream())
         })?;
         if buffer.data_ptr() != tensor.data_ptr() {
@@ -422,7 +874,7 @@ impl Collectives for NcclGroup {
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
         let (buffer, dtype) = self.prepared(tensor)?;
         // SAFETY: in place on a contiguous CUDA buffer.
-        self.collective("broadcast", || unsafe {
+        self.collective(CollOp::Broadcast, buffer.kind(), buffer.numel(), || unsafe {
             (self.nccl.broadcast)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, root as c_int, self.comm, Self::null_stream())
         })?;
         if buffer.data_ptr() != tensor.data_ptr() {
@@ -432,7 +884,7 @@ impl Collectives for NcclGroup {
     }
 
     fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.bootstrap.all_gather_bytes(bytes)
+        self.host_exchange(HostOp::Bytes, bytes)
     }
 
     fn barrier(&self) -> Result<()> {
@@ -442,7 +894,7 @@ impl Collectives for NcclGroup {
             Device::Cuda(i) => i as i64,
             _ => 0,
         });
-        self.bootstrap.barrier()
+        self.host_exchange(HostOp::Barrier, &[]).map(|_| ())
     }
 }
 
@@ -470,5 +922,128 @@ mod tests {
         let not_nccl = Nccl::load_from(&["libc.so.6".to_owned()]).err().unwrap_or_default();
         assert!(!not_nccl.is_empty() && !not_nccl.contains("NCCL not found"), "{not_nccl}");
         assert!(not_nccl.contains("ncclGetUniqueId") || not_nccl.contains("CUDA runtime"), "{not_nccl}");
+    }
+
+    #[test]
+    fn the_cuda_runtime_already_loaded_is_the_one_opened() {
+        let paths = |list: &[&str]| list.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        // libtorch's renamed copy, loaded first, wins over a system one loaded later.
+        let loaded = paths(&[
+            "",
+            "linux-vdso.so.1",
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/opt/libtorch/lib/libcudart-9335f6a2.so.12",
+            "/usr/local/cuda/lib64/libcudart.so.13",
+        ]);
+        assert_eq!(pick_cudart(&loaded), Some("/opt/libtorch/lib/libcudart-9335f6a2.so.12"));
+        assert_eq!(pick_cudart(&paths(&["/x/libc.so.6", "/venv/nvidia/cuda_runtime/lib/libcudart.so.13"])), Some("/venv/nvidia/cuda_runtime/lib/libcudart.so.13"));
+        assert_eq!(pick_cudart(&paths(&["libcudart.so"])), Some("libcudart.so"));
+        // Names that only start like it, or no runtime at all: none.
+        assert_eq!(pick_cudart(&paths(&["/x/libcudart_static.a", "/x/libcudartx.so.1", "/x/libcudart", "/libcudart.so.13/libc.so.6"])), None);
+        assert_eq!(pick_cudart(&[]), None);
+
+        // The walk over this process's objects agrees with the kernel's map of it.
+        let walked = loaded_objects();
+        assert!(walked.iter().any(|p| p.contains("libc.so")), "{walked:?}");
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mapped: Vec<String> = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).map(String::from).collect();
+        assert_eq!(pick_cudart(&walked).is_some(), pick_cudart(&mapped).is_some(), "{walked:?}");
+
+        // Nothing loaded and nothing loadable: the error says what was tried.
+        let err = open_cudart(&[], &["/nonexistent/oxclip-test/libcudart.so.13".to_owned()]).err().unwrap_or_default();
+        assert!(err.contains("the CUDA runtime is not loadable") && err.contains("/nonexistent/oxclip-test/libcudart.so.13"), "{err}");
+        // A loaded path is opened as it is (here a stand-in: the C library, loaded in every process).
+        let libc_path = walked.iter().find(|p| p.contains("/libc.so")).cloned().unwrap();
+        let renamed = [libc_path.replace("libc.so.6", "libcudart-0000.so.6")];
+        let err = open_cudart(&renamed, &[]).err().unwrap_or_default();
+        assert!(err.contains("libcudart-0000.so.6") && err.contains("cannot be reopened"), "{err}");
+    }
+
+    #[test]
+    fn comm_config_has_nccl_h_layout() {
+        // ncclConfig_t's fields up to splitShare, at nccl.h's offsets on a 64-bit target.
+        use std::mem::{offset_of, size_of};
+        assert_eq!(
+            [offset_of!(CommConfig, magic), offset_of!(CommConfig, version), offset_of!(CommConfig, blocking), offset_of!(CommConfig, max_ctas)],
+            [8, 12, 16, 28]
+        );
+        assert_eq!([offset_of!(CommConfig, net_name), offset_of!(CommConfig, split_share), size_of::<CommConfig>()], [32, 40, 48]);
+        let c = CommConfig::non_blocking();
+        assert_eq!((c.size, c.magic, c.version, c.blocking, c.min_ctas), (48, 0xcafebeef, 21800, 0, i32::MIN));
+    }
+
+    fn trace(calls: &[(CollOp, Kind, u64)]) -> Trace {
+        calls.iter().fold(Trace::default(), |t, &(op, kind, n)| t.then(Call { op: op as u8, dtype: kind_code(kind), elements: n }))
+    }
+
+    #[test]
+    fn diverged_nccl_collectives_are_named_at_the_next_host_exchange() {
+        let common = [(CollOp::Broadcast, Kind::Float, 8), (CollOp::AllGather, Kind::BFloat16, 64)];
+        let t0 = trace(&common);
+        // The header survives the trip through the byte exchange, with the body after it.
+        let mut wire = t0.header(HostOp::Bytes).to_vec();
+        wire.extend_from_slice(b"body");
+        let ((host, back), body) = Trace::parse(&wire).unwrap();
+        assert_eq!((host, back, body), (HostOp::Bytes as u8, t0, &b"body"[..]));
+        assert!(Trace::parse(&wire[..HEADER_LEN - 1]).is_none());
+
+        // All ranks on the same path: nothing to say.
+        assert_eq!(diverged(&[(1, t0), (1, t0), (1, t0)]), None);
+
+        // Rank 2 made one all-reduce more.
+        let extra = trace(&[common[0], common[1], (CollOp::AllReduce, Kind::Float, 1024)]);
+        let msg = diverged(&[(1, t0), (1, t0), (1, extra)]).unwrap();
+        assert!(
+            msg.starts_with(
+                "rank 2 has made 3 NCCL collectives (the last: all_reduce of 1024 float32 values) \
+                 while rank 0 has made 2 (the last: all_gather of 64 bfloat16 values)"
+            ),
+            "{msg}"
+        );
+        assert!(!msg.contains("rank 1"), "{msg}");
+
+        // Same count, another size earlier on: the running hash tells them apart.
+        let other = trace(&[(CollOp::Broadcast, Kind::Float, 9), common[1]]);
+        let msg = diverged(&[(1, t0), (1, other)]).unwrap();
+        assert!(msg.starts_with("rank 1's 2 NCCL collectives differ from rank 0's"), "{msg}");
+        // The same ops in another order differ too.
+        let swapped = trace(&[common[1], common[0]]);
+        assert!(diverged(&[(1, t0), (1, swapped)]).is_some());
+
+        // Same collectives, different host exchange.
+        let msg = diverged(&[(HostOp::Bytes as u8, t0), (HostOp::Barrier as u8, t0)]).unwrap();
+        assert!(msg.starts_with("rank 1 is at a barrier while rank 0 is at a byte exchange"), "{msg}");
+        assert!(msg.ends_with("found at a host exchange"), "{msg}");
+    }
+
+    #[test]
+    fn traces_ride_along_the_host_exchange_between_real_ranks() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let on_ranks = |traces: [Trace; 2], hosts: [HostOp; 2]| {
+            let handles: Vec<_> = (0..2)
+                .map(|r| {
+                    std::thread::spawn(move || {
+                        let world = WorldEnv { rank: r, world_size: 2, local_rank: r, local_world_size: 2, master_addr: "127.0.0.1".into(), master_port: port };
+                        let group = TcpGroup::connect(&world, Duration::from_secs(20)).unwrap();
+                        traced_exchange(&group, traces[r], hosts[r], format!("rank{r}").as_bytes()).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        };
+        let same = trace(&[(CollOp::AllReduce, Kind::Float, 100)]);
+        // Same path: every rank gets every rank's bytes, without the headers.
+        for got in on_ranks([same, same], [HostOp::Bytes, HostOp::Bytes]) {
+            assert_eq!(got.unwrap(), vec![b"rank0".to_vec(), b"rank1".to_vec()]);
+        }
+        // Rank 1 made one NCCL collective more: both ranks fail, naming it.
+        let more = trace(&[(CollOp::AllReduce, Kind::Float, 100), (CollOp::AllGather, Kind::Half, 6)]);
+        for (r, got) in on_ranks([same, more], [HostOp::Barrier, HostOp::Barrier]).into_iter().enumerate() {
+            let err = got.unwrap_err();
+            assert!(
+                err.contains(&format!("rank {r}: rank 1 has made 2 NCCL collectives (the last: all_gather of 6 float16 values) while rank 0 has made 1")),
+                "{err}"
+            );
+        }
     }
 }

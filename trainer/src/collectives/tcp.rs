@@ -129,8 +129,17 @@ fn accept_peers(world: &WorldEnv, deadline: Instant) -> Result<Vec<TcpStream>> {
     while peers.iter().any(Option::is_none) {
         match listener.accept() {
             Ok((stream, from)) => {
-                let peer = handshake(&stream, world.world_size, deadline)
-                    .map_err(|e| dist_err(format!("a peer from {from} failed to join: {e}")))?;
+                let peer = match handshake(&stream, world.world_size, deadline) {
+                    Ok(peer) => peer,
+                    // A connection that says nothing (a port probe, a health check) is
+                    // dropped, not let hold the rendezvous: a rank greets as it connects, and
+                    // one that was dropped by mistake sees the connection close and retries.
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::UnexpectedEof) => {
+                        tracing::warn!("rank 0: a connection from {from} sent no greeting ({e}); ignored");
+                        continue;
+                    }
+                    Err(e) => return Err(dist_err(format!("a peer from {from} failed to join: {e}"))),
+                };
                 match peers.get_mut(peer.wrapping_sub(1)) {
                     Some(slot @ None) => *slot = Some(stream),
                     _ => return Err(dist_err(format!("rank {peer} joined twice, or rank 0 did (from {from})"))),
@@ -158,10 +167,13 @@ fn accept_peers(world: &WorldEnv, deadline: Instant) -> Result<Vec<TcpStream>> {
     Ok(streams)
 }
 
+/// How long rank 0 waits for a new connection's greeting, which a rank sends as it connects.
+const GREETING_WAIT: Duration = Duration::from_secs(2);
+
 /// Reads a peer's greeting: its rank, after checking the protocol and the world size.
 fn handshake(stream: &TcpStream, world_size: usize, deadline: Instant) -> std::io::Result<usize> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))))?;
+    stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(100), GREETING_WAIT)))?;
     let mut hello = [0u8; 16];
     (&*stream).read_exact(&mut hello)?;
     if &hello[..8] != MAGIC {
@@ -181,7 +193,9 @@ fn join_rank0(world: &WorldEnv, deadline: Instant) -> Result<TcpStream> {
     loop {
         let resolved: Vec<SocketAddr> = addr.to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
         for sa in &resolved {
-            match TcpStream::connect_timeout(sa, Duration::from_secs(1)) {
+            // Never past the deadline by more than a moment, however slow the network.
+            let patience = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(50), Duration::from_secs(1));
+            match TcpStream::connect_timeout(sa, patience) {
                 Ok(stream) => {
                     let mut hello = Vec::with_capacity(16);
                     hello.extend_from_slice(MAGIC);
@@ -197,6 +211,11 @@ fn join_rank0(world: &WorldEnv, deadline: Instant) -> Result<TcpStream> {
                     match joined {
                         Ok(true) => return Ok(stream),
                         Ok(false) => return Err(dist_err(format!("rank 0 at {addr} refused rank {}", world.rank))),
+                        Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                            last_error = "rank 0 took this rank's greeting, then closed the connection before every rank had \
+                                          joined (see rank 0's log for the ranks it missed)"
+                                .into()
+                        }
                         Err(e) => last_error = e.to_string(),
                     }
                 }
