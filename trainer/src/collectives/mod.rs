@@ -15,7 +15,7 @@ pub mod tcp;
 
 use std::time::Duration;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::error::{Result, TrainError};
 
@@ -36,6 +36,11 @@ pub trait Collectives {
     /// Every rank's bytes, in rank order (start-up checks, loader positions).
     fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>>;
     fn barrier(&self) -> Result<()>;
+    /// This group as one that another thread may drive (one collective at a time, while the
+    /// owner issues none): the gradient reducer's communication thread. `None`: it may not.
+    fn as_sync(&self) -> Option<&(dyn Collectives + Sync)> {
+        None
+    }
 }
 
 /// A world of one process: every collective is the identity.
@@ -67,16 +72,11 @@ impl Collectives for SingleProcess {
     fn barrier(&self) -> Result<()> {
         Ok(())
     }
+    fn as_sync(&self) -> Option<&(dyn Collectives + Sync)> {
+        Some(self)
+    }
 }
 
-/// Elements per all-reduce bucket: large enough that per-call latency vanishes, small enough
-/// that the flat copy stays a fraction of the gradients (25 M floats = 100 MB, DDP's
-/// `bucket_cap_mb` scale).
-pub const BUCKET_ELEMENTS: i64 = 25 << 20;
-
-/// Sums `tensors` over ranks in place, packed into flat fp32 buckets of at most
-/// [`BUCKET_ELEMENTS`] (one tensor larger than that is a bucket of its own): a few large
-/// collectives instead of one per parameter.
 /// Every rank's `value`, in rank order, over the host channel: counts need no device round trip.
 pub fn all_gather_u64(comm: &dyn Collectives, value: u64) -> Result<Vec<u64>> {
     comm.all_gather_bytes(&value.to_le_bytes())?
@@ -86,32 +86,6 @@ pub fn all_gather_u64(comm: &dyn Collectives, value: u64) -> Result<Vec<u64>> {
             Ok(u64::from_le_bytes(bytes))
         })
         .collect()
-}
-
-pub fn all_reduce_bucketed(comm: &dyn Collectives, tensors: &mut [Tensor]) -> Result<()> {
-    if comm.world_size() == 1 || tensors.is_empty() {
-        return Ok(());
-    }
-    let mut start = 0;
-    while start < tensors.len() {
-        let mut end = start;
-        let mut elements = 0;
-        while end < tensors.len() && (end == start || elements + tensors[end].numel() as i64 <= BUCKET_ELEMENTS) {
-            elements += tensors[end].numel() as i64;
-            end += 1;
-        }
-        let bucket = &mut tensors[start..end];
-        let mut flat = Tensor::cat(&bucket.iter().map(|t| t.to_kind(Kind::Float).flatten(0, -1)).collect::<Vec<_>>(), 0);
-        comm.all_reduce_sum(&mut flat)?;
-        let mut offset = 0;
-        for t in bucket.iter_mut() {
-            let n = t.numel() as i64;
-            let _ = t.copy_(&flat.narrow(0, offset, n).view_as(t));
-            offset += n;
-        }
-        start = end;
-    }
-    Ok(())
 }
 
 /// Which backend a run uses (`dist.backend`).
@@ -144,11 +118,13 @@ pub struct DistSettings {
     pub backend: Backend,
     /// How long any collective (or the rendezvous) waits for a peer before failing.
     pub timeout: Duration,
+    /// How the step sums gradients over ranks (`dist.overlap`, `bucket_mb`, `grad_reduce_dtype`).
+    pub reduce: crate::grad_sync::ReduceConfig,
 }
 
 impl Default for DistSettings {
     fn default() -> Self {
-        Self { world: None, backend: Backend::Auto, timeout: Duration::from_secs(600) }
+        Self { world: None, backend: Backend::Auto, timeout: Duration::from_secs(600), reduce: Default::default() }
     }
 }
 
@@ -179,8 +155,8 @@ mod tests {
         let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
         assert_eq!(comm.all_gather(&t).unwrap(), t);
         assert_eq!(comm.all_gather_bytes(b"x").unwrap(), vec![b"x".to_vec()]);
-        let mut grads = vec![t.shallow_clone()];
-        all_reduce_bucketed(&comm, &mut grads).unwrap();
-        assert_eq!(grads[0], t);
+        let mut sum = t.copy();
+        comm.all_reduce_sum(&mut sum).unwrap();
+        assert_eq!(sum, t);
     }
 }
