@@ -399,4 +399,93 @@ mod tests {
         (&params[2] * 4.0).sum(Kind::Float).backward();
         assert_eq!(ctx.lock().launched, 3);
     }
+
+    /// A model of 8 layers whose backward pass takes [`LAYER_SECS`] per layer, the time
+    /// slept rather than computed, so that 4 ranks sharing a small machine keep pace: each
+    /// layer's weight (256 KiB, a bucket of its own) gets its gradient after its layer's time,
+    /// the last layer's first, as a real backward pass produces them.
+    const LAYERS: usize = 8;
+    const LAYER_SECS: f64 = 0.03;
+    const STEPS: usize = 5;
+
+    fn chain_weights() -> Vec<Tensor> {
+        (0..LAYERS)
+            .map(|l| ((Tensor::arange(256 * 256, (Kind::Float, tch::Device::Cpu)) * (0.37 + l as f64)).sin() * 0.5).view([256, 256]).set_requires_grad(true))
+            .collect()
+    }
+
+    fn chain_backward(weights: &[Tensor], rank: usize) {
+        for (l, w) in weights.iter().enumerate().rev() {
+            std::thread::sleep(std::time::Duration::from_secs_f64(LAYER_SECS));
+            let x = (Tensor::arange(256 * 256, (Kind::Float, tch::Device::Cpu)) * (1.3 + (rank + l) as f64)).cos().view([256, 256]);
+            (w.tanh() * x).sum(Kind::Float).backward();
+        }
+    }
+
+    /// Runs `f(rank, group)` on 4 ranks in threads.
+    fn on_four_ranks<T: Send + 'static>(gbps: Option<f64>, f: impl Fn(usize, &crate::collectives::tcp::TcpGroup) -> T + Send + Sync + Copy + 'static) -> Vec<T> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let handles: Vec<_> = (0..4)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let world = crate::collectives::WorldEnv { rank, world_size: 4, local_rank: rank, local_world_size: 4, master_addr: "127.0.0.1".into(), master_port: port };
+                    let comm = crate::collectives::tcp::TcpGroup::connect(&world, std::time::Duration::from_secs(60)).unwrap().with_sim_link(gbps);
+                    f(rank, &comm)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// [`STEPS`] SGD steps of the chain on 4 ranks: per rank, each step's exposed communication
+    /// time, the buckets launched during backward, and the final weights.
+    fn train_chain(overlap: bool, gbps: f64) -> Vec<(Vec<f64>, usize, Vec<Vec<f32>>)> {
+        on_four_ranks(Some(gbps), move |rank, comm| {
+            let weights = chain_weights();
+            let sync = GradSync::new(weights.iter().map(Tensor::shallow_clone).collect(), ReduceConfig { overlap, bucket_mb: 0.25, dtype: ReduceDtype::Fp32 }).unwrap();
+            assert_eq!(sync.bucket_count(), LAYERS);
+            let (mut exposed, mut launched) = (Vec::new(), 0);
+            for _ in 0..STEPS {
+                let reduced = sync.reduce(comm, || chain_backward(&weights, rank)).unwrap();
+                exposed.push(reduced.exposed_secs);
+                launched += reduced.launched_in_backward;
+                tch::no_grad(|| {
+                    for w in &weights {
+                        let mut g = w.grad();
+                        let _ = w.shallow_clone().g_sub_(&(&g * 0.1));
+                        let _ = g.zero_();
+                    }
+                });
+            }
+            (exposed, launched, weights.iter().map(|w| Vec::<f32>::try_from(w.detach().flatten(0, -1)).unwrap()).collect())
+        })
+    }
+
+    /// The scaling model's check (docs/scaling.md): on a simulated link on which each
+    /// bucket's all-reduce takes half a layer's backward time, the overlap hides all but the
+    /// last bucket, so the step waits at most half as long after the backward pass (about an
+    /// eighth, in theory); and the weights are the same, bit for bit.
+    #[test]
+    fn the_overlap_hides_a_simulated_link() {
+        // A ring all-reduce sends 2 (W - 1) / W of the bytes: 1.5 x 256 KiB per bucket.
+        let gbps = 1.5 * (256 * 256 * 4) as f64 / (0.5 * LAYER_SECS) / 1e9;
+        let after = train_chain(false, gbps);
+        let overlapped = train_chain(true, gbps);
+        // A rank whose backward pass ends early (4 ranks share a small machine here) also
+        // waits for the others'; the last one waits for the reduction alone: per step, the
+        // smallest wait over the ranks; the median over the steps.
+        let exposed = |runs: &[(Vec<f64>, usize, Vec<Vec<f32>>)]| {
+            let mut waits: Vec<f64> = (0..STEPS).map(|s| runs.iter().map(|r| r.0[s]).fold(f64::MAX, f64::min)).collect();
+            waits.sort_by(f64::total_cmp);
+            waits[STEPS / 2]
+        };
+        let (without, with) = (exposed(&after), exposed(&overlapped));
+        eprintln!("link {gbps:.4} GB/s: exposed communication per step {:.1} ms after backward, {:.1} ms overlapped", without * 1e3, with * 1e3);
+        assert!(with <= 0.5 * without, "exposed communication per step: {with} s overlapped vs {without} s after backward");
+        for (rank, ((_, launched, weights), (_, _, reference))) in overlapped.iter().zip(&after).enumerate() {
+            assert!(*launched > 0, "rank {rank}: no bucket launched during backward");
+            assert_eq!(weights, reference, "rank {rank}: final weights");
+            assert_eq!(weights, &overlapped[0].2, "rank {rank}");
+        }
+    }
 }
