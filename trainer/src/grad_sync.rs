@@ -156,18 +156,6 @@ impl GradSync {
         for (b, range) in self.buckets.iter().enumerate() {
             bucket_of[range.clone()].fill(b);
         }
-        let ctx = HookCtx {
-            sync: self,
-            state: Mutex::new(Launcher {
-                waiting: self.buckets.iter().map(|r| r.len()).collect(),
-                fired: vec![false; self.params.len()],
-                bucket_of,
-                next: 0,
-                tx: Some(tx),
-                launched: 0,
-                error: None,
-            }),
-        };
         std::thread::scope(|scope| {
             let communicator = scope.spawn(move || -> Result<Vec<(usize, Tensor)>> {
                 let mut done = Vec::new();
@@ -177,6 +165,20 @@ impl GradSync {
                 }
                 Ok(done)
             });
+            // Inside the scope: should `backward` panic, the sender goes with it and the
+            // communication thread ends instead of keeping the scope waiting.
+            let ctx = HookCtx {
+                sync: self,
+                state: Mutex::new(Launcher {
+                    waiting: self.buckets.iter().map(|r| r.len()).collect(),
+                    fired: vec![false; self.params.len()],
+                    bucket_of,
+                    next: 0,
+                    tx: Some(tx),
+                    launched: 0,
+                    error: None,
+                }),
+            };
             // Not armed (a parameter libtorch refuses): the backward pass still runs and every
             // bucket goes after it, so the ranks stay in step; the error is reported below.
             let hooks = Hooks::arm(&self.params, &ctx);
