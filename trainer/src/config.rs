@@ -272,13 +272,13 @@ pub struct DistConfig {
     /// `fp32`, or `bf16` (DDP's bf16 compression hook: half the bytes, the sum rounded to
     /// bf16). Features are exchanged in their own precision either way.
     #[serde(default = "default_grad_reduce_dtype")]
-    pub grad_reduce_dtype: crate::grad_sync::ReduceDtype,
+    pub grad_reduce_dtype: crate::collectives::ReduceDtype,
 }
 
 impl DistConfig {
     /// The gradient reduction the step runs.
-    pub fn reduce(&self) -> crate::grad_sync::ReduceConfig {
-        crate::grad_sync::ReduceConfig { overlap: self.overlap, bucket_mb: self.bucket_mb, dtype: self.grad_reduce_dtype }
+    pub fn reduce(&self) -> crate::collectives::ReduceConfig {
+        crate::collectives::ReduceConfig { overlap: self.overlap, bucket_mb: self.bucket_mb, dtype: self.grad_reduce_dtype }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -298,8 +298,8 @@ fn default_overlap() -> bool {
 fn default_bucket_mb() -> f64 {
     25.0
 }
-fn default_grad_reduce_dtype() -> crate::grad_sync::ReduceDtype {
-    crate::grad_sync::ReduceDtype::Fp32
+fn default_grad_reduce_dtype() -> crate::collectives::ReduceDtype {
+    crate::collectives::ReduceDtype::Fp32
 }
 
 impl Default for DistConfig {
@@ -323,9 +323,9 @@ mod tests {
         let dist: DistConfig = serde_yaml::from_str("backend: cpu\n").unwrap();
         let reduce = dist.reduce();
         assert!(reduce.overlap);
-        assert_eq!((reduce.bucket_mb, reduce.dtype), (25.0, crate::grad_sync::ReduceDtype::Fp32));
+        assert_eq!((reduce.bucket_mb, reduce.dtype), (25.0, crate::collectives::ReduceDtype::Fp32));
         let bf16: DistConfig = serde_yaml::from_str("overlap: false\nbucket_mb: 0.5\ngrad_reduce_dtype: bf16\n").unwrap();
-        assert_eq!(bf16.reduce(), crate::grad_sync::ReduceConfig { overlap: false, bucket_mb: 0.5, dtype: crate::grad_sync::ReduceDtype::Bf16 });
+        assert_eq!(bf16.reduce(), crate::collectives::ReduceConfig { overlap: false, bucket_mb: 0.5, dtype: crate::collectives::ReduceDtype::Bf16 });
         bf16.validate().unwrap();
 
         let zero: DistConfig = serde_yaml::from_str("bucket_mb: 0\n").unwrap();

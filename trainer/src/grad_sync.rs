@@ -31,46 +31,11 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::collectives::Collectives;
+pub use crate::collectives::{ReduceConfig, ReduceDtype};
 use crate::error::{Result, TrainError};
-
-/// The precision gradients travel in (`dist.grad_reduce_dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReduceDtype {
-    Fp32,
-    /// Half the bytes; the sum is rounded to bf16 (8 significant bits) before the update.
-    Bf16,
-}
-
-/// How gradients are summed over ranks (the `dist:` keys `overlap`, `bucket_mb`,
-/// `grad_reduce_dtype`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ReduceConfig {
-    /// Reduce buckets during the backward pass; false: all after it.
-    pub overlap: bool,
-    /// Bucket size in MB (1e6 bytes) of fp32 gradients; DDP's `bucket_cap_mb`.
-    pub bucket_mb: f64,
-    pub dtype: ReduceDtype,
-}
-
-impl Default for ReduceConfig {
-    fn default() -> Self {
-        Self { overlap: true, bucket_mb: 25.0, dtype: ReduceDtype::Fp32 }
-    }
-}
-
-impl ReduceConfig {
-    pub fn validate(&self) -> Result<()> {
-        if !(self.bucket_mb > 0.0 && self.bucket_mb.is_finite()) {
-            return Err(TrainError::Config(format!("dist.bucket_mb must be a positive number of MB, got {}", self.bucket_mb)));
-        }
-        Ok(())
-    }
-}
 
 /// What one reduction did, for the log and the tests.
 #[derive(Debug, Clone, Copy, Default)]

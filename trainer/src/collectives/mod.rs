@@ -88,6 +88,41 @@ pub fn all_gather_u64(comm: &dyn Collectives, value: u64) -> Result<Vec<u64>> {
         .collect()
 }
 
+/// The precision gradients travel in (`dist.grad_reduce_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceDtype {
+    Fp32,
+    /// Half the bytes; the sum is rounded to bf16 (8 significant bits) before the update.
+    Bf16,
+}
+
+/// How the step sums parameter gradients over ranks (the `dist:` keys `overlap`,
+/// `bucket_mb`, `grad_reduce_dtype`); grad_sync.rs does it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReduceConfig {
+    /// Reduce buckets during the backward pass; false: all after it.
+    pub overlap: bool,
+    /// Bucket size in MB (1e6 bytes) of fp32 gradients; DDP's `bucket_cap_mb`.
+    pub bucket_mb: f64,
+    pub dtype: ReduceDtype,
+}
+
+impl Default for ReduceConfig {
+    fn default() -> Self {
+        Self { overlap: true, bucket_mb: 25.0, dtype: ReduceDtype::Fp32 }
+    }
+}
+
+impl ReduceConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.bucket_mb > 0.0 && self.bucket_mb.is_finite()) {
+            return Err(TrainError::Config(format!("dist.bucket_mb must be a positive number of MB, got {}", self.bucket_mb)));
+        }
+        Ok(())
+    }
+}
+
 /// Which backend a run uses (`dist.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -119,12 +154,12 @@ pub struct DistSettings {
     /// How long any collective (or the rendezvous) waits for a peer before failing.
     pub timeout: Duration,
     /// How the step sums gradients over ranks (`dist.overlap`, `bucket_mb`, `grad_reduce_dtype`).
-    pub reduce: crate::grad_sync::ReduceConfig,
+    pub reduce: ReduceConfig,
 }
 
 impl Default for DistSettings {
     fn default() -> Self {
-        Self { world: None, backend: Backend::Auto, timeout: Duration::from_secs(600), reduce: Default::default() }
+        Self { world: None, backend: Backend::Auto, timeout: Duration::from_secs(600), reduce: ReduceConfig::default() }
     }
 }
 

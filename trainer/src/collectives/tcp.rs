@@ -10,7 +10,7 @@
 //! or stalls turns into an error naming the collective, not a hang.
 //!
 //! A group may be used from another thread than the one that made it (the gradient reducer's
-//! communication thread, `crate::grad_sync`), one collective at a time: the sequence counter is
+//! communication thread, grad_sync.rs), one collective at a time: the sequence counter is
 //! atomic so the group is `Sync`, and the seq check above still catches a rank on another path.
 //!
 //! `OXCLIP_SIM_LINK_GBPS=<GB/s>` (read once, when the group is made) simulates a slower link
