@@ -227,6 +227,7 @@ fn check(config: &RunConfig, path: &Path) -> Result<(), ConfigError> {
     let invalid = |e: TrainError| ConfigError::Invalid { path: path.into(), message: e.to_string() };
     let model = config.model_config()?;
     oxclip_trainer::config::validate(&model, &config.data, &config.train, &config.optim, &config.loss).map_err(invalid)?;
+    config.dist.validate().map_err(invalid)?;
     oxclip_trainer::prepare::data_tokenizer(&config.data, &model).map_err(invalid)?;
     Ok(())
 }

@@ -73,12 +73,13 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     if b.autocast_bf16 {
         crate::device::use_bf16_autocast();
     }
+    let grad_sync = crate::grad_sync::GradSync::for_var_store(&vs, Default::default())?;
 
     let mut run = |steps: u64| -> Result<f64> {
         let started = Instant::now();
         let mut last = None;
         for _ in 0..steps {
-            last = Some(step::train_step(&model, &mut optimizer, &SingleProcess, &images, &tokens, 5e-4, cfg)?);
+            last = Some(step::train_step(&model, &mut optimizer, &SingleProcess, &grad_sync, &images, &tokens, 5e-4, cfg)?);
         }
         // Wait for the device before stopping the clock.
         if let Some(out) = last {

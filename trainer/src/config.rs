@@ -262,6 +262,28 @@ pub struct DistConfig {
     /// zero-shot evaluation, a checkpoint write).
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
+    /// Sum each bucket of gradients as soon as the backward pass has produced it, while the
+    /// pass goes on (PyTorch DDP's overlap); false: all of them after it.
+    #[serde(default = "default_overlap")]
+    pub overlap: bool,
+    /// Gradient bucket size in MB (1e6 bytes, fp32): DDP's `bucket_cap_mb`.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+    /// `fp32`, or `bf16` (DDP's bf16 compression hook: half the bytes, the sum rounded to
+    /// bf16). Features are exchanged in their own precision either way.
+    #[serde(default = "default_grad_reduce_dtype")]
+    pub grad_reduce_dtype: crate::collectives::ReduceDtype,
+}
+
+impl DistConfig {
+    /// The gradient reduction the step runs.
+    pub fn reduce(&self) -> crate::collectives::ReduceConfig {
+        crate::collectives::ReduceConfig { overlap: self.overlap, bucket_mb: self.bucket_mb, dtype: self.grad_reduce_dtype }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.reduce().validate()
+    }
 }
 
 fn default_backend() -> crate::collectives::Backend {
@@ -270,9 +292,46 @@ fn default_backend() -> crate::collectives::Backend {
 fn default_timeout_s() -> u64 {
     600
 }
+fn default_overlap() -> bool {
+    true
+}
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+fn default_grad_reduce_dtype() -> crate::collectives::ReduceDtype {
+    crate::collectives::ReduceDtype::Fp32
+}
 
 impl Default for DistConfig {
     fn default() -> Self {
-        Self { backend: default_backend(), timeout_s: default_timeout_s() }
+        Self {
+            backend: default_backend(),
+            timeout_s: default_timeout_s(),
+            overlap: default_overlap(),
+            bucket_mb: default_bucket_mb(),
+            grad_reduce_dtype: default_grad_reduce_dtype(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dist_gradient_reduction_keys() {
+        let dist: DistConfig = serde_yaml::from_str("backend: cpu\n").unwrap();
+        let reduce = dist.reduce();
+        assert!(reduce.overlap);
+        assert_eq!((reduce.bucket_mb, reduce.dtype), (25.0, crate::collectives::ReduceDtype::Fp32));
+        let bf16: DistConfig = serde_yaml::from_str("overlap: false\nbucket_mb: 0.5\ngrad_reduce_dtype: bf16\n").unwrap();
+        assert_eq!(bf16.reduce(), crate::collectives::ReduceConfig { overlap: false, bucket_mb: 0.5, dtype: crate::collectives::ReduceDtype::Bf16 });
+        bf16.validate().unwrap();
+
+        let zero: DistConfig = serde_yaml::from_str("bucket_mb: 0\n").unwrap();
+        let err = zero.validate().unwrap_err().to_string();
+        assert!(err.contains("dist.bucket_mb"), "{err}");
+        let err = serde_yaml::from_str::<DistConfig>("grad_reduce_dtype: fp16\n").unwrap_err().to_string();
+        assert!(err.contains("grad_reduce_dtype") && err.contains("fp16"), "{err}");
     }
 }

@@ -25,6 +25,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod grad_sync;
 pub mod infer;
 pub mod loss;
 pub mod metrics;

@@ -5,8 +5,9 @@ use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
-use crate::collectives::{self, Collectives};
+use crate::collectives::Collectives;
 use crate::error::Result;
+use crate::grad_sync::GradSync;
 use crate::loss::LossSpec;
 use crate::model::Clip;
 use crate::optim::AdamW;
@@ -19,6 +20,11 @@ pub struct StepOutput {
     pub loss: Tensor,
     /// Global gradient norm before clipping, when clipping is on.
     pub grad_norm: Option<f64>,
+    /// Seconds the step waited for the gradient reduction after the backward pass returned
+    /// (`train/comm_time`): with overlap only its tail, without it all of it.
+    pub comm_secs: f64,
+    /// Gradient buckets launched while the backward pass was still running.
+    pub overlapped_buckets: usize,
 }
 
 /// Settings fixed when the run starts (precision is chosen once, not per step).
@@ -33,11 +39,14 @@ pub struct StepConfig {
     pub micro_batch: Option<usize>,
 }
 
-/// One optimizer update on this rank's batch `images` (n, 3, S, S) and `tokens` (n, L).
+/// One optimizer update on this rank's batch `images` (n, 3, S, S) and `tokens` (n, L);
+/// `grad_sync` is the gradient bucket layout over `model`'s parameters.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &Clip,
     optimizer: &mut AdamW,
     comm: &dyn Collectives,
+    grad_sync: &GradSync,
     images: &Tensor,
     tokens: &Tensor,
     lr: f64,
@@ -53,22 +62,26 @@ pub fn train_step(
     let rows = comm.rank() as i64 * n..comm.rank() as i64 * n + n;
     let (global_loss, grads) = loss_and_feature_grads(model, comm, &features, cfg.loss, rows)?;
 
-    // 5. Back-propagate through the towers.
+    // 5. Back-propagate through the towers, and 6. sum parameter gradients over ranks: each
+    // rank's loss is a part of the global mean, so the sum is the full-batch gradient. In
+    // buckets, each launched as soon as the last backward pass has produced it (grad_sync.rs).
     optimizer.zero_grad();
-    towers.backward(&features, &grads);
-
-    // 6. Sum parameter gradients over ranks: each rank's loss is a part of the global mean, so
-    // the sum is the full-batch gradient.
-    // Packed into large flat buckets: a few collectives instead of one per parameter.
-    let mut param_grads: Vec<Tensor> = optimizer.variables().map(|(_, var)| var.grad()).filter(Tensor::defined).collect();
-    collectives::all_reduce_bucketed(comm, &mut param_grads)?;
+    let count = towers.micro.len();
+    for k in 0..count.saturating_sub(1) {
+        towers.backward(k, &features, &grads);
+    }
+    let reduced = grad_sync.reduce(comm, || {
+        if count > 0 {
+            towers.backward(count - 1, &features, &grads);
+        }
+    })?;
 
     // 7. Clip, update, clamp the temperature.
     let grad_norm = cfg.grad_clip_norm.map(|max_norm| optimizer.clip_grad_norm(max_norm));
     optimizer.step(lr);
     model.clamp_logit_scale();
 
-    Ok(StepOutput { loss: global_loss, grad_norm })
+    Ok(StepOutput { loss: global_loss, grad_norm, comm_secs: reduced.exposed_secs, overlapped_buckets: reduced.launched_in_backward })
 }
 
 /// The gradients step 3 hands back to the towers: this rank's rows of d loss / d features,
@@ -134,33 +147,31 @@ impl Towers<'_> {
         (Tensor::cat(&images, 0), Tensor::cat(&texts, 0))
     }
 
-    /// Step 5: back-propagates the surrogate whose gradient is `grads`. logit_scale (and
-    /// logit_bias) enter with this rank's part of their gradient, once per step; step 6 sums
-    /// the parts over ranks.
-    fn backward(&self, (image_features, text_features): &(Tensor, Tensor), grads: &FeatureGrads) {
+    /// Step 5 for micro-batch `k`: back-propagates the surrogate whose gradient is `grads`.
+    /// logit_scale (and logit_bias) enter with this rank's part of their gradient, once per
+    /// step, with the last micro-batch: then every parameter gets its gradient in the last
+    /// backward pass, the one the reduction overlaps. Step 6 sums the parts over ranks.
+    fn backward(&self, k: usize, (image_features, text_features): &(Tensor, Tensor), grads: &FeatureGrads) {
         let model = self.model;
-        let scalars = match (&model.logit_bias, &grads.logit_bias) {
-            (Some(bias), Some(grad)) => &model.logit_scale * &grads.logit_scale + bias * grad,
-            _ => &model.logit_scale * &grads.logit_scale,
+        // One micro-batch: step 1's graph. Several: re-encode each, now with its graph and
+        // the randomness of its first pass; the parameters' gradients accumulate. BatchNorm
+        // counted the micro-batch in step 1, so the repeat leaves its running statistics be.
+        let (image, text) = if self.micro.len() == 1 {
+            (image_features.shallow_clone(), text_features.shallow_clone())
+        } else {
+            model.repeating(|| self.encode(k))
         };
-        for k in 0..self.micro.len() {
-            // One micro-batch: step 1's graph. Several: re-encode each, now with its graph and
-            // the randomness of its first pass; the parameters' gradients accumulate. BatchNorm
-            // counted the micro-batch in step 1, so the repeat leaves its running statistics be.
-            let (image, text) = if self.micro.len() == 1 {
-                (image_features.shallow_clone(), text_features.shallow_clone())
-            } else {
-                model.repeating(|| self.encode(k))
+        let rows = self.micro.range(k);
+        let len = rows.end - rows.start;
+        let mut surrogate = (image.to_kind(Kind::Float) * grads.image.narrow(0, rows.start, len)).sum(Kind::Float)
+            + (text.to_kind(Kind::Float) * grads.text.narrow(0, rows.start, len)).sum(Kind::Float);
+        if k + 1 == self.micro.len() {
+            surrogate = match (&model.logit_bias, &grads.logit_bias) {
+                (Some(bias), Some(grad)) => surrogate + &model.logit_scale * &grads.logit_scale + bias * grad,
+                _ => surrogate + &model.logit_scale * &grads.logit_scale,
             };
-            let rows = self.micro.range(k);
-            let len = rows.end - rows.start;
-            let mut surrogate = (image.to_kind(Kind::Float) * grads.image.narrow(0, rows.start, len)).sum(Kind::Float)
-                + (text.to_kind(Kind::Float) * grads.text.narrow(0, rows.start, len)).sum(Kind::Float);
-            if k == 0 {
-                surrogate = surrogate + &scalars;
-            }
-            surrogate.backward();
         }
+        surrogate.backward();
     }
 }
 
@@ -213,6 +224,7 @@ mod tests {
     use super::*;
     use crate::collectives::tcp::TcpGroup;
     use crate::collectives::{SingleProcess, WorldEnv};
+    use crate::grad_sync::{GradSync, ReduceConfig, ReduceDtype};
     use crate::loss::{LossConfig, LossKind, Tiling};
     use crate::model::ModelConfig;
     use crate::optim::AdamWConfig;
@@ -231,6 +243,12 @@ mod tests {
     /// One step with lr 0 from `weights` on `images`/`tokens`: the global loss and every
     /// parameter's gradient after the all-reduce.
     fn gradients(comm: &dyn Collectives, kind: LossKind, micro: Option<usize>, weights: &BTreeMap<String, Tensor>, images: &Tensor, tokens: &Tensor) -> (f64, BTreeMap<String, Tensor>) {
+        let (loss, grads, _) = gradients_with(comm, kind, micro, ReduceConfig::default(), weights, images, tokens);
+        (loss, grads)
+    }
+
+    /// [`gradients`] with the reduction `reduce`; also the step's output and its bucket count.
+    fn gradients_with(comm: &dyn Collectives, kind: LossKind, micro: Option<usize>, reduce: ReduceConfig, weights: &BTreeMap<String, Tensor>, images: &Tensor, tokens: &Tensor) -> (f64, BTreeMap<String, Tensor>, (StepOutput, usize)) {
         let cfg = tiny(kind);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &cfg).unwrap();
@@ -242,9 +260,10 @@ mod tests {
         let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
         let cfg = step_config(kind, micro);
-        let out = train_step(&model, &mut optimizer, comm, images, tokens, 0.0, cfg).unwrap();
+        let sync = GradSync::for_var_store(&vs, reduce).unwrap();
+        let out = train_step(&model, &mut optimizer, comm, &sync, images, tokens, 0.0, cfg).unwrap();
         let grads = optimizer.variables().map(|(name, var)| (name.to_owned(), var.grad().copy())).collect();
-        (out.loss.double_value(&[]), grads)
+        (out.loss.double_value(&[]), grads, (out, sync.bucket_count()))
     }
 
     #[test]
@@ -303,6 +322,102 @@ mod tests {
         }
     }
 
+    type RankGrads = BTreeMap<String, Vec<f32>>;
+
+    /// One step on each of 4 ranks (threads joined by a `TcpGroup`), rank r on rows r n..(r + 1) n:
+    /// per rank, the loss, the reduced gradients, the buckets launched during backward and the
+    /// bucket count.
+    fn on_four_ranks(kind: LossKind, micro: Option<usize>, reduce: ReduceConfig, weights: &BTreeMap<String, Tensor>, images: &Tensor, tokens: &Tensor) -> Vec<(f64, RankGrads, usize, usize)> {
+        let n = images.size()[0] / 4;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let handles: Vec<_> = (0..4)
+            .map(|rank| {
+                let weights: BTreeMap<String, Tensor> = weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+                let (images, tokens) = (images.narrow(0, rank * n, n).copy(), tokens.narrow(0, rank * n, n).copy());
+                std::thread::spawn(move || {
+                    let world = WorldEnv { rank: rank as usize, world_size: 4, local_rank: rank as usize, local_world_size: 4, master_addr: "127.0.0.1".into(), master_port: port };
+                    let comm = TcpGroup::connect(&world, Duration::from_secs(60)).unwrap();
+                    let (loss, grads, (out, buckets)) = gradients_with(&comm, kind, micro, reduce, &weights, &images, &tokens);
+                    let grads = grads.into_iter().map(|(k, v)| (k, Vec::<f32>::try_from(v.flatten(0, -1)).unwrap())).collect();
+                    (loss, grads, out.overlapped_buckets, buckets)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// Weights of the tiny model and a batch of `n` samples, the same for every test thread.
+    fn tiny_inputs(kind: LossKind, seed: i64, n: i64) -> (BTreeMap<String, Tensor>, Tensor, Tensor) {
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = Clip::new(&vs.root(), &tiny(kind)).unwrap();
+        let weights = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+        let images = Tensor::randn([n, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let tokens = Tensor::randint_low(1, 49000, [n, 32], (Kind::Int64, Device::Cpu));
+        (weights, images, tokens)
+    }
+
+    /// 4 ranks x 8 with the reduction overlapped with backward, in several buckets, with and
+    /// without micro-batches: the gradient of 1 x 32, and bit for bit the gradient of the
+    /// reduction after backward; the hooks really launched buckets during backward.
+    #[test]
+    fn overlapped_reduction_equals_the_reduction_after_backward() {
+        let kind = LossKind::Clip;
+        let (weights, images, tokens) = tiny_inputs(kind, 13, 32);
+        let (loss, whole) = gradients(&SingleProcess, kind, None, &weights, &images, &tokens);
+        let scale = whole.values().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
+        // 0.2 MB: the token embedding (12.6 MB) alone, the rest in several buckets.
+        let on = ReduceConfig { overlap: true, bucket_mb: 0.2, dtype: ReduceDtype::Fp32 };
+        for micro in [None, Some(3)] {
+            let overlapped = on_four_ranks(kind, micro, on, &weights, &images, &tokens);
+            let after = on_four_ranks(kind, micro, ReduceConfig { overlap: false, ..on }, &weights, &images, &tokens);
+            let worst = overlapped[0].1.iter().map(|(name, g)| {
+                let reference = Vec::<f32>::try_from(whole[name].flatten(0, -1)).unwrap();
+                g.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max)
+            }).fold(0.0, f64::max);
+            eprintln!("micro {micro:?}: {} buckets, {} launched during backward; 4 x 8 vs 1 x 32: largest gradient difference {:.2e} of the largest gradient", overlapped[0].3, overlapped[0].2, worst / scale);
+            for (rank, ((rank_loss, grads, launched, buckets), (_, after_grads, after_launched, _))) in overlapped.iter().zip(&after).enumerate() {
+                assert!(*buckets > 2, "{buckets} buckets");
+                assert!(*launched > 0 && *after_launched == 0, "micro {micro:?} rank {rank}: {launched} of {buckets} buckets launched during backward");
+                assert!((rank_loss - loss).abs() <= 1e-6 * loss.abs(), "rank {rank}: loss {rank_loss} vs {loss}");
+                for (name, g) in grads {
+                    let reference = Vec::<f32>::try_from(whole[name].flatten(0, -1)).unwrap();
+                    let diff = g.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+                    assert!(diff <= 1e-5 * scale, "micro {micro:?} rank {rank}, {name}: gradients differ by {diff} (largest gradient {scale})");
+                    assert_eq!(g, &after_grads[name], "micro {micro:?} rank {rank}, {name}: overlapped vs after backward");
+                    assert_eq!(g, &overlapped[0].1[name], "micro {micro:?} rank {rank}, {name}");
+                }
+            }
+        }
+    }
+
+    /// bf16 reduction (DDP's bf16 compression hook): the fp32 gradients up to a bf16 rounding
+    /// of the sum, not bit for bit (it does round), the same on every rank.
+    #[test]
+    fn bf16_reduction_rounds_the_sum_to_bf16() {
+        let kind = LossKind::Siglip;
+        let (weights, images, tokens) = tiny_inputs(kind, 17, 32);
+        let fp32 = ReduceConfig { overlap: true, bucket_mb: 1.0, dtype: ReduceDtype::Fp32 };
+        let exact = on_four_ranks(kind, None, fp32, &weights, &images, &tokens);
+        let bf16 = on_four_ranks(kind, None, ReduceConfig { dtype: ReduceDtype::Bf16, ..fp32 }, &weights, &images, &tokens);
+        // bf16 keeps 8 significant bits: each rank's part and the sum are rounded by at most
+        // 2^-8 of themselves; relative to the largest gradient, as the other distributed tests.
+        let largest = exact[0].1.values().flat_map(|g| g.iter()).fold(0.0f32, |m, v| m.max(v.abs()));
+        let worst = bf16[0].1.iter().map(|(name, g)| g.iter().zip(&exact[0].1[name]).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))).fold(0.0f32, f32::max);
+        eprintln!("bf16 vs fp32 reduction: largest difference {:.2e} of the largest gradient", worst / largest);
+        let mut rounded = 0;
+        for (rank, (_, grads, _, _)) in bf16.iter().enumerate() {
+            for (name, g) in grads {
+                let reference = &exact[rank].1[name];
+                let diff = g.iter().zip(reference).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 1e-2 * largest, "rank {rank}, {name}: bf16 differs from fp32 by {diff} (largest gradient {largest})");
+                rounded += g.iter().zip(reference).filter(|(a, b)| a != b).count();
+                assert_eq!(g, &bf16[0].1[name], "rank {rank}, {name}");
+            }
+        }
+        assert!(rounded > 0, "the bf16 reduction changed no gradient");
+    }
+
     /// Trains `steps` steps from `weights`, each on the next slice of `images`/`tokens`, with
     /// micro-batches of `micro` (or none); returns the final weights. (Weights are copied in,
     /// never re-drawn from a seed: tests share libtorch's generator across threads.)
@@ -316,10 +431,11 @@ mod tests {
         });
         let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
+        let sync = GradSync::for_var_store(&vs, ReduceConfig::default()).unwrap();
         let n = images.size()[0] / steps as i64;
         for s in 0..steps as i64 {
             let (images, tokens) = (images.narrow(0, s * n, n), tokens.narrow(0, s * n, n));
-            train_step(&model, &mut optimizer, &SingleProcess, &images, &tokens, 1e-4, step_config(kind, micro)).unwrap();
+            train_step(&model, &mut optimizer, &SingleProcess, &sync, &images, &tokens, 1e-4, step_config(kind, micro)).unwrap();
         }
         vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect()
     }

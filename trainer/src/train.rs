@@ -20,6 +20,7 @@ use crate::metrics::MetricsWriter;
 use crate::model::{Clip, ModelConfig};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
+use crate::grad_sync::GradSync;
 use crate::step::{self, StepConfig};
 use crate::weights_path::{self, Found};
 
@@ -93,6 +94,8 @@ struct Run<'a> {
     resumed_at: Option<u64>,
     schedule: Schedule,
     step_cfg: StepConfig,
+    /// The gradient buckets over the model's parameters.
+    grad_sync: GradSync,
     /// Rank 0's TensorBoard writer; `None` on the other ranks, which write nothing.
     metrics: Option<MetricsWriter>,
     key_log: Option<KeyLog>,
@@ -121,10 +124,10 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         let (images, tokens, skipped) = next_batch(&mut run)?;
         let data_secs = started.elapsed().as_secs_f64();
         let lr = run.schedule.lr(run.state.step);
-        let out = step::train_step(&run.model, &mut run.optimizer, run.comm.as_ref(), &images, &tokens, lr, run.step_cfg)?;
+        let out = step::train_step(&run.model, &mut run.optimizer, run.comm.as_ref(), &run.grad_sync, &images, &tokens, lr, run.step_cfg)?;
         run.state.step += 1;
         run.state.samples_seen += run.global_batch();
-        run.interval.add(data_secs, started.elapsed().as_secs_f64(), skipped);
+        run.interval.add(data_secs, started.elapsed().as_secs_f64(), out.comm_secs, skipped);
 
         let (step, last) = (run.state.step, run.state.step == steps);
         if last || every(step, job.train.log_every) {
@@ -174,6 +177,7 @@ fn prepare(job: &TrainJob) -> Result<Start<'_>> {
     }
     let init = init_weights(job, resume_from.is_some())?;
     let (vs, model, mut optimizer) = build_model(job, device, init.as_ref())?;
+    let grad_sync = GradSync::for_var_store(&vs, job.dist.reduce)?;
     let tokenizer = crate::prepare::data_tokenizer(&job.data, &job.model)?;
     let preprocess = crate::prepare::data_preprocess(&job.data, &job.model)?;
     let mut loader = open_loader(job, comm.as_ref(), &tokenizer, &preprocess)?;
@@ -207,6 +211,7 @@ fn prepare(job: &TrainJob) -> Result<Start<'_>> {
         resumed_at,
         schedule: schedule(job),
         step_cfg: step_config(job, device),
+        grad_sync,
         metrics,
         key_log,
         interval: Interval { skipped_total: load_skips, ..Interval::default() },
@@ -656,6 +661,8 @@ struct Interval {
     steps: u64,
     data_secs: f64,
     batch_secs: f64,
+    /// Waiting for the gradient reduction after the backward pass (`StepOutput::comm_secs`).
+    comm_secs: f64,
     /// Bad samples this rank skipped since the run (or resume) started; never reset.
     skipped_total: u64,
     /// The same, summed over ranks at the last log step.
@@ -667,12 +674,14 @@ impl Interval {
         self.steps = 0;
         self.data_secs = 0.0;
         self.batch_secs = 0.0;
+        self.comm_secs = 0.0;
     }
 
-    fn add(&mut self, data_secs: f64, batch_secs: f64, skipped: u64) {
+    fn add(&mut self, data_secs: f64, batch_secs: f64, comm_secs: f64, skipped: u64) {
         self.steps += 1;
         self.data_secs += data_secs;
         self.batch_secs += batch_secs;
+        self.comm_secs += comm_secs;
         self.skipped_total += skipped;
     }
 }
@@ -699,7 +708,7 @@ fn log_train(
 ) -> Result<()> {
     let LogValues { loss, scale, bias, lr, grad_norm } = *values;
     let steps = interval.steps.max(1) as f64;
-    let (data_time, batch_time) = (interval.data_secs / steps, interval.batch_secs / steps);
+    let (data_time, batch_time, comm_time) = (interval.data_secs / steps, interval.batch_secs / steps, interval.comm_secs / steps);
     let samples_per_second = global_batch as f64 / batch_time.max(1e-9);
     let mut scalars = vec![
         ("train/loss", loss),
@@ -710,6 +719,7 @@ fn log_train(
         ("train/samples_per_second_per_gpu", samples_per_second / world_size as f64),
         ("train/data_time", data_time),
         ("train/batch_time", batch_time),
+        ("train/comm_time", comm_time),
         ("data/skipped", interval.skipped_total_all_ranks as f64),
     ];
     if let Some(norm) = grad_norm {
@@ -721,8 +731,8 @@ fn log_train(
     }
     metrics.log(state.step, &scalars)?;
     tracing::info!(
-        "step {}/{} epoch {} | loss {:.4} | scale {:.2} | lr {:.3e} | {:.0} samples/s | data {:.3}s batch {:.3}s",
-        state.step, total_steps, state.loader.epoch, loss, scale, lr, samples_per_second, data_time, batch_time
+        "step {}/{} epoch {} | loss {:.4} | scale {:.2} | lr {:.3e} | {:.0} samples/s | data {:.3}s batch {:.3}s comm {:.3}s",
+        state.step, total_steps, state.loader.epoch, loss, scale, lr, samples_per_second, data_time, batch_time, comm_time
     );
     Ok(())
 }

@@ -118,9 +118,10 @@ fn siglip_step_matches_open_clip_gradients() {
         let model = Clip::new(&vs.root(), &cfg).expect("builds");
         model::load_weights(&vs, &dir.join("model.safetensors")).expect("loads open_clip weights");
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 });
+        let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, Default::default()).expect("buckets");
         let step = StepConfig { autocast_bf16: false, grad_clip_norm: None, loss: loss.spec(false), micro_batch };
         // lr 0: the step computes the gradients and leaves the weights alone.
-        let out = train_step(&model, &mut optimizer, &SingleProcess, &io["images"], &io["text"], 0.0, step).expect("step");
+        let out = train_step(&model, &mut optimizer, &SingleProcess, &grad_sync, &io["images"], &io["text"], 0.0, step).expect("step");
         assert!(max_abs(&out.loss, &io["loss"]) < 1e-5, "{micro_batch:?}: loss {} vs {}", out.loss.double_value(&[]), io["loss"].double_value(&[]));
         let mut names = 0;
         for (name, var) in optimizer.variables() {

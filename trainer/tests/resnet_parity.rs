@@ -123,8 +123,9 @@ fn tiny_resnet_training_step_matches_open_clip() {
         assert_eq!(vs.variables()["visual.bn1.num_batches_tracked"].int64_value(&[]), 3);
         model.set_training(true);
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 });
+        let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, Default::default()).expect("buckets");
         let step = StepConfig { autocast_bf16: false, grad_clip_norm: None, loss: loss.spec(false), micro_batch };
-        let out = train_step(&model, &mut optimizer, &SingleProcess, &io["images"], &io["text"], 0.0, step).expect("step");
+        let out = train_step(&model, &mut optimizer, &SingleProcess, &grad_sync, &io["images"], &io["text"], 0.0, step).expect("step");
         let expected = &golden["loss"];
         assert!(max_abs(&out.loss, expected) < 1e-5, "{case}: loss {} vs {}", out.loss.double_value(&[]), expected.double_value(&[]));
         let mut names = Vec::new();

@@ -146,9 +146,10 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
     clip.set_training(true);
     let io = read("step_io.safetensors");
     let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 });
+    let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, Default::default()).expect("buckets");
     let step = StepConfig { autocast_bf16: false, grad_clip_norm: None, loss: loss.spec(false), micro_batch: None };
     // lr 0: the step computes the gradients and leaves the weights alone.
-    let out = train_step(&clip, &mut optimizer, &SingleProcess, &io["images"], &io["text"], 0.0, step).expect("step");
+    let out = train_step(&clip, &mut optimizer, &SingleProcess, &grad_sync, &io["images"], &io["text"], 0.0, step).expect("step");
     let dl = max_abs(&out.loss, &io["loss"]);
     assert!(dl <= 1e-4 * io["loss"].abs().double_value(&[]).max(1e-3), "loss {} vs {}", out.loss.double_value(&[]), io["loss"].double_value(&[]));
     let vars = vs.variables();

@@ -73,6 +73,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             world: crate::dist::world_from_env()?,
             backend: cfg.dist.backend,
             timeout: Duration::from_secs(cfg.dist.timeout_s),
+            reduce: cfg.dist.reduce(),
         },
     };
     let rank = job.dist.world.as_ref().map_or(0, |w| w.rank);

@@ -15,7 +15,7 @@ pub mod tcp;
 
 use std::time::Duration;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::error::{Result, TrainError};
 
@@ -36,6 +36,11 @@ pub trait Collectives {
     /// Every rank's bytes, in rank order (start-up checks, loader positions).
     fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>>;
     fn barrier(&self) -> Result<()>;
+    /// This group as one that another thread may drive (one collective at a time, while the
+    /// owner issues none): the gradient reducer's communication thread. `None`: it may not.
+    fn as_sync(&self) -> Option<&(dyn Collectives + Sync)> {
+        None
+    }
 }
 
 /// A world of one process: every collective is the identity.
@@ -67,16 +72,11 @@ impl Collectives for SingleProcess {
     fn barrier(&self) -> Result<()> {
         Ok(())
     }
+    fn as_sync(&self) -> Option<&(dyn Collectives + Sync)> {
+        Some(self)
+    }
 }
 
-/// Elements per all-reduce bucket: large enough that per-call latency vanishes, small enough
-/// that the flat copy stays a fraction of the gradients (25 M floats = 100 MB, DDP's
-/// `bucket_cap_mb` scale).
-pub const BUCKET_ELEMENTS: i64 = 25 << 20;
-
-/// Sums `tensors` over ranks in place, packed into flat fp32 buckets of at most
-/// [`BUCKET_ELEMENTS`] (one tensor larger than that is a bucket of its own): a few large
-/// collectives instead of one per parameter.
 /// Every rank's `value`, in rank order, over the host channel: counts need no device round trip.
 pub fn all_gather_u64(comm: &dyn Collectives, value: u64) -> Result<Vec<u64>> {
     comm.all_gather_bytes(&value.to_le_bytes())?
@@ -88,30 +88,39 @@ pub fn all_gather_u64(comm: &dyn Collectives, value: u64) -> Result<Vec<u64>> {
         .collect()
 }
 
-pub fn all_reduce_bucketed(comm: &dyn Collectives, tensors: &mut [Tensor]) -> Result<()> {
-    if comm.world_size() == 1 || tensors.is_empty() {
-        return Ok(());
+/// The precision gradients travel in (`dist.grad_reduce_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceDtype {
+    Fp32,
+    /// Half the bytes; the sum is rounded to bf16 (8 significant bits) before the update.
+    Bf16,
+}
+
+/// How the step sums parameter gradients over ranks (the `dist:` keys `overlap`,
+/// `bucket_mb`, `grad_reduce_dtype`); grad_sync.rs does it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReduceConfig {
+    /// Reduce buckets during the backward pass; false: all after it.
+    pub overlap: bool,
+    /// Bucket size in MB (1e6 bytes) of fp32 gradients; DDP's `bucket_cap_mb`.
+    pub bucket_mb: f64,
+    pub dtype: ReduceDtype,
+}
+
+impl Default for ReduceConfig {
+    fn default() -> Self {
+        Self { overlap: true, bucket_mb: 25.0, dtype: ReduceDtype::Fp32 }
     }
-    let mut start = 0;
-    while start < tensors.len() {
-        let mut end = start;
-        let mut elements = 0;
-        while end < tensors.len() && (end == start || elements + tensors[end].numel() as i64 <= BUCKET_ELEMENTS) {
-            elements += tensors[end].numel() as i64;
-            end += 1;
+}
+
+impl ReduceConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.bucket_mb > 0.0 && self.bucket_mb.is_finite()) {
+            return Err(TrainError::Config(format!("dist.bucket_mb must be a positive number of MB, got {}", self.bucket_mb)));
         }
-        let bucket = &mut tensors[start..end];
-        let mut flat = Tensor::cat(&bucket.iter().map(|t| t.to_kind(Kind::Float).flatten(0, -1)).collect::<Vec<_>>(), 0);
-        comm.all_reduce_sum(&mut flat)?;
-        let mut offset = 0;
-        for t in bucket.iter_mut() {
-            let n = t.numel() as i64;
-            let _ = t.copy_(&flat.narrow(0, offset, n).view_as(t));
-            offset += n;
-        }
-        start = end;
+        Ok(())
     }
-    Ok(())
 }
 
 /// Which backend a run uses (`dist.backend`).
@@ -144,11 +153,13 @@ pub struct DistSettings {
     pub backend: Backend,
     /// How long any collective (or the rendezvous) waits for a peer before failing.
     pub timeout: Duration,
+    /// How the step sums gradients over ranks (`dist.overlap`, `bucket_mb`, `grad_reduce_dtype`).
+    pub reduce: ReduceConfig,
 }
 
 impl Default for DistSettings {
     fn default() -> Self {
-        Self { world: None, backend: Backend::Auto, timeout: Duration::from_secs(600) }
+        Self { world: None, backend: Backend::Auto, timeout: Duration::from_secs(600), reduce: ReduceConfig::default() }
     }
 }
 
@@ -179,8 +190,8 @@ mod tests {
         let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
         assert_eq!(comm.all_gather(&t).unwrap(), t);
         assert_eq!(comm.all_gather_bytes(b"x").unwrap(), vec![b"x".to_vec()]);
-        let mut grads = vec![t.shallow_clone()];
-        all_reduce_bucketed(&comm, &mut grads).unwrap();
-        assert_eq!(grads[0], t);
+        let mut sum = t.copy();
+        comm.all_reduce_sum(&mut sum).unwrap();
+        assert_eq!(sum, t);
     }
 }

@@ -8,10 +8,21 @@
 //! that took another code path is named at once instead of deadlocking), combines, and sends
 //! the result back. Sockets have read and write timeouts (`dist.timeout_s`): a peer that died
 //! or stalls turns into an error naming the collective, not a hang.
+//!
+//! A group may be used from another thread than the one that made it (the gradient reducer's
+//! communication thread, grad_sync.rs), one collective at a time: the sequence counter is
+//! atomic so the group is `Sync`, and the seq check above still catches a rank on another path.
+//!
+//! `OXCLIP_SIM_LINK_GBPS=<GB/s>` (read once, when the group is made) simulates a slower link
+//! for the scaling model (docs/scaling.md): every rank holds each collective until the time a
+//! ring collective of its bytes would take on a link of that many gigabytes (1e9 bytes) per
+//! second has passed since the collective started. A ring all-reduce of `B` bytes over `W`
+//! ranks sends `2 (W - 1) / W * B` bytes per rank, an all-gather of `W` parts of `B` bytes
+//! `(W - 1) * B`, a broadcast `B`; a barrier is free. Unset: no delay.
 
-use std::cell::Cell;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tch::Tensor;
@@ -45,8 +56,26 @@ pub struct TcpGroup {
     /// Rank 0: the connection to rank r at index r - 1. Other ranks: the one to rank 0.
     streams: Vec<TcpStream>,
     /// Collectives so far, to check that all ranks are at the same one.
-    seq: Cell<u64>,
+    seq: AtomicU64,
     timeout: Duration,
+    /// The simulated link's bytes per second (`OXCLIP_SIM_LINK_GBPS`); `None`: no delay.
+    sim_link: Option<f64>,
+}
+
+/// The environment variable [`TcpGroup::connect`] reads the simulated link's speed from.
+pub const SIM_LINK_ENV: &str = "OXCLIP_SIM_LINK_GBPS";
+
+/// `OXCLIP_SIM_LINK_GBPS` in bytes per second; unset, empty, or not a positive number: none
+/// (the latter with a warning).
+fn sim_link_from_env() -> Option<f64> {
+    let value = std::env::var(SIM_LINK_ENV).ok().filter(|v| !v.trim().is_empty())?;
+    match value.trim().parse::<f64>() {
+        Ok(gbps) if gbps > 0.0 && gbps.is_finite() => Some(gbps * 1e9),
+        _ => {
+            tracing::warn!("{SIM_LINK_ENV}={value} is not a positive number of GB/s; no simulated link");
+            None
+        }
+    }
 }
 
 fn dist_err(message: String) -> TrainError {
@@ -68,14 +97,43 @@ impl TcpGroup {
             let _ = s.set_nodelay(true);
         }
         tracing::info!("rank {} of {} joined through {}:{}", world.rank, world.world_size, world.master_addr, world.master_port);
-        Ok(Self { rank: world.rank, world_size: world.world_size, streams, seq: Cell::new(0), timeout })
+        Ok(Self { rank: world.rank, world_size: world.world_size, streams, seq: AtomicU64::new(0), timeout, sim_link: sim_link_from_env() })
+    }
+
+    /// Sets (or, with `None`, removes) the simulated link, in GB/s, in place of what
+    /// `OXCLIP_SIM_LINK_GBPS` said: for tests, which share one process environment.
+    pub fn with_sim_link(mut self, gbps: Option<f64>) -> Self {
+        self.sim_link = gbps.filter(|g| *g > 0.0).map(|g| g * 1e9);
+        self
+    }
+
+    /// How long the simulated link needs for `op` with `payload_bytes` from each rank.
+    fn sim_link_time(&self, op: Op, payload_bytes: usize) -> Option<Duration> {
+        let rate = self.sim_link?;
+        let (w, b) = (self.world_size as f64, payload_bytes as f64);
+        let bytes = match op {
+            Op::AllReduce => 2.0 * (w - 1.0) / w * b,
+            Op::AllGather | Op::GatherBytes => (w - 1.0) * b,
+            Op::Broadcast => b,
+            Op::Barrier => 0.0,
+        };
+        Some(Duration::from_secs_f64(bytes / rate))
     }
 
     /// One collective round: send `payload`, get back what rank 0's `combine` made of all
     /// ranks' payloads (in rank order).
     fn round(&self, op: Op, payload: Vec<u8>, combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<u8>>) -> Result<Vec<u8>> {
-        let seq = self.seq.get() + 1;
-        self.seq.set(seq);
+        let started = Instant::now();
+        let link_time = self.sim_link_time(op, payload.len());
+        let result = self.exchange(op, payload, combine)?;
+        if let Some(wait) = link_time.and_then(|t| (started + t).checked_duration_since(Instant::now())) {
+            std::thread::sleep(wait);
+        }
+        Ok(result)
+    }
+
+    fn exchange(&self, op: Op, payload: Vec<u8>, combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<u8>>) -> Result<Vec<u8>> {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         if self.rank != 0 {
             let stream = &self.streams[0];
             write_frame(stream, op, seq, &payload).map_err(|e| self.io_error(e, 0, op, seq))?;
@@ -356,6 +414,10 @@ impl Collectives for TcpGroup {
 
     fn barrier(&self) -> Result<()> {
         self.round(Op::Barrier, Vec::new(), |_| Ok(Vec::new())).map(|_| ())
+    }
+
+    fn as_sync(&self) -> Option<&(dyn Collectives + Sync)> {
+        Some(self)
     }
 }
 
