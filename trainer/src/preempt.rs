@@ -78,7 +78,11 @@ pub fn received() -> libc::c_int {
 /// none did. One small all-gather (a byte per rank) when there are several ranks; every rank
 /// must call it at the same step boundary.
 pub fn agree(comm: &dyn Collectives) -> Result<Vec<(usize, libc::c_int)>> {
-    let mine = received();
+    agree_on(comm, received())
+}
+
+/// [`agree`] with this rank's signal given (0 for none).
+fn agree_on(comm: &dyn Collectives, mine: libc::c_int) -> Result<Vec<(usize, libc::c_int)>> {
     let flags: Vec<libc::c_int> = if comm.world_size() == 1 {
         vec![mine]
     } else {
@@ -108,6 +112,36 @@ mod tests {
         let err = validate(&["SIGKILL".into()]).expect_err("uncatchable").to_string();
         assert!(err.contains("train.preempt_signals") && err.contains("SIGKILL"), "{err}");
         assert_eq!(describe(&[(1, libc::SIGTERM), (3, libc::SIGUSR1)]), "rank 1 got SIGTERM, rank 3 got SIGUSR1");
+    }
+
+    #[test]
+    fn every_rank_learns_which_rank_got_which_signal_in_one_round() {
+        use crate::collectives::tcp::TcpGroup;
+        use crate::collectives::WorldEnv;
+        use std::time::{Duration, Instant};
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let ranks: Vec<_> = (0..3)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let world = WorldEnv { rank, world_size: 3, local_rank: rank, local_world_size: 3, master_addr: "127.0.0.1".into(), master_port: port };
+                    let group = TcpGroup::connect(&world, Duration::from_secs(20)).expect("connects");
+                    // What a step boundary costs when nobody was signalled.
+                    let rounds = 200;
+                    let started = Instant::now();
+                    for _ in 0..rounds {
+                        assert!(agree_on(&group, 0).expect("agrees").is_empty());
+                    }
+                    let per_round = started.elapsed() / rounds;
+                    let mine = if rank == 1 { libc::SIGTERM } else { 0 };
+                    (agree_on(&group, mine).expect("agrees"), per_round)
+                })
+            })
+            .collect();
+        for handle in ranks {
+            let (seen, per_round) = handle.join().expect("rank thread");
+            assert_eq!(seen, vec![(1, libc::SIGTERM)]);
+            eprintln!("one agreement round over 3 ranks (TCP, one host): {per_round:?}");
+        }
     }
 
     #[test]
