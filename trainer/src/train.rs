@@ -436,6 +436,8 @@ fn save_checkpoint(run: &mut Run) -> Result<Option<PathBuf>> {
     run.state.loader = run.loader.state();
     run.state.rank_loaders = gather_loader_states(run.comm.as_ref(), &run.state.loader)?;
     let Some(metrics) = run.metrics.as_mut() else { return Ok(None) };
+    // The previous write first: one host copy of the checkpoint in memory at a time.
+    run.writer.wait()?;
     let snapshot = checkpoint::snapshot(&run.vs, &run.optimizer, &run.state)?;
     let dir = run.writer.start(&run.job.run_dir, snapshot, run.job.train.keep_checkpoints)?;
     metrics.flush()?;
