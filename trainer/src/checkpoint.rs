@@ -212,11 +212,62 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
-/// Writes a checkpoint for `state.step` and keeps only the newest `keep`.
+/// A checkpoint copied to host memory: what the writer needs, and nothing the training loop
+/// goes on changing.
+pub struct Snapshot {
+    weights: Vec<(String, Tensor)>,
+    optimizer: Vec<(String, Tensor)>,
+    state: TrainerState,
+}
+
+/// A copy of `t` on the host, as `kind`, sharing no storage with `t`: the optimizer updates
+/// parameters and moments in place while the writer reads the copy.
+fn host_copy(t: &Tensor, kind: tch::Kind) -> Result<Tensor> {
+    Ok(t.f_detach()?.f_to_device_(tch::Device::Cpu, kind, false, true)?.f_contiguous()?)
+}
+
+/// Copies the weights (fp32, as [`model::save_weights`] writes them), the optimizer state and
+/// `state` to host memory. This is the part of a save the training loop waits for.
+pub fn snapshot(vs: &nn::VarStore, optimizer: &AdamW, state: &TrainerState) -> Result<Snapshot> {
+    let _no_grad = tch::no_grad_guard();
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let weights = vars
+        .into_iter()
+        .map(|(k, v)| {
+            // Integer buffers (BatchNorm's num_batches_tracked) keep their kind.
+            let kind = if v.is_floating_point() { tch::Kind::Float } else { v.kind() };
+            Ok((k, host_copy(&v, kind)?))
+        })
+        .collect::<Result<_>>()?;
+    let optimizer = optimizer.state_tensors().into_iter().map(|(k, t)| Ok((k, host_copy(&t, t.kind())?))).collect::<Result<_>>()?;
+    Ok(Snapshot { weights, optimizer, state: state.clone() })
+}
+
+/// Where the checkpoint of `step` lands.
+pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!("step_{step}"))
+}
+
+/// Test hook: `OXCLIP_TEST_CHECKPOINT_DELAY_MS` makes the writer sleep that long before each
+/// file, so that tests can kill a process in the middle of a write. Not for real runs.
+fn test_delay() {
+    if let Some(ms) = std::env::var("OXCLIP_TEST_CHECKPOINT_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+/// Writes a checkpoint for `state.step` and keeps only the newest `keep`, all before
+/// returning (the training loop uses [`Writer`], which does the writing in the background).
 pub fn save(run_dir: &Path, vs: &nn::VarStore, optimizer: &AdamW, state: &TrainerState, keep: usize) -> Result<PathBuf> {
+    write(run_dir, snapshot(vs, optimizer, state)?, keep)
+}
+
+/// Writes `snap` under a temporary name, fsyncs each file, writes the manifest, renames the
+/// folder into place, then prunes to the newest `keep` complete checkpoints.
+pub fn write(run_dir: &Path, snap: Snapshot, keep: usize) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     fs::create_dir_all(&root).map_err(io_err(&root))?;
-    let name = format!("step_{}", state.step);
+    let name = format!("step_{}", snap.state.step);
     let tmp = root.join(format!(".{name}.tmp"));
     let dst = root.join(&name);
     if tmp.exists() {
@@ -224,25 +275,27 @@ pub fn save(run_dir: &Path, vs: &nn::VarStore, optimizer: &AdamW, state: &Traine
     }
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
 
-    model::save_weights(vs, &tmp.join(MODEL_FILE))?;
-    let opt_state: Vec<(String, Tensor)> = optimizer
-        .state_tensors()
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.f_to_device(tch::Device::Cpu)?.f_contiguous()?)))
-        .collect::<Result<_>>()?;
+    let model_path = tmp.join(MODEL_FILE);
+    test_delay();
+    Tensor::write_safetensors(&snap.weights, &model_path)
+        .map_err(|e| TrainError::Weights { path: model_path.clone(), message: e.to_string() })?;
     let opt_path = tmp.join(OPTIMIZER_FILE);
-    Tensor::write_safetensors(&opt_state, &opt_path)
+    test_delay();
+    Tensor::write_safetensors(&snap.optimizer, &opt_path)
         .map_err(|e| TrainError::Checkpoint { path: opt_path.clone(), message: e.to_string() })?;
     let state_path = tmp.join(STATE_FILE);
-    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint {
+    let json = serde_json::to_string_pretty(&snap.state).map_err(|e| TrainError::Checkpoint {
         path: state_path.clone(),
         message: e.to_string(),
     })?;
+    test_delay();
     fs::write(&state_path, json).map_err(io_err(&state_path))?;
     for file in FILES {
         let path = tmp.join(file);
         fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
     }
+    // Hashed from the files just written (from the page cache, not the disk), so the manifest
+    // holds exactly what `verify` will compute.
     write_manifest(&tmp)?;
 
     if dst.exists() {
@@ -252,6 +305,50 @@ pub fn save(run_dir: &Path, vs: &nn::VarStore, optimizer: &AdamW, state: &Traine
     fs::File::open(&root).and_then(|f| f.sync_all()).map_err(io_err(&root))?;
     prune(&root, keep)?;
     Ok(dst)
+}
+
+/// Writes checkpoints on a thread of its own, one at a time, so training goes on while a
+/// checkpoint of several gigabytes reaches the disk. [`Writer::start`] and [`Writer::wait`]
+/// first wait for the write in flight and return its error, if it failed: a failed write
+/// fails the run at the next save or at the end, never silently.
+#[derive(Default)]
+pub struct Writer {
+    in_flight: Option<std::thread::JoinHandle<Result<PathBuf>>>,
+}
+
+impl Writer {
+    /// Waits for the previous write, then starts writing `snap`; returns the directory the
+    /// checkpoint will have once written.
+    pub fn start(&mut self, run_dir: &Path, snap: Snapshot, keep: usize) -> Result<PathBuf> {
+        self.wait()?;
+        let dst = step_dir(run_dir, snap.state.step);
+        let run_dir = run_dir.to_path_buf();
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || write(&run_dir, snap, keep))
+            .map_err(io_err(&dst))?;
+        self.in_flight = Some(handle);
+        Ok(dst)
+    }
+
+    /// Waits until the write in flight (if any) is on disk, fsynced, with its manifest;
+    /// returns its directory.
+    pub fn wait(&mut self) -> Result<Option<PathBuf>> {
+        let Some(handle) = self.in_flight.take() else { return Ok(None) };
+        match handle.join() {
+            Ok(written) => written.map(Some),
+            Err(_) => Err(TrainError::Checkpoint { path: PathBuf::from("checkpoints"), message: "the checkpoint writer thread panicked".into() }),
+        }
+    }
+}
+
+impl Drop for Writer {
+    /// A run that fails elsewhere still lets the checkpoint in flight finish.
+    fn drop(&mut self) {
+        if let Err(e) = self.wait() {
+            tracing::error!("writing a checkpoint failed: {e}");
+        }
+    }
 }
 
 /// The complete checkpoints of a run, oldest first.
@@ -520,6 +617,56 @@ mod tests {
         let err = check(&step).expect_err("damaged").into_error(&step);
         let text = err.to_string();
         assert!(text.contains(&step.join(OPTIMIZER_FILE).display().to_string()) && text.contains("missing"), "{text}");
+    }
+
+    #[test]
+    fn the_background_writer_writes_what_the_synchronous_one_does_as_of_the_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vs, model, mut opt) = setup(0);
+        let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        model.encode_image(&images).sum(Kind::Float).backward();
+        opt.step(1e-3);
+        // The reference: what the synchronous path (model::save_weights for the weights) writes.
+        let sync = tempfile::tempdir().expect("tempdir");
+        let sync_dir = save(sync.path(), &vs, &opt, &state(5), 3).expect("saves");
+        let weights_ref = sync.path().join("weights.safetensors");
+        model::save_weights(&vs, &weights_ref).expect("saves weights");
+
+        let mut writer = Writer::default();
+        let dst = writer.start(dir.path(), snapshot(&vs, &opt, &state(5)).expect("copies"), 3).expect("starts");
+        // Training goes on, changing weights and moments in place while the writer writes.
+        model.encode_image(&images).sum(Kind::Float).backward();
+        opt.step(1e-3);
+        assert_eq!(writer.wait().expect("writes"), Some(dst.clone()));
+        assert_eq!(dst, dir.path().join("checkpoints/step_5"));
+        assert_eq!(writer.wait().expect("nothing in flight"), None);
+        let read = |p: &Path| fs::read(p).expect("reads");
+        assert!(read(&dst.join(MODEL_FILE)) == read(&weights_ref), "model.safetensors differs from model::save_weights'");
+        for file in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, MANIFEST_FILE] {
+            assert!(read(&dst.join(file)) == read(&sync_dir.join(file)), "{file} differs from the synchronous writer's");
+        }
+        assert_eq!(verify(&dst, Depth::Checksums), Ok(Verified::Manifest));
+        // The snapshot shares nothing with the live weights: they have moved on since.
+        let (vs2, _, mut opt2) = setup(9);
+        load(&dst, &vs2, &mut opt2).expect("loads");
+        let live = vs.variables();
+        assert!(vs2.variables().iter().any(|(name, t)| !t.equal(&live[name])), "the checkpoint followed the live weights");
+    }
+
+    #[test]
+    fn a_failed_background_write_surfaces_at_the_next_save_and_at_the_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vs, _, opt) = setup(0);
+        // `checkpoints` is a file, so the writer cannot make its folder.
+        fs::write(dir.path().join("checkpoints"), b"").expect("writes");
+        let mut writer = Writer::default();
+        writer.start(dir.path(), snapshot(&vs, &opt, &state(2)).expect("copies"), 3).expect("starts: the write fails later");
+        let err = writer.start(dir.path(), snapshot(&vs, &opt, &state(4)).expect("copies"), 3).expect_err("the first write failed");
+        assert!(err.to_string().contains(&dir.path().join("checkpoints").display().to_string()), "{err}");
+        // The failed save did not start another write; a failing last write fails the wait.
+        assert_eq!(writer.wait().expect("nothing in flight"), None);
+        writer.start(dir.path(), snapshot(&vs, &opt, &state(6)).expect("copies"), 3).expect("starts");
+        assert!(writer.wait().is_err());
     }
 
     #[test]

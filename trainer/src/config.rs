@@ -89,6 +89,11 @@ pub struct TrainConfig {
     pub lock_text: bool,
     #[serde(default)]
     pub lock_text_unlocked_layers: usize,
+    /// Signals that stop the run cleanly: every rank checkpoints after the same step and the
+    /// process exits 0, so `--resume auto` continues it (SLURM's `--signal`, its SIGTERM
+    /// before a preemption kill). `[]` leaves every signal its default action.
+    #[serde(default = "default_preempt_signals")]
+    pub preempt_signals: Vec<String>,
 }
 
 fn default_batch_size() -> usize {
@@ -111,6 +116,9 @@ fn default_log_every() -> u64 {
 }
 fn default_eval_every() -> u64 {
     1000
+}
+fn default_preempt_signals() -> Vec<String> {
+    vec!["SIGTERM".into(), "SIGUSR1".into()]
 }
 
 /// `optim:` — AdamW and the learning-rate schedule.
@@ -213,6 +221,7 @@ impl TrainConfig {
         if self.threads == Some(0) {
             return err("train.threads must be at least 1 (or absent for all cores)");
         }
+        crate::preempt::validate(&self.preempt_signals)?;
         crate::device::parse(&self.device).map(|_| ())
     }
 }

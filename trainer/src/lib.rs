@@ -31,6 +31,7 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod preempt;
 pub mod prepare;
 pub mod schedule;
 pub mod step;

@@ -67,6 +67,9 @@ pub struct TrainSummary {
     pub zero_shot: Option<ZeroShotResult>,
     pub last_checkpoint: Option<PathBuf>,
     pub device: Device,
+    /// Set when a preemption signal stopped the run before `total_steps`: which rank got
+    /// which signal. The checkpoint at `steps` is written and durable.
+    pub preempted: Option<String>,
 }
 
 /// The zero-shot task evaluated during and after training.
@@ -100,6 +103,8 @@ struct Run<'a> {
     metrics: Option<MetricsWriter>,
     key_log: Option<KeyLog>,
     interval: Interval,
+    /// Rank 0's checkpoints go to disk on its thread while training goes on.
+    writer: checkpoint::Writer,
 }
 
 /// What the loop reports at its end.
@@ -108,10 +113,14 @@ struct Outcome {
     final_loss: Option<f64>,
     zero_shot: Option<ZeroShotResult>,
     last_checkpoint: Option<PathBuf>,
+    preempted: Option<String>,
 }
 
 /// Trains `job` to `train.steps`: nanoGPT's loop, each part a function.
 pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
+    // Before anything slow (the rendezvous, loading): a signal from now on stops the run at a
+    // step boundary instead of killing it.
+    crate::preempt::install(&job.train.preempt_signals)?;
     let mut run = match prepare(job)? {
         Start::Train(run) => run,
         Start::Finished(summary) => return Ok(summary),
@@ -133,11 +142,23 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         if last || every(step, job.train.log_every) {
             outcome.final_loss = Some(log_step(&mut run, &out, lr)?);
         }
-        if last || every(step, job.train.checkpoint_every) {
+        let saved = last || every(step, job.train.checkpoint_every);
+        if saved {
             outcome.last_checkpoint = save_checkpoint(&mut run)?.or(outcome.last_checkpoint);
         }
         if run.val_task.is_some() && (last || every(step, job.train.eval_every)) {
             outcome.zero_shot = evaluate(&mut run)?.or(outcome.zero_shot);
+        }
+        // Every step, so that all ranks stop after the same one whichever was signalled.
+        let signalled = if last { Vec::new() } else { crate::preempt::agree(run.comm.as_ref())? };
+        if !signalled.is_empty() {
+            let who = crate::preempt::describe(&signalled);
+            tracing::warn!("preempted after step {step} of {steps} ({who}): checkpointing, then stopping");
+            if !saved {
+                outcome.last_checkpoint = save_checkpoint(&mut run)?.or(outcome.last_checkpoint);
+            }
+            outcome.preempted = Some(who);
+            break;
         }
     }
     finish(run, outcome)
@@ -172,7 +193,8 @@ fn prepare(job: &TrainJob) -> Result<Start<'_>> {
     let resumed_at = resume_from.as_deref().map(checkpoint::read_state).transpose()?.map(|s| s.step);
     if let Some(at) = resumed_at.filter(|&at| at >= job.train.steps) {
         let total_steps = job.train.steps;
-        let summary = TrainSummary { steps: at, total_steps, resumed_at, final_loss: None, zero_shot: None, last_checkpoint: None, device };
+        let summary =
+            TrainSummary { steps: at, total_steps, resumed_at, final_loss: None, zero_shot: None, last_checkpoint: None, device, preempted: None };
         return Ok(Start::Finished(summary));
     }
     let init = init_weights(job, resume_from.is_some())?;
@@ -215,6 +237,7 @@ fn prepare(job: &TrainJob) -> Result<Start<'_>> {
         metrics,
         key_log,
         interval: Interval { skipped_total: load_skips, ..Interval::default() },
+        writer: checkpoint::Writer::default(),
     })))
 }
 
@@ -411,13 +434,17 @@ fn log_step(run: &mut Run, out: &step::StepOutput, lr: f64) -> Result<f64> {
     Ok(loss)
 }
 
-/// Every rank's loader position into the state; rank 0 writes the checkpoint and returns
-/// its directory.
+/// Every rank's loader position into the state; rank 0 copies the checkpoint to host memory
+/// and hands it to the background writer (after the previous write, whose error, if any, is
+/// this save's), and returns the directory it is being written to.
 fn save_checkpoint(run: &mut Run) -> Result<Option<PathBuf>> {
     run.state.loader = run.loader.state();
     run.state.rank_loaders = gather_loader_states(run.comm.as_ref(), &run.state.loader)?;
     let Some(metrics) = run.metrics.as_mut() else { return Ok(None) };
-    let dir = checkpoint::save(&run.job.run_dir, &run.vs, &run.optimizer, &run.state, run.job.train.keep_checkpoints)?;
+    // The previous write first: one host copy of the checkpoint in memory at a time.
+    run.writer.wait()?;
+    let snapshot = checkpoint::snapshot(&run.vs, &run.optimizer, &run.state)?;
+    let dir = run.writer.start(&run.job.run_dir, snapshot, run.job.train.keep_checkpoints)?;
     metrics.flush()?;
     Ok(Some(dir))
 }
@@ -458,9 +485,10 @@ fn evaluate(run: &mut Run) -> Result<Option<ZeroShotResult>> {
     Ok(result.zero_shot)
 }
 
-/// Flushes the metrics and waits for every rank: nobody leaves while rank 0 still writes the
-/// last checkpoint or evaluates.
+/// Waits for the last checkpoint to be on disk, flushes the metrics and waits for every rank:
+/// nobody leaves while rank 0 still writes the last checkpoint or evaluates.
 fn finish(mut run: Box<Run>, outcome: Outcome) -> Result<TrainSummary> {
+    run.writer.wait()?;
     if let Some(metrics) = run.metrics.as_mut() {
         metrics.flush()?;
     }
@@ -473,6 +501,7 @@ fn finish(mut run: Box<Run>, outcome: Outcome) -> Result<TrainSummary> {
         zero_shot: outcome.zero_shot,
         last_checkpoint: outcome.last_checkpoint,
         device: run.device,
+        preempted: outcome.preempted,
     })
 }
 

@@ -2,9 +2,13 @@
 //!
 //! Each rank is this binary running the given command with torchrun's environment (`RANK`,
 //! `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`). Output lines
-//! are prefixed with the rank. SIGINT and SIGTERM are passed on to the ranks. When a rank
-//! fails, the others are ended (SIGTERM, then SIGKILL after a grace period) and the launcher
-//! exits with the failed rank's status; nothing is left running.
+//! are prefixed with the rank. When a rank fails, the others are ended (SIGTERM, then SIGKILL
+//! after a grace period) and the launcher exits with the failed rank's status; nothing is left
+//! running. SIGINT is passed on and ends the ranks the same way. SIGTERM, SIGUSR1 and SIGUSR2
+//! are preemption: passed on once, after which the ranks checkpoint at their next step
+//! boundary and exit 0 (`train.preempt_signals`), and the launcher waits for that, up to
+//! `--preempt-grace-s`. A rank that exits 0 never ends the others: after a preemption they
+//! all do. The launcher exits 0 when every rank did.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -32,9 +36,14 @@ pub struct LaunchArgs {
     /// Port rank 0 serves the rendezvous on.
     #[arg(long, default_value_t = 29500)]
     pub master_port: u16,
-    /// Seconds the other ranks get to exit after one failed or a signal came, before SIGKILL.
+    /// Seconds the other ranks get to exit after one failed or SIGINT came, before SIGKILL.
     #[arg(long, default_value_t = 10)]
     pub grace_s: u64,
+    /// Seconds the ranks get to write their checkpoint and exit after SIGTERM, SIGUSR1 or
+    /// SIGUSR2 (preemption), before SIGKILL: a step plus writing a checkpoint. Keep it below
+    /// the warning the cluster gives (SLURM's `--signal=...@SECONDS`).
+    #[arg(long, default_value_t = 300)]
+    pub preempt_grace_s: u64,
     /// The oxclip command every rank runs, after `--`: `-- train --config run.yaml`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -66,8 +75,9 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<u8> {
     let world_size = args.nnodes * args.nproc_per_node;
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGUSR2] {
+            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
+        }
     }
 
     let mut ranks = Vec::new();
@@ -102,23 +112,41 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<u8> {
         ranks.push(Rank { rank, child, status: None });
     }
 
-    let code = supervise(&mut ranks, args.grace_s);
+    let code = supervise(&mut ranks, args.grace_s, args.preempt_grace_s);
     for printer in printers {
         let _ = printer.join();
     }
     Ok(code)
 }
 
-/// Waits for the ranks; on the first failure or a signal, ends the rest. The exit code: 0 if
-/// every rank succeeded, else the first failed rank's code (128 + signal if it was killed).
-fn supervise(ranks: &mut [Rank], grace_s: u64) -> u8 {
+/// Waits for the ranks; on the first failure or SIGINT, ends the rest; on a preemption signal,
+/// passes it on and waits up to `preempt_grace_s` for the ranks' checkpoint. The exit code: 0
+/// if every rank succeeded, else the first failed rank's code (128 + signal if it was killed).
+fn supervise(ranks: &mut [Rank], grace_s: u64, preempt_grace_s: u64) -> u8 {
+    let mut preempt_deadline: Option<Instant> = None;
     loop {
-        let signal = STOP_SIGNAL.load(Ordering::SeqCst);
-        if signal != 0 {
-            eprintln!("oxclip launch: got signal {signal}, stopping {} rank(s)", ranks.len());
-            forward(ranks, signal);
-            end_all(ranks, grace_s);
-            return 128 + signal as u8;
+        match STOP_SIGNAL.swap(0, Ordering::SeqCst) {
+            0 => {}
+            libc::SIGINT => {
+                eprintln!("oxclip launch: got SIGINT, stopping {} rank(s)", ranks.len());
+                forward(ranks, libc::SIGINT);
+                end_all(ranks, grace_s);
+                return 128 + libc::SIGINT as u8;
+            }
+            signal if preempt_deadline.is_none() => {
+                eprintln!(
+                    "oxclip launch: got signal {signal}, passing it on; waiting up to {preempt_grace_s}s (--preempt-grace-s) for the ranks to checkpoint and exit"
+                );
+                forward(ranks, signal);
+                preempt_deadline = Some(Instant::now() + Duration::from_secs(preempt_grace_s));
+            }
+            // Passed on already: the ranks stop at their next step boundary either way.
+            signal => eprintln!("oxclip launch: got signal {signal} again; still waiting for the ranks' checkpoint"),
+        }
+        if preempt_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            eprintln!("oxclip launch: ranks still running {preempt_grace_s}s after the preemption signal (--preempt-grace-s); killing them");
+            end_all(ranks, 0);
+            return 1;
         }
         let mut running = 0;
         for r in ranks.iter_mut() {

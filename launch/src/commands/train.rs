@@ -82,6 +82,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let loss = summary.final_loss.map(|l| format!("; final loss {l:.4}")).unwrap_or_default();
+    if let Some(who) = &summary.preempted {
+        // A clean stop: exit 0, so that a requeued job simply runs again with --resume auto.
+        println!("stopped for preemption after step {} of {} ({who}){loss}", summary.steps, summary.total_steps);
+        if let Some(ckpt) = &summary.last_checkpoint {
+            println!("checkpoint: {}", ckpt.display());
+        }
+        println!("to continue, run the same command with --resume auto");
+        println!("tensorboard --logdir {}", job.run_dir.join("tensorboard").display());
+        return Ok(());
+    }
     match summary.resumed_at {
         Some(at) if summary.final_loss.is_none() => {
             // A finished run asked to continue: say so, and that nothing was written.
