@@ -151,3 +151,4 @@ fn a_suite_is_every_set_and_their_average() {
     let out = oxclip().args(["eval", "--device", "cpu", "--checkpoint"]).arg(fixture().join("model")).arg("--suite").arg(&list).output().expect("runs");
     fails_saying(&out, &["suite.txt, line 1", "name=spec"]);
 }
+
