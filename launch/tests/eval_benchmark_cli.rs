@@ -152,3 +152,50 @@ fn a_suite_is_every_set_and_their_average() {
     fails_saying(&out, &["suite.txt, line 1", "name=spec"]);
 }
 
+/// `eval.datasets` with two sets (classification and retrieval) on a 2-step run evaluated
+/// every step: both logged under `val/<name>-...` at each eval step and written to
+/// `RUN/eval/<step>.json`.
+#[test]
+fn eval_datasets_are_evaluated_during_training() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let data = synth(d, 32, 0, 32);
+    let config = tiny_config(d, &data, 2, "  eval_every: 1\n", false);
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str(&format!(
+        "eval:\n  datasets:\n    - name: digits\n      spec: {}\n    - name: digits-ret\n      spec: wds:{}\n",
+        fixture().join("digits").display(),
+        fixture().join("digits_retrieval").display()
+    ));
+    std::fs::write(&config, text).expect("write");
+    run_ok(oxclip().args(["train", "--config"]).arg(&config));
+
+    let run = d.join("run");
+    let scalars = read_tensorboard(&run.join("tensorboard"));
+    for tag in [
+        "val/digits-zeroshot-top1",
+        "val/digits-zeroshot-top5",
+        "val/digits-zeroshot-mean-per-class-recall",
+        "val/digits-ret-image_retrieval_recall@1",
+        "val/digits-ret-text_retrieval_recall@10",
+    ] {
+        let steps: Vec<i64> = scalars.get(tag).unwrap_or_else(|| panic!("no {tag} in {:?}", scalars.keys())).iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, [1, 2], "{tag}");
+    }
+    for step in [1, 2] {
+        let path = run.join("eval").join(format!("{step}.json"));
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("eval json")).expect("json");
+        assert_eq!(report["step"], step, "{report}");
+        assert_eq!(report["datasets"]["digits"]["zero_shot"]["samples"], 200, "{report}");
+        assert_eq!(report["datasets"]["digits-ret"]["retrieval"]["pairs"], 60, "{report}");
+        let top1 = report["datasets"]["digits"]["zero_shot"]["top1"].as_f64().expect("top1");
+        assert!((0.0..=1.0).contains(&top1), "{report}");
+    }
+
+    // A set that cannot be scored fails the run before its first step, naming the entry.
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str(&format!("    - name: bad\n      spec: wds:{}\n", d.join("nowhere").display()));
+    std::fs::write(&config, text.replace(&format!("run_dir: {}", run.display()), &format!("run_dir: {}", d.join("run2").display()))).expect("write");
+    let out = oxclip().args(["train", "--config"]).arg(&config).output().expect("runs");
+    fails_saying(&out, &["eval.datasets `bad`", "nowhere"]);
+}
