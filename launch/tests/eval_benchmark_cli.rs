@@ -199,3 +199,51 @@ fn eval_datasets_are_evaluated_during_training() {
     let out = oxclip().args(["train", "--config"]).arg(&config).output().expect("runs");
     fails_saying(&out, &["eval.datasets `bad`", "nowhere"]);
 }
+
+/// `eval.datasets` over 3 ranks (200 and 60 images: uneven shares) scores every image of
+/// both sets, as one process does: the same counts, and the same numbers but for a
+/// prediction flipped by the ranks' slightly different weights.
+#[test]
+fn eval_datasets_over_ranks_score_the_whole_sets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let config = d.join("run.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "run_dir: {run}\nmodel: tiny\ndata:\n  train: synthetic:512\n  workers: 1\ntrain:\n  batch_size: 8\n  steps: 2\n  seed: 7\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 2\n  checkpoint_every: 0\n  eval_every: 0\noptim:\n  lr: 1.0e-4\n  warmup_steps: 2\ndist:\n  backend: cpu\n  timeout_s: 120\neval:\n  datasets:\n    - name: digits\n      spec: {digits}\n    - name: ret\n      spec: {ret}\n",
+            run = d.join("run").display(),
+            digits = fixture().join("digits").display(),
+            ret = fixture().join("digits_retrieval").display(),
+        ),
+    )
+    .expect("write config");
+    let single = d.join("single");
+    run_ok(oxclip().args(["train", "--config"]).arg(&config).args(["--set", "train.batch_size=24", "--run-dir"]).arg(&single));
+    let multi = d.join("multi");
+    run_ok(
+        oxclip()
+            .args(["launch", "--nproc-per-node", "3", "--master-port", &free_port().to_string(), "--", "train", "--config"])
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(&multi),
+    );
+    let read = |run: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval/2.json")).expect("eval/2.json")).expect("json")
+    };
+    let (a, b) = (read(&single), read(&multi));
+    assert_eq!(b["datasets"]["digits"]["zero_shot"]["samples"], 200, "{b}");
+    assert_eq!(b["datasets"]["ret"]["retrieval"]["pairs"], 60, "{b}");
+    let near = |path: [&str; 3], tolerance: f64| {
+        let (x, y) = (a["datasets"][path[0]][path[1]][path[2]].as_f64(), b["datasets"][path[0]][path[1]][path[2]].as_f64());
+        let (x, y) = (x.expect("single"), y.expect("multi"));
+        assert!((x - y).abs() <= tolerance + 1e-6, "{path:?}: 1 rank {x}, 3 ranks {y}");
+    };
+    near(["digits", "zero_shot", "top1"], 1.0 / 200.0);
+    near(["digits", "zero_shot", "mean_per_class_recall"], 1.0 / 200.0);
+    for k in [1, 5, 10] {
+        // Per caption (140 of them) and per image (60).
+        near(["ret", "retrieval", &format!("image_retrieval_recall@{k}")], 1.0 / 140.0);
+        near(["ret", "retrieval", &format!("text_retrieval_recall@{k}")], 1.0 / 60.0);
+    }
+}

@@ -697,7 +697,7 @@ fn val_task(data: &DataConfig, sets: &crate::config::EvalConfig, seed: u64) -> R
         let set = eval::benchmark::resolve(&entry.spec, None).map_err(context)?.ok_or_else(|| {
             TrainError::Config(format!(
                 "eval.datasets `{}`: `{}` is not imagenet1k:DIR, wds:DIR or a clip_benchmark dataset directory \
-                 (one holding classnames.txt or test/)",
+                 (one holding classnames.txt or test/ shards)",
                 entry.name, entry.spec
             ))
         })?;

@@ -39,7 +39,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub retrieval: Option<String>,
     /// Several sets at once: every clip_benchmark dataset directory under DIR (one holding
-    /// `classnames.txt` or `test/`), or a file of `name=spec` lines (`imagenet1k:DIR`,
+    /// `classnames.txt` or `test/` shards), or a file of `name=spec` lines (`imagenet1k:DIR`,
     /// `wds:DIR`, a dataset directory). Prints a table and the suite average.
     #[arg(long, conflicts_with_all = ["zero_shot", "retrieval", "classnames"])]
     pub suite: Option<PathBuf>,
@@ -157,11 +157,11 @@ fn suite_entries(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(path)
             .with_context(|| format!("reading {}", path.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join("classnames.txt").is_file() || p.join("test").is_dir())
+            .filter(|p| benchmark::is_dataset_dir(p))
             .collect();
         dirs.sort();
         if dirs.is_empty() {
-            bail!("{} holds no dataset directory (one with classnames.txt or test/, clip_benchmark's layout)", path.display());
+            bail!("{} holds no dataset directory (one with classnames.txt or test/ shards, clip_benchmark's layout)", path.display());
         }
         return Ok(dirs.iter().map(|d| (benchmark::short_name(&d.to_string_lossy()), d.display().to_string())).collect());
     }

@@ -4,7 +4,7 @@
 //!   or `DIR` itself), or shards whose samples carry the class index (`KEY.cls`), scored
 //!   with the 1,000 class names CLIP and open_clip publish, built in;
 //! - clip_benchmark's webdataset layout (`wds:DIR`, or any directory holding
-//!   `classnames.txt` or `test/`), as `clip_benchmark.datasets.builder.build_wds_dataset`
+//!   `classnames.txt` or `test/` shards), as `clip_benchmark.datasets.builder.build_wds_dataset`
 //!   reads it:
 //!
 //!   ```text
@@ -62,10 +62,23 @@ pub fn resolve(text: &str, templates: Option<Vec<String>>) -> Result<Option<Benc
         return clip_benchmark(Path::new(dir.trim()), templates).map(Some);
     }
     let dir = Path::new(text);
-    if dir.is_dir() && (dir.join("classnames.txt").is_file() || dir.join("test").is_dir()) {
+    if is_dataset_dir(dir) {
         return clip_benchmark(dir, templates).map(Some);
     }
     Ok(None)
+}
+
+/// Whether `dir` looks like a clip_benchmark dataset: it holds `classnames.txt`, or a `test/`
+/// folder with `nshards.txt` or `.tar` shards (a folder-per-class set may well have a class
+/// named `test`, of images).
+pub fn is_dataset_dir(dir: &Path) -> bool {
+    let test = dir.join("test");
+    let has_shards = || {
+        std::fs::read_dir(&test)
+            .map(|entries| entries.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "tar")))
+            .unwrap_or(false)
+    };
+    dir.join("classnames.txt").is_file() || test.join("nshards.txt").is_file() || has_shards()
 }
 
 fn openai_templates() -> Vec<String> {
@@ -289,7 +302,11 @@ mod tests {
         std::fs::write(d.join("test/nshards.txt"), "3\n").unwrap();
         let err = resolve(d.to_str().unwrap(), None).unwrap_err().to_string();
         assert!(err.contains("1.tar"), "{err}");
-        // A plain spec is not a benchmark.
+        // A plain spec is not a benchmark, nor a folder per class with a class named `test`.
         assert!(resolve("synthetic:4", None).unwrap().is_none());
+        std::fs::create_dir_all(d.join("classes/test")).unwrap();
+        std::fs::write(d.join("classes/test/0.png"), b"x").unwrap();
+        assert!(!is_dataset_dir(&d.join("classes")));
+        assert!(resolve(d.join("classes").to_str().unwrap(), None).unwrap().is_none());
     }
 }
