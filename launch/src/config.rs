@@ -80,6 +80,13 @@ pub struct RunConfig {
     /// How ranks talk to each other in a multi-process run.
     #[serde(default)]
     pub dist: DistConfig,
+    /// Benchmark sets evaluated with `data.val` every `train.eval_every` steps.
+    #[serde(default, skip_serializing_if = "is_default_eval")]
+    pub eval: oxclip_trainer::config::EvalConfig,
+}
+
+fn is_default_eval(eval: &oxclip_trainer::config::EvalConfig) -> bool {
+    eval.datasets.is_empty()
 }
 
 /// `init:` — starting weights.

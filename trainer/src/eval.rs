@@ -4,7 +4,15 @@
 //!   each class's text embedding is the normalised mean of its prompts' normalised
 //!   embeddings; an image is assigned the class of highest cosine similarity;
 //! - image-text retrieval over pairs (open_clip `get_clip_metrics`): for each image the rank
-//!   of its own caption among all captions, and the reverse; R@1/5/10, mean and median rank.
+//!   of its own caption among all captions, and the reverse; R@1/5/10, mean and median rank;
+//! - image-text retrieval with several captions per image (clip_benchmark
+//!   `metrics/zeroshot_retrieval.py`): a caption finds its image within k, an image finds
+//!   any of its captions within k.
+//!
+//! [`benchmark`] reads the sets the field shares: ImageNet-1k (class names built in) and
+//! clip_benchmark's webdataset layout.
+
+pub mod benchmark;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -20,11 +28,14 @@ use crate::collectives::{self, Collectives};
 use crate::error::{Result, TrainError};
 use crate::model::{normalize, Clip, ModelConfig};
 
-/// Top-1 and top-5 accuracy of a zero-shot evaluation, in [0, 1].
+/// Top-1 and top-5 accuracy of a zero-shot evaluation, in [0, 1], and the mean over the
+/// classes present of each class's top-1 recall (clip_benchmark's `mean_per_class_recall`,
+/// sklearn's `balanced_accuracy_score`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ZeroShotResult {
     pub top1: f64,
     pub top5: f64,
+    pub mean_per_class_recall: f64,
     pub samples: u64,
 }
 
@@ -98,7 +109,7 @@ pub fn open_zero_shot(spec: &DataSpec, classnames: Option<&Path>, seed: u64) -> 
         ))),
         DataSpec::Shards(parts) => {
             let (names, file) = listed.ok_or_else(needs_names)?;
-            check_shard_labels(parts, &names, file)?;
+            check_shard_labels(parts, &names, &file.display().to_string())?;
             let source = DataSource::open(spec, seed)?;
             Ok(ZeroShotSet { source, classnames: names })
         }
@@ -113,11 +124,43 @@ pub fn open_zero_shot(spec: &DataSpec, classnames: Option<&Path>, seed: u64) -> 
     }
 }
 
+/// Opens a set resolved by [`benchmark::resolve`] and checks it as [`open_zero_shot`] does:
+/// a classification set's labels against its class names (a folder count, every shard's
+/// `cls`), a retrieval set for having samples.
+pub fn open_benchmark(set: &benchmark::Benchmark, seed: u64) -> Result<DataSource> {
+    match (&set.task, &set.spec) {
+        (benchmark::Task::Retrieval, spec) => {
+            let source = DataSource::open(spec, seed)?;
+            if source.is_empty() {
+                return Err(TrainError::Input(format!("`{}` holds no image-caption samples to evaluate", describe_spec(spec))));
+            }
+            Ok(source)
+        }
+        (benchmark::Task::Classification { classnames, .. }, DataSpec::Classes(dir)) => {
+            let (dataset, _) = classes::load(dir)?;
+            Ok(labelled_files(dataset, classnames.clone(), &format!("{} has", dir.display()))?.source)
+        }
+        (benchmark::Task::Classification { classnames, .. }, DataSpec::Shards(parts)) => {
+            let named_by = match parts.first().and_then(|p| Path::new(&p.spec).parent()).and_then(Path::parent) {
+                Some(dir) if dir.join("classnames.txt").is_file() => dir.join("classnames.txt").display().to_string(),
+                _ => "the class list".to_owned(),
+            };
+            check_shard_labels(parts, classnames, &named_by)?;
+            Ok(DataSource::open(&set.spec, seed)?)
+        }
+        (benchmark::Task::Classification { .. }, spec) => Err(TrainError::Input(format!(
+            "`{}` is neither a folder per class nor shards with class labels",
+            describe_spec(spec)
+        ))),
+    }
+}
+
 /// Reads the class index (`KEY.cls`) of every sample of the shards, without decoding any
 /// image, so that shards with no labels, or with a label beyond the class list, fail before
 /// the model is loaded (and at the start of training for `data.val`), not at the first
 /// evaluation.
-fn check_shard_labels(parts: &[ShardSource], classnames: &[String], file: &Path) -> Result<()> {
+/// `named_by` says where the class names came from (a file, the built-in list).
+fn check_shard_labels(parts: &[ShardSource], classnames: &[String], named_by: &str) -> Result<()> {
     let n = classnames.len() as i64;
     let (mut labelled, mut unlabelled) = (0u64, 0u64);
     let mut outside: Option<(PathBuf, String, i64)> = None;
@@ -146,9 +189,8 @@ fn check_shard_labels(parts: &[ShardSource], classnames: &[String], file: &Path)
     }
     if let Some((shard, key, label)) = outside {
         return Err(TrainError::Input(format!(
-            "{}, sample {key}: label {label} is outside the class list: {} names {n} classes (labels 0 to {})",
+            "{}, sample {key}: label {label} is outside the class list: {named_by} names {n} classes (labels 0 to {})",
             shard.display(),
-            file.display(),
             n - 1
         )));
     }
@@ -156,10 +198,9 @@ fn check_shard_labels(parts: &[ShardSource], classnames: &[String], file: &Path)
         let spec: Vec<&str> = parts.iter().map(|p| p.spec.as_str()).collect();
         return Err(TrainError::Input(format!(
             "no sample of {} carries a class label ({} read): zero-shot evaluation needs each image's class index as a \
-             KEY.cls member (0 for the first line of {})",
+             KEY.cls member (0 for the first line of {named_by})",
             spec.join("::"),
             unlabelled,
-            file.display()
         )));
     }
     if unlabelled > 0 {
@@ -311,6 +352,111 @@ pub fn retrieval_metrics(image: &Tensor, text: &Tensor) -> RetrievalResult {
         }
     }
     RetrievalResult { pairs: n as u64, metrics }
+}
+
+/// clip_benchmark's retrieval recall (`metrics/zeroshot_retrieval.py`) on L2-normalised
+/// embeddings of n images and m captions, caption t describing image `caption_image[t]`:
+/// `image_retrieval_recall@k`, the share of captions whose image is among the k images
+/// scoring highest for it, and `text_retrieval_recall@k`, the share of images with at least
+/// one of their captions among the k captions scoring highest for them, for k = 1, 5, 10.
+/// A rank here is the number of candidates scoring strictly higher (ties are rare in
+/// floating point; clip_benchmark's `topk` breaks them by position).
+pub fn multi_caption_recall(image: &Tensor, text: &Tensor, caption_image: &[i64]) -> Result<RetrievalResult> {
+    let _guard = tch::no_grad_guard();
+    let (image, text) = (image.to_kind(Kind::Float), text.to_kind(Kind::Float));
+    let (n, m) = (image.size()[0], text.size()[0]);
+    let device = image.device();
+    let owner = Tensor::from_slice(caption_image).to_device(device);
+    // Caption -> image: the rank of its own image.
+    let mut caption_ranks = Vec::new();
+    let mut start = 0;
+    while start < m {
+        let len = RETRIEVAL_CHUNK.min(m - start);
+        let scores = text.narrow(0, start, len).matmul(&image.tr());
+        let own = scores.gather(1, &owner.narrow(0, start, len).unsqueeze(1), false);
+        caption_ranks.push(scores.gt_tensor(&own).sum_dim_intlist([1i64].as_slice(), false, Kind::Int64));
+        start += len;
+    }
+    // Image -> captions: the rank of its best-scoring own caption.
+    let mut image_ranks = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = RETRIEVAL_CHUNK.min(n - start);
+        let scores = image.narrow(0, start, len).matmul(&text.tr());
+        let rows = Tensor::arange_start(start, start + len, (Kind::Int64, device)).unsqueeze(1);
+        let own = owner.unsqueeze(0).eq_tensor(&rows);
+        let best = scores.masked_fill(&own.logical_not(), f64::NEG_INFINITY).amax([1i64].as_slice(), true);
+        image_ranks.push(scores.gt_tensor(&best).sum_dim_intlist([1i64].as_slice(), false, Kind::Int64));
+        start += len;
+    }
+    let ranks = |parts: Vec<Tensor>| -> Result<Vec<i64>> {
+        if parts.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(Vec::<i64>::try_from(&Tensor::cat(&parts, 0).to_device(Device::Cpu))?)
+    };
+    let mut metrics = Vec::new();
+    for (name, ranks) in [("image_retrieval", ranks(caption_ranks)?), ("text_retrieval", ranks(image_ranks)?)] {
+        for k in [1, 5, 10] {
+            let hits = ranks.iter().filter(|&&r| r < k).count();
+            metrics.push((format!("{name}_recall@{k}"), hits as f64 / ranks.len().max(1) as f64));
+        }
+    }
+    Ok(RetrievalResult { pairs: n as u64, metrics })
+}
+
+/// One pass of a retrieval set whose samples carry several captions, one per line of the
+/// caption text (clip_benchmark's layout): every image and every caption embedded, then
+/// [`multi_caption_recall`]. With several ranks each embeds its share of the images and
+/// their captions, and the rows are gathered (caption owners shifted to the gathered image
+/// order), so every rank returns the whole set's numbers.
+pub fn evaluate_multi_caption(
+    model: &Clip,
+    loader: &mut Loader,
+    tokenizer: &Tokenizer,
+    device: Device,
+    comm: &dyn Collectives,
+    progress: &mut dyn FnMut(u64),
+) -> Result<RetrievalResult> {
+    let _guard = tch::no_grad_guard();
+    let image_size = model.config.vision_cfg.image_size;
+    let context = model.config.text_cfg.context_length;
+    let dim = model.config.embed_dim;
+    let (mut images, mut texts, mut owners) = (Vec::new(), Vec::new(), Vec::new());
+    let mut local_images = 0i64;
+    let mut skipped = loader.load_skips();
+    while let Some(batch) = loader.next_eval_batch()? {
+        skipped.merge(&batch.skipped);
+        let (pixels, _) = crate::device::batch_to_device(&batch, image_size, context, device)?;
+        images.push(normalize(&model.encode_image(&pixels).to_kind(Kind::Float)));
+        let mut captions = Vec::new();
+        for (row, text) in batch.captions.iter().enumerate() {
+            for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                captions.push(line);
+                owners.push((local_images + row as i64) as f32);
+            }
+        }
+        local_images += batch.batch_size as i64;
+        if !captions.is_empty() {
+            let ids = tokenizer.encode_batch(&captions, context as usize);
+            let tokens = Tensor::from_slice(&ids).view([captions.len() as i64, context]).to_device(device);
+            texts.push(normalize(&model.encode_text(&tokens).to_kind(Kind::Float)));
+        }
+        progress(batch.batch_size as u64 + batch.skipped.total());
+    }
+    let cat = |parts: &[Tensor], cols: i64| if parts.is_empty() { Tensor::zeros([0, cols], (Kind::Float, device)) } else { Tensor::cat(parts, 0).view([-1, cols]) };
+    // Each rank's caption owners index its own images: shift them by the images of the
+    // ranks before it, the order the gather lays them out in.
+    let counts = collectives::all_gather_u64(comm, local_images as u64)?;
+    let offset: u64 = counts.iter().take(comm.rank()).sum();
+    let owners = Tensor::from_slice(&owners).to_device(device).view([-1, 1]) + offset as f64;
+    let images = gather_rows(comm, &cat(&images, dim))?;
+    let rows = gather_rows(comm, &Tensor::cat(&[cat(&texts, dim), owners], 1))?;
+    if images.size()[0] == 0 || rows.size()[0] == 0 {
+        return Err(TrainError::Input(format!("no image with a caption could be evaluated{}", skipped_note(&skipped))));
+    }
+    let owners = Vec::<i64>::try_from(&rows.narrow(1, dim, 1).view([-1]).to_kind(Kind::Int64).to_device(Device::Cpu))?;
+    multi_caption_recall(&images, &rows.narrow(1, 0, dim), &owners)
 }
 
 /// What one evaluation pass measured.
@@ -490,7 +636,10 @@ struct ZeroShotCounts {
 impl ZeroShotCounts {
     fn result(&self) -> ZeroShotResult {
         let frac = |x: u64| if self.scored == 0 { 0.0 } else { x as f64 / self.scored as f64 };
-        ZeroShotResult { top1: frac(self.top1), top5: frac(self.top5), samples: self.scored }
+        // Classes no sample is labelled with have no recall; sklearn leaves them out too.
+        let recalls: Vec<f64> = self.per_class.iter().filter(|(n, _)| *n > 0).map(|&(n, hits)| hits as f64 / n as f64).collect();
+        let mean_per_class_recall = if recalls.is_empty() { 0.0 } else { recalls.iter().sum::<f64>() / recalls.len() as f64 };
+        ZeroShotResult { top1: frac(self.top1), top5: frac(self.top5), mean_per_class_recall, samples: self.scored }
     }
 }
 
@@ -662,6 +811,23 @@ mod tests {
         assert_eq!(names[..5], ["image_to_text_mean_rank", "image_to_text_median_rank", "image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10"]);
     }
 
+    #[test]
+    fn multi_caption_recall_on_a_known_case() {
+        let image = rows(&[[1.0, 0.0], [0.0, 1.0]]);
+        // Captions 0 and 1 describe image 0, caption 2 image 1.
+        let text = rows(&[[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]]);
+        // caption x image: t0 [1.0, 0.0] own 1.0 -> rank 0; t1 [0.6, 0.8] own 0.6 -> rank 1;
+        // t2 [0.8, 0.6] own 0.6 -> rank 1.
+        // image x caption: img0 [1.0, 0.6, 0.8], best own 1.0 -> rank 0; img1 [0.0, 0.8, 0.6],
+        // own 0.6 -> rank 1.
+        let r = multi_caption_recall(&image, &text, &[0, 0, 1]).unwrap();
+        assert!((r.get("image_retrieval_recall@1").unwrap() - 1.0 / 3.0).abs() < 1e-9);
+        assert_eq!(r.get("image_retrieval_recall@5"), Some(1.0));
+        assert_eq!(r.get("text_retrieval_recall@1"), Some(0.5));
+        assert_eq!(r.get("text_retrieval_recall@10"), Some(1.0));
+        assert_eq!(r.pairs, 2);
+    }
+
     /// open_clip_train's own `get_clip_metrics` on 50 random pairs
     /// (tests/fixtures/make_retrieval_fixture.py).
     #[test]
@@ -696,7 +862,8 @@ mod tests {
         let classifier = Tensor::eye(6, (Kind::Float, Device::Cpu));
         let counts = zero_shot_counts(&images, &labels, &classifier).unwrap();
         assert_eq!(counts, ZeroShotCounts { scored: 5, top1: 2, top5: 4, per_class: vec![(1, 1), (1, 0), (2, 1), (0, 0), (0, 0), (1, 0)] });
-        assert_eq!(counts.result(), ZeroShotResult { top1: 0.4, top5: 0.8, samples: 5 });
+        // Per class recall 1, 0, 1/2, 0 over the four classes with samples (3 and 4 have none).
+        assert_eq!(counts.result(), ZeroShotResult { top1: 0.4, top5: 0.8, mean_per_class_recall: 0.375, samples: 5 });
 
         // Fewer than 5 classes: top-5 is every class, so it is 1 for any labelled sample.
         let two = Tensor::eye(6, (Kind::Float, Device::Cpu)).narrow(1, 0, 2);

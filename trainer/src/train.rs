@@ -52,6 +52,8 @@ pub struct TrainJob {
     pub init_checkpoint: Option<PathBuf>,
     /// This process's rank and how to reach the others; a single process by default.
     pub dist: DistSettings,
+    /// Benchmark sets evaluated with `data.val` (`eval.datasets`).
+    pub eval: crate::config::EvalConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -72,12 +74,23 @@ pub struct TrainSummary {
     pub preempted: Option<String>,
 }
 
-/// The zero-shot task evaluated during and after training.
+/// The sets evaluated during and after training: `data.val`, then `eval.datasets`.
 struct ValTask {
+    sets: Vec<ValSet>,
+}
+
+/// One evaluation set.
+struct ValSet {
     name: String,
     source: DataSource,
     /// Class names and prompt templates, when the set is labelled for zero-shot.
     zero_shot: Option<(Vec<String>, Vec<String>)>,
+    /// A clip_benchmark retrieval set (several captions per image), scored as clip_benchmark
+    /// does; otherwise `data.val`'s pairs are scored as open_clip does.
+    multi_caption: bool,
+    /// A set of `eval.datasets`: its tags all carry its name, and a classification set is not
+    /// scored for retrieval (its captions are class indices).
+    benchmark: bool,
 }
 
 /// Everything a run holds while it trains: built by [`prepare`], advanced by [`fit`]'s loop.
@@ -181,7 +194,7 @@ enum Start<'a> {
 fn prepare(job: &TrainJob) -> Result<Start<'_>> {
     crate::config::validate(&job.model, &job.data, &job.train, &job.optim, &job.loss)?;
     // An evaluation set that cannot be scored fails the run now, not at its first eval.
-    let val_task = val_task(&job.data, job.train.seed)?;
+    let val_task = val_task(&job.data, &job.eval, job.train.seed)?;
     if let Some(threads) = job.train.threads {
         tch::set_num_threads(threads as i32);
     }
@@ -449,40 +462,79 @@ fn save_checkpoint(run: &mut Run) -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
-/// Every rank embeds its share of the eval set; rank 0 logs the whole set's numbers. Returns
-/// the zero-shot result, when the set is scored zero-shot.
+/// Every rank embeds its share of each eval set; rank 0 logs the whole sets' numbers, and
+/// with `eval.datasets` writes them all to `<run_dir>/eval/<step>.json`. Returns the first
+/// set's zero-shot result (`data.val`'s when there is one).
 fn evaluate(run: &mut Run) -> Result<Option<ZeroShotResult>> {
     let Some(task) = &run.val_task else { return Ok(None) };
     run.model.set_training(false);
-    let result = evaluate_task(&run.model, task, &run.tokenizer, &run.preprocess, run.device, run.job.data.workers, run.comm.as_ref())?;
+    let results: Result<Vec<eval::EvalResult>> = task
+        .sets
+        .iter()
+        .map(|set| evaluate_task(&run.model, set, &run.tokenizer, &run.preprocess, run.device, run.job.data.workers, run.comm.as_ref()))
+        .collect();
     run.model.set_training(true);
+    let results = results?;
     let (step, is_rank0) = (run.state.step, run.comm.rank() == 0);
     let mut scalars: Vec<(String, f64)> = Vec::new();
-    if let Some(zs) = &result.zero_shot {
-        let prefix = format!("val/{}-zeroshot", task.name);
-        scalars.push((format!("{prefix}-top1"), zs.top1));
-        scalars.push((format!("{prefix}-top5"), zs.top5));
-        if is_rank0 { tracing::info!(
-            "step {step} | zero-shot {}: top-1 {:.2}% top-5 {:.2}% ({} images)",
-            task.name, 100.0 * zs.top1, 100.0 * zs.top5, zs.samples
-        ); }
-    }
-    if let Some(r) = &result.retrieval {
-        scalars.extend(r.metrics.iter().map(|(name, v)| (format!("val/{name}"), *v)));
-        if is_rank0 { tracing::info!(
-            "step {step} | retrieval {}: image->text R@1 {:.2}% text->image R@1 {:.2}% ({} pairs)",
-            task.name,
-            100.0 * r.get("image_to_text_R@1").unwrap_or(0.0),
-            100.0 * r.get("text_to_image_R@1").unwrap_or(0.0),
-            r.pairs
-        ); }
+    let mut report = serde_json::Map::new();
+    for (set, result) in task.sets.iter().zip(&results) {
+        let mut entry = serde_json::Map::new();
+        if let Some(zs) = &result.zero_shot {
+            let prefix = format!("val/{}-zeroshot", set.name);
+            scalars.push((format!("{prefix}-top1"), zs.top1));
+            scalars.push((format!("{prefix}-top5"), zs.top5));
+            if set.benchmark {
+                scalars.push((format!("{prefix}-mean-per-class-recall"), zs.mean_per_class_recall));
+            }
+            entry.insert("zero_shot".into(), serde_json::json!({"top1": zs.top1, "top5": zs.top5, "mean_per_class_recall": zs.mean_per_class_recall, "samples": zs.samples}));
+            if is_rank0 { tracing::info!(
+                "step {step} | zero-shot {}: top-1 {:.2}% top-5 {:.2}% ({} images)",
+                set.name, 100.0 * zs.top1, 100.0 * zs.top5, zs.samples
+            ); }
+        }
+        if let Some(r) = &result.retrieval {
+            // open_clip's tags for data.val's pairs; a benchmark set's carry its name.
+            let prefix = if set.benchmark { format!("val/{}-", set.name) } else { "val/".to_owned() };
+            scalars.extend(r.metrics.iter().map(|(name, v)| (format!("{prefix}{name}"), *v)));
+            let mut m: serde_json::Map<String, serde_json::Value> = r.metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+            m.insert("pairs".into(), serde_json::json!(r.pairs));
+            entry.insert("retrieval".into(), serde_json::Value::Object(m));
+            let r1 = |a: &str, b: &str| 100.0 * (r.get(a).or(r.get(b)).unwrap_or(0.0));
+            if is_rank0 { tracing::info!(
+                "step {step} | retrieval {}: image->text R@1 {:.2}% text->image R@1 {:.2}% ({} pairs)",
+                set.name,
+                r1("image_to_text_R@1", "text_retrieval_recall@1"),
+                r1("text_to_image_R@1", "image_retrieval_recall@1"),
+                r.pairs
+            ); }
+        }
+        report.insert(set.name.clone(), serde_json::Value::Object(entry));
     }
     if let Some(metrics) = run.metrics.as_mut() {
         let refs: Vec<(&str, f64)> = scalars.iter().map(|(n, v)| (n.as_str(), *v)).collect();
         metrics.log(step, &refs)?;
         metrics.flush()?;
     }
-    Ok(result.zero_shot)
+    if is_rank0 && !run.job.eval.datasets.is_empty() {
+        write_eval_report(&run.job.run_dir, step, report)?;
+    }
+    Ok(results.first().and_then(|r| r.zero_shot))
+}
+
+/// `<run_dir>/eval/<step>.json`: `{"step": N, "datasets": {name: {"zero_shot": {...}} |
+/// {"retrieval": {...}}}}`, written to a temporary file and renamed, so a reader never sees
+/// half of it.
+fn write_eval_report(run_dir: &Path, step: u64, datasets: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let dir = run_dir.join("eval");
+    std::fs::create_dir_all(&dir).map_err(crate::error::io_err(&dir))?;
+    let path = dir.join(format!("{step}.json"));
+    let tmp = dir.join(format!(".{step}.json.tmp"));
+    let text = serde_json::to_string_pretty(&serde_json::json!({"step": step, "datasets": datasets}))
+        .map_err(|e| TrainError::Input(format!("{}: {e}", path.display())))?;
+    std::fs::write(&tmp, text + "\n").map_err(crate::error::io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(crate::error::io_err(&path))?;
+    Ok(())
 }
 
 /// Waits for the last checkpoint to be on disk, flushes the metrics and waits for every rank:
@@ -653,35 +705,65 @@ fn show(value: Option<&serde_yaml::Value>) -> String {
 }
 
 /// The held-out set, checked as `oxclip eval` checks it ([`eval::open_zero_shot`]) when it is
-/// scored zero-shot: with `data.classnames`, or as a folder per class (`classes:DIR`).
-fn val_task(data: &DataConfig, seed: u64) -> Result<Option<ValTask>> {
-    let Some(val) = &data.val else { return Ok(None) };
-    let spec = DataSpec::parse(val)?;
-    let classnames = data.classnames.as_deref().map(Path::new);
-    let (source, zero_shot) = if classnames.is_some() || matches!(spec, DataSpec::Classes(_)) {
-        let set = eval::open_zero_shot(&spec, classnames, seed)?;
-        (set.source, Some((set.classnames, eval::read_templates(data.templates.as_deref())?)))
-    } else {
-        (DataSource::open(&spec, seed)?, None)
-    };
-    Ok(Some(ValTask { name: data.val_name.clone(), source, zero_shot }))
+/// scored zero-shot: with `data.classnames`, or as a folder per class (`classes:DIR`); then
+/// every set of `eval.datasets`, checked as `oxclip eval` checks a benchmark set.
+fn val_task(data: &DataConfig, sets: &crate::config::EvalConfig, seed: u64) -> Result<Option<ValTask>> {
+    let mut task = ValTask { sets: Vec::new() };
+    if let Some(val) = &data.val {
+        let spec = DataSpec::parse(val)?;
+        let classnames = data.classnames.as_deref().map(Path::new);
+        let (source, zero_shot) = if classnames.is_some() || matches!(spec, DataSpec::Classes(_)) {
+            let set = eval::open_zero_shot(&spec, classnames, seed)?;
+            (set.source, Some((set.classnames, eval::read_templates(data.templates.as_deref())?)))
+        } else {
+            (DataSource::open(&spec, seed)?, None)
+        };
+        task.sets.push(ValSet { name: data.val_name.clone(), source, zero_shot, multi_caption: false, benchmark: false });
+    }
+    for entry in &sets.datasets {
+        let context = |e: TrainError| TrainError::Config(format!("eval.datasets `{}`: {e}", entry.name));
+        if task.sets.iter().any(|s| s.name == entry.name) {
+            return Err(TrainError::Config(format!(
+                "eval.datasets: the name `{}` is used twice (data.val_name or another entry); each set's tags need their own",
+                entry.name
+            )));
+        }
+        let set = eval::benchmark::resolve(&entry.spec, None).map_err(context)?.ok_or_else(|| {
+            TrainError::Config(format!(
+                "eval.datasets `{}`: `{}` is not imagenet1k:DIR, wds:DIR or a clip_benchmark dataset directory \
+                 (one holding classnames.txt or test/ shards)",
+                entry.name, entry.spec
+            ))
+        })?;
+        let source = eval::open_benchmark(&set, seed).map_err(context)?;
+        let (zero_shot, multi_caption) = match set.task {
+            eval::benchmark::Task::Classification { classnames, templates } => (Some((classnames, templates)), false),
+            eval::benchmark::Task::Retrieval => (None, true),
+        };
+        task.sets.push(ValSet { name: entry.name.clone(), source, zero_shot, multi_caption, benchmark: true });
+    }
+    Ok((!task.sets.is_empty()).then_some(task))
 }
 
 fn evaluate_task(
     model: &Clip,
-    task: &ValTask,
+    set: &ValSet,
     tokenizer: &Tokenizer,
     preprocess: &Preprocess,
     device: Device,
     workers: usize,
     comm: &dyn Collectives,
 ) -> Result<eval::EvalResult> {
-    let classifier = match &task.zero_shot {
+    let mut loader = eval::eval_loader_with(&set.source, tokenizer.clone(), &model.config, preprocess, 256, workers, comm)?;
+    if set.multi_caption {
+        let retrieval = eval::evaluate_multi_caption(model, &mut loader, tokenizer, device, comm, &mut |_| {})?;
+        return Ok(eval::EvalResult { zero_shot: None, retrieval: Some(retrieval) });
+    }
+    let classifier = match &set.zero_shot {
         Some((classnames, templates)) => Some(eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?),
         None => None,
     };
-    let mut loader = eval::eval_loader_with(&task.source, tokenizer.clone(), &model.config, preprocess, 256, workers, comm)?;
-    eval::evaluate(model, &mut loader, classifier.as_ref(), true, device, comm)
+    eval::evaluate(model, &mut loader, classifier.as_ref(), !set.benchmark, device, comm)
 }
 
 /// Timings accumulated between two log lines.

@@ -36,8 +36,14 @@ pub struct RawSample {
 impl RawSample {
     /// The decoded image and the caption, as training uses them, or why they cannot be:
     /// a missing or blank caption, or an image that does not decode within `max_pixels`.
-    pub fn decode(&self, max_pixels: u64) -> Result<(image::RgbImage, &str), SkipReason> {
-        let caption = self.caption.as_deref().ok_or(SkipReason::MissingCaption)?;
+    /// A sample with a class index but no caption (clip_benchmark's classification shards)
+    /// has the index's text for caption, as a CSV with a label column but no captions does.
+    pub fn decode(&self, max_pixels: u64) -> Result<(image::RgbImage, std::borrow::Cow<'_, str>), SkipReason> {
+        let caption = match (self.caption.as_deref(), self.label) {
+            (Some(caption), _) => std::borrow::Cow::Borrowed(caption),
+            (None, Some(label)) => std::borrow::Cow::Owned(label.to_string()),
+            (None, None) => return Err(SkipReason::MissingCaption),
+        };
         if caption.trim().is_empty() {
             return Err(SkipReason::EmptyCaption);
         }

@@ -454,13 +454,13 @@ impl Worker {
         self.transform
             .apply(&image, self.plan.sample_seed(epoch, read.shard, read.ordinal), &mut rows);
         let mut tokens = Vec::with_capacity(self.context_length);
-        self.tokenizer.encode_into(caption, self.context_length, &mut tokens);
+        self.tokenizer.encode_into(&caption, self.context_length, &mut tokens);
         Ok(Decoded {
             image: rows,
             tokens,
             label: raw.label.unwrap_or(-1),
             key: raw.key.clone(),
-            caption: caption.to_owned(),
+            caption: caption.into_owned(),
             source: raw.source.clone(),
         })
     }

@@ -1,16 +1,17 @@
 //! `oxclip eval`: zero-shot classification and image-text retrieval of a checkpoint, the
 //! numbers the field reports, computed as open_clip computes them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
-use oxclip_data_loader::{DataSource, DataSpec};
-use oxclip_trainer::eval::{self, EvalResult};
+use oxclip_data_loader::{DataSource, DataSpec, Tokenizer};
+use oxclip_trainer::eval::{self, benchmark, EvalResult};
 use oxclip_trainer::train::read_templates;
 use oxclip_trainer::collectives::SingleProcess;
+use oxclip_trainer::model::Clip;
 
 use super::embed::ModelArgs;
 
@@ -20,8 +21,11 @@ pub struct EvalArgs {
     pub model: ModelArgs,
     /// Zero-shot classification data: `classes:DIR` or a plain directory with a folder per
     /// class, or any spec whose samples carry a class index: shards (`KEY.cls`), a CSV or
-    /// JSONL with a `label` column (`csv:FILE?label_key=COLUMN` for another name).
-    #[arg(long, conflicts_with = "retrieval", required_unless_present = "retrieval")]
+    /// JSONL with a `label` column (`csv:FILE?label_key=COLUMN` for another name);
+    /// `imagenet1k:DIR` (ImageNet's `val/` folder or labelled shards, class names built in);
+    /// a clip_benchmark dataset directory (`wds:DIR`, or a directory with `classnames.txt` or
+    /// `test/`), scored as classification or retrieval by what it holds.
+    #[arg(long, conflicts_with = "retrieval", required_unless_present_any = ["retrieval", "suite"])]
     pub zero_shot: Option<String>,
     /// Class names, one per line (line i names class i). For a folder per class the folder
     /// names are used when this is not given; when given, it must name as many classes.
@@ -30,9 +34,15 @@ pub struct EvalArgs {
     /// Prompt templates, one per line with `{}` for the class name; default OpenAI's 80.
     #[arg(long)]
     pub templates: Option<String>,
-    /// Image-caption pairs for retrieval: any data spec (shards, CSV, JSONL, folder).
+    /// Image-caption pairs for retrieval: any data spec (shards, CSV, JSONL, folder), or a
+    /// clip_benchmark retrieval set.
     #[arg(long)]
     pub retrieval: Option<String>,
+    /// Several sets at once: every clip_benchmark dataset directory under DIR (one holding
+    /// `classnames.txt` or `test/` shards), or a file of `name=spec` lines (`imagenet1k:DIR`,
+    /// `wds:DIR`, a dataset directory). Prints a table and the suite average.
+    #[arg(long, conflicts_with_all = ["zero_shot", "retrieval", "classnames"])]
+    pub suite: Option<PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -45,11 +55,18 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    if let Some(suite) = &args.suite {
+        return run_suite(&args, suite);
+    }
     let (spec_text, retrieval) = match (&args.zero_shot, &args.retrieval) {
         (Some(data), None) => (data.clone(), false),
         (None, Some(data)) => (data.clone(), true),
         _ => bail!("give exactly one of --zero-shot DATA and --retrieval DATA"),
     };
+    let templates = args.templates.as_deref().map(|t| read_templates(Some(t))).transpose()?;
+    if let Some(set) = benchmark::resolve(&spec_text, templates)? {
+        return run_benchmark(&args, &spec_text, &set);
+    }
     // clap lets a `requires` pass when the required flag conflicts with one given.
     if retrieval && (args.classnames.is_some() || args.templates.is_some()) {
         bail!("--classnames and --templates are for --zero-shot; --retrieval scores captions, not classes");
@@ -89,22 +106,179 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_result(result: &EvalResult, json: bool) {
-    if json {
-        let mut out = serde_json::Map::new();
+/// ImageNet-1k or a clip_benchmark directory: what the set holds decides the task, whichever
+/// of --zero-shot and --retrieval named it.
+fn run_benchmark(args: &EvalArgs, spec_text: &str, set: &benchmark::Benchmark) -> anyhow::Result<()> {
+    if args.classnames.is_some() {
+        bail!("{spec_text} names its own classes (classnames.txt, or the built-in ImageNet-1k list); leave out --classnames");
+    }
+    let source = eval::open_benchmark(set, 0)?;
+    let opened = args.model.open(true)?;
+    let tokenizer = opened.text_tokenizer()?;
+    let (_vs, model) = opened.load()?;
+    let result = evaluate_benchmark(args, &opened, &model, &tokenizer, set, &source, "eval").with_context(|| format!("evaluating {spec_text}"))?;
+    print_result(&result, args.json);
+    Ok(())
+}
+
+/// One benchmark set through the model, with a progress bar.
+fn evaluate_benchmark(
+    args: &EvalArgs,
+    opened: &super::OpenedModel,
+    model: &Clip,
+    tokenizer: &Tokenizer,
+    set: &benchmark::Benchmark,
+    source: &DataSource,
+    label: &str,
+) -> anyhow::Result<EvalResult> {
+    let device = opened.device;
+    let mut loader = eval::eval_loader_with(source, tokenizer.clone(), &opened.config, &opened.preprocess, args.batch_size, args.workers, &SingleProcess)?;
+    let bar = super::progress_bar("eval", "samples");
+    bar.set_message(label.to_owned());
+    bar.set_length(source.len());
+    let result = match &set.task {
+        benchmark::Task::Classification { classnames, templates } => {
+            let classifier = eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?;
+            eval::evaluate_with_progress(model, &mut loader, Some(&classifier), false, device, &SingleProcess, &mut |n| bar.inc(n))?
+        }
+        benchmark::Task::Retrieval => EvalResult {
+            zero_shot: None,
+            retrieval: Some(eval::evaluate_multi_caption(model, &mut loader, tokenizer, device, &SingleProcess, &mut |n| bar.inc(n))?),
+        },
+    };
+    bar.finish_and_clear();
+    Ok(result)
+}
+
+/// (name, spec) of every set of a suite: the dataset directories under `path` (sorted), or
+/// the `name=spec` lines of a file (blank lines and `#` comments left out).
+fn suite_entries(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    if path.is_dir() {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| benchmark::is_dataset_dir(p))
+            .collect();
+        dirs.sort();
+        if dirs.is_empty() {
+            bail!("{} holds no dataset directory (one with classnames.txt or test/ shards, clip_benchmark's layout)", path.display());
+        }
+        return Ok(dirs.iter().map(|d| (benchmark::short_name(&d.to_string_lossy()), d.display().to_string())).collect());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the suite file {}", path.display()))?;
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((name, spec)) = line.split_once('=') else {
+            bail!("{}, line {}: `{line}` is not `name=spec` (e.g. `imagenet1k=imagenet1k:/data/imagenet`)", path.display(), i + 1);
+        };
+        entries.push((name.trim().to_owned(), spec.trim().to_owned()));
+    }
+    if entries.is_empty() {
+        bail!("{} lists no dataset (`name=spec` lines)", path.display());
+    }
+    Ok(entries)
+}
+
+/// The number a suite averages: top-1 for classification, the mean of both directions'
+/// recall@1 for retrieval (DataComp's choice).
+fn main_metric(result: &EvalResult) -> Option<(&'static str, f64)> {
+    if let Some(zs) = &result.zero_shot {
+        return Some(("acc1", zs.top1));
+    }
+    let r = result.retrieval.as_ref()?;
+    Some(("mean_recall@1", (r.get("image_retrieval_recall@1")? + r.get("text_retrieval_recall@1")?) / 2.0))
+}
+
+/// Every set of the suite, checked before the model is loaded, then evaluated one after
+/// the other; a table (or `--json`) with the suite average of the main metrics.
+fn run_suite(args: &EvalArgs, suite: &Path) -> anyhow::Result<()> {
+    let templates = args.templates.as_deref().map(|t| read_templates(Some(t))).transpose()?;
+    let mut sets = Vec::new();
+    for (name, spec) in suite_entries(suite)? {
+        let set = benchmark::resolve(&spec, templates.clone())
+            .with_context(|| format!("suite dataset `{name}`"))?
+            .with_context(|| format!("suite dataset `{name}`: `{spec}` is not imagenet1k:DIR, wds:DIR or a clip_benchmark dataset directory"))?;
+        let source = eval::open_benchmark(&set, 0).with_context(|| format!("suite dataset `{name}`"))?;
+        sets.push((name, set, source));
+    }
+    let opened = args.model.open(true)?;
+    let tokenizer = opened.text_tokenizer()?;
+    let (_vs, model) = opened.load()?;
+    let mut rows = Vec::new();
+    for (name, set, source) in &sets {
+        let result = evaluate_benchmark(args, &opened, &model, &tokenizer, set, source, name).with_context(|| format!("evaluating `{name}`"))?;
+        rows.push((name.clone(), result));
+    }
+    let mains: Vec<f64> = rows.iter().filter_map(|(_, r)| main_metric(r).map(|(_, v)| v)).collect();
+    let average = mains.iter().sum::<f64>() / mains.len().max(1) as f64;
+    if args.json {
+        let mut datasets = serde_json::Map::new();
+        for (name, result) in &rows {
+            let mut entry = result_json(result);
+            if let Some((metric, value)) = main_metric(result) {
+                entry.insert("main_metric".into(), serde_json::json!({"name": metric, "value": value}));
+            }
+            datasets.insert(name.clone(), serde_json::Value::Object(entry));
+        }
+        println!("{}", serde_json::json!({"datasets": datasets, "average": average, "count": mains.len()}));
+        return Ok(());
+    }
+    println!("{:24} {:28} {:>8}", "dataset", "metric", "value");
+    for (name, result) in &rows {
+        let mut metrics: Vec<(String, f64)> = Vec::new();
         if let Some(zs) = &result.zero_shot {
-            out.insert("zero_shot".into(), serde_json::json!({"top1": zs.top1, "top5": zs.top5, "samples": zs.samples}));
+            metrics.extend([("acc1".to_owned(), zs.top1), ("acc5".to_owned(), zs.top5), ("mean_per_class_recall".to_owned(), zs.mean_per_class_recall)]);
         }
         if let Some(r) = &result.retrieval {
-            let mut m: serde_json::Map<String, serde_json::Value> = r.metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
-            m.insert("pairs".into(), serde_json::json!(r.pairs));
-            out.insert("retrieval".into(), serde_json::Value::Object(m));
+            metrics.extend(r.metrics.iter().cloned());
         }
+        if let Some((metric, value)) = main_metric(result) {
+            if metric != "acc1" {
+                metrics.push((metric.to_owned(), value));
+            }
+        }
+        for (metric, value) in metrics {
+            println!("{name:24} {metric:28} {value:>8.4}");
+        }
+    }
+    println!("{:24} {:28} {average:>8.4}", "average", format!("main metric, {} sets", mains.len()));
+    Ok(())
+}
+
+fn result_json(result: &EvalResult) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    if let Some(zs) = &result.zero_shot {
+        out.insert(
+            "zero_shot".into(),
+            serde_json::json!({"top1": zs.top1, "top5": zs.top5, "mean_per_class_recall": zs.mean_per_class_recall, "samples": zs.samples}),
+        );
+    }
+    if let Some(r) = &result.retrieval {
+        let mut m: serde_json::Map<String, serde_json::Value> = r.metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+        m.insert("pairs".into(), serde_json::json!(r.pairs));
+        out.insert("retrieval".into(), serde_json::Value::Object(m));
+    }
+    out
+}
+
+fn print_result(result: &EvalResult, json: bool) {
+    if json {
+        let out = result_json(result);
         println!("{}", serde_json::Value::Object(out));
         return;
     }
     if let Some(zs) = &result.zero_shot {
-        println!("zero-shot: top-1 {:.2}%  top-5 {:.2}%  ({} images)", 100.0 * zs.top1, 100.0 * zs.top5, zs.samples);
+        println!(
+            "zero-shot: top-1 {:.2}%  top-5 {:.2}%  mean per-class recall {:.2}%  ({} images)",
+            100.0 * zs.top1,
+            100.0 * zs.top5,
+            100.0 * zs.mean_per_class_recall,
+            zs.samples
+        );
     }
     if let Some(r) = &result.retrieval {
         println!("retrieval over {} pairs:", r.pairs);

@@ -69,6 +69,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         resolved_config: cfg.to_yaml(),
         resume,
         init_checkpoint: cfg.init.as_ref().map(|i| i.checkpoint.clone()),
+        eval: cfg.eval.clone(),
         dist: DistSettings {
             world: crate::dist::world_from_env()?,
             backend: cfg.dist.backend,
