@@ -110,9 +110,11 @@ def tables():
 
 def simulate(args):
     """Exposed communication predicted for the CPU backend's simulated link."""
-    reduce_s = collective_s("all_reduce", args.grad_bytes, args.world, args.gbps * 1e9 / 8)
-    last_bucket_s = collective_s("all_reduce", min(args.bucket_bytes, args.grad_bytes), args.world, args.gbps * 1e9 / 8)
-    print(f"all-reduce of {args.grad_bytes:,} bytes over {args.world} ranks at {args.gbps} Gb/s: {ms(reduce_s)} ms exposed without overlap")
+    # The CPU backend's simulated link holds each collective for its bandwidth term only.
+    rate = args.link_gbs * 1e9
+    reduce_s = 2 * (args.world - 1) / args.world * args.grad_bytes / rate
+    last_bucket_s = 2 * (args.world - 1) / args.world * min(args.last_bucket_bytes or args.bucket_bytes, args.grad_bytes) / rate
+    print(f"all-reduce of {args.grad_bytes:,} bytes over {args.world} ranks at {args.link_gbs} GB/s: {ms(reduce_s)} ms exposed without overlap")
     print(f"with overlap, backward {args.backward_ms} ms: {ms(max(reduce_s - args.backward_ms / 1000, last_bucket_s))} ms exposed")
 
 
@@ -120,12 +122,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), help="predict one configuration: the step's parts in ms")
     parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--link-gbs", type=float, default=50.0, help="bus bandwidth per GPU, GB/s")
+    parser.add_argument("--link-gbs", type=float, default=50.0, help="bus bandwidth per GPU, GB/s (with --sim: OXCLIP_SIM_LINK_GBPS)")
     parser.add_argument("--sim", action="store_true", help="predict one simulated-link run instead of printing the tables")
     parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--gbps", type=float, default=1.0, help="OXCLIP_SIM_LINK_GBPS")
     parser.add_argument("--grad-bytes", type=int, default=0, help="parameter gradient bytes of the model")
     parser.add_argument("--bucket-bytes", type=int, default=BUCKET_BYTES)
+    parser.add_argument("--last-bucket-bytes", type=int, default=0, help="bytes of the last bucket the backward pass completes (default: a full bucket)")
     parser.add_argument("--backward-ms", type=float, default=0.0, help="measured backward time of one step")
     args = parser.parse_args()
     if args.sim:
