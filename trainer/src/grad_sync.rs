@@ -464,8 +464,8 @@ mod tests {
             let log = comm.log.lock().unwrap().clone();
             let starts: Vec<&str> = log.iter().filter(|l| l.starts_with("start")).map(String::as_str).collect();
             assert_eq!(starts, ["start 5", "start 4", "start 3"], "{log:?}");
-            for k in 0..3 {
-                let at = log.iter().position(|l| l == starts[k]).unwrap();
+            for (k, start) in starts.iter().enumerate() {
+                let at = log.iter().position(|l| l == start).unwrap();
                 assert!(log[..at].iter().filter(|l| *l == "ready").count() > k, "{log:?}");
             }
             assert_eq!(log.iter().filter(|l| *l == "wait").count(), 3, "{log:?}");
