@@ -1007,6 +1007,12 @@ impl Collectives for NcclGroup {
     /// On the communication thread: the communication stream waits (on the device) for
     /// `ready`, the all-reduce is queued on it, and the returned mark is an event after it.
     /// The compute stream goes on meanwhile: the backward pass and the all-reduce overlap.
+    /// NCCL needs a communicator's collectives to run in the same order on every rank, on the
+    /// device too (two in flight at once on two streams could each wait for the other's
+    /// peers): they do. This one waits for an event recorded after every collective the step
+    /// queued on the default stream before the backward pass; the communication stream runs
+    /// the buckets one after the other; and the default stream waits for every bucket's done
+    /// event before the next step's collectives.
     fn all_reduce_start(&self, tensor: &mut Tensor, ready: super::Mark) -> Result<super::Mark> {
         self.set_device()?;
         let (buffer, dtype) = self.prepared(tensor)?;
