@@ -102,6 +102,11 @@ wanted large && {
 
 # 4. The NCCL backend: a one-rank NCCL run must give the loss curve of the single-process CUDA
 # run (same seed, same data), and two ranks of 16 that of one of 32 where two GPUs exist.
+# Both again with the gradients in many buckets (dist.bucket_mb 0.05), each all-reduced on
+# the communication stream while the backward pass goes on (dist.overlap). One rank checks
+# that the overlapped path runs and leaves the numbers alone (freed or reused buckets would
+# show); only two ranks can show a bucket summed before it was written or copied back
+# before its sum was done (a one-rank sum changes no value).
 wanted nccl && {
   echo "# NCCL vs single process (tiny model, synthetic data); libnccl: $OXCLIP_NCCL"
   D=$(mktemp -d)
@@ -116,9 +121,15 @@ YAML
   check 60 "$BIN" train --config "$D/run.yaml" --run-dir "$D/single" 2>&1 | grep -E "step .*loss|error|caused" | tail -n 6
   check 60 "$BIN" launch --nproc-per-node 1 --master-port 29710 -- train --config "$D/run.yaml" --run-dir "$D/nccl1" 2>&1 \
     | grep -E "step .*loss|NCCL|error|caused" | tail -n 7
+  echo "# NCCL, overlapped reduction in buckets of 0.05 MB, vs single process"
+  check 60 "$BIN" launch --nproc-per-node 1 --master-port 29740 -- train --config "$D/run.yaml" \
+    --set dist.overlap=true --set dist.bucket_mb=0.05 --run-dir "$D/nccl1-overlap" 2>&1 | grep -E "step .*loss|error|caused" | tail -n 6
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     check 90 "$BIN" launch --nproc-per-node 2 --master-port 29720 -- train --config "$D/run.yaml" \
       --set train.batch_size=16 --run-dir "$D/nccl2" 2>&1 | grep -E "step .*loss|error|caused" | tail -n 6
+    check 90 "$BIN" launch --nproc-per-node 2 --master-port 29750 -- train --config "$D/run.yaml" \
+      --set train.batch_size=16 --set dist.overlap=true --set dist.bucket_mb=0.05 --run-dir "$D/nccl2-overlap" 2>&1 \
+      | grep -E "step .*loss|error|caused" | tail -n 6
   fi
   echo "$D" > "$OUT/nccl-dir.txt"
   # A rank that joins the rendezvous but never the communicator (scripts/silent_peer.py takes

@@ -12,8 +12,9 @@ fails: a check that did not run is not a pass):
   every loss asked for ran and is finite (the growing-N lines, which have no naive twin);
 - large: the whole-batch and every micro-batched ViT-B-32 step ran (a number for each batch
   size asked), with a finite throughput;
-- nccl: the one-rank NCCL run's logged losses equal the single-process CUDA run's, 1e-5
-  (and, where two GPUs ran, two ranks of 16 equal one of 32, 1e-4).
+- nccl: the one-rank NCCL run's logged losses equal the single-process CUDA run's, 1e-5,
+  with the default buckets and with many overlapped ones (dist.bucket_mb 0.05); and, where
+  two GPUs ran, two ranks of 16 equal one of 32, 1e-4, both ways.
 Commands that failed or timed out (OUT/failures.txt, written by gpu-check.sh) fail too.
 Exit 0 when everything holds, 1 otherwise, with one line per check either way.
 
@@ -122,12 +123,19 @@ def verdict(out, sections):
             same_steps = [a[0] for a in single] == [b[0] for b in nccl1]
             diff = max(abs(a[1] - b[1]) for a, b in zip(single, nccl1))
             check(same_steps and diff <= 1e-5, f"nccl: one-rank NCCL vs single process: same steps {same_steps}, max |loss difference| {diff:.2e} (at most 1e-5)")
+        overlap1 = losses(os.path.join(run_root, "nccl1-overlap"))
+        check(overlap1, f"nccl: the one-rank NCCL run overlapped in several buckets logged losses: {overlap1}")
+        if single and overlap1:
+            same_steps = [a[0] for a in single] == [b[0] for b in overlap1]
+            diff = max(abs(a[1] - b[1]) for a, b in zip(single, overlap1))
+            check(same_steps and diff <= 1e-5, f"nccl: one-rank NCCL overlapped in several buckets, vs single process: same steps {same_steps}, max |loss difference| {diff:.2e} (at most 1e-5)")
         # Only where the machine had two GPUs: 2 ranks x 16 samples = 1 x 32.
-        nccl2 = losses(os.path.join(run_root, "nccl2"))
-        if single and nccl2:
-            same_steps = [a[0] for a in single] == [b[0] for b in nccl2]
-            diff = max(abs(a[1] - b[1]) for a, b in zip(single, nccl2))
-            check(same_steps and diff <= 1e-4, f"nccl: two ranks x 16 vs one x 32: same steps {same_steps}, max |loss difference| {diff:.2e} (at most 1e-4)")
+        for name, what in (("nccl2", "two ranks x 16 vs one x 32"), ("nccl2-overlap", "two ranks x 16 overlapped in several buckets, vs one x 32")):
+            nccl2 = losses(os.path.join(run_root, name))
+            if single and nccl2:
+                same_steps = [a[0] for a in single] == [b[0] for b in nccl2]
+                diff = max(abs(a[1] - b[1]) for a, b in zip(single, nccl2))
+                check(same_steps and diff <= 1e-4, f"nccl: {what}: same steps {same_steps}, max |loss difference| {diff:.2e} (at most 1e-4)")
 
     return results
 
@@ -144,7 +152,7 @@ def main():
     return 1 if failed or not results else 0
 
 
-def write_outputs(out, bench_ratio=1.0, tiled_error=0.0, bf16_error=0.0, nccl_error=0.0, missing_large=None, failure=None):
+def write_outputs(out, bench_ratio=1.0, tiled_error=0.0, bf16_error=0.0, nccl_error=0.0, overlap_error=0.0, missing_large=None, failure=None):
     """What a gpu-check.sh run writes under `out`, synthetic: each argument spoils one check."""
     with open(os.path.join(out, "bench.txt"), "w") as f:
         for bs in (256, 128):
@@ -164,7 +172,7 @@ def write_outputs(out, bench_ratio=1.0, tiled_error=0.0, bf16_error=0.0, nccl_er
             if bs != missing_large:
                 f.write(json.dumps({"bench": "train", "batch_size": bs, "micro_batch_size": 256, "samples_per_second": 800.0}) + "\n")
     runs = os.path.join(out, "runs")
-    for name, shift in (("single", 0.0), ("nccl1", nccl_error)):
+    for name, shift in (("single", 0.0), ("nccl1", nccl_error), ("nccl1-overlap", overlap_error)):
         os.makedirs(os.path.join(runs, name), exist_ok=True)
         with open(os.path.join(runs, name, "results.jsonl"), "w") as f:
             for step in (5, 10, 15, 20):
@@ -184,6 +192,7 @@ def self_test():
         ({"tiled_error": 1e-3}, "tiled fp32"),
         ({"bf16_error": 5e-2}, "tiled bf16"),
         ({"nccl_error": 1e-3}, "one-rank NCCL vs single process"),
+        ({"overlap_error": 1e-3}, "overlapped in several buckets, vs single process"),
         ({"missing_large": 65536}, "batch 65536 in micro-batches"),
         ({"failure": "status 124: target/release/oxclip bench loss"}, "command failed: status 124"),
     ]

@@ -23,7 +23,15 @@
 //! summed over ranks, and cast back to fp32, half the bytes for a bf16 rounding of the sum.
 //!
 //! Overlap needs a group that a second thread may use ([`Collectives::as_sync`]); with one that
-//! cannot (NCCL today), or `dist.overlap: false`, every bucket is reduced after the backward pass.
+//! cannot, or `dist.overlap: false`, every bucket is reduced after the backward pass.
+//!
+//! When the backend launches and how it orders its device work are the backend's: the hook
+//! marks the point the bucket's flatten has reached ([`Collectives::ready_mark`]), the
+//! communication thread starts the sum after it ([`Collectives::all_reduce_start`]), and the
+//! step orders its copy back after each sum ([`Collectives::wait_for`]). On the `cpu` backend
+//! the sum blocks the communication thread and the marks are empty; under NCCL the sum is
+//! queued on a communication stream and the marks are CUDA events, so "waits for the tail"
+//! means the host queues the waits and the GPU does them.
 
 use std::ffi::c_void;
 use std::ops::Range;
@@ -33,7 +41,7 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use crate::collectives::Collectives;
+use crate::collectives::{Collectives, Mark};
 pub use crate::collectives::{ReduceConfig, ReduceDtype};
 use crate::error::{Result, TrainError};
 
@@ -116,17 +124,26 @@ impl GradSync {
     }
 
     fn reduce_overlapped(&self, comm: &(dyn Collectives + Sync), backward: impl FnOnce()) -> Result<Reduced> {
-        let (tx, rx) = mpsc::channel::<(usize, Tensor)>();
+        let (tx, rx) = mpsc::channel::<(usize, Tensor, Mark)>();
         let mut bucket_of = vec![0; self.params.len()];
         for (b, range) in self.buckets.iter().enumerate() {
             bucket_of[range.clone()].fill(b);
         }
         std::thread::scope(|scope| {
-            let communicator = scope.spawn(move || -> Result<Vec<(usize, Tensor)>> {
+            let communicator = scope.spawn(move || -> Result<Vec<(usize, Tensor, Mark)>> {
                 let mut done = Vec::new();
-                for (b, mut flat) in rx {
-                    comm.all_reduce_sum(&mut flat)?;
-                    done.push((b, flat));
+                for (b, mut flat, ready) in rx {
+                    match comm.all_reduce_start(&mut flat, ready) {
+                        Ok(mark) => done.push((b, flat, mark)),
+                        Err(e) => {
+                            // The flat buckets are about to be freed: the device may still be
+                            // reading those already started, so order compute after them first.
+                            for (_, _, mark) in done {
+                                let _ = comm.wait_for(mark);
+                            }
+                            return Err(e);
+                        }
+                    }
                 }
                 Ok(done)
             });
@@ -134,6 +151,7 @@ impl GradSync {
             // communication thread ends instead of keeping the scope waiting.
             let ctx = HookCtx {
                 sync: self,
+                comm,
                 state: Mutex::new(Launcher {
                     waiting: self.buckets.iter().map(|r| r.len()).collect(),
                     fired: vec![false; self.params.len()],
@@ -154,7 +172,7 @@ impl GradSync {
                 let launched = state.launched;
                 // What the backward pass left: the buckets not yet complete, in order.
                 while state.next < self.buckets.len() {
-                    state.launch_next(self);
+                    state.launch_next(self, comm);
                 }
                 state.tx = None; // ends the communication thread's loop
                 launched
@@ -166,10 +184,17 @@ impl GradSync {
                 return Err(e);
             }
             let done = done?;
-            for (b, flat) in &done {
-                self.unflatten(*b, flat)?;
+            let buckets = done.len();
+            // Each flat bucket lives until its sum is copied back. Under NCCL it was allocated
+            // by libtorch's caching allocator for the compute stream while the communication
+            // stream reads and writes it: freed earlier, the allocator could hand its memory
+            // to a compute kernel while the all-reduce still uses it. Dropped after the copy
+            // (queued on the compute stream after the wait), any reuse comes after the sum.
+            for (b, flat, mark) in done {
+                comm.wait_for(mark)?;
+                self.unflatten(b, &flat)?;
             }
-            Ok(Reduced { exposed_secs: started.elapsed().as_secs_f64(), buckets: done.len(), launched_in_backward })
+            Ok(Reduced { exposed_secs: started.elapsed().as_secs_f64(), buckets, launched_in_backward })
         })
     }
 
@@ -218,7 +243,7 @@ struct Launcher {
     bucket_of: Vec<usize>,
     /// The next bucket to launch; all before it are launched.
     next: usize,
-    tx: Option<mpsc::Sender<(usize, Tensor)>>,
+    tx: Option<mpsc::Sender<(usize, Tensor, Mark)>>,
     /// Buckets launched so far.
     launched: usize,
     /// The first error of a flatten in a hook, reported after the backward pass.
@@ -226,14 +251,15 @@ struct Launcher {
 }
 
 impl Launcher {
-    fn launch_next(&mut self, sync: &GradSync) {
+    fn launch_next(&mut self, sync: &GradSync, comm: &dyn Collectives) {
         let b = self.next;
         self.next += 1;
-        match sync.flatten(b) {
-            Ok(Some(flat)) => {
+        // The mark right after the flatten, on the thread that queued it.
+        match sync.flatten(b).and_then(|flat| flat.map(|f| comm.ready_mark().map(|m| (f, m))).transpose()) {
+            Ok(Some((flat, ready))) => {
                 // A closed channel: the communication thread failed; join reports why.
                 if let Some(tx) = &self.tx {
-                    let _ = tx.send((b, flat));
+                    let _ = tx.send((b, flat, ready));
                 }
                 self.launched += 1;
             }
@@ -244,14 +270,14 @@ impl Launcher {
         }
     }
 
-    fn grad_ready(&mut self, sync: &GradSync, index: usize) {
+    fn grad_ready(&mut self, sync: &GradSync, comm: &dyn Collectives, index: usize) {
         if index >= self.fired.len() || std::mem::replace(&mut self.fired[index], true) {
             return;
         }
         let b = self.bucket_of[index];
         self.waiting[b] -= 1;
         while self.next < self.waiting.len() && self.waiting[self.next] == 0 {
-            self.launch_next(sync);
+            self.launch_next(sync, comm);
         }
     }
 }
@@ -260,6 +286,7 @@ impl Launcher {
 /// the thread that owns them is inside `backward`, so nothing reads them concurrently.
 struct HookCtx<'a> {
     sync: &'a GradSync,
+    comm: &'a (dyn Collectives + Sync),
     state: Mutex<Launcher>,
 }
 
@@ -279,7 +306,7 @@ extern "C" fn grad_ready(ctx: *mut c_void, index: usize) {
     // SAFETY: `ctx` is the `HookCtx` `Hooks::arm` was given; the hooks are removed before it
     // is dropped. A panic must not unwind into libtorch's C++ frames.
     let ctx = unsafe { &*(ctx as *const HookCtx) };
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.lock().grad_ready(ctx.sync, index)));
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.lock().grad_ready(ctx.sync, ctx.comm, index)));
 }
 
 /// The hooks installed on every parameter, removed when dropped (also when the backward pass
@@ -339,6 +366,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let ctx = HookCtx {
             sync: &sync,
+            comm: &crate::collectives::SingleProcess,
             state: Mutex::new(Launcher { waiting: vec![1; 3], fired: vec![false; 3], bucket_of: vec![0, 1, 2], next: 0, tx: Some(tx), launched: 0, error: None }),
         };
         {
@@ -346,14 +374,14 @@ mod tests {
             // The last-registered parameter is bucket 0; its gradient alone launches it.
             (&params[2] * 2.0).sum(Kind::Float).backward();
             assert_eq!(ctx.lock().launched, 1);
-            let (b, flat) = rx.try_recv().unwrap();
+            let (b, flat, _) = rx.try_recv().unwrap();
             assert_eq!((b, Vec::<f32>::try_from(&flat).unwrap()), (0, vec![2.0; 3]));
             // The first-registered parameter (bucket 2) waits for bucket 1.
             (&params[0] * 3.0).sum(Kind::Float).backward();
             assert_eq!(ctx.lock().launched, 1);
             (&params[1] * 4.0).sum(Kind::Float).backward();
             assert_eq!(ctx.lock().launched, 3);
-            let order: Vec<usize> = rx.try_iter().map(|(b, _)| b).collect();
+            let order: Vec<usize> = rx.try_iter().map(|(b, _, _)| b).collect();
             assert_eq!(order, vec![1, 2]);
         }
         // Removed: another backward launches nothing.
@@ -365,6 +393,91 @@ mod tests {
         }
         (&params[2] * 4.0).sum(Kind::Float).backward();
         assert_eq!(ctx.lock().launched, 3);
+    }
+
+    /// A backend whose all-reduce, like NCCL's on its stream, is only queued by
+    /// `all_reduce_start` and done later: here in `wait_for` (the sum of two ranks holding the
+    /// same gradients, so a doubling), in the order the sums were started.
+    #[derive(Default)]
+    struct Deferred {
+        log: Mutex<Vec<String>>,
+        queued: Mutex<std::collections::VecDeque<Tensor>>,
+    }
+
+    impl Collectives for Deferred {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_gather(&self, _: &Tensor) -> Result<Tensor> {
+            Err(TrainError::Dist("not in this test".into()))
+        }
+        fn reduce_scatter(&self, _: &Tensor) -> Result<Tensor> {
+            Err(TrainError::Dist("not in this test".into()))
+        }
+        fn all_reduce_sum(&self, _: &mut Tensor) -> Result<()> {
+            Err(TrainError::Dist("the overlapped path starts sums, it does not block on them".into()))
+        }
+        fn broadcast(&self, _: &mut Tensor, _: usize) -> Result<()> {
+            Err(TrainError::Dist("not in this test".into()))
+        }
+        fn all_gather_bytes(&self, _: &[u8]) -> Result<Vec<Vec<u8>>> {
+            Err(TrainError::Dist("not in this test".into()))
+        }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+        fn as_sync(&self) -> Option<&(dyn Collectives + Sync)> {
+            Some(self)
+        }
+        fn ready_mark(&self) -> Result<Mark> {
+            self.log.lock().unwrap().push("ready".into());
+            Ok(Mark::none())
+        }
+        fn all_reduce_start(&self, tensor: &mut Tensor, _ready: Mark) -> Result<Mark> {
+            self.log.lock().unwrap().push(format!("start {}", tensor.numel()));
+            self.queued.lock().unwrap().push_back(tensor.shallow_clone());
+            Ok(Mark::none())
+        }
+        fn wait_for(&self, _done: Mark) -> Result<()> {
+            self.log.lock().unwrap().push("wait".into());
+            let mut t = self.queued.lock().unwrap().pop_front().expect("a wait for a sum never started");
+            let _ = t.g_mul_scalar_(2.0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn each_bucket_is_marked_before_its_sum_starts_and_copied_back_only_after_its_wait() {
+        let p = |n: i64| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let params = vec![p(3), p(4), p(5)];
+        for dtype in [ReduceDtype::Fp32, ReduceDtype::Bf16] {
+            let sync = GradSync::new(params.iter().map(Tensor::shallow_clone).collect(), ReduceConfig { overlap: true, bucket_mb: 1e-6, dtype }).unwrap();
+            let comm = Deferred::default();
+            let loss = || params.iter().enumerate().map(|(i, w)| (w * (i as f64 + 1.5)).sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b);
+            let reduced = sync.reduce(&comm, || loss().backward()).unwrap();
+            assert_eq!((reduced.buckets, reduced.launched_in_backward), (3, 3));
+            // Buckets in reverse registration order, each marked before its start; the waits
+            // all come after the starts (the host only queues them).
+            let log = comm.log.lock().unwrap().clone();
+            let starts: Vec<&str> = log.iter().filter(|l| l.starts_with("start")).map(String::as_str).collect();
+            assert_eq!(starts, ["start 5", "start 4", "start 3"], "{log:?}");
+            for (k, start) in starts.iter().enumerate() {
+                let at = log.iter().position(|l| l == start).unwrap();
+                assert!(log[..at].iter().filter(|l| *l == "ready").count() > k, "{log:?}");
+            }
+            assert_eq!(log.iter().filter(|l| *l == "wait").count(), 3, "{log:?}");
+            assert!(comm.queued.lock().unwrap().is_empty());
+            // Copied back after the sum was done: twice the local gradients, in either dtype
+            // (these values are exact in bf16).
+            for (i, w) in params.iter().enumerate() {
+                let mut g = w.grad();
+                assert_eq!(Vec::<f32>::try_from(&g).unwrap(), vec![2.0 * (i as f32 + 1.5); w.numel()], "{dtype:?} parameter {i}");
+                let _ = g.zero_();
+            }
+        }
     }
 
     /// A model of 8 layers whose backward pass takes [`LAYER_SECS`] per layer, the time

@@ -41,6 +41,35 @@ pub trait Collectives {
     fn as_sync(&self) -> Option<&(dyn Collectives + Sync)> {
         None
     }
+    /// Marks how far the calling thread's queued compute has got, right after it produced a
+    /// tensor that [`Collectives::all_reduce_start`] will read (on another thread). Backends
+    /// whose collectives block until done need no mark.
+    fn ready_mark(&self) -> Result<Mark> {
+        Ok(Mark::none())
+    }
+    /// Starts summing `tensor` over ranks in place, once the work behind `ready` is done, and
+    /// returns where the sum is done, for [`Collectives::wait_for`]. `tensor` must stay alive
+    /// and untouched until the caller has waited for that mark. By default the blocking sum.
+    fn all_reduce_start(&self, tensor: &mut Tensor, _ready: Mark) -> Result<Mark> {
+        self.all_reduce_sum(tensor)?;
+        Ok(Mark::none())
+    }
+    /// Orders the calling thread's later compute after `done` (from
+    /// [`Collectives::all_reduce_start`]); the host does not wait for it.
+    fn wait_for(&self, _done: Mark) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A point in a backend's device work: under NCCL a recorded CUDA event (destroyed when the
+/// mark is dropped); none where collectives block until done.
+#[derive(Debug)]
+pub struct Mark(Option<nccl::Event>);
+
+impl Mark {
+    pub fn none() -> Self {
+        Mark(None)
+    }
 }
 
 /// A world of one process: every collective is the identity.

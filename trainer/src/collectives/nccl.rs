@@ -1,5 +1,7 @@
 //! The `nccl` backend: CUDA tensors reduced and gathered by NCCL, on the legacy default
-//! stream that libtorch computes on, so no extra synchronisation is needed.
+//! stream that libtorch computes on, so no extra synchronisation is needed; except the
+//! overlapped gradient reduction ([`Collectives::all_reduce_start`]), which runs on a
+//! communication stream of its own, ordered against the default stream by events.
 //!
 //! NCCL is opened at run time, so the binary builds and runs where there is none. The types
 //! are cudarc's; the functions are looked up here rather than through cudarc's loader, which
@@ -53,8 +55,15 @@ type CudaEventCreateWithFlags = unsafe extern "C" fn(*mut CudaEvent, u32) -> c_i
 type CudaEventRecord = unsafe extern "C" fn(CudaEvent, cudaStream_t) -> c_int;
 type CudaEventQuery = unsafe extern "C" fn(CudaEvent) -> c_int;
 type CudaEventDestroy = unsafe extern "C" fn(CudaEvent) -> c_int;
-/// `cudaEventDisableTiming`: events only to ask "done yet?".
+type CudaStreamCreateWithFlags = unsafe extern "C" fn(*mut cudaStream_t, u32) -> c_int;
+type CudaStreamWaitEvent = unsafe extern "C" fn(cudaStream_t, CudaEvent, u32) -> c_int;
+type CudaStreamDestroy = unsafe extern "C" fn(cudaStream_t) -> c_int;
+/// `cudaEventDisableTiming`: events only to ask "done yet?" and to order streams.
 const EVENT_DISABLE_TIMING: u32 = 2;
+/// `cudaStreamNonBlocking`: a stream that does not synchronise with the legacy default
+/// stream. A blocking stream would wait for, and be waited for by, every kernel libtorch
+/// queues on the default stream, serialising communication with compute again.
+const STREAM_NON_BLOCKING: u32 = 1;
 
 /// `ncclConfig_t` as NCCL 2.18 lays it out (nccl.h). NCCL copies only the first `size` bytes
 /// over its own `NCCL_CONFIG_INITIALIZER` defaults and ignores what its `version` predates,
@@ -115,6 +124,9 @@ struct Nccl {
     event_record: CudaEventRecord,
     event_query: CudaEventQuery,
     event_destroy: CudaEventDestroy,
+    stream_create: CudaStreamCreateWithFlags,
+    stream_wait_event: CudaStreamWaitEvent,
+    stream_destroy: CudaStreamDestroy,
     _cudart: libloading::Library,
 }
 
@@ -225,6 +237,9 @@ impl Nccl {
                 event_record: sym!(cudart, "cudaEventRecord"),
                 event_query: sym!(cudart, "cudaEventQuery"),
                 event_destroy: sym!(cudart, "cudaEventDestroy"),
+                stream_create: sym!(cudart, "cudaStreamCreateWithFlags"),
+                stream_wait_event: sym!(cudart, "cudaStreamWaitEvent"),
+                stream_destroy: sym!(cudart, "cudaStreamDestroy"),
                 _lib: lib,
                 _cudart: cudart,
             })
@@ -250,19 +265,48 @@ impl Nccl {
     }
 }
 
+/// A recorded CUDA event, destroyed when dropped: CUDA releases it once the device has
+/// passed it, so dropping it right after a stream was told to wait for it is fine (the wait
+/// keeps the point it was given).
+#[derive(Debug)]
+pub struct Event(CudaEvent);
+
+// SAFETY: a cudaEvent_t may be recorded, waited for and destroyed from any thread; this one
+// is only passed back to such calls, by one owner at a time.
+unsafe impl Send for Event {}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // An Event exists only once NCCL (with cudart) was loaded, so this finds it.
+        if let Ok(nccl) = Nccl::get() {
+            // SAFETY: created by cudaEventCreateWithFlags, destroyed once, here.
+            unsafe {
+                (nccl.event_destroy)(self.0);
+            }
+        }
+    }
+}
+
 /// Ranks joined by an NCCL communicator, one GPU each.
 pub struct NcclGroup {
     nccl: &'static Nccl,
     comm: ncclComm_t,
     device: Device,
+    cuda_index: c_int,
+    /// The communication stream the overlapped gradient reduction runs on (non-blocking,
+    /// created once); every other collective stays on the default stream.
+    stream: cudaStream_t,
     rank: usize,
     world_size: usize,
     /// Rendezvous, byte gathers and barriers.
     bootstrap: TcpGroup,
     watchdog: Arc<Watchdog>,
     watchdog_thread: Option<std::thread::JoinHandle<()>>,
-    /// The NCCL collectives made so far, compared across ranks at every host exchange.
-    trace: std::cell::Cell<Trace>,
+    /// The NCCL collectives made so far, compared across ranks at every host exchange. Behind
+    /// a lock because the gradient reducer's communication thread issues collectives too
+    /// (only it, in bucket order, while the backward pass runs: the order stays the same on
+    /// every rank).
+    trace: Mutex<Trace>,
     timeout: Duration,
 }
 
@@ -679,6 +723,13 @@ impl NcclGroup {
         }
         let comm = create_comm(nccl, world, id, cuda_index, deadline, timeout)?;
         tracing::info!("rank {} of {}: NCCL communicator on cuda:{index}", world.rank, world.world_size);
+        let mut stream: cudaStream_t = std::ptr::null_mut();
+        // SAFETY: creates a stream on the device set just above.
+        let status = unsafe { (nccl.stream_create)(&mut stream, STREAM_NON_BLOCKING) };
+        if status != 0 {
+            abort_within(nccl, comm, ABORT_WAIT);
+            return Err(dist_err(format!("cudaStreamCreateWithFlags on cuda:{index} failed with CUDA error {status}")));
+        }
         let watchdog = Arc::new(Watchdog { pending: Mutex::new(VecDeque::new()), failed: Mutex::new(None), stop: AtomicBool::new(false) });
         let (state, comm_ptr) = (Arc::clone(&watchdog), SendPtr(comm as *mut c_void));
         let watchdog_thread = std::thread::Builder::new()
@@ -689,12 +740,14 @@ impl NcclGroup {
             nccl,
             comm,
             device,
+            cuda_index,
+            stream,
             rank: world.rank,
             world_size: world.world_size,
             bootstrap,
             watchdog,
             watchdog_thread: Some(watchdog_thread),
-            trace: std::cell::Cell::new(Trace::default()),
+            trace: Mutex::new(Trace::default()),
             timeout,
         })
     }
@@ -707,11 +760,57 @@ impl NcclGroup {
         }
     }
 
-    /// Runs one NCCL call, then hands the watchdog an event that completes with it.
-    fn collective(&self, op: CollOp, kind: Kind, elements: usize, call: impl FnOnce() -> ncclResult_t) -> Result<()> {
+    /// The collectives made so far. A poisoned lock still holds the last complete trace.
+    fn trace(&self) -> std::sync::MutexGuard<'_, Trace> {
+        self.trace.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Creates an event and records it on `stream`, after everything queued there so far.
+    fn record(&self, stream: cudaStream_t, what: &str) -> Result<Event> {
+        let mut event: CudaEvent = std::ptr::null_mut();
+        // SAFETY: creates an event and records it on a live stream of this rank's device.
+        let created = unsafe { (self.nccl.event_create)(&mut event, EVENT_DISABLE_TIMING) };
+        if created != 0 {
+            return Err(dist_err(format!("CUDA error {created} creating an event for {what}")));
+        }
+        let event = Event(event);
+        // SAFETY: as above.
+        let status = unsafe { (self.nccl.event_record)(event.0, stream) };
+        if status != 0 {
+            return Err(dist_err(format!("CUDA error {status} recording an event for {what}")));
+        }
+        Ok(event)
+    }
+
+    /// Makes `stream` wait (on the device, not the host) until `event` has passed.
+    fn stream_wait(&self, stream: cudaStream_t, event: &Event, what: &str) -> Result<()> {
+        // SAFETY: both are live handles of this rank's device.
+        let status = unsafe { (self.nccl.stream_wait_event)(stream, event.0, 0) };
+        if status != 0 {
+            return Err(dist_err(format!("CUDA error {status} ordering streams around {what}")));
+        }
+        Ok(())
+    }
+
+    /// Selects this rank's device on the calling thread (CUDA's current device is per thread).
+    fn set_device(&self) -> Result<()> {
+        // SAFETY: cudaSetDevice takes a device ordinal.
+        let status = unsafe { (self.nccl.cuda_set_device)(self.cuda_index) };
+        if status != 0 {
+            return Err(dist_err(format!("cudaSetDevice({}) failed with CUDA error {status}", self.cuda_index)));
+        }
+        Ok(())
+    }
+
+    /// Runs one NCCL call, queued on `stream`, then hands the watchdog an event recorded on
+    /// `stream` after it.
+    fn collective(&self, stream: cudaStream_t, op: CollOp, kind: Kind, elements: usize, call: impl FnOnce() -> ncclResult_t) -> Result<()> {
         self.healthy()?;
-        let trace = self.trace.get().then(Call { op: op as u8, dtype: kind_code(kind), elements: elements as u64 });
-        self.trace.set(trace);
+        let trace = {
+            let mut trace = self.trace();
+            *trace = trace.then(Call { op: op as u8, dtype: kind_code(kind), elements: elements as u64 });
+            *trace
+        };
         let what = format!("{} #{} ({})", op.name(), trace.count, trace.last.describe_values());
         let queued = call();
         if queued == ncclResult_t::ncclInProgress {
@@ -719,21 +818,11 @@ impl NcclGroup {
         } else {
             self.nccl.check(&what, queued)?;
         }
-        let mut event: CudaEvent = std::ptr::null_mut();
-        // SAFETY: creates and records an event on the stream the collective was queued on.
-        let status = unsafe {
-            let created = (self.nccl.event_create)(&mut event, EVENT_DISABLE_TIMING);
-            if created == 0 {
-                (self.nccl.event_record)(event, Self::null_stream())
-            } else {
-                created
-            }
-        };
-        if status != 0 {
-            return Err(dist_err(format!("CUDA error {status} recording the end of {what}")));
-        }
+        let event = self.record(stream, &what)?;
+        // The watchdog destroys it once it has seen it complete.
+        let event = std::mem::ManuallyDrop::new(event);
         if let Ok(mut pending) = self.watchdog.pending.lock() {
-            pending.push_back((Instant::now(), what, SendPtr(event)));
+            pending.push_back((Instant::now(), what, SendPtr(event.0)));
         }
         Ok(())
     }
@@ -766,7 +855,8 @@ impl NcclGroup {
     /// rank's [`Trace`] riding along, compared before anything is returned.
     fn host_exchange(&self, host: HostOp, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.healthy()?;
-        traced_exchange(&self.bootstrap, self.trace.get(), host, bytes)
+        let trace = *self.trace();
+        traced_exchange(&self.bootstrap, trace, host, bytes)
     }
 
     /// The tensor as NCCL sees it: contiguous, on this rank's GPU, of a type NCCL reduces.
@@ -803,13 +893,24 @@ impl Drop for NcclGroup {
         }
         // An aborted communicator is already gone.
         if self.healthy().is_ok() {
-            // SAFETY: the communicator was created by ncclCommInitRank and is destroyed once.
+            // SAFETY: the communicator was created by ncclCommInitRank and is destroyed once;
+            // the stream was created in `connect` and is destroyed once (CUDA lets the work
+            // queued on it finish first).
             unsafe {
                 (self.nccl.comm_destroy)(self.comm);
+                (self.nccl.stream_destroy)(self.stream);
             }
         }
     }
 }
+
+// SAFETY: what makes the group !Sync is the communicator and stream handles. An NCCL
+// communicator must not be used by two threads at once; `as_sync`'s contract gives it one
+// thread at a time (during the backward pass only the gradient reducer's communication
+// thread issues collectives, and the owner issues none until it has joined that thread).
+// `ready_mark` and `wait_for` touch only events and the default stream, which CUDA allows
+// from any thread. The trace is behind a lock, the watchdog's state behind its own.
+unsafe impl Sync for NcclGroup {}
 
 impl Collectives for NcclGroup {
     fn rank(&self) -> usize {
@@ -830,7 +931,7 @@ impl Collectives for NcclGroup {
         let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
         // SAFETY: both buffers are contiguous CUDA memory on this rank's device, the output
         // world_size times the input's element count.
-        self.collective(CollOp::AllGather, input.kind(), input.numel(), || unsafe {
+        self.collective(Self::null_stream(), CollOp::AllGather, input.kind(), input.numel(), || unsafe {
             (self.nccl.all_gather)(input.data_ptr(), output.data_ptr(), input.numel(), dtype, self.comm, Self::null_stream())
         })?;
         Ok(output)
@@ -845,7 +946,7 @@ impl Collectives for NcclGroup {
         shape[0] /= self.world_size as i64;
         let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
         // SAFETY: contiguous CUDA buffers; the output holds 1/world_size of the input.
-        self.collective(CollOp::ReduceScatter, input.kind(), input.numel(), || unsafe {
+        self.collective(Self::null_stream(), CollOp::ReduceScatter, input.kind(), input.numel(), || unsafe {
             (self.nccl.reduce_scatter)(
                 input.data_ptr(),
                 output.data_ptr(),
@@ -862,7 +963,7 @@ impl Collectives for NcclGroup {
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
         let (buffer, dtype) = self.prepared(tensor)?;
         // SAFETY: in place on a contiguous CUDA buffer.
-        self.collective(CollOp::AllReduce, buffer.kind(), buffer.numel(), || unsafe {
+        self.collective(Self::null_stream(), CollOp::AllReduce, buffer.kind(), buffer.numel(), || unsafe {
             (self.nccl.all_reduce)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, ncclRedOp_t::ncclSum, self.comm, Self::null_stream())
         })?;
         if buffer.data_ptr() != tensor.data_ptr() {
@@ -874,7 +975,7 @@ impl Collectives for NcclGroup {
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
         let (buffer, dtype) = self.prepared(tensor)?;
         // SAFETY: in place on a contiguous CUDA buffer.
-        self.collective(CollOp::Broadcast, buffer.kind(), buffer.numel(), || unsafe {
+        self.collective(Self::null_stream(), CollOp::Broadcast, buffer.kind(), buffer.numel(), || unsafe {
             (self.nccl.broadcast)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, root as c_int, self.comm, Self::null_stream())
         })?;
         if buffer.data_ptr() != tensor.data_ptr() {
@@ -885,6 +986,62 @@ impl Collectives for NcclGroup {
 
     fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.host_exchange(HostOp::Bytes, bytes)
+    }
+
+    fn as_sync(&self) -> Option<&(dyn Collectives + Sync)> {
+        Some(self)
+    }
+
+    /// Called in the gradient hook, on libtorch's autograd thread for this device, right
+    /// after the bucket was flattened (and cast to bf16) there. That thread queues its work on
+    /// the default stream: the autograd engine runs each backward op on the stream its forward
+    /// op ran on, and oxclip never sets a stream, so every forward op, the hook's cat and cast
+    /// included, ran on the legacy default stream. An event recorded there now therefore
+    /// passes once the flat bucket is written.
+    fn ready_mark(&self) -> Result<super::Mark> {
+        self.healthy()?;
+        self.set_device()?;
+        Ok(super::Mark(Some(self.record(Self::null_stream(), "a gradient bucket's flatten")?)))
+    }
+
+    /// On the communication thread: the communication stream waits (on the device) for
+    /// `ready`, the all-reduce is queued on it, and the returned mark is an event after it.
+    /// The compute stream goes on meanwhile: the backward pass and the all-reduce overlap.
+    /// NCCL needs a communicator's collectives to run in the same order on every rank, on the
+    /// device too (two in flight at once on two streams could each wait for the other's
+    /// peers): they do. This one waits for an event recorded after every collective the step
+    /// queued on the default stream before the backward pass; the communication stream runs
+    /// the buckets one after the other; and the default stream waits for every bucket's done
+    /// event before the next step's collectives.
+    fn all_reduce_start(&self, tensor: &mut Tensor, ready: super::Mark) -> Result<super::Mark> {
+        self.set_device()?;
+        let (buffer, dtype) = self.prepared(tensor)?;
+        if buffer.data_ptr() != tensor.data_ptr() {
+            // `contiguous` would have copied on this thread's default stream, unordered with
+            // the communication stream; the reducer's buckets are flat and never need it.
+            return Err(dist_err("all_reduce_start needs a contiguous tensor (a flat gradient bucket)".into()));
+        }
+        if let Some(event) = &ready.0 {
+            self.stream_wait(self.stream, event, "a gradient bucket's all-reduce")?;
+        }
+        // SAFETY: in place on a contiguous CUDA buffer that the caller keeps alive until it
+        // has waited for the returned mark.
+        self.collective(self.stream, CollOp::AllReduce, buffer.kind(), buffer.numel(), || unsafe {
+            (self.nccl.all_reduce)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, ncclRedOp_t::ncclSum, self.comm, self.stream)
+        })?;
+        Ok(super::Mark(Some(self.record(self.stream, "a gradient bucket's all-reduce")?)))
+    }
+
+    /// The default stream (compute) waits for the all-reduce's event; the host does not.
+    fn wait_for(&self, done: super::Mark) -> Result<()> {
+        self.healthy()?;
+        match &done.0 {
+            Some(event) => {
+                self.set_device()?;
+                self.stream_wait(Self::null_stream(), event, "the end of a gradient bucket's all-reduce")
+            }
+            None => Ok(()),
+        }
     }
 
     fn barrier(&self) -> Result<()> {
