@@ -152,6 +152,41 @@ fn a_suite_is_every_set_and_their_average() {
     fails_saying(&out, &["suite.txt, line 1", "name=spec"]);
 }
 
+/// `oxclip launch --nproc-per-node 2 -- eval --suite`: each rank embeds its share of every set
+/// and rank 0 alone prints the numbers of the whole sets, the single process's up to a flipped
+/// prediction (another batch split rounds the features differently).
+#[test]
+fn a_suite_over_two_ranks_scores_the_whole_sets_once() {
+    let suite = |cmd: &mut std::process::Command| {
+        cmd.args(["eval", "--json", "--device", "cpu", "--batch-size", "16", "--checkpoint"]).arg(fixture().join("model")).arg("--suite").arg(fixture());
+    };
+    let mut single = oxclip();
+    suite(&mut single);
+    let single: serde_json::Value = serde_json::from_slice(&run_ok(&mut single).stdout).expect("json");
+    let mut launched = oxclip();
+    launched.args(["launch", "--nproc-per-node", "2", "--master-port", &free_port().to_string(), "--"]);
+    suite(&mut launched);
+    let out = run_ok(&mut launched);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let printed: Vec<&str> = stdout.lines().filter(|l| l.contains("\"datasets\"")).collect();
+    assert_eq!(printed.len(), 1, "one rank prints the result:\n{stdout}");
+    assert!(printed[0].starts_with("[rank 0] "), "{stdout}");
+    let two: serde_json::Value = serde_json::from_str(printed[0].trim_start_matches("[rank 0] ")).expect("json");
+    let (a, b) = (&single["datasets"]["digits"]["zero_shot"], &two["datasets"]["digits"]["zero_shot"]);
+    assert_eq!(a["samples"], b["samples"], "every image once: {two}");
+    let flip = 1.0 / a["samples"].as_f64().expect("samples") + 1e-9;
+    for key in ["top1", "top5", "mean_per_class_recall"] {
+        let (x, y) = (a[key].as_f64().expect("number"), b[key].as_f64().expect("number"));
+        assert!((x - y).abs() <= 2.0 * flip, "{key}: 1 rank {x}, 2 ranks {y}");
+    }
+    let (a, b) = (&single["datasets"]["digits_retrieval"]["retrieval"], &two["datasets"]["digits_retrieval"]["retrieval"]);
+    assert_eq!(a["pairs"], b["pairs"], "{two}");
+    for key in ["image_retrieval_recall@1", "text_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@5"] {
+        let (x, y) = (a[key].as_f64().expect("number"), b[key].as_f64().expect("number"));
+        assert!((x - y).abs() <= 0.03, "{key}: 1 rank {x}, 2 ranks {y}");
+    }
+}
+
 /// `eval.datasets` with two sets (classification and retrieval) on a 2-step run evaluated
 /// every step: both logged under `val/<name>-...` at each eval step and written to
 /// `RUN/eval/<step>.json`.

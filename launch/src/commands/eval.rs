@@ -10,7 +10,7 @@ use clap::Args;
 use oxclip_data_loader::{DataSource, DataSpec, Tokenizer};
 use oxclip_trainer::eval::{self, benchmark, EvalResult};
 use oxclip_trainer::train::read_templates;
-use oxclip_trainer::collectives::SingleProcess;
+use oxclip_trainer::collectives::{self, Collectives, DistSettings, SingleProcess};
 use oxclip_trainer::model::Clip;
 
 use super::embed::ModelArgs;
@@ -54,9 +54,10 @@ pub struct EvalArgs {
     pub workers: usize,
 }
 
-pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
+    let ranks = Ranks::join(&mut args.model.device)?;
     if let Some(suite) = &args.suite {
-        return run_suite(&args, suite);
+        return run_suite(&args, suite, &ranks);
     }
     let (spec_text, retrieval) = match (&args.zero_shot, &args.retrieval) {
         (Some(data), None) => (data.clone(), false),
@@ -65,7 +66,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     let templates = args.templates.as_deref().map(|t| read_templates(Some(t))).transpose()?;
     if let Some(set) = benchmark::resolve(&spec_text, templates)? {
-        return run_benchmark(&args, &spec_text, &set);
+        return run_benchmark(&args, &spec_text, &set, &ranks);
     }
     // clap lets a `requires` pass when the required flag conflicts with one given.
     if retrieval && (args.classnames.is_some() || args.templates.is_some()) {
@@ -96,19 +97,20 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         Some((names, templates)) => Some(eval::zero_shot_classifier(&model, &tokenizer, names, templates, device)?),
         None => None,
     };
-    let mut loader = eval::eval_loader_with(&source, tokenizer, &opened.config, &opened.preprocess, args.batch_size, args.workers, &SingleProcess)?;
-    let bar = super::progress_bar("eval", "samples");
-    bar.set_length(source.len());
-    let result = eval::evaluate_with_progress(&model, &mut loader, classifier.as_ref(), retrieval, device, &SingleProcess, &mut |n| bar.inc(n))
+    let mut loader = eval::eval_loader_with(&source, tokenizer, &opened.config, &opened.preprocess, args.batch_size, args.workers, ranks.comm())?;
+    let bar = ranks.progress_bar(source.len());
+    let result = eval::evaluate_with_progress(&model, &mut loader, classifier.as_ref(), retrieval, device, ranks.comm(), &mut |n| bar.inc(n))
         .with_context(|| format!("evaluating {spec_text}"))?;
     bar.finish_and_clear();
-    print_result(&result, args.json);
+    if ranks.prints() {
+        print_result(&result, args.json);
+    }
     Ok(())
 }
 
 /// ImageNet-1k or a clip_benchmark directory: what the set holds decides the task, whichever
 /// of --zero-shot and --retrieval named it.
-fn run_benchmark(args: &EvalArgs, spec_text: &str, set: &benchmark::Benchmark) -> anyhow::Result<()> {
+fn run_benchmark(args: &EvalArgs, spec_text: &str, set: &benchmark::Benchmark, ranks: &Ranks) -> anyhow::Result<()> {
     if args.classnames.is_some() {
         bail!("{spec_text} names its own classes (classnames.txt, or the built-in ImageNet-1k list); leave out --classnames");
     }
@@ -116,8 +118,10 @@ fn run_benchmark(args: &EvalArgs, spec_text: &str, set: &benchmark::Benchmark) -
     let opened = args.model.open(true)?;
     let tokenizer = opened.text_tokenizer()?;
     let (_vs, model) = opened.load()?;
-    let result = evaluate_benchmark(args, &opened, &model, &tokenizer, set, &source, "eval").with_context(|| format!("evaluating {spec_text}"))?;
-    print_result(&result, args.json);
+    let result = evaluate_benchmark(args, &opened, &model, &tokenizer, set, &source, "eval", ranks).with_context(|| format!("evaluating {spec_text}"))?;
+    if ranks.prints() {
+        print_result(&result, args.json);
+    }
     Ok(())
 }
 
@@ -130,20 +134,20 @@ fn evaluate_benchmark(
     set: &benchmark::Benchmark,
     source: &DataSource,
     label: &str,
+    ranks: &Ranks,
 ) -> anyhow::Result<EvalResult> {
     let device = opened.device;
-    let mut loader = eval::eval_loader_with(source, tokenizer.clone(), &opened.config, &opened.preprocess, args.batch_size, args.workers, &SingleProcess)?;
-    let bar = super::progress_bar("eval", "samples");
+    let mut loader = eval::eval_loader_with(source, tokenizer.clone(), &opened.config, &opened.preprocess, args.batch_size, args.workers, ranks.comm())?;
+    let bar = ranks.progress_bar(source.len());
     bar.set_message(label.to_owned());
-    bar.set_length(source.len());
     let result = match &set.task {
         benchmark::Task::Classification { classnames, templates } => {
             let classifier = eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?;
-            eval::evaluate_with_progress(model, &mut loader, Some(&classifier), false, device, &SingleProcess, &mut |n| bar.inc(n))?
+            eval::evaluate_with_progress(model, &mut loader, Some(&classifier), false, device, ranks.comm(), &mut |n| bar.inc(n))?
         }
         benchmark::Task::Retrieval => EvalResult {
             zero_shot: None,
-            retrieval: Some(eval::evaluate_multi_caption(model, &mut loader, tokenizer, device, &SingleProcess, &mut |n| bar.inc(n))?),
+            retrieval: Some(eval::evaluate_multi_caption(model, &mut loader, tokenizer, device, ranks.comm(), &mut |n| bar.inc(n))?),
         },
     };
     bar.finish_and_clear();
@@ -195,7 +199,7 @@ fn main_metric(result: &EvalResult) -> Option<(&'static str, f64)> {
 
 /// Every set of the suite, checked before the model is loaded, then evaluated one after
 /// the other; a table (or `--json`) with the suite average of the main metrics.
-fn run_suite(args: &EvalArgs, suite: &Path) -> anyhow::Result<()> {
+fn run_suite(args: &EvalArgs, suite: &Path, ranks: &Ranks) -> anyhow::Result<()> {
     let templates = args.templates.as_deref().map(|t| read_templates(Some(t))).transpose()?;
     let mut sets = Vec::new();
     for (name, spec) in suite_entries(suite)? {
@@ -210,8 +214,11 @@ fn run_suite(args: &EvalArgs, suite: &Path) -> anyhow::Result<()> {
     let (_vs, model) = opened.load()?;
     let mut rows = Vec::new();
     for (name, set, source) in &sets {
-        let result = evaluate_benchmark(args, &opened, &model, &tokenizer, set, source, name).with_context(|| format!("evaluating `{name}`"))?;
+        let result = evaluate_benchmark(args, &opened, &model, &tokenizer, set, source, name, ranks).with_context(|| format!("evaluating `{name}`"))?;
         rows.push((name.clone(), result));
+    }
+    if !ranks.prints() {
+        return Ok(());
     }
     let mains: Vec<f64> = rows.iter().filter_map(|(_, r)| main_metric(r).map(|(_, v)| v)).collect();
     let average = mains.iter().sum::<f64>() / mains.len().max(1) as f64;
@@ -285,5 +292,45 @@ fn print_result(result: &EvalResult, json: bool) {
         for (name, value) in &r.metrics {
             println!("  {name:28} {value:.4}");
         }
+    }
+}
+
+/// The processes an evaluation is spread over: the ranks a launcher started (`oxclip launch`,
+/// torchrun, srun), each embedding its share of every set, the counts and features summed or
+/// gathered over them; or a single process. Rank 0 prints and shows progress.
+struct Ranks {
+    comm: Box<dyn Collectives>,
+}
+
+impl Ranks {
+    /// Joins the world the environment describes, and sets `device` to this rank's (`cuda`
+    /// means `cuda:LOCAL_RANK`, as for training).
+    fn join(device: &mut String) -> anyhow::Result<Ranks> {
+        let Some(world) = crate::dist::world_from_env()? else { return Ok(Ranks { comm: Box::new(SingleProcess) }) };
+        let cuda_count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let placement = oxclip_trainer::device::Placement { rank: world.rank, local_rank: world.local_rank, local_world_size: world.local_world_size };
+        let rank_device = oxclip_trainer::device::for_rank(device, Some(&placement), cuda_count, visible.as_deref())?;
+        *device = oxclip_trainer::device::name(rank_device);
+        let settings = DistSettings { world: Some(world), ..DistSettings::default() };
+        Ok(Ranks { comm: collectives::connect(&settings, rank_device)? })
+    }
+
+    fn comm(&self) -> &dyn Collectives {
+        self.comm.as_ref()
+    }
+
+    fn prints(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    /// A bar over this rank's share of `samples`; hidden off rank 0.
+    fn progress_bar(&self, samples: u64) -> indicatif::ProgressBar {
+        if !self.prints() {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = super::progress_bar("eval", "samples");
+        bar.set_length(samples.div_ceil(self.comm.world_size() as u64));
+        bar
     }
 }
