@@ -162,19 +162,27 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         if run.val_task.is_some() && (last || every(step, job.train.eval_every)) {
             outcome.zero_shot = evaluate(&mut run)?.or(outcome.zero_shot);
         }
-        // Every step, so that all ranks stop after the same one whichever was signalled.
-        let signalled = if last { Vec::new() } else { crate::preempt::agree(run.comm.as_ref())? };
-        if !signalled.is_empty() {
-            let who = crate::preempt::describe(&signalled);
-            tracing::warn!("preempted after step {step} of {steps} ({who}): checkpointing, then stopping");
-            if !saved {
-                outcome.last_checkpoint = save_checkpoint(&mut run)?.or(outcome.last_checkpoint);
-            }
-            outcome.preempted = Some(who);
+        if !last && stop_for_preemption(&mut run, saved, &mut outcome)? {
             break;
         }
     }
     finish(run, outcome)
+}
+
+/// Whether any rank was signalled to stop; if so, every rank checkpoints this step (unless it
+/// just did). Asked every step, so that all ranks stop after the same one whichever was signalled.
+fn stop_for_preemption(run: &mut Run, saved: bool, outcome: &mut Outcome) -> Result<bool> {
+    let signalled = crate::preempt::agree(run.comm.as_ref())?;
+    if signalled.is_empty() {
+        return Ok(false);
+    }
+    let who = crate::preempt::describe(&signalled);
+    tracing::warn!("preempted after step {} of {} ({who}): checkpointing, then stopping", run.state.step, run.job.train.steps);
+    if !saved {
+        outcome.last_checkpoint = save_checkpoint(run)?.or(outcome.last_checkpoint.take());
+    }
+    outcome.preempted = Some(who);
+    Ok(true)
 }
 
 /// `step` is a multiple of `n` (never, for 0).
