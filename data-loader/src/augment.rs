@@ -49,7 +49,8 @@ struct Unchecked {
 
 impl Default for Unchecked {
     fn default() -> Self {
-        let Augment { scale, ratio, color_jitter, color_jitter_prob, gray_scale_prob } = Augment::default();
+        let Augment { scale, ratio, color_jitter, color_jitter_prob, gray_scale_prob } =
+            Augment::default();
         Self { scale, ratio, color_jitter, color_jitter_prob, gray_scale_prob }
     }
 }
@@ -72,7 +73,13 @@ impl TryFrom<Unchecked> for Augment {
 
 impl Default for Augment {
     fn default() -> Self {
-        Self { scale: [0.9, 1.0], ratio: [3.0 / 4.0, 4.0 / 3.0], color_jitter: None, color_jitter_prob: None, gray_scale_prob: 0.0 }
+        Self {
+            scale: [0.9, 1.0],
+            ratio: [3.0 / 4.0, 4.0 / 3.0],
+            color_jitter: None,
+            color_jitter_prob: None,
+            gray_scale_prob: 0.0,
+        }
     }
 }
 
@@ -97,11 +104,17 @@ impl Augment {
     pub fn validate(&self) -> Result<(), String> {
         let [lo, hi] = self.scale;
         if !(lo > 0.0 && hi <= 1.0 && lo <= hi) {
-            return Err(format!("data.augment.scale must be [min, max] with 0 < min <= max <= 1, got {:?}", self.scale));
+            return Err(format!(
+                "data.augment.scale must be [min, max] with 0 < min <= max <= 1, got {:?}",
+                self.scale
+            ));
         }
         let [lo, hi] = self.ratio;
         if !(lo > 0.0 && hi.is_finite() && lo <= hi) {
-            return Err(format!("data.augment.ratio must be [min, max] with 0 < min <= max, got {:?}", self.ratio));
+            return Err(format!(
+                "data.augment.ratio must be [min, max] with 0 < min <= max, got {:?}",
+                self.ratio
+            ));
         }
         let probability = |key: &str, p: f64| {
             if (0.0..=1.0).contains(&p) {
@@ -193,7 +206,9 @@ impl ColorJitter {
     pub fn draw(&self, rng: &mut impl Rng) -> Vec<Adjust> {
         let mut order = [0, 1, 2, 3];
         order.shuffle(rng);
-        let around_one = |v: f64, rng: &mut dyn rand::RngCore| (v > 0.0).then(|| uniform(rng, (1.0 - v).max(0.0), 1.0 + v));
+        let around_one = |v: f64, rng: &mut dyn rand::RngCore| {
+            (v > 0.0).then(|| uniform(rng, (1.0 - v).max(0.0), 1.0 + v))
+        };
         let b = around_one(self.brightness, rng);
         let c = around_one(self.contrast, rng);
         let s = around_one(self.saturation, rng);
@@ -220,7 +235,8 @@ fn uniform(rng: &mut dyn rand::RngCore, lo: f64, hi: f64) -> f64 {
 
 /// Pillow's ITU-R 601-2 luma, `convert("L")`: (R 19595 + G 38470 + B 7471 + 2^15) >> 16.
 fn luma(px: &[u8]) -> u8 {
-    ((u32::from(px[0]) * 19595 + u32::from(px[1]) * 38470 + u32::from(px[2]) * 7471 + 0x8000) >> 16) as u8
+    ((u32::from(px[0]) * 19595 + u32::from(px[1]) * 38470 + u32::from(px[2]) * 7471 + 0x8000) >> 16)
+        as u8
 }
 
 /// Pillow's `Image.blend(degenerate, image, alpha)` for one byte: `alpha` is a C float, the
@@ -371,7 +387,9 @@ impl<'de> Deserialize<'de> for ColorJitter {
                     v.push(x);
                 }
                 match v[..] {
-                    [brightness, contrast, saturation, hue] => Ok(ColorJitter { brightness, contrast, saturation, hue }),
+                    [brightness, contrast, saturation, hue] => {
+                        Ok(ColorJitter { brightness, contrast, saturation, hue })
+                    }
                     _ => Err(de::Error::invalid_length(v.len(), &self)),
                 }
             }
@@ -395,10 +413,13 @@ mod tests {
     #[test]
     fn colour_operations_match_torchvision_on_pil() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/augment");
-        let cases: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+        let cases: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
+                .unwrap();
         let expected = std::fs::read(dir.join("expected.bin")).unwrap();
         let photo = image::open(dir.join("photo.png")).unwrap().to_rgb8();
-        let (w, h) = (cases["width"].as_u64().unwrap() as u32, cases["height"].as_u64().unwrap() as u32);
+        let (w, h) =
+            (cases["width"].as_u64().unwrap() as u32, cases["height"].as_u64().unwrap() as u32);
         assert_eq!(photo.dimensions(), (w, h));
         let n = (3 * w * h) as usize;
         let cases = cases["cases"].as_array().unwrap();
@@ -420,7 +441,10 @@ mod tests {
             let differ = rgb.iter().zip(want).filter(|(a, b)| a != b).count();
             let max = rgb.iter().zip(want).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
             if differ > 0 {
-                failures.push(format!("{}: {differ} of {n} bytes differ, by at most {max}", case["ops"]));
+                failures.push(format!(
+                    "{}: {differ} of {n} bytes differ, by at most {max}",
+                    case["ops"]
+                ));
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -429,7 +453,12 @@ mod tests {
     #[test]
     fn probabilities_and_ranges_are_honoured() {
         let augment = Augment {
-            color_jitter: Some(ColorJitter { brightness: 0.4, contrast: 0.3, saturation: 1.5, hue: 0.1 }),
+            color_jitter: Some(ColorJitter {
+                brightness: 0.4,
+                contrast: 0.3,
+                saturation: 1.5,
+                hue: 0.1,
+            }),
             color_jitter_prob: Some(0.8),
             gray_scale_prob: 0.2,
             ..Augment::default()
@@ -467,9 +496,16 @@ mod tests {
         assert!((share(grey) - 0.2).abs() < 0.015, "grey {}", share(grey));
         assert_eq!(orders.len(), 24, "every order of the four occurs");
         // [1 - v, 1 + v] (saturation's floor at 0), hue [-v, v]; the draws fill the range.
-        for (i, (lo, hi)) in [(0.6, 1.4), (0.7, 1.3), (0.0, 2.5), (-0.1, 0.1)].into_iter().enumerate() {
+        for (i, (lo, hi)) in
+            [(0.6, 1.4), (0.7, 1.3), (0.0, 2.5), (-0.1, 0.1)].into_iter().enumerate()
+        {
             assert!(lowest[i] >= lo && highest[i] < hi, "{i}: [{}, {}]", lowest[i], highest[i]);
-            assert!(lowest[i] < lo + 0.01 && highest[i] > hi - 0.01, "{i}: [{}, {}]", lowest[i], highest[i]);
+            assert!(
+                lowest[i] < lo + 0.01 && highest[i] > hi - 0.01,
+                "{i}: [{}, {}]",
+                lowest[i],
+                highest[i]
+            );
         }
         // An adjustment set to 0 is left out.
         let no_hue = ColorJitter { hue: 0.0, ..augment.color_jitter.unwrap() };
@@ -485,37 +521,83 @@ mod tests {
     #[test]
     fn validation_names_the_key() {
         let bad = |augment: Augment| augment.validate().unwrap_err();
-        assert!(bad(Augment { scale: [0.0, 1.0], ..Augment::default() }).contains("data.augment.scale"));
-        assert!(bad(Augment { scale: [0.5, 1.2], ..Augment::default() }).contains("data.augment.scale"));
-        assert!(bad(Augment { scale: [0.9, 0.5], ..Augment::default() }).contains("data.augment.scale"));
-        assert!(bad(Augment { ratio: [-1.0, 1.0], ..Augment::default() }).contains("data.augment.ratio"));
-        assert!(bad(Augment { gray_scale_prob: 1.5, ..Augment::default() }).contains("data.augment.gray_scale_prob"));
-        let jitter = Some(ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1 });
-        assert!(bad(Augment { color_jitter: jitter, ..Augment::default() }).contains("data.augment.color_jitter_prob"));
-        assert!(bad(Augment { color_jitter_prob: Some(0.8), ..Augment::default() }).contains("data.augment.color_jitter"));
-        assert!(bad(Augment { color_jitter: jitter, color_jitter_prob: Some(-0.1), ..Augment::default() }).contains("data.augment.color_jitter_prob"));
+        assert!(
+            bad(Augment { scale: [0.0, 1.0], ..Augment::default() }).contains("data.augment.scale")
+        );
+        assert!(
+            bad(Augment { scale: [0.5, 1.2], ..Augment::default() }).contains("data.augment.scale")
+        );
+        assert!(
+            bad(Augment { scale: [0.9, 0.5], ..Augment::default() }).contains("data.augment.scale")
+        );
+        assert!(bad(Augment { ratio: [-1.0, 1.0], ..Augment::default() })
+            .contains("data.augment.ratio"));
+        assert!(bad(Augment { gray_scale_prob: 1.5, ..Augment::default() })
+            .contains("data.augment.gray_scale_prob"));
+        let jitter =
+            Some(ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1 });
+        assert!(bad(Augment { color_jitter: jitter, ..Augment::default() })
+            .contains("data.augment.color_jitter_prob"));
+        assert!(bad(Augment { color_jitter_prob: Some(0.8), ..Augment::default() })
+            .contains("data.augment.color_jitter"));
+        assert!(bad(Augment {
+            color_jitter: jitter,
+            color_jitter_prob: Some(-0.1),
+            ..Augment::default()
+        })
+        .contains("data.augment.color_jitter_prob"));
         let big_hue = Some(ColorJitter { hue: 0.7, ..jitter.unwrap() });
-        assert!(bad(Augment { color_jitter: big_hue, color_jitter_prob: Some(0.8), ..Augment::default() }).contains("hue"));
-        assert!(Augment { scale: [0.08, 1.0], ratio: [0.5, 2.0], color_jitter: jitter, color_jitter_prob: Some(0.8), gray_scale_prob: 0.2 }
-            .validate()
-            .is_ok());
+        assert!(bad(Augment {
+            color_jitter: big_hue,
+            color_jitter_prob: Some(0.8),
+            ..Augment::default()
+        })
+        .contains("hue"));
+        assert!(Augment {
+            scale: [0.08, 1.0],
+            ratio: [0.5, 2.0],
+            color_jitter: jitter,
+            color_jitter_prob: Some(0.8),
+            gray_scale_prob: 0.2
+        }
+        .validate()
+        .is_ok());
     }
 
     #[test]
     fn a_config_reads_a_number_or_four() {
-        let one: Augment = serde_json::from_str(r#"{"color_jitter": 0.4, "color_jitter_prob": 0.8}"#).unwrap();
-        assert_eq!(one.color_jitter, Some(ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.0 }));
-        let four: Augment = serde_json::from_str(r#"{"color_jitter": [0.1, 0.2, 0.3, 0.05], "color_jitter_prob": 1, "scale": [0.5, 1]}"#).unwrap();
-        assert_eq!(four.color_jitter, Some(ColorJitter { brightness: 0.1, contrast: 0.2, saturation: 0.3, hue: 0.05 }));
+        let one: Augment =
+            serde_json::from_str(r#"{"color_jitter": 0.4, "color_jitter_prob": 0.8}"#).unwrap();
+        assert_eq!(
+            one.color_jitter,
+            Some(ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.0 })
+        );
+        let four: Augment = serde_json::from_str(
+            r#"{"color_jitter": [0.1, 0.2, 0.3, 0.05], "color_jitter_prob": 1, "scale": [0.5, 1]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            four.color_jitter,
+            Some(ColorJitter { brightness: 0.1, contrast: 0.2, saturation: 0.3, hue: 0.05 })
+        );
         assert_eq!(four.scale, [0.5, 1.0]);
-        let three = serde_json::from_str::<Augment>(r#"{"color_jitter": [0.1, 0.2, 0.3]}"#).unwrap_err().to_string();
+        let three = serde_json::from_str::<Augment>(r#"{"color_jitter": [0.1, 0.2, 0.3]}"#)
+            .unwrap_err()
+            .to_string();
         assert!(three.contains("[brightness, contrast, saturation, hue]"), "{three}");
-        assert!(serde_json::from_str::<Augment>(r#"{"colour_jitter": 0.4}"#).unwrap_err().to_string().contains("colour_jitter"));
+        assert!(serde_json::from_str::<Augment>(r#"{"colour_jitter": 0.4}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("colour_jitter"));
         // Values are checked as they are read.
-        let bad = serde_json::from_str::<Augment>(r#"{"scale": [0.5, 2]}"#).unwrap_err().to_string();
+        let bad =
+            serde_json::from_str::<Augment>(r#"{"scale": [0.5, 2]}"#).unwrap_err().to_string();
         assert!(bad.contains("data.augment.scale"), "{bad}");
         // Written back as four numbers, and not at all when default.
-        assert_eq!(serde_json::to_value(four).unwrap()["color_jitter"], serde_json::json!([0.1, 0.2, 0.3, 0.05]));
+        assert_eq!(
+            serde_json::to_value(four).unwrap()["color_jitter"],
+            serde_json::json!([0.1, 0.2, 0.3, 0.05])
+        );
         assert!(Augment::default().is_default());
     }
 }

@@ -70,23 +70,14 @@ pub enum DataError {
 
     /// A saved loader position does not fit this loader (other dataset size, batch or world).
     #[error("cannot restore loader to epoch {epoch}, batch {batch_in_epoch}: {message}")]
-    Restore {
-        epoch: u64,
-        batch_in_epoch: u64,
-        message: String,
-    },
+    Restore { epoch: u64, batch_in_epoch: u64, message: String },
 
     /// Every sample tried in a row was bad; the dataset is broken rather than noisy.
     #[error(
         "{attempts} samples in a row could not be used (starting at sample {first_index} in \
          epoch {epoch}); last reason: {last_reason}"
     )]
-    TooManySkips {
-        epoch: u64,
-        first_index: usize,
-        attempts: usize,
-        last_reason: &'static str,
-    },
+    TooManySkips { epoch: u64, first_index: usize, attempts: usize, last_reason: &'static str },
 
     /// The class labels of a CSV/JSONL source (`label_key`, for zero-shot evaluation) are
     /// missing or not class indices; `message` names the column or the line.

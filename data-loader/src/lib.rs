@@ -64,9 +64,13 @@ pub use plan::{Batch, LoaderConfig, LoaderState};
 pub use skip::{SampleError, SkipCounts, SkipReason};
 pub use sources::shards::{ShardLocation, ShardSet, ShardSource};
 pub use sources::spec::{CsvSpec, DataSpec, JsonlSpec};
-pub use sources::{open_indexed as open, DataSource, Dataset, FileDataset, Sample, SyntheticDataset};
+pub use sources::{
+    open_indexed as open, DataSource, Dataset, FileDataset, Sample, SyntheticDataset,
+};
 pub use tokenizer::Tokenizer;
 pub use tools::pack::{pack, PackConfig, PackSummary};
 pub use tools::stats::{stats, DataStats};
 pub use tools::synth::{write_synth, SynthConfig, SynthSummary};
-pub use transform::{ImageTransform, Interpolation, Preprocess, ResizeMode, OPENAI_MEAN, OPENAI_STD};
+pub use transform::{
+    ImageTransform, Interpolation, Preprocess, ResizeMode, OPENAI_MEAN, OPENAI_STD,
+};

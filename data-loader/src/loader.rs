@@ -44,10 +44,7 @@ pub struct Loader {
 
 /// What decides the order of samples.
 enum Order {
-    Indexed {
-        dataset: Arc<dyn Dataset>,
-        plan: Arc<Plan>,
-    },
+    Indexed { dataset: Arc<dyn Dataset>, plan: Arc<Plan> },
     Streamed(Arc<StreamPlan>),
 }
 
@@ -87,10 +84,7 @@ impl Loader {
     ) -> Result<Self, DataError> {
         let plan = Plan::new(&cfg, dataset.len())?;
         Ok(Self {
-            order: Order::Indexed {
-                dataset,
-                plan: Arc::new(plan),
-            },
+            order: Order::Indexed { dataset, plan: Arc::new(plan) },
             tokenizer,
             cfg,
             state: LoaderState::default(),
@@ -172,9 +166,7 @@ impl Loader {
     pub fn next_batch(&mut self) -> Result<Batch, DataError> {
         match self.next_in_pass()? {
             Some(batch) => Ok(batch),
-            None => Err(DataError::EndOfEpoch {
-                epoch: self.state.epoch - 1,
-            }),
+            None => Err(DataError::EndOfEpoch { epoch: self.state.epoch - 1 }),
         }
     }
 
@@ -226,7 +218,10 @@ impl Loader {
         }
     }
 
-    fn received_indexed(&mut self, received: Option<Result<Batch, DataError>>) -> Result<Received, DataError> {
+    fn received_indexed(
+        &mut self,
+        received: Option<Result<Batch, DataError>>,
+    ) -> Result<Received, DataError> {
         let Order::Indexed { plan, .. } = &self.order else {
             return Err(DataError::Pipeline("indexed pipeline on a streamed loader".into()));
         };
@@ -246,7 +241,10 @@ impl Loader {
         }
     }
 
-    fn received_streamed(&mut self, received: Option<Result<StreamMsg, DataError>>) -> Result<Received, DataError> {
+    fn received_streamed(
+        &mut self,
+        received: Option<Result<StreamMsg, DataError>>,
+    ) -> Result<Received, DataError> {
         let Order::Streamed(plan) = &self.order else {
             return Err(DataError::Pipeline("streamed pipeline on an indexed loader".into()));
         };
@@ -339,7 +337,8 @@ impl Loader {
     }
 
     fn start_pipeline(&self) -> Result<Running, DataError> {
-        let mut preprocess = self.cfg.preprocess.clone().unwrap_or_else(|| Preprocess::openai(self.cfg.image_size));
+        let mut preprocess =
+            self.cfg.preprocess.clone().unwrap_or_else(|| Preprocess::openai(self.cfg.image_size));
         preprocess.size = self.cfg.image_size;
         let transform = if self.cfg.train {
             ImageTransform::train_for(&preprocess)
@@ -347,16 +346,18 @@ impl Loader {
             ImageTransform::eval_for(&preprocess)
         };
         match &self.order {
-            Order::Indexed { dataset, plan } => Ok(Running::Indexed(indexed::spawn(IndexedSpec {
-                dataset: Arc::clone(dataset),
-                tokenizer: self.tokenizer.clone(),
-                transform,
-                plan: Arc::clone(plan),
-                context_length: self.cfg.context_length,
-                workers: self.cfg.workers.clamp(1, self.cfg.batch_size),
-                start: self.state.clone(),
-                batch_buffers: self.batch_buffers.clone(),
-            })?)),
+            Order::Indexed { dataset, plan } => {
+                Ok(Running::Indexed(indexed::spawn(IndexedSpec {
+                    dataset: Arc::clone(dataset),
+                    tokenizer: self.tokenizer.clone(),
+                    transform,
+                    plan: Arc::clone(plan),
+                    context_length: self.cfg.context_length,
+                    workers: self.cfg.workers.clamp(1, self.cfg.batch_size),
+                    start: self.state.clone(),
+                    batch_buffers: self.batch_buffers.clone(),
+                })?))
+            }
             Order::Streamed(plan) => {
                 let start = match &self.state.stream {
                     Some(cursor) => cursor.clone(),
@@ -530,10 +531,7 @@ pub(crate) mod tests {
         let a = run(1);
         assert!(a == run(1));
         assert!(a == run(3));
-        assert_eq!(
-            a[6].position,
-            LoaderState::at(1, 0)
-        );
+        assert_eq!(a[6].position, LoaderState::at(1, 0));
         // Each epoch visits distinct samples, in a new order.
         let epoch0: Vec<u64> = a[..6].iter().flat_map(|b| b.indices.clone()).collect();
         let mut sorted = epoch0.clone();
@@ -556,13 +554,17 @@ pub(crate) mod tests {
         let (len, world, n) = (20usize, 2usize, 3usize);
         let mut seen = Vec::new();
         for rank in 0..world {
-            let mut first = Loader::new(synthetic(len), test_tokenizer(), cfg(n, rank, world, 2, true)).unwrap();
+            let mut first =
+                Loader::new(synthetic(len), test_tokenizer(), cfg(n, rank, world, 2, true))
+                    .unwrap();
             let per_epoch = first.batches_per_epoch() as usize;
             assert_eq!(per_epoch, len / (n * world));
             seen.extend(first.next_batch().unwrap().indices);
             let state = first.state();
             drop(first);
-            let mut resumed = Loader::new(synthetic(len), test_tokenizer(), cfg(n, rank, world, 1, true)).unwrap();
+            let mut resumed =
+                Loader::new(synthetic(len), test_tokenizer(), cfg(n, rank, world, 1, true))
+                    .unwrap();
             resumed.restore(&state).unwrap();
             for _ in 1..per_epoch {
                 seen.extend(resumed.next_batch().unwrap().indices);
@@ -587,29 +589,20 @@ pub(crate) mod tests {
         // Let the pipeline prefetch; the state is still what was consumed.
         std::thread::sleep(Duration::from_millis(100));
         let state = first.state();
-        assert_eq!(
-            state,
-            LoaderState::at(1, 1)
-        );
+        assert_eq!(state, LoaderState::at(1, 1));
         let saved = serde_json::to_string(&state).unwrap();
         drop(first);
 
         let mut resumed =
             Loader::new(synthetic(14), test_tokenizer(), cfg(4, 0, 1, 1, true)).unwrap();
-        resumed
-            .restore(&serde_json::from_str(&saved).unwrap())
-            .unwrap();
+        resumed.restore(&serde_json::from_str(&saved).unwrap()).unwrap();
         let tail = take(&mut resumed, 4);
         assert!(head.iter().chain(tail.iter()).eq(expected.iter()));
 
         // Restoring a running loader backwards replays the same batches.
-        resumed
-            .restore(&LoaderState::at(0, 2))
-            .unwrap();
+        resumed.restore(&LoaderState::at(0, 2)).unwrap();
         assert!(resumed.next_batch().unwrap() == expected[2]);
-        assert!(resumed
-            .restore(&LoaderState::at(0, 3))
-            .is_err());
+        assert!(resumed.restore(&LoaderState::at(0, 3)).is_err());
     }
 
     #[test]
@@ -638,10 +631,7 @@ pub(crate) mod tests {
     #[test]
     fn unusable_samples_are_replaced_and_counted() {
         let flaky = || -> Arc<dyn Dataset> {
-            Arc::new(Flaky {
-                inner: SyntheticDataset::new(40, 5, 20),
-                every: 4,
-            })
+            Arc::new(Flaky { inner: SyntheticDataset::new(40, 5, 20), every: 4 })
         };
         let run = |workers| {
             let mut loader =
@@ -659,16 +649,11 @@ pub(crate) mod tests {
         assert!(skipped > 0);
 
         // Nothing usable at all: an error, not a hang or a panic.
-        let broken: Arc<dyn Dataset> = Arc::new(Flaky {
-            inner: SyntheticDataset::new(10, 5, 20),
-            every: 1,
-        });
+        let broken: Arc<dyn Dataset> =
+            Arc::new(Flaky { inner: SyntheticDataset::new(10, 5, 20), every: 1 });
         let mut loader = Loader::new(broken, test_tokenizer(), cfg(2, 0, 1, 2, true)).unwrap();
         let err = loader.next_batch().unwrap_err();
-        assert!(
-            matches!(err, DataError::TooManySkips { attempts: 10, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, DataError::TooManySkips { attempts: 10, .. }), "{err}");
     }
 
     #[test]
@@ -676,12 +661,9 @@ pub(crate) mod tests {
         let dataset = synthetic(11);
         let mut covered = Vec::new();
         for rank in 0..2 {
-            let mut loader = Loader::new(
-                Arc::clone(&dataset),
-                test_tokenizer(),
-                cfg(3, rank, 2, 2, false),
-            )
-            .unwrap();
+            let mut loader =
+                Loader::new(Arc::clone(&dataset), test_tokenizer(), cfg(3, rank, 2, 2, false))
+                    .unwrap();
             assert_eq!(loader.batches_per_epoch(), 2);
             let mut sizes = Vec::new();
             while let Some(b) = loader.next_eval_batch().unwrap() {
@@ -690,20 +672,10 @@ pub(crate) mod tests {
                 covered.extend(b.indices);
             }
             assert_eq!(sizes, if rank == 0 { vec![3, 3] } else { vec![3, 2] });
-            assert_eq!(
-                loader.state(),
-                LoaderState::at(1, 0)
-            );
+            assert_eq!(loader.state(), LoaderState::at(1, 0));
             // The next pass starts over, identical.
             let again = loader.next_eval_batch().unwrap().unwrap();
-            assert_eq!(
-                again.indices,
-                if rank == 0 {
-                    vec![0, 1, 2]
-                } else {
-                    vec![3, 4, 5]
-                }
-            );
+            assert_eq!(again.indices, if rank == 0 { vec![0, 1, 2] } else { vec![3, 4, 5] });
         }
         covered.sort();
         assert_eq!(covered, (0..11).collect::<Vec<u64>>());
@@ -711,10 +683,7 @@ pub(crate) mod tests {
         let mut loader =
             Loader::new(synthetic(4), test_tokenizer(), cfg(4, 0, 1, 1, false)).unwrap();
         loader.next_batch().unwrap();
-        assert!(matches!(
-            loader.next_batch(),
-            Err(DataError::EndOfEpoch { epoch: 0 })
-        ));
+        assert!(matches!(loader.next_batch(), Err(DataError::EndOfEpoch { epoch: 0 })));
         assert_eq!(loader.next_batch().unwrap().position.epoch, 1);
     }
 
@@ -728,10 +697,7 @@ pub(crate) mod tests {
             (cfg(6, 0, 2, 1, true), 10),
             (cfg(4, 0, 1, 1, false), 0),
         ] {
-            assert!(
-                Loader::new(synthetic(len), tok.clone(), c.clone()).is_err(),
-                "{c:?}"
-            );
+            assert!(Loader::new(synthetic(len), tok.clone(), c.clone()).is_err(), "{c:?}");
         }
     }
 
@@ -749,10 +715,7 @@ pub(crate) mod tests {
         let mut loader =
             Loader::new(Arc::new(Panics), test_tokenizer(), cfg(2, 0, 1, 2, true)).unwrap();
         let err = loader.next_batch().unwrap_err().to_string();
-        assert!(
-            err.contains("worker") && err.contains("dataset bug"),
-            "{err}"
-        );
+        assert!(err.contains("worker") && err.contains("dataset bug"), "{err}");
     }
 
     #[test]
@@ -762,9 +725,6 @@ pub(crate) mod tests {
         let t = measure_throughput(&mut loader, 5).unwrap();
         assert_eq!((t.batches, t.samples), (5, 20));
         assert!(t.samples_per_second > 0.0);
-        assert_eq!(
-            loader.state(),
-            LoaderState::at(1, 2)
-        );
+        assert_eq!(loader.state(), LoaderState::at(1, 2));
     }
 }

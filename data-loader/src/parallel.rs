@@ -39,4 +39,3 @@ pub fn map_in_order<T: Send>(
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(16))
 }
-

@@ -11,9 +11,7 @@ fn splitmix64(mut z: u64) -> u64 {
 
 /// A seed for the tuple `parts`. Order matters: `mix(&[a, b]) != mix(&[b, a])` in general.
 pub fn mix(parts: &[u64]) -> u64 {
-    parts.iter().fold(0x6f78_636c_6970_0001u64, |acc, &p| {
-        splitmix64(acc ^ splitmix64(p))
-    })
+    parts.iter().fold(0x6f78_636c_6970_0001u64, |acc, &p| splitmix64(acc ^ splitmix64(p)))
 }
 
 #[cfg(test)]

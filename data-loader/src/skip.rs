@@ -86,17 +86,15 @@ impl SkipReason {
             SkipReason::MissingCaption => ("missing caption", "missing captions"),
             SkipReason::EmptyCaption => ("empty caption", "empty captions"),
             SkipReason::NonUtf8Caption => ("caption not in UTF-8", "captions not in UTF-8"),
-            SkipReason::TooManyPixels => (
-                "image above the pixel limit",
-                "images above the pixel limit",
-            ),
+            SkipReason::TooManyPixels => {
+                ("image above the pixel limit", "images above the pixel limit")
+            }
             SkipReason::TruncatedShard => ("truncated shard", "truncated shards"),
             SkipReason::UnreadableShard => ("unreadable shard", "unreadable shards"),
             SkipReason::BadLabel => ("bad class label", "bad class labels"),
-            SkipReason::DuplicateMember => (
-                "sample with a duplicate member",
-                "samples with a duplicate member",
-            ),
+            SkipReason::DuplicateMember => {
+                ("sample with a duplicate member", "samples with a duplicate member")
+            }
             SkipReason::BadRecord => ("unreadable record", "unreadable records"),
             SkipReason::UnsupportedImage => (
                 "image in an unsupported format (only JPEG, PNG and WebP are read)",

@@ -136,34 +136,18 @@ pub fn random_resized_crop_params(
             let (w, h) = (w as u32, h as u32);
             let top = rng.gen_range(0..=height - h);
             let left = rng.gen_range(0..=width - w);
-            return CropBox {
-                top,
-                left,
-                height: h,
-                width: w,
-            };
+            return CropBox { top, left, height: h, width: w };
         }
     }
     let in_ratio = w_img / h_img;
     let (w, h) = if in_ratio < ratio.0.min(ratio.1) {
-        (
-            width,
-            ((w_img / ratio.0.min(ratio.1)).round_ties_even() as u32).clamp(1, height),
-        )
+        (width, ((w_img / ratio.0.min(ratio.1)).round_ties_even() as u32).clamp(1, height))
     } else if in_ratio > ratio.0.max(ratio.1) {
-        (
-            ((h_img * ratio.0.max(ratio.1)).round_ties_even() as u32).clamp(1, width),
-            height,
-        )
+        (((h_img * ratio.0.max(ratio.1)).round_ties_even() as u32).clamp(1, width), height)
     } else {
         (width, height)
     };
-    CropBox {
-        top: (height - h) / 2,
-        left: (width - w) / 2,
-        height: h,
-        width: w,
-    }
+    CropBox { top: (height - h) / 2, left: (width - w) / 2, height: h, width: w }
 }
 
 /// Uniform in [lo, hi) (torch's `uniform_`); `lo` when the range is empty.
@@ -348,9 +332,16 @@ impl ImageTransform {
 /// does). The evaluation transform uses it so that a model sees exactly the pixels open_clip
 /// gives it; fast_image_resize, used for the training crops, always runs the vertical pass
 /// first on 8-bit images, which moves a pixel by a few levels where the cubic overshoots.
-fn pil_resize(img: &RgbImage, crop: CropBox, width: u32, height: u32, interpolation: Interpolation) -> Vec<u8> {
+fn pil_resize(
+    img: &RgbImage,
+    crop: CropBox,
+    width: u32,
+    height: u32,
+    interpolation: Interpolation,
+) -> Vec<u8> {
     let (src_w, src) = (img.width() as usize, img.as_raw());
-    let (in_w, in_h, out_w, out_h) = (crop.width as usize, crop.height as usize, width as usize, height as usize);
+    let (in_w, in_h, out_w, out_h) =
+        (crop.width as usize, crop.height as usize, width as usize, height as usize);
     let mut pixels = Vec::with_capacity(in_w * in_h * 3);
     for y in 0..in_h {
         let at = ((crop.top as usize + y) * src_w + crop.left as usize) * 3;
@@ -366,7 +357,9 @@ fn pil_resize(img: &RgbImage, crop: CropBox, width: u32, height: u32, interpolat
     let horizontal = |pixels: &[u8], rows: usize| -> Vec<u8> {
         let coefficients = pil_coefficients(in_w, out_w, filter, support);
         let mut out = vec![0u8; out_w * rows * 3];
-        for (row, out_row) in pixels.chunks_exact(in_w * 3).zip(out.chunks_exact_mut(out_w * 3)).take(rows) {
+        for (row, out_row) in
+            pixels.chunks_exact(in_w * 3).zip(out.chunks_exact_mut(out_w * 3)).take(rows)
+        {
             for ((start, weights), px) in coefficients.iter().zip(out_row.chunks_exact_mut(3)) {
                 let window = &row[start * 3..(start + weights.len()) * 3];
                 let mut acc = [1i32 << (PIL_PRECISION_BITS - 1); 3];
@@ -452,7 +445,12 @@ fn pil_bilinear(x: f64) -> f64 {
 
 /// Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc`: for each output pixel, the first
 /// input pixel and the fixed-point weights, the support widened by the downscaling factor.
-fn pil_coefficients(in_size: usize, out_size: usize, filter: fn(f64) -> f64, support: f64) -> Vec<(usize, Vec<i32>)> {
+fn pil_coefficients(
+    in_size: usize,
+    out_size: usize,
+    filter: fn(f64) -> f64,
+    support: f64,
+) -> Vec<(usize, Vec<i32>)> {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
     let support = support * filter_scale;
@@ -462,8 +460,10 @@ fn pil_coefficients(in_size: usize, out_size: usize, filter: fn(f64) -> f64, sup
             let center = (xx as f64 + 0.5) * scale;
             // C's (int) truncates toward zero.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-            let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
-            let weights: Vec<f64> = (xmin..xmax).map(|x| filter((x as f64 - center + 0.5) * inv)).collect();
+            let xmax =
+                ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
+            let weights: Vec<f64> =
+                (xmin..xmax).map(|x| filter((x as f64 - center + 0.5) * inv)).collect();
             let total: f64 = weights.iter().sum();
             let fixed = weights
                 .iter()
@@ -490,7 +490,13 @@ thread_local! {
 /// Bicubic (Catmull-Rom) or bilinear resize of the `crop` region of an RGB image to
 /// `width x height`; returns packed RGB. As PIL crops first and then resizes the crop, the filter never reads
 /// outside the region: fast_image_resize's `CroppedImage` view gives that without a copy.
-fn resize_rgb(img: &RgbImage, crop: CropBox, width: u32, height: u32, interpolation: Interpolation) -> Vec<u8> {
+fn resize_rgb(
+    img: &RgbImage,
+    crop: CropBox,
+    width: u32,
+    height: u32,
+    interpolation: Interpolation,
+) -> Vec<u8> {
     let (filter, fallback_filter) = match interpolation {
         Interpolation::Bicubic => (FilterType::CatmullRom, image::imageops::FilterType::CatmullRom),
         Interpolation::Bilinear => (FilterType::Bilinear, image::imageops::FilterType::Triangle),
@@ -502,7 +508,8 @@ fn resize_rgb(img: &RgbImage, crop: CropBox, width: u32, height: u32, interpolat
     // Unreachable for a well-formed RgbImage and an in-bounds crop, but a resize error must not
     // fail a sample: fall back to the image crate's (slower) Catmull-Rom.
     let fallback = || {
-        let region = image::imageops::crop_imm(img, crop.left, crop.top, crop.width, crop.height).to_image();
+        let region =
+            image::imageops::crop_imm(img, crop.left, crop.top, crop.width, crop.height).to_image();
         image::imageops::resize(&region, width, height, fallback_filter).into_raw()
     };
     let Ok(src) = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3) else {
@@ -529,24 +536,28 @@ mod tests {
     fn resizing_a_crop_view_equals_resizing_a_cropped_copy() {
         // The copy is what PIL does (crop, then resize the crop); the view must match it bit
         // for bit, i.e. never read pixels outside the crop.
-        let img = RgbImage::from_fn(97, 61, |x, y| image::Rgb([(x * 7 + y * 3) as u8, (x * y) as u8, (255 - x * 2) as u8]));
-        for (left, top, width, height, out) in [(0, 0, 97, 61, 32), (10, 5, 40, 50, 24), (50, 20, 47, 41, 64), (3, 1, 90, 60, 90)] {
+        let img = RgbImage::from_fn(97, 61, |x, y| {
+            image::Rgb([(x * 7 + y * 3) as u8, (x * y) as u8, (255 - x * 2) as u8])
+        });
+        for (left, top, width, height, out) in
+            [(0, 0, 97, 61, 32), (10, 5, 40, 50, 24), (50, 20, 47, 41, 64), (3, 1, 90, 60, 90)]
+        {
             let crop = CropBox { top, left, height, width };
             let copy = image::imageops::crop_imm(&img, left, top, width, height).to_image();
             let whole = CropBox { top: 0, left: 0, height, width };
             for i in [Interpolation::Bicubic, Interpolation::Bilinear] {
-                assert_eq!(resize_rgb(&img, crop, out, out, i), resize_rgb(&copy, whole, out, out, i), "{crop:?}");
+                assert_eq!(
+                    resize_rgb(&img, crop, out, out, i),
+                    resize_rgb(&copy, whole, out, out, i),
+                    "{crop:?}"
+                );
             }
         }
     }
 
     fn gradient(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb([
-                (x * 255 / w) as u8,
-                (y * 255 / h) as u8,
-                ((x + y) % 256) as u8,
-            ])
+            image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, ((x + y) % 256) as u8])
         })
     }
 
@@ -573,7 +584,12 @@ mod tests {
         let img = gradient(97, 83);
         let bytes = |augment: Augment| {
             // mean 0, std 1/255: the output is the 8-bit crop itself.
-            let p = Preprocess { mean: [0.0; 3], std: [1.0 / 255.0; 3], augment, ..Preprocess::openai(32) };
+            let p = Preprocess {
+                mean: [0.0; 3],
+                std: [1.0 / 255.0; 3],
+                augment,
+                ..Preprocess::openai(32)
+            };
             let t = ImageTransform::train_for(&p);
             (0..8u64)
                 .map(|seed| {
@@ -592,7 +608,9 @@ mod tests {
             })
             .collect();
         assert!(bytes(Augment::default()) == today);
-        assert!(bytes(Augment { scale: [0.08, 1.0], ratio: [0.5, 2.0], ..Augment::default() }) != today);
+        assert!(
+            bytes(Augment { scale: [0.08, 1.0], ratio: [0.5, 2.0], ..Augment::default() }) != today
+        );
         let grey = bytes(Augment { gray_scale_prob: 1.0, ..Augment::default() });
         for (g, t) in grey.iter().zip(&today) {
             let plane = 32 * 32;
@@ -628,24 +646,13 @@ mod tests {
     #[test]
     fn random_resized_crop_stays_in_bounds() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let sizes = [
-            (1, 1),
-            (1, 500),
-            (500, 1),
-            (3, 2),
-            (224, 224),
-            (640, 480),
-            (100, 2000),
-            (4000, 30),
-        ];
+        let sizes =
+            [(1, 1), (1, 500), (500, 1), (3, 2), (224, 224), (640, 480), (100, 2000), (4000, 30)];
         for &(w, h) in &sizes {
             for _ in 0..200 {
                 let c = random_resized_crop_params(w, h, (0.9, 1.0), (0.75, 4.0 / 3.0), &mut rng);
                 assert!(c.width >= 1 && c.height >= 1, "{w}x{h}: {c:?}");
-                assert!(
-                    c.left + c.width <= w && c.top + c.height <= h,
-                    "{w}x{h}: {c:?}"
-                );
+                assert!(c.left + c.width <= w && c.top + c.height <= h, "{w}x{h}: {c:?}");
             }
         }
         // Extreme aspect ratios take the centre-crop fallback, clamped to the ratio range.
@@ -686,8 +693,11 @@ mod preprocess_tests {
     /// PNGs of odd sizes: the same 8-bit pixels as PIL's, so equal to float rounding.
     #[test]
     fn eval_transforms_match_open_clip() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/transforms");
-        let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/transforms");
+        let cases: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
+                .unwrap();
         let expected: Vec<f32> = std::fs::read(dir.join("expected.bin"))
             .unwrap()
             .chunks_exact(4)
@@ -715,7 +725,10 @@ mod preprocess_tests {
             let diff = out.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             let off_by_more = out.iter().zip(want).filter(|(a, b)| (*a - *b).abs() > 1e-5).count();
             worst = worst.max(diff / level);
-            assert!(diff < 1e-5, "{case}: max abs diff {diff} (one level is {level}), {off_by_more} values differ");
+            assert!(
+                diff < 1e-5,
+                "{case}: max abs diff {diff} (one level is {level}), {off_by_more} values differ"
+            );
         }
         assert_eq!(offset, expected.len());
         eprintln!("worst difference: {worst} levels");

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use oxclip_trainer::config::{DataConfig, DistConfig, LossConfig, OptimConfig, TrainConfig};
-use oxclip_trainer::TrainError;
 use oxclip_trainer::model::pretrained;
 use oxclip_trainer::model::{zoo, ModelConfig};
+use oxclip_trainer::TrainError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -52,7 +52,8 @@ impl<'de> Deserialize<'de> for ModelRef {
                 Ok(ModelRef::Name(name.to_owned()))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<ModelRef, A::Error> {
-                ModelConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(ModelRef::Inline)
+                ModelConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ModelRef::Inline)
             }
         }
         d.deserialize_any(Visitor)
@@ -112,7 +113,9 @@ fn suggestion(reference: &str) -> String {
 pub fn resolve_model(reference: &str) -> Result<ModelConfig, ConfigError> {
     if let Some(config) = zoo::builtin(reference) {
         let source = PathBuf::from(format!("<built-in model {reference}>"));
-        config.validate().map_err(|e| ConfigError::Invalid { path: source, message: e.to_string() })?;
+        config
+            .validate()
+            .map_err(|e| ConfigError::Invalid { path: source, message: e.to_string() })?;
         return Ok(config);
     }
     let path = Path::new(reference);
@@ -127,14 +130,16 @@ pub fn resolve_model(reference: &str) -> Result<ModelConfig, ConfigError> {
 
 /// A Hugging Face (`config.json`) or open_clip hub (`open_clip_config.json`) model directory.
 fn model_directory(path: &Path) -> Result<pretrained::Pretrained, ConfigError> {
-    pretrained::Pretrained::read(path).map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })
+    pretrained::Pretrained::read(path)
+        .map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })
 }
 
 /// A model config file: a model YAML, an open_clip model config JSON as is
 /// (`model_configs/ViT-B-32.json`), or an `open_clip_config.json` (open_clip's hub layout,
 /// what `oxclip export --format open_clip` writes), whose `model_cfg` is the model.
 pub fn model_from_file(path: &Path) -> Result<ModelConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.into(), source })?;
     let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
     let json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
     let value: Option<serde_yaml::Value> = if json {
@@ -152,13 +157,19 @@ pub fn model_from_file(path: &Path) -> Result<ModelConfig, ConfigError> {
             };
             invalid(format!("{key}: {}", e.inner()))
         })?,
-        (None, Some(value)) if json => serde_path_to_error::deserialize(value).map_err(|e| match e.path().to_string().as_str() {
-            "." => invalid(e.inner().to_string()),
-            key => invalid(format!("{key}: {}", e.inner())),
-        })?,
+        (None, Some(value)) if json => {
+            serde_path_to_error::deserialize(value).map_err(|e| {
+                match e.path().to_string().as_str() {
+                    "." => invalid(e.inner().to_string()),
+                    key => invalid(format!("{key}: {}", e.inner())),
+                }
+            })?
+        }
         _ => deserialize_text(&text, path)?,
     };
-    config.validate().map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })?;
+    config
+        .validate()
+        .map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })?;
     Ok(config)
 }
 
@@ -170,7 +181,11 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError>
 /// [`load`], with `flags` (a command's own flags over config keys: `--run-dir`, `--threads`)
 /// applied before the config is resolved and checked, so a bad flag is refused as the key
 /// would be.
-pub fn load_with(path: &Path, overrides: &[String], flags: impl FnOnce(&mut RunConfig)) -> Result<RunConfig, ConfigError> {
+pub fn load_with(
+    path: &Path,
+    overrides: &[String],
+    flags: impl FnOnce(&mut RunConfig),
+) -> Result<RunConfig, ConfigError> {
     let mut config = read(path, overrides)?;
     flags(&mut config);
     resolve(&mut config, path)?;
@@ -180,7 +195,8 @@ pub fn load_with(path: &Path, overrides: &[String], flags: impl FnOnce(&mut RunC
 
 /// The config as written, with `--set` overrides applied.
 fn read(path: &Path, overrides: &[String]) -> Result<RunConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.into(), source })?;
     let config: RunConfig = if overrides.is_empty() {
         // Straight from the text, so errors carry line numbers.
         deserialize_text(&text, path)?
@@ -208,7 +224,11 @@ fn resolve(config: &mut RunConfig, path: &Path) -> Result<(), ConfigError> {
             let dir = model_directory(Path::new(name))?;
             let data = &mut config.data;
             if data.tokenizer.is_none() {
-                data.tokenizer = dir.tokenizer.as_ref().and_then(|t| t.tokenizer_json.as_ref()).map(|p| p.display().to_string());
+                data.tokenizer = dir
+                    .tokenizer
+                    .as_ref()
+                    .and_then(|t| t.tokenizer_json.as_ref())
+                    .map(|p| p.display().to_string());
             }
             data.image_mean.get_or_insert(dir.preprocess.mean);
             data.image_std.get_or_insert(dir.preprocess.std);
@@ -217,7 +237,9 @@ fn resolve(config: &mut RunConfig, path: &Path) -> Result<(), ConfigError> {
         }
         config.model = ModelRef::Inline(resolve_model(name).map_err(|e| match e {
             // The name is the config's `model:`; say in which file.
-            ConfigError::UnknownModel(_) => ConfigError::Invalid { path: path.into(), message: format!("model: {e}") },
+            ConfigError::UnknownModel(_) => {
+                ConfigError::Invalid { path: path.into(), message: format!("model: {e}") }
+            }
             other => other,
         })?);
     }
@@ -231,9 +253,17 @@ fn resolve(config: &mut RunConfig, path: &Path) -> Result<(), ConfigError> {
 /// Every check of a resolved config: the sections ([`oxclip_trainer::config::validate`]) and
 /// the tokenizer against the model's text tower.
 fn check(config: &RunConfig, path: &Path) -> Result<(), ConfigError> {
-    let invalid = |e: TrainError| ConfigError::Invalid { path: path.into(), message: e.to_string() };
+    let invalid =
+        |e: TrainError| ConfigError::Invalid { path: path.into(), message: e.to_string() };
     let model = config.model_config()?;
-    oxclip_trainer::config::validate(&model, &config.data, &config.train, &config.optim, &config.loss).map_err(invalid)?;
+    oxclip_trainer::config::validate(
+        &model,
+        &config.data,
+        &config.train,
+        &config.optim,
+        &config.loss,
+    )
+    .map_err(invalid)?;
     config.dist.validate().map_err(invalid)?;
     oxclip_trainer::prepare::data_tokenizer(&config.data, &model).map_err(invalid)?;
     Ok(())
@@ -255,7 +285,10 @@ impl RunConfig {
 }
 
 /// Deserialises YAML text, naming the key path and the line on error.
-fn deserialize_text<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+fn deserialize_text<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<T, ConfigError> {
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
@@ -265,14 +298,19 @@ fn deserialize_text<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> 
         let first_key = key.split('.').next().unwrap_or_default();
         let location = inner
             .location()
-            .filter(|l| !(l.line() == 1 && l.column() == 1 && key != "." && !text.starts_with(first_key)))
+            .filter(|l| {
+                !(l.line() == 1 && l.column() == 1 && key != "." && !text.starts_with(first_key))
+            })
             .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
             .unwrap_or_default();
         // serde_yaml repeats the key path (or the path of the mapping holding the key) and the
         // location in its own message; keep its core.
         let mut message = inner.to_string();
-        let parents: Vec<&str> = key.match_indices('.').map(|(i, _)| &key[..i]).chain([key.as_str()]).collect();
-        if let Some(stripped) = parents.iter().rev().find_map(|p| message.strip_prefix(&format!("{p}: "))) {
+        let parents: Vec<&str> =
+            key.match_indices('.').map(|(i, _)| &key[..i]).chain([key.as_str()]).collect();
+        if let Some(stripped) =
+            parents.iter().rev().find_map(|p| message.strip_prefix(&format!("{p}: ")))
+        {
             message = stripped.to_string();
         }
         if let Some(idx) = message.find(" at line ") {
@@ -287,7 +325,8 @@ fn deserialize_text<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> 
 fn apply_override(root: &mut serde_yaml::Value, arg: &str) -> Result<(), ConfigError> {
     let err = |message: String| ConfigError::Override { arg: arg.to_string(), message };
     let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected dotted.key=value".into()))?;
-    let value: serde_yaml::Value = serde_yaml::from_str(raw).map_err(|e| err(format!("value is not YAML: {e}")))?;
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(raw).map_err(|e| err(format!("value is not YAML: {e}")))?;
     let parts: Vec<&str> = key.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
         return Err(err(format!("`{key}` is not a dotted key path")));
@@ -314,7 +353,8 @@ fn apply_override(root: &mut serde_yaml::Value, arg: &str) -> Result<(), ConfigE
 mod tests {
     use super::*;
 
-    const GOOD: &str = "run_dir: runs/x\nmodel: tiny\ndata:\n  train: synthetic:64\ntrain:\n  steps: 10\n";
+    const GOOD: &str =
+        "run_dir: runs/x\nmodel: tiny\ndata:\n  train: synthetic:64\ntrain:\n  steps: 10\n";
 
     fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -356,8 +396,15 @@ mod tests {
     #[test]
     fn overrides_set_nested_keys_with_yaml_values() {
         let (_d, path) = write(GOOD);
-        let cfg = load(&path, &["train.batch_size=8".into(), "optim.betas=[0.9, 0.95]".into(), "optim.grad_clip_norm=1.0".into()])
-            .expect("loads");
+        let cfg = load(
+            &path,
+            &[
+                "train.batch_size=8".into(),
+                "optim.betas=[0.9, 0.95]".into(),
+                "optim.grad_clip_norm=1.0".into(),
+            ],
+        )
+        .expect("loads");
         assert_eq!(cfg.train.batch_size, 8);
         assert_eq!(cfg.optim.betas, [0.9, 0.95]);
         assert_eq!(cfg.optim.grad_clip_norm, Some(1.0));
@@ -381,7 +428,10 @@ mod tests {
             resolve_model(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         let msg = resolve_model("vit-b-32").expect_err("names are exact").to_string();
-        assert!(msg.contains("did you mean ViT-B-32") && msg.contains("oxclip model list"), "{msg}");
+        assert!(
+            msg.contains("did you mean ViT-B-32") && msg.contains("oxclip model list"),
+            "{msg}"
+        );
         assert!(msg.lines().count() == 1 && msg.len() < 200, "{msg}");
     }
 
@@ -395,16 +445,32 @@ mod tests {
         assert_eq!(model_from_file(&json).expect("open_clip JSON"), b32);
         assert_eq!(resolve_model(json.to_str().expect("utf-8")).expect("by path"), b32);
         let hub = dir.path().join("open_clip_config.json");
-        std::fs::write(&hub, format!(r#"{{"model_cfg": {json_text}, "preprocess_cfg": {{"mean": [0.5, 0.5, 0.5]}}}}"#)).expect("write");
+        std::fs::write(
+            &hub,
+            format!(
+                r#"{{"model_cfg": {json_text}, "preprocess_cfg": {{"mean": [0.5, 0.5, 0.5]}}}}"#
+            ),
+        )
+        .expect("write");
         assert_eq!(model_from_file(&hub).expect("open_clip_config.json"), b32);
         let yaml = dir.path().join("m.yaml");
         std::fs::write(&yaml, serde_yaml::to_string(&b32).expect("yaml")).expect("write");
         assert_eq!(model_from_file(&yaml).expect("YAML"), b32);
 
-        std::fs::write(&json, json_text.replace("\"patch_size\"", "\"patch_sise\"")).expect("write");
+        std::fs::write(&json, json_text.replace("\"patch_size\"", "\"patch_sise\""))
+            .expect("write");
         let msg = model_from_file(&json).expect_err("unknown field").to_string();
-        assert!(msg.contains("vision_cfg") && msg.contains("patch_sise") && msg.contains("ViT-B-32.json"), "{msg}");
-        std::fs::write(&hub, r#"{"model_cfg": {"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"heds": 2}}}"#).expect("write");
+        assert!(
+            msg.contains("vision_cfg")
+                && msg.contains("patch_sise")
+                && msg.contains("ViT-B-32.json"),
+            "{msg}"
+        );
+        std::fs::write(
+            &hub,
+            r#"{"model_cfg": {"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"heds": 2}}}"#,
+        )
+        .expect("write");
         let msg = model_from_file(&hub).expect_err("unknown field").to_string();
         assert!(msg.contains("model_cfg.text_cfg") && msg.contains("heds"), "{msg}");
     }
@@ -417,15 +483,26 @@ mod tests {
         assert_eq!(model.init_logit_bias, Some(-10.0));
         assert!((model.init_logit_scale.expect("scale") - 10f64.ln()).abs() < 1e-12);
         // A model config's own values win.
-        let (_d, path) = write(&GOOD.replace("model: tiny", &format!("model:\n{}  init_logit_bias: -5.0\n", indent(&tiny_yaml()))));
+        let (_d, path) = write(&GOOD.replace(
+            "model: tiny",
+            &format!("model:\n{}  init_logit_bias: -5.0\n", indent(&tiny_yaml())),
+        ));
         let cfg = load(&path, &["loss.kind=siglip".into()]).expect("loads");
         assert_eq!(cfg.model_config().expect("model").init_logit_bias, Some(-5.0));
         // CLIP models have no bias.
         let (_d, path) = write(GOOD);
-        assert_eq!(load(&path, &[]).expect("loads").model_config().expect("model").init_logit_bias, None);
+        assert_eq!(
+            load(&path, &[]).expect("loads").model_config().expect("model").init_logit_bias,
+            None
+        );
 
-        for (micro, message) in [("0", "train.micro_batch_size must be at least 1"), ("300", "train.micro_batch_size (300) exceeds train.batch_size (256)")] {
-            let err = load(&path, &[format!("train.micro_batch_size={micro}")]).expect_err("refused").to_string();
+        for (micro, message) in [
+            ("0", "train.micro_batch_size must be at least 1"),
+            ("300", "train.micro_batch_size (300) exceeds train.batch_size (256)"),
+        ] {
+            let err = load(&path, &[format!("train.micro_batch_size={micro}")])
+                .expect_err("refused")
+                .to_string();
             assert!(err.contains(message), "{err}");
         }
     }
@@ -434,14 +511,19 @@ mod tests {
     /// and the line (not "did not match any variant of untagged enum ModelRef").
     #[test]
     fn a_typo_inside_an_inline_model_names_its_key_and_line() {
-        let inline = GOOD.replace("model: tiny", &format!("model:\n{}", indent(&tiny_yaml()).trim_end()));
+        let inline =
+            GOOD.replace("model: tiny", &format!("model:\n{}", indent(&tiny_yaml()).trim_end()));
         let (_d, path) = write(&inline);
         let cfg = load(&path, &[]).expect("the inline model loads");
         assert_eq!(cfg.model_config().expect("model"), zoo::builtin("tiny").expect("built-in"));
         for (from, to, says) in [
             ("  patch_size: 8", "  patch_sise: 8", ["model.vision_cfg", "patch_sise", "line 8"]),
             ("embed_dim: 64", "embed_dims: 64", ["model", "embed_dims", "line 3"]),
-            ("  layers: 2\n    width: 64\n    patch", "  layers: two\n    width: 64\n    patch", ["model.vision_cfg.layers", "invalid type", "line 6"]),
+            (
+                "  layers: 2\n    width: 64\n    patch",
+                "  layers: two\n    width: 64\n    patch",
+                ["model.vision_cfg.layers", "invalid type", "line 6"],
+            ),
         ] {
             assert!(inline.contains(from), "{from}");
             let (_d, path) = write(&inline.replacen(from, to, 1));
@@ -454,11 +536,20 @@ mod tests {
         // Neither a name nor a mapping.
         let (_d, path) = write(&GOOD.replace("model: tiny", "model: [tiny]"));
         let msg = load(&path, &[]).expect_err("rejects").to_string();
-        assert!(msg.contains("model") && msg.contains("a built-in model name") && msg.contains("line 2"), "{msg}");
+        assert!(
+            msg.contains("model")
+                && msg.contains("a built-in model name")
+                && msg.contains("line 2"),
+            "{msg}"
+        );
     }
 
     fn tiny_yaml() -> String {
-        include_str!("../../configs/models/tiny.yaml").lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect()
+        include_str!("../../configs/models/tiny.yaml")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect()
     }
 
     fn indent(text: &str) -> String {

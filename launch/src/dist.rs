@@ -23,7 +23,11 @@ pub fn world_from_env() -> anyhow::Result<Option<WorldEnv>> {
 
 fn world_from(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<WorldEnv>> {
     let number = |name: &str| -> anyhow::Result<Option<usize>> {
-        var(name).map(|v| v.trim().parse::<usize>().with_context(|| format!("{name}={v:?} is not a number"))).transpose()
+        var(name)
+            .map(|v| {
+                v.trim().parse::<usize>().with_context(|| format!("{name}={v:?} is not a number"))
+            })
+            .transpose()
     };
     if let Some(world_size) = number("WORLD_SIZE")? {
         let rank = number("RANK")?.context("WORLD_SIZE is set but RANK is not")?;
@@ -38,12 +42,22 @@ fn world_from(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<Wor
         // torchrun's agent already serves its own store on MASTER_PORT (static rendezvous);
         // ours goes on the next port.
         if var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-            master_port = master_port.checked_add(1).context("MASTER_PORT is the last port; torchrun needs the one after it free")?;
+            master_port = master_port
+                .checked_add(1)
+                .context("MASTER_PORT is the last port; torchrun needs the one after it free")?;
         }
-        return checked(WorldEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port });
+        return checked(WorldEnv {
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            master_addr,
+            master_port,
+        });
     }
     if let Some(world_size) = number("SLURM_NTASKS")? {
-        let rank = number("SLURM_PROCID")?.context("SLURM_NTASKS is set but SLURM_PROCID is not")?;
+        let rank =
+            number("SLURM_PROCID")?.context("SLURM_NTASKS is set but SLURM_PROCID is not")?;
         let local_rank = number("SLURM_LOCALID")?.unwrap_or(0);
         // "8" or "8(x4)": tasks per node.
         let local_world_size = var("SLURM_NTASKS_PER_NODE")
@@ -52,25 +66,44 @@ fn world_from(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<Wor
         let master_addr = match var("MASTER_ADDR") {
             Some(a) => a,
             None => {
-                let nodes = var("SLURM_JOB_NODELIST").or_else(|| var("SLURM_NODELIST")).context("SLURM_JOB_NODELIST is not set")?;
-                first_host(&nodes).with_context(|| format!("cannot read the first host of SLURM_JOB_NODELIST={nodes:?}"))?
+                let nodes = var("SLURM_JOB_NODELIST")
+                    .or_else(|| var("SLURM_NODELIST"))
+                    .context("SLURM_JOB_NODELIST is not set")?;
+                first_host(&nodes).with_context(|| {
+                    format!("cannot read the first host of SLURM_JOB_NODELIST={nodes:?}")
+                })?
             }
         };
         let master_port = match number("MASTER_PORT")? {
             Some(p) => u16::try_from(p).context("MASTER_PORT is not a port number")?,
             None => slurm_port(var("SLURM_JOB_ID").as_deref()),
         };
-        return checked(WorldEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port });
+        return checked(WorldEnv {
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            master_addr,
+            master_port,
+        });
     }
     Ok(None)
 }
 
 fn checked(world: WorldEnv) -> anyhow::Result<Option<WorldEnv>> {
     if world.world_size == 0 || world.rank >= world.world_size {
-        bail!("rank {} is not in 0..{} (the launcher's RANK / WORLD_SIZE)", world.rank, world.world_size);
+        bail!(
+            "rank {} is not in 0..{} (the launcher's RANK / WORLD_SIZE)",
+            world.rank,
+            world.world_size
+        );
     }
     if world.local_rank >= world.local_world_size.max(1) {
-        bail!("local rank {} is not below the local world size {}", world.local_rank, world.local_world_size);
+        bail!(
+            "local rank {} is not below the local world size {}",
+            world.local_rank,
+            world.local_world_size
+        );
     }
     Ok(Some(world))
 }
@@ -81,14 +114,16 @@ pub fn first_host(list: &str) -> Option<String> {
     let first_end = {
         // The first comma outside brackets ends the first entry.
         let mut depth = 0;
-        list.char_indices().find(|&(_, c)| {
-            match c {
-                '[' => depth += 1,
-                ']' => depth -= 1,
-                _ => {}
-            }
-            c == ',' && depth == 0
-        }).map_or(list.len(), |(i, _)| i)
+        list.char_indices()
+            .find(|&(_, c)| {
+                match c {
+                    '[' => depth += 1,
+                    ']' => depth -= 1,
+                    _ => {}
+                }
+                c == ',' && depth == 0
+            })
+            .map_or(list.len(), |(i, _)| i)
     };
     let entry = &list[..first_end];
     match entry.split_once('[') {
@@ -107,37 +142,75 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 
     #[test]
     fn torchrun_variables() {
-        let w = world_from(env(&[("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "n0"), ("MASTER_PORT", "29400")]))
-            .unwrap()
-            .unwrap();
-        assert_eq!((w.rank, w.world_size, w.local_rank, w.local_world_size, w.master_addr.as_str(), w.master_port), (3, 8, 1, 2, "n0", 29400));
+        let w = world_from(env(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "n0"),
+            ("MASTER_PORT", "29400"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (
+                w.rank,
+                w.world_size,
+                w.local_rank,
+                w.local_world_size,
+                w.master_addr.as_str(),
+                w.master_port
+            ),
+            (3, 8, 1, 2, "n0", 29400)
+        );
         assert!(world_from(env(&[])).unwrap().is_none());
         // Under torchrun's agent store, the port after MASTER_PORT.
-        let w = world_from(env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "29400"), ("TORCHELASTIC_USE_AGENT_STORE", "True")]))
-            .unwrap()
-            .unwrap();
+        let w = world_from(env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_PORT", "29400"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ]))
+        .unwrap()
+        .unwrap();
         assert_eq!(w.master_port, 29401);
-        assert!(world_from(env(&[("RANK", "8"), ("WORLD_SIZE", "8"), ("MASTER_PORT", "1")])).is_err());
-        assert!(world_from(env(&[("RANK", "0"), ("WORLD_SIZE", "2")])).unwrap_err().to_string().contains("MASTER_PORT"));
-        assert!(world_from(env(&[("RANK", "x"), ("WORLD_SIZE", "2")])).unwrap_err().to_string().contains("RANK"));
+        assert!(
+            world_from(env(&[("RANK", "8"), ("WORLD_SIZE", "8"), ("MASTER_PORT", "1")])).is_err()
+        );
+        assert!(world_from(env(&[("RANK", "0"), ("WORLD_SIZE", "2")]))
+            .unwrap_err()
+            .to_string()
+            .contains("MASTER_PORT"));
+        assert!(world_from(env(&[("RANK", "x"), ("WORLD_SIZE", "2")]))
+            .unwrap_err()
+            .to_string()
+            .contains("RANK"));
     }
 
     #[test]
     fn slurm_variables() {
         let w = world_from(env(&[
-            ("SLURM_PROCID", "9"), ("SLURM_NTASKS", "32"), ("SLURM_LOCALID", "1"), ("SLURM_NTASKS_PER_NODE", "8(x4)"),
-            ("SLURM_JOB_NODELIST", "gpu[012-015]"), ("SLURM_JOB_ID", "123456"),
+            ("SLURM_PROCID", "9"),
+            ("SLURM_NTASKS", "32"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NTASKS_PER_NODE", "8(x4)"),
+            ("SLURM_JOB_NODELIST", "gpu[012-015]"),
+            ("SLURM_JOB_ID", "123456"),
         ]))
         .unwrap()
         .unwrap();
         assert_eq!((w.rank, w.world_size, w.local_rank, w.local_world_size), (9, 32, 1, 8));
-        assert_eq!((w.master_addr.as_str(), w.master_port), ("gpu012", 20000 + (123456 % 20000) as u16));
+        assert_eq!(
+            (w.master_addr.as_str(), w.master_port),
+            ("gpu012", 20000 + (123456 % 20000) as u16)
+        );
     }
 
     #[test]

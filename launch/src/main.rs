@@ -130,7 +130,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("OXCLIP_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("OXCLIP_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
@@ -156,7 +157,9 @@ fn main() -> ExitCode {
         Command::Search(args) => commands::search::search(args),
         Command::Model { command } => commands::model::run(command),
         Command::Config { command: ConfigCommand::Show(args) } => {
-            config::load(&args.config, &args.overrides).map(|c| print!("{}", c.to_yaml())).map_err(Into::into)
+            config::load(&args.config, &args.overrides)
+                .map(|c| print!("{}", c.to_yaml()))
+                .map_err(Into::into)
         }
         Command::Data { command: DataCommand::Synth(args) } => commands::data::synth(args),
         Command::Data { command: DataCommand::Pack(args) } => commands::data::pack(args),
@@ -195,7 +198,10 @@ mod tests {
             for arg in cmd.get_arguments() {
                 let builtin = matches!(arg.get_id().as_str(), "help" | "version");
                 if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
-                    missing.push(format!("{path} --{}", arg.get_long().unwrap_or(arg.get_id().as_str())));
+                    missing.push(format!(
+                        "{path} --{}",
+                        arg.get_long().unwrap_or(arg.get_id().as_str())
+                    ));
                 }
             }
             for sub in cmd.get_subcommands() {

@@ -8,7 +8,11 @@ use util::*;
 #[test]
 fn bench_loss_tiled_and_naive_agree() {
     let run = |extra: &[&str]| -> serde_json::Value {
-        let out = run_ok(oxclip().args(["bench", "loss", "--batch", "300", "--dim", "16", "--device", "cpu"]).args(extra));
+        let out = run_ok(
+            oxclip()
+                .args(["bench", "loss", "--batch", "300", "--dim", "16", "--device", "cpu"])
+                .args(extra),
+        );
         serde_json::from_slice(&out.stdout).expect("one JSON line")
     };
     let (tiled, naive) = (run(&["--tile", "64"]), run(&["--naive"]));
@@ -22,10 +26,17 @@ fn bench_loss_tiled_and_naive_agree() {
     assert!(!bad.status.success());
 
     // SigLIP: tiled and the autograd oracle; bf16 products within bf16 rounding.
-    let (tiled, naive, bf16) =
-        (run(&["--kind", "siglip", "--tile", "64"]), run(&["--kind", "siglip", "--naive"]), run(&["--kind", "siglip", "--tile", "64", "--bf16"]));
+    let (tiled, naive, bf16) = (
+        run(&["--kind", "siglip", "--tile", "64"]),
+        run(&["--kind", "siglip", "--naive"]),
+        run(&["--kind", "siglip", "--tile", "64", "--bf16"]),
+    );
     assert_eq!((tiled["kind"].as_str(), bf16["matmul"].as_str()), (Some("siglip"), Some("bf16")));
-    let (a, b, c) = (tiled["loss"].as_f64().expect("loss"), naive["loss"].as_f64().expect("loss"), bf16["loss"].as_f64().expect("loss"));
+    let (a, b, c) = (
+        tiled["loss"].as_f64().expect("loss"),
+        naive["loss"].as_f64().expect("loss"),
+        bf16["loss"].as_f64().expect("loss"),
+    );
     assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
     assert!((c - b).abs() <= 1e-2 * b.abs(), "bf16 {c} vs {b}");
 }

@@ -23,7 +23,11 @@ fn config_errors_name_the_key_line_or_file() {
         std::fs::write(dir.path().join(name), text).expect("write");
     };
     write("unknown.yaml", &GOOD.replace("  steps: 2\n", "  steps: 2\n  bach_size: 4\n"));
-    fails_with(&["train", "--config", "unknown.yaml"], dir.path(), &["train", "bach_size", "line 7"]);
+    fails_with(
+        &["train", "--config", "unknown.yaml"],
+        dir.path(),
+        &["train", "bach_size", "line 7"],
+    );
     write("type.yaml", &GOOD.replace("steps: 2", "steps: [1, 2]"));
     fails_with(&["train", "--config", "type.yaml"], dir.path(), &["train.steps", "line 6"]);
     write("top.yaml", &format!("{GOOD}optimizer: {{}}\n"));
@@ -39,7 +43,11 @@ fn config_errors_name_the_key_line_or_file() {
     write("device.yaml", &GOOD.replace("device: cpu", "device: tpu"));
     fails_with(&["train", "--config", "device.yaml"], dir.path(), &["tpu"]);
     write("good.yaml", GOOD);
-    fails_with(&["train", "--config", "good.yaml", "--set", "train.steps=zero"], dir.path(), &["train.steps"]);
+    fails_with(
+        &["train", "--config", "good.yaml", "--set", "train.steps=zero"],
+        dir.path(),
+        &["train.steps"],
+    );
     fails_with(&["train", "--config", "good.yaml", "--set", "train"], dir.path(), &["--set train"]);
 }
 
@@ -47,7 +55,14 @@ fn config_errors_name_the_key_line_or_file() {
 fn config_show_prints_the_resolved_config() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("good.yaml"), GOOD).expect("write");
-    let out = run_ok(oxclip().current_dir(dir.path()).args(["config", "show", "--config", "good.yaml", "--set", "optim.lr=0.001"]));
+    let out = run_ok(oxclip().current_dir(dir.path()).args([
+        "config",
+        "show",
+        "--config",
+        "good.yaml",
+        "--set",
+        "optim.lr=0.001",
+    ]));
     let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).expect("yaml");
     assert_eq!(yaml["optim"]["lr"].as_f64(), Some(0.001));
     assert_eq!(yaml["optim"]["betas"][1].as_f64(), Some(0.98));
@@ -57,7 +72,20 @@ fn config_show_prints_the_resolved_config() {
 
 #[test]
 fn bench_train_prints_one_json_line() {
-    let out = run_ok(oxclip().args(["bench", "train", "--model", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--device", "cpu"]));
+    let out = run_ok(oxclip().args([
+        "bench",
+        "train",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+    ]));
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert!(line["samples_per_second"].as_f64().expect("number") > 0.0);
     assert_eq!(line["batch_size"], 8);
@@ -66,8 +94,18 @@ fn bench_train_prints_one_json_line() {
 #[test]
 fn bench_loader_prints_one_json_line() {
     let out = run_ok(oxclip().args([
-        "bench", "loader", "--data", "synthetic:64", "--workers", "2", "--batch-size", "8", "--image-size", "32",
-        "--samples", "32",
+        "bench",
+        "loader",
+        "--data",
+        "synthetic:64",
+        "--workers",
+        "2",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+        "--samples",
+        "32",
     ]));
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert!(line["samples_per_second"].as_f64().expect("number") > 0.0);
@@ -80,13 +118,18 @@ fn bench_loader_prints_one_json_line() {
 #[test]
 fn a_run_that_fails_to_start_leaves_no_run_dir() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("nodata.yaml"), GOOD.replace("synthetic:64", "no/such/shards")).expect("write");
+    std::fs::write(dir.path().join("nodata.yaml"), GOOD.replace("synthetic:64", "no/such/shards"))
+        .expect("write");
     fails_with(&["train", "--config", "nodata.yaml"], dir.path(), &["no/such/shards"]);
     assert!(!dir.path().join("run").exists(), "a failed start left run/ behind");
 
     std::fs::write(dir.path().join("good.yaml"), GOOD).expect("write");
     std::fs::create_dir_all(dir.path().join("notes")).expect("mkdir");
     std::fs::write(dir.path().join("notes/readme.txt"), "x").expect("write");
-    fails_with(&["train", "--config", "good.yaml", "--init", "notes"], dir.path(), &["notes", "readme.txt", "--init"]);
+    fails_with(
+        &["train", "--config", "good.yaml", "--init", "notes"],
+        dir.path(),
+        &["notes", "readme.txt", "--init"],
+    );
     assert!(!dir.path().join("run").exists(), "a failed start left run/ behind");
 }

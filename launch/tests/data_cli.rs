@@ -27,7 +27,8 @@ fn csv_dataset(dir: &Path) -> std::path::PathBuf {
         write_image(&src.join(&name), i);
         csv.push_str(&format!("{name},\"picture {i}, with a comma, and \"\"quotes\"\"\"\n"));
     }
-    std::fs::write(src.join("img/corrupt.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").expect("write");
+    std::fs::write(src.join("img/corrupt.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg")
+        .expect("write");
     csv.push_str("img/corrupt.jpg,a corrupt image\nimg/missing.jpg,no such file\nimg/1.jpg,\n");
     std::fs::write(src.join("list.csv"), csv).expect("write csv");
     src.join("list.csv")
@@ -49,14 +50,28 @@ fn pack_a_csv_then_stats_and_train_on_the_shards() {
 
     // The source itself: every bad row counted by reason.
     let expected_skips = json!({"empty_caption": 1, "missing_image": 1, "undecodable_image": 1});
-    assert_eq!(stats_json(&csv_spec), json!({"samples": 36, "skipped": expected_skips, "shards": 0}));
+    assert_eq!(
+        stats_json(&csv_spec),
+        json!({"samples": 36, "skipped": expected_skips, "shards": 0})
+    );
 
     let shards = dir.path().join("shards");
-    let out = run_ok(oxclip().args(["data", "pack", "--from", &csv_spec, "--out"]).arg(&shards).args(["--shard-size", "10"]));
+    let out = run_ok(
+        oxclip()
+            .args(["data", "pack", "--from", &csv_spec, "--out"])
+            .arg(&shards)
+            .args(["--shard-size", "10"]),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("packed 36 samples into 4 shards"), "{stdout}");
-    assert!(stdout.contains("skipped 3 (empty_caption: 1, missing_image: 1, undecodable_image: 1)"), "{stdout}");
-    let index: Value = serde_json::from_str(&std::fs::read_to_string(shards.join("index.json")).expect("index.json")).expect("index JSON");
+    assert!(
+        stdout.contains("skipped 3 (empty_caption: 1, missing_image: 1, undecodable_image: 1)"),
+        "{stdout}"
+    );
+    let index: Value = serde_json::from_str(
+        &std::fs::read_to_string(shards.join("index.json")).expect("index.json"),
+    )
+    .expect("index JSON");
     assert_eq!(index["samples"], 36);
     assert_eq!(index["shards"][0], json!({"name": "00000.tar", "samples": 10}));
     assert_eq!(index["shards"][3], json!({"name": "00003.tar", "samples": 6}));
@@ -66,7 +81,10 @@ fn pack_a_csv_then_stats_and_train_on_the_shards() {
     assert_eq!(packed, json!({"samples": 36, "skipped": {}, "shards": 4}));
     let human = run_ok(oxclip().args(["data", "stats"]).arg(&shards));
     let human = String::from_utf8_lossy(&human.stdout);
-    assert!(human.contains("36 usable samples in 4 shards") && human.contains("skipped 0"), "{human}");
+    assert!(
+        human.contains("36 usable samples in 4 shards") && human.contains("skipped 0"),
+        "{human}"
+    );
 
     // Two training steps of the tiny model on the packed shards.
     let config = format!(
@@ -82,16 +100,37 @@ fn pack_a_csv_then_stats_and_train_on_the_shards() {
 
     // The packed shards kept each image's file name, and search shows it, not the key.
     let index = dir.path().join("shards.index");
-    run_ok(oxclip().args(["index", "--device", "cpu", "--checkpoint"]).arg(dir.path().join("run")).arg("--data").arg(&shards).arg("--out").arg(&index));
-    let out = run_ok(oxclip().args(["search", "--device", "cpu", "--top", "3", "--index"]).arg(&index).args(["--text", "picture 3"]));
+    run_ok(
+        oxclip()
+            .args(["index", "--device", "cpu", "--checkpoint"])
+            .arg(dir.path().join("run"))
+            .arg("--data")
+            .arg(&shards)
+            .arg("--out")
+            .arg(&index),
+    );
+    let out = run_ok(
+        oxclip()
+            .args(["search", "--device", "cpu", "--top", "3", "--index"])
+            .arg(&index)
+            .args(["--text", "picture 3"]),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{stdout}");
     for line in lines {
         let name = line.split_whitespace().nth(1).unwrap_or_default();
-        assert!(name.starts_with("img/") && (name.ends_with(".jpg") || name.ends_with(".png")), "{stdout}");
+        assert!(
+            name.starts_with("img/") && (name.ends_with(".jpg") || name.ends_with(".png")),
+            "{stdout}"
+        );
     }
-    let out = run_ok(oxclip().args(["search", "--json", "--device", "cpu", "--top", "1", "--index"]).arg(&index).args(["--text", "picture 3"]));
+    let out = run_ok(
+        oxclip()
+            .args(["search", "--json", "--device", "cpu", "--top", "1", "--index"])
+            .arg(&index)
+            .args(["--text", "picture 3"]),
+    );
     let hits: Vec<Value> = serde_json::from_slice(&out.stdout).expect("search JSON");
     assert!(hits[0]["key"].as_str().is_some_and(|k| k.len() == 9), "{hits:?}");
     assert!(hits[0]["source"].as_str().is_some_and(|s| s.starts_with("img/")), "{hits:?}");
@@ -105,24 +144,44 @@ fn pack_resizes_with_max_side_and_reads_folders_and_jsonl() {
     std::fs::create_dir_all(folder.join("sub")).expect("mkdir");
     for i in 0..3 {
         write_image(&folder.join(format!("sub/{i}.jpg")), i);
-        std::fs::write(folder.join(format!("sub/{i}.txt")), format!("folder image {i}\n")).expect("write");
+        std::fs::write(folder.join(format!("sub/{i}.txt")), format!("folder image {i}\n"))
+            .expect("write");
     }
     write_image(&folder.join("no_caption.png"), 9);
     let stats = stats_json(&format!("folder:{}", folder.display()));
     assert_eq!(stats, json!({"samples": 3, "skipped": {"missing_caption": 1}, "shards": 0}));
 
     let out = d.join("small");
-    let packed = run_ok(oxclip().args(["data", "pack", "--from"]).arg(&folder).arg("--out").arg(&out).args(["--max-side", "16"]));
+    let packed = run_ok(
+        oxclip()
+            .args(["data", "pack", "--from"])
+            .arg(&folder)
+            .arg("--out")
+            .arg(&out)
+            .args(["--max-side", "16"]),
+    );
     assert!(String::from_utf8_lossy(&packed.stdout).contains("packed 3 samples into 1 shards"));
     assert!(String::from_utf8_lossy(&packed.stdout).contains("3 downscaled"));
-    assert_eq!(stats_json(out.to_str().expect("utf-8")), json!({"samples": 3, "skipped": {}, "shards": 1}));
+    assert_eq!(
+        stats_json(out.to_str().expect("utf-8")),
+        json!({"samples": 3, "skipped": {}, "shards": 1})
+    );
 
     let jsonl = folder.join("data.jsonl");
     std::fs::write(&jsonl, "{\"image\": \"sub/0.jpg\", \"caption\": \"first\"}\n{\"image\": \"sub/1.jpg\", \"caption\": \n{\"image\": \"sub/2.jpg\", \"caption\": \"third\"}\n").expect("write");
-    assert_eq!(stats_json(jsonl.to_str().expect("utf-8")), json!({"samples": 2, "skipped": {"bad_record": 1}, "shards": 0}));
+    assert_eq!(
+        stats_json(jsonl.to_str().expect("utf-8")),
+        json!({"samples": 2, "skipped": {"bad_record": 1}, "shards": 0})
+    );
 
     // Packing shards, or a CSV without the columns, fails with a message, not a panic.
-    let again = oxclip().args(["data", "pack", "--from"]).arg(&out).arg("--out").arg(d.join("x")).output().expect("runs");
+    let again = oxclip()
+        .args(["data", "pack", "--from"])
+        .arg(&out)
+        .arg("--out")
+        .arg(d.join("x"))
+        .output()
+        .expect("runs");
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("pack reads csv:FILE"));
     std::fs::write(d.join("cols.csv"), "path,text\nsub/0.jpg,x\n").expect("write");
@@ -136,7 +195,11 @@ fn pack_resizes_with_max_side_and_reads_folders_and_jsonl() {
 fn run_fails(cmd: &mut std::process::Command) -> String {
     let out = cmd.output().expect("oxclip runs");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "succeeded:\n{}\n{stderr}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "succeeded:\n{}\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     stderr
 }
@@ -146,7 +209,9 @@ fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .expect("read dir")
         .map(|e| e.expect("entry"))
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).expect("read")))
+        .map(|e| {
+            (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).expect("read"))
+        })
         .collect()
 }
 
@@ -164,40 +229,89 @@ fn pack_never_overwrites_or_removes_files_it_did_not_write() {
     std::fs::write(foreign.join("myarchive.tar"), b"my own archive, not a shard").expect("write");
     let before = snapshot(&foreign);
 
-    let stderr = run_fails(oxclip().args(["data", "pack", "--from", &csv_spec, "--out"]).arg(&foreign).args(["--shard-size", "5"]));
+    let stderr = run_fails(
+        oxclip()
+            .args(["data", "pack", "--from", &csv_spec, "--out"])
+            .arg(&foreign)
+            .args(["--shard-size", "5"]),
+    );
     assert!(
-        stderr.contains("3 file(s) that `data pack` did not write: 00000.tar, 00007.tar, myarchive.tar")
-            && stderr.contains("--beside-existing"),
+        stderr.contains(
+            "3 file(s) that `data pack` did not write: 00000.tar, 00007.tar, myarchive.tar"
+        ) && stderr.contains("--beside-existing"),
         "{stderr}"
     );
     assert_eq!(snapshot(&foreign), before, "pack changed the folder it refused");
 
     // Beside them: 36 samples in 8 shards under names none of them has, all three unchanged.
-    let out = run_ok(oxclip().args(["data", "pack", "--beside-existing", "--from", &csv_spec, "--out"]).arg(&foreign).args(["--shard-size", "5"]));
+    let out = run_ok(
+        oxclip()
+            .args(["data", "pack", "--beside-existing", "--from", &csv_spec, "--out"])
+            .arg(&foreign)
+            .args(["--shard-size", "5"]),
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("packed 36 samples into 8 shards"));
     let after = snapshot(&foreign);
     for (name, bytes) in &before {
         assert_eq!(after.get(name), Some(bytes), "{name} changed");
     }
     let index: Value = serde_json::from_slice(&after["index.json"]).expect("index JSON");
-    let names: Vec<&str> = index["shards"].as_array().expect("shards").iter().map(|s| s["name"].as_str().expect("name")).collect();
-    assert_eq!(names, ["00001.tar", "00002.tar", "00003.tar", "00004.tar", "00005.tar", "00006.tar", "00008.tar", "00009.tar"]);
+    let names: Vec<&str> = index["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .map(|s| s["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "00001.tar",
+            "00002.tar",
+            "00003.tar",
+            "00004.tar",
+            "00005.tar",
+            "00006.tar",
+            "00008.tar",
+            "00009.tar"
+        ]
+    );
 
     // Pack's own earlier output is replaced: the shards its index listed and this pack does
     // not write again go, nothing else does.
     let own = dir.path().join("own");
-    run_ok(oxclip().args(["data", "pack", "--from", &csv_spec, "--out"]).arg(&own).args(["--shard-size", "5"]));
+    run_ok(
+        oxclip()
+            .args(["data", "pack", "--from", &csv_spec, "--out"])
+            .arg(&own)
+            .args(["--shard-size", "5"]),
+    );
     assert!(own.join("00007.tar").exists());
-    let out = run_ok(oxclip().args(["data", "pack", "--from", &csv_spec, "--out"]).arg(&own).args(["--shard-size", "10"]));
+    let out = run_ok(
+        oxclip()
+            .args(["data", "pack", "--from", &csv_spec, "--out"])
+            .arg(&own)
+            .args(["--shard-size", "10"]),
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("packed 36 samples into 4 shards"));
     let left: Vec<String> = snapshot(&own).into_keys().collect();
     assert_eq!(left, ["00000.tar", "00001.tar", "00002.tar", "00003.tar", "index.json"]);
-    assert_eq!(stats_json(own.to_str().expect("utf-8")), json!({"samples": 36, "skipped": {}, "shards": 4}));
+    assert_eq!(
+        stats_json(own.to_str().expect("utf-8")),
+        json!({"samples": 36, "skipped": {}, "shards": 4})
+    );
     // Repacked beside foreign files: pack's earlier shards go, the foreign ones stay.
-    run_ok(oxclip().args(["data", "pack", "--beside-existing", "--from", &csv_spec, "--out"]).arg(&foreign).args(["--shard-size", "20"]));
+    run_ok(
+        oxclip()
+            .args(["data", "pack", "--beside-existing", "--from", &csv_spec, "--out"])
+            .arg(&foreign)
+            .args(["--shard-size", "20"]),
+    );
     let after = snapshot(&foreign);
     let left: Vec<&str> = after.keys().map(String::as_str).collect();
-    assert_eq!(left, ["00000.tar", "00001.tar", "00002.tar", "00007.tar", "index.json", "myarchive.tar"]);
+    assert_eq!(
+        left,
+        ["00000.tar", "00001.tar", "00002.tar", "00007.tar", "index.json", "myarchive.tar"]
+    );
     for (name, bytes) in &before {
         assert_eq!(after.get(name), Some(bytes), "{name} changed");
     }
@@ -225,7 +339,12 @@ fn one_unreadable_shard_is_one_count_and_nothing_usable_is_an_error() {
     let counts: Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
     assert_eq!(counts, json!({"samples": 0, "skipped": {"unreadable_shard": 1}, "shards": 0}));
     let stderr = run_fails(oxclip().args(["data", "stats"]).arg(&garbage_tar));
-    assert!(stderr.contains("no usable sample in") && stderr.contains("garbage.tar") && stderr.contains("skipped: 1 unreadable shard"), "{stderr}");
+    assert!(
+        stderr.contains("no usable sample in")
+            && stderr.contains("garbage.tar")
+            && stderr.contains("skipped: 1 unreadable shard"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("truncated") && !stderr.contains("SkipCounts"), "{stderr}");
 
     // A real shard cut in the middle of its third sample: two usable, one truncated.
@@ -235,7 +354,10 @@ fn one_unreadable_shard_is_one_count_and_nothing_usable_is_an_error() {
     let cut = d.join("cut");
     std::fs::create_dir_all(&cut).expect("mkdir");
     std::fs::write(cut.join("00000.tar"), &whole[..members[4] + 700]).expect("write");
-    assert_eq!(stats_json(cut.join("00000.tar").to_str().expect("utf-8")), json!({"samples": 2, "skipped": {"truncated_shard": 1}, "shards": 1}));
+    assert_eq!(
+        stats_json(cut.join("00000.tar").to_str().expect("utf-8")),
+        json!({"samples": 2, "skipped": {"truncated_shard": 1}, "shards": 1})
+    );
 
     // Training and pack refuse a source with nothing usable, with the reasons.
     let config = format!(
@@ -245,10 +367,23 @@ fn one_unreadable_shard_is_one_count_and_nothing_usable_is_an_error() {
     );
     std::fs::write(d.join("run.yaml"), config).expect("write");
     let stderr = run_fails(oxclip().args(["train", "--config"]).arg(d.join("run.yaml")));
-    assert!(stderr.contains("no usable sample in") && stderr.contains("1 unreadable shard"), "{stderr}");
-    std::fs::write(d.join("none.csv"), "filepath,title\nmissing.jpg,gone\n,no image\n").expect("write");
-    let stderr = run_fails(oxclip().args(["data", "pack", "--from"]).arg(d.join("none.csv")).arg("--out").arg(d.join("none")));
-    assert!(stderr.contains("no usable sample in") && stderr.contains("2 missing images"), "{stderr}");
+    assert!(
+        stderr.contains("no usable sample in") && stderr.contains("1 unreadable shard"),
+        "{stderr}"
+    );
+    std::fs::write(d.join("none.csv"), "filepath,title\nmissing.jpg,gone\n,no image\n")
+        .expect("write");
+    let stderr = run_fails(
+        oxclip()
+            .args(["data", "pack", "--from"])
+            .arg(d.join("none.csv"))
+            .arg("--out")
+            .arg(d.join("none")),
+    );
+    assert!(
+        stderr.contains("no usable sample in") && stderr.contains("2 missing images"),
+        "{stderr}"
+    );
     assert!(!d.join("none").exists(), "a failed pack left its output folder");
 }
 
@@ -259,7 +394,9 @@ fn tar_member_offsets(bytes: &[u8]) -> Vec<usize> {
     while at + 512 <= bytes.len() && bytes[at] != 0 {
         offsets.push(at);
         let size_field = std::str::from_utf8(&bytes[at + 124..at + 136]).expect("size field");
-        let size = usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8).expect("octal size");
+        let size =
+            usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+                .expect("octal size");
         at += 512 + size.div_ceil(512) * 512;
     }
     offsets
@@ -274,7 +411,10 @@ fn jsonl_with_other_key_names_is_an_error_naming_them() {
     for cmd in [vec!["data", "stats"], vec!["data", "pack", "--out", "unused", "--from"]] {
         let stderr = run_fails(oxclip().current_dir(d).args(cmd).arg("data.jsonl"));
         assert!(
-            stderr.contains("data.jsonl") && stderr.contains("the key `image` or `caption`") && stderr.contains("has `text`, `url`") && stderr.contains("img_key="),
+            stderr.contains("data.jsonl")
+                && stderr.contains("the key `image` or `caption`")
+                && stderr.contains("has `text`, `url`")
+                && stderr.contains("img_key="),
             "{stderr}"
         );
     }
@@ -289,19 +429,30 @@ fn a_gif_is_unsupported_not_undecodable() {
     // A valid 1 x 1 GIF89a, one white pixel.
     let gif = b"GIF89a\x01\0\x01\0\x80\0\0\xff\xff\xff\0\0\0!\xf9\x04\x01\0\0\0\0,\0\0\0\0\x01\0\x01\0\0\x02\x02D\x01\0;";
     std::fs::write(d.join("anim.gif"), gif).expect("write");
-    std::fs::write(d.join("list.csv"), "filepath,title\na.jpg,a picture\nanim.gif,a gif\n").expect("write");
+    std::fs::write(d.join("list.csv"), "filepath,title\na.jpg,a picture\nanim.gif,a gif\n")
+        .expect("write");
     let spec = d.join("list.csv");
-    assert_eq!(stats_json(spec.to_str().expect("utf-8")), json!({"samples": 1, "skipped": {"unsupported_image": 1}, "shards": 0}));
+    assert_eq!(
+        stats_json(spec.to_str().expect("utf-8")),
+        json!({"samples": 1, "skipped": {"unsupported_image": 1}, "shards": 0})
+    );
     std::fs::write(d.join("gifs.csv"), "filepath,title\nanim.gif,a gif\n").expect("write");
     let stderr = run_fails(oxclip().args(["data", "stats"]).arg(d.join("gifs.csv")));
-    assert!(stderr.contains("skipped: 1 image in an unsupported format (only JPEG, PNG and WebP are read)") && !stderr.contains("undecodable"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "skipped: 1 image in an unsupported format (only JPEG, PNG and WebP are read)"
+        ) && !stderr.contains("undecodable"),
+        "{stderr}"
+    );
 }
 
 /// `dir/captions.jsonl`: the 2000 varied captions of the tokenizer corpus (mixed case,
 /// punctuation, digits, accents, several scripts), or its first `n`.
 fn caption_corpus(dir: &Path, n: usize) -> std::path::PathBuf {
-    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer_corpus.json");
-    let corpus: Value = serde_json::from_str(&std::fs::read_to_string(corpus).expect("corpus")).expect("corpus JSON");
+    let corpus =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer_corpus.json");
+    let corpus: Value = serde_json::from_str(&std::fs::read_to_string(corpus).expect("corpus"))
+        .expect("corpus JSON");
     let lines: Vec<String> = corpus["texts"]
         .as_array()
         .expect("texts")
@@ -322,9 +473,21 @@ fn tokenizer_train_writes_the_vocab_size_asked_or_says_why_not() {
     let d = dir.path();
     let corpus = caption_corpus(d, 2000);
     let out = d.join("tokenizer.json");
-    let printed = run_ok(oxclip().args(["tokenizer", "train", "--vocab-size", "600", "--data"]).arg(&corpus).arg("--out").arg(&out));
-    assert!(String::from_utf8_lossy(&printed.stdout).contains(": 600 tokens"), "{}", String::from_utf8_lossy(&printed.stdout));
-    let written: Value = serde_json::from_str(&std::fs::read_to_string(&out).expect("tokenizer.json")).expect("JSON");
+    let printed = run_ok(
+        oxclip()
+            .args(["tokenizer", "train", "--vocab-size", "600", "--data"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(
+        String::from_utf8_lossy(&printed.stdout).contains(": 600 tokens"),
+        "{}",
+        String::from_utf8_lossy(&printed.stdout)
+    );
+    let written: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("tokenizer.json"))
+            .expect("JSON");
     let vocab = written["model"]["vocab"].as_object().expect("vocab");
     let added = written["added_tokens"].as_array().expect("added tokens");
     assert_eq!(vocab.len() + added.len(), 600);
@@ -336,7 +499,18 @@ fn tokenizer_train_writes_the_vocab_size_asked_or_says_why_not() {
     // Forty captions cannot fill 5000 entries: an error with both numbers, nothing written.
     let few = caption_corpus(d, 40);
     let small = d.join("small.json");
-    let stderr = run_fails(oxclip().args(["tokenizer", "train", "--vocab-size", "5000", "--data"]).arg(&few).arg("--out").arg(&small));
-    assert!(stderr.contains("the 40 captions") && stderr.contains("not the --vocab-size 5000 asked") && stderr.contains("--min-frequency"), "{stderr}");
+    let stderr = run_fails(
+        oxclip()
+            .args(["tokenizer", "train", "--vocab-size", "5000", "--data"])
+            .arg(&few)
+            .arg("--out")
+            .arg(&small),
+    );
+    assert!(
+        stderr.contains("the 40 captions")
+            && stderr.contains("not the --vocab-size 5000 asked")
+            && stderr.contains("--min-frequency"),
+        "{stderr}"
+    );
     assert!(!small.exists());
 }

@@ -63,8 +63,12 @@ fn rank_0_alone_exits_naming_the_rank_that_never_joined() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let started = Instant::now();
-    let stderr = fails_in_time(rank(&config(dir.path()), 0, port).spawn().expect("rank 0 starts"), started);
-    assert!(stderr.contains(&format!("rank(s) 1 never joined rank 0 on port {port} (dist.timeout_s)")), "{stderr}");
+    let stderr =
+        fails_in_time(rank(&config(dir.path()), 0, port).spawn().expect("rank 0 starts"), started);
+    assert!(
+        stderr.contains(&format!("rank(s) 1 never joined rank 0 on port {port} (dist.timeout_s)")),
+        "{stderr}"
+    );
     // It did wait for the timeout, not fail for some other reason first.
     assert!(started.elapsed() >= Duration::from_secs(TIMEOUT_S), "{:?}", started.elapsed());
 }
@@ -74,8 +78,14 @@ fn rank_1_alone_exits_naming_rank_0s_address() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let started = Instant::now();
-    let stderr = fails_in_time(rank(&config(dir.path()), 1, port).spawn().expect("rank 1 starts"), started);
-    assert!(stderr.contains(&format!("rank 1 could not join rank 0 at 127.0.0.1:{port} within dist.timeout_s")), "{stderr}");
+    let stderr =
+        fails_in_time(rank(&config(dir.path()), 1, port).spawn().expect("rank 1 starts"), started);
+    assert!(
+        stderr.contains(&format!(
+            "rank 1 could not join rank 0 at 127.0.0.1:{port} within dist.timeout_s"
+        )),
+        "{stderr}"
+    );
     assert!(started.elapsed() >= Duration::from_secs(TIMEOUT_S), "{:?}", started.elapsed());
 }
 
@@ -109,7 +119,10 @@ fn a_peer_that_joins_and_never_makes_its_first_collective_ends_rank_0() {
     let stderr = fails_in_time(rank0, joined);
     drop(peer);
     // The first collective is the start-up config check, a byte gather.
-    assert!(stderr.contains(&format!("rank 0 in GatherBytes #1: nothing from rank 1 for {TIMEOUT_S}s")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("rank 0 in GatherBytes #1: nothing from rank 1 for {TIMEOUT_S}s")),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -127,7 +140,10 @@ fn a_rank_0_that_welcomes_and_then_stays_silent_ends_rank_1() {
     let joined = Instant::now();
     let stderr = fails_in_time(rank1, joined);
     drop(stream);
-    assert!(stderr.contains(&format!("rank 1 in GatherBytes #1: nothing from rank 0 for {TIMEOUT_S}s")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("rank 1 in GatherBytes #1: nothing from rank 0 for {TIMEOUT_S}s")),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -141,7 +157,8 @@ fn a_real_rank_frozen_right_after_joining_ends_the_other() {
     let mut lines = BufReader::new(rank1.stderr.take().expect("stderr")).lines();
     let joined = lines.by_ref().map_while(Result::ok).any(|l| l.contains("rank 1 of 2 joined"));
     assert!(joined, "rank 1 never joined");
-    let stop = Command::new("kill").args(["-STOP", &rank1.id().to_string()]).status().expect("kill");
+    let stop =
+        Command::new("kill").args(["-STOP", &rank1.id().to_string()]).status().expect("kill");
     assert!(stop.success());
     let stopped = Instant::now();
     let stderr = fails_in_time(rank0, stopped);
@@ -194,5 +211,8 @@ fn a_silent_stray_connection_does_not_hold_the_rendezvous() {
     let stderr = fails_in_time(rank0, Instant::now());
     drop((stray, peer));
     assert!(stderr.contains("sent no greeting") && stderr.contains("ignored"), "{stderr}");
-    assert!(stderr.contains(&format!("rank 0 in GatherBytes #1: nothing from rank 1 for {TIMEOUT_S}s")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("rank 0 in GatherBytes #1: nothing from rank 1 for {TIMEOUT_S}s")),
+        "{stderr}"
+    );
 }

@@ -13,7 +13,8 @@ use util::*;
 fn config(dir: &Path, steps: u64, timeout_s: u64) -> std::path::PathBuf {
     // Held-out synthetic scenes, labelled with 24 classes: zero-shot and retrieval at the end.
     let classnames = dir.join("classnames.txt");
-    std::fs::write(&classnames, (0..24).map(|i| format!("class {i}\n")).collect::<String>()).expect("classnames");
+    std::fs::write(&classnames, (0..24).map(|i| format!("class {i}\n")).collect::<String>())
+        .expect("classnames");
     let templates = dir.join("templates.txt");
     std::fs::write(&templates, "a photo of a {}.\na drawing of the {}.\n").expect("templates");
     let text = format!(
@@ -32,12 +33,27 @@ fn four_ranks_of_8_end_with_the_weights_of_one_rank_of_32() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), 6, 120);
     let single = dir.path().join("single");
-    run_ok(oxclip().args(["train", "--config"]).arg(&config).args(["--set", "train.batch_size=32", "--run-dir"]).arg(&single));
+    run_ok(
+        oxclip()
+            .args(["train", "--config"])
+            .arg(&config)
+            .args(["--set", "train.batch_size=32", "--run-dir"])
+            .arg(&single),
+    );
 
     let multi = dir.path().join("multi");
     let out = run_ok(
         oxclip()
-            .args(["launch", "--nproc-per-node", "4", "--master-port", &free_port().to_string(), "--", "train", "--config"])
+            .args([
+                "launch",
+                "--nproc-per-node",
+                "4",
+                "--master-port",
+                &free_port().to_string(),
+                "--",
+                "train",
+                "--config",
+            ])
             .arg(&config)
             .arg("--run-dir")
             .arg(&multi),
@@ -57,7 +73,8 @@ fn four_ranks_of_8_end_with_the_weights_of_one_rank_of_32() {
     assert!(multi.join(opt).is_file());
     // The checkpoint carries every rank's loader position.
     let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(multi.join("checkpoints/step_6/trainer_state.json")).expect("state"),
+        &std::fs::read_to_string(multi.join("checkpoints/step_6/trainer_state.json"))
+            .expect("state"),
     )
     .expect("json");
     assert_eq!(state["rank_loaders"].as_array().map(Vec::len), Some(4), "{state}");
@@ -65,13 +82,19 @@ fn four_ranks_of_8_end_with_the_weights_of_one_rank_of_32() {
     // The final evaluation, spread over 4 ranks (70 samples: uneven shares), scores the whole
     // held-out set as the single process does.
     for tag in ["val/image_to_text_R@1", "val/text_to_image_mean_rank", "val/val-zeroshot-top1"] {
-        let (a, b) = (&read_tensorboard(&single.join("tensorboard"))[tag], &read_tensorboard(&multi.join("tensorboard"))[tag]);
+        let (a, b) = (
+            &read_tensorboard(&single.join("tensorboard"))[tag],
+            &read_tensorboard(&multi.join("tensorboard"))[tag],
+        );
         assert_eq!(a.len(), 1, "{tag}");
         assert!((a[0].1 - b[0].1).abs() <= 1.0 / 70.0 + 1e-6, "{tag}: {} vs {}", a[0].1, b[0].1);
     }
 
     // The losses logged are the global batch's, so they match the single process's.
-    let (a, b) = (read_tensorboard(&single.join("tensorboard")), read_tensorboard(&multi.join("tensorboard")));
+    let (a, b) = (
+        read_tensorboard(&single.join("tensorboard")),
+        read_tensorboard(&multi.join("tensorboard")),
+    );
     for ((sa, la), (sb, lb)) in a["train/loss"].iter().zip(&b["train/loss"]) {
         assert_eq!(sa, sb);
         assert!((la - lb).abs() <= 1e-4 * la.abs(), "step {sa}: {la} vs {lb}");
@@ -85,7 +108,10 @@ fn children(pid: u32) -> Vec<u32> {
         let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
         // pid (comm) state ppid ...: the comm may hold spaces, so split after the last ')'.
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<u32>().ok());
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
         if ppid == Some(pid) {
             kids.push(child);
         }
@@ -98,7 +124,18 @@ fn a_rank_killed_with_sigkill_ends_the_launch_without_leftovers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), 100_000, 20);
     let mut launcher = oxclip()
-        .args(["launch", "--nproc-per-node", "2", "--grace-s", "5", "--master-port", &free_port().to_string(), "--", "train", "--config"])
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--grace-s",
+            "5",
+            "--master-port",
+            &free_port().to_string(),
+            "--",
+            "train",
+            "--config",
+        ])
         .arg(&config)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -113,7 +150,10 @@ fn a_rank_killed_with_sigkill_ends_the_launch_without_leftovers() {
     let ranks = children(launcher.id());
     assert_eq!(ranks.len(), 2, "{ranks:?}");
     let victim = *ranks.iter().max().expect("a rank");
-    let killed = std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().expect("kill");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .expect("kill");
     assert!(killed.success());
 
     let started = Instant::now();
@@ -121,7 +161,10 @@ fn a_rank_killed_with_sigkill_ends_the_launch_without_leftovers() {
         if let Some(status) = launcher.try_wait().expect("wait") {
             break status;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "the launcher did not end after a rank died");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the launcher did not end after a rank died"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!status.success(), "{status}");
@@ -136,7 +179,18 @@ fn a_stalled_rank_fails_the_others_within_the_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), 100_000, 3);
     let launcher = oxclip()
-        .args(["launch", "--nproc-per-node", "2", "--grace-s", "2", "--master-port", &free_port().to_string(), "--", "train", "--config"])
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--grace-s",
+            "2",
+            "--master-port",
+            &free_port().to_string(),
+            "--",
+            "train",
+            "--config",
+        ])
         .arg(&config)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -150,7 +204,11 @@ fn a_stalled_rank_fails_the_others_within_the_timeout() {
     assert_eq!(ranks.len(), 2, "{ranks:?}");
     // Freeze rank 1 (SIGSTOP): alive, connected, silent.
     let victim = *ranks.iter().max().expect("a rank");
-    assert!(std::process::Command::new("kill").args(["-STOP", &victim.to_string()]).status().expect("kill").success());
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &victim.to_string()])
+        .status()
+        .expect("kill")
+        .success());
     let started = Instant::now();
     let output = launcher.wait_with_output().expect("launcher ends");
     assert!(!output.status.success());
@@ -220,16 +278,31 @@ fn a_rank_asking_for_another_ranks_gpu_stops_naming_itself_before_joining() {
 fn two_ranks_on_shards_resume_each_rank_where_it_stood() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = synth(dir.path(), 300, 0, 32);
-    let config = tiny_config(dir.path(), &data, 10, "  checkpoint_every: 4\n  keep_checkpoints: 5\n  eval_every: 0\n", false);
+    let config = tiny_config(
+        dir.path(),
+        &data,
+        10,
+        "  checkpoint_every: 4\n  keep_checkpoints: 5\n  eval_every: 0\n",
+        false,
+    );
     let text = std::fs::read_to_string(&config).expect("config");
     std::fs::write(&config, text.replace("  workers: 2\n", "  workers: 2\n  shuffle_buffer: 40\n  log_keys: true\ndist:\n  backend: cpu\n  timeout_s: 60\n"))
         .expect("config");
     let launch = |run: &Path, resume: Option<&Path>| {
         let mut cmd = oxclip();
-        cmd.args(["launch", "--nproc-per-node", "2", "--master-port", &free_port().to_string(), "--", "train", "--config"])
-            .arg(&config)
-            .arg("--run-dir")
-            .arg(run);
+        cmd.args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            &free_port().to_string(),
+            "--",
+            "train",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--run-dir")
+        .arg(run);
         if let Some(from) = resume {
             cmd.arg("--resume").arg(from);
         }
@@ -248,7 +321,9 @@ fn two_ranks_on_shards_resume_each_rank_where_it_stood() {
             std::fs::read_to_string(run.join(format!("keys-rank{rank}.tsv")))
                 .expect("key log")
                 .lines()
-                .filter(|l| l.split('\t').next().and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s > 4))
+                .filter(|l| {
+                    l.split('\t').next().and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s > 4)
+                })
                 .map(String::from)
                 .collect::<Vec<_>>()
         };

@@ -29,11 +29,18 @@ fn eval_json(data_flag: &str, data: &str) -> serde_json::Value {
 /// Fails with a message holding every one of `expect`, without a panic or a Rust debug dump.
 fn fails_saying(out: &Output, expect: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected a failure, got stdout:\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "expected a failure, got stdout:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     for e in expect {
         assert!(stderr.contains(e), "`{e}` not in:\n{stderr}");
     }
-    assert!(!stderr.contains("panicked") && !stderr.contains("Os {") && !stderr.contains("Error("), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Os {") && !stderr.contains("Error("),
+        "{stderr}"
+    );
 }
 
 /// Within 0.2 points (0.002) of clip_benchmark's number.
@@ -44,8 +51,10 @@ fn close(name: &str, ours: &serde_json::Value, theirs: &serde_json::Value) {
 
 #[test]
 fn clip_benchmark_numbers_are_reproduced() {
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json")).expect("json");
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json"),
+    )
+    .expect("json");
 
     // A directory holding classnames.txt is a clip_benchmark set as it is.
     let digits = fixture().join("digits");
@@ -84,7 +93,13 @@ fn unscorable_benchmark_sets_are_refused_by_name() {
     let d = dir.path();
     let model = fixture().join("model");
     let eval = |flag: &str, data: &Path| {
-        oxclip().args(["eval", "--json", "--device", "cpu", "--checkpoint"]).arg(&model).arg(flag).arg(data).output().expect("runs")
+        oxclip()
+            .args(["eval", "--json", "--device", "cpu", "--checkpoint"])
+            .arg(&model)
+            .arg(flag)
+            .arg(data)
+            .output()
+            .expect("runs")
     };
     let mut image = Vec::new();
     image::RgbImage::from_pixel(32, 32, image::Rgb([200, 10, 10]))
@@ -93,17 +108,26 @@ fn unscorable_benchmark_sets_are_refused_by_name() {
 
     // Labelled shards without classnames.txt: the missing file is named.
     let no_names = d.join("no_names");
-    shard(&no_names.join("test/0.tar"), &[("a", &[("png", image.as_slice()), ("cls", b"0".as_slice())])]);
+    shard(
+        &no_names.join("test/0.tar"),
+        &[("a", &[("png", image.as_slice()), ("cls", b"0".as_slice())])],
+    );
     std::fs::write(no_names.join("test/nshards.txt"), "1\n").expect("write");
     let out = eval("--zero-shot", &PathBuf::from(format!("wds:{}", no_names.display())));
     fails_saying(&out, &[&no_names.join("classnames.txt").display().to_string(), "is missing"]);
 
     // Class names but shards without `cls`: the shards are named.
     let no_labels = d.join("no_labels");
-    shard(&no_labels.join("test/0.tar"), &[("a", &[("png", image.as_slice()), ("txt", b"a red square".as_slice())])]);
+    shard(
+        &no_labels.join("test/0.tar"),
+        &[("a", &[("png", image.as_slice()), ("txt", b"a red square".as_slice())])],
+    );
     std::fs::write(no_labels.join("classnames.txt"), "red\nblue\n").expect("write");
     let out = eval("--zero-shot", &no_labels);
-    fails_saying(&out, &[&no_labels.join("test").display().to_string(), "carries a class label", "KEY.cls"]);
+    fails_saying(
+        &out,
+        &[&no_labels.join("test").display().to_string(), "carries a class label", "KEY.cls"],
+    );
 
     // nshards.txt naming shards that are not there.
     std::fs::write(no_labels.join("test/nshards.txt"), "2\n").expect("write");
@@ -116,7 +140,8 @@ fn unscorable_benchmark_sets_are_refused_by_name() {
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         std::fs::write(&path, &image).expect("write");
     }
-    let out = eval("--zero-shot", &PathBuf::from(format!("imagenet1k:{}", d.join("imagenet").display())));
+    let out =
+        eval("--zero-shot", &PathBuf::from(format!("imagenet1k:{}", d.join("imagenet").display())));
     fails_saying(&out, &["has 2 class folders", "1000"]);
 }
 
@@ -125,30 +150,63 @@ fn unscorable_benchmark_sets_are_refused_by_name() {
 /// over top-1 and retrieval's mean recall@1.
 #[test]
 fn a_suite_is_every_set_and_their_average() {
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json")).expect("json");
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json"),
+    )
+    .expect("json");
     let out = run_ok(
-        oxclip().args(["eval", "--json", "--device", "cpu", "--checkpoint"]).arg(fixture().join("model")).arg("--suite").arg(fixture()),
+        oxclip()
+            .args(["eval", "--json", "--device", "cpu", "--checkpoint"])
+            .arg(fixture().join("model"))
+            .arg("--suite")
+            .arg(fixture()),
     );
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let datasets = result["datasets"].as_object().expect("datasets");
     assert_eq!(datasets.keys().collect::<Vec<_>>(), ["digits", "digits_retrieval"], "{result}");
     close("top1", &datasets["digits"]["zero_shot"]["top1"], &expected["digits"]["acc1"]);
     let cb = &expected["digits_retrieval"];
-    let mean_r1 = (cb["image_retrieval_recall@1"].as_f64().expect("r@1") + cb["text_retrieval_recall@1"].as_f64().expect("r@1")) / 2.0;
-    close("mean_recall@1", &datasets["digits_retrieval"]["main_metric"]["value"], &serde_json::json!(mean_r1));
+    let mean_r1 = (cb["image_retrieval_recall@1"].as_f64().expect("r@1")
+        + cb["text_retrieval_recall@1"].as_f64().expect("r@1"))
+        / 2.0;
+    close(
+        "mean_recall@1",
+        &datasets["digits_retrieval"]["main_metric"]["value"],
+        &serde_json::json!(mean_r1),
+    );
     let average = (expected["digits"]["acc1"].as_f64().expect("acc1") + mean_r1) / 2.0;
     close("average", &result["average"], &serde_json::json!(average));
 
     // A suite file: `name=spec` lines; a line without `=` is named.
     let dir = tempfile::tempdir().expect("tempdir");
     let list = dir.path().join("suite.txt");
-    std::fs::write(&list, format!("# one set\ndigits-again=wds:{}\n", fixture().join("digits").display())).expect("write");
-    let out = run_ok(oxclip().args(["eval", "--device", "cpu", "--checkpoint"]).arg(fixture().join("model")).arg("--suite").arg(&list));
+    std::fs::write(
+        &list,
+        format!("# one set\ndigits-again=wds:{}\n", fixture().join("digits").display()),
+    )
+    .expect("write");
+    let out = run_ok(
+        oxclip()
+            .args(["eval", "--device", "cpu", "--checkpoint"])
+            .arg(fixture().join("model"))
+            .arg("--suite")
+            .arg(&list),
+    );
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("digits-again") && table.contains("mean_per_class_recall") && table.contains("average"), "{table}");
+    assert!(
+        table.contains("digits-again")
+            && table.contains("mean_per_class_recall")
+            && table.contains("average"),
+        "{table}"
+    );
     std::fs::write(&list, "digits\n").expect("write");
-    let out = oxclip().args(["eval", "--device", "cpu", "--checkpoint"]).arg(fixture().join("model")).arg("--suite").arg(&list).output().expect("runs");
+    let out = oxclip()
+        .args(["eval", "--device", "cpu", "--checkpoint"])
+        .arg(fixture().join("model"))
+        .arg("--suite")
+        .arg(&list)
+        .output()
+        .expect("runs");
     fails_saying(&out, &["suite.txt, line 1", "name=spec"]);
 }
 
@@ -158,30 +216,51 @@ fn a_suite_is_every_set_and_their_average() {
 #[test]
 fn a_suite_over_two_ranks_scores_the_whole_sets_once() {
     let suite = |cmd: &mut std::process::Command| {
-        cmd.args(["eval", "--json", "--device", "cpu", "--batch-size", "16", "--checkpoint"]).arg(fixture().join("model")).arg("--suite").arg(fixture());
+        cmd.args(["eval", "--json", "--device", "cpu", "--batch-size", "16", "--checkpoint"])
+            .arg(fixture().join("model"))
+            .arg("--suite")
+            .arg(fixture());
     };
     let mut single = oxclip();
     suite(&mut single);
-    let single: serde_json::Value = serde_json::from_slice(&run_ok(&mut single).stdout).expect("json");
+    let single: serde_json::Value =
+        serde_json::from_slice(&run_ok(&mut single).stdout).expect("json");
     let mut launched = oxclip();
-    launched.args(["launch", "--nproc-per-node", "2", "--master-port", &free_port().to_string(), "--"]);
+    launched.args([
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        &free_port().to_string(),
+        "--",
+    ]);
     suite(&mut launched);
     let out = run_ok(&mut launched);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let printed: Vec<&str> = stdout.lines().filter(|l| l.contains("\"datasets\"")).collect();
     assert_eq!(printed.len(), 1, "one rank prints the result:\n{stdout}");
     assert!(printed[0].starts_with("[rank 0] "), "{stdout}");
-    let two: serde_json::Value = serde_json::from_str(printed[0].trim_start_matches("[rank 0] ")).expect("json");
-    let (a, b) = (&single["datasets"]["digits"]["zero_shot"], &two["datasets"]["digits"]["zero_shot"]);
+    let two: serde_json::Value =
+        serde_json::from_str(printed[0].trim_start_matches("[rank 0] ")).expect("json");
+    let (a, b) =
+        (&single["datasets"]["digits"]["zero_shot"], &two["datasets"]["digits"]["zero_shot"]);
     assert_eq!(a["samples"], b["samples"], "every image once: {two}");
     let flip = 1.0 / a["samples"].as_f64().expect("samples") + 1e-9;
     for key in ["top1", "top5", "mean_per_class_recall"] {
         let (x, y) = (a[key].as_f64().expect("number"), b[key].as_f64().expect("number"));
         assert!((x - y).abs() <= 2.0 * flip, "{key}: 1 rank {x}, 2 ranks {y}");
     }
-    let (a, b) = (&single["datasets"]["digits_retrieval"]["retrieval"], &two["datasets"]["digits_retrieval"]["retrieval"]);
+    let (a, b) = (
+        &single["datasets"]["digits_retrieval"]["retrieval"],
+        &two["datasets"]["digits_retrieval"]["retrieval"],
+    );
     assert_eq!(a["pairs"], b["pairs"], "{two}");
-    for key in ["image_retrieval_recall@1", "text_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@5"] {
+    for key in [
+        "image_retrieval_recall@1",
+        "text_retrieval_recall@1",
+        "image_retrieval_recall@5",
+        "text_retrieval_recall@5",
+    ] {
         let (x, y) = (a[key].as_f64().expect("number"), b[key].as_f64().expect("number"));
         assert!((x - y).abs() <= 0.03, "{key}: 1 rank {x}, 2 ranks {y}");
     }
@@ -214,12 +293,19 @@ fn eval_datasets_are_evaluated_during_training() {
         "val/digits-ret-image_retrieval_recall@1",
         "val/digits-ret-text_retrieval_recall@10",
     ] {
-        let steps: Vec<i64> = scalars.get(tag).unwrap_or_else(|| panic!("no {tag} in {:?}", scalars.keys())).iter().map(|(s, _)| *s).collect();
+        let steps: Vec<i64> = scalars
+            .get(tag)
+            .unwrap_or_else(|| panic!("no {tag} in {:?}", scalars.keys()))
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
         assert_eq!(steps, [1, 2], "{tag}");
     }
     for step in [1, 2] {
         let path = run.join("eval").join(format!("{step}.json"));
-        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("eval json")).expect("json");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("eval json"))
+                .expect("json");
         assert_eq!(report["step"], step, "{report}");
         assert_eq!(report["datasets"]["digits"]["zero_shot"]["samples"], 210, "{report}");
         assert_eq!(report["datasets"]["digits-ret"]["retrieval"]["pairs"], 60, "{report}");
@@ -230,7 +316,14 @@ fn eval_datasets_are_evaluated_during_training() {
     // A set that cannot be scored fails the run before its first step, naming the entry.
     let mut text = std::fs::read_to_string(&config).expect("config");
     text.push_str(&format!("    - name: bad\n      spec: wds:{}\n", d.join("nowhere").display()));
-    std::fs::write(&config, text.replace(&format!("run_dir: {}", run.display()), &format!("run_dir: {}", d.join("run2").display()))).expect("write");
+    std::fs::write(
+        &config,
+        text.replace(
+            &format!("run_dir: {}", run.display()),
+            &format!("run_dir: {}", d.join("run2").display()),
+        ),
+    )
+    .expect("write");
     let out = oxclip().args(["train", "--config"]).arg(&config).output().expect("runs");
     fails_saying(&out, &["eval.datasets `bad`", "nowhere"]);
 }
@@ -254,23 +347,44 @@ fn eval_datasets_over_ranks_score_the_whole_sets() {
     )
     .expect("write config");
     let single = d.join("single");
-    run_ok(oxclip().args(["train", "--config"]).arg(&config).args(["--set", "train.batch_size=24", "--run-dir"]).arg(&single));
+    run_ok(
+        oxclip()
+            .args(["train", "--config"])
+            .arg(&config)
+            .args(["--set", "train.batch_size=24", "--run-dir"])
+            .arg(&single),
+    );
     let multi = d.join("multi");
     run_ok(
         oxclip()
-            .args(["launch", "--nproc-per-node", "3", "--master-port", &free_port().to_string(), "--", "train", "--config"])
+            .args([
+                "launch",
+                "--nproc-per-node",
+                "3",
+                "--master-port",
+                &free_port().to_string(),
+                "--",
+                "train",
+                "--config",
+            ])
             .arg(&config)
             .arg("--run-dir")
             .arg(&multi),
     );
     let read = |run: &Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(run.join("eval/2.json")).expect("eval/2.json")).expect("json")
+        serde_json::from_str(
+            &std::fs::read_to_string(run.join("eval/2.json")).expect("eval/2.json"),
+        )
+        .expect("json")
     };
     let (a, b) = (read(&single), read(&multi));
     assert_eq!(b["datasets"]["digits"]["zero_shot"]["samples"], 210, "{b}");
     assert_eq!(b["datasets"]["ret"]["retrieval"]["pairs"], 60, "{b}");
     let near = |path: [&str; 3], tolerance: f64| {
-        let (x, y) = (a["datasets"][path[0]][path[1]][path[2]].as_f64(), b["datasets"][path[0]][path[1]][path[2]].as_f64());
+        let (x, y) = (
+            a["datasets"][path[0]][path[1]][path[2]].as_f64(),
+            b["datasets"][path[0]][path[1]][path[2]].as_f64(),
+        );
         let (x, y) = (x.expect("single"), y.expect("multi"));
         assert!((x - y).abs() <= tolerance + 1e-6, "{path:?}: 1 rank {x}, 3 ranks {y}");
     };

@@ -47,7 +47,13 @@ fn colour_csv(dir: &Path, name: &str, per_color: usize, seed: u64) -> std::path:
 }
 
 fn image_to_text_r1(checkpoint: &[&str], data: &Path) -> f64 {
-    let out = run_ok(oxclip().args(["eval", "--json", "--device", "cpu"]).args(checkpoint).arg("--retrieval").arg(data));
+    let out = run_ok(
+        oxclip()
+            .args(["eval", "--json", "--device", "cpu"])
+            .args(checkpoint)
+            .arg("--retrieval")
+            .arg(data),
+    );
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     result["retrieval"]["image_to_text_R@1"].as_f64().expect("R@1")
 }
@@ -60,7 +66,13 @@ fn fine_tuning_an_exported_checkpoint_on_a_csv_improves_retrieval() {
     let config = tiny_config(dir.path(), &data, 12, "  eval_every: 0\n", false);
     run_ok(oxclip().args(["train", "--config"]).arg(&config));
     let exported = dir.path().join("exported");
-    run_ok(oxclip().args(["export", "--checkpoint"]).arg(dir.path().join("run")).args(["--format", "open_clip", "--out"]).arg(&exported));
+    run_ok(
+        oxclip()
+            .args(["export", "--checkpoint"])
+            .arg(dir.path().join("run"))
+            .args(["--format", "open_clip", "--out"])
+            .arg(&exported),
+    );
     let weights = exported.join("open_clip_model.safetensors");
 
     // Other images: colours, captioned; a held-out set drawn apart.
@@ -70,9 +82,27 @@ fn fine_tuning_an_exported_checkpoint_on_a_csv_improves_retrieval() {
     let before = image_to_text_r1(&["--model", "tiny", "--checkpoint", &weights_arg], &val_csv);
 
     let finetuned = dir.path().join("finetuned");
-    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&finetuned).arg("--init").arg(&weights)
-        .arg("--set").arg(format!("data.train={}", train_csv.display()))
-        .args(["--set", "train.steps=40", "--set", "train.batch_size=32", "--set", "optim.lr=2e-3", "--set", "optim.warmup_steps=4"]));
+    run_ok(
+        oxclip()
+            .args(["train", "--config"])
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(&finetuned)
+            .arg("--init")
+            .arg(&weights)
+            .arg("--set")
+            .arg(format!("data.train={}", train_csv.display()))
+            .args([
+                "--set",
+                "train.steps=40",
+                "--set",
+                "train.batch_size=32",
+                "--set",
+                "optim.lr=2e-3",
+                "--set",
+                "optim.warmup_steps=4",
+            ]),
+    );
     let after = image_to_text_r1(&["--checkpoint", &finetuned.to_string_lossy()], &val_csv);
     eprintln!("held-out image->text R@1: {before} before, {after} after fine-tuning");
     assert!(after > before, "held-out image->text R@1: {before} before, {after} after fine-tuning");
@@ -87,7 +117,8 @@ fn fine_tuning_an_exported_checkpoint_on_a_csv_improves_retrieval() {
 #[test]
 fn a_siglip_model_fine_tunes_from_its_hugging_face_directory() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let tokenizer = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizers/siglip_sp/tokenizer.json");
+    let tokenizer = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tokenizers/siglip_sp/tokenizer.json");
     // The starting point: oxclip's CPU-sized SigLIP (the timm-style trunk with its MAP head,
     // a bidirectional text tower pooled at the last token), briefly trained, as a SiglipModel.
     let model = dir.path().join("siglip-tiny.yaml");
@@ -118,9 +149,16 @@ fn a_siglip_model_fine_tunes_from_its_hugging_face_directory() {
     .expect("run yaml");
     run_ok(oxclip().args(["train", "--config"]).arg(&config));
     let hf = dir.path().join("hf");
-    run_ok(oxclip().args(["export", "--checkpoint"]).arg(&start).args(["--format", "hf", "--out"]).arg(&hf));
+    run_ok(
+        oxclip()
+            .args(["export", "--checkpoint"])
+            .arg(&start)
+            .args(["--format", "hf", "--out"])
+            .arg(&hf),
+    );
     for file in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(tokenizer.with_file_name(file), hf.join(file)).expect("tokenizer into the directory");
+        std::fs::copy(tokenizer.with_file_name(file), hf.join(file))
+            .expect("tokenizer into the directory");
     }
     let before = image_to_text_r1(&["--checkpoint", &hf.to_string_lossy()], &val_csv);
 
@@ -141,18 +179,34 @@ fn a_siglip_model_fine_tunes_from_its_hugging_face_directory() {
     .expect("fine-tune yaml");
     run_ok(oxclip().args(["train", "--config"]).arg(&run));
     let resolved = std::fs::read_to_string(finetuned.join("config.yaml")).expect("resolved config");
-    assert!(resolved.contains("tokenizer.json") && resolved.contains("resize_mode: squash"), "{resolved}");
+    assert!(
+        resolved.contains("tokenizer.json") && resolved.contains("resize_mode: squash"),
+        "{resolved}"
+    );
     let losses = &read_tensorboard(&finetuned.join("tensorboard"))["train/loss"];
-    let mean = |xs: &[(i64, f32)]| xs.iter().map(|(_, v)| f64::from(*v)).sum::<f64>() / xs.len() as f64;
+    let mean =
+        |xs: &[(i64, f32)]| xs.iter().map(|(_, v)| f64::from(*v)).sum::<f64>() / xs.len() as f64;
     let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
-    assert!(last < first, "the sigmoid loss did not fall: {first} over the first 5 steps, {last} over the last 5");
+    assert!(
+        last < first,
+        "the sigmoid loss did not fall: {first} over the first 5 steps, {last} over the last 5"
+    );
     let after = image_to_text_r1(&["--checkpoint", &finetuned.to_string_lossy()], &val_csv);
     eprintln!("SigLIP from its HF directory: loss {first:.3} -> {last:.3}; held-out image->text R@1 {before} -> {after}");
     assert!(after > before, "held-out image->text R@1: {before} before, {after} after fine-tuning");
 
     let back = dir.path().join("back");
-    run_ok(oxclip().args(["export", "--checkpoint"]).arg(&finetuned).args(["--format", "hf", "--out"]).arg(&back));
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(back.join("config.json")).expect("config.json")).expect("json");
+    run_ok(
+        oxclip()
+            .args(["export", "--checkpoint"])
+            .arg(&finetuned)
+            .args(["--format", "hf", "--out"])
+            .arg(&back),
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(back.join("config.json")).expect("config.json"),
+    )
+    .expect("json");
     assert_eq!(config["architectures"][0], "SiglipModel");
     // The tokenizer travels with the export: the directory is ready for embed, eval, transformers.
     assert!(back.join("tokenizer.json").is_file() && back.join("tokenizer_config.json").is_file());

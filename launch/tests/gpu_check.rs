@@ -12,13 +12,21 @@ fn repo() -> &'static Path {
 
 #[test]
 fn gpu_check_script_parses() {
-    let out = Command::new("bash").arg("-n").arg(repo().join("scripts/gpu-check.sh")).output().expect("bash runs");
+    let out = Command::new("bash")
+        .arg("-n")
+        .arg(repo().join("scripts/gpu-check.sh"))
+        .output()
+        .expect("bash runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
 fn gpu_check_verdict_fails_what_it_should() {
-    let out = Command::new("python3").arg(repo().join("scripts/gpu_check_verdict.py")).arg("--self-test").output().expect("python3 runs");
+    let out = Command::new("python3")
+        .arg(repo().join("scripts/gpu_check_verdict.py"))
+        .arg("--self-test")
+        .output()
+        .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("12 passed, 0 failed"), "{stdout}");
@@ -57,7 +65,10 @@ fn gpu_check_script_exits_non_zero_on_a_failed_comparison_or_command() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bin = dir.path().join("bin");
     std::fs::create_dir_all(&bin).expect("mkdir");
-    for (name, text) in [("oxclip", FAKE_OXCLIP), ("nvidia-smi", "#!/bin/sh\necho 'name, memory.total, driver_version'\n")] {
+    for (name, text) in [
+        ("oxclip", FAKE_OXCLIP),
+        ("nvidia-smi", "#!/bin/sh\necho 'name, memory.total, driver_version'\n"),
+    ] {
         let path = bin.join(name);
         std::fs::write(&path, text).expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -85,7 +96,10 @@ fn gpu_check_script_exits_non_zero_on_a_failed_comparison_or_command() {
     assert!(stdout.contains("23 passed, 0 failed"), "{stdout}");
     let (code, stdout) = run(&[("FAKE_TILED_ERROR", "1e-3")]);
     assert_eq!(code, Some(1), "{stdout}");
-    assert!(stdout.contains("FAIL loss: clip N=16384 tiled fp32") && stdout.contains("3 failed"), "{stdout}");
+    assert!(
+        stdout.contains("FAIL loss: clip N=16384 tiled fp32") && stdout.contains("3 failed"),
+        "{stdout}"
+    );
     let (code, stdout) = run(&[("FAKE_EXIT", "1")]);
     assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("FAIL command failed: status 3"), "{stdout}");

@@ -16,11 +16,13 @@ fn repo() -> PathBuf {
 
 /// open_clip's state_dict names and shapes of `model`, the fixture's `[0-11]` ranges expanded.
 fn golden(model: &str) -> BTreeMap<String, Vec<i64>> {
-    let text = std::fs::read_to_string(repo().join("tests/fixtures/open_clip_zoo_shapes.json")).expect("fixture");
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/open_clip_zoo_shapes.json"))
+        .expect("fixture");
     let json: serde_json::Value = serde_json::from_str(&text).expect("json");
     let mut out = BTreeMap::new();
     for t in json[model]["tensors"].as_array().expect("model in the fixture") {
-        let (name, shape): (String, Vec<i64>) = serde_json::from_value(t.clone()).expect("[name, shape]");
+        let (name, shape): (String, Vec<i64>) =
+            serde_json::from_value(t.clone()).expect("[name, shape]");
         match name.find("[0-") {
             None => {
                 out.insert(name, shape);
@@ -56,9 +58,11 @@ fn fails_with(args: &[&str], needles: &[&str]) -> String {
 fn show_json_gives_open_clips_state_dict_and_a_config_that_round_trips() {
     for name in ["ViT-B-32", "ViT-L-14-CLIPA-336", "ViT-M-16-alt"] {
         let value = show_json(&[name]);
-        let params: BTreeMap<String, Vec<i64>> = serde_json::from_value(value["parameters"].clone()).expect("name -> shape");
+        let params: BTreeMap<String, Vec<i64>> =
+            serde_json::from_value(value["parameters"].clone()).expect("name -> shape");
         assert_eq!(params, golden(name), "{name}");
-        let config: ModelConfig = serde_json::from_value(value["config"].clone()).expect("config parses as a model config");
+        let config: ModelConfig = serde_json::from_value(value["config"].clone())
+            .expect("config parses as a model config");
         assert_eq!(Some(config), zoo::builtin(name), "{name}");
     }
     let value = show_json(&["ViT-B-32"]);
@@ -69,7 +73,9 @@ fn show_json_gives_open_clips_state_dict_and_a_config_that_round_trips() {
 #[test]
 fn show_reads_open_clip_json_and_open_clip_config_files() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let b16 = std::fs::read_to_string(repo().join("configs/models/open_clip/ViT-B-16-quickgelu.json")).expect("vendored");
+    let b16 =
+        std::fs::read_to_string(repo().join("configs/models/open_clip/ViT-B-16-quickgelu.json"))
+            .expect("vendored");
     let as_is = dir.path().join("ViT-B-16-quickgelu.json");
     std::fs::write(&as_is, &b16).expect("write");
     let hub = dir.path().join("open_clip_config.json");
@@ -82,7 +88,8 @@ fn show_reads_open_clip_json_and_open_clip_config_files() {
     for file in [&as_is, &hub] {
         let path = file.to_str().expect("utf-8");
         let value = show_json(&[path]);
-        let params: BTreeMap<String, Vec<i64>> = serde_json::from_value(value["parameters"].clone()).expect("params");
+        let params: BTreeMap<String, Vec<i64>> =
+            serde_json::from_value(value["parameters"].clone()).expect("params");
         assert_eq!(params, expected, "{path}");
         assert_eq!(value["config"]["quick_gelu"], true, "{path}");
         // The summary: the parameter count open_clip gives (149,620,737 for ViT-B-16).
@@ -96,28 +103,48 @@ fn show_reads_open_clip_json_and_open_clip_config_files() {
 fn list_prints_every_built_in_name_with_its_parameter_count() {
     let out = run_ok(oxclip().args(["model", "list"]));
     let text = String::from_utf8_lossy(&out.stdout);
-    let names: Vec<&str> = text.lines().map(|l| l.split_whitespace().next().expect("a name")).collect();
+    let names: Vec<&str> =
+        text.lines().map(|l| l.split_whitespace().next().expect("a name")).collect();
     assert_eq!(names, zoo::names().collect::<Vec<_>>());
     assert_eq!(names.len(), 83);
-    let line = |name: &str| text.lines().find(|l| l.split_whitespace().next() == Some(name)).expect("listed").to_owned();
+    let line = |name: &str| {
+        text.lines().find(|l| l.split_whitespace().next() == Some(name)).expect("listed").to_owned()
+    };
     assert!(line("ViT-B-32").contains("151.3M"), "{}", line("ViT-B-32"));
     assert!(line("ViT-e-14").contains("4581.1M"), "{}", line("ViT-e-14"));
 }
 
 #[test]
 fn unknown_names_and_fields_are_clear_errors() {
-    let stderr = fails_with(&["model", "show", "ViT-B/32"], &["ViT-B/32", "did you mean ViT-B-32", "oxclip model list"]);
+    let stderr = fails_with(
+        &["model", "show", "ViT-B/32"],
+        &["ViT-B/32", "did you mean ViT-B-32", "oxclip model list"],
+    );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    fails_with(&["model", "show", "no-such-model", "--json"], &["no-such-model", "oxclip model list"]);
+    fails_with(
+        &["model", "show", "no-such-model", "--json"],
+        &["no-such-model", "oxclip model list"],
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let b32 = std::fs::read_to_string(repo().join("configs/models/open_clip/ViT-B-32.json")).expect("vendored");
+    let b32 = std::fs::read_to_string(repo().join("configs/models/open_clip/ViT-B-32.json"))
+        .expect("vendored");
     let typo = dir.path().join("typo.json");
     std::fs::write(&typo, b32.replace("\"heads\"", "\"n_heads\"")).expect("write");
-    fails_with(&["model", "show", typo.to_str().expect("utf-8")], &["typo.json", "text_cfg", "unknown field `n_heads`"]);
+    fails_with(
+        &["model", "show", typo.to_str().expect("utf-8")],
+        &["typo.json", "text_cfg", "unknown field `n_heads`"],
+    );
     let hub = dir.path().join("open_clip_config.json");
-    std::fs::write(&hub, format!(r#"{{"model_cfg": {}}}"#, b32.replace("\"patch_size\"", "\"patch\""))).expect("write");
-    fails_with(&["model", "show", hub.to_str().expect("utf-8"), "--json"], &["model_cfg.vision_cfg", "unknown field `patch`"]);
+    std::fs::write(
+        &hub,
+        format!(r#"{{"model_cfg": {}}}"#, b32.replace("\"patch_size\"", "\"patch\"")),
+    )
+    .expect("write");
+    fails_with(
+        &["model", "show", hub.to_str().expect("utf-8"), "--json"],
+        &["model_cfg.vision_cfg", "unknown field `patch`"],
+    );
     let yaml = dir.path().join("bad.yaml");
     std::fs::write(&yaml, "embed_dim: 8\nvision_cfg: {image_size: 32, layers: 1, width: 32, patch_size: 8}\ntext_cfg: {heads: 2, widht: 4}\n")
         .expect("write");

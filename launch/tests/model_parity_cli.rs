@@ -40,12 +40,16 @@ fn write_weights(recipe: &serde_json::Value, path: &Path) {
 fn cosine(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_kind(Kind::Double);
     let b = b.to_kind(Kind::Double);
-    (&a * &b).sum(Kind::Double).double_value(&[]) / (a.norm().double_value(&[]) * b.norm().double_value(&[]))
+    (&a * &b).sum(Kind::Double).double_value(&[])
+        / (a.norm().double_value(&[]) * b.norm().double_value(&[]))
 }
 
 fn check(model: &str, extra: &[&str]) {
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("cli_parity/{model}.json"))).expect("fixture")).expect("json");
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("cli_parity/{model}.json")))
+            .expect("fixture"),
+    )
+    .expect("json");
     let expected = read_safetensors(&fixtures().join(format!("cli_parity/{model}.safetensors")));
     let dir = tempfile::tempdir().expect("tempdir");
     let weights = dir.path().join("model.safetensors");
@@ -75,7 +79,10 @@ fn check(model: &str, extra: &[&str]) {
     let apart = cosine(&want_images.get(0), &want_images.get(1));
     eprintln!("{model}: texts {text_diff:.1e}, exact-size PNG {exact_diff:.1e}, JPEG cosine {jpeg:.6} (the two images: {apart:.4})");
     assert!(jpeg >= 0.999, "{model}: the resized JPEG's cosine is {jpeg}");
-    assert!(apart < 0.99, "{model}: the two images embed too alike ({apart}) for the JPEG check to mean anything");
+    assert!(
+        apart < 0.99,
+        "{model}: the two images embed too alike ({apart}) for the JPEG check to mean anything"
+    );
 }
 
 #[test]
@@ -115,7 +122,10 @@ fn check_directory(name: &str) {
     eprintln!("{name}: exact-size PNG {exact_diff:.1e}, JPEG cosine {jpeg:.6} (the two images: {apart:.4})");
     assert!(exact_diff <= 1e-4, "{name}: the exact-size PNG differs by {exact_diff}");
     assert!(jpeg >= 0.999, "{name}: the resized JPEG's cosine is {jpeg}");
-    assert!(apart < 0.99, "{name}: the two images embed too alike ({apart}) for the JPEG check to mean anything");
+    assert!(
+        apart < 0.99,
+        "{name}: the two images embed too alike ({apart}) for the JPEG check to mean anything"
+    );
     // Texts do need a tokenizer: the CLIP BPE's 49,408 ids do not fit, and the error says so.
     let texts = oxclip()
         .args(["embed", "--device", "cpu", "--checkpoint"])
@@ -127,7 +137,13 @@ fn check_directory(name: &str) {
         .output()
         .expect("runs");
     let stderr = String::from_utf8_lossy(&texts.stderr);
-    assert!(!texts.status.success() && stderr.contains("49408") && stderr.contains("vocab_size") && !stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !texts.status.success()
+            && stderr.contains("49408")
+            && stderr.contains("vocab_size")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
     assert!(!dir.path().join("texts.safetensors").exists());
 }
 

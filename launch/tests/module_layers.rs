@@ -115,7 +115,9 @@ fn code_only(text: &str) -> Vec<char> {
                 if j >= src.len() {
                     break;
                 }
-                if src[j] == '"' && src[j + 1..].iter().take(hashes).filter(|&&c| c == '#').count() == hashes {
+                if src[j] == '"'
+                    && src[j + 1..].iter().take(hashes).filter(|&&c| c == '#').count() == hashes
+                {
                     j += 1 + hashes;
                     break;
                 }
@@ -265,7 +267,8 @@ fn file_edges(file: &SourceFile, modules: &BTreeSet<Vec<String>>) -> Vec<(Edge, 
         let start = i;
         let mut base: Option<Vec<String>> = None;
         let mut j = i;
-        let word = |j: usize| -> String { code[j..].iter().take_while(|&&c| is_ident(c)).collect() };
+        let word =
+            |j: usize| -> String { code[j..].iter().take_while(|&&c| is_ident(c)).collect() };
         let first = word(j);
         if first == "crate" {
             base = Some(Vec::new());
@@ -275,7 +278,10 @@ fn file_edges(file: &SourceFile, modules: &BTreeSet<Vec<String>>) -> Vec<(Edge, 
             while word(j) == "super" {
                 module.pop();
                 j += 5;
-                if code.get(j) == Some(&':') && code.get(j + 1) == Some(&':') && word(j + 2) == "super" {
+                if code.get(j) == Some(&':')
+                    && code.get(j + 1) == Some(&':')
+                    && word(j + 2) == "super"
+                {
                     j += 2;
                 }
             }
@@ -315,11 +321,10 @@ fn file_edges(file: &SourceFile, modules: &BTreeSet<Vec<String>>) -> Vec<(Edge, 
 /// Every loop between sibling modules of `files`, one line each:
 /// `sources: a -> b (a.rs:3) -> a (b.rs:9)`.
 fn loops(files: &[SourceFile]) -> Vec<String> {
-    let modules: BTreeSet<Vec<String>> = files
-        .iter()
-        .flat_map(|f| (1..=f.module.len()).map(|n| f.module[..n].to_vec()))
-        .collect();
-    let mut graph: BTreeMap<Vec<String>, BTreeMap<String, BTreeMap<String, String>>> = BTreeMap::new();
+    let modules: BTreeSet<Vec<String>> =
+        files.iter().flat_map(|f| (1..=f.module.len()).map(|n| f.module[..n].to_vec())).collect();
+    let mut graph: BTreeMap<Vec<String>, BTreeMap<String, BTreeMap<String, String>>> =
+        BTreeMap::new();
     for file in files {
         for (edge, line) in file_edges(file, &modules) {
             graph
@@ -342,7 +347,10 @@ fn loops(files: &[SourceFile]) -> Vec<String> {
                     continue;
                 }
                 let mut text = format!("{level}: {}", cycle[0]);
-                for pair in cycle.windows(2).chain(std::iter::once(&[cycle[cycle.len() - 1].clone(), cycle[0].clone()][..])) {
+                for pair in cycle
+                    .windows(2)
+                    .chain(std::iter::once(&[cycle[cycle.len() - 1].clone(), cycle[0].clone()][..]))
+                {
                     text += &format!(" -> {} ({})", pair[1], edges[&pair[0]][&pair[1]]);
                 }
                 found.push(text);
@@ -353,7 +361,10 @@ fn loops(files: &[SourceFile]) -> Vec<String> {
 }
 
 /// A loop through `start`, as its modules in order, if there is one.
-fn cycle_from(edges: &BTreeMap<String, BTreeMap<String, String>>, start: &str) -> Option<Vec<String>> {
+fn cycle_from(
+    edges: &BTreeMap<String, BTreeMap<String, String>>,
+    start: &str,
+) -> Option<Vec<String>> {
     fn dfs(
         edges: &BTreeMap<String, BTreeMap<String, String>>,
         node: &str,
@@ -410,7 +421,11 @@ fn launch_modules_have_no_import_loops() {
 
 fn file(module: &str, text: &str) -> SourceFile {
     SourceFile {
-        module: if module.is_empty() { Vec::new() } else { module.split("::").map(str::to_owned).collect() },
+        module: if module.is_empty() {
+            Vec::new()
+        } else {
+            module.split("::").map(str::to_owned).collect()
+        },
         name: format!("{module}.rs"),
         text: text.to_owned(),
     }

@@ -29,15 +29,31 @@ fn config(dir: &Path) -> PathBuf {
 
 /// `oxclip launch --nproc-per-node 2 -- train --config CONFIG --run-dir RUN EXTRA...`, its
 /// output collected on a thread (so that full pipes never stall the ranks); the launcher's pid.
-fn launch(config: &Path, run: &Path, extra: &[&str], writer_delay_ms: Option<u64>) -> (u32, std::thread::JoinHandle<Output>) {
+fn launch(
+    config: &Path,
+    run: &Path,
+    extra: &[&str],
+    writer_delay_ms: Option<u64>,
+) -> (u32, std::thread::JoinHandle<Output>) {
     let mut cmd = oxclip();
-    cmd.args(["launch", "--nproc-per-node", "2", "--grace-s", "5", "--master-port", &free_port().to_string(), "--", "train", "--config"])
-        .arg(config)
-        .arg("--run-dir")
-        .arg(run)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--grace-s",
+        "5",
+        "--master-port",
+        &free_port().to_string(),
+        "--",
+        "train",
+        "--config",
+    ])
+    .arg(config)
+    .arg("--run-dir")
+    .arg(run)
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     if let Some(ms) = writer_delay_ms {
         // Test hook: the checkpoint writer sleeps this long before each file.
         cmd.env("OXCLIP_TEST_CHECKPOINT_DELAY_MS", ms.to_string());
@@ -48,7 +64,10 @@ fn launch(config: &Path, run: &Path, extra: &[&str], writer_delay_ms: Option<u64
 }
 
 fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The run never stopped, shared by the tests: its final weights and optimizer state.
@@ -72,7 +91,10 @@ fn rank_pid(launcher: u32, rank: usize) -> u32 {
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<u32>().ok());
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
         if ppid != Some(launcher) {
             continue;
         }
@@ -93,7 +115,11 @@ fn wait_for(path: &Path, what: &str) {
 }
 
 fn signal(pid: u32, sig: &str) {
-    assert!(std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success());
+    assert!(std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success());
 }
 
 /// The step both ranks say they stopped after, and that it is the same for both.
@@ -101,7 +127,9 @@ fn preempted_step(stderr: &str) -> u64 {
     let step_of = |rank: usize| -> u64 {
         let line = stderr
             .lines()
-            .find(|l| l.starts_with(&format!("[rank {rank}]")) && l.contains("preempted after step"))
+            .find(|l| {
+                l.starts_with(&format!("[rank {rank}]")) && l.contains("preempted after step")
+            })
             .unwrap_or_else(|| panic!("rank {rank} never said it was preempted:\n{stderr}"));
         let after = line.split("preempted after step ").nth(1).expect("step");
         after.split_whitespace().next().and_then(|s| s.parse().ok()).expect("a step number")
@@ -120,7 +148,8 @@ fn resume_matches_the_reference(config: &Path, run: &Path) -> (String, String) {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let last = format!("checkpoints/step_{STEPS}/{file}");
-        let (a, b) = (read_safetensors(&reference().join(&last)), read_safetensors(&run.join(&last)));
+        let (a, b) =
+            (read_safetensors(&reference().join(&last)), read_safetensors(&run.join(&last)));
         assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
         for (name, t) in &a {
             assert!(t.equal(&b[name]), "{file}: {name} differs from the uninterrupted run's");
@@ -146,23 +175,36 @@ fn preempt_and_resume(target: impl Fn(u32) -> u32, signalled: &str) {
     let step = preempted_step(&stderr);
     assert!(step < STEPS, "stopped at the end anyway");
     assert!(
-        stdout.contains(&format!("[rank 0] stopped for preemption after step {step} of {STEPS} (")) && stdout.contains(signalled),
+        stdout.contains(&format!("[rank 0] stopped for preemption after step {step} of {STEPS} ("))
+            && stdout.contains(signalled),
         "{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("[rank 0] to continue, run the same command with --resume auto"), "{stdout}");
+    assert!(
+        stdout.contains("[rank 0] to continue, run the same command with --resume auto"),
+        "{stdout}"
+    );
     // The checkpoint of that step is whole, with both ranks' loader positions.
     let ckpt = run.join(format!("checkpoints/step_{step}"));
     assert!(ckpt.join("manifest.json").is_file(), "{}", ckpt.display());
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).expect("state")).expect("json");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ckpt.join("trainer_state.json")).expect("state"),
+    )
+    .expect("json");
     assert_eq!(state["step"].as_u64(), Some(step));
     assert_eq!(state["rank_loaders"].as_array().map(Vec::len), Some(2), "{state}");
     // TensorBoard was flushed: the last logged step before the stop is on disk.
     let logged = read_tensorboard(&run.join("tensorboard"));
-    assert!(logged["train/loss"].iter().any(|&(s, _)| s as u64 == step / 4 * 4), "{:?}", logged["train/loss"]);
+    assert!(
+        logged["train/loss"].iter().any(|&(s, _)| s as u64 == step / 4 * 4),
+        "{:?}",
+        logged["train/loss"]
+    );
 
     let (stdout, _) = resume_matches_the_reference(&config, &run);
-    assert!(stdout.contains(&format!("[rank 0] resumed at step {step}, trained {} more", STEPS - step)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("[rank 0] resumed at step {step}, trained {} more", STEPS - step)),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -191,7 +233,9 @@ fn kill_9_during_a_background_write_then_a_truncated_latest_resumes_from_the_one
     let out = out.join().expect("joins");
     assert!(!out.status.success(), "{:?}", text(&out));
     // The killed write left its temporary folder, never a step_12.
-    assert!(ckpts.join(".step_12.tmp").is_dir() && !ckpts.join(".step_12.tmp/manifest.json").exists());
+    assert!(
+        ckpts.join(".step_12.tmp").is_dir() && !ckpts.join(".step_12.tmp/manifest.json").exists()
+    );
     assert!(!ckpts.join("step_12").exists());
     assert!(ckpts.join("step_8/manifest.json").is_file());
 
@@ -203,6 +247,10 @@ fn kill_9_during_a_background_write_then_a_truncated_latest_resumes_from_the_one
     drop(file);
 
     let (stdout, stderr) = resume_matches_the_reference(&config, &run);
-    assert!(stderr.contains("skipping checkpoint") && stderr.contains("step_8: model.safetensors: size"), "{stderr}");
+    assert!(
+        stderr.contains("skipping checkpoint")
+            && stderr.contains("step_8: model.safetensors: size"),
+        "{stderr}"
+    );
     assert!(stdout.contains("[rank 0] resumed at step 4, trained 12 more"), "{stdout}");
 }

@@ -18,7 +18,10 @@ use util::*;
 const SMALLER: &[(&str, &str)] = &[
     ("--samples 4000 --val-samples 480", "--samples 256 --val-samples 48"),
     ("--set train.steps=300", "--set train.steps=6"),
-    ("train.batch_size=1024 --set train.micro_batch_size=64", "train.batch_size=32 --set train.micro_batch_size=8"),
+    (
+        "train.batch_size=1024 --set train.micro_batch_size=64",
+        "train.batch_size=32 --set train.micro_batch_size=8",
+    ),
     ("--batch-size 64 --steps 10", "--batch-size 8 --steps 2"),
     ("--batch 16384", "--batch 512"),
 ];
@@ -32,7 +35,12 @@ fn using_it_lines(readme: &str) -> Vec<String> {
     let section = readme.split("## Using it").nth(1).expect("README has a `## Using it` section");
     let block = section.split("```sh\n").nth(1).expect("a ```sh block in `## Using it`");
     let block = block.split("```").next().expect("the block ends");
-    block.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect()
+    block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -55,7 +63,13 @@ fn shrink_example(path: &Path) {
     let train = cfg.get_mut("train").and_then(|t| t.as_mapping_mut()).expect("a train section");
     // The two-rank example keeps the others' global batch.
     let per_rank = if path.ends_with("two-ranks.yaml") { 8 } else { 16 };
-    for (key, value) in [("steps", 4), ("eval_every", 2), ("checkpoint_every", 2), ("log_every", 1), ("batch_size", per_rank)] {
+    for (key, value) in [
+        ("steps", 4),
+        ("eval_every", 2),
+        ("checkpoint_every", 2),
+        ("log_every", 1),
+        ("batch_size", per_rank),
+    ] {
         train.insert(key.into(), value.into());
     }
     std::fs::write(path, serde_yaml::to_string(&cfg).expect("yaml")).expect("write example");
@@ -103,7 +117,8 @@ fn readme_using_it_block_runs_as_written_at_small_sizes() {
             .env("OXCLIP_LOG", "warn")
             .output()
             .expect("bash runs");
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "README line failed:\n  {line}\nran as:\n  {command}\nstdout:\n{stdout}\nstderr:\n{stderr}");
         assert!(!stderr.contains("panicked"), "{line}:\n{stderr}");
         ran += 1;

@@ -28,16 +28,30 @@ fn resume_auto_skips_a_truncated_latest_checkpoint_and_ends_with_the_same_weight
     drop(file);
 
     // Named explicitly, the damaged checkpoint is an error, not a silent fallback.
-    let out = oxclip().args(["train", "--config"]).arg(&config).arg("--resume").arg(&latest).output().expect("runs");
+    let out = oxclip()
+        .args(["train", "--config"])
+        .arg(&config)
+        .arg("--resume")
+        .arg(&latest)
+        .output()
+        .expect("runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains(&model.display().to_string()) && stderr.contains(&format!("size {} of {len} bytes written", len / 2)), "{stderr}");
+    assert!(
+        stderr.contains(&model.display().to_string())
+            && stderr.contains(&format!("size {} of {len} bytes written", len / 2)),
+        "{stderr}"
+    );
 
     // auto skips it, saying which file and why, and continues from step 8.
     let out = run_ok(oxclip().args(["train", "--config"]).arg(&config).args(["--resume", "auto"]));
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let logs = format!("{stdout}{stderr}");
-    assert!(logs.contains("skipping checkpoint") && logs.contains("step_12: model.safetensors: size"), "{logs}");
+    assert!(
+        logs.contains("skipping checkpoint") && logs.contains("step_12: model.safetensors: size"),
+        "{logs}"
+    );
     assert!(stdout.contains("resumed at step 8, trained 4 more (12 of 12)"), "{stdout}");
 
     // Bit for bit the weights of the run before the damage.

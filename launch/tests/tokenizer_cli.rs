@@ -58,41 +58,102 @@ fn a_sentencepiece_tokenizer_trains_embeds_and_mismatches_are_refused() {
 
     // Trains with the tokenizer directory, then embeds with it.
     let model = model_yaml(dir.path(), 400, "last");
-    run_ok(oxclip().args(["train", "--config"]).arg(run_config(dir.path(), &data, &model, &tokenizer, "run")));
+    run_ok(oxclip().args(["train", "--config"]).arg(run_config(
+        dir.path(),
+        &data,
+        &model,
+        &tokenizer,
+        "run",
+    )));
     let run = dir.path().join("run");
     let texts = dir.path().join("texts.json");
-    std::fs::write(&texts, r#"["a red circle", "a blue square above a green cross"]"#).expect("write");
+    std::fs::write(&texts, r#"["a red circle", "a blue square above a green cross"]"#)
+        .expect("write");
     let out = dir.path().join("embeds.safetensors");
-    run_ok(oxclip().args(["embed", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--tokenizer").arg(&tokenizer)
-        .arg("--texts-file").arg(&texts).arg("--out").arg(&out));
+    run_ok(
+        oxclip()
+            .args(["embed", "--device", "cpu", "--checkpoint"])
+            .arg(&run)
+            .arg("--tokenizer")
+            .arg(&tokenizer)
+            .arg("--texts-file")
+            .arg(&texts)
+            .arg("--out")
+            .arg(&out),
+    );
     assert!(out.is_file());
 
     // Without --tokenizer the checkpoint's own (the run's data.tokenizer) is used.
     let remembered = dir.path().join("remembered.safetensors");
-    run_ok(oxclip().args(["embed", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--texts-file").arg(&texts).arg("--out").arg(&remembered));
-    assert!(max_abs_diff(&out, &remembered) == 0.0, "the run's tokenizer is the one it trained with");
+    run_ok(
+        oxclip()
+            .args(["embed", "--device", "cpu", "--checkpoint"])
+            .arg(&run)
+            .arg("--texts-file")
+            .arg(&texts)
+            .arg("--out")
+            .arg(&remembered),
+    );
+    assert!(
+        max_abs_diff(&out, &remembered) == 0.0,
+        "the run's tokenizer is the one it trained with"
+    );
 
     // The same model read with a tokenizer of 500 ids, for a 400-id embedding table.
     fails_with(
-        oxclip().args(["embed", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--tokenizer").arg(fixture("gemma_sp"))
-            .arg("--texts-file").arg(&texts).arg("--out").arg(dir.path().join("no.safetensors")),
+        oxclip()
+            .args(["embed", "--device", "cpu", "--checkpoint"])
+            .arg(&run)
+            .arg("--tokenizer")
+            .arg(fixture("gemma_sp"))
+            .arg("--texts-file")
+            .arg(&texts)
+            .arg("--out")
+            .arg(dir.path().join("no.safetensors")),
         &["500", "400", "vocab_size"],
     );
     assert!(!dir.path().join("no.safetensors").exists());
 
     // Training a model whose vocabulary is smaller than the tokenizer's: refused before any step.
     let small = model_yaml(dir.path(), 300, "last");
-    fails_with(oxclip().args(["train", "--config"]).arg(run_config(dir.path(), &data, &small, &tokenizer, "small")), &["400", "300", "data.tokenizer"]);
+    fails_with(
+        oxclip().args(["train", "--config"]).arg(run_config(
+            dir.path(),
+            &data,
+            &small,
+            &tokenizer,
+            "small",
+        )),
+        &["400", "300", "data.tokenizer"],
+    );
     assert!(!dir.path().join("small/checkpoints").exists());
 
     // Argmax pooling with a tokenizer whose end token (</s>, id 1) is not its largest id.
     let argmax = model_yaml(dir.path(), 400, "argmax");
-    fails_with(oxclip().args(["train", "--config"]).arg(run_config(dir.path(), &data, &argmax, &tokenizer, "argmax")), &["argmax", "end token id 1"]);
+    fails_with(
+        oxclip().args(["train", "--config"]).arg(run_config(
+            dir.path(),
+            &data,
+            &argmax,
+            &tokenizer,
+            "argmax",
+        )),
+        &["argmax", "end token id 1"],
+    );
 
     // `tokenizer encode` prepares it as transformers does: `</s>` last, padded with its pad id (1).
-    let ids = run_ok(oxclip().args(["tokenizer", "encode", "--context-length", "8", "--tokenizer"]).arg(&tokenizer).arg("--texts-file").arg(&texts));
+    let ids = run_ok(
+        oxclip()
+            .args(["tokenizer", "encode", "--context-length", "8", "--tokenizer"])
+            .arg(&tokenizer)
+            .arg("--texts-file")
+            .arg(&texts),
+    );
     let ids: Vec<Vec<i64>> = serde_json::from_slice(&ids.stdout).expect("ids");
-    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tokenizer.join("golden.json")).expect("golden")).expect("json");
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tokenizer.join("golden.json")).expect("golden"),
+    )
+    .expect("json");
     assert_eq!(ids.len(), 2);
     assert!(ids.iter().all(|row| row.len() == 8 && row.contains(&1)));
     assert_eq!(golden["pad_id"], 1);

@@ -11,7 +11,13 @@ use util::*;
 fn trains_logs_tensorboard_and_checkpoints() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = synth(dir.path(), 320, 48, 32);
-    let config = tiny_config(dir.path(), &data, 20, "  checkpoint_every: 10\n  keep_checkpoints: 1\n  eval_every: 10\n", true);
+    let config = tiny_config(
+        dir.path(),
+        &data,
+        20,
+        "  checkpoint_every: 10\n  keep_checkpoints: 1\n  eval_every: 10\n",
+        true,
+    );
     let out = run_ok(oxclip().args(["train", "--config"]).arg(&config));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let printed = printed_zero_shot(&stdout);
@@ -49,19 +55,38 @@ fn trains_logs_tensorboard_and_checkpoints() {
     assert_eq!(tb["val/synth-zeroshot-top1"].iter().map(|p| p.0).collect::<Vec<_>>(), vec![10, 20]);
     // The printed accuracy is the one logged at the last step, and the one `oxclip eval`
     // computes independently from the saved checkpoint on the same held-out images.
-    let logged = (tb["val/synth-zeroshot-top1"][1].1 as f64, tb["val/synth-zeroshot-top5"][1].1 as f64);
-    assert!((printed.0 - 100.0 * logged.0).abs() < 0.051 && (printed.1 - 100.0 * logged.1).abs() < 0.051, "printed {printed:?}, logged {logged:?}");
-    let eval = run_ok(oxclip().args(["eval", "--json", "--device", "cpu", "--checkpoint"]).arg(&run).arg("--zero-shot").arg(data.join("val")).arg("--classnames").arg(data.join("classnames.txt")).arg("--templates").arg(data.join("templates.txt")));
+    let logged =
+        (tb["val/synth-zeroshot-top1"][1].1 as f64, tb["val/synth-zeroshot-top5"][1].1 as f64);
+    assert!(
+        (printed.0 - 100.0 * logged.0).abs() < 0.051
+            && (printed.1 - 100.0 * logged.1).abs() < 0.051,
+        "printed {printed:?}, logged {logged:?}"
+    );
+    let eval = run_ok(
+        oxclip()
+            .args(["eval", "--json", "--device", "cpu", "--checkpoint"])
+            .arg(&run)
+            .arg("--zero-shot")
+            .arg(data.join("val"))
+            .arg("--classnames")
+            .arg(data.join("classnames.txt"))
+            .arg("--templates")
+            .arg(data.join("templates.txt")),
+    );
     let eval: serde_json::Value = serde_json::from_slice(&eval.stdout).expect("eval json");
     let zs = &eval["zero_shot"];
     assert_eq!(zs["samples"], 48, "{eval}");
     for (key, logged) in [("top1", logged.0), ("top5", logged.1)] {
         let computed = zs[key].as_f64().expect("a number");
-        assert!((computed - logged).abs() < 1e-6, "{key}: eval {computed}, training logged {logged}");
+        assert!(
+            (computed - logged).abs() < 1e-6,
+            "{key}: eval {computed}, training logged {logged}"
+        );
     }
 
     let results = std::fs::read_to_string(run.join("results.jsonl")).expect("results.jsonl");
-    let rows: Vec<serde_json::Value> = results.lines().map(|l| serde_json::from_str(l).expect("json row")).collect();
+    let rows: Vec<serde_json::Value> =
+        results.lines().map(|l| serde_json::from_str(l).expect("json row")).collect();
     assert!(rows.iter().any(|r| r["step"] == 20 && r.get("train/loss").is_some()));
 
     // Training over an existing run without --resume is refused, not silently overwritten.
@@ -79,7 +104,11 @@ fn resume_after_kill_9_matches_an_uninterrupted_run() {
     let config = tiny_config(dir.path(), &data, steps, extra, false);
     // Log every batch's keys, to check what each run saw.
     let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(&config, text.replace("  workers: 2\n", "  workers: 2\n  log_keys: true\n  shuffle_buffer: 50\n")).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("  workers: 2\n", "  workers: 2\n  log_keys: true\n  shuffle_buffer: 50\n"),
+    )
+    .expect("config");
 
     let straight = dir.path().join("straight");
     run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&straight));
@@ -102,11 +131,21 @@ fn resume_after_kill_9_matches_an_uninterrupted_run() {
     child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
     child.wait().expect("reaped");
     assert!(killed.join("checkpoints/step_8").exists(), "no checkpoint before the deadline");
-    assert!(!killed.join(format!("checkpoints/step_{steps}")).exists(), "the run finished before it was killed");
+    assert!(
+        !killed.join(format!("checkpoints/step_{steps}")).exists(),
+        "the run finished before it was killed"
+    );
     let before: Vec<_> = std::fs::read_dir(killed.join("checkpoints")).expect("dir").collect();
     assert!(!before.is_empty());
 
-    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&killed).args(["--resume", "auto"]));
+    run_ok(
+        oxclip()
+            .args(["train", "--config"])
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(&killed)
+            .args(["--resume", "auto"]),
+    );
     let last = format!("checkpoints/step_{steps}/model.safetensors");
     let diff = max_abs_diff(&straight.join(&last), &killed.join(&last));
     assert!(diff <= 1e-6, "resumed weights differ by {diff}");
@@ -143,21 +182,47 @@ fn keys_by_step(run: &std::path::Path) -> std::collections::BTreeMap<u64, Vec<St
 fn resume_from_a_given_checkpoint_and_init_from_weights() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = synth(dir.path(), 160, 0, 32);
-    let config = tiny_config(dir.path(), &data, 6, "  checkpoint_every: 3\n  eval_every: 0\n", false);
+    let config =
+        tiny_config(dir.path(), &data, 6, "  checkpoint_every: 3\n  eval_every: 0\n", false);
     let first = dir.path().join("first");
     run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&first));
 
     // --resume PATH continues from step 3 of the first run into a new directory.
     let second = dir.path().join("second");
-    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&second)
-        .arg("--resume").arg(first.join("checkpoints/step_3")));
-    assert!(max_abs_diff(&first.join("checkpoints/step_6/model.safetensors"), &second.join("checkpoints/step_6/model.safetensors")) <= 1e-6);
+    run_ok(
+        oxclip()
+            .args(["train", "--config"])
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(&second)
+            .arg("--resume")
+            .arg(first.join("checkpoints/step_3")),
+    );
+    assert!(
+        max_abs_diff(
+            &first.join("checkpoints/step_6/model.safetensors"),
+            &second.join("checkpoints/step_6/model.safetensors")
+        ) <= 1e-6
+    );
 
     // --init starts a fresh run from those weights: step 0's weights equal the file's.
     let third = dir.path().join("third");
-    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&third)
-        .arg("--init").arg(first.join("checkpoints/step_6/model.safetensors")).args(["--set", "train.steps=1", "--set", "optim.lr=0"]));
-    assert!(max_abs_diff(&first.join("checkpoints/step_6/model.safetensors"), &third.join("checkpoints/step_1/model.safetensors")) <= 1e-6);
+    run_ok(
+        oxclip()
+            .args(["train", "--config"])
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(&third)
+            .arg("--init")
+            .arg(first.join("checkpoints/step_6/model.safetensors"))
+            .args(["--set", "train.steps=1", "--set", "optim.lr=0"]),
+    );
+    assert!(
+        max_abs_diff(
+            &first.join("checkpoints/step_6/model.safetensors"),
+            &third.join("checkpoints/step_1/model.safetensors")
+        ) <= 1e-6
+    );
 }
 
 #[test]
@@ -169,9 +234,25 @@ fn a_locked_image_tower_does_not_move() {
     run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&first));
     let start = first.join("checkpoints/step_2/model.safetensors");
     let locked = dir.path().join("locked");
-    run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&locked).arg("--init").arg(&start)
-        .args(["--set", "train.lock_image=true", "--set", "train.lock_image_unlocked_groups=1"]));
-    let (a, b) = (read_safetensors(&start), read_safetensors(&locked.join("checkpoints/step_2/model.safetensors")));
+    run_ok(
+        oxclip()
+            .args(["train", "--config"])
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(&locked)
+            .arg("--init")
+            .arg(&start)
+            .args([
+                "--set",
+                "train.lock_image=true",
+                "--set",
+                "train.lock_image_unlocked_groups=1",
+            ]),
+    );
+    let (a, b) = (
+        read_safetensors(&start),
+        read_safetensors(&locked.join("checkpoints/step_2/model.safetensors")),
+    );
     for (name, t) in &a {
         let moved = (t - &b[name]).abs().max().double_value(&[]) > 0.0;
         // Only the image tower's last group (the projection) and the text side train.
@@ -189,13 +270,30 @@ fn tiled_loss_and_micro_batches_train_to_the_weights_of_the_naive_whole_batch() 
     let config = tiny_config(dir.path(), &data, 3, "  eval_every: 0\n", false);
     let weights = "checkpoints/step_3/model.safetensors";
     for kind in ["clip", "siglip"] {
-        let (tiled, naive) = (dir.path().join(format!("{kind}-tiled")), dir.path().join(format!("{kind}-naive")));
+        let (tiled, naive) =
+            (dir.path().join(format!("{kind}-tiled")), dir.path().join(format!("{kind}-naive")));
         let common = ["--set", "optim.lr=1e-4", "--set", "train.batch_size=128", "--set"];
         let kind_set = format!("loss.kind={kind}");
-        run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&tiled).args(common).arg(&kind_set)
-            .args(["--set", "loss.tile_size=64", "--set", "train.micro_batch_size=32"]));
-        run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&naive).args(common).arg(&kind_set)
-            .args(["--set", "loss.naive=true"]));
+        run_ok(
+            oxclip()
+                .args(["train", "--config"])
+                .arg(&config)
+                .arg("--run-dir")
+                .arg(&tiled)
+                .args(common)
+                .arg(&kind_set)
+                .args(["--set", "loss.tile_size=64", "--set", "train.micro_batch_size=32"]),
+        );
+        run_ok(
+            oxclip()
+                .args(["train", "--config"])
+                .arg(&config)
+                .arg("--run-dir")
+                .arg(&naive)
+                .args(common)
+                .arg(&kind_set)
+                .args(["--set", "loss.naive=true"]),
+        );
         let rel = max_rel_diff(&tiled.join(weights), &naive.join(weights));
         assert!(rel <= 1e-5, "{kind}: tiled with micro-batches and naive differ by {rel}");
 
@@ -205,10 +303,18 @@ fn tiled_loss_and_micro_batches_train_to_the_weights_of_the_naive_whole_batch() 
         assert_eq!(resolved.contains("init_logit_bias: -10"), kind == "siglip", "{resolved}");
         assert_eq!(tensors.contains_key("logit_bias"), kind == "siglip");
         let logged = read_tensorboard(&tiled.join("tensorboard"));
-        assert_eq!(logged.contains_key("train/logit_bias"), kind == "siglip", "{:?}", logged.keys());
+        assert_eq!(
+            logged.contains_key("train/logit_bias"),
+            kind == "siglip",
+            "{:?}",
+            logged.keys()
+        );
         if kind == "siglip" {
             let scale = tensors["logit_scale"].double_value(&[]);
-            assert!((scale - 10f64.ln()).abs() < 0.01, "SigLIP's logit_scale starts at ln 10, is {scale}");
+            assert!(
+                (scale - 10f64.ln()).abs() < 0.01,
+                "SigLIP's logit_scale starts at ln 10, is {scale}"
+            );
             let bias = logged["train/logit_bias"][0].1;
             assert!((bias + 10.0).abs() < 0.01, "SigLIP's logit_bias starts at -10, logged {bias}");
         }
@@ -218,9 +324,14 @@ fn tiled_loss_and_micro_batches_train_to_the_weights_of_the_naive_whole_batch() 
 /// (top-1 %, top-5 %, images) from the `zero-shot NAME: top-1 X%, top-5 Y% on N held-out
 /// images` line `train` prints at the end.
 fn printed_zero_shot(stdout: &str) -> (f64, f64) {
-    let line = stdout.lines().find(|l| l.starts_with("zero-shot synth: top-1 ")).unwrap_or_else(|| panic!("no zero-shot line:\n{stdout}"));
-    let numbers: Vec<f64> =
-        line.split(|c: char| !(c.is_ascii_digit() || c == '.')).filter_map(|w| w.trim_matches('.').parse().ok()).collect();
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("zero-shot synth: top-1 "))
+        .unwrap_or_else(|| panic!("no zero-shot line:\n{stdout}"));
+    let numbers: Vec<f64> = line
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|w| w.trim_matches('.').parse().ok())
+        .collect();
     // "top-1 X%, top-5 Y% on N": the 1 and 5 of the names come first.
     assert_eq!(numbers.len(), 5, "{line}");
     assert_eq!(numbers[4], 48.0, "{line}");
@@ -246,28 +357,48 @@ fn resume_says_what_it_does() {
     let run = dir.path().join("run");
     run_ok(oxclip().args(["train", "--config"]).arg(&config));
     assert_eq!(checkpoint_names(&run), vec!["step_10"]);
-    let written = std::fs::metadata(run.join("checkpoints/step_10/model.safetensors")).expect("meta").modified().expect("mtime");
+    let written = std::fs::metadata(run.join("checkpoints/step_10/model.safetensors"))
+        .expect("meta")
+        .modified()
+        .expect("mtime");
 
     // A finished run: nothing to train, exit 0, no NaN, nothing written.
     let out = run_ok(oxclip().args(["train", "--config"]).arg(&config).args(["--resume", "auto"]));
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("already at step 10 of 10; nothing to train"), "{stdout}");
     assert!(!stdout.contains("NaN") && !stderr.contains("NaN"), "{stdout}{stderr}");
     assert_eq!(checkpoint_names(&run), vec!["step_10"]);
-    let after = std::fs::metadata(run.join("checkpoints/step_10/model.safetensors")).expect("meta").modified().expect("mtime");
+    let after = std::fs::metadata(run.join("checkpoints/step_10/model.safetensors"))
+        .expect("meta")
+        .modified()
+        .expect("mtime");
     assert_eq!(written, after, "the checkpoint was rewritten");
 
     // Extending the run, as the docs do: no warning.
-    let out = run_ok(oxclip().args(["train", "--config"]).arg(&config).args(["--resume", "auto", "--set", "train.steps=14"]));
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = run_ok(oxclip().args(["train", "--config"]).arg(&config).args([
+        "--resume",
+        "auto",
+        "--set",
+        "train.steps=14",
+    ]));
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("resumed at step 10, trained 4 more (14 of 14)"), "{stdout}");
     assert!(!stderr.contains("differs"), "{stderr}");
 
     // Another learning rate: named, with both values; the extension still is not.
-    let out = run_ok(oxclip().args(["train", "--config"]).arg(&config)
-        .args(["--resume", "auto", "--set", "train.steps=16", "--set", "optim.lr=0.002"]));
+    let out = run_ok(oxclip().args(["train", "--config"]).arg(&config).args([
+        "--resume",
+        "auto",
+        "--set",
+        "train.steps=16",
+        "--set",
+        "optim.lr=0.002",
+    ]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("differs from the checkpoint's: optim.lr: 0.001 -> 0.002"), "{stderr}");
     assert!(!stderr.contains("train.steps"), "{stderr}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("resumed at step 14, trained 2 more (16 of 16)"));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("resumed at step 14, trained 2 more (16 of 16)"));
 }

@@ -69,7 +69,12 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let eot_at = Tensor::randint(ctx, [n, 1], (Kind::Int64, b.device));
     let tokens = tokens.scatter_value(1, &eot_at, vocab - 1);
     let loss = crate::loss::LossConfig::default().spec(b.autocast_bf16);
-    let cfg = StepConfig { autocast_bf16: b.autocast_bf16, grad_clip_norm: None, loss, micro_batch: b.micro_batch_size };
+    let cfg = StepConfig {
+        autocast_bf16: b.autocast_bf16,
+        grad_clip_norm: None,
+        loss,
+        micro_batch: b.micro_batch_size,
+    };
     if b.autocast_bf16 {
         crate::device::use_bf16_autocast();
     }
@@ -79,7 +84,16 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         let started = Instant::now();
         let mut last = None;
         for _ in 0..steps {
-            last = Some(step::train_step(&model, &mut optimizer, &SingleProcess, &grad_sync, &images, &tokens, 5e-4, cfg)?);
+            last = Some(step::train_step(
+                &model,
+                &mut optimizer,
+                &SingleProcess,
+                &grad_sync,
+                &images,
+                &tokens,
+                5e-4,
+                cfg,
+            )?);
         }
         // Wait for the device before stopping the clock.
         if let Some(out) = last {

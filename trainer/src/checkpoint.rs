@@ -126,16 +126,22 @@ pub fn verify(dir: &Path, depth: Depth) -> std::result::Result<Verified, Damage>
     let manifest_path = dir.join(MANIFEST_FILE);
     if !manifest_path.is_file() {
         if !dir.join(STATE_FILE).is_file() {
-            return Err(Damage::new(MANIFEST_FILE, format!("missing, and so is {STATE_FILE}: the checkpoint was never completed")));
+            return Err(Damage::new(
+                MANIFEST_FILE,
+                format!("missing, and so is {STATE_FILE}: the checkpoint was never completed"),
+            ));
         }
         for file in [MODEL_FILE, OPTIMIZER_FILE] {
-            safetensors_length_matches(&dir.join(file)).map_err(|problem| Damage::new(file, problem))?;
+            safetensors_length_matches(&dir.join(file))
+                .map_err(|problem| Damage::new(file, problem))?;
         }
         read_state(dir).map_err(|e| Damage::new(STATE_FILE, e.to_string()))?;
         return Ok(Verified::NoManifest);
     }
-    let text = fs::read_to_string(&manifest_path).map_err(|e| Damage::new(MANIFEST_FILE, e.to_string()))?;
-    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| Damage::new(MANIFEST_FILE, format!("unreadable: {e}")))?;
+    let text = fs::read_to_string(&manifest_path)
+        .map_err(|e| Damage::new(MANIFEST_FILE, e.to_string()))?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| Damage::new(MANIFEST_FILE, format!("unreadable: {e}")))?;
     for file in FILES {
         if !manifest.files.contains_key(file) {
             return Err(Damage::new(MANIFEST_FILE, format!("does not list {file}")));
@@ -148,13 +154,19 @@ pub fn verify(dir: &Path, depth: Depth) -> std::result::Result<Verified, Damage>
             Err(_) => return Err(Damage::new(file, "missing")),
         };
         if bytes != record.bytes {
-            return Err(Damage::new(file, format!("size {bytes} of {} bytes written", record.bytes)));
+            return Err(Damage::new(
+                file,
+                format!("size {bytes} of {} bytes written", record.bytes),
+            ));
         }
         if depth == Depth::Checksums {
             let (_, crc) = crc32_of(&path).map_err(|e| Damage::new(file, e.to_string()))?;
             let crc = format!("{crc:08x}");
             if crc != record.crc32 {
-                return Err(Damage::new(file, format!("checksum mismatch: crc32 {crc}, {} when written", record.crc32)));
+                return Err(Damage::new(
+                    file,
+                    format!("checksum mismatch: crc32 {crc}, {} when written", record.crc32),
+                ));
             }
         }
     }
@@ -167,14 +179,16 @@ fn safetensors_length_matches(path: &Path) -> std::result::Result<(), String> {
     let mut file = fs::File::open(path).map_err(|_| "missing".to_string())?;
     let bytes = file.metadata().map_err(|e| e.to_string())?.len();
     let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|_| format!("size {bytes}: shorter than a safetensors header"))?;
+    file.read_exact(&mut len)
+        .map_err(|_| format!("size {bytes}: shorter than a safetensors header"))?;
     let header_len = u64::from_le_bytes(len);
     if header_len > bytes.saturating_sub(8) {
         return Err(format!("size {bytes}: shorter than its {header_len}-byte safetensors header"));
     }
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header).map_err(|e| e.to_string())?;
-    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| format!("unreadable safetensors header: {e}"))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| format!("unreadable safetensors header: {e}"))?;
     let data_end = header
         .as_object()
         .into_iter()
@@ -239,7 +253,11 @@ pub fn snapshot(vs: &nn::VarStore, optimizer: &AdamW, state: &TrainerState) -> R
             Ok((k, host_copy(&v, kind)?))
         })
         .collect::<Result<_>>()?;
-    let optimizer = optimizer.state_tensors().into_iter().map(|(k, t)| Ok((k, host_copy(&t, t.kind())?))).collect::<Result<_>>()?;
+    let optimizer = optimizer
+        .state_tensors()
+        .into_iter()
+        .map(|(k, t)| Ok((k, host_copy(&t, t.kind())?)))
+        .collect::<Result<_>>()?;
     Ok(Snapshot { weights, optimizer, state: state.clone() })
 }
 
@@ -251,14 +269,22 @@ pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
 /// Test hook: `OXCLIP_TEST_CHECKPOINT_DELAY_MS` makes the writer sleep that long before each
 /// file, so that tests can kill a process in the middle of a write. Not for real runs.
 fn test_delay() {
-    if let Some(ms) = std::env::var("OXCLIP_TEST_CHECKPOINT_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(ms) =
+        std::env::var("OXCLIP_TEST_CHECKPOINT_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok())
+    {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 
 /// Writes a checkpoint for `state.step` and keeps only the newest `keep`, all before
 /// returning (the training loop uses [`Writer`], which does the writing in the background).
-pub fn save(run_dir: &Path, vs: &nn::VarStore, optimizer: &AdamW, state: &TrainerState, keep: usize) -> Result<PathBuf> {
+pub fn save(
+    run_dir: &Path,
+    vs: &nn::VarStore,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    keep: usize,
+) -> Result<PathBuf> {
     write(run_dir, snapshot(vs, optimizer, state)?, keep)
 }
 
@@ -284,10 +310,8 @@ pub fn write(run_dir: &Path, snap: Snapshot, keep: usize) -> Result<PathBuf> {
     Tensor::write_safetensors(&snap.optimizer, &opt_path)
         .map_err(|e| TrainError::Checkpoint { path: opt_path.clone(), message: e.to_string() })?;
     let state_path = tmp.join(STATE_FILE);
-    let json = serde_json::to_string_pretty(&snap.state).map_err(|e| TrainError::Checkpoint {
-        path: state_path.clone(),
-        message: e.to_string(),
-    })?;
+    let json = serde_json::to_string_pretty(&snap.state)
+        .map_err(|e| TrainError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
     test_delay();
     fs::write(&state_path, json).map_err(io_err(&state_path))?;
     for file in FILES {
@@ -337,7 +361,10 @@ impl Writer {
         let Some(handle) = self.in_flight.take() else { return Ok(None) };
         match handle.join() {
             Ok(written) => written.map(Some),
-            Err(_) => Err(TrainError::Checkpoint { path: PathBuf::from("checkpoints"), message: "the checkpoint writer thread panicked".into() }),
+            Err(_) => Err(TrainError::Checkpoint {
+                path: PathBuf::from("checkpoints"),
+                message: "the checkpoint writer thread panicked".into(),
+            }),
         }
     }
 }
@@ -434,7 +461,8 @@ pub fn check(dir: &Path) -> std::result::Result<(), Damage> {
 /// Restores weights and optimizer state from `dir`; returns the trainer state.
 pub fn load(dir: &Path, vs: &nn::VarStore, optimizer: &mut AdamW) -> Result<TrainerState> {
     let state = read_state(dir)?;
-    let missing: Vec<&str> = [MODEL_FILE, OPTIMIZER_FILE].into_iter().filter(|f| !dir.join(f).is_file()).collect();
+    let missing: Vec<&str> =
+        [MODEL_FILE, OPTIMIZER_FILE].into_iter().filter(|f| !dir.join(f).is_file()).collect();
     if !missing.is_empty() {
         // Weights alone (an export, or a copy without the optimizer) can start a fresh run, not continue one.
         return Err(TrainError::Checkpoint {
@@ -460,15 +488,26 @@ mod tests {
 
     fn setup(seed: i64) -> (nn::VarStore, Clip, AdamW) {
         tch::manual_seed(seed);
-        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).expect("parses");
+        let cfg: ModelConfig =
+            serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).expect("parses");
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &cfg).expect("builds");
-        let opt = AdamW::new(vs.variables().into_iter().collect(), AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 });
+        let opt = AdamW::new(
+            vs.variables().into_iter().collect(),
+            AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 },
+        );
         (vs, model, opt)
     }
 
     fn state(step: u64) -> TrainerState {
-        TrainerState { step, samples_seen: step * 4, seed: 3, loader: LoaderState::at(1, 2), rank_loaders: Vec::new(), config: "x: 1\n".into() }
+        TrainerState {
+            step,
+            samples_seen: step * 4,
+            seed: 3,
+            loader: LoaderState::at(1, 2),
+            rank_loaders: Vec::new(),
+            config: "x: 1\n".into(),
+        }
     }
 
     #[test]
@@ -504,11 +543,15 @@ mod tests {
         for step in [2, 4, 6] {
             save(dir.path(), &vs, &opt, &state(step), 2).expect("saves");
         }
-        let steps: Vec<u64> = list(dir.path()).expect("lists").into_iter().map(|(s, _)| s).collect();
+        let steps: Vec<u64> =
+            list(dir.path()).expect("lists").into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, vec![4, 6]);
         // A damaged newest checkpoint (as a crash mid-copy by hand could leave) is passed over.
         fs::remove_file(dir.path().join("checkpoints/step_6").join(OPTIMIZER_FILE)).expect("rm");
-        assert_eq!(latest_valid(dir.path()).expect("ok"), Some(dir.path().join("checkpoints/step_4")));
+        assert_eq!(
+            latest_valid(dir.path()).expect("ok"),
+            Some(dir.path().join("checkpoints/step_4"))
+        );
         fs::write(dir.path().join("checkpoints/step_4").join(STATE_FILE), "{").expect("write");
         assert_eq!(latest_valid(dir.path()).expect("ok"), None);
         // Leftover temporary directories are not checkpoints.
@@ -536,8 +579,13 @@ mod tests {
     fn the_manifest_records_each_files_size_and_crc32() {
         let (_dir, root) = three_checkpoints(3);
         let step = root.join("step_6");
-        let manifest: Manifest = serde_json::from_str(&fs::read_to_string(step.join(MANIFEST_FILE)).expect("reads")).expect("parses");
-        assert_eq!(manifest.files.keys().map(String::as_str).collect::<Vec<_>>(), vec![MODEL_FILE, OPTIMIZER_FILE, STATE_FILE]);
+        let manifest: Manifest =
+            serde_json::from_str(&fs::read_to_string(step.join(MANIFEST_FILE)).expect("reads"))
+                .expect("parses");
+        assert_eq!(
+            manifest.files.keys().map(String::as_str).collect::<Vec<_>>(),
+            vec![MODEL_FILE, OPTIMIZER_FILE, STATE_FILE]
+        );
         for (file, record) in &manifest.files {
             let bytes = fs::read(step.join(file)).expect("reads");
             assert_eq!(record.bytes, bytes.len() as u64, "{file}");
@@ -616,7 +664,11 @@ mod tests {
         fs::remove_file(step.join(OPTIMIZER_FILE)).expect("rm");
         let err = check(&step).expect_err("damaged").into_error(&step);
         let text = err.to_string();
-        assert!(text.contains(&step.join(OPTIMIZER_FILE).display().to_string()) && text.contains("missing"), "{text}");
+        assert!(
+            text.contains(&step.join(OPTIMIZER_FILE).display().to_string())
+                && text.contains("missing"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -633,7 +685,9 @@ mod tests {
         model::save_weights(&vs, &weights_ref).expect("saves weights");
 
         let mut writer = Writer::default();
-        let dst = writer.start(dir.path(), snapshot(&vs, &opt, &state(5)).expect("copies"), 3).expect("starts");
+        let dst = writer
+            .start(dir.path(), snapshot(&vs, &opt, &state(5)).expect("copies"), 3)
+            .expect("starts");
         // Training goes on, changing weights and moments in place while the writer writes.
         model.encode_image(&images).sum(Kind::Float).backward();
         opt.step(1e-3);
@@ -641,16 +695,25 @@ mod tests {
         assert_eq!(dst, dir.path().join("checkpoints/step_5"));
         assert_eq!(writer.wait().expect("nothing in flight"), None);
         let read = |p: &Path| fs::read(p).expect("reads");
-        assert!(read(&dst.join(MODEL_FILE)) == read(&weights_ref), "model.safetensors differs from model::save_weights'");
+        assert!(
+            read(&dst.join(MODEL_FILE)) == read(&weights_ref),
+            "model.safetensors differs from model::save_weights'"
+        );
         for file in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, MANIFEST_FILE] {
-            assert!(read(&dst.join(file)) == read(&sync_dir.join(file)), "{file} differs from the synchronous writer's");
+            assert!(
+                read(&dst.join(file)) == read(&sync_dir.join(file)),
+                "{file} differs from the synchronous writer's"
+            );
         }
         assert_eq!(verify(&dst, Depth::Checksums), Ok(Verified::Manifest));
         // The snapshot shares nothing with the live weights: they have moved on since.
         let (vs2, _, mut opt2) = setup(9);
         load(&dst, &vs2, &mut opt2).expect("loads");
         let live = vs.variables();
-        assert!(vs2.variables().iter().any(|(name, t)| !t.equal(&live[name])), "the checkpoint followed the live weights");
+        assert!(
+            vs2.variables().iter().any(|(name, t)| !t.equal(&live[name])),
+            "the checkpoint followed the live weights"
+        );
     }
 
     #[test]
@@ -660,12 +723,21 @@ mod tests {
         // `checkpoints` is a file, so the writer cannot make its folder.
         fs::write(dir.path().join("checkpoints"), b"").expect("writes");
         let mut writer = Writer::default();
-        writer.start(dir.path(), snapshot(&vs, &opt, &state(2)).expect("copies"), 3).expect("starts: the write fails later");
-        let err = writer.start(dir.path(), snapshot(&vs, &opt, &state(4)).expect("copies"), 3).expect_err("the first write failed");
-        assert!(err.to_string().contains(&dir.path().join("checkpoints").display().to_string()), "{err}");
+        writer
+            .start(dir.path(), snapshot(&vs, &opt, &state(2)).expect("copies"), 3)
+            .expect("starts: the write fails later");
+        let err = writer
+            .start(dir.path(), snapshot(&vs, &opt, &state(4)).expect("copies"), 3)
+            .expect_err("the first write failed");
+        assert!(
+            err.to_string().contains(&dir.path().join("checkpoints").display().to_string()),
+            "{err}"
+        );
         // The failed save did not start another write; a failing last write fails the wait.
         assert_eq!(writer.wait().expect("nothing in flight"), None);
-        writer.start(dir.path(), snapshot(&vs, &opt, &state(6)).expect("copies"), 3).expect("starts");
+        writer
+            .start(dir.path(), snapshot(&vs, &opt, &state(6)).expect("copies"), 3)
+            .expect("starts");
         assert!(writer.wait().is_err());
     }
 
@@ -679,7 +751,8 @@ mod tests {
         truncate(&root.join("step_4").join(MODEL_FILE), 10);
         // step_4 is damaged, so step_2 stays the one complete checkpoint kept.
         save(dir.path(), &vs, &opt, &state(5), 2).expect("saves");
-        let steps = |d: &Path| list(d).expect("lists").into_iter().map(|(s, _)| s).collect::<Vec<u64>>();
+        let steps =
+            |d: &Path| list(d).expect("lists").into_iter().map(|(s, _)| s).collect::<Vec<u64>>();
         assert_eq!(steps(dir.path()), vec![2, 4, 5]);
         truncate(&root.join("step_5").join(MODEL_FILE), 10);
         save(dir.path(), &vs, &opt, &state(6), 1).expect("saves");

@@ -17,7 +17,13 @@ pub use oxclip_data_loader::config::DataConfig;
 /// accept and refuse the same configs with the same messages. Checks that need the sections
 /// together (the cooldown against the step count, SigLIP's bias on the model, the model's
 /// image statistics under `data:`) live here too.
-pub fn validate(model: &ModelConfig, data: &DataConfig, train: &TrainConfig, optim: &OptimConfig, loss: &LossConfig) -> Result<()> {
+pub fn validate(
+    model: &ModelConfig,
+    data: &DataConfig,
+    train: &TrainConfig,
+    optim: &OptimConfig,
+    loss: &LossConfig,
+) -> Result<()> {
     model.validate()?;
     train.validate()?;
     optim.validate(train.steps)?;
@@ -263,7 +269,10 @@ impl OptimConfig {
             return err(format!("optim.eps must be positive, got {}", self.eps));
         }
         if !(self.weight_decay >= 0.0) {
-            return err(format!("optim.weight_decay must be non-negative, got {}", self.weight_decay));
+            return err(format!(
+                "optim.weight_decay must be non-negative, got {}",
+                self.weight_decay
+            ));
         }
         if self.schedule == ScheduleKind::ConstCooldown && self.cooldown_steps > total_steps {
             return err(format!(
@@ -309,7 +318,11 @@ pub struct DistConfig {
 impl DistConfig {
     /// The gradient reduction the step runs.
     pub fn reduce(&self) -> crate::collectives::ReduceConfig {
-        crate::collectives::ReduceConfig { overlap: self.overlap, bucket_mb: self.bucket_mb, dtype: self.grad_reduce_dtype }
+        crate::collectives::ReduceConfig {
+            overlap: self.overlap,
+            bucket_mb: self.bucket_mb,
+            dtype: self.grad_reduce_dtype,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -355,14 +368,25 @@ mod tests {
         let reduce = dist.reduce();
         assert!(reduce.overlap);
         assert_eq!((reduce.bucket_mb, reduce.dtype), (25.0, crate::collectives::ReduceDtype::Fp32));
-        let bf16: DistConfig = serde_yaml::from_str("overlap: false\nbucket_mb: 0.5\ngrad_reduce_dtype: bf16\n").unwrap();
-        assert_eq!(bf16.reduce(), crate::collectives::ReduceConfig { overlap: false, bucket_mb: 0.5, dtype: crate::collectives::ReduceDtype::Bf16 });
+        let bf16: DistConfig =
+            serde_yaml::from_str("overlap: false\nbucket_mb: 0.5\ngrad_reduce_dtype: bf16\n")
+                .unwrap();
+        assert_eq!(
+            bf16.reduce(),
+            crate::collectives::ReduceConfig {
+                overlap: false,
+                bucket_mb: 0.5,
+                dtype: crate::collectives::ReduceDtype::Bf16
+            }
+        );
         bf16.validate().unwrap();
 
         let zero: DistConfig = serde_yaml::from_str("bucket_mb: 0\n").unwrap();
         let err = zero.validate().unwrap_err().to_string();
         assert!(err.contains("dist.bucket_mb"), "{err}");
-        let err = serde_yaml::from_str::<DistConfig>("grad_reduce_dtype: fp16\n").unwrap_err().to_string();
+        let err = serde_yaml::from_str::<DistConfig>("grad_reduce_dtype: fp16\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("grad_reduce_dtype") && err.contains("fp16"), "{err}");
     }
 }

@@ -33,14 +33,17 @@ pub fn parse_setting(spec: &str, setting: &str) -> Result<DeviceSpec> {
         "auto" => Ok(DeviceSpec::Auto),
         "cpu" => Ok(DeviceSpec::Cpu),
         "cuda" => Ok(DeviceSpec::Cuda(0)),
-        s => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceSpec::Cuda).ok_or_else(|| {
-            let message = format!("{} is not one of auto, cpu, cuda, cuda:N", written(setting, s));
-            if setting.starts_with("--") {
-                TrainError::Device(message)
-            } else {
-                TrainError::Config(message)
-            }
-        }),
+        s => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceSpec::Cuda).ok_or_else(
+            || {
+                let message =
+                    format!("{} is not one of auto, cpu, cuda, cuda:N", written(setting, s));
+                if setting.starts_with("--") {
+                    TrainError::Device(message)
+                } else {
+                    TrainError::Config(message)
+                }
+            },
+        ),
     }
 }
 
@@ -154,7 +157,12 @@ pub struct Placement {
 /// is accepted only where N is the rank's LOCAL_RANK: any other N puts two ranks on one GPU.
 /// A node with more local ranks than GPUs is refused before any rank touches a GPU, and the
 /// index is checked after the remap, not before.
-pub fn for_rank(spec: &str, world: Option<&Placement>, cuda_count: usize, visible: Option<&str>) -> Result<Device> {
+pub fn for_rank(
+    spec: &str,
+    world: Option<&Placement>,
+    cuda_count: usize,
+    visible: Option<&str>,
+) -> Result<Device> {
     let parsed = parse(spec)?;
     let Some(world) = world else { return device_for(parsed, cuda_count, TRAIN_DEVICE) };
     match parsed {
@@ -162,7 +170,10 @@ pub fn for_rank(spec: &str, world: Option<&Placement>, cuda_count: usize, visibl
         DeviceSpec::Auto if cuda_count == 0 => return Ok(Device::Cpu),
         _ => {}
     }
-    let who = format!("rank {} (local rank {} of {})", world.rank, world.local_rank, world.local_world_size);
+    let who = format!(
+        "rank {} (local rank {} of {})",
+        world.rank, world.local_rank, world.local_world_size
+    );
     let shown = match visible {
         Some(ids) => format!("{cuda_count} GPU(s) (CUDA_VISIBLE_DEVICES={ids})"),
         None => format!("{cuda_count} GPU(s)"),
@@ -198,7 +209,9 @@ pub fn for_rank(spec: &str, world: Option<&Placement>, cuda_count: usize, visibl
         None => world.local_rank,
     };
     if index >= cuda_count {
-        return Err(TrainError::Device(format!("{who} needs cuda:{index} but this node shows {shown}")));
+        return Err(TrainError::Device(format!(
+            "{who} needs cuda:{index} but this node shows {shown}"
+        )));
     }
     Ok(Device::Cuda(index))
 }
@@ -245,10 +258,19 @@ pub fn cuda_memory_in_use(device: Device) -> Option<u64> {
 /// A loader batch as the towers take it: images `(b, 3, image_size, image_size)` and tokens
 /// `(b, context_length)` on `device`, each through [`host_to_device`]. Training, evaluation,
 /// `embed` and `index` all move their batches here.
-pub fn batch_to_device(batch: &Batch, image_size: i64, context_length: i64, device: Device) -> Result<(Tensor, Tensor)> {
+pub fn batch_to_device(
+    batch: &Batch,
+    image_size: i64,
+    context_length: i64,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
     let b = batch.batch_size as i64;
-    let images = host_to_device(Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]), device)?;
-    let tokens = host_to_device(Tensor::from_slice(&batch.tokens).view([b, context_length]), device)?;
+    let images = host_to_device(
+        Tensor::from_slice(&batch.images).view([b, 3, image_size, image_size]),
+        device,
+    )?;
+    let tokens =
+        host_to_device(Tensor::from_slice(&batch.tokens).view([b, context_length]), device)?;
     Ok((images, tokens))
 }
 
@@ -278,7 +300,12 @@ mod tests {
     #[test]
     fn errors_name_the_setting_they_came_from() {
         let flag = parse_setting("gpu", "--device").unwrap_err().to_string();
-        assert!(flag.contains("--device gpu is not one of") && !flag.contains("train.device") && !flag.contains("training config"), "{flag}");
+        assert!(
+            flag.contains("--device gpu is not one of")
+                && !flag.contains("train.device")
+                && !flag.contains("training config"),
+            "{flag}"
+        );
         let key = parse("gpu").unwrap_err().to_string();
         assert!(key.contains("train.device: gpu"), "{key}");
         let none = device_for(DeviceSpec::Cuda(0), 0, "--device").unwrap_err().to_string();
@@ -330,7 +357,12 @@ mod tests {
         let err = for_rank("cuda:2", Some(&world(13, 5, 8)), 8, None).unwrap_err();
         assert!(matches!(err, TrainError::Config(_)), "{err}");
         let msg = err.to_string();
-        assert!(msg.contains("rank 13 (local rank 5 of 8)") && msg.contains("train.device: cuda:2") && msg.contains("write train.device: cuda "), "{msg}");
+        assert!(
+            msg.contains("rank 13 (local rank 5 of 8)")
+                && msg.contains("train.device: cuda:2")
+                && msg.contains("write train.device: cuda "),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -346,13 +378,20 @@ mod tests {
         assert!(for_rank("auto", Some(&world(0, 0, 8)), 4, None).is_err());
         // Without CUDA_VISIBLE_DEVICES the message gives the count alone.
         let bare = for_rank("cuda", Some(&world(2, 2, 3)), 2, None).unwrap_err().to_string();
-        assert!(bare.contains("shows 2 GPU(s);") && !bare.contains("CUDA_VISIBLE_DEVICES"), "{bare}");
+        assert!(
+            bare.contains("shows 2 GPU(s);") && !bare.contains("CUDA_VISIBLE_DEVICES"),
+            "{bare}"
+        );
     }
 
     #[test]
     fn cuda_without_a_gpu_names_the_rank_and_the_cpu_setting() {
         let msg = for_rank("cuda", Some(&world(1, 1, 2)), 0, None).unwrap_err().to_string();
-        assert!(msg.contains("rank 1 (local rank 1 of 2) asks for train.device: cuda") && msg.contains("use train.device: cpu"), "{msg}");
+        assert!(
+            msg.contains("rank 1 (local rank 1 of 2) asks for train.device: cuda")
+                && msg.contains("use train.device: cpu"),
+            "{msg}"
+        );
         assert!(for_rank("gpu", Some(&world(1, 1, 2)), 2, None).is_err());
     }
 

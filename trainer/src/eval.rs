@@ -22,7 +22,10 @@ use tch::{Device, Kind, Tensor};
 
 use oxclip_data_loader::sources::{self, classes, FileDataset};
 use oxclip_data_loader::spec::DEFAULT_LABEL_KEY;
-use oxclip_data_loader::{webdataset, DataSource, DataSpec, Loader, LoaderConfig, Preprocess, ShardOptions, ShardSet, ShardSource, SkipCounts, Tokenizer};
+use oxclip_data_loader::{
+    webdataset, DataSource, DataSpec, Loader, LoaderConfig, Preprocess, ShardOptions, ShardSet,
+    ShardSource, SkipCounts, Tokenizer,
+};
 
 use crate::collectives::{self, Collectives};
 use crate::error::{Result, TrainError};
@@ -60,8 +63,13 @@ pub struct ZeroShotSet {
 /// - shards and `synthetic:N`: labels (`.cls`) are read as the images are; one outside the
 ///   class list fails the evaluation (see [`evaluate`]);
 /// - a folder of captioned images has no labels and is refused.
-pub fn open_zero_shot(spec: &DataSpec, classnames: Option<&Path>, seed: u64) -> Result<ZeroShotSet> {
-    let listed = classnames.map(|file| Ok::<_, TrainError>((read_lines(file)?, file))).transpose()?;
+pub fn open_zero_shot(
+    spec: &DataSpec,
+    classnames: Option<&Path>,
+    seed: u64,
+) -> Result<ZeroShotSet> {
+    let listed =
+        classnames.map(|file| Ok::<_, TrainError>((read_lines(file)?, file))).transpose()?;
     let needs_names = || {
         TrainError::Input(format!(
             "zero-shot evaluation of `{}` needs the class names: a file with one per line, line i naming class i \
@@ -132,17 +140,27 @@ pub fn open_benchmark(set: &benchmark::Benchmark, seed: u64) -> Result<DataSourc
         (benchmark::Task::Retrieval, spec) => {
             let source = DataSource::open(spec, seed)?;
             if source.is_empty() {
-                return Err(TrainError::Input(format!("`{}` holds no image-caption samples to evaluate", describe_spec(spec))));
+                return Err(TrainError::Input(format!(
+                    "`{}` holds no image-caption samples to evaluate",
+                    describe_spec(spec)
+                )));
             }
             Ok(source)
         }
         (benchmark::Task::Classification { classnames, .. }, DataSpec::Classes(dir)) => {
             let (dataset, _) = classes::load(dir)?;
-            Ok(labelled_files(dataset, classnames.clone(), &format!("{} has", dir.display()))?.source)
+            Ok(labelled_files(dataset, classnames.clone(), &format!("{} has", dir.display()))?
+                .source)
         }
         (benchmark::Task::Classification { classnames, .. }, DataSpec::Shards(parts)) => {
-            let named_by = match parts.first().and_then(|p| Path::new(&p.spec).parent()).and_then(Path::parent) {
-                Some(dir) if dir.join("classnames.txt").is_file() => dir.join("classnames.txt").display().to_string(),
+            let named_by = match parts
+                .first()
+                .and_then(|p| Path::new(&p.spec).parent())
+                .and_then(Path::parent)
+            {
+                Some(dir) if dir.join("classnames.txt").is_file() => {
+                    dir.join("classnames.txt").display().to_string()
+                }
                 _ => "the class list".to_owned(),
             };
             check_shard_labels(parts, classnames, &named_by)?;
@@ -204,7 +222,10 @@ fn check_shard_labels(parts: &[ShardSource], classnames: &[String], named_by: &s
         )));
     }
     if unlabelled > 0 {
-        tracing::warn!("{unlabelled} of {} samples carry no class label (KEY.cls) and are not scored", labelled + unlabelled);
+        tracing::warn!(
+            "{unlabelled} of {} samples carry no class label (KEY.cls) and are not scored",
+            labelled + unlabelled
+        );
     }
     Ok(())
 }
@@ -212,7 +233,11 @@ fn check_shard_labels(parts: &[ShardSource], classnames: &[String], named_by: &s
 /// A CSV/JSONL/class-folder dataset whose every entry is labelled, checked against the
 /// class list.
 /// `named_by` says where the class list came from: `names.txt names`, `DIR has`.
-fn labelled_files(dataset: FileDataset, classnames: Vec<String>, named_by: &str) -> Result<ZeroShotSet> {
+fn labelled_files(
+    dataset: FileDataset,
+    classnames: Vec<String>,
+    named_by: &str,
+) -> Result<ZeroShotSet> {
     let source = dataset.source().to_owned();
     if dataset.entries().is_empty() {
         return Err(TrainError::Input(format!(
@@ -246,7 +271,8 @@ fn skipped_note(skips: &SkipCounts) -> String {
 /// The first few names, then how many more.
 fn first_few(names: &[String]) -> String {
     const SHOWN: usize = 5;
-    let mut text = names.iter().take(SHOWN).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    let mut text =
+        names.iter().take(SHOWN).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
     if names.len() > SHOWN {
         text.push_str(&format!(" and {} more", names.len() - SHOWN));
     }
@@ -259,7 +285,9 @@ fn describe_spec(spec: &DataSpec) -> String {
         DataSpec::Jsonl(jsonl) => jsonl.path.display().to_string(),
         DataSpec::Folder(dir) | DataSpec::Classes(dir) => dir.display().to_string(),
         DataSpec::Synthetic(n) => format!("synthetic:{n}"),
-        DataSpec::Shards(parts) => parts.iter().map(|p| p.spec.clone()).collect::<Vec<_>>().join("::"),
+        DataSpec::Shards(parts) => {
+            parts.iter().map(|p| p.spec.clone()).collect::<Vec<_>>().join("::")
+        }
     }
 }
 
@@ -278,7 +306,9 @@ pub fn zero_shot_classifier(
         let prompts: Vec<String> = templates.iter().map(|t| t.replace("{}", name)).collect();
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
         let ids = tokenizer.encode_batch(&refs, context_length);
-        let tokens = Tensor::from_slice(&ids).view([prompts.len() as i64, context_length as i64]).to_device(device);
+        let tokens = Tensor::from_slice(&ids)
+            .view([prompts.len() as i64, context_length as i64])
+            .to_device(device);
         let embeddings = normalize(&model.encode_text(&tokens).to_kind(Kind::Float));
         columns.push(normalize(&embeddings.mean_dim([0i64].as_slice(), false, Kind::Float)));
     }
@@ -286,9 +316,23 @@ pub fn zero_shot_classifier(
 }
 
 /// Classifies every labelled sample the loader yields (one pass, in dataset order).
-pub fn zero_shot_accuracy(model: &Clip, classifier: &Tensor, loader: &mut Loader, device: Device) -> Result<ZeroShotResult> {
-    let result = evaluate(model, loader, Some(classifier), false, device, &crate::collectives::SingleProcess)?;
-    result.zero_shot.ok_or_else(|| TrainError::Input("the evaluation gave no zero-shot result".to_owned()))
+pub fn zero_shot_accuracy(
+    model: &Clip,
+    classifier: &Tensor,
+    loader: &mut Loader,
+    device: Device,
+) -> Result<ZeroShotResult> {
+    let result = evaluate(
+        model,
+        loader,
+        Some(classifier),
+        false,
+        device,
+        &crate::collectives::SingleProcess,
+    )?;
+    result
+        .zero_shot
+        .ok_or_else(|| TrainError::Input("the evaluation gave no zero-shot result".to_owned()))
 }
 
 /// Image<->text retrieval metrics, with open_clip's names.
@@ -319,7 +363,11 @@ fn ranks_of_own_pair(queries: &Tensor, targets: &Tensor) -> Tensor {
         let len = RETRIEVAL_CHUNK.min(n - start);
         let scores = queries.narrow(0, start, len).matmul(&targets.tr());
         // The own pair's score taken from the same matrix, so ties compare equal exactly.
-        let own = scores.gather(1, &Tensor::arange_start(start, start + len, (Kind::Int64, scores.device())).unsqueeze(1), false);
+        let own = scores.gather(
+            1,
+            &Tensor::arange_start(start, start + len, (Kind::Int64, scores.device())).unsqueeze(1),
+            false,
+        );
         parts.push(scores.gt_tensor(&own).sum_dim_intlist([1i64].as_slice(), false, Kind::Int64));
         start += len;
     }
@@ -334,7 +382,10 @@ pub fn retrieval_metrics(image: &Tensor, text: &Tensor) -> RetrievalResult {
     let (image, text) = (image.to_kind(Kind::Float), text.to_kind(Kind::Float));
     let n = image.size()[0];
     let mut metrics = Vec::new();
-    for (name, ranks) in [("image_to_text", ranks_of_own_pair(&image, &text)), ("text_to_image", ranks_of_own_pair(&text, &image))] {
+    for (name, ranks) in [
+        ("image_to_text", ranks_of_own_pair(&image, &text)),
+        ("text_to_image", ranks_of_own_pair(&text, &image)),
+    ] {
         let ranks: Vec<i64> = Vec::try_from(&ranks.to_device(Device::Cpu)).unwrap_or_default();
         let mean = ranks.iter().sum::<i64>() as f64 / n.max(1) as f64 + 1.0;
         let mut sorted = ranks.clone();
@@ -361,7 +412,11 @@ pub fn retrieval_metrics(image: &Tensor, text: &Tensor) -> RetrievalResult {
 /// one of their captions among the k captions scoring highest for them, for k = 1, 5, 10.
 /// A rank here is the number of candidates scoring strictly higher (ties are rare in
 /// floating point; clip_benchmark's `topk` breaks them by position).
-pub fn multi_caption_recall(image: &Tensor, text: &Tensor, caption_image: &[i64]) -> Result<RetrievalResult> {
+pub fn multi_caption_recall(
+    image: &Tensor,
+    text: &Tensor,
+    caption_image: &[i64],
+) -> Result<RetrievalResult> {
     let _guard = tch::no_grad_guard();
     let (image, text) = (image.to_kind(Kind::Float), text.to_kind(Kind::Float));
     let (n, m) = (image.size()[0], text.size()[0]);
@@ -374,7 +429,11 @@ pub fn multi_caption_recall(image: &Tensor, text: &Tensor, caption_image: &[i64]
         let len = RETRIEVAL_CHUNK.min(m - start);
         let scores = text.narrow(0, start, len).matmul(&image.tr());
         let own = scores.gather(1, &owner.narrow(0, start, len).unsqueeze(1), false);
-        caption_ranks.push(scores.gt_tensor(&own).sum_dim_intlist([1i64].as_slice(), false, Kind::Int64));
+        caption_ranks.push(scores.gt_tensor(&own).sum_dim_intlist(
+            [1i64].as_slice(),
+            false,
+            Kind::Int64,
+        ));
         start += len;
     }
     // Image -> captions: the rank of its best-scoring own caption.
@@ -385,8 +444,13 @@ pub fn multi_caption_recall(image: &Tensor, text: &Tensor, caption_image: &[i64]
         let scores = image.narrow(0, start, len).matmul(&text.tr());
         let rows = Tensor::arange_start(start, start + len, (Kind::Int64, device)).unsqueeze(1);
         let own = owner.unsqueeze(0).eq_tensor(&rows);
-        let best = scores.masked_fill(&own.logical_not(), f64::NEG_INFINITY).amax([1i64].as_slice(), true);
-        image_ranks.push(scores.gt_tensor(&best).sum_dim_intlist([1i64].as_slice(), false, Kind::Int64));
+        let best =
+            scores.masked_fill(&own.logical_not(), f64::NEG_INFINITY).amax([1i64].as_slice(), true);
+        image_ranks.push(scores.gt_tensor(&best).sum_dim_intlist(
+            [1i64].as_slice(),
+            false,
+            Kind::Int64,
+        ));
         start += len;
     }
     let ranks = |parts: Vec<Tensor>| -> Result<Vec<i64>> {
@@ -396,7 +460,9 @@ pub fn multi_caption_recall(image: &Tensor, text: &Tensor, caption_image: &[i64]
         Ok(Vec::<i64>::try_from(&Tensor::cat(&parts, 0).to_device(Device::Cpu))?)
     };
     let mut metrics = Vec::new();
-    for (name, ranks) in [("image_retrieval", ranks(caption_ranks)?), ("text_retrieval", ranks(image_ranks)?)] {
+    for (name, ranks) in
+        [("image_retrieval", ranks(caption_ranks)?), ("text_retrieval", ranks(image_ranks)?)]
+    {
         for k in [1, 5, 10] {
             let hits = ranks.iter().filter(|&&r| r < k).count();
             metrics.push((format!("{name}_recall@{k}"), hits as f64 / ranks.len().max(1) as f64));
@@ -439,12 +505,19 @@ pub fn evaluate_multi_caption(
         local_images += batch.batch_size as i64;
         if !captions.is_empty() {
             let ids = tokenizer.encode_batch(&captions, context as usize);
-            let tokens = Tensor::from_slice(&ids).view([captions.len() as i64, context]).to_device(device);
+            let tokens =
+                Tensor::from_slice(&ids).view([captions.len() as i64, context]).to_device(device);
             texts.push(normalize(&model.encode_text(&tokens).to_kind(Kind::Float)));
         }
         progress(batch.batch_size as u64 + batch.skipped.total());
     }
-    let cat = |parts: &[Tensor], cols: i64| if parts.is_empty() { Tensor::zeros([0, cols], (Kind::Float, device)) } else { Tensor::cat(parts, 0).view([-1, cols]) };
+    let cat = |parts: &[Tensor], cols: i64| {
+        if parts.is_empty() {
+            Tensor::zeros([0, cols], (Kind::Float, device))
+        } else {
+            Tensor::cat(parts, 0).view([-1, cols])
+        }
+    };
     // Each rank's caption owners index its own images: shift them by the images of the
     // ranks before it, the order the gather lays them out in.
     let counts = collectives::all_gather_u64(comm, local_images as u64)?;
@@ -453,9 +526,14 @@ pub fn evaluate_multi_caption(
     let images = gather_rows(comm, &cat(&images, dim))?;
     let rows = gather_rows(comm, &Tensor::cat(&[cat(&texts, dim), owners], 1))?;
     if images.size()[0] == 0 || rows.size()[0] == 0 {
-        return Err(TrainError::Input(format!("no image with a caption could be evaluated{}", skipped_note(&skipped))));
+        return Err(TrainError::Input(format!(
+            "no image with a caption could be evaluated{}",
+            skipped_note(&skipped)
+        )));
     }
-    let owners = Vec::<i64>::try_from(&rows.narrow(1, dim, 1).view([-1]).to_kind(Kind::Int64).to_device(Device::Cpu))?;
+    let owners = Vec::<i64>::try_from(
+        &rows.narrow(1, dim, 1).view([-1]).to_kind(Kind::Int64).to_device(Device::Cpu),
+    )?;
     multi_caption_recall(&images, &rows.narrow(1, 0, dim), &owners)
 }
 
@@ -471,8 +549,23 @@ pub struct EvalResult {
 /// A loader for evaluating `model` on `source`: the eval transform of the model's default
 /// preprocessing ([`crate::prepare::default_preprocess`]), its context length, the dataset in
 /// order, this rank's share of it.
-pub fn eval_loader(source: &DataSource, tokenizer: Tokenizer, model: &ModelConfig, batch_size: usize, workers: usize, comm: &dyn Collectives) -> Result<Loader> {
-    eval_loader_with(source, tokenizer, model, &crate::prepare::default_preprocess(model), batch_size, workers, comm)
+pub fn eval_loader(
+    source: &DataSource,
+    tokenizer: Tokenizer,
+    model: &ModelConfig,
+    batch_size: usize,
+    workers: usize,
+    comm: &dyn Collectives,
+) -> Result<Loader> {
+    eval_loader_with(
+        source,
+        tokenizer,
+        model,
+        &crate::prepare::default_preprocess(model),
+        batch_size,
+        workers,
+        comm,
+    )
 }
 
 /// [`eval_loader`] with the given preprocessing (mean/std, resize mode, interpolation).
@@ -549,7 +642,13 @@ pub fn evaluate_with_progress(
         progress(batch.batch_size as u64 + batch.skipped.total());
     }
     let empty = |cols: i64| Tensor::zeros([0, cols], (Kind::Float, device));
-    let cat = |parts: &[Tensor], cols: i64| if parts.is_empty() { empty(cols) } else { Tensor::cat(parts, 0).view([-1, cols]) };
+    let cat = |parts: &[Tensor], cols: i64| {
+        if parts.is_empty() {
+            empty(cols)
+        } else {
+            Tensor::cat(parts, 0).view([-1, cols])
+        }
+    };
     // Image embedding, text embedding and label side by side, one row per sample, so one
     // gather moves them all.
     let mut columns = vec![cat(&images, dim)];
@@ -557,13 +656,18 @@ pub fn evaluate_with_progress(
         columns.push(cat(&texts, dim));
     }
     columns.push(cat(&labels, 1));
-    let local_labels = Vec::<i64>::try_from(&cat(&labels, 1).view([-1]).to_kind(Kind::Int64).to_device(Device::Cpu))?;
+    let local_labels = Vec::<i64>::try_from(
+        &cat(&labels, 1).view([-1]).to_kind(Kind::Int64).to_device(Device::Cpu),
+    )?;
     let rows = gather_rows(comm, &Tensor::cat(&columns, 1))?;
     let images = rows.narrow(1, 0, dim);
     let labels = rows.narrow(1, rows.size()[1] - 1, 1).view([-1]).to_kind(Kind::Int64);
     // Every rank sees the gathered rows, so every rank decides these errors alike.
     if rows.size()[0] == 0 {
-        return Err(TrainError::Input(format!("no sample could be evaluated{}", skipped_note(&skipped))));
+        return Err(TrainError::Input(format!(
+            "no sample could be evaluated{}",
+            skipped_note(&skipped)
+        )));
     }
     let zero_shot = match classifier {
         Some(c) => {
@@ -591,8 +695,12 @@ fn check_labels(labels: &[i64], local: &[i64], keys: &[String], classes: i64) ->
     }
     let beyond: Vec<i64> = labels.iter().copied().filter(|&l| l >= classes).collect();
     if let Some(&largest) = beyond.iter().max() {
-        let here = local.iter().position(|&l| l >= classes).and_then(|i| keys.get(i).map(|k| (k, local[i])));
-        let example = here.map_or_else(String::new, |(key, label)| format!(" (sample {key}: label {label})"));
+        let here = local
+            .iter()
+            .position(|&l| l >= classes)
+            .and_then(|i| keys.get(i).map(|k| (k, local[i])));
+        let example =
+            here.map_or_else(String::new, |(key, label)| format!(" (sample {key}: label {label})"));
         return Err(TrainError::Input(format!(
             "{} samples are labelled beyond the {classes} class names (labels 0 to {}), up to {largest}{example}; \
              the class names file must name every class the data uses",
@@ -601,7 +709,11 @@ fn check_labels(labels: &[i64], local: &[i64], keys: &[String], classes: i64) ->
         )));
     }
     if labelled < labels.len() {
-        tracing::warn!("{} of {} samples have no class label and are left out of the zero-shot accuracy", labels.len() - labelled, labels.len());
+        tracing::warn!(
+            "{} of {} samples have no class label and are left out of the zero-shot accuracy",
+            labels.len() - labelled,
+            labels.len()
+        );
     }
     Ok(())
 }
@@ -613,12 +725,17 @@ fn gather_rows(comm: &dyn Collectives, rows: &Tensor) -> Result<Tensor> {
         return Ok(rows.shallow_clone());
     }
     let n = rows.size()[0];
-    let counts: Vec<i64> = collectives::all_gather_u64(comm, n as u64)?.into_iter().map(|c| c as i64).collect();
+    let counts: Vec<i64> =
+        collectives::all_gather_u64(comm, n as u64)?.into_iter().map(|c| c as i64).collect();
     let most = counts.iter().copied().max().unwrap_or(0);
     let cols = rows.size()[1];
-    let padded = Tensor::cat(&[rows.shallow_clone(), Tensor::zeros([most - n, cols], (rows.kind(), rows.device()))], 0);
+    let padded = Tensor::cat(
+        &[rows.shallow_clone(), Tensor::zeros([most - n, cols], (rows.kind(), rows.device()))],
+        0,
+    );
     let all = comm.all_gather(&padded)?;
-    let parts: Vec<Tensor> = counts.iter().enumerate().map(|(r, &c)| all.narrow(0, r as i64 * most, c)).collect();
+    let parts: Vec<Tensor> =
+        counts.iter().enumerate().map(|(r, &c)| all.narrow(0, r as i64 * most, c)).collect();
     Ok(Tensor::cat(&parts, 0))
 }
 
@@ -637,23 +754,44 @@ impl ZeroShotCounts {
     fn result(&self) -> ZeroShotResult {
         let frac = |x: u64| if self.scored == 0 { 0.0 } else { x as f64 / self.scored as f64 };
         // Classes no sample is labelled with have no recall; sklearn leaves them out too.
-        let recalls: Vec<f64> = self.per_class.iter().filter(|(n, _)| *n > 0).map(|&(n, hits)| hits as f64 / n as f64).collect();
-        let mean_per_class_recall = if recalls.is_empty() { 0.0 } else { recalls.iter().sum::<f64>() / recalls.len() as f64 };
-        ZeroShotResult { top1: frac(self.top1), top5: frac(self.top5), mean_per_class_recall, samples: self.scored }
+        let recalls: Vec<f64> = self
+            .per_class
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|&(n, hits)| hits as f64 / n as f64)
+            .collect();
+        let mean_per_class_recall = if recalls.is_empty() {
+            0.0
+        } else {
+            recalls.iter().sum::<f64>() / recalls.len() as f64
+        };
+        ZeroShotResult {
+            top1: frac(self.top1),
+            top5: frac(self.top5),
+            mean_per_class_recall,
+            samples: self.scored,
+        }
     }
 }
 
 /// Top-1/top-5 of normalised image embeddings against the class embeddings (embed_dim,
 /// classes); samples with label -1 (none) are left out. Labels are checked to be below the
 /// class count ([`check_labels`]).
-fn zero_shot_counts(images: &Tensor, labels: &[i64], classifier: &Tensor) -> Result<ZeroShotCounts> {
+fn zero_shot_counts(
+    images: &Tensor,
+    labels: &[i64],
+    classifier: &Tensor,
+) -> Result<ZeroShotCounts> {
     let classes = classifier.size()[1];
     let k = 5.min(classes);
     let (_, pred) = images.matmul(classifier).topk(k, 1, true, true);
     let pred = Vec::<i64>::try_from(&pred.reshape([-1]).to_device(Device::Cpu))?;
-    let mut counts = ZeroShotCounts { scored: 0, top1: 0, top5: 0, per_class: vec![(0, 0); classes as usize] };
+    let mut counts =
+        ZeroShotCounts { scored: 0, top1: 0, top5: 0, per_class: vec![(0, 0); classes as usize] };
     for (&label, ranked) in labels.iter().zip(pred.chunks(k as usize)) {
-        let Some(class) = counts.per_class.get_mut(label as usize).filter(|_| label >= 0) else { continue };
+        let Some(class) = counts.per_class.get_mut(label as usize).filter(|_| label >= 0) else {
+            continue;
+        };
         let hit1 = ranked.first() == Some(&label);
         class.0 += 1;
         class.1 += u64::from(hit1);
@@ -671,7 +809,9 @@ pub fn read_templates(path: Option<&str>) -> Result<Vec<String>> {
         None => OPENAI_IMAGENET_TEMPLATES.iter().map(|s| s.to_string()).collect(),
     };
     if let Some(bad) = templates.iter().find(|t| !t.contains("{}")) {
-        return Err(TrainError::Config(format!("template `{bad}` has no `{{}}` for the class name")));
+        return Err(TrainError::Config(format!(
+            "template `{bad}` has no `{{}}` for the class name"
+        )));
     }
     Ok(templates)
 }
@@ -679,7 +819,8 @@ pub fn read_templates(path: Option<&str>) -> Result<Vec<String>> {
 /// Non-empty, trimmed lines of a text file.
 pub fn read_lines(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(crate::error::io_err(path))?;
-    let lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let lines: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     if lines.is_empty() {
         return Err(TrainError::Config(format!("{} is empty", path.display())));
     }
@@ -804,11 +945,23 @@ mod tests {
         // img2 vs [0.8, 0.6, 0.96]: rank 0.
         assert!((r.get("image_to_text_R@1").unwrap() - 1.0 / 3.0).abs() < 1e-9);
         assert_eq!(r.get("image_to_text_R@5"), Some(1.0));
-        assert!((r.get("image_to_text_mean_rank").unwrap() - (2.0 + 2.0 + 0.0) / 3.0 - 1.0).abs() < 1e-9);
+        assert!(
+            (r.get("image_to_text_mean_rank").unwrap() - (2.0 + 2.0 + 0.0) / 3.0 - 1.0).abs()
+                < 1e-9
+        );
         assert_eq!(r.get("image_to_text_median_rank"), Some(3.0));
         assert_eq!(r.pairs, 3);
         let names: Vec<&str> = r.metrics.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names[..5], ["image_to_text_mean_rank", "image_to_text_median_rank", "image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10"]);
+        assert_eq!(
+            names[..5],
+            [
+                "image_to_text_mean_rank",
+                "image_to_text_median_rank",
+                "image_to_text_R@1",
+                "image_to_text_R@5",
+                "image_to_text_R@10"
+            ]
+        );
     }
 
     #[test]
@@ -832,15 +985,21 @@ mod tests {
     /// (tests/fixtures/make_retrieval_fixture.py).
     #[test]
     fn retrieval_metrics_equal_open_clips() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/retrieval");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/retrieval");
         let tensors: std::collections::BTreeMap<String, Tensor> =
             Tensor::read_safetensors(dir.join("embeds.safetensors")).unwrap().into_iter().collect();
         let expected: std::collections::BTreeMap<String, f64> =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
         let r = retrieval_metrics(&tensors["image"], &tensors["text"]);
         assert_eq!(r.metrics.len(), expected.len());
         for (name, value) in &r.metrics {
-            assert!((value - expected[name]).abs() < 1e-9, "{name}: {value} vs open_clip {}", expected[name]);
+            assert!(
+                (value - expected[name]).abs() < 1e-9,
+                "{name}: {value} vs open_clip {}",
+                expected[name]
+            );
         }
     }
 
@@ -849,21 +1008,32 @@ mod tests {
     #[test]
     fn zero_shot_counts_on_a_known_case() {
         let images: Vec<[f32; 6]> = vec![
-            [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],    // label 0: top-1 right
-            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],    // label 1: ranked 2nd, top-1 wrong, top-5 right
-            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],    // label 5: ranked 6th, both wrong
-            [0.0, 0.0, 1.0, 0.0, 0.0, 0.0],    // label 2: top-1 right
-            [0.0, 0.0, 0.0, 0.0, 1.0, 0.0],    // no label: left out
-            [0.1, 0.2, 0.3, 0.9, 0.0, 0.05],   // label 2: ranked 2nd (3, 2, 1, 0, 5), top-5 right
+            [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],  // label 0: top-1 right
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  // label 1: ranked 2nd, top-1 wrong, top-5 right
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  // label 5: ranked 6th, both wrong
+            [0.0, 0.0, 1.0, 0.0, 0.0, 0.0],  // label 2: top-1 right
+            [0.0, 0.0, 0.0, 0.0, 1.0, 0.0],  // no label: left out
+            [0.1, 0.2, 0.3, 0.9, 0.0, 0.05], // label 2: ranked 2nd (3, 2, 1, 0, 5), top-5 right
         ];
         let labels = [0, 1, 5, 2, -1, 2];
         let flat: Vec<f32> = images.iter().flatten().copied().collect();
         let images = Tensor::from_slice(&flat).view([6, 6]);
         let classifier = Tensor::eye(6, (Kind::Float, Device::Cpu));
         let counts = zero_shot_counts(&images, &labels, &classifier).unwrap();
-        assert_eq!(counts, ZeroShotCounts { scored: 5, top1: 2, top5: 4, per_class: vec![(1, 1), (1, 0), (2, 1), (0, 0), (0, 0), (1, 0)] });
+        assert_eq!(
+            counts,
+            ZeroShotCounts {
+                scored: 5,
+                top1: 2,
+                top5: 4,
+                per_class: vec![(1, 1), (1, 0), (2, 1), (0, 0), (0, 0), (1, 0)]
+            }
+        );
         // Per class recall 1, 0, 1/2, 0 over the four classes with samples (3 and 4 have none).
-        assert_eq!(counts.result(), ZeroShotResult { top1: 0.4, top5: 0.8, mean_per_class_recall: 0.375, samples: 5 });
+        assert_eq!(
+            counts.result(),
+            ZeroShotResult { top1: 0.4, top5: 0.8, mean_per_class_recall: 0.375, samples: 5 }
+        );
 
         // Fewer than 5 classes: top-5 is every class, so it is 1 for any labelled sample.
         let two = Tensor::eye(6, (Kind::Float, Device::Cpu)).narrow(1, 0, 2);
@@ -897,23 +1067,40 @@ mod tests {
         write("four.txt", "ant\nbee\ncat\ndog\n");
         let classes = DataSpec::Classes(d.join("classes"));
         let err = open_zero_shot(&classes, Some(&d.join("two.txt")), 0).err().unwrap().to_string();
-        assert!(err.contains("two.txt names 2 classes but") && err.contains("classes has 4 class folders") && err.contains("`ant`"), "{err}");
+        assert!(
+            err.contains("two.txt names 2 classes but")
+                && err.contains("classes has 4 class folders")
+                && err.contains("`ant`"),
+            "{err}"
+        );
         let set = open_zero_shot(&classes, Some(&d.join("four.txt")), 0).unwrap();
         assert_eq!((set.classnames.len(), set.source.len()), (4, 4));
-        assert_eq!(open_zero_shot(&classes, None, 0).unwrap().classnames, ["ant", "bee", "cat", "dog"]);
+        assert_eq!(
+            open_zero_shot(&classes, None, 0).unwrap().classnames,
+            ["ant", "bee", "cat", "dog"]
+        );
 
         // A CSV without labels: the column looked for and how to name another.
         write("val.csv", "filepath,title\nclasses/ant/1.jpg,an ant\n");
         let csv = DataSpec::parse(d.join("val.csv").to_str().unwrap()).unwrap();
         let err = open_zero_shot(&csv, Some(&d.join("two.txt")), 0).err().unwrap().to_string();
-        assert!(err.contains("val.csv") && err.contains("no label column `label`") && err.contains("label_key=COLUMN"), "{err}");
+        assert!(
+            err.contains("val.csv")
+                && err.contains("no label column `label`")
+                && err.contains("label_key=COLUMN"),
+            "{err}"
+        );
         // Without class names at all.
         let err = open_zero_shot(&csv, None, 0).err().unwrap().to_string();
         assert!(err.contains("needs the class names") && err.contains("--classnames"), "{err}");
         // A label beyond the class list: the line and the label.
         write("val.csv", "filepath,label\nclasses/ant/1.jpg,1\nclasses/bee/1.jpg,3\n");
         let err = open_zero_shot(&csv, Some(&d.join("two.txt")), 0).err().unwrap().to_string();
-        assert!(err.contains("val.csv, line 3: label 3 is outside the class list") && err.contains("two.txt names 2 classes"), "{err}");
+        assert!(
+            err.contains("val.csv, line 3: label 3 is outside the class list")
+                && err.contains("two.txt names 2 classes"),
+            "{err}"
+        );
         assert_eq!(open_zero_shot(&csv, Some(&d.join("four.txt")), 0).unwrap().source.len(), 2);
         // JSONL the same way.
         write("val.jsonl", "{\"image\": \"classes/ant/1.jpg\", \"label\": 2}\n");
@@ -924,7 +1111,10 @@ mod tests {
         write("empty.csv", "filepath,label\n,0\n");
         let empty = DataSpec::parse(d.join("empty.csv").to_str().unwrap()).unwrap();
         let err = open_zero_shot(&empty, Some(&d.join("two.txt")), 0).err().unwrap().to_string();
-        assert!(err.contains("empty.csv holds no image to evaluate (skipped: missing_image 1)"), "{err}");
+        assert!(
+            err.contains("empty.csv holds no image to evaluate (skipped: missing_image 1)"),
+            "{err}"
+        );
         // Captioned images carry no labels.
         let folder = DataSpec::Folder(d.join("classes/ant"));
         let err = open_zero_shot(&folder, Some(&d.join("two.txt")), 0).err().unwrap().to_string();
@@ -936,14 +1126,17 @@ mod tests {
         tch::manual_seed(3);
         let n = 2 * RETRIEVAL_CHUNK + 37;
         let image = crate::model::normalize(&Tensor::randn([n, 8], (Kind::Float, Device::Cpu)));
-        let text = crate::model::normalize(&(&image + Tensor::randn([n, 8], (Kind::Float, Device::Cpu)) * 0.5));
+        let text = crate::model::normalize(
+            &(&image + Tensor::randn([n, 8], (Kind::Float, Device::Cpu)) * 0.5),
+        );
         let ranks = ranks_of_own_pair(&image, &text);
         let full = image.matmul(&text.tr());
         let own = full.diagonal(0, 0, 1).unsqueeze(1);
         let expected = full.gt_tensor(&own).sum_dim_intlist([1i64].as_slice(), false, Kind::Int64);
         assert!(ranks.equal(&expected));
         // Median of an even count: numpy's mean of the middle two, floored, plus one.
-        let r = retrieval_metrics(&rows(&[[1.0, 0.0], [0.0, 1.0]]), &rows(&[[0.0, 1.0], [1.0, 0.0]]));
+        let r =
+            retrieval_metrics(&rows(&[[1.0, 0.0], [0.0, 1.0]]), &rows(&[[0.0, 1.0], [1.0, 0.0]]));
         assert_eq!(r.get("image_to_text_median_rank"), Some(2.0));
     }
 }

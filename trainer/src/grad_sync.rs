@@ -77,7 +77,9 @@ impl GradSync {
         let mut start = 0;
         while start < params.len() {
             let (mut end, mut elements) = (start, 0);
-            while end < params.len() && (end == start || elements + params[end].numel() as i64 <= cap) {
+            while end < params.len()
+                && (end == start || elements + params[end].numel() as i64 <= cap)
+            {
                 elements += params[end].numel() as i64;
                 end += 1;
             }
@@ -123,7 +125,11 @@ impl GradSync {
         }
     }
 
-    fn reduce_overlapped(&self, comm: &(dyn Collectives + Sync), backward: impl FnOnce()) -> Result<Reduced> {
+    fn reduce_overlapped(
+        &self,
+        comm: &(dyn Collectives + Sync),
+        backward: impl FnOnce(),
+    ) -> Result<Reduced> {
         let (tx, rx) = mpsc::channel::<(usize, Tensor, Mark)>();
         let mut bucket_of = vec![0; self.params.len()];
         for (b, range) in self.buckets.iter().enumerate() {
@@ -178,7 +184,9 @@ impl GradSync {
                 launched
             };
             let started = Instant::now();
-            let done = communicator.join().map_err(|_| TrainError::Dist("the gradient communication thread panicked".into()))?;
+            let done = communicator.join().map_err(|_| {
+                TrainError::Dist("the gradient communication thread panicked".into())
+            })?;
             armed?;
             if let Some(e) = ctx.lock().error.take() {
                 return Err(e);
@@ -194,7 +202,11 @@ impl GradSync {
                 comm.wait_for(mark)?;
                 self.unflatten(b, &flat)?;
             }
-            Ok(Reduced { exposed_secs: started.elapsed().as_secs_f64(), buckets, launched_in_backward })
+            Ok(Reduced {
+                exposed_secs: started.elapsed().as_secs_f64(),
+                buckets,
+                launched_in_backward,
+            })
         })
     }
 
@@ -255,7 +267,10 @@ impl Launcher {
         let b = self.next;
         self.next += 1;
         // The mark right after the flatten, on the thread that queued it.
-        match sync.flatten(b).and_then(|flat| flat.map(|f| comm.ready_mark().map(|m| (f, m))).transpose()) {
+        match sync
+            .flatten(b)
+            .and_then(|flat| flat.map(|f| comm.ready_mark().map(|m| (f, m))).transpose())
+        {
             Ok(Some((flat, ready))) => {
                 // A closed channel: the communication thread failed; join reports why.
                 if let Some(tx) = &self.tx {
@@ -298,7 +313,12 @@ impl HookCtx<'_> {
 }
 
 extern "C" {
-    fn oxclip_set_grad_ready_hook(param: *mut c_void, f: extern "C" fn(*mut c_void, usize), ctx: *mut c_void, index: usize) -> i32;
+    fn oxclip_set_grad_ready_hook(
+        param: *mut c_void,
+        f: extern "C" fn(*mut c_void, usize),
+        ctx: *mut c_void,
+        index: usize,
+    ) -> i32;
     fn oxclip_clear_grad_ready_hook(param: *mut c_void);
 }
 
@@ -306,7 +326,9 @@ extern "C" fn grad_ready(ctx: *mut c_void, index: usize) {
     // SAFETY: `ctx` is the `HookCtx` `Hooks::arm` was given; the hooks are removed before it
     // is dropped. A panic must not unwind into libtorch's C++ frames.
     let ctx = unsafe { &*(ctx as *const HookCtx) };
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.lock().grad_ready(ctx.sync, ctx.comm, index)));
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ctx.lock().grad_ready(ctx.sync, ctx.comm, index)
+    }));
 }
 
 /// The hooks installed on every parameter, removed when dropped (also when the backward pass
@@ -321,9 +343,19 @@ impl<'a> Hooks<'a> {
         for (i, p) in params.iter().enumerate() {
             // SAFETY: `p.as_ptr()` is a live `torch::Tensor*`; `ctx` outlives the hooks (see
             // `grad_ready`).
-            let refused = unsafe { oxclip_set_grad_ready_hook(p.as_ptr() as *mut c_void, grad_ready, ctx as *const HookCtx as *mut c_void, i) };
+            let refused = unsafe {
+                oxclip_set_grad_ready_hook(
+                    p.as_ptr() as *mut c_void,
+                    grad_ready,
+                    ctx as *const HookCtx as *mut c_void,
+                    i,
+                )
+            };
             if refused != 0 {
-                return Err(TrainError::Dist(format!("libtorch refused a gradient hook on trainable parameter #{i} of shape {:?}", p.size())));
+                return Err(TrainError::Dist(format!(
+                    "libtorch refused a gradient hook on trainable parameter #{i} of shape {:?}",
+                    p.size()
+                )));
             }
             hooks.params = &params[..=i];
         }
@@ -346,14 +378,22 @@ mod tests {
 
     #[test]
     fn buckets_follow_reverse_registration_order_and_a_large_parameter_is_its_own() {
-        let p = |n: i64| Tensor::zeros([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let p =
+            |n: i64| Tensor::zeros([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let frozen = Tensor::zeros([5], (Kind::Float, tch::Device::Cpu));
         // 0.0001 MB = 25 floats.
         let cfg = ReduceConfig { bucket_mb: 1e-4, ..ReduceConfig::default() };
         let sync = GradSync::new(vec![p(10), p(10), frozen, p(40), p(5), p(20)], cfg).unwrap();
-        let sizes: Vec<Vec<i64>> = sync.buckets.iter().map(|r| sync.params[r.clone()].iter().map(|t| t.numel() as i64).collect()).collect();
+        let sizes: Vec<Vec<i64>> = sync
+            .buckets
+            .iter()
+            .map(|r| sync.params[r.clone()].iter().map(|t| t.numel() as i64).collect())
+            .collect();
         assert_eq!(sizes, vec![vec![20, 5], vec![40], vec![10, 10]]);
-        let err = GradSync::new(Vec::new(), ReduceConfig { bucket_mb: 0.0, ..cfg }).err().unwrap().to_string();
+        let err = GradSync::new(Vec::new(), ReduceConfig { bucket_mb: 0.0, ..cfg })
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("dist.bucket_mb"), "{err}");
     }
 
@@ -361,13 +401,25 @@ mod tests {
     fn hooks_fire_during_backward_in_bucket_order_and_are_removed() {
         let p = |n: i64| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let params = vec![p(3), p(3), p(3)];
-        let sync = GradSync::new(params.iter().map(Tensor::shallow_clone).collect(), ReduceConfig { bucket_mb: 1e-6, ..ReduceConfig::default() }).unwrap();
+        let sync = GradSync::new(
+            params.iter().map(Tensor::shallow_clone).collect(),
+            ReduceConfig { bucket_mb: 1e-6, ..ReduceConfig::default() },
+        )
+        .unwrap();
         assert_eq!(sync.bucket_count(), 3);
         let (tx, rx) = mpsc::channel();
         let ctx = HookCtx {
             sync: &sync,
             comm: &crate::collectives::SingleProcess,
-            state: Mutex::new(Launcher { waiting: vec![1; 3], fired: vec![false; 3], bucket_of: vec![0, 1, 2], next: 0, tx: Some(tx), launched: 0, error: None }),
+            state: Mutex::new(Launcher {
+                waiting: vec![1; 3],
+                fired: vec![false; 3],
+                bucket_of: vec![0, 1, 2],
+                next: 0,
+                tx: Some(tx),
+                launched: 0,
+                error: None,
+            }),
         };
         {
             let _hooks = Hooks::arm(&sync.params, &ctx).unwrap();
@@ -418,7 +470,9 @@ mod tests {
             Err(TrainError::Dist("not in this test".into()))
         }
         fn all_reduce_sum(&self, _: &mut Tensor) -> Result<()> {
-            Err(TrainError::Dist("the overlapped path starts sums, it does not block on them".into()))
+            Err(TrainError::Dist(
+                "the overlapped path starts sums, it does not block on them".into(),
+            ))
         }
         fn broadcast(&self, _: &mut Tensor, _: usize) -> Result<()> {
             Err(TrainError::Dist("not in this test".into()))
@@ -443,7 +497,8 @@ mod tests {
         }
         fn wait_for(&self, _done: Mark) -> Result<()> {
             self.log.lock().unwrap().push("wait".into());
-            let mut t = self.queued.lock().unwrap().pop_front().expect("a wait for a sum never started");
+            let mut t =
+                self.queued.lock().unwrap().pop_front().expect("a wait for a sum never started");
             let _ = t.g_mul_scalar_(2.0);
             Ok(())
         }
@@ -454,15 +509,26 @@ mod tests {
         let p = |n: i64| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let params = vec![p(3), p(4), p(5)];
         for dtype in [ReduceDtype::Fp32, ReduceDtype::Bf16] {
-            let sync = GradSync::new(params.iter().map(Tensor::shallow_clone).collect(), ReduceConfig { overlap: true, bucket_mb: 1e-6, dtype }).unwrap();
+            let sync = GradSync::new(
+                params.iter().map(Tensor::shallow_clone).collect(),
+                ReduceConfig { overlap: true, bucket_mb: 1e-6, dtype },
+            )
+            .unwrap();
             let comm = Deferred::default();
-            let loss = || params.iter().enumerate().map(|(i, w)| (w * (i as f64 + 1.5)).sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b);
+            let loss = || {
+                params
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| (w * (i as f64 + 1.5)).sum(Kind::Float))
+                    .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b)
+            };
             let reduced = sync.reduce(&comm, || loss().backward()).unwrap();
             assert_eq!((reduced.buckets, reduced.launched_in_backward), (3, 3));
             // Buckets in reverse registration order, each marked before its start; the waits
             // all come after the starts (the host only queues them).
             let log = comm.log.lock().unwrap().clone();
-            let starts: Vec<&str> = log.iter().filter(|l| l.starts_with("start")).map(String::as_str).collect();
+            let starts: Vec<&str> =
+                log.iter().filter(|l| l.starts_with("start")).map(String::as_str).collect();
             assert_eq!(starts, ["start 5", "start 4", "start 3"], "{log:?}");
             for (k, start) in starts.iter().enumerate() {
                 let at = log.iter().position(|l| l == start).unwrap();
@@ -474,7 +540,11 @@ mod tests {
             // (these values are exact in bf16).
             for (i, w) in params.iter().enumerate() {
                 let mut g = w.grad();
-                assert_eq!(Vec::<f32>::try_from(&g).unwrap(), vec![2.0 * (i as f32 + 1.5); w.numel()], "{dtype:?} parameter {i}");
+                assert_eq!(
+                    Vec::<f32>::try_from(&g).unwrap(),
+                    vec![2.0 * (i as f32 + 1.5); w.numel()],
+                    "{dtype:?} parameter {i}"
+                );
                 let _ = g.zero_();
             }
         }
@@ -490,26 +560,50 @@ mod tests {
 
     fn chain_weights() -> Vec<Tensor> {
         (0..LAYERS)
-            .map(|l| ((Tensor::arange(256 * 256, (Kind::Float, tch::Device::Cpu)) * (0.37 + l as f64)).sin() * 0.5).view([256, 256]).set_requires_grad(true))
+            .map(|l| {
+                ((Tensor::arange(256 * 256, (Kind::Float, tch::Device::Cpu)) * (0.37 + l as f64))
+                    .sin()
+                    * 0.5)
+                    .view([256, 256])
+                    .set_requires_grad(true)
+            })
             .collect()
     }
 
     fn chain_backward(weights: &[Tensor], rank: usize) {
         for (l, w) in weights.iter().enumerate().rev() {
             std::thread::sleep(std::time::Duration::from_secs_f64(LAYER_SECS));
-            let x = (Tensor::arange(256 * 256, (Kind::Float, tch::Device::Cpu)) * (1.3 + (rank + l) as f64)).cos().view([256, 256]);
+            let x = (Tensor::arange(256 * 256, (Kind::Float, tch::Device::Cpu))
+                * (1.3 + (rank + l) as f64))
+                .cos()
+                .view([256, 256]);
             (w.tanh() * x).sum(Kind::Float).backward();
         }
     }
 
     /// Runs `f(rank, group)` on 4 ranks in threads.
-    fn on_four_ranks<T: Send + 'static>(gbps: Option<f64>, f: impl Fn(usize, &crate::collectives::tcp::TcpGroup) -> T + Send + Sync + Copy + 'static) -> Vec<T> {
+    fn on_four_ranks<T: Send + 'static>(
+        gbps: Option<f64>,
+        f: impl Fn(usize, &crate::collectives::tcp::TcpGroup) -> T + Send + Sync + Copy + 'static,
+    ) -> Vec<T> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let handles: Vec<_> = (0..4)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let world = crate::collectives::WorldEnv { rank, world_size: 4, local_rank: rank, local_world_size: 4, master_addr: "127.0.0.1".into(), master_port: port };
-                    let comm = crate::collectives::tcp::TcpGroup::connect(&world, std::time::Duration::from_secs(60)).unwrap().with_sim_link(gbps);
+                    let world = crate::collectives::WorldEnv {
+                        rank,
+                        world_size: 4,
+                        local_rank: rank,
+                        local_world_size: 4,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let comm = crate::collectives::tcp::TcpGroup::connect(
+                        &world,
+                        std::time::Duration::from_secs(60),
+                    )
+                    .unwrap()
+                    .with_sim_link(gbps);
                     f(rank, &comm)
                 })
             })
@@ -522,7 +616,11 @@ mod tests {
     fn train_chain(overlap: bool, gbps: f64) -> Vec<(Vec<f64>, usize, Vec<Vec<f32>>)> {
         on_four_ranks(Some(gbps), move |rank, comm| {
             let weights = chain_weights();
-            let sync = GradSync::new(weights.iter().map(Tensor::shallow_clone).collect(), ReduceConfig { overlap, bucket_mb: 0.25, dtype: ReduceDtype::Fp32 }).unwrap();
+            let sync = GradSync::new(
+                weights.iter().map(Tensor::shallow_clone).collect(),
+                ReduceConfig { overlap, bucket_mb: 0.25, dtype: ReduceDtype::Fp32 },
+            )
+            .unwrap();
             assert_eq!(sync.bucket_count(), LAYERS);
             let (mut exposed, mut launched) = (Vec::new(), 0);
             for _ in 0..STEPS {
@@ -537,7 +635,14 @@ mod tests {
                     }
                 });
             }
-            (exposed, launched, weights.iter().map(|w| Vec::<f32>::try_from(w.detach().flatten(0, -1)).unwrap()).collect())
+            (
+                exposed,
+                launched,
+                weights
+                    .iter()
+                    .map(|w| Vec::<f32>::try_from(w.detach().flatten(0, -1)).unwrap())
+                    .collect(),
+            )
         })
     }
 
@@ -555,14 +660,20 @@ mod tests {
         // waits for the others'; the last one waits for the reduction alone: per step, the
         // smallest wait over the ranks; the median over the steps.
         let exposed = |runs: &[(Vec<f64>, usize, Vec<Vec<f32>>)]| {
-            let mut waits: Vec<f64> = (0..STEPS).map(|s| runs.iter().map(|r| r.0[s]).fold(f64::MAX, f64::min)).collect();
+            let mut waits: Vec<f64> =
+                (0..STEPS).map(|s| runs.iter().map(|r| r.0[s]).fold(f64::MAX, f64::min)).collect();
             waits.sort_by(f64::total_cmp);
             waits[STEPS / 2]
         };
         let (without, with) = (exposed(&after), exposed(&overlapped));
         eprintln!("link {gbps:.4} GB/s: exposed communication per step {:.1} ms after backward, {:.1} ms overlapped", without * 1e3, with * 1e3);
-        assert!(with <= 0.5 * without, "exposed communication per step: {with} s overlapped vs {without} s after backward");
-        for (rank, ((_, launched, weights), (_, _, reference))) in overlapped.iter().zip(&after).enumerate() {
+        assert!(
+            with <= 0.5 * without,
+            "exposed communication per step: {with} s overlapped vs {without} s after backward"
+        );
+        for (rank, ((_, launched, weights), (_, _, reference))) in
+            overlapped.iter().zip(&after).enumerate()
+        {
             assert!(*launched > 0, "rank {rank}: no bucket launched during backward");
             assert_eq!(weights, reference, "rank {rank}: final weights");
             assert_eq!(weights, &overlapped[0].2, "rank {rank}");

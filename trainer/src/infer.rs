@@ -9,7 +9,10 @@ use tch::{nn, Device, Kind, Tensor};
 
 use oxclip_data_loader::sources::is_image_path;
 use oxclip_data_loader::transform::{decode_image, DEFAULT_MAX_PIXELS};
-use oxclip_data_loader::{Dataset, ImageTransform, Loader, LoaderConfig, Preprocess, Sample, SkipCounts, SkipReason, Tokenizer};
+use oxclip_data_loader::{
+    Dataset, ImageTransform, Loader, LoaderConfig, Preprocess, Sample, SkipCounts, SkipReason,
+    Tokenizer,
+};
 
 use crate::error::{io_err, Result, TrainError};
 use crate::model::{normalize, Clip, ModelConfig};
@@ -42,7 +45,12 @@ impl Embedder {
     /// [`with_preprocess`](Self::with_preprocess). The tokenizer is checked against the text
     /// tower first ([`crate::prepare::check_tokenizer`]); without one the embedder takes
     /// images only.
-    pub fn new(cfg: &ModelConfig, weights: &Path, tokenizer: Option<Tokenizer>, device: Device) -> Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        weights: &Path,
+        tokenizer: Option<Tokenizer>,
+        device: Device,
+    ) -> Result<Self> {
         if let Some(tokenizer) = &tokenizer {
             crate::prepare::check_tokenizer(tokenizer, cfg, "the tokenizer")?;
         }
@@ -58,7 +66,10 @@ impl Embedder {
     pub fn with_preprocess(mut self, preprocess: &Preprocess) -> Result<Self> {
         let size = self.model.config.vision_cfg.image_size;
         if i64::from(preprocess.size) != size {
-            return Err(TrainError::Input(format!("image preprocessing for {}px images, but the model takes {size}px", preprocess.size)));
+            return Err(TrainError::Input(format!(
+                "image preprocessing for {}px images, but the model takes {size}px",
+                preprocess.size
+            )));
         }
         self.transform = ImageTransform::eval_for(preprocess);
         self.preprocess = preprocess.clone();
@@ -87,11 +98,17 @@ impl Embedder {
             let mut pixels = vec![0f32; chunk.len() * per_image];
             for (path, out) in chunk.iter().zip(pixels.chunks_mut(per_image)) {
                 let bytes = std::fs::read(path).map_err(io_err(path))?;
-                let image = decode_image(&bytes, DEFAULT_MAX_PIXELS).map_err(|reason| unusable_image(path, reason))?;
+                let image = decode_image(&bytes, DEFAULT_MAX_PIXELS)
+                    .map_err(|reason| unusable_image(path, reason))?;
                 self.transform.apply(&image, 0, out);
             }
-            let images = Tensor::from_slice(&pixels).view([chunk.len() as i64, 3, size, size]).to_device(self.device);
-            parts.push(normalize(&self.model.encode_image(&images).to_kind(Kind::Float)).to_device(Device::Cpu));
+            let images = Tensor::from_slice(&pixels)
+                .view([chunk.len() as i64, 3, size, size])
+                .to_device(self.device);
+            parts.push(
+                normalize(&self.model.encode_image(&images).to_kind(Kind::Float))
+                    .to_device(Device::Cpu),
+            );
         }
         Ok(cat_or_empty(&parts, self.model.config.embed_dim))
     }
@@ -100,8 +117,15 @@ impl Embedder {
     /// `workers` loader threads (the evaluation loader, files in the order given). A file that
     /// cannot be read or decoded is skipped and reported, as the loader skips samples; only
     /// when none is usable is it an error. `progress` is told how many files each batch took.
-    pub fn embed_images(&self, paths: &[PathBuf], batch_size: usize, workers: usize, progress: &mut dyn FnMut(u64)) -> Result<EmbeddedImages> {
-        let files = Arc::new(ImageFiles { paths: paths.to_vec(), failures: Mutex::new(Vec::new()) });
+    pub fn embed_images(
+        &self,
+        paths: &[PathBuf],
+        batch_size: usize,
+        workers: usize,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<EmbeddedImages> {
+        let files =
+            Arc::new(ImageFiles { paths: paths.to_vec(), failures: Mutex::new(Vec::new()) });
         // The loader tokenizes every sample's caption; image files have none (an empty one is
         // encoded and never read), so any tokenizer does.
         let tokenizer = match &self.tokenizer {
@@ -135,16 +159,32 @@ impl Embedder {
                 continue;
             }
             let (images, _) = crate::device::batch_to_device(&batch, size, context, self.device)?;
-            parts.push(normalize(&self.model.encode_image(&images).to_kind(Kind::Float)).to_device(Device::Cpu));
+            parts.push(
+                normalize(&self.model.encode_image(&images).to_kind(Kind::Float))
+                    .to_device(Device::Cpu),
+            );
         }
-        let mut failures = std::mem::take(&mut *files.failures.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut failures =
+            std::mem::take(&mut *files.failures.lock().unwrap_or_else(PoisonError::into_inner));
         failures.sort_by_key(|(i, _)| *i);
-        let skipped: Vec<(PathBuf, String)> = failures.into_iter().map(|(i, reason)| (paths[i].clone(), unusable_image(&paths[i], reason).to_string())).collect();
+        let skipped: Vec<(PathBuf, String)> = failures
+            .into_iter()
+            .map(|(i, reason)| (paths[i].clone(), unusable_image(&paths[i], reason).to_string()))
+            .collect();
         if kept.is_empty() && !paths.is_empty() {
-            let first = skipped.first().map(|(_, why)| format!("; the first: {why}")).unwrap_or_default();
-            return Err(TrainError::Input(format!("none of the {} image(s) could be used ({skip_counts}){first}", paths.len())));
+            let first =
+                skipped.first().map(|(_, why)| format!("; the first: {why}")).unwrap_or_default();
+            return Err(TrainError::Input(format!(
+                "none of the {} image(s) could be used ({skip_counts}){first}",
+                paths.len()
+            )));
         }
-        Ok(EmbeddedImages { embeds: cat_or_empty(&parts, self.model.config.embed_dim), kept, skipped, skip_counts })
+        Ok(EmbeddedImages {
+            embeds: cat_or_empty(&parts, self.model.config.embed_dim),
+            kept,
+            skipped,
+            skip_counts,
+        })
     }
 
     /// Embeddings of the texts, (m, d), tokenized as in training.
@@ -156,8 +196,13 @@ impl Embedder {
         for chunk in texts.chunks(batch_size.max(1)) {
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
             let ids = tokenizer.encode_batch(&refs, context);
-            let tokens = Tensor::from_slice(&ids).view([chunk.len() as i64, context as i64]).to_device(self.device);
-            parts.push(normalize(&self.model.encode_text(&tokens).to_kind(Kind::Float)).to_device(Device::Cpu));
+            let tokens = Tensor::from_slice(&ids)
+                .view([chunk.len() as i64, context as i64])
+                .to_device(self.device);
+            parts.push(
+                normalize(&self.model.encode_text(&tokens).to_kind(Kind::Float))
+                    .to_device(Device::Cpu),
+            );
         }
         Ok(cat_or_empty(&parts, self.model.config.embed_dim))
     }
@@ -196,7 +241,13 @@ impl ImageFiles {
         let bytes = std::fs::read(path).map_err(|_| SkipReason::MissingImage)?;
         let image = decode_image(&bytes, DEFAULT_MAX_PIXELS)?;
         let name = path.display().to_string();
-        Ok(Sample { image, caption: String::new(), label: None, key: name.clone(), source: Some(name) })
+        Ok(Sample {
+            image,
+            caption: String::new(),
+            label: None,
+            key: name.clone(),
+            source: Some(name),
+        })
     }
 }
 
@@ -206,11 +257,15 @@ impl Dataset for ImageFiles {
     }
 
     fn get(&self, index: usize) -> std::result::Result<Sample, SkipReason> {
-        self.decode(index).inspect_err(|&reason| self.failures.lock().unwrap_or_else(PoisonError::into_inner).push((index, reason)))
+        self.decode(index).inspect_err(|&reason| {
+            self.failures.lock().unwrap_or_else(PoisonError::into_inner).push((index, reason))
+        })
     }
 
     fn describe(&self, index: usize) -> String {
-        self.paths.get(index).map_or_else(|| format!("image {index} (out of range)"), |p| p.display().to_string())
+        self.paths
+            .get(index)
+            .map_or_else(|| format!("image {index} (out of range)"), |p| p.display().to_string())
     }
 }
 
@@ -220,7 +275,9 @@ fn unusable_image(path: &Path, reason: SkipReason) -> TrainError {
     let why = match reason {
         SkipReason::TooManyPixels => format!("the image has more than {DEFAULT_MAX_PIXELS} pixels"),
         _ if !is_image_path(path) => {
-            let ext = path.extension().map_or_else(|| "no extension".to_owned(), |e| format!(".{}", e.to_string_lossy()));
+            let ext = path
+                .extension()
+                .map_or_else(|| "no extension".to_owned(), |e| format!(".{}", e.to_string_lossy()));
             format!("unsupported image format ({ext}); oxclip reads JPEG, PNG and WebP (.jpg, .jpeg, .png, .webp)")
         }
         other => format!("the file cannot be decoded as an image ({other})"),
@@ -236,7 +293,11 @@ fn check_labels(labels: &[String], sigmoid: bool) -> Result<()> {
     }
     for (i, label) in labels.iter().enumerate() {
         if let Some(first) = labels[..i].iter().position(|l| l == label) {
-            return Err(TrainError::Input(format!("--labels: `{label}` is given twice (labels {} and {})", first + 1, i + 1)));
+            return Err(TrainError::Input(format!(
+                "--labels: `{label}` is given twice (labels {} and {})",
+                first + 1,
+                i + 1
+            )));
         }
     }
     let least = if sigmoid { 1 } else { 2 };
@@ -323,10 +384,18 @@ mod tests {
 
     #[test]
     fn an_unreadable_image_says_which_and_why() {
-        let gif = unusable_image(Path::new("photos/anim.gif"), SkipReason::UndecodableImage).to_string();
-        assert!(gif.contains("photos/anim.gif") && gif.contains("unsupported image format (.gif)"), "{gif}");
-        let broken = unusable_image(Path::new("photos/x.jpg"), SkipReason::UndecodableImage).to_string();
-        assert!(broken.contains("photos/x.jpg") && broken.contains("cannot be decoded"), "{broken}");
+        let gif =
+            unusable_image(Path::new("photos/anim.gif"), SkipReason::UndecodableImage).to_string();
+        assert!(
+            gif.contains("photos/anim.gif") && gif.contains("unsupported image format (.gif)"),
+            "{gif}"
+        );
+        let broken =
+            unusable_image(Path::new("photos/x.jpg"), SkipReason::UndecodableImage).to_string();
+        assert!(
+            broken.contains("photos/x.jpg") && broken.contains("cannot be decoded"),
+            "{broken}"
+        );
         for message in [gif, broken] {
             assert!(!message.contains("training config"), "{message}");
         }
@@ -337,7 +406,8 @@ mod tests {
     /// it skips.
     #[test]
     fn loader_threads_embed_as_the_direct_path_and_skip_what_is_broken() {
-        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).expect("parses");
+        let cfg: ModelConfig =
+            serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).expect("parses");
         let dir = tempfile::tempdir().unwrap();
         let weights = dir.path().join("tiny.safetensors");
         let vs = nn::VarStore::new(Device::Cpu);
@@ -347,7 +417,10 @@ mod tests {
 
         // Real photos and drawings, JPEG and PNG, of several sizes.
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cli_parity");
-        let paths: Vec<PathBuf> = ["photo.jpg", "exact32.png", "photo45x37.jpg", "exact.png"].iter().map(|f| fixtures.join(f)).collect();
+        let paths: Vec<PathBuf> = ["photo.jpg", "exact32.png", "photo45x37.jpg", "exact.png"]
+            .iter()
+            .map(|f| fixtures.join(f))
+            .collect();
         let broken = dir.path().join("broken.png");
         std::fs::write(&broken, b"not a png").unwrap();
         let mut all = paths.clone();
@@ -360,15 +433,27 @@ mod tests {
         assert_eq!(loaded.kept, paths);
         assert_eq!(loaded.skipped.len(), 1);
         assert_eq!(loaded.skipped[0].0, broken);
-        assert!(loaded.skipped[0].1.contains("broken.png") && loaded.skipped[0].1.contains("cannot be decoded"), "{}", loaded.skipped[0].1);
+        assert!(
+            loaded.skipped[0].1.contains("broken.png")
+                && loaded.skipped[0].1.contains("cannot be decoded"),
+            "{}",
+            loaded.skipped[0].1
+        );
         assert_eq!(loaded.skip_counts.total(), 1);
         let diff = (&loaded.embeds - &direct).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "max abs diff {diff}");
         // Distinct images, distinct rows: a row out of place would show.
         assert!((loaded.embeds.get(0) - loaded.embeds.get(1)).abs().max().double_value(&[]) > 1e-4);
 
-        let none = embedder.embed_images(std::slice::from_ref(&broken), 4, 1, &mut |_| {}).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(none.contains("none of the 1 image(s) could be used") && none.contains("broken.png"), "{none}");
+        let none = embedder
+            .embed_images(std::slice::from_ref(&broken), 4, 1, &mut |_| {})
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            none.contains("none of the 1 image(s) could be used") && none.contains("broken.png"),
+            "{none}"
+        );
     }
 
     #[test]
@@ -376,7 +461,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
         let err = image_files(&[dir.path().to_path_buf()]).unwrap_err().to_string();
-        assert!(err.contains(&dir.path().display().to_string()) && err.contains("holds no images"), "{err}");
+        assert!(
+            err.contains(&dir.path().display().to_string()) && err.contains("holds no images"),
+            "{err}"
+        );
         let gone = image_files(&[dir.path().join("gone.jpg")]).unwrap_err().to_string();
         assert!(gone.contains("gone.jpg does not exist"), "{gone}");
     }

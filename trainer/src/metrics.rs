@@ -22,7 +22,11 @@ impl MetricsWriter {
         // user gets an error naming the path instead.
         fs::create_dir_all(&tb_dir).map_err(io_err(&tb_dir))?;
         let results_path = run_dir.join("results.jsonl");
-        let results = OpenOptions::new().create(true).append(true).open(&results_path).map_err(io_err(&results_path))?;
+        let results = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&results_path)
+            .map_err(io_err(&results_path))?;
         Ok(MetricsWriter { tensorboard: SummaryWriter::new(&tb_dir), results, results_path })
     }
 

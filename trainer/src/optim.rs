@@ -51,7 +51,13 @@ impl AdamW {
             .filter(|(_, var)| var.requires_grad())
             .map(|(name, var)| {
                 let weight_decay = if decays(&name, &var) { config.weight_decay } else { 0.0 };
-                Param { exp_avg: var.zeros_like(), exp_avg_sq: var.zeros_like(), name, var, weight_decay }
+                Param {
+                    exp_avg: var.zeros_like(),
+                    exp_avg_sq: var.zeros_like(),
+                    name,
+                    var,
+                    weight_decay,
+                }
             })
             .collect();
         AdamW { params, config, step: 0 }
@@ -83,11 +89,13 @@ impl AdamW {
     /// before clipping (`torch.nn.utils.clip_grad_norm_`).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         let _guard = tch::no_grad_guard();
-        let grads: Vec<Tensor> = self.params.iter().map(|p| p.var.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> =
+            self.params.iter().map(|p| p.var.grad()).filter(|g| g.defined()).collect();
         if grads.is_empty() {
             return 0.0;
         }
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm().unsqueeze(0)).collect();
+        let norms: Vec<Tensor> =
+            grads.iter().map(|g| g.to_kind(Kind::Float).norm().unsqueeze(0)).collect();
         let total = Tensor::cat(&norms, 0).norm().double_value(&[]);
         let coef = max_norm / (total + 1e-6);
         if coef < 1.0 {
@@ -170,21 +178,35 @@ mod tests {
     fn open_clip_decay_rule() {
         let vs = nn::VarStore::new(Device::Cpu);
         let cfg: crate::model::ModelConfig =
-            serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).expect("tiny.yaml parses");
+            serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml"))
+                .expect("tiny.yaml parses");
         let _model = crate::model::Clip::new(&vs.root(), &cfg).expect("model builds");
         let opt = AdamW::new(
             vs.variables().into_iter().collect(),
             AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 },
         );
         let decayed: Vec<&str> = opt.decayed();
-        for name in ["visual.conv1.weight", "visual.proj", "text_projection", "token_embedding.weight",
-            "positional_embedding", "visual.positional_embedding", "transformer.resblocks.0.attn.in_proj_weight",
-            "visual.transformer.resblocks.1.mlp.c_fc.weight"] {
+        for name in [
+            "visual.conv1.weight",
+            "visual.proj",
+            "text_projection",
+            "token_embedding.weight",
+            "positional_embedding",
+            "visual.positional_embedding",
+            "transformer.resblocks.0.attn.in_proj_weight",
+            "visual.transformer.resblocks.1.mlp.c_fc.weight",
+        ] {
             assert!(decayed.contains(&name), "{name} should decay");
         }
-        for name in ["logit_scale", "visual.class_embedding", "ln_final.weight", "visual.ln_pre.weight",
-            "transformer.resblocks.0.attn.in_proj_bias", "transformer.resblocks.0.ln_1.weight",
-            "transformer.resblocks.0.mlp.c_fc.bias"] {
+        for name in [
+            "logit_scale",
+            "visual.class_embedding",
+            "ln_final.weight",
+            "visual.ln_pre.weight",
+            "transformer.resblocks.0.attn.in_proj_bias",
+            "transformer.resblocks.0.ln_1.weight",
+            "transformer.resblocks.0.mlp.c_fc.bias",
+        ] {
             assert!(!decayed.contains(&name), "{name} should not decay");
         }
     }
@@ -218,8 +240,10 @@ mod tests {
     #[test]
     fn clip_grad_norm_rescales_to_the_limit() {
         let w = Tensor::zeros([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let mut opt = AdamW::new([("w".to_string(), w.shallow_clone())].into(),
-            AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.0 });
+        let mut opt = AdamW::new(
+            [("w".to_string(), w.shallow_clone())].into(),
+            AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.0 },
+        );
         (&w * Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0])).sum(Kind::Float).backward();
         let norm = opt.clip_grad_norm(1.0);
         assert!((norm - 5.0).abs() < 1e-5);

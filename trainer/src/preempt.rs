@@ -37,7 +37,10 @@ pub fn number(name: &str) -> Option<libc::c_int> {
 
 /// The name of signal `signal`, as `SIGTERM`, or its number.
 pub fn name(signal: libc::c_int) -> String {
-    SIGNALS.iter().find(|&&(_, s)| s == signal).map_or_else(|| format!("signal {signal}"), |(n, _)| n.to_string())
+    SIGNALS
+        .iter()
+        .find(|&&(_, s)| s == signal)
+        .map_or_else(|| format!("signal {signal}"), |(n, _)| n.to_string())
 }
 
 /// Checks `train.preempt_signals`.
@@ -61,9 +64,13 @@ pub fn install(names: &[String]) -> Result<()> {
     for signal in names.iter().filter_map(|n| number(n)) {
         // SAFETY: the handler only stores to an atomic. glibc's signal() restarts interrupted
         // system calls, so a signal arriving during a read or a collective does not fail it.
-        let previous = unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+        let previous =
+            unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
         if previous == libc::SIG_ERR {
-            return Err(TrainError::Config(format!("train.preempt_signals: cannot install a handler for {}", name(signal))));
+            return Err(TrainError::Config(format!(
+                "train.preempt_signals: cannot install a handler for {}",
+                name(signal)
+            )));
         }
     }
     Ok(())
@@ -87,14 +94,21 @@ fn agree_on(comm: &dyn Collectives, mine: libc::c_int) -> Result<Vec<(usize, lib
         vec![mine]
     } else {
         // Signal numbers fit in a byte (1..=64).
-        comm.all_gather_bytes(&[mine as u8])?.iter().map(|b| b.first().copied().unwrap_or(0) as libc::c_int).collect()
+        comm.all_gather_bytes(&[mine as u8])?
+            .iter()
+            .map(|b| b.first().copied().unwrap_or(0) as libc::c_int)
+            .collect()
     };
     Ok(flags.into_iter().enumerate().filter(|&(_, s)| s != 0).collect())
 }
 
 /// "rank 1 got SIGTERM, rank 3 got SIGUSR1".
 pub fn describe(signalled: &[(usize, libc::c_int)]) -> String {
-    signalled.iter().map(|&(rank, s)| format!("rank {rank} got {}", name(s))).collect::<Vec<_>>().join(", ")
+    signalled
+        .iter()
+        .map(|&(rank, s)| format!("rank {rank} got {}", name(s)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -111,7 +125,10 @@ mod tests {
         assert!(validate(&[]).is_ok());
         let err = validate(&["SIGKILL".into()]).expect_err("uncatchable").to_string();
         assert!(err.contains("train.preempt_signals") && err.contains("SIGKILL"), "{err}");
-        assert_eq!(describe(&[(1, libc::SIGTERM), (3, libc::SIGUSR1)]), "rank 1 got SIGTERM, rank 3 got SIGUSR1");
+        assert_eq!(
+            describe(&[(1, libc::SIGTERM), (3, libc::SIGUSR1)]),
+            "rank 1 got SIGTERM, rank 3 got SIGUSR1"
+        );
     }
 
     #[test]
@@ -119,12 +136,24 @@ mod tests {
         use crate::collectives::tcp::TcpGroup;
         use crate::collectives::WorldEnv;
         use std::time::{Duration, Instant};
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
         let ranks: Vec<_> = (0..3)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let world = WorldEnv { rank, world_size: 3, local_rank: rank, local_world_size: 3, master_addr: "127.0.0.1".into(), master_port: port };
-                    let group = TcpGroup::connect(&world, Duration::from_secs(20)).expect("connects");
+                    let world = WorldEnv {
+                        rank,
+                        world_size: 3,
+                        local_rank: rank,
+                        local_world_size: 3,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let group =
+                        TcpGroup::connect(&world, Duration::from_secs(20)).expect("connects");
                     // What a step boundary costs when nobody was signalled.
                     let rounds = 200;
                     let started = Instant::now();

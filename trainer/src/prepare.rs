@@ -19,7 +19,11 @@ use crate::model::ModelConfig;
 /// model's image size.
 pub fn default_preprocess(model: &ModelConfig) -> Preprocess {
     let size = model.vision_cfg.image_size as u32;
-    let siglip = model.vision_cfg.timm_model_name.as_deref().is_some_and(|n| n.to_ascii_lowercase().contains("siglip"));
+    let siglip = model
+        .vision_cfg
+        .timm_model_name
+        .as_deref()
+        .is_some_and(|n| n.to_ascii_lowercase().contains("siglip"));
     if siglip {
         Preprocess::siglip(size)
     } else {
@@ -36,7 +40,9 @@ pub fn data_preprocess(data: &DataConfig, model: &ModelConfig) -> Result<Preproc
     }
     if let Some(std) = data.image_std {
         if std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
-            return Err(TrainError::Config(format!("data.image_std: every value must be positive, got {std:?}")));
+            return Err(TrainError::Config(format!(
+                "data.image_std: every value must be positive, got {std:?}"
+            )));
         }
         p.std = std;
     }
@@ -86,7 +92,10 @@ pub fn text_tokenizer(path: Option<&Path>, model: &ModelConfig) -> Result<Tokeni
     };
     let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_owned() };
     if !file.is_file() {
-        return Err(TrainError::Input(format!("tokenizer {}: no such file (expected a tokenizer.json or a directory holding one)", file.display())));
+        return Err(TrainError::Input(format!(
+            "tokenizer {}: no such file (expected a tokenizer.json or a directory holding one)",
+            file.display()
+        )));
     }
     let tokenizer = if text.hf_tokenizer_name.is_some() || text.tokenizer_kwargs.is_some() {
         let kwargs = text.tokenizer_kwargs.clone().unwrap_or_default();
@@ -96,7 +105,13 @@ pub fn text_tokenizer(path: Option<&Path>, model: &ModelConfig) -> Result<Tokeni
                 TrainError::ModelConfig(format!("text_cfg.tokenizer_kwargs.clean: `{name}` is not one of canonicalize, whitespace, lower"))
             })?,
         };
-        Tokenizer::hugging_face(path, HfOptions { clean: Some(clean), strip_sep_token: kwargs.strip_sep_token.unwrap_or(false) })?
+        Tokenizer::hugging_face(
+            path,
+            HfOptions {
+                clean: Some(clean),
+                strip_sep_token: kwargs.strip_sep_token.unwrap_or(false),
+            },
+        )?
     } else if !path.is_dir() && has_no_post_processor(&file)? {
         Tokenizer::from_tokenizer_json(&file)?
     } else {
@@ -113,7 +128,10 @@ pub fn standalone_tokenizer(path: Option<&Path>) -> Result<Tokenizer> {
     let Some(path) = path else { return Ok(Tokenizer::clip_default()?) };
     let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_owned() };
     if !file.is_file() {
-        return Err(TrainError::Input(format!("tokenizer {}: no such file (expected a tokenizer.json or a directory holding one)", file.display())));
+        return Err(TrainError::Input(format!(
+            "tokenizer {}: no such file (expected a tokenizer.json or a directory holding one)",
+            file.display()
+        )));
     }
     if !path.is_dir() && has_no_post_processor(&file)? {
         Ok(Tokenizer::from_tokenizer_json(&file)?)
@@ -148,7 +166,9 @@ pub fn check_tokenizer(tokenizer: &Tokenizer, model: &ModelConfig, what: &str) -
     match text.pool_type {
         TextPool::Argmax => {
             if tokenizer.eot_id() != Some(tokenizer.max_id()) {
-                let ends = tokenizer.eot_id().map_or("no end token".to_owned(), |id| format!("end token id {id}"));
+                let ends = tokenizer
+                    .eot_id()
+                    .map_or("no end token".to_owned(), |id| format!("end token id {id}"));
                 return Err(TrainError::Input(format!(
                     "the model pools each text at its largest token id (text_cfg.pool_type: argmax, CLIP's end of text), \
                      but {what} has {ends} while its largest id is {}: argmax would pool a word or padding. \
@@ -159,7 +179,9 @@ pub fn check_tokenizer(tokenizer: &Tokenizer, model: &ModelConfig, what: &str) -
         }
         TextPool::Eos => {
             if tokenizer.eot_id() != Some(text.eos_id) {
-                let ends = tokenizer.eot_id().map_or("no end token".to_owned(), |id| format!("end token id {id}"));
+                let ends = tokenizer
+                    .eot_id()
+                    .map_or("no end token".to_owned(), |id| format!("end token id {id}"));
                 return Err(TrainError::Input(format!(
                     "the model pools each text at text_cfg.eos_id {} (pool_type: eos), but {what} has {ends}",
                     text.eos_id
@@ -220,7 +242,12 @@ mod tests {
         plain.text_cfg.tokenizer_kwargs = None;
         let tok = text_tokenizer(Some(&fixture("siglip_sp")), &plain).unwrap();
         assert_ne!(tok.encode("A Photo, of a CAT!", 16), tok.encode("a photo of a cat", 16));
-        assert_eq!(default_preprocess(&model(serde_json::json!({"embed_dim": 32, "vision_cfg": {"image_size": 64}, "text_cfg": {}}))), Preprocess::openai(64));
+        assert_eq!(
+            default_preprocess(&model(
+                serde_json::json!({"embed_dim": 32, "vision_cfg": {"image_size": 64}, "text_cfg": {}})
+            )),
+            Preprocess::openai(64)
+        );
     }
 
     #[test]
@@ -232,10 +259,14 @@ mod tests {
         let data: DataConfig = serde_yaml::from_str("train: synthetic:8\nresize_mode: longest\ninterpolation: bilinear\nimage_mean: [0.1, 0.2, 0.3]\n").unwrap();
         let p = data_preprocess(&data, &siglip).unwrap();
         assert_eq!((p.size, p.mean, p.std), (32, [0.1, 0.2, 0.3], [0.5; 3]));
-        assert_eq!((p.resize_mode, p.interpolation), (ResizeMode::Longest, Interpolation::Bilinear));
+        assert_eq!(
+            (p.resize_mode, p.interpolation),
+            (ResizeMode::Longest, Interpolation::Bilinear)
+        );
         let plain: DataConfig = serde_yaml::from_str("train: synthetic:8\n").unwrap();
         assert_eq!(data_preprocess(&plain, &siglip).unwrap(), Preprocess::siglip(32));
-        let bad: DataConfig = serde_yaml::from_str("train: synthetic:8\nimage_std: [0.5, 0, 0.5]\n").unwrap();
+        let bad: DataConfig =
+            serde_yaml::from_str("train: synthetic:8\nimage_std: [0.5, 0, 0.5]\n").unwrap();
         assert!(data_preprocess(&bad, &siglip).unwrap_err().to_string().contains("data.image_std"));
         assert!(serde_yaml::from_str::<DataConfig>("train: x\nresize_mode: crop\n").is_err());
     }
@@ -252,10 +283,20 @@ mod tests {
         .unwrap();
         let p = data_preprocess(&data, &clip).unwrap();
         let jitter = ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1 };
-        assert_eq!(p.augment, Augment { scale: [0.4, 1.0], color_jitter: Some(jitter), color_jitter_prob: Some(0.8), gray_scale_prob: 0.2, ..Augment::default() });
+        assert_eq!(
+            p.augment,
+            Augment {
+                scale: [0.4, 1.0],
+                color_jitter: Some(jitter),
+                color_jitter_prob: Some(0.8),
+                gray_scale_prob: 0.2,
+                ..Augment::default()
+            }
+        );
         // Written back (config.yaml, `config show`) only when set.
         assert!(serde_yaml::to_string(&data).unwrap().contains("gray_scale_prob: 0.2"));
-        let plain: crate::config::DataConfig = serde_yaml::from_str("train: synthetic:8\n").unwrap();
+        let plain: crate::config::DataConfig =
+            serde_yaml::from_str("train: synthetic:8\n").unwrap();
         assert!(!serde_yaml::to_string(&plain).unwrap().contains("augment"));
         // Refused as the config is read (so by `config show` as by `train`), naming the key.
         for (yaml, key) in [
@@ -264,12 +305,18 @@ mod tests {
             ("gray_scale_prob: 2", "data.augment.gray_scale_prob"),
             ("color_jitter: 0.4", "data.augment.color_jitter_prob"),
         ] {
-            let err = serde_yaml::from_str::<crate::config::DataConfig>(&format!("train: synthetic:8\naugment:\n  {yaml}\n"))
-                .unwrap_err()
-                .to_string();
+            let err = serde_yaml::from_str::<crate::config::DataConfig>(&format!(
+                "train: synthetic:8\naugment:\n  {yaml}\n"
+            ))
+            .unwrap_err()
+            .to_string();
             assert!(err.contains(key), "{yaml}: {err}");
         }
-        let typo = serde_yaml::from_str::<crate::config::DataConfig>("train: x\naugment:\n  grey_scale_prob: 0.2\n").unwrap_err().to_string();
+        let typo = serde_yaml::from_str::<crate::config::DataConfig>(
+            "train: x\naugment:\n  grey_scale_prob: 0.2\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(typo.contains("grey_scale_prob"), "{typo}");
     }
 }

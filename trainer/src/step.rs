@@ -53,7 +53,13 @@ pub fn train_step(
     cfg: StepConfig,
 ) -> Result<StepOutput> {
     let n = images.size()[0];
-    let towers = Towers { model, images, tokens, micro: MicroBatches::new(n, cfg.micro_batch), autocast_bf16: cfg.autocast_bf16 };
+    let towers = Towers {
+        model,
+        images,
+        tokens,
+        micro: MicroBatches::new(n, cfg.micro_batch),
+        autocast_bf16: cfg.autocast_bf16,
+    };
 
     // 1. Encode the local batch.
     let features = towers.encode_batch();
@@ -81,7 +87,12 @@ pub fn train_step(
     optimizer.step(lr);
     model.clamp_logit_scale();
 
-    Ok(StepOutput { loss: global_loss, grad_norm, comm_secs: reduced.exposed_secs, overlapped_buckets: reduced.launched_in_backward })
+    Ok(StepOutput {
+        loss: global_loss,
+        grad_norm,
+        comm_secs: reduced.exposed_secs,
+        overlapped_buckets: reduced.launched_in_backward,
+    })
 }
 
 /// The gradients step 3 hands back to the towers: this rank's rows of d loss / d features,
@@ -108,14 +119,23 @@ fn loss_and_feature_grads(
 
     // 3. This rank's rows of the loss, and the feature, temperature and bias gradients.
     let bias = model.logit_bias.as_ref().map(Tensor::detach);
-    let out = loss.compute(&all_image, &all_text, &model.logit_scale.detach(), bias.as_ref(), rows)?;
+    let out =
+        loss.compute(&all_image, &all_text, &model.logit_scale.detach(), bias.as_ref(), rows)?;
 
     // 4. Sum the feature gradients over ranks and keep our rows; sum the loss for logging.
     let image = comm.reduce_scatter(&out.grad_image)?;
     let text = comm.reduce_scatter(&out.grad_text)?;
     let mut global_loss = out.loss;
     comm.all_reduce_sum(&mut global_loss)?;
-    Ok((global_loss, FeatureGrads { image, text, logit_scale: out.grad_logit_scale, logit_bias: out.grad_logit_bias }))
+    Ok((
+        global_loss,
+        FeatureGrads {
+            image,
+            text,
+            logit_scale: out.grad_logit_scale,
+            logit_bias: out.grad_logit_bias,
+        },
+    ))
 }
 
 /// The two towers over this rank's batch, a micro-batch at a time.
@@ -133,7 +153,12 @@ impl Towers<'_> {
     fn encode(&self, k: usize) -> (Tensor, Tensor) {
         let r = self.micro.enter(k);
         let len = r.end - r.start;
-        tch::autocast(self.autocast_bf16, || self.model.features(&self.images.narrow(0, r.start, len), &self.tokens.narrow(0, r.start, len)))
+        tch::autocast(self.autocast_bf16, || {
+            self.model.features(
+                &self.images.narrow(0, r.start, len),
+                &self.tokens.narrow(0, r.start, len),
+            )
+        })
     }
 
     /// Step 1. A single micro-batch keeps its graph for step 5; several are encoded without
@@ -142,7 +167,8 @@ impl Towers<'_> {
         if self.micro.len() == 1 {
             return self.encode(0);
         }
-        let parts: Vec<(Tensor, Tensor)> = tch::no_grad(|| (0..self.micro.len()).map(|k| self.encode(k)).collect());
+        let parts: Vec<(Tensor, Tensor)> =
+            tch::no_grad(|| (0..self.micro.len()).map(|k| self.encode(k)).collect());
         let (images, texts): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
         (Tensor::cat(&images, 0), Tensor::cat(&texts, 0))
     }
@@ -151,7 +177,12 @@ impl Towers<'_> {
     /// logit_scale (and logit_bias) enter with this rank's part of their gradient, once per
     /// step, with the last micro-batch: then every parameter gets its gradient in the last
     /// backward pass, the one the reduction overlaps. Step 6 sums the parts over ranks.
-    fn backward(&self, k: usize, (image_features, text_features): &(Tensor, Tensor), grads: &FeatureGrads) {
+    fn backward(
+        &self,
+        k: usize,
+        (image_features, text_features): &(Tensor, Tensor),
+        grads: &FeatureGrads,
+    ) {
         let model = self.model;
         // One micro-batch: step 1's graph. Several: re-encode each, now with its graph and
         // the randomness of its first pass; the parameters' gradients accumulate. BatchNorm
@@ -163,11 +194,14 @@ impl Towers<'_> {
         };
         let rows = self.micro.range(k);
         let len = rows.end - rows.start;
-        let mut surrogate = (image.to_kind(Kind::Float) * grads.image.narrow(0, rows.start, len)).sum(Kind::Float)
+        let mut surrogate = (image.to_kind(Kind::Float) * grads.image.narrow(0, rows.start, len))
+            .sum(Kind::Float)
             + (text.to_kind(Kind::Float) * grads.text.narrow(0, rows.start, len)).sum(Kind::Float);
         if k + 1 == self.micro.len() {
             surrogate = match (&model.logit_bias, &grads.logit_bias) {
-                (Some(bias), Some(grad)) => surrogate + &model.logit_scale * &grads.logit_scale + bias * grad,
+                (Some(bias), Some(grad)) => {
+                    surrogate + &model.logit_scale * &grads.logit_scale + bias * grad
+                }
                 _ => surrogate + &model.logit_scale * &grads.logit_scale,
             };
         }
@@ -188,9 +222,16 @@ struct MicroBatches {
 impl MicroBatches {
     fn new(n: i64, micro_batch: Option<usize>) -> Self {
         let size = micro_batch.map_or(n, |m| (m as i64).clamp(1, n.max(1)));
-        let ranges: Vec<Range<i64>> = (0..n).step_by(size.max(1) as usize).map(|s| s..(s + size).min(n)).collect();
+        let ranges: Vec<Range<i64>> =
+            (0..n).step_by(size.max(1) as usize).map(|s| s..(s + size).min(n)).collect();
         let seeds = if ranges.len() > 1 {
-            ranges.iter().map(|_| Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0])).collect()
+            ranges
+                .iter()
+                .map(|_| {
+                    Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu))
+                        .int64_value(&[0])
+                })
+                .collect()
         } else {
             Vec::new()
         };
@@ -230,7 +271,8 @@ mod tests {
     use crate::optim::AdamWConfig;
 
     fn tiny(kind: LossKind) -> ModelConfig {
-        let mut cfg: ModelConfig = serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).unwrap();
+        let mut cfg: ModelConfig =
+            serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).unwrap();
         LossConfig { kind, ..LossConfig::default() }.complete_model(&mut cfg);
         cfg
     }
@@ -242,13 +284,29 @@ mod tests {
 
     /// One step with lr 0 from `weights` on `images`/`tokens`: the global loss and every
     /// parameter's gradient after the all-reduce.
-    fn gradients(comm: &dyn Collectives, kind: LossKind, micro: Option<usize>, weights: &BTreeMap<String, Tensor>, images: &Tensor, tokens: &Tensor) -> (f64, BTreeMap<String, Tensor>) {
-        let (loss, grads, _) = gradients_with(comm, kind, micro, ReduceConfig::default(), weights, images, tokens);
+    fn gradients(
+        comm: &dyn Collectives,
+        kind: LossKind,
+        micro: Option<usize>,
+        weights: &BTreeMap<String, Tensor>,
+        images: &Tensor,
+        tokens: &Tensor,
+    ) -> (f64, BTreeMap<String, Tensor>) {
+        let (loss, grads, _) =
+            gradients_with(comm, kind, micro, ReduceConfig::default(), weights, images, tokens);
         (loss, grads)
     }
 
     /// [`gradients`] with the reduction `reduce`; also the step's output and its bucket count.
-    fn gradients_with(comm: &dyn Collectives, kind: LossKind, micro: Option<usize>, reduce: ReduceConfig, weights: &BTreeMap<String, Tensor>, images: &Tensor, tokens: &Tensor) -> (f64, BTreeMap<String, Tensor>, (StepOutput, usize)) {
+    fn gradients_with(
+        comm: &dyn Collectives,
+        kind: LossKind,
+        micro: Option<usize>,
+        reduce: ReduceConfig,
+        weights: &BTreeMap<String, Tensor>,
+        images: &Tensor,
+        tokens: &Tensor,
+    ) -> (f64, BTreeMap<String, Tensor>, (StepOutput, usize)) {
         let cfg = tiny(kind);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &cfg).unwrap();
@@ -261,8 +319,10 @@ mod tests {
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
         let cfg = step_config(kind, micro);
         let sync = GradSync::for_var_store(&vs, reduce).unwrap();
-        let out = train_step(&model, &mut optimizer, comm, &sync, images, tokens, 0.0, cfg).unwrap();
-        let grads = optimizer.variables().map(|(name, var)| (name.to_owned(), var.grad().copy())).collect();
+        let out =
+            train_step(&model, &mut optimizer, comm, &sync, images, tokens, 0.0, cfg).unwrap();
+        let grads =
+            optimizer.variables().map(|(name, var)| (name.to_owned(), var.grad().copy())).collect();
         (out.loss.double_value(&[]), grads, (out, sync.bucket_count()))
     }
 
@@ -281,7 +341,8 @@ mod tests {
         let cfg = tiny(kind);
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = Clip::new(&vs.root(), &cfg).unwrap();
-        let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+        let weights: BTreeMap<String, Tensor> =
+            vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
         let images = Tensor::randn([16, 3, 32, 32], (Kind::Float, Device::Cpu));
         let tokens = Tensor::randint_low(1, 49000, [16, 32], (Kind::Int64, Device::Cpu));
 
@@ -290,8 +351,10 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let handles: Vec<_> = (0..4)
             .map(|rank| {
-                let weights: BTreeMap<String, Tensor> = weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
-                let (images, tokens) = (images.narrow(0, rank * 4, 4).copy(), tokens.narrow(0, rank * 4, 4).copy());
+                let weights: BTreeMap<String, Tensor> =
+                    weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+                let (images, tokens) =
+                    (images.narrow(0, rank * 4, 4).copy(), tokens.narrow(0, rank * 4, 4).copy());
                 std::thread::spawn(move || {
                     let world = WorldEnv {
                         rank: rank as usize,
@@ -303,7 +366,13 @@ mod tests {
                     };
                     let comm = TcpGroup::connect(&world, Duration::from_secs(30)).unwrap();
                     let (loss, grads) = gradients(&comm, kind, None, &weights, &images, &tokens);
-                    (loss, grads.into_iter().map(|(k, v)| (k, Vec::<f32>::try_from(v.flatten(0, -1)).unwrap())).collect::<BTreeMap<_, _>>())
+                    (
+                        loss,
+                        grads
+                            .into_iter()
+                            .map(|(k, v)| (k, Vec::<f32>::try_from(v.flatten(0, -1)).unwrap()))
+                            .collect::<BTreeMap<_, _>>(),
+                    )
                 })
             })
             .collect();
@@ -311,11 +380,18 @@ mod tests {
 
         let scale = whole.values().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
         for (rank, (rank_loss, grads)) in ranks.iter().enumerate() {
-            assert!((rank_loss - loss).abs() <= 1e-6 * loss.abs(), "rank {rank}: loss {rank_loss} vs {loss}");
+            assert!(
+                (rank_loss - loss).abs() <= 1e-6 * loss.abs(),
+                "rank {rank}: loss {rank_loss} vs {loss}"
+            );
             for (name, g) in grads {
                 let reference = Vec::<f32>::try_from(whole[name].flatten(0, -1)).unwrap();
-                let diff = g.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
-                assert!(diff <= 1e-5 * scale, "rank {rank}, {name}: gradients differ by {diff} (largest gradient {scale})");
+                let diff =
+                    g.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "rank {rank}, {name}: gradients differ by {diff} (largest gradient {scale})"
+                );
                 // Every rank holds the very same summed gradient.
                 assert_eq!(g, &ranks[0].1[name], "rank {rank}, {name}");
             }
@@ -327,18 +403,38 @@ mod tests {
     /// One step on each of 4 ranks (threads joined by a `TcpGroup`), rank r on rows r n..(r + 1) n:
     /// per rank, the loss, the reduced gradients, the buckets launched during backward and the
     /// bucket count.
-    fn on_four_ranks(kind: LossKind, micro: Option<usize>, reduce: ReduceConfig, weights: &BTreeMap<String, Tensor>, images: &Tensor, tokens: &Tensor) -> Vec<(f64, RankGrads, usize, usize)> {
+    fn on_four_ranks(
+        kind: LossKind,
+        micro: Option<usize>,
+        reduce: ReduceConfig,
+        weights: &BTreeMap<String, Tensor>,
+        images: &Tensor,
+        tokens: &Tensor,
+    ) -> Vec<(f64, RankGrads, usize, usize)> {
         let n = images.size()[0] / 4;
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let handles: Vec<_> = (0..4)
             .map(|rank| {
-                let weights: BTreeMap<String, Tensor> = weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
-                let (images, tokens) = (images.narrow(0, rank * n, n).copy(), tokens.narrow(0, rank * n, n).copy());
+                let weights: BTreeMap<String, Tensor> =
+                    weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+                let (images, tokens) =
+                    (images.narrow(0, rank * n, n).copy(), tokens.narrow(0, rank * n, n).copy());
                 std::thread::spawn(move || {
-                    let world = WorldEnv { rank: rank as usize, world_size: 4, local_rank: rank as usize, local_world_size: 4, master_addr: "127.0.0.1".into(), master_port: port };
+                    let world = WorldEnv {
+                        rank: rank as usize,
+                        world_size: 4,
+                        local_rank: rank as usize,
+                        local_world_size: 4,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
                     let comm = TcpGroup::connect(&world, Duration::from_secs(60)).unwrap();
-                    let (loss, grads, (out, buckets)) = gradients_with(&comm, kind, micro, reduce, &weights, &images, &tokens);
-                    let grads = grads.into_iter().map(|(k, v)| (k, Vec::<f32>::try_from(v.flatten(0, -1)).unwrap())).collect();
+                    let (loss, grads, (out, buckets)) =
+                        gradients_with(&comm, kind, micro, reduce, &weights, &images, &tokens);
+                    let grads = grads
+                        .into_iter()
+                        .map(|(k, v)| (k, Vec::<f32>::try_from(v.flatten(0, -1)).unwrap()))
+                        .collect();
                     (loss, grads, out.overlapped_buckets, buckets)
                 })
             })
@@ -347,7 +443,11 @@ mod tests {
     }
 
     /// Weights of the tiny model and a batch of `n` samples, the same for every test thread.
-    fn tiny_inputs(kind: LossKind, seed: i64, n: i64) -> (BTreeMap<String, Tensor>, Tensor, Tensor) {
+    fn tiny_inputs(
+        kind: LossKind,
+        seed: i64,
+        n: i64,
+    ) -> (BTreeMap<String, Tensor>, Tensor, Tensor) {
         tch::manual_seed(seed);
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = Clip::new(&vs.root(), &tiny(kind)).unwrap();
@@ -370,21 +470,46 @@ mod tests {
         let on = ReduceConfig { overlap: true, bucket_mb: 0.2, dtype: ReduceDtype::Fp32 };
         for micro in [None, Some(3)] {
             let overlapped = on_four_ranks(kind, micro, on, &weights, &images, &tokens);
-            let after = on_four_ranks(kind, micro, ReduceConfig { overlap: false, ..on }, &weights, &images, &tokens);
-            let worst = overlapped[0].1.iter().map(|(name, g)| {
-                let reference = Vec::<f32>::try_from(whole[name].flatten(0, -1)).unwrap();
-                g.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max)
-            }).fold(0.0, f64::max);
+            let after = on_four_ranks(
+                kind,
+                micro,
+                ReduceConfig { overlap: false, ..on },
+                &weights,
+                &images,
+                &tokens,
+            );
+            let worst = overlapped[0]
+                .1
+                .iter()
+                .map(|(name, g)| {
+                    let reference = Vec::<f32>::try_from(whole[name].flatten(0, -1)).unwrap();
+                    g.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max)
+                })
+                .fold(0.0, f64::max);
             eprintln!("micro {micro:?}: {} buckets, {} launched during backward; 4 x 8 vs 1 x 32: largest gradient difference {:.2e} of the largest gradient", overlapped[0].3, overlapped[0].2, worst / scale);
-            for (rank, ((rank_loss, grads, launched, buckets), (_, after_grads, after_launched, _))) in overlapped.iter().zip(&after).enumerate() {
+            for (
+                rank,
+                ((rank_loss, grads, launched, buckets), (_, after_grads, after_launched, _)),
+            ) in overlapped.iter().zip(&after).enumerate()
+            {
                 assert!(*buckets > 2, "{buckets} buckets");
                 assert!(*launched > 0 && *after_launched == 0, "micro {micro:?} rank {rank}: {launched} of {buckets} buckets launched during backward");
-                assert!((rank_loss - loss).abs() <= 1e-6 * loss.abs(), "rank {rank}: loss {rank_loss} vs {loss}");
+                assert!(
+                    (rank_loss - loss).abs() <= 1e-6 * loss.abs(),
+                    "rank {rank}: loss {rank_loss} vs {loss}"
+                );
                 for (name, g) in grads {
                     let reference = Vec::<f32>::try_from(whole[name].flatten(0, -1)).unwrap();
-                    let diff = g.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+                    let diff = g
+                        .iter()
+                        .zip(&reference)
+                        .map(|(a, b)| (a - b).abs() as f64)
+                        .fold(0.0, f64::max);
                     assert!(diff <= 1e-5 * scale, "micro {micro:?} rank {rank}, {name}: gradients differ by {diff} (largest gradient {scale})");
-                    assert_eq!(g, &after_grads[name], "micro {micro:?} rank {rank}, {name}: overlapped vs after backward");
+                    assert_eq!(
+                        g, &after_grads[name],
+                        "micro {micro:?} rank {rank}, {name}: overlapped vs after backward"
+                    );
                     assert_eq!(g, &overlapped[0].1[name], "micro {micro:?} rank {rank}, {name}");
                 }
             }
@@ -399,12 +524,29 @@ mod tests {
         let (weights, images, tokens) = tiny_inputs(kind, 17, 32);
         let fp32 = ReduceConfig { overlap: true, bucket_mb: 1.0, dtype: ReduceDtype::Fp32 };
         let exact = on_four_ranks(kind, None, fp32, &weights, &images, &tokens);
-        let bf16 = on_four_ranks(kind, None, ReduceConfig { dtype: ReduceDtype::Bf16, ..fp32 }, &weights, &images, &tokens);
+        let bf16 = on_four_ranks(
+            kind,
+            None,
+            ReduceConfig { dtype: ReduceDtype::Bf16, ..fp32 },
+            &weights,
+            &images,
+            &tokens,
+        );
         // bf16 keeps 8 significant bits: each rank's part and the sum are rounded by at most
         // 2^-8 of themselves; relative to the largest gradient, as the other distributed tests.
-        let largest = exact[0].1.values().flat_map(|g| g.iter()).fold(0.0f32, |m, v| m.max(v.abs()));
-        let worst = bf16[0].1.iter().map(|(name, g)| g.iter().zip(&exact[0].1[name]).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))).fold(0.0f32, f32::max);
-        eprintln!("bf16 vs fp32 reduction: largest difference {:.2e} of the largest gradient", worst / largest);
+        let largest =
+            exact[0].1.values().flat_map(|g| g.iter()).fold(0.0f32, |m, v| m.max(v.abs()));
+        let worst = bf16[0]
+            .1
+            .iter()
+            .map(|(name, g)| {
+                g.iter().zip(&exact[0].1[name]).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+            })
+            .fold(0.0f32, f32::max);
+        eprintln!(
+            "bf16 vs fp32 reduction: largest difference {:.2e} of the largest gradient",
+            worst / largest
+        );
         let mut rounded = 0;
         for (rank, (_, grads, _, _)) in bf16.iter().enumerate() {
             for (name, g) in grads {
@@ -421,7 +563,14 @@ mod tests {
     /// Trains `steps` steps from `weights`, each on the next slice of `images`/`tokens`, with
     /// micro-batches of `micro` (or none); returns the final weights. (Weights are copied in,
     /// never re-drawn from a seed: tests share libtorch's generator across threads.)
-    fn train_weights(kind: LossKind, micro: Option<usize>, weights: &BTreeMap<String, Tensor>, images: &Tensor, tokens: &Tensor, steps: usize) -> BTreeMap<String, Tensor> {
+    fn train_weights(
+        kind: LossKind,
+        micro: Option<usize>,
+        weights: &BTreeMap<String, Tensor>,
+        images: &Tensor,
+        tokens: &Tensor,
+        steps: usize,
+    ) -> BTreeMap<String, Tensor> {
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &tiny(kind)).unwrap();
         tch::no_grad(|| {
@@ -435,7 +584,17 @@ mod tests {
         let n = images.size()[0] / steps as i64;
         for s in 0..steps as i64 {
             let (images, tokens) = (images.narrow(0, s * n, n), tokens.narrow(0, s * n, n));
-            train_step(&model, &mut optimizer, &SingleProcess, &sync, &images, &tokens, 1e-4, step_config(kind, micro)).unwrap();
+            train_step(
+                &model,
+                &mut optimizer,
+                &SingleProcess,
+                &sync,
+                &images,
+                &tokens,
+                1e-4,
+                step_config(kind, micro),
+            )
+            .unwrap();
         }
         vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect()
     }
@@ -464,8 +623,12 @@ mod tests {
             let (images64, tokens64) = (images.narrow(0, 0, 64), tokens.narrow(0, 0, 64));
             let (loss, grads) = gradients(&SingleProcess, kind, None, &start, &images64, &tokens64);
             for micro in [16, 20] {
-                let (micro_loss, micro_grads) = gradients(&SingleProcess, kind, Some(micro), &start, &images64, &tokens64);
-                assert!((micro_loss - loss).abs() <= 1e-6 * loss.abs(), "{kind:?} micro {micro}: loss {micro_loss} vs {loss}");
+                let (micro_loss, micro_grads) =
+                    gradients(&SingleProcess, kind, Some(micro), &start, &images64, &tokens64);
+                assert!(
+                    (micro_loss - loss).abs() <= 1e-6 * loss.abs(),
+                    "{kind:?} micro {micro}: loss {micro_loss} vs {loss}"
+                );
                 for (name, g) in &grads {
                     let diff = (g - &micro_grads[name]).abs().max().double_value(&[]);
                     let largest = g.abs().max().double_value(&[]);

@@ -5,22 +5,24 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, LoaderState, Preprocess, Tokenizer};
+use oxclip_data_loader::{
+    DataSource, DataSpec, Loader, LoaderConfig, LoaderState, Preprocess, Tokenizer,
+};
 use tch::{nn, Device, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::collectives::{self, Collectives, DistSettings};
 use crate::config::{DataConfig, LossConfig, OptimConfig, Precision, TrainConfig};
 // Where `oxclip eval` has always found it.
-pub use crate::eval::read_templates;
 use crate::device;
 use crate::error::{io_err, Result, TrainError};
+pub use crate::eval::read_templates;
 use crate::eval::{self, ZeroShotResult};
+use crate::grad_sync::GradSync;
 use crate::metrics::MetricsWriter;
 use crate::model::{Clip, ModelConfig};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
-use crate::grad_sync::GradSync;
 use crate::step::{self, StepConfig};
 use crate::weights_path::{self, Found};
 
@@ -146,7 +148,16 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         let (images, tokens, skipped) = next_batch(&mut run)?;
         let data_secs = started.elapsed().as_secs_f64();
         let lr = run.schedule.lr(run.state.step);
-        let out = step::train_step(&run.model, &mut run.optimizer, run.comm.as_ref(), &run.grad_sync, &images, &tokens, lr, run.step_cfg)?;
+        let out = step::train_step(
+            &run.model,
+            &mut run.optimizer,
+            run.comm.as_ref(),
+            &run.grad_sync,
+            &images,
+            &tokens,
+            lr,
+            run.step_cfg,
+        )?;
         run.state.step += 1;
         run.state.samples_seen += run.global_batch();
         run.interval.add(data_secs, started.elapsed().as_secs_f64(), out.comm_secs, skipped);
@@ -177,7 +188,11 @@ fn stop_for_preemption(run: &mut Run, saved: bool, outcome: &mut Outcome) -> Res
         return Ok(false);
     }
     let who = crate::preempt::describe(&signalled);
-    tracing::warn!("preempted after step {} of {} ({who}): checkpointing, then stopping", run.state.step, run.job.train.steps);
+    tracing::warn!(
+        "preempted after step {} of {} ({who}): checkpointing, then stopping",
+        run.state.step,
+        run.job.train.steps
+    );
     if !saved {
         outcome.last_checkpoint = save_checkpoint(run)?.or(outcome.last_checkpoint.take());
     }
@@ -211,11 +226,20 @@ fn prepare(job: &TrainJob) -> Result<Start<'_>> {
     check_same_config(comm.as_ref(), &job.resolved_config)?;
 
     let resume_from = resume_dir(job)?;
-    let resumed_at = resume_from.as_deref().map(checkpoint::read_state).transpose()?.map(|s| s.step);
+    let resumed_at =
+        resume_from.as_deref().map(checkpoint::read_state).transpose()?.map(|s| s.step);
     if let Some(at) = resumed_at.filter(|&at| at >= job.train.steps) {
         let total_steps = job.train.steps;
-        let summary =
-            TrainSummary { steps: at, total_steps, resumed_at, final_loss: None, zero_shot: None, last_checkpoint: None, device, preempted: None };
+        let summary = TrainSummary {
+            steps: at,
+            total_steps,
+            resumed_at,
+            final_loss: None,
+            zero_shot: None,
+            last_checkpoint: None,
+            device,
+            preempted: None,
+        };
         return Ok(Start::Finished(summary));
     }
     let init = init_weights(job, resume_from.is_some())?;
@@ -267,7 +291,11 @@ fn prepare(job: &TrainJob) -> Result<Start<'_>> {
 fn training_device(job: &TrainJob) -> Result<Device> {
     let cuda_count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    let placement = job.dist.world.as_ref().map(|w| device::Placement { rank: w.rank, local_rank: w.local_rank, local_world_size: w.local_world_size });
+    let placement = job.dist.world.as_ref().map(|w| device::Placement {
+        rank: w.rank,
+        local_rank: w.local_rank,
+        local_world_size: w.local_world_size,
+    });
     device::for_rank(&job.train.device, placement.as_ref(), cuda_count, visible.as_deref())
 }
 
@@ -275,9 +303,15 @@ fn training_device(job: &TrainJob) -> Result<Device> {
 /// run's model must be that one, checked before anything is built.
 fn init_weights(job: &TrainJob, resuming: bool) -> Result<Option<Found>> {
     let Some(path) = job.init_checkpoint.as_ref().filter(|_| !resuming) else { return Ok(None) };
-    let found = weights_path::locate(path).map_err(|e| TrainError::Config(format!("init.checkpoint (--init) {e}")))?;
+    let found = weights_path::locate(path)
+        .map_err(|e| TrainError::Config(format!("init.checkpoint (--init) {e}")))?;
     if let Some(dir) = found.pretrained()? {
-        if let Some(msg) = crate::model::pretrained::contradiction(&dir.dir, &dir.model, "the run's model", &job.model) {
+        if let Some(msg) = crate::model::pretrained::contradiction(
+            &dir.dir,
+            &dir.model,
+            "the run's model",
+            &job.model,
+        ) {
             return Err(TrainError::Config(format!("init.checkpoint (--init): {msg}")));
         }
     }
@@ -286,7 +320,11 @@ fn init_weights(job: &TrainJob, resuming: bool) -> Result<Option<Found>> {
 
 /// The model (its initial weights fixed by the seed, or loaded from `init`), its frozen
 /// towers, and the optimizer over what still trains.
-fn build_model(job: &TrainJob, device: Device, init: Option<&Found>) -> Result<(nn::VarStore, Clip, AdamW)> {
+fn build_model(
+    job: &TrainJob,
+    device: Device,
+    init: Option<&Found>,
+) -> Result<(nn::VarStore, Clip, AdamW)> {
     let cfg = &job.train;
     tch::manual_seed(cfg.seed as i64);
     let vs = nn::VarStore::new(device);
@@ -307,9 +345,17 @@ fn build_model(job: &TrainJob, device: Device, init: Option<&Found>) -> Result<(
     let optim = &job.optim;
     let optimizer = AdamW::new(
         vs.variables().into_iter().collect(),
-        AdamWConfig { betas: (optim.betas[0], optim.betas[1]), eps: optim.eps, weight_decay: optim.weight_decay },
+        AdamWConfig {
+            betas: (optim.betas[0], optim.betas[1]),
+            eps: optim.eps,
+            weight_decay: optim.weight_decay,
+        },
     );
-    tracing::info!("model: {} parameters on {}", crate::model::num_params(&vs), device::name(device));
+    tracing::info!(
+        "model: {} parameters on {}",
+        crate::model::num_params(&vs),
+        device::name(device)
+    );
     if let Some(found) = init {
         crate::model::load_weights(&vs, &found.weights())?;
         tracing::info!("initial weights from {} ({})", found.weights().display(), found.describe());
@@ -318,8 +364,17 @@ fn build_model(job: &TrainJob, device: Device, init: Option<&Found>) -> Result<(
 }
 
 /// This rank's training loader over `data.train`.
-fn open_loader(job: &TrainJob, comm: &dyn Collectives, tokenizer: &Tokenizer, preprocess: &Preprocess) -> Result<Loader> {
-    let train_set = DataSource::open_with(&DataSpec::parse(&job.data.train)?, job.train.seed, &job.data.shard_options().count_hints())?;
+fn open_loader(
+    job: &TrainJob,
+    comm: &dyn Collectives,
+    tokenizer: &Tokenizer,
+    preprocess: &Preprocess,
+) -> Result<Loader> {
+    let train_set = DataSource::open_with(
+        &DataSpec::parse(&job.data.train)?,
+        job.train.seed,
+        &job.data.shard_options().count_hints(),
+    )?;
     let loader = Loader::open(
         &train_set,
         &job.data.shard_options(),
@@ -339,7 +394,11 @@ fn open_loader(job: &TrainJob, comm: &dyn Collectives, tokenizer: &Tokenizer, pr
     // Samples already found bad while opening the shards count towards `data/skipped`.
     let load_skips: u64 = loader.load_skips().values().sum();
     if load_skips > 0 {
-        tracing::warn!("{load_skips} bad sample(s) skipped while reading {}: {}", job.data.train, loader.load_skips());
+        tracing::warn!(
+            "{load_skips} bad sample(s) skipped while reading {}: {}",
+            job.data.train,
+            loader.load_skips()
+        );
     }
     tracing::info!(
         "training data: {} samples; this rank reads {} per epoch, {} batches",
@@ -352,7 +411,14 @@ fn open_loader(job: &TrainJob, comm: &dyn Collectives, tokenizer: &Tokenizer, pr
 
 /// Loads the checkpoint in `dir` into the model, the optimizer and this rank's loader
 /// position, and says which config keys changed since it was written.
-fn restore(job: &TrainJob, dir: &Path, comm: &dyn Collectives, vs: &nn::VarStore, optimizer: &mut AdamW, loader: &mut Loader) -> Result<TrainerState> {
+fn restore(
+    job: &TrainJob,
+    dir: &Path,
+    comm: &dyn Collectives,
+    vs: &nn::VarStore,
+    optimizer: &mut AdamW,
+    loader: &mut Loader,
+) -> Result<TrainerState> {
     let state = checkpoint::load(dir, vs, optimizer)?;
     let position = match state.rank_loaders.get(comm.rank()) {
         Some(mine) if state.rank_loaders.len() == comm.world_size() => mine.clone(),
@@ -361,7 +427,11 @@ fn restore(job: &TrainJob, dir: &Path, comm: &dyn Collectives, vs: &nn::VarStore
     loader.restore(&position)?;
     let changes = config_changes(&state.config, &job.resolved_config);
     if comm.rank() == 0 && !changes.is_empty() {
-        tracing::warn!("resuming {} with a config that differs from the checkpoint's: {}", dir.display(), changes.join("; "));
+        tracing::warn!(
+            "resuming {} with a config that differs from the checkpoint's: {}",
+            dir.display(),
+            changes.join("; ")
+        );
     }
     tracing::info!("resumed from {} at step {}", dir.display(), state.step);
     Ok(state)
@@ -370,7 +440,10 @@ fn restore(job: &TrainJob, dir: &Path, comm: &dyn Collectives, vs: &nn::VarStore
 /// Writes the run directory and its config, and opens the writers: only now, with the model,
 /// the weights and the data open on every rank, so a run that fails to start leaves nothing
 /// behind. Only rank 0 writes events and checkpoints.
-fn start_run_dir(job: &TrainJob, comm: &dyn Collectives) -> Result<(Option<MetricsWriter>, Option<KeyLog>)> {
+fn start_run_dir(
+    job: &TrainJob,
+    comm: &dyn Collectives,
+) -> Result<(Option<MetricsWriter>, Option<KeyLog>)> {
     comm.barrier()?;
     fs::create_dir_all(&job.run_dir).map_err(io_err(&job.run_dir))?;
     let is_rank0 = comm.rank() == 0;
@@ -378,7 +451,8 @@ fn start_run_dir(job: &TrainJob, comm: &dyn Collectives) -> Result<(Option<Metri
         let config_path = job.run_dir.join("config.yaml");
         fs::write(&config_path, &job.resolved_config).map_err(io_err(&config_path))?;
     }
-    let key_log = if job.data.log_keys { Some(KeyLog::open(&job.run_dir, comm.rank())?) } else { None };
+    let key_log =
+        if job.data.log_keys { Some(KeyLog::open(&job.run_dir, comm.rank())?) } else { None };
     let metrics = if is_rank0 { Some(MetricsWriter::new(&job.run_dir)?) } else { None };
     Ok((metrics, key_log))
 }
@@ -425,7 +499,12 @@ impl Run<'_> {
 fn next_batch(run: &mut Run) -> Result<(Tensor, Tensor, u64)> {
     let batch = run.loader.next_batch()?;
     let model = &run.job.model;
-    let (images, tokens) = crate::device::batch_to_device(&batch, model.vision_cfg.image_size, model.text_cfg.context_length, run.device)?;
+    let (images, tokens) = crate::device::batch_to_device(
+        &batch,
+        model.vision_cfg.image_size,
+        model.text_cfg.context_length,
+        run.device,
+    )?;
     if let Some(log) = run.key_log.as_mut() {
         log.write(run.state.step + 1, &batch.keys)?;
     }
@@ -444,12 +523,21 @@ fn log_step(run: &mut Run, out: &step::StepOutput, lr: f64) -> Result<f64> {
     let scale = run.model.logit_scale.exp().double_value(&[]);
     let bias = run.model.logit_bias.as_ref().map(|b| b.double_value(&[]));
     // Skips are counted per rank; the log shows the run's total.
-    run.interval.skipped_total_all_ranks = collectives::all_gather_u64(run.comm.as_ref(), run.interval.skipped_total)?.iter().sum();
+    run.interval.skipped_total_all_ranks =
+        collectives::all_gather_u64(run.comm.as_ref(), run.interval.skipped_total)?.iter().sum();
     run.state.loader = run.loader.state(); // for the epoch in the log line
     let (global_batch, world_size) = (run.global_batch(), run.comm.world_size());
     if let Some(metrics) = run.metrics.as_mut() {
         let values = LogValues { loss, scale, bias, lr, grad_norm: out.grad_norm };
-        log_train(metrics, &run.state, run.job.train.steps, &values, global_batch, world_size, &run.interval)?;
+        log_train(
+            metrics,
+            &run.state,
+            run.job.train.steps,
+            &values,
+            global_batch,
+            world_size,
+            &run.interval,
+        )?;
     }
     run.interval.reset();
     Ok(loss)
@@ -479,7 +567,17 @@ fn evaluate(run: &mut Run) -> Result<Option<ZeroShotResult>> {
     let results: Result<Vec<eval::EvalResult>> = task
         .sets
         .iter()
-        .map(|set| evaluate_task(&run.model, set, &run.tokenizer, &run.preprocess, run.device, run.job.data.workers, run.comm.as_ref()))
+        .map(|set| {
+            evaluate_task(
+                &run.model,
+                set,
+                &run.tokenizer,
+                &run.preprocess,
+                run.device,
+                run.job.data.workers,
+                run.comm.as_ref(),
+            )
+        })
         .collect();
     run.model.set_training(true);
     let results = results?;
@@ -496,26 +594,35 @@ fn evaluate(run: &mut Run) -> Result<Option<ZeroShotResult>> {
                 scalars.push((format!("{prefix}-mean-per-class-recall"), zs.mean_per_class_recall));
             }
             entry.insert("zero_shot".into(), serde_json::json!({"top1": zs.top1, "top5": zs.top5, "mean_per_class_recall": zs.mean_per_class_recall, "samples": zs.samples}));
-            if is_rank0 { tracing::info!(
-                "step {step} | zero-shot {}: top-1 {:.2}% top-5 {:.2}% ({} images)",
-                set.name, 100.0 * zs.top1, 100.0 * zs.top5, zs.samples
-            ); }
+            if is_rank0 {
+                tracing::info!(
+                    "step {step} | zero-shot {}: top-1 {:.2}% top-5 {:.2}% ({} images)",
+                    set.name,
+                    100.0 * zs.top1,
+                    100.0 * zs.top5,
+                    zs.samples
+                );
+            }
         }
         if let Some(r) = &result.retrieval {
             // open_clip's tags for data.val's pairs; a benchmark set's carry its name.
-            let prefix = if set.benchmark { format!("val/{}-", set.name) } else { "val/".to_owned() };
+            let prefix =
+                if set.benchmark { format!("val/{}-", set.name) } else { "val/".to_owned() };
             scalars.extend(r.metrics.iter().map(|(name, v)| (format!("{prefix}{name}"), *v)));
-            let mut m: serde_json::Map<String, serde_json::Value> = r.metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+            let mut m: serde_json::Map<String, serde_json::Value> =
+                r.metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
             m.insert("pairs".into(), serde_json::json!(r.pairs));
             entry.insert("retrieval".into(), serde_json::Value::Object(m));
             let r1 = |a: &str, b: &str| 100.0 * (r.get(a).or(r.get(b)).unwrap_or(0.0));
-            if is_rank0 { tracing::info!(
+            if is_rank0 {
+                tracing::info!(
                 "step {step} | retrieval {}: image->text R@1 {:.2}% text->image R@1 {:.2}% ({} pairs)",
                 set.name,
                 r1("image_to_text_R@1", "text_retrieval_recall@1"),
                 r1("text_to_image_R@1", "image_retrieval_recall@1"),
                 r.pairs
-            ); }
+            );
+            }
         }
         report.insert(set.name.clone(), serde_json::Value::Object(entry));
     }
@@ -533,13 +640,18 @@ fn evaluate(run: &mut Run) -> Result<Option<ZeroShotResult>> {
 /// `<run_dir>/eval/<step>.json`: `{"step": N, "datasets": {name: {"zero_shot": {...}} |
 /// {"retrieval": {...}}}}`, written to a temporary file and renamed, so a reader never sees
 /// half of it.
-fn write_eval_report(run_dir: &Path, step: u64, datasets: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+fn write_eval_report(
+    run_dir: &Path,
+    step: u64,
+    datasets: serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
     let dir = run_dir.join("eval");
     std::fs::create_dir_all(&dir).map_err(crate::error::io_err(&dir))?;
     let path = dir.join(format!("{step}.json"));
     let tmp = dir.join(format!(".{step}.json.tmp"));
-    let text = serde_json::to_string_pretty(&serde_json::json!({"step": step, "datasets": datasets}))
-        .map_err(|e| TrainError::Input(format!("{}: {e}", path.display())))?;
+    let text =
+        serde_json::to_string_pretty(&serde_json::json!({"step": step, "datasets": datasets}))
+            .map_err(|e| TrainError::Input(format!("{}: {e}", path.display())))?;
     std::fs::write(&tmp, text + "\n").map_err(crate::error::io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(crate::error::io_err(&path))?;
     Ok(())
@@ -596,10 +708,14 @@ fn gather_loader_states(comm: &dyn Collectives, mine: &LoaderState) -> Result<Ve
     if comm.world_size() == 1 {
         return Ok(Vec::new());
     }
-    let json = serde_json::to_vec(mine).map_err(|e| TrainError::Dist(format!("loader position: {e}")))?;
+    let json =
+        serde_json::to_vec(mine).map_err(|e| TrainError::Dist(format!("loader position: {e}")))?;
     comm.all_gather_bytes(&json)?
         .iter()
-        .map(|bytes| serde_json::from_slice(bytes).map_err(|e| TrainError::Dist(format!("a rank's loader position: {e}"))))
+        .map(|bytes| {
+            serde_json::from_slice(bytes)
+                .map_err(|e| TrainError::Dist(format!("a rank's loader position: {e}")))
+        })
         .collect()
 }
 
@@ -614,7 +730,8 @@ struct KeyLog {
 impl KeyLog {
     fn open(run_dir: &Path, rank: usize) -> Result<Self> {
         let path = run_dir.join(format!("keys-rank{rank}.tsv"));
-        let file = fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+        let file =
+            fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
         Ok(Self { file, path })
     }
 
@@ -661,7 +778,10 @@ fn resume_dir(job: &TrainJob) -> Result<Option<PathBuf>> {
 /// `run_dir` (`--resume PATH` into a new directory).
 fn config_changes(old: &str, new: &str) -> Vec<String> {
     const SHOWN: usize = 12;
-    let (Ok(old), Ok(new)) = (serde_yaml::from_str::<serde_yaml::Value>(old), serde_yaml::from_str::<serde_yaml::Value>(new)) else {
+    let (Ok(old), Ok(new)) = (
+        serde_yaml::from_str::<serde_yaml::Value>(old),
+        serde_yaml::from_str::<serde_yaml::Value>(new),
+    ) else {
         return vec!["the checkpoint's config is not readable YAML".into()];
     };
     let mut changes = Vec::new();
@@ -672,8 +792,11 @@ fn config_changes(old: &str, new: &str) -> Vec<String> {
         _ => true,
     });
     let count = changes.len();
-    let mut out: Vec<String> =
-        changes.into_iter().take(SHOWN).map(|(key, old, new)| format!("{key}: {} -> {}", show(old), show(new))).collect();
+    let mut out: Vec<String> = changes
+        .into_iter()
+        .take(SHOWN)
+        .map(|(key, old, new)| format!("{key}: {} -> {}", show(old), show(new)))
+        .collect();
     if count > SHOWN {
         out.push(format!("and {} more", count - SHOWN));
     }
@@ -682,7 +805,12 @@ fn config_changes(old: &str, new: &str) -> Vec<String> {
 
 type Change<'a> = (String, Option<&'a serde_yaml::Value>, Option<&'a serde_yaml::Value>);
 
-fn diff_values<'a>(key: &str, old: Option<&'a serde_yaml::Value>, new: Option<&'a serde_yaml::Value>, out: &mut Vec<Change<'a>>) {
+fn diff_values<'a>(
+    key: &str,
+    old: Option<&'a serde_yaml::Value>,
+    new: Option<&'a serde_yaml::Value>,
+    out: &mut Vec<Change<'a>>,
+) {
     use serde_yaml::Value;
     if let (Some(Value::Mapping(a)), Some(Value::Mapping(b))) = (old, new) {
         let keys = a.keys().chain(b.keys().filter(|k| !a.contains_key(*k)));
@@ -715,7 +843,11 @@ fn show(value: Option<&serde_yaml::Value>) -> String {
 /// The held-out set, checked as `oxclip eval` checks it ([`eval::open_zero_shot`]) when it is
 /// scored zero-shot: with `data.classnames`, or as a folder per class (`classes:DIR`); then
 /// every set of `eval.datasets`, checked as `oxclip eval` checks a benchmark set.
-fn val_task(data: &DataConfig, sets: &crate::config::EvalConfig, seed: u64) -> Result<Option<ValTask>> {
+fn val_task(
+    data: &DataConfig,
+    sets: &crate::config::EvalConfig,
+    seed: u64,
+) -> Result<Option<ValTask>> {
     let mut task = ValTask { sets: Vec::new() };
     if let Some(val) = &data.val {
         let spec = DataSpec::parse(val)?;
@@ -726,10 +858,17 @@ fn val_task(data: &DataConfig, sets: &crate::config::EvalConfig, seed: u64) -> R
         } else {
             (DataSource::open(&spec, seed)?, None)
         };
-        task.sets.push(ValSet { name: data.val_name.clone(), source, zero_shot, multi_caption: false, benchmark: false });
+        task.sets.push(ValSet {
+            name: data.val_name.clone(),
+            source,
+            zero_shot,
+            multi_caption: false,
+            benchmark: false,
+        });
     }
     for entry in &sets.datasets {
-        let context = |e: TrainError| TrainError::Config(format!("eval.datasets `{}`: {e}", entry.name));
+        let context =
+            |e: TrainError| TrainError::Config(format!("eval.datasets `{}`: {e}", entry.name));
         if task.sets.iter().any(|s| s.name == entry.name) {
             return Err(TrainError::Config(format!(
                 "eval.datasets: the name `{}` is used twice (data.val_name or another entry); each set's tags need their own",
@@ -745,10 +884,18 @@ fn val_task(data: &DataConfig, sets: &crate::config::EvalConfig, seed: u64) -> R
         })?;
         let source = eval::open_benchmark(&set, seed).map_err(context)?;
         let (zero_shot, multi_caption) = match set.task {
-            eval::benchmark::Task::Classification { classnames, templates } => (Some((classnames, templates)), false),
+            eval::benchmark::Task::Classification { classnames, templates } => {
+                (Some((classnames, templates)), false)
+            }
             eval::benchmark::Task::Retrieval => (None, true),
         };
-        task.sets.push(ValSet { name: entry.name.clone(), source, zero_shot, multi_caption, benchmark: true });
+        task.sets.push(ValSet {
+            name: entry.name.clone(),
+            source,
+            zero_shot,
+            multi_caption,
+            benchmark: true,
+        });
     }
     Ok((!task.sets.is_empty()).then_some(task))
 }
@@ -762,13 +909,24 @@ fn evaluate_task(
     workers: usize,
     comm: &dyn Collectives,
 ) -> Result<eval::EvalResult> {
-    let mut loader = eval::eval_loader_with(&set.source, tokenizer.clone(), &model.config, preprocess, 256, workers, comm)?;
+    let mut loader = eval::eval_loader_with(
+        &set.source,
+        tokenizer.clone(),
+        &model.config,
+        preprocess,
+        256,
+        workers,
+        comm,
+    )?;
     if set.multi_caption {
-        let retrieval = eval::evaluate_multi_caption(model, &mut loader, tokenizer, device, comm, &mut |_| {})?;
+        let retrieval =
+            eval::evaluate_multi_caption(model, &mut loader, tokenizer, device, comm, &mut |_| {})?;
         return Ok(eval::EvalResult { zero_shot: None, retrieval: Some(retrieval) });
     }
     let classifier = match &set.zero_shot {
-        Some((classnames, templates)) => Some(eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?),
+        Some((classnames, templates)) => {
+            Some(eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?)
+        }
         None => None,
     };
     eval::evaluate(model, &mut loader, classifier.as_ref(), !set.benchmark, device, comm)
@@ -827,7 +985,8 @@ fn log_train(
 ) -> Result<()> {
     let LogValues { loss, scale, bias, lr, grad_norm } = *values;
     let steps = interval.steps.max(1) as f64;
-    let (data_time, batch_time, comm_time) = (interval.data_secs / steps, interval.batch_secs / steps, interval.comm_secs / steps);
+    let (data_time, batch_time, comm_time) =
+        (interval.data_secs / steps, interval.batch_secs / steps, interval.comm_secs / steps);
     let samples_per_second = global_batch as f64 / batch_time.max(1e-9);
     let mut scalars = vec![
         ("train/loss", loss),
@@ -865,12 +1024,20 @@ mod tests {
         let old = "run_dir: runs/a\ntrain:\n  steps: 10\n  batch_size: 16\noptim:\n  lr: 0.001\n  betas:\n  - 0.9\n  - 0.98\n";
         let same = old.replace("runs/a", "runs/b").replace("steps: 10", "steps: 14");
         assert!(config_changes(old, &same).is_empty(), "{:?}", config_changes(old, &same));
-        let new = same.replace("lr: 0.001", "lr: 0.002").replace("- 0.98", "- 0.95") + "init:\n  checkpoint: w.safetensors\n";
+        let new = same.replace("lr: 0.001", "lr: 0.002").replace("- 0.98", "- 0.95")
+            + "init:\n  checkpoint: w.safetensors\n";
         assert_eq!(
             config_changes(old, &new),
-            vec!["optim.lr: 0.001 -> 0.002", "optim.betas: [0.9,0.98] -> [0.9,0.95]", "init: (not set) -> {\"checkpoint\":\"w.safetensors\"}"]
+            vec![
+                "optim.lr: 0.001 -> 0.002",
+                "optim.betas: [0.9,0.98] -> [0.9,0.95]",
+                "init: (not set) -> {\"checkpoint\":\"w.safetensors\"}"
+            ]
         );
         // Fewer steps than the checkpoint's is a change worth a word.
-        assert_eq!(config_changes(old, &old.replace("steps: 10", "steps: 5")), vec!["train.steps: 10 -> 5"]);
+        assert_eq!(
+            config_changes(old, &old.replace("steps: 10", "steps: 5")),
+            vec!["train.steps: 10 -> 5"]
+        );
     }
 }

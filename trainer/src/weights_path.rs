@@ -34,7 +34,9 @@ impl Found {
     pub fn weights(&self) -> PathBuf {
         match self {
             Found::Checkpoint { dir } => dir.join(MODEL_FILE),
-            Found::OpenClip { weights, .. } | Found::HuggingFace { weights, .. } | Found::File(weights) => weights.clone(),
+            Found::OpenClip { weights, .. }
+            | Found::HuggingFace { weights, .. }
+            | Found::File(weights) => weights.clone(),
         }
     }
 
@@ -44,8 +46,12 @@ impl Found {
     pub fn pretrained(&self) -> Result<Option<crate::model::pretrained::Pretrained>> {
         use crate::model::pretrained::Pretrained;
         match self {
-            Found::HuggingFace { weights, config } => Pretrained::hugging_face(config, weights).map(Some),
-            Found::OpenClip { weights, config: Some(config) } => Pretrained::open_clip(config, weights).map(Some),
+            Found::HuggingFace { weights, config } => {
+                Pretrained::hugging_face(config, weights).map(Some)
+            }
+            Found::OpenClip { weights, config: Some(config) } => {
+                Pretrained::open_clip(config, weights).map(Some)
+            }
             _ => Ok(None),
         }
     }
@@ -73,7 +79,9 @@ pub fn locate(path: &Path) -> Result<Found> {
     }
     if path.join(STATE_FILE).is_file() {
         if !path.join(MODEL_FILE).is_file() {
-            return Err(fail(format!("a checkpoint without its {MODEL_FILE} (an incomplete copy?)")));
+            return Err(fail(format!(
+                "a checkpoint without its {MODEL_FILE} (an incomplete copy?)"
+            )));
         }
         return Ok(Found::Checkpoint { dir: path.into() });
     }
@@ -87,7 +95,9 @@ pub fn locate(path: &Path) -> Result<Found> {
     let checkpoints = checkpoint::checkpoints_dir(path);
     let root = if checkpoints.is_dir() {
         Some(checkpoints)
-    } else if path.file_name().is_some_and(|n| n == "checkpoints") || !checkpoint::list_in(path)?.is_empty() {
+    } else if path.file_name().is_some_and(|n| n == "checkpoints")
+        || !checkpoint::list_in(path)?.is_empty()
+    {
         Some(path.to_path_buf())
     } else {
         None
@@ -141,7 +151,10 @@ fn file(path: &Path) -> Found {
     }
     if name == OPEN_CLIP_WEIGHTS {
         let config = dir.join(OPEN_CLIP_CONFIG);
-        return Found::OpenClip { weights: path.into(), config: config.is_file().then_some(config) };
+        return Found::OpenClip {
+            weights: path.into(),
+            config: config.is_file().then_some(config),
+        };
     }
     if name == HF_WEIGHTS && dir.join(HF_CONFIG).is_file() {
         return Found::HuggingFace { weights: path.into(), config: dir.join(HF_CONFIG) };
@@ -165,7 +178,10 @@ fn listing(dir: &Path) -> Result<String> {
     let count = names.len();
     let more = if count > SHOWN { ", ..." } else { "" };
     let plural = if count == 1 { "entry" } else { "entries" };
-    Ok(format!("{}{more} ({count} {plural})", names.into_iter().take(SHOWN).collect::<Vec<_>>().join(", ")))
+    Ok(format!(
+        "{}{more} ({count} {plural})",
+        names.into_iter().take(SHOWN).collect::<Vec<_>>().join(", ")
+    ))
 }
 
 #[cfg(test)]
@@ -191,7 +207,8 @@ mod tests {
                 rank_loaders: Vec::new(),
                 config: String::new(),
             };
-            fs::write(dir.join(STATE_FILE), serde_json::to_string(&state).expect("json")).expect("write");
+            fs::write(dir.join(STATE_FILE), serde_json::to_string(&state).expect("json"))
+                .expect("write");
             // Its placeholder files are what it was written with, as far as resume checks.
             crate::checkpoint::write_manifest(&dir).expect("manifest");
         }
@@ -214,7 +231,10 @@ mod tests {
         let oc = tmp.path().join("oc");
         touch(&oc.join(OPEN_CLIP_WEIGHTS));
         touch(&oc.join(OPEN_CLIP_CONFIG));
-        let found = Found::OpenClip { weights: oc.join(OPEN_CLIP_WEIGHTS), config: Some(oc.join(OPEN_CLIP_CONFIG)) };
+        let found = Found::OpenClip {
+            weights: oc.join(OPEN_CLIP_WEIGHTS),
+            config: Some(oc.join(OPEN_CLIP_CONFIG)),
+        };
         assert_eq!(locate(&oc).expect("open_clip"), found);
         assert_eq!(locate(&oc.join(OPEN_CLIP_WEIGHTS)).expect("open_clip file"), found);
 
@@ -242,7 +262,12 @@ mod tests {
         }
         fs::create_dir_all(other.join("sub")).expect("mkdir");
         let err = locate(&other).expect_err("nothing fits").to_string();
-        assert!(err.contains("f0.txt, f1.txt") && err.contains("(10 entries)") && !err.contains("f8.txt"), "{err}");
+        assert!(
+            err.contains("f0.txt, f1.txt")
+                && err.contains("(10 entries)")
+                && !err.contains("f8.txt"),
+            "{err}"
+        );
 
         let sharded = tmp.path().join("sharded");
         touch(&sharded.join(HF_CONFIG));

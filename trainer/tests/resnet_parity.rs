@@ -23,7 +23,8 @@ fn fixtures() -> PathBuf {
 
 fn config(file: &str) -> ModelConfig {
     let path = fixtures().join(file);
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("config"))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn read(file: &str) -> BTreeMap<String, Tensor> {
@@ -37,7 +38,8 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
 /// `[[name, shape, mean, std, dtype]]`, sorted by name.
 fn recipe() -> Vec<(String, Vec<i64>, f64, f64, Kind)> {
     let text = std::fs::read_to_string(fixtures().join("rn50_recipe.json")).expect("recipe");
-    let rows: Vec<(String, Vec<i64>, f64, f64, String)> = serde_json::from_str(&text).expect("recipe parses");
+    let rows: Vec<(String, Vec<i64>, f64, f64, String)> =
+        serde_json::from_str(&text).expect("recipe parses");
     rows.into_iter()
         .map(|(name, shape, mean, std, dtype)| {
             let kind = match dtype.as_str() {
@@ -52,12 +54,15 @@ fn recipe() -> Vec<(String, Vec<i64>, f64, f64, Kind)> {
 
 #[test]
 fn rn50_has_open_clips_state_dict_names_and_shapes() {
-    let expected: Vec<(String, Vec<i64>)> = recipe().into_iter().map(|(name, shape, ..)| (name, shape)).collect();
+    let expected: Vec<(String, Vec<i64>)> =
+        recipe().into_iter().map(|(name, shape, ..)| (name, shape)).collect();
     let ours = Clip::shapes(&config("RN50.json")).expect("builds");
     assert_eq!(ours.len(), expected.len());
     assert_eq!(ours, expected);
     assert!(ours.iter().any(|(n, _)| n == "visual.layer1.0.downsample.1.running_var"));
-    assert!(ours.iter().any(|(n, s)| n == "visual.attnpool.positional_embedding" && s == &[50, 2048]));
+    assert!(ours
+        .iter()
+        .any(|(n, s)| n == "visual.attnpool.positional_embedding" && s == &[50, 2048]));
 }
 
 /// RN50 with open_clip's full-size shapes and deterministic weights (BatchNorm statistics
@@ -81,11 +86,19 @@ fn rn50_matches_open_clip_features() {
     // The fixture's images: deterministic noise plus a ramp along the width (0) / height (1).
     let mut images = deterministic(&[2, 3, 224, 224], 0, 0.0, 1.0, Kind::Double);
     let ramp = Tensor::arange(224, (Kind::Double, Device::Cpu)) / 223.0 * 2.0;
-    images = Tensor::stack(&[images.get(0) + ramp.view([1, 1, 224]), images.get(1) + ramp.view([1, 224, 1])], 0).to_kind(Kind::Float);
+    images = Tensor::stack(
+        &[images.get(0) + ramp.view([1, 1, 224]), images.get(1) + ramp.view([1, 224, 1])],
+        0,
+    )
+    .to_kind(Kind::Float);
     let (image, text) = tch::no_grad(|| model.features(&images, &io["text"]));
     let (di, dt) = (max_abs(&image, &io["image_features"]), max_abs(&text, &io["text_features"]));
     assert!(di <= 1e-4 && dt <= 1e-4, "image features differ by {di}, text by {dt}");
-    assert_eq!(vars["visual.bn1.num_batches_tracked"].int64_value(&[]), 0, "eval mode counts no batch");
+    assert_eq!(
+        vars["visual.bn1.num_batches_tracked"].int64_value(&[]),
+        0,
+        "eval mode counts no batch"
+    );
 }
 
 /// Buffers the step must update as open_clip's forward does: "after.<name>".
@@ -97,7 +110,10 @@ fn check_buffers(vs: &nn::VarStore, golden: &BTreeMap<String, Tensor>, case: &st
             assert_eq!(var.int64_value(&[]), expected.int64_value(&[]), "{case}: {name}");
         } else {
             let diff = max_abs(&var, expected);
-            assert!(diff <= 1e-5 * expected.abs().max().double_value(&[]).max(1.0), "{case}: {name} differs by {diff}");
+            assert!(
+                diff <= 1e-5 * expected.abs().max().double_value(&[]).max(1.0),
+                "{case}: {name} differs by {diff}"
+            );
         }
         checked += 1;
     }
@@ -119,25 +135,54 @@ fn tiny_resnet_training_step_matches_open_clip() {
         let golden = read(&format!("tiny_{case}.safetensors"));
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &cfg).expect("builds");
-        model::load_weights(&vs, &fixtures().join("tiny_model.safetensors")).expect("loads open_clip weights");
+        model::load_weights(&vs, &fixtures().join("tiny_model.safetensors"))
+            .expect("loads open_clip weights");
         assert_eq!(vs.variables()["visual.bn1.num_batches_tracked"].int64_value(&[]), 3);
         model.set_training(true);
-        let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 });
-        let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, Default::default()).expect("buckets");
-        let step = StepConfig { autocast_bf16: false, grad_clip_norm: None, loss: loss.spec(false), micro_batch };
-        let out = train_step(&model, &mut optimizer, &SingleProcess, &grad_sync, &io["images"], &io["text"], 0.0, step).expect("step");
+        let mut optimizer = AdamW::new(
+            vs.variables().into_iter().collect(),
+            AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 },
+        );
+        let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, Default::default())
+            .expect("buckets");
+        let step = StepConfig {
+            autocast_bf16: false,
+            grad_clip_norm: None,
+            loss: loss.spec(false),
+            micro_batch,
+        };
+        let out = train_step(
+            &model,
+            &mut optimizer,
+            &SingleProcess,
+            &grad_sync,
+            &io["images"],
+            &io["text"],
+            0.0,
+            step,
+        )
+        .expect("step");
         let expected = &golden["loss"];
-        assert!(max_abs(&out.loss, expected) < 1e-5, "{case}: loss {} vs {}", out.loss.double_value(&[]), expected.double_value(&[]));
+        assert!(
+            max_abs(&out.loss, expected) < 1e-5,
+            "{case}: loss {} vs {}",
+            out.loss.double_value(&[]),
+            expected.double_value(&[])
+        );
         let mut names = Vec::new();
         for (name, var) in optimizer.variables() {
             let expected = &golden[&format!("grad.{name}")];
             let scale = expected.abs().max().double_value(&[]).max(1e-3);
             let diff = max_abs(&var.grad(), expected);
-            assert!(diff / scale <= 1e-4, "{case}, {name}: gradient differs by {diff} (scale {scale})");
+            assert!(
+                diff / scale <= 1e-4,
+                "{case}, {name}: gradient differs by {diff} (scale {scale})"
+            );
             names.push(name.to_owned());
         }
         // The optimizer holds exactly open_clip's parameters: no BatchNorm buffer.
-        let params: Vec<String> = golden.keys().filter_map(|k| k.strip_prefix("grad.").map(str::to_owned)).collect();
+        let params: Vec<String> =
+            golden.keys().filter_map(|k| k.strip_prefix("grad.").map(str::to_owned)).collect();
         names.sort();
         assert_eq!(names, params, "{case}");
         check_buffers(&vs, &golden, case);
@@ -154,29 +199,49 @@ fn eval_mode_uses_and_keeps_the_running_statistics() {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Clip::new(&vs.root(), &cfg).expect("builds");
     model::load_weights(&vs, &fixtures().join("tiny_model.safetensors")).expect("loads");
-    let before: BTreeMap<String, Tensor> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+    let before: BTreeMap<String, Tensor> =
+        vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
     let images = io["images"].narrow(0, 0, 2);
     let eval_a = tch::no_grad(|| model.encode_image(&images));
     let eval_b = tch::no_grad(|| model.encode_image(&images.narrow(0, 0, 1)));
-    assert!(max_abs(&eval_a.narrow(0, 0, 1), &eval_b) < 1e-5, "eval mode: a sample's features do not depend on the batch");
+    assert!(
+        max_abs(&eval_a.narrow(0, 0, 1), &eval_b) < 1e-5,
+        "eval mode: a sample's features do not depend on the batch"
+    );
     for (name, var) in vs.variables() {
         assert!(var.equal(&before[&name]), "{name} changed in eval mode");
     }
     model.set_training(true);
     let train = tch::no_grad(|| model.encode_image(&images));
-    assert!(max_abs(&train, &eval_a) > 1e-3, "training mode normalises with the batch's statistics");
-    assert_eq!(vs.variables()["visual.layer4.0.downsample.1.num_batches_tracked"].int64_value(&[]), 4);
+    assert!(
+        max_abs(&train, &eval_a) > 1e-3,
+        "training mode normalises with the batch's statistics"
+    );
+    assert_eq!(
+        vs.variables()["visual.layer4.0.downsample.1.num_batches_tracked"].int64_value(&[]),
+        4
+    );
     let _ = model.repeating(|| tch::no_grad(|| model.encode_image(&images)));
-    assert_eq!(vs.variables()["visual.layer4.0.downsample.1.num_batches_tracked"].int64_value(&[]), 4, "a repeat is not counted");
+    assert_eq!(
+        vs.variables()["visual.layer4.0.downsample.1.num_batches_tracked"].int64_value(&[]),
+        4,
+        "a repeat is not counted"
+    );
 
     // train.lock_image_freeze_bn_stats: training mode normalises as eval mode and counts nothing.
     model.freeze_batch_norm();
-    let counted: BTreeMap<String, Tensor> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+    let counted: BTreeMap<String, Tensor> =
+        vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
     let frozen = tch::no_grad(|| model.encode_image(&images));
-    assert!(max_abs(&frozen, &tch::no_grad(|| {
-        model.set_training(false);
-        model.encode_image(&images)
-    })) < 1e-6);
+    assert!(
+        max_abs(
+            &frozen,
+            &tch::no_grad(|| {
+                model.set_training(false);
+                model.encode_image(&images)
+            })
+        ) < 1e-6
+    );
     for (name, var) in vs.variables() {
         assert!(var.equal(&counted[&name]), "{name} changed with frozen BatchNorm");
     }
@@ -190,15 +255,27 @@ fn resnet_tower_locks_whole() {
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = Clip::new(&vs.root(), &cfg).expect("builds");
     let err = lock(&vs, &cfg, Tower::Image, 1).expect_err("partial locking").to_string();
-    assert!(err.contains("train.lock_image_unlocked_groups") && err.contains("ModifiedResNet"), "{err}");
-    let is_visual_param = |n: &str, v: &Tensor| n.starts_with("visual.") && v.is_floating_point() && !n.contains(".running_");
+    assert!(
+        err.contains("train.lock_image_unlocked_groups") && err.contains("ModifiedResNet"),
+        "{err}"
+    );
+    let is_visual_param = |n: &str, v: &Tensor| {
+        n.starts_with("visual.") && v.is_floating_point() && !n.contains(".running_")
+    };
     let vars = vs.variables();
-    assert!(vars.iter().filter(|(n, v)| is_visual_param(n, v)).all(|(_, v)| v.requires_grad()), "a refused lock freezes nothing");
+    assert!(
+        vars.iter().filter(|(n, v)| is_visual_param(n, v)).all(|(_, v)| v.requires_grad()),
+        "a refused lock freezes nothing"
+    );
     let frozen = lock(&vs, &cfg, Tower::Image, 0).expect("locks");
     let visual_params = vars.iter().filter(|(n, v)| is_visual_param(n, v)).count();
     assert_eq!(frozen, visual_params);
     for (name, var) in &vars {
-        assert_eq!(var.requires_grad(), !name.starts_with("visual.") && var.is_floating_point(), "{name}");
+        assert_eq!(
+            var.requires_grad(),
+            !name.starts_with("visual.") && var.is_floating_point(),
+            "{name}"
+        );
     }
 }
 
@@ -210,9 +287,17 @@ fn resnet_exports_to_open_clip_only() {
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = Clip::new(&vs.root(), &cfg).expect("builds");
     model::load_weights(&vs, &fixtures().join("tiny_model.safetensors")).expect("loads");
-    let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+    let weights: BTreeMap<String, Tensor> =
+        vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
     let dir = tempfile::tempdir().expect("tempdir");
-    let files = export(weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect(), &cfg, None, Format::OpenClip, dir.path()).expect("exports");
+    let files = export(
+        weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect(),
+        &cfg,
+        None,
+        Format::OpenClip,
+        dir.path(),
+    )
+    .expect("exports");
     let saved = Tensor::read_safetensors(&files[0]).expect("reads");
     let counter = saved.iter().find(|(n, _)| n == "visual.bn1.num_batches_tracked").expect("saved");
     assert_eq!(counter.1.kind(), Kind::Int64);
@@ -225,11 +310,17 @@ fn resnet_exports_to_open_clip_only() {
         let _ = Clip::new(&other.root(), &cfg).expect("builds");
         model::load_weights(&other, file).expect("loads back");
         for (name, t) in other.variables() {
-            assert!(t.kind() == weights[&name].kind() && t.equal(&weights[&name]), "{}: {name}", file.display());
+            assert!(
+                t.kind() == weights[&name].kind() && t.equal(&weights[&name]),
+                "{}: {name}",
+                file.display()
+            );
         }
     }
     let hf = dir.path().join("hf");
-    let err = export(weights, &cfg, None, Format::HuggingFace, &hf).expect_err("no HF ResNet").to_string();
+    let err = export(weights, &cfg, None, Format::HuggingFace, &hf)
+        .expect_err("no HF ResNet")
+        .to_string();
     assert!(err.contains("ModifiedResNet") && err.contains("--format open_clip"), "{err}");
     assert!(!hf.exists(), "nothing written");
 }

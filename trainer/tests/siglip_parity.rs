@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use oxclip_trainer::model::lock::{lock, Tower};
 use oxclip_trainer::model::config::Activation;
+use oxclip_trainer::model::lock::{lock, Tower};
 use oxclip_trainer::model::params::deterministic;
 use oxclip_trainer::model::timm_vit::{architecture, NORM_EPS};
 use oxclip_trainer::model::{Clip, ModelConfig};
@@ -19,12 +19,18 @@ fn fixtures() -> PathBuf {
 
 fn json(name: &str) -> serde_json::Value {
     let path = fixtures().join(name);
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).expect("json")
+    serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .expect("json")
 }
 
 fn read(name: &str) -> BTreeMap<String, Tensor> {
     let path = fixtures().join(name);
-    Tensor::read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+    Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
@@ -41,7 +47,12 @@ fn recipe(name: &str) -> Recipe {
         .iter()
         .map(|r| {
             assert_eq!(r[4], "float32", "{r}");
-            (r[0].as_str().expect("name").to_owned(), serde_json::from_value(r[1].clone()).expect("shape"), r[2].as_f64().expect("mean"), r[3].as_f64().expect("std"))
+            (
+                r[0].as_str().expect("name").to_owned(),
+                serde_json::from_value(r[1].clone()).expect("shape"),
+                r[2].as_f64().expect("mean"),
+                r[3].as_f64().expect("std"),
+            )
         })
         .collect()
 }
@@ -49,8 +60,13 @@ fn recipe(name: &str) -> Recipe {
 /// The model of `cfg` holding the recipe's deterministic weights (index = position in the
 /// sorted recipe), after checking that `Clip::shapes` lists exactly the recipe's tensors.
 fn build(cfg: &ModelConfig, rows: &Recipe) -> (nn::VarStore, Clip) {
-    let expected: Vec<(String, Vec<i64>)> = rows.iter().map(|(n, s, _, _)| (n.clone(), s.clone())).collect();
-    assert_eq!(Clip::shapes(cfg).expect("shapes"), expected, "open_clip's state_dict names and shapes");
+    let expected: Vec<(String, Vec<i64>)> =
+        rows.iter().map(|(n, s, _, _)| (n.clone(), s.clone())).collect();
+    assert_eq!(
+        Clip::shapes(cfg).expect("shapes"),
+        expected,
+        "open_clip's state_dict names and shapes"
+    );
     let vs = nn::VarStore::new(Device::Cpu);
     let clip = Clip::new(&vs.root(), cfg).expect("builds");
     let vars = vs.variables();
@@ -74,10 +90,15 @@ fn timm_trunks_have_open_clips_names_and_shapes() {
     let golden = golden.as_object().expect("configs");
     assert_eq!(golden.len(), 16);
     for (name, entry) in golden {
-        let cfg: ModelConfig = serde_json::from_value(entry["config"].clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let expected: Vec<(String, Vec<i64>)> = serde_json::from_value(entry["visual"].clone()).expect("visual shapes");
-        let ours: Vec<(String, Vec<i64>)> =
-            Clip::shapes(&cfg).unwrap_or_else(|e| panic!("{name}: {e}")).into_iter().filter(|(n, _)| n.starts_with("visual.")).collect();
+        let cfg: ModelConfig = serde_json::from_value(entry["config"].clone())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let expected: Vec<(String, Vec<i64>)> =
+            serde_json::from_value(entry["visual"].clone()).expect("visual shapes");
+        let ours: Vec<(String, Vec<i64>)> = Clip::shapes(&cfg)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("visual."))
+            .collect();
         assert_eq!(ours, expected, "{name} ({})", entry["timm_model_name"]);
         // What the shapes cannot show: the activation and the norms' eps.
         let trunk = entry["timm_model_name"].as_str().expect("timm name");
@@ -93,7 +114,10 @@ fn timm_trunks_have_open_clips_names_and_shapes() {
             "mlp_hidden": a.mlp_hidden, "act": [act], "eps": [NORM_EPS], "pool_heads": a.heads, "latent": [1, 1, a.width],
         });
         assert_eq!(&ours, arch, "{trunk}");
-        assert_eq!(cfg.vision_cfg.image_size, a.img_size, "{name}: open_clip's config and timm's default size agree");
+        assert_eq!(
+            cfg.vision_cfg.image_size, a.img_size,
+            "{name}: open_clip's config and timm's default size agree"
+        );
     }
 }
 
@@ -116,8 +140,12 @@ fn vit_b_16_siglip_matches_open_clip_features_and_locking() {
             let _ = var.set_requires_grad(true);
         }
         lock(&vs, &cfg, Tower::Image, unlocked.parse().expect("count")).expect("locks");
-        let mut ours: Vec<String> =
-            vs.variables().into_iter().filter(|(n, v)| n.starts_with("visual.") && v.requires_grad()).map(|(n, _)| n).collect();
+        let mut ours: Vec<String> = vs
+            .variables()
+            .into_iter()
+            .filter(|(n, v)| n.starts_with("visual.") && v.requires_grad())
+            .map(|(n, _)| n)
+            .collect();
         ours.sort();
         let expected: Vec<String> = serde_json::from_value(names.clone()).expect("names");
         assert_eq!(ours, expected, "unlocked groups {unlocked}");
@@ -145,13 +173,37 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
     let (vs, clip) = build(&cfg, &rows);
     clip.set_training(true);
     let io = read("step_io.safetensors");
-    let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 });
-    let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, Default::default()).expect("buckets");
-    let step = StepConfig { autocast_bf16: false, grad_clip_norm: None, loss: loss.spec(false), micro_batch: None };
+    let mut optimizer = AdamW::new(
+        vs.variables().into_iter().collect(),
+        AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 },
+    );
+    let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, Default::default())
+        .expect("buckets");
+    let step = StepConfig {
+        autocast_bf16: false,
+        grad_clip_norm: None,
+        loss: loss.spec(false),
+        micro_batch: None,
+    };
     // lr 0: the step computes the gradients and leaves the weights alone.
-    let out = train_step(&clip, &mut optimizer, &SingleProcess, &grad_sync, &io["images"], &io["text"], 0.0, step).expect("step");
+    let out = train_step(
+        &clip,
+        &mut optimizer,
+        &SingleProcess,
+        &grad_sync,
+        &io["images"],
+        &io["text"],
+        0.0,
+        step,
+    )
+    .expect("step");
     let dl = max_abs(&out.loss, &io["loss"]);
-    assert!(dl <= 1e-4 * io["loss"].abs().double_value(&[]).max(1e-3), "loss {} vs {}", out.loss.double_value(&[]), io["loss"].double_value(&[]));
+    assert!(
+        dl <= 1e-4 * io["loss"].abs().double_value(&[]).max(1e-3),
+        "loss {} vs {}",
+        out.loss.double_value(&[]),
+        io["loss"].double_value(&[])
+    );
     let vars = vs.variables();
     let mut worst = (0.0f64, String::new());
     for (i, (name, shape, _, _)) in rows.iter().enumerate() {
@@ -162,8 +214,12 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
         let scale = norm.max(1e-8);
         let ours = [
             grad.norm().double_value(&[]),
-            (&grad * deterministic(shape, 100_000 + i, 0.0, 1.0, Kind::Double)).sum(Kind::Double).double_value(&[]),
-            (&grad * deterministic(shape, 200_000 + i, 0.0, 1.0, Kind::Double)).sum(Kind::Double).double_value(&[]),
+            (&grad * deterministic(shape, 100_000 + i, 0.0, 1.0, Kind::Double))
+                .sum(Kind::Double)
+                .double_value(&[]),
+            (&grad * deterministic(shape, 200_000 + i, 0.0, 1.0, Kind::Double))
+                .sum(Kind::Double)
+                .double_value(&[]),
         ];
         for (key, value) in ["norm", "dot1", "dot2"].iter().zip(ours) {
             let expected = io[&format!("{key}.{name}")].double_value(&[]);
@@ -171,10 +227,16 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
             if rel > worst.0 {
                 worst = (rel, format!("{key}.{name}"));
             }
-            assert!(rel <= 1e-4, "{name}: {key} {value} vs open_clip {expected} (gradient norm {norm})");
+            assert!(
+                rel <= 1e-4,
+                "{name}: {key} {value} vs open_clip {expected} (gradient norm {norm})"
+            );
         }
     }
-    println!("SigLIP step: loss diff {dl:e}; worst gradient relative error {:e} ({})", worst.0, worst.1);
+    println!(
+        "SigLIP step: loss diff {dl:e}; worst gradient relative error {:e} ({})",
+        worst.0, worst.1
+    );
     assert_eq!(rows.len(), vars.len(), "every parameter compared, logit_bias included");
 }
 
@@ -183,5 +245,8 @@ fn unknown_timm_names_list_the_supported_ones() {
     let mut cfg = config("ViT-B-16-SigLIP.json");
     cfg.vision_cfg.timm_model_name = Some("convnext_base".into());
     let err = Clip::shapes(&cfg).expect_err("refused").to_string();
-    assert!(err.contains("convnext_base") && err.contains("vit_so400m_patch14_siglip_384"), "{err}");
+    assert!(
+        err.contains("convnext_base") && err.contains("vit_so400m_patch14_siglip_384"),
+        "{err}"
+    );
 }

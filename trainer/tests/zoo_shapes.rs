@@ -17,9 +17,11 @@ struct Golden {
 
 /// The fixture, its folded names (`resblocks.[0-11].ln_1.weight`) expanded.
 fn golden() -> BTreeMap<String, Golden> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/open_clip_zoo_shapes.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/open_clip_zoo_shapes.json");
     let json: BTreeMap<String, serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("fixture is JSON");
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture"))
+            .expect("fixture is JSON");
     json.into_iter()
         .map(|(model, entry)| {
             let mut tensors = Shapes::new();
@@ -27,10 +29,16 @@ fn golden() -> BTreeMap<String, Golden> {
                 let name = t[0].as_str().expect("name");
                 let shape: Vec<i64> = serde_json::from_value(t[1].clone()).expect("shape");
                 for name in unfold(name) {
-                    assert!(tensors.insert(name.clone(), shape.clone()).is_none(), "{model}: {name} twice");
+                    assert!(
+                        tensors.insert(name.clone(), shape.clone()).is_none(),
+                        "{model}: {name} twice"
+                    );
                 }
             }
-            (model, Golden { num_params: entry["num_params"].as_i64().expect("num_params"), tensors })
+            (
+                model,
+                Golden { num_params: entry["num_params"].as_i64().expect("num_params"), tensors },
+            )
         })
         .collect()
 }
@@ -54,7 +62,9 @@ fn difference(ours: &Shapes, theirs: &Shapes) -> Option<String> {
     }
     diffs.extend(ours.keys().filter(|n| !theirs.contains_key(*n)).map(|n| format!("extra {n}")));
     let n = diffs.len();
-    (n > 0).then(|| format!("{n} differences: {}", diffs.into_iter().take(4).collect::<Vec<_>>().join("; ")))
+    (n > 0).then(|| {
+        format!("{n} differences: {}", diffs.into_iter().take(4).collect::<Vec<_>>().join("; "))
+    })
 }
 
 #[test]
@@ -68,7 +78,11 @@ fn unfolding_expands_the_range() {
 fn every_open_clip_model_has_open_clips_state_dict() {
     let golden = golden();
     let names: Vec<&str> = zoo::open_clip_names().collect();
-    assert_eq!(golden.keys().map(String::as_str).collect::<Vec<_>>(), names, "the fixture lists the built-in open_clip names");
+    assert_eq!(
+        golden.keys().map(String::as_str).collect::<Vec<_>>(),
+        names,
+        "the fixture lists the built-in open_clip names"
+    );
     assert_eq!(names.len(), 81);
     let mut failures = Vec::new();
     for name in names {
@@ -87,9 +101,16 @@ fn every_open_clip_model_has_open_clips_state_dict() {
         }
         match zoo::parameter_count(&cfg) {
             Ok(n) if n == expected.num_params => {}
-            Ok(n) => failures.push(format!("{name}: {n} parameters, open_clip {}", expected.num_params)),
+            Ok(n) => {
+                failures.push(format!("{name}: {n} parameters, open_clip {}", expected.num_params))
+            }
             Err(e) => failures.push(format!("{name}: {e}")),
         }
     }
-    assert!(failures.is_empty(), "{} of 81 models differ from open_clip:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of 81 models differ from open_clip:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

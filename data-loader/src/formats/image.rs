@@ -40,9 +40,7 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, SkipReaso
     // not the allocator guard, is what decides.
     limits.max_alloc = Some(max_pixels.saturating_mul(8).max(512 << 20));
     reader.limits(limits);
-    let decoder = reader
-        .into_decoder()
-        .map_err(|_| SkipReason::UndecodableImage)?;
+    let decoder = reader.into_decoder().map_err(|_| SkipReason::UndecodableImage)?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
         return Err(SkipReason::UndecodableImage);
@@ -75,9 +73,7 @@ pub(crate) mod test_images {
 
     pub fn png(w: u32, h: u32) -> Vec<u8> {
         let mut buf = std::io::Cursor::new(Vec::new());
-        gradient(w, h)
-            .write_to(&mut buf, image::ImageFormat::Png)
-            .unwrap();
+        gradient(w, h).write_to(&mut buf, image::ImageFormat::Png).unwrap();
         buf.into_inner()
     }
 
@@ -121,9 +117,6 @@ mod tests {
         image::DynamicImage::ImageRgba8(rgba)
             .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
             .unwrap();
-        assert_eq!(
-            decode_image(&png, 100).unwrap().get_pixel(1, 1),
-            &image::Rgb([10, 20, 30])
-        );
+        assert_eq!(decode_image(&png, 100).unwrap().get_pixel(1, 1), &image::Rgb([10, 20, 30]));
     }
 }

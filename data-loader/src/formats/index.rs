@@ -31,11 +31,8 @@ impl ShardIndex {
     /// Reads `dir/index.json`.
     pub fn read(dir: &Path) -> Result<Self, DataError> {
         let path = dir.join("index.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| DataError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| DataError::Read { path: path.clone(), source })?;
         serde_json::from_str(&text).map_err(|source| DataError::Json { path, source })
     }
 }
-

@@ -38,7 +38,10 @@ impl RawSample {
     /// a missing or blank caption, or an image that does not decode within `max_pixels`.
     /// A sample with a class index but no caption (clip_benchmark's classification shards)
     /// has the index's text for caption, as a CSV with a label column but no captions does.
-    pub fn decode(&self, max_pixels: u64) -> Result<(image::RgbImage, std::borrow::Cow<'_, str>), SkipReason> {
+    pub fn decode(
+        &self,
+        max_pixels: u64,
+    ) -> Result<(image::RgbImage, std::borrow::Cow<'_, str>), SkipReason> {
         let caption = match (self.caption.as_deref(), self.label) {
             (Some(caption), _) => std::borrow::Cow::Borrowed(caption),
             (None, Some(label)) => std::borrow::Cow::Owned(label.to_string()),
@@ -105,12 +108,7 @@ pub fn for_each_sample_in(
     mut f: impl FnMut(Result<RawSample, SampleError>) -> ControlFlow<()>,
 ) {
     let path = name;
-    let error = |reason, key, message| SampleError {
-        reason,
-        shard: path.to_owned(),
-        key,
-        message,
-    };
+    let error = |reason, key, message| SampleError { reason, shard: path.to_owned(), key, message };
     let mut archive = tar::Archive::new(reader);
     let entries = match archive.entries() {
         Ok(entries) => entries,
@@ -133,7 +131,8 @@ pub fn for_each_sample_in(
             }
             Err((None, _)) if !read_any => {
                 // The tar crate's own text quotes the header's bytes: binary noise in a log.
-                let message = "not a tar archive: its first member header cannot be read".to_owned();
+                let message =
+                    "not a tar archive: its first member header cannot be read".to_owned();
                 let _ = f(Err(error(SkipReason::UnreadableShard, None, message)));
                 return;
             }
@@ -216,11 +215,7 @@ fn assemble(shard: &Path, key: String, members: Members) -> Result<RawSample, Sa
     };
     for (i, (ext, _)) in members.iter().enumerate() {
         if members[..i].iter().any(|(e, _)| e == ext) {
-            return Err(error(
-                SkipReason::DuplicateMember,
-                key,
-                format!("two `{ext}` members"),
-            ));
+            return Err(error(SkipReason::DuplicateMember, key, format!("two `{ext}` members")));
         }
     }
     let mut image: Option<(usize, String, Vec<u8>)> = None;
@@ -238,9 +233,7 @@ fn assemble(shard: &Path, key: String, members: Members) -> Result<RawSample, Sa
                 Err(e) => return Err(error(SkipReason::NonUtf8Caption, key, e.to_string())),
             }
         } else if ext == "cls" {
-            let parsed = std::str::from_utf8(&data)
-                .ok()
-                .and_then(|s| s.trim().parse::<i64>().ok());
+            let parsed = std::str::from_utf8(&data).ok().and_then(|s| s.trim().parse::<i64>().ok());
             match parsed {
                 Some(v) => label = Some(v),
                 None => {
@@ -262,14 +255,7 @@ fn assemble(shard: &Path, key: String, members: Members) -> Result<RawSample, Sa
     let Some((_, image_ext, image)) = image else {
         return Err(error(SkipReason::MissingImage, key, String::new()));
     };
-    Ok(RawSample {
-        key,
-        image,
-        image_ext,
-        caption,
-        label,
-        source,
-    })
+    Ok(RawSample { key, image, image_ext, caption, label, source })
 }
 
 /// webdataset's `base_plus_ext`: `dir/abc.seg.png` -> (`dir/abc`, `seg.png`). `None` for
@@ -299,18 +285,11 @@ impl ShardWriter {
         let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
         tmp_name.push(".tmp");
         let tmp_path = path.with_file_name(tmp_name);
-        let file = File::create(&tmp_path).map_err(|source| DataError::Write {
-            path: tmp_path.clone(),
-            source,
-        })?;
+        let file = File::create(&tmp_path)
+            .map_err(|source| DataError::Write { path: tmp_path.clone(), source })?;
         let mut builder = tar::Builder::new(BufWriter::new(file));
         builder.mode(tar::HeaderMode::Deterministic);
-        Ok(Self {
-            path: path.to_owned(),
-            tmp_path,
-            builder: Some(builder),
-            samples: 0,
-        })
+        Ok(Self { path: path.to_owned(), tmp_path, builder: Some(builder), samples: 0 })
     }
 
     /// Appends one sample: a `KEY.EXT` member per `(ext, bytes)`.
@@ -329,10 +308,7 @@ impl ShardWriter {
             header.set_entry_type(tar::EntryType::Regular);
             builder
                 .append_data(&mut header, format!("{key}.{ext}"), *data)
-                .map_err(|source| DataError::Write {
-                    path: self.tmp_path.clone(),
-                    source,
-                })?;
+                .map_err(|source| DataError::Write { path: self.tmp_path.clone(), source })?;
         }
         self.samples += 1;
         Ok(())
@@ -377,7 +353,11 @@ impl Drop for ShardWriter {
 /// are not in `keep`, so a directory spec sees only this run's shards. Nothing else in `dir`
 /// is touched: a file no index of ours lists was not written by us. Names that are not plain
 /// `.tar` file names are ignored.
-pub(crate) fn remove_stale_shards(dir: &Path, listed: &[String], keep: &[String]) -> Result<(), DataError> {
+pub(crate) fn remove_stale_shards(
+    dir: &Path,
+    listed: &[String],
+    keep: &[String],
+) -> Result<(), DataError> {
     for name in listed {
         if keep.contains(name) || !is_plain_shard_name(name) {
             continue;
@@ -410,14 +390,8 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
         file.write_all(bytes)?;
         file.sync_all()
     };
-    write().map_err(|source| DataError::Write {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| DataError::Write {
-        path: path.to_owned(),
-        source,
-    })
+    write().map_err(|source| DataError::Write { path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, path).map_err(|source| DataError::Write { path: path.to_owned(), source })
 }
 
 #[cfg(test)]
@@ -438,14 +412,8 @@ mod tests {
 
     #[test]
     fn keys_split_at_the_first_dot_of_the_file_name() {
-        assert_eq!(
-            split_key("000123.jpg"),
-            Some(("000123".into(), "jpg".into()))
-        );
-        assert_eq!(
-            split_key("a.b/000123.Seg.PNG"),
-            Some(("a.b/000123".into(), "seg.png".into()))
-        );
+        assert_eq!(split_key("000123.jpg"), Some(("000123".into(), "jpg".into())));
+        assert_eq!(split_key("a.b/000123.Seg.PNG"), Some(("a.b/000123".into(), "seg.png".into())));
         assert_eq!(split_key("noext"), None);
         assert_eq!(split_key("dir/.hidden"), None);
     }
@@ -481,19 +449,10 @@ mod tests {
         assert_eq!(a.caption.as_deref(), Some("caption a"));
         let b = items[1].as_ref().unwrap();
         assert_eq!((b.caption.as_deref(), b.label), (None, Some(7)));
-        assert_eq!(
-            items[2].as_ref().unwrap_err().reason,
-            SkipReason::MissingImage
-        );
-        assert_eq!(
-            items[3].as_ref().unwrap_err().reason,
-            SkipReason::NonUtf8Caption
-        );
+        assert_eq!(items[2].as_ref().unwrap_err().reason, SkipReason::MissingImage);
+        assert_eq!(items[3].as_ref().unwrap_err().reason, SkipReason::NonUtf8Caption);
         let e = items[4].as_ref().unwrap_err();
-        assert_eq!(
-            (e.reason, e.key.as_deref()),
-            (SkipReason::BadLabel, Some("e"))
-        );
+        assert_eq!((e.reason, e.key.as_deref()), (SkipReason::BadLabel, Some("e")));
         assert_eq!(items[5].as_ref().unwrap().key, "f");
     }
 
@@ -502,15 +461,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.tar");
         let big = vec![7u8; 5000];
-        write_members(
-            &path,
-            &[
-                ("a.jpg", &big),
-                ("a.txt", b"x"),
-                ("b.jpg", &big),
-                ("b.txt", b"y"),
-            ],
-        );
+        write_members(&path, &[("a.jpg", &big), ("a.txt", b"x"), ("b.jpg", &big), ("b.txt", b"y")]);
         let bytes = std::fs::read(&path).unwrap();
         // a.jpg takes blocks 0..11, a.txt 11..13, b.jpg's header is block 13.
         let cases: [(usize, Option<&str>); 4] = [
@@ -522,11 +473,8 @@ mod tests {
         for (cut, lost) in cases {
             std::fs::write(&path, &bytes[..cut]).unwrap();
             let items: Vec<_> = read_shard(&path).collect();
-            let whole: Vec<_> = items
-                .iter()
-                .filter_map(|i| i.as_ref().ok())
-                .map(|s| s.key.as_str())
-                .collect();
+            let whole: Vec<_> =
+                items.iter().filter_map(|i| i.as_ref().ok()).map(|s| s.key.as_str()).collect();
             let errors: Vec<_> = items.iter().filter_map(|i| i.as_ref().err()).collect();
             if cut == 512 * 13 {
                 assert_eq!((whole, errors.len()), (vec!["a"], 0), "cut {cut}");
@@ -536,27 +484,16 @@ mod tests {
             assert_eq!(errors[0].reason, SkipReason::TruncatedShard);
             assert_eq!(errors[0].key.as_deref(), lost, "cut {cut}");
             assert!(errors[0].to_string().contains("t.tar"), "{}", errors[0]);
-            assert_eq!(
-                whole,
-                if lost == Some("a") { vec![] } else { vec!["a"] },
-                "cut {cut}"
-            );
+            assert_eq!(whole, if lost == Some("a") { vec![] } else { vec!["a"] }, "cut {cut}");
         }
         // Garbage and a missing file.
-        std::fs::write(
-            &path,
-            b"this is not a tar file at all, but it is long enough? no",
-        )
-        .unwrap();
+        std::fs::write(&path, b"this is not a tar file at all, but it is long enough? no").unwrap();
         let items: Vec<_> = read_shard(&path).collect();
         assert_eq!(items.len(), 1);
         assert_eq!(items[0].as_ref().unwrap_err().reason, SkipReason::UnreadableShard);
         let missing: Vec<_> = read_shard(&dir.path().join("missing.tar")).collect();
         assert_eq!(missing.len(), 1);
-        assert_eq!(
-            missing[0].as_ref().unwrap_err().reason,
-            SkipReason::UnreadableShard
-        );
+        assert_eq!(missing[0].as_ref().unwrap_err().reason, SkipReason::UnreadableShard);
     }
 
     #[test]
@@ -564,13 +501,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("00000.tar");
         let mut w = ShardWriter::create(&path).unwrap();
-        w.write_sample("000000000", &[("jpg", b"J0"), ("txt", b"zero")])
-            .unwrap();
-        w.write_sample(
-            "000000001",
-            &[("jpg", b"J1"), ("txt", b"one"), ("cls", b"3")],
-        )
-        .unwrap();
+        w.write_sample("000000000", &[("jpg", b"J0"), ("txt", b"zero")]).unwrap();
+        w.write_sample("000000001", &[("jpg", b"J1"), ("txt", b"one"), ("cls", b"3")]).unwrap();
         assert!(!path.exists());
         assert_eq!(w.finish().unwrap(), 2);
         let samples: Vec<_> = read_shard(&path).map(|s| s.unwrap()).collect();

@@ -74,20 +74,15 @@ pub(crate) fn spawn(spec: IndexedSpec) -> Result<IndexedPipeline, DataError> {
     let stop = Arc::new(AtomicBool::new(false));
     let workers = spec.workers.max(1);
     let mut pipeline = Pipeline::new(Arc::clone(&stop));
-    let (job_txs, job_rxs): (Vec<_>, Vec<_>) = (0..workers)
-        .map(|_| bounded::<Job>(JOBS_PER_WORKER))
-        .unzip();
-    let (chunk_txs, chunk_rxs): (Vec<_>, Vec<_>) = (0..workers)
-        .map(|_| bounded::<Result<Chunk, DataError>>(CHUNKS_PER_WORKER))
-        .unzip();
+    let (job_txs, job_rxs): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| bounded::<Job>(JOBS_PER_WORKER)).unzip();
+    let (chunk_txs, chunk_rxs): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| bounded::<Result<Chunk, DataError>>(CHUNKS_PER_WORKER)).unzip();
     let (batch_tx, batch_rx) = bounded::<Result<Batch, DataError>>(PREFETCH_BATCHES);
     pipeline.set_output(batch_rx);
 
-    let (plan, start, planner_stop) = (
-        Arc::clone(&spec.plan),
-        spec.start.clone(),
-        Arc::clone(&stop),
-    );
+    let (plan, start, planner_stop) =
+        (Arc::clone(&spec.plan), spec.start.clone(), Arc::clone(&stop));
     pipeline.start_thread("oxclip-loader-plan".into(), move || {
         plan_jobs(&plan, start, &job_txs, &planner_stop)
     })?;
@@ -113,15 +108,7 @@ pub(crate) fn spawn(spec: IndexedSpec) -> Result<IndexedPipeline, DataError> {
     let image_len = spec.transform.output_len();
     let buffers = spec.batch_buffers.clone();
     pipeline.start_thread("oxclip-loader-batch".into(), move || {
-        assemble_batches(
-            &chunk_rxs,
-            &batch_tx,
-            &batcher_stop,
-            &buffers,
-            batch_size,
-            image_len,
-            ctx,
-        )
+        assemble_batches(&chunk_rxs, &batch_tx, &batcher_stop, &buffers, batch_size, image_len, ctx)
     })?;
     Ok(pipeline)
 }
@@ -245,10 +232,8 @@ impl Worker {
                 continue;
             };
             let out = &mut chunk.images[filled * image_len..(filled + 1) * image_len];
-            self.transform
-                .apply(&sample.image, self.plan.sample_seed(epoch, index), out);
-            self.tokenizer
-                .encode_into(&sample.caption, self.context_length, &mut chunk.tokens);
+            self.transform.apply(&sample.image, self.plan.sample_seed(epoch, index), out);
+            self.tokenizer.encode_into(&sample.caption, self.context_length, &mut chunk.tokens);
             chunk.labels.push(sample.label.unwrap_or(-1));
             chunk.indices.push(index as u64);
             chunk.keys.push(sample.key);

@@ -88,11 +88,7 @@ pub(crate) struct Pipeline<T> {
 impl<T> Pipeline<T> {
     /// No threads yet; `stop` is the flag every stage watches.
     pub fn new(stop: Arc<AtomicBool>) -> Self {
-        Pipeline {
-            batches: None,
-            stop,
-            threads: Vec::new(),
-        }
+        Pipeline { batches: None, stop, threads: Vec::new() }
     }
 
     /// The channel the last stage sends into.
@@ -112,9 +108,7 @@ impl<T> Pipeline<T> {
             }
             Err(e) => {
                 // Stop what already runs; `self` is dropped by the caller's `?`.
-                Err(DataError::Pipeline(format!(
-                    "cannot start thread {name}: {e}"
-                )))
+                Err(DataError::Pipeline(format!("cannot start thread {name}: {e}")))
             }
         }
     }
@@ -200,4 +194,3 @@ pub(crate) fn recv_or_stop<T>(rx: &Receiver<T>, stop: &AtomicBool) -> Option<T> 
         }
     }
 }
-

@@ -121,32 +121,17 @@ struct WorkerStart {
 impl WorkerStart {
     fn new(plan: &StreamPlan, cursor: &StreamCursor, worker: usize) -> Self {
         if cursor.done[worker] {
-            return Self {
-                epoch: cursor.epoch + 1,
-                draw: 0,
-                resumed: None,
-                first_read: 0,
-            };
+            return Self { epoch: cursor.epoch + 1, draw: 0, resumed: None, first_read: 0 };
         }
         let (epoch, draw) = (cursor.epoch, cursor.draws[worker]);
         if draw == 0 {
-            return Self {
-                epoch,
-                draw,
-                resumed: None,
-                first_read: 0,
-            };
+            return Self { epoch, draw, resumed: None, first_read: 0 };
         }
         let mut buffer = plan.shuffle_buffer(epoch, worker, plan.reads(epoch, worker));
         buffer.skip(draw);
         let held: HashSet<u64> = buffer.held().iter().copied().collect();
         let first_read = held.iter().copied().fold(buffer.next_read(), u64::min);
-        Self {
-            epoch,
-            draw,
-            resumed: Some((buffer, held)),
-            first_read,
-        }
+        Self { epoch, draw, resumed: Some((buffer, held)), first_read }
     }
 }
 
@@ -167,11 +152,7 @@ pub(crate) fn spawn(spec: StreamSpec) -> Result<StreamPipeline, DataError> {
         let (sample_tx, sample_rx) = bounded::<Result<WorkerMsg, DataError>>(SAMPLES_AHEAD);
         sample_rxs.push(sample_rx);
 
-        let reader = Reader {
-            plan: Arc::clone(&spec.plan),
-            worker: w,
-            stop: Arc::clone(&stop),
-        };
+        let reader = Reader { plan: Arc::clone(&spec.plan), worker: w, stop: Arc::clone(&stop) };
         let (epoch, first_read) = (start.epoch, start.first_read);
         pipeline.start_thread(format!("oxclip-loader-read-{w}"), move || {
             reader.run(epoch, first_read, &read_tx)
@@ -334,7 +315,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&self, start: WorkerStart, reads: &Receiver<ReadMsg>, out: &Sender<Result<WorkerMsg, DataError>>) {
+    fn run(
+        &self,
+        start: WorkerStart,
+        reads: &Receiver<ReadMsg>,
+        out: &Sender<Result<WorkerMsg, DataError>>,
+    ) {
         let mut epoch = start.epoch;
         let mut resumed = start.resumed;
         let mut draw = start.draw;
@@ -371,7 +357,8 @@ impl Worker {
                                 "reader {} ended epoch {e} before read {want} of worker epoch {epoch}",
                                 self.worker
                             );
-                            let _ = send_or_stop(out, Err(DataError::Pipeline(message)), &self.stop);
+                            let _ =
+                                send_or_stop(out, Err(DataError::Pipeline(message)), &self.stop);
                             return;
                         }
                         None => return, // stopping, or the reader died (reported at join)
@@ -400,7 +387,8 @@ impl Worker {
                         if consecutive >= MAX_CONSECUTIVE_SKIPS {
                             let e = DataError::TooManySkips {
                                 epoch,
-                                first_index: (self.plan.offsets[read.shard as usize] + read.ordinal) as usize,
+                                first_index: (self.plan.offsets[read.shard as usize] + read.ordinal)
+                                    as usize,
                                 attempts: consecutive,
                                 last_reason: error.reason.words(1),
                             };
@@ -427,11 +415,7 @@ impl Worker {
                     None => return,
                 }
             }
-            let end = WorkerMsg::EndOfEpoch {
-                epoch,
-                draws: draw,
-                skipped,
-            };
+            let end = WorkerMsg::EndOfEpoch { epoch, draws: draw, skipped };
             if !send_or_stop(out, Ok(end), &self.stop) || !self.plan.train {
                 return;
             }
@@ -451,8 +435,11 @@ impl Worker {
         };
         let (image, caption) = raw.decode(self.max_pixels).map_err(fail)?;
         let mut rows = self.buffers.filled(self.transform.output_len());
-        self.transform
-            .apply(&image, self.plan.sample_seed(epoch, read.shard, read.ordinal), &mut rows);
+        self.transform.apply(
+            &image,
+            self.plan.sample_seed(epoch, read.shard, read.ordinal),
+            &mut rows,
+        );
         let mut tokens = Vec::with_capacity(self.context_length);
         self.tokenizer.encode_into(&caption, self.context_length, &mut tokens);
         Ok(Decoded {
@@ -593,8 +580,8 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use crate::formats::webdataset::ShardWriter;
-    use crate::loader::Loader;
     use crate::loader::tests::test_tokenizer;
+    use crate::loader::Loader;
     use crate::plan::stream::ShardOptions;
     use crate::plan::{Batch, LoaderConfig, LoaderState};
     use crate::sources::shards::{ShardLocation, ShardSet, ShardSource};
@@ -617,7 +604,11 @@ mod tests {
                     let cls = scene.label.to_string();
                     w.write_sample(
                         &format!("s{s}-{i:03}"),
-                        &[("jpg", &jpeg), ("txt", scene.caption.as_bytes()), ("cls", cls.as_bytes())],
+                        &[
+                            ("jpg", &jpeg),
+                            ("txt", scene.caption.as_bytes()),
+                            ("cls", cls.as_bytes()),
+                        ],
                     )
                     .unwrap();
                 }
@@ -635,7 +626,13 @@ mod tests {
         ShardSet::resolve_with_cache(&[source], None).unwrap()
     }
 
-    fn cfg(batch_size: usize, rank: usize, world_size: usize, workers: usize, train: bool) -> LoaderConfig {
+    fn cfg(
+        batch_size: usize,
+        rank: usize,
+        world_size: usize,
+        workers: usize,
+        train: bool,
+    ) -> LoaderConfig {
         LoaderConfig {
             batch_size,
             rank,
@@ -650,10 +647,7 @@ mod tests {
     }
 
     fn buffer(n: usize) -> ShardOptions {
-        ShardOptions {
-            shuffle_buffer: n,
-            ..ShardOptions::default()
-        }
+        ShardOptions { shuffle_buffer: n, ..ShardOptions::default() }
     }
 
     fn loader(shards: &ShardSet, options: &ShardOptions, c: LoaderConfig) -> Loader {
@@ -813,8 +807,11 @@ mod tests {
     fn python_webdataset_shards_stream_with_exact_counts() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/webdataset_py");
         let expected: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-        let crate::sources::DataSpec::Shards(sources) = crate::sources::DataSpec::parse(dir.to_str().unwrap()).unwrap() else {
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        let crate::sources::DataSpec::Shards(sources) =
+            crate::sources::DataSpec::parse(dir.to_str().unwrap()).unwrap()
+        else {
             panic!("not shards")
         };
         let shards = ShardSet::resolve_with_cache(&sources, None).unwrap();
@@ -830,9 +827,17 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(seen.len() as u64, expected["samples"].as_u64().unwrap(), "{world}x{workers}");
+            assert_eq!(
+                seen.len() as u64,
+                expected["samples"].as_u64().unwrap(),
+                "{world}x{workers}"
+            );
             assert!(seen.values().all(|&n| n == 1), "{seen:?}");
-            assert_eq!(serde_json::to_value(&skipped).unwrap(), expected["skipped"], "{world}x{workers}");
+            assert_eq!(
+                serde_json::to_value(&skipped).unwrap(),
+                expected["skipped"],
+                "{world}x{workers}"
+            );
         }
     }
 
@@ -856,11 +861,7 @@ mod tests {
         };
         assert_eq!(keys(&from_pipe), keys(&from_files));
 
-        let resampled = ShardOptions {
-            resampled: true,
-            samples_per_epoch: Some(40),
-            ..buffer(3)
-        };
+        let resampled = ShardOptions { resampled: true, samples_per_epoch: Some(40), ..buffer(3) };
         let mut l = loader(&from_files, &resampled, cfg(4, 0, 1, 2, true));
         assert_eq!(l.samples_per_epoch(), 40);
         let batches = take(&mut l, 11);
@@ -887,15 +888,14 @@ mod tests {
             log.display(),
             dir.path().display()
         );
-        let crate::sources::DataSpec::Shards(sources) = crate::sources::DataSpec::parse(&spec).unwrap() else {
+        let crate::sources::DataSpec::Shards(sources) =
+            crate::sources::DataSpec::parse(&spec).unwrap()
+        else {
             panic!("{spec} is not shards")
         };
         assert_eq!(sources[0].shards.len(), 2);
         let runs = || std::fs::read_to_string(&log).map_or(0, |t| t.lines().count());
-        let options = |per_epoch| ShardOptions {
-            samples_per_epoch: Some(per_epoch),
-            ..buffer(1)
-        };
+        let options = |per_epoch| ShardOptions { samples_per_epoch: Some(per_epoch), ..buffer(1) };
 
         let set = ShardSet::resolve_counted(&sources, &options(12).count_hints(), None).unwrap();
         assert_eq!(runs(), 0, "a shard was read to count it");
@@ -928,25 +928,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_shards(dir.path(), &[6, 4]);
         let spec = format!("pipe:cat '{}/{{00000..00001}}.tar'", dir.path().display());
-        let crate::sources::DataSpec::Shards(sources) = crate::sources::DataSpec::parse(&spec).unwrap() else {
+        let crate::sources::DataSpec::Shards(sources) =
+            crate::sources::DataSpec::parse(&spec).unwrap()
+        else {
             panic!("{spec} is not shards")
         };
         let sizes = dir.path().join("my-sizes.json");
         std::fs::write(&sizes, r#"{"00000.tar": 6, "00001.tar": 4}"#).unwrap();
-        let options = ShardOptions {
-            shard_sizes: Some(sizes),
-            samples_per_epoch: Some(1000),
-            ..buffer(1)
-        };
+        let options =
+            ShardOptions { shard_sizes: Some(sizes), samples_per_epoch: Some(1000), ..buffer(1) };
         let set = ShardSet::resolve_counted(&sources, &options.count_hints(), None).unwrap();
-        let counts: Vec<(u64, bool)> = set.shards.iter().map(|s| (s.samples, s.estimated)).collect();
+        let counts: Vec<(u64, bool)> =
+            set.shards.iter().map(|s| (s.samples, s.estimated)).collect();
         assert_eq!(counts, [(6, false), (4, false)]);
         let mut eval = loader(&set, &options, cfg(3, 0, 1, 1, false));
         let batches: Vec<Batch> = std::iter::from_fn(|| eval.next_eval_batch().unwrap()).collect();
         assert_eq!(tally(&batches).len(), 10);
         // A sizes file that does not parse is an error naming it.
         std::fs::write(dir.path().join("my-sizes.json"), "{").unwrap();
-        let err = ShardSet::resolve_counted(&sources, &options.count_hints(), None).unwrap_err().to_string();
+        let err = ShardSet::resolve_counted(&sources, &options.count_hints(), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("my-sizes.json"), "{err}");
     }
 }

@@ -57,11 +57,8 @@ impl Plan {
             .batch_size
             .checked_mul(cfg.world_size)
             .ok_or_else(|| DataError::Config("batch_size * world_size overflows".into()))?;
-        let batches_per_epoch = if cfg.train {
-            len / global_batch
-        } else {
-            len.div_ceil(global_batch)
-        } as u64;
+        let batches_per_epoch =
+            if cfg.train { len / global_batch } else { len.div_ceil(global_batch) } as u64;
         if batches_per_epoch == 0 {
             return Err(DataError::Config(if cfg.train {
                 format!(
@@ -88,11 +85,7 @@ impl Plan {
     pub fn order(&self, epoch: u64) -> Option<Arc<Vec<usize>>> {
         self.train.then(|| {
             let mut order: Vec<usize> = (0..self.len).collect();
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(&[
-                self.seed,
-                epoch,
-                0x7065_726d,
-            ])));
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(&[self.seed, epoch, 0x7065_726d])));
             Arc::new(order)
         })
     }
@@ -124,4 +117,3 @@ impl Plan {
         mix(&[self.seed, epoch, index as u64])
     }
 }
-

@@ -63,11 +63,7 @@ pub struct LoaderState {
 impl LoaderState {
     /// Batch `batch_in_epoch` of `epoch` of an indexed source.
     pub fn at(epoch: u64, batch_in_epoch: u64) -> Self {
-        Self {
-            epoch,
-            batch_in_epoch,
-            stream: None,
-        }
+        Self { epoch, batch_in_epoch, stream: None }
     }
 
     pub(crate) fn of_stream(cursor: &StreamCursor) -> Self {
@@ -117,10 +113,7 @@ pub(crate) fn check_config(cfg: &LoaderConfig) -> Result<(), DataError> {
         )));
     }
     if cfg.image_size == 0 || cfg.context_length == 0 {
-        return Err(DataError::Config(
-            "image_size and context_length must be positive".into(),
-        ));
+        return Err(DataError::Config("image_size and context_length must be positive".into()));
     }
     Ok(())
 }
-

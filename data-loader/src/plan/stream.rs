@@ -196,10 +196,7 @@ impl StreamPlan {
             if per_epoch == 0 {
                 return Err(DataError::Config("samples_per_epoch must be positive".into()));
             }
-            Some(Resampling {
-                cumulative,
-                per_worker: per_epoch.div_ceil(streams),
-            })
+            Some(Resampling { cumulative, per_worker: per_epoch.div_ceil(streams) })
         } else {
             if options.upsampling_factors.is_some() && train {
                 return Err(DataError::Config(
@@ -238,7 +235,8 @@ impl StreamPlan {
         for &shard in &order {
             for stripe in 0..stripes {
                 // Deal to ranks first, then to the rank's workers.
-                if i % self.world_size == self.rank && (i / self.world_size) % self.workers == worker
+                if i % self.world_size == self.rank
+                    && (i / self.world_size) % self.workers == worker
                 {
                     units.push(Unit {
                         shard,
@@ -266,22 +264,14 @@ impl StreamPlan {
         let mut left = r.per_worker;
         while left > 0 {
             let x = rng.gen::<f64>() * total;
-            let shard = r
-                .cumulative
-                .partition_point(|&c| c <= x)
-                .min(r.cumulative.len() - 1);
+            let shard = r.cumulative.partition_point(|&c| c <= x).min(r.cumulative.len() - 1);
             let samples = self.shards.shards[shard].samples;
             if samples == 0 {
                 continue; // only reachable through rounding at a boundary
             }
             let take = samples.min(left);
             left -= take;
-            units.push(Unit {
-                shard: shard as u32,
-                stripe: 0,
-                stripes: 1,
-                take,
-            });
+            units.push(Unit { shard: shard as u32, stripe: 0, stripes: 1, take });
         }
         units
     }
@@ -291,13 +281,7 @@ impl StreamPlan {
         ShuffleBuffer::new(
             reads,
             self.shuffle_buffer,
-            mix(&[
-                self.seed,
-                epoch,
-                self.rank as u64,
-                worker as u64,
-                SAMPLE_ORDER,
-            ]),
+            mix(&[self.seed, epoch, self.rank as u64, worker as u64, SAMPLE_ORDER]),
         )
     }
 
@@ -459,8 +443,16 @@ mod tests {
     fn coverage(counts: &[u64], world: usize, workers: usize, epoch: u64) -> Vec<(u32, u64)> {
         let mut seen = Vec::new();
         for rank in 0..world {
-            let plan = StreamPlan::new(set(counts), &ShardOptions::default(), rank, world, workers, 7, true)
-                .unwrap();
+            let plan = StreamPlan::new(
+                set(counts),
+                &ShardOptions::default(),
+                rank,
+                world,
+                workers,
+                7,
+                true,
+            )
+            .unwrap();
             for w in 0..workers {
                 let units = plan.units(epoch, w);
                 assert!(!units.is_empty() || counts.iter().sum::<u64>() < (world * workers) as u64);
@@ -477,9 +469,9 @@ mod tests {
     fn every_sample_is_read_once_per_epoch_whatever_the_shard_count() {
         for (counts, world, workers) in [
             (vec![10, 10, 10, 10, 10, 10, 10, 10], 2, 2), // shards >= streams
-            (vec![7, 3, 9], 2, 4),                          // fewer shards: stripes
-            (vec![25], 3, 2),                               // one shard, six streams
-            (vec![4, 0, 5], 1, 3),                          // an empty shard
+            (vec![7, 3, 9], 2, 4),                        // fewer shards: stripes
+            (vec![25], 3, 2),                             // one shard, six streams
+            (vec![4, 0, 5], 1, 3),                        // an empty shard
         ] {
             let all: Vec<(u32, u64)> = counts
                 .iter()
@@ -487,7 +479,11 @@ mod tests {
                 .flat_map(|(s, &n)| (0..n).map(move |o| (s as u32, o)))
                 .collect();
             for epoch in 0..3 {
-                assert_eq!(coverage(&counts, world, workers, epoch), all, "{counts:?} {world}x{workers}");
+                assert_eq!(
+                    coverage(&counts, world, workers, epoch),
+                    all,
+                    "{counts:?} {world}x{workers}"
+                );
             }
         }
     }
@@ -496,8 +492,9 @@ mod tests {
     fn stripes_keep_every_stream_busy() {
         // 3 shards of 30 over 8 streams: 3 stripes each, 9 units, every stream gets one or two.
         for rank in 0..2 {
-            let plan = StreamPlan::new(set(&[30, 30, 30]), &ShardOptions::default(), rank, 2, 4, 1, true)
-                .unwrap();
+            let plan =
+                StreamPlan::new(set(&[30, 30, 30]), &ShardOptions::default(), rank, 2, 4, 1, true)
+                    .unwrap();
             for w in 0..4 {
                 let reads: u64 = plan.units(0, w).iter().map(Unit::reads).sum();
                 assert!((10..=20).contains(&reads), "rank {rank} worker {w}: {reads}");
@@ -508,11 +505,13 @@ mod tests {
     #[test]
     fn epochs_shuffle_shard_order_and_eval_keeps_it() {
         let counts = [5u64; 12];
-        let plan = StreamPlan::new(set(&counts), &ShardOptions::default(), 0, 1, 1, 3, true).unwrap();
+        let plan =
+            StreamPlan::new(set(&counts), &ShardOptions::default(), 0, 1, 1, 3, true).unwrap();
         let order = |e| plan.units(e, 0).iter().map(|u| u.shard).collect::<Vec<_>>();
         assert_ne!(order(0), order(1));
         assert_eq!(order(0), order(0));
-        let eval = StreamPlan::new(set(&counts), &ShardOptions::default(), 0, 1, 1, 3, false).unwrap();
+        let eval =
+            StreamPlan::new(set(&counts), &ShardOptions::default(), 0, 1, 1, 3, false).unwrap();
         let in_order: Vec<u32> = eval.units(0, 0).iter().map(|u| u.shard).collect();
         assert_eq!(in_order, (0..12).collect::<Vec<_>>());
         assert_eq!(eval.shuffle_buffer, 1);
@@ -520,7 +519,16 @@ mod tests {
 
     #[test]
     fn the_shuffle_buffer_permutes_locally_and_resumes_from_a_count() {
-        let plan = StreamPlan::new(set(&[100, 100]), &ShardOptions { shuffle_buffer: 16, ..Default::default() }, 0, 1, 1, 9, true).unwrap();
+        let plan = StreamPlan::new(
+            set(&[100, 100]),
+            &ShardOptions { shuffle_buffer: 16, ..Default::default() },
+            0,
+            1,
+            1,
+            9,
+            true,
+        )
+        .unwrap();
         let mut buf = plan.shuffle_buffer(0, 0, 200);
         let mut out = Vec::new();
         while let Some(r) = buf.draw() {

@@ -14,7 +14,8 @@ use crate::skip::SkipCounts;
 
 /// The labelled images of `dir` and the class names (the folder names, in label order).
 pub fn load(dir: &Path) -> Result<(FileDataset, Vec<String>), DataError> {
-    let read = std::fs::read_dir(dir).map_err(|source| DataError::Read { path: dir.to_owned(), source })?;
+    let read = std::fs::read_dir(dir)
+        .map_err(|source| DataError::Read { path: dir.to_owned(), source })?;
     let mut classes: Vec<String> = read
         .flatten()
         .filter(|e| e.path().is_dir())
@@ -64,8 +65,12 @@ mod tests {
         let (dataset, classes) = load(d).unwrap();
         assert_eq!(classes, ["cat", "dog"]);
         assert_eq!(dataset.len(), 3);
-        let labels: Vec<(String, Option<i64>)> = (0..3).map(|i| dataset.get(i).unwrap()).map(|s| (s.key, s.label)).collect();
-        assert_eq!(labels, [("cat/a".into(), Some(0)), ("dog/1".into(), Some(1)), ("dog/sub/2".into(), Some(1))]);
+        let labels: Vec<(String, Option<i64>)> =
+            (0..3).map(|i| dataset.get(i).unwrap()).map(|s| (s.key, s.label)).collect();
+        assert_eq!(
+            labels,
+            [("cat/a".into(), Some(0)), ("dog/1".into(), Some(1)), ("dog/sub/2".into(), Some(1))]
+        );
         assert_eq!(dataset.get(0).unwrap().caption, "cat");
         assert!(load(&d.join("cat")).is_err());
     }

@@ -20,10 +20,8 @@ use crate::skip::{SkipCounts, SkipReason};
 /// caption column is an error naming the file and the columns it has.
 pub fn load(spec: &CsvSpec) -> Result<FileDataset, DataError> {
     let path = spec.path.as_path();
-    let bytes = std::fs::read(path).map_err(|source| DataError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let bytes =
+        std::fs::read(path).map_err(|source| DataError::Read { path: path.to_owned(), source })?;
     let body = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     let separator = spec.separator.unwrap_or_else(|| detect_separator(body));
     let mut reader = csv::ReaderBuilder::new()
@@ -53,8 +51,7 @@ pub fn load(spec: &CsvSpec) -> Result<FileDataset, DataError> {
     };
     // A classification list (image and label) needs no caption column: the label stands in.
     let caption_col = column(&spec.caption_key).or(label_col);
-    let (Some(img_col), Some(caption_col)) = (column(&spec.img_key), caption_col)
-    else {
+    let (Some(img_col), Some(caption_col)) = (column(&spec.img_key), caption_col) else {
         let missing: Vec<&str> = [spec.img_key.as_str(), spec.caption_key.as_str()]
             .into_iter()
             .filter(|k| column(k).is_none())
@@ -104,10 +101,14 @@ pub fn load(spec: &CsvSpec) -> Result<FileDataset, DataError> {
         // label, not an empty caption.
         let label = match label_col {
             None => None,
-            Some(col) => Some(class_index(&String::from_utf8_lossy(field(col))).map_err(|message| DataError::Label {
-                path: path.to_owned(),
-                message: format!("{origin}: {message}"),
-            })?),
+            Some(col) => {
+                Some(class_index(&String::from_utf8_lossy(field(col))).map_err(|message| {
+                    DataError::Label {
+                        path: path.to_owned(),
+                        message: format!("{origin}: {message}"),
+                    }
+                })?)
+            }
         };
         let caption = match std::str::from_utf8(field(caption_col)) {
             Ok(c) if !c.trim().is_empty() => c,
@@ -175,8 +176,8 @@ fn quoted(names: &[&str]) -> String {
 mod tests {
     use super::*;
     use crate::formats::image::test_images::{jpeg, png, write};
-    use crate::sources::Dataset;
     use crate::sources::spec::DataSpec;
+    use crate::sources::Dataset;
 
     #[test]
     fn a_label_column_labels_rows_and_may_stand_in_for_captions() {
@@ -185,18 +186,39 @@ mod tests {
         write(&d.join("a.jpg"), &jpeg(8, 8));
         write(&d.join("b.jpg"), &jpeg(8, 8));
         std::fs::write(d.join("cls.csv"), "filepath,label\na.jpg,3\nb.jpg,0\n").unwrap();
-        let dataset = load(&csv_spec(&format!("csv:{}?label_key=label", d.join("cls.csv").display()))).unwrap();
+        let dataset =
+            load(&csv_spec(&format!("csv:{}?label_key=label", d.join("cls.csv").display())))
+                .unwrap();
         assert_eq!(dataset.len(), 2);
         let (a, b) = (dataset.get(0).unwrap(), dataset.get(1).unwrap());
         assert_eq!((a.label, a.caption.as_str()), (Some(3), "3"));
         assert_eq!(b.label, Some(0));
-        let err = load(&csv_spec(&format!("csv:{}?label_key=class", d.join("cls.csv").display()))).unwrap_err().to_string();
-        assert!(err.contains("cls.csv") && err.contains("no label column `class`") && err.contains("`filepath`, `label`")
-            && err.contains("?label_key=COLUMN"), "{err}");
+        let err = load(&csv_spec(&format!("csv:{}?label_key=class", d.join("cls.csv").display())))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cls.csv")
+                && err.contains("no label column `class`")
+                && err.contains("`filepath`, `label`")
+                && err.contains("?label_key=COLUMN"),
+            "{err}"
+        );
         // A label that is not a class index stops the reading, naming the line and the label.
-        for (bad, expect) in [("x", "line 3: label `x` is not a class index"), ("-1", "line 3: label `-1`"), ("1.5", "label `1.5`"), ("", "line 3: no label")] {
-            std::fs::write(d.join("cls.csv"), format!("filepath,title,label\na.jpg,a,3\nb.jpg,b,{bad}\n")).unwrap();
-            let err = load(&csv_spec(&format!("csv:{}?label_key=label", d.join("cls.csv").display()))).unwrap_err().to_string();
+        for (bad, expect) in [
+            ("x", "line 3: label `x` is not a class index"),
+            ("-1", "line 3: label `-1`"),
+            ("1.5", "label `1.5`"),
+            ("", "line 3: no label"),
+        ] {
+            std::fs::write(
+                d.join("cls.csv"),
+                format!("filepath,title,label\na.jpg,a,3\nb.jpg,b,{bad}\n"),
+            )
+            .unwrap();
+            let err =
+                load(&csv_spec(&format!("csv:{}?label_key=label", d.join("cls.csv").display())))
+                    .unwrap_err()
+                    .to_string();
             assert!(err.contains("cls.csv") && err.contains(expect), "{bad}: {err}");
         }
     }
@@ -271,24 +293,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         images(d);
-        write(
-            &d.join("data.tsv"),
-            b"path\ttext\n img/a.jpg \ta jpeg\n/abs/none.jpg\tabsolute\n",
-        );
+        write(&d.join("data.tsv"), b"path\ttext\n img/a.jpg \ta jpeg\n/abs/none.jpg\tabsolute\n");
         let file = d.join("data.tsv");
-        let err = load(&csv_spec(file.to_str().unwrap()))
-            .unwrap_err()
-            .to_string();
+        let err = load(&csv_spec(file.to_str().unwrap())).unwrap_err().to_string();
         assert!(
             err.contains("data.tsv")
                 && err.contains("`filepath`, `title`")
                 && err.contains("`path`, `text`"),
             "{err}"
         );
-        let spec = csv_spec(&format!(
-            "csv:{}?img_key=path&caption_key=text",
-            file.display()
-        ));
+        let spec = csv_spec(&format!("csv:{}?img_key=path&caption_key=text", file.display()));
         assert_eq!(spec.img_key, "path");
         let ds = load(&spec).unwrap();
         assert_eq!(ds.get(0).unwrap().caption, "a jpeg");

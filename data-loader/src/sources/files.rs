@@ -65,12 +65,7 @@ impl FileDataset {
                 entries.len()
             );
         }
-        Self {
-            source,
-            entries,
-            max_pixels: DEFAULT_MAX_PIXELS,
-            load_skips,
-        }
+        Self { source, entries, max_pixels: DEFAULT_MAX_PIXELS, load_skips }
     }
 
     /// Sets the largest image, in pixels, that `get` decodes (PIL's limit by default).
@@ -92,11 +87,7 @@ impl FileDataset {
     /// CSV/JSONL file's folder (absolute paths stay absolute).
     pub fn source_name(&self, index: usize) -> Option<String> {
         let entry = self.entries.get(index)?;
-        let base = if self.source.is_dir() {
-            self.source.clone()
-        } else {
-            base_dir(&self.source)
-        };
+        let base = if self.source.is_dir() { self.source.clone() } else { base_dir(&self.source) };
         let name = entry.image.strip_prefix(&base).unwrap_or(&entry.image);
         Some(name.to_string_lossy().into_owned())
     }
@@ -140,13 +131,7 @@ impl Dataset for FileDataset {
         let raw = self.get_raw(index)?;
         let caption = usable_caption(&raw)?.to_owned();
         let image = decode_image(&raw.image, self.max_pixels)?;
-        Ok(Sample {
-            image,
-            caption,
-            label: raw.label,
-            key: raw.key,
-            source: raw.source,
-        })
+        Ok(Sample { image, caption, label: raw.label, key: raw.key, source: raw.source })
     }
 
     fn caption(&self, index: usize) -> Result<String, SkipReason> {
@@ -162,12 +147,9 @@ impl Dataset for FileDataset {
 
     fn describe(&self, index: usize) -> String {
         match self.entries.get(index) {
-            Some(e) => format!(
-                "{}, {} (image {})",
-                self.source.display(),
-                e.origin,
-                e.image.display()
-            ),
+            Some(e) => {
+                format!("{}, {} (image {})", self.source.display(), e.origin, e.image.display())
+            }
             None => format!("{}, sample {index} (out of range)", self.source.display()),
         }
     }
@@ -194,11 +176,7 @@ pub(crate) fn skip_record(
             skipped_so_far = n,
             "skipping {}, {origin}: {reason}{}",
             source.display(),
-            if detail.is_empty() {
-                String::new()
-            } else {
-                format!(" ({detail})")
-            }
+            if detail.is_empty() { String::new() } else { format!(" ({detail})") }
         );
     }
 }
@@ -255,10 +233,7 @@ mod tests {
         assert_eq!(ds.get(6), Err(SkipReason::EmptyCaption));
         assert_eq!(ds.get(7), Err(SkipReason::MissingImage));
         let described = ds.describe(3);
-        assert!(
-            described.contains("list.csv") && described.contains("line 4"),
-            "{described}"
-        );
+        assert!(described.contains("list.csv") && described.contains("line 4"), "{described}");
         let small = FileDataset::new(d.join("list.csv"), ds.entries().to_vec(), SkipCounts::new())
             .with_max_pixels(10);
         assert_eq!(small.get(0), Err(SkipReason::TooManyPixels));

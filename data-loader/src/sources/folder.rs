@@ -49,17 +49,16 @@ pub fn load(dir: &Path) -> Result<FileDataset, DataError> {
 }
 
 /// Adds the files below `root/relative` to `files`, as paths relative to `root`.
-pub(crate) fn walk(root: &Path, relative: &Path, files: &mut BTreeSet<PathBuf>) -> Result<(), DataError> {
+pub(crate) fn walk(
+    root: &Path,
+    relative: &Path,
+    files: &mut BTreeSet<PathBuf>,
+) -> Result<(), DataError> {
     let dir = root.join(relative);
-    let entries = std::fs::read_dir(&dir).map_err(|source| DataError::Read {
-        path: dir.clone(),
-        source,
-    })?;
+    let entries =
+        std::fs::read_dir(&dir).map_err(|source| DataError::Read { path: dir.clone(), source })?;
     for entry in entries {
-        let entry = entry.map_err(|source| DataError::Read {
-            path: dir.clone(),
-            source,
-        })?;
+        let entry = entry.map_err(|source| DataError::Read { path: dir.clone(), source })?;
         let name = entry.file_name();
         if name.to_string_lossy().starts_with('.') {
             continue;
@@ -81,8 +80,8 @@ pub(crate) fn walk(root: &Path, relative: &Path, files: &mut BTreeSet<PathBuf>) 
 mod tests {
     use super::*;
     use crate::formats::image::test_images::{jpeg, png, write};
-    use crate::sources::Dataset;
     use crate::sources::spec::DataSpec;
+    use crate::sources::Dataset;
 
     #[test]
     fn images_with_sidecar_captions_sorted_and_recursive() {
@@ -123,10 +122,7 @@ mod tests {
     fn folder_prefix_and_missing_directory() {
         let dir = tempfile::tempdir().unwrap();
         let spec = format!("folder:{}", dir.path().display());
-        assert_eq!(
-            DataSpec::parse(&spec).unwrap(),
-            DataSpec::Folder(dir.path().to_owned())
-        );
+        assert_eq!(DataSpec::parse(&spec).unwrap(), DataSpec::Folder(dir.path().to_owned()));
         assert!(load(dir.path()).unwrap().is_empty());
         let missing = format!("folder:{}/nope", dir.path().display());
         let err = DataSpec::parse(&missing).unwrap_err().to_string();

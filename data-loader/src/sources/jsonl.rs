@@ -20,10 +20,8 @@ use crate::skip::{SkipCounts, SkipReason};
 /// Reads the lines of `spec.path` into a [`FileDataset`].
 pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
     let path = spec.path.as_path();
-    let bytes = std::fs::read(path).map_err(|source| DataError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let bytes =
+        std::fs::read(path).map_err(|source| DataError::Read { path: path.to_owned(), source })?;
     let base = base_dir(path);
     let mut entries = Vec::new();
     let mut skips = SkipCounts::new();
@@ -60,17 +58,11 @@ pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
         let image = match object.get(&spec.img_key) {
             Some(Value::String(s)) if !s.trim().is_empty() => s.trim(),
             None | Some(Value::Null) => {
-                skip(
-                    SkipReason::MissingImage.as_str(),
-                    &format!("no `{}`", spec.img_key),
-                );
+                skip(SkipReason::MissingImage.as_str(), &format!("no `{}`", spec.img_key));
                 continue;
             }
             Some(Value::String(_)) => {
-                skip(
-                    SkipReason::MissingImage.as_str(),
-                    &format!("empty `{}`", spec.img_key),
-                );
+                skip(SkipReason::MissingImage.as_str(), &format!("empty `{}`", spec.img_key));
                 continue;
             }
             Some(other) => {
@@ -81,9 +73,8 @@ pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
         };
         let label = match &spec.label_key {
             None => None,
-            Some(key) => Some(label_of(object.get(key), key, spec).map_err(|message| DataError::Label {
-                path: path.to_owned(),
-                message: format!("{origin}: {message}"),
+            Some(key) => Some(label_of(object.get(key), key, spec).map_err(|message| {
+                DataError::Label { path: path.to_owned(), message: format!("{origin}: {message}") }
             })?),
         };
         let label_text = label.map(|l| l.to_string());
@@ -116,11 +107,12 @@ pub fn load(spec: &JsonlSpec) -> Result<FileDataset, DataError> {
     // With labels read, a record's label stands in for a missing caption (zero-shot sets).
     let has_caption_key = has_caption_key || spec.label_key.is_some();
     if let Some((line, keys)) = first_keys.filter(|_| !(has_img_key && has_caption_key)) {
-        let missing: Vec<String> = [(has_img_key, &spec.img_key), (has_caption_key, &spec.caption_key)]
-            .into_iter()
-            .filter(|(has, _)| !has)
-            .map(|(_, key)| format!("`{key}`"))
-            .collect();
+        let missing: Vec<String> =
+            [(has_img_key, &spec.img_key), (has_caption_key, &spec.caption_key)]
+                .into_iter()
+                .filter(|(has, _)| !has)
+                .map(|(_, key)| format!("`{key}`"))
+                .collect();
         let found: Vec<String> = keys.iter().map(|k| format!("`{k}`")).collect();
         let found = if found.is_empty() { "no keys".to_owned() } else { first_few(&found, 12) };
         return Err(DataError::Spec {
@@ -167,8 +159,8 @@ fn type_name(value: &Value) -> &'static str {
 mod tests {
     use super::*;
     use crate::formats::image::test_images::{jpeg, png, write};
-    use crate::sources::Dataset;
     use crate::sources::spec::DataSpec;
+    use crate::sources::Dataset;
 
     fn jsonl_spec(spec: &str) -> JsonlSpec {
         match DataSpec::parse(spec).unwrap() {
@@ -208,10 +200,7 @@ mod tests {
         assert_eq!(ds.len(), 3);
         let a = ds.get(0).unwrap();
         assert_eq!(a.caption, "a jpeg, with a comma");
-        assert_eq!(
-            (a.key.as_str(), a.image.dimensions()),
-            ("000000001", (9, 7))
-        );
+        assert_eq!((a.key.as_str(), a.image.dimensions()), ("000000001", (9, 7)));
         assert_eq!(ds.get(1).unwrap().image.dimensions(), (3, 3));
         assert_eq!(ds.get(2), Err(SkipReason::MissingImage));
         assert!(ds.describe(2).contains("line 10"), "{}", ds.describe(2));
@@ -228,10 +217,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         write(&d.join("x.jpg"), &jpeg(4, 4));
-        write(
-            &d.join("data.json-lines"),
-            br#"{"url": "x.jpg", "text": "renamed keys"}"#,
-        );
+        write(&d.join("data.json-lines"), br#"{"url": "x.jpg", "text": "renamed keys"}"#);
         let spec = jsonl_spec(&format!(
             "jsonl:{}?img_key=url&caption_key=text",
             d.join("data.json-lines").display()
@@ -251,7 +237,10 @@ mod tests {
             "{err}"
         );
         let bad = format!("jsonl:{}?sep=tab", d.join("data.json-lines").display());
-        assert!(DataSpec::parse(&bad).unwrap_err().to_string().contains("img_key, caption_key, label_key"));
+        assert!(DataSpec::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("img_key, caption_key, label_key"));
         let err = DataSpec::parse(&bad).unwrap_err().to_string();
         assert!(err.contains("unknown jsonl option `sep`"), "{err}");
     }
@@ -263,7 +252,16 @@ mod tests {
         write(&d.join("x.jpg"), &jpeg(4, 4));
         let file = d.join("val.jsonl");
         let spec = || jsonl_spec(&format!("jsonl:{}?label_key=label", file.display()));
-        write(&file, concat!(r#"{"image": "x.jpg", "caption": "a dog", "label": 2}"#, "\n", r#"{"image": "x.jpg", "label": "0"}"#, "\n").as_bytes());
+        write(
+            &file,
+            concat!(
+                r#"{"image": "x.jpg", "caption": "a dog", "label": 2}"#,
+                "\n",
+                r#"{"image": "x.jpg", "label": "0"}"#,
+                "\n"
+            )
+            .as_bytes(),
+        );
         let ds = load(&spec()).unwrap();
         let (a, b) = (ds.get(0).unwrap(), ds.get(1).unwrap());
         assert_eq!((a.label, a.caption.as_str()), (Some(2), "a dog"));
@@ -283,7 +281,10 @@ mod tests {
         }
         // Without label_key, labels are not read at all: a label that is no class index is
         // no error there.
-        write(&file, concat!(r#"{"image": "x.jpg", "caption": "c", "label": [1]}"#, "\n").as_bytes());
+        write(
+            &file,
+            concat!(r#"{"image": "x.jpg", "caption": "c", "label": [1]}"#, "\n").as_bytes(),
+        );
         let plain = load(&jsonl_spec(file.to_str().unwrap())).unwrap();
         assert_eq!(plain.get(0).unwrap().label, None);
     }

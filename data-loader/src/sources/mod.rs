@@ -95,7 +95,11 @@ impl DataSource {
 
     /// [`open`](Self::open), taking shard counts from `hints` where they give them (a sizes
     /// file, or an epoch length that spares reading remote shards to count them).
-    pub fn open_with(spec: &DataSpec, synthetic_seed: u64, hints: &CountHints) -> Result<Self, DataError> {
+    pub fn open_with(
+        spec: &DataSpec,
+        synthetic_seed: u64,
+        hints: &CountHints,
+    ) -> Result<Self, DataError> {
         let source = match spec {
             DataSpec::Shards(sources) => Self::Shards(ShardSet::resolve_with(sources, hints)?),
             other => Self::Indexed(Arc::from(open_indexed(other, synthetic_seed)?)),
@@ -133,7 +137,10 @@ impl DataSource {
                         continue;
                     };
                     for_each_sample_in(reader, &shard.location.name(), |item| {
-                        match item.map_err(|e| e.reason).and_then(|raw| raw.caption.ok_or(SkipReason::MissingCaption)) {
+                        match item
+                            .map_err(|e| e.reason)
+                            .and_then(|raw| raw.caption.ok_or(SkipReason::MissingCaption))
+                        {
                             Ok(c) if !c.trim().is_empty() => captions.push(c),
                             Ok(_) => skipped.add(SkipReason::EmptyCaption),
                             Err(reason) => skipped.add(reason),
@@ -177,11 +184,7 @@ pub fn open_with_image_size(
         DataSpec::Synthetic(n) => {
             let len = usize::try_from(*n)
                 .map_err(|_| DataError::Config(format!("synthetic:{n} is too many samples")))?;
-            Ok(Box::new(SyntheticDataset::new(
-                len,
-                synthetic_seed,
-                synthetic_image_size,
-            )))
+            Ok(Box::new(SyntheticDataset::new(len, synthetic_seed, synthetic_image_size)))
         }
         DataSpec::Shards(_) => Err(DataError::Config(
             "WebDataset shards are streamed, not indexed; open them with DataSource::open".into(),
@@ -233,10 +236,14 @@ mod tests {
     fn a_source_with_nothing_usable_is_an_error_with_its_reasons() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        std::fs::write(d.join("list.csv"), "filepath,title
+        std::fs::write(
+            d.join("list.csv"),
+            "filepath,title
 ,no image
 a.jpg,
-").unwrap();
+",
+        )
+        .unwrap();
         let spec = DataSpec::parse(d.join("list.csv").to_str().unwrap()).unwrap();
         let err = DataSource::open(&spec, 0).err().unwrap().to_string();
         assert!(

@@ -69,7 +69,8 @@ impl ShardLocation {
     /// The shard's file name (`00012.tar`): a file's, or for a command the file name of its
     /// last argument ending in `.tar` (`aws s3 cp s3://bucket/00012.tar -`).
     pub fn file_name(&self) -> Option<String> {
-        let name = |path: &str| Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned());
+        let name =
+            |path: &str| Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned());
         match self {
             ShardLocation::File(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
             ShardLocation::Pipe(cmd) => cmd
@@ -84,10 +85,9 @@ impl ShardLocation {
     /// Opens the shard for one sequential read.
     pub fn open(&self) -> std::io::Result<Box<dyn Read + Send>> {
         match self {
-            ShardLocation::File(p) => Ok(Box::new(BufReader::with_capacity(
-                READ_BUFFER,
-                File::open(p)?,
-            ))),
+            ShardLocation::File(p) => {
+                Ok(Box::new(BufReader::with_capacity(READ_BUFFER, File::open(p)?)))
+            }
             ShardLocation::Pipe(cmd) => Ok(Box::new(PipeReader::spawn(cmd)?)),
         }
     }
@@ -132,10 +132,7 @@ impl Read for PipeReader {
             self.finished = true;
             let status = self.child.wait()?;
             if !status.success() {
-                return Err(std::io::Error::other(format!(
-                    "`{}` exited with {status}",
-                    self.cmd
-                )));
+                return Err(std::io::Error::other(format!("`{}` exited with {status}", self.cmd)));
             }
         }
         Ok(n)
@@ -239,10 +236,7 @@ impl ShardSet {
         };
         let mut indexes = DirIndexes::default();
         let cache_path = cache_dir.map(|d| d.join("shard-counts.json"));
-        let mut cache = cache_path
-            .as_deref()
-            .map(CountCache::read)
-            .unwrap_or_default();
+        let mut cache = cache_path.as_deref().map(CountCache::read).unwrap_or_default();
         let mut shards = Vec::new();
         let mut uncounted = Vec::new();
         for (source, part) in sources.iter().enumerate() {
@@ -252,9 +246,9 @@ impl ShardSet {
                     .or_else(|| location.file_name().and_then(|name| sizes.get(&name)))
                     .copied();
                 let known = given.or_else(|| match location {
-                    ShardLocation::File(path) => indexes
-                        .count(path)
-                        .or_else(|| cache.get(&CountCache::key(location))),
+                    ShardLocation::File(path) => {
+                        indexes.count(path).or_else(|| cache.get(&CountCache::key(location)))
+                    }
                     ShardLocation::Pipe(_) => cache.get(&CountCache::key(location)),
                 });
                 if known.is_none() {
@@ -277,10 +271,7 @@ impl ShardSet {
                 "counting the samples of {} shard(s) without an index (read once, no decoding; \
                  the counts are cached{})",
                 uncounted.len(),
-                cache_path
-                    .as_ref()
-                    .map(|p| format!(" in {}", p.display()))
-                    .unwrap_or_default()
+                cache_path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default()
             );
             // A batch of shards per thread at a time, so that progress can be reported.
             let threads = default_threads();
@@ -320,11 +311,7 @@ impl ShardSet {
                 }
             }
         }
-        Ok(Self {
-            shards,
-            sources: sources.iter().map(|s| s.spec.clone()).collect(),
-            open_skips,
-        })
+        Ok(Self { shards, sources: sources.iter().map(|s| s.spec.clone()).collect(), open_skips })
     }
 
     /// Samples in all shards.
@@ -352,9 +339,7 @@ impl ShardSet {
         let mut h = mix(&[self.shards.len() as u64]);
         for shard in &self.shards {
             let name = shard.location.to_string();
-            let name_hash = name
-                .bytes()
-                .fold(0u64, |acc, b| mix(&[acc, u64::from(b)]));
+            let name_hash = name.bytes().fold(0u64, |acc, b| mix(&[acc, u64::from(b)]));
             h = mix(&[h, name_hash, shard.samples]);
         }
         h
@@ -387,14 +372,9 @@ fn estimate_pipe_shards(shards: &mut [Shard], uncounted: &mut Vec<usize>, per_ep
 
 /// A sizes file (`{"00000.tar": n}`), as a map from shard name to count.
 fn read_sizes_file(path: &Path) -> Result<HashMap<String, u64>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|source| DataError::Json {
-        path: path.to_owned(),
-        source,
-    })
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| DataError::Read { path: path.to_owned(), source })?;
+    serde_json::from_str(&text).map_err(|source| DataError::Json { path: path.to_owned(), source })
 }
 
 /// Items the tar reader yields for `location` (good and bad samples), or why it cannot be
@@ -442,10 +422,7 @@ impl DirIndexes {
     fn count(&mut self, shard: &Path) -> Option<u64> {
         let dir = shard.parent().unwrap_or(Path::new("."));
         let name = shard.file_name()?.to_string_lossy().into_owned();
-        let counts = self
-            .dirs
-            .entry(dir.to_owned())
-            .or_insert_with(|| read_dir_index(dir));
+        let counts = self.dirs.entry(dir.to_owned()).or_insert_with(|| read_dir_index(dir));
         if let Some(&n) = counts.get(&name) {
             return Some(n);
         }
@@ -517,10 +494,8 @@ impl CountCache {
 
     fn write(&self, path: &Path) -> Result<(), DataError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| DataError::Write {
-                path: dir.to_owned(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|source| DataError::Write { path: dir.to_owned(), source })?;
         }
         // Re-read and merge, so ranks or runs counting other shards at the same time keep
         // each other's entries.
@@ -528,16 +503,11 @@ impl CountCache {
         merged.counts.extend(self.counts.clone());
         // Forget shards that are gone (temporary datasets), so the cache stays small.
         merged.counts.retain(|key, _| match key.strip_prefix("file:") {
-            Some(rest) => rest
-                .rsplitn(3, ':')
-                .nth(2)
-                .is_some_and(|file| Path::new(file).exists()),
+            Some(rest) => rest.rsplitn(3, ':').nth(2).is_some_and(|file| Path::new(file).exists()),
             None => true,
         });
-        let json = serde_json::to_vec_pretty(&merged).map_err(|source| DataError::Json {
-            path: path.to_owned(),
-            source,
-        })?;
+        let json = serde_json::to_vec_pretty(&merged)
+            .map_err(|source| DataError::Json { path: path.to_owned(), source })?;
         write_atomic(path, &json)
     }
 }
@@ -550,17 +520,13 @@ mod tests {
     fn shard(path: &Path, n: usize) {
         let mut w = ShardWriter::create(path).unwrap();
         for i in 0..n {
-            w.write_sample(&format!("{i:05}"), &[("jpg", b"x"), ("txt", b"y")])
-                .unwrap();
+            w.write_sample(&format!("{i:05}"), &[("jpg", b"x"), ("txt", b"y")]).unwrap();
         }
         w.finish().unwrap();
     }
 
     fn source(locations: Vec<ShardLocation>) -> Vec<ShardSource> {
-        vec![ShardSource {
-            spec: "test".into(),
-            shards: locations,
-        }]
+        vec![ShardSource { spec: "test".into(), shards: locations }]
     }
 
     #[test]
@@ -579,12 +545,10 @@ mod tests {
         // img2dataset stats know b; c is counted.
         std::fs::write(data.path().join("sizes.json"), r#"{"00000.tar": 30}"#).unwrap();
         std::fs::write(data.path().join("00001_stats.json"), r#"{"successes": 40}"#).unwrap();
-        let locations: Vec<_> = [&a, &b, &c]
-            .iter()
-            .map(|p| ShardLocation::File((*p).clone()))
-            .collect();
-        let set = ShardSet::resolve_with_cache(&source(locations.clone()), Some(cache.path()))
-            .unwrap();
+        let locations: Vec<_> =
+            [&a, &b, &c].iter().map(|p| ShardLocation::File((*p).clone())).collect();
+        let set =
+            ShardSet::resolve_with_cache(&source(locations.clone()), Some(cache.path())).unwrap();
         let counts: Vec<u64> = set.shards.iter().map(|s| s.samples).collect();
         assert_eq!(counts, [30, 40, 5]);
         assert_eq!(set.offsets(), [0, 30, 70]);
@@ -592,8 +556,8 @@ mod tests {
         assert!(cached.contains("00002.tar") && !cached.contains("00000.tar"), "{cached}");
 
         // The cache answers next time; a rewritten shard is counted again.
-        let again = ShardSet::resolve_with_cache(&source(locations.clone()), Some(cache.path()))
-            .unwrap();
+        let again =
+            ShardSet::resolve_with_cache(&source(locations.clone()), Some(cache.path())).unwrap();
         assert_eq!(again.fingerprint(), set.fingerprint());
         std::thread::sleep(std::time::Duration::from_millis(20));
         shard(&c, 2);

@@ -135,10 +135,7 @@ impl DataSpec {
     /// Parses `spec` and checks that every shard it names exists (the error names the first
     /// missing path).
     pub fn parse(spec: &str) -> Result<DataSpec, DataError> {
-        let spec_err = |message: String| DataError::Spec {
-            spec: spec.to_owned(),
-            message,
-        };
+        let spec_err = |message: String| DataError::Spec { spec: spec.to_owned(), message };
         let trimmed = spec.trim();
         if trimmed.is_empty() {
             return Err(spec_err("empty".into()));
@@ -184,10 +181,7 @@ impl DataSpec {
             }
             sources.push(ShardSource {
                 spec: (*part).to_owned(),
-                shards: shards_of(spec, part)?
-                    .into_iter()
-                    .map(ShardLocation::File)
-                    .collect(),
+                shards: shards_of(spec, part)?.into_iter().map(ShardLocation::File).collect(),
             });
         }
         Ok(DataSpec::Shards(sources))
@@ -196,10 +190,7 @@ impl DataSpec {
 
 /// A CSV, JSONL or image-folder source, or `None` when `source` is something else (shards).
 fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> {
-    let spec_err = |message: String| DataError::Spec {
-        spec: spec.to_owned(),
-        message,
-    };
+    let spec_err = |message: String| DataError::Spec { spec: spec.to_owned(), message };
     if let Some(dir) = source.strip_prefix("classes:") {
         let dir = PathBuf::from(dir);
         if !dir.is_dir() {
@@ -221,9 +212,7 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
     } else {
         // A plain path: by extension (a `?options` suffix allowed), or an image directory.
         let file = source.split_once('?').map_or(source, |(f, _)| f);
-        let ext = Path::new(file)
-            .extension()
-            .map(|e| e.to_string_lossy().to_lowercase());
+        let ext = Path::new(file).extension().map(|e| e.to_string_lossy().to_lowercase());
         match ext.as_deref() {
             Some("csv" | "tsv") => ("csv", source),
             Some("jsonl") => ("jsonl", source),
@@ -278,36 +267,21 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
                 } else {
                     "img_key, caption_key, label_key"
                 };
-                return Err(spec_err(format!(
-                    "unknown {kind} option `{name}` (known: {known})"
-                )));
+                return Err(spec_err(format!("unknown {kind} option `{name}` (known: {known})")));
             }
         }
     }
     Ok(Some(if kind == "csv" {
-        DataSpec::Csv(CsvSpec {
-            path,
-            img_key,
-            caption_key,
-            separator,
-            label_key,
-        })
+        DataSpec::Csv(CsvSpec { path, img_key, caption_key, separator, label_key })
     } else {
-        DataSpec::Jsonl(JsonlSpec {
-            path,
-            img_key,
-            caption_key,
-            label_key,
-        })
+        DataSpec::Jsonl(JsonlSpec { path, img_key, caption_key, label_key })
     }))
 }
 
 /// Whether `dir` holds `.tar` files directly (then it is a shard directory).
 fn has_tar_files(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.path().extension().is_some_and(|x| x == "tar"))
+        entries.flatten().any(|e| e.path().extension().is_some_and(|x| x == "tar"))
     })
 }
 
@@ -328,10 +302,7 @@ fn holds_images(dir: &Path) -> bool {
 
 /// The shards of one `::`-separated source.
 fn shards_of(spec: &str, source: &str) -> Result<Vec<PathBuf>, DataError> {
-    let spec_err = |message: String| DataError::Spec {
-        spec: spec.to_owned(),
-        message,
-    };
+    let spec_err = |message: String| DataError::Spec { spec: spec.to_owned(), message };
     if source.contains('{') || source.contains('}') {
         let paths = expand_braces(source).map_err(spec_err)?;
         for p in &paths {
@@ -346,10 +317,8 @@ fn shards_of(spec: &str, source: &str) -> Result<Vec<PathBuf>, DataError> {
     }
     let path = PathBuf::from(source);
     if path.is_dir() {
-        let entries = std::fs::read_dir(&path).map_err(|source| DataError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let entries = std::fs::read_dir(&path)
+            .map_err(|source| DataError::Read { path: path.clone(), source })?;
         let mut shards: Vec<PathBuf> = entries
             .flatten()
             .map(|e| e.path())
@@ -365,10 +334,7 @@ fn shards_of(spec: &str, source: &str) -> Result<Vec<PathBuf>, DataError> {
         return Ok(shards);
     }
     if !path.exists() {
-        return Err(DataError::MissingShard {
-            spec: spec.to_owned(),
-            path,
-        });
+        return Err(DataError::MissingShard { spec: spec.to_owned(), path });
     }
     if path.extension().is_some_and(|e| e == "tar") {
         return Ok(vec![path]);
@@ -394,10 +360,8 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
     if pattern[..open].contains('}') {
         return Err("`}` without `{`".into());
     }
-    let close = pattern[open..]
-        .find('}')
-        .map(|i| i + open)
-        .ok_or_else(|| "`{` without `}`".to_string())?;
+    let close =
+        pattern[open..].find('}').map(|i| i + open).ok_or_else(|| "`{` without `}`".to_string())?;
     let body = &pattern[open + 1..close];
     if body.contains('{') {
         return Err("nested braces are not supported".into());
@@ -407,9 +371,7 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
     } else if body.contains("..") {
         expand_range(body)?
     } else {
-        return Err(format!(
-            "`{{{body}}}` is neither a range `{{a..b}}` nor a list `{{a,b}}`"
-        ));
+        return Err(format!("`{{{body}}}` is neither a range `{{a..b}}` nor a list `{{a,b}}`"));
     };
     let prefix = &pattern[..open];
     let rest = expand_braces(&pattern[close + 1..])?;
@@ -431,33 +393,20 @@ fn expand_range(body: &str) -> Result<Vec<String>, String> {
     let bad = || format!("`{{{body}}}` is not an integer range `{{a..b}}`");
     let (lo_s, hi_s, step) = match parts.as_slice() {
         [a, b] => (*a, *b, 1u64),
-        [a, b, s] => (
-            *a,
-            *b,
-            s.trim_start_matches('-')
-                .parse::<u64>()
-                .map_err(|_| bad())?
-                .max(1),
-        ),
+        [a, b, s] => (*a, *b, s.trim_start_matches('-').parse::<u64>().map_err(|_| bad())?.max(1)),
         _ => return Err(bad()),
     };
     let lo: i64 = lo_s.parse().map_err(|_| bad())?;
     let hi: i64 = hi_s.parse().map_err(|_| bad())?;
     let count = (lo.abs_diff(hi) / step) as usize + 1;
     if count > MAX_EXPANSION {
-        return Err(format!(
-            "`{{{body}}}` expands to more than {MAX_EXPANSION} paths"
-        ));
+        return Err(format!("`{{{body}}}` expands to more than {MAX_EXPANSION} paths"));
     }
     let padded = |s: &str| {
         let digits = s.trim_start_matches('-');
         digits.len() > 1 && digits.starts_with('0')
     };
-    let width = if padded(lo_s) || padded(hi_s) {
-        lo_s.len().max(hi_s.len())
-    } else {
-        0
-    };
+    let width = if padded(lo_s) || padded(hi_s) { lo_s.len().max(hi_s.len()) } else { 0 };
     let step = step as i64;
     let mut out = Vec::with_capacity(count);
     let mut v = lo;
@@ -492,24 +441,14 @@ mod tests {
         );
         assert_eq!(expand_braces("x{,y}").unwrap(), ["x", "xy"]);
         assert_eq!(expand_braces("plain.tar").unwrap(), ["plain.tar"]);
-        for bad in [
-            "{0..",
-            "0..1}",
-            "{{0..1}}",
-            "{x..y}",
-            "{abc}",
-            "{0..99999999999}",
-        ] {
+        for bad in ["{0..", "0..1}", "{{0..1}}", "{x..y}", "{abc}", "{0..99999999999}"] {
             assert!(expand_braces(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn parse_specs() {
-        assert_eq!(
-            DataSpec::parse("synthetic:1000").unwrap(),
-            DataSpec::Synthetic(1000)
-        );
+        assert_eq!(DataSpec::parse("synthetic:1000").unwrap(), DataSpec::Synthetic(1000));
         for bad in ["synthetic:", "synthetic:x", "synthetic:0", ""] {
             assert!(DataSpec::parse(bad).is_err(), "{bad}");
         }
@@ -525,10 +464,7 @@ mod tests {
         let single = d.join("00001.tar");
         assert_eq!(shard_paths(single.to_str().unwrap()), [vec![single.clone()]]);
         let joined = format!("{}::{}", single.display(), d.join("00000.tar").display());
-        assert_eq!(
-            shard_paths(&joined),
-            [vec![single], vec![d.join("00000.tar")]]
-        );
+        assert_eq!(shard_paths(&joined), [vec![single], vec![d.join("00000.tar")]]);
 
         // pipe: commands are brace-expanded, not checked; each `::` part is a source.
         let DataSpec::Shards(sources) =
@@ -537,9 +473,8 @@ mod tests {
             panic!("not shards")
         };
         assert_eq!(sources.len(), 2);
-        let expected: Vec<_> = (0..3)
-            .map(|i| ShardLocation::Pipe(format!("aws s3 cp s3://b/{i:02}.tar -")))
-            .collect();
+        let expected: Vec<_> =
+            (0..3).map(|i| ShardLocation::Pipe(format!("aws s3 cp s3://b/{i:02}.tar -"))).collect();
         assert_eq!(sources[0].shards, expected);
         assert_eq!(sources[1].shards, [ShardLocation::Pipe("cat x.tar".into())]);
         assert!(DataSpec::parse("pipe:").is_err());
@@ -548,13 +483,9 @@ mod tests {
         let missing = format!("{}/{{00000..00003}}.tar", d.display());
         let err = DataSpec::parse(&missing).unwrap_err().to_string();
         assert!(err.contains("00003.tar"), "{err}");
-        let err = DataSpec::parse(d.join("nope.tar").to_str().unwrap())
-            .unwrap_err()
-            .to_string();
+        let err = DataSpec::parse(d.join("nope.tar").to_str().unwrap()).unwrap_err().to_string();
         assert!(err.contains("nope.tar"), "{err}");
-        let err = DataSpec::parse(d.join("notes.txt").to_str().unwrap())
-            .unwrap_err()
-            .to_string();
+        let err = DataSpec::parse(d.join("notes.txt").to_str().unwrap()).unwrap_err().to_string();
         assert!(err.contains("notes.txt"), "{err}");
         let empty = d.join("empty");
         std::fs::create_dir(&empty).unwrap();
@@ -607,10 +538,7 @@ mod tests {
             (at("list.csv?img_key="), "no value"),
             (at("list.csv?sep=semicolon"), "sep=tab"),
             (at("list.csv?color=red"), "unknown csv option `color`"),
-            (
-                format!("{}::{}", at("list.csv"), at("list.csv")),
-                "cannot be joined",
-            ),
+            (format!("{}::{}", at("list.csv"), at("list.csv")), "cannot be joined"),
             (format!("folder:{}", at("other.txt")), "not a directory"),
         ] {
             let err = DataSpec::parse(&bad).unwrap_err().to_string();
@@ -618,10 +546,7 @@ mod tests {
         }
         // A directory with images but also shards is a shard directory.
         std::fs::write(d.join("x.jpg"), b"").unwrap();
-        assert_eq!(
-            DataSpec::parse(&at("")).unwrap(),
-            DataSpec::Folder(d.join(""))
-        );
+        assert_eq!(DataSpec::parse(&at("")).unwrap(), DataSpec::Folder(d.join("")));
         std::fs::write(d.join("00000.tar"), b"").unwrap();
         assert_eq!(shard_paths(&at("")), [vec![d.join("00000.tar")]]);
     }

@@ -131,11 +131,7 @@ pub fn draw_scene(seed: u64, index: u64, image_size: u32, single_object: bool) -
             let room = (0.5 * s - 2.0 * r).max(0.0);
             let along = half as f32 * 0.5 * s + r + rng.gen::<f32>() * room;
             let across = rng.gen_range(r..=(s - r).max(r));
-            let (cx, cy) = if vertical {
-                (across, along)
-            } else {
-                (along, across)
-            };
+            let (cx, cy) = if vertical { (across, along) } else { (along, across) };
             draw_object(&mut image, &mut rng, obj, cx, cy, r);
         }
         format!(
@@ -152,11 +148,7 @@ pub fn draw_scene(seed: u64, index: u64, image_size: u32, single_object: bool) -
         format!("{prefix}{}{period}", first.describe(rng.gen_bool(0.6)))
     };
     add_noise(&mut image, &mut rng);
-    Scene {
-        image,
-        caption,
-        label: first.label(),
-    }
+    Scene { image, caption, label: first.label() }
 }
 
 fn radius(rng: &mut impl Rng, large: bool, s: f32) -> f32 {
@@ -173,9 +165,7 @@ fn background(rng: &mut impl Rng, size: u32) -> RgbImage {
     let s = size.max(1) as f32;
     RgbImage::from_fn(size, size, |x, y| {
         let t = 0.5 + ((x as f32 / s - 0.5) * dx + (y as f32 / s - 0.5) * dy) * 0.7;
-        Rgb(std::array::from_fn(|c| {
-            (a[c] + (b[c] - a[c]) * t.clamp(0.0, 1.0)) as u8
-        }))
+        Rgb(std::array::from_fn(|c| (a[c] + (b[c] - a[c]) * t.clamp(0.0, 1.0)) as u8))
     })
 }
 
@@ -242,11 +232,7 @@ pub struct SyntheticDataset {
 
 impl SyntheticDataset {
     pub fn new(len: usize, seed: u64, image_size: u32) -> Self {
-        Self {
-            len,
-            seed,
-            image_size,
-        }
+        Self { len, seed, image_size }
     }
 }
 
@@ -304,24 +290,13 @@ mod tests {
                 scene.caption,
                 names[scene.label]
             );
-            assert!(
-                RELATIONS.iter().all(|r| !scene.caption.contains(r)),
-                "{}",
-                scene.caption
-            );
+            assert!(RELATIONS.iter().all(|r| !scene.caption.contains(r)), "{}", scene.caption);
         }
         let two = (0..50)
             .map(|i| draw_scene(3, i, 64, false))
-            .filter(|s| {
-                RELATIONS
-                    .iter()
-                    .any(|r| s.caption.contains(&format!(" {r} a ")))
-            })
+            .filter(|s| RELATIONS.iter().any(|r| s.caption.contains(&format!(" {r} a "))))
             .count();
-        assert!(
-            two > 10 && two < 40,
-            "{two} of 50 train scenes have two objects"
-        );
+        assert!(two > 10 && two < 40, "{two} of 50 train scenes have two objects");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::vocab::{bytes_to_unicode, clip_tokenizer_json, default_clip_vocab_path, read_gz_text, CLIP_EOT, CLIP_SOT, CLIP_VOCAB_SIZE};
+use super::vocab::{
+    bytes_to_unicode, clip_tokenizer_json, default_clip_vocab_path, read_gz_text, CLIP_EOT,
+    CLIP_SOT, CLIP_VOCAB_SIZE,
+};
 use super::Tokenizer;
 use crate::error::DataError;
 
@@ -11,10 +14,8 @@ impl Tokenizer {
     /// The OpenAI CLIP BPE from open_clip's `bpe_simple_vocab_16e6.txt.gz`.
     pub fn clip_from_bpe_gz(path: &Path) -> Result<Self, DataError> {
         let text = read_gz_text(path)?;
-        let json = clip_tokenizer_json(&text).map_err(|message| DataError::Tokenizer {
-            path: path.to_owned(),
-            message,
-        })?;
+        let json = clip_tokenizer_json(&text)
+            .map_err(|message| DataError::Tokenizer { path: path.to_owned(), message })?;
         let inner =
             tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| {
                 DataError::Tokenizer {
@@ -36,7 +37,6 @@ impl Tokenizer {
     pub fn clip_default() -> Result<Self, DataError> {
         Self::clip_from_bpe_gz(&default_clip_vocab_path()?)
     }
-
 }
 
 /// open_clip's `decode` of CLIP BPE tokens: byte symbols back to bytes, `</w>` to a space.
@@ -60,9 +60,7 @@ pub(super) fn decode_words(inner: &tokenizers::Tokenizer, ids: &[u32]) -> String
 }
 
 fn byte_decoder() -> impl Fn(char) -> Option<u8> {
-    let table: std::collections::HashMap<char, u8> = bytes_to_unicode()
-        .into_iter()
-        .map(|(b, c)| (c, b))
-        .collect();
+    let table: std::collections::HashMap<char, u8> =
+        bytes_to_unicode().into_iter().map(|(b, c)| (c, b)).collect();
     move |c| table.get(&c).copied()
 }

@@ -33,11 +33,8 @@ impl Clean {
             Self::Whitespace => whitespace_join(&basic),
             Self::Lower => whitespace_join(&basic).to_lowercase(),
             Self::Canonicalize => {
-                let kept: String = basic
-                    .replace('_', " ")
-                    .chars()
-                    .filter(|c| !c.is_ascii_punctuation())
-                    .collect();
+                let kept: String =
+                    basic.replace('_', " ").chars().filter(|c| !c.is_ascii_punctuation()).collect();
                 whitespace_join(&kept.to_lowercase())
             }
         }
@@ -84,11 +81,7 @@ fn whitespace_join(s: &str) -> String {
 
 /// The subset of `ftfy.fix_text` described on [`clip_clean`].
 fn ftfy_basic(text: &str) -> String {
-    let mut s = if text.contains('<') {
-        text.to_owned()
-    } else {
-        html_unescape_with(text, true)
-    };
+    let mut s = if text.contains('<') { text.to_owned() } else { html_unescape_with(text, true) };
     s = remove_terminal_escapes(&s);
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -195,7 +188,10 @@ mod tests {
 
     #[test]
     fn clean_modes_follow_open_clip() {
-        assert_eq!(Clean::Canonicalize.apply("  A_Photo, of  the CAT!! &amp; "), "a photo of the cat");
+        assert_eq!(
+            Clean::Canonicalize.apply("  A_Photo, of  the CAT!! &amp; "),
+            "a photo of the cat"
+        );
         assert_eq!(Clean::Whitespace.apply("  A  Photo\tof &amp;amp; "), "A Photo of &");
         assert_eq!(Clean::Lower.apply(" A  Photo "), "a photo");
         assert_eq!(Clean::parse("canonicalize"), Some(Clean::Canonicalize));

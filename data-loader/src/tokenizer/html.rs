@@ -67,7 +67,8 @@ fn unescape_one(s: &str, require_semicolon: bool) -> Option<(String, usize)> {
             return None;
         }
         // Python's int has no bound: anything past u64 is past U+10FFFF all the same.
-        let value = u64::from_str_radix(&digits[..len], if hex { 16 } else { 10 }).unwrap_or(u64::MAX);
+        let value =
+            u64::from_str_radix(&digits[..len], if hex { 16 } else { 10 }).unwrap_or(u64::MAX);
         let consumed = 1 + digits_start + len + usize::from(semicolon);
         return Some((numeric_reference(value), consumed));
     }
@@ -184,7 +185,8 @@ mod tests {
     /// what Python's `html.unescape` gives (tests/fixtures/make_html_entities.py).
     #[test]
     fn golden_corpus_matches_python() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizers/html_unescape.json");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tokenizers/html_unescape.json");
         let golden: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let cases = golden["cases"].as_array().unwrap();
         assert!(cases.len() > 5000);
@@ -192,8 +194,16 @@ mod tests {
             .iter()
             .map(|c| (c[0].as_str().unwrap(), c[1].as_str().unwrap()))
             .filter(|(text, want)| html_unescape(text) != *want)
-            .map(|(text, want)| format!("{text:?}\n  python {want:?}\n  rust   {:?}", html_unescape(text)))
+            .map(|(text, want)| {
+                format!("{text:?}\n  python {want:?}\n  rust   {:?}", html_unescape(text))
+            })
             .collect();
-        assert!(bad.is_empty(), "{} of {} differ:\n{}", bad.len(), cases.len(), bad.iter().take(20).cloned().collect::<Vec<_>>().join("\n"));
+        assert!(
+            bad.is_empty(),
+            "{} of {} differ:\n{}",
+            bad.len(),
+            cases.len(),
+            bad.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+        );
     }
 }

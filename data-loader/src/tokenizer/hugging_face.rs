@@ -39,15 +39,12 @@ impl Tokenizer {
     /// them; [`encode`](Self::encode) adds them itself, so the file's post-processor, padding
     /// and truncation are switched off.
     pub fn from_tokenizer_json(path: &Path) -> Result<Self, DataError> {
-        let bytes = std::fs::read(path).map_err(|e| DataError::Tokenizer {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| DataError::Tokenizer { path: path.to_owned(), message: e.to_string() })?;
         Self::from_tokenizer_json_bytes(&bytes).map_err(|e| match e {
-            DataError::Tokenizer { message, .. } => DataError::Tokenizer {
-                path: path.to_owned(),
-                message,
-            },
+            DataError::Tokenizer { message, .. } => {
+                DataError::Tokenizer { path: path.to_owned(), message }
+            }
             other => other,
         })
     }
@@ -59,9 +56,7 @@ impl Tokenizer {
             message,
         };
         let mut inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| err(e.to_string()))?;
-        inner
-            .with_truncation(None)
-            .map_err(|e| err(format!("cannot disable truncation: {e}")))?;
+        inner.with_truncation(None).map_err(|e| err(format!("cannot disable truncation: {e}")))?;
         inner.with_padding(None);
         let find = |name: &str| inner.token_to_id(name).map(i64::from);
         let pairs: [(&str, &str); 4] = [
@@ -78,19 +73,10 @@ impl Tokenizer {
             }
         }
         if eot.is_none() {
-            eot = ["<|endoftext|>", "<end_of_text>", "</s>", "[SEP]"]
-                .iter()
-                .find_map(|n| find(n));
+            eot = ["<|endoftext|>", "<end_of_text>", "</s>", "[SEP]"].iter().find_map(|n| find(n));
         }
         let vocab_size = inner.get_vocab_size(true);
-        Ok(Self {
-            inner: Arc::new(inner),
-            sot,
-            eot,
-            clip_clean: false,
-            vocab_size,
-            hf: None,
-        })
+        Ok(Self { inner: Arc::new(inner), sot, eot, clip_clean: false, vocab_size, hf: None })
     }
 
     /// A Hugging Face tokenizer prepared as transformers'
@@ -112,7 +98,8 @@ impl Tokenizer {
         };
         let err = |message: String| DataError::Tokenizer { path: file.clone(), message };
         let bytes = std::fs::read(&file).map_err(|e| err(format!("cannot read it: {e}")))?;
-        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| err(e.to_string()))?;
+        let mut inner =
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| err(e.to_string()))?;
         let file_pad = inner.get_padding().map(|p| (p.pad_token.clone(), p.pad_id));
         inner.with_truncation(None).map_err(|e| err(format!("cannot disable truncation: {e}")))?;
         inner.with_padding(None);
@@ -122,10 +109,12 @@ impl Tokenizer {
             if !p.is_file() {
                 return Ok(None);
             }
-            let text = std::fs::read_to_string(&p).map_err(|e| DataError::Tokenizer { path: p.clone(), message: e.to_string() })?;
-            serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|e| DataError::Tokenizer { path: p.clone(), message: format!("not JSON: {e}") })
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| DataError::Tokenizer { path: p.clone(), message: e.to_string() })?;
+            serde_json::from_str(&text).map(Some).map_err(|e| DataError::Tokenizer {
+                path: p.clone(),
+                message: format!("not JSON: {e}"),
+            })
         };
         let config = read_json("tokenizer_config.json")?.unwrap_or(Value::Null);
         let special_map = read_json("special_tokens_map.json")?.unwrap_or(Value::Null);
@@ -197,15 +186,27 @@ impl Tokenizer {
             eot,
             clip_clean: false,
             vocab_size,
-            hf: Some(HfPrep { clean: options.clean, sep_to_zero, pad_id, pad_left, truncate_left, added }),
+            hf: Some(HfPrep {
+                clean: options.clean,
+                sep_to_zero,
+                pad_id,
+                pad_left,
+                truncate_left,
+                added,
+            }),
         })
     }
-
 
     /// transformers' `padding="max_length", truncation=True`: the text's tokens cut to leave
     /// room for the specials (from the right unless the config says left), the
     /// post-processor's specials added, then the pad id up to the length.
-    pub(super) fn encode_hf(&self, prep: HfPrep, text: &str, context_length: usize, out: &mut Vec<i64>) {
+    pub(super) fn encode_hf(
+        &self,
+        prep: HfPrep,
+        text: &str,
+        context_length: usize,
+        out: &mut Vec<i64>,
+    ) {
         let cleaned = prep.clean.map(|c| c.apply(text));
         let text = cleaned.as_deref().unwrap_or(text);
         let ids: Vec<i64> = match self.inner.encode_fast(text, false) {
@@ -258,15 +259,19 @@ mod hf_tests {
 
     /// tests/fixtures/tokenizers/NAME (tests/fixtures/make_hf_tokenizer_fixtures.py).
     fn fixture(name: &str) -> (PathBuf, Value) {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizers").join(name);
-        let golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizers").join(name);
+        let golden =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+                .unwrap();
         (dir, golden)
     }
 
     /// Texts whose ids differ from `expected`, with both rows.
     fn mismatches(tok: &Tokenizer, golden: &Value, expected: &Value) -> Vec<String> {
         let ctx = golden["context_length"].as_u64().unwrap() as usize;
-        let texts: Vec<&str> = golden["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let texts: Vec<&str> =
+            golden["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
         let want: Vec<Vec<i64>> = serde_json::from_value(expected.clone()).unwrap();
         assert_eq!(texts.len(), want.len());
         assert!(texts.len() >= 30);
@@ -283,9 +288,15 @@ mod hf_tests {
     fn check(name: &str, key: &str, options: HfOptions) {
         let (dir, golden) = fixture(name);
         let tok = Tokenizer::hugging_face(&dir, options).unwrap();
-        let expected = if key == "transformers" { &golden["transformers"] } else { &golden["open_clip"][key] };
+        let expected =
+            if key == "transformers" { &golden["transformers"] } else { &golden["open_clip"][key] };
         let bad = mismatches(&tok, &golden, expected);
-        assert!(bad.is_empty(), "{name}/{key}: {} of 30 texts differ:\n{}", bad.len(), bad.join("\n"));
+        assert!(
+            bad.is_empty(),
+            "{name}/{key}: {} of 30 texts differ:\n{}",
+            bad.len(),
+            bad.join("\n")
+        );
         assert_eq!(tok.pad_id(), golden["pad_id"].as_i64().unwrap());
         assert_eq!(tok.vocab_size() as u64, golden["vocab_size"].as_u64().unwrap());
     }
@@ -316,7 +327,11 @@ mod hf_tests {
         for (key, clean) in ALL {
             check("bert_wp", key, HfOptions { clean, strip_sep_token: false });
         }
-        check("bert_wp", "whitespace_strip_sep", HfOptions { clean: Some(Clean::Whitespace), strip_sep_token: true });
+        check(
+            "bert_wp",
+            "whitespace_strip_sep",
+            HfOptions { clean: Some(Clean::Whitespace), strip_sep_token: true },
+        );
     }
 
     #[test]
@@ -330,7 +345,8 @@ mod hf_tests {
         let short = tok.encode("cat", 16);
         assert_eq!(&short[short.len() - 3..], &[1, 1, 1]);
         // A tokenizer.json given as a file reads the tokenizer_config.json beside it.
-        let by_file = Tokenizer::hugging_face(&dir.join("tokenizer.json"), HfOptions::default()).unwrap();
+        let by_file =
+            Tokenizer::hugging_face(&dir.join("tokenizer.json"), HfOptions::default()).unwrap();
         assert_eq!(by_file.encode(&long, 16), ids);
         let (gemma, _) = fixture("gemma_sp");
         let gemma = Tokenizer::hugging_face(&gemma, HfOptions::default()).unwrap();

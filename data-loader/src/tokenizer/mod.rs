@@ -116,11 +116,8 @@ impl Tokenizer {
         }
         let start = out.len();
         out.extend(self.sot);
-        let body = if self.clip_clean {
-            self.raw_ids(&clip_clean(text))
-        } else {
-            self.raw_ids(text)
-        };
+        let body =
+            if self.clip_clean { self.raw_ids(&clip_clean(text)) } else { self.raw_ids(text) };
         out.extend(body);
         out.extend(self.eot);
         if out.len() - start > context_length {
@@ -196,8 +193,7 @@ mod tests {
 
     fn clip() -> Option<Tokenizer> {
         static TOK: std::sync::OnceLock<Option<Tokenizer>> = std::sync::OnceLock::new();
-        TOK.get_or_init(|| vocab_path().map(|p| Tokenizer::clip_from_bpe_gz(&p).unwrap()))
-            .clone()
+        TOK.get_or_init(|| vocab_path().map(|p| Tokenizer::clip_from_bpe_gz(&p).unwrap())).clone()
     }
 
     fn padded(ids: &[i64], ctx: usize) -> Vec<i64> {
@@ -205,7 +201,6 @@ mod tests {
         v.resize(ctx, 0);
         v
     }
-
 
     #[test]
     fn known_ids_match_open_clip() {
@@ -217,10 +212,7 @@ mod tests {
         );
         assert_eq!(tok.encode("", 77), padded(&[49406, 49407], 77));
         // Case and surrounding whitespace are cleaned away.
-        assert_eq!(
-            tok.encode("  A   PHOTO of a Cat ", 77),
-            tok.encode("a photo of a cat", 77)
-        );
+        assert_eq!(tok.encode("  A   PHOTO of a Cat ", 77), tok.encode("a photo of a cat", 77));
         // HTML entities are unescaped (twice), curly quotes uncurled.
         assert_eq!(tok.encode("a &amp;amp; b", 77), tok.encode("a & b", 77));
         assert_eq!(tok.encode("it\u{2019}s", 77), tok.encode("it's", 77));
@@ -248,10 +240,7 @@ mod tests {
     fn decode_round_trips_clean_text() {
         let Some(tok) = clip() else { return };
         let ids = tok.encode("a large red circle above a small blue square.", 77);
-        assert_eq!(
-            tok.decode(&ids).trim(),
-            "a large red circle above a small blue square ."
-        );
+        assert_eq!(tok.decode(&ids).trim(), "a large red circle above a small blue square .");
     }
 
     type Cases = Vec<(String, Vec<i64>)>;
@@ -259,9 +248,7 @@ mod tests {
     /// `(text, ids)` of the cases under `key` in a golden file written by open_clip
     /// (tests/fixtures/make_fixtures.py), or `None` when the file is absent.
     fn golden(file: &str, key: &str) -> Option<(usize, Cases)> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures")
-            .join(file);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(file);
         let Ok(text) = std::fs::read_to_string(&path) else {
             eprintln!("skipping: no {}", path.display());
             return None;
@@ -273,12 +260,8 @@ mod tests {
             .unwrap()
             .iter()
             .map(|case| {
-                let ids = case["ids"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_i64().unwrap())
-                    .collect();
+                let ids =
+                    case["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
                 (case["text"].as_str().unwrap().to_owned(), ids)
             })
             .collect();
@@ -290,10 +273,7 @@ mod tests {
             .iter()
             .filter(|(text, want)| tok.encode(text, ctx) != padded(want, ctx))
             .map(|(text, want)| {
-                format!(
-                    "{text:?}\n  want {want:?}\n  got  {:?}",
-                    tok.encode(text, ctx)
-                )
+                format!("{text:?}\n  want {want:?}\n  got  {:?}", tok.encode(text, ctx))
             })
             .collect()
     }
@@ -323,14 +303,20 @@ mod tests {
     #[test]
     fn corpus_of_varied_captions_matches_open_clip() {
         let Some(tok) = clip() else { return };
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer_corpus.json");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer_corpus.json");
         let corpus: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let texts = corpus["texts"].as_array().unwrap();
         let ids = corpus["ids"].as_array().unwrap();
         let cases: Cases = texts
             .iter()
             .zip(ids)
-            .map(|(t, i)| (t.as_str().unwrap().to_owned(), i.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()))
+            .map(|(t, i)| {
+                (
+                    t.as_str().unwrap().to_owned(),
+                    i.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect(),
+                )
+            })
             .collect();
         let bad = mismatches(&tok, 77, &cases);
         let agreement = 1.0 - bad.len() as f64 / cases.len() as f64;
@@ -363,10 +349,7 @@ mod tests {
             let body = &got[1..got.iter().position(|&id| id == CLIP_EOT).unwrap()];
             // Never a SOT/EOT inside (open_clip 3.3.0 maps `<start_of_text>` and
             // `<end_of_text>` to them; see the module doc).
-            assert!(
-                !body.contains(&CLIP_SOT) && !body.contains(&CLIP_EOT),
-                "{text:?}: {got:?}"
-            );
+            assert!(!body.contains(&CLIP_SOT) && !body.contains(&CLIP_EOT), "{text:?}: {got:?}");
             if !text.contains("<start_of_text>") && !text.contains("<end_of_text>") {
                 assert_eq!(got, padded(&want, ctx), "{text:?}");
             }

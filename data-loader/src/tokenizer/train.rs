@@ -31,7 +31,10 @@ pub fn train_clip_bpe(
     use tokenizers::models::TrainerWrapper;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
-    let err = |message: String| DataError::Tokenizer { path: PathBuf::from("<trained tokenizer>"), message };
+    let err = |message: String| DataError::Tokenizer {
+        path: PathBuf::from("<trained tokenizer>"),
+        message,
+    };
     if vocab_size < 512 + 2 + 1 {
         return Err(err(format!("vocab_size {vocab_size} is too small: the 512 byte symbols and 2 special tokens come first")));
     }
@@ -67,7 +70,8 @@ pub fn train_clip_bpe(
     let alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     let total = texts.len() as u64;
     let train = |target: usize, stage: TrainStage| -> Result<tokenizers::Tokenizer, DataError> {
-        let mut tokenizer = tokenizers::Tokenizer::from_bytes(base.to_string().as_bytes()).map_err(|e| err(e.to_string()))?;
+        let mut tokenizer = tokenizers::Tokenizer::from_bytes(base.to_string().as_bytes())
+            .map_err(|e| err(e.to_string()))?;
         let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
             .vocab_size(target)
             .min_frequency(min_frequency)
@@ -100,9 +104,11 @@ pub fn train_clip_bpe(
         .filter(|symbol| !symbols.contains_key(symbol))
         .collect();
     let tokenizer = train(vocab_size - 2 - missing.len(), TrainStage::Merges)?;
-    let mut json: serde_json::Value = serde_json::from_str(&tokenizer.to_string(false).map_err(|e| err(e.to_string()))?)
-        .map_err(|e| err(e.to_string()))?;
-    let Some(vocab) = json.pointer_mut("/model/vocab").and_then(serde_json::Value::as_object_mut) else {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&tokenizer.to_string(false).map_err(|e| err(e.to_string()))?)
+            .map_err(|e| err(e.to_string()))?;
+    let Some(vocab) = json.pointer_mut("/model/vocab").and_then(serde_json::Value::as_object_mut)
+    else {
         return Err(err("the trained tokenizer has no model vocabulary".into()));
     };
     let mut next = vocab.len();
@@ -110,8 +116,10 @@ pub fn train_clip_bpe(
         vocab.insert(symbol, json!(next));
         next += 1;
     }
-    let merges = json.pointer("/model/merges").and_then(serde_json::Value::as_array).map_or(0, Vec::len);
-    let mut tokenizer = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| err(e.to_string()))?;
+    let merges =
+        json.pointer("/model/merges").and_then(serde_json::Value::as_array).map_or(0, Vec::len);
+    let mut tokenizer = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
+        .map_err(|e| err(e.to_string()))?;
     tokenizer.add_special_tokens(&[
         tokenizers::AddedToken::from("<|startoftext|>", true),
         tokenizers::AddedToken::from("<|endoftext|>", true),
@@ -163,7 +171,13 @@ mod tests {
     #[test]
     fn a_trained_bpe_loads_and_ends_with_the_largest_id() {
         let texts: Vec<String> = (0..300)
-            .map(|i| format!("A photo of a {} {} on the  Beach", ["red", "blue", "green"][i % 3], ["dog", "cat", "car", "tree"][i % 4]))
+            .map(|i| {
+                format!(
+                    "A photo of a {} {} on the  Beach",
+                    ["red", "blue", "green"][i % 3],
+                    ["dog", "cat", "car", "tree"][i % 4]
+                )
+            })
             .collect();
         // Thirteen distinct words hold fewer than 86 merges: the result says how many it got.
         let most = train_clip_bpe(&texts, 600, 2, &|_| {}).unwrap().vocab_size;
@@ -193,12 +207,14 @@ mod tests {
 
     #[test]
     fn progress_reads_every_text_in_both_passes() {
-        let texts: Vec<String> = (0..10_000).map(|i| format!("caption number {} of {}", i % 97, i % 13)).collect();
+        let texts: Vec<String> =
+            (0..10_000).map(|i| format!("caption number {} of {}", i % 97, i % 13)).collect();
         let heard = std::sync::Mutex::new(Vec::new());
         train_clip_bpe(&texts, 600, 2, &|p| heard.lock().unwrap().push(p)).unwrap();
         let heard = heard.into_inner().unwrap();
         for stage in [TrainStage::Symbols, TrainStage::Merges] {
-            let done: Vec<u64> = heard.iter().filter(|p| p.stage == stage).map(|p| p.done).collect();
+            let done: Vec<u64> =
+                heard.iter().filter(|p| p.stage == stage).map(|p| p.done).collect();
             assert_eq!(done.first(), Some(&0), "{stage:?}");
             assert_eq!(done.iter().max(), Some(&10_000), "{stage:?}");
             assert!(done.len() >= 3, "{stage:?}: {done:?}");

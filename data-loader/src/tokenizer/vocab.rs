@@ -19,7 +19,8 @@ pub(super) const CLIP_MERGES: usize = 49152 - 256 - 2;
 /// File name of the vocabulary, as shipped in the open-clip-torch wheel.
 pub const CLIP_VOCAB_FILE: &str = "bpe_simple_vocab_16e6.txt.gz";
 /// open_clip's split pattern, without its special-token alternatives (see the module doc).
-pub(super) const CLIP_SPLIT_PATTERN: &str = r"(?i)'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+pub(super) const CLIP_SPLIT_PATTERN: &str =
+    r"(?i)'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// Where the CLIP vocabulary lives: `$OXCLIP_VOCAB`, else
 /// `$OXCLIP_CACHE/bpe_simple_vocab_16e6.txt.gz`, else
@@ -31,9 +32,7 @@ pub fn default_clip_vocab_path() -> Result<PathBuf, DataError> {
     } else if let Some(dir) = std::env::var_os("OXCLIP_CACHE").filter(|p| !p.is_empty()) {
         PathBuf::from(dir).join(CLIP_VOCAB_FILE)
     } else {
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_default();
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
         home.join(".cache").join("oxclip").join(CLIP_VOCAB_FILE)
     };
     if path.is_file() {
@@ -45,21 +44,17 @@ pub fn default_clip_vocab_path() -> Result<PathBuf, DataError> {
 
 pub(super) fn read_gz_text(path: &Path) -> Result<String, DataError> {
     if !path.is_file() {
-        return Err(DataError::VocabMissing {
-            path: path.to_owned(),
-        });
+        return Err(DataError::VocabMissing { path: path.to_owned() });
     }
-    let file = std::fs::File::open(path).map_err(|source| DataError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let file = std::fs::File::open(path)
+        .map_err(|source| DataError::Read { path: path.to_owned(), source })?;
     let mut text = String::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_string(&mut text)
-        .map_err(|e| DataError::Tokenizer {
+    flate2::read::GzDecoder::new(file).read_to_string(&mut text).map_err(|e| {
+        DataError::Tokenizer {
             path: path.to_owned(),
             message: format!("not a gzipped UTF-8 text file: {e}"),
-        })?;
+        }
+    })?;
     Ok(text)
 }
 
@@ -111,10 +106,7 @@ pub(super) fn clip_tokenizer_json(vocab_file: &str) -> Result<Value, String> {
     for (i, line) in lines[1..=CLIP_MERGES].iter().enumerate() {
         let mut parts = line.split_whitespace();
         let (Some(a), Some(b), None) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(format!(
-                "line {}: expected two symbols, got {line:?}",
-                i + 2
-            ));
+            return Err(format!("line {}: expected two symbols, got {line:?}", i + 2));
         };
         push(format!("{a}{b}"), &mut vocab);
         merges.push(json!([a, b]));
@@ -235,9 +227,6 @@ mod tests {
     fn missing_vocab_says_make_setup() {
         let err = Tokenizer::clip_from_bpe_gz(Path::new("/nonexistent/bpe.txt.gz")).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("make setup") && msg.contains("/nonexistent/bpe.txt.gz"),
-            "{msg}"
-        );
+        assert!(msg.contains("make setup") && msg.contains("/nonexistent/bpe.txt.gz"), "{msg}");
     }
 }

@@ -111,14 +111,10 @@ pub fn pack(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<PackSummary, DataError> {
     if cfg.shard_size == 0 {
-        return Err(DataError::Config(
-            "pack: shard_size must be at least 1".into(),
-        ));
+        return Err(DataError::Config("pack: shard_size must be at least 1".into()));
     }
     if cfg.max_side == Some(0) {
-        return Err(DataError::Config(
-            "pack: max_side must be at least 1".into(),
-        ));
+        return Err(DataError::Config("pack: max_side must be at least 1".into()));
     }
     if source.is_empty() {
         return Err(DataError::NoUsableSample {
@@ -128,10 +124,8 @@ pub fn pack(
     }
     let survey = Survey::of(out, cfg.beside_existing)?;
     let created = !out.exists();
-    std::fs::create_dir_all(out).map_err(|source| DataError::Write {
-        path: out.to_owned(),
-        source,
-    })?;
+    std::fs::create_dir_all(out)
+        .map_err(|source| DataError::Write { path: out.to_owned(), source })?;
     // Shards written under names the earlier index did not list: if this pack fails they
     // would belong to no index, so they go.
     let mut new_names = Vec::new();
@@ -144,10 +138,8 @@ pub fn pack(
                 });
             }
             let index_path = out.join("index.json");
-            let json = serde_json::to_vec_pretty(&index).map_err(|source| DataError::Json {
-                path: index_path.clone(),
-                source,
-            })?;
+            let json = serde_json::to_vec_pretty(&index)
+                .map_err(|source| DataError::Json { path: index_path.clone(), source })?;
             write_atomic(&index_path, &json)?;
             Ok((summary, index))
         },
@@ -183,28 +175,17 @@ impl Survey {
     /// Lists `out` and refuses it when it holds files pack did not write (unless
     /// `beside_existing`), or when writing there would overwrite one (`index.json`).
     fn of(out: &Path, beside_existing: bool) -> Result<Self, DataError> {
-        let mut survey = Survey {
-            listed: Vec::new(),
-            foreign: BTreeSet::new(),
-        };
+        let mut survey = Survey { listed: Vec::new(), foreign: BTreeSet::new() };
         let entries = match std::fs::read_dir(out) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(survey),
-            Err(source) => {
-                return Err(DataError::Read {
-                    path: out.to_owned(),
-                    source,
-                })
-            }
+            Err(source) => return Err(DataError::Read { path: out.to_owned(), source }),
         };
         let names: Vec<String> = entries
             .map(|entry| {
                 entry
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .map_err(|source| DataError::Read {
-                        path: out.to_owned(),
-                        source,
-                    })
+                    .map_err(|source| DataError::Read { path: out.to_owned(), source })
             })
             .collect::<Result<_, _>>()?;
         let own_index = ShardIndex::read(out)
@@ -219,7 +200,8 @@ impl Survey {
                 .collect();
         }
         for name in names {
-            let ours = (own_index.is_some() && name == "index.json") || survey.listed.contains(&name);
+            let ours =
+                (own_index.is_some() && name == "index.json") || survey.listed.contains(&name);
             if !ours {
                 survey.foreign.insert(name);
             }
@@ -284,11 +266,8 @@ fn write_shards(
         resized: 0,
         skipped: source.load_skips(),
     };
-    let mut index = ShardIndex {
-        shards: Vec::new(),
-        samples: 0,
-        written_by: Some(PACK_WRITER.to_owned()),
-    };
+    let mut index =
+        ShardIndex { shards: Vec::new(), samples: 0, written_by: Some(PACK_WRITER.to_owned()) };
     let mut writer: Option<(String, ShardWriter)> = None;
     let mut next_number = 0;
     let mut start = 0;
@@ -380,9 +359,7 @@ fn prepare(
         Ok(image) => image,
         Err(reason) => return Ok(Err(reason)),
     };
-    let too_large = cfg
-        .max_side
-        .filter(|&side| decoded.width().max(decoded.height()) > side);
+    let too_large = cfg.max_side.filter(|&side| decoded.width().max(decoded.height()) > side);
     if let Some(side) = too_large {
         let resized = downscale(&decoded, side);
         let mut jpeg = Vec::new();
@@ -392,12 +369,7 @@ fn prepare(
                 key: source.describe(index),
                 message: e.to_string(),
             })?;
-        return Ok(Ok(Prepared {
-            image_ext: "jpg",
-            image: jpeg,
-            caption,
-            resized: true,
-        }));
+        return Ok(Ok(Prepared { image_ext: "jpg", image: jpeg, caption, resized: true }));
     }
     // It decoded, so the format is one of these.
     let image_ext = match image::guess_format(&raw.image) {
@@ -405,12 +377,7 @@ fn prepare(
         Ok(image::ImageFormat::WebP) => "webp",
         _ => "jpg",
     };
-    Ok(Ok(Prepared {
-        image_ext,
-        image: raw.image,
-        caption,
-        resized: false,
-    }))
+    Ok(Ok(Prepared { image_ext, image: raw.image, caption, resized: false }))
 }
 
 /// `img` scaled so that its longer side is `side` (aspect kept, each side at least 1 pixel),
@@ -470,27 +437,15 @@ mod tests {
 
         let out = d.join("shards");
         // An earlier, larger pack of this folder: its shards beyond this pack's go away.
-        let one_per_shard = PackConfig {
-            shard_size: 1,
-            ..PackConfig::default()
-        };
+        let one_per_shard = PackConfig { shard_size: 1, ..PackConfig::default() };
         let earlier = pack(&source, &out, &one_per_shard, &mut |_, _| {}).unwrap();
         assert_eq!(earlier.shards, 6);
         assert!(out.join("00005.tar").exists());
-        let cfg = PackConfig {
-            shard_size: 4,
-            threads: 3,
-            ..PackConfig::default()
-        };
+        let cfg = PackConfig { shard_size: 4, threads: 3, ..PackConfig::default() };
         let mut calls = Vec::new();
-        let summary = pack(&source, &out, &cfg, &mut |done, total| {
-            calls.push((done, total))
-        })
-        .unwrap();
-        assert_eq!(
-            (summary.samples, summary.shards, summary.resized),
-            (6, 2, 0)
-        );
+        let summary =
+            pack(&source, &out, &cfg, &mut |done, total| calls.push((done, total))).unwrap();
+        assert_eq!((summary.samples, summary.shards, summary.resized), (6, 2, 0));
         assert_eq!(summary.skipped.get("undecodable_image"), Some(&1));
         assert_eq!(summary.skipped.get("missing_image"), Some(&1));
         assert_eq!(summary.skipped.get("empty_caption"), Some(&1));
@@ -502,11 +457,7 @@ mod tests {
 
         let index = ShardIndex::read(&out).unwrap();
         assert_eq!(index.samples, 6);
-        let names: Vec<_> = index
-            .shards
-            .iter()
-            .map(|s| (s.name.as_str(), s.samples))
-            .collect();
+        let names: Vec<_> = index.shards.iter().map(|s| (s.name.as_str(), s.samples)).collect();
         assert_eq!(names, [("00000.tar", 4), ("00001.tar", 2)]);
         let samples: Vec<_> = index
             .shards
@@ -518,10 +469,7 @@ mod tests {
         assert_eq!(samples[0].source.as_deref(), Some("a.jpg"));
         assert_eq!(samples[0].image, a);
         assert_eq!(samples[0].image_ext, "jpg");
-        assert_eq!(
-            samples[0].caption.as_deref(),
-            Some("caption 0, with a comma")
-        );
+        assert_eq!(samples[0].caption.as_deref(), Some("caption 0, with a comma"));
         assert_eq!(samples[5].key, "000000005");
         assert_eq!(samples[5].image, b);
         assert_eq!(samples[5].image_ext, "png");
@@ -529,10 +477,7 @@ mod tests {
         // The packed directory is a spec that reads back every sample.
         let spec = DataSpec::parse(out.to_str().unwrap()).unwrap();
         let stats = crate::tools::stats::stats(&spec, 2, &mut |_, _| {}).unwrap();
-        assert_eq!(
-            (stats.samples, stats.shards, stats.skipped.total()),
-            (6, 2, 0)
-        );
+        assert_eq!((stats.samples, stats.shards, stats.skipped.total()), (6, 2, 0));
     }
 
     #[test]
@@ -546,19 +491,11 @@ mod tests {
         write(&d.join("orphan.jpg"), &jpeg(4, 4));
         let source = folder::load(d).unwrap();
         let out = d.join("out");
-        let cfg = PackConfig {
-            max_side: Some(16),
-            ..PackConfig::default()
-        };
+        let cfg = PackConfig { max_side: Some(16), ..PackConfig::default() };
         let summary = pack(&source, &out, &cfg, &mut |_, _| {}).unwrap();
-        assert_eq!(
-            (summary.samples, summary.shards, summary.resized),
-            (2, 1, 1)
-        );
+        assert_eq!((summary.samples, summary.shards, summary.resized), (2, 1, 1));
         assert_eq!(summary.skipped.get("missing_caption"), Some(&1));
-        let samples: Vec<_> = read_shard(&out.join("00000.tar"))
-            .map(|s| s.unwrap())
-            .collect();
+        let samples: Vec<_> = read_shard(&out.join("00000.tar")).map(|s| s.unwrap()).collect();
         assert_eq!(samples[0].image_ext, "jpg");
         let big = decode_image(&samples[0].image, DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!(big.dimensions(), (16, 8));
@@ -587,10 +524,7 @@ mod tests {
             "{err}"
         );
         assert!(!d.join("out").exists());
-        let zero = PackConfig {
-            shard_size: 0,
-            ..PackConfig::default()
-        };
+        let zero = PackConfig { shard_size: 0, ..PackConfig::default() };
         assert!(pack(&source, &d.join("out"), &zero, &mut |_, _| {}).is_err());
     }
 
@@ -623,14 +557,12 @@ mod tests {
         let source = csv_source(&d.join("src/list.csv"));
         let out = d.join("out");
         let files = foreign_folder(&out);
-        let cfg = PackConfig {
-            shard_size: 1,
-            ..PackConfig::default()
-        };
+        let cfg = PackConfig { shard_size: 1, ..PackConfig::default() };
         let err = pack(&source, &out, &cfg, &mut |_, _| {}).unwrap_err().to_string();
         assert!(
-            err.contains("3 file(s) that `data pack` did not write: 00000.tar, 00007.tar, myarchive.tar")
-                && err.contains("--beside-existing"),
+            err.contains(
+                "3 file(s) that `data pack` did not write: 00000.tar, 00007.tar, myarchive.tar"
+            ) && err.contains("--beside-existing"),
             "{err}"
         );
         assert!(!out.join("index.json").exists());
@@ -639,28 +571,31 @@ mod tests {
         }
 
         // Beside them: nine shards, none under a taken name, every foreign file unchanged.
-        let beside = PackConfig {
-            beside_existing: true,
-            ..cfg.clone()
-        };
+        let beside = PackConfig { beside_existing: true, ..cfg.clone() };
         let summary = pack(&source, &out, &beside, &mut |_, _| {}).unwrap();
         assert_eq!((summary.samples, summary.shards), (9, 9));
         let index = ShardIndex::read(&out).unwrap();
         let names: Vec<&str> = index.shards.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
-            ["00001.tar", "00002.tar", "00003.tar", "00004.tar", "00005.tar", "00006.tar",
-             "00008.tar", "00009.tar", "00010.tar"]
+            [
+                "00001.tar",
+                "00002.tar",
+                "00003.tar",
+                "00004.tar",
+                "00005.tar",
+                "00006.tar",
+                "00008.tar",
+                "00009.tar",
+                "00010.tar"
+            ]
         );
         for (path, bytes) in &files {
             assert_eq!(&std::fs::read(path).unwrap(), bytes);
         }
 
         // Again, smaller: its own earlier shards go, the foreign files stay.
-        let bigger_shards = PackConfig {
-            shard_size: 5,
-            ..beside.clone()
-        };
+        let bigger_shards = PackConfig { shard_size: 5, ..beside.clone() };
         pack(&source, &out, &bigger_shards, &mut |_, _| {}).unwrap();
         let index = ShardIndex::read(&out).unwrap();
         let names: Vec<&str> = index.shards.iter().map(|s| s.name.as_str()).collect();

@@ -40,19 +40,11 @@ pub fn stats(
     if let DataSpec::Shards(sources) = spec {
         let set = ShardSet::resolve(sources)?;
         let (samples, skipped) = count_shard_samples(&set, threads, progress)?;
-        return Ok(DataStats {
-            samples,
-            skipped,
-            shards: set.shards.len() as u64,
-        });
+        return Ok(DataStats { samples, skipped, shards: set.shards.len() as u64 });
     }
     let dataset = open_indexed(spec, 0)?;
     let (samples, skipped) = count_samples(dataset.as_ref(), threads, progress)?;
-    Ok(DataStats {
-        samples,
-        skipped,
-        shards: 0,
-    })
+    Ok(DataStats { samples, skipped, shards: 0 })
 }
 
 /// Streams every shard of `set` and decodes its samples, [`CHUNK_SAMPLES`] at a time on
@@ -170,9 +162,11 @@ mod tests {
     /// one skipped and counted by its reason.
     #[test]
     fn python_webdataset_shards_with_faults_count_exactly() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/webdataset_py");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/webdataset_py");
         let expected: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
         let spec = DataSpec::parse(dir.to_str().unwrap()).unwrap();
         for threads in [1, 3] {
             let got = stats(&spec, threads, &mut |_, _| {}).unwrap();
@@ -202,12 +196,9 @@ mod tests {
         std::fs::create_dir_all(d.join("shards")).unwrap();
         for (n, name) in ["00000.tar", "00001.tar"].iter().enumerate() {
             let mut w = ShardWriter::create(&d.join("shards").join(name)).unwrap();
-            w.write_sample(&format!("{n}a"), &[("jpg", &good), ("txt", b"fine")])
-                .unwrap();
-            w.write_sample(&format!("{n}b"), &[("jpg", b"bad"), ("txt", b"broken")])
-                .unwrap();
-            w.write_sample(&format!("{n}c"), &[("txt", b"no image")])
-                .unwrap();
+            w.write_sample(&format!("{n}a"), &[("jpg", &good), ("txt", b"fine")]).unwrap();
+            w.write_sample(&format!("{n}b"), &[("jpg", b"bad"), ("txt", b"broken")]).unwrap();
+            w.write_sample(&format!("{n}c"), &[("txt", b"no image")]).unwrap();
             w.finish().unwrap();
         }
         let spec = DataSpec::parse(d.join("shards").to_str().unwrap()).unwrap();
@@ -225,10 +216,7 @@ mod tests {
         );
 
         write(&d.join("a.jpg"), &good);
-        write(
-            &d.join("list.csv"),
-            b"filepath,title\na.jpg,ok\na.jpg,\nnone.jpg,x\n",
-        );
+        write(&d.join("list.csv"), b"filepath,title\na.jpg,ok\na.jpg,\nnone.jpg,x\n");
         let spec = DataSpec::parse(d.join("list.csv").to_str().unwrap()).unwrap();
         let s = stats(&spec, 1, &mut |_, _| {}).unwrap();
         assert_eq!((s.samples, s.shards, s.skipped.total()), (1, 0, 2));

@@ -62,9 +62,7 @@ pub fn write_synth(
     progress: &mut dyn FnMut(u64),
 ) -> Result<SynthSummary, DataError> {
     if cfg.shard_size == 0 {
-        return Err(DataError::Config(
-            "synth: shard_size must be at least 1".into(),
-        ));
+        return Err(DataError::Config("synth: shard_size must be at least 1".into()));
     }
     if cfg.image_size < 8 {
         return Err(DataError::Config(format!(
@@ -74,33 +72,13 @@ pub fn write_synth(
     }
     refuse_overwriting_foreign_files(out, cfg)?;
     let mut done = 0u64;
-    let train_shards = write_split(
-        &out.join("train"),
-        cfg,
-        cfg.samples,
-        cfg.seed,
-        false,
-        &mut done,
-        progress,
-    )?;
+    let train_shards =
+        write_split(&out.join("train"), cfg, cfg.samples, cfg.seed, false, &mut done, progress)?;
     let val_seed = mix(&[cfg.seed, VAL_STREAM]);
-    let val_shards = write_split(
-        &out.join("val"),
-        cfg,
-        cfg.val_samples,
-        val_seed,
-        true,
-        &mut done,
-        progress,
-    )?;
-    write_atomic(
-        &out.join("classnames.txt"),
-        (classnames().join("\n") + "\n").as_bytes(),
-    )?;
-    write_atomic(
-        &out.join("templates.txt"),
-        (templates().join("\n") + "\n").as_bytes(),
-    )?;
+    let val_shards =
+        write_split(&out.join("val"), cfg, cfg.val_samples, val_seed, true, &mut done, progress)?;
+    write_atomic(&out.join("classnames.txt"), (classnames().join("\n") + "\n").as_bytes())?;
+    write_atomic(&out.join("templates.txt"), (templates().join("\n") + "\n").as_bytes())?;
     Ok(SynthSummary {
         out: out.to_owned(),
         train_samples: cfg.samples,
@@ -161,23 +139,15 @@ fn write_split(
     done: &mut u64,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, DataError> {
-    std::fs::create_dir_all(dir).map_err(|source| DataError::Write {
-        path: dir.to_owned(),
-        source,
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|source| DataError::Write { path: dir.to_owned(), source })?;
     let shard_count = samples.div_ceil(cfg.shard_size);
     // Only what our own earlier index lists is ever removed.
     let previous: Vec<String> = ShardIndex::read(dir)
         .map(|index| index.shards.into_iter().map(|s| s.name).collect())
         .unwrap_or_default();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8);
-    let mut index = ShardIndex {
-        shards: Vec::new(),
-        samples: 0,
-        written_by: None,
-    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let mut index = ShardIndex { shards: Vec::new(), samples: 0, written_by: None };
     for shard in 0..shard_count {
         let start = shard * cfg.shard_size;
         let end = (start + cfg.shard_size).min(samples);
@@ -196,16 +166,11 @@ fn write_split(
             progress(*done);
         }
         let written = writer.finish()?;
-        index.shards.push(ShardIndexEntry {
-            name,
-            samples: written,
-        });
+        index.shards.push(ShardIndexEntry { name, samples: written });
         index.samples += written;
     }
-    let json = serde_json::to_vec_pretty(&index).map_err(|source| DataError::Json {
-        path: dir.join("index.json"),
-        source,
-    })?;
+    let json = serde_json::to_vec_pretty(&index)
+        .map_err(|source| DataError::Json { path: dir.join("index.json"), source })?;
     write_atomic(&dir.join("index.json"), &json)?;
     let kept: Vec<String> = index.shards.iter().map(|s| s.name.clone()).collect();
     remove_stale_shards(dir, &previous, &kept)?;
@@ -237,11 +202,7 @@ fn encode_range(
         let handles: Vec<_> = indices
             .chunks(chunk)
             .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|&i| encode(i))
-                        .collect::<Result<Vec<_>, _>>()
-                })
+                scope.spawn(move || part.iter().map(|&i| encode(i)).collect::<Result<Vec<_>, _>>())
             })
             .collect();
         let mut out = Vec::with_capacity(indices.len());
@@ -264,13 +225,8 @@ mod tests {
     #[test]
     fn write_synth_writes_readable_shards_matching_the_index() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = SynthConfig {
-            samples: 23,
-            val_samples: 7,
-            image_size: 32,
-            shard_size: 10,
-            seed: 4,
-        };
+        let cfg =
+            SynthConfig { samples: 23, val_samples: 7, image_size: 32, shard_size: 10, seed: 4 };
         // A stale shard that an earlier, larger run listed in its index disappears; a shard
         // no index of ours lists is not ours to remove.
         std::fs::create_dir_all(dir.path().join("train")).unwrap();
@@ -298,7 +254,12 @@ mod tests {
         std::fs::write(other.path().join("train/00001.tar"), b"theirs").unwrap();
         std::fs::write(other.path().join("classnames.txt"), b"theirs").unwrap();
         let err = write_synth(other.path(), &cfg, &mut |_| {}).unwrap_err().to_string();
-        assert!(err.contains("train/00001.tar") && err.contains("classnames.txt") && err.contains("did not write"), "{err}");
+        assert!(
+            err.contains("train/00001.tar")
+                && err.contains("classnames.txt")
+                && err.contains("did not write"),
+            "{err}"
+        );
         assert_eq!(std::fs::read(other.path().join("train/00001.tar")).unwrap(), b"theirs");
         assert_eq!(std::fs::read(other.path().join("classnames.txt")).unwrap(), b"theirs");
         assert!(!other.path().join("train/00000.tar").exists(), "wrote before refusing");

@@ -46,7 +46,10 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
     if let Some(m) = args.micro_batch_size {
-        anyhow::ensure!(m > 0 && m <= args.batch_size, "--micro-batch-size must be between 1 and --batch-size");
+        anyhow::ensure!(
+            m > 0 && m <= args.batch_size,
+            "--micro-batch-size must be between 1 and --batch-size"
+        );
     }
     if let Some(t) = args.threads {
         anyhow::ensure!(t > 0, "--threads must be at least 1");
@@ -113,7 +116,9 @@ pub fn loader(args: BenchLoaderArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     let data = DataSource::open(&DataSpec::parse(&args.data)?, args.seed)?;
-    let tokenizer = oxclip_data_loader::Tokenizer::clip_from_bpe_gz(&oxclip_data_loader::tokenizer::default_clip_vocab_path()?)?;
+    let tokenizer = oxclip_data_loader::Tokenizer::clip_from_bpe_gz(
+        &oxclip_data_loader::tokenizer::default_clip_vocab_path()?,
+    )?;
     let mut loader = Loader::open(
         &data,
         &ShardOptions::default(),
@@ -213,25 +218,38 @@ struct LossBenchResult {
 /// memory and the loss, for the tiled version or the N x N oracle.
 pub fn loss(args: BenchLossArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch > 0 && args.dim > 0, "--batch and --dim must be positive");
-    anyhow::ensure!(!(args.naive && args.bf16), "--bf16 applies to the tiled loss, not the --naive oracle");
+    anyhow::ensure!(
+        !(args.naive && args.bf16),
+        "--bf16 applies to the tiled loss, not the --naive oracle"
+    );
     let device = device::select(&args.device, "--device")?;
     tch::manual_seed(args.seed);
     let unit = |t: tch::Tensor| oxclip_trainer::model::normalize(&t);
     let image = unit(tch::Tensor::randn([args.batch, args.dim], (tch::Kind::Float, device)));
-    let text = unit(&image + tch::Tensor::randn([args.batch, args.dim], (tch::Kind::Float, device)) * 0.5);
+    let text =
+        unit(&image + tch::Tensor::randn([args.batch, args.dim], (tch::Kind::Float, device)) * 0.5);
     let (kind, scale, bias) = match args.kind {
         KindArg::Clip => (LossKind::Clip, oxclip_trainer::model::LOGIT_SCALE_INIT, None),
-        KindArg::Siglip => (LossKind::Siglip, siglip::SIGLIP_LOGIT_SCALE_INIT, Some(siglip::SIGLIP_LOGIT_BIAS_INIT)),
+        KindArg::Siglip => (
+            LossKind::Siglip,
+            siglip::SIGLIP_LOGIT_SCALE_INIT,
+            Some(siglip::SIGLIP_LOGIT_BIAS_INIT),
+        ),
     };
     let logit_scale = tch::Tensor::from(scale as f32).to_device(device);
     let logit_bias = bias.map(|b| tch::Tensor::from(b as f32).to_device(device));
     let matmul = if args.bf16 { Matmul::Bf16 } else { Matmul::Fp32 };
-    let spec = LossSpec { kind, tiling: Tiling::from_flags(args.tile.max(0) as usize, args.naive), matmul };
+    let spec = LossSpec {
+        kind,
+        tiling: Tiling::from_flags(args.tile.max(0) as usize, args.naive),
+        matmul,
+    };
     let started = Instant::now();
     let out = spec.compute(&image, &text, &logit_scale, logit_bias.as_ref(), 0..args.batch)?;
     let loss = out.loss.double_value(&[]);
     // Reading the gradients waits for the device.
-    let _ = (out.grad_image.sum(tch::Kind::Float) + out.grad_text.sum(tch::Kind::Float)).double_value(&[]);
+    let _ = (out.grad_image.sum(tch::Kind::Float) + out.grad_text.sum(tch::Kind::Float))
+        .double_value(&[]);
     let seconds = started.elapsed().as_secs_f64();
     let result = LossBenchResult {
         bench: "loss",

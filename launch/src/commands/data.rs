@@ -94,7 +94,10 @@ pub fn synth(args: SynthArgs) -> anyhow::Result<()> {
 
 pub fn pack(args: PackArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.shard_size > 0, "--shard-size must be at least 1");
-    anyhow::ensure!(args.max_side.is_none_or(|px| (1..=65_535).contains(&px)), "--max-side must be 1 to 65535 pixels");
+    anyhow::ensure!(
+        args.max_side.is_none_or(|px| (1..=65_535).contains(&px)),
+        "--max-side must be 1 to 65535 pixels"
+    );
     let spec = DataSpec::parse(&args.from)?;
     let Some(source) = sources::open_files(&spec) else {
         anyhow::bail!(
@@ -116,8 +119,17 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
-    let resized = if summary.resized > 0 { format!(" ({} downscaled to --max-side)", summary.resized) } else { String::new() };
-    println!("packed {} samples into {} shards in {}{resized}", summary.samples, summary.shards, args.out.display());
+    let resized = if summary.resized > 0 {
+        format!(" ({} downscaled to --max-side)", summary.resized)
+    } else {
+        String::new()
+    };
+    println!(
+        "packed {} samples into {} shards in {}{resized}",
+        summary.samples,
+        summary.shards,
+        args.out.display()
+    );
     println!("skipped {}", describe_skips(&summary.skipped));
     Ok(())
 }
@@ -131,7 +143,8 @@ pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
-    let nothing_usable = || DataError::NoUsableSample { what: spec.to_string(), skipped: result.skipped.clone() };
+    let nothing_usable =
+        || DataError::NoUsableSample { what: spec.to_string(), skipped: result.skipped.clone() };
     if args.json {
         // The counts stay on stdout, exactly one line, even when they make this an error.
         println!("{}", serde_json::to_string(&result)?);
@@ -141,7 +154,8 @@ pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
     } else if result.samples == 0 {
         return Err(nothing_usable().into());
     } else {
-        let shards = if result.shards > 0 { format!(" in {} shards", result.shards) } else { String::new() };
+        let shards =
+            if result.shards > 0 { format!(" in {} shards", result.shards) } else { String::new() };
         println!("{}: {} usable samples{shards}", args.spec, result.samples);
         println!("skipped {}", describe_skips(&result.skipped));
     }
@@ -166,9 +180,11 @@ pub fn show_shard_counting() {
         let shown = slot.get_or_insert_with(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
-                ProgressStyle::with_template("counting shard samples [{bar:40}] {pos}/{len} shards (eta {eta})")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "counting shard samples [{bar:40}] {pos}/{len} shards (eta {eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             bar
         });
@@ -180,4 +196,3 @@ pub fn show_shard_counting() {
         }
     });
 }
-

@@ -36,14 +36,22 @@ impl ModelArgs {
     /// The model, its tokenizer, preprocessing and device ([`super::open_model`]).
     /// `text`: whether texts will be embedded (a tokenizer is then required).
     pub fn open(&self, text: bool) -> anyhow::Result<super::OpenedModel> {
-        super::open_model(&self.checkpoint, self.model.as_deref(), self.tokenizer.as_deref(), &self.device, text)
+        super::open_model(
+            &self.checkpoint,
+            self.model.as_deref(),
+            self.tokenizer.as_deref(),
+            &self.device,
+            text,
+        )
     }
 }
 
 /// A JSON file holding a list of strings.
 pub(crate) fn read_texts(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of strings", path.display()))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected a JSON list of strings", path.display()))
 }
 
 #[derive(Args)]
@@ -89,14 +97,21 @@ pub fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     if !args.images.is_empty() {
         let bar = super::progress_bar("embed", "images");
         bar.set_length(images.len() as u64);
-        let embedded = embedder.embed_images(&images, args.batch_size, args.workers, &mut |n| bar.inc(n))?;
+        let embedded =
+            embedder.embed_images(&images, args.batch_size, args.workers, &mut |n| bar.inc(n))?;
         bar.finish_and_clear();
         // Each unusable file by name, then how many, as the loader reports skipped samples.
         for (_, why) in &embedded.skipped {
             tracing::warn!("skipped: {why}");
         }
         if !embedded.skipped.is_empty() {
-            tracing::warn!("{} of {} image(s) skipped ({}); {} embedded", embedded.skipped.len(), images.len(), embedded.skip_counts, embedded.kept.len());
+            tracing::warn!(
+                "{} of {} image(s) skipped ({}); {} embedded",
+                embedded.skipped.len(),
+                images.len(),
+                embedded.skip_counts,
+                embedded.kept.len()
+            );
         }
         embedded_images = embedded.kept.len();
         tensors.insert("image_embeds".to_owned(), embedded.embeds);
@@ -110,7 +125,11 @@ pub fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     write_safetensors(&tensors, Some(metadata), &args.out)?;
     let skipped = images.len() - embedded_images;
     let skipped = if skipped > 0 { format!(" ({skipped} skipped)") } else { String::new() };
-    println!("{embedded_images} image(s){skipped}, {} text(s) -> {}", texts.len(), args.out.display());
+    println!(
+        "{embedded_images} image(s){skipped}, {} text(s) -> {}",
+        texts.len(),
+        args.out.display()
+    );
     Ok(())
 }
 
@@ -137,7 +156,8 @@ pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
     let mut ranked: Vec<(&String, f64)> = args.labels.iter().zip(probs).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     if args.json {
-        let map: serde_json::Map<String, serde_json::Value> = ranked.iter().map(|(l, p)| ((*l).clone(), serde_json::json!(p))).collect();
+        let map: serde_json::Map<String, serde_json::Value> =
+            ranked.iter().map(|(l, p)| ((*l).clone(), serde_json::json!(p))).collect();
         println!("{}", serde_json::Value::Object(map));
     } else {
         for (label, p) in ranked {

@@ -8,10 +8,10 @@ use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
 use oxclip_data_loader::{DataSource, DataSpec, Tokenizer};
-use oxclip_trainer::eval::{self, benchmark, EvalResult};
-use oxclip_trainer::train::read_templates;
 use oxclip_trainer::collectives::{self, Collectives, DistSettings, SingleProcess};
+use oxclip_trainer::eval::{self, benchmark, EvalResult};
 use oxclip_trainer::model::Clip;
+use oxclip_trainer::train::read_templates;
 
 use super::embed::ModelArgs;
 
@@ -94,13 +94,31 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
     let device = opened.device;
     let (_vs, model) = opened.load()?;
     let classifier = match &zero_shot {
-        Some((names, templates)) => Some(eval::zero_shot_classifier(&model, &tokenizer, names, templates, device)?),
+        Some((names, templates)) => {
+            Some(eval::zero_shot_classifier(&model, &tokenizer, names, templates, device)?)
+        }
         None => None,
     };
-    let mut loader = eval::eval_loader_with(&source, tokenizer, &opened.config, &opened.preprocess, args.batch_size, args.workers, ranks.comm())?;
+    let mut loader = eval::eval_loader_with(
+        &source,
+        tokenizer,
+        &opened.config,
+        &opened.preprocess,
+        args.batch_size,
+        args.workers,
+        ranks.comm(),
+    )?;
     let bar = ranks.progress_bar(source.len());
-    let result = eval::evaluate_with_progress(&model, &mut loader, classifier.as_ref(), retrieval, device, ranks.comm(), &mut |n| bar.inc(n))
-        .with_context(|| format!("evaluating {spec_text}"))?;
+    let result = eval::evaluate_with_progress(
+        &model,
+        &mut loader,
+        classifier.as_ref(),
+        retrieval,
+        device,
+        ranks.comm(),
+        &mut |n| bar.inc(n),
+    )
+    .with_context(|| format!("evaluating {spec_text}"))?;
     bar.finish_and_clear();
     if ranks.prints() {
         print_result(&result, args.json);
@@ -110,7 +128,12 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
 
 /// ImageNet-1k or a clip_benchmark directory: what the set holds decides the task, whichever
 /// of --zero-shot and --retrieval named it.
-fn run_benchmark(args: &EvalArgs, spec_text: &str, set: &benchmark::Benchmark, ranks: &Ranks) -> anyhow::Result<()> {
+fn run_benchmark(
+    args: &EvalArgs,
+    spec_text: &str,
+    set: &benchmark::Benchmark,
+    ranks: &Ranks,
+) -> anyhow::Result<()> {
     if args.classnames.is_some() {
         bail!("{spec_text} names its own classes (classnames.txt, or the built-in ImageNet-1k list); leave out --classnames");
     }
@@ -118,7 +141,8 @@ fn run_benchmark(args: &EvalArgs, spec_text: &str, set: &benchmark::Benchmark, r
     let opened = args.model.open(true)?;
     let tokenizer = opened.text_tokenizer()?;
     let (_vs, model) = opened.load()?;
-    let result = evaluate_benchmark(args, &opened, &model, &tokenizer, set, &source, "eval", ranks).with_context(|| format!("evaluating {spec_text}"))?;
+    let result = evaluate_benchmark(args, &opened, &model, &tokenizer, set, &source, "eval", ranks)
+        .with_context(|| format!("evaluating {spec_text}"))?;
     if ranks.prints() {
         print_result(&result, args.json);
     }
@@ -137,17 +161,41 @@ fn evaluate_benchmark(
     ranks: &Ranks,
 ) -> anyhow::Result<EvalResult> {
     let device = opened.device;
-    let mut loader = eval::eval_loader_with(source, tokenizer.clone(), &opened.config, &opened.preprocess, args.batch_size, args.workers, ranks.comm())?;
+    let mut loader = eval::eval_loader_with(
+        source,
+        tokenizer.clone(),
+        &opened.config,
+        &opened.preprocess,
+        args.batch_size,
+        args.workers,
+        ranks.comm(),
+    )?;
     let bar = ranks.progress_bar(source.len());
     bar.set_message(label.to_owned());
     let result = match &set.task {
         benchmark::Task::Classification { classnames, templates } => {
-            let classifier = eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?;
-            eval::evaluate_with_progress(model, &mut loader, Some(&classifier), false, device, ranks.comm(), &mut |n| bar.inc(n))?
+            let classifier =
+                eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?;
+            eval::evaluate_with_progress(
+                model,
+                &mut loader,
+                Some(&classifier),
+                false,
+                device,
+                ranks.comm(),
+                &mut |n| bar.inc(n),
+            )?
         }
         benchmark::Task::Retrieval => EvalResult {
             zero_shot: None,
-            retrieval: Some(eval::evaluate_multi_caption(model, &mut loader, tokenizer, device, ranks.comm(), &mut |n| bar.inc(n))?),
+            retrieval: Some(eval::evaluate_multi_caption(
+                model,
+                &mut loader,
+                tokenizer,
+                device,
+                ranks.comm(),
+                &mut |n| bar.inc(n),
+            )?),
         },
     };
     bar.finish_and_clear();
@@ -167,9 +215,13 @@ fn suite_entries(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
         if dirs.is_empty() {
             bail!("{} holds no dataset directory (one with classnames.txt or test/ shards, clip_benchmark's layout)", path.display());
         }
-        return Ok(dirs.iter().map(|d| (benchmark::short_name(&d.to_string_lossy()), d.display().to_string())).collect());
+        return Ok(dirs
+            .iter()
+            .map(|d| (benchmark::short_name(&d.to_string_lossy()), d.display().to_string()))
+            .collect());
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading the suite file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the suite file {}", path.display()))?;
     let mut entries = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -194,7 +246,10 @@ fn main_metric(result: &EvalResult) -> Option<(&'static str, f64)> {
         return Some(("acc1", zs.top1));
     }
     let r = result.retrieval.as_ref()?;
-    Some(("mean_recall@1", (r.get("image_retrieval_recall@1")? + r.get("text_retrieval_recall@1")?) / 2.0))
+    Some((
+        "mean_recall@1",
+        (r.get("image_retrieval_recall@1")? + r.get("text_retrieval_recall@1")?) / 2.0,
+    ))
 }
 
 /// Every set of the suite, checked before the model is loaded, then evaluated one after
@@ -206,7 +261,8 @@ fn run_suite(args: &EvalArgs, suite: &Path, ranks: &Ranks) -> anyhow::Result<()>
         let set = benchmark::resolve(&spec, templates.clone())
             .with_context(|| format!("suite dataset `{name}`"))?
             .with_context(|| format!("suite dataset `{name}`: `{spec}` is not imagenet1k:DIR, wds:DIR or a clip_benchmark dataset directory"))?;
-        let source = eval::open_benchmark(&set, 0).with_context(|| format!("suite dataset `{name}`"))?;
+        let source =
+            eval::open_benchmark(&set, 0).with_context(|| format!("suite dataset `{name}`"))?;
         sets.push((name, set, source));
     }
     let opened = args.model.open(true)?;
@@ -214,7 +270,9 @@ fn run_suite(args: &EvalArgs, suite: &Path, ranks: &Ranks) -> anyhow::Result<()>
     let (_vs, model) = opened.load()?;
     let mut rows = Vec::new();
     for (name, set, source) in &sets {
-        let result = evaluate_benchmark(args, &opened, &model, &tokenizer, set, source, name, ranks).with_context(|| format!("evaluating `{name}`"))?;
+        let result =
+            evaluate_benchmark(args, &opened, &model, &tokenizer, set, source, name, ranks)
+                .with_context(|| format!("evaluating `{name}`"))?;
         rows.push((name.clone(), result));
     }
     if !ranks.prints() {
@@ -227,18 +285,28 @@ fn run_suite(args: &EvalArgs, suite: &Path, ranks: &Ranks) -> anyhow::Result<()>
         for (name, result) in &rows {
             let mut entry = result_json(result);
             if let Some((metric, value)) = main_metric(result) {
-                entry.insert("main_metric".into(), serde_json::json!({"name": metric, "value": value}));
+                entry.insert(
+                    "main_metric".into(),
+                    serde_json::json!({"name": metric, "value": value}),
+                );
             }
             datasets.insert(name.clone(), serde_json::Value::Object(entry));
         }
-        println!("{}", serde_json::json!({"datasets": datasets, "average": average, "count": mains.len()}));
+        println!(
+            "{}",
+            serde_json::json!({"datasets": datasets, "average": average, "count": mains.len()})
+        );
         return Ok(());
     }
     println!("{:24} {:28} {:>8}", "dataset", "metric", "value");
     for (name, result) in &rows {
         let mut metrics: Vec<(String, f64)> = Vec::new();
         if let Some(zs) = &result.zero_shot {
-            metrics.extend([("acc1".to_owned(), zs.top1), ("acc5".to_owned(), zs.top5), ("mean_per_class_recall".to_owned(), zs.mean_per_class_recall)]);
+            metrics.extend([
+                ("acc1".to_owned(), zs.top1),
+                ("acc5".to_owned(), zs.top5),
+                ("mean_per_class_recall".to_owned(), zs.mean_per_class_recall),
+            ]);
         }
         if let Some(r) = &result.retrieval {
             metrics.extend(r.metrics.iter().cloned());
@@ -265,7 +333,8 @@ fn result_json(result: &EvalResult) -> serde_json::Map<String, serde_json::Value
         );
     }
     if let Some(r) = &result.retrieval {
-        let mut m: serde_json::Map<String, serde_json::Value> = r.metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+        let mut m: serde_json::Map<String, serde_json::Value> =
+            r.metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
         m.insert("pairs".into(), serde_json::json!(r.pairs));
         out.insert("retrieval".into(), serde_json::Value::Object(m));
     }
@@ -306,11 +375,23 @@ impl Ranks {
     /// Joins the world the environment describes, and sets `device` to this rank's (`cuda`
     /// means `cuda:LOCAL_RANK`, as for training).
     fn join(device: &mut String) -> anyhow::Result<Ranks> {
-        let Some(world) = crate::dist::world_from_env()? else { return Ok(Ranks { comm: Box::new(SingleProcess) }) };
-        let cuda_count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+        let Some(world) = crate::dist::world_from_env()? else {
+            return Ok(Ranks { comm: Box::new(SingleProcess) });
+        };
+        let cuda_count =
+            if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
         let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-        let placement = oxclip_trainer::device::Placement { rank: world.rank, local_rank: world.local_rank, local_world_size: world.local_world_size };
-        let rank_device = oxclip_trainer::device::for_rank(device, Some(&placement), cuda_count, visible.as_deref())?;
+        let placement = oxclip_trainer::device::Placement {
+            rank: world.rank,
+            local_rank: world.local_rank,
+            local_world_size: world.local_world_size,
+        };
+        let rank_device = oxclip_trainer::device::for_rank(
+            device,
+            Some(&placement),
+            cuda_count,
+            visible.as_deref(),
+        )?;
         *device = oxclip_trainer::device::name(rank_device);
         let settings = DistSettings { world: Some(world), ..DistSettings::default() };
         Ok(Ranks { comm: collectives::connect(&settings, rank_device)? })

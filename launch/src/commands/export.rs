@@ -66,7 +66,9 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             let step = checkpoint::read_state(dir)?.step;
             // A step folder sits at RUN/checkpoints/step_N.
             match dir.parent().and_then(Path::parent) {
-                Some(run) if !run.as_os_str().is_empty() => format!("step {step} of {}", run.display()),
+                Some(run) if !run.as_os_str().is_empty() => {
+                    format!("step {step} of {}", run.display())
+                }
                 _ => format!("step {step} ({})", dir.display()),
             }
         }
@@ -85,10 +87,17 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
 /// tokenizer.json without a post-processor (`oxclip tokenizer train`'s, used as CLIP's
 /// `tokenize`) stays out: transformers would read it without the start and end tokens.
 fn copy_tokenizer(tokenizer: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let dir = if tokenizer.is_dir() { tokenizer.to_owned() } else { tokenizer.parent().map(Path::to_owned).unwrap_or_default() };
-    let json = if tokenizer.is_dir() { tokenizer.join("tokenizer.json") } else { tokenizer.to_owned() };
-    let text = std::fs::read_to_string(&json).with_context(|| format!("reading the tokenizer {}", json.display()))?;
-    let parsed: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", json.display()))?;
+    let dir = if tokenizer.is_dir() {
+        tokenizer.to_owned()
+    } else {
+        tokenizer.parent().map(Path::to_owned).unwrap_or_default()
+    };
+    let json =
+        if tokenizer.is_dir() { tokenizer.join("tokenizer.json") } else { tokenizer.to_owned() };
+    let text = std::fs::read_to_string(&json)
+        .with_context(|| format!("reading the tokenizer {}", json.display()))?;
+    let parsed: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", json.display()))?;
     if parsed.get("post_processor").is_none_or(serde_json::Value::is_null) {
         return Ok(Vec::new());
     }
@@ -101,7 +110,9 @@ fn copy_tokenizer(tokenizer: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> 
         if from.is_file() {
             let to = out.join(name);
             if from.canonicalize().ok() != to.canonicalize().ok() {
-                std::fs::copy(&from, &to).with_context(|| format!("copying the tokenizer {} to {}", from.display(), to.display()))?;
+                std::fs::copy(&from, &to).with_context(|| {
+                    format!("copying the tokenizer {} to {}", from.display(), to.display())
+                })?;
             }
             written.push(to);
         }

@@ -71,7 +71,8 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<u8> {
     if args.node_rank >= args.nnodes {
         bail!("--node-rank {} is not below --nnodes {}", args.node_rank, args.nnodes);
     }
-    let exe = std::env::current_exe().context("cannot find the oxclip binary to start the ranks with")?;
+    let exe =
+        std::env::current_exe().context("cannot find the oxclip binary to start the ranks with")?;
     let world_size = args.nnodes * args.nproc_per_node;
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
@@ -100,7 +101,8 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<u8> {
             Ok(child) => child,
             Err(e) => {
                 end_all(&mut ranks, args.grace_s);
-                return Err(e).with_context(|| format!("cannot start rank {rank} ({})", exe.display()));
+                return Err(e)
+                    .with_context(|| format!("cannot start rank {rank} ({})", exe.display()));
             }
         };
         if let Some(out) = child.stdout.take() {
@@ -141,7 +143,9 @@ fn supervise(ranks: &mut [Rank], grace_s: u64, preempt_grace_s: u64) -> u8 {
                 preempt_deadline = Some(Instant::now() + Duration::from_secs(preempt_grace_s));
             }
             // Passed on already: the ranks stop at their next step boundary either way.
-            signal => eprintln!("oxclip launch: got signal {signal} again; still waiting for the ranks' checkpoint"),
+            signal => eprintln!(
+                "oxclip launch: got signal {signal} again; still waiting for the ranks' checkpoint"
+            ),
         }
         if preempt_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
             eprintln!("oxclip launch: ranks still running {preempt_grace_s}s after the preemption signal (--preempt-grace-s); killing them");
@@ -156,7 +160,10 @@ fn supervise(ranks: &mut [Rank], grace_s: u64, preempt_grace_s: u64) -> u8 {
                         r.status = Some(status);
                         if !status.success() {
                             let code = exit_code(status);
-                            eprintln!("oxclip launch: rank {} failed ({status}); stopping the others", r.rank);
+                            eprintln!(
+                                "oxclip launch: rank {} failed ({status}); stopping the others",
+                                r.rank
+                            );
                             end_all(ranks, grace_s);
                             return code;
                         }
@@ -204,7 +211,9 @@ fn end_all(ranks: &mut [Rank], grace_s: u64) {
         while r.status.is_none() {
             match r.child.try_wait() {
                 Ok(Some(status)) => r.status = Some(status),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 _ => {
                     let _ = r.child.kill();
                     r.status = r.child.wait().ok();

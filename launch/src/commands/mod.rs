@@ -33,7 +33,10 @@ use crate::config;
 /// config does; `model` (a built-in name, a model YAML or an `open_clip_config.json`) is then
 /// optional, and an error naming the differing keys where it contradicts the directory. A
 /// bare weights file needs `model`.
-fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::Result<(Found, (PathBuf, ModelConfig))> {
+fn located_weights_and_model(
+    checkpoint: &Path,
+    model: Option<&str>,
+) -> anyhow::Result<(Found, (PathBuf, ModelConfig))> {
     let found = weights_path::locate(checkpoint)?;
     let pretrained = found.pretrained()?;
     let cfg = match (model, &found, pretrained) {
@@ -51,7 +54,10 @@ fn located_weights_and_model(checkpoint: &Path, model: Option<&str>) -> anyhow::
             bail!("{} has no open_clip_config.json beside it: say which architecture it is with --model", weights.display())
         }
         (None, Found::HuggingFace { weights, .. } | Found::File(weights), None) => {
-            bail!("{} is a bare weights file: say which architecture it is with --model", weights.display())
+            bail!(
+                "{} is a bare weights file: say which architecture it is with --model",
+                weights.display()
+            )
         }
     };
     let weights = found.weights();
@@ -87,7 +93,8 @@ impl OpenedModel {
 
     /// The model loaded, ready to embed images and (with a tokenizer) texts.
     pub fn embedder(self) -> anyhow::Result<Embedder> {
-        Ok(Embedder::new(&self.config, &self.weights, self.tokenizer, self.device)?.with_preprocess(&self.preprocess)?)
+        Ok(Embedder::new(&self.config, &self.weights, self.tokenizer, self.device)?
+            .with_preprocess(&self.preprocess)?)
     }
 }
 
@@ -98,11 +105,26 @@ impl OpenedModel {
 /// `--device` flag's value.
 /// Without `text` (images only), a tokenizer that does not fit the text tower is left out
 /// rather than refused, unless `tokenizer` asked for it.
-pub fn open_model(checkpoint: &Path, model: Option<&str>, tokenizer: Option<&Path>, device: &str, text: bool) -> anyhow::Result<OpenedModel> {
+pub fn open_model(
+    checkpoint: &Path,
+    model: Option<&str>,
+    tokenizer: Option<&Path>,
+    device: &str,
+    text: bool,
+) -> anyhow::Result<OpenedModel> {
     let (found, (weights, config)) = located_weights_and_model(checkpoint, model)?;
     let (found_tokenizer, preprocess) = inputs_of(&found, &config)?;
     let tokenizer_path = tokenizer.map(Path::to_owned).or(found_tokenizer);
-    open_recorded(found, weights, config, tokenizer_path, tokenizer.is_some(), preprocess, device, text)
+    open_recorded(
+        found,
+        weights,
+        config,
+        tokenizer_path,
+        tokenizer.is_some(),
+        preprocess,
+        device,
+        text,
+    )
 }
 
 /// A model whose weights, architecture, tokenizer file and preprocessing are already known
@@ -134,9 +156,11 @@ pub fn open_recorded(
 pub fn progress_bar(message: &'static str, unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template(&format!("{{msg}} [{{bar:40}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})"))
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(&format!(
+            "{{msg}} [{{bar:40}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_message(message);
     bar
@@ -151,7 +175,10 @@ fn inputs_of(found: &Found, config: &ModelConfig) -> anyhow::Result<(Option<Path
     }
     if let Found::Checkpoint { dir } = found {
         if let Some(data) = data_of_checkpoint(dir) {
-            return Ok((data.tokenizer.as_ref().map(PathBuf::from), oxclip_trainer::prepare::data_preprocess(&data, config)?));
+            return Ok((
+                data.tokenizer.as_ref().map(PathBuf::from),
+                oxclip_trainer::prepare::data_preprocess(&data, config)?,
+            ));
         }
     }
     Ok((None, prepare::default_preprocess(config)))
@@ -167,10 +194,14 @@ fn data_of_checkpoint(dir: &Path) -> Option<DataConfig> {
 /// The model section of the run config saved in a checkpoint.
 fn model_of_checkpoint(dir: &Path) -> anyhow::Result<ModelConfig> {
     let state = checkpoint::read_state(dir)?;
-    let run: serde_yaml::Value = serde_yaml::from_str(&state.config).with_context(|| format!("{}: the saved run config", dir.display()))?;
-    let model = run.get("model").with_context(|| format!("{}: the saved run config has no model", dir.display()))?;
+    let run: serde_yaml::Value = serde_yaml::from_str(&state.config)
+        .with_context(|| format!("{}: the saved run config", dir.display()))?;
+    let model = run
+        .get("model")
+        .with_context(|| format!("{}: the saved run config has no model", dir.display()))?;
     match model {
         serde_yaml::Value::String(name) => Ok(config::resolve_model(name)?),
-        other => Ok(serde_yaml::from_value(other.clone()).with_context(|| format!("{}: the saved model config", dir.display()))?),
+        other => Ok(serde_yaml::from_value(other.clone())
+            .with_context(|| format!("{}: the saved model config", dir.display()))?),
     }
 }

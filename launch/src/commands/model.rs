@@ -53,7 +53,11 @@ fn list() -> anyhow::Result<()> {
             Some(Source::OpenClip) => "open_clip",
             _ => "oxclip",
         };
-        out += &format!("{name:<width$}  {:<36}  {:>4} px  {params:>8}  {source}\n", tower(&cfg), cfg.vision_cfg.image_size);
+        out += &format!(
+            "{name:<width$}  {:<36}  {:>4} px  {params:>8}  {source}\n",
+            tower(&cfg),
+            cfg.vision_cfg.image_size
+        );
     }
     emit(&out)
 }
@@ -74,7 +78,9 @@ fn show(args: ModelShowArgs) -> anyhow::Result<()> {
     }
     let count = zoo::parameter_count(&cfg)?;
     let origin = match zoo::source(&args.model) {
-        Some(Source::OpenClip) => format!("built-in, open_clip's model_configs/{}.json", args.model),
+        Some(Source::OpenClip) => {
+            format!("built-in, open_clip's model_configs/{}.json", args.model)
+        }
         Some(Source::Oxclip) => format!("built-in, configs/models/{}.yaml", args.model),
         None => args.model.clone(),
     };
@@ -103,8 +109,15 @@ fn show(args: ModelShowArgs) -> anyhow::Result<()> {
         };
         *groups.entry(group).or_default() += shape.iter().product::<i64>();
     }
-    let groups: Vec<String> = groups.iter().map(|(g, n)| format!("{g} {}", thousands(*n))).collect();
-    writeln!(out, "parameters:  {} ({}), {} tensors", thousands(count), groups.join(", "), shapes.len())?;
+    let groups: Vec<String> =
+        groups.iter().map(|(g, n)| format!("{g} {}", thousands(*n))).collect();
+    writeln!(
+        out,
+        "parameters:  {} ({}), {} tensors",
+        thousands(count),
+        groups.join(", "),
+        shapes.len()
+    )?;
     writeln!(out, "config:")?;
     for line in serde_yaml::to_string(&cfg)?.lines() {
         writeln!(out, "  {line}")?;
@@ -117,9 +130,14 @@ fn json(cfg: &ModelConfig, shapes: &[(String, Vec<i64>)]) -> anyhow::Result<Stri
     let config = serde_json::to_string_pretty(cfg)?.replace('\n', "\n  ");
     let params: Vec<String> = shapes
         .iter()
-        .map(|(name, shape)| Ok(format!("    {}: {}", serde_json::to_string(name)?, serde_json::to_string(shape)?)))
+        .map(|(name, shape)| {
+            Ok(format!("    {}: {}", serde_json::to_string(name)?, serde_json::to_string(shape)?))
+        })
         .collect::<anyhow::Result<_>>()?;
-    Ok(format!("{{\n  \"config\": {config},\n  \"parameters\": {{\n{}\n  }}\n}}\n", params.join(",\n")))
+    Ok(format!(
+        "{{\n  \"config\": {config},\n  \"parameters\": {{\n{}\n  }}\n}}\n",
+        params.join(",\n")
+    ))
 }
 
 /// `ViT`, `ModifiedResNet [3, 4, 6, 3]`, `timm vit_base_patch16_siglip_224`.

@@ -53,10 +53,12 @@ pub fn encode(args: EncodeArgs) -> anyhow::Result<()> {
     }
     let tokenizer = oxclip_trainer::prepare::standalone_tokenizer(args.tokenizer.as_deref())?;
     let texts = read_texts(&args.texts_file)?;
-    let ids: Vec<Vec<i64>> = texts.iter().map(|t| tokenizer.encode(t, args.context_length)).collect();
+    let ids: Vec<Vec<i64>> =
+        texts.iter().map(|t| tokenizer.encode(t, args.context_length)).collect();
     let json = serde_json::to_string(&ids)?;
     match &args.out {
-        Some(path) => std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?,
+        Some(path) => std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?,
         None => println!("{json}"),
     }
     Ok(())
@@ -113,7 +115,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             trained.vocab_size,
         );
     }
-    std::fs::write(&args.out, trained.json).with_context(|| format!("cannot write {}", args.out.display()))?;
+    std::fs::write(&args.out, trained.json)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
     let tok = Tokenizer::from_tokenizer_json(&args.out)?;
     println!(
         "trained on {} captions ({} skipped): {} tokens -> {}",

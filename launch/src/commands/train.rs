@@ -85,7 +85,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let loss = summary.final_loss.map(|l| format!("; final loss {l:.4}")).unwrap_or_default();
     if let Some(who) = &summary.preempted {
         // A clean stop: exit 0, so that a requeued job simply runs again with --resume auto.
-        println!("stopped for preemption after step {} of {} ({who}){loss}", summary.steps, summary.total_steps);
+        println!(
+            "stopped for preemption after step {} of {} ({who}){loss}",
+            summary.steps, summary.total_steps
+        );
         if let Some(ckpt) = &summary.last_checkpoint {
             println!("checkpoint: {}", ckpt.display());
         }
@@ -99,7 +102,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             if at == summary.total_steps {
                 println!("already at step {at} of {}; nothing to train", summary.total_steps);
             } else {
-                println!("the checkpoint is at step {at}, past train.steps ({}); nothing to train", summary.total_steps);
+                println!(
+                    "the checkpoint is at step {at}, past train.steps ({}); nothing to train",
+                    summary.total_steps
+                );
             }
             return Ok(());
         }
@@ -110,7 +116,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             summary.total_steps,
             device::name(summary.device)
         ),
-        None => println!("trained {} steps on {}{loss}", summary.steps, device::name(summary.device)),
+        None => {
+            println!("trained {} steps on {}{loss}", summary.steps, device::name(summary.device))
+        }
     }
     if let Some(zs) = summary.zero_shot {
         println!(

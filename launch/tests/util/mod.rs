@@ -41,7 +41,13 @@ pub fn synth(dir: &Path, samples: u64, val_samples: u64, image_size: u32) -> Pat
 
 /// A run config for the tiny model on synthetic shards, with zero-shot evaluation on the
 /// held-out split when `zero_shot` is set.
-pub fn tiny_config(dir: &Path, synth: &Path, steps: u64, extra_train: &str, zero_shot: bool) -> PathBuf {
+pub fn tiny_config(
+    dir: &Path,
+    synth: &Path,
+    steps: u64,
+    extra_train: &str,
+    zero_shot: bool,
+) -> PathBuf {
     let val = if zero_shot {
         format!(
             "  val: {val}\n  val_name: synth\n  classnames: {classes}\n  templates: {templates}\n",
@@ -69,7 +75,9 @@ pub fn read_tensorboard(dir: &Path) -> BTreeMap<String, Vec<(i64, f32)>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("tensorboard dir")
         .map(|e| e.expect("entry").path())
-        .filter(|p| p.file_name().map_or(false, |n| n.to_string_lossy().starts_with("events.out.tfevents")))
+        .filter(|p| {
+            p.file_name().map_or(false, |n| n.to_string_lossy().starts_with("events.out.tfevents"))
+        })
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no event files in {}", dir.display());
@@ -81,9 +89,13 @@ pub fn read_tensorboard(dir: &Path) -> BTreeMap<String, Vec<(i64, f32)>> {
             let len = u64::from_le_bytes(bytes[pos..pos + 8].try_into().expect("8 bytes")) as usize;
             let data = &bytes[pos + 12..pos + 12 + len];
             pos += 12 + len + 4;
-            let event = tensorboard_proto::event::Event::parse_from_bytes(data).expect("event parses");
+            let event =
+                tensorboard_proto::event::Event::parse_from_bytes(data).expect("event parses");
             for value in event.get_summary().get_value() {
-                scalars.entry(value.get_tag().to_string()).or_default().push((event.get_step(), value.get_simple_value()));
+                scalars
+                    .entry(value.get_tag().to_string())
+                    .or_default()
+                    .push((event.get_step(), value.get_simple_value()));
             }
         }
     }
@@ -91,7 +103,10 @@ pub fn read_tensorboard(dir: &Path) -> BTreeMap<String, Vec<(i64, f32)>> {
 }
 
 pub fn read_safetensors(path: &Path) -> BTreeMap<String, tch::Tensor> {
-    tch::Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+    tch::Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
 }
 
 /// Largest absolute difference between two state dicts with the same keys.

@@ -111,7 +111,9 @@ pub fn all_gather_u64(comm: &dyn Collectives, value: u64) -> Result<Vec<u64>> {
     comm.all_gather_bytes(&value.to_le_bytes())?
         .iter()
         .map(|b| {
-            let bytes: [u8; 8] = b.as_slice().try_into().map_err(|_| TrainError::Dist(format!("a rank sent {} bytes for a u64", b.len())))?;
+            let bytes: [u8; 8] = b.as_slice().try_into().map_err(|_| {
+                TrainError::Dist(format!("a rank sent {} bytes for a u64", b.len()))
+            })?;
             Ok(u64::from_le_bytes(bytes))
         })
         .collect()
@@ -146,7 +148,10 @@ impl Default for ReduceConfig {
 impl ReduceConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.bucket_mb > 0.0 && self.bucket_mb.is_finite()) {
-            return Err(TrainError::Config(format!("dist.bucket_mb must be a positive number of MB, got {}", self.bucket_mb)));
+            return Err(TrainError::Config(format!(
+                "dist.bucket_mb must be a positive number of MB, got {}",
+                self.bucket_mb
+            )));
         }
         Ok(())
     }
@@ -188,14 +193,21 @@ pub struct DistSettings {
 
 impl Default for DistSettings {
     fn default() -> Self {
-        Self { world: None, backend: Backend::Auto, timeout: Duration::from_secs(600), reduce: ReduceConfig::default() }
+        Self {
+            world: None,
+            backend: Backend::Auto,
+            timeout: Duration::from_secs(600),
+            reduce: ReduceConfig::default(),
+        }
     }
 }
 
 /// Joins the world `settings` describe for a run on `device`.
 pub fn connect(settings: &DistSettings, device: tch::Device) -> Result<Box<dyn Collectives>> {
     // One rank needs no backend, unless one was asked for by name (to test it).
-    let Some(world) = settings.world.as_ref().filter(|w| w.world_size > 1 || settings.backend != Backend::Auto) else {
+    let Some(world) =
+        settings.world.as_ref().filter(|w| w.world_size > 1 || settings.backend != Backend::Auto)
+    else {
         return Ok(Box::new(SingleProcess));
     };
     let backend = match settings.backend {

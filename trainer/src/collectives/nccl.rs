@@ -27,7 +27,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclResult_t, ncclUniqueId};
+use cudarc::nccl::sys::{
+    cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclResult_t, ncclUniqueId,
+};
 use tch::{Device, Kind, Tensor};
 
 use super::tcp::TcpGroup;
@@ -35,15 +37,50 @@ use super::{Collectives, WorldEnv};
 use crate::error::{Result, TrainError};
 
 type GetUniqueId = unsafe extern "C" fn(*mut ncclUniqueId) -> ncclResult_t;
-type CommInitRank = unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> ncclResult_t;
-type CommInitRankConfig = unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int, *mut CommConfig) -> ncclResult_t;
-type AllGather = unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclComm_t, cudaStream_t) -> ncclResult_t;
-type AllReduce =
-    unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t) -> ncclResult_t;
-type ReduceScatter =
-    unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t) -> ncclResult_t;
-type Broadcast =
-    unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, cudaStream_t) -> ncclResult_t;
+type CommInitRank =
+    unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> ncclResult_t;
+type CommInitRankConfig = unsafe extern "C" fn(
+    *mut ncclComm_t,
+    c_int,
+    ncclUniqueId,
+    c_int,
+    *mut CommConfig,
+) -> ncclResult_t;
+type AllGather = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    ncclDataType_t,
+    ncclComm_t,
+    cudaStream_t,
+) -> ncclResult_t;
+type AllReduce = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    ncclDataType_t,
+    ncclRedOp_t,
+    ncclComm_t,
+    cudaStream_t,
+) -> ncclResult_t;
+type ReduceScatter = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    ncclDataType_t,
+    ncclRedOp_t,
+    ncclComm_t,
+    cudaStream_t,
+) -> ncclResult_t;
+type Broadcast = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    ncclDataType_t,
+    c_int,
+    ncclComm_t,
+    cudaStream_t,
+) -> ncclResult_t;
 type CommDestroy = unsafe extern "C" fn(ncclComm_t) -> ncclResult_t;
 type GetErrorString = unsafe extern "C" fn(ncclResult_t) -> *const c_char;
 type CommAbort = unsafe extern "C" fn(ncclComm_t) -> ncclResult_t;
@@ -153,7 +190,11 @@ const CUDART_NAMES: [&str; 3] = ["libcudart.so.13", "libcudart.so.12", "libcudar
 
 /// The paths of the shared objects in this process, in load order.
 fn loaded_objects() -> Vec<String> {
-    unsafe extern "C" fn add(info: *mut libc::dl_phdr_info, _size: libc::size_t, data: *mut c_void) -> c_int {
+    unsafe extern "C" fn add(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut c_void,
+    ) -> c_int {
         // SAFETY: `data` is the Vec passed below, `info` is valid for this call, and
         // `dlpi_name` is NUL-terminated or null.
         unsafe {
@@ -179,26 +220,36 @@ fn loaded_objects() -> Vec<String> {
 fn pick_cudart(loaded: &[String]) -> Option<&str> {
     loaded.iter().map(String::as_str).find(|path| {
         let name = path.rsplit('/').next().unwrap_or(path);
-        name.strip_prefix("libcudart").is_some_and(|rest| (rest.starts_with(".so") || rest.starts_with('-')) && rest.contains(".so"))
+        name.strip_prefix("libcudart").is_some_and(|rest| {
+            (rest.starts_with(".so") || rest.starts_with('-')) && rest.contains(".so")
+        })
     })
 }
 
 /// The CUDA runtime libtorch already loaded, when there is one (opening that very file adds
 /// no second copy, whose device state and streams would be separate from libtorch's); else
 /// the first of `names` that loads.
-fn open_cudart(loaded: &[String], names: &[String]) -> std::result::Result<libloading::Library, String> {
+fn open_cudart(
+    loaded: &[String],
+    names: &[String],
+) -> std::result::Result<libloading::Library, String> {
     if let Some(path) = pick_cudart(loaded) {
         // SAFETY: the library is already initialised in this process; this only adds a
         // reference to it.
-        return unsafe { libloading::Library::new(path) }.map_err(|e| format!("the CUDA runtime loaded at {path} cannot be reopened: {e}"));
+        return unsafe { libloading::Library::new(path) }
+            .map_err(|e| format!("the CUDA runtime loaded at {path} cannot be reopened: {e}"));
     }
-    tracing::debug!("no CUDA runtime in the process yet; loading it by name ({})", names.join(", "));
+    tracing::debug!(
+        "no CUDA runtime in the process yet; loading it by name ({})",
+        names.join(", ")
+    );
     open_first(names).map_err(|e| format!("the CUDA runtime is not loadable: {e}"))
 }
 
 impl Nccl {
     fn load() -> std::result::Result<Nccl, String> {
-        let mut names: Vec<String> = std::env::var("OXCLIP_NCCL").ok().filter(|p| !p.is_empty()).into_iter().collect();
+        let mut names: Vec<String> =
+            std::env::var("OXCLIP_NCCL").ok().filter(|p| !p.is_empty()).into_iter().collect();
         names.extend(["libnccl.so.2".to_owned(), "libnccl.so".to_owned()]);
         Self::load_from(&names)
     }
@@ -217,7 +268,9 @@ impl Nccl {
         unsafe {
             macro_rules! sym {
                 ($lib:expr, $name:literal) => {
-                    *$lib.get(concat!($name, "\0").as_bytes()).map_err(|e| format!("{}: {e}", $name))?
+                    *$lib
+                        .get(concat!($name, "\0").as_bytes())
+                        .map_err(|e| format!("{}: {e}", $name))?
                 };
             }
             Ok(Nccl {
@@ -260,7 +313,9 @@ impl Nccl {
 
     fn error(&self, what: &str, result: ncclResult_t) -> TrainError {
         // SAFETY: ncclGetErrorString returns a static NUL-terminated string.
-        let text = unsafe { CStr::from_ptr((self.get_error_string)(result)) }.to_string_lossy().into_owned();
+        let text = unsafe { CStr::from_ptr((self.get_error_string)(result)) }
+            .to_string_lossy()
+            .into_owned();
         dist_err(format!("NCCL {what}: {text} ({result:?})"))
     }
 }
@@ -330,7 +385,13 @@ struct SendPtr(*mut c_void);
 // SAFETY: see above; the handles are only passed back to CUDA/NCCL calls.
 unsafe impl Send for SendPtr {}
 
-fn watch(nccl: &'static Nccl, comm: SendPtr, cuda_index: c_int, timeout: Duration, state: Arc<Watchdog>) {
+fn watch(
+    nccl: &'static Nccl,
+    comm: SendPtr,
+    cuda_index: c_int,
+    timeout: Duration,
+    state: Arc<Watchdog>,
+) {
     // SAFETY: selects this thread's device for the event queries.
     unsafe {
         (nccl.cuda_set_device)(cuda_index);
@@ -365,7 +426,9 @@ fn watch(nccl: &'static Nccl, comm: SendPtr, cuda_index: c_int, timeout: Duratio
         unsafe {
             (nccl.comm_get_async_error)(comm, &mut async_error);
         }
-        if problem.is_none() && !matches!(async_error, ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress) {
+        if problem.is_none()
+            && !matches!(async_error, ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress)
+        {
             problem = Some(format!("NCCL reported {async_error:?}"));
         }
         if let Some(message) = problem {
@@ -385,9 +448,19 @@ fn watch(nccl: &'static Nccl, comm: SendPtr, cuda_index: c_int, timeout: Duratio
 /// Creates this rank's communicator, which completes only once every rank has joined it: a
 /// rank that died or stalls since the rendezvous makes this fail at `deadline` (naming what
 /// it waited for) instead of waiting forever.
-fn create_comm(nccl: &'static Nccl, world: &WorldEnv, id: ncclUniqueId, cuda_index: c_int, deadline: Instant, timeout: Duration) -> Result<ncclComm_t> {
-    let ranks = c_int::try_from(world.world_size).map_err(|_| dist_err(format!("a world of {} ranks is too large for NCCL", world.world_size)))?;
-    let rank = c_int::try_from(world.rank).map_err(|_| dist_err(format!("rank {} is too large for NCCL", world.rank)))?;
+fn create_comm(
+    nccl: &'static Nccl,
+    world: &WorldEnv,
+    id: ncclUniqueId,
+    cuda_index: c_int,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<ncclComm_t> {
+    let ranks = c_int::try_from(world.world_size).map_err(|_| {
+        dist_err(format!("a world of {} ranks is too large for NCCL", world.world_size))
+    })?;
+    let rank = c_int::try_from(world.rank)
+        .map_err(|_| dist_err(format!("rank {} is too large for NCCL", world.rank)))?;
     let late = |how: &str| {
         dist_err(format!(
             "rank {} of {}: the NCCL communicator was not created within dist.timeout_s ({}s, counted from the start of the \
@@ -431,10 +504,14 @@ fn create_comm(nccl: &'static Nccl, world: &WorldEnv, id: ncclUniqueId, cuda_ind
         }
         match state {
             ncclResult_t::ncclSuccess => return Ok(comm),
-            ncclResult_t::ncclInProgress if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            ncclResult_t::ncclInProgress if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
             ncclResult_t::ncclInProgress => {
                 abort(comm);
-                return Err(late("ncclCommInitRankConfig (non-blocking, polled, aborted at the deadline)"));
+                return Err(late(
+                    "ncclCommInitRankConfig (non-blocking, polled, aborted at the deadline)",
+                ));
             }
             failed => {
                 abort(comm);
@@ -467,7 +544,10 @@ fn abort_within(nccl: &'static Nccl, comm: ncclComm_t, wait: Duration) {
     match spawned {
         Ok(_) => {
             if rx.recv_timeout(wait).is_err() {
-                tracing::warn!("ncclCommAbort did not return within {}s; leaving it behind", wait.as_secs());
+                tracing::warn!(
+                    "ncclCommAbort did not return within {}s; leaving it behind",
+                    wait.as_secs()
+                );
             }
         }
         // SAFETY: as above, on this thread.
@@ -503,7 +583,9 @@ fn create_comm_on_thread(
         })
         .map_err(|e| Some(dist_err(format!("cannot start the NCCL init thread: {e}"))))?;
     match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        Ok((result, comm)) => nccl.check("ncclCommInitRank", result).map(|()| comm.0 as ncclComm_t).map_err(Some),
+        Ok((result, comm)) => {
+            nccl.check("ncclCommInitRank", result).map(|()| comm.0 as ncclComm_t).map_err(Some)
+        }
         Err(_) => Err(None),
     }
 }
@@ -529,7 +611,9 @@ impl CollOp {
     }
 
     fn from_u8(v: u8) -> Option<CollOp> {
-        [CollOp::AllGather, CollOp::ReduceScatter, CollOp::AllReduce, CollOp::Broadcast].into_iter().find(|op| *op as u8 == v)
+        [CollOp::AllGather, CollOp::ReduceScatter, CollOp::AllReduce, CollOp::Broadcast]
+            .into_iter()
+            .find(|op| *op as u8 == v)
     }
 }
 
@@ -551,8 +635,14 @@ impl HostOp {
     }
 }
 
-const DTYPES: [(Kind, &str); 6] =
-    [(Kind::Float, "float32"), (Kind::Double, "float64"), (Kind::Half, "float16"), (Kind::BFloat16, "bfloat16"), (Kind::Int, "int32"), (Kind::Int64, "int64")];
+const DTYPES: [(Kind, &str); 6] = [
+    (Kind::Float, "float32"),
+    (Kind::Double, "float64"),
+    (Kind::Half, "float16"),
+    (Kind::BFloat16, "bfloat16"),
+    (Kind::Int, "int32"),
+    (Kind::Int64, "int64"),
+];
 
 /// A small, stable code for a tensor kind (its index in [`DTYPES`], 255 for others).
 fn kind_code(kind: Kind) -> u8 {
@@ -626,23 +716,36 @@ impl Trace {
         if bytes.len() < HEADER_LEN {
             return None;
         }
-        let u64_at = |i: usize| bytes.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
-        let trace = Trace { count: u64_at(1)?, hash: u64_at(9)?, last: Call { op: bytes[17], dtype: bytes[18], elements: u64_at(19)? } };
+        let u64_at =
+            |i: usize| bytes.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        let trace = Trace {
+            count: u64_at(1)?,
+            hash: u64_at(9)?,
+            last: Call { op: bytes[17], dtype: bytes[18], elements: u64_at(19)? },
+        };
         Some(((bytes[0], trace), &bytes[HEADER_LEN..]))
     }
 }
 
 /// `bytes` from every rank over `bootstrap`, each rank's `trace` riding along in front; fails
 /// on every rank alike when the traces differ.
-fn traced_exchange(bootstrap: &TcpGroup, trace: Trace, host: HostOp, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+fn traced_exchange(
+    bootstrap: &TcpGroup,
+    trace: Trace,
+    host: HostOp,
+    bytes: &[u8],
+) -> Result<Vec<Vec<u8>>> {
     let mut payload = trace.header(host).to_vec();
     payload.extend_from_slice(bytes);
     let parts = bootstrap.all_gather_bytes(&payload)?;
     let mut headers = Vec::with_capacity(parts.len());
     let mut bodies = Vec::with_capacity(parts.len());
     for (r, part) in parts.into_iter().enumerate() {
-        let (header, body) =
-            Trace::parse(&part).ok_or_else(|| dist_err(format!("rank {r} sent a host exchange without its NCCL trace (another oxclip version?)")))?;
+        let (header, body) = Trace::parse(&part).ok_or_else(|| {
+            dist_err(format!(
+                "rank {r} sent a host exchange without its NCCL trace (another oxclip version?)"
+            ))
+        })?;
         headers.push(header);
         bodies.push(body.to_vec());
     }
@@ -676,7 +779,11 @@ fn diverged(traces: &[(u8, Trace)]) -> Option<String> {
                 )
             });
         } else if host != host0 {
-            found.push(format!("rank {r} is at {} while rank 0 is at {}", HostOp::describe(*host), HostOp::describe(*host0)));
+            found.push(format!(
+                "rank {r} is at {} while rank 0 is at {}",
+                HostOp::describe(*host),
+                HostOp::describe(*host0)
+            ));
         }
     }
     if found.is_empty() {
@@ -698,7 +805,10 @@ impl NcclGroup {
         // The rendezvous and the communicator's creation share one dist.timeout_s.
         let deadline = Instant::now() + timeout;
         let Device::Cuda(index) = device else {
-            return Err(dist_err(format!("the NCCL backend needs a CUDA device, the run is on {}; use dist.backend: cpu", crate::device::name(device))));
+            return Err(dist_err(format!(
+                "the NCCL backend needs a CUDA device, the run is on {}; use dist.backend: cpu",
+                crate::device::name(device)
+            )));
         };
         let nccl = Nccl::get()?;
         let bootstrap = TcpGroup::connect(world, timeout)?;
@@ -715,22 +825,35 @@ impl NcclGroup {
         for (dst, src) in id.internal.iter_mut().zip(&ids[0]) {
             *dst = *src as c_char;
         }
-        let cuda_index = c_int::try_from(index).map_err(|_| dist_err(format!("CUDA device {index}")))?;
+        let cuda_index =
+            c_int::try_from(index).map_err(|_| dist_err(format!("CUDA device {index}")))?;
         // SAFETY: cudaSetDevice takes a device ordinal; NCCL binds the communicator to it.
         let status = unsafe { (nccl.cuda_set_device)(cuda_index) };
         if status != 0 {
-            return Err(dist_err(format!("cudaSetDevice({index}) failed with CUDA error {status}")));
+            return Err(dist_err(format!(
+                "cudaSetDevice({index}) failed with CUDA error {status}"
+            )));
         }
         let comm = create_comm(nccl, world, id, cuda_index, deadline, timeout)?;
-        tracing::info!("rank {} of {}: NCCL communicator on cuda:{index}", world.rank, world.world_size);
+        tracing::info!(
+            "rank {} of {}: NCCL communicator on cuda:{index}",
+            world.rank,
+            world.world_size
+        );
         let mut stream: cudaStream_t = std::ptr::null_mut();
         // SAFETY: creates a stream on the device set just above.
         let status = unsafe { (nccl.stream_create)(&mut stream, STREAM_NON_BLOCKING) };
         if status != 0 {
             abort_within(nccl, comm, ABORT_WAIT);
-            return Err(dist_err(format!("cudaStreamCreateWithFlags on cuda:{index} failed with CUDA error {status}")));
+            return Err(dist_err(format!(
+                "cudaStreamCreateWithFlags on cuda:{index} failed with CUDA error {status}"
+            )));
         }
-        let watchdog = Arc::new(Watchdog { pending: Mutex::new(VecDeque::new()), failed: Mutex::new(None), stop: AtomicBool::new(false) });
+        let watchdog = Arc::new(Watchdog {
+            pending: Mutex::new(VecDeque::new()),
+            failed: Mutex::new(None),
+            stop: AtomicBool::new(false),
+        });
         let (state, comm_ptr) = (Arc::clone(&watchdog), SendPtr(comm as *mut c_void));
         let watchdog_thread = std::thread::Builder::new()
             .name("oxclip-nccl-watchdog".into())
@@ -797,18 +920,32 @@ impl NcclGroup {
         // SAFETY: cudaSetDevice takes a device ordinal.
         let status = unsafe { (self.nccl.cuda_set_device)(self.cuda_index) };
         if status != 0 {
-            return Err(dist_err(format!("cudaSetDevice({}) failed with CUDA error {status}", self.cuda_index)));
+            return Err(dist_err(format!(
+                "cudaSetDevice({}) failed with CUDA error {status}",
+                self.cuda_index
+            )));
         }
         Ok(())
     }
 
     /// Runs one NCCL call, queued on `stream`, then hands the watchdog an event recorded on
     /// `stream` after it.
-    fn collective(&self, stream: cudaStream_t, op: CollOp, kind: Kind, elements: usize, call: impl FnOnce() -> ncclResult_t) -> Result<()> {
+    fn collective(
+        &self,
+        stream: cudaStream_t,
+        op: CollOp,
+        kind: Kind,
+        elements: usize,
+        call: impl FnOnce() -> ncclResult_t,
+    ) -> Result<()> {
         self.healthy()?;
         let trace = {
             let mut trace = self.trace();
-            *trace = trace.then(Call { op: op as u8, dtype: kind_code(kind), elements: elements as u64 });
+            *trace = trace.then(Call {
+                op: op as u8,
+                dtype: kind_code(kind),
+                elements: elements as u64,
+            });
             *trace
         };
         let what = format!("{} #{} ({})", op.name(), trace.count, trace.last.describe_values());
@@ -862,7 +999,11 @@ impl NcclGroup {
     /// The tensor as NCCL sees it: contiguous, on this rank's GPU, of a type NCCL reduces.
     fn prepared(&self, tensor: &Tensor) -> Result<(Tensor, ncclDataType_t)> {
         if tensor.device() != self.device {
-            return Err(dist_err(format!("a {:?} tensor given to the NCCL backend on {:?}", tensor.device(), self.device)));
+            return Err(dist_err(format!(
+                "a {:?} tensor given to the NCCL backend on {:?}",
+                tensor.device(),
+                self.device
+            )));
         }
         let dtype = match tensor.kind() {
             Kind::Float => ncclDataType_t::ncclFloat32,
@@ -931,9 +1072,22 @@ impl Collectives for NcclGroup {
         let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
         // SAFETY: both buffers are contiguous CUDA memory on this rank's device, the output
         // world_size times the input's element count.
-        self.collective(Self::null_stream(), CollOp::AllGather, input.kind(), input.numel(), || unsafe {
-            (self.nccl.all_gather)(input.data_ptr(), output.data_ptr(), input.numel(), dtype, self.comm, Self::null_stream())
-        })?;
+        self.collective(
+            Self::null_stream(),
+            CollOp::AllGather,
+            input.kind(),
+            input.numel(),
+            || unsafe {
+                (self.nccl.all_gather)(
+                    input.data_ptr(),
+                    output.data_ptr(),
+                    input.numel(),
+                    dtype,
+                    self.comm,
+                    Self::null_stream(),
+                )
+            },
+        )?;
         Ok(output)
     }
 
@@ -941,31 +1095,54 @@ impl Collectives for NcclGroup {
         let (input, dtype) = self.prepared(tensor)?;
         let mut shape = input.size();
         if shape.is_empty() || shape[0] % self.world_size as i64 != 0 {
-            return Err(dist_err(format!("reduce_scatter of {:?} over {} ranks", shape, self.world_size)));
+            return Err(dist_err(format!(
+                "reduce_scatter of {:?} over {} ranks",
+                shape, self.world_size
+            )));
         }
         shape[0] /= self.world_size as i64;
         let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
         // SAFETY: contiguous CUDA buffers; the output holds 1/world_size of the input.
-        self.collective(Self::null_stream(), CollOp::ReduceScatter, input.kind(), input.numel(), || unsafe {
-            (self.nccl.reduce_scatter)(
-                input.data_ptr(),
-                output.data_ptr(),
-                output.numel(),
-                dtype,
-                ncclRedOp_t::ncclSum,
-                self.comm,
-                Self::null_stream(),
-            )
-        })?;
+        self.collective(
+            Self::null_stream(),
+            CollOp::ReduceScatter,
+            input.kind(),
+            input.numel(),
+            || unsafe {
+                (self.nccl.reduce_scatter)(
+                    input.data_ptr(),
+                    output.data_ptr(),
+                    output.numel(),
+                    dtype,
+                    ncclRedOp_t::ncclSum,
+                    self.comm,
+                    Self::null_stream(),
+                )
+            },
+        )?;
         Ok(output)
     }
 
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
         let (buffer, dtype) = self.prepared(tensor)?;
         // SAFETY: in place on a contiguous CUDA buffer.
-        self.collective(Self::null_stream(), CollOp::AllReduce, buffer.kind(), buffer.numel(), || unsafe {
-            (self.nccl.all_reduce)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, ncclRedOp_t::ncclSum, self.comm, Self::null_stream())
-        })?;
+        self.collective(
+            Self::null_stream(),
+            CollOp::AllReduce,
+            buffer.kind(),
+            buffer.numel(),
+            || unsafe {
+                (self.nccl.all_reduce)(
+                    buffer.data_ptr(),
+                    buffer.data_ptr(),
+                    buffer.numel(),
+                    dtype,
+                    ncclRedOp_t::ncclSum,
+                    self.comm,
+                    Self::null_stream(),
+                )
+            },
+        )?;
         if buffer.data_ptr() != tensor.data_ptr() {
             let _ = tensor.copy_(&buffer);
         }
@@ -975,9 +1152,23 @@ impl Collectives for NcclGroup {
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
         let (buffer, dtype) = self.prepared(tensor)?;
         // SAFETY: in place on a contiguous CUDA buffer.
-        self.collective(Self::null_stream(), CollOp::Broadcast, buffer.kind(), buffer.numel(), || unsafe {
-            (self.nccl.broadcast)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, root as c_int, self.comm, Self::null_stream())
-        })?;
+        self.collective(
+            Self::null_stream(),
+            CollOp::Broadcast,
+            buffer.kind(),
+            buffer.numel(),
+            || unsafe {
+                (self.nccl.broadcast)(
+                    buffer.data_ptr(),
+                    buffer.data_ptr(),
+                    buffer.numel(),
+                    dtype,
+                    root as c_int,
+                    self.comm,
+                    Self::null_stream(),
+                )
+            },
+        )?;
         if buffer.data_ptr() != tensor.data_ptr() {
             let _ = tensor.copy_(&buffer);
         }
@@ -1019,16 +1210,32 @@ impl Collectives for NcclGroup {
         if buffer.data_ptr() != tensor.data_ptr() {
             // `contiguous` would have copied on this thread's default stream, unordered with
             // the communication stream; the reducer's buckets are flat and never need it.
-            return Err(dist_err("all_reduce_start needs a contiguous tensor (a flat gradient bucket)".into()));
+            return Err(dist_err(
+                "all_reduce_start needs a contiguous tensor (a flat gradient bucket)".into(),
+            ));
         }
         if let Some(event) = &ready.0 {
             self.stream_wait(self.stream, event, "a gradient bucket's all-reduce")?;
         }
         // SAFETY: in place on a contiguous CUDA buffer that the caller keeps alive until it
         // has waited for the returned mark.
-        self.collective(self.stream, CollOp::AllReduce, buffer.kind(), buffer.numel(), || unsafe {
-            (self.nccl.all_reduce)(buffer.data_ptr(), buffer.data_ptr(), buffer.numel(), dtype, ncclRedOp_t::ncclSum, self.comm, self.stream)
-        })?;
+        self.collective(
+            self.stream,
+            CollOp::AllReduce,
+            buffer.kind(),
+            buffer.numel(),
+            || unsafe {
+                (self.nccl.all_reduce)(
+                    buffer.data_ptr(),
+                    buffer.data_ptr(),
+                    buffer.numel(),
+                    dtype,
+                    ncclRedOp_t::ncclSum,
+                    self.comm,
+                    self.stream,
+                )
+            },
+        )?;
         Ok(super::Mark(Some(self.record(self.stream, "a gradient bucket's all-reduce")?)))
     }
 
@@ -1038,7 +1245,11 @@ impl Collectives for NcclGroup {
         match &done.0 {
             Some(event) => {
                 self.set_device()?;
-                self.stream_wait(Self::null_stream(), event, "the end of a gradient bucket's all-reduce")
+                self.stream_wait(
+                    Self::null_stream(),
+                    event,
+                    "the end of a gradient bucket's all-reduce",
+                )
             }
             None => Ok(()),
         }
@@ -1061,16 +1272,33 @@ mod tests {
 
     #[test]
     fn needs_a_gpu_and_says_so_when_nccl_is_missing() {
-        let world = WorldEnv { rank: 0, world_size: 2, local_rank: 0, local_world_size: 2, master_addr: "127.0.0.1".into(), master_port: 1 };
-        let err = NcclGroup::connect(&world, Device::Cpu, Duration::from_millis(10)).err().map(|e| e.to_string()).unwrap_or_default();
+        let world = WorldEnv {
+            rank: 0,
+            world_size: 2,
+            local_rank: 0,
+            local_world_size: 2,
+            master_addr: "127.0.0.1".into(),
+            master_port: 1,
+        };
+        let err = NcclGroup::connect(&world, Device::Cpu, Duration::from_millis(10))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("needs a CUDA device"), "{err}");
         // A library that cannot be opened (whether or not this machine has NCCL elsewhere)
         // gets a message that says what to do.
-        let missing = Nccl::load_from(&["/nonexistent/oxclip-test/libnccl.so.2".to_owned()]).err().unwrap_or_default();
+        let missing = Nccl::load_from(&["/nonexistent/oxclip-test/libnccl.so.2".to_owned()])
+            .err()
+            .unwrap_or_default();
         assert!(missing.contains("NCCL not found"), "{missing}");
-        assert!(missing.contains("OXCLIP_NCCL") && missing.contains("dist.backend: cpu"), "{missing}");
+        assert!(
+            missing.contains("OXCLIP_NCCL") && missing.contains("dist.backend: cpu"),
+            "{missing}"
+        );
         // The message names every file tried, in order, with the loader's reason.
-        let tried = ["/nonexistent/oxclip-test/a/libnccl.so.2", "/nonexistent/oxclip-test/b/libnccl.so"].map(String::from);
+        let tried =
+            ["/nonexistent/oxclip-test/a/libnccl.so.2", "/nonexistent/oxclip-test/b/libnccl.so"]
+                .map(String::from);
         let both = Nccl::load_from(&tried).err().unwrap_or_default();
         let (a, b) = (both.find(tried[0].as_str()), both.find(tried[1].as_str()));
         assert!(a.is_some() && b.is_some() && a < b, "{both}");
@@ -1078,7 +1306,10 @@ mod tests {
         // load_from does not take the first file that opens on trust.
         let not_nccl = Nccl::load_from(&["libc.so.6".to_owned()]).err().unwrap_or_default();
         assert!(!not_nccl.is_empty() && !not_nccl.contains("NCCL not found"), "{not_nccl}");
-        assert!(not_nccl.contains("ncclGetUniqueId") || not_nccl.contains("CUDA runtime"), "{not_nccl}");
+        assert!(
+            not_nccl.contains("ncclGetUniqueId") || not_nccl.contains("CUDA runtime"),
+            "{not_nccl}"
+        );
     }
 
     #[test]
@@ -1093,22 +1324,40 @@ mod tests {
             "/usr/local/cuda/lib64/libcudart.so.13",
         ]);
         assert_eq!(pick_cudart(&loaded), Some("/opt/libtorch/lib/libcudart-9335f6a2.so.12"));
-        assert_eq!(pick_cudart(&paths(&["/x/libc.so.6", "/venv/nvidia/cuda_runtime/lib/libcudart.so.13"])), Some("/venv/nvidia/cuda_runtime/lib/libcudart.so.13"));
+        assert_eq!(
+            pick_cudart(&paths(&["/x/libc.so.6", "/venv/nvidia/cuda_runtime/lib/libcudart.so.13"])),
+            Some("/venv/nvidia/cuda_runtime/lib/libcudart.so.13")
+        );
         assert_eq!(pick_cudart(&paths(&["libcudart.so"])), Some("libcudart.so"));
         // Names that only start like it, or no runtime at all: none.
-        assert_eq!(pick_cudart(&paths(&["/x/libcudart_static.a", "/x/libcudartx.so.1", "/x/libcudart", "/libcudart.so.13/libc.so.6"])), None);
+        assert_eq!(
+            pick_cudart(&paths(&[
+                "/x/libcudart_static.a",
+                "/x/libcudartx.so.1",
+                "/x/libcudart",
+                "/libcudart.so.13/libc.so.6"
+            ])),
+            None
+        );
         assert_eq!(pick_cudart(&[]), None);
 
         // The walk over this process's objects agrees with the kernel's map of it.
         let walked = loaded_objects();
         assert!(walked.iter().any(|p| p.contains("libc.so")), "{walked:?}");
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let mapped: Vec<String> = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).map(String::from).collect();
+        let mapped: Vec<String> =
+            maps.lines().filter_map(|l| l.split_whitespace().nth(5)).map(String::from).collect();
         assert_eq!(pick_cudart(&walked).is_some(), pick_cudart(&mapped).is_some(), "{walked:?}");
 
         // Nothing loaded and nothing loadable: the error says what was tried.
-        let err = open_cudart(&[], &["/nonexistent/oxclip-test/libcudart.so.13".to_owned()]).err().unwrap_or_default();
-        assert!(err.contains("the CUDA runtime is not loadable") && err.contains("/nonexistent/oxclip-test/libcudart.so.13"), "{err}");
+        let err = open_cudart(&[], &["/nonexistent/oxclip-test/libcudart.so.13".to_owned()])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            err.contains("the CUDA runtime is not loadable")
+                && err.contains("/nonexistent/oxclip-test/libcudart.so.13"),
+            "{err}"
+        );
         // A loaded path is opened as it is (here a stand-in: the C library, loaded in every process).
         let libc_path = walked.iter().find(|p| p.contains("/libc.so")).cloned().unwrap();
         let renamed = [libc_path.replace("libc.so.6", "libcudart-0000.so.6")];
@@ -1121,16 +1370,33 @@ mod tests {
         // ncclConfig_t's fields up to splitShare, at nccl.h's offsets on a 64-bit target.
         use std::mem::{offset_of, size_of};
         assert_eq!(
-            [offset_of!(CommConfig, magic), offset_of!(CommConfig, version), offset_of!(CommConfig, blocking), offset_of!(CommConfig, max_ctas)],
+            [
+                offset_of!(CommConfig, magic),
+                offset_of!(CommConfig, version),
+                offset_of!(CommConfig, blocking),
+                offset_of!(CommConfig, max_ctas)
+            ],
             [8, 12, 16, 28]
         );
-        assert_eq!([offset_of!(CommConfig, net_name), offset_of!(CommConfig, split_share), size_of::<CommConfig>()], [32, 40, 48]);
+        assert_eq!(
+            [
+                offset_of!(CommConfig, net_name),
+                offset_of!(CommConfig, split_share),
+                size_of::<CommConfig>()
+            ],
+            [32, 40, 48]
+        );
         let c = CommConfig::non_blocking();
-        assert_eq!((c.size, c.magic, c.version, c.blocking, c.min_ctas), (48, 0xcafebeef, 21800, 0, i32::MIN));
+        assert_eq!(
+            (c.size, c.magic, c.version, c.blocking, c.min_ctas),
+            (48, 0xcafebeef, 21800, 0, i32::MIN)
+        );
     }
 
     fn trace(calls: &[(CollOp, Kind, u64)]) -> Trace {
-        calls.iter().fold(Trace::default(), |t, &(op, kind, n)| t.then(Call { op: op as u8, dtype: kind_code(kind), elements: n }))
+        calls.iter().fold(Trace::default(), |t, &(op, kind, n)| {
+            t.then(Call { op: op as u8, dtype: kind_code(kind), elements: n })
+        })
     }
 
     #[test]
@@ -1169,7 +1435,10 @@ mod tests {
 
         // Same collectives, different host exchange.
         let msg = diverged(&[(HostOp::Bytes as u8, t0), (HostOp::Barrier as u8, t0)]).unwrap();
-        assert!(msg.starts_with("rank 1 is at a barrier while rank 0 is at a byte exchange"), "{msg}");
+        assert!(
+            msg.starts_with("rank 1 is at a barrier while rank 0 is at a byte exchange"),
+            "{msg}"
+        );
         assert!(msg.ends_with("found at a host exchange"), "{msg}");
     }
 
@@ -1180,9 +1449,17 @@ mod tests {
             let handles: Vec<_> = (0..2)
                 .map(|r| {
                     std::thread::spawn(move || {
-                        let world = WorldEnv { rank: r, world_size: 2, local_rank: r, local_world_size: 2, master_addr: "127.0.0.1".into(), master_port: port };
+                        let world = WorldEnv {
+                            rank: r,
+                            world_size: 2,
+                            local_rank: r,
+                            local_world_size: 2,
+                            master_addr: "127.0.0.1".into(),
+                            master_port: port,
+                        };
                         let group = TcpGroup::connect(&world, Duration::from_secs(20)).unwrap();
-                        traced_exchange(&group, traces[r], hosts[r], format!("rank{r}").as_bytes()).map_err(|e| e.to_string())
+                        traced_exchange(&group, traces[r], hosts[r], format!("rank{r}").as_bytes())
+                            .map_err(|e| e.to_string())
                     })
                 })
                 .collect();
@@ -1194,8 +1471,11 @@ mod tests {
             assert_eq!(got.unwrap(), vec![b"rank0".to_vec(), b"rank1".to_vec()]);
         }
         // Rank 1 made one NCCL collective more: both ranks fail, naming it.
-        let more = trace(&[(CollOp::AllReduce, Kind::Float, 100), (CollOp::AllGather, Kind::Half, 6)]);
-        for (r, got) in on_ranks([same, more], [HostOp::Barrier, HostOp::Barrier]).into_iter().enumerate() {
+        let more =
+            trace(&[(CollOp::AllReduce, Kind::Float, 100), (CollOp::AllGather, Kind::Half, 6)]);
+        for (r, got) in
+            on_ranks([same, more], [HostOp::Barrier, HostOp::Barrier]).into_iter().enumerate()
+        {
             let err = got.unwrap_err();
             assert!(
                 err.contains(&format!("rank {r}: rank 1 has made 2 NCCL collectives (the last: all_gather of 6 float16 values) while rank 0 has made 1")),

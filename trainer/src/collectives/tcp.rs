@@ -45,7 +45,9 @@ enum Op {
 
 impl Op {
     fn from_u8(v: u8) -> Option<Op> {
-        [Op::AllGather, Op::AllReduce, Op::Broadcast, Op::GatherBytes, Op::Barrier].into_iter().find(|op| *op as u8 == v)
+        [Op::AllGather, Op::AllReduce, Op::Broadcast, Op::GatherBytes, Op::Barrier]
+            .into_iter()
+            .find(|op| *op as u8 == v)
     }
 }
 
@@ -72,7 +74,9 @@ fn sim_link_from_env() -> Option<f64> {
     match value.trim().parse::<f64>() {
         Ok(gbps) if gbps > 0.0 && gbps.is_finite() => Some(gbps * 1e9),
         _ => {
-            tracing::warn!("{SIM_LINK_ENV}={value} is not a positive number of GB/s; no simulated link");
+            tracing::warn!(
+                "{SIM_LINK_ENV}={value} is not a positive number of GB/s; no simulated link"
+            );
             None
         }
     }
@@ -88,16 +92,38 @@ impl TcpGroup {
     /// message saying who never arrived.
     pub fn connect(world: &WorldEnv, timeout: Duration) -> Result<Self> {
         if world.rank >= world.world_size {
-            return Err(dist_err(format!("rank {} is not below the world size {}", world.rank, world.world_size)));
+            return Err(dist_err(format!(
+                "rank {} is not below the world size {}",
+                world.rank, world.world_size
+            )));
         }
         let deadline = Instant::now() + timeout;
-        let streams = if world.rank == 0 { accept_peers(world, deadline)? } else { vec![join_rank0(world, deadline)?] };
+        let streams = if world.rank == 0 {
+            accept_peers(world, deadline)?
+        } else {
+            vec![join_rank0(world, deadline)?]
+        };
         for s in &streams {
-            s.set_read_timeout(Some(timeout)).and_then(|()| s.set_write_timeout(Some(timeout))).map_err(|e| dist_err(format!("socket setup: {e}")))?;
+            s.set_read_timeout(Some(timeout))
+                .and_then(|()| s.set_write_timeout(Some(timeout)))
+                .map_err(|e| dist_err(format!("socket setup: {e}")))?;
             let _ = s.set_nodelay(true);
         }
-        tracing::info!("rank {} of {} joined through {}:{}", world.rank, world.world_size, world.master_addr, world.master_port);
-        Ok(Self { rank: world.rank, world_size: world.world_size, streams, seq: AtomicU64::new(0), timeout, sim_link: sim_link_from_env() })
+        tracing::info!(
+            "rank {} of {} joined through {}:{}",
+            world.rank,
+            world.world_size,
+            world.master_addr,
+            world.master_port
+        );
+        Ok(Self {
+            rank: world.rank,
+            world_size: world.world_size,
+            streams,
+            seq: AtomicU64::new(0),
+            timeout,
+            sim_link: sim_link_from_env(),
+        })
     }
 
     /// Sets (or, with `None`, removes) the simulated link, in GB/s, in place of what
@@ -122,24 +148,39 @@ impl TcpGroup {
 
     /// One collective round: send `payload`, get back what rank 0's `combine` made of all
     /// ranks' payloads (in rank order).
-    fn round(&self, op: Op, payload: Vec<u8>, combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<u8>>) -> Result<Vec<u8>> {
+    fn round(
+        &self,
+        op: Op,
+        payload: Vec<u8>,
+        combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
         let started = Instant::now();
         let link_time = self.sim_link_time(op, payload.len());
         let result = self.exchange(op, payload, combine)?;
-        if let Some(wait) = link_time.and_then(|t| (started + t).checked_duration_since(Instant::now())) {
+        if let Some(wait) =
+            link_time.and_then(|t| (started + t).checked_duration_since(Instant::now()))
+        {
             std::thread::sleep(wait);
         }
         Ok(result)
     }
 
-    fn exchange(&self, op: Op, payload: Vec<u8>, combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<u8>>) -> Result<Vec<u8>> {
+    fn exchange(
+        &self,
+        op: Op,
+        payload: Vec<u8>,
+        combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         if self.rank != 0 {
             let stream = &self.streams[0];
             write_frame(stream, op, seq, &payload).map_err(|e| self.io_error(e, 0, op, seq))?;
-            let (got_op, got_seq, result) = read_frame(stream).map_err(|e| self.io_error(e, 0, op, seq))?;
+            let (got_op, got_seq, result) =
+                read_frame(stream).map_err(|e| self.io_error(e, 0, op, seq))?;
             if (got_op, got_seq) != (op as u8, seq) {
-                return Err(dist_err(format!("rank 0 answered collective {got_op} #{got_seq} to {op:?} #{seq}")));
+                return Err(dist_err(format!(
+                    "rank 0 answered collective {got_op} #{got_seq} to {op:?} #{seq}"
+                )));
             }
             return Ok(result);
         }
@@ -147,9 +188,11 @@ impl TcpGroup {
         parts.push(payload);
         for (i, stream) in self.streams.iter().enumerate() {
             let peer = i + 1;
-            let (got_op, got_seq, part) = read_frame(stream).map_err(|e| self.io_error(e, peer, op, seq))?;
+            let (got_op, got_seq, part) =
+                read_frame(stream).map_err(|e| self.io_error(e, peer, op, seq))?;
             if (got_op, got_seq) != (op as u8, seq) {
-                let theirs = Op::from_u8(got_op).map_or(format!("op {got_op}"), |o| format!("{o:?}"));
+                let theirs =
+                    Op::from_u8(got_op).map_or(format!("op {got_op}"), |o| format!("{o:?}"));
                 return Err(dist_err(format!(
                     "rank {peer} is at collective {theirs} #{got_seq} while rank 0 is at {op:?} #{seq}: \
                      the ranks took different paths (different configs or data?)"
@@ -180,8 +223,12 @@ impl TcpGroup {
 }
 
 fn accept_peers(world: &WorldEnv, deadline: Instant) -> Result<Vec<TcpStream>> {
-    let listener = TcpListener::bind(("0.0.0.0", world.master_port))
-        .map_err(|e| dist_err(format!("rank 0 cannot listen on port {}: {e} (is MASTER_PORT in use?)", world.master_port)))?;
+    let listener = TcpListener::bind(("0.0.0.0", world.master_port)).map_err(|e| {
+        dist_err(format!(
+            "rank 0 cannot listen on port {}: {e} (is MASTER_PORT in use?)",
+            world.master_port
+        ))
+    })?;
     listener.set_nonblocking(true).map_err(|e| dist_err(format!("listener: {e}")))?;
     let mut peers: Vec<Option<TcpStream>> = (1..world.world_size).map(|_| None).collect();
     while peers.iter().any(Option::is_none) {
@@ -192,21 +239,38 @@ fn accept_peers(world: &WorldEnv, deadline: Instant) -> Result<Vec<TcpStream>> {
                     // A connection that says nothing (a port probe, a health check) is
                     // dropped, not let hold the rendezvous: a rank greets as it connects, and
                     // one that was dropped by mistake sees the connection close and retries.
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::UnexpectedEof) => {
-                        tracing::warn!("rank 0: a connection from {from} sent no greeting ({e}); ignored");
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::UnexpectedEof
+                        ) =>
+                    {
+                        tracing::warn!(
+                            "rank 0: a connection from {from} sent no greeting ({e}); ignored"
+                        );
                         continue;
                     }
-                    Err(e) => return Err(dist_err(format!("a peer from {from} failed to join: {e}"))),
+                    Err(e) => {
+                        return Err(dist_err(format!("a peer from {from} failed to join: {e}")))
+                    }
                 };
                 match peers.get_mut(peer.wrapping_sub(1)) {
                     Some(slot @ None) => *slot = Some(stream),
-                    _ => return Err(dist_err(format!("rank {peer} joined twice, or rank 0 did (from {from})"))),
+                    _ => {
+                        return Err(dist_err(format!(
+                            "rank {peer} joined twice, or rank 0 did (from {from})"
+                        )))
+                    }
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
-                    let missing: Vec<String> =
-                        peers.iter().enumerate().filter(|(_, p)| p.is_none()).map(|(i, _)| (i + 1).to_string()).collect();
+                    let missing: Vec<String> = peers
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.is_none())
+                        .map(|(i, _)| (i + 1).to_string())
+                        .collect();
                     return Err(dist_err(format!(
                         "rank(s) {} never joined rank 0 on port {} (dist.timeout_s)",
                         missing.join(", "),
@@ -231,7 +295,11 @@ const GREETING_WAIT: Duration = Duration::from_secs(2);
 /// Reads a peer's greeting: its rank, after checking the protocol and the world size.
 fn handshake(stream: &TcpStream, world_size: usize, deadline: Instant) -> std::io::Result<usize> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(100), GREETING_WAIT)))?;
+    stream.set_read_timeout(Some(
+        deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(100), GREETING_WAIT),
+    ))?;
     let mut hello = [0u8; 16];
     (&*stream).read_exact(&mut hello)?;
     if &hello[..8] != MAGIC {
@@ -240,7 +308,9 @@ fn handshake(stream: &TcpStream, world_size: usize, deadline: Instant) -> std::i
     let rank = u32::from_le_bytes([hello[8], hello[9], hello[10], hello[11]]) as usize;
     let their_world = u32::from_le_bytes([hello[12], hello[13], hello[14], hello[15]]) as usize;
     if their_world != world_size {
-        return Err(std::io::Error::other(format!("rank {rank} has world size {their_world}, rank 0 has {world_size}")));
+        return Err(std::io::Error::other(format!(
+            "rank {rank} has world size {their_world}, rank 0 has {world_size}"
+        )));
     }
     Ok(rank)
 }
@@ -249,10 +319,13 @@ fn join_rank0(world: &WorldEnv, deadline: Instant) -> Result<TcpStream> {
     let addr = format!("{}:{}", world.master_addr, world.master_port);
     let mut last_error = String::new();
     loop {
-        let resolved: Vec<SocketAddr> = addr.to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
+        let resolved: Vec<SocketAddr> =
+            addr.to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
         for sa in &resolved {
             // Never past the deadline by more than a moment, however slow the network.
-            let patience = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(50), Duration::from_secs(1));
+            let patience = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(50), Duration::from_secs(1));
             match TcpStream::connect_timeout(sa, patience) {
                 Ok(stream) => {
                     let mut hello = Vec::with_capacity(16);
@@ -261,7 +334,11 @@ fn join_rank0(world: &WorldEnv, deadline: Instant) -> Result<TcpStream> {
                     hello.extend_from_slice(&(world.world_size as u32).to_le_bytes());
                     let joined = (|| {
                         (&stream).write_all(&hello)?;
-                        stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))))?;
+                        stream.set_read_timeout(Some(
+                            deadline
+                                .saturating_duration_since(Instant::now())
+                                .max(Duration::from_secs(1)),
+                        ))?;
                         let mut ok = [0u8; 2];
                         (&stream).read_exact(&mut ok)?;
                         Ok::<_, std::io::Error>(ok == *b"OK")
@@ -333,12 +410,17 @@ impl Collectives for TcpGroup {
     }
 
     fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
-        let gathered = self.round(Op::AllGather, crate::bytes::f32_le_bytes(tensor)?, |parts| Ok(parts.concat()))?;
+        let gathered = self.round(Op::AllGather, crate::bytes::f32_le_bytes(tensor)?, |parts| {
+            Ok(parts.concat())
+        })?;
         let values = to_floats(&gathered);
         let mut shape = tensor.size();
         let row: i64 = shape.iter().skip(1).product::<i64>().max(1);
         if shape.is_empty() || values.len() as i64 % row != 0 {
-            return Err(dist_err(format!("all_gather of {:?}: ranks sent tensors of other shapes", tensor.size())));
+            return Err(dist_err(format!(
+                "all_gather of {:?}: ranks sent tensors of other shapes",
+                tensor.size()
+            )));
         }
         shape[0] = values.len() as i64 / row;
         to_tensor(&values, &shape, tensor)
@@ -379,9 +461,15 @@ impl Collectives for TcpGroup {
 
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
         if root >= self.world_size {
-            return Err(dist_err(format!("broadcast from rank {root} in a world of {}", self.world_size)));
+            return Err(dist_err(format!(
+                "broadcast from rank {root} in a world of {}",
+                self.world_size
+            )));
         }
-        let value = self.round(Op::Broadcast, crate::bytes::f32_le_bytes(tensor)?, |mut parts| Ok(parts.swap_remove(root)))?;
+        let value =
+            self.round(Op::Broadcast, crate::bytes::f32_le_bytes(tensor)?, |mut parts| {
+                Ok(parts.swap_remove(root))
+            })?;
         let result = to_tensor(&to_floats(&value), &tensor.size(), tensor)?;
         let _ = tensor.copy_(&result);
         Ok(())
@@ -426,7 +514,14 @@ mod tests {
     use super::*;
 
     fn world(rank: usize, world_size: usize, port: u16) -> WorldEnv {
-        WorldEnv { rank, world_size, local_rank: rank, local_world_size: world_size, master_addr: "127.0.0.1".into(), master_port: port }
+        WorldEnv {
+            rank,
+            world_size,
+            local_rank: rank,
+            local_world_size: world_size,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        }
     }
 
     fn free_port() -> u16 {
@@ -434,13 +529,18 @@ mod tests {
     }
 
     /// Runs `f` on `n` ranks in threads, each with its own group.
-    fn on_ranks<T: Send + 'static>(n: usize, f: impl Fn(TcpGroup) -> T + Send + Sync + 'static) -> Vec<T> {
+    fn on_ranks<T: Send + 'static>(
+        n: usize,
+        f: impl Fn(TcpGroup) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
         let port = free_port();
         let f = std::sync::Arc::new(f);
         let handles: Vec<_> = (0..n)
             .map(|r| {
                 let f = std::sync::Arc::clone(&f);
-                std::thread::spawn(move || f(TcpGroup::connect(&world(r, n, port), Duration::from_secs(20)).unwrap()))
+                std::thread::spawn(move || {
+                    f(TcpGroup::connect(&world(r, n, port), Duration::from_secs(20)).unwrap())
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -454,13 +554,22 @@ mod tests {
             let gathered = g.all_gather(&mine).unwrap();
             let mut sum = Tensor::from_slice(&[r, 1.0, 2.0 * r]);
             g.all_reduce_sum(&mut sum).unwrap();
-            let scattered = g.reduce_scatter(&Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).view([3, 2])).unwrap();
+            let scattered = g
+                .reduce_scatter(
+                    &Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).view([3, 2]),
+                )
+                .unwrap();
             let mut b = Tensor::from_slice(&[r * 10.0]);
             g.broadcast(&mut b, 2).unwrap();
             let bytes = g.all_gather_bytes(format!("rank{}", g.rank()).as_bytes()).unwrap();
             g.barrier().unwrap();
-            (Vec::<f32>::try_from(gathered.view([-1])).unwrap(), Vec::<f32>::try_from(&sum).unwrap(),
-             Vec::<f32>::try_from(scattered.view([-1])).unwrap(), b.double_value(&[0]), bytes)
+            (
+                Vec::<f32>::try_from(gathered.view([-1])).unwrap(),
+                Vec::<f32>::try_from(&sum).unwrap(),
+                Vec::<f32>::try_from(scattered.view([-1])).unwrap(),
+                b.double_value(&[0]),
+                bytes,
+            )
         });
         for (r, (gathered, sum, scattered, b, bytes)) in results.into_iter().enumerate() {
             assert_eq!(gathered, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]);
@@ -482,11 +591,17 @@ mod tests {
             }
         });
         let err = results[0].as_ref().unwrap_err();
-        assert!(err.contains("rank 1 is at collective GatherBytes #1 while rank 0 is at Barrier #1"), "{err}");
+        assert!(
+            err.contains("rank 1 is at collective GatherBytes #1 while rank 0 is at Barrier #1"),
+            "{err}"
+        );
 
         // Rank 1 never comes: rank 0 says so after the timeout.
         let port = free_port();
-        let err = TcpGroup::connect(&world(0, 2, port), Duration::from_millis(300)).err().unwrap().to_string();
+        let err = TcpGroup::connect(&world(0, 2, port), Duration::from_millis(300))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("rank(s) 1 never joined"), "{err}");
 
         // A rank that exits: its peer's next collective fails, naming it.

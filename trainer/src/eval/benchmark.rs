@@ -75,7 +75,11 @@ pub fn is_dataset_dir(dir: &Path) -> bool {
     let test = dir.join("test");
     let has_shards = || {
         std::fs::read_dir(&test)
-            .map(|entries| entries.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "tar")))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .any(|e| e.path().extension().is_some_and(|x| x == "tar"))
+            })
             .unwrap_or(false)
     };
     dir.join("classnames.txt").is_file() || test.join("nshards.txt").is_file() || has_shards()
@@ -87,7 +91,8 @@ fn openai_templates() -> Vec<String> {
 
 fn imagenet1k(dir: &Path, templates: Option<Vec<String>>) -> Result<Benchmark> {
     let classnames = imagenet1k_classnames();
-    let task = Task::Classification { classnames, templates: templates.unwrap_or_else(openai_templates) };
+    let task =
+        Task::Classification { classnames, templates: templates.unwrap_or_else(openai_templates) };
     if !dir.is_dir() {
         // Shards (a brace pattern, a `.tar`, `pipe:`) whose samples carry `KEY.cls`.
         return Ok(Benchmark { spec: DataSpec::parse(&dir.to_string_lossy())?, task });
@@ -148,9 +153,16 @@ fn test_shards(dir: &Path) -> Result<DataSpec> {
         Some(lines) => {
             let first = lines.first().map(String::as_str).unwrap_or("");
             let n: u64 = first.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
-                TrainError::Input(format!("{}: `{first}` is not a shard count (a positive integer)", nshards.display()))
+                TrainError::Input(format!(
+                    "{}: `{first}` is not a shard count (a positive integer)",
+                    nshards.display()
+                ))
             })?;
-            let pattern = if n == 1 { test.join("0.tar") } else { test.join(format!("{{0..{}}}.tar", n - 1)) };
+            let pattern = if n == 1 {
+                test.join("0.tar")
+            } else {
+                test.join(format!("{{0..{}}}.tar", n - 1))
+            };
             Ok(DataSpec::parse(&pattern.to_string_lossy())?)
         }
         None => Ok(DataSpec::parse(&test.to_string_lossy())?),
@@ -217,9 +229,16 @@ fn clip_benchmark(dir: &Path, templates: Option<Vec<String>>) -> Result<Benchmar
             let file = dir.join("zeroshot_classification_templates.txt");
             match lines_of(&file)? {
                 // clip_benchmark fills `{c}` with the class name.
-                Some(lines) => lines.into_iter().filter(|l| !l.is_empty()).map(|l| l.replace("{c}", "{}")).collect(),
+                Some(lines) => lines
+                    .into_iter()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.replace("{c}", "{}"))
+                    .collect(),
                 None => {
-                    tracing::warn!("{} is missing: using OpenAI's 80 ImageNet templates", file.display());
+                    tracing::warn!(
+                        "{} is missing: using OpenAI's 80 ImageNet templates",
+                        file.display()
+                    );
                     openai_templates()
                 }
             }
@@ -252,7 +271,11 @@ mod tests {
     /// golden file from `open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES`).
     #[test]
     fn imagenet1k_classnames_equal_open_clips() {
-        let golden = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/imagenet1k_classnames.txt")).unwrap();
+        let golden = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/imagenet1k_classnames.txt"),
+        )
+        .unwrap();
         let golden: Vec<&str> = golden.lines().collect();
         let names = imagenet1k_classnames();
         assert_eq!(names.len(), 1000);
@@ -266,14 +289,17 @@ mod tests {
         for i in 0..3 {
             std::fs::create_dir_all(dir.path().join(format!("val/n{i:08}"))).unwrap();
         }
-        let err = resolve(&format!("imagenet1k:{}", dir.path().display()), None).unwrap_err().to_string();
+        let err =
+            resolve(&format!("imagenet1k:{}", dir.path().display()), None).unwrap_err().to_string();
         assert!(err.contains("val has 3 class folders") && err.contains("has 1000"), "{err}");
         for i in 3..1000 {
             std::fs::create_dir_all(dir.path().join(format!("val/n{i:08}"))).unwrap();
         }
         let set = resolve(&format!("imagenet1k:{}", dir.path().display()), None).unwrap().unwrap();
         assert_eq!(set.spec, DataSpec::Classes(dir.path().join("val")));
-        let Task::Classification { classnames, templates } = set.task else { panic!("classification") };
+        let Task::Classification { classnames, templates } = set.task else {
+            panic!("classification")
+        };
         assert_eq!((classnames.len(), templates.len()), (1000, 80));
     }
 
@@ -290,11 +316,18 @@ mod tests {
         let err = resolve(d.to_str().unwrap(), None).unwrap_err().to_string();
         assert!(err.contains("classnames.txt is missing") && err.contains("`cls`"), "{err}");
         std::fs::write(d.join("classnames.txt"), "cat\ndog\n").unwrap();
-        std::fs::write(d.join("zeroshot_classification_templates.txt"), "a photo of a {c}.\nart of the {c}.\n").unwrap();
+        std::fs::write(
+            d.join("zeroshot_classification_templates.txt"),
+            "a photo of a {c}.\nart of the {c}.\n",
+        )
+        .unwrap();
         let set = resolve(&format!("wds:{}", d.display()), None).unwrap().unwrap();
         assert_eq!(
             set.task,
-            Task::Classification { classnames: vec!["cat".into(), "dog".into()], templates: vec!["a photo of a {}.".into(), "art of the {}.".into()] }
+            Task::Classification {
+                classnames: vec!["cat".into(), "dog".into()],
+                templates: vec!["a photo of a {}.".into(), "art of the {}.".into()]
+            }
         );
         std::fs::write(d.join("dataset_type.txt"), "retrieval\n").unwrap();
         assert_eq!(resolve(d.to_str().unwrap(), None).unwrap().unwrap().task, Task::Retrieval);

@@ -34,7 +34,14 @@ pub const AUTO_TILE: i64 = 4096;
 /// features' precision (the products at `matmul`'s). Equal to [`clip_loss_naive`] up to
 /// rounding. The owned rows are taken `tile` at a time too (the loss is a sum over rows), so
 /// the extra memory is O(tile^2) on top of the O(N d) features and gradients, whatever the batch.
-pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>, tile: i64, matmul: Matmul) -> LossOutput {
+pub fn clip_loss(
+    image: &Tensor,
+    text: &Tensor,
+    logit_scale: &Tensor,
+    rows: Range<i64>,
+    tile: i64,
+    matmul: Matmul,
+) -> LossOutput {
     let _no_grad = tch::no_grad_guard();
     let image = image.to_kind(Kind::Float);
     let text = text.to_kind(Kind::Float);
@@ -49,7 +56,12 @@ pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Rang
         grad_logit_scale: Tensor::zeros([], (Kind::Double, device)),
         grad_logit_bias: None,
     };
-    let features = Features { image: &image, text: &text, image_mm: matmul.input(&image), text_mm: matmul.input(&text) };
+    let features = Features {
+        image: &image,
+        text: &text,
+        image_mm: matmul.input(&image),
+        text_mm: matmul.input(&text),
+    };
     let scale = logit_scale.to_kind(Kind::Float).exp();
     for block in tiles(rows, tile) {
         add_row_block(&features, &scale, block, tile, matmul, &mut acc);
@@ -70,7 +82,14 @@ struct Features<'a> {
 /// Adds the loss and gradients of the owned rows `rows` to `acc`, a tile of columns at a time.
 /// The tile-sized work is what costs (N^2 elements against N d for the rest), so each tile
 /// gets one product and as few element-wise passes as the math allows.
-fn add_row_block(f: &Features, scale: &Tensor, rows: Range<i64>, tile: i64, matmul: Matmul, acc: &mut LossOutput) {
+fn add_row_block(
+    f: &Features,
+    scale: &Tensor,
+    rows: Range<i64>,
+    tile: i64,
+    matmul: Matmul,
+    acc: &mut LossOutput,
+) {
     let global = f.image.size()[0];
     let n = rows.end - rows.start;
     let norm = 1.0 / (2 * global) as f64;
@@ -88,7 +107,9 @@ fn add_row_block(f: &Features, scale: &Tensor, rows: Range<i64>, tile: i64, matm
         .iter()
         .map(|(own, others)| {
             let first = Tensor::full([n], f64::NEG_INFINITY, (Kind::Float, f.image.device()));
-            columns.iter().fold(first, |lse, c| lse.logaddexp(&matmul.nt(own, &tile_of(others, c)).logsumexp([1], false)))
+            columns.iter().fold(first, |lse, c| {
+                lse.logaddexp(&matmul.nt(own, &tile_of(others, c)).logsumexp([1], false))
+            })
         })
         .collect();
     let positives_sum = (&image_own * &text_own).sum(Kind::Double) * scale.to_kind(Kind::Double);
@@ -107,7 +128,9 @@ fn add_row_block(f: &Features, scale: &Tensor, rows: Range<i64>, tile: i64, matm
             let d = (&logits - &shifts[k]).exp_();
             let _ = positives(&d, &rows, c).g_sub_scalar_(norm);
             // Row sums in fp32 (a tile wide), the total in fp64.
-            acc.grad_logit_scale += (&d * &logits).sum_dim_intlist([1i64].as_slice(), false, Kind::Float).sum(Kind::Double);
+            acc.grad_logit_scale += (&d * &logits)
+                .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+                .sum(Kind::Double);
             let d = matmul.input(&d);
             grad_own[k] += matmul.mm(&d, &others) * scale;
             let _ = tile_of(&grad_others[k], c).g_add_(&matmul.mm(&d.tr(), own_scaled));
@@ -120,7 +143,12 @@ fn add_row_block(f: &Features, scale: &Tensor, rows: Range<i64>, tile: i64, matm
 
 /// The same loss and gradients with the two n x N blocks built at once: the oracle the tiled
 /// version is tested against (`loss.tiling: naive`).
-pub fn clip_loss_naive(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows: Range<i64>) -> LossOutput {
+pub fn clip_loss_naive(
+    image: &Tensor,
+    text: &Tensor,
+    logit_scale: &Tensor,
+    rows: Range<i64>,
+) -> LossOutput {
     let _no_grad = tch::no_grad_guard();
     let image = image.to_kind(Kind::Float);
     let text = text.to_kind(Kind::Float);
@@ -135,14 +163,16 @@ pub fn clip_loss_naive(image: &Tensor, text: &Tensor, logit_scale: &Tensor, rows
     let logits_image = image_own.matmul(&text.tr()) * &scale;
     let logits_text = text_own.matmul(&image.tr()) * &scale;
 
-    let positives = (&image_own * &text_own).sum_dim_intlist([1i64].as_slice(), false, Kind::Float) * &scale;
+    let positives =
+        (&image_own * &text_own).sum_dim_intlist([1i64].as_slice(), false, Kind::Float) * &scale;
     let loss = (logits_image.logsumexp([1], false).sum(Kind::Float)
         + logits_text.logsumexp([1], false).sum(Kind::Float)
         - positives.sum(Kind::Float) * 2.0)
         * norm;
 
     // (softmax - onehot) / 2N for both directions.
-    let labels = Tensor::arange_start(rows.start, rows.end, (Kind::Int64, image.device())).unsqueeze(1);
+    let labels =
+        Tensor::arange_start(rows.start, rows.end, (Kind::Int64, image.device())).unsqueeze(1);
     let minus_one = Tensor::full([n, 1], -1.0, (Kind::Float, image.device()));
     let d_image = logits_image.softmax(1, Kind::Float).scatter_add(1, &labels, &minus_one) * norm;
     let d_text = logits_text.softmax(1, Kind::Float).scatter_add(1, &labels, &minus_one) * norm;
@@ -175,7 +205,11 @@ mod tests {
     }
 
     /// The reference: full N x N logits, open_clip's two cross-entropies, autograd.
-    fn autograd_reference(image: &Tensor, text: &Tensor, logit_scale: f64) -> (f64, Tensor, Tensor, f64) {
+    fn autograd_reference(
+        image: &Tensor,
+        text: &Tensor,
+        logit_scale: f64,
+    ) -> (f64, Tensor, Tensor, f64) {
         let image = image.detach().set_requires_grad(true);
         let text = text.detach().set_requires_grad(true);
         let ls = Tensor::from(logit_scale).to_kind(Kind::Double).set_requires_grad(true);
@@ -209,19 +243,29 @@ mod tests {
         let (image, text) = features(12, 6, 1);
         let ls = Tensor::from(1.7);
         let whole = clip_loss(&image, &text, &ls, 0..12, 0, Matmul::Fp32);
-        let parts: Vec<LossOutput> = [0..4, 4..8, 8..12].into_iter().map(|r| clip_loss(&image, &text, &ls, r, 5, Matmul::Fp32)).collect();
-        let sum = |f: &dyn Fn(&LossOutput) -> Tensor| parts.iter().map(f).reduce(|a, b| a + b).unwrap();
+        let parts: Vec<LossOutput> = [0..4, 4..8, 8..12]
+            .into_iter()
+            .map(|r| clip_loss(&image, &text, &ls, r, 5, Matmul::Fp32))
+            .collect();
+        let sum =
+            |f: &dyn Fn(&LossOutput) -> Tensor| parts.iter().map(f).reduce(|a, b| a + b).unwrap();
         assert!(max_rel(&sum(&|p| p.loss.shallow_clone()), &whole.loss) < 1e-6);
         assert!(max_rel(&sum(&|p| p.grad_image.shallow_clone()), &whole.grad_image) < 1e-6);
         assert!(max_rel(&sum(&|p| p.grad_text.shallow_clone()), &whole.grad_text) < 1e-6);
-        assert!(max_rel(&sum(&|p| p.grad_logit_scale.shallow_clone()), &whole.grad_logit_scale) < 1e-6);
+        assert!(
+            max_rel(&sum(&|p| p.grad_logit_scale.shallow_clone()), &whole.grad_logit_scale) < 1e-6
+        );
     }
 
     /// Tiled against the oracle for N up to 4096, for tiles that divide N, do not, straddle
     /// the owned rows, are one column, or all of it; owned rows at the start, middle and end.
     #[test]
     fn tiled_equals_naive() {
-        for (n_all, d, tiles) in [(64, 8, vec![1, 7, 16, 100, 64, 0]), (257, 16, vec![7, 16, 100, 257, 0]), (4096, 32, vec![1000, 0])] {
+        for (n_all, d, tiles) in [
+            (64, 8, vec![1, 7, 16, 100, 64, 0]),
+            (257, 16, vec![7, 16, 100, 257, 0]),
+            (4096, 32, vec![1000, 0]),
+        ] {
             let (image, text) = features(n_all, d, 4);
             let (image, text) = (image.to_kind(Kind::Float), text.to_kind(Kind::Float));
             let ls = Tensor::from(3.1f32);
@@ -229,7 +273,12 @@ mod tests {
                 let naive = clip_loss_naive(&image, &text, &ls, rows.clone());
                 for &tile in &tiles {
                     let tiled = clip_loss(&image, &text, &ls, rows.clone(), tile, Matmul::Fp32);
-                    assert_close(&format!("N {n_all} rows {rows:?} tile {tile}"), &tiled, &naive, 1e-5);
+                    assert_close(
+                        &format!("N {n_all} rows {rows:?} tile {tile}"),
+                        &tiled,
+                        &naive,
+                        1e-5,
+                    );
                 }
             }
         }
@@ -250,7 +299,14 @@ mod tests {
     #[test]
     fn perfect_alignment_at_high_scale_has_near_zero_loss() {
         let (image, _) = features(8, 16, 2);
-        let out = clip_loss(&image, &image, &Tensor::from(crate::model::LOGIT_SCALE_MAX), 0..8, 3, Matmul::Fp32);
+        let out = clip_loss(
+            &image,
+            &image,
+            &Tensor::from(crate::model::LOGIT_SCALE_MAX),
+            0..8,
+            3,
+            Matmul::Fp32,
+        );
         assert!(out.loss.double_value(&[]) < 1.0, "loss {}", out.loss.double_value(&[]));
     }
 }

@@ -195,6 +195,9 @@ mod tests {
         let yaml = serde_yaml::to_string(&cfg).unwrap();
         assert_eq!(yaml, "kind: siglip\ntiling: 128\n");
         assert_eq!(parse(&yaml).unwrap(), cfg);
-        assert_eq!(serde_yaml::to_string(&LossConfig::default()).unwrap(), "kind: clip\ntiling: auto\n");
+        assert_eq!(
+            serde_yaml::to_string(&LossConfig::default()).unwrap(),
+            "kind: clip\ntiling: auto\n"
+        );
     }
 }

@@ -14,8 +14,8 @@ use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
-pub use config::{LossConfig, LossKind, Tiling};
 use crate::error::{Result, TrainError};
+pub use config::{LossConfig, LossKind, Tiling};
 
 /// One rank's share of a contrastive loss over the global batch, and its gradients.
 #[derive(Debug)]
@@ -44,7 +44,14 @@ pub struct LossSpec {
 impl LossSpec {
     /// This rank's part of the loss for the owned `rows` of the gathered (N, d) features.
     /// `logit_bias` is the model's bias, required by SigLIP and ignored by CLIP.
-    pub fn compute(&self, image: &Tensor, text: &Tensor, logit_scale: &Tensor, logit_bias: Option<&Tensor>, rows: Range<i64>) -> Result<LossOutput> {
+    pub fn compute(
+        &self,
+        image: &Tensor,
+        text: &Tensor,
+        logit_scale: &Tensor,
+        logit_bias: Option<&Tensor>,
+        rows: Range<i64>,
+    ) -> Result<LossOutput> {
         Ok(match self.kind {
             LossKind::Clip => match self.tiling.tile() {
                 Some(tile) => clip::clip_loss(image, text, logit_scale, rows, tile, self.matmul),
@@ -52,10 +59,15 @@ impl LossSpec {
             },
             LossKind::Siglip => {
                 let bias = logit_bias.ok_or_else(|| {
-                    TrainError::Config("loss.kind siglip needs a model with a logit_bias (model.init_logit_bias)".into())
+                    TrainError::Config(
+                        "loss.kind siglip needs a model with a logit_bias (model.init_logit_bias)"
+                            .into(),
+                    )
                 })?;
                 match self.tiling.tile() {
-                    Some(tile) => siglip::siglip_loss(image, text, logit_scale, bias, rows, tile, self.matmul),
+                    Some(tile) => {
+                        siglip::siglip_loss(image, text, logit_scale, bias, rows, tile, self.matmul)
+                    }
                     None => siglip::siglip_loss_naive(image, text, logit_scale, bias, rows),
                 }
             }
@@ -147,7 +159,11 @@ pub(crate) fn assert_close(what: &str, a: &LossOutput, b: &LossOutput, tolerance
         ("grad_text", &a.grad_text, &b.grad_text),
         ("grad_logit_scale", &a.grad_logit_scale, &b.grad_logit_scale),
     ];
-    assert_eq!(a.grad_logit_bias.is_some(), b.grad_logit_bias.is_some(), "{what}: one has a bias gradient, the other not");
+    assert_eq!(
+        a.grad_logit_bias.is_some(),
+        b.grad_logit_bias.is_some(),
+        "{what}: one has a bias gradient, the other not"
+    );
     if let (Some(x), Some(y)) = (&a.grad_logit_bias, &b.grad_logit_bias) {
         pairs.push(("grad_logit_bias", x, y));
     }
@@ -165,8 +181,13 @@ mod tests {
     /// below and away from the global diagonal, and writes through to the tile.
     #[test]
     fn positives_view_matches_the_one_hot() {
-        for (rows, columns) in [(4..8, 6..9), (6..9, 4..8), (0..5, 0..5), (0..3, 5..9), (5..9, 0..3)] {
-            let block = Tensor::zeros([rows.end - rows.start, columns.end - columns.start], (Kind::Float, tch::Device::Cpu));
+        for (rows, columns) in
+            [(4..8, 6..9), (6..9, 4..8), (0..5, 0..5), (0..3, 5..9), (5..9, 0..3)]
+        {
+            let block = Tensor::zeros(
+                [rows.end - rows.start, columns.end - columns.start],
+                (Kind::Float, tch::Device::Cpu),
+            );
             let _ = positives(&block, &rows, &columns).g_add_scalar_(1.0);
             let expected = positives_mask(rows.clone(), columns.clone(), tch::Device::Cpu);
             assert!(block.equal(&expected), "rows {rows:?}, columns {columns:?}");

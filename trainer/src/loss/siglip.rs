@@ -52,7 +52,8 @@ pub fn siglip_loss(
 
     // The 1/N of G rides on the sums and (n, d) products, not on each tile. fp64 totals of
     // fp32 row sums (a tile wide).
-    let total = |t: &Tensor| t.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).sum(Kind::Double);
+    let total =
+        |t: &Tensor| t.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).sum(Kind::Double);
     let zero = || Tensor::zeros([], (Kind::Double, device));
     let (mut loss, mut sum_g, mut sum_g_dots) = (zero(), zero(), zero());
     let grad_image = Tensor::zeros([global, dim], (Kind::Float, device));
@@ -76,7 +77,9 @@ pub fn siglip_loss(
             sum_g_dots += total(&(&g * &scaled_dots));
             let g = matmul.input(&g);
             grad_own += matmul.mm(&g, &others);
-            let _ = grad_text.narrow(0, c.start, c.end - c.start).g_add_(&(matmul.mm(&g.tr(), &own_scaled) * norm));
+            let _ = grad_text
+                .narrow(0, c.start, c.end - c.start)
+                .g_add_(&(matmul.mm(&g.tr(), &own_scaled) * norm));
         }
         let _ = grad_image.narrow(0, r.start, r.end - r.start).g_add_(&(grad_own * &scale * norm));
     }
@@ -91,10 +94,17 @@ pub fn siglip_loss(
 
 /// The same loss with the n x N block built at once and its gradients from autograd: the oracle
 /// the tiled version is tested against (`loss.tiling: naive`), independent of the formulas above.
-pub fn siglip_loss_naive(image: &Tensor, text: &Tensor, logit_scale: &Tensor, logit_bias: &Tensor, rows: Range<i64>) -> LossOutput {
+pub fn siglip_loss_naive(
+    image: &Tensor,
+    text: &Tensor,
+    logit_scale: &Tensor,
+    logit_bias: &Tensor,
+    rows: Range<i64>,
+) -> LossOutput {
     tch::with_grad(|| {
         let leaf = |t: &Tensor| t.detach().to_kind(Kind::Float).set_requires_grad(true);
-        let (image, text, logit_scale, logit_bias) = (leaf(image), leaf(text), leaf(logit_scale), leaf(logit_bias));
+        let (image, text, logit_scale, logit_bias) =
+            (leaf(image), leaf(text), leaf(logit_scale), leaf(logit_bias));
         let global = image.size()[0];
         let own = image.narrow(0, rows.start, rows.end - rows.start);
         let logits = own.matmul(&text.tr()) * logit_scale.exp() + &logit_bias;
@@ -122,7 +132,9 @@ mod tests {
         tch::manual_seed(seed);
         let image = crate::model::normalize(&Tensor::randn([n, d], (Kind::Float, Device::Cpu)));
         // Captions correlated with their images, so positives and negatives both matter.
-        let text = crate::model::normalize(&(&image + Tensor::randn([n, d], (Kind::Float, Device::Cpu)) * 0.7));
+        let text = crate::model::normalize(
+            &(&image + Tensor::randn([n, d], (Kind::Float, Device::Cpu)) * 0.7),
+        );
         (image, text)
     }
 
@@ -142,22 +154,47 @@ mod tests {
             }
         }
         expected /= 3.0;
-        let out = siglip_loss(&image, &text, &Tensor::from(s.ln() as f32), &Tensor::from(b as f32), 0..3, 2, Matmul::Fp32);
-        assert!((out.loss.double_value(&[]) - expected).abs() < 1e-6, "{} vs {expected}", out.loss.double_value(&[]));
+        let out = siglip_loss(
+            &image,
+            &text,
+            &Tensor::from(s.ln() as f32),
+            &Tensor::from(b as f32),
+            0..3,
+            2,
+            Matmul::Fp32,
+        );
+        assert!(
+            (out.loss.double_value(&[]) - expected).abs() < 1e-6,
+            "{} vs {expected}",
+            out.loss.double_value(&[])
+        );
     }
 
     /// Tiled against the autograd oracle for N up to 4096: tiles that divide N, do not, are one
     /// column or all of it; owned rows at the start, middle and end.
     #[test]
     fn tiled_equals_naive() {
-        let (ls, lb) = (Tensor::from(SIGLIP_LOGIT_SCALE_INIT as f32), Tensor::from(SIGLIP_LOGIT_BIAS_INIT as f32));
-        for (n_all, d, tiles) in [(64, 8, vec![1, 7, 16, 64, 0]), (257, 16, vec![7, 100, 257, 0]), (4096, 32, vec![1000, 0])] {
+        let (ls, lb) = (
+            Tensor::from(SIGLIP_LOGIT_SCALE_INIT as f32),
+            Tensor::from(SIGLIP_LOGIT_BIAS_INIT as f32),
+        );
+        for (n_all, d, tiles) in [
+            (64, 8, vec![1, 7, 16, 64, 0]),
+            (257, 16, vec![7, 100, 257, 0]),
+            (4096, 32, vec![1000, 0]),
+        ] {
             let (image, text) = features(n_all, d, 5);
             for rows in [0..n_all, 0..16, 20..52, n_all - 9..n_all] {
                 let naive = siglip_loss_naive(&image, &text, &ls, &lb, rows.clone());
                 for &tile in &tiles {
-                    let tiled = siglip_loss(&image, &text, &ls, &lb, rows.clone(), tile, Matmul::Fp32);
-                    assert_close(&format!("N {n_all} rows {rows:?} tile {tile}"), &tiled, &naive, 1e-5);
+                    let tiled =
+                        siglip_loss(&image, &text, &ls, &lb, rows.clone(), tile, Matmul::Fp32);
+                    assert_close(
+                        &format!("N {n_all} rows {rows:?} tile {tile}"),
+                        &tiled,
+                        &naive,
+                        1e-5,
+                    );
                 }
             }
         }
@@ -168,13 +205,19 @@ mod tests {
         let (image, text) = features(12, 6, 1);
         let (ls, lb) = (Tensor::from(1.2f32), Tensor::from(-2.0f32));
         let whole = siglip_loss(&image, &text, &ls, &lb, 0..12, 0, Matmul::Fp32);
-        let parts: Vec<LossOutput> = [0..5, 5..12].into_iter().map(|r| siglip_loss(&image, &text, &ls, &lb, r, 4, Matmul::Fp32)).collect();
+        let parts: Vec<LossOutput> = [0..5, 5..12]
+            .into_iter()
+            .map(|r| siglip_loss(&image, &text, &ls, &lb, r, 4, Matmul::Fp32))
+            .collect();
         let sum = LossOutput {
             loss: &parts[0].loss + &parts[1].loss,
             grad_image: &parts[0].grad_image + &parts[1].grad_image,
             grad_text: &parts[0].grad_text + &parts[1].grad_text,
             grad_logit_scale: &parts[0].grad_logit_scale + &parts[1].grad_logit_scale,
-            grad_logit_bias: Some(parts[0].grad_logit_bias.as_ref().unwrap() + parts[1].grad_logit_bias.as_ref().unwrap()),
+            grad_logit_bias: Some(
+                parts[0].grad_logit_bias.as_ref().unwrap()
+                    + parts[1].grad_logit_bias.as_ref().unwrap(),
+            ),
         };
         assert_close("two ranks", &sum, &whole, 1e-6);
     }
@@ -183,7 +226,10 @@ mod tests {
     #[test]
     fn bf16_products_stay_close_to_fp32() {
         let (image, text) = features(300, 64, 3);
-        let (ls, lb) = (Tensor::from(SIGLIP_LOGIT_SCALE_INIT as f32), Tensor::from(SIGLIP_LOGIT_BIAS_INIT as f32));
+        let (ls, lb) = (
+            Tensor::from(SIGLIP_LOGIT_SCALE_INIT as f32),
+            Tensor::from(SIGLIP_LOGIT_BIAS_INIT as f32),
+        );
         let fp32 = siglip_loss(&image, &text, &ls, &lb, 0..300, 128, Matmul::Fp32);
         let bf16 = siglip_loss(&image, &text, &ls, &lb, 0..300, 128, Matmul::Bf16);
         assert_close("bf16", &bf16, &fp32, 2e-2);

@@ -100,9 +100,15 @@ pub struct VisionConfig {
     /// positional embeddings, the custom attention block): `validate` names any that is set.
     #[serde(default, skip_serializing_if = "is_false")]
     pub attentional_pool: bool,
-    #[serde(default = "default_attn_pooler_queries", skip_serializing_if = "is_default_attn_pooler_queries")]
+    #[serde(
+        default = "default_attn_pooler_queries",
+        skip_serializing_if = "is_default_attn_pooler_queries"
+    )]
     pub attn_pooler_queries: i64,
-    #[serde(default = "default_attn_pooler_heads", skip_serializing_if = "is_default_attn_pooler_heads")]
+    #[serde(
+        default = "default_attn_pooler_heads",
+        skip_serializing_if = "is_default_attn_pooler_heads"
+    )]
     pub attn_pooler_heads: i64,
     #[serde(default = "default_pos_embed_type", skip_serializing_if = "is_default_pos_embed_type")]
     pub pos_embed_type: String,
@@ -235,9 +241,14 @@ impl<'de> Deserialize<'de> for VisionLayers {
                 Ok(VisionLayers::Count(v))
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Self::Value, E> {
-                i64::try_from(v).map(VisionLayers::Count).map_err(|_| E::custom("block count too large"))
+                i64::try_from(v)
+                    .map(VisionLayers::Count)
+                    .map_err(|_| E::custom("block count too large"))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Self::Value, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 while let Some(n) = seq.next_element::<i64>()? {
                     out.push(n);
@@ -443,7 +454,10 @@ impl ModelConfig {
                         "vision_cfg.layers must be a block count (ViT) or four positive block counts (ModifiedResNet), got {stages:?}"
                     ));
                 }
-                positive.extend([("vision_cfg.width", v.width), ("vision_cfg.head_width", v.head_width)]);
+                positive.extend([
+                    ("vision_cfg.width", v.width),
+                    ("vision_cfg.head_width", v.head_width),
+                ]);
             }
             VisionTowerKind::Timm(_) => {}
         }
@@ -470,7 +484,10 @@ impl ModelConfig {
             }
             VisionTowerKind::ResNet(_) => {
                 if v.image_size % 32 != 0 {
-                    return err(format!("vision_cfg.image_size {} must be a multiple of 32 for a ModifiedResNet", v.image_size));
+                    return err(format!(
+                        "vision_cfg.image_size {} must be a multiple of 32 for a ModifiedResNet",
+                        v.image_size
+                    ));
                 }
                 if (v.width * 32) % v.head_width != 0 {
                     return err(format!(
@@ -489,23 +506,36 @@ impl ModelConfig {
             }
         }
         if t.width % t.heads != 0 {
-            return err(format!("text_cfg.heads {} does not divide text_cfg.width {}", t.heads, t.width));
+            return err(format!(
+                "text_cfg.heads {} does not divide text_cfg.width {}",
+                t.heads, t.width
+            ));
         }
-        for (key, value) in [("init_logit_scale", self.init_logit_scale), ("init_logit_bias", self.init_logit_bias)] {
+        for (key, value) in
+            [("init_logit_scale", self.init_logit_scale), ("init_logit_bias", self.init_logit_bias)]
+        {
             if let Some(value) = value.filter(|v| !v.is_finite()) {
                 return err(format!("{key} must be a finite number, got {value}"));
             }
         }
-        for (key, ratio) in [("vision_cfg.mlp_ratio", v.mlp_ratio), ("text_cfg.mlp_ratio", t.mlp_ratio)] {
+        for (key, ratio) in
+            [("vision_cfg.mlp_ratio", v.mlp_ratio), ("text_cfg.mlp_ratio", t.mlp_ratio)]
+        {
             if !(ratio > 0.0 && ratio.is_finite()) {
                 return err(format!("{key} must be a positive number, got {ratio}"));
             }
         }
         if !(0.0..1.0).contains(&v.patch_dropout) {
-            return err(format!("vision_cfg.patch_dropout must be in [0, 1), got {}", v.patch_dropout));
+            return err(format!(
+                "vision_cfg.patch_dropout must be in [0, 1), got {}",
+                v.patch_dropout
+            ));
         }
         if !["linear", "none"].contains(&t.proj_type.as_str()) {
-            return err(format!("text_cfg.proj_type must be \"linear\" or \"none\", got {:?}", t.proj_type));
+            return err(format!(
+                "text_cfg.proj_type must be \"linear\" or \"none\", got {:?}",
+                t.proj_type
+            ));
         }
         if !t.has_projection() && t.width != self.embed_dim {
             return err(format!(
@@ -514,7 +544,10 @@ impl ModelConfig {
             ));
         }
         if t.pool_type == TextPool::Eos && !(0..t.vocab_size).contains(&t.eos_id) {
-            return err(format!("text_cfg.eos_id {} is outside the vocabulary (0..{})", t.eos_id, t.vocab_size));
+            return err(format!(
+                "text_cfg.eos_id {} is outside the vocabulary (0..{})",
+                t.eos_id, t.vocab_size
+            ));
         }
         v.activation(self.quick_gelu)?;
         t.activation(self.quick_gelu)?;
@@ -555,10 +588,30 @@ impl ModelConfig {
         let custom = |block_type: &Option<String>, switches: [bool; 6]| {
             block_type.as_deref().is_some_and(|b| b != "default") || switches.contains(&true)
         };
-        if custom(&v.block_type, [v.qk_norm, v.scaled_cosine_attn, v.scale_heads, v.scale_attn_inner, v.scale_attn, v.scale_fc]) {
+        if custom(
+            &v.block_type,
+            [
+                v.qk_norm,
+                v.scaled_cosine_attn,
+                v.scale_heads,
+                v.scale_attn_inner,
+                v.scale_attn,
+                v.scale_fc,
+            ],
+        ) {
             set.push("vision_cfg.block_type and its options (custom attention blocks)");
         }
-        if custom(&t.block_type, [t.qk_norm, t.scaled_cosine_attn, t.scale_heads, t.scale_attn_inner, t.scale_attn, t.scale_fc]) {
+        if custom(
+            &t.block_type,
+            [
+                t.qk_norm,
+                t.scaled_cosine_attn,
+                t.scale_heads,
+                t.scale_attn_inner,
+                t.scale_attn,
+                t.scale_fc,
+            ],
+        ) {
             set.push("text_cfg.block_type and its options (custom attention blocks)");
         }
         match set.as_slice() {
@@ -584,7 +637,9 @@ fn square_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<i64, D::E
         Ok(Size::Two([h, w])) => Err(serde::de::Error::custom(format!(
             "non-square image_size [{h}, {w}] is not supported; give one number"
         ))),
-        Err(_) => Err(serde::de::Error::custom("image_size must be a number of pixels or [h, w] with h == w")),
+        Err(_) => Err(serde::de::Error::custom(
+            "image_size must be a number of pixels or [h, w] with h == w",
+        )),
     }
 }
 
@@ -745,13 +800,20 @@ mod tests {
 
     #[test]
     fn unknown_and_unbuilt_keys_are_named() {
-        let unknown = serde_json::from_str::<ModelConfig>(r#"{"embed_dim": 8, "vision_cfg": {"widht": 3}, "text_cfg": {}}"#);
+        let unknown = serde_json::from_str::<ModelConfig>(
+            r#"{"embed_dim": 8, "vision_cfg": {"widht": 3}, "text_cfg": {}}"#,
+        );
         assert!(unknown.unwrap_err().to_string().contains("widht"));
         let coca: ModelConfig =
             serde_json::from_str(r#"{"embed_dim": 512, "vision_cfg": {"attentional_pool": true}, "text_cfg": {"embed_cls": true}}"#).unwrap();
         let err = coca.validate().unwrap_err().to_string();
-        assert!(err.contains("vision_cfg.attentional_pool") && err.contains("text_cfg.embed_cls"), "{err}");
-        let bad = serde_json::from_str::<ModelConfig>(r#"{"embed_dim": 8, "vision_cfg": {"image_size": [224, 256]}, "text_cfg": {}}"#);
+        assert!(
+            err.contains("vision_cfg.attentional_pool") && err.contains("text_cfg.embed_cls"),
+            "{err}"
+        );
+        let bad = serde_json::from_str::<ModelConfig>(
+            r#"{"embed_dim": 8, "vision_cfg": {"image_size": [224, 256]}, "text_cfg": {}}"#,
+        );
         assert!(bad.unwrap_err().to_string().contains("non-square"));
     }
 }

@@ -37,7 +37,8 @@ pub fn export(
     format: Format,
     out: &Path,
 ) -> Result<Vec<PathBuf>> {
-    if format == Format::HuggingFace && matches!(cfg.vision_cfg.tower(), VisionTowerKind::ResNet(_)) {
+    if format == Format::HuggingFace && matches!(cfg.vision_cfg.tower(), VisionTowerKind::ResNet(_))
+    {
         return Err(TrainError::ModelConfig(
             "a ModifiedResNet image tower (RN50, RN101, RN50x4, ...) has no Hugging Face CLIPModel counterpart \
              (transformers' CLIP vision model is a ViT); export with --format open_clip"
@@ -85,7 +86,9 @@ pub fn export(
 /// open_clip's SigLIP form, which transformers holds as a `SiglipModel`: a timm trunk, the
 /// text tower under `text.`, a `logit_bias`.
 pub fn is_siglip_form(cfg: &ModelConfig) -> bool {
-    matches!(cfg.vision_cfg.tower(), VisionTowerKind::Timm(_)) && cfg.custom_text && cfg.init_logit_bias.is_some()
+    matches!(cfg.vision_cfg.tower(), VisionTowerKind::Timm(_))
+        && cfg.custom_text
+        && cfg.init_logit_bias.is_some()
 }
 
 /// The `config.json` `SiglipModel.from_pretrained` reads for `cfg`. What a SiglipModel cannot
@@ -96,7 +99,10 @@ pub fn siglip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
     let trunk = super::timm_vit::architectures().into_iter().find(|s| s.name == name).ok_or_else(|| {
         TrainError::ModelConfig(format!("vision_cfg.timm_model_name {name:?} is not one of the SigLIP trunks a SiglipModel holds"))
     })?;
-    let approximate = |act: &Option<super::config::ActKwargs>, default: bool| match act.as_ref().and_then(|a| a.approximate.as_deref()) {
+    let approximate = |act: &Option<super::config::ActKwargs>, default: bool| match act
+        .as_ref()
+        .and_then(|a| a.approximate.as_deref())
+    {
         Some("tanh") => "gelu_pytorch_tanh",
         Some(_) => "gelu",
         None if default => "gelu_pytorch_tanh",
@@ -138,7 +144,8 @@ pub fn siglip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
             "vision_use_head": true
         }
     });
-    let back = pretrained::model_from_hf_config(&json).map(|(_, m)| m).map_err(TrainError::ModelConfig)?;
+    let back =
+        pretrained::model_from_hf_config(&json).map(|(_, m)| m).map_err(TrainError::ModelConfig)?;
     let diffs = pretrained::differences(&back, cfg);
     if !diffs.is_empty() {
         return Err(TrainError::ModelConfig(format!(
@@ -153,7 +160,8 @@ pub fn siglip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
 /// model: a CLIPModel has no LayerScale, pools text at argmax / first EOS, ...
 fn clip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
     let json = hf::hf_config(cfg);
-    let back = pretrained::model_from_hf_config(&json).map(|(_, m)| m).map_err(TrainError::ModelConfig)?;
+    let back =
+        pretrained::model_from_hf_config(&json).map(|(_, m)| m).map_err(TrainError::ModelConfig)?;
     let diffs = pretrained::differences(&back, cfg);
     if !diffs.is_empty() {
         return Err(TrainError::ModelConfig(format!(
@@ -211,7 +219,8 @@ fn hf_preprocessor(p: &Preprocess, siglip: bool) -> Result<serde_json::Value> {
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
     std::fs::write(path, text + "\n").map_err(io_err(path))
 }
 
@@ -222,15 +231,27 @@ mod tests {
 
     #[test]
     fn exports_load_back_into_the_same_model() {
-        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml")).unwrap();
+        let cfg: ModelConfig =
+            serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml"))
+                .unwrap();
         tch::manual_seed(5);
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = super::super::Clip::new(&vs.root(), &cfg).unwrap();
         let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         let dir = tempfile::tempdir().unwrap();
-        for (format, file) in [(Format::OpenClip, "open_clip_model.safetensors"), (Format::HuggingFace, "model.safetensors")] {
+        for (format, file) in [
+            (Format::OpenClip, "open_clip_model.safetensors"),
+            (Format::HuggingFace, "model.safetensors"),
+        ] {
             let out = dir.path().join(format!("{format:?}"));
-            let files = export(weights.iter().map(|(k, v)| (k.clone(), v.detach().copy())).collect(), &cfg, None, format, &out).unwrap();
+            let files = export(
+                weights.iter().map(|(k, v)| (k.clone(), v.detach().copy())).collect(),
+                &cfg,
+                None,
+                format,
+                &out,
+            )
+            .unwrap();
             assert!(files.iter().all(|f| f.is_file()));
             let other = nn::VarStore::new(Device::Cpu);
             let _ = super::super::Clip::new(&other.root(), &cfg).unwrap();
@@ -239,8 +260,10 @@ mod tests {
                 assert!(t.equal(&weights[&name]), "{format:?}: {name}");
             }
         }
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("HuggingFace/config.json")).unwrap()).unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("HuggingFace/config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(config["vision_config"]["num_attention_heads"], 2);
         assert_eq!(config["text_config"]["intermediate_size"], 192);
     }
@@ -249,7 +272,9 @@ mod tests {
     /// refuses Hugging Face's CLIPModel by name, and loads CLIP weights keeping its bias.
     #[test]
     fn a_sigmoid_loss_model_keeps_its_bias() {
-        let mut cfg: ModelConfig = serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml")).unwrap();
+        let mut cfg: ModelConfig =
+            serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml"))
+                .unwrap();
         let clip_vs = nn::VarStore::new(Device::Cpu);
         let _ = super::super::Clip::new(&clip_vs.root(), &cfg).unwrap();
         cfg.init_logit_bias = Some(-10.0);
@@ -257,13 +282,24 @@ mod tests {
         let model = super::super::Clip::new(&vs.root(), &cfg).unwrap();
         let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         let dir = tempfile::tempdir().unwrap();
-        let files = export(weights.iter().map(|(k, v)| (k.clone(), v.detach().copy())).collect(), &cfg, None, Format::OpenClip, dir.path()).unwrap();
-        let saved: BTreeMap<String, Tensor> = Tensor::read_safetensors(&files[0]).unwrap().into_iter().collect();
+        let files = export(
+            weights.iter().map(|(k, v)| (k.clone(), v.detach().copy())).collect(),
+            &cfg,
+            None,
+            Format::OpenClip,
+            dir.path(),
+        )
+        .unwrap();
+        let saved: BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(&files[0]).unwrap().into_iter().collect();
         assert_eq!(saved["logit_bias"].double_value(&[]), -10.0);
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
         assert_eq!(config["model_cfg"]["init_logit_bias"], -10.0);
 
-        let err = export(weights, &cfg, None, Format::HuggingFace, &dir.path().join("hf")).unwrap_err().to_string();
+        let err = export(weights, &cfg, None, Format::HuggingFace, &dir.path().join("hf"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("logit_bias") && err.contains("--format open_clip"), "{err}");
 
         // CLIP weights into the SigLIP model: everything loads, the bias keeps its start.

@@ -19,7 +19,9 @@ use crate::error::{Result, TrainError};
 pub fn is_hf(names: impl IntoIterator<Item = impl AsRef<str>>) -> bool {
     names.into_iter().any(|n| {
         let n = n.as_ref();
-        n.starts_with("text_model.") || n.starts_with("vision_model.") || n == "visual_projection.weight"
+        n.starts_with("text_model.")
+            || n.starts_with("vision_model.")
+            || n == "visual_projection.weight"
     })
 }
 
@@ -55,8 +57,10 @@ const RENAMES: [(&str, &str); 13] = [
 ];
 
 /// The two towers' block prefixes: (HF, open_clip).
-const TOWERS: [(&str, &str); 2] =
-    [("text_model.encoder.layers", "transformer.resblocks"), ("vision_model.encoder.layers", "visual.transformer.resblocks")];
+const TOWERS: [(&str, &str); 2] = [
+    ("text_model.encoder.layers", "transformer.resblocks"),
+    ("vision_model.encoder.layers", "visual.transformer.resblocks"),
+];
 
 /// The block indices present under `prefix` (`prefix.{i}.…`).
 fn blocks<'a>(names: impl Iterator<Item = &'a String>, prefix: &str) -> BTreeSet<u64> {
@@ -68,12 +72,21 @@ fn blocks<'a>(names: impl Iterator<Item = &'a String>, prefix: &str) -> BTreeSet
 /// Removes block `h`'s `self_attn.{q,k,v}_proj.{kind}` from `hf` and returns them stacked
 /// as one fused projection (open_clip's `in_proj_*`, timm's `qkv`); `None` when the block has
 /// none, an error when it has only some.
-pub(crate) fn fuse_qkv(hf: &mut BTreeMap<String, Tensor>, h: &str, kind: &str) -> Result<Option<Tensor>> {
-    let parts: Vec<Option<Tensor>> = ["q", "k", "v"].iter().map(|p| hf.remove(&format!("{h}.self_attn.{p}_proj.{kind}"))).collect();
+pub(crate) fn fuse_qkv(
+    hf: &mut BTreeMap<String, Tensor>,
+    h: &str,
+    kind: &str,
+) -> Result<Option<Tensor>> {
+    let parts: Vec<Option<Tensor>> = ["q", "k", "v"]
+        .iter()
+        .map(|p| hf.remove(&format!("{h}.self_attn.{p}_proj.{kind}")))
+        .collect();
     match parts.as_slice() {
         [Some(q), Some(k), Some(v)] => Ok(Some(Tensor::cat(&[q, k, v], 0))),
         [None, None, None] => Ok(None),
-        _ => Err(TrainError::ModelConfig(format!("{h}.self_attn: the file has only some of q_proj, k_proj, v_proj ({kind})"))),
+        _ => Err(TrainError::ModelConfig(format!(
+            "{h}.self_attn: the file has only some of q_proj, k_proj, v_proj ({kind})"
+        ))),
     }
 }
 
@@ -215,8 +228,10 @@ mod tests {
 
     #[test]
     fn the_mapping_goes_both_ways() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_tiny/model.safetensors");
-        let hf: BTreeMap<String, Tensor> = Tensor::read_safetensors(&dir).unwrap().into_iter().collect();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/hf_tiny/model.safetensors");
+        let hf: BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(&dir).unwrap().into_iter().collect();
         assert!(is_hf(hf.keys()));
         let oc = from_hf(hf.iter().map(|(k, v)| (k.clone(), v.copy())).collect()).unwrap();
         assert!(!is_hf(oc.keys()));
@@ -228,7 +243,8 @@ mod tests {
             assert!(back[k].equal(v), "{k}");
         }
         // Half a q/k/v triple is an error, not a silent drop.
-        let mut broken: BTreeMap<String, Tensor> = hf.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+        let mut broken: BTreeMap<String, Tensor> =
+            hf.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
         broken.remove("text_model.encoder.layers.1.self_attn.k_proj.weight");
         let err = from_hf(broken).unwrap_err().to_string();
         assert!(err.contains("text_model.encoder.layers.1.self_attn"), "{err}");

@@ -50,7 +50,8 @@ const RENAMES: [(&str, &str); 19] = [
     ("text_model.head.bias", "text.text_projection.bias"),
 ];
 
-const VISION_POS: (&str, &str) = ("vision_model.embeddings.position_embedding.weight", "visual.trunk.pos_embed");
+const VISION_POS: (&str, &str) =
+    ("vision_model.embeddings.position_embedding.weight", "visual.trunk.pos_embed");
 const SCALARS: [&str; 2] = ["logit_scale", "logit_bias"];
 const HEAD_IN_PROJ: &str = "vision_model.head.attention.in_proj";
 const POOL: &str = "visual.trunk.attn_pool";
@@ -174,7 +175,11 @@ pub fn to_hf(mut oc: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor
                 out.insert(format!("{HEAD_IN_PROJ}_{kind}"), Tensor::cat(&[q, kv], 0));
             }
             (None, None) => {}
-            _ => return Err(TrainError::ModelConfig(format!("{POOL}: the model has only one of q.{kind}, kv.{kind}"))),
+            _ => {
+                return Err(TrainError::ModelConfig(format!(
+                    "{POOL}: the model has only one of q.{kind}, kv.{kind}"
+                )))
+            }
         }
     }
     for tower in &TOWERS {
@@ -195,7 +200,9 @@ pub fn to_hf(mut oc: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor
         }
     }
     if let Some(left) = oc.keys().next() {
-        return Err(TrainError::ModelConfig(format!("{left} has no Hugging Face SiglipModel name")));
+        return Err(TrainError::ModelConfig(format!(
+            "{left} has no Hugging Face SiglipModel name"
+        )));
     }
     Ok(out)
 }
@@ -216,11 +223,18 @@ mod tests {
     /// 3.3 + timm build the same model, hf_siglip_names.json), and back to the file bit for bit.
     #[test]
     fn siglip_names_and_shapes_match_both_libraries() {
-        let golden: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(fixtures().join("hf_siglip_names.json")).unwrap()).unwrap();
-        let want = |lib: &str| -> BTreeMap<String, Vec<i64>> { serde_json::from_value(golden[lib].clone()).unwrap() };
+        let golden: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join("hf_siglip_names.json")).unwrap(),
+        )
+        .unwrap();
+        let want = |lib: &str| -> BTreeMap<String, Vec<i64>> {
+            serde_json::from_value(golden[lib].clone()).unwrap()
+        };
         let hf: BTreeMap<String, Tensor> =
-            Tensor::read_safetensors(fixtures().join("hf_siglip_tiny/model.safetensors")).unwrap().into_iter().collect();
+            Tensor::read_safetensors(fixtures().join("hf_siglip_tiny/model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .collect();
         assert_eq!(shapes(&hf), want("transformers"));
         assert!(super::super::hf::is_hf(hf.keys()) && is_siglip(hf.keys()));
         let oc = from_hf(hf.iter().map(|(k, v)| (k.clone(), v.copy())).collect()).unwrap();
@@ -228,7 +242,8 @@ mod tests {
         assert!(!is_siglip(oc.keys()) && !super::super::hf::is_hf(oc.keys()));
         // Values: q is the head's first rows, the text projection is not transposed.
         let w = hf["vision_model.head.attention.in_proj_weight"].size()[1];
-        assert!(oc["visual.trunk.attn_pool.q.weight"].equal(&hf["vision_model.head.attention.in_proj_weight"].narrow(0, 0, w)));
+        assert!(oc["visual.trunk.attn_pool.q.weight"]
+            .equal(&hf["vision_model.head.attention.in_proj_weight"].narrow(0, 0, w)));
         assert!(oc["visual.trunk.blocks.1.attn.qkv.bias"]
             .narrow(0, w, w)
             .equal(&hf["vision_model.encoder.layers.1.self_attn.k_proj.bias"]));
@@ -239,7 +254,8 @@ mod tests {
         for (k, v) in &hf {
             assert!(back[k].equal(v), "{k}");
         }
-        let mut broken: BTreeMap<String, Tensor> = hf.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+        let mut broken: BTreeMap<String, Tensor> =
+            hf.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
         broken.remove("vision_model.encoder.layers.0.self_attn.v_proj.weight");
         let err = from_hf(broken).unwrap_err().to_string();
         assert!(err.contains("vision_model.encoder.layers.0.self_attn"), "{err}");
@@ -248,7 +264,10 @@ mod tests {
     #[test]
     fn clip_files_are_not_siglip() {
         let hf: BTreeMap<String, Tensor> =
-            Tensor::read_safetensors(fixtures().join("hf_tiny/model.safetensors")).unwrap().into_iter().collect();
+            Tensor::read_safetensors(fixtures().join("hf_tiny/model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .collect();
         assert!(!is_siglip(hf.keys()));
     }
 }

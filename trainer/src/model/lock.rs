@@ -33,7 +33,12 @@ fn groups(cfg: &ModelConfig, tower: Tower) -> Vec<Vec<String>> {
     let t = cfg.text_prefix();
     let (first, blocks, layers, last, proj) = match tower {
         Tower::Image => (
-            vec!["visual.conv1".to_owned(), "visual.class_embedding".into(), "visual.positional_embedding".into(), "visual.ln_pre".into()],
+            vec![
+                "visual.conv1".to_owned(),
+                "visual.class_embedding".into(),
+                "visual.positional_embedding".into(),
+                "visual.ln_pre".into(),
+            ],
             "visual.transformer.resblocks".to_owned(),
             cfg.vision_cfg.vit_layers(),
             "visual.ln_post".to_owned(),
@@ -58,7 +63,9 @@ fn groups(cfg: &ModelConfig, tower: Tower) -> Vec<Vec<String>> {
 
 /// A group entry names a tensor, or a module whose tensors all start with it and a dot.
 fn in_group(name: &str, group: &[String]) -> bool {
-    group.iter().any(|g| name == g || name.strip_prefix(g.as_str()).is_some_and(|rest| rest.starts_with('.')))
+    group.iter().any(|g| {
+        name == g || name.strip_prefix(g.as_str()).is_some_and(|rest| rest.starts_with('.'))
+    })
 }
 
 /// Freezes `tower` except its last `unlocked` groups (0: all of it). Returns the number of
@@ -108,14 +115,16 @@ mod tests {
     use tch::Device;
 
     fn tiny() -> (nn::VarStore, ModelConfig) {
-        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../../configs/models/tiny.yaml")).unwrap();
+        let cfg: ModelConfig =
+            serde_yaml::from_str(include_str!("../../../configs/models/tiny.yaml")).unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = Clip::new(&vs.root(), &cfg).unwrap();
         (vs, cfg)
     }
 
     fn trainable(vs: &nn::VarStore) -> Vec<String> {
-        let mut names: Vec<String> = vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).map(|(n, _)| n).collect();
+        let mut names: Vec<String> =
+            vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).map(|(n, _)| n).collect();
         names.sort();
         names
     }
@@ -125,7 +134,10 @@ mod tests {
         let (vs, cfg) = tiny();
         for tower in [Tower::Image, Tower::Text] {
             let groups = groups(&cfg, tower);
-            assert_eq!(groups.len(), 2 + cfg.vision_cfg.vit_layers().max(cfg.text_cfg.layers) as usize);
+            assert_eq!(
+                groups.len(),
+                2 + cfg.vision_cfg.vit_layers().max(cfg.text_cfg.layers) as usize
+            );
             for (name, _) in vs.variables() {
                 let hits = groups.iter().filter(|g| in_group(&name, g)).count();
                 let of_tower = match tower {
@@ -144,14 +156,26 @@ mod tests {
         let names = trainable(&vs);
         assert!(names.contains(&"visual.proj".to_owned()));
         assert!(!names.iter().any(|n| n.starts_with("visual.") && n != "visual.proj"), "{names:?}");
-        assert!(names.contains(&"token_embedding.weight".to_owned()) && names.contains(&"logit_scale".to_owned()));
+        assert!(
+            names.contains(&"token_embedding.weight".to_owned())
+                && names.contains(&"logit_scale".to_owned())
+        );
 
         let (vs, cfg) = tiny();
         lock(&vs, &cfg, Tower::Text, 2).unwrap();
         let names = trainable(&vs);
-        assert!(names.contains(&"text_projection".to_owned()) && names.contains(&"ln_final.weight".to_owned()));
+        assert!(
+            names.contains(&"text_projection".to_owned())
+                && names.contains(&"ln_final.weight".to_owned())
+        );
         assert!(names.iter().any(|n| n.starts_with("transformer.resblocks.1.")));
-        assert!(!names.iter().any(|n| n.starts_with("transformer.resblocks.0.") || n.starts_with("token_embedding")), "{names:?}");
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.starts_with("transformer.resblocks.0.")
+                    || n.starts_with("token_embedding")),
+            "{names:?}"
+        );
         assert!(names.iter().any(|n| n.starts_with("visual.")));
     }
 }

@@ -72,9 +72,15 @@ impl VisionTower {
         let cfg = &config.vision_cfg;
         let act = cfg.activation(config.quick_gelu)?;
         match cfg.tower() {
-            VisionTowerKind::Vit => Ok(VisionTower::Vit(VisionTransformer::new(p, cfg, config.embed_dim, act))),
-            VisionTowerKind::ResNet(stages) => Ok(VisionTower::ResNet(ModifiedResNet::new(p, cfg, stages, config.embed_dim))),
-            VisionTowerKind::Timm(_) => Ok(VisionTower::Timm(timm_vit::TimmVit::new(p, cfg, config.embed_dim)?)),
+            VisionTowerKind::Vit => {
+                Ok(VisionTower::Vit(VisionTransformer::new(p, cfg, config.embed_dim, act)))
+            }
+            VisionTowerKind::ResNet(stages) => {
+                Ok(VisionTower::ResNet(ModifiedResNet::new(p, cfg, stages, config.embed_dim)))
+            }
+            VisionTowerKind::Timm(_) => {
+                Ok(VisionTower::Timm(timm_vit::TimmVit::new(p, cfg, config.embed_dim)?))
+            }
         }
     }
 
@@ -101,8 +107,15 @@ impl Clip {
             config: config.clone(),
             visual: VisionTower::new(root / "visual", config)?,
             text: TextTransformer::new(text_root, &config.text_cfg, config.embed_dim, text_act),
-            logit_scale: param(root, "logit_scale", &[], Init::Const(config.init_logit_scale.unwrap_or(LOGIT_SCALE_INIT))),
-            logit_bias: config.init_logit_bias.map(|b| param(root, "logit_bias", &[], Init::Const(b))),
+            logit_scale: param(
+                root,
+                "logit_scale",
+                &[],
+                Init::Const(config.init_logit_scale.unwrap_or(LOGIT_SCALE_INIT)),
+            ),
+            logit_bias: config
+                .init_logit_bias
+                .map(|b| param(root, "logit_bias", &[], Init::Const(b))),
             training: AtomicBool::new(false),
         })
     }
@@ -187,7 +200,11 @@ pub fn num_params(vs: &nn::VarStore) -> i64 {
 /// A model of architecture `config` with the weights of `path` (see [`load_weights`]) on
 /// `device`. A file with a `logit_bias` (trained with the sigmoid loss) gets a model with one,
 /// whatever the config says, so a SigLIP checkpoint loads under its plain architecture name.
-pub fn load(config: &ModelConfig, path: &Path, device: tch::Device) -> Result<(nn::VarStore, Clip)> {
+pub fn load(
+    config: &ModelConfig,
+    path: &Path,
+    device: tch::Device,
+) -> Result<(nn::VarStore, Clip)> {
     let mut config = config.clone();
     if config.init_logit_bias.is_none() && has_tensor(path, "logit_bias") {
         config.init_logit_bias = Some(0.0); // the file's value replaces it
@@ -211,7 +228,8 @@ fn has_tensor(path: &Path, name: &str) -> bool {
         Ok(header)
     };
     let Ok(header) = header() else { return false };
-    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&header).is_ok_and(|h| h.contains_key(name))
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&header)
+        .is_ok_and(|h| h.contains_key(name))
 }
 
 /// Loads weights into `vs` from a safetensors file in open_clip layout (an oxclip checkpoint,
@@ -223,9 +241,11 @@ pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
     refuse_pickles(path)?;
     let mut loaded = read_safetensors(path)?;
     if hf_siglip::is_siglip(loaded.keys()) {
-        loaded = hf_siglip::from_hf(loaded).map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })?;
+        loaded = hf_siglip::from_hf(loaded)
+            .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })?;
     } else if hf::is_hf(loaded.keys()) {
-        loaded = hf::from_hf(loaded).map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })?;
+        loaded = hf::from_hf(loaded)
+            .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })?;
     } else if loaded.keys().all(|k| k.starts_with("module.")) {
         // Saved from inside DistributedDataParallel, as open_clip's own checkpoints are.
         loaded = loaded.into_iter().map(|(k, v)| (k["module.".len()..].to_owned(), v)).collect();
@@ -241,26 +261,40 @@ pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
     missing.sort();
     let unexpected: Vec<&String> = loaded.keys().filter(|k| !vars.contains_key(*k)).collect();
     if !missing.is_empty() {
-        problems.push(format!("missing {}", some_of(missing.len(), "tensor", missing.iter().map(|s| s.to_string()))));
+        problems.push(format!(
+            "missing {}",
+            some_of(missing.len(), "tensor", missing.iter().map(|s| s.to_string()))
+        ));
     }
     if !unexpected.is_empty() {
-        problems.push(format!("unexpected {}", some_of(unexpected.len(), "tensor", unexpected.iter().map(|s| s.to_string()))));
+        problems.push(format!(
+            "unexpected {}",
+            some_of(unexpected.len(), "tensor", unexpected.iter().map(|s| s.to_string()))
+        ));
     }
     let mut misshaped: Vec<String> = vars
         .iter()
         .filter_map(|(name, var)| {
             let t = loaded.get(name)?;
-            (t.size() != var.size()).then(|| format!("{name} (file {}, model {})", shape(&t.size()), shape(&var.size())))
+            (t.size() != var.size()).then(|| {
+                format!("{name} (file {}, model {})", shape(&t.size()), shape(&var.size()))
+            })
         })
         .collect();
     misshaped.sort();
     if !misshaped.is_empty() {
-        problems.push(format!("mis-shaped {}", some_of(misshaped.len(), "tensor", misshaped.into_iter())));
+        problems.push(format!(
+            "mis-shaped {}",
+            some_of(misshaped.len(), "tensor", misshaped.into_iter())
+        ));
     }
     if !problems.is_empty() {
         return Err(TrainError::Weights {
             path: path.into(),
-            message: format!("{}; the model config does not match these weights", problems.join("; ")),
+            message: format!(
+                "{}; the model config does not match these weights",
+                problems.join("; ")
+            ),
         });
     }
     tch::no_grad(|| -> Result<()> {
@@ -277,10 +311,12 @@ pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
 fn refuse_pickles(path: &Path) -> Result<()> {
     let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
     let mut head = [0u8; 9];
-    let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
+    let read =
+        std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
     // safetensors: an 8-byte header length, then the JSON header.
     let safetensors = read.is_ok() && head[8] == b'{';
-    let pickle_magic = read.is_ok() && (head[..4] == *b"PK\x03\x04" || (head[0] == 0x80 && (2..=5).contains(&head[1])));
+    let pickle_magic = read.is_ok()
+        && (head[..4] == *b"PK\x03\x04" || (head[0] == 0x80 && (2..=5).contains(&head[1])));
     if !safetensors && (pickle_magic || ["pt", "pth", "bin", "ckpt"].contains(&ext.as_str())) {
         let p = path.display();
         return Err(TrainError::Weights {
@@ -313,7 +349,11 @@ pub fn save_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
 /// fp32 safetensors with `{"format": "pt"}` metadata (transformers refuses files without it)
 /// and any `extra` metadata. Integer tensors (BatchNorm's `num_batches_tracked`) are written
 /// as int64, the dtype PyTorch's `load_state_dict` expects.
-pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>, extra: Option<HashMap<String, String>>, path: &Path) -> Result<()> {
+pub fn write_safetensors(
+    tensors: &BTreeMap<String, Tensor>,
+    extra: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
     let mut data = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let (dtype, bytes) = if t.is_floating_point() {
@@ -329,7 +369,10 @@ pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>, extra: Option<HashM
         .map(|(name, dtype, shape, bytes)| {
             safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
                 .map(|view| (name.clone(), view))
-                .map_err(|e| TrainError::Weights { path: path.into(), message: format!("{name}: {e}") })
+                .map_err(|e| TrainError::Weights {
+                    path: path.into(),
+                    message: format!("{name}: {e}"),
+                })
         })
         .collect::<Result<Vec<_>>>()?;
     let mut metadata = extra.unwrap_or_default();
@@ -337,7 +380,6 @@ pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>, extra: Option<HashM
     safetensors::tensor::serialize_to_file(views, &Some(metadata), path)
         .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })
 }
-
 
 /// "3 tensors: a, b, c", or past [`LISTED`] names "412 tensors, e.g. a, b, c, d, e (407 more)":
 /// a whole architecture's worth of names on one line hides the point.
@@ -362,11 +404,14 @@ fn shape(size: &[i64]) -> String {
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(crate::error::io_err(path))?;
     let bad = |message: String| TrainError::Weights { path: path.into(), message };
-    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(safetensors_message(&e)))?;
+    let file =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(safetensors_message(&e)))?;
     let mut out = BTreeMap::new();
     for (name, view) in file.tensors() {
         let size: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let kind = kind_of(view.dtype()).ok_or_else(|| bad(format!("{name} has dtype {:?}, which oxclip does not load", view.dtype())))?;
+        let kind = kind_of(view.dtype()).ok_or_else(|| {
+            bad(format!("{name} has dtype {:?}, which oxclip does not load", view.dtype()))
+        })?;
         out.insert(name, Tensor::f_from_data_size(view.data(), &size, kind)?);
     }
     Ok(out)
@@ -393,13 +438,24 @@ fn safetensors_message(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
         E::IoError(io) => io.to_string(),
-        E::JsonError(json) => format!("not a safetensors file: its header is not valid JSON ({json})"),
-        E::HeaderTooSmall | E::InvalidHeaderLength | E::InvalidHeaderStart | E::InvalidHeader | E::InvalidHeaderDeserialization => {
+        E::JsonError(json) => {
+            format!("not a safetensors file: its header is not valid JSON ({json})")
+        }
+        E::HeaderTooSmall
+        | E::InvalidHeaderLength
+        | E::InvalidHeaderStart
+        | E::InvalidHeader
+        | E::InvalidHeaderDeserialization => {
             "not a safetensors file: it does not start with a safetensors header".to_owned()
         }
         E::HeaderTooLarge => "not a safetensors file: its header length is over 100 MB".to_owned(),
-        E::InvalidOffset(name) => format!("damaged or truncated: the data of {name} lies outside the file"),
-        E::MetadataIncompleteBuffer | E::TensorInvalidInfo | E::InvalidTensorView(..) | E::ValidationOverflow => {
+        E::InvalidOffset(name) => {
+            format!("damaged or truncated: the data of {name} lies outside the file")
+        }
+        E::MetadataIncompleteBuffer
+        | E::TensorInvalidInfo
+        | E::InvalidTensorView(..)
+        | E::ValidationOverflow => {
             "damaged or truncated: the tensors it lists do not fit its size".to_owned()
         }
         E::TensorNotFound(name) => format!("no tensor {name}"),
@@ -412,7 +468,9 @@ mod tests {
     use tch::Device;
 
     fn tiny() -> (nn::VarStore, Clip) {
-        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../../configs/models/tiny.yaml")).expect("parses");
+        let cfg: ModelConfig =
+            serde_yaml::from_str(include_str!("../../../configs/models/tiny.yaml"))
+                .expect("parses");
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &cfg).expect("builds");
         (vs, model)
@@ -425,7 +483,10 @@ mod tests {
         for (set, expected) in [(7.0, LOGIT_SCALE_MAX), (-1.0, 0.0), (3.0, 3.0)] {
             let _ = tch::no_grad(|| model.logit_scale.shallow_clone().fill_(set));
             model.clamp_logit_scale();
-            assert!((model.logit_scale.double_value(&[]) - expected).abs() < 1e-6, "{set} -> {expected}");
+            assert!(
+                (model.logit_scale.double_value(&[]) - expected).abs() < 1e-6,
+                "{set} -> {expected}"
+            );
         }
         assert!(model.logit_scale.requires_grad(), "clamping keeps it a trainable leaf");
     }
@@ -439,7 +500,10 @@ mod tests {
         ids[32..35].copy_from_slice(&[49406, 320, 49407]);
         let tokens = Tensor::from_slice(&ids).view([2, 32]);
         let (i, t) = model.features(&images, &tokens);
-        let norms = Tensor::cat(&[i.norm_scalaropt_dim(2, [-1], false), t.norm_scalaropt_dim(2, [-1], false)], 0);
+        let norms = Tensor::cat(
+            &[i.norm_scalaropt_dim(2, [-1], false), t.norm_scalaropt_dim(2, [-1], false)],
+            0,
+        );
         assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-5);
         // Tokens after EOT do not change the text features (causal mask + EOT pooling).
         let mut padded = ids.clone();
@@ -453,17 +517,25 @@ mod tests {
     #[test]
     fn hugging_face_weights_give_transformers_embeddings() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-        let cfg: ModelConfig = serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml")).unwrap();
-        let io: BTreeMap<String, Tensor> = Tensor::read_safetensors(fixtures.join("hf_tiny/io.safetensors")).unwrap().into_iter().collect();
+        let cfg: ModelConfig =
+            serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml"))
+                .unwrap();
+        let io: BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(fixtures.join("hf_tiny/io.safetensors"))
+                .unwrap()
+                .into_iter()
+                .collect();
         let dir = tempfile::tempdir().unwrap();
         let half = dir.path().join("model-fp16.safetensors");
-        let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(fixtures.join("hf_tiny/model.safetensors"))
-            .unwrap()
-            .into_iter()
-            .map(|(k, v)| (k, v.to_kind(Kind::Half)))
-            .collect();
+        let tensors: Vec<(String, Tensor)> =
+            Tensor::read_safetensors(fixtures.join("hf_tiny/model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .map(|(k, v)| (k, v.to_kind(Kind::Half)))
+                .collect();
         Tensor::write_safetensors(&tensors, &half).unwrap();
-        for (file, tolerance) in [(fixtures.join("hf_tiny/model.safetensors"), 1e-5), (half, 5e-3)] {
+        for (file, tolerance) in [(fixtures.join("hf_tiny/model.safetensors"), 1e-5), (half, 5e-3)]
+        {
             let vs = nn::VarStore::new(Device::Cpu);
             let model = Clip::new(&vs.root(), &cfg).unwrap();
             load_weights(&vs, &file).unwrap();
@@ -481,7 +553,12 @@ mod tests {
         std::fs::write(&path, b"PK\x03\x04 a torch.save zip").unwrap();
         let (vs, _) = tiny();
         let err = load_weights(&vs, &path).unwrap_err().to_string();
-        assert!(err.contains("pickled") && err.contains("save_file") && err.contains("epoch_32.pt.safetensors"), "{err}");
+        assert!(
+            err.contains("pickled")
+                && err.contains("save_file")
+                && err.contains("epoch_32.pt.safetensors"),
+            "{err}"
+        );
     }
 
     /// Another architecture's weights: the message counts the mismatches and names a few,
@@ -489,7 +566,8 @@ mod tests {
     #[test]
     fn mismatched_or_unreadable_weights_read_as_short_sentences() {
         let dir = tempfile::tempdir().unwrap();
-        let small: ModelConfig = serde_yaml::from_str(include_str!("../../../configs/models/small.yaml")).unwrap();
+        let small: ModelConfig =
+            serde_yaml::from_str(include_str!("../../../configs/models/small.yaml")).unwrap();
         let vs_small = nn::VarStore::new(Device::Cpu);
         let _ = Clip::new(&vs_small.root(), &small).unwrap();
         let path = dir.path().join("small.safetensors");
@@ -497,13 +575,22 @@ mod tests {
         let (vs, _) = tiny();
         let err = load_weights(&vs, &path).unwrap_err().to_string();
         assert!(err.len() < 1200, "{} characters: {err}", err.len());
-        assert!(err.contains("more)") && err.contains("tensors") && err.contains("does not match"), "{err}");
-        for (bad, needle) in [(dir.path().to_path_buf(), "Is a directory"), (dir.path().join("x.safetensors"), "not a safetensors file")] {
+        assert!(
+            err.contains("more)") && err.contains("tensors") && err.contains("does not match"),
+            "{err}"
+        );
+        for (bad, needle) in [
+            (dir.path().to_path_buf(), "Is a directory"),
+            (dir.path().join("x.safetensors"), "not a safetensors file"),
+        ] {
             if needle.starts_with("not") {
                 std::fs::write(&bad, b"0123456789abcdef").unwrap();
             }
             let err = load_weights(&vs, &bad).unwrap_err().to_string();
-            assert!(err.contains(needle) && !err.contains("Os {") && !err.contains("IoError"), "{err}");
+            assert!(
+                err.contains(needle) && !err.contains("Os {") && !err.contains("IoError"),
+                "{err}"
+            );
         }
     }
 

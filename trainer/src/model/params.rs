@@ -24,7 +24,13 @@ pub fn param(p: &nn::Path, name: &str, dims: &[i64], init: Init) -> Tensor {
 }
 
 /// A state_dict entry that is not trained (BatchNorm's running statistics), holding `value`.
-pub fn buffer(p: &nn::Path, name: &str, value: impl FnOnce() -> Tensor, dims: &[i64], kind: Kind) -> Tensor {
+pub fn buffer(
+    p: &nn::Path,
+    name: &str,
+    value: impl FnOnce() -> Tensor,
+    dims: &[i64],
+    kind: Kind,
+) -> Tensor {
     if SHAPES_ONLY.with(Cell::get) {
         return p.add(name, placeholder(dims, kind), false);
     }
@@ -40,7 +46,8 @@ fn placeholder(dims: &[i64], kind: Kind) -> Tensor {
 /// variable's name and shape, sorted by name.
 pub fn shapes_of<T>(build: impl FnOnce(&nn::Path) -> T) -> Vec<(String, Vec<i64>)> {
     let vs = shapes_only(build);
-    let mut out: Vec<(String, Vec<i64>)> = vs.variables().into_iter().map(|(name, t)| (name, t.size())).collect();
+    let mut out: Vec<(String, Vec<i64>)> =
+        vs.variables().into_iter().map(|(name, t)| (name, t.size())).collect();
     out.sort();
     out
 }
@@ -87,7 +94,8 @@ mod tests {
 
     #[test]
     fn shapes_only_allocates_nothing_and_restores_the_mode() {
-        let shapes = shapes_of(|p| param(&(p / "big"), "weight", &[100_000, 100_000], Init::Const(1.0)));
+        let shapes =
+            shapes_of(|p| param(&(p / "big"), "weight", &[100_000, 100_000], Init::Const(1.0)));
         assert_eq!(shapes, vec![("big.weight".to_owned(), vec![100_000, 100_000])]);
         let vs = nn::VarStore::new(Device::Cpu);
         let t = param(&vs.root(), "w", &[2, 3], Init::Const(1.5));

@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use oxclip_data_loader::{Interpolation, Preprocess, ResizeMode, OPENAI_MEAN, OPENAI_STD};
 use serde_json::{Map, Value};
 
-use super::timm_vit;
 use super::config::{
-    Activation, ActKwargs, ModelConfig, NormKwargs, TextConfig, TextPool, TokenizerKwargs, VisionConfig, VisionLayers,
+    ActKwargs, Activation, ModelConfig, NormKwargs, TextConfig, TextPool, TokenizerKwargs,
+    VisionConfig, VisionLayers,
 };
+use super::timm_vit;
 use crate::error::{io_err, Result, TrainError};
 
 /// `oxclip export --format open_clip`'s weights and config (open_clip's hub layout).
@@ -99,7 +100,8 @@ impl Pretrained {
         let size = model.vision_cfg.image_size;
         let preprocessor = dir.join(HF_PREPROCESSOR);
         let preprocess = if preprocessor.is_file() {
-            preprocess_from_hf(&read_json(&preprocessor)?, size).map_err(|m| bad(&preprocessor, m))?
+            preprocess_from_hf(&read_json(&preprocessor)?, size)
+                .map_err(|m| bad(&preprocessor, m))?
         } else if source == Source::HfSiglip {
             Preprocess::siglip(size as u32)
         } else {
@@ -114,14 +116,22 @@ impl Pretrained {
         let dir = parent(config);
         let json = read_json(config)?;
         let model_cfg = json.get("model_cfg").ok_or_else(|| bad(config, "no model_cfg".into()))?;
-        let model: ModelConfig =
-            serde_json::from_value(model_cfg.clone()).map_err(|e| bad(config, format!("model_cfg: {e}")))?;
+        let model: ModelConfig = serde_json::from_value(model_cfg.clone())
+            .map_err(|e| bad(config, format!("model_cfg: {e}")))?;
         model.validate().map_err(|e| bad(config, e.to_string()))?;
-        let preprocess = preprocess_from_open_clip(json.get("preprocess_cfg"), model.vision_cfg.image_size)
-            .map_err(|m| bad(config, format!("preprocess_cfg: {m}")))?;
+        let preprocess =
+            preprocess_from_open_clip(json.get("preprocess_cfg"), model.vision_cfg.image_size)
+                .map_err(|m| bad(config, format!("preprocess_cfg: {m}")))?;
         let kwargs = model.text_cfg.tokenizer_kwargs.clone().unwrap_or_default();
         let tokenizer = tokenizer_files(&dir, &model, Some(kwargs))?;
-        Ok(Pretrained { dir, model, preprocess, tokenizer, weights: weights.into(), source: Source::OpenClip })
+        Ok(Pretrained {
+            dir,
+            model,
+            preprocess,
+            tokenizer,
+            weights: weights.into(),
+            source: Source::OpenClip,
+        })
     }
 }
 
@@ -167,25 +177,34 @@ impl<'a> Keys<'a> {
     fn int(&self, key: &str, default: i64) -> Msg<i64> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_i64().ok_or_else(|| format!("{} must be an integer, got {v}", self.name(key))),
+            Some(v) => {
+                v.as_i64().ok_or_else(|| format!("{} must be an integer, got {v}", self.name(key)))
+            }
         }
     }
     fn float(&self, key: &str, default: f64) -> Msg<f64> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| format!("{} must be a number, got {v}", self.name(key))),
+            Some(v) => {
+                v.as_f64().ok_or_else(|| format!("{} must be a number, got {v}", self.name(key)))
+            }
         }
     }
     fn string(&self, key: &str, default: &str) -> Msg<String> {
         match self.get(key) {
             None => Ok(default.to_owned()),
-            Some(v) => v.as_str().map(str::to_owned).ok_or_else(|| format!("{} must be a string, got {v}", self.name(key))),
+            Some(v) => v
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{} must be a string, got {v}", self.name(key))),
         }
     }
     fn boolean(&self, key: &str, default: bool) -> Msg<bool> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| format!("{} must be true or false, got {v}", self.name(key))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| format!("{} must be true or false, got {v}", self.name(key))),
         }
     }
     /// An image side: a number, or `[h, w]` / `{"height", "width"}` with h == w.
@@ -193,12 +212,16 @@ impl<'a> Keys<'a> {
         let Some(v) = self.get(key) else { return Ok(default) };
         let pair = match v {
             Value::Array(a) if a.len() == 2 => (a[0].as_i64(), a[1].as_i64()),
-            Value::Object(o) => (o.get("height").and_then(Value::as_i64), o.get("width").and_then(Value::as_i64)),
+            Value::Object(o) => {
+                (o.get("height").and_then(Value::as_i64), o.get("width").and_then(Value::as_i64))
+            }
             other => (other.as_i64(), other.as_i64()),
         };
         match pair {
             (Some(h), Some(w)) if h == w => Ok(h),
-            (Some(h), Some(w)) => Err(format!("{} is {h}x{w}; oxclip builds square inputs only", self.name(key))),
+            (Some(h), Some(w)) => {
+                Err(format!("{} is {h}x{w}; oxclip builds square inputs only", self.name(key)))
+            }
             _ => Err(format!("{} must be a number of pixels, got {v}", self.name(key))),
         }
     }
@@ -240,11 +263,14 @@ fn clip_config(json: &Value) -> Msg<ModelConfig> {
     let t = Keys::new(json.get("text_config"), "text_config");
     let v = Keys::new(json.get("vision_config"), "vision_config");
     channels(&v)?;
-    let (t_act, v_act) = (t.string("hidden_act", "quick_gelu")?, v.string("hidden_act", "quick_gelu")?);
+    let (t_act, v_act) =
+        (t.string("hidden_act", "quick_gelu")?, v.string("hidden_act", "quick_gelu")?);
     let quick = |act: &str, key: &str| match act {
         "quick_gelu" => Ok(true),
         "gelu" => Ok(false),
-        other => Err(format!("{key} {other:?}: oxclip builds CLIP towers with \"quick_gelu\" or \"gelu\"")),
+        other => Err(format!(
+            "{key} {other:?}: oxclip builds CLIP towers with \"quick_gelu\" or \"gelu\""
+        )),
     };
     let quick_gelu = quick(&t_act, "text_config.hidden_act")?;
     if quick(&v_act, "vision_config.hidden_act")? != quick_gelu {
@@ -256,7 +282,12 @@ fn clip_config(json: &Value) -> Msg<ModelConfig> {
     let vision_cfg = VisionConfig {
         layers: VisionLayers::Count(v.int("num_hidden_layers", 12)?),
         width,
-        head_width: divide(width, heads, "vision_config.hidden_size", "vision_config.num_attention_heads")?,
+        head_width: divide(
+            width,
+            heads,
+            "vision_config.hidden_size",
+            "vision_config.num_attention_heads",
+        )?,
         mlp_ratio: mlp_ratio(width, v.int("intermediate_size", 3072)?),
         patch_size: Some(v.side("patch_size", 32)?),
         image_size: v.side("image_size", 224)?,
@@ -269,9 +300,15 @@ fn clip_config(json: &Value) -> Msg<ModelConfig> {
     // same position, written as open_clip's CLIP configs write it.
     let eos = match t.get("eos_token_id") {
         None => 49407,
-        Some(v) => v.as_i64().ok_or_else(|| format!("text_config.eos_token_id must be one id, got {v}"))?,
+        Some(v) => {
+            v.as_i64().ok_or_else(|| format!("text_config.eos_token_id must be one id, got {v}"))?
+        }
     };
-    let (pool_type, eos_id) = if eos == 2 || eos == vocab_size - 1 { (TextPool::Argmax, 2) } else { (TextPool::Eos, eos) };
+    let (pool_type, eos_id) = if eos == 2 || eos == vocab_size - 1 {
+        (TextPool::Argmax, 2)
+    } else {
+        (TextPool::Eos, eos)
+    };
     let width = t.int("hidden_size", 512)?;
     let text_cfg = TextConfig {
         context_length: t.int("max_position_embeddings", 77)?,
@@ -330,7 +367,9 @@ fn siglip_config(json: &Value) -> Msg<ModelConfig> {
         v.side("image_size", 224)?,
     );
     let trunks = timm_vit::architectures();
-    let found = trunks.iter().find(|s| (s.patch, s.width, s.depth, s.heads, s.mlp_hidden, s.img_size) == arch);
+    let found = trunks
+        .iter()
+        .find(|s| (s.patch, s.width, s.depth, s.heads, s.mlp_hidden, s.img_size) == arch);
     let Some(trunk) = found else {
         let (patch, width, depth, heads, mlp, image) = arch;
         return Err(format!(
@@ -348,14 +387,20 @@ fn siglip_config(json: &Value) -> Msg<ModelConfig> {
             trunk.width
         ));
     }
-    let approximate = |tanh: bool| Some(ActKwargs { approximate: Some(if tanh { "tanh" } else { "none" }.into()) });
+    let approximate = |tanh: bool| {
+        Some(ActKwargs { approximate: Some(if tanh { "tanh" } else { "none" }.into()) })
+    };
     let vision_cfg = VisionConfig {
         image_size: trunk.img_size,
         timm_model_name: Some(trunk.name.into()),
         timm_pool: "map".into(),
         timm_proj: "none".into(),
         // Only where the checkpoint's activation is not the one timm builds for this name.
-        act_kwargs: if v_tanh == (trunk.act == Activation::GeluTanh) { None } else { approximate(v_tanh) },
+        act_kwargs: if v_tanh == (trunk.act == Activation::GeluTanh) {
+            None
+        } else {
+            approximate(v_tanh)
+        },
         ..vision_defaults()?
     };
     let text_cfg = TextConfig {
@@ -457,9 +502,13 @@ pub fn preprocess_from_hf(json: &Value, image_size: i64) -> Msg<Preprocess> {
         }
     };
     if size != image_size {
-        return Err(format!("the processor's output is {size} pixels but the model's image_size is {image_size}"));
+        return Err(format!(
+            "the processor's output is {size} pixels but the model's image_size is {image_size}"
+        ));
     }
-    if !k.boolean("do_rescale", true)? || (k.float("rescale_factor", 1.0 / 255.0)? * 255.0 - 1.0).abs() > 1e-6 {
+    if !k.boolean("do_rescale", true)?
+        || (k.float("rescale_factor", 1.0 / 255.0)? * 255.0 - 1.0).abs() > 1e-6
+    {
         return Err("do_rescale / rescale_factor: oxclip scales pixels by 1/255".into());
     }
     if !k.boolean("do_convert_rgb", true)? {
@@ -477,7 +526,14 @@ pub fn preprocess_from_hf(json: &Value, image_size: i64) -> Msg<Preprocess> {
     } else {
         ([0.0; 3], [1.0; 3])
     };
-    Ok(Preprocess { size: size as u32, mean, std, interpolation, resize_mode, augment: Default::default() })
+    Ok(Preprocess {
+        size: size as u32,
+        mean,
+        std,
+        interpolation,
+        resize_mode,
+        augment: Default::default(),
+    })
 }
 
 fn triple(k: &Keys, key: &str, default: [f32; 3]) -> Msg<[f32; 3]> {
@@ -507,13 +563,19 @@ pub fn preprocess_from_open_clip(cfg: Option<&Value>, image_size: i64) -> Msg<Pr
     let interpolation = match k.string("interpolation", "bicubic")?.as_str() {
         "bicubic" => Interpolation::Bicubic,
         "bilinear" => Interpolation::Bilinear,
-        other => return Err(format!("interpolation {other:?}: oxclip resizes \"bicubic\" or \"bilinear\"")),
+        other => {
+            return Err(format!(
+                "interpolation {other:?}: oxclip resizes \"bicubic\" or \"bilinear\""
+            ))
+        }
     };
     let resize_mode = match k.string("resize_mode", "shortest")?.as_str() {
         "shortest" => ResizeMode::Shortest,
         "squash" => ResizeMode::Squash,
         "longest" => ResizeMode::Longest,
-        other => return Err(format!("resize_mode {other:?}: \"shortest\", \"squash\" or \"longest\"")),
+        other => {
+            return Err(format!("resize_mode {other:?}: \"shortest\", \"squash\" or \"longest\""))
+        }
     };
     if k.int("fill_color", 0)? != 0 {
         return Err("fill_color: oxclip pads with 0 (black)".into());
@@ -541,7 +603,11 @@ pub fn open_clip_preprocess_cfg(p: &Preprocess) -> Value {
     })
 }
 
-fn tokenizer_files(dir: &Path, model: &ModelConfig, open_clip_kwargs: Option<TokenizerKwargs>) -> Result<Option<TokenizerFiles>> {
+fn tokenizer_files(
+    dir: &Path,
+    model: &ModelConfig,
+    open_clip_kwargs: Option<TokenizerKwargs>,
+) -> Result<Option<TokenizerFiles>> {
     let present = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
     let mut files = TokenizerFiles {
         tokenizer_json: present(TOKENIZER_JSON),
@@ -552,7 +618,10 @@ fn tokenizer_files(dir: &Path, model: &ModelConfig, open_clip_kwargs: Option<Tok
         open_clip_kwargs,
         context_length: model.text_cfg.context_length,
     };
-    if files.tokenizer_json.is_none() && files.tokenizer_config.is_none() && files.special_tokens_map.is_none() {
+    if files.tokenizer_json.is_none()
+        && files.tokenizer_config.is_none()
+        && files.special_tokens_map.is_none()
+    {
         return Ok(None);
     }
     // A special token is a string or an AddedToken object {"content": ...}.
@@ -565,7 +634,11 @@ fn tokenizer_files(dir: &Path, model: &ModelConfig, open_clip_kwargs: Option<Tok
         let json = read_json(path)?;
         files.pad_token = token(json.get("pad_token"));
         // transformers writes int(1e30) for "no limit".
-        files.model_max_length = json.get("model_max_length").and_then(Value::as_f64).filter(|&n| n < 1e18).map(|n| n as u64);
+        files.model_max_length = json
+            .get("model_max_length")
+            .and_then(Value::as_f64)
+            .filter(|&n| n < 1e18)
+            .map(|n| n as u64);
     }
     if files.pad_token.is_none() {
         if let Some(path) = &files.special_tokens_map {
@@ -577,7 +650,12 @@ fn tokenizer_files(dir: &Path, model: &ModelConfig, open_clip_kwargs: Option<Tok
 
 /// Keys that say how text is tokenized, not what the weights are: the directory's tokenizer
 /// files decide them, so a `--model` naming the same architecture may differ there.
-const TOKENIZER_KEYS: [&str; 4] = ["text_cfg.hf_tokenizer_name", "text_cfg.tokenizer_kwargs", "text_cfg.tokenizer_mode", "text_cfg.pad_id"];
+const TOKENIZER_KEYS: [&str; 4] = [
+    "text_cfg.hf_tokenizer_name",
+    "text_cfg.tokenizer_kwargs",
+    "text_cfg.tokenizer_mode",
+    "text_cfg.pad_id",
+];
 /// Starting values the weights replace.
 const INIT_KEYS: [&str; 2] = ["init_logit_scale", "init_logit_bias"];
 
@@ -586,7 +664,8 @@ const INIT_KEYS: [&str; 2] = ["init_logit_scale", "init_logit_bias"];
 /// values of `logit_scale` / `logit_bias` are left out (the weights and tokenizer files decide).
 pub fn differences(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
     let mut out = Vec::new();
-    let (a, b) = (serde_json::to_value(a).unwrap_or_default(), serde_json::to_value(b).unwrap_or_default());
+    let (a, b) =
+        (serde_json::to_value(a).unwrap_or_default(), serde_json::to_value(b).unwrap_or_default());
     diff("", Some(&a), Some(&b), &mut out);
     out
 }
@@ -615,13 +694,22 @@ fn diff(key: &str, a: Option<&Value>, b: Option<&Value>, out: &mut Vec<String>) 
 
 /// The error for a `--model` (or a run's `model:`) that contradicts a directory's config:
 /// up to five differing keys, `dir value vs given value`.
-pub fn contradiction(dir: &Path, dir_cfg: &ModelConfig, given_what: &str, given: &ModelConfig) -> Option<String> {
+pub fn contradiction(
+    dir: &Path,
+    dir_cfg: &ModelConfig,
+    given_what: &str,
+    given: &ModelConfig,
+) -> Option<String> {
     let diffs = differences(dir_cfg, given);
     if diffs.is_empty() {
         return None;
     }
     const SHOWN: usize = 5;
-    let more = if diffs.len() > SHOWN { format!(" ({} more)", diffs.len() - SHOWN) } else { String::new() };
+    let more = if diffs.len() > SHOWN {
+        format!(" ({} more)", diffs.len() - SHOWN)
+    } else {
+        String::new()
+    };
     Some(format!(
         "{given_what} contradicts the model of {} ({} vs {given_what}): {}{more}; leave {given_what} out to use the directory's",
         dir.display(),
@@ -660,7 +748,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             differences(&cfg, &open_clip),
-            ["text_cfg.act_kwargs: {\"approximate\":\"tanh\"} vs -", "vision_cfg.act_kwargs: {\"approximate\":\"tanh\"} vs -"]
+            [
+                "text_cfg.act_kwargs: {\"approximate\":\"tanh\"} vs -",
+                "vision_cfg.act_kwargs: {\"approximate\":\"tanh\"} vs -"
+            ]
         );
         assert_eq!(cfg.text_cfg.activation(false).unwrap(), Activation::GeluTanh);
 
@@ -670,8 +761,14 @@ mod tests {
             "vision_config": {"hidden_size": 1536, "intermediate_size": 6144, "num_attention_heads": 16, "num_hidden_layers": 40,
                               "image_size": 256, "patch_size": 16}});
         let (_, cfg) = model_from_hf_config(&gopt).unwrap();
-        assert_eq!(cfg.vision_cfg.timm_model_name.as_deref(), Some("vit_giantopt_patch16_siglip_256"));
-        assert_eq!((cfg.embed_dim, cfg.text_cfg.mlp_ratio, cfg.text_cfg.vocab_size), (1536, 3.7362, 256000));
+        assert_eq!(
+            cfg.vision_cfg.timm_model_name.as_deref(),
+            Some("vit_giantopt_patch16_siglip_256")
+        );
+        assert_eq!(
+            (cfg.embed_dim, cfg.text_cfg.mlp_ratio, cfg.text_cfg.vocab_size),
+            (1536, 3.7362, 256000)
+        );
         assert!(cfg.vision_cfg.act_kwargs.is_none(), "gopt is gelu_tanh in timm too");
 
         let mut wrong = gopt.clone();
@@ -679,19 +776,43 @@ mod tests {
         let err = model_from_hf_config(&wrong).unwrap_err();
         assert!(err.contains("text_config.projection_size 1152"), "{err}");
         wrong["vision_config"]["vision_use_head"] = false.into();
-        assert!(model_from_hf_config(&wrong).unwrap_err().contains("vision_config.vision_use_head"));
+        assert!(model_from_hf_config(&wrong)
+            .unwrap_err()
+            .contains("vision_config.vision_use_head"));
     }
 
     /// Every trunk of the table is the one timm builds (hf_siglip_names.json, from timm).
     #[test]
     fn the_trunk_table_is_timms() {
-        let golden: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("hf_siglip_names.json")).unwrap()).unwrap();
+        let golden: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join("hf_siglip_names.json")).unwrap(),
+        )
+        .unwrap();
         let timm = golden["timm_trunks"].as_object().unwrap();
         assert_eq!(timm.len(), timm_vit::ARCHITECTURES.len());
         for t in timm_vit::ARCHITECTURES {
             let g = &timm[t.name];
-            let want = (g["patch"].as_i64(), g["width"].as_i64(), g["depth"].as_i64(), g["heads"].as_i64(), g["mlp"].as_i64(), g["image"].as_i64());
-            assert_eq!((Some(t.patch), Some(t.width), Some(t.depth), Some(t.heads), Some(t.mlp_hidden), Some(t.img_size)), want, "{}", t.name);
+            let want = (
+                g["patch"].as_i64(),
+                g["width"].as_i64(),
+                g["depth"].as_i64(),
+                g["heads"].as_i64(),
+                g["mlp"].as_i64(),
+                g["image"].as_i64(),
+            );
+            assert_eq!(
+                (
+                    Some(t.patch),
+                    Some(t.width),
+                    Some(t.depth),
+                    Some(t.heads),
+                    Some(t.mlp_hidden),
+                    Some(t.img_size)
+                ),
+                want,
+                "{}",
+                t.name
+            );
             assert_eq!(t.act == Activation::GeluTanh, g["act"] == "GELUTanh", "{}", t.name);
             assert_eq!(g["eps"], 1e-6);
         }
@@ -715,8 +836,25 @@ mod tests {
         assert_eq!(p.source, Source::HfClip);
         let m = &p.model;
         assert!(m.quick_gelu && !m.custom_text);
-        assert_eq!((m.embed_dim, m.vision_cfg.width, m.vision_cfg.head_width, m.vision_cfg.patch_size, m.vision_cfg.image_size), (32, 32, 16, Some(8), 32));
-        assert_eq!((m.text_cfg.pool_type, m.text_cfg.eos_id, m.text_cfg.context_length, m.text_cfg.vocab_size), (TextPool::Eos, 997, 16, 1000));
+        assert_eq!(
+            (
+                m.embed_dim,
+                m.vision_cfg.width,
+                m.vision_cfg.head_width,
+                m.vision_cfg.patch_size,
+                m.vision_cfg.image_size
+            ),
+            (32, 32, 16, Some(8), 32)
+        );
+        assert_eq!(
+            (
+                m.text_cfg.pool_type,
+                m.text_cfg.eos_id,
+                m.text_cfg.context_length,
+                m.text_cfg.vocab_size
+            ),
+            (TextPool::Eos, 997, 16, 1000)
+        );
         assert!(m.text_cfg.norm_kwargs.is_none());
         assert_eq!(p.preprocess, Preprocess::openai(32));
         assert!(p.tokenizer.is_none());
@@ -725,13 +863,21 @@ mod tests {
         for eos in [2, 49407] {
             let json = serde_json::json!({"architectures": ["CLIPModel"], "text_config": {"eos_token_id": eos}});
             let (_, cfg) = model_from_hf_config(&json).unwrap();
-            assert_eq!((cfg.text_cfg.pool_type, cfg.quick_gelu, cfg.vision_cfg.patch_size), (TextPool::Argmax, true, Some(32)));
+            assert_eq!(
+                (cfg.text_cfg.pool_type, cfg.quick_gelu, cfg.vision_cfg.patch_size),
+                (TextPool::Argmax, true, Some(32))
+            );
         }
         let json = serde_json::json!({"architectures": ["CLIPModel"], "text_config": {"hidden_act": "relu"}});
-        assert!(model_from_hf_config(&json).unwrap_err().contains("text_config.hidden_act \"relu\""));
+        assert!(model_from_hf_config(&json)
+            .unwrap_err()
+            .contains("text_config.hidden_act \"relu\""));
         let json = serde_json::json!({"architectures": ["BertModel"], "model_type": "bert"});
         let err = model_from_hf_config(&json).unwrap_err();
-        assert!(err.contains("architectures [\"BertModel\"]") && err.contains("CLIPModel"), "{err}");
+        assert!(
+            err.contains("architectures [\"BertModel\"]") && err.contains("CLIPModel"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -739,19 +885,32 @@ mod tests {
         let dir = fixtures().join("hf_siglip_tiny");
         let p = Pretrained::read(&dir).unwrap();
         assert_eq!(p.source, Source::HfSiglip);
-        assert_eq!(p.preprocess, Preprocess { interpolation: Interpolation::Bilinear, ..Preprocess::siglip(32) });
+        assert_eq!(
+            p.preprocess,
+            Preprocess { interpolation: Interpolation::Bilinear, ..Preprocess::siglip(32) }
+        );
         // The translation is the config open_clip builds the same weights with (the fixture
         // script loads them into it strict and compares the embeddings).
-        let golden: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("hf_siglip_names.json")).unwrap()).unwrap();
-        let open_clip: ModelConfig = serde_json::from_value(golden["open_clip_config"].clone()).unwrap();
+        let golden: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join("hf_siglip_names.json")).unwrap(),
+        )
+        .unwrap();
+        let open_clip: ModelConfig =
+            serde_json::from_value(golden["open_clip_config"].clone()).unwrap();
         assert_eq!(differences(&p.model, &open_clip), Vec::<String>::new());
         assert_eq!(p.model, open_clip);
         // A vision tower no timm trunk has: the error gives the sizes and what exists.
-        let mut json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(HF_CONFIG)).unwrap()).unwrap();
+        let mut json: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(HF_CONFIG)).unwrap()).unwrap();
         json["vision_config"]["hidden_size"] = 40.into();
         let err = model_from_hf_config(&json).unwrap_err();
-        assert!(err.contains("hidden_size 40") && err.contains("vit_so400m_patch14_siglip_384"), "{err}");
-        let pre: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(HF_PREPROCESSOR)).unwrap()).unwrap();
+        assert!(
+            err.contains("hidden_size 40") && err.contains("vit_so400m_patch14_siglip_384"),
+            "{err}"
+        );
+        let pre: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(HF_PREPROCESSOR)).unwrap())
+                .unwrap();
         assert!(preprocess_from_hf(&pre, 224).unwrap_err().contains("image_size is 224"));
     }
 
@@ -761,7 +920,8 @@ mod tests {
         use tch::{Device, Tensor};
         let dir = fixtures().join(name);
         let p = Pretrained::read(&dir).unwrap();
-        let io: std::collections::BTreeMap<String, Tensor> = Tensor::read_safetensors(dir.join("io.safetensors")).unwrap().into_iter().collect();
+        let io: std::collections::BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(dir.join("io.safetensors")).unwrap().into_iter().collect();
         let (_vs, model) = crate::model::load(&p.model, &p.weights, Device::Cpu).unwrap();
         let (i, t) = tch::no_grad(|| model.features(&io["pixel_values"], &io["input_ids"]));
         let di = (i - &io["image_embeds"]).abs().max().double_value(&[]);
@@ -791,11 +951,17 @@ mod tests {
         use crate::model::export::{export, Format};
         use tch::Tensor;
         let tmp = tempfile::tempdir().unwrap();
-        let root = std::env::var_os("OXCLIP_KEEP_EXPORTS").map_or(tmp.path().to_path_buf(), PathBuf::from);
+        let root =
+            std::env::var_os("OXCLIP_KEEP_EXPORTS").map_or(tmp.path().to_path_buf(), PathBuf::from);
         for (name, mapping) in [("hf_siglip_tiny", true), ("hf_clip_quickgelu_tiny", false)] {
             let p = Pretrained::read(&fixtures().join(name)).unwrap();
-            let hf: std::collections::BTreeMap<String, Tensor> = Tensor::read_safetensors(&p.weights).unwrap().into_iter().collect();
-            let oc = if mapping { crate::model::hf_siglip::from_hf(hf).unwrap() } else { crate::model::hf::from_hf(hf).unwrap() };
+            let hf: std::collections::BTreeMap<String, Tensor> =
+                Tensor::read_safetensors(&p.weights).unwrap().into_iter().collect();
+            let oc = if mapping {
+                crate::model::hf_siglip::from_hf(hf).unwrap()
+            } else {
+                crate::model::hf::from_hf(hf).unwrap()
+            };
             for format in [Format::HuggingFace, Format::OpenClip] {
                 let out = root.join(format!("{name}-{format:?}"));
                 let copy = oc.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
@@ -806,10 +972,21 @@ mod tests {
                 let mut written: std::collections::BTreeMap<String, Tensor> =
                     Tensor::read_safetensors(&back.weights).unwrap().into_iter().collect();
                 if format == Format::HuggingFace {
-                    written = if mapping { crate::model::hf_siglip::from_hf(written).unwrap() } else { crate::model::hf::from_hf(written).unwrap() };
-                    assert_eq!(back.source, if mapping { Source::HfSiglip } else { Source::HfClip });
+                    written = if mapping {
+                        crate::model::hf_siglip::from_hf(written).unwrap()
+                    } else {
+                        crate::model::hf::from_hf(written).unwrap()
+                    };
+                    assert_eq!(
+                        back.source,
+                        if mapping { Source::HfSiglip } else { Source::HfClip }
+                    );
                 }
-                assert_eq!(written.keys().collect::<Vec<_>>(), oc.keys().collect::<Vec<_>>(), "{name} {format:?}");
+                assert_eq!(
+                    written.keys().collect::<Vec<_>>(),
+                    oc.keys().collect::<Vec<_>>(),
+                    "{name} {format:?}"
+                );
                 for (k, v) in &oc {
                     assert!(written[k].equal(v), "{name} {format:?} {k}");
                 }
@@ -819,7 +996,10 @@ mod tests {
         let mut cfg = Pretrained::read(&fixtures().join("hf_siglip_tiny")).unwrap().model;
         cfg.text_cfg.no_causal_mask = false;
         let err = crate::model::export::siglip_config(&cfg).unwrap_err().to_string();
-        assert!(err.contains("text_cfg.no_causal_mask") && err.contains("--format open_clip"), "{err}");
+        assert!(
+            err.contains("text_cfg.no_causal_mask") && err.contains("--format open_clip"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -838,19 +1018,30 @@ mod tests {
         assert_eq!(p.preprocess, Preprocess::siglip(32));
         let tok = p.tokenizer.unwrap();
         assert_eq!(tok.tokenizer_json, Some(tmp.path().join(TOKENIZER_JSON)));
-        assert_eq!((tok.pad_token.as_deref(), tok.model_max_length, tok.context_length), (Some("<pad>"), None, 16));
+        assert_eq!(
+            (tok.pad_token.as_deref(), tok.model_max_length, tok.context_length),
+            (Some("<pad>"), None, 16)
+        );
         assert_eq!(tok.open_clip_kwargs.unwrap().clean.as_deref(), Some("canonicalize"));
         // An empty preprocess_cfg is open_clip's default, OpenAI's.
         assert_eq!(preprocess_from_open_clip(None, 224).unwrap(), Preprocess::openai(224));
-        let back = preprocess_from_open_clip(Some(&open_clip_preprocess_cfg(&Preprocess::siglip(384))), 384).unwrap();
+        let back = preprocess_from_open_clip(
+            Some(&open_clip_preprocess_cfg(&Preprocess::siglip(384))),
+            384,
+        )
+        .unwrap();
         assert_eq!(back, Preprocess::siglip(384));
-        let err = preprocess_from_open_clip(Some(&serde_json::json!({"interpolation": "lanczos"})), 224).unwrap_err();
+        let err =
+            preprocess_from_open_clip(Some(&serde_json::json!({"interpolation": "lanczos"})), 224)
+                .unwrap_err();
         assert!(err.contains("lanczos"), "{err}");
     }
 
     #[test]
     fn differences_name_dotted_keys() {
-        let a: ModelConfig = serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml")).unwrap();
+        let a: ModelConfig =
+            serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml"))
+                .unwrap();
         let mut b = a.clone();
         assert!(contradiction(Path::new("d"), &a, "--model", &b).is_none());
         b.quick_gelu = true;
@@ -859,6 +1050,9 @@ mod tests {
         b.init_logit_bias = Some(-10.0); // a starting value: not one either
         assert_eq!(differences(&a, &b), ["quick_gelu: - vs true", "vision_cfg.width: 64 vs 128"]);
         let msg = contradiction(Path::new("d"), &a, "--model", &b).unwrap();
-        assert!(msg.contains("--model contradicts") && msg.contains("vision_cfg.width: 64 vs 128"), "{msg}");
+        assert!(
+            msg.contains("--model contradicts") && msg.contains("vision_cfg.width: 64 vs 128"),
+            "{msg}"
+        );
     }
 }

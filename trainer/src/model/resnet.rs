@@ -54,9 +54,27 @@ impl BatchNorm2d {
         BatchNorm2d {
             weight: param(&p, "weight", &dims, Init::Const(gain)),
             bias: param(&p, "bias", &dims, Init::Const(0.0)),
-            running_mean: buffer(&p, "running_mean", || Tensor::zeros(dims, (Kind::Float, tch::Device::Cpu)), &dims, Kind::Float),
-            running_var: buffer(&p, "running_var", || Tensor::ones(dims, (Kind::Float, tch::Device::Cpu)), &dims, Kind::Float),
-            num_batches_tracked: buffer(&p, "num_batches_tracked", || Tensor::zeros([], (Kind::Int64, tch::Device::Cpu)), &[], Kind::Int64),
+            running_mean: buffer(
+                &p,
+                "running_mean",
+                || Tensor::zeros(dims, (Kind::Float, tch::Device::Cpu)),
+                &dims,
+                Kind::Float,
+            ),
+            running_var: buffer(
+                &p,
+                "running_var",
+                || Tensor::ones(dims, (Kind::Float, tch::Device::Cpu)),
+                &dims,
+                Kind::Float,
+            ),
+            num_batches_tracked: buffer(
+                &p,
+                "num_batches_tracked",
+                || Tensor::zeros([], (Kind::Int64, tch::Device::Cpu)),
+                &[],
+                Kind::Int64,
+            ),
         }
     }
 
@@ -72,8 +90,22 @@ impl BatchNorm2d {
         }
         // libtorch updates the running statistics in place when they are given in training
         // mode; without them it normalises with the batch's and leaves them alone.
-        let (mean, var) = if running { (Some(&self.running_mean), Some(&self.running_var)) } else { (None, None) };
-        Tensor::batch_norm(x, Some(&self.weight), Some(&self.bias), mean, var, training, BN_MOMENTUM, BN_EPS, true)
+        let (mean, var) = if running {
+            (Some(&self.running_mean), Some(&self.running_var))
+        } else {
+            (None, None)
+        };
+        Tensor::batch_norm(
+            x,
+            Some(&self.weight),
+            Some(&self.bias),
+            mean,
+            var,
+            training,
+            BN_MOMENTUM,
+            BN_EPS,
+            true,
+        )
     }
 }
 
@@ -145,7 +177,8 @@ impl Bottleneck {
         out = self.bn3.forward(&conv(&out, &self.conv3, 1), mode);
         let identity = match &self.downsample {
             Some(d) => {
-                let pooled = if self.stride > 1 { avg_pool(x, self.stride) } else { x.shallow_clone() };
+                let pooled =
+                    if self.stride > 1 { avg_pool(x, self.stride) } else { x.shallow_clone() };
                 d.bn.forward(&conv(&pooled, &d.conv, 1), mode)
             }
             None => x.shallow_clone(),
@@ -173,7 +206,12 @@ impl AttentionPool2d {
         // weights from N(0, c_proj.in_features^-1/2); the biases keep nn.Linear's default.
         let std = (dim as f64).powf(-0.5);
         AttentionPool2d {
-            positional_embedding: param(&p, "positional_embedding", &[grid * grid + 1, dim], randn(std)),
+            positional_embedding: param(
+                &p,
+                "positional_embedding",
+                &[grid * grid + 1, dim],
+                randn(std),
+            ),
             q_proj: Linear::new(&p / "q_proj", dim, dim, randn(std)),
             k_proj: Linear::new(&p / "k_proj", dim, dim, randn(std)),
             v_proj: Linear::new(&p / "v_proj", dim, dim, randn(std)),
@@ -188,7 +226,8 @@ impl AttentionPool2d {
         // (B, HW, C), the mean token first.
         let x = x.flatten(2, 3).transpose(1, 2);
         let kind = x.kind();
-        let x = Tensor::cat(&[x.mean_dim(1, true, None), x], 1) + self.positional_embedding.to_kind(kind);
+        let x = Tensor::cat(&[x.mean_dim(1, true, None), x], 1)
+            + self.positional_embedding.to_kind(kind);
         let l = x.size()[1];
         let head_dim = c / self.heads;
         let split = |t: Tensor, len: i64| t.view([b, len, self.heads, head_dim]).transpose(1, 2);
@@ -196,7 +235,16 @@ impl AttentionPool2d {
         let q = split(self.q_proj.forward(&x.narrow(1, 0, 1)), 1);
         let k = split(self.k_proj.forward(&x), l);
         let v = split(self.v_proj.forward(&x), l);
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
         // (B, H, 1, Dh) -> (B, C)
         self.c_proj.forward(&out.transpose(1, 2).reshape([b, c]))
     }
@@ -234,7 +282,12 @@ impl ModifiedResNet {
                 let layer = &p / format!("layer{}", i + 1);
                 (0..blocks)
                     .map(|j| {
-                        let block = Bottleneck::new(&layer / j, inplanes, planes, if j == 0 { stride } else { 1 });
+                        let block = Bottleneck::new(
+                            &layer / j,
+                            inplanes,
+                            planes,
+                            if j == 0 { stride } else { 1 },
+                        );
                         inplanes = planes * EXPANSION;
                         block
                     })
@@ -249,7 +302,13 @@ impl ModifiedResNet {
             conv3: conv_weight(&(&p / "conv3"), width, half, 3),
             bn3: BatchNorm2d::new(&p / "bn3", width, 1.0),
             layers,
-            attnpool: AttentionPool2d::new(&p / "attnpool", cfg.image_size / 32, width * 32, cfg.heads(), embed_dim),
+            attnpool: AttentionPool2d::new(
+                &p / "attnpool",
+                cfg.image_size / 32,
+                width * 32,
+                cfg.heads(),
+                embed_dim,
+            ),
             count_batches: AtomicBool::new(true),
             frozen_batch_norm: AtomicBool::new(false),
         }
@@ -272,7 +331,11 @@ impl ModifiedResNet {
     /// images: (B, 3, S, S) normalised -> (B, embed_dim), not L2-normalised.
     pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
         let train = train && !self.frozen_batch_norm.load(Ordering::Relaxed);
-        let mode = if train { BnMode::Train { update: self.count_batches.load(Ordering::Relaxed) } } else { BnMode::Eval };
+        let mode = if train {
+            BnMode::Train { update: self.count_batches.load(Ordering::Relaxed) }
+        } else {
+            BnMode::Eval
+        };
         let mut x = self.bn1.forward(&conv(images, &self.conv1, 2), mode).relu();
         x = self.bn2.forward(&conv(&x, &self.conv2, 1), mode).relu();
         x = self.bn3.forward(&conv(&x, &self.conv3, 1), mode).relu();

@@ -54,7 +54,12 @@ impl TextTransformer {
         };
         let text_projection = match (cfg.has_projection(), cfg.proj_bias) {
             (false, _) => TextProjection::None,
-            (true, false) => TextProjection::Matrix(param(&p, "text_projection", &[width, embed_dim], randn(attn_std))),
+            (true, false) => TextProjection::Matrix(param(
+                &p,
+                "text_projection",
+                &[width, embed_dim],
+                randn(attn_std),
+            )),
             (true, true) => TextProjection::Linear(Linear::with_bias_init(
                 &p / "text_projection",
                 width,
@@ -64,8 +69,18 @@ impl TextTransformer {
             )),
         };
         TextTransformer {
-            token_embedding: param(&(&p / "token_embedding"), "weight", &[cfg.vocab_size, width], randn(0.02)),
-            positional_embedding: param(&p, "positional_embedding", &[cfg.context_length, width], randn(0.01)),
+            token_embedding: param(
+                &(&p / "token_embedding"),
+                "weight",
+                &[cfg.vocab_size, width],
+                randn(0.02),
+            ),
+            positional_embedding: param(
+                &p,
+                "positional_embedding",
+                &[cfg.context_length, width],
+                randn(0.01),
+            ),
             transformer: Transformer::new(&p / "transformer", cfg.layers, spec),
             ln_final: LayerNorm::new(&p / "ln_final", width, cfg.norm_eps()),
             text_projection,

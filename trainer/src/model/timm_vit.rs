@@ -39,7 +39,16 @@ pub struct TimmArch {
 /// timm's `LayerNorm` default (every norm of these trunks, the MAP head's included).
 pub const NORM_EPS: f64 = 1e-6;
 
-const fn arch(name: &'static str, img_size: i64, patch: i64, width: i64, depth: i64, heads: i64, mlp_hidden: i64, act: Activation) -> TimmArch {
+const fn arch(
+    name: &'static str,
+    img_size: i64,
+    patch: i64,
+    width: i64,
+    depth: i64,
+    heads: i64,
+    mlp_hidden: i64,
+    act: Activation,
+) -> TimmArch {
     TimmArch { name, img_size, patch, width, depth, heads, mlp_hidden, act }
 }
 
@@ -93,7 +102,13 @@ pub fn architecture(name: &str) -> Result<TimmArch> {
 /// timm's initialisation of `nn.Linear` in a ViT (`init_weights_vit_timm`): weights
 /// trunc_normal(std 0.02) truncated at +-2 (i.e. +-100 std: a plain normal), biases zero.
 fn timm_linear(p: nn::Path, in_dim: i64, out_dim: i64) -> Linear {
-    Linear::with_bias_init(p, in_dim, out_dim, Init::Randn { mean: 0.0, stdev: 0.02 }, Init::Const(0.0))
+    Linear::with_bias_init(
+        p,
+        in_dim,
+        out_dim,
+        Init::Randn { mean: 0.0, stdev: 0.02 },
+        Init::Const(0.0),
+    )
 }
 
 /// timm's `Attention`: fused `qkv` (with a bias), scaled dot-product attention, `proj`.
@@ -110,8 +125,21 @@ impl SelfAttention {
         let size = x.size();
         let (b, n, c) = (size[0], size[1], size[2]);
         // (B, N, 3C) -> (3, B, H, N, C/H)
-        let qkv = self.qkv.forward(x).view([b, n, 3, self.heads, c / self.heads]).permute([2, 0, 3, 1, 4]);
-        let out = Tensor::scaled_dot_product_attention(&qkv.get(0), &qkv.get(1), &qkv.get(2), None::<Tensor>, 0.0, false, None, false);
+        let qkv = self
+            .qkv
+            .forward(x)
+            .view([b, n, 3, self.heads, c / self.heads])
+            .permute([2, 0, 3, 1, 4]);
+        let out = Tensor::scaled_dot_product_attention(
+            &qkv.get(0),
+            &qkv.get(1),
+            &qkv.get(2),
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
         self.proj.forward(&out.transpose(1, 2).reshape([b, n, c]))
     }
 }
@@ -126,7 +154,11 @@ pub struct Mlp {
 
 impl Mlp {
     fn new(p: nn::Path, width: i64, hidden: i64, act: Activation) -> Self {
-        Mlp { fc1: timm_linear(&p / "fc1", width, hidden), fc2: timm_linear(&p / "fc2", hidden, width), act }
+        Mlp {
+            fc1: timm_linear(&p / "fc1", width, hidden),
+            fc2: timm_linear(&p / "fc2", hidden, width),
+            act,
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -170,7 +202,12 @@ impl AttentionPoolLatent {
         AttentionPoolLatent {
             // timm: trunc_normal_tf_(std = latent_dim^-0.5), truncated at +-2 std; a plain
             // normal here (its spread is about 14% larger).
-            latent: param(&p, "latent", &[1, 1, w], Init::Randn { mean: 0.0, stdev: (w as f64).powf(-0.5) }),
+            latent: param(
+                &p,
+                "latent",
+                &[1, 1, w],
+                Init::Randn { mean: 0.0, stdev: (w as f64).powf(-0.5) },
+            ),
             q: timm_linear(&p / "q", w, w),
             kv: timm_linear(&p / "kv", w, 2 * w),
             proj: timm_linear(&p / "proj", w, w),
@@ -186,10 +223,23 @@ impl AttentionPoolLatent {
         let (b, n, c) = (size[0], size[1], size[2]);
         let dh = c / self.heads;
         // (B, 1, C) -> (B, H, 1, Dh)
-        let q = self.q.forward(&self.latent.expand([b, -1, -1], false)).view([b, 1, self.heads, dh]).transpose(1, 2);
+        let q = self
+            .q
+            .forward(&self.latent.expand([b, -1, -1], false))
+            .view([b, 1, self.heads, dh])
+            .transpose(1, 2);
         // (B, N, 2C) -> (2, B, H, N, Dh)
         let kv = self.kv.forward(x).view([b, n, 2, self.heads, dh]).permute([2, 0, 3, 1, 4]);
-        let out = Tensor::scaled_dot_product_attention(&q, &kv.get(0), &kv.get(1), None::<Tensor>, 0.0, false, None, false);
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &kv.get(0),
+            &kv.get(1),
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
         let x = self.proj.forward(&out.transpose(1, 2).reshape([b, 1, c]));
         // The residual is around the MLP only: the attention output replaces the latent.
         let x = &x + self.mlp.forward(&self.norm.forward(&x));
@@ -273,7 +323,10 @@ impl TimmVit {
             }
         };
         if cfg.image_size < a.patch {
-            return err(format!("vision_cfg.image_size {} is smaller than {name}'s patch ({})", cfg.image_size, a.patch));
+            return err(format!(
+                "vision_cfg.image_size {} is smaller than {name}'s patch ({})",
+                cfg.image_size, a.patch
+            ));
         }
         let t = &p / "trunk";
         let grid = cfg.image_size / a.patch;
@@ -302,7 +355,12 @@ impl TimmVit {
             patch_weight: param(&pe, "weight", &[w, 3, a.patch, a.patch], conv),
             patch_bias: param(&pe, "bias", &[w], conv),
             // timm: trunc_normal_(std=.02), truncated at +-2 (+-100 std).
-            pos_embed: param(&t, "pos_embed", &[1, grid * grid, w], Init::Randn { mean: 0.0, stdev: 0.02 }),
+            pos_embed: param(
+                &t,
+                "pos_embed",
+                &[1, grid * grid, w],
+                Init::Randn { mean: 0.0, stdev: 0.02 },
+            ),
             blocks,
             norm: LayerNorm::new(&t / "norm", w, NORM_EPS),
             attn_pool: AttentionPoolLatent::new(&t / "attn_pool", &a),
@@ -315,7 +373,8 @@ impl TimmVit {
     pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
         let p = self.arch.patch;
         // (B, W, g, g) -> (B, g*g, W)
-        let x = images.conv2d(&self.patch_weight, Some(&self.patch_bias), [p, p], [0, 0], [1, 1], 1);
+        let x =
+            images.conv2d(&self.patch_weight, Some(&self.patch_bias), [p, p], [0, 0], [1, 1], 1);
         let x = x.flatten(2, 3).transpose(1, 2);
         let mut x = &x + self.pos_embed.to_kind(x.kind());
         for block in &self.blocks {
@@ -324,7 +383,9 @@ impl TimmVit {
         let pooled = self.attn_pool.forward(&self.norm.forward(&x));
         match &self.head {
             TimmHead::None => pooled,
-            TimmHead::Linear { weight, bias, drop } => pooled.dropout(*drop, train).linear(weight, bias.as_ref()),
+            TimmHead::Linear { weight, bias, drop } => {
+                pooled.dropout(*drop, train).linear(weight, bias.as_ref())
+            }
         }
     }
 }
@@ -363,9 +424,15 @@ mod tests {
 
     #[test]
     fn unknown_names_and_unbuilt_options_are_clear_errors() {
-        let err = Clip::shapes(&siglip("vit_huge_patch14_clip_224", 224, 768)).unwrap_err().to_string();
-        assert!(err.contains("vit_huge_patch14_clip_224") && err.contains("vit_giantopt_patch16_siglip_384"), "{err}");
-        let err = Clip::shapes(&siglip("vit_base_patch16_siglip_224", 224, 512)).unwrap_err().to_string();
+        let err =
+            Clip::shapes(&siglip("vit_huge_patch14_clip_224", 224, 768)).unwrap_err().to_string();
+        assert!(
+            err.contains("vit_huge_patch14_clip_224")
+                && err.contains("vit_giantopt_patch16_siglip_384"),
+            "{err}"
+        );
+        let err =
+            Clip::shapes(&siglip("vit_base_patch16_siglip_224", 224, 512)).unwrap_err().to_string();
         assert!(err.contains("embed_dim (512)") && err.contains("768"), "{err}");
         let mut cfg = siglip("vit_base_patch16_siglip_224", 224, 768);
         cfg.vision_cfg.timm_pool = "avg".into();
@@ -376,7 +443,9 @@ mod tests {
     /// adds `visual.head.proj`.
     #[test]
     fn positions_follow_image_size_and_linear_head_adds_a_projection() {
-        let find = |shapes: &[(String, Vec<i64>)], n: &str| shapes.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone());
+        let find = |shapes: &[(String, Vec<i64>)], n: &str| {
+            shapes.iter().find(|(k, _)| k == n).map(|(_, s)| s.clone())
+        };
         let shapes = Clip::shapes(&siglip("vit_so400m_patch14_siglip_384", 384, 1152)).unwrap();
         assert_eq!(find(&shapes, "visual.trunk.pos_embed"), Some(vec![1, 729, 1152]));
         assert_eq!(find(&shapes, "visual.trunk.attn_pool.mlp.fc1.weight"), Some(vec![4304, 1152]));

@@ -21,8 +21,17 @@ impl Linear {
         Self::with_bias_init(p, in_dim, out_dim, weight_init, Self::default_init(in_dim))
     }
 
-    pub fn with_bias_init(p: nn::Path, in_dim: i64, out_dim: i64, weight_init: Init, bias_init: Init) -> Self {
-        Linear { weight: param(&p, "weight", &[out_dim, in_dim], weight_init), bias: param(&p, "bias", &[out_dim], bias_init) }
+    pub fn with_bias_init(
+        p: nn::Path,
+        in_dim: i64,
+        out_dim: i64,
+        weight_init: Init,
+        bias_init: Init,
+    ) -> Self {
+        Linear {
+            weight: param(&p, "weight", &[out_dim, in_dim], weight_init),
+            bias: param(&p, "bias", &[out_dim], bias_init),
+        }
     }
 
     /// PyTorch's default `nn.Linear` initialisation: kaiming_uniform(a = sqrt 5), i.e.
@@ -105,14 +114,16 @@ impl Attention {
                 let bound = (6.0 / (4 * width) as f64).sqrt();
                 (Init::Uniform { lo: -bound, up: bound }, Linear::default_init(width))
             }
-            BlockInit::Normal { attn_std, proj_std, .. } => {
-                (Init::Randn { mean: 0.0, stdev: attn_std }, Init::Randn { mean: 0.0, stdev: proj_std })
-            }
+            BlockInit::Normal { attn_std, proj_std, .. } => (
+                Init::Randn { mean: 0.0, stdev: attn_std },
+                Init::Randn { mean: 0.0, stdev: proj_std },
+            ),
         };
         let in_proj_weight = param(&p, "in_proj_weight", &[3 * width, width], in_init);
         let in_proj_bias = param(&p, "in_proj_bias", &[3 * width], Init::Const(0.0));
         // nn.MultiheadAttention zeroes out_proj.bias.
-        let out_proj = Linear::with_bias_init(&p / "out_proj", width, width, out_init, Init::Const(0.0));
+        let out_proj =
+            Linear::with_bias_init(&p / "out_proj", width, width, out_init, Init::Const(0.0));
         Attention { in_proj_weight, in_proj_bias, out_proj, heads }
     }
 
@@ -127,7 +138,16 @@ impl Attention {
             .view([b, l, 3, self.heads, head_dim])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, causal, None, false);
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            causal,
+            None,
+            false,
+        );
         // (B, H, L, Dh) -> (B, L, W)
         self.out_proj.forward(&out.transpose(1, 2).reshape([b, l, w]))
     }
@@ -181,10 +201,13 @@ impl ResidualBlock {
         // open_clip: `mlp_width = int(d_model * mlp_ratio)`.
         let hidden = (width as f64 * mlp_ratio) as i64;
         let (fc_init, proj_init) = match init {
-            BlockInit::PyTorchDefault => (Linear::default_init(width), Linear::default_init(hidden)),
-            BlockInit::Normal { proj_std, fc_std, .. } => {
-                (Init::Randn { mean: 0.0, stdev: fc_std }, Init::Randn { mean: 0.0, stdev: proj_std })
+            BlockInit::PyTorchDefault => {
+                (Linear::default_init(width), Linear::default_init(hidden))
             }
+            BlockInit::Normal { proj_std, fc_std, .. } => (
+                Init::Randn { mean: 0.0, stdev: fc_std },
+                Init::Randn { mean: 0.0, stdev: proj_std },
+            ),
         };
         ResidualBlock {
             ln_1: LayerNorm::new(&p / "ln_1", width, eps),

@@ -49,9 +49,19 @@ impl VisionTransformer {
             init: BlockInit::PyTorchDefault,
         };
         VisionTransformer {
-            conv1: param(&(&p / "conv1"), "weight", &[width, 3, patch, patch], Init::Uniform { lo: -conv_bound, up: conv_bound }),
+            conv1: param(
+                &(&p / "conv1"),
+                "weight",
+                &[width, 3, patch, patch],
+                Init::Uniform { lo: -conv_bound, up: conv_bound },
+            ),
             class_embedding: param(&p, "class_embedding", &[width], randn(scale)),
-            positional_embedding: param(&p, "positional_embedding", &[cfg.grid() * cfg.grid() + 1, width], randn(scale)),
+            positional_embedding: param(
+                &p,
+                "positional_embedding",
+                &[cfg.grid() * cfg.grid() + 1, width],
+                randn(scale),
+            ),
             ln_pre: (!cfg.no_ln_pre).then(|| LayerNorm::new(&p / "ln_pre", width, eps)),
             transformer: Transformer::new(&p / "transformer", cfg.vit_layers(), spec),
             ln_post: LayerNorm::new(&p / "ln_post", width, eps),

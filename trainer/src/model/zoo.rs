@@ -203,10 +203,17 @@ mod tests {
 
     #[test]
     fn the_list_is_the_directory() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/models/open_clip");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/models/open_clip");
         let mut files: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
-            .filter_map(|e| e.unwrap().file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_owned))
+            .filter_map(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_owned)
+            })
             .collect();
         files.sort();
         let listed: Vec<&str> = open_clip_names().collect();
