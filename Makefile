@@ -17,7 +17,7 @@ export OXCLIP_VOCAB
 CARGO ?= cargo
 BIN := target/release/oxclip
 
-.PHONY: setup build quickstart test bench bench-against clean-quickstart fixtures
+.PHONY: setup build quickstart test lint bench bench-against clean-quickstart fixtures
 
 setup:
 	@LIBTORCH="$(USER_LIBTORCH)" bash scripts/setup.sh
@@ -38,9 +38,15 @@ _quickstart:
 test: setup
 	@$(MAKE) --no-print-directory _test
 
-# Tests run in the release profile, sharing the build that `make build` makes.
-_test:
+# One formatting and no clippy warnings (lints the team allows are named, with their reasons,
+# in Cargo.toml's [workspace.lints]), then the suite. Tests and clippy run in the release
+# profile, sharing the build that `make build` makes.
+_test: lint
 	$(CARGO) test --release --locked --workspace
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
 
 bench: build
 	@$(MAKE) --no-print-directory _bench

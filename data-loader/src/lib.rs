@@ -22,7 +22,7 @@
 //! 5. [`loader`]: the [`Loader`], the one API the trainer sees.
 //!
 //! Beside them, [`tools`]: `oxclip data pack`, `data stats` and `data synth`, which use the
-//! floors and are used by none; and [`config`], the `data:` section of a run config.
+//! floors and are used by none.
 //!
 //! Bad samples never stop a run: they become a [`SkipReason`], are counted in
 //! [`SkipCounts`], and are replaced (train) or dropped (eval). A [`DataError`] is for what the
@@ -47,8 +47,6 @@ mod pipeline;
 pub mod loader;
 
 pub mod tools;
-
-pub mod config;
 
 // The paths callers used before the floors had folders.
 pub use formats::webdataset;

@@ -2,7 +2,6 @@
 //! about flags, terminals, progress bars and exit codes.
 
 mod commands;
-mod config;
 mod dist;
 
 use std::io::IsTerminal;
@@ -157,9 +156,9 @@ fn main() -> ExitCode {
         Command::Search(args) => commands::search::search(args),
         Command::Model { command } => commands::model::run(command),
         Command::Config { command: ConfigCommand::Show(args) } => {
-            config::load(&args.config, &args.overrides)
-                .map(|c| print!("{}", c.to_yaml()))
-                .map_err(Into::into)
+            commands::train::config_overrides(&args.overrides)
+                .and_then(|o| Ok(oxclip_trainer::config::show(&args.config, &o)?))
+                .map(|yaml| print!("{yaml}"))
         }
         Command::Data { command: DataCommand::Synth(args) } => commands::data::synth(args),
         Command::Data { command: DataCommand::Pack(args) } => commands::data::pack(args),

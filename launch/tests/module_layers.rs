@@ -5,6 +5,12 @@
 //! `super::X` and `use crate::{X, ...}`, in `use` lines and inline paths alike.
 //!
 //! A failure names the loop and, for each step of it, one file and line that makes it.
+//!
+//! Each crate's top-level modules also stand on floors, as its `lib.rs` (or `main.rs`) lists
+//! them and docs/architecture.md draws them: a module uses only modules on floors below its
+//! own, never one on its own floor or above. [`FLOORS`] is that list, checked against the
+//! code here: a module missing from it, or an import up or sideways, fails naming the file
+//! and line.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -401,6 +407,114 @@ fn assert_no_loops(crate_dir: &str) {
         "{crate_dir}/src has import loops between sibling modules (make one side stop using \
          the other, or move what both need below them):\n  {}",
         found.join("\n  ")
+    );
+}
+
+/// Each crate's top-level modules, floor by floor, bottom up (as its `lib.rs`/`main.rs` and
+/// docs/architecture.md list them). A module uses only modules on lower floors.
+const FLOORS: &[(&str, &[&[&str]])] = &[
+    (
+        "data-loader",
+        &[
+            &["skip", "error", "seed", "parallel"],
+            &["formats", "tokenizer", "augment"],
+            &["transform"],
+            &["sources"],
+            &["plan"],
+            &["pipeline"],
+            &["loader"],
+            &["tools"],
+        ],
+    ),
+    (
+        "trainer",
+        &[
+            &["error", "bytes", "device", "schedule", "metrics", "optim"],
+            &["model", "collectives"],
+            &["interchange", "prepare", "loss", "preempt"],
+            &["config", "grad_sync", "checkpoint"],
+            &["step", "eval", "infer"],
+            &["train", "bench"],
+        ],
+    ),
+    ("launch", &[&["dist", "progress"], &["commands"]]),
+];
+
+/// Every top-level import of `files` that does not point to a lower floor, one line each:
+/// `transform -> augment (transform.rs:12): floor 2 uses floor 2`; and every top-level module
+/// `floors` does not place.
+fn floor_violations(files: &[SourceFile], floors: &[&[&str]]) -> Vec<String> {
+    let floor_of = |m: &str| floors.iter().position(|f| f.contains(&m));
+    let modules: BTreeSet<Vec<String>> =
+        files.iter().flat_map(|f| (1..=f.module.len()).map(|n| f.module[..n].to_vec())).collect();
+    let mut found = BTreeSet::new();
+    for top in modules.iter().filter(|m| m.len() == 1) {
+        if floor_of(&top[0]).is_none() {
+            found.insert(format!("`{}` is on no floor: add it to FLOORS and the docs", top[0]));
+        }
+    }
+    for file in files {
+        for (edge, line) in file_edges(file, &modules) {
+            if !edge.parent.is_empty() {
+                continue;
+            }
+            let (Some(from), Some(to)) = (floor_of(&edge.from), floor_of(&edge.to)) else {
+                continue;
+            };
+            if to >= from {
+                found.insert(format!(
+                    "{} -> {} ({}:{line}): floor {from} uses floor {to}",
+                    edge.from, edge.to, file.name
+                ));
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+fn assert_floors(crate_dir: &str) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(crate_dir).join("src");
+    let floors = FLOORS.iter().find(|(c, _)| *c == crate_dir).map(|(_, f)| *f).unwrap();
+    let found = floor_violations(&crate_files(&src), floors);
+    assert!(
+        found.is_empty(),
+        "{crate_dir}/src: imports that do not go down a floor (move the shared part below \
+         both, or change the floors in FLOORS, lib.rs and docs/architecture.md):\n  {}",
+        found.join("\n  ")
+    );
+}
+
+#[test]
+fn data_loader_modules_use_only_lower_floors() {
+    assert_floors("data-loader");
+}
+
+#[test]
+fn trainer_modules_use_only_lower_floors() {
+    assert_floors("trainer");
+}
+
+#[test]
+fn launch_modules_use_only_lower_floors() {
+    assert_floors("launch");
+}
+
+#[test]
+fn a_same_floor_import_and_an_unplaced_module_are_named() {
+    let files = [
+        file("", "pub mod a;\npub mod b;\npub mod c;\npub mod d;\n"),
+        file("a", "pub struct A;\n"),
+        file("b", "use crate::a::A;\n"),
+        file("c", "\nuse crate::b::B;\n"),
+        file("d", "pub struct D;\n"),
+    ];
+    let floors: &[&[&str]] = &[&["a"], &["b", "c"]];
+    assert_eq!(
+        floor_violations(&files, floors),
+        [
+            "`d` is on no floor: add it to FLOORS and the docs",
+            "c -> b (c.rs:2): floor 1 uses floor 1"
+        ]
     );
 }
 

@@ -10,7 +10,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::collectives::SingleProcess;
 use crate::error::Result;
 use crate::model::{Clip, ModelConfig};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamW;
 use crate::step::{self, StepConfig};
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,10 +55,9 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(b.device);
     let model = Clip::new(&vs.root(), b.model)?;
-    let mut optimizer = AdamW::new(
-        vs.variables().into_iter().collect(),
-        AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 },
-    );
+    // open_clip's defaults, as a run config without `optim:` has them.
+    let optim = crate::config::OptimConfig::default();
+    let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), optim.adamw());
     let n = b.batch_size as i64;
     let size = b.model.vision_cfg.image_size;
     let ctx = b.model.text_cfg.context_length;
@@ -68,7 +67,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let tokens = Tensor::randint(vocab - 1, [n, ctx], (Kind::Int64, b.device));
     let eot_at = Tensor::randint(ctx, [n, 1], (Kind::Int64, b.device));
     let tokens = tokens.scatter_value(1, &eot_at, vocab - 1);
-    let loss = crate::loss::LossConfig::default().spec(b.autocast_bf16);
+    let loss = crate::loss::LossSpec::new(&crate::config::LossConfig::default(), b.autocast_bf16);
     let cfg = StepConfig {
         autocast_bf16: b.autocast_bf16,
         grad_clip_norm: None,
@@ -78,7 +77,8 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     if b.autocast_bf16 {
         crate::device::use_bf16_autocast();
     }
-    let grad_sync = crate::grad_sync::GradSync::for_var_store(&vs, Default::default())?;
+    let grad_sync =
+        crate::grad_sync::GradSync::for_var_store(&vs, &crate::config::DistConfig::default())?;
 
     let mut run = |steps: u64| -> Result<f64> {
         let started = Instant::now();
@@ -91,7 +91,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
                 &grad_sync,
                 &images,
                 &tokens,
-                5e-4,
+                optim.lr,
                 cfg,
             )?);
         }

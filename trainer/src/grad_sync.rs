@@ -42,7 +42,7 @@ use std::time::Instant;
 use tch::{Kind, Tensor};
 
 use crate::collectives::{Collectives, Mark};
-pub use crate::collectives::{ReduceConfig, ReduceDtype};
+use crate::config::{DistConfig, ReduceDtype};
 use crate::error::{Result, TrainError};
 
 /// What one reduction did, for the log and the tests.
@@ -62,17 +62,21 @@ pub struct GradSync {
     params: Vec<Tensor>,
     /// Each bucket's range of `params`.
     buckets: Vec<Range<usize>>,
-    cfg: ReduceConfig,
+    /// `dist.overlap`: reduce buckets during the backward pass.
+    overlap: bool,
+    /// `dist.grad_reduce_dtype`.
+    dtype: ReduceDtype,
 }
 
 impl GradSync {
     /// `params`: the trainable tensors in the order the model registered them (as
     /// `VarStore::trainable_variables` lists them); those that need no gradient are left out,
     /// as the optimizer leaves them out.
-    pub fn new(params: Vec<Tensor>, cfg: ReduceConfig) -> Result<Self> {
-        cfg.validate()?;
+    /// Buckets hold `dist.bucket_mb` of fp32 gradients.
+    pub fn new(params: Vec<Tensor>, dist: &DistConfig) -> Result<Self> {
+        dist.validate()?;
         let params: Vec<Tensor> = params.into_iter().rev().filter(Tensor::requires_grad).collect();
-        let cap = (cfg.bucket_mb * 1e6 / 4.0).max(1.0) as i64;
+        let cap = (dist.bucket_mb * 1e6 / 4.0).max(1.0) as i64;
         let mut buckets = Vec::new();
         let mut start = 0;
         while start < params.len() {
@@ -86,12 +90,12 @@ impl GradSync {
             buckets.push(start..end);
             start = end;
         }
-        Ok(Self { params, buckets, cfg })
+        Ok(Self { params, buckets, overlap: dist.overlap, dtype: dist.grad_reduce_dtype })
     }
 
     /// The layout over `vs`'s trainable variables, in their registration order.
-    pub fn for_var_store(vs: &tch::nn::VarStore, cfg: ReduceConfig) -> Result<Self> {
-        Self::new(vs.trainable_variables(), cfg)
+    pub fn for_var_store(vs: &tch::nn::VarStore, dist: &DistConfig) -> Result<Self> {
+        Self::new(vs.trainable_variables(), dist)
     }
 
     pub fn bucket_count(&self) -> usize {
@@ -106,7 +110,7 @@ impl GradSync {
             backward();
             return Ok(Reduced::default());
         }
-        match comm.as_sync().filter(|_| self.cfg.overlap) {
+        match comm.as_sync().filter(|_| self.overlap) {
             Some(comm) => self.reduce_overlapped(comm, backward),
             None => {
                 backward();
@@ -224,7 +228,7 @@ impl GradSync {
             return Ok(None);
         }
         let flat = Tensor::f_cat(&parts, 0)?;
-        Ok(Some(match self.cfg.dtype {
+        Ok(Some(match self.dtype {
             ReduceDtype::Fp32 => flat,
             ReduceDtype::Bf16 => flat.f_to_kind(Kind::BFloat16)?,
         }))
@@ -382,15 +386,15 @@ mod tests {
             |n: i64| Tensor::zeros([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let frozen = Tensor::zeros([5], (Kind::Float, tch::Device::Cpu));
         // 0.0001 MB = 25 floats.
-        let cfg = ReduceConfig { bucket_mb: 1e-4, ..ReduceConfig::default() };
-        let sync = GradSync::new(vec![p(10), p(10), frozen, p(40), p(5), p(20)], cfg).unwrap();
+        let cfg = DistConfig { bucket_mb: 1e-4, ..DistConfig::default() };
+        let sync = GradSync::new(vec![p(10), p(10), frozen, p(40), p(5), p(20)], &cfg).unwrap();
         let sizes: Vec<Vec<i64>> = sync
             .buckets
             .iter()
             .map(|r| sync.params[r.clone()].iter().map(|t| t.numel() as i64).collect())
             .collect();
         assert_eq!(sizes, vec![vec![20, 5], vec![40], vec![10, 10]]);
-        let err = GradSync::new(Vec::new(), ReduceConfig { bucket_mb: 0.0, ..cfg })
+        let err = GradSync::new(Vec::new(), &DistConfig { bucket_mb: 0.0, ..cfg })
             .err()
             .unwrap()
             .to_string();
@@ -403,7 +407,7 @@ mod tests {
         let params = vec![p(3), p(3), p(3)];
         let sync = GradSync::new(
             params.iter().map(Tensor::shallow_clone).collect(),
-            ReduceConfig { bucket_mb: 1e-6, ..ReduceConfig::default() },
+            &DistConfig { bucket_mb: 1e-6, ..DistConfig::default() },
         )
         .unwrap();
         assert_eq!(sync.bucket_count(), 3);
@@ -511,7 +515,12 @@ mod tests {
         for dtype in [ReduceDtype::Fp32, ReduceDtype::Bf16] {
             let sync = GradSync::new(
                 params.iter().map(Tensor::shallow_clone).collect(),
-                ReduceConfig { overlap: true, bucket_mb: 1e-6, dtype },
+                &DistConfig {
+                    overlap: true,
+                    bucket_mb: 1e-6,
+                    grad_reduce_dtype: dtype,
+                    ..DistConfig::default()
+                },
             )
             .unwrap();
             let comm = Deferred::default();
@@ -618,7 +627,7 @@ mod tests {
             let weights = chain_weights();
             let sync = GradSync::new(
                 weights.iter().map(Tensor::shallow_clone).collect(),
-                ReduceConfig { overlap, bucket_mb: 0.25, dtype: ReduceDtype::Fp32 },
+                &DistConfig { overlap, bucket_mb: 0.25, ..DistConfig::default() },
             )
             .unwrap();
             assert_eq!(sync.bucket_count(), LAYERS);

@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use oxclip_data_loader::config::DataConfig;
 use oxclip_data_loader::tokenizer::{Clean, HfOptions};
 use oxclip_data_loader::{Preprocess, Tokenizer};
 
@@ -29,41 +28,6 @@ pub fn default_preprocess(model: &ModelConfig) -> Preprocess {
     } else {
         Preprocess::openai(size)
     }
-}
-
-/// The model's image preprocessing ([`default_preprocess`]) with the `data:` section's
-/// `image_mean`, `image_std`, `resize_mode` and `interpolation` over it.
-pub fn data_preprocess(data: &DataConfig, model: &ModelConfig) -> Result<Preprocess> {
-    let mut p = default_preprocess(model);
-    if let Some(mean) = data.image_mean {
-        p.mean = mean;
-    }
-    if let Some(std) = data.image_std {
-        if std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
-            return Err(TrainError::Config(format!(
-                "data.image_std: every value must be positive, got {std:?}"
-            )));
-        }
-        p.std = std;
-    }
-    if let Some(mode) = data.resize_mode {
-        p.resize_mode = mode;
-    }
-    if let Some(interpolation) = data.interpolation {
-        p.interpolation = interpolation;
-    }
-    data.augment.validate().map_err(TrainError::Config)?;
-    p.augment = data.augment;
-    Ok(p)
-}
-
-/// `data.tokenizer` (or the CLIP BPE) for `model`, checked against its text tower
-/// ([`text_tokenizer`]).
-pub fn data_tokenizer(data: &DataConfig, model: &ModelConfig) -> Result<Tokenizer> {
-    text_tokenizer(data.tokenizer.as_deref().map(Path::new), model).map_err(|e| match e {
-        TrainError::Input(message) => TrainError::Config(format!("data.tokenizer: {message}")),
-        other => other,
-    })
 }
 
 /// The text tokenizer for `model`, checked against it ([`check_tokenizer`]). `path` (from
@@ -248,75 +212,5 @@ mod tests {
             )),
             Preprocess::openai(64)
         );
-    }
-
-    #[test]
-    fn data_keys_override_the_model_preprocessing() {
-        use oxclip_data_loader::{Interpolation, ResizeMode};
-        let siglip = model(serde_json::json!({"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map", "timm_proj": "none"},
-            "text_cfg": {"vocab_size": 400, "pool_type": "last"}}));
-        let data: DataConfig = serde_yaml::from_str("train: synthetic:8\nresize_mode: longest\ninterpolation: bilinear\nimage_mean: [0.1, 0.2, 0.3]\n").unwrap();
-        let p = data_preprocess(&data, &siglip).unwrap();
-        assert_eq!((p.size, p.mean, p.std), (32, [0.1, 0.2, 0.3], [0.5; 3]));
-        assert_eq!(
-            (p.resize_mode, p.interpolation),
-            (ResizeMode::Longest, Interpolation::Bilinear)
-        );
-        let plain: DataConfig = serde_yaml::from_str("train: synthetic:8\n").unwrap();
-        assert_eq!(data_preprocess(&plain, &siglip).unwrap(), Preprocess::siglip(32));
-        let bad: DataConfig =
-            serde_yaml::from_str("train: synthetic:8\nimage_std: [0.5, 0, 0.5]\n").unwrap();
-        assert!(data_preprocess(&bad, &siglip).unwrap_err().to_string().contains("data.image_std"));
-        assert!(serde_yaml::from_str::<DataConfig>("train: x\nresize_mode: crop\n").is_err());
-    }
-
-    #[test]
-    fn data_augment_reaches_the_preprocessing_and_is_validated() {
-        use oxclip_data_loader::augment::{Augment, ColorJitter};
-        let clip = model(serde_json::json!({"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map", "timm_proj": "none"},
-            "text_cfg": {"vocab_size": 400, "pool_type": "last"}}));
-        let data: crate::config::DataConfig = serde_yaml::from_str(
-            "train: synthetic:8\naugment:\n  scale: [0.4, 1.0]\n  color_jitter: [0.4, 0.4, 0.4, 0.1]\n  color_jitter_prob: 0.8\n  gray_scale_prob: 0.2\n",
-        )
-        .unwrap();
-        let p = data_preprocess(&data, &clip).unwrap();
-        let jitter = ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1 };
-        assert_eq!(
-            p.augment,
-            Augment {
-                scale: [0.4, 1.0],
-                color_jitter: Some(jitter),
-                color_jitter_prob: Some(0.8),
-                gray_scale_prob: 0.2,
-                ..Augment::default()
-            }
-        );
-        // Written back (config.yaml, `config show`) only when set.
-        assert!(serde_yaml::to_string(&data).unwrap().contains("gray_scale_prob: 0.2"));
-        let plain: crate::config::DataConfig =
-            serde_yaml::from_str("train: synthetic:8\n").unwrap();
-        assert!(!serde_yaml::to_string(&plain).unwrap().contains("augment"));
-        // Refused as the config is read (so by `config show` as by `train`), naming the key.
-        for (yaml, key) in [
-            ("scale: [0, 1]", "data.augment.scale"),
-            ("ratio: [2, 1]", "data.augment.ratio"),
-            ("gray_scale_prob: 2", "data.augment.gray_scale_prob"),
-            ("color_jitter: 0.4", "data.augment.color_jitter_prob"),
-        ] {
-            let err = serde_yaml::from_str::<crate::config::DataConfig>(&format!(
-                "train: synthetic:8\naugment:\n  {yaml}\n"
-            ))
-            .unwrap_err()
-            .to_string();
-            assert!(err.contains(key), "{yaml}: {err}");
-        }
-        let typo = serde_yaml::from_str::<crate::config::DataConfig>(
-            "train: x\naugment:\n  grey_scale_prob: 0.2\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(typo.contains("grey_scale_prob"), "{typo}");
     }
 }

@@ -265,8 +265,9 @@ mod tests {
     use super::*;
     use crate::collectives::tcp::TcpGroup;
     use crate::collectives::{SingleProcess, WorldEnv};
-    use crate::grad_sync::{GradSync, ReduceConfig, ReduceDtype};
-    use crate::loss::{LossConfig, LossKind, Tiling};
+    use crate::config::{DistConfig, LossConfig, LossKind, ReduceDtype, Tiling};
+    use crate::grad_sync::GradSync;
+    use crate::loss::LossSpec;
     use crate::model::ModelConfig;
     use crate::optim::AdamWConfig;
 
@@ -278,7 +279,7 @@ mod tests {
     }
 
     fn step_config(kind: LossKind, micro_batch: Option<usize>) -> StepConfig {
-        let loss = LossConfig { kind, tiling: Tiling::Tile(3) }.spec(false);
+        let loss = LossSpec::new(&LossConfig { kind, tiling: Tiling::Tile(3) }, false);
         StepConfig { autocast_bf16: false, grad_clip_norm: None, loss, micro_batch }
     }
 
@@ -293,7 +294,7 @@ mod tests {
         tokens: &Tensor,
     ) -> (f64, BTreeMap<String, Tensor>) {
         let (loss, grads, _) =
-            gradients_with(comm, kind, micro, ReduceConfig::default(), weights, images, tokens);
+            gradients_with(comm, kind, micro, DistConfig::default(), weights, images, tokens);
         (loss, grads)
     }
 
@@ -302,7 +303,7 @@ mod tests {
         comm: &dyn Collectives,
         kind: LossKind,
         micro: Option<usize>,
-        reduce: ReduceConfig,
+        reduce: DistConfig,
         weights: &BTreeMap<String, Tensor>,
         images: &Tensor,
         tokens: &Tensor,
@@ -318,7 +319,7 @@ mod tests {
         let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
         let cfg = step_config(kind, micro);
-        let sync = GradSync::for_var_store(&vs, reduce).unwrap();
+        let sync = GradSync::for_var_store(&vs, &reduce).unwrap();
         let out =
             train_step(&model, &mut optimizer, comm, &sync, images, tokens, 0.0, cfg).unwrap();
         let grads =
@@ -406,7 +407,7 @@ mod tests {
     fn on_four_ranks(
         kind: LossKind,
         micro: Option<usize>,
-        reduce: ReduceConfig,
+        reduce: DistConfig,
         weights: &BTreeMap<String, Tensor>,
         images: &Tensor,
         tokens: &Tensor,
@@ -467,13 +468,13 @@ mod tests {
         let (loss, whole) = gradients(&SingleProcess, kind, None, &weights, &images, &tokens);
         let scale = whole.values().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
         // 0.2 MB: the token embedding (12.6 MB) alone, the rest in several buckets.
-        let on = ReduceConfig { overlap: true, bucket_mb: 0.2, dtype: ReduceDtype::Fp32 };
+        let on = DistConfig { overlap: true, bucket_mb: 0.2, ..DistConfig::default() };
         for micro in [None, Some(3)] {
             let overlapped = on_four_ranks(kind, micro, on, &weights, &images, &tokens);
             let after = on_four_ranks(
                 kind,
                 micro,
-                ReduceConfig { overlap: false, ..on },
+                DistConfig { overlap: false, ..on },
                 &weights,
                 &images,
                 &tokens,
@@ -522,12 +523,12 @@ mod tests {
     fn bf16_reduction_rounds_the_sum_to_bf16() {
         let kind = LossKind::Siglip;
         let (weights, images, tokens) = tiny_inputs(kind, 17, 32);
-        let fp32 = ReduceConfig { overlap: true, bucket_mb: 1.0, dtype: ReduceDtype::Fp32 };
+        let fp32 = DistConfig { overlap: true, bucket_mb: 1.0, ..DistConfig::default() };
         let exact = on_four_ranks(kind, None, fp32, &weights, &images, &tokens);
         let bf16 = on_four_ranks(
             kind,
             None,
-            ReduceConfig { dtype: ReduceDtype::Bf16, ..fp32 },
+            DistConfig { grad_reduce_dtype: ReduceDtype::Bf16, ..fp32 },
             &weights,
             &images,
             &tokens,
@@ -580,7 +581,7 @@ mod tests {
         });
         let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
-        let sync = GradSync::for_var_store(&vs, ReduceConfig::default()).unwrap();
+        let sync = GradSync::for_var_store(&vs, &DistConfig::default()).unwrap();
         let n = images.size()[0] / steps as i64;
         for s in 0..steps as i64 {
             let (images, tokens) = (images.narrow(0, s * n, n), tokens.narrow(0, s * n, n));

@@ -11,17 +11,18 @@ use oxclip_data_loader::{
 use tch::{nn, Device, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::collectives::{self, Collectives, DistSettings};
-use crate::config::{DataConfig, LossConfig, OptimConfig, Precision, TrainConfig};
+use crate::collectives::{self, Collectives, WorldEnv};
+use crate::config::{DataConfig, Precision, RunConfig};
 // Where `oxclip eval` has always found it.
 use crate::device;
 use crate::error::{io_err, Result, TrainError};
 pub use crate::eval::read_templates;
 use crate::eval::{self, ZeroShotResult};
 use crate::grad_sync::GradSync;
+use crate::loss::LossSpec;
 use crate::metrics::MetricsWriter;
-use crate::model::{Clip, ModelConfig};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::model::Clip;
+use crate::optim::AdamW;
 use crate::schedule::Schedule;
 use crate::step::{self, StepConfig};
 use crate::weights_path::{self, Found};
@@ -35,27 +36,6 @@ pub enum Resume {
     Auto,
     /// A given checkpoint directory.
     From(PathBuf),
-}
-
-/// A fully resolved training run.
-#[derive(Debug, Clone)]
-pub struct TrainJob {
-    pub run_dir: PathBuf,
-    pub model: ModelConfig,
-    pub data: DataConfig,
-    pub train: TrainConfig,
-    pub optim: OptimConfig,
-    pub loss: LossConfig,
-    /// The resolved config as YAML: written to `<run_dir>/config.yaml` and into checkpoints.
-    pub resolved_config: String,
-    pub resume: Resume,
-    /// Initial weights for a fresh run (fine-tuning): anything [`weights_path::locate`]
-    /// accepts (a run, a checkpoint, an export, a safetensors file in either layout).
-    pub init_checkpoint: Option<PathBuf>,
-    /// This process's rank and how to reach the others; a single process by default.
-    pub dist: DistSettings,
-    /// Benchmark sets evaluated with `data.val` (`eval.datasets`).
-    pub eval: crate::config::EvalConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -97,7 +77,7 @@ struct ValSet {
 
 /// Everything a run holds while it trains: built by [`prepare`], advanced by [`fit`]'s loop.
 struct Run<'a> {
-    job: &'a TrainJob,
+    cfg: &'a RunConfig,
     device: Device,
     comm: Box<dyn Collectives>,
     vs: nn::VarStore,
@@ -131,16 +111,17 @@ struct Outcome {
     preempted: Option<String>,
 }
 
-/// Trains `job` to `train.steps`: nanoGPT's loop, each part a function.
-pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
+/// Trains the run `cfg` describes to `train.steps`, from where `resume` says, as one rank of
+/// `world` (`None`: a single process): nanoGPT's loop, each part a function.
+pub fn fit(cfg: &RunConfig, resume: &Resume, world: Option<&WorldEnv>) -> Result<TrainSummary> {
     // Before anything slow (the rendezvous, loading): a signal from now on stops the run at a
     // step boundary instead of killing it.
-    crate::preempt::install(&job.train.preempt_signals)?;
-    let mut run = match prepare(job)? {
+    crate::preempt::install(&cfg.train.preempt_signals)?;
+    let mut run = match prepare(cfg, resume, world)? {
         Start::Train(run) => run,
         Start::Finished(summary) => return Ok(summary),
     };
-    let steps = job.train.steps;
+    let steps = cfg.train.steps;
     let mut outcome = Outcome::default();
     run.model.set_training(true);
     while run.state.step < steps {
@@ -163,14 +144,14 @@ pub fn fit(job: &TrainJob) -> Result<TrainSummary> {
         run.interval.add(data_secs, started.elapsed().as_secs_f64(), out.comm_secs, skipped);
 
         let (step, last) = (run.state.step, run.state.step == steps);
-        if last || every(step, job.train.log_every) {
+        if last || every(step, cfg.train.log_every) {
             outcome.final_loss = Some(log_step(&mut run, &out, lr)?);
         }
-        let saved = last || every(step, job.train.checkpoint_every);
+        let saved = last || every(step, cfg.train.checkpoint_every);
         if saved {
             outcome.last_checkpoint = save_checkpoint(&mut run)?.or(outcome.last_checkpoint);
         }
-        if run.val_task.is_some() && (last || every(step, job.train.eval_every)) {
+        if run.val_task.is_some() && (last || every(step, cfg.train.eval_every)) {
             outcome.zero_shot = evaluate(&mut run)?.or(outcome.zero_shot);
         }
         if !last && stop_for_preemption(&mut run, saved, &mut outcome)? {
@@ -191,7 +172,7 @@ fn stop_for_preemption(run: &mut Run, saved: bool, outcome: &mut Outcome) -> Res
     tracing::warn!(
         "preempted after step {} of {} ({who}): checkpointing, then stopping",
         run.state.step,
-        run.job.train.steps
+        run.cfg.train.steps
     );
     if !saved {
         outcome.last_checkpoint = save_checkpoint(run)?.or(outcome.last_checkpoint.take());
@@ -212,24 +193,26 @@ enum Start<'a> {
     Finished(TrainSummary),
 }
 
-/// Checks the job, joins the other ranks, builds the model, opens the data and restores a
+/// Checks the config, joins the other ranks, builds the model, opens the data and restores a
 /// checkpoint, then writes the run directory.
-fn prepare(job: &TrainJob) -> Result<Start<'_>> {
-    crate::config::validate(&job.model, &job.data, &job.train, &job.optim, &job.loss)?;
+fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) -> Result<Start<'a>> {
+    cfg.validate()?;
+    // What config.yaml and every checkpoint hold, and what the ranks must agree on.
+    let resolved = cfg.to_yaml();
     // An evaluation set that cannot be scored fails the run now, not at its first eval.
-    let val_task = val_task(&job.data, &job.eval, job.train.seed)?;
-    if let Some(threads) = job.train.threads {
+    let val_task = val_task(&cfg.data, &cfg.eval, cfg.train.seed)?;
+    if let Some(threads) = cfg.train.threads {
         tch::set_num_threads(threads as i32);
     }
-    let device = training_device(job)?;
-    let comm = collectives::connect(&job.dist, device)?;
-    check_same_config(comm.as_ref(), &job.resolved_config)?;
+    let device = training_device(cfg, world)?;
+    let comm = collectives::connect(world, &cfg.dist, device)?;
+    check_same_config(comm.as_ref(), &resolved)?;
 
-    let resume_from = resume_dir(job)?;
+    let resume_from = resume_dir(cfg, resume)?;
     let resumed_at =
         resume_from.as_deref().map(checkpoint::read_state).transpose()?.map(|s| s.step);
-    if let Some(at) = resumed_at.filter(|&at| at >= job.train.steps) {
-        let total_steps = job.train.steps;
+    if let Some(at) = resumed_at.filter(|&at| at >= cfg.train.steps) {
+        let total_steps = cfg.train.steps;
         let summary = TrainSummary {
             steps: at,
             total_steps,
@@ -242,29 +225,29 @@ fn prepare(job: &TrainJob) -> Result<Start<'_>> {
         };
         return Ok(Start::Finished(summary));
     }
-    let init = init_weights(job, resume_from.is_some())?;
-    let (vs, model, mut optimizer) = build_model(job, device, init.as_ref())?;
-    let grad_sync = GradSync::for_var_store(&vs, job.dist.reduce)?;
-    let tokenizer = crate::prepare::data_tokenizer(&job.data, &job.model)?;
-    let preprocess = crate::prepare::data_preprocess(&job.data, &job.model)?;
-    let mut loader = open_loader(job, comm.as_ref(), &tokenizer, &preprocess)?;
+    let init = init_weights(cfg, resume_from.is_some())?;
+    let (vs, model, mut optimizer) = build_model(cfg, device, init.as_ref())?;
+    let grad_sync = GradSync::for_var_store(&vs, &cfg.dist)?;
+    let tokenizer = cfg.data.tokenizer(&cfg.model)?;
+    let preprocess = cfg.data.preprocess(&cfg.model)?;
+    let mut loader = open_loader(cfg, comm.as_ref(), &tokenizer, &preprocess)?;
     let load_skips: u64 = loader.load_skips().values().sum();
     let state = match &resume_from {
-        Some(dir) => restore(job, dir, comm.as_ref(), &vs, &mut optimizer, &mut loader)?,
+        Some(dir) => restore(&resolved, dir, comm.as_ref(), &vs, &mut optimizer, &mut loader)?,
         None => TrainerState {
             step: 0,
             samples_seen: 0,
-            seed: job.train.seed,
+            seed: cfg.train.seed,
             loader: loader.state(),
             rank_loaders: Vec::new(),
-            config: job.resolved_config.clone(),
+            config: resolved.clone(),
         },
     };
-    let (metrics, key_log) = start_run_dir(job, comm.as_ref())?;
+    let (metrics, key_log) = start_run_dir(cfg, &resolved, comm.as_ref())?;
     // Identical weights everywhere, whatever each rank initialised or loaded.
     broadcast_weights(comm.as_ref(), &vs)?;
     Ok(Start::Train(Box::new(Run {
-        job,
+        cfg,
         device,
         comm,
         vs,
@@ -276,8 +259,8 @@ fn prepare(job: &TrainJob) -> Result<Start<'_>> {
         val_task,
         state,
         resumed_at,
-        schedule: schedule(job),
-        step_cfg: step_config(job, device),
+        schedule: schedule(cfg),
+        step_cfg: step_config(cfg, device),
         grad_sync,
         metrics,
         key_log,
@@ -288,21 +271,23 @@ fn prepare(job: &TrainJob) -> Result<Start<'_>> {
 
 /// `train.device`, resolved for this rank (see [`device::for_rank`]): the one place a training
 /// run picks its GPU, before the collectives bind to it.
-fn training_device(job: &TrainJob) -> Result<Device> {
+fn training_device(cfg: &RunConfig, world: Option<&WorldEnv>) -> Result<Device> {
     let cuda_count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    let placement = job.dist.world.as_ref().map(|w| device::Placement {
+    let placement = world.map(|w| device::Placement {
         rank: w.rank,
         local_rank: w.local_rank,
         local_world_size: w.local_world_size,
     });
-    device::for_rank(&job.train.device, placement.as_ref(), cuda_count, visible.as_deref())
+    device::for_rank(&cfg.train.device, placement.as_ref(), cuda_count, visible.as_deref())
 }
 
 /// Initial weights of a fresh run (fine-tuning). From a directory with its own config, the
 /// run's model must be that one, checked before anything is built.
-fn init_weights(job: &TrainJob, resuming: bool) -> Result<Option<Found>> {
-    let Some(path) = job.init_checkpoint.as_ref().filter(|_| !resuming) else { return Ok(None) };
+fn init_weights(cfg: &RunConfig, resuming: bool) -> Result<Option<Found>> {
+    let Some(path) = cfg.init.as_ref().map(|i| &i.checkpoint).filter(|_| !resuming) else {
+        return Ok(None);
+    };
     let found = weights_path::locate(path)
         .map_err(|e| TrainError::Config(format!("init.checkpoint (--init) {e}")))?;
     if let Some(dir) = found.pretrained()? {
@@ -310,7 +295,7 @@ fn init_weights(job: &TrainJob, resuming: bool) -> Result<Option<Found>> {
             &dir.dir,
             &dir.model,
             "the run's model",
-            &job.model,
+            &cfg.model,
         ) {
             return Err(TrainError::Config(format!("init.checkpoint (--init): {msg}")));
         }
@@ -321,36 +306,28 @@ fn init_weights(job: &TrainJob, resuming: bool) -> Result<Option<Found>> {
 /// The model (its initial weights fixed by the seed, or loaded from `init`), its frozen
 /// towers, and the optimizer over what still trains.
 fn build_model(
-    job: &TrainJob,
+    cfg: &RunConfig,
     device: Device,
     init: Option<&Found>,
 ) -> Result<(nn::VarStore, Clip, AdamW)> {
-    let cfg = &job.train;
-    tch::manual_seed(cfg.seed as i64);
+    let train = &cfg.train;
+    tch::manual_seed(train.seed as i64);
     let vs = nn::VarStore::new(device);
-    let model = Clip::new(&vs.root(), &job.model)?;
+    let model = Clip::new(&vs.root(), &cfg.model)?;
     // Frozen towers (fine-tuning): before the optimizer, which then never sees them.
     for (on, tower, unlocked) in [
-        (cfg.lock_image, crate::model::lock::Tower::Image, cfg.lock_image_unlocked_groups),
-        (cfg.lock_text, crate::model::lock::Tower::Text, cfg.lock_text_unlocked_layers),
+        (train.lock_image, crate::model::lock::Tower::Image, train.lock_image_unlocked_groups),
+        (train.lock_text, crate::model::lock::Tower::Text, train.lock_text_unlocked_layers),
     ] {
         if on {
-            let frozen = crate::model::lock::lock(&vs, &job.model, tower, unlocked)?;
+            let frozen = crate::model::lock::lock(&vs, &cfg.model, tower, unlocked)?;
             tracing::info!("{tower:?} tower locked: {frozen} tensors frozen, its last {unlocked} group(s) train");
         }
     }
-    if cfg.lock_image && cfg.lock_image_freeze_bn_stats {
+    if train.lock_image && train.lock_image_freeze_bn_stats {
         model.freeze_batch_norm();
     }
-    let optim = &job.optim;
-    let optimizer = AdamW::new(
-        vs.variables().into_iter().collect(),
-        AdamWConfig {
-            betas: (optim.betas[0], optim.betas[1]),
-            eps: optim.eps,
-            weight_decay: optim.weight_decay,
-        },
-    );
+    let optimizer = AdamW::new(vs.variables().into_iter().collect(), cfg.optim.adamw());
     tracing::info!(
         "model: {} parameters on {}",
         crate::model::num_params(&vs),
@@ -365,28 +342,28 @@ fn build_model(
 
 /// This rank's training loader over `data.train`.
 fn open_loader(
-    job: &TrainJob,
+    cfg: &RunConfig,
     comm: &dyn Collectives,
     tokenizer: &Tokenizer,
     preprocess: &Preprocess,
 ) -> Result<Loader> {
     let train_set = DataSource::open_with(
-        &DataSpec::parse(&job.data.train)?,
-        job.train.seed,
-        &job.data.shard_options().count_hints(),
+        &DataSpec::parse(&cfg.data.train)?,
+        cfg.train.seed,
+        &cfg.data.shard_options().count_hints(),
     )?;
     let loader = Loader::open(
         &train_set,
-        &job.data.shard_options(),
+        &cfg.data.shard_options(),
         tokenizer.clone(),
         LoaderConfig {
-            batch_size: job.train.batch_size,
+            batch_size: cfg.train.batch_size,
             rank: comm.rank(),
             world_size: comm.world_size(),
-            seed: job.train.seed,
-            image_size: job.model.vision_cfg.image_size as u32,
-            context_length: job.model.text_cfg.context_length as usize,
-            workers: job.data.workers,
+            seed: cfg.train.seed,
+            image_size: cfg.model.vision_cfg.image_size as u32,
+            context_length: cfg.model.text_cfg.context_length as usize,
+            workers: cfg.data.workers,
             train: true,
             preprocess: Some(preprocess.clone()),
         },
@@ -396,7 +373,7 @@ fn open_loader(
     if load_skips > 0 {
         tracing::warn!(
             "{load_skips} bad sample(s) skipped while reading {}: {}",
-            job.data.train,
+            cfg.data.train,
             loader.load_skips()
         );
     }
@@ -412,7 +389,7 @@ fn open_loader(
 /// Loads the checkpoint in `dir` into the model, the optimizer and this rank's loader
 /// position, and says which config keys changed since it was written.
 fn restore(
-    job: &TrainJob,
+    resolved: &str,
     dir: &Path,
     comm: &dyn Collectives,
     vs: &nn::VarStore,
@@ -425,7 +402,7 @@ fn restore(
         _ => state.loader.clone(),
     };
     loader.restore(&position)?;
-    let changes = config_changes(&state.config, &job.resolved_config);
+    let changes = config_changes(&state.config, resolved);
     if comm.rank() == 0 && !changes.is_empty() {
         tracing::warn!(
             "resuming {} with a config that differs from the checkpoint's: {}",
@@ -441,29 +418,30 @@ fn restore(
 /// the weights and the data open on every rank, so a run that fails to start leaves nothing
 /// behind. Only rank 0 writes events and checkpoints.
 fn start_run_dir(
-    job: &TrainJob,
+    cfg: &RunConfig,
+    resolved: &str,
     comm: &dyn Collectives,
 ) -> Result<(Option<MetricsWriter>, Option<KeyLog>)> {
     comm.barrier()?;
-    fs::create_dir_all(&job.run_dir).map_err(io_err(&job.run_dir))?;
+    fs::create_dir_all(&cfg.run_dir).map_err(io_err(&cfg.run_dir))?;
     let is_rank0 = comm.rank() == 0;
     if is_rank0 {
-        let config_path = job.run_dir.join("config.yaml");
-        fs::write(&config_path, &job.resolved_config).map_err(io_err(&config_path))?;
+        let config_path = cfg.run_dir.join("config.yaml");
+        fs::write(&config_path, resolved).map_err(io_err(&config_path))?;
     }
     let key_log =
-        if job.data.log_keys { Some(KeyLog::open(&job.run_dir, comm.rank())?) } else { None };
-    let metrics = if is_rank0 { Some(MetricsWriter::new(&job.run_dir)?) } else { None };
+        if cfg.data.log_keys { Some(KeyLog::open(&cfg.run_dir, comm.rank())?) } else { None };
+    let metrics = if is_rank0 { Some(MetricsWriter::new(&cfg.run_dir)?) } else { None };
     Ok((metrics, key_log))
 }
 
-fn schedule(job: &TrainJob) -> Schedule {
-    let optim = &job.optim;
+fn schedule(cfg: &RunConfig) -> Schedule {
+    let optim = &cfg.optim;
     Schedule {
         kind: optim.schedule,
         base_lr: optim.lr,
         warmup_steps: optim.warmup_steps,
-        total_steps: job.train.steps,
+        total_steps: cfg.train.steps,
         cooldown_steps: optim.cooldown_steps,
         cooldown_power: optim.cooldown_power,
         cooldown_end_lr: optim.cooldown_end_lr,
@@ -471,8 +449,8 @@ fn schedule(job: &TrainJob) -> Schedule {
 }
 
 /// The step's settings, chosen once: bf16 autocast under amp_bf16 on CUDA (fp32 on the CPU).
-fn step_config(job: &TrainJob, device: Device) -> StepConfig {
-    let amp = job.train.precision == Precision::AmpBf16;
+fn step_config(cfg: &RunConfig, device: Device) -> StepConfig {
+    let amp = cfg.train.precision == Precision::AmpBf16;
     let amp_bf16 = amp && device.is_cuda();
     if amp_bf16 {
         device::use_bf16_autocast();
@@ -482,15 +460,15 @@ fn step_config(job: &TrainJob, device: Device) -> StepConfig {
     }
     StepConfig {
         autocast_bf16: amp_bf16,
-        grad_clip_norm: job.optim.grad_clip_norm,
-        loss: job.loss.spec(amp_bf16),
-        micro_batch: job.train.micro_batch_size,
+        grad_clip_norm: cfg.optim.grad_clip_norm,
+        loss: LossSpec::new(&cfg.loss, amp_bf16),
+        micro_batch: cfg.train.micro_batch_size,
     }
 }
 
 impl Run<'_> {
     fn global_batch(&self) -> u64 {
-        (self.job.train.batch_size * self.comm.world_size()) as u64
+        (self.cfg.train.batch_size * self.comm.world_size()) as u64
     }
 }
 
@@ -498,7 +476,7 @@ impl Run<'_> {
 /// its keys go to the key log.
 fn next_batch(run: &mut Run) -> Result<(Tensor, Tensor, u64)> {
     let batch = run.loader.next_batch()?;
-    let model = &run.job.model;
+    let model = &run.cfg.model;
     let (images, tokens) = crate::device::batch_to_device(
         &batch,
         model.vision_cfg.image_size,
@@ -532,7 +510,7 @@ fn log_step(run: &mut Run, out: &step::StepOutput, lr: f64) -> Result<f64> {
         log_train(
             metrics,
             &run.state,
-            run.job.train.steps,
+            run.cfg.train.steps,
             &values,
             global_batch,
             world_size,
@@ -553,7 +531,7 @@ fn save_checkpoint(run: &mut Run) -> Result<Option<PathBuf>> {
     // The previous write first: one host copy of the checkpoint in memory at a time.
     run.writer.wait()?;
     let snapshot = checkpoint::snapshot(&run.vs, &run.optimizer, &run.state)?;
-    let dir = run.writer.start(&run.job.run_dir, snapshot, run.job.train.keep_checkpoints)?;
+    let dir = run.writer.start(&run.cfg.run_dir, snapshot, run.cfg.train.keep_checkpoints)?;
     metrics.flush()?;
     Ok(Some(dir))
 }
@@ -574,7 +552,7 @@ fn evaluate(run: &mut Run) -> Result<Option<ZeroShotResult>> {
                 &run.tokenizer,
                 &run.preprocess,
                 run.device,
-                run.job.data.workers,
+                run.cfg.data.workers,
                 run.comm.as_ref(),
             )
         })
@@ -631,8 +609,8 @@ fn evaluate(run: &mut Run) -> Result<Option<ZeroShotResult>> {
         metrics.log(step, &refs)?;
         metrics.flush()?;
     }
-    if is_rank0 && !run.job.eval.datasets.is_empty() {
-        write_eval_report(&run.job.run_dir, step, report)?;
+    if is_rank0 && !run.cfg.eval.datasets.is_empty() {
+        write_eval_report(&run.cfg.run_dir, step, report)?;
     }
     Ok(results.first().and_then(|r| r.zero_shot))
 }
@@ -667,7 +645,7 @@ fn finish(mut run: Box<Run>, outcome: Outcome) -> Result<TrainSummary> {
     run.comm.barrier()?;
     Ok(TrainSummary {
         steps: run.state.step,
-        total_steps: run.job.train.steps,
+        total_steps: run.cfg.train.steps,
         resumed_at: run.resumed_at,
         final_loss: outcome.final_loss,
         zero_shot: outcome.zero_shot,
@@ -743,8 +721,8 @@ impl KeyLog {
 }
 
 /// Picks the checkpoint to resume from, refusing to silently train over an existing run.
-fn resume_dir(job: &TrainJob) -> Result<Option<PathBuf>> {
-    match &job.resume {
+fn resume_dir(cfg: &RunConfig, resume: &Resume) -> Result<Option<PathBuf>> {
+    match resume {
         Resume::From(path) => match weights_path::locate(path) {
             Ok(Found::Checkpoint { dir }) => {
                 // A checkpoint named explicitly is never swapped for another: damage is an error.
@@ -759,12 +737,12 @@ fn resume_dir(job: &TrainJob) -> Result<Option<PathBuf>> {
             ))),
             Err(e) => Err(TrainError::Config(format!("resume from {e}"))),
         },
-        Resume::Auto => checkpoint::latest_valid(&job.run_dir),
+        Resume::Auto => checkpoint::latest_valid(&cfg.run_dir),
         Resume::No => {
-            if !checkpoint::list(&job.run_dir)?.is_empty() {
+            if !checkpoint::list(&cfg.run_dir)?.is_empty() {
                 return Err(TrainError::Config(format!(
                     "{} already holds checkpoints; pass --resume auto to continue it, or choose another --run-dir",
-                    checkpoint::checkpoints_dir(&job.run_dir).display()
+                    checkpoint::checkpoints_dir(&cfg.run_dir).display()
                 )));
             }
             Ok(None)

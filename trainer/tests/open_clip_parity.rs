@@ -143,7 +143,7 @@ fn clip_loss_matches_open_clip_loss_and_autograd() {
 #[test]
 fn siglip_step_matches_open_clip_gradients() {
     use oxclip_trainer::collectives::SingleProcess;
-    use oxclip_trainer::loss::{LossConfig, LossKind, Tiling};
+    use oxclip_trainer::config::{LossConfig, LossKind, Tiling};
     use oxclip_trainer::optim::{AdamW, AdamWConfig};
     use oxclip_trainer::step::{train_step, StepConfig};
 
@@ -160,12 +160,13 @@ fn siglip_step_matches_open_clip_gradients() {
             vs.variables().into_iter().collect(),
             AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 },
         );
-        let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, Default::default())
-            .expect("buckets");
+        let grad_sync =
+            oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, &Default::default())
+                .expect("buckets");
         let step = StepConfig {
             autocast_bf16: false,
             grad_clip_norm: None,
-            loss: loss.spec(false),
+            loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
             micro_batch,
         };
         // lr 0: the step computes the gradients and leaves the weights alone.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use oxclip_trainer::collectives::SingleProcess;
-use oxclip_trainer::loss::{LossConfig, LossKind, Tiling};
+use oxclip_trainer::config::{LossConfig, LossKind, Tiling};
 use oxclip_trainer::model::export::{export, Format};
 use oxclip_trainer::model::lock::{lock, Tower};
 use oxclip_trainer::model::params::deterministic;
@@ -143,12 +143,13 @@ fn tiny_resnet_training_step_matches_open_clip() {
             vs.variables().into_iter().collect(),
             AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 },
         );
-        let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, Default::default())
-            .expect("buckets");
+        let grad_sync =
+            oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, &Default::default())
+                .expect("buckets");
         let step = StepConfig {
             autocast_bf16: false,
             grad_clip_norm: None,
-            loss: loss.spec(false),
+            loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
             micro_batch,
         };
         let out = train_step(

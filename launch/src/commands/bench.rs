@@ -9,10 +9,10 @@ use serde::Serialize;
 use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions};
 
 use oxclip_trainer::bench::{bench_train, peak_rss_bytes, TrainBench};
+use oxclip_trainer::config::loss::{SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT};
+use oxclip_trainer::config::{self, LossKind, Tiling};
 use oxclip_trainer::device;
-use oxclip_trainer::loss::{siglip, LossKind, LossSpec, Matmul, Tiling};
-
-use crate::config;
+use oxclip_trainer::loss::{LossSpec, Matmul};
 
 #[derive(Args)]
 pub struct BenchTrainArgs {
@@ -230,11 +230,9 @@ pub fn loss(args: BenchLossArgs) -> anyhow::Result<()> {
         unit(&image + tch::Tensor::randn([args.batch, args.dim], (tch::Kind::Float, device)) * 0.5);
     let (kind, scale, bias) = match args.kind {
         KindArg::Clip => (LossKind::Clip, oxclip_trainer::model::LOGIT_SCALE_INIT, None),
-        KindArg::Siglip => (
-            LossKind::Siglip,
-            siglip::SIGLIP_LOGIT_SCALE_INIT,
-            Some(siglip::SIGLIP_LOGIT_BIAS_INIT),
-        ),
+        KindArg::Siglip => {
+            (LossKind::Siglip, SIGLIP_LOGIT_SCALE_INIT, Some(SIGLIP_LOGIT_BIAS_INIT))
+        }
     };
     let logit_scale = tch::Tensor::from(scale as f32).to_device(device);
     let logit_bias = bias.map(|b| tch::Tensor::from(b as f32).to_device(device));

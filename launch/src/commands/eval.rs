@@ -8,7 +8,8 @@ use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
 use oxclip_data_loader::{DataSource, DataSpec, Tokenizer};
-use oxclip_trainer::collectives::{self, Collectives, DistSettings, SingleProcess};
+use oxclip_trainer::collectives::{self, Collectives, SingleProcess};
+use oxclip_trainer::config::DistConfig;
 use oxclip_trainer::eval::{self, benchmark, EvalResult};
 use oxclip_trainer::model::Clip;
 use oxclip_trainer::train::read_templates;
@@ -393,8 +394,8 @@ impl Ranks {
             visible.as_deref(),
         )?;
         *device = oxclip_trainer::device::name(rank_device);
-        let settings = DistSettings { world: Some(world), ..DistSettings::default() };
-        Ok(Ranks { comm: collectives::connect(&settings, rank_device)? })
+        // Evaluation runs no training step, so `dist:`'s defaults (auto backend, its timeout).
+        Ok(Ranks { comm: collectives::connect(Some(&world), &DistConfig::default(), rank_device)? })
     }
 
     fn comm(&self) -> &dyn Collectives {

@@ -17,14 +17,12 @@ use tch::{nn, Device};
 
 use oxclip_data_loader::{Preprocess, Tokenizer};
 use oxclip_trainer::checkpoint;
-use oxclip_trainer::config::DataConfig;
+use oxclip_trainer::config::{self, DataConfig};
 use oxclip_trainer::device;
 use oxclip_trainer::infer::Embedder;
 use oxclip_trainer::model::{pretrained, Clip, ModelConfig};
 use oxclip_trainer::prepare;
 use oxclip_trainer::weights_path::{self, Found};
-
-use crate::config;
 
 /// The weights file `checkpoint` names and its architecture. `checkpoint` is anything
 /// [`weights_path::locate`] accepts (a run folder, its `checkpoints/` folder, a step folder,
@@ -175,10 +173,7 @@ fn inputs_of(found: &Found, config: &ModelConfig) -> anyhow::Result<(Option<Path
     }
     if let Found::Checkpoint { dir } = found {
         if let Some(data) = data_of_checkpoint(dir) {
-            return Ok((
-                data.tokenizer.as_ref().map(PathBuf::from),
-                oxclip_trainer::prepare::data_preprocess(&data, config)?,
-            ));
+            return Ok((data.tokenizer.as_ref().map(PathBuf::from), data.preprocess(config)?));
         }
     }
     Ok((None, prepare::default_preprocess(config)))

@@ -9,11 +9,10 @@ use std::io::Write as _;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
+use oxclip_trainer::config;
 use oxclip_trainer::model::config::VisionTowerKind;
 use oxclip_trainer::model::zoo::{self, Source};
 use oxclip_trainer::model::{Clip, ModelConfig};
-
-use crate::config;
 
 #[derive(Subcommand)]
 pub enum ModelCommand {

@@ -1,16 +1,13 @@
 //! `oxclip train`.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::Args;
 
-use oxclip_trainer::collectives::DistSettings;
+use oxclip_trainer::config::{self, Overrides};
 use oxclip_trainer::device;
-use oxclip_trainer::train::{fit, Resume, TrainJob};
-
-use crate::config;
+use oxclip_trainer::train::{fit, Resume};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -38,18 +35,23 @@ pub struct TrainArgs {
     pub threads: Option<usize>,
 }
 
+/// `--set dotted.key=value` flags as the config's overrides.
+pub fn config_overrides(set: &[String]) -> anyhow::Result<Overrides> {
+    let set = set
+        .iter()
+        .map(|arg| config::parse_override(arg).map_err(|message| anyhow!("--set {arg}: {message}")))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Overrides { set, ..Overrides::default() })
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let cfg = config::load_with(&args.config, &args.overrides, |cfg| {
-        if let Some(dir) = args.run_dir {
-            cfg.run_dir = dir;
-        }
-        if let Some(threads) = args.threads {
-            cfg.train.threads = Some(threads);
-        }
-        if let Some(path) = args.init {
-            cfg.init = Some(config::InitConfig { checkpoint: path });
-        }
-    })?;
+    let overrides = Overrides {
+        run_dir: args.run_dir,
+        threads: args.threads,
+        init: args.init,
+        ..config_overrides(&args.overrides)?
+    };
+    let cfg = config::load(&args.config, &overrides)?;
     let resume = match args.resume.as_deref() {
         None => Resume::No,
         Some("auto") => Resume::Auto,
@@ -59,26 +61,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         ),
         Some(path) => Resume::From(PathBuf::from(path)),
     };
-    let job = TrainJob {
-        run_dir: cfg.run_dir.clone(),
-        model: cfg.model_config()?,
-        data: cfg.data.clone(),
-        train: cfg.train.clone(),
-        optim: cfg.optim.clone(),
-        loss: cfg.loss.clone(),
-        resolved_config: cfg.to_yaml(),
-        resume,
-        init_checkpoint: cfg.init.as_ref().map(|i| i.checkpoint.clone()),
-        eval: cfg.eval.clone(),
-        dist: DistSettings {
-            world: crate::dist::world_from_env()?,
-            backend: cfg.dist.backend,
-            timeout: Duration::from_secs(cfg.dist.timeout_s),
-            reduce: cfg.dist.reduce(),
-        },
-    };
-    let rank = job.dist.world.as_ref().map_or(0, |w| w.rank);
-    let summary = fit(&job).with_context(|| format!("training {}", job.run_dir.display()))?;
+    let world = crate::dist::world_from_env()?;
+    let rank = world.as_ref().map_or(0, |w| w.rank);
+    let summary = fit(&cfg, &resume, world.as_ref())
+        .with_context(|| format!("training {}", cfg.run_dir.display()))?;
     if rank != 0 {
         return Ok(());
     }
@@ -93,7 +79,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             println!("checkpoint: {}", ckpt.display());
         }
         println!("to continue, run the same command with --resume auto");
-        println!("tensorboard --logdir {}", job.run_dir.join("tensorboard").display());
+        println!("tensorboard --logdir {}", cfg.run_dir.join("tensorboard").display());
         return Ok(());
     }
     match summary.resumed_at {
@@ -123,7 +109,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(zs) = summary.zero_shot {
         println!(
             "zero-shot {}: top-1 {:.1}%, top-5 {:.1}% on {} held-out images",
-            job.data.val_name,
+            cfg.data.val_name,
             100.0 * zs.top1,
             100.0 * zs.top5,
             zs.samples
@@ -132,6 +118,6 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(ckpt) = summary.last_checkpoint {
         println!("checkpoint: {}", ckpt.display());
     }
-    println!("tensorboard --logdir {}", job.run_dir.join("tensorboard").display());
+    println!("tensorboard --logdir {}", cfg.run_dir.join("tensorboard").display());
     Ok(())
 }

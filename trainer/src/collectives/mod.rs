@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tch::Tensor;
 
+use crate::config::{Backend, DistConfig};
 use crate::error::{Result, TrainError};
 
 /// The collectives a training step needs. Tensor collectives take tensors on the group's
@@ -119,54 +120,6 @@ pub fn all_gather_u64(comm: &dyn Collectives, value: u64) -> Result<Vec<u64>> {
         .collect()
 }
 
-/// The precision gradients travel in (`dist.grad_reduce_dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReduceDtype {
-    Fp32,
-    /// Half the bytes; the sum is rounded to bf16 (8 significant bits) before the update.
-    Bf16,
-}
-
-/// How the step sums parameter gradients over ranks (the `dist:` keys `overlap`,
-/// `bucket_mb`, `grad_reduce_dtype`); grad_sync.rs does it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ReduceConfig {
-    /// Reduce buckets during the backward pass; false: all after it.
-    pub overlap: bool,
-    /// Bucket size in MB (1e6 bytes) of fp32 gradients; DDP's `bucket_cap_mb`.
-    pub bucket_mb: f64,
-    pub dtype: ReduceDtype,
-}
-
-impl Default for ReduceConfig {
-    fn default() -> Self {
-        Self { overlap: true, bucket_mb: 25.0, dtype: ReduceDtype::Fp32 }
-    }
-}
-
-impl ReduceConfig {
-    pub fn validate(&self) -> Result<()> {
-        if !(self.bucket_mb > 0.0 && self.bucket_mb.is_finite()) {
-            return Err(TrainError::Config(format!(
-                "dist.bucket_mb must be a positive number of MB, got {}",
-                self.bucket_mb
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// Which backend a run uses (`dist.backend`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Backend {
-    /// NCCL on CUDA, otherwise cpu.
-    Auto,
-    Nccl,
-    Cpu,
-}
-
 /// This process's place in the world, as torchrun, SLURM or `oxclip launch` describe it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorldEnv {
@@ -179,45 +132,25 @@ pub struct WorldEnv {
     pub master_port: u16,
 }
 
-/// How to join the other ranks.
-#[derive(Debug, Clone)]
-pub struct DistSettings {
-    /// `None`: a single process.
-    pub world: Option<WorldEnv>,
-    pub backend: Backend,
-    /// How long any collective (or the rendezvous) waits for a peer before failing.
-    pub timeout: Duration,
-    /// How the step sums gradients over ranks (`dist.overlap`, `bucket_mb`, `grad_reduce_dtype`).
-    pub reduce: ReduceConfig,
-}
-
-impl Default for DistSettings {
-    fn default() -> Self {
-        Self {
-            world: None,
-            backend: Backend::Auto,
-            timeout: Duration::from_secs(600),
-            reduce: ReduceConfig::default(),
-        }
-    }
-}
-
-/// Joins the world `settings` describe for a run on `device`.
-pub fn connect(settings: &DistSettings, device: tch::Device) -> Result<Box<dyn Collectives>> {
+/// Joins `world` (`None`: a single process) as `dist:` says, for a run on `device`.
+pub fn connect(
+    world: Option<&WorldEnv>,
+    dist: &DistConfig,
+    device: tch::Device,
+) -> Result<Box<dyn Collectives>> {
     // One rank needs no backend, unless one was asked for by name (to test it).
-    let Some(world) =
-        settings.world.as_ref().filter(|w| w.world_size > 1 || settings.backend != Backend::Auto)
-    else {
+    let Some(world) = world.filter(|w| w.world_size > 1 || dist.backend != Backend::Auto) else {
         return Ok(Box::new(SingleProcess));
     };
-    let backend = match settings.backend {
+    let timeout = Duration::from_secs(dist.timeout_s);
+    let backend = match dist.backend {
         Backend::Auto if device.is_cuda() => Backend::Nccl,
         Backend::Auto => Backend::Cpu,
         other => other,
     };
     match backend {
-        Backend::Cpu => Ok(Box::new(tcp::TcpGroup::connect(world, settings.timeout)?)),
-        _ => Ok(Box::new(nccl::NcclGroup::connect(world, device, settings.timeout)?)),
+        Backend::Cpu => Ok(Box::new(tcp::TcpGroup::connect(world, timeout)?)),
+        _ => Ok(Box::new(nccl::NcclGroup::connect(world, device, timeout)?)),
     }
 }
 

@@ -7,15 +7,14 @@
 //! a naive version that builds the whole n x N block, the oracle the tiled one is tested against.
 
 pub mod clip;
-mod config;
 pub mod siglip;
 
 use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
+use crate::config::{LossConfig, LossKind, Tiling};
 use crate::error::{Result, TrainError};
-pub use config::{LossConfig, LossKind, Tiling};
 
 /// One rank's share of a contrastive loss over the global batch, and its gradients.
 #[derive(Debug)]
@@ -42,6 +41,24 @@ pub struct LossSpec {
 }
 
 impl LossSpec {
+    /// The loss `loss:` asks for; its products in bf16 when `bf16_matmul` (amp_bf16 on CUDA).
+    pub fn new(loss: &LossConfig, bf16_matmul: bool) -> Self {
+        LossSpec {
+            kind: loss.kind,
+            tiling: loss.tiling,
+            matmul: if bf16_matmul { Matmul::Bf16 } else { Matmul::Fp32 },
+        }
+    }
+
+    /// The tile side; `None` for the naive blocks.
+    fn tile(&self) -> Option<i64> {
+        match self.tiling {
+            Tiling::Auto => Some(clip::AUTO_TILE),
+            Tiling::Tile(side) => Some(side as i64),
+            Tiling::Naive => None,
+        }
+    }
+
     /// This rank's part of the loss for the owned `rows` of the gathered (N, d) features.
     /// `logit_bias` is the model's bias, required by SigLIP and ignored by CLIP.
     pub fn compute(
@@ -53,7 +70,7 @@ impl LossSpec {
         rows: Range<i64>,
     ) -> Result<LossOutput> {
         Ok(match self.kind {
-            LossKind::Clip => match self.tiling.tile() {
+            LossKind::Clip => match self.tile() {
                 Some(tile) => clip::clip_loss(image, text, logit_scale, rows, tile, self.matmul),
                 None => clip::clip_loss_naive(image, text, logit_scale, rows),
             },
@@ -64,7 +81,7 @@ impl LossSpec {
                             .into(),
                     )
                 })?;
-                match self.tiling.tile() {
+                match self.tile() {
                     Some(tile) => {
                         siglip::siglip_loss(image, text, logit_scale, bias, rows, tile, self.matmul)
                     }

@@ -22,11 +22,6 @@ use tch::{Kind, Tensor};
 
 use super::{effective_tile, positives, positives_mask, tiles, LossOutput, Matmul};
 
-/// `logit_scale` of a fresh SigLIP model: ln 10 (the paper's t' = log 10) ...
-pub const SIGLIP_LOGIT_SCALE_INIT: f64 = std::f64::consts::LN_10;
-/// ... and its `logit_bias`: -10, so that the many negatives do not dominate the first steps.
-pub const SIGLIP_LOGIT_BIAS_INIT: f64 = -10.0;
-
 /// `image`, `text`: (N, d) gathered features; `logit_scale`, `logit_bias`: 0-dim; `rows`: the
 /// owned image rows; `tile`: rows and columns per tile (0: automatic). fp32 arithmetic (the
 /// products at `matmul`'s precision), fp64 scalar sums; extra memory O(tile^2).
@@ -125,6 +120,7 @@ pub fn siglip_loss_naive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::loss::{SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT};
     use crate::loss::assert_close;
     use tch::Device;
 

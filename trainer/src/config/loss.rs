@@ -1,4 +1,5 @@
-//! The `loss:` section of a run config: which loss, and how its similarity blocks are tiled.
+//! `loss:`, which contrastive loss and how its similarity blocks are tiled, and what the loss
+//! asks of the model it trains (SigLIP's bias and starting temperature).
 
 use std::fmt;
 
@@ -6,6 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::model::ModelConfig;
+
+/// `logit_scale` of a fresh SigLIP model: ln 10 (the paper's t' = log 10) ...
+pub const SIGLIP_LOGIT_SCALE_INIT: f64 = std::f64::consts::LN_10;
+/// ... and its `logit_bias`: -10, so that the many negatives do not dominate the first steps.
+pub const SIGLIP_LOGIT_BIAS_INIT: f64 = -10.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -24,7 +30,7 @@ pub enum LossKind {
 /// In YAML: `auto`, `naive` or a tile side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Tiling {
-    /// Tiles of [`super::clip::AUTO_TILE`].
+    /// Tiles of the loss's own choice (`loss::clip::AUTO_TILE`).
     #[default]
     Auto,
     /// Tiles of this side.
@@ -41,15 +47,6 @@ impl Tiling {
             (true, _) => Tiling::Naive,
             (false, 0) => Tiling::Auto,
             (false, side) => Tiling::Tile(side),
-        }
-    }
-
-    /// The tile side; `None` for the naive blocks.
-    pub fn tile(self) -> Option<i64> {
-        match self {
-            Tiling::Auto => Some(super::clip::AUTO_TILE),
-            Tiling::Tile(side) => Some(side as i64),
-            Tiling::Naive => None,
         }
     }
 }
@@ -136,12 +133,21 @@ impl TryFrom<LossYaml> for LossConfig {
 
 impl LossConfig {
     /// Fills in what the loss needs from the model and the model config leaves open: for
-    /// SigLIP a `logit_bias` starting at -10 and a `logit_scale` starting at ln 10.
-    pub fn complete_model(&self, model: &mut ModelConfig) {
+    /// SigLIP a `logit_bias` starting at -10 and a `logit_scale` starting at ln 10. Returns the
+    /// model keys it set.
+    pub fn complete_model(&self, model: &mut ModelConfig) -> Vec<&'static str> {
+        let mut set = Vec::new();
         if self.kind == LossKind::Siglip {
-            model.init_logit_scale.get_or_insert(super::siglip::SIGLIP_LOGIT_SCALE_INIT);
-            model.init_logit_bias.get_or_insert(super::siglip::SIGLIP_LOGIT_BIAS_INIT);
+            if model.init_logit_scale.is_none() {
+                model.init_logit_scale = Some(SIGLIP_LOGIT_SCALE_INIT);
+                set.push("init_logit_scale");
+            }
+            if model.init_logit_bias.is_none() {
+                model.init_logit_bias = Some(SIGLIP_LOGIT_BIAS_INIT);
+                set.push("init_logit_bias");
+            }
         }
+        set
     }
 
     pub fn validate(&self, model: &ModelConfig) -> Result<()> {
@@ -151,15 +157,6 @@ impl LossConfig {
             ));
         }
         Ok(())
-    }
-
-    /// How the step computes this loss; `bf16_matmul` under amp_bf16 on CUDA.
-    pub fn spec(&self, bf16_matmul: bool) -> super::LossSpec {
-        super::LossSpec {
-            kind: self.kind,
-            tiling: self.tiling,
-            matmul: if bf16_matmul { super::Matmul::Bf16 } else { super::Matmul::Fp32 },
-        }
     }
 }
 
