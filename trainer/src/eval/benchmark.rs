@@ -153,9 +153,10 @@ fn imagenet1k(dir: &Path, templates: Option<Vec<String>>) -> Result<Benchmark> {
     }
     if folders.len() != 1000 {
         return Err(TrainError::Input(format!(
-            "{} has {} class folders; ImageNet-1k's validation set has 1000, one per WordNet id (n01440764 ...), \
-             and the built-in class names are matched to them in sorted order. Give the `val/` folder of the full set \
-             (or the folder holding it); for a subset use classes:DIR with --classnames",
+            "{} has {} class folders; ImageNet-1k's validation set has 1000, one per WordNet id \
+             (n01440764 ...), and the built-in class names are matched to them in sorted order. \
+             Give the `val/` folder of the full set (or the folder holding it); for a subset use \
+             classes:DIR with --classnames",
             root.display(),
             folders.len()
         )));
@@ -192,7 +193,8 @@ fn test_shards(dir: &Path) -> Result<DataSpec> {
     let test = dir.join("test");
     if !test.is_dir() {
         return Err(TrainError::Input(format!(
-            "{} is not a clip_benchmark dataset: it has no test/ folder of shards (test/0.tar ..., with test/nshards.txt)",
+            "{} is not a clip_benchmark dataset: it has no test/ folder of shards (test/0.tar ..., \
+             with test/nshards.txt)",
             dir.display()
         )));
     }
@@ -249,7 +251,8 @@ fn clip_benchmark(dir: &Path, templates: Option<Vec<String>>) -> Result<Benchmar
         Some("classification") | Some("") => false,
         Some(other) => {
             return Err(TrainError::Input(format!(
-                "{}: dataset type `{other}` is not evaluated by oxclip (`classification` or `retrieval`)",
+                "{}: dataset type `{other}` is not evaluated by oxclip (`classification` or \
+                 `retrieval`)",
                 type_file.display()
             )))
         }
@@ -263,9 +266,10 @@ fn clip_benchmark(dir: &Path, templates: Option<Vec<String>>) -> Result<Benchmar
     }
     let classnames = classnames.ok_or_else(|| {
         TrainError::Input(format!(
-            "{} is missing: the clip_benchmark dataset {} is a classification set (its samples carry a class index, \
-             `cls`) and zero-shot classification needs its class names, one per line (line i names class i); \
-             for an image-text retrieval set write `retrieval` to {}",
+            "{} is missing: the clip_benchmark dataset {} is a classification set (its samples \
+             carry a class index, `cls`) and zero-shot classification needs its class names, one \
+             per line (line i names class i); for an image-text retrieval set write `retrieval` to \
+             {}",
             classnames_file.display(),
             dir.display(),
             type_file.display()

@@ -174,8 +174,8 @@ pub(super) fn check_labels(
     let labelled = labels.iter().filter(|&&l| l >= 0).count();
     if labelled == 0 {
         return Err(TrainError::Input(format!(
-            "none of the {} samples has a class label (KEY.cls in shards, a label column in a CSV or JSONL, a folder per class), \
-             so zero-shot accuracy cannot be scored",
+            "none of the {} samples has a class label (KEY.cls in shards, a label column in a CSV \
+             or JSONL, a folder per class), so zero-shot accuracy cannot be scored",
             labels.len()
         )));
     }
@@ -188,8 +188,8 @@ pub(super) fn check_labels(
         let example =
             here.map_or_else(String::new, |(key, label)| format!(" (sample {key}: label {label})"));
         return Err(TrainError::Input(format!(
-            "{} samples are labelled beyond the {classes} class names (labels 0 to {}), up to {largest}{example}; \
-             the class names file must name every class the data uses",
+            "{} samples are labelled beyond the {classes} class names (labels 0 to {}), up to \
+             {largest}{example}; the class names file must name every class the data uses",
             beyond.len(),
             classes - 1
         )));
@@ -295,8 +295,8 @@ mod tests {
         // Swap two captions: pairs 0 and 1 now rank their own caption second (of 3).
         let swapped = rows(&[[0.0, 1.0], [1.0, 0.0], [0.8, 0.6]]);
         let r = retrieval_metrics(&image, &swapped);
-        // img0 vs [0.0, 1.0, 0.8]: own 0.0, two above -> rank 2; img1 vs [1.0, 0.0, 0.6]: own 0.0 -> rank 2;
-        // img2 vs [0.8, 0.6, 0.96]: rank 0.
+        // img0 vs [0.0, 1.0, 0.8]: own 0.0, two above -> rank 2;
+        // img1 vs [1.0, 0.0, 0.6]: own 0.0 -> rank 2; img2 vs [0.8, 0.6, 0.96]: rank 0.
         assert!((r.get("image_to_text_R@1").unwrap() - 1.0 / 3.0).abs() < 1e-9);
         assert_eq!(r.get("image_to_text_R@5"), Some(1.0));
         assert!(
@@ -398,7 +398,13 @@ mod tests {
         assert!(check_labels(&labels, &labels, &[], 6).is_ok());
         let keys: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
         let beyond = check_labels(&labels, &labels, &keys, 5).unwrap_err().to_string();
-        assert!(beyond.contains("1 samples are labelled beyond the 5 class names (labels 0 to 4), up to 5 (sample k2: label 5)"), "{beyond}");
+        assert!(
+            beyond.contains(
+                "1 samples are labelled beyond the 5 class names (labels 0 to 4), up to 5 (sample \
+                 k2: label 5)"
+            ),
+            "{beyond}"
+        );
         let none = check_labels(&[-1, -1], &[-1, -1], &keys, 5).unwrap_err().to_string();
         assert!(none.contains("none of the 2 samples has a class label"), "{none}");
     }

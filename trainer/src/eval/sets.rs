@@ -45,8 +45,8 @@ pub fn open_zero_shot(
         classnames.map(|file| Ok::<_, TrainError>((read_lines(file)?, file))).transpose()?;
     let needs_names = || {
         TrainError::Input(format!(
-            "zero-shot evaluation of `{}` needs the class names: a file with one per line, line i naming class i \
-             (--classnames FILE, or data.classnames in a run config)",
+            "zero-shot evaluation of `{}` needs the class names: a file with one per line, line i \
+             naming class i (--classnames FILE, or data.classnames in a run config)",
             describe_spec(spec)
         ))
     };
@@ -56,8 +56,9 @@ pub fn open_zero_shot(
             let classnames = match listed {
                 Some((names, file)) if names.len() != folders.len() => {
                     return Err(TrainError::Input(format!(
-                        "{} names {} classes but {} has {} class folders ({}); line i of the class names file names \
-                         the i-th folder in sorted order, so the counts must match (or leave the file out to use the folder names)",
+                        "{} names {} classes but {} has {} class folders ({}); line i of the class \
+                         names file names the i-th folder in sorted order, so the counts must \
+                         match (or leave the file out to use the folder names)",
                         file.display(),
                         names.len(),
                         dir.display(),
@@ -80,12 +81,17 @@ pub fn open_zero_shot(
             let (names, file) = listed.ok_or_else(needs_names)?;
             let mut jsonl = jsonl.clone();
             jsonl.label_key.get_or_insert_with(|| DEFAULT_LABEL_KEY.to_owned());
-            labelled_files(sources::jsonl::load(&jsonl)?, names, &format!("{} names", file.display()))
+            labelled_files(
+                sources::jsonl::load(&jsonl)?,
+                names,
+                &format!("{} names", file.display()),
+            )
         }
         DataSpec::Folder(dir) => Err(TrainError::Input(format!(
-            "{} is a folder of captioned images: it has no class labels to score zero-shot accuracy against. Give a folder \
-             per class (classes:DIR), a CSV or JSONL with a label column (csv:FILE?label_key=COLUMN), or shards whose \
-             samples carry a class index (KEY.cls)",
+            "{} is a folder of captioned images: it has no class labels to score zero-shot \
+             accuracy against. Give a folder per class (classes:DIR), a CSV or JSONL with a label \
+             column (csv:FILE?label_key=COLUMN), or shards whose samples carry a class index \
+             (KEY.cls)",
             dir.display()
         ))),
         DataSpec::Shards(parts) => {
@@ -98,7 +104,10 @@ pub fn open_zero_shot(
             let (names, _) = listed.ok_or_else(needs_names)?;
             let source = DataSource::open(spec, seed)?;
             if source.is_empty() {
-                return Err(TrainError::Input(format!("`{}` holds no samples to evaluate", describe_spec(spec))));
+                return Err(TrainError::Input(format!(
+                    "`{}` holds no samples to evaluate",
+                    describe_spec(spec)
+                )));
             }
             Ok(ZeroShotSet { source, classnames: names })
         }
@@ -143,7 +152,8 @@ pub(super) fn check_shard_labels(
     }
     if let Some((shard, key, label)) = outside {
         return Err(TrainError::Input(format!(
-            "{}, sample {key}: label {label} is outside the class list: {named_by} names {n} classes (labels 0 to {})",
+            "{}, sample {key}: label {label} is outside the class list: {named_by} names {n} \
+             classes (labels 0 to {})",
             shard.display(),
             n - 1
         )));
@@ -151,8 +161,8 @@ pub(super) fn check_shard_labels(
     if labelled == 0 {
         let spec: Vec<&str> = parts.iter().map(|p| p.spec.as_str()).collect();
         return Err(TrainError::Input(format!(
-            "no sample of {} carries a class label ({} read): zero-shot evaluation needs each image's class index as a \
-             KEY.cls member (0 for the first line of {named_by})",
+            "no sample of {} carries a class label ({} read): zero-shot evaluation needs each \
+             image's class index as a KEY.cls member (0 for the first line of {named_by})",
             spec.join("::"),
             unlabelled,
         )));
@@ -186,7 +196,8 @@ pub(super) fn labelled_files(
     if let Some(entry) = dataset.entries().iter().find(|e| e.label.is_none_or(|l| l >= n)) {
         let label = entry.label.map_or_else(|| "none".to_owned(), |l| l.to_string());
         return Err(TrainError::Input(format!(
-            "{}, {}: label {label} is outside the class list: {named_by} {n} classes (labels 0 to {})",
+            "{}, {}: label {label} is outside the class list: {named_by} {n} classes (labels 0 to \
+             {})",
             source.display(),
             entry.origin,
             n - 1
@@ -252,7 +263,8 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-/// OpenAI's 80 ImageNet prompt templates (CLIP repo, `notebooks/Prompt_Engineering_for_ImageNet.ipynb`),
+/// OpenAI's 80 ImageNet prompt templates (CLIP repo,
+/// `notebooks/Prompt_Engineering_for_ImageNet.ipynb`),
 /// as open_clip's `zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES`.
 pub const OPENAI_IMAGENET_TEMPLATES: [&str; 80] = [
     "a bad photo of a {}.",

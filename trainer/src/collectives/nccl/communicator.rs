@@ -107,7 +107,8 @@ fn watch(
                     pending.pop_front();
                 } else if since.elapsed() > timeout {
                     problem = Some(format!(
-                        "{what} did not complete within {}s: a rank died or stalls (raise dist.timeout_s if it is only slow)",
+                        "{what} did not complete within {}s: a rank died or stalls (raise \
+                         dist.timeout_s if it is only slow)",
                         timeout.as_secs()
                     ));
                     break;
@@ -158,9 +159,9 @@ pub(super) fn create_comm(
         .map_err(|_| dist_err(format!("rank {} is too large for NCCL", world.rank)))?;
     let late = |how: &str| {
         dist_err(format!(
-            "rank {} of {}: the NCCL communicator was not created within dist.timeout_s ({}s, counted from the start of the \
-             rendezvous): {how} waited for all {} ranks to join it; a rank died or stalls since the rendezvous (raise \
-             dist.timeout_s if it is only slow)",
+            "rank {} of {}: the NCCL communicator was not created within dist.timeout_s ({}s, \
+             counted from the start of the rendezvous): {how} waited for all {} ranks to join it; \
+             a rank died or stalls since the rendezvous (raise dist.timeout_s if it is only slow)",
             world.rank,
             world.world_size,
             timeout.as_secs(),
@@ -170,12 +171,15 @@ pub(super) fn create_comm(
     // NCCL_COMM_BLOCKING=1 overrides `blocking = 0`: the init would block this thread.
     let blocking_forced = std::env::var("NCCL_COMM_BLOCKING").is_ok_and(|v| v.trim() == "1");
     let Some(init_config) = nccl.comm_init_rank_config.filter(|_| !blocking_forced) else {
-        return create_comm_on_thread(nccl, ranks, rank, id, cuda_index, deadline).map_err(|e| match e {
-            Some(e) => e,
-            None => late(
-                "ncclCommInitRank (blocking: this NCCL has no non-blocking init, or NCCL_COMM_BLOCKING=1; it ran on a helper \
-                 thread, now abandoned: it stays blocked until the process exits)",
-            ),
+        return create_comm_on_thread(nccl, ranks, rank, id, cuda_index, deadline).map_err(|e| {
+            match e {
+                Some(e) => e,
+                None => late(
+                    "ncclCommInitRank (blocking: this NCCL has no non-blocking init, or \
+                     NCCL_COMM_BLOCKING=1; it ran on a helper thread, now abandoned: it stays \
+                     blocked until the process exits)",
+                ),
+            }
         });
     };
     let mut comm: ncclComm_t = std::ptr::null_mut();
@@ -303,10 +307,13 @@ pub(super) fn settle(
         nccl.check("ncclCommGetAsyncError", queried)?;
         match state {
             ncclResult_t::ncclSuccess => return Ok(()),
-            ncclResult_t::ncclInProgress if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            ncclResult_t::ncclInProgress if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
             ncclResult_t::ncclInProgress => {
                 return Err(dist_err(format!(
-                    "rank {rank}: NCCL did not enqueue {what} within {}s (raise dist.timeout_s if it is only slow)",
+                    "rank {rank}: NCCL did not enqueue {what} within {}s (raise dist.timeout_s if \
+                     it is only slow)",
                     timeout.as_secs()
                 )))
             }

@@ -231,8 +231,9 @@ impl Nccl {
     fn load_from(names: &[String]) -> std::result::Result<Nccl, String> {
         let lib = open_first(names).map_err(|e| {
             format!(
-                "NCCL not found ({e}); install it (e.g. `pip install nvidia-nccl-cu13`, or it comes with \
-                 PyTorch's CUDA wheels), set OXCLIP_NCCL=/path/to/libnccl.so.2, or use dist.backend: cpu"
+                "NCCL not found ({e}); install it (e.g. `pip install nvidia-nccl-cu13`, or it \
+                 comes with PyTorch's CUDA wheels), set OXCLIP_NCCL=/path/to/libnccl.so.2, or use \
+                 dist.backend: cpu"
             )
         })?;
         let cudart = open_cudart(&loaded_objects(), &CUDART_NAMES.map(String::from))?;
@@ -372,7 +373,8 @@ mod tests {
                 && err.contains("/nonexistent/oxclip-test/libcudart.so.13"),
             "{err}"
         );
-        // A loaded path is opened as it is (here a stand-in: the C library, loaded in every process).
+        // A loaded path is opened as it is (here a stand-in: the C library, loaded in every
+        // process).
         let libc_path = walked.iter().find(|p| p.contains("/libc.so")).cloned().unwrap();
         let renamed = [libc_path.replace("libc.so.6", "libcudart-0000.so.6")];
         let err = open_cudart(&renamed, &[]).err().unwrap_or_default();

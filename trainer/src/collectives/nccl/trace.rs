@@ -189,14 +189,16 @@ fn diverged(traces: &[(u8, Trace)]) -> Option<String> {
         if t != t0 {
             found.push(if t.count == t0.count {
                 format!(
-                    "rank {r}'s {} NCCL collectives differ from rank 0's (the last: {} on rank {r}, {} on rank 0)",
+                    "rank {r}'s {} NCCL collectives differ from rank 0's (the last: {} on rank \
+                     {r}, {} on rank 0)",
                     t.count,
                     t.last.describe(),
                     t0.last.describe()
                 )
             } else {
                 format!(
-                    "rank {r} has made {} NCCL collectives (the last: {}) while rank 0 has made {} (the last: {})",
+                    "rank {r} has made {} NCCL collectives (the last: {}) while rank 0 has made {} \
+                     (the last: {})",
                     t.count,
                     t.last.describe(),
                     t0.count,
@@ -220,7 +222,10 @@ fn diverged(traces: &[(u8, Trace)]) -> Option<String> {
     if more > 0 {
         message.push_str(&format!("; and {more} more rank(s)"));
     }
-    Some(format!("{message}: the ranks took different paths (different configs or data?); found at a host exchange"))
+    Some(format!(
+        "{message}: the ranks took different paths (different configs or data?); found at a host \
+         exchange"
+    ))
 }
 
 #[cfg(test)]
@@ -315,7 +320,10 @@ mod tests {
         {
             let err = got.unwrap_err();
             assert!(
-                err.contains(&format!("rank {r}: rank 1 has made 2 NCCL collectives (the last: all_gather of 6 float16 values) while rank 0 has made 1")),
+                err.contains(&format!(
+                    "rank {r}: rank 1 has made 2 NCCL collectives (the last: all_gather of 6 \
+                     float16 values) while rank 0 has made 1"
+                )),
                 "{err}"
             );
         }
