@@ -13,11 +13,10 @@ use tch::{nn, Device, Tensor};
 use crate::checkpoint::{self, TrainerState};
 use crate::collectives::{self, Collectives, WorldEnv};
 use crate::config::{DataConfig, Precision, RunConfig};
-// Where `oxclip eval` has always found it.
 use crate::device;
 use crate::error::{io_err, Result, TrainError};
-pub use crate::eval::read_templates;
-use crate::eval::{self, ZeroShotResult};
+use crate::eval::metrics::ZeroShotResult;
+use crate::eval::{benchmark, pass, sets};
 use crate::grad_sync::GradSync;
 use crate::loss::LossSpec;
 use crate::metrics::MetricsWriter;
@@ -542,7 +541,7 @@ fn save_checkpoint(run: &mut Run) -> Result<Option<PathBuf>> {
 fn evaluate(run: &mut Run) -> Result<Option<ZeroShotResult>> {
     let Some(task) = &run.val_task else { return Ok(None) };
     run.model.set_training(false);
-    let results: Result<Vec<eval::EvalResult>> = task
+    let results: Result<Vec<pass::EvalResult>> = task
         .sets
         .iter()
         .map(|set| {
@@ -818,7 +817,7 @@ fn show(value: Option<&serde_yaml::Value>) -> String {
     }
 }
 
-/// The held-out set, checked as `oxclip eval` checks it ([`eval::open_zero_shot`]) when it is
+/// The held-out set, checked as `oxclip eval` checks it ([`sets::open_zero_shot`]) when it is
 /// scored zero-shot: with `data.classnames`, or as a folder per class (`classes:DIR`); then
 /// every set of `eval.datasets`, checked as `oxclip eval` checks a benchmark set.
 fn val_task(
@@ -831,8 +830,8 @@ fn val_task(
         let spec = DataSpec::parse(val)?;
         let classnames = data.classnames.as_deref().map(Path::new);
         let (source, zero_shot) = if classnames.is_some() || matches!(spec, DataSpec::Classes(_)) {
-            let set = eval::open_zero_shot(&spec, classnames, seed)?;
-            (set.source, Some((set.classnames, eval::read_templates(data.templates.as_deref())?)))
+            let set = sets::open_zero_shot(&spec, classnames, seed)?;
+            (set.source, Some((set.classnames, sets::read_templates(data.templates.as_deref())?)))
         } else {
             (DataSource::open(&spec, seed)?, None)
         };
@@ -853,19 +852,19 @@ fn val_task(
                 entry.name
             )));
         }
-        let set = eval::benchmark::resolve(&entry.spec, None).map_err(context)?.ok_or_else(|| {
+        let set = benchmark::resolve(&entry.spec, None).map_err(context)?.ok_or_else(|| {
             TrainError::Config(format!(
                 "eval.datasets `{}`: `{}` is not imagenet1k:DIR, wds:DIR or a clip_benchmark dataset directory \
                  (one holding classnames.txt or test/ shards)",
                 entry.name, entry.spec
             ))
         })?;
-        let source = eval::open_benchmark(&set, seed).map_err(context)?;
+        let source = benchmark::open_benchmark(&set, seed).map_err(context)?;
         let (zero_shot, multi_caption) = match set.task {
-            eval::benchmark::Task::Classification { classnames, templates } => {
+            benchmark::Task::Classification { classnames, templates } => {
                 (Some((classnames, templates)), false)
             }
-            eval::benchmark::Task::Retrieval => (None, true),
+            benchmark::Task::Retrieval => (None, true),
         };
         task.sets.push(ValSet {
             name: entry.name.clone(),
@@ -886,8 +885,8 @@ fn evaluate_task(
     device: Device,
     workers: usize,
     comm: &dyn Collectives,
-) -> Result<eval::EvalResult> {
-    let mut loader = eval::eval_loader_with(
+) -> Result<pass::EvalResult> {
+    let mut loader = pass::eval_loader_with(
         &set.source,
         tokenizer.clone(),
         &model.config,
@@ -898,16 +897,16 @@ fn evaluate_task(
     )?;
     if set.multi_caption {
         let retrieval =
-            eval::evaluate_multi_caption(model, &mut loader, tokenizer, device, comm, &mut |_| {})?;
-        return Ok(eval::EvalResult { zero_shot: None, retrieval: Some(retrieval) });
+            pass::evaluate_multi_caption(model, &mut loader, tokenizer, device, comm, &mut |_| {})?;
+        return Ok(pass::EvalResult { zero_shot: None, retrieval: Some(retrieval) });
     }
     let classifier = match &set.zero_shot {
         Some((classnames, templates)) => {
-            Some(eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?)
+            Some(pass::zero_shot_classifier(model, tokenizer, classnames, templates, device)?)
         }
         None => None,
     };
-    eval::evaluate(model, &mut loader, classifier.as_ref(), !set.benchmark, device, comm)
+    pass::evaluate(model, &mut loader, classifier.as_ref(), !set.benchmark, device, comm)
 }
 
 /// Timings accumulated between two log lines.

@@ -10,9 +10,10 @@ use clap::Args;
 use oxclip_data_loader::{DataSource, DataSpec, Tokenizer};
 use oxclip_trainer::collectives::{self, Collectives, SingleProcess};
 use oxclip_trainer::config::DistConfig;
-use oxclip_trainer::eval::{self, benchmark, EvalResult};
+use oxclip_trainer::eval::benchmark;
+use oxclip_trainer::eval::pass::{self, EvalResult};
+use oxclip_trainer::eval::sets::{self, read_templates};
 use oxclip_trainer::model::Clip;
-use oxclip_trainer::train::read_templates;
 
 use super::embed::ModelArgs;
 
@@ -87,7 +88,7 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
         if let DataSpec::Folder(dir) = &spec {
             spec = DataSpec::Classes(dir.clone());
         }
-        let set = eval::open_zero_shot(&spec, args.classnames.as_deref(), 0)?;
+        let set = sets::open_zero_shot(&spec, args.classnames.as_deref(), 0)?;
         (set.source, Some((set.classnames, read_templates(args.templates.as_deref())?)))
     };
     let opened = args.model.open(true)?;
@@ -96,11 +97,11 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
     let (_vs, model) = opened.load()?;
     let classifier = match &zero_shot {
         Some((names, templates)) => {
-            Some(eval::zero_shot_classifier(&model, &tokenizer, names, templates, device)?)
+            Some(pass::zero_shot_classifier(&model, &tokenizer, names, templates, device)?)
         }
         None => None,
     };
-    let mut loader = eval::eval_loader_with(
+    let mut loader = pass::eval_loader_with(
         &source,
         tokenizer,
         &opened.config,
@@ -110,7 +111,7 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
         ranks.comm(),
     )?;
     let bar = ranks.progress_bar(source.len());
-    let result = eval::evaluate_with_progress(
+    let result = pass::evaluate_with_progress(
         &model,
         &mut loader,
         classifier.as_ref(),
@@ -138,7 +139,7 @@ fn run_benchmark(
     if args.classnames.is_some() {
         bail!("{spec_text} names its own classes (classnames.txt, or the built-in ImageNet-1k list); leave out --classnames");
     }
-    let source = eval::open_benchmark(set, 0)?;
+    let source = benchmark::open_benchmark(set, 0)?;
     let opened = args.model.open(true)?;
     let tokenizer = opened.text_tokenizer()?;
     let (_vs, model) = opened.load()?;
@@ -162,7 +163,7 @@ fn evaluate_benchmark(
     ranks: &Ranks,
 ) -> anyhow::Result<EvalResult> {
     let device = opened.device;
-    let mut loader = eval::eval_loader_with(
+    let mut loader = pass::eval_loader_with(
         source,
         tokenizer.clone(),
         &opened.config,
@@ -176,8 +177,8 @@ fn evaluate_benchmark(
     let result = match &set.task {
         benchmark::Task::Classification { classnames, templates } => {
             let classifier =
-                eval::zero_shot_classifier(model, tokenizer, classnames, templates, device)?;
-            eval::evaluate_with_progress(
+                pass::zero_shot_classifier(model, tokenizer, classnames, templates, device)?;
+            pass::evaluate_with_progress(
                 model,
                 &mut loader,
                 Some(&classifier),
@@ -189,7 +190,7 @@ fn evaluate_benchmark(
         }
         benchmark::Task::Retrieval => EvalResult {
             zero_shot: None,
-            retrieval: Some(eval::evaluate_multi_caption(
+            retrieval: Some(pass::evaluate_multi_caption(
                 model,
                 &mut loader,
                 tokenizer,
@@ -262,8 +263,8 @@ fn run_suite(args: &EvalArgs, suite: &Path, ranks: &Ranks) -> anyhow::Result<()>
         let set = benchmark::resolve(&spec, templates.clone())
             .with_context(|| format!("suite dataset `{name}`"))?
             .with_context(|| format!("suite dataset `{name}`: `{spec}` is not imagenet1k:DIR, wds:DIR or a clip_benchmark dataset directory"))?;
-        let source =
-            eval::open_benchmark(&set, 0).with_context(|| format!("suite dataset `{name}`"))?;
+        let source = benchmark::open_benchmark(&set, 0)
+            .with_context(|| format!("suite dataset `{name}`"))?;
         sets.push((name, set, source));
     }
     let opened = args.model.open(true)?;

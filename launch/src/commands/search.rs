@@ -15,7 +15,7 @@ use tch::{Kind, Tensor};
 
 use oxclip_data_loader::{DataSource, DataSpec};
 use oxclip_trainer::collectives::SingleProcess;
-use oxclip_trainer::eval;
+use oxclip_trainer::eval::pass;
 use oxclip_trainer::model::{normalize, write_safetensors, ModelConfig};
 
 use super::embed::ModelArgs;
@@ -43,7 +43,7 @@ pub fn index(args: IndexArgs) -> anyhow::Result<()> {
     let (cfg, weights, device) = (opened.config.clone(), opened.weights.clone(), opened.device);
     let (_vs, model) = opened.load()?;
     let source = DataSource::open(&DataSpec::parse(&args.data)?, 0)?;
-    let mut loader = eval::eval_loader_with(
+    let mut loader = pass::eval_loader_with(
         &source,
         opened.text_tokenizer()?,
         &cfg,

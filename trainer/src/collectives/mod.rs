@@ -65,7 +65,7 @@ pub trait Collectives {
 /// A point in a backend's device work: under NCCL a recorded CUDA event (destroyed when the
 /// mark is dropped); none where collectives block until done.
 #[derive(Debug)]
-pub struct Mark(Option<nccl::Event>);
+pub struct Mark(Option<nccl::stream::Event>);
 
 impl Mark {
     pub fn none() -> Self {

@@ -17,12 +17,18 @@
 //!
 //!   A retrieval sample's `txt` holds its captions one per line (clip_benchmark splits it
 //!   with `str.splitlines`).
+//!
+//! [`resolve`] turns what the user wrote into a data spec and a [`Task`] (class names and
+//! templates, or retrieval) from the files alone; [`open_benchmark`] then opens the set with
+//! the checks of [`super::sets`] (labels against the class names, samples present).
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use oxclip_data_loader::{webdataset, DataSpec, ShardSet};
+use oxclip_data_loader::sources::classes;
+use oxclip_data_loader::{webdataset, DataSource, DataSpec, ShardSet};
 
+use super::sets::{check_shard_labels, describe_spec, labelled_files, OPENAI_IMAGENET_TEMPLATES};
 use crate::error::{Result, TrainError};
 
 /// ImageNet-1k's class names, line i naming the i-th WordNet id in sorted order: open_clip's
@@ -85,8 +91,50 @@ pub fn is_dataset_dir(dir: &Path) -> bool {
     dir.join("classnames.txt").is_file() || test.join("nshards.txt").is_file() || has_shards()
 }
 
+/// Opens a set resolved by [`resolve`] and checks it as
+/// [`open_zero_shot`](super::sets::open_zero_shot) does:
+/// a classification set's labels against its class names (a folder count, every shard's
+/// `cls`), a retrieval set for having samples.
+pub fn open_benchmark(set: &Benchmark, seed: u64) -> Result<DataSource> {
+    match (&set.task, &set.spec) {
+        (Task::Retrieval, spec) => {
+            let source = DataSource::open(spec, seed)?;
+            if source.is_empty() {
+                return Err(TrainError::Input(format!(
+                    "`{}` holds no image-caption samples to evaluate",
+                    describe_spec(spec)
+                )));
+            }
+            Ok(source)
+        }
+        (Task::Classification { classnames, .. }, DataSpec::Classes(dir)) => {
+            let (dataset, _) = classes::load(dir)?;
+            Ok(labelled_files(dataset, classnames.clone(), &format!("{} has", dir.display()))?
+                .source)
+        }
+        (Task::Classification { classnames, .. }, DataSpec::Shards(parts)) => {
+            let named_by = match parts
+                .first()
+                .and_then(|p| Path::new(&p.spec).parent())
+                .and_then(Path::parent)
+            {
+                Some(dir) if dir.join("classnames.txt").is_file() => {
+                    dir.join("classnames.txt").display().to_string()
+                }
+                _ => "the class list".to_owned(),
+            };
+            check_shard_labels(parts, classnames, &named_by)?;
+            Ok(DataSource::open(&set.spec, seed)?)
+        }
+        (Task::Classification { .. }, spec) => Err(TrainError::Input(format!(
+            "`{}` is neither a folder per class nor shards with class labels",
+            describe_spec(spec)
+        ))),
+    }
+}
+
 fn openai_templates() -> Vec<String> {
-    super::OPENAI_IMAGENET_TEMPLATES.iter().map(|t| (*t).to_owned()).collect()
+    OPENAI_IMAGENET_TEMPLATES.iter().map(|t| (*t).to_owned()).collect()
 }
 
 fn imagenet1k(dir: &Path, templates: Option<Vec<String>>) -> Result<Benchmark> {
@@ -105,9 +153,10 @@ fn imagenet1k(dir: &Path, templates: Option<Vec<String>>) -> Result<Benchmark> {
     }
     if folders.len() != 1000 {
         return Err(TrainError::Input(format!(
-            "{} has {} class folders; ImageNet-1k's validation set has 1000, one per WordNet id (n01440764 ...), \
-             and the built-in class names are matched to them in sorted order. Give the `val/` folder of the full set \
-             (or the folder holding it); for a subset use classes:DIR with --classnames",
+            "{} has {} class folders; ImageNet-1k's validation set has 1000, one per WordNet id \
+             (n01440764 ...), and the built-in class names are matched to them in sorted order. \
+             Give the `val/` folder of the full set (or the folder holding it); for a subset use \
+             classes:DIR with --classnames",
             root.display(),
             folders.len()
         )));
@@ -144,7 +193,8 @@ fn test_shards(dir: &Path) -> Result<DataSpec> {
     let test = dir.join("test");
     if !test.is_dir() {
         return Err(TrainError::Input(format!(
-            "{} is not a clip_benchmark dataset: it has no test/ folder of shards (test/0.tar ..., with test/nshards.txt)",
+            "{} is not a clip_benchmark dataset: it has no test/ folder of shards (test/0.tar ..., \
+             with test/nshards.txt)",
             dir.display()
         )));
     }
@@ -201,7 +251,8 @@ fn clip_benchmark(dir: &Path, templates: Option<Vec<String>>) -> Result<Benchmar
         Some("classification") | Some("") => false,
         Some(other) => {
             return Err(TrainError::Input(format!(
-                "{}: dataset type `{other}` is not evaluated by oxclip (`classification` or `retrieval`)",
+                "{}: dataset type `{other}` is not evaluated by oxclip (`classification` or \
+                 `retrieval`)",
                 type_file.display()
             )))
         }
@@ -215,9 +266,10 @@ fn clip_benchmark(dir: &Path, templates: Option<Vec<String>>) -> Result<Benchmar
     }
     let classnames = classnames.ok_or_else(|| {
         TrainError::Input(format!(
-            "{} is missing: the clip_benchmark dataset {} is a classification set (its samples carry a class index, \
-             `cls`) and zero-shot classification needs its class names, one per line (line i names class i); \
-             for an image-text retrieval set write `retrieval` to {}",
+            "{} is missing: the clip_benchmark dataset {} is a classification set (its samples \
+             carry a class index, `cls`) and zero-shot classification needs its class names, one \
+             per line (line i names class i); for an image-text retrieval set write `retrieval` to \
+             {}",
             classnames_file.display(),
             dir.display(),
             type_file.display()

@@ -1,0 +1,486 @@
+//! The `nccl` backend: CUDA tensors reduced and gathered by NCCL, on the legacy default
+//! stream that libtorch computes on, so no extra synchronisation is needed; except the
+//! overlapped gradient reduction ([`Collectives::all_reduce_start`]), which runs on a
+//! communication stream of its own, ordered against the default stream by events.
+//!
+//! NCCL is opened at run time, so the binary builds and runs where there is none. The types
+//! are cudarc's; the functions are looked up by [`library`], not cudarc's loader.
+//!
+//! The rendezvous (NCCL's unique id), byte gathers and barriers go through a [`TcpGroup`].
+//! Nothing waits on a peer without a deadline: the communicator is created non-blocking and
+//! polled until `dist.timeout_s` after the rendezvous began, and a watchdog thread turns a
+//! collective that never completes into an error. NCCL itself cannot tell that two ranks
+//! called different collectives, so each rank keeps a trace of its own, compared across
+//! ranks at every host exchange.
+//!
+//! One file per job, each using only those listed before it:
+//!
+//! - [`library`]: NCCL and cudart opened (which files, which copy of cudart), the C
+//!   signatures and `ncclConfig_t`'s layout, the function table [`library::Nccl`];
+//! - [`stream`]: CUDA streams and events, and the device selection, through that table;
+//! - [`communicator`]: the communicator's creation (non-blocking, with a deadline), its
+//!   abort, and the [`communicator::Watchdog`];
+//! - [`trace`]: the [`trace::Trace`] of the collectives made and its comparison at every
+//!   host exchange, with the message naming how the ranks diverged;
+//! - this file: [`NcclGroup`], the [`Collectives`] made of the above.
+
+mod communicator;
+mod library;
+pub(super) mod stream;
+mod trace;
+
+use std::ffi::{c_char, c_int};
+use std::mem::MaybeUninit;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cudarc::nccl::sys::{
+    cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclResult_t, ncclUniqueId,
+};
+use tch::{Device, Kind, Tensor};
+
+use super::tcp::TcpGroup;
+use super::{Collectives, WorldEnv};
+use crate::error::{Result, TrainError};
+use communicator::{abort_within, create_comm, Watchdog, ABORT_WAIT};
+use library::Nccl;
+use stream::default_stream;
+use trace::{Call, CollOp, HostOp, Trace};
+
+fn dist_err(message: String) -> TrainError {
+    TrainError::Dist(message)
+}
+
+/// Ranks joined by an NCCL communicator, one GPU each.
+pub struct NcclGroup {
+    nccl: &'static Nccl,
+    comm: ncclComm_t,
+    device: Device,
+    cuda_index: c_int,
+    /// The communication stream the overlapped gradient reduction runs on (non-blocking,
+    /// created once); every other collective stays on the default stream.
+    stream: cudaStream_t,
+    rank: usize,
+    world_size: usize,
+    /// Rendezvous, byte gathers and barriers.
+    bootstrap: TcpGroup,
+    watchdog: Arc<Watchdog>,
+    watchdog_thread: Option<std::thread::JoinHandle<()>>,
+    /// The NCCL collectives made so far, compared across ranks at every host exchange. Behind
+    /// a lock because the gradient reducer's communication thread issues collectives too
+    /// (only it, in bucket order, while the backward pass runs: the order stays the same on
+    /// every rank).
+    trace: Mutex<Trace>,
+    timeout: Duration,
+}
+
+impl NcclGroup {
+    /// Joins the world on `device` (this rank's GPU): rank 0 makes NCCL's unique id and hands
+    /// it to the others over the TCP rendezvous.
+    pub fn connect(world: &WorldEnv, device: Device, timeout: Duration) -> Result<Self> {
+        // The rendezvous and the communicator's creation share one dist.timeout_s.
+        let deadline = Instant::now() + timeout;
+        let Device::Cuda(index) = device else {
+            return Err(dist_err(format!(
+                "the NCCL backend needs a CUDA device, the run is on {}; use dist.backend: cpu",
+                crate::device::name(device)
+            )));
+        };
+        let nccl = Nccl::get()?;
+        let bootstrap = TcpGroup::connect(world, timeout)?;
+        let mut id = MaybeUninit::<ncclUniqueId>::zeroed();
+        if world.rank == 0 {
+            // SAFETY: ncclGetUniqueId fills the id it is given.
+            nccl.check("ncclGetUniqueId", unsafe { (nccl.get_unique_id)(id.as_mut_ptr()) })?;
+        }
+        // SAFETY: all-zero bytes are a valid ncclUniqueId (a plain byte array), and rank 0's
+        // was initialised just above.
+        let mut id = unsafe { id.assume_init() };
+        let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
+        let ids = bootstrap.all_gather_bytes(&bytes)?;
+        for (dst, src) in id.internal.iter_mut().zip(&ids[0]) {
+            *dst = *src as c_char;
+        }
+        let cuda_index =
+            c_int::try_from(index).map_err(|_| dist_err(format!("CUDA device {index}")))?;
+        // NCCL binds the communicator to the calling thread's current device.
+        stream::set_device(nccl, cuda_index)?;
+        let comm = create_comm(nccl, world, id, cuda_index, deadline, timeout)?;
+        tracing::info!(
+            "rank {} of {}: NCCL communicator on cuda:{index}",
+            world.rank,
+            world.world_size
+        );
+        // On the device set just above.
+        let stream = match stream::create(nccl) {
+            Ok(stream) => stream,
+            Err(status) => {
+                abort_within(nccl, comm, ABORT_WAIT);
+                return Err(dist_err(format!(
+                    "cudaStreamCreateWithFlags on cuda:{index} failed with CUDA error {status}"
+                )));
+            }
+        };
+        let (watchdog, watchdog_thread) = Watchdog::start(nccl, comm, cuda_index, timeout)?;
+        Ok(Self {
+            nccl,
+            comm,
+            device,
+            cuda_index,
+            stream,
+            rank: world.rank,
+            world_size: world.world_size,
+            bootstrap,
+            watchdog,
+            watchdog_thread: Some(watchdog_thread),
+            trace: Mutex::new(Trace::default()),
+            timeout,
+        })
+    }
+
+    /// Fails if the watchdog aborted the communicator.
+    fn healthy(&self) -> Result<()> {
+        match self.watchdog.failure() {
+            Some(message) => Err(dist_err(format!("rank {}: {message}", self.rank))),
+            None => Ok(()),
+        }
+    }
+
+    /// The collectives made so far. A poisoned lock still holds the last complete trace.
+    fn trace(&self) -> std::sync::MutexGuard<'_, Trace> {
+        self.trace.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs one NCCL call, queued on `stream`, then hands the watchdog an event recorded on
+    /// `stream` after it.
+    fn collective(
+        &self,
+        stream: cudaStream_t,
+        op: CollOp,
+        kind: Kind,
+        elements: usize,
+        call: impl FnOnce() -> ncclResult_t,
+    ) -> Result<()> {
+        self.healthy()?;
+        let trace = {
+            let mut trace = self.trace();
+            *trace = trace.then(Call::new(op, kind, elements));
+            *trace
+        };
+        let what = format!("{} #{} ({})", op.name(), trace.count, trace.last.describe_values());
+        let queued = call();
+        if queued == ncclResult_t::ncclInProgress {
+            communicator::settle(self.nccl, self.comm, self.rank, self.timeout, &what)?;
+        } else {
+            self.nccl.check(&what, queued)?;
+        }
+        let event = stream::record(self.nccl, stream, &what)?;
+        // The watchdog destroys it once it has seen it complete.
+        self.watchdog.follow(what, event.into_raw());
+        Ok(())
+    }
+
+    /// A host exchange: `bytes` from every rank over the rendezvous connection, with each
+    /// rank's [`Trace`] riding along, compared before anything is returned.
+    fn host_exchange(&self, host: HostOp, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.healthy()?;
+        let trace = *self.trace();
+        trace::traced_exchange(&self.bootstrap, trace, host, bytes)
+    }
+
+    /// The tensor as NCCL sees it: contiguous, on this rank's GPU, of a type NCCL reduces.
+    fn prepared(&self, tensor: &Tensor) -> Result<(Tensor, ncclDataType_t)> {
+        if tensor.device() != self.device {
+            return Err(dist_err(format!(
+                "a {:?} tensor given to the NCCL backend on {:?}",
+                tensor.device(),
+                self.device
+            )));
+        }
+        let dtype = match tensor.kind() {
+            Kind::Float => ncclDataType_t::ncclFloat32,
+            Kind::Double => ncclDataType_t::ncclFloat64,
+            Kind::Half => ncclDataType_t::ncclFloat16,
+            Kind::BFloat16 => ncclDataType_t::ncclBfloat16,
+            Kind::Int => ncclDataType_t::ncclInt32,
+            Kind::Int64 => ncclDataType_t::ncclInt64,
+            other => return Err(dist_err(format!("NCCL cannot reduce {other:?} tensors"))),
+        };
+        Ok((tensor.contiguous(), dtype))
+    }
+}
+
+impl Drop for NcclGroup {
+    fn drop(&mut self) {
+        self.watchdog.request_stop();
+        if let Some(thread) = self.watchdog_thread.take() {
+            // After a failure the watchdog may still be inside ncclCommAbort, which can wait on
+            // a dead peer: leave it to the process's exit rather than wait with it.
+            if self.healthy().is_ok() {
+                let _ = thread.join();
+            }
+        }
+        // An aborted communicator is already gone.
+        if self.healthy().is_ok() {
+            // SAFETY: the communicator was created by ncclCommInitRank and is destroyed once;
+            // the stream was created in `connect` and is destroyed once (CUDA lets the work
+            // queued on it finish first).
+            unsafe {
+                (self.nccl.comm_destroy)(self.comm);
+                (self.nccl.stream_destroy)(self.stream);
+            }
+        }
+    }
+}
+
+// SAFETY: what makes the group !Sync is the communicator and stream handles. An NCCL
+// communicator must not be used by two threads at once; `as_sync`'s contract gives it one
+// thread at a time (during the backward pass only the gradient reducer's communication
+// thread issues collectives, and the owner issues none until it has joined that thread).
+// `ready_mark` and `wait_for` touch only events and the default stream, which CUDA allows
+// from any thread. The trace is behind a lock, the watchdog's state behind its own.
+unsafe impl Sync for NcclGroup {}
+
+impl Collectives for NcclGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
+        let (input, dtype) = self.prepared(tensor)?;
+        let mut shape = input.size();
+        if shape.is_empty() {
+            shape = vec![1];
+        }
+        shape[0] *= self.world_size as i64;
+        let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
+        // SAFETY: both buffers are contiguous CUDA memory on this rank's device, the output
+        // world_size times the input's element count.
+        self.collective(
+            default_stream(),
+            CollOp::AllGather,
+            input.kind(),
+            input.numel(),
+            || unsafe {
+                (self.nccl.all_gather)(
+                    input.data_ptr(),
+                    output.data_ptr(),
+                    input.numel(),
+                    dtype,
+                    self.comm,
+                    default_stream(),
+                )
+            },
+        )?;
+        Ok(output)
+    }
+
+    fn reduce_scatter(&self, tensor: &Tensor) -> Result<Tensor> {
+        let (input, dtype) = self.prepared(tensor)?;
+        let mut shape = input.size();
+        if shape.is_empty() || shape[0] % self.world_size as i64 != 0 {
+            return Err(dist_err(format!(
+                "reduce_scatter of {:?} over {} ranks",
+                shape, self.world_size
+            )));
+        }
+        shape[0] /= self.world_size as i64;
+        let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
+        // SAFETY: contiguous CUDA buffers; the output holds 1/world_size of the input.
+        self.collective(
+            default_stream(),
+            CollOp::ReduceScatter,
+            input.kind(),
+            input.numel(),
+            || unsafe {
+                (self.nccl.reduce_scatter)(
+                    input.data_ptr(),
+                    output.data_ptr(),
+                    output.numel(),
+                    dtype,
+                    ncclRedOp_t::ncclSum,
+                    self.comm,
+                    default_stream(),
+                )
+            },
+        )?;
+        Ok(output)
+    }
+
+    fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
+        let (buffer, dtype) = self.prepared(tensor)?;
+        // SAFETY: in place on a contiguous CUDA buffer.
+        self.collective(
+            default_stream(),
+            CollOp::AllReduce,
+            buffer.kind(),
+            buffer.numel(),
+            || unsafe {
+                (self.nccl.all_reduce)(
+                    buffer.data_ptr(),
+                    buffer.data_ptr(),
+                    buffer.numel(),
+                    dtype,
+                    ncclRedOp_t::ncclSum,
+                    self.comm,
+                    default_stream(),
+                )
+            },
+        )?;
+        if buffer.data_ptr() != tensor.data_ptr() {
+            let _ = tensor.copy_(&buffer);
+        }
+        Ok(())
+    }
+
+    fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
+        let (buffer, dtype) = self.prepared(tensor)?;
+        // SAFETY: in place on a contiguous CUDA buffer.
+        self.collective(
+            default_stream(),
+            CollOp::Broadcast,
+            buffer.kind(),
+            buffer.numel(),
+            || unsafe {
+                (self.nccl.broadcast)(
+                    buffer.data_ptr(),
+                    buffer.data_ptr(),
+                    buffer.numel(),
+                    dtype,
+                    root as c_int,
+                    self.comm,
+                    default_stream(),
+                )
+            },
+        )?;
+        if buffer.data_ptr() != tensor.data_ptr() {
+            let _ = tensor.copy_(&buffer);
+        }
+        Ok(())
+    }
+
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.host_exchange(HostOp::Bytes, bytes)
+    }
+
+    fn as_sync(&self) -> Option<&(dyn Collectives + Sync)> {
+        Some(self)
+    }
+
+    /// Called in the gradient hook, on libtorch's autograd thread for this device, right
+    /// after the bucket was flattened (and cast to bf16) there. That thread queues its work on
+    /// the default stream: the autograd engine runs each backward op on the stream its forward
+    /// op ran on, and oxclip never sets a stream, so every forward op, the hook's cat and cast
+    /// included, ran on the legacy default stream. An event recorded there now therefore
+    /// passes once the flat bucket is written.
+    fn ready_mark(&self) -> Result<super::Mark> {
+        self.healthy()?;
+        stream::set_device(self.nccl, self.cuda_index)?;
+        Ok(super::Mark(Some(stream::record(
+            self.nccl,
+            default_stream(),
+            "a gradient bucket's flatten",
+        )?)))
+    }
+
+    /// On the communication thread: the communication stream waits (on the device) for
+    /// `ready`, the all-reduce is queued on it, and the returned mark is an event after it.
+    /// The compute stream goes on meanwhile: the backward pass and the all-reduce overlap.
+    /// NCCL needs a communicator's collectives to run in the same order on every rank, on the
+    /// device too (two in flight at once on two streams could each wait for the other's
+    /// peers): they do. This one waits for an event recorded after every collective the step
+    /// queued on the default stream before the backward pass; the communication stream runs
+    /// the buckets one after the other; and the default stream waits for every bucket's done
+    /// event before the next step's collectives.
+    fn all_reduce_start(&self, tensor: &mut Tensor, ready: super::Mark) -> Result<super::Mark> {
+        stream::set_device(self.nccl, self.cuda_index)?;
+        let (buffer, dtype) = self.prepared(tensor)?;
+        if buffer.data_ptr() != tensor.data_ptr() {
+            // `contiguous` would have copied on this thread's default stream, unordered with
+            // the communication stream; the reducer's buckets are flat and never need it.
+            return Err(dist_err(
+                "all_reduce_start needs a contiguous tensor (a flat gradient bucket)".into(),
+            ));
+        }
+        if let Some(event) = &ready.0 {
+            stream::wait(self.nccl, self.stream, event, "a gradient bucket's all-reduce")?;
+        }
+        // SAFETY: in place on a contiguous CUDA buffer that the caller keeps alive until it
+        // has waited for the returned mark.
+        self.collective(
+            self.stream,
+            CollOp::AllReduce,
+            buffer.kind(),
+            buffer.numel(),
+            || unsafe {
+                (self.nccl.all_reduce)(
+                    buffer.data_ptr(),
+                    buffer.data_ptr(),
+                    buffer.numel(),
+                    dtype,
+                    ncclRedOp_t::ncclSum,
+                    self.comm,
+                    self.stream,
+                )
+            },
+        )?;
+        Ok(super::Mark(Some(stream::record(
+            self.nccl,
+            self.stream,
+            "a gradient bucket's all-reduce",
+        )?)))
+    }
+
+    /// The default stream (compute) waits for the all-reduce's event; the host does not.
+    fn wait_for(&self, done: super::Mark) -> Result<()> {
+        self.healthy()?;
+        match &done.0 {
+            Some(event) => {
+                stream::set_device(self.nccl, self.cuda_index)?;
+                stream::wait(
+                    self.nccl,
+                    default_stream(),
+                    event,
+                    "the end of a gradient bucket's all-reduce",
+                )
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.healthy()?;
+        // Work queued on the GPU counts: finish it before meeting the others.
+        tch::Cuda::synchronize(match self.device {
+            Device::Cuda(i) => i as i64,
+            _ => 0,
+        });
+        self.host_exchange(HostOp::Barrier, &[]).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_needs_a_cuda_device() {
+        let world = WorldEnv {
+            rank: 0,
+            world_size: 2,
+            local_rank: 0,
+            local_world_size: 2,
+            master_addr: "127.0.0.1".into(),
+            master_port: 1,
+        };
+        let err = NcclGroup::connect(&world, Device::Cpu, Duration::from_millis(10))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("needs a CUDA device"), "{err}");
+    }
+}
