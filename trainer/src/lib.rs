@@ -5,7 +5,8 @@
 //!
 //! Where to look: the step is `step::train_step`, the loss `loss::clip`, the collectives
 //! `collectives`, the loop `train::fit`. Data comes from `oxclip_data_loader`; the command
-//! line lives in the `oxclip` binary, which builds a `train::TrainJob` and calls `fit`.
+//! line lives in the `oxclip` binary, which loads a run config (`config::load`) and calls
+//! `train::fit` with it.
 //!
 //! Modules depend one way, each only on those listed before it:
 //! - `error`, `bytes`, `device`, `schedule`, `metrics`, `optim`: nothing of the others;
