@@ -1,6 +1,5 @@
-//! `oxclip tokenizer encode` (texts to ids, as open_clip's `tokenize`; `oxclip tokenize` is
-//! its old name, kept) and `oxclip tokenizer train` (a CLIP-style BPE from a dataset's
-//! captions).
+//! `oxclip tokenizer encode` (texts to ids, as open_clip's `tokenize`) and `oxclip tokenizer
+//! train` (a CLIP-style BPE from a dataset's captions).
 
 use std::path::PathBuf;
 
