@@ -4,6 +4,7 @@
 mod commands;
 mod config;
 mod dist;
+mod progress;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

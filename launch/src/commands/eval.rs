@@ -13,7 +13,8 @@ use oxclip_trainer::eval::{self, benchmark, EvalResult};
 use oxclip_trainer::model::Clip;
 use oxclip_trainer::train::read_templates;
 
-use super::embed::ModelArgs;
+use super::args::ModelArgs;
+use crate::progress::progress_bar;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -410,7 +411,7 @@ impl Ranks {
         if !self.prints() {
             return indicatif::ProgressBar::hidden();
         }
-        let bar = super::progress_bar("eval", "samples");
+        let bar = progress_bar("eval", "samples");
         bar.set_length(samples.div_ceil(self.comm.world_size() as u64));
         bar
     }

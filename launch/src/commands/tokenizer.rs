@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use oxclip_data_loader::tokenizer::{train_clip_bpe, TrainStage};
 use oxclip_data_loader::{DataSource, DataSpec, Tokenizer};
 
-use super::embed::read_texts;
+use super::args::read_texts;
 
 #[derive(Subcommand)]
 pub enum TokenizerCommand {
