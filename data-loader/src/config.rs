@@ -91,7 +91,7 @@ impl DataConfig {
 }
 
 fn default_shuffle_buffer() -> usize {
-    crate::stream::DEFAULT_SHUFFLE_BUFFER
+    crate::plan::stream::DEFAULT_SHUFFLE_BUFFER
 }
 
 fn default_val_name() -> String {

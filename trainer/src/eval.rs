@@ -20,11 +20,12 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
+use oxclip_data_loader::formats::webdataset;
+use oxclip_data_loader::sources::shards::{ShardSet, ShardSource};
+use oxclip_data_loader::sources::spec::DEFAULT_LABEL_KEY;
 use oxclip_data_loader::sources::{self, classes, FileDataset};
-use oxclip_data_loader::spec::DEFAULT_LABEL_KEY;
 use oxclip_data_loader::{
-    webdataset, DataSource, DataSpec, Loader, LoaderConfig, Preprocess, ShardOptions, ShardSet,
-    ShardSource, SkipCounts, Tokenizer,
+    DataSource, DataSpec, Loader, LoaderConfig, Preprocess, ShardOptions, SkipCounts, Tokenizer,
 };
 
 use crate::collectives::{self, Collectives};
@@ -243,7 +244,7 @@ fn labelled_files(
         return Err(TrainError::Input(format!(
             "{} holds no image to evaluate{}",
             source.display(),
-            skipped_note(&oxclip_data_loader::Dataset::load_skips(&dataset))
+            skipped_note(&sources::Dataset::load_skips(&dataset))
         )));
     }
     let n = classnames.len() as i64;

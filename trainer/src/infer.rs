@@ -7,12 +7,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tch::{nn, Device, Kind, Tensor};
 
-use oxclip_data_loader::sources::is_image_path;
-use oxclip_data_loader::transform::{decode_image, DEFAULT_MAX_PIXELS};
-use oxclip_data_loader::{
-    Dataset, ImageTransform, Loader, LoaderConfig, Preprocess, Sample, SkipCounts, SkipReason,
-    Tokenizer,
-};
+use oxclip_data_loader::formats::image::{decode_image, is_image_path, DEFAULT_MAX_PIXELS};
+use oxclip_data_loader::sources::{Dataset, Sample};
+use oxclip_data_loader::transform::ImageTransform;
+use oxclip_data_loader::{Loader, LoaderConfig, Preprocess, SkipCounts, SkipReason, Tokenizer};
 
 use crate::error::{io_err, Result, TrainError};
 use crate::model::{normalize, Clip, ModelConfig};

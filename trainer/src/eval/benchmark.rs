@@ -21,7 +21,9 @@
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use oxclip_data_loader::{webdataset, DataSpec, ShardSet};
+use oxclip_data_loader::formats::webdataset;
+use oxclip_data_loader::sources::shards::ShardSet;
+use oxclip_data_loader::DataSpec;
 
 use crate::error::{Result, TrainError};
 
