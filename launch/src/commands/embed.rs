@@ -3,12 +3,13 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{anyhow, bail};
 use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
 use oxclip_trainer::infer::image_files;
 use oxclip_trainer::model::write_safetensors;
+use oxclip_trainer::TrainError;
 
 use super::args::{read_texts, ModelArgs};
 use crate::progress::progress_bar;
@@ -111,7 +112,10 @@ pub struct ClassifyArgs {
 
 pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
     let embedder = args.model.open(true)?.embedder()?;
-    let probs = embedder.classify(&args.image, &args.labels)?;
+    let probs = embedder.classify(&args.image, &args.labels).map_err(|e| match e {
+        TrainError::Labels(why) => anyhow!("--labels: {why}"),
+        other => other.into(),
+    })?;
     let mut ranked: Vec<(&String, f64)> = args.labels.iter().zip(probs).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     if args.json {
