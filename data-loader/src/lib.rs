@@ -27,6 +27,15 @@
 //! Bad samples never stop a run: they become a [`SkipReason`], are counted in
 //! [`SkipCounts`], and are replaced (train) or dropped (eval). A [`DataError`] is for what the
 //! run cannot continue past.
+//!
+//! The root re-exports the names a user of the crate writes most: the loader and what it
+//! takes and gives ([`Loader`], [`LoaderConfig`], [`ShardOptions`], [`LoaderState`],
+//! [`Batch`]), what a data spec is and opens to ([`DataSpec`], [`DataSource`]), the
+//! tokenizer and image preprocessing a model carries ([`Tokenizer`], [`Preprocess`] with its
+//! [`ResizeMode`], [`Interpolation`] and the OpenAI mean and std), and what stops or thins a
+//! run ([`DataError`], [`SkipReason`], [`SkipCounts`]). Each is a shortcut to one item;
+//! everything else, modules included, has one path, through its floor (e.g.
+//! `formats::webdataset::ShardWriter`, `sources::shards::ShardSet`, `tools::pack::pack`).
 
 pub mod error;
 pub mod parallel;
@@ -48,27 +57,14 @@ pub mod loader;
 
 pub mod tools;
 
-// The paths callers used before the floors had folders.
-pub use formats::webdataset;
-pub use plan::stream;
-pub use sources::{shards, spec};
-pub use tools::{pack, stats, synth};
-
+// The public surface at the root (see the crate docs): the names the trainer and launch use
+// most. Everything else, by its module.
 pub use error::DataError;
-pub use formats::webdataset::{read_shard, RawSample, ShardWriter};
-pub use loader::{measure_throughput, Loader};
-pub use plan::stream::{ShardOptions, StreamCursor};
+pub use loader::Loader;
+pub use plan::stream::ShardOptions;
 pub use plan::{Batch, LoaderConfig, LoaderState};
-pub use skip::{SampleError, SkipCounts, SkipReason};
-pub use sources::shards::{ShardLocation, ShardSet, ShardSource};
-pub use sources::spec::{CsvSpec, DataSpec, JsonlSpec};
-pub use sources::{
-    open_indexed as open, DataSource, Dataset, FileDataset, Sample, SyntheticDataset,
-};
+pub use skip::{SkipCounts, SkipReason};
+pub use sources::spec::DataSpec;
+pub use sources::DataSource;
 pub use tokenizer::Tokenizer;
-pub use tools::pack::{pack, PackConfig, PackSummary};
-pub use tools::stats::{stats, DataStats};
-pub use tools::synth::{write_synth, SynthConfig, SynthSummary};
-pub use transform::{
-    ImageTransform, Interpolation, Preprocess, ResizeMode, OPENAI_MEAN, OPENAI_STD,
-};
+pub use transform::{Interpolation, Preprocess, ResizeMode, OPENAI_MEAN, OPENAI_STD};

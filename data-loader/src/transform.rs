@@ -29,7 +29,6 @@ pub const OPENAI_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// open_clip's, kept as written though f32 holds fewer.)
 #[allow(clippy::excessive_precision)]
 pub const OPENAI_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
-pub use crate::formats::image::{decode_image, DEFAULT_MAX_PIXELS};
 
 /// How images are prepared for a model, as open_clip's `PreprocessCfg` (the
 /// `preprocess_cfg` of an `open_clip_config.json`): output size, normalisation, resize rule
@@ -687,6 +686,7 @@ mod tests {
 #[cfg(test)]
 mod preprocess_tests {
     use super::*;
+    use crate::formats::image::{decode_image, DEFAULT_MAX_PIXELS};
 
     /// open_clip's `image_transform(is_train=False, ...)` outputs
     /// (tests/fixtures/make_transform_fixtures.py) for every resize mode and interpolation, on

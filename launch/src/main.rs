@@ -3,6 +3,7 @@
 
 mod commands;
 mod dist;
+mod progress;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -34,9 +35,6 @@ enum Command {
     Index(commands::search::IndexArgs),
     /// The indexed images best matching a text, or captions best matching an image.
     Search(commands::search::SearchArgs),
-    /// `oxclip tokenizer encode` under its old name, kept for scripts.
-    #[command(hide = true)]
-    Tokenize(commands::tokenizer::EncodeArgs),
     /// Texts to token ids (`encode`), and training a new BPE on captions (`train`).
     Tokenizer {
         #[command(subcommand)]
@@ -150,7 +148,6 @@ fn main() -> ExitCode {
         Command::Embed(args) => commands::embed::embed(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Classify(args) => commands::embed::classify(args),
-        Command::Tokenize(args) => commands::tokenizer::encode(args),
         Command::Tokenizer { command } => commands::tokenizer::run(command),
         Command::Index(args) => commands::search::index(args),
         Command::Search(args) => commands::search::search(args),

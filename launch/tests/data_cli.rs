@@ -12,7 +12,7 @@ use util::*;
 
 /// A real 40 px JPEG or PNG (by `path`'s extension), encoded by the image crate.
 fn write_image(path: &Path, i: u64) {
-    let scene = oxclip_data_loader::synth::draw_scene(3, i, 40, false);
+    let scene = oxclip_data_loader::tools::synth::draw_scene(3, i, 40, false);
     scene.image.save(path).expect("write image");
 }
 

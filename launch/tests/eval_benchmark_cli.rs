@@ -7,7 +7,7 @@ mod util;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use oxclip_data_loader::webdataset::ShardWriter;
+use oxclip_data_loader::formats::webdataset::ShardWriter;
 use util::*;
 
 /// tests/fixtures/clip_benchmark, written by tests/fixtures/make_clip_benchmark_fixture.py.

@@ -17,6 +17,7 @@ use crate::step::{self, StepConfig};
 pub struct TrainBenchResult {
     pub bench: &'static str,
     pub model: String,
+    /// As [`crate::device::name`] writes it (`cpu`, `cuda:0`), like every other message.
     pub device: String,
     pub batch_size: usize,
     pub steps: u64,
@@ -106,7 +107,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     Ok(TrainBenchResult {
         bench: "train",
         model: b.model_name.to_string(),
-        device: format!("{:?}", b.device),
+        device: crate::device::name(b.device),
         batch_size: b.batch_size,
         steps: b.steps,
         threads: tch::get_num_threads(),

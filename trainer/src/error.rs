@@ -26,6 +26,11 @@ pub enum TrainError {
     #[error("{0}")]
     Input(String),
 
+    /// The labels given to [`crate::infer::Embedder::classify`] cannot rank an image; the
+    /// message names the label and says why. The caller names where the labels came from.
+    #[error("labels: {0}")]
+    Labels(String),
+
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 

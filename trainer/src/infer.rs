@@ -7,12 +7,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tch::{nn, Device, Kind, Tensor};
 
-use oxclip_data_loader::sources::is_image_path;
-use oxclip_data_loader::transform::{decode_image, DEFAULT_MAX_PIXELS};
-use oxclip_data_loader::{
-    Dataset, ImageTransform, Loader, LoaderConfig, Preprocess, Sample, SkipCounts, SkipReason,
-    Tokenizer,
-};
+use oxclip_data_loader::formats::image::{decode_image, is_image_path, DEFAULT_MAX_PIXELS};
+use oxclip_data_loader::sources::{Dataset, Sample};
+use oxclip_data_loader::transform::ImageTransform;
+use oxclip_data_loader::{Loader, LoaderConfig, Preprocess, SkipCounts, SkipReason, Tokenizer};
 
 use crate::error::{io_err, Result, TrainError};
 use crate::model::{normalize, Clip, ModelConfig};
@@ -78,7 +76,11 @@ impl Embedder {
 
     fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
-            TrainError::Input("no tokenizer for this model's text tower: give one with --tokenizer (a tokenizer.json or the directory holding it)".into())
+            TrainError::Input(
+                "no tokenizer for this model's text tower: this embedder was made for images \
+                 only, without one (a tokenizer.json or the directory holding it)"
+                    .into(),
+            )
         })
     }
 
@@ -289,12 +291,15 @@ fn unusable_image(path: &Path, reason: SkipReason) -> TrainError {
 /// (CLIP) model at least two, since the probabilities are shares among the labels given.
 fn check_labels(labels: &[String], sigmoid: bool) -> Result<()> {
     if let Some(i) = labels.iter().position(|l| l.trim().is_empty()) {
-        return Err(TrainError::Input(format!("--labels: label {} is empty; give each label as text (\"a photo of a dog\" or \"dog\")", i + 1)));
+        return Err(TrainError::Labels(format!(
+            "label {} is empty; give each label as text (\"a photo of a dog\" or \"dog\")",
+            i + 1
+        )));
     }
     for (i, label) in labels.iter().enumerate() {
         if let Some(first) = labels[..i].iter().position(|l| l == label) {
-            return Err(TrainError::Input(format!(
-                "--labels: `{label}` is given twice (labels {} and {})",
+            return Err(TrainError::Labels(format!(
+                "`{label}` is given twice (labels {} and {})",
                 first + 1,
                 i + 1
             )));
@@ -302,11 +307,11 @@ fn check_labels(labels: &[String], sigmoid: bool) -> Result<()> {
     }
     let least = if sigmoid { 1 } else { 2 };
     if labels.len() < least {
-        return Err(TrainError::Input(if sigmoid {
-            "--labels: give at least one label".to_owned()
+        return Err(TrainError::Labels(if sigmoid {
+            "give at least one label".to_owned()
         } else {
             format!(
-                "--labels: give at least 2 labels (got {}); a CLIP model's probabilities are shares among the labels given, so a single label always gets 100%",
+                "give at least 2 labels (got {}); a CLIP model's probabilities are shares among the labels given, so a single label always gets 100%",
                 labels.len()
             )
         }));

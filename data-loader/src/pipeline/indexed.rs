@@ -19,7 +19,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use super::{recv_or_stop, send_or_stop, BufferPool, Pipeline, SkipLog, PREFETCH_BATCHES};
 use crate::error::DataError;
 use crate::plan::indexed::Plan;
-use crate::plan::{Batch, LoaderState, MAX_CONSECUTIVE_SKIPS};
+use crate::plan::{Batch, LoaderState, Row, MAX_CONSECUTIVE_SKIPS};
 use crate::skip::{SkipCounts, SkipReason};
 use crate::sources::Dataset;
 use crate::tokenizer::Tokenizer;
@@ -59,13 +59,7 @@ struct Job {
 /// A worker's finished rows of one batch.
 struct Chunk {
     position: LoaderState,
-    images: Vec<f32>,
-    tokens: Vec<i64>,
-    labels: Vec<i64>,
-    indices: Vec<u64>,
-    keys: Vec<String>,
-    sources: Vec<Option<String>>,
-    captions: Vec<String>,
+    rows: Vec<Row>,
     skipped: SkipCounts,
 }
 
@@ -173,20 +167,12 @@ impl Worker {
     /// The job's rows, or `None` if the stop flag rose meanwhile.
     fn process(&self, job: &Job) -> Option<Result<Chunk, DataError>> {
         let image_len = self.transform.output_len();
-        let rows = job.rows.len();
         let mut chunk = Chunk {
             position: job.position.clone(),
-            images: vec![0.0; rows * image_len],
-            tokens: Vec::with_capacity(rows * self.context_length),
-            labels: Vec::with_capacity(rows),
-            indices: Vec::with_capacity(rows),
-            keys: Vec::with_capacity(rows),
-            sources: Vec::with_capacity(rows),
-            captions: Vec::with_capacity(rows),
+            rows: Vec::with_capacity(job.rows.len()),
             skipped: SkipCounts::new(),
         };
         let epoch = job.position.epoch;
-        let mut filled = 0;
         for position in job.rows.clone() {
             if self.stop.load(Ordering::Relaxed) {
                 return None;
@@ -231,17 +217,20 @@ impl Worker {
             let Some((index, sample)) = sample else {
                 continue;
             };
-            let out = &mut chunk.images[filled * image_len..(filled + 1) * image_len];
-            self.transform.apply(&sample.image, self.plan.sample_seed(epoch, index), out);
-            self.tokenizer.encode_into(&sample.caption, self.context_length, &mut chunk.tokens);
-            chunk.labels.push(sample.label.unwrap_or(-1));
-            chunk.indices.push(index as u64);
-            chunk.keys.push(sample.key);
-            chunk.sources.push(sample.source);
-            chunk.captions.push(sample.caption);
-            filled += 1;
+            let mut image = vec![0.0; image_len];
+            self.transform.apply(&sample.image, self.plan.sample_seed(epoch, index), &mut image);
+            let mut tokens = Vec::with_capacity(self.context_length);
+            self.tokenizer.encode_into(&sample.caption, self.context_length, &mut tokens);
+            chunk.rows.push(Row {
+                image,
+                tokens,
+                label: sample.label.unwrap_or(-1),
+                index: index as u64,
+                key: sample.key,
+                caption: sample.caption,
+                source: sample.source,
+            });
         }
-        chunk.images.truncate(filled * image_len);
         Some(Ok(chunk))
     }
 
@@ -267,18 +256,12 @@ fn assemble_batches(
     context_length: usize,
 ) {
     loop {
-        let mut batch = Batch {
-            images: buffers.empty(batch_size * image_len),
-            tokens: Vec::with_capacity(batch_size * context_length),
-            labels: Vec::with_capacity(batch_size),
-            batch_size: 0,
-            skipped: SkipCounts::new(),
-            indices: Vec::with_capacity(batch_size),
-            keys: Vec::with_capacity(batch_size),
-            sources: Vec::with_capacity(batch_size),
-            captions: Vec::with_capacity(batch_size),
-            position: LoaderState::default(),
-        };
+        let mut batch = Batch::empty(
+            buffers.empty(batch_size * image_len),
+            batch_size,
+            context_length,
+            LoaderState::default(),
+        );
         for (w, rx) in chunks.iter().enumerate() {
             let chunk = match recv_or_stop(rx, stop) {
                 Some(Ok(chunk)) => chunk,
@@ -307,16 +290,11 @@ fn assemble_batches(
                 let _ = send_or_stop(batches, Err(e), stop);
                 return;
             }
-            batch.images.extend_from_slice(&chunk.images);
-            batch.tokens.extend_from_slice(&chunk.tokens);
-            batch.labels.extend_from_slice(&chunk.labels);
-            batch.indices.extend_from_slice(&chunk.indices);
-            batch.keys.extend(chunk.keys);
-            batch.sources.extend(chunk.sources);
-            batch.captions.extend(chunk.captions);
+            for row in chunk.rows {
+                batch.push(row);
+            }
             batch.skipped.merge(&chunk.skipped);
         }
-        batch.batch_size = batch.labels.len();
         if !send_or_stop(batches, Ok(batch), stop) {
             return;
         }

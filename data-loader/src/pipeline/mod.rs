@@ -10,6 +10,8 @@
 //! output channel, stop-aware sends and receives, the buffer pool batches are recycled
 //! through, and rate-limited skip logging. Bounded channels give back-pressure: at most
 //! [`PREFETCH_BATCHES`] finished batches wait for the trainer.
+//! Both batchers assemble a batch the same way, through `Batch::empty` and `Batch::push`
+//! (`plan/`), whatever order their samples come in.
 //!
 //! Shutdown: [`Pipeline::shutdown`] raises the stop flag and drops the batch receiver; every
 //! blocking send or receive wakes up within [`POLL`] to look at the flag, each stage returns,

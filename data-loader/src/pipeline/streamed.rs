@@ -27,7 +27,7 @@ use super::{recv_or_stop, send_or_stop, BufferPool, Pipeline, SkipLog, PREFETCH_
 use crate::error::DataError;
 use crate::formats::webdataset::{for_each_sample_in, RawSample};
 use crate::plan::stream::{ShuffleBuffer, StreamCursor, StreamPlan, Unit};
-use crate::plan::{Batch, LoaderState, MAX_CONSECUTIVE_SKIPS};
+use crate::plan::{Batch, LoaderState, Row, MAX_CONSECUTIVE_SKIPS};
 use crate::skip::{SampleError, SkipCounts, SkipReason};
 use crate::tokenizer::Tokenizer;
 use crate::transform::ImageTransform;
@@ -83,9 +83,8 @@ enum WorkerMsg {
         epoch: u64,
         /// The worker's next draw after this sample.
         draw_after: u64,
-        /// Global index: the shard's offset plus the ordinal.
-        index: u64,
-        decoded: Decoded,
+        /// The sample, its index global: the shard's offset plus the ordinal.
+        row: Row,
         /// Draws that failed since the previous message.
         skipped: SkipCounts,
     },
@@ -94,18 +93,6 @@ enum WorkerMsg {
         draws: u64,
         skipped: SkipCounts,
     },
-}
-
-/// One sample as the batch wants it.
-struct Decoded {
-    /// `3 x S x S`, normalised.
-    image: Vec<f32>,
-    tokens: Vec<i64>,
-    /// The `.cls` label, -1 without one.
-    label: i64,
-    key: String,
-    caption: String,
-    source: Option<String>,
 }
 
 /// Where one worker starts: its epoch, draw, and the shuffle buffer as of that draw.
@@ -365,13 +352,12 @@ impl Worker {
                     }
                 };
                 match self.process(&read, epoch) {
-                    Ok(decoded) => {
+                    Ok(row) => {
                         consecutive = 0;
                         let msg = WorkerMsg::Sample {
                             epoch,
                             draw_after: draw,
-                            index: self.plan.offsets[read.shard as usize] + read.ordinal,
-                            decoded,
+                            row,
                             skipped: std::mem::take(&mut skipped),
                         };
                         if !send_or_stop(out, Ok(msg), &self.stop) {
@@ -425,7 +411,7 @@ impl Worker {
     }
 
     /// One read decoded, augmented and tokenized, or why it cannot be used.
-    fn process(&self, read: &Read, epoch: u64) -> Result<Decoded, SampleError> {
+    fn process(&self, read: &Read, epoch: u64) -> Result<Row, SampleError> {
         let raw = read.sample.as_ref().map_err(Clone::clone)?;
         let fail = |reason| SampleError {
             reason,
@@ -442,10 +428,11 @@ impl Worker {
         );
         let mut tokens = Vec::with_capacity(self.context_length);
         self.tokenizer.encode_into(&caption, self.context_length, &mut tokens);
-        Ok(Decoded {
+        Ok(Row {
             image: rows,
             tokens,
             label: raw.label.unwrap_or(-1),
+            index: self.plan.offsets[read.shard as usize] + read.ordinal,
             key: raw.key.clone(),
             caption: caption.into_owned(),
             source: raw.source.clone(),
@@ -482,20 +469,14 @@ impl Batcher {
         };
         let workers = samples.len();
         loop {
-            let mut batch = Batch {
-                images: self.batch_buffers.empty(self.batch_size * self.image_len),
-                tokens: Vec::with_capacity(self.batch_size * self.context_length),
-                labels: Vec::with_capacity(self.batch_size),
-                batch_size: 0,
-                skipped: SkipCounts::new(),
-                indices: Vec::with_capacity(self.batch_size),
-                keys: Vec::with_capacity(self.batch_size),
-                sources: Vec::with_capacity(self.batch_size),
-                captions: Vec::with_capacity(self.batch_size),
-                position: LoaderState::of_stream(&cursor),
-            };
+            let mut batch = Batch::empty(
+                self.batch_buffers.empty(self.batch_size * self.image_len),
+                self.batch_size,
+                self.context_length,
+                LoaderState::of_stream(&cursor),
+            );
             let mut pass_over = false;
-            while batch.labels.len() < self.batch_size {
+            while batch.batch_size < self.batch_size {
                 if cursor.done.iter().all(|&d| d) {
                     if !self.train {
                         pass_over = true;
@@ -524,7 +505,7 @@ impl Batcher {
                     }
                 };
                 match msg {
-                    WorkerMsg::Sample { epoch, draw_after, index, decoded, skipped } => {
+                    WorkerMsg::Sample { epoch, draw_after, row, skipped } => {
                         if epoch != cursor.epoch {
                             return fail(DataError::Pipeline(format!(
                                 "worker {w} sent a sample of epoch {epoch} during epoch {}",
@@ -532,14 +513,7 @@ impl Batcher {
                             )));
                         }
                         cursor.draws[w] = draw_after;
-                        batch.images.extend_from_slice(&decoded.image);
-                        self.sample_buffers[w].give(decoded.image);
-                        batch.tokens.extend_from_slice(&decoded.tokens);
-                        batch.labels.push(decoded.label);
-                        batch.indices.push(index);
-                        batch.keys.push(decoded.key);
-                        batch.sources.push(decoded.source);
-                        batch.captions.push(decoded.caption);
+                        self.sample_buffers[w].give(batch.push(row));
                         batch.skipped.merge(&skipped);
                     }
                     WorkerMsg::EndOfEpoch { epoch, draws, skipped } => {
@@ -555,7 +529,6 @@ impl Batcher {
                     }
                 }
             }
-            batch.batch_size = batch.labels.len();
             if batch.batch_size == 0 && !batch.skipped.is_empty() {
                 // Only at the end of an eval pass: nothing left to put them beside.
                 tracing::warn!("the last samples of the eval pass were skipped: {}", batch.skipped);

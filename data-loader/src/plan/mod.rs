@@ -5,7 +5,8 @@
 //! - [`indexed`]: lists of samples readable one by one, permuted per epoch.
 //! - [`stream`]: WebDataset shards, dealt to ranks and workers and shuffled through a buffer.
 //!
-//! Both fill the same [`Batch`] and resume from the same [`LoaderState`].
+//! Both fill the same [`Batch`] (made by `Batch::empty`, one `Row` at a time by `Batch::push`)
+//! and resume from the same [`LoaderState`].
 
 pub mod indexed;
 pub mod stream;
@@ -99,6 +100,58 @@ pub struct Batch {
     pub sources: Vec<Option<String>>,
     /// Which batch this is.
     pub position: LoaderState,
+}
+
+impl Batch {
+    /// An empty batch at `position`, with room for `rows` rows. `images` is the buffer the
+    /// image rows go into: empty, and recycled from the trainer where it can be.
+    pub(crate) fn empty(
+        images: Vec<f32>,
+        rows: usize,
+        context_length: usize,
+        position: LoaderState,
+    ) -> Self {
+        Self {
+            images,
+            tokens: Vec::with_capacity(rows * context_length),
+            labels: Vec::with_capacity(rows),
+            batch_size: 0,
+            skipped: SkipCounts::new(),
+            indices: Vec::with_capacity(rows),
+            keys: Vec::with_capacity(rows),
+            sources: Vec::with_capacity(rows),
+            captions: Vec::with_capacity(rows),
+            position,
+        }
+    }
+
+    /// Appends one row. Gives back the row's image buffer, which the caller may reuse.
+    pub(crate) fn push(&mut self, row: Row) -> Vec<f32> {
+        self.images.extend_from_slice(&row.image);
+        self.tokens.extend_from_slice(&row.tokens);
+        self.labels.push(row.label);
+        self.indices.push(row.index);
+        self.keys.push(row.key);
+        self.sources.push(row.source);
+        self.captions.push(row.caption);
+        self.batch_size += 1;
+        row.image
+    }
+}
+
+/// One sample made ready for a batch: what [`Batch::push`] adds as a row.
+pub(crate) struct Row {
+    /// `3 x S x S`, normalised.
+    pub image: Vec<f32>,
+    /// `context_length` token ids.
+    pub tokens: Vec<i64>,
+    /// The class label, -1 without one.
+    pub label: i64,
+    /// The sample's index ([`Batch::indices`]).
+    pub index: u64,
+    pub key: String,
+    pub caption: String,
+    pub source: Option<String>,
 }
 
 /// Checks shared by both kinds of loader.

@@ -20,8 +20,6 @@ pub mod synthetic;
 pub use files::{FileDataset, BAD_RECORD};
 pub use spec::DataSpec;
 pub use synthetic::SyntheticDataset;
-// Where callers have always found it.
-pub use crate::formats::image::is_image_path;
 
 use std::sync::Arc;
 

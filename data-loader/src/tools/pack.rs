@@ -1,5 +1,6 @@
 //! `oxclip data pack`: a CSV, JSONL or image-folder source written as WebDataset shards, the
-//! layout img2dataset writes and [`ShardDataset`](crate::ShardDataset) reads:
+//! layout img2dataset writes and the shard catalog
+//! ([`sources::shards`](crate::sources::shards)) reads:
 //! `OUT/00000.tar ...` with members `KEY.jpg|png|webp`, `KEY.txt` and `KEY.json`, plus
 //! `OUT/index.json` (`{"shards": [{"name", "samples"}], "samples", "written_by"}`, as `synth`
 //! writes it, marked as pack's).

@@ -205,6 +205,7 @@ struct LossBenchResult {
     dim: i64,
     tile: Option<i64>,
     matmul: &'static str,
+    /// As [`device::name`] writes it (`cpu`, `cuda:0`), like every other message.
     device: String,
     seconds: f64,
     /// The process's peak resident memory (VmHWM), start-up included.
@@ -259,7 +260,7 @@ pub fn loss(args: BenchLossArgs) -> anyhow::Result<()> {
         dim: args.dim,
         tile: (!args.naive).then(|| oxclip_trainer::loss::effective_tile(args.tile, args.batch)),
         matmul: if args.bf16 { "bf16" } else { "fp32" },
-        device: format!("{device:?}"),
+        device: device::name(device),
         seconds,
         peak_rss_bytes: peak_rss_bytes(),
         cuda_memory_bytes: device::cuda_memory_in_use(device),

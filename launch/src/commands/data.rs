@@ -5,8 +5,13 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use oxclip_data_loader::synth::{write_synth, SynthConfig};
-use oxclip_data_loader::{sources, DataError, DataSpec, PackConfig, SkipCounts};
+use oxclip_data_loader::sources::{self, shards};
+use oxclip_data_loader::tools;
+use oxclip_data_loader::tools::pack::PackConfig;
+use oxclip_data_loader::tools::synth::{write_synth, SynthConfig};
+use oxclip_data_loader::{DataError, DataSpec, SkipCounts};
+
+use crate::progress::progress_bar;
 
 #[derive(Args)]
 pub struct PackArgs {
@@ -109,12 +114,12 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
     let cfg = PackConfig {
         shard_size: args.shard_size,
         max_side: args.max_side,
-        threads: args.threads.unwrap_or_else(oxclip_data_loader::stats::default_threads).max(1),
+        threads: args.threads.unwrap_or_else(tools::stats::default_threads).max(1),
         beside_existing: args.beside_existing,
         ..PackConfig::default()
     };
-    let bar = super::progress_bar("pack", "samples");
-    let summary = oxclip_data_loader::pack::pack(&source, &args.out, &cfg, &mut |done, total| {
+    let bar = progress_bar("pack", "samples");
+    let summary = tools::pack::pack(&source, &args.out, &cfg, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
@@ -136,9 +141,9 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
 
 pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
     let spec = DataSpec::parse(&args.spec)?;
-    let threads = args.threads.unwrap_or_else(oxclip_data_loader::stats::default_threads).max(1);
-    let bar = super::progress_bar("stats", "samples");
-    let result = oxclip_data_loader::stats::stats(&spec, threads, &mut |done, total| {
+    let threads = args.threads.unwrap_or_else(tools::stats::default_threads).max(1);
+    let bar = progress_bar("stats", "samples");
+    let result = tools::stats::stats(&spec, threads, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
@@ -175,7 +180,7 @@ fn describe_skips(skips: &SkipCounts) -> String {
 /// counts): the data loader reports (shards counted, shards to count).
 pub fn show_shard_counting() {
     let bar: std::sync::Mutex<Option<ProgressBar>> = std::sync::Mutex::new(None);
-    oxclip_data_loader::shards::on_count_progress(move |done, total| {
+    shards::on_count_progress(move |done, total| {
         let Ok(mut slot) = bar.lock() else { return };
         let shown = slot.get_or_insert_with(|| {
             let bar = ProgressBar::new(total);

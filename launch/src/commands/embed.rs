@@ -1,58 +1,18 @@
 //! `oxclip embed` and `oxclip classify`: a trained model used directly.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail};
 use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
 use oxclip_trainer::infer::image_files;
 use oxclip_trainer::model::write_safetensors;
+use oxclip_trainer::TrainError;
 
-/// Where the model comes from, shared by the commands that use one.
-#[derive(Args)]
-pub struct ModelArgs {
-    /// A run directory, a `checkpoints/step_N` directory, or a weights file (open_clip or
-    /// Hugging Face layout).
-    #[arg(long)]
-    pub checkpoint: PathBuf,
-    /// The architecture (built-in name or model YAML); needed for a bare weights file. A
-    /// Hugging Face or open_clip directory says its own; one that contradicts it is an error.
-    #[arg(long)]
-    pub model: Option<String>,
-    /// A tokenizer.json, or a Hugging Face model directory holding one, instead of the CLIP
-    /// BPE: prepared as the model's config says (open_clip's `tokenizer_kwargs`, else as
-    /// transformers' AutoTokenizer); refused when its ids exceed the model's vocabulary or
-    /// the text tower would pool at the wrong token.
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-    /// `cpu`, `cuda`, `cuda:N` or `auto` (the first GPU if there is one, else the CPU).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-}
-
-impl ModelArgs {
-    /// The model, its tokenizer, preprocessing and device ([`super::open_model`]).
-    /// `text`: whether texts will be embedded (a tokenizer is then required).
-    pub fn open(&self, text: bool) -> anyhow::Result<super::OpenedModel> {
-        super::open_model(
-            &self.checkpoint,
-            self.model.as_deref(),
-            self.tokenizer.as_deref(),
-            &self.device,
-            text,
-        )
-    }
-}
-
-/// A JSON file holding a list of strings.
-pub(crate) fn read_texts(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: expected a JSON list of strings", path.display()))
-}
+use super::args::{read_texts, ModelArgs};
+use crate::progress::progress_bar;
 
 #[derive(Args)]
 pub struct EmbedArgs {
@@ -95,7 +55,7 @@ pub fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     let mut metadata = HashMap::new();
     let mut embedded_images = 0;
     if !args.images.is_empty() {
-        let bar = super::progress_bar("embed", "images");
+        let bar = progress_bar("embed", "images");
         bar.set_length(images.len() as u64);
         let embedded =
             embedder.embed_images(&images, args.batch_size, args.workers, &mut |n| bar.inc(n))?;
@@ -152,7 +112,10 @@ pub struct ClassifyArgs {
 
 pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
     let embedder = args.model.open(true)?.embedder()?;
-    let probs = embedder.classify(&args.image, &args.labels)?;
+    let probs = embedder.classify(&args.image, &args.labels).map_err(|e| match e {
+        TrainError::Labels(why) => anyhow!("--labels: {why}"),
+        other => other.into(),
+    })?;
     let mut ranked: Vec<(&String, f64)> = args.labels.iter().zip(probs).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     if args.json {

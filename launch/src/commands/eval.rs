@@ -15,7 +15,8 @@ use oxclip_trainer::eval::pass::{self, EvalResult};
 use oxclip_trainer::eval::sets::{self, read_templates};
 use oxclip_trainer::model::Clip;
 
-use super::embed::ModelArgs;
+use super::args::ModelArgs;
+use crate::progress::progress_bar;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -412,7 +413,7 @@ impl Ranks {
         if !self.prints() {
             return indicatif::ProgressBar::hidden();
         }
-        let bar = super::progress_bar("eval", "samples");
+        let bar = progress_bar("eval", "samples");
         bar.set_length(samples.div_ceil(self.comm.world_size() as u64));
         bar
     }

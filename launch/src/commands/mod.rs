@@ -1,3 +1,8 @@
+//! One file per command group, each an `Args` struct and the function that runs it; what
+//! several of them take (the model flags, a texts file) is in [`args`], so that no command
+//! imports another. Here: how every command opens a model ([`open_model`]).
+
+pub mod args;
 pub mod bench;
 pub mod data;
 pub mod embed;
@@ -12,7 +17,6 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
 use tch::{nn, Device};
 
 use oxclip_data_loader::{Preprocess, Tokenizer};
@@ -147,21 +151,6 @@ pub fn open_recorded(
     };
     let device = device::select(device, "--device")?;
     Ok(OpenedModel { found, weights, config, tokenizer, tokenizer_path, preprocess, device })
-}
-
-/// A progress bar on stderr counting `unit` (hidden when stderr is not a terminal), its
-/// length set by the caller or the first progress call.
-pub fn progress_bar(message: &'static str, unit: &str) -> ProgressBar {
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{msg}} [{{bar:40}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(message);
-    bar
 }
 
 /// The tokenizer file and image preprocessing that came with what was found: a model

@@ -18,7 +18,8 @@ use oxclip_trainer::collectives::SingleProcess;
 use oxclip_trainer::eval::pass;
 use oxclip_trainer::model::{normalize, write_safetensors, ModelConfig};
 
-use super::embed::ModelArgs;
+use super::args::ModelArgs;
+use crate::progress::progress_bar;
 
 #[derive(Args)]
 pub struct IndexArgs {
@@ -52,7 +53,7 @@ pub fn index(args: IndexArgs) -> anyhow::Result<()> {
         args.workers,
         &SingleProcess,
     )?;
-    let progress = super::progress_bar("index", "samples");
+    let progress = progress_bar("index", "samples");
     progress.set_length(source.len());
     let (size, context) = (cfg.vision_cfg.image_size, cfg.text_cfg.context_length);
     let (mut images, mut texts, mut keys, mut captions) =

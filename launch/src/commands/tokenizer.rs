@@ -1,6 +1,5 @@
-//! `oxclip tokenizer encode` (texts to ids, as open_clip's `tokenize`; `oxclip tokenize` is
-//! its old name, kept) and `oxclip tokenizer train` (a CLIP-style BPE from a dataset's
-//! captions).
+//! `oxclip tokenizer encode` (texts to ids, as open_clip's `tokenize`) and `oxclip tokenizer
+//! train` (a CLIP-style BPE from a dataset's captions).
 
 use std::path::PathBuf;
 
@@ -11,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use oxclip_data_loader::tokenizer::{train_clip_bpe, TrainStage};
 use oxclip_data_loader::{DataSource, DataSpec, Tokenizer};
 
-use super::embed::read_texts;
+use super::args::read_texts;
 
 #[derive(Subcommand)]
 pub enum TokenizerCommand {

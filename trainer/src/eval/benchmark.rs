@@ -25,8 +25,10 @@
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
+use oxclip_data_loader::formats::webdataset;
 use oxclip_data_loader::sources::classes;
-use oxclip_data_loader::{webdataset, DataSource, DataSpec, ShardSet};
+use oxclip_data_loader::sources::shards::ShardSet;
+use oxclip_data_loader::{DataSource, DataSpec};
 
 use super::sets::{check_shard_labels, describe_spec, labelled_files, OPENAI_IMAGENET_TEMPLATES};
 use crate::error::{Result, TrainError};
