@@ -1,5 +1,11 @@
 //! `oxclip`: the command line over the trainer and the data loader. Only this crate knows
 //! about flags, terminals, progress bars and exit codes.
+//!
+//! Floors, bottom up, each using only those below (`tests/module_layers.rs` checks it):
+//! 0. `dist` (this process's place in the world, from the environment torchrun, SLURM or
+//!    `oxclip launch` set) and `progress` (progress bars);
+//! 1. `commands`: one file per command group, the flags several share in `commands/args.rs`;
+//! 2. this file: the command tree, the error printing and the exit code.
 
 mod commands;
 mod dist;

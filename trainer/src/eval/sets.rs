@@ -10,8 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use oxclip_data_loader::sources::{self, classes, FileDataset};
-use oxclip_data_loader::spec::DEFAULT_LABEL_KEY;
-use oxclip_data_loader::{webdataset, DataSource, DataSpec, ShardSet, ShardSource, SkipCounts};
+use oxclip_data_loader::formats::webdataset;
+use oxclip_data_loader::sources::shards::{ShardSet, ShardSource};
+use oxclip_data_loader::sources::spec::DEFAULT_LABEL_KEY;
+use oxclip_data_loader::sources::Dataset;
+use oxclip_data_loader::{DataSource, DataSpec, SkipCounts};
 
 use crate::error::{Result, TrainError};
 
@@ -189,7 +192,7 @@ pub(super) fn labelled_files(
         return Err(TrainError::Input(format!(
             "{} holds no image to evaluate{}",
             source.display(),
-            skipped_note(&oxclip_data_loader::Dataset::load_skips(&dataset))
+            skipped_note(&Dataset::load_skips(&dataset))
         )));
     }
     let n = classnames.len() as i64;
