@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use oxclip_trainer::config::{DataConfig, DistConfig, LossConfig, OptimConfig, TrainConfig};
-use oxclip_trainer::model::pretrained;
+use oxclip_trainer::interchange::pretrained;
 use oxclip_trainer::model::{zoo, ModelConfig};
 use oxclip_trainer::TrainError;
 

@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use oxclip_data_loader::{Interpolation, Preprocess, ResizeMode, OPENAI_MEAN, OPENAI_STD};
 use serde_json::{Map, Value};
 
-use super::config::{
+use crate::error::{io_err, Result, TrainError};
+use crate::model::config::{
     ActKwargs, Activation, ModelConfig, NormKwargs, TextConfig, TextPool, TokenizerKwargs,
     VisionConfig, VisionLayers,
 };
-use super::timm_vit;
-use crate::error::{io_err, Result, TrainError};
+use crate::model::timm_vit;
 
 /// `oxclip export --format open_clip`'s weights and config (open_clip's hub layout).
 pub const OPEN_CLIP_WEIGHTS: &str = "open_clip_model.safetensors";
@@ -922,7 +922,8 @@ mod tests {
         let p = Pretrained::read(&dir).unwrap();
         let io: std::collections::BTreeMap<String, Tensor> =
             Tensor::read_safetensors(dir.join("io.safetensors")).unwrap().into_iter().collect();
-        let (_vs, model) = crate::model::load(&p.model, &p.weights, Device::Cpu).unwrap();
+        let (_vs, model) =
+            crate::interchange::weights::load(&p.model, &p.weights, Device::Cpu).unwrap();
         let (i, t) = tch::no_grad(|| model.features(&io["pixel_values"], &io["input_ids"]));
         let di = (i - &io["image_embeds"]).abs().max().double_value(&[]);
         let dt = (t - &io["text_embeds"]).abs().max().double_value(&[]);
@@ -948,7 +949,7 @@ mod tests {
     /// `OXCLIP_KEEP_EXPORTS=DIR` keeps the directories, for checking them with transformers.
     #[test]
     fn exports_read_back_as_the_same_model_and_weights() {
-        use crate::model::export::{export, Format};
+        use crate::interchange::export::{export, Format};
         use tch::Tensor;
         let tmp = tempfile::tempdir().unwrap();
         let root =
@@ -958,9 +959,9 @@ mod tests {
             let hf: std::collections::BTreeMap<String, Tensor> =
                 Tensor::read_safetensors(&p.weights).unwrap().into_iter().collect();
             let oc = if mapping {
-                crate::model::hf_siglip::from_hf(hf).unwrap()
+                crate::interchange::hf_siglip::from_hf(hf).unwrap()
             } else {
-                crate::model::hf::from_hf(hf).unwrap()
+                crate::interchange::hf_clip::from_hf(hf).unwrap()
             };
             for format in [Format::HuggingFace, Format::OpenClip] {
                 let out = root.join(format!("{name}-{format:?}"));
@@ -973,9 +974,9 @@ mod tests {
                     Tensor::read_safetensors(&back.weights).unwrap().into_iter().collect();
                 if format == Format::HuggingFace {
                     written = if mapping {
-                        crate::model::hf_siglip::from_hf(written).unwrap()
+                        crate::interchange::hf_siglip::from_hf(written).unwrap()
                     } else {
-                        crate::model::hf::from_hf(written).unwrap()
+                        crate::interchange::hf_clip::from_hf(written).unwrap()
                     };
                     assert_eq!(
                         back.source,
@@ -995,7 +996,7 @@ mod tests {
         // A SigLIP model a SiglipModel cannot hold (causal text) is refused by key.
         let mut cfg = Pretrained::read(&fixtures().join("hf_siglip_tiny")).unwrap().model;
         cfg.text_cfg.no_causal_mask = false;
-        let err = crate::model::export::siglip_config(&cfg).unwrap_err().to_string();
+        let err = crate::interchange::export::siglip_config(&cfg).unwrap_err().to_string();
         assert!(
             err.contains("text_cfg.no_causal_mask") && err.contains("--format open_clip"),
             "{err}"

@@ -16,9 +16,10 @@ use std::path::{Path, PathBuf};
 use oxclip_data_loader::{Interpolation, Preprocess, ResizeMode};
 use tch::Tensor;
 
-use super::config::{ModelConfig, VisionTowerKind};
-use super::{hf, hf_siglip, pretrained, write_safetensors};
+use super::safetensors::write_safetensors;
+use super::{hf_clip, hf_siglip, pretrained};
 use crate::error::{io_err, Result, TrainError};
+use crate::model::config::{ModelConfig, VisionTowerKind};
 
 /// Which loader the export is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +70,7 @@ pub fn export(
             let (tensors, config_json) = if siglip {
                 (hf_siglip::to_hf(weights)?, siglip_config(cfg)?)
             } else {
-                (hf::to_hf(weights)?, clip_config(cfg)?)
+                (hf_clip::to_hf(weights)?, clip_config(cfg)?)
             };
             let model = out.join("model.safetensors");
             write_safetensors(&tensors, None, &model)?;
@@ -96,10 +97,10 @@ pub fn is_siglip_form(cfg: &ModelConfig) -> bool {
 pub fn siglip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
     let (t, v) = (&cfg.text_cfg, &cfg.vision_cfg);
     let name = v.timm_model_name.as_deref().unwrap_or_default();
-    let trunk = super::timm_vit::architectures().into_iter().find(|s| s.name == name).ok_or_else(|| {
+    let trunk = crate::model::timm_vit::architectures().into_iter().find(|s| s.name == name).ok_or_else(|| {
         TrainError::ModelConfig(format!("vision_cfg.timm_model_name {name:?} is not one of the SigLIP trunks a SiglipModel holds"))
     })?;
-    let approximate = |act: &Option<super::config::ActKwargs>, default: bool| match act
+    let approximate = |act: &Option<crate::model::config::ActKwargs>, default: bool| match act
         .as_ref()
         .and_then(|a| a.approximate.as_deref())
     {
@@ -139,7 +140,7 @@ pub fn siglip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
             "image_size": v.image_size,
             "patch_size": trunk.patch,
             "num_channels": 3,
-            "hidden_act": approximate(&v.act_kwargs, trunk.act == super::config::Activation::GeluTanh),
+            "hidden_act": approximate(&v.act_kwargs, trunk.act == crate::model::config::Activation::GeluTanh),
             "layer_norm_eps": 1e-6,
             "vision_use_head": true
         }
@@ -159,7 +160,7 @@ pub fn siglip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
 /// The `config.json` of a `CLIPModel`, refused (by key) where it would read back as another
 /// model: a CLIPModel has no LayerScale, pools text at argmax / first EOS, ...
 fn clip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
-    let json = hf::hf_config(cfg);
+    let json = hf_clip::hf_config(cfg);
     let back =
         pretrained::model_from_hf_config(&json).map(|(_, m)| m).map_err(TrainError::ModelConfig)?;
     let diffs = pretrained::differences(&back, cfg);
@@ -236,7 +237,7 @@ mod tests {
                 .unwrap();
         tch::manual_seed(5);
         let vs = nn::VarStore::new(Device::Cpu);
-        let _ = super::super::Clip::new(&vs.root(), &cfg).unwrap();
+        let _ = crate::model::Clip::new(&vs.root(), &cfg).unwrap();
         let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         let dir = tempfile::tempdir().unwrap();
         for (format, file) in [
@@ -254,8 +255,8 @@ mod tests {
             .unwrap();
             assert!(files.iter().all(|f| f.is_file()));
             let other = nn::VarStore::new(Device::Cpu);
-            let _ = super::super::Clip::new(&other.root(), &cfg).unwrap();
-            super::super::load_weights(&other, &out.join(file)).unwrap();
+            let _ = crate::model::Clip::new(&other.root(), &cfg).unwrap();
+            crate::interchange::weights::load_weights(&other, &out.join(file)).unwrap();
             for (name, t) in other.variables() {
                 assert!(t.equal(&weights[&name]), "{format:?}: {name}");
             }
@@ -276,10 +277,10 @@ mod tests {
             serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml"))
                 .unwrap();
         let clip_vs = nn::VarStore::new(Device::Cpu);
-        let _ = super::super::Clip::new(&clip_vs.root(), &cfg).unwrap();
+        let _ = crate::model::Clip::new(&clip_vs.root(), &cfg).unwrap();
         cfg.init_logit_bias = Some(-10.0);
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = super::super::Clip::new(&vs.root(), &cfg).unwrap();
+        let model = crate::model::Clip::new(&vs.root(), &cfg).unwrap();
         let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         let dir = tempfile::tempdir().unwrap();
         let files = export(
@@ -304,9 +305,9 @@ mod tests {
 
         // CLIP weights into the SigLIP model: everything loads, the bias keeps its start.
         let clip_file = dir.path().join("clip.safetensors");
-        super::super::save_weights(&clip_vs, &clip_file).unwrap();
+        crate::interchange::weights::save_weights(&clip_vs, &clip_file).unwrap();
         let _ = tch::no_grad(|| model.logit_bias.as_ref().unwrap().shallow_clone().fill_(-3.0));
-        super::super::load_weights(&vs, &clip_file).unwrap();
+        crate::interchange::weights::load_weights(&vs, &clip_file).unwrap();
         assert_eq!(model.logit_bias.as_ref().unwrap().double_value(&[]), -3.0);
         assert!(vs.variables()["visual.proj"].equal(&clip_vs.variables()["visual.proj"]));
     }

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tch::Tensor;
 
-use super::config::{ModelConfig, TextPool};
 use crate::error::{Result, TrainError};
+use crate::model::config::{ModelConfig, TextPool};
 
 /// Whether a state dict is in Hugging Face layout.
 pub fn is_hf(names: impl IntoIterator<Item = impl AsRef<str>>) -> bool {
