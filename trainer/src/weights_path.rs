@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{self, MODEL_FILE, STATE_FILE};
 use crate::error::{io_err, Result, TrainError};
-use crate::interchange::pretrained::{
-    Pretrained, HF_CONFIG, HF_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS,
-};
+use crate::interchange::hugging_face::{HF_CONFIG, HF_WEIGHTS};
+use crate::interchange::open_clip::{OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS};
+use crate::interchange::pretrained::Pretrained;
 
 /// Where the weights of a path are, and what came with them.
 #[derive(Debug, Clone, PartialEq, Eq)]
