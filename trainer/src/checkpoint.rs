@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
 use crate::error::{io_err, Result, TrainError};
-use crate::model;
+use crate::interchange::safetensors::read_safetensors;
+use crate::interchange::weights;
 use crate::optim::AdamW;
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -240,7 +241,7 @@ fn host_copy(t: &Tensor, kind: tch::Kind) -> Result<Tensor> {
     Ok(t.f_detach()?.f_to_device_(tch::Device::Cpu, kind, false, true)?.f_contiguous()?)
 }
 
-/// Copies the weights (fp32, as [`model::save_weights`] writes them), the optimizer state and
+/// Copies the weights (fp32, as [`weights::save_weights`] writes them), the optimizer state and
 /// `state` to host memory. This is the part of a save the training loop waits for.
 pub fn snapshot(vs: &nn::VarStore, optimizer: &AdamW, state: &TrainerState) -> Result<Snapshot> {
     let _no_grad = tch::no_grad_guard();
@@ -470,9 +471,9 @@ pub fn load(dir: &Path, vs: &nn::VarStore, optimizer: &mut AdamW) -> Result<Trai
             message: format!("has no {}, so training cannot continue from it; --init starts a fresh run from its weights", missing.join(" or ")),
         });
     }
-    model::load_weights(vs, &dir.join(MODEL_FILE))?;
+    weights::load_weights(vs, &dir.join(MODEL_FILE))?;
     let opt_path = dir.join(OPTIMIZER_FILE);
-    let opt_state: BTreeMap<String, Tensor> = model::read_safetensors(&opt_path)?;
+    let opt_state: BTreeMap<String, Tensor> = read_safetensors(&opt_path)?;
     optimizer
         .load_state_tensors(&opt_state)
         .map_err(|e| TrainError::Checkpoint { path: opt_path, message: e.to_string() })?;
@@ -678,11 +679,11 @@ mod tests {
         let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
         model.encode_image(&images).sum(Kind::Float).backward();
         opt.step(1e-3);
-        // The reference: what the synchronous path (model::save_weights for the weights) writes.
+        // The reference: what the synchronous path (weights::save_weights for the weights) writes.
         let sync = tempfile::tempdir().expect("tempdir");
         let sync_dir = save(sync.path(), &vs, &opt, &state(5), 3).expect("saves");
         let weights_ref = sync.path().join("weights.safetensors");
-        model::save_weights(&vs, &weights_ref).expect("saves weights");
+        weights::save_weights(&vs, &weights_ref).expect("saves weights");
 
         let mut writer = Writer::default();
         let dst = writer
@@ -697,7 +698,7 @@ mod tests {
         let read = |p: &Path| fs::read(p).expect("reads");
         assert!(
             read(&dst.join(MODEL_FILE)) == read(&weights_ref),
-            "model.safetensors differs from model::save_weights'"
+            "model.safetensors differs from weights::save_weights'"
         );
         for file in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, MANIFEST_FILE] {
             assert!(

@@ -38,7 +38,7 @@ pub struct EmbeddedImages {
 
 impl Embedder {
     /// The architecture `cfg` with the weights of `weights` (either layout, see
-    /// [`load_weights`]) on `device`.
+    /// [`crate::interchange::weights::load_weights`]) on `device`.
     /// Images are prepared as [`crate::prepare::default_preprocess`] says for `cfg`; see
     /// [`with_preprocess`](Self::with_preprocess). The tokenizer is checked against the text
     /// tower first ([`crate::prepare::check_tokenizer`]); without one the embedder takes
@@ -52,7 +52,7 @@ impl Embedder {
         if let Some(tokenizer) = &tokenizer {
             crate::prepare::check_tokenizer(tokenizer, cfg, "the tokenizer")?;
         }
-        let (vs, model) = crate::model::load(cfg, weights, device)?;
+        let (vs, model) = crate::interchange::weights::load(cfg, weights, device)?;
         let preprocess = crate::prepare::default_preprocess(cfg);
         let transform = ImageTransform::eval_for(&preprocess);
         Ok(Self { model, _vs: vs, tokenizer, preprocess, transform, device })

@@ -10,7 +10,9 @@
 //!
 //! Modules depend one way, each only on those listed before it:
 //! - `error`, `bytes`, `device`, `schedule`, `metrics`, `optim`: nothing of the others;
-//! - `model` (the architectures, their configs, pretrained directories), `collectives`;
+//! - `model` (the architectures and their configs), `collectives`;
+//! - `interchange` (files in and out: safetensors, Hugging Face and open_clip layouts,
+//!   model directories, export);
 //! - `loss` (the losses and the `loss:` section; it completes the model config for SigLIP),
 //!   `prepare` (a model's tokenizer and image preprocessing), `checkpoint`, then
 //!   `weights_path` (what a path given for weights is);
@@ -28,6 +30,7 @@ pub mod error;
 pub mod eval;
 pub mod grad_sync;
 pub mod infer;
+pub mod interchange;
 pub mod loss;
 pub mod metrics;
 pub mod model;

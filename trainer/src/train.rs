@@ -290,7 +290,7 @@ fn init_weights(cfg: &RunConfig, resuming: bool) -> Result<Option<Found>> {
     let found = weights_path::locate(path)
         .map_err(|e| TrainError::Config(format!("init.checkpoint (--init) {e}")))?;
     if let Some(dir) = found.pretrained()? {
-        if let Some(msg) = crate::model::pretrained::contradiction(
+        if let Some(msg) = crate::interchange::pretrained::contradiction(
             &dir.dir,
             &dir.model,
             "the run's model",
@@ -333,7 +333,7 @@ fn build_model(
         device::name(device)
     );
     if let Some(found) = init {
-        crate::model::load_weights(&vs, &found.weights())?;
+        crate::interchange::weights::load_weights(&vs, &found.weights())?;
         tracing::info!("initial weights from {} ({})", found.weights().display(), found.describe());
     }
     Ok((vs, model, optimizer))

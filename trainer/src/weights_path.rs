@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{self, MODEL_FILE, STATE_FILE};
 use crate::error::{io_err, Result, TrainError};
-
-pub use crate::model::pretrained::{HF_CONFIG, HF_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS};
+use crate::interchange::hugging_face::{HF_CONFIG, HF_WEIGHTS};
+use crate::interchange::open_clip::{OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS};
+use crate::interchange::pretrained::Pretrained;
 
 /// Where the weights of a path are, and what came with them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,8 +44,7 @@ impl Found {
     /// The directory's own config, translated (architecture, preprocessing, tokenizer files),
     /// for a Hugging Face `CLIPModel` / `SiglipModel` directory or an open_clip directory with
     /// its `open_clip_config.json`; `None` for a checkpoint (its run config says) or a bare file.
-    pub fn pretrained(&self) -> Result<Option<crate::model::pretrained::Pretrained>> {
-        use crate::model::pretrained::Pretrained;
+    pub fn pretrained(&self) -> Result<Option<Pretrained>> {
         match self {
             Found::HuggingFace { weights, config } => {
                 Pretrained::hugging_face(config, weights).map(Some)

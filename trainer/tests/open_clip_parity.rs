@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use oxclip_trainer::interchange::weights::load_weights;
 use oxclip_trainer::loss::clip::clip_loss;
 use oxclip_trainer::loss::siglip::siglip_loss;
 use oxclip_trainer::loss::Matmul;
@@ -65,7 +66,7 @@ fn check_parity(dir: &str, quick_gelu: bool) {
     cfg.quick_gelu = quick_gelu;
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Clip::new(&vs.root(), &cfg).expect("builds");
-    model::load_weights(&vs, &fixtures().join(dir).join("model.safetensors"))
+    load_weights(&vs, &fixtures().join(dir).join("model.safetensors"))
         .expect("loads open_clip weights");
     let io = read(fixtures().join(dir).join("io.safetensors"));
 
@@ -155,7 +156,7 @@ fn siglip_step_matches_open_clip_gradients() {
     for micro_batch in [None, Some(4), Some(2)] {
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &cfg).expect("builds");
-        model::load_weights(&vs, &dir.join("model.safetensors")).expect("loads open_clip weights");
+        load_weights(&vs, &dir.join("model.safetensors")).expect("loads open_clip weights");
         let mut optimizer = AdamW::new(
             vs.variables().into_iter().collect(),
             AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 },
@@ -242,7 +243,7 @@ fn loading_reports_missing_unexpected_and_misshaped_tensors() {
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = Clip::new(&vs.root(), &model_config("../tests/fixtures/models/parity-tiny.yaml"))
         .expect("builds");
-    let msg = model::load_weights(&vs, &path).expect_err("rejects").to_string();
+    let msg = load_weights(&vs, &path).expect_err("rejects").to_string();
     assert!(msg.contains("missing 1 tensor: logit_scale"), "{msg}");
     assert!(msg.contains("unexpected 1 tensor: extra.weight"), "{msg}");
     assert!(

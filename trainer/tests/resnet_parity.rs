@@ -9,10 +9,11 @@ use std::path::PathBuf;
 
 use oxclip_trainer::collectives::SingleProcess;
 use oxclip_trainer::config::{LossConfig, LossKind, Tiling};
-use oxclip_trainer::model::export::{export, Format};
+use oxclip_trainer::interchange::export::{export, Format};
+use oxclip_trainer::interchange::weights::{load_weights, save_weights};
 use oxclip_trainer::model::lock::{lock, Tower};
 use oxclip_trainer::model::params::deterministic;
-use oxclip_trainer::model::{self, Clip, ModelConfig};
+use oxclip_trainer::model::{Clip, ModelConfig};
 use oxclip_trainer::optim::{AdamW, AdamWConfig};
 use oxclip_trainer::step::{train_step, StepConfig};
 use tch::{nn, Device, Kind, Tensor};
@@ -135,7 +136,7 @@ fn tiny_resnet_training_step_matches_open_clip() {
         let golden = read(&format!("tiny_{case}.safetensors"));
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &cfg).expect("builds");
-        model::load_weights(&vs, &fixtures().join("tiny_model.safetensors"))
+        load_weights(&vs, &fixtures().join("tiny_model.safetensors"))
             .expect("loads open_clip weights");
         assert_eq!(vs.variables()["visual.bn1.num_batches_tracked"].int64_value(&[]), 3);
         model.set_training(true);
@@ -199,7 +200,7 @@ fn eval_mode_uses_and_keeps_the_running_statistics() {
     let cfg = config("tiny-rn.json");
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Clip::new(&vs.root(), &cfg).expect("builds");
-    model::load_weights(&vs, &fixtures().join("tiny_model.safetensors")).expect("loads");
+    load_weights(&vs, &fixtures().join("tiny_model.safetensors")).expect("loads");
     let before: BTreeMap<String, Tensor> =
         vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
     let images = io["images"].narrow(0, 0, 2);
@@ -287,7 +288,7 @@ fn resnet_exports_to_open_clip_only() {
     let cfg = config("tiny-rn.json");
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = Clip::new(&vs.root(), &cfg).expect("builds");
-    model::load_weights(&vs, &fixtures().join("tiny_model.safetensors")).expect("loads");
+    load_weights(&vs, &fixtures().join("tiny_model.safetensors")).expect("loads");
     let weights: BTreeMap<String, Tensor> =
         vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -305,11 +306,11 @@ fn resnet_exports_to_open_clip_only() {
     assert_eq!(counter.1.int64_value(&[]), 3);
     // A checkpoint's model file round-trips the buffers the same way.
     let checkpoint = dir.path().join("model.safetensors");
-    model::save_weights(&vs, &checkpoint).expect("saves");
+    save_weights(&vs, &checkpoint).expect("saves");
     for file in [&files[0], &checkpoint] {
         let other = nn::VarStore::new(Device::Cpu);
         let _ = Clip::new(&other.root(), &cfg).expect("builds");
-        model::load_weights(&other, file).expect("loads back");
+        load_weights(&other, file).expect("loads back");
         for (name, t) in other.variables() {
             assert!(
                 t.kind() == weights[&name].kind() && t.equal(&weights[&name]),

@@ -8,7 +8,7 @@ use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
 use oxclip_trainer::infer::image_files;
-use oxclip_trainer::model::write_safetensors;
+use oxclip_trainer::interchange::safetensors::write_safetensors;
 use oxclip_trainer::TrainError;
 
 use super::args::{read_texts, ModelArgs};

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 use oxclip_trainer::checkpoint;
-use oxclip_trainer::model::export::{export, Format};
+use oxclip_trainer::interchange::export::{export, Format};
 use oxclip_trainer::weights_path::Found;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

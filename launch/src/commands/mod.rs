@@ -24,7 +24,8 @@ use oxclip_trainer::checkpoint;
 use oxclip_trainer::config::{self, DataConfig};
 use oxclip_trainer::device;
 use oxclip_trainer::infer::Embedder;
-use oxclip_trainer::model::{pretrained, Clip, ModelConfig};
+use oxclip_trainer::interchange::pretrained;
+use oxclip_trainer::model::{Clip, ModelConfig};
 use oxclip_trainer::prepare;
 use oxclip_trainer::weights_path::{self, Found};
 
@@ -85,7 +86,7 @@ pub struct OpenedModel {
 impl OpenedModel {
     /// The weights loaded into the architecture, on the device.
     pub fn load(&self) -> anyhow::Result<(nn::VarStore, Clip)> {
-        Ok(oxclip_trainer::model::load(&self.config, &self.weights, self.device)?)
+        Ok(oxclip_trainer::interchange::weights::load(&self.config, &self.weights, self.device)?)
     }
 
     /// The tokenizer, which a command embedding text cannot do without.

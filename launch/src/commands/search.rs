@@ -16,7 +16,8 @@ use tch::{Kind, Tensor};
 use oxclip_data_loader::{DataSource, DataSpec};
 use oxclip_trainer::collectives::SingleProcess;
 use oxclip_trainer::eval::pass;
-use oxclip_trainer::model::{normalize, write_safetensors, ModelConfig};
+use oxclip_trainer::interchange::safetensors::write_safetensors;
+use oxclip_trainer::model::{normalize, ModelConfig};
 
 use super::args::ModelArgs;
 use crate::progress::progress_bar;

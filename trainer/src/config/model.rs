@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::read::deserialize_text;
 use super::ConfigError;
-use crate::model::pretrained;
+use crate::interchange::pretrained;
 use crate::model::{zoo, ModelConfig};
 
 /// The model as the config names it: a built-in name, a path to a model YAML, or the config

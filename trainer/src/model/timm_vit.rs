@@ -466,4 +466,42 @@ mod tests {
         assert_eq!(groups[12], ["visual.trunk.blocks.11", "visual.trunk.norm"]);
         assert_eq!(groups[13], ["visual.trunk.attn_pool"]);
     }
+
+    /// Every trunk of the table is the one timm builds (hf_siglip_names.json, from timm).
+    #[test]
+    fn the_trunk_table_is_timms() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let golden: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures.join("hf_siglip_names.json")).unwrap(),
+        )
+        .unwrap();
+        let timm = golden["timm_trunks"].as_object().unwrap();
+        assert_eq!(timm.len(), ARCHITECTURES.len());
+        for t in ARCHITECTURES {
+            let g = &timm[t.name];
+            let want = (
+                g["patch"].as_i64(),
+                g["width"].as_i64(),
+                g["depth"].as_i64(),
+                g["heads"].as_i64(),
+                g["mlp"].as_i64(),
+                g["image"].as_i64(),
+            );
+            assert_eq!(
+                (
+                    Some(t.patch),
+                    Some(t.width),
+                    Some(t.depth),
+                    Some(t.heads),
+                    Some(t.mlp_hidden),
+                    Some(t.img_size)
+                ),
+                want,
+                "{}",
+                t.name
+            );
+            assert_eq!(t.act == Activation::GeluTanh, g["act"] == "GELUTanh", "{}", t.name);
+            assert_eq!(g["eps"], 1e-6);
+        }
+    }
 }

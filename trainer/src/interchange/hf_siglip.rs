@@ -143,7 +143,7 @@ pub fn from_hf(mut hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tens
                 }
             }
             for kind in ["weight", "bias"] {
-                if let Some(fused) = super::hf::fuse_qkv(&mut hf, &h, kind)? {
+                if let Some(fused) = super::hf_clip::fuse_qkv(&mut hf, &h, kind)? {
                     out.insert(format!("{o}.{}", tower.qkv.replace("{kind}", kind)), fused);
                 }
             }
@@ -210,6 +210,7 @@ pub fn to_hf(mut oc: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interchange::hf_clip::is_hf;
 
     fn fixtures() -> std::path::PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -236,10 +237,10 @@ mod tests {
                 .into_iter()
                 .collect();
         assert_eq!(shapes(&hf), want("transformers"));
-        assert!(super::super::hf::is_hf(hf.keys()) && is_siglip(hf.keys()));
+        assert!(is_hf(hf.keys()) && is_siglip(hf.keys()));
         let oc = from_hf(hf.iter().map(|(k, v)| (k.clone(), v.copy())).collect()).unwrap();
         assert_eq!(shapes(&oc), want("open_clip"));
-        assert!(!is_siglip(oc.keys()) && !super::super::hf::is_hf(oc.keys()));
+        assert!(!is_siglip(oc.keys()) && !is_hf(oc.keys()));
         // Values: q is the head's first rows, the text projection is not transposed.
         let w = hf["vision_model.head.attention.in_proj_weight"].size()[1];
         assert!(oc["visual.trunk.attn_pool.q.weight"]

@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tch::Tensor;
 
-use super::config::{ModelConfig, TextPool};
 use crate::error::{Result, TrainError};
 
 /// Whether a state dict is in Hugging Face layout.
@@ -170,56 +169,6 @@ pub fn to_hf(mut oc: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor
         return Err(TrainError::ModelConfig(format!("{left} has no Hugging Face CLIPModel name")));
     }
     Ok(out)
-}
-
-/// The `config.json` `CLIPModel.from_pretrained` reads for `cfg`, with OpenAI's CLIP BPE
-/// special tokens. transformers pools the text at the argmax of the ids when `eos_token_id`
-/// is 2 (its legacy value) and at the first `eos_token_id` otherwise, so the pooling is
-/// written as that id.
-pub fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
-    let act = if cfg.quick_gelu { "quick_gelu" } else { "gelu" };
-    let (t, v) = (&cfg.text_cfg, &cfg.vision_cfg);
-    let eos = match t.pool_type {
-        TextPool::Eos => t.eos_id,
-        // `last` / `first` cannot be written; export reads the file back and names the key.
-        _ => 2,
-    };
-    serde_json::json!({
-        "architectures": ["CLIPModel"],
-        "model_type": "clip",
-        "projection_dim": cfg.embed_dim,
-        "logit_scale_init_value": 2.6592,
-        "initializer_factor": 1.0,
-        "torch_dtype": "float32",
-        "text_config": {
-            "model_type": "clip_text_model",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.width,
-            "intermediate_size": (t.width as f64 * t.mlp_ratio) as i64,
-            "num_attention_heads": t.heads,
-            "num_hidden_layers": t.layers,
-            "max_position_embeddings": t.context_length,
-            "hidden_act": act,
-            "layer_norm_eps": t.norm_eps(),
-            "projection_dim": cfg.embed_dim,
-            "bos_token_id": 49406,
-            "eos_token_id": eos,
-            "pad_token_id": 1
-        },
-        "vision_config": {
-            "model_type": "clip_vision_model",
-            "hidden_size": v.width,
-            "intermediate_size": (v.width as f64 * v.mlp_ratio) as i64,
-            "num_attention_heads": v.heads(),
-            "num_hidden_layers": v.layers,
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "num_channels": 3,
-            "hidden_act": act,
-            "layer_norm_eps": v.norm_eps(),
-            "projection_dim": cfg.embed_dim
-        }
-    })
 }
 
 #[cfg(test)]

@@ -13,12 +13,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use oxclip_data_loader::{Interpolation, Preprocess, ResizeMode};
+use oxclip_data_loader::Preprocess;
 use tch::Tensor;
 
-use super::config::{ModelConfig, VisionTowerKind};
-use super::{hf, hf_siglip, pretrained, write_safetensors};
+use super::hugging_face::{self, HF_CONFIG, HF_PREPROCESSOR, HF_WEIGHTS};
+use super::open_clip::{self, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS};
+use super::safetensors::write_safetensors;
+use super::{hf_clip, hf_siglip, pretrained};
 use crate::error::{io_err, Result, TrainError};
+use crate::model::config::{ModelConfig, VisionTowerKind};
 
 /// Which loader the export is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,28 +58,24 @@ pub fn export(
     };
     let written = match format {
         Format::OpenClip => {
-            let model = out.join("open_clip_model.safetensors");
+            let model = out.join(OPEN_CLIP_WEIGHTS);
             write_safetensors(&weights, None, &model)?;
-            let config = out.join("open_clip_config.json");
-            let json = serde_json::json!({
-                "model_cfg": cfg,
-                "preprocess_cfg": pretrained::open_clip_preprocess_cfg(&preprocess),
-            });
-            write_json(&config, &json)?;
+            let config = out.join(OPEN_CLIP_CONFIG);
+            write_json(&config, &open_clip::model_to_open_clip_config(cfg, &preprocess))?;
             vec![model, config]
         }
         Format::HuggingFace => {
             let (tensors, config_json) = if siglip {
                 (hf_siglip::to_hf(weights)?, siglip_config(cfg)?)
             } else {
-                (hf::to_hf(weights)?, clip_config(cfg)?)
+                (hf_clip::to_hf(weights)?, clip_config(cfg)?)
             };
-            let model = out.join("model.safetensors");
+            let model = out.join(HF_WEIGHTS);
             write_safetensors(&tensors, None, &model)?;
-            let config = out.join("config.json");
+            let config = out.join(HF_CONFIG);
             write_json(&config, &config_json)?;
-            let preprocessor = out.join("preprocessor_config.json");
-            write_json(&preprocessor, &hf_preprocessor(&preprocess, siglip)?)?;
+            let preprocessor = out.join(HF_PREPROCESSOR);
+            write_json(&preprocessor, &hugging_face::preprocess_to_hf(&preprocess, siglip)?)?;
             vec![model, config, preprocessor]
         }
     };
@@ -94,126 +93,27 @@ pub fn is_siglip_form(cfg: &ModelConfig) -> bool {
 /// The `config.json` `SiglipModel.from_pretrained` reads for `cfg`. What a SiglipModel cannot
 /// hold is found by reading the result back: any difference is an error naming the keys.
 pub fn siglip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
-    let (t, v) = (&cfg.text_cfg, &cfg.vision_cfg);
-    let name = v.timm_model_name.as_deref().unwrap_or_default();
-    let trunk = super::timm_vit::architectures().into_iter().find(|s| s.name == name).ok_or_else(|| {
-        TrainError::ModelConfig(format!("vision_cfg.timm_model_name {name:?} is not one of the SigLIP trunks a SiglipModel holds"))
-    })?;
-    let approximate = |act: &Option<super::config::ActKwargs>, default: bool| match act
-        .as_ref()
-        .and_then(|a| a.approximate.as_deref())
-    {
-        Some("tanh") => "gelu_pytorch_tanh",
-        Some(_) => "gelu",
-        None if default => "gelu_pytorch_tanh",
-        None => "gelu",
-    };
-    let json = serde_json::json!({
-        "architectures": ["SiglipModel"],
-        "model_type": "siglip",
-        "initializer_factor": 1.0,
-        "torch_dtype": "float32",
-        "text_config": {
-            "model_type": "siglip_text_model",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.width,
-            "intermediate_size": (t.width as f64 * t.mlp_ratio) as i64,
-            "num_attention_heads": t.heads,
-            "num_hidden_layers": t.layers,
-            "max_position_embeddings": t.context_length,
-            "hidden_act": approximate(&t.act_kwargs, false),
-            "layer_norm_eps": t.norm_eps(),
-            "projection_size": cfg.embed_dim,
-            // The model reads none of these; written so that transformers' defaults (OpenAI's
-            // 49406 / 49407) do not stand outside a small vocabulary.
-            "bos_token_id": null,
-            "eos_token_id": 1,
-            "pad_token_id": 1
-        },
-        "vision_config": {
-            "model_type": "siglip_vision_model",
-            "hidden_size": trunk.width,
-            "intermediate_size": trunk.mlp_hidden,
-            "num_attention_heads": trunk.heads,
-            "num_hidden_layers": trunk.depth,
-            "image_size": v.image_size,
-            "patch_size": trunk.patch,
-            "num_channels": 3,
-            "hidden_act": approximate(&v.act_kwargs, trunk.act == super::config::Activation::GeluTanh),
-            "layer_norm_eps": 1e-6,
-            "vision_use_head": true
-        }
-    });
-    let back =
-        pretrained::model_from_hf_config(&json).map(|(_, m)| m).map_err(TrainError::ModelConfig)?;
-    let diffs = pretrained::differences(&back, cfg);
-    if !diffs.is_empty() {
-        return Err(TrainError::ModelConfig(format!(
-            "a Hugging Face SiglipModel cannot hold this model ({}); export with --format open_clip",
-            diffs.join("; ")
-        )));
-    }
-    Ok(json)
+    held_as("SiglipModel", hugging_face::siglip_to_hf_config(cfg)?, cfg)
 }
 
 /// The `config.json` of a `CLIPModel`, refused (by key) where it would read back as another
 /// model: a CLIPModel has no LayerScale, pools text at argmax / first EOS, ...
 fn clip_config(cfg: &ModelConfig) -> Result<serde_json::Value> {
-    let json = hf::hf_config(cfg);
-    let back =
-        pretrained::model_from_hf_config(&json).map(|(_, m)| m).map_err(TrainError::ModelConfig)?;
+    held_as("CLIPModel", hugging_face::clip_to_hf_config(cfg), cfg)
+}
+
+/// `json`, a Hugging Face `class`'s `config.json`, when it reads back as `cfg`; else the
+/// error naming where the two differ.
+fn held_as(class: &str, json: serde_json::Value, cfg: &ModelConfig) -> Result<serde_json::Value> {
+    let back = hugging_face::model_from_hf_config(&json)
+        .map(|(_, m)| m)
+        .map_err(TrainError::ModelConfig)?;
     let diffs = pretrained::differences(&back, cfg);
     if !diffs.is_empty() {
         return Err(TrainError::ModelConfig(format!(
-            "a Hugging Face CLIPModel cannot hold this model ({}); export with --format open_clip",
+            "a Hugging Face {class} cannot hold this model ({}); export with --format open_clip",
             diffs.join("; ")
         )));
-    }
-    Ok(json)
-}
-
-/// `preprocessor_config.json`: `CLIPImageProcessor` (shortest side + centre crop) or
-/// `SiglipImageProcessor` (both sides to the size).
-fn hf_preprocessor(p: &Preprocess, siglip: bool) -> Result<serde_json::Value> {
-    let resample = match p.interpolation {
-        Interpolation::Bicubic => 3,
-        Interpolation::Bilinear => 2,
-    };
-    let size = p.size;
-    let mut json = serde_json::json!({
-        "do_resize": true,
-        "resample": resample,
-        "do_rescale": true,
-        "rescale_factor": 1.0 / 255.0,
-        "do_normalize": true,
-        "image_mean": p.mean,
-        "image_std": p.std,
-        "do_convert_rgb": true
-    });
-    let fields = match (p.resize_mode, siglip) {
-        (ResizeMode::Squash, true) => serde_json::json!({
-            "image_processor_type": "SiglipImageProcessor",
-            "size": {"height": size, "width": size}
-        }),
-        (ResizeMode::Squash, false) => serde_json::json!({
-            "image_processor_type": "CLIPImageProcessor",
-            "size": {"height": size, "width": size},
-            "do_center_crop": false
-        }),
-        (ResizeMode::Shortest, _) => serde_json::json!({
-            "image_processor_type": "CLIPImageProcessor",
-            "size": {"shortest_edge": size},
-            "do_center_crop": true,
-            "crop_size": {"height": size, "width": size}
-        }),
-        (ResizeMode::Longest, _) => {
-            return Err(TrainError::ModelConfig(
-                "resize_mode longest (pad to a square) has no Hugging Face image processor; export with --format open_clip".into(),
-            ))
-        }
-    };
-    if let (Some(json), serde_json::Value::Object(fields)) = (json.as_object_mut(), fields) {
-        json.extend(fields);
     }
     Ok(json)
 }
@@ -227,7 +127,15 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interchange::pretrained::Pretrained;
+    use crate::interchange::weights::{load_weights, save_weights};
+    use crate::interchange::Source;
+    use crate::model::Clip;
     use tch::{nn, Device};
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    }
 
     #[test]
     fn exports_load_back_into_the_same_model() {
@@ -236,7 +144,7 @@ mod tests {
                 .unwrap();
         tch::manual_seed(5);
         let vs = nn::VarStore::new(Device::Cpu);
-        let _ = super::super::Clip::new(&vs.root(), &cfg).unwrap();
+        let _ = Clip::new(&vs.root(), &cfg).unwrap();
         let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         let dir = tempfile::tempdir().unwrap();
         for (format, file) in [
@@ -254,8 +162,8 @@ mod tests {
             .unwrap();
             assert!(files.iter().all(|f| f.is_file()));
             let other = nn::VarStore::new(Device::Cpu);
-            let _ = super::super::Clip::new(&other.root(), &cfg).unwrap();
-            super::super::load_weights(&other, &out.join(file)).unwrap();
+            let _ = Clip::new(&other.root(), &cfg).unwrap();
+            load_weights(&other, &out.join(file)).unwrap();
             for (name, t) in other.variables() {
                 assert!(t.equal(&weights[&name]), "{format:?}: {name}");
             }
@@ -276,10 +184,10 @@ mod tests {
             serde_yaml::from_str(include_str!("../../../tests/fixtures/models/parity-tiny.yaml"))
                 .unwrap();
         let clip_vs = nn::VarStore::new(Device::Cpu);
-        let _ = super::super::Clip::new(&clip_vs.root(), &cfg).unwrap();
+        let _ = Clip::new(&clip_vs.root(), &cfg).unwrap();
         cfg.init_logit_bias = Some(-10.0);
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = super::super::Clip::new(&vs.root(), &cfg).unwrap();
+        let model = Clip::new(&vs.root(), &cfg).unwrap();
         let weights: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         let dir = tempfile::tempdir().unwrap();
         let files = export(
@@ -304,10 +212,69 @@ mod tests {
 
         // CLIP weights into the SigLIP model: everything loads, the bias keeps its start.
         let clip_file = dir.path().join("clip.safetensors");
-        super::super::save_weights(&clip_vs, &clip_file).unwrap();
+        save_weights(&clip_vs, &clip_file).unwrap();
         let _ = tch::no_grad(|| model.logit_bias.as_ref().unwrap().shallow_clone().fill_(-3.0));
-        super::super::load_weights(&vs, &clip_file).unwrap();
+        load_weights(&vs, &clip_file).unwrap();
         assert_eq!(model.logit_bias.as_ref().unwrap().double_value(&[]), -3.0);
         assert!(vs.variables()["visual.proj"].equal(&clip_vs.variables()["visual.proj"]));
+    }
+
+    /// `--format hf` of a SigLIP model writes a SiglipModel directory that reads back as the
+    /// same model, preprocessing and weights (the weights go through open_clip names, so no
+    /// model has to be built). The CLIP directory likewise comes back as its CLIPModel.
+    /// `OXCLIP_KEEP_EXPORTS=DIR` keeps the directories, for checking them with transformers.
+    #[test]
+    fn exports_read_back_as_the_same_model_and_weights() {
+        use tch::Tensor;
+        let tmp = tempfile::tempdir().unwrap();
+        let root =
+            std::env::var_os("OXCLIP_KEEP_EXPORTS").map_or(tmp.path().to_path_buf(), PathBuf::from);
+        for (name, mapping) in [("hf_siglip_tiny", true), ("hf_clip_quickgelu_tiny", false)] {
+            let p = Pretrained::read(&fixtures().join(name)).unwrap();
+            let hf: std::collections::BTreeMap<String, Tensor> =
+                Tensor::read_safetensors(&p.weights).unwrap().into_iter().collect();
+            let oc = if mapping {
+                hf_siglip::from_hf(hf).unwrap()
+            } else {
+                hf_clip::from_hf(hf).unwrap()
+            };
+            for format in [Format::HuggingFace, Format::OpenClip] {
+                let out = root.join(format!("{name}-{format:?}"));
+                let copy = oc.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+                export(copy, &p.model, Some(&p.preprocess), format, &out).unwrap();
+                let back = Pretrained::read(&out).unwrap();
+                assert_eq!(back.model, p.model, "{name} {format:?}");
+                assert_eq!(back.preprocess, p.preprocess, "{name} {format:?}");
+                let mut written: std::collections::BTreeMap<String, Tensor> =
+                    Tensor::read_safetensors(&back.weights).unwrap().into_iter().collect();
+                if format == Format::HuggingFace {
+                    written = if mapping {
+                        hf_siglip::from_hf(written).unwrap()
+                    } else {
+                        hf_clip::from_hf(written).unwrap()
+                    };
+                    assert_eq!(
+                        back.source,
+                        if mapping { Source::HfSiglip } else { Source::HfClip }
+                    );
+                }
+                assert_eq!(
+                    written.keys().collect::<Vec<_>>(),
+                    oc.keys().collect::<Vec<_>>(),
+                    "{name} {format:?}"
+                );
+                for (k, v) in &oc {
+                    assert!(written[k].equal(v), "{name} {format:?} {k}");
+                }
+            }
+        }
+        // A SigLIP model a SiglipModel cannot hold (causal text) is refused by key.
+        let mut cfg = Pretrained::read(&fixtures().join("hf_siglip_tiny")).unwrap().model;
+        cfg.text_cfg.no_causal_mask = false;
+        let err = siglip_config(&cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("text_cfg.no_causal_mask") && err.contains("--format open_clip"),
+            "{err}"
+        );
     }
 }
