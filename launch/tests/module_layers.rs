@@ -416,8 +416,9 @@ const FLOORS: &[(&str, &[&[&str]])] = &[
     (
         "data-loader",
         &[
-            &["skip", "error", "seed", "parallel"],
-            &["formats", "tokenizer", "augment"],
+            &["skip", "seed"],
+            &["error"],
+            &["parallel", "formats", "tokenizer", "augment"],
             &["transform"],
             &["sources"],
             &["plan"],
@@ -429,11 +430,14 @@ const FLOORS: &[(&str, &[&[&str]])] = &[
     (
         "trainer",
         &[
-            &["error", "bytes", "device", "schedule", "metrics", "optim"],
-            &["model", "collectives"],
-            &["interchange", "prepare", "loss", "preempt"],
-            &["config", "grad_sync", "checkpoint"],
-            &["step", "eval", "infer"],
+            &["error", "schedule"],
+            &["bytes", "device", "metrics", "optim"],
+            &["model"],
+            &["interchange", "prepare"],
+            &["config"],
+            &["collectives", "loss", "checkpoint", "infer"],
+            &["grad_sync", "preempt", "weights_path", "eval"],
+            &["step"],
             &["train", "bench"],
         ],
     ),

@@ -28,6 +28,7 @@ pub mod optim;
 mod read;
 mod show;
 pub mod train;
+mod yaml;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::read::deserialize_text;
+use super::yaml::deserialize_text;
 use super::ConfigError;
 use crate::interchange::pretrained;
 use crate::model::{zoo, ModelConfig};

@@ -9,11 +9,11 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use oxclip_data_loader::sources::{self, classes, FileDataset};
 use oxclip_data_loader::formats::webdataset;
 use oxclip_data_loader::sources::shards::{ShardSet, ShardSource};
 use oxclip_data_loader::sources::spec::DEFAULT_LABEL_KEY;
 use oxclip_data_loader::sources::Dataset;
+use oxclip_data_loader::sources::{self, classes, FileDataset};
 use oxclip_data_loader::{DataSource, DataSpec, SkipCounts};
 
 use crate::error::{Result, TrainError};
