@@ -534,19 +534,18 @@ mod tests {
             .contains("data.augment.ratio"));
         assert!(bad(Augment { gray_scale_prob: 1.5, ..Augment::default() })
             .contains("data.augment.gray_scale_prob"));
-        let jitter =
-            Some(ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1 });
-        assert!(bad(Augment { color_jitter: jitter, ..Augment::default() })
+        let jitter = ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1 };
+        assert!(bad(Augment { color_jitter: Some(jitter), ..Augment::default() })
             .contains("data.augment.color_jitter_prob"));
         assert!(bad(Augment { color_jitter_prob: Some(0.8), ..Augment::default() })
             .contains("data.augment.color_jitter"));
         assert!(bad(Augment {
-            color_jitter: jitter,
+            color_jitter: Some(jitter),
             color_jitter_prob: Some(-0.1),
             ..Augment::default()
         })
         .contains("data.augment.color_jitter_prob"));
-        let big_hue = Some(ColorJitter { hue: 0.7, ..jitter.unwrap() });
+        let big_hue = Some(ColorJitter { hue: 0.7, ..jitter });
         assert!(bad(Augment {
             color_jitter: big_hue,
             color_jitter_prob: Some(0.8),
@@ -556,7 +555,7 @@ mod tests {
         assert!(Augment {
             scale: [0.08, 1.0],
             ratio: [0.5, 2.0],
-            color_jitter: jitter,
+            color_jitter: Some(jitter),
             color_jitter_prob: Some(0.8),
             gray_scale_prob: 0.2
         }

@@ -2,27 +2,28 @@
 //! floats and token ids that the trainer turns into tensors. It knows nothing of models
 //! (launch -> trainer -> data-loader).
 //!
-//! Read it bottom-up; each floor uses only the floors below it (a test in
-//! `launch/tests/module_layers.rs` fails on any import loop):
+//! Read it bottom-up; each floor uses only the floors below it (`FLOORS` in
+//! `launch/tests/module_layers.rs` holds this list against the code):
 //!
-//! 0. [`skip`], [`error`], [`seed`], [`parallel`]: the vocabulary: why a sample is skipped,
-//!    what stops a run, seed mixing, a parallel map.
-//! 1. [`formats`]: WebDataset tar shards, their `index.json`, image decode; [`tokenizer`]: the
-//!    OpenAI CLIP BPE (or any tokenizer.json), ids exactly as `open_clip.tokenize`;
-//!    [`transform`]: open_clip's train/eval image transforms; [`augment`]: its training
-//!    augmentations (`data.augment`: crop ranges, colour jitter, grayscale on the 8-bit crop).
-//! 2. [`sources`]: what a data spec opens to: the [`DataSpec`] the user writes, the shard
+//! 0. [`skip`], [`seed`]: why a sample is skipped; seed mixing.
+//! 1. [`error`]: what stops a run.
+//! 2. [`parallel`]: an order-keeping parallel map; [`formats`]: WebDataset tar shards, their
+//!    `index.json`, image decode; [`tokenizer`]: the OpenAI CLIP BPE (or any tokenizer.json),
+//!    ids exactly as `open_clip.tokenize`; [`augment`]: open_clip's training augmentations
+//!    (`data.augment`: crop ranges, colour jitter, grayscale on the 8-bit crop).
+//! 3. [`transform`]: open_clip's train/eval image transforms.
+//! 4. [`sources`]: what a data spec opens to: the [`DataSpec`] the user writes, the shard
 //!    catalog (local files or `pipe:` commands with their counts), synthetic scenes, CSV/TSV,
 //!    JSONL and image folders, as a [`DataSource`].
-//! 3. [`plan`]: which sample goes to which rank, worker and batch, from counts and a seed:
+//! 5. [`plan`]: which sample goes to which rank, worker and batch, from counts and a seed:
 //!    the indexed permutation, the shard stream, the [`Batch`] and the resumable
 //!    [`LoaderState`].
-//! 4. `pipeline`: the threads that follow a plan: shared plumbing, then one file per
+//! 6. `pipeline`: the threads that follow a plan: shared plumbing, then one file per
 //!    topology (indexed, streamed).
-//! 5. [`loader`]: the [`Loader`], the one API the trainer sees.
+//! 7. [`loader`]: the [`Loader`], the one API the trainer sees.
 //!
-//! Beside them, [`tools`]: `oxclip data pack`, `data stats` and `data synth`, which use the
-//! floors and are used by none.
+//! 8. [`tools`]: `oxclip data pack`, `data stats` and `data synth`, which use the floors and
+//!    are used by none.
 //!
 //! Bad samples never stop a run: they become a [`SkipReason`], are counted in
 //! [`SkipCounts`], and are replaced (train) or dropped (eval). A [`DataError`] is for what the

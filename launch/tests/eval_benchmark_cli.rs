@@ -78,7 +78,10 @@ fn clip_benchmark_numbers_are_reproduced() {
     }
 }
 
-fn shard(path: &Path, samples: &[(&str, &[(&str, &[u8])])]) {
+/// A sample's key and its members (extension, bytes).
+type Sample<'a> = (&'a str, &'a [(&'a str, &'a [u8])]);
+
+fn shard(path: &Path, samples: &[Sample]) {
     std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
     let mut writer = ShardWriter::create(path).expect("shard");
     for (key, members) in samples {

@@ -120,7 +120,7 @@ fn exports_round_trip_and_pickles_are_refused() {
     run_ok(
         oxclip()
             .args(["train", "--config"])
-            .arg(&config_path(dir.path()))
+            .arg(config_path(dir.path()))
             .arg("--run-dir")
             .arg(&init)
             .arg("--init")
@@ -138,7 +138,7 @@ fn exports_round_trip_and_pickles_are_refused() {
     std::fs::write(&pickle, b"PK\x03\x04 torch.save").expect("write");
     let out = oxclip()
         .args(["train", "--config"])
-        .arg(&config_path(dir.path()))
+        .arg(config_path(dir.path()))
         .arg("--run-dir")
         .arg(dir.path().join("p"))
         .arg("--init")

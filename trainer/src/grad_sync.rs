@@ -404,7 +404,7 @@ mod tests {
     #[test]
     fn hooks_fire_during_backward_in_bucket_order_and_are_removed() {
         let p = |n: i64| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        let params = vec![p(3), p(3), p(3)];
+        let params = [p(3), p(3), p(3)];
         let sync = GradSync::new(
             params.iter().map(Tensor::shallow_clone).collect(),
             &DistConfig { bucket_mb: 1e-6, ..DistConfig::default() },
@@ -511,7 +511,7 @@ mod tests {
     #[test]
     fn each_bucket_is_marked_before_its_sum_starts_and_copied_back_only_after_its_wait() {
         let p = |n: i64| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        let params = vec![p(3), p(4), p(5)];
+        let params = [p(3), p(4), p(5)];
         for dtype in [ReduceDtype::Fp32, ReduceDtype::Bf16] {
             let sync = GradSync::new(
                 params.iter().map(Tensor::shallow_clone).collect(),
@@ -622,7 +622,11 @@ mod tests {
 
     /// [`STEPS`] SGD steps of the chain on 4 ranks: per rank, each step's exposed communication
     /// time, the buckets launched during backward, and the final weights.
-    fn train_chain(overlap: bool, gbps: f64) -> Vec<(Vec<f64>, usize, Vec<Vec<f32>>)> {
+    /// One rank's run of [`train_chain`]: its exposed wait per step, the buckets started during
+    /// the backward pass, and its final weights.
+    type RankRun = (Vec<f64>, usize, Vec<Vec<f32>>);
+
+    fn train_chain(overlap: bool, gbps: f64) -> Vec<RankRun> {
         on_four_ranks(Some(gbps), move |rank, comm| {
             let weights = chain_weights();
             let sync = GradSync::new(
@@ -668,7 +672,7 @@ mod tests {
         // A rank whose backward pass ends early (4 ranks share a small machine here) also
         // waits for the others'; the last one waits for the reduction alone: per step, the
         // smallest wait over the ranks; the median over the steps.
-        let exposed = |runs: &[(Vec<f64>, usize, Vec<Vec<f32>>)]| {
+        let exposed = |runs: &[RankRun]| {
             let mut waits: Vec<f64> =
                 (0..STEPS).map(|s| runs.iter().map(|r| r.0[s]).fold(f64::MAX, f64::min)).collect();
             waits.sort_by(f64::total_cmp);

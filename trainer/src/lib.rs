@@ -8,17 +8,19 @@
 //! line lives in the `oxclip` binary, which loads a run config (`config::load`) and calls
 //! `train::fit` with it.
 //!
-//! Modules depend one way, each only on those listed before it:
-//! - `error`, `bytes`, `device`, `schedule`, `metrics`, `optim`: nothing of the others;
-//! - `model` (the architectures and their configs), `collectives`;
-//! - `interchange` (files in and out: safetensors, Hugging Face and open_clip layouts,
-//!   model directories, export);
-//! - `loss` (the losses and the `loss:` section; it completes the model config for SigLIP),
-//!   `prepare` (a model's tokenizer and image preprocessing), `checkpoint`, then
-//!   `weights_path` (what a path given for weights is);
-//! - `config` (the trainer's sections and the one place every section is checked), `step`,
-//!   `eval`, `infer`;
-//! - `train` (the loop, on all of the above), `bench`.
+//! Modules stand on floors, each using only the floors below it (`FLOORS` in
+//! `launch/tests/module_layers.rs` holds this list against the code):
+//! 0. `error`, `schedule`;
+//! 1. `bytes`, `device`, `metrics`, `optim`;
+//! 2. `model` (the architectures and their configs);
+//! 3. `interchange` (files in and out: safetensors, Hugging Face and open_clip layouts, model
+//!    directories, export), `prepare` (a model's own tokenizer and image preprocessing);
+//! 4. `config` (the run config: read, resolved, defaulted and checked in one place);
+//! 5. `collectives`, `loss`, `checkpoint`, `infer`;
+//! 6. `grad_sync` (the gradient buckets), `preempt` (stopping cleanly on a signal),
+//!    `weights_path` (what a path given for weights is), `eval`;
+//! 7. `step`;
+//! 8. `train` (the loop, on all of the above), `bench`.
 
 pub mod bench;
 mod bytes;

@@ -313,7 +313,7 @@ mod tests {
         let model = Clip::new(&vs.root(), &cfg).unwrap();
         tch::no_grad(|| {
             for (name, var) in vs.variables() {
-                let _ = var.shallow_clone().copy_(&weights[&name]);
+                var.shallow_clone().copy_(&weights[&name]);
             }
         });
         let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
@@ -576,7 +576,7 @@ mod tests {
         let model = Clip::new(&vs.root(), &tiny(kind)).unwrap();
         tch::no_grad(|| {
             for (name, var) in vs.variables() {
-                let _ = var.shallow_clone().copy_(&weights[&name]);
+                var.shallow_clone().copy_(&weights[&name]);
             }
         });
         let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };

@@ -182,7 +182,7 @@ fn stop_for_preemption(run: &mut Run, saved: bool, outcome: &mut Outcome) -> Res
 
 /// `step` is a multiple of `n` (never, for 0).
 fn every(step: u64, n: u64) -> bool {
-    n > 0 && step % n == 0
+    n > 0 && step.is_multiple_of(n)
 }
 
 /// What [`prepare`] found: a run to train, or a finished run resumed (nothing to load,

@@ -76,8 +76,7 @@ impl ShardLocation {
             ShardLocation::Pipe(cmd) => cmd
                 .split_whitespace()
                 .map(|arg| arg.trim_matches(|c| c == '\'' || c == '"'))
-                .filter(|arg| arg.ends_with(".tar"))
-                .last()
+                .rfind(|arg| arg.ends_with(".tar"))
                 .and_then(name),
         }
     }

@@ -458,7 +458,7 @@ mod tests {
             std::fs::write(d.join(name), b"").unwrap();
         }
         let three = vec![d.join("00000.tar"), d.join("00001.tar"), d.join("00002.tar")];
-        assert_eq!(shard_paths(d.to_str().unwrap()), [three.clone()]);
+        assert_eq!(shard_paths(d.to_str().unwrap()), std::slice::from_ref(&three));
         let pattern = format!("{}/{{00000..00002}}.tar", d.display());
         assert_eq!(shard_paths(&pattern), [three]);
         let single = d.join("00001.tar");

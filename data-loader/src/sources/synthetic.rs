@@ -37,7 +37,6 @@ const PREFIXES: [&str; 6] = [
     "a rendering of a ",
 ];
 const RELATIONS: [&str; 4] = ["above", "below", "to the left of", "to the right of"];
-/// JPEG quality of written shards.
 
 /// The zero-shot class names, "red circle" ... "orange cross"; index = colour * 4 + shape.
 pub fn classnames() -> Vec<String> {

@@ -111,10 +111,8 @@ pub fn train_clip_bpe(
     else {
         return Err(err("the trained tokenizer has no model vocabulary".into()));
     };
-    let mut next = vocab.len();
-    for symbol in missing {
-        vocab.insert(symbol, json!(next));
-        next += 1;
+    for (id, symbol) in (vocab.len()..).zip(missing) {
+        vocab.insert(symbol, json!(id));
     }
     let merges =
         json.pointer("/model/merges").and_then(serde_json::Value::as_array).map_or(0, Vec::len);

@@ -153,6 +153,8 @@ fn run_benchmark(
 }
 
 /// One benchmark set through the model, with a progress bar.
+// The set, the model and the ranks' share, each named at the call.
+#[allow(clippy::too_many_arguments)]
 fn evaluate_benchmark(
     args: &EvalArgs,
     opened: &super::OpenedModel,

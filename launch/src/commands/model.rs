@@ -102,10 +102,11 @@ fn show(args: ModelShowArgs) -> anyhow::Result<()> {
     // Parameters per top-level module: the towers and the loss's scalars.
     let mut groups: BTreeMap<&str, i64> = BTreeMap::new();
     for (name, shape) in &shapes {
-        let group = match name.split('.').next() {
-            Some(g @ ("visual" | "text" | "logit_scale" | "logit_bias")) => g,
-            _ => "text",
-        };
+        let group = name
+            .split('.')
+            .next()
+            .filter(|g| ["visual", "logit_scale", "logit_bias"].contains(g))
+            .unwrap_or("text");
         *groups.entry(group).or_default() += shape.iter().product::<i64>();
     }
     let groups: Vec<String> =
@@ -159,7 +160,7 @@ fn thousands(n: i64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -76,7 +76,7 @@ pub fn read_tensorboard(dir: &Path) -> BTreeMap<String, Vec<(i64, f32)>> {
         .expect("tensorboard dir")
         .map(|e| e.expect("entry").path())
         .filter(|p| {
-            p.file_name().map_or(false, |n| n.to_string_lossy().starts_with("events.out.tfevents"))
+            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("events.out.tfevents"))
         })
         .collect();
     files.sort();

@@ -455,7 +455,7 @@ impl Collectives for TcpGroup {
             Ok(out)
         })?;
         let result = to_tensor(&to_floats(&summed), &tensor.size(), tensor)?;
-        let _ = tensor.copy_(&result);
+        tensor.copy_(&result);
         Ok(())
     }
 
@@ -471,7 +471,7 @@ impl Collectives for TcpGroup {
                 Ok(parts.swap_remove(root))
             })?;
         let result = to_tensor(&to_floats(&value), &tensor.size(), tensor)?;
-        let _ = tensor.copy_(&result);
+        tensor.copy_(&result);
         Ok(())
     }
 

@@ -166,7 +166,7 @@ fn resolve(
     let mut origins = BTreeMap::new();
     let read::Written { run_dir, model, mut data, train, optim, loss, init, dist, eval } = written;
     let mut model = match model {
-        ModelRef::Inline(model) => model,
+        ModelRef::Inline(model) => *model,
         ModelRef::Name(name) => {
             let on_disk = Path::new(&name);
             let origin = if zoo::builtin(&name).is_some() {

@@ -18,7 +18,7 @@ use crate::model::{zoo, ModelConfig};
 #[serde(untagged)]
 pub enum ModelRef {
     Name(String),
-    Inline(ModelConfig),
+    Inline(Box<ModelConfig>),
 }
 
 /// A string is a name and a mapping the model itself, decided by what the YAML holds: the
@@ -37,7 +37,7 @@ impl<'de> Deserialize<'de> for ModelRef {
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<ModelRef, A::Error> {
                 ModelConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(ModelRef::Inline)
+                    .map(|m| ModelRef::Inline(Box::new(m)))
             }
         }
         d.deserialize_any(Visitor)

@@ -39,6 +39,8 @@ pub struct TimmArch {
 /// timm's `LayerNorm` default (every norm of these trunks, the MAP head's included).
 pub const NORM_EPS: f64 = 1e-6;
 
+// One row of the table below, each argument named by its column.
+#[allow(clippy::too_many_arguments)]
 const fn arch(
     name: &'static str,
     img_size: i64,

@@ -332,7 +332,7 @@ impl Collectives for NcclGroup {
             },
         )?;
         if buffer.data_ptr() != tensor.data_ptr() {
-            let _ = tensor.copy_(&buffer);
+            tensor.copy_(&buffer);
         }
         Ok(())
     }
@@ -358,7 +358,7 @@ impl Collectives for NcclGroup {
             },
         )?;
         if buffer.data_ptr() != tensor.data_ptr() {
-            let _ = tensor.copy_(&buffer);
+            tensor.copy_(&buffer);
         }
         Ok(())
     }
