@@ -9,7 +9,8 @@
 //!    Each section is plain data in its own file here (`data.rs`, `train.rs`, `optim.rs`,
 //!    `loss.rs`, `dist.rs`, `eval.rs`) with its doc comments, its defaults (written once:
 //!    serde fills a missing key from the section's `Default` or the field's `default` function)
-//!    and its own checks. Unknown keys and wrong types are errors naming the key and the line.
+//!    and its own checks. Unknown keys and wrong types are errors naming the key and the line
+//!    (`yaml.rs`).
 //! 2. [`resolve`]: the model reference becomes the model's config (`model.rs`: a built-in
 //!    name, a file, a model directory); what the model and the loss decide is filled in (the
 //!    image preprocessing and the tokenizer of a model directory, the model's default
