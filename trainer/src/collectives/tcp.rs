@@ -379,14 +379,38 @@ fn write_frame(mut stream: &TcpStream, op: Op, seq: u64, payload: &[u8]) -> std:
     stream.write_all(payload)
 }
 
+/// The most bytes a frame may announce: far above anything the CPU backend carries (a
+/// gradient bucket, a gathered feature block), and a bound on what a corrupt stream or a
+/// stranger on the port can make a rank allocate (issue 23).
+const MAX_FRAME_BYTES: u64 = 16 << 30;
+
+/// Bytes of a payload allocated before any of it has arrived: larger payloads grow as they
+/// come, so a header alone never buys more memory than this.
+const PAYLOAD_PREALLOC_BYTES: u64 = 64 << 20;
+
 fn read_frame(mut stream: &TcpStream) -> std::io::Result<(u8, u64, Vec<u8>)> {
     let mut header = [0u8; 17];
     stream.read_exact(&mut header)?;
     let seq = u64::from_le_bytes(header[1..9].try_into().unwrap_or_default());
     let len = u64::from_le_bytes(header[9..17].try_into().unwrap_or_default());
-    let len = usize::try_from(len).map_err(|_| std::io::Error::other("frame too large"))?;
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload)?;
+    if len > MAX_FRAME_BYTES {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!(
+                "a frame announces {len} bytes, over the limit of {MAX_FRAME_BYTES}: \
+                 not an oxclip peer, or a corrupt stream"
+            ),
+        ));
+    }
+    // ok: both bounds are below 2^35, which a 64-bit usize holds.
+    let mut payload = Vec::with_capacity(len.min(PAYLOAD_PREALLOC_BYTES) as usize);
+    stream.take(len).read_to_end(&mut payload)?;
+    if payload.len() as u64 != len {
+        return Err(std::io::Error::new(
+            ErrorKind::UnexpectedEof,
+            format!("the stream ended {} bytes into a frame of {len}", payload.len()),
+        ));
+    }
     Ok((header[0], seq, payload))
 }
 
@@ -512,6 +536,43 @@ impl Collectives for TcpGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connected pair of sockets on loopback: (writer, reader).
+    fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let writer = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (reader, _) = listener.accept().expect("accept");
+        (writer, reader)
+    }
+
+    /// Issue 23: a frame's length comes from the wire, so it is capped and its payload is
+    /// allocated as it arrives, never from the header alone.
+    #[test]
+    fn frames_round_trip_and_a_length_from_the_wire_is_not_trusted() {
+        let (writer, reader) = socket_pair();
+        write_frame(&writer, Op::AllReduce, 7, b"abcdef").expect("write");
+        let (op, seq, payload) = read_frame(&reader).expect("read");
+        assert_eq!((op, seq, payload.as_slice()), (Op::AllReduce as u8, 7, &b"abcdef"[..]));
+
+        // A header announcing more than the limit: refused before any allocation.
+        let mut header = [0u8; 17];
+        header[9..17].copy_from_slice(&u64::MAX.to_le_bytes());
+        (&writer).write_all(&header).expect("write");
+        let err = read_frame(&reader).expect_err("refused");
+        assert_eq!(err.kind(), ErrorKind::InvalidData);
+        assert!(err.to_string().contains("over the limit"), "{err}");
+
+        // A header announcing 1 GiB, then 4 bytes and the end of the stream: an error naming
+        // how far it got, with only the bytes that came held.
+        let (writer, reader) = socket_pair();
+        header[9..17].copy_from_slice(&(1u64 << 30).to_le_bytes());
+        (&writer).write_all(&header).expect("write");
+        (&writer).write_all(b"abcd").expect("write");
+        drop(writer);
+        let err = read_frame(&reader).expect_err("truncated");
+        assert_eq!(err.kind(), ErrorKind::UnexpectedEof);
+        assert!(err.to_string().contains("4 bytes into a frame of 1073741824"), "{err}");
+    }
 
     fn world(rank: usize, world_size: usize, port: u16) -> WorldEnv {
         WorldEnv {
