@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
-use crate::model::{zoo, ModelConfig};
+use crate::model::ModelConfig;
 pub use data::DataConfig;
 pub use dist::{Backend, DistConfig, ReduceDtype};
 pub use eval::{EvalConfig, EvalDataset};
@@ -169,39 +169,29 @@ fn resolve(
     let mut model = match model {
         ModelRef::Inline(model) => *model,
         ModelRef::Name(name) => {
-            let on_disk = Path::new(&name);
-            let origin = if zoo::builtin(&name).is_some() {
-                Origin::BuiltIn
-            } else if on_disk.is_dir() {
-                // A model directory also says how its text and images are prepared, unless
-                // the config does.
-                let dir = model::model_directory(on_disk)?;
-                let tokenizer = dir.tokenizer.as_ref().and_then(|t| t.tokenizer_json.as_ref());
-                if data.tokenizer.is_none() {
-                    if let Some(file) = tokenizer {
-                        data.tokenizer = Some(file.display().to_string());
-                        let origin = Origin::ModelDirectory(dir.dir.clone());
-                        origins.insert("data.tokenizer".into(), origin);
-                    }
-                }
-                let origin = Origin::ModelDirectory(dir.dir.clone());
-                fill_preprocess(&mut data, &dir.preprocess, origin, &mut origins);
-                Origin::ModelDirectory(on_disk.to_owned())
-            } else {
-                Origin::ModelFile(on_disk.to_owned())
-            };
-            origins.insert("model".into(), origin);
-            resolve_model(&name).map_err(|e| match e {
+            let named = model::resolve_named(&name).map_err(|e| match e {
                 // The name is the config's `model:`; say in which file.
                 ConfigError::UnknownModel(_) => {
                     ConfigError::Invalid { path: path.into(), message: format!("model: {e}") }
                 }
                 other => other,
-            })?
+            })?;
+            // A model directory also says how its text and images are prepared, unless the
+            // config does.
+            if let Some(dir) = &named.directory {
+                let tokenizer = dir.tokenizer.as_ref().and_then(|t| t.tokenizer_json.as_ref());
+                if let (None, Some(file)) = (&data.tokenizer, tokenizer) {
+                    data.tokenizer = Some(file.display().to_string());
+                    origins.insert("data.tokenizer".into(), named.origin.clone());
+                }
+                fill_preprocess(&mut data, &dir.preprocess, &named.origin, &mut origins);
+            }
+            origins.insert("model".into(), named.origin);
+            named.model
         }
     };
     let preprocess = crate::prepare::default_preprocess(&model);
-    fill_preprocess(&mut data, &preprocess, Origin::ModelDefault, &mut origins);
+    fill_preprocess(&mut data, &preprocess, &Origin::ModelDefault, &mut origins);
     for key in loss.complete_model(&mut model) {
         origins.insert(format!("model.{key}"), Origin::Loss);
     }
@@ -213,21 +203,21 @@ fn resolve(
 fn fill_preprocess(
     data: &mut DataConfig,
     preprocess: &oxclip_data_loader::transform::Preprocess,
-    origin: Origin,
+    origin: &Origin,
     origins: &mut BTreeMap<String, Origin>,
 ) {
-    let mut note = |key: &str, was_empty: bool| {
-        if was_empty {
-            origins.insert(format!("data.{key}"), origin.clone());
-        }
-    };
-    note("image_mean", data.image_mean.is_none());
+    let left_out = [
+        ("image_mean", data.image_mean.is_none()),
+        ("image_std", data.image_std.is_none()),
+        ("resize_mode", data.resize_mode.is_none()),
+        ("interpolation", data.interpolation.is_none()),
+    ];
+    for (key, _) in left_out.iter().filter(|(_, empty)| *empty) {
+        origins.insert(format!("data.{key}"), origin.clone());
+    }
     data.image_mean.get_or_insert(preprocess.mean);
-    note("image_std", data.image_std.is_none());
     data.image_std.get_or_insert(preprocess.std);
-    note("resize_mode", data.resize_mode.is_none());
     data.resize_mode.get_or_insert(preprocess.resize_mode);
-    note("interpolation", data.interpolation.is_none());
     data.interpolation.get_or_insert(preprocess.interpolation);
 }
 
@@ -260,6 +250,7 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::zoo;
 
     const GOOD: &str =
         "run_dir: runs/x\nmodel: tiny\ndata:\n  train: synthetic:64\ntrain:\n  steps: 10\n";

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::yaml::deserialize_text;
-use super::ConfigError;
+use super::{ConfigError, Origin};
 use crate::interchange::pretrained;
 use crate::model::{zoo, ModelConfig};
 
@@ -54,29 +54,41 @@ pub(super) fn suggestion(reference: &str) -> String {
 }
 
 /// Resolves a model reference to its config: a built-in name first (open_clip's zoo and
-/// oxclip's own), then a file ([`model_from_file`]).
+/// oxclip's own), then a file ([`model_from_file`]), then a model directory.
 pub fn resolve_model(reference: &str) -> Result<ModelConfig, ConfigError> {
+    resolve_named(reference).map(|named| named.model)
+}
+
+/// A model reference resolved: the config, where it came from, and the directory when it is
+/// one (which also says how the model's text and images are prepared).
+pub(super) struct Named {
+    pub model: ModelConfig,
+    pub origin: Origin,
+    pub directory: Option<pretrained::Pretrained>,
+}
+
+/// [`resolve_model`], keeping what the run config's resolution needs besides the model.
+pub(super) fn resolve_named(reference: &str) -> Result<Named, ConfigError> {
+    let named = |model, origin| Named { model, origin, directory: None };
     if let Some(config) = zoo::builtin(reference) {
         let source = PathBuf::from(format!("<built-in model {reference}>"));
         config
             .validate()
             .map_err(|e| ConfigError::Invalid { path: source, message: e.to_string() })?;
-        return Ok(config);
+        return Ok(named(config, Origin::BuiltIn));
     }
     let path = Path::new(reference);
     if path.is_file() {
-        return model_from_file(path);
+        return Ok(named(model_from_file(path)?, Origin::ModelFile(path.to_owned())));
     }
     if path.is_dir() {
-        return Ok(model_directory(path)?.model);
+        // A Hugging Face (`config.json`) or open_clip hub (`open_clip_config.json`) directory.
+        let dir = pretrained::Pretrained::read(path)
+            .map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })?;
+        let origin = Origin::ModelDirectory(path.to_owned());
+        return Ok(Named { model: dir.model.clone(), origin, directory: Some(dir) });
     }
     Err(ConfigError::UnknownModel(reference.to_string()))
-}
-
-/// A Hugging Face (`config.json`) or open_clip hub (`open_clip_config.json`) model directory.
-pub(super) fn model_directory(path: &Path) -> Result<pretrained::Pretrained, ConfigError> {
-    pretrained::Pretrained::read(path)
-        .map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })
 }
 
 /// A model config file: a model YAML, an open_clip model config JSON as is

@@ -70,16 +70,8 @@ pub fn save_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::tests::tiny;
     use tch::Device;
-
-    fn tiny() -> (nn::VarStore, Clip) {
-        let cfg: ModelConfig =
-            serde_yaml::from_str(include_str!("../../../configs/models/tiny.yaml"))
-                .expect("parses");
-        let vs = nn::VarStore::new(Device::Cpu);
-        let model = Clip::new(&vs.root(), &cfg).expect("builds");
-        (vs, model)
-    }
 
     /// A Hugging Face CLIPModel file (tests/fixtures/make_hf_fixtures.py) loads through the
     /// name mapping and gives transformers' embeddings, in fp32 and from an fp16 copy.

@@ -277,11 +277,12 @@ fn shape(size: &[i64]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tch::{Device, Kind};
 
-    fn tiny() -> (nn::VarStore, Clip) {
+    /// The `tiny` model on the CPU, for tests here and in `interchange`.
+    pub(crate) fn tiny() -> (nn::VarStore, Clip) {
         let cfg: ModelConfig =
             serde_yaml::from_str(include_str!("../../../configs/models/tiny.yaml"))
                 .expect("parses");
