@@ -149,7 +149,7 @@ impl GradSync {
                             // The flat buckets are about to be freed: the device may still be
                             // reading those already started, so order compute after them first.
                             for (_, _, mark) in done {
-                                let _ = comm.wait_for(mark);
+                                let _ = comm.wait_for(&mark);
                             }
                             return Err(e);
                         }
@@ -203,7 +203,7 @@ impl GradSync {
             // to a compute kernel while the all-reduce still uses it. Dropped after the copy
             // (queued on the compute stream after the wait), any reuse comes after the sum.
             for (b, flat, mark) in done {
-                comm.wait_for(mark)?;
+                comm.wait_for(&mark)?;
                 self.unflatten(b, &flat)?;
             }
             Ok(Reduced {
@@ -499,7 +499,7 @@ mod tests {
             self.queued.lock().unwrap().push_back(tensor.shallow_clone());
             Ok(Mark::none())
         }
-        fn wait_for(&self, _done: Mark) -> Result<()> {
+        fn wait_for(&self, _done: &Mark) -> Result<()> {
             self.log.lock().unwrap().push("wait".into());
             let mut t =
                 self.queued.lock().unwrap().pop_front().expect("a wait for a sum never started");

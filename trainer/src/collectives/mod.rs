@@ -57,9 +57,21 @@ pub trait Collectives {
     }
     /// Orders the calling thread's later compute after `done` (from
     /// [`Collectives::all_reduce_start`]); the host does not wait for it.
-    fn wait_for(&self, _done: Mark) -> Result<()> {
+    fn wait_for(&self, _done: &Mark) -> Result<()> {
         Ok(())
     }
+    /// Lets go of `buffer`, which the collective behind `done` reads and writes, on a path that
+    /// will not copy its result back (an error, a panic): it is freed only once that collective
+    /// can no longer touch it, or never (leaked) where that cannot be known. Never fails and
+    /// checks no health: it runs while unwinding, and after an abort. By default the
+    /// collective is done already (it blocked).
+    fn retire(&self, done: Mark, buffer: Tensor) {
+        drop((done, buffer));
+    }
+    /// This rank stops: tells the other ranks why (`cause`), so that the collective they wait
+    /// in ends with it rather than at `dist.timeout_s`, and fails every later collective here.
+    /// Best effort and bounded in time: it runs on the way out of a failed run.
+    fn abort(&self, _cause: &str) {}
 }
 
 /// A point in a backend's device work: under NCCL a recorded CUDA event (destroyed when the

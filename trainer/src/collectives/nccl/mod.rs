@@ -436,7 +436,7 @@ impl Collectives for NcclGroup {
     }
 
     /// The default stream (compute) waits for the all-reduce's event; the host does not.
-    fn wait_for(&self, done: super::Mark) -> Result<()> {
+    fn wait_for(&self, done: &super::Mark) -> Result<()> {
         self.healthy()?;
         match &done.0 {
             Some(event) => {
