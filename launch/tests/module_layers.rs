@@ -430,7 +430,7 @@ const FLOORS: &[(&str, &[&[&str]])] = &[
     (
         "trainer",
         &[
-            &["error", "schedule"],
+            &["error", "schedule", "fault"],
             &["bytes", "device", "metrics", "optim"],
             &["model"],
             &["interchange", "prepare"],

@@ -267,13 +267,10 @@ pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
     checkpoints_dir(run_dir).join(format!("step_{step}"))
 }
 
-/// Test hook: `OXCLIP_TEST_CHECKPOINT_DELAY_MS` makes the writer sleep that long before each
-/// file, so that tests can kill a process in the middle of a write. Not for real runs.
+/// A test build's pause before each file (`crate::fault::checkpoint_delay`); none otherwise.
 fn test_delay() {
-    if let Some(ms) =
-        std::env::var("OXCLIP_TEST_CHECKPOINT_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+    if let Some(delay) = crate::fault::checkpoint_delay() {
+        std::thread::sleep(delay);
     }
 }
 

@@ -10,7 +10,7 @@
 //!
 //! Modules stand on floors, each using only the floors below it (`FLOORS` in
 //! `launch/tests/module_layers.rs` holds this list against the code):
-//! 0. `error`, `schedule`;
+//! 0. `error`, `schedule`, `fault` (faults injected by the tests, in test builds only);
 //! 1. `bytes`, `device`, `metrics`, `optim`;
 //! 2. `model` (the architectures and their configs);
 //! 3. `interchange` (files in and out: safetensors, Hugging Face and open_clip layouts, model
@@ -30,6 +30,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod fault;
 pub mod grad_sync;
 pub mod infer;
 pub mod interchange;

@@ -120,12 +120,24 @@ pub fn fit(cfg: &RunConfig, resume: &Resume, world: Option<&WorldEnv>) -> Result
         Start::Train(run) => run,
         Start::Finished(summary) => return Ok(summary),
     };
+    // A rank that fails tells the others why: their collective then ends with this rank's
+    // cause, not with a timeout or a closed connection.
+    let trained = train_steps(&mut run).and_then(|outcome| finish(&mut run, outcome));
+    if let Err(e) = &trained {
+        run.comm.abort(&e.to_string());
+    }
+    trained
+}
+
+/// The steps from where the run stands to `train.steps` (or a preemption).
+fn train_steps(run: &mut Run) -> Result<Outcome> {
+    let cfg = run.cfg;
     let steps = cfg.train.steps;
     let mut outcome = Outcome::default();
     run.model.set_training(true);
     while run.state.step < steps {
         let started = Instant::now();
-        let (images, tokens, skipped) = next_batch(&mut run)?;
+        let (images, tokens, skipped) = next_batch(run)?;
         let data_secs = started.elapsed().as_secs_f64();
         let lr = run.schedule.lr(run.state.step);
         let out = step::train_step(
@@ -144,20 +156,20 @@ pub fn fit(cfg: &RunConfig, resume: &Resume, world: Option<&WorldEnv>) -> Result
 
         let (step, last) = (run.state.step, run.state.step == steps);
         if last || every(step, cfg.train.log_every) {
-            outcome.final_loss = Some(log_step(&mut run, &out, lr)?);
+            outcome.final_loss = Some(log_step(run, &out, lr)?);
         }
         let saved = last || every(step, cfg.train.checkpoint_every);
         if saved {
-            outcome.last_checkpoint = save_checkpoint(&mut run)?.or(outcome.last_checkpoint);
+            outcome.last_checkpoint = save_checkpoint(run)?.or(outcome.last_checkpoint);
         }
         if run.val_task.is_some() && (last || every(step, cfg.train.eval_every)) {
-            outcome.zero_shot = evaluate(&mut run)?.or(outcome.zero_shot);
+            outcome.zero_shot = evaluate(run)?.or(outcome.zero_shot);
         }
-        if !last && stop_for_preemption(&mut run, saved, &mut outcome)? {
+        if !last && stop_for_preemption(run, saved, &mut outcome)? {
             break;
         }
     }
-    finish(run, outcome)
+    Ok(outcome)
 }
 
 /// Whether any rank was signalled to stop; if so, every rank checkpoints this step (unless it
@@ -526,10 +538,22 @@ fn log_step(run: &mut Run, out: &step::StepOutput, lr: f64) -> Result<f64> {
 fn save_checkpoint(run: &mut Run) -> Result<Option<PathBuf>> {
     run.state.loader = run.loader.state();
     run.state.rank_loaders = gather_loader_states(run.comm.as_ref(), &run.state.loader)?;
-    let Some(metrics) = run.metrics.as_mut() else { return Ok(None) };
-    // The previous write first: one host copy of the checkpoint in memory at a time.
-    run.writer.wait()?;
-    let snapshot = checkpoint::snapshot(&run.vs, &run.optimizer, &run.state)?;
+    let snapshot = match run.metrics {
+        Some(_) => {
+            // The previous write first: one host copy of the checkpoint in memory at a time.
+            run.writer.wait()?;
+            Some(checkpoint::snapshot(&run.vs, &run.optimizer, &run.state)?)
+        }
+        None => None,
+    };
+    // The weights copied are only as good as the step's sums. Under NCCL a copy can wait on an
+    // all-reduce a dead peer never finishes, and return once the watchdog has aborted it, with
+    // weights updated from sums that were cut short: only a barrier that every rank passes
+    // after its device work says they were not.
+    run.comm.barrier()?;
+    let (Some(snapshot), Some(metrics)) = (snapshot, run.metrics.as_mut()) else {
+        return Ok(None);
+    };
     let dir = run.writer.start(&run.cfg.run_dir, snapshot, run.cfg.train.keep_checkpoints)?;
     metrics.flush()?;
     Ok(Some(dir))
@@ -636,7 +660,7 @@ fn write_eval_report(
 
 /// Waits for the last checkpoint to be on disk, flushes the metrics and waits for every rank:
 /// nobody leaves while rank 0 still writes the last checkpoint or evaluates.
-fn finish(mut run: Box<Run>, outcome: Outcome) -> Result<TrainSummary> {
+fn finish(run: &mut Run, outcome: Outcome) -> Result<TrainSummary> {
     run.writer.wait()?;
     if let Some(metrics) = run.metrics.as_mut() {
         metrics.flush()?;

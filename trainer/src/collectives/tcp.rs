@@ -7,10 +7,13 @@
 //! checks that all ranks are at the same collective (same op, same sequence number: a rank
 //! that took another code path is named at once instead of deadlocking), combines, and sends
 //! the result back. Sockets have read and write timeouts (`dist.timeout_s`): a peer that died
-//! or stalls turns into an error naming the collective, not a hang.
+//! or stalls turns into an error naming the collective, not a hang. A rank that stops on an
+//! error of its own sends rank 0 an abort frame with the cause ([`Collectives::abort`]), which
+//! rank 0 passes on: every other rank's collective then fails at once with that cause, instead
+//! of waiting out the timeout for a frame that will never come.
 //!
 //! A group may be used from another thread than the one that made it (the gradient reducer's
-//! communication thread, grad_sync.rs), one collective at a time: the sequence counter is
+//! communication thread, grad_sync/), one collective at a time: the sequence counter is
 //! atomic so the group is `Sync`, and the seq check above still catches a rank on another path.
 //!
 //! `OXCLIP_SIM_LINK_GBPS=<GB/s>` (read once, when the group is made) simulates a slower link
@@ -23,6 +26,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tch::Tensor;
@@ -41,11 +45,13 @@ enum Op {
     Broadcast = 3,
     GatherBytes = 4,
     Barrier = 5,
+    /// A rank stops; the payload says why (UTF-8). Rank 0 passes it on to every other rank.
+    Abort = 6,
 }
 
 impl Op {
     fn from_u8(v: u8) -> Option<Op> {
-        [Op::AllGather, Op::AllReduce, Op::Broadcast, Op::GatherBytes, Op::Barrier]
+        [Op::AllGather, Op::AllReduce, Op::Broadcast, Op::GatherBytes, Op::Barrier, Op::Abort]
             .into_iter()
             .find(|op| *op as u8 == v)
     }
@@ -62,7 +68,14 @@ pub struct TcpGroup {
     timeout: Duration,
     /// The simulated link's bytes per second (`OXCLIP_SIM_LINK_GBPS`); `None`: no delay.
     sim_link: Option<f64>,
+    /// Why the group stopped (this rank's abort, or one passed on from another rank); every
+    /// collective after it fails with this.
+    aborted: Mutex<Option<String>>,
 }
+
+/// How long an abort frame may take to leave: it is sent on the way out of a failed run, to
+/// peers that may be gone.
+const ABORT_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The environment variable [`TcpGroup::connect`] reads the simulated link's speed from.
 pub const SIM_LINK_ENV: &str = "OXCLIP_SIM_LINK_GBPS";
@@ -123,6 +136,7 @@ impl TcpGroup {
             seq: AtomicU64::new(0),
             timeout,
             sim_link: sim_link_from_env(),
+            aborted: Mutex::new(None),
         })
     }
 
@@ -141,7 +155,7 @@ impl TcpGroup {
             Op::AllReduce => 2.0 * (w - 1.0) / w * b,
             Op::AllGather | Op::GatherBytes => (w - 1.0) * b,
             Op::Broadcast => b,
-            Op::Barrier => 0.0,
+            Op::Barrier | Op::Abort => 0.0,
         };
         Some(Duration::from_secs_f64(bytes / rate))
     }
@@ -172,11 +186,17 @@ impl TcpGroup {
         combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<u8>>,
     ) -> Result<Vec<u8>> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(cause) = self.aborted() {
+            return Err(dist_err(format!("rank {} in {op:?} #{seq}: {cause}", self.rank)));
+        }
         if self.rank != 0 {
             let stream = &self.streams[0];
             write_frame(stream, op, seq, &payload).map_err(|e| self.io_error(e, 0, op, seq))?;
             let (got_op, got_seq, result) =
                 read_frame(stream).map_err(|e| self.io_error(e, 0, op, seq))?;
+            if got_op == Op::Abort as u8 {
+                return Err(self.aborted_by(None, &result, op, seq));
+            }
             if (got_op, got_seq) != (op as u8, seq) {
                 return Err(dist_err(format!(
                     "rank 0 answered collective {got_op} #{got_seq} to {op:?} #{seq}"
@@ -190,6 +210,9 @@ impl TcpGroup {
             let peer = i + 1;
             let (got_op, got_seq, part) =
                 read_frame(stream).map_err(|e| self.io_error(e, peer, op, seq))?;
+            if got_op == Op::Abort as u8 {
+                return Err(self.aborted_by(Some(peer), &part, op, seq));
+            }
             if (got_op, got_seq) != (op as u8, seq) {
                 let theirs =
                     Op::from_u8(got_op).map_or(format!("op {got_op}"), |o| format!("{o:?}"));
@@ -205,6 +228,38 @@ impl TcpGroup {
             write_frame(stream, op, seq, &result).map_err(|e| self.io_error(e, i + 1, op, seq))?;
         }
         Ok(result)
+    }
+
+    fn aborted(&self) -> Option<String> {
+        self.aborted.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// An abort frame arrived (`from`: the peer that sent it to rank 0; `None`: from rank 0
+    /// to this rank) while this rank was at `op` #`seq`: the group stops with its cause, which
+    /// rank 0 passes on to every other rank.
+    fn aborted_by(&self, from: Option<usize>, payload: &[u8], op: Op, seq: u64) -> TrainError {
+        let cause = String::from_utf8_lossy(payload).into_owned();
+        *self.aborted.lock().unwrap_or_else(PoisonError::into_inner) = Some(cause.clone());
+        if let Some(from) = from {
+            self.send_abort(&cause, Some(from));
+        }
+        dist_err(format!("rank {} in {op:?} #{seq}: {cause}", self.rank))
+    }
+
+    /// Sends `cause` in an abort frame: to rank 0, or from rank 0 to every rank but `skip`.
+    /// Best effort: a peer may be gone.
+    fn send_abort(&self, cause: &str, skip: Option<usize>) {
+        let seq = self.seq.load(Ordering::SeqCst);
+        for (i, stream) in self.streams.iter().enumerate() {
+            let peer = if self.rank == 0 { i + 1 } else { 0 };
+            if Some(peer) == skip {
+                continue;
+            }
+            let _ = stream.set_write_timeout(Some(ABORT_SEND_TIMEOUT));
+            if let Err(e) = write_frame(stream, Op::Abort, seq, cause.as_bytes()) {
+                tracing::debug!("rank {}: the abort did not reach rank {peer}: {e}", self.rank);
+            }
+        }
     }
 
     fn io_error(&self, e: std::io::Error, peer: usize, op: Op, seq: u64) -> TrainError {
@@ -528,6 +583,21 @@ impl Collectives for TcpGroup {
         self.round(Op::Barrier, Vec::new(), |_| Ok(Vec::new())).map(|_| ())
     }
 
+    /// Sends the cause to rank 0, which passes it to every rank: their collective in flight,
+    /// or their next one, fails with it. Once per group: an abort that arrived from another
+    /// rank is not sent back.
+    fn abort(&self, cause: &str) {
+        let cause = format!("rank {} stopped: {cause}", self.rank);
+        {
+            let mut aborted = self.aborted.lock().unwrap_or_else(PoisonError::into_inner);
+            if aborted.is_some() {
+                return;
+            }
+            *aborted = Some(cause.clone());
+        }
+        self.send_abort(&cause, None);
+    }
+
     fn as_sync(&self) -> Option<&(dyn Collectives + Sync)> {
         Some(self)
     }
@@ -674,5 +744,44 @@ mod tests {
             g.barrier().unwrap_err().to_string()
         });
         assert!(results[0].contains("rank 1 closed its connection"), "{}", results[0]);
+    }
+
+    /// A rank that aborts ends every other rank's collective at once with its cause, whether
+    /// it is rank 0 or not and whether the others are already waiting or come later; and the
+    /// cause is not sent around again when they abort in turn.
+    #[test]
+    fn an_abort_reaches_every_rank_with_its_cause() {
+        for quitter in [0, 2] {
+            let results = on_ranks(4, move |g| {
+                let started = std::time::Instant::now();
+                let mut t = Tensor::from_slice(&[1.0f32]);
+                if g.rank() == quitter {
+                    // The others are (or will be) waiting in their all-reduce.
+                    std::thread::sleep(Duration::from_millis(200));
+                    g.abort("flattening gradient bucket 3 failed");
+                    return (String::new(), started.elapsed());
+                }
+                let err = g.all_reduce_sum(&mut t).unwrap_err().to_string();
+                // As the training loop does on any error: not sent back again.
+                g.abort(&err);
+                let later = g.barrier().unwrap_err().to_string();
+                assert!(later.contains("flattening gradient bucket 3 failed"), "{later}");
+                (err, started.elapsed())
+            });
+            for (rank, (err, took)) in results.iter().enumerate() {
+                if rank == quitter {
+                    continue;
+                }
+                assert!(
+                    err.contains(&format!(
+                        "rank {rank} in AllReduce #1: rank {quitter} stopped: flattening \
+                         gradient bucket 3 failed"
+                    )),
+                    "rank {rank}: {err}"
+                );
+                // Not the 20 s read timeout.
+                assert!(*took < Duration::from_secs(10), "rank {rank} took {took:?}");
+            }
+        }
     }
 }

@@ -10,10 +10,19 @@
 //! When the bucket is complete it is flattened and handed to a communication thread that sums
 //! it over ranks while the backward pass goes on. Buckets are launched strictly in index order
 //! (bucket i waits until 0..i are launched), so every rank issues the same collectives in the
-//! same order whatever order its hooks fire in. Gradients the backward pass did not produce
-//! (a parameter outside the graph) are reduced after it returns, as before: a bucket holds the
-//! gradients that are defined by then. The step then waits for the tail and copies the sums
-//! back into the `.grad`s; that wait is the exposed communication time, `train/comm_time`.
+//! same order whatever order its hooks fire in ([`launch`]). A bucket whose gradients never
+//! arrive (parameters outside this rank's graph) is launched when the backward pass returns,
+//! its missing gradients summed as zeros, as DDP does; a failure in a hook stops all launching,
+//! and the step fails (and tells the other ranks why) instead of pairing its buckets with the
+//! wrong ones. The step then waits for the tail and copies the sums back into the `.grad`s;
+//! that wait is the exposed communication time, `train/comm_time`. Buckets whose sums were
+//! started live in an [`in_flight::InFlight`] until then, which on any error or panic lets
+//! each go only once its collective can no longer write it.
+//!
+//! Each bucket carries one flag per parameter, 1 where this rank has the gradient: summed with
+//! the gradients, it says which parameters some rank has a gradient for. Those every rank then
+//! holds (a rank without one takes the sum), and the others no rank does, so every rank's
+//! optimizer updates the same parameters (DDP's unused-parameter map).
 //!
 //! The arithmetic is the collective's: each bucket is summed element by element, so cutting the
 //! gradients into other buckets, or launching them earlier, changes no bit (the `cpu` backend
@@ -21,6 +30,8 @@
 //!
 //! `dist.grad_reduce_dtype: bf16` is DDP's `bf16_compress_hook`: each bucket is cast to bf16,
 //! summed over ranks, and cast back to fp32, half the bytes for a bf16 rounding of the sum.
+//!
+//! A parameter listed twice (tied weights) is reduced once.
 //!
 //! Overlap needs a group that a second thread may use ([`Collectives::as_sync`]); with one that
 //! cannot, or `dist.overlap: false`, every bucket is reduced after the backward pass.
@@ -33,10 +44,14 @@
 //! queued on a communication stream and the marks are CUDA events, so "waits for the tail"
 //! means the host queues the waits and the GPU does them.
 
-use std::ffi::c_void;
+mod hooks;
+mod in_flight;
+pub mod launch;
+
+use std::collections::HashSet;
 use std::ops::Range;
-use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use tch::{Kind, Tensor};
@@ -44,13 +59,16 @@ use tch::{Kind, Tensor};
 use crate::collectives::{Collectives, Mark};
 use crate::config::{DistConfig, ReduceDtype};
 use crate::error::{Result, TrainError};
+use crate::fault::{self, Fault};
+use in_flight::InFlight;
+use launch::{Countdown, Sink};
 
 /// What one reduction did, for the log and the tests.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Reduced {
     /// Seconds the step waited for the reduction after the backward pass returned.
     pub exposed_secs: f64,
-    /// Buckets reduced (empty ones are skipped).
+    /// Buckets reduced.
     pub buckets: usize,
     /// Of those, launched while the backward pass was running.
     pub launched_in_backward: usize,
@@ -58,7 +76,7 @@ pub struct Reduced {
 
 /// The bucket layout over a model's trainable parameters, fixed when the run starts.
 pub struct GradSync {
-    /// Trainable parameters in reverse registration order.
+    /// Trainable parameters in reverse registration order, each once.
     params: Vec<Tensor>,
     /// Each bucket's range of `params`.
     buckets: Vec<Range<usize>>,
@@ -66,16 +84,24 @@ pub struct GradSync {
     overlap: bool,
     /// `dist.grad_reduce_dtype`.
     dtype: ReduceDtype,
+    /// Reductions so far, for the faults a test build injects (crate::fault).
+    reductions: AtomicU64,
 }
 
 impl GradSync {
     /// `params`: the trainable tensors in the order the model registered them (as
     /// `VarStore::trainable_variables` lists them); those that need no gradient are left out,
-    /// as the optimizer leaves them out.
+    /// as the optimizer leaves them out, and one listed twice (tied) is kept once.
     /// Buckets hold `dist.bucket_mb` of fp32 gradients.
     pub fn new(params: Vec<Tensor>, dist: &DistConfig) -> Result<Self> {
         dist.validate()?;
-        let params: Vec<Tensor> = params.into_iter().rev().filter(Tensor::requires_grad).collect();
+        let mut seen = HashSet::new();
+        let params: Vec<Tensor> = params
+            .into_iter()
+            .rev()
+            .filter(Tensor::requires_grad)
+            .filter(|p| p.numel() == 0 || seen.insert(p.data_ptr() as usize))
+            .collect();
         let cap = (dist.bucket_mb * 1e6 / 4.0).max(1.0) as i64;
         let mut buckets = Vec::new();
         let mut start = 0;
@@ -90,7 +116,13 @@ impl GradSync {
             buckets.push(start..end);
             start = end;
         }
-        Ok(Self { params, buckets, overlap: dist.overlap, dtype: dist.grad_reduce_dtype })
+        Ok(Self {
+            params,
+            buckets,
+            overlap: dist.overlap,
+            dtype: dist.grad_reduce_dtype,
+            reductions: AtomicU64::new(0),
+        })
     }
 
     /// The layout over `vs`'s trainable variables, in their registration order.
@@ -110,21 +142,22 @@ impl GradSync {
             backward();
             return Ok(Reduced::default());
         }
+        let reduction = self.reductions.fetch_add(1, Ordering::Relaxed) + 1;
         match comm.as_sync().filter(|_| self.overlap) {
-            Some(comm) => self.reduce_overlapped(comm, backward),
+            Some(comm) => self.reduce_overlapped(comm, reduction, backward),
             None => {
                 backward();
                 let started = Instant::now();
-                let mut reduced = Reduced::default();
                 for b in 0..self.buckets.len() {
-                    if let Some(mut flat) = self.flatten(b)? {
-                        comm.all_reduce_sum(&mut flat)?;
-                        self.unflatten(b, &flat)?;
-                        reduced.buckets += 1;
-                    }
+                    let mut flat = self.flatten(b)?;
+                    comm.all_reduce_sum(&mut flat)?;
+                    self.unflatten(b, &flat)?;
                 }
-                reduced.exposed_secs = started.elapsed().as_secs_f64();
-                Ok(reduced)
+                Ok(Reduced {
+                    exposed_secs: started.elapsed().as_secs_f64(),
+                    buckets: self.buckets.len(),
+                    launched_in_backward: 0,
+                })
             }
         }
     }
@@ -132,249 +165,208 @@ impl GradSync {
     fn reduce_overlapped(
         &self,
         comm: &(dyn Collectives + Sync),
+        reduction: u64,
         backward: impl FnOnce(),
     ) -> Result<Reduced> {
-        let (tx, rx) = mpsc::channel::<(usize, Tensor, Mark)>();
-        let mut bucket_of = vec![0; self.params.len()];
-        for (b, range) in self.buckets.iter().enumerate() {
-            bucket_of[range.clone()].fill(b);
-        }
+        let (tx, rx) = mpsc::channel::<Flat>();
         std::thread::scope(|scope| {
-            let communicator = scope.spawn(move || -> Result<Vec<(usize, Tensor, Mark)>> {
-                let mut done = Vec::new();
-                for (b, mut flat, ready) in rx {
+            // Starts each bucket's sum as it comes; a bucket whose start failed may already be
+            // queued on the device, so it is retired, not dropped.
+            let communicator = scope.spawn(move || {
+                let mut in_flight = InFlight::new(comm);
+                for Flat { bucket, mut flat, ready } in rx {
                     match comm.all_reduce_start(&mut flat, ready) {
-                        Ok(mark) => done.push((b, flat, mark)),
+                        Ok(done) => in_flight.push(bucket, flat, done),
                         Err(e) => {
-                            // The flat buckets are about to be freed: the device may still be
-                            // reading those already started, so order compute after them first.
-                            for (_, _, mark) in done {
-                                let _ = comm.wait_for(&mark);
-                            }
-                            return Err(e);
+                            comm.retire(Mark::none(), flat);
+                            return (in_flight, Err(e));
                         }
                     }
                 }
-                Ok(done)
+                (in_flight, Ok(()))
             });
-            // Inside the scope: should `backward` panic, the sender goes with it and the
-            // communication thread ends instead of keeping the scope waiting.
+            // Inside the scope: should `backward` panic, the context and its sender go with it
+            // and the communication thread ends instead of keeping the scope waiting; what it
+            // started is retired as its `InFlight` is dropped.
+            let sizes: Vec<usize> = self.buckets.iter().map(|r| r.len()).collect();
             let ctx = HookCtx {
-                sync: self,
-                comm,
-                state: Mutex::new(Launcher {
-                    waiting: self.buckets.iter().map(|r| r.len()).collect(),
-                    fired: vec![false; self.params.len()],
-                    bucket_of,
-                    next: 0,
-                    tx: Some(tx),
-                    launched: 0,
-                    error: None,
-                }),
+                countdown: Mutex::new(Countdown::new(
+                    &sizes,
+                    Launcher { sync: ForBackward(self), comm, tx, reduction },
+                )),
+                rank: comm.rank(),
             };
-            // Not armed (a parameter libtorch refuses): the backward pass still runs and every
-            // bucket goes after it, so the ranks stay in step; the error is reported below.
-            let hooks = Hooks::arm(&self.params, &ctx);
-            backward();
-            let armed = hooks.map(drop);
-            let launched_in_backward = {
-                let mut state = ctx.lock();
-                let launched = state.launched;
-                // What the backward pass left: the buckets not yet complete, in order.
-                while state.next < self.buckets.len() {
-                    state.launch_next(self, comm);
-                }
-                state.tx = None; // ends the communication thread's loop
-                launched
+            let armed = hooks::during(&self.params, &ctx, backward);
+            let (launched, finished) = {
+                let mut countdown = ctx.lock();
+                let finished = countdown.finish();
+                (countdown.launched_in_backward(), finished)
             };
             let started = Instant::now();
-            let done = communicator.join().map_err(|_| {
+            let (in_flight, communicated) = communicator.join().map_err(|_| {
                 TrainError::Dist("the gradient communication thread panicked".into())
             })?;
+            // A peer's failure (the cause it sent) first: a hook's own failure may only be
+            // that the communication thread had stopped for it.
+            communicated?;
             armed?;
-            if let Some(e) = ctx.lock().error.take() {
-                return Err(e);
-            }
-            let done = done?;
-            let buckets = done.len();
-            // Each flat bucket lives until its sum is copied back. Under NCCL it was allocated
-            // by libtorch's caching allocator for the compute stream while the communication
-            // stream reads and writes it: freed earlier, the allocator could hand its memory
-            // to a compute kernel while the all-reduce still uses it. Dropped after the copy
-            // (queued on the compute stream after the wait), any reuse comes after the sum.
-            for (b, flat, mark) in done {
-                comm.wait_for(&mark)?;
-                self.unflatten(b, &flat)?;
-            }
+            finished?;
+            let buckets = in_flight.len();
+            in_flight.copy_back(|b, flat| self.unflatten(b, flat))?;
             Ok(Reduced {
                 exposed_secs: started.elapsed().as_secs_f64(),
                 buckets,
-                launched_in_backward,
+                launched_in_backward: launched,
             })
         })
     }
 
-    /// Bucket `b`'s defined gradients as one flat tensor of the reduction's dtype; `None` when
-    /// none is defined.
-    fn flatten(&self, b: usize) -> Result<Option<Tensor>> {
-        let mut parts = Vec::new();
-        for p in &self.params[self.buckets[b].clone()] {
+    /// Bucket `b` as one flat tensor of the reduction's dtype: each parameter's gradient (zeros
+    /// where this rank has none), then one flag per parameter, 1 where it has one.
+    fn flatten(&self, b: usize) -> Result<Tensor> {
+        let params = &self.params[self.buckets[b].clone()];
+        let mut parts = Vec::with_capacity(params.len() + 1);
+        let mut has = Vec::with_capacity(params.len());
+        for p in params {
             let g = p.grad();
-            if g.defined() {
-                parts.push(g.f_to_kind(Kind::Float)?.f_flatten(0, -1)?);
-            }
+            has.push(g.defined());
+            parts.push(if g.defined() {
+                g.f_to_kind(Kind::Float)?.f_flatten(0, -1)?
+            } else {
+                Tensor::f_zeros([p.numel() as i64], (Kind::Float, p.device()))?
+            });
         }
-        if parts.is_empty() {
-            return Ok(None);
-        }
+        let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
+        parts.push(if has.iter().all(|&h| h) {
+            Tensor::f_ones([params.len() as i64], (Kind::Float, device))?
+        } else {
+            let flags: Vec<f32> = has.iter().map(|&h| f32::from(u8::from(h))).collect();
+            Tensor::f_from_slice(&flags)?.f_to_device(device)?
+        });
         let flat = Tensor::f_cat(&parts, 0)?;
-        Ok(Some(match self.dtype {
+        Ok(match self.dtype {
             ReduceDtype::Fp32 => flat,
             ReduceDtype::Bf16 => flat.f_to_kind(Kind::BFloat16)?,
-        }))
+        })
     }
 
-    /// Copies the summed `flat` back into bucket `b`'s defined gradients.
+    /// Copies the summed `flat` back into bucket `b`'s gradients: into the gradient where this
+    /// rank has one, as a new gradient where it has none but another rank had.
     fn unflatten(&self, b: usize, flat: &Tensor) -> Result<()> {
+        let params = &self.params[self.buckets[b].clone()];
+        let flags_at = flat.numel() as i64 - params.len() as i64;
+        // Read from the device only when this rank lacks a gradient: a rare path.
+        let mut some_rank_has: Option<Vec<f32>> = None;
         let mut offset = 0;
-        for p in &self.params[self.buckets[b].clone()] {
+        for (i, p) in params.iter().enumerate() {
+            let n = p.numel() as i64;
+            let sum = flat.f_narrow(0, offset, n)?;
+            offset += n;
             let mut g = p.grad();
             if g.defined() {
-                let n = g.numel() as i64;
-                g.f_copy_(&flat.f_narrow(0, offset, n)?.f_view_as(&g)?)?;
-                offset += n;
+                g.f_copy_(&sum.f_view_as(&g)?)?;
+                continue;
+            }
+            let flags = match &some_rank_has {
+                Some(flags) => flags,
+                None => some_rank_has.insert(Vec::<f32>::try_from(
+                    flat.f_narrow(0, flags_at, params.len() as i64)?.f_to_kind(Kind::Float)?,
+                )?),
+            };
+            if flags[i] > 0.0 {
+                let mut grad = p.f_empty_like()?;
+                grad.f_copy_(&sum.f_view(p.size().as_slice())?)?;
+                hooks::set_grad(p, Some(&grad))?;
             }
         }
         Ok(())
     }
-}
 
-/// The buckets' countdown, shared with the hooks (which run on autograd's thread for the
-/// device: the caller's on CPU, a device thread on CUDA).
-struct Launcher {
-    /// Per bucket, its parameters whose gradients are not ready yet.
-    waiting: Vec<usize>,
-    /// Per parameter, whether its hook ran (a parameter reached twice counts once).
-    fired: Vec<bool>,
-    bucket_of: Vec<usize>,
-    /// The next bucket to launch; all before it are launched.
-    next: usize,
-    tx: Option<mpsc::Sender<(usize, Tensor, Mark)>>,
-    /// Buckets launched so far.
-    launched: usize,
-    /// The first error of a flatten in a hook, reported after the backward pass.
-    error: Option<TrainError>,
-}
-
-impl Launcher {
-    fn launch_next(&mut self, sync: &GradSync, comm: &dyn Collectives) {
-        let b = self.next;
-        self.next += 1;
-        // The mark right after the flatten, on the thread that queued it.
-        match sync
-            .flatten(b)
-            .and_then(|flat| flat.map(|f| comm.ready_mark().map(|m| (f, m))).transpose())
-        {
-            Ok(Some((flat, ready))) => {
-                // A closed channel: the communication thread failed; join reports why.
-                if let Some(tx) = &self.tx {
-                    let _ = tx.send((b, flat, ready));
+    /// The fault a test build injects at bucket `b`'s launch, applied (crate::fault).
+    fn inject(&self, rank: usize, reduction: u64, b: usize) -> Result<()> {
+        match fault::in_bucket(rank, reduction, b) {
+            None => Ok(()),
+            Some(Fault::FlattenFails) => Err(TrainError::Dist(format!(
+                "rank {rank}: flattening gradient bucket {b} failed (injected fault)"
+            ))),
+            Some(Fault::HookPanics) => panic!("injected fault: gradient bucket {b}'s hook panics"),
+            Some(Fault::UndefinedGrads) => {
+                for p in &self.params[self.buckets[b].clone()] {
+                    hooks::set_grad(p, None)?;
                 }
-                self.launched += 1;
+                Ok(())
             }
-            Ok(None) => {}
-            Err(e) => {
-                self.error.get_or_insert(e);
-            }
-        }
-    }
-
-    fn grad_ready(&mut self, sync: &GradSync, comm: &dyn Collectives, index: usize) {
-        if index >= self.fired.len() || std::mem::replace(&mut self.fired[index], true) {
-            return;
-        }
-        let b = self.bucket_of[index];
-        self.waiting[b] -= 1;
-        while self.next < self.waiting.len() && self.waiting[self.next] == 0 {
-            self.launch_next(sync, comm);
+            Some(Fault::Vanish) => fault::vanish(),
         }
     }
 }
 
-/// What a hook reaches through its context pointer. The hooks read `sync`'s parameters while
-/// the thread that owns them is inside `backward`, so nothing reads them concurrently.
+/// A flat bucket on its way to the communication thread, with the point its flatten reached.
+struct Flat {
+    bucket: usize,
+    flat: Tensor,
+    ready: Mark,
+}
+
+/// The buckets' launches, driven by the hooks (which run on autograd's thread for the device:
+/// the caller's on CPU, a device thread on CUDA).
 struct HookCtx<'a> {
-    sync: &'a GradSync,
+    countdown: Mutex<Countdown<Launcher<'a>>>,
+    rank: usize,
+}
+
+impl<'a> HookCtx<'a> {
+    fn lock(&self) -> MutexGuard<'_, Countdown<Launcher<'a>>> {
+        // Poisoned: a hook panicked mid-update; `hook_panicked` has stopped the launches.
+        self.countdown.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl hooks::OnGradReady for HookCtx<'_> {
+    fn grad_ready(&self, index: usize) {
+        self.lock().grad_ready(index);
+    }
+
+    fn hook_panicked(&self, message: String) {
+        let rank = self.rank;
+        self.lock().fail(TrainError::Dist(format!("rank {rank}: a gradient hook panicked: {message}")));
+    }
+}
+
+/// A bucket's launch: flattened, marked, and handed to the communication thread.
+struct Launcher<'a> {
+    sync: ForBackward<'a>,
     comm: &'a (dyn Collectives + Sync),
-    state: Mutex<Launcher>,
+    tx: mpsc::Sender<Flat>,
+    /// This reduction's number, for the faults a test build injects.
+    reduction: u64,
 }
 
-impl HookCtx<'_> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Launcher> {
-        // A poisoned lock means a hook panicked mid-update; its state is still the best we have.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+impl Sink for Launcher<'_> {
+    type Error = TrainError;
+
+    fn launch(&mut self, bucket: usize) -> Result<()> {
+        let sync = self.sync.0;
+        sync.inject(self.comm.rank(), self.reduction, bucket)?;
+        let flat = sync.flatten(bucket)?;
+        // The mark right after the flatten, on the thread that queued it.
+        let ready = self.comm.ready_mark()?;
+        self.tx.send(Flat { bucket, flat, ready }).map_err(|_| {
+            TrainError::Dist("the gradient communication thread stopped".into())
+        })
     }
 }
 
-extern "C" {
-    fn oxclip_set_grad_ready_hook(
-        param: *mut c_void,
-        f: extern "C" fn(*mut c_void, usize),
-        ctx: *mut c_void,
-        index: usize,
-    ) -> i32;
-    fn oxclip_clear_grad_ready_hook(param: *mut c_void);
-}
+/// The layout, lent to the hooks for one backward pass.
+struct ForBackward<'a>(&'a GradSync);
 
-extern "C" fn grad_ready(ctx: *mut c_void, index: usize) {
-    // SAFETY: `ctx` is the `HookCtx` `Hooks::arm` was given; the hooks are removed before it
-    // is dropped. A panic must not unwind into libtorch's C++ frames.
-    let ctx = unsafe { &*(ctx as *const HookCtx) };
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        ctx.lock().grad_ready(ctx.sync, ctx.comm, index)
-    }));
-}
-
-/// The hooks installed on every parameter, removed when dropped (also when the backward pass
-/// panics), so none outlives the reduction that owns its context.
-struct Hooks<'a> {
-    params: &'a [Tensor],
-}
-
-impl<'a> Hooks<'a> {
-    fn arm(params: &'a [Tensor], ctx: &HookCtx) -> Result<Self> {
-        let mut hooks = Hooks { params: &params[..0] };
-        for (i, p) in params.iter().enumerate() {
-            // SAFETY: `p.as_ptr()` is a live `torch::Tensor*`; `ctx` outlives the hooks (see
-            // `grad_ready`).
-            let refused = unsafe {
-                oxclip_set_grad_ready_hook(
-                    p.as_ptr() as *mut c_void,
-                    grad_ready,
-                    ctx as *const HookCtx as *mut c_void,
-                    i,
-                )
-            };
-            if refused != 0 {
-                return Err(TrainError::Dist(format!(
-                    "libtorch refused a gradient hook on trainable parameter #{i} of shape {:?}",
-                    p.size()
-                )));
-            }
-            hooks.params = &params[..=i];
-        }
-        Ok(hooks)
-    }
-}
-
-impl Drop for Hooks<'_> {
-    fn drop(&mut self) {
-        for p in self.params {
-            // SAFETY: as in `arm`.
-            unsafe { oxclip_clear_grad_ready_hook(p.as_ptr() as *mut c_void) };
-        }
-    }
-}
+// SAFETY: `GradSync` is not `Sync` only because tch's `Tensor` handles are not. The hooks use
+// them on libtorch's autograd thread while the thread that owns them waits in `backward`
+// (`hooks::during`), one hook at a time (behind the countdown's lock), and only through
+// libtorch calls (reading a gradient, flattening it), which libtorch's own hooks make from
+// that thread too.
+unsafe impl Send for ForBackward<'_> {}
+unsafe impl Sync for ForBackward<'_> {}
 
 #[cfg(test)]
 mod tests {
@@ -399,56 +391,6 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("dist.bucket_mb"), "{err}");
-    }
-
-    #[test]
-    fn hooks_fire_during_backward_in_bucket_order_and_are_removed() {
-        let p = |n: i64| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        let params = [p(3), p(3), p(3)];
-        let sync = GradSync::new(
-            params.iter().map(Tensor::shallow_clone).collect(),
-            &DistConfig { bucket_mb: 1e-6, ..DistConfig::default() },
-        )
-        .unwrap();
-        assert_eq!(sync.bucket_count(), 3);
-        let (tx, rx) = mpsc::channel();
-        let ctx = HookCtx {
-            sync: &sync,
-            comm: &crate::collectives::SingleProcess,
-            state: Mutex::new(Launcher {
-                waiting: vec![1; 3],
-                fired: vec![false; 3],
-                bucket_of: vec![0, 1, 2],
-                next: 0,
-                tx: Some(tx),
-                launched: 0,
-                error: None,
-            }),
-        };
-        {
-            let _hooks = Hooks::arm(&sync.params, &ctx).unwrap();
-            // The last-registered parameter is bucket 0; its gradient alone launches it.
-            (&params[2] * 2.0).sum(Kind::Float).backward();
-            assert_eq!(ctx.lock().launched, 1);
-            let (b, flat, _) = rx.try_recv().unwrap();
-            assert_eq!((b, Vec::<f32>::try_from(&flat).unwrap()), (0, vec![2.0; 3]));
-            // The first-registered parameter (bucket 2) waits for bucket 1.
-            (&params[0] * 3.0).sum(Kind::Float).backward();
-            assert_eq!(ctx.lock().launched, 1);
-            (&params[1] * 4.0).sum(Kind::Float).backward();
-            assert_eq!(ctx.lock().launched, 3);
-            let order: Vec<usize> = rx.try_iter().map(|(b, _, _)| b).collect();
-            assert_eq!(order, vec![1, 2]);
-        }
-        // Removed: another backward launches nothing.
-        {
-            let mut state = ctx.lock();
-            state.fired = vec![false; 3];
-            state.waiting = vec![1; 3];
-            state.next = 0;
-        }
-        (&params[2] * 4.0).sum(Kind::Float).backward();
-        assert_eq!(ctx.lock().launched, 3);
     }
 
     /// A backend whose all-reduce, like NCCL's on its stream, is only queued by
