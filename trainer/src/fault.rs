@@ -95,10 +95,7 @@ mod tests {
 
     #[test]
     fn specs_parse_and_bad_ones_are_none() {
-        assert_eq!(
-            parse("hook-panics:rank=2:step=3:bucket=1"),
-            Some((Fault::HookPanics, 2, 3, 1))
-        );
+        assert_eq!(parse("hook-panics:rank=2:step=3:bucket=1"), Some((Fault::HookPanics, 2, 3, 1)));
         assert_eq!(parse("vanish:step=3:rank=0:bucket=0"), Some((Fault::Vanish, 0, 3, 0)));
         assert_eq!(parse("hook-panics:rank=2:step=3"), None);
         assert_eq!(parse("melt:rank=2:step=3:bucket=1"), None);

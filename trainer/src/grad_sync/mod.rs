@@ -175,6 +175,13 @@ impl GradSync {
             let communicator = scope.spawn(move || {
                 let mut in_flight = InFlight::new(comm);
                 for Flat { bucket, mut flat, ready } in rx {
+                    // Every rank's list of these lines is the same, up to where one stopped
+                    // (launch/tests/faults.rs compares them).
+                    tracing::trace!(
+                        "rank {}: reduction {reduction}: bucket {bucket} of {} values",
+                        comm.rank(),
+                        flat.numel()
+                    );
                     match comm.all_reduce_start(&mut flat, ready) {
                         Ok(done) => in_flight.push(bucket, flat, done),
                         Err(e) => {
@@ -329,7 +336,8 @@ impl hooks::OnGradReady for HookCtx<'_> {
 
     fn hook_panicked(&self, message: String) {
         let rank = self.rank;
-        self.lock().fail(TrainError::Dist(format!("rank {rank}: a gradient hook panicked: {message}")));
+        self.lock()
+            .fail(TrainError::Dist(format!("rank {rank}: a gradient hook panicked: {message}")));
     }
 }
 
@@ -351,9 +359,9 @@ impl Sink for Launcher<'_> {
         let flat = sync.flatten(bucket)?;
         // The mark right after the flatten, on the thread that queued it.
         let ready = self.comm.ready_mark()?;
-        self.tx.send(Flat { bucket, flat, ready }).map_err(|_| {
-            TrainError::Dist("the gradient communication thread stopped".into())
-        })
+        self.tx
+            .send(Flat { bucket, flat, ready })
+            .map_err(|_| TrainError::Dist("the gradient communication thread stopped".into()))
     }
 }
 
@@ -400,6 +408,8 @@ mod tests {
     struct Deferred {
         log: Mutex<Vec<String>>,
         queued: Mutex<std::collections::VecDeque<Tensor>>,
+        /// The start (0-based) that fails, as a collective can mid-backward.
+        fail_start: Option<usize>,
     }
 
     impl Collectives for Deferred {
@@ -437,9 +447,18 @@ mod tests {
             Ok(Mark::none())
         }
         fn all_reduce_start(&self, tensor: &mut Tensor, _ready: Mark) -> Result<Mark> {
-            self.log.lock().unwrap().push(format!("start {}", tensor.numel()));
+            let mut log = self.log.lock().unwrap();
+            let starts = log.iter().filter(|l| l.starts_with("start")).count();
+            if self.fail_start == Some(starts) {
+                log.push(format!("failed {}", tensor.numel()));
+                return Err(TrainError::Dist("the link went down".into()));
+            }
+            log.push(format!("start {}", tensor.numel()));
             self.queued.lock().unwrap().push_back(tensor.shallow_clone());
             Ok(Mark::none())
+        }
+        fn retire(&self, _done: Mark, buffer: Tensor) {
+            self.log.lock().unwrap().push(format!("retire {}", buffer.numel()));
         }
         fn wait_for(&self, _done: &Mark) -> Result<()> {
             self.log.lock().unwrap().push("wait".into());
@@ -480,7 +499,8 @@ mod tests {
             let log = comm.log.lock().unwrap().clone();
             let starts: Vec<&str> =
                 log.iter().filter(|l| l.starts_with("start")).map(String::as_str).collect();
-            assert_eq!(starts, ["start 5", "start 4", "start 3"], "{log:?}");
+            // Each bucket's gradients and one flag.
+            assert_eq!(starts, ["start 6", "start 5", "start 4"], "{log:?}");
             for (k, start) in starts.iter().enumerate() {
                 let at = log.iter().position(|l| l == start).unwrap();
                 assert!(log[..at].iter().filter(|l| *l == "ready").count() > k, "{log:?}");
@@ -497,6 +517,231 @@ mod tests {
                     "{dtype:?} parameter {i}"
                 );
                 let _ = g.zero_();
+            }
+        }
+    }
+
+    /// A sum that fails to start mid-backward, and a backward pass that panics: every bucket
+    /// already started is retired (freed only once its collective is done, or never), none is
+    /// dropped while it may be in flight, and none is copied back.
+    #[test]
+    fn started_buckets_are_retired_on_every_error_path() {
+        let p = |n: i64| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let params = [p(3), p(4), p(5)];
+        let sync = GradSync::new(
+            params.iter().map(Tensor::shallow_clone).collect(),
+            &DistConfig { overlap: true, bucket_mb: 1e-6, ..DistConfig::default() },
+        )
+        .unwrap();
+        let loss = || {
+            params
+                .iter()
+                .map(|w| w.sum(Kind::Float))
+                .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b)
+        };
+
+        let comm = Deferred { fail_start: Some(1), ..Deferred::default() };
+        let err = sync.reduce(&comm, || loss().backward()).unwrap_err().to_string();
+        assert!(err.contains("the link went down"), "{err}");
+        let log: Vec<String> =
+            comm.log.lock().unwrap().iter().filter(|l| *l != "ready").cloned().collect();
+        // Bucket 0 (5 + 1 values) started, bucket 1 failed to; the started one is retired
+        // (not waited for, not copied back); nothing is launched after the failure... except
+        // that the hook may have flattened bucket 2 before it learnt of it: never started.
+        assert_eq!(log[..2], ["start 6".to_owned(), "failed 5".to_owned()], "{log:?}");
+        assert!(log.contains(&"retire 6".to_owned()), "{log:?}");
+        assert!(!log.iter().any(|l| l == "wait" || l == "start 4"), "{log:?}");
+        for w in &params {
+            assert_eq!(Vec::<f32>::try_from(w.grad()).unwrap(), vec![1.0; w.numel()]);
+            let _ = w.grad().zero_();
+        }
+
+        let comm = Deferred::default();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            sync.reduce(&comm, || {
+                loss().backward();
+                panic!("out of memory in the backward pass");
+            })
+        }));
+        assert!(panicked.is_err());
+        let log = comm.log.lock().unwrap().clone();
+        let started = log.iter().filter(|l| l.starts_with("start")).count();
+        let retired = log.iter().filter(|l| l.starts_with("retire")).count();
+        assert_eq!((started, retired), (3, 3), "{log:?}");
+        assert!(!log.iter().any(|l| l == "wait"), "{log:?}");
+    }
+
+    /// A group on one of four ranks (`fail_rank`) that fails, or panics in, its `n`-th
+    /// `ready_mark` (the call each bucket's launch makes in its hook, right after the flatten),
+    /// and records the size of every sum it starts.
+    struct FaultyRank<'a> {
+        inner: &'a crate::collectives::tcp::TcpGroup,
+        fail_rank: usize,
+        at: usize,
+        panics: bool,
+        marks: std::sync::atomic::AtomicUsize,
+        started: Mutex<Vec<usize>>,
+    }
+
+    impl Collectives for FaultyRank<'_> {
+        fn rank(&self) -> usize {
+            self.inner.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.inner.world_size()
+        }
+        fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+            self.inner.all_gather(t)
+        }
+        fn reduce_scatter(&self, t: &Tensor) -> Result<Tensor> {
+            self.inner.reduce_scatter(t)
+        }
+        fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
+            self.inner.all_reduce_sum(t)
+        }
+        fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+            self.inner.broadcast(t, root)
+        }
+        fn all_gather_bytes(&self, b: &[u8]) -> Result<Vec<Vec<u8>>> {
+            self.inner.all_gather_bytes(b)
+        }
+        fn barrier(&self) -> Result<()> {
+            self.inner.barrier()
+        }
+        fn as_sync(&self) -> Option<&(dyn Collectives + Sync)> {
+            Some(self)
+        }
+        fn ready_mark(&self) -> Result<Mark> {
+            let n = self.marks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.rank() == self.fail_rank && n == self.at {
+                if self.panics {
+                    panic!("a kernel launch failed");
+                }
+                return Err(TrainError::Dist("out of memory flattening a bucket".into()));
+            }
+            Ok(Mark::none())
+        }
+        fn all_reduce_start(&self, t: &mut Tensor, ready: Mark) -> Result<Mark> {
+            self.started.lock().unwrap().push(t.numel());
+            self.inner.all_reduce_start(t, ready)
+        }
+        fn abort(&self, cause: &str) {
+            self.inner.abort(cause)
+        }
+    }
+
+    /// A launch that fails, or a hook that panics, on one of four ranks: that rank launches
+    /// nothing after it, the others' sums all pair bucket for bucket with its own (their
+    /// started sizes agree up to where it stopped), and once it aborts (as the training loop
+    /// does on any error), every rank fails at once naming its cause, rather than summing the
+    /// wrong buckets or waiting out the timeout.
+    #[test]
+    fn a_failure_in_one_ranks_hook_stops_every_rank_with_its_cause() {
+        for panics in [false, true] {
+            let results = on_four_ranks(None, move |_, group| {
+                let params: Vec<Tensor> = (0..4)
+                    .map(|i| {
+                        Tensor::ones([8 + i], (Kind::Float, tch::Device::Cpu))
+                            .set_requires_grad(true)
+                    })
+                    .collect();
+                let sync = GradSync::new(
+                    params.iter().map(Tensor::shallow_clone).collect(),
+                    &DistConfig { overlap: true, bucket_mb: 1e-6, ..DistConfig::default() },
+                )
+                .unwrap();
+                let comm = FaultyRank {
+                    inner: group,
+                    fail_rank: 2,
+                    at: 1,
+                    panics,
+                    marks: Default::default(),
+                    started: Mutex::new(Vec::new()),
+                };
+                let started = Instant::now();
+                let backward = || {
+                    params
+                        .iter()
+                        .map(|w| w.sum(Kind::Float))
+                        .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b)
+                        .backward()
+                };
+                let err = match sync.reduce(&comm, backward) {
+                    Ok(_) => String::new(),
+                    Err(e) => {
+                        comm.abort(&e.to_string());
+                        e.to_string()
+                    }
+                };
+                let sizes = comm.started.lock().unwrap().clone();
+                (err, sizes, started.elapsed())
+            });
+            let cause = if panics {
+                "rank 2: a gradient hook panicked: a kernel launch failed"
+            } else {
+                "out of memory flattening a bucket"
+            };
+            let (_, stopped_at, _) = &results[2];
+            assert_eq!(stopped_at, &[12], "rank 2 started bucket 0 only");
+            for (rank, (err, sizes, took)) in results.iter().enumerate() {
+                assert!(err.contains(cause), "panics {panics}, rank {rank}: {err}");
+                if rank != 2 {
+                    assert!(err.contains("rank 2 stopped"), "rank {rank}: {err}");
+                }
+                assert_eq!(sizes[..1], [12], "rank {rank}: {sizes:?}");
+                assert!(*took < std::time::Duration::from_secs(30), "rank {rank}: {took:?}");
+            }
+        }
+    }
+
+    /// Parameters outside one rank's graph: that rank sums zeros for them (it does not skip
+    /// their bucket, which would pair every later bucket with the wrong one), every rank then
+    /// holds the same sum, and a parameter no rank reached keeps no gradient anywhere.
+    #[test]
+    fn gradients_a_rank_lacks_are_summed_as_zeros_and_every_rank_holds_the_sum() {
+        for overlap in [false, true] {
+            let grads = on_four_ranks(None, move |rank, group| {
+                let params: Vec<Tensor> = (0..4)
+                    .map(|i| {
+                        Tensor::ones([3 + i], (Kind::Float, tch::Device::Cpu))
+                            .set_requires_grad(true)
+                    })
+                    .collect();
+                let sync = GradSync::new(
+                    params.iter().map(Tensor::shallow_clone).collect(),
+                    &DistConfig { overlap, bucket_mb: 1e-6, ..DistConfig::default() },
+                )
+                .unwrap();
+                // Rank 1 does not reach parameter 1; no rank reaches parameter 3.
+                let backward = || {
+                    params[..3]
+                        .iter()
+                        .enumerate()
+                        .filter(|&(i, _)| !(rank == 1 && i == 1))
+                        .map(|(i, w)| (w * (rank * 10 + i + 1) as f64).sum(Kind::Float))
+                        .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b)
+                        .backward()
+                };
+                sync.reduce(group, backward).unwrap();
+                params
+                    .iter()
+                    .map(|w| {
+                        let g = w.grad();
+                        g.defined().then(|| Vec::<f32>::try_from(g).unwrap())
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let sum = |i: usize, ranks: &[usize]| {
+                ranks.iter().map(|r| (r * 10 + i + 1) as f32).sum::<f32>()
+            };
+            let expected = vec![
+                Some(vec![sum(0, &[0, 1, 2, 3]); 3]),
+                Some(vec![sum(1, &[0, 2, 3]); 4]),
+                Some(vec![sum(2, &[0, 1, 2, 3]); 5]),
+                None,
+            ];
+            for (rank, g) in grads.iter().enumerate() {
+                assert_eq!(g, &expected, "overlap {overlap}, rank {rank}");
             }
         }
     }
