@@ -70,7 +70,7 @@ pub fn train_step(
 
     // 5. Back-propagate through the towers, and 6. sum parameter gradients over ranks: each
     // rank's loss is a part of the global mean, so the sum is the full-batch gradient. In
-    // buckets, each launched as soon as the last backward pass has produced it (grad_sync.rs).
+    // buckets, each launched as soon as the last backward pass has produced it (grad_sync/).
     optimizer.zero_grad();
     let count = towers.micro.len();
     for k in 0..count.saturating_sub(1) {
