@@ -154,6 +154,59 @@ YAML
       echo "nccl init timeout: rank 0 failed after ${took}s as it should"
     fi
   fi
+  # A peer lost mid-run (two GPUs): rank 1 is killed (SIGKILL) or frozen (SIGSTOP) once rank 0
+  # has logged a step. Rank 0 must fail by itself, naming the collective it was at (an NCCL
+  # one, `all_reduce #812 ...`, or a host exchange, `in GatherBytes #12: ...`), within
+  # dist.timeout_s (10 s) plus the bounded NCCL abort (10 s) and a margin, and its exit must
+  # not hang in the communicator's end. Any other outcome is a failure. Each case ends within
+  # about 2 minutes (rank 0 runs under a 120 s limit; rank 1 is killed when rank 0 ends).
+  nccl_peer_lost() {
+    local sig=$1 port=$2 dir="$D/lost-$1" r0 r1 status took started
+    mkdir -p "$dir"
+    sed -e 's/timeout_s: 120/timeout_s: 10/' -e 's/steps: 20,/steps: 1000000,/' "$D/run.yaml" > "$dir/run.yaml"
+    RANK=1 WORLD_SIZE=2 LOCAL_RANK=1 LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+      "$BIN" train --config "$dir/run.yaml" --set train.batch_size=16 --run-dir "$dir/run" > "$dir/rank1.log" 2>&1 & r1=$!
+    RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+      timeout --kill-after=5 120 "$BIN" train --config "$dir/run.yaml" --set train.batch_size=16 --run-dir "$dir/run" \
+      > "$dir/rank0.log" 2>&1 & r0=$!
+    # Mid-run: once rank 0 has logged a step (start-up, CUDA and NCCL included, within 60 s).
+    started=$SECONDS
+    until grep -qE "step .*loss" "$dir/rank0.log" || [ $((SECONDS - started)) -ge 60 ] || ! kill -0 $r0 2>/dev/null; do
+      sleep 1
+    done
+    if ! grep -qE "step .*loss" "$dir/rank0.log"; then
+      kill -KILL $r1 2>/dev/null; wait $r0 $r1 2>/dev/null
+      grep -E "NCCL|error|caused" "$dir/rank0.log" | tail -n 4
+      echo "nccl peer lost ($sig): the 2-rank run logged no step within 60 s" | tee -a "$OUT/failures.txt"
+      return
+    fi
+    sleep 2
+    kill -"$sig" $r1
+    started=$SECONDS
+    wait $r0
+    status=$? took=$((SECONDS - started))
+    kill -KILL $r1 2>/dev/null; wait $r1 2>/dev/null
+    grep -E "NCCL|error|caused|leaving it behind" "$dir/rank0.log" | tail -n 5
+    if [ $status -eq 0 ] || [ $status -ge 124 ] || [ $took -gt 45 ] \
+      || ! grep -qE "(all_gather|reduce_scatter|all_reduce|broadcast) #[0-9]+|in [A-Za-z]+ #[0-9]+:" "$dir/rank0.log"; then
+      echo "nccl peer lost ($sig): rank 0 ended with status $status ${took}s after rank 1 got SIG$sig, without naming a collective in time" | tee -a "$OUT/failures.txt"
+    else
+      echo "nccl peer lost ($sig): rank 0 failed ${took}s after rank 1 got SIG$sig, naming the collective, as it should"
+    fi
+  }
+  if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then
+    echo "# NCCL peer lost mid-run: needs two GPUs, not run"
+  else
+    for fault in KILL:29760 STOP:29770; do
+      sig=${fault%%:*}
+      echo "# NCCL peer lost mid-run (2 ranks, rank 1 gets SIG$sig, dist.timeout_s 10)"
+      if [ $((DEADLINE - SECONDS)) -lt 130 ]; then
+        echo "skipped, out of time: nccl peer lost ($sig)" | tee -a "$OUT/failures.txt"
+      else
+        nccl_peer_lost "$sig" "${fault#*:}"
+      fi
+    done
+  fi
 } 2>&1 | tee "$OUT/nccl.txt"
 echo "gpu-check done in $SECONDS s"
 timeout 60 python3 scripts/gpu_check_verdict.py "$OUT" "$SECTIONS" | tee "$OUT/verdict.txt"

@@ -72,7 +72,9 @@ pub fn load_cuda_backend() -> bool {
         .collect();
     for name in candidates {
         let Ok(c_name) = CString::new(name.clone()) else { continue };
-        // SAFETY: dlopen with a valid C string; the handle is kept for the process lifetime.
+        // SAFETY: dlopen with a valid NUL-terminated name; loading runs libtorch_cuda's
+        // initialisers (its CUDA backend registration, what this is for), and the handle is
+        // never closed, so nothing is unloaded under libtorch.
         let handle = unsafe { libc::dlopen(c_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
         if !handle.is_null() {
             tracing::debug!("loaded {name}");
@@ -84,7 +86,10 @@ pub fn load_cuda_backend() -> bool {
 
 // libtorch's autocast defaults to fp16 on CUDA and tch binds no setter for its dtype, so call
 // `at::autocast::{set,get}_autocast_dtype(c10::DeviceType, c10::ScalarType)` directly (both
-// enums are int8_t). Mangled names as exported by libtorch_cpu.so 2.11.
+// enums are int8_t). Mangled names as exported by libtorch_cpu.so 2.11. The dtype is
+// thread-local in libtorch (as is whether autocast is on), not process-wide: it holds for the
+// thread that sets it, so it is set on the thread that runs the forward passes (the training
+// loop's and the benchmark's, each right before its steps).
 extern "C" {
     #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
     fn at_autocast_set_autocast_dtype(device_type: i8, dtype: i8);
@@ -94,15 +99,19 @@ extern "C" {
 const DEVICE_TYPE_CUDA: i8 = 1; // c10::DeviceType::CUDA
 const SCALAR_TYPE_BFLOAT16: i8 = 15; // c10::ScalarType::BFloat16
 
-/// Makes CUDA autocast (`tch::autocast`) compute in bf16 rather than libtorch's default fp16.
+/// Makes CUDA autocast (`tch::autocast`) compute in bf16 rather than libtorch's default fp16,
+/// on the calling thread (the setting is thread-local): call it on the thread that runs the
+/// forward pass.
 pub fn use_bf16_autocast() {
-    // SAFETY: plain setter of a process-wide libtorch setting; arguments are valid enum values.
+    // SAFETY: the declaration above matches the C++ function (two int8_t enums, no return);
+    // it writes a thread-local of libtorch's, and both arguments are valid enum values.
     unsafe { at_autocast_set_autocast_dtype(DEVICE_TYPE_CUDA, SCALAR_TYPE_BFLOAT16) }
 }
 
-/// Whether CUDA autocast is set to bf16.
+/// Whether CUDA autocast is set to bf16 on the calling thread.
 pub fn autocast_is_bf16() -> bool {
-    // SAFETY: plain getter of a process-wide libtorch setting.
+    // SAFETY: the declaration above matches the C++ function (an int8_t enum in and out); it
+    // reads a thread-local of libtorch's.
     unsafe { at_autocast_get_autocast_dtype(DEVICE_TYPE_CUDA) == SCALAR_TYPE_BFLOAT16 }
 }
 
@@ -229,30 +238,18 @@ pub fn name(device: Device) -> String {
 /// Bytes in use on `device` if it is a CUDA device (all processes, the CUDA context included),
 /// from the runtime's `cudaMemGetInfo`; `None` off CUDA or when the runtime cannot be loaded.
 /// libtorch's caching allocator keeps what it reserved, so after a workload this is close to
-/// its peak.
+/// its peak. The runtime is the one the NCCL backend uses (libtorch's own copy, opened once and
+/// kept), which needs no NCCL.
 pub fn cuda_memory_in_use(device: Device) -> Option<u64> {
-    type SetDevice = unsafe extern "C" fn(i32) -> i32;
-    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
     let Device::Cuda(index) = device else { return None };
+    // libtorch_cuda.so (and with it its cudart) is loaded when this says yes, so that copy is
+    // the one found.
     if !tch::Cuda::is_available() {
         return None;
     }
-    let lib = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
-        .iter()
-        // SAFETY: loading cudart runs its initialisers, the ones libtorch_cuda.so already ran.
-        .find_map(|name| unsafe { libloading::Library::new(*name) }.ok())?;
-    let (mut free, mut total) = (0usize, 0usize);
-    // SAFETY: cudaSetDevice(int) and cudaMemGetInfo(size_t*, size_t*) as in cuda_runtime_api.h;
-    // both pointers are valid for the call.
-    let status = unsafe {
-        let set: libloading::Symbol<SetDevice> = lib.get(b"cudaSetDevice\0").ok()?;
-        let info: libloading::Symbol<MemGetInfo> = lib.get(b"cudaMemGetInfo\0").ok()?;
-        match set(index as i32) {
-            0 => info(&mut free, &mut total),
-            err => err,
-        }
-    };
-    (status == 0).then(|| total.saturating_sub(free) as u64)
+    let cudart = crate::collectives::nccl::Cudart::get().ok()?;
+    let (free, total) = cudart.mem_info(i32::try_from(index).ok()?)?;
+    Some(total.saturating_sub(free) as u64)
 }
 
 /// A loader batch as the towers take it: images `(b, 3, image_size, image_size)` and tokens

@@ -1,6 +1,8 @@
 //! The NCCL library and the CUDA runtime beside it, opened at run time: the C signatures
 //! oxclip calls (nccl.h, cuda_runtime_api.h, with cudarc's argument types), `ncclConfig_t`'s
-//! layout, and [`Nccl`], the table of functions looked up once per process.
+//! layout, and two tables of functions, each looked up once per process and never unloaded:
+//! [`Nccl`] and [`Cudart`]. They are apart so that what needs only the CUDA runtime (the
+//! device memory a benchmark reports) works where NCCL is missing.
 //!
 //! NCCL is looked up here rather than through cudarc's loader, which tries `libnccl.so` and
 //! `libnccl.so.<CUDA major>` but not `libnccl.so.2`, the name NCCL installs and PyTorch's
@@ -78,6 +80,7 @@ type CudaEventDestroy = unsafe extern "C" fn(CudaEvent) -> c_int;
 type CudaStreamCreateWithFlags = unsafe extern "C" fn(*mut cudaStream_t, u32) -> c_int;
 type CudaStreamWaitEvent = unsafe extern "C" fn(cudaStream_t, CudaEvent, u32) -> c_int;
 type CudaStreamDestroy = unsafe extern "C" fn(cudaStream_t) -> c_int;
+type CudaMemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
 
 /// `ncclConfig_t` as NCCL 2.18 lays it out (nccl.h). NCCL copies only the first `size` bytes
 /// over its own `NCCL_CONFIG_INITIALIZER` defaults and ignores what its `version` predates,
@@ -133,7 +136,12 @@ pub(super) struct Nccl {
     pub(super) comm_abort: CommAbort,
     pub(super) comm_get_async_error: CommGetAsyncError,
     pub(super) get_error_string: GetErrorString,
-    pub(super) cuda_set_device: CudaSetDevice,
+}
+
+/// The CUDA runtime functions oxclip calls, from the one copy of cudart it uses ([`open_cudart`]).
+pub(crate) struct Cudart {
+    _lib: libloading::Library,
+    pub(super) set_device: CudaSetDevice,
     pub(super) event_create: CudaEventCreateWithFlags,
     pub(super) event_record: CudaEventRecord,
     pub(super) event_query: CudaEventQuery,
@@ -141,7 +149,7 @@ pub(super) struct Nccl {
     pub(super) stream_create: CudaStreamCreateWithFlags,
     pub(super) stream_wait_event: CudaStreamWaitEvent,
     pub(super) stream_destroy: CudaStreamDestroy,
-    _cudart: libloading::Library,
+    mem_get_info: CudaMemGetInfo,
 }
 
 /// Opens the first of `names` that loads.
@@ -219,6 +227,14 @@ fn open_cudart(
     open_first(names).map_err(|e| format!("the CUDA runtime is not loadable: {e}"))
 }
 
+/// `$name` from `$lib`, as the field's type (an `unsafe` lookup: the caller vouches for the
+/// signature), or the error naming the symbol.
+macro_rules! sym {
+    ($lib:expr, $name:literal) => {
+        *$lib.get(concat!($name, "\0").as_bytes()).map_err(|e| format!("{}: {e}", $name))?
+    };
+}
+
 impl Nccl {
     fn load() -> std::result::Result<Nccl, String> {
         let mut names: Vec<String> =
@@ -227,7 +243,7 @@ impl Nccl {
         Self::load_from(&names)
     }
 
-    /// NCCL from the first of `names` that opens, with the CUDA runtime beside it.
+    /// NCCL from the first of `names` that opens.
     fn load_from(names: &[String]) -> std::result::Result<Nccl, String> {
         let lib = open_first(names).map_err(|e| {
             format!(
@@ -236,17 +252,10 @@ impl Nccl {
                  dist.backend: cpu"
             )
         })?;
-        let cudart = open_cudart(&loaded_objects(), &CUDART_NAMES.map(String::from))?;
-        // SAFETY: the symbol types are NCCL's and cudart's C signatures (nccl.h,
-        // cuda_runtime_api.h), with cudarc's definitions of the argument types.
+        // SAFETY: the symbol types are NCCL's C signatures (nccl.h), with cudarc's definitions
+        // of the argument types; the library is kept in the table, so the pointers stay valid
+        // as long as it.
         unsafe {
-            macro_rules! sym {
-                ($lib:expr, $name:literal) => {
-                    *$lib
-                        .get(concat!($name, "\0").as_bytes())
-                        .map_err(|e| format!("{}: {e}", $name))?
-                };
-            }
             Ok(Nccl {
                 get_unique_id: sym!(lib, "ncclGetUniqueId"),
                 comm_init_rank: sym!(lib, "ncclCommInitRank"),
@@ -259,20 +268,12 @@ impl Nccl {
                 comm_abort: sym!(lib, "ncclCommAbort"),
                 comm_get_async_error: sym!(lib, "ncclCommGetAsyncError"),
                 get_error_string: sym!(lib, "ncclGetErrorString"),
-                cuda_set_device: sym!(cudart, "cudaSetDevice"),
-                event_create: sym!(cudart, "cudaEventCreateWithFlags"),
-                event_record: sym!(cudart, "cudaEventRecord"),
-                event_query: sym!(cudart, "cudaEventQuery"),
-                event_destroy: sym!(cudart, "cudaEventDestroy"),
-                stream_create: sym!(cudart, "cudaStreamCreateWithFlags"),
-                stream_wait_event: sym!(cudart, "cudaStreamWaitEvent"),
-                stream_destroy: sym!(cudart, "cudaStreamDestroy"),
                 _lib: lib,
-                _cudart: cudart,
             })
         }
     }
 
+    /// The table, loaded on first use and kept (never unloaded) for the process's life.
     pub(super) fn get() -> Result<&'static Nccl> {
         static NCCL: OnceLock<std::result::Result<Nccl, String>> = OnceLock::new();
         NCCL.get_or_init(Nccl::load).as_ref().map_err(|e| dist_err(e.clone()))
@@ -286,11 +287,60 @@ impl Nccl {
     }
 
     pub(super) fn error(&self, what: &str, result: ncclResult_t) -> TrainError {
-        // SAFETY: ncclGetErrorString returns a static NUL-terminated string.
-        let text = unsafe { CStr::from_ptr((self.get_error_string)(result)) }
-            .to_string_lossy()
-            .into_owned();
-        dist_err(format!("NCCL {what}: {text} ({result:?})"))
+        dist_err(self.describe(what, result))
+    }
+
+    /// `result` of the NCCL call `what`, in words: "NCCL what: NCCL's text (code)".
+    pub(super) fn describe(&self, what: &str, result: ncclResult_t) -> String {
+        // SAFETY: ncclGetErrorString takes any result code and returns a static
+        // NUL-terminated string.
+        let text = unsafe { CStr::from_ptr((self.get_error_string)(result)) }.to_string_lossy();
+        format!("NCCL {what}: {text} ({result:?})")
+    }
+}
+
+impl Cudart {
+    fn load() -> std::result::Result<Cudart, String> {
+        let lib = open_cudart(&loaded_objects(), &CUDART_NAMES.map(String::from))?;
+        // SAFETY: the symbol types are the CUDA runtime's C signatures (cuda_runtime_api.h);
+        // the library is kept in the table, so the pointers stay valid as long as it.
+        unsafe {
+            Ok(Cudart {
+                set_device: sym!(lib, "cudaSetDevice"),
+                event_create: sym!(lib, "cudaEventCreateWithFlags"),
+                event_record: sym!(lib, "cudaEventRecord"),
+                event_query: sym!(lib, "cudaEventQuery"),
+                event_destroy: sym!(lib, "cudaEventDestroy"),
+                stream_create: sym!(lib, "cudaStreamCreateWithFlags"),
+                stream_wait_event: sym!(lib, "cudaStreamWaitEvent"),
+                stream_destroy: sym!(lib, "cudaStreamDestroy"),
+                mem_get_info: sym!(lib, "cudaMemGetInfo"),
+                _lib: lib,
+            })
+        }
+    }
+
+    /// The table, loaded on first use and kept (never unloaded) for the process's life. Call
+    /// it once libtorch's CUDA backend is loaded, so that its cudart is the one found.
+    pub(crate) fn get() -> Result<&'static Cudart> {
+        static CUDART: OnceLock<std::result::Result<Cudart, String>> = OnceLock::new();
+        CUDART.get_or_init(Cudart::load).as_ref().map_err(|e| dist_err(e.clone()))
+    }
+
+    /// Device `index`'s (free, total) bytes, from `cudaMemGetInfo`; `None` on a CUDA error.
+    /// Selects that device on the calling thread first, as `cudaMemGetInfo` reports the
+    /// current one.
+    pub(crate) fn mem_info(&self, index: c_int) -> Option<(usize, usize)> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: cudaSetDevice takes any ordinal (an invalid one is an error code); both
+        // pointers given to cudaMemGetInfo are valid for the call.
+        let status = unsafe {
+            match (self.set_device)(index) {
+                0 => (self.mem_get_info)(&mut free, &mut total),
+                err => err,
+            }
+        };
+        (status == 0).then_some((free, total))
     }
 }
 
@@ -321,10 +371,7 @@ mod tests {
         // load_from does not take the first file that opens on trust.
         let not_nccl = Nccl::load_from(&["libc.so.6".to_owned()]).err().unwrap_or_default();
         assert!(!not_nccl.is_empty() && !not_nccl.contains("NCCL not found"), "{not_nccl}");
-        assert!(
-            not_nccl.contains("ncclGetUniqueId") || not_nccl.contains("CUDA runtime"),
-            "{not_nccl}"
-        );
+        assert!(not_nccl.contains("ncclGetUniqueId"), "{not_nccl}");
     }
 
     #[test]

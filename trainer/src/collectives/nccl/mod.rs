@@ -9,17 +9,20 @@
 //! The rendezvous (NCCL's unique id), byte gathers and barriers go through a [`TcpGroup`].
 //! Nothing waits on a peer without a deadline: the communicator is created non-blocking and
 //! polled until `dist.timeout_s` after the rendezvous began, and a watchdog thread turns a
-//! collective that never completes into an error. NCCL itself cannot tell that two ranks
-//! called different collectives, so each rank keeps a trace of its own, compared across
-//! ranks at every host exchange.
+//! collective that never completes into an abort. The communicator handle has one owner
+//! ([`communicator::Communicator`]), behind one lock: no NCCL call can overlap or follow its
+//! abort. NCCL itself cannot tell that two ranks called different collectives, so each rank
+//! keeps a trace of its own, compared across ranks at every host exchange.
 //!
 //! One file per job, each using only those listed before it:
 //!
 //! - [`library`]: NCCL and cudart opened (which files, which copy of cudart), the C
-//!   signatures and `ncclConfig_t`'s layout, the function table [`library::Nccl`];
+//!   signatures and `ncclConfig_t`'s layout, the function tables [`library::Nccl`] and
+//!   [`Cudart`] (the latter also for [`crate::device`]);
 //! - [`stream`]: CUDA streams and events, and the device selection, through that table;
-//! - [`communicator`]: the communicator's creation (non-blocking, with a deadline), its
-//!   abort, and the [`communicator::Watchdog`];
+//! - [`communicator`]: the communicator's creation (non-blocking, with a deadline), its owner
+//!   [`communicator::Communicator`] (every call under one lock, the abort, the end) and the
+//!   watchdog thread;
 //! - [`trace`]: the [`trace::Trace`] of the collectives made and its comparison at every
 //!   host exchange, with the message naming how the ranks diverged;
 //! - this file: [`NcclGroup`], the [`Collectives`] made of the above.
@@ -31,6 +34,7 @@ mod trace;
 
 use std::ffi::{c_char, c_int};
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,9 +46,10 @@ use tch::{Device, Kind, Tensor};
 use super::tcp::TcpGroup;
 use super::{Collectives, WorldEnv};
 use crate::error::{Result, TrainError};
-use communicator::{abort_within, create_comm, Watchdog, ABORT_WAIT};
+use communicator::{abort_within, create_comm, Communicator, ABORT_WAIT};
+pub(crate) use library::Cudart;
 use library::Nccl;
-use stream::default_stream;
+use stream::{default_stream, StreamHandle};
 use trace::{Call, CollOp, HostOp, Trace};
 
 fn dist_err(message: String) -> TrainError {
@@ -52,25 +57,37 @@ fn dist_err(message: String) -> TrainError {
 }
 
 /// Ranks joined by an NCCL communicator, one GPU each.
+///
+/// `Sync` by construction (the `as_sync` below needs it, so the compiler checks it): the
+/// communicator is behind its owner's lock, the communication stream is a handle CUDA lets
+/// any thread use, the trace is behind a lock. What `Sync` does not give, NCCL's requirement
+/// that every rank issue the same collectives in the same order, `as_sync`'s contract does:
+/// during the backward pass only the gradient reducer's communication thread issues
+/// collectives, and the owner issues none until it has joined that thread.
 pub struct NcclGroup {
     nccl: &'static Nccl,
-    comm: ncclComm_t,
+    cuda: &'static Cudart,
+    comm: Arc<Communicator>,
     device: Device,
     cuda_index: c_int,
     /// The communication stream the overlapped gradient reduction runs on (non-blocking,
     /// created once); every other collective stays on the default stream.
-    stream: cudaStream_t,
+    stream: StreamHandle,
     rank: usize,
     world_size: usize,
     /// Rendezvous, byte gathers and barriers.
     bootstrap: TcpGroup,
-    watchdog: Arc<Watchdog>,
     watchdog_thread: Option<std::thread::JoinHandle<()>>,
     /// The NCCL collectives made so far, compared across ranks at every host exchange. Behind
     /// a lock because the gradient reducer's communication thread issues collectives too
     /// (only it, in bucket order, while the backward pass runs: the order stays the same on
     /// every rank).
     trace: Mutex<Trace>,
+    /// Whether nothing can be pending in NCCL: set by a barrier that every rank passed after
+    /// this one's device had finished its work, cleared by every collective's enqueue and by an
+    /// abort. Only then may the end destroy the communicator (ncclCommDestroy waits for what
+    /// is pending, forever if a peer is gone); otherwise it aborts it.
+    clean: AtomicBool,
     timeout: Duration,
 }
 
@@ -87,10 +104,12 @@ impl NcclGroup {
             )));
         };
         let nccl = Nccl::get()?;
+        let cuda = Cudart::get()?;
         let bootstrap = TcpGroup::connect(world, timeout)?;
         let mut id = MaybeUninit::<ncclUniqueId>::zeroed();
         if world.rank == 0 {
-            // SAFETY: ncclGetUniqueId fills the id it is given.
+            // SAFETY: ncclGetUniqueId writes a whole ncclUniqueId into the pointer it is given,
+            // valid for the call.
             nccl.check("ncclGetUniqueId", unsafe { (nccl.get_unique_id)(id.as_mut_ptr()) })?;
         }
         // SAFETY: all-zero bytes are a valid ncclUniqueId (a plain byte array), and rank 0's
@@ -104,16 +123,16 @@ impl NcclGroup {
         let cuda_index =
             c_int::try_from(index).map_err(|_| dist_err(format!("CUDA device {index}")))?;
         // NCCL binds the communicator to the calling thread's current device.
-        stream::set_device(nccl, cuda_index)?;
-        let comm = create_comm(nccl, world, id, cuda_index, deadline, timeout)?;
+        stream::set_device(cuda, cuda_index)?;
+        let comm = create_comm(nccl, cuda, world, id, cuda_index, deadline, timeout)?;
         tracing::info!(
             "rank {} of {}: NCCL communicator on cuda:{index}",
             world.rank,
             world.world_size
         );
         // On the device set just above.
-        let stream = match stream::create(nccl) {
-            Ok(stream) => stream,
+        let stream = match stream::create(cuda) {
+            Ok(stream) => StreamHandle(stream),
             Err(status) => {
                 abort_within(nccl, comm, ABORT_WAIT);
                 return Err(dist_err(format!(
@@ -121,27 +140,31 @@ impl NcclGroup {
                 )));
             }
         };
-        let (watchdog, watchdog_thread) = Watchdog::start(nccl, comm, cuda_index, timeout)?;
-        Ok(Self {
+        let mut group = Self {
             nccl,
-            comm,
+            cuda,
+            comm: Communicator::new(nccl, cuda, comm, world.rank),
             device,
             cuda_index,
             stream,
             rank: world.rank,
             world_size: world.world_size,
             bootstrap,
-            watchdog,
-            watchdog_thread: Some(watchdog_thread),
+            watchdog_thread: None,
             trace: Mutex::new(Trace::default()),
+            // Nothing enqueued yet.
+            clean: AtomicBool::new(true),
             timeout,
-        })
+        };
+        // Should it fail, dropping the group ends the communicator and the stream.
+        group.watchdog_thread = Some(group.comm.start_watchdog(cuda_index, timeout)?);
+        Ok(group)
     }
 
-    /// Fails if the watchdog aborted the communicator.
+    /// Fails if the communicator was aborted (by the watchdog, a failed enqueue, or `abort`).
     fn healthy(&self) -> Result<()> {
-        match self.watchdog.failure() {
-            Some(message) => Err(dist_err(format!("rank {}: {message}", self.rank))),
+        match self.comm.failure() {
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
@@ -151,15 +174,15 @@ impl NcclGroup {
         self.trace.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Runs one NCCL call, queued on `stream`, then hands the watchdog an event recorded on
-    /// `stream` after it.
+    /// Runs one NCCL call (given the communicator's handle, under its lock), queued on
+    /// `stream`, then hands the watchdog an event recorded on `stream` after it.
     fn collective(
         &self,
         stream: cudaStream_t,
         op: CollOp,
         kind: Kind,
         elements: usize,
-        call: impl FnOnce() -> ncclResult_t,
+        call: impl FnOnce(ncclComm_t) -> ncclResult_t,
     ) -> Result<()> {
         self.healthy()?;
         let trace = {
@@ -168,15 +191,12 @@ impl NcclGroup {
             *trace
         };
         let what = format!("{} #{} ({})", op.name(), trace.count, trace.last.describe_values());
-        let queued = call();
-        if queued == ncclResult_t::ncclInProgress {
-            communicator::settle(self.nccl, self.comm, self.rank, self.timeout, &what)?;
-        } else {
-            self.nccl.check(&what, queued)?;
-        }
-        let event = stream::record(self.nccl, stream, &what)?;
+        // Before the call: from here on something may be pending.
+        self.clean.store(false, Ordering::SeqCst);
+        self.comm.enqueue(&what, self.timeout, call)?;
+        let event = stream::record(self.cuda, stream, &what)?;
         // The watchdog destroys it once it has seen it complete.
-        self.watchdog.follow(what, event.into_raw());
+        self.comm.follow(what, event.into_raw());
         Ok(())
     }
 
@@ -212,34 +232,29 @@ impl NcclGroup {
 
 impl Drop for NcclGroup {
     fn drop(&mut self) {
-        self.watchdog.request_stop();
+        self.comm.request_stop();
         if let Some(thread) = self.watchdog_thread.take() {
-            // After a failure the watchdog may still be inside ncclCommAbort, which can wait on
-            // a dead peer: leave it to the process's exit rather than wait with it.
-            if self.healthy().is_ok() {
+            // A watchdog that aborted may still wait for ncclCommAbort (up to ABORT_WAIT):
+            // leave it to the process's exit. Otherwise it ends within one look (100 ms, or
+            // ABORT_WAIT should it abort right now).
+            if self.comm.failure().is_none() {
                 let _ = thread.join();
             }
         }
-        // An aborted communicator is already gone.
-        if self.healthy().is_ok() {
-            // SAFETY: the communicator was created by ncclCommInitRank and is destroyed once;
-            // the stream was created in `connect` and is destroyed once (CUDA lets the work
-            // queued on it finish first).
+        // Destroyed only when nothing can be pending (a clean barrier last), else aborted;
+        // both bounded. The stream goes only with a communicator destroyed in time: after an
+        // abort (or an end left behind) NCCL's kernels on it may not be over, so it is leaked
+        // to the process's exit.
+        if self.comm.close(self.clean.load(Ordering::SeqCst)) {
+            // SAFETY: the stream was created in `connect`, is used only through the group, and
+            // is destroyed once, here, at the group's end (no other thread can use the group
+            // now); CUDA lets any work still queued on it finish first.
             unsafe {
-                (self.nccl.comm_destroy)(self.comm);
-                (self.nccl.stream_destroy)(self.stream);
+                (self.cuda.stream_destroy)(self.stream.0);
             }
         }
     }
 }
-
-// SAFETY: what makes the group !Sync is the communicator and stream handles. An NCCL
-// communicator must not be used by two threads at once; `as_sync`'s contract gives it one
-// thread at a time (during the backward pass only the gradient reducer's communication
-// thread issues collectives, and the owner issues none until it has joined that thread).
-// `ready_mark` and `wait_for` touch only events and the default stream, which CUDA allows
-// from any thread. The trace is behind a lock, the watchdog's state behind its own.
-unsafe impl Sync for NcclGroup {}
 
 impl Collectives for NcclGroup {
     fn rank(&self) -> usize {
@@ -258,22 +273,27 @@ impl Collectives for NcclGroup {
         }
         shape[0] *= self.world_size as i64;
         let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
-        // SAFETY: both buffers are contiguous CUDA memory on this rank's device, the output
-        // world_size times the input's element count.
         self.collective(
             default_stream(),
             CollOp::AllGather,
             input.kind(),
             input.numel(),
-            || unsafe {
-                (self.nccl.all_gather)(
-                    input.data_ptr(),
-                    output.data_ptr(),
-                    input.numel(),
-                    dtype,
-                    self.comm,
-                    default_stream(),
-                )
+            |comm| {
+                // SAFETY: both buffers are contiguous CUDA memory on this rank's device, the output
+                // world_size times the input's element count, both alive until the call
+                // returns and, as tensors libtorch's allocator gave the default stream, not
+                // reused before the work queued there (this collective) is done; `comm` is
+                // the live handle, under the communicator's lock.
+                unsafe {
+                    (self.nccl.all_gather)(
+                        input.data_ptr(),
+                        output.data_ptr(),
+                        input.numel(),
+                        dtype,
+                        comm,
+                        default_stream(),
+                    )
+                }
             },
         )?;
         Ok(output)
@@ -290,22 +310,27 @@ impl Collectives for NcclGroup {
         }
         shape[0] /= self.world_size as i64;
         let output = Tensor::empty(shape.as_slice(), (input.kind(), self.device));
-        // SAFETY: contiguous CUDA buffers; the output holds 1/world_size of the input.
         self.collective(
             default_stream(),
             CollOp::ReduceScatter,
             input.kind(),
             input.numel(),
-            || unsafe {
-                (self.nccl.reduce_scatter)(
-                    input.data_ptr(),
-                    output.data_ptr(),
-                    output.numel(),
-                    dtype,
-                    ncclRedOp_t::ncclSum,
-                    self.comm,
-                    default_stream(),
-                )
+            |comm| {
+                // SAFETY: contiguous CUDA buffers on this rank's device, the output holding
+                // 1/world_size of the input, allocated for the default stream this runs on
+                // (so not reused before it is done); `comm` is the live handle, under the
+                // communicator's lock.
+                unsafe {
+                    (self.nccl.reduce_scatter)(
+                        input.data_ptr(),
+                        output.data_ptr(),
+                        output.numel(),
+                        dtype,
+                        ncclRedOp_t::ncclSum,
+                        comm,
+                        default_stream(),
+                    )
+                }
             },
         )?;
         Ok(output)
@@ -313,22 +338,26 @@ impl Collectives for NcclGroup {
 
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
         let (buffer, dtype) = self.prepared(tensor)?;
-        // SAFETY: in place on a contiguous CUDA buffer.
         self.collective(
             default_stream(),
             CollOp::AllReduce,
             buffer.kind(),
             buffer.numel(),
-            || unsafe {
-                (self.nccl.all_reduce)(
-                    buffer.data_ptr(),
-                    buffer.data_ptr(),
-                    buffer.numel(),
-                    dtype,
-                    ncclRedOp_t::ncclSum,
-                    self.comm,
-                    default_stream(),
-                )
+            |comm| {
+                // SAFETY: in place on a contiguous CUDA buffer of this rank's device, allocated
+                // for the default stream this runs on (so not reused before it is done);
+                // `comm` is the live handle, under the communicator's lock.
+                unsafe {
+                    (self.nccl.all_reduce)(
+                        buffer.data_ptr(),
+                        buffer.data_ptr(),
+                        buffer.numel(),
+                        dtype,
+                        ncclRedOp_t::ncclSum,
+                        comm,
+                        default_stream(),
+                    )
+                }
             },
         )?;
         if buffer.data_ptr() != tensor.data_ptr() {
@@ -339,22 +368,27 @@ impl Collectives for NcclGroup {
 
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
         let (buffer, dtype) = self.prepared(tensor)?;
-        // SAFETY: in place on a contiguous CUDA buffer.
         self.collective(
             default_stream(),
             CollOp::Broadcast,
             buffer.kind(),
             buffer.numel(),
-            || unsafe {
-                (self.nccl.broadcast)(
-                    buffer.data_ptr(),
-                    buffer.data_ptr(),
-                    buffer.numel(),
-                    dtype,
-                    root as c_int,
-                    self.comm,
-                    default_stream(),
-                )
+            |comm| {
+                // SAFETY: in place on a contiguous CUDA buffer of this rank's device, allocated
+                // for the default stream this runs on (so not reused before it is done);
+                // `comm` is the live handle, under the communicator's lock; NCCL checks the
+                // root against the world size.
+                unsafe {
+                    (self.nccl.broadcast)(
+                        buffer.data_ptr(),
+                        buffer.data_ptr(),
+                        buffer.numel(),
+                        dtype,
+                        root as c_int,
+                        comm,
+                        default_stream(),
+                    )
+                }
             },
         )?;
         if buffer.data_ptr() != tensor.data_ptr() {
@@ -379,9 +413,9 @@ impl Collectives for NcclGroup {
     /// passes once the flat bucket is written.
     fn ready_mark(&self) -> Result<super::Mark> {
         self.healthy()?;
-        stream::set_device(self.nccl, self.cuda_index)?;
+        stream::set_device(self.cuda, self.cuda_index)?;
         Ok(super::Mark(Some(stream::record(
-            self.nccl,
+            self.cuda,
             default_stream(),
             "a gradient bucket's flatten",
         )?)))
@@ -397,7 +431,7 @@ impl Collectives for NcclGroup {
     /// the buckets one after the other; and the default stream waits for every bucket's done
     /// event before the next step's collectives.
     fn all_reduce_start(&self, tensor: &mut Tensor, ready: super::Mark) -> Result<super::Mark> {
-        stream::set_device(self.nccl, self.cuda_index)?;
+        stream::set_device(self.cuda, self.cuda_index)?;
         let (buffer, dtype) = self.prepared(tensor)?;
         if buffer.data_ptr() != tensor.data_ptr() {
             // `contiguous` would have copied on this thread's default stream, unordered with
@@ -407,30 +441,28 @@ impl Collectives for NcclGroup {
             ));
         }
         if let Some(event) = &ready.0 {
-            stream::wait(self.nccl, self.stream, event, "a gradient bucket's all-reduce")?;
+            stream::wait(self.cuda, self.stream.0, event, "a gradient bucket's all-reduce")?;
         }
-        // SAFETY: in place on a contiguous CUDA buffer that the caller keeps alive until it
-        // has waited for the returned mark.
-        self.collective(
-            self.stream,
-            CollOp::AllReduce,
-            buffer.kind(),
-            buffer.numel(),
-            || unsafe {
+        self.collective(self.stream.0, CollOp::AllReduce, buffer.kind(), buffer.numel(), |comm| {
+            // SAFETY: in place on a contiguous CUDA buffer of this rank's device that the
+            // caller keeps alive and untouched until it has waited for the returned mark
+            // (or hands it to `retire`); `comm` is the live handle, under the
+            // communicator's lock.
+            unsafe {
                 (self.nccl.all_reduce)(
                     buffer.data_ptr(),
                     buffer.data_ptr(),
                     buffer.numel(),
                     dtype,
                     ncclRedOp_t::ncclSum,
-                    self.comm,
-                    self.stream,
+                    comm,
+                    self.stream.0,
                 )
-            },
-        )?;
+            }
+        })?;
         Ok(super::Mark(Some(stream::record(
-            self.nccl,
-            self.stream,
+            self.cuda,
+            self.stream.0,
             "a gradient bucket's all-reduce",
         )?)))
     }
@@ -440,9 +472,9 @@ impl Collectives for NcclGroup {
         self.healthy()?;
         match &done.0 {
             Some(event) => {
-                stream::set_device(self.nccl, self.cuda_index)?;
+                stream::set_device(self.cuda, self.cuda_index)?;
                 stream::wait(
-                    self.nccl,
+                    self.cuda,
                     default_stream(),
                     event,
                     "the end of a gradient bucket's all-reduce",
@@ -455,11 +487,61 @@ impl Collectives for NcclGroup {
     fn barrier(&self) -> Result<()> {
         self.healthy()?;
         // Work queued on the GPU counts: finish it before meeting the others.
-        tch::Cuda::synchronize(match self.device {
-            Device::Cuda(i) => i as i64,
-            _ => 0,
-        });
-        self.host_exchange(HostOp::Barrier, &[]).map(|_| ())
+        tch::Cuda::synchronize(i64::from(self.cuda_index));
+        // A synchronisation that returned because the watchdog aborted (which ends the
+        // kernels) finished nothing: no clean barrier.
+        self.healthy()?;
+        self.host_exchange(HostOp::Barrier, &[])?;
+        // Every rank got here with its device's work done, and the communicator live: nothing
+        // of NCCL's is pending. Only the caller issues collectives now (`as_sync`'s contract),
+        // so none can slip in between the checks and this.
+        self.clean.store(self.comm.failure().is_none(), Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The compute stream waits for `done` (no health check: this runs on error paths and
+    /// after an abort), then `buffer` goes back to libtorch's caching allocator, which hands
+    /// its memory to later compute only, so only after the all-reduce. Where nothing can say
+    /// when NCCL stops writing `buffer` (the communicator was aborted: its kernels may still
+    /// run, and a wait on them could stall the compute stream for good; or the wait could not
+    /// be queued; or there is no event to wait for), it is leaked.
+    fn retire(&self, done: super::Mark, buffer: Tensor) {
+        let ordered = match &done.0 {
+            // Under the lock: the communicator is live when the wait is queued; an abort that
+            // comes after ends the all-reduce's kernel, which passes the event.
+            Some(event) => self
+                .comm
+                .with(|_| {
+                    stream::set_device(self.cuda, self.cuda_index).is_ok()
+                        && stream::wait(self.cuda, default_stream(), event, "a retired bucket")
+                            .is_ok()
+                })
+                .unwrap_or(false),
+            None => false,
+        };
+        if ordered {
+            drop(buffer);
+        } else {
+            tracing::warn!(
+                "rank {}: leaking a gradient bucket of {} bytes that NCCL may still write",
+                self.rank,
+                buffer.numel() * buffer.kind().elt_size_in_bytes()
+            );
+            std::mem::forget(buffer);
+        }
+    }
+
+    /// Records `cause`, takes the communicator away (every later collective here fails naming
+    /// it), tells the other ranks through the rendezvous connection, then aborts NCCL, waiting
+    /// for it at most ABORT_WAIT: the others first, as NCCL's abort may itself wait on a dead
+    /// peer.
+    fn abort(&self, cause: &str) {
+        self.clean.store(false, Ordering::SeqCst);
+        let taken = self.comm.take(format!("this rank stopped: {cause}"));
+        self.bootstrap.abort(cause);
+        if let Some(comm) = taken {
+            self.comm.abort_taken(comm);
+        }
     }
 }
 
