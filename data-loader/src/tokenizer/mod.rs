@@ -245,8 +245,8 @@ mod tests {
     /// A committed golden file's cases (tests/fixtures/make_tokenizer_golden.py wrote them).
     fn golden(file: &str, key: &str) -> (usize, Cases) {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(file);
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let golden: Value = serde_json::from_str(&text).unwrap();
         let ctx = golden["context_length"].as_u64().unwrap() as usize;
         let cases = golden[key]

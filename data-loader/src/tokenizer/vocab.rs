@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn tokenizer_json_round_trip() {
-                // Write the CLIP BPE as a tokenizer.json and read it back through the generic path.
+        // Write the CLIP BPE as a tokenizer.json and read it back through the generic path.
         let text = read_gz_text(&vocab_path()).unwrap();
         let mut json = clip_tokenizer_json(&text).unwrap();
         json["added_tokens"] = json!([
