@@ -38,5 +38,7 @@ fn bench_loss_tiled_and_naive_agree() {
         bf16["loss"].as_f64().expect("loss"),
     );
     assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
-    assert!((c - b).abs() <= 1e-2 * b.abs(), "bf16 {c} vs {b}");
+    // The loss averages its terms' bf16 roundings away (the bound trainer/src/loss/mod.rs holds
+    // the unit tests to).
+    assert!((c - b).abs() <= 3e-5 * b.abs(), "bf16 {c} vs {b}");
 }

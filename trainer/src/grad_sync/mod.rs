@@ -521,6 +521,31 @@ mod tests {
         }
     }
 
+    /// A parameter listed twice (tied weights): one place in one bucket, so its one hook
+    /// counts its bucket down and every bucket still launches during the backward pass (a
+    /// second listing would hold a hook that replaced the first, and a bucket waiting for a
+    /// gradient that is never reported would only go after the pass).
+    #[test]
+    fn a_tied_parameter_is_bucketed_once_and_keeps_its_overlap() {
+        let p = |n: i64| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let (shared, other) = (p(3), p(4));
+        let sync = GradSync::new(
+            vec![shared.shallow_clone(), other.shallow_clone(), shared.shallow_clone()],
+            &DistConfig { overlap: true, bucket_mb: 1e-6, ..DistConfig::default() },
+        )
+        .unwrap();
+        assert_eq!((sync.params.len(), sync.bucket_count()), (2, 2));
+        let comm = Deferred::default();
+        let reduced = sync
+            .reduce(&comm, || {
+                ((&shared * 2.0).sum(Kind::Float) + other.sum(Kind::Float)).backward()
+            })
+            .unwrap();
+        assert_eq!((reduced.buckets, reduced.launched_in_backward), (2, 2));
+        assert_eq!(Vec::<f32>::try_from(shared.grad()).unwrap(), vec![4.0; 3]);
+        assert_eq!(Vec::<f32>::try_from(other.grad()).unwrap(), vec![2.0; 4]);
+    }
+
     /// A sum that fails to start mid-backward, and a backward pass that panics: every bucket
     /// already started is retired (freed only once its collective is done, or never), none is
     /// dropped while it may be in flight, and none is copied back.

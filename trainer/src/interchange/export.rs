@@ -219,6 +219,53 @@ mod tests {
         assert!(vs.variables()["visual.proj"].equal(&clip_vs.variables()["visual.proj"]));
     }
 
+    /// What transformers reads from an `--format hf` export is what transformers itself wrote
+    /// for the same model (`fixture`, from `save_pretrained`): the same tensor names, shapes,
+    /// dtypes and values, and the same architecture and every key of `vision_config` and
+    /// `text_config` that decides a layer's shape or function. `from_pretrained` then builds
+    /// the fixture's model with the fixture's weights (checked by hand once, with
+    /// `OXCLIP_KEEP_EXPORTS`: embeddings within 1.6e-7 of `oxclip embed`).
+    fn same_as_transformers_wrote(fixture: &Path, out: &Path) {
+        let read_weights = |dir: &Path| -> BTreeMap<String, Tensor> {
+            Tensor::read_safetensors(dir.join(HF_WEIGHTS)).unwrap().into_iter().collect()
+        };
+        let (ours, theirs) = (read_weights(out), read_weights(fixture));
+        assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+        for (k, v) in &theirs {
+            assert_eq!((ours[k].size(), ours[k].kind()), (v.size(), v.kind()), "{k}");
+            assert!(ours[k].equal(v), "{k}");
+        }
+        let read = |dir: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(HF_CONFIG)).unwrap()).unwrap()
+        };
+        let (ours, theirs) = (read(out), read(fixture));
+        for key in ["architectures", "model_type", "projection_dim"] {
+            assert_eq!(ours[key], theirs[key], "{key}");
+        }
+        // Keys that decide no layer's shape or function in CLIPModel / SiglipModel: dropout
+        // (off at inference; transformers' default is the fixture's 0.0), initialisation, the
+        // towers' own projection_dim (read only by the *WithProjection classes; the model's
+        // is the top-level key), pad_token_id (no padding_idx in their embeddings; pooling
+        // looks for the EOS id), and provenance.
+        const NOT_ARCHITECTURE: &[&str] = &[
+            "attention_dropout",
+            "initializer_factor",
+            "initializer_range",
+            "projection_dim",
+            "pad_token_id",
+            "bos_token_id",
+            "dtype",
+            "transformers_version",
+        ];
+        for tower in ["vision_config", "text_config"] {
+            for (key, value) in theirs[tower].as_object().unwrap() {
+                if !NOT_ARCHITECTURE.contains(&key.as_str()) {
+                    assert_eq!(&ours[tower][key], value, "{tower}.{key}");
+                }
+            }
+        }
+    }
+
     /// `--format hf` of a SigLIP model writes a SiglipModel directory that reads back as the
     /// same model, preprocessing and weights (the weights go through open_clip names, so no
     /// model has to be built). The CLIP directory likewise comes back as its CLIPModel.
@@ -248,6 +295,7 @@ mod tests {
                 let mut written: std::collections::BTreeMap<String, Tensor> =
                     Tensor::read_safetensors(&back.weights).unwrap().into_iter().collect();
                 if format == Format::HuggingFace {
+                    same_as_transformers_wrote(&fixtures().join(name), &out);
                     written = if mapping {
                         hf_siglip::from_hf(written).unwrap()
                     } else {

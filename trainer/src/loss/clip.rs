@@ -293,7 +293,7 @@ mod tests {
         let ls = Tensor::from(2.66f32);
         let fp32 = clip_loss(&image, &text, &ls, 0..300, 128, Matmul::Fp32);
         let bf16 = clip_loss(&image, &text, &ls, 0..300, 128, Matmul::Bf16);
-        assert_close("bf16", &bf16, &fp32, 2e-2);
+        crate::loss::assert_bf16_close(&bf16, &fp32);
     }
 
     #[test]

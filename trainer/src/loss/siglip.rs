@@ -228,6 +228,6 @@ mod tests {
         );
         let fp32 = siglip_loss(&image, &text, &ls, &lb, 0..300, 128, Matmul::Fp32);
         let bf16 = siglip_loss(&image, &text, &ls, &lb, 0..300, 128, Matmul::Bf16);
-        assert_close("bf16", &bf16, &fp32, 2e-2);
+        crate::loss::assert_bf16_close(&bf16, &fp32);
     }
 }
