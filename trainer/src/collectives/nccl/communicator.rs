@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use cudarc::nccl::sys::{ncclComm_t, ncclResult_t, ncclUniqueId};
 
 use super::dist_err;
-use super::library::{CommConfig, CudaEvent, Cudart, Nccl};
+use super::library::{CommConfig, Nccl};
 use crate::collectives::WorldEnv;
+use crate::device::cudart::{CudaEvent, Cudart};
 use crate::error::{Result, TrainError};
 
 /// An NCCL communicator's handle, as it moves between threads.

@@ -16,10 +16,11 @@
 //!
 //! One file per job, each using only those listed before it:
 //!
-//! - [`library`]: NCCL and cudart opened (which files, which copy of cudart), the C
-//!   signatures and `ncclConfig_t`'s layout, the function tables [`library::Nccl`] and
-//!   [`Cudart`] (the latter also for [`crate::device`]);
-//! - [`stream`]: CUDA streams and events, and the device selection, through that table;
+//! - [`library`]: NCCL opened (which file), its C signatures and `ncclConfig_t`'s layout, the
+//!   function table [`library::Nccl`];
+//! - [`stream`]: CUDA streams and events, and the device selection, through the CUDA
+//!   runtime's table ([`Cudart`], in `crate::device::cudart`, which the device memory report
+//!   shares);
 //! - [`communicator`]: the communicator's creation (non-blocking, with a deadline), its owner
 //!   [`communicator::Communicator`] (every call under one lock, the abort, the end) and the
 //!   watchdog thread;
@@ -45,9 +46,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::tcp::TcpGroup;
 use super::{Collectives, WorldEnv};
+use crate::device::cudart::Cudart;
 use crate::error::{Result, TrainError};
 use communicator::{abort_within, create_comm, Communicator, ABORT_WAIT};
-pub(crate) use library::Cudart;
 use library::Nccl;
 use stream::{default_stream, StreamHandle};
 use trace::{Call, CollOp, HostOp, Trace};

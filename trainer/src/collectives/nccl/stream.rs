@@ -8,7 +8,7 @@ use std::ffi::c_int;
 use cudarc::nccl::sys::cudaStream_t;
 
 use super::dist_err;
-use super::library::{CudaEvent, Cudart};
+use crate::device::cudart::{CudaEvent, Cudart};
 use crate::error::Result;
 
 /// `cudaEventDisableTiming`: events only to ask "done yet?" and to order streams.

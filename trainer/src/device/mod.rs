@@ -2,6 +2,8 @@
 //! registers its CUDA backend when `libtorch_cuda.so` is loaded, so we load it (globally)
 //! when it is present before any tensor is made.
 
+pub(crate) mod cudart;
+
 use std::ffi::CString;
 
 use tch::{Device, Tensor};
@@ -247,7 +249,7 @@ pub fn cuda_memory_in_use(device: Device) -> Option<u64> {
     if !tch::Cuda::is_available() {
         return None;
     }
-    let cudart = crate::collectives::nccl::Cudart::get().ok()?;
+    let cudart = cudart::Cudart::get().ok()?;
     let (free, total) = cudart.mem_info(i32::try_from(index).ok()?)?;
     Some(total.saturating_sub(free) as u64)
 }
