@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fault case of launch/tests/faults.rs N times (default 20): a flatten failure, a
-# gradient hook panic and a rank killed mid-backward on one of four CPU ranks (every rank must
+# gradient hook panic, a sum that fails to start and a rank killed mid-backward on one of four
+# CPU ranks (every rank must
 # exit naming the cause, and --resume auto must end equal to the run that never failed), and
 # a bucket of missing gradients (summed as zeros; the run goes on). Needs `make setup` first.
 set -euo pipefail

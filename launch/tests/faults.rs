@@ -1,6 +1,7 @@
 //! A fault on one rank of four, injected by the test build (trainer/src/fault.rs, the
 //! `fault-injection` feature) while the backward pass runs: a bucket's flatten fails, a gradient
-//! hook panics, a bucket's gradients are missing, or the rank is killed. Real `oxclip train`
+//! hook panics, a bucket's sum fails to start, a bucket's gradients are missing, or the rank is
+//! killed. Real `oxclip train`
 //! processes on the CPU backend, started as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR,
 //! MASTER_PORT), so each rank's own exit and message is seen.
 //!
@@ -172,6 +173,11 @@ fn a_fault_on_one_rank_ends_every_rank_naming_it_and_the_run_resumes_exactly() {
         for (kind, rank, cause) in [
             ("flatten-fails", 2, "rank 2: flattening gradient bucket 1 failed (injected fault)"),
             ("hook-panics", 1, "rank 1: a gradient hook panicked: injected fault"),
+            (
+                "collective-fails",
+                0,
+                "rank 0: the all-reduce of gradient bucket 1 failed to start (injected fault)",
+            ),
             ("vanish", 3, "rank 3 closed its connection: it exited"),
         ] {
             let case = format!("{kind} (run {run})");

@@ -10,6 +10,8 @@
 //!   - `hook-panics`: the gradient hook panics;
 //!   - `undefined-grads`: the bucket's gradients are taken away first, as for parameters the
 //!     rank's graph did not reach;
+//!   - `collective-fails`: the bucket's sum fails to start on the communication thread, as a
+//!     collective does when the link goes down;
 //!   - `vanish`: the process is killed (SIGKILL) on the spot, a peer lost mid-backward.
 //! - `OXCLIP_TEST_CHECKPOINT_DELAY_MS=N`: the checkpoint writer sleeps `N` ms before each file,
 //!   so that a test can kill a process in the middle of a write.
@@ -20,6 +22,7 @@ pub enum Fault {
     FlattenFails,
     HookPanics,
     UndefinedGrads,
+    CollectiveFails,
     Vanish,
 }
 
@@ -52,6 +55,7 @@ fn parse(text: &str) -> Option<(Fault, usize, u64, usize)> {
         "flatten-fails" => Fault::FlattenFails,
         "hook-panics" => Fault::HookPanics,
         "undefined-grads" => Fault::UndefinedGrads,
+        "collective-fails" => Fault::CollectiveFails,
         "vanish" => Fault::Vanish,
         _ => return None,
     };

@@ -182,7 +182,15 @@ impl GradSync {
                         comm.rank(),
                         flat.numel()
                     );
-                    match comm.all_reduce_start(&mut flat, ready) {
+                    let started = match fault::in_bucket(comm.rank(), reduction, bucket) {
+                        Some(Fault::CollectiveFails) => Err(TrainError::Dist(format!(
+                            "rank {}: the all-reduce of gradient bucket {bucket} failed to start \
+                             (injected fault)",
+                            comm.rank()
+                        ))),
+                        _ => comm.all_reduce_start(&mut flat, ready),
+                    };
+                    match started {
                         Ok(done) => in_flight.push(bucket, flat, done),
                         Err(e) => {
                             comm.retire(Mark::none(), flat);
@@ -304,6 +312,8 @@ impl GradSync {
                 Ok(())
             }
             Some(Fault::Vanish) => fault::vanish(),
+            // The communication thread's (reduce_overlapped).
+            Some(Fault::CollectiveFails) => Ok(()),
         }
     }
 }
