@@ -24,7 +24,7 @@
 //! `(W - 1) * B`, a broadcast `B`; a barrier is free. Unset: no delay.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -76,6 +76,9 @@ pub struct TcpGroup {
 /// How long an abort frame may take to leave: it is sent on the way out of a failed run, to
 /// peers that may be gone.
 const ABORT_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an aborted group waits for its peers to hang up ([`TcpGroup::linger`]): they do as
+/// soon as they have read the abort and exited.
+const ABORT_LINGER: Duration = Duration::from_secs(5);
 
 /// The environment variable [`TcpGroup::connect`] reads the simulated link's speed from.
 pub const SIM_LINK_ENV: &str = "OXCLIP_SIM_LINK_GBPS";
@@ -258,6 +261,32 @@ impl TcpGroup {
             let _ = stream.set_write_timeout(Some(ABORT_SEND_TIMEOUT));
             if let Err(e) = write_frame(stream, Op::Abort, seq, cause.as_bytes()) {
                 tracing::debug!("rank {}: the abort did not reach rank {peer}: {e}", self.rank);
+            }
+        }
+        self.linger();
+    }
+
+    /// The end of a group that aborted: says it will send nothing more, then reads (and
+    /// drops) what still comes until every peer hangs up, for at most [`ABORT_LINGER`]. A
+    /// process that exits with unread bytes on a connection makes its kernel reset that
+    /// connection, and a reset makes the peer's kernel drop what the peer has not read yet:
+    /// the abort frame, when the peer was still writing its own frame for the collective.
+    fn linger(&self) {
+        for stream in &self.streams {
+            let _ = stream.shutdown(Shutdown::Write);
+        }
+        let deadline = Instant::now() + ABORT_LINGER;
+        let mut scratch = vec![0u8; 64 << 10];
+        for mut stream in &self.streams {
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+                    break;
+                }
+                match stream.read(&mut scratch) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
             }
         }
     }
