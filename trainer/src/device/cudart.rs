@@ -113,12 +113,13 @@ fn open_cudart(
 }
 
 /// `$name` from `$lib`, as the field's type (an `unsafe` lookup: the caller vouches for the
-/// signature), or the error naming the symbol.
+/// signature), or the error naming the symbol. The NCCL table is looked up with it too.
 macro_rules! sym {
     ($lib:expr, $name:literal) => {
         *$lib.get(concat!($name, "\0").as_bytes()).map_err(|e| format!("{}: {e}", $name))?
     };
 }
+pub(crate) use sym;
 
 impl Cudart {
     fn load() -> std::result::Result<Cudart, String> {

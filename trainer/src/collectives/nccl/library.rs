@@ -15,7 +15,7 @@ use cudarc::nccl::sys::{
 };
 
 use super::dist_err;
-use crate::device::cudart::open_first;
+use crate::device::cudart::{open_first, sym};
 use crate::error::{Result, TrainError};
 
 type GetUniqueId = unsafe extern "C" fn(*mut ncclUniqueId) -> ncclResult_t;
@@ -122,14 +122,6 @@ pub(super) struct Nccl {
     pub(super) comm_abort: CommAbort,
     pub(super) comm_get_async_error: CommGetAsyncError,
     pub(super) get_error_string: GetErrorString,
-}
-
-/// `$name` from `$lib`, as the field's type (an `unsafe` lookup: the caller vouches for the
-/// signature), or the error naming the symbol.
-macro_rules! sym {
-    ($lib:expr, $name:literal) => {
-        *$lib.get(concat!($name, "\0").as_bytes()).map_err(|e| format!("{}: {e}", $name))?
-    };
 }
 
 impl Nccl {
