@@ -411,6 +411,28 @@ mod tests {
         assert!(err.contains("dist.bucket_mb"), "{err}");
     }
 
+    /// Leaf parameters of ones, one per size, that need gradients.
+    fn ones(sizes: &[i64]) -> Vec<Tensor> {
+        sizes
+            .iter()
+            .map(|&n| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true))
+            .collect()
+    }
+
+    /// One bucket per parameter (each holds more than 1e-6 MB).
+    fn bucket_each(params: &[Tensor], overlap: bool) -> GradSync {
+        GradSync::new(
+            params.iter().map(Tensor::shallow_clone).collect(),
+            &DistConfig { overlap, bucket_mb: 1e-6, ..DistConfig::default() },
+        )
+        .unwrap()
+    }
+
+    /// The sum of scalar `terms`: a loss.
+    fn total(terms: impl Iterator<Item = Tensor>) -> Tensor {
+        terms.fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b)
+    }
+
     /// A backend whose all-reduce, like NCCL's on its stream, is only queued by
     /// `all_reduce_start` and done later: here in `wait_for` (the sum of two ranks holding the
     /// same gradients, so a doubling), in the order the sums were started.
@@ -481,8 +503,7 @@ mod tests {
 
     #[test]
     fn each_bucket_is_marked_before_its_sum_starts_and_copied_back_only_after_its_wait() {
-        let p = |n: i64| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        let params = [p(3), p(4), p(5)];
+        let params = ones(&[3, 4, 5]);
         for dtype in [ReduceDtype::Fp32, ReduceDtype::Bf16] {
             let sync = GradSync::new(
                 params.iter().map(Tensor::shallow_clone).collect(),
@@ -496,11 +517,9 @@ mod tests {
             .unwrap();
             let comm = Deferred::default();
             let loss = || {
-                params
-                    .iter()
-                    .enumerate()
-                    .map(|(i, w)| (w * (i as f64 + 1.5)).sum(Kind::Float))
-                    .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b)
+                total(
+                    params.iter().enumerate().map(|(i, w)| (w * (i as f64 + 1.5)).sum(Kind::Float)),
+                )
             };
             let reduced = sync.reduce(&comm, || loss().backward()).unwrap();
             assert_eq!((reduced.buckets, reduced.launched_in_backward), (3, 3));
@@ -537,8 +556,7 @@ mod tests {
     /// gradient that is never reported would only go after the pass).
     #[test]
     fn a_tied_parameter_is_bucketed_once_and_keeps_its_overlap() {
-        let p = |n: i64| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        let (shared, other) = (p(3), p(4));
+        let [shared, other]: [Tensor; 2] = ones(&[3, 4]).try_into().unwrap();
         let sync = GradSync::new(
             vec![shared.shallow_clone(), other.shallow_clone(), shared.shallow_clone()],
             &DistConfig { overlap: true, bucket_mb: 1e-6, ..DistConfig::default() },
@@ -561,19 +579,9 @@ mod tests {
     /// dropped while it may be in flight, and none is copied back.
     #[test]
     fn started_buckets_are_retired_on_every_error_path() {
-        let p = |n: i64| Tensor::ones([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        let params = [p(3), p(4), p(5)];
-        let sync = GradSync::new(
-            params.iter().map(Tensor::shallow_clone).collect(),
-            &DistConfig { overlap: true, bucket_mb: 1e-6, ..DistConfig::default() },
-        )
-        .unwrap();
-        let loss = || {
-            params
-                .iter()
-                .map(|w| w.sum(Kind::Float))
-                .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b)
-        };
+        let params = ones(&[3, 4, 5]);
+        let sync = bucket_each(&params, true);
+        let loss = || total(params.iter().map(|w| w.sum(Kind::Float)));
 
         let comm = Deferred { fail_start: Some(1), ..Deferred::default() };
         let err = sync.reduce(&comm, || loss().backward()).unwrap_err().to_string();
@@ -674,17 +682,8 @@ mod tests {
     fn a_failure_in_one_ranks_hook_stops_every_rank_with_its_cause() {
         for panics in [false, true] {
             let results = on_four_ranks(None, move |_, group| {
-                let params: Vec<Tensor> = (0..4)
-                    .map(|i| {
-                        Tensor::ones([8 + i], (Kind::Float, tch::Device::Cpu))
-                            .set_requires_grad(true)
-                    })
-                    .collect();
-                let sync = GradSync::new(
-                    params.iter().map(Tensor::shallow_clone).collect(),
-                    &DistConfig { overlap: true, bucket_mb: 1e-6, ..DistConfig::default() },
-                )
-                .unwrap();
+                let params = ones(&[8, 9, 10, 11]);
+                let sync = bucket_each(&params, true);
                 let comm = FaultyRank {
                     inner: group,
                     fail_rank: 2,
@@ -694,13 +693,7 @@ mod tests {
                     started: Mutex::new(Vec::new()),
                 };
                 let started = Instant::now();
-                let backward = || {
-                    params
-                        .iter()
-                        .map(|w| w.sum(Kind::Float))
-                        .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b)
-                        .backward()
-                };
+                let backward = || total(params.iter().map(|w| w.sum(Kind::Float))).backward();
                 let err = match sync.reduce(&comm, backward) {
                     Ok(_) => String::new(),
                     Err(e) => {
@@ -736,26 +729,18 @@ mod tests {
     fn gradients_a_rank_lacks_are_summed_as_zeros_and_every_rank_holds_the_sum() {
         for overlap in [false, true] {
             let grads = on_four_ranks(None, move |rank, group| {
-                let params: Vec<Tensor> = (0..4)
-                    .map(|i| {
-                        Tensor::ones([3 + i], (Kind::Float, tch::Device::Cpu))
-                            .set_requires_grad(true)
-                    })
-                    .collect();
-                let sync = GradSync::new(
-                    params.iter().map(Tensor::shallow_clone).collect(),
-                    &DistConfig { overlap, bucket_mb: 1e-6, ..DistConfig::default() },
-                )
-                .unwrap();
+                let params = ones(&[3, 4, 5, 6]);
+                let sync = bucket_each(&params, overlap);
                 // Rank 1 does not reach parameter 1; no rank reaches parameter 3.
                 let backward = || {
-                    params[..3]
-                        .iter()
-                        .enumerate()
-                        .filter(|&(i, _)| !(rank == 1 && i == 1))
-                        .map(|(i, w)| (w * (rank * 10 + i + 1) as f64).sum(Kind::Float))
-                        .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |a, b| a + b)
-                        .backward()
+                    total(
+                        params[..3]
+                            .iter()
+                            .enumerate()
+                            .filter(|&(i, _)| !(rank == 1 && i == 1))
+                            .map(|(i, w)| (w * (rank * 10 + i + 1) as f64).sum(Kind::Float)),
+                    )
+                    .backward()
                 };
                 sync.reduce(group, backward).unwrap();
                 params

@@ -129,7 +129,7 @@ impl Communicator {
 
     /// Aborts a handle from [`Communicator::take`], waiting for NCCL at most [`ABORT_WAIT`].
     pub(super) fn abort_taken(&self, comm: Comm) {
-        abort_within(self.nccl, comm.0, ABORT_WAIT);
+        abort_within(self.nccl, comm.0);
     }
 
     /// Takes the handle away, recording `why`, and aborts it (bounded).
@@ -228,10 +228,10 @@ impl Communicator {
             // it, and it is live (only an abort or this end frees it, and both take it first).
             let queried = unsafe { (self.nccl.comm_get_async_error)(comm.0, &mut state) };
             if queried == ncclResult_t::ncclSuccess && state == ncclResult_t::ncclSuccess {
-                return end_within(self.nccl, comm.0, End::Destroy, ABORT_WAIT);
+                return end_within(self.nccl, comm.0, End::Destroy);
             }
         }
-        abort_within(self.nccl, comm.0, ABORT_WAIT);
+        abort_within(self.nccl, comm.0);
         false
     }
 
@@ -369,7 +369,7 @@ pub(super) fn create_comm(
     // SAFETY: every rank calls this with the same id and world size; `config` outlives the
     // call (NCCL copies it).
     let started = unsafe { init_config(&mut comm, ranks, id, rank, &mut config) };
-    let abort = |comm: ncclComm_t| abort_within(nccl, comm, ABORT_WAIT);
+    let abort = |comm: ncclComm_t| abort_within(nccl, comm);
     if !matches!(started, ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress) {
         abort(comm);
         return Err(nccl.error("ncclCommInitRankConfig", started));
@@ -405,7 +405,7 @@ pub(super) fn create_comm(
 
 /// How long a failing rank waits for `ncclCommAbort` (or the group's `ncclCommDestroy`)
 /// before it goes on anyway.
-pub(super) const ABORT_WAIT: Duration = Duration::from_secs(10);
+const ABORT_WAIT: Duration = Duration::from_secs(10);
 
 /// How a communicator is ended.
 #[derive(Clone, Copy)]
@@ -415,16 +415,16 @@ enum End {
 }
 
 /// Aborts `comm` (a communicator whose creation failed or that is given up) on a helper
-/// thread, waiting at most `wait`: the abort may itself wait on NCCL's own bootstrap sockets,
+/// thread, waiting at most [`ABORT_WAIT`]: the abort may itself wait on NCCL's own bootstrap sockets,
 /// and the rank's error, then its exit, must not wait with it.
-pub(super) fn abort_within(nccl: &'static Nccl, comm: ncclComm_t, wait: Duration) {
-    end_within(nccl, comm, End::Abort, wait);
+pub(super) fn abort_within(nccl: &'static Nccl, comm: ncclComm_t) {
+    end_within(nccl, comm, End::Abort);
 }
 
-/// Ends `comm` as `how` says on a helper thread, waiting at most `wait`; whether NCCL
+/// Ends `comm` as `how` says on a helper thread, waiting at most [`ABORT_WAIT`]; whether NCCL
 /// returned success in that time. The caller gives up `comm`: it is freed by the call, or left
 /// to the helper thread, which the process's exit ends.
-fn end_within(nccl: &'static Nccl, comm: ncclComm_t, how: End, wait: Duration) -> bool {
+fn end_within(nccl: &'static Nccl, comm: ncclComm_t, how: End) -> bool {
     if comm.is_null() {
         return false;
     }
@@ -449,12 +449,12 @@ fn end_within(nccl: &'static Nccl, comm: ncclComm_t, how: End, wait: Duration) -
         let _ = tx.send(end(handle.0));
     });
     let status = match spawned {
-        Ok(_) => match rx.recv_timeout(wait) {
+        Ok(_) => match rx.recv_timeout(ABORT_WAIT) {
             Ok(status) => status,
             Err(_) => {
                 tracing::warn!(
                     "{name} did not return within {}s; leaving it behind",
-                    wait.as_secs()
+                    ABORT_WAIT.as_secs()
                 );
                 return false;
             }

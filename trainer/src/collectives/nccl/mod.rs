@@ -48,7 +48,7 @@ use super::tcp::TcpGroup;
 use super::{Collectives, WorldEnv};
 use crate::device::cudart::Cudart;
 use crate::error::{Result, TrainError};
-use communicator::{abort_within, create_comm, Communicator, ABORT_WAIT};
+use communicator::{abort_within, create_comm, Communicator};
 use library::Nccl;
 use stream::{default_stream, StreamHandle};
 use trace::{Call, CollOp, HostOp, Trace};
@@ -135,7 +135,7 @@ impl NcclGroup {
         let stream = match stream::create(cuda) {
             Ok(stream) => StreamHandle(stream),
             Err(status) => {
-                abort_within(nccl, comm, ABORT_WAIT);
+                abort_within(nccl, comm);
                 return Err(dist_err(format!(
                     "cudaStreamCreateWithFlags on cuda:{index} failed with CUDA error {status}"
                 )));
