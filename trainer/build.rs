@@ -12,6 +12,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_BYPASS_VERSION_CHECK");
     println!("cargo:rerun-if-changed=csrc/grad_hooks.cpp");
+    println!("cargo:rerun-if-changed=csrc/optim.cpp");
+    println!("cargo:rerun-if-changed=csrc/host_reads.cpp");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         fail("LIBTORCH is not set: point it at libtorch (the Makefile fetches it, see README)");
     };
@@ -23,6 +25,8 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/grad_hooks.cpp")
+        .file("csrc/optim.cpp")
+        .file("csrc/host_reads.cpp")
         .include(format!("{libtorch}/include"))
         .include(format!("{libtorch}/include/torch/csrc/api/include"))
         .flag("-std=c++17")

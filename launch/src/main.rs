@@ -110,6 +110,8 @@ enum BenchCommand {
     Loader(commands::bench::BenchLoaderArgs),
     /// The CLIP or SigLIP loss and its gradients alone, tiled or naive: time and peak memory.
     Loss(commands::bench::BenchLossArgs),
+    /// The AdamW update alone: the fused kernel against the per-parameter loop it replaced.
+    Optim(commands::bench::BenchOptimArgs),
 }
 
 /// Decoded samples (600 KB each at 224 px), decode buffers and libtorch's activations are
@@ -169,6 +171,7 @@ fn main() -> ExitCode {
         Command::Bench { command: BenchCommand::Train(args) } => commands::bench::train(args),
         Command::Bench { command: BenchCommand::Loader(args) } => commands::bench::loader(args),
         Command::Bench { command: BenchCommand::Loss(args) } => commands::bench::loss(args),
+        Command::Bench { command: BenchCommand::Optim(args) } => commands::bench::optim(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

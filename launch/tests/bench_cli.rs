@@ -43,3 +43,29 @@ fn bench_loss_tiled_and_naive_agree() {
     // N = 16,384, D = 512: docs/benchmarks.md).
     assert!((c - b).abs() <= 1e-3 * b.abs(), "bf16 {c} vs {b}");
 }
+
+/// `oxclip bench optim`: both updates timed in one run by default, one with `--impl`.
+#[test]
+fn bench_optim_times_the_loop_and_the_fused_update() {
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = run_ok(
+            oxclip()
+                .args(["bench", "optim", "--model", "tiny", "--steps", "2", "--warmup", "1"])
+                .args(["--device", "cpu"])
+                .args(extra),
+        );
+        serde_json::from_slice(&out.stdout).expect("one JSON line")
+    };
+    let both = run(&[]);
+    assert_eq!(both["bench"], "optim");
+    assert!(both["tensors"].as_u64().expect("tensors") > 2);
+    let (l, f) = (
+        both["loop_step_secs"].as_f64().expect("loop timed"),
+        both["fused_step_secs"].as_f64().expect("fused timed"),
+    );
+    assert!(l > 0.0 && f > 0.0);
+    assert_eq!(both["speedup"].as_f64(), Some(l / f));
+    let fused = run(&["--impl", "fused"]);
+    assert!(fused["loop_step_secs"].is_null() && fused["speedup"].is_null());
+    assert!(fused["fused_step_secs"].as_f64().expect("fused timed") > 0.0);
+}

@@ -1,6 +1,7 @@
 //! `oxclip bench train`: the training step on random inputs, the same work as open_clip's step
 //! (forward, contrastive loss, backward, AdamW), so the two can be timed side by side
-//! (`scripts/bench_open_clip.py` is the other side).
+//! (`scripts/bench_open_clip.py` is the other side). `oxclip bench optim`: the AdamW update
+//! alone, the fused kernel against the per-parameter loop it replaced.
 
 use std::time::Instant;
 
@@ -116,5 +117,101 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,
         peak_rss_bytes: peak_rss_bytes(),
         cuda_memory_bytes: crate::device::cuda_memory_in_use(b.device),
+    })
+}
+
+/// An AdamW update `oxclip bench optim` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimImpl {
+    /// The per-parameter loop ([`AdamW::step_per_parameter`]), the update before the fused one.
+    Loop,
+    /// libtorch's multi-tensor `_fused_adamw_`, one call per weight-decay group ([`AdamW::step`]),
+    /// what training runs.
+    Fused,
+}
+
+pub struct OptimBench<'a> {
+    pub model_name: &'a str,
+    pub model: &'a ModelConfig,
+    pub device: Device,
+    /// Timed in turn within each round, so that both see the same machine.
+    pub impls: &'a [OptimImpl],
+    pub steps: u64,
+    pub warmup_steps: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OptimBenchResult {
+    pub bench: &'static str,
+    pub model: String,
+    pub device: String,
+    pub threads: i32,
+    /// Trainable parameters, and the tensors holding them.
+    pub params: i64,
+    pub tensors: usize,
+    pub steps: u64,
+    /// Median seconds of one update, per implementation timed.
+    pub loop_step_secs: Option<f64>,
+    pub fused_step_secs: Option<f64>,
+    /// `loop_step_secs / fused_step_secs`, when both were timed.
+    pub speedup: Option<f64>,
+}
+
+/// The optimizer step alone (step 7's AdamW update, open_clip's default settings and decay
+/// groups) over a model's parameters with random gradients, each implementation in turn within
+/// a round, over the same state. On CUDA each timing waits for the device; there the loop's
+/// also includes its one read of the update counter.
+pub fn bench_optim(b: &OptimBench) -> Result<OptimBenchResult> {
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(b.device);
+    let _model = Clip::new(&vs.root(), b.model)?;
+    let optim = crate::config::OptimConfig::default();
+    let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), optim.adamw());
+    let trainable = vs.trainable_variables();
+    // Gradients as backward leaves them: d/dp sum(p * r) = r.
+    let surrogate = trainable.iter().fold(Tensor::zeros([], (Kind::Float, b.device)), |acc, p| {
+        acc + (p * p.randn_like().detach() * 1e-3).sum(Kind::Float)
+    });
+    surrogate.backward();
+    let wait = || {
+        if let Device::Cuda(index) = b.device {
+            tch::Cuda::synchronize(index as i64);
+        }
+    };
+    let mut secs: Vec<(OptimImpl, Vec<f64>)> = b.impls.iter().map(|&i| (i, Vec::new())).collect();
+    for round in 0..b.warmup_steps + b.steps {
+        for (which, times) in &mut secs {
+            wait();
+            let started = Instant::now();
+            match which {
+                OptimImpl::Loop => optimizer.step_per_parameter(optim.lr),
+                OptimImpl::Fused => optimizer.step(optim.lr, None)?,
+            }
+            wait();
+            if round >= b.warmup_steps {
+                times.push(started.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let median = |which: OptimImpl| {
+        secs.iter().find(|(i, _)| *i == which).map(|(_, times)| {
+            let mut sorted = times.clone();
+            sorted.sort_by(f64::total_cmp);
+            sorted[sorted.len() / 2]
+        })
+    };
+    let (loop_step_secs, fused_step_secs) = (median(OptimImpl::Loop), median(OptimImpl::Fused));
+    Ok(OptimBenchResult {
+        bench: "optim",
+        model: b.model_name.to_string(),
+        device: crate::device::name(b.device),
+        threads: tch::get_num_threads(),
+        params: trainable.iter().map(|p| p.numel() as i64).sum(),
+        tensors: trainable.len(),
+        steps: b.steps,
+        loop_step_secs,
+        fused_step_secs,
+        speedup: loop_step_secs.zip(fused_step_secs).map(|(l, f)| l / f),
     })
 }

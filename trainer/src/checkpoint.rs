@@ -515,7 +515,7 @@ mod tests {
         // One real update so the moments are non-zero.
         let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
         model.encode_image(&images).sum(Kind::Float).backward();
-        opt.step(1e-3);
+        opt.step(1e-3, None).expect("steps");
         let saved = save(dir.path(), &vs, &opt, &state(5), 3).expect("saves");
         assert_eq!(saved, dir.path().join("checkpoints/step_5"));
 
@@ -675,7 +675,7 @@ mod tests {
         let (vs, model, mut opt) = setup(0);
         let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
         model.encode_image(&images).sum(Kind::Float).backward();
-        opt.step(1e-3);
+        opt.step(1e-3, None).expect("steps");
         // The reference: what the synchronous path (weights::save_weights for the weights) writes.
         let sync = tempfile::tempdir().expect("tempdir");
         let sync_dir = save(sync.path(), &vs, &opt, &state(5), 3).expect("saves");
@@ -688,7 +688,7 @@ mod tests {
             .expect("starts");
         // Training goes on, changing weights and moments in place while the writer writes.
         model.encode_image(&images).sum(Kind::Float).backward();
-        opt.step(1e-3);
+        opt.step(1e-3, None).expect("steps");
         assert_eq!(writer.wait().expect("writes"), Some(dst.clone()));
         assert_eq!(dst, dir.path().join("checkpoints/step_5"));
         assert_eq!(writer.wait().expect("nothing in flight"), None);

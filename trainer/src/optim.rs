@@ -1,10 +1,20 @@
-//! AdamW (Loshchilov & Hutter), written out so its state is plain named tensors that a
-//! checkpoint saves and restores exactly. The update follows `torch.optim.AdamW`
-//! (decoupled decay first, then bias-corrected Adam), with open_clip's decay rule.
+//! AdamW (Loshchilov & Hutter) with its state as plain named tensors that a checkpoint saves
+//! and restores exactly, and gradient clipping: step 7 of the training step. The update is
+//! `torch.optim.AdamW(fused=True)`'s: libtorch's multi-tensor `_fused_adamw_` kernel (CPU and
+//! CUDA) updates every parameter of a weight-decay group in one call, the groups being
+//! open_clip's (decayed or not). Clipping is `torch.nn.utils.clip_grad_norm_(foreach=True)`'s:
+//! per-tensor norms and the scaling in one call each. tch lacks these TensorList operators;
+//! csrc/optim.cpp calls them.
+//!
+//! Nothing here reads a value back to the host during a step (on CUDA each read would wait for
+//! the GPU): the update counter lives on the device as torch's fused path keeps it, the
+//! clipping coefficient is computed there, and the norm is handed back as a tensor for the
+//! log to read when it logs.
 
 use std::collections::BTreeMap;
+use std::ffi::{c_char, c_void, CStr};
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainError};
 
@@ -38,15 +48,21 @@ struct Param {
 #[derive(Debug)]
 pub struct AdamW {
     params: Vec<Param>,
+    /// Indices into `params` by weight decay, each group one kernel call: open_clip's two
+    /// parameter groups.
+    groups: Vec<(f64, Vec<usize>)>,
     config: AdamWConfig,
-    /// Updates taken so far (the bias-correction exponent).
-    step: u64,
+    /// Updates taken so far (the bias-correction exponent), a 0-dim fp32 tensor on the
+    /// parameters' device, as torch's fused AdamW keeps its `state_steps`: counted there, and
+    /// taken back there when a step is skipped, without the host knowing. fp32 counts exactly
+    /// to 2^24 updates; by then both bias corrections are 1 to double precision anyway.
+    step: Tensor,
 }
 
 impl AdamW {
     /// Optimises the trainable variables given by name; state starts at zero.
     pub fn new(variables: BTreeMap<String, Tensor>, config: AdamWConfig) -> Self {
-        let params = variables
+        let params: Vec<Param> = variables
             .into_iter()
             .filter(|(_, var)| var.requires_grad())
             .map(|(name, var)| {
@@ -60,11 +76,22 @@ impl AdamW {
                 }
             })
             .collect();
-        AdamW { params, config, step: 0 }
+        let mut groups: Vec<(f64, Vec<usize>)> = Vec::new();
+        for (i, p) in params.iter().enumerate() {
+            match groups.iter_mut().find(|(wd, _)| *wd == p.weight_decay) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((p.weight_decay, vec![i])),
+            }
+        }
+        let device = params.first().map_or(Device::Cpu, |p| p.var.device());
+        let step = Tensor::zeros([], (Kind::Float, device));
+        AdamW { params, groups, config, step }
     }
 
+    /// Updates taken so far. Reads the device (a wait for it on CUDA): for checkpoints, logs and
+    /// tests, never once a step.
     pub fn steps_taken(&self) -> u64 {
-        self.step
+        self.step.double_value(&[]) as u64
     }
 
     /// Names of the parameters with weight decay, for inspection and tests.
@@ -85,34 +112,99 @@ impl AdamW {
         }
     }
 
-    /// Rescales gradients so their global L2 norm is at most `max_norm`; returns the norm
-    /// before clipping (`torch.nn.utils.clip_grad_norm_`).
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+    /// Rescales gradients so their global L2 norm is at most `max_norm`, and returns the norm
+    /// before clipping as a 0-dim fp32 tensor on the device, for the log to read when it logs:
+    /// `torch.nn.utils.clip_grad_norm_(foreach=True)`. As there, the gradients are always
+    /// multiplied, by `min(max_norm / (norm + 1e-6), 1)`, so that no host branch waits for the
+    /// norm; multiplying by exactly 1 changes no bit. The coefficient is computed in double
+    /// precision, as the host did it when it read the norm, so the clipped gradients are those
+    /// of that version bit for bit. A non-finite norm makes every gradient NaN, as in torch
+    /// (the loss check at the next log step, or the GradScaler's skipped step, then applies).
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let grads: Vec<Tensor> =
             self.params.iter().map(|p| p.var.grad()).filter(|g| g.defined()).collect();
+        let total = Tensor::f_zeros([], (Kind::Float, self.step.device()))?;
         if grads.is_empty() {
-            return 0.0;
+            return Ok(total);
         }
-        let norms: Vec<Tensor> =
-            grads.iter().map(|g| g.to_kind(Kind::Float).norm().unsqueeze(0)).collect();
-        let total = Tensor::cat(&norms, 0).norm().double_value(&[]);
-        let coef = max_norm / (total + 1e-6);
-        if coef < 1.0 {
-            for mut g in grads {
-                let _ = g.g_mul_scalar_(coef);
-            }
-        }
-        total
+        shim::total_norm(&grads, &total)?;
+        let options = (Kind::Double, total.device());
+        let coef = Tensor::f_full([], max_norm, options)?
+            .f_div(&total.f_to_kind(Kind::Double)?.f_add_scalar(1e-6)?)?
+            .f_clamp_max(1.0)?
+            .f_to_kind(Kind::Float)?;
+        shim::foreach_mul_(&grads, &coef)?;
+        Ok(total)
     }
 
-    /// One AdamW update at learning rate `lr`.
-    pub fn step(&mut self, lr: f64) {
+    /// One AdamW update at learning rate `lr`: torch.optim.AdamW(fused=True)'s step, one
+    /// `_fused_adamw_` call per weight-decay group. `found_inf` (a tensor on any device, as the
+    /// GradScaler's: nonzero or NaN anywhere skips) skips the update inside the kernel: weights,
+    /// moments and the update counter stay as they were, and the host learns nothing. A
+    /// parameter without a gradient is left alone, as torch does.
+    pub fn step(&mut self, lr: f64, found_inf: Option<&Tensor>) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        self.step += 1;
         let (beta1, beta2) = self.config.betas;
-        let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
-        let bias_correction2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
+        let skip = match found_inf {
+            Some(f) => Some(
+                f.f_ne(0.0)?.f_any()?.f_to_kind(Kind::Float)?.f_to_device(self.step.device())?,
+            ),
+            None => None,
+        };
+        let mut groups = Vec::with_capacity(self.groups.len());
+        for (weight_decay, members) in &self.groups {
+            let mut lists = GroupLists::default();
+            for &i in members {
+                let p = &self.params[i];
+                let grad = p.var.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                if !p.var.is_contiguous() {
+                    return Err(TrainError::Torch(tch::TchError::Torch(format!(
+                        "AdamW updates parameters in place as flat memory, and `{}` is not \
+                         contiguous",
+                        p.name
+                    ))));
+                }
+                // The kernel takes gradients in the parameter's type and layout; backward
+                // gives them so, a conversion is the exception.
+                let grad = if grad.kind() != p.var.kind() || !grad.is_contiguous() {
+                    grad.f_to_kind(p.var.kind())?.f_contiguous()?
+                } else {
+                    grad
+                };
+                lists.push(p, grad);
+            }
+            if !lists.params.is_empty() {
+                groups.push((*weight_decay, lists));
+            }
+        }
+        // torch's order (adam.py, `_fused_adam`): count this update, update, and take the
+        // count back where the kernel skipped.
+        let _ = self.step.f_add_scalar_(1.0)?;
+        for (weight_decay, lists) in &groups {
+            let hyper =
+                shim::Hyper { lr, beta1, beta2, weight_decay: *weight_decay, eps: self.config.eps };
+            shim::fused_adamw_(lists, &self.step, hyper, skip.as_ref())?;
+        }
+        if let Some(skip) = &skip {
+            let _ = self.step.f_sub_(skip)?;
+        }
+        Ok(())
+    }
+
+    /// The per-parameter loop that the fused kernel replaced (torch's single-tensor AdamW,
+    /// decoupled decay first, then bias-corrected Adam): the tests' oracle and the baseline of
+    /// `oxclip bench optim`. Training never calls it. It reads the update counter to the host.
+    pub fn step_per_parameter(&mut self, lr: f64) {
+        let _guard = tch::no_grad_guard();
+        let _ = self.step.g_add_scalar_(1.0);
+        let step = self.step.double_value(&[]) as i32;
+        let (beta1, beta2) = self.config.betas;
+        let bias_correction1 = 1.0 - beta1.powi(step);
+        let bias_correction2_sqrt = (1.0 - beta2.powi(step)).sqrt();
         let step_size = lr / bias_correction1;
         for p in &mut self.params {
             let grad = p.var.grad();
@@ -134,14 +226,15 @@ impl AdamW {
         }
     }
 
-    /// The state as named tensors: `exp_avg.<param>`, `exp_avg_sq.<param>`, and `step`.
+    /// The state as named tensors: `exp_avg.<param>`, `exp_avg_sq.<param>`, and `step`, an int64
+    /// scalar (on the device: a checkpoint's copy to the host reads it).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::with_capacity(2 * self.params.len() + 1);
         for p in &self.params {
             out.push((format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()));
             out.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone()));
         }
-        out.push(("step".to_string(), Tensor::from(self.step as i64)));
+        out.push(("step".to_string(), self.step.to_kind(Kind::Int64)));
         out
     }
 
@@ -149,6 +242,17 @@ impl AdamW {
     pub fn load_state_tensors(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
         let missing = |key: &str| TrainError::Config(format!("optimizer state lacks `{key}`"));
         let step = state.get("step").ok_or_else(|| missing("step"))?;
+        let step = match i64::try_from(step) {
+            Ok(n) if n >= 0 => n,
+            _ => {
+                return Err(TrainError::Config(format!(
+                    "optimizer state `step` must be one non-negative integer, got a {:?} tensor \
+                     of shape {:?}",
+                    step.kind(),
+                    step.size()
+                )))
+            }
+        };
         let _guard = tch::no_grad_guard();
         for p in &mut self.params {
             for (key, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
@@ -164,14 +268,153 @@ impl AdamW {
                 dst.f_copy_(&src.f_to_device(dst.device())?.f_to_kind(dst.kind())?)?;
             }
         }
-        self.step = step.int64_value(&[]) as u64;
+        let _ = self.step.f_fill_(step as f64)?;
         Ok(())
+    }
+}
+
+/// One group's lists for the kernel, index for index.
+#[derive(Default)]
+struct GroupLists {
+    params: Vec<Tensor>,
+    grads: Vec<Tensor>,
+    exp_avgs: Vec<Tensor>,
+    exp_avg_sqs: Vec<Tensor>,
+}
+
+impl GroupLists {
+    fn push(&mut self, p: &Param, grad: Tensor) {
+        self.params.push(p.var.shallow_clone());
+        self.grads.push(grad);
+        self.exp_avgs.push(p.exp_avg.shallow_clone());
+        self.exp_avg_sqs.push(p.exp_avg_sq.shallow_clone());
+    }
+}
+
+/// The calls into csrc/optim.cpp.
+mod shim {
+    use super::*;
+
+    extern "C" {
+        fn oxclip_fused_adamw_(
+            params: *const *mut c_void,
+            grads: *const *mut c_void,
+            exp_avgs: *const *mut c_void,
+            exp_avg_sqs: *const *mut c_void,
+            n: usize,
+            step: *mut c_void,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+            found_inf: *mut c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> i32;
+        fn oxclip_total_norm(
+            tensors: *const *mut c_void,
+            n: usize,
+            out: *mut c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> i32;
+        fn oxclip_foreach_mul_(
+            tensors: *const *mut c_void,
+            n: usize,
+            factor: *mut c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> i32;
+    }
+
+    pub(super) struct Hyper {
+        pub lr: f64,
+        pub beta1: f64,
+        pub beta2: f64,
+        pub weight_decay: f64,
+        pub eps: f64,
+    }
+
+    fn handles(tensors: &[Tensor]) -> Vec<*mut c_void> {
+        tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect()
+    }
+
+    fn handle(t: &Tensor) -> *mut c_void {
+        t.as_ptr() as *mut c_void
+    }
+
+    /// Runs `call` with an error buffer; its refusal becomes an error naming `what`.
+    fn checked(what: &str, call: impl FnOnce(*mut c_char, usize) -> i32) -> Result<()> {
+        let mut err = [0 as c_char; 1024];
+        if call(err.as_mut_ptr(), err.len()) == 0 {
+            return Ok(());
+        }
+        // SAFETY: the shim wrote a NUL-terminated message within the buffer (or left it all
+        // zeros).
+        let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+        Err(TrainError::Torch(tch::TchError::Torch(format!("{what}: {message}"))))
+    }
+
+    pub(super) fn fused_adamw_(
+        lists: &GroupLists,
+        step: &Tensor,
+        h: Hyper,
+        found_inf: Option<&Tensor>,
+    ) -> Result<()> {
+        let (p, g) = (handles(&lists.params), handles(&lists.grads));
+        let (m, v) = (handles(&lists.exp_avgs), handles(&lists.exp_avg_sqs));
+        let found_inf = found_inf.map_or(std::ptr::null_mut(), handle);
+        checked("the fused AdamW update", |err, err_len| {
+            // SAFETY: four arrays of `p.len()` live tensor handles, borrowed (with `step` and
+            // `found_inf`, or null) for the call; the shim copies the reference-counted
+            // handles it needs and catches every C++ exception.
+            unsafe {
+                oxclip_fused_adamw_(
+                    p.as_ptr(),
+                    g.as_ptr(),
+                    m.as_ptr(),
+                    v.as_ptr(),
+                    p.len(),
+                    handle(step),
+                    h.lr,
+                    h.beta1,
+                    h.beta2,
+                    h.weight_decay,
+                    h.eps,
+                    found_inf,
+                    err,
+                    err_len,
+                )
+            }
+        })
+    }
+
+    /// The L2 norm of `tensors` together (each norm in fp32), into the 0-dim fp32 `out`.
+    pub(super) fn total_norm(tensors: &[Tensor], out: &Tensor) -> Result<()> {
+        let t = handles(tensors);
+        checked("the gradient norm", |err, err_len| {
+            // SAFETY: `t.len()` live tensor handles and `out`, borrowed for the call; the shim
+            // catches every C++ exception.
+            unsafe { oxclip_total_norm(t.as_ptr(), t.len(), handle(out), err, err_len) }
+        })
+    }
+
+    /// Multiplies each of `tensors` in place by the 0-dim `factor`.
+    pub(super) fn foreach_mul_(tensors: &[Tensor], factor: &Tensor) -> Result<()> {
+        let t = handles(tensors);
+        checked("the gradient clipping", |err, err_len| {
+            // SAFETY: `t.len()` live tensor handles and `factor`, borrowed for the call; the
+            // shim catches every C++ exception.
+            unsafe { oxclip_foreach_mul_(t.as_ptr(), t.len(), handle(factor), err, err_len) }
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::host_reads::HostReads;
     use tch::{nn, Device};
 
     #[test]
@@ -224,7 +467,7 @@ mod tests {
         for t in 1..=2 {
             opt.zero_grad();
             (&w * &g).sum(Kind::Double).backward();
-            opt.step(0.01);
+            opt.step(0.01, None).unwrap();
             p = &p * (1.0 - 0.01 * 0.1);
             m = &m * 0.9 + &g * 0.1;
             v = &v * 0.98 + &g * &g * 0.02;
@@ -245,9 +488,293 @@ mod tests {
             AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.0 },
         );
         (&w * Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0])).sum(Kind::Float).backward();
-        let norm = opt.clip_grad_norm(1.0);
+        let norm = opt.clip_grad_norm(1.0).unwrap().double_value(&[]);
         assert!((norm - 5.0).abs() < 1e-5);
         let clipped = w.grad().norm().double_value(&[]);
         assert!((clipped - 1.0).abs() < 1e-4, "{clipped}");
+    }
+
+    /// `clip_grad_norm` as it was before it ran on the device: the norm read to the host, the
+    /// gradients multiplied only when the coefficient is below 1.
+    fn clip_on_the_host(opt: &AdamW, max_norm: f64) -> f64 {
+        let _guard = tch::no_grad_guard();
+        let grads: Vec<Tensor> =
+            opt.params.iter().map(|p| p.var.grad()).filter(|g| g.defined()).collect();
+        let norms: Vec<Tensor> =
+            grads.iter().map(|g| g.to_kind(Kind::Float).norm().unsqueeze(0)).collect();
+        let total = Tensor::cat(&norms, 0).norm().double_value(&[]);
+        let coef = max_norm / (total + 1e-6);
+        if coef < 1.0 {
+            for mut g in grads {
+                let _ = g.g_mul_scalar_(coef);
+            }
+        }
+        total
+    }
+
+    fn tiny_model(vs: &nn::VarStore) -> crate::model::Clip {
+        let cfg: crate::model::ModelConfig =
+            serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).unwrap();
+        crate::model::Clip::new(&vs.root(), &cfg).unwrap()
+    }
+
+    /// The symmetric CLIP loss of a batch by plain autograd: real gradients for every parameter.
+    fn clip_loss(model: &crate::model::Clip, images: &Tensor, tokens: &Tensor) -> Tensor {
+        let (image, text) = model.features(images, tokens);
+        let logits = image.mm(&text.tr()) * model.logit_scale.exp();
+        let labels = Tensor::arange(images.size()[0], (Kind::Int64, Device::Cpu));
+        (logits.cross_entropy_for_logits(&labels) + logits.tr().cross_entropy_for_logits(&labels))
+            / 2.0
+    }
+
+    fn largest_difference(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// The acceptance test of the fused step: 20 steps of the tiny model, the fused kernel and
+    /// on-device clipping against the per-parameter loop and the host clipping they replaced,
+    /// both fed the same real gradients each step; without clipping, with clipping that never
+    /// bites, and with clipping at every step. Weight decay in two groups.
+    #[test]
+    fn fused_step_and_device_clipping_equal_the_per_parameter_loop_over_20_steps() {
+        tch::manual_seed(3);
+        let batches: Vec<(Tensor, Tensor)> = (0..20)
+            .map(|_| {
+                (
+                    Tensor::randn([8, 3, 32, 32], (Kind::Float, Device::Cpu)),
+                    Tensor::randint_low(1, 49000, [8, 32], (Kind::Int64, Device::Cpu)),
+                )
+            })
+            .collect();
+        let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
+        let (fused_vs, loop_vs) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+        let (fused_model, loop_model) = (tiny_model(&fused_vs), tiny_model(&loop_vs));
+        let start: BTreeMap<String, Tensor> =
+            fused_vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+        for clip in [None, Some(1e6), Some(0.05)] {
+            tch::no_grad(|| {
+                for vs in [&fused_vs, &loop_vs] {
+                    for (name, var) in vs.variables() {
+                        var.shallow_clone().copy_(&start[&name]);
+                    }
+                }
+            });
+            let mut fused = AdamW::new(fused_vs.variables().into_iter().collect(), config);
+            let mut looped = AdamW::new(loop_vs.variables().into_iter().collect(), config);
+            assert_eq!(fused.groups.len(), 2);
+            let mut worst_clipped = 0.0f64;
+            for (images, tokens) in &batches {
+                fused.zero_grad();
+                clip_loss(&fused_model, images, tokens).backward();
+                looped.zero_grad();
+                clip_loss(&loop_model, images, tokens).backward();
+                tch::no_grad(|| {
+                    for ((_, f), (_, l)) in fused.variables().zip(looped.variables()) {
+                        l.grad().copy_(&f.grad());
+                    }
+                });
+                if let Some(max_norm) = clip {
+                    let norm = fused.clip_grad_norm(max_norm).unwrap().double_value(&[]);
+                    let host = clip_on_the_host(&looped, max_norm);
+                    assert_eq!(norm, host, "the norm, device vs host");
+                    // Active (0.05) at every step, or never (1e6).
+                    assert_eq!(norm > max_norm, max_norm < 1.0, "norm {norm}, max {max_norm}");
+                    for ((name, f), (_, l)) in fused.variables().zip(looped.variables()) {
+                        let diff = largest_difference(&f.grad(), &l.grad());
+                        worst_clipped = worst_clipped.max(diff);
+                        assert_eq!(diff, 0.0, "clip {clip:?}: {name}'s clipped gradient");
+                    }
+                }
+                fused.step(1e-3, None).unwrap();
+                looped.step_per_parameter(1e-3);
+            }
+            assert_eq!((fused.steps_taken(), looped.steps_taken()), (20, 20));
+            let largest =
+                fused.variables().map(|(_, w)| w.abs().max().double_value(&[])).fold(0.0, f64::max);
+            let mut worst = 0.0f64;
+            for ((name, f), (_, l)) in fused.variables().zip(looped.variables()) {
+                let diff = largest_difference(f, l);
+                worst = worst.max(diff);
+                assert!(
+                    diff <= 1e-6 * largest,
+                    "clip {clip:?}: {name} differs by {diff} (largest weight {largest})"
+                );
+                let moved = largest_difference(f, &start[name]);
+                assert!(moved > 0.0, "{name} did not train");
+            }
+            for ((key, f), (_, l)) in fused.state_tensors().iter().zip(&looped.state_tensors()) {
+                let diff = largest_difference(f, l);
+                let scale = l.abs().max().double_value(&[]).max(1e-30);
+                assert!(diff <= 1e-5 * scale, "clip {clip:?}: {key} differs by {diff} of {scale}");
+            }
+            eprintln!(
+                "clip {clip:?}: after 20 steps the weights differ by at most {:.2e} of the \
+                 largest weight; clipped gradients by {worst_clipped:.1e}",
+                worst / largest
+            );
+        }
+    }
+
+    /// Values drawn from `seed` without libtorch's generator, which the test threads share.
+    fn values(shape: &[i64], seed: i64) -> Tensor {
+        let n: i64 = shape.iter().product();
+        ((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.731 + seed as f64).sin() * 2.0)
+            .view(shape)
+    }
+
+    /// Two parameters, one in each weight-decay group.
+    fn two_params(seed: i64) -> (Tensor, Tensor, AdamW) {
+        let w = values(&[3, 4], seed).set_requires_grad(true);
+        let b = values(&[4], seed + 1).set_requires_grad(true);
+        let opt = AdamW::new(
+            [("w".to_string(), w.shallow_clone()), ("b".to_string(), b.shallow_clone())].into(),
+            AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.1 },
+        );
+        (w, b, opt)
+    }
+
+    fn set_grads(w: &Tensor, b: &Tensor, seed: i64) {
+        for p in [w, b] {
+            let mut g = p.grad();
+            if !g.defined() {
+                (p * 0.0).sum(Kind::Float).backward();
+                g = p.grad();
+            }
+            g.copy_(&values(&p.size(), seed));
+        }
+    }
+
+    fn snapshot(w: &Tensor, b: &Tensor, opt: &AdamW) -> Vec<Tensor> {
+        let mut all = vec![w.detach().copy(), b.detach().copy()];
+        all.extend(opt.state_tensors().into_iter().map(|(_, t)| t.copy()));
+        all
+    }
+
+    /// A step flagged by the GradScaler (1, or any nonzero or NaN value) leaves weights,
+    /// moments and the update counter exactly as they were, even with non-finite gradients; a
+    /// zero flag is a normal step.
+    #[test]
+    fn found_inf_skips_the_update_exactly() {
+        let (w, b, mut opt) = two_params(1);
+        let (w2, b2, mut reference) = two_params(1);
+        for s in 0..3 {
+            set_grads(&w, &b, 10 + s);
+            set_grads(&w2, &b2, 10 + s);
+            opt.step(1e-2, None).unwrap();
+            reference.step(1e-2, None).unwrap();
+        }
+        let before = snapshot(&w, &b, &opt);
+        let _ = w.grad().fill_(f64::INFINITY);
+        let _ = b.grad().fill_(f64::NAN);
+        for flag in [1.0f32, 2.0, -1.0, f32::NAN, f32::INFINITY] {
+            opt.step(1e-2, Some(&Tensor::from_slice(&[flag]))).unwrap();
+            for (a, z) in snapshot(&w, &b, &opt).iter().zip(&before) {
+                assert!(a.equal(z), "flag {flag}: something changed");
+            }
+        }
+        assert_eq!(opt.steps_taken(), 3);
+        set_grads(&w, &b, 20);
+        set_grads(&w2, &b2, 20);
+        opt.step(1e-2, Some(&Tensor::zeros([1], (Kind::Float, Device::Cpu)))).unwrap();
+        reference.step(1e-2, None).unwrap();
+        for (a, z) in snapshot(&w, &b, &opt).iter().zip(&snapshot(&w2, &b2, &reference)) {
+            assert!(a.equal(z), "a zero flag is a normal step");
+        }
+        assert_eq!(opt.steps_taken(), 4);
+    }
+
+    /// Neither clipping nor the update reads a value back to the host, skipped or not.
+    #[test]
+    fn clipping_and_the_update_read_nothing_back() {
+        let (w, b, mut opt) = two_params(2);
+        set_grads(&w, &b, 3);
+        let skip = Tensor::ones([1], (Kind::Float, Device::Cpu));
+        let count = HostReads::start().expect("counting");
+        for found_inf in [None, Some(&skip)] {
+            let norm = opt.clip_grad_norm(0.1).unwrap();
+            opt.step(1e-3, found_inf).unwrap();
+            assert_eq!(norm.size(), Vec::<i64>::new());
+        }
+        let counts = count.finish();
+        assert_eq!(counts.syncs(), 0, "{counts:?}");
+        // The CPU kernel's own reads of the counter (one per tensor, in the update taken;
+        // the skipped one returns before reading).
+        assert_eq!(counts.in_fused_optimizer, 2, "{counts:?}");
+    }
+
+    /// Checkpoints written before the fused step (the counter an int64 scalar on the CPU) load,
+    /// and the update goes on from them as the per-parameter loop would; what is saved now has
+    /// the same names, types and shapes.
+    #[test]
+    fn loads_the_state_written_before_the_fused_step() {
+        let (w, b, mut opt) = two_params(4);
+        let (w2, b2, mut reference) = two_params(4);
+        let mut old: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (name, shape) in [("w", vec![3, 4]), ("b", vec![4])] {
+            let m = values(&shape, 5) * 0.1;
+            let v = values(&shape, 6).square() * 0.01;
+            old.insert(format!("exp_avg.{name}"), m);
+            old.insert(format!("exp_avg_sq.{name}"), v);
+        }
+        old.insert("step".into(), Tensor::from(7i64));
+        opt.load_state_tensors(&old).unwrap();
+        reference.load_state_tensors(&old).unwrap();
+        assert_eq!(opt.steps_taken(), 7);
+        for (key, t) in opt.state_tensors() {
+            let o = &old[&key];
+            assert_eq!((t.kind(), t.size()), (o.kind(), o.size()), "{key}");
+            assert!(t.equal(o), "{key}");
+        }
+        set_grads(&w, &b, 6);
+        set_grads(&w2, &b2, 6);
+        opt.step(1e-2, None).unwrap();
+        reference.step_per_parameter(1e-2);
+        assert_eq!(opt.steps_taken(), 8);
+        for (a, z) in [(&w, &w2), (&b, &b2)] {
+            let diff = largest_difference(a, z);
+            assert!(diff <= 1e-7, "{diff}");
+        }
+        let bad: BTreeMap<String, Tensor> =
+            [("step".to_string(), Tensor::from_slice(&[1i64, 2]))].into();
+        let err = opt.load_state_tensors(&bad).unwrap_err().to_string();
+        assert!(err.contains("`step` must be one non-negative integer"), "{err}");
+    }
+
+    /// pure_bf16: parameters, gradients and moments all bf16. The kernel computes in fp32 and
+    /// rounds once, so it ends within bf16's rounding of the fp32 update of the same values.
+    #[test]
+    fn bf16_parameters_gradients_and_moments() {
+        let (w, b, mut fp32) = two_params(7);
+        let w16 = w.detach().to_kind(Kind::BFloat16).set_requires_grad(true);
+        let b16 = b.detach().to_kind(Kind::BFloat16).set_requires_grad(true);
+        tch::no_grad(|| {
+            w.shallow_clone().copy_(&w16);
+            b.shallow_clone().copy_(&b16);
+        });
+        let mut bf16 = AdamW::new(
+            [("w".to_string(), w16.shallow_clone()), ("b".to_string(), b16.shallow_clone())].into(),
+            fp32.config,
+        );
+        for s in 0..3 {
+            set_grads(&w, &b, 30 + s);
+            (&w16 * w.grad().to_kind(Kind::BFloat16)).sum(Kind::Float).backward();
+            (&b16 * b.grad().to_kind(Kind::BFloat16)).sum(Kind::Float).backward();
+            tch::no_grad(|| {
+                w.grad().copy_(&w16.grad());
+                b.grad().copy_(&b16.grad());
+            });
+            fp32.step(1e-2, None).unwrap();
+            bf16.step(1e-2, None).unwrap();
+            bf16.zero_grad();
+        }
+        for (_, t) in bf16.state_tensors().iter().filter(|(k, _)| k != "step") {
+            assert_eq!(t.kind(), Kind::BFloat16);
+        }
+        for (lo, hi) in [(&w16, &w), (&b16, &b)] {
+            assert_eq!(lo.kind(), Kind::BFloat16);
+            let diff = largest_difference(&lo.to_kind(Kind::Float), hi);
+            let scale = hi.abs().max().double_value(&[]);
+            assert!(diff <= 3.0 * scale / 256.0, "{diff} of {scale}");
+        }
     }
 }

@@ -18,8 +18,8 @@ use crate::optim::AdamW;
 pub struct StepOutput {
     /// Global-batch loss (summed over ranks). 0-dim.
     pub loss: Tensor,
-    /// Global gradient norm before clipping, when clipping is on.
-    pub grad_norm: Option<f64>,
+    /// Global gradient norm before clipping, when clipping is on. 0-dim fp32.
+    pub grad_norm: Option<Tensor>,
     /// Seconds the step waited for the gradient reduction after the backward pass returned
     /// (`train/comm_time`): with overlap only its tail, without it all of it.
     pub comm_secs: f64,
@@ -82,9 +82,9 @@ pub fn train_step(
         }
     })?;
 
-    // 7. Clip, update, clamp the temperature.
-    let grad_norm = cfg.grad_clip_norm.map(|max_norm| optimizer.clip_grad_norm(max_norm));
-    optimizer.step(lr);
+    // 7. Clip, update, clamp the temperature: on the device, nothing read back.
+    let grad_norm = cfg.grad_clip_norm.map(|max| optimizer.clip_grad_norm(max)).transpose()?;
+    optimizer.step(lr, None)?;
     model.clamp_logit_scale();
 
     Ok(StepOutput {
@@ -266,6 +266,7 @@ mod tests {
     use crate::collectives::tcp::TcpGroup;
     use crate::collectives::{SingleProcess, WorldEnv};
     use crate::config::{DistConfig, LossConfig, LossKind, ReduceDtype, Tiling};
+    use crate::device::host_reads::{HostReads, ReadCounts};
     use crate::grad_sync::GradSync;
     use crate::loss::LossSpec;
     use crate::model::ModelConfig;
@@ -645,6 +646,93 @@ mod tests {
                     assert!(moved > 0.0, "{kind:?} {name} did not train");
                 }
             }
+        }
+    }
+
+    /// Three steps with clipping on, on a thread counting its reads of tensor values into host
+    /// memory ([`crate::device::host_reads`]): the reads of the steps, then those of what a log
+    /// step reads (the loss and the gradient norm), which shows that the count sees reads.
+    fn count_reads(
+        comm: &dyn Collectives,
+        kind: LossKind,
+        micro: Option<usize>,
+        weights: &BTreeMap<String, Tensor>,
+        images: &Tensor,
+        tokens: &Tensor,
+    ) -> (ReadCounts, ReadCounts) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &tiny(kind)).unwrap();
+        tch::no_grad(|| {
+            for (name, var) in vs.variables() {
+                var.shallow_clone().copy_(&weights[&name]);
+            }
+        });
+        let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
+        let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
+        let sync = GradSync::for_var_store(&vs, &DistConfig::default()).unwrap();
+        let cfg = StepConfig { grad_clip_norm: Some(0.5), ..step_config(kind, micro) };
+        let count = HostReads::start().unwrap();
+        let mut out = None;
+        for _ in 0..3 {
+            let step = train_step(&model, &mut optimizer, comm, &sync, images, tokens, 1e-3, cfg);
+            out = Some(step.unwrap());
+        }
+        let steps = count.finish();
+        let out = out.unwrap();
+        let count = HostReads::start().unwrap();
+        let _ = (out.loss.double_value(&[]), out.grad_norm.unwrap().double_value(&[]));
+        (steps, count.finish())
+    }
+
+    /// No host synchronisation between log steps: a step (encode, gather, loss, reduction,
+    /// clipping, AdamW, clamp) reads no tensor value back to the host, for one process and for
+    /// two joined by the TCP backend (each rank counted on its own thread). The TCP backend
+    /// itself moves CPU tensors' bytes, which no count sees; under NCCL nothing leaves the device.
+    /// With micro-batches the step reads one seed per micro-batch from libtorch's CPU generator:
+    /// a CPU value in every run, never a wait for the GPU, and the one read the count finds.
+    #[test]
+    fn a_step_reads_nothing_back_to_the_host() {
+        let kind = LossKind::Clip;
+        let (weights, images, tokens) = tiny_inputs(kind, 19, 8);
+        let (steps, log) = count_reads(&SingleProcess, kind, None, &weights, &images, &tokens);
+        assert_eq!(steps.syncs(), 0, "one process: {steps:?}");
+        assert!(steps.in_fused_optimizer > 0, "the CPU fused kernel reads its counter: {steps:?}");
+        assert_eq!(log.scalar_reads, 2, "the log step's reads are seen: {log:?}");
+        let (siglip_weights, _, _) = tiny_inputs(LossKind::Siglip, 19, 8);
+        let (steps, _) =
+            count_reads(&SingleProcess, LossKind::Siglip, None, &siglip_weights, &images, &tokens);
+        assert_eq!(steps.syncs(), 0, "one process, SigLIP: {steps:?}");
+        let (steps, _) = count_reads(&SingleProcess, kind, Some(4), &weights, &images, &tokens);
+        assert_eq!(
+            (steps.scalar_reads, steps.device_to_host_copies),
+            (3 * 2, 0),
+            "two micro-batches: a CPU seed each, per step: {steps:?}"
+        );
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let weights: BTreeMap<String, Tensor> =
+                    weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+                let (images, tokens) =
+                    (images.narrow(0, rank * 4, 4).copy(), tokens.narrow(0, rank * 4, 4).copy());
+                std::thread::spawn(move || {
+                    let world = WorldEnv {
+                        rank: rank as usize,
+                        world_size: 2,
+                        local_rank: rank as usize,
+                        local_world_size: 2,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let comm = TcpGroup::connect(&world, Duration::from_secs(60)).unwrap();
+                    count_reads(&comm, kind, None, &weights, &images, &tokens).0
+                })
+            })
+            .collect();
+        for (rank, handle) in ranks.into_iter().enumerate() {
+            let steps = handle.join().unwrap();
+            assert_eq!(steps.syncs(), 0, "rank {rank} of 2: {steps:?}");
         }
     }
 }

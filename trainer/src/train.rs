@@ -511,13 +511,14 @@ fn log_step(run: &mut Run, out: &step::StepOutput, lr: f64) -> Result<f64> {
     }
     let scale = run.model.logit_scale.exp().double_value(&[]);
     let bias = run.model.logit_bias.as_ref().map(|b| b.double_value(&[]));
+    let grad_norm = out.grad_norm.as_ref().map(|n| n.double_value(&[]));
     // Skips are counted per rank; the log shows the run's total.
     run.interval.skipped_total_all_ranks =
         collectives::all_gather_u64(run.comm.as_ref(), run.interval.skipped_total)?.iter().sum();
     run.state.loader = run.loader.state(); // for the epoch in the log line
     let (global_batch, world_size) = (run.global_batch(), run.comm.world_size());
     if let Some(metrics) = run.metrics.as_mut() {
-        let values = LogValues { loss, scale, bias, lr, grad_norm: out.grad_norm };
+        let values = LogValues { loss, scale, bias, lr, grad_norm };
         log_train(
             metrics,
             &run.state,

@@ -8,7 +8,9 @@ use serde::Serialize;
 
 use oxclip_data_loader::{DataSource, DataSpec, Loader, LoaderConfig, ShardOptions};
 
-use oxclip_trainer::bench::{bench_train, peak_rss_bytes, TrainBench};
+use oxclip_trainer::bench::{
+    bench_optim, bench_train, peak_rss_bytes, OptimBench, OptimImpl, TrainBench,
+};
 use oxclip_trainer::config::loss::{SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT};
 use oxclip_trainer::config::{self, LossKind, Tiling};
 use oxclip_trainer::device;
@@ -66,6 +68,61 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         device,
         autocast_bf16: args.amp_bf16 && device.is_cuda(),
         micro_batch_size: args.micro_batch_size,
+    })?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct BenchOptimArgs {
+    /// A built-in model name or a model YAML.
+    #[arg(long)]
+    pub model: String,
+    /// `loop` or `fused`; both, timed in turn, when not given.
+    #[arg(long = "impl", value_enum)]
+    pub implementation: Option<ImplArg>,
+    /// Timed updates of each, after the warm-up ones.
+    #[arg(long, default_value_t = 10)]
+    pub steps: u64,
+    /// Untimed updates first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// libtorch CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImplArg {
+    Loop,
+    Fused,
+}
+
+/// Times the AdamW update alone over a model's parameters: the fused kernel training runs and
+/// the per-parameter loop it replaced.
+pub fn optim(args: BenchOptimArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
+    if let Some(t) = args.threads {
+        anyhow::ensure!(t > 0, "--threads must be at least 1");
+        tch::set_num_threads(t as i32);
+    }
+    let model = config::resolve_model(&args.model)?;
+    let device = device::select(&args.device, "--device")?;
+    let impls: &[OptimImpl] = match args.implementation {
+        Some(ImplArg::Loop) => &[OptimImpl::Loop],
+        Some(ImplArg::Fused) => &[OptimImpl::Fused],
+        None => &[OptimImpl::Loop, OptimImpl::Fused],
+    };
+    let result = bench_optim(&OptimBench {
+        model_name: &args.model,
+        model: &model,
+        device,
+        impls,
+        steps: args.steps,
+        warmup_steps: args.warmup,
     })?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())

@@ -1,8 +1,10 @@
 //! Device selection, and the start-up step that lets one CPU-built binary use CUDA: libtorch
 //! registers its CUDA backend when `libtorch_cuda.so` is loaded, so we load it (globally)
-//! when it is present before any tensor is made.
+//! when it is present before any tensor is made. `host_reads` counts the reads of tensor
+//! values into host memory (each a wait for the GPU), for the tests that hold the step to none.
 
 pub(crate) mod cudart;
+pub mod host_reads;
 
 use std::ffi::CString;
 
