@@ -106,9 +106,16 @@ impl AdamW {
         total
     }
 
-    /// One AdamW update at learning rate `lr`.
-    pub fn step(&mut self, lr: f64) {
+    /// One AdamW update at learning rate `lr`. `found_inf` (a 1-element fp32 tensor, the
+    /// gradient scaler's) skips it when nonzero: no parameter, moment or step count changes, as
+    /// in torch's fused AdamW.
+    pub fn step(&mut self, lr: f64, found_inf: Option<&Tensor>) {
         let _guard = tch::no_grad_guard();
+        // A host read of the flag, once a step under `precision: amp`: the fused AdamW kernel
+        // (issue 24's optimizer lever) replaces this loop and takes `found_inf` on the device.
+        if found_inf.is_some_and(|f| f.double_value(&[]) != 0.0) {
+            return;
+        }
         self.step += 1;
         let (beta1, beta2) = self.config.betas;
         let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
@@ -224,7 +231,7 @@ mod tests {
         for t in 1..=2 {
             opt.zero_grad();
             (&w * &g).sum(Kind::Double).backward();
-            opt.step(0.01);
+            opt.step(0.01, None);
             p = &p * (1.0 - 0.01 * 0.1);
             m = &m * 0.9 + &g * 0.1;
             v = &v * 0.98 + &g * &g * 0.02;
