@@ -1,5 +1,6 @@
 // The test binaries link libtorch; give them an rpath so they run without LD_LIBRARY_PATH
-// (torch-sys sets none). And the gradient-ready hook shim (csrc/grad_hooks.cpp), compiled
+// (torch-sys sets none). And the C++ shims (csrc/grad_hooks.cpp: gradient-ready hooks;
+// csrc/autocast.cpp: autocast on any device, the gradient scaler's kernel), compiled
 // against the same libtorch's headers with torch-sys's flags: only against the libtorch
 // version torch-sys expects, as a shim built on other headers than the library tch binds
 // would disagree with it on C++ layouts that no linker checks.
@@ -14,6 +15,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/grad_hooks.cpp");
     println!("cargo:rerun-if-changed=csrc/optim.cpp");
     println!("cargo:rerun-if-changed=csrc/host_reads.cpp");
+    println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         fail("LIBTORCH is not set: point it at libtorch (the Makefile fetches it, see README)");
     };
@@ -27,6 +29,7 @@ fn main() {
         .file("csrc/grad_hooks.cpp")
         .file("csrc/optim.cpp")
         .file("csrc/host_reads.cpp")
+        .file("csrc/autocast.cpp")
         .include(format!("{libtorch}/include"))
         .include(format!("{libtorch}/include/torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -431,7 +431,7 @@ const FLOORS: &[(&str, &[&[&str]])] = &[
         "trainer",
         &[
             &["error", "schedule", "fault"],
-            &["bytes", "device", "metrics", "optim"],
+            &["bytes", "device", "metrics", "optim", "precision"],
             &["model"],
             &["interchange", "prepare"],
             &["config"],

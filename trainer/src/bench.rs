@@ -9,9 +9,11 @@ use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::collectives::SingleProcess;
+use crate::config::Precision;
 use crate::error::Result;
 use crate::model::{Clip, ModelConfig};
 use crate::optim::AdamW;
+use crate::precision::{GradScaler, GradScalerConfig};
 use crate::step::{self, StepConfig};
 
 #[derive(Debug, Clone, Serialize)]
@@ -21,6 +23,8 @@ pub struct TrainBenchResult {
     /// As [`crate::device::name`] writes it (`cpu`, `cuda:0`), like every other message.
     pub device: String,
     pub batch_size: usize,
+    /// As `train.precision` writes it.
+    pub precision: &'static str,
     pub steps: u64,
     pub threads: i32,
     pub micro_batch_size: Option<usize>,
@@ -48,15 +52,19 @@ pub struct TrainBench<'a> {
     pub steps: u64,
     pub warmup_steps: u64,
     pub device: Device,
-    pub autocast_bf16: bool,
+    /// As `train.precision`, and set up as a training run sets it up.
+    pub precision: Precision,
     /// Gradient caching: samples per tower forward.
     pub micro_batch_size: Option<usize>,
 }
 
 pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     tch::manual_seed(0);
-    let vs = nn::VarStore::new(b.device);
+    let mut vs = nn::VarStore::new(b.device);
     let model = Clip::new(&vs.root(), b.model)?;
+    if b.precision.weights_kind() == Kind::BFloat16 {
+        vs.bfloat16();
+    }
     // open_clip's defaults, as a run config without `optim:` has them.
     let optim = crate::config::OptimConfig::default();
     let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), optim.adamw());
@@ -69,16 +77,15 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let tokens = Tensor::randint(vocab - 1, [n, ctx], (Kind::Int64, b.device));
     let eot_at = Tensor::randint(ctx, [n, 1], (Kind::Int64, b.device));
     let tokens = tokens.scatter_value(1, &eot_at, vocab - 1);
-    let loss = crate::loss::LossSpec::new(&crate::config::LossConfig::default(), b.autocast_bf16);
-    let cfg = StepConfig {
-        autocast_bf16: b.autocast_bf16,
-        grad_clip_norm: None,
-        loss,
-        micro_batch: b.micro_batch_size,
-    };
-    if b.autocast_bf16 {
-        crate::device::use_bf16_autocast();
-    }
+    let cfg = StepConfig::new(
+        b.precision,
+        b.device,
+        &crate::config::LossConfig::default(),
+        None,
+        b.micro_batch_size,
+    )?;
+    let mut scaler =
+        b.precision.scales_loss().then(|| GradScaler::new(b.device, GradScalerConfig::default()));
     let grad_sync =
         crate::grad_sync::GradSync::for_var_store(&vs, &crate::config::DistConfig::default())?;
 
@@ -95,6 +102,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
                 &tokens,
                 optim.lr,
                 cfg,
+                scaler.as_mut(),
             )?);
         }
         // Wait for the device before stopping the clock.
@@ -110,6 +118,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         model: b.model_name.to_string(),
         device: crate::device::name(b.device),
         batch_size: b.batch_size,
+        precision: b.precision.name(),
         steps: b.steps,
         threads: tch::get_num_threads(),
         micro_batch_size: b.micro_batch_size,

@@ -1,6 +1,7 @@
-//! Checkpoints: `<run_dir>/checkpoints/step_<N>/` holding `model.safetensors` (open_clip keys),
-//! `optimizer.safetensors` (AdamW moments and step) and `trainer_state.json` (counters, loader
-//! position, seed, the resolved config). A checkpoint is written under a temporary name and
+//! Checkpoints: `<run_dir>/checkpoints/step_<N>/` holding `model.safetensors` (open_clip keys,
+//! in the weights' precision: fp32, or bf16 under `pure_bf16`), `optimizer.safetensors` (AdamW
+//! moments and step) and `trainer_state.json` (counters, loader position, seed, the loss scale
+//! under `amp`, the resolved config). A checkpoint is written under a temporary name and
 //! renamed into place, so a directory named `step_<N>` was complete when written. Last into the
 //! temporary folder goes `manifest.json`, each file's size and CRC-32, so that resume can also
 //! tell a checkpoint damaged since (truncated by a full disk, a partial copy, a flipped byte)
@@ -20,6 +21,7 @@ use crate::error::{io_err, Result, TrainError};
 use crate::interchange::safetensors::read_safetensors;
 use crate::interchange::weights;
 use crate::optim::AdamW;
+use crate::precision::GradScalerState;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -219,6 +221,10 @@ pub struct TrainerState {
     /// Every rank's position, in rank order, when the run had several ranks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rank_loaders: Vec<LoaderState>,
+    /// The loss scale of a `precision: amp` run (the same on every rank); absent otherwise,
+    /// and in checkpoints written before amp existed, which resume at the initial scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_scaler: Option<GradScalerState>,
     /// The resolved run config, as written to `<run_dir>/config.yaml`.
     pub config: String,
 }
@@ -241,19 +247,14 @@ fn host_copy(t: &Tensor, kind: tch::Kind) -> Result<Tensor> {
     Ok(t.f_detach()?.f_to_device_(tch::Device::Cpu, kind, false, true)?.f_contiguous()?)
 }
 
-/// Copies the weights (fp32, as [`weights::save_weights`] writes them), the optimizer state and
-/// `state` to host memory. This is the part of a save the training loop waits for.
+/// Copies the weights (in their own kind: fp32, as [`weights::save_weights`] writes them, or
+/// bf16 under `pure_bf16`, as open_clip's checkpoint of such a run holds them), the optimizer
+/// state and `state` to host memory. This is the part of a save the training loop waits for.
 pub fn snapshot(vs: &nn::VarStore, optimizer: &AdamW, state: &TrainerState) -> Result<Snapshot> {
     let _no_grad = tch::no_grad_guard();
     let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-    let weights = vars
-        .into_iter()
-        .map(|(k, v)| {
-            // Integer buffers (BatchNorm's num_batches_tracked) keep their kind.
-            let kind = if v.is_floating_point() { tch::Kind::Float } else { v.kind() };
-            Ok((k, host_copy(&v, kind)?))
-        })
-        .collect::<Result<_>>()?;
+    let weights =
+        vars.into_iter().map(|(k, v)| Ok((k, host_copy(&v, v.kind())?))).collect::<Result<_>>()?;
     let optimizer = optimizer
         .state_tensors()
         .into_iter()
@@ -504,6 +505,7 @@ mod tests {
             seed: 3,
             loader: LoaderState::at(1, 2),
             rank_loaders: Vec::new(),
+            grad_scaler: None,
             config: "x: 1\n".into(),
         }
     }

@@ -51,6 +51,11 @@ pub enum TrainError {
 
     #[error("step {step}: the loss is not finite ({loss}); lower the learning rate or enable optim.grad_clip_norm")]
     NonFiniteLoss { step: u64, loss: f64 },
+
+    /// Under `train.precision: amp`, every step for a long time had inf/NaN gradients, and
+    /// the loss scale halved down to nothing.
+    #[error("step {step}: the loss scale of train.precision amp fell to {scale} after {skipped} skipped steps: the gradients are inf or NaN at every scale; train with amp_bf16 or fp32, or lower the learning rate")]
+    LossScale { step: u64, scale: f32, skipped: u64 },
 }
 
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;

@@ -12,7 +12,9 @@
 //!     rank's graph did not reach;
 //!   - `collective-fails`: the bucket's sum fails to start on the communication thread, as a
 //!     collective does when the link goes down;
-//!   - `vanish`: the process is killed (SIGKILL) on the spot, a peer lost mid-backward.
+//!   - `vanish`: the process is killed (SIGKILL) on the spot, a peer lost mid-backward;
+//!   - `inf-grad`: one element of the bucket's first gradient becomes +inf, as an fp16
+//!     overflow leaves it (`train.precision: amp` skips that step, launch/tests/amp.rs).
 //! - `OXCLIP_TEST_CHECKPOINT_DELAY_MS=N`: the checkpoint writer sleeps `N` ms before each file,
 //!   so that a test can kill a process in the middle of a write.
 
@@ -24,6 +26,7 @@ pub enum Fault {
     UndefinedGrads,
     CollectiveFails,
     Vanish,
+    InfGrad,
 }
 
 /// The fault `OXCLIP_FAULT` asks for at bucket `bucket` of reduction `reduction` on `rank`.
@@ -57,6 +60,7 @@ fn parse(text: &str) -> Option<(Fault, usize, u64, usize)> {
         "undefined-grads" => Fault::UndefinedGrads,
         "collective-fails" => Fault::CollectiveFails,
         "vanish" => Fault::Vanish,
+        "inf-grad" => Fault::InfGrad,
         _ => return None,
     };
     let (mut rank, mut step, mut bucket) = (None, None, None);
@@ -101,6 +105,7 @@ mod tests {
     fn specs_parse_and_bad_ones_are_none() {
         assert_eq!(parse("hook-panics:rank=2:step=3:bucket=1"), Some((Fault::HookPanics, 2, 3, 1)));
         assert_eq!(parse("vanish:step=3:rank=0:bucket=0"), Some((Fault::Vanish, 0, 3, 0)));
+        assert_eq!(parse("inf-grad:rank=1:step=3:bucket=0"), Some((Fault::InfGrad, 1, 3, 0)));
         assert_eq!(parse("hook-panics:rank=2:step=3"), None);
         assert_eq!(parse("melt:rank=2:step=3:bucket=1"), None);
         assert_eq!(parse("flatten-fails:rank=x:step=3:bucket=1"), None);

@@ -11,7 +11,8 @@
 //! Modules stand on floors, each using only the floors below it (`FLOORS` in
 //! `launch/tests/module_layers.rs` holds this list against the code):
 //! 0. `error`, `schedule`, `fault` (faults injected by the tests, in test builds only);
-//! 1. `bytes`, `device`, `metrics`, `optim`;
+//! 1. `bytes`, `device`, `metrics`, `optim`, `precision` (autocast on any device, the loss
+//!    scale of fp16 training);
 //! 2. `model` (the architectures and their configs);
 //! 3. `interchange` (files in and out: safetensors, Hugging Face and open_clip layouts, model
 //!    directories, export), `prepare` (a model's own tokenizer and image preprocessing);
@@ -38,6 +39,7 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod precision;
 pub mod preempt;
 pub mod prepare;
 pub mod schedule;

@@ -6,11 +6,13 @@ use std::ops::Range;
 use tch::{Kind, Tensor};
 
 use crate::collectives::Collectives;
+use crate::config::{LossConfig, Precision};
 use crate::error::Result;
 use crate::grad_sync::GradSync;
 use crate::loss::LossSpec;
 use crate::model::Clip;
 use crate::optim::AdamW;
+use crate::precision::{Autocast, GradScaler};
 
 /// What one step hands back for logging. Tensors stay on the device, so reading them (a
 /// CPU-GPU sync) is left to the logging cadence.
@@ -30,8 +32,9 @@ pub struct StepOutput {
 /// Settings fixed when the run starts (precision is chosen once, not per step).
 #[derive(Debug, Clone, Copy)]
 pub struct StepConfig {
-    /// Run the towers under bf16 autocast (CUDA only; a no-op on CPU).
-    pub autocast_bf16: bool,
+    /// The towers' autocast (`amp`: fp16, `amp_bf16`: bf16); `None`: they run in the weights'
+    /// precision.
+    pub autocast: Option<Autocast>,
     pub grad_clip_norm: Option<f64>,
     /// Which loss, tiled or naive, at which matmul precision.
     pub loss: LossSpec,
@@ -39,8 +42,28 @@ pub struct StepConfig {
     pub micro_batch: Option<usize>,
 }
 
+impl StepConfig {
+    /// The step `precision` asks for on `device`: its autocast and the loss's products. (Its
+    /// loss scale is a [`GradScaler`] the caller keeps; its bf16 weights are the VarStore's.)
+    pub fn new(
+        precision: Precision,
+        device: tch::Device,
+        loss: &LossConfig,
+        grad_clip_norm: Option<f64>,
+        micro_batch: Option<usize>,
+    ) -> Result<Self> {
+        Ok(StepConfig {
+            autocast: precision.autocast().map(|dtype| Autocast::new(device, dtype)).transpose()?,
+            grad_clip_norm,
+            loss: LossSpec::new(loss, precision.bf16_loss_products()),
+            micro_batch,
+        })
+    }
+}
+
 /// One optimizer update on this rank's batch `images` (n, 3, S, S) and `tokens` (n, L);
-/// `grad_sync` is the gradient bucket layout over `model`'s parameters.
+/// `grad_sync` is the gradient bucket layout over `model`'s parameters; `scaler` the loss
+/// scale under `precision: amp` (`None` otherwise).
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &Clip,
@@ -51,6 +74,7 @@ pub fn train_step(
     tokens: &Tensor,
     lr: f64,
     cfg: StepConfig,
+    mut scaler: Option<&mut GradScaler>,
 ) -> Result<StepOutput> {
     let n = images.size()[0];
     let towers = Towers {
@@ -58,7 +82,8 @@ pub fn train_step(
         images,
         tokens,
         micro: MicroBatches::new(n, cfg.micro_batch),
-        autocast_bf16: cfg.autocast_bf16,
+        autocast: cfg.autocast,
+        loss_scale: scaler.as_ref().map(|s| s.scale().shallow_clone()),
     };
 
     // 1. Encode the local batch.
@@ -82,9 +107,22 @@ pub fn train_step(
         }
     })?;
 
-    // 7. Clip, update, clamp the temperature: on the device, nothing read back.
+    // 7. Under amp, unscale the gradients and look for inf/NaN (which skips the update and
+    // backs the scale off); then clip, update, clamp the temperature: on the device, nothing
+    // read back.
+    let found_inf = match scaler.as_deref_mut() {
+        Some(scaler) => {
+            let grads: Vec<Tensor> =
+                optimizer.variables().map(|(_, v)| v.grad()).filter(Tensor::defined).collect();
+            Some(scaler.unscale(&grads)?.shallow_clone())
+        }
+        None => None,
+    };
     let grad_norm = cfg.grad_clip_norm.map(|max| optimizer.clip_grad_norm(max)).transpose()?;
-    optimizer.step(lr, None)?;
+    optimizer.step(lr, found_inf.as_ref())?;
+    if let Some(scaler) = scaler {
+        scaler.update()?;
+    }
     model.clamp_logit_scale();
 
     Ok(StepOutput {
@@ -144,7 +182,9 @@ struct Towers<'a> {
     images: &'a Tensor,
     tokens: &'a Tensor,
     micro: MicroBatches,
-    autocast_bf16: bool,
+    autocast: Option<Autocast>,
+    /// Under amp, the loss scale the backward surrogate is multiplied by.
+    loss_scale: Option<Tensor>,
 }
 
 impl Towers<'_> {
@@ -153,12 +193,9 @@ impl Towers<'_> {
     fn encode(&self, k: usize) -> (Tensor, Tensor) {
         let r = self.micro.enter(k);
         let len = r.end - r.start;
-        tch::autocast(self.autocast_bf16, || {
-            self.model.features(
-                &self.images.narrow(0, r.start, len),
-                &self.tokens.narrow(0, r.start, len),
-            )
-        })
+        let _autocast = self.autocast.map(Autocast::enter);
+        self.model
+            .features(&self.images.narrow(0, r.start, len), &self.tokens.narrow(0, r.start, len))
     }
 
     /// Step 1. A single micro-batch keeps its graph for step 5; several are encoded without
@@ -204,6 +241,10 @@ impl Towers<'_> {
                 }
                 _ => surrogate + &model.logit_scale * &grads.logit_scale,
             };
+        }
+        if let Some(scale) = &self.loss_scale {
+            // The gradient of the scaled loss: every parameter's, scaled alike.
+            surrogate = &surrogate * scale;
         }
         surrogate.backward();
     }
@@ -271,6 +312,7 @@ mod tests {
     use crate::loss::LossSpec;
     use crate::model::ModelConfig;
     use crate::optim::AdamWConfig;
+    use crate::precision::{GradScalerConfig, LowPrecision};
 
     fn tiny(kind: LossKind) -> ModelConfig {
         let mut cfg: ModelConfig =
@@ -281,7 +323,7 @@ mod tests {
 
     fn step_config(kind: LossKind, micro_batch: Option<usize>) -> StepConfig {
         let loss = LossSpec::new(&LossConfig { kind, tiling: Tiling::Tile(3) }, false);
-        StepConfig { autocast_bf16: false, grad_clip_norm: None, loss, micro_batch }
+        StepConfig { autocast: None, grad_clip_norm: None, loss, micro_batch }
     }
 
     /// One step with lr 0 from `weights` on `images`/`tokens`: the global loss and every
@@ -321,8 +363,8 @@ mod tests {
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
         let cfg = step_config(kind, micro);
         let sync = GradSync::for_var_store(&vs, &reduce).unwrap();
-        let out =
-            train_step(&model, &mut optimizer, comm, &sync, images, tokens, 0.0, cfg).unwrap();
+        let out = train_step(&model, &mut optimizer, comm, &sync, images, tokens, 0.0, cfg, None)
+            .unwrap();
         let grads =
             optimizer.variables().map(|(name, var)| (name.to_owned(), var.grad().copy())).collect();
         (out.loss.double_value(&[]), grads, (out, sync.bucket_count()))
@@ -595,6 +637,7 @@ mod tests {
                 &tokens,
                 1e-4,
                 step_config(kind, micro),
+                None,
             )
             .unwrap();
         }
@@ -655,7 +698,7 @@ mod tests {
     fn count_reads(
         comm: &dyn Collectives,
         kind: LossKind,
-        micro: Option<usize>,
+        (micro, amp): (Option<usize>, bool),
         weights: &BTreeMap<String, Tensor>,
         images: &Tensor,
         tokens: &Tensor,
@@ -670,11 +713,25 @@ mod tests {
         let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
         let sync = GradSync::for_var_store(&vs, &DistConfig::default()).unwrap();
-        let cfg = StepConfig { grad_clip_norm: Some(0.5), ..step_config(kind, micro) };
+        let mut cfg = StepConfig { grad_clip_norm: Some(0.5), ..step_config(kind, micro) };
+        let mut scaler = amp.then(|| {
+            cfg.autocast = Some(Autocast::new(Device::Cpu, LowPrecision::Fp16).unwrap());
+            GradScaler::new(Device::Cpu, GradScalerConfig::default())
+        });
         let count = HostReads::start().unwrap();
         let mut out = None;
         for _ in 0..3 {
-            let step = train_step(&model, &mut optimizer, comm, &sync, images, tokens, 1e-3, cfg);
+            let step = train_step(
+                &model,
+                &mut optimizer,
+                comm,
+                &sync,
+                images,
+                tokens,
+                1e-3,
+                cfg,
+                scaler.as_mut(),
+            );
             out = Some(step.unwrap());
         }
         let steps = count.finish();
@@ -694,15 +751,26 @@ mod tests {
     fn a_step_reads_nothing_back_to_the_host() {
         let kind = LossKind::Clip;
         let (weights, images, tokens) = tiny_inputs(kind, 19, 8);
-        let (steps, log) = count_reads(&SingleProcess, kind, None, &weights, &images, &tokens);
+        let (steps, log) =
+            count_reads(&SingleProcess, kind, (None, false), &weights, &images, &tokens);
         assert_eq!(steps.syncs(), 0, "one process: {steps:?}");
         assert!(steps.in_fused_optimizer > 0, "the CPU fused kernel reads its counter: {steps:?}");
         assert_eq!(log.scalar_reads, 2, "the log step's reads are seen: {log:?}");
         let (siglip_weights, _, _) = tiny_inputs(LossKind::Siglip, 19, 8);
-        let (steps, _) =
-            count_reads(&SingleProcess, LossKind::Siglip, None, &siglip_weights, &images, &tokens);
+        let (steps, _) = count_reads(
+            &SingleProcess,
+            LossKind::Siglip,
+            (None, false),
+            &siglip_weights,
+            &images,
+            &tokens,
+        );
         assert_eq!(steps.syncs(), 0, "one process, SigLIP: {steps:?}");
-        let (steps, _) = count_reads(&SingleProcess, kind, Some(4), &weights, &images, &tokens);
+        let (steps, _) =
+            count_reads(&SingleProcess, kind, (None, true), &weights, &images, &tokens);
+        assert_eq!(steps.syncs(), 0, "one process, amp (fp16 autocast, loss scale): {steps:?}");
+        let (steps, _) =
+            count_reads(&SingleProcess, kind, (Some(4), false), &weights, &images, &tokens);
         assert_eq!(
             (steps.scalar_reads, steps.device_to_host_copies),
             (3 * 2, 0),
@@ -726,7 +794,7 @@ mod tests {
                         master_port: port,
                     };
                     let comm = TcpGroup::connect(&world, Duration::from_secs(60)).unwrap();
-                    count_reads(&comm, kind, None, &weights, &images, &tokens).0
+                    count_reads(&comm, kind, (None, false), &weights, &images, &tokens).0
                 })
             })
             .collect();

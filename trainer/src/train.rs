@@ -12,16 +12,16 @@ use tch::{nn, Device, Tensor};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::collectives::{self, Collectives, WorldEnv};
-use crate::config::{DataConfig, Precision, RunConfig};
+use crate::config::{DataConfig, RunConfig};
 use crate::device;
 use crate::error::{io_err, Result, TrainError};
 use crate::eval::metrics::ZeroShotResult;
 use crate::eval::{benchmark, pass, sets};
 use crate::grad_sync::GradSync;
-use crate::loss::LossSpec;
 use crate::metrics::MetricsWriter;
 use crate::model::Clip;
 use crate::optim::AdamW;
+use crate::precision::{GradScaler, GradScalerConfig, GradScalerState};
 use crate::schedule::Schedule;
 use crate::step::{self, StepConfig};
 use crate::weights_path::{self, Found};
@@ -91,6 +91,8 @@ struct Run<'a> {
     resumed_at: Option<u64>,
     schedule: Schedule,
     step_cfg: StepConfig,
+    /// The loss scale under `precision: amp`.
+    scaler: Option<GradScaler>,
     /// The gradient buckets over the model's parameters.
     grad_sync: GradSync,
     /// Rank 0's TensorBoard writer; `None` on the other ranks, which write nothing.
@@ -149,6 +151,7 @@ fn train_steps(run: &mut Run) -> Result<Outcome> {
             &tokens,
             lr,
             run.step_cfg,
+            run.scaler.as_mut(),
         )?;
         run.state.step += 1;
         run.state.samples_seen += run.global_batch();
@@ -216,6 +219,8 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
         tch::set_num_threads(threads as i32);
     }
     let device = training_device(cfg, world)?;
+    cfg.train.precision.check_device(device, "train.precision")?;
+    let step_cfg = step_config(cfg, device)?;
     let comm = collectives::connect(world, &cfg.dist, device)?;
     check_same_config(comm.as_ref(), &resolved)?;
 
@@ -243,6 +248,11 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
     let preprocess = cfg.data.preprocess(&cfg.model)?;
     let mut loader = open_loader(cfg, comm.as_ref(), &tokenizer, &preprocess)?;
     let load_skips: u64 = loader.load_skips().values().sum();
+    let mut scaler = cfg
+        .train
+        .precision
+        .scales_loss()
+        .then(|| GradScaler::new(device, GradScalerConfig::default()));
     let state = match &resume_from {
         Some(dir) => restore(&resolved, dir, comm.as_ref(), &vs, &mut optimizer, &mut loader)?,
         None => TrainerState {
@@ -251,9 +261,21 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
             seed: cfg.train.seed,
             loader: loader.state(),
             rank_loaders: Vec::new(),
+            grad_scaler: None,
             config: resolved.clone(),
         },
     };
+    if let Some(scaler) = scaler.as_mut() {
+        match &state.grad_scaler {
+            Some(saved) => scaler.load_state(saved)?,
+            None if resume_from.is_some() => tracing::info!(
+                "the checkpoint holds no loss scale (it was not written by a train.precision amp \
+                 run): starting at {}",
+                GradScalerConfig::default().init_scale
+            ),
+            None => {}
+        }
+    }
     let (metrics, key_log) = start_run_dir(cfg, &resolved, comm.as_ref())?;
     // Identical weights everywhere, whatever each rank initialised or loaded.
     broadcast_weights(comm.as_ref(), &vs)?;
@@ -271,7 +293,8 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
         state,
         resumed_at,
         schedule: schedule(cfg),
-        step_cfg: step_config(cfg, device),
+        step_cfg,
+        scaler,
         grad_sync,
         metrics,
         key_log,
@@ -323,8 +346,13 @@ fn build_model(
 ) -> Result<(nn::VarStore, Clip, AdamW)> {
     let train = &cfg.train;
     tch::manual_seed(train.seed as i64);
-    let vs = nn::VarStore::new(device);
+    let mut vs = nn::VarStore::new(device);
     let model = Clip::new(&vs.root(), &cfg.model)?;
+    // pure_bf16: every float weight and buffer in bf16 (open_clip's `model.to(bfloat16)`),
+    // before the optimizer, whose moments then are bf16 too; weights loaded below convert.
+    if train.precision.weights_kind() == tch::Kind::BFloat16 {
+        vs.bfloat16();
+    }
     // Frozen towers (fine-tuning): before the optimizer, which then never sees them.
     for (on, tower, unlocked) in [
         (train.lock_image, crate::model::lock::Tower::Image, train.lock_image_unlocked_groups),
@@ -459,22 +487,16 @@ fn schedule(cfg: &RunConfig) -> Schedule {
     }
 }
 
-/// The step's settings, chosen once: bf16 autocast under amp_bf16 on CUDA (fp32 on the CPU).
-fn step_config(cfg: &RunConfig, device: Device) -> StepConfig {
-    let amp = cfg.train.precision == Precision::AmpBf16;
-    let amp_bf16 = amp && device.is_cuda();
-    if amp_bf16 {
-        device::use_bf16_autocast();
-    }
-    if amp && !device.is_cuda() {
-        tracing::info!("precision amp_bf16 runs as fp32 on the CPU");
-    }
-    StepConfig {
-        autocast_bf16: amp_bf16,
-        grad_clip_norm: cfg.optim.grad_clip_norm,
-        loss: LossSpec::new(&cfg.loss, amp_bf16),
-        micro_batch: cfg.train.micro_batch_size,
-    }
+/// The step's settings, chosen once: the towers' autocast and the loss's products as
+/// `train.precision` says, on the CPU as on CUDA.
+fn step_config(cfg: &RunConfig, device: Device) -> Result<StepConfig> {
+    StepConfig::new(
+        cfg.train.precision,
+        device,
+        &cfg.loss,
+        cfg.optim.grad_clip_norm,
+        cfg.train.micro_batch_size,
+    )
 }
 
 impl Run<'_> {
@@ -506,8 +528,28 @@ fn next_batch(run: &mut Run) -> Result<(Tensor, Tensor, u64)> {
 /// non-finite one, and logs the interval since the last log line. Returns the loss.
 fn log_step(run: &mut Run, out: &step::StepOutput, lr: f64) -> Result<f64> {
     let loss = out.loss.double_value(&[]);
+    // amp: the loss scale, and whether the logged step was skipped for inf/NaN gradients.
+    let amp = match &run.scaler {
+        Some(s) => Some((s.state()?, s.found_inf().double_value(&[]) != 0.0)),
+        None => None,
+    };
     if !loss.is_finite() {
-        return Err(TrainError::NonFiniteLoss { step: run.state.step, loss });
+        match amp {
+            // A step whose fp16 forward overflowed is skipped and the scale backed off; should
+            // every step overflow, the scale falls to 0 and the run stops below.
+            Some((_, true)) => tracing::warn!(
+                "step {}: the loss is not finite ({loss}) in fp16; the step was skipped",
+                run.state.step
+            ),
+            _ => return Err(TrainError::NonFiniteLoss { step: run.state.step, loss }),
+        }
+    }
+    if let Some((s, _)) = amp.filter(|(s, _)| !(s.scale > 0.0 && s.scale.is_finite())) {
+        return Err(TrainError::LossScale {
+            step: run.state.step,
+            scale: s.scale,
+            skipped: s.skipped_steps,
+        });
     }
     let scale = run.model.logit_scale.exp().double_value(&[]);
     let bias = run.model.logit_bias.as_ref().map(|b| b.double_value(&[]));
@@ -518,7 +560,8 @@ fn log_step(run: &mut Run, out: &step::StepOutput, lr: f64) -> Result<f64> {
     run.state.loader = run.loader.state(); // for the epoch in the log line
     let (global_batch, world_size) = (run.global_batch(), run.comm.world_size());
     if let Some(metrics) = run.metrics.as_mut() {
-        let values = LogValues { loss, scale, bias, lr, grad_norm };
+        let loss_scale = amp.map(|(s, _)| s);
+        let values = LogValues { loss, scale, bias, lr, grad_norm, loss_scale };
         log_train(
             metrics,
             &run.state,
@@ -538,6 +581,7 @@ fn log_step(run: &mut Run, out: &step::StepOutput, lr: f64) -> Result<f64> {
 /// this save's), and returns the directory it is being written to.
 fn save_checkpoint(run: &mut Run) -> Result<Option<PathBuf>> {
     run.state.loader = run.loader.state();
+    run.state.grad_scaler = run.scaler.as_ref().map(GradScaler::state).transpose()?;
     run.state.rank_loaders = gather_loader_states(run.comm.as_ref(), &run.state.loader)?;
     let snapshot = match run.metrics {
         Some(_) => {
@@ -974,6 +1018,8 @@ struct LogValues {
     bias: Option<f64>,
     lr: f64,
     grad_norm: Option<f64>,
+    /// Under amp: the loss scale and the steps skipped so far.
+    loss_scale: Option<GradScalerState>,
 }
 
 fn log_train(
@@ -985,7 +1031,7 @@ fn log_train(
     world_size: usize,
     interval: &Interval,
 ) -> Result<()> {
-    let LogValues { loss, scale, bias, lr, grad_norm } = *values;
+    let LogValues { loss, scale, bias, lr, grad_norm, loss_scale } = *values;
     let steps = interval.steps.max(1) as f64;
     let (data_time, batch_time, comm_time) =
         (interval.data_secs / steps, interval.batch_secs / steps, interval.comm_secs / steps);
@@ -1009,7 +1055,20 @@ fn log_train(
     if let Some(bias) = bias {
         scalars.push(("train/logit_bias", bias));
     }
+    // amp's loss scale and the steps it skipped (open_clip logs neither).
+    if let Some(s) = loss_scale {
+        scalars.push(("train/loss_scale", f64::from(s.scale)));
+        scalars.push(("train/skipped_steps", s.skipped_steps as f64));
+    }
     metrics.log(state.step, &scalars)?;
+    if let Some(s) = loss_scale {
+        tracing::info!(
+            "step {} | loss scale {} | {} step(s) skipped for inf/NaN gradients so far",
+            state.step,
+            s.scale,
+            s.skipped_steps
+        );
+    }
     tracing::info!(
         "step {}/{} epoch {} | loss {:.4} | scale {:.2} | lr {:.3e} | {:.0} samples/s | data {:.3}s batch {:.3}s comm {:.3}s",
         state.step, total_steps, state.loader.epoch, loss, scale, lr, samples_per_second, data_time, batch_time, comm_time

@@ -205,6 +205,7 @@ mod tests {
                 seed: 1,
                 loader: oxclip_data_loader::LoaderState::at(0, n),
                 rank_loaders: Vec::new(),
+                grad_scaler: None,
                 config: String::new(),
             };
             fs::write(dir.join(STATE_FILE), serde_json::to_string(&state).expect("json"))

@@ -165,7 +165,7 @@ fn siglip_step_matches_open_clip_gradients() {
             oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, &Default::default())
                 .expect("buckets");
         let step = StepConfig {
-            autocast_bf16: false,
+            autocast: None,
             grad_clip_norm: None,
             loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
             micro_batch,
@@ -180,6 +180,7 @@ fn siglip_step_matches_open_clip_gradients() {
             &io["text"],
             0.0,
             step,
+            None,
         )
         .expect("step");
         assert!(

@@ -148,7 +148,7 @@ fn tiny_resnet_training_step_matches_open_clip() {
             oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, &Default::default())
                 .expect("buckets");
         let step = StepConfig {
-            autocast_bf16: false,
+            autocast: None,
             grad_clip_norm: None,
             loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
             micro_batch,
@@ -162,6 +162,7 @@ fn tiny_resnet_training_step_matches_open_clip() {
             &io["text"],
             0.0,
             step,
+            None,
         )
         .expect("step");
         let expected = &golden["loss"];

@@ -180,7 +180,7 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
     let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, &Default::default())
         .expect("buckets");
     let step = StepConfig {
-        autocast_bf16: false,
+        autocast: None,
         grad_clip_norm: None,
         loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
         micro_batch: None,
@@ -195,6 +195,7 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
         &io["text"],
         0.0,
         step,
+        None,
     )
     .expect("step");
     let dl = max_abs(&out.loss, &io["loss"]);

@@ -12,7 +12,7 @@ use oxclip_trainer::bench::{
     bench_optim, bench_train, peak_rss_bytes, OptimBench, OptimImpl, TrainBench,
 };
 use oxclip_trainer::config::loss::{SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT};
-use oxclip_trainer::config::{self, LossKind, Tiling};
+use oxclip_trainer::config::{self, LossKind, Precision, Tiling};
 use oxclip_trainer::device;
 use oxclip_trainer::loss::{LossSpec, Matmul};
 
@@ -36,9 +36,10 @@ pub struct BenchTrainArgs {
     /// libtorch CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// bf16 autocast for the towers (CUDA only).
-    #[arg(long)]
-    pub amp_bf16: bool,
+    /// `fp32`, `amp` (fp16 autocast and a loss scale), `amp_bf16` (bf16 autocast) or
+    /// `pure_bf16` (bf16 weights and optimizer state), as `train.precision`.
+    #[arg(long, default_value = "fp32", value_parser = parse_precision)]
+    pub precision: Precision,
     /// Gradient caching: run the towers this many samples at a time.
     #[arg(long)]
     pub micro_batch_size: Option<usize>,
@@ -59,6 +60,7 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
     }
     let model = config::resolve_model(&args.model)?;
     let device = device::select(&args.device, "--device")?;
+    args.precision.check_device(device, "--precision")?;
     let result = bench_train(&TrainBench {
         model_name: &args.model,
         model: &model,
@@ -66,11 +68,17 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         steps: args.steps,
         warmup_steps: args.warmup,
         device,
-        autocast_bf16: args.amp_bf16 && device.is_cuda(),
+        precision: args.precision,
         micro_batch_size: args.micro_batch_size,
     })?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
+}
+
+/// `--precision` as `train.precision` reads it.
+fn parse_precision(text: &str) -> Result<Precision, String> {
+    serde_yaml::from_str(text)
+        .map_err(|_| format!("`{text}` is not a precision; use fp32, amp, amp_bf16 or pure_bf16"))
 }
 
 #[derive(Args)]

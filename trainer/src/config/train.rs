@@ -2,16 +2,111 @@
 //! log, save and evaluate, what is frozen, which signals stop the run cleanly.
 
 use serde::{Deserialize, Serialize};
+use tch::{Device, Kind};
 
 use crate::error::{Result, TrainError};
+use crate::precision::LowPrecision;
 
+/// `train.precision`, open_clip's `--precision` of the same name (docs/training.md,
+/// "Precision"). What each turns on is listed in `crate::precision`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
     Fp32,
-    /// bf16 autocast for the towers on CUDA, fp32 weights, optimizer and loss. Runs as fp32
-    /// on CPU.
+    /// fp16 autocast for the towers, fp32 weights, gradients, optimizer and loss, and a dynamic
+    /// loss scale (torch's GradScaler: skips a step with inf/NaN gradients).
+    Amp,
+    /// bf16 autocast for the towers (CPU and CUDA), fp32 weights, gradients and optimizer; the
+    /// loss's products take bf16 inputs.
+    #[serde(alias = "amp_bfloat16")]
     AmpBf16,
+    /// Weights, gradients and AdamW state in bf16, no autocast (open_clip's `model.to(bf16)`);
+    /// the loss in fp32 on the bf16 features.
+    PureBf16,
+}
+
+impl Precision {
+    /// The config value as written (`amp_bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Amp => "amp",
+            Precision::AmpBf16 => "amp_bf16",
+            Precision::PureBf16 => "pure_bf16",
+        }
+    }
+
+    /// The precision the towers run in under autocast; `None`: no autocast (the weights').
+    pub fn autocast(self) -> Option<LowPrecision> {
+        match self {
+            Precision::Amp => Some(LowPrecision::Fp16),
+            Precision::AmpBf16 => Some(LowPrecision::Bf16),
+            Precision::Fp32 | Precision::PureBf16 => None,
+        }
+    }
+
+    /// Whether the loss is scaled (fp16 gradients underflow without it).
+    pub fn scales_loss(self) -> bool {
+        self == Precision::Amp
+    }
+
+    /// The kind of the weights, their gradients and AdamW's moments.
+    pub fn weights_kind(self) -> Kind {
+        match self {
+            Precision::PureBf16 => Kind::BFloat16,
+            _ => Kind::Float,
+        }
+    }
+
+    /// Whether the loss's matrix products take bf16 inputs (as autocast runs open_clip's
+    /// logits under amp_bf16).
+    pub fn bf16_loss_products(self) -> bool {
+        self == Precision::AmpBf16
+    }
+
+    fn uses_bf16(self) -> bool {
+        matches!(self, Precision::AmpBf16 | Precision::PureBf16)
+    }
+
+    /// Fails, naming `setting` (`train.precision`, `--precision`), when `device` cannot run
+    /// this precision: bf16 on a CUDA device older than compute capability 8.0 (Ampere), whose
+    /// GEMMs have no bf16 (torch would emulate it, several times slower than fp32). fp16 runs
+    /// on every CUDA device libtorch 2.11 supports, and every precision on every CPU (bf16 is
+    /// fast where the CPU has AVX512-BF16 or AMX, converted through fp32 elsewhere).
+    pub fn check_device(self, device: Device, setting: &str) -> Result<()> {
+        let capability = if device.is_cuda() && self.uses_bf16() {
+            let found = crate::device::cuda_compute_capability(device);
+            if found.is_none() {
+                tracing::warn!(
+                    "{setting}: {}: the compute capability of {} is unknown (the CUDA runtime did not say); \
+                     bf16 needs 8.0 or newer",
+                    self.name(),
+                    crate::device::name(device)
+                );
+            }
+            found
+        } else {
+            None
+        };
+        self.check(device, capability, setting)
+    }
+
+    /// [`check_device`](Self::check_device) given the device's compute capability (`None`:
+    /// not CUDA, or unknown).
+    fn check(self, device: Device, capability: Option<(i32, i32)>, setting: &str) -> Result<()> {
+        match capability {
+            Some((major, minor)) if self.uses_bf16() && major < 8 => {
+                Err(TrainError::Config(format!(
+                    "{setting}: {} needs bf16, which {} (compute capability {major}.{minor}) does not \
+                     run natively (bf16 needs 8.0 or newer: A100, H100, RTX 30xx and later); use amp \
+                     (fp16 with a loss scale) or fp32 on this GPU",
+                    self.name(),
+                    crate::device::name(device)
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// `train:` — the loop.
@@ -32,6 +127,8 @@ pub struct TrainConfig {
     /// Seeds initialisation, shuffling and augmentation.
     #[serde(default)]
     pub seed: u64,
+    /// `fp32`, `amp` (fp16 autocast and a loss scale), `amp_bf16` (bf16 autocast) or
+    /// `pure_bf16` (bf16 weights and optimizer state). Default `amp_bf16`.
     #[serde(default = "default_precision")]
     pub precision: Precision,
     /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
@@ -177,5 +274,52 @@ mod tests {
         assert!(validate_signals(&[]).is_ok());
         let err = validate_signals(&["SIGKILL".into()]).expect_err("uncatchable").to_string();
         assert!(err.contains("train.preempt_signals") && err.contains("SIGKILL"), "{err}");
+    }
+
+    #[test]
+    fn precisions_read_as_open_clip_writes_them() {
+        for (text, want) in [
+            ("fp32", Precision::Fp32),
+            ("amp", Precision::Amp),
+            ("amp_bf16", Precision::AmpBf16),
+            ("amp_bfloat16", Precision::AmpBf16),
+            ("pure_bf16", Precision::PureBf16),
+        ] {
+            let got: Precision = serde_yaml::from_str(text).unwrap();
+            assert_eq!(got, want, "{text}");
+            if text != "amp_bfloat16" {
+                assert_eq!(got.name(), text);
+                assert_eq!(serde_yaml::to_string(&got).unwrap().trim(), text);
+            }
+        }
+        // open_clip's fp16/bf16 (half weights with fp32 LayerNorms) and pure_fp16 are not ours.
+        let err = serde_yaml::from_str::<Precision>("pure_fp16").unwrap_err().to_string();
+        assert!(err.contains("pure_fp16") && err.contains("amp_bf16"), "{err}");
+    }
+
+    /// bf16 on a GPU without it is refused naming the setting and what to use instead; fp16
+    /// runs there, and every precision on the CPU and on Ampere or newer.
+    #[test]
+    fn bf16_on_a_gpu_without_it_is_an_error_naming_the_setting() {
+        let all = [Precision::Fp32, Precision::Amp, Precision::AmpBf16, Precision::PureBf16];
+        for p in all {
+            assert!(p.check(Device::Cpu, None, "train.precision").is_ok());
+            assert!(p.check(Device::Cuda(0), Some((8, 0)), "train.precision").is_ok());
+            assert!(p.check(Device::Cuda(0), Some((9, 0)), "train.precision").is_ok());
+        }
+        for p in [Precision::Fp32, Precision::Amp] {
+            assert!(p.check(Device::Cuda(1), Some((7, 5)), "train.precision").is_ok());
+        }
+        for (p, setting) in
+            [(Precision::AmpBf16, "train.precision"), (Precision::PureBf16, "--precision")]
+        {
+            let err = p.check(Device::Cuda(1), Some((7, 5)), setting).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{setting}: {}", p.name()))
+                    && err.contains("cuda:1 (compute capability 7.5)")
+                    && err.contains("use amp"),
+                "{err}"
+            );
+        }
     }
 }

@@ -22,6 +22,11 @@ type CudaStreamCreateWithFlags = unsafe extern "C" fn(*mut cudaStream_t, u32) ->
 type CudaStreamWaitEvent = unsafe extern "C" fn(cudaStream_t, CudaEvent, u32) -> c_int;
 type CudaStreamDestroy = unsafe extern "C" fn(cudaStream_t) -> c_int;
 type CudaMemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
+type CudaDeviceGetAttribute = unsafe extern "C" fn(*mut c_int, c_int, c_int) -> c_int;
+
+/// `cudaDevAttrComputeCapabilityMajor` and `...Minor` (driver_types.h).
+const ATTR_COMPUTE_CAPABILITY_MAJOR: c_int = 75;
+const ATTR_COMPUTE_CAPABILITY_MINOR: c_int = 76;
 
 /// The CUDA runtime functions oxclip calls, from the one copy of cudart it uses ([`open_cudart`]).
 pub(crate) struct Cudart {
@@ -35,6 +40,7 @@ pub(crate) struct Cudart {
     pub(crate) stream_wait_event: CudaStreamWaitEvent,
     pub(crate) stream_destroy: CudaStreamDestroy,
     mem_get_info: CudaMemGetInfo,
+    device_get_attribute: CudaDeviceGetAttribute,
 }
 
 /// Opens the first of `names` that loads.
@@ -137,6 +143,7 @@ impl Cudart {
                 stream_wait_event: sym!(lib, "cudaStreamWaitEvent"),
                 stream_destroy: sym!(lib, "cudaStreamDestroy"),
                 mem_get_info: sym!(lib, "cudaMemGetInfo"),
+                device_get_attribute: sym!(lib, "cudaDeviceGetAttribute"),
                 _lib: lib,
             })
         }
@@ -163,6 +170,19 @@ impl Cudart {
             }
         };
         (status == 0).then_some((free, total))
+    }
+
+    /// Device `index`'s compute capability (major, minor); `None` on a CUDA error.
+    pub(crate) fn compute_capability(&self, index: c_int) -> Option<(i32, i32)> {
+        let (mut major, mut minor): (c_int, c_int) = (0, 0);
+        // SAFETY: valid out-pointers; an invalid ordinal or attribute is an error code.
+        let status = unsafe {
+            match (self.device_get_attribute)(&mut major, ATTR_COMPUTE_CAPABILITY_MAJOR, index) {
+                0 => (self.device_get_attribute)(&mut minor, ATTR_COMPUTE_CAPABILITY_MINOR, index),
+                err => err,
+            }
+        };
+        (status == 0).then_some((major, minor))
     }
 }
 

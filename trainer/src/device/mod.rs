@@ -88,37 +88,6 @@ pub fn load_cuda_backend() -> bool {
     false
 }
 
-// libtorch's autocast defaults to fp16 on CUDA and tch binds no setter for its dtype, so call
-// `at::autocast::{set,get}_autocast_dtype(c10::DeviceType, c10::ScalarType)` directly (both
-// enums are int8_t). Mangled names as exported by libtorch_cpu.so 2.11. The dtype is
-// thread-local in libtorch (as is whether autocast is on), not process-wide: it holds for the
-// thread that sets it, so it is set on the thread that runs the forward passes (the training
-// loop's and the benchmark's, each right before its steps).
-extern "C" {
-    #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
-    fn at_autocast_set_autocast_dtype(device_type: i8, dtype: i8);
-    #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
-    fn at_autocast_get_autocast_dtype(device_type: i8) -> i8;
-}
-const DEVICE_TYPE_CUDA: i8 = 1; // c10::DeviceType::CUDA
-const SCALAR_TYPE_BFLOAT16: i8 = 15; // c10::ScalarType::BFloat16
-
-/// Makes CUDA autocast (`tch::autocast`) compute in bf16 rather than libtorch's default fp16,
-/// on the calling thread (the setting is thread-local): call it on the thread that runs the
-/// forward pass.
-pub fn use_bf16_autocast() {
-    // SAFETY: the declaration above matches the C++ function (two int8_t enums, no return);
-    // it writes a thread-local of libtorch's, and both arguments are valid enum values.
-    unsafe { at_autocast_set_autocast_dtype(DEVICE_TYPE_CUDA, SCALAR_TYPE_BFLOAT16) }
-}
-
-/// Whether CUDA autocast is set to bf16 on the calling thread.
-pub fn autocast_is_bf16() -> bool {
-    // SAFETY: the declaration above matches the C++ function (an int8_t enum in and out); it
-    // reads a thread-local of libtorch's.
-    unsafe { at_autocast_get_autocast_dtype(DEVICE_TYPE_CUDA) == SCALAR_TYPE_BFLOAT16 }
-}
-
 /// Resolves a spec from `train.device` against the hardware that is there.
 pub fn resolve(spec: DeviceSpec) -> Result<Device> {
     resolve_setting(spec, TRAIN_DEVICE)
@@ -254,6 +223,16 @@ pub fn cuda_memory_in_use(device: Device) -> Option<u64> {
     let cudart = cudart::Cudart::get().ok()?;
     let (free, total) = cudart.mem_info(i32::try_from(index).ok()?)?;
     Some(total.saturating_sub(free) as u64)
+}
+
+/// `device`'s compute capability (major, minor) when it is a CUDA device and the CUDA runtime
+/// says; `None` otherwise.
+pub fn cuda_compute_capability(device: Device) -> Option<(i32, i32)> {
+    let Device::Cuda(index) = device else { return None };
+    if !tch::Cuda::is_available() {
+        return None;
+    }
+    cudart::Cudart::get().ok()?.compute_capability(i32::try_from(index).ok()?)
 }
 
 /// A loader batch as the towers take it: images `(b, 3, image_size, image_size)` and tokens
@@ -394,11 +373,5 @@ mod tests {
             "{msg}"
         );
         assert!(for_rank("gpu", Some(&world(1, 1, 2)), 2, None).is_err());
-    }
-
-    #[test]
-    fn cuda_autocast_dtype_is_set_to_bf16() {
-        use_bf16_autocast();
-        assert!(autocast_is_bf16());
     }
 }

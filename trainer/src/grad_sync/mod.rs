@@ -312,6 +312,15 @@ impl GradSync {
                 Ok(())
             }
             Some(Fault::Vanish) => fault::vanish(),
+            Some(Fault::InfGrad) => {
+                let grad = self.params[self.buckets[b].clone()]
+                    .iter()
+                    .map(Tensor::grad)
+                    .find(Tensor::defined)
+                    .ok_or_else(|| TrainError::Dist(format!("bucket {b} has no gradient")))?;
+                let _ = grad.f_flatten(0, -1)?.f_get(0)?.f_fill_(f64::INFINITY)?;
+                Ok(())
+            }
             // The communication thread's (reduce_overlapped).
             Some(Fault::CollectiveFails) => Ok(()),
         }

@@ -162,6 +162,13 @@ impl Clip {
 
     /// images: (B, 3, S, S) -> (B, embed_dim), not normalised.
     pub fn encode_image(&self, images: &Tensor) -> Tensor {
+        // Images meet the weights in the weights' precision: bf16 under `pure_bf16` (open_clip
+        // casts its inputs so, `get_input_dtype`). Every float weight has one kind, which
+        // logit_scale's stands for; under autocast the weights stay fp32 and autocast casts.
+        let kind = self.logit_scale.kind();
+        if images.kind() != kind {
+            return self.visual.forward(&images.to_kind(kind), self.is_training());
+        }
         self.visual.forward(images, self.is_training())
     }
 
