@@ -9,6 +9,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::collectives::SingleProcess;
 use crate::error::Result;
+use crate::model::patch_dropout::PatchDropout;
 use crate::model::{Clip, ModelConfig};
 use crate::optim::AdamW;
 use crate::step::{self, StepConfig};
@@ -23,6 +24,7 @@ pub struct TrainBenchResult {
     pub steps: u64,
     pub threads: i32,
     pub micro_batch_size: Option<usize>,
+    pub patch_dropout: f64,
     pub seconds: f64,
     pub samples_per_second: f64,
     /// The process's peak resident memory (VmHWM), start-up included: on the CPU, the
@@ -50,12 +52,17 @@ pub struct TrainBench<'a> {
     pub autocast_bf16: bool,
     /// Gradient caching: samples per tower forward.
     pub micro_batch_size: Option<usize>,
+    /// Patch dropout rate in [0, 1) (`--patch-dropout`; 0: off).
+    pub patch_dropout: f64,
 }
 
 pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
+    crate::config::train::check_patch_dropout("--patch-dropout", b.patch_dropout, b.model)?;
     tch::manual_seed(0);
     let vs = nn::VarStore::new(b.device);
     let model = Clip::new(&vs.root(), b.model)?;
+    // The step as a run takes it (patch dropout and BatchNorm follow the mode).
+    model.set_training(true);
     // open_clip's defaults, as a run config without `optim:` has them.
     let optim = crate::config::OptimConfig::default();
     let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), optim.adamw());
@@ -74,6 +81,8 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         grad_clip_norm: None,
         loss,
         micro_batch: b.micro_batch_size,
+        patch_dropout: (b.patch_dropout > 0.0)
+            .then_some(PatchDropout { prob: b.patch_dropout, seed: 0 }),
     };
     if b.autocast_bf16 {
         crate::device::use_bf16_autocast();
@@ -81,6 +90,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let grad_sync =
         crate::grad_sync::GradSync::for_var_store(&vs, &crate::config::DistConfig::default())?;
 
+    let mut step_number = 0;
     let mut run = |steps: u64| -> Result<f64> {
         let started = Instant::now();
         let mut last = None;
@@ -93,8 +103,10 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
                 &images,
                 &tokens,
                 optim.lr,
+                step_number,
                 cfg,
             )?);
+            step_number += 1;
         }
         // Wait for the device before stopping the clock.
         if let Some(out) = last {
@@ -112,6 +124,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         steps: b.steps,
         threads: tch::get_num_threads(),
         micro_batch_size: b.micro_batch_size,
+        patch_dropout: b.patch_dropout,
         seconds,
         samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,
         peak_rss_bytes: peak_rss_bytes(),

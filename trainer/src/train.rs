@@ -20,6 +20,7 @@ use crate::eval::{benchmark, pass, sets};
 use crate::grad_sync::GradSync;
 use crate::loss::LossSpec;
 use crate::metrics::MetricsWriter;
+use crate::model::patch_dropout::PatchDropout;
 use crate::model::Clip;
 use crate::optim::AdamW;
 use crate::schedule::Schedule;
@@ -148,6 +149,7 @@ fn train_steps(run: &mut Run) -> Result<Outcome> {
             &images,
             &tokens,
             lr,
+            run.state.step,
             run.step_cfg,
         )?;
         run.state.step += 1;
@@ -474,7 +476,25 @@ fn step_config(cfg: &RunConfig, device: Device) -> StepConfig {
         grad_clip_norm: cfg.optim.grad_clip_norm,
         loss: LossSpec::new(&cfg.loss, amp_bf16),
         micro_batch: cfg.train.micro_batch_size,
+        patch_dropout: patch_dropout(cfg),
     }
+}
+
+/// `train.force_patch_dropout`, else the model's `vision_cfg.patch_dropout`, said once at the
+/// start; `None` when it is 0.
+fn patch_dropout(cfg: &RunConfig) -> Option<PatchDropout> {
+    let (prob, key) = cfg.train.patch_dropout(&cfg.model);
+    if prob > 0.0 {
+        tracing::info!(
+            "patch dropout {prob} ({key}): each image drops that fraction of its patch tokens \
+             in training"
+        );
+    } else if cfg.model.vision_cfg.patch_dropout > 0.0 {
+        tracing::info!(
+            "patch dropout off ({key}: {prob}, over the model's vision_cfg.patch_dropout)"
+        );
+    }
+    (prob > 0.0).then_some(PatchDropout { prob, seed: cfg.train.seed })
 }
 
 impl Run<'_> {
