@@ -1,5 +1,5 @@
 //! `oxclip bench loss`: the tiled loss and the N x N oracle agree, and the output is one
-//! JSON line with what the docs promise.
+//! JSON line with what the docs promise. `oxclip bench train` takes `--patch-dropout`.
 
 mod util;
 
@@ -42,4 +42,36 @@ fn bench_loss_tiled_and_naive_agree() {
     // 2.0e-4 relative, held at 1e-3. The loss's own rounding shrinks as N grows (under 1e-6 at
     // N = 16,384, D = 512: docs/benchmarks.md).
     assert!((c - b).abs() <= 1e-3 * b.abs(), "bf16 {c} vs {b}");
+}
+
+#[test]
+fn bench_train_runs_with_patch_dropout() {
+    let out = run_ok(oxclip().args([
+        "bench",
+        "train",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--patch-dropout",
+        "0.5",
+    ]));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(result["patch_dropout"].as_f64(), Some(0.5));
+    assert_eq!(result["steps"].as_u64(), Some(2));
+    assert!(result["samples_per_second"].as_f64().expect("throughput") > 0.0);
+    let bad = oxclip()
+        .args(["bench", "train", "--model", "tiny", "--device", "cpu", "--patch-dropout", "1.5"])
+        .output()
+        .expect("runs");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--patch-dropout must be in [0, 1)"));
 }
