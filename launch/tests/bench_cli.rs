@@ -68,6 +68,7 @@ fn bench_train_runs_with_patch_dropout() {
     assert_eq!(result["patch_dropout"].as_f64(), Some(0.5));
     assert_eq!(result["steps"].as_u64(), Some(2));
     assert!(result["samples_per_second"].as_f64().expect("throughput") > 0.0);
+    assert!(result["cpu_seconds"].as_f64().expect("CPU time") > 0.0, "{result}");
     let bad = oxclip()
         .args(["bench", "train", "--model", "tiny", "--device", "cpu", "--patch-dropout", "1.5"])
         .output()

@@ -26,6 +26,9 @@ pub struct TrainBenchResult {
     pub micro_batch_size: Option<usize>,
     pub patch_dropout: f64,
     pub seconds: f64,
+    /// CPU time (user + system, every thread) the process spent in the timed steps: on a
+    /// shared machine it follows the step's work more closely than the wall clock does.
+    pub cpu_seconds: Option<f64>,
     pub samples_per_second: f64,
     /// The process's peak resident memory (VmHWM), start-up included: on the CPU, the
     /// step's activation memory shows here.
@@ -40,6 +43,18 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// CPU time this process has used so far, all threads (getrusage).
+pub fn process_cpu_seconds() -> Option<f64> {
+    // SAFETY: rusage is plain integers (all zeros is a valid value), and getrusage only
+    // writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
 }
 
 pub struct TrainBench<'a> {
@@ -115,7 +130,9 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         Ok(started.elapsed().as_secs_f64())
     };
     run(b.warmup_steps)?;
+    let cpu_before = process_cpu_seconds();
     let seconds = run(b.steps)?;
+    let cpu_seconds = process_cpu_seconds().zip(cpu_before).map(|(after, before)| after - before);
     Ok(TrainBenchResult {
         bench: "train",
         model: b.model_name.to_string(),
@@ -126,6 +143,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         micro_batch_size: b.micro_batch_size,
         patch_dropout: b.patch_dropout,
         seconds,
+        cpu_seconds,
         samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,
         peak_rss_bytes: peak_rss_bytes(),
         cuda_memory_bytes: crate::device::cuda_memory_in_use(b.device),
