@@ -1,5 +1,5 @@
 //! `oxclip bench loss`: the tiled loss and the N x N oracle agree, and the output is one
-//! JSON line with what the docs promise.
+//! JSON line with what the docs promise. `oxclip bench train` takes `--patch-dropout`.
 
 mod util;
 
@@ -68,4 +68,37 @@ fn bench_optim_times_the_loop_and_the_fused_update() {
     let fused = run(&["--impl", "fused"]);
     assert!(fused["loop_step_secs"].is_null() && fused["speedup"].is_null());
     assert!(fused["fused_step_secs"].as_f64().expect("fused timed") > 0.0);
+}
+
+#[test]
+fn bench_train_runs_with_patch_dropout() {
+    let out = run_ok(oxclip().args([
+        "bench",
+        "train",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--patch-dropout",
+        "0.5",
+    ]));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(result["patch_dropout"].as_f64(), Some(0.5));
+    assert_eq!(result["steps"].as_u64(), Some(2));
+    assert!(result["samples_per_second"].as_f64().expect("throughput") > 0.0);
+    assert!(result["cpu_seconds"].as_f64().expect("CPU time") > 0.0, "{result}");
+    let bad = oxclip()
+        .args(["bench", "train", "--model", "tiny", "--device", "cpu", "--patch-dropout", "1.5"])
+        .output()
+        .expect("runs");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--patch-dropout must be in [0, 1)"));
 }

@@ -51,6 +51,46 @@ fn config_errors_name_the_key_line_or_file() {
     fails_with(&["train", "--config", "good.yaml", "--set", "train"], dir.path(), &["--set train"]);
 }
 
+/// Patch dropout on a ModifiedResNet, or out of [0, 1): refused naming the key, before the
+/// run directory exists or the bench builds a model.
+#[test]
+fn patch_dropout_errors_name_the_key_before_any_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.path().join(name), text).expect("write");
+    };
+    write("rn.yaml", &GOOD.replace("model: tiny", "model: RN50"));
+    fails_with(
+        &["train", "--config", "rn.yaml", "--set", "train.force_patch_dropout=0.5"],
+        dir.path(),
+        &["train.force_patch_dropout (0.5)", "ModifiedResNet"],
+    );
+    write(
+        "rnmodel.yaml",
+        "embed_dim: 8\n\
+         vision_cfg: {image_size: 64, layers: [1, 1, 1, 1], width: 8, patch_dropout: 0.5}\n\
+         text_cfg: {context_length: 8, vocab_size: 100, width: 32, heads: 2, layers: 1}\n",
+    );
+    write("usesrn.yaml", &GOOD.replace("model: tiny", "model: rnmodel.yaml"));
+    fails_with(
+        &["train", "--config", "usesrn.yaml"],
+        dir.path(),
+        &["vision_cfg.patch_dropout (0.5)", "ModifiedResNet"],
+    );
+    write("good.yaml", GOOD);
+    fails_with(
+        &["train", "--config", "good.yaml", "--set", "train.force_patch_dropout=1"],
+        dir.path(),
+        &["train.force_patch_dropout must be in [0, 1)"],
+    );
+    assert!(!dir.path().join("run").exists(), "a refused run wrote its directory");
+    fails_with(
+        &["bench", "train", "--model", "RN50", "--device", "cpu", "--patch-dropout", "0.5"],
+        dir.path(),
+        &["--patch-dropout (0.5)", "ModifiedResNet"],
+    );
+}
+
 #[test]
 fn config_show_prints_the_resolved_config() {
     let dir = tempfile::tempdir().expect("tempdir");

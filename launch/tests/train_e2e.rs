@@ -402,3 +402,94 @@ fn resume_says_what_it_does() {
     assert!(String::from_utf8_lossy(&out.stdout)
         .contains("resumed at step 14, trained 2 more (16 of 16)"));
 }
+
+/// Patch dropout on (issue 24): `kill -9` after a checkpoint and `--resume auto` end with the
+/// weights and optimizer state of the uninterrupted run, bit for bit (the draws are a function
+/// of the seed, the step and the sample, not of libtorch's generator); patch dropout really
+/// changed the training; and a final unmasked phase, resumed with
+/// `train.force_patch_dropout: 0`, is allowed and named as a change.
+#[test]
+fn resume_after_kill_9_with_patch_dropout_is_bit_exact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 320, 0, 32);
+    let steps = 24;
+    let extra = concat!(
+        "  force_patch_dropout: 0.5\n",
+        "  checkpoint_every: 4\n  keep_checkpoints: 20\n  eval_every: 0\n"
+    );
+    let config = tiny_config(dir.path(), &data, steps, extra, false);
+
+    let straight = dir.path().join("straight");
+    let out =
+        run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&straight));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("patch dropout 0.5 (train.force_patch_dropout)"), "{said}");
+    let unmasked = dir.path().join("unmasked");
+    run_ok(
+        oxclip()
+            .args(["train", "--config"])
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(&unmasked)
+            .args(["--set", "train.force_patch_dropout=0"]),
+    );
+
+    let killed = dir.path().join("killed");
+    let mut child = oxclip()
+        .args(["train", "--config"])
+        .arg(&config)
+        .arg("--run-dir")
+        .arg(&killed)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawns");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !killed.join("checkpoints/step_4").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
+    child.wait().expect("reaped");
+    assert!(killed.join("checkpoints/step_4").exists(), "no checkpoint before the deadline");
+    assert!(
+        !killed.join(format!("checkpoints/step_{steps}")).exists(),
+        "the run finished before it was killed"
+    );
+    run_ok(
+        oxclip()
+            .args(["train", "--config"])
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(&killed)
+            .args(["--resume", "auto"]),
+    );
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let last = format!("checkpoints/step_{steps}/{file}");
+        let (a, b) =
+            (read_safetensors(&straight.join(&last)), read_safetensors(&killed.join(&last)));
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (name, t) in &a {
+            assert!(t.equal(&b[name]), "{file}: {name} differs from the uninterrupted run's");
+        }
+    }
+    let last = format!("checkpoints/step_{steps}/model.safetensors");
+    let moved = max_rel_diff(&straight.join(&last), &unmasked.join(&last));
+    assert!(moved > 1e-4, "patch dropout changed the weights by only {moved:.1e}");
+
+    // The final unmasked phase: 4 more steps without patch dropout.
+    let out = run_ok(
+        oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&straight).args([
+            "--resume",
+            "auto",
+            "--set",
+            "train.steps=28",
+            "--set",
+            "train.force_patch_dropout=0",
+        ]),
+    );
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("resumed at step 24, trained 4 more (28 of 28)"), "{stdout}");
+    assert!(stderr.contains("train.force_patch_dropout: 0.5 -> 0"), "{stderr}");
+    assert!(!stderr.contains("patch dropout 0.5 ("), "{stderr}");
+}

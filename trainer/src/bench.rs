@@ -11,6 +11,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::collectives::SingleProcess;
 use crate::config::Precision;
 use crate::error::Result;
+use crate::model::patch_dropout::PatchDropout;
 use crate::model::{Clip, ModelConfig};
 use crate::optim::AdamW;
 use crate::precision::{GradScaler, GradScalerConfig};
@@ -28,7 +29,11 @@ pub struct TrainBenchResult {
     pub steps: u64,
     pub threads: i32,
     pub micro_batch_size: Option<usize>,
+    pub patch_dropout: f64,
     pub seconds: f64,
+    /// CPU time (user + system, every thread) the process spent in the timed steps: on a
+    /// shared machine it follows the step's work more closely than the wall clock does.
+    pub cpu_seconds: Option<f64>,
     pub samples_per_second: f64,
     /// The process's peak resident memory (VmHWM), start-up included: on the CPU, the
     /// step's activation memory shows here.
@@ -45,6 +50,18 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// CPU time this process has used so far, all threads (getrusage).
+pub fn process_cpu_seconds() -> Option<f64> {
+    // SAFETY: rusage is plain integers (all zeros is a valid value), and getrusage only
+    // writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
+}
+
 pub struct TrainBench<'a> {
     pub model_name: &'a str,
     pub model: &'a ModelConfig,
@@ -56,15 +73,20 @@ pub struct TrainBench<'a> {
     pub precision: Precision,
     /// Gradient caching: samples per tower forward.
     pub micro_batch_size: Option<usize>,
+    /// Patch dropout rate in [0, 1) (`--patch-dropout`; 0: off).
+    pub patch_dropout: f64,
 }
 
 pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
+    crate::config::train::check_patch_dropout("--patch-dropout", b.patch_dropout, b.model)?;
     tch::manual_seed(0);
     let mut vs = nn::VarStore::new(b.device);
     let model = Clip::new(&vs.root(), b.model)?;
     if b.precision.weights_kind() == Kind::BFloat16 {
         vs.bfloat16();
     }
+    // The step as a run takes it (patch dropout and BatchNorm follow the mode).
+    model.set_training(true);
     // open_clip's defaults, as a run config without `optim:` has them.
     let optim = crate::config::OptimConfig::default();
     let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), optim.adamw());
@@ -77,18 +99,23 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let tokens = Tensor::randint(vocab - 1, [n, ctx], (Kind::Int64, b.device));
     let eot_at = Tensor::randint(ctx, [n, 1], (Kind::Int64, b.device));
     let tokens = tokens.scatter_value(1, &eot_at, vocab - 1);
-    let cfg = StepConfig::new(
-        b.precision,
-        b.device,
-        &crate::config::LossConfig::default(),
-        None,
-        b.micro_batch_size,
-    )?;
+    let cfg = StepConfig {
+        patch_dropout: (b.patch_dropout > 0.0)
+            .then_some(PatchDropout { prob: b.patch_dropout, seed: 0 }),
+        ..StepConfig::new(
+            b.precision,
+            b.device,
+            &crate::config::LossConfig::default(),
+            None,
+            b.micro_batch_size,
+        )?
+    };
     let mut scaler =
         b.precision.scales_loss().then(|| GradScaler::new(b.device, GradScalerConfig::default()));
     let grad_sync =
         crate::grad_sync::GradSync::for_var_store(&vs, &crate::config::DistConfig::default())?;
 
+    let mut step_number = 0;
     let mut run = |steps: u64| -> Result<f64> {
         let started = Instant::now();
         let mut last = None;
@@ -101,9 +128,11 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
                 &images,
                 &tokens,
                 optim.lr,
+                step_number,
                 cfg,
                 scaler.as_mut(),
             )?);
+            step_number += 1;
         }
         // Wait for the device before stopping the clock.
         if let Some(out) = last {
@@ -112,7 +141,9 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         Ok(started.elapsed().as_secs_f64())
     };
     run(b.warmup_steps)?;
+    let cpu_before = process_cpu_seconds();
     let seconds = run(b.steps)?;
+    let cpu_seconds = process_cpu_seconds().zip(cpu_before).map(|(after, before)| after - before);
     Ok(TrainBenchResult {
         bench: "train",
         model: b.model_name.to_string(),
@@ -122,7 +153,9 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         steps: b.steps,
         threads: tch::get_num_threads(),
         micro_batch_size: b.micro_batch_size,
+        patch_dropout: b.patch_dropout,
         seconds,
+        cpu_seconds,
         samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,
         peak_rss_bytes: peak_rss_bytes(),
         cuda_memory_bytes: crate::device::cuda_memory_in_use(b.device),

@@ -7,9 +7,10 @@ use tch::{Kind, Tensor};
 
 use crate::collectives::Collectives;
 use crate::config::{LossConfig, Precision};
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::grad_sync::GradSync;
 use crate::loss::LossSpec;
+use crate::model::patch_dropout::PatchDropout;
 use crate::model::Clip;
 use crate::optim::AdamW;
 use crate::precision::{Autocast, GradScaler};
@@ -40,6 +41,9 @@ pub struct StepConfig {
     pub loss: LossSpec,
     /// Samples per tower forward (gradient caching); `None`: the whole local batch at once.
     pub micro_batch: Option<usize>,
+    /// Patch dropout in training (`None`: every patch); its draws depend on the seed, the step
+    /// number and each sample's index in the global batch alone.
+    pub patch_dropout: Option<PatchDropout>,
 }
 
 impl StepConfig {
@@ -57,13 +61,15 @@ impl StepConfig {
             grad_clip_norm,
             loss: LossSpec::new(loss, precision.bf16_loss_products()),
             micro_batch,
+            patch_dropout: None,
         })
     }
 }
 
 /// One optimizer update on this rank's batch `images` (n, 3, S, S) and `tokens` (n, L);
-/// `grad_sync` is the gradient bucket layout over `model`'s parameters; `scaler` the loss
-/// scale under `precision: amp` (`None` otherwise).
+/// `grad_sync` is the gradient bucket layout over `model`'s parameters. `step` is the update's
+/// number from 0 (the run's step before it), which fixes its patch dropout draws; `scaler` the
+/// loss scale under `precision: amp` (`None` otherwise).
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &Clip,
@@ -73,6 +79,7 @@ pub fn train_step(
     images: &Tensor,
     tokens: &Tensor,
     lr: f64,
+    step: u64,
     cfg: StepConfig,
     mut scaler: Option<&mut GradScaler>,
 ) -> Result<StepOutput> {
@@ -84,6 +91,7 @@ pub fn train_step(
         micro: MicroBatches::new(n, cfg.micro_batch),
         autocast: cfg.autocast,
         loss_scale: scaler.as_ref().map(|s| s.scale().shallow_clone()),
+        kept: kept_patches(model, cfg.patch_dropout, step, comm.rank() as u64 * n as u64, images)?,
     };
 
     // 1. Encode the local batch.
@@ -131,6 +139,28 @@ pub fn train_step(
         comm_secs: reduced.exposed_secs,
         overlapped_buckets: reduced.launched_in_backward,
     })
+}
+
+/// The patches each of this rank's n `images` keeps under patch dropout, (n, keep) on their
+/// device, drawn for global samples `first_sample ..` (rank r's rows are r n ..): the
+/// same for a sample whatever the world size or micro-batch split. `None` when patch dropout
+/// is off or the model is in eval mode (evaluation never drops).
+fn kept_patches(
+    model: &Clip,
+    patch_dropout: Option<PatchDropout>,
+    step: u64,
+    first_sample: u64,
+    images: &Tensor,
+) -> Result<Option<Tensor>> {
+    let Some(pd) = patch_dropout.filter(|_| model.is_training()) else { return Ok(None) };
+    let Some(num_patches) = model.visual.num_patches() else {
+        return Err(TrainError::Config(
+            "patch dropout needs an image tower with patch tokens (ViT, timm); \
+             this model's ModifiedResNet has none"
+                .into(),
+        ));
+    };
+    pd.kept(step, first_sample, images.size()[0], num_patches, images.device()).map(Some)
 }
 
 /// The gradients step 3 hands back to the towers: this rank's rows of d loss / d features,
@@ -185,6 +215,9 @@ struct Towers<'a> {
     autocast: Option<Autocast>,
     /// Under amp, the loss scale the backward surrogate is multiplied by.
     loss_scale: Option<Tensor>,
+    /// Patch dropout's kept patches for the whole local batch, (n, keep); each micro-batch
+    /// takes its rows, in every forward of it.
+    kept: Option<Tensor>,
 }
 
 impl Towers<'_> {
@@ -193,9 +226,13 @@ impl Towers<'_> {
     fn encode(&self, k: usize) -> (Tensor, Tensor) {
         let r = self.micro.enter(k);
         let len = r.end - r.start;
+        let kept = self.kept.as_ref().map(|k| k.narrow(0, r.start, len));
         let _autocast = self.autocast.map(Autocast::enter);
-        self.model
-            .features(&self.images.narrow(0, r.start, len), &self.tokens.narrow(0, r.start, len))
+        self.model.features_keeping(
+            &self.images.narrow(0, r.start, len),
+            &self.tokens.narrow(0, r.start, len),
+            kept.as_ref(),
+        )
     }
 
     /// Step 1. A single micro-batch keeps its graph for step 5; several are encoded without
@@ -323,7 +360,7 @@ mod tests {
 
     fn step_config(kind: LossKind, micro_batch: Option<usize>) -> StepConfig {
         let loss = LossSpec::new(&LossConfig { kind, tiling: Tiling::Tile(3) }, false);
-        StepConfig { autocast: None, grad_clip_norm: None, loss, micro_batch }
+        StepConfig { autocast: None, grad_clip_norm: None, loss, micro_batch, patch_dropout: None }
     }
 
     /// One step with lr 0 from `weights` on `images`/`tokens`: the global loss and every
@@ -363,8 +400,9 @@ mod tests {
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
         let cfg = step_config(kind, micro);
         let sync = GradSync::for_var_store(&vs, &reduce).unwrap();
-        let out = train_step(&model, &mut optimizer, comm, &sync, images, tokens, 0.0, cfg, None)
-            .unwrap();
+        let out =
+            train_step(&model, &mut optimizer, comm, &sync, images, tokens, 0.0, 0, cfg, None)
+                .unwrap();
         let grads =
             optimizer.variables().map(|(name, var)| (name.to_owned(), var.grad().copy())).collect();
         (out.loss.double_value(&[]), grads, (out, sync.bucket_count()))
@@ -636,6 +674,7 @@ mod tests {
                 &images,
                 &tokens,
                 1e-4,
+                s as u64,
                 step_config(kind, micro),
                 None,
             )
@@ -729,6 +768,7 @@ mod tests {
                 images,
                 tokens,
                 1e-3,
+                0,
                 cfg,
                 scaler.as_mut(),
             );

@@ -19,6 +19,7 @@ use crate::eval::metrics::ZeroShotResult;
 use crate::eval::{benchmark, pass, sets};
 use crate::grad_sync::GradSync;
 use crate::metrics::MetricsWriter;
+use crate::model::patch_dropout::PatchDropout;
 use crate::model::Clip;
 use crate::optim::AdamW;
 use crate::precision::{GradScaler, GradScalerConfig, GradScalerState};
@@ -150,6 +151,7 @@ fn train_steps(run: &mut Run) -> Result<Outcome> {
             &images,
             &tokens,
             lr,
+            run.state.step,
             run.step_cfg,
             run.scaler.as_mut(),
         )?;
@@ -488,15 +490,35 @@ fn schedule(cfg: &RunConfig) -> Schedule {
 }
 
 /// The step's settings, chosen once: the towers' autocast and the loss's products as
-/// `train.precision` says, on the CPU as on CUDA.
+/// `train.precision` says, on the CPU as on CUDA, and patch dropout.
 fn step_config(cfg: &RunConfig, device: Device) -> Result<StepConfig> {
-    StepConfig::new(
-        cfg.train.precision,
-        device,
-        &cfg.loss,
-        cfg.optim.grad_clip_norm,
-        cfg.train.micro_batch_size,
-    )
+    Ok(StepConfig {
+        patch_dropout: patch_dropout(cfg),
+        ..StepConfig::new(
+            cfg.train.precision,
+            device,
+            &cfg.loss,
+            cfg.optim.grad_clip_norm,
+            cfg.train.micro_batch_size,
+        )?
+    })
+}
+
+/// `train.force_patch_dropout`, else the model's `vision_cfg.patch_dropout`, said once at the
+/// start; `None` when it is 0.
+fn patch_dropout(cfg: &RunConfig) -> Option<PatchDropout> {
+    let (prob, key) = cfg.train.patch_dropout(&cfg.model);
+    if prob > 0.0 {
+        tracing::info!(
+            "patch dropout {prob} ({key}): each image drops that fraction of its patch tokens \
+             in training"
+        );
+    } else if cfg.model.vision_cfg.patch_dropout > 0.0 {
+        tracing::info!(
+            "patch dropout off ({key}: {prob}, over the model's vision_cfg.patch_dropout)"
+        );
+    }
+    (prob > 0.0).then_some(PatchDropout { prob, seed: cfg.train.seed })
 }
 
 impl Run<'_> {

@@ -73,6 +73,7 @@ impl Trainer {
             images,
             tokens,
             lr,
+            0,
             self.step,
             self.scaler.as_mut(),
         )
@@ -307,6 +308,7 @@ fn pure_bf16_keeps_weights_gradients_and_adamw_state_in_bf16() {
         &images,
         &tokens,
         1e-3,
+        0,
         t.step,
         None,
     )

@@ -152,6 +152,7 @@ fn tiny_resnet_training_step_matches_open_clip() {
             grad_clip_norm: None,
             loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
             micro_batch,
+            patch_dropout: None,
         };
         let out = train_step(
             &model,
@@ -161,6 +162,7 @@ fn tiny_resnet_training_step_matches_open_clip() {
             &io["images"],
             &io["text"],
             0.0,
+            0,
             step,
             None,
         )

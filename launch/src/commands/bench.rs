@@ -43,6 +43,10 @@ pub struct BenchTrainArgs {
     /// Gradient caching: run the towers this many samples at a time.
     #[arg(long)]
     pub micro_batch_size: Option<usize>,
+    /// Patch dropout (FLIP): the fraction of patch tokens each image drops, in [0, 1); 0 is
+    /// off. ViT and timm towers only.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub patch_dropout: f64,
 }
 
 pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
@@ -70,6 +74,7 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         device,
         precision: args.precision,
         micro_batch_size: args.micro_batch_size,
+        patch_dropout: args.patch_dropout,
     })?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())

@@ -227,6 +227,8 @@ impl RunConfig {
     pub fn validate(&self) -> Result<(), TrainError> {
         self.model.validate()?;
         self.train.validate()?;
+        let (rate, key) = self.train.patch_dropout(&self.model);
+        train::check_patch_dropout(key, rate, &self.model)?;
         self.optim.validate(self.train.steps)?;
         self.loss.validate(&self.model)?;
         self.dist.validate()?;
@@ -485,6 +487,61 @@ mod tests {
         assert!(
             shown.contains("init_logit_bias: -10.0  # what loss.kind asks of the model\n"),
             "{shown}"
+        );
+    }
+
+    /// The rate comes from `train.force_patch_dropout` when set (0 too: it switches the
+    /// model's value off), else from the model; out of [0, 1), or on a ResNet, is refused
+    /// naming the key that set it.
+    #[test]
+    fn patch_dropout_is_the_models_unless_forced_and_is_checked() {
+        let with_model_rate = |rate: &str| {
+            let model = indent(&tiny_yaml()).replace(
+                "  patch_size: 8\n",
+                &format!("  patch_size: 8\n    patch_dropout: {rate}\n"),
+            );
+            GOOD.replace("model: tiny", &format!("model:\n{}", model.trim_end()))
+        };
+        let (_d, path) = write(&with_model_rate("0.3"));
+        let cfg = load(&path, &Overrides::default()).expect("loads");
+        assert_eq!(cfg.train.patch_dropout(&cfg.model), (0.3, "vision_cfg.patch_dropout"));
+        for (force, expected) in [("0.75", 0.75), ("0", 0.0)] {
+            let cfg =
+                load(&path, &set(&[&format!("train.force_patch_dropout={force}")])).expect("loads");
+            assert_eq!(
+                cfg.train.patch_dropout(&cfg.model),
+                (expected, "train.force_patch_dropout")
+            );
+        }
+        let (_d, plain) = write(GOOD);
+        let cfg = load(&plain, &Overrides::default()).expect("loads");
+        assert_eq!(cfg.train.patch_dropout(&cfg.model), (0.0, "vision_cfg.patch_dropout"));
+
+        for bad in ["1.0", "-0.1", ".nan"] {
+            let msg = load(&plain, &set(&[&format!("train.force_patch_dropout={bad}")]))
+                .expect_err("out of range")
+                .to_string();
+            assert!(msg.contains("train.force_patch_dropout must be in [0, 1)"), "{msg}");
+            let (_d, path) = write(&with_model_rate(bad));
+            let msg = load(&path, &Overrides::default()).expect_err("out of range").to_string();
+            assert!(msg.contains("vision_cfg.patch_dropout must be in [0, 1)"), "{msg}");
+        }
+
+        // A ModifiedResNet has no patch tokens: either key is refused, 0 is not.
+        let (_d, rn) = write(&GOOD.replace("model: tiny", "model: RN50"));
+        let msg =
+            load(&rn, &set(&["train.force_patch_dropout=0.5"])).expect_err("ResNet").to_string();
+        assert!(
+            msg.contains("train.force_patch_dropout (0.5)") && msg.contains("ModifiedResNet"),
+            "{msg}"
+        );
+        load(&rn, &set(&["train.force_patch_dropout=0"])).expect("0 is off");
+        let mut resnet = zoo::builtin("RN50").expect("built-in");
+        resnet.vision_cfg.patch_dropout = 0.5;
+        let msg = resnet.validate().expect_err("ResNet").to_string();
+        assert!(
+            msg.contains("vision_cfg.patch_dropout (0.5)") && msg.contains("ModifiedResNet"),
+            "{msg}"
         );
     }
 

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
 use crate::error::{Result, TrainError};
+use crate::model::{ModelConfig, VisionTowerKind};
 use crate::precision::LowPrecision;
 
 /// `train.precision`, open_clip's `--precision` of the same name (docs/training.md,
@@ -166,6 +167,12 @@ pub struct TrainConfig {
     pub lock_text: bool,
     #[serde(default)]
     pub lock_text_unlocked_layers: usize,
+    /// Patch dropout for this run, over the model's `vision_cfg.patch_dropout` (open_clip's
+    /// `--force-patch-dropout`): the fraction of patch tokens each image drops in training, in
+    /// [0, 1); 0 turns it off, e.g. for a final unmasked phase resumed from a run that
+    /// dropped. ViT and timm towers only. Default: the model's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_patch_dropout: Option<f64>,
     /// Signals that stop the run cleanly: every rank checkpoints after the same step and the
     /// process exits 0, so `--resume auto` continues it (SLURM's `--signal`, its SIGTERM
     /// before a preemption kill). `[]` leaves every signal its default action.
@@ -229,6 +236,35 @@ impl TrainConfig {
         validate_signals(&self.preempt_signals)?;
         crate::device::parse(&self.device).map(|_| ())
     }
+}
+
+impl TrainConfig {
+    /// The patch dropout rate the run trains with, and the key that set it:
+    /// `train.force_patch_dropout` when given, else the model's `vision_cfg.patch_dropout`.
+    pub fn patch_dropout(&self, model: &ModelConfig) -> (f64, &'static str) {
+        match self.force_patch_dropout {
+            Some(rate) => (rate, "train.force_patch_dropout"),
+            None => (model.vision_cfg.patch_dropout, "vision_cfg.patch_dropout"),
+        }
+    }
+}
+
+/// Checks a patch dropout rate given for `model`, named `key` in the message (the run's
+/// `train.force_patch_dropout`, `oxclip bench --patch-dropout`): in [0, 1), and above 0 only for
+/// an image tower with patch tokens (ViT, timm), as open_clip's `PatchDropout` asserts.
+pub fn check_patch_dropout(key: &str, rate: f64, model: &ModelConfig) -> Result<()> {
+    if !(0.0..1.0).contains(&rate) {
+        return Err(TrainError::Config(format!(
+            "{key} must be in [0, 1) (the fraction of patches dropped; 0 turns it off), got {rate}"
+        )));
+    }
+    if rate > 0.0 && matches!(model.vision_cfg.tower(), VisionTowerKind::ResNet(_)) {
+        return Err(TrainError::Config(format!(
+            "{key} ({rate}) drops patch tokens, which the model's ModifiedResNet image tower does \
+             not have; remove it or set it to 0 (patch dropout is for ViT and timm towers)"
+        )));
+    }
+    Ok(())
 }
 
 /// The signals `train.preempt_signals` may name. SIGKILL and SIGSTOP cannot be caught.

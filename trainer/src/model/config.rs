@@ -59,7 +59,10 @@ pub struct VisionConfig {
     /// `ls_2.gamma` starting at this value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ls_init_value: Option<f64>,
-    /// Fraction of patch tokens dropped at random in training (FLIP). Default 0.
+    /// Patch dropout (FLIP): the fraction of patch tokens each image drops at random in
+    /// training, in [0, 1); the class token stays and `max(1, int(patches * (1 - p)))` patches
+    /// are kept. ViT and timm towers only. `train.force_patch_dropout` overrides it for a run.
+    /// Evaluation never drops. Default 0 (off).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub patch_dropout: f64,
     /// No LayerNorm before the blocks (CLIPA).
@@ -531,6 +534,13 @@ impl ModelConfig {
                 v.patch_dropout
             ));
         }
+        if v.patch_dropout > 0.0 && matches!(v.tower(), VisionTowerKind::ResNet(_)) {
+            return err(format!(
+                "vision_cfg.patch_dropout ({}) drops patch tokens, which a ModifiedResNet \
+                 does not have; remove it (patch dropout is for ViT and timm towers)",
+                v.patch_dropout
+            ));
+        }
         if !["linear", "none"].contains(&t.proj_type.as_str()) {
             return err(format!(
                 "text_cfg.proj_type must be \"linear\" or \"none\", got {:?}",
@@ -566,9 +576,6 @@ impl ModelConfig {
         let mut set: Vec<&str> = Vec::new();
         if v.attentional_pool {
             set.push("vision_cfg.attentional_pool (CoCa)");
-        }
-        if v.patch_dropout > 0.0 {
-            set.push("vision_cfg.patch_dropout (FLIP's patch dropout)");
         }
         if v.pos_embed_type != "learnable" {
             set.push("vision_cfg.pos_embed_type (only \"learnable\")");

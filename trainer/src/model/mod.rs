@@ -7,14 +7,16 @@
 //! One file per tower: `vision.rs` (open_clip's ViT), `resnet.rs` (OpenAI's ModifiedResNet),
 //! `timm_vit.rs` (the SigLIP trunks), `text.rs`, and `transformer.rs` (the block the ViT and
 //! text towers share). `config.rs` is open_clip's JSON schema, `zoo.rs` its built-in configs,
-//! `params.rs` how every parameter is made, `lock.rs` what fine-tuning freezes. Here: the
-//! model, its towers behind one enum, and [`load_state_dict`], which takes weights already in
-//! open_clip's names. Files (safetensors, other libraries' names and model directories,
+//! `params.rs` how every parameter is made, `lock.rs` what fine-tuning freezes,
+//! `patch_dropout.rs` which patches a training step keeps and how the ViTs drop the rest.
+//! Here: the model, its towers behind one enum, and [`load_state_dict`], which takes weights
+//! already in open_clip's names. Files (safetensors, other libraries' names and model directories,
 //! export) are the `interchange` module's, which builds on this one.
 
 pub mod config;
 pub mod lock;
 pub mod params;
+pub mod patch_dropout;
 pub mod resnet;
 pub mod text;
 pub mod timm_vit;
@@ -81,12 +83,22 @@ impl VisionTower {
         }
     }
 
-    /// images: (B, 3, S, S) -> (B, embed_dim).
-    pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
+    /// images: (B, 3, S, S) -> (B, embed_dim). `kept`: the patches each image keeps (patch
+    /// dropout, [`patch_dropout`]); a tower without patch tokens takes `None` only.
+    pub fn forward(&self, images: &Tensor, train: bool, kept: Option<&Tensor>) -> Tensor {
         match self {
-            VisionTower::Vit(vit) => vit.forward(images),
+            VisionTower::Vit(vit) => vit.forward(images, kept),
             VisionTower::ResNet(resnet) => resnet.forward(images, train),
-            VisionTower::Timm(vit) => vit.forward(images, train),
+            VisionTower::Timm(vit) => vit.forward(images, train, kept),
+        }
+    }
+
+    /// Patch tokens per image, for the towers that have them (and so can drop some).
+    pub fn num_patches(&self) -> Option<i64> {
+        match self {
+            VisionTower::Vit(vit) => Some(vit.num_patches()),
+            VisionTower::ResNet(_) => None,
+            VisionTower::Timm(vit) => Some(vit.num_patches()),
         }
     }
 }
@@ -160,16 +172,23 @@ impl Clip {
         }
     }
 
-    /// images: (B, 3, S, S) -> (B, embed_dim), not normalised.
+    /// images: (B, 3, S, S) -> (B, embed_dim), not normalised; every patch.
     pub fn encode_image(&self, images: &Tensor) -> Tensor {
+        self.encode_image_keeping(images, None)
+    }
+
+    /// [`Clip::encode_image`] with patch dropout: image b keeps the patch tokens row b of
+    /// `kept` lists ((B, keep) positions, [`patch_dropout::PatchDropout::kept`]); `None`
+    /// keeps all. Only the training step passes indices.
+    pub fn encode_image_keeping(&self, images: &Tensor, kept: Option<&Tensor>) -> Tensor {
         // Images meet the weights in the weights' precision: bf16 under `pure_bf16` (open_clip
         // casts its inputs so, `get_input_dtype`). Every float weight has one kind, which
         // logit_scale's stands for; under autocast the weights stay fp32 and autocast casts.
         let kind = self.logit_scale.kind();
         if images.kind() != kind {
-            return self.visual.forward(&images.to_kind(kind), self.is_training());
+            return self.visual.forward(&images.to_kind(kind), self.is_training(), kept);
         }
-        self.visual.forward(images, self.is_training())
+        self.visual.forward(images, self.is_training(), kept)
     }
 
     /// tokens: (B, context_length) -> (B, embed_dim), not normalised.
@@ -179,7 +198,19 @@ impl Clip {
 
     /// L2-normalised image and text features, the inputs of every contrastive loss.
     pub fn features(&self, images: &Tensor, tokens: &Tensor) -> (Tensor, Tensor) {
-        (normalize(&self.encode_image(images)), normalize(&self.encode_text(tokens)))
+        self.features_keeping(images, tokens, None)
+    }
+
+    /// [`Clip::features`], the images keeping only the patches `kept` lists (patch dropout;
+    /// see [`Clip::encode_image_keeping`]).
+    pub fn features_keeping(
+        &self,
+        images: &Tensor,
+        tokens: &Tensor,
+        kept: Option<&Tensor>,
+    ) -> (Tensor, Tensor) {
+        let image = self.encode_image_keeping(images, kept);
+        (normalize(&image), normalize(&self.encode_text(tokens)))
     }
 
     /// Keeps the scale in [1, 100], as open_clip does after each optimizer step.

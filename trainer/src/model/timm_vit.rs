@@ -5,7 +5,9 @@
 //! The trunk: a patch-embedding convolution with a bias, learned positions for the patches
 //! only (no class token), pre-LN blocks with a fused `qkv`, a final `norm`, then timm's
 //! `AttentionPoolLatent` ("MAP" head): one learned latent query attends over every token,
-//! `x = proj(attention)`, `x = x + mlp(norm(x))`, and the latent's row is the feature.
+//! `x = proj(attention)`, `x = x + mlp(norm(x))`, and the latent's row is the feature. In
+//! training, patch dropout (timm's `patch_drop`, open_clip's `patch_dropout`) keeps some patch
+//! tokens after the positions (`patch_dropout.rs`; no class token to keep in front).
 //!
 //! Only the sixteen timm names open_clip 3.3's SigLIP configs use are built; their
 //! architectures are the `@register_model` definitions of timm's `vision_transformer.py`,
@@ -16,6 +18,7 @@ use tch::Tensor;
 
 use super::config::VisionConfig;
 use super::params::param;
+use super::patch_dropout::keep_patches;
 use super::transformer::{Activation, LayerNorm, Linear};
 use crate::error::{Result, TrainError};
 
@@ -370,15 +373,25 @@ impl TimmVit {
         })
     }
 
+    /// Patch tokens per image.
+    pub fn num_patches(&self) -> i64 {
+        self.pos_embed.size()[1]
+    }
+
     /// images: (B, 3, S, S) normalised -> (B, embed_dim), not L2-normalised. `train` turns on
-    /// the head's dropout.
-    pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
+    /// the head's dropout; `kept`: (B, keep) patch positions each image keeps (patch dropout),
+    /// or `None` for all of them.
+    pub fn forward(&self, images: &Tensor, train: bool, kept: Option<&Tensor>) -> Tensor {
         let p = self.arch.patch;
         // (B, W, g, g) -> (B, g*g, W)
         let x =
             images.conv2d(&self.patch_weight, Some(&self.patch_bias), [p, p], [0, 0], [1, 1], 1);
         let x = x.flatten(2, 3).transpose(1, 2);
         let mut x = &x + self.pos_embed.to_kind(x.kind());
+        if let Some(kept) = kept {
+            // timm's patch_drop, after the positions, before norm_pre (none in SigLIP).
+            x = keep_patches(&x, 0, kept);
+        }
         for block in &self.blocks {
             x = block.forward(&x);
         }

@@ -2,13 +2,15 @@
 //! convolution, a class token, learned positions, ln_pre (unless `no_ln_pre`), the residual
 //! blocks (LayerScale when `ls_init_value`), then pooling (`tok`: the class token; `avg`: the
 //! mean of the patch tokens) with ln_post before it (or after it, `final_ln_after_pool`),
-//! projected by `proj`.
+//! projected by `proj`. In training, patch dropout keeps some patch tokens after the positions
+//! (`patch_dropout.rs`).
 
 use tch::nn::{self, Init};
 use tch::Tensor;
 
 use super::config::{VisionConfig, VisionPool};
 use super::params::param;
+use super::patch_dropout::keep_patches;
 use super::transformer::{randn, Activation, BlockInit, BlockSpec, LayerNorm, Transformer};
 
 #[derive(Debug)]
@@ -72,8 +74,14 @@ impl VisionTransformer {
         }
     }
 
-    /// images: (B, 3, S, S) normalised -> (B, embed_dim), not L2-normalised.
-    pub fn forward(&self, images: &Tensor) -> Tensor {
+    /// Patch tokens per image (the class token not counted).
+    pub fn num_patches(&self) -> i64 {
+        self.positional_embedding.size()[0] - 1
+    }
+
+    /// images: (B, 3, S, S) normalised -> (B, embed_dim), not L2-normalised. `kept`: (B, keep)
+    /// patch positions each image keeps (patch dropout), or `None` for all of them.
+    pub fn forward(&self, images: &Tensor, kept: Option<&Tensor>) -> Tensor {
         let stride = [self.patch_size, self.patch_size];
         // (B, W, g, g) -> (B, g*g, W)
         let x = images.conv2d(&self.conv1, None::<Tensor>, stride, [0, 0], [1, 1], 1);
@@ -83,6 +91,10 @@ impl VisionTransformer {
         // (B, g*g + 1, W)
         let kind = x.kind();
         let mut x = Tensor::cat(&[cls, x], 1) + self.positional_embedding.to_kind(kind);
+        if let Some(kept) = kept {
+            // (B, 1 + keep, W): open_clip's PatchDropout, after the positions, before ln_pre.
+            x = keep_patches(&x, 1, kept);
+        }
         if let Some(ln_pre) = &self.ln_pre {
             x = ln_pre.forward(&x);
         }
