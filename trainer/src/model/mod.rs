@@ -7,8 +7,9 @@
 //! One file per tower: `vision.rs` (open_clip's ViT), `resnet.rs` (OpenAI's ModifiedResNet),
 //! `timm_vit.rs` (the SigLIP trunks), `text.rs`, and `transformer.rs` (the block the ViT and
 //! text towers share). `config.rs` is open_clip's JSON schema, `zoo.rs` its built-in configs,
-//! `params.rs` how every parameter is made, `lock.rs` what fine-tuning freezes. Here: the
-//! model, its towers behind one enum, and [`load_state_dict`], which takes weights already in
+//! `params.rs` how every parameter is made, `lock.rs` what fine-tuning freezes, `staged.rs`
+//! each tower's forward as stages and activation checkpointing over them. Here: the model,
+//! its towers behind one enum, and [`load_state_dict`], which takes weights already in
 //! open_clip's names. Files (safetensors, other libraries' names and model directories,
 //! export) are the `interchange` module's, which builds on this one.
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod lock;
 pub mod params;
 pub mod resnet;
+pub mod staged;
 pub mod text;
 pub mod timm_vit;
 pub mod transformer;
@@ -32,6 +34,7 @@ use tch::Tensor;
 pub use config::{ModelConfig, TextConfig, VisionConfig, VisionTowerKind};
 use params::param;
 use resnet::ModifiedResNet;
+use staged::Stages;
 use text::TextTransformer;
 use vision::VisionTransformer;
 
@@ -83,10 +86,65 @@ impl VisionTower {
 
     /// images: (B, 3, S, S) -> (B, embed_dim).
     pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
+        staged::fold(self.stage_count(), images, |i, x| self.stage(i, x, train))
+    }
+
+    /// The tower's stages (model/staged.rs).
+    pub fn stage_count(&self) -> usize {
         match self {
-            VisionTower::Vit(vit) => vit.forward(images),
-            VisionTower::ResNet(resnet) => resnet.forward(images, train),
-            VisionTower::Timm(vit) => vit.forward(images, train),
+            VisionTower::Vit(vit) => vit.stage_count(),
+            VisionTower::ResNet(resnet) => resnet.stage_count(),
+            VisionTower::Timm(vit) => vit.stage_count(),
+        }
+    }
+
+    pub fn stage(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            VisionTower::Vit(vit) => vit.stage(i, x),
+            VisionTower::ResNet(resnet) => resnet.stage(i, x, train),
+            VisionTower::Timm(vit) => vit.stage(i, x, train),
+        }
+    }
+}
+
+/// The image tower of [`Clip::features`] as stages: the tower's, its output L2-normalised.
+pub struct ImageStages<'a> {
+    model: &'a Clip,
+}
+
+impl Stages for ImageStages<'_> {
+    fn count(&self) -> usize {
+        self.model.visual.stage_count()
+    }
+
+    fn run(&self, i: usize, x: &Tensor) -> Tensor {
+        let out = self.model.visual.stage(i, x, self.model.is_training());
+        if i + 1 == self.count() {
+            normalize(&out)
+        } else {
+            out
+        }
+    }
+}
+
+/// The text tower of [`Clip::features`] as stages for the captions `tokens`: the tower's,
+/// its output L2-normalised.
+pub struct TextStages<'a> {
+    model: &'a Clip,
+    tokens: &'a Tensor,
+}
+
+impl Stages for TextStages<'_> {
+    fn count(&self) -> usize {
+        self.model.text.stage_count()
+    }
+
+    fn run(&self, i: usize, x: &Tensor) -> Tensor {
+        let out = self.model.text.stage(i, x, self.tokens);
+        if i + 1 == self.count() {
+            normalize(&out)
+        } else {
+            out
         }
     }
 }
@@ -172,7 +230,20 @@ impl Clip {
 
     /// L2-normalised image and text features, the inputs of every contrastive loss.
     pub fn features(&self, images: &Tensor, tokens: &Tensor) -> (Tensor, Tensor) {
-        (normalize(&self.encode_image(images)), normalize(&self.encode_text(tokens)))
+        (
+            staged::forward(&self.image_stages(), images),
+            staged::forward(&self.text_stages(tokens), tokens),
+        )
+    }
+
+    /// The image half of [`Clip::features`] as stages, for activation checkpointing.
+    pub fn image_stages(&self) -> ImageStages<'_> {
+        ImageStages { model: self }
+    }
+
+    /// The text half of [`Clip::features`] for `tokens`, as stages.
+    pub fn text_stages<'a>(&'a self, tokens: &'a Tensor) -> TextStages<'a> {
+        TextStages { model: self, tokens }
     }
 
     /// Keeps the scale in [1, 100], as open_clip does after each optimizer step.

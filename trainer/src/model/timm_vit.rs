@@ -16,6 +16,7 @@ use tch::Tensor;
 
 use super::config::VisionConfig;
 use super::params::param;
+use super::staged;
 use super::transformer::{Activation, LayerNorm, Linear};
 use crate::error::{Result, TrainError};
 
@@ -373,16 +374,34 @@ impl TimmVit {
     /// images: (B, 3, S, S) normalised -> (B, embed_dim), not L2-normalised. `train` turns on
     /// the head's dropout.
     pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
-        let p = self.arch.patch;
-        // (B, W, g, g) -> (B, g*g, W)
-        let x =
-            images.conv2d(&self.patch_weight, Some(&self.patch_bias), [p, p], [0, 0], [1, 1], 1);
-        let x = x.flatten(2, 3).transpose(1, 2);
-        let mut x = &x + self.pos_embed.to_kind(x.kind());
-        for block in &self.blocks {
-            x = block.forward(&x);
+        staged::fold(self.stage_count(), images, |i, x| self.stage(i, x, train))
+    }
+
+    /// The stages of [`TimmVit::forward`] (model/staged.rs): the patch embedding, each
+    /// block, the head (norm, attention pool, open_clip's head).
+    pub fn stage_count(&self) -> usize {
+        self.blocks.len() + 2
+    }
+
+    /// Stage `i` on its input: images for the first, (B, g*g, W) after it. Only the head
+    /// draws random numbers (its dropout, under `train`).
+    pub fn stage(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
+        if i == 0 {
+            let p = self.arch.patch;
+            // (B, W, g, g) -> (B, g*g, W)
+            let x = x.conv2d(&self.patch_weight, Some(&self.patch_bias), [p, p], [0, 0], [1, 1], 1);
+            let x = x.flatten(2, 3).transpose(1, 2);
+            &x + self.pos_embed.to_kind(x.kind())
+        } else if let Some(block) = self.blocks.get(i - 1) {
+            block.forward(x)
+        } else {
+            self.head(x, train)
         }
-        let pooled = self.attn_pool.forward(&self.norm.forward(&x));
+    }
+
+    /// (B, g*g, W) -> (B, embed_dim).
+    fn head(&self, x: &Tensor, train: bool) -> Tensor {
+        let pooled = self.attn_pool.forward(&self.norm.forward(x));
         match &self.head {
             TimmHead::None => pooled,
             TimmHead::Linear { weight, bias, drop } => {

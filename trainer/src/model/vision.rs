@@ -9,6 +9,7 @@ use tch::Tensor;
 
 use super::config::{VisionConfig, VisionPool};
 use super::params::param;
+use super::staged;
 use super::transformer::{randn, Activation, BlockInit, BlockSpec, LayerNorm, Transformer};
 
 #[derive(Debug)]
@@ -74,6 +75,28 @@ impl VisionTransformer {
 
     /// images: (B, 3, S, S) normalised -> (B, embed_dim), not L2-normalised.
     pub fn forward(&self, images: &Tensor) -> Tensor {
+        staged::fold(self.stage_count(), images, |i, x| self.stage(i, x))
+    }
+
+    /// The stages of [`VisionTransformer::forward`] (model/staged.rs): the stem, each
+    /// residual block, the head.
+    pub fn stage_count(&self) -> usize {
+        self.transformer.resblocks.len() + 2
+    }
+
+    /// Stage `i` on its input: images for the stem, (B, g*g + 1, W) tokens after it.
+    pub fn stage(&self, i: usize, x: &Tensor) -> Tensor {
+        if i == 0 {
+            self.stem(x)
+        } else if let Some(block) = self.transformer.resblocks.get(i - 1) {
+            block.forward(x, false)
+        } else {
+            self.head(x)
+        }
+    }
+
+    /// Patch embedding, class token, positions, ln_pre: (B, 3, S, S) -> (B, g*g + 1, W).
+    fn stem(&self, images: &Tensor) -> Tensor {
         let stride = [self.patch_size, self.patch_size];
         // (B, W, g, g) -> (B, g*g, W)
         let x = images.conv2d(&self.conv1, None::<Tensor>, stride, [0, 0], [1, 1], 1);
@@ -86,15 +109,19 @@ impl VisionTransformer {
         if let Some(ln_pre) = &self.ln_pre {
             x = ln_pre.forward(&x);
         }
-        let x = self.transformer.forward(&x, false);
+        x
+    }
+
+    /// Pooling with ln_post, then proj: (B, g*g + 1, W) -> (B, embed_dim).
+    fn head(&self, x: &Tensor) -> Tensor {
         let pool = |x: &Tensor| match self.pool {
             VisionPool::Tok => x.select(1, 0),
             VisionPool::Avg => x.narrow(1, 1, x.size()[1] - 1).mean_dim(1, false, None),
         };
         let pooled = if self.final_ln_after_pool {
-            self.ln_post.forward(&pool(&x))
+            self.ln_post.forward(&pool(x))
         } else {
-            pool(&self.ln_post.forward(&x))
+            pool(&self.ln_post.forward(x))
         };
         pooled.matmul(&self.proj)
     }
