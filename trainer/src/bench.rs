@@ -23,6 +23,7 @@ pub struct TrainBenchResult {
     pub steps: u64,
     pub threads: i32,
     pub micro_batch_size: Option<usize>,
+    pub grad_checkpointing: bool,
     pub seconds: f64,
     pub samples_per_second: f64,
     /// The process's peak resident memory (VmHWM), start-up included: on the CPU, the
@@ -50,6 +51,8 @@ pub struct TrainBench<'a> {
     pub autocast_bf16: bool,
     /// Gradient caching: samples per tower forward.
     pub micro_batch_size: Option<usize>,
+    /// Activation checkpointing (`train.grad_checkpointing`).
+    pub grad_checkpointing: bool,
 }
 
 pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
@@ -74,6 +77,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         grad_clip_norm: None,
         loss,
         micro_batch: b.micro_batch_size,
+        grad_checkpointing: b.grad_checkpointing,
     };
     if b.autocast_bf16 {
         crate::device::use_bf16_autocast();
@@ -112,6 +116,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         steps: b.steps,
         threads: tch::get_num_threads(),
         micro_batch_size: b.micro_batch_size,
+        grad_checkpointing: b.grad_checkpointing,
         seconds,
         samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,
         peak_rss_bytes: peak_rss_bytes(),

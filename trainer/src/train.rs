@@ -474,6 +474,7 @@ fn step_config(cfg: &RunConfig, device: Device) -> StepConfig {
         grad_clip_norm: cfg.optim.grad_clip_norm,
         loss: LossSpec::new(&cfg.loss, amp_bf16),
         micro_batch: cfg.train.micro_batch_size,
+        grad_checkpointing: cfg.train.grad_checkpointing,
     }
 }
 

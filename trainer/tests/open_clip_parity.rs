@@ -169,6 +169,7 @@ fn siglip_step_matches_open_clip_gradients() {
             grad_clip_norm: None,
             loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
             micro_batch,
+            grad_checkpointing: false,
         };
         // lr 0: the step computes the gradients and leaves the weights alone.
         let out = train_step(

@@ -152,6 +152,7 @@ fn tiny_resnet_training_step_matches_open_clip() {
             grad_clip_norm: None,
             loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
             micro_batch,
+            grad_checkpointing: false,
         };
         let out = train_step(
             &model,

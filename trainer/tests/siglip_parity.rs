@@ -184,6 +184,7 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
         grad_clip_norm: None,
         loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
         micro_batch: None,
+        grad_checkpointing: false,
     };
     // lr 0: the step computes the gradients and leaves the weights alone.
     let out = train_step(

@@ -40,6 +40,10 @@ pub struct BenchTrainArgs {
     /// Gradient caching: run the towers this many samples at a time.
     #[arg(long)]
     pub micro_batch_size: Option<usize>,
+    /// Activation checkpointing (`train.grad_checkpointing`): keep only each tower stage's
+    /// input and recompute the stage in the backward pass.
+    #[arg(long)]
+    pub grad_checkpointing: bool,
 }
 
 pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
@@ -66,6 +70,7 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         device,
         autocast_bf16: args.amp_bf16 && device.is_cuda(),
         micro_batch_size: args.micro_batch_size,
+        grad_checkpointing: args.grad_checkpointing,
     })?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
