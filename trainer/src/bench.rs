@@ -26,11 +26,30 @@ pub struct TrainBenchResult {
     pub grad_checkpointing: bool,
     pub seconds: f64,
     pub samples_per_second: f64,
+    /// CPU seconds the process spent (all its threads, user and system) in the timed steps:
+    /// on a shared machine a steadier ratio between two CPU runs than the wall clock, which
+    /// also counts the time other processes held the cores.
+    pub cpu_seconds: Option<f64>,
     /// The process's peak resident memory (VmHWM), start-up included: on the CPU, the
     /// step's activation memory shows here.
     pub peak_rss_bytes: Option<u64>,
     /// On CUDA: device memory in use after the steps (libtorch's cache holds its peak).
     pub cuda_memory_bytes: Option<u64>,
+}
+
+/// CPU time of the process so far, user and system, all threads (`getrusage`).
+pub fn process_cpu_seconds() -> Option<f64> {
+    // SAFETY: an all-zero `rusage` is a valid value (integers only); `getrusage` writes into
+    // the struct it is given and nothing else.
+    let (rc, usage) = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        (libc::getrusage(libc::RUSAGE_SELF, &mut usage), usage)
+    };
+    if rc != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
 }
 
 /// The process's peak resident set size, from /proc/self/status (Linux).
@@ -85,8 +104,9 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let grad_sync =
         crate::grad_sync::GradSync::for_var_store(&vs, &crate::config::DistConfig::default())?;
 
-    let mut run = |steps: u64| -> Result<f64> {
+    let mut run = |steps: u64| -> Result<(f64, Option<f64>)> {
         let started = Instant::now();
+        let cpu_started = process_cpu_seconds();
         let mut last = None;
         for _ in 0..steps {
             last = Some(step::train_step(
@@ -104,10 +124,11 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         if let Some(out) = last {
             let _ = out.loss.double_value(&[]);
         }
-        Ok(started.elapsed().as_secs_f64())
+        let cpu = process_cpu_seconds().zip(cpu_started).map(|(end, start)| end - start);
+        Ok((started.elapsed().as_secs_f64(), cpu))
     };
     run(b.warmup_steps)?;
-    let seconds = run(b.steps)?;
+    let (seconds, cpu_seconds) = run(b.steps)?;
     Ok(TrainBenchResult {
         bench: "train",
         model: b.model_name.to_string(),
@@ -119,6 +140,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         grad_checkpointing: b.grad_checkpointing,
         seconds,
         samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,
+        cpu_seconds,
         peak_rss_bytes: peak_rss_bytes(),
         cuda_memory_bytes: crate::device::cuda_memory_in_use(b.device),
     })
