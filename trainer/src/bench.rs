@@ -30,6 +30,7 @@ pub struct TrainBenchResult {
     pub threads: i32,
     pub micro_batch_size: Option<usize>,
     pub patch_dropout: f64,
+    pub grad_checkpointing: bool,
     pub seconds: f64,
     /// CPU time (user + system, every thread) the process spent in the timed steps: on a
     /// shared machine it follows the step's work more closely than the wall clock does.
@@ -42,24 +43,27 @@ pub struct TrainBenchResult {
     pub cuda_memory_bytes: Option<u64>,
 }
 
+/// CPU time of the process so far, user and system, all threads (`getrusage`).
+pub fn process_cpu_seconds() -> Option<f64> {
+    // SAFETY: an all-zero `rusage` is a valid value (integers only); `getrusage` writes into
+    // the struct it is given and nothing else.
+    let (rc, usage) = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        (libc::getrusage(libc::RUSAGE_SELF, &mut usage), usage)
+    };
+    if rc != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
+}
+
 /// The process's peak resident set size, from /proc/self/status (Linux).
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// CPU time this process has used so far, all threads (getrusage).
-pub fn process_cpu_seconds() -> Option<f64> {
-    // SAFETY: rusage is plain integers (all zeros is a valid value), and getrusage only
-    // writes the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return None;
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
 }
 
 pub struct TrainBench<'a> {
@@ -75,6 +79,8 @@ pub struct TrainBench<'a> {
     pub micro_batch_size: Option<usize>,
     /// Patch dropout rate in [0, 1) (`--patch-dropout`; 0: off).
     pub patch_dropout: f64,
+    /// Activation checkpointing (`train.grad_checkpointing`).
+    pub grad_checkpointing: bool,
 }
 
 pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
@@ -102,6 +108,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let cfg = StepConfig {
         patch_dropout: (b.patch_dropout > 0.0)
             .then_some(PatchDropout { prob: b.patch_dropout, seed: 0 }),
+        grad_checkpointing: b.grad_checkpointing,
         ..StepConfig::new(
             b.precision,
             b.device,
@@ -154,6 +161,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         threads: tch::get_num_threads(),
         micro_batch_size: b.micro_batch_size,
         patch_dropout: b.patch_dropout,
+        grad_checkpointing: b.grad_checkpointing,
         seconds,
         cpu_seconds,
         samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,

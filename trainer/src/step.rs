@@ -11,6 +11,7 @@ use crate::error::{Result, TrainError};
 use crate::grad_sync::GradSync;
 use crate::loss::LossSpec;
 use crate::model::patch_dropout::PatchDropout;
+use crate::model::staged::{self, Checkpointed, Stages};
 use crate::model::Clip;
 use crate::optim::AdamW;
 use crate::precision::{Autocast, GradScaler};
@@ -44,6 +45,9 @@ pub struct StepConfig {
     /// Patch dropout in training (`None`: every patch); its draws depend on the seed, the step
     /// number and each sample's index in the global batch alone.
     pub patch_dropout: Option<PatchDropout>,
+    /// Activation checkpointing: keep only each tower stage's input, recompute the stage in
+    /// the backward pass (model/staged.rs).
+    pub grad_checkpointing: bool,
 }
 
 impl StepConfig {
@@ -62,6 +66,7 @@ impl StepConfig {
             loss: LossSpec::new(loss, precision.bf16_loss_products()),
             micro_batch,
             patch_dropout: None,
+            grad_checkpointing: false,
         })
     }
 }
@@ -92,10 +97,11 @@ pub fn train_step(
         autocast: cfg.autocast,
         loss_scale: scaler.as_ref().map(|s| s.scale().shallow_clone()),
         kept: kept_patches(model, cfg.patch_dropout, step, comm.rank() as u64 * n as u64, images)?,
+        grad_checkpointing: cfg.grad_checkpointing,
     };
 
-    // 1. Encode the local batch.
-    let features = towers.encode_batch();
+    // 1. Encode the local batch; a single micro-batch keeps what step 5 needs of it.
+    let (features, mut kept) = towers.encode_batch();
 
     // 2-4. Gather the features, score this rank's rows, and keep our rows' summed gradients.
     let rows = comm.rank() as i64 * n..comm.rank() as i64 * n + n;
@@ -107,11 +113,11 @@ pub fn train_step(
     optimizer.zero_grad();
     let count = towers.micro.len();
     for k in 0..count.saturating_sub(1) {
-        towers.backward(k, &features, &grads);
+        towers.backward(k, kept.take(), &grads);
     }
     let reduced = grad_sync.reduce(comm, || {
         if count > 0 {
-            towers.backward(count - 1, &features, &grads);
+            towers.backward(count - 1, kept.take(), &grads);
         }
     })?;
 
@@ -218,54 +224,99 @@ struct Towers<'a> {
     /// Patch dropout's kept patches for the whole local batch, (n, keep); each micro-batch
     /// takes its rows, in every forward of it.
     kept: Option<Tensor>,
+    grad_checkpointing: bool,
+}
+
+/// A micro-batch's features and what step 5 back-propagates through: the whole forward's
+/// graph, or under activation checkpointing each tower's last stage's graph and the inputs
+/// of the stages before it.
+enum Encoded {
+    Graph(Tensor, Tensor),
+    Checkpointed(Checkpointed, Checkpointed),
+}
+
+impl Encoded {
+    fn features(&self) -> (&Tensor, &Tensor) {
+        match self {
+            Encoded::Graph(image, text) => (image, text),
+            Encoded::Checkpointed(image, text) => (image.output(), text.output()),
+        }
+    }
 }
 
 impl Towers<'_> {
-    /// Image and text features of micro-batch `k`, with the generator set as for its every
-    /// forward.
-    fn encode(&self, k: usize) -> (Tensor, Tensor) {
-        let r = self.micro.enter(k);
-        let len = r.end - r.start;
-        let kept = self.kept.as_ref().map(|k| k.narrow(0, r.start, len));
+    /// The towers' forward passes run under this: the precision chosen for the run. Their
+    /// recomputes (activation checkpointing) too, so they compute what the forward did.
+    fn in_precision<T>(&self, f: impl FnOnce() -> T) -> T {
         let _autocast = self.autocast.map(Autocast::enter);
-        self.model.features_keeping(
-            &self.images.narrow(0, r.start, len),
-            &self.tokens.narrow(0, r.start, len),
-            kept.as_ref(),
+        f()
+    }
+
+    /// The rows of micro-batch `k`: images, tokens, and the patches each image keeps (patch
+    /// dropout, the same in every forward of the micro-batch).
+    fn rows(&self, k: usize) -> (Tensor, Tensor, Option<Tensor>) {
+        let r = self.micro.range(k);
+        let len = r.end - r.start;
+        (
+            self.images.narrow(0, r.start, len),
+            self.tokens.narrow(0, r.start, len),
+            self.kept.as_ref().map(|kept| kept.narrow(0, r.start, len)),
         )
     }
 
-    /// Step 1. A single micro-batch keeps its graph for step 5; several are encoded without
-    /// one, and only their features are kept.
-    fn encode_batch(&self) -> (Tensor, Tensor) {
+    /// [`Towers::rows`], with the generator set as for micro-batch `k`'s every forward.
+    fn enter(&self, k: usize) -> (Tensor, Tensor, Option<Tensor>) {
+        self.micro.enter(k);
+        self.rows(k)
+    }
+
+    /// Image and text features of micro-batch `k`.
+    fn encode(&self, k: usize) -> (Tensor, Tensor) {
+        let (images, tokens, kept) = self.enter(k);
+        self.in_precision(|| self.model.features_keeping(&images, &tokens, kept.as_ref()))
+    }
+
+    /// Micro-batch `k`'s features for step 5: with their graph, or checkpointed.
+    fn encode_for_backward(&self, k: usize) -> Encoded {
+        if !self.grad_checkpointing {
+            let (image, text) = self.encode(k);
+            return Encoded::Graph(image, text);
+        }
+        let (images, tokens, kept) = self.enter(k);
+        self.in_precision(|| {
+            Encoded::Checkpointed(
+                staged::checkpointed(&self.model.image_stages(kept.as_ref()), &images),
+                staged::checkpointed(&self.model.text_stages(&tokens), &tokens),
+            )
+        })
+    }
+
+    /// Step 1. A single micro-batch keeps what step 5 needs; several are encoded without a
+    /// graph, and only their features are kept.
+    fn encode_batch(&self) -> ((Tensor, Tensor), Option<Encoded>) {
         if self.micro.len() == 1 {
-            return self.encode(0);
+            let encoded = self.encode_for_backward(0);
+            let (image, text) = encoded.features();
+            return ((image.shallow_clone(), text.shallow_clone()), Some(encoded));
         }
         let parts: Vec<(Tensor, Tensor)> =
             tch::no_grad(|| (0..self.micro.len()).map(|k| self.encode(k)).collect());
         let (images, texts): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
-        (Tensor::cat(&images, 0), Tensor::cat(&texts, 0))
+        ((Tensor::cat(&images, 0), Tensor::cat(&texts, 0)), None)
     }
 
     /// Step 5 for micro-batch `k`: back-propagates the surrogate whose gradient is `grads`.
     /// logit_scale (and logit_bias) enter with this rank's part of their gradient, once per
     /// step, with the last micro-batch: then every parameter gets its gradient in the last
     /// backward pass, the one the reduction overlaps. Step 6 sums the parts over ranks.
-    fn backward(
-        &self,
-        k: usize,
-        (image_features, text_features): &(Tensor, Tensor),
-        grads: &FeatureGrads,
-    ) {
+    /// `kept`: what step 1 kept of the micro-batch (a single one).
+    fn backward(&self, k: usize, kept: Option<Encoded>, grads: &FeatureGrads) {
         let model = self.model;
         // One micro-batch: step 1's graph. Several: re-encode each, now with its graph and
         // the randomness of its first pass; the parameters' gradients accumulate. BatchNorm
         // counted the micro-batch in step 1, so the repeat leaves its running statistics be.
-        let (image, text) = if self.micro.len() == 1 {
-            (image_features.shallow_clone(), text_features.shallow_clone())
-        } else {
-            model.repeating(|| self.encode(k))
-        };
+        let encoded = kept.unwrap_or_else(|| model.repeating(|| self.encode_for_backward(k)));
+        let (image, text) = encoded.features();
         let rows = self.micro.range(k);
         let len = rows.end - rows.start;
         let mut surrogate = (image.to_kind(Kind::Float) * grads.image.narrow(0, rows.start, len))
@@ -283,7 +334,38 @@ impl Towers<'_> {
             // The gradient of the scaled loss: every parameter's, scaled alike.
             surrogate = &surrogate * scale;
         }
+        if let Some(scale) = &self.loss_scale {
+            // The gradient of the scaled loss: every parameter's, scaled alike.
+            surrogate = &surrogate * scale;
+        }
         surrogate.backward();
+        // Checkpointed: the surrogate went through each tower's last stage; now the stages
+        // before it, re-run as step 1 ran them. The text tower first: its parameters were
+        // registered after the image tower's, so they fill the first gradient buckets.
+        if let Encoded::Checkpointed(image, text) = encoded {
+            let (_, tokens, kept) = self.rows(k);
+            text.backward(&Rerun { towers: self, stages: model.text_stages(&tokens) });
+            image.backward(&Rerun { towers: self, stages: model.image_stages(kept.as_ref()) });
+        }
+    }
+}
+
+/// A tower's stages re-run for the checkpointed backward pass as their first pass ran them:
+/// in the run's precision, and with BatchNorm normalising with the batch's statistics again
+/// without counting them twice.
+struct Rerun<'a, S> {
+    towers: &'a Towers<'a>,
+    stages: S,
+}
+
+impl<S: Stages> Stages for Rerun<'_, S> {
+    fn count(&self) -> usize {
+        self.stages.count()
+    }
+
+    fn run(&self, i: usize, x: &Tensor) -> Tensor {
+        let towers = self.towers;
+        towers.model.repeating(|| towers.in_precision(|| self.stages.run(i, x)))
     }
 }
 
@@ -347,6 +429,7 @@ mod tests {
     use crate::device::host_reads::{HostReads, ReadCounts};
     use crate::grad_sync::GradSync;
     use crate::loss::LossSpec;
+    use crate::model::lock::{lock, Tower};
     use crate::model::ModelConfig;
     use crate::optim::AdamWConfig;
     use crate::precision::{GradScalerConfig, LowPrecision};
@@ -360,7 +443,27 @@ mod tests {
 
     fn step_config(kind: LossKind, micro_batch: Option<usize>) -> StepConfig {
         let loss = LossSpec::new(&LossConfig { kind, tiling: Tiling::Tile(3) }, false);
-        StepConfig { autocast: None, grad_clip_norm: None, loss, micro_batch, patch_dropout: None }
+        StepConfig {
+            autocast: None,
+            grad_clip_norm: None,
+            loss,
+            micro_batch,
+            patch_dropout: None,
+            grad_checkpointing: false,
+        }
+    }
+
+    /// Micro-batches of `micro` (or none), with or without activation checkpointing.
+    #[derive(Debug, Clone, Copy)]
+    struct Forward {
+        micro: Option<usize>,
+        checkpointing: bool,
+    }
+
+    impl From<Option<usize>> for Forward {
+        fn from(micro: Option<usize>) -> Self {
+            Forward { micro, checkpointing: false }
+        }
     }
 
     /// One step with lr 0 from `weights` on `images`/`tokens`: the global loss and every
@@ -373,8 +476,15 @@ mod tests {
         images: &Tensor,
         tokens: &Tensor,
     ) -> (f64, BTreeMap<String, Tensor>) {
-        let (loss, grads, _) =
-            gradients_with(comm, kind, micro, DistConfig::default(), weights, images, tokens);
+        let (loss, grads, _) = gradients_with(
+            comm,
+            kind,
+            micro.into(),
+            DistConfig::default(),
+            weights,
+            images,
+            tokens,
+        );
         (loss, grads)
     }
 
@@ -382,7 +492,7 @@ mod tests {
     fn gradients_with(
         comm: &dyn Collectives,
         kind: LossKind,
-        micro: Option<usize>,
+        forward: Forward,
         reduce: DistConfig,
         weights: &BTreeMap<String, Tensor>,
         images: &Tensor,
@@ -398,7 +508,10 @@ mod tests {
         });
         let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
         let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
-        let cfg = step_config(kind, micro);
+        let cfg = StepConfig {
+            grad_checkpointing: forward.checkpointing,
+            ..step_config(kind, forward.micro)
+        };
         let sync = GradSync::for_var_store(&vs, &reduce).unwrap();
         let out =
             train_step(&model, &mut optimizer, comm, &sync, images, tokens, 0.0, 0, cfg, None)
@@ -487,13 +600,14 @@ mod tests {
     /// bucket count.
     fn on_four_ranks(
         kind: LossKind,
-        micro: Option<usize>,
+        forward: impl Into<Forward>,
         reduce: DistConfig,
         weights: &BTreeMap<String, Tensor>,
         images: &Tensor,
         tokens: &Tensor,
     ) -> Vec<(f64, RankGrads, usize, usize)> {
         let n = images.size()[0] / 4;
+        let forward = forward.into();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let handles: Vec<_> = (0..4)
             .map(|rank| {
@@ -512,7 +626,7 @@ mod tests {
                     };
                     let comm = TcpGroup::connect(&world, Duration::from_secs(60)).unwrap();
                     let (loss, grads, (out, buckets)) =
-                        gradients_with(&comm, kind, micro, reduce, &weights, &images, &tokens);
+                        gradients_with(&comm, kind, forward, reduce, &weights, &images, &tokens);
                     let grads = grads
                         .into_iter()
                         .map(|(k, v)| (k, Vec::<f32>::try_from(v.flatten(0, -1)).unwrap()))
@@ -841,6 +955,292 @@ mod tests {
         for (rank, handle) in ranks.into_iter().enumerate() {
             let steps = handle.join().unwrap();
             assert_eq!(steps.syncs(), 0, "rank {rank} of 2: {steps:?}");
+        }
+    }
+
+    // Activation checkpointing (`grad_checkpointing`).
+
+    /// A model, its weights (BatchNorm's statistics included) and a batch of `n`.
+    struct Case {
+        cfg: ModelConfig,
+        kind: LossKind,
+        /// Training mode: BatchNorm normalises with the batch's statistics and updates its
+        /// running ones.
+        train: bool,
+        weights: BTreeMap<String, Tensor>,
+        images: Tensor,
+        tokens: Tensor,
+    }
+
+    impl Case {
+        fn new(mut cfg: ModelConfig, kind: LossKind, train: bool, n: i64) -> Self {
+            LossConfig { kind, ..LossConfig::default() }.complete_model(&mut cfg);
+            tch::manual_seed(23);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let _ = Clip::new(&vs.root(), &cfg).unwrap();
+            let weights = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+            let size = cfg.vision_cfg.image_size;
+            let images = Tensor::randn([n, 3, size, size], (Kind::Float, Device::Cpu));
+            let (vocab, context) = (cfg.text_cfg.vocab_size, cfg.text_cfg.context_length);
+            let tokens = Tensor::randint_low(1, vocab, [n, context], (Kind::Int64, Device::Cpu));
+            Case { cfg, kind, train, weights, images, tokens }
+        }
+    }
+
+    /// What one step (lr 0) leaves: the loss, each trainable parameter's gradient, and every
+    /// variable afterwards (BatchNorm's running statistics).
+    struct Stepped {
+        loss: Tensor,
+        grads: BTreeMap<String, Tensor>,
+        after: BTreeMap<String, Tensor>,
+    }
+
+    /// One step of `case` in one process, its towers frozen by `locks` (tower, groups left
+    /// unlocked) first.
+    fn step_case(case: &Case, forward: Forward, locks: &[(Tower, usize)]) -> Stepped {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &case.cfg).unwrap();
+        tch::no_grad(|| {
+            for (name, var) in vs.variables() {
+                var.shallow_clone().copy_(&case.weights[&name]);
+            }
+        });
+        for &(tower, unlocked) in locks {
+            lock(&vs, &case.cfg, tower, unlocked).unwrap();
+        }
+        model.set_training(case.train);
+        let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
+        let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
+        let sync = GradSync::for_var_store(&vs, &DistConfig::default()).unwrap();
+        let cfg = StepConfig {
+            grad_checkpointing: forward.checkpointing,
+            ..step_config(case.kind, forward.micro)
+        };
+        let out = train_step(
+            &model,
+            &mut optimizer,
+            &SingleProcess,
+            &sync,
+            &case.images,
+            &case.tokens,
+            0.0,
+            0,
+            cfg,
+            None,
+        )
+        .unwrap();
+        Stepped {
+            loss: out.loss,
+            grads: optimizer
+                .variables()
+                .map(|(name, var)| (name.to_owned(), var.grad().copy()))
+                .collect(),
+            after: vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect(),
+        }
+    }
+
+    /// `a` and `b` hold the same names and, bit for bit, the same values.
+    fn assert_bitwise(label: &str, a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) {
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{label}");
+        for (name, x) in a {
+            let y = &b[name];
+            let diff = (x.to_kind(Kind::Double) - y.to_kind(Kind::Double)).abs().max();
+            assert!(x.equal(y), "{label}, {name}: differs by {}", diff.double_value(&[]));
+        }
+    }
+
+    /// Checkpointing recomputes each stage from its saved input with the same kernels on the
+    /// same values, and back-propagates `sum(out * grad)`, whose gradient is `grad` exactly;
+    /// every parameter accumulates its gradient once per micro-batch as before. So on the CPU
+    /// the loss, every gradient and BatchNorm's running statistics after the step are the
+    /// same bits as without it (the acceptance bound is 1e-6 relative; nothing here needs
+    /// it): for the ViT, OpenAI's ResNet (BatchNorm in training mode) and a timm SigLIP trunk,
+    /// with and without micro-batches (3 + 3 + 2), and with towers locked whole or in part.
+    #[test]
+    fn checkpointing_leaves_every_gradient_as_it_was() {
+        let resnet: ModelConfig =
+            serde_json::from_str(include_str!("../../tests/fixtures/resnet/tiny-rn.json")).unwrap();
+        let siglip: ModelConfig = serde_json::from_value(serde_json::json!({
+            "embed_dim": 16, "custom_text": true,
+            "vision_cfg": {"image_size": 32, "timm_model_name": "vit_oxtiny_patch8_siglip_32",
+                           "timm_model_pretrained": false, "timm_pool": "map", "timm_proj": "linear"},
+            "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2,
+                         "no_causal_mask": true, "proj_bias": true, "pool_type": "last"}
+        }))
+        .unwrap();
+        let cases = [
+            ("ViT", Case::new(tiny(LossKind::Clip), LossKind::Clip, true, 8)),
+            ("ResNet", Case::new(resnet, LossKind::Clip, true, 8)),
+            ("timm SigLIP", Case::new(siglip, LossKind::Siglip, true, 8)),
+        ];
+        for (name, case) in &cases {
+            let locks: &[&[(Tower, usize)]] = match *name {
+                // The image tower's last block, ln_post and proj train; the text tower not at
+                // all. Then the image tower's projection alone, the text tower's last block.
+                "ViT" => &[
+                    &[],
+                    &[(Tower::Image, 2), (Tower::Text, 0)],
+                    &[(Tower::Image, 1), (Tower::Text, 2)],
+                ],
+                // open_clip locks a ResNet whole; its BatchNorm still follows the batch.
+                "ResNet" => &[&[], &[(Tower::Image, 0)]],
+                // The trunk frozen but its attention pool (and open_clip's head).
+                _ => &[&[], &[(Tower::Image, 1)]],
+            };
+            for micro in [None, Some(3)] {
+                for &locks in locks {
+                    let label = format!("{name}, micro {micro:?}, locks {locks:?}");
+                    let plain = step_case(case, Forward { micro, checkpointing: false }, locks);
+                    let ckpt = step_case(case, Forward { micro, checkpointing: true }, locks);
+                    assert!(plain.loss.equal(&ckpt.loss), "{label}: loss");
+                    assert_bitwise(&format!("{label}: gradient"), &plain.grads, &ckpt.grads);
+                    assert_bitwise(&format!("{label}: after the step"), &plain.after, &ckpt.after);
+                    assert!(!ckpt.grads.is_empty(), "{label}");
+                    if *name == "ResNet" {
+                        // Each micro-batch counted once, although checkpointing runs it again.
+                        let counted = &ckpt.after["visual.bn1.num_batches_tracked"]
+                            - &case.weights["visual.bn1.num_batches_tracked"];
+                        let expected = if micro.is_some() { 3 } else { 1 };
+                        assert_eq!(counted.int64_value(&[]), expected, "{label}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The recomputed stages run in the first pass's autocast, and amp's loss scale reaches
+    /// them through the surrogate: under amp (fp16, a loss scale) and amp_bf16 the gradients
+    /// with checkpointing are those without it, bit for bit.
+    #[test]
+    fn checkpointing_composes_with_the_precisions() {
+        let kind = LossKind::Clip;
+        let (weights, images, tokens) = tiny_inputs(kind, 37, 8);
+        for dtype in [LowPrecision::Fp16, LowPrecision::Bf16] {
+            let grads = |grad_checkpointing: bool| {
+                let vs = nn::VarStore::new(Device::Cpu);
+                let model = Clip::new(&vs.root(), &tiny(kind)).unwrap();
+                tch::no_grad(|| {
+                    for (name, var) in vs.variables() {
+                        var.shallow_clone().copy_(&weights[&name]);
+                    }
+                });
+                let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
+                let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
+                let sync = GradSync::for_var_store(&vs, &DistConfig::default()).unwrap();
+                let cfg = StepConfig {
+                    autocast: Some(Autocast::new(Device::Cpu, dtype).unwrap()),
+                    grad_checkpointing,
+                    ..step_config(kind, None)
+                };
+                let mut scaler = (dtype == LowPrecision::Fp16)
+                    .then(|| GradScaler::new(Device::Cpu, GradScalerConfig::default()));
+                let (images, tokens) = (&images, &tokens);
+                let comm = &SingleProcess;
+                train_step(
+                    &model,
+                    &mut optimizer,
+                    comm,
+                    &sync,
+                    images,
+                    tokens,
+                    0.0,
+                    0,
+                    cfg,
+                    scaler.as_mut(),
+                )
+                .unwrap();
+                optimizer
+                    .variables()
+                    .map(|(name, var)| (name.to_owned(), var.grad().copy()))
+                    .collect::<BTreeMap<_, _>>()
+            };
+            assert_bitwise(&format!("{dtype:?}"), &grads(false), &grads(true));
+        }
+    }
+
+    /// 4 ranks (TCP backend), the reduction overlapped with the backward pass in several
+    /// buckets: with checkpointing, buckets still launch during the backward pass, and the
+    /// reduced gradients are bit for bit those of the reduction after the backward pass and
+    /// those of the same ranks without checkpointing, with and without micro-batches.
+    #[test]
+    fn checkpointing_keeps_the_overlapped_reduction_exact() {
+        let kind = LossKind::Clip;
+        let (weights, images, tokens) = tiny_inputs(kind, 29, 32);
+        let on = DistConfig { overlap: true, bucket_mb: 0.2, ..DistConfig::default() };
+        let after = DistConfig { overlap: false, ..on };
+        for micro in [None, Some(3)] {
+            let plain = Forward { micro, checkpointing: false };
+            let ckpt = Forward { micro, checkpointing: true };
+            let reference = on_four_ranks(kind, plain, on, &weights, &images, &tokens);
+            let overlapped = on_four_ranks(kind, ckpt, on, &weights, &images, &tokens);
+            let later = on_four_ranks(kind, ckpt, after, &weights, &images, &tokens);
+            for rank in 0..4 {
+                let (loss, grads, launched, buckets) = &overlapped[rank];
+                assert!(*buckets > 2 && *launched > 0, "micro {micro:?} rank {rank}: {launched} of {buckets} buckets launched during backward");
+                assert_eq!(*loss, reference[rank].0, "micro {micro:?} rank {rank}");
+                assert_eq!(
+                    grads, &later[rank].1,
+                    "micro {micro:?} rank {rank}: overlapped vs after backward"
+                );
+                assert_eq!(
+                    grads, &reference[rank].1,
+                    "micro {micro:?} rank {rank}: with vs without checkpointing"
+                );
+            }
+        }
+    }
+
+    /// The reduction's hooks watch the step's last backward pass: under checkpointing (several
+    /// backward calls, one per stage) each trainable parameter's hook fires exactly once in
+    /// it, as without checkpointing, so a bucket is never launched before its gradients are
+    /// final.
+    #[test]
+    fn checkpointing_fires_each_gradient_hook_once() {
+        let kind = LossKind::Clip;
+        let (weights, images, tokens) = tiny_inputs(kind, 31, 8);
+        for micro in [None, Some(3)] {
+            let counts = |grad_checkpointing: bool| {
+                let vs = nn::VarStore::new(Device::Cpu);
+                let model = Clip::new(&vs.root(), &tiny(kind)).unwrap();
+                tch::no_grad(|| {
+                    for (name, var) in vs.variables() {
+                        var.shallow_clone().copy_(&weights[&name]);
+                    }
+                });
+                let towers = Towers {
+                    model: &model,
+                    images: &images,
+                    tokens: &tokens,
+                    micro: MicroBatches::new(8, micro),
+                    autocast: None,
+                    loss_scale: None,
+                    kept: None,
+                    grad_checkpointing,
+                };
+                let (features, mut kept) = towers.encode_batch();
+                // One micro-batch keeps what step 1 ran: checkpointed when asked.
+                if micro.is_none() {
+                    let checkpointed = matches!(kept, Some(Encoded::Checkpointed(..)));
+                    assert_eq!(checkpointed, grad_checkpointing);
+                }
+                let spec = step_config(kind, micro).loss;
+                let (_, grads) =
+                    loss_and_feature_grads(&model, &SingleProcess, &features, spec, 0..8).unwrap();
+                let last = towers.micro.len() - 1;
+                for k in 0..last {
+                    towers.backward(k, kept.take(), &grads);
+                }
+                let params = vs.trainable_variables();
+                let counts = crate::grad_sync::hook_counts(&params, || {
+                    towers.backward(last, kept.take(), &grads)
+                })
+                .unwrap();
+                (params.len(), counts)
+            };
+            let (params, plain) = counts(false);
+            let (_, ckpt) = counts(true);
+            assert_eq!(plain, vec![1; params], "micro {micro:?}: without checkpointing");
+            assert_eq!(ckpt, plain, "micro {micro:?}: with checkpointing");
         }
     }
 }

@@ -494,6 +494,7 @@ fn schedule(cfg: &RunConfig) -> Schedule {
 fn step_config(cfg: &RunConfig, device: Device) -> Result<StepConfig> {
     Ok(StepConfig {
         patch_dropout: patch_dropout(cfg),
+        grad_checkpointing: cfg.train.grad_checkpointing,
         ..StepConfig::new(
             cfg.train.precision,
             device,

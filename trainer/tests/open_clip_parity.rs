@@ -170,6 +170,7 @@ fn siglip_step_matches_open_clip_gradients() {
             loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
             micro_batch,
             patch_dropout: None,
+            grad_checkpointing: false,
         };
         // lr 0: the step computes the gradients and leaves the weights alone.
         let out = train_step(

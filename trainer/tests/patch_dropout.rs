@@ -124,6 +124,7 @@ fn step_config(micro_batch: Option<usize>, patch_dropout: Option<PatchDropout>) 
         loss: LossSpec::new(&LossConfig::default(), false),
         micro_batch,
         patch_dropout,
+        grad_checkpointing: false,
     }
 }
 
@@ -240,4 +241,24 @@ fn eval_mode_never_drops() {
     let (_, with) = gradients(&SingleProcess, &weights, batch, 0, step_config(None, pd), true);
     let (_, without) = gradients(&SingleProcess, &weights, batch, 0, step_config(None, None), true);
     assert!(with.iter().all(|(n, g)| g.equal(&without[n])));
+}
+
+/// Activation checkpointing re-runs the stem (where the patches are dropped) in the backward
+/// pass: it keeps the same patches as the first pass, so the step's gradients are those
+/// without checkpointing, bit for bit, whole and in micro-batches.
+#[test]
+fn checkpointing_recomputes_the_stem_with_the_same_kept_patches() {
+    let (weights, images, tokens) = inputs(8);
+    let pd = Some(PatchDropout { prob: RATE, seed: 5 });
+    let batch = (&images, &tokens);
+    for micro in [None, Some(3)] {
+        let plain = step_config(micro, pd);
+        let ckpt = StepConfig { grad_checkpointing: true, ..plain };
+        let (loss, without) = gradients(&SingleProcess, &weights, batch, 2, plain, false);
+        let (ckpt_loss, with) = gradients(&SingleProcess, &weights, batch, 2, ckpt, false);
+        assert_eq!(loss, ckpt_loss, "micro {micro:?}: loss");
+        for (name, g) in &without {
+            assert!(g.equal(&with[name]), "micro {micro:?}: {name} differs under checkpointing");
+        }
+    }
 }

@@ -153,6 +153,7 @@ fn tiny_resnet_training_step_matches_open_clip() {
             loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
             micro_batch,
             patch_dropout: None,
+            grad_checkpointing: false,
         };
         let out = train_step(
             &model,

@@ -185,6 +185,7 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
         loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
         micro_batch: None,
         patch_dropout: None,
+        grad_checkpointing: false,
     };
     // lr 0: the step computes the gradients and leaves the weights alone.
     let out = train_step(

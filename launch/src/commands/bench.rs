@@ -47,6 +47,10 @@ pub struct BenchTrainArgs {
     /// off. ViT and timm towers only.
     #[arg(long, default_value_t = 0.0, value_name = "P")]
     pub patch_dropout: f64,
+    /// Activation checkpointing (`train.grad_checkpointing`): keep only each tower stage's
+    /// input and recompute the stage in the backward pass.
+    #[arg(long)]
+    pub grad_checkpointing: bool,
 }
 
 pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
@@ -75,6 +79,7 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         precision: args.precision,
         micro_batch_size: args.micro_batch_size,
         patch_dropout: args.patch_dropout,
+        grad_checkpointing: args.grad_checkpointing,
     })?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())

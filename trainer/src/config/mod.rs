@@ -299,6 +299,24 @@ mod tests {
         assert!(msg.contains("line 6"), "{msg}");
     }
 
+    /// `train.grad_checkpointing` is a bool; anything else is refused when the config is
+    /// read, before any work, naming the key (and the line, from a file).
+    #[test]
+    fn grad_checkpointing_is_a_bool_and_other_values_name_the_key() {
+        let (_d, path) = write(GOOD);
+        assert!(!load(&path, &Overrides::default()).expect("loads").train.grad_checkpointing);
+        let on = load(&path, &set(&["train.grad_checkpointing=true"])).expect("loads");
+        assert!(on.train.grad_checkpointing);
+        let msg = load(&path, &set(&["train.grad_checkpointing=maybe"]))
+            .expect_err("rejects")
+            .to_string();
+        assert!(msg.contains("train.grad_checkpointing") && msg.contains("boolean"), "{msg}");
+        let (_d, path) =
+            write(&GOOD.replace("  steps: 10\n", "  steps: 10\n  grad_checkpointing: maybe\n"));
+        let msg = load(&path, &Overrides::default()).expect_err("rejects").to_string();
+        assert!(msg.contains("train.grad_checkpointing") && msg.contains("line 7"), "{msg}");
+    }
+
     #[test]
     fn overrides_set_nested_keys_with_yaml_values() {
         let (_d, path) = write(GOOD);

@@ -123,6 +123,13 @@ pub struct TrainConfig {
     /// once. See docs/large-batch.md.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub micro_batch_size: Option<usize>,
+    /// Activation checkpointing (open_clip's `--grad-checkpointing`): each tower keeps only
+    /// the input of each stage (stem, residual block, ResNet bottleneck) and recomputes the
+    /// stage in the backward pass: activation memory of about one stage instead of all of
+    /// them, for about one more forward pass per step. The gradients are unchanged. Default:
+    /// false. See docs/training.md.
+    #[serde(default)]
+    pub grad_checkpointing: bool,
     /// Optimizer steps in the whole run.
     pub steps: u64,
     /// Seeds initialisation, shuffling and augmentation.

@@ -327,6 +327,26 @@ impl GradSync {
     }
 }
 
+/// How many times each of `params`' gradient hooks fired during `backward`: for the tests of
+/// what runs under [`GradSync::reduce`] (the step's backward passes), which must accumulate
+/// each parameter's gradient once.
+#[cfg(test)]
+pub(crate) fn hook_counts(params: &[Tensor], backward: impl FnOnce()) -> Result<Vec<usize>> {
+    use std::sync::atomic::AtomicUsize;
+    struct Counts(Vec<AtomicUsize>);
+    impl hooks::OnGradReady for Counts {
+        fn grad_ready(&self, index: usize) {
+            self.0[index].fetch_add(1, Ordering::Relaxed);
+        }
+        fn hook_panicked(&self, message: String) {
+            eprintln!("a counting hook panicked: {message}");
+        }
+    }
+    let counts = Counts(params.iter().map(|_| AtomicUsize::new(0)).collect());
+    hooks::during(params, &counts, backward)?;
+    Ok(counts.0.into_iter().map(AtomicUsize::into_inner).collect())
+}
+
 /// A flat bucket on its way to the communication thread, with the point its flatten reached.
 struct Flat {
     bucket: usize,

@@ -7,10 +7,11 @@
 //! One file per tower: `vision.rs` (open_clip's ViT), `resnet.rs` (OpenAI's ModifiedResNet),
 //! `timm_vit.rs` (the SigLIP trunks), `text.rs`, and `transformer.rs` (the block the ViT and
 //! text towers share). `config.rs` is open_clip's JSON schema, `zoo.rs` its built-in configs,
-//! `params.rs` how every parameter is made, `lock.rs` what fine-tuning freezes,
-//! `patch_dropout.rs` which patches a training step keeps and how the ViTs drop the rest.
-//! Here: the model, its towers behind one enum, and [`load_state_dict`], which takes weights
-//! already in open_clip's names. Files (safetensors, other libraries' names and model directories,
+//! `params.rs` how every parameter is made, `lock.rs` what fine-tuning freezes, `staged.rs`
+//! each tower's forward as stages and activation checkpointing over them, `patch_dropout.rs`
+//! which patches a training step keeps and how the ViTs drop the rest. Here: the model, its
+//! towers behind one enum, and [`load_state_dict`], which takes weights already in open_clip's
+//! names. Files (safetensors, other libraries' names and model directories,
 //! export) are the `interchange` module's, which builds on this one.
 
 pub mod config;
@@ -18,6 +19,7 @@ pub mod lock;
 pub mod params;
 pub mod patch_dropout;
 pub mod resnet;
+pub mod staged;
 pub mod text;
 pub mod timm_vit;
 pub mod transformer;
@@ -34,6 +36,7 @@ use tch::Tensor;
 pub use config::{ModelConfig, TextConfig, VisionConfig, VisionTowerKind};
 use params::param;
 use resnet::ModifiedResNet;
+use staged::Stages;
 use text::TextTransformer;
 use vision::VisionTransformer;
 
@@ -86,11 +89,7 @@ impl VisionTower {
     /// images: (B, 3, S, S) -> (B, embed_dim). `kept`: the patches each image keeps (patch
     /// dropout, [`patch_dropout`]); a tower without patch tokens takes `None` only.
     pub fn forward(&self, images: &Tensor, train: bool, kept: Option<&Tensor>) -> Tensor {
-        match self {
-            VisionTower::Vit(vit) => vit.forward(images, kept),
-            VisionTower::ResNet(resnet) => resnet.forward(images, train),
-            VisionTower::Timm(vit) => vit.forward(images, train, kept),
-        }
+        staged::fold(self.stage_count(), images, |i, x| self.stage(i, x, train, kept))
     }
 
     /// Patch tokens per image, for the towers that have them (and so can drop some).
@@ -99,6 +98,74 @@ impl VisionTower {
             VisionTower::Vit(vit) => Some(vit.num_patches()),
             VisionTower::ResNet(_) => None,
             VisionTower::Timm(vit) => Some(vit.num_patches()),
+        }
+    }
+
+    /// The tower's stages (model/staged.rs).
+    pub fn stage_count(&self) -> usize {
+        match self {
+            VisionTower::Vit(vit) => vit.stage_count(),
+            VisionTower::ResNet(resnet) => resnet.stage_count(),
+            VisionTower::Timm(vit) => vit.stage_count(),
+        }
+    }
+
+    /// Stage `i` of [`VisionTower::forward`]; a ResNet has no patches to drop (the config
+    /// refuses patch dropout on it) and ignores `kept`.
+    pub fn stage(&self, i: usize, x: &Tensor, train: bool, kept: Option<&Tensor>) -> Tensor {
+        match self {
+            VisionTower::Vit(vit) => vit.stage(i, x, kept),
+            VisionTower::ResNet(resnet) => resnet.stage(i, x, train),
+            VisionTower::Timm(vit) => vit.stage(i, x, train, kept),
+        }
+    }
+}
+
+/// The image tower of [`Clip::features`] as stages: the tower's, its output L2-normalised,
+/// keeping the patches `kept` lists (patch dropout).
+pub struct ImageStages<'a> {
+    model: &'a Clip,
+    kept: Option<&'a Tensor>,
+}
+
+impl Stages for ImageStages<'_> {
+    fn count(&self) -> usize {
+        self.model.visual.stage_count()
+    }
+
+    fn run(&self, i: usize, x: &Tensor) -> Tensor {
+        let training = self.model.is_training();
+        let out = if i == 0 {
+            self.model.visual.stage(i, &self.model.in_weight_kind(x), training, self.kept)
+        } else {
+            self.model.visual.stage(i, x, training, self.kept)
+        };
+        if i + 1 == self.count() {
+            normalize(&out)
+        } else {
+            out
+        }
+    }
+}
+
+/// The text tower of [`Clip::features`] as stages for the captions `tokens`: the tower's,
+/// its output L2-normalised.
+pub struct TextStages<'a> {
+    model: &'a Clip,
+    tokens: &'a Tensor,
+}
+
+impl Stages for TextStages<'_> {
+    fn count(&self) -> usize {
+        self.model.text.stage_count()
+    }
+
+    fn run(&self, i: usize, x: &Tensor) -> Tensor {
+        let out = self.model.text.stage(i, x, self.tokens);
+        if i + 1 == self.count() {
+            normalize(&out)
+        } else {
+            out
         }
     }
 }
@@ -181,14 +248,19 @@ impl Clip {
     /// `kept` lists ((B, keep) positions, [`patch_dropout::PatchDropout::kept`]); `None`
     /// keeps all. Only the training step passes indices.
     pub fn encode_image_keeping(&self, images: &Tensor, kept: Option<&Tensor>) -> Tensor {
-        // Images meet the weights in the weights' precision: bf16 under `pure_bf16` (open_clip
-        // casts its inputs so, `get_input_dtype`). Every float weight has one kind, which
-        // logit_scale's stands for; under autocast the weights stay fp32 and autocast casts.
+        self.visual.forward(&self.in_weight_kind(images), self.is_training(), kept)
+    }
+
+    /// Images meet the weights in the weights' precision: bf16 under `pure_bf16` (open_clip
+    /// casts its inputs so, `get_input_dtype`). Every float weight has one kind, which
+    /// logit_scale's stands for; under autocast the weights stay fp32 and autocast casts.
+    fn in_weight_kind(&self, images: &Tensor) -> Tensor {
         let kind = self.logit_scale.kind();
-        if images.kind() != kind {
-            return self.visual.forward(&images.to_kind(kind), self.is_training(), kept);
+        if images.kind() == kind {
+            images.shallow_clone()
+        } else {
+            images.to_kind(kind)
         }
-        self.visual.forward(images, self.is_training(), kept)
     }
 
     /// tokens: (B, context_length) -> (B, embed_dim), not normalised.
@@ -209,8 +281,20 @@ impl Clip {
         tokens: &Tensor,
         kept: Option<&Tensor>,
     ) -> (Tensor, Tensor) {
-        let image = self.encode_image_keeping(images, kept);
-        (normalize(&image), normalize(&self.encode_text(tokens)))
+        (
+            staged::forward(&self.image_stages(kept), images),
+            staged::forward(&self.text_stages(tokens), tokens),
+        )
+    }
+
+    /// The image half of [`Clip::features_keeping`] as stages, for activation checkpointing.
+    pub fn image_stages<'a>(&'a self, kept: Option<&'a Tensor>) -> ImageStages<'a> {
+        ImageStages { model: self, kept }
+    }
+
+    /// The text half of [`Clip::features`] for `tokens`, as stages.
+    pub fn text_stages<'a>(&'a self, tokens: &'a Tensor) -> TextStages<'a> {
+        TextStages { model: self, tokens }
     }
 
     /// Keeps the scale in [1, 100], as open_clip does after each optimizer step.

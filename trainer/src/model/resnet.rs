@@ -20,6 +20,7 @@ use tch::{Kind, Tensor};
 
 use super::config::VisionConfig;
 use super::params::{buffer, param};
+use super::staged;
 use super::transformer::{randn, Linear};
 
 /// PyTorch's `nn.BatchNorm2d` defaults.
@@ -330,21 +331,34 @@ impl ModifiedResNet {
 
     /// images: (B, 3, S, S) normalised -> (B, embed_dim), not L2-normalised.
     pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
+        staged::fold(self.stage_count(), images, |i, x| self.stage(i, x, train))
+    }
+
+    /// The stages of [`ModifiedResNet::forward`] (model/staged.rs): the stem, each
+    /// bottleneck block of layer1 to layer4 (as timm checkpoints a ResNet: `checkpoint_seq`
+    /// over its blocks), the attention pool.
+    pub fn stage_count(&self) -> usize {
+        self.layers.iter().map(Vec::len).sum::<usize>() + 2
+    }
+
+    /// Stage `i` on its input: images for the stem, feature maps after it. BatchNorm follows
+    /// `train` and the switches as they are when the stage runs.
+    pub fn stage(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
         let train = train && !self.frozen_batch_norm.load(Ordering::Relaxed);
         let mode = if train {
             BnMode::Train { update: self.count_batches.load(Ordering::Relaxed) }
         } else {
             BnMode::Eval
         };
-        let mut x = self.bn1.forward(&conv(images, &self.conv1, 2), mode).relu();
-        x = self.bn2.forward(&conv(&x, &self.conv2, 1), mode).relu();
-        x = self.bn3.forward(&conv(&x, &self.conv3, 1), mode).relu();
-        x = avg_pool(&x, 2);
-        for layer in &self.layers {
-            for block in layer {
-                x = block.forward(&x, mode);
-            }
+        if i == 0 {
+            let mut x = self.bn1.forward(&conv(x, &self.conv1, 2), mode).relu();
+            x = self.bn2.forward(&conv(&x, &self.conv2, 1), mode).relu();
+            x = self.bn3.forward(&conv(&x, &self.conv3, 1), mode).relu();
+            avg_pool(&x, 2)
+        } else if let Some(block) = self.layers.iter().flatten().nth(i - 1) {
+            block.forward(x, mode)
+        } else {
+            self.attnpool.forward(x)
         }
-        self.attnpool.forward(&x)
     }
 }

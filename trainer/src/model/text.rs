@@ -9,6 +9,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{TextConfig, TextPool};
 use super::params::param;
+use super::staged;
 use super::transformer::{randn, Activation, BlockInit, BlockSpec, LayerNorm, Linear, Transformer};
 
 #[derive(Debug)]
@@ -92,10 +93,31 @@ impl TextTransformer {
 
     /// tokens: (B, L) int64 -> (B, embed_dim), not L2-normalised.
     pub fn forward(&self, tokens: &Tensor) -> Tensor {
-        let x = Tensor::embedding(&self.token_embedding, tokens, -1, false, false);
-        let x = &x + self.positional_embedding.to_kind(x.kind());
-        let x = self.transformer.forward(&x, self.causal);
-        let x = self.ln_final.forward(&x);
+        staged::fold(self.stage_count(), tokens, |i, x| self.stage(i, x, tokens))
+    }
+
+    /// The stages of [`TextTransformer::forward`] (model/staged.rs): the embeddings, each
+    /// residual block, the head.
+    pub fn stage_count(&self) -> usize {
+        self.transformer.resblocks.len() + 2
+    }
+
+    /// Stage `i` on its input `x`: the token ids for the first, (B, L, W) after it; the
+    /// head pools at a position `tokens` give.
+    pub fn stage(&self, i: usize, x: &Tensor, tokens: &Tensor) -> Tensor {
+        if i == 0 {
+            let x = Tensor::embedding(&self.token_embedding, x, -1, false, false);
+            &x + self.positional_embedding.to_kind(x.kind())
+        } else if let Some(block) = self.transformer.resblocks.get(i - 1) {
+            block.forward(x, self.causal)
+        } else {
+            self.head(x, tokens)
+        }
+    }
+
+    /// ln_final, pooling, projection: (B, L, W) -> (B, embed_dim).
+    fn head(&self, x: &Tensor, tokens: &Tensor) -> Tensor {
+        let x = self.ln_final.forward(x);
         let pooled = self.pool(&x, tokens);
         match &self.text_projection {
             TextProjection::Matrix(m) => pooled.matmul(m),

@@ -19,6 +19,7 @@ use tch::Tensor;
 use super::config::VisionConfig;
 use super::params::param;
 use super::patch_dropout::keep_patches;
+use super::staged;
 use super::transformer::{Activation, LayerNorm, Linear};
 use crate::error::{Result, TrainError};
 
@@ -382,20 +383,40 @@ impl TimmVit {
     /// the head's dropout; `kept`: (B, keep) patch positions each image keeps (patch dropout),
     /// or `None` for all of them.
     pub fn forward(&self, images: &Tensor, train: bool, kept: Option<&Tensor>) -> Tensor {
-        let p = self.arch.patch;
-        // (B, W, g, g) -> (B, g*g, W)
-        let x =
-            images.conv2d(&self.patch_weight, Some(&self.patch_bias), [p, p], [0, 0], [1, 1], 1);
-        let x = x.flatten(2, 3).transpose(1, 2);
-        let mut x = &x + self.pos_embed.to_kind(x.kind());
-        if let Some(kept) = kept {
-            // timm's patch_drop, after the positions, before norm_pre (none in SigLIP).
-            x = keep_patches(&x, 0, kept);
+        staged::fold(self.stage_count(), images, |i, x| self.stage(i, x, train, kept))
+    }
+
+    /// The stages of [`TimmVit::forward`] (model/staged.rs): the patch embedding, each
+    /// block, the head (norm, attention pool, open_clip's head).
+    pub fn stage_count(&self) -> usize {
+        self.blocks.len() + 2
+    }
+
+    /// Stage `i` on its input: images for the first, (B, g*g, W) after it (fewer under patch
+    /// dropout: the first keeps the patches `kept` lists). Only the head draws random numbers
+    /// (its dropout, under `train`).
+    pub fn stage(&self, i: usize, x: &Tensor, train: bool, kept: Option<&Tensor>) -> Tensor {
+        if i == 0 {
+            let p = self.arch.patch;
+            // (B, W, g, g) -> (B, g*g, W)
+            let x = x.conv2d(&self.patch_weight, Some(&self.patch_bias), [p, p], [0, 0], [1, 1], 1);
+            let x = x.flatten(2, 3).transpose(1, 2);
+            let x = &x + self.pos_embed.to_kind(x.kind());
+            match kept {
+                // timm's patch_drop, after the positions, before norm_pre (none in SigLIP).
+                Some(kept) => keep_patches(&x, 0, kept),
+                None => x,
+            }
+        } else if let Some(block) = self.blocks.get(i - 1) {
+            block.forward(x)
+        } else {
+            self.head(x, train)
         }
-        for block in &self.blocks {
-            x = block.forward(&x);
-        }
-        let pooled = self.attn_pool.forward(&self.norm.forward(&x));
+    }
+
+    /// (B, g*g, W) -> (B, embed_dim).
+    fn head(&self, x: &Tensor, train: bool) -> Tensor {
+        let pooled = self.attn_pool.forward(&self.norm.forward(x));
         match &self.head {
             TimmHead::None => pooled,
             TimmHead::Linear { weight, bias, drop } => {

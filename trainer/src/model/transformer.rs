@@ -223,7 +223,8 @@ impl ResidualBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
+    /// x: (B, L, W) -> (B, L, W); `causal` masks attention to later tokens.
+    pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
         let scaled = |ls: &Option<LayerScale>, h: Tensor| match ls {
             Some(ls) => ls.forward(&h),
             None => h,
@@ -234,7 +235,8 @@ impl ResidualBlock {
     }
 }
 
-/// A stack of residual blocks under `<path>.resblocks.<i>`.
+/// A stack of residual blocks under `<path>.resblocks.<i>`; the towers run them as stages
+/// (model/staged.rs).
 #[derive(Debug)]
 pub struct Transformer {
     pub resblocks: Vec<ResidualBlock>,
@@ -245,15 +247,6 @@ impl Transformer {
         let blocks = &p / "resblocks";
         let resblocks = (0..layers).map(|i| ResidualBlock::new(&blocks / i, spec)).collect();
         Transformer { resblocks }
-    }
-
-    /// x: (B, L, W) -> (B, L, W); `causal` masks attention to later tokens.
-    pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
-        let mut x = x.shallow_clone();
-        for block in &self.resblocks {
-            x = block.forward(&x, causal);
-        }
-        x
     }
 }
 

@@ -11,6 +11,7 @@ use tch::Tensor;
 use super::config::{VisionConfig, VisionPool};
 use super::params::param;
 use super::patch_dropout::keep_patches;
+use super::staged;
 use super::transformer::{randn, Activation, BlockInit, BlockSpec, LayerNorm, Transformer};
 
 #[derive(Debug)]
@@ -82,6 +83,30 @@ impl VisionTransformer {
     /// images: (B, 3, S, S) normalised -> (B, embed_dim), not L2-normalised. `kept`: (B, keep)
     /// patch positions each image keeps (patch dropout), or `None` for all of them.
     pub fn forward(&self, images: &Tensor, kept: Option<&Tensor>) -> Tensor {
+        staged::fold(self.stage_count(), images, |i, x| self.stage(i, x, kept))
+    }
+
+    /// The stages of [`VisionTransformer::forward`] (model/staged.rs): the stem, each
+    /// residual block, the head.
+    pub fn stage_count(&self) -> usize {
+        self.transformer.resblocks.len() + 2
+    }
+
+    /// Stage `i` on its input: images for the stem, (B, g*g + 1, W) tokens after it (fewer
+    /// under patch dropout: the stem keeps the patches `kept` lists).
+    pub fn stage(&self, i: usize, x: &Tensor, kept: Option<&Tensor>) -> Tensor {
+        if i == 0 {
+            self.stem(x, kept)
+        } else if let Some(block) = self.transformer.resblocks.get(i - 1) {
+            block.forward(x, false)
+        } else {
+            self.head(x)
+        }
+    }
+
+    /// Patch embedding, class token, positions, patch dropout, ln_pre:
+    /// (B, 3, S, S) -> (B, 1 + kept patches, W).
+    fn stem(&self, images: &Tensor, kept: Option<&Tensor>) -> Tensor {
         let stride = [self.patch_size, self.patch_size];
         // (B, W, g, g) -> (B, g*g, W)
         let x = images.conv2d(&self.conv1, None::<Tensor>, stride, [0, 0], [1, 1], 1);
@@ -98,15 +123,19 @@ impl VisionTransformer {
         if let Some(ln_pre) = &self.ln_pre {
             x = ln_pre.forward(&x);
         }
-        let x = self.transformer.forward(&x, false);
+        x
+    }
+
+    /// Pooling with ln_post, then proj: (B, g*g + 1, W) -> (B, embed_dim).
+    fn head(&self, x: &Tensor) -> Tensor {
         let pool = |x: &Tensor| match self.pool {
             VisionPool::Tok => x.select(1, 0),
             VisionPool::Avg => x.narrow(1, 1, x.size()[1] - 1).mean_dim(1, false, None),
         };
         let pooled = if self.final_ln_after_pool {
-            self.ln_post.forward(&pool(&x))
+            self.ln_post.forward(&pool(x))
         } else {
-            pool(&self.ln_post.forward(&x))
+            pool(&self.ln_post.forward(x))
         };
         pooled.matmul(&self.proj)
     }
