@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 : > "$OUT/failures.txt"
 BIN=${BIN:-target/release/oxclip}
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-480}))
-SECTIONS=" ${SECTIONS:-bench loss large nccl} "
+SECTIONS=" ${SECTIONS:-bench loss large nccl levers} "
 wanted() { [[ "$SECTIONS" == *" $1 "* ]]; }
 
 # check LIMIT CMD...: runs CMD under min(LIMIT, what the budget has left). A failure (or a
@@ -59,7 +59,7 @@ fi
 wanted bench && {
   echo "# oxclip bench train (CUDA, amp bf16)"
   for bs in 256 128; do
-    check 90 "$BIN" bench train --model ViT-B-32 --batch-size $bs --steps 20 --warmup 5 --device cuda --amp-bf16
+    check 90 "$BIN" bench train --model ViT-B-32 --batch-size $bs --steps 20 --warmup 5 --device cuda --precision amp_bf16
   done
   echo "# open_clip, same GPU"
   for bs in 256 128; do
@@ -91,12 +91,12 @@ wanted loss && {
 # 3. Batches beyond activation memory: ViT-B-32 whole, then with micro-batches of 256.
 wanted large && {
   echo "# bench train ViT-B-32, whole batch"
-  check 60 "$BIN" bench train --model ViT-B-32 --batch-size 2048 --steps 1 --warmup 1 --device cuda --amp-bf16
+  check 60 "$BIN" bench train --model ViT-B-32 --batch-size 2048 --steps 1 --warmup 1 --device cuda --precision amp_bf16
   echo "# bench train ViT-B-32, micro-batches of 256"
   # At 131072 the images alone take 79 GB of the GPU (94 GB in use in all on an H200).
   for bs in 4096 16384 65536 131072; do
     check 120 "$BIN" bench train --model ViT-B-32 --batch-size $bs --micro-batch-size 256 --steps 1 --warmup 1 \
-      --device cuda --amp-bf16
+      --device cuda --precision amp_bf16
   done
 } 2>&1 | tee "$OUT/large-batch.txt"
 
@@ -208,6 +208,33 @@ YAML
     done
   fi
 } 2>&1 | tee "$OUT/nccl.txt"
+# 5. The memory and speed levers (docs/training.md): ViT-B-16 and ViT-L-14, each at a batch
+# that fits an 80 GB GPU under bf16 autocast, with each lever alone (samples/s, device memory);
+# then the largest power-of-two batch each model reaches with and without activation
+# checkpointing (the first that fails ends the climb; its failure is expected, not recorded).
+wanted levers && {
+  for spec in ViT-B-16:256 ViT-L-14:64; do
+    model=${spec%%:*} bs=${spec#*:}
+    for lever in "--precision amp_bf16" "--precision fp32" "--precision amp" "--precision pure_bf16" \
+      "--precision amp_bf16 --grad-checkpointing" "--precision amp_bf16 --patch-dropout 0.5"; do
+      echo "# levers: $model batch $bs $lever"
+      check 90 "$BIN" bench train --model $model --batch-size $bs --steps 5 --warmup 2 --device cuda $lever
+    done
+  done
+  for spec in ViT-B-16:512 ViT-L-14:128; do
+    model=${spec%%:*}
+    for ckpt in "" "--grad-checkpointing"; do
+      bs=${spec#*:}
+      echo "# levers: largest batch, $model ${ckpt:-without checkpointing}"
+      while [ $((DEADLINE - SECONDS)) -gt 60 ] && [ $bs -le 16384 ]; do
+        timeout 90 "$BIN" bench train --model $model --batch-size $bs --steps 1 --warmup 1 --device cuda \
+          --precision amp_bf16 $ckpt || break
+        bs=$((bs * 2))
+      done
+    done
+  done
+} 2>&1 | tee "$OUT/levers.txt"
+
 echo "gpu-check done in $SECONDS s"
 timeout 60 python3 scripts/gpu_check_verdict.py "$OUT" "$SECTIONS" | tee "$OUT/verdict.txt"
 status=${PIPESTATUS[0]}

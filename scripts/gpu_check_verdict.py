@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The pass/fail verdict of scripts/gpu-check.sh, from the JSON lines its sections wrote.
 
-    python3 scripts/gpu_check_verdict.py OUT_DIR "bench loss large nccl"
+    python3 scripts/gpu_check_verdict.py OUT_DIR "bench loss large nccl levers"
 
 Checks, for each section that was asked for (a section asked for but without its numbers
 fails: a check that did not run is not a pass):
@@ -14,7 +14,9 @@ fails: a check that did not run is not a pass):
   size asked), with a finite throughput;
 - nccl: the one-rank NCCL run's logged losses equal the single-process CUDA run's, 1e-5,
   with the default buckets and with many overlapped ones (dist.bucket_mb 0.05); and, where
-  two GPUs ran, two ranks of 16 equal one of 32, 1e-4, both ways.
+  two GPUs ran, two ranks of 16 equal one of 32, 1e-4, both ways;
+- levers: ViT-B-16 (batch 256) and ViT-L-14 (64) ran in every precision, with activation
+  checkpointing using less device memory than without, and with patch dropout 0.5 faster.
 Commands that failed or timed out (OUT/failures.txt, written by gpu-check.sh) fail too.
 Exit 0 when everything holds, 1 otherwise, with one line per check either way.
 
@@ -114,6 +116,25 @@ def verdict(out, sections):
         for bs in LARGE_BATCHES:
             check(bs in done, f"large: ViT-B-32 batch {bs} in micro-batches of 256 ran")
 
+    if "levers" in sections:
+        rows = [r for r in json_lines(os.path.join(out, "levers.txt")) if r.get("bench") == "train"]
+        for model, bs in (("ViT-B-16", 256), ("ViT-L-14", 64)):
+            runs = [r for r in rows if r.get("model") == model and r.get("batch_size") == bs]
+            base = [r for r in runs if r.get("precision") == "amp_bf16" and not r.get("grad_checkpointing") and not r.get("patch_dropout")]
+            ckpt = [r for r in runs if r.get("grad_checkpointing")]
+            drop = [r for r in runs if r.get("patch_dropout")]
+            precisions = {r.get("precision") for r in runs}
+            check({"fp32", "amp", "amp_bf16", "pure_bf16"} <= precisions, f"levers: {model} batch {bs} ran in every precision: {sorted(p for p in precisions if p)}")
+            if base and ckpt:
+                b, c = base[0].get("cuda_memory_bytes") or 0, ckpt[0].get("cuda_memory_bytes") or 0
+                check(0 < c < b, f"levers: {model} batch {bs}: device memory {c / 2**30:.1f} GiB with checkpointing, {b / 2**30:.1f} GiB without")
+            else:
+                check(False, f"levers: {model} batch {bs}: ran with and without checkpointing")
+            if base and drop:
+                b, d = base[0]["samples_per_second"], drop[0]["samples_per_second"]
+                check(d > b, f"levers: {model} batch {bs}: {d:.0f} samples/s with patch dropout 0.5, {b:.0f} without")
+            else:
+                check(False, f"levers: {model} batch {bs}: ran with and without patch dropout")
     if "nccl" in sections:
         run_root = open(os.path.join(out, "nccl-dir.txt")).read().strip() if os.path.exists(os.path.join(out, "nccl-dir.txt")) else ""
         single, nccl1 = losses(os.path.join(run_root, "single")), losses(os.path.join(run_root, "nccl1"))
@@ -152,7 +173,7 @@ def main():
     return 1 if failed or not results else 0
 
 
-def write_outputs(out, bench_ratio=1.0, tiled_error=0.0, bf16_error=0.0, nccl_error=0.0, overlap_error=0.0, missing_large=None, failure=None):
+def write_outputs(out, bench_ratio=1.0, tiled_error=0.0, bf16_error=0.0, nccl_error=0.0, overlap_error=0.0, missing_large=None, failure=None, ckpt_memory=0.4, missing_precision=None):
     """What a gpu-check.sh run writes under `out`, synthetic: each argument spoils one check."""
     with open(os.path.join(out, "bench.txt"), "w") as f:
         for bs in (256, 128):
@@ -179,14 +200,24 @@ def write_outputs(out, bench_ratio=1.0, tiled_error=0.0, bf16_error=0.0, nccl_er
                 f.write(json.dumps({"step": step, "train/loss": 4.0 - 0.1 * step + shift}) + "\n")
     with open(os.path.join(out, "nccl-dir.txt"), "w") as f:
         f.write(runs + "\n")
+    with open(os.path.join(out, "levers.txt"), "w") as f:
+        for model, bs in (("ViT-B-16", 256), ("ViT-L-14", 64)):
+            row = {"bench": "train", "model": model, "batch_size": bs, "grad_checkpointing": False, "patch_dropout": 0.0}
+            for precision in ("amp_bf16", "fp32", "amp", "pure_bf16"):
+                if precision != missing_precision:
+                    f.write(json.dumps({**row, "precision": precision, "samples_per_second": 500.0, "cuda_memory_bytes": 10 * 2**30}) + "\n")
+            f.write(json.dumps({**row, "precision": "amp_bf16", "grad_checkpointing": True, "samples_per_second": 400.0, "cuda_memory_bytes": int(ckpt_memory * 10 * 2**30)}) + "\n")
+            f.write(json.dumps({**row, "precision": "amp_bf16", "patch_dropout": 0.5, "samples_per_second": 800.0, "cuda_memory_bytes": 7 * 2**30}) + "\n")
     with open(os.path.join(out, "failures.txt"), "w") as f:
         f.write(f"{failure}\n" if failure else "")
 
 
 def self_test():
     """The verdict on synthetic outputs: all pass, then each spoilt one fails exactly its check."""
-    sections = ["bench", "loss", "large", "nccl"]
+    sections = ["bench", "loss", "large", "nccl", "levers"]
     cases = [
+        ({"ckpt_memory": 1.2}, "with checkpointing"),
+        ({"missing_precision": "amp"}, "in every precision"),
         ({}, None),
         ({"bench_ratio": 0.5}, "bench: batch "),
         ({"tiled_error": 1e-3}, "tiled fp32"),

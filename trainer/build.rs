@@ -35,6 +35,10 @@ fn main() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        // libtorch's release build is compiled with NDEBUG, and some of its headers declare
+        // members only without it (RecordFunction's `inputs_valid_`): every shim must see the
+        // layouts the library was built with.
+        .define("NDEBUG", None)
         .warnings(false)
         .compile("oxclip_grad_hooks");
 }

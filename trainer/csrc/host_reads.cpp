@@ -12,12 +12,6 @@
 // Every function here is `noexcept` and catches everything: no C++ exception may unwind into
 // Rust frames, whose "C" ABI does not allow it.
 
-// libtorch's release build is compiled with NDEBUG, and some of its headers declare members
-// only without it (RecordFunction's `inputs_valid_`): the shim must see the same layouts.
-#ifndef NDEBUG
-#define NDEBUG
-#endif
-
 #include <ATen/core/Tensor.h>
 #include <ATen/core/ivalue.h>
 #include <ATen/record_function.h>

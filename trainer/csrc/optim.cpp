@@ -8,12 +8,6 @@
 // Rust frames, whose "C" ABI does not allow it. A refusal returns 1 with libtorch's message in
 // `err` (NUL-terminated, cut to `err_len` bytes).
 
-// libtorch's release build is compiled with NDEBUG, and some of its headers declare members
-// only without it (RecordFunction's `inputs_valid_`): the shim must see the same layouts.
-#ifndef NDEBUG
-#define NDEBUG
-#endif
-
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
