@@ -334,10 +334,6 @@ impl Towers<'_> {
             // The gradient of the scaled loss: every parameter's, scaled alike.
             surrogate = &surrogate * scale;
         }
-        if let Some(scale) = &self.loss_scale {
-            // The gradient of the scaled loss: every parameter's, scaled alike.
-            surrogate = &surrogate * scale;
-        }
         surrogate.backward();
         // Checkpointed: the surrogate went through each tower's last stage; now the stages
         // before it, re-run as step 1 ran them. The text tower first: its parameters were
