@@ -179,7 +179,7 @@ fn amp_follows_open_clips_amp_for_50_steps() {
     let skipped: Vec<i64> = golden("amp.skipped").into_iter().map(|v| v as i64).collect();
     assert_eq!(ours.skipped, skipped, "the steps skipped for inf/NaN gradients");
     assert_eq!(ours.scale, golden("amp.scale"), "the loss scale of each step");
-    assert!(skipped.iter().any(|&s| s == 1), "the fixture holds no skipped step");
+    assert!(skipped.contains(&1), "the fixture holds no skipped step");
 }
 
 /// `amp_bf16` now runs in bf16 on the CPU: open_clip's CPU `amp_bf16` within 1e-2 (measured
