@@ -59,12 +59,12 @@ fi
 wanted bench && {
   echo "# oxclip bench train (CUDA, amp bf16)"
   for bs in 256 128; do
-    check 90 "$BIN" bench train --model ViT-B-32 --batch-size $bs --steps 20 --warmup 5 --device cuda --amp-bf16
+    check 90 "$BIN" bench train --model ViT-B-32 --batch-size $bs --steps 20 --warmup 5 --device cuda --precision amp_bf16
   done
   echo "# open_clip, same GPU"
   for bs in 256 128; do
     check 90 python3 scripts/bench_open_clip.py --model-config configs/models/open_clip/ViT-B-32.json \
-      --batch-size $bs --steps 20 --warmup 5 --threads 16 --device cuda --amp-bf16 2>&1 | tail -n 1
+      --batch-size $bs --steps 20 --warmup 5 --threads 16 --device cuda --precision amp_bf16 2>&1 | tail -n 1
   done
 } 2>&1 | tee "$OUT/bench.txt"
 
@@ -91,12 +91,12 @@ wanted loss && {
 # 3. Batches beyond activation memory: ViT-B-32 whole, then with micro-batches of 256.
 wanted large && {
   echo "# bench train ViT-B-32, whole batch"
-  check 60 "$BIN" bench train --model ViT-B-32 --batch-size 2048 --steps 1 --warmup 1 --device cuda --amp-bf16
+  check 60 "$BIN" bench train --model ViT-B-32 --batch-size 2048 --steps 1 --warmup 1 --device cuda --precision amp_bf16
   echo "# bench train ViT-B-32, micro-batches of 256"
   # At 131072 the images alone take 79 GB of the GPU (94 GB in use in all on an H200).
   for bs in 4096 16384 65536 131072; do
     check 120 "$BIN" bench train --model ViT-B-32 --batch-size $bs --micro-batch-size 256 --steps 1 --warmup 1 \
-      --device cuda --amp-bf16
+      --device cuda --precision amp_bf16
   done
 } 2>&1 | tee "$OUT/large-batch.txt"
 
