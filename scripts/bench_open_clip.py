@@ -5,8 +5,11 @@ Builds open_clip's CLIP from a model config file: one of our YAMLs or an
 open_clip JSON (configs/models/open_clip/; YAML reads JSON), feeds random images and random token ids,
 and times S training steps after W warm-up steps.  Prints ONE JSON line:
 
-  {"impl":"open_clip","model":...,"batch_size":B,"steps":S,"threads":T,
-   "seconds":...,"samples_per_second":...}
+  {"impl":"open_clip","model":...,"batch_size":B,"precision":P,"steps":S,"threads":T,
+   "seconds":...,"samples_per_second":...,"cpu_seconds":...}
+
+cpu_seconds is the process's CPU time (every thread) over the timed steps, as `oxclip bench
+train` reports it: on a machine others load too, the work that wall time is not.
 
 A step is what open_clip's train_one_epoch does for one batch: forward
 (encode_image / encode_text, normalised), ClipLoss with model.logit_scale.exp(),
@@ -144,12 +147,13 @@ def main():
     for _ in range(args.warmup):
         step()
     sync()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         loss = step()
     loss.item()
     sync()
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - cpu0
 
     model_name = os.path.splitext(os.path.basename(args.model_config))[0]
     print(json.dumps({
@@ -161,6 +165,7 @@ def main():
         "threads": args.threads,
         "seconds": round(seconds, 6),
         "samples_per_second": round(args.batch_size * args.steps / seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 6),
     }))
     return 0
 

@@ -29,11 +29,25 @@ pub struct TrainBenchResult {
     pub micro_batch_size: Option<usize>,
     pub seconds: f64,
     pub samples_per_second: f64,
+    /// CPU time (user and system, every thread) the timed steps took: on a machine others
+    /// load too, a measure of the work that wall time is not.
+    pub cpu_seconds: Option<f64>,
     /// The process's peak resident memory (VmHWM), start-up included: on the CPU, the
     /// step's activation memory shows here.
     pub peak_rss_bytes: Option<u64>,
     /// On CUDA: device memory in use after the steps (libtorch's cache holds its peak).
     pub cuda_memory_bytes: Option<u64>,
+}
+
+/// The CPU time this process has used so far, every thread, user and system (getrusage).
+pub fn process_cpu_seconds() -> Option<f64> {
+    // SAFETY: getrusage writes the struct it is given; zeroed is a valid `rusage`.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        (libc::getrusage(libc::RUSAGE_SELF, &mut usage) == 0).then_some(usage)
+    }?;
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
 }
 
 /// The process's peak resident set size, from /proc/self/status (Linux).
@@ -88,8 +102,9 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let grad_sync =
         crate::grad_sync::GradSync::for_var_store(&vs, &crate::config::DistConfig::default())?;
 
-    let mut run = |steps: u64| -> Result<f64> {
+    let mut run = |steps: u64| -> Result<(f64, Option<f64>)> {
         let started = Instant::now();
+        let cpu_started = process_cpu_seconds();
         let mut last = None;
         for _ in 0..steps {
             last = Some(step::train_step(
@@ -108,10 +123,11 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         if let Some(out) = last {
             let _ = out.loss.double_value(&[]);
         }
-        Ok(started.elapsed().as_secs_f64())
+        let cpu = process_cpu_seconds().zip(cpu_started).map(|(end, start)| end - start);
+        Ok((started.elapsed().as_secs_f64(), cpu))
     };
     run(b.warmup_steps)?;
-    let seconds = run(b.steps)?;
+    let (seconds, cpu_seconds) = run(b.steps)?;
     Ok(TrainBenchResult {
         bench: "train",
         model: b.model_name.to_string(),
@@ -123,6 +139,7 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
         micro_batch_size: b.micro_batch_size,
         seconds,
         samples_per_second: (b.batch_size as u64 * b.steps) as f64 / seconds,
+        cpu_seconds,
         peak_rss_bytes: peak_rss_bytes(),
         cuda_memory_bytes: crate::device::cuda_memory_in_use(b.device),
     })
