@@ -5,14 +5,24 @@ Builds open_clip's CLIP from a model config file: one of our YAMLs or an
 open_clip JSON (configs/models/open_clip/; YAML reads JSON), feeds random images and random token ids,
 and times S training steps after W warm-up steps.  Prints ONE JSON line:
 
-  {"impl":"open_clip","model":...,"batch_size":B,"steps":S,"threads":T,
-   "seconds":...,"samples_per_second":...}
+  {"impl":"open_clip","model":...,"batch_size":B,"precision":P,"steps":S,"threads":T,
+   "seconds":...,"samples_per_second":...,"cpu_seconds":...}
 
-A step is what open_clip's train_one_epoch does for one batch in fp32:
-forward (encode_image / encode_text, normalised), ClipLoss with
-model.logit_scale.exp(), backward, AdamW step (lr 5e-4, betas (0.9, 0.98),
-eps 1e-6, weight decay 0.2 on >=2-d weights only, as open_clip's main.py
-groups them), zero_grad, and the logit_scale clamp to [0, ln 100].
+cpu_seconds is the process's CPU time (every thread) over the timed steps, as `oxclip bench
+train` reports it: on a machine others load too, the work that wall time is not.
+
+A step is what open_clip's train_one_epoch does for one batch: forward
+(encode_image / encode_text, normalised), ClipLoss with model.logit_scale.exp(),
+backward, AdamW step (lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on
+>=2-d weights only, as open_clip's main.py groups them), zero_grad, and the
+logit_scale clamp to [0, ln 100]; under --precision as open_clip's (the same as
+`oxclip bench train --precision`):
+
+  fp32       no autocast
+  amp        autocast in fp16 (on the CPU too: open_clip asks for float16) and
+             torch.amp.GradScaler (scale, unscale, step, update)
+  amp_bf16   autocast in bf16
+  pure_bf16  model.to(bfloat16), bf16 images, no autocast
 
 Environment (nothing is downloaded at run time):
 
@@ -23,7 +33,7 @@ Usage:
 
     /tmp/refenv/bin/python scripts/bench_open_clip.py \
         --model-config configs/models/tiny.yaml --batch-size 64 \
-        --steps 20 --warmup 3 --threads 2 [--device cpu]
+        --steps 20 --warmup 3 --threads 2 [--device cpu] [--precision amp_bf16]
 """
 import argparse
 import json
@@ -72,8 +82,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--amp-bf16", action="store_true",
-                    help="bf16 autocast for forward and loss (open_clip --precision amp_bf16)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "amp", "amp_bf16", "pure_bf16"],
+                    help="as open_clip's --precision")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -86,12 +96,18 @@ def main():
 
     model, cfg = build_model(args.model_config)
     model = model.to(device).train()
+    input_dtype = torch.float32
+    if args.precision == "pure_bf16":
+        model = model.to(torch.bfloat16)
+        input_dtype = torch.bfloat16
+    autocast_dtype = {"amp": torch.float16, "amp_bf16": torch.bfloat16}.get(args.precision)
+    scaler = torch.amp.GradScaler(device=device.type) if args.precision == "amp" else None
 
     isz = cfg["vision_cfg"]["image_size"]
     ctx = cfg["text_cfg"].get("context_length", 77)
     vocab = cfg["text_cfg"].get("vocab_size", 49408)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    images = torch.randn(args.batch_size, 3, isz, isz, generator=gen).to(device)
+    images = torch.randn(args.batch_size, 3, isz, isz, generator=gen).to(device, dtype=input_dtype)
     text = random_text(args.batch_size, ctx, vocab, gen).to(device)
 
     # open_clip main.py: no weight decay on gains, biases, norms, logit_scale
@@ -107,12 +123,18 @@ def main():
     loss_fn = ClipLoss()
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp_bf16):
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
             image_features = model.encode_image(images, normalize=True)
             text_features = model.encode_text(text, normalize=True)
             loss = loss_fn(image_features, text_features, model.logit_scale.exp())
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
@@ -125,22 +147,25 @@ def main():
     for _ in range(args.warmup):
         step()
     sync()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         loss = step()
     loss.item()
     sync()
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - cpu0
 
     model_name = os.path.splitext(os.path.basename(args.model_config))[0]
     print(json.dumps({
         "impl": "open_clip",
         "model": model_name,
         "batch_size": args.batch_size,
+        "precision": args.precision,
         "steps": args.steps,
         "threads": args.threads,
         "seconds": round(seconds, 6),
         "samples_per_second": round(args.batch_size * args.steps / seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 6),
     }))
     return 0
 

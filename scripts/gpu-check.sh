@@ -64,7 +64,7 @@ wanted bench && {
   echo "# open_clip, same GPU"
   for bs in 256 128; do
     check 90 python3 scripts/bench_open_clip.py --model-config configs/models/open_clip/ViT-B-32.json \
-      --batch-size $bs --steps 20 --warmup 5 --threads 16 --device cuda --amp-bf16 2>&1 | tail -n 1
+      --batch-size $bs --steps 20 --warmup 5 --threads 16 --device cuda --precision amp_bf16 2>&1 | tail -n 1
   done
 } 2>&1 | tee "$OUT/bench.txt"
 

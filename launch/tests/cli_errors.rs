@@ -129,6 +129,43 @@ fn bench_train_prints_one_json_line() {
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert!(line["samples_per_second"].as_f64().expect("number") > 0.0);
     assert_eq!(line["batch_size"], 8);
+    assert_eq!(line["precision"], "fp32");
+}
+
+/// `--precision` takes `train.precision`'s values, each a step that runs, and refuses others
+/// naming the flag and the values it takes.
+#[test]
+fn bench_train_runs_each_precision() {
+    for precision in ["amp", "amp_bf16", "pure_bf16"] {
+        let out = run_ok(oxclip().args([
+            "bench",
+            "train",
+            "--model",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--precision",
+            precision,
+        ]));
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(line["precision"], precision);
+        assert!(line["samples_per_second"].as_f64().expect("number") > 0.0);
+    }
+    let out = oxclip()
+        .args(["bench", "train", "--model", "tiny", "--precision", "pure_fp16"])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--precision") && stderr.contains("amp_bf16"), "{stderr}");
 }
 
 #[test]

@@ -536,6 +536,42 @@ mod tests {
         }
     }
 
+    /// amp's loss scale travels in trainer_state.json; a state written before it existed (or by
+    /// a run without amp) reads as none, which resumes at the initial scale.
+    #[test]
+    fn the_loss_scale_round_trips_and_older_states_have_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vs, _, mut opt) = setup(0);
+        let scaler = GradScalerState { scale: 32768.0, growth_tracker: 17, skipped_steps: 3 };
+        let with = TrainerState { grad_scaler: Some(scaler), ..state(4) };
+        let saved = save(dir.path(), &vs, &opt, &with, 3).expect("saves");
+        assert_eq!(load(&saved, &vs, &mut opt).expect("loads").grad_scaler, Some(scaler));
+        let text = fs::read_to_string(saved.join(STATE_FILE)).expect("reads");
+        assert!(text.contains("\"grad_scaler\""), "{text}");
+        let without = serde_json::to_string(&state(4)).expect("json");
+        assert!(!without.contains("grad_scaler"), "{without}");
+        let old: TrainerState = serde_json::from_str(&without).expect("parses");
+        assert_eq!(old.grad_scaler, None);
+    }
+
+    /// pure_bf16: the checkpoint holds the weights as they are, bf16, and loads back exactly.
+    #[test]
+    fn bf16_weights_are_saved_as_bf16() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut vs, _, opt) = setup(0);
+        vs.bfloat16();
+        let saved = save(dir.path(), &vs, &opt, &state(2), 3).expect("saves");
+        let file = read_safetensors(&saved.join(MODEL_FILE)).expect("reads");
+        assert!(file.values().all(|t| t.kind() == Kind::BFloat16));
+        let (mut vs2, _, mut opt2) = setup(9);
+        vs2.bfloat16();
+        load(&saved, &vs2, &mut opt2).expect("loads");
+        let a = vs.variables();
+        for (name, t) in vs2.variables() {
+            assert!(t.equal(&a[&name]), "{name}");
+        }
+    }
+
     #[test]
     fn keeps_the_newest_and_skips_damaged_checkpoints() {
         let dir = tempfile::tempdir().expect("tempdir");

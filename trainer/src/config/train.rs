@@ -69,12 +69,40 @@ impl Precision {
         matches!(self, Precision::AmpBf16 | Precision::PureBf16)
     }
 
+    /// Whether this CPU has instructions for this precision's products: AVX512-BF16 for bf16
+    /// (every CPU with AMX has it too), AVX512-FP16 for amp's fp16. fp32 needs none.
+    fn cpu_has_instructions(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Precision::Fp32 => true,
+                Precision::Amp => std::arch::is_x86_feature_detected!("avx512fp16"),
+                Precision::AmpBf16 | Precision::PureBf16 => {
+                    std::arch::is_x86_feature_detected!("avx512bf16")
+                }
+            }
+        }
+        // Elsewhere (Arm's BF16 and FP16 extensions) there is no stable check: no warning.
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            true
+        }
+    }
+
     /// Fails, naming `setting` (`train.precision`, `--precision`), when `device` cannot run
     /// this precision: bf16 on a CUDA device older than compute capability 8.0 (Ampere), whose
     /// GEMMs have no bf16 (torch would emulate it, several times slower than fp32). fp16 runs
     /// on every CUDA device libtorch 2.11 supports, and every precision on every CPU (bf16 is
     /// fast where the CPU has AVX512-BF16 or AMX, converted through fp32 elsewhere).
     pub fn check_device(self, device: Device, setting: &str) -> Result<()> {
+        if device == Device::Cpu && !self.cpu_has_instructions() {
+            tracing::warn!(
+                "{setting}: {}: this CPU has no {} instructions; they are emulated through fp32 \
+                 and may run slower than fp32",
+                self.name(),
+                if self.uses_bf16() { "AVX512-BF16" } else { "AVX512-FP16" }
+            );
+        }
         let capability = if device.is_cuda() && self.uses_bf16() {
             let found = crate::device::cuda_compute_capability(device);
             if found.is_none() {
