@@ -53,6 +53,20 @@ pub struct BenchTrainArgs {
     pub grad_checkpointing: bool,
 }
 
+/// What every model benchmark sets up first: libtorch's CPU threads, the model config, the
+/// device.
+fn model_on_device(
+    model: &str,
+    device: &str,
+    threads: Option<usize>,
+) -> anyhow::Result<(oxclip_trainer::model::ModelConfig, tch::Device)> {
+    if let Some(t) = threads {
+        anyhow::ensure!(t > 0, "--threads must be at least 1");
+        tch::set_num_threads(t as i32);
+    }
+    Ok((config::resolve_model(model)?, device::select(device, "--device")?))
+}
+
 pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
@@ -62,12 +76,7 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
             "--micro-batch-size must be between 1 and --batch-size"
         );
     }
-    if let Some(t) = args.threads {
-        anyhow::ensure!(t > 0, "--threads must be at least 1");
-        tch::set_num_threads(t as i32);
-    }
-    let model = config::resolve_model(&args.model)?;
-    let device = device::select(&args.device, "--device")?;
+    let (model, device) = model_on_device(&args.model, &args.device, args.threads)?;
     args.precision.check_device(device, "--precision")?;
     let result = bench_train(&TrainBench {
         model_name: &args.model,
@@ -123,12 +132,7 @@ pub enum ImplArg {
 /// the per-parameter loop it replaced.
 pub fn optim(args: BenchOptimArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
-    if let Some(t) = args.threads {
-        anyhow::ensure!(t > 0, "--threads must be at least 1");
-        tch::set_num_threads(t as i32);
-    }
-    let model = config::resolve_model(&args.model)?;
-    let device = device::select(&args.device, "--device")?;
+    let (model, device) = model_on_device(&args.model, &args.device, args.threads)?;
     let impls: &[OptimImpl] = match args.implementation {
         Some(ImplArg::Loop) => &[OptimImpl::Loop],
         Some(ImplArg::Fused) => &[OptimImpl::Fused],
