@@ -1,5 +1,6 @@
 //! `oxclip bench loss`: the tiled loss and the N x N oracle agree, and the output is one
-//! JSON line with what the docs promise. `oxclip bench train` takes `--patch-dropout`.
+//! JSON line with what the docs promise. `oxclip bench train` takes `--patch-dropout` and
+//! `--grad-checkpointing`.
 
 mod util;
 
@@ -101,4 +102,31 @@ fn bench_train_runs_with_patch_dropout() {
         .expect("runs");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--patch-dropout must be in [0, 1)"));
+}
+
+/// `bench train --grad-checkpointing`: the step runs checkpointed and says so, with the peak
+/// memory and the CPU seconds that docs/benchmarks.md compares.
+#[test]
+fn bench_train_takes_grad_checkpointing() {
+    let out = run_ok(oxclip().args([
+        "bench",
+        "train",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--grad-checkpointing",
+    ]));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(result["grad_checkpointing"], true);
+    assert!(result["cpu_seconds"].as_f64().expect("cpu seconds") > 0.0);
+    assert!(result["peak_rss_bytes"].as_u64().expect("rss") > 0);
 }
