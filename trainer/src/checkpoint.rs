@@ -1,6 +1,7 @@
 //! Checkpoints: `<run_dir>/checkpoints/step_<N>/` holding `model.safetensors` (open_clip keys,
 //! in the weights' precision: fp32, or bf16 under `pure_bf16`), `optimizer.safetensors` (AdamW
-//! moments and step) and `trainer_state.json` (counters, loader position, seed, the loss scale
+//! moments and step; under `dist.shard`, one `optimizer-<r>-of-<W>.safetensors` per rank
+//! instead, each rank's pieces, written by that rank) and `trainer_state.json` (counters, loader position, seed, the loss scale
 //! under `amp`, the resolved config). A checkpoint is written under a temporary name and
 //! renamed into place, so a directory named `step_<N>` was complete when written. Last into the
 //! temporary folder goes `manifest.json`, each file's size and CRC-32, so that resume can also
@@ -28,8 +29,55 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const MANIFEST_FILE: &str = "manifest.json";
 
-/// The files a checkpoint needs to continue training, each listed in the manifest.
-const FILES: [&str; 3] = [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE];
+/// The files every checkpoint has, each listed in the manifest; the optimizer state is
+/// [`OPTIMIZER_FILE`] or a whole set of [`shard_file`]s.
+const FILES: [&str; 2] = [MODEL_FILE, STATE_FILE];
+
+/// Rank `rank`'s optimizer shard of a `world`-rank run sharded with `dist.shard`.
+pub fn shard_file(rank: usize, world: usize) -> String {
+    format!("optimizer-{rank:05}-of-{world:05}.safetensors")
+}
+
+/// The optimizer files of the checkpoint whose files are `names`: [`OPTIMIZER_FILE`], or every
+/// shard of one world size, in rank order; `Err` names what is missing.
+fn optimizer_files<'a>(
+    names: impl Iterator<Item = &'a str>,
+) -> std::result::Result<Vec<String>, String> {
+    let mut world = None;
+    let mut shards = Vec::new();
+    for name in names {
+        if name == OPTIMIZER_FILE {
+            return Ok(vec![OPTIMIZER_FILE.into()]);
+        }
+        let Some((rank, of)) = name
+            .strip_prefix("optimizer-")
+            .and_then(|n| n.strip_suffix(".safetensors"))
+            .and_then(|n| n.split_once("-of-"))
+        else {
+            continue;
+        };
+        if let (Ok(rank), Ok(of)) = (rank.parse::<usize>(), of.parse::<usize>()) {
+            if world.is_some_and(|w| w != of) {
+                return Err(format!(
+                    "optimizer shards of {} and of {of} ranks",
+                    world.unwrap_or(0)
+                ));
+            }
+            world = Some(of);
+            shards.push(rank);
+        }
+    }
+    let Some(world) = world else {
+        return Err(format!("neither {OPTIMIZER_FILE} nor optimizer shards"));
+    };
+    shards.sort_unstable();
+    if shards != (0..world).collect::<Vec<_>>() {
+        let missing: Vec<String> =
+            (0..world).filter(|r| !shards.contains(r)).map(|r| shard_file(r, world)).collect();
+        return Err(format!("optimizer shards missing: {}", missing.join(", ")));
+    }
+    Ok((0..world).map(|r| shard_file(r, world)).collect())
+}
 
 /// `manifest.json`: what each file was when written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,7 +156,10 @@ fn crc32_of(path: &Path) -> Result<(u64, u32)> {
 /// a temporary name and renaming it, so a manifest is whole whenever it exists.
 pub(crate) fn write_manifest(dir: &Path) -> Result<()> {
     let mut files = BTreeMap::new();
-    for file in FILES {
+    let names = dir_names(dir)?;
+    let optimizer = optimizer_files(names.iter().map(String::as_str))
+        .map_err(|message| TrainError::Checkpoint { path: dir.into(), message })?;
+    for file in FILES.iter().copied().chain(optimizer.iter().map(String::as_str)) {
         let (bytes, crc) = crc32_of(&dir.join(file))?;
         files.insert(file.to_string(), FileRecord { bytes, crc32: format!("{crc:08x}") });
     }
@@ -134,7 +185,10 @@ pub fn verify(dir: &Path, depth: Depth) -> std::result::Result<Verified, Damage>
                 format!("missing, and so is {STATE_FILE}: the checkpoint was never completed"),
             ));
         }
-        for file in [MODEL_FILE, OPTIMIZER_FILE] {
+        let names = dir_names(dir).map_err(|e| Damage::new(OPTIMIZER_FILE, e.to_string()))?;
+        let optimizer = optimizer_files(names.iter().map(String::as_str))
+            .map_err(|problem| Damage::new(OPTIMIZER_FILE, problem))?;
+        for file in [MODEL_FILE].into_iter().chain(optimizer.iter().map(String::as_str)) {
             safetensors_length_matches(&dir.join(file))
                 .map_err(|problem| Damage::new(file, problem))?;
         }
@@ -150,6 +204,8 @@ pub fn verify(dir: &Path, depth: Depth) -> std::result::Result<Verified, Damage>
             return Err(Damage::new(MANIFEST_FILE, format!("does not list {file}")));
         }
     }
+    optimizer_files(manifest.files.keys().map(String::as_str))
+        .map_err(|problem| Damage::new(MANIFEST_FILE, format!("lists {problem}")))?;
     for (file, record) in &manifest.files {
         let path = dir.join(file);
         let bytes = match fs::metadata(&path) {
@@ -174,6 +230,15 @@ pub fn verify(dir: &Path, depth: Depth) -> std::result::Result<Verified, Damage>
         }
     }
     Ok(Verified::Manifest)
+}
+
+/// The names of the files in `dir`.
+fn dir_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        names.push(entry.map_err(io_err(dir))?.file_name().to_string_lossy().into_owned());
+    }
+    Ok(names)
 }
 
 /// A safetensors file is 8 bytes of header length, the JSON header, then the data, which ends
@@ -237,7 +302,8 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 /// goes on changing.
 pub struct Snapshot {
     weights: Vec<(String, Tensor)>,
-    optimizer: Vec<(String, Tensor)>,
+    /// `None` under `dist.shard`: every rank wrote its shard ([`write_shard`]) already.
+    optimizer: Option<Vec<(String, Tensor)>>,
     state: TrainerState,
 }
 
@@ -250,17 +316,54 @@ fn host_copy(t: &Tensor, kind: tch::Kind) -> Result<Tensor> {
 /// Copies the weights (in their own kind: fp32, as [`weights::save_weights`] writes them, or
 /// bf16 under `pure_bf16`, as open_clip's checkpoint of such a run holds them), the optimizer
 /// state and `state` to host memory. This is the part of a save the training loop waits for.
-pub fn snapshot(vs: &nn::VarStore, optimizer: &AdamW, state: &TrainerState) -> Result<Snapshot> {
+/// `optimizer`: `None` under `dist.shard`, whose ranks write their shards themselves.
+pub fn snapshot(
+    vs: &nn::VarStore,
+    optimizer: Option<&AdamW>,
+    state: &TrainerState,
+) -> Result<Snapshot> {
     let _no_grad = tch::no_grad_guard();
     let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let weights =
         vars.into_iter().map(|(k, v)| Ok((k, host_copy(&v, v.kind())?))).collect::<Result<_>>()?;
-    let optimizer = optimizer
-        .state_tensors()
-        .into_iter()
-        .map(|(k, t)| Ok((k, host_copy(&t, t.kind())?)))
-        .collect::<Result<_>>()?;
+    let optimizer = optimizer.map(optimizer_on_host).transpose()?;
     Ok(Snapshot { weights, optimizer, state: state.clone() })
+}
+
+fn optimizer_on_host(optimizer: &AdamW) -> Result<Vec<(String, Tensor)>> {
+    optimizer.state_tensors().into_iter().map(|(k, t)| Ok((k, host_copy(&t, t.kind())?))).collect()
+}
+
+/// The folder a checkpoint of `step` is written in before it is renamed into place.
+fn tmp_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!(".step_{step}.tmp"))
+}
+
+/// Under `dist.shard`, on rank 0 before any rank writes its shard of `step`: a fresh
+/// temporary folder for the checkpoint (one left by a run that died mid-write goes).
+pub fn start_sharded(run_dir: &Path, step: u64) -> Result<()> {
+    let tmp = tmp_dir(run_dir, step);
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    fs::create_dir_all(&tmp).map_err(io_err(&tmp))
+}
+
+/// Under `dist.shard`, on every rank once rank 0 has run [`start_sharded`]: this rank's
+/// optimizer shard of `step`, written and fsynced into the checkpoint's temporary folder.
+pub fn write_shard(
+    run_dir: &Path,
+    step: u64,
+    rank: usize,
+    world: usize,
+    optimizer: &AdamW,
+) -> Result<()> {
+    let path = tmp_dir(run_dir, step).join(shard_file(rank, world));
+    let state = optimizer_on_host(optimizer)?;
+    test_delay();
+    Tensor::write_safetensors(&state, &path)
+        .map_err(|e| TrainError::Checkpoint { path: path.clone(), message: e.to_string() })?;
+    fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))
 }
 
 /// Where the checkpoint of `step` lands.
@@ -284,7 +387,7 @@ pub fn save(
     state: &TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
-    write(run_dir, snapshot(vs, optimizer, state)?, keep)
+    write(run_dir, snapshot(vs, Some(optimizer), state)?, keep)
 }
 
 /// Writes `snap` under a temporary name, fsyncs each file, writes the manifest, renames the
@@ -293,21 +396,29 @@ pub fn write(run_dir: &Path, snap: Snapshot, keep: usize) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     fs::create_dir_all(&root).map_err(io_err(&root))?;
     let name = format!("step_{}", snap.state.step);
-    let tmp = root.join(format!(".{name}.tmp"));
+    let tmp = tmp_dir(run_dir, snap.state.step);
     let dst = root.join(&name);
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    // Under dist.shard the ranks' shards are in the folder already (`start_sharded`).
+    if snap.optimizer.is_some() {
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
-    fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
 
     let model_path = tmp.join(MODEL_FILE);
     test_delay();
     Tensor::write_safetensors(&snap.weights, &model_path)
         .map_err(|e| TrainError::Weights { path: model_path.clone(), message: e.to_string() })?;
-    let opt_path = tmp.join(OPTIMIZER_FILE);
-    test_delay();
-    Tensor::write_safetensors(&snap.optimizer, &opt_path)
-        .map_err(|e| TrainError::Checkpoint { path: opt_path.clone(), message: e.to_string() })?;
+    if let Some(optimizer) = &snap.optimizer {
+        let opt_path = tmp.join(OPTIMIZER_FILE);
+        test_delay();
+        Tensor::write_safetensors(optimizer, &opt_path).map_err(|e| TrainError::Checkpoint {
+            path: opt_path.clone(),
+            message: e.to_string(),
+        })?;
+        fs::File::open(&opt_path).and_then(|f| f.sync_all()).map_err(io_err(&opt_path))?;
+    }
     let state_path = tmp.join(STATE_FILE);
     let json = serde_json::to_string_pretty(&snap.state)
         .map_err(|e| TrainError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
@@ -457,11 +568,20 @@ pub fn check(dir: &Path) -> std::result::Result<(), Damage> {
     Ok(())
 }
 
-/// Restores weights and optimizer state from `dir`; returns the trainer state.
+/// Restores weights and optimizer state from `dir`; returns the trainer state. The optimizer
+/// state may be whole or in shards of any world size, and `optimizer` either: each rank
+/// takes what it holds from each file in turn (one file in memory at a time).
 pub fn load(dir: &Path, vs: &nn::VarStore, optimizer: &mut AdamW) -> Result<TrainerState> {
     let state = read_state(dir)?;
-    let missing: Vec<&str> =
-        [MODEL_FILE, OPTIMIZER_FILE].into_iter().filter(|f| !dir.join(f).is_file()).collect();
+    let names = dir_names(dir)?;
+    let optimizer_files = optimizer_files(names.iter().map(String::as_str));
+    let missing: Vec<&str> = [
+        (!dir.join(MODEL_FILE).is_file()).then_some(MODEL_FILE),
+        optimizer_files.is_err().then_some(OPTIMIZER_FILE),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     if !missing.is_empty() {
         // Weights alone (an export, or a copy without the optimizer) can start a fresh run, not continue one.
         return Err(TrainError::Checkpoint {
@@ -470,11 +590,20 @@ pub fn load(dir: &Path, vs: &nn::VarStore, optimizer: &mut AdamW) -> Result<Trai
         });
     }
     weights::load_weights(vs, &dir.join(MODEL_FILE))?;
-    let opt_path = dir.join(OPTIMIZER_FILE);
-    let opt_state: BTreeMap<String, Tensor> = read_safetensors(&opt_path)?;
-    optimizer
-        .load_state_tensors(&opt_state)
-        .map_err(|e| TrainError::Checkpoint { path: opt_path, message: e.to_string() })?;
+    let mut loading = optimizer.start_loading();
+    let files =
+        optimizer_files.map_err(|message| TrainError::Checkpoint { path: dir.into(), message })?;
+    for file in &files {
+        let path = dir.join(file);
+        let part: BTreeMap<String, Tensor> = read_safetensors(&path)?;
+        loading
+            .take(optimizer, &part)
+            .map_err(|e| TrainError::Checkpoint { path: path.clone(), message: e.to_string() })?;
+    }
+    loading.finish(optimizer).map_err(|e| TrainError::Checkpoint {
+        path: dir.join(&files[0]),
+        message: e.to_string(),
+    })?;
     Ok(state)
 }
 
@@ -722,7 +851,7 @@ mod tests {
 
         let mut writer = Writer::default();
         let dst = writer
-            .start(dir.path(), snapshot(&vs, &opt, &state(5)).expect("copies"), 3)
+            .start(dir.path(), snapshot(&vs, Some(&opt), &state(5)).expect("copies"), 3)
             .expect("starts");
         // Training goes on, changing weights and moments in place while the writer writes.
         model.encode_image(&images).sum(Kind::Float).backward();
@@ -760,10 +889,10 @@ mod tests {
         fs::write(dir.path().join("checkpoints"), b"").expect("writes");
         let mut writer = Writer::default();
         writer
-            .start(dir.path(), snapshot(&vs, &opt, &state(2)).expect("copies"), 3)
+            .start(dir.path(), snapshot(&vs, Some(&opt), &state(2)).expect("copies"), 3)
             .expect("starts: the write fails later");
         let err = writer
-            .start(dir.path(), snapshot(&vs, &opt, &state(4)).expect("copies"), 3)
+            .start(dir.path(), snapshot(&vs, Some(&opt), &state(4)).expect("copies"), 3)
             .expect_err("the first write failed");
         assert!(
             err.to_string().contains(&dir.path().join("checkpoints").display().to_string()),
@@ -772,7 +901,7 @@ mod tests {
         // The failed save did not start another write; a failing last write fails the wait.
         assert_eq!(writer.wait().expect("nothing in flight"), None);
         writer
-            .start(dir.path(), snapshot(&vs, &opt, &state(6)).expect("copies"), 3)
+            .start(dir.path(), snapshot(&vs, Some(&opt), &state(6)).expect("copies"), 3)
             .expect("starts");
         assert!(writer.wait().is_err());
     }

@@ -6,6 +6,12 @@
 //! per-tensor norms and the scaling in one call each. tch lacks these TensorList operators;
 //! csrc/optim.cpp calls them.
 //!
+//! Under `dist.shard` (ZeRO-1/2) a rank's optimizer holds only the parameter elements it owns,
+//! as pieces (views of ranges of the flattened parameters, `grad_sync::Piece`); the update is
+//! the same elementwise kernel on them. Its state then carries each piece's first element
+//! (`start.<param>`), and a state of whole parameters or of pieces loads into an optimizer of
+//! either kind, whatever the ranges: a run resumes on another world size, sharded or not.
+//!
 //! Nothing here reads a value back to the host during a step (on CUDA each read would wait for
 //! the GPU): the update counter lives on the device as torch's fused path keeps it, the
 //! clipping coefficient is computed there, and the norm is handed back as a tensor for the
@@ -17,6 +23,7 @@ use std::ffi::{c_char, c_void, CStr};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainError};
+use crate::grad_sync::GradSync;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -43,6 +50,50 @@ struct Param {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     weight_decay: f64,
+    /// A piece (`dist.shard`): its first element in the flattened parameter, and the
+    /// parameter's shape. `None`: `var` is the whole parameter.
+    piece: Option<(i64, Vec<i64>)>,
+}
+
+/// This rank's pieces of `vs`'s trainable parameters under `dist.shard` (`grad_sync`'s split),
+/// named and with open_clip's decay rule applied to their whole parameters.
+pub fn pieces_of(vs: &tch::nn::VarStore, grad_sync: &GradSync) -> Result<Vec<PieceOf>> {
+    let names: std::collections::HashMap<usize, String> =
+        vs.variables().into_iter().map(|(name, t)| (t.data_ptr() as usize, name)).collect();
+    grad_sync
+        .pieces()
+        .iter()
+        .map(|piece| {
+            let param = &grad_sync.params()[piece.param];
+            let name = names.get(&(param.data_ptr() as usize)).ok_or_else(|| {
+                TrainError::Config(format!(
+                    "a trainable parameter of shape {:?} has no name in the model",
+                    param.size()
+                ))
+            })?;
+            Ok(PieceOf {
+                decays: decays(name, param),
+                name: name.clone(),
+                shape: param.size(),
+                start: piece.start,
+                view: piece.view.shallow_clone(),
+            })
+        })
+        .collect()
+}
+
+/// Sums a tensor over ranks in place (`dist.shard`'s partial gradient norms).
+pub type SumOverRanks<'a> = dyn Fn(&mut Tensor) -> Result<()> + 'a;
+
+/// What a sharded optimizer updates: elements `start ..` of parameter `name` (of `shape`),
+/// held as `view` (1-D, sharing the parameter's memory).
+pub struct PieceOf {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub start: i64,
+    pub view: Tensor,
+    /// open_clip's rule ([`decays`]) applied to the whole parameter.
+    pub decays: bool,
 }
 
 #[derive(Debug)]
@@ -67,15 +118,25 @@ impl AdamW {
             .filter(|(_, var)| var.requires_grad())
             .map(|(name, var)| {
                 let weight_decay = if decays(&name, &var) { config.weight_decay } else { 0.0 };
-                Param {
-                    exp_avg: var.zeros_like(),
-                    exp_avg_sq: var.zeros_like(),
-                    name,
-                    var,
-                    weight_decay,
-                }
+                Param::new(name, var, weight_decay, None)
             })
             .collect();
+        Self::over(params, config)
+    }
+
+    /// Optimises this rank's pieces of the parameters (`dist.shard`); state starts at zero.
+    pub fn over_pieces(pieces: Vec<PieceOf>, config: AdamWConfig) -> Self {
+        let params = pieces
+            .into_iter()
+            .map(|p| {
+                let weight_decay = if p.decays { config.weight_decay } else { 0.0 };
+                Param::new(p.name, p.view, weight_decay, Some((p.start, p.shape)))
+            })
+            .collect();
+        Self::over(params, config)
+    }
+
+    fn over(params: Vec<Param>, config: AdamWConfig) -> Self {
         let mut groups: Vec<(f64, Vec<usize>)> = Vec::new();
         for (i, p) in params.iter().enumerate() {
             match groups.iter_mut().find(|(wd, _)| *wd == p.weight_decay) {
@@ -86,6 +147,14 @@ impl AdamW {
         let device = params.first().map_or(Device::Cpu, |p| p.var.device());
         let step = Tensor::zeros([], (Kind::Float, device));
         AdamW { params, groups, config, step }
+    }
+
+    /// Bytes of AdamW moments this optimizer holds (both moments of every parameter or piece).
+    pub fn state_bytes(&self) -> u64 {
+        self.params
+            .iter()
+            .map(|p| 2 * p.exp_avg.numel() as u64 * p.exp_avg.kind().elt_size_in_bytes() as u64)
+            .sum()
     }
 
     /// Updates taken so far. Reads the device (a wait for it on CUDA): for checkpoints, logs and
@@ -120,15 +189,29 @@ impl AdamW {
     /// precision, as the host did it when it read the norm, so the clipped gradients are those
     /// of that version bit for bit. A non-finite norm makes every gradient NaN, as in torch
     /// (the loss check at the next log step, or the GradScaler's skipped step, then applies).
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<Tensor> {
+    ///
+    /// `over_ranks`: under `dist.shard` each rank holds the gradients of its own pieces only;
+    /// the function sums the squared partial norms over ranks (every rank must call it, with
+    /// or without gradients), and the norm is the square root of that sum.
+    pub fn clip_grad_norm(
+        &mut self,
+        max_norm: f64,
+        over_ranks: Option<&SumOverRanks>,
+    ) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let grads: Vec<Tensor> =
             self.params.iter().map(|p| p.var.grad()).filter(|g| g.defined()).collect();
-        let total = Tensor::f_zeros([], (Kind::Float, self.step.device()))?;
-        if grads.is_empty() {
+        let mut total = Tensor::f_zeros([], (Kind::Float, self.step.device()))?;
+        if !grads.is_empty() {
+            shim::total_norm(&grads, &total)?;
+        }
+        if let Some(sum) = over_ranks {
+            let mut squares = total.f_square()?;
+            sum(&mut squares)?;
+            total = squares.f_sqrt()?;
+        } else if grads.is_empty() {
             return Ok(total);
         }
-        shim::total_norm(&grads, &total)?;
         let options = (Kind::Double, total.device());
         let coef = Tensor::f_full([], max_norm, options)?
             .f_div(&total.f_to_kind(Kind::Double)?.f_add_scalar(1e-6)?)?
@@ -227,12 +310,16 @@ impl AdamW {
     }
 
     /// The state as named tensors: `exp_avg.<param>`, `exp_avg_sq.<param>`, and `step`, an int64
-    /// scalar (on the device: a checkpoint's copy to the host reads it).
+    /// scalar (on the device: a checkpoint's copy to the host reads it). A piece's moments are
+    /// 1-D, with `start.<param>` (int64) its first element in the flattened parameter.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::with_capacity(2 * self.params.len() + 1);
+        let mut out = Vec::with_capacity(3 * self.params.len() + 1);
         for p in &self.params {
             out.push((format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()));
             out.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone()));
+            if let Some((start, _)) = &p.piece {
+                out.push((format!("start.{}", p.name), Tensor::from(*start)));
+            }
         }
         out.push(("step".to_string(), self.step.to_kind(Kind::Int64)));
         out
@@ -240,36 +327,131 @@ impl AdamW {
 
     /// Restores what `state_tensors` saved; every parameter's state must be present.
     pub fn load_state_tensors(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
-        let missing = |key: &str| TrainError::Config(format!("optimizer state lacks `{key}`"));
-        let step = state.get("step").ok_or_else(|| missing("step"))?;
-        let step = match i64::try_from(step) {
-            Ok(n) if n >= 0 => n,
-            _ => {
-                return Err(TrainError::Config(format!(
-                    "optimizer state `step` must be one non-negative integer, got a {:?} tensor \
-                     of shape {:?}",
-                    step.kind(),
-                    step.size()
-                )))
+        let mut loading = self.start_loading();
+        loading.take(self, state)?;
+        loading.finish(self)
+    }
+
+    /// Loads state saved in parts (the shards of a sharded run, or one whole state), each
+    /// given to [`Loading::take`] in turn, then [`Loading::finish`]: every element this
+    /// optimizer holds must be covered once, whichever ranges the parts hold.
+    pub fn start_loading(&self) -> Loading {
+        Loading { covered: vec![0; self.params.len()], step: None }
+    }
+}
+
+/// A state being loaded part by part ([`AdamW::start_loading`]).
+pub struct Loading {
+    /// Per parameter (or piece), elements filled so far.
+    covered: Vec<i64>,
+    step: Option<i64>,
+}
+
+impl Loading {
+    /// Copies what `state` holds of this optimizer's parameters' moments: for each, the
+    /// elements where the saved range (a whole parameter, or a piece at `start.<param>`) and
+    /// this optimizer's overlap.
+    pub fn take(&mut self, opt: &mut AdamW, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        let invalid = |message: String| TrainError::Config(message);
+        if let Some(step) = state.get("step") {
+            let step = match i64::try_from(step) {
+                Ok(n) if n >= 0 => n,
+                _ => {
+                    return Err(invalid(format!(
+                        "optimizer state `step` must be one non-negative integer, got a {:?} \
+                         tensor of shape {:?}",
+                        step.kind(),
+                        step.size()
+                    )))
+                }
+            };
+            if self.step.is_some_and(|s| s != step) {
+                return Err(invalid(format!(
+                    "optimizer state parts disagree on `step`: {} and {step}",
+                    self.step.unwrap_or_default()
+                )));
             }
-        };
+            self.step = Some(step);
+        }
         let _guard = tch::no_grad_guard();
-        for p in &mut self.params {
+        for (i, p) in opt.params.iter_mut().enumerate() {
+            let (mine, shape) = match &p.piece {
+                Some((start, shape)) => (*start, shape.clone()),
+                None => (0, p.var.size()),
+            };
+            let numel: i64 = shape.iter().product();
+            let len = p.exp_avg.numel() as i64;
             for (key, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
                 let key = format!("{key}.{}", p.name);
-                let src = state.get(&key).ok_or_else(|| missing(&key))?;
-                if src.size() != dst.size() {
-                    return Err(TrainError::Config(format!(
-                        "optimizer state `{key}` has shape {:?}, the parameter {:?}",
-                        src.size(),
-                        dst.size()
+                let Some(src) = state.get(&key) else { continue };
+                let saved = match state.get(&format!("start.{}", p.name)) {
+                    Some(start) => i64::try_from(start).map_err(|_| {
+                        invalid(format!("optimizer state `start.{}` is not one integer", p.name))
+                    })?,
+                    None if src.size() != shape => {
+                        return Err(invalid(format!(
+                            "optimizer state `{key}` has shape {:?}, the parameter {:?}",
+                            src.size(),
+                            shape
+                        )))
+                    }
+                    None => 0,
+                };
+                let saved_len = src.numel() as i64;
+                if saved < 0 || saved + saved_len > numel {
+                    return Err(invalid(format!(
+                        "optimizer state `{key}` holds elements {saved}..{} of a parameter of {numel}",
+                        saved + saved_len
                     )));
                 }
-                dst.f_copy_(&src.f_to_device(dst.device())?.f_to_kind(dst.kind())?)?;
+                let (lo, hi) = (mine.max(saved), (mine + len).min(saved + saved_len));
+                if lo >= hi {
+                    continue;
+                }
+                let src = src.f_reshape([-1])?.f_narrow(0, lo - saved, hi - lo)?;
+                dst.f_view([-1])?
+                    .f_narrow(0, lo - mine, hi - lo)?
+                    .f_copy_(&src.f_to_device(dst.device())?.f_to_kind(dst.kind())?)?;
+                if key.starts_with("exp_avg.") {
+                    self.covered[i] += hi - lo;
+                }
             }
         }
-        let _ = self.step.f_fill_(step as f64)?;
         Ok(())
+    }
+
+    /// Checks that every element was loaded once and the step found, and sets the counter.
+    pub fn finish(self, opt: &mut AdamW) -> Result<()> {
+        let missing = |key: &str| TrainError::Config(format!("optimizer state lacks `{key}`"));
+        for (p, &covered) in opt.params.iter().zip(&self.covered) {
+            let len = p.exp_avg.numel() as i64;
+            if covered == 0 && len > 0 {
+                return Err(missing(&format!("exp_avg.{}", p.name)));
+            }
+            if covered != len {
+                return Err(TrainError::Config(format!(
+                    "optimizer state covers {covered} of the {len} elements of `{}` this rank \
+                     holds: its parts overlap or leave a gap",
+                    p.name
+                )));
+            }
+        }
+        let step = self.step.ok_or_else(|| missing("step"))?;
+        let _ = opt.step.f_fill_(step as f64)?;
+        Ok(())
+    }
+}
+
+impl Param {
+    fn new(name: String, var: Tensor, weight_decay: f64, piece: Option<(i64, Vec<i64>)>) -> Self {
+        Param {
+            exp_avg: var.zeros_like(),
+            exp_avg_sq: var.zeros_like(),
+            name,
+            var,
+            weight_decay,
+            piece,
+        }
     }
 }
 
@@ -488,7 +670,7 @@ mod tests {
             AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.0 },
         );
         (&w * Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0])).sum(Kind::Float).backward();
-        let norm = opt.clip_grad_norm(1.0).unwrap().double_value(&[]);
+        let norm = opt.clip_grad_norm(1.0, None).unwrap().double_value(&[]);
         assert!((norm - 5.0).abs() < 1e-5);
         let clipped = w.grad().norm().double_value(&[]);
         assert!((clipped - 1.0).abs() < 1e-4, "{clipped}");
@@ -574,7 +756,7 @@ mod tests {
                     }
                 });
                 if let Some(max_norm) = clip {
-                    let norm = fused.clip_grad_norm(max_norm).unwrap().double_value(&[]);
+                    let norm = fused.clip_grad_norm(max_norm, None).unwrap().double_value(&[]);
                     let host = clip_on_the_host(&looped, max_norm);
                     assert_eq!(norm, host, "the norm, device vs host");
                     // Active (0.05) at every step, or never (1e6).
@@ -691,7 +873,7 @@ mod tests {
         let skip = Tensor::ones([1], (Kind::Float, Device::Cpu));
         let count = HostReads::start().expect("counting");
         for found_inf in [None, Some(&skip)] {
-            let norm = opt.clip_grad_norm(0.1).unwrap();
+            let norm = opt.clip_grad_norm(0.1, None).unwrap();
             opt.step(1e-3, found_inf).unwrap();
             assert_eq!(norm.size(), Vec::<i64>::new());
         }

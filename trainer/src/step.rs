@@ -128,15 +128,24 @@ pub fn train_step(
         Some(scaler) => {
             let grads: Vec<Tensor> =
                 optimizer.variables().map(|(_, v)| v.grad()).filter(Tensor::defined).collect();
-            Some(scaler.unscale(&grads)?.shallow_clone())
+            let mut found = scaler.unscale(&grads)?.shallow_clone();
+            // Under dist.shard each rank looked at its own part: any rank's inf skips all.
+            grad_sync.sum_over_shards(comm, &mut found)?;
+            let _ = found.f_clamp_max_(1.0)?;
+            Some(found)
         }
         None => None,
     };
-    let grad_norm = cfg.grad_clip_norm.map(|max| optimizer.clip_grad_norm(max)).transpose()?;
+    let sum_squares = |squares: &mut Tensor| grad_sync.sum_over_shards(comm, squares);
+    let over_ranks = grad_sync.is_sharded().then_some(&sum_squares as &crate::optim::SumOverRanks);
+    let grad_norm =
+        cfg.grad_clip_norm.map(|max| optimizer.clip_grad_norm(max, over_ranks)).transpose()?;
     optimizer.step(lr, found_inf.as_ref())?;
     if let Some(scaler) = scaler {
         scaler.update()?;
     }
+    // 8. Under dist.shard each rank updated only its own part of the parameters: all-gather.
+    grad_sync.gather(comm)?;
     model.clamp_logit_scale();
 
     Ok(StepOutput {

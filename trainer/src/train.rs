@@ -223,6 +223,7 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
     let device = training_device(cfg, world)?;
     cfg.train.precision.check_device(device, "train.precision")?;
     let step_cfg = step_config(cfg, device)?;
+    cfg.dist.validate_for_world(world.map_or(1, |w| w.world_size))?;
     let comm = collectives::connect(world, &cfg.dist, device)?;
     check_same_config(comm.as_ref(), &resolved)?;
 
@@ -244,8 +245,10 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
         return Ok(Start::Finished(summary));
     }
     let init = init_weights(cfg, resume_from.is_some())?;
-    let (vs, model, mut optimizer) = build_model(cfg, device, init.as_ref())?;
-    let grad_sync = GradSync::for_var_store(&vs, &cfg.dist)?;
+    let (vs, model) = build_model(cfg, device, init.as_ref())?;
+    let mut grad_sync = GradSync::for_var_store(&vs, &cfg.dist)?;
+    grad_sync.split(comm.rank(), comm.world_size())?;
+    let mut optimizer = optimizer_for(&vs, &grad_sync, cfg)?;
     let tokenizer = cfg.data.tokenizer(&cfg.model)?;
     let preprocess = cfg.data.preprocess(&cfg.model)?;
     let mut loader = open_loader(cfg, comm.as_ref(), &tokenizer, &preprocess)?;
@@ -339,19 +342,20 @@ fn init_weights(cfg: &RunConfig, resuming: bool) -> Result<Option<Found>> {
     Ok(Some(found))
 }
 
-/// The model (its initial weights fixed by the seed, or loaded from `init`), its frozen
-/// towers, and the optimizer over what still trains.
+/// The model (its initial weights fixed by the seed, or loaded from `init`) and its frozen
+/// towers.
 fn build_model(
     cfg: &RunConfig,
     device: Device,
     init: Option<&Found>,
-) -> Result<(nn::VarStore, Clip, AdamW)> {
+) -> Result<(nn::VarStore, Clip)> {
     let train = &cfg.train;
     tch::manual_seed(train.seed as i64);
     let mut vs = nn::VarStore::new(device);
     let model = Clip::new(&vs.root(), &cfg.model)?;
     // pure_bf16: every float weight and buffer in bf16 (open_clip's `model.to(bfloat16)`),
-    // before the optimizer, whose moments then are bf16 too; weights loaded below convert.
+    // before the optimizer (built after), whose moments then are bf16 too; weights loaded
+    // below convert.
     if train.precision.weights_kind() == tch::Kind::BFloat16 {
         vs.bfloat16();
     }
@@ -368,7 +372,6 @@ fn build_model(
     if train.lock_image && train.lock_image_freeze_bn_stats {
         model.freeze_batch_norm();
     }
-    let optimizer = AdamW::new(vs.variables().into_iter().collect(), cfg.optim.adamw());
     tracing::info!(
         "model: {} parameters on {}",
         crate::model::num_params(&vs),
@@ -378,7 +381,22 @@ fn build_model(
         crate::interchange::weights::load_weights(&vs, &found.weights())?;
         tracing::info!("initial weights from {} ({})", found.weights().display(), found.describe());
     }
-    Ok((vs, model, optimizer))
+    Ok((vs, model))
+}
+
+/// AdamW over what trains: every trainable parameter, or under `dist.shard` this rank's
+/// pieces of them. Says how many bytes of state this rank holds.
+fn optimizer_for(vs: &nn::VarStore, grad_sync: &GradSync, cfg: &RunConfig) -> Result<AdamW> {
+    let optimizer = match grad_sync.is_sharded() {
+        false => AdamW::new(vs.variables().into_iter().collect(), cfg.optim.adamw()),
+        true => AdamW::over_pieces(crate::optim::pieces_of(vs, grad_sync)?, cfg.optim.adamw()),
+    };
+    tracing::info!(
+        "optimizer: {:.1} MB of AdamW moments on this rank (dist.shard: {})",
+        optimizer.state_bytes() as f64 / 1e6,
+        cfg.dist.shard.name()
+    );
+    Ok(optimizer)
 }
 
 /// This rank's training loader over `data.train`.
@@ -606,14 +624,25 @@ fn save_checkpoint(run: &mut Run) -> Result<Option<PathBuf>> {
     run.state.loader = run.loader.state();
     run.state.grad_scaler = run.scaler.as_ref().map(GradScaler::state).transpose()?;
     run.state.rank_loaders = gather_loader_states(run.comm.as_ref(), &run.state.loader)?;
+    let sharded = run.grad_sync.is_sharded();
     let snapshot = match run.metrics {
         Some(_) => {
             // The previous write first: one host copy of the checkpoint in memory at a time.
             run.writer.wait()?;
-            Some(checkpoint::snapshot(&run.vs, &run.optimizer, &run.state)?)
+            if sharded {
+                checkpoint::start_sharded(&run.cfg.run_dir, run.state.step)?;
+            }
+            let whole = (!sharded).then_some(&run.optimizer);
+            Some(checkpoint::snapshot(&run.vs, whole, &run.state)?)
         }
         None => None,
     };
+    if sharded {
+        // Each rank writes its own shard, once rank 0 has made the folder.
+        run.comm.barrier()?;
+        let (rank, world) = (run.comm.rank(), run.comm.world_size());
+        checkpoint::write_shard(&run.cfg.run_dir, run.state.step, rank, world, &run.optimizer)?;
+    }
     // The weights copied are only as good as the step's sums. Under NCCL a copy can wait on an
     // all-reduce a dead peer never finishes, and return once the watchdog has aborted it, with
     // weights updated from sums that were cut short: only a barrier that every rank passes

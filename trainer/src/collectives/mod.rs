@@ -55,6 +55,24 @@ pub trait Collectives {
         self.all_reduce_sum(tensor)?;
         Ok(Mark::none())
     }
+    /// Starts summing `tensor`, W equal chunks, over ranks, and leaves this rank's chunk of the
+    /// sum in place (chunk r of rank r; the other chunks are left undefined): a reduce-scatter
+    /// in place, as NCCL runs one, for the sharded gradient reduction. The same contract as
+    /// [`Collectives::all_reduce_start`]. By default the blocking reduce-scatter, copied into
+    /// place.
+    fn reduce_scatter_start(&self, tensor: &mut Tensor, _ready: Mark) -> Result<Mark> {
+        let (world, rank) = (self.world_size() as i64, self.rank() as i64);
+        let chunk = tensor.numel() as i64 / world;
+        if chunk * world != tensor.numel() as i64 {
+            return Err(TrainError::Dist(format!(
+                "a reduce-scatter of {} values over {world} ranks: not a whole chunk each",
+                tensor.numel()
+            )));
+        }
+        let mine = self.reduce_scatter(&tensor.f_view([world, chunk])?)?;
+        tensor.f_narrow(0, rank * chunk, chunk)?.f_copy_(&mine.f_view([chunk])?)?;
+        Ok(Mark::none())
+    }
     /// Orders the calling thread's later compute after `done` (from
     /// [`Collectives::all_reduce_start`]); the host does not wait for it.
     fn wait_for(&self, _done: &Mark) -> Result<()> {

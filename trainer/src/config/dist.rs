@@ -25,6 +25,10 @@ pub struct DistConfig {
     /// `fp32`, or `bf16` (DDP's bf16 compression hook: half the bytes, the sum rounded to
     /// bf16). Features are exchanged in their own precision either way. Default `fp32`.
     pub grad_reduce_dtype: ReduceDtype,
+    /// `none`, `optimizer` (ZeRO-1: gradients summed in full on every rank, AdamW state split
+    /// over ranks) or `gradients` (ZeRO-2: each rank receives only its share of the summed
+    /// gradients, by reduce-scatter). Needs more than one rank. Default `none`.
+    pub shard: Shard,
 }
 
 impl Default for DistConfig {
@@ -35,6 +39,7 @@ impl Default for DistConfig {
             overlap: true,
             bucket_mb: 25.0,
             grad_reduce_dtype: ReduceDtype::Fp32,
+            shard: Shard::None,
         }
     }
 }
@@ -45,6 +50,18 @@ impl DistConfig {
             return Err(TrainError::Config(format!(
                 "dist.bucket_mb must be a positive number of MB, got {}",
                 self.bucket_mb
+            )));
+        }
+        Ok(())
+    }
+
+    /// The checks that need the world: sharding over one rank would only cost.
+    pub fn validate_for_world(&self, world_size: usize) -> Result<()> {
+        if self.shard != Shard::None && world_size < 2 {
+            return Err(TrainError::Config(format!(
+                "dist.shard: {} splits the optimizer state over ranks, and this run has one; \
+                 launch several ranks (oxclip launch --nproc-per-node N) or set dist.shard: none",
+                self.shard.name()
             )));
         }
         Ok(())
@@ -68,6 +85,29 @@ pub enum ReduceDtype {
     Fp32,
     /// Half the bytes; the sum is rounded to bf16 (8 significant bits) before the update.
     Bf16,
+}
+
+/// What a rank keeps of the optimizer state and the summed gradients (`dist.shard`), as ZeRO
+/// stages 1 and 2 (torch's ZeroRedundancyOptimizer, FSDP's `SHARD_GRAD_OP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shard {
+    /// Every rank holds everything (DDP).
+    None,
+    /// ZeRO-1: AdamW's moments of 1/N of the parameters per rank; gradients summed in full.
+    Optimizer,
+    /// ZeRO-2: as `optimizer`, and each rank receives only its 1/N of the summed gradients.
+    Gradients,
+}
+
+impl Shard {
+    pub fn name(self) -> &'static str {
+        match self {
+            Shard::None => "none",
+            Shard::Optimizer => "optimizer",
+            Shard::Gradients => "gradients",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -98,5 +138,18 @@ mod tests {
         assert!(err.contains("grad_reduce_dtype") && err.contains("fp16"), "{err}");
         let err = serde_yaml::from_str::<DistConfig>("bucket_mbs: 4\n").unwrap_err().to_string();
         assert!(err.contains("bucket_mbs"), "{err}");
+    }
+
+    #[test]
+    fn dist_shard_names_the_zero_stage_and_needs_two_ranks() {
+        assert_eq!(DistConfig::default().shard, Shard::None);
+        let dist: DistConfig = serde_yaml::from_str("shard: gradients\n").unwrap();
+        assert_eq!(dist.shard, Shard::Gradients);
+        dist.validate_for_world(2).unwrap();
+        let err = dist.validate_for_world(1).unwrap_err().to_string();
+        assert!(err.contains("dist.shard: gradients") && err.contains("one"), "{err}");
+        DistConfig::default().validate_for_world(1).unwrap();
+        let err = serde_yaml::from_str::<DistConfig>("shard: params\n").unwrap_err().to_string();
+        assert!(err.contains("shard") && err.contains("params"), "{err}");
     }
 }

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::TrainError;
 use crate::model::ModelConfig;
 pub use data::DataConfig;
-pub use dist::{Backend, DistConfig, ReduceDtype};
+pub use dist::{Backend, DistConfig, ReduceDtype, Shard};
 pub use eval::{EvalConfig, EvalDataset};
 pub use loss::{LossConfig, LossKind, Tiling};
 pub use model::{model_from_file, resolve_model, ModelRef};

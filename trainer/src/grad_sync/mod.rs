@@ -33,6 +33,14 @@
 //!
 //! A parameter listed twice (tied weights) is reduced once.
 //!
+//! `dist.shard` (ZeRO-1/2, [`shard`]) splits every bucket over the ranks: each rank owns one
+//! chunk of each, and its optimizer updates only that. Under `gradients` a bucket is
+//! reduce-scattered instead of all-reduced (each rank receives its chunk of the sum: half the
+//! bytes on the wire of a ring all-reduce), and its gradients are freed as soon as it is
+//! flattened; under `optimizer` it is all-reduced as without sharding. Either way the step
+//! ends with [`GradSync::gather`], which all-gathers the updated chunks into every rank's
+//! parameters.
+//!
 //! Overlap needs a group that a second thread may use ([`Collectives::as_sync`]); with one that
 //! cannot, or `dist.overlap: false`, every bucket is reduced after the backward pass.
 //!
@@ -47,21 +55,24 @@
 mod hooks;
 mod in_flight;
 pub mod launch;
+mod shard;
 
 use std::collections::HashSet;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
 use crate::collectives::{Collectives, Mark};
-use crate::config::{DistConfig, ReduceDtype};
+use crate::config::{DistConfig, ReduceDtype, Shard};
 use crate::error::{Result, TrainError};
 use crate::fault::{self, Fault};
 use in_flight::InFlight;
 use launch::{Countdown, Sink};
+pub use shard::Piece;
+use shard::Split;
 
 /// What one reduction did, for the log and the tests.
 #[derive(Debug, Clone, Copy, Default)]
@@ -86,6 +97,13 @@ pub struct GradSync {
     dtype: ReduceDtype,
     /// Reductions so far, for the faults a test build injects (crate::fault).
     reductions: AtomicU64,
+    /// `dist.shard`.
+    shard: Shard,
+    /// Under `dist.shard`, this rank's share of each bucket, once [`GradSync::split`] ran.
+    split: Option<Split>,
+    /// Per bucket, whether this rank had every gradient of it when it was flattened: under
+    /// `dist.shard: gradients` they are freed there, so the copy back cannot look.
+    complete: Vec<AtomicBool>,
 }
 
 impl GradSync {
@@ -118,11 +136,61 @@ impl GradSync {
         }
         Ok(Self {
             params,
+            complete: buckets.iter().map(|_| AtomicBool::new(false)).collect(),
             buckets,
             overlap: dist.overlap,
             dtype: dist.grad_reduce_dtype,
             reductions: AtomicU64::new(0),
+            shard: dist.shard,
+            split: None,
         })
+    }
+
+    /// Under `dist.shard`, gives rank `rank` of `world` its chunk of every bucket (nothing
+    /// otherwise). Must run before the first [`GradSync::reduce`].
+    pub fn split(&mut self, rank: usize, world: usize) -> Result<()> {
+        if self.shard != Shard::None {
+            self.split = Some(Split::new(&self.params, &self.buckets, rank, world)?);
+        }
+        Ok(())
+    }
+
+    /// Under `dist.shard`, the parameter elements this rank owns and updates, bucket after
+    /// bucket; empty otherwise.
+    pub fn pieces(&self) -> &[Piece] {
+        self.split.as_ref().map_or(&[], |s| s.pieces.as_slice())
+    }
+
+    /// Whether this rank holds only its share of the gradients and optimizer (`dist.shard`).
+    pub fn is_sharded(&self) -> bool {
+        self.split.is_some()
+    }
+
+    /// The trainable parameters, in the reducer's order (a [`Piece`]'s `param` indexes it).
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+
+    /// Sums a value each rank computed over its own pieces (a squared gradient norm, the amp
+    /// scaler's inf flag) over ranks, in place; with every gradient on every rank (no
+    /// `dist.shard`) each rank's value is already the whole one, and nothing is done.
+    pub fn sum_over_shards(&self, comm: &dyn Collectives, value: &mut Tensor) -> Result<()> {
+        match self.split {
+            Some(_) => comm.all_reduce_sum(value),
+            None => Ok(()),
+        }
+    }
+
+    /// Under `dist.shard`, after the optimizer updated this rank's pieces: every rank's
+    /// updated pieces into every rank's parameters, and the step's gradients freed (the next
+    /// backward pass starts from none). Nothing otherwise.
+    pub fn gather(&self, comm: &dyn Collectives) -> Result<()> {
+        let Some(split) = &self.split else { return Ok(()) };
+        split.gather(comm, &self.params, &self.buckets)?;
+        for t in self.params.iter().chain(split.pieces.iter().map(|p| &p.view)) {
+            hooks::set_grad(t, None)?;
+        }
+        Ok(())
     }
 
     /// The layout over `vs`'s trainable variables, in their registration order.
@@ -138,6 +206,12 @@ impl GradSync {
     /// parameter's gradient over ranks, overlapped with `backward` when configured and
     /// possible.
     pub fn reduce(&self, comm: &dyn Collectives, backward: impl FnOnce()) -> Result<Reduced> {
+        if self.shard != Shard::None && self.split.is_none() {
+            return Err(TrainError::Dist(format!(
+                "dist.shard: {} needs GradSync::split before the first reduction",
+                self.shard.name()
+            )));
+        }
         if comm.world_size() == 1 {
             backward();
             return Ok(Reduced::default());
@@ -150,7 +224,11 @@ impl GradSync {
                 let started = Instant::now();
                 for b in 0..self.buckets.len() {
                     let mut flat = self.flatten(b)?;
-                    comm.all_reduce_sum(&mut flat)?;
+                    if self.scatters() {
+                        comm.wait_for(&comm.reduce_scatter_start(&mut flat, Mark::none())?)?;
+                    } else {
+                        comm.all_reduce_sum(&mut flat)?;
+                    }
                     self.unflatten(b, &flat)?;
                 }
                 Ok(Reduced {
@@ -169,6 +247,7 @@ impl GradSync {
         backward: impl FnOnce(),
     ) -> Result<Reduced> {
         let (tx, rx) = mpsc::channel::<Flat>();
+        let scatters = self.scatters();
         std::thread::scope(|scope| {
             // Starts each bucket's sum as it comes; a bucket whose start failed may already be
             // queued on the device, so it is retired, not dropped.
@@ -188,6 +267,7 @@ impl GradSync {
                              (injected fault)",
                             comm.rank()
                         ))),
+                        _ if scatters => comm.reduce_scatter_start(&mut flat, ready),
                         _ => comm.all_reduce_start(&mut flat, ready),
                     };
                     match started {
@@ -236,8 +316,15 @@ impl GradSync {
         })
     }
 
+    /// `dist.shard: gradients`: buckets are reduce-scattered, not all-reduced.
+    fn scatters(&self) -> bool {
+        self.shard == Shard::Gradients
+    }
+
     /// Bucket `b` as one flat tensor of the reduction's dtype: each parameter's gradient (zeros
-    /// where this rank has none), then one flag per parameter, 1 where it has one.
+    /// where this rank has none), then one flag per parameter, 1 where it has one; under
+    /// `dist.shard`, in the rows a reduce-scatter hands out ([`Split::rows`]). Under
+    /// `dist.shard: gradients` the gradients are freed once copied.
     fn flatten(&self, b: usize) -> Result<Tensor> {
         let params = &self.params[self.buckets[b].clone()];
         let mut parts = Vec::with_capacity(params.len() + 1);
@@ -252,30 +339,91 @@ impl GradSync {
             });
         }
         let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
-        parts.push(if has.iter().all(|&h| h) {
+        let complete = has.iter().all(|&h| h);
+        self.complete[b].store(complete, Ordering::Relaxed);
+        let flags = if complete {
             Tensor::f_ones([params.len() as i64], (Kind::Float, device))?
         } else {
             let flags: Vec<f32> = has.iter().map(|&h| f32::from(u8::from(h))).collect();
             Tensor::f_from_slice(&flags)?.f_to_device(device)?
-        });
-        let flat = Tensor::f_cat(&parts, 0)?;
+        };
+        let flat = match &self.split {
+            Some(split) => split.rows(b, parts, &flags)?,
+            None => {
+                parts.push(flags);
+                Tensor::f_cat(&parts, 0)?
+            }
+        };
+        if self.scatters() {
+            for p in params {
+                hooks::set_grad(p, None)?;
+            }
+        }
         Ok(match self.dtype {
             ReduceDtype::Fp32 => flat,
             ReduceDtype::Bf16 => flat.f_to_kind(Kind::BFloat16)?,
         })
     }
 
-    /// Copies the summed `flat` back into bucket `b`'s gradients: into the gradient where this
-    /// rank has one, as a new gradient where it has none but another rank had.
+    /// Copies the summed `flat` back: without `dist.shard`, into bucket `b`'s gradients; under
+    /// it, this rank's chunk into its pieces' gradients (and, under `optimizer`, every chunk
+    /// into the parameters' gradients first, as without sharding).
     fn unflatten(&self, b: usize, flat: &Tensor) -> Result<()> {
+        let range = self.buckets[b].clone();
+        let count = range.len() as i64;
+        let Some(split) = &self.split else {
+            let values = flat.numel() as i64 - count;
+            return self.copy_sums(
+                b,
+                &flat.f_narrow(0, 0, values)?,
+                &flat.f_narrow(0, values, count)?,
+            );
+        };
+        let (mine, flags) = split.my_row(b, flat, count)?;
+        if !self.scatters() {
+            self.copy_sums(b, &split.all_rows(b, flat, count)?, &flags)?;
+            for piece in split.pieces_of(b) {
+                let g = self.params[piece.param].grad();
+                let grad = match g.defined() {
+                    true => Some(g.f_view([-1])?.f_narrow(0, piece.start, piece.len)?),
+                    false => None,
+                };
+                hooks::set_grad(&piece.view, grad.as_ref())?;
+            }
+            return Ok(());
+        }
+        // This rank's chunk, copied out of the bucket so that the bucket can go.
+        let kind = self.params[range.start].kind();
+        let mut own = Tensor::f_empty([mine.numel() as i64], (kind, mine.device()))?;
+        own.f_copy_(&mine)?;
+        let mine = own;
+        // Read from the device only when this rank lacked a gradient: a rare path.
+        let some_rank_has: Option<Vec<f32>> = match self.complete[b].load(Ordering::Relaxed) {
+            true => None,
+            false => Some(Vec::<f32>::try_from(flags.f_to_kind(Kind::Float)?)?),
+        };
+        for piece in split.pieces_of(b) {
+            let has = some_rank_has.as_ref().is_none_or(|f| f[piece.param - range.start] > 0.0);
+            let grad = match has {
+                true => Some(mine.f_narrow(0, piece.at, piece.len)?),
+                false => None,
+            };
+            hooks::set_grad(&piece.view, grad.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Copies bucket `b`'s summed gradient values `sums` into its parameters' gradients: into
+    /// the gradient where this rank has one, as a new gradient where it has none but another
+    /// rank had (`flags`, summed, says which).
+    fn copy_sums(&self, b: usize, sums: &Tensor, flags: &Tensor) -> Result<()> {
         let params = &self.params[self.buckets[b].clone()];
-        let flags_at = flat.numel() as i64 - params.len() as i64;
         // Read from the device only when this rank lacks a gradient: a rare path.
         let mut some_rank_has: Option<Vec<f32>> = None;
         let mut offset = 0;
         for (i, p) in params.iter().enumerate() {
             let n = p.numel() as i64;
-            let sum = flat.f_narrow(0, offset, n)?;
+            let sum = sums.f_narrow(0, offset, n)?;
             offset += n;
             let mut g = p.grad();
             if g.defined() {
@@ -284,9 +432,7 @@ impl GradSync {
             }
             let flags = match &some_rank_has {
                 Some(flags) => flags,
-                None => some_rank_has.insert(Vec::<f32>::try_from(
-                    flat.f_narrow(0, flags_at, params.len() as i64)?.f_to_kind(Kind::Float)?,
-                )?),
+                None => some_rank_has.insert(Vec::<f32>::try_from(flags.f_to_kind(Kind::Float)?)?),
             };
             if flags[i] > 0.0 {
                 let mut grad = p.f_empty_like()?;

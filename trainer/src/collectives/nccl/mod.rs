@@ -210,6 +210,70 @@ impl NcclGroup {
     }
 
     /// The tensor as NCCL sees it: contiguous, on this rank's GPU, of a type NCCL reduces.
+    /// A gradient bucket's sum (`op`: all-reduce or reduce-scatter, in place) queued on the
+    /// communication stream after `ready`, and an event after it.
+    fn start_in_place(
+        &self,
+        tensor: &mut Tensor,
+        ready: super::Mark,
+        op: CollOp,
+    ) -> Result<super::Mark> {
+        stream::set_device(self.cuda, self.cuda_index)?;
+        let (buffer, dtype) = self.prepared(tensor)?;
+        if buffer.data_ptr() != tensor.data_ptr() {
+            // `contiguous` would have copied on this thread's default stream, unordered with
+            // the communication stream; the reducer's buckets are flat and never need it.
+            return Err(dist_err(
+                "a bucket's sum needs a contiguous tensor (a flat gradient bucket)".into(),
+            ));
+        }
+        let world = self.world_size as i64;
+        if op == CollOp::ReduceScatter && buffer.numel() as i64 % world != 0 {
+            return Err(dist_err(format!(
+                "a reduce-scatter of {} values over {world} ranks: not a whole chunk each",
+                buffer.numel()
+            )));
+        }
+        if let Some(event) = &ready.0 {
+            stream::wait(self.cuda, self.stream.0, event, "a gradient bucket's sum")?;
+        }
+        self.collective(self.stream.0, op, buffer.kind(), buffer.numel(), |comm| {
+            // SAFETY: in place on a contiguous CUDA buffer of this rank's device that the
+            // caller keeps alive and untouched until it has waited for the returned mark
+            // (or hands it to `retire`); for the reduce-scatter the output is this rank's
+            // chunk of that buffer, NCCL's in-place form. `comm` is the live handle, under
+            // the communicator's lock.
+            unsafe {
+                match op {
+                    CollOp::ReduceScatter => {
+                        let count = buffer.numel() / self.world_size;
+                        let recv = (buffer.data_ptr() as *mut u8)
+                            .add(self.rank * count * buffer.kind().elt_size_in_bytes());
+                        (self.nccl.reduce_scatter)(
+                            buffer.data_ptr(),
+                            recv.cast(),
+                            count,
+                            dtype,
+                            ncclRedOp_t::ncclSum,
+                            comm,
+                            self.stream.0,
+                        )
+                    }
+                    _ => (self.nccl.all_reduce)(
+                        buffer.data_ptr(),
+                        buffer.data_ptr(),
+                        buffer.numel(),
+                        dtype,
+                        ncclRedOp_t::ncclSum,
+                        comm,
+                        self.stream.0,
+                    ),
+                }
+            }
+        })?;
+        Ok(super::Mark(Some(stream::record(self.cuda, self.stream.0, "a gradient bucket's sum")?)))
+    }
+
     fn prepared(&self, tensor: &Tensor) -> Result<(Tensor, ncclDataType_t)> {
         if tensor.device() != self.device {
             return Err(dist_err(format!(
@@ -432,40 +496,13 @@ impl Collectives for NcclGroup {
     /// the buckets one after the other; and the default stream waits for every bucket's done
     /// event before the next step's collectives.
     fn all_reduce_start(&self, tensor: &mut Tensor, ready: super::Mark) -> Result<super::Mark> {
-        stream::set_device(self.cuda, self.cuda_index)?;
-        let (buffer, dtype) = self.prepared(tensor)?;
-        if buffer.data_ptr() != tensor.data_ptr() {
-            // `contiguous` would have copied on this thread's default stream, unordered with
-            // the communication stream; the reducer's buckets are flat and never need it.
-            return Err(dist_err(
-                "all_reduce_start needs a contiguous tensor (a flat gradient bucket)".into(),
-            ));
-        }
-        if let Some(event) = &ready.0 {
-            stream::wait(self.cuda, self.stream.0, event, "a gradient bucket's all-reduce")?;
-        }
-        self.collective(self.stream.0, CollOp::AllReduce, buffer.kind(), buffer.numel(), |comm| {
-            // SAFETY: in place on a contiguous CUDA buffer of this rank's device that the
-            // caller keeps alive and untouched until it has waited for the returned mark
-            // (or hands it to `retire`); `comm` is the live handle, under the
-            // communicator's lock.
-            unsafe {
-                (self.nccl.all_reduce)(
-                    buffer.data_ptr(),
-                    buffer.data_ptr(),
-                    buffer.numel(),
-                    dtype,
-                    ncclRedOp_t::ncclSum,
-                    comm,
-                    self.stream.0,
-                )
-            }
-        })?;
-        Ok(super::Mark(Some(stream::record(
-            self.cuda,
-            self.stream.0,
-            "a gradient bucket's all-reduce",
-        )?)))
+        self.start_in_place(tensor, ready, CollOp::AllReduce)
+    }
+
+    /// As `all_reduce_start`, with NCCL's in-place reduce-scatter: this rank's chunk of the
+    /// sum lands where its own chunk of the input was (`recvbuff = sendbuff + rank * count`).
+    fn reduce_scatter_start(&self, tensor: &mut Tensor, ready: super::Mark) -> Result<super::Mark> {
+        self.start_in_place(tensor, ready, CollOp::ReduceScatter)
     }
 
     /// The default stream (compute) waits for the all-reduce's event; the host does not.
