@@ -143,3 +143,26 @@ fn an_inf_on_one_rank_skips_that_step_everywhere_and_resume_keeps_the_scale() {
     assert_eq!(grad_scaler(resumed.path()), grad_scaler(faulty.path()));
     assert_eq!(per_step(resumed.path(), "train/loss_scale"), scale);
 }
+
+/// Under `dist.shard: gradients` the inf reaches only the rank that owns that element of the
+/// summed gradient (rank 0): every rank still skips the step, as the ranks agree on the inf
+/// before updating, so the sharded run logs and ends as the replicated one does.
+#[test]
+fn an_inf_in_one_ranks_share_skips_the_sharded_step_everywhere() {
+    let replicated = tempfile::tempdir().expect("tempdir");
+    run_ranks(&config(replicated.path(), STEPS), Some(FAULT), &[]);
+    let sharded = tempfile::tempdir().expect("tempdir");
+    run_ranks(&config(sharded.path(), STEPS), Some(FAULT), &["--set", "dist.shard=gradients"]);
+    for tag in ["train/loss_scale", "train/skipped_steps"] {
+        assert_eq!(per_step(sharded.path(), tag), per_step(replicated.path(), tag), "{tag}");
+    }
+    let at = FAULT_STEP as usize - 1;
+    let skipped = per_step(sharded.path(), "train/skipped_steps");
+    assert_eq!(skipped[at], skipped[at - 1] + 1.0, "step {FAULT_STEP} was not skipped");
+    let (a, b) = (
+        checkpoint(replicated.path(), "model.safetensors"),
+        checkpoint(sharded.path(), "model.safetensors"),
+    );
+    let rel = max_rel_diff(&a, &b);
+    assert!(rel <= 1e-6, "sharded amp differs from replicated amp by {rel}");
+}

@@ -923,4 +923,20 @@ mod tests {
         save(dir.path(), &vs, &opt, &state(6), 1).expect("saves");
         assert_eq!(steps(dir.path()), vec![6]);
     }
+
+    #[test]
+    fn optimizer_state_is_one_file_or_every_shard_of_one_world() {
+        let files = |names: &[&str]| optimizer_files(names.iter().copied());
+        assert_eq!(files(&[MODEL_FILE, OPTIMIZER_FILE]), Ok(vec![OPTIMIZER_FILE.to_string()]));
+        let two = [shard_file(1, 2), shard_file(0, 2)];
+        assert_eq!(
+            files(&[two[0].as_str(), two[1].as_str(), STATE_FILE]),
+            Ok(vec![shard_file(0, 2), shard_file(1, 2)])
+        );
+        let err = files(&[shard_file(0, 3).as_str(), shard_file(2, 3).as_str()]).unwrap_err();
+        assert!(err.contains("missing: optimizer-00001-of-00003.safetensors"), "{err}");
+        let err = files(&[shard_file(0, 2).as_str(), shard_file(1, 3).as_str()]).unwrap_err();
+        assert!(err.contains("of 2 and of 3 ranks"), "{err}");
+        assert!(files(&[MODEL_FILE]).unwrap_err().contains("neither"));
+    }
 }

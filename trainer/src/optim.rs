@@ -959,4 +959,75 @@ mod tests {
             assert!(diff <= 3.0 * scale / 256.0, "{diff} of {scale}");
         }
     }
+
+    /// Pieces of `w` (12 elements) at `cuts`: what rank r of a sharded run would hold.
+    fn pieces(w: &Tensor, cuts: &[(i64, i64)]) -> Vec<AdamW> {
+        cuts.iter()
+            .map(|&(start, len)| {
+                let view = w.detach().view([-1]).narrow(0, start, len);
+                AdamW::over_pieces(
+                    vec![PieceOf {
+                        name: "w".into(),
+                        shape: vec![3, 4],
+                        start,
+                        view,
+                        decays: true,
+                    }],
+                    AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.1 },
+                )
+            })
+            .collect()
+    }
+
+    /// A state saved whole loads into pieces, pieces of one cut load into pieces of another and
+    /// into a whole optimizer: the moments land element for element; a gap is an error.
+    #[test]
+    fn state_moves_between_whole_parameters_and_pieces_of_any_cut() {
+        let (w, b, mut whole) = two_params(8);
+        set_grads(&w, &b, 9);
+        whole.step(1e-2, None).unwrap();
+        let saved: BTreeMap<String, Tensor> =
+            whole.state_tensors().into_iter().filter(|(k, _)| !k.ends_with(".b")).collect();
+        let m = saved["exp_avg.w"].view([-1]);
+        // Whole -> 3 pieces (a cut of 3 ranks: 4 elements each).
+        let mut three = pieces(&w, &[(0, 4), (4, 4), (8, 4)]);
+        for (r, opt) in three.iter_mut().enumerate() {
+            opt.load_state_tensors(&saved).unwrap();
+            let (_, piece) = opt.state_tensors().into_iter().next().unwrap();
+            assert!(piece.equal(&m.narrow(0, 4 * r as i64, 4)), "rank {r}");
+            assert_eq!(opt.steps_taken(), 1);
+        }
+        // 3 pieces -> 2 pieces (6 elements each), each taking from every file.
+        let parts: Vec<BTreeMap<String, Tensor>> =
+            three.iter().map(|o| o.state_tensors().into_iter().collect()).collect();
+        for (r, mut opt) in pieces(&w, &[(0, 6), (6, 6)]).into_iter().enumerate() {
+            let mut loading = opt.start_loading();
+            for part in &parts {
+                loading.take(&mut opt, part).unwrap();
+            }
+            loading.finish(&mut opt).unwrap();
+            let (_, piece) = opt.state_tensors().into_iter().next().unwrap();
+            assert!(piece.equal(&m.narrow(0, 6 * r as i64, 6)), "rank {r} of 2");
+        }
+        // 3 pieces -> whole.
+        let mut back = AdamW::new(
+            [("w".to_string(), w.shallow_clone())].into(),
+            AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.1 },
+        );
+        let mut loading = back.start_loading();
+        for part in &parts {
+            loading.take(&mut back, part).unwrap();
+        }
+        loading.finish(&mut back).unwrap();
+        let state: BTreeMap<String, Tensor> = back.state_tensors().into_iter().collect();
+        assert!(state["exp_avg.w"].equal(&saved["exp_avg.w"]));
+        assert!(state["exp_avg_sq.w"].equal(&saved["exp_avg_sq.w"]));
+        // Two of the three parts leave a gap.
+        let mut loading = back.start_loading();
+        for part in &parts[..2] {
+            loading.take(&mut back, part).unwrap();
+        }
+        let err = loading.finish(&mut back).unwrap_err().to_string();
+        assert!(err.contains("covers 8 of the 12 elements of `w`"), "{err}");
+    }
 }
