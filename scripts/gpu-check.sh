@@ -106,7 +106,8 @@ wanted large && {
 # the communication stream while the backward pass goes on (dist.overlap). One rank checks
 # that the overlapped path runs and leaves the numbers alone (freed or reused buckets would
 # show); only two ranks can show a bucket summed before it was written or copied back
-# before its sum was done (a one-rank sum changes no value).
+# before its sum was done (a one-rank sum changes no value). Two ranks also run dist.shard
+# (ZeRO-2), which one rank cannot.
 wanted nccl && {
   echo "# NCCL vs single process (tiny model, synthetic data); libnccl: $OXCLIP_NCCL"
   D=$(mktemp -d)
@@ -130,6 +131,12 @@ YAML
     check 90 "$BIN" launch --nproc-per-node 2 --master-port 29750 -- train --config "$D/run.yaml" \
       --set train.batch_size=16 --set dist.overlap=true --set dist.bucket_mb=0.05 --run-dir "$D/nccl2-overlap" 2>&1 \
       | grep -E "step .*loss|error|caused" | tail -n 6
+    # ZeRO-2: each bucket reduce-scattered in place on the communication stream, the updated
+    # chunks all-gathered; the loss curve must be the unsharded one's.
+    echo "# NCCL, 2 ranks, dist.shard: gradients in buckets of 0.05 MB, vs the unsharded runs above"
+    check 90 "$BIN" launch --nproc-per-node 2 --master-port 29760 -- train --config "$D/run.yaml" \
+      --set train.batch_size=16 --set dist.shard=gradients --set dist.bucket_mb=0.05 --run-dir "$D/nccl2-zero2" 2>&1 \
+      | grep -E "step .*loss|AdamW moments|error|caused" | tail -n 8
   fi
   echo "$D" > "$OUT/nccl-dir.txt"
   # A rank that joins the rendezvous but never the communicator (scripts/silent_peer.py takes

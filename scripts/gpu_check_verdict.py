@@ -14,7 +14,8 @@ fails: a check that did not run is not a pass):
   size asked), with a finite throughput;
 - nccl: the one-rank NCCL run's logged losses equal the single-process CUDA run's, 1e-5,
   with the default buckets and with many overlapped ones (dist.bucket_mb 0.05); and, where
-  two GPUs ran, two ranks of 16 equal one of 32, 1e-4, both ways;
+  two GPUs ran, two ranks of 16 equal one of 32, 1e-4, both ways and under dist.shard:
+  gradients;
 - levers: ViT-B-16 (batch 256) and ViT-L-14 (64) ran in every precision, with activation
   checkpointing using less device memory than without, and with patch dropout 0.5 faster.
 Commands that failed or timed out (OUT/failures.txt, written by gpu-check.sh) fail too.
@@ -151,7 +152,7 @@ def verdict(out, sections):
             diff = max(abs(a[1] - b[1]) for a, b in zip(single, overlap1))
             check(same_steps and diff <= 1e-5, f"nccl: one-rank NCCL overlapped in several buckets, vs single process: same steps {same_steps}, max |loss difference| {diff:.2e} (at most 1e-5)")
         # Only where the machine had two GPUs: 2 ranks x 16 samples = 1 x 32.
-        for name, what in (("nccl2", "two ranks x 16 vs one x 32"), ("nccl2-overlap", "two ranks x 16 overlapped in several buckets, vs one x 32")):
+        for name, what in (("nccl2", "two ranks x 16 vs one x 32"), ("nccl2-overlap", "two ranks x 16 overlapped in several buckets, vs one x 32"), ("nccl2-zero2", "two ranks x 16 with dist.shard: gradients (reduce-scatter in place, all-gather), vs one x 32")):
             nccl2 = losses(os.path.join(run_root, name))
             if single and nccl2:
                 same_steps = [a[0] for a in single] == [b[0] for b in nccl2]
