@@ -73,25 +73,7 @@ fn bench_optim_times_the_loop_and_the_fused_update() {
 
 #[test]
 fn bench_train_runs_with_patch_dropout() {
-    let out = run_ok(oxclip().args([
-        "bench",
-        "train",
-        "--model",
-        "tiny",
-        "--batch-size",
-        "4",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--patch-dropout",
-        "0.5",
-    ]));
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let result = bench_train_tiny(2, 1, &["--patch-dropout", "0.5"]);
     assert_eq!(result["patch_dropout"].as_f64(), Some(0.5));
     assert_eq!(result["steps"].as_u64(), Some(2));
     assert!(result["samples_per_second"].as_f64().expect("throughput") > 0.0);
@@ -108,24 +90,7 @@ fn bench_train_runs_with_patch_dropout() {
 /// memory and the CPU seconds that docs/benchmarks.md compares.
 #[test]
 fn bench_train_takes_grad_checkpointing() {
-    let out = run_ok(oxclip().args([
-        "bench",
-        "train",
-        "--model",
-        "tiny",
-        "--batch-size",
-        "4",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--grad-checkpointing",
-    ]));
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let result = bench_train_tiny(1, 0, &["--grad-checkpointing"]);
     assert_eq!(result["grad_checkpointing"], true);
     assert!(result["cpu_seconds"].as_f64().expect("cpu seconds") > 0.0);
     assert!(result["peak_rss_bytes"].as_u64().expect("rss") > 0);

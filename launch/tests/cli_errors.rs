@@ -137,25 +137,7 @@ fn bench_train_prints_one_json_line() {
 #[test]
 fn bench_train_runs_each_precision() {
     for precision in ["amp", "amp_bf16", "pure_bf16"] {
-        let out = run_ok(oxclip().args([
-            "bench",
-            "train",
-            "--model",
-            "tiny",
-            "--batch-size",
-            "4",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--precision",
-            precision,
-        ]));
-        let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let line = bench_train_tiny(1, 0, &["--precision", precision]);
         assert_eq!(line["precision"], precision);
         assert!(line["samples_per_second"].as_f64().expect("number") > 0.0);
     }

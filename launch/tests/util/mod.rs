@@ -23,6 +23,19 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// `oxclip bench train` on the tiny model, batch 4, one CPU thread, `steps` timed steps after
+/// `warmup`, with `extra` flags: its one JSON line.
+pub fn bench_train_tiny(steps: u32, warmup: u32, extra: &[&str]) -> serde_json::Value {
+    let (steps, warmup) = (steps.to_string(), warmup.to_string());
+    let out = run_ok(
+        oxclip()
+            .args(["bench", "train", "--model", "tiny", "--batch-size", "4", "--steps", &steps])
+            .args(["--warmup", &warmup, "--device", "cpu", "--threads", "1"])
+            .args(extra),
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
+}
+
 /// Writes synthetic shards once per test directory.
 pub fn synth(dir: &Path, samples: u64, val_samples: u64, image_size: u32) -> PathBuf {
     let out = dir.join("synth");

@@ -210,6 +210,53 @@ impl NcclGroup {
     }
 
     /// The tensor as NCCL sees it: contiguous, on this rank's GPU, of a type NCCL reduces.
+    /// Sums the contiguous CUDA `buffer` over ranks in place on `stream` (`op`: an all-reduce,
+    /// or a reduce-scatter leaving this rank's chunk of the sum where its own chunk of the
+    /// input was, NCCL's in-place form). The caller keeps `buffer` alive and untouched until
+    /// `stream` has done it: allocated for `stream` (the default stream), or held until an
+    /// event after it.
+    fn sum_in_place(
+        &self,
+        buffer: &Tensor,
+        dtype: ncclDataType_t,
+        op: CollOp,
+        stream: cudaStream_t,
+    ) -> Result<()> {
+        self.collective(stream, op, buffer.kind(), buffer.numel(), |comm| {
+            // SAFETY: a contiguous CUDA buffer of this rank's device that outlives the
+            // collective (the caller's contract above); for the reduce-scatter the output is
+            // this rank's chunk of it. `comm` is the live handle, under the communicator's
+            // lock.
+            unsafe {
+                match op {
+                    CollOp::ReduceScatter => {
+                        let count = buffer.numel() / self.world_size;
+                        let recv = (buffer.data_ptr() as *mut u8)
+                            .add(self.rank * count * buffer.kind().elt_size_in_bytes());
+                        (self.nccl.reduce_scatter)(
+                            buffer.data_ptr(),
+                            recv.cast(),
+                            count,
+                            dtype,
+                            ncclRedOp_t::ncclSum,
+                            comm,
+                            stream,
+                        )
+                    }
+                    _ => (self.nccl.all_reduce)(
+                        buffer.data_ptr(),
+                        buffer.data_ptr(),
+                        buffer.numel(),
+                        dtype,
+                        ncclRedOp_t::ncclSum,
+                        comm,
+                        stream,
+                    ),
+                }
+            }
+        })
+    }
+
     /// A gradient bucket's sum (`op`: all-reduce or reduce-scatter, in place) queued on the
     /// communication stream after `ready`, and an event after it.
     fn start_in_place(
@@ -237,40 +284,9 @@ impl NcclGroup {
         if let Some(event) = &ready.0 {
             stream::wait(self.cuda, self.stream.0, event, "a gradient bucket's sum")?;
         }
-        self.collective(self.stream.0, op, buffer.kind(), buffer.numel(), |comm| {
-            // SAFETY: in place on a contiguous CUDA buffer of this rank's device that the
-            // caller keeps alive and untouched until it has waited for the returned mark
-            // (or hands it to `retire`); for the reduce-scatter the output is this rank's
-            // chunk of that buffer, NCCL's in-place form. `comm` is the live handle, under
-            // the communicator's lock.
-            unsafe {
-                match op {
-                    CollOp::ReduceScatter => {
-                        let count = buffer.numel() / self.world_size;
-                        let recv = (buffer.data_ptr() as *mut u8)
-                            .add(self.rank * count * buffer.kind().elt_size_in_bytes());
-                        (self.nccl.reduce_scatter)(
-                            buffer.data_ptr(),
-                            recv.cast(),
-                            count,
-                            dtype,
-                            ncclRedOp_t::ncclSum,
-                            comm,
-                            self.stream.0,
-                        )
-                    }
-                    _ => (self.nccl.all_reduce)(
-                        buffer.data_ptr(),
-                        buffer.data_ptr(),
-                        buffer.numel(),
-                        dtype,
-                        ncclRedOp_t::ncclSum,
-                        comm,
-                        self.stream.0,
-                    ),
-                }
-            }
-        })?;
+        // The caller keeps `tensor` alive and untouched until it has waited for the mark
+        // returned below (or hands it to `retire`).
+        self.sum_in_place(&buffer, dtype, op, self.stream.0)?;
         Ok(super::Mark(Some(stream::record(self.cuda, self.stream.0, "a gradient bucket's sum")?)))
     }
 
@@ -403,28 +419,8 @@ impl Collectives for NcclGroup {
 
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
         let (buffer, dtype) = self.prepared(tensor)?;
-        self.collective(
-            default_stream(),
-            CollOp::AllReduce,
-            buffer.kind(),
-            buffer.numel(),
-            |comm| {
-                // SAFETY: in place on a contiguous CUDA buffer of this rank's device, allocated
-                // for the default stream this runs on (so not reused before it is done);
-                // `comm` is the live handle, under the communicator's lock.
-                unsafe {
-                    (self.nccl.all_reduce)(
-                        buffer.data_ptr(),
-                        buffer.data_ptr(),
-                        buffer.numel(),
-                        dtype,
-                        ncclRedOp_t::ncclSum,
-                        comm,
-                        default_stream(),
-                    )
-                }
-            },
-        )?;
+        // Allocated for the default stream this runs on, so not reused before it is done.
+        self.sum_in_place(&buffer, dtype, CollOp::AllReduce, default_stream())?;
         if buffer.data_ptr() != tensor.data_ptr() {
             tensor.copy_(&buffer);
         }
