@@ -55,9 +55,18 @@ struct Param {
     piece: Option<(i64, Vec<i64>)>,
 }
 
+/// The AdamW a run gets: over every trainable variable of `vs`, or, under `dist.shard`
+/// (`grad_sync` split over the ranks), over this rank's pieces of them.
+pub fn for_run(vs: &tch::nn::VarStore, grad_sync: &GradSync, config: AdamWConfig) -> Result<AdamW> {
+    Ok(match grad_sync.is_sharded() {
+        false => AdamW::new(vs.variables().into_iter().collect(), config),
+        true => AdamW::over_pieces(pieces_of(vs, grad_sync)?, config),
+    })
+}
+
 /// This rank's pieces of `vs`'s trainable parameters under `dist.shard` (`grad_sync`'s split),
 /// named and with open_clip's decay rule applied to their whole parameters.
-pub fn pieces_of(vs: &tch::nn::VarStore, grad_sync: &GradSync) -> Result<Vec<PieceOf>> {
+fn pieces_of(vs: &tch::nn::VarStore, grad_sync: &GradSync) -> Result<Vec<PieceOf>> {
     let names: std::collections::HashMap<usize, String> =
         vs.variables().into_iter().map(|(name, t)| (t.data_ptr() as usize, name)).collect();
     grad_sync

@@ -387,10 +387,7 @@ fn build_model(
 /// AdamW over what trains: every trainable parameter, or under `dist.shard` this rank's
 /// pieces of them. Says how many bytes of state this rank holds.
 fn optimizer_for(vs: &nn::VarStore, grad_sync: &GradSync, cfg: &RunConfig) -> Result<AdamW> {
-    let optimizer = match grad_sync.is_sharded() {
-        false => AdamW::new(vs.variables().into_iter().collect(), cfg.optim.adamw()),
-        true => AdamW::over_pieces(crate::optim::pieces_of(vs, grad_sync)?, cfg.optim.adamw()),
-    };
+    let optimizer = crate::optim::for_run(vs, grad_sync, cfg.optim.adamw())?;
     tracing::info!(
         "optimizer: {:.1} MB of AdamW moments on this rank (dist.shard: {})",
         optimizer.state_bytes() as f64 / 1e6,

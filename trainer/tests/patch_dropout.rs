@@ -4,20 +4,19 @@
 //! training step's draws: one per global sample, whatever the world size or micro-batch split,
 //! never in eval mode.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use oxclip_trainer::collectives::tcp::TcpGroup;
-use oxclip_trainer::collectives::{Collectives, SingleProcess, WorldEnv};
+use common::{on_ranks, rows, tiny, Parts, Weights};
+use oxclip_trainer::collectives::{Collectives, SingleProcess};
 use oxclip_trainer::config::{DistConfig, LossConfig};
-use oxclip_trainer::grad_sync::GradSync;
 use oxclip_trainer::loss::LossSpec;
 use oxclip_trainer::model::params::deterministic;
 use oxclip_trainer::model::patch_dropout::{draw, kept_count, PatchDropout};
 use oxclip_trainer::model::{Clip, ModelConfig};
-use oxclip_trainer::optim::{AdamW, AdamWConfig};
-use oxclip_trainer::step::{train_step, StepConfig};
+use oxclip_trainer::step::StepConfig;
 use tch::{nn, Device, Kind, Tensor};
 
 fn fixtures() -> PathBuf {
@@ -113,10 +112,6 @@ fn features_match_open_clip_given_the_same_kept_patches() {
 
 const RATE: f64 = 0.5;
 
-fn tiny() -> ModelConfig {
-    serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).expect("tiny")
-}
-
 fn step_config(micro_batch: Option<usize>, patch_dropout: Option<PatchDropout>) -> StepConfig {
     StepConfig {
         autocast: None,
@@ -135,26 +130,16 @@ type Grads = BTreeMap<String, Tensor>;
 fn gradients(
     comm: &dyn Collectives,
     weights: &Grads,
-    (images, tokens): (&Tensor, &Tensor),
+    batch: (&Tensor, &Tensor),
     step: u64,
     cfg: StepConfig,
     eval: bool,
 ) -> (f64, Grads) {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = Clip::new(&vs.root(), &tiny()).expect("builds");
-    tch::no_grad(|| {
-        for (name, var) in vs.variables() {
-            var.shallow_clone().copy_(&weights[&name]);
-        }
-    });
-    model.set_training(!eval);
-    let config = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
-    let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), config);
-    let sync = GradSync::for_var_store(&vs, &DistConfig::default()).expect("buckets");
-    let out = train_step(&model, &mut optimizer, comm, &sync, images, tokens, 0.0, step, cfg, None)
-        .expect("step");
-    let grads = optimizer.variables().map(|(n, v)| (n.to_owned(), v.grad().copy())).collect();
-    (out.loss.double_value(&[]), grads)
+    let mut parts =
+        Parts::new(&tiny(), Weights::Tensors(weights), Kind::Float, &DistConfig::default(), comm);
+    parts.model.set_training(!eval);
+    let out = parts.step(comm, batch, 0.0, step, cfg, None);
+    (out.loss.double_value(&[]), parts.grads())
 }
 
 /// The largest difference between two gradient sets, relative to the largest gradient of `a`.
@@ -190,30 +175,15 @@ fn draws_follow_the_global_sample_whatever_the_world_size_or_micro_batches() {
         assert!(gap <= 1e-5, "micro {micro}: gradients differ by {gap:.1e} of the largest");
     }
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let ranks: Vec<(f64, Grads)> = (0..2)
-        .map(|rank| {
+    let inputs = (0..2)
+        .map(|r| {
             let weights: Grads = weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
-            let (images, tokens) =
-                (images.narrow(0, rank * 16, 16).copy(), tokens.narrow(0, rank * 16, 16).copy());
-            std::thread::spawn(move || {
-                let world = WorldEnv {
-                    rank: rank as usize,
-                    world_size: 2,
-                    local_rank: rank as usize,
-                    local_world_size: 2,
-                    master_addr: "127.0.0.1".into(),
-                    master_port: port,
-                };
-                let comm = TcpGroup::connect(&world, Duration::from_secs(60)).expect("joins");
-                let cfg = step_config(None, pd);
-                gradients(&comm, &weights, (&images, &tokens), 4, cfg, false)
-            })
+            (weights, rows(&images, r, 16), rows(&tokens, r, 16))
         })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .map(|h| h.join().expect("rank"))
         .collect();
+    let ranks: Vec<(f64, Grads)> = on_ranks(inputs, move |_, (weights, images, tokens), comm| {
+        gradients(comm, &weights, (&images, &tokens), 4, step_config(None, pd), false)
+    });
     for (rank, (rank_loss, grads)) in ranks.iter().enumerate() {
         assert!((rank_loss - loss).abs() <= 1e-6 * loss.abs(), "rank {rank}: loss");
         let gap = relative_gap(&whole, grads);

@@ -3,22 +3,17 @@
 //! skipped steps and loss scales; tests/fixtures/make_amp_fixtures.py), an inf in one step's
 //! gradients under amp, and pure_bf16's dtypes.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use common::{fixtures, parity_tiny, Parts, Weights};
 use oxclip_trainer::collectives::SingleProcess;
 use oxclip_trainer::config::{DistConfig, LossConfig, Precision};
-use oxclip_trainer::grad_sync::GradSync;
-use oxclip_trainer::interchange::weights::load_weights;
-use oxclip_trainer::model::{Clip, ModelConfig};
-use oxclip_trainer::optim::{AdamW, AdamWConfig};
 use oxclip_trainer::precision::{GradScaler, GradScalerConfig, GradScalerState};
-use oxclip_trainer::step::{train_step, StepConfig};
-use tch::{nn, Device, Kind, Tensor};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
+use oxclip_trainer::step::StepConfig;
+use tch::{Device, Kind, Tensor};
 
 fn read(path: PathBuf) -> BTreeMap<String, Tensor> {
     Tensor::read_safetensors(&path)
@@ -28,68 +23,57 @@ fn read(path: PathBuf) -> BTreeMap<String, Tensor> {
 }
 
 /// The fixtures' model (parity-tiny.yaml) with open_clip's weights, set up for `precision` as
-/// a training run sets it up, with its optimizer (open_clip's defaults), gradient buckets,
-/// step settings and loss scale.
+/// a training run sets it up (common::Parts), with the step settings and loss scale.
 struct Trainer {
-    vs: nn::VarStore,
-    model: Clip,
-    optimizer: AdamW,
-    sync: GradSync,
+    parts: Parts,
     step: StepConfig,
     scaler: Option<GradScaler>,
 }
 
 impl Trainer {
     fn new(precision: Precision) -> Self {
-        let text = std::fs::read_to_string(fixtures().join("models/parity-tiny.yaml")).unwrap();
-        let cfg: ModelConfig = serde_yaml::from_str(&text).unwrap();
-        let mut vs = nn::VarStore::new(Device::Cpu);
-        let model = Clip::new(&vs.root(), &cfg).unwrap();
-        if precision.weights_kind() == Kind::BFloat16 {
-            vs.bfloat16();
-        }
-        load_weights(&vs, &fixtures().join("parity_tiny/model.safetensors")).unwrap();
-        model.set_training(true);
-        let optimizer = AdamW::new(
-            vs.variables().into_iter().collect(),
-            AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 },
+        let weights = fixtures().join("parity_tiny/model.safetensors");
+        let parts = Parts::new(
+            &parity_tiny(),
+            Weights::File(&weights),
+            precision.weights_kind(),
+            &DistConfig::default(),
+            &SingleProcess,
         );
-        let sync = GradSync::for_var_store(&vs, &DistConfig::default()).unwrap();
+        parts.model.set_training(true);
         let step =
             StepConfig::new(precision, Device::Cpu, &LossConfig::default(), None, None).unwrap();
         let scaler = precision
             .scales_loss()
             .then(|| GradScaler::new(Device::Cpu, GradScalerConfig::default()));
-        Trainer { vs, model, optimizer, sync, step, scaler }
+        Trainer { parts, step, scaler }
     }
 
     /// One step at `lr`; the loss.
     fn step(&mut self, images: &Tensor, tokens: &Tensor, lr: f64) -> f64 {
-        let out = train_step(
-            &self.model,
-            &mut self.optimizer,
+        let out = self.parts.step(
             &SingleProcess,
-            &self.sync,
-            images,
-            tokens,
+            (images, tokens),
             lr,
             0,
             self.step,
             self.scaler.as_mut(),
-        )
-        .unwrap();
+        );
         out.loss.double_value(&[])
     }
 
     /// Every weight and AdamW moment, copied, by name, and AdamW's step count.
     fn snapshot(&self) -> (BTreeMap<String, Tensor>, u64) {
-        let weights = self.vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy()));
         let state = self
+            .parts
             .optimizer
             .state_tensors()
             .into_iter()
             .map(|(k, v)| (format!("adamw.{k}"), v.copy()));
-        (weights.chain(state).collect(), self.optimizer.steps_taken())
+        (
+            self.parts.weights().into_iter().chain(state).collect(),
+            self.parts.optimizer.steps_taken(),
+        )
     }
 }
 
@@ -114,7 +98,7 @@ fn our_curve(precision: Precision) -> Curve {
             (data["images"].index_select(0, &rows), data["text"].index_select(0, &rows));
         let scale = t.scaler.as_ref().map(|s| s.state().unwrap().scale);
         curve.loss.push(t.step(&images, &tokens, LR));
-        curve.logit_scale.push(t.model.logit_scale.double_value(&[]));
+        curve.logit_scale.push(t.parts.model.logit_scale.double_value(&[]));
         if let (Some(scale), Some(scaler)) = (scale, &t.scaler) {
             curve.scale.push(f64::from(scale));
             curve.skipped.push(scaler.found_inf().int64_value(&[]));
@@ -270,7 +254,8 @@ fn amp_gradients_are_unscaled_before_the_update() {
             s.load_state(&GradScalerState { scale, growth_tracker: 0, skipped_steps: 0 }).unwrap();
         }
         t.step(&images, &tokens, 0.0);
-        t.optimizer
+        t.parts
+            .optimizer
             .variables()
             .map(|(n, v)| (n.to_owned(), v.grad().to_kind(Kind::Double)))
             .collect::<Vec<_>>()
@@ -300,25 +285,13 @@ fn pure_bf16_keeps_weights_gradients_and_adamw_state_in_bf16() {
         (data["images"].index_select(0, &rows), data["text"].index_select(0, &rows));
     let mut t = Trainer::new(Precision::PureBf16);
     let (start, _) = t.snapshot();
-    let out = train_step(
-        &t.model,
-        &mut t.optimizer,
-        &SingleProcess,
-        &t.sync,
-        &images,
-        &tokens,
-        1e-3,
-        0,
-        t.step,
-        None,
-    )
-    .unwrap();
+    let out = t.parts.step(&SingleProcess, (&images, &tokens), 1e-3, 0, t.step, None);
     assert_eq!(out.loss.kind(), Kind::Float);
-    for (name, var) in t.vs.variables() {
+    for (name, var) in t.parts.vs.variables() {
         assert_eq!(var.kind(), Kind::BFloat16, "{name}");
         assert_eq!(var.grad().kind(), Kind::BFloat16, "{name}'s gradient");
     }
-    for (name, state) in t.optimizer.state_tensors() {
+    for (name, state) in t.parts.optimizer.state_tensors() {
         if name != "step" {
             assert_eq!(state.kind(), Kind::BFloat16, "{name}");
         }

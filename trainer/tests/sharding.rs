@@ -3,29 +3,20 @@
 //! run's, bit for bit where the arithmetic allows, and the optimizer state each rank holds.
 //! (An overflow in one rank's share under amp: launch/tests/amp.rs.)
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::time::Duration;
+mod common;
 
-use oxclip_trainer::collectives::tcp::TcpGroup;
-use oxclip_trainer::collectives::{Collectives, WorldEnv};
+use std::collections::BTreeMap;
+
+use common::{on_ranks, parity_tiny, rows, Parts, Weights};
 use oxclip_trainer::config::{DistConfig, LossConfig, Precision, Shard};
-use oxclip_trainer::grad_sync::GradSync;
-use oxclip_trainer::interchange::weights::load_weights;
-use oxclip_trainer::model::{Clip, ModelConfig};
-use oxclip_trainer::optim::{pieces_of, AdamW, AdamWConfig};
 use oxclip_trainer::precision::{GradScaler, GradScalerConfig};
-use oxclip_trainer::step::{train_step, StepConfig};
-use tch::{nn, Device, Kind, Tensor};
+use oxclip_trainer::step::StepConfig;
+use tch::{Device, Kind, Tensor};
 
 const WORLD: usize = 4;
 /// Samples per rank.
 const ROWS: i64 = 4;
 const STEPS: u64 = 3;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 /// How a run is set up.
 #[derive(Clone, Copy, Debug)]
@@ -51,82 +42,43 @@ struct Ended {
 /// `STEPS` steps of the parity model (lr 1e-3) on `WORLD` ranks, rank r on rows r ROWS .. of
 /// a fixed batch.
 fn run(setup: Setup) -> Vec<Ended> {
-    // Drawn here, once: the generator is the process's, shared by the rank threads.
-    tch::manual_seed(11);
+    // A fixed function, not libtorch's generator: that one is the process's, shared with the
+    // tests running beside this one.
     let n = WORLD as i64 * ROWS;
-    let images = Tensor::randn([n, 3, 32, 32], (Kind::Float, Device::Cpu));
-    let tokens = Tensor::randint_low(1, 1000, [n, 16], (Kind::Int64, Device::Cpu));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let handles: Vec<_> = (0..WORLD)
-        .map(|rank| {
-            let rows = rank as i64 * ROWS;
-            let images = images.narrow(0, rows, ROWS).copy();
-            let tokens = tokens.narrow(0, rows, ROWS).copy();
-            std::thread::spawn(move || {
-                let world = WorldEnv {
-                    rank,
-                    world_size: WORLD,
-                    local_rank: rank,
-                    local_world_size: WORLD,
-                    master_addr: "127.0.0.1".into(),
-                    master_port: port,
-                };
-                let comm = TcpGroup::connect(&world, Duration::from_secs(60)).unwrap();
-                on_rank(&comm, setup, &images, &tokens)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
-
-fn on_rank(comm: &dyn Collectives, setup: Setup, images: &Tensor, tokens: &Tensor) -> Ended {
-    let text = std::fs::read_to_string(fixtures().join("models/parity-tiny.yaml")).unwrap();
-    let cfg: ModelConfig = serde_yaml::from_str(&text).unwrap();
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = Clip::new(&vs.root(), &cfg).unwrap();
-    load_weights(&vs, &fixtures().join("parity_tiny/model.safetensors")).unwrap();
-    // Small buckets: several per tower, parameters cut across chunks.
-    let dist = DistConfig {
-        shard: setup.shard,
-        overlap: setup.overlap,
-        bucket_mb: 0.05,
-        ..DistConfig::default()
-    };
-    let mut sync = GradSync::for_var_store(&vs, &dist).unwrap();
-    sync.split(comm.rank(), comm.world_size()).unwrap();
-    let adamw = AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 };
-    let mut optimizer = match setup.shard {
-        Shard::None => AdamW::new(vs.variables().into_iter().collect(), adamw),
-        _ => AdamW::over_pieces(pieces_of(&vs, &sync).unwrap(), adamw),
-    };
-    let step_cfg =
-        StepConfig::new(setup.precision, Device::Cpu, &LossConfig::default(), setup.clip, None)
-            .unwrap();
-    let mut scaler = setup
-        .precision
-        .scales_loss()
-        .then(|| GradScaler::new(Device::Cpu, GradScalerConfig::default()));
-    for step in 0..STEPS {
-        train_step(
-            &model,
-            &mut optimizer,
-            comm,
-            &sync,
-            images,
-            tokens,
-            1e-3,
-            step,
-            step_cfg,
-            scaler.as_mut(),
-        )
-        .unwrap();
-    }
-    let weights = vs
-        .variables()
-        .into_iter()
-        .map(|(k, v)| (k, Vec::<f32>::try_from(v.to_kind(Kind::Float).flatten(0, -1)).unwrap()))
-        .collect();
-    Ended { weights, optimizer_bytes: optimizer.state_bytes() }
+    let images = (Tensor::arange(n * 3 * 32 * 32, (Kind::Float, Device::Cpu)) * 0.37)
+        .sin()
+        .view([n, 3, 32, 32]);
+    let tokens = (Tensor::arange(n * 16, (Kind::Int64, Device::Cpu)) * 7919).remainder(999) + 1;
+    let tokens = tokens.view([n, 16]);
+    let inputs = (0..WORLD).map(|r| (rows(&images, r, ROWS), rows(&tokens, r, ROWS))).collect();
+    on_ranks(inputs, move |_, (images, tokens), comm| {
+        // Small buckets: several per tower, parameters cut across chunks.
+        let dist = DistConfig {
+            shard: setup.shard,
+            overlap: setup.overlap,
+            bucket_mb: 0.05,
+            ..DistConfig::default()
+        };
+        let weights = common::fixtures().join("parity_tiny/model.safetensors");
+        let mut parts =
+            Parts::new(&parity_tiny(), Weights::File(&weights), Kind::Float, &dist, comm);
+        let cfg =
+            StepConfig::new(setup.precision, Device::Cpu, &LossConfig::default(), setup.clip, None)
+                .unwrap();
+        let mut scaler = setup
+            .precision
+            .scales_loss()
+            .then(|| GradScaler::new(Device::Cpu, GradScalerConfig::default()));
+        for step in 0..STEPS {
+            parts.step(comm, (&images, &tokens), 1e-3, step, cfg, scaler.as_mut());
+        }
+        let weights = parts
+            .weights()
+            .into_iter()
+            .map(|(k, v)| (k, Vec::<f32>::try_from(v.to_kind(Kind::Float).flatten(0, -1)).unwrap()))
+            .collect();
+        Ended { weights, optimizer_bytes: parts.optimizer.state_bytes() }
+    })
 }
 
 fn largest(weights: &BTreeMap<String, Vec<f32>>) -> f64 {
@@ -148,7 +100,8 @@ fn replicas_agree(ranks: &[Ended], what: &str) {
 
 /// Without clipping the update is elementwise, and the CPU backend sums a reduce-scatter as it
 /// sums an all-reduce: sharded runs end where the replicated run does, with the reduction
-/// overlapped or not, to the last bits of a few elements (3e-11 here: the fused kernel's
+/// overlapped or not, bit for bit on this data and to the last bits of a few elements on other
+/// data (3e-11 of the largest weight seen: the fused kernel's
 /// vector loop and its scalar tail round differently, and a piece's boundaries move an
 /// element from one to the other). Each rank holds a quarter of the moments (plus the
 /// padding of the last chunk of each bucket).
