@@ -8,7 +8,7 @@ mod util;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use util::*;
 
@@ -34,26 +34,9 @@ fn config(dir: &Path, steps: u64) -> PathBuf {
 /// Runs both ranks of `config` to their end with `fault` (an `OXCLIP_FAULT` spec) if any and
 /// `extra` arguments; fails the test unless both exit 0.
 fn run_ranks(config: &Path, fault: Option<&str>, extra: &[&str]) -> Vec<Output> {
-    let port = free_port();
-    let children: Vec<_> = (0..RANKS)
-        .map(|rank| {
-            let mut cmd: Command = oxclip();
-            cmd.args(["train", "--config"]).arg(config).args(extra);
-            cmd.env("RANK", rank.to_string())
-                .env("WORLD_SIZE", RANKS.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env_remove("OXCLIP_FAULT")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
-            if let Some(fault) = fault {
-                cmd.env("OXCLIP_FAULT", fault);
-            }
-            cmd.spawn().expect("rank starts")
-        })
-        .collect();
-    let outputs: Vec<Output> =
-        children.into_iter().map(|c| c.wait_with_output().expect("rank ends")).collect();
+    let outputs = torchrun_ranks(RANKS, fault, |cmd| {
+        cmd.args(["train", "--config"]).arg(config).args(extra);
+    });
     for (rank, out) in outputs.iter().enumerate() {
         assert!(
             out.status.success(),

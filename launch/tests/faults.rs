@@ -19,7 +19,7 @@ mod util;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use util::*;
@@ -57,30 +57,14 @@ impl Ranks {
 
 /// Runs the 4 ranks of `config` to their end, with `fault` (an `OXCLIP_FAULT` spec) if any.
 fn run_ranks(config: &Path, fault: Option<&str>, resume: bool) -> Ranks {
-    let port = free_port();
     let started = Instant::now();
-    let children: Vec<_> = (0..RANKS)
-        .map(|rank| {
-            let mut cmd: Command = oxclip();
-            cmd.args(["train", "--config"]).arg(config);
-            if resume {
-                cmd.args(["--resume", "auto"]);
-            }
-            cmd.env("RANK", rank.to_string())
-                .env("WORLD_SIZE", RANKS.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env("OXCLIP_LOG", "info,oxclip_trainer::grad_sync=trace")
-                .env_remove("OXCLIP_FAULT")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
-            if let Some(fault) = fault {
-                cmd.env("OXCLIP_FAULT", fault);
-            }
-            cmd.spawn().expect("rank starts")
-        })
-        .collect();
-    let outputs = children.into_iter().map(|c| c.wait_with_output().expect("rank ends")).collect();
+    let outputs = torchrun_ranks(RANKS, fault, |cmd| {
+        cmd.args(["train", "--config"]).arg(config);
+        if resume {
+            cmd.args(["--resume", "auto"]);
+        }
+        cmd.env("OXCLIP_LOG", "info,oxclip_trainer::grad_sync=trace");
+    });
     Ranks { outputs, took: started.elapsed() }
 }
 

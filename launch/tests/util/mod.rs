@@ -36,6 +36,36 @@ pub fn bench_train_tiny(steps: u32, warmup: u32, extra: &[&str]) -> serde_json::
     serde_json::from_slice(&out.stdout).expect("one JSON line")
 }
 
+/// `ranks` `oxclip` processes started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR,
+/// MASTER_PORT on a free port), each given its arguments by `args`, with `fault` (a test
+/// build's `OXCLIP_FAULT` spec) or none; stdout dropped, stderr kept. Every rank's output,
+/// once all have exited.
+pub fn torchrun_ranks(
+    ranks: usize,
+    fault: Option<&str>,
+    args: impl Fn(&mut Command),
+) -> Vec<Output> {
+    let port = free_port();
+    let children: Vec<_> = (0..ranks)
+        .map(|rank| {
+            let mut cmd = oxclip();
+            args(&mut cmd);
+            cmd.env("RANK", rank.to_string())
+                .env("WORLD_SIZE", ranks.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env_remove("OXCLIP_FAULT")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            if let Some(fault) = fault {
+                cmd.env("OXCLIP_FAULT", fault);
+            }
+            cmd.spawn().expect("rank starts")
+        })
+        .collect();
+    children.into_iter().map(|c| c.wait_with_output().expect("rank ends")).collect()
+}
+
 /// Writes synthetic shards once per test directory.
 pub fn synth(dir: &Path, samples: u64, val_samples: u64, image_size: u32) -> PathBuf {
     let out = dir.join("synth");
