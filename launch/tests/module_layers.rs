@@ -431,7 +431,7 @@ const FLOORS: &[(&str, &[&[&str]])] = &[
         "trainer",
         &[
             &["error", "schedule", "fault"],
-            &["bytes", "device", "metrics", "optim", "precision"],
+            &["bytes", "device", "metrics", "optim", "precision", "run_lock"],
             &["model"],
             &["interchange", "prepare"],
             &["config"],

@@ -42,6 +42,10 @@ pub enum TrainError {
     #[error("{path}: {message}")]
     WeightsPath { path: PathBuf, message: String },
 
+    /// Another run holds the run folder's lock (`run_lock`).
+    #[error("the run folder {path} is in use by another run ({holder}): two runs in one folder would mix their checkpoints and logs. Wait for it to end or stop it, or give this run another run_dir (--run-dir)")]
+    RunFolderInUse { path: PathBuf, holder: String },
+
     #[error("device: {0}")]
     Device(String),
 

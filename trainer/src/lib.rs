@@ -12,7 +12,7 @@
 //! `launch/tests/module_layers.rs` holds this list against the code):
 //! 0. `error`, `schedule`, `fault` (faults injected by the tests, in test builds only);
 //! 1. `bytes`, `device`, `metrics`, `optim`, `precision` (autocast on any device, the loss
-//!    scale of fp16 training);
+//!    scale of fp16 training), `run_lock` (one run per run folder);
 //! 2. `model` (the architectures and their configs);
 //! 3. `interchange` (files in and out: safetensors, Hugging Face and open_clip layouts, model
 //!    directories, export), `prepare` (a model's own tokenizer and image preprocessing);
@@ -42,6 +42,7 @@ pub mod optim;
 pub mod precision;
 pub mod preempt;
 pub mod prepare;
+pub mod run_lock;
 pub mod schedule;
 pub mod step;
 pub mod train;

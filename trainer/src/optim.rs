@@ -7,7 +7,7 @@
 //! csrc/optim.cpp calls them.
 //!
 //! Under `dist.shard` (ZeRO-1/2) a rank's optimizer holds only the parameter elements it owns,
-//! as pieces (views of ranges of the flattened parameters, `grad_sync::Piece`); the update is
+//! as pieces (views of ranges of the flattened parameters, which the gradient reducer hands out); the update is
 //! the same elementwise kernel on them. Its state then carries each piece's first element
 //! (`start.<param>`), and a state of whole parameters or of pieces loads into an optimizer of
 //! either kind, whatever the ranges: a run resumes on another world size, sharded or not.
@@ -23,7 +23,6 @@ use std::ffi::{c_char, c_void, CStr};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainError};
-use crate::grad_sync::GradSync;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -53,42 +52,6 @@ struct Param {
     /// A piece (`dist.shard`): its first element in the flattened parameter, and the
     /// parameter's shape. `None`: `var` is the whole parameter.
     piece: Option<(i64, Vec<i64>)>,
-}
-
-/// The AdamW a run gets: over every trainable variable of `vs`, or, under `dist.shard`
-/// (`grad_sync` split over the ranks), over this rank's pieces of them.
-pub fn for_run(vs: &tch::nn::VarStore, grad_sync: &GradSync, config: AdamWConfig) -> Result<AdamW> {
-    Ok(match grad_sync.is_sharded() {
-        false => AdamW::new(vs.variables().into_iter().collect(), config),
-        true => AdamW::over_pieces(pieces_of(vs, grad_sync)?, config),
-    })
-}
-
-/// This rank's pieces of `vs`'s trainable parameters under `dist.shard` (`grad_sync`'s split),
-/// named and with open_clip's decay rule applied to their whole parameters.
-fn pieces_of(vs: &tch::nn::VarStore, grad_sync: &GradSync) -> Result<Vec<PieceOf>> {
-    let names: std::collections::HashMap<usize, String> =
-        vs.variables().into_iter().map(|(name, t)| (t.data_ptr() as usize, name)).collect();
-    grad_sync
-        .pieces()
-        .iter()
-        .map(|piece| {
-            let param = &grad_sync.params()[piece.param];
-            let name = names.get(&(param.data_ptr() as usize)).ok_or_else(|| {
-                TrainError::Config(format!(
-                    "a trainable parameter of shape {:?} has no name in the model",
-                    param.size()
-                ))
-            })?;
-            Ok(PieceOf {
-                decays: decays(name, param),
-                name: name.clone(),
-                shape: param.size(),
-                start: piece.start,
-                view: piece.view.shallow_clone(),
-            })
-        })
-        .collect()
 }
 
 /// Sums a tensor over ranks in place (`dist.shard`'s partial gradient norms).

@@ -23,6 +23,7 @@ use crate::model::patch_dropout::PatchDropout;
 use crate::model::Clip;
 use crate::optim::AdamW;
 use crate::precision::{GradScaler, GradScalerConfig, GradScalerState};
+use crate::run_lock::RunLock;
 use crate::schedule::Schedule;
 use crate::step::{self, StepConfig};
 use crate::weights_path::{self, Found};
@@ -102,6 +103,8 @@ struct Run<'a> {
     interval: Interval,
     /// Rank 0's checkpoints go to disk on its thread while training goes on.
     writer: checkpoint::Writer,
+    /// Rank 0's hold on the run folder (run_lock), released as the run ends.
+    _run_lock: Option<RunLock>,
 }
 
 /// What the loop reports at its end.
@@ -224,6 +227,12 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
     cfg.train.precision.check_device(device, "train.precision")?;
     let step_cfg = step_config(cfg, device)?;
     cfg.dist.validate_for_world(world.map_or(1, |w| w.world_size))?;
+    // One run per run folder: rank 0 holds its lock from here to the end (a folder made later
+    // is locked as it is made, in start_run_dir).
+    let mut run_lock = match world.is_none_or(|w| w.rank == 0) {
+        true => RunLock::take_if_exists(&cfg.run_dir)?,
+        false => None,
+    };
     let comm = collectives::connect(world, &cfg.dist, device)?;
     check_same_config(comm.as_ref(), &resolved)?;
 
@@ -281,7 +290,7 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
             None => {}
         }
     }
-    let (metrics, key_log) = start_run_dir(cfg, &resolved, comm.as_ref())?;
+    let (metrics, key_log) = start_run_dir(cfg, &resolved, comm.as_ref(), &mut run_lock)?;
     // Identical weights everywhere, whatever each rank initialised or loaded.
     broadcast_weights(comm.as_ref(), &vs)?;
     Ok(Start::Train(Box::new(Run {
@@ -305,6 +314,7 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
         key_log,
         interval: Interval { skipped_total: load_skips, ..Interval::default() },
         writer: checkpoint::Writer::default(),
+        _run_lock: run_lock,
     })))
 }
 
@@ -387,7 +397,7 @@ fn build_model(
 /// AdamW over what trains: every trainable parameter, or under `dist.shard` this rank's
 /// pieces of them. Says how many bytes of state this rank holds.
 fn optimizer_for(vs: &nn::VarStore, grad_sync: &GradSync, cfg: &RunConfig) -> Result<AdamW> {
-    let optimizer = crate::optim::for_run(vs, grad_sync, cfg.optim.adamw())?;
+    let optimizer = grad_sync.adamw(vs, cfg.optim.adamw())?;
     tracing::info!(
         "optimizer: {:.1} MB of AdamW moments on this rank (dist.shard: {})",
         optimizer.state_bytes() as f64 / 1e6,
@@ -472,15 +482,20 @@ fn restore(
 
 /// Writes the run directory and its config, and opens the writers: only now, with the model,
 /// the weights and the data open on every rank, so a run that fails to start leaves nothing
-/// behind. Only rank 0 writes events and checkpoints.
+/// behind. Only rank 0 writes events and checkpoints, and holds the folder's lock: taken here
+/// if the folder did not exist when the run started (`run_lock`).
 fn start_run_dir(
     cfg: &RunConfig,
     resolved: &str,
     comm: &dyn Collectives,
+    run_lock: &mut Option<RunLock>,
 ) -> Result<(Option<MetricsWriter>, Option<KeyLog>)> {
     comm.barrier()?;
     fs::create_dir_all(&cfg.run_dir).map_err(io_err(&cfg.run_dir))?;
     let is_rank0 = comm.rank() == 0;
+    if is_rank0 && run_lock.is_none() {
+        *run_lock = Some(RunLock::take(&cfg.run_dir)?);
+    }
     if is_rank0 {
         let config_path = cfg.run_dir.join("config.yaml");
         fs::write(&config_path, resolved).map_err(io_err(&config_path))?;

@@ -69,6 +69,7 @@ use crate::collectives::{Collectives, Mark};
 use crate::config::{DistConfig, ReduceDtype, Shard};
 use crate::error::{Result, TrainError};
 use crate::fault::{self, Fault};
+use crate::optim::{self, AdamW, AdamWConfig, PieceOf};
 use in_flight::InFlight;
 use launch::{Countdown, Sink};
 pub use shard::Piece;
@@ -159,6 +160,38 @@ impl GradSync {
     /// bucket; empty otherwise.
     pub fn pieces(&self) -> &[Piece] {
         self.split.as_ref().map_or(&[], |s| s.pieces.as_slice())
+    }
+
+    /// The AdamW a run gets: over every trainable variable of `vs`, or under `dist.shard`
+    /// over this rank's pieces of them, named, with open_clip's decay rule applied to their
+    /// whole parameters.
+    pub fn adamw(&self, vs: &tch::nn::VarStore, config: AdamWConfig) -> Result<AdamW> {
+        let Some(split) = &self.split else {
+            return Ok(AdamW::new(vs.variables().into_iter().collect(), config));
+        };
+        let names: std::collections::HashMap<usize, String> =
+            vs.variables().into_iter().map(|(name, t)| (t.data_ptr() as usize, name)).collect();
+        let pieces = split
+            .pieces
+            .iter()
+            .map(|piece| {
+                let param = &self.params[piece.param];
+                let name = names.get(&(param.data_ptr() as usize)).ok_or_else(|| {
+                    TrainError::Config(format!(
+                        "a trainable parameter of shape {:?} has no name in the model",
+                        param.size()
+                    ))
+                })?;
+                Ok(PieceOf {
+                    decays: optim::decays(name, param),
+                    name: name.clone(),
+                    shape: param.size(),
+                    start: piece.start,
+                    view: piece.view.shallow_clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW::over_pieces(pieces, config))
     }
 
     /// Whether this rank holds only its share of the gradients and optimizer (`dist.shard`).

@@ -14,7 +14,7 @@ use oxclip_trainer::config::DistConfig;
 use oxclip_trainer::grad_sync::GradSync;
 use oxclip_trainer::interchange::weights::load_weights;
 use oxclip_trainer::model::{Clip, ModelConfig};
-use oxclip_trainer::optim::{self, AdamW, AdamWConfig};
+use oxclip_trainer::optim::{AdamW, AdamWConfig};
 use oxclip_trainer::precision::GradScaler;
 use oxclip_trainer::step::{train_step, StepConfig, StepOutput};
 use tch::{nn, Device, Kind, Tensor};
@@ -80,7 +80,7 @@ impl Parts {
         }
         let mut sync = GradSync::for_var_store(&vs, dist).expect("buckets");
         sync.split(comm.rank(), comm.world_size()).expect("split");
-        let optimizer = optim::for_run(&vs, &sync, ADAMW).expect("optimizer");
+        let optimizer = sync.adamw(&vs, ADAMW).expect("optimizer");
         Parts { vs, model, optimizer, sync }
     }
 
