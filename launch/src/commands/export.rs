@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 use oxclip_trainer::checkpoint;
-use oxclip_trainer::interchange::export::{export, Format};
+use oxclip_trainer::interchange::export::{export_into, ExportDir, Format};
 use oxclip_trainer::weights_path::Found;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -54,11 +54,13 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     };
     // The preprocessing and tokenizer the model was used with travel with it (a model
     // directory's own, or the run's), so the export loads ready to use.
-    let mut files = export(weights, &cfg, Some(&opened.preprocess), format, &args.out)?;
+    // Written as a whole or not at all, never over a file an export did not write.
+    let mut out = ExportDir::open(&args.out)?;
+    export_into(&mut out, weights, &cfg, Some(&opened.preprocess), format)?;
     if let Some(tokenizer) = &opened.tokenizer_path {
-        files.extend(copy_tokenizer(tokenizer, &args.out)?);
+        copy_tokenizer(tokenizer, &mut out)?;
     }
-    for f in files {
+    for f in out.commit()? {
         println!("{}", f.display());
     }
     let what = match &opened.found {
@@ -86,7 +88,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
 /// `tokenizer_config.json` and `special_tokens_map.json` when present) into `out`. A
 /// tokenizer.json without a post-processor (`oxclip tokenizer train`'s, used as CLIP's
 /// `tokenize`) stays out: transformers would read it without the start and end tokens.
-fn copy_tokenizer(tokenizer: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+fn copy_tokenizer(tokenizer: &Path, out: &mut ExportDir) -> anyhow::Result<()> {
     let dir = if tokenizer.is_dir() {
         tokenizer.to_owned()
     } else {
@@ -99,23 +101,19 @@ fn copy_tokenizer(tokenizer: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> 
     let parsed: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", json.display()))?;
     if parsed.get("post_processor").is_none_or(serde_json::Value::is_null) {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    let mut written = Vec::new();
     for (from, name) in [
         (json, "tokenizer.json"),
         (dir.join("tokenizer_config.json"), "tokenizer_config.json"),
         (dir.join("special_tokens_map.json"), "special_tokens_map.json"),
     ] {
         if from.is_file() {
-            let to = out.join(name);
-            if from.canonicalize().ok() != to.canonicalize().ok() {
-                std::fs::copy(&from, &to).with_context(|| {
-                    format!("copying the tokenizer {} to {}", from.display(), to.display())
-                })?;
-            }
-            written.push(to);
+            let to = out.stage(name)?;
+            std::fs::copy(&from, &to).with_context(|| {
+                format!("copying the tokenizer {} to {}", from.display(), out.path(name).display())
+            })?;
         }
     }
-    Ok(written)
+    Ok(())
 }

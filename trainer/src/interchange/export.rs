@@ -9,6 +9,11 @@
 //!   requires), `config.json` and `preprocessor_config.json`: a `CLIPModel` with a
 //!   `CLIPImageProcessor`, or, for a model in open_clip's SigLIP form (a timm SigLIP trunk, a
 //!   custom text tower, a `logit_bias`), a `SiglipModel` with a `SiglipImageProcessor`.
+//!
+//! An export never overwrites or removes a file it did not write: [`ExportDir`] refuses a
+//! folder holding anything but an earlier oxclip export (its `.oxclip-export.json` lists what
+//! it wrote), writes every file under a temporary name and renames them only once all are
+//! written, so a failed export leaves the folder as it was.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +45,20 @@ pub fn export(
     format: Format,
     out: &Path,
 ) -> Result<Vec<PathBuf>> {
+    let mut dir = ExportDir::open(out)?;
+    export_into(&mut dir, weights, cfg, preprocess, format)?;
+    dir.commit()
+}
+
+/// [`export`] into `dir`, staged: the files appear once `dir` is committed (with whatever
+/// else the caller stages there, a tokenizer).
+pub fn export_into(
+    dir: &mut ExportDir,
+    weights: BTreeMap<String, Tensor>,
+    cfg: &ModelConfig,
+    preprocess: Option<&Preprocess>,
+    format: Format,
+) -> Result<()> {
     if format == Format::HuggingFace && matches!(cfg.vision_cfg.tower(), VisionTowerKind::ResNet(_))
     {
         return Err(TrainError::ModelConfig(
@@ -48,7 +67,6 @@ pub fn export(
                 .into(),
         ));
     }
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
     let size = cfg.vision_cfg.image_size as u32;
     let siglip = is_siglip_form(cfg);
     let preprocess = match preprocess {
@@ -56,13 +74,11 @@ pub fn export(
         None if siglip => Preprocess::siglip(size),
         None => Preprocess::openai(size),
     };
-    let written = match format {
+    match format {
         Format::OpenClip => {
-            let model = out.join(OPEN_CLIP_WEIGHTS);
-            write_safetensors(&weights, None, &model)?;
-            let config = out.join(OPEN_CLIP_CONFIG);
-            write_json(&config, &open_clip::model_to_open_clip_config(cfg, &preprocess))?;
-            vec![model, config]
+            write_safetensors(&weights, None, &dir.stage(OPEN_CLIP_WEIGHTS)?)?;
+            let config = open_clip::model_to_open_clip_config(cfg, &preprocess);
+            write_json(&dir.stage(OPEN_CLIP_CONFIG)?, &config)?;
         }
         Format::HuggingFace => {
             let (tensors, config_json) = if siglip {
@@ -70,16 +86,134 @@ pub fn export(
             } else {
                 (hf_clip::to_hf(weights)?, clip_config(cfg)?)
             };
-            let model = out.join(HF_WEIGHTS);
-            write_safetensors(&tensors, None, &model)?;
-            let config = out.join(HF_CONFIG);
-            write_json(&config, &config_json)?;
-            let preprocessor = out.join(HF_PREPROCESSOR);
-            write_json(&preprocessor, &hugging_face::preprocess_to_hf(&preprocess, siglip)?)?;
-            vec![model, config, preprocessor]
+            write_safetensors(&tensors, None, &dir.stage(HF_WEIGHTS)?)?;
+            write_json(&dir.stage(HF_CONFIG)?, &config_json)?;
+            let preprocessor = hugging_face::preprocess_to_hf(&preprocess, siglip)?;
+            write_json(&dir.stage(HF_PREPROCESSOR)?, &preprocessor)?;
         }
-    };
-    Ok(written)
+    }
+    Ok(())
+}
+
+/// What an export wrote, beside it: `.oxclip-export.json`.
+pub const EXPORT_MARKER: &str = ".oxclip-export.json";
+
+/// The output folder of one export, written as a whole or not at all.
+pub struct ExportDir {
+    out: PathBuf,
+    /// Whether this export made the folder (and so may remove it when it fails).
+    created: bool,
+    /// The files an earlier oxclip export wrote there (which this one may replace or remove).
+    earlier: Vec<String>,
+    /// Names staged, in order; each written as `.<name>.oxclip-tmp` until committed.
+    staged: Vec<String>,
+    committed: bool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Marker {
+    written_by: String,
+    files: Vec<String>,
+}
+
+impl ExportDir {
+    /// Opens `out` for an export: missing (made), empty, or an earlier oxclip export; any
+    /// other file there is an error naming it.
+    pub fn open(out: &Path) -> Result<ExportDir> {
+        let names: Vec<String> = match std::fs::read_dir(out) {
+            Ok(entries) => entries
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<std::io::Result<_>>()
+                .map_err(io_err(out))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(TrainError::Io { path: out.into(), source: e }),
+        };
+        let earlier: Vec<String> = std::fs::read_to_string(out.join(EXPORT_MARKER))
+            .ok()
+            .and_then(|text| serde_json::from_str::<Marker>(&text).ok())
+            .filter(|m| m.written_by == "oxclip export")
+            .map(|m| m.files.into_iter().filter(|f| is_plain_name(f)).collect())
+            .unwrap_or_default();
+        let foreign: Vec<&String> =
+            names.iter().filter(|n| n.as_str() != EXPORT_MARKER && !earlier.contains(n)).collect();
+        if !foreign.is_empty() {
+            let shown: Vec<&str> = foreign.iter().take(5).map(|s| s.as_str()).collect();
+            let more = if foreign.len() > 5 {
+                format!(" and {} more", foreign.len() - 5)
+            } else {
+                String::new()
+            };
+            return Err(TrainError::Input(format!(
+                "{}: the folder holds {} file(s) that an oxclip export did not write ({}{more}); \
+                 an export never overwrites or removes them. Export into an empty or new folder",
+                out.display(),
+                foreign.len(),
+                shown.join(", ")
+            )));
+        }
+        let created = !out.exists();
+        std::fs::create_dir_all(out).map_err(io_err(out))?;
+        Ok(ExportDir { out: out.into(), created, earlier, staged: Vec::new(), committed: false })
+    }
+
+    /// Where to write the file `name`, to appear as `out/name` at [`ExportDir::commit`].
+    pub fn stage(&mut self, name: &str) -> Result<PathBuf> {
+        if !is_plain_name(name) || self.staged.iter().any(|s| s == name) {
+            return Err(TrainError::Input(format!(
+                "an export cannot write {name:?} twice or outside its folder"
+            )));
+        }
+        self.staged.push(name.to_owned());
+        Ok(self.tmp(name))
+    }
+
+    /// The final path of a staged name.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.out.join(name)
+    }
+
+    fn tmp(&self, name: &str) -> PathBuf {
+        self.out.join(format!(".{name}.oxclip-tmp"))
+    }
+
+    /// Renames every staged file into place, records them in the marker, and removes the
+    /// files of the earlier export this one did not write again. Returns the files written.
+    pub fn commit(mut self) -> Result<Vec<PathBuf>> {
+        for name in &self.staged {
+            let (tmp, to) = (self.tmp(name), self.out.join(name));
+            std::fs::rename(&tmp, &to).map_err(io_err(&to))?;
+        }
+        let marker = Marker { written_by: "oxclip export".into(), files: self.staged.clone() };
+        let path = self.out.join(EXPORT_MARKER);
+        let text = serde_json::to_string_pretty(&marker)
+            .map_err(|e| TrainError::Input(format!("{}: {e}", path.display())))?;
+        std::fs::write(&path, text + "\n").map_err(io_err(&path))?;
+        for stale in self.earlier.iter().filter(|e| !self.staged.contains(e)) {
+            let _ = std::fs::remove_file(self.out.join(stale));
+        }
+        self.committed = true;
+        Ok(self.staged.iter().map(|n| self.out.join(n)).collect())
+    }
+}
+
+impl Drop for ExportDir {
+    /// An export that did not commit leaves the folder as it found it.
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for name in &self.staged {
+            let _ = std::fs::remove_file(self.tmp(name));
+        }
+        if self.created {
+            let _ = std::fs::remove_dir(&self.out); // only when nothing is left in it
+        }
+    }
+}
+
+/// A file name without a directory part (a marker could list anything).
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\\')
 }
 
 /// open_clip's SigLIP form, which transformers holds as a `SiglipModel`: a timm trunk, the
@@ -324,5 +458,36 @@ mod tests {
             err.contains("text_cfg.no_causal_mask") && err.contains("--format open_clip"),
             "{err}"
         );
+    }
+
+    /// An export that fails before committing leaves nothing: its temporary files go, and so
+    /// does the folder it made.
+    #[test]
+    fn an_uncommitted_export_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("new");
+        {
+            let mut export = ExportDir::open(&out).unwrap();
+            std::fs::write(export.stage("model.safetensors").unwrap(), b"half").unwrap();
+            assert!(export.stage("model.safetensors").is_err(), "staged twice");
+            assert!(export.stage("../escape").is_err());
+        }
+        assert!(!out.exists(), "the folder it made is gone");
+        // A folder that held an earlier export keeps that export when the next one fails.
+        let first = ExportDir::open(&out).unwrap();
+        let mut first = first;
+        std::fs::write(first.stage("config.json").unwrap(), b"{}").unwrap();
+        first.commit().unwrap();
+        {
+            let mut second = ExportDir::open(&out).unwrap();
+            std::fs::write(second.stage("config.json").unwrap(), b"{\"new\": 1}").unwrap();
+        }
+        assert_eq!(std::fs::read(out.join("config.json")).unwrap(), b"{}");
+        let mut left: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [EXPORT_MARKER, "config.json"]);
     }
 }
