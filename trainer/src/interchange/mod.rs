@@ -6,7 +6,9 @@
 //! `model` and `model` knows nothing of it.
 //!
 //! One file per source format:
-//! - `safetensors.rs`: the container every layout shares (read, write, pickles refused);
+//! - `safetensors.rs`: the container every layout shares (read, write);
+//! - `pickle/`: PyTorch's pickled files (`torch.save`'s zip and legacy formats, TorchScript
+//!   archives), read without running anything of them;
 //! - `hf_clip.rs`, `hf_siglip.rs`: Hugging Face `CLIPModel` and `SiglipModel` tensor names
 //!   <-> open_clip's, both ways;
 //! - `hugging_face.rs`: a Hugging Face directory's `config.json` and
@@ -32,6 +34,7 @@ pub mod hf_siglip;
 pub mod hugging_face;
 mod json;
 pub mod open_clip;
+pub mod pickle;
 pub mod pretrained;
 pub mod safetensors;
 pub mod weights;
