@@ -85,8 +85,10 @@ pub struct RunConfig {
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
     /// Anything weights come in: a run folder (its newest checkpoint), a `checkpoints/` or
-    /// `checkpoints/step_N` folder, an exported model directory, or a safetensors file with
-    /// open_clip's or Hugging Face's names.
+    /// `checkpoints/step_N` folder, a model directory (open_clip's or Hugging Face's, pickled
+    /// or sharded weights included), one of OpenAI's `.pt` files, or a weights file with
+    /// open_clip's or Hugging Face's names: safetensors, or a PyTorch pickle (open_clip's
+    /// `epoch_N.pt`, `pytorch_model.bin`), read without running it.
     pub checkpoint: PathBuf,
 }
 

@@ -14,6 +14,8 @@
 //! - `hugging_face.rs`: a Hugging Face directory's `config.json` and
 //!   `preprocessor_config.json` <-> the model config and image preprocessing, both ways;
 //! - `open_clip.rs`: open_clip's hub layout, `open_clip_config.json`, both ways;
+//! - `openai.rs`: OpenAI's own files (`clip.load`'s TorchScript archives), whose architecture
+//!   is read from their tensors' shapes;
 //! - `json.rs`: the typed key reads those translations share.
 //!
 //! On top of them, one file per job: `weights.rs` loads a weights file into a model, whichever
@@ -34,6 +36,7 @@ pub mod hf_siglip;
 pub mod hugging_face;
 mod json;
 pub mod open_clip;
+pub mod openai;
 pub mod pickle;
 pub mod pretrained;
 pub mod safetensors;
@@ -49,4 +52,6 @@ pub enum Source {
     HfSiglip,
     /// open_clip's hub layout.
     OpenClip,
+    /// OpenAI's `clip.load` files: a TorchScript archive whose tensors' shapes say the model.
+    OpenAi,
 }

@@ -64,6 +64,12 @@ pub fn looks_pickled(path: &Path) -> bool {
     read.is_ok() && (head == *b"PK\x03\x04" || (head[0] == 0x80 && (2..=5).contains(&head[1])))
 }
 
+/// Whether the file at `path` is a TorchScript archive (a zip with `code/` or
+/// `constants.pkl` beside its `data.pkl`), from its zip directory alone.
+pub fn is_torchscript(path: &Path) -> bool {
+    std::fs::File::open(path).is_ok_and(torch_zip::is_torchscript)
+}
+
 /// Where a format keeps its storages' bytes.
 trait Storages {
     /// The bytes of `storage` (exactly `numel * element size` of them).

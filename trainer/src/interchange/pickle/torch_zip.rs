@@ -27,13 +27,22 @@ const MAX_INFLATED_BYTES: u64 = 256 << 20;
 /// Deflate's best ratio is about 1032:1; a member claiming more is forged.
 const MAX_DEFLATE_RATIO: u64 = 1032;
 
+/// Whether `file` is a zip of `torch.jit.save`'s.
+pub(super) fn is_torchscript(file: File) -> bool {
+    let Ok(zip) = ZipArchive::new(BufReader::new(file)) else { return false };
+    prefix(&zip).is_ok_and(|prefix| torchscript(&zip, &prefix))
+}
+
+fn torchscript(zip: &ZipArchive<BufReader<File>>, prefix: &str) -> bool {
+    let (constants, code) = (format!("{prefix}/constants.pkl"), format!("{prefix}/code/"));
+    zip.file_names().any(|n| n == constants || n.starts_with(&code))
+}
+
 pub(super) fn open(file: File) -> Result<Opened, String> {
     let file_len = file.metadata().map_err(|e| e.to_string())?.len();
     let mut zip = ZipArchive::new(BufReader::new(file)).map_err(zip_message)?;
     let prefix = prefix(&zip)?;
-    let torchscript = zip.file_names().any(|n| {
-        n == format!("{prefix}/constants.pkl") || n.starts_with(&format!("{prefix}/code/"))
-    });
+    let torchscript = torchscript(&zip, &prefix);
     let mut budget = MAX_INFLATED_BYTES;
     let byteorder = match zip.by_name(&format!("{prefix}/byteorder")) {
         Ok(member) => {
