@@ -137,3 +137,23 @@ pub fn model_from_file(path: &Path) -> Result<ModelConfig, ConfigError> {
         .map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })?;
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of OpenAI's `.pt` files names its own model, and says how its images are prepared.
+    #[test]
+    fn an_openai_file_is_a_model_reference() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/pickle/openai_vit.pt")
+            .display()
+            .to_string();
+        let named = resolve_named(&file).unwrap();
+        assert!(named.model.quick_gelu);
+        assert_eq!(named.model.vision_cfg.width, 64);
+        let dir = named.directory.unwrap();
+        assert_eq!(dir.preprocess, oxclip_data_loader::Preprocess::openai(16));
+        assert!(matches!(named.origin, Origin::ModelFile(_)));
+    }
+}
