@@ -220,3 +220,44 @@ fn pickles_that_run_code_are_refused_through_every_command() {
     assert!(!d.join("out").exists(), "nothing exported");
     assert!(!d.join("e.safetensors").exists(), "nothing embedded");
 }
+
+/// The run config continuing open_clip's run of tests/fixtures/pickle/continue/ for 10 steps:
+/// the same model, data, tokenizer, crop (the identity), constant learning rate and AdamW
+/// settings as open_clip_train's, from its epoch_10.pt, with or without its optimizer state.
+fn continue_config(dir: &Path, run: &str, optimizer: bool) -> PathBuf {
+    let c = pickles().join("continue");
+    let text = format!(
+        "run_dir: {run_dir}\nmodel: {model}\ndata:\n  train: {csv}\n  tokenizer: {tokenizer}\n  workers: 1\n\
+         \x20 augment:\n    scale: [1.0, 1.0]\n    ratio: [1.0, 1.0]\n\
+         train:\n  batch_size: 4\n  steps: 10\n  seed: 0\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 5\n\
+         optim:\n  lr: 1.0e-3\n  weight_decay: 0.2\n  warmup_steps: 0\n  schedule: const\n\
+         init:\n  checkpoint: {epoch}\n  optimizer: {optimizer}\n",
+        run_dir = dir.join(run).display(),
+        model = c.join("pickle-tiny-continue.json").display(),
+        csv = c.join("train.csv").display(),
+        tokenizer = c.join("tokenizer").display(),
+        epoch = c.join("epoch_10.pt").display(),
+    );
+    let path = dir.join(format!("{run}.yaml"));
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+/// Issue 25's acceptance: open_clip_train ran 10 steps and saved epoch_10.pt; oxclip continues
+/// it 10 more with `init.optimizer: true` and ends within 1e-4 (of the largest weight) of
+/// open_clip's own 20-step run. Without open_clip's moments and step it does not.
+#[test]
+fn continuing_an_open_clip_run_reaches_its_own_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let open_clip = pickles().join("continue/open_clip_20_steps.safetensors");
+    let mut diffs = Vec::new();
+    for (run, optimizer) in [("continued", true), ("fresh_moments", false)] {
+        run_ok(oxclip().args(["train", "--config"]).arg(continue_config(d, run, optimizer)));
+        let ours = d.join(run).join("checkpoints/step_10/model.safetensors");
+        diffs.push(max_rel_diff(&ours, &open_clip));
+    }
+    assert!(diffs[0] <= 1e-4, "continued: {} of the largest weight", diffs[0]);
+    assert!(diffs[1] > 1e-3, "without the optimizer state: {}", diffs[1]);
+    eprintln!("continued {:.2e}, fresh moments {:.2e}", diffs[0], diffs[1]);
+}

@@ -90,6 +90,11 @@ pub struct InitConfig {
     /// open_clip's or Hugging Face's names: safetensors, or a PyTorch pickle (open_clip's
     /// `epoch_N.pt`, `pytorch_model.bin`), read without running it.
     pub checkpoint: PathBuf,
+    /// Also take the optimizer state of `checkpoint`, an open_clip training checkpoint
+    /// (`epoch_N.pt`): its AdamW moments and step, so the run continues open_clip's. The
+    /// learning-rate schedule is this run's own, from its step 0. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optimizer: bool,
 }
 
 /// Values given over the file's, applied before the config is resolved and checked, so a bad

@@ -14,6 +14,8 @@
 //! - `hugging_face.rs`: a Hugging Face directory's `config.json` and
 //!   `preprocessor_config.json` <-> the model config and image preprocessing, both ways;
 //! - `open_clip.rs`: open_clip's hub layout, `open_clip_config.json`, both ways;
+//! - `open_clip_train.rs`: open_clip's training checkpoints (`epoch_N.pt`): their AdamW
+//!   state by parameter name;
 //! - `openai.rs`: OpenAI's own files (`clip.load`'s TorchScript archives), whose architecture
 //!   is read from their tensors' shapes;
 //! - `json.rs`: the typed key reads those translations share.
@@ -36,6 +38,7 @@ pub mod hf_siglip;
 pub mod hugging_face;
 mod json;
 pub mod open_clip;
+pub mod open_clip_train;
 pub mod openai;
 pub mod pickle;
 pub mod pretrained;

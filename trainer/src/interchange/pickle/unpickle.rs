@@ -82,6 +82,11 @@ impl Dict {
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.index.get(&Key::Str(key.into())).map(|&at| &self.items[at].1)
     }
+
+    /// The value under the integer key `key`.
+    pub fn get_int(&self, key: i64) -> Option<&Value> {
+        self.index.get(&Key::Int(key)).map(|&at| &self.items[at].1)
+    }
 }
 
 /// A TorchScript module object: `__torch__.<qualified class name>` and its attributes.
