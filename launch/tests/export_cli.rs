@@ -1,12 +1,12 @@
 //! `oxclip export` end to end: a trained checkpoint as open_clip and Hugging Face directories,
-//! and back; pickled weights refused at `--init`.
+//! and back; a pickle that would run code refused at `--init`.
 
 mod util;
 
 use util::*;
 
 #[test]
-fn exports_round_trip_and_pickles_are_refused() {
+fn exports_round_trip_and_malicious_pickles_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = synth(dir.path(), 64, 0, 32);
     let config = tiny_config(dir.path(), &data, 2, "  eval_every: 0\n", false);
@@ -134,20 +134,23 @@ fn exports_round_trip_and_pickles_are_refused() {
         ) <= 1e-6
     );
 
-    let pickle = dir.path().join("epoch_1.pt");
-    std::fs::write(&pickle, b"PK\x03\x04 torch.save").expect("write");
+    // A pickle that would run code is refused at --init, naming it, and nothing of it runs.
+    let evil = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/pickle/evil/os_system.pt");
     let out = oxclip()
+        .current_dir(dir.path())
         .args(["train", "--config"])
         .arg(config_path(dir.path()))
         .arg("--run-dir")
         .arg(dir.path().join("p"))
         .arg("--init")
-        .arg(&pickle)
+        .arg(&evil)
         .output()
         .expect("runs");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("pickled") && stderr.contains("save_file"), "{stderr}");
+    assert!(stderr.contains("refuses the global os.system"), "{stderr}");
+    assert!(!dir.path().join("pwned_os_system").exists());
 }
 
 fn config_path(dir: &std::path::Path) -> std::path::PathBuf {

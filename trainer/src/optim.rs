@@ -34,7 +34,12 @@ pub struct AdamWConfig {
 /// open_clip `main.py`: no weight decay on gains, biases, LayerNorms and the temperature
 /// (`p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n`).
 pub fn decays(name: &str, tensor: &Tensor) -> bool {
-    let excluded = tensor.dim() < 2
+    decays_shape(name, tensor.dim())
+}
+
+/// [`decays`] of a parameter with `dims` dimensions.
+pub fn decays_shape(name: &str, dims: usize) -> bool {
+    let excluded = dims < 2
         || name.contains("bn")
         || name.contains("ln")
         || name.contains("bias")

@@ -258,6 +258,9 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
     let mut grad_sync = GradSync::for_var_store(&vs, &cfg.dist)?;
     grad_sync.split(comm.rank(), comm.world_size())?;
     let mut optimizer = optimizer_for(&vs, &grad_sync, cfg)?;
+    if let (Some(found), true) = (&init, cfg.init.as_ref().is_some_and(|i| i.optimizer)) {
+        init_optimizer(&vs, &mut optimizer, found)?;
+    }
     let tokenizer = cfg.data.tokenizer(&cfg.model)?;
     let preprocess = cfg.data.preprocess(&cfg.model)?;
     let mut loader = open_loader(cfg, comm.as_ref(), &tokenizer, &preprocess)?;
@@ -392,6 +395,28 @@ fn build_model(
         tracing::info!("initial weights from {} ({})", found.weights().display(), found.describe());
     }
     Ok((vs, model))
+}
+
+/// `init.optimizer`: open_clip's AdamW state from the training checkpoint the run starts
+/// from, its moments named by `interchange::open_clip_train` for the parameters this run
+/// trains, and its step (so bias correction goes on where open_clip's stopped).
+fn init_optimizer(vs: &nn::VarStore, optimizer: &mut AdamW, found: &Found) -> Result<()> {
+    let trainable = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(name, _)| name)
+        .collect();
+    let path = found.weights();
+    crate::interchange::open_clip_train::optimizer_state(&path, &trainable)
+        .and_then(|state| optimizer.load_state_tensors(&state))
+        .map_err(|e| TrainError::Config(format!("init.optimizer: {e}")))?;
+    tracing::info!(
+        "optimizer state from {} (open_clip's AdamW after {} steps)",
+        path.display(),
+        optimizer.steps_taken()
+    );
+    Ok(())
 }
 
 /// AdamW over what trains: every trainable parameter, or under `dist.shard` this rank's

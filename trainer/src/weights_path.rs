@@ -2,7 +2,10 @@
 //! `--init`, `init.checkpoint`, `--resume`) goes through [`locate`], so they all accept the
 //! same things: a run folder, its `checkpoints/` folder, a `checkpoints/step_N` folder, a
 //! model directory in open_clip's hub layout or Hugging Face's (`CLIPModel`, `SiglipModel`;
-//! what `oxclip export` writes too), or a safetensors file.
+//! what `oxclip export` writes too, and what those libraries publish: pickled
+//! `pytorch_model.bin` / `open_clip_pytorch_model.bin`, sharded `*.index.json`), one of
+//! OpenAI's own `clip.load` files, or a weights file (safetensors, or a PyTorch pickle such as
+//! open_clip's `epoch_N.pt`, read without running it).
 //! What was found is an enum, so a caller can say what it needs of each (the architecture,
 //! an optimizer state) and new kinds of folder join the same rule.
 
@@ -10,9 +13,10 @@ use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{self, MODEL_FILE, STATE_FILE};
 use crate::error::{io_err, Result, TrainError};
-use crate::interchange::hugging_face::{HF_CONFIG, HF_WEIGHTS};
-use crate::interchange::open_clip::{OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS};
-use crate::interchange::pretrained::Pretrained;
+use crate::interchange::hugging_face::{HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_FILES};
+use crate::interchange::open_clip::{OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS_FILES};
+use crate::interchange::pickle;
+use crate::interchange::pretrained::{hf_weights_in, open_clip_weights_in, Pretrained};
 
 /// Where the weights of a path are, and what came with them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,29 +25,37 @@ pub enum Found {
     /// or the newest complete one of a run folder or a `checkpoints/` folder. It carries the
     /// run config (so the architecture) and, when complete, the optimizer state.
     Checkpoint { dir: PathBuf },
-    /// open_clip layout: `open_clip_model.safetensors`, with `open_clip_config.json` (whose
-    /// `model_cfg` is the architecture) when it sits beside it.
+    /// open_clip layout: `open_clip_model.safetensors` (or the pickled
+    /// `open_clip_pytorch_model.bin`), with `open_clip_config.json` (whose `model_cfg` is the
+    /// architecture) when it sits beside it.
     OpenClip { weights: PathBuf, config: Option<PathBuf> },
-    /// Hugging Face layout (`CLIPModel`, `SiglipModel`): `model.safetensors` beside a `config.json`.
+    /// Hugging Face layout (`CLIPModel`, `SiglipModel`): `model.safetensors`,
+    /// `pytorch_model.bin` or a sharded checkpoint's `*.index.json`, beside a `config.json`.
     HuggingFace { weights: PathBuf, config: PathBuf },
-    /// A safetensors file on its own: the architecture has to be given.
+    /// One of OpenAI's `clip.load` files (a TorchScript archive): its tensors' shapes are its
+    /// architecture.
+    OpenAi { weights: PathBuf },
+    /// A weights file on its own (safetensors, or a PyTorch pickle such as open_clip's
+    /// `epoch_N.pt`): the architecture has to be given.
     File(PathBuf),
 }
 
 impl Found {
-    /// The safetensors file holding the weights.
+    /// The file holding the weights (for a sharded checkpoint, its index).
     pub fn weights(&self) -> PathBuf {
         match self {
             Found::Checkpoint { dir } => dir.join(MODEL_FILE),
             Found::OpenClip { weights, .. }
             | Found::HuggingFace { weights, .. }
+            | Found::OpenAi { weights }
             | Found::File(weights) => weights.clone(),
         }
     }
 
     /// The directory's own config, translated (architecture, preprocessing, tokenizer files),
     /// for a Hugging Face `CLIPModel` / `SiglipModel` directory or an open_clip directory with
-    /// its `open_clip_config.json`; `None` for a checkpoint (its run config says) or a bare file.
+    /// its `open_clip_config.json`, or the architecture an OpenAI file's shapes say; `None` for
+    /// a checkpoint (its run config says) or a bare file.
     pub fn pretrained(&self) -> Result<Option<Pretrained>> {
         match self {
             Found::HuggingFace { weights, config } => {
@@ -52,6 +64,7 @@ impl Found {
             Found::OpenClip { weights, config: Some(config) } => {
                 Pretrained::open_clip(config, weights).map(Some)
             }
+            Found::OpenAi { weights } => Pretrained::openai(weights).map(Some),
             _ => Ok(None),
         }
     }
@@ -62,6 +75,7 @@ impl Found {
             Found::Checkpoint { .. } => "an oxclip checkpoint",
             Found::OpenClip { .. } => "an open_clip export",
             Found::HuggingFace { .. } => "a Hugging Face export",
+            Found::OpenAi { .. } => "an OpenAI CLIP file (TorchScript)",
             Found::File(_) => "a weights file",
         }
     }
@@ -85,11 +99,11 @@ pub fn locate(path: &Path) -> Result<Found> {
         }
         return Ok(Found::Checkpoint { dir: path.into() });
     }
-    if path.join(OPEN_CLIP_WEIGHTS).is_file() {
-        return Ok(file(&path.join(OPEN_CLIP_WEIGHTS)));
+    if let Some(weights) = open_clip_weights_in(path) {
+        return Ok(file(&weights));
     }
-    if path.join(HF_WEIGHTS).is_file() && path.join(HF_CONFIG).is_file() {
-        return Ok(file(&path.join(HF_WEIGHTS)));
+    if let (true, Some(weights)) = (path.join(HF_CONFIG).is_file(), hf_weights_in(path)) {
+        return Ok(file(&weights));
     }
     // A run folder (its `checkpoints/`) or the `checkpoints/` folder itself.
     let checkpoints = checkpoint::checkpoints_dir(path);
@@ -115,25 +129,9 @@ pub fn locate(path: &Path) -> Result<Found> {
     if path.join(HF_WEIGHTS).is_file() {
         return Ok(Found::File(path.join(HF_WEIGHTS)));
     }
-    if path.join(HF_CONFIG).is_file() {
-        // A Hugging Face directory whose weights are not one safetensors file.
-        let p = path.display();
-        if path.join("model.safetensors.index.json").is_file() {
-            return Err(fail(format!(
-                "its weights are sharded (model.safetensors.index.json); oxclip reads one {HF_WEIGHTS}. Merge them once with:\n  \
-                 python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{p}').save_pretrained('{p}-merged', max_shard_size='1000GB')\""
-            )));
-        }
-        if path.join("pytorch_model.bin").is_file() {
-            return Err(fail(format!(
-                "its weights are pytorch_model.bin, a pickle (oxclip reads safetensors only: unpickling runs arbitrary code). Convert them once with:\n  \
-                 python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{p}').save_pretrained('{p}-safetensors')\""
-            )));
-        }
-    }
     Err(fail(format!(
-        "not a run folder, a checkpoints/ folder, a checkpoints/step_N folder, a folder written by `oxclip export`, \
-         or a safetensors file; it holds {}",
+        "not a run folder, a checkpoints/ folder, a checkpoints/step_N folder, a model directory (open_clip's, \
+         Hugging Face's, or one `oxclip export` wrote), or a weights file; it holds {}",
         listing(path)?
     )))
 }
@@ -149,15 +147,18 @@ fn file(path: &Path) -> Found {
     if name == MODEL_FILE && dir.join(STATE_FILE).is_file() {
         return Found::Checkpoint { dir: dir.into() };
     }
-    if name == OPEN_CLIP_WEIGHTS {
+    if OPEN_CLIP_WEIGHTS_FILES.contains(&name.as_str()) {
         let config = dir.join(OPEN_CLIP_CONFIG);
         return Found::OpenClip {
             weights: path.into(),
             config: config.is_file().then_some(config),
         };
     }
-    if name == HF_WEIGHTS && dir.join(HF_CONFIG).is_file() {
+    if HF_WEIGHTS_FILES.contains(&name.as_str()) && dir.join(HF_CONFIG).is_file() {
         return Found::HuggingFace { weights: path.into(), config: dir.join(HF_CONFIG) };
+    }
+    if pickle::is_torchscript(path) {
+        return Found::OpenAi { weights: path.into() };
     }
     Found::File(path.into())
 }
@@ -187,6 +188,7 @@ fn listing(dir: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interchange::open_clip::OPEN_CLIP_WEIGHTS;
     use std::fs;
 
     fn touch(path: &Path) {
@@ -251,6 +253,33 @@ mod tests {
         assert_eq!(locate(&bare).expect("file"), Found::File(bare.clone()));
     }
 
+    /// The weights files those libraries publish besides safetensors: each found in its
+    /// directory, in transformers' and open_clip's order of preference; an OpenAI file
+    /// (TorchScript) known as such, a torch.save file as a bare weights file.
+    #[test]
+    fn pickled_and_sharded_weights_are_found() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let hf = tmp.path().join("hf");
+        touch(&hf.join(HF_CONFIG));
+        for name in HF_WEIGHTS_FILES.iter().rev() {
+            touch(&hf.join(name));
+            let found = Found::HuggingFace { weights: hf.join(name), config: hf.join(HF_CONFIG) };
+            assert_eq!(locate(&hf).expect("hf"), found, "{name}");
+            assert_eq!(locate(&hf.join(name)).expect("hf file"), found, "{name}");
+        }
+        let oc = tmp.path().join("oc");
+        touch(&oc.join("open_clip_pytorch_model.bin"));
+        let found =
+            Found::OpenClip { weights: oc.join("open_clip_pytorch_model.bin"), config: None };
+        assert_eq!(locate(&oc).expect("open_clip"), found);
+
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pickle");
+        let openai = fixtures.join("openai_vit.pt");
+        assert_eq!(locate(&openai).expect("openai"), Found::OpenAi { weights: openai.clone() });
+        let epoch = fixtures.join("epoch_3.pt");
+        assert_eq!(locate(&epoch).expect("epoch"), Found::File(epoch.clone()));
+    }
+
     #[test]
     fn what_does_not_fit_is_described() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -270,11 +299,11 @@ mod tests {
             "{err}"
         );
 
-        let sharded = tmp.path().join("sharded");
-        touch(&sharded.join(HF_CONFIG));
-        touch(&sharded.join("model.safetensors.index.json"));
-        let err = locate(&sharded).expect_err("sharded").to_string();
-        assert!(err.contains("sharded") && err.contains("save_pretrained"), "{err}");
+        // A config.json without weights is no model directory.
+        let bare = tmp.path().join("bare");
+        touch(&bare.join(HF_CONFIG));
+        let err = locate(&bare).expect_err("no weights").to_string();
+        assert!(err.contains("config.json (1 entry)"), "{err}");
 
         let run = tmp.path().join("run");
         step(&run, 5, false);

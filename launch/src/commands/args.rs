@@ -10,12 +10,14 @@ use clap::Args;
 /// Where the model comes from, shared by the commands that use one.
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A run directory, a `checkpoints/step_N` directory, or a weights file (open_clip or
-    /// Hugging Face layout).
+    /// A run directory, a `checkpoints/step_N` directory, a model directory, one of OpenAI's
+    /// `.pt` files, or a weights file (open_clip or Hugging Face layout; safetensors, or a
+    /// PyTorch pickle such as `epoch_N.pt`, read without running it).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// The architecture (built-in name or model YAML); needed for a bare weights file. A
-    /// Hugging Face or open_clip directory says its own; one that contradicts it is an error.
+    /// Hugging Face or open_clip directory, or an OpenAI `.pt` file, says its own; one that
+    /// contradicts it is an error.
     #[arg(long)]
     pub model: Option<String>,
     /// A tokenizer.json, or a Hugging Face model directory holding one, instead of the CLIP

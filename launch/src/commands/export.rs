@@ -22,8 +22,8 @@ pub enum ExportFormat {
 #[derive(Args)]
 pub struct ExportArgs {
     /// A run folder (its newest complete checkpoint), its `checkpoints/` folder, a
-    /// `checkpoints/step_N` folder, an `oxclip export` folder, or a weights file (open_clip or
-    /// Hugging Face layout).
+    /// `checkpoints/step_N` folder, a model directory, one of OpenAI's `.pt` files, or a
+    /// weights file (open_clip or Hugging Face layout; safetensors or a PyTorch pickle).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Which loader the directory is for: `open_clip` or `hf` (transformers' `CLIPModel`, or

@@ -31,9 +31,10 @@ use oxclip_trainer::weights_path::{self, Found};
 
 /// The weights file `checkpoint` names and its architecture. `checkpoint` is anything
 /// [`weights_path::locate`] accepts (a run folder, its `checkpoints/` folder, a step folder,
-/// a Hugging Face or open_clip model directory, a safetensors file). A model directory says
-/// its own architecture (`config.json`, `open_clip_config.json`), as a checkpoint's saved run
-/// config does; `model` (a built-in name, a model YAML or an `open_clip_config.json`) is then
+/// a Hugging Face or open_clip model directory, one of OpenAI's `.pt` files, a safetensors
+/// file or a PyTorch pickle). A model directory says its own architecture (`config.json`,
+/// `open_clip_config.json`), as a checkpoint's saved run config and an OpenAI file's tensor
+/// shapes do; `model` (a built-in name, a model YAML or an `open_clip_config.json`) is then
 /// optional, and an error naming the differing keys where it contradicts the directory. A
 /// bare weights file needs `model`.
 fn located_weights_and_model(
@@ -56,7 +57,11 @@ fn located_weights_and_model(
         (None, Found::OpenClip { weights, .. }, None) => {
             bail!("{} has no open_clip_config.json beside it: say which architecture it is with --model", weights.display())
         }
-        (None, Found::HuggingFace { weights, .. } | Found::File(weights), None) => {
+        (
+            None,
+            Found::HuggingFace { weights, .. } | Found::OpenAi { weights } | Found::File(weights),
+            None,
+        ) => {
             bail!(
                 "{} is a bare weights file: say which architecture it is with --model",
                 weights.display()

@@ -26,8 +26,9 @@ pub struct TrainArgs {
     #[arg(long, value_name = "auto|PATH")]
     pub resume: Option<String>,
     /// Initial weights for a fresh run; overrides `init.checkpoint`. A run folder (its newest
-    /// checkpoint), a `checkpoints/` or `checkpoints/step_N` folder, an `oxclip export` folder,
-    /// or a safetensors file (open_clip or Hugging Face names).
+    /// checkpoint), a `checkpoints/` or `checkpoints/step_N` folder, a model directory, one of
+    /// OpenAI's `.pt` files, or a weights file with open_clip or Hugging Face names
+    /// (safetensors, or a PyTorch pickle such as `epoch_N.pt`, read without running it).
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Threads for libtorch on the CPU (overrides train.threads).

@@ -85,9 +85,16 @@ pub struct RunConfig {
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
     /// Anything weights come in: a run folder (its newest checkpoint), a `checkpoints/` or
-    /// `checkpoints/step_N` folder, an exported model directory, or a safetensors file with
-    /// open_clip's or Hugging Face's names.
+    /// `checkpoints/step_N` folder, a model directory (open_clip's or Hugging Face's, pickled
+    /// or sharded weights included), one of OpenAI's `.pt` files, or a weights file with
+    /// open_clip's or Hugging Face's names: safetensors, or a PyTorch pickle (open_clip's
+    /// `epoch_N.pt`, `pytorch_model.bin`), read without running it.
     pub checkpoint: PathBuf,
+    /// Also take the optimizer state of `checkpoint`, an open_clip training checkpoint
+    /// (`epoch_N.pt`): its AdamW moments and step, so the run continues open_clip's. The
+    /// learning-rate schedule is this run's own, from its step 0. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optimizer: bool,
 }
 
 /// Values given over the file's, applied before the config is resolved and checked, so a bad

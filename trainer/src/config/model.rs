@@ -1,7 +1,8 @@
 //! `model:`, what a run config names a model by, resolved to its config: a built-in name
 //! (open_clip's zoo and oxclip's own), a model file (a model YAML, an open_clip JSON, an
-//! `open_clip_config.json`), a model directory (Hugging Face's `config.json` or open_clip's
-//! hub layout), or the config itself inline (what a resolved config holds).
+//! `open_clip_config.json`, or one of OpenAI's `.pt` files, whose tensors' shapes are the
+//! model), a model directory (Hugging Face's `config.json` or open_clip's hub layout), or the
+//! config itself inline (what a resolved config holds).
 
 use std::path::{Path, PathBuf};
 
@@ -78,6 +79,13 @@ pub(super) fn resolve_named(reference: &str) -> Result<Named, ConfigError> {
         return Ok(named(config, Origin::BuiltIn));
     }
     let path = Path::new(reference);
+    if path.is_file() && crate::interchange::pickle::is_torchscript(path) {
+        // One of OpenAI's own files: its tensors' shapes are the model.
+        let file = pretrained::Pretrained::openai(path)
+            .map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })?;
+        let origin = Origin::ModelFile(path.to_owned());
+        return Ok(Named { model: file.model.clone(), origin, directory: Some(file) });
+    }
     if path.is_file() {
         return Ok(named(model_from_file(path)?, Origin::ModelFile(path.to_owned())));
     }
@@ -128,4 +136,24 @@ pub fn model_from_file(path: &Path) -> Result<ModelConfig, ConfigError> {
         .validate()
         .map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })?;
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of OpenAI's `.pt` files names its own model, and says how its images are prepared.
+    #[test]
+    fn an_openai_file_is_a_model_reference() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/pickle/openai_vit.pt")
+            .display()
+            .to_string();
+        let named = resolve_named(&file).unwrap();
+        assert!(named.model.quick_gelu);
+        assert_eq!(named.model.vision_cfg.width, 64);
+        let dir = named.directory.unwrap();
+        assert_eq!(dir.preprocess, oxclip_data_loader::Preprocess::openai(16));
+        assert!(matches!(named.origin, Origin::ModelFile(_)));
+    }
 }

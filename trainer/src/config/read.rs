@@ -68,7 +68,9 @@ pub(super) fn read(
         on_command_line.insert("train.threads".into());
     }
     if let Some(path) = &overrides.init {
-        written.init = Some(InitConfig { checkpoint: path.clone() });
+        // It replaces the checkpoint; whether its optimizer is taken stays the file's say.
+        let optimizer = written.init.as_ref().is_some_and(|i| i.optimizer);
+        written.init = Some(InitConfig { checkpoint: path.clone(), optimizer });
         on_command_line.insert("init.checkpoint".into());
     }
     Ok((written, in_file, on_command_line))

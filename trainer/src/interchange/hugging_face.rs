@@ -19,6 +19,14 @@ use crate::model::timm_vit;
 
 /// `oxclip export --format hf`'s weights and config (transformers' `CLIPModel` layout).
 pub const HF_WEIGHTS: &str = "model.safetensors";
+/// The weights files of a Hugging Face directory, in transformers' order of preference: one
+/// safetensors file, a sharded one's index, the pickled file, a sharded one's index.
+pub const HF_WEIGHTS_FILES: [&str; 4] = [
+    HF_WEIGHTS,
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+];
 pub const HF_CONFIG: &str = "config.json";
 pub const HF_PREPROCESSOR: &str = "preprocessor_config.json";
 

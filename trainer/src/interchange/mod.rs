@@ -6,12 +6,18 @@
 //! `model` and `model` knows nothing of it.
 //!
 //! One file per source format:
-//! - `safetensors.rs`: the container every layout shares (read, write, pickles refused);
+//! - `safetensors.rs`: the container every layout shares (read, write);
+//! - `pickle/`: PyTorch's pickled files (`torch.save`'s zip and legacy formats, TorchScript
+//!   archives), read without running anything of them;
 //! - `hf_clip.rs`, `hf_siglip.rs`: Hugging Face `CLIPModel` and `SiglipModel` tensor names
 //!   <-> open_clip's, both ways;
 //! - `hugging_face.rs`: a Hugging Face directory's `config.json` and
 //!   `preprocessor_config.json` <-> the model config and image preprocessing, both ways;
 //! - `open_clip.rs`: open_clip's hub layout, `open_clip_config.json`, both ways;
+//! - `open_clip_train.rs`: open_clip's training checkpoints (`epoch_N.pt`): their AdamW
+//!   state by parameter name;
+//! - `openai.rs`: OpenAI's own files (`clip.load`'s TorchScript archives), whose architecture
+//!   is read from their tensors' shapes;
 //! - `json.rs`: the typed key reads those translations share.
 //!
 //! On top of them, one file per job: `weights.rs` loads a weights file into a model, whichever
@@ -32,6 +38,9 @@ pub mod hf_siglip;
 pub mod hugging_face;
 mod json;
 pub mod open_clip;
+pub mod open_clip_train;
+pub mod openai;
+pub mod pickle;
 pub mod pretrained;
 pub mod safetensors;
 pub mod weights;
@@ -46,4 +55,6 @@ pub enum Source {
     HfSiglip,
     /// open_clip's hub layout.
     OpenClip,
+    /// OpenAI's `clip.load` files: a TorchScript archive whose tensors' shapes say the model.
+    OpenAi,
 }

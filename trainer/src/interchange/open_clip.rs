@@ -12,6 +12,9 @@ use crate::model::config::ModelConfig;
 /// `oxclip export --format open_clip`'s weights and config (open_clip's hub layout).
 pub const OPEN_CLIP_WEIGHTS: &str = "open_clip_model.safetensors";
 pub const OPEN_CLIP_CONFIG: &str = "open_clip_config.json";
+/// The weights files of an open_clip hub directory, in open_clip's order of preference (older
+/// repos hold only the pickled one).
+pub const OPEN_CLIP_WEIGHTS_FILES: [&str; 2] = [OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.bin"];
 
 /// `open_clip_config.json` -> its `model_cfg`, parsed (not yet validated).
 pub fn model_from_open_clip_config(json: &Value) -> Msg<ModelConfig> {

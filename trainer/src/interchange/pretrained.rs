@@ -1,7 +1,9 @@
 //! Weights that come with their own config: a Hugging Face model directory (`config.json` +
-//! `model.safetensors` for `CLIPModel` or `SiglipModel`, which also holds the fixed-resolution
-//! SigLIP 2 checkpoints) or an open_clip hub directory (`open_clip_config.json` +
-//! `open_clip_model.safetensors`). [`Pretrained::read`] tells which it is and translates the
+//! `model.safetensors`, `pytorch_model.bin` or a sharded index, for `CLIPModel` or
+//! `SiglipModel`, which also holds the fixed-resolution SigLIP 2 checkpoints), an open_clip hub
+//! directory (`open_clip_config.json` + `open_clip_model.safetensors` or
+//! `open_clip_pytorch_model.bin`), or one of OpenAI's files, whose tensors' shapes are its
+//! config. [`Pretrained::read`] tells which it is and translates the
 //! directory's files into what oxclip builds from: the model in open_clip's schema, the image
 //! preprocessing, and the tokenizer files with their settings. What each layout's files say is
 //! read in its own file (`hugging_face.rs`, `open_clip.rs`); here are what they share: the
@@ -13,12 +15,15 @@ use oxclip_data_loader::Preprocess;
 use serde_json::Value;
 
 use super::hugging_face::{
-    model_from_hf_config, preprocess_from_hf, HF_CONFIG, HF_PREPROCESSOR, HF_WEIGHTS,
+    model_from_hf_config, preprocess_from_hf, HF_CONFIG, HF_PREPROCESSOR, HF_WEIGHTS_FILES,
 };
 use super::json::{bad, read_json};
 use super::open_clip::{
-    model_from_open_clip_config, preprocess_from_open_clip, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS,
+    model_from_open_clip_config, preprocess_from_open_clip, OPEN_CLIP_CONFIG,
+    OPEN_CLIP_WEIGHTS_FILES,
 };
+use super::openai::model_from_openai_shapes;
+use super::pickle::TorchFile;
 use super::Source;
 use crate::error::{Result, TrainError};
 use crate::model::config::{ModelConfig, TokenizerKwargs};
@@ -30,6 +35,7 @@ pub const SPECIAL_TOKENS_MAP: &str = "special_tokens_map.json";
 /// A model directory, translated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pretrained {
+    /// The directory (for OpenAI's files, which are their own config, the file).
     pub dir: PathBuf,
     /// The architecture, in open_clip's schema (validated).
     pub model: ModelConfig,
@@ -37,7 +43,7 @@ pub struct Pretrained {
     pub preprocess: Preprocess,
     /// The tokenizer files beside the weights, when there are any.
     pub tokenizer: Option<TokenizerFiles>,
-    /// The safetensors file (HF or open_clip names; `load_weights` reads both).
+    /// The weights file (any `weights::read_weights` reads).
     pub weights: PathBuf,
     pub source: Source,
 }
@@ -61,20 +67,43 @@ pub struct TokenizerFiles {
 }
 
 impl Pretrained {
-    /// Reads the directory `dir`: `open_clip_config.json` (with `open_clip_model.safetensors`)
-    /// first, else `config.json` (with `model.safetensors`).
+    /// Reads the directory `dir`: `open_clip_config.json` (with its weights,
+    /// [`open_clip_weights_in`]) first, else `config.json` (with [`hf_weights_in`]).
     pub fn read(dir: &Path) -> Result<Self> {
-        if dir.join(OPEN_CLIP_CONFIG).is_file() && dir.join(OPEN_CLIP_WEIGHTS).is_file() {
-            return Self::open_clip(&dir.join(OPEN_CLIP_CONFIG), &dir.join(OPEN_CLIP_WEIGHTS));
+        if let (true, Some(weights)) =
+            (dir.join(OPEN_CLIP_CONFIG).is_file(), open_clip_weights_in(dir))
+        {
+            return Self::open_clip(&dir.join(OPEN_CLIP_CONFIG), &weights);
         }
-        if dir.join(HF_CONFIG).is_file() && dir.join(HF_WEIGHTS).is_file() {
-            return Self::hugging_face(&dir.join(HF_CONFIG), &dir.join(HF_WEIGHTS));
+        if let (true, Some(weights)) = (dir.join(HF_CONFIG).is_file(), hf_weights_in(dir)) {
+            return Self::hugging_face(&dir.join(HF_CONFIG), &weights);
         }
         Err(TrainError::WeightsPath {
             path: dir.into(),
             message: format!(
-                "neither {OPEN_CLIP_CONFIG} + {OPEN_CLIP_WEIGHTS} (open_clip) nor {HF_CONFIG} + {HF_WEIGHTS} (Hugging Face)"
+                "neither {OPEN_CLIP_CONFIG} + {} (open_clip) nor {HF_CONFIG} + {} (Hugging Face)",
+                OPEN_CLIP_WEIGHTS_FILES.join(" or "),
+                HF_WEIGHTS_FILES.join(" or ")
             ),
+        })
+    }
+
+    /// One of OpenAI's own files (`clip.load`'s TorchScript archives), which say their
+    /// architecture only by their tensors' shapes ([`model_from_openai_shapes`]); images are
+    /// prepared as OpenAI's, text by the CLIP BPE. Reads the archive's pickle, not its weights.
+    pub fn openai(path: &Path) -> Result<Self> {
+        let file = TorchFile::open(path)?;
+        let shapes = file.tensor_refs()?.into_iter().map(|(name, t)| (name, t.size.clone()));
+        let model = model_from_openai_shapes(&shapes.collect()).map_err(|m| bad(path, m))?;
+        model.validate().map_err(|e| bad(path, e.to_string()))?;
+        let preprocess = Preprocess::openai(model.vision_cfg.image_size as u32);
+        Ok(Pretrained {
+            dir: path.into(),
+            model,
+            preprocess,
+            tokenizer: None,
+            weights: path.into(),
+            source: Source::OpenAi,
         })
     }
 
@@ -118,6 +147,16 @@ impl Pretrained {
             source: Source::OpenClip,
         })
     }
+}
+
+/// The open_clip weights file of `dir`, the first of [`OPEN_CLIP_WEIGHTS_FILES`] there is.
+pub fn open_clip_weights_in(dir: &Path) -> Option<PathBuf> {
+    OPEN_CLIP_WEIGHTS_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file())
+}
+
+/// The Hugging Face weights file of `dir`, the first of [`HF_WEIGHTS_FILES`] there is.
+pub fn hf_weights_in(dir: &Path) -> Option<PathBuf> {
+    HF_WEIGHTS_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file())
 }
 
 fn parent(path: &Path) -> PathBuf {

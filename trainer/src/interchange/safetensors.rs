@@ -1,6 +1,6 @@
-//! safetensors, the one container oxclip reads and writes: weights in every layout,
-//! checkpoints' optimizer state, the embeddings `oxclip embed` writes. Pickled PyTorch files
-//! are refused, never opened, with the line of Python that converts them.
+//! safetensors, the container oxclip writes (checkpoints, their optimizer state, exports, the
+//! embeddings `oxclip embed` writes) and reads in every layout. PyTorch's pickled files are
+//! read beside it, by `pickle/`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -108,44 +108,11 @@ pub fn write_safetensors(
         .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })
 }
 
-/// Whether the safetensors file at `path` holds a tensor `name`, from its header alone.
-pub(super) fn has_tensor(path: &Path, name: &str) -> bool {
-    let header = || -> std::io::Result<Vec<u8>> {
-        use std::io::Read;
-        let mut file = std::fs::File::open(path)?;
-        let mut len = [0u8; 8];
-        file.read_exact(&mut len)?;
-        // A corrupt length is left to `load_weights` to report; read at most 100 MB here.
-        let mut header = vec![0u8; u64::from_le_bytes(len).min(100 << 20) as usize];
-        file.read_exact(&mut header)?;
-        Ok(header)
-    };
-    let Ok(header) = header() else { return false };
-    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&header)
-        .is_ok_and(|h| h.contains_key(name))
-}
-
-/// We never unpickle (a pickle runs code). `.pt`, `.pth`, `.bin` and `.ckpt` files, and files
-/// that start like a zip or a pickle, get the one line of Python that converts them.
-pub(super) fn refuse_pickles(path: &Path) -> Result<()> {
-    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+/// Whether the file at `path` starts as a safetensors file does: an 8-byte header length,
+/// then the JSON header.
+pub(super) fn looks_safetensors(path: &Path) -> bool {
     let mut head = [0u8; 9];
     let read =
         std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
-    // safetensors: an 8-byte header length, then the JSON header.
-    let safetensors = read.is_ok() && head[8] == b'{';
-    let pickle_magic = read.is_ok()
-        && (head[..4] == *b"PK\x03\x04" || (head[0] == 0x80 && (2..=5).contains(&head[1])));
-    if !safetensors && (pickle_magic || ["pt", "pth", "bin", "ckpt"].contains(&ext.as_str())) {
-        let p = path.display();
-        return Err(TrainError::Weights {
-            path: path.into(),
-            message: format!(
-                "a pickled PyTorch file; oxclip reads safetensors only (unpickling runs arbitrary code). Convert it once with:\n  \
-                 python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('{p}', map_location='cpu', weights_only=True); \
-                 sd = sd.get('state_dict', sd); save_file({{k.removeprefix('module.'): v.contiguous() for k, v in sd.items()}}, '{p}.safetensors')\""
-            ),
-        });
-    }
-    Ok(())
+    read.is_ok() && head[8] == b'{'
 }
