@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use arrow_ipc::reader::StreamDecoder;
-use arrow_ipc::MessageHeader;
+use arrow_ipc::{CompressionType, MessageHeader};
 use arrow_schema::SchemaRef;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
@@ -60,6 +60,8 @@ enum Layout {
         schema_message: Arc<[u8]>,
         /// Where each record batch's message lies: (offset, length) in the file.
         batches: Vec<(u64, u64)>,
+        /// A compression of the batches' bodies this build cannot undo, if any.
+        unsupported: Option<String>,
     },
 }
 
@@ -120,6 +122,33 @@ impl TableFile {
         &self.part_rows
     }
 
+    /// The compression of one of the top-level `columns` (of every column, for Arrow) that
+    /// this build does not read, by name (`gzip`, `LZ4_FRAME`), if any: snappy and zstd for
+    /// Parquet, zstd for Arrow (and none) are read.
+    pub fn unsupported_compression(&self, columns: &[&str]) -> Option<String> {
+        use parquet::basic::Compression;
+        match &self.layout {
+            Layout::Parquet(metadata) => {
+                metadata.metadata().row_groups().iter().flat_map(|g| g.columns()).find_map(|c| {
+                    let root = c.column_path().parts().first()?;
+                    if !columns.contains(&root.as_str()) {
+                        return None;
+                    }
+                    match c.compression() {
+                        Compression::UNCOMPRESSED | Compression::SNAPPY | Compression::ZSTD(_) => {
+                            None
+                        }
+                        Compression::GZIP(_) => Some("gzip".into()),
+                        Compression::BROTLI(_) => Some("brotli".into()),
+                        Compression::LZ4 | Compression::LZ4_RAW => Some("lz4".into()),
+                        Compression::LZO => Some("lzo".into()),
+                    }
+                })
+            }
+            Layout::Ipc { unsupported, .. } => unsupported.clone(),
+        }
+    }
+
     /// The features `datasets` recorded, `{"image": {"_type": "Image"}, ...}`, when the
     /// schema metadata holds them.
     pub fn hf_features(&self) -> Option<serde_json::Value> {
@@ -147,7 +176,7 @@ impl TableFile {
                         .map_err(|e| format!("row group {part}: {e}"))?;
                 reader.map(|batch| batch.map_err(|e| format!("row group {part}: {e}"))).collect()
             }
-            Layout::Ipc { schema_message, batches } => {
+            Layout::Ipc { schema_message, batches, .. } => {
                 let (offset, len) = batches[part];
                 let mut file = File::open(&self.path).map_err(|e| e.to_string())?;
                 // The schema message, then the batch's, in one buffer: the decoder finishes
@@ -195,6 +224,7 @@ fn open_ipc(path: &Path, mut file: File) -> Result<TableFile, String> {
     let mut schema_message: Option<Vec<u8>> = None;
     let mut batches = Vec::new();
     let mut part_rows = Vec::new();
+    let mut unsupported = None;
     while pos < end {
         file.seek(SeekFrom::Start(pos)).map_err(|e| e.to_string())?;
         let mut word = [0u8; 4];
@@ -243,7 +273,14 @@ fn open_ipc(path: &Path, mut file: File) -> Result<TableFile, String> {
                 if schema_message.is_none() {
                     return Err("a record batch before the schema".into());
                 }
-                let rows = message.header_as_record_batch().map_or(0, |b| b.length());
+                let header = message.header_as_record_batch();
+                let codec = header.and_then(|b| b.compression()).map(|c| c.codec());
+                if let Some(codec) = codec.filter(|&c| c != CompressionType::ZSTD) {
+                    unsupported.get_or_insert_with(|| {
+                        codec.variant_name().unwrap_or("an unknown codec").to_owned()
+                    });
+                }
+                let rows = header.map_or(0, |b| b.length());
                 let rows = u64::try_from(rows)
                     .map_err(|_| format!("record batch at byte {pos} has {rows} rows"))?;
                 batches.push((pos, whole));
@@ -273,7 +310,7 @@ fn open_ipc(path: &Path, mut file: File) -> Result<TableFile, String> {
         path: path.to_owned(),
         schema,
         part_rows,
-        layout: Layout::Ipc { schema_message: schema_message.into(), batches },
+        layout: Layout::Ipc { schema_message: schema_message.into(), batches, unsupported },
     })
 }
 

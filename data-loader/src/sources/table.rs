@@ -593,6 +593,16 @@ pub fn open(spec: &TableSpec, classes: Option<usize>) -> Result<TableSet, DataEr
         let features = file.hf_features().or_else(|| dataset_info_features(&path));
         let columns = choose_columns(spec, &file, features.as_ref(), classes)
             .map_err(|message| DataError::Table { path: path.clone(), message })?;
+        if let Some(codec) = file.unsupported_compression(&columns.names()) {
+            return Err(DataError::Table {
+                path,
+                message: format!(
+                    "it is compressed with {codec}, which oxclip does not read (snappy, zstd \
+                     or none are read); write it again with one of those, e.g. pyarrow's \
+                     pq.write_table(table, path, compression=\"zstd\")"
+                ),
+            });
+        }
         let columns = match &first {
             None => {
                 let columns = Arc::new(columns);
@@ -1392,6 +1402,24 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn codecs_not_built_in_are_refused_naming_them() {
+        for (spec, codec) in [
+            (spec(TableFormat::Parquet, "plain/gzip.parquet?caption_key=txt"), "gzip"),
+            (spec(TableFormat::Arrow, "plain/lz4.arrow?caption_key=txt"), "LZ4_FRAME"),
+        ] {
+            let err = open(&spec, None).err().unwrap().to_string();
+            assert!(
+                err.contains(&format!("it is compressed with {codec}, which oxclip does not read"))
+                    && err.contains(&spec.path),
+                "{err}"
+            );
+        }
+        // The zstd file beside them is read.
+        let zstd = open(&spec(TableFormat::Parquet, "plain/plain.parquet?caption_key=txt"), None);
+        assert_eq!(zstd.unwrap().rows(), 8);
     }
 
     #[test]
