@@ -48,6 +48,12 @@ pub enum DataError {
     #[error("shard {path} does not exist (from data spec `{spec}`)")]
     MissingShard { spec: String, path: PathBuf },
 
+    /// A Parquet or Arrow table cannot be read as the spec asks (a column missing or of a
+    /// type that is not read, files of one source with different columns); `message` names
+    /// the columns.
+    #[error("{path}: {message}")]
+    Table { path: PathBuf, message: String },
+
     /// A shard could not be read at all (not merely truncated: that is a skip).
     #[error("shard {path}: {message}")]
     Shard { path: PathBuf, message: String },

@@ -8,13 +8,13 @@
 //! 0. [`skip`], [`seed`]: why a sample is skipped; seed mixing.
 //! 1. [`error`]: what stops a run.
 //! 2. [`parallel`]: an order-keeping parallel map; [`formats`]: WebDataset tar shards, their
-//!    `index.json`, image decode; [`tokenizer`]: the OpenAI CLIP BPE (or any tokenizer.json),
+//!    `index.json`, image decode, Parquet and Arrow tables read a part at a time; [`tokenizer`]: the OpenAI CLIP BPE (or any tokenizer.json),
 //!    ids exactly as `open_clip.tokenize`; [`augment`]: open_clip's training augmentations
 //!    (`data.augment`: crop ranges, colour jitter, grayscale on the 8-bit crop).
 //! 3. [`transform`]: open_clip's train/eval image transforms.
 //! 4. [`sources`]: what a data spec opens to: the [`DataSpec`] the user writes, the shard
 //!    catalog (local files or `pipe:` commands with their counts), synthetic scenes, CSV/TSV,
-//!    JSONL and image folders, as a [`DataSource`].
+//!    JSONL and image folders, Hugging Face datasets (Parquet, Arrow), as a [`DataSource`].
 //! 5. [`plan`]: which sample goes to which rank, worker and batch, from counts and a seed:
 //!    the indexed permutation, the shard stream, the [`Batch`] and the resumable
 //!    [`LoaderState`].

@@ -1,7 +1,8 @@
 //! [`Loader`], the one API the trainer sees: batches for this rank, and where the loader
 //! stands so that a checkpoint can resume it exactly. Two kinds of source, two orders:
 //!
-//! - **Streamed** (WebDataset shards, local or `pipe:`): shards are read sequentially, split
+//! - **Streamed** (WebDataset shards, local or `pipe:`; Parquet and Arrow tables, a row group
+//!   standing for a shard): shards are read sequentially, split
 //!   over ranks and workers, shuffled through a buffer. Deterministic for a seed, world size
 //!   and worker count; resumable to the sample.
 //! - **Indexed** (synthetic scenes, CSV/TSV, JSONL, image folders: a list of samples, each

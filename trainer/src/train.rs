@@ -976,7 +976,8 @@ fn show(value: Option<&serde_yaml::Value>) -> String {
 }
 
 /// The held-out set, checked as `oxclip eval` checks it ([`sets::open_zero_shot`]) when it is
-/// scored zero-shot: with `data.classnames`, or as a folder per class (`classes:DIR`); then
+/// scored zero-shot: with `data.classnames`, or when it names its own classes (a folder per
+/// class, a table with a `ClassLabel` column: [`sets::names_its_classes`]); then
 /// every set of `eval.datasets`, checked as `oxclip eval` checks a benchmark set.
 fn val_task(
     data: &DataConfig,
@@ -987,7 +988,7 @@ fn val_task(
     if let Some(val) = &data.val {
         let spec = DataSpec::parse(val)?;
         let classnames = data.classnames.as_deref().map(Path::new);
-        let (source, zero_shot) = if classnames.is_some() || matches!(spec, DataSpec::Classes(_)) {
+        let (source, zero_shot) = if classnames.is_some() || sets::names_its_classes(&spec)? {
             let set = sets::open_zero_shot(&spec, classnames, seed)?;
             (set.source, Some((set.classnames, sets::read_templates(data.templates.as_deref())?)))
         } else {

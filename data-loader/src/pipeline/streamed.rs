@@ -25,10 +25,11 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::{recv_or_stop, send_or_stop, BufferPool, Pipeline, SkipLog, PREFETCH_BATCHES};
 use crate::error::DataError;
-use crate::formats::webdataset::{for_each_sample_in, RawSample};
+use crate::formats::webdataset::RawSample;
 use crate::plan::stream::{ShuffleBuffer, StreamCursor, StreamPlan, Unit};
 use crate::plan::{Batch, LoaderState, Row, MAX_CONSECUTIVE_SKIPS};
 use crate::skip::{SampleError, SkipCounts, SkipReason};
+use crate::sources::table::CaptionDraw;
 use crate::tokenizer::Tokenizer;
 use crate::transform::ImageTransform;
 
@@ -197,7 +198,7 @@ impl Reader {
             let mut read = 0u64;
             for unit in self.plan.units(epoch, self.worker) {
                 let n = unit.reads();
-                if read + n > start && !self.read_unit(unit, read, start, tx) {
+                if read + n > start && !self.read_unit(unit, epoch, read, start, tx) {
                     return;
                 }
                 read += n;
@@ -213,37 +214,47 @@ impl Reader {
     /// Streams one unit whose first read is `first`, sending reads `>= start`. Samples the
     /// shard does not deliver (it ends early or cannot be opened) become skips, so read
     /// indices never shift. False means "stop".
-    fn read_unit(&self, unit: Unit, first: u64, start: u64, tx: &Sender<ReadMsg>) -> bool {
+    fn read_unit(
+        &self,
+        unit: Unit,
+        epoch: u64,
+        first: u64,
+        start: u64,
+        tx: &Sender<ReadMsg>,
+    ) -> bool {
         let shard = &self.plan.shards.shards[unit.shard as usize];
         let name = shard.location.name();
         let mut next = first; // read index of the unit's next sample
         let mut ordinal = 0u64;
         let mut stopped = false;
-        let failure = match shard.location.open() {
-            Ok(stream) => {
-                for_each_sample_in(stream, &name, |sample| {
-                    if ordinal >= unit.take {
+        // Eval passes read the same caption of a row with several every time.
+        let draw =
+            CaptionDraw { seed: self.plan.seed, epoch: if self.plan.train { epoch } else { 0 } };
+        let read = shard.location.for_each_sample(draw, |sample| {
+            if ordinal >= unit.take {
+                return ControlFlow::Break(());
+            }
+            if unit.contains(ordinal) {
+                if next >= start {
+                    let msg = ReadMsg::Read(Read {
+                        read: next,
+                        shard: unit.shard,
+                        ordinal,
+                        sample,
+                        logged: false,
+                    });
+                    if !send_or_stop(tx, msg, &self.stop) {
+                        stopped = true;
                         return ControlFlow::Break(());
                     }
-                    if unit.contains(ordinal) {
-                        if next >= start {
-                            let msg = ReadMsg::Read(Read {
-                                read: next,
-                                shard: unit.shard,
-                                ordinal,
-                                sample,
-                                logged: false,
-                            });
-                            if !send_or_stop(tx, msg, &self.stop) {
-                                stopped = true;
-                                return ControlFlow::Break(());
-                            }
-                        }
-                        next += 1;
-                    }
-                    ordinal += 1;
-                    ControlFlow::Continue(())
-                });
+                }
+                next += 1;
+            }
+            ordinal += 1;
+            ControlFlow::Continue(())
+        });
+        let failure = match read {
+            Ok(()) => {
                 let why = if shard.estimated {
                     "holds fewer samples than its share of samples_per_epoch"
                 } else {
@@ -251,7 +262,7 @@ impl Reader {
                 };
                 (SkipReason::TruncatedShard, why.to_owned())
             }
-            Err(e) => (SkipReason::UnreadableShard, e.to_string()),
+            Err(message) => (SkipReason::UnreadableShard, message),
         };
         if stopped {
             return false;
@@ -774,6 +785,117 @@ mod tests {
         assert!(batches.iter().all(|b| b.batch_size == 4));
         let total: u64 = batches.iter().map(|b| b.skipped.total()).sum();
         assert!(total >= 3, "{total}");
+    }
+
+    /// A Hugging Face dataset (tests/fixtures/make_parquet_fixtures.py) as `spec` opens it.
+    fn table(spec: &str) -> ShardSet {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_datasets");
+        let crate::sources::DataSpec::Table(table) =
+            crate::sources::DataSpec::parse(&format!("{}/{spec}", dir.display())).unwrap()
+        else {
+            panic!("{spec} is not a table")
+        };
+        crate::sources::open_table(&table, None).unwrap().0
+    }
+
+    /// Epoch `epoch`'s keys and captions for each rank of `world` x `workers`.
+    fn epoch_rows(
+        set: &ShardSet,
+        world: usize,
+        workers: usize,
+        epoch: usize,
+    ) -> Vec<Vec<(String, String)>> {
+        (0..world)
+            .map(|rank| {
+                let mut l = loader(set, &buffer(6), cfg(3, rank, world, workers, true));
+                let per_rank = l.samples_per_epoch() as usize;
+                let mut rows = Vec::new();
+                while rows.len() < per_rank * (epoch + 1) {
+                    let b = l.next_batch().unwrap();
+                    rows.extend(b.keys.into_iter().zip(b.captions));
+                }
+                rows[per_rank * epoch..per_rank * (epoch + 1)].to_vec()
+            })
+            .collect()
+    }
+
+    /// The COCO-style Parquet file (24 rows in 5 row groups, 5 captions each) and the same
+    /// rows saved to disk as Arrow (3 files of one batch, so striped over the 4 streams):
+    /// 2 ranks x 2 workers see every row once per epoch, with one of its captions, drawn
+    /// anew each epoch.
+    #[test]
+    fn two_ranks_of_two_workers_see_every_table_row_once_per_epoch() {
+        for spec in ["coco/coco.parquet", "coco_arrow"] {
+            let set = table(spec);
+            assert_eq!(set.total_samples(), 24);
+            let mut captions = Vec::new();
+            for epoch in 0..2 {
+                // Row groups are dealt whole (5 of them: 14 rows to rank 0, 10 to rank 1);
+                // the Arrow files' single batches are striped (12 rows each).
+                let ranks = epoch_rows(&set, 2, 2, epoch);
+                assert_eq!(ranks.iter().map(Vec::len).sum::<usize>(), 24, "{spec}");
+                let mut seen: BTreeMap<String, String> = BTreeMap::new();
+                for (key, caption) in ranks.into_iter().flatten() {
+                    assert!(seen.insert(key.clone(), caption).is_none(), "{spec}: {key} twice");
+                }
+                assert_eq!(seen.len(), 24, "{spec} epoch {epoch}");
+                for (key, caption) in &seen {
+                    let row: u64 = key.rsplit('/').next().unwrap().parse().unwrap();
+                    let row = if spec == "coco_arrow" {
+                        row + 8 * key.contains("00001") as u64 + 16 * key.contains("00002") as u64
+                    } else {
+                        row
+                    };
+                    assert!(caption.starts_with(&format!("photo {row}, caption ")), "{caption}");
+                }
+                captions.push(seen);
+            }
+            assert_ne!(captions[0], captions[1], "{spec}: the same captions both epochs");
+        }
+    }
+
+    #[test]
+    fn a_table_resumes_mid_epoch_exactly() {
+        let set = table("coco_hub?split=train");
+        let c = || cfg(3, 0, 1, 2, true);
+        let expected = take(&mut loader(&set, &buffer(4), c()), 16);
+        for stop_after in [2, 5, 9] {
+            let mut first = loader(&set, &buffer(4), c());
+            let head = take(&mut first, stop_after);
+            let saved = serde_json::to_string(&first.state()).unwrap();
+            drop(first);
+            let mut resumed = loader(&set, &buffer(4), c());
+            resumed.restore(&serde_json::from_str(&saved).unwrap()).unwrap();
+            let tail = take(&mut resumed, 16 - stop_after);
+            assert!(
+                head.iter().chain(&tail).eq(expected.iter()),
+                "diverged after resuming at batch {stop_after}"
+            );
+        }
+    }
+
+    /// Bad rows through the loader: every good row once per eval pass, each bad one counted
+    /// by its reason (the fixture's `expected.json`).
+    #[test]
+    fn bad_table_rows_are_skipped_and_counted_by_the_loader() {
+        let set = table("bad/bad.parquet");
+        let mut eval = loader(&set, &buffer(1), cfg(4, 0, 1, 2, false));
+        let batches: Vec<Batch> = std::iter::from_fn(|| eval.next_eval_batch().unwrap()).collect();
+        let mut skipped = crate::skip::SkipCounts::new();
+        batches.iter().for_each(|b| skipped.merge(&b.skipped));
+        let expected: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../tests/fixtures/hf_datasets/expected.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(serde_json::to_value(&skipped).unwrap(), expected["bad"]["skipped"]);
+        let seen = tally(&batches);
+        assert_eq!(seen.len() as u64, expected["bad"]["samples"].as_u64().unwrap());
+        assert!(seen.values().all(|&n| n == 1));
+        assert!(batches.iter().flat_map(|b| &b.labels).all(|l| (0..3).contains(l)));
     }
 
     /// Shards written by the Python webdataset library's TarWriter with faults

@@ -4,7 +4,8 @@
 //! decoded on demand, the loader deciding the order. Indexed datasets are drawn scenes
 //! ([`synthetic`]) or lists of image files with captions ([`files`]: read from a CSV/TSV
 //! ([`csv`]), a JSON Lines file ([`jsonl`]), a folder with `.txt` captions ([`folder`]) or a
-//! folder per class ([`classes`])).
+//! folder per class ([`classes`])). Hugging Face datasets, Parquet and Arrow tables
+//! ([`table`]), are streamed as shards are, a row group or record batch standing for a shard.
 //!
 //! Below: the file formats (`formats/`). Above: the plan that orders samples (`plan/`).
 
@@ -16,6 +17,7 @@ pub mod jsonl;
 pub mod shards;
 pub mod spec;
 pub mod synthetic;
+pub mod table;
 
 pub use files::{FileDataset, BAD_RECORD};
 pub use spec::DataSpec;
@@ -26,9 +28,9 @@ use std::sync::Arc;
 use image::RgbImage;
 
 use crate::error::DataError;
-use crate::formats::webdataset::for_each_sample_in;
 use crate::skip::{SkipCounts, SkipReason};
-use shards::{CountHints, ShardSet};
+use shards::{CountHints, Shard, ShardLocation, ShardSet};
+use table::{CaptionDraw, Labels, TableSpec};
 
 /// Side of the scenes [`open_indexed`] draws for `synthetic:N` (CLIP's input size; the loader's
 /// transform resizes to whatever the model wants).
@@ -100,6 +102,7 @@ impl DataSource {
     ) -> Result<Self, DataError> {
         let source = match spec {
             DataSpec::Shards(sources) => Self::Shards(ShardSet::resolve_with(sources, hints)?),
+            DataSpec::Table(table) => Self::Shards(open_table(table, None)?.0),
             other => Self::Indexed(Arc::from(open_indexed(other, synthetic_seed)?)),
         };
         if source.is_empty() {
@@ -130,11 +133,7 @@ impl DataSource {
             Self::Shards(set) => {
                 skipped.merge(&set.open_skips);
                 for shard in &set.shards {
-                    let Ok(reader) = shard.location.open() else {
-                        skipped.add(SkipReason::UnreadableShard);
-                        continue;
-                    };
-                    for_each_sample_in(reader, &shard.location.name(), |item| {
+                    let read = shard.location.for_each_sample(CaptionDraw::default(), |item| {
                         match item
                             .map_err(|e| e.reason)
                             .and_then(|raw| raw.caption.ok_or(SkipReason::MissingCaption))
@@ -145,6 +144,9 @@ impl DataSource {
                         }
                         std::ops::ControlFlow::Continue(())
                     });
+                    if read.is_err() {
+                        skipped.add(SkipReason::UnreadableShard);
+                    }
                 }
             }
         }
@@ -184,8 +186,10 @@ pub fn open_with_image_size(
                 .map_err(|_| DataError::Config(format!("synthetic:{n} is too many samples")))?;
             Ok(Box::new(SyntheticDataset::new(len, synthetic_seed, synthetic_image_size)))
         }
-        DataSpec::Shards(_) => Err(DataError::Config(
-            "WebDataset shards are streamed, not indexed; open them with DataSource::open".into(),
+        DataSpec::Shards(_) | DataSpec::Table(_) => Err(DataError::Config(
+            "WebDataset shards and Parquet/Arrow tables are streamed, not indexed; open them \
+             with DataSource::open"
+                .into(),
         )),
         DataSpec::Csv(spec) => Ok(Box::new(csv::load(spec)?)),
         DataSpec::Folder(dir) => Ok(Box::new(folder::load(dir)?)),
@@ -201,8 +205,30 @@ pub fn open_files(spec: &DataSpec) -> Option<Result<FileDataset, DataError>> {
         DataSpec::Folder(dir) => Some(folder::load(dir)),
         DataSpec::Classes(dir) => Some(classes::load(dir).map(|(dataset, _)| dataset)),
         DataSpec::Jsonl(jsonl_spec) => Some(jsonl::load(jsonl_spec)),
-        DataSpec::Synthetic(_) | DataSpec::Shards(_) => None,
+        DataSpec::Synthetic(_) | DataSpec::Shards(_) | DataSpec::Table(_) => None,
     }
+}
+
+/// A Parquet or Arrow table as the shard set the stream plan reads, one shard per row group
+/// or record batch, and what it says of its labels (a `ClassLabel` column's names). `classes`
+/// is the length of a class names file given beside it (see [`table::open`]).
+pub fn open_table(
+    spec: &TableSpec,
+    classes: Option<usize>,
+) -> Result<(ShardSet, Labels), DataError> {
+    let set = table::open(spec, classes)?;
+    let shards = set
+        .parts
+        .into_iter()
+        .map(|part| Shard {
+            samples: part.rows(),
+            location: ShardLocation::Table(part),
+            source: 0,
+            estimated: false,
+        })
+        .collect();
+    let shards = ShardSet { shards, sources: vec![spec.to_string()], open_skips: set.skipped };
+    Ok((shards, set.labels))
 }
 
 #[cfg(test)]

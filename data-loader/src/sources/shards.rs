@@ -1,5 +1,7 @@
 //! The shard catalog: where each WebDataset shard lives (a local file or a `pipe:` command),
-//! how many samples it holds, and how to open it as a byte stream.
+//! how many samples it holds, and how to read its samples. A part of a Parquet or Arrow
+//! table (`table.rs`) is a shard here too, counted from its file's metadata: the stream
+//! plan deals, shuffles and resumes both alike.
 //!
 //! The streaming loader plans an epoch from sample counts before it reads a byte, so every
 //! shard needs one. They come, in order of preference, from an index beside the shards
@@ -28,12 +30,13 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
+use super::table::{CaptionDraw, TablePart};
 use crate::error::DataError;
 use crate::formats::index::ShardIndex;
-use crate::formats::webdataset::{for_each_sample_in, write_atomic};
+use crate::formats::webdataset::{for_each_sample_in, write_atomic, RawSample};
 use crate::parallel::{default_threads, map_in_order};
 use crate::seed::mix;
-use crate::skip::{SkipCounts, SkipReason};
+use crate::skip::{SampleError, SkipCounts, SkipReason};
 
 /// Read-buffer size for shard streams: large sequential reads.
 const READ_BUFFER: usize = 1 << 20;
@@ -46,6 +49,9 @@ pub enum ShardLocation {
     /// `pipe:CMD`: the standard output of `sh -c CMD`, as webdataset runs it, e.g.
     /// `aws s3 cp s3://bucket/00012.tar -`.
     Pipe(String),
+    /// A part of a Parquet or Arrow table (a row group, a record batch), streamed as a shard
+    /// is (`sources/table.rs`).
+    Table(TablePart),
 }
 
 impl fmt::Display for ShardLocation {
@@ -53,6 +59,7 @@ impl fmt::Display for ShardLocation {
         match self {
             ShardLocation::File(p) => write!(f, "{}", p.display()),
             ShardLocation::Pipe(cmd) => write!(f, "pipe:{cmd}"),
+            ShardLocation::Table(part) => f.write_str(&part.describe()),
         }
     }
 }
@@ -63,6 +70,7 @@ impl ShardLocation {
         match self {
             ShardLocation::File(p) => p.clone(),
             ShardLocation::Pipe(cmd) => PathBuf::from(format!("pipe:{cmd}")),
+            ShardLocation::Table(part) => PathBuf::from(part.describe()),
         }
     }
 
@@ -78,16 +86,43 @@ impl ShardLocation {
                 .map(|arg| arg.trim_matches(|c| c == '\'' || c == '"'))
                 .rfind(|arg| arg.ends_with(".tar"))
                 .and_then(name),
+            ShardLocation::Table(part) => {
+                part.path().file_name().map(|n| n.to_string_lossy().into_owned())
+            }
         }
     }
 
-    /// Opens the shard for one sequential read.
+    /// Opens a tar shard for one sequential read. A table part is no byte stream: read it
+    /// through [`for_each_sample`](Self::for_each_sample).
     pub fn open(&self) -> std::io::Result<Box<dyn Read + Send>> {
         match self {
             ShardLocation::File(p) => {
                 Ok(Box::new(BufReader::with_capacity(READ_BUFFER, File::open(p)?)))
             }
             ShardLocation::Pipe(cmd) => Ok(Box::new(PipeReader::spawn(cmd)?)),
+            ShardLocation::Table(part) => Err(std::io::Error::other(format!(
+                "{} is a table part, not a tar stream",
+                part.describe()
+            ))),
+        }
+    }
+
+    /// Streams the shard's samples to `f` until it ends or `f` breaks: a tar's members
+    /// grouped into samples (see `formats::webdataset`), or a table part's rows, a caption
+    /// of each drawn by `draw` where a row has several. The error says why the shard cannot
+    /// be read at all; `f` has then seen nothing.
+    pub fn for_each_sample(
+        &self,
+        draw: CaptionDraw,
+        f: impl FnMut(Result<RawSample, SampleError>) -> ControlFlow<()>,
+    ) -> Result<(), String> {
+        match self {
+            ShardLocation::Table(part) => part.for_each_row(draw, f),
+            _ => {
+                let reader = self.open().map_err(|e| e.to_string())?;
+                for_each_sample_in(reader, &self.name(), f);
+                Ok(())
+            }
         }
     }
 }
@@ -249,6 +284,7 @@ impl ShardSet {
                         indexes.count(path).or_else(|| cache.get(&CountCache::key(location)))
                     }
                     ShardLocation::Pipe(_) => cache.get(&CountCache::key(location)),
+                    ShardLocation::Table(part) => Some(part.rows()),
                 });
                 if known.is_none() {
                     uncounted.push(shards.len());
@@ -473,6 +509,8 @@ impl CountCache {
                 format!("file:{}:{size}:{mtime}", abs.display())
             }
             ShardLocation::Pipe(cmd) => format!("pipe:{cmd}"),
+            // Never cached: a table's parts are counted from its metadata.
+            ShardLocation::Table(part) => format!("table:{}", part.describe()),
         }
     }
 

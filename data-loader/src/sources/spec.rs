@@ -9,10 +9,16 @@
 //! path), `jsonl:FILE` (or a `.jsonl` path), both taking `?img_key=COL&caption_key=COL`, and
 //! `folder:DIR` (or a directory holding images rather than `.tar` shards). These stand alone:
 //! `oxclip data pack` turns them into shards, which can then be joined.
+//!
+//! Hugging Face datasets (`sources/table.rs`): `parquet:PATH` (or a `.parquet` path, or a
+//! folder holding `.parquet` files: a file, a folder, a glob, a hub dataset repo) and
+//! `arrow:PATH` (or a `.arrow` path, or a folder with `state.json` or `dataset_dict.json`:
+//! `save_to_disk`'s output), both taking `?split=&image_key=&caption_key=&label_key=`.
 
 use std::path::{Path, PathBuf};
 
 use super::shards::{ShardLocation, ShardSource};
+use super::table::{TableFormat, TableSpec};
 use crate::error::DataError;
 
 /// Most shard paths one spec may expand to; far above any real dataset, low enough that a
@@ -35,6 +41,9 @@ pub enum DataSpec {
     Classes(PathBuf),
     /// A JSON Lines file, one `{"image": PATH, "caption": TEXT}` object per line.
     Jsonl(JsonlSpec),
+    /// `parquet:PATH` or `arrow:PATH`: a Hugging Face dataset (or any table of images),
+    /// streamed a row group or record batch at a time (`sources/table.rs`).
+    Table(TableSpec),
 }
 
 /// What the spec reads, for messages: the file, folder or shard spec as the user wrote it
@@ -50,6 +59,7 @@ impl std::fmt::Display for DataSpec {
             DataSpec::Csv(csv) => write!(f, "{}", csv.path.display()),
             DataSpec::Folder(dir) | DataSpec::Classes(dir) => write!(f, "{}", dir.display()),
             DataSpec::Jsonl(jsonl) => write!(f, "{}", jsonl.path.display()),
+            DataSpec::Table(table) => f.write_str(&table.path),
         }
     }
 }
@@ -188,7 +198,8 @@ impl DataSpec {
     }
 }
 
-/// A CSV, JSONL or image-folder source, or `None` when `source` is something else (shards).
+/// A CSV, JSONL, image-folder or table source, or `None` when `source` is something else
+/// (shards).
 fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> {
     let spec_err = |message: String| DataError::Spec { spec: spec.to_owned(), message };
     if let Some(dir) = source.strip_prefix("classes:") {
@@ -205,6 +216,11 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
         }
         return Ok(Some(DataSpec::Folder(dir)));
     }
+    for (prefix, format) in [("parquet:", TableFormat::Parquet), ("arrow:", TableFormat::Arrow)] {
+        if let Some(rest) = source.strip_prefix(prefix) {
+            return table_source(spec, format, rest).map(Some);
+        }
+    }
     let (kind, rest) = if let Some(rest) = source.strip_prefix("csv:") {
         ("csv", rest)
     } else if let Some(rest) = source.strip_prefix("jsonl:") {
@@ -216,10 +232,24 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
         match ext.as_deref() {
             Some("csv" | "tsv") => ("csv", source),
             Some("jsonl") => ("jsonl", source),
+            Some("parquet") => return table_source(spec, TableFormat::Parquet, source).map(Some),
+            Some("arrow") => return table_source(spec, TableFormat::Arrow, source).map(Some),
             _ => {
-                let path = Path::new(source);
-                if path.is_dir() && !has_tar_files(path) && holds_images(path) {
+                // Options (`?split=train`) are a table folder's; an image folder takes none.
+                let path = Path::new(file);
+                if !path.is_dir() || has_tar_files(path) {
+                    return Ok(None);
+                }
+                if file == source && holds_images(path) {
                     return Ok(Some(DataSpec::Folder(path.to_owned())));
+                }
+                // `save_to_disk`'s folder (a Dataset or a DatasetDict), or a folder of
+                // Parquet files (a hub dataset repo).
+                if path.join("state.json").is_file() || path.join("dataset_dict.json").is_file() {
+                    return table_source(spec, TableFormat::Arrow, source).map(Some);
+                }
+                if holds_parquet(path) {
+                    return table_source(spec, TableFormat::Parquet, source).map(Some);
                 }
                 return Ok(None);
             }
@@ -276,6 +306,33 @@ fn file_source(spec: &str, source: &str) -> Result<Option<DataSpec>, DataError> 
     } else {
         DataSpec::Jsonl(JsonlSpec { path, img_key, caption_key, label_key })
     }))
+}
+
+/// `parquet:` or `arrow:` with `rest` after the prefix; the path must exist (a Parquet glob
+/// is matched when the source is opened).
+fn table_source(spec: &str, format: TableFormat, rest: &str) -> Result<DataSpec, DataError> {
+    let spec_err = |message: String| DataError::Spec { spec: spec.to_owned(), message };
+    let table = TableSpec::parse(format, rest).map_err(spec_err)?;
+    let globbed = format == TableFormat::Parquet && table.path.contains('*');
+    if !globbed && !Path::new(&table.path).exists() {
+        return Err(spec_err(format!("no such file or folder: {}", table.path)));
+    }
+    Ok(DataSpec::Table(table))
+}
+
+/// Whether `dir` or a folder below it holds a `.parquet` file.
+fn holds_parquet(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => holds_parquet(&path),
+            Ok(_) => path.extension().is_some_and(|x| x == "parquet"),
+            Err(_) => false,
+        }
+    })
 }
 
 /// Whether `dir` holds `.tar` files directly (then it is a shard directory).
@@ -551,6 +608,41 @@ mod tests {
         assert_eq!(shard_paths(&at("")), [vec![d.join("00000.tar")]]);
     }
 
+    #[test]
+    fn parse_table_sources() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_datasets");
+        let at = |s: &str| format!("{}/{s}", fixtures.display());
+        let table = |spec: &str| match DataSpec::parse(spec).unwrap() {
+            DataSpec::Table(t) => t,
+            other => panic!("{spec} parsed as {other:?}"),
+        };
+        // By prefix, by extension, and folders by what they hold.
+        let t = table(&format!("parquet:{}", at("coco/coco.parquet?caption_key=captions")));
+        assert_eq!((t.format, t.caption_key.as_deref()), (TableFormat::Parquet, Some("captions")));
+        assert_eq!(table(&at("coco/coco.parquet")).format, TableFormat::Parquet);
+        assert_eq!(table(&at("plain/plain.arrow")).format, TableFormat::Arrow);
+        assert_eq!(table(&at("coco_arrow")).format, TableFormat::Arrow);
+        let hub = table(&at("coco_hub?split=test"));
+        assert_eq!((hub.format, hub.split.as_deref()), (TableFormat::Parquet, Some("test")));
+        assert_eq!(hub.path, at("coco_hub"));
+        assert_eq!(
+            table(&at("coco_hub/data/train-*.parquet")).path,
+            at("coco_hub/data/train-*.parquet")
+        );
+        assert_eq!(DataSpec::parse(&at("coco")).unwrap().to_string(), at("coco"));
+        for (bad, expect) in [
+            (format!("parquet:{}", at("gone.parquet")), "no such file or folder"),
+            (format!("arrow:{}", at("coco_arrow?colour=red")), "unknown arrow option `colour`"),
+            (
+                format!("{}::{}", at("coco/coco.parquet"), at("coco/coco.parquet")),
+                "cannot be joined",
+            ),
+        ] {
+            let err = DataSpec::parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(expect), "{bad}: {err}");
+        }
+    }
+
     /// The local shard paths of each `::` source of `spec`.
     fn shard_paths(spec: &str) -> Vec<Vec<PathBuf>> {
         let DataSpec::Shards(sources) = DataSpec::parse(spec).unwrap() else {
@@ -564,6 +656,7 @@ mod tests {
                     .map(|l| match l {
                         ShardLocation::File(p) => p,
                         ShardLocation::Pipe(c) => PathBuf::from(c),
+                        ShardLocation::Table(part) => part.path().to_owned(),
                     })
                     .collect()
             })

@@ -1,5 +1,5 @@
-//! `oxclip data pack`: a CSV, JSONL or image-folder source written as WebDataset shards, the
-//! layout img2dataset writes and the shard catalog
+//! `oxclip data pack`: a CSV, JSONL, image-folder or Parquet/Arrow table source written as
+//! WebDataset shards, the layout img2dataset writes and the shard catalog
 //! ([`sources::shards`](crate::sources::shards)) reads:
 //! `OUT/00000.tar ...` with members `KEY.jpg|png|webp`, `KEY.txt` and `KEY.json`, plus
 //! `OUT/index.json` (`{"shards": [{"name", "samples"}], "samples", "written_by"}`, as `synth`
@@ -12,9 +12,12 @@
 //! written sample's number, `000000000` ..., in source order; `KEY.json` keeps where the
 //! sample came from, `{"key": "000000031", "source": "img/31.jpg"}` (img2dataset's `KEY.json`
 //! also carries the `key`; its `url` would be the download address, which a local file has
-//! not), the image path as the source names it.
+//! not), the image path as the source names it (a table row's: its `Image` path, or the file
+//! and row). A table row with several captions is packed with one of them, the one drawn for
+//! epoch 0 of seed 0; the shards then serve that caption every epoch.
 
 use std::collections::BTreeSet;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use fast_image_resize::images::{Image, ImageRef};
@@ -26,10 +29,12 @@ use crate::error::{first_few, DataError};
 use crate::formats::image::{decode_image, DEFAULT_MAX_PIXELS};
 use crate::formats::index::{ShardIndex, ShardIndexEntry};
 use crate::formats::webdataset::{
-    is_plain_shard_name, remove_stale_shards, usable_caption, write_atomic, ShardWriter,
+    is_plain_shard_name, remove_stale_shards, usable_caption, write_atomic, RawSample, ShardWriter,
 };
 use crate::parallel::map_in_order;
-use crate::skip::{SkipCounts, SkipReason};
+use crate::skip::{SampleError, SkipCounts, SkipReason};
+use crate::sources::shards::ShardSet;
+use crate::sources::table::CaptionDraw;
 use crate::sources::{Dataset, FileDataset};
 
 /// Inputs prepared on the threads between two writes (and held in memory at once, encoded).
@@ -97,6 +102,52 @@ pub const PACK_WRITER: &str = "oxclip data pack";
 /// Names shown when a message lists the files of a folder.
 const NAMES_SHOWN: usize = 5;
 
+/// What [`pack`] reads: a list of image files with captions (CSV, JSONL, a folder), each
+/// read on the threads; or the rows of a Parquet or Arrow table (`sources::open_table`),
+/// read part by part in order, a caption drawn as for epoch 0 of seed 0 where a row has
+/// several.
+#[derive(Clone, Copy)]
+pub enum PackSource<'a> {
+    Files(&'a FileDataset),
+    Table(&'a ShardSet),
+}
+
+impl<'a> From<&'a FileDataset> for PackSource<'a> {
+    fn from(files: &'a FileDataset) -> Self {
+        Self::Files(files)
+    }
+}
+
+impl<'a> From<&'a ShardSet> for PackSource<'a> {
+    fn from(table: &'a ShardSet) -> Self {
+        Self::Table(table)
+    }
+}
+
+impl PackSource<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Self::Files(files) => files.len() as u64,
+            Self::Table(table) => table.total_samples(),
+        }
+    }
+
+    /// The file, folder or spec, for messages.
+    fn name(&self) -> String {
+        match self {
+            Self::Files(files) => files.source().display().to_string(),
+            Self::Table(table) => table.sources.join("::"),
+        }
+    }
+
+    fn load_skips(&self) -> SkipCounts {
+        match self {
+            Self::Files(files) => files.load_skips(),
+            Self::Table(table) => table.open_skips.clone(),
+        }
+    }
+}
+
 /// Writes `source` as shards in `out` (created if needed) and `out/index.json`.
 ///
 /// Pack never removes or overwrites a file it did not write. `out` must be empty, missing,
@@ -105,21 +156,22 @@ const NAMES_SHOWN: usize = 5;
 /// new index is in place. Any other file there is an error naming it, unless
 /// `cfg.beside_existing`: then shards go beside those files under names none of them has.
 /// `progress` is called with (inputs done, inputs in the source).
-pub fn pack(
-    source: &FileDataset,
+pub fn pack<'a>(
+    source: impl Into<PackSource<'a>>,
     out: &Path,
     cfg: &PackConfig,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<PackSummary, DataError> {
+    let source = source.into();
     if cfg.shard_size == 0 {
         return Err(DataError::Config("pack: shard_size must be at least 1".into()));
     }
     if cfg.max_side == Some(0) {
         return Err(DataError::Config("pack: max_side must be at least 1".into()));
     }
-    if source.is_empty() {
+    if source.len() == 0 {
         return Err(DataError::NoUsableSample {
-            what: source.source().display().to_string(),
+            what: source.name(),
             skipped: source.load_skips(),
         });
     }
@@ -134,7 +186,7 @@ pub fn pack(
         |(summary, index)| {
             if summary.samples == 0 {
                 return Err(DataError::NoUsableSample {
-                    what: source.source().display().to_string(),
+                    what: source.name(),
                     skipped: summary.skipped,
                 });
             }
@@ -252,7 +304,7 @@ impl Survey {
 /// Reads, checks and writes every input of `source` as shards in `out`. `new_names` gets
 /// each shard name written that the earlier index did not list.
 fn write_shards(
-    source: &FileDataset,
+    source: PackSource<'_>,
     out: &Path,
     cfg: &PackConfig,
     survey: &Survey,
@@ -260,69 +312,154 @@ fn write_shards(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(PackSummary, ShardIndex), DataError> {
     let len = source.len();
-    let mut summary = PackSummary {
-        out: out.to_owned(),
-        samples: 0,
-        shards: 0,
-        resized: 0,
-        skipped: source.load_skips(),
+    let mut packer = Packer {
+        out,
+        survey,
+        new_names,
+        shard_size: cfg.shard_size,
+        summary: PackSummary {
+            out: out.to_owned(),
+            samples: 0,
+            shards: 0,
+            resized: 0,
+            skipped: source.load_skips(),
+        },
+        index: ShardIndex {
+            shards: Vec::new(),
+            samples: 0,
+            written_by: Some(PACK_WRITER.to_owned()),
+        },
+        writer: None,
+        next_number: 0,
     };
-    let mut index =
-        ShardIndex { shards: Vec::new(), samples: 0, written_by: Some(PACK_WRITER.to_owned()) };
-    let mut writer: Option<(String, ShardWriter)> = None;
-    let mut next_number = 0;
-    let mut start = 0;
-    progress(0, len as u64);
-    while start < len {
-        let end = (start + CHUNK_SAMPLES).min(len);
-        let prepared = map_in_order(start..end, cfg.threads, |i| prepare(source, i, cfg))?;
-        for (i, result) in (start..end).zip(prepared) {
-            let item = match result? {
-                Ok(item) => item,
-                Err(reason) => {
-                    summary.skipped.add(reason);
-                    let n = summary.skipped.total();
-                    if n <= 10 || n % 1000 == 0 {
-                        tracing::warn!("not packing {}: {reason}", source.describe(i));
+    progress(0, len);
+    match source {
+        PackSource::Files(files) => {
+            let len = files.len();
+            let mut start = 0;
+            while start < len {
+                let end = (start + CHUNK_SAMPLES).min(len);
+                let prepared = map_in_order(start..end, cfg.threads, |i| match files.get_raw(i) {
+                    Ok(raw) => prepare(raw, cfg, &files.describe(i)),
+                    Err(reason) => Ok(Err(reason)),
+                })?;
+                for (i, result) in (start..end).zip(prepared) {
+                    match result? {
+                        Ok(item) => packer.write(item, files.source_name(i))?,
+                        Err(reason) => packer.skip(reason, &files.describe(i)),
                     }
-                    continue;
                 }
-            };
-            let (name, mut shard) = match writer.take() {
-                Some(open) => open,
-                None => {
-                    let name = survey.free_name(&mut next_number);
-                    let shard = ShardWriter::create(&out.join(&name))?;
-                    (name, shard)
-                }
-            };
-            let key = format!("{:09}", summary.samples);
-            let json = serde_json::json!({ "key": key, "source": source.source_name(i) });
-            let json = json.to_string();
-            shard.write_sample(
-                &key,
-                &[
-                    (item.image_ext, &item.image),
-                    ("txt", item.caption.as_bytes()),
-                    ("json", json.as_bytes()),
-                ],
-            )?;
-            summary.samples += 1;
-            summary.resized += u64::from(item.resized);
-            if shard.samples() >= cfg.shard_size {
-                finish_shard(name, shard, &mut index, survey, new_names)?;
-            } else {
-                writer = Some((name, shard));
+                start = end;
+                progress(start as u64, len as u64);
             }
         }
-        start = end;
-        progress(start as u64, len as u64);
+        PackSource::Table(table) => {
+            let mut done = 0u64;
+            let mut chunk: Vec<Result<RawSample, SampleError>> = Vec::with_capacity(CHUNK_SAMPLES);
+            let mut write_chunk = |chunk: &mut Vec<Result<RawSample, SampleError>>,
+                                   packer: &mut Packer<'_>|
+             -> Result<(), DataError> {
+                let items = std::mem::take(chunk);
+                let prepared = map_in_order(0..items.len(), cfg.threads, |i| match &items[i] {
+                    Ok(raw) => prepare(raw.clone(), cfg, &raw.key),
+                    Err(e) => Ok(Err(e.reason)),
+                })?;
+                for (item, result) in items.iter().zip(prepared) {
+                    match (item, result?) {
+                        (Ok(raw), Ok(prepared)) => packer.write(prepared, raw.source.clone())?,
+                        (Ok(raw), Err(reason)) => packer.skip(reason, &raw.key),
+                        (Err(e), Err(_)) | (Err(e), Ok(_)) => packer.skip(e.reason, &e.to_string()),
+                    }
+                }
+                done += items.len() as u64;
+                progress(done, len);
+                Ok(())
+            };
+            for shard in &table.shards {
+                let mut failed = Ok(());
+                let read = shard.location.for_each_sample(CaptionDraw::default(), |item| {
+                    chunk.push(item);
+                    if chunk.len() >= CHUNK_SAMPLES {
+                        failed = write_chunk(&mut chunk, &mut packer);
+                        if failed.is_err() {
+                            return ControlFlow::Break(());
+                        }
+                    }
+                    ControlFlow::Continue(())
+                });
+                failed?;
+                if let Err(message) = read {
+                    tracing::warn!("not packing {}: {message}", shard.location);
+                    packer.summary.skipped.add(SkipReason::UnreadableShard);
+                }
+            }
+            write_chunk(&mut chunk, &mut packer)?;
+        }
     }
-    if let Some((name, shard)) = writer.take() {
-        finish_shard(name, shard, &mut index, survey, new_names)?;
+    packer.finish()
+}
+
+/// The shards being written, and the counts so far.
+struct Packer<'a> {
+    out: &'a Path,
+    survey: &'a Survey,
+    new_names: &'a mut Vec<String>,
+    shard_size: u64,
+    summary: PackSummary,
+    index: ShardIndex,
+    /// The shard being filled, and its name.
+    writer: Option<(String, ShardWriter)>,
+    next_number: u64,
+}
+
+impl Packer<'_> {
+    /// Writes one prepared input as the next sample; `source` is where it came from, for
+    /// `KEY.json`.
+    fn write(&mut self, item: Prepared, source: Option<String>) -> Result<(), DataError> {
+        let (name, mut shard) = match self.writer.take() {
+            Some(open) => open,
+            None => {
+                let name = self.survey.free_name(&mut self.next_number);
+                let shard = ShardWriter::create(&self.out.join(&name))?;
+                (name, shard)
+            }
+        };
+        let key = format!("{:09}", self.summary.samples);
+        let json = serde_json::json!({ "key": key, "source": source }).to_string();
+        shard.write_sample(
+            &key,
+            &[
+                (item.image_ext, &item.image),
+                ("txt", item.caption.as_bytes()),
+                ("json", json.as_bytes()),
+            ],
+        )?;
+        self.summary.samples += 1;
+        self.summary.resized += u64::from(item.resized);
+        if shard.samples() >= self.shard_size {
+            finish_shard(name, shard, &mut self.index, self.survey, self.new_names)?;
+        } else {
+            self.writer = Some((name, shard));
+        }
+        Ok(())
     }
-    summary.shards = index.shards.len() as u64;
-    Ok((summary, index))
+
+    /// Counts an input not written, and says so (the first few, then every 1000th).
+    fn skip(&mut self, reason: SkipReason, what: &str) {
+        self.summary.skipped.add(reason);
+        let n = self.summary.skipped.total();
+        if n <= 10 || n % 1000 == 0 {
+            tracing::warn!("not packing {what}: {reason}");
+        }
+    }
+
+    fn finish(mut self) -> Result<(PackSummary, ShardIndex), DataError> {
+        if let Some((name, shard)) = self.writer.take() {
+            finish_shard(name, shard, &mut self.index, self.survey, self.new_names)?;
+        }
+        self.summary.shards = self.index.shards.len() as u64;
+        Ok((self.summary, self.index))
+    }
 }
 
 fn finish_shard(
@@ -341,17 +478,13 @@ fn finish_shard(
     Ok(())
 }
 
-/// Reads, checks and (when too large) resizes input `index`. The outer error stops the pack;
-/// the inner one skips the input.
+/// Checks and (when too large) resizes one input, `what` naming it in errors. The outer
+/// error stops the pack; the inner one skips the input.
 fn prepare(
-    source: &FileDataset,
-    index: usize,
+    raw: RawSample,
     cfg: &PackConfig,
+    what: &str,
 ) -> Result<Result<Prepared, SkipReason>, DataError> {
-    let raw = match source.get_raw(index) {
-        Ok(raw) => raw,
-        Err(reason) => return Ok(Err(reason)),
-    };
     let caption = match usable_caption(&raw) {
         Ok(caption) => caption.to_owned(),
         Err(reason) => return Ok(Err(reason)),
@@ -366,10 +499,7 @@ fn prepare(
         let mut jpeg = Vec::new();
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, cfg.jpeg_quality)
             .encode_image(&resized)
-            .map_err(|e| DataError::Encode {
-                key: source.describe(index),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| DataError::Encode { key: what.to_owned(), message: e.to_string() })?;
         return Ok(Ok(Prepared { image_ext: "jpg", image: jpeg, caption, resized: true }));
     }
     // It decoded, so the format is one of these.
@@ -617,5 +747,56 @@ mod tests {
             std::fs::read(synth_like.join("index.json")).unwrap(),
             br#"{"shards": [], "samples": 0}"#
         );
+    }
+
+    /// A Parquet table with bad rows (tests/fixtures/make_parquet_fixtures.py): the good rows
+    /// packed in order with their bytes and the row each came from, the bad ones counted by
+    /// reason; the COCO-style set with one caption of each row's five.
+    #[test]
+    fn packs_the_rows_of_a_table() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_datasets");
+        let open = |spec: &str| {
+            let DataSpec::Table(table) =
+                DataSpec::parse(&format!("{}/{spec}", fixtures.display())).unwrap()
+            else {
+                panic!("{spec} is not a table")
+            };
+            crate::sources::open_table(&table, None).unwrap().0
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = PackConfig { shard_size: 4, threads: 2, ..PackConfig::default() };
+        let out = dir.path().join("bad");
+        let summary = pack(&open("bad/bad.parquet"), &out, &cfg, &mut |_, _| {}).unwrap();
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).unwrap())
+                .unwrap();
+        assert_eq!(summary.samples, expected["bad"]["samples"].as_u64().unwrap());
+        assert_eq!(serde_json::to_value(&summary.skipped).unwrap(), expected["bad"]["skipped"]);
+        assert_eq!(summary.shards, 2);
+        let samples: Vec<RawSample> = ShardIndex::read(&out)
+            .unwrap()
+            .shards
+            .iter()
+            .flat_map(|s| read_shard(&out.join(&s.name)))
+            .map(|s| s.unwrap())
+            .collect();
+        let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_deref().unwrap()).collect();
+        assert_eq!(captions, ["good 0", "good 1", "good 2", "good 3", "good 4", "good 5"]);
+        assert_eq!(samples[1].source.as_deref(), Some("bad.parquet, row 1"));
+        let original = std::fs::read(fixtures.join("images/0001.jpg")).unwrap();
+        assert_eq!(samples[1].image, original, "the image's own bytes");
+
+        let out = dir.path().join("coco");
+        let summary = pack(&open("coco_arrow"), &out, &cfg, &mut |_, _| {}).unwrap();
+        assert_eq!((summary.samples, summary.skipped.total()), (24, 0));
+        let samples: Vec<RawSample> = (0..6)
+            .flat_map(|i| read_shard(&out.join(format!("{i:05}.tar"))))
+            .map(|s| s.unwrap())
+            .collect();
+        for (i, sample) in samples.iter().enumerate() {
+            let caption = sample.caption.as_deref().unwrap();
+            assert!(caption.starts_with(&format!("photo {i}, caption ")), "{caption}");
+            assert_eq!(sample.source.as_deref(), Some(format!("{i:04}.jpg").as_str()));
+        }
     }
 }

@@ -7,13 +7,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::DataError;
 use crate::formats::image::DEFAULT_MAX_PIXELS;
-use crate::formats::webdataset::{for_each_sample_in, RawSample};
+use crate::formats::webdataset::RawSample;
 pub use crate::parallel::default_threads;
 use crate::parallel::map_in_order;
 use crate::skip::{SampleError, SkipCounts, SkipReason};
 use crate::sources::shards::ShardSet;
 use crate::sources::spec::DataSpec;
-use crate::sources::{open_indexed, Dataset};
+use crate::sources::table::CaptionDraw;
+use crate::sources::{open_indexed, open_table, Dataset};
 
 /// Samples decoded between two progress calls (and held by the threads at once).
 const CHUNK_SAMPLES: usize = 512;
@@ -26,7 +27,7 @@ pub struct DataStats {
     /// Samples skipped, by reason: those dropped while opening the source plus those that
     /// failed to decode.
     pub skipped: SkipCounts,
-    /// WebDataset shards read (0 for CSV, JSONL, folder and synthetic sources).
+    /// WebDataset shards read (0 for CSV, JSONL, folder, table and synthetic sources).
     pub shards: u64,
 }
 
@@ -41,6 +42,11 @@ pub fn stats(
         let set = ShardSet::resolve(sources)?;
         let (samples, skipped) = count_shard_samples(&set, threads, progress)?;
         return Ok(DataStats { samples, skipped, shards: set.shards.len() as u64 });
+    }
+    if let DataSpec::Table(table) = spec {
+        let (set, _) = open_table(table, None)?;
+        let (samples, skipped) = count_shard_samples(&set, threads, progress)?;
+        return Ok(DataStats { samples, skipped, shards: 0 });
     }
     let dataset = open_indexed(spec, 0)?;
     let (samples, skipped) = count_samples(dataset.as_ref(), threads, progress)?;
@@ -88,18 +94,9 @@ pub fn count_shard_samples(
     };
     let mut unreadable = 0;
     for shard in &set.shards {
-        let name = shard.location.name();
-        let reader = match shard.location.open() {
-            Ok(reader) => reader,
-            Err(e) => {
-                tracing::warn!("skipping shard {}: {e}", shard.location);
-                unreadable += 1;
-                continue;
-            }
-        };
         let mut chunk = Vec::with_capacity(CHUNK_SAMPLES);
         let mut failed = Ok(());
-        for_each_sample_in(reader, &name, |item| {
+        let read = shard.location.for_each_sample(CaptionDraw::default(), |item| {
             chunk.push(item);
             if chunk.len() >= CHUNK_SAMPLES {
                 failed = check(&mut chunk);
@@ -109,6 +106,11 @@ pub fn count_shard_samples(
             }
             ControlFlow::Continue(())
         });
+        if let Err(e) = read {
+            tracing::warn!("skipping shard {}: {e}", shard.location);
+            unreadable += 1;
+            continue;
+        }
         failed?;
         check(&mut chunk)?;
     }

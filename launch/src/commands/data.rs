@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use oxclip_data_loader::sources::{self, shards};
 use oxclip_data_loader::tools;
-use oxclip_data_loader::tools::pack::PackConfig;
+use oxclip_data_loader::tools::pack::{PackConfig, PackSource};
 use oxclip_data_loader::tools::synth::{write_synth, SynthConfig};
 use oxclip_data_loader::{DataError, DataSpec, SkipCounts};
 
@@ -16,7 +16,9 @@ use crate::progress::progress_bar;
 #[derive(Args)]
 pub struct PackArgs {
     /// The source: `csv:FILE[?img_key=COL&caption_key=COL]` (or a .csv/.tsv path),
-    /// `folder:DIR`, or `jsonl:FILE[?img_key=KEY&caption_key=KEY]` (or a .jsonl path).
+    /// `folder:DIR`, `jsonl:FILE[?img_key=KEY&caption_key=KEY]` (or a .jsonl path), or a
+    /// Hugging Face dataset: `parquet:PATH` or `arrow:DIR`
+    /// (`[?split=NAME&image_key=COL&caption_key=COL&label_key=COL]`).
     #[arg(long)]
     pub from: String,
     /// Output directory for 00000.tar ... and index.json: new, empty, or an earlier pack's
@@ -41,7 +43,8 @@ pub struct PackArgs {
 
 #[derive(Args)]
 pub struct StatsArgs {
-    /// What to read: any data spec (shards, csv:, folder:, jsonl:, synthetic:N).
+    /// What to read: any data spec (shards, csv:, folder:, jsonl:, parquet:, arrow:,
+    /// synthetic:N).
     pub spec: String,
     /// Print exactly one JSON line: {"samples": N, "skipped": {"reason": N}, "shards": N}.
     #[arg(long)]
@@ -104,13 +107,22 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
         "--max-side must be 1 to 65535 pixels"
     );
     let spec = DataSpec::parse(&args.from)?;
-    let Some(source) = sources::open_files(&spec) else {
-        anyhow::bail!(
-            "--from {}: pack reads csv:FILE, folder:DIR or jsonl:FILE; shards are already packed (`oxclip data stats` reads them)",
+    let files;
+    let table;
+    let source: PackSource<'_> = match (&spec, sources::open_files(&spec)) {
+        (_, Some(opened)) => {
+            files = opened?;
+            PackSource::Files(&files)
+        }
+        (DataSpec::Table(spec), None) => {
+            table = sources::open_table(spec, None)?.0;
+            PackSource::Table(&table)
+        }
+        (_, None) => anyhow::bail!(
+            "--from {}: pack reads csv:FILE, folder:DIR, jsonl:FILE, parquet:PATH or arrow:DIR; shards are already packed (`oxclip data stats` reads them)",
             args.from
-        );
+        ),
     };
-    let source = source?;
     let cfg = PackConfig {
         shard_size: args.shard_size,
         max_side: args.max_side,
@@ -119,7 +131,7 @@ pub fn pack(args: PackArgs) -> anyhow::Result<()> {
         ..PackConfig::default()
     };
     let bar = progress_bar("pack", "samples");
-    let summary = tools::pack::pack(&source, &args.out, &cfg, &mut |done, total| {
+    let summary = tools::pack::pack(source, &args.out, &cfg, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;

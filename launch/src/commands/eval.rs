@@ -24,20 +24,23 @@ pub struct EvalArgs {
     pub model: ModelArgs,
     /// Zero-shot classification data: `classes:DIR` or a plain directory with a folder per
     /// class, or any spec whose samples carry a class index: shards (`KEY.cls`), a CSV or
-    /// JSONL with a `label` column (`csv:FILE?label_key=COLUMN` for another name);
-    /// `imagenet1k:DIR` (ImageNet's `val/` folder or labelled shards, class names built in);
+    /// JSONL with a `label` column (`csv:FILE?label_key=COLUMN` for another name), a
+    /// Hugging Face dataset (`parquet:PATH`, `arrow:DIR`) whose `label` is a ClassLabel (its
+    /// names are the class names) or a column of class indices; `imagenet1k:DIR` (ImageNet's `val/` folder or labelled shards, class names built in);
     /// a clip_benchmark dataset directory (`wds:DIR`, or a directory with `classnames.txt` or
     /// `test/`), scored as classification or retrieval by what it holds.
     #[arg(long, conflicts_with = "retrieval", required_unless_present_any = ["retrieval", "suite"])]
     pub zero_shot: Option<String>,
-    /// Class names, one per line (line i names class i). For a folder per class the folder
-    /// names are used when this is not given; when given, it must name as many classes.
+    /// Class names, one per line (line i names class i). For a folder per class (or a
+    /// ClassLabel column) the folder names (its names) are used when this is not given; when
+    /// given, it must name as many classes.
     #[arg(long)]
     pub classnames: Option<PathBuf>,
     /// Prompt templates, one per line with `{}` for the class name; default OpenAI's 80.
     #[arg(long)]
     pub templates: Option<String>,
-    /// Image-caption pairs for retrieval: any data spec (shards, CSV, JSONL, folder), or a
+    /// Image-caption pairs for retrieval: any data spec (shards, CSV, JSONL, folder, Parquet,
+    /// Arrow), or a
     /// clip_benchmark retrieval set.
     #[arg(long)]
     pub retrieval: Option<String>,

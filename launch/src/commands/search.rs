@@ -26,7 +26,8 @@ use crate::progress::progress_bar;
 pub struct IndexArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// What to index: any data spec (shards, CSV, JSONL, a folder with captions).
+    /// What to index: any data spec (shards, CSV, JSONL, a folder with captions, Parquet,
+    /// Arrow).
     #[arg(long)]
     pub data: String,
     /// The index file to write.

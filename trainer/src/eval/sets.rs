@@ -1,6 +1,7 @@
 //! What an evaluation set is made of, opened and checked before anything is embedded: the
 //! data a spec names (class folders, a CSV or JSONL with a label column, shards carrying
-//! `KEY.cls`, synthetic data) with its class names ([`open_zero_shot`]), and the prompt
+//! `KEY.cls`, a Parquet or Arrow table with a label column, synthetic data) with its class
+//! names ([`open_zero_shot`]), and the prompt
 //! templates zero-shot classification fills with each class name ([`read_templates`],
 //! OpenAI's 80 by default). The named benchmark layouts (ImageNet-1k, clip_benchmark) are
 //! resolved and opened by [`super::benchmark`], through the checks here.
@@ -38,6 +39,10 @@ pub struct ZeroShotSet {
 ///   each row's class index, every one below the number of class names;
 /// - shards and `synthetic:N`: labels (`.cls`) are read as the images are; one outside the
 ///   class list fails the evaluation (see [`evaluate`](super::pass::evaluate));
+/// - a Parquet or Arrow table (`parquet:`, `arrow:`): its label column (`label`, or the
+///   spec's `label_key`) holds class indices; a `ClassLabel`'s names in the file's metadata
+///   are the class names unless `classnames` is given (which must then name as many); rows
+///   whose label is outside the class list are skipped and counted (`bad_label`);
 /// - a folder of captioned images has no labels and is refused.
 pub fn open_zero_shot(
     spec: &DataSpec,
@@ -103,6 +108,39 @@ pub fn open_zero_shot(
             let source = DataSource::open(spec, seed)?;
             Ok(ZeroShotSet { source, classnames: names })
         }
+        DataSpec::Table(table) => {
+            let count = listed.as_ref().map(|(names, _)| names.len());
+            let (shards, labels) = sources::open_table(table, count)?;
+            let Some(column) = labels.column else {
+                return Err(TrainError::Input(format!(
+                    "`{}` has no label column to score zero-shot accuracy against: name its \
+                     column of class indices with ?label_key=COLUMN",
+                    describe_spec(spec)
+                )));
+            };
+            // A ClassLabel's names are the class names; a names file given beside it must
+            // name as many (`open_table` checks), and wins, as for class folders.
+            let classnames = match (listed, labels.class_names) {
+                (Some((names, _)), _) => names,
+                (None, Some(names)) => names,
+                (None, None) => {
+                    return Err(TrainError::Input(format!(
+                        "zero-shot evaluation of `{}` needs the class names: its label column \
+                         `{column}` is no ClassLabel with names in the file's metadata, so give \
+                         a file with one per line, line i naming class i (--classnames FILE, or \
+                         data.classnames in a run config)",
+                        describe_spec(spec)
+                    )))
+                }
+            };
+            if shards.total_samples() == 0 {
+                return Err(TrainError::Input(format!(
+                    "`{}` holds no rows to evaluate",
+                    describe_spec(spec)
+                )));
+            }
+            Ok(ZeroShotSet { source: DataSource::Shards(shards), classnames })
+        }
         DataSpec::Synthetic(_) => {
             let (names, _) = listed.ok_or_else(needs_names)?;
             let source = DataSource::open(spec, seed)?;
@@ -115,6 +153,17 @@ pub fn open_zero_shot(
             Ok(ZeroShotSet { source, classnames: names })
         }
     }
+}
+
+/// Whether `spec` names its own classes, and so is scored zero-shot without a class names
+/// file: a folder per class, or a Parquet/Arrow table whose label column is a `ClassLabel`
+/// with names in its metadata.
+pub fn names_its_classes(spec: &DataSpec) -> Result<bool> {
+    Ok(match spec {
+        DataSpec::Classes(_) => true,
+        DataSpec::Table(table) => sources::open_table(table, None)?.1.class_names.is_some(),
+        _ => false,
+    })
 }
 
 /// Reads the class index (`KEY.cls`) of every sample of the shards, without decoding any
@@ -238,6 +287,7 @@ pub(super) fn describe_spec(spec: &DataSpec) -> String {
         DataSpec::Shards(parts) => {
             parts.iter().map(|p| p.spec.clone()).collect::<Vec<_>>().join("::")
         }
+        DataSpec::Table(table) => table.path.clone(),
     }
 }
 
