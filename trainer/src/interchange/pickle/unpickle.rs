@@ -34,16 +34,138 @@ pub enum Value {
     Float(f64),
     Str(Rc<str>),
     Bytes(Rc<[u8]>),
-    Tuple(Rc<[Value]>),
-    List(Rc<RefCell<Vec<Value>>>),
-    Dict(Rc<RefCell<Dict>>),
+    Tuple(Tuple),
+    List(Shared<Vec<Value>>),
+    Dict(Shared<Dict>),
     /// An allowed global, not yet applied.
     Global(Rc<Global>),
     /// A storage, as the format's persistent id names it.
     Storage(Rc<StorageRef>),
     Tensor(Rc<TensorRef>),
     /// A TorchScript module (`__torch__.*`): its class name and attributes, nothing more.
-    Object(Rc<RefCell<Object>>),
+    Object(Shared<Object>),
+}
+
+/// A mutable container shared as Python shares it, dropped without recursion: a pickle of a
+/// few megabytes can nest a million lists, and dropping that as nested values would overflow
+/// the stack. Its last owner moves its contents onto a work list instead ([`dismantle`]).
+#[derive(Debug, Default)]
+pub struct Shared<T: Contents>(Rc<RefCell<T>>);
+
+/// A tuple, dropped without recursion as [`Shared`] is.
+#[derive(Debug)]
+pub struct Tuple(Rc<[Value]>);
+
+/// What a container holds, moved out for [`dismantle`].
+pub trait Contents: Default {
+    fn drain_into(&mut self, work: &mut Vec<Value>);
+}
+
+impl Contents for Vec<Value> {
+    fn drain_into(&mut self, work: &mut Vec<Value>) {
+        work.append(self);
+    }
+}
+
+impl Contents for Dict {
+    fn drain_into(&mut self, work: &mut Vec<Value>) {
+        for (k, v) in self.items.drain(..) {
+            work.push(k);
+            work.push(v);
+        }
+        self.index.clear();
+    }
+}
+
+impl Contents for Object {
+    fn drain_into(&mut self, work: &mut Vec<Value>) {
+        self.attributes.drain_into(work);
+    }
+}
+
+impl<T: Contents> Shared<T> {
+    fn new(contents: T) -> Self {
+        Shared(Rc::new(RefCell::new(contents)))
+    }
+
+    /// Moves the contents onto `work` when this is the last owner.
+    fn take_if_last(&self, work: &mut Vec<Value>) {
+        if Rc::strong_count(&self.0) == 1 {
+            if let Ok(mut contents) = self.0.try_borrow_mut() {
+                contents.drain_into(work);
+            }
+        }
+    }
+}
+
+impl<T: Contents> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared(self.0.clone())
+    }
+}
+
+impl<T: Contents> std::ops::Deref for Shared<T> {
+    type Target = RefCell<T>;
+    fn deref(&self) -> &RefCell<T> {
+        &self.0
+    }
+}
+
+impl<T: Contents> Drop for Shared<T> {
+    fn drop(&mut self) {
+        let mut work = Vec::new();
+        self.take_if_last(&mut work);
+        dismantle(work);
+    }
+}
+
+impl Tuple {
+    fn take_if_last(&mut self, work: &mut Vec<Value>) {
+        if let Some(items) = Rc::get_mut(&mut self.0) {
+            work.extend(items.iter_mut().map(|v| std::mem::replace(v, Value::None)));
+        }
+    }
+}
+
+impl From<Vec<Value>> for Tuple {
+    fn from(items: Vec<Value>) -> Self {
+        Tuple(items.into())
+    }
+}
+
+impl Clone for Tuple {
+    fn clone(&self) -> Self {
+        Tuple(self.0.clone())
+    }
+}
+
+impl std::ops::Deref for Tuple {
+    type Target = [Value];
+    fn deref(&self) -> &[Value] {
+        &self.0
+    }
+}
+
+impl Drop for Tuple {
+    fn drop(&mut self) {
+        let mut work = Vec::new();
+        self.take_if_last(&mut work);
+        dismantle(work);
+    }
+}
+
+/// Drops `work` and everything only it owns, one value at a time: each container's contents
+/// are moved onto the list before the container itself drops, so no drop ever recurses.
+fn dismantle(mut work: Vec<Value>) {
+    while let Some(mut v) = work.pop() {
+        match &mut v {
+            Value::Tuple(t) => t.take_if_last(&mut work),
+            Value::List(l) => l.take_if_last(&mut work),
+            Value::Dict(d) => d.take_if_last(&mut work),
+            Value::Object(o) => o.take_if_last(&mut work),
+            _ => {}
+        }
+    }
 }
 
 /// A dict in insertion order (Python's dicts and `OrderedDict` keep it), with an index over
@@ -90,7 +212,7 @@ impl Dict {
 }
 
 /// A TorchScript module object: `__torch__.<qualified class name>` and its attributes.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Object {
     pub class: String,
     pub attributes: Dict,
@@ -459,7 +581,7 @@ impl<R: Read> Machine<'_, R> {
                     let s = self.utf8(n)?;
                     self.stack.push(s);
                 }
-                b')' => self.stack.push(Value::Tuple(Rc::new([]))),
+                b')' => self.stack.push(Value::Tuple(Vec::new().into())),
                 b't' => {
                     let items = self.pop_mark()?;
                     self.stack.push(Value::Tuple(items.into()));
@@ -472,10 +594,10 @@ impl<R: Read> Machine<'_, R> {
                     let items = self.stack.split_off(self.stack.len() - n);
                     self.stack.push(Value::Tuple(items.into()));
                 }
-                b']' => self.stack.push(Value::List(Rc::default())),
+                b']' => self.stack.push(Value::List(Shared::default())),
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
+                    self.stack.push(Value::List(Shared::new(items)));
                 }
                 b'a' => {
                     let item = self.pop()?;
@@ -485,10 +607,10 @@ impl<R: Read> Machine<'_, R> {
                     let items = self.pop_mark()?;
                     self.list_top()?.borrow_mut().extend(items);
                 }
-                b'}' => self.stack.push(Value::Dict(Rc::default())),
+                b'}' => self.stack.push(Value::Dict(Shared::default())),
                 b'd' => {
                     let items = self.pop_mark()?;
-                    let dict = Rc::new(RefCell::new(pairs(items)?));
+                    let dict = Shared::new(pairs(items)?);
                     self.stack.push(Value::Dict(dict));
                 }
                 b's' => {
@@ -504,7 +626,7 @@ impl<R: Read> Machine<'_, R> {
                         dict.insert(k, v);
                     }
                 }
-                0x8f => self.stack.push(Value::List(Rc::default())), // EMPTY_SET
+                0x8f => self.stack.push(Value::List(Shared::default())), // EMPTY_SET
                 0x90 => {
                     // ADDITEMS
                     let items = self.pop_mark()?;
@@ -513,7 +635,7 @@ impl<R: Read> Machine<'_, R> {
                 0x91 => {
                     // FROZENSET
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
+                    self.stack.push(Value::List(Shared::new(items)));
                 }
                 b'c' => {
                     let module = self.input.line()?;
@@ -635,14 +757,14 @@ impl<R: Read> Machine<'_, R> {
         Ok(self.stack.split_off(mark))
     }
 
-    fn list_top(&self) -> Result<Rc<RefCell<Vec<Value>>>, String> {
+    fn list_top(&self) -> Result<Shared<Vec<Value>>, String> {
         match self.top()? {
             Value::List(l) => Ok(l.clone()),
             other => Err(format!("APPEND to {}", kind(other))),
         }
     }
 
-    fn dict_top(&self) -> Result<Rc<RefCell<Dict>>, String> {
+    fn dict_top(&self) -> Result<Shared<Dict>, String> {
         match self.top()? {
             Value::Dict(d) => Ok(d.clone()),
             other => Err(format!("SETITEM on {}", kind(other))),
@@ -679,7 +801,7 @@ impl<R: Read> Machine<'_, R> {
             |i: usize| args.get(i).ok_or_else(|| format!("{global:?} needs {} arguments", i + 1));
         Ok(match &*global {
             Global::OrderedDict => match &*args {
-                [] => Value::Dict(Rc::default()),
+                [] => Value::Dict(Shared::default()),
                 [Value::List(items)] => {
                     let mut dict = Dict::default();
                     for pair in items.borrow().iter() {
@@ -690,7 +812,7 @@ impl<R: Read> Machine<'_, R> {
                             _ => return Err("OrderedDict of something not a pair".into()),
                         }
                     }
-                    Value::Dict(Rc::new(RefCell::new(dict)))
+                    Value::Dict(Shared::new(dict))
                 }
                 _ => return Err("OrderedDict with unexpected arguments".into()),
             },
@@ -714,9 +836,9 @@ impl<R: Read> Machine<'_, R> {
                 other => return Err(format!("torch.Size of {}", kind(other))),
             },
             Global::Set => match args.first() {
-                None => Value::List(Rc::default()),
-                Some(Value::List(l)) => Value::List(Rc::new(RefCell::new(l.borrow().clone()))),
-                Some(Value::Tuple(t)) => Value::List(Rc::new(RefCell::new(t.to_vec()))),
+                None => Value::List(Shared::default()),
+                Some(Value::List(l)) => Value::List(Shared::new(l.borrow().clone())),
+                Some(Value::Tuple(t)) => Value::List(Shared::new(t.to_vec())),
                 Some(other) => return Err(format!("set of {}", kind(other))),
             },
             Global::Encode => match (arg(0)?, args.get(1)) {
@@ -746,13 +868,11 @@ impl<R: Read> Machine<'_, R> {
         let empty = matches!(&args, Value::Tuple(t) if t.is_empty());
         match class {
             Value::Global(g) => match &*g {
-                Global::ScriptClass(c) if empty => {
-                    Ok(Value::Object(Rc::new(RefCell::new(Object {
-                        class: c.clone(),
-                        attributes: Dict::default(),
-                    }))))
-                }
-                Global::OrderedDict if empty => Ok(Value::Dict(Rc::default())),
+                Global::ScriptClass(c) if empty => Ok(Value::Object(Shared::new(Object {
+                    class: c.clone(),
+                    attributes: Dict::default(),
+                }))),
+                Global::OrderedDict if empty => Ok(Value::Dict(Shared::default())),
                 other => Err(format!("NEWOBJ of {other:?} with arguments: refused")),
             },
             other => Err(format!("NEWOBJ of {}", kind(&other))),
@@ -981,6 +1101,29 @@ mod tests {
         }
         let err = loads(cases[0]).unwrap_err();
         assert!(err.contains("1099511627776 bytes") && err.contains("truncated"), "{err}");
+    }
+
+    /// A million lists (or tuples) nested in a few megabytes load and drop without
+    /// overflowing the stack (this test thread's is 2 MiB), and so does a list holding itself.
+    #[test]
+    fn deep_nesting_drops_without_recursion() {
+        const N: usize = 1_000_000;
+        let mut lists = b"\x80\x02".to_vec();
+        lists.extend(std::iter::repeat_n(b']', N));
+        lists.extend(std::iter::repeat_n(b'a', N - 1));
+        lists.push(b'.');
+        let mut tuples = b"\x80\x02)".to_vec();
+        tuples.extend(std::iter::repeat_n(0x85u8, N));
+        tuples.push(b'.');
+        for bytes in [lists, tuples] {
+            let v = loads(&bytes).unwrap();
+            assert!(matches!(v, Value::List(_) | Value::Tuple(_)));
+            drop(v);
+        }
+        // EMPTY_LIST, DUP, APPEND: a list inside itself (left to leak, never recursed into).
+        let v = loads(b"\x80\x02]2a.").unwrap();
+        let Value::List(l) = &v else { panic!("not a list") };
+        assert_eq!(l.borrow().len(), 1);
     }
 
     #[test]
