@@ -269,3 +269,26 @@ fn two_ranks_of_two_workers_see_every_row_once_per_epoch() {
     let line = stdout.lines().find(|l| l.starts_with("[rank 0] zero-shot colours: top-1 "));
     assert!(line.is_some_and(|l| l.ends_with("on 12 held-out images")), "{stdout}");
 }
+
+#[test]
+fn bench_loader_reads_a_table_and_reports_its_cpu_time() {
+    let out = run_ok(oxclip().args([
+        "bench",
+        "loader",
+        "--data",
+        &fixture("coco/coco.parquet"),
+        "--workers",
+        "2",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+        "--samples",
+        "48",
+    ]));
+    let line: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!((line["samples"].as_u64(), line["skipped"].as_u64()), (Some(48), Some(0)));
+    let cpu = line["cpu_seconds"].as_f64().expect("cpu_seconds");
+    let per_cpu = line["samples_per_cpu_second"].as_f64().expect("samples_per_cpu_second");
+    assert!(cpu > 0.0 && (per_cpu * cpu - 48.0).abs() < 1e-6, "{line}");
+}

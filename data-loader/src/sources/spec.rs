@@ -384,7 +384,8 @@ fn shards_of(spec: &str, source: &str) -> Result<Vec<PathBuf>, DataError> {
         shards.sort();
         if shards.is_empty() {
             return Err(spec_err(format!(
-                "directory {} holds no .tar shards and no images",
+                "directory {} holds no .tar shards, no images and no .parquet files (a folder \
+                 of .arrow files without save_to_disk's state.json is read as arrow:DIR)",
                 path.display()
             )));
         }
@@ -398,7 +399,7 @@ fn shards_of(spec: &str, source: &str) -> Result<Vec<PathBuf>, DataError> {
     }
     Err(spec_err(format!(
         "{} is not a .tar shard, a directory of shards or images, a brace pattern, a .csv, \
-         .tsv or .jsonl file, or synthetic:N",
+         .tsv, .jsonl, .parquet or .arrow file, or synthetic:N",
         path.display()
     )))
 }

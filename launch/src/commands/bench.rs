@@ -152,7 +152,8 @@ pub fn optim(args: BenchOptimArgs) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub struct BenchLoaderArgs {
-    /// A data spec: shards, a directory of shards, `synthetic:N`.
+    /// A data spec: shards, a directory of shards, `synthetic:N`, a table (`parquet:`,
+    /// `arrow:`), any other.
     #[arg(long)]
     pub data: String,
     /// Decode/augment threads.
@@ -186,6 +187,11 @@ struct LoaderBenchResult {
     seconds: f64,
     samples_per_second: f64,
     samples_per_second_per_worker: f64,
+    /// CPU time of the whole process over the timed batches (every loader thread), and the
+    /// samples per CPU-second: the work per sample, which a loaded machine distorts less than
+    /// the wall time.
+    cpu_seconds: Option<f64>,
+    samples_per_cpu_second: Option<f64>,
     skipped: u64,
 }
 
@@ -217,6 +223,7 @@ pub fn loader(args: BenchLoaderArgs) -> anyhow::Result<()> {
     let mut skipped = loader.next_batch()?.skipped.values().sum::<u64>();
     let batches = args.samples.div_ceil(args.batch_size as u64).max(1);
     let started = Instant::now();
+    let cpu_before = oxclip_trainer::bench::process_cpu_seconds();
     for _ in 0..batches {
         // As the trainer does: take the batch, hand its buffer back.
         let batch = loader.next_batch()?;
@@ -224,6 +231,9 @@ pub fn loader(args: BenchLoaderArgs) -> anyhow::Result<()> {
         loader.recycle(batch);
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = oxclip_trainer::bench::process_cpu_seconds()
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
     let samples = batches * args.batch_size as u64;
     let samples_per_second = samples as f64 / seconds;
     let result = LoaderBenchResult {
@@ -236,6 +246,8 @@ pub fn loader(args: BenchLoaderArgs) -> anyhow::Result<()> {
         seconds,
         samples_per_second,
         samples_per_second_per_worker: samples_per_second / args.workers as f64,
+        cpu_seconds,
+        samples_per_cpu_second: cpu_seconds.filter(|&c| c > 0.0).map(|c| samples as f64 / c),
         skipped,
     };
     println!("{}", serde_json::to_string(&result)?);
