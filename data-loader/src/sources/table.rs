@@ -283,8 +283,8 @@ impl TablePart {
     }
 }
 
-// A part is named by its file and number: that is what the shard catalog compares, orders
-// and fingerprints. Two specs reading one file differently never meet in one set.
+// Parts compare by their file, number, place in the set and how its columns are read (the
+// open file and its metadata hold no order of their own).
 impl PartialEq for TablePart {
     fn eq(&self, other: &Self) -> bool {
         self.key() == other.key()
@@ -510,10 +510,6 @@ fn is_binary(t: &DataType) -> bool {
 
 fn is_text(t: &DataType) -> bool {
     matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
-}
-
-fn is_integer(t: &DataType) -> bool {
-    t.is_integer()
 }
 
 fn image_kind(t: &DataType) -> Option<ImageKind> {
@@ -745,7 +741,7 @@ fn choose_columns(
         Some(key) => {
             let t = field_type(key)
                 .ok_or_else(|| format!("no label column `{key}`; its columns are {}", listing()))?;
-            if !is_integer(t) {
+            if !t.is_integer() {
                 return Err(format!(
                     "label column `{key}` is {t}: labels are class indices (integers)"
                 ));
@@ -753,7 +749,7 @@ fn choose_columns(
             Some(key.clone())
         }
         None => field_type(DEFAULT_LABEL_KEY)
-            .filter(|t| is_integer(t))
+            .filter(|t| t.is_integer())
             .map(|_| DEFAULT_LABEL_KEY.to_owned()),
     };
     let class_names = match &label {
