@@ -9,9 +9,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
-use std::rc::Rc;
 
-use super::unpickle::{self, Global, StorageRef, Value};
+use super::unpickle::{self, StorageRef, StorageTable, Value};
 use super::{Format, Opened, Storages};
 
 /// 0x1950a86a20f9469cfc6c as `LONG1` writes it (little-endian).
@@ -45,19 +44,8 @@ pub(super) fn open(file: File) -> Result<Opened, String> {
         Value::Dict(info) => matches!(info.borrow().get("little_endian"), Some(Value::Bool(false))),
         _ => return Err("the legacy format's system facts are not a dict".into()),
     };
-    let mut storages: HashMap<String, Rc<StorageRef>> = HashMap::new();
-    let mut persistent = |pid: Value| -> Result<Value, String> {
-        let (kind, key, numel) = storage_id(&pid)?;
-        if let Some(seen) = storages.get(&key) {
-            if seen.kind != kind || seen.numel != numel {
-                return Err(format!("storage {key} is named twice with different types or sizes"));
-            }
-            return Ok(Value::Storage(seen.clone()));
-        }
-        let storage = Rc::new(StorageRef { key: key.clone(), kind, numel });
-        storages.insert(key, storage.clone());
-        Ok(Value::Storage(storage))
-    };
+    let mut storages = StorageTable::default();
+    let mut persistent = |pid: Value| storages.name(&pid, true, |_, _, _| Ok(()));
     let root = next(&mut reader, &mut persistent)?;
     let keys = match next(&mut reader, &mut none)? {
         Value::List(keys) => keys.borrow().clone(),
@@ -73,6 +61,7 @@ pub(super) fn open(file: File) -> Result<Opened, String> {
     for key in keys {
         let Value::Str(key) = key else { return Err("a storage key that is not a string".into()) };
         let storage = storages
+            .0
             .get(&*key)
             .ok_or_else(|| format!("storage {key} is listed but no tensor names it"))?;
         file.seek(SeekFrom::Start(position)).map_err(|e| e.to_string())?;
@@ -101,7 +90,7 @@ pub(super) fn open(file: File) -> Result<Opened, String> {
             }
         }
     }
-    if let Some(key) = storages.keys().find(|k| !at.contains_key(*k)) {
+    if let Some(key) = storages.0.keys().find(|k| !at.contains_key(*k)) {
         return Err(format!("storage {key} is named but its bytes are not in the file"));
     }
     Ok(Opened {
@@ -110,31 +99,6 @@ pub(super) fn open(file: File) -> Result<Opened, String> {
         storages: Box::new(LegacyStorages { file, at }),
         big_endian,
     })
-}
-
-/// `('storage', torch.<Type>Storage, root_key, location, numel, view_metadata)`.
-fn storage_id(pid: &Value) -> Result<(unpickle::StorageKind, String, u64), String> {
-    let Value::Tuple(items) = pid else {
-        return Err(format!("a persistent id of {}", unpickle::kind(pid)));
-    };
-    match &items[..] {
-        [Value::Str(tag), Value::Global(g), Value::Str(key), Value::Str(_), Value::Int(numel), view]
-            if &**tag == "storage" =>
-        {
-            let Global::StorageType(kind) = &**g else {
-                return Err(format!("a storage of type {g:?}"));
-            };
-            if !matches!(view, Value::None) {
-                return Err(format!(
-                    "storage {key} is a view of another (PyTorch before 0.4), which oxclip does not read"
-                ));
-            }
-            let numel =
-                u64::try_from(*numel).map_err(|_| format!("storage {key} of {numel} elements"))?;
-            Ok((*kind, key.to_string(), numel))
-        }
-        _ => Err("a persistent id other than ('storage', type, key, location, numel, view)".into()),
-    }
 }
 
 /// A reader that counts what it has given, so the storages' offset is known after the

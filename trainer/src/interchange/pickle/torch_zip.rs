@@ -9,12 +9,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::rc::Rc;
 
 use zip::result::ZipError;
 use zip::{CompressionMethod, ZipArchive};
 
-use super::unpickle::{self, Global, StorageRef, Value};
+use super::unpickle::{self, StorageRef, StorageTable, Value};
 use super::{Format, Opened, Storages};
 
 /// The most `data.pkl` may hold: a state dict's pickle is a few hundred bytes per tensor, so
@@ -67,30 +66,23 @@ pub(super) fn open(file: File) -> Result<Opened, String> {
         .filter_map(|i| zip.by_index_raw(i).ok().map(|m| (m.name().to_owned(), m.size())))
         .collect();
     let data = format!("{prefix}/data/");
-    let mut storages: HashMap<String, Rc<StorageRef>> = HashMap::new();
-    let mut persistent = |pid: Value| -> Result<Value, String> {
-        let (kind, key, numel) = storage_id(&pid)?;
-        if let Some(seen) = storages.get(&key) {
-            if seen.kind != kind || seen.numel != numel {
-                return Err(format!("storage {key} is named twice with different types or sizes"));
+    let mut storages = StorageTable::default();
+    let mut persistent = |pid: Value| {
+        storages.name(&pid, false, |kind, key, numel| {
+            let member = format!("{data}{key}");
+            let size = *sizes
+                .get(&member)
+                .ok_or_else(|| format!("storage {key} has no member {member} in the archive"))?;
+            let wanted = numel.checked_mul(kind.element_size());
+            if wanted != Some(size) {
+                return Err(format!(
+                    "storage {key} is declared as {numel} {} elements ({} bytes), and {member} holds {size} bytes: damaged",
+                    kind.name,
+                    wanted.map_or_else(|| "too many".to_owned(), |w| w.to_string())
+                ));
             }
-            return Ok(Value::Storage(seen.clone()));
-        }
-        let member = format!("{data}{key}");
-        let size = *sizes
-            .get(&member)
-            .ok_or_else(|| format!("storage {key} has no member {member} in the archive"))?;
-        let wanted = numel.checked_mul(kind.element_size());
-        if wanted != Some(size) {
-            return Err(format!(
-                "storage {key} is declared as {numel} {} elements ({} bytes), and {member} holds {size} bytes: damaged",
-                kind.name,
-                wanted.map_or_else(|| "too many".to_owned(), |w| w.to_string())
-            ));
-        }
-        let storage = Rc::new(StorageRef { key: key.clone(), kind, numel });
-        storages.insert(key, storage.clone());
-        Ok(Value::Storage(storage))
+            Ok(())
+        })
     };
     let root = unpickle::load(pickle.as_slice(), pickle.len() as u64, torchscript, &mut persistent)
         .map_err(|e| format!("{prefix}/data.pkl: {e}"))?;
@@ -118,26 +110,6 @@ fn prefix(zip: &ZipArchive<BufReader<File>>) -> Result<String, String> {
                 .into(),
         ),
         many => Err(format!("a zip with {} data.pkl folders ({})", many.len(), many.join(", "))),
-    }
-}
-
-/// `('storage', torch.<Type>Storage, key, location, numel)`.
-fn storage_id(pid: &Value) -> Result<(unpickle::StorageKind, String, u64), String> {
-    let Value::Tuple(items) = pid else {
-        return Err(format!("a persistent id of {}", unpickle::kind(pid)));
-    };
-    match &items[..] {
-        [Value::Str(tag), Value::Global(g), Value::Str(key), Value::Str(_location), Value::Int(numel)]
-            if &**tag == "storage" =>
-        {
-            let Global::StorageType(kind) = &**g else {
-                return Err(format!("a storage of type {g:?}"));
-            };
-            let numel =
-                u64::try_from(*numel).map_err(|_| format!("storage {key} of {numel} elements"))?;
-            Ok((*kind, key.to_string(), numel))
-        }
-        _ => Err("a persistent id other than ('storage', type, key, location, numel)".into()),
     }
 }
 

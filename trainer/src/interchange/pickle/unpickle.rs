@@ -296,6 +296,72 @@ pub struct StorageRef {
     pub numel: u64,
 }
 
+/// The storages a file names, one [`StorageRef`] per key, so that views of one storage share
+/// it; a key named again must agree on type and size.
+#[derive(Default)]
+pub struct StorageTable(pub HashMap<String, Rc<StorageRef>>);
+
+impl StorageTable {
+    /// The storage a persistent id names (`('storage', torch.<Type>Storage, key, location,
+    /// numel)`, and under the legacy format a sixth item, the view of another storage, which
+    /// must be `None`): `check(kind, key, numel)` runs the first time a key is named.
+    pub fn name(
+        &mut self,
+        pid: &Value,
+        legacy: bool,
+        check: impl FnOnce(StorageKind, &str, u64) -> Result<(), String>,
+    ) -> Result<Value, String> {
+        let (kind, key, numel) = storage_id(pid, legacy)?;
+        if let Some(seen) = self.0.get(&key) {
+            if seen.kind != kind || seen.numel != numel {
+                return Err(format!("storage {key} is named twice with different types or sizes"));
+            }
+            return Ok(Value::Storage(seen.clone()));
+        }
+        check(kind, &key, numel)?;
+        let storage = Rc::new(StorageRef { key: key.clone(), kind, numel });
+        self.0.insert(key, storage.clone());
+        Ok(Value::Storage(storage))
+    }
+}
+
+fn storage_id(pid: &Value, legacy: bool) -> Result<(StorageKind, String, u64), String> {
+    let shape = if legacy {
+        "('storage', type, key, location, numel, view)"
+    } else {
+        "('storage', type, key, location, numel)"
+    };
+    let Value::Tuple(items) = pid else {
+        return Err(format!("a persistent id of {}", kind(pid)));
+    };
+    let (tag, g, key, numel, view) = match &items[..] {
+        [Value::Str(t), Value::Global(g), Value::Str(k), Value::Str(_), Value::Int(n)]
+            if !legacy =>
+        {
+            (t, g, k, n, None)
+        }
+        [Value::Str(t), Value::Global(g), Value::Str(k), Value::Str(_), Value::Int(n), v]
+            if legacy =>
+        {
+            (t, g, k, n, Some(v))
+        }
+        _ => return Err(format!("a persistent id other than {shape}")),
+    };
+    if &**tag != "storage" {
+        return Err(format!("a persistent id other than {shape}"));
+    }
+    let Global::StorageType(storage_kind) = &**g else {
+        return Err(format!("a storage of type {g:?}"));
+    };
+    if view.is_some_and(|v| !matches!(v, Value::None)) {
+        return Err(format!(
+            "storage {key} is a view of another (PyTorch before 0.4), which oxclip does not read"
+        ));
+    }
+    let numel = u64::try_from(*numel).map_err(|_| format!("storage {key} of {numel} elements"))?;
+    Ok((*storage_kind, key.to_string(), numel))
+}
+
 /// A tensor as a view of a storage, checked to lie inside it.
 #[derive(Debug)]
 pub struct TensorRef {
