@@ -152,21 +152,7 @@ fn bench_train_runs_each_precision() {
 
 #[test]
 fn bench_loader_prints_one_json_line() {
-    let out = run_ok(oxclip().args([
-        "bench",
-        "loader",
-        "--data",
-        "synthetic:64",
-        "--workers",
-        "2",
-        "--batch-size",
-        "8",
-        "--image-size",
-        "32",
-        "--samples",
-        "32",
-    ]));
-    let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let line = bench_loader("synthetic:64", 32);
     assert!(line["samples_per_second"].as_f64().expect("number") > 0.0);
     assert_eq!(line["samples"], 32);
     assert_eq!(line["skipped"], 0);

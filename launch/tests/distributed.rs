@@ -43,20 +43,7 @@ fn four_ranks_of_8_end_with_the_weights_of_one_rank_of_32() {
 
     let multi = dir.path().join("multi");
     let out = run_ok(
-        oxclip()
-            .args([
-                "launch",
-                "--nproc-per-node",
-                "4",
-                "--master-port",
-                &free_port().to_string(),
-                "--",
-                "train",
-                "--config",
-            ])
-            .arg(&config)
-            .arg("--run-dir")
-            .arg(&multi),
+        launcher(4, &[]).args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&multi),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("[rank 0] trained 6 steps"), "{stdout}");
@@ -123,19 +110,8 @@ fn children(pid: u32) -> Vec<u32> {
 fn a_rank_killed_with_sigkill_ends_the_launch_without_leftovers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), 100_000, 20);
-    let mut launcher = oxclip()
-        .args([
-            "launch",
-            "--nproc-per-node",
-            "2",
-            "--grace-s",
-            "5",
-            "--master-port",
-            &free_port().to_string(),
-            "--",
-            "train",
-            "--config",
-        ])
+    let mut launcher = launcher(2, &["--grace-s", "5"])
+        .args(["train", "--config"])
         .arg(&config)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -178,19 +154,8 @@ fn a_rank_killed_with_sigkill_ends_the_launch_without_leftovers() {
 fn a_stalled_rank_fails_the_others_within_the_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), 100_000, 3);
-    let launcher = oxclip()
-        .args([
-            "launch",
-            "--nproc-per-node",
-            "2",
-            "--grace-s",
-            "2",
-            "--master-port",
-            &free_port().to_string(),
-            "--",
-            "train",
-            "--config",
-        ])
+    let launcher = launcher(2, &["--grace-s", "2"])
+        .args(["train", "--config"])
         .arg(&config)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -289,20 +254,8 @@ fn two_ranks_on_shards_resume_each_rank_where_it_stood() {
     std::fs::write(&config, text.replace("  workers: 2\n", "  workers: 2\n  shuffle_buffer: 40\n  log_keys: true\ndist:\n  backend: cpu\n  timeout_s: 60\n"))
         .expect("config");
     let launch = |run: &Path, resume: Option<&Path>| {
-        let mut cmd = oxclip();
-        cmd.args([
-            "launch",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            &free_port().to_string(),
-            "--",
-            "train",
-            "--config",
-        ])
-        .arg(&config)
-        .arg("--run-dir")
-        .arg(run);
+        let mut cmd = launcher(2, &[]);
+        cmd.args(["train", "--config"]).arg(&config).arg("--run-dir").arg(run);
         if let Some(from) = resume {
             cmd.arg("--resume").arg(from);
         }

@@ -228,15 +228,7 @@ fn a_suite_over_two_ranks_scores_the_whole_sets_once() {
     suite(&mut single);
     let single: serde_json::Value =
         serde_json::from_slice(&run_ok(&mut single).stdout).expect("json");
-    let mut launched = oxclip();
-    launched.args([
-        "launch",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        &free_port().to_string(),
-        "--",
-    ]);
+    let mut launched = launcher(2, &[]);
     suite(&mut launched);
     let out = run_ok(&mut launched);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -360,22 +352,7 @@ fn eval_datasets_over_ranks_score_the_whole_sets() {
             .arg(&single),
     );
     let multi = d.join("multi");
-    run_ok(
-        oxclip()
-            .args([
-                "launch",
-                "--nproc-per-node",
-                "3",
-                "--master-port",
-                &free_port().to_string(),
-                "--",
-                "train",
-                "--config",
-            ])
-            .arg(&config)
-            .arg("--run-dir")
-            .arg(&multi),
-    );
+    run_ok(launcher(3, &[]).args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&multi));
     let read = |run: &Path| -> serde_json::Value {
         serde_json::from_str(
             &std::fs::read_to_string(run.join("eval/2.json")).expect("eval/2.json"),

@@ -7,7 +7,6 @@
 mod util;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use util::*;
@@ -155,19 +154,6 @@ fn table_config(
     path
 }
 
-/// The keys of each step from `RUN/keys-rank{rank}.tsv` (a step logged twice, repeated after
-/// a resume, counts with its last line).
-fn keys_by_step(run: &Path, rank: usize) -> std::collections::BTreeMap<u64, Vec<String>> {
-    let text = std::fs::read_to_string(run.join(format!("keys-rank{rank}.tsv"))).expect("key log");
-    let mut steps = std::collections::BTreeMap::new();
-    for line in text.lines() {
-        let (step, keys) = line.split_once('\t').expect("step<TAB>keys");
-        let keys: Vec<String> = keys.split(' ').map(String::from).collect();
-        steps.insert(step.parse::<u64>().expect("step"), keys);
-    }
-    steps
-}
-
 #[test]
 fn training_on_parquet_resumes_after_kill_9_as_if_never_stopped() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -177,36 +163,9 @@ fn training_on_parquet_resumes_after_kill_9_as_if_never_stopped() {
     let straight = dir.path().join("straight");
     run_ok(oxclip().args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&straight));
 
-    let killed = dir.path().join("killed");
-    let mut child = oxclip()
-        .args(["train", "--config"])
-        .arg(&config)
-        .arg("--run-dir")
-        .arg(&killed)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawns");
-    let deadline = Instant::now() + Duration::from_secs(120);
     // Step 8 is mid-epoch (the second epoch's second batch).
-    while !killed.join("checkpoints/step_8").exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
-    child.wait().expect("reaped");
-    assert!(killed.join("checkpoints/step_8").exists(), "no checkpoint before the deadline");
-    assert!(
-        !killed.join(format!("checkpoints/step_{steps}")).exists(),
-        "the run finished before it was killed"
-    );
-    run_ok(
-        oxclip()
-            .args(["train", "--config"])
-            .arg(&config)
-            .arg("--run-dir")
-            .arg(&killed)
-            .args(["--resume", "auto"]),
-    );
+    let killed = dir.path().join("killed");
+    train_killed_then_resumed(&config, &killed, 8, steps);
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let last = format!("checkpoints/step_{steps}/{file}");
         let diff = max_abs_diff(&straight.join(&last), &killed.join(&last));
@@ -238,20 +197,7 @@ fn two_ranks_of_two_workers_see_every_row_once_per_epoch() {
         table_config(dir.path(), &format!("arrow:{}", fixture("coco_arrow")), 3, 8, &val, dist);
     let run = dir.path().join("run");
     let out = run_ok(
-        oxclip()
-            .args([
-                "launch",
-                "--nproc-per-node",
-                "2",
-                "--master-port",
-                &free_port().to_string(),
-                "--",
-                "train",
-                "--config",
-            ])
-            .arg(&config)
-            .arg("--run-dir")
-            .arg(&run),
+        launcher(2, &[]).args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&run),
     );
     let ranks = [keys_by_step(&run, 0), keys_by_step(&run, 1)];
     for epoch in 0..2u64 {
@@ -272,21 +218,7 @@ fn two_ranks_of_two_workers_see_every_row_once_per_epoch() {
 
 #[test]
 fn bench_loader_reads_a_table_and_reports_its_cpu_time() {
-    let out = run_ok(oxclip().args([
-        "bench",
-        "loader",
-        "--data",
-        &fixture("coco/coco.parquet"),
-        "--workers",
-        "2",
-        "--batch-size",
-        "8",
-        "--image-size",
-        "32",
-        "--samples",
-        "48",
-    ]));
-    let line: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let line = bench_loader(&fixture("coco/coco.parquet"), 48);
     assert_eq!((line["samples"].as_u64(), line["skipped"].as_u64()), (Some(48), Some(0)));
     let cpu = line["cpu_seconds"].as_f64().expect("cpu_seconds");
     let per_cpu = line["samples_per_cpu_second"].as_f64().expect("samples_per_cpu_second");

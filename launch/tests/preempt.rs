@@ -35,25 +35,14 @@ fn launch(
     extra: &[&str],
     writer_delay_ms: Option<u64>,
 ) -> (u32, std::thread::JoinHandle<Output>) {
-    let mut cmd = oxclip();
-    cmd.args([
-        "launch",
-        "--nproc-per-node",
-        "2",
-        "--grace-s",
-        "5",
-        "--master-port",
-        &free_port().to_string(),
-        "--",
-        "train",
-        "--config",
-    ])
-    .arg(config)
-    .arg("--run-dir")
-    .arg(run)
-    .args(extra)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let mut cmd = launcher(2, &["--grace-s", "5"]);
+    cmd.args(["train", "--config"])
+        .arg(config)
+        .arg("--run-dir")
+        .arg(run)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     if let Some(ms) = writer_delay_ms {
         // Test hook: the checkpoint writer sleeps this long before each file.
         cmd.env("OXCLIP_TEST_CHECKPOINT_DELAY_MS", ms.to_string());
@@ -85,41 +74,12 @@ fn reference() -> &'static Path {
     .1
 }
 
-/// The process among the launcher's children whose environment says `RANK=rank`.
-fn rank_pid(launcher: u32, rank: usize) -> u32 {
-    let want = format!("RANK={rank}");
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid != Some(launcher) {
-            continue;
-        }
-        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-        if environ.split(|&b| b == 0).any(|var| var == want.as_bytes()) {
-            return pid;
-        }
-    }
-    panic!("no rank {rank} among the children of {launcher}");
-}
-
 fn wait_for(path: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !path.exists() {
         assert!(Instant::now() < deadline, "{what}: {} never appeared", path.display());
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-fn signal(pid: u32, sig: &str) {
-    assert!(std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill")
-        .success());
 }
 
 /// The step both ranks say they stopped after, and that it is the same for both.

@@ -25,14 +25,7 @@ fn config(dir: &Path) -> PathBuf {
 /// `oxclip train` on `ranks` processes (one without `launch`), rank batch 32 / ranks, into
 /// `run`, with `extra` arguments; its output.
 fn train(config: &Path, ranks: usize, run: &Path, extra: &[&str]) -> std::process::Output {
-    let mut cmd = oxclip();
-    if ranks > 1 {
-        cmd.args(["launch", "--nproc-per-node", &ranks.to_string()]).args([
-            "--master-port",
-            &free_port().to_string(),
-            "--",
-        ]);
-    }
+    let mut cmd = if ranks > 1 { launcher(ranks, &[]) } else { oxclip() };
     let batch = format!("train.batch_size={}", 32 / ranks);
     cmd.args(["train", "--config"]).arg(config).arg("--run-dir").arg(run);
     cmd.args(["--set", &batch]).args(extra);

@@ -3,8 +3,6 @@
 
 mod util;
 
-use std::time::{Duration, Instant};
-
 use util::*;
 
 #[test]
@@ -115,37 +113,7 @@ fn resume_after_kill_9_matches_an_uninterrupted_run() {
 
     // Start the same run, kill -9 it once a checkpoint exists, resume.
     let killed = dir.path().join("killed");
-    let mut child = oxclip()
-        .args(["train", "--config"])
-        .arg(&config)
-        .arg("--run-dir")
-        .arg(&killed)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawns");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !killed.join("checkpoints/step_8").exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
-    child.wait().expect("reaped");
-    assert!(killed.join("checkpoints/step_8").exists(), "no checkpoint before the deadline");
-    assert!(
-        !killed.join(format!("checkpoints/step_{steps}")).exists(),
-        "the run finished before it was killed"
-    );
-    let before: Vec<_> = std::fs::read_dir(killed.join("checkpoints")).expect("dir").collect();
-    assert!(!before.is_empty());
-
-    run_ok(
-        oxclip()
-            .args(["train", "--config"])
-            .arg(&config)
-            .arg("--run-dir")
-            .arg(&killed)
-            .args(["--resume", "auto"]),
-    );
+    train_killed_then_resumed(&config, &killed, 8, steps);
     let last = format!("checkpoints/step_{steps}/model.safetensors");
     let diff = max_abs_diff(&straight.join(&last), &killed.join(&last));
     assert!(diff <= 1e-6, "resumed weights differ by {diff}");
@@ -154,7 +122,8 @@ fn resume_after_kill_9_matches_an_uninterrupted_run() {
 
     // Both runs saw the same batches, and the interrupted one saw every sample of the first
     // epoch (320 samples / 16 per step = steps 1..=20) exactly once.
-    let (a, b) = (keys_by_step(&straight), keys_by_step(&killed));
+    let (a, b) = (keys_by_step(&straight, 0), keys_by_step(&killed, 0));
+    assert!(a.values().chain(b.values()).all(|keys| keys.len() == 16));
     assert_eq!(a.len(), steps as usize);
     assert_eq!(a, b);
     let mut epoch0: Vec<&String> = (1..=20u64).flat_map(|s| &b[&s]).collect();
@@ -162,20 +131,6 @@ fn resume_after_kill_9_matches_an_uninterrupted_run() {
     epoch0.sort();
     epoch0.dedup();
     assert_eq!(epoch0.len(), 320, "a sample was served twice in the epoch");
-}
-
-/// The keys of each step from `RUN/keys-rank0.tsv`; a step logged twice (repeated after a
-/// resume) counts with its last line.
-fn keys_by_step(run: &std::path::Path) -> std::collections::BTreeMap<u64, Vec<String>> {
-    let text = std::fs::read_to_string(run.join("keys-rank0.tsv")).expect("key log");
-    let mut steps = std::collections::BTreeMap::new();
-    for line in text.lines() {
-        let (step, keys) = line.split_once('\t').expect("step<TAB>keys");
-        let keys: Vec<String> = keys.split(' ').map(String::from).collect();
-        assert_eq!(keys.len(), 16, "{line}");
-        steps.insert(step.parse::<u64>().expect("step"), keys);
-    }
-    steps
 }
 
 #[test]
@@ -435,34 +390,7 @@ fn resume_after_kill_9_with_patch_dropout_is_bit_exact() {
     );
 
     let killed = dir.path().join("killed");
-    let mut child = oxclip()
-        .args(["train", "--config"])
-        .arg(&config)
-        .arg("--run-dir")
-        .arg(&killed)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawns");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !killed.join("checkpoints/step_4").exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
-    child.wait().expect("reaped");
-    assert!(killed.join("checkpoints/step_4").exists(), "no checkpoint before the deadline");
-    assert!(
-        !killed.join(format!("checkpoints/step_{steps}")).exists(),
-        "the run finished before it was killed"
-    );
-    run_ok(
-        oxclip()
-            .args(["train", "--config"])
-            .arg(&config)
-            .arg("--run-dir")
-            .arg(&killed)
-            .args(["--resume", "auto"]),
-    );
+    train_killed_then_resumed(&config, &killed, 4, steps);
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let last = format!("checkpoints/step_{steps}/{file}");
         let (a, b) =

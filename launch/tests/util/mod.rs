@@ -172,3 +172,101 @@ pub fn max_rel_diff(a: &Path, b: &Path) -> f64 {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
+
+/// `oxclip launch --nproc-per-node NPROC [FLAGS] --master-port FREE --`: the command to append
+/// the ranks' subcommand to.
+pub fn launcher(nproc: usize, flags: &[&str]) -> Command {
+    let mut cmd = oxclip();
+    cmd.args(["launch", "--nproc-per-node", &nproc.to_string()]).args(flags).args([
+        "--master-port",
+        &free_port().to_string(),
+        "--",
+    ]);
+    cmd
+}
+
+/// The keys each step of a run with `data.log_keys` saw on `rank`, from `RUN/keys-rank{rank}.tsv`;
+/// a step logged twice (repeated after a resume) counts with its last line.
+pub fn keys_by_step(run: &Path, rank: usize) -> BTreeMap<u64, Vec<String>> {
+    let text = std::fs::read_to_string(run.join(format!("keys-rank{rank}.tsv"))).expect("key log");
+    let mut steps = BTreeMap::new();
+    for line in text.lines() {
+        let (step, keys) = line.split_once('\t').expect("step<TAB>keys");
+        let keys: Vec<String> = keys.split(' ').map(String::from).collect();
+        steps.insert(step.parse::<u64>().expect("step"), keys);
+    }
+    steps
+}
+
+/// `oxclip train --config CONFIG --run-dir RUN`, killed with SIGKILL once the checkpoint of
+/// step `kill_at` exists (before step `steps` does), then resumed with `--resume auto` to the end.
+pub fn train_killed_then_resumed(config: &Path, run: &Path, kill_at: u64, steps: u64) {
+    let train = || {
+        let mut cmd = oxclip();
+        cmd.args(["train", "--config"]).arg(config).arg("--run-dir").arg(run);
+        cmd
+    };
+    let mut child = train()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawns");
+    let checkpoint = run.join(format!("checkpoints/step_{kill_at}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !checkpoint.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
+    child.wait().expect("reaped");
+    assert!(checkpoint.exists(), "no checkpoint of step {kill_at} before the deadline");
+    assert!(
+        !run.join(format!("checkpoints/step_{steps}")).exists(),
+        "the run finished before it was killed"
+    );
+    run_ok(train().args(["--resume", "auto"]));
+}
+
+/// `oxclip bench loader` over `data` with 2 workers, batch 8, 32-pixel images, `samples`
+/// samples: its one JSON line.
+pub fn bench_loader(data: &str, samples: u32) -> serde_json::Value {
+    let samples = samples.to_string();
+    let out = run_ok(oxclip().args(["bench", "loader", "--data", data, "--workers", "2"]).args([
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+        "--samples",
+        &samples,
+    ]));
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
+}
+
+/// The process among the launcher's children whose environment says `RANK=rank`.
+pub fn rank_pid(launcher: u32, rank: usize) -> u32 {
+    let want = format!("RANK={rank}");
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(launcher) {
+            continue;
+        }
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        if environ.split(|&b| b == 0).any(|var| var == want.as_bytes()) {
+            return pid;
+        }
+    }
+    panic!("no rank {rank} among the children of {launcher}");
+}
+
+/// Sends `sig` (`-TERM`, `-KILL`, ...) to `pid` with kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    assert!(std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success());
+}
