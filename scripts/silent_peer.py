@@ -8,13 +8,19 @@ Joins rank 0 at 127.0.0.1:PORT as RANK of WORLD_SIZE, answers EXCHANGES byte gat
 0; each sends 128 zero bytes, the size of NCCL's unique id, so EXCHANGES=1 takes part in the
 NCCL id hand-out and then never creates the communicator), then sends nothing more and
 exits when rank 0 closes the connection. Exit status 0 if it joined, 1 if it never could.
+The job token is OXCLIP_RDZV_TOKEN, as for the real ranks (empty when unset).
 """
+import hashlib
+import os
 import socket
 import struct
 import sys
 import time
 
-MAGIC = b"OXCLIP\x00\x01"
+MAGIC = b"OXCLIP\x00\x02"
+TOKEN_DIGEST = hashlib.sha256(
+    b"oxclip rendezvous token\0" + os.environ.get("OXCLIP_RDZV_TOKEN", "").encode()
+).digest()
 GATHER_BYTES = 4
 
 
@@ -36,9 +42,11 @@ def main():
         try:
             sock = socket.create_connection(("127.0.0.1", port), timeout=1)
             sock.settimeout(None)
-            sock.sendall(MAGIC + struct.pack("<II", rank, world))
-            if read_exact(sock, 2) != b"OK":
-                print("silent_peer: rank 0 refused", file=sys.stderr)
+            sock.sendall(MAGIC + struct.pack("<II", rank, world) + TOKEN_DIGEST)
+            answer = read_exact(sock, 2)
+            if answer != b"OK":
+                reason = read_exact(sock, read_exact(sock, 1)[0]) if answer == b"NO" else b""
+                print(f"silent_peer: rank 0 refused: {reason.decode(errors='replace')}", file=sys.stderr)
                 return 1
             break
         except (OSError, EOFError):

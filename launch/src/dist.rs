@@ -4,6 +4,11 @@
 //! `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_NTASKS_PER_NODE` and `SLURM_JOB_NODELIST`, whose
 //! first host serves the rendezvous. Under torchrun's static rendezvous its agent already
 //! listens on `MASTER_PORT` (`TORCHELASTIC_USE_AGENT_STORE=True`), so ours takes the next port.
+//!
+//! The job token, which keeps other processes out of the rendezvous, is `OXCLIP_RDZV_TOKEN`
+//! (`oxclip launch` on one node sets a fresh random one), else derived from the ids the job's
+//! launcher gives every rank alike: torchrun's `TORCHELASTIC_RUN_ID` and restart count, or
+//! SLURM's `SLURM_JOB_ID` and `SLURM_STEP_ID`.
 
 use anyhow::{bail, Context};
 
@@ -16,12 +21,56 @@ fn slurm_port(job_id: Option<&str>) -> u16 {
     20000 + (id % 20000) as u16
 }
 
+/// The variable a job's ranks share their rendezvous token through.
+pub const TOKEN_ENV: &str = "OXCLIP_RDZV_TOKEN";
+
+/// The job token and where it came from; empty when nothing names the job.
+fn job_token(var: &impl Fn(&str) -> Option<String>) -> (String, &'static str) {
+    if let Some(token) = var(TOKEN_ENV) {
+        return (token, TOKEN_ENV);
+    }
+    if let Some(run) = var("TORCHELASTIC_RUN_ID") {
+        // A restarted attempt is a new world: a rank left over from the last one stays out.
+        let attempt = var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
+        return (format!("torchelastic:{run}:{attempt}"), "TORCHELASTIC_RUN_ID");
+    }
+    if let Some(job) = var("SLURM_JOB_ID") {
+        let step = var("SLURM_STEP_ID").unwrap_or_else(|| "0".into());
+        return (format!("slurm:{job}.{step}"), "SLURM_JOB_ID");
+    }
+    (String::new(), "")
+}
+
+/// Whether this process's environment already names its job for the rendezvous.
+pub fn names_its_job() -> bool {
+    !job_token(&|name: &str| std::env::var(name).ok().filter(|v| !v.is_empty())).0.is_empty()
+}
+
 /// The world this process belongs to, or `None` for a single process.
 pub fn world_from_env() -> anyhow::Result<Option<WorldEnv>> {
     world_from(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
 }
 
 fn world_from(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<WorldEnv>> {
+    let world = world_without_token(&var)?;
+    Ok(world.map(|world| {
+        let (job_token, source) = job_token(&var);
+        match source {
+            "" if world.world_size > 1 && world.rank == 0 => tracing::warn!(
+                "the rendezvous has no job token (none of {TOKEN_ENV}, TORCHELASTIC_RUN_ID, \
+                 SLURM_JOB_ID is set): any oxclip process of the same world size that reaches \
+                 {}:{} may join it; set {TOKEN_ENV} to one secret shared by every rank",
+                world.master_addr,
+                world.master_port
+            ),
+            "" => {}
+            source => tracing::debug!("rendezvous job token from {source}"),
+        }
+        WorldEnv { job_token, ..world }
+    }))
+}
+
+fn world_without_token(var: &impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<WorldEnv>> {
     let number = |name: &str| -> anyhow::Result<Option<usize>> {
         var(name)
             .map(|v| {
@@ -53,6 +102,7 @@ fn world_from(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<Wor
             local_world_size,
             master_addr,
             master_port,
+            job_token: String::new(),
         });
     }
     if let Some(world_size) = number("SLURM_NTASKS")? {
@@ -85,6 +135,7 @@ fn world_from(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<Wor
             local_world_size,
             master_addr,
             master_port,
+            job_token: String::new(),
         });
     }
     Ok(None)
@@ -211,6 +262,31 @@ mod tests {
             (w.master_addr.as_str(), w.master_port),
             ("gpu012", 20000 + (123456 % 20000) as u16)
         );
+    }
+
+    #[test]
+    fn job_tokens() {
+        let token = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "29400")];
+            all.extend_from_slice(pairs);
+            world_from(env(&all)).unwrap().unwrap().job_token
+        };
+        assert_eq!(token(&[]), "");
+        assert_eq!(
+            token(&[("TORCHELASTIC_RUN_ID", "r7"), ("TORCHELASTIC_RESTART_COUNT", "2")]),
+            "torchelastic:r7:2"
+        );
+        assert_eq!(token(&[("SLURM_JOB_ID", "99"), ("SLURM_STEP_ID", "3")]), "slurm:99.3");
+        assert_eq!(token(&[("SLURM_JOB_ID", "99"), (TOKEN_ENV, "s3cret")]), "s3cret");
+        let slurm = world_from(env(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_JOB_NODELIST", "n1"),
+            ("SLURM_JOB_ID", "5"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(slurm.job_token, "slurm:5.0");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use oxclip_trainer::collectives::rendezvous::{greeting, GREETING_LEN};
 use util::*;
 
 /// dist.timeout_s of every run here.
@@ -18,8 +19,8 @@ const TIMEOUT_S: u64 = 3;
 /// Start-up before the rendezvous (libtorch, config) and exit after the error: generous, as
 /// the machine running the tests may be busy; a hang would still blow far past it.
 const SLACK: Duration = Duration::from_secs(12);
-/// The rendezvous greeting: protocol name and version (trainer/src/collectives/tcp.rs).
-const MAGIC: &[u8; 8] = b"OXCLIP\x00\x01";
+/// The job token every rank here shares (OXCLIP_RDZV_TOKEN).
+const TOKEN: &str = "dist-timeout-test";
 
 /// A tiny model on synthetic data, long enough never to finish on its own.
 fn config(dir: &Path) -> PathBuf {
@@ -41,6 +42,7 @@ fn rank(config: &Path, rank: usize, port: u16) -> Command {
         .env("WORLD_SIZE", "2")
         .env("MASTER_ADDR", "127.0.0.1")
         .env("MASTER_PORT", port.to_string())
+        .env("OXCLIP_RDZV_TOKEN", TOKEN)
         .env("OXCLIP_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -66,7 +68,9 @@ fn rank_0_alone_exits_naming_the_rank_that_never_joined() {
     let stderr =
         fails_in_time(rank(&config(dir.path()), 0, port).spawn().expect("rank 0 starts"), started);
     assert!(
-        stderr.contains(&format!("rank(s) 1 never joined rank 0 on port {port} (dist.timeout_s)")),
+        stderr.contains(&format!(
+            "rank(s) 1 never joined rank 0 on 127.0.0.1:{port} (dist.timeout_s)"
+        )),
         "{stderr}"
     );
     // It did wait for the timeout, not fail for some other reason first.
@@ -95,10 +99,7 @@ fn join_as_rank_1(port: u16) -> TcpStream {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
-            let mut hello = MAGIC.to_vec();
-            hello.extend_from_slice(&1u32.to_le_bytes());
-            hello.extend_from_slice(&2u32.to_le_bytes());
-            stream.write_all(&hello).expect("greeting");
+            stream.write_all(&greeting(1, 2, TOKEN)).expect("greeting");
             let mut ok = [0u8; 2];
             stream.read_exact(&mut ok).expect("rank 0 answers");
             assert_eq!(&ok, b"OK");
@@ -132,10 +133,9 @@ fn a_rank_0_that_welcomes_and_then_stays_silent_ends_rank_1() {
     let port = listener.local_addr().expect("addr").port();
     let rank1 = rank(&config(dir.path()), 1, port).spawn().expect("rank 1 starts");
     let (mut stream, _) = listener.accept().expect("rank 1 connects");
-    let mut hello = [0u8; 16];
+    let mut hello = [0u8; GREETING_LEN];
     stream.read_exact(&mut hello).expect("greeting");
-    assert_eq!(&hello[..8], MAGIC);
-    assert_eq!((&hello[8..12], &hello[12..16]), (&1u32.to_le_bytes()[..], &2u32.to_le_bytes()[..]));
+    assert_eq!(hello, greeting(1, 2, TOKEN));
     stream.write_all(b"OK").expect("welcome");
     let joined = Instant::now();
     let stderr = fails_in_time(rank1, joined);
@@ -181,6 +181,7 @@ fn the_silent_peer_script_speaks_the_rendezvous() {
     let peer = Command::new("python3")
         .arg(script)
         .args([&port.to_string(), "1", "2", "1"])
+        .env("OXCLIP_RDZV_TOKEN", TOKEN)
         .stderr(Stdio::piped())
         .spawn()
         .expect("python3 runs");
@@ -195,7 +196,8 @@ fn the_silent_peer_script_speaks_the_rendezvous() {
 #[test]
 fn a_silent_stray_connection_does_not_hold_the_rendezvous() {
     // Something connects to rank 0's port and says nothing (a port probe); rank 1 joins after
-    // it. Rank 0 drops the stray, takes rank 1, and gets as far as its first collective.
+    // it. Rank 0 takes rank 1 at once, without waiting the stray's greeting out (each greeting
+    // is read on its own thread), and gets as far as its first collective.
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let rank0 = rank(&config(dir.path()), 0, port).spawn().expect("rank 0 starts");
@@ -209,8 +211,14 @@ fn a_silent_stray_connection_does_not_hold_the_rendezvous() {
     };
     let peer = join_as_rank_1(port);
     let stderr = fails_in_time(rank0, Instant::now());
-    drop((stray, peer));
-    assert!(stderr.contains("sent no greeting") && stderr.contains("ignored"), "{stderr}");
+    drop(peer);
+    // Had rank 0 waited the stray out before taking rank 1, it would have refused it ("NO")
+    // while the world was still forming; it never got that far with it.
+    let mut heard = Vec::new();
+    let mut stray = stray;
+    let _ = stray.read_to_end(&mut heard);
+    assert!(heard.is_empty(), "the stray was answered: {:?}", String::from_utf8_lossy(&heard));
+    assert!(stderr.contains("rank 1 joined from 127.0.0.1:"), "{stderr}");
     assert!(
         stderr.contains(&format!("rank 0 in GatherBytes #1: nothing from rank 1 for {TIMEOUT_S}s")),
         "{stderr}"

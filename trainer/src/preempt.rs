@@ -108,14 +108,7 @@ mod tests {
         let ranks: Vec<_> = (0..3)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let world = WorldEnv {
-                        rank,
-                        world_size: 3,
-                        local_rank: rank,
-                        local_world_size: 3,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
+                    let world = WorldEnv::on_loopback(rank, 3, port);
                     let group =
                         TcpGroup::connect(&world, Duration::from_secs(20)).expect("connects");
                     // What a step boundary costs when nobody was signalled.

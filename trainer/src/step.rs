@@ -556,14 +556,7 @@ mod tests {
                 let (images, tokens) =
                     (images.narrow(0, rank * 4, 4).copy(), tokens.narrow(0, rank * 4, 4).copy());
                 std::thread::spawn(move || {
-                    let world = WorldEnv {
-                        rank: rank as usize,
-                        world_size: 4,
-                        local_rank: rank as usize,
-                        local_world_size: 4,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
+                    let world = WorldEnv::on_loopback(rank as usize, 4, port);
                     let comm = TcpGroup::connect(&world, Duration::from_secs(30)).unwrap();
                     let (loss, grads) = gradients(&comm, kind, None, &weights, &images, &tokens);
                     (
@@ -621,14 +614,7 @@ mod tests {
                 let (images, tokens) =
                     (images.narrow(0, rank * n, n).copy(), tokens.narrow(0, rank * n, n).copy());
                 std::thread::spawn(move || {
-                    let world = WorldEnv {
-                        rank: rank as usize,
-                        world_size: 4,
-                        local_rank: rank as usize,
-                        local_world_size: 4,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
+                    let world = WorldEnv::on_loopback(rank as usize, 4, port);
                     let comm = TcpGroup::connect(&world, Duration::from_secs(60)).unwrap();
                     let (loss, grads, (out, buckets)) =
                         gradients_with(&comm, kind, forward, reduce, &weights, &images, &tokens);
@@ -944,14 +930,7 @@ mod tests {
                 let (images, tokens) =
                     (images.narrow(0, rank * 4, 4).copy(), tokens.narrow(0, rank * 4, 4).copy());
                 std::thread::spawn(move || {
-                    let world = WorldEnv {
-                        rank: rank as usize,
-                        world_size: 2,
-                        local_rank: rank as usize,
-                        local_world_size: 2,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
+                    let world = WorldEnv::on_loopback(rank as usize, 2, port);
                     let comm = TcpGroup::connect(&world, Duration::from_secs(60)).unwrap();
                     count_reads(&comm, kind, (None, false), &weights, &images, &tokens).0
                 })

@@ -1,7 +1,8 @@
 //! `oxclip launch`: starts this node's ranks of a multi-process run, as torchrun does.
 //!
 //! Each rank is this binary running the given command with torchrun's environment (`RANK`,
-//! `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`). Output lines
+//! `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`, and on one node a
+//! fresh `OXCLIP_RDZV_TOKEN` so that only these ranks can join the rendezvous). Output lines
 //! are prefixed with the rank. When a rank fails, the others are ended (SIGTERM, then SIGKILL
 //! after a grace period) and the launcher exits with the failed rank's status; nothing is left
 //! running. SIGINT is passed on and ends the ranks the same way. SIGTERM, SIGUSR1 and SIGUSR2
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use rand::RngCore;
 
 #[derive(Args)]
 pub struct LaunchArgs {
@@ -63,6 +65,28 @@ struct Rank {
     status: Option<std::process::ExitStatus>,
 }
 
+/// Has the kernel send the rank SIGTERM if this launcher dies without ending it (kill -9, the
+/// OOM killer): the rank then checkpoints and stops as on preemption, instead of training on
+/// unsupervised and holding the run folder against the next launch.
+fn end_with_launcher(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let launcher = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl,
+    // getppid and raise, which are async-signal-safe; it touches no memory but a copied pid.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher may have died before the request above took effect.
+            if libc::getppid() != launcher {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs the ranks; returns the exit code for the launcher.
 pub fn run(args: LaunchArgs) -> anyhow::Result<u8> {
     if args.nproc_per_node == 0 || args.nnodes == 0 {
@@ -81,11 +105,34 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<u8> {
         }
     }
 
+    // On one node this launcher starts every rank, so a fresh secret keeps every other
+    // process out of the rendezvous; across nodes the launchers must agree on one, which the
+    // job's own ids (or the user's OXCLIP_RDZV_TOKEN) give.
+    let mut job_token = None;
+    if !crate::dist::names_its_job() {
+        if args.nnodes == 1 {
+            let mut secret = [0u8; 16];
+            rand::rngs::OsRng.fill_bytes(&mut secret);
+            job_token = Some(secret.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        } else {
+            tracing::warn!(
+                "no job token for the rendezvous: set {} to one secret on every node's \
+                 launcher (SLURM and torchrun jobs get one from their job id)",
+                crate::dist::TOKEN_ENV
+            );
+        }
+    }
+
     let mut ranks = Vec::new();
     let mut printers: Vec<JoinHandle<()>> = Vec::new();
     for local_rank in 0..args.nproc_per_node {
         let rank = args.node_rank * args.nproc_per_node + local_rank;
-        let spawned = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        if let Some(token) = &job_token {
+            command.env(crate::dist::TOKEN_ENV, token);
+        }
+        end_with_launcher(&mut command);
+        let spawned = command
             .args(&args.command)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", world_size.to_string())

@@ -7,10 +7,13 @@
 //! - [`nccl::NcclGroup`] (`dist.backend: nccl`): CUDA tensors through NCCL, opened at run
 //!   time; its rendezvous goes through a `TcpGroup`.
 //!
+//! Both join through [`rendezvous`]: rank 0 admits only the ranks of this job.
+//!
 //! Reductions are summed in rank order on one rank and the result sent to all, so every rank
 //! holds bit-identical parameters after every step.
 
 pub mod nccl;
+pub mod rendezvous;
 pub mod tcp;
 
 use std::time::Duration;
@@ -160,6 +163,25 @@ pub struct WorldEnv {
     /// Where rank 0 serves the rendezvous.
     pub master_addr: String,
     pub master_port: u16,
+    /// What every rank of this job, and no other process, knows: rank 0 admits only greetings
+    /// carrying it. Empty: an open rendezvous (any oxclip of the same world size may join).
+    pub job_token: String,
+}
+
+impl WorldEnv {
+    /// Rank `rank` of `world_size` on this host, rank 0 on loopback `port`, no job token: the
+    /// worlds tests and benchmarks make inside one process.
+    pub fn on_loopback(rank: usize, world_size: usize, port: u16) -> Self {
+        WorldEnv {
+            rank,
+            world_size,
+            local_rank: rank,
+            local_world_size: world_size,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            job_token: String::new(),
+        }
+    }
 }
 
 /// Joins `world` (`None`: a single process) as `dist:` says, for a run on `device`.

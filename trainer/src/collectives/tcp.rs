@@ -24,18 +24,15 @@
 //! `(W - 1) * B`, a broadcast `B`; a barrier is free. Unset: no delay.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
-use super::{Collectives, WorldEnv};
+use super::{rendezvous, Collectives, WorldEnv};
 use crate::error::{Result, TrainError};
-
-/// Sent first on every connection: protocol name and version.
-const MAGIC: &[u8; 8] = b"OXCLIP\x00\x01";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -115,9 +112,9 @@ impl TcpGroup {
         }
         let deadline = Instant::now() + timeout;
         let streams = if world.rank == 0 {
-            accept_peers(world, deadline)?
+            rendezvous::accept_peers(world, deadline)?
         } else {
-            vec![join_rank0(world, deadline)?]
+            vec![rendezvous::join_rank0(world, deadline)?]
         };
         for s in &streams {
             s.set_read_timeout(Some(timeout))
@@ -306,154 +303,6 @@ impl TcpGroup {
     }
 }
 
-fn accept_peers(world: &WorldEnv, deadline: Instant) -> Result<Vec<TcpStream>> {
-    let listener = TcpListener::bind(("0.0.0.0", world.master_port)).map_err(|e| {
-        dist_err(format!(
-            "rank 0 cannot listen on port {}: {e} (is MASTER_PORT in use?)",
-            world.master_port
-        ))
-    })?;
-    listener.set_nonblocking(true).map_err(|e| dist_err(format!("listener: {e}")))?;
-    let mut peers: Vec<Option<TcpStream>> = (1..world.world_size).map(|_| None).collect();
-    while peers.iter().any(Option::is_none) {
-        match listener.accept() {
-            Ok((stream, from)) => {
-                let peer = match handshake(&stream, world.world_size, deadline) {
-                    Ok(peer) => peer,
-                    // A connection that says nothing (a port probe, a health check) is
-                    // dropped, not let hold the rendezvous: a rank greets as it connects, and
-                    // one that was dropped by mistake sees the connection close and retries.
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::UnexpectedEof
-                        ) =>
-                    {
-                        tracing::warn!(
-                            "rank 0: a connection from {from} sent no greeting ({e}); ignored"
-                        );
-                        continue;
-                    }
-                    Err(e) => {
-                        return Err(dist_err(format!("a peer from {from} failed to join: {e}")))
-                    }
-                };
-                match peers.get_mut(peer.wrapping_sub(1)) {
-                    Some(slot @ None) => *slot = Some(stream),
-                    _ => {
-                        return Err(dist_err(format!(
-                            "rank {peer} joined twice, or rank 0 did (from {from})"
-                        )))
-                    }
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let missing: Vec<String> = peers
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, p)| p.is_none())
-                        .map(|(i, _)| (i + 1).to_string())
-                        .collect();
-                    return Err(dist_err(format!(
-                        "rank(s) {} never joined rank 0 on port {} (dist.timeout_s)",
-                        missing.join(", "),
-                        world.master_port
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(dist_err(format!("accepting peers: {e}"))),
-        }
-    }
-    let streams: Vec<TcpStream> = peers.into_iter().flatten().collect();
-    for s in &streams {
-        (&*s).write_all(b"OK").map_err(|e| dist_err(format!("welcoming a peer: {e}")))?;
-    }
-    Ok(streams)
-}
-
-/// How long rank 0 waits for a new connection's greeting, which a rank sends as it connects.
-const GREETING_WAIT: Duration = Duration::from_secs(2);
-
-/// Reads a peer's greeting: its rank, after checking the protocol and the world size.
-fn handshake(stream: &TcpStream, world_size: usize, deadline: Instant) -> std::io::Result<usize> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(
-        deadline
-            .saturating_duration_since(Instant::now())
-            .clamp(Duration::from_millis(100), GREETING_WAIT),
-    ))?;
-    let mut hello = [0u8; 16];
-    (&*stream).read_exact(&mut hello)?;
-    if &hello[..8] != MAGIC {
-        return Err(std::io::Error::other("not an oxclip rank (protocol mismatch)"));
-    }
-    let rank = u32::from_le_bytes([hello[8], hello[9], hello[10], hello[11]]) as usize;
-    let their_world = u32::from_le_bytes([hello[12], hello[13], hello[14], hello[15]]) as usize;
-    if their_world != world_size {
-        return Err(std::io::Error::other(format!(
-            "rank {rank} has world size {their_world}, rank 0 has {world_size}"
-        )));
-    }
-    Ok(rank)
-}
-
-fn join_rank0(world: &WorldEnv, deadline: Instant) -> Result<TcpStream> {
-    let addr = format!("{}:{}", world.master_addr, world.master_port);
-    let mut last_error = String::new();
-    loop {
-        let resolved: Vec<SocketAddr> =
-            addr.to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
-        for sa in &resolved {
-            // Never past the deadline by more than a moment, however slow the network.
-            let patience = deadline
-                .saturating_duration_since(Instant::now())
-                .clamp(Duration::from_millis(50), Duration::from_secs(1));
-            match TcpStream::connect_timeout(sa, patience) {
-                Ok(stream) => {
-                    let mut hello = Vec::with_capacity(16);
-                    hello.extend_from_slice(MAGIC);
-                    hello.extend_from_slice(&(world.rank as u32).to_le_bytes());
-                    hello.extend_from_slice(&(world.world_size as u32).to_le_bytes());
-                    let joined = (|| {
-                        (&stream).write_all(&hello)?;
-                        stream.set_read_timeout(Some(
-                            deadline
-                                .saturating_duration_since(Instant::now())
-                                .max(Duration::from_secs(1)),
-                        ))?;
-                        let mut ok = [0u8; 2];
-                        (&stream).read_exact(&mut ok)?;
-                        Ok::<_, std::io::Error>(ok == *b"OK")
-                    })();
-                    match joined {
-                        Ok(true) => return Ok(stream),
-                        Ok(false) => return Err(dist_err(format!("rank 0 at {addr} refused rank {}", world.rank))),
-                        Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
-                            last_error = "rank 0 took this rank's greeting, then closed the connection before every rank had \
-                                          joined (see rank 0's log for the ranks it missed)"
-                                .into()
-                        }
-                        Err(e) => last_error = e.to_string(),
-                    }
-                }
-                Err(e) => last_error = e.to_string(),
-            }
-        }
-        if resolved.is_empty() {
-            last_error = format!("cannot resolve {addr}");
-        }
-        if Instant::now() >= deadline {
-            return Err(dist_err(format!(
-                "rank {} could not join rank 0 at {addr} within dist.timeout_s: {last_error}",
-                world.rank
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn write_frame(mut stream: &TcpStream, op: Op, seq: u64, payload: &[u8]) -> std::io::Result<()> {
     let mut header = [0u8; 17];
     header[0] = op as u8;
@@ -635,6 +484,7 @@ impl Collectives for TcpGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
 
     /// A connected pair of sockets on loopback: (writer, reader).
     fn socket_pair() -> (TcpStream, TcpStream) {
@@ -674,14 +524,7 @@ mod tests {
     }
 
     fn world(rank: usize, world_size: usize, port: u16) -> WorldEnv {
-        WorldEnv {
-            rank,
-            world_size,
-            local_rank: rank,
-            local_world_size: world_size,
-            master_addr: "127.0.0.1".into(),
-            master_port: port,
-        }
+        WorldEnv::on_loopback(rank, world_size, port)
     }
 
     fn free_port() -> u16 {

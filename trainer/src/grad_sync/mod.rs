@@ -1014,14 +1014,7 @@ mod tests {
         let handles: Vec<_> = (0..4)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let world = crate::collectives::WorldEnv {
-                        rank,
-                        world_size: 4,
-                        local_rank: rank,
-                        local_world_size: 4,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
+                    let world = crate::collectives::WorldEnv::on_loopback(rank, 4, port);
                     let comm = crate::collectives::tcp::TcpGroup::connect(
                         &world,
                         std::time::Duration::from_secs(60),

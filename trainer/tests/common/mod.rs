@@ -139,14 +139,7 @@ where
         .map(|(rank, input)| {
             let f = f.clone();
             std::thread::spawn(move || {
-                let env = WorldEnv {
-                    rank,
-                    world_size: world,
-                    local_rank: rank,
-                    local_world_size: world,
-                    master_addr: "127.0.0.1".into(),
-                    master_port: port.port(),
-                };
+                let env = WorldEnv::on_loopback(rank, world, port.port());
                 let comm = TcpGroup::connect(&env, Duration::from_secs(60)).expect("joins");
                 f(rank, input, &comm)
             })

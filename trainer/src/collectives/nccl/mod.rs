@@ -585,14 +585,7 @@ mod tests {
 
     #[test]
     fn connect_needs_a_cuda_device() {
-        let world = WorldEnv {
-            rank: 0,
-            world_size: 2,
-            local_rank: 0,
-            local_world_size: 2,
-            master_addr: "127.0.0.1".into(),
-            master_port: 1,
-        };
+        let world = WorldEnv::on_loopback(0, 2, 1);
         let err = NcclGroup::connect(&world, Device::Cpu, Duration::from_millis(10))
             .err()
             .map(|e| e.to_string())

@@ -291,14 +291,7 @@ mod tests {
             let handles: Vec<_> = (0..2)
                 .map(|r| {
                     std::thread::spawn(move || {
-                        let world = WorldEnv {
-                            rank: r,
-                            world_size: 2,
-                            local_rank: r,
-                            local_world_size: 2,
-                            master_addr: "127.0.0.1".into(),
-                            master_port: port,
-                        };
+                        let world = WorldEnv::on_loopback(r, 2, port);
                         let group = TcpGroup::connect(&world, Duration::from_secs(20)).unwrap();
                         traced_exchange(&group, traces[r], hosts[r], format!("rank{r}").as_bytes())
                             .map_err(|e| e.to_string())
