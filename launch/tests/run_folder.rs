@@ -50,30 +50,37 @@ fn a_second_run_into_a_folder_in_use_stops_naming_the_holder() {
     let dir = tempfile::tempdir().expect("tempdir");
     let long = config(dir.path(), 1_000_000);
     let run = dir.path().join("run");
-    let mut first = train(&long, &[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("first run starts");
-    wait_for_holder(&run, &mut first);
+    // Both orders: the holder started fresh, then resumed into the folder it left.
+    for holder in [&[][..], &["--resume", "auto"][..]] {
+        let mut first = train(&long, holder)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("first run starts");
+        wait_for_holder(&run, &mut first);
 
-    for extra in [&[][..], &["--resume", "auto"][..]] {
-        let started = Instant::now();
-        let out = train(&long, extra).output().expect("second run");
-        let took = started.elapsed();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{extra:?}: a second run trained alongside the first");
-        assert!(stderr.contains("is in use by another run"), "{extra:?}: {stderr}");
-        assert!(stderr.contains(&format!("pid {}", first.id())), "{extra:?}: {stderr}");
-        eprintln!("{extra:?}: refused after {:.2} s", took.as_secs_f64());
-        // At once: before any model, data or rendezvous (the bound is loose for a loaded machine).
-        assert!(took < Duration::from_secs(20), "{extra:?}: took {took:?}");
-        assert!(first.try_wait().expect("poll").is_none(), "the refusal stopped the first run");
+        for extra in [&[][..], &["--resume", "auto"][..]] {
+            let started = Instant::now();
+            let out = train(&long, extra).output().expect("second run");
+            let took = started.elapsed();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{holder:?} {extra:?}: trained alongside the first");
+            assert!(stderr.contains("is in use by another run"), "{extra:?}: {stderr}");
+            assert!(stderr.contains(&format!("pid {}", first.id())), "{extra:?}: {stderr}");
+            eprintln!(
+                "holder {holder:?}, second {extra:?}: refused after {:.2} s",
+                took.as_secs_f64()
+            );
+            // At once: before any model, data or rendezvous (the bound is loose for a loaded
+            // machine).
+            assert!(took < Duration::from_secs(20), "{extra:?}: took {took:?}");
+            assert!(first.try_wait().expect("poll").is_none(), "the refusal stopped the first run");
+        }
+        // kill -9 leaves no stale lock: the next holder takes the folder at once.
+        first.kill().expect("SIGKILL");
+        first.wait().expect("reaped");
     }
 
-    // kill -9 leaves no stale lock: a new run resumes in the folder at once.
-    first.kill().expect("SIGKILL");
-    first.wait().expect("reaped");
     let short = config(dir.path(), 2);
     let out = run_ok(&mut train(&short, &["--resume", "auto"]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("trained 2 steps"));

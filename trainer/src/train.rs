@@ -216,6 +216,13 @@ enum Start<'a> {
 /// checkpoint, then writes the run directory.
 fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) -> Result<Start<'a>> {
     cfg.validate()?;
+    // One run per run folder: rank 0 holds its lock from here to the end (a folder made later
+    // is locked as it is made, in start_run_dir). Taken first, so that a second run into a
+    // folder in use stops before it opens anything.
+    let mut run_lock = match world.is_none_or(|w| w.rank == 0) {
+        true => RunLock::take_if_exists(&cfg.run_dir)?,
+        false => None,
+    };
     // What config.yaml and every checkpoint hold, and what the ranks must agree on.
     let resolved = cfg.to_yaml();
     // An evaluation set that cannot be scored fails the run now, not at its first eval.
@@ -227,12 +234,6 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
     cfg.train.precision.check_device(device, "train.precision")?;
     let step_cfg = step_config(cfg, device)?;
     cfg.dist.validate_for_world(world.map_or(1, |w| w.world_size))?;
-    // One run per run folder: rank 0 holds its lock from here to the end (a folder made later
-    // is locked as it is made, in start_run_dir).
-    let mut run_lock = match world.is_none_or(|w| w.rank == 0) {
-        true => RunLock::take_if_exists(&cfg.run_dir)?,
-        false => None,
-    };
     let comm = collectives::connect(world, &cfg.dist, device)?;
     check_same_config(comm.as_ref(), &resolved)?;
 
