@@ -166,6 +166,8 @@ fn train_steps(run: &mut Run) -> Result<Outcome> {
         if last || every(step, cfg.train.log_every) {
             outcome.final_loss = Some(log_step(run, &out, lr)?);
         }
+        // A background checkpoint write that failed (a full disk) stops the run now.
+        run.writer.check()?;
         let saved = last || every(step, cfg.train.checkpoint_every);
         if saved {
             outcome.last_checkpoint = save_checkpoint(run)?.or(outcome.last_checkpoint);
