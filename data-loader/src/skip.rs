@@ -40,11 +40,15 @@ pub enum SkipReason {
     /// A well-formed image in a format oxclip does not read (GIF, BMP, TIFF, ...): only JPEG,
     /// PNG and WebP are decoded.
     UnsupportedImage,
+    /// The shard's reads stalled: no byte for `data.read_timeout_s` (a `pipe:` command that
+    /// hangs, a stalled object store or NFS server). The sample being read and the rest of
+    /// the shard are lost.
+    StalledShard,
 }
 
 impl SkipReason {
     /// Every reason, in declaration order.
-    pub const ALL: [SkipReason; 12] = [
+    pub const ALL: [SkipReason; 13] = [
         SkipReason::UndecodableImage,
         SkipReason::MissingImage,
         SkipReason::MissingCaption,
@@ -57,6 +61,7 @@ impl SkipReason {
         SkipReason::DuplicateMember,
         SkipReason::BadRecord,
         SkipReason::UnsupportedImage,
+        SkipReason::StalledShard,
     ];
 
     /// Stable snake_case name, used as the key in [`SkipCounts`] and in logs/metrics.
@@ -74,6 +79,7 @@ impl SkipReason {
             SkipReason::DuplicateMember => "duplicate_member",
             SkipReason::BadRecord => "bad_record",
             SkipReason::UnsupportedImage => "unsupported_image",
+            SkipReason::StalledShard => "stalled_shard",
         }
     }
 
@@ -100,6 +106,7 @@ impl SkipReason {
                 "image in an unsupported format (only JPEG, PNG and WebP are read)",
                 "images in an unsupported format (only JPEG, PNG and WebP are read)",
             ),
+            SkipReason::StalledShard => ("stalled shard", "stalled shards"),
         };
         if n == 1 {
             one

@@ -132,6 +132,7 @@ fn keep_large_allocations_on_the_heap() {
 
 fn main() -> ExitCode {
     keep_large_allocations_on_the_heap();
+    oxclip_trainer::preempt::ignore_file_size_signal();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::io::Read;
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use oxclip_data_loader::LoaderState;
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
 use crate::error::{io_err, Result, TrainError};
-use crate::interchange::safetensors::read_safetensors;
+use crate::interchange::safetensors::{read_safetensors, write_tensors_to};
 use crate::interchange::weights;
 use crate::optim::AdamW;
 use crate::precision::GradScalerState;
@@ -167,9 +167,28 @@ pub(crate) fn write_manifest(dir: &Path) -> Result<()> {
     let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp"));
     let json = serde_json::to_string_pretty(&Manifest { files })
         .map_err(|e| TrainError::Checkpoint { path: path.clone(), message: e.to_string() })?;
-    fs::write(&tmp, json).map_err(io_err(&tmp))?;
-    fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+    write_synced(&tmp, |out| out.write_all(json.as_bytes())).map_err(io_err(&tmp))?;
     fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+/// Creates `path`, fills it with `fill`, and fsyncs it through the same handle, so that every
+/// error comes back as the OS gave it (`No space left on device`, `File too large`): a full
+/// disk or a quota can fail a write, and an error of the deferred writeback (EIO, or ENOSPC
+/// on file systems that allocate late) only shows at fsync. Either way the caller learns of
+/// it before it records the file as whole in a manifest.
+fn write_synced(
+    path: &Path,
+    fill: impl FnOnce(&mut BufWriter<fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut out = BufWriter::with_capacity(1 << 20, fs::File::create(path)?);
+    fill(&mut out)?;
+    let file = out.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+    file.sync_all()
+}
+
+/// fsyncs the directory `dir`, making the names created, removed or renamed in it durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
 }
 
 /// Checks that the checkpoint in `dir` is whole: every file the manifest lists is there with
@@ -343,14 +362,21 @@ fn tmp_dir(run_dir: &Path, step: u64) -> PathBuf {
 /// temporary folder for the checkpoint (one left by a run that died mid-write goes).
 pub fn start_sharded(run_dir: &Path, step: u64) -> Result<()> {
     let tmp = tmp_dir(run_dir, step);
+    let failed = |action| {
+        let path = tmp.clone();
+        move |source| TrainError::CheckpointWrite { step, action, path, source }
+    };
     if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        fs::remove_dir_all(&tmp).map_err(failed("removing the leftover"))?;
     }
-    fs::create_dir_all(&tmp).map_err(io_err(&tmp))
+    fs::create_dir_all(&tmp).map_err(failed("creating"))
 }
 
 /// Under `dist.shard`, on every rank once rank 0 has run [`start_sharded`]: this rank's
 /// optimizer shard of `step`, written and fsynced into the checkpoint's temporary folder.
+/// A write that fails removes what it wrote (space a full disk needs back) and fails this
+/// rank, whose error then ends every rank's next collective: rank 0 never gets to write a
+/// manifest for a checkpoint missing a shard.
 pub fn write_shard(
     run_dir: &Path,
     step: u64,
@@ -361,9 +387,10 @@ pub fn write_shard(
     let path = tmp_dir(run_dir, step).join(shard_file(rank, world));
     let state = optimizer_on_host(optimizer)?;
     test_delay();
-    Tensor::write_safetensors(&state, &path)
-        .map_err(|e| TrainError::Checkpoint { path: path.clone(), message: e.to_string() })?;
-    fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))
+    write_synced(&path, |out| write_tensors_to(&state, out)).map_err(|source| {
+        let _ = fs::remove_file(&path);
+        TrainError::CheckpointWrite { step, action: "writing", path: path.clone(), source }
+    })
 }
 
 /// Where the checkpoint of `step` lands.
@@ -391,54 +418,87 @@ pub fn save(
 }
 
 /// Writes `snap` under a temporary name, fsyncs each file, writes the manifest, renames the
-/// folder into place, then prunes to the newest `keep` complete checkpoints.
+/// folder into place, then prunes to the newest `keep` complete checkpoints. A write that
+/// fails before the rename (a full disk, a quota, a size limit, an I/O error) is a
+/// [`TrainError::CheckpointWrite`] naming the file and the OS's cause; the temporary folder
+/// is removed (a full disk wants the space back), and the checkpoints before it are as they
+/// were, since nothing but the rename ever makes a `step_<N>` folder.
 pub fn write(run_dir: &Path, snap: Snapshot, keep: usize) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
-    fs::create_dir_all(&root).map_err(io_err(&root))?;
-    let name = format!("step_{}", snap.state.step);
-    let tmp = tmp_dir(run_dir, snap.state.step);
-    let dst = root.join(&name);
+    let step = snap.state.step;
+    let tmp = tmp_dir(run_dir, step);
+    let dst = root.join(format!("step_{step}"));
+    if let Err(e) = write_tmp(&root, &tmp, &snap) {
+        if let Err(cleanup) = fs::remove_dir_all(&tmp) {
+            if cleanup.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(
+                    "could not remove the failed checkpoint {}: {cleanup}",
+                    tmp.display()
+                );
+            }
+        }
+        return Err(e);
+    }
+    let failed = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainError::CheckpointWrite { step, action, path, source }
+    };
+    if dst.exists() {
+        fs::remove_dir_all(&dst).map_err(failed("removing the older copy", &dst))?;
+    }
+    fs::rename(&tmp, &dst).map_err(failed("renaming into place", &dst))?;
+    sync_dir(&root).map_err(io_err(&root))?;
+    prune(&root, keep)?;
+    Ok(dst)
+}
+
+/// Every file of `snap` into the temporary folder `tmp`, each fsynced, then the manifest,
+/// then `tmp` itself fsynced. Each file is fsynced before the manifest names it, and the
+/// folder before it is renamed, so a `step_<N>` folder never points at data still only in
+/// the page cache: after a crash or power cut it could otherwise hold empty or short files,
+/// and a late writeback error would only be found by resume.
+fn write_tmp(root: &Path, tmp: &Path, snap: &Snapshot) -> Result<()> {
+    let step = snap.state.step;
+    let failed = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainError::CheckpointWrite { step, action, path, source }
+    };
+    fs::create_dir_all(root).map_err(failed("creating", root))?;
     // Under dist.shard the ranks' shards are in the folder already (`start_sharded`).
     if snap.optimizer.is_some() {
         if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+            fs::remove_dir_all(tmp).map_err(failed("removing the leftover", tmp))?;
         }
-        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        fs::create_dir_all(tmp).map_err(failed("creating", tmp))?;
     }
-
     let model_path = tmp.join(MODEL_FILE);
     test_delay();
-    Tensor::write_safetensors(&snap.weights, &model_path)
-        .map_err(|e| TrainError::Weights { path: model_path.clone(), message: e.to_string() })?;
+    write_synced(&model_path, |out| write_tensors_to(&snap.weights, out))
+        .map_err(failed("writing", &model_path))?;
     if let Some(optimizer) = &snap.optimizer {
         let opt_path = tmp.join(OPTIMIZER_FILE);
         test_delay();
-        Tensor::write_safetensors(optimizer, &opt_path).map_err(|e| TrainError::Checkpoint {
-            path: opt_path.clone(),
-            message: e.to_string(),
-        })?;
-        fs::File::open(&opt_path).and_then(|f| f.sync_all()).map_err(io_err(&opt_path))?;
+        write_synced(&opt_path, |out| write_tensors_to(optimizer, out))
+            .map_err(failed("writing", &opt_path))?;
     }
     let state_path = tmp.join(STATE_FILE);
     let json = serde_json::to_string_pretty(&snap.state)
         .map_err(|e| TrainError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
     test_delay();
-    fs::write(&state_path, json).map_err(io_err(&state_path))?;
-    for file in FILES {
-        let path = tmp.join(file);
-        fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
-    }
+    write_synced(&state_path, |out| out.write_all(json.as_bytes()))
+        .map_err(failed("writing", &state_path))?;
     // Hashed from the files just written (from the page cache, not the disk), so the manifest
     // holds exactly what `verify` will compute.
-    write_manifest(&tmp)?;
-
-    if dst.exists() {
-        fs::remove_dir_all(&dst).map_err(io_err(&dst))?;
-    }
-    fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
-    fs::File::open(&root).and_then(|f| f.sync_all()).map_err(io_err(&root))?;
-    prune(&root, keep)?;
-    Ok(dst)
+    write_manifest(tmp).map_err(|e| match e {
+        TrainError::Io { path, source } => {
+            // It reads each file back to hash it, then writes itself.
+            let manifest = path.ends_with(format!(".{MANIFEST_FILE}.tmp"));
+            let action = if manifest { "writing" } else { "reading back" };
+            TrainError::CheckpointWrite { step, action, path, source }
+        }
+        other => other,
+    })?;
+    sync_dir(tmp).map_err(failed("syncing", tmp))
 }
 
 /// Writes checkpoints on a thread of its own, one at a time, so training goes on while a
@@ -463,6 +523,16 @@ impl Writer {
             .map_err(io_err(&dst))?;
         self.in_flight = Some(handle);
         Ok(dst)
+    }
+
+    /// The error of a write that has failed since the last call, without waiting for one
+    /// still going. The training loop asks at every step, so that a failed write (a full
+    /// disk) stops the run at once rather than `checkpoint_every` steps later.
+    pub fn check(&mut self) -> Result<()> {
+        if self.in_flight.as_ref().is_some_and(|h| h.is_finished()) {
+            self.wait()?;
+        }
+        Ok(())
     }
 
     /// Waits until the write in flight (if any) is on disk, fsynced, with its manifest;
@@ -530,6 +600,16 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
     }
     for (_, path) in all.iter().take(cut.unwrap_or(0)) {
         fs::remove_dir_all(path).map_err(io_err(path))?;
+    }
+    // The temporary folders of writes killed or failed before (`.step_<N>.tmp`): never
+    // checkpoints, and only space taken. Nothing else writes now: the next checkpoint's
+    // folder is only made once this write is over.
+    for entry in fs::read_dir(root).map_err(io_err(root))? {
+        let path = entry.map_err(io_err(root))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.starts_with(".step_") && name.ends_with(".tmp") && path.is_dir() {
+            fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        }
     }
     Ok(())
 }
@@ -904,6 +984,28 @@ mod tests {
             .start(dir.path(), snapshot(&vs, Some(&opt), &state(6)).expect("copies"), 3)
             .expect("starts");
         assert!(writer.wait().is_err());
+    }
+
+    /// A rank's shard written to a full device (`/dev/full` answers every write with ENOSPC):
+    /// an error naming the file and the OS's cause, and the partial file gone.
+    #[test]
+    fn a_shard_write_on_a_full_disk_names_the_file_and_the_cause() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, _, opt) = setup(0);
+        start_sharded(dir.path(), 8).expect("starts");
+        let path = tmp_dir(dir.path(), 8).join(shard_file(1, 2));
+        std::os::unix::fs::symlink("/dev/full", &path).expect("links");
+        let err = write_shard(dir.path(), 8, 1, 2, &opt).expect_err("the disk is full");
+        let text = err.to_string();
+        assert_eq!(
+            text,
+            format!(
+                "checkpoint step 8: writing {} failed: No space left on device (os error 28); \
+                 earlier checkpoints are intact, free space and resume with --resume auto",
+                path.display()
+            )
+        );
+        assert!(!path.exists() && fs::symlink_metadata(&path).is_err(), "left behind");
     }
 
     #[test]

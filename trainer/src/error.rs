@@ -34,6 +34,16 @@ pub enum TrainError {
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 
+    /// Writing the checkpoint of `step` failed before it was renamed into place (a full disk,
+    /// a quota, a file size limit, an I/O error): what was being done to which file, and the
+    /// OS's own words. The checkpoints before it were not touched.
+    #[error(
+        "checkpoint step {step}: {action} {path} failed: {source}; earlier checkpoints are \
+         intact, {} and resume with --resume auto",
+        what_to_do(.source)
+    )]
+    CheckpointWrite { step: u64, action: &'static str, path: PathBuf, source: std::io::Error },
+
     #[error("weights {path}: {message}")]
     Weights { path: PathBuf, message: String },
 
@@ -63,6 +73,17 @@ pub enum TrainError {
 }
 
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+/// What a user can do about a failed checkpoint write, by its OS cause.
+fn what_to_do(source: &std::io::Error) -> &'static str {
+    match source.raw_os_error() {
+        Some(libc::ENOSPC) => "free space",
+        Some(libc::EDQUOT) => "free space within your quota",
+        Some(libc::EFBIG) => "raise the file size limit (`ulimit -f`)",
+        Some(libc::EIO) => "check the disk (it reported an I/O error)",
+        _ => "fix the cause",
+    }
+}
 
 /// Wraps an `std::io::Error` with the path it happened on.
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {

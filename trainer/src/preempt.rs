@@ -47,6 +47,17 @@ pub fn install(names: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Ignores SIGXFSZ, which the kernel sends a process writing past its file size limit
+/// (`ulimit -f`, RLIMIT_FSIZE) and whose default action kills it, core and all, mid-write.
+/// Ignored, the write fails with EFBIG instead, which the checkpoint writer turns into a
+/// sentence naming the file, as it does for a full disk. Called once at start-up.
+pub fn ignore_file_size_signal() {
+    // SAFETY: setting a standard signal's disposition to SIG_IGN runs no code of ours.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 /// The signal this process got, 0 for none.
 pub fn received() -> libc::c_int {
     RECEIVED.load(Ordering::SeqCst)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use oxclip_data_loader::{
-    DataSource, DataSpec, Loader, LoaderConfig, LoaderState, Preprocess, Tokenizer,
+    DataSource, DataSpec, Loader, LoaderConfig, LoaderState, Preprocess, SkipCounts, Tokenizer,
 };
 use tch::{nn, Device, Tensor};
 
@@ -101,6 +101,9 @@ struct Run<'a> {
     metrics: Option<MetricsWriter>,
     key_log: Option<KeyLog>,
     interval: Interval,
+    /// The samples this rank skipped since the run (or resume) started, by reason, as the
+    /// run's last log line gives them.
+    skips: SkipCounts,
     /// Rank 0's checkpoints go to disk on its thread while training goes on.
     writer: checkpoint::Writer,
     /// Rank 0's hold on the run folder (run_lock), released as the run ends.
@@ -166,6 +169,8 @@ fn train_steps(run: &mut Run) -> Result<Outcome> {
         if last || every(step, cfg.train.log_every) {
             outcome.final_loss = Some(log_step(run, &out, lr)?);
         }
+        // A background checkpoint write that failed (a full disk) stops the run now.
+        run.writer.check()?;
         let saved = last || every(step, cfg.train.checkpoint_every);
         if saved {
             outcome.last_checkpoint = save_checkpoint(run)?.or(outcome.last_checkpoint);
@@ -265,7 +270,8 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
     let tokenizer = cfg.data.tokenizer(&cfg.model)?;
     let preprocess = cfg.data.preprocess(&cfg.model)?;
     let mut loader = open_loader(cfg, comm.as_ref(), &tokenizer, &preprocess)?;
-    let load_skips: u64 = loader.load_skips().values().sum();
+    let skips = loader.load_skips();
+    let load_skips = skips.total();
     let mut scaler = cfg
         .train
         .precision
@@ -317,6 +323,7 @@ fn prepare<'a>(cfg: &'a RunConfig, resume: &Resume, world: Option<&WorldEnv>) ->
         metrics,
         key_log,
         interval: Interval { skipped_total: load_skips, ..Interval::default() },
+        skips,
         writer: checkpoint::Writer::default(),
         _run_lock: run_lock,
     })))
@@ -439,14 +446,15 @@ fn open_loader(
     tokenizer: &Tokenizer,
     preprocess: &Preprocess,
 ) -> Result<Loader> {
+    let shard_options = cfg.data.shard_options()?;
     let train_set = DataSource::open_with(
         &DataSpec::parse(&cfg.data.train)?,
         cfg.train.seed,
-        &cfg.data.shard_options().count_hints(),
+        &shard_options.count_hints(),
     )?;
     let loader = Loader::open(
         &train_set,
-        &cfg.data.shard_options(),
+        &shard_options,
         tokenizer.clone(),
         LoaderConfig {
             batch_size: cfg.train.batch_size,
@@ -599,6 +607,7 @@ fn next_batch(run: &mut Run) -> Result<(Tensor, Tensor, u64)> {
         log.write(run.state.step + 1, &batch.keys)?;
     }
     let skipped: u64 = batch.skipped.values().sum();
+    run.skips.merge(&batch.skipped);
     run.loader.recycle(batch);
     Ok((images, tokens, skipped))
 }
@@ -796,6 +805,15 @@ fn write_eval_report(
 /// Waits for the last checkpoint to be on disk, flushes the metrics and waits for every rank:
 /// nobody leaves while rank 0 still writes the last checkpoint or evaluates.
 fn finish(run: &mut Run, outcome: Outcome) -> Result<TrainSummary> {
+    if run.skips.total() > 0 {
+        let reasons: Vec<String> = run.skips.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+        tracing::info!(
+            "rank {}: {} sample(s) skipped ({})",
+            run.comm.rank(),
+            run.skips.total(),
+            reasons.join(", ")
+        );
+    }
     run.writer.wait()?;
     if let Some(metrics) = run.metrics.as_mut() {
         metrics.flush()?;

@@ -230,9 +230,16 @@ impl Reader {
         // Eval passes read the same caption of a row with several every time.
         let draw =
             CaptionDraw { seed: self.plan.seed, epoch: if self.plan.train { epoch } else { 0 } };
-        let read = shard.location.for_each_sample(draw, |sample| {
+        let mut stalled = None;
+        let timeout = self.plan.shards.read_timeout;
+        let read = shard.location.for_each_sample_within(draw, timeout, |sample| {
             if ordinal >= unit.take {
                 return ControlFlow::Break(());
+            }
+            if let Err(e) = &sample {
+                if e.reason == SkipReason::StalledShard {
+                    stalled = Some(e.message.clone());
+                }
             }
             if unit.contains(ordinal) {
                 if next >= start {
@@ -254,6 +261,11 @@ impl Reader {
             ControlFlow::Continue(())
         });
         let failure = match read {
+            // The rest of a stalled shard is lost with the sample being read: the same reads
+            // whenever the shard stalls, so a resumed epoch skips exactly what it skipped.
+            Ok(()) if stalled.is_some() => {
+                (SkipReason::StalledShard, stalled.take().unwrap_or_default())
+            }
             Ok(()) => {
                 let why = if shard.estimated {
                     "holds fewer samples than its share of samples_per_epoch"
@@ -1019,6 +1031,56 @@ mod tests {
         let rank0 = loader(&under, &options(8), cfg(2, 0, 2, 1, true));
         assert_eq!((rank0.samples_per_epoch(), rank0.batches_per_epoch()), (4, 2));
         assert_eq!(runs(), 4, "only the loader reads the shards");
+    }
+
+    /// One of 4 shards is a command that delivers part of its shard, then hangs: the pass
+    /// goes on after `read_timeout`, every sample of the other 3 is served once, and the
+    /// stalled shard's samples not delivered are `stalled_shard` skips. A pass resumed from a
+    /// mid-pass position serves exactly the batches the whole pass served.
+    #[test]
+    fn a_stalled_pipe_shard_is_skipped_and_the_pass_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[6, 5, 7, 6]);
+        let hang = format!("head -c 5000 '{}'; sleep 100000", paths[3].display());
+        let mut locations: Vec<ShardLocation> =
+            paths[..3].iter().cloned().map(ShardLocation::File).collect();
+        locations.push(ShardLocation::Pipe(hang.clone()));
+        let sources = [ShardSource { spec: "test".into(), shards: locations }];
+        let sizes = dir.path().join("sizes.json");
+        std::fs::write(&sizes, serde_json::json!({ format!("pipe:{hang}"): 6 }).to_string())
+            .unwrap();
+        let options = ShardOptions {
+            shard_sizes: Some(sizes),
+            read_timeout: Some(std::time::Duration::from_millis(500)),
+            ..buffer(4)
+        };
+        let set = ShardSet::resolve_counted(&sources, &options.count_hints(), None).unwrap();
+        assert_eq!(set.total_samples(), 24);
+        let mut eval = loader(&set, &options, cfg(4, 0, 1, 2, false));
+        let batches: Vec<Batch> = std::iter::from_fn(|| eval.next_eval_batch().unwrap()).collect();
+        let seen = tally(&batches);
+        for (s, n) in [(0, 6), (1, 5), (2, 7)] {
+            for i in 0..n {
+                assert_eq!(seen.get(&format!("s{s}-{i:03}")), Some(&1), "s{s}-{i:03}: {seen:?}");
+            }
+        }
+        let delivered = seen.keys().filter(|k| k.starts_with("s3-")).count() as u64;
+        let mut skipped = crate::skip::SkipCounts::new();
+        batches.iter().for_each(|b| skipped.merge(&b.skipped));
+        assert!(delivered < 6, "{seen:?}");
+        assert_eq!(skipped.get("stalled_shard"), Some(&(6 - delivered)), "{skipped:?}");
+        assert_eq!(skipped.total(), 6 - delivered);
+
+        // Training resumed after the second batch serves the batches the run never stopped
+        // served (the shard stalls again where it stalled).
+        let mut straight = loader(&set, &options, cfg(4, 0, 1, 2, true));
+        let first = take(&mut straight, 2);
+        let state = straight.state();
+        let rest = take(&mut straight, 4);
+        let mut resumed = loader(&set, &options, cfg(4, 0, 1, 2, true));
+        resumed.restore(&state).unwrap();
+        assert!(take(&mut resumed, 4) == rest, "the resumed run differs");
+        assert!(first.iter().chain(&rest).any(|b| b.skipped.contains_key("stalled_shard")));
     }
 
     #[test]

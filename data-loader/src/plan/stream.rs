@@ -56,6 +56,9 @@ pub struct ShardOptions {
     pub samples_per_epoch: Option<u64>,
     /// A sizes file (`{"00000.tar": n}`, webdataset's `sizes.json`) giving shard counts.
     pub shard_sizes: Option<std::path::PathBuf>,
+    /// How long a shard read may wait for a byte before the shard is skipped as stalled
+    /// (`data.read_timeout_s`); `None`: for ever.
+    pub read_timeout: Option<std::time::Duration>,
 }
 
 /// open_clip's `_SAMPLE_SHUFFLE_SIZE`.
@@ -69,16 +72,18 @@ impl Default for ShardOptions {
             upsampling_factors: None,
             samples_per_epoch: None,
             shard_sizes: None,
+            read_timeout: crate::sources::shards::default_read_timeout(),
         }
     }
 }
 
 impl ShardOptions {
-    /// What of these options spares reading shards to count them.
+    /// What of these options spares reading shards to count them, and the read deadline.
     pub fn count_hints(&self) -> CountHints {
         CountHints {
             sizes_file: self.shard_sizes.clone(),
             samples_per_epoch: self.samples_per_epoch,
+            read_timeout: self.read_timeout,
         }
     }
 }
@@ -436,6 +441,7 @@ mod tests {
                 .collect(),
             sources: vec!["test".into()],
             open_skips: SkipCounts::new(),
+            read_timeout: None,
         }
     }
 

@@ -227,7 +227,12 @@ pub fn open_table(
             estimated: false,
         })
         .collect();
-    let shards = ShardSet { shards, sources: vec![spec.to_string()], open_skips: set.skipped };
+    let shards = ShardSet {
+        shards,
+        sources: vec![spec.to_string()],
+        open_skips: set.skipped,
+        read_timeout: None,
+    };
     Ok((shards, set.labels))
 }
 

@@ -25,8 +25,11 @@ use std::fmt;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::ops::ControlFlow;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +43,33 @@ use crate::skip::{SampleError, SkipCounts, SkipReason};
 
 /// Read-buffer size for shard streams: large sequential reads.
 const READ_BUFFER: usize = 1 << 20;
+
+/// Seconds a shard read may wait for a byte before the shard counts as stalled
+/// (`data.read_timeout_s`): generous, so that a slow store that still delivers is never cut
+/// off; it only ends reads that would never finish (a `pipe:` command that hangs, a stalled
+/// object store or NFS server).
+pub const DEFAULT_READ_TIMEOUT_S: f64 = 300.0;
+
+/// `data.read_timeout_s` (or `--read-timeout-s`) as a deadline: `None`, never, for `None` or
+/// 0; an error saying what is wrong for a negative or non-finite number of seconds.
+pub fn read_timeout(secs: Option<f64>) -> Result<Option<Duration>, String> {
+    match secs {
+        None => Ok(None),
+        Some(0.0) => Ok(None),
+        Some(s) => Duration::try_from_secs_f64(s)
+            .map(Some)
+            .map_err(|_| format!("{s} is not a number of seconds >= 0 (0 or null: wait for ever)")),
+    }
+}
+
+/// The default deadline, [`DEFAULT_READ_TIMEOUT_S`].
+pub fn default_read_timeout() -> Option<Duration> {
+    Some(Duration::from_secs_f64(DEFAULT_READ_TIMEOUT_S))
+}
+
+/// Set by a shard stream when a read waited its whole deadline: why, in words. The stream
+/// fails that read, and the caller reads the stall from here to tell it from a truncation.
+type Stall = Arc<OnceLock<String>>;
 
 /// Where one shard's bytes come from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -92,15 +122,31 @@ impl ShardLocation {
         }
     }
 
-    /// Opens a tar shard for one sequential read. A table part is no byte stream: read it
+    /// Opens a tar shard for one sequential read, each read waiting at most
+    /// [`DEFAULT_READ_TIMEOUT_S`] for a byte. A table part is no byte stream: read it
     /// through [`for_each_sample`](Self::for_each_sample).
     pub fn open(&self) -> std::io::Result<Box<dyn Read + Send>> {
-        match self {
-            ShardLocation::File(p) => {
+        self.open_within(default_read_timeout(), &Stall::default())
+    }
+
+    /// [`open`](Self::open) with reads that wait at most `timeout` for a byte (`None`: for
+    /// ever); a read that waits that long fails with `TimedOut` and records why in `stall`.
+    fn open_within(
+        &self,
+        timeout: Option<Duration>,
+        stall: &Stall,
+    ) -> std::io::Result<Box<dyn Read + Send>> {
+        match (self, timeout) {
+            (ShardLocation::File(p), None) => {
                 Ok(Box::new(BufReader::with_capacity(READ_BUFFER, File::open(p)?)))
             }
-            ShardLocation::Pipe(cmd) => Ok(Box::new(PipeReader::spawn(cmd)?)),
-            ShardLocation::Table(part) => Err(std::io::Error::other(format!(
+            (ShardLocation::File(p), Some(timeout)) => {
+                Ok(Box::new(ThreadedFile::open(p, timeout, Arc::clone(stall))?))
+            }
+            (ShardLocation::Pipe(cmd), _) => {
+                Ok(Box::new(PipeReader::spawn(cmd, timeout, Arc::clone(stall))?))
+            }
+            (ShardLocation::Table(part), _) => Err(std::io::Error::other(format!(
                 "{} is a table part, not a tar stream",
                 part.describe()
             ))),
@@ -109,18 +155,43 @@ impl ShardLocation {
 
     /// Streams the shard's samples to `f` until it ends or `f` breaks: a tar's members
     /// grouped into samples (see `formats::webdataset`), or a table part's rows, a caption
-    /// of each drawn by `draw` where a row has several. The error says why the shard cannot
-    /// be read at all; `f` has then seen nothing.
+    /// of each drawn by `draw` where a row has several. Each read waits at most
+    /// [`DEFAULT_READ_TIMEOUT_S`]; see [`for_each_sample_within`](Self::for_each_sample_within).
+    /// The error says why the shard cannot be read at all; `f` has then seen nothing.
     pub fn for_each_sample(
         &self,
         draw: CaptionDraw,
         f: impl FnMut(Result<RawSample, SampleError>) -> ControlFlow<()>,
     ) -> Result<(), String> {
+        self.for_each_sample_within(draw, default_read_timeout(), f)
+    }
+
+    /// [`for_each_sample`](Self::for_each_sample) with reads that wait at most `timeout` for
+    /// a byte (`None`: for ever). A tar stream that stalls that long ends with one
+    /// [`SkipReason::StalledShard`] item for the sample being read (a `pipe:` command is
+    /// killed first); table parts are read without a deadline.
+    pub fn for_each_sample_within(
+        &self,
+        draw: CaptionDraw,
+        timeout: Option<Duration>,
+        mut f: impl FnMut(Result<RawSample, SampleError>) -> ControlFlow<()>,
+    ) -> Result<(), String> {
         match self {
             ShardLocation::Table(part) => part.for_each_row(draw, f),
             _ => {
-                let reader = self.open().map_err(|e| e.to_string())?;
-                for_each_sample_in(reader, &self.name(), f);
+                let stall = Stall::default();
+                let reader = self.open_within(timeout, &stall).map_err(|e| e.to_string())?;
+                for_each_sample_in(reader, &self.name(), |item| {
+                    // The tar reader sees a failed read, a truncation; the stream knows better.
+                    let item = item.map_err(|mut e| {
+                        if let Some(why) = stall.get() {
+                            e.reason = SkipReason::StalledShard;
+                            e.message = why.clone();
+                        }
+                        e
+                    });
+                    f(item)
+                });
                 Ok(())
             }
         }
@@ -129,22 +200,30 @@ impl ShardLocation {
 
 /// The output of a `pipe:` command. At the end of its output the command's exit status is
 /// checked: a failed download reads as an I/O error (so a truncated shard), never as a
-/// silently short one. Dropping the reader early kills the command.
+/// silently short one. Each read waits at most `timeout` for a byte (poll(2) on the pipe):
+/// a command silent that long is killed, with everything it started (it runs in a process
+/// group of its own), and reaped, and the read fails as stalled. Dropping the reader early
+/// kills the command the same way.
 struct PipeReader {
     cmd: String,
     child: Child,
     stdout: BufReader<ChildStdout>,
     finished: bool,
+    timeout: Option<Duration>,
+    stall: Stall,
 }
 
 impl PipeReader {
-    fn spawn(cmd: &str) -> std::io::Result<Self> {
+    fn spawn(cmd: &str, timeout: Option<Duration>, stall: Stall) -> std::io::Result<Self> {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            // Its own group, so that killing it reaches what `sh` started (`curl`, `sleep`),
+            // which would otherwise live on holding the pipe.
+            .process_group(0)
             .spawn()?;
         let stdout = child
             .stdout
@@ -155,12 +234,68 @@ impl PipeReader {
             child,
             stdout: BufReader::with_capacity(READ_BUFFER, stdout),
             finished: false,
+            timeout,
+            stall,
         })
+    }
+
+    /// Waits until the pipe has bytes (or is closed) for at most `timeout`; false if it never
+    /// did.
+    fn wait_readable(&self, timeout: Duration) -> std::io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + timeout;
+        let mut fd = libc::pollfd {
+            fd: self.stdout.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Rounded up, so that a deadline under a millisecond still waits.
+            let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd, owned by this frame, for the call's duration.
+            match unsafe { libc::poll(&mut fd, 1, ms) } {
+                0 if left.is_zero() => return Ok(false),
+                0 => continue,
+                n if n > 0 => return Ok(true),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kills the command's process group and reaps the command.
+    fn kill(&mut self) {
+        self.finished = true;
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: signals the group the command leads (`process_group(0)`), which is
+            // still ours: its leader is not reaped before the wait below.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 impl Read for PipeReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(timeout) = self.timeout {
+            if !self.finished && self.stdout.buffer().is_empty() && !self.wait_readable(timeout)? {
+                self.kill();
+                let why = format!(
+                    "no byte for {} s (data.read_timeout_s): the command was killed",
+                    timeout.as_secs_f64()
+                );
+                let _ = self.stall.set(why.clone());
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why));
+            }
+        }
         let n = self.stdout.read(buf)?;
         if n == 0 && !buf.is_empty() && !self.finished {
             self.finished = true;
@@ -176,9 +311,87 @@ impl Read for PipeReader {
 impl Drop for PipeReader {
     fn drop(&mut self) {
         if !self.finished {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.kill();
         }
+    }
+}
+
+/// A shard file read on a thread of its own, a chunk ahead. A read that blocks in the kernel
+/// (a hung NFS server, a stalled FUSE mount of an object store) cannot be interrupted; this
+/// way the reader stops waiting for it after `timeout` and the shard counts as stalled, while
+/// the thread stays blocked until the kernel gives up, then finds nobody listening and ends.
+struct ThreadedFile {
+    chunks: crossbeam_channel::Receiver<std::io::Result<Vec<u8>>>,
+    /// Chunks read out, handed back to the thread to fill again.
+    spare: crossbeam_channel::Sender<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+    /// The end of the file, or an error, was seen.
+    ended: bool,
+    timeout: Duration,
+    stall: Stall,
+}
+
+impl ThreadedFile {
+    fn open(path: &Path, timeout: Duration, stall: Stall) -> std::io::Result<Self> {
+        let mut file = File::open(path)?;
+        let (tx, chunks) = crossbeam_channel::bounded::<std::io::Result<Vec<u8>>>(2);
+        let (spare, spares) = crossbeam_channel::bounded::<Vec<u8>>(4);
+        std::thread::Builder::new().name("oxclip-shard-read".into()).spawn(move || loop {
+            let mut buf = spares.try_recv().unwrap_or_default();
+            buf.resize(READ_BUFFER, 0);
+            let read = loop {
+                match file.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            let end = !matches!(read, Ok(n) if n > 0);
+            let sent = tx.send(read.map(|n| {
+                buf.truncate(n);
+                buf
+            }));
+            if end || sent.is_err() {
+                return;
+            }
+        })?;
+        Ok(Self { chunks, spare, current: Vec::new(), pos: 0, ended: false, timeout, stall })
+    }
+}
+
+impl Read for ThreadedFile {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.current.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            let chunk = match self.chunks.recv_timeout(self.timeout) {
+                Ok(chunk) => chunk,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    let why = format!(
+                        "no byte for {} s (data.read_timeout_s)",
+                        self.timeout.as_secs_f64()
+                    );
+                    let _ = self.stall.set(why.clone());
+                    self.ended = true;
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why));
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(std::io::Error::other("the shard's reader thread ended"));
+                }
+            };
+            let chunk = chunk.inspect_err(|_| self.ended = true)?;
+            if chunk.is_empty() {
+                self.ended = true;
+            }
+            let done = std::mem::replace(&mut self.current, chunk);
+            let _ = self.spare.try_send(done);
+            self.pos = 0;
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
@@ -201,8 +414,8 @@ pub struct Shard {
     pub estimated: bool,
 }
 
-/// What may stand in for reading shards to count them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What may stand in for reading shards to count them, and how long a read may stall.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CountHints {
     /// A JSON file `{"00000.tar": n, ...}` (webdataset's `sizes.json`), keyed by a shard's
     /// file name (for `pipe:` shards, that of the command's last `.tar` argument) or by its
@@ -210,6 +423,15 @@ pub struct CountHints {
     pub sizes_file: Option<PathBuf>,
     /// Samples per epoch over all ranks: `pipe:` shards without a count get an equal share.
     pub samples_per_epoch: Option<u64>,
+    /// How long a read of a shard may wait for a byte, while counting and whenever the set's
+    /// shards are read ([`ShardSet::read_timeout`]); `None`: for ever.
+    pub read_timeout: Option<Duration>,
+}
+
+impl Default for CountHints {
+    fn default() -> Self {
+        Self { sizes_file: None, samples_per_epoch: None, read_timeout: default_read_timeout() }
+    }
 }
 
 /// Called while shards are counted at start-up with (shards counted, shards to count).
@@ -235,8 +457,13 @@ pub struct ShardSet {
     pub shards: Vec<Shard>,
     /// The spec text of each `::` source.
     pub sources: Vec<String>,
-    /// Shards that could not be opened while counting: reported once, never read.
+    /// Shards that could not be opened, or stalled, while counting: reported once, never
+    /// read.
     pub open_skips: SkipCounts,
+    /// How long each read of a shard may wait for a byte before the shard counts as stalled
+    /// (`data.read_timeout_s`); `None`: for ever. Readers of the set pass it to
+    /// [`ShardLocation::for_each_sample_within`].
+    pub read_timeout: Option<Duration>,
 }
 
 impl ShardSet {
@@ -315,7 +542,7 @@ impl ShardSet {
             count_progress(0, total);
             for batch in uncounted.chunks(threads) {
                 counted.extend(map_in_order(0..batch.len(), threads, |i| {
-                    count_samples(&shards[batch[i]].location)
+                    count_samples(&shards[batch[i]].location, hints.read_timeout)
                 })?);
                 count_progress(counted.len() as u64, total);
             }
@@ -326,9 +553,9 @@ impl ShardSet {
                         shards[i].samples = n;
                         cache.insert(CountCache::key(&shards[i].location), n);
                     }
-                    Err(message) => {
+                    Err((reason, message)) => {
                         tracing::warn!("skipping shard {}: {message}", shards[i].location);
-                        open_skips.add(SkipReason::UnreadableShard);
+                        open_skips.add(reason);
                         unreadable.push(i);
                     }
                 }
@@ -346,7 +573,12 @@ impl ShardSet {
                 }
             }
         }
-        Ok(Self { shards, sources: sources.iter().map(|s| s.spec.clone()).collect(), open_skips })
+        Ok(Self {
+            shards,
+            sources: sources.iter().map(|s| s.spec.clone()).collect(),
+            open_skips,
+            read_timeout: hints.read_timeout,
+        })
     }
 
     /// Samples in all shards.
@@ -413,23 +645,35 @@ fn read_sizes_file(path: &Path) -> Result<HashMap<String, u64>, DataError> {
 }
 
 /// Items the tar reader yields for `location` (good and bad samples), or why it cannot be
-/// read at all.
-fn count_samples(location: &ShardLocation) -> Result<u64, String> {
-    let reader = location.open().map_err(|e| e.to_string())?;
+/// read at all: `unreadable_shard`, or `stalled_shard` when a read waited `timeout` (its
+/// count is then unknown, so it is neither cached nor read again).
+fn count_samples(
+    location: &ShardLocation,
+    timeout: Option<Duration>,
+) -> Result<u64, (SkipReason, String)> {
+    let unreadable = |message| (SkipReason::UnreadableShard, message);
     let mut n = 0u64;
     let mut first_error = None;
-    for_each_sample_in(reader, &location.name(), |item| {
-        if let Err(e) = &item {
-            if n == 0 && (e.reason == SkipReason::UnreadableShard || e.key.is_none()) {
-                first_error = Some(e.message.clone());
+    let mut stalled = None;
+    location
+        .for_each_sample_within(CaptionDraw::default(), timeout, |item| {
+            if let Err(e) = &item {
+                if e.reason == SkipReason::StalledShard {
+                    stalled = Some(e.message.clone());
+                } else if n == 0 && (e.reason == SkipReason::UnreadableShard || e.key.is_none()) {
+                    first_error = Some(e.message.clone());
+                }
             }
-        }
-        n += 1;
-        ControlFlow::Continue(())
-    });
+            n += 1;
+            ControlFlow::Continue(())
+        })
+        .map_err(unreadable)?;
+    if let Some(message) = stalled {
+        return Err((SkipReason::StalledShard, message));
+    }
     // Failing before the first member header: not a shard at all.
     match first_error {
-        Some(message) if n == 1 => Err(message),
+        Some(message) if n == 1 => Err(unreadable(message)),
         _ => Ok(n),
     }
 }
@@ -629,6 +873,90 @@ mod tests {
         assert_eq!(set.shards[0].samples, 6);
         assert_eq!(set.open_skips.total(), 1);
         assert_eq!(set.open_skips.get("unreadable_shard"), Some(&1));
+    }
+
+    /// A command that writes part of a shard, then hangs (in a process it started): after
+    /// the deadline the samples delivered are read, then one `stalled_shard` item; the hung
+    /// process is killed. Counting such a shard skips it as stalled, never caching a count.
+    #[test]
+    fn a_pipe_that_stalls_is_killed_and_ends_as_a_stalled_shard() {
+        let data = tempfile::tempdir().unwrap();
+        let a = data.path().join("00000.tar");
+        shard(&a, 40);
+        let pid_file = data.path().join("sleep.pid");
+        let cmd = format!(
+            "head -c 5000 '{}'; sleep 100000 & echo $! > '{}'; wait",
+            a.display(),
+            pid_file.display()
+        );
+        let stalled = ShardLocation::Pipe(cmd);
+        let timeout = Duration::from_millis(500);
+        let mut items = Vec::new();
+        let started = Instant::now();
+        stalled
+            .for_each_sample_within(CaptionDraw::default(), Some(timeout), |item| {
+                items.push(item);
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        eprintln!("stall to skip: {:?} with data.read_timeout_s 0.5", started.elapsed());
+        let (last, delivered) = items.split_last().unwrap();
+        assert!(!delivered.is_empty() && delivered.iter().all(Result::is_ok), "{items:?}");
+        let err = last.as_ref().unwrap_err();
+        assert_eq!(err.reason, SkipReason::StalledShard);
+        assert_eq!(err.message, "no byte for 0.5 s (data.read_timeout_s): the command was killed");
+        // The `sleep` the command started is gone too (or a zombie waiting for its reaper).
+        let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|s| !s.starts_with(" Z")))
+        };
+        while alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(), "the command's sleep {pid} lives on");
+
+        // Counted at start-up: skipped as stalled, and nothing cached for it.
+        let cache = tempfile::tempdir().unwrap();
+        let ok = ShardLocation::File(a.clone());
+        let hints = CountHints { read_timeout: Some(timeout), ..CountHints::default() };
+        let set = ShardSet::resolve_counted(
+            &source(vec![ShardLocation::Pipe("sleep 100000".into()), ok]),
+            &hints,
+            Some(cache.path()),
+        )
+        .unwrap();
+        assert_eq!(set.shards.len(), 1);
+        assert_eq!(set.open_skips.get("stalled_shard"), Some(&1));
+        assert_eq!(set.read_timeout, Some(timeout));
+        let cached = std::fs::read_to_string(cache.path().join("shard-counts.json")).unwrap();
+        assert!(!cached.contains("sleep"), "{cached}");
+    }
+
+    /// Files are read on a thread a chunk ahead when there is a deadline: the same bytes.
+    #[test]
+    fn a_file_read_with_a_deadline_reads_the_same_bytes() {
+        let data = tempfile::tempdir().unwrap();
+        let a = data.path().join("00000.tar");
+        // Large enough for several chunks.
+        let big = vec![7u8; 3 * READ_BUFFER + 123];
+        let mut w = crate::formats::webdataset::ShardWriter::create(&a).unwrap();
+        w.write_sample("00000", &[("jpg", &big), ("txt", b"y")]).unwrap();
+        w.finish().unwrap();
+        let location = ShardLocation::File(a.clone());
+        let mut read = Vec::new();
+        location
+            .open_within(Some(Duration::from_secs(60)), &Stall::default())
+            .unwrap()
+            .read_to_end(&mut read)
+            .unwrap();
+        assert!(read == std::fs::read(&a).unwrap());
+        assert_eq!(read_timeout(Some(0.0)), Ok(None));
+        assert_eq!(read_timeout(None), Ok(None));
+        assert_eq!(read_timeout(Some(1.5)), Ok(Some(Duration::from_millis(1500))));
+        assert!(read_timeout(Some(-1.0)).unwrap_err().contains("-1 is not a number of seconds"));
+        assert!(read_timeout(Some(f64::NAN)).is_err());
     }
 
     #[test]

@@ -607,7 +607,7 @@ mod tests {
 
         // The packed directory is a spec that reads back every sample.
         let spec = DataSpec::parse(out.to_str().unwrap()).unwrap();
-        let stats = crate::tools::stats::stats(&spec, 2, &mut |_, _| {}).unwrap();
+        let stats = crate::tools::stats::stats(&spec, 2, None, &mut |_, _| {}).unwrap();
         assert_eq!((stats.samples, stats.shards, stats.skipped.total()), (6, 2, 0));
     }
 

@@ -2,6 +2,7 @@
 //! caption checked) and count the usable ones and the skipped ones by reason.
 
 use std::ops::ControlFlow;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +12,7 @@ use crate::formats::webdataset::RawSample;
 pub use crate::parallel::default_threads;
 use crate::parallel::map_in_order;
 use crate::skip::{SampleError, SkipCounts, SkipReason};
-use crate::sources::shards::ShardSet;
+use crate::sources::shards::{CountHints, ShardSet};
 use crate::sources::spec::DataSpec;
 use crate::sources::table::CaptionDraw;
 use crate::sources::{open_indexed, open_table, Dataset};
@@ -31,15 +32,19 @@ pub struct DataStats {
     pub shards: u64,
 }
 
-/// Opens `spec` and reads every sample on up to `threads` threads. `progress` is called
-/// with (samples read, samples in the source) as reading goes on.
+/// Opens `spec` and reads every sample on up to `threads` threads, each shard read waiting at
+/// most `read_timeout` for a byte (`None`: for ever; a shard that stalls is one
+/// `stalled_shard`). `progress` is called with (samples read, samples in the source) as
+/// reading goes on.
 pub fn stats(
     spec: &DataSpec,
     threads: usize,
+    read_timeout: Option<Duration>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<DataStats, DataError> {
     if let DataSpec::Shards(sources) = spec {
-        let set = ShardSet::resolve(sources)?;
+        let set =
+            ShardSet::resolve_with(sources, &CountHints { read_timeout, ..Default::default() })?;
         let (samples, skipped) = count_shard_samples(&set, threads, progress)?;
         return Ok(DataStats { samples, skipped, shards: set.shards.len() as u64 });
     }
@@ -96,7 +101,8 @@ pub fn count_shard_samples(
     for shard in &set.shards {
         let mut chunk = Vec::with_capacity(CHUNK_SAMPLES);
         let mut failed = Ok(());
-        let read = shard.location.for_each_sample(CaptionDraw::default(), |item| {
+        let draw = CaptionDraw::default();
+        let read = shard.location.for_each_sample_within(draw, set.read_timeout, |item| {
             chunk.push(item);
             if chunk.len() >= CHUNK_SAMPLES {
                 failed = check(&mut chunk);
@@ -171,7 +177,7 @@ mod tests {
                 .unwrap();
         let spec = DataSpec::parse(dir.to_str().unwrap()).unwrap();
         for threads in [1, 3] {
-            let got = stats(&spec, threads, &mut |_, _| {}).unwrap();
+            let got = stats(&spec, threads, None, &mut |_, _| {}).unwrap();
             assert_eq!(serde_json::to_value(&got).unwrap(), expected, "threads {threads}");
         }
     }
@@ -205,7 +211,7 @@ mod tests {
         }
         let spec = DataSpec::parse(d.join("shards").to_str().unwrap()).unwrap();
         let mut calls = Vec::new();
-        let s = stats(&spec, 2, &mut |done, total| calls.push((done, total))).unwrap();
+        let s = stats(&spec, 2, None, &mut |done, total| calls.push((done, total))).unwrap();
         assert_eq!((s.samples, s.shards), (2, 2));
         assert_eq!(s.skipped.get("undecodable_image"), Some(&2));
         assert_eq!(s.skipped.get("missing_image"), Some(&2));
@@ -220,10 +226,10 @@ mod tests {
         write(&d.join("a.jpg"), &good);
         write(&d.join("list.csv"), b"filepath,title\na.jpg,ok\na.jpg,\nnone.jpg,x\n");
         let spec = DataSpec::parse(d.join("list.csv").to_str().unwrap()).unwrap();
-        let s = stats(&spec, 1, &mut |_, _| {}).unwrap();
+        let s = stats(&spec, 1, None, &mut |_, _| {}).unwrap();
         assert_eq!((s.samples, s.shards, s.skipped.total()), (1, 0, 2));
 
-        let s = stats(&DataSpec::Synthetic(3), 2, &mut |_, _| {}).unwrap();
+        let s = stats(&DataSpec::Synthetic(3), 2, None, &mut |_, _| {}).unwrap();
         assert_eq!((s.samples, s.shards, s.skipped.total()), (3, 0, 0));
     }
 }

@@ -174,6 +174,10 @@ pub struct BenchLoaderArgs {
     /// Seed of the shuffle and of the random crops.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Seconds a shard read may wait for a byte (`data.read_timeout_s`; 0: for ever, which
+    /// reads shard files without the reading thread a deadline needs).
+    #[arg(long, default_value_t = oxclip_data_loader::sources::shards::DEFAULT_READ_TIMEOUT_S)]
+    pub read_timeout_s: f64,
 }
 
 #[derive(Serialize)]
@@ -200,13 +204,17 @@ struct LoaderBenchResult {
 pub fn loader(args: BenchLoaderArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    let data = DataSource::open(&DataSpec::parse(&args.data)?, args.seed)?;
+    let read_timeout = oxclip_data_loader::sources::shards::read_timeout(Some(args.read_timeout_s))
+        .map_err(|e| anyhow::anyhow!("--read-timeout-s: {e}"))?;
+    let options = ShardOptions { read_timeout, ..ShardOptions::default() };
+    let data =
+        DataSource::open_with(&DataSpec::parse(&args.data)?, args.seed, &options.count_hints())?;
     let tokenizer = oxclip_data_loader::Tokenizer::clip_from_bpe_gz(
         &oxclip_data_loader::tokenizer::default_clip_vocab_path()?,
     )?;
     let mut loader = Loader::open(
         &data,
-        &ShardOptions::default(),
+        &options,
         tokenizer,
         LoaderConfig {
             batch_size: args.batch_size,

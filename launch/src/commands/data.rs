@@ -52,6 +52,10 @@ pub struct StatsArgs {
     /// Threads that read and decode (default: the machine's cores, at most 16).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Seconds a shard read may wait for a byte before the shard counts as a
+    /// `stalled_shard` (as `data.read_timeout_s`; 0: wait for ever).
+    #[arg(long, default_value_t = shards::DEFAULT_READ_TIMEOUT_S)]
+    pub read_timeout_s: f64,
 }
 
 #[derive(Args)]
@@ -155,7 +159,9 @@ pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
     let spec = DataSpec::parse(&args.spec)?;
     let threads = args.threads.unwrap_or_else(tools::stats::default_threads).max(1);
     let bar = progress_bar("stats", "samples");
-    let result = tools::stats::stats(&spec, threads, &mut |done, total| {
+    let read_timeout = shards::read_timeout(Some(args.read_timeout_s))
+        .map_err(|e| anyhow::anyhow!("--read-timeout-s: {e}"))?;
+    let result = tools::stats::stats(&spec, threads, read_timeout, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;

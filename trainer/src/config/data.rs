@@ -10,6 +10,7 @@ use std::path::Path;
 
 use oxclip_data_loader::augment::Augment;
 use oxclip_data_loader::plan::stream::{ShardOptions, DEFAULT_SHUFFLE_BUFFER};
+use oxclip_data_loader::sources::shards::{read_timeout, DEFAULT_READ_TIMEOUT_S};
 use oxclip_data_loader::transform::{Interpolation, Preprocess, ResizeMode};
 use oxclip_data_loader::Tokenizer;
 use serde::{Deserialize, Serialize};
@@ -80,6 +81,12 @@ pub struct DataConfig {
     /// `sizes.json`), for shards without an index beside them (remote `pipe:` shards).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard_sizes: Option<String>,
+    /// Shards: seconds a shard read may wait for a byte before the shard is skipped as
+    /// `stalled_shard` (a `pipe:` command that hangs, a stalled object store or NFS); 0 or
+    /// null: wait for ever. Generous by default, so a slow store that still delivers is never
+    /// cut off.
+    #[serde(default = "default_read_timeout_s")]
+    pub read_timeout_s: Option<f64>,
     /// Write the keys of every training batch to `RUN/keys-rank<R>.tsv` (`step<TAB>key ...`),
     /// to audit what a run saw.
     #[serde(default)]
@@ -91,15 +98,19 @@ pub struct DataConfig {
 }
 
 impl DataConfig {
-    /// How the loader streams shards.
-    pub fn shard_options(&self) -> ShardOptions {
-        ShardOptions {
+    /// How the loader streams shards; an error names `data.read_timeout_s` when it is no
+    /// number of seconds.
+    pub fn shard_options(&self) -> Result<ShardOptions> {
+        let read_timeout = read_timeout(self.read_timeout_s)
+            .map_err(|e| TrainError::Config(format!("data.read_timeout_s: {e}")))?;
+        Ok(ShardOptions {
             shuffle_buffer: self.shuffle_buffer,
             resampled: self.resampled,
             upsampling_factors: self.upsampling_factors.clone(),
             samples_per_epoch: self.samples_per_epoch,
             shard_sizes: self.shard_sizes.as_ref().map(std::path::PathBuf::from),
-        }
+            read_timeout,
+        })
     }
 
     /// The image preprocessing: the model's ([`crate::prepare::default_preprocess`]) with
@@ -144,6 +155,10 @@ impl DataConfig {
     }
 }
 
+fn default_read_timeout_s() -> Option<f64> {
+    Some(DEFAULT_READ_TIMEOUT_S)
+}
+
 fn default_shuffle_buffer() -> usize {
     DEFAULT_SHUFFLE_BUFFER
 }
@@ -181,6 +196,23 @@ mod tests {
             serde_yaml::from_str("train: synthetic:8\nimage_std: [0.5, 0, 0.5]\n").unwrap();
         assert!(bad.preprocess(&siglip).unwrap_err().to_string().contains("data.image_std"));
         assert!(serde_yaml::from_str::<DataConfig>("train: x\nresize_mode: crop\n").is_err());
+    }
+
+    #[test]
+    fn read_timeout_s_defaults_to_a_generous_deadline_and_0_or_null_waits_for_ever() {
+        use std::time::Duration;
+        let timeout = |yaml: &str| {
+            serde_yaml::from_str::<DataConfig>(&format!("train: synthetic:8\n{yaml}"))
+                .unwrap()
+                .shard_options()
+                .map(|o| o.read_timeout)
+        };
+        assert_eq!(timeout("").unwrap(), Some(Duration::from_secs(300)));
+        assert_eq!(timeout("read_timeout_s: 2.5\n").unwrap(), Some(Duration::from_millis(2500)));
+        assert_eq!(timeout("read_timeout_s: 0\n").unwrap(), None);
+        assert_eq!(timeout("read_timeout_s: null\n").unwrap(), None);
+        let err = timeout("read_timeout_s: -1\n").unwrap_err().to_string();
+        assert!(err.contains("data.read_timeout_s: -1 is not a number of seconds"), "{err}");
     }
 
     #[test]

@@ -239,6 +239,7 @@ impl RunConfig {
         self.optim.validate(self.train.steps)?;
         self.loss.validate(&self.model)?;
         self.dist.validate()?;
+        self.data.shard_options()?;
         self.data.preprocess(&self.model).map(|_| ())
     }
 

@@ -108,6 +108,80 @@ pub fn write_safetensors(
         .map_err(|e| TrainError::Weights { path: path.into(), message: e.to_string() })
 }
 
+/// The safetensors dtype a tensor of `kind` is stored as; `None` for kinds safetensors has
+/// no dtype for (complex numbers, quantized kinds).
+fn dtype_of(kind: Kind) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype;
+    Some(match kind {
+        Kind::Bool => Dtype::BOOL,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Int8 => Dtype::I8,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int => Dtype::I32,
+        Kind::Int64 => Dtype::I64,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Half => Dtype::F16,
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        _ => return None,
+    })
+}
+
+/// Writes `tensors` as a safetensors file to `out`, each in its own kind (fp32, bf16, int64),
+/// with no metadata and the tensors ordered as the safetensors crate orders them (widest
+/// dtype first, then by name): byte for byte what tch's `Tensor::write_safetensors` writes.
+/// Unlike that, the caller owns the file, so a failed write keeps the OS's error (`No space
+/// left on device`, `File too large`) instead of arriving as text, and the caller can fsync
+/// it. One tensor's bytes are in memory at a time, beside the tensors themselves.
+pub fn write_tensors_to(
+    tensors: &[(String, Tensor)],
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    use std::io::Error;
+    let mut order = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let kind = t.f_kind().map_err(Error::other)?;
+        let dtype = dtype_of(kind).ok_or_else(|| {
+            Error::other(format!("{name} is a {kind:?} tensor, which safetensors cannot hold"))
+        })?;
+        order.push((dtype, name, t));
+    }
+    order.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    // The header: a JSON object in that order (serde_json's maps would sort the keys).
+    let mut header = String::from("{");
+    let mut offset = 0usize;
+    for (i, (dtype, name, t)) in order.iter().enumerate() {
+        let bytes = t.numel() * dtype.size();
+        let info = safetensors::tensor::TensorInfo {
+            dtype: *dtype,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            data_offsets: (offset, offset + bytes),
+        };
+        offset += bytes;
+        if i > 0 {
+            header.push(',');
+        }
+        header.push_str(&serde_json::to_string(name.as_str()).map_err(Error::other)?);
+        header.push(':');
+        header.push_str(&serde_json::to_string(&info).map_err(Error::other)?);
+    }
+    header.push('}');
+    // Padded with spaces to a multiple of 8 bytes, so that the data starts aligned.
+    let padded = header.len().div_ceil(8) * 8;
+    let mut header = header.into_bytes();
+    header.resize(padded, b' ');
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(&header)?;
+    let mut buf = Vec::new();
+    for (dtype, _, t) in &order {
+        let numel = t.numel();
+        buf.resize(numel * dtype.size(), 0);
+        t.f_copy_data_u8(&mut buf, numel).map_err(Error::other)?;
+        out.write_all(&buf)?;
+    }
+    Ok(())
+}
+
 /// Whether the file at `path` starts as a safetensors file does: an 8-byte header length,
 /// then the JSON header.
 pub(super) fn looks_safetensors(path: &Path) -> bool {
