@@ -147,9 +147,9 @@ YAML
     echo "skipped, out of time: nccl init timeout" | tee -a "$OUT/failures.txt"
   else
     sed 's/timeout_s: 120/timeout_s: 5/' "$D/run.yaml" > "$D/init.yaml"
-    python3 scripts/silent_peer.py 29730 1 2 1 2> "$D/peer.log" & PEER=$!
+    OXCLIP_RDZV_TOKEN=gpu-check python3 scripts/silent_peer.py 29730 1 2 1 2> "$D/peer.log" & PEER=$!
     started=$SECONDS
-    RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29730 \
+    OXCLIP_RDZV_TOKEN=gpu-check RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29730 \
       timeout --kill-after=5 60 "$BIN" train --config "$D/init.yaml" --run-dir "$D/init" > "$D/init.log" 2>&1
     status=$? took=$((SECONDS - started))
     kill $PEER 2>/dev/null; wait $PEER 2>/dev/null
