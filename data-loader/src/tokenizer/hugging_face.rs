@@ -33,12 +33,13 @@ pub(super) struct HfPrep {
 }
 
 /// The tokenizers library's reading of a tokenizer.json, or why it cannot be one. The bytes
-/// are checked to be JSON first: tokenizers 0.22 panics (`expect("Helper")` in
-/// `decoders/mod.rs`) when the file's syntax breaks inside its `decoder`, where it should
-/// return an error; after the check, its decoder fallback takes any JSON value, so it cannot.
+/// are read as JSON first: tokenizers 0.22 panics (`expect("Helper")` in `decoders/mod.rs`)
+/// when the file's JSON breaks inside its `decoder` (cut short, a key that is not a string, a
+/// lone surrogate escape), where it should return an error; once the whole file is valid JSON
+/// its decoder fallback takes any value, so it cannot. Read into a `Value`, not skipped over:
+/// serde_json checks string escapes only when it keeps the string.
 fn parse_tokenizer_json(bytes: &[u8]) -> Result<tokenizers::Tokenizer, String> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
-        .map_err(|e| format!("not valid JSON: {e}"))?;
+    serde_json::from_slice::<Value>(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
     tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| e.to_string())
 }
 
@@ -396,6 +397,10 @@ mod tests {
         let broken = text.replacen("\"prefix\"", "7", 1);
         let err = Tokenizer::from_tokenizer_json_bytes(broken.as_bytes()).expect_err("refused");
         assert!(err.to_string().contains("key must be a string"), "{err}");
+        // An escape that is no character (a lone surrogate), inside the decoder.
+        let broken = text.replacen("\"##\"", "\"\\ud800\"", 1);
+        let err = Tokenizer::from_tokenizer_json_bytes(broken.as_bytes()).expect_err("refused");
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
         Tokenizer::from_tokenizer_json_bytes(text.as_bytes()).expect("the whole file loads");
     }
 }
