@@ -12,7 +12,7 @@
 #   PARSER      test names to run (default all): tar_shards shard_index_json csv_source
 #               jsonl_source tokenizer_json safetensors_weights checkpoint_manifest
 #               checkpoint_safetensors_header trainer_state_json sharded_index_json
-#               pickle_weights run_config_yaml
+#               pickle_weights run_config_yaml model_dir_config_json
 #
 # Needs LIBTORCH (as `make test` sets it from ~/.cache/oxclip/env.mk).
 set -euo pipefail
@@ -42,7 +42,7 @@ trap 'rm -f "$log"' EXIT
 status=0
 # One parser at a time per test thread, each printing its line as it ends.
 cargo test --release --locked -p oxclip-trainer --test fuzz -- --nocapture "${filters[@]}" \
-    2>&1 | tee "$log" | grep -E '^fuzz |panicked|hung|allocation|test result' || true
+    2>&1 | tee "$log" | grep --line-buffered -E '^fuzz |panicked|hung|allocation|test result' || true
 if ! grep -q '^test result: ok' "$log"; then
     status=1
     echo "fuzzing failed; the full log:" >&2

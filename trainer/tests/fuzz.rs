@@ -24,6 +24,7 @@ use oxclip_data_loader::tokenizer::HfOptions;
 use oxclip_data_loader::Tokenizer;
 use oxclip_trainer::checkpoint::{self, Depth, TrainerState};
 use oxclip_trainer::config::{self, Overrides};
+use oxclip_trainer::interchange::pretrained::Pretrained;
 use oxclip_trainer::interchange::weights::read_weights;
 use oxclip_trainer::model::{Clip, ModelConfig};
 use oxclip_trainer::optim::{AdamW, AdamWConfig};
@@ -438,5 +439,34 @@ fn run_config_yaml() {
     fuzz("run_config_yaml", seeds, 30000, move |bytes| {
         write(&path, bytes);
         config::load(&path, &overrides).map(|_| ())
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trainer: a model directory's own config (Hugging Face's `config.json`, open_clip's
+// `open_clip_config.json`), as `--init DIR` and `model: DIR` read it.
+
+#[test]
+fn model_dir_config_json() {
+    let dir = scratch();
+    let seeds = vec![
+        read(fixtures().join("hf_tiny/config.json")),
+        read(fixtures().join("hf_siglip_tiny/config.json")),
+        read(fixtures().join("hf_clip_quickgelu_tiny/config.json")),
+        read(fixtures().join("clip_benchmark/model/open_clip_config.json")),
+    ];
+    // The weights beside it are only named, never read, when the config is.
+    let weights = dir.path().join("model.safetensors");
+    write(&weights, b"");
+    let (hf, open_clip) =
+        (dir.path().join("config.json"), dir.path().join("open_clip_config.json"));
+    fuzz("model_dir_config_json", seeds, 50000, move |bytes| {
+        if mentions(bytes, b"model_cfg") {
+            write(&open_clip, bytes);
+            Pretrained::open_clip(&open_clip, &weights).map(|_| ())
+        } else {
+            write(&hf, bytes);
+            Pretrained::hugging_face(&hf, &weights).map(|_| ())
+        }
     });
 }
