@@ -71,10 +71,23 @@ fn optimizer_files<'a>(
         return Err(format!("neither {OPTIMIZER_FILE} nor optimizer shards"));
     };
     shards.sort_unstable();
-    if shards != (0..world).collect::<Vec<_>>() {
-        let missing: Vec<String> =
-            (0..world).filter(|r| !shards.contains(r)).map(|r| shard_file(r, world)).collect();
-        return Err(format!("optimizer shards missing: {}", missing.join(", ")));
+    shards.dedup();
+    if let Some(&past) = shards.iter().find(|&&r| r >= world) {
+        return Err(format!("optimizer shard {} of a world of {world}", shard_file(past, world)));
+    }
+    // The world size comes from a file name, or from a manifest that may be damaged: the
+    // missing shards are counted and the first few named, never listed (or allocated) in full.
+    if shards.len() != world {
+        const NAMED: usize = 4;
+        let missing: Vec<String> = (0..world)
+            .filter(|r| shards.binary_search(r).is_err())
+            .take(NAMED)
+            .map(|r| shard_file(r, world))
+            .collect();
+        let count = world - shards.len();
+        let more =
+            if count > NAMED { format!(" and {} more", count - NAMED) } else { String::new() };
+        return Err(format!("optimizer shards missing: {}{more}", missing.join(", ")));
     }
     Ok((0..world).map(|r| shard_file(r, world)).collect())
 }
@@ -1040,5 +1053,42 @@ mod tests {
         let err = files(&[shard_file(0, 2).as_str(), shard_file(1, 3).as_str()]).unwrap_err();
         assert!(err.contains("of 2 and of 3 ranks"), "{err}");
         assert!(files(&[MODEL_FILE]).unwrap_err().contains("neither"));
+    }
+
+    /// Issue 26 (fuzzing): a damaged manifest naming a shard of a world of 10^11 ranks made
+    /// `verify` ask for 16 GiB to list the missing ones (and panic on capacity overflow for
+    /// larger worlds); the missing shards are now counted and the first few named.
+    #[test]
+    fn issue_26_a_huge_world_in_a_shard_name_is_refused_without_listing_it() {
+        let files = |names: &[&str]| optimizer_files(names.iter().copied());
+        for world in ["99999999999", "18446744073709551615"] {
+            let name = format!("optimizer-00000-of-{world}.safetensors");
+            let err = files(&[name.as_str()]).unwrap_err();
+            let more = world.parse::<usize>().unwrap() - 5;
+            assert!(
+                err.starts_with("optimizer shards missing: optimizer-00001-of-")
+                    && err.ends_with(&format!(" and {more} more")),
+                "{err}"
+            );
+        }
+        let err = files(&[shard_file(0, 2).as_str(), shard_file(5, 2).as_str()]).unwrap_err();
+        assert_eq!(err, "optimizer shard optimizer-00005-of-00002.safetensors of a world of 2");
+        let err = files(&["optimizer-00000-of-00000.safetensors"]).unwrap_err();
+        assert!(err.contains("of a world of 0"), "{err}");
+
+        // Through the manifest, as resume reads it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        for file in [MODEL_FILE, STATE_FILE] {
+            fs::write(dir.path().join(file), b"x").expect("writes");
+        }
+        let record = r#"{"bytes": 1, "crc32": "8cdc1683"}"#;
+        let manifest = format!(
+            r#"{{"files": {{"{MODEL_FILE}": {record}, "{STATE_FILE}": {record},
+                "optimizer-00000-of-99999999999.safetensors": {record}}}}}"#
+        );
+        fs::write(dir.path().join(MANIFEST_FILE), manifest).expect("writes");
+        let damage = verify(dir.path(), Depth::Sizes).unwrap_err();
+        assert_eq!(damage.file, MANIFEST_FILE);
+        assert!(damage.problem.starts_with("lists optimizer shards missing"), "{damage}");
     }
 }

@@ -32,6 +32,17 @@ pub(super) struct HfPrep {
     added: usize,
 }
 
+/// The tokenizers library's reading of a tokenizer.json, or why it cannot be one. The bytes
+/// are read as JSON first: tokenizers 0.22 panics (`expect("Helper")` in `decoders/mod.rs`)
+/// when the file's JSON breaks inside its `decoder` (cut short, a key that is not a string, a
+/// lone surrogate escape), where it should return an error; once the whole file is valid JSON
+/// its decoder fallback takes any value, so it cannot. Read into a `Value`, not skipped over:
+/// serde_json checks string escapes only when it keeps the string.
+fn parse_tokenizer_json(bytes: &[u8]) -> Result<tokenizers::Tokenizer, String> {
+    serde_json::from_slice::<Value>(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| e.to_string())
+}
+
 impl Tokenizer {
     /// Any Hugging Face `tokenizer.json`. Its own normalizer and pre-tokenizer apply (no CLIP
     /// cleaning). Start and end tokens are `<|startoftext|>`/`<|endoftext|>` (or open_clip's
@@ -55,7 +66,7 @@ impl Tokenizer {
             path: PathBuf::from("<tokenizer.json>"),
             message,
         };
-        let mut inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| err(e.to_string()))?;
+        let mut inner = parse_tokenizer_json(json).map_err(err)?;
         inner.with_truncation(None).map_err(|e| err(format!("cannot disable truncation: {e}")))?;
         inner.with_padding(None);
         let find = |name: &str| inner.token_to_id(name).map(i64::from);
@@ -98,8 +109,7 @@ impl Tokenizer {
         };
         let err = |message: String| DataError::Tokenizer { path: file.clone(), message };
         let bytes = std::fs::read(&file).map_err(|e| err(format!("cannot read it: {e}")))?;
-        let mut inner =
-            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| err(e.to_string()))?;
+        let mut inner = parse_tokenizer_json(&bytes).map_err(err)?;
         let file_pad = inner.get_padding().map(|p| (p.pad_token.clone(), p.pad_id));
         inner.with_truncation(None).map_err(|e| err(format!("cannot disable truncation: {e}")))?;
         inner.with_padding(None);
@@ -351,5 +361,46 @@ mod hf_tests {
         let (gemma, _) = fixture("gemma_sp");
         let gemma = Tokenizer::hugging_face(&gemma, HfOptions::default()).unwrap();
         assert_eq!((gemma.sot_id(), gemma.eot_id(), gemma.pad_id()), (Some(2), Some(1), 0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bert() -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tokenizers/bert_wp/tokenizer.json");
+        std::fs::read_to_string(path).expect("fixture")
+    }
+
+    /// Issue 26 (fuzzing): a tokenizer.json whose JSON breaks inside its `decoder` made the
+    /// tokenizers library panic; it is an error naming the place instead, by both loaders.
+    #[test]
+    fn issue_26_a_file_cut_inside_its_decoder_is_an_error_not_a_panic() {
+        let text = bert();
+        let decoder = text.find("\"decoder\"").expect("has a decoder");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokenizer.json");
+        for cut in [decoder + 20, decoder + 40, decoder + 55] {
+            let err = Tokenizer::from_tokenizer_json_bytes(&text.as_bytes()[..cut])
+                .expect_err("a cut file is refused")
+                .to_string();
+            assert!(err.contains("not valid JSON") && err.contains("EOF"), "{err}");
+            std::fs::write(&path, &text.as_bytes()[..cut]).expect("writes");
+            let err = Tokenizer::hugging_face(&path, HfOptions::default())
+                .expect_err("a cut file is refused")
+                .to_string();
+            assert!(err.contains("tokenizer.json") && err.contains("not valid JSON"), "{err}");
+        }
+        // A key that is not a string, inside the decoder.
+        let broken = text.replacen("\"prefix\"", "7", 1);
+        let err = Tokenizer::from_tokenizer_json_bytes(broken.as_bytes()).expect_err("refused");
+        assert!(err.to_string().contains("key must be a string"), "{err}");
+        // An escape that is no character (a lone surrogate), inside the decoder.
+        let broken = text.replacen("\"##\"", "\"\\ud800\"", 1);
+        let err = Tokenizer::from_tokenizer_json_bytes(broken.as_bytes()).expect_err("refused");
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+        Tokenizer::from_tokenizer_json_bytes(text.as_bytes()).expect("the whole file loads");
     }
 }
