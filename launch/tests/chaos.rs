@@ -162,14 +162,6 @@ fn damage_newest_checkpoint(run: &Path) -> Option<PathBuf> {
     Some(newest)
 }
 
-/// `trainer_state.json` without the resolved config (which names the run folder).
-fn trainer_state(checkpoint: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(checkpoint.join("trainer_state.json")).expect("state");
-    let mut state: serde_json::Value = serde_json::from_str(&text).expect("json");
-    state.as_object_mut().expect("object").remove("config");
-    state
-}
-
 #[test]
 fn a_run_hit_by_every_kind_of_fault_ends_as_if_never_stopped() {
     let steps = env_number("OXCLIP_CHAOS_STEPS", 30);

@@ -35,18 +35,7 @@ fn config(dir: &Path) -> PathBuf {
 
 /// `oxclip train` as rank `rank` of a 2-rank world whose rank 0 serves on `port`.
 fn rank(config: &Path, rank: usize, port: u16) -> Command {
-    let mut cmd = oxclip();
-    cmd.args(["train", "--config"])
-        .arg(config)
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", "2")
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("OXCLIP_RDZV_TOKEN", TOKEN)
-        .env("OXCLIP_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    cmd
+    train_as_rank(config, rank, 2, port, TOKEN)
 }
 
 /// Waits for `child` and checks that it failed within the timeout plus slack, counted from

@@ -10,7 +10,7 @@ mod util;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,18 +20,7 @@ use util::*;
 const TOKEN: &str = "rendezvous-test-job";
 
 fn rank(config: &Path, rank: usize, port: u16) -> Command {
-    let mut cmd = oxclip();
-    cmd.args(["train", "--config"])
-        .arg(config)
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", "3")
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("OXCLIP_RDZV_TOKEN", TOKEN)
-        .env("OXCLIP_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    cmd
+    train_as_rank(config, rank, 3, port, TOKEN)
 }
 
 /// Collects `child`'s stderr lines as they come.

@@ -270,3 +270,30 @@ pub fn signal(pid: u32, sig: &str) {
         .expect("kill")
         .success());
 }
+
+/// `oxclip train --config CONFIG` as rank `rank` of a `world`-rank job started by hand, as
+/// torchrun would (rank 0 serving on loopback `port`, every rank given the job token
+/// `token`), logging at info; stdout dropped, stderr piped.
+pub fn train_as_rank(config: &Path, rank: usize, world: usize, port: u16, token: &str) -> Command {
+    let mut cmd = oxclip();
+    cmd.args(["train", "--config"])
+        .arg(config)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("OXCLIP_RDZV_TOKEN", token)
+        .env("OXCLIP_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// A checkpoint's `trainer_state.json` without the resolved config, which names the run
+/// folder: what two runs into different folders must agree on.
+pub fn trainer_state(step_dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(step_dir.join("trainer_state.json")).expect("state");
+    let mut state: serde_json::Value = serde_json::from_str(&text).expect("json");
+    state.as_object_mut().expect("object").remove("config");
+    state
+}
