@@ -88,24 +88,6 @@ fn four_ranks_of_8_end_with_the_weights_of_one_rank_of_32() {
     }
 }
 
-/// Child processes of `pid`, from /proc.
-fn children(pid: u32) -> Vec<u32> {
-    let mut kids = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        // pid (comm) state ppid ...: the comm may hold spaces, so split after the last ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            kids.push(child);
-        }
-    }
-    kids
-}
-
 #[test]
 fn a_rank_killed_with_sigkill_ends_the_launch_without_leftovers() {
     let dir = tempfile::tempdir().expect("tempdir");

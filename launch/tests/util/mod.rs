@@ -241,25 +241,32 @@ pub fn bench_loader(data: &str, samples: u32) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON line")
 }
 
-/// The process among the launcher's children whose environment says `RANK=rank`.
-pub fn rank_pid(launcher: u32, rank: usize) -> u32 {
-    let want = format!("RANK={rank}");
+/// Child processes of `pid`, from /proc.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: the comm may hold spaces, so split after the last ')'.
         let ppid = stat
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(1))
             .and_then(|p| p.parse::<u32>().ok());
-        if ppid != Some(launcher) {
-            continue;
-        }
-        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-        if environ.split(|&b| b == 0).any(|var| var == want.as_bytes()) {
-            return pid;
+        if ppid == Some(pid) {
+            kids.push(child);
         }
     }
-    panic!("no rank {rank} among the children of {launcher}");
+    kids
+}
+
+/// The process among the launcher's children whose environment says `RANK=rank`.
+pub fn rank_pid(launcher: u32, rank: usize) -> u32 {
+    let want = format!("RANK={rank}");
+    let found = children(launcher).into_iter().find(|pid| {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        environ.split(|&b| b == 0).any(|var| var == want.as_bytes())
+    });
+    found.unwrap_or_else(|| panic!("no rank {rank} among the children of {launcher}"))
 }
 
 /// Sends `sig` (`-TERM`, `-KILL`, ...) to `pid` with kill(1).
