@@ -17,6 +17,15 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+/// Rust's allocations go to mimalloc; libtorch's stay with glibc ([`tune_glibc_malloc`]). The
+/// loader decodes and batches on threads that every evaluation starts anew, and glibc serves
+/// a new thread from an arena that keeps the peak of whatever ran on it before: a long run's
+/// resident memory rose by tens of megabytes at each evaluation (docs/benchmarks.md, "Memory
+/// over a long run"). mimalloc hands a finished thread's pages to the threads after it, and
+/// runs the loader 9% faster.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "oxclip", version, about = "CLIP pre-training, fine-tuning and evaluation")]
 struct Cli {
@@ -114,24 +123,31 @@ enum BenchCommand {
     Optim(commands::bench::BenchOptimArgs),
 }
 
-/// Decoded samples (600 KB each at 224 px), decode buffers and libtorch's activations are
-/// large allocations that glibc serves with a fresh mmap each time once they pass its
-/// dynamic threshold, so every one paid for zeroing and faulting in its pages again. Fixing
-/// the threshold at the highest value glibc accepts (32 MiB, half its arena heap size) and
-/// trimming the heap only above 1 GiB free lets freed buffers be reused. Batch buffers,
-/// larger than that, are reused explicitly (`Loader::recycle`).
-fn keep_large_allocations_on_the_heap() {
+/// libtorch's activations are large allocations that glibc serves with a fresh mmap each time
+/// once they pass its dynamic threshold, so every one paid for zeroing and faulting in its
+/// pages again. Fixing the threshold at the highest value glibc accepts (32 MiB, half its
+/// arena heap size) and trimming the heap only above 1 GiB free lets freed buffers be reused.
+/// Memory kept for reuse must be kept in few places: glibc opens up to eight arenas per core,
+/// each holding its own peak, so libtorch's threads share two (unless `MALLOC_ARENA_MAX` says
+/// otherwise). Batch buffers, larger than the threshold, are reused explicitly
+/// (`Loader::recycle`).
+fn tune_glibc_malloc() {
     const MMAP_ABOVE: libc::c_int = 32 << 20;
     const TRIM_ABOVE: libc::c_int = 1 << 30;
+    const ARENAS: libc::c_int = 2;
+    let arenas_set_by_user = std::env::var_os("MALLOC_ARENA_MAX").is_some();
     // SAFETY: mallopt only tunes glibc's allocator; called before any thread starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_ABOVE);
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_ABOVE);
+        if !arenas_set_by_user {
+            libc::mallopt(libc::M_ARENA_MAX, ARENAS);
+        }
     }
 }
 
 fn main() -> ExitCode {
-    keep_large_allocations_on_the_heap();
+    tune_glibc_malloc();
     oxclip_trainer::preempt::ignore_file_size_signal();
     let cli = Cli::parse();
     tracing_subscriber::fmt()

@@ -326,7 +326,8 @@ fn eval_datasets_are_evaluated_during_training() {
 /// `eval.datasets` over 3 ranks (210 and 60 images) scores every image of both sets once, as
 /// one process does. The run starts from the clip_benchmark fixture's weights (a model that
 /// tells the digits apart: 79% top-1) at a learning rate of 0, so both runs evaluate those
-/// weights exactly: the same numbers, and clip_benchmark's.
+/// weights exactly: the same numbers, and clip_benchmark's. They evaluate after both steps:
+/// the second evaluation, the kept loaders' second pass over each set, scores the same.
 #[test]
 fn eval_datasets_over_ranks_score_the_whole_sets() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -335,7 +336,7 @@ fn eval_datasets_over_ranks_score_the_whole_sets() {
     std::fs::write(
         &config,
         format!(
-            "run_dir: {run}\nmodel: {model}\ninit:\n  checkpoint: {model}\ndata:\n  train: synthetic:512\n  workers: 1\ntrain:\n  batch_size: 8\n  steps: 2\n  seed: 7\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 2\n  checkpoint_every: 0\n  eval_every: 0\noptim:\n  lr: 0.0\n  warmup_steps: 2\ndist:\n  backend: cpu\n  timeout_s: 120\neval:\n  datasets:\n    - name: digits\n      spec: {digits}\n    - name: ret\n      spec: {ret}\n",
+            "run_dir: {run}\nmodel: {model}\ninit:\n  checkpoint: {model}\ndata:\n  train: synthetic:512\n  workers: 1\ntrain:\n  batch_size: 8\n  steps: 2\n  seed: 7\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 2\n  checkpoint_every: 0\n  eval_every: 1\noptim:\n  lr: 0.0\n  warmup_steps: 2\ndist:\n  backend: cpu\n  timeout_s: 120\neval:\n  datasets:\n    - name: digits\n      spec: {digits}\n    - name: ret\n      spec: {ret}\n",
             run = d.join("run").display(),
             model = fixture().join("model").display(),
             digits = fixture().join("digits").display(),
@@ -353,13 +354,15 @@ fn eval_datasets_over_ranks_score_the_whole_sets() {
     );
     let multi = d.join("multi");
     run_ok(launcher(3, &[]).args(["train", "--config"]).arg(&config).arg("--run-dir").arg(&multi));
-    let read = |run: &Path| -> serde_json::Value {
-        serde_json::from_str(
-            &std::fs::read_to_string(run.join("eval/2.json")).expect("eval/2.json"),
-        )
-        .expect("json")
+    let read = |run: &Path, step: u64| -> serde_json::Value {
+        let path = run.join(format!("eval/{step}.json"));
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("eval json")).expect("json")
     };
-    let (a, b) = (read(&single), read(&multi));
+    let (a, b) = (read(&single, 2), read(&multi, 2));
+    for (run, second) in [(&single, &a), (&multi, &b)] {
+        let first = read(run, 1);
+        assert_eq!(first["datasets"], second["datasets"], "{}: steps 1 and 2", run.display());
+    }
     assert_eq!(b["datasets"]["digits"]["zero_shot"]["samples"], 210, "{b}");
     assert_eq!(b["datasets"]["ret"]["retrieval"]["pairs"], 60, "{b}");
     let expected: serde_json::Value = serde_json::from_str(

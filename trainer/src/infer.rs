@@ -165,6 +165,7 @@ impl Embedder {
                 normalize(&self.model.encode_image(&images).to_kind(Kind::Float))
                     .to_device(Device::Cpu),
             );
+            loader.recycle(batch);
         }
         let mut failures =
             std::mem::take(&mut *files.failures.lock().unwrap_or_else(PoisonError::into_inner));

@@ -74,6 +74,11 @@ struct ValSet {
     /// A set of `eval.datasets`: its tags all carry its name, and a classification set is not
     /// scored for retrieval (its captions are class indices).
     benchmark: bool,
+    /// Opened at the first evaluation and kept: each evaluation is its next pass (the same
+    /// samples in the same order), filling the batch buffers the last one handed back instead
+    /// of allocating tens of megabytes anew on fresh threads (docs/benchmarks.md, "Memory
+    /// over a long run").
+    loader: Option<Loader>,
 }
 
 /// Everything a run holds while it trains: built by [`prepare`], advanced by [`fit`]'s loop.
@@ -707,11 +712,11 @@ fn save_checkpoint(run: &mut Run) -> Result<Option<PathBuf>> {
 /// with `eval.datasets` writes them all to `<run_dir>/eval/<step>.json`. Returns the first
 /// set's zero-shot result (`data.val`'s when there is one).
 fn evaluate(run: &mut Run) -> Result<Option<ZeroShotResult>> {
-    let Some(task) = &run.val_task else { return Ok(None) };
+    let Some(task) = run.val_task.as_mut() else { return Ok(None) };
     run.model.set_training(false);
     let results: Result<Vec<pass::EvalResult>> = task
         .sets
-        .iter()
+        .iter_mut()
         .map(|set| {
             evaluate_task(
                 &run.model,
@@ -1019,6 +1024,7 @@ fn val_task(
             zero_shot,
             multi_caption: false,
             benchmark: false,
+            loader: None,
         });
     }
     for entry in &sets.datasets {
@@ -1050,6 +1056,7 @@ fn val_task(
             zero_shot,
             multi_caption,
             benchmark: true,
+            loader: None,
         });
     }
     Ok((!task.sets.is_empty()).then_some(task))
@@ -1057,25 +1064,28 @@ fn val_task(
 
 fn evaluate_task(
     model: &Clip,
-    set: &ValSet,
+    set: &mut ValSet,
     tokenizer: &Tokenizer,
     preprocess: &Preprocess,
     device: Device,
     workers: usize,
     comm: &dyn Collectives,
 ) -> Result<pass::EvalResult> {
-    let mut loader = pass::eval_loader_with(
-        &set.source,
-        tokenizer.clone(),
-        &model.config,
-        preprocess,
-        256,
-        workers,
-        comm,
-    )?;
+    let loader = match &mut set.loader {
+        Some(loader) => loader,
+        None => set.loader.insert(pass::eval_loader_with(
+            &set.source,
+            tokenizer.clone(),
+            &model.config,
+            preprocess,
+            256,
+            workers,
+            comm,
+        )?),
+    };
     if set.multi_caption {
         let retrieval =
-            pass::evaluate_multi_caption(model, &mut loader, tokenizer, device, comm, &mut |_| {})?;
+            pass::evaluate_multi_caption(model, loader, tokenizer, device, comm, &mut |_| {})?;
         return Ok(pass::EvalResult { zero_shot: None, retrieval: Some(retrieval) });
     }
     let classifier = match &set.zero_shot {
@@ -1084,7 +1094,7 @@ fn evaluate_task(
         }
         None => None,
     };
-    pass::evaluate(model, &mut loader, classifier.as_ref(), !set.benchmark, device, comm)
+    pass::evaluate(model, loader, classifier.as_ref(), !set.benchmark, device, comm)
 }
 
 /// Timings accumulated between two log lines.

@@ -101,6 +101,7 @@ pub fn evaluate_multi_caption(
             texts.push(normalize(&model.encode_text(&tokens).to_kind(Kind::Float)));
         }
         progress(batch.batch_size as u64 + batch.skipped.total());
+        loader.recycle(batch);
     }
     let cat = |parts: &[Tensor], cols: i64| {
         if parts.is_empty() {
@@ -231,6 +232,7 @@ pub fn evaluate_with_progress(
         }
         labels.push(Tensor::from_slice(&batch.labels).to_kind(Kind::Float).to_device(device));
         progress(batch.batch_size as u64 + batch.skipped.total());
+        loader.recycle(batch);
     }
     let empty = |cols: i64| Tensor::zeros([0, cols], (Kind::Float, device));
     let cat = |parts: &[Tensor], cols: i64| {
