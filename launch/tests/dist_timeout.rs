@@ -85,18 +85,12 @@ fn rank_1_alone_exits_naming_rank_0s_address() {
 /// Joins rank 0 at `port` as rank 1 (the greeting, then rank 0's OK once the world is
 /// complete) and returns the open, silent connection.
 fn join_as_rank_1(port: u16) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
-            stream.write_all(&greeting(1, 2, TOKEN)).expect("greeting");
-            let mut ok = [0u8; 2];
-            stream.read_exact(&mut ok).expect("rank 0 answers");
-            assert_eq!(&ok, b"OK");
-            return stream;
-        }
-        assert!(Instant::now() < deadline, "rank 0 never listened on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut stream = connect_when_listening(port, Duration::from_secs(30));
+    stream.write_all(&greeting(1, 2, TOKEN)).expect("greeting");
+    let mut ok = [0u8; 2];
+    stream.read_exact(&mut ok).expect("rank 0 answers");
+    assert_eq!(&ok, b"OK");
+    stream
 }
 
 #[test]
@@ -190,14 +184,7 @@ fn a_silent_stray_connection_does_not_hold_the_rendezvous() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let rank0 = rank(&config(dir.path()), 0, port).spawn().expect("rank 0 starts");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stray = loop {
-        if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) {
-            break stream;
-        }
-        assert!(Instant::now() < deadline, "rank 0 never listened on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let stray = connect_when_listening(port, Duration::from_secs(30));
     let peer = join_as_rank_1(port);
     let stderr = fails_in_time(rank0, Instant::now());
     drop(peer);

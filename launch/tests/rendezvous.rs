@@ -78,14 +78,7 @@ fn strangers_are_refused_while_the_job_forms_and_trains() {
     let port = free_port();
     let mut rank0 = rank(&config, 0, port).spawn().expect("rank 0 starts");
     let log0 = tail_stderr(&mut rank0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let silent = loop {
-        if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) {
-            break stream;
-        }
-        assert!(Instant::now() < deadline, "rank 0 never listened on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let silent = connect_when_listening(port, Duration::from_secs(60));
     let before = peak_rss_kb(rank0.id());
 
     let another_job = stranger(port, &greeting(1, 3, "another-job"));

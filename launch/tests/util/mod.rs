@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 pub fn oxclip() -> Command {
     Command::new(env!("CARGO_BIN_EXE_oxclip"))
@@ -173,6 +174,19 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// A connection to `port` on loopback once something listens there (a rank 0 starting up),
+/// retried for up to `within`.
+pub fn connect_when_listening(port: u16, within: Duration) -> std::net::TcpStream {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            return stream;
+        }
+        assert!(Instant::now() < deadline, "rank 0 never listened on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `oxclip launch --nproc-per-node NPROC [FLAGS] --master-port FREE --`: the command to append
 /// the ranks' subcommand to.
 pub fn launcher(nproc: usize, flags: &[&str]) -> Command {
@@ -212,9 +226,9 @@ pub fn train_killed_then_resumed(config: &Path, run: &Path, kill_at: u64, steps:
         .spawn()
         .expect("spawns");
     let checkpoint = run.join(format!("checkpoints/step_{kill_at}"));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !checkpoint.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(5));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !checkpoint.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
     child.wait().expect("reaped");
