@@ -106,12 +106,14 @@ fn list_prints_every_built_in_name_with_its_parameter_count() {
     let names: Vec<&str> =
         text.lines().map(|l| l.split_whitespace().next().expect("a name")).collect();
     assert_eq!(names, zoo::names().collect::<Vec<_>>());
-    assert_eq!(names.len(), 83);
+    assert_eq!(names.len(), 88);
     let line = |name: &str| {
         text.lines().find(|l| l.split_whitespace().next() == Some(name)).expect("listed").to_owned()
     };
     assert!(line("ViT-B-32").contains("151.3M"), "{}", line("ViT-B-32"));
     assert!(line("ViT-e-14").contains("4581.1M"), "{}", line("ViT-e-14"));
+    // open_clip's count for MobileCLIP-B: 149,777,153 (its MCi stem's BatchNorm buffers excluded).
+    assert!(line("MobileCLIP-B").contains("149.8M"), "{}", line("MobileCLIP-B"));
 }
 
 #[test]
@@ -149,4 +151,18 @@ fn unknown_names_and_fields_are_clear_errors() {
     std::fs::write(&yaml, "embed_dim: 8\nvision_cfg: {image_size: 32, layers: 1, width: 32, patch_size: 8}\ntext_cfg: {heads: 2, widht: 4}\n")
         .expect("write");
     fails_with(&["model", "show", yaml.to_str().expect("utf-8")], &["bad.yaml", "widht", "line 3"]);
+}
+
+/// The per-tower counts add up to the total: BatchNorm's statistics (RN50's, MobileCLIP's MCi
+/// stem's) are tensors of the state_dict but not parameters.
+#[test]
+fn show_counts_parameters_not_buffers() {
+    for (name, line) in [
+        ("RN50", "102,007,137 (logit_scale 1, text 63,690,240, visual 38,316,896)"),
+        ("MobileCLIP-B", "149,777,153 (logit_scale 1, text 63,428,096, visual 86,349,056)"),
+    ] {
+        let out = run_ok(oxclip().args(["model", "show", name]));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(line), "{name}: {text}");
+    }
 }

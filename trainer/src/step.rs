@@ -170,8 +170,8 @@ fn kept_patches(
     let Some(pd) = patch_dropout.filter(|_| model.is_training()) else { return Ok(None) };
     let Some(num_patches) = model.visual.num_patches() else {
         return Err(TrainError::Config(
-            "patch dropout needs an image tower with patch tokens (ViT, timm); \
-             this model's ModifiedResNet has none"
+            "patch dropout needs an image tower whose patch tokens can be dropped; \
+             this model's (a ModifiedResNet, or a timm trunk with relative positions) cannot"
                 .into(),
         ));
     };
@@ -390,13 +390,7 @@ impl MicroBatches {
         let ranges: Vec<Range<i64>> =
             (0..n).step_by(size.max(1) as usize).map(|s| s..(s + size).min(n)).collect();
         let seeds = if ranges.len() > 1 {
-            ranges
-                .iter()
-                .map(|_| {
-                    Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu))
-                        .int64_value(&[0])
-                })
-                .collect()
+            ranges.iter().map(|_| crate::model::staged::draw_seed()).collect()
         } else {
             Vec::new()
         };

@@ -3,79 +3,34 @@
 //! open_clip's configs name, ViT-B-16-SigLIP's features with deterministic full-size weights,
 //! tower locking, and one training step of a SigLIP model (loss and every gradient).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use common::golden::{self, build, check_gradients, max_abs, Row};
 use oxclip_trainer::model::config::Activation;
 use oxclip_trainer::model::lock::{lock, Tower};
 use oxclip_trainer::model::params::deterministic;
 use oxclip_trainer::model::timm_vit::{architecture, NORM_EPS};
-use oxclip_trainer::model::{Clip, ModelConfig};
-use tch::{nn, Device, Kind, Tensor};
+use oxclip_trainer::model::Clip;
+use oxclip_trainer::model::ModelConfig;
+use tch::{Kind, Tensor};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/siglip")
+    common::fixtures().join("siglip")
 }
 
 fn json(name: &str) -> serde_json::Value {
-    let path = fixtures().join(name);
-    serde_json::from_str(
-        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .expect("json")
+    golden::json(&fixtures().join(name))
 }
 
 fn read(name: &str) -> BTreeMap<String, Tensor> {
-    let path = fixtures().join(name);
-    Tensor::read_safetensors(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
+    golden::read(&fixtures().join(name))
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
-
-/// `[[name, shape, mean, std, dtype]]`, sorted by name, as golden_weights.recipe writes it.
-type Recipe = Vec<(String, Vec<i64>, f64, f64)>;
-
-fn recipe(name: &str) -> Recipe {
-    json(name)
-        .as_array()
-        .expect("recipe rows")
-        .iter()
-        .map(|r| {
-            assert_eq!(r[4], "float32", "{r}");
-            (
-                r[0].as_str().expect("name").to_owned(),
-                serde_json::from_value(r[1].clone()).expect("shape"),
-                r[2].as_f64().expect("mean"),
-                r[3].as_f64().expect("std"),
-            )
-        })
-        .collect()
-}
-
-/// The model of `cfg` holding the recipe's deterministic weights (index = position in the
-/// sorted recipe), after checking that `Clip::shapes` lists exactly the recipe's tensors.
-fn build(cfg: &ModelConfig, rows: &Recipe) -> (nn::VarStore, Clip) {
-    let expected: Vec<(String, Vec<i64>)> =
-        rows.iter().map(|(n, s, _, _)| (n.clone(), s.clone())).collect();
-    assert_eq!(
-        Clip::shapes(cfg).expect("shapes"),
-        expected,
-        "open_clip's state_dict names and shapes"
-    );
-    let vs = nn::VarStore::new(Device::Cpu);
-    let clip = Clip::new(&vs.root(), cfg).expect("builds");
-    let vars = vs.variables();
-    tch::no_grad(|| {
-        for (i, (name, shape, mean, std)) in rows.iter().enumerate() {
-            vars[name].shallow_clone().copy_(&deterministic(shape, i, *mean, *std, Kind::Float));
-        }
-    });
-    (vs, clip)
+fn recipe(name: &str) -> Vec<Row> {
+    golden::recipe(&fixtures().join(name))
 }
 
 fn config(name: &str) -> ModelConfig {
@@ -208,39 +163,12 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
         out.loss.double_value(&[]),
         io["loss"].double_value(&[])
     );
-    let vars = vs.variables();
-    let mut worst = (0.0f64, String::new());
-    for (i, (name, shape, _, _)) in rows.iter().enumerate() {
-        let grad = vars[name].grad();
-        assert!(grad.defined(), "{name} has no gradient");
-        let grad = grad.to_kind(Kind::Double);
-        let norm = io[&format!("norm.{name}")].double_value(&[]);
-        let scale = norm.max(1e-8);
-        let ours = [
-            grad.norm().double_value(&[]),
-            (&grad * deterministic(shape, 100_000 + i, 0.0, 1.0, Kind::Double))
-                .sum(Kind::Double)
-                .double_value(&[]),
-            (&grad * deterministic(shape, 200_000 + i, 0.0, 1.0, Kind::Double))
-                .sum(Kind::Double)
-                .double_value(&[]),
-        ];
-        for (key, value) in ["norm", "dot1", "dot2"].iter().zip(ours) {
-            let expected = io[&format!("{key}.{name}")].double_value(&[]);
-            let rel = (value - expected).abs() / scale;
-            if rel > worst.0 {
-                worst = (rel, format!("{key}.{name}"));
-            }
-            assert!(
-                rel <= 1e-4,
-                "{name}: {key} {value} vs open_clip {expected} (gradient norm {norm})"
-            );
-        }
-    }
+    let worst = check_gradients(&vs, &rows, &io, 1e-4);
     println!(
         "SigLIP step: loss diff {dl:e}; worst gradient relative error {:e} ({})",
         worst.0, worst.1
     );
+    let vars = vs.variables();
     assert_eq!(rows.len(), vars.len(), "every parameter compared, logit_bias included");
 }
 

@@ -43,6 +43,11 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
 
 fn list() -> anyhow::Result<()> {
     let width = zoo::names().map(str::len).max().unwrap_or(0);
+    let tower_width = zoo::names()
+        .filter_map(|name| config::resolve_model(name).ok())
+        .map(|cfg| tower(&cfg).len())
+        .max()
+        .unwrap_or(0);
     let mut out = String::new();
     for name in zoo::names() {
         let cfg = config::resolve_model(name)?;
@@ -53,7 +58,7 @@ fn list() -> anyhow::Result<()> {
             _ => "oxclip",
         };
         out += &format!(
-            "{name:<width$}  {:<36}  {:>4} px  {params:>8}  {source}\n",
+            "{name:<width$}  {:<tower_width$}  {:>4} px  {params:>8}  {source}\n",
             tower(&cfg),
             cfg.vision_cfg.image_size
         );
@@ -99,9 +104,11 @@ fn show(args: ModelShowArgs) -> anyhow::Result<()> {
         serde_json::to_value(t.pool_type)?.as_str().unwrap_or("?")
     )?;
     writeln!(out, "embedding:   {}", cfg.embed_dim)?;
-    // Parameters per top-level module: the towers and the loss's scalars.
+    // Parameters per top-level module: the towers and the loss's scalars (buffers, such as
+    // BatchNorm's statistics, are in the tensor count but not the parameter count).
+    let params = Clip::parameter_shapes(&cfg)?;
     let mut groups: BTreeMap<&str, i64> = BTreeMap::new();
-    for (name, shape) in &shapes {
+    for (name, shape) in &params {
         let group = name
             .split('.')
             .next()

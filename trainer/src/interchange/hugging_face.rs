@@ -169,7 +169,7 @@ fn siglip_from_hf_config(json: &Value) -> Msg<ModelConfig> {
         v.int("intermediate_size", 3072)?,
         v.side("image_size", 224)?,
     );
-    let trunks = timm_vit::architectures();
+    let trunks = timm_vit::siglip_trunks();
     let found = trunks
         .iter()
         .find(|s| (s.patch, s.width, s.depth, s.heads, s.mlp_hidden, s.img_size) == arch);
@@ -178,7 +178,7 @@ fn siglip_from_hf_config(json: &Value) -> Msg<ModelConfig> {
         return Err(format!(
             "vision_config (hidden_size {width}, num_hidden_layers {depth}, num_attention_heads {heads}, intermediate_size {mlp}, \
              patch_size {patch}, image_size {image}) is none of the timm SigLIP trunks open_clip builds ({})",
-            timm_vit::ARCHITECTURES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+            timm_vit::SIGLIP.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
         ));
     };
     let width = t.int("hidden_size", 768)?;
@@ -197,7 +197,7 @@ fn siglip_from_hf_config(json: &Value) -> Msg<ModelConfig> {
         image_size: trunk.img_size,
         timm_model_name: Some(trunk.name.into()),
         timm_pool: "map".into(),
-        timm_proj: "none".into(),
+        timm_proj: Some("none".into()),
         // Only where the checkpoint's activation is not the one timm builds for this name.
         act_kwargs: if v_tanh == (trunk.act == Activation::GeluTanh) {
             None
@@ -331,7 +331,7 @@ pub fn clip_to_hf_config(cfg: &ModelConfig) -> serde_json::Value {
 pub fn siglip_to_hf_config(cfg: &ModelConfig) -> Result<Value> {
     let (t, v) = (&cfg.text_cfg, &cfg.vision_cfg);
     let name = v.timm_model_name.as_deref().unwrap_or_default();
-    let trunk = timm_vit::architectures().into_iter().find(|s| s.name == name).ok_or_else(|| {
+    let trunk = timm_vit::siglip_trunks().into_iter().find(|s| s.name == name).ok_or_else(|| {
         TrainError::ModelConfig(format!("vision_cfg.timm_model_name {name:?} is not one of the SigLIP trunks a SiglipModel holds"))
     })?;
     let approximate = |act: &Option<ActKwargs>, default: bool| match act

@@ -89,9 +89,11 @@ pub struct VisionConfig {
     /// The timm trunk's pooling: `map` (the SigLIP attention-pool head), `avg`, `token`, or `` / `none`.
     #[serde(default = "default_timm_pool", skip_serializing_if = "is_default_timm_pool")]
     pub timm_pool: String,
-    /// The projection after a timm trunk: `linear`, or `none` (the trunk's width is the embedding).
+    /// The projection after a timm trunk (open_clip's `TimmModel` head, `timm_head.rs`):
+    /// `linear`, `mlp`, `none` (the trunk's width is the embedding) or null (the trunk's own
+    /// classifier projects).
     #[serde(default = "default_timm_proj", skip_serializing_if = "is_default_timm_proj")]
-    pub timm_proj: String,
+    pub timm_proj: Option<String>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub timm_proj_bias: bool,
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -690,11 +692,11 @@ fn default_timm_pool() -> String {
 fn is_default_timm_pool(v: &String) -> bool {
     v == "avg"
 }
-fn default_timm_proj() -> String {
-    "linear".into()
+fn default_timm_proj() -> Option<String> {
+    Some("linear".into())
 }
-fn is_default_timm_proj(v: &String) -> bool {
-    v == "linear"
+fn is_default_timm_proj(v: &Option<String>) -> bool {
+    v.as_deref() == Some("linear")
 }
 fn default_attn_pooler_queries() -> i64 {
     256

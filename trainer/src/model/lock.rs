@@ -6,10 +6,10 @@
 //!   the last, {last block, ln_post}, {proj};
 //! - text: {token_embedding, positional_embedding}, each residual block but the last,
 //!   {last block, ln_final}, {text_projection};
-//! - a timm trunk (SigLIP), as open_clip's `TimmModel.lock`: timm's groups {patch_embed,
-//!   pos_embed}, each block but the last, {last block, norm}, {attn_pool}; `visual.head`
-//!   is never frozen, and
-//!   `unlocked: 0` freezes the whole trunk.
+//! - a timm trunk, as open_clip's `TimmModel.lock`: timm's groups (for a ViT: the stem, each
+//!   block but the last, {last block, norm}, then {attn_pool, fc_norm, the trunk's own
+//!   classifier} where there are any; `timm_vit::lock_groups`); `visual.head` is never
+//!   frozen, and `unlocked: 0` freezes the whole trunk, its classifier included.
 //!
 //! Frozen parameters get `requires_grad = false`, so backward skips them and the optimizer
 //! never sees them (no state, no weight decay).
@@ -27,8 +27,8 @@ pub enum Tower {
 
 /// The tower's groups of parameter names (exact names, or prefixes ending in `.`).
 fn groups(cfg: &ModelConfig, tower: Tower) -> Vec<Vec<String>> {
-    if let (Tower::Image, VisionTowerKind::Timm(name)) = (tower, cfg.vision_cfg.tower()) {
-        return super::timm_vit::lock_groups(name);
+    if let (Tower::Image, VisionTowerKind::Timm(_)) = (tower, cfg.vision_cfg.tower()) {
+        return super::timm_vit::lock_groups(&cfg.vision_cfg);
     }
     let t = cfg.text_prefix();
     let (first, blocks, layers, last, proj) = match tower {

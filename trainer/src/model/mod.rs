@@ -5,7 +5,7 @@
 //! weights load here with nothing renamed.
 //!
 //! One file per tower: `vision.rs` (open_clip's ViT), `resnet.rs` (OpenAI's ModifiedResNet),
-//! `timm_vit.rs` (the SigLIP trunks), `text.rs`, and `transformer.rs` (the block the ViT and
+//! `timm_vit.rs` (timm's ViT trunks) and `timm_head.rs` (open_clip's head after a timm trunk), `text.rs`, and `transformer.rs` (the block the ViT and
 //! text towers share). `config.rs` is open_clip's JSON schema, `zoo.rs` its built-in configs,
 //! `params.rs` how every parameter is made, `lock.rs` what fine-tuning freezes, `staged.rs`
 //! each tower's forward as stages and activation checkpointing over them, `patch_dropout.rs`
@@ -14,13 +14,16 @@
 //! names. Files (safetensors, other libraries' names and model directories,
 //! export) are the `interchange` module's, which builds on this one.
 
+pub mod batch_norm;
 pub mod config;
+pub mod drop_path;
 pub mod lock;
 pub mod params;
 pub mod patch_dropout;
 pub mod resnet;
 pub mod staged;
 pub mod text;
+pub mod timm_head;
 pub mod timm_vit;
 pub mod transformer;
 pub mod vision;
@@ -33,6 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tch::nn::{self, Init};
 use tch::Tensor;
 
+use batch_norm::BnSwitches;
 pub use config::{ModelConfig, TextConfig, VisionConfig, VisionTowerKind};
 use params::param;
 use resnet::ModifiedResNet;
@@ -65,8 +69,8 @@ pub struct Clip {
 pub enum VisionTower {
     Vit(VisionTransformer),
     ResNet(ModifiedResNet),
-    /// A timm ViT trunk with open_clip's `TimmModel` head (SigLIP, SigLIP 2).
-    Timm(timm_vit::TimmVit),
+    /// A timm ViT trunk with open_clip's `TimmModel` head (SigLIP, SigLIP 2, MobileCLIP, ...).
+    Timm(Box<timm_vit::TimmVit>),
 }
 
 impl VisionTower {
@@ -81,7 +85,7 @@ impl VisionTower {
                 Ok(VisionTower::ResNet(ModifiedResNet::new(p, cfg, stages, config.embed_dim)))
             }
             VisionTowerKind::Timm(_) => {
-                Ok(VisionTower::Timm(timm_vit::TimmVit::new(p, cfg, config.embed_dim)?))
+                Ok(VisionTower::Timm(Box::new(timm_vit::TimmVit::new(p, cfg, config.embed_dim)?)))
             }
         }
     }
@@ -92,12 +96,31 @@ impl VisionTower {
         staged::fold(self.stage_count(), images, |i, x| self.stage(i, x, train, kept))
     }
 
-    /// Patch tokens per image, for the towers that have them (and so can drop some).
+    /// Patch tokens per image, for the towers that can drop some (not a ResNet, nor a timm
+    /// trunk with relative positions).
     pub fn num_patches(&self) -> Option<i64> {
         match self {
             VisionTower::Vit(vit) => Some(vit.num_patches()),
             VisionTower::ResNet(_) => None,
-            VisionTower::Timm(vit) => Some(vit.num_patches()),
+            VisionTower::Timm(vit) => vit.drops_patches().then(|| vit.num_patches()),
+        }
+    }
+
+    /// The switches of the tower's BatchNorms, for the towers that have them.
+    pub fn batch_norm(&self) -> Option<&BnSwitches> {
+        match self {
+            VisionTower::Vit(_) => None,
+            VisionTower::ResNet(resnet) => Some(&resnet.batch_norm),
+            VisionTower::Timm(vit) => vit.batch_norm(),
+        }
+    }
+
+    /// Whether a training-mode forward draws random numbers before the last stage
+    /// (stochastic depth, a dropout inside a block): model/staged.rs seeds each stage then.
+    pub fn draws_in_stages(&self) -> bool {
+        match self {
+            VisionTower::Vit(_) | VisionTower::ResNet(_) => false,
+            VisionTower::Timm(vit) => vit.draws_in_stages(),
         }
     }
 
@@ -131,6 +154,10 @@ pub struct ImageStages<'a> {
 impl Stages for ImageStages<'_> {
     fn count(&self) -> usize {
         self.model.visual.stage_count()
+    }
+
+    fn draws(&self) -> bool {
+        self.model.is_training() && self.model.visual.draws_in_stages()
     }
 
     fn run(&self, i: usize, x: &Tensor) -> Tensor {
@@ -209,6 +236,19 @@ impl Clip {
         built.map(|()| shapes)
     }
 
+    /// [`Clip::shapes`] for the trainable parameters alone (no BatchNorm statistics): what
+    /// open_clip's `model.parameters()` holds.
+    pub fn parameter_shapes(config: &ModelConfig) -> Result<Vec<(String, Vec<i64>)>> {
+        config.validate()?;
+        let mut built = Ok(());
+        let shapes = params::parameter_shapes_of(|root| {
+            if let Err(e) = Clip::new(root, config) {
+                built = Err(e);
+            }
+        });
+        built.map(|()| shapes)
+    }
+
     /// Training mode (BatchNorm normalises with batch statistics and updates its running
     /// ones) or eval mode, as PyTorch's `model.train(on)`.
     pub fn set_training(&self, on: bool) {
@@ -223,10 +263,10 @@ impl Clip {
     /// pass with gradients): BatchNorm normalises with the batch's statistics as the first
     /// time but does not fold them into its running ones again.
     pub fn repeating<T>(&self, f: impl FnOnce() -> T) -> T {
-        let VisionTower::ResNet(resnet) = &self.visual else { return f() };
-        resnet.count_batches(false);
+        let Some(bn) = self.visual.batch_norm() else { return f() };
+        bn.count_batches(false);
         let out = f();
-        resnet.count_batches(true);
+        bn.count_batches(true);
         out
     }
 
@@ -234,8 +274,8 @@ impl Clip {
     /// in training mode too (open_clip's `--lock-image-freeze-bn-stats`). Towers without
     /// BatchNorm are left as they are.
     pub fn freeze_batch_norm(&self) {
-        if let VisionTower::ResNet(resnet) = &self.visual {
-            resnet.freeze_batch_norm();
+        if let Some(bn) = self.visual.batch_norm() {
+            bn.freeze();
         }
     }
 

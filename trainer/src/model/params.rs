@@ -52,6 +52,19 @@ pub fn shapes_of<T>(build: impl FnOnce(&nn::Path) -> T) -> Vec<(String, Vec<i64>
     out
 }
 
+/// [`shapes_of`] for the trainable parameters alone (no BatchNorm statistics).
+pub fn parameter_shapes_of<T>(build: impl FnOnce(&nn::Path) -> T) -> Vec<(String, Vec<i64>)> {
+    let vs = shapes_only(build);
+    let mut out: Vec<(String, Vec<i64>)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(name, t)| (name, t.size()))
+        .collect();
+    out.sort();
+    out
+}
+
 /// Runs `build` as [`shapes_of`] does and counts the elements of its trainable parameters
 /// (buffers excluded).
 pub fn trainable_numel_of<T>(build: impl FnOnce(&nn::Path) -> T) -> i64 {

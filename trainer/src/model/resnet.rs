@@ -8,107 +8,16 @@
 //! - an attention pool instead of the global average: the mean of the final feature map,
 //!   prepended to its positions, is the one query of a multi-head attention over them.
 //!
-//! BatchNorm follows PyTorch: in eval mode it normalises with its running statistics; in
-//! training mode with the batch's, and folds them into the running ones (momentum 0.1,
-//! unbiased variance) unless the forward repeats one already counted (gradient caching's
-//! second pass, see [`ModifiedResNet::count_batches`]).
-
-use std::sync::atomic::{AtomicBool, Ordering};
+//! BatchNorm follows PyTorch (`batch_norm.rs`).
 
 use tch::nn::{self, Init};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
+use super::batch_norm::{BatchNorm2d, BnMode, BnSwitches};
 use super::config::VisionConfig;
-use super::params::{buffer, param};
+use super::params::param;
 use super::staged;
 use super::transformer::{randn, Linear};
-
-/// PyTorch's `nn.BatchNorm2d` defaults.
-const BN_MOMENTUM: f64 = 0.1;
-const BN_EPS: f64 = 1e-5;
-
-/// `nn.BatchNorm2d` with its running statistics as state_dict buffers.
-#[derive(Debug)]
-pub struct BatchNorm2d {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    pub running_mean: Tensor,
-    pub running_var: Tensor,
-    /// Training-mode forwards counted (int64), as PyTorch keeps it.
-    pub num_batches_tracked: Tensor,
-}
-
-/// How a BatchNorm normalises and whether it learns from the batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BnMode {
-    /// Running statistics (`model.eval()`).
-    Eval,
-    /// Batch statistics; `update`: fold them into the running ones.
-    Train { update: bool },
-}
-
-impl BatchNorm2d {
-    /// `weight` starts at `gain`: 1 as PyTorch's, 0 for a block's last BatchNorm (open_clip
-    /// zeroes `bn3.weight` so each residual branch starts as the identity).
-    pub fn new(p: nn::Path, channels: i64, gain: f64) -> Self {
-        let dims = [channels];
-        BatchNorm2d {
-            weight: param(&p, "weight", &dims, Init::Const(gain)),
-            bias: param(&p, "bias", &dims, Init::Const(0.0)),
-            running_mean: buffer(
-                &p,
-                "running_mean",
-                || Tensor::zeros(dims, (Kind::Float, tch::Device::Cpu)),
-                &dims,
-                Kind::Float,
-            ),
-            running_var: buffer(
-                &p,
-                "running_var",
-                || Tensor::ones(dims, (Kind::Float, tch::Device::Cpu)),
-                &dims,
-                Kind::Float,
-            ),
-            num_batches_tracked: buffer(
-                &p,
-                "num_batches_tracked",
-                || Tensor::zeros([], (Kind::Int64, tch::Device::Cpu)),
-                &[],
-                Kind::Int64,
-            ),
-        }
-    }
-
-    pub fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
-        let (training, running) = match mode {
-            BnMode::Eval => (false, true),
-            BnMode::Train { update } => (true, update),
-        };
-        if training && running {
-            tch::no_grad(|| {
-                let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
-            });
-        }
-        // libtorch updates the running statistics in place when they are given in training
-        // mode; without them it normalises with the batch's and leaves them alone.
-        let (mean, var) = if running {
-            (Some(&self.running_mean), Some(&self.running_var))
-        } else {
-            (None, None)
-        };
-        Tensor::batch_norm(
-            x,
-            Some(&self.weight),
-            Some(&self.bias),
-            mean,
-            var,
-            training,
-            BN_MOMENTUM,
-            BN_EPS,
-            true,
-        )
-    }
-}
 
 /// A bias-free 2-d convolution weight (out, in, k, k) with PyTorch's default initialisation,
 /// kaiming_uniform(a = sqrt 5) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -262,10 +171,8 @@ pub struct ModifiedResNet {
     /// layer1 .. layer4.
     pub layers: Vec<Vec<Bottleneck>>,
     pub attnpool: AttentionPool2d,
-    /// Whether training-mode forwards fold batch statistics into the running ones.
-    count_batches: AtomicBool,
-    /// BatchNorm in eval mode whatever the model's mode (a locked tower's frozen statistics).
-    frozen_batch_norm: AtomicBool,
+    /// How its BatchNorms follow the model's mode.
+    pub batch_norm: BnSwitches,
 }
 
 impl ModifiedResNet {
@@ -310,23 +217,8 @@ impl ModifiedResNet {
                 cfg.heads(),
                 embed_dim,
             ),
-            count_batches: AtomicBool::new(true),
-            frozen_batch_norm: AtomicBool::new(false),
+            batch_norm: BnSwitches::default(),
         }
-    }
-
-    /// Off: training-mode forwards still normalise with the batch's statistics but leave
-    /// the running ones (and `num_batches_tracked`) as they are. Gradient caching turns it off
-    /// for the pass that repeats each micro-batch's forward with gradients, so that every
-    /// micro-batch is counted once.
-    pub fn count_batches(&self, on: bool) {
-        self.count_batches.store(on, Ordering::Relaxed);
-    }
-
-    /// From now on BatchNorm normalises with the running statistics and never updates them,
-    /// as open_clip's `freeze_batch_norm_2d` (a locked tower with frozen statistics).
-    pub fn freeze_batch_norm(&self) {
-        self.frozen_batch_norm.store(true, Ordering::Relaxed);
     }
 
     /// images: (B, 3, S, S) normalised -> (B, embed_dim), not L2-normalised.
@@ -344,12 +236,7 @@ impl ModifiedResNet {
     /// Stage `i` on its input: images for the stem, feature maps after it. BatchNorm follows
     /// `train` and the switches as they are when the stage runs.
     pub fn stage(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
-        let train = train && !self.frozen_batch_norm.load(Ordering::Relaxed);
-        let mode = if train {
-            BnMode::Train { update: self.count_batches.load(Ordering::Relaxed) }
-        } else {
-            BnMode::Eval
-        };
+        let mode = self.batch_norm.mode(train);
         if i == 0 {
             let mut x = self.bn1.forward(&conv(x, &self.conv1, 2), mode).relu();
             x = self.bn2.forward(&conv(&x, &self.conv2, 1), mode).relu();

@@ -31,9 +31,15 @@
 //! costs no backward pass at all. The first pass's peak is one stage's graph, which the
 //! recompute needs anyway.
 //!
-//! What a stage must not do: draw random numbers (the head may: it is run once). Randomness a
-//! stem needs (patch dropout's kept tokens) comes in with the stage's view as a tensor, so a
-//! recompute sees the same values. BatchNorm's running statistics and the precision of a
+//! Random numbers a stage draws (stochastic depth, a dropout inside a block) must be the same
+//! in a recompute. libtorch's generator state is not reachable from tch, so towers whose
+//! stages draw say so ([`Stages::draws`]), and every forward of them ([`forward`] and
+//! [`checkpointed`] alike) first draws one seed per stage from the generator and re-seeds it
+//! before each stage; the backward pass re-seeds each recompute with its stage's seed. The
+//! plain and the checkpointed forward of the same generator state then draw the same numbers
+//! (gradient caching re-runs a micro-batch under its seed, so its two passes agree too).
+//! Randomness a stem needs from outside (patch dropout's kept tokens) comes in with the
+//! stage's view as a tensor. BatchNorm's running statistics and the precision of a
 //! recompute are the caller's: it wraps [`Stages::run`] (the step re-runs under the same
 //! autocast, with BatchNorm not counting the batch again, `Clip::repeating`).
 
@@ -46,6 +52,32 @@ pub trait Stages {
     fn count(&self) -> usize;
     /// Stage `i` on its input `x`.
     fn run(&self, i: usize, x: &Tensor) -> Tensor;
+    /// Whether the stages draw random numbers (in training: stochastic depth, dropout).
+    fn draws(&self) -> bool {
+        false
+    }
+}
+
+/// A seed drawn from libtorch's CPU generator (a CPU value: no device read).
+pub fn draw_seed() -> i64 {
+    Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0])
+}
+
+/// One seed per stage when the stages draw random numbers.
+fn stage_seeds(stages: &impl Stages) -> Vec<i64> {
+    if stages.draws() {
+        (0..stages.count()).map(|_| draw_seed()).collect()
+    } else {
+        Vec::new()
+    }
+}
+
+/// Stage `i` on `x`, the generator re-seeded with the stage's seed when there are seeds.
+fn run_seeded(stages: &impl Stages, seeds: &[i64], i: usize, x: &Tensor) -> Tensor {
+    if let Some(&seed) = seeds.get(i) {
+        tch::manual_seed(seed);
+    }
+    stages.run(i, x)
 }
 
 /// The plain forward: `run(0, input)`, then each stage on the output of the one before.
@@ -53,9 +85,10 @@ pub fn fold(count: usize, input: &Tensor, run: impl Fn(usize, &Tensor) -> Tensor
     (0..count).fold(input.shallow_clone(), |x, i| run(i, &x))
 }
 
-/// [`fold`] over `stages`.
+/// [`fold`] over `stages`, each re-seeded when they draw random numbers (module docs).
 pub fn forward(stages: &impl Stages, input: &Tensor) -> Tensor {
-    fold(stages.count(), input, |i, x| stages.run(i, x))
+    let seeds = stage_seeds(stages);
+    fold(stages.count(), input, |i, x| run_seeded(stages, &seeds, i, x))
 }
 
 /// What a checkpointed forward keeps of one tower for its backward pass.
@@ -71,17 +104,20 @@ pub struct Checkpointed {
     last_input: Tensor,
     /// The tower's output, with the last stage's graph.
     output: Tensor,
+    /// Each stage's seed, when the stages draw random numbers.
+    seeds: Vec<i64>,
 }
 
 /// Runs `stages` on `input`, keeping the input of every stage but the last and the last
 /// one's graph (see the module docs).
 pub fn checkpointed(stages: &impl Stages, input: &Tensor) -> Checkpointed {
     let last = stages.count() - 1;
+    let seeds = stage_seeds(stages);
     let mut inputs = Vec::with_capacity(last);
     let mut first_trainable = None;
     let mut x = input.shallow_clone();
     for i in 0..last {
-        let out = stages.run(i, &x);
+        let out = run_seeded(stages, &seeds, i, &x);
         // Its input needs no gradient, so the output needs one only through a parameter.
         if first_trainable.is_none() && out.requires_grad() {
             first_trainable = Some(i);
@@ -90,8 +126,8 @@ pub fn checkpointed(stages: &impl Stages, input: &Tensor) -> Checkpointed {
         x = out.detach();
     }
     let last_input = if first_trainable.is_some() { x.set_requires_grad(true) } else { x };
-    let output = stages.run(last, &last_input);
-    Checkpointed { inputs, first_trainable, last_input, output }
+    let output = run_seeded(stages, &seeds, last, &last_input);
+    Checkpointed { inputs, first_trainable, last_input, output, seeds }
 }
 
 impl Checkpointed {
@@ -114,7 +150,7 @@ impl Checkpointed {
             let Some(x) = self.inputs.pop() else { return };
             // Stage `first` needs no gradient for its input: nothing before it trains.
             let x = if i > first { x.set_requires_grad(true) } else { x };
-            let out = stages.run(i, &x);
+            let out = run_seeded(stages, &self.seeds, i, &x);
             // d/d out of sum(out * grad_out) is grad_out, exactly (it is multiplied by 1).
             (out * &grad_out).sum(Kind::Float).backward();
             grad_out = if i > first { x.grad() } else { Tensor::new() };

@@ -1,35 +1,94 @@
-//! The SigLIP / SigLIP 2 image towers as open_clip builds them: a timm `VisionTransformer`
-//! trunk (timm 1.0) under `visual.trunk.`, wrapped by open_clip's `TimmModel`, whose head
-//! (`visual.head.`) is empty for `timm_proj: none` and a Linear for `timm_proj: linear`.
+//! The timm `VisionTransformer` trunks open_clip's configs name, under `visual.trunk.`, with
+//! open_clip's `TimmModel` head after them (`timm_head.rs`). One trunk, as timm 1.0 writes it,
+//! with the options its definitions set:
 //!
-//! The trunk: a patch-embedding convolution with a bias, learned positions for the patches
-//! only (no class token), pre-LN blocks with a fused `qkv`, a final `norm`, then timm's
-//! `AttentionPoolLatent` ("MAP" head): one learned latent query attends over every token,
-//! `x = proj(attention)`, `x = x + mlp(norm(x))`, and the latent's row is the feature. In
-//! training, patch dropout (timm's `patch_drop`, open_clip's `patch_dropout`) keeps some patch
-//! tokens after the positions (`patch_dropout.rs`; no class token to keep in front).
+//! - the stem: a patch-embedding convolution (with a bias unless `pre_norm`), or MobileCLIP's
+//!   MCi convolutional stem (`vit_base_mci_224`: three strided convolutions, BatchNorm and GELU
+//!   between them, under `patch_embed.backbone.`);
+//! - a class token or none; learned positions for every token, for the patches only
+//!   (`no_embed_class`: added before the class token is prepended), or none at all
+//!   (`vit_relpos_*`, whose attention adds a bias from a small MLP over log-spaced relative
+//!   coordinates, timm's `RelPosMlp`); then patch dropout (`patch_dropout.rs`) and `norm_pre`
+//!   (CLIP's ln_pre) where the definition asks for it;
+//! - pre-LN blocks: fused `qkv` (bias optional), LayerScale (`ls1`, `ls2`) where the definition
+//!   sets `init_values`, stochastic depth (`drop_path.rs`) at open_clip's `timm_drop_path`;
+//! - the pooling: the class token (`token`), the mean (`avg`), the maximum (`max`, `avgmax`) of
+//!   the patch tokens, or timm's `AttentionPoolLatent` (`map`: one learned latent query attends
+//!   over the patch tokens; SigLIP), with the final norm before the pooling or, under `fc_norm`,
+//!   after it.
 //!
-//! Only the sixteen timm names open_clip 3.3's SigLIP configs use are built; their
-//! architectures are the `@register_model` definitions of timm's `vision_transformer.py`,
-//! in [`ARCHITECTURES`].
+//! Which pooling a trunk ends with is open_clip's rule: a trunk whose own classifier (or
+//! nothing) projects is built with `timm_pool`; otherwise it is built with its definition's
+//! pooling, which `timm_pool` then replaces unless empty (timm's `reset_classifier`), and the
+//! norm stays where the definition put it.
+//!
+//! The trunks are the `@register_model` definitions of timm's `vision_transformer.py`,
+//! `vision_transformer_hybrid.py` and `vision_transformer_relpos.py` that open_clip 3.3's
+//! configs use, in [`SIGLIP`] and [`CLIP`].
 
 use tch::nn::{self, Init};
 use tch::Tensor;
 
+use super::batch_norm::{BatchNorm2d, BnSwitches};
 use super::config::VisionConfig;
+use super::drop_path::{self, drop_path};
 use super::params::param;
 use super::patch_dropout::keep_patches;
 use super::staged;
-use super::transformer::{Activation, LayerNorm, Linear};
+use super::timm_head::{TimmHead, TimmProj};
+use super::transformer::{Activation, LayerNorm, LayerScale, Linear};
 use crate::error::{Result, TrainError};
 
-/// One timm ViT definition: what its `@register_model` function passes to
-/// `_create_vision_transformer` (and the input size of its pretrained config).
+/// How a trunk turns images into patch tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stem {
+    /// One `patch x patch` convolution of stride `patch`.
+    Patch,
+    /// MobileCLIP's MCi stem (timm's `ConvStem`): 4x4 stride 4 to width / 4, BatchNorm, GELU;
+    /// 2x2 stride 2, BatchNorm, GELU; 2x2 stride 2 to the width, with a bias. 16 px per token.
+    MciConv,
+}
+
+/// A timm pooling over the tokens (`global_pool`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// `''`: no pooling (the tokens themselves).
+    None,
+    Token,
+    Avg,
+    Max,
+    AvgMax,
+    /// `AttentionPoolLatent`.
+    Map,
+}
+
+impl Pool {
+    fn parse(s: &str) -> Option<Pool> {
+        Some(match s {
+            "" => Pool::None,
+            "token" => Pool::Token,
+            "avg" => Pool::Avg,
+            "max" => Pool::Max,
+            "avgmax" => Pool::AvgMax,
+            "map" => Pool::Map,
+            _ => return None,
+        })
+    }
+
+    /// timm's `fc_norm=None` rule: the norm moves after a reducing pool.
+    fn reduces(self) -> bool {
+        matches!(self, Pool::Avg | Pool::Max | Pool::AvgMax)
+    }
+}
+
+/// One timm ViT definition: what its `@register_model` function passes to the model (and the
+/// input size of its pretrained config).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TimmArch {
     pub name: &'static str,
     /// The pretrained config's input size; open_clip's configs use the same `image_size`.
     pub img_size: i64,
+    /// Pixels per token side (the MCi stem's strides multiply to 16).
     pub patch: i64,
     pub width: i64,
     pub depth: i64,
@@ -38,14 +97,55 @@ pub struct TimmArch {
     pub mlp_hidden: i64,
     /// `nn.GELU` unless the definition says `act_layer='gelu_tanh'`.
     pub act: Activation,
+    /// Every LayerNorm's eps: timm's 1e-6, or 1e-5 where the definition passes PyTorch's.
+    pub eps: f64,
+    pub stem: Stem,
+    pub class_token: bool,
+    /// Positions for the patch tokens only, added before the class token is prepended.
+    pub no_embed_class: bool,
+    /// `norm_pre` after the positions (and no bias on the patch convolution).
+    pub pre_norm: bool,
+    pub qkv_bias: bool,
+    /// LayerScale's initial value (`init_values`), when the blocks have it.
+    pub init_values: Option<f64>,
+    /// The definition's `global_pool`.
+    pub pool: Pool,
+    /// The definition's `fc_norm`; `None` follows the pooling ([`Pool::reduces`]).
+    pub fc_norm: Option<bool>,
+    /// `RelPosMlp`'s hidden width: relative positions in every block's attention instead of
+    /// learned absolute ones.
+    pub rel_pos_hidden: Option<i64>,
 }
 
-/// timm's `LayerNorm` default (every norm of these trunks, the MAP head's included).
+/// timm's `LayerNorm` default.
 pub const NORM_EPS: f64 = 1e-6;
 
-// One row of the table below, each argument named by its column.
+/// The SigLIP trunk shape every row starts from: no class token, learned positions for the
+/// patches, MAP pooling, timm's eps.
+const BASE: TimmArch = TimmArch {
+    name: "",
+    img_size: 224,
+    patch: 16,
+    width: 768,
+    depth: 12,
+    heads: 12,
+    mlp_hidden: 3072,
+    act: Activation::Gelu,
+    eps: NORM_EPS,
+    stem: Stem::Patch,
+    class_token: false,
+    no_embed_class: false,
+    pre_norm: false,
+    qkv_bias: true,
+    init_values: None,
+    pool: Pool::Map,
+    fc_norm: None,
+    rel_pos_hidden: None,
+};
+
+// One SigLIP row, each argument named by its column.
 #[allow(clippy::too_many_arguments)]
-const fn arch(
+const fn siglip(
     name: &'static str,
     img_size: i64,
     patch: i64,
@@ -55,92 +155,277 @@ const fn arch(
     mlp_hidden: i64,
     act: Activation,
 ) -> TimmArch {
-    TimmArch { name, img_size, patch, width, depth, heads, mlp_hidden, act }
+    TimmArch { name, img_size, patch, width, depth, heads, mlp_hidden, act, ..BASE }
 }
 
 use Activation::{Gelu, GeluTanh};
 
-/// `class_token=False, global_pool='map'` for all of them; so400m's `mlp_ratio=3.7362` makes
-/// int(1152 * 3.7362) = 4304.
-pub const ARCHITECTURES: [TimmArch; 16] = [
-    arch("vit_base_patch16_siglip_224", 224, 16, 768, 12, 12, 3072, Gelu),
-    arch("vit_base_patch16_siglip_256", 256, 16, 768, 12, 12, 3072, Gelu),
-    arch("vit_base_patch16_siglip_384", 384, 16, 768, 12, 12, 3072, Gelu),
-    arch("vit_base_patch16_siglip_512", 512, 16, 768, 12, 12, 3072, Gelu),
-    arch("vit_base_patch32_siglip_256", 256, 32, 768, 12, 12, 3072, GeluTanh),
-    arch("vit_large_patch16_siglip_256", 256, 16, 1024, 24, 16, 4096, Gelu),
-    arch("vit_large_patch16_siglip_384", 384, 16, 1024, 24, 16, 4096, Gelu),
-    arch("vit_large_patch16_siglip_512", 512, 16, 1024, 24, 16, 4096, GeluTanh),
-    arch("vit_so400m_patch14_siglip_224", 224, 14, 1152, 27, 16, 4304, Gelu),
-    arch("vit_so400m_patch14_siglip_378", 378, 14, 1152, 27, 16, 4304, Gelu),
-    arch("vit_so400m_patch14_siglip_384", 384, 14, 1152, 27, 16, 4304, Gelu),
-    arch("vit_so400m_patch16_siglip_256", 256, 16, 1152, 27, 16, 4304, GeluTanh),
-    arch("vit_so400m_patch16_siglip_384", 384, 16, 1152, 27, 16, 4304, GeluTanh),
-    arch("vit_so400m_patch16_siglip_512", 512, 16, 1152, 27, 16, 4304, GeluTanh),
-    arch("vit_giantopt_patch16_siglip_256", 256, 16, 1536, 40, 16, 6144, GeluTanh),
-    arch("vit_giantopt_patch16_siglip_384", 384, 16, 1536, 40, 16, 6144, GeluTanh),
+/// The SigLIP / SigLIP 2 trunks: `class_token=False, global_pool='map'` for all of them;
+/// so400m's `mlp_ratio=3.7362` makes int(1152 * 3.7362) = 4304.
+pub const SIGLIP: [TimmArch; 16] = [
+    siglip("vit_base_patch16_siglip_224", 224, 16, 768, 12, 12, 3072, Gelu),
+    siglip("vit_base_patch16_siglip_256", 256, 16, 768, 12, 12, 3072, Gelu),
+    siglip("vit_base_patch16_siglip_384", 384, 16, 768, 12, 12, 3072, Gelu),
+    siglip("vit_base_patch16_siglip_512", 512, 16, 768, 12, 12, 3072, Gelu),
+    siglip("vit_base_patch32_siglip_256", 256, 32, 768, 12, 12, 3072, GeluTanh),
+    siglip("vit_large_patch16_siglip_256", 256, 16, 1024, 24, 16, 4096, Gelu),
+    siglip("vit_large_patch16_siglip_384", 384, 16, 1024, 24, 16, 4096, Gelu),
+    siglip("vit_large_patch16_siglip_512", 512, 16, 1024, 24, 16, 4096, GeluTanh),
+    siglip("vit_so400m_patch14_siglip_224", 224, 14, 1152, 27, 16, 4304, Gelu),
+    siglip("vit_so400m_patch14_siglip_378", 378, 14, 1152, 27, 16, 4304, Gelu),
+    siglip("vit_so400m_patch14_siglip_384", 384, 14, 1152, 27, 16, 4304, Gelu),
+    siglip("vit_so400m_patch16_siglip_256", 256, 16, 1152, 27, 16, 4304, GeluTanh),
+    siglip("vit_so400m_patch16_siglip_384", 384, 16, 1152, 27, 16, 4304, GeluTanh),
+    siglip("vit_so400m_patch16_siglip_512", 512, 16, 1152, 27, 16, 4304, GeluTanh),
+    siglip("vit_giantopt_patch16_siglip_256", 256, 16, 1536, 40, 16, 6144, GeluTanh),
+    siglip("vit_giantopt_patch16_siglip_384", 384, 16, 1536, 40, 16, 6144, GeluTanh),
+];
+
+/// The other ViT trunks of open_clip's configs (MobileCLIP, MobileCLIP2-L, the ViT-M pair).
+pub const CLIP: [TimmArch; 4] = [
+    // vision_transformer_hybrid.py: ConvStem((192, 192, 768), strides (4, 2, 2)),
+    // no_embed_class=True; the class token pools.
+    TimmArch {
+        name: "vit_base_mci_224",
+        stem: Stem::MciConv,
+        class_token: true,
+        no_embed_class: true,
+        pool: Pool::Token,
+        ..BASE
+    },
+    // CLIP's ViT-L/14 in timm: pre_norm=True, PyTorch's LayerNorm eps.
+    TimmArch {
+        name: "vit_large_patch14_clip_224",
+        patch: 14,
+        width: 1024,
+        depth: 24,
+        heads: 16,
+        mlp_hidden: 4096,
+        eps: 1e-5,
+        class_token: true,
+        pre_norm: true,
+        pool: Pool::Token,
+        ..BASE
+    },
+    // class_token=False, global_pool='avg', qkv_bias=False, init_values=1e-6, fc_norm=False.
+    TimmArch {
+        name: "vit_medium_patch16_gap_256",
+        img_size: 256,
+        width: 512,
+        heads: 8,
+        mlp_hidden: 2048,
+        qkv_bias: false,
+        init_values: Some(1e-6),
+        pool: Pool::Avg,
+        fc_norm: Some(false),
+        ..BASE
+    },
+    // vision_transformer_relpos.py: qkv_bias=False, fc_norm=False, rel_pos_dim=256,
+    // class_token=True, global_pool='token'; the class's init_values default, 1e-6.
+    TimmArch {
+        name: "vit_relpos_medium_patch16_cls_224",
+        width: 512,
+        heads: 8,
+        mlp_hidden: 2048,
+        class_token: true,
+        qkv_bias: false,
+        init_values: Some(1e-6),
+        pool: Pool::Token,
+        fc_norm: Some(false),
+        rel_pos_hidden: Some(256),
+        ..BASE
+    },
 ];
 
 /// oxclip's own CPU-sized SigLIP trunk (not a timm model: open_clip cannot build it), for
 /// tests and first experiments as the `tiny` model is for CLIP: small enough to commit as a
 /// Hugging Face SiglipModel directory (tests/fixtures/hf_siglip_tiny;
 /// make_hf_siglip_fixtures.py registers it in timm to make that fixture).
-pub const TINY: TimmArch = arch("vit_oxtiny_patch8_siglip_32", 32, 8, 32, 2, 2, 128, GeluTanh);
+pub const TINY: TimmArch = siglip("vit_oxtiny_patch8_siglip_32", 32, 8, 32, 2, 2, 128, GeluTanh);
 
-/// The trunks oxclip builds: open_clip's [`ARCHITECTURES`] and [`TINY`].
-pub fn architectures() -> Vec<TimmArch> {
-    let mut all = ARCHITECTURES.to_vec();
+/// The SigLIP trunks, [`SIGLIP`] and [`TINY`]: what a Hugging Face `SiglipModel` holds.
+pub fn siglip_trunks() -> Vec<TimmArch> {
+    let mut all = SIGLIP.to_vec();
     all.push(TINY);
     all
 }
 
 /// The architecture of a timm model name, or an error listing the names oxclip builds.
 pub fn architecture(name: &str) -> Result<TimmArch> {
-    architectures().into_iter().find(|a| a.name == name).ok_or_else(|| {
-        let names: Vec<&str> = ARCHITECTURES.iter().map(|a| a.name).collect();
+    let known = || SIGLIP.iter().chain(&CLIP).chain([&TINY]);
+    known().find(|a| a.name == name).copied().ok_or_else(|| {
+        let names: Vec<&str> = SIGLIP.iter().chain(&CLIP).map(|a| a.name).collect();
         TrainError::ModelConfig(format!(
-            "vision_cfg.timm_model_name {name:?} is not a timm model oxclip builds; it builds the SigLIP trunks: {}",
+            "vision_cfg.timm_model_name {name:?} is not a timm model oxclip builds; its timm ViTs are: {}",
             names.join(", ")
         ))
     })
 }
 
+/// The pooling a built trunk applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooled {
+    Token,
+    Avg,
+    Max,
+    AvgMax,
+    /// The `AttentionPoolLatent` head.
+    Map,
+}
+
+/// How the trunk ends, after open_clip has built it: the pooling, and whether the final norm
+/// comes before it (`norm`) or after it (`fc_norm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ending {
+    pub pool: Pooled,
+    pub fc_norm: bool,
+}
+
+impl Ending {
+    /// open_clip's rule (module docs) for `cfg.timm_pool` and `timm_proj` on `a`.
+    pub fn of(a: &TimmArch, cfg: &VisionConfig) -> Result<Ending> {
+        let name = a.name;
+        let err = |m: String| Err(TrainError::ModelConfig(m));
+        let Some(asked) = Pool::parse(&cfg.timm_pool) else {
+            return err(format!(
+                "vision_cfg.timm_pool must be \"token\", \"avg\", \"max\", \"avgmax\", \"map\" or \"\" for {name}, got {:?}",
+                cfg.timm_pool
+            ));
+        };
+        let built = if TimmProj::of(cfg)?.trunk_pools() { asked } else { a.pool };
+        let fc_norm = a.fc_norm.unwrap_or(built.reduces());
+        let pool = match (if asked == Pool::None { built } else { asked }, built) {
+            (Pool::None, _) => {
+                return err(format!(
+                    "vision_cfg.timm_pool \"\" with timm_proj none or null leaves {name}'s tokens unpooled; name a pooling"
+                ))
+            }
+            (Pool::Map, Pool::Map) => Pooled::Map,
+            (Pool::Map, _) => {
+                return err(format!(
+                    "vision_cfg.timm_pool \"map\" with timm_proj linear or mlp: timm cannot add an attention pool to {name} after building it"
+                ))
+            }
+            (Pool::Token, _) if !a.class_token => {
+                return err(format!(
+                    "vision_cfg.timm_pool \"token\" needs a class token, which {name} has not"
+                ))
+            }
+            (Pool::Token, _) => Pooled::Token,
+            (Pool::Avg, _) => Pooled::Avg,
+            (Pool::Max, _) => Pooled::Max,
+            (Pool::AvgMax, _) => Pooled::AvgMax,
+        };
+        if a.rel_pos_hidden.is_some() && !matches!(pool, Pooled::Token | Pooled::Avg) {
+            return err(format!("vision_cfg.timm_pool: {name} pools by \"token\" or \"avg\" only"));
+        }
+        Ok(Ending { pool, fc_norm })
+    }
+}
+
 /// timm's initialisation of `nn.Linear` in a ViT (`init_weights_vit_timm`): weights
 /// trunc_normal(std 0.02) truncated at +-2 (i.e. +-100 std: a plain normal), biases zero.
 fn timm_linear(p: nn::Path, in_dim: i64, out_dim: i64) -> Linear {
-    Linear::with_bias_init(
-        p,
-        in_dim,
-        out_dim,
-        Init::Randn { mean: 0.0, stdev: 0.02 },
-        Init::Const(0.0),
-    )
+    Linear::with_bias_init(p, in_dim, out_dim, TIMM_WEIGHT, Init::Const(0.0))
 }
 
-/// timm's `Attention`: fused `qkv` (with a bias), scaled dot-product attention, `proj`.
+const TIMM_WEIGHT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
+
+/// PyTorch's default Conv2d initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weight
+/// and bias (timm leaves convolutions to it).
+fn conv_init(fan_in: i64) -> Init {
+    let bound = (fan_in as f64).powf(-0.5);
+    Init::Uniform { lo: -bound, up: bound }
+}
+
+/// The dropout after `RelPosMlp`'s activation in training (timm's `drop=(0.125, 0.)`).
+pub const REL_POS_DROP: f64 = 0.125;
+
+/// timm's `RelPosMlp` in its `cr` mode: a bias per head and query-key pair, an MLP (ReLU, a
+/// dropout in training) over the pair's log-spaced relative coordinates; the class
+/// token's row and column are zero.
+#[derive(Debug)]
+pub struct RelPosMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    /// (2g-1, 2g-1, 2): sign(d) ln(1 + |d|) of each offset (non-persistent in timm).
+    coords: Tensor,
+    /// (g^2 * g^2,): each query-key pair's row in the flattened coordinate table.
+    index: Tensor,
+    heads: i64,
+    prefix: i64,
+}
+
+impl RelPosMlp {
+    fn new(p: nn::Path, grid: i64, hidden: i64, heads: i64, prefix: i64) -> Self {
+        let side = 2 * grid - 1;
+        let log = |d: i64| (d.signum() as f32) * (1.0 + d.abs() as f32).ln();
+        let mut coords = Vec::with_capacity((side * side * 2) as usize);
+        for dh in -(grid - 1)..grid {
+            for dw in -(grid - 1)..grid {
+                coords.extend([log(dh), log(dw)]);
+            }
+        }
+        let n = grid * grid;
+        let mut index = Vec::with_capacity((n * n) as usize);
+        for q in 0..n {
+            for k in 0..n {
+                let (dh, dw) = (q / grid - k / grid, q % grid - k % grid);
+                index.push((dh + grid - 1) * side + dw + grid - 1);
+            }
+        }
+        let device = p.device();
+        RelPosMlp {
+            fc1: timm_linear(&p / "mlp" / "fc1", 2, hidden),
+            fc2: timm_linear(&p / "mlp" / "fc2", hidden, heads),
+            coords: Tensor::from_slice(&coords).view([side, side, 2]).to_device(device),
+            index: Tensor::from_slice(&index).to_device(device),
+            heads,
+            prefix,
+        }
+    }
+
+    /// (1, heads, N, N), N counting the class token.
+    fn bias(&self, train: bool) -> Tensor {
+        let coords = self.coords.to_kind(self.fc1.weight.kind());
+        let table =
+            self.fc2.forward(&self.fc1.forward(&coords).relu().dropout(REL_POS_DROP, train));
+        let n = self.index.size()[0];
+        let side = (n as f64).sqrt().round() as i64;
+        let bias = table.view([-1, self.heads]).index_select(0, &self.index);
+        let bias = bias.view([side, side, self.heads]).permute([2, 0, 1]);
+        let p = self.prefix;
+        bias.constant_pad_nd([p, 0, p, 0]).unsqueeze(0)
+    }
+}
+
+/// timm's `Attention`: fused `qkv` (bias optional), scaled dot-product attention with the
+/// relative-position bias where there is one, `proj`.
 #[derive(Debug)]
 pub struct SelfAttention {
-    pub qkv: Linear,
+    pub qkv_weight: Tensor,
+    pub qkv_bias: Option<Tensor>,
     pub proj: Linear,
+    pub rel_pos: Option<RelPosMlp>,
     heads: i64,
 }
 
 impl SelfAttention {
     /// x: (B, N, C) -> (B, N, C).
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let size = x.size();
         let (b, n, c) = (size[0], size[1], size[2]);
         // (B, N, 3C) -> (3, B, H, N, C/H)
-        let qkv = self
-            .qkv
-            .forward(x)
+        let qkv = x
+            .linear(&self.qkv_weight, self.qkv_bias.as_ref())
             .view([b, n, 3, self.heads, c / self.heads])
             .permute([2, 0, 3, 1, 4]);
+        let bias = self.rel_pos.as_ref().map(|r| r.bias(train).to_kind(x.kind()));
         let out = Tensor::scaled_dot_product_attention(
             &qkv.get(0),
             &qkv.get(1),
             &qkv.get(2),
-            None::<Tensor>,
+            bias.as_ref(),
             0.0,
             false,
             None,
@@ -172,19 +457,52 @@ impl Mlp {
     }
 }
 
-/// timm's `Block`: x + attn(norm1(x)), then x + mlp(norm2(x)).
+/// timm's `Block`: x + drop_path(ls1(attn(norm1(x)))), then the same with the MLP.
 #[derive(Debug)]
 pub struct Block {
     pub norm1: LayerNorm,
     pub attn: SelfAttention,
+    pub ls1: Option<LayerScale>,
     pub norm2: LayerNorm,
     pub mlp: Mlp,
+    pub ls2: Option<LayerScale>,
+    drop_path: f64,
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let x = x + self.attn.forward(&self.norm1.forward(x));
-        &x + self.mlp.forward(&self.norm2.forward(&x))
+    fn new(p: nn::Path, a: &TimmArch, grid: i64, prefix: i64, drop_path: f64) -> Self {
+        let w = a.width;
+        let attn = &p / "attn";
+        let qkv = &attn / "qkv";
+        Block {
+            norm1: LayerNorm::new(&p / "norm1", w, a.eps),
+            attn: SelfAttention {
+                qkv_weight: param(&qkv, "weight", &[3 * w, w], TIMM_WEIGHT),
+                qkv_bias: a.qkv_bias.then(|| param(&qkv, "bias", &[3 * w], Init::Const(0.0))),
+                proj: timm_linear(&attn / "proj", w, w),
+                rel_pos: a
+                    .rel_pos_hidden
+                    .map(|h| RelPosMlp::new(&attn / "rel_pos", grid, h, a.heads, prefix)),
+                heads: a.heads,
+            },
+            ls1: a.init_values.map(|v| LayerScale::new(&p / "ls1", w, v)),
+            norm2: LayerNorm::new(&p / "norm2", w, a.eps),
+            mlp: Mlp::new(&p / "mlp", w, a.mlp_hidden, a.act),
+            ls2: a.init_values.map(|v| LayerScale::new(&p / "ls2", w, v)),
+            drop_path,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let branch = |y: Tensor, ls: &Option<LayerScale>| {
+            let y = match ls {
+                Some(ls) => ls.forward(&y),
+                None => y,
+            };
+            drop_path(&y, self.drop_path, train)
+        };
+        let x = x + branch(self.attn.forward(&self.norm1.forward(x), train), &self.ls1);
+        &x + branch(self.mlp.forward(&self.norm2.forward(&x)), &self.ls2)
     }
 }
 
@@ -217,7 +535,7 @@ impl AttentionPoolLatent {
             q: timm_linear(&p / "q", w, w),
             kv: timm_linear(&p / "kv", w, 2 * w),
             proj: timm_linear(&p / "proj", w, w),
-            norm: LayerNorm::new(&p / "norm", w, NORM_EPS),
+            norm: LayerNorm::new(&p / "norm", w, a.eps),
             mlp: Mlp::new(&p / "mlp", w, a.mlp_hidden, a.act),
             heads: a.heads,
         }
@@ -253,29 +571,106 @@ impl AttentionPoolLatent {
     }
 }
 
-/// open_clip's `TimmModel.head` after the trunk.
+/// One convolution of the MCi stem and, but for the last, its BatchNorm (then GELU).
 #[derive(Debug)]
-pub enum TimmHead {
-    /// `timm_proj: none`: the trunk's width is the embedding.
-    None,
-    /// `timm_proj: linear`: `head.proj` (bias under `timm_proj_bias`), after a dropout of
-    /// `timm_drop` in training.
-    Linear { weight: Tensor, bias: Option<Tensor>, drop: f64 },
+pub struct StemConv {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub bn: Option<BatchNorm2d>,
+    stride: i64,
+}
+
+/// The patch embedding: timm's `PatchEmbed.proj` or the MCi stem's `backbone`.
+#[derive(Debug)]
+pub enum PatchEmbed {
+    Conv { weight: Tensor, bias: Option<Tensor>, patch: i64 },
+    Mci { convs: Vec<StemConv>, batch_norm: BnSwitches },
+}
+
+impl PatchEmbed {
+    fn new(p: nn::Path, a: &TimmArch) -> Self {
+        match a.stem {
+            Stem::Patch => {
+                let pe = &p / "proj";
+                let init = conv_init(3 * a.patch * a.patch);
+                PatchEmbed::Conv {
+                    weight: param(&pe, "weight", &[a.width, 3, a.patch, a.patch], init),
+                    bias: (!a.pre_norm).then(|| param(&pe, "bias", &[a.width], init)),
+                    patch: a.patch,
+                }
+            }
+            Stem::MciConv => {
+                let w = a.width;
+                let layers = [(3, w / 4, 4), (w / 4, w / 4, 2), (w / 4, w, 2)];
+                let convs = layers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(inp, out, k))| {
+                        let b = &p / "backbone" / i;
+                        let c = &b / "conv";
+                        let init = conv_init(inp * k * k);
+                        let last = i + 1 == layers.len();
+                        StemConv {
+                            weight: param(&c, "weight", &[out, inp, k, k], init),
+                            bias: last.then(|| param(&c, "bias", &[out], init)),
+                            bn: (!last).then(|| BatchNorm2d::new(&b / "bn", out, 1.0)),
+                            stride: k,
+                        }
+                    })
+                    .collect();
+                PatchEmbed::Mci { convs, batch_norm: BnSwitches::default() }
+            }
+        }
+    }
+
+    /// Tokens per side for `image_size` (convolutions without padding round down).
+    fn grid(&self, image_size: i64) -> i64 {
+        match self {
+            PatchEmbed::Conv { patch, .. } => image_size / patch,
+            PatchEmbed::Mci { convs, .. } => convs.iter().fold(image_size, |s, c| s / c.stride),
+        }
+    }
+
+    /// (B, 3, S, S) -> (B, g*g, W).
+    fn forward(&self, images: &Tensor, train: bool) -> Tensor {
+        let x = match self {
+            PatchEmbed::Conv { weight, bias, patch } => {
+                images.conv2d(weight, bias.as_ref(), [*patch, *patch], [0, 0], [1, 1], 1)
+            }
+            PatchEmbed::Mci { convs, batch_norm } => {
+                let mode = batch_norm.mode(train);
+                convs.iter().fold(images.shallow_clone(), |x, c| {
+                    let s = [c.stride, c.stride];
+                    let x = x.conv2d(&c.weight, c.bias.as_ref(), s, [0, 0], [1, 1], 1);
+                    match &c.bn {
+                        Some(bn) => bn.forward(&x, mode).gelu("none"),
+                        None => x,
+                    }
+                })
+            }
+        };
+        x.flatten(2, 3).transpose(1, 2)
+    }
 }
 
 /// The timm ViT trunk and open_clip's head. Variables live under `p` (`visual.`).
 #[derive(Debug)]
 pub struct TimmVit {
     pub arch: TimmArch,
-    /// `patch_embed.proj`: (width, 3, patch, patch) and its bias.
-    pub patch_weight: Tensor,
-    pub patch_bias: Tensor,
-    /// (1, grid^2, width)
-    pub pos_embed: Tensor,
+    pub ending: Ending,
+    pub patch_embed: PatchEmbed,
+    /// (1, 1, width)
+    pub cls_token: Option<Tensor>,
+    /// (1, g*g (+ 1 with a class token that has a position), width)
+    pub pos_embed: Option<Tensor>,
+    pub norm_pre: Option<LayerNorm>,
     pub blocks: Vec<Block>,
+    /// Before the pooling (`norm`) or after it (`fc_norm`, [`Ending::fc_norm`]).
     pub norm: LayerNorm,
-    pub attn_pool: AttentionPoolLatent,
+    /// Built exactly when the ending pools by [`Pooled::Map`].
+    pub attn_pool: Option<AttentionPoolLatent>,
     pub head: TimmHead,
+    num_patches: i64,
 }
 
 impl TimmVit {
@@ -293,41 +688,18 @@ impl TimmVit {
             a.act = cfg.activation(false)?;
         }
         let err = |m: String| Err(TrainError::ModelConfig(m));
-        if cfg.timm_pool != "map" {
+        let ending = Ending::of(&a, cfg)?;
+        let max_drop_path = cfg.timm_drop_path.unwrap_or(0.0);
+        if !(0.0..1.0).contains(&max_drop_path) {
             return err(format!(
-                "vision_cfg.timm_pool {:?} is not built for timm towers; oxclip builds \"map\" (the SigLIP attention-pool head)",
-                cfg.timm_pool
+                "vision_cfg.timm_drop_path must be in [0, 1), got {max_drop_path}"
             ));
         }
-        if cfg.timm_drop_path.is_some_and(|d| d > 0.0) {
-            return err("vision_cfg.timm_drop_path (stochastic depth) is not built yet; remove it or set it to 0".into());
+        if a.rel_pos_hidden.is_some() && cfg.patch_dropout > 0.0 {
+            return err(format!(
+                "vision_cfg.patch_dropout: {name}'s relative positions are for the whole grid, so it cannot drop patches"
+            ));
         }
-        let head = match cfg.timm_proj.as_str() {
-            "none" => {
-                if embed_dim != a.width {
-                    return err(format!(
-                        "vision_cfg.timm_proj: none needs embed_dim ({embed_dim}) equal to the width of {name} ({})",
-                        a.width
-                    ));
-                }
-                TimmHead::None
-            }
-            "linear" => {
-                // open_clip's nn.Linear keeps PyTorch's default initialisation.
-                let hp = &p / "head" / "proj";
-                let init = Linear::default_init(a.width);
-                TimmHead::Linear {
-                    weight: param(&hp, "weight", &[embed_dim, a.width], init),
-                    bias: cfg.timm_proj_bias.then(|| param(&hp, "bias", &[embed_dim], init)),
-                    drop: cfg.timm_drop,
-                }
-            }
-            other => {
-                return err(format!(
-                    "vision_cfg.timm_proj {other:?} is not built for timm towers; oxclip builds \"none\" and \"linear\""
-                ))
-            }
-        };
         if cfg.image_size < a.patch {
             return err(format!(
                 "vision_cfg.image_size {} is smaller than {name}'s patch ({})",
@@ -335,109 +707,179 @@ impl TimmVit {
             ));
         }
         let t = &p / "trunk";
-        let grid = cfg.image_size / a.patch;
         let w = a.width;
-        // PyTorch's default Conv2d initialisation (timm leaves the patch embedding to it).
-        let fan_in = (3 * a.patch * a.patch) as f64;
-        let conv = Init::Uniform { lo: -fan_in.powf(-0.5), up: fan_in.powf(-0.5) };
-        let pe = &t / "patch_embed" / "proj";
+        let patch_embed = PatchEmbed::new(&t / "patch_embed", &a);
+        let grid = patch_embed.grid(cfg.image_size);
+        let prefix = i64::from(a.class_token);
+        let positions = grid * grid + if a.no_embed_class { 0 } else { prefix };
+        let rates = drop_path::rates(max_drop_path, a.depth);
         let blocks = (0..a.depth)
-            .map(|i| {
-                let b = &t / "blocks" / i;
-                Block {
-                    norm1: LayerNorm::new(&b / "norm1", w, NORM_EPS),
-                    attn: SelfAttention {
-                        qkv: timm_linear(&b / "attn" / "qkv", w, 3 * w),
-                        proj: timm_linear(&b / "attn" / "proj", w, w),
-                        heads: a.heads,
-                    },
-                    norm2: LayerNorm::new(&b / "norm2", w, NORM_EPS),
-                    mlp: Mlp::new(&b / "mlp", w, a.mlp_hidden, a.act),
-                }
-            })
+            .map(|i| Block::new(&t / "blocks" / i, &a, grid, prefix, rates[i as usize]))
             .collect();
+        let norm_path = if ending.fc_norm { "fc_norm" } else { "norm" };
         Ok(TimmVit {
             arch: a,
-            patch_weight: param(&pe, "weight", &[w, 3, a.patch, a.patch], conv),
-            patch_bias: param(&pe, "bias", &[w], conv),
+            ending,
+            patch_embed,
+            // timm: normal(std 1e-6).
+            cls_token: a.class_token.then(|| {
+                param(&t, "cls_token", &[1, 1, w], Init::Randn { mean: 0.0, stdev: 1e-6 })
+            }),
             // timm: trunc_normal_(std=.02), truncated at +-2 (+-100 std).
-            pos_embed: param(
-                &t,
-                "pos_embed",
-                &[1, grid * grid, w],
-                Init::Randn { mean: 0.0, stdev: 0.02 },
-            ),
+            pos_embed: a
+                .rel_pos_hidden
+                .is_none()
+                .then(|| param(&t, "pos_embed", &[1, positions, w], TIMM_WEIGHT)),
+            norm_pre: a.pre_norm.then(|| LayerNorm::new(&t / "norm_pre", w, a.eps)),
             blocks,
-            norm: LayerNorm::new(&t / "norm", w, NORM_EPS),
-            attn_pool: AttentionPoolLatent::new(&t / "attn_pool", &a),
-            head,
+            norm: LayerNorm::new(&t / norm_path, w, a.eps),
+            attn_pool: (ending.pool == Pooled::Map)
+                .then(|| AttentionPoolLatent::new(&t / "attn_pool", &a)),
+            head: TimmHead::new(&p, cfg, w, embed_dim, |out| timm_linear(&t / "head", w, out))?,
+            num_patches: grid * grid,
         })
     }
 
     /// Patch tokens per image.
     pub fn num_patches(&self) -> i64 {
-        self.pos_embed.size()[1]
+        self.num_patches
+    }
+
+    /// Whether patch dropout can apply: relative positions need the whole grid.
+    pub fn drops_patches(&self) -> bool {
+        self.arch.rel_pos_hidden.is_none()
+    }
+
+    /// Whether training draws random numbers before the head: stochastic depth, and the
+    /// relative-position MLP's dropout.
+    pub fn draws_in_stages(&self) -> bool {
+        self.arch.rel_pos_hidden.is_some() || self.blocks.iter().any(|b| b.drop_path > 0.0)
+    }
+
+    /// The stem's BatchNorm switches (MCi), if it has any.
+    pub fn batch_norm(&self) -> Option<&BnSwitches> {
+        match &self.patch_embed {
+            PatchEmbed::Mci { batch_norm, .. } => Some(batch_norm),
+            PatchEmbed::Conv { .. } => None,
+        }
     }
 
     /// images: (B, 3, S, S) normalised -> (B, embed_dim), not L2-normalised. `train` turns on
-    /// the head's dropout; `kept`: (B, keep) patch positions each image keeps (patch dropout),
-    /// or `None` for all of them.
+    /// BatchNorm's batch statistics, stochastic depth and the dropouts; `kept`: (B, keep) patch
+    /// positions each image keeps (patch dropout), or `None` for all of them.
     pub fn forward(&self, images: &Tensor, train: bool, kept: Option<&Tensor>) -> Tensor {
         staged::fold(self.stage_count(), images, |i, x| self.stage(i, x, train, kept))
     }
 
-    /// The stages of [`TimmVit::forward`] (model/staged.rs): the patch embedding, each
-    /// block, the head (norm, attention pool, open_clip's head).
+    /// The stages of [`TimmVit::forward`] (model/staged.rs): the stem, each block, the head
+    /// (norm, pooling, open_clip's head).
     pub fn stage_count(&self) -> usize {
         self.blocks.len() + 2
     }
 
-    /// Stage `i` on its input: images for the first, (B, g*g, W) after it (fewer under patch
-    /// dropout: the first keeps the patches `kept` lists). Only the head draws random numbers
-    /// (its dropout, under `train`).
+    /// Stage `i` on its input: images for the first, (B, prefix + g*g, W) after it (fewer
+    /// under patch dropout: the first keeps the patches `kept` lists).
     pub fn stage(&self, i: usize, x: &Tensor, train: bool, kept: Option<&Tensor>) -> Tensor {
         if i == 0 {
-            let p = self.arch.patch;
-            // (B, W, g, g) -> (B, g*g, W)
-            let x = x.conv2d(&self.patch_weight, Some(&self.patch_bias), [p, p], [0, 0], [1, 1], 1);
-            let x = x.flatten(2, 3).transpose(1, 2);
-            let x = &x + self.pos_embed.to_kind(x.kind());
-            match kept {
-                // timm's patch_drop, after the positions, before norm_pre (none in SigLIP).
-                Some(kept) => keep_patches(&x, 0, kept),
-                None => x,
-            }
+            self.stem(x, train, kept)
         } else if let Some(block) = self.blocks.get(i - 1) {
-            block.forward(x)
+            block.forward(x, train)
         } else {
             self.head(x, train)
         }
     }
 
-    /// (B, g*g, W) -> (B, embed_dim).
-    fn head(&self, x: &Tensor, train: bool) -> Tensor {
-        let pooled = self.attn_pool.forward(&self.norm.forward(x));
-        match &self.head {
-            TimmHead::None => pooled,
-            TimmHead::Linear { weight, bias, drop } => {
-                pooled.dropout(*drop, train).linear(weight, bias.as_ref())
+    /// timm's `patch_embed`, `_pos_embed`, `patch_drop`, `norm_pre`.
+    fn stem(&self, images: &Tensor, train: bool, kept: Option<&Tensor>) -> Tensor {
+        let x = self.patch_embed.forward(images, train);
+        let kind = x.kind();
+        let add_positions = |x: Tensor| match &self.pos_embed {
+            Some(pos) => x + pos.to_kind(kind),
+            None => x,
+        };
+        // deit-3 / MCi: positions for the patches only, then the class token; otherwise the
+        // class token first and a position for it too.
+        let x = if self.arch.no_embed_class { add_positions(x) } else { x };
+        let x = match &self.cls_token {
+            Some(cls) => {
+                let b = x.size()[0];
+                Tensor::cat(&[cls.to_kind(kind).expand([b, -1, -1], false), x], 1)
             }
+            None => x,
+        };
+        let mut x = if self.arch.no_embed_class { x } else { add_positions(x) };
+        if let Some(kept) = kept {
+            x = keep_patches(&x, i64::from(self.arch.class_token), kept);
         }
+        match &self.norm_pre {
+            Some(norm) => norm.forward(&x),
+            None => x,
+        }
+    }
+
+    /// (B, prefix + g*g, W) -> (B, embed_dim): timm's `norm`, `forward_head` (pooling,
+    /// `fc_norm`), then open_clip's head.
+    fn head(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = if self.ending.fc_norm { x.shallow_clone() } else { self.norm.forward(x) };
+        let prefix = i64::from(self.arch.class_token);
+        let patches = || x.narrow(1, prefix, x.size()[1] - prefix);
+        let pooled = match (&self.attn_pool, self.ending.pool) {
+            (Some(attn_pool), _) => attn_pool.forward(&patches()),
+            (None, Pooled::Token) => x.select(1, 0),
+            (None, Pooled::Avg | Pooled::Map) => patches().mean_dim(1, false, None),
+            (None, Pooled::Max) => patches().amax(1, false),
+            (None, Pooled::AvgMax) => {
+                let p = patches();
+                (p.amax(1, false) + p.mean_dim(1, false, None)) * 0.5
+            }
+        };
+        let pooled = if self.ending.fc_norm { self.norm.forward(&pooled) } else { pooled };
+        self.head.forward(&pooled, train)
     }
 }
 
-/// open_clip's `TimmModel.lock` groups (timm's `group_matcher` for a ViT, as
-/// `group_parameters` orders them): {patch_embed, pos_embed}, each block but the last,
-/// {last block, norm} (`norm`'s ordinal is timm's MATCH_PREV_GROUP), then the unmatched
-/// rest, {attn_pool}. `visual.head` is in none: `TimmModel.lock` only freezes the trunk.
-/// Names relative to the model root.
-pub fn lock_groups(name: &str) -> Vec<Vec<String>> {
-    let Ok(a) = architecture(name) else { return Vec::new() };
+/// open_clip's `TimmModel.lock` groups, as timm's `group_matcher` for a ViT and
+/// `group_parameters` order them: the stem {cls_token, pos_embed, patch_embed, norm_pre},
+/// each block but the last, {last block, norm} (`norm`'s ordinal is timm's MATCH_PREV_GROUP),
+/// then what no pattern matches: {attn_pool, fc_norm, the trunk's classifier}, when there is
+/// any. `visual.head` is in none: `TimmModel.lock` only freezes the trunk. Names relative to
+/// the model root.
+pub fn lock_groups(cfg: &VisionConfig) -> Vec<Vec<String>> {
+    let Ok(a) = architecture(cfg.timm_model_name.as_deref().unwrap_or_default()) else {
+        return Vec::new();
+    };
+    let Ok(ending) = Ending::of(&a, cfg) else { return Vec::new() };
     let t = "visual.trunk";
-    let mut out = vec![vec![format!("{t}.patch_embed"), format!("{t}.pos_embed")]];
+    let mut stem = Vec::new();
+    if a.class_token {
+        stem.push(format!("{t}.cls_token"));
+    }
+    if a.rel_pos_hidden.is_none() {
+        stem.push(format!("{t}.pos_embed"));
+    }
+    stem.push(format!("{t}.patch_embed"));
+    if a.pre_norm {
+        stem.push(format!("{t}.norm_pre"));
+    }
+    let mut out = vec![stem];
     out.extend((0..a.depth - 1).map(|i| vec![format!("{t}.blocks.{i}")]));
-    out.push(vec![format!("{t}.blocks.{}", a.depth - 1), format!("{t}.norm")]);
-    out.push(vec![format!("{t}.attn_pool")]);
+    let mut last = vec![format!("{t}.blocks.{}", a.depth - 1)];
+    let mut rest = Vec::new();
+    if ending.fc_norm {
+        rest.push(format!("{t}.fc_norm"));
+    } else {
+        last.push(format!("{t}.norm"));
+    }
+    out.push(last);
+    if ending.pool == Pooled::Map {
+        rest.push(format!("{t}.attn_pool"));
+    }
+    if TimmProj::of(cfg).is_ok_and(|p| p == TimmProj::Classifier) {
+        rest.push(format!("{t}.head"));
+    }
+    if !rest.is_empty() {
+        out.push(rest);
+    }
     out
 }
 
@@ -471,8 +913,19 @@ mod tests {
             Clip::shapes(&siglip("vit_base_patch16_siglip_224", 224, 512)).unwrap_err().to_string();
         assert!(err.contains("embed_dim (512)") && err.contains("768"), "{err}");
         let mut cfg = siglip("vit_base_patch16_siglip_224", 224, 768);
-        cfg.vision_cfg.timm_pool = "avg".into();
-        assert!(Clip::shapes(&cfg).unwrap_err().to_string().contains("timm_pool \"avg\""));
+        cfg.vision_cfg.timm_pool = "token".into();
+        let err = Clip::shapes(&cfg).unwrap_err().to_string();
+        assert!(err.contains("needs a class token"), "{err}");
+        cfg.vision_cfg.timm_pool = "".into();
+        let err = Clip::shapes(&cfg).unwrap_err().to_string();
+        assert!(err.contains("unpooled"), "{err}");
+        let mut cfg = siglip("vit_medium_patch16_gap_256", 256, 512);
+        cfg.vision_cfg.timm_proj = Some("linear".into());
+        let err = Clip::shapes(&cfg).unwrap_err().to_string();
+        assert!(err.contains("cannot add an attention pool"), "{err}");
+        cfg.vision_cfg.timm_proj = Some("conv".into());
+        let err = Clip::shapes(&cfg).unwrap_err().to_string();
+        assert!(err.contains("timm_proj must be"), "{err}");
     }
 
     /// SO400M/14 at 384 px: timm's grid rounds down (27 x 27 = 729 positions); a linear head
@@ -487,7 +940,7 @@ mod tests {
         assert_eq!(find(&shapes, "visual.trunk.attn_pool.mlp.fc1.weight"), Some(vec![4304, 1152]));
         assert!(find(&shapes, "visual.trunk.blocks.26.attn.qkv.bias").is_some());
         let mut cfg = siglip("vit_base_patch16_siglip_224", 32, 512);
-        cfg.vision_cfg.timm_proj = "linear".into();
+        cfg.vision_cfg.timm_proj = Some("linear".into());
         let shapes = Clip::shapes(&cfg).unwrap();
         assert_eq!(find(&shapes, "visual.trunk.pos_embed"), Some(vec![1, 4, 768]));
         assert_eq!(find(&shapes, "visual.head.proj.weight"), Some(vec![512, 768]));
@@ -496,11 +949,24 @@ mod tests {
 
     #[test]
     fn lock_groups_follow_timms_group_matcher() {
-        let groups = lock_groups("vit_base_patch16_siglip_224");
+        let groups = lock_groups(&siglip("vit_base_patch16_siglip_224", 224, 768).vision_cfg);
         assert_eq!(groups.len(), 1 + 12 + 1);
-        assert_eq!(groups[0], ["visual.trunk.patch_embed", "visual.trunk.pos_embed"]);
+        assert_eq!(groups[0], ["visual.trunk.pos_embed", "visual.trunk.patch_embed"]);
         assert_eq!(groups[12], ["visual.trunk.blocks.11", "visual.trunk.norm"]);
         assert_eq!(groups[13], ["visual.trunk.attn_pool"]);
+        // The trunk's own classifier (timm_proj null) is unmatched, so last; a reducing pool
+        // without fc_norm adds nothing after the last block.
+        let mut cfg = siglip("vit_base_mci_224", 224, 512).vision_cfg;
+        (cfg.timm_pool, cfg.timm_proj) = ("token".into(), None);
+        let groups = lock_groups(&cfg);
+        assert_eq!(groups[0][0], "visual.trunk.cls_token");
+        assert_eq!(groups.last().unwrap(), &["visual.trunk.head"]);
+        let mut cfg = siglip("vit_medium_patch16_gap_256", 256, 512).vision_cfg;
+        (cfg.timm_pool, cfg.timm_proj) = ("".into(), Some("linear".into()));
+        assert_eq!(
+            lock_groups(&cfg).last().unwrap(),
+            &["visual.trunk.blocks.11", "visual.trunk.norm"]
+        );
     }
 
     /// Every trunk of the table is the one timm builds (hf_siglip_names.json, from timm).
@@ -512,8 +978,8 @@ mod tests {
         )
         .unwrap();
         let timm = golden["timm_trunks"].as_object().unwrap();
-        assert_eq!(timm.len(), ARCHITECTURES.len());
-        for t in ARCHITECTURES {
+        assert_eq!(timm.len(), SIGLIP.len());
+        for t in SIGLIP {
             let g = &timm[t.name];
             let want = (
                 g["patch"].as_i64(),

@@ -1,5 +1,5 @@
 //! The built-in models, by name: open_clip 3.3's model configs (`configs/models/open_clip/`,
-//! the `RN*` and `ViT-*` files of its `model_configs/`, vendored verbatim) under open_clip's
+//! the files of its `model_configs/` whose towers oxclip builds, vendored verbatim) under open_clip's
 //! names, and oxclip's own small test models (`configs/models/*.yaml`). Embedded in the
 //! binary, so a name works from any directory.
 
@@ -28,6 +28,9 @@ macro_rules! open_clip_configs {
 
 // The list is checked against the directory by `the_list_is_the_directory`.
 open_clip_configs!(
+    "MobileCLIP-B",
+    "MobileCLIP2-B",
+    "MobileCLIP2-L-14",
     "RN101",
     "RN101-quickgelu",
     "RN50",
@@ -109,6 +112,8 @@ open_clip_configs!(
     "ViT-g-14",
     "ViT-gopt-16-SigLIP2-256",
     "ViT-gopt-16-SigLIP2-384",
+    "vit_medium_patch16_gap_256",
+    "vit_relpos_medium_patch16_cls_224",
 );
 
 /// oxclip's own models, YAML.
@@ -218,7 +223,7 @@ mod tests {
         files.sort();
         let listed: Vec<&str> = open_clip_names().collect();
         assert_eq!(files, listed);
-        assert_eq!(listed.len(), 81);
+        assert_eq!(listed.len(), 86);
     }
 
     #[test]

@@ -1,0 +1,195 @@
+//! The timm ViT trunks beyond SigLIP's (MobileCLIP's MCi, CLIP's pre-norm ViT-L/14, the
+//! average-pooled and the relative-position ViT-M) against open_clip 3.3.0 and timm 1.0.31,
+//! from golden files written by tests/fixtures/make_timm_vit_fixtures.py: what the state_dict
+//! cannot show, full-size features with deterministic weights, tower locking, and training
+//! steps (loss, every gradient, BatchNorm's running statistics).
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::golden::{build, check_gradients, json, max_abs, read, recipe};
+use oxclip_trainer::collectives::SingleProcess;
+use oxclip_trainer::config::{LossConfig, LossKind, Tiling};
+use oxclip_trainer::model::drop_path;
+use oxclip_trainer::model::lock::{lock, Tower};
+use oxclip_trainer::model::params::deterministic;
+use oxclip_trainer::model::timm_head::TimmProj;
+use oxclip_trainer::model::timm_vit::{architecture, Ending, Pooled, Stem, REL_POS_DROP};
+use oxclip_trainer::model::{zoo, Clip, ModelConfig};
+use oxclip_trainer::optim::AdamW;
+use oxclip_trainer::step::{train_step, StepConfig};
+use tch::Kind;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/timm_vit").join(name)
+}
+
+fn builtin(name: &str) -> ModelConfig {
+    zoo::builtin(name).unwrap_or_else(|| panic!("{name} is built in"))
+}
+
+/// For each config: the norms' eps, activation, prefix tokens, where the positions and norms
+/// sit, the pooling open_clip leaves the trunk with, the classifier, LayerScale, the
+/// drop-path rates and the relative-position MLP, as timm builds them.
+#[test]
+fn trunks_are_built_as_timm_builds_them() {
+    let golden = json(&fixture("arch.json"));
+    let golden = golden.as_object().expect("configs");
+    assert_eq!(golden.len(), 5);
+    for (name, g) in golden {
+        let cfg = builtin(name);
+        let v = &cfg.vision_cfg;
+        let a = architecture(v.timm_model_name.as_deref().expect("timm")).expect("built");
+        let ending = Ending::of(&a, v).expect("ending");
+        let shapes = Clip::shapes(&cfg).expect("shapes");
+        let pos = shapes.iter().find(|(n, _)| n == "visual.trunk.pos_embed").map(|(_, s)| s);
+        let act = if a.rel_pos_hidden.is_some() { vec!["GELU", "ReLU"] } else { vec!["GELU"] };
+        let pool = match ending.pool {
+            Pooled::Token => "token",
+            Pooled::Avg => "avg",
+            Pooled::Max => "max",
+            Pooled::AvgMax => "avgmax",
+            Pooled::Map => "map",
+        };
+        let ours = serde_json::json!({
+            "trunk": if a.rel_pos_hidden.is_some() { "VisionTransformerRelPos" } else { "VisionTransformer" },
+            "eps": [a.eps],
+            "bn_eps": if a.stem == Stem::MciConv { vec![1e-5] } else { vec![] },
+            "act": act,
+            "num_prefix_tokens": i64::from(a.class_token),
+            "no_embed_class": a.no_embed_class,
+            "pos_embed": pos,
+            "norm_pre": a.pre_norm,
+            "norm": !ending.fc_norm,
+            "fc_norm": ending.fc_norm,
+            "global_pool": pool,
+            "trunk_head": TimmProj::of(v).expect("proj") == TimmProj::Classifier,
+            "heads": a.heads,
+            "qkv_bias": a.qkv_bias,
+            "layer_scale": a.init_values.is_some(),
+            "rel_pos_hidden": a.rel_pos_hidden,
+            "rel_pos_drop": a.rel_pos_hidden.map(|_| REL_POS_DROP),
+        });
+        let mut g = g.clone();
+        let theirs: Vec<f64> = serde_json::from_value(g["drop_path"].take()).expect("rates");
+        g.as_object_mut().expect("entry").remove("drop_path");
+        assert_eq!(ours, g, "{name}");
+        // Within a float32 ulp: JSON's decimal text of a float32 may read back one f64 ulp off.
+        let rates = drop_path::rates(v.timm_drop_path.unwrap_or(0.0), a.depth);
+        assert_eq!(rates.len(), theirs.len(), "{name}");
+        for (i, (r, t)) in rates.iter().zip(&theirs).enumerate() {
+            assert!((r - t).abs() <= 1e-9, "{name}: block {i}'s drop-path rate {r}, timm {t}");
+        }
+    }
+}
+
+/// Each config at full size from its vendored open_clip JSON, open_clip's deterministic
+/// weights, eval mode: the normalised features; then `lock_image_tower` as open_clip.
+#[test]
+fn full_size_features_and_locking_match_open_clip() {
+    let locks = json(&fixture("lock.json"));
+    let names = [
+        "MobileCLIP-B",
+        "vit_medium_patch16_gap_256",
+        "vit_relpos_medium_patch16_cls_224",
+        "MobileCLIP2-L-14",
+    ];
+    for name in names {
+        let cfg = builtin(name);
+        let (vs, clip) = build(&cfg, &recipe(&fixture(&format!("{name}_recipe.json"))));
+        let io = read(&fixture(&format!("{name}_io.safetensors")));
+        let size = cfg.vision_cfg.image_size;
+        let images = deterministic(&[2, 3, size, size], 0, 0.0, 1.0, Kind::Float);
+        let (img, txt) = tch::no_grad(|| clip.features(&images, &io["text"]));
+        let (di, dt) = (max_abs(&img, &io["image_features"]), max_abs(&txt, &io["text_features"]));
+        let cosine = (&img * &io["image_features"]).sum_dim_intlist(-1, false, Kind::Double);
+        let cosine = cosine.min().double_value(&[]);
+        println!("{name}: image features max abs diff {di:e} (cosine >= {cosine}), text {dt:e}");
+        assert!(di <= 1e-5 && dt <= 1e-5 && cosine >= 0.9999, "{name}: image {di}, text {dt}");
+
+        // Parameters, not buffers (BatchNorm's statistics never train).
+        let params: Vec<(String, tch::Tensor)> =
+            vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
+        for (unlocked, expected) in locks[name].as_object().expect("groups") {
+            for (_, var) in &params {
+                let _ = var.set_requires_grad(true);
+            }
+            lock(&vs, &cfg, Tower::Image, unlocked.parse().expect("count")).expect("locks");
+            let mut ours: Vec<String> = params
+                .iter()
+                .filter(|(n, v)| n.starts_with("visual.") && v.requires_grad())
+                .map(|(n, _)| n.clone())
+                .collect();
+            ours.sort();
+            let expected: Vec<String> = serde_json::from_value(expected.clone()).expect("names");
+            assert_eq!(ours, expected, "{name}, unlocked groups {unlocked}");
+        }
+    }
+}
+
+/// One training step (lr 0, CLIP loss, train mode) of `name` with a tiny text tower, as
+/// open_clip takes it: the loss, every gradient within 1e-4 of its norm, and the BatchNorm
+/// buffers after it.
+fn training_step_matches_open_clip(name: &str) {
+    let cfg: ModelConfig = serde_json::from_value(json(&fixture(&format!("step_{name}.json"))))
+        .expect("open_clip's JSON");
+    let rows = recipe(&fixture(&format!("step_{name}_recipe.json")));
+    let (vs, clip) = build(&cfg, &rows);
+    clip.set_training(true);
+    let io = read(&fixture(&format!("step_{name}_io.safetensors")));
+    let size = cfg.vision_cfg.image_size;
+    let images = deterministic(&[4, 3, size, size], 1, 0.0, 1.0, Kind::Float);
+    let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), common::ADAMW);
+    let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, &Default::default())
+        .expect("buckets");
+    let loss = LossConfig { kind: LossKind::Clip, tiling: Tiling::Tile(4) };
+    let step = StepConfig {
+        autocast: None,
+        grad_clip_norm: None,
+        loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
+        micro_batch: None,
+        patch_dropout: None,
+        grad_checkpointing: false,
+    };
+    let out = train_step(
+        &clip,
+        &mut optimizer,
+        &SingleProcess,
+        &grad_sync,
+        &images,
+        &io["text"],
+        0.0,
+        0,
+        step,
+        None,
+    )
+    .expect("step");
+    let dl = max_abs(&out.loss, &io["loss"]);
+    assert!(dl <= 1e-5, "loss {} vs {}", out.loss.double_value(&[]), io["loss"].double_value(&[]));
+    let worst = check_gradients(&vs, &rows, &io, 1e-4);
+    let vars = vs.variables();
+    let mut buffers = 0;
+    for (key, expected) in &io {
+        let Some(buffer) = key.strip_prefix("buffer.") else { continue };
+        let diff = max_abs(&vars[buffer], expected);
+        assert!(diff <= 1e-5, "{buffer} after the step differs by {diff}");
+        buffers += 1;
+    }
+    println!(
+        "{name} step: loss diff {dl:e}, worst gradient {:e} ({}), {buffers} buffers",
+        worst.0, worst.1
+    );
+}
+
+/// The MCi stem's BatchNorm in train mode: batch statistics, running ones folded in once.
+#[test]
+fn mobileclip_b_training_step_matches_open_clip() {
+    training_step_matches_open_clip("MobileCLIP-B");
+}
+
+/// LayerScale, qkv without a bias, average pooling, open_clip's linear head (at 32 px).
+#[test]
+fn vit_medium_gap_training_step_matches_open_clip() {
+    training_step_matches_open_clip("vit_medium_patch16_gap_256");
+}
