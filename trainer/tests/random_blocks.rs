@@ -6,12 +6,9 @@
 mod common;
 
 use common::golden::max_abs;
-use oxclip_trainer::collectives::SingleProcess;
-use oxclip_trainer::config::{LossConfig, LossKind, Tiling};
+use oxclip_trainer::config::LossKind;
 use oxclip_trainer::model::params::deterministic;
 use oxclip_trainer::model::{zoo, Clip};
-use oxclip_trainer::optim::AdamW;
-use oxclip_trainer::step::{train_step, StepConfig};
 use tch::Kind;
 
 /// Stochastic depth and the relative-position MLP's dropout draw random numbers in every
@@ -38,32 +35,9 @@ fn random_blocks_recompute_the_same_draws() {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let clip = Clip::new(&vs.root(), &cfg).expect("builds");
         clip.set_training(true);
-        let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), common::ADAMW);
-        let sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, &Default::default())
-            .expect("buckets");
-        let loss = LossConfig { kind: LossKind::Clip, tiling: Tiling::Tile(4) };
-        let step = StepConfig {
-            autocast: None,
-            grad_clip_norm: None,
-            loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
-            micro_batch,
-            patch_dropout: None,
-            grad_checkpointing: checkpointing,
-        };
+        let step = common::step_config(LossKind::Clip, micro_batch, checkpointing);
         tch::manual_seed(7);
-        train_step(
-            &clip,
-            &mut optimizer,
-            &SingleProcess,
-            &sync,
-            &images,
-            &text,
-            0.0,
-            0,
-            step,
-            None,
-        )
-        .expect("step");
+        common::step_at_lr0(&vs, &clip, &images, &text, step);
         let mut out: Vec<(String, tch::Tensor)> = vs
             .variables()
             .into_iter()

@@ -116,10 +116,7 @@ fn vit_b_16_siglip_matches_open_clip_features_and_locking() {
 /// (the fixture cannot hold them all): relative error <= 1e-4 of the gradient's norm.
 #[test]
 fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
-    use oxclip_trainer::collectives::SingleProcess;
     use oxclip_trainer::config::{LossConfig, LossKind, Tiling};
-    use oxclip_trainer::optim::{AdamW, AdamWConfig};
-    use oxclip_trainer::step::{train_step, StepConfig};
 
     let mut cfg = config("step_tiny.json");
     let loss = LossConfig { kind: LossKind::Siglip, tiling: Tiling::Tile(4) };
@@ -128,34 +125,8 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
     let (vs, clip) = build(&cfg, &rows);
     clip.set_training(true);
     let io = read("step_io.safetensors");
-    let mut optimizer = AdamW::new(
-        vs.variables().into_iter().collect(),
-        AdamWConfig { betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 },
-    );
-    let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, &Default::default())
-        .expect("buckets");
-    let step = StepConfig {
-        autocast: None,
-        grad_clip_norm: None,
-        loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
-        micro_batch: None,
-        patch_dropout: None,
-        grad_checkpointing: false,
-    };
-    // lr 0: the step computes the gradients and leaves the weights alone.
-    let out = train_step(
-        &clip,
-        &mut optimizer,
-        &SingleProcess,
-        &grad_sync,
-        &io["images"],
-        &io["text"],
-        0.0,
-        0,
-        step,
-        None,
-    )
-    .expect("step");
+    let step = common::step_config(LossKind::Siglip, None, false);
+    let out = common::step_at_lr0(&vs, &clip, &io["images"], &io["text"], step);
     let dl = max_abs(&out.loss, &io["loss"]);
     assert!(
         dl <= 1e-4 * io["loss"].abs().double_value(&[]).max(1e-3),

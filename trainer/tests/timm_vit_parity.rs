@@ -9,16 +9,13 @@ mod common;
 use std::path::PathBuf;
 
 use common::golden::{build, check_gradients, json, max_abs, read, recipe};
-use oxclip_trainer::collectives::SingleProcess;
-use oxclip_trainer::config::{LossConfig, LossKind, Tiling};
+use oxclip_trainer::config::LossKind;
 use oxclip_trainer::model::drop_path;
 use oxclip_trainer::model::lock::{lock, Tower};
 use oxclip_trainer::model::params::deterministic;
 use oxclip_trainer::model::timm_head::TimmProj;
 use oxclip_trainer::model::timm_vit::{architecture, Ending, Pooled, Stem, REL_POS_DROP};
 use oxclip_trainer::model::{zoo, Clip, ModelConfig};
-use oxclip_trainer::optim::AdamW;
-use oxclip_trainer::step::{train_step, StepConfig};
 use tch::Kind;
 
 fn fixture(name: &str) -> PathBuf {
@@ -140,31 +137,8 @@ fn training_step_matches_open_clip(name: &str) {
     let io = read(&fixture(&format!("step_{name}_io.safetensors")));
     let size = cfg.vision_cfg.image_size;
     let images = deterministic(&[4, 3, size, size], 1, 0.0, 1.0, Kind::Float);
-    let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), common::ADAMW);
-    let grad_sync = oxclip_trainer::grad_sync::GradSync::for_var_store(&vs, &Default::default())
-        .expect("buckets");
-    let loss = LossConfig { kind: LossKind::Clip, tiling: Tiling::Tile(4) };
-    let step = StepConfig {
-        autocast: None,
-        grad_clip_norm: None,
-        loss: oxclip_trainer::loss::LossSpec::new(&loss, false),
-        micro_batch: None,
-        patch_dropout: None,
-        grad_checkpointing: false,
-    };
-    let out = train_step(
-        &clip,
-        &mut optimizer,
-        &SingleProcess,
-        &grad_sync,
-        &images,
-        &io["text"],
-        0.0,
-        0,
-        step,
-        None,
-    )
-    .expect("step");
+    let step = common::step_config(LossKind::Clip, None, false);
+    let out = common::step_at_lr0(&vs, &clip, &images, &io["text"], step);
     let dl = max_abs(&out.loss, &io["loss"]);
     assert!(dl <= 1e-5, "loss {} vs {}", out.loss.double_value(&[]), io["loss"].double_value(&[]));
     let worst = check_gradients(&vs, &rows, &io, 1e-4);
@@ -192,4 +166,35 @@ fn mobileclip_b_training_step_matches_open_clip() {
 #[test]
 fn vit_medium_gap_training_step_matches_open_clip() {
     training_step_matches_open_clip("vit_medium_patch16_gap_256");
+}
+
+/// MobileCLIP-B exports in open_clip's layout, its stem's BatchNorm counters included, and
+/// loads back bit for bit; transformers has no class for it, so `--format hf` is refused with
+/// the way out, and nothing is written.
+#[test]
+fn mobileclip_exports_to_open_clip_only() {
+    use oxclip_trainer::interchange::export::{export, Format};
+    use oxclip_trainer::interchange::weights::load_weights;
+
+    let cfg: ModelConfig =
+        serde_json::from_value(json(&fixture("step_MobileCLIP-B.json"))).expect("open_clip's JSON");
+    let (vs, _clip) = build(&cfg, &recipe(&fixture("step_MobileCLIP-B_recipe.json")));
+    let weights: std::collections::BTreeMap<String, tch::Tensor> =
+        vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = || weights.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+    let files = export(copy(), &cfg, None, Format::OpenClip, dir.path()).expect("exports");
+    let other = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _ = Clip::new(&other.root(), &cfg).expect("builds");
+    load_weights(&other, &files[0]).expect("loads back");
+    for (name, t) in other.variables() {
+        assert!(t.kind() == weights[&name].kind() && t.equal(&weights[&name]), "{name}");
+    }
+    let counter = &other.variables()["visual.trunk.patch_embed.backbone.0.bn.num_batches_tracked"];
+    assert_eq!(counter.kind(), Kind::Int64);
+    let hf = dir.path().join("hf");
+    let err =
+        export(copy(), &cfg, None, Format::HuggingFace, &hf).expect_err("no HF class").to_string();
+    assert!(err.contains("vit_base_mci_224") && err.contains("--format open_clip"), "{err}");
+    assert!(!hf.exists(), "nothing written");
 }

@@ -67,8 +67,16 @@ pub fn export_into(
                 .into(),
         ));
     }
-    let size = cfg.vision_cfg.image_size as u32;
     let siglip = is_siglip_form(cfg);
+    if let (Format::HuggingFace, VisionTowerKind::Timm(name), false) =
+        (format, cfg.vision_cfg.tower(), siglip)
+    {
+        return Err(TrainError::ModelConfig(format!(
+            "the timm image tower {name} outside open_clip's SigLIP form has no Hugging Face counterpart \
+             (transformers' CLIPModel vision tower is open_clip's own ViT); export with --format open_clip"
+        )));
+    }
+    let size = cfg.vision_cfg.image_size as u32;
     let preprocess = match preprocess {
         Some(p) => p.clone(),
         None if siglip => Preprocess::siglip(size),

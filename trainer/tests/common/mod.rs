@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use oxclip_trainer::collectives::tcp::TcpGroup;
-use oxclip_trainer::collectives::{Collectives, WorldEnv};
-use oxclip_trainer::config::DistConfig;
+use oxclip_trainer::collectives::{Collectives, SingleProcess, WorldEnv};
+use oxclip_trainer::config::{DistConfig, LossConfig, LossKind, Tiling};
 use oxclip_trainer::grad_sync::GradSync;
 use oxclip_trainer::interchange::weights::load_weights;
+use oxclip_trainer::loss::LossSpec;
 use oxclip_trainer::model::{Clip, ModelConfig};
 use oxclip_trainer::optim::{AdamW, AdamWConfig};
 use oxclip_trainer::precision::GradScaler;
@@ -120,6 +121,38 @@ impl Parts {
     pub fn weights(&self) -> Named {
         self.vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect()
     }
+}
+
+/// A plain fp32 step's config with the `kind` loss in tiles of 4, as the parity tests take it.
+pub fn step_config(
+    kind: LossKind,
+    micro_batch: Option<usize>,
+    grad_checkpointing: bool,
+) -> StepConfig {
+    let loss = LossConfig { kind, tiling: Tiling::Tile(4) };
+    StepConfig {
+        autocast: None,
+        grad_clip_norm: None,
+        loss: LossSpec::new(&loss, false),
+        micro_batch,
+        patch_dropout: None,
+        grad_checkpointing,
+    }
+}
+
+/// One single-process step of `model` (weights in `vs`) at learning rate 0, so the gradients
+/// are computed and the weights stay: AdamW over `vs`, fresh gradient buckets.
+pub fn step_at_lr0(
+    vs: &nn::VarStore,
+    model: &Clip,
+    images: &Tensor,
+    tokens: &Tensor,
+    cfg: StepConfig,
+) -> StepOutput {
+    let mut optimizer = AdamW::new(vs.variables().into_iter().collect(), ADAMW);
+    let sync = GradSync::for_var_store(vs, &Default::default()).expect("buckets");
+    train_step(model, &mut optimizer, &SingleProcess, &sync, images, tokens, 0.0, 0, cfg, None)
+        .expect("step")
 }
 
 /// One rank per element of `inputs`, as threads joined by the CPU backend; rank r runs
