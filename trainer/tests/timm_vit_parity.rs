@@ -38,7 +38,7 @@ fn trunks_are_built_as_timm_builds_them() {
         let cfg = builtin(name);
         let v = &cfg.vision_cfg;
         let a = architecture(v.timm_model_name.as_deref().expect("timm")).expect("built");
-        let ending = Ending::of(&a, v).expect("ending");
+        let ending = Ending::of(&a.pool_rule(), v).expect("ending");
         let shapes = Clip::shapes(&cfg).expect("shapes");
         let pos = shapes.iter().find(|(n, _)| n == "visual.trunk.pos_embed").map(|(_, s)| s);
         let act = if a.rel_pos_hidden.is_some() { vec!["GELU", "ReLU"] } else { vec!["GELU"] };

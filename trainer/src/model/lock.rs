@@ -27,7 +27,10 @@ pub enum Tower {
 
 /// The tower's groups of parameter names (exact names, or prefixes ending in `.`).
 fn groups(cfg: &ModelConfig, tower: Tower) -> Vec<Vec<String>> {
-    if let (Tower::Image, VisionTowerKind::Timm(_)) = (tower, cfg.vision_cfg.tower()) {
+    if let (Tower::Image, VisionTowerKind::Timm(name)) = (tower, cfg.vision_cfg.tower()) {
+        if super::timm_eva::architecture(name).is_some() {
+            return super::timm_eva::lock_groups(&cfg.vision_cfg);
+        }
         return super::timm_vit::lock_groups(&cfg.vision_cfg);
     }
     let t = cfg.text_prefix();

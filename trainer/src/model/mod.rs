@@ -5,7 +5,8 @@
 //! weights load here with nothing renamed.
 //!
 //! One file per tower: `vision.rs` (open_clip's ViT), `resnet.rs` (OpenAI's ModifiedResNet),
-//! `timm_vit.rs` (timm's ViT trunks) and `timm_head.rs` (open_clip's head after a timm trunk), `text.rs`, and `transformer.rs` (the block the ViT and
+//! `timm_vit.rs` (timm's ViT trunks), `timm_eva.rs` (timm's EVA and PE trunks) and `timm_head.rs`
+//! (open_clip's head after a timm trunk), `text.rs`, and `transformer.rs` (the block the ViT and
 //! text towers share). `config.rs` is open_clip's JSON schema, `zoo.rs` its built-in configs,
 //! `params.rs` how every parameter is made, `lock.rs` what fine-tuning freezes, `staged.rs`
 //! each tower's forward as stages and activation checkpointing over them, `patch_dropout.rs`
@@ -23,6 +24,7 @@ pub mod patch_dropout;
 pub mod resnet;
 pub mod staged;
 pub mod text;
+pub mod timm_eva;
 pub mod timm_head;
 pub mod timm_vit;
 pub mod transformer;
@@ -71,6 +73,8 @@ pub enum VisionTower {
     ResNet(ModifiedResNet),
     /// A timm ViT trunk with open_clip's `TimmModel` head (SigLIP, SigLIP 2, MobileCLIP, ...).
     Timm(Box<timm_vit::TimmVit>),
+    /// A timm `Eva` trunk with open_clip's `TimmModel` head (EVA01, EVA02, PE-Core).
+    Eva(Box<timm_eva::TimmEva>),
 }
 
 impl VisionTower {
@@ -83,6 +87,9 @@ impl VisionTower {
             }
             VisionTowerKind::ResNet(stages) => {
                 Ok(VisionTower::ResNet(ModifiedResNet::new(p, cfg, stages, config.embed_dim)))
+            }
+            VisionTowerKind::Timm(name) if timm_eva::architecture(name).is_some() => {
+                Ok(VisionTower::Eva(Box::new(timm_eva::TimmEva::new(p, cfg, config.embed_dim)?)))
             }
             VisionTowerKind::Timm(_) => {
                 Ok(VisionTower::Timm(Box::new(timm_vit::TimmVit::new(p, cfg, config.embed_dim)?)))
@@ -103,6 +110,7 @@ impl VisionTower {
             VisionTower::Vit(vit) => Some(vit.num_patches()),
             VisionTower::ResNet(_) => None,
             VisionTower::Timm(vit) => vit.drops_patches().then(|| vit.num_patches()),
+            VisionTower::Eva(eva) => Some(eva.num_patches()),
         }
     }
 
@@ -112,6 +120,7 @@ impl VisionTower {
             VisionTower::Vit(_) => None,
             VisionTower::ResNet(resnet) => Some(&resnet.batch_norm),
             VisionTower::Timm(vit) => vit.batch_norm(),
+            VisionTower::Eva(_) => None,
         }
     }
 
@@ -121,6 +130,7 @@ impl VisionTower {
         match self {
             VisionTower::Vit(_) | VisionTower::ResNet(_) => false,
             VisionTower::Timm(vit) => vit.draws_in_stages(),
+            VisionTower::Eva(eva) => eva.draws_in_stages(),
         }
     }
 
@@ -130,6 +140,7 @@ impl VisionTower {
             VisionTower::Vit(vit) => vit.stage_count(),
             VisionTower::ResNet(resnet) => resnet.stage_count(),
             VisionTower::Timm(vit) => vit.stage_count(),
+            VisionTower::Eva(eva) => eva.stage_count(),
         }
     }
 
@@ -140,6 +151,7 @@ impl VisionTower {
             VisionTower::Vit(vit) => vit.stage(i, x, kept),
             VisionTower::ResNet(resnet) => resnet.stage(i, x, train),
             VisionTower::Timm(vit) => vit.stage(i, x, train, kept),
+            VisionTower::Eva(eva) => eva.stage(i, x, train, kept),
         }
     }
 }

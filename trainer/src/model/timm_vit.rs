@@ -75,10 +75,22 @@ impl Pool {
         })
     }
 
-    /// timm's `fc_norm=None` rule: the norm moves after a reducing pool.
+    /// timm's `VisionTransformer` rule for `fc_norm=None`: the norm moves after a reducing pool.
     fn reduces(self) -> bool {
         matches!(self, Pool::Avg | Pool::Max | Pool::AvgMax)
     }
+}
+
+/// What open_clip's pooling rule ([`Ending::of`]) needs to know of a trunk's definition.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolRule {
+    pub name: &'static str,
+    /// The definition's `global_pool`.
+    pub pool: Pool,
+    pub class_token: bool,
+    /// Where the final norm sits for a pooling the trunk is built with: after it (`fc_norm`)
+    /// or before it.
+    pub fc_norm: fn(Pool) -> bool,
 }
 
 /// One timm ViT definition: what its `@register_model` function passes to the model (and the
@@ -110,7 +122,8 @@ pub struct TimmArch {
     pub init_values: Option<f64>,
     /// The definition's `global_pool`.
     pub pool: Pool,
-    /// The definition's `fc_norm`; `None` follows the pooling ([`Pool::reduces`]).
+    /// The definition's `fc_norm`; `None` follows the pooling (a reducing one moves the norm
+    /// after it).
     pub fc_norm: Option<bool>,
     /// `RelPosMlp`'s hidden width: relative positions in every block's attention instead of
     /// learned absolute ones.
@@ -119,6 +132,17 @@ pub struct TimmArch {
 
 /// timm's `LayerNorm` default.
 pub const NORM_EPS: f64 = 1e-6;
+
+impl TimmArch {
+    pub fn pool_rule(&self) -> PoolRule {
+        let fc_norm = match self.fc_norm {
+            Some(true) => |_: Pool| true,
+            Some(false) => |_: Pool| false,
+            None => Pool::reduces,
+        };
+        PoolRule { name: self.name, pool: self.pool, class_token: self.class_token, fc_norm }
+    }
+}
 
 /// The SigLIP trunk shape every row starts from: no class token, learned positions for the
 /// patches, MAP pooling, timm's eps.
@@ -254,9 +278,10 @@ pub fn siglip_trunks() -> Vec<TimmArch> {
 pub fn architecture(name: &str) -> Result<TimmArch> {
     let known = || SIGLIP.iter().chain(&CLIP).chain([&TINY]);
     known().find(|a| a.name == name).copied().ok_or_else(|| {
-        let names: Vec<&str> = SIGLIP.iter().chain(&CLIP).map(|a| a.name).collect();
+        let eva = super::timm_eva::ARCHITECTURES.iter().map(|a| a.name);
+        let names: Vec<&str> = SIGLIP.iter().chain(&CLIP).map(|a| a.name).chain(eva).collect();
         TrainError::ModelConfig(format!(
-            "vision_cfg.timm_model_name {name:?} is not a timm model oxclip builds; its timm ViTs are: {}",
+            "vision_cfg.timm_model_name {name:?} is not a timm model oxclip builds; it builds: {}",
             names.join(", ")
         ))
     })
@@ -282,8 +307,9 @@ pub struct Ending {
 }
 
 impl Ending {
-    /// open_clip's rule (module docs) for `cfg.timm_pool` and `timm_proj` on `a`.
-    pub fn of(a: &TimmArch, cfg: &VisionConfig) -> Result<Ending> {
+    /// open_clip's rule (module docs) for `cfg.timm_pool` and `timm_proj` on the trunk `a`
+    /// describes.
+    pub fn of(a: &PoolRule, cfg: &VisionConfig) -> Result<Ending> {
         let name = a.name;
         let err = |m: String| Err(TrainError::ModelConfig(m));
         let Some(asked) = Pool::parse(&cfg.timm_pool) else {
@@ -293,7 +319,7 @@ impl Ending {
             ));
         };
         let built = if TimmProj::of(cfg)?.trunk_pools() { asked } else { a.pool };
-        let fc_norm = a.fc_norm.unwrap_or(built.reduces());
+        let fc_norm = (a.fc_norm)(built);
         let pool = match (if asked == Pool::None { built } else { asked }, built) {
             (Pool::None, _) => {
                 return err(format!(
@@ -316,24 +342,45 @@ impl Ending {
             (Pool::Max, _) => Pooled::Max,
             (Pool::AvgMax, _) => Pooled::AvgMax,
         };
-        if a.rel_pos_hidden.is_some() && !matches!(pool, Pooled::Token | Pooled::Avg) {
-            return err(format!("vision_cfg.timm_pool: {name} pools by \"token\" or \"avg\" only"));
-        }
         Ok(Ending { pool, fc_norm })
+    }
+
+    /// The pooling of (B, prefix + P, W) tokens after the final norm (or before `fc_norm`):
+    /// the class token, a reduction over the patch tokens, or the MAP head over the patch
+    /// tokens (over every token under `map_all`, as timm's `Eva`).
+    pub fn pool(
+        &self,
+        x: &Tensor,
+        prefix: i64,
+        attn_pool: Option<&AttentionPoolLatent>,
+        map_all: bool,
+    ) -> Tensor {
+        let patches = || x.narrow(1, prefix, x.size()[1] - prefix);
+        match (attn_pool, self.pool) {
+            (Some(attn_pool), _) if map_all => attn_pool.forward(x),
+            (Some(attn_pool), _) => attn_pool.forward(&patches()),
+            (None, Pooled::Token) => x.select(1, 0),
+            (None, Pooled::Avg | Pooled::Map) => patches().mean_dim(1, false, None),
+            (None, Pooled::Max) => patches().amax(1, false),
+            (None, Pooled::AvgMax) => {
+                let p = patches();
+                (p.amax(1, false) + p.mean_dim(1, false, None)) * 0.5
+            }
+        }
     }
 }
 
 /// timm's initialisation of `nn.Linear` in a ViT (`init_weights_vit_timm`): weights
 /// trunc_normal(std 0.02) truncated at +-2 (i.e. +-100 std: a plain normal), biases zero.
-fn timm_linear(p: nn::Path, in_dim: i64, out_dim: i64) -> Linear {
+pub(super) fn timm_linear(p: nn::Path, in_dim: i64, out_dim: i64) -> Linear {
     Linear::with_bias_init(p, in_dim, out_dim, TIMM_WEIGHT, Init::Const(0.0))
 }
 
-const TIMM_WEIGHT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
+pub(super) const TIMM_WEIGHT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 
 /// PyTorch's default Conv2d initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weight
 /// and bias (timm leaves convolutions to it).
-fn conv_init(fan_in: i64) -> Init {
+pub(super) fn conv_init(fan_in: i64) -> Init {
     let bound = (fan_in as f64).powf(-0.5);
     Init::Uniform { lo: -bound, up: bound }
 }
@@ -521,8 +568,16 @@ pub struct AttentionPoolLatent {
 }
 
 impl AttentionPoolLatent {
-    fn new(p: nn::Path, a: &TimmArch) -> Self {
-        let w = a.width;
+    /// Over tokens of `width`, with `heads` heads and an MLP of `mlp_hidden` (`act`).
+    pub fn new(
+        p: nn::Path,
+        width: i64,
+        heads: i64,
+        mlp_hidden: i64,
+        act: Activation,
+        eps: f64,
+    ) -> Self {
+        let w = width;
         AttentionPoolLatent {
             // timm: trunc_normal_tf_(std = latent_dim^-0.5), truncated at +-2 std; a plain
             // normal here (its spread is about 14% larger).
@@ -535,14 +590,14 @@ impl AttentionPoolLatent {
             q: timm_linear(&p / "q", w, w),
             kv: timm_linear(&p / "kv", w, 2 * w),
             proj: timm_linear(&p / "proj", w, w),
-            norm: LayerNorm::new(&p / "norm", w, a.eps),
-            mlp: Mlp::new(&p / "mlp", w, a.mlp_hidden, a.act),
-            heads: a.heads,
+            norm: LayerNorm::new(&p / "norm", w, eps),
+            mlp: Mlp::new(&p / "mlp", w, mlp_hidden, act),
+            heads,
         }
     }
 
     /// x: (B, N, C) -> (B, C).
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
         let size = x.size();
         let (b, n, c) = (size[0], size[1], size[2]);
         let dh = c / self.heads;
@@ -688,7 +743,10 @@ impl TimmVit {
             a.act = cfg.activation(false)?;
         }
         let err = |m: String| Err(TrainError::ModelConfig(m));
-        let ending = Ending::of(&a, cfg)?;
+        let ending = Ending::of(&a.pool_rule(), cfg)?;
+        if a.rel_pos_hidden.is_some() && !matches!(ending.pool, Pooled::Token | Pooled::Avg) {
+            return err(format!("vision_cfg.timm_pool: {name} pools by \"token\" or \"avg\" only"));
+        }
         let max_drop_path = cfg.timm_drop_path.unwrap_or(0.0);
         if !(0.0..1.0).contains(&max_drop_path) {
             return err(format!(
@@ -733,8 +791,9 @@ impl TimmVit {
             norm_pre: a.pre_norm.then(|| LayerNorm::new(&t / "norm_pre", w, a.eps)),
             blocks,
             norm: LayerNorm::new(&t / norm_path, w, a.eps),
-            attn_pool: (ending.pool == Pooled::Map)
-                .then(|| AttentionPoolLatent::new(&t / "attn_pool", &a)),
+            attn_pool: (ending.pool == Pooled::Map).then(|| {
+                AttentionPoolLatent::new(&t / "attn_pool", w, a.heads, a.mlp_hidden, a.act, a.eps)
+            }),
             head: TimmHead::new(&p, cfg, w, embed_dim, |out| timm_linear(&t / "head", w, out))?,
             num_patches: grid * grid,
         })
@@ -822,20 +881,22 @@ impl TimmVit {
     fn head(&self, x: &Tensor, train: bool) -> Tensor {
         let x = if self.ending.fc_norm { x.shallow_clone() } else { self.norm.forward(x) };
         let prefix = i64::from(self.arch.class_token);
-        let patches = || x.narrow(1, prefix, x.size()[1] - prefix);
-        let pooled = match (&self.attn_pool, self.ending.pool) {
-            (Some(attn_pool), _) => attn_pool.forward(&patches()),
-            (None, Pooled::Token) => x.select(1, 0),
-            (None, Pooled::Avg | Pooled::Map) => patches().mean_dim(1, false, None),
-            (None, Pooled::Max) => patches().amax(1, false),
-            (None, Pooled::AvgMax) => {
-                let p = patches();
-                (p.amax(1, false) + p.mean_dim(1, false, None)) * 0.5
-            }
-        };
+        let pooled = self.ending.pool(&x, prefix, self.attn_pool.as_ref(), false);
         let pooled = if self.ending.fc_norm { self.norm.forward(&pooled) } else { pooled };
         self.head.forward(&pooled, train)
     }
+}
+
+/// What timm's `group_matcher` for a ViT-family trunk (`VisionTransformer`, `Eva`) sees of it.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupLayout {
+    pub class_token: bool,
+    pub pos_embed: bool,
+    pub norm_pre: bool,
+    pub depth: i64,
+    pub ending: Ending,
+    /// The trunk's own classifier (`timm_proj: null`).
+    pub classifier: bool,
 }
 
 /// open_clip's `TimmModel.lock` groups, as timm's `group_matcher` for a ViT and
@@ -844,43 +905,55 @@ impl TimmVit {
 /// then what no pattern matches: {attn_pool, fc_norm, the trunk's classifier}, when there is
 /// any. `visual.head` is in none: `TimmModel.lock` only freezes the trunk. Names relative to
 /// the model root.
-pub fn lock_groups(cfg: &VisionConfig) -> Vec<Vec<String>> {
-    let Ok(a) = architecture(cfg.timm_model_name.as_deref().unwrap_or_default()) else {
-        return Vec::new();
-    };
-    let Ok(ending) = Ending::of(&a, cfg) else { return Vec::new() };
+pub fn vit_family_groups(l: &GroupLayout) -> Vec<Vec<String>> {
     let t = "visual.trunk";
     let mut stem = Vec::new();
-    if a.class_token {
+    if l.class_token {
         stem.push(format!("{t}.cls_token"));
     }
-    if a.rel_pos_hidden.is_none() {
+    if l.pos_embed {
         stem.push(format!("{t}.pos_embed"));
     }
     stem.push(format!("{t}.patch_embed"));
-    if a.pre_norm {
+    if l.norm_pre {
         stem.push(format!("{t}.norm_pre"));
     }
     let mut out = vec![stem];
-    out.extend((0..a.depth - 1).map(|i| vec![format!("{t}.blocks.{i}")]));
-    let mut last = vec![format!("{t}.blocks.{}", a.depth - 1)];
+    out.extend((0..l.depth - 1).map(|i| vec![format!("{t}.blocks.{i}")]));
+    let mut last = vec![format!("{t}.blocks.{}", l.depth - 1)];
     let mut rest = Vec::new();
-    if ending.fc_norm {
+    if l.ending.fc_norm {
         rest.push(format!("{t}.fc_norm"));
     } else {
         last.push(format!("{t}.norm"));
     }
     out.push(last);
-    if ending.pool == Pooled::Map {
+    if l.ending.pool == Pooled::Map {
         rest.push(format!("{t}.attn_pool"));
     }
-    if TimmProj::of(cfg).is_ok_and(|p| p == TimmProj::Classifier) {
+    if l.classifier {
         rest.push(format!("{t}.head"));
     }
     if !rest.is_empty() {
         out.push(rest);
     }
     out
+}
+
+/// [`vit_family_groups`] of the `VisionTransformer` trunk `cfg` names; empty for another.
+pub fn lock_groups(cfg: &VisionConfig) -> Vec<Vec<String>> {
+    let Ok(a) = architecture(cfg.timm_model_name.as_deref().unwrap_or_default()) else {
+        return Vec::new();
+    };
+    let Ok(ending) = Ending::of(&a.pool_rule(), cfg) else { return Vec::new() };
+    vit_family_groups(&GroupLayout {
+        class_token: a.class_token,
+        pos_embed: a.rel_pos_hidden.is_none(),
+        norm_pre: a.pre_norm,
+        depth: a.depth,
+        ending,
+        classifier: TimmProj::of(cfg).is_ok_and(|p| p == TimmProj::Classifier),
+    })
 }
 
 #[cfg(test)]

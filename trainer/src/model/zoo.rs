@@ -28,9 +28,21 @@ macro_rules! open_clip_configs {
 
 // The list is checked against the directory by `the_list_is_the_directory`.
 open_clip_configs!(
+    "EVA01-g-14",
+    "EVA01-g-14-plus",
+    "EVA02-B-16",
+    "EVA02-E-14",
+    "EVA02-E-14-plus",
+    "EVA02-L-14",
+    "EVA02-L-14-336",
     "MobileCLIP-B",
     "MobileCLIP2-B",
     "MobileCLIP2-L-14",
+    "PE-Core-B-16",
+    "PE-Core-L-14-336",
+    "PE-Core-S-16-384",
+    "PE-Core-T-16-384",
+    "PE-Core-bigG-14-448",
     "RN101",
     "RN101-quickgelu",
     "RN50",
@@ -223,7 +235,7 @@ mod tests {
         files.sort();
         let listed: Vec<&str> = open_clip_names().collect();
         assert_eq!(files, listed);
-        assert_eq!(listed.len(), 86);
+        assert_eq!(listed.len(), 98);
     }
 
     #[test]
