@@ -171,7 +171,7 @@ fn kept_patches(
     let Some(num_patches) = model.visual.num_patches() else {
         return Err(TrainError::Config(
             "patch dropout needs an image tower whose patch tokens can be dropped; \
-             this model's (a ModifiedResNet, or a timm trunk with relative positions) cannot"
+             this model's (a convolutional tower, or a timm trunk with relative positions) cannot"
                 .into(),
         ));
     };

@@ -146,10 +146,13 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
 #[test]
 fn unknown_timm_names_list_the_supported_ones() {
     let mut cfg = config("ViT-B-16-SigLIP.json");
-    cfg.vision_cfg.timm_model_name = Some("convnext_base".into());
+    cfg.vision_cfg.timm_model_name = Some("vit_huge_patch14_clip_224".into());
     let err = Clip::shapes(&cfg).expect_err("refused").to_string();
     assert!(
-        err.contains("convnext_base") && err.contains("vit_so400m_patch14_siglip_384"),
+        err.contains("vit_huge_patch14_clip_224")
+            && err.contains("vit_so400m_patch14_siglip_384")
+            && err.contains("eva02_base_patch16_clip_224")
+            && err.contains("convnext_xxlarge"),
         "{err}"
     );
 }

@@ -31,6 +31,9 @@ fn groups(cfg: &ModelConfig, tower: Tower) -> Vec<Vec<String>> {
         if super::timm_eva::architecture(name).is_some() {
             return super::timm_eva::lock_groups(&cfg.vision_cfg);
         }
+        if super::timm_convnext::architecture(name).is_some() {
+            return super::timm_convnext::lock_groups(&cfg.vision_cfg);
+        }
         return super::timm_vit::lock_groups(&cfg.vision_cfg);
     }
     let t = cfg.text_prefix();

@@ -5,9 +5,10 @@
 //! weights load here with nothing renamed.
 //!
 //! One file per tower: `vision.rs` (open_clip's ViT), `resnet.rs` (OpenAI's ModifiedResNet),
-//! `timm_vit.rs` (timm's ViT trunks), `timm_eva.rs` (timm's EVA and PE trunks) and `timm_head.rs`
-//! (open_clip's head after a timm trunk), `text.rs`, and `transformer.rs` (the block the ViT and
-//! text towers share). `config.rs` is open_clip's JSON schema, `zoo.rs` its built-in configs,
+//! `timm_vit.rs` (timm's ViT trunks), `timm_eva.rs` (timm's EVA and PE trunks),
+//! `timm_convnext.rs` (timm's ConvNeXt), `timm_head.rs` (open_clip's head after a timm trunk),
+//! `text.rs`, and `transformer.rs` (the block the ViT and text towers share); `batch_norm.rs`
+//! and `drop_path.rs` hold what several towers use. `config.rs` is open_clip's JSON schema, `zoo.rs` its built-in configs,
 //! `params.rs` how every parameter is made, `lock.rs` what fine-tuning freezes, `staged.rs`
 //! each tower's forward as stages and activation checkpointing over them, `patch_dropout.rs`
 //! which patches a training step keeps and how the ViTs drop the rest. Here: the model, its
@@ -24,6 +25,7 @@ pub mod patch_dropout;
 pub mod resnet;
 pub mod staged;
 pub mod text;
+pub mod timm_convnext;
 pub mod timm_eva;
 pub mod timm_head;
 pub mod timm_vit;
@@ -75,6 +77,8 @@ pub enum VisionTower {
     Timm(Box<timm_vit::TimmVit>),
     /// A timm `Eva` trunk with open_clip's `TimmModel` head (EVA01, EVA02, PE-Core).
     Eva(Box<timm_eva::TimmEva>),
+    /// A timm `ConvNeXt` trunk with open_clip's `TimmModel` head.
+    ConvNext(Box<timm_convnext::TimmConvNext>),
 }
 
 impl VisionTower {
@@ -88,12 +92,20 @@ impl VisionTower {
             VisionTowerKind::ResNet(stages) => {
                 Ok(VisionTower::ResNet(ModifiedResNet::new(p, cfg, stages, config.embed_dim)))
             }
+            VisionTowerKind::Timm(name) if timm_convnext::architecture(name).is_some() => {
+                Ok(VisionTower::ConvNext(Box::new(timm_convnext::TimmConvNext::new(
+                    p,
+                    cfg,
+                    config.embed_dim,
+                )?)))
+            }
             VisionTowerKind::Timm(name) if timm_eva::architecture(name).is_some() => {
                 Ok(VisionTower::Eva(Box::new(timm_eva::TimmEva::new(p, cfg, config.embed_dim)?)))
             }
-            VisionTowerKind::Timm(_) => {
+            VisionTowerKind::Timm(name) if timm_vit::architecture(name).is_ok() => {
                 Ok(VisionTower::Timm(Box::new(timm_vit::TimmVit::new(p, cfg, config.embed_dim)?)))
             }
+            VisionTowerKind::Timm(name) => Err(unknown_timm_trunk(name)),
         }
     }
 
@@ -103,14 +115,15 @@ impl VisionTower {
         staged::fold(self.stage_count(), images, |i, x| self.stage(i, x, train, kept))
     }
 
-    /// Patch tokens per image, for the towers that can drop some (not a ResNet, nor a timm
-    /// trunk with relative positions).
+    /// Patch tokens per image, for the towers that can drop some (not a convolutional tower,
+    /// nor a timm trunk with relative positions).
     pub fn num_patches(&self) -> Option<i64> {
         match self {
             VisionTower::Vit(vit) => Some(vit.num_patches()),
             VisionTower::ResNet(_) => None,
             VisionTower::Timm(vit) => vit.drops_patches().then(|| vit.num_patches()),
             VisionTower::Eva(eva) => Some(eva.num_patches()),
+            VisionTower::ConvNext(_) => None,
         }
     }
 
@@ -120,7 +133,7 @@ impl VisionTower {
             VisionTower::Vit(_) => None,
             VisionTower::ResNet(resnet) => Some(&resnet.batch_norm),
             VisionTower::Timm(vit) => vit.batch_norm(),
-            VisionTower::Eva(_) => None,
+            VisionTower::Eva(_) | VisionTower::ConvNext(_) => None,
         }
     }
 
@@ -131,6 +144,7 @@ impl VisionTower {
             VisionTower::Vit(_) | VisionTower::ResNet(_) => false,
             VisionTower::Timm(vit) => vit.draws_in_stages(),
             VisionTower::Eva(eva) => eva.draws_in_stages(),
+            VisionTower::ConvNext(convnext) => convnext.draws_in_stages(),
         }
     }
 
@@ -141,6 +155,7 @@ impl VisionTower {
             VisionTower::ResNet(resnet) => resnet.stage_count(),
             VisionTower::Timm(vit) => vit.stage_count(),
             VisionTower::Eva(eva) => eva.stage_count(),
+            VisionTower::ConvNext(convnext) => convnext.stage_count(),
         }
     }
 
@@ -152,8 +167,21 @@ impl VisionTower {
             VisionTower::ResNet(resnet) => resnet.stage(i, x, train),
             VisionTower::Timm(vit) => vit.stage(i, x, train, kept),
             VisionTower::Eva(eva) => eva.stage(i, x, train, kept),
+            VisionTower::ConvNext(convnext) => convnext.stage(i, x, train),
         }
     }
+}
+
+/// The error for a timm name none of the timm tower files builds, listing those they do.
+fn unknown_timm_trunk(name: &str) -> TrainError {
+    let vit = timm_vit::SIGLIP.iter().chain(&timm_vit::CLIP).map(|a| a.name);
+    let eva = timm_eva::ARCHITECTURES.iter().map(|a| a.name);
+    let convnext = timm_convnext::ARCHITECTURES.iter().map(|a| a.name);
+    let names: Vec<&str> = vit.chain(eva).chain(convnext).collect();
+    TrainError::ModelConfig(format!(
+        "vision_cfg.timm_model_name {name:?} is not a timm model oxclip builds; it builds: {}",
+        names.join(", ")
+    ))
 }
 
 /// The image tower of [`Clip::features`] as stages: the tower's, its output L2-normalised,

@@ -278,10 +278,9 @@ pub fn siglip_trunks() -> Vec<TimmArch> {
 pub fn architecture(name: &str) -> Result<TimmArch> {
     let known = || SIGLIP.iter().chain(&CLIP).chain([&TINY]);
     known().find(|a| a.name == name).copied().ok_or_else(|| {
-        let eva = super::timm_eva::ARCHITECTURES.iter().map(|a| a.name);
-        let names: Vec<&str> = SIGLIP.iter().chain(&CLIP).map(|a| a.name).chain(eva).collect();
+        let names: Vec<&str> = SIGLIP.iter().chain(&CLIP).map(|a| a.name).collect();
         TrainError::ModelConfig(format!(
-            "vision_cfg.timm_model_name {name:?} is not a timm model oxclip builds; it builds: {}",
+            "vision_cfg.timm_model_name {name:?} is not a timm ViT oxclip builds; its timm ViTs are: {}",
             names.join(", ")
         ))
     })

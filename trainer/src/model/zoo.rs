@@ -124,6 +124,17 @@ open_clip_configs!(
     "ViT-g-14",
     "ViT-gopt-16-SigLIP2-256",
     "ViT-gopt-16-SigLIP2-384",
+    "convnext_base",
+    "convnext_base_w",
+    "convnext_base_w_320",
+    "convnext_large",
+    "convnext_large_d",
+    "convnext_large_d_320",
+    "convnext_small",
+    "convnext_tiny",
+    "convnext_xlarge",
+    "convnext_xxlarge",
+    "convnext_xxlarge_320",
     "vit_medium_patch16_gap_256",
     "vit_relpos_medium_patch16_cls_224",
 );
@@ -235,7 +246,7 @@ mod tests {
         files.sort();
         let listed: Vec<&str> = open_clip_names().collect();
         assert_eq!(files, listed);
-        assert_eq!(listed.len(), 98);
+        assert_eq!(listed.len(), 109);
     }
 
     #[test]
@@ -258,7 +269,8 @@ mod tests {
         assert_eq!(suggest("ViT-B/32", 3), ["ViT-B-32"]);
         assert_eq!(suggest("ViT-L-14-quickgel", 3)[0], "ViT-L-14-quickgelu");
         assert!(suggest("RN50x", 5).contains(&"RN50x4"));
-        assert!(suggest("convnext_base", 3).is_empty());
+        assert_eq!(suggest("convnext_bas", 3)[0], "convnext_base");
+        assert!(suggest("xyzzy_plugh", 3).is_empty());
     }
 
     #[test]
