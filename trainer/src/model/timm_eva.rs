@@ -634,10 +634,9 @@ impl TimmEva {
 
     /// timm's `norm`, `forward_head` (pooling, `fc_norm`), then open_clip's head.
     fn head(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = if self.ending.fc_norm { x.shallow_clone() } else { self.norm.forward(x) };
         let prefix = i64::from(self.arch.class_token);
-        let pooled = self.ending.pool(&x, prefix, self.attn_pool.as_ref(), true);
-        let pooled = if self.ending.fc_norm { self.norm.forward(&pooled) } else { pooled };
+        let pooled =
+            self.ending.norm_and_pool(x, &self.norm, prefix, self.attn_pool.as_ref(), true);
         self.head.forward(&pooled, train)
     }
 }

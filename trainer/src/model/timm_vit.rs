@@ -344,6 +344,23 @@ impl Ending {
         Ok(Ending { pool, fc_norm })
     }
 
+    /// The trunk's last norm and its pooling, in the order this ending puts them: (B, prefix +
+    /// P, W) -> (B, W), what open_clip's head takes.
+    pub fn norm_and_pool(
+        &self,
+        x: &Tensor,
+        norm: &LayerNorm,
+        prefix: i64,
+        attn_pool: Option<&AttentionPoolLatent>,
+        map_all: bool,
+    ) -> Tensor {
+        if self.fc_norm {
+            norm.forward(&self.pool(x, prefix, attn_pool, map_all))
+        } else {
+            self.pool(&norm.forward(x), prefix, attn_pool, map_all)
+        }
+    }
+
     /// The pooling of (B, prefix + P, W) tokens after the final norm (or before `fc_norm`):
     /// the class token, a reduction over the patch tokens, or the MAP head over the patch
     /// tokens (over every token under `map_all`, as timm's `Eva`).
@@ -878,10 +895,9 @@ impl TimmVit {
     /// (B, prefix + g*g, W) -> (B, embed_dim): timm's `norm`, `forward_head` (pooling,
     /// `fc_norm`), then open_clip's head.
     fn head(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = if self.ending.fc_norm { x.shallow_clone() } else { self.norm.forward(x) };
         let prefix = i64::from(self.arch.class_token);
-        let pooled = self.ending.pool(&x, prefix, self.attn_pool.as_ref(), false);
-        let pooled = if self.ending.fc_norm { self.norm.forward(&pooled) } else { pooled };
+        let pooled =
+            self.ending.norm_and_pool(x, &self.norm, prefix, self.attn_pool.as_ref(), false);
         self.head.forward(&pooled, train)
     }
 }

@@ -121,3 +121,75 @@ pub fn check_gradients(
     assert!(compared > 0, "no gradient compared");
     worst
 }
+
+/// The normalised features of `clip` for deterministic([2, 3, S, S], 0, 0, 1) images and the
+/// fixture's `text`, against its `image_features` and `text_features`: within 1e-5, cosine at
+/// least 0.9999. Prints the differences.
+pub fn check_features(label: &str, clip: &Clip, image_size: i64, io: &BTreeMap<String, Tensor>) {
+    let images = deterministic(&[2, 3, image_size, image_size], 0, 0.0, 1.0, Kind::Float);
+    let (img, txt) = tch::no_grad(|| clip.features(&images, &io["text"]));
+    let (di, dt) = (max_abs(&img, &io["image_features"]), max_abs(&txt, &io["text_features"]));
+    let cosine = (&img * &io["image_features"]).sum_dim_intlist(-1, false, Kind::Double);
+    let cosine = cosine.min().double_value(&[]);
+    println!("{label}: image features max abs diff {di:e} (cosine >= {cosine}), text {dt:e}");
+    assert!(di <= 1e-5 && dt <= 1e-5 && cosine >= 0.9999, "{label}: image {di}, text {dt}");
+}
+
+/// `lock_image_tower` as open_clip: for each `{"n": [names]}` of `expected`, the visual
+/// parameters `lock(n)` leaves trainable (buffers never train, so only parameters count).
+pub fn check_lock_sets(
+    label: &str,
+    vs: &nn::VarStore,
+    cfg: &ModelConfig,
+    expected: &serde_json::Value,
+) {
+    use oxclip_trainer::model::lock::{lock, Tower};
+    let params: Vec<(String, Tensor)> =
+        vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
+    let groups = expected.as_object().expect("{unlocked groups: names}");
+    for (unlocked, names) in groups {
+        for (_, var) in &params {
+            let _ = var.set_requires_grad(true);
+        }
+        lock(vs, cfg, Tower::Image, unlocked.parse().expect("count")).expect("locks");
+        let mut ours: Vec<String> = params
+            .iter()
+            .filter(|(n, v)| n.starts_with("visual.") && v.requires_grad())
+            .map(|(n, _)| n.clone())
+            .collect();
+        ours.sort();
+        let names: Vec<String> = serde_json::from_value(names.clone()).expect("names");
+        assert_eq!(ours, names, "{label}, unlocked groups {unlocked}");
+    }
+    for (_, var) in &params {
+        let _ = var.set_requires_grad(true);
+    }
+}
+
+/// The training-step fixture `step_<name>` of `dir` (tower_fixtures.py's `clip_step`): the
+/// config, the weights, one step at lr 0 on deterministic([4, 3, S, S], 1, 0, 1) images, the
+/// loss within 1e-5 and every gradient within 1e-4 of its norm. Returns the model's variables
+/// and the fixture, for what else it holds.
+pub fn check_open_clip_step(dir: &Path, name: &str) -> (nn::VarStore, BTreeMap<String, Tensor>) {
+    use oxclip_trainer::config::LossKind;
+    let cfg: ModelConfig = serde_json::from_value(json(&dir.join(format!("step_{name}.json"))))
+        .expect("open_clip's JSON");
+    let rows = recipe(&dir.join(format!("step_{name}_recipe.json")));
+    let (vs, clip) = build(&cfg, &rows);
+    clip.set_training(true);
+    let io = read(&dir.join(format!("step_{name}_io.safetensors")));
+    let size = cfg.vision_cfg.image_size;
+    let images = deterministic(&[4, 3, size, size], 1, 0.0, 1.0, Kind::Float);
+    let step = super::step_config(LossKind::Clip, None, false);
+    let out = super::step_at_lr0(&vs, &clip, &images, &io["text"], step);
+    let dl = max_abs(&out.loss, &io["loss"]);
+    assert!(
+        dl <= 1e-5,
+        "{name}: loss {} vs {}",
+        out.loss.double_value(&[]),
+        io["loss"].double_value(&[])
+    );
+    let worst = check_gradients(&vs, &rows, &io, 1e-4);
+    println!("{name} step: loss diff {dl:e}, worst gradient {:e} ({})", worst.0, worst.1);
+    (vs, io)
+}
