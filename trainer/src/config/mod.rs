@@ -569,6 +569,23 @@ mod tests {
             msg.contains("vision_cfg.patch_dropout (0.5)") && msg.contains("ModifiedResNet"),
             "{msg}"
         );
+        // ConvNeXt has none either, and vit_relpos's relative positions span the whole grid:
+        // refused when the config loads, not at the first step.
+        for (model, tower) in [
+            ("convnext_tiny", "ConvNeXt"),
+            ("vit_relpos_medium_patch16_cls_224", "relative-position ViT"),
+        ] {
+            let (_d, path) = write(&GOOD.replace("model: tiny", &format!("model: {model}")));
+            let msg = load(&path, &set(&["train.force_patch_dropout=0.5"]))
+                .expect_err("no patch tokens to drop")
+                .to_string();
+            assert!(
+                msg.contains("train.force_patch_dropout (0.5)") && msg.contains(tower),
+                "{msg}"
+            );
+        }
+        let (_d, eva) = write(&GOOD.replace("model: tiny", "model: EVA02-B-16"));
+        load(&eva, &set(&["train.force_patch_dropout=0.5"])).expect("an EVA trunk drops patches");
     }
 
     fn tiny_yaml() -> String {

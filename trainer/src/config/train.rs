@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
 use crate::error::{Result, TrainError};
-use crate::model::{ModelConfig, VisionTowerKind};
+use crate::model::ModelConfig;
 use crate::precision::LowPrecision;
 
 /// `train.precision`, open_clip's `--precision` of the same name (docs/training.md,
@@ -205,7 +205,8 @@ pub struct TrainConfig {
     /// Patch dropout for this run, over the model's `vision_cfg.patch_dropout` (open_clip's
     /// `--force-patch-dropout`): the fraction of patch tokens each image drops in training, in
     /// [0, 1); 0 turns it off, e.g. for a final unmasked phase resumed from a run that
-    /// dropped. ViT and timm towers only. Default: the model's value.
+    /// dropped. Towers with patch tokens only (not ResNets, ConvNeXt, `vit_relpos_*`). Default:
+    /// the model's value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force_patch_dropout: Option<f64>,
     /// Signals that stop the run cleanly: every rank checkpoints after the same step and the
@@ -286,17 +287,18 @@ impl TrainConfig {
 
 /// Checks a patch dropout rate given for `model`, named `key` in the message (the run's
 /// `train.force_patch_dropout`, `oxclip bench --patch-dropout`): in [0, 1), and above 0 only for
-/// an image tower with patch tokens (ViT, timm), as open_clip's `PatchDropout` asserts.
+/// an image tower whose patch tokens can be dropped (`model::patchless_tower` names the others),
+/// as open_clip's `PatchDropout` asserts.
 pub fn check_patch_dropout(key: &str, rate: f64, model: &ModelConfig) -> Result<()> {
     if !(0.0..1.0).contains(&rate) {
         return Err(TrainError::Config(format!(
             "{key} must be in [0, 1) (the fraction of patches dropped; 0 turns it off), got {rate}"
         )));
     }
-    if rate > 0.0 && matches!(model.vision_cfg.tower(), VisionTowerKind::ResNet(_)) {
+    if let Some(tower) = crate::model::patchless_tower(&model.vision_cfg).filter(|_| rate > 0.0) {
         return Err(TrainError::Config(format!(
-            "{key} ({rate}) drops patch tokens, which the model's ModifiedResNet image tower does \
-             not have; remove it or set it to 0 (patch dropout is for ViT and timm towers)"
+            "{key} ({rate}) drops patch tokens, which the model's {tower} image tower cannot drop; \
+             remove it or set it to 0 (patch dropout is for ViTs)"
         )));
     }
     Ok(())

@@ -61,7 +61,8 @@ pub struct VisionConfig {
     pub ls_init_value: Option<f64>,
     /// Patch dropout (FLIP): the fraction of patch tokens each image drops at random in
     /// training, in [0, 1); the class token stays and `max(1, int(patches * (1 - p)))` patches
-    /// are kept. ViT and timm towers only. `train.force_patch_dropout` overrides it for a run.
+    /// are kept. Towers with patch tokens only (not ResNets, ConvNeXt, `vit_relpos_*`).
+    /// `train.force_patch_dropout` overrides it for a run.
     /// Evaluation never drops. Default 0 (off).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub patch_dropout: f64,
@@ -536,10 +537,10 @@ impl ModelConfig {
                 v.patch_dropout
             ));
         }
-        if v.patch_dropout > 0.0 && matches!(v.tower(), VisionTowerKind::ResNet(_)) {
+        if let Some(tower) = super::patchless_tower(v).filter(|_| v.patch_dropout > 0.0) {
             return err(format!(
-                "vision_cfg.patch_dropout ({}) drops patch tokens, which a ModifiedResNet \
-                 does not have; remove it (patch dropout is for ViT and timm towers)",
+                "vision_cfg.patch_dropout ({}) drops patch tokens, which a {tower} image tower \
+                 cannot drop; remove it (patch dropout is for ViTs)",
                 v.patch_dropout
             ));
         }

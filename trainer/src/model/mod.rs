@@ -172,6 +172,22 @@ impl VisionTower {
     }
 }
 
+/// What the image tower `cfg` describes is, when it has no patch tokens patch dropout could drop
+/// (convolutional towers; a ViT whose relative positions span the whole grid): its name for
+/// messages. `None` for the ViTs.
+pub fn patchless_tower(cfg: &VisionConfig) -> Option<&'static str> {
+    match cfg.tower() {
+        VisionTowerKind::ResNet(_) => Some("ModifiedResNet"),
+        VisionTowerKind::Timm(name) if timm_convnext::architecture(name).is_some() => {
+            Some("ConvNeXt")
+        }
+        VisionTowerKind::Timm(name) => timm_vit::architecture(name)
+            .is_ok_and(|a| a.rel_pos_hidden.is_some())
+            .then_some("relative-position ViT"),
+        VisionTowerKind::Vit => None,
+    }
+}
+
 /// The error for a timm name none of the timm tower files builds, listing those they do.
 fn unknown_timm_trunk(name: &str) -> TrainError {
     let vit = timm_vit::SIGLIP.iter().chain(&timm_vit::CLIP).map(|a| a.name);

@@ -11,7 +11,7 @@
 //!   (`head.norm`), and, when the trunk's classifier projects (`timm_proj: null`), `head.fc`.
 //!
 //! Every LayerNorm has timm's eps 1e-6, but `convnext_xxlarge`'s, 1e-5. There are no patch
-//! tokens, so no patch dropout.
+//! tokens, so no patch dropout (`model::patchless_tower`).
 
 use tch::nn::{self, Init};
 use tch::Tensor;
@@ -187,11 +187,6 @@ impl TimmConvNext {
                 return err(format!("vision_cfg.timm_pool {other:?}: {name} pools by \"avg\", \"max\" or \"avgmax\""))
             }
         };
-        if cfg.patch_dropout > 0.0 {
-            return err(format!(
-                "vision_cfg.patch_dropout: {name} is convolutional and has no patch tokens to drop"
-            ));
-        }
         let max_drop_path = cfg.timm_drop_path.unwrap_or(0.0);
         if !(0.0..1.0).contains(&max_drop_path) {
             return err(format!(
@@ -368,7 +363,7 @@ mod tests {
         for (extra, needle) in [
             (serde_json::json!({"timm_pool": "token"}), "pools by"),
             (serde_json::json!({"timm_proj": null}), "unpooled"),
-            (serde_json::json!({"patch_dropout": 0.5}), "no patch tokens"),
+            (serde_json::json!({"patch_dropout": 0.5}), "ConvNeXt image tower cannot drop"),
             (serde_json::json!({"image_size": 16}), "stride"),
         ] {
             let err = Clip::shapes(&convnext(extra.clone())).unwrap_err().to_string();

@@ -769,11 +769,6 @@ impl TimmVit {
                 "vision_cfg.timm_drop_path must be in [0, 1), got {max_drop_path}"
             ));
         }
-        if a.rel_pos_hidden.is_some() && cfg.patch_dropout > 0.0 {
-            return err(format!(
-                "vision_cfg.patch_dropout: {name}'s relative positions are for the whole grid, so it cannot drop patches"
-            ));
-        }
         if cfg.image_size < a.patch {
             return err(format!(
                 "vision_cfg.image_size {} is smaller than {name}'s patch ({})",
