@@ -1,5 +1,5 @@
 //! The timm ViT trunks beyond SigLIP's (MobileCLIP's MCi, CLIP's pre-norm ViT-L/14, the
-//! average-pooled and the relative-position ViT-M) against open_clip 3.3.0 and timm 1.0.31,
+//! average-pooled and the relative-position ViT-M, ViTamin) against open_clip 3.3.0 and timm 1.0.31,
 //! from golden files written by tests/fixtures/make_timm_vit_fixtures.py: what the state_dict
 //! cannot show, full-size features with deterministic weights, tower locking, and training
 //! steps (loss, every gradient, BatchNorm's running statistics).
@@ -13,7 +13,7 @@ use common::golden::{
 };
 use oxclip_trainer::model::drop_path;
 use oxclip_trainer::model::timm_head::TimmProj;
-use oxclip_trainer::model::timm_vit::{architecture, Ending, Pooled, Stem, REL_POS_DROP};
+use oxclip_trainer::model::timm_vit::{architecture, Ending, MlpKind, Pooled, Stem, REL_POS_DROP};
 use oxclip_trainer::model::{zoo, Clip, ModelConfig};
 use tch::Kind;
 
@@ -32,7 +32,7 @@ fn builtin(name: &str) -> ModelConfig {
 fn trunks_are_built_as_timm_builds_them() {
     let golden = json(&fixture("arch.json"));
     let golden = golden.as_object().expect("configs");
-    assert_eq!(golden.len(), 5);
+    assert_eq!(golden.len(), 20);
     for (name, g) in golden {
         let cfg = builtin(name);
         let v = &cfg.vision_cfg;
@@ -40,7 +40,8 @@ fn trunks_are_built_as_timm_builds_them() {
         let ending = Ending::of(&a.pool_rule(), v).expect("ending");
         let shapes = Clip::shapes(&cfg).expect("shapes");
         let pos = shapes.iter().find(|(n, _)| n == "visual.trunk.pos_embed").map(|(_, s)| s);
-        let act = if a.rel_pos_hidden.is_some() { vec!["GELU", "ReLU"] } else { vec!["GELU"] };
+        let rel_pos_hidden = a.rel_pos_hidden();
+        let act = if rel_pos_hidden.is_some() { vec!["GELU", "ReLU"] } else { vec!["GELU"] };
         let pool = match ending.pool {
             Pooled::Token => "token",
             Pooled::Avg => "avg",
@@ -49,7 +50,9 @@ fn trunks_are_built_as_timm_builds_them() {
             Pooled::Map => "map",
         };
         let ours = serde_json::json!({
-            "trunk": if a.rel_pos_hidden.is_some() { "VisionTransformerRelPos" } else { "VisionTransformer" },
+            "trunk": if rel_pos_hidden.is_some() { "VisionTransformerRelPos" } else { "VisionTransformer" },
+            "embed": if a.stem == Stem::Patch { "PatchEmbed" } else { "HybridEmbed" },
+            "mlp": if a.mlp == MlpKind::GeGlu { "GeGluMlp" } else { "Mlp" },
             "eps": [a.eps],
             "bn_eps": if a.stem == Stem::MciConv { vec![1e-5] } else { vec![] },
             "act": act,
@@ -64,8 +67,8 @@ fn trunks_are_built_as_timm_builds_them() {
             "heads": a.heads,
             "qkv_bias": a.qkv_bias,
             "layer_scale": a.init_values.is_some(),
-            "rel_pos_hidden": a.rel_pos_hidden,
-            "rel_pos_drop": a.rel_pos_hidden.map(|_| REL_POS_DROP),
+            "rel_pos_hidden": rel_pos_hidden,
+            "rel_pos_drop": rel_pos_hidden.map(|_| REL_POS_DROP),
         });
         let mut g = g.clone();
         let theirs: Vec<f64> = serde_json::from_value(g["drop_path"].take()).expect("rates");
@@ -90,6 +93,7 @@ fn full_size_features_and_locking_match_open_clip() {
         "vit_medium_patch16_gap_256",
         "vit_relpos_medium_patch16_cls_224",
         "MobileCLIP2-L-14",
+        "ViTamin-S",
     ];
     for name in names {
         let cfg = builtin(name);
@@ -125,6 +129,13 @@ fn mobileclip_b_training_step_matches_open_clip() {
 #[test]
 fn vit_medium_gap_training_step_matches_open_clip() {
     training_step_matches_open_clip("vit_medium_patch16_gap_256");
+}
+
+/// ViTamin's MbConv stem (LayerNorm2d, depthwise convolutions, the pooled shortcut), GeGLU
+/// MLPs, average pooling with fc_norm, open_clip's linear head (at 64 px).
+#[test]
+fn vitamin_s_training_step_matches_open_clip() {
+    training_step_matches_open_clip("ViTamin-S");
 }
 
 /// MobileCLIP-B exports in open_clip's layout, its stem's BatchNorm counters included, and

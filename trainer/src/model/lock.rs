@@ -34,6 +34,9 @@ fn groups(cfg: &ModelConfig, tower: Tower) -> Vec<Vec<String>> {
         if super::timm_convnext::architecture(name).is_some() {
             return super::timm_convnext::lock_groups(&cfg.vision_cfg);
         }
+        if super::timm_swin::architecture(name).is_some() {
+            return super::timm_swin::lock_groups(&cfg.vision_cfg);
+        }
         return super::timm_vit::lock_groups(&cfg.vision_cfg);
     }
     let t = cfg.text_prefix();

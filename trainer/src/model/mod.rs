@@ -5,14 +5,16 @@
 //! weights load here with nothing renamed.
 //!
 //! One file per tower: `vision.rs` (open_clip's ViT), `resnet.rs` (OpenAI's ModifiedResNet),
-//! `timm_vit.rs` (timm's ViT trunks), `timm_eva.rs` (timm's EVA and PE trunks),
-//! `timm_convnext.rs` (timm's ConvNeXt), `timm_head.rs` (open_clip's head after a timm trunk),
-//! `text.rs`, and `transformer.rs` (the block the ViT and text towers share); `batch_norm.rs`
-//! and `drop_path.rs` hold what several towers use. `config.rs` is open_clip's JSON schema, `zoo.rs` its built-in configs,
-//! `params.rs` how every parameter is made, `lock.rs` what fine-tuning freezes, `staged.rs`
-//! each tower's forward as stages and activation checkpointing over them, `patch_dropout.rs`
-//! which patches a training step keeps and how the ViTs drop the rest. Here: the model, its
-//! towers behind one enum, and [`load_state_dict`], which takes weights already in open_clip's
+//! `timm_vit.rs` (timm's ViT trunks, with `timm_vitamin.rs` for ViTamin's convolutional
+//! stem), `timm_eva.rs` (timm's EVA and PE trunks), `timm_convnext.rs` (timm's ConvNeXt),
+//! `timm_swin.rs` (timm's Swin Transformer), `timm_head.rs` (open_clip's head after a timm
+//! trunk), `text.rs`, and `transformer.rs` (the block the ViT and text towers share);
+//! `batch_norm.rs` and `drop_path.rs` hold what several towers use. `config.rs` is open_clip's
+//! JSON schema, `zoo.rs` its built-in configs, `params.rs` how every parameter is made,
+//! `lock.rs` what fine-tuning freezes, `staged.rs` each tower's forward as stages and
+//! activation checkpointing over them, `patch_dropout.rs` which patches a training step keeps
+//! and how the ViTs drop the rest. Here: the model, its towers behind one enum, and
+//! [`load_state_dict`], which takes weights already in open_clip's
 //! names. Files (safetensors, other libraries' names and model directories,
 //! export) are the `interchange` module's, which builds on this one.
 
@@ -28,7 +30,9 @@ pub mod text;
 pub mod timm_convnext;
 pub mod timm_eva;
 pub mod timm_head;
+pub mod timm_swin;
 pub mod timm_vit;
+pub mod timm_vitamin;
 pub mod transformer;
 pub mod vision;
 pub mod zoo;
@@ -79,6 +83,8 @@ pub enum VisionTower {
     Eva(Box<timm_eva::TimmEva>),
     /// A timm `ConvNeXt` trunk with open_clip's `TimmModel` head.
     ConvNext(Box<timm_convnext::TimmConvNext>),
+    /// A timm `SwinTransformer` trunk with open_clip's `TimmModel` head.
+    Swin(Box<timm_swin::TimmSwin>),
 }
 
 impl VisionTower {
@@ -98,6 +104,9 @@ impl VisionTower {
                     cfg,
                     config.embed_dim,
                 )?)))
+            }
+            VisionTowerKind::Timm(name) if timm_swin::architecture(name).is_some() => {
+                Ok(VisionTower::Swin(Box::new(timm_swin::TimmSwin::new(p, cfg, config.embed_dim)?)))
             }
             VisionTowerKind::Timm(name) if timm_eva::architecture(name).is_some() => {
                 Ok(VisionTower::Eva(Box::new(timm_eva::TimmEva::new(p, cfg, config.embed_dim)?)))
@@ -123,7 +132,7 @@ impl VisionTower {
             VisionTower::ResNet(_) => None,
             VisionTower::Timm(vit) => vit.drops_patches().then(|| vit.num_patches()),
             VisionTower::Eva(eva) => Some(eva.num_patches()),
-            VisionTower::ConvNext(_) => None,
+            VisionTower::ConvNext(_) | VisionTower::Swin(_) => None,
         }
     }
 
@@ -133,7 +142,7 @@ impl VisionTower {
             VisionTower::Vit(_) => None,
             VisionTower::ResNet(resnet) => Some(&resnet.batch_norm),
             VisionTower::Timm(vit) => vit.batch_norm(),
-            VisionTower::Eva(_) | VisionTower::ConvNext(_) => None,
+            VisionTower::Eva(_) | VisionTower::ConvNext(_) | VisionTower::Swin(_) => None,
         }
     }
 
@@ -145,6 +154,7 @@ impl VisionTower {
             VisionTower::Timm(vit) => vit.draws_in_stages(),
             VisionTower::Eva(eva) => eva.draws_in_stages(),
             VisionTower::ConvNext(convnext) => convnext.draws_in_stages(),
+            VisionTower::Swin(swin) => swin.draws_in_stages(),
         }
     }
 
@@ -156,6 +166,7 @@ impl VisionTower {
             VisionTower::Timm(vit) => vit.stage_count(),
             VisionTower::Eva(eva) => eva.stage_count(),
             VisionTower::ConvNext(convnext) => convnext.stage_count(),
+            VisionTower::Swin(swin) => swin.stage_count(),
         }
     }
 
@@ -168,6 +179,7 @@ impl VisionTower {
             VisionTower::Timm(vit) => vit.stage(i, x, train, kept),
             VisionTower::Eva(eva) => eva.stage(i, x, train, kept),
             VisionTower::ConvNext(convnext) => convnext.stage(i, x, train),
+            VisionTower::Swin(swin) => swin.stage(i, x, train),
         }
     }
 }
@@ -181,8 +193,11 @@ pub fn patchless_tower(cfg: &VisionConfig) -> Option<&'static str> {
         VisionTowerKind::Timm(name) if timm_convnext::architecture(name).is_some() => {
             Some("ConvNeXt")
         }
+        VisionTowerKind::Timm(name) if timm_swin::architecture(name).is_some() => {
+            Some("Swin Transformer")
+        }
         VisionTowerKind::Timm(name) => timm_vit::architecture(name)
-            .is_ok_and(|a| a.rel_pos_hidden.is_some())
+            .is_ok_and(|a| a.rel_pos_hidden().is_some())
             .then_some("relative-position ViT"),
         VisionTowerKind::Vit => None,
     }
@@ -190,10 +205,11 @@ pub fn patchless_tower(cfg: &VisionConfig) -> Option<&'static str> {
 
 /// The error for a timm name none of the timm tower files builds, listing those they do.
 fn unknown_timm_trunk(name: &str) -> TrainError {
-    let vit = timm_vit::SIGLIP.iter().chain(&timm_vit::CLIP).map(|a| a.name);
+    let vit = timm_vit::trunks().map(|a| a.name);
     let eva = timm_eva::ARCHITECTURES.iter().map(|a| a.name);
     let convnext = timm_convnext::ARCHITECTURES.iter().map(|a| a.name);
-    let names: Vec<&str> = vit.chain(eva).chain(convnext).collect();
+    let swin = timm_swin::ARCHITECTURES.iter().map(|a| a.name);
+    let names: Vec<&str> = vit.chain(eva).chain(convnext).chain(swin).collect();
     TrainError::ModelConfig(format!(
         "vision_cfg.timm_model_name {name:?} is not a timm model oxclip builds; it builds: {}",
         names.join(", ")

@@ -37,6 +37,13 @@ pub fn buffer(
     p.add(name, value().to_device(p.device()), false)
 }
 
+/// PyTorch's default Conv2d initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weight
+/// and bias (timm leaves most convolutions to it).
+pub fn torch_conv_init(fan_in: i64) -> Init {
+    let bound = (fan_in as f64).powf(-0.5);
+    Init::Uniform { lo: -bound, up: bound }
+}
+
 /// A tensor of the right size that owns one element.
 fn placeholder(dims: &[i64], kind: Kind) -> Tensor {
     Tensor::zeros([], (kind, Device::Cpu)).expand(dims, false)

@@ -80,6 +80,21 @@ fn run_seeded(stages: &impl Stages, seeds: &[i64], i: usize, x: &Tensor) -> Tens
     stages.run(i, x)
 }
 
+/// Block `k`, counted over all stages of a hierarchical trunk (ConvNeXt, Swin: per stage, the
+/// downsample that starts it, none for the first, and its blocks), with the downsample that
+/// runs just before it: a stage's first block's. timm's parameter groups put the two
+/// together, and so one tower stage here holds both.
+pub fn nth_block<D, B>(stages: &[(Option<D>, Vec<B>)], k: usize) -> Option<(Option<&D>, &B)> {
+    let mut k = k;
+    for (downsample, blocks) in stages {
+        if let Some(block) = blocks.get(k) {
+            return Some((downsample.as_ref().filter(|_| k == 0), block));
+        }
+        k -= blocks.len();
+    }
+    None
+}
+
 /// The plain forward: `run(0, input)`, then each stage on the output of the one before.
 pub fn fold(count: usize, input: &Tensor, run: impl Fn(usize, &Tensor) -> Tensor) -> Tensor {
     (0..count).fold(input.shallow_clone(), |x, i| run(i, &x))

@@ -20,8 +20,7 @@ use super::config::VisionConfig;
 use super::drop_path::{self, drop_path};
 use super::params::param;
 use super::staged;
-use super::timm_head::{TimmHead, TimmProj};
-use super::timm_vit::Pool;
+use super::timm_head::{drop_path_rate, MapPool, TimmHead};
 use super::transformer::{LayerNorm, LayerScale, Linear};
 use crate::error::{Result, TrainError};
 
@@ -89,11 +88,6 @@ const KERNEL: i64 = 7;
 /// at +-2, i.e. +-100 std: a plain normal), zero biases.
 const WEIGHT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 
-/// A channels-first LayerNorm ((B, C, H, W), normalised over C: timm's `LayerNorm2d`).
-fn layer_norm_2d(norm: &LayerNorm, x: &Tensor) -> Tensor {
-    norm.forward(&x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2])
-}
-
 fn conv_weight(p: &nn::Path, out: i64, inp: i64, k: i64) -> Tensor {
     param(p, "weight", &[out, inp, k, k], WEIGHT)
 }
@@ -157,15 +151,14 @@ pub struct TimmConvNext {
     pub stem_norm: LayerNorm,
     /// Per stage: its downsample (none for the first) and its blocks.
     pub stages: Vec<(Option<Downsample>, Vec<Block>)>,
-    pub pool: Pool,
+    pub pool: MapPool,
     /// `head.norm`, after the pooling.
     pub head_norm: LayerNorm,
     pub head: TimmHead,
 }
 
 impl TimmConvNext {
-    /// The trunk `cfg.timm_model_name` names. Its pooling is timm's `avg` unless `timm_pool`
-    /// names `max` or `avgmax` (open_clip's rule, `timm_vit.rs`).
+    /// The trunk `cfg.timm_model_name` names, pooled as [`MapPool::of`] says.
     pub fn new(p: nn::Path, cfg: &VisionConfig, embed_dim: i64) -> Result<Self> {
         let name = cfg.timm_model_name.as_deref().unwrap_or_default();
         let a = architecture(name).ok_or_else(|| {
@@ -173,31 +166,13 @@ impl TimmConvNext {
                 "vision_cfg.timm_model_name {name:?} is not a ConvNeXt oxclip builds"
             ))
         })?;
-        let err = |m: String| Err(TrainError::ModelConfig(m));
-        let pool = match (cfg.timm_pool.as_str(), TimmProj::of(cfg)?.trunk_pools()) {
-            ("avg", _) | ("", false) => Pool::Avg,
-            ("max", _) => Pool::Max,
-            ("avgmax", _) => Pool::AvgMax,
-            ("", true) => {
-                return err(format!(
-                    "vision_cfg.timm_pool \"\" with timm_proj none or null leaves {name}'s feature map unpooled; name a pooling"
-                ))
-            }
-            (other, _) => {
-                return err(format!("vision_cfg.timm_pool {other:?}: {name} pools by \"avg\", \"max\" or \"avgmax\""))
-            }
-        };
-        let max_drop_path = cfg.timm_drop_path.unwrap_or(0.0);
-        if !(0.0..1.0).contains(&max_drop_path) {
-            return err(format!(
-                "vision_cfg.timm_drop_path must be in [0, 1), got {max_drop_path}"
-            ));
-        }
+        let pool = MapPool::of(cfg)?;
+        let max_drop_path = drop_path_rate(cfg, 0.0)?;
         if cfg.image_size < 32 {
-            return err(format!(
+            return Err(TrainError::ModelConfig(format!(
                 "vision_cfg.image_size {} is smaller than {name}'s stride (32)",
                 cfg.image_size
-            ));
+            )));
         }
         let t = &p / "trunk";
         let zero = Init::Const(0.0);
@@ -275,34 +250,24 @@ impl TimmConvNext {
                 [1, 1],
                 1,
             );
-            return layer_norm_2d(&self.stem_norm, &x);
+            return self.stem_norm.forward_2d(&x);
         }
-        let mut k = i - 1;
-        for (downsample, blocks) in &self.stages {
-            if let Some(block) = blocks.get(k) {
-                let x = match (k, downsample) {
-                    (0, Some(d)) => {
-                        let x = layer_norm_2d(&d.norm, x);
-                        x.conv2d(&d.conv_weight, Some(&d.conv_bias), [2, 2], [0, 0], [1, 1], 1)
-                    }
-                    _ => x.shallow_clone(),
-                };
-                return block.forward(&x, train);
-            }
-            k -= blocks.len();
+        if let Some((downsample, block)) = staged::nth_block(&self.stages, i - 1) {
+            let x = match downsample {
+                Some(d) => {
+                    let x = d.norm.forward_2d(x);
+                    x.conv2d(&d.conv_weight, Some(&d.conv_bias), [2, 2], [0, 0], [1, 1], 1)
+                }
+                None => x.shallow_clone(),
+            };
+            return block.forward(&x, train);
         }
         self.head(x, train)
     }
 
     /// timm's `NormMlpClassifierHead` (pool, `head.norm`), then open_clip's head.
     fn head(&self, x: &Tensor, train: bool) -> Tensor {
-        let mean = || x.mean_dim([2, 3].as_slice(), false, None);
-        let max = || x.amax([2, 3].as_slice(), false);
-        let pooled = match self.pool {
-            Pool::Max => max(),
-            Pool::AvgMax => (max() + mean()) * 0.5,
-            _ => mean(),
-        };
+        let pooled = self.pool.reduce(x, [2, 3]);
         self.head.forward(&self.head_norm.forward(&pooled), train)
     }
 }

@@ -29,13 +29,13 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::VisionConfig;
 use super::drop_path::{self, drop_path};
-use super::params::param;
+use super::params::{param, torch_conv_init};
 use super::patch_dropout::keep_patches;
 use super::staged;
-use super::timm_head::{TimmHead, TimmProj};
+use super::timm_head::{drop_path_rate, TimmHead, TimmProj};
 use super::timm_vit::{
-    conv_init, timm_linear, vit_family_groups, AttentionPoolLatent, Ending, GroupLayout, Pool,
-    PoolRule, Pooled, TIMM_WEIGHT,
+    timm_linear, vit_family_groups, AttentionPoolLatent, Ending, GroupLayout, Pool, PoolRule,
+    Pooled, TIMM_WEIGHT,
 };
 use super::transformer::{Activation, LayerNorm, Linear};
 use crate::error::{Result, TrainError};
@@ -489,12 +489,7 @@ impl TimmEva {
             ));
         }
         let ending = Ending::of(&a.pool_rule(), cfg)?;
-        let max_drop_path = cfg.timm_drop_path.unwrap_or(0.0);
-        if !(0.0..1.0).contains(&max_drop_path) {
-            return err(format!(
-                "vision_cfg.timm_drop_path must be in [0, 1), got {max_drop_path}"
-            ));
-        }
+        let max_drop_path = drop_path_rate(cfg, 0.0)?;
         if cfg.image_size < a.patch {
             return err(format!(
                 "vision_cfg.image_size {} is smaller than {name}'s patch ({})",
@@ -522,7 +517,7 @@ impl TimmEva {
             })
             .collect();
         let pe = &t / "patch_embed" / "proj";
-        let conv = conv_init(3 * a.patch * a.patch);
+        let conv = torch_conv_init(3 * a.patch * a.patch);
         let norm_path = if ending.fc_norm { "fc_norm" } else { "norm" };
         Ok(TimmEva {
             arch: a,

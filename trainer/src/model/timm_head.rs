@@ -19,6 +19,61 @@ use super::params::param;
 use super::transformer::Linear;
 use crate::error::{Result, TrainError};
 
+/// `vision_cfg.timm_drop_path`, the stochastic-depth rate of a trunk's last block, or the
+/// trunk's own default where the config leaves it unset (open_clip then passes nothing and
+/// timm's `drop_path_rate` holds: 0, but 0.1 for Swin).
+pub fn drop_path_rate(cfg: &VisionConfig, default: f64) -> Result<f64> {
+    let rate = cfg.timm_drop_path.unwrap_or(default);
+    if (0.0..1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(TrainError::ModelConfig(format!(
+            "vision_cfg.timm_drop_path must be in [0, 1), got {rate}"
+        )))
+    }
+}
+
+/// The global pooling of a trunk's last feature map (ConvNeXt, Swin): timm's `avg` unless
+/// `timm_pool` names `max` or `avgmax`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapPool {
+    Avg,
+    Max,
+    AvgMax,
+}
+
+impl MapPool {
+    /// open_clip's rule for `cfg.timm_pool`: `""` keeps the trunk's `avg` when open_clip resets
+    /// the classifier (`linear`, `mlp`) and builds it without pooling otherwise, which leaves
+    /// nothing to project.
+    pub fn of(cfg: &VisionConfig) -> Result<MapPool> {
+        let name = cfg.timm_model_name.as_deref().unwrap_or_default();
+        let err = |m: String| Err(TrainError::ModelConfig(m));
+        match (cfg.timm_pool.as_str(), TimmProj::of(cfg)?.trunk_pools()) {
+            ("avg", _) | ("", false) => Ok(MapPool::Avg),
+            ("max", _) => Ok(MapPool::Max),
+            ("avgmax", _) => Ok(MapPool::AvgMax),
+            ("", true) => err(format!(
+                "vision_cfg.timm_pool \"\" with timm_proj none or null leaves {name}'s feature map unpooled; name a pooling"
+            )),
+            (other, _) => err(format!(
+                "vision_cfg.timm_pool {other:?}: {name} pools by \"avg\", \"max\" or \"avgmax\""
+            )),
+        }
+    }
+
+    /// Pools `x` over its spatial `dims`.
+    pub fn reduce(self, x: &Tensor, dims: [i64; 2]) -> Tensor {
+        let mean = || x.mean_dim(dims.as_slice(), false, None);
+        let max = || x.amax(dims.as_slice(), false);
+        match self {
+            MapPool::Avg => mean(),
+            MapPool::Max => max(),
+            MapPool::AvgMax => (max() + mean()) * 0.5,
+        }
+    }
+}
+
 /// `vision_cfg.timm_proj`, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimmProj {

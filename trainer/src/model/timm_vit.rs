@@ -4,14 +4,16 @@
 //!
 //! - the stem: a patch-embedding convolution (with a bias unless `pre_norm`), or MobileCLIP's
 //!   MCi convolutional stem (`vit_base_mci_224`: three strided convolutions, BatchNorm and GELU
-//!   between them, under `patch_embed.backbone.`);
+//!   between them, under `patch_embed.backbone.`), or ViTamin's MbConv stages
+//!   (`timm_vitamin.rs`, under the same name);
 //! - a class token or none; learned positions for every token, for the patches only
 //!   (`no_embed_class`: added before the class token is prepended), or none at all
-//!   (`vit_relpos_*`, whose attention adds a bias from a small MLP over log-spaced relative
-//!   coordinates, timm's `RelPosMlp`); then patch dropout (`patch_dropout.rs`) and `norm_pre`
-//!   (CLIP's ln_pre) where the definition asks for it;
-//! - pre-LN blocks: fused `qkv` (bias optional), LayerScale (`ls1`, `ls2`) where the definition
-//!   sets `init_values`, stochastic depth (`drop_path.rs`) at open_clip's `timm_drop_path`;
+//!   (ViTamin-XL; `vit_relpos_*`, whose attention adds a bias from a small MLP over
+//!   log-spaced relative coordinates, timm's `RelPosMlp`); then patch dropout
+//!   (`patch_dropout.rs`) and `norm_pre` (CLIP's ln_pre) where the definition asks for it;
+//! - pre-LN blocks: fused `qkv` (bias optional), timm's `Mlp` or ViTamin's `GeGluMlp`,
+//!   LayerScale (`ls1`, `ls2`) where the definition sets `init_values`, stochastic depth
+//!   (`drop_path.rs`) at open_clip's `timm_drop_path`;
 //! - the pooling: the class token (`token`), the mean (`avg`), the maximum (`max`, `avgmax`) of
 //!   the patch tokens, or timm's `AttentionPoolLatent` (`map`: one learned latent query attends
 //!   over the patch tokens; SigLIP), with the final norm before the pooling or, under `fc_norm`,
@@ -23,8 +25,8 @@
 //! norm stays where the definition put it.
 //!
 //! The trunks are the `@register_model` definitions of timm's `vision_transformer.py`,
-//! `vision_transformer_hybrid.py` and `vision_transformer_relpos.py` that open_clip 3.3's
-//! configs use, in [`SIGLIP`] and [`CLIP`].
+//! `vision_transformer_hybrid.py`, `vision_transformer_relpos.py` and `vitamin.py` that
+//! open_clip 3.3's configs use, in [`SIGLIP`], [`CLIP`] and [`VITAMIN`].
 
 use tch::nn::{self, Init};
 use tch::Tensor;
@@ -32,10 +34,11 @@ use tch::Tensor;
 use super::batch_norm::{BatchNorm2d, BnSwitches};
 use super::config::VisionConfig;
 use super::drop_path::{self, drop_path};
-use super::params::param;
+use super::params::{param, torch_conv_init};
 use super::patch_dropout::keep_patches;
 use super::staged;
-use super::timm_head::{TimmHead, TimmProj};
+use super::timm_head::{drop_path_rate, TimmHead, TimmProj};
+use super::timm_vitamin::{MbConvLayout, MbConvStages};
 use super::transformer::{Activation, LayerNorm, LayerScale, Linear};
 use crate::error::{Result, TrainError};
 
@@ -47,6 +50,28 @@ pub enum Stem {
     /// MobileCLIP's MCi stem (timm's `ConvStem`): 4x4 stride 4 to width / 4, BatchNorm, GELU;
     /// 2x2 stride 2, BatchNorm, GELU; 2x2 stride 2 to the width, with a bias. 16 px per token.
     MciConv,
+    /// ViTamin's convolutional stages (`timm_vitamin.rs`), 16 px per token.
+    MbConv(MbConvLayout),
+}
+
+/// Where a trunk's tokens learn their positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    /// `pos_embed`, added in the stem.
+    Learned,
+    /// `RelPosMlp` of this hidden width in every block's attention (`vit_relpos_*`).
+    RelPosMlp(i64),
+    /// None (`pos_embed='none'`: ViTamin-XL, whose convolutional stem places the tokens).
+    None,
+}
+
+/// The blocks' MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpKind {
+    /// timm's `Mlp`: fc1, activation, fc2.
+    Plain,
+    /// vitamin.py's `GeGluMlp`: its own LayerNorm, then act(w0 x) * w1 x, then w2.
+    GeGlu,
 }
 
 /// A timm pooling over the tokens (`global_pool`).
@@ -120,14 +145,13 @@ pub struct TimmArch {
     pub qkv_bias: bool,
     /// LayerScale's initial value (`init_values`), when the blocks have it.
     pub init_values: Option<f64>,
+    pub mlp: MlpKind,
     /// The definition's `global_pool`.
     pub pool: Pool,
     /// The definition's `fc_norm`; `None` follows the pooling (a reducing one moves the norm
     /// after it).
     pub fc_norm: Option<bool>,
-    /// `RelPosMlp`'s hidden width: relative positions in every block's attention instead of
-    /// learned absolute ones.
-    pub rel_pos_hidden: Option<i64>,
+    pub positions: Positions,
 }
 
 /// timm's `LayerNorm` default.
@@ -141,6 +165,14 @@ impl TimmArch {
             None => Pool::reduces,
         };
         PoolRule { name: self.name, pool: self.pool, class_token: self.class_token, fc_norm }
+    }
+
+    /// `RelPosMlp`'s hidden width, for a trunk with relative positions.
+    pub fn rel_pos_hidden(&self) -> Option<i64> {
+        match self.positions {
+            Positions::RelPosMlp(hidden) => Some(hidden),
+            Positions::Learned | Positions::None => None,
+        }
     }
 }
 
@@ -162,9 +194,10 @@ const BASE: TimmArch = TimmArch {
     pre_norm: false,
     qkv_bias: true,
     init_values: None,
+    mlp: MlpKind::Plain,
     pool: Pool::Map,
     fc_norm: None,
-    rel_pos_hidden: None,
+    positions: Positions::Learned,
 };
 
 // One SigLIP row, each argument named by its column.
@@ -256,9 +289,52 @@ pub const CLIP: [TimmArch; 4] = [
         init_values: Some(1e-6),
         pool: Pool::Token,
         fc_norm: Some(false),
-        rel_pos_hidden: Some(256),
+        positions: Positions::RelPosMlp(256),
         ..BASE
     },
+];
+
+// vitamin.py: class_token=False, global_pool='avg' (so fc_norm), mlp_ratio=2 with GeGluMlp,
+// the stem's widths (VitCfg); XL has pos_embed='none'.
+const fn vitamin(
+    name: &'static str,
+    img_size: i64,
+    width: i64,
+    depth: i64,
+    heads: i64,
+    stem_width: i64,
+    dims: [i64; 2],
+) -> TimmArch {
+    TimmArch {
+        name,
+        img_size,
+        width,
+        depth,
+        heads,
+        mlp_hidden: 2 * width,
+        stem: Stem::MbConv(MbConvLayout { stem_width, dims, depths: [2, 4] }),
+        mlp: MlpKind::GeGlu,
+        pool: Pool::Avg,
+        positions: if width == 1152 { Positions::None } else { Positions::Learned },
+        ..BASE
+    }
+}
+
+/// The ViTamin trunks (timm's vitamin.py).
+pub const VITAMIN: [TimmArch; 13] = [
+    vitamin("vitamin_small_224", 224, 384, 14, 6, 64, [64, 128]),
+    vitamin("vitamin_base_224", 224, 768, 14, 12, 128, [128, 256]),
+    vitamin("vitamin_large_224", 224, 1024, 31, 16, 160, [160, 320]),
+    vitamin("vitamin_large_256", 256, 1024, 31, 16, 160, [160, 320]),
+    vitamin("vitamin_large_336", 336, 1024, 31, 16, 160, [160, 320]),
+    vitamin("vitamin_large_384", 384, 1024, 31, 16, 160, [160, 320]),
+    vitamin("vitamin_large2_224", 224, 1024, 31, 16, 160, [160, 320]),
+    vitamin("vitamin_large2_256", 256, 1024, 31, 16, 160, [160, 320]),
+    vitamin("vitamin_large2_336", 336, 1024, 31, 16, 160, [160, 320]),
+    vitamin("vitamin_large2_384", 384, 1024, 31, 16, 160, [160, 320]),
+    vitamin("vitamin_xlarge_256", 256, 1152, 32, 16, 192, [192, 384]),
+    vitamin("vitamin_xlarge_336", 336, 1152, 32, 16, 192, [192, 384]),
+    vitamin("vitamin_xlarge_384", 384, 1152, 32, 16, 192, [192, 384]),
 ];
 
 /// oxclip's own CPU-sized SigLIP trunk (not a timm model: open_clip cannot build it), for
@@ -274,11 +350,15 @@ pub fn siglip_trunks() -> Vec<TimmArch> {
     all
 }
 
+/// The timm ViT trunks open_clip's configs name.
+pub fn trunks() -> impl Iterator<Item = &'static TimmArch> {
+    SIGLIP.iter().chain(&CLIP).chain(&VITAMIN)
+}
+
 /// The architecture of a timm model name, or an error listing the names oxclip builds.
 pub fn architecture(name: &str) -> Result<TimmArch> {
-    let known = || SIGLIP.iter().chain(&CLIP).chain([&TINY]);
-    known().find(|a| a.name == name).copied().ok_or_else(|| {
-        let names: Vec<&str> = SIGLIP.iter().chain(&CLIP).map(|a| a.name).collect();
+    trunks().chain([&TINY]).find(|a| a.name == name).copied().ok_or_else(|| {
+        let names: Vec<&str> = trunks().map(|a| a.name).collect();
         TrainError::ModelConfig(format!(
             "vision_cfg.timm_model_name {name:?} is not a timm ViT oxclip builds; its timm ViTs are: {}",
             names.join(", ")
@@ -394,13 +474,6 @@ pub(super) fn timm_linear(p: nn::Path, in_dim: i64, out_dim: i64) -> Linear {
 
 pub(super) const TIMM_WEIGHT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 
-/// PyTorch's default Conv2d initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weight
-/// and bias (timm leaves convolutions to it).
-pub(super) fn conv_init(fan_in: i64) -> Init {
-    let bound = (fan_in as f64).powf(-0.5);
-    Init::Uniform { lo: -bound, up: bound }
-}
-
 /// The dropout after `RelPosMlp`'s activation in training (timm's `drop=(0.125, 0.)`).
 pub const REL_POS_DROP: f64 = 0.125;
 
@@ -507,7 +580,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn new(p: nn::Path, width: i64, hidden: i64, act: Activation) -> Self {
+    pub(super) fn new(p: nn::Path, width: i64, hidden: i64, act: Activation) -> Self {
         Mlp {
             fc1: timm_linear(&p / "fc1", width, hidden),
             fc2: timm_linear(&p / "fc2", hidden, width),
@@ -515,8 +588,51 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor) -> Tensor {
         self.fc2.forward(&self.act.forward(&self.fc1.forward(x)))
+    }
+}
+
+/// vitamin.py's `GeGluMlp`: LayerNorm (timm's eps), act(w0 x) * w1 x, w2.
+#[derive(Debug)]
+pub struct GeGluMlp {
+    pub norm: LayerNorm,
+    pub w0: Linear,
+    pub w1: Linear,
+    pub w2: Linear,
+    act: Activation,
+}
+
+impl GeGluMlp {
+    fn new(p: nn::Path, width: i64, hidden: i64, act: Activation) -> Self {
+        GeGluMlp {
+            norm: LayerNorm::new(&p / "norm", width, NORM_EPS),
+            w0: timm_linear(&p / "w0", width, hidden),
+            w1: timm_linear(&p / "w1", width, hidden),
+            w2: timm_linear(&p / "w2", hidden, width),
+            act,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let x = self.norm.forward(x);
+        self.w2.forward(&(self.act.forward(&self.w0.forward(&x)) * self.w1.forward(&x)))
+    }
+}
+
+/// A block's MLP, as [`MlpKind`] names it.
+#[derive(Debug)]
+pub enum BlockMlp {
+    Plain(Mlp),
+    GeGlu(GeGluMlp),
+}
+
+impl BlockMlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            BlockMlp::Plain(mlp) => mlp.forward(x),
+            BlockMlp::GeGlu(mlp) => mlp.forward(x),
+        }
     }
 }
 
@@ -527,7 +643,7 @@ pub struct Block {
     pub attn: SelfAttention,
     pub ls1: Option<LayerScale>,
     pub norm2: LayerNorm,
-    pub mlp: Mlp,
+    pub mlp: BlockMlp,
     pub ls2: Option<LayerScale>,
     drop_path: f64,
 }
@@ -544,13 +660,18 @@ impl Block {
                 qkv_bias: a.qkv_bias.then(|| param(&qkv, "bias", &[3 * w], Init::Const(0.0))),
                 proj: timm_linear(&attn / "proj", w, w),
                 rel_pos: a
-                    .rel_pos_hidden
+                    .rel_pos_hidden()
                     .map(|h| RelPosMlp::new(&attn / "rel_pos", grid, h, a.heads, prefix)),
                 heads: a.heads,
             },
             ls1: a.init_values.map(|v| LayerScale::new(&p / "ls1", w, v)),
             norm2: LayerNorm::new(&p / "norm2", w, a.eps),
-            mlp: Mlp::new(&p / "mlp", w, a.mlp_hidden, a.act),
+            mlp: match a.mlp {
+                MlpKind::Plain => BlockMlp::Plain(Mlp::new(&p / "mlp", w, a.mlp_hidden, a.act)),
+                MlpKind::GeGlu => {
+                    BlockMlp::GeGlu(GeGluMlp::new(&p / "mlp", w, a.mlp_hidden, a.act))
+                }
+            },
             ls2: a.init_values.map(|v| LayerScale::new(&p / "ls2", w, v)),
             drop_path,
         }
@@ -651,11 +772,13 @@ pub struct StemConv {
     stride: i64,
 }
 
-/// The patch embedding: timm's `PatchEmbed.proj` or the MCi stem's `backbone`.
+/// The patch embedding: timm's `PatchEmbed.proj`, or a `HybridEmbed`'s `backbone` without a
+/// projection (the MCi stem, ViTamin's MbConv stages).
 #[derive(Debug)]
 pub enum PatchEmbed {
     Conv { weight: Tensor, bias: Option<Tensor>, patch: i64 },
     Mci { convs: Vec<StemConv>, batch_norm: BnSwitches },
+    MbConv(MbConvStages),
 }
 
 impl PatchEmbed {
@@ -663,7 +786,7 @@ impl PatchEmbed {
         match a.stem {
             Stem::Patch => {
                 let pe = &p / "proj";
-                let init = conv_init(3 * a.patch * a.patch);
+                let init = torch_conv_init(3 * a.patch * a.patch);
                 PatchEmbed::Conv {
                     weight: param(&pe, "weight", &[a.width, 3, a.patch, a.patch], init),
                     bias: (!a.pre_norm).then(|| param(&pe, "bias", &[a.width], init)),
@@ -679,7 +802,7 @@ impl PatchEmbed {
                     .map(|(i, &(inp, out, k))| {
                         let b = &p / "backbone" / i;
                         let c = &b / "conv";
-                        let init = conv_init(inp * k * k);
+                        let init = torch_conv_init(inp * k * k);
                         let last = i + 1 == layers.len();
                         StemConv {
                             weight: param(&c, "weight", &[out, inp, k, k], init),
@@ -691,6 +814,9 @@ impl PatchEmbed {
                     .collect();
                 PatchEmbed::Mci { convs, batch_norm: BnSwitches::default() }
             }
+            Stem::MbConv(layout) => {
+                PatchEmbed::MbConv(MbConvStages::new(&p / "backbone", &layout, a.width))
+            }
         }
     }
 
@@ -699,6 +825,7 @@ impl PatchEmbed {
         match self {
             PatchEmbed::Conv { patch, .. } => image_size / patch,
             PatchEmbed::Mci { convs, .. } => convs.iter().fold(image_size, |s, c| s / c.stride),
+            PatchEmbed::MbConv(_) => MbConvStages::grid(image_size),
         }
     }
 
@@ -719,6 +846,7 @@ impl PatchEmbed {
                     }
                 })
             }
+            PatchEmbed::MbConv(stages) => stages.forward(images),
         };
         x.flatten(2, 3).transpose(1, 2)
     }
@@ -760,15 +888,10 @@ impl TimmVit {
         }
         let err = |m: String| Err(TrainError::ModelConfig(m));
         let ending = Ending::of(&a.pool_rule(), cfg)?;
-        if a.rel_pos_hidden.is_some() && !matches!(ending.pool, Pooled::Token | Pooled::Avg) {
+        if a.rel_pos_hidden().is_some() && !matches!(ending.pool, Pooled::Token | Pooled::Avg) {
             return err(format!("vision_cfg.timm_pool: {name} pools by \"token\" or \"avg\" only"));
         }
-        let max_drop_path = cfg.timm_drop_path.unwrap_or(0.0);
-        if !(0.0..1.0).contains(&max_drop_path) {
-            return err(format!(
-                "vision_cfg.timm_drop_path must be in [0, 1), got {max_drop_path}"
-            ));
-        }
+        let max_drop_path = drop_path_rate(cfg, 0.0)?;
         if cfg.image_size < a.patch {
             return err(format!(
                 "vision_cfg.image_size {} is smaller than {name}'s patch ({})",
@@ -795,9 +918,7 @@ impl TimmVit {
                 param(&t, "cls_token", &[1, 1, w], Init::Randn { mean: 0.0, stdev: 1e-6 })
             }),
             // timm: trunc_normal_(std=.02), truncated at +-2 (+-100 std).
-            pos_embed: a
-                .rel_pos_hidden
-                .is_none()
+            pos_embed: (a.positions == Positions::Learned)
                 .then(|| param(&t, "pos_embed", &[1, positions, w], TIMM_WEIGHT)),
             norm_pre: a.pre_norm.then(|| LayerNorm::new(&t / "norm_pre", w, a.eps)),
             blocks,
@@ -817,20 +938,20 @@ impl TimmVit {
 
     /// Whether patch dropout can apply: relative positions need the whole grid.
     pub fn drops_patches(&self) -> bool {
-        self.arch.rel_pos_hidden.is_none()
+        self.arch.rel_pos_hidden().is_none()
     }
 
     /// Whether training draws random numbers before the head: stochastic depth, and the
     /// relative-position MLP's dropout.
     pub fn draws_in_stages(&self) -> bool {
-        self.arch.rel_pos_hidden.is_some() || self.blocks.iter().any(|b| b.drop_path > 0.0)
+        self.arch.rel_pos_hidden().is_some() || self.blocks.iter().any(|b| b.drop_path > 0.0)
     }
 
     /// The stem's BatchNorm switches (MCi), if it has any.
     pub fn batch_norm(&self) -> Option<&BnSwitches> {
         match &self.patch_embed {
             PatchEmbed::Mci { batch_norm, .. } => Some(batch_norm),
-            PatchEmbed::Conv { .. } => None,
+            PatchEmbed::Conv { .. } | PatchEmbed::MbConv(_) => None,
         }
     }
 
@@ -958,7 +1079,7 @@ pub fn lock_groups(cfg: &VisionConfig) -> Vec<Vec<String>> {
     let Ok(ending) = Ending::of(&a.pool_rule(), cfg) else { return Vec::new() };
     vit_family_groups(&GroupLayout {
         class_token: a.class_token,
-        pos_embed: a.rel_pos_hidden.is_none(),
+        pos_embed: a.positions == Positions::Learned,
         norm_pre: a.pre_norm,
         depth: a.depth,
         ending,

@@ -68,6 +68,11 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
     }
+
+    /// Over the channels of (B, C, H, W): timm's `LayerNorm2d`.
+    pub fn forward_2d(&self, x: &Tensor) -> Tensor {
+        self.forward(&x.permute([0, 2, 3, 1])).permute([0, 3, 1, 2])
+    }
 }
 
 /// LayerScale: a learned per-channel factor on a residual branch (`ls_1.gamma`).

@@ -124,6 +124,21 @@ open_clip_configs!(
     "ViT-g-14",
     "ViT-gopt-16-SigLIP2-256",
     "ViT-gopt-16-SigLIP2-384",
+    "ViTamin-B",
+    "ViTamin-B-LTT",
+    "ViTamin-L",
+    "ViTamin-L-256",
+    "ViTamin-L-336",
+    "ViTamin-L-384",
+    "ViTamin-L2",
+    "ViTamin-L2-256",
+    "ViTamin-L2-336",
+    "ViTamin-L2-384",
+    "ViTamin-S",
+    "ViTamin-S-LTT",
+    "ViTamin-XL-256",
+    "ViTamin-XL-336",
+    "ViTamin-XL-384",
     "convnext_base",
     "convnext_base_w",
     "convnext_base_w_320",
@@ -135,6 +150,7 @@ open_clip_configs!(
     "convnext_xlarge",
     "convnext_xxlarge",
     "convnext_xxlarge_320",
+    "swin_base_patch4_window7_224",
     "vit_medium_patch16_gap_256",
     "vit_relpos_medium_patch16_cls_224",
 );
@@ -246,7 +262,7 @@ mod tests {
         files.sort();
         let listed: Vec<&str> = open_clip_names().collect();
         assert_eq!(files, listed);
-        assert_eq!(listed.len(), 109);
+        assert_eq!(listed.len(), 125);
     }
 
     #[test]
