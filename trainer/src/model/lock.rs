@@ -37,6 +37,9 @@ fn groups(cfg: &ModelConfig, tower: Tower) -> Vec<Vec<String>> {
         if super::timm_swin::architecture(name).is_some() {
             return super::timm_swin::lock_groups(&cfg.vision_cfg);
         }
+        if super::timm_fastvit::architecture(name).is_some() {
+            return super::timm_fastvit::lock_groups(&cfg.vision_cfg);
+        }
         return super::timm_vit::lock_groups(&cfg.vision_cfg);
     }
     let t = cfg.text_prefix();

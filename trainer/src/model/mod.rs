@@ -7,7 +7,8 @@
 //! One file per tower: `vision.rs` (open_clip's ViT), `resnet.rs` (OpenAI's ModifiedResNet),
 //! `timm_vit.rs` (timm's ViT trunks, with `timm_vitamin.rs` for ViTamin's convolutional
 //! stem), `timm_eva.rs` (timm's EVA and PE trunks), `timm_convnext.rs` (timm's ConvNeXt),
-//! `timm_swin.rs` (timm's Swin Transformer), `timm_head.rs` (open_clip's head after a timm
+//! `timm_swin.rs` (timm's Swin Transformer), `timm_fastvit.rs` (timm's FastViT, MobileCLIP-S),
+//! `timm_head.rs` (open_clip's head after a timm
 //! trunk), `text.rs`, and `transformer.rs` (the block the ViT and text towers share);
 //! `batch_norm.rs` and `drop_path.rs` hold what several towers use. `config.rs` is open_clip's
 //! JSON schema, `zoo.rs` its built-in configs, `params.rs` how every parameter is made,
@@ -29,6 +30,7 @@ pub mod staged;
 pub mod text;
 pub mod timm_convnext;
 pub mod timm_eva;
+pub mod timm_fastvit;
 pub mod timm_head;
 pub mod timm_swin;
 pub mod timm_vit;
@@ -85,6 +87,8 @@ pub enum VisionTower {
     ConvNext(Box<timm_convnext::TimmConvNext>),
     /// A timm `SwinTransformer` trunk with open_clip's `TimmModel` head.
     Swin(Box<timm_swin::TimmSwin>),
+    /// A timm `FastVit` trunk (MobileCLIP-S) with open_clip's `TimmModel` head.
+    FastVit(Box<timm_fastvit::TimmFastVit>),
 }
 
 impl VisionTower {
@@ -100,6 +104,13 @@ impl VisionTower {
             }
             VisionTowerKind::Timm(name) if timm_convnext::architecture(name).is_some() => {
                 Ok(VisionTower::ConvNext(Box::new(timm_convnext::TimmConvNext::new(
+                    p,
+                    cfg,
+                    config.embed_dim,
+                )?)))
+            }
+            VisionTowerKind::Timm(name) if timm_fastvit::architecture(name).is_some() => {
+                Ok(VisionTower::FastVit(Box::new(timm_fastvit::TimmFastVit::new(
                     p,
                     cfg,
                     config.embed_dim,
@@ -132,7 +143,7 @@ impl VisionTower {
             VisionTower::ResNet(_) => None,
             VisionTower::Timm(vit) => vit.drops_patches().then(|| vit.num_patches()),
             VisionTower::Eva(eva) => Some(eva.num_patches()),
-            VisionTower::ConvNext(_) | VisionTower::Swin(_) => None,
+            VisionTower::ConvNext(_) | VisionTower::Swin(_) | VisionTower::FastVit(_) => None,
         }
     }
 
@@ -142,6 +153,7 @@ impl VisionTower {
             VisionTower::Vit(_) => None,
             VisionTower::ResNet(resnet) => Some(&resnet.batch_norm),
             VisionTower::Timm(vit) => vit.batch_norm(),
+            VisionTower::FastVit(fastvit) => Some(&fastvit.batch_norm),
             VisionTower::Eva(_) | VisionTower::ConvNext(_) | VisionTower::Swin(_) => None,
         }
     }
@@ -155,6 +167,7 @@ impl VisionTower {
             VisionTower::Eva(eva) => eva.draws_in_stages(),
             VisionTower::ConvNext(convnext) => convnext.draws_in_stages(),
             VisionTower::Swin(swin) => swin.draws_in_stages(),
+            VisionTower::FastVit(fastvit) => fastvit.draws_in_stages(),
         }
     }
 
@@ -167,6 +180,7 @@ impl VisionTower {
             VisionTower::Eva(eva) => eva.stage_count(),
             VisionTower::ConvNext(convnext) => convnext.stage_count(),
             VisionTower::Swin(swin) => swin.stage_count(),
+            VisionTower::FastVit(fastvit) => fastvit.stage_count(),
         }
     }
 
@@ -180,6 +194,7 @@ impl VisionTower {
             VisionTower::Eva(eva) => eva.stage(i, x, train, kept),
             VisionTower::ConvNext(convnext) => convnext.stage(i, x, train),
             VisionTower::Swin(swin) => swin.stage(i, x, train),
+            VisionTower::FastVit(fastvit) => fastvit.stage(i, x, train),
         }
     }
 }
@@ -196,6 +211,9 @@ pub fn patchless_tower(cfg: &VisionConfig) -> Option<&'static str> {
         VisionTowerKind::Timm(name) if timm_swin::architecture(name).is_some() => {
             Some("Swin Transformer")
         }
+        VisionTowerKind::Timm(name) if timm_fastvit::architecture(name).is_some() => {
+            Some("FastViT")
+        }
         VisionTowerKind::Timm(name) => timm_vit::architecture(name)
             .is_ok_and(|a| a.rel_pos_hidden().is_some())
             .then_some("relative-position ViT"),
@@ -209,7 +227,8 @@ fn unknown_timm_trunk(name: &str) -> TrainError {
     let eva = timm_eva::ARCHITECTURES.iter().map(|a| a.name);
     let convnext = timm_convnext::ARCHITECTURES.iter().map(|a| a.name);
     let swin = timm_swin::ARCHITECTURES.iter().map(|a| a.name);
-    let names: Vec<&str> = vit.chain(eva).chain(convnext).chain(swin).collect();
+    let fastvit = timm_fastvit::ARCHITECTURES.iter().map(|a| a.name);
+    let names: Vec<&str> = vit.chain(eva).chain(convnext).chain(swin).chain(fastvit).collect();
     TrainError::ModelConfig(format!(
         "vision_cfg.timm_model_name {name:?} is not a timm model oxclip builds; it builds: {}",
         names.join(", ")

@@ -36,8 +36,14 @@ open_clip_configs!(
     "EVA02-L-14",
     "EVA02-L-14-336",
     "MobileCLIP-B",
+    "MobileCLIP-S1",
+    "MobileCLIP-S2",
     "MobileCLIP2-B",
     "MobileCLIP2-L-14",
+    "MobileCLIP2-S0",
+    "MobileCLIP2-S2",
+    "MobileCLIP2-S3",
+    "MobileCLIP2-S4",
     "PE-Core-B-16",
     "PE-Core-L-14-336",
     "PE-Core-S-16-384",
@@ -262,7 +268,7 @@ mod tests {
         files.sort();
         let listed: Vec<&str> = open_clip_names().collect();
         assert_eq!(files, listed);
-        assert_eq!(listed.len(), 125);
+        assert_eq!(listed.len(), 131);
     }
 
     #[test]

@@ -82,6 +82,22 @@ pub fn check_gradients(
     io: &BTreeMap<String, Tensor>,
     tolerance: f64,
 ) -> (f64, String) {
+    check_gradients_floored(vs, rows, io, tolerance, &|_, _| 0.0)
+}
+
+/// What [`check_gradients`] measures a parameter's error against at least, given its row and
+/// the fixture: for a gradient that is zero in exact arithmetic, rounding is all either
+/// library computes, and its own norm is no scale.
+pub type GradientFloor = dyn Fn(&Row, &BTreeMap<String, Tensor>) -> f64;
+
+/// [`check_gradients`], each parameter's error scale at least `floor` of it.
+pub fn check_gradients_floored(
+    vs: &nn::VarStore,
+    rows: &[Row],
+    io: &BTreeMap<String, Tensor>,
+    tolerance: f64,
+    floor: &GradientFloor,
+) -> (f64, String) {
     let vars = vs.variables();
     let mut worst = (0.0f64, String::new());
     let mut compared = 0;
@@ -94,7 +110,7 @@ pub fn check_gradients(
         assert!(grad.defined(), "{} has no gradient", r.name);
         let grad = grad.to_kind(Kind::Double);
         let norm = norm.double_value(&[]);
-        let scale = norm.max(1e-8);
+        let scale = norm.max(floor(r, io)).max(1e-8);
         let ours = [
             grad.norm().double_value(&[]),
             (&grad * deterministic(&r.shape, 100_000 + i, 0.0, 1.0, Kind::Double))
@@ -171,6 +187,15 @@ pub fn check_lock_sets(
 /// loss within 1e-5 and every gradient within 1e-4 of its norm. Returns the model's variables
 /// and the fixture, for what else it holds.
 pub fn check_open_clip_step(dir: &Path, name: &str) -> (nn::VarStore, BTreeMap<String, Tensor>) {
+    check_open_clip_step_floored(dir, name, &|_, _| 0.0)
+}
+
+/// [`check_open_clip_step`] with [`check_gradients_floored`]'s `floor`.
+pub fn check_open_clip_step_floored(
+    dir: &Path,
+    name: &str,
+    floor: &GradientFloor,
+) -> (nn::VarStore, BTreeMap<String, Tensor>) {
     use oxclip_trainer::config::LossKind;
     let cfg: ModelConfig = serde_json::from_value(json(&dir.join(format!("step_{name}.json"))))
         .expect("open_clip's JSON");
@@ -189,7 +214,21 @@ pub fn check_open_clip_step(dir: &Path, name: &str) -> (nn::VarStore, BTreeMap<S
         out.loss.double_value(&[]),
         io["loss"].double_value(&[])
     );
-    let worst = check_gradients(&vs, &rows, &io, 1e-4);
+    let worst = check_gradients_floored(&vs, &rows, &io, 1e-4, floor);
     println!("{name} step: loss diff {dl:e}, worst gradient {:e} ({})", worst.0, worst.1);
     (vs, io)
+}
+
+/// The fixture's `buffer.<name>` entries (BatchNorm statistics after a training step) against
+/// the model's, each within 1e-5. Returns how many there were.
+pub fn check_buffers(vs: &nn::VarStore, io: &BTreeMap<String, Tensor>) -> usize {
+    let vars = vs.variables();
+    let mut buffers = 0;
+    for (key, expected) in io {
+        let Some(buffer) = key.strip_prefix("buffer.") else { continue };
+        let diff = max_abs(&vars[buffer], expected);
+        assert!(diff <= 1e-5, "{buffer} after the step differs by {diff}");
+        buffers += 1;
+    }
+    buffers
 }
