@@ -52,7 +52,8 @@ impl Embedder {
         if let Some(tokenizer) = &tokenizer {
             crate::prepare::check_tokenizer(tokenizer, cfg, "the tokenizer")?;
         }
-        let (vs, model) = crate::interchange::weights::load(cfg, weights, device)?;
+        let (vs, mut model) = crate::interchange::weights::load(cfg, weights, device)?;
+        model.prepare_for_inference();
         let preprocess = crate::prepare::default_preprocess(cfg);
         let transform = ImageTransform::eval_for(&preprocess);
         Ok(Self { model, _vs: vs, tokenizer, preprocess, transform, device })

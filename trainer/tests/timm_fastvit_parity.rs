@@ -13,11 +13,13 @@ use std::collections::BTreeMap;
 
 use common::golden::{
     build, check_buffers, check_features, check_lock_sets, check_open_clip_step_floored, json,
-    read, recipe, Row,
+    max_abs, read, recipe, Row,
 };
 use oxclip_trainer::model::drop_path;
+use oxclip_trainer::model::params::deterministic;
 use oxclip_trainer::model::timm_fastvit::architecture;
 use oxclip_trainer::model::zoo;
+use tch::Kind;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/timm_fastvit").join(name)
@@ -53,16 +55,28 @@ fn trunks_are_built_as_timm_builds_them() {
 }
 
 /// MobileCLIP2-S0 and MobileCLIP2-S3 at full size, open_clip's deterministic weights (running
-/// statistics included), eval mode: the normalised features; then `lock_image_tower`.
+/// statistics included), eval mode: the normalised features; `lock_image_tower`; then the
+/// re-parameterised form against timm's `reparameterize_model`.
 #[test]
-fn full_size_features_and_locking_match_open_clip() {
+fn full_size_features_locking_and_reparameterisation_match_open_clip() {
     let locks = json(&fixture("lock.json"));
     for name in ["MobileCLIP2-S0", "MobileCLIP2-S3"] {
         let cfg = zoo::builtin(name).expect("built in");
-        let (vs, clip) = build(&cfg, &recipe(&fixture(&format!("{name}_recipe.json"))));
+        let (vs, mut clip) = build(&cfg, &recipe(&fixture(&format!("{name}_recipe.json"))));
         let io = read(&fixture(&format!("{name}_io.safetensors")));
-        check_features(name, &clip, cfg.vision_cfg.image_size, &io);
+        let size = cfg.vision_cfg.image_size;
+        check_features(name, &clip, size, &io);
         check_lock_sets(name, &vs, &cfg, &locks[name]);
+
+        clip.prepare_for_inference();
+        let images = deterministic(&[2, 3, size, size], 0, 0.0, 1.0, Kind::Float);
+        let (fused, _) = tch::no_grad(|| clip.features(&images, &io["text"]));
+        let d = max_abs(&fused, &io["image_features_reparam"]);
+        let to_unfused = max_abs(&fused, &io["image_features"]);
+        println!(
+            "{name} re-parameterised: {d:e} from timm's, {to_unfused:e} from the train-time form"
+        );
+        assert!(d <= 1e-5 && to_unfused <= 1e-5, "{name}: {d}, {to_unfused}");
     }
 }
 

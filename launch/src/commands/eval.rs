@@ -98,7 +98,7 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
     let opened = args.model.open(true)?;
     let tokenizer = opened.text_tokenizer()?;
     let device = opened.device;
-    let (_vs, model) = opened.load()?;
+    let (_vs, model) = opened.load_for_inference()?;
     let classifier = match &zero_shot {
         Some((names, templates)) => {
             Some(pass::zero_shot_classifier(&model, &tokenizer, names, templates, device)?)
@@ -146,7 +146,7 @@ fn run_benchmark(
     let source = benchmark::open_benchmark(set, 0)?;
     let opened = args.model.open(true)?;
     let tokenizer = opened.text_tokenizer()?;
-    let (_vs, model) = opened.load()?;
+    let (_vs, model) = opened.load_for_inference()?;
     let result = evaluate_benchmark(args, &opened, &model, &tokenizer, set, &source, "eval", ranks)
         .with_context(|| format!("evaluating {spec_text}"))?;
     if ranks.prints() {
@@ -275,7 +275,7 @@ fn run_suite(args: &EvalArgs, suite: &Path, ranks: &Ranks) -> anyhow::Result<()>
     }
     let opened = args.model.open(true)?;
     let tokenizer = opened.text_tokenizer()?;
-    let (_vs, model) = opened.load()?;
+    let (_vs, model) = opened.load_for_inference()?;
     let mut rows = Vec::new();
     for (name, set, source) in &sets {
         let result =

@@ -94,6 +94,14 @@ impl OpenedModel {
         Ok(oxclip_trainer::interchange::weights::load(&self.config, &self.weights, self.device)?)
     }
 
+    /// [`OpenedModel::load`] for a command that only runs the model: in eval mode, its image
+    /// tower fused where it can be (`Clip::prepare_for_inference`).
+    pub fn load_for_inference(&self) -> anyhow::Result<(nn::VarStore, Clip)> {
+        let (vs, mut model) = self.load()?;
+        model.prepare_for_inference();
+        Ok((vs, model))
+    }
+
     /// The tokenizer, which a command embedding text cannot do without.
     pub fn text_tokenizer(&self) -> anyhow::Result<Tokenizer> {
         self.tokenizer.clone().context("no tokenizer for the model's text tower: give --tokenizer")

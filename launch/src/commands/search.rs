@@ -44,7 +44,7 @@ pub struct IndexArgs {
 pub fn index(args: IndexArgs) -> anyhow::Result<()> {
     let opened = args.model.open(true)?;
     let (cfg, weights, device) = (opened.config.clone(), opened.weights.clone(), opened.device);
-    let (_vs, model) = opened.load()?;
+    let (_vs, model) = opened.load_for_inference()?;
     let source = DataSource::open(&DataSpec::parse(&args.data)?, 0)?;
     let mut loader = pass::eval_loader_with(
         &source,

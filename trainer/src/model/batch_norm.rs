@@ -13,7 +13,7 @@ use super::params::{buffer, param};
 
 /// PyTorch's `nn.BatchNorm2d` defaults.
 const BN_MOMENTUM: f64 = 0.1;
-const BN_EPS: f64 = 1e-5;
+pub const BN_EPS: f64 = 1e-5;
 
 /// `nn.BatchNorm2d` with its running statistics as state_dict buffers.
 #[derive(Debug)]

@@ -342,6 +342,17 @@ impl Clip {
 
     /// Training mode (BatchNorm normalises with batch statistics and updates its running
     /// ones) or eval mode, as PyTorch's `model.train(on)`.
+    /// Readies a model that will only run inference: a FastViT image tower is
+    /// re-parameterised (timm's `reparameterize_model`, `timm_fastvit.rs`), its branches and
+    /// BatchNorms fused into single convolutions; other towers have nothing to fuse. The model
+    /// is in eval mode from then on, and its VarStore keeps the weights it was loaded with.
+    pub fn prepare_for_inference(&mut self) {
+        self.set_training(false);
+        if let VisionTower::FastVit(fastvit) = &mut self.visual {
+            fastvit.reparameterize();
+        }
+    }
+
     pub fn set_training(&self, on: bool) {
         self.training.store(on, Ordering::Relaxed);
     }

@@ -1,8 +1,10 @@
 //! The timm `FastVit` trunks of Apple's MobileCLIP-S / MobileCLIP2-S image towers
 //! (`fastvit_mci0` ... `fastvit_mci4`, timm 1.0's `fastvit.py`, Vasu et al. 2023), under
-//! `visual.trunk.`, with open_clip's `TimmModel` head after them (`timm_head.rs`), in their
-//! train-time form: every re-parameterisable layer keeps its branches, each with its own
-//! BatchNorm, as timm builds the model and as open_clip trains it.
+//! `visual.trunk.`, with open_clip's `TimmModel` head after them (`timm_head.rs`), built in
+//! their train-time form: every re-parameterisable layer keeps its branches, each with its own
+//! BatchNorm, as timm builds the model and as open_clip trains and saves it. For inference,
+//! [`TimmFastVit::reparameterize`] fuses each such layer into one convolution, as timm's
+//! `reparameterize_model`.
 //!
 //! - `stem`: three MobileOne blocks (3x3 /2; depthwise 3x3 /2; 1x1), GELU after each;
 //! - stages; each after the first starts with `downsample`, timm's `PatchEmbed`: a depthwise
@@ -28,7 +30,7 @@
 use tch::nn::{self, Init};
 use tch::Tensor;
 
-use super::batch_norm::{BatchNorm2d, BnMode, BnSwitches};
+use super::batch_norm::{BatchNorm2d, BnMode, BnSwitches, BN_EPS};
 use super::config::VisionConfig;
 use super::drop_path::{self, drop_path};
 use super::params::{param, torch_conv_init};
@@ -144,13 +146,46 @@ impl ConvBn {
         let y = x.conv2d(&self.weight, None::<Tensor>, s, [pad, pad], [1, 1], self.groups);
         self.bn.forward(&y, mode)
     }
+
+    /// The convolution with its BatchNorm's running statistics folded in, its kernel padded
+    /// to `k` (timm's `_fuse_bn_tensor`).
+    fn fused(&self, k: i64) -> (Tensor, Tensor) {
+        let (w, b) = fold_bn(&self.weight, &self.bn);
+        let pad = (k - self.weight.size()[3]) / 2;
+        (w.constant_pad_nd([pad, pad, pad, pad]), b)
+    }
 }
 
-/// A convolution with a bias, padded (k - 1) / 2 (PyTorch's default initialisation).
+/// `weight` (out, in, k, k) followed by `bn` in eval mode, as one convolution with a bias.
+fn fold_bn(weight: &Tensor, bn: &BatchNorm2d) -> (Tensor, Tensor) {
+    let std = (&bn.running_var + BN_EPS).sqrt();
+    let t = &bn.weight / &std;
+    let w = weight * t.reshape([-1, 1, 1, 1]);
+    (w, &bn.bias - &bn.running_mean * t)
+}
+
+/// The kernel of the identity as a (channels, channels / groups, k, k) convolution: 1 at the
+/// centre of channel i's input i % (channels / groups).
+fn identity_kernel(channels: i64, groups: i64, k: i64, like: &Tensor) -> Tensor {
+    let per_group = channels / groups;
+    let mut values = vec![0f32; (channels * per_group * k * k) as usize];
+    for i in 0..channels {
+        let at = ((i * per_group + i % per_group) * k + k / 2) * k + k / 2;
+        values[at as usize] = 1.0;
+    }
+    Tensor::from_slice(&values)
+        .view([channels, per_group, k, k])
+        .to_kind(like.kind())
+        .to_device(like.device())
+}
+
+/// A convolution with a bias, padded (k - 1) / 2 (PyTorch's default initialisation), or the
+/// one a re-parameterisation fuses a layer's branches into.
 #[derive(Debug)]
 pub struct Conv {
     pub weight: Tensor,
     pub bias: Tensor,
+    stride: i64,
     groups: i64,
 }
 
@@ -164,13 +199,15 @@ impl Conv {
         Conv {
             weight: param(&p, "weight", &[out, inp / groups, k, k], weight),
             bias: param(&p, "bias", &[out], bias),
+            stride: 1,
             groups,
         }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let pad = self.weight.size()[3] / 2;
-        x.conv2d(&self.weight, Some(&self.bias), [1, 1], [pad, pad], [1, 1], self.groups)
+        let s = [self.stride, self.stride];
+        x.conv2d(&self.weight, Some(&self.bias), s, [pad, pad], [1, 1], self.groups)
     }
 }
 
@@ -204,7 +241,12 @@ pub struct MobileOne {
     /// The 1x1 branch of a kxk block (k > 1).
     pub conv_scale: Option<ConvBn>,
     pub se: Option<SqueezeExcite>,
+    /// The branches fused into one convolution ([`TimmFastVit::reparameterize`]).
+    pub reparam_conv: Option<Conv>,
     act: bool,
+    kernel: i64,
+    stride: i64,
+    groups: i64,
 }
 
 /// What a MobileOne block has besides its shape.
@@ -237,11 +279,47 @@ impl MobileOne {
             se: s
                 .se
                 .then(|| SqueezeExcite::new(&p / "se", out, make_divisible(out as f64 / 16.0, 1))),
+            reparam_conv: None,
             act: s.act,
+            kernel: k,
+            stride,
+            groups,
+        }
+    }
+
+    /// timm's `MobileOneBlock._get_kernel_bias`: every branch as a kxk kernel and a bias,
+    /// summed.
+    fn fused(&self) -> (Tensor, Tensor) {
+        let mut parts = Vec::new();
+        if let Some(scale) = &self.conv_scale {
+            parts.push(scale.fused(self.kernel));
+        }
+        if let Some(bn) = &self.identity {
+            let id = identity_kernel(bn.weight.size()[0], self.groups, self.kernel, &bn.weight);
+            parts.push(fold_bn(&id, bn));
+        }
+        if let Some(kxk) = &self.conv_kxk {
+            parts.push(kxk.fused(self.kernel));
+        }
+        // Every MobileOne block has a branch: the stem's and final_conv's a kxk one, the
+        // others keep the shape and so an identity one.
+        let mut parts = parts.into_iter();
+        let first = parts.next().expect("a MobileOne block with a branch");
+        parts.fold(first, |(w, b), (w2, b2)| (w + w2, b + b2))
+    }
+
+    fn reparameterize(&mut self) {
+        if self.reparam_conv.is_none() {
+            let (weight, bias) = self.fused();
+            let (stride, groups) = (self.stride, self.groups);
+            self.reparam_conv = Some(Conv { weight, bias, stride, groups });
         }
     }
 
     fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
+        if let Some(conv) = &self.reparam_conv {
+            return self.finish(conv.forward(x));
+        }
         // timm's order: scale + identity, then the kxk branch.
         let mut out: Option<Tensor> = None;
         let mut add = |y: Tensor| {
@@ -259,7 +337,11 @@ impl MobileOne {
         if let Some(kxk) = &self.conv_kxk {
             add(kxk.forward(x, mode));
         }
-        let out = out.unwrap_or_else(|| x.zeros_like());
+        self.finish(out.unwrap_or_else(|| x.zeros_like()))
+    }
+
+    /// Squeeze-excite and the activation after the branches.
+    fn finish(&self, out: Tensor) -> Tensor {
         let out = match &self.se {
             Some(se) => se.forward(&out),
             None => out,
@@ -280,6 +362,8 @@ pub struct Downsample {
     pub small_conv: ConvBn,
     pub se: Option<SqueezeExcite>,
     pub mobile_one: MobileOne,
+    /// The two branches fused ([`TimmFastVit::reparameterize`]).
+    pub reparam_conv: Option<Conv>,
 }
 
 impl Downsample {
@@ -294,11 +378,26 @@ impl Downsample {
             se: se
                 .then(|| SqueezeExcite::new(&lk / "se", out, make_divisible(out as f64 * 0.25, 8))),
             mobile_one: MobileOne::new(&proj / 1, out, out, 1, 1, DENSE),
+            reparam_conv: None,
         }
     }
 
+    /// timm's `ReparamLargeKernelConv.reparameterize`, and the MobileOne block's.
+    fn reparameterize(&mut self) {
+        if self.reparam_conv.is_none() {
+            let (w, b) = self.large_conv.fused(DOWN_KERNEL);
+            let (ws, bs) = self.small_conv.fused(DOWN_KERNEL);
+            let groups = self.large_conv.groups;
+            self.reparam_conv = Some(Conv { weight: w + ws, bias: b + bs, stride: 2, groups });
+        }
+        self.mobile_one.reparameterize();
+    }
+
     fn forward(&self, x: &Tensor, mode: BnMode) -> Tensor {
-        let y = self.large_conv.forward(x, mode) + self.small_conv.forward(x, mode);
+        let y = match &self.reparam_conv {
+            Some(conv) => conv.forward(x),
+            None => self.large_conv.forward(x, mode) + self.small_conv.forward(x, mode),
+        };
         let y = match &self.se {
             Some(se) => se.forward(&y),
             None => y,
@@ -351,6 +450,9 @@ pub enum Block {
         mixer: Box<MobileOne>,
         /// `token_mixer.layer_scale.gamma`
         mixer_scale: Tensor,
+        /// x + gamma (mixer(x) - norm(x)) as one depthwise convolution
+        /// ([`TimmFastVit::reparameterize`]).
+        reparam_conv: Option<Conv>,
         mlp: ConvMlp,
         /// `layer_scale.gamma`
         mlp_scale: Tensor,
@@ -401,10 +503,25 @@ impl Block {
                 )),
                 mixer: Box::new(MobileOne::new(&t / "mixer", dim, dim, 3, 1, dw)),
                 mixer_scale: layer_scale(&t / "layer_scale", dim),
+                reparam_conv: None,
                 mlp,
                 mlp_scale: layer_scale(&p / "layer_scale", dim),
                 drop_path: rate,
             }
+        }
+    }
+
+    /// timm's `RepMixer.reparameterize`: w = id + gamma (w_mixer - w_norm), b = gamma
+    /// (b_mixer - b_norm). Attention blocks have nothing to fuse.
+    fn reparameterize(&mut self) {
+        if let Block::RepMixer { norm, mixer, mixer_scale, reparam_conv: fused @ None, .. } = self {
+            let (wm, bm) = mixer.fused();
+            let (wn, bn) = norm.fused();
+            let dim = wm.size()[0];
+            let id = identity_kernel(dim, dim, 3, &wm);
+            let weight = id + mixer_scale.unsqueeze(-1) * (wm - wn);
+            let bias = mixer_scale.view([-1]) * (bm - bn);
+            *fused = Some(Conv { weight, bias, stride: 1, groups: dim });
         }
     }
 
@@ -417,8 +534,19 @@ impl Block {
     /// (B, C, H, W) -> the same.
     fn forward(&self, x: &Tensor, mode: BnMode, train: bool) -> Tensor {
         match self {
-            Block::RepMixer { norm, mixer, mixer_scale, mlp, mlp_scale, drop_path: p } => {
-                let x = x + (mixer.forward(x, mode) - norm.forward(x, mode)) * mixer_scale;
+            Block::RepMixer {
+                norm,
+                mixer,
+                mixer_scale,
+                reparam_conv,
+                mlp,
+                mlp_scale,
+                drop_path: p,
+            } => {
+                let x = match reparam_conv {
+                    Some(conv) => conv.forward(x),
+                    None => x + (mixer.forward(x, mode) - norm.forward(x, mode)) * mixer_scale,
+                };
                 let y = mlp.forward(&x, mode) * mlp_scale;
                 &x + drop_path(&y, *p, train)
             }
@@ -477,6 +605,8 @@ pub struct StageStart {
     pub downsample: Option<Downsample>,
     /// `pos_emb.pos_enc`: x + a depthwise 7x7 convolution of x (`RepConditionalPosEnc`).
     pub pos_emb: Option<Conv>,
+    /// The positional encoding with its shortcut folded in ([`TimmFastVit::reparameterize`]).
+    pub reparam_pos_emb: Option<Conv>,
 }
 
 impl StageStart {
@@ -485,9 +615,22 @@ impl StageStart {
             Some(d) => d.forward(x, mode),
             None => x.shallow_clone(),
         };
-        match &self.pos_emb {
-            Some(pe) => pe.forward(&x) + &x,
-            None => x,
+        match (&self.reparam_pos_emb, &self.pos_emb) {
+            (Some(fused), _) => fused.forward(&x),
+            (None, Some(pe)) => pe.forward(&x) + &x,
+            (None, None) => x,
+        }
+    }
+
+    fn reparameterize(&mut self) {
+        if let Some(d) = &mut self.downsample {
+            d.reparameterize();
+        }
+        if let (Some(pe), None) = (&self.pos_emb, &self.reparam_pos_emb) {
+            let dim = pe.weight.size()[0];
+            let weight = identity_kernel(dim, dim, CPE_KERNEL, &pe.weight) + &pe.weight;
+            let bias = pe.bias.copy();
+            self.reparam_pos_emb = Some(Conv { weight, bias, stride: 1, groups: dim });
         }
     }
 }
@@ -503,6 +646,8 @@ pub struct TimmFastVit {
     pub pool: MapPool,
     pub head: TimmHead,
     pub batch_norm: BnSwitches,
+    /// [`TimmFastVit::reparameterize`] has run: eval-mode forwards only.
+    reparameterized: bool,
 }
 
 impl TimmFastVit {
@@ -554,8 +699,11 @@ impl TimmFastVit {
                     Conv::new(&sp / "pos_emb" / "pos_enc", dim, dim, CPE_KERNEL, dim, None)
                 });
                 prev = dim;
-                let start = (downsample.is_some() || pos_emb.is_some())
-                    .then_some(StageStart { downsample, pos_emb });
+                let start = (downsample.is_some() || pos_emb.is_some()).then_some(StageStart {
+                    downsample,
+                    pos_emb,
+                    reparam_pos_emb: None,
+                });
                 let blocks = (0..a.layers[s])
                     .map(|b| {
                         let r = rate.next().copied().unwrap_or(0.0);
@@ -577,7 +725,31 @@ impl TimmFastVit {
                 timm_linear(&t / "head" / "fc", width, out)
             })?,
             batch_norm: BnSwitches::default(),
+            reparameterized: false,
         })
+    }
+
+    /// timm's `reparameterize_model` for inference: each MobileOne block, large-kernel
+    /// convolution, RepMixer and positional encoding becomes one convolution, its BatchNorms
+    /// folded in with their running statistics. The result computes the eval-mode forward (to
+    /// float rounding) in fewer convolutions; it cannot train, so only an inference-only model
+    /// takes it (the VarStore keeps the train-time weights, which export as they are).
+    pub fn reparameterize(&mut self) {
+        tch::no_grad(|| {
+            for m in &mut self.stem {
+                m.reparameterize();
+            }
+            for (start, blocks) in &mut self.stages {
+                if let Some(s) = start {
+                    s.reparameterize();
+                }
+                for b in blocks {
+                    b.reparameterize();
+                }
+            }
+            self.final_conv.reparameterize();
+        });
+        self.reparameterized = true;
     }
 
     /// Whether training draws random numbers before the head (stochastic depth).
@@ -598,7 +770,8 @@ impl TimmFastVit {
 
     /// Stage `i` on its input: images for the stem, feature maps after it.
     pub fn stage(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
-        let mode = self.batch_norm.mode(train);
+        // A fused model has no BatchNorm left to normalise with a batch's statistics.
+        let mode = self.batch_norm.mode(train && !self.reparameterized);
         if i == 0 {
             return self.stem.iter().fold(x.shallow_clone(), |x, m| m.forward(&x, mode));
         }
