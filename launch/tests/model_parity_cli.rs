@@ -1,5 +1,6 @@
 //! `oxclip embed` against open_clip on real image files, full-size models with deterministic
-//! weights (tests/fixtures/make_cli_parity_fixtures.py): an exact-size PNG (no resize) and the
+//! weights (tests/fixtures/make_cli_parity_fixtures.py; RN50, ViT-B-16-SigLIP, the FastViT
+//! MobileCLIP2-S0): an exact-size PNG (no resize) and the
 //! captions match to 1e-4; a JPEG that both sides decode and resize their own way matches to
 //! a cosine of 0.999, while the two images' embeddings stay far apart (so the test can tell a
 //! wrong preprocessing from a right one).
@@ -45,6 +46,11 @@ fn cosine(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn check(model: &str, extra: &[&str]) {
+    check_with(model, "exact.png", extra);
+}
+
+/// [`check`] with `exact`, a PNG of the model's own size, as the image that needs no resize.
+fn check_with(model: &str, exact: &str, extra: &[&str]) {
     let golden: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join(format!("cli_parity/{model}.json")))
             .expect("fixture"),
@@ -61,7 +67,7 @@ fn check(model: &str, extra: &[&str]) {
             .args(["embed", "--device", "cpu", "--model", model, "--checkpoint"])
             .arg(&weights)
             .arg("--images")
-            .arg(parity.join("exact.png"))
+            .arg(parity.join(exact))
             .arg(parity.join("photo.jpg"))
             .arg("--texts-file")
             .arg(parity.join("texts.json"))
@@ -88,6 +94,12 @@ fn check(model: &str, extra: &[&str]) {
 #[test]
 fn rn50_embeds_as_open_clip() {
     check("RN50", &[]);
+}
+
+/// A FastViT tower (MCi0, 256 px), which `oxclip embed` re-parameterises before it runs.
+#[test]
+fn mobileclip2_s0_embeds_as_open_clip() {
+    check_with("MobileCLIP2-S0", "exact256.png", &[]);
 }
 
 #[test]
