@@ -1,6 +1,7 @@
 //! `oxclip embed` against open_clip on real image files, full-size models with deterministic
-//! weights (tests/fixtures/make_cli_parity_fixtures.py; RN50, ViT-B-16-SigLIP, the FastViT
-//! MobileCLIP2-S0): an exact-size PNG (no resize) and the
+//! weights (tests/fixtures/make_cli_parity_fixtures.py; RN50, ViT-B-16-SigLIP, and one model
+//! of each timm trunk family: FastViT, EVA02, PE-Core, ConvNeXt, ViTamin, Swin): an exact-size
+//! PNG (no resize) and the
 //! captions match to 1e-4; a JPEG that both sides decode and resize their own way matches to
 //! a cosine of 0.999, while the two images' embeddings stay far apart (so the test can tell a
 //! wrong preprocessing from a right one).
@@ -100,6 +101,33 @@ fn rn50_embeds_as_open_clip() {
 #[test]
 fn mobileclip2_s0_embeds_as_open_clip() {
     check_with("MobileCLIP2-S0", "exact256.png", &[]);
+}
+
+/// One model per other timm trunk family, each on the PNG of its own size.
+#[test]
+fn eva02_embeds_as_open_clip() {
+    check_with("EVA02-B-16", "exact.png", &[]);
+}
+
+/// 384 px, 32-token captions.
+#[test]
+fn pe_core_embeds_as_open_clip() {
+    check_with("PE-Core-T-16-384", "exact384.png", &[]);
+}
+
+#[test]
+fn convnext_embeds_as_open_clip() {
+    check_with("convnext_tiny", "exact.png", &[]);
+}
+
+#[test]
+fn vitamin_embeds_as_open_clip() {
+    check_with("ViTamin-S", "exact.png", &[]);
+}
+
+#[test]
+fn swin_embeds_as_open_clip() {
+    check_with("swin_base_patch4_window7_224", "exact.png", &[]);
 }
 
 #[test]
