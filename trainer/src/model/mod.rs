@@ -10,7 +10,7 @@
 //! `timm_swin.rs` (timm's Swin Transformer), `timm_fastvit.rs` (timm's FastViT, MobileCLIP-S),
 //! `timm_head.rs` (open_clip's head after a timm
 //! trunk), `text.rs`, and `transformer.rs` (the block the ViT and text towers share);
-//! `batch_norm.rs` and `drop_path.rs` hold what several towers use. `config.rs` is open_clip's
+//! `batch_norm.rs`, `conv.rs` and `drop_path.rs` hold what several towers use. `config.rs` is open_clip's
 //! JSON schema, `zoo.rs` its built-in configs, `params.rs` how every parameter is made,
 //! `lock.rs` what fine-tuning freezes, `staged.rs` each tower's forward as stages and
 //! activation checkpointing over them, `patch_dropout.rs` which patches a training step keeps
@@ -21,6 +21,7 @@
 
 pub mod batch_norm;
 pub mod config;
+pub mod conv;
 pub mod drop_path;
 pub mod lock;
 pub mod params;

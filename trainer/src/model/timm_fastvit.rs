@@ -32,6 +32,7 @@ use tch::Tensor;
 
 use super::batch_norm::{BatchNorm2d, BnMode, BnSwitches, BN_EPS};
 use super::config::VisionConfig;
+use super::conv::Conv2d;
 use super::drop_path::{self, drop_path};
 use super::params::{param, torch_conv_init};
 use super::staged;
@@ -179,50 +180,29 @@ fn identity_kernel(channels: i64, groups: i64, k: i64, like: &Tensor) -> Tensor 
         .to_device(like.device())
 }
 
-/// A convolution with a bias, padded (k - 1) / 2 (PyTorch's default initialisation), or the
-/// one a re-parameterisation fuses a layer's branches into.
-#[derive(Debug)]
-pub struct Conv {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    stride: i64,
-    groups: i64,
-}
-
-impl Conv {
-    fn new(p: nn::Path, inp: i64, out: i64, k: i64, groups: i64, init: Option<Init>) -> Self {
-        let default = torch_conv_init(inp / groups * k * k);
-        let (weight, bias) = match init {
-            Some(w) => (w, Init::Const(0.0)),
-            None => (default, default),
-        };
-        Conv {
-            weight: param(&p, "weight", &[out, inp / groups, k, k], weight),
-            bias: param(&p, "bias", &[out], bias),
-            stride: 1,
-            groups,
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let pad = self.weight.size()[3] / 2;
-        let s = [self.stride, self.stride];
-        x.conv2d(&self.weight, Some(&self.bias), s, [pad, pad], [1, 1], self.groups)
-    }
+/// A convolution with a bias, padded (k - 1) / 2: PyTorch's default initialisation, or
+/// `init` for the weight and a zero bias.
+fn conv(p: nn::Path, inp: i64, out: i64, k: i64, groups: i64, init: Option<Init>) -> Conv2d {
+    let default = torch_conv_init(inp / groups * k * k);
+    let (weight, bias) = match init {
+        Some(w) => (w, Init::Const(0.0)),
+        None => (default, default),
+    };
+    Conv2d::new(&p, (inp, out, k), 1, groups, weight, bias)
 }
 
 /// timm's `SqueezeExcite`: x * sigmoid(fc2(relu(fc1(mean over the grid)))).
 #[derive(Debug)]
 pub struct SqueezeExcite {
-    pub fc1: Conv,
-    pub fc2: Conv,
+    pub fc1: Conv2d,
+    pub fc2: Conv2d,
 }
 
 impl SqueezeExcite {
     fn new(p: nn::Path, channels: i64, reduced: i64) -> Self {
         SqueezeExcite {
-            fc1: Conv::new(&p / "fc1", channels, reduced, 1, 1, None),
-            fc2: Conv::new(&p / "fc2", reduced, channels, 1, 1, None),
+            fc1: conv(&p / "fc1", channels, reduced, 1, 1, None),
+            fc2: conv(&p / "fc2", reduced, channels, 1, 1, None),
         }
     }
 
@@ -242,7 +222,7 @@ pub struct MobileOne {
     pub conv_scale: Option<ConvBn>,
     pub se: Option<SqueezeExcite>,
     /// The branches fused into one convolution ([`TimmFastVit::reparameterize`]).
-    pub reparam_conv: Option<Conv>,
+    pub reparam_conv: Option<Conv2d>,
     act: bool,
     kernel: i64,
     stride: i64,
@@ -312,7 +292,7 @@ impl MobileOne {
         if self.reparam_conv.is_none() {
             let (weight, bias) = self.fused();
             let (stride, groups) = (self.stride, self.groups);
-            self.reparam_conv = Some(Conv { weight, bias, stride, groups });
+            self.reparam_conv = Some(Conv2d::of(weight, bias, stride, groups));
         }
     }
 
@@ -363,7 +343,7 @@ pub struct Downsample {
     pub se: Option<SqueezeExcite>,
     pub mobile_one: MobileOne,
     /// The two branches fused ([`TimmFastVit::reparameterize`]).
-    pub reparam_conv: Option<Conv>,
+    pub reparam_conv: Option<Conv2d>,
 }
 
 impl Downsample {
@@ -388,7 +368,7 @@ impl Downsample {
             let (w, b) = self.large_conv.fused(DOWN_KERNEL);
             let (ws, bs) = self.small_conv.fused(DOWN_KERNEL);
             let groups = self.large_conv.groups;
-            self.reparam_conv = Some(Conv { weight: w + ws, bias: b + bs, stride: 2, groups });
+            self.reparam_conv = Some(Conv2d::of(w + ws, b + bs, 2, groups));
         }
         self.mobile_one.reparameterize();
     }
@@ -411,16 +391,16 @@ impl Downsample {
 #[derive(Debug)]
 pub struct ConvMlp {
     pub conv: ConvBn,
-    pub fc1: Conv,
-    pub fc2: Conv,
+    pub fc1: Conv2d,
+    pub fc2: Conv2d,
 }
 
 impl ConvMlp {
     fn new(p: nn::Path, dim: i64, hidden: i64) -> Self {
         ConvMlp {
             conv: ConvBn::new(&p / "conv", dim, dim, MLP_KERNEL, 1, dim, TIMM_WEIGHT),
-            fc1: Conv::new(&p / "fc1", dim, hidden, 1, 1, Some(TIMM_WEIGHT)),
-            fc2: Conv::new(&p / "fc2", hidden, dim, 1, 1, Some(TIMM_WEIGHT)),
+            fc1: conv(&p / "fc1", dim, hidden, 1, 1, Some(TIMM_WEIGHT)),
+            fc2: conv(&p / "fc2", hidden, dim, 1, 1, Some(TIMM_WEIGHT)),
         }
     }
 
@@ -452,7 +432,7 @@ pub enum Block {
         mixer_scale: Tensor,
         /// x + gamma (mixer(x) - norm(x)) as one depthwise convolution
         /// ([`TimmFastVit::reparameterize`]).
-        reparam_conv: Option<Conv>,
+        reparam_conv: Option<Conv2d>,
         mlp: ConvMlp,
         /// `layer_scale.gamma`
         mlp_scale: Tensor,
@@ -521,7 +501,7 @@ impl Block {
             let id = identity_kernel(dim, dim, 3, &wm);
             let weight = id + mixer_scale.unsqueeze(-1) * (wm - wn);
             let bias = mixer_scale.view([-1]) * (bm - bn);
-            *fused = Some(Conv { weight, bias, stride: 1, groups: dim });
+            *fused = Some(Conv2d::of(weight, bias, 1, dim));
         }
     }
 
@@ -604,9 +584,9 @@ fn attention(x: &Tensor, qkv_weight: &Tensor, proj: &Linear) -> Tensor {
 pub struct StageStart {
     pub downsample: Option<Downsample>,
     /// `pos_emb.pos_enc`: x + a depthwise 7x7 convolution of x (`RepConditionalPosEnc`).
-    pub pos_emb: Option<Conv>,
+    pub pos_emb: Option<Conv2d>,
     /// The positional encoding with its shortcut folded in ([`TimmFastVit::reparameterize`]).
-    pub reparam_pos_emb: Option<Conv>,
+    pub reparam_pos_emb: Option<Conv2d>,
 }
 
 impl StageStart {
@@ -630,7 +610,7 @@ impl StageStart {
             let dim = pe.weight.size()[0];
             let weight = identity_kernel(dim, dim, CPE_KERNEL, &pe.weight) + &pe.weight;
             let bias = pe.bias.copy();
-            self.reparam_pos_emb = Some(Conv { weight, bias, stride: 1, groups: dim });
+            self.reparam_pos_emb = Some(Conv2d::of(weight, bias, 1, dim));
         }
     }
 }
@@ -695,9 +675,8 @@ impl TimmFastVit {
                 let attention = s >= a.attention_from;
                 let downsample = (s > 0 || prev != dim)
                     .then(|| Downsample::new(&sp / "downsample", prev, dim, a.se_downsamples[s]));
-                let pos_emb = attention.then(|| {
-                    Conv::new(&sp / "pos_emb" / "pos_enc", dim, dim, CPE_KERNEL, dim, None)
-                });
+                let pos_emb = attention
+                    .then(|| conv(&sp / "pos_emb" / "pos_enc", dim, dim, CPE_KERNEL, dim, None));
                 prev = dim;
                 let start = (downsample.is_some() || pos_emb.is_some()).then_some(StageStart {
                     downsample,

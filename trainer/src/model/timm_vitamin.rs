@@ -17,7 +17,8 @@
 use tch::nn::{self, Init};
 use tch::Tensor;
 
-use super::params::{param, torch_conv_init};
+use super::conv::Conv2d;
+use super::params::torch_conv_init;
 use super::transformer::LayerNorm;
 
 /// The widths and depths of one ViTamin size (timm's `VitCfg`); the trunk's width follows.
@@ -40,57 +41,35 @@ fn fan_out_init(out: i64, k: i64, groups: i64) -> Init {
     Init::Randn { mean: 0.0, stdev: (2.0 / (k * k * out / groups) as f64).sqrt() }
 }
 
-/// A convolution with a bias and timm's symmetric padding, (k - 1) / 2.
-#[derive(Debug)]
-pub struct Conv {
-    pub weight: Tensor,
-    pub bias: Tensor,
+/// A convolution of vitamin.py's (`fan_out`) or PyTorch's default initialisation (the `pool`
+/// convolution, which no init of timm's reaches).
+fn conv(
+    p: nn::Path,
+    inp: i64,
+    out: i64,
+    k: i64,
     stride: i64,
     groups: i64,
-}
-
-impl Conv {
-    /// `fan_out`: vitamin.py's init; otherwise PyTorch's default (the `pool` convolution,
-    /// which no init of timm's reaches).
-    fn new(
-        p: nn::Path,
-        inp: i64,
-        out: i64,
-        k: i64,
-        stride: i64,
-        groups: i64,
-        fan_out: bool,
-    ) -> Conv {
-        let (weight, bias) = if fan_out {
-            (fan_out_init(out, k, groups), Init::Const(0.0))
-        } else {
-            let init = torch_conv_init(inp / groups * k * k);
-            (init, init)
-        };
-        Conv {
-            weight: param(&p, "weight", &[out, inp / groups, k, k], weight),
-            bias: param(&p, "bias", &[out], bias),
-            stride,
-            groups,
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let pad = (self.weight.size()[3] - 1) / 2;
-        let s = [self.stride, self.stride];
-        x.conv2d(&self.weight, Some(&self.bias), s, [pad, pad], [1, 1], self.groups)
-    }
+    fan_out: bool,
+) -> Conv2d {
+    let (weight, bias) = if fan_out {
+        (fan_out_init(out, k, groups), Init::Const(0.0))
+    } else {
+        let init = torch_conv_init(inp / groups * k * k);
+        (init, init)
+    };
+    Conv2d::new(&p, (inp, out, k), stride, groups, weight, bias)
 }
 
 /// `MbConvLNBlock`, stride 2 (the first of a stage, with the pooled shortcut) or 1.
 #[derive(Debug)]
 pub struct MbConvBlock {
     /// The 1x1 `shortcut.expand` after the pool, where the block changes the width.
-    pub expand: Option<Conv>,
+    pub expand: Option<Conv2d>,
     pub pre_norm: LayerNorm,
-    pub conv1_1x1: Conv,
-    pub conv2_kxk: Conv,
-    pub conv3_1x1: Conv,
+    pub conv1_1x1: Conv2d,
+    pub conv2_kxk: Conv2d,
+    pub conv3_1x1: Conv2d,
     downsample: bool,
 }
 
@@ -101,11 +80,11 @@ impl MbConvBlock {
         let stride = if downsample { 2 } else { 1 };
         MbConvBlock {
             expand: (downsample && inp != out)
-                .then(|| Conv::new(&p / "shortcut" / "expand", inp, out, 1, 1, 1, true)),
+                .then(|| conv(&p / "shortcut" / "expand", inp, out, 1, 1, 1, true)),
             pre_norm: LayerNorm::new(&p / "pre_norm", inp, EPS),
-            conv1_1x1: Conv::new(&p / "conv1_1x1", inp, mid, 1, 1, 1, true),
-            conv2_kxk: Conv::new(&p / "conv2_kxk", mid, mid, 3, stride, mid, true),
-            conv3_1x1: Conv::new(&p / "conv3_1x1", mid, out, 1, 1, 1, true),
+            conv1_1x1: conv(&p / "conv1_1x1", inp, mid, 1, 1, 1, true),
+            conv2_kxk: conv(&p / "conv2_kxk", mid, mid, 3, stride, mid, true),
+            conv3_1x1: conv(&p / "conv3_1x1", mid, out, 1, 1, 1, true),
             downsample,
         }
     }
@@ -129,12 +108,12 @@ impl MbConvBlock {
 /// timm's `MbConvStages`: (B, 3, S, S) -> (B, width, g, g).
 #[derive(Debug)]
 pub struct MbConvStages {
-    pub stem_conv1: Conv,
+    pub stem_conv1: Conv2d,
     pub stem_norm1: LayerNorm,
-    pub stem_conv2: Conv,
+    pub stem_conv2: Conv2d,
     pub stages: Vec<Vec<MbConvBlock>>,
     pub pool_norm: LayerNorm,
-    pub pool_proj: Conv,
+    pub pool_proj: Conv2d,
 }
 
 impl MbConvStages {
@@ -157,12 +136,12 @@ impl MbConvStages {
             .collect();
         let pool = &p / "pool";
         MbConvStages {
-            stem_conv1: Conv::new(&stem / "conv1", 3, s, 3, 2, 1, true),
+            stem_conv1: conv(&stem / "conv1", 3, s, 3, 2, 1, true),
             stem_norm1: LayerNorm::new(&stem / "norm1", s, EPS),
-            stem_conv2: Conv::new(&stem / "conv2", s, s, 3, 1, 1, true),
+            stem_conv2: conv(&stem / "conv2", s, s, 3, 1, 1, true),
             stages,
             pool_norm: LayerNorm::new(&pool / "norm", l.dims[1], EPS),
-            pool_proj: Conv::new(&pool / "proj", l.dims[1], width, 3, 2, 1, false),
+            pool_proj: conv(&pool / "proj", l.dims[1], width, 3, 2, 1, false),
         }
     }
 
