@@ -104,8 +104,12 @@ fn features_match_open_clip_given_the_same_kept_patches() {
             "{name}: {keep} of {patches} kept; features differ from open_clip's by \
              {d_train:.1e} (dropping), {d_eval:.1e} (eval); largest {scale:.2}"
         );
-        assert!(d_train <= 1e-6, "{name}: {d_train} from open_clip's features in training");
-        assert!(d_eval <= 1e-6, "{name}: {d_eval} from open_clip's features in eval mode");
+        // A few float32 ulps of the largest feature: the fixture was written on another CPU,
+        // whose kernels round differently (vit_one in eval: 0 there, 1.2e-6 of 2.51 on a
+        // machine of another CPU).
+        let tolerance = 1e-6 * scale.max(1.0);
+        assert!(d_train <= tolerance, "{name}: {d_train} from open_clip's features in training");
+        assert!(d_eval <= tolerance, "{name}: {d_eval} from open_clip's features in eval mode");
         assert!(max_abs(&dropped, &full) > 1e-3, "{name}: dropping changed nothing");
     }
 }
