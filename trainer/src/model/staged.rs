@@ -95,6 +95,28 @@ pub fn nth_block<D, B>(stages: &[(Option<D>, Vec<B>)], k: usize) -> Option<(Opti
     None
 }
 
+/// timm's per-block parameter groups of a hierarchical trunk whose stages live under `stages`
+/// (`visual.trunk.stages`): one group per block, first to last, and what starts stage `s`
+/// (`starts(s)`: its downsample, ...) in the group of its first block, as timm's
+/// `group_matcher` gives those the first block's ordinal. The same cut as [`nth_block`].
+pub fn per_block_groups(
+    stages: &str,
+    depths: &[i64],
+    starts: impl Fn(usize) -> Vec<&'static str>,
+) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for (s, &depth) in depths.iter().enumerate() {
+        for b in 0..depth {
+            let mut group = vec![format!("{stages}.{s}.blocks.{b}")];
+            if b == 0 {
+                group.extend(starts(s).into_iter().map(|m| format!("{stages}.{s}.{m}")));
+            }
+            out.push(group);
+        }
+    }
+    out
+}
+
 /// The plain forward: `run(0, input)`, then each stage on the output of the one before.
 pub fn fold(count: usize, input: &Tensor, run: impl Fn(usize, &Tensor) -> Tensor) -> Tensor {
     (0..count).fold(input.shallow_clone(), |x, i| run(i, &x))

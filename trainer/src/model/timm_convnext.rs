@@ -282,15 +282,8 @@ pub fn lock_groups(cfg: &VisionConfig) -> Vec<Vec<String>> {
     };
     let t = "visual.trunk";
     let mut out = vec![vec![format!("{t}.stem")]];
-    for (s, &depth) in a.depths.iter().enumerate() {
-        for b in 0..depth {
-            let mut group = vec![format!("{t}.stages.{s}.blocks.{b}")];
-            if b == 0 && s > 0 {
-                group.push(format!("{t}.stages.{s}.downsample"));
-            }
-            out.push(group);
-        }
-    }
+    let downsample = |s: usize| if s > 0 { vec!["downsample"] } else { vec![] };
+    out.extend(staged::per_block_groups(&format!("{t}.stages"), &a.depths, downsample));
     out.push(vec![format!("{t}.head")]);
     out
 }

@@ -37,7 +37,7 @@ use super::drop_path::{self, drop_path};
 use super::params::{param, torch_conv_init};
 use super::staged;
 use super::timm_head::{drop_path_rate, MapPool, TimmHead, TimmProj};
-use super::timm_vit::{timm_linear, TIMM_WEIGHT};
+use super::timm_vit::{fused_qkv_attention, timm_linear, TIMM_WEIGHT};
 use super::transformer::{LayerNorm, Linear};
 use crate::error::{Result, TrainError};
 
@@ -269,7 +269,7 @@ impl MobileOne {
 
     /// timm's `MobileOneBlock._get_kernel_bias`: every branch as a kxk kernel and a bias,
     /// summed.
-    fn fused(&self) -> (Tensor, Tensor) {
+    fn fused(&self) -> Option<(Tensor, Tensor)> {
         let mut parts = Vec::new();
         if let Some(scale) = &self.conv_scale {
             parts.push(scale.fused(self.kernel));
@@ -281,18 +281,16 @@ impl MobileOne {
         if let Some(kxk) = &self.conv_kxk {
             parts.push(kxk.fused(self.kernel));
         }
-        // Every MobileOne block has a branch: the stem's and final_conv's a kxk one, the
-        // others keep the shape and so an identity one.
-        let mut parts = parts.into_iter();
-        let first = parts.next().expect("a MobileOne block with a branch");
-        parts.fold(first, |(w, b), (w2, b2)| (w + w2, b + b2))
+        // None only for a block without branches, which no FastViT builds.
+        parts.into_iter().reduce(|(w, b), (w2, b2)| (w + w2, b + b2))
     }
 
     fn reparameterize(&mut self) {
         if self.reparam_conv.is_none() {
-            let (weight, bias) = self.fused();
-            let (stride, groups) = (self.stride, self.groups);
-            self.reparam_conv = Some(Conv2d::of(weight, bias, stride, groups));
+            if let Some((weight, bias)) = self.fused() {
+                let (stride, groups) = (self.stride, self.groups);
+                self.reparam_conv = Some(Conv2d::of(weight, bias, stride, groups));
+            }
         }
     }
 
@@ -494,9 +492,11 @@ impl Block {
     /// timm's `RepMixer.reparameterize`: w = id + gamma (w_mixer - w_norm), b = gamma
     /// (b_mixer - b_norm). Attention blocks have nothing to fuse.
     fn reparameterize(&mut self) {
-        if let Block::RepMixer { norm, mixer, mixer_scale, reparam_conv: fused @ None, .. } = self {
-            let (wm, bm) = mixer.fused();
-            let (wn, bn) = norm.fused();
+        let Block::RepMixer { norm, mixer, mixer_scale, reparam_conv: fused @ None, .. } = self
+        else {
+            return;
+        };
+        if let (Some((wm, bm)), Some((wn, bn))) = (mixer.fused(), norm.fused()) {
             let dim = wm.size()[0];
             let id = identity_kernel(dim, dim, 3, &wm);
             let weight = id + mixer_scale.unsqueeze(-1) * (wm - wn);
@@ -557,24 +557,8 @@ impl Block {
 fn attention(x: &Tensor, qkv_weight: &Tensor, proj: &Linear) -> Tensor {
     let size = x.size();
     let (b, c, h, w) = (size[0], size[1], size[2], size[3]);
-    let n = h * w;
-    let heads = c / HEAD_DIM;
-    let tokens = x.flatten(2, 3).transpose(1, 2);
-    let qkv = tokens
-        .linear(qkv_weight, None::<Tensor>)
-        .view([b, n, 3, heads, HEAD_DIM])
-        .permute([2, 0, 3, 1, 4]);
-    let out = Tensor::scaled_dot_product_attention(
-        &qkv.get(0),
-        &qkv.get(1),
-        &qkv.get(2),
-        None::<Tensor>,
-        0.0,
-        false,
-        None,
-        false,
-    );
-    let out = proj.forward(&out.transpose(1, 2).reshape([b, n, c]));
+    let qkv = x.flatten(2, 3).transpose(1, 2).linear(qkv_weight, None::<Tensor>);
+    let out = proj.forward(&fused_qkv_attention(&qkv, c / HEAD_DIM, None));
     out.transpose(1, 2).reshape([b, c, h, w])
 }
 
@@ -776,18 +760,17 @@ pub fn lock_groups(cfg: &VisionConfig) -> Vec<Vec<String>> {
     };
     let t = "visual.trunk";
     let mut out = vec![vec![format!("{t}.stem")]];
-    for (s, &depth) in a.layers.iter().enumerate() {
-        for b in 0..depth {
-            let mut group = vec![format!("{t}.stages.{s}.blocks.{b}")];
-            if b == 0 && s > 0 {
-                group.push(format!("{t}.stages.{s}.downsample"));
-            }
-            if b == 0 && s >= a.attention_from {
-                group.push(format!("{t}.stages.{s}.pos_emb"));
-            }
-            out.push(group);
+    let starts = |s: usize| {
+        let mut m = Vec::new();
+        if s > 0 {
+            m.push("downsample");
         }
-    }
+        if s >= a.attention_from {
+            m.push("pos_emb");
+        }
+        m
+    };
+    out.extend(staged::per_block_groups(&format!("{t}.stages"), a.layers, starts));
     let mut rest = vec![format!("{t}.final_conv")];
     if TimmProj::of(cfg).is_ok_and(|p| p == TimmProj::Classifier) {
         rest.push(format!("{t}.head"));

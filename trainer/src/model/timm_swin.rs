@@ -28,7 +28,7 @@ use super::drop_path::{self, drop_path};
 use super::params::{param, torch_conv_init};
 use super::staged;
 use super::timm_head::{drop_path_rate, MapPool, TimmHead, TimmProj};
-use super::timm_vit::{timm_linear, Mlp, TIMM_WEIGHT};
+use super::timm_vit::{fused_qkv_attention, timm_linear, Mlp, TIMM_WEIGHT};
 use super::transformer::{Activation, LayerNorm, Linear};
 use crate::error::{Result, TrainError};
 
@@ -161,9 +161,8 @@ impl WindowAttention {
     /// x: (B * windows, N, C); `mask`: (windows, N, N) for a shifted block.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let size = x.size();
-        let (b, n, c) = (size[0], size[1], size[2]);
+        let (b, n) = (size[0], size[1]);
         let h = self.heads;
-        let qkv = self.qkv.forward(x).view([b, n, 3, h, c / h]).permute([2, 0, 3, 1, 4]);
         // (1, heads, N, N)
         let bias = self
             .relative_position_bias_table
@@ -181,17 +180,8 @@ impl WindowAttention {
             }
             None => bias,
         };
-        let out = Tensor::scaled_dot_product_attention(
-            &qkv.get(0),
-            &qkv.get(1),
-            &qkv.get(2),
-            Some(bias.to_kind(x.kind())),
-            0.0,
-            false,
-            None,
-            false,
-        );
-        self.proj.forward(&out.transpose(1, 2).reshape([b, n, c]))
+        let qkv = self.qkv.forward(x);
+        self.proj.forward(&fused_qkv_attention(&qkv, h, Some(&bias)))
     }
 }
 
@@ -421,15 +411,8 @@ pub fn lock_groups(cfg: &VisionConfig) -> Vec<Vec<String>> {
     };
     let t = "visual.trunk";
     let mut out = vec![vec![format!("{t}.patch_embed")]];
-    for (s, &depth) in a.depths.iter().enumerate() {
-        for b in 0..depth {
-            let mut group = vec![format!("{t}.layers.{s}.blocks.{b}")];
-            if b == 0 && s > 0 {
-                group.push(format!("{t}.layers.{s}.downsample"));
-            }
-            out.push(group);
-        }
-    }
+    let downsample = |s: usize| if s > 0 { vec!["downsample"] } else { vec![] };
+    out.extend(staged::per_block_groups(&format!("{t}.layers"), &a.depths, downsample));
     if let Some(last) = out.last_mut() {
         last.push(format!("{t}.norm"));
     }

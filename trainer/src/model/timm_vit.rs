@@ -549,26 +549,32 @@ pub struct SelfAttention {
 impl SelfAttention {
     /// x: (B, N, C) -> (B, N, C).
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let size = x.size();
-        let (b, n, c) = (size[0], size[1], size[2]);
-        // (B, N, 3C) -> (3, B, H, N, C/H)
-        let qkv = x
-            .linear(&self.qkv_weight, self.qkv_bias.as_ref())
-            .view([b, n, 3, self.heads, c / self.heads])
-            .permute([2, 0, 3, 1, 4]);
-        let bias = self.rel_pos.as_ref().map(|r| r.bias(train).to_kind(x.kind()));
-        let out = Tensor::scaled_dot_product_attention(
-            &qkv.get(0),
-            &qkv.get(1),
-            &qkv.get(2),
-            bias.as_ref(),
-            0.0,
-            false,
-            None,
-            false,
-        );
-        self.proj.forward(&out.transpose(1, 2).reshape([b, n, c]))
+        let qkv = x.linear(&self.qkv_weight, self.qkv_bias.as_ref());
+        let bias = self.rel_pos.as_ref().map(|r| r.bias(train));
+        self.proj.forward(&fused_qkv_attention(&qkv, self.heads, bias.as_ref()))
     }
+}
+
+/// Scaled dot-product attention of timm's fused projections: qkv (B, N, 3C), laid out
+/// [q | k | v] with heads contiguous in each, -> (B, N, C) before the output projection;
+/// `bias` is added to the logits, broadcast over (B, heads, N, N).
+pub(super) fn fused_qkv_attention(qkv: &Tensor, heads: i64, bias: Option<&Tensor>) -> Tensor {
+    let size = qkv.size();
+    let (b, n, c) = (size[0], size[1], size[2] / 3);
+    // (B, N, 3C) -> (3, B, H, N, C/H)
+    let qkv = qkv.view([b, n, 3, heads, c / heads]).permute([2, 0, 3, 1, 4]);
+    let bias = bias.map(|t| t.to_kind(qkv.kind()));
+    let out = Tensor::scaled_dot_product_attention(
+        &qkv.get(0),
+        &qkv.get(1),
+        &qkv.get(2),
+        bias.as_ref(),
+        0.0,
+        false,
+        None,
+        false,
+    );
+    out.transpose(1, 2).reshape([b, n, c])
 }
 
 /// timm's `Mlp`: fc1, activation, fc2.
