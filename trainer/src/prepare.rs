@@ -104,6 +104,30 @@ pub fn standalone_tokenizer(path: Option<&Path>) -> Result<Tokenizer> {
     }
 }
 
+fn check_hf_tokenizer(tokenizer: &Tokenizer, model: &ModelConfig, what: &str) -> Result<()> {
+    let arch = crate::model::hf_text::check(&model.text_cfg)?;
+    let name = model.text_cfg.hf_model_name.as_deref().unwrap_or_default();
+    let ids = tokenizer.vocab_size() as i64;
+    if ids > arch.vocab_size() {
+        return Err(TrainError::Input(format!(
+            "{what} produces ids up to {} ({ids} ids) but the text tower ({name}) has {} embeddings: \
+             use the tokenizer of {name} (text_cfg.hf_tokenizer_name)",
+            ids - 1,
+            arch.vocab_size()
+        )));
+    }
+    if tokenizer.pad_id() != arch.pad_token_id() {
+        return Err(TrainError::Input(format!(
+            "{what} pads with id {} but the text tower ({name}) masks out id {} (pad_token_id): \
+             every padding token would be attended to and pooled. Use the tokenizer of {name} \
+             (text_cfg.hf_tokenizer_name)",
+            tokenizer.pad_id(),
+            arch.pad_token_id()
+        )));
+    }
+    Ok(())
+}
+
 fn has_no_post_processor(file: &Path) -> Result<bool> {
     let text = std::fs::read_to_string(file).map_err(crate::error::io_err(file))?;
     let json: serde_json::Value = serde_json::from_str(&text)
@@ -116,8 +140,14 @@ fn has_no_post_processor(file: &Path) -> Result<bool> {
 /// text: `argmax` needs the end token to be the tokenizer's largest id (CLIP's EOT), `eos`
 /// needs the tokenizer to end texts with `text_cfg.eos_id`. `last` and `first` read a fixed
 /// position and take any tokenizer.
+///
+/// A Hugging Face text tower attends to and pools every token but its `pad_token_id`: the
+/// tokenizer must pad with that id, and its ids must fit the encoder's vocabulary.
 pub fn check_tokenizer(tokenizer: &Tokenizer, model: &ModelConfig, what: &str) -> Result<()> {
     let text = &model.text_cfg;
+    if text.is_hf() {
+        return check_hf_tokenizer(tokenizer, model, what);
+    }
     let ids = tokenizer.vocab_size() as i64;
     if ids > text.vocab_size {
         return Err(TrainError::Input(format!(

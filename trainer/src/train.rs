@@ -391,7 +391,13 @@ fn build_model(
         (train.lock_text, crate::model::lock::Tower::Text, train.lock_text_unlocked_layers),
     ] {
         if on {
-            let frozen = crate::model::lock::lock(&vs, &cfg.model, tower, unlocked)?;
+            let frozen = crate::model::lock::lock_with(
+                &vs,
+                &cfg.model,
+                tower,
+                unlocked,
+                train.lock_text_freeze_layer_norm,
+            )?;
             tracing::info!("{tower:?} tower locked: {frozen} tensors frozen, its last {unlocked} group(s) train");
         }
     }
@@ -406,6 +412,10 @@ fn build_model(
     if let Some(found) = init {
         crate::interchange::weights::load_weights(&vs, &found.weights())?;
         tracing::info!("initial weights from {} ({})", found.weights().display(), found.describe());
+    } else if cfg.model.text_cfg.is_hf() && cfg.model.text_cfg.hf_model_pretrained {
+        // open_clip's hf_model_pretrained: the text tower starts from the text model's weights.
+        let path = crate::interchange::hf_text::load_pretrained_text(&vs, &cfg.model)?;
+        tracing::info!("text tower's initial weights from {}", path.display());
     }
     Ok((vs, model))
 }

@@ -62,6 +62,7 @@ fn timm_trunks_have_open_clips_names_and_shapes() {
             Activation::Gelu => "GELU",
             Activation::GeluTanh => "GELUTanh",
             Activation::QuickGelu => "QuickGELU",
+            Activation::Relu => "ReLU",
         };
         let arch = &entry["arch"];
         let ours = serde_json::json!({

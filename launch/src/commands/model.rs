@@ -92,7 +92,24 @@ fn show(args: ModelShowArgs) -> anyhow::Result<()> {
     writeln!(out, "{} ({origin})", args.model)?;
     writeln!(out, "image tower: {}, {} px", tower(&cfg), cfg.vision_cfg.image_size)?;
     let t = &cfg.text_cfg;
-    writeln!(
+    if let Some(name) = &t.hf_model_name {
+        let arch = oxclip_trainer::model::hf_text::check(t)?;
+        writeln!(
+            out,
+            "text tower:  {name} (Hugging Face {}): {} layers, width {}, {} heads, vocabulary {}, {} tokens, \
+             padding id {}, {}, {} projection",
+            arch.model_type(),
+            arch.layers(),
+            arch.width(),
+            arch.heads(),
+            arch.vocab_size(),
+            t.context_length,
+            arch.pad_token_id(),
+            t.hf_pooler_type,
+            t.hf_proj_type
+        )?;
+    } else {
+        writeln!(
         out,
         "text tower:  {} layers, width {}, {} heads, {} tokens, vocabulary {}, {} attention, pooled at {}",
         t.layers,
@@ -103,6 +120,7 @@ fn show(args: ModelShowArgs) -> anyhow::Result<()> {
         if t.no_causal_mask { "bidirectional" } else { "causal" },
         serde_json::to_value(t.pool_type)?.as_str().unwrap_or("?")
     )?;
+    }
     writeln!(out, "embedding:   {}", cfg.embed_dim)?;
     // Parameters per top-level module: the towers and the loss's scalars (buffers, such as
     // BatchNorm's statistics, are in the tensor count but not the parameter count).

@@ -232,7 +232,7 @@ impl RunConfig {
     /// Every check of the sections, alone and together: `train` and `oxclip config show` call
     /// it through [`load`], and [`crate::train::fit`] again before it starts.
     pub fn validate(&self) -> Result<(), TrainError> {
-        self.model.validate()?;
+        crate::model::validate(&self.model)?;
         self.train.validate()?;
         let (rate, key) = self.train.patch_dropout(&self.model);
         train::check_patch_dropout(key, rate, &self.model)?;

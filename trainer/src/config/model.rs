@@ -73,8 +73,7 @@ pub(super) fn resolve_named(reference: &str) -> Result<Named, ConfigError> {
     let named = |model, origin| Named { model, origin, directory: None };
     if let Some(config) = zoo::builtin(reference) {
         let source = PathBuf::from(format!("<built-in model {reference}>"));
-        config
-            .validate()
+        crate::model::validate(&config)
             .map_err(|e| ConfigError::Invalid { path: source, message: e.to_string() })?;
         return Ok(named(config, Origin::BuiltIn));
     }
@@ -132,8 +131,7 @@ pub fn model_from_file(path: &Path) -> Result<ModelConfig, ConfigError> {
         }
         _ => deserialize_text(&text, path)?,
     };
-    config
-        .validate()
+    crate::model::validate(&config)
         .map_err(|e| ConfigError::Invalid { path: path.into(), message: e.to_string() })?;
     Ok(config)
 }

@@ -202,6 +202,11 @@ pub struct TrainConfig {
     pub lock_text: bool,
     #[serde(default)]
     pub lock_text_unlocked_layers: usize,
+    /// With `lock_text` on a Hugging Face text tower: its frozen layers' LayerNorms freeze
+    /// too (open_clip's `--lock-text-freeze-layer-norm`); otherwise they go on training, as
+    /// under open_clip's default. open_clip's own text transformer freezes them either way.
+    #[serde(default)]
+    pub lock_text_freeze_layer_norm: bool,
     /// Patch dropout for this run, over the model's `vision_cfg.patch_dropout` (open_clip's
     /// `--force-patch-dropout`): the fraction of patch tokens each image drops in training, in
     /// [0, 1); 0 turns it off, e.g. for a final unmasked phase resumed from a run that

@@ -67,6 +67,13 @@ pub fn export_into(
                 .into(),
         ));
     }
+    if let (Format::HuggingFace, Some(name)) = (format, &cfg.text_cfg.hf_model_name) {
+        return Err(TrainError::ModelConfig(format!(
+            "the Hugging Face text tower ({name}) has no place in transformers' CLIPModel or SiglipModel, \
+             whose text models are CLIP's and SigLIP's own; export with --format open_clip, which open_clip \
+             loads with its HFTextEncoder"
+        )));
+    }
     let siglip = is_siglip_form(cfg);
     if let (Format::HuggingFace, VisionTowerKind::Timm(name), false) =
         (format, cfg.vision_cfg.tower(), siglip)

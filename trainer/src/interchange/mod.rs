@@ -11,6 +11,8 @@
 //!   archives), read without running anything of them;
 //! - `hf_clip.rs`, `hf_siglip.rs`: Hugging Face `CLIPModel` and `SiglipModel` tensor names
 //!   <-> open_clip's, both ways;
+//! - `hf_text.rs`: a Hugging Face text model's own weights (`XLMRobertaModel`, ...) into a
+//!   model's Hugging Face text tower (`hf_model_pretrained`);
 //! - `hugging_face.rs`: a Hugging Face directory's `config.json` and
 //!   `preprocessor_config.json` <-> the model config and image preprocessing, both ways;
 //! - `open_clip.rs`: open_clip's hub layout, `open_clip_config.json`, both ways;
@@ -35,6 +37,7 @@
 pub mod export;
 pub mod hf_clip;
 pub mod hf_siglip;
+pub mod hf_text;
 pub mod hugging_face;
 mod json;
 pub mod open_clip;

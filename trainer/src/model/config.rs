@@ -342,6 +342,8 @@ pub enum Activation {
     GeluTanh,
     /// `x * sigmoid(1.702 x)`, OpenAI CLIP's approximation.
     QuickGelu,
+    /// `max(x, 0)` (Hugging Face text towers whose `hidden_act` is `relu`).
+    Relu,
 }
 
 impl Activation {
@@ -412,6 +414,11 @@ impl TextConfig {
         Activation::of(quick_gelu, &self.act_kwargs, "text_cfg")
     }
 
+    /// A Hugging Face text tower (`hf_model_name`) instead of open_clip's `TextTransformer`.
+    pub fn is_hf(&self) -> bool {
+        self.hf_model_name.is_some()
+    }
+
     pub fn norm_eps(&self) -> f64 {
         self.norm_kwargs.as_ref().map_or(1e-5, |n| n.eps)
     }
@@ -425,7 +432,8 @@ impl TextConfig {
 impl ModelConfig {
     /// Parameter-name prefix of the text tower: `text.` under `custom_text`, else the root.
     pub fn text_prefix(&self) -> &'static str {
-        if self.custom_text {
+        // open_clip builds every Hugging Face text tower as a CustomTextCLIP.
+        if self.custom_text || self.text_cfg.is_hf() {
             "text."
         } else {
             ""
@@ -588,9 +596,6 @@ impl ModelConfig {
         }
         if t.embed_cls {
             set.push("text_cfg.embed_cls (CoCa)");
-        }
-        if t.hf_model_name.is_some() {
-            set.push("text_cfg.hf_model_name (Hugging Face text towers)");
         }
         if t.tokenizer_mode.as_deref().is_some_and(|m| !m.is_empty()) {
             set.push("text_cfg.tokenizer_mode");

@@ -9,7 +9,13 @@
 //! - a timm trunk, as open_clip's `TimmModel.lock`: timm's groups (for a ViT: the stem, each
 //!   block but the last, {last block, norm}, then {attn_pool, fc_norm, the trunk's own
 //!   classifier} where there are any; `timm_vit::lock_groups`); `visual.head` is never
-//!   frozen, and `unlocked: 0` freezes the whole trunk, its classifier included.
+//!   frozen, and `unlocked: 0` freezes the whole trunk, its classifier included;
+//! - a Hugging Face text tower, as open_clip's `HFTextEncoder.lock`: {embeddings}, then each
+//!   layer (`hf_text::HfTextArch::lock_groups`); `text.proj` and the encoder's pooler are
+//!   never frozen except that `unlocked: 0` freezes the whole encoder, pooler included. Its
+//!   `LayerNorm`s freeze only under `freeze_layer_norm` (open_clip's
+//!   `--lock-text-freeze-layer-norm`); open_clip's own text transformer has no such switch
+//!   and freezes them with the rest.
 //!
 //! Frozen parameters get `requires_grad = false`, so backward skips them and the optimizer
 //! never sees them (no state, no weight decay).
@@ -80,11 +86,26 @@ fn in_group(name: &str, group: &[String]) -> bool {
     })
 }
 
-/// Freezes `tower` except its last `unlocked` groups (0: all of it). Returns the number of
-/// parameters (tensors) frozen.
+/// Freezes `tower` except its last `unlocked` groups (0: all of it), LayerNorms included.
+/// Returns the number of parameters (tensors) frozen.
 pub fn lock(vs: &nn::VarStore, cfg: &ModelConfig, tower: Tower, unlocked: usize) -> Result<usize> {
+    lock_with(vs, cfg, tower, unlocked, true)
+}
+
+/// [`lock`], where `freeze_layer_norm: false` leaves a Hugging Face text tower's `LayerNorm`s
+/// training (open_clip's `lock_text_freeze_layer_norm`; the default of its training script).
+pub fn lock_with(
+    vs: &nn::VarStore,
+    cfg: &ModelConfig,
+    tower: Tower,
+    unlocked: usize,
+    freeze_layer_norm: bool,
+) -> Result<usize> {
     if let (Tower::Image, VisionTowerKind::ResNet(_)) = (tower, cfg.vision_cfg.tower()) {
         return lock_resnet(vs, unlocked);
+    }
+    if tower == Tower::Text && cfg.text_cfg.is_hf() {
+        return lock_hf_text(vs, cfg, unlocked, freeze_layer_norm);
     }
     let groups = groups(cfg, tower);
     let keep = &groups[groups.len().saturating_sub(unlocked)..];
@@ -92,6 +113,35 @@ pub fn lock(vs: &nn::VarStore, cfg: &ModelConfig, tower: Tower, unlocked: usize)
     for (name, var) in vs.variables() {
         let member = groups.iter().any(|g| in_group(&name, g));
         if member && !keep.iter().any(|g| in_group(&name, g)) {
+            let _ = var.set_requires_grad(false);
+            frozen += 1;
+        }
+    }
+    Ok(frozen)
+}
+
+/// open_clip's `HFTextEncoder.lock`: `unlocked: 0` freezes the whole encoder, else the
+/// groups before the last `unlocked`; a parameter under a module named `LayerNorm` only
+/// with `freeze_layer_norm`.
+fn lock_hf_text(
+    vs: &nn::VarStore,
+    cfg: &ModelConfig,
+    unlocked: usize,
+    freeze_layer_norm: bool,
+) -> Result<usize> {
+    let arch = super::hf_text::check(&cfg.text_cfg)?;
+    let root = format!("{}transformer", cfg.text_prefix());
+    let frozen_groups: Vec<String> = if unlocked == 0 {
+        vec![root]
+    } else {
+        let groups = arch.lock_groups();
+        let end = groups.len().saturating_sub(unlocked);
+        groups[..end].iter().map(|g| format!("{root}.{g}")).collect()
+    };
+    let mut frozen = 0;
+    for (name, var) in vs.variables() {
+        let layer_norm = name.split('.').any(|part| part == "LayerNorm");
+        if in_group(&name, &frozen_groups) && (freeze_layer_norm || !layer_norm) {
             let _ = var.set_requires_grad(false);
             frozen += 1;
         }

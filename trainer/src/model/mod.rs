@@ -9,7 +9,8 @@
 //! stem), `timm_eva.rs` (timm's EVA and PE trunks), `timm_convnext.rs` (timm's ConvNeXt),
 //! `timm_swin.rs` (timm's Swin Transformer), `timm_fastvit.rs` (timm's FastViT, MobileCLIP-S),
 //! `timm_head.rs` (open_clip's head after a timm
-//! trunk), `text.rs`, and `transformer.rs` (the block the ViT and text towers share);
+//! trunk), `text.rs`, `hf_text.rs` (Hugging Face text towers, over `hf_bert.rs`, `hf_t5.rs`
+//! and `hf_m2m100.rs`, which read `hf_config.rs`), and `transformer.rs` (the block the ViT and text towers share);
 //! `batch_norm.rs`, `conv.rs` and `drop_path.rs` hold what several towers use. `config.rs` is open_clip's
 //! JSON schema, `zoo.rs` its built-in configs, `params.rs` how every parameter is made,
 //! `lock.rs` what fine-tuning freezes, `staged.rs` each tower's forward as stages and
@@ -23,6 +24,11 @@ pub mod batch_norm;
 pub mod config;
 pub mod conv;
 pub mod drop_path;
+pub mod hf_bert;
+pub mod hf_config;
+pub mod hf_m2m100;
+pub mod hf_t5;
+pub mod hf_text;
 pub mod lock;
 pub mod params;
 pub mod patch_dropout;
@@ -66,13 +72,74 @@ pub const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092; // ln(100)
 pub struct Clip {
     pub config: ModelConfig,
     pub visual: VisionTower,
-    pub text: TextTransformer,
+    pub text: TextTower,
     /// The log of the temperature's inverse; a 0-dim tensor.
     pub logit_scale: Tensor,
     /// The sigmoid loss's learnable bias (0-dim), when the config asks for one.
     pub logit_bias: Option<Tensor>,
     /// PyTorch's `model.train()` / `model.eval()`: what BatchNorm and patch dropout follow.
     training: AtomicBool,
+}
+
+/// [`ModelConfig::validate`], and what the towers know beyond the config: a Hugging Face
+/// text tower's encoder (its `config.json`) and its options.
+pub fn validate(config: &ModelConfig) -> Result<()> {
+    config.validate()?;
+    if config.text_cfg.is_hf() {
+        hf_text::check(&config.text_cfg)?;
+    }
+    Ok(())
+}
+
+/// The text tower the config names.
+#[derive(Debug)]
+pub enum TextTower {
+    /// open_clip's own `TextTransformer`.
+    Clip(TextTransformer),
+    /// A Hugging Face encoder (`text_cfg.hf_model_name`), open_clip's `HFTextEncoder`.
+    Hf(Box<hf_text::HfText>),
+}
+
+impl TextTower {
+    fn new(p: nn::Path, config: &ModelConfig) -> Result<Self> {
+        let cfg = &config.text_cfg;
+        if cfg.is_hf() {
+            return Ok(TextTower::Hf(Box::new(hf_text::HfText::new(p, cfg, config.embed_dim)?)));
+        }
+        let act = cfg.activation(config.quick_gelu)?;
+        Ok(TextTower::Clip(TextTransformer::new(p, cfg, config.embed_dim, act)))
+    }
+
+    /// tokens: (B, L) int64 -> (B, embed_dim), not L2-normalised; `train` turns on the
+    /// dropout of Hugging Face towers.
+    pub fn forward(&self, tokens: &Tensor, train: bool) -> Tensor {
+        match self {
+            TextTower::Clip(t) => t.forward(tokens),
+            TextTower::Hf(t) => t.forward(tokens, train),
+        }
+    }
+
+    pub fn stage_count(&self) -> usize {
+        match self {
+            TextTower::Clip(t) => t.stage_count(),
+            TextTower::Hf(t) => t.stage_count(),
+        }
+    }
+
+    pub fn stage(&self, i: usize, x: &Tensor, tokens: &Tensor, train: bool) -> Tensor {
+        match self {
+            TextTower::Clip(t) => t.stage(i, x, tokens),
+            TextTower::Hf(t) => t.stage(i, x, tokens, train),
+        }
+    }
+
+    /// Whether a training forward draws random numbers (a Hugging Face encoder's dropouts).
+    pub fn draws(&self) -> bool {
+        match self {
+            TextTower::Clip(_) => false,
+            TextTower::Hf(t) => t.draws(),
+        }
+    }
 }
 
 /// The image tower the config names.
@@ -279,8 +346,12 @@ impl Stages for TextStages<'_> {
         self.model.text.stage_count()
     }
 
+    fn draws(&self) -> bool {
+        self.model.is_training() && self.model.text.draws()
+    }
+
     fn run(&self, i: usize, x: &Tensor) -> Tensor {
-        let out = self.model.text.stage(i, x, self.tokens);
+        let out = self.model.text.stage(i, x, self.tokens, self.model.is_training());
         if i + 1 == self.count() {
             normalize(&out)
         } else {
@@ -292,16 +363,15 @@ impl Stages for TextStages<'_> {
 impl Clip {
     /// Builds the model's variables under `root` with open_clip's initialisation, in eval mode.
     pub fn new(root: &nn::Path, config: &ModelConfig) -> Result<Self> {
-        config.validate()?;
+        validate(config)?;
         let text_root = match config.text_prefix() {
             "" => root.clone(),
             _ => root / "text",
         };
-        let text_act = config.text_cfg.activation(config.quick_gelu)?;
         Ok(Clip {
             config: config.clone(),
             visual: VisionTower::new(root / "visual", config)?,
-            text: TextTransformer::new(text_root, &config.text_cfg, config.embed_dim, text_act),
+            text: TextTower::new(text_root, config)?,
             logit_scale: param(
                 root,
                 "logit_scale",
@@ -318,7 +388,7 @@ impl Clip {
     /// Every state_dict entry of `config`'s model, name and shape, sorted by name, without
     /// allocating the weights.
     pub fn shapes(config: &ModelConfig) -> Result<Vec<(String, Vec<i64>)>> {
-        config.validate()?;
+        validate(config)?;
         let mut built = Ok(());
         let shapes = params::shapes_of(|root| {
             if let Err(e) = Clip::new(root, config) {
@@ -331,7 +401,7 @@ impl Clip {
     /// [`Clip::shapes`] for the trainable parameters alone (no BatchNorm statistics): what
     /// open_clip's `model.parameters()` holds.
     pub fn parameter_shapes(config: &ModelConfig) -> Result<Vec<(String, Vec<i64>)>> {
-        config.validate()?;
+        validate(config)?;
         let mut built = Ok(());
         let shapes = params::parameter_shapes_of(|root| {
             if let Err(e) = Clip::new(root, config) {
@@ -408,7 +478,7 @@ impl Clip {
 
     /// tokens: (B, context_length) -> (B, embed_dim), not normalised.
     pub fn encode_text(&self, tokens: &Tensor) -> Tensor {
-        self.text.forward(tokens)
+        self.text.forward(tokens, self.is_training())
     }
 
     /// L2-normalised image and text features, the inputs of every contrastive loss.
@@ -474,6 +544,17 @@ pub fn load_state_dict(
         tracing::info!("{} has no logit_bias; it starts at its initial value", path.display());
         vars.remove("logit_bias");
     }
+    load_variables(&vars, &loaded, path)
+}
+
+/// [`load_state_dict`] for the variables `vars` (a part of a model, e.g. one tower): each
+/// takes the tensor of its name in `loaded`; any missing, unexpected or mis-shaped tensor is
+/// refused, all of them named.
+pub fn load_variables(
+    vars: &std::collections::HashMap<String, Tensor>,
+    loaded: &BTreeMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
     let mut problems = Vec::new();
     let mut missing: Vec<&String> = vars.keys().filter(|k| !loaded.contains_key(*k)).collect();
     missing.sort();
@@ -516,7 +597,7 @@ pub fn load_state_dict(
         });
     }
     tch::no_grad(|| -> Result<()> {
-        for (name, var) in &vars {
+        for (name, var) in vars {
             let src = &loaded[name];
             var.shallow_clone().f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
         }

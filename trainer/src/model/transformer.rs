@@ -164,6 +164,7 @@ impl Activation {
             Activation::Gelu => x.gelu("none"),
             Activation::GeluTanh => x.gelu("tanh"),
             Activation::QuickGelu => x * (x * 1.702).sigmoid(),
+            Activation::Relu => x.relu(),
         }
     }
 }

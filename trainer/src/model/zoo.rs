@@ -156,9 +156,18 @@ open_clip_configs!(
     "convnext_xlarge",
     "convnext_xxlarge",
     "convnext_xxlarge_320",
+    "mt5-base-ViT-B-32",
+    "mt5-xl-ViT-H-14",
+    "nllb-clip-base",
+    "nllb-clip-base-siglip",
+    "nllb-clip-large",
+    "nllb-clip-large-siglip",
+    "roberta-ViT-B-32",
     "swin_base_patch4_window7_224",
     "vit_medium_patch16_gap_256",
     "vit_relpos_medium_patch16_cls_224",
+    "xlm-roberta-base-ViT-B-32",
+    "xlm-roberta-large-ViT-H-14",
 );
 
 /// oxclip's own models, YAML.
@@ -237,7 +246,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// Trainable parameters of `config`'s model (buffers excluded, as open_clip counts them),
 /// from the shapes alone: nothing is allocated.
 pub fn parameter_count(config: &ModelConfig) -> Result<i64> {
-    config.validate()?;
+    super::validate(config)?;
     let mut built = Ok(());
     let count = params::trainable_numel_of(|root| {
         if let Err(e) = Clip::new(root, config) {
@@ -268,14 +277,14 @@ mod tests {
         files.sort();
         let listed: Vec<&str> = open_clip_names().collect();
         assert_eq!(files, listed);
-        assert_eq!(listed.len(), 131);
+        assert_eq!(listed.len(), 140);
     }
 
     #[test]
     fn every_builtin_parses_and_validates() {
         for name in names() {
             let cfg = builtin(name).unwrap_or_else(|| panic!("{name} does not parse"));
-            cfg.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            super::super::validate(&cfg).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         assert!(builtin("ViT-Z-99").is_none());
         assert_eq!(source("RN50"), Some(Source::OpenClip));

@@ -196,11 +196,22 @@ pub fn check_open_clip_step_floored(
     name: &str,
     floor: &GradientFloor,
 ) -> (nn::VarStore, BTreeMap<String, Tensor>) {
-    use oxclip_trainer::config::LossKind;
     let cfg: ModelConfig = serde_json::from_value(json(&dir.join(format!("step_{name}.json"))))
         .expect("open_clip's JSON");
+    check_step(&cfg, dir, name, floor)
+}
+
+/// [`check_open_clip_step_floored`] for the model `cfg` (the fixture's config, as the caller
+/// has adapted it).
+pub fn check_step(
+    cfg: &ModelConfig,
+    dir: &Path,
+    name: &str,
+    floor: &GradientFloor,
+) -> (nn::VarStore, BTreeMap<String, Tensor>) {
+    use oxclip_trainer::config::LossKind;
     let rows = recipe(&dir.join(format!("step_{name}_recipe.json")));
-    let (vs, clip) = build(&cfg, &rows);
+    let (vs, clip) = build(cfg, &rows);
     clip.set_training(true);
     let io = read(&dir.join(format!("step_{name}_io.safetensors")));
     let size = cfg.vision_cfg.image_size;
