@@ -74,6 +74,7 @@ pub fn text_tokenizer(path: Option<&Path>, model: &ModelConfig) -> Result<Tokeni
             HfOptions {
                 clean: Some(clean),
                 strip_sep_token: kwargs.strip_sep_token.unwrap_or(false),
+                language: kwargs.language.clone(),
             },
         )?
     } else if !path.is_dir() && has_no_post_processor(&file)? {

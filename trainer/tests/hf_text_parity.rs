@@ -219,3 +219,31 @@ fn mt5_and_nllb_towers_match_open_clip() {
         check_step(&step_cfg, &fixture(""), name, &key_bias_floor);
     }
 }
+
+/// `tokenizer_kwargs.language` (open_clip's `HFTokenizer(language=...)`): NLLB's captions
+/// start with that language's code, as transformers' `src_lang` marks them. (open_clip 3.3's
+/// own has no effect under transformers 4.57; the fixture script checks that.) A code the
+/// tokenizer lacks, or a tokenizer without a source language, is refused.
+#[test]
+fn nllb_marks_captions_with_the_source_language_asked_for() {
+    use oxclip_trainer::model::config::TokenizerKwargs;
+    let language = |cfg: &mut ModelConfig, code: &str| {
+        cfg.text_cfg.tokenizer_kwargs =
+            Some(TokenizerKwargs { language: Some(code.into()), ..Default::default() });
+    };
+    let mut cfg = config("nllb");
+    language(&mut cfg, "deu_Latn");
+    check_tokens("tokens_nllb_deu.json", "tiny_nllb", &cfg);
+
+    language(&mut cfg, "klingon");
+    let err = oxclip_trainer::prepare::text_tokenizer(Some(&fixture("tiny_nllb")), &cfg)
+        .expect_err("no such code")
+        .to_string();
+    assert!(err.contains("\"klingon\" is not a token"), "{err}");
+    let mut xlmr = config("mean_mlp");
+    language(&mut xlmr, "deu_Latn");
+    let err = oxclip_trainer::prepare::text_tokenizer(Some(&fixture("tiny_xlmr")), &xlmr)
+        .expect_err("no source language")
+        .to_string();
+    assert!(err.contains("no source language"), "{err}");
+}

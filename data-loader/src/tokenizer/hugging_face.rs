@@ -11,13 +11,17 @@ use super::{Clean, Tokenizer};
 use crate::error::DataError;
 
 /// How a Hugging Face tokenizer's rows are prepared.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HfOptions {
     /// open_clip's `clean` before tokenizing; `None` for transformers' `AutoTokenizer`, which
     /// takes the text as given.
     pub clean: Option<Clean>,
     /// open_clip's `strip_sep_token` (CLIPA's BERT tokenizer): the `[SEP]` id becomes 0.
     pub strip_sep_token: bool,
+    /// open_clip's `language` (`HFTokenizer.set_language`): the source-language code a
+    /// tokenizer with one (NLLB's `eng_Latn`, `deu_Latn`, ...) marks every text with, as
+    /// transformers' `set_src_lang_special_tokens`.
+    pub language: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +45,47 @@ pub(super) struct HfPrep {
 fn parse_tokenizer_json(bytes: &[u8]) -> Result<tokenizers::Tokenizer, String> {
     serde_json::from_slice::<Value>(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
     tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| e.to_string())
+}
+
+/// transformers' `set_src_lang_special_tokens` (NLLB, M2M-100, mBART): the post-processor
+/// becomes `language $A </s>` (`$A </s> language` under the config's `legacy_behaviour`).
+/// Only a tokenizer whose config names its source language (`src_lang`) has one to set.
+fn set_source_language(
+    inner: &mut tokenizers::Tokenizer,
+    config: &Value,
+    token: &dyn Fn(&str) -> Option<String>,
+    language: &str,
+) -> Result<(), String> {
+    if config.get("src_lang").and_then(Value::as_str).is_none() {
+        return Err(format!(
+            "text_cfg.tokenizer_kwargs.language is {language:?}, but this tokenizer has no source language \
+             to set (no src_lang in its tokenizer_config.json; NLLB's has one)"
+        ));
+    }
+    let code = inner.token_to_id(language).ok_or_else(|| {
+        format!(
+            "text_cfg.tokenizer_kwargs.language {language:?} is not a token of this tokenizer \
+             (NLLB's language codes look like eng_Latn, deu_Latn, zho_Hans)"
+        )
+    })?;
+    let eos = token("eos_token").ok_or("it has no eos_token to end each text with")?;
+    let eos_id =
+        inner.token_to_id(&eos).ok_or(format!("its eos_token {eos:?} is not in the vocabulary"))?;
+    let legacy = config.get("legacy_behaviour").and_then(Value::as_bool).unwrap_or(false);
+    let (single, pair) = if legacy {
+        (format!("$A {eos} {language}"), format!("$A $B {eos} {language}"))
+    } else {
+        (format!("{language} $A {eos}"), format!("{language} $A $B {eos}"))
+    };
+    let template = tokenizers::processors::template::TemplateProcessing::builder()
+        .try_single(single.as_str())
+        .and_then(|b| b.try_pair(pair.as_str()))
+        .map_err(|e| format!("cannot set the source language: {e}"))?
+        .special_tokens(vec![(language.to_owned(), code), (eos, eos_id)])
+        .build()
+        .map_err(|e| format!("cannot set the source language: {e}"))?;
+    inner.with_post_processor(Some(template));
+    Ok(())
 }
 
 impl Tokenizer {
@@ -136,6 +181,9 @@ impl Tokenizer {
                 _ => None,
             })
         };
+        if let Some(language) = &options.language {
+            set_source_language(&mut inner, &config, &token, language).map_err(err)?;
+        }
         let id_of = |name: &str| -> Result<i64, DataError> {
             inner
                 .token_to_id(name)
@@ -321,26 +369,26 @@ mod hf_tests {
     #[test]
     fn sentencepiece_unigram_matches_transformers_and_open_clip() {
         for (key, clean) in ALL {
-            check("siglip_sp", key, HfOptions { clean, strip_sep_token: false });
+            check("siglip_sp", key, HfOptions { clean, strip_sep_token: false, language: None });
         }
     }
 
     #[test]
     fn gemma_bpe_matches_transformers_and_open_clip() {
         for (key, clean) in ALL {
-            check("gemma_sp", key, HfOptions { clean, strip_sep_token: false });
+            check("gemma_sp", key, HfOptions { clean, strip_sep_token: false, language: None });
         }
     }
 
     #[test]
     fn bert_wordpiece_matches_transformers_and_open_clip() {
         for (key, clean) in ALL {
-            check("bert_wp", key, HfOptions { clean, strip_sep_token: false });
+            check("bert_wp", key, HfOptions { clean, strip_sep_token: false, language: None });
         }
         check(
             "bert_wp",
             "whitespace_strip_sep",
-            HfOptions { clean: Some(Clean::Whitespace), strip_sep_token: true },
+            HfOptions { clean: Some(Clean::Whitespace), strip_sep_token: true, language: None },
         );
     }
 

@@ -318,6 +318,8 @@ pub struct TokenizerKwargs {
     /// Drop the `[SEP]` token (BERT tokenizers, CLIPA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strip_sep_token: Option<bool>,
+    /// The source-language code every text is marked with (`HFTokenizer.set_language`):
+    /// NLLB's `eng_Latn`, `deu_Latn`, ...; refused for a tokenizer without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
 }
