@@ -247,3 +247,16 @@ fn nllb_marks_captions_with_the_source_language_asked_for() {
         .to_string();
     assert!(err.contains("no source language"), "{err}");
 }
+
+/// mt5-base-ViT-B-32 and nllb-clip-base as the zoo has them: their text towers from the
+/// built-in copies of google/mt5-base's and facebook/nllb-200-distilled-600M's config.json
+/// (T5's 32 buckets to 128 on 16-token captions, NLLB's sinusoids at width 1024), features
+/// within 1e-5 of open_clip's.
+#[test]
+fn mt5_base_and_nllb_clip_base_at_full_size_match_open_clip() {
+    for name in ["mt5-base-ViT-B-32", "nllb-clip-base"] {
+        let cfg = zoo::builtin(name).expect("built in");
+        let (_vs, clip) = build(&cfg, &recipe(&fixture(&format!("{name}_recipe.json"))));
+        check_features(name, &clip, 224, &read(&fixture(&format!("{name}_io.safetensors"))));
+    }
+}
