@@ -178,3 +178,45 @@ fn a_run_that_fails_to_start_leaves_no_run_dir() {
     );
     assert!(!dir.path().join("run").exists(), "a failed start left run/ behind");
 }
+
+/// A Hugging Face text tower that oxclip would have to download for (its tokenizer, its
+/// pretrained text weights, the sizes of an unknown text model) is refused with what to do
+/// instead, and leaves no run directory behind.
+#[test]
+fn hugging_face_text_towers_say_what_to_give_instead_of_a_download() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tiny_xlmr = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/hf_text/tiny_xlmr")
+        .display()
+        .to_string();
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.path().join(name), text).expect("write");
+    };
+    let xlmr = GOOD.replace("model: tiny", "model: xlm-roberta-base-ViT-B-32");
+    write("notok.yaml", &xlmr);
+    fails_with(
+        &["train", "--config", "notok.yaml"],
+        dir.path(),
+        &["xlm-roberta-base", "never downloads", "data.tokenizer"],
+    );
+    write(
+        "noweights.yaml",
+        &xlmr.replace("data:\n", &format!("data:\n  tokenizer: {tiny_xlmr}\n")),
+    );
+    fails_with(
+        &["train", "--config", "noweights.yaml"],
+        dir.path(),
+        &["hf_model_pretrained", "never downloads", "hf_model_pretrained: false"],
+    );
+    assert!(!dir.path().join("run").exists(), "a failed start left run/ behind");
+    write(
+        "unknown.json",
+        r#"{"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+            "text_cfg": {"hf_model_name": "someone/some-bert"}}"#,
+    );
+    fails_with(
+        &["model", "show", "unknown.json"],
+        dir.path(),
+        &["someone/some-bert", "xlm-roberta-base", "never downloads"],
+    );
+}
