@@ -136,6 +136,14 @@ fn vit_b_16_siglip_embeds_as_open_clip_with_a_sentencepiece_tokenizer() {
     check("ViT-B-16-SigLIP", &["--tokenizer", tokenizer.to_str().expect("utf-8 path")]);
 }
 
+/// A Hugging Face XLM-R text tower (xlm-roberta-base's config.json built in), its captions
+/// through an XLM-R SentencePiece tokenizer.json, against open_clip's HFTextEncoder.
+#[test]
+fn xlm_roberta_base_vit_b_32_embeds_as_open_clip_with_its_tokenizer() {
+    let tokenizer = fixtures().join("hf_text/tiny_xlmr");
+    check("xlm-roberta-base-ViT-B-32", &["--tokenizer", tokenizer.to_str().expect("utf-8 path")]);
+}
+
 /// A transformers model directory, no `--model`: architecture and image preparation come from
 /// its `config.json` and `preprocessor_config.json`; the images go through transformers'
 /// image processor on the Python side. These tiny directories have no tokenizer that fits
