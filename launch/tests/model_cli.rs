@@ -127,6 +127,8 @@ fn unknown_names_and_fields_are_clear_errors() {
         &["model", "show", "no-such-model", "--json"],
         &["no-such-model", "oxclip model list"],
     );
+    // open_clip's CoCa models, by name or as their config: refused as CoCa, not as unknown.
+    fails_with(&["model", "show", "coca_ViT-L-14"], &["coca_ViT-L-14", "CoCa", "does not build"]);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let b32 = std::fs::read_to_string(repo().join("configs/models/open_clip/ViT-B-32.json"))
@@ -146,6 +148,16 @@ fn unknown_names_and_fields_are_clear_errors() {
     fails_with(
         &["model", "show", hub.to_str().expect("utf-8"), "--json"],
         &["model_cfg.vision_cfg", "unknown field `patch`"],
+    );
+    let coca = dir.path().join("coca.json");
+    std::fs::write(
+        &coca,
+        b32.replacen("{", r#"{"multimodal_cfg": {"width": 512, "heads": 8, "layers": 12},"#, 1),
+    )
+    .expect("write");
+    fails_with(
+        &["model", "show", coca.to_str().expect("utf-8")],
+        &["coca.json", "multimodal_cfg", "CoCa"],
     );
     let yaml = dir.path().join("bad.yaml");
     std::fs::write(&yaml, "embed_dim: 8\nvision_cfg: {image_size: 32, layers: 1, width: 32, patch_size: 8}\ntext_cfg: {heads: 2, widht: 4}\n")

@@ -55,7 +55,7 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
     #[error("override {key}: {message}")]
     Override { key: String, message: String },
-    #[error("model `{0}` is neither a built-in model nor an existing file{hint} (`oxclip model list` prints the built-in names)", hint = model::suggestion(.0))]
+    #[error("{}", model::unknown_model(.0))]
     UnknownModel(String),
 }
 

@@ -133,6 +133,7 @@ fn clip_from_hf_config(json: &Value) -> Msg<ModelConfig> {
         custom_text: false,
         vision_cfg,
         text_cfg,
+        multimodal_cfg: None,
     })
 }
 
@@ -228,6 +229,7 @@ fn siglip_from_hf_config(json: &Value) -> Msg<ModelConfig> {
         custom_text: true,
         vision_cfg,
         text_cfg,
+        multimodal_cfg: None,
     })
 }
 

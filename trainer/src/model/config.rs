@@ -30,6 +30,10 @@ pub struct ModelConfig {
     pub custom_text: bool,
     pub vision_cfg: VisionConfig,
     pub text_cfg: TextConfig,
+    /// CoCa's captioning decoder (open_clip's `MultimodalCfg`): parsed so that a CoCa config
+    /// is refused by name (`validate`), not built yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multimodal_cfg: Option<serde_json::Value>,
 }
 
 /// The image tower: a ViT (`layers` a number), OpenAI's ModifiedResNet (`layers` a list of
@@ -587,6 +591,9 @@ impl ModelConfig {
     fn refuse_unbuilt(&self) -> Result<()> {
         let (v, t) = (&self.vision_cfg, &self.text_cfg);
         let mut set: Vec<&str> = Vec::new();
+        if self.multimodal_cfg.is_some() {
+            set.push("multimodal_cfg (CoCa's captioning decoder)");
+        }
         if v.attentional_pool {
             set.push("vision_cfg.attentional_pool (CoCa)");
         }
@@ -822,10 +829,13 @@ mod tests {
         );
         assert!(unknown.unwrap_err().to_string().contains("widht"));
         let coca: ModelConfig =
-            serde_json::from_str(r#"{"embed_dim": 512, "vision_cfg": {"attentional_pool": true}, "text_cfg": {"embed_cls": true}}"#).unwrap();
+            serde_json::from_str(r#"{"embed_dim": 512, "vision_cfg": {"attentional_pool": true}, "text_cfg": {"embed_cls": true},
+                "multimodal_cfg": {"width": 512, "heads": 8, "layers": 12}}"#).unwrap();
         let err = coca.validate().unwrap_err().to_string();
         assert!(
-            err.contains("vision_cfg.attentional_pool") && err.contains("text_cfg.embed_cls"),
+            err.contains("vision_cfg.attentional_pool")
+                && err.contains("text_cfg.embed_cls")
+                && err.contains("multimodal_cfg (CoCa"),
             "{err}"
         );
         let bad = serde_json::from_str::<ModelConfig>(
