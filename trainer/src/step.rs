@@ -959,11 +959,7 @@ mod tests {
             let weights = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
             let size = cfg.vision_cfg.image_size;
             let images = Tensor::randn([n, 3, size, size], (Kind::Float, Device::Cpu));
-            let vocab = match &cfg.text_cfg.hf_model_name {
-                Some(_) => crate::model::hf_text::check(&cfg.text_cfg).unwrap().vocab_size(),
-                None => cfg.text_cfg.vocab_size,
-            };
-            let context = cfg.text_cfg.context_length;
+            let (vocab, context) = (cfg.text_cfg.vocab_size, cfg.text_cfg.context_length);
             let tokens = Tensor::randint_low(1, vocab, [n, context], (Kind::Int64, Device::Cpu));
             Case { cfg, kind, train, weights, images, tokens }
         }
@@ -980,8 +976,6 @@ mod tests {
     /// One step of `case` in one process, its towers frozen by `locks` (tower, groups left
     /// unlocked) first.
     fn step_case(case: &Case, forward: Forward, locks: &[(Tower, usize)]) -> Stepped {
-        // Each step draws its dropout from the same generator state.
-        tch::manual_seed(29);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &case.cfg).unwrap();
         tch::no_grad(|| {
@@ -1015,10 +1009,8 @@ mod tests {
         .unwrap();
         Stepped {
             loss: out.loss,
-            // A layer that layer drop skipped has no gradient, in both runs alike.
             grads: optimizer
                 .variables()
-                .filter(|(_, var)| var.grad().defined())
                 .map(|(name, var)| (name.to_owned(), var.grad().copy()))
                 .collect(),
             after: vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect(),
@@ -1040,10 +1032,8 @@ mod tests {
     /// every parameter accumulates its gradient once per micro-batch as before. So on the CPU
     /// the loss, every gradient and BatchNorm's running statistics after the step are the
     /// same bits as without it (the acceptance bound is 1e-6 relative; nothing here needs
-    /// it): for the ViT, OpenAI's ResNet (BatchNorm in training mode), a timm SigLIP trunk and
-    /// Hugging Face text towers that draw (XLM-R's dropouts; NLLB's, and its layer drop, which
-    /// the recomputation must replay), with and without micro-batches (3 + 3 + 2), and with
-    /// towers locked whole or in part.
+    /// it): for the ViT, OpenAI's ResNet (BatchNorm in training mode) and a timm SigLIP trunk,
+    /// with and without micro-batches (3 + 3 + 2), and with towers locked whole or in part.
     #[test]
     fn checkpointing_leaves_every_gradient_as_it_was() {
         let resnet: ModelConfig =
@@ -1056,38 +1046,11 @@ mod tests {
                          "no_causal_mask": true, "proj_bias": true, "pool_type": "last"}
         }))
         .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let hf = |name: &str, config: serde_json::Value| -> ModelConfig {
-            let text = dir.path().join(name);
-            std::fs::create_dir(&text).unwrap();
-            std::fs::write(text.join("config.json"), config.to_string()).unwrap();
-            serde_json::from_value(serde_json::json!({
-                "embed_dim": 16,
-                "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-                "text_cfg": {"hf_model_name": text, "hf_model_pretrained": false, "context_length": 8}
-            }))
-            .unwrap()
-        };
-        let xlmr = hf(
-            "xlmr",
-            serde_json::json!({"model_type": "xlm-roberta", "vocab_size": 50, "hidden_size": 16,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24,
-                "max_position_embeddings": 12, "type_vocab_size": 1, "layer_norm_eps": 1e-5}),
-        );
-        let nllb = hf(
-            "nllb",
-            serde_json::json!({"model_type": "m2m_100", "vocab_size": 50, "d_model": 16,
-                "encoder_layers": 3, "encoder_attention_heads": 2, "encoder_ffn_dim": 24,
-                "activation_dropout": 0.1, "encoder_layerdrop": 0.5}),
-        );
         let cases = [
             ("ViT", Case::new(tiny(LossKind::Clip), LossKind::Clip, true, 8)),
             ("ResNet", Case::new(resnet, LossKind::Clip, true, 8)),
             ("timm SigLIP", Case::new(siglip, LossKind::Siglip, true, 8)),
-            ("HF XLM-R", Case::new(xlmr, LossKind::Clip, true, 8)),
-            ("HF NLLB", Case::new(nllb, LossKind::Clip, true, 8)),
         ];
-        let mut layers_dropped = 0;
         for (name, case) in &cases {
             let locks: &[&[(Tower, usize)]] = match *name {
                 // The image tower's last block, ln_post and proj train; the text tower not at
@@ -1099,8 +1062,6 @@ mod tests {
                 ],
                 // open_clip locks a ResNet whole; its BatchNorm still follows the batch.
                 "ResNet" => &[&[], &[(Tower::Image, 0)]],
-                // The encoder's last layer and what follows it.
-                "HF XLM-R" | "HF NLLB" => &[&[], &[(Tower::Text, 1)]],
                 // The trunk frozen but its attention pool (and open_clip's head).
                 _ => &[&[], &[(Tower::Image, 1)]],
             };
@@ -1113,11 +1074,6 @@ mod tests {
                     assert_bitwise(&format!("{label}: gradient"), &plain.grads, &ckpt.grads);
                     assert_bitwise(&format!("{label}: after the step"), &plain.after, &ckpt.after);
                     assert!(!ckpt.grads.is_empty(), "{label}");
-                    if *name == "HF NLLB"
-                        && !ckpt.grads.contains_key("text.transformer.layers.0.fc1.weight")
-                    {
-                        layers_dropped += 1;
-                    }
                     if *name == "ResNet" {
                         // Each micro-batch counted once, although checkpointing runs it again.
                         let counted = &ckpt.after["visual.bn1.num_batches_tracked"]
@@ -1128,8 +1084,6 @@ mod tests {
                 }
             }
         }
-        // Layer drop skipped NLLB's first layer in some of the steps: the replay was tested.
-        assert!(layers_dropped > 0, "layer drop never skipped the first layer");
     }
 
     /// The recomputed stages run in the first pass's autocast, and amp's loss scale reaches
