@@ -59,6 +59,67 @@ fn captioned_colour_csv(
     csv
 }
 
+/// A run config on the CPU over a CSV, in what the runs here differ: batches of 32, fp32,
+/// one thread.
+struct Run<'a> {
+    run_dir: &'a Path,
+    model: &'a Path,
+    /// `init.checkpoint`: the weights the run starts from.
+    init: Option<&'a Path>,
+    train: &'a Path,
+    tokenizer: Option<&'a Path>,
+    steps: u32,
+    seed: u32,
+    lr: &'a str,
+    warmup: u32,
+    /// The `loss:` section, empty for the default.
+    loss: &'a str,
+}
+
+const SIGLIP: &str = "loss:\n  kind: siglip\n";
+
+impl<'a> Run<'a> {
+    /// 40 steps from a model directory, which gives the architecture, the weights and the
+    /// tokenizer.
+    fn fine_tune(run_dir: &'a Path, dir: &'a Path, train: &'a Path) -> Self {
+        Run {
+            run_dir,
+            model: dir,
+            init: Some(dir),
+            train,
+            tokenizer: None,
+            steps: 40,
+            seed: 5,
+            lr: "2.0e-3",
+            warmup: 4,
+            loss: "",
+        }
+    }
+
+    /// Writes the config to `path`, which it returns.
+    fn write(&self, path: &Path) -> std::path::PathBuf {
+        let init =
+            self.init.map_or(String::new(), |d| format!("init:\n  checkpoint: {}\n", d.display()));
+        let tokenizer =
+            self.tokenizer.map_or(String::new(), |t| format!("  tokenizer: {}\n", t.display()));
+        let yaml = format!(
+            "run_dir: {}\nmodel: {}\n{init}data:\n  train: {}\n{tokenizer}  workers: 2\n\
+             train:\n  batch_size: 32\n  steps: {}\n  seed: {}\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 1\n\
+             optim:\n  lr: {}\n  warmup_steps: {}\n{}",
+            self.run_dir.display(),
+            self.model.display(),
+            self.train.display(),
+            self.steps,
+            self.seed,
+            self.lr,
+            self.warmup,
+            self.loss,
+        );
+        std::fs::write(path, yaml).expect("run yaml");
+        path.to_owned()
+    }
+}
+
 fn image_to_text_r1(checkpoint: &[&str], data: &Path) -> f64 {
     let out = run_ok(
         oxclip()
@@ -146,20 +207,19 @@ fn a_siglip_model_fine_tunes_from_its_hugging_face_directory() {
     let train_csv = colour_csv(dir.path(), "train", 24, 1);
     let val_csv = colour_csv(dir.path(), "val", 4, 2);
     let start = dir.path().join("start");
-    let config = dir.path().join("run.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "run_dir: {run}\nmodel: {model}\ndata:\n  train: {train}\n  tokenizer: {tokenizer}\n  workers: 2\n\
-             train:\n  batch_size: 32\n  steps: 4\n  seed: 3\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 1\n\
-             optim:\n  lr: 1.0e-3\n  warmup_steps: 2\nloss:\n  kind: siglip\n",
-            run = start.display(),
-            model = model.display(),
-            train = train_csv.display(),
-            tokenizer = tokenizer.display(),
-        ),
-    )
-    .expect("run yaml");
+    let config = Run {
+        run_dir: &start,
+        model: &model,
+        init: None,
+        train: &train_csv,
+        tokenizer: Some(&tokenizer),
+        steps: 4,
+        seed: 3,
+        lr: "1.0e-3",
+        warmup: 2,
+        loss: SIGLIP,
+    }
+    .write(&dir.path().join("run.yaml"));
     run_ok(oxclip().args(["train", "--config"]).arg(&config));
     let hf = dir.path().join("hf");
     run_ok(
@@ -177,19 +237,8 @@ fn a_siglip_model_fine_tunes_from_its_hugging_face_directory() {
 
     // The fine-tune names only the directory: model, tokenizer and preprocessing come from it.
     let finetuned = dir.path().join("finetuned");
-    let run = dir.path().join("finetune.yaml");
-    std::fs::write(
-        &run,
-        format!(
-            "run_dir: {run}\nmodel: {hf}\ninit:\n  checkpoint: {hf}\ndata:\n  train: {train}\n  workers: 2\n\
-             train:\n  batch_size: 32\n  steps: 40\n  seed: 5\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 1\n\
-             optim:\n  lr: 2.0e-3\n  warmup_steps: 4\nloss:\n  kind: siglip\n",
-            run = finetuned.display(),
-            hf = hf.display(),
-            train = train_csv.display(),
-        ),
-    )
-    .expect("fine-tune yaml");
+    let run = Run { loss: SIGLIP, ..Run::fine_tune(&finetuned, &hf, &train_csv) }
+        .write(&dir.path().join("finetune.yaml"));
     run_ok(oxclip().args(["train", "--config"]).arg(&run));
     let resolved = std::fs::read_to_string(finetuned.join("config.yaml")).expect("resolved config");
     assert!(
@@ -293,20 +342,19 @@ fn a_multilingual_model_fine_tunes_from_its_open_clip_hub_directory() {
     // The starting point: a few steps from the text model's own weights, exported as open_clip's
     // hub layout (open_clip_config.json, open_clip_model.safetensors, the tokenizer).
     let start = dir.path().join("start");
-    let config = dir.path().join("run.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "run_dir: {run}\nmodel: {model}\ndata:\n  train: {train}\n  tokenizer: {tokenizer}\n  workers: 2\n\
-             train:\n  batch_size: 32\n  steps: 2\n  seed: 3\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 1\n\
-             optim:\n  lr: 1.0e-4\n  warmup_steps: 1\n",
-            run = start.display(),
-            model = model.display(),
-            train = train_csv.display(),
-            tokenizer = text_model.display(),
-        ),
-    )
-    .expect("run yaml");
+    let config = Run {
+        run_dir: &start,
+        model: &model,
+        init: None,
+        train: &train_csv,
+        tokenizer: Some(&text_model),
+        steps: 2,
+        seed: 3,
+        lr: "1.0e-4",
+        warmup: 1,
+        loss: "",
+    }
+    .write(&dir.path().join("run.yaml"));
     let out = run_ok(oxclip().args(["train", "--config"]).arg(&config));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("text tower's initial weights from"), "{log}");
@@ -333,19 +381,7 @@ fn a_multilingual_model_fine_tunes_from_its_open_clip_hub_directory() {
 
     // The fine-tune names only the hub directory: model and tokenizer come from it.
     let finetuned = dir.path().join("finetuned");
-    let run = dir.path().join("finetune.yaml");
-    std::fs::write(
-        &run,
-        format!(
-            "run_dir: {run}\nmodel: {hub}\ninit:\n  checkpoint: {hub}\ndata:\n  train: {train}\n  workers: 2\n\
-             train:\n  batch_size: 32\n  steps: 40\n  seed: 5\n  precision: fp32\n  device: cpu\n  threads: 1\n  log_every: 1\n\
-             optim:\n  lr: 2.0e-3\n  warmup_steps: 4\n",
-            run = finetuned.display(),
-            hub = hub.display(),
-            train = train_csv.display(),
-        ),
-    )
-    .expect("fine-tune yaml");
+    let run = Run::fine_tune(&finetuned, &hub, &train_csv).write(&dir.path().join("finetune.yaml"));
     run_ok(oxclip().args(["train", "--config"]).arg(&run));
     let after = recall(&finetuned);
     eprintln!(

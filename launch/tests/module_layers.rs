@@ -430,7 +430,7 @@ const FLOORS: &[(&str, &[&[&str]])] = &[
     (
         "trainer",
         &[
-            &["error", "schedule", "fault"],
+            &["error", "schedule", "fault", "json_keys"],
             &["bytes", "device", "metrics", "optim", "precision", "run_lock"],
             &["model"],
             &["interchange", "prepare"],

@@ -10,7 +10,8 @@
 //!
 //! Modules stand on floors, each using only the floors below it (`FLOORS` in
 //! `launch/tests/module_layers.rs` holds this list against the code):
-//! 0. `error`, `schedule`, `fault` (faults injected by the tests, in test builds only);
+//! 0. `error`, `schedule`, `fault` (faults injected by the tests, in test builds only),
+//!    `json_keys` (typed keys of a JSON object);
 //! 1. `bytes`, `device`, `metrics`, `optim`, `precision` (autocast on any device, the loss
 //!    scale of fp16 training), `run_lock` (one run per run folder);
 //! 2. `model` (the architectures and their configs);
@@ -35,6 +36,7 @@ pub mod fault;
 pub mod grad_sync;
 pub mod infer;
 pub mod interchange;
+pub mod json_keys;
 pub mod loss;
 pub mod metrics;
 pub mod model;

@@ -9,7 +9,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use common::golden::{build, check_features, check_step, json, max_abs, read, recipe};
+use common::golden::{
+    build, check_features, check_step, check_trainable_sets, json, max_abs, read, recipe,
+};
 use oxclip_trainer::model::lock::{lock_with, Tower};
 use oxclip_trainer::model::{zoo, ModelConfig};
 use tch::Tensor;
@@ -50,23 +52,11 @@ fn check_tokens(
 
 /// `lock_text_tower(n, freeze_layer_norm)` as open_clip, for each `"n,freeze"` of the fixture.
 fn check_text_lock_sets(cfg: &ModelConfig, vs: &tch::nn::VarStore, golden: &str) {
-    let golden = json(&fixture(golden));
-    let params = vs.variables();
-    for (key, names) in golden.as_object().expect("{n,freeze: names}") {
+    let expected = json(&fixture(golden));
+    check_trainable_sets(&format!("{golden}: lock_text"), vs, "text.", &expected, |key| {
         let (n, freeze) = key.split_once(',').expect("n,freeze");
-        for var in params.values() {
-            let _ = var.set_requires_grad(true);
-        }
         lock_with(vs, cfg, Tower::Text, n.parse().expect("n"), freeze == "true").expect("locks");
-        let mut ours: Vec<&String> = params
-            .iter()
-            .filter(|(name, v)| name.starts_with("text.") && v.requires_grad())
-            .map(|(name, _)| name)
-            .collect();
-        ours.sort();
-        let expected: Vec<String> = serde_json::from_value(names.clone()).expect("names");
-        assert_eq!(ours, expected.iter().collect::<Vec<_>>(), "{golden}: lock_text {key}");
-    }
+    });
 }
 
 /// A key's bias adds the same amount to each of a query's scores, which softmax cancels: its

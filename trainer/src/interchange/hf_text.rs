@@ -141,25 +141,29 @@ fn encoder_tensors(
 mod tests {
     use super::*;
 
+    /// The names [`encoder_tensors`] keeps under `root` of a file of `names`, for the text
+    /// model `model`.
+    fn kept(model: &str, names: &[&str], root: &str) -> Vec<String> {
+        let file = names
+            .iter()
+            .map(|k| (k.to_string(), Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu))))
+            .collect();
+        let arch = HfTextArch::resolve(model).unwrap();
+        encoder_tensors(file, &arch, root).into_keys().collect()
+    }
+
     #[test]
     fn a_masked_lm_file_gives_its_encoder() {
-        let t = || Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
-        let file: BTreeMap<String, Tensor> = [
+        let names = [
             "roberta.embeddings.word_embeddings.weight",
             "roberta.embeddings.position_ids",
             "roberta.encoder.layer.0.output.LayerNorm.gamma",
             "roberta.encoder.layer.0.output.LayerNorm.beta",
             "lm_head.dense.weight",
             "lm_head.bias",
-        ]
-        .into_iter()
-        .map(|k| (k.to_owned(), t()))
-        .collect();
-        let arch = HfTextArch::resolve("xlm-roberta-base").unwrap();
-        let keys: Vec<String> =
-            encoder_tensors(file, &arch, "text.transformer.").into_keys().collect();
+        ];
         assert_eq!(
-            keys,
+            kept("xlm-roberta-base", &names, "text.transformer."),
             [
                 "text.transformer.embeddings.word_embeddings.weight",
                 "text.transformer.encoder.layer.0.output.LayerNorm.bias",
@@ -170,22 +174,16 @@ mod tests {
 
     #[test]
     fn an_nllb_file_gives_its_encoder_with_the_shared_embedding() {
-        let t = || Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
-        let file: BTreeMap<String, Tensor> = [
+        let names = [
             "model.shared.weight",
             "model.encoder.embed_positions.weights",
             "model.encoder.layers.0.fc1.weight",
             "model.encoder.layer_norm.weight",
             "model.decoder.layers.0.fc1.weight",
             "lm_head.weight",
-        ]
-        .into_iter()
-        .map(|k| (k.to_owned(), t()))
-        .collect();
-        let arch = HfTextArch::resolve("facebook/nllb-200-distilled-600M").unwrap();
-        let keys: Vec<String> = encoder_tensors(file, &arch, "text.").into_keys().collect();
+        ];
         assert_eq!(
-            keys,
+            kept("facebook/nllb-200-distilled-600M", &names, "text."),
             ["text.embed_tokens.weight", "text.layer_norm.weight", "text.layers.0.fc1.weight"]
         );
     }

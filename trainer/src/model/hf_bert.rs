@@ -10,7 +10,7 @@ use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
 use super::config::Activation;
-use super::hf_config::{hf_activation, ConfigJson};
+use super::hf_config::ConfigJson;
 use super::params::param;
 use super::transformer::{randn, LayerNorm, Linear};
 use crate::error::Result;
@@ -65,7 +65,7 @@ impl BertArch {
             type_vocab_size: json.positive("type_vocab_size", 2)?,
             pad_token_id: json.int("pad_token_id", pad_default)?,
             layer_norm_eps: json.eps("layer_norm_eps", 1e-12)?,
-            act: hf_activation(json, "hidden_act", "gelu")?,
+            act: json.activation("hidden_act", "gelu")?,
             hidden_dropout: json.probability("hidden_dropout_prob", 0.1)?,
             attention_dropout: json.probability("attention_probs_dropout_prob", 0.1)?,
         };

@@ -1,13 +1,15 @@
-//! A transformers `config.json`, as the Hugging Face text encoders read it: typed keys with
-//! transformers' defaults, errors naming the file and the key.
+//! A transformers `config.json`, as the Hugging Face text encoders read it: the typed keys of
+//! `crate::json_keys` with transformers' defaults, the checks the encoders' sizes share, and
+//! errors naming the file and the key.
 
 use serde_json::Value;
 
 use super::config::Activation;
 use crate::error::{Result, TrainError};
+use crate::json_keys::{Keys, Msg};
 
-/// A transformers `config.json`, parsed, with the typed reads the encoders' configs share;
-/// errors name the file and the key.
+/// A transformers `config.json`, parsed; `origin` (its path, or the built-in name) starts
+/// every error.
 pub struct ConfigJson {
     json: Value,
     origin: String,
@@ -18,12 +20,17 @@ impl ConfigJson {
         ConfigJson { json, origin: origin.to_owned() }
     }
 
-    pub fn origin(&self) -> &str {
-        &self.origin
+    fn keys(&self) -> Keys<'_> {
+        Keys::new(Some(&self.json), "")
+    }
+
+    /// A read's value, or its message as an error naming the file.
+    fn named<T>(&self, read: Msg<T>) -> Result<T> {
+        read.map_err(|message| self.error(message))
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.json.get(key).filter(|v| !v.is_null())
+        self.keys().get(key)
     }
 
     pub fn error(&self, message: String) -> TrainError {
@@ -31,12 +38,7 @@ impl ConfigJson {
     }
 
     pub fn int(&self, key: &str, default: i64) -> Result<i64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => {
-                v.as_i64().ok_or_else(|| self.error(format!("{key} must be an integer, got {v}")))
-            }
-        }
+        self.named(self.keys().int(key, default))
     }
 
     pub fn positive(&self, key: &str, default: i64) -> Result<i64> {
@@ -46,18 +48,9 @@ impl ConfigJson {
         }
     }
 
-    fn float(&self, key: &str, default: f64) -> Result<f64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => {
-                v.as_f64().ok_or_else(|| self.error(format!("{key} must be a number, got {v}")))
-            }
-        }
-    }
-
     /// A LayerNorm epsilon: positive and finite.
     pub fn eps(&self, key: &str, default: f64) -> Result<f64> {
-        match self.float(key, default)? {
+        match self.named(self.keys().float(key, default))? {
             v if v > 0.0 && v.is_finite() => Ok(v),
             v => Err(self.error(format!("{key} must be a positive number, got {v}"))),
         }
@@ -65,19 +58,14 @@ impl ConfigJson {
 
     /// A dropout rate, in [0, 1).
     pub fn probability(&self, key: &str, default: f64) -> Result<f64> {
-        match self.float(key, default)? {
+        match self.named(self.keys().float(key, default))? {
             v if (0.0..1.0).contains(&v) => Ok(v),
             v => Err(self.error(format!("{key} must be in [0, 1), got {v}"))),
         }
     }
 
     pub fn bool(&self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.error(format!("{key} must be true or false, got {v}"))),
-        }
+        self.named(self.keys().boolean(key, default))
     }
 
     /// That `heads` (under `heads_key`) divides `width` (under `width_key`).
@@ -89,17 +77,25 @@ impl ConfigJson {
         }
         Ok(())
     }
+
+    /// The activation transformers' `ACT2FN` names under `key` (`default` when absent).
+    pub fn activation(&self, key: &str, default: &str) -> Result<Activation> {
+        let name = self.get(key).and_then(Value::as_str).unwrap_or(default);
+        activation(name).ok_or_else(|| {
+            self.error(format!(
+                "{key} {name:?} is not one oxclip builds (gelu, gelu_new, gelu_pytorch_tanh, quick_gelu, relu)"
+            ))
+        })
+    }
 }
 
-/// transformers' `ACT2FN` names oxclip builds, read from `key`.
-pub fn hf_activation(json: &ConfigJson, key: &str, default: &str) -> Result<Activation> {
-    match json.get(key).and_then(Value::as_str).unwrap_or(default) {
-        "gelu" => Ok(Activation::Gelu),
-        "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
-        "quick_gelu" => Ok(Activation::QuickGelu),
-        "relu" => Ok(Activation::Relu),
-        other => Err(json.error(format!(
-            "{key} {other:?} is not one oxclip builds (gelu, gelu_new, gelu_pytorch_tanh, quick_gelu, relu)"
-        ))),
+/// transformers' `ACT2FN` names oxclip builds.
+pub fn activation(name: &str) -> Option<Activation> {
+    match name {
+        "gelu" => Some(Activation::Gelu),
+        "gelu_new" | "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
+        "quick_gelu" => Some(Activation::QuickGelu),
+        "relu" => Some(Activation::Relu),
+        _ => None,
     }
 }

@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 
 use super::config::Activation;
 use super::hf_bert::{additive_mask, attention, hf_linear, positions_after_padding};
-use super::hf_config::{hf_activation, ConfigJson};
+use super::hf_config::ConfigJson;
 use super::params::param;
 use super::transformer::{randn, LayerNorm, Linear};
 use crate::error::Result;
@@ -43,7 +43,7 @@ impl M2m100Arch {
             ffn_dim: json.positive("encoder_ffn_dim", 4096)?,
             pad_token_id: json.int("pad_token_id", 1)?,
             scale_embedding: json.bool("scale_embedding", true)?,
-            act: hf_activation(json, "activation_function", "relu")?,
+            act: json.activation("activation_function", "relu")?,
             dropout: json.probability("dropout", 0.1)?,
             attention_dropout: json.probability("attention_dropout", 0.1)?,
             activation_dropout: json.probability("activation_dropout", 0.0)?,

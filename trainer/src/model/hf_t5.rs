@@ -12,7 +12,7 @@ use tch::{Kind, Tensor};
 
 use super::config::Activation;
 use super::hf_bert::additive_mask;
-use super::hf_config::{hf_activation, ConfigJson};
+use super::hf_config::{activation, ConfigJson};
 use super::params::param;
 use super::transformer::randn;
 
@@ -51,8 +51,12 @@ impl T5Arch {
             None => (false, proj),
         };
         let act_name = if act_name == "gelu" && gated { "gelu_new" } else { act_name };
-        let act_json: ConfigJson =
-            ConfigJson::new(serde_json::json!({ "act": act_name }), json.origin());
+        let act = activation(act_name).ok_or_else(|| {
+            json.error(format!(
+                "feed_forward_proj {proj:?}: its activation is not one oxclip builds \
+                 (gelu, gelu_new, gelu_pytorch_tanh, quick_gelu, relu; gated or not)"
+            ))
+        })?;
         let arch = T5Arch {
             vocab_size: json.positive("vocab_size", if mt5 { 250112 } else { 32128 })?,
             d_model: json.positive("d_model", 512)?,
@@ -64,7 +68,7 @@ impl T5Arch {
             max_distance: json.positive("relative_attention_max_distance", 128)?,
             eps: json.eps("layer_norm_epsilon", 1e-6)?,
             gated,
-            act: hf_activation(&act_json, "act", "relu")?,
+            act,
             dropout: json.probability("dropout_rate", 0.1)?,
             pad_token_id: json.int("pad_token_id", 0)?,
         };
@@ -165,11 +169,10 @@ impl T5Block {
         .reshape([b, l, a.heads * a.d_kv]);
         let x = x + ctx.linear::<Tensor>(&self.o, None).dropout(a.dropout, train);
         let h = self.ff_norm.forward(&x);
+        let hidden = a.act.forward(&h.linear::<Tensor>(&self.wi, None));
         let hidden = match &self.wi_gate {
-            Some(gate) => {
-                a.act.forward(&h.linear::<Tensor>(&self.wi, None)) * h.linear::<Tensor>(gate, None)
-            }
-            None => a.act.forward(&h.linear::<Tensor>(&self.wi, None)),
+            Some(gate) => hidden * h.linear::<Tensor>(gate, None),
+            None => hidden,
         };
         let out = hidden.dropout(a.dropout, train).linear::<Tensor>(&self.wo, None);
         &x + out.dropout(a.dropout, train)

@@ -160,22 +160,37 @@ pub fn check_lock_sets(
     expected: &serde_json::Value,
 ) {
     use oxclip_trainer::model::lock::{lock, Tower};
+    check_trainable_sets(&format!("{label}, unlocked groups"), vs, "visual.", expected, |n| {
+        lock(vs, cfg, Tower::Image, n.parse().expect("count")).expect("locks");
+    });
+}
+
+/// For each `{key: [names]}` of `expected`, from every parameter trainable, `lock(key)`, then
+/// the parameters under `prefix` still trainable against `names`; every parameter trainable
+/// again after.
+pub fn check_trainable_sets(
+    label: &str,
+    vs: &nn::VarStore,
+    prefix: &str,
+    expected: &serde_json::Value,
+    lock: impl Fn(&str),
+) {
     let params: Vec<(String, Tensor)> =
         vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
-    let groups = expected.as_object().expect("{unlocked groups: names}");
-    for (unlocked, names) in groups {
+    let groups = expected.as_object().expect("{lock: names}");
+    for (key, names) in groups {
         for (_, var) in &params {
             let _ = var.set_requires_grad(true);
         }
-        lock(vs, cfg, Tower::Image, unlocked.parse().expect("count")).expect("locks");
+        lock(key);
         let mut ours: Vec<String> = params
             .iter()
-            .filter(|(n, v)| n.starts_with("visual.") && v.requires_grad())
+            .filter(|(n, v)| n.starts_with(prefix) && v.requires_grad())
             .map(|(n, _)| n.clone())
             .collect();
         ours.sort();
         let names: Vec<String> = serde_json::from_value(names.clone()).expect("names");
-        assert_eq!(ours, names, "{label}, unlocked groups {unlocked}");
+        assert_eq!(ours, names, "{label} {key}");
     }
     for (_, var) in &params {
         let _ = var.set_requires_grad(true);
