@@ -46,6 +46,9 @@ enum Command {
     Embed(commands::embed::EmbedArgs),
     /// Zero-shot classify one image among the given labels.
     Classify(commands::embed::ClassifyArgs),
+    /// Captions of images by a CoCa model (beam search, top-k or top-p, as open_clip's
+    /// `generate`).
+    Caption(commands::embed::CaptionArgs),
     /// Embed a dataset once for `search`.
     Index(commands::search::IndexArgs),
     /// The indexed images best matching a text, or captions best matching an image.
@@ -173,6 +176,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => commands::embed::embed(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Classify(args) => commands::embed::classify(args),
+        Command::Caption(args) => commands::embed::caption(args),
         Command::Tokenizer { command } => commands::tokenizer::run(command),
         Command::Index(args) => commands::search::index(args),
         Command::Search(args) => commands::search::search(args),

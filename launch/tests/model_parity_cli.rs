@@ -4,7 +4,8 @@
 //! PNG (no resize) and the
 //! captions match to 1e-4; a JPEG that both sides decode and resize their own way matches to
 //! a cosine of 0.999, while the two images' embeddings stay far apart (so the test can tell a
-//! wrong preprocessing from a right one).
+//! wrong preprocessing from a right one). `oxclip caption` on the same two files gives
+//! open_clip's CoCa captions (coca_ViT-B-32, greedy and beam search) id for id.
 
 mod util;
 
@@ -203,4 +204,60 @@ fn a_siglip_model_directory_embeds_as_transformers() {
 #[test]
 fn a_quick_gelu_clip_model_directory_embeds_as_transformers_without_model() {
     check_directory("hf_clip_quickgelu_tiny");
+}
+
+/// `oxclip caption` against open_clip's `CoCa.generate` (coca_ViT-B-32, full size, weights
+/// from the fixture's recipe), greedy (`top_k` with k = 1) and beam search (its defaults: 6
+/// beams in 3 groups), both images in one batch, at the fixture's `seq_len` (kept short: every
+/// step reruns both text towers over the caption so far). The ids and texts of each caption are
+/// open_clip's exactly, for the PNG and for the JPEG alike (each side decodes and resizes the
+/// JPEG its own way, which still picks the same words); the two images' greedy captions differ,
+/// so the image does steer the decoder.
+#[test]
+fn coca_vit_b_32_captions_as_open_clip() {
+    let model = "coca_ViT-B-32";
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("cli_parity/{model}.json")))
+            .expect("fixture"),
+    )
+    .expect("json");
+    let seq_len = golden["seq_len"].as_u64().expect("seq_len").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let weights = dir.path().join("model.safetensors");
+    write_weights(&golden["recipe"], &weights);
+    let parity = fixtures().join("cli_parity");
+    let caption = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = run_ok(
+            oxclip()
+                .args(["caption", "--device", "cpu", "--model", model, "--checkpoint"])
+                .arg(&weights)
+                .arg("--image")
+                .arg(parity.join("exact.png"))
+                .arg(parity.join("photo.jpg"))
+                .args(["--json", "--seq-len", &seq_len])
+                .args(extra),
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one JSON object a line"))
+            .collect()
+    };
+    for (key, extra) in
+        [("greedy", &["--generation", "top-k", "--top-k", "1"][..]), ("beam_search", &[])]
+    {
+        let ours = caption(extra);
+        let want = golden[key].as_array().expect("captions");
+        assert_eq!(ours.len(), want.len(), "{key}: {ours:?}");
+        for (ours, want) in ours.iter().zip(want) {
+            let file = want["image"].as_str().expect("image");
+            assert!(ours["image"].as_str().expect("image").ends_with(file), "{key}: {ours}");
+            eprintln!("{model} {key} {file}: {} {}", ours["ids"], ours["caption"]);
+            assert_eq!(ours["ids"], want["ids"], "{key} {file}: ids");
+            assert_eq!(ours["caption"], want["caption"], "{key} {file}: text");
+        }
+    }
+    let greedy = golden["greedy"].as_array().expect("captions");
+    assert_ne!(greedy[0]["ids"], greedy[1]["ids"], "the two images caption alike");
+    assert!(greedy.iter().all(|c| !c["caption"].as_str().expect("text").is_empty()));
 }

@@ -431,7 +431,7 @@ const FLOORS: &[(&str, &[&[&str]])] = &[
         "trainer",
         &[
             &["error", "schedule", "fault", "json_keys"],
-            &["bytes", "device", "metrics", "optim", "precision", "run_lock"],
+            &["bytes", "device", "generate", "metrics", "optim", "precision", "run_lock"],
             &["model"],
             &["interchange", "prepare"],
             &["config"],

@@ -421,3 +421,78 @@ fn resume_after_kill_9_with_patch_dropout_is_bit_exact() {
     assert!(stderr.contains("train.force_patch_dropout: 0.5 -> 0"), "{stderr}");
     assert!(!stderr.contains("patch dropout 0.5 ("), "{stderr}");
 }
+
+/// A CoCa (the built-in tiny-coca) trained with `loss.kind: coca`: both parts of the loss are
+/// logged as open_clip names them and sum to train/loss, the caption loss falls, zero-shot
+/// evaluation runs on the contrastive towers, and `oxclip caption` captions from the run.
+#[test]
+fn coca_trains_with_its_caption_loss_and_captions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = synth(dir.path(), 160, 16, 32);
+    let config = tiny_config(dir.path(), &data, 16, "  eval_every: 16\n", true);
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replace("model: tiny\n", "model: tiny-coca\nloss:\n  kind: coca\n");
+    std::fs::write(&config, text).expect("write config");
+    run_ok(oxclip().args(["train", "--config"]).arg(&config));
+
+    let run = dir.path().join("run");
+    let tb = read_tensorboard(&run.join("tensorboard"));
+    for tag in
+        ["train/loss", "train/contrastive_loss", "train/caption_loss", "val/synth-zeroshot-top1"]
+    {
+        assert!(tb.contains_key(tag), "missing {tag}; have {:?}", tb.keys().collect::<Vec<_>>());
+    }
+    for ((total, contrastive), caption) in
+        tb["train/loss"].iter().zip(&tb["train/contrastive_loss"]).zip(&tb["train/caption_loss"])
+    {
+        let sum = contrastive.1 + caption.1;
+        assert!(
+            (total.1 - sum).abs() <= 1e-4 * total.1.abs(),
+            "step {}: {total:?} vs {sum}",
+            total.0
+        );
+    }
+    let caption = &tb["train/caption_loss"];
+    let (first, last) = (caption[0].1, caption[caption.len() - 1].1);
+    assert!(last < first, "the caption loss did not fall: {first} -> {last}");
+
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).expect("mkdir");
+    for (i, color) in [[220u8, 30, 30], [30, 200, 40], [20, 40, 230]].into_iter().enumerate() {
+        let img = image::RgbImage::from_fn(40, 36, |x, y| {
+            image::Rgb([color[0] ^ (x as u8 * 3), color[1], color[2] ^ (y as u8 * 5)])
+        });
+        img.save(images.join(format!("{i}.png"))).expect("png");
+    }
+    let out = run_ok(
+        oxclip()
+            .args(["caption", "--device", "cpu", "--json", "--seq-len", "8", "--checkpoint"])
+            .arg(&run)
+            .arg("--image")
+            .arg(&images),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for line in &lines {
+        let ids = line["ids"].as_array().expect("ids");
+        assert_eq!(ids.first().and_then(|v| v.as_i64()), Some(49406), "{line}");
+        assert!(ids.len() <= 8, "{line}");
+    }
+
+    // A CLIP model is not a captioner, and a CoCa model trains with its caption loss only.
+    let clip = dir.path().join("clip.yaml");
+    std::fs::write(
+        &clip,
+        std::fs::read_to_string(&config)
+            .expect("config")
+            .replace("model: tiny-coca\n", "model: tiny\n")
+            .replace("/run\n", "/run-clip\n"),
+    )
+    .expect("write");
+    let refused = oxclip().args(["train", "--config"]).arg(&clip).output().expect("runs");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("loss.kind coca") && stderr.contains("multimodal_cfg"), "{stderr}");
+}

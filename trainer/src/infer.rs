@@ -1,6 +1,7 @@
 //! Using a trained model: L2-normalised image and text embeddings, with the eval transform
 //! (shorter side to the model's size, bicubic, center crop, normalise) and the tokenizer
-//! the model was trained with. Behind `oxclip embed` and `oxclip classify`.
+//! the model was trained with; captions from a CoCa model. Behind `oxclip embed`, `oxclip
+//! classify` and `oxclip caption`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,6 +14,7 @@ use oxclip_data_loader::transform::ImageTransform;
 use oxclip_data_loader::{Loader, LoaderConfig, Preprocess, SkipCounts, SkipReason, Tokenizer};
 
 use crate::error::{io_err, Result, TrainError};
+use crate::generate::GenerateOptions;
 use crate::model::{normalize, Clip, ModelConfig};
 
 /// A model ready to embed.
@@ -24,6 +26,13 @@ pub struct Embedder {
     preprocess: Preprocess,
     transform: ImageTransform,
     device: Device,
+}
+
+/// One generated caption: its token ids and its text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Caption {
+    pub ids: Vec<i64>,
+    pub text: String,
 }
 
 /// The images [`Embedder::embed_images`] embedded, and those it could not use.
@@ -94,26 +103,70 @@ impl Embedder {
     /// read or decoded is an error naming it.
     pub fn embed_image_files(&self, paths: &[PathBuf], batch_size: usize) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let size = self.model.config.vision_cfg.image_size;
-        let per_image = self.transform.output_len();
         let mut parts = Vec::new();
         for chunk in paths.chunks(batch_size.max(1)) {
-            let mut pixels = vec![0f32; chunk.len() * per_image];
-            for (path, out) in chunk.iter().zip(pixels.chunks_mut(per_image)) {
-                let bytes = std::fs::read(path).map_err(io_err(path))?;
-                let image = decode_image(&bytes, DEFAULT_MAX_PIXELS)
-                    .map_err(|reason| unusable_image(path, reason))?;
-                self.transform.apply(&image, 0, out);
-            }
-            let images = Tensor::from_slice(&pixels)
-                .view([chunk.len() as i64, 3, size, size])
-                .to_device(self.device);
+            let images = self.image_batch(chunk)?;
             parts.push(
                 normalize(&self.model.encode_image(&images).to_kind(Kind::Float))
                     .to_device(Device::Cpu),
             );
         }
         Ok(cat_or_empty(&parts, self.model.config.embed_dim))
+    }
+
+    /// The image files decoded and transformed as the model expects, (n, 3, S, S) on the
+    /// model's device; a file that cannot be read or decoded is an error naming it.
+    fn image_batch(&self, paths: &[PathBuf]) -> Result<Tensor> {
+        let size = self.model.config.vision_cfg.image_size;
+        let per_image = self.transform.output_len();
+        let mut pixels = vec![0f32; paths.len() * per_image];
+        for (path, out) in paths.iter().zip(pixels.chunks_mut(per_image)) {
+            let bytes = std::fs::read(path).map_err(io_err(path))?;
+            let image = decode_image(&bytes, DEFAULT_MAX_PIXELS)
+                .map_err(|reason| unusable_image(path, reason))?;
+            self.transform.apply(&image, 0, out);
+        }
+        Ok(Tensor::from_slice(&pixels)
+            .view([paths.len() as i64, 3, size, size])
+            .to_device(self.device))
+    }
+
+    /// Captions of the image files by a CoCa model (`oxclip caption`), `batch_size` images at
+    /// a time, searched as `opts` says (open_clip's `CoCa.generate`; `model::coca::caption`).
+    /// The start, end and padding ids are the tokenizer's and the model's, whatever `opts`
+    /// holds. Each caption is its ids (start token first, cut after the end token) and its text.
+    pub fn caption_image_files(
+        &self,
+        paths: &[PathBuf],
+        batch_size: usize,
+        opts: &GenerateOptions,
+    ) -> Result<Vec<Caption>> {
+        if !self.model.is_coca() {
+            return Err(TrainError::Input(
+                "this model has no captioning decoder (multimodal_cfg): only CoCa models caption"
+                    .into(),
+            ));
+        }
+        let tokenizer = self.tokenizer()?;
+        let (Some(sot_id), Some(eos_id)) = (tokenizer.sot_id(), tokenizer.eot_id()) else {
+            return Err(TrainError::Input(
+                "the tokenizer has no start and end tokens, which captions begin and end with"
+                    .into(),
+            ));
+        };
+        let opts = GenerateOptions { sot_id, eos_id, pad_id: self.model.pad_id(), ..opts.clone() };
+        let mut out = Vec::with_capacity(paths.len());
+        for chunk in paths.chunks(batch_size.max(1)) {
+            let images = self.image_batch(chunk)?;
+            for mut ids in crate::model::coca::caption(&self.model, &images, &opts)? {
+                if let Some(end) = ids.iter().skip(1).position(|&id| id == eos_id) {
+                    ids.truncate(end + 2);
+                }
+                let text = tokenizer.decode(&ids).trim().to_owned();
+                out.push(Caption { ids, text });
+            }
+        }
+        Ok(out)
     }
 
     /// Embeddings of the image files, `batch_size` at a time, decoded and transformed on

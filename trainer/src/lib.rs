@@ -12,8 +12,9 @@
 //! `launch/tests/module_layers.rs` holds this list against the code):
 //! 0. `error`, `schedule`, `fault` (faults injected by the tests, in test builds only),
 //!    `json_keys` (typed keys of a JSON object);
-//! 1. `bytes`, `device`, `metrics`, `optim`, `precision` (autocast on any device, the loss
-//!    scale of fp16 training), `run_lock` (one run per run folder);
+//! 1. `bytes`, `device`, `generate` (captions from a captioning model's logits: open_clip's
+//!    beam search and sampling), `metrics`, `optim`, `precision` (autocast on any device, the
+//!    loss scale of fp16 training), `run_lock` (one run per run folder);
 //! 2. `model` (the architectures and their configs);
 //! 3. `interchange` (files in and out: safetensors, Hugging Face and open_clip layouts, model
 //!    directories, export), `prepare` (a model's own tokenizer and image preprocessing);
@@ -33,6 +34,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod fault;
+pub mod generate;
 pub mod grad_sync;
 pub mod infer;
 pub mod interchange;

@@ -129,6 +129,32 @@ fn check_hf_tokenizer(tokenizer: &Tokenizer, model: &ModelConfig, what: &str) ->
     Ok(())
 }
 
+/// CoCa's decoder predicts every next token of a caption over `text_cfg.vocab_size` ids,
+/// and its loss skips the padding the text tower masks: the tokenizer's ids must fit the
+/// decoder, and it must pad with the text tower's pad id.
+fn check_coca_tokenizer(tokenizer: &Tokenizer, model: &ModelConfig, what: &str) -> Result<()> {
+    let text = &model.text_cfg;
+    let ids = tokenizer.vocab_size() as i64;
+    if ids > text.vocab_size {
+        return Err(TrainError::Input(format!(
+            "{what} produces ids up to {} ({ids} ids) but CoCa's decoder predicts text_cfg.vocab_size = {} ids: \
+             captions with larger ids could not be scored. Set text_cfg.vocab_size to at least {ids} \
+             (open_clip's coca_roberta-ViT-B-32 leaves it at CLIP's 49408)",
+            ids - 1,
+            text.vocab_size
+        )));
+    }
+    if !text.is_hf() && tokenizer.pad_id() != text.pad_id {
+        return Err(TrainError::Input(format!(
+            "{what} pads with id {} but the CoCa text tower masks and the caption loss skips id {} \
+             (text_cfg.pad_id): use the tokenizer the model was trained with, or set text_cfg.pad_id",
+            tokenizer.pad_id(),
+            text.pad_id
+        )));
+    }
+    Ok(())
+}
+
 fn has_no_post_processor(file: &Path) -> Result<bool> {
     let text = std::fs::read_to_string(file).map_err(crate::error::io_err(file))?;
     let json: serde_json::Value = serde_json::from_str(&text)
@@ -146,6 +172,9 @@ fn has_no_post_processor(file: &Path) -> Result<bool> {
 /// tokenizer must pad with that id, and its ids must fit the encoder's vocabulary.
 pub fn check_tokenizer(tokenizer: &Tokenizer, model: &ModelConfig, what: &str) -> Result<()> {
     let text = &model.text_cfg;
+    if model.is_coca() {
+        check_coca_tokenizer(tokenizer, model, what)?;
+    }
     if text.is_hf() {
         return check_hf_tokenizer(tokenizer, model, what);
     }
@@ -158,7 +187,9 @@ pub fn check_tokenizer(tokenizer: &Tokenizer, model: &ModelConfig, what: &str) -
             text.vocab_size
         )));
     }
-    match text.pool_type {
+    // CoCa's class embedding is where such a tower pools, whatever the ids.
+    let pool = if text.embed_cls { TextPool::Last } else { text.pool_type };
+    match pool {
         TextPool::Argmax => {
             if tokenizer.eot_id() != Some(tokenizer.max_id()) {
                 let ends = tokenizer

@@ -12,7 +12,7 @@ use crate::grad_sync::GradSync;
 use crate::loss::LossSpec;
 use crate::model::patch_dropout::PatchDropout;
 use crate::model::staged::{self, Checkpointed, Stages};
-use crate::model::Clip;
+use crate::model::{Clip, Outputs};
 use crate::optim::AdamW;
 use crate::precision::{Autocast, GradScaler};
 
@@ -22,6 +22,9 @@ use crate::precision::{Autocast, GradScaler};
 pub struct StepOutput {
     /// Global-batch loss (summed over ranks). 0-dim.
     pub loss: Tensor,
+    /// CoCa: the loss's two parts, each weighted (`loss` is their sum): the contrastive one
+    /// and the captioning one over the global batch's labels. 0-dim.
+    pub coca_parts: Option<(Tensor, Tensor)>,
     /// Global gradient norm before clipping, when clipping is on. 0-dim fp32.
     pub grad_norm: Option<Tensor>,
     /// Seconds the step waited for the gradient reduction after the backward pass returned
@@ -101,11 +104,26 @@ pub fn train_step(
     };
 
     // 1. Encode the local batch; a single micro-batch keeps what step 5 needs of it.
-    let (features, mut kept) = towers.encode_batch();
+    let (features, caption_nll, mut kept) = towers.encode_batch();
 
     // 2-4. Gather the features, score this rank's rows, and keep our rows' summed gradients.
     let rows = comm.rank() as i64 * n..comm.rank() as i64 * n + n;
-    let (global_loss, grads) = loss_and_feature_grads(model, comm, &features, cfg.loss, rows)?;
+    let (mut global_loss, mut grads) =
+        loss_and_feature_grads(model, comm, &features, cfg.loss, rows)?;
+    // CoCa: the caption loss is a mean over the global batch's labels; each rank's share of
+    // its gradient is its summed cross-entropy over that count.
+    let coca_parts = match (cfg.loss.coca, caption_nll) {
+        (Some(weights), Some(nll)) => {
+            let (caption_loss, factor) =
+                caption_loss(model, comm, tokens, &nll.detach(), weights.caption)?;
+            grads.caption_factor = Some(factor);
+            let parts = (global_loss.shallow_clone(), caption_loss.shallow_clone());
+            // Not `+=`: that adds in place, into the contrastive part's tensor too.
+            global_loss = &global_loss + caption_loss;
+            Some(parts)
+        }
+        _ => None,
+    };
 
     // 5. Back-propagate through the towers, and 6. sum parameter gradients over ranks: each
     // rank's loss is a part of the global mean, so the sum is the full-batch gradient. In
@@ -150,6 +168,7 @@ pub fn train_step(
 
     Ok(StepOutput {
         loss: global_loss,
+        coca_parts,
         grad_norm,
         comm_secs: reduced.exposed_secs,
         overlapped_buckets: reduced.launched_in_backward,
@@ -179,12 +198,33 @@ fn kept_patches(
 }
 
 /// The gradients step 3 hands back to the towers: this rank's rows of d loss / d features,
-/// summed over ranks, and d loss / d logit_scale (and logit_bias) of this rank's part.
+/// summed over ranks, and d loss / d logit_scale (and logit_bias) of this rank's part; for
+/// CoCa, d loss / d (this rank's summed caption cross-entropy).
 struct FeatureGrads {
     image: Tensor,
     text: Tensor,
     logit_scale: Tensor,
     logit_bias: Option<Tensor>,
+    caption_factor: Option<Tensor>,
+}
+
+/// CoCa's weighted caption loss over the global batch, from this rank's summed cross-entropy
+/// `nll` over its captions `tokens`, and the factor (weight / global label count) its gradient
+/// carries. open_clip averages each rank's own mean; the global mean is the same whatever the
+/// world size or micro-batch split, and equal to open_clip's on one rank.
+fn caption_loss(
+    model: &Clip,
+    comm: &dyn Collectives,
+    tokens: &Tensor,
+    nll: &Tensor,
+    weight: f64,
+) -> Result<(Tensor, Tensor)> {
+    let count = crate::model::coca::caption_label_count(tokens, model.pad_id());
+    let mut sums = Tensor::stack(&[nll.to_kind(Kind::Float), count], 0);
+    comm.all_reduce_sum(&mut sums)?;
+    // No label at all (every caption empty): nothing to score, and no 0/0.
+    let factor = weight / sums.get(1).clamp_min(1.0);
+    Ok((sums.get(0) * &factor, factor))
 }
 
 /// Steps 2 to 4: the loss of the global batch and this rank's feature gradients.
@@ -217,6 +257,7 @@ fn loss_and_feature_grads(
             text,
             logit_scale: out.grad_logit_scale,
             logit_bias: out.grad_logit_bias,
+            caption_factor: None,
         },
     ))
 }
@@ -236,21 +277,12 @@ struct Towers<'a> {
     grad_checkpointing: bool,
 }
 
-/// A micro-batch's features and what step 5 back-propagates through: the whole forward's
-/// graph, or under activation checkpointing each tower's last stage's graph and the inputs
-/// of the stages before it.
-enum Encoded {
-    Graph(Tensor, Tensor),
-    Checkpointed(Checkpointed, Checkpointed),
-}
-
-impl Encoded {
-    fn features(&self) -> (&Tensor, &Tensor) {
-        match self {
-            Encoded::Graph(image, text) => (image, text),
-            Encoded::Checkpointed(image, text) => (image.output(), text.output()),
-        }
-    }
+/// A micro-batch's outputs and what step 5 back-propagates through: the whole forward's
+/// graph, or under activation checkpointing each tower's last stage's graph (and what the model
+/// computes after it, CoCa's heads and decoder) and the inputs of the stages before it.
+struct Encoded {
+    outputs: Outputs,
+    checkpoints: Option<(Checkpointed, Checkpointed)>,
 }
 
 impl Towers<'_> {
@@ -279,39 +311,48 @@ impl Towers<'_> {
         self.rows(k)
     }
 
-    /// Image and text features of micro-batch `k`.
-    fn encode(&self, k: usize) -> (Tensor, Tensor) {
+    /// The model's training outputs for micro-batch `k`.
+    fn encode(&self, k: usize) -> Outputs {
         let (images, tokens, kept) = self.enter(k);
-        self.in_precision(|| self.model.features_keeping(&images, &tokens, kept.as_ref()))
+        self.in_precision(|| self.model.forward_outputs(&images, &tokens, kept.as_ref()))
     }
 
-    /// Micro-batch `k`'s features for step 5: with their graph, or checkpointed.
+    /// Micro-batch `k`'s outputs for step 5: with their graph, or checkpointed.
     fn encode_for_backward(&self, k: usize) -> Encoded {
         if !self.grad_checkpointing {
-            let (image, text) = self.encode(k);
-            return Encoded::Graph(image, text);
+            return Encoded { outputs: self.encode(k), checkpoints: None };
         }
         let (images, tokens, kept) = self.enter(k);
         self.in_precision(|| {
-            Encoded::Checkpointed(
-                staged::checkpointed(&self.model.image_stages(kept.as_ref()), &images),
-                staged::checkpointed(&self.model.text_stages(&tokens), &tokens),
-            )
+            let image = staged::checkpointed(&self.model.image_stages(kept.as_ref()), &images);
+            let text = staged::checkpointed(&self.model.text_stages(&tokens), &tokens);
+            let outputs = self.model.outputs(image.output(), text.output(), &tokens);
+            Encoded { outputs, checkpoints: Some((image, text)) }
         })
     }
 
-    /// Step 1. A single micro-batch keeps what step 5 needs; several are encoded without a
-    /// graph, and only their features are kept.
-    fn encode_batch(&self) -> ((Tensor, Tensor), Option<Encoded>) {
+    /// Step 1: the local batch's features and (CoCa) summed caption cross-entropy. A single
+    /// micro-batch keeps what step 5 needs; several are encoded without a graph, and only
+    /// their outputs are kept.
+    fn encode_batch(&self) -> ((Tensor, Tensor), Option<Tensor>, Option<Encoded>) {
         if self.micro.len() == 1 {
             let encoded = self.encode_for_backward(0);
-            let (image, text) = encoded.features();
-            return ((image.shallow_clone(), text.shallow_clone()), Some(encoded));
+            let out = &encoded.outputs;
+            let features = (out.image.shallow_clone(), out.text.shallow_clone());
+            let caption = out.caption_nll.as_ref().map(Tensor::detach);
+            return (features, caption, Some(encoded));
         }
-        let parts: Vec<(Tensor, Tensor)> =
+        let parts: Vec<Outputs> =
             tch::no_grad(|| (0..self.micro.len()).map(|k| self.encode(k)).collect());
-        let (images, texts): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
-        ((Tensor::cat(&images, 0), Tensor::cat(&texts, 0)), None)
+        let images: Vec<&Tensor> = parts.iter().map(|o| &o.image).collect();
+        let texts: Vec<&Tensor> = parts.iter().map(|o| &o.text).collect();
+        let caption = parts
+            .iter()
+            .filter_map(|o| o.caption_nll.as_ref())
+            .fold(None, |sum: Option<Tensor>, nll| {
+                Some(sum.map_or(nll.shallow_clone(), |s| s + nll))
+            });
+        ((Tensor::cat(&images, 0), Tensor::cat(&texts, 0)), caption, None)
     }
 
     /// Step 5 for micro-batch `k`: back-propagates the surrogate whose gradient is `grads`.
@@ -325,12 +366,15 @@ impl Towers<'_> {
         // the randomness of its first pass; the parameters' gradients accumulate. BatchNorm
         // counted the micro-batch in step 1, so the repeat leaves its running statistics be.
         let encoded = kept.unwrap_or_else(|| model.repeating(|| self.encode_for_backward(k)));
-        let (image, text) = encoded.features();
+        let Outputs { image, text, caption_nll } = &encoded.outputs;
         let rows = self.micro.range(k);
         let len = rows.end - rows.start;
         let mut surrogate = (image.to_kind(Kind::Float) * grads.image.narrow(0, rows.start, len))
             .sum(Kind::Float)
             + (text.to_kind(Kind::Float) * grads.text.narrow(0, rows.start, len)).sum(Kind::Float);
+        if let (Some(nll), Some(factor)) = (caption_nll, &grads.caption_factor) {
+            surrogate = &surrogate + nll * factor;
+        }
         if k + 1 == self.micro.len() {
             surrogate = match (&model.logit_bias, &grads.logit_bias) {
                 (Some(bias), Some(grad)) => {
@@ -347,7 +391,7 @@ impl Towers<'_> {
         // Checkpointed: the surrogate went through each tower's last stage; now the stages
         // before it, re-run as step 1 ran them. The text tower first: its parameters were
         // registered after the image tower's, so they fill the first gradient buckets.
-        if let Encoded::Checkpointed(image, text) = encoded {
+        if let Some((image, text)) = encoded.checkpoints {
             let (_, tokens, kept) = self.rows(k);
             text.backward(&Rerun { towers: self, stages: model.text_stages(&tokens) });
             image.backward(&Rerun { towers: self, stages: model.image_stages(kept.as_ref()) });
@@ -441,7 +485,10 @@ mod tests {
     }
 
     fn step_config(kind: LossKind, micro_batch: Option<usize>) -> StepConfig {
-        let loss = LossSpec::new(&LossConfig { kind, tiling: Tiling::Tile(3) }, false);
+        let loss = LossSpec::new(
+            &LossConfig { kind, tiling: Tiling::Tile(3), ..LossConfig::default() },
+            false,
+        );
         StepConfig {
             autocast: None,
             grad_clip_norm: None,
@@ -1201,10 +1248,10 @@ mod tests {
                     kept: None,
                     grad_checkpointing,
                 };
-                let (features, mut kept) = towers.encode_batch();
+                let (features, _, mut kept) = towers.encode_batch();
                 // One micro-batch keeps what step 1 ran: checkpointed when asked.
                 if micro.is_none() {
-                    let checkpointed = matches!(kept, Some(Encoded::Checkpointed(..)));
+                    let checkpointed = kept.as_ref().is_some_and(|k| k.checkpoints.is_some());
                     assert_eq!(checkpointed, grad_checkpointing);
                 }
                 let spec = step_config(kind, micro).loss;

@@ -656,6 +656,8 @@ fn log_step(run: &mut Run, out: &step::StepOutput, lr: f64) -> Result<f64> {
     }
     let scale = run.model.logit_scale.exp().double_value(&[]);
     let bias = run.model.logit_bias.as_ref().map(|b| b.double_value(&[]));
+    let coca_parts =
+        out.coca_parts.as_ref().map(|(c, cap)| (c.double_value(&[]), cap.double_value(&[])));
     let grad_norm = out.grad_norm.as_ref().map(|n| n.double_value(&[]));
     // Skips are counted per rank; the log shows the run's total.
     run.interval.skipped_total_all_ranks =
@@ -664,7 +666,7 @@ fn log_step(run: &mut Run, out: &step::StepOutput, lr: f64) -> Result<f64> {
     let (global_batch, world_size) = (run.global_batch(), run.comm.world_size());
     if let Some(metrics) = run.metrics.as_mut() {
         let loss_scale = amp.map(|(s, _)| s);
-        let values = LogValues { loss, scale, bias, lr, grad_norm, loss_scale };
+        let values = LogValues { loss, coca_parts, scale, bias, lr, grad_norm, loss_scale };
         log_train(
             metrics,
             &run.state,
@@ -1142,6 +1144,8 @@ impl Interval {
 #[derive(Clone, Copy)]
 struct LogValues {
     loss: f64,
+    /// CoCa: the weighted contrastive and caption losses `loss` sums.
+    coca_parts: Option<(f64, f64)>,
     /// exp(logit_scale), and SigLIP's logit_bias.
     scale: f64,
     bias: Option<f64>,
@@ -1160,14 +1164,19 @@ fn log_train(
     world_size: usize,
     interval: &Interval,
 ) -> Result<()> {
-    let LogValues { loss, scale, bias, lr, grad_norm, loss_scale } = *values;
+    let LogValues { loss, coca_parts, scale, bias, lr, grad_norm, loss_scale } = *values;
+    // open_clip logs each part of its loss under its name, and the whole as train/loss.
+    let (contrastive, caption) = match coca_parts {
+        Some((contrastive, caption)) => (contrastive, Some(caption)),
+        None => (loss, None),
+    };
     let steps = interval.steps.max(1) as f64;
     let (data_time, batch_time, comm_time) =
         (interval.data_secs / steps, interval.batch_secs / steps, interval.comm_secs / steps);
     let samples_per_second = global_batch as f64 / batch_time.max(1e-9);
     let mut scalars = vec![
         ("train/loss", loss),
-        ("train/contrastive_loss", loss),
+        ("train/contrastive_loss", contrastive),
         ("train/scale", scale),
         ("train/lr", lr),
         ("train/samples_per_second", samples_per_second),
@@ -1177,6 +1186,9 @@ fn log_train(
         ("train/comm_time", comm_time),
         ("data/skipped", interval.skipped_total_all_ranks as f64),
     ];
+    if let Some(caption) = caption {
+        scalars.push(("train/caption_loss", caption));
+    }
     if let Some(norm) = grad_norm {
         scalars.push(("train/grad_norm", norm));
     }

@@ -6,15 +6,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use common::golden::{
-    build, check_features, check_step, check_trainable_sets, json, max_abs, read, recipe,
+    build, check_features, check_step, check_trainable_sets, json, key_bias_floor, max_abs, read,
+    recipe,
 };
 use oxclip_trainer::model::lock::{lock_with, Tower};
 use oxclip_trainer::model::{zoo, ModelConfig};
-use tch::Tensor;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_text").join(name)
@@ -57,18 +56,6 @@ fn check_text_lock_sets(cfg: &ModelConfig, vs: &tch::nn::VarStore, golden: &str)
         let (n, freeze) = key.split_once(',').expect("n,freeze");
         lock_with(vs, cfg, Tower::Text, n.parse().expect("n"), freeze == "true").expect("locks");
     });
-}
-
-/// A key's bias adds the same amount to each of a query's scores, which softmax cancels: its
-/// exact gradient is 0 and both libraries compute rounding. Its scale is its weight's gradient.
-fn key_bias_floor(row: &common::golden::Row, io: &BTreeMap<String, Tensor>) -> f64 {
-    let layer =
-        row.name.strip_suffix(".key.bias").or_else(|| row.name.strip_suffix(".k_proj.bias"));
-    let weight = |layer: &str| {
-        let name = if row.name.ends_with(".k_proj.bias") { "k_proj" } else { "key" };
-        io[&format!("norm.{layer}.{name}.weight")].double_value(&[])
-    };
-    layer.map_or(0.0, weight)
 }
 
 #[test]

@@ -151,7 +151,8 @@ fn siglip_step_matches_open_clip_gradients() {
     let dir = fixtures().join("parity_tiny_siglip");
     let io = read(dir.join("io.safetensors"));
     let mut cfg = model_config("../tests/fixtures/models/parity-tiny.yaml");
-    let loss = LossConfig { kind: LossKind::Siglip, tiling: Tiling::Tile(4) };
+    let loss =
+        LossConfig { kind: LossKind::Siglip, tiling: Tiling::Tile(4), ..LossConfig::default() };
     loss.complete_model(&mut cfg);
     for micro_batch in [None, Some(4), Some(2)] {
         let vs = nn::VarStore::new(Device::Cpu);

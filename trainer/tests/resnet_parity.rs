@@ -131,7 +131,8 @@ fn tiny_resnet_training_step_matches_open_clip() {
     let io = read("tiny_io.safetensors");
     let cfg = config("tiny-rn.json");
     assert_eq!(cfg.vision_cfg.heads(), 8, "width 4 * 32 / head_width 16");
-    let loss = LossConfig { kind: LossKind::Clip, tiling: Tiling::Tile(4) };
+    let loss =
+        LossConfig { kind: LossKind::Clip, tiling: Tiling::Tile(4), ..LossConfig::default() };
     for (case, micro_batch) in [("whole", None), ("micro3", Some(3))] {
         let golden = read(&format!("tiny_{case}.safetensors"));
         let vs = nn::VarStore::new(Device::Cpu);

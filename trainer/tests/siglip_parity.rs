@@ -120,7 +120,8 @@ fn siglip_step_with_a_timm_trunk_matches_open_clip_gradients() {
     use oxclip_trainer::config::{LossConfig, LossKind, Tiling};
 
     let mut cfg = config("step_tiny.json");
-    let loss = LossConfig { kind: LossKind::Siglip, tiling: Tiling::Tile(4) };
+    let loss =
+        LossConfig { kind: LossKind::Siglip, tiling: Tiling::Tile(4), ..LossConfig::default() };
     loss.complete_model(&mut cfg);
     let rows = recipe("step_recipe.json");
     let (vs, clip) = build(&cfg, &rows);

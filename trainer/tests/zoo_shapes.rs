@@ -84,7 +84,7 @@ fn every_open_clip_model_has_open_clips_state_dict() {
         names,
         "the fixture lists the built-in open_clip names"
     );
-    assert_eq!(names.len(), 140);
+    assert_eq!(names.len(), 144);
     let mut failures = Vec::new();
     for name in names {
         let cfg = zoo::builtin(name).expect("built-in");

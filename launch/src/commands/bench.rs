@@ -341,6 +341,7 @@ pub fn loss(args: BenchLossArgs) -> anyhow::Result<()> {
         kind,
         tiling: Tiling::from_flags(args.tile.max(0) as usize, args.naive),
         matmul,
+        coca: None,
     };
     let started = Instant::now();
     let out = spec.compute(&image, &text, &logit_scale, logit_bias.as_ref(), 0..args.batch)?;

@@ -1,12 +1,13 @@
-//! `oxclip embed` and `oxclip classify`: a trained model used directly.
+//! `oxclip embed`, `oxclip classify` and `oxclip caption`: a trained model used directly.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail};
 use clap::builder::RangedU64ValueParser;
-use clap::Args;
+use clap::{Args, ValueEnum};
 
+use oxclip_trainer::generate::{GenerateOptions, Strategy};
 use oxclip_trainer::infer::image_files;
 use oxclip_trainer::interchange::safetensors::write_safetensors;
 use oxclip_trainer::TrainError;
@@ -125,6 +126,106 @@ pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
     } else {
         for (label, p) in ranked {
             println!("{:6.2}%  {label}", 100.0 * p);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct CaptionArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image files or directories (searched recursively for .jpg/.jpeg/.png/.webp, sorted).
+    #[arg(long, num_args = 1.., required = true)]
+    pub image: Vec<PathBuf>,
+    /// How the words are chosen: `beam-search` (open_clip's default), `top-k` or `top-p`
+    /// (sampling; `top-k` with `--top-k 1` is greedy).
+    #[arg(long, value_enum, default_value_t = Generation::BeamSearch)]
+    pub generation: Generation,
+    /// Beams per image (beam search).
+    #[arg(long, default_value_t = 6)]
+    pub num_beams: usize,
+    /// Groups the beams are searched in (beam search); must divide `--num-beams`.
+    #[arg(long, default_value_t = 3)]
+    pub num_beam_groups: usize,
+    /// Sampling keeps the k most likely tokens (`--generation top-k`).
+    #[arg(long, default_value_t = 1)]
+    pub top_k: usize,
+    /// Sampling drops the least likely tokens whose probabilities add up to at most 1 - p
+    /// (`--generation top-p`).
+    #[arg(long, default_value_t = 0.1)]
+    pub top_p: f64,
+    /// Sampling divides the logits by it.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// The most tokens of a caption, start and end included.
+    #[arg(long, default_value_t = 30)]
+    pub seq_len: usize,
+    /// No end token before this many tokens.
+    #[arg(long, default_value_t = 5)]
+    pub min_seq_len: usize,
+    /// Above 1, tokens already in the caption become less likely.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Seed of the sampling (top-k, top-p): the same seed gives the same captions.
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// Images captioned at a time.
+    #[arg(long, default_value_t = 16, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub batch_size: usize,
+    /// Print one JSON object per image (`image`, `caption`, `ids`) instead of lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `CoCa.generate`'s `generation_type`.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Generation {
+    BeamSearch,
+    TopK,
+    TopP,
+}
+
+pub fn caption(args: CaptionArgs) -> anyhow::Result<()> {
+    let images = image_files(&args.image)?;
+    let strategy = match args.generation {
+        Generation::BeamSearch => Strategy::BeamSearch {
+            num_beams: args.num_beams,
+            num_beam_groups: args.num_beam_groups,
+        },
+        Generation::TopK => Strategy::TopK { k: args.top_k },
+        Generation::TopP => Strategy::TopP { p: args.top_p },
+    };
+    let opts = GenerateOptions {
+        strategy,
+        seq_len: args.seq_len,
+        temperature: args.temperature,
+        min_seq_len: args.min_seq_len,
+        repetition_penalty: args.repetition_penalty,
+        ..GenerateOptions::default()
+    };
+    // The options first: a bad flag is refused before the model is loaded.
+    opts.validate()?;
+    let embedder = args.model.open(true)?.embedder()?;
+    tch::manual_seed(args.seed);
+    let bar = progress_bar("caption", "images");
+    bar.set_length(images.len() as u64);
+    let mut captions = Vec::with_capacity(images.len());
+    for chunk in images.chunks(args.batch_size) {
+        captions.extend(embedder.caption_image_files(chunk, args.batch_size, &opts)?);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    for (path, caption) in images.iter().zip(captions) {
+        if args.json {
+            let line = serde_json::json!({
+                "image": path.display().to_string(),
+                "caption": caption.text,
+                "ids": caption.ids,
+            });
+            println!("{line}");
+        } else {
+            println!("{}\t{}", path.display(), caption.text);
         }
     }
     Ok(())

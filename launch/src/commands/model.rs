@@ -118,8 +118,19 @@ fn show(args: ModelShowArgs) -> anyhow::Result<()> {
         t.context_length,
         t.vocab_size,
         if t.no_causal_mask { "bidirectional" } else { "causal" },
-        serde_json::to_value(t.pool_type)?.as_str().unwrap_or("?")
+        if t.embed_cls {
+            "an appended class token".to_owned()
+        } else {
+            serde_json::to_value(t.pool_type)?.as_str().unwrap_or("?").to_owned()
+        }
     )?;
+    }
+    if let Some(m) = &cfg.multimodal_cfg {
+        writeln!(
+            out,
+            "decoder:     CoCa, {} layers (self- and cross-attention), width {}, {} heads, vocabulary {}",
+            m.layers, m.width, m.heads, t.vocab_size
+        )?;
     }
     writeln!(out, "embedding:   {}", cfg.embed_dim)?;
     // Parameters per top-level module: the towers and the loss's scalars (buffers, such as
@@ -130,7 +141,7 @@ fn show(args: ModelShowArgs) -> anyhow::Result<()> {
         let group = name
             .split('.')
             .next()
-            .filter(|g| ["visual", "logit_scale", "logit_bias"].contains(g))
+            .filter(|g| ["visual", "text_decoder", "logit_scale", "logit_bias"].contains(g))
             .unwrap_or("text");
         *groups.entry(group).or_default() += shape.iter().product::<i64>();
     }
@@ -169,6 +180,13 @@ fn json(cfg: &ModelConfig, shapes: &[(String, Vec<i64>)]) -> anyhow::Result<Stri
 fn tower(cfg: &ModelConfig) -> String {
     let v = &cfg.vision_cfg;
     match v.tower() {
+        VisionTowerKind::Vit if v.attentional_pool => format!(
+            "ViT {}x{} patch {}, attentional pooler ({} queries)",
+            v.vit_layers(),
+            v.width,
+            v.patch(),
+            v.attn_pooler_queries
+        ),
         VisionTowerKind::Vit => format!("ViT {}x{} patch {}", v.vit_layers(), v.width, v.patch()),
         VisionTowerKind::ResNet(stages) => format!("ModifiedResNet {stages:?}x{}", v.width),
         VisionTowerKind::Timm(name) => format!("timm {name}"),

@@ -1,5 +1,6 @@
-//! `loss:`, which contrastive loss and how its similarity blocks are tiled, and what the loss
-//! asks of the model it trains (SigLIP's bias and starting temperature).
+//! `loss:`, which contrastive loss and how its similarity blocks are tiled, CoCa's captioning
+//! loss beside it, and what the loss asks of the model it trains (SigLIP's bias and starting
+//! temperature, CoCa's decoder).
 
 use std::fmt;
 
@@ -23,7 +24,16 @@ pub enum LossKind {
     /// (init -10) and its `logit_scale` starts at ln 10, unless the model config sets
     /// `init_logit_bias` / `init_logit_scale`.
     Siglip,
+    /// CoCa: the CLIP loss times `coca_contrastive_loss_weight` plus the decoder's
+    /// next-token cross-entropy times `coca_caption_loss_weight` (open_clip's `CoCaLoss`).
+    /// For models with a `multimodal_cfg`, and only for them.
+    Coca,
 }
+
+/// open_clip's `--coca-caption-loss-weight` default ...
+pub const COCA_CAPTION_LOSS_WEIGHT: f64 = 2.0;
+/// ... and `--coca-contrastive-loss-weight`.
+pub const COCA_CONTRASTIVE_LOSS_WEIGHT: f64 = 1.0;
 
 /// How the loss scores the (n x N) similarities of a rank's rows: tile by tile (extra memory
 /// O(tile^2) per rank, whatever the batch) or all at once. See docs/large-batch.md.
@@ -94,11 +104,36 @@ impl<'de> Deserialize<'de> for Tiling {
 }
 
 /// `loss:` — the contrastive objective.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "LossYaml")]
 pub struct LossConfig {
     pub kind: LossKind,
     pub tiling: Tiling,
+    /// CoCa's weight on the caption loss (default 2, open_clip's); read under `kind: coca`.
+    #[serde(skip_serializing_if = "is_default_caption_weight")]
+    pub coca_caption_loss_weight: f64,
+    /// CoCa's weight on the contrastive loss (default 1, open_clip's).
+    #[serde(skip_serializing_if = "is_default_contrastive_weight")]
+    pub coca_contrastive_loss_weight: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        LossConfig {
+            kind: LossKind::default(),
+            tiling: Tiling::default(),
+            coca_caption_loss_weight: COCA_CAPTION_LOSS_WEIGHT,
+            coca_contrastive_loss_weight: COCA_CONTRASTIVE_LOSS_WEIGHT,
+        }
+    }
+}
+
+fn is_default_caption_weight(w: &f64) -> bool {
+    *w == COCA_CAPTION_LOSS_WEIGHT
+}
+
+fn is_default_contrastive_weight(w: &f64) -> bool {
+    *w == COCA_CONTRASTIVE_LOSS_WEIGHT
 }
 
 /// `loss:` as written: `tiling`, or the two keys it replaces (`tile_size`, 0 for automatic,
@@ -114,6 +149,10 @@ struct LossYaml {
     tile_size: Option<usize>,
     #[serde(default)]
     naive: Option<bool>,
+    #[serde(default)]
+    coca_caption_loss_weight: Option<f64>,
+    #[serde(default)]
+    coca_contrastive_loss_weight: Option<f64>,
 }
 
 impl TryFrom<LossYaml> for LossConfig {
@@ -127,7 +166,29 @@ impl TryFrom<LossYaml> for LossConfig {
             }
             (None, size, naive) => Tiling::from_flags(size.unwrap_or(0), naive.unwrap_or(false)),
         };
-        Ok(LossConfig { kind: raw.kind, tiling })
+        let mut weights = [
+            ("coca_caption_loss_weight", raw.coca_caption_loss_weight, COCA_CAPTION_LOSS_WEIGHT),
+            (
+                "coca_contrastive_loss_weight",
+                raw.coca_contrastive_loss_weight,
+                COCA_CONTRASTIVE_LOSS_WEIGHT,
+            ),
+        ]
+        .map(|(key, given, default)| (key, given.unwrap_or(default), given.is_some()));
+        for (key, weight, given) in &mut weights {
+            if *given && raw.kind != LossKind::Coca {
+                return Err(format!("{key} is CoCa's; it needs `kind: coca`"));
+            }
+            if !(weight.is_finite() && *weight >= 0.0) {
+                return Err(format!("{key} must be a number >= 0, got {weight}"));
+            }
+        }
+        Ok(LossConfig {
+            kind: raw.kind,
+            tiling,
+            coca_caption_loss_weight: weights[0].1,
+            coca_contrastive_loss_weight: weights[1].1,
+        })
     }
 }
 
@@ -156,7 +217,20 @@ impl LossConfig {
                 "loss.kind siglip needs a model with a logit_bias: set model.init_logit_bias (SigLIP uses -10)".into(),
             ));
         }
-        Ok(())
+        match (self.kind, model.is_coca()) {
+            (LossKind::Coca, false) => Err(TrainError::Config(
+                "loss.kind coca trains CoCa's captioning decoder, and this model has none \
+                 (no multimodal_cfg); use kind clip or siglip"
+                    .into(),
+            )),
+            (LossKind::Clip | LossKind::Siglip, true) => Err(TrainError::Config(format!(
+                "this model is a CoCa (it has a multimodal_cfg): train it with loss.kind: coca, \
+                 which scores its captioning decoder too (coca_caption_loss_weight: 0 for the \
+                 contrastive loss alone), not kind {}",
+                if self.kind == LossKind::Clip { "clip" } else { "siglip" }
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -183,12 +257,18 @@ mod tests {
             ("tiling: huge\n", "`auto`, `naive` or a tile side"),
             ("tiling: 64\nnaive: true\n", "`tiling` replaces `tile_size` and `naive`"),
             ("tile_sise: 64\n", "tile_sise"),
+            ("coca_caption_loss_weight: 1\n", "needs `kind: coca`"),
+            ("kind: coca\ncoca_contrastive_loss_weight: -1\n", ">= 0"),
         ] {
             let msg = parse(bad).expect_err(bad);
             assert!(msg.contains(says), "{bad}: {msg}");
         }
         // Written back as the one key.
-        let cfg = LossConfig { kind: LossKind::Siglip, tiling: Tiling::Tile(128) };
+        let cfg = LossConfig {
+            kind: LossKind::Siglip,
+            tiling: Tiling::Tile(128),
+            ..LossConfig::default()
+        };
         let yaml = serde_yaml::to_string(&cfg).unwrap();
         assert_eq!(yaml, "kind: siglip\ntiling: 128\n");
         assert_eq!(parse(&yaml).unwrap(), cfg);
@@ -196,5 +276,9 @@ mod tests {
             serde_yaml::to_string(&LossConfig::default()).unwrap(),
             "kind: clip\ntiling: auto\n"
         );
+        let coca = parse("kind: coca\ncoca_caption_loss_weight: 1.5\n").unwrap();
+        assert_eq!(coca.coca_caption_loss_weight, 1.5);
+        assert_eq!(coca.coca_contrastive_loss_weight, COCA_CONTRASTIVE_LOSS_WEIGHT);
+        assert_eq!(parse(&serde_yaml::to_string(&coca).unwrap()).unwrap(), coca);
     }
 }

@@ -45,20 +45,13 @@ impl<'de> Deserialize<'de> for ModelRef {
     }
 }
 
-/// What an unknown model reference is told: open_clip's models oxclip does not build yet are
-/// named as such; any other name gets the closest built-in names.
+/// What an unknown model reference is told: the closest built-in names.
 pub(super) fn unknown_model(reference: &str) -> String {
-    match zoo::not_built(reference) {
-        Some(family) => format!(
-            "model `{reference}` is open_clip's, a {family} model, which oxclip does not build yet \
-             (docs/models.md lists what it builds; `oxclip model list` prints the built-in names)"
-        ),
-        None => format!(
-            "model `{reference}` is neither a built-in model nor an existing file{} \
-             (`oxclip model list` prints the built-in names)",
-            suggestion(reference)
-        ),
-    }
+    format!(
+        "model `{reference}` is neither a built-in model nor an existing file{} \
+         (`oxclip model list` prints the built-in names)",
+        suggestion(reference)
+    )
 }
 
 /// `; did you mean ViT-B-32 or ViT-B-32-256?` when names are close to `reference`.

@@ -67,6 +67,13 @@ pub fn export_into(
                 .into(),
         ));
     }
+    if format == Format::HuggingFace && cfg.is_coca() {
+        return Err(TrainError::ModelConfig(
+            "a CoCa model has no Hugging Face counterpart (transformers has no CoCa class to hold its \
+             captioning decoder and attentional pooler); export with --format open_clip"
+                .into(),
+        ));
+    }
     if let (Format::HuggingFace, Some(name)) = (format, &cfg.text_cfg.hf_model_name) {
         return Err(TrainError::ModelConfig(format!(
             "the Hugging Face text tower ({name}) has no place in transformers' CLIPModel or SiglipModel, \

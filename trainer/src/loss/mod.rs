@@ -31,13 +31,36 @@ pub struct LossOutput {
     pub grad_logit_bias: Option<Tensor>,
 }
 
+impl LossOutput {
+    /// The loss and every gradient times `w`.
+    fn weighted(self, w: f64) -> LossOutput {
+        LossOutput {
+            loss: self.loss * w,
+            grad_image: self.grad_image * w,
+            grad_text: self.grad_text * w,
+            grad_logit_scale: self.grad_logit_scale * w,
+            grad_logit_bias: self.grad_logit_bias.map(|g| g * w),
+        }
+    }
+}
+
 /// Which loss a run optimises and how it is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossSpec {
     pub kind: LossKind,
     pub tiling: Tiling,
     /// Precision of the similarity and gradient products of the tiled loss.
     pub matmul: Matmul,
+    /// CoCa's weights (`loss.kind: coca`); `None` for a contrastive loss alone.
+    pub coca: Option<CocaWeights>,
+}
+
+/// How CoCa weighs its two losses (open_clip's `CoCaLoss`): the total is
+/// `contrastive * clip loss + caption * caption loss`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CocaWeights {
+    pub contrastive: f64,
+    pub caption: f64,
 }
 
 impl LossSpec {
@@ -47,6 +70,10 @@ impl LossSpec {
             kind: loss.kind,
             tiling: loss.tiling,
             matmul: if bf16_matmul { Matmul::Bf16 } else { Matmul::Fp32 },
+            coca: (loss.kind == LossKind::Coca).then_some(CocaWeights {
+                contrastive: loss.coca_contrastive_loss_weight,
+                caption: loss.coca_caption_loss_weight,
+            }),
         }
     }
 
@@ -74,6 +101,14 @@ impl LossSpec {
                 Some(tile) => clip::clip_loss(image, text, logit_scale, rows, tile, self.matmul),
                 None => clip::clip_loss_naive(image, text, logit_scale, rows),
             },
+            LossKind::Coca => {
+                let clip = LossSpec { kind: LossKind::Clip, coca: None, ..*self };
+                let out = clip.compute(image, text, logit_scale, logit_bias, rows)?;
+                match self.coca.map(|w| w.contrastive).filter(|&w| w != 1.0) {
+                    Some(w) => out.weighted(w),
+                    None => out,
+                }
+            }
             LossKind::Siglip => {
                 let bias = logit_bias.ok_or_else(|| {
                     TrainError::Config(

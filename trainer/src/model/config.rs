@@ -30,10 +30,45 @@ pub struct ModelConfig {
     pub custom_text: bool,
     pub vision_cfg: VisionConfig,
     pub text_cfg: TextConfig,
-    /// CoCa's captioning decoder (open_clip's `MultimodalCfg`): parsed so that a CoCa config
-    /// is refused by name (`validate`), not built yet.
+    /// CoCa's captioning decoder (open_clip's `MultimodalCfg`): a model with one is a CoCa,
+    /// trained with `loss.kind: coca` and captioning with `oxclip caption`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub multimodal_cfg: Option<serde_json::Value>,
+    pub multimodal_cfg: Option<MultimodalConfig>,
+}
+
+/// CoCa's text decoder (open_clip's `MultimodalCfg`, a `CLIPTextCfg` with a few more keys):
+/// `layers` causal self-attention blocks, each followed by a block that cross-attends to the
+/// image tokens, then ln_final and a projection onto the text tower's vocabulary
+/// (`text_cfg.vocab_size`: open_clip sizes the decoder's output by the text config, not by
+/// this one's `vocab_size`). It has no positions of its own: the text tower's tokens carry them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultimodalConfig {
+    /// The longest caption the decoder's causal mask covers (open_clip slices a mask this
+    /// long; oxclip's causal attention has no table, so longer sequences are not refused).
+    #[serde(default = "default_context_length")]
+    pub context_length: i64,
+    /// Parsed as open_clip does, and unused as there: the output is `text_cfg.vocab_size` wide.
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: i64,
+    #[serde(default = "default_text_width")]
+    pub width: i64,
+    #[serde(default = "default_text_heads")]
+    pub heads: i64,
+    #[serde(default = "default_text_layers")]
+    pub layers: i64,
+    #[serde(default = "default_mlp_ratio", skip_serializing_if = "is_default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ls_init_value: Option<f64>,
+    /// open_clip's `MultimodalCfg` keys that its decoder does not read (the attentional
+    /// pooler's are `vision_cfg`'s): parsed and kept, so its JSON round-trips.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dim_head: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_queries: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_pooler_heads: Option<i64>,
 }
 
 /// The image tower: a ViT (`layers` a number), OpenAI's ModifiedResNet (`layers` a list of
@@ -106,8 +141,8 @@ pub struct VisionConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timm_drop_path: Option<f64>,
 
-    /// open_clip options oxclip parses but does not build (CoCa's attentional pooler, other
-    /// positional embeddings, the custom attention block): `validate` names any that is set.
+    /// CoCa's attentional pooler: `attn_pooler_queries` learned queries (`attn_pooler_heads`
+    /// heads) cross-attend to the ViT's tokens; ln_post, pooling and `proj` then act on them.
     #[serde(default, skip_serializing_if = "is_false")]
     pub attentional_pool: bool,
     #[serde(
@@ -120,10 +155,15 @@ pub struct VisionConfig {
         skip_serializing_if = "is_default_attn_pooler_heads"
     )]
     pub attn_pooler_heads: i64,
-    #[serde(default = "default_pos_embed_type", skip_serializing_if = "is_default_pos_embed_type")]
-    pub pos_embed_type: String,
+    /// The tower also hands its tokens on (CoCa's decoder reads them); set by CoCa configs,
+    /// meaningless without `multimodal_cfg`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub output_tokens: bool,
+
+    /// open_clip options oxclip parses but does not build (other positional embeddings, the
+    /// custom attention block): `validate` names any that is set.
+    #[serde(default = "default_pos_embed_type", skip_serializing_if = "is_default_pos_embed_type")]
+    pub pos_embed_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_type: Option<String>,
     #[serde(default, skip_serializing_if = "is_false")]
@@ -201,12 +241,15 @@ pub struct TextConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub norm_kwargs: Option<NormKwargs>,
 
-    /// open_clip options oxclip parses but does not build (CoCa's class embedding, Hugging
-    /// Face text towers, the custom attention block): `validate` names any that is set.
+    /// CoCa's class embedding `cls_emb`, appended after the caption: the tower pools there
+    /// (overriding `pool_type`, ln_final after pooling) and attention masks padding.
     #[serde(default, skip_serializing_if = "is_false")]
     pub embed_cls: bool,
+    /// The tower also hands its tokens on (CoCa's decoder reads them); set by CoCa configs,
+    /// meaningless without `multimodal_cfg`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub output_tokens: bool,
+    /// A Hugging Face text model (`hf_text.rs`) instead of open_clip's `TextTransformer`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hf_model_name: Option<String>,
     #[serde(default = "default_true", skip_serializing_if = "is_true")]
@@ -583,7 +626,93 @@ impl ModelConfig {
                 return err(format!("{key}.norm_kwargs.eps must be a positive number, got {eps}"));
             }
         }
+        self.validate_coca()?;
         self.refuse_unbuilt()
+    }
+
+    /// The attentional pooler and CoCa's decoder: sizes that must agree for the shapes to meet.
+    fn validate_coca(&self) -> Result<()> {
+        let (v, t) = (&self.vision_cfg, &self.text_cfg);
+        let err = |m: String| Err(TrainError::ModelConfig(m));
+        if v.attentional_pool {
+            if v.tower() != VisionTowerKind::Vit {
+                return err("vision_cfg.attentional_pool is open_clip's ViT's; this image tower \
+                            (a ResNet or a timm trunk) has none"
+                    .into());
+            }
+            for (key, value) in [
+                ("vision_cfg.attn_pooler_queries", v.attn_pooler_queries),
+                ("vision_cfg.attn_pooler_heads", v.attn_pooler_heads),
+            ] {
+                if value <= 0 {
+                    return err(format!("{key} must be positive, got {value}"));
+                }
+            }
+            if self.embed_dim % v.attn_pooler_heads != 0 {
+                return err(format!(
+                    "vision_cfg.attn_pooler_heads {} does not divide embed_dim {} (the pooler's width)",
+                    v.attn_pooler_heads, self.embed_dim
+                ));
+            }
+        }
+        let Some(m) = &self.multimodal_cfg else { return Ok(()) };
+        for (key, value) in [
+            ("multimodal_cfg.width", m.width),
+            ("multimodal_cfg.heads", m.heads),
+            ("multimodal_cfg.layers", m.layers),
+            ("multimodal_cfg.context_length", m.context_length),
+        ] {
+            if value <= 0 {
+                return err(format!("{key} must be positive, got {value}"));
+            }
+        }
+        if m.width % m.heads != 0 {
+            return err(format!(
+                "multimodal_cfg.heads {} does not divide multimodal_cfg.width {}",
+                m.heads, m.width
+            ));
+        }
+        if !(m.mlp_ratio > 0.0 && m.mlp_ratio.is_finite()) {
+            return err(format!(
+                "multimodal_cfg.mlp_ratio must be a positive number, got {}",
+                m.mlp_ratio
+            ));
+        }
+        if v.tower() != VisionTowerKind::Vit {
+            return err("a CoCa model (multimodal_cfg) reads the image tower's tokens, which open_clip's \
+                        ViT gives (vision_cfg.layers a number, no timm_model_name); this image tower does not"
+                .into());
+        }
+        // The decoder cross-attends to the image tokens at its own width.
+        let (image_tokens, from) = if v.attentional_pool {
+            (self.embed_dim, "embed_dim (the attentional pooler's width)")
+        } else {
+            (v.width, "vision_cfg.width")
+        };
+        if image_tokens != m.width {
+            return err(format!(
+                "multimodal_cfg.width {} must equal {from}, {image_tokens}: the decoder cross-attends to the image tokens",
+                m.width
+            ));
+        }
+        if v.attentional_pool && v.attn_pooler_queries < 2 {
+            return err(format!(
+                "vision_cfg.attn_pooler_queries {} leaves the decoder no image tokens: the first query is the pooled one",
+                v.attn_pooler_queries
+            ));
+        }
+        if !t.is_hf() && t.width != m.width {
+            return err(format!(
+                "multimodal_cfg.width {} must equal text_cfg.width {}: the decoder reads the text tower's tokens",
+                m.width, t.width
+            ));
+        }
+        Ok(())
+    }
+
+    /// A CoCa model: contrastive towers plus a captioning decoder (`multimodal_cfg`).
+    pub fn is_coca(&self) -> bool {
+        self.multimodal_cfg.is_some()
     }
 
     /// open_clip options that parse but that oxclip does not build: an error naming the key,
@@ -591,20 +720,8 @@ impl ModelConfig {
     fn refuse_unbuilt(&self) -> Result<()> {
         let (v, t) = (&self.vision_cfg, &self.text_cfg);
         let mut set: Vec<&str> = Vec::new();
-        if self.multimodal_cfg.is_some() {
-            set.push("multimodal_cfg (CoCa's captioning decoder)");
-        }
-        if v.attentional_pool {
-            set.push("vision_cfg.attentional_pool (CoCa)");
-        }
         if v.pos_embed_type != "learnable" {
             set.push("vision_cfg.pos_embed_type (only \"learnable\")");
-        }
-        if v.output_tokens || t.output_tokens {
-            set.push("output_tokens (CoCa)");
-        }
-        if t.embed_cls {
-            set.push("text_cfg.embed_cls (CoCa)");
         }
         if t.tokenizer_mode.as_deref().is_some_and(|m| !m.is_empty()) {
             set.push("text_cfg.tokenizer_mode");
@@ -829,15 +946,26 @@ mod tests {
         );
         assert!(unknown.unwrap_err().to_string().contains("widht"));
         let coca: ModelConfig =
-            serde_json::from_str(r#"{"embed_dim": 512, "vision_cfg": {"attentional_pool": true}, "text_cfg": {"embed_cls": true},
-                "multimodal_cfg": {"width": 512, "heads": 8, "layers": 12}}"#).unwrap();
-        let err = coca.validate().unwrap_err().to_string();
-        assert!(
-            err.contains("vision_cfg.attentional_pool")
-                && err.contains("text_cfg.embed_cls")
-                && err.contains("multimodal_cfg (CoCa"),
-            "{err}"
+            serde_json::from_str(r#"{"embed_dim": 512, "vision_cfg": {"attentional_pool": true, "output_tokens": true},
+                "text_cfg": {"embed_cls": true, "output_tokens": true},
+                "multimodal_cfg": {"width": 512, "heads": 8, "layers": 12, "attn_pooler_heads": 8}}"#).unwrap();
+        coca.validate().unwrap();
+        assert!(coca.is_coca());
+        let mut wide = coca.clone();
+        if let Some(m) = wide.multimodal_cfg.as_mut() {
+            m.width = 768;
+        }
+        let msg = wide.validate().unwrap_err().to_string();
+        assert!(msg.contains("multimodal_cfg.width 768 must equal embed_dim"), "{msg}");
+        let unknown = serde_json::from_str::<ModelConfig>(
+            r#"{"embed_dim": 8, "vision_cfg": {}, "text_cfg": {}, "multimodal_cfg": {"widht": 3}}"#,
         );
+        assert!(unknown.unwrap_err().to_string().contains("widht"));
+        let mut resnet_coca = coca.clone();
+        resnet_coca.vision_cfg.attentional_pool = false;
+        resnet_coca.vision_cfg.layers = VisionLayers::Stages(vec![3, 4, 6, 3]);
+        let msg = resnet_coca.validate().unwrap_err().to_string();
+        assert!(msg.contains("open_clip's ViT"), "{msg}");
         let bad = serde_json::from_str::<ModelConfig>(
             r#"{"embed_dim": 8, "vision_cfg": {"image_size": [224, 256]}, "text_cfg": {}}"#,
         );

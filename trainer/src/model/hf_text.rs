@@ -422,14 +422,37 @@ impl HfText {
         if i <= self.encoder.layer_count() {
             return self.encoder.layer(i - 1, x, &attended, train);
         }
+        self.head_with_tokens(x, tokens, train).0
+    }
+
+    /// The last stage's output and the tokens CoCa's decoder reads: the last hidden state
+    /// (B, L, W), without the first token's row under `cls_pooler` (open_clip's HFTextEncoder
+    /// drops the row its ClsPooler reads).
+    pub fn head_with_tokens(&self, x: &Tensor, tokens: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let attended = tokens.ne(self.arch.pad_token_id());
         let hidden = self.encoder.last_hidden_state(x, train);
         let pooled = self.pool(&hidden, &attended);
-        match &self.proj {
+        let projected = match &self.proj {
             HfProj::Linear(w) => pooled.linear::<Tensor>(w, None),
             HfProj::Mlp(w0, w2) => {
                 pooled.linear::<Tensor>(w0, None).gelu("none").linear::<Tensor>(w2, None)
             }
-        }
+        };
+        let rows = match self.pooler {
+            HfPooler::Cls => hidden.narrow(1, 1, hidden.size()[1] - 1),
+            _ => hidden,
+        };
+        (projected, rows)
+    }
+
+    /// The padding id the encoder masks (`pad_token_id`).
+    pub fn pad_token_id(&self) -> i64 {
+        self.arch.pad_token_id()
+    }
+
+    /// The encoder's width: that of the tokens [`HfText::head_with_tokens`] gives.
+    pub fn width(&self) -> i64 {
+        self.arch.width()
     }
 
     /// (B, L, W) -> (B, W), over the tokens `attended` (B, L) marks.

@@ -3,9 +3,10 @@
 //! last N groups. The groups, first to last, are open_clip's:
 //!
 //! - image: {conv1, class_embedding, positional_embedding, ln_pre}, each residual block but
-//!   the last, {last block, ln_post}, {proj};
-//! - text: {token_embedding, positional_embedding}, each residual block but the last,
-//!   {last block, ln_final}, {text_projection};
+//!   the last, {last block, ln_post}, {proj}; CoCa's attentional pooler is in no group and
+//!   stays frozen whatever the count, as open_clip's `VisionTransformer.lock` leaves it;
+//! - text: {token_embedding, positional_embedding, CoCa's cls_emb}, each residual block but
+//!   the last, {last block, ln_final}, {text_projection}; CoCa's decoder never locks;
 //! - a timm trunk, as open_clip's `TimmModel.lock`: timm's groups (for a ViT: the stem, each
 //!   block but the last, {last block, norm}, then {attn_pool, fc_norm, the trunk's own
 //!   classifier} where there are any; `timm_vit::lock_groups`); `visual.head` is never
@@ -63,7 +64,11 @@ fn groups(cfg: &ModelConfig, tower: Tower) -> Vec<Vec<String>> {
             "visual.proj".to_owned(),
         ),
         Tower::Text => (
-            vec![format!("{t}token_embedding"), format!("{t}positional_embedding")],
+            vec![
+                format!("{t}token_embedding"),
+                format!("{t}positional_embedding"),
+                format!("{t}cls_emb"),
+            ],
             format!("{t}transformer.resblocks"),
             cfg.text_cfg.layers,
             format!("{t}ln_final"),
@@ -109,10 +114,15 @@ pub fn lock_with(
     }
     let groups = groups(cfg, tower);
     let keep = &groups[groups.len().saturating_sub(unlocked)..];
+    // Frozen whatever `unlocked` says: open_clip freezes the whole tower, then unlocks groups.
+    let always = match tower {
+        Tower::Image => vec!["visual.attn_pool".to_owned()],
+        Tower::Text => Vec::new(),
+    };
     let mut frozen = 0;
     for (name, var) in vs.variables() {
         let member = groups.iter().any(|g| in_group(&name, g));
-        if member && !keep.iter().any(|g| in_group(&name, g)) {
+        if (member && !keep.iter().any(|g| in_group(&name, g))) || in_group(&name, &always) {
             let _ = var.set_requires_grad(false);
             frozen += 1;
         }

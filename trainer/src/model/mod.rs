@@ -10,7 +10,8 @@
 //! `timm_swin.rs` (timm's Swin Transformer), `timm_fastvit.rs` (timm's FastViT, MobileCLIP-S),
 //! `timm_head.rs` (open_clip's head after a timm
 //! trunk), `text.rs`, `hf_text.rs` (Hugging Face text towers, over `hf_bert.rs`, `hf_t5.rs`
-//! and `hf_m2m100.rs`, which read `hf_config.rs`), and `transformer.rs` (the block the ViT and text towers share);
+//! and `hf_m2m100.rs`, which read `hf_config.rs`), `transformer.rs` (the block the ViT and text
+//! towers share) and `coca.rs` (CoCa's attentional pooler, text decoder and captioning loss);
 //! `batch_norm.rs`, `conv.rs` and `drop_path.rs` hold what several towers use. `config.rs` is open_clip's
 //! JSON schema, `zoo.rs` its built-in configs, `params.rs` how every parameter is made,
 //! `lock.rs` what fine-tuning freezes, `staged.rs` each tower's forward as stages and
@@ -21,6 +22,7 @@
 //! export) are the `interchange` module's, which builds on this one.
 
 pub mod batch_norm;
+pub mod coca;
 pub mod config;
 pub mod conv;
 pub mod drop_path;
@@ -54,7 +56,8 @@ use tch::nn::{self, Init};
 use tch::Tensor;
 
 use batch_norm::BnSwitches;
-pub use config::{ModelConfig, TextConfig, VisionConfig, VisionTowerKind};
+use config::Activation;
+pub use config::{ModelConfig, MultimodalConfig, TextConfig, VisionConfig, VisionTowerKind};
 use params::param;
 use resnet::ModifiedResNet;
 use staged::Stages;
@@ -73,6 +76,8 @@ pub struct Clip {
     pub config: ModelConfig,
     pub visual: VisionTower,
     pub text: TextTower,
+    /// CoCa's captioning decoder (`multimodal_cfg`), under `text_decoder.`.
+    pub text_decoder: Option<coca::TextDecoder>,
     /// The log of the temperature's inverse; a 0-dim tensor.
     pub logit_scale: Tensor,
     /// The sigmoid loss's learnable bias (0-dim), when the config asks for one.
@@ -86,9 +91,38 @@ pub struct Clip {
 pub fn validate(config: &ModelConfig) -> Result<()> {
     config.validate()?;
     if config.text_cfg.is_hf() {
-        hf_text::check(&config.text_cfg)?;
+        let arch = hf_text::check(&config.text_cfg)?;
+        if let Some(m) = &config.multimodal_cfg {
+            if arch.width() != m.width {
+                return Err(TrainError::ModelConfig(format!(
+                    "multimodal_cfg.width {} must equal the text model's width {} ({}): the decoder reads its tokens",
+                    m.width,
+                    arch.width(),
+                    config.text_cfg.hf_model_name.as_deref().unwrap_or_default()
+                )));
+            }
+            if hf_text::HfPooler::parse(&config.text_cfg.hf_pooler_type)? == hf_text::HfPooler::Cls
+            {
+                return Err(TrainError::ModelConfig(
+                    "a CoCa model cannot pool its Hugging Face text tower with cls_pooler: open_clip \
+                     then drops the first token from those the decoder reads, and the captions no \
+                     longer line up with their labels; use mean_pooler or cls_last_hidden_state_pooler"
+                        .into(),
+                ));
+            }
+        }
     }
     Ok(())
+}
+
+/// What a training forward gives the step: the L2-normalised features the contrastive loss
+/// scores and, for CoCa, the caption loss's summed cross-entropy over this batch's labels.
+#[derive(Debug)]
+pub struct Outputs {
+    pub image: Tensor,
+    pub text: Tensor,
+    /// 0-dim fp32; `None` for a model without a decoder.
+    pub caption_nll: Option<Tensor>,
 }
 
 /// The text tower the config names.
@@ -138,6 +172,23 @@ impl TextTower {
         match self {
             TextTower::Clip(_) => false,
             TextTower::Hf(t) => t.draws(),
+        }
+    }
+
+    /// The last stage on `x`, and the tokens CoCa's decoder reads (`head_with_tokens` of
+    /// `text.rs`, `hf_text.rs`).
+    pub fn head_with_tokens(&self, x: &Tensor, tokens: &Tensor, train: bool) -> (Tensor, Tensor) {
+        match self {
+            TextTower::Clip(t) => t.head_with_tokens(x, tokens),
+            TextTower::Hf(t) => t.head_with_tokens(x, tokens, train),
+        }
+    }
+
+    /// The id captions are padded with, which attention and the caption loss skip.
+    pub fn pad_id(&self, cfg: &TextConfig) -> i64 {
+        match self {
+            TextTower::Clip(_) => cfg.pad_id,
+            TextTower::Hf(t) => t.pad_token_id(),
         }
     }
 }
@@ -252,6 +303,16 @@ impl VisionTower {
         }
     }
 
+    /// The last stage on `x`, and the tokens CoCa's decoder reads: the ViT's
+    /// (`vision.rs`); for the towers a CoCa config cannot name (refused by validation), the
+    /// last stage's input.
+    pub fn head_with_tokens(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
+        match self {
+            VisionTower::Vit(vit) => vit.head_with_tokens(x),
+            _ => (self.stage(self.stage_count() - 1, x, train, None), x.shallow_clone()),
+        }
+    }
+
     /// Stage `i` of [`VisionTower::forward`]; a ResNet has no patches to drop (the config
     /// refuses patch dropout on it) and ignores `kept`.
     pub fn stage(&self, i: usize, x: &Tensor, train: bool, kept: Option<&Tensor>) -> Tensor {
@@ -303,8 +364,9 @@ fn unknown_timm_trunk(name: &str) -> TrainError {
     ))
 }
 
-/// The image tower of [`Clip::features`] as stages: the tower's, its output L2-normalised,
-/// keeping the patches `kept` lists (patch dropout).
+/// The image tower as the training step runs it, in stages: the tower's, its output
+/// L2-normalised, keeping the patches `kept` lists (patch dropout). A CoCa model's stop before
+/// the head, whose pooled features and tokens [`Clip::outputs`] takes.
 pub struct ImageStages<'a> {
     model: &'a Clip,
     kept: Option<&'a Tensor>,
@@ -312,7 +374,7 @@ pub struct ImageStages<'a> {
 
 impl Stages for ImageStages<'_> {
     fn count(&self) -> usize {
-        self.model.visual.stage_count()
+        self.model.visual.stage_count() - usize::from(self.model.is_coca())
     }
 
     fn draws(&self) -> bool {
@@ -326,7 +388,7 @@ impl Stages for ImageStages<'_> {
         } else {
             self.model.visual.stage(i, x, training, self.kept)
         };
-        if i + 1 == self.count() {
+        if i + 1 == self.count() && !self.model.is_coca() {
             normalize(&out)
         } else {
             out
@@ -334,8 +396,9 @@ impl Stages for ImageStages<'_> {
     }
 }
 
-/// The text tower of [`Clip::features`] as stages for the captions `tokens`: the tower's,
-/// its output L2-normalised.
+/// The text tower for the captions `tokens` as the training step runs it, in stages: the
+/// tower's, its output L2-normalised; a CoCa model's stop before the head, as
+/// [`ImageStages`].
 pub struct TextStages<'a> {
     model: &'a Clip,
     tokens: &'a Tensor,
@@ -343,7 +406,7 @@ pub struct TextStages<'a> {
 
 impl Stages for TextStages<'_> {
     fn count(&self) -> usize {
-        self.model.text.stage_count()
+        self.model.text.stage_count() - usize::from(self.model.is_coca())
     }
 
     fn draws(&self) -> bool {
@@ -352,7 +415,7 @@ impl Stages for TextStages<'_> {
 
     fn run(&self, i: usize, x: &Tensor) -> Tensor {
         let out = self.model.text.stage(i, x, self.tokens, self.model.is_training());
-        if i + 1 == self.count() {
+        if i + 1 == self.count() && !self.model.is_coca() {
             normalize(&out)
         } else {
             out
@@ -372,6 +435,11 @@ impl Clip {
             config: config.clone(),
             visual: VisionTower::new(root / "visual", config)?,
             text: TextTower::new(text_root, config)?,
+            text_decoder: config.multimodal_cfg.as_ref().map(|m| {
+                // open_clip's decoder takes no act_kwargs: QuickGELU or exact GELU.
+                let act = if config.quick_gelu { Activation::QuickGelu } else { Activation::Gelu };
+                coca::TextDecoder::new(root / "text_decoder", m, config.text_cfg.vocab_size, act)
+            }),
             logit_scale: param(
                 root,
                 "logit_scale",
@@ -494,20 +562,120 @@ impl Clip {
         tokens: &Tensor,
         kept: Option<&Tensor>,
     ) -> (Tensor, Tensor) {
-        (
-            staged::forward(&self.image_stages(kept), images),
-            staged::forward(&self.text_stages(tokens), tokens),
-        )
+        let image = staged::forward(&self.image_stages(kept), images);
+        let text = staged::forward(&self.text_stages(tokens), tokens);
+        if !self.is_coca() {
+            return (image, text);
+        }
+        // CoCa's stages stop before the heads (the decoder reads what they see).
+        let train = self.is_training();
+        let (image, _) = self.visual.head_with_tokens(&image, train);
+        let (text, _) = self.text.head_with_tokens(&text, tokens, train);
+        (normalize(&image), normalize(&text))
     }
 
-    /// The image half of [`Clip::features_keeping`] as stages, for activation checkpointing.
+    /// A CoCa model: it has a captioning decoder.
+    pub fn is_coca(&self) -> bool {
+        self.text_decoder.is_some()
+    }
+
+    /// The image tower as the training step runs it, in stages (activation checkpointing).
     pub fn image_stages<'a>(&'a self, kept: Option<&'a Tensor>) -> ImageStages<'a> {
         ImageStages { model: self, kept }
     }
 
-    /// The text half of [`Clip::features`] for `tokens`, as stages.
+    /// The text tower over `tokens` as the training step runs it, in stages.
     pub fn text_stages<'a>(&'a self, tokens: &'a Tensor) -> TextStages<'a> {
         TextStages { model: self, tokens }
+    }
+
+    /// The training forward: [`Clip::outputs`] of both towers' stages.
+    pub fn forward_outputs(
+        &self,
+        images: &Tensor,
+        tokens: &Tensor,
+        kept: Option<&Tensor>,
+    ) -> Outputs {
+        let image = staged::forward(&self.image_stages(kept), images);
+        let text = staged::forward(&self.text_stages(tokens), tokens);
+        self.outputs(&image, &text, tokens)
+    }
+
+    /// The step's [`Outputs`] from the outputs of [`Clip::image_stages`] and
+    /// [`Clip::text_stages`] over `tokens`: their features as they are, or for CoCa the heads'
+    /// features normalised and the caption loss, as open_clip's `CoCa.forward` and `CoCaLoss`.
+    pub fn outputs(&self, image: &Tensor, text: &Tensor, tokens: &Tensor) -> Outputs {
+        match self.coca_heads(image, text, tokens) {
+            Some((image_features, text_features, logits)) => {
+                let labels = tokens.narrow(1, 1, tokens.size()[1] - 1);
+                Outputs {
+                    image: normalize(&image_features),
+                    text: normalize(&text_features),
+                    caption_nll: Some(coca::caption_nll_sum(&logits, &labels, self.pad_id())),
+                }
+            }
+            None => Outputs {
+                image: image.shallow_clone(),
+                text: text.shallow_clone(),
+                caption_nll: None,
+            },
+        }
+    }
+
+    /// CoCa's heads on the towers' trunk outputs: image and text features (not normalised)
+    /// and the teacher-forced logits (B, L - 1, vocab): the decoder reads the caption's tokens
+    /// but the last and predicts each next one. `None` without a decoder.
+    fn coca_heads(
+        &self,
+        image: &Tensor,
+        text: &Tensor,
+        tokens: &Tensor,
+    ) -> Option<(Tensor, Tensor, Tensor)> {
+        let decoder = self.text_decoder.as_ref()?;
+        let train = self.is_training();
+        let (image_features, image_tokens) = self.visual.head_with_tokens(image, train);
+        let (text_features, text_tokens) = self.text.head_with_tokens(text, tokens, train);
+        let l = tokens.size()[1];
+        let logits = decoder.forward(&image_tokens, &text_tokens.narrow(1, 0, l - 1));
+        Some((image_features, text_features, logits))
+    }
+
+    /// CoCa's teacher-forced next-token logits for `images` and their captions `tokens` (B, L):
+    /// (B, L - 1, vocab), position i predicting token i + 1 (open_clip's
+    /// `CoCa(images, tokens)["logits"]`).
+    pub fn caption_logits(&self, images: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+        let image = staged::forward(&self.image_stages(None), images);
+        let text = staged::forward(&self.text_stages(tokens), tokens);
+        self.coca_heads(&image, &text, tokens).map(|(_, _, logits)| logits).ok_or_else(not_coca)
+    }
+
+    /// The id captions are padded with: attention skips it, and so does the caption loss.
+    pub fn pad_id(&self) -> i64 {
+        self.text.pad_id(&self.config.text_cfg)
+    }
+
+    /// CoCa: each image's features and the tokens the decoder reads, (B, embed_dim) not
+    /// normalised and (B, M, W), in eval or training mode as the model is.
+    pub fn encode_image_tokens(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let images = self.in_weight_kind(images);
+        let stages = self.visual.stage_count();
+        let trunk = staged::fold(stages - 1, &images, |i, x| {
+            self.visual.stage(i, x, self.is_training(), None)
+        });
+        Ok(self.visual.head_with_tokens(&trunk, self.is_training()))
+    }
+
+    /// CoCa's next-token logits: for each sequence `ids` (R, L), read with the image tokens
+    /// of its row of `image_tokens` (R, M, W), the logits (R, vocab) of the token after it
+    /// (open_clip's `CoCa.forward(..., output_labels=False)["logits"][:, -1]`).
+    pub fn next_token_logits(&self, image_tokens: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let decoder = self.text_decoder.as_ref().ok_or_else(not_coca)?;
+        let stages = self.text.stage_count();
+        let train = self.is_training();
+        let x = staged::fold(stages - 1, ids, |i, x| self.text.stage(i, x, ids, train));
+        let (_, text_tokens) = self.text.head_with_tokens(&x, ids, train);
+        let logits = decoder.forward(image_tokens, &text_tokens);
+        Ok(logits.select(1, logits.size()[1] - 1))
     }
 
     /// Keeps the scale in [1, 100], as open_clip does after each optimizer step.
@@ -516,6 +684,12 @@ impl Clip {
             let _ = self.logit_scale.shallow_clone().clamp_(0.0, LOGIT_SCALE_MAX);
         });
     }
+}
+
+fn not_coca() -> TrainError {
+    TrainError::ModelConfig(
+        "this model has no captioning decoder (multimodal_cfg): it is not a CoCa model".into(),
+    )
 }
 
 /// Row-wise L2 normalisation (`F.normalize(x, dim=-1)`, eps 1e-12).

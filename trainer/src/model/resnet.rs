@@ -17,7 +17,7 @@ use super::batch_norm::{BatchNorm2d, BnMode, BnSwitches};
 use super::config::VisionConfig;
 use super::params::param;
 use super::staged;
-use super::transformer::{randn, Linear};
+use super::transformer::{attend, randn, Linear};
 
 /// A bias-free 2-d convolution weight (out, in, k, k) with PyTorch's default initialisation,
 /// kaiming_uniform(a = sqrt 5) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -138,25 +138,11 @@ impl AttentionPool2d {
         let kind = x.kind();
         let x = Tensor::cat(&[x.mean_dim(1, true, None), x], 1)
             + self.positional_embedding.to_kind(kind);
-        let l = x.size()[1];
-        let head_dim = c / self.heads;
-        let split = |t: Tensor, len: i64| t.view([b, len, self.heads, head_dim]).transpose(1, 2);
         // open_clip attends from every position and keeps the first: only that query is computed.
-        let q = split(self.q_proj.forward(&x.narrow(1, 0, 1)), 1);
-        let k = split(self.k_proj.forward(&x), l);
-        let v = split(self.v_proj.forward(&x), l);
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
-        // (B, H, 1, Dh) -> (B, C)
-        self.c_proj.forward(&out.transpose(1, 2).reshape([b, c]))
+        let q = self.q_proj.forward(&x.narrow(1, 0, 1));
+        let out = attend(&q, &self.k_proj.forward(&x), &self.v_proj.forward(&x), self.heads);
+        // (B, 1, C) -> (B, C)
+        self.c_proj.forward(&out.reshape([b, c]))
     }
 }
 

@@ -2,7 +2,8 @@
 //! blocks (causally masked unless `no_causal_mask`), ln_final, one position pooled where the
 //! config says (`argmax`: CLIP's EOT, the largest id; `eos`: the first `eos_id`; `last`;
 //! `first`), projected by `text_projection` (a matrix, or a Linear with a bias under
-//! `proj_bias`; none under `proj_type: none`).
+//! `proj_bias`; none under `proj_type: none`). CoCa's tower (`embed_cls`) appends a learned
+//! class embedding after the caption, masks padding and pools there.
 
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -10,7 +11,9 @@ use tch::{Kind, Tensor};
 use super::config::{TextConfig, TextPool};
 use super::params::param;
 use super::staged;
-use super::transformer::{randn, Activation, BlockInit, BlockSpec, LayerNorm, Linear, Transformer};
+use super::transformer::{
+    randn, Activation, BlockInit, BlockSpec, LayerNorm, Linear, Mask, Transformer,
+};
 
 #[derive(Debug)]
 pub enum TextProjection {
@@ -25,14 +28,17 @@ pub enum TextProjection {
 pub struct TextTransformer {
     /// (vocab, width)
     pub token_embedding: Tensor,
-    /// (context_length, width)
+    /// (context_length, width); one more row under `embed_cls`.
     pub positional_embedding: Tensor,
+    /// CoCa's class embedding (width,), appended after the caption.
+    pub cls_emb: Option<Tensor>,
     pub transformer: Transformer,
     pub ln_final: LayerNorm,
     pub text_projection: TextProjection,
     causal: bool,
     pool: TextPool,
     eos_id: i64,
+    pad_id: i64,
 }
 
 impl TextTransformer {
@@ -79,15 +85,17 @@ impl TextTransformer {
             positional_embedding: param(
                 &p,
                 "positional_embedding",
-                &[cfg.context_length, width],
+                &[cfg.context_length + i64::from(cfg.embed_cls), width],
                 randn(0.01),
             ),
+            cls_emb: cfg.embed_cls.then(|| param(&p, "cls_emb", &[width], randn(0.01))),
             transformer: Transformer::new(&p / "transformer", cfg.layers, spec),
             ln_final: LayerNorm::new(&p / "ln_final", width, cfg.norm_eps()),
             text_projection,
             causal: !cfg.no_causal_mask,
             pool: cfg.pool_type,
             eos_id: cfg.eos_id,
+            pad_id: cfg.pad_id,
         }
     }
 
@@ -106,24 +114,76 @@ impl TextTransformer {
     /// head pools at a position `tokens` give.
     pub fn stage(&self, i: usize, x: &Tensor, tokens: &Tensor) -> Tensor {
         if i == 0 {
-            let x = Tensor::embedding(&self.token_embedding, x, -1, false, false);
-            &x + self.positional_embedding.to_kind(x.kind())
+            self.embed(x)
         } else if let Some(block) = self.transformer.resblocks.get(i - 1) {
-            block.forward(x, self.causal)
+            match &self.cls_emb {
+                Some(_) => block.forward_masked(x, Mask::Explicit(&self.cls_mask(tokens))),
+                None => block.forward(x, self.causal),
+            }
         } else {
             self.head(x, tokens)
         }
     }
 
+    /// Token embeddings, the class embedding after them, positions: (B, L) -> (B, L (+1), W).
+    /// Captions shorter than the context take the first positions (a caption being generated).
+    fn embed(&self, tokens: &Tensor) -> Tensor {
+        let x = Tensor::embedding(&self.token_embedding, tokens, -1, false, false);
+        let x = match &self.cls_emb {
+            Some(cls) => {
+                let (b, w) = (x.size()[0], x.size()[2]);
+                let cls = cls.to_kind(x.kind()).view([1, 1, w]).expand([b, 1, w], false);
+                Tensor::cat(&[x, cls], 1)
+            }
+            None => x,
+        };
+        let positions = self.positional_embedding.narrow(0, 0, x.size()[1]);
+        &x + positions.to_kind(x.kind())
+    }
+
+    /// Which keys each query sees under `embed_cls`, (B, 1, L + 1, L + 1): causality (unless
+    /// `no_causal_mask`) and padding. This is open_clip's mask as its CoCa weights were trained
+    /// with (`correct_cls_mask` off, which open_clip's builder never turns on): the padding
+    /// flags are shifted one key to the right, so key 0 is always seen, key k is seen when token
+    /// k - 1 is not padding, and the class embedding (key L) is seen when the last token is not.
+    fn cls_mask(&self, tokens: &Tensor) -> Tensor {
+        let (b, l) = (tokens.size()[0], tokens.size()[1]);
+        let first = Tensor::ones([b, 1], (tch::Kind::Bool, tokens.device()));
+        let keys = Tensor::cat(&[first, tokens.ne(self.pad_id)], 1).view([b, 1, 1, l + 1]);
+        let keys = keys.expand([b, 1, l + 1, l + 1], false);
+        if self.causal {
+            let causal = Tensor::ones([l + 1, l + 1], (tch::Kind::Bool, tokens.device())).tril(0);
+            keys.logical_and(&causal)
+        } else {
+            keys
+        }
+    }
+
     /// ln_final, pooling, projection: (B, L, W) -> (B, embed_dim).
     fn head(&self, x: &Tensor, tokens: &Tensor) -> Tensor {
-        let x = self.ln_final.forward(x);
-        let pooled = self.pool(&x, tokens);
-        match &self.text_projection {
+        self.head_with_tokens(x, tokens).0
+    }
+
+    /// The head's output and the tokens CoCa's decoder reads, as open_clip's forward: under
+    /// `embed_cls` the class embedding's row through ln_final (ln_final after pooling) and
+    /// the caption's rows before ln_final (B, L, W); otherwise every row after ln_final.
+    pub fn head_with_tokens(&self, x: &Tensor, tokens: &Tensor) -> (Tensor, Tensor) {
+        let (pooled, rows) = match &self.cls_emb {
+            Some(_) => {
+                let l = x.size()[1] - 1;
+                (self.ln_final.forward(&x.select(1, l)), x.narrow(1, 0, l))
+            }
+            None => {
+                let x = self.ln_final.forward(x);
+                (self.pool(&x, tokens), x)
+            }
+        };
+        let projected = match &self.text_projection {
             TextProjection::Matrix(m) => pooled.matmul(m),
             TextProjection::Linear(l) => l.forward(&pooled),
             TextProjection::None => pooled,
-        }
+        };
+        (projected, rows)
     }
 
     /// The row of each caption its features are read at, as open_clip's `text_global_pool`.

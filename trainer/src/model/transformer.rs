@@ -132,8 +132,8 @@ impl Attention {
         Attention { in_proj_weight, in_proj_bias, out_proj, heads }
     }
 
-    /// x: (B, L, W) -> (B, L, W).
-    fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
+    /// x: (B, L, W) -> (B, L, W); `mask` says which keys each query sees.
+    fn forward(&self, x: &Tensor, mask: Mask) -> Tensor {
         let size = x.size();
         let (b, l, w) = (size[0], size[1], size[2]);
         let head_dim = w / self.heads;
@@ -143,19 +143,63 @@ impl Attention {
             .view([b, l, 3, self.heads, head_dim])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            causal,
-            None,
-            false,
-        );
+        let (explicit, causal) = match mask {
+            Mask::None => (None, false),
+            Mask::Causal => (None, true),
+            Mask::Explicit(keep) => (Some(keep), false),
+        };
+        let out =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, explicit, 0.0, causal, None, false);
         // (B, H, L, Dh) -> (B, L, W)
         self.out_proj.forward(&out.transpose(1, 2).reshape([b, l, w]))
     }
+
+    /// Queries from `x` (B, L, W), keys and values from `context` (B, M, W), with the same
+    /// fused projection cut in three (`nn.MultiheadAttention(q, k, v)` with k = v): CoCa's
+    /// decoder reading the image tokens.
+    fn forward_cross(&self, x: &Tensor, context: &Tensor) -> Tensor {
+        let w = x.size()[2];
+        let weights = self.in_proj_weight.split(w, 0);
+        let biases = self.in_proj_bias.split(w, 0);
+        let out = attend(
+            &x.linear(&weights[0], Some(&biases[0])),
+            &context.linear(&weights[1], Some(&biases[1])),
+            &context.linear(&weights[2], Some(&biases[2])),
+            self.heads,
+        );
+        self.out_proj.forward(&out)
+    }
+}
+
+/// Multi-head attention of projected queries (B, L, W) over projected keys and values
+/// (B, M, W), every key seen: split into `heads`, scaled dot-product attention, merged back to
+/// (B, L, W).
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64) -> Tensor {
+    let (b, l, w) = (q.size()[0], q.size()[1], q.size()[2]);
+    let split = |t: &Tensor| t.view([b, t.size()[1], heads, w / heads]).transpose(1, 2);
+    let out = Tensor::scaled_dot_product_attention(
+        &split(q),
+        &split(k),
+        &split(v),
+        None::<Tensor>,
+        0.0,
+        false,
+        None,
+        false,
+    );
+    out.transpose(1, 2).reshape([b, l, w])
+}
+
+/// Which keys each query of a self-attention sees.
+#[derive(Debug, Clone, Copy)]
+pub enum Mask<'a> {
+    /// All of them.
+    None,
+    /// Those at or before its own position.
+    Causal,
+    /// Where this boolean (B, 1, L, L) is true: causality and padding together (CoCa's text
+    /// tower).
+    Explicit(&'a Tensor),
 }
 
 impl Activation {
@@ -191,11 +235,14 @@ pub struct Mlp {
 }
 
 /// open_clip's `ResidualAttentionBlock`: x + ls_1(attn(ln_1(x))), then x + ls_2(mlp(ln_2(x))).
+/// A cross-attention block (CoCa's decoder) takes keys and values from a context normalised
+/// by its own `ln_1_kv`.
 #[derive(Debug)]
 pub struct ResidualBlock {
     pub ln_1: LayerNorm,
     pub attn: Attention,
     pub ls_1: Option<LayerScale>,
+    pub ln_1_kv: Option<LayerNorm>,
     pub ln_2: LayerNorm,
     pub mlp: Mlp,
     pub ls_2: Option<LayerScale>,
@@ -203,6 +250,15 @@ pub struct ResidualBlock {
 
 impl ResidualBlock {
     fn new(p: nn::Path, spec: BlockSpec) -> Self {
+        Self::build(p, spec, false)
+    }
+
+    /// A block whose attention reads a context ([`ResidualBlock::forward_cross`]).
+    pub fn new_cross(p: nn::Path, spec: BlockSpec) -> Self {
+        Self::build(p, spec, true)
+    }
+
+    fn build(p: nn::Path, spec: BlockSpec, cross: bool) -> Self {
         let BlockSpec { width, heads, mlp_ratio, act, eps, ls_init_value, init } = spec;
         // open_clip: `mlp_width = int(d_model * mlp_ratio)`.
         let hidden = (width as f64 * mlp_ratio) as i64;
@@ -219,6 +275,7 @@ impl ResidualBlock {
             ln_1: LayerNorm::new(&p / "ln_1", width, eps),
             attn: Attention::new(&p / "attn", width, heads, init),
             ls_1: ls_init_value.map(|v| LayerScale::new(&p / "ls_1", width, v)),
+            ln_1_kv: cross.then(|| LayerNorm::new(&p / "ln_1_kv", width, eps)),
             ln_2: LayerNorm::new(&p / "ln_2", width, eps),
             mlp: Mlp {
                 c_fc: Linear::new(&p / "mlp" / "c_fc", width, hidden, fc_init),
@@ -231,13 +288,37 @@ impl ResidualBlock {
 
     /// x: (B, L, W) -> (B, L, W); `causal` masks attention to later tokens.
     pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
-        let scaled = |ls: &Option<LayerScale>, h: Tensor| match ls {
-            Some(ls) => ls.forward(&h),
-            None => h,
+        self.forward_masked(x, if causal { Mask::Causal } else { Mask::None })
+    }
+
+    /// [`ResidualBlock::forward`] with the keys each query sees given by `mask`.
+    pub fn forward_masked(&self, x: &Tensor, mask: Mask) -> Tensor {
+        let x = x + scaled(&self.ls_1, self.attn.forward(&self.ln_1.forward(x), mask));
+        self.mlp_residual(&x)
+    }
+
+    /// x: (B, L, W) attending to `context` (B, M, W) (after `ln_1_kv`), then the MLP.
+    pub fn forward_cross(&self, x: &Tensor, context: &Tensor) -> Tensor {
+        let context = match &self.ln_1_kv {
+            Some(ln) => ln.forward(context),
+            None => context.shallow_clone(),
         };
-        let x = x + scaled(&self.ls_1, self.attn.forward(&self.ln_1.forward(x), causal));
-        let h = self.mlp.act.forward(&self.mlp.c_fc.forward(&self.ln_2.forward(&x)));
-        &x + scaled(&self.ls_2, self.mlp.c_proj.forward(&h))
+        let attended = self.attn.forward_cross(&self.ln_1.forward(x), &context);
+        let x = x + scaled(&self.ls_1, attended);
+        self.mlp_residual(&x)
+    }
+
+    fn mlp_residual(&self, x: &Tensor) -> Tensor {
+        let h = self.mlp.act.forward(&self.mlp.c_fc.forward(&self.ln_2.forward(x)));
+        x + scaled(&self.ls_2, self.mlp.c_proj.forward(&h))
+    }
+}
+
+/// A residual branch through its LayerScale, if any.
+fn scaled(ls: &Option<LayerScale>, h: Tensor) -> Tensor {
+    match ls {
+        Some(ls) => ls.forward(&h),
+        None => h,
     }
 }
 

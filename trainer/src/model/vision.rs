@@ -2,12 +2,14 @@
 //! convolution, a class token, learned positions, ln_pre (unless `no_ln_pre`), the residual
 //! blocks (LayerScale when `ls_init_value`), then pooling (`tok`: the class token; `avg`: the
 //! mean of the patch tokens) with ln_post before it (or after it, `final_ln_after_pool`),
-//! projected by `proj`. In training, patch dropout keeps some patch tokens after the positions
-//! (`patch_dropout.rs`).
+//! projected by `proj`. CoCa's ViT first hands the tokens to an attentional pooler
+//! (`attentional_pool`, `coca.rs`), whose queries ln_post, pooling and `proj` act on instead.
+//! In training, patch dropout keeps some patch tokens after the positions (`patch_dropout.rs`).
 
 use tch::nn::{self, Init};
 use tch::Tensor;
 
+use super::coca::AttentionalPooler;
 use super::config::{VisionConfig, VisionPool};
 use super::params::param;
 use super::patch_dropout::keep_patches;
@@ -24,8 +26,11 @@ pub struct VisionTransformer {
     pub positional_embedding: Tensor,
     pub ln_pre: Option<LayerNorm>,
     pub transformer: Transformer,
+    /// CoCa's attentional pooler (`attn_pool`), when the config asks for one.
+    pub attn_pool: Option<AttentionalPooler>,
     pub ln_post: LayerNorm,
-    /// (width, embed_dim), applied as `x @ proj`.
+    /// (width, embed_dim), applied as `x @ proj`; (embed_dim, embed_dim) after an attentional
+    /// pooler.
     pub proj: Tensor,
     patch_size: i64,
     pool: VisionPool,
@@ -51,6 +56,16 @@ impl VisionTransformer {
             ls_init_value: cfg.ls_init_value,
             init: BlockInit::PyTorchDefault,
         };
+        let attn_pool = cfg.attentional_pool.then(|| {
+            AttentionalPooler::new(
+                &p / "attn_pool",
+                embed_dim,
+                width,
+                cfg.attn_pooler_heads,
+                cfg.attn_pooler_queries,
+            )
+        });
+        let pool_dim = if attn_pool.is_some() { embed_dim } else { width };
         VisionTransformer {
             conv1: param(
                 &(&p / "conv1"),
@@ -67,8 +82,9 @@ impl VisionTransformer {
             ),
             ln_pre: (!cfg.no_ln_pre).then(|| LayerNorm::new(&p / "ln_pre", width, eps)),
             transformer: Transformer::new(&p / "transformer", cfg.vit_layers(), spec),
-            ln_post: LayerNorm::new(&p / "ln_post", width, eps),
-            proj: param(&p, "proj", &[width, embed_dim], randn(scale)),
+            attn_pool,
+            ln_post: LayerNorm::new(&p / "ln_post", pool_dim, eps),
+            proj: param(&p, "proj", &[pool_dim, embed_dim], randn(scale)),
             patch_size: patch,
             pool: cfg.pool_type,
             final_ln_after_pool: cfg.final_ln_after_pool,
@@ -128,15 +144,30 @@ impl VisionTransformer {
 
     /// Pooling with ln_post, then proj: (B, g*g + 1, W) -> (B, embed_dim).
     fn head(&self, x: &Tensor) -> Tensor {
+        self.head_with_tokens(x).0
+    }
+
+    /// The head's output and the tokens CoCa's decoder reads: the patch tokens after ln_post
+    /// (B, g*g, W), or the attentional pooler's queries but the first (B, n_queries - 1,
+    /// embed_dim) after ln_post, as open_clip's `_pool`.
+    pub fn head_with_tokens(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let rest = |x: &Tensor| x.narrow(1, 1, x.size()[1] - 1);
         let pool = |x: &Tensor| match self.pool {
             VisionPool::Tok => x.select(1, 0),
-            VisionPool::Avg => x.narrow(1, 1, x.size()[1] - 1).mean_dim(1, false, None),
+            VisionPool::Avg => rest(x).mean_dim(1, false, None),
         };
-        let pooled = if self.final_ln_after_pool {
-            self.ln_post.forward(&pool(x))
-        } else {
-            pool(&self.ln_post.forward(x))
+        let (pooled, tokens) = match &self.attn_pool {
+            // open_clip's CoCa setup: ln_post on the pooler's queries, final_ln_after_pool not read.
+            Some(attn_pool) => {
+                let x = self.ln_post.forward(&attn_pool.forward(x));
+                (pool(&x), rest(&x))
+            }
+            None if self.final_ln_after_pool => (self.ln_post.forward(&pool(x)), rest(x)),
+            None => {
+                let x = self.ln_post.forward(x);
+                (pool(&x), rest(&x))
+            }
         };
-        pooled.matmul(&self.proj)
+        (pooled.matmul(&self.proj), tokens)
     }
 }

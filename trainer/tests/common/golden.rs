@@ -90,6 +90,18 @@ pub fn check_gradients(
 /// library computes, and its own norm is no scale.
 pub type GradientFloor = dyn Fn(&Row, &BTreeMap<String, Tensor>) -> f64;
 
+/// A key's bias adds the same amount to each of a query's scores, which softmax cancels: its
+/// exact gradient is 0 and both libraries compute rounding. Its scale is its weight's gradient.
+pub fn key_bias_floor(row: &Row, io: &BTreeMap<String, Tensor>) -> f64 {
+    let layer =
+        row.name.strip_suffix(".key.bias").or_else(|| row.name.strip_suffix(".k_proj.bias"));
+    let weight = |layer: &str| {
+        let name = if row.name.ends_with(".k_proj.bias") { "k_proj" } else { "key" };
+        io[&format!("norm.{layer}.{name}.weight")].double_value(&[])
+    };
+    layer.map_or(0.0, weight)
+}
+
 /// [`check_gradients`], each parameter's error scale at least `floor` of it.
 pub fn check_gradients_floored(
     vs: &nn::VarStore,

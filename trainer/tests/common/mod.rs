@@ -129,7 +129,7 @@ pub fn step_config(
     micro_batch: Option<usize>,
     grad_checkpointing: bool,
 ) -> StepConfig {
-    let loss = LossConfig { kind, tiling: Tiling::Tile(4) };
+    let loss = LossConfig { kind, tiling: Tiling::Tile(4), ..LossConfig::default() };
     StepConfig {
         autocast: None,
         grad_clip_norm: None,
