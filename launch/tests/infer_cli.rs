@@ -103,6 +103,26 @@ fn embed_and_classify_with_a_trained_checkpoint() {
         .expect("runs");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("nope.png"));
+
+    // A CLIP model has no decoder to caption with, and bad search flags are refused before
+    // the model loads.
+    for (flags, says) in [
+        (&[][..], "only CoCa models caption"),
+        (&["--num-beams", "6", "--num-beam-groups", "4"][..], "num_beam_groups"),
+        (&["--seq-len", "3", "--min-seq-len", "5"][..], "seq_len"),
+    ] {
+        let refused = oxclip()
+            .args(["caption", "--device", "cpu", "--checkpoint"])
+            .arg(&run)
+            .arg("--image")
+            .arg(&images)
+            .args(flags)
+            .output()
+            .expect("runs");
+        assert!(!refused.status.success(), "{flags:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(says) && stderr.lines().count() <= 2, "{flags:?}: {stderr}");
+    }
 }
 
 #[test]

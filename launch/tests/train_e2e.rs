@@ -481,6 +481,36 @@ fn coca_trains_with_its_caption_loss_and_captions() {
         assert!(ids.len() <= 8, "{line}");
     }
 
+    // Exported as an open_clip hub directory, it captions as the run does, no --model needed;
+    // transformers has no CoCa, so a Hugging Face export is refused and writes nothing.
+    let exported = dir.path().join("exported");
+    run_ok(
+        oxclip()
+            .args(["export", "--format", "open_clip", "--checkpoint"])
+            .arg(&run)
+            .arg("--out")
+            .arg(&exported),
+    );
+    let again = run_ok(
+        oxclip()
+            .args(["caption", "--device", "cpu", "--json", "--seq-len", "8", "--checkpoint"])
+            .arg(&exported)
+            .arg("--image")
+            .arg(&images),
+    );
+    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+    let hf = dir.path().join("hf");
+    let refused = oxclip()
+        .args(["export", "--format", "hf", "--checkpoint"])
+        .arg(&run)
+        .arg("--out")
+        .arg(&hf)
+        .output()
+        .expect("runs");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("transformers has no CoCa"));
+    assert!(!hf.exists(), "a refused export leaves nothing behind");
+
     // A CLIP model is not a captioner, and a CoCa model trains with its caption loss only.
     let clip = dir.path().join("clip.yaml");
     std::fs::write(

@@ -275,4 +275,30 @@ mod tests {
             Preprocess::openai(64)
         );
     }
+
+    /// CoCa's decoder predicts every caption token and its loss skips the padding: the
+    /// tokenizer's ids must fit `text_cfg.vocab_size`, and it must pad with `text_cfg.pad_id`.
+    /// The class embedding is where the tower pools, so an argmax config needs no CLIP ids.
+    #[test]
+    fn a_coca_tokenizer_fits_the_decoder_and_pads_as_the_tower_masks() {
+        let tok = standalone_tokenizer(Some(&fixture("siglip_sp"))).unwrap();
+        let mut coca = model(serde_json::json!({"embed_dim": 32, "custom_text": true,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16,
+                           "attentional_pool": true, "attn_pooler_heads": 2, "attn_pooler_queries": 4},
+            "text_cfg": {"context_length": 16, "vocab_size": 400, "width": 32, "heads": 2, "layers": 1, "embed_cls": true},
+            "multimodal_cfg": {"width": 32, "heads": 2, "layers": 1}}));
+        coca.text_cfg.pad_id = tok.pad_id();
+        check_tokenizer(&tok, &coca, "the tokenizer").unwrap();
+        let mut pads = coca.clone();
+        pads.text_cfg.pad_id = tok.pad_id() + 1;
+        let err = check_tokenizer(&tok, &pads, "the tokenizer").unwrap_err().to_string();
+        assert!(err.contains("text_cfg.pad_id") && err.contains("caption loss"), "{err}");
+        let mut small = coca.clone();
+        small.text_cfg.vocab_size = 300;
+        let err = check_tokenizer(&tok, &small, "the tokenizer").unwrap_err().to_string();
+        assert!(
+            err.contains("CoCa's decoder") && err.contains("300") && err.contains("400"),
+            "{err}"
+        );
+    }
 }

@@ -477,9 +477,13 @@ mod tests {
     use crate::optim::AdamWConfig;
     use crate::precision::{GradScalerConfig, LowPrecision};
 
+    /// The tiny model, or for `coca` the tiny CoCa.
     fn tiny(kind: LossKind) -> ModelConfig {
-        let mut cfg: ModelConfig =
-            serde_yaml::from_str(include_str!("../../configs/models/tiny.yaml")).unwrap();
+        let yaml = match kind {
+            LossKind::Coca => include_str!("../../configs/models/tiny-coca.yaml"),
+            _ => include_str!("../../configs/models/tiny.yaml"),
+        };
+        let mut cfg: ModelConfig = serde_yaml::from_str(yaml).unwrap();
         LossConfig { kind, ..LossConfig::default() }.complete_model(&mut cfg);
         cfg
     }
@@ -577,6 +581,13 @@ mod tests {
         four_ranks_match_one(LossKind::Siglip);
     }
 
+    /// CoCa's caption loss is a mean over the global batch's labels, which the ranks hold
+    /// unequally many of: four ranks still give one process's loss and gradients.
+    #[test]
+    fn four_ranks_compute_the_gradient_of_the_whole_batch_coca() {
+        four_ranks_match_one(LossKind::Coca);
+    }
+
     fn four_ranks_match_one(kind: LossKind) {
         tch::manual_seed(11);
         let cfg = tiny(kind);
@@ -586,6 +597,11 @@ mod tests {
             vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
         let images = Tensor::randn([16, 3, 32, 32], (Kind::Float, Device::Cpu));
         let tokens = Tensor::randint_low(1, 49000, [16, 32], (Kind::Int64, Device::Cpu));
+        // Captions of 2 to 31 tokens, zero-padded: each rank's 4 hold a different number.
+        let lengths: Vec<i64> = (0..16).map(|r| 2 + (r * 7) % 30).collect();
+        let lengths = Tensor::from_slice(&lengths).view([16, 1]);
+        let tokens = tokens
+            * Tensor::arange(32, (Kind::Int64, Device::Cpu)).view([1, 32]).lt_tensor(&lengths);
 
         let (loss, whole) = gradients(&SingleProcess, kind, None, &weights, &images, &tokens);
 

@@ -82,7 +82,7 @@ fn features_tokens_logits_and_caption_loss_match_open_clip() {
             let (image_features, text_features) = clip.features(&images, text);
             close(&format!("{v} image features"), &image_features, &io["image_features"], 1e-5);
             close(&format!("{v} text features"), &text_features, &io["text_features"], 1e-5);
-            let (_, image_tokens) = clip.encode_image_tokens(&images).expect("CoCa");
+            let (_, image_tokens) = clip.encode_image_tokens(&images);
             close(&format!("{v} image tokens"), &image_tokens, &io["image_embs"], 1e-5);
             let logits = clip.caption_logits(&images, text).expect("CoCa");
             close(&format!("{v} logits"), &logits, &io["logits"], 1e-4);

@@ -216,7 +216,7 @@ pub fn caption_label_count(tokens: &Tensor, pad_id: i64) -> Tensor {
 /// text tower and the decoder over the sequences so far. The model should be in eval mode.
 pub fn caption(model: &Clip, images: &Tensor, opts: &GenerateOptions) -> Result<Vec<Vec<i64>>> {
     let _no_grad = tch::no_grad_guard();
-    let (_, image_tokens) = model.encode_image_tokens(images)?;
+    let (_, image_tokens) = model.encode_image_tokens(images);
     let device = image_tokens.device();
     let batch = images.size()[0] as usize;
     generate(batch, opts, |rows, ids| {

@@ -656,13 +656,13 @@ impl Clip {
 
     /// CoCa: each image's features and the tokens the decoder reads, (B, embed_dim) not
     /// normalised and (B, M, W), in eval or training mode as the model is.
-    pub fn encode_image_tokens(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn encode_image_tokens(&self, images: &Tensor) -> (Tensor, Tensor) {
         let images = self.in_weight_kind(images);
         let stages = self.visual.stage_count();
         let trunk = staged::fold(stages - 1, &images, |i, x| {
             self.visual.stage(i, x, self.is_training(), None)
         });
-        Ok(self.visual.head_with_tokens(&trunk, self.is_training()))
+        self.visual.head_with_tokens(&trunk, self.is_training())
     }
 
     /// CoCa's next-token logits: for each sequence `ids` (R, L), read with the image tokens
