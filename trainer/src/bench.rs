@@ -9,7 +9,7 @@ use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::collectives::SingleProcess;
-use crate::config::Precision;
+use crate::config::{LossKind, Precision};
 use crate::error::Result;
 use crate::model::patch_dropout::PatchDropout;
 use crate::model::{Clip, ModelConfig};
@@ -105,17 +105,14 @@ pub fn bench_train(b: &TrainBench) -> Result<TrainBenchResult> {
     let tokens = Tensor::randint(vocab - 1, [n, ctx], (Kind::Int64, b.device));
     let eot_at = Tensor::randint(ctx, [n, 1], (Kind::Int64, b.device));
     let tokens = tokens.scatter_value(1, &eot_at, vocab - 1);
+    // The loss a run of the model takes: CoCa's scores its decoder too.
+    let kind = if b.model.is_coca() { LossKind::Coca } else { LossKind::Clip };
+    let loss = crate::config::LossConfig { kind, ..Default::default() };
     let cfg = StepConfig {
         patch_dropout: (b.patch_dropout > 0.0)
             .then_some(PatchDropout { prob: b.patch_dropout, seed: 0 }),
         grad_checkpointing: b.grad_checkpointing,
-        ..StepConfig::new(
-            b.precision,
-            b.device,
-            &crate::config::LossConfig::default(),
-            None,
-            b.micro_batch_size,
-        )?
+        ..StepConfig::new(b.precision, b.device, &loss, None, b.micro_batch_size)?
     };
     let mut scaler =
         b.precision.scales_loss().then(|| GradScaler::new(b.device, GradScalerConfig::default()));
