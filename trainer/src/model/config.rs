@@ -143,7 +143,7 @@ pub struct VisionConfig {
 
     /// CoCa's attentional pooler: `attn_pooler_queries` learned queries (`attn_pooler_heads`
     /// heads) cross-attend to the ViT's tokens; ln_post, pooling and `proj` then act on them.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "is_false", deserialize_with = "attentional_pool")]
     pub attentional_pool: bool,
     #[serde(
         default = "default_attn_pooler_queries",
@@ -765,6 +765,24 @@ impl ModelConfig {
     }
 }
 
+/// `attentional_pool`: true or false; open_clip's `"parallel"` and `"cascade"` pools (which
+/// open_clip itself marks untested) are refused by name.
+fn attentional_pool<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Pool {
+        On(bool),
+        Kind(String),
+    }
+    match Pool::deserialize(d)? {
+        Pool::On(on) => Ok(on),
+        Pool::Kind(kind) => Err(serde::de::Error::custom(format!(
+            "attentional_pool {kind:?} (open_clip's separate contrastive pooler, untested there) \
+             is not built; true (CoCa's pooler) or false"
+        ))),
+    }
+}
+
 fn square_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<i64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -961,6 +979,10 @@ mod tests {
             r#"{"embed_dim": 8, "vision_cfg": {}, "text_cfg": {}, "multimodal_cfg": {"widht": 3}}"#,
         );
         assert!(unknown.unwrap_err().to_string().contains("widht"));
+        let cascade = serde_json::from_str::<ModelConfig>(
+            r#"{"embed_dim": 8, "vision_cfg": {"attentional_pool": "cascade"}, "text_cfg": {}}"#,
+        );
+        assert!(cascade.unwrap_err().to_string().contains("\"cascade\""));
         let mut resnet_coca = coca.clone();
         resnet_coca.vision_cfg.attentional_pool = false;
         resnet_coca.vision_cfg.layers = VisionLayers::Stages(vec![3, 4, 6, 3]);
