@@ -127,6 +127,14 @@ fn greedy_and_beam_search_captions_equal_open_clips() {
         }
         let greedy = token_rows(&io["greedy"]);
         assert!(greedy.iter().any(|c| c != &greedy[0]), "{v}: the captions differ by image");
+        // Longer captions than the text tower reads are refused, not a crash.
+        if v != "hf" {
+            let long = GenerateOptions { seq_len: 14, ..beam.clone() };
+            let err = caption(&clip, &images, &long).unwrap_err().to_string();
+            assert!(err.contains("at most 12") && err.contains("--seq-len"), "{err}");
+            caption(&clip, &images, &GenerateOptions { seq_len: 13, ..beam.clone() })
+                .expect("13 tokens: the tower reads 12");
+        }
     }
 }
 

@@ -14,8 +14,8 @@ use super::transformer::{
     attend, BlockInit, BlockSpec, LayerNorm, Linear, ResidualBlock, Transformer,
 };
 use super::Clip;
-use crate::error::Result;
-use crate::generate::{generate, GenerateOptions};
+use crate::error::{Result, TrainError};
+use crate::generate::{generate, GenerateOptions, Strategy};
 
 /// open_clip's `AttentionalPooler`: `n_queries` learned queries attend to the ViT's tokens
 /// through an `nn.MultiheadAttention(d_model, heads, kdim = vdim = context width)`.
@@ -215,6 +215,21 @@ pub fn caption_label_count(tokens: &Tensor, pad_id: i64) -> Tensor {
 /// `CoCa.generate` search (`generate.rs`): each image is encoded once, and every step runs the
 /// text tower and the decoder over the sequences so far. The model should be in eval mode.
 pub fn caption(model: &Clip, images: &Tensor, opts: &GenerateOptions) -> Result<Vec<Vec<i64>>> {
+    // The model reads a caption but its last token; sampling reads the last max_seq_len.
+    let read = match opts.strategy {
+        Strategy::BeamSearch { .. } => opts.seq_len.saturating_sub(1),
+        Strategy::TopK { .. } | Strategy::TopP { .. } => {
+            opts.seq_len.saturating_sub(1).min(opts.max_seq_len)
+        }
+    };
+    if let Some(max) = model.text.max_tokens().filter(|&max| read as i64 > max) {
+        return Err(TrainError::Input(format!(
+            "captions of up to {} tokens have the text tower read {read}, but it reads at most {max} \
+             (its context length): ask for at most {} tokens (--seq-len)",
+            opts.seq_len,
+            max + 1
+        )));
+    }
     let _no_grad = tch::no_grad_guard();
     let (_, image_tokens) = model.encode_image_tokens(images);
     let device = image_tokens.device();

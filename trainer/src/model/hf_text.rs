@@ -450,6 +450,11 @@ impl HfText {
         self.arch.pad_token_id()
     }
 
+    /// The longest caption, in tokens, the encoder takes (`None`: no limit).
+    pub fn max_tokens(&self) -> Option<i64> {
+        self.arch.max_context_length()
+    }
+
     /// The encoder's width: that of the tokens [`HfText::head_with_tokens`] gives.
     pub fn width(&self) -> i64 {
         self.arch.width()

@@ -184,6 +184,14 @@ impl TextTower {
         }
     }
 
+    /// The longest caption, in tokens, the tower reads (`None`: no limit).
+    pub fn max_tokens(&self) -> Option<i64> {
+        match self {
+            TextTower::Clip(t) => Some(t.max_tokens()),
+            TextTower::Hf(t) => t.max_tokens(),
+        }
+    }
+
     /// The id captions are padded with, which attention and the caption loss skip.
     pub fn pad_id(&self, cfg: &TextConfig) -> i64 {
         match self {

@@ -141,6 +141,12 @@ impl TextTransformer {
         &x + positions.to_kind(x.kind())
     }
 
+    /// The longest caption, in tokens, the position table covers (the class embedding's
+    /// position not counted).
+    pub fn max_tokens(&self) -> i64 {
+        self.positional_embedding.size()[0] - i64::from(self.cls_emb.is_some())
+    }
+
     /// Which keys each query sees under `embed_cls`, (B, 1, L + 1, L + 1): causality (unless
     /// `no_causal_mask`) and padding. This is open_clip's mask as its CoCa weights were trained
     /// with (`correct_cls_mask` off, which open_clip's builder never turns on): the padding
