@@ -12,7 +12,9 @@ cpu_seconds is the process's CPU time (every thread) over the timed steps, as `o
 train` reports it: on a machine others load too, the work that wall time is not.
 
 A step is what open_clip's train_one_epoch does for one batch: forward
-(encode_image / encode_text, normalised), ClipLoss with model.logit_scale.exp(),
+(encode_image / encode_text, normalised), ClipLoss with model.logit_scale.exp()
+(for a CoCa config, one with a multimodal_cfg: open_clip's CoCa forward and CoCaLoss with
+its default weights, caption 2 and contrastive 1, their sum back-propagated),
 backward, AdamW step (lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on
 >=2-d weights only, as open_clip's main.py groups them), zero_grad, and the
 logit_scale clamp to [0, ln 100]; under --precision as open_clip's (the same as
@@ -46,18 +48,22 @@ import torch
 import yaml
 
 import open_clip
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, CoCaLoss
 
 
 def build_model(path):
     with open(path) as f:
         cfg = yaml.safe_load(f)
-    model = open_clip.model.CLIP(
+    towers = dict(
         embed_dim=cfg["embed_dim"],
         vision_cfg=dict(cfg["vision_cfg"]),
         text_cfg=dict(cfg["text_cfg"]),
         quick_gelu=bool(cfg.get("quick_gelu", False)),
     )
+    if "multimodal_cfg" in cfg:
+        model = open_clip.coca_model.CoCa(multimodal_cfg=dict(cfg["multimodal_cfg"]), **towers)
+    else:
+        model = open_clip.model.CLIP(**towers)
     return model, cfg
 
 
@@ -120,14 +126,20 @@ def main():
         ],
         lr=5e-4, betas=(0.9, 0.98), eps=1e-6,
     )
-    loss_fn = ClipLoss()
+    coca = "multimodal_cfg" in cfg
+    loss_fn = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0) if coca else ClipLoss()
 
     def step():
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            image_features = model.encode_image(images, normalize=True)
-            text_features = model.encode_text(text, normalize=True)
-            loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+            if coca:
+                out = model(images, text)
+                loss = sum(loss_fn(out["image_features"], out["text_features"], out["logits"],
+                                   out["labels"], out["logit_scale"]))
+            else:
+                image_features = model.encode_image(images, normalize=True)
+                text_features = model.encode_text(text, normalize=True)
+                loss = loss_fn(image_features, text_features, model.logit_scale.exp())
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -5,7 +5,7 @@
 # open_clip, where the machine lacks it, comes as wheels in .whl/ (docs/development.md).
 # Sections run in order of importance under one time budget (GPU_CHECK_BUDGET_S, default
 # 480 s): what does not fit is skipped and says so. SECTIONS picks some of them (default
-# "bench loss large nccl"). Prints what it measured and writes it under $OUT (or
+# "bench loss large nccl coca levers"). Prints what it measured and writes it under $OUT (or
 # ./gpu-check-out); then scripts/gpu_check_verdict.py checks the numbers (tiled = naive
 # loss, NCCL = single process, throughput against open_clip, every command ran) and the
 # script exits non-zero when any check fails or a section asked for did not run.
@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 : > "$OUT/failures.txt"
 BIN=${BIN:-target/release/oxclip}
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-480}))
-SECTIONS=" ${SECTIONS:-bench loss large nccl levers} "
+SECTIONS=" ${SECTIONS:-bench loss large nccl coca levers} "
 wanted() { [[ "$SECTIONS" == *" $1 "* ]]; }
 
 # check LIMIT CMD...: runs CMD under min(LIMIT, what the budget has left). A failure (or a
@@ -215,7 +215,19 @@ YAML
     done
   fi
 } 2>&1 | tee "$OUT/nccl.txt"
-# 5. The memory and speed levers (docs/training.md): ViT-B-16 and ViT-L-14, each at a batch
+# 5. CoCa: coca_ViT-B-32's step under bf16 autocast (the attentional pooler, the text tower's
+# padding mask, the decoder and its 49,408-way cross-entropy on CUDA), oxclip then open_clip
+# on the same GPU. Before the levers, whose batch climb takes what is left of the budget.
+wanted coca && {
+  echo "# coca: oxclip bench train (CUDA, amp bf16)"
+  check 120 "$BIN" bench train --model coca_ViT-B-32 --batch-size 128 --steps 10 --warmup 3 \
+    --device cuda --precision amp_bf16
+  echo "# coca: open_clip, same GPU"
+  check 120 python3 scripts/bench_open_clip.py --model-config configs/models/open_clip/coca_ViT-B-32.json \
+    --batch-size 128 --steps 10 --warmup 3 --threads 16 --device cuda --precision amp_bf16 2>&1 | tail -n 1
+} 2>&1 | tee "$OUT/coca.txt"
+
+# 6. The memory and speed levers (docs/training.md): ViT-B-16 and ViT-L-14, each at a batch
 # that fits an 80 GB GPU under bf16 autocast, with each lever alone (samples/s, device memory);
 # then the largest power-of-two batch each model reaches with and without activation
 # checkpointing (the first that fails ends the climb; its failure is expected, not recorded).

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The pass/fail verdict of scripts/gpu-check.sh, from the JSON lines its sections wrote.
 
-    python3 scripts/gpu_check_verdict.py OUT_DIR "bench loss large nccl levers"
+    python3 scripts/gpu_check_verdict.py OUT_DIR "bench loss large nccl coca levers"
 
 Checks, for each section that was asked for (a section asked for but without its numbers
 fails: a check that did not run is not a pass):
@@ -16,6 +16,8 @@ fails: a check that did not run is not a pass):
   with the default buckets and with many overlapped ones (dist.bucket_mb 0.05); and, where
   two GPUs ran, two ranks of 16 equal one of 32, 1e-4, both ways and under dist.shard:
   gradients;
+- coca: oxclip's coca_ViT-B-32 samples/s (batch 128, bf16 autocast) at least MIN_RATIO x
+  open_clip's CoCa with CoCaLoss;
 - levers: ViT-B-16 (batch 256) and ViT-L-14 (64) ran in every precision, with activation
   checkpointing using less device memory than without, and with patch dropout 0.5 faster.
 Commands that failed or timed out (OUT/failures.txt, written by gpu-check.sh) fail too.
@@ -117,6 +119,16 @@ def verdict(out, sections):
         for bs in LARGE_BATCHES:
             check(bs in done, f"large: ViT-B-32 batch {bs} in micro-batches of 256 ran")
 
+    if "coca" in sections:
+        rows = json_lines(os.path.join(out, "coca.txt"))
+        ours = [r["samples_per_second"] for r in rows if r.get("bench") == "train" and r.get("model") == "coca_ViT-B-32"]
+        theirs = [r["samples_per_second"] for r in rows if r.get("impl") == "open_clip" and r.get("model") == "coca_ViT-B-32"]
+        if ours and theirs:
+            ratio = ours[0] / theirs[0]
+            check(ratio >= MIN_RATIO, f"coca: coca_ViT-B-32 batch 128: oxclip {ours[0]:.0f} vs open_clip {theirs[0]:.0f} samples/s = {ratio:.2f}x (at least {MIN_RATIO})")
+        else:
+            check(False, f"coca: coca_ViT-B-32 ran in both oxclip ({len(ours)}) and open_clip ({len(theirs)})")
+
     if "levers" in sections:
         rows = [r for r in json_lines(os.path.join(out, "levers.txt")) if r.get("bench") == "train"]
         for model, bs in (("ViT-B-16", 256), ("ViT-L-14", 64)):
@@ -174,7 +186,7 @@ def main():
     return 1 if failed or not results else 0
 
 
-def write_outputs(out, bench_ratio=1.0, tiled_error=0.0, bf16_error=0.0, nccl_error=0.0, overlap_error=0.0, missing_large=None, failure=None, ckpt_memory=0.4, missing_precision=None):
+def write_outputs(out, bench_ratio=1.0, tiled_error=0.0, bf16_error=0.0, nccl_error=0.0, overlap_error=0.0, missing_large=None, failure=None, ckpt_memory=0.4, missing_precision=None, coca_ratio=1.0, coca_missing=False):
     """What a gpu-check.sh run writes under `out`, synthetic: each argument spoils one check."""
     with open(os.path.join(out, "bench.txt"), "w") as f:
         for bs in (256, 128):
@@ -201,6 +213,10 @@ def write_outputs(out, bench_ratio=1.0, tiled_error=0.0, bf16_error=0.0, nccl_er
                 f.write(json.dumps({"step": step, "train/loss": 4.0 - 0.1 * step + shift}) + "\n")
     with open(os.path.join(out, "nccl-dir.txt"), "w") as f:
         f.write(runs + "\n")
+    with open(os.path.join(out, "coca.txt"), "w") as f:
+        f.write(json.dumps({"bench": "train", "model": "coca_ViT-B-32", "batch_size": 128, "samples_per_second": 300.0 * coca_ratio}) + "\n")
+        if not coca_missing:
+            f.write(json.dumps({"impl": "open_clip", "model": "coca_ViT-B-32", "batch_size": 128, "samples_per_second": 300.0}) + "\n")
     with open(os.path.join(out, "levers.txt"), "w") as f:
         for model, bs in (("ViT-B-16", 256), ("ViT-L-14", 64)):
             row = {"bench": "train", "model": model, "batch_size": bs, "grad_checkpointing": False, "patch_dropout": 0.0}
@@ -215,7 +231,7 @@ def write_outputs(out, bench_ratio=1.0, tiled_error=0.0, bf16_error=0.0, nccl_er
 
 def self_test():
     """The verdict on synthetic outputs: all pass, then each spoilt one fails exactly its check."""
-    sections = ["bench", "loss", "large", "nccl", "levers"]
+    sections = ["bench", "loss", "large", "nccl", "coca", "levers"]
     cases = [
         ({"ckpt_memory": 1.2}, "with checkpointing"),
         ({"missing_precision": "amp"}, "in every precision"),
@@ -226,6 +242,8 @@ def self_test():
         ({"nccl_error": 1e-3}, "one-rank NCCL vs single process"),
         ({"overlap_error": 1e-3}, "overlapped in several buckets, vs single process"),
         ({"missing_large": 65536}, "batch 65536 in micro-batches"),
+        ({"coca_ratio": 0.5}, "coca: coca_ViT-B-32 batch 128"),
+        ({"coca_missing": True}, "coca: coca_ViT-B-32 ran in both"),
         ({"failure": "status 124: target/release/oxclip bench loss"}, "command failed: status 124"),
     ]
     problems = []

@@ -29,7 +29,7 @@ fn gpu_check_verdict_fails_what_it_should() {
         .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("15 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("18 passed, 0 failed"), "{stdout}");
 }
 
 /// A stand-in for the oxclip binary: the JSON lines gpu-check.sh's loss and large-batch
