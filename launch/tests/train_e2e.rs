@@ -464,14 +464,17 @@ fn coca_trains_with_its_caption_loss_and_captions() {
         });
         img.save(images.join(format!("{i}.png"))).expect("png");
     }
-    let out = run_ok(
-        oxclip()
-            .args(["caption", "--device", "cpu", "--json", "--seq-len", "8", "--checkpoint"])
-            .arg(&run)
-            .arg("--image")
-            .arg(&images),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let caption = |checkpoint: &std::path::Path| {
+        let out = run_ok(
+            oxclip()
+                .args(["caption", "--device", "cpu", "--json", "--seq-len", "8", "--checkpoint"])
+                .arg(checkpoint)
+                .arg("--image")
+                .arg(&images),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let stdout = caption(&run);
     let lines: Vec<serde_json::Value> =
         stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
     assert_eq!(lines.len(), 3, "{stdout}");
@@ -491,14 +494,7 @@ fn coca_trains_with_its_caption_loss_and_captions() {
             .arg("--out")
             .arg(&exported),
     );
-    let again = run_ok(
-        oxclip()
-            .args(["caption", "--device", "cpu", "--json", "--seq-len", "8", "--checkpoint"])
-            .arg(&exported)
-            .arg("--image")
-            .arg(&images),
-    );
-    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+    assert_eq!(caption(&exported), stdout);
     let hf = dir.path().join("hf");
     let refused = oxclip()
         .args(["export", "--format", "hf", "--checkpoint"])

@@ -348,10 +348,8 @@ impl Towers<'_> {
         let texts: Vec<&Tensor> = parts.iter().map(|o| &o.text).collect();
         let caption = parts
             .iter()
-            .filter_map(|o| o.caption_nll.as_ref())
-            .fold(None, |sum: Option<Tensor>, nll| {
-                Some(sum.map_or(nll.shallow_clone(), |s| s + nll))
-            });
+            .filter_map(|o| o.caption_nll.as_ref().map(Tensor::shallow_clone))
+            .reduce(|sum, nll| sum + nll);
         ((Tensor::cat(&images, 0), Tensor::cat(&texts, 0)), caption, None)
     }
 

@@ -28,6 +28,19 @@ fn model(dir: &std::path::Path, name: &str, config: serde_json::Value) -> ModelC
     .expect("model config")
 }
 
+/// The model of `cfg` holding `weights`, in training mode.
+fn training_model(cfg: &ModelConfig, weights: &BTreeMap<String, Tensor>) -> (nn::VarStore, Clip) {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let clip = Clip::new(&vs.root(), cfg).expect("builds");
+    tch::no_grad(|| {
+        for (name, var) in vs.variables() {
+            var.shallow_clone().copy_(&weights[&name]);
+        }
+    });
+    clip.set_training(true);
+    (vs, clip)
+}
+
 /// One step (lr 0) from the same weights and generator state: the loss and each gradient
 /// there is (a layer that layer drop skipped has none).
 fn step(
@@ -37,14 +50,7 @@ fn step(
     micro: Option<usize>,
     checkpointing: bool,
 ) -> (Tensor, BTreeMap<String, Tensor>) {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let clip = Clip::new(&vs.root(), cfg).expect("builds");
-    tch::no_grad(|| {
-        for (name, var) in vs.variables() {
-            var.shallow_clone().copy_(&weights[&name]);
-        }
-    });
-    clip.set_training(true);
+    let (vs, clip) = training_model(cfg, weights);
     tch::manual_seed(29);
     let out = step_at_lr0(
         &vs,
@@ -107,14 +113,7 @@ fn checkpointing_replays_the_encoders_dropout_and_layer_drop() {
         }
         // Dropout is on: another generator state gives another loss.
         tch::manual_seed(31);
-        let vs = nn::VarStore::new(Device::Cpu);
-        let clip = Clip::new(&vs.root(), cfg).expect("builds");
-        tch::no_grad(|| {
-            for (n, var) in vs.variables() {
-                var.shallow_clone().copy_(&weights[&n]);
-            }
-        });
-        clip.set_training(true);
+        let (vs, clip) = training_model(cfg, &weights);
         let other =
             step_at_lr0(&vs, &clip, &images, &tokens, step_config(LossKind::Clip, None, false));
         let first = step(cfg, &weights, (&images, &tokens), None, false);

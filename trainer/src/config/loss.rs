@@ -166,28 +166,24 @@ impl TryFrom<LossYaml> for LossConfig {
             }
             (None, size, naive) => Tiling::from_flags(size.unwrap_or(0), naive.unwrap_or(false)),
         };
-        let mut weights = [
-            ("coca_caption_loss_weight", raw.coca_caption_loss_weight, COCA_CAPTION_LOSS_WEIGHT),
-            (
-                "coca_contrastive_loss_weight",
-                raw.coca_contrastive_loss_weight,
-                COCA_CONTRASTIVE_LOSS_WEIGHT,
-            ),
-        ]
-        .map(|(key, given, default)| (key, given.unwrap_or(default), given.is_some()));
-        for (key, weight, given) in &mut weights {
-            if *given && raw.kind != LossKind::Coca {
+        let (caption, contrastive) =
+            (raw.coca_caption_loss_weight, raw.coca_contrastive_loss_weight);
+        for (key, given) in
+            [("coca_caption_loss_weight", caption), ("coca_contrastive_loss_weight", contrastive)]
+        {
+            let Some(weight) = given else { continue };
+            if raw.kind != LossKind::Coca {
                 return Err(format!("{key} is CoCa's; it needs `kind: coca`"));
             }
-            if !(weight.is_finite() && *weight >= 0.0) {
+            if !(weight.is_finite() && weight >= 0.0) {
                 return Err(format!("{key} must be a number >= 0, got {weight}"));
             }
         }
         Ok(LossConfig {
             kind: raw.kind,
             tiling,
-            coca_caption_loss_weight: weights[0].1,
-            coca_contrastive_loss_weight: weights[1].1,
+            coca_caption_loss_weight: caption.unwrap_or(COCA_CAPTION_LOSS_WEIGHT),
+            coca_contrastive_loss_weight: contrastive.unwrap_or(COCA_CONTRASTIVE_LOSS_WEIGHT),
         })
     }
 }

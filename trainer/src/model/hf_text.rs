@@ -418,8 +418,8 @@ impl HfText {
         if i == 0 {
             return self.encoder.embed(x, train);
         }
-        let attended = tokens.ne(self.arch.pad_token_id());
         if i <= self.encoder.layer_count() {
+            let attended = tokens.ne(self.arch.pad_token_id());
             return self.encoder.layer(i - 1, x, &attended, train);
         }
         self.head_with_tokens(x, tokens, train).0

@@ -193,9 +193,9 @@ impl TextTower {
     }
 
     /// The id captions are padded with, which attention and the caption loss skip.
-    pub fn pad_id(&self, cfg: &TextConfig) -> i64 {
+    pub fn pad_id(&self) -> i64 {
         match self {
-            TextTower::Clip(_) => cfg.pad_id,
+            TextTower::Clip(t) => t.pad_id(),
             TextTower::Hf(t) => t.pad_token_id(),
         }
     }
@@ -659,7 +659,7 @@ impl Clip {
 
     /// The id captions are padded with: attention skips it, and so does the caption loss.
     pub fn pad_id(&self) -> i64 {
-        self.text.pad_id(&self.config.text_cfg)
+        self.text.pad_id()
     }
 
     /// CoCa: each image's features and the tokens the decoder reads, (B, embed_dim) not

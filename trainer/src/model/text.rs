@@ -141,6 +141,11 @@ impl TextTransformer {
         &x + positions.to_kind(x.kind())
     }
 
+    /// The padding id (`text_cfg.pad_id`) the class embedding's mask skips.
+    pub fn pad_id(&self) -> i64 {
+        self.pad_id
+    }
+
     /// The longest caption, in tokens, the position table covers (the class embedding's
     /// position not counted).
     pub fn max_tokens(&self) -> i64 {
